@@ -1,0 +1,129 @@
+package main
+
+import (
+	"bufio"
+	"encoding/base64"
+	"fmt"
+	"net/mail"
+	"net/url"
+	"os"
+	"strings"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// serverURL resolves --server and --staging into one directory URL.
+func (a *app) serverURL() (string, error) {
+	g := a.global
+	if g.Staging && g.Server != "" {
+		return "", exit.Errorf("--staging and --server %s contradict each other: give one", g.Server)
+	}
+	if g.Staging {
+		return acme.LetsEncryptStaging, nil
+	}
+	if g.Server == "" {
+		return acme.LetsEncrypt, nil
+	}
+	u, err := url.Parse(g.Server)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return "", exit.Errorf("--server %q is not a URL: want the CA's directory, like %s", g.Server, acme.LetsEncrypt)
+	}
+	if u.Scheme != "https" {
+		return "", exit.Errorf("--server %s: ACME requires https (RFC 8555 section 6.1)", g.Server)
+	}
+	return g.Server, nil
+}
+
+// acmeOptions checks every account setting that can be checked without the
+// network, so that bad input never reaches the CA.
+func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
+	g := a.global
+	server, err := a.serverURL()
+	if err != nil {
+		return acme.Options{}, err
+	}
+	if g.Email != "" {
+		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
+			return acme.Options{}, exit.Errorf("--email %q is not an email address", g.Email)
+		}
+	}
+	if g.CABundle != "" {
+		if _, err := acme.HTTPClient(a.ctx, g.CABundle); err != nil {
+			return acme.Options{}, exit.Errorf("%v", err)
+		}
+	}
+	o := acme.Options{
+		Server: server, CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
+		EABKid: g.EABKid, UserAgent: "lbcert/" + version, Store: st,
+	}
+	if g.EABKid != "" || g.EABHMACFile != "" {
+		hmac, err := a.eabHMAC()
+		if err != nil {
+			return acme.Options{}, err
+		}
+		if g.EABKid == "" {
+			return acme.Options{}, exit.Errorf("an EAB HMAC key was given without --eab-kid")
+		}
+		o.EABHMAC = hmac
+	}
+	if a.stdinTTY && a.stderrTTY {
+		o.ConfirmTOS = a.confirmTOS
+	}
+	if acme.NeedsTOS(o) {
+		return acme.Options{}, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+	}
+	return o, nil
+}
+
+// eabHMAC reads the EAB HMAC key from LBCERT_EAB_HMAC_KEY or the file named
+// by --eab-hmac-key-file. It is a secret, so it never comes from argv.
+func (a *app) eabHMAC() (string, error) {
+	key := a.getenv(config.EnvName("eab-hmac-key"))
+	if f := a.global.EABHMACFile; f != "" {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return "", exit.Errorf("--eab-hmac-key-file %s: %v", f, unwrapPath(err))
+		}
+		key = strings.TrimSpace(string(data))
+	}
+	if key == "" {
+		return "", exit.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+	}
+	if _, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(key, "=")); err != nil {
+		return "", exit.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
+	}
+	return key, nil
+}
+
+func (a *app) confirmTOS(tos string) (bool, error) {
+	if tos == "" {
+		return true, nil // the CA publishes no terms
+	}
+	fmt.Fprintf(a.err, "The CA's terms of service are at %s\nDo you agree? [y/N] ", tos)
+	line, _ := bufio.NewReader(a.in).ReadString('\n')
+	ans := strings.ToLower(strings.TrimSpace(line))
+	return ans == "y" || ans == "yes", nil
+}
+
+// lock takes the state directory lock, or fails with exit code Locked.
+func (a *app) lock(st *store.Store) (*store.Lock, error) {
+	l, err := st.TryLock()
+	if err != nil {
+		if le, ok := err.(*store.LockedError); ok {
+			return nil, (&exit.Error{Code: exit.Locked, Msg: le.Error()}).
+				WithHint("wait for the other run to finish; the lock is released when it exits, even if it is killed")
+		}
+		return nil, exit.Errorf("%v", err)
+	}
+	return l, nil
+}
+
+func unwrapPath(err error) error {
+	if pe, ok := err.(*os.PathError); ok {
+		return pe.Err
+	}
+	return err
+}

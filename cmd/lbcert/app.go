@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	legolog "github.com/go-acme/lego/v4/log"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/exit"
+)
+
+// version is set by the Makefile through -ldflags.
+var version = "dev"
+
+// defaultConfig is read when it exists and no --config is given.
+const defaultConfig = "/etc/lbcert/config.yaml"
+
+// app is what every command shares: streams, environment, clock and the
+// global settings. Commands receive it instead of reaching for os.*, so
+// tests can run Main in-process with their own environment and time.
+type app struct {
+	in       io.Reader
+	out, err io.Writer
+	getenv   func(string) string
+	now      func() time.Time
+	ctx      context.Context
+
+	// stdinTTY, stdoutTTY, stderrTTY decide how output looks and whether
+	// lbcert may ask a question; they never change what happens.
+	stdinTTY, stdoutTTY, stderrTTY bool
+
+	global globalOptions
+}
+
+type globalOptions struct {
+	Config      string
+	Dir         string
+	Server      string
+	Staging     bool
+	CABundle    string
+	Email       string
+	AgreeTOS    bool
+	EABKid      string
+	EABHMACFile string
+	Quiet       bool
+	Verbose     bool
+}
+
+// Main runs lbcert with os.Args and returns the exit code. Nothing below
+// it calls os.Exit.
+func Main() int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	a := &app{
+		in: os.Stdin, out: os.Stdout, err: os.Stderr,
+		getenv: os.Getenv, now: time.Now, ctx: ctx,
+		stdinTTY:  isTerminal(os.Stdin),
+		stdoutTTY: isTerminal(os.Stdout),
+		stderrTTY: isTerminal(os.Stderr),
+	}
+	return a.run(os.Args[1:])
+}
+
+func (a *app) run(args []string) int {
+	root := a.newRootCmd()
+	root.SetArgs(args)
+	err := root.ExecuteContext(a.ctx)
+	if err != nil && a.ctx.Err() != nil && exit.Code(err) == exit.Failure {
+		err = &exit.Error{Code: exit.Interrupted, Msg: "interrupted", Err: err}
+	}
+	a.printError(err)
+	return exit.Code(err)
+}
+
+// printError writes err in lbcert's one voice: "lbcert: error: ..." and,
+// when there is something to try, "lbcert: hint: ...".
+func (a *app) printError(err error) {
+	if err == nil {
+		return
+	}
+	var silent *silentError
+	if errors.As(err, &silent) {
+		return // the command already reported its failures
+	}
+	msg := strings.Join(strings.Fields(err.Error()), " ")
+	fmt.Fprintf(a.err, "lbcert: error: %s\n", msg)
+	if h := exit.Hint(err); h != "" {
+		fmt.Fprintf(a.err, "lbcert: hint: %s\n", h)
+	}
+}
+
+// silentError carries an exit code for a run whose failures were already
+// printed one by one (the summary of a partial run).
+type silentError struct{ code int }
+
+func (e *silentError) Error() string { return fmt.Sprintf("exit %d", e.code) }
+
+const exitCodesHelp = `Exit codes:
+  0    success, or nothing was due
+  1    error: bad input, the CA refused, a deploy failed
+  2    partial failure: some certificates succeeded, some failed
+  3    locked: another lbcert process is using the state directory
+  130  interrupted by SIGINT or SIGTERM; nothing half-written was kept`
+
+func (a *app) newRootCmd() *cobra.Command {
+	g := &a.global
+	root := &cobra.Command{
+		Use:   "lbcert",
+		Short: "Obtain and renew ACME certificates for nginx and HAProxy",
+		Long: `lbcert obtains and renews free TLS certificates over ACME (Let's Encrypt,
+ZeroSSL, any RFC 8555 CA) for hosts that terminate TLS on nginx or HAProxy.
+
+Every setting has a flag, an environment variable (LBCERT_ and the flag
+name in capitals, dashes as underscores: --http-addr is LBCERT_HTTP_ADDR)
+and a config-file key (the flag name). A flag beats the environment, which
+beats the config file, which beats the default.
+
+` + exitCodesHelp,
+		Version:       version,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		// Commands, not the root, do the work.
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			return a.setup(cmd)
+		},
+	}
+	root.SetOut(a.out)
+	root.SetErr(a.err)
+	root.SetIn(a.in)
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return exit.Errorf("%v (see '%s --help')", err, cmd.CommandPath())
+	})
+
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.Config, "config", "", "config file (YAML, keys are flag names; default "+defaultConfig+" if it exists)")
+	pf.StringVar(&g.Dir, "dir", "/etc/lbcert", "state directory: accounts, certificates, lock")
+	pf.StringVar(&g.Server, "server", "", "ACME directory URL (default Let's Encrypt production)")
+	pf.BoolVar(&g.Staging, "staging", false, "use Let's Encrypt's staging server, for testing")
+	pf.StringVar(&g.CABundle, "ca-bundle", "", "PEM file of roots to trust for the ACME server (private CAs, Pebble)")
+	pf.StringVar(&g.Email, "email", "", "account email address, for the CA's notices")
+	pf.BoolVar(&g.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
+	pf.StringVar(&g.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
+	pf.StringVar(&g.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
+	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
+	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
+	config.Mark(pf, "dir", "server", "staging", "ca-bundle", "email", "agree-tos", "eab-kid", "eab-hmac-key-file", "quiet", "verbose")
+
+	root.AddCommand(
+		a.newIssueCmd(nil),
+	)
+	return root
+}
+
+// setup resolves settings for cmd (flag, env, config file, default) and
+// sets up logging. It runs before every command.
+func (a *app) setup(cmd *cobra.Command) error {
+	fs := cmd.Flags()
+	path := a.global.Config
+	if !fs.Changed("config") {
+		path = a.getenv(config.EnvName("config"))
+	}
+	var file *config.File
+	if path != "" {
+		f, err := config.Load(path, a.knownKey(cmd.Root()))
+		if err != nil {
+			return exit.Errorf("%v", err)
+		}
+		file = f
+	} else if _, err := os.Stat(defaultConfig); err == nil {
+		f, err := config.Load(defaultConfig, a.knownKey(cmd.Root()))
+		if err != nil {
+			return exit.Errorf("%v", err)
+		}
+		file = f
+	}
+	if err := config.Apply(fs, file, a.getenv); err != nil {
+		return exit.Errorf("%v", err)
+	}
+	a.setupLogging()
+	return nil
+}
+
+// knownKey accepts any setting of any command, so one config file can
+// serve issue, renew and batch alike.
+func (a *app) knownKey(root *cobra.Command) func(string) bool {
+	var sets []*pflag.FlagSet
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		sets = append(sets, c.PersistentFlags(), c.LocalFlags())
+		for _, sc := range c.Commands() {
+			walk(sc)
+		}
+	}
+	walk(root)
+	keys := map[string]bool{}
+	for _, k := range config.Keys(sets...) {
+		keys[k] = true
+	}
+	return func(k string) bool { return keys[k] }
+}
+
+func (a *app) setupLogging() {
+	level := slog.LevelInfo
+	switch {
+	case a.global.Verbose:
+		level = slog.LevelDebug
+	case a.global.Quiet:
+		level = slog.LevelWarn
+	}
+	slog.SetDefault(slog.New(&lineHandler{w: a.err, level: level}))
+	// lego logs every step of every order; that is -v material.
+	legolog.Logger = log.New(slogWriter{}, "", 0)
+}
+
+// slogWriter turns lego's log lines into debug records.
+type slogWriter struct{}
+
+func (slogWriter) Write(p []byte) (int, error) {
+	slog.Debug(strings.TrimSpace(string(p)), "from", "lego")
+	return len(p), nil
+}
+
+// printf writes a result line to stdout unless -q.
+func (a *app) printf(format string, args ...any) {
+	if a.global.Quiet {
+		return
+	}
+	fmt.Fprintf(a.out, format, args...)
+}
+
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,237 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/challenge"
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/renewal"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+type issueOptions struct {
+	Domains    []string
+	Name       string
+	KeyType    string
+	Profile    string
+	ReuseKey   bool
+	Webroot    string
+	Standalone bool
+	HTTPAddr   string
+	Force      bool
+
+	httpAddrSet bool
+}
+
+// newIssueCmd builds "lbcert issue". runF replaces the run function in
+// tests that only check flag parsing.
+func (a *app) newIssueCmd(runF func(context.Context, *issueOptions) error) *cobra.Command {
+	o := &issueOptions{}
+	cmd := &cobra.Command{
+		Use:   "issue -d NAME [-d NAME...] (--webroot DIR | --standalone)",
+		Short: "Obtain a certificate for one or more names",
+		Long: `Obtain one certificate covering every -d name, proving control of each
+name with HTTP-01: either by writing token files under --webroot, which
+the web server must serve at /.well-known/acme-challenge/, or from
+lbcert's own listener on --http-addr (--standalone).
+
+The certificate is saved under <dir>/live/<name>/ as cert.pem, chain.pem,
+fullchain.pem and privkey.pem. If the lineage already holds a valid
+certificate for the same names that is not yet due for renewal, issue
+does nothing and exits 0; --force issues anyway.`,
+		Example: `  lbcert issue -d example.com -d www.example.com --webroot /var/www/acme
+  lbcert issue -d shop.example.net --standalone --http-addr 127.0.0.1:8888`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.httpAddrSet = cmd.Flags().Changed("http-addr")
+			if runF != nil {
+				return runF(cmd.Context(), o)
+			}
+			return a.runIssue(cmd.Context(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringArrayVarP(&o.Domains, "domain", "d", nil, "a name the certificate covers (repeat for more)")
+	f.StringVar(&o.Name, "name", "", "lineage name, the directory under live/ (default: the first domain)")
+	f.StringVar(&o.KeyType, "key-type", "ec256", "private key type: "+strings.Join(acme.KeyTypes, ", "))
+	f.StringVar(&o.Profile, "profile", "", "ACME profile to request, such as Let's Encrypt's shortlived")
+	f.BoolVar(&o.ReuseKey, "reuse-key", false, "keep the lineage's current private key")
+	f.StringVar(&o.Webroot, "webroot", "", "directory the web server serves /.well-known/acme-challenge/ from")
+	f.BoolVar(&o.Standalone, "standalone", false, "answer HTTP-01 from lbcert's own listener on --http-addr")
+	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "listen address for --standalone")
+	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists")
+	config.Mark(f, "key-type", "profile", "http-addr")
+	return cmd
+}
+
+// issuePlan is a checked issue request: everything validated, nothing
+// touched yet.
+type issuePlan struct {
+	domains []string
+	name    string
+	mode    store.Challenge
+	acme    acme.Options
+}
+
+// checkIssue validates every input that can be checked offline, in the
+// order a user would fix them. It writes nothing.
+func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
+	domains, err := names.Domains(o.Domains)
+	if err != nil {
+		return nil, exit.Errorf("%v", err)
+	}
+	p := &issuePlan{domains: domains, name: o.Name}
+	if p.name == "" {
+		p.name = domains[0]
+	}
+	if err := names.Lineage(p.name); err != nil {
+		return nil, exit.Errorf("--name: %v", err)
+	}
+	if err := acme.CheckKeyType(o.KeyType); err != nil {
+		return nil, exit.Errorf("%v", err)
+	}
+	switch {
+	case o.Webroot != "" && o.Standalone:
+		return nil, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
+	case o.Webroot == "" && !o.Standalone:
+		return nil, exit.Errorf("no challenge method: pass --webroot DIR or --standalone")
+	case o.httpAddrSet && !o.Standalone:
+		return nil, exit.Errorf("--http-addr only applies with --standalone")
+	case o.Webroot != "":
+		root, err := filepath.Abs(o.Webroot)
+		if err != nil {
+			return nil, exit.Errorf("--webroot %s: %v", o.Webroot, err)
+		}
+		if err := challenge.CheckWebroot(root); err != nil {
+			return nil, exit.Errorf("%v", err)
+		}
+		p.mode = store.Challenge{Mode: "webroot", Webroot: root}
+	default:
+		p.mode = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
+	}
+	return p, nil
+}
+
+func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
+	st := store.New(a.global.Dir)
+	p, err := a.checkIssue(st, o)
+	if err != nil {
+		return err
+	}
+
+	// Bind the standalone port before the lock and before the CA: a port
+	// in use is bad input, and holding it means nobody takes it meanwhile.
+	var provider interface {
+		Present(domain, token, keyAuth string) error
+		CleanUp(domain, token, keyAuth string) error
+	}
+	if p.mode.Mode == "standalone" {
+		srv, err := challenge.Listen(p.mode.HTTPAddr)
+		if err != nil {
+			return exit.Errorf("%v", err)
+		}
+		defer srv.Close()
+		provider = srv
+	} else {
+		provider = &challenge.Webroot{Root: p.mode.Webroot}
+	}
+	if p.acme, err = a.acmeOptions(st); err != nil {
+		return err
+	}
+
+	lock, err := a.lock(st)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	// Check again under the lock whether there is work to do: another run
+	// may have issued this lineage while we waited.
+	prev, err := st.Load(p.name)
+	if err != nil && !isNotFound(err) {
+		return exit.Errorf("%v", err).WithHint("move the broken lineage %s aside, or issue under another --name", st.LivePaths(p.name).Dir)
+	}
+	var reuse []byte
+	keyType := o.KeyType
+	if prev != nil {
+		now := a.now()
+		if sameNames(prev.Domains, p.domains) && !o.Force {
+			if due, _, at := renewal.LifetimeDue(prev.Cert, now); !due {
+				a.printf("%s: certificate for %s is valid until %s and not due for renewal before %s; nothing to do (use --force to issue anyway)\n",
+					p.name, strings.Join(prev.Domains, ", "), prev.Cert.NotAfter.Format(time.DateOnly), at.Format(time.DateOnly))
+				return nil
+			}
+		}
+		if o.ReuseKey {
+			if reuse, err = st.ReadKey(p.name); err != nil {
+				return exit.Errorf("--reuse-key: %v", err)
+			}
+			keyType = prev.KeyType
+		}
+	}
+
+	slog.Info("requesting certificate", "name", p.name, "domains", strings.Join(p.domains, ","), "challenge", p.mode.Mode)
+	client, err := acme.New(ctx, p.acme)
+	if err != nil {
+		return err
+	}
+	res, err := client.Obtain(acme.Request{
+		Domains: p.domains, KeyType: keyType, Profile: o.Profile, Key: reuse, Provider: provider,
+	})
+	if err != nil {
+		return withChallengeHint(err, p)
+	}
+	lin := &store.Lineage{
+		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
+		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode,
+		Cert: res.Info, IssuedAt: a.now().UTC(),
+	}
+	if ctx.Err() != nil {
+		return &exit.Error{Code: exit.Interrupted, Msg: "interrupted before saving; the previous certificate is unchanged"}
+	}
+	if _, _, err := st.Save(lin, res.Files); err != nil {
+		return exit.Errorf("save %s: %v", p.name, err).WithHint("the previous certificate, if any, is still live; check free space and permissions under %s", st.Dir)
+	}
+	paths := st.LivePaths(p.name)
+	days := int(res.Info.NotAfter.Sub(a.now()).Hours() / 24)
+	a.printf("%s: issued certificate for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
+		p.name, strings.Join(p.domains, ", "), res.Info.Serial, res.Info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
+	return nil
+}
+
+// withChallengeHint adds a hint that names the challenge set-up in use,
+// which is what a user has to check when validation fails.
+func withChallengeHint(err error, p *issuePlan) error {
+	e, ok := err.(*exit.Error)
+	if !ok || !strings.Contains(e.Hint, "/.well-known/acme-challenge/") {
+		return err
+	}
+	if p.mode.Mode == "webroot" {
+		e.Hint = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", p.mode.Webroot, strings.Join(p.domains, ", "))
+	} else {
+		e.Hint = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", strings.Join(p.domains, ", "), p.mode.HTTPAddr)
+	}
+	return e
+}
+
+func sameNames(a, b []string) bool {
+	x, y := slices.Clone(a), slices.Clone(b)
+	sort.Strings(x)
+	sort.Strings(y)
+	return slices.Equal(x, y)
+}
+
+func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }

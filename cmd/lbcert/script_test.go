@@ -1,0 +1,51 @@
+package main
+
+import (
+	"net"
+	"os"
+	"testing"
+
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){
+		"lbcert": func() { os.Exit(Main()) },
+	})
+}
+
+// TestScript runs testdata/script/*.txtar: the command line as a user
+// types it, with no network beyond a closed loopback port. The ACME
+// server in these scripts is https://127.0.0.1:9/dir, where nothing
+// listens, so any case that wrongly got as far as the CA fails with a
+// connection error instead of the expected one-line refusal.
+func TestScript(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir: "testdata/script",
+		Setup: func(env *testscript.Env) error {
+			env.Setenv("LBCERT_DIR", env.WorkDir+"/state")
+			env.Setenv("LBCERT_SERVER", "https://127.0.0.1:9/dir")
+			env.Setenv("HOME", env.WorkDir)
+			return nil
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			// holdlock DIR: take lbcert's lock on DIR in the test process
+			// until the script ends, as a concurrent run would.
+			"holdlock": func(ts *testscript.TestScript, neg bool, args []string) {
+				l, err := store.New(ts.MkAbs(args[0])).TryLock()
+				ts.Check(err)
+				ts.Defer(l.Unlock)
+			},
+			// busyport VAR: listen on a loopback port and put its address
+			// in $VAR, to test "address already in use".
+			"busyport": func(ts *testscript.TestScript, neg bool, args []string) {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				ts.Check(err)
+				ts.Defer(func() { ln.Close() })
+				ts.Setenv(args[0], ln.Addr().String())
+			},
+		},
+	})
+}

@@ -1,0 +1,294 @@
+// Package acme is the only package that talks to lego and, through it, to
+// the CA. It owns the account (register once per server and email, reuse
+// the key after that), turns an issuance request into a lego order, and
+// checks what comes back before anyone stores it: the key matches the
+// certificate and the certificate covers exactly the names asked for.
+//
+// It does not write certificates (that is store's job) and does not decide
+// when to renew (that is policy). It never logs a private key or an EAB
+// HMAC key.
+package acme
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-acme/lego/v4/certcrypto"
+	"github.com/go-acme/lego/v4/challenge"
+	"github.com/go-acme/lego/v4/lego"
+	"github.com/go-acme/lego/v4/registration"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Well-known directory URLs.
+const (
+	LetsEncrypt        = lego.LEDirectoryProduction
+	LetsEncryptStaging = lego.LEDirectoryStaging
+)
+
+// Options configure a Client.
+type Options struct {
+	Server    string
+	CABundle  string // PEM file of extra roots, for private CAs and Pebble
+	Email     string
+	AgreeTOS  bool
+	EABKid    string
+	EABHMAC   string // secret: never logged
+	UserAgent string
+	Store     *store.Store
+
+	// ConfirmTOS asks a person to accept the terms at url. It is nil when
+	// there is no terminal, and then AgreeTOS must be set.
+	ConfirmTOS func(url string) (bool, error)
+}
+
+// Client is a registered ACME account on one server.
+type Client struct {
+	opts   Options
+	lego   *lego.Client
+	router *router
+}
+
+// NeedsTOS reports whether registering would have to ask about the terms
+// of service and cannot: no account yet, no --agree-tos and no terminal.
+// Callers check this before any request so the refusal costs nothing.
+func NeedsTOS(o Options) bool {
+	return !o.AgreeTOS && o.ConfirmTOS == nil && !o.Store.HasAccount(o.Server, o.Email)
+}
+
+// HTTPClient builds the client lego uses: the system roots plus the
+// CA bundle, and every request bound to ctx so that Ctrl-C aborts an order
+// in flight (lego v4 takes no context of its own).
+func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if caBundle != "" {
+		pem, err := os.ReadFile(caBundle)
+		if err != nil {
+			return nil, fmt.Errorf("--ca-bundle %s: %v", caBundle, unwrapPath(err))
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--ca-bundle %s: no PEM certificates in it", caBundle)
+		}
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	tr.MaxIdleConnsPerHost = 16
+	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr}}, nil
+}
+
+type ctxTransport struct {
+	ctx  context.Context
+	base http.RoundTripper
+}
+
+func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if err := t.ctx.Err(); err != nil {
+		return nil, err
+	}
+	return t.base.RoundTrip(r.WithContext(t.ctx))
+}
+
+// New loads the account for (Server, Email) or registers one, and
+// returns a client ready to order certificates.
+func New(ctx context.Context, o Options) (*Client, error) {
+	if NeedsTOS(o) {
+		return nil, errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+	}
+	hc, err := HTTPClient(ctx, o.CABundle)
+	if err != nil {
+		return nil, err
+	}
+	u := &user{email: o.Email}
+	keyPEM, regJSON, err := o.Store.ReadAccount(o.Server, o.Email)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		key, err := certcrypto.GeneratePrivateKey(certcrypto.EC256)
+		if err != nil {
+			return nil, err
+		}
+		u.key = key
+	case err != nil:
+		return nil, fmt.Errorf("read account: %w", err)
+	default:
+		key, err := certcrypto.ParsePEMPrivateKey(keyPEM)
+		if err != nil {
+			return nil, fmt.Errorf("account key in %s: %v", o.Store.AccountDir(o.Server, o.Email), err)
+		}
+		u.key = key
+		if regJSON != nil {
+			var reg registration.Resource
+			if err := json.Unmarshal(regJSON, &reg); err != nil {
+				return nil, fmt.Errorf("account in %s: %v", o.Store.AccountDir(o.Server, o.Email), err)
+			}
+			u.reg = &reg
+		}
+	}
+
+	cfg := lego.NewConfig(u)
+	cfg.CADirURL = o.Server
+	cfg.HTTPClient = hc
+	cfg.UserAgent = o.UserAgent
+	cfg.Certificate.Timeout = 90 * time.Second
+	lc, err := lego.NewClient(cfg)
+	if err != nil {
+		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
+	}
+	c := &Client{opts: o, lego: lc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
+		return nil, err
+	}
+	if u.reg == nil {
+		if err := c.register(u); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func (c *Client) register(u *user) error {
+	o := c.opts
+	// Save the key before registering (and only once the CA has answered
+	// its directory, so an unreachable server leaves nothing behind): if
+	// we crash after the CA has the account, the next run registers the
+	// same key again and the CA returns the existing account.
+	if err := o.Store.WriteAccountKey(o.Server, o.Email, certcrypto.PEMEncode(u.key)); err != nil {
+		return fmt.Errorf("save account key: %w", err)
+	}
+	if !o.AgreeTOS {
+		if o.ConfirmTOS == nil {
+			return errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+		}
+		ok, err := o.ConfirmTOS(c.lego.GetToSURL())
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return errors.New("the CA's terms of service were not accepted; nothing was registered")
+		}
+	}
+	var reg *registration.Resource
+	var err error
+	switch {
+	case o.EABKid != "":
+		reg, err = c.lego.Registration.RegisterWithExternalAccountBinding(registration.RegisterEABOptions{
+			TermsOfServiceAgreed: true, Kid: o.EABKid, HmacEncoded: o.EABHMAC,
+		})
+	case c.lego.GetExternalAccountRequired():
+		return errors.New("this CA requires external account binding: pass --eab-kid and the HMAC key (LBCERT_EAB_HMAC_KEY or --eab-hmac-key-file) from your CA account page")
+	default:
+		reg, err = c.lego.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
+	}
+	if err != nil {
+		return Explain(fmt.Errorf("register account %s: %w", displayEmail(o.Email), err))
+	}
+	data, err := json.MarshalIndent(reg, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := o.Store.WriteAccount(o.Server, o.Email, data); err != nil {
+		return fmt.Errorf("save account: %w", err)
+	}
+	u.reg = reg
+	return nil
+}
+
+func displayEmail(e string) string {
+	if e == "" {
+		return "(no email)"
+	}
+	return e
+}
+
+// user implements lego's registration.User.
+type user struct {
+	email string
+	key   crypto.PrivateKey
+	reg   *registration.Resource
+}
+
+func (u *user) GetEmail() string                        { return u.email }
+func (u *user) GetRegistration() *registration.Resource { return u.reg }
+func (u *user) GetPrivateKey() crypto.PrivateKey        { return u.key }
+
+// router is the single HTTP-01 provider lego knows about. It hands each
+// challenge to the provider of the order that owns the name, so concurrent
+// orders on one client can use different webroots or listeners.
+type router struct {
+	mu       sync.Mutex
+	byDomain map[string]challenge.Provider
+}
+
+func (r *router) set(domains []string, p challenge.Provider) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, d := range domains {
+		if _, busy := r.byDomain[d]; busy {
+			return fmt.Errorf("%s: another order for this name is in progress", d)
+		}
+	}
+	for _, d := range domains {
+		r.byDomain[d] = p
+	}
+	return nil
+}
+
+func (r *router) clear(domains []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, d := range domains {
+		delete(r.byDomain, d)
+	}
+}
+
+func (r *router) get(domain string) (challenge.Provider, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.byDomain[domain]
+	if !ok {
+		return nil, fmt.Errorf("no HTTP-01 responder for %s", domain)
+	}
+	return p, nil
+}
+
+func (r *router) Present(domain, token, keyAuth string) error {
+	p, err := r.get(domain)
+	if err != nil {
+		return err
+	}
+	return p.Present(domain, token, keyAuth)
+}
+
+func (r *router) CleanUp(domain, token, keyAuth string) error {
+	p, err := r.get(domain)
+	if err != nil {
+		return err
+	}
+	return p.CleanUp(domain, token, keyAuth)
+}
+
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// flatten makes lego's multi-line errors one line.
+func flatten(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}

@@ -1,0 +1,235 @@
+package acme
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+
+	legoacme "github.com/go-acme/lego/v4/acme"
+	"github.com/go-acme/lego/v4/certcrypto"
+	"github.com/go-acme/lego/v4/certificate"
+	"github.com/go-acme/lego/v4/challenge"
+
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// KeyTypes are the accepted --key-type values, default first.
+var KeyTypes = []string{"ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"}
+
+var keyTypes = map[string]certcrypto.KeyType{
+	"ec256":   certcrypto.EC256,
+	"ec384":   certcrypto.EC384,
+	"rsa2048": certcrypto.RSA2048,
+	"rsa3072": certcrypto.RSA3072,
+	"rsa4096": certcrypto.RSA4096,
+}
+
+// CheckKeyType refuses an unknown --key-type.
+func CheckKeyType(s string) error {
+	if _, ok := keyTypes[s]; !ok {
+		return fmt.Errorf("--key-type %q: want one of %s", s, strings.Join(KeyTypes, ", "))
+	}
+	return nil
+}
+
+// Request is one certificate order.
+type Request struct {
+	Domains  []string
+	KeyType  string
+	Profile  string
+	Key      []byte // PEM; reuse this private key instead of making one
+	Provider challenge.Provider
+	Replaces string // RFC 9773 ARI CertID of the certificate this replaces
+}
+
+// Result is a checked certificate, ready for store.Save.
+type Result struct {
+	Files store.Files
+	Info  store.CertInfo
+}
+
+// Obtain orders a certificate for r.Domains, answers the HTTP-01
+// challenges through r.Provider and checks the result.
+func (c *Client) Obtain(r Request) (*Result, error) {
+	kt, ok := keyTypes[r.KeyType]
+	if !ok {
+		return nil, CheckKeyType(r.KeyType)
+	}
+	var key crypto.PrivateKey
+	var err error
+	if len(r.Key) > 0 {
+		if key, err = certcrypto.ParsePEMPrivateKey(r.Key); err != nil {
+			return nil, fmt.Errorf("reuse key: %v", err)
+		}
+	} else if key, err = certcrypto.GeneratePrivateKey(kt); err != nil {
+		return nil, err
+	}
+	if err := c.router.set(r.Domains, r.Provider); err != nil {
+		return nil, err
+	}
+	defer c.router.clear(r.Domains)
+
+	res, err := c.lego.Certificate.Obtain(certificate.ObtainRequest{
+		Domains:        r.Domains,
+		PrivateKey:     key,
+		Bundle:         true,
+		Profile:        r.Profile,
+		ReplacesCertID: r.Replaces,
+	})
+	if err != nil {
+		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
+	}
+	return check(res.Certificate, res.PrivateKey, r.Domains)
+}
+
+// check splits the bundle lego returned and refuses a certificate whose
+// key or names are not what was asked for: a CA bug must not reach live/.
+func check(bundle, keyPEM []byte, domains []string) (*Result, error) {
+	var certs [][]byte
+	var leaf *x509.Certificate
+	rest := bundle
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		if leaf == nil {
+			c, err := x509.ParseCertificate(b.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("CA returned an unreadable certificate: %v", err)
+			}
+			leaf = c
+		}
+		certs = append(certs, pem.EncodeToMemory(b))
+	}
+	if leaf == nil {
+		return nil, errors.New("CA returned no certificate")
+	}
+	key, err := certcrypto.ParsePEMPrivateKey(keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("private key: %v", err)
+	}
+	if !publicKeyMatches(leaf.PublicKey, key) {
+		return nil, errors.New("CA returned a certificate that does not match our private key")
+	}
+	got := slices.Clone(leaf.DNSNames)
+	want := slices.Clone(domains)
+	sort.Strings(got)
+	sort.Strings(want)
+	if !slices.Equal(got, want) {
+		return nil, fmt.Errorf("CA returned a certificate for %v, not %v", got, want)
+	}
+	ari, err := certificate.MakeARICertID(leaf)
+	if err != nil {
+		ari = "" // a CA without AKI; renew falls back to lifetime rules
+	}
+	return &Result{
+		Files: store.Files{
+			Cert:      certs[0],
+			Chain:     bytes.Join(certs[1:], nil),
+			Fullchain: bytes.Join(certs, nil),
+			Key:       keyPEM,
+		},
+		Info: store.CertInfo{
+			Serial:    SerialHex(leaf),
+			NotBefore: leaf.NotBefore.UTC(),
+			NotAfter:  leaf.NotAfter.UTC(),
+			ARICertID: ari,
+			Issuer:    leaf.Issuer.String(),
+		},
+	}, nil
+}
+
+// SerialHex formats a serial the way the CA and openssl show it, so users
+// can grep logs for it.
+func SerialHex(c *x509.Certificate) string {
+	return fmt.Sprintf("%x", c.SerialNumber)
+}
+
+func publicKeyMatches(pub crypto.PublicKey, key crypto.PrivateKey) bool {
+	switch k := key.(type) {
+	case *ecdsa.PrivateKey:
+		return k.PublicKey.Equal(pub)
+	case *rsa.PrivateKey:
+		return k.PublicKey.Equal(pub)
+	}
+	return false
+}
+
+// Explain wraps an ACME error with an exit code and a hint matched to the
+// problem type, and makes lego's multi-line errors one line.
+func Explain(err error) error {
+	return explain("", err)
+}
+
+// explain is Explain with a prefix saying what was being done. When the
+// CA sent an RFC 7807 problem, the message is the prefix, the problem type
+// and its detail, instead of lego's nested wrapping of the same facts.
+func explain(prefix string, err error) error {
+	if err == nil {
+		return nil
+	}
+	msg := flatten(err.Error())
+	var rl *legoacme.RateLimitedError
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) && prefix != "" {
+		msg = fmt.Sprintf("%s: %s: %s", prefix, strings.TrimPrefix(pd.Type, "urn:ietf:params:acme:error:"), flatten(pd.Detail))
+	} else if prefix != "" {
+		msg = prefix + ": " + msg
+	}
+	e := &exit.Error{Code: exit.Failure, Msg: msg}
+	switch {
+	case errors.As(err, &rl):
+		e.Hint = "the CA's rate limit was hit; wait"
+		if rl.RetryAfter != "" {
+			e.Hint += fmt.Sprintf(" (Retry-After: %s)", rl.RetryAfter)
+		}
+		e.Hint += " before trying again, and use --staging while testing"
+	case errors.As(err, &pd):
+		e.Hint = hintFor(pd.Type)
+		for _, sp := range pd.SubProblems {
+			if e.Hint == "" {
+				e.Hint = hintFor(sp.Type)
+			}
+		}
+	case strings.Contains(msg, "certificate signed by unknown authority"):
+		e.Hint = "the ACME server's TLS certificate is not trusted: pass its root with --ca-bundle"
+	case strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host"):
+		e.Hint = "check --server and that this host can reach the ACME server"
+	}
+	if e.Hint == "" {
+		e.Hint = hintFor(msg)
+	}
+	return e
+}
+
+func hintFor(problem string) string {
+	switch {
+	case strings.Contains(problem, ":unauthorized"), strings.Contains(problem, ":incorrectResponse"):
+		return "the CA fetched /.well-known/acme-challenge/ and got the wrong answer: does the web server route that path to lbcert's --webroot or --http-addr for every name?"
+	case strings.Contains(problem, ":connection"):
+		return "the CA could not connect on port 80: check DNS points at this host and the firewall allows port 80"
+	case strings.Contains(problem, ":dns"):
+		return "the CA could not resolve the name: check its DNS A/AAAA records"
+	case strings.Contains(problem, ":rejectedIdentifier"):
+		return "the CA will not issue for this name (policy or blocklist)"
+	case strings.Contains(problem, ":externalAccountRequired"):
+		return "this CA requires external account binding: pass --eab-kid and LBCERT_EAB_HMAC_KEY"
+	case strings.Contains(problem, ":invalidProfile"):
+		return "the CA does not offer that --profile"
+	}
+	return ""
+}

@@ -1,0 +1,126 @@
+package challenge
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func get(t *testing.T, addr, host, path string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+	req.Host = host
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestStandaloneAnswersOnlyPresentedTokens(t *testing.T) {
+	s, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Present("shop.example.net", "tok_1-A", "tok_1-A.thumb"); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		host, path string
+		code       int
+		body       string
+	}{
+		{"shop.example.net", "/.well-known/acme-challenge/tok_1-A", 200, "tok_1-A.thumb"},
+		{"SHOP.example.net.:8888", "/.well-known/acme-challenge/tok_1-A", 200, "tok_1-A.thumb"},
+		{"other.example.net", "/.well-known/acme-challenge/tok_1-A", 404, ""},
+		{"shop.example.net", "/.well-known/acme-challenge/nope", 404, ""},
+		{"shop.example.net", "/", 404, ""},
+		{"shop.example.net", "/index.html", 404, ""},
+		{"shop.example.net", "/.well-known/acme-challenge/tok_1-A/x", 404, ""},
+	}
+	for _, c := range cases {
+		code, body := get(t, s.Addr, c.host, c.path)
+		if code != c.code || (c.body != "" && body != c.body) {
+			t.Errorf("GET %s %s = %d %q, want %d %q", c.host, c.path, code, body, c.code, c.body)
+		}
+	}
+	s.CleanUp("shop.example.net", "tok_1-A", "")
+	if code, _ := get(t, s.Addr, "shop.example.net", "/.well-known/acme-challenge/tok_1-A"); code != 404 {
+		t.Errorf("after CleanUp: %d", code)
+	}
+	if err := s.Present("x.test", "../../etc", "k"); err == nil {
+		t.Error("path-like token accepted")
+	}
+}
+
+func TestListenInUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, err = Listen(ln.Addr().String())
+	if err == nil || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("Listen on busy port = %v", err)
+	}
+}
+
+func TestWebrootPresentCleanUp(t *testing.T) {
+	root := t.TempDir()
+	w := &Webroot{Root: root}
+	if err := w.Present("a.test", "tok", "tok.key"); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(root, ".well-known", "acme-challenge", "tok")
+	got, err := os.ReadFile(p)
+	fi, _ := os.Stat(p)
+	if err != nil || string(got) != "tok.key" || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("token file: %q %v %v", got, err, fi.Mode())
+	}
+	if err := w.CleanUp("a.test", "tok", "tok.key"); err != nil {
+		t.Fatal(err)
+	}
+	entries, _ := os.ReadDir(root)
+	if len(entries) != 0 {
+		t.Fatalf("webroot not left as found: %v", entries)
+	}
+	// An existing .well-known that we did not create stays.
+	os.MkdirAll(filepath.Join(root, ".well-known"), 0o755)
+	w.Present("a.test", "tok", "k")
+	w.CleanUp("a.test", "tok", "k")
+	if _, err := os.Stat(filepath.Join(root, ".well-known")); err != nil {
+		t.Fatalf("removed a directory it did not create: %v", err)
+	}
+	if err := w.Present("a.test", "a/../../b", "k"); err == nil {
+		t.Fatal("path-like token accepted")
+	}
+}
+
+func TestCheckWebroot(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "f")
+	os.WriteFile(file, nil, 0o644)
+	for path, want := range map[string]string{
+		filepath.Join(dir, "missing"): "does not exist",
+		file:                          "not a directory",
+		"":                            "empty",
+	} {
+		if err := CheckWebroot(path); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("CheckWebroot(%q) = %v, want %q", path, err, want)
+		}
+	}
+	if err := CheckWebroot(dir); err != nil {
+		t.Fatal(err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("CheckWebroot left files: %v", entries)
+	}
+}

@@ -1,0 +1,201 @@
+// Package config resolves lbcert's settings with one precedence rule for
+// all of them: command-line flag, then environment variable, then config
+// file, then the flag's default.
+//
+// A setting is a pflag flag marked with Mark. Its environment variable is
+// derived from the flag name by EnvName, and its config-file key is the
+// flag name itself, so the three spellings never drift apart. The config
+// file is YAML and is decoded strictly: a key that is not a setting is an
+// error naming the key and its line, because a misspelt key that is
+// silently ignored is how certificates quietly stop renewing.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+)
+
+// EnvPrefix starts every environment variable lbcert reads.
+const EnvPrefix = "LBCERT_"
+
+// annotation marks a flag as a setting that env and config may supply.
+const annotation = "lbcert/setting"
+
+// EnvName derives the environment variable for a flag: "http-addr" becomes
+// "LBCERT_HTTP_ADDR".
+func EnvName(flag string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// Mark marks the named flags of fs as settings. It panics on an unknown
+// name, which is a programming error caught by the tests.
+func Mark(fs *pflag.FlagSet, names ...string) {
+	for _, n := range names {
+		if err := fs.SetAnnotation(n, annotation, []string{"true"}); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// IsSetting reports whether f was marked by Mark.
+func IsSetting(f *pflag.Flag) bool {
+	_, ok := f.Annotations[annotation]
+	return ok
+}
+
+// File is a decoded config file: each key with its values. A scalar value
+// is a list of one; a YAML sequence fills a repeatable flag.
+type File struct {
+	Path   string
+	Values map[string][]string
+}
+
+// Load reads and strictly decodes a config file. known reports whether a
+// key is a setting of any command.
+func Load(path string, known func(key string) bool) (*File, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, unwrapPathErr(err))
+	}
+	return Parse(path, data, known)
+}
+
+// Parse decodes config data; path is used only in messages.
+func Parse(path string, data []byte, known func(key string) bool) (*File, error) {
+	f := &File{Path: path, Values: map[string][]string{}}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return f, nil
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("config %s: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	if len(doc.Content) == 0 {
+		return f, nil
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("config %s: line %d: want a mapping of setting: value", path, root.Line)
+	}
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k, v := root.Content[i], root.Content[i+1]
+		key := k.Value
+		if k.Kind != yaml.ScalarNode || !known(key) {
+			return nil, fmt.Errorf("config %s: line %d: unknown key %q", path, k.Line, key)
+		}
+		if _, dup := f.Values[key]; dup {
+			return nil, fmt.Errorf("config %s: line %d: key %q given twice", path, k.Line, key)
+		}
+		switch v.Kind {
+		case yaml.ScalarNode:
+			f.Values[key] = []string{v.Value}
+		case yaml.SequenceNode:
+			vals := make([]string, 0, len(v.Content))
+			for _, item := range v.Content {
+				if item.Kind != yaml.ScalarNode {
+					return nil, fmt.Errorf("config %s: line %d: %q: list items must be plain values", path, item.Line, key)
+				}
+				vals = append(vals, item.Value)
+			}
+			f.Values[key] = vals
+		default:
+			return nil, fmt.Errorf("config %s: line %d: %q: want a value or a list of values", path, v.Line, key)
+		}
+	}
+	return f, nil
+}
+
+// Apply fills each setting in fs that was not given on the command line,
+// first from the environment, then from file (which may be nil). Values
+// are set through the flag, so they get the same parsing and errors as
+// typed flags.
+func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
+	var errs []error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed || !IsSetting(f) {
+			return
+		}
+		env := EnvName(f.Name)
+		if v := getenv(env); v != "" {
+			vals := []string{v}
+			if isList(f) {
+				vals = splitList(v)
+			}
+			if err := setAll(f, vals); err != nil {
+				errs = append(errs, fmt.Errorf("environment %s=%q: %v", env, v, err))
+			}
+			return
+		}
+		if file == nil {
+			return
+		}
+		if vals, ok := file.Values[f.Name]; ok {
+			if err := setAll(f, vals); err != nil {
+				errs = append(errs, fmt.Errorf("config %s: %q: %v", file.Path, f.Name, err))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// isList reports whether f is repeatable, so that a comma-separated
+// environment value means several values.
+func isList(f *pflag.Flag) bool {
+	return strings.HasSuffix(f.Value.Type(), "Slice") || strings.HasSuffix(f.Value.Type(), "Array")
+}
+
+func splitList(v string) []string {
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func setAll(f *pflag.Flag, vals []string) error {
+	if !isList(f) && len(vals) != 1 {
+		return fmt.Errorf("takes one value, got %d", len(vals))
+	}
+	for _, v := range vals {
+		if err := f.Value.Set(v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Keys lists every setting name in the flag sets, sorted, for docs and for
+// the strict decoder's known-key check.
+func Keys(sets ...*pflag.FlagSet) []string {
+	seen := map[string]bool{}
+	for _, fs := range sets {
+		fs.VisitAll(func(f *pflag.Flag) {
+			if IsSetting(f) {
+				seen[f.Name] = true
+			}
+		})
+	}
+	keys := make([]string, 0, len(seen))
+	for k := range seen {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+func unwrapPathErr(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}

@@ -1,0 +1,109 @@
+package config
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+)
+
+func TestEnvName(t *testing.T) {
+	for in, want := range map[string]string{
+		"dir": "LBCERT_DIR", "http-addr": "LBCERT_HTTP_ADDR", "eab-hmac-key-file": "LBCERT_EAB_HMAC_KEY_FILE",
+	} {
+		if got := EnvName(in); got != want {
+			t.Errorf("EnvName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func known(k string) bool { return k == "dir" || k == "server" || k == "mail-to" }
+
+func TestParseStrict(t *testing.T) {
+	f, err := Parse("c.yaml", []byte("dir: /srv/lbcert\nmail-to: [a@x.test, b@x.test]\n"), known)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Values["dir"][0] != "/srv/lbcert" || len(f.Values["mail-to"]) != 2 {
+		t.Fatalf("got %v", f.Values)
+	}
+	bad := map[string]string{
+		"dri: /x\n":             `line 1: unknown key "dri"`,
+		"dir: /x\ndir: /y\n":    `line 2: key "dir" given twice`,
+		"- a\n- b\n":            "want a mapping",
+		"dir: {a: b}\n":         "want a value or a list",
+		"dir: [a, [b]]\n":       "list items must be plain values",
+		"dir: \"unterminated\n": "c.yaml",
+	}
+	for in, want := range bad {
+		if _, err := Parse("c.yaml", []byte(in), known); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(%q) = %v, want error containing %q", in, err, want)
+		}
+	}
+	if f, err := Parse("c.yaml", []byte("  \n"), known); err != nil || len(f.Values) != 0 {
+		t.Errorf("empty file: %v %v", f, err)
+	}
+}
+
+// TestPrecedence: flag beats env beats file beats default.
+func TestPrecedence(t *testing.T) {
+	newFS := func() (*pflag.FlagSet, *string, *string, *string, *[]string) {
+		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+		a := fs.String("dir", "default-dir", "")
+		b := fs.String("server", "default-server", "")
+		c := fs.String("unmarked", "u", "")
+		d := fs.StringArray("mail-to", nil, "")
+		Mark(fs, "dir", "server", "mail-to")
+		return fs, a, b, c, d
+	}
+	file := &File{Path: "c.yaml", Values: map[string][]string{
+		"dir": {"file-dir"}, "server": {"file-server"}, "mail-to": {"f1", "f2"},
+	}}
+	env := map[string]string{"LBCERT_DIR": "env-dir", "LBCERT_UNMARKED": "env-u", "LBCERT_MAIL_TO": "e1, e2"}
+
+	fs, dir, server, unmarked, mailTo := newFS()
+	if err := fs.Parse([]string{"--dir", "flag-dir"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(fs, file, func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	if *dir != "flag-dir" || *server != "file-server" || *unmarked != "u" || strings.Join(*mailTo, ",") != "e1,e2" {
+		t.Fatalf("dir=%q server=%q unmarked=%q mail-to=%q", *dir, *server, *unmarked, *mailTo)
+	}
+
+	fs, dir, server, _, mailTo = newFS()
+	fs.Parse(nil)
+	Apply(fs, file, func(k string) string { return env[k] })
+	if *dir != "env-dir" || strings.Join(*mailTo, ",") != "e1,e2" {
+		t.Fatalf("env should beat file: dir=%q mail-to=%v", *dir, *mailTo)
+	}
+	fs, dir, server, _, mailTo = newFS()
+	fs.Parse(nil)
+	Apply(fs, file, func(string) string { return "" })
+	if *dir != "file-dir" || strings.Join(*mailTo, ",") != "f1,f2" {
+		t.Fatalf("file should beat default: dir=%q mail-to=%v", *dir, *mailTo)
+	}
+	fs, dir, server, _, _ = newFS()
+	fs.Parse(nil)
+	Apply(fs, nil, func(string) string { return "" })
+	if *dir != "default-dir" || *server != "default-server" {
+		t.Fatalf("default: dir=%q server=%q", *dir, *server)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add("dir: /x\n")
+	f.Add("mail-to: [a, b]\n")
+	f.Add("- x")
+	f.Fuzz(func(t *testing.T, in string) {
+		fl, err := Parse("c.yaml", []byte(in), known)
+		if err == nil {
+			for k := range fl.Values {
+				if !known(k) {
+					t.Fatalf("unknown key %q accepted", k)
+				}
+			}
+		}
+	})
+}

@@ -1,0 +1,216 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// TestIssueStandalone: a real certificate from Pebble through lbcert's own
+// HTTP-01 listener, then the idempotence rules: same names do nothing,
+// --force reissues, new names under the same --name replace.
+func TestIssueStandalone(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	addr := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	r := e.mustRun("issue", "-d", "Shop.Example.NET.", "-d", "www.shop.example.net", "--standalone", "--http-addr", addr, "--agree-tos", "--email", "ops@lbcert.test")
+	if !strings.Contains(r.stdout, "shop.example.net: issued certificate for shop.example.net, www.shop.example.net") {
+		t.Fatalf("stdout: %q", r.stdout)
+	}
+	c1 := e.leaf("shop.example.net")
+	if got := c1.DNSNames; !slices.Equal(sorted(got), []string{"shop.example.net", "www.shop.example.net"}) {
+		t.Fatalf("SANs = %v", got)
+	}
+	if life := c1.NotAfter.Sub(c1.NotBefore); life < 89*24*3600e9 {
+		t.Fatalf("lifetime %v, want the 90-day default profile", life)
+	}
+	checkModes(t, e.dir, "shop.example.net")
+	meta := readFile(t, filepath.Join(e.dir, "live", "shop.example.net", "lineage.json"))
+	for _, want := range []string{`"mode": "standalone"`, `"http_addr": "` + addr + `"`, `"key_type": "ec256"`, fmt.Sprintf(`"serial": "%x"`, c1.SerialNumber), `"ari_cert_id": "`} {
+		if !strings.Contains(meta, want) {
+			t.Errorf("lineage.json lacks %s:\n%s", want, meta)
+		}
+	}
+	accounts, _ := filepath.Glob(filepath.Join(e.dir, "accounts", "*", "ops@lbcert.test", "account.key"))
+	if len(accounts) != 1 {
+		t.Fatalf("account key: %v", accounts)
+	}
+
+	// Same names again: nothing to do, no order, exit 0.
+	before := e.requests()
+	r = e.mustRun("issue", "-d", "shop.example.net", "-d", "www.shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test")
+	if !strings.Contains(r.stdout, "nothing to do") {
+		t.Fatalf("second issue: %q", r.stdout)
+	}
+	if n := e.requests(); n != before {
+		t.Fatalf("second issue sent %d requests to the CA", n-before)
+	}
+	if e.leaf("shop.example.net").SerialNumber.Cmp(c1.SerialNumber) != 0 {
+		t.Fatal("second issue changed the certificate")
+	}
+
+	// --force issues anyway, reusing the registered account (no new
+	// account request), and the archive keeps the previous version.
+	before = e.requests()
+	e.mustRun("issue", "-d", "shop.example.net", "-d", "www.shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test", "--force", "--key-type", "rsa2048")
+	c2 := e.leaf("shop.example.net")
+	if c2.SerialNumber.Cmp(c1.SerialNumber) == 0 || c2.PublicKeyAlgorithm.String() != "RSA" {
+		t.Fatalf("--force: serial %x key %v", c2.SerialNumber, c2.PublicKeyAlgorithm)
+	}
+	if strings.Contains(e.pebble.FullLog()[len(e.pebble.FullLog())-5000:], "POST /sign-me-up") {
+		t.Error("--force registered a new account instead of reusing the saved one")
+	}
+	_ = before
+	for _, v := range []string{"1", "2"} {
+		if _, err := os.Stat(filepath.Join(e.dir, "archive", "shop.example.net", v, "cert.pem")); err != nil {
+			t.Errorf("archive version %s: %v", v, err)
+		}
+	}
+
+	// Different names under the same --name replace the certificate.
+	e.mustRun("issue", "--name", "shop.example.net", "-d", "shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test")
+	if got := e.leaf("shop.example.net").DNSNames; !slices.Equal(got, []string{"shop.example.net"}) {
+		t.Fatalf("after new names: SANs = %v", got)
+	}
+
+	// --reuse-key keeps the private key across a reissue.
+	key1 := readFile(t, filepath.Join(e.dir, "live", "shop.example.net", "privkey.pem"))
+	e.mustRun("issue", "-d", "shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test", "--force", "--reuse-key")
+	if key2 := readFile(t, filepath.Join(e.dir, "live", "shop.example.net", "privkey.pem")); key2 != key1 {
+		t.Fatal("--reuse-key made a new key")
+	}
+}
+
+// TestIssueWebrootThroughNginx: HTTP-01 answered by a real nginx serving
+// the webroot with the README's location block; Pebble's validation
+// requests show up in nginx's access log.
+func TestIssueWebrootThroughNginx(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	webroot := filepath.Join(e.work, "www")
+	os.MkdirAll(webroot, 0o755)
+	prefix := filepath.Join(e.work, "nginx")
+	os.MkdirAll(prefix, 0o755)
+	addr := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	conf := testenv.NginxConfig(prefix, fmt.Sprintf(`
+    server {
+        listen %s;
+        server_name _;
+        location ^~ /.well-known/acme-challenge/ {
+            root %s;
+            default_type text/plain;
+        }
+        location / { return 404; }
+    }`, addr, webroot))
+	n, err := testenv.StartNginx(prefix, conf, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+
+	e.mustRun("issue", "-d", "blog.example.org", "-d", "www.blog.example.org", "--webroot", webroot, "--agree-tos")
+	c := e.leaf("blog.example.org")
+	if !slices.Equal(sorted(c.DNSNames), []string{"blog.example.org", "www.blog.example.org"}) {
+		t.Fatalf("SANs = %v", c.DNSNames)
+	}
+	log := n.AccessLog()
+	if got := strings.Count(log, "GET /.well-known/acme-challenge/"); got < 2 || !strings.Contains(log, `" 200 `) {
+		t.Fatalf("nginx served %d challenge requests; access log:\n%s", got, log)
+	}
+	entries, _ := os.ReadDir(webroot)
+	if len(entries) != 0 {
+		t.Fatalf("webroot not cleaned up: %v", entries)
+	}
+	meta := readFile(t, filepath.Join(e.dir, "live", "blog.example.org", "lineage.json"))
+	if !strings.Contains(meta, `"webroot": "`+webroot+`"`) {
+		t.Fatalf("lineage.json lacks the webroot:\n%s", meta)
+	}
+}
+
+// TestIssueValidationFailure: nothing answers on the HTTP-01 port, so the
+// CA refuses; lbcert says so in one error line plus a hint, exits 1 and
+// saves nothing.
+func TestIssueValidationFailure(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	webroot := filepath.Join(e.work, "www")
+	os.MkdirAll(webroot, 0o755)
+	r := e.run("issue", "-d", "nobody-home.example.com", "--webroot", webroot, "--agree-tos")
+	if r.code != 1 {
+		t.Fatalf("exit %d, want 1", r.code)
+	}
+	if !strings.Contains(r.stderr, "lbcert: error: obtain nobody-home.example.com: connection: ") ||
+		!strings.Contains(r.stderr, "lbcert: hint: the CA could not connect on port 80") {
+		t.Fatalf("stderr: %s", r.stderr)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "live", "nobody-home.example.com")); !os.IsNotExist(err) {
+		t.Fatalf("a failed issue left live/: %v", err)
+	}
+}
+
+// TestBadInputNeverReachesCA runs bad inputs against a live Pebble and
+// counts its requests: none may arrive, and no state may be written.
+func TestBadInputNeverReachesCA(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	webroot := filepath.Join(e.work, "www")
+	os.MkdirAll(webroot, 0o755)
+	before := e.requests()
+	for _, args := range [][]string{
+		{"-d", "*.example.com", "--webroot", webroot},
+		{"-d", "10.0.0.1", "--webroot", webroot},
+		{"-d", "bad_name.example.com", "--webroot", webroot},
+		{"-d", "ok.example.com", "--name", "../x", "--webroot", webroot},
+		{"-d", "ok.example.com", "--webroot", filepath.Join(e.work, "missing")},
+		{"-d", "ok.example.com", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort), "--key-type", "dsa"},
+	} {
+		r := e.run(append([]string{"issue", "--agree-tos"}, args...)...)
+		if r.code != 1 || strings.Count(r.stderr, "\n") != 1 || !strings.HasPrefix(r.stderr, "lbcert: error: ") {
+			t.Errorf("%v: exit %d, stderr %q; want one error line and exit 1", args, r.code, r.stderr)
+		}
+	}
+	if n := e.requests(); n != before {
+		t.Fatalf("bad input sent %d requests to Pebble", n-before)
+	}
+	if _, err := os.Stat(e.dir); !os.IsNotExist(err) {
+		t.Fatalf("bad input created the state directory: %v", err)
+	}
+}
+
+func checkModes(t *testing.T, dir, name string) {
+	t.Helper()
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(dir, "live", name, "privkey.pem"): 0o600,
+		filepath.Join(dir, "live", name, "cert.pem"):    0o644,
+		filepath.Join(dir, "archive", name):             0o700 | os.ModeDir,
+		filepath.Join(dir, "live"):                      0o700 | os.ModeDir,
+		filepath.Join(dir, "accounts"):                  0o700 | os.ModeDir,
+	} {
+		fi, err := os.Stat(path)
+		if err != nil || fi.Mode() != want {
+			t.Errorf("%s: mode %v, %v; want %v", path, fi.Mode(), err, want)
+		}
+	}
+	keys, _ := filepath.Glob(filepath.Join(dir, "accounts", "*", "*", "account.key"))
+	for _, k := range keys {
+		if fi, _ := os.Stat(k); fi.Mode() != 0o600 {
+			t.Errorf("%s: mode %v", k, fi.Mode())
+		}
+	}
+}
+
+func readFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
+}

@@ -1,0 +1,82 @@
+// Package exit owns lbcert's exit codes and the error type that carries one.
+//
+// The codes are a contract with cron jobs and scripts (see README, "Exit
+// codes"): once published, a number never changes meaning. Every error that
+// reaches the top of a command is either an *Error, which says which code to
+// use and what the user should try next, or a plain error, which means
+// Failure.
+package exit
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Exit codes. Keep README.md and the root command's help in step with these.
+const (
+	OK          = 0   // everything asked for was done, or nothing was due
+	Failure     = 1   // the run failed: bad input, CA refused, I/O error
+	Partial     = 2   // some certificates succeeded and some failed
+	Locked      = 3   // another lbcert process holds the state directory
+	Interrupted = 130 // SIGINT or SIGTERM stopped the run (128+2, as shells do)
+)
+
+// Error is an error with an exit code and an optional hint that tells the
+// user what to try next. Msg is one line, lowercase, with no trailing period.
+type Error struct {
+	Code int
+	Msg  string
+	Hint string
+	Err  error
+}
+
+func (e *Error) Error() string {
+	if e.Err != nil && e.Msg == "" {
+		return e.Err.Error()
+	}
+	if e.Err != nil {
+		return e.Msg + ": " + e.Err.Error()
+	}
+	return e.Msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Errorf returns an *Error with code Failure.
+func Errorf(format string, args ...any) *Error {
+	return &Error{Code: Failure, Msg: fmt.Sprintf(format, args...)}
+}
+
+// WithHint returns e with its hint set, for chaining at the call site.
+func (e *Error) WithHint(format string, args ...any) *Error {
+	e.Hint = fmt.Sprintf(format, args...)
+	return e
+}
+
+// Code reports the exit code for err: nil is OK, an *Error anywhere in the
+// chain gives its code, anything else is Failure.
+func Code(err error) int {
+	if err == nil {
+		return OK
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return Failure
+}
+
+// Hint returns the first hint found in err's chain, or "".
+func Hint(err error) string {
+	for err != nil {
+		var e *Error
+		if !errors.As(err, &e) {
+			return ""
+		}
+		if e.Hint != "" {
+			return e.Hint
+		}
+		err = e.Err
+	}
+	return ""
+}

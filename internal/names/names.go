@@ -1,0 +1,162 @@
+// Package names normalises and checks the names users give lbcert: DNS
+// names for certificates and lineage names for the state directory.
+//
+// Everything here is pure and runs before any request to the CA, so that a
+// typo costs an error message, not a failed validation that counts against
+// the CA's rate limits (seed 000). Errors name the offending input and say
+// why it was refused, in one line.
+package names
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"golang.org/x/net/idna"
+)
+
+// Limits from RFC 1035 section 2.3.4. 253 is the longest name in text form
+// without the trailing dot.
+const (
+	maxLabel = 63
+	maxName  = 253
+)
+
+// toASCII converts IDN labels to punycode without applying any mapping
+// beyond what lookup needs; our own checks below give clearer errors than
+// the idna package's, so it only converts.
+var toASCII = idna.New(idna.MapForLookup(), idna.Transitional(false), idna.BidiRule())
+
+// Domain returns the normalised form of a DNS name (lowercase, no trailing
+// dot, IDN converted to punycode) or an error saying why HTTP-01 cannot
+// validate it.
+func Domain(raw string) (string, error) {
+	name := strings.TrimSpace(raw)
+	q := fmt.Sprintf("%q", raw)
+	if name == "" {
+		return "", fmt.Errorf("domain %s: empty name", q)
+	}
+	name = strings.TrimSuffix(name, ".")
+	if strings.Contains(name, "*") {
+		return "", fmt.Errorf("domain %s: wildcard names need DNS-01 validation, which HTTP-01 cannot do", q)
+	}
+	if isIP(name) {
+		return "", fmt.Errorf("domain %s: IP addresses are not supported, use a DNS name", q)
+	}
+	if strings.ContainsAny(name, `/\`) {
+		return "", fmt.Errorf("domain %s: contains a path separator", q)
+	}
+	if hasNonASCII(name) {
+		// Check the Unicode labels' shape first, so "a..b" with an umlaut
+		// still says "empty label" rather than an idna error.
+		if err := checkLabels(raw, name, false); err != nil {
+			return "", err
+		}
+		ascii, err := toASCII.ToASCII(name)
+		if err != nil {
+			return "", fmt.Errorf("domain %s: not a valid internationalised name: %v", q, trimIDNAErr(err))
+		}
+		name = ascii
+	}
+	name = strings.ToLower(name)
+	if err := checkLabels(raw, name, true); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+// Domains normalises every name, drops duplicates (keeping the first
+// occurrence, so the order users typed is the order in the certificate)
+// and returns the first error met.
+func Domains(raw []string) ([]string, error) {
+	if len(raw) == 0 {
+		return nil, fmt.Errorf("no domain given: use -d NAME, once for each name the certificate covers")
+	}
+	seen := make(map[string]bool, len(raw))
+	out := make([]string, 0, len(raw))
+	for _, r := range raw {
+		d, err := Domain(r)
+		if err != nil {
+			return nil, err
+		}
+		if !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+func checkLabels(raw, name string, ascii bool) error {
+	q := fmt.Sprintf("%q", raw)
+	if ascii && len(name) > maxName {
+		return fmt.Errorf("domain %s: %d characters, longer than the %d a DNS name may have", q, len(name), maxName)
+	}
+	for _, label := range strings.Split(name, ".") {
+		if label == "" {
+			return fmt.Errorf("domain %s: empty label (two dots in a row, or a leading dot)", q)
+		}
+		if !ascii {
+			continue
+		}
+		if len(label) > maxLabel {
+			return fmt.Errorf("domain %s: label %q is %d characters, longer than %d", q, label, len(label), maxLabel)
+		}
+		for _, c := range label {
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+				return fmt.Errorf("domain %s: character %q is not allowed (only letters, digits and hyphens)", q, c)
+			}
+		}
+		if label[0] == '-' || label[len(label)-1] == '-' {
+			return fmt.Errorf("domain %s: label %q starts or ends with a hyphen", q, label)
+		}
+	}
+	return nil
+}
+
+func isIP(s string) bool {
+	s = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+	_, err := netip.ParseAddr(s)
+	return err == nil
+}
+
+func hasNonASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return true
+		}
+	}
+	return false
+}
+
+func trimIDNAErr(err error) string {
+	return strings.TrimPrefix(err.Error(), "idna: ")
+}
+
+// maxLineage keeps lineage names well inside NAME_MAX (255) even after
+// lbcert adds a prefix or suffix for temporary files.
+const maxLineage = 200
+
+// Lineage checks a lineage name, which becomes a directory under live/ and
+// archive/ and a file name under the HAProxy certificate directory. It must
+// not be able to escape the state directory, so only a conservative set of
+// characters is allowed and it may not start with a dot.
+func Lineage(name string) error {
+	q := fmt.Sprintf("%q", name)
+	switch {
+	case name == "":
+		return fmt.Errorf("lineage name is empty")
+	case strings.ContainsAny(name, `/\`):
+		return fmt.Errorf("lineage name %s: contains a path separator", q)
+	case name[0] == '.':
+		return fmt.Errorf("lineage name %s: may not start with a dot", q)
+	case len(name) > maxLineage:
+		return fmt.Errorf("lineage name %s: longer than %d characters", q, maxLineage)
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("lineage name %s: character %q is not allowed (letters, digits, '.', '-', '_')", q, c)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,117 @@
+package names
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestDomain(t *testing.T) {
+	long63 := strings.Repeat("a", 63)
+	tests := []struct {
+		in, want, err string
+	}{
+		{in: "Example.COM", want: "example.com"},
+		{in: "example.com.", want: "example.com"},
+		{in: " www.example.com ", want: "www.example.com"},
+		{in: "bücher.example", want: "xn--bcher-kva.example"},
+		{in: "xn--bcher-kva.example", want: "xn--bcher-kva.example"},
+		{in: "a-b.example", want: "a-b.example"},
+		{in: long63 + ".example", want: long63 + ".example"},
+		{in: "", err: "empty name"},
+		{in: "*.example.com", err: "wildcard"},
+		{in: "foo.*.example.com", err: "wildcard"},
+		{in: "192.0.2.1", err: "IP addresses are not supported"},
+		{in: "2001:db8::1", err: "IP addresses are not supported"},
+		{in: "[::1]", err: "IP addresses are not supported"},
+		{in: "a..example", err: "empty label"},
+		{in: ".example.com", err: "empty label"},
+		{in: "example.com..", err: "empty label"},
+		{in: "a" + long63 + ".example", err: "longer than 63"},
+		{in: strings.Repeat("abcdefghi.", 25) + "example", err: "longer than the 253"},
+		{in: "under_score.example", err: `character '_' is not allowed`},
+		{in: "sp ace.example", err: `character ' ' is not allowed`},
+		{in: "-lead.example", err: "starts or ends with a hyphen"},
+		{in: "trail-.example", err: "starts or ends with a hyphen"},
+		{in: "../etc/passwd", err: "path separator"},
+		{in: `a\b.example`, err: "path separator"},
+		{in: "ex$mple.com", err: `character '$'`},
+	}
+	for _, tt := range tests {
+		got, err := Domain(tt.in)
+		if tt.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Errorf("Domain(%q) = %q, %v; want error containing %q", tt.in, got, err, tt.err)
+			}
+			if err != nil && strings.Contains(err.Error(), "\n") {
+				t.Errorf("Domain(%q): error is not one line: %q", tt.in, err)
+			}
+			continue
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("Domain(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
+		}
+	}
+}
+
+func TestDomainsDedupesInOrder(t *testing.T) {
+	got, err := Domains([]string{"B.example", "a.example", "b.example.", "A.EXAMPLE"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(got, ",") != "b.example,a.example" {
+		t.Fatalf("got %v", got)
+	}
+	if _, err := Domains(nil); err == nil {
+		t.Fatal("no domains: want error")
+	}
+}
+
+func TestLineage(t *testing.T) {
+	ok := []string{"example.com", "shop_1", "A-b.c"}
+	bad := map[string]string{
+		"":                       "empty",
+		"../x":                   "path separator",
+		"a/b":                    "path separator",
+		`a\b`:                    "path separator",
+		"..":                     "start with a dot",
+		".hidden":                "start with a dot",
+		"sp ace":                 "not allowed",
+		"x\x00y":                 "not allowed",
+		strings.Repeat("a", 201): "longer than",
+		"naïve":                  "not allowed",
+	}
+	for _, n := range ok {
+		if err := Lineage(n); err != nil {
+			t.Errorf("Lineage(%q) = %v", n, err)
+		}
+	}
+	for n, want := range bad {
+		if err := Lineage(n); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Lineage(%q) = %v, want error containing %q", n, err, want)
+		}
+	}
+}
+
+// FuzzDomain checks that whatever Domain accepts is a safe, normalised
+// ASCII name that is stable under a second pass, and that it never panics.
+func FuzzDomain(f *testing.F) {
+	for _, s := range []string{"example.com", "*.x", "bücher.de", "a..b", "1.2.3.4", "xn--", "-a.b", "A.B."} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out, err := Domain(in)
+		if err != nil {
+			if strings.Contains(err.Error(), "\n") {
+				t.Fatalf("multi-line error for %q", in)
+			}
+			return
+		}
+		if len(out) > maxName || out != strings.ToLower(out) || strings.ContainsAny(out, "/\\*_ ") {
+			t.Fatalf("Domain(%q) = %q: not a safe normalised name", in, out)
+		}
+		again, err := Domain(out)
+		if err != nil || again != out {
+			t.Fatalf("Domain(%q) = %q, but Domain(%q) = %q, %v", in, out, out, again, err)
+		}
+	})
+}

@@ -1,0 +1,302 @@
+// Package store owns lbcert's state directory: accounts, certificate
+// lineages and the lock.
+//
+// Layout (certbot-compatible paths, so existing nginx configs keep working):
+//
+//	<dir>/lbcert.lock                      flock held by the running process
+//	<dir>/accounts/<server>/<email>/       account.json, account.key (0600)
+//	<dir>/archive/<name>/<N>/              one directory per issuance:
+//	    cert.pem chain.pem fullchain.pem privkey.pem lineage.json
+//	<dir>/live/<name> -> ../archive/<name>/<N>
+//
+// The promise: live/<name> always names one complete, consistent version,
+// whose certificate matches its key and its lineage.json, whatever moment
+// a crash or kill -9 happens at. A version is written into a private
+// temporary directory, fsynced, renamed into archive/ as a whole, and only
+// then does a single rename(2) of the live/<name> symlink make it current.
+// certbot swaps four per-file symlinks one after another, which leaves a
+// window where cert.pem and privkey.pem belong to different versions; one
+// directory symlink has no such window.
+//
+// The store never talks to the network and never decides policy; callers
+// hold the Lock around anything that writes.
+package store
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/names"
+)
+
+// File names inside a version directory. They are certbot's, so
+// ssl_certificate /etc/lbcert/live/NAME/fullchain.pem works unchanged.
+const (
+	CertFile      = "cert.pem"
+	ChainFile     = "chain.pem"
+	FullchainFile = "fullchain.pem"
+	KeyFile       = "privkey.pem"
+	MetaFile      = "lineage.json"
+)
+
+// FormatVersion is the lineage.json schema version.
+const FormatVersion = 1
+
+// Store is a state directory.
+type Store struct {
+	Dir string
+
+	// afterWrite, when set by tests, runs after each step of Save and can
+	// fail it, to prove that a failure at any point leaves the previous
+	// version live and intact.
+	afterWrite func(step string) error
+}
+
+// New returns the store rooted at dir. It touches nothing on disk, so bad
+// input refused after New still leaves no files behind.
+func New(dir string) *Store { return &Store{Dir: dir} }
+
+// Challenge is how a lineage proves control of its names.
+type Challenge struct {
+	Mode     string `json:"mode"`                // "webroot" or "standalone"
+	Webroot  string `json:"webroot,omitempty"`   // webroot mode
+	HTTPAddr string `json:"http_addr,omitempty"` // standalone mode
+}
+
+// CertInfo describes the certificate of one version, so that renew can
+// decide what is due without parsing 10,000 certificates.
+type CertInfo struct {
+	Serial    string    `json:"serial"` // hex, as openssl prints it
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	ARICertID string    `json:"ari_cert_id,omitempty"` // RFC 9773 section 4.1
+	Issuer    string    `json:"issuer,omitempty"`
+}
+
+// Lineage is the metadata of one version: everything a later renew needs
+// to repeat the issuance without flags.
+type Lineage struct {
+	Format    int       `json:"format"`
+	Name      string    `json:"name"`
+	Version   int       `json:"version"`
+	Domains   []string  `json:"domains"`
+	Server    string    `json:"server"`
+	Email     string    `json:"email,omitempty"`
+	KeyType   string    `json:"key_type"`
+	Profile   string    `json:"profile,omitempty"`
+	ReuseKey  bool      `json:"reuse_key,omitempty"`
+	Challenge Challenge `json:"challenge"`
+	Cert      CertInfo  `json:"cert"`
+	IssuedAt  time.Time `json:"issued_at"`
+}
+
+// Files is the PEM content of one version.
+type Files struct {
+	Cert, Chain, Fullchain, Key []byte
+}
+
+// Paths are the live paths of a lineage, the ones configs should use.
+type Paths struct {
+	Dir, Cert, Chain, Fullchain, Key string
+}
+
+// ErrNotFound is returned for a lineage that does not exist.
+var ErrNotFound = errors.New("no such lineage")
+
+// LivePaths returns the live paths of lineage name.
+func (s *Store) LivePaths(name string) Paths {
+	d := filepath.Join(s.Dir, "live", name)
+	return Paths{
+		Dir:       d,
+		Cert:      filepath.Join(d, CertFile),
+		Chain:     filepath.Join(d, ChainFile),
+		Fullchain: filepath.Join(d, FullchainFile),
+		Key:       filepath.Join(d, KeyFile),
+	}
+}
+
+// Load reads the current version's metadata of lineage name.
+func (s *Store) Load(name string) (*Lineage, error) {
+	if err := names.Lineage(name); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(filepath.Join(s.Dir, "live", name, MetaFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var l Lineage
+	if err := json.Unmarshal(data, &l); err != nil {
+		return nil, fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
+	}
+	if l.Format > FormatVersion {
+		return nil, fmt.Errorf("lineage %q: written by a newer lbcert (format %d)", name, l.Format)
+	}
+	return &l, nil
+}
+
+// ReadKey returns the current private key PEM of lineage name.
+func (s *Store) ReadKey(name string) ([]byte, error) {
+	return os.ReadFile(s.LivePaths(name).Key)
+}
+
+// ReadFullchain returns the current full chain PEM of lineage name.
+func (s *Store) ReadFullchain(name string) ([]byte, error) {
+	return os.ReadFile(s.LivePaths(name).Fullchain)
+}
+
+// Names lists the lineages that have a live version, sorted.
+func (s *Store) Names() ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(s.Dir, "live"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(entries))
+	for _, e := range entries {
+		n := e.Name()
+		if strings.HasPrefix(n, ".") || names.Lineage(n) != nil {
+			continue
+		}
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// Save writes files and l as a new version of lineage l.Name and makes it
+// live. It returns the version number now live and the one it replaced
+// (0 when the lineage is new), so a failed deploy can roll back.
+func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error) {
+	if err := names.Lineage(l.Name); err != nil {
+		return 0, 0, err
+	}
+	archive := filepath.Join(s.Dir, "archive", l.Name)
+	live := filepath.Join(s.Dir, "live")
+	for _, d := range []string{s.Dir, filepath.Join(s.Dir, "archive"), archive, live} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return 0, 0, err
+		}
+	}
+	previous, _ = s.liveVersion(l.Name)
+	versions, err := s.versions(l.Name)
+	if err != nil {
+		return 0, 0, err
+	}
+	version = 1
+	if n := len(versions); n > 0 {
+		version = versions[n-1] + 1
+	}
+	l.Format = FormatVersion
+	l.Version = version
+	meta, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		return 0, 0, err
+	}
+
+	tmp := filepath.Join(archive, fmt.Sprintf(".tmp-%d-%d", version, os.Getpid()))
+	os.RemoveAll(tmp)
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return 0, 0, err
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			os.RemoveAll(tmp)
+		}
+	}()
+	steps := []struct {
+		name string
+		data []byte
+		perm os.FileMode
+	}{
+		{KeyFile, files.Key, 0o600},
+		{CertFile, files.Cert, 0o644},
+		{ChainFile, files.Chain, 0o644},
+		{FullchainFile, files.Fullchain, 0o644},
+		{MetaFile, append(meta, '\n'), 0o644},
+	}
+	for _, st := range steps {
+		if err := writeNew(filepath.Join(tmp, st.name), st.data, st.perm); err != nil {
+			return 0, 0, err
+		}
+		if err := s.step("write " + st.name); err != nil {
+			return 0, 0, err
+		}
+	}
+	if err := syncDir(tmp); err != nil {
+		return 0, 0, err
+	}
+	final := filepath.Join(archive, strconv.Itoa(version))
+	if err := os.Rename(tmp, final); err != nil {
+		return 0, 0, err
+	}
+	committed = true
+	if err := syncDir(archive); err != nil {
+		return 0, 0, err
+	}
+	if err := s.step("archive"); err != nil {
+		return 0, 0, err
+	}
+	if err := s.Activate(l.Name, version); err != nil {
+		return 0, 0, err
+	}
+	return version, previous, nil
+}
+
+// Activate makes an existing version of lineage name live. Rollback after
+// a failed deploy is Activate of the previous version.
+func (s *Store) Activate(name string, version int) error {
+	target := filepath.Join("..", "archive", name, strconv.Itoa(version))
+	if _, err := os.Stat(filepath.Join(s.Dir, "live", target)); err != nil {
+		return fmt.Errorf("lineage %q: version %d: %w", name, version, err)
+	}
+	return symlinkAtomic(target, filepath.Join(s.Dir, "live", name))
+}
+
+// Versions lists the archived versions of lineage name, oldest first.
+func (s *Store) versions(name string) ([]int, error) {
+	entries, err := os.ReadDir(filepath.Join(s.Dir, "archive", name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for _, e := range entries {
+		if n, err := strconv.Atoi(e.Name()); err == nil && e.IsDir() && n > 0 {
+			out = append(out, n)
+		}
+	}
+	sort.Ints(out)
+	return out, nil
+}
+
+// liveVersion returns the version live/<name> points at.
+func (s *Store) liveVersion(name string) (int, error) {
+	target, err := os.Readlink(filepath.Join(s.Dir, "live", name))
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(filepath.Base(target))
+}
+
+func (s *Store) step(name string) error {
+	if s.afterWrite == nil {
+		return nil
+	}
+	return s.afterWrite(name)
+}

@@ -1,0 +1,184 @@
+package store
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func files(tag string) Files {
+	return Files{
+		Cert:      []byte("cert-" + tag),
+		Chain:     []byte("chain-" + tag),
+		Fullchain: []byte("cert-" + tag + "chain-" + tag),
+		Key:       []byte("key-" + tag),
+	}
+}
+
+func lineage(name, serial string) *Lineage {
+	return &Lineage{
+		Name: name, Domains: []string{name}, Server: "https://ca.test/dir", KeyType: "ec256",
+		Challenge: Challenge{Mode: "webroot", Webroot: "/var/www"},
+		Cert:      CertInfo{Serial: serial, NotBefore: time.Unix(0, 0).UTC(), NotAfter: time.Unix(90*86400, 0).UTC()},
+	}
+}
+
+// consistent checks that live/<name> holds one whole version: every file
+// carries the same tag and lineage.json agrees.
+func consistent(t *testing.T, s *Store, name, tag, serial string) {
+	t.Helper()
+	p := s.LivePaths(name)
+	for path, want := range map[string]string{
+		p.Cert: "cert-" + tag, p.Chain: "chain-" + tag, p.Key: "key-" + tag,
+		p.Fullchain: "cert-" + tag + "chain-" + tag,
+	} {
+		got, err := os.ReadFile(path)
+		if err != nil || string(got) != want {
+			t.Fatalf("%s = %q, %v; want %q", path, got, err, want)
+		}
+	}
+	l, err := s.Load(name)
+	if err != nil || l.Cert.Serial != serial {
+		t.Fatalf("Load(%s) = %+v, %v; want serial %s", name, l, err, serial)
+	}
+}
+
+func TestSaveAndLoad(t *testing.T) {
+	s := New(t.TempDir())
+	v, prev, err := s.Save(lineage("a.example", "01"), files("v1"))
+	if err != nil || v != 1 || prev != 0 {
+		t.Fatalf("Save = %d, %d, %v", v, prev, err)
+	}
+	consistent(t, s, "a.example", "v1", "01")
+	v, prev, err = s.Save(lineage("a.example", "02"), files("v2"))
+	if err != nil || v != 2 || prev != 1 {
+		t.Fatalf("second Save = %d, %d, %v", v, prev, err)
+	}
+	consistent(t, s, "a.example", "v2", "02")
+	// The archive keeps the previous version, and rollback restores it.
+	if err := s.Activate("a.example", 1); err != nil {
+		t.Fatal(err)
+	}
+	consistent(t, s, "a.example", "v1", "01")
+
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(s.Dir, "archive", "a.example", "2", KeyFile): 0o600,
+		filepath.Join(s.Dir, "archive", "a.example", "2"):          0o700 | os.ModeDir,
+		filepath.Join(s.Dir, "archive"):                            0o700 | os.ModeDir,
+		filepath.Join(s.Dir, "live"):                               0o700 | os.ModeDir,
+	} {
+		fi, err := os.Stat(path)
+		if err != nil || fi.Mode() != want {
+			t.Errorf("%s: mode %v, %v; want %v", path, fi.Mode(), err, want)
+		}
+	}
+	names, err := s.Names()
+	if err != nil || len(names) != 1 || names[0] != "a.example" {
+		t.Fatalf("Names = %v, %v", names, err)
+	}
+}
+
+// TestSaveFailureKeepsPrevious injects a failure after every step of Save
+// and checks that the previous version stays live and whole, and that no
+// temporary directory is left behind.
+func TestSaveFailureKeepsPrevious(t *testing.T) {
+	steps := []string{"write privkey.pem", "write cert.pem", "write chain.pem", "write fullchain.pem", "write lineage.json", "archive"}
+	for _, failAt := range steps {
+		t.Run(failAt, func(t *testing.T) {
+			s := New(t.TempDir())
+			if _, _, err := s.Save(lineage("a.example", "01"), files("v1")); err != nil {
+				t.Fatal(err)
+			}
+			boom := errors.New("injected")
+			s.afterWrite = func(step string) error {
+				if step == failAt {
+					return boom
+				}
+				return nil
+			}
+			if _, _, err := s.Save(lineage("a.example", "02"), files("v2")); !errors.Is(err, boom) {
+				t.Fatalf("Save = %v, want injected failure", err)
+			}
+			consistent(t, s, "a.example", "v1", "01")
+			entries, _ := os.ReadDir(filepath.Join(s.Dir, "archive", "a.example"))
+			for _, e := range entries {
+				if strings.HasPrefix(e.Name(), ".tmp") {
+					t.Errorf("temporary %s left behind", e.Name())
+				}
+			}
+			// A later Save succeeds and becomes live.
+			s.afterWrite = nil
+			if _, _, err := s.Save(lineage("a.example", "03"), files("v3")); err != nil {
+				t.Fatal(err)
+			}
+			consistent(t, s, "a.example", "v3", "03")
+		})
+	}
+}
+
+func TestSaveRejectsBadName(t *testing.T) {
+	dir := t.TempDir()
+	s := New(dir)
+	if _, _, err := s.Save(lineage("../escape", "01"), files("x")); err == nil {
+		t.Fatal("want error")
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 0 {
+		t.Fatalf("bad name wrote %v", entries)
+	}
+}
+
+func TestLock(t *testing.T) {
+	s := New(t.TempDir())
+	l1, err := s.TryLock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// flock is per open file, so a second open in this process conflicts
+	// just as another process would.
+	_, err = s.TryLock()
+	var le *LockedError
+	if !errors.As(err, &le) || !errors.Is(err, ErrLocked) || le.PID != os.Getpid() {
+		t.Fatalf("second TryLock = %v, want LockedError with our pid", err)
+	}
+	l1.Unlock()
+	l2, err := s.TryLock()
+	if err != nil {
+		t.Fatalf("after Unlock: %v", err)
+	}
+	l2.Unlock()
+}
+
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	if err := WriteFile(p, []byte("one"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFile(p, []byte("two"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(p)
+	fi, _ := os.Stat(p)
+	if !bytes.Equal(got, []byte("two")) || fi.Mode() != 0o600 {
+		t.Fatalf("got %q mode %v", got, fi.Mode())
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temp files left: %v", entries)
+	}
+}
+
+func TestAccountDirStaysInside(t *testing.T) {
+	s := New("/state")
+	for _, email := range []string{"../../etc", "a/b@c.d", "..", ""} {
+		d := s.AccountDir("https://ca.test/dir", email)
+		if !strings.HasPrefix(d, "/state/accounts/ca.test_dir/") || strings.Count(d, "/") != 4 {
+			t.Errorf("AccountDir(%q) = %s", email, d)
+		}
+	}
+}

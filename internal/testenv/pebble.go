@@ -1,0 +1,183 @@
+package testenv
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Pebble is a running Pebble CA and its DNS server.
+type Pebble struct {
+	// DirectoryURL is the ACME directory, for lbcert --server.
+	DirectoryURL string
+	// CABundle is the root of Pebble's own TLS certificate, for --ca-bundle.
+	CABundle string
+	// HTTPPort is where Pebble's VA sends HTTP-01 validation requests.
+	HTTPPort int
+	// MgmtURL is Pebble's management API (roots, cert status).
+	MgmtURL string
+
+	pebble, dns *proc
+}
+
+// PebbleOptions tune a Pebble instance.
+type PebbleOptions struct {
+	Dir      string // working directory for config and logs
+	HTTPPort int    // 0 picks a free port
+	// ShortLived adds the 6-day "shortlived" profile. Pebble picks a
+	// random profile for orders that name none, so with it every order in
+	// the test should say --profile.
+	ShortLived bool
+}
+
+// StartPebble starts pebble-challtestsrv (every A query answers 127.0.0.1,
+// no AAAA so validation never goes to ::1) and Pebble using it as DNS.
+func StartPebble(o PebbleOptions) (*Pebble, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return nil, err
+	}
+	pebbleBin, err := Tool("pebble")
+	if err != nil {
+		return nil, err
+	}
+	dnsBin, err := Tool("pebble-challtestsrv")
+	if err != nil {
+		return nil, err
+	}
+	ports := make([]int, 5)
+	for i := range ports {
+		if ports[i], err = FreePort(); err != nil {
+			return nil, err
+		}
+	}
+	acmePort, mgmtPort, dnsPort, dnsMgmtPort, tlsPort := ports[0], ports[1], ports[2], ports[3], ports[4]
+	if o.HTTPPort == 0 {
+		if o.HTTPPort, err = FreePort(); err != nil {
+			return nil, err
+		}
+	}
+	certs := filepath.Join(root, "testdata", "pebble")
+	profiles := map[string]any{"default": map[string]any{"description": "90 days", "validityPeriod": 7776000}}
+	if o.ShortLived {
+		profiles["shortlived"] = map[string]any{"description": "6 days", "validityPeriod": 518400}
+	}
+	cfg := map[string]any{
+		"pebble": map[string]any{
+			"listenAddress":                  fmt.Sprintf("127.0.0.1:%d", acmePort),
+			"managementListenAddress":        fmt.Sprintf("127.0.0.1:%d", mgmtPort),
+			"certificate":                    filepath.Join(certs, "cert.pem"),
+			"privateKey":                     filepath.Join(certs, "key.pem"),
+			"httpPort":                       o.HTTPPort,
+			"tlsPort":                        tlsPort,
+			"ocspResponderURL":               "",
+			"externalAccountBindingRequired": false,
+			"domainBlocklist":                []string{"blocked-domain.example"},
+			// Short polling intervals: lego sleeps for Retry-After.
+			"retryAfter": map[string]int{"authz": 1, "order": 1},
+			"profiles":   profiles,
+		},
+	}
+	data, _ := json.MarshalIndent(cfg, "", "  ")
+	cfgPath := filepath.Join(o.Dir, "pebble-config.json")
+	if err := os.WriteFile(cfgPath, data, 0o644); err != nil {
+		return nil, err
+	}
+	p := &Pebble{
+		DirectoryURL: fmt.Sprintf("https://127.0.0.1:%d/dir", acmePort),
+		CABundle:     filepath.Join(certs, "minica.pem"),
+		HTTPPort:     o.HTTPPort,
+		MgmtURL:      fmt.Sprintf("https://127.0.0.1:%d", mgmtPort),
+	}
+	dnsAddr := fmt.Sprintf("127.0.0.1:%d", dnsPort)
+	p.dns, err = start(filepath.Join(o.Dir, "challtestsrv.log"), nil, dnsBin,
+		"-management", fmt.Sprintf("127.0.0.1:%d", dnsMgmtPort),
+		"-dnsserver", dnsAddr,
+		"-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+		"-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", "")
+	if err != nil {
+		return nil, err
+	}
+	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", dnsMgmtPort), 15*time.Second, p.dns.done, "pebble-challtestsrv", p.dns.log); err != nil {
+		p.Stop()
+		return nil, err
+	}
+	env := []string{
+		"PEBBLE_VA_NOSLEEP=1",      // validate at once instead of after a random delay
+		"PEBBLE_WFE_NONCEREJECT=0", // no random badNonce: tests must be deterministic
+		"PEBBLE_AUTHZREUSE=0",      // every order validates, so tests really hit the responder
+		"PEBBLE_VA_ALWAYS_VALID=0",
+	}
+	p.pebble, err = start(filepath.Join(o.Dir, "pebble.log"), env, pebbleBin,
+		"-config", cfgPath, "-dnsserver", dnsAddr)
+	if err != nil {
+		p.Stop()
+		return nil, err
+	}
+	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", acmePort), 15*time.Second, p.pebble.done, "pebble", p.pebble.log); err != nil {
+		p.Stop()
+		return nil, err
+	}
+	return p, nil
+}
+
+// Stop stops Pebble and its DNS server.
+func (p *Pebble) Stop() {
+	p.pebble.stop()
+	p.dns.stop()
+}
+
+// Log returns Pebble's log so far, for failure messages and for counting
+// what the CA saw.
+func (p *Pebble) Log() string { return tail(p.pebble.log) }
+
+// FullLog returns all of Pebble's log.
+func (p *Pebble) FullLog() string {
+	data, _ := os.ReadFile(p.pebble.log)
+	return string(data)
+}
+
+// mgmtGet fetches a management API path.
+func (p *Pebble) mgmtGet(path string) ([]byte, error) {
+	pool := x509.NewCertPool()
+	pem, err := os.ReadFile(p.CABundle)
+	if err != nil {
+		return nil, err
+	}
+	pool.AppendCertsFromPEM(pem)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := c.Get(p.MgmtURL + path)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, err
+}
+
+// Roots returns Pebble's issuing root (PEM), which changes every start.
+func (p *Pebble) Roots() ([]byte, error) { return p.mgmtGet("/roots/0") }
+
+// CertStatus returns Pebble's view of a certificate by serial (hex):
+// "Valid" or "Revoked".
+func (p *Pebble) CertStatus(serial string) (string, error) {
+	body, err := p.mgmtGet("/cert-status-by-serial/" + serial)
+	if err != nil {
+		return "", err
+	}
+	var st struct{ Status string }
+	if err := json.Unmarshal(body, &st); err != nil {
+		return "", err
+	}
+	return st.Status, nil
+}

@@ -1,0 +1,144 @@
+// Package testenv starts the real servers lbcert's end-to-end tests and
+// demo run against: Pebble (Let's Encrypt's test CA) with
+// pebble-challtestsrv answering every DNS name with 127.0.0.1, and nginx
+// with a config of its own on loopback ports.
+//
+// Everything listens on 127.0.0.1 only, lives in a caller-given temporary
+// directory and is stopped by Stop. Nothing here skips: a missing binary
+// is an error that says how to install it.
+package testenv
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// ModuleRoot finds the lbcert module root from the working directory, so
+// tests in any package and the demo find testdata/ and the go.mod tools.
+func ModuleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %v (is Go on PATH?)", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the lbcert module")
+	}
+	return filepath.Dir(mod), nil
+}
+
+var toolMu sync.Mutex
+var toolPaths = map[string]string{}
+
+// Tool returns the path of a binary from go.mod's tool directives (pebble,
+// pebble-challtestsrv), building it into Go's cache on first use. The
+// version is pinned by go.mod, so every machine tests the same Pebble.
+func Tool(name string) (string, error) {
+	toolMu.Lock()
+	defer toolMu.Unlock()
+	if p, ok := toolPaths[name]; ok {
+		return p, nil
+	}
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.Command("go", "tool", "-n", name)
+	cmd.Dir = root
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go tool -n %s: %v: %s", name, err, strings.TrimSpace(stderr.String()))
+	}
+	p := strings.TrimSpace(string(out))
+	toolPaths[name] = p
+	return p, nil
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// waitTCP waits until addr accepts connections, or the process exits.
+func waitTCP(addr string, timeout time.Duration, done <-chan struct{}, what string, logPath string) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		select {
+		case <-done:
+			return fmt.Errorf("%s exited during start-up; log:\n%s", what, tail(logPath))
+		default:
+		}
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s did not listen on %s within %s; log:\n%s", what, addr, timeout, tail(logPath))
+}
+
+func tail(path string) string {
+	data, _ := os.ReadFile(path)
+	if len(data) > 4000 {
+		data = data[len(data)-4000:]
+	}
+	return string(data)
+}
+
+// proc is a started child process with its log file.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+func start(logPath string, env []string, name string, args ...string) (*proc, error) {
+	lf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Env = append(os.Environ(), env...)
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start %s: %v", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{}), log: logPath}
+	go func() { cmd.Wait(); lf.Close(); close(p.done) }()
+	return p, nil
+}
+
+func (p *proc) stop() {
+	if p == nil {
+		return
+	}
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
