@@ -16,6 +16,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/renewal"
@@ -32,6 +33,7 @@ type issueOptions struct {
 	Standalone bool
 	HTTPAddr   string
 	Force      bool
+	deploy     deployFlags
 
 	httpAddrSet bool
 }
@@ -74,6 +76,7 @@ does nothing and exits 0; --force issues anyway.`,
 	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "listen address for --standalone")
 	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists")
 	config.Mark(f, "key-type", "profile", "http-addr")
+	o.deploy.register(f)
 	return cmd
 }
 
@@ -128,6 +131,17 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	st := store.New(a.global.Dir)
 	p, err := a.checkIssue(st, o)
+	if err != nil {
+		return err
+	}
+
+	// Deploy settings are checked against the lineage's saved ones now,
+	// read-only, so bad input leaves nothing behind.
+	var prevDeploy *store.Deploy
+	if prev, err := st.Load(p.name); err == nil {
+		prevDeploy = &prev.Deploy
+	}
+	deploySettings, err := o.deploy.resolve(st.Dir, prevDeploy)
 	if err != nil {
 		return err
 	}
@@ -197,19 +211,24 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	lin := &store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
 		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode,
-		Cert: res.Info, IssuedAt: a.now().UTC(),
+		Deploy: deploySettings, Cert: res.Info, IssuedAt: a.now().UTC(),
 	}
 	if ctx.Err() != nil {
 		return &exit.Error{Code: exit.Interrupted, Msg: "interrupted before saving; the previous certificate is unchanged"}
 	}
-	if _, _, err := st.Save(lin, res.Files); err != nil {
+	_, previous, err := st.Save(lin, res.Files)
+	if err != nil {
 		return exit.Errorf("save %s: %v", p.name, err).WithHint("the previous certificate, if any, is still live; check free space and permissions under %s", st.Dir)
 	}
 	paths := st.LivePaths(p.name)
 	days := int(res.Info.NotAfter.Sub(a.now()).Hours() / 24)
 	a.printf("%s: issued certificate for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
 		p.name, strings.Join(p.domains, ", "), res.Info.Serial, res.Info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
-	return nil
+	runner := &deploy.Runner{Store: st}
+	results := runner.Run(ctx, []deploy.Change{{
+		Name: p.name, Domains: p.domains, Serial: res.Info.Serial, Previous: previous, Deploy: deploySettings,
+	}})
+	return a.reportDeploy(results)
 }
 
 // withChallengeHint adds a hint that names the challenge set-up in use,

@@ -25,8 +25,12 @@ import (
 // EnvPrefix starts every environment variable lbcert reads.
 const EnvPrefix = "LBCERT_"
 
-// annotation marks a flag as a setting that env and config may supply.
-const annotation = "lbcert/setting"
+// annotation marks a flag as a setting that env and config may supply;
+// sourceAnnotation records which of them did.
+const (
+	annotation       = "lbcert/setting"
+	sourceAnnotation = "lbcert/source"
+)
 
 // EnvName derives the environment variable for a flag: "http-addr" becomes
 // "LBCERT_HTTP_ADDR".
@@ -131,6 +135,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("environment %s=%q: %v", env, v, err))
 			}
+			setSource(f, "env")
 			return
 		}
 		if file == nil {
@@ -140,9 +145,29 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("config %s: %q: %v", file.Path, f.Name, err))
 			}
+			setSource(f, "config")
 		}
 	})
 	return errors.Join(errs...)
+}
+
+func setSource(f *pflag.Flag, src string) {
+	if f.Annotations == nil {
+		f.Annotations = map[string][]string{}
+	}
+	f.Annotations[sourceAnnotation] = []string{src}
+}
+
+// Given reports whether the user gave flag name a value by any means:
+// on the command line, in the environment or in the config file. Changed
+// alone means the command line.
+func Given(fs *pflag.FlagSet, name string) bool {
+	f := fs.Lookup(name)
+	if f == nil {
+		return false
+	}
+	_, fromEnvOrFile := f.Annotations[sourceAnnotation]
+	return f.Changed || fromEnvOrFile
 }
 
 // isList reports whether f is repeatable, so that a comma-separated

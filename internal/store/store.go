@@ -71,6 +71,22 @@ type Challenge struct {
 	HTTPAddr string `json:"http_addr,omitempty"` // standalone mode
 }
 
+// Deploy is how a lineage's certificate reaches the load balancer. It is
+// saved with the lineage so that renew repeats it without flags.
+type Deploy struct {
+	Target        string `json:"target,omitempty"` // "nginx", "haproxy" or "" for none
+	NginxConf     string `json:"nginx_conf,omitempty"`
+	NginxBin      string `json:"nginx_bin,omitempty"`
+	HAProxyConf   string `json:"haproxy_conf,omitempty"`
+	HAProxyBin    string `json:"haproxy_bin,omitempty"`
+	HAProxyCerts  string `json:"haproxy_certs,omitempty"`  // directory of <name>.pem
+	HAProxySocket string `json:"haproxy_socket,omitempty"` // runtime API, for reload-free updates
+	ReloadCmd     string `json:"reload_cmd,omitempty"`
+	Hook          string `json:"hook,omitempty"`
+	HookTimeout   int    `json:"hook_timeout_seconds,omitempty"`
+	VerifyAddr    string `json:"verify_addr,omitempty"`
+}
+
 // CertInfo describes the certificate of one version, so that renew can
 // decide what is due without parsing 10,000 certificates.
 type CertInfo struct {
@@ -94,6 +110,7 @@ type Lineage struct {
 	Profile   string    `json:"profile,omitempty"`
 	ReuseKey  bool      `json:"reuse_key,omitempty"`
 	Challenge Challenge `json:"challenge"`
+	Deploy    Deploy    `json:"deploy"`
 	Cert      CertInfo  `json:"cert"`
 	IssuedAt  time.Time `json:"issued_at"`
 }
@@ -264,6 +281,28 @@ func (s *Store) Activate(name string, version int) error {
 		return fmt.Errorf("lineage %q: version %d: %w", name, version, err)
 	}
 	return symlinkAtomic(target, filepath.Join(s.Dir, "live", name))
+}
+
+// Deactivate removes live/<name>, keeping the archive. It is the rollback
+// of a lineage that had no previous version.
+func (s *Store) Deactivate(name string) error {
+	if err := names.Lineage(name); err != nil {
+		return err
+	}
+	err := os.Remove(filepath.Join(s.Dir, "live", name))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(filepath.Join(s.Dir, "live"))
+}
+
+// Rollback makes version previous live again, or removes the lineage from
+// live/ when previous is 0 (it was new in this run).
+func (s *Store) Rollback(name string, previous int) error {
+	if previous == 0 {
+		return s.Deactivate(name)
+	}
+	return s.Activate(name, previous)
 }
 
 // Versions lists the archived versions of lineage name, oldest first.

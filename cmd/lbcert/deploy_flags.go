@@ -1,0 +1,230 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// deployFlags are the deploy settings of issue and batch. What is given
+// is saved with the lineage; what is not is taken from the lineage's
+// saved settings, so a reissue does not silently drop its deploy target.
+type deployFlags struct {
+	fs            *pflag.FlagSet
+	target        string
+	nginxConf     string
+	nginxBin      string
+	haproxyConf   string
+	haproxyBin    string
+	haproxyCerts  string
+	haproxySocket string
+	reloadCmd     string
+	hook          string
+	hookTimeout   time.Duration
+	verifyAddr    string
+}
+
+func (d *deployFlags) register(f *pflag.FlagSet) {
+	d.fs = f
+	f.StringVar(&d.target, "deploy", "none", "load balancer to deploy to: nginx, haproxy or none")
+	f.StringVar(&d.nginxConf, "nginx-conf", "/etc/nginx/nginx.conf", "nginx config to test (nginx -t -c FILE) and reload")
+	f.StringVar(&d.nginxBin, "nginx-bin", "nginx", "nginx binary")
+	f.StringVar(&d.haproxyConf, "haproxy-conf", "/etc/haproxy/haproxy.cfg", "HAProxy config to test (haproxy -c -f FILE)")
+	f.StringVar(&d.haproxyBin, "haproxy-bin", "haproxy", "HAProxy binary")
+	f.StringVar(&d.haproxyCerts, "haproxy-certs", "", "directory of combined PEMs, one <name>.pem per lineage, for 'bind :443 ssl crt DIR' (default <dir>/haproxy)")
+	f.StringVar(&d.haproxySocket, "haproxy-socket", "", "HAProxy runtime API socket (level admin): update certificates without a reload")
+	f.StringVar(&d.reloadCmd, "reload-cmd", "", "command that reloads the load balancer, run with /bin/sh -c (nginx default: nginx -s reload)")
+	f.StringVar(&d.hook, "deploy-hook", "", "command run with /bin/sh -c after each deployed certificate; sees LBCERT_* and RENEWED_* variables")
+	f.DurationVar(&d.hookTimeout, "hook-timeout", deploy.DefaultHookTimeout, "how long a deploy hook may run before it is killed")
+	f.StringVar(&d.verifyAddr, "verify-addr", "", "TLS address the load balancer serves on (host:port); checked for the new serial after reload")
+	config.Mark(f, "deploy", "nginx-conf", "nginx-bin", "haproxy-conf", "haproxy-bin", "haproxy-certs",
+		"haproxy-socket", "reload-cmd", "deploy-hook", "hook-timeout", "verify-addr")
+}
+
+// resolve checks the deploy settings offline and returns them, filled in
+// from prev for anything not given. stateDir places the default HAProxy
+// directory.
+func (d *deployFlags) resolve(stateDir string, prev *store.Deploy) (store.Deploy, error) {
+	given := func(name string) bool { return config.Given(d.fs, name) }
+	var out store.Deploy
+	if prev != nil {
+		out = *prev
+	}
+	pick := func(dst *string, name, val string) {
+		if given(name) || prev == nil {
+			*dst = val
+		}
+	}
+	target := d.target
+	if target == "none" {
+		target = ""
+	}
+	pick(&out.Target, "deploy", target)
+	pick(&out.ReloadCmd, "reload-cmd", d.reloadCmd)
+	pick(&out.Hook, "deploy-hook", d.hook)
+	pick(&out.VerifyAddr, "verify-addr", d.verifyAddr)
+	if given("hook-timeout") || prev == nil {
+		out.HookTimeout = int(d.hookTimeout / time.Second)
+	}
+	switch out.Target {
+	case "":
+		out.NginxConf, out.NginxBin, out.HAProxyConf, out.HAProxyBin, out.HAProxyCerts, out.HAProxySocket = "", "", "", "", "", ""
+	case "nginx":
+		pick(&out.NginxConf, "nginx-conf", d.nginxConf)
+		pick(&out.NginxBin, "nginx-bin", d.nginxBin)
+		if out.NginxConf == "" {
+			out.NginxConf = d.nginxConf
+		}
+		if out.NginxBin == "" {
+			out.NginxBin = d.nginxBin
+		}
+		out.HAProxyConf, out.HAProxyBin, out.HAProxyCerts, out.HAProxySocket = "", "", "", ""
+	case "haproxy":
+		pick(&out.HAProxyConf, "haproxy-conf", d.haproxyConf)
+		pick(&out.HAProxyBin, "haproxy-bin", d.haproxyBin)
+		pick(&out.HAProxyCerts, "haproxy-certs", d.haproxyCerts)
+		pick(&out.HAProxySocket, "haproxy-socket", d.haproxySocket)
+		if out.HAProxyConf == "" {
+			out.HAProxyConf = d.haproxyConf
+		}
+		if out.HAProxyBin == "" {
+			out.HAProxyBin = d.haproxyBin
+		}
+		if out.HAProxyCerts == "" {
+			out.HAProxyCerts = filepath.Join(stateDir, "haproxy")
+		}
+		out.NginxConf, out.NginxBin = "", ""
+	default:
+		return out, exit.Errorf("--deploy %q: want nginx, haproxy or none", d.target)
+	}
+	return out, checkDeploy(&out)
+}
+
+// checkDeploy refuses settings that cannot work, before the CA is asked
+// for a certificate that could then not be deployed.
+func checkDeploy(d *store.Deploy) error {
+	var err error
+	switch d.Target {
+	case "nginx":
+		if d.NginxBin, err = findBin("--nginx-bin", d.NginxBin); err != nil {
+			return err
+		}
+		if d.NginxConf, err = existingFile("--nginx-conf", d.NginxConf); err != nil {
+			return err
+		}
+	case "haproxy":
+		if d.HAProxyBin, err = findBin("--haproxy-bin", d.HAProxyBin); err != nil {
+			return err
+		}
+		if d.HAProxyConf, err = existingFile("--haproxy-conf", d.HAProxyConf); err != nil {
+			return err
+		}
+		if d.HAProxyCerts, err = filepath.Abs(d.HAProxyCerts); err != nil {
+			return exit.Errorf("--haproxy-certs: %v", err)
+		}
+		if d.ReloadCmd == "" && d.HAProxySocket == "" {
+			return exit.Errorf("--deploy haproxy needs --reload-cmd (for example 'systemctl reload haproxy') or --haproxy-socket")
+		}
+		if d.HAProxySocket != "" && filepath.IsAbs(d.HAProxySocket) == false {
+			if _, _, err := net.SplitHostPort(d.HAProxySocket); err != nil {
+				if d.HAProxySocket, err = filepath.Abs(d.HAProxySocket); err != nil {
+					return exit.Errorf("--haproxy-socket: %v", err)
+				}
+			}
+		}
+	}
+	if d.VerifyAddr != "" {
+		host, port, err := net.SplitHostPort(d.VerifyAddr)
+		n, perr := strconv.Atoi(port)
+		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
+			return exit.Errorf("--verify-addr %q: want host:port, like 127.0.0.1:443", d.VerifyAddr)
+		}
+	}
+	if d.HookTimeout < 0 {
+		return exit.Errorf("--hook-timeout must be positive")
+	}
+	return nil
+}
+
+func findBin(flag, bin string) (string, error) {
+	if p, err := exec.LookPath(bin); err == nil {
+		return filepath.Abs(p)
+	}
+	if !filepath.IsAbs(bin) {
+		if p, err := exec.LookPath(filepath.Join("/usr/sbin", bin)); err == nil {
+			return p, nil
+		}
+	}
+	return "", exit.Errorf("%s %s: not found or not executable", flag, bin)
+}
+
+func existingFile(flag, path string) (string, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", exit.Errorf("%s %s: %v", flag, path, err)
+	}
+	fi, err := os.Stat(abs)
+	if err != nil {
+		return "", exit.Errorf("%s %s: %v", flag, path, unwrapPath(err))
+	}
+	if fi.IsDir() {
+		return "", exit.Errorf("%s %s: is a directory", flag, path)
+	}
+	return abs, nil
+}
+
+// reportDeploy prints one line per deploy result and returns an error
+// when any failed.
+func (a *app) reportDeploy(results []deploy.Result) error {
+	failed := 0
+	for _, r := range results {
+		if r.Failed() {
+			failed++
+			msg := r.Err.Error()
+			if r.RolledBack {
+				msg += "; rolled back to the previous certificate"
+			}
+			fmt.Fprintf(a.err, "lbcert: error: deploy %s: %s\n", r.Name, msg)
+			continue
+		}
+		var parts []string
+		if r.Deployed {
+			parts = append(parts, "deployed")
+		}
+		if r.Verify == "ok" {
+			parts = append(parts, "verified")
+		}
+		if r.Hook == "ok" {
+			parts = append(parts, "hook ok")
+		}
+		if len(parts) > 0 {
+			a.printf("  deploy    %s\n", joinComma(parts))
+		}
+	}
+	if failed > 0 {
+		return &silentError{code: exit.Failure}
+	}
+	return nil
+}
+
+func joinComma(s []string) string {
+	out := ""
+	for i, p := range s {
+		if i > 0 {
+			out += ", "
+		}
+		out += p
+	}
+	return out
+}

@@ -1,0 +1,146 @@
+// Package deploy puts new certificates in front of users: it writes what
+// the load balancer needs, tests its config, reloads it once per run (or
+// hot-updates HAProxy over its runtime API), checks over TLS that the new
+// certificate is the one being served, and runs deploy hooks.
+//
+// The promise: if the config test or the reload fails, every lineage the
+// run changed is rolled back to its previous version, on disk and in the
+// HAProxy certificate directory, and nothing is reloaded, so the load
+// balancer keeps serving the old, valid certificates. Every failure is
+// returned in a Result; none is only a log line.
+//
+// deploy never talks to the CA and never decides what to renew.
+package deploy
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Change is one lineage whose live version this run replaced.
+type Change struct {
+	Name     string
+	Domains  []string
+	Serial   string // of the new certificate, hex
+	Previous int    // version before this run; 0 when the lineage is new
+	Deploy   store.Deploy
+}
+
+// Result is what happened to one Change.
+type Result struct {
+	Name       string
+	Deployed   bool   // in place and loaded by the load balancer (or no target)
+	RolledBack bool   // the previous version is live again
+	Verify     string // "ok", "failed", or "" when no --verify-addr
+	Hook       string // "ok", "failed", or "" when no hook
+	Err        error  // the first failure, with the tool's own output
+}
+
+// Failed reports whether anything about this change failed.
+func (r Result) Failed() bool { return r.Err != nil }
+
+// Options tune a run; zero values are the defaults.
+type Options struct {
+	VerifyTimeout time.Duration // how long to retry TLS verification (default 10s)
+	DryRun        bool          // plan only: test nothing, reload nothing
+}
+
+// Runner deploys changes. Exec runs commands; tests replace it only in
+// unit tests, never in end-to-end ones.
+type Runner struct {
+	Store *store.Store
+	Opts  Options
+}
+
+// group is the changes that share one load balancer: one test and one
+// reload for all of them.
+type group struct {
+	key     string
+	target  string
+	d       store.Deploy // the settings of the first change; the key makes them equal
+	changes []int        // indexes into the run's changes
+}
+
+// Run deploys every change: per load balancer, write, test once, reload
+// once, verify, then run hooks. It returns one Result per change, in order.
+func (r *Runner) Run(ctx context.Context, changes []Change) []Result {
+	results := make([]Result, len(changes))
+	for i, c := range changes {
+		results[i].Name = c.Name
+	}
+	for _, g := range groupChanges(changes) {
+		switch g.target {
+		case "nginx":
+			r.runNginx(ctx, g, changes, results)
+		case "haproxy":
+			r.runHAProxy(ctx, g, changes, results)
+		default:
+			for _, i := range g.changes {
+				results[i].Deployed = true
+			}
+		}
+	}
+	for i, c := range changes {
+		if results[i].Deployed && c.Deploy.VerifyAddr != "" && c.Deploy.Target != "" {
+			r.verify(ctx, c, &results[i])
+		}
+	}
+	for i, c := range changes {
+		if c.Deploy.Hook != "" && results[i].Deployed {
+			r.hook(ctx, c, &results[i])
+		}
+	}
+	return results
+}
+
+func groupChanges(changes []Change) []*group {
+	byKey := map[string]*group{}
+	var out []*group
+	for i, c := range changes {
+		d := c.Deploy
+		var key string
+		switch d.Target {
+		case "nginx":
+			key = strings.Join([]string{"nginx", d.NginxBin, d.NginxConf, d.ReloadCmd}, "\x00")
+		case "haproxy":
+			key = strings.Join([]string{"haproxy", d.HAProxyBin, d.HAProxyConf, d.HAProxyCerts, d.HAProxySocket, d.ReloadCmd}, "\x00")
+		default:
+			key = "none\x00" + c.Name
+		}
+		g := byKey[key]
+		if g == nil {
+			g = &group{key: key, target: d.Target, d: d}
+			byKey[key] = g
+			out = append(out, g)
+		}
+		g.changes = append(g.changes, i)
+	}
+	sort.SliceStable(out, func(a, b int) bool { return out[a].target < out[b].target })
+	return out
+}
+
+// rollback restores the previous version of every change in g and records
+// why on each result. undo runs first, for target-specific files.
+func (r *Runner) rollback(g *group, changes []Change, results []Result, cause error, undo func(i int) error) {
+	for _, i := range g.changes {
+		c := changes[i]
+		if undo != nil {
+			if err := undo(i); err != nil {
+				slog.Error("rollback: restore load balancer file", "name", c.Name, "err", err)
+			}
+		}
+		if err := r.Store.Rollback(c.Name, c.Previous); err != nil {
+			results[i].Err = fmt.Errorf("%v; and rollback failed: %v", cause, err)
+			continue
+		}
+		results[i].RolledBack = true
+		results[i].Err = cause
+	}
+	slog.Warn("deploy failed; previous certificates restored, nothing reloaded", "lineages", len(g.changes))
+}

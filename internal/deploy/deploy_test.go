@@ -1,0 +1,121 @@
+package deploy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// fakeNginx is a stand-in nginx binary that logs each invocation and
+// fails "-t" when the file named by $FAIL_TEST exists. Unit tests only:
+// the end-to-end tests run the real nginx.
+func fakeNginx(t *testing.T, dir string) (bin, log, failFlag string) {
+	log = filepath.Join(dir, "calls.log")
+	failFlag = filepath.Join(dir, "fail-test")
+	bin = filepath.Join(dir, "nginx")
+	script := fmt.Sprintf("#!/bin/sh\necho \"$*\" >> %s\nif [ \"$1\" = -t ] && [ -e %s ]; then echo 'emerg: broken' >&2; exit 1; fi\n", log, failFlag)
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin, log, failFlag
+}
+
+func saveVersion(t *testing.T, s *store.Store, name, tag string) (int, int) {
+	t.Helper()
+	l := &store.Lineage{Name: name, Domains: []string{name}, Cert: store.CertInfo{Serial: tag}}
+	v, prev, err := s.Save(l, store.Files{Cert: []byte(tag), Chain: []byte(tag), Fullchain: []byte(tag), Key: []byte(tag)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, prev
+}
+
+func TestOneTestAndReloadPerRun(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	bin, log, failFlag := fakeNginx(t, dir)
+	d := store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: "/etc/nginx/nginx.conf"}
+
+	const n = 500
+	changes := make([]Change, n)
+	for i := range changes {
+		name := fmt.Sprintf("site%03d.example", i)
+		saveVersion(t, s, name, "old")
+		_, prev := saveVersion(t, s, name, "new")
+		changes[i] = Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d}
+	}
+	r := &Runner{Store: s}
+	for _, res := range r.Run(context.Background(), changes) {
+		if res.Failed() || !res.Deployed {
+			t.Fatalf("%s: %+v", res.Name, res)
+		}
+	}
+	calls, _ := os.ReadFile(log)
+	if got := string(calls); got != "-t -c /etc/nginx/nginx.conf\n-s reload -c /etc/nginx/nginx.conf\n" {
+		t.Fatalf("want one test and one reload for %d certificates, got:\n%s", n, got)
+	}
+
+	// Now the test fails: every lineage goes back to "old", no reload.
+	os.Remove(log)
+	os.WriteFile(failFlag, nil, 0o644)
+	for i := range changes {
+		_, changes[i].Previous = saveVersion(t, s, changes[i].Name, "newer")
+	}
+	results := r.Run(context.Background(), changes)
+	for i, res := range results {
+		if !res.Failed() || !res.RolledBack || !strings.Contains(res.Err.Error(), "emerg: broken") {
+			t.Fatalf("%s: %+v", res.Name, res)
+		}
+		l, err := s.Load(changes[i].Name)
+		if err != nil || l.Cert.Serial != "new" {
+			t.Fatalf("%s after rollback: %+v %v", changes[i].Name, l, err)
+		}
+	}
+	calls, _ = os.ReadFile(log)
+	if strings.Contains(string(calls), "reload") {
+		t.Fatalf("reloaded after a failed test:\n%s", calls)
+	}
+}
+
+func TestRollbackOfNewLineageRemovesIt(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	bin, _, failFlag := fakeNginx(t, dir)
+	os.WriteFile(failFlag, nil, 0o644)
+	_, prev := saveVersion(t, s, "fresh.example", "v1")
+	res := (&Runner{Store: s}).Run(context.Background(), []Change{{
+		Name: "fresh.example", Previous: prev, Deploy: store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: "x"},
+	}})
+	if !res[0].RolledBack {
+		t.Fatalf("%+v", res[0])
+	}
+	if _, err := s.Load("fresh.example"); err == nil {
+		t.Fatal("a new lineage whose deploy failed is still live")
+	}
+}
+
+func TestCombinedPEM(t *testing.T) {
+	got := string(CombinedPEM([]byte("A\n\nB\r\n"), []byte("\nK1\nK2\n\n")))
+	if got != "A\nB\nK1\nK2\n" {
+		t.Fatalf("%q", got)
+	}
+}
+
+func TestGroupChanges(t *testing.T) {
+	n1 := store.Deploy{Target: "nginx", NginxBin: "nginx", NginxConf: "/a"}
+	n2 := store.Deploy{Target: "nginx", NginxBin: "nginx", NginxConf: "/b"}
+	h := store.Deploy{Target: "haproxy", HAProxyConf: "/h"}
+	gs := groupChanges([]Change{{Name: "a", Deploy: n1}, {Name: "b", Deploy: h}, {Name: "c", Deploy: n1}, {Name: "d", Deploy: n2}, {Name: "e"}, {Name: "f"}})
+	var got []string
+	for _, g := range gs {
+		got = append(got, fmt.Sprintf("%s%v", g.target, g.changes))
+	}
+	if strings.Join(got, " ") != "[4] [5] haproxy[1] nginx[0 2] nginx[3]" {
+		t.Fatalf("groups: %v", got)
+	}
+}

@@ -1,0 +1,224 @@
+package deploy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// PEMPath is where a lineage's combined PEM goes in the HAProxy directory.
+func PEMPath(certsDir, name string) string {
+	return filepath.Join(certsDir, name+".pem")
+}
+
+// CombinedPEM is what HAProxy loads: the full chain, then the key, with
+// no blank lines, because the runtime API ends a payload at a blank line.
+func CombinedPEM(fullchain, key []byte) []byte {
+	var b bytes.Buffer
+	for _, part := range [][]byte{fullchain, key} {
+		for _, line := range bytes.Split(part, []byte("\n")) {
+			if len(bytes.TrimSpace(line)) > 0 {
+				b.Write(bytes.TrimRight(line, "\r"))
+				b.WriteByte('\n')
+			}
+		}
+	}
+	return b.Bytes()
+}
+
+func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, results []Result) {
+	d := g.d
+	if err := os.MkdirAll(d.HAProxyCerts, 0o700); err != nil {
+		r.rollback(g, changes, results, fmt.Errorf("haproxy certificate directory %s: %v", d.HAProxyCerts, err), nil)
+		return
+	}
+	// Keep what each PEM held, so a failure can put it back exactly.
+	old := map[int][]byte{}
+	pems := map[int][]byte{}
+	undo := func(i int) error {
+		p := PEMPath(d.HAProxyCerts, changes[i].Name)
+		if prev, ok := old[i]; ok && prev != nil {
+			return store.WriteFile(p, prev, 0o600)
+		}
+		err := os.Remove(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	for _, i := range g.changes {
+		c := changes[i]
+		p := PEMPath(d.HAProxyCerts, c.Name)
+		prev, err := os.ReadFile(p)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			r.rollback(g, changes, results, fmt.Errorf("read %s: %v", p, err), undo)
+			return
+		}
+		old[i] = prev
+		full, err1 := r.Store.ReadFullchain(c.Name)
+		key, err2 := r.Store.ReadKey(c.Name)
+		if err := errors.Join(err1, err2); err != nil {
+			r.rollback(g, changes, results, fmt.Errorf("read lineage %s: %v", c.Name, err), undo)
+			return
+		}
+		pems[i] = CombinedPEM(full, key)
+		if err := store.WriteFile(p, pems[i], 0o600); err != nil {
+			r.rollback(g, changes, results, fmt.Errorf("write %s: %v", p, err), undo)
+			return
+		}
+	}
+	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
+	if err != nil {
+		r.rollback(g, changes, results, cmdError(fmt.Sprintf("haproxy -c -f %s failed", d.HAProxyConf), err, out), undo)
+		return
+	}
+
+	if d.HAProxySocket != "" {
+		err := r.hotUpdate(ctx, d, g, changes, pems)
+		if err == nil {
+			slog.Info("haproxy updated over its runtime API, no reload", "socket", d.HAProxySocket, "certificates", len(g.changes))
+			for _, i := range g.changes {
+				results[i].Deployed = true
+			}
+			return
+		}
+		if d.ReloadCmd == "" {
+			r.rollback(g, changes, results, fmt.Errorf("haproxy runtime API %s: %v", d.HAProxySocket, err), undo)
+			return
+		}
+		slog.Warn("haproxy runtime API update failed; reloading instead", "socket", d.HAProxySocket, "err", err)
+	}
+	out, err = run(ctx, commandTimeout, nil, d.ReloadCmd)
+	if err != nil {
+		r.rollback(g, changes, results, cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out), undo)
+		return
+	}
+	slog.Info("haproxy tested and reloaded", "conf", d.HAProxyConf, "certificates", len(g.changes))
+	for _, i := range g.changes {
+		results[i].Deployed = true
+	}
+}
+
+// hotUpdate replaces certificates HAProxy already has with set/commit ssl
+// cert, and adds new ones to the crt-list that holds the certificate
+// directory (HAProxy 2.2+ treats a "crt DIR" as a crt-list named by the
+// directory), so no reload and no dropped connections.
+func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, changes []Change, pems map[int][]byte) error {
+	api := &runtimeAPI{addr: d.HAProxySocket}
+	loaded, err := api.lines(ctx, "show ssl cert")
+	if err != nil {
+		return err
+	}
+	known := map[string]bool{}
+	for _, l := range loaded {
+		known[l] = true
+	}
+	lists, err := api.lines(ctx, "show ssl crt-list")
+	if err != nil {
+		return err
+	}
+	crtList := ""
+	dir := filepath.Clean(d.HAProxyCerts)
+	for _, l := range lists {
+		if filepath.Clean(l) == dir {
+			crtList = l
+		}
+	}
+	for _, i := range g.changes {
+		p := PEMPath(d.HAProxyCerts, changes[i].Name)
+		isNew := !known[p]
+		if isNew {
+			if crtList == "" {
+				return fmt.Errorf("%s is new and HAProxy has no crt-list for %s: add 'crt %s' to a bind line", p, dir, dir)
+			}
+			if err := api.expect(ctx, "new ssl cert "+p, "New empty certificate store"); err != nil {
+				return err
+			}
+		}
+		payload := "set ssl cert " + p + " <<\n" + string(pems[i]) + "\n"
+		if err := api.expect(ctx, payload, "Transaction"); err != nil {
+			return err
+		}
+		if err := api.expect(ctx, "commit ssl cert "+p, "Success!"); err != nil {
+			return err
+		}
+		if isNew {
+			if err := api.expect(ctx, "add ssl crt-list "+crtList+" "+p, "Success!"); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// runtimeAPI speaks HAProxy's runtime API, one command per connection (the
+// non-interactive mode: HAProxy answers and closes).
+type runtimeAPI struct {
+	addr string // a unix socket path, or host:port
+}
+
+func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
+	network, addr := "unix", a.addr
+	if !strings.HasPrefix(addr, "/") && strings.Contains(addr, ":") {
+		network = "tcp"
+	}
+	dl := net.Dialer{Timeout: 5 * time.Second}
+	conn, err := dl.DialContext(ctx, network, addr)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if !strings.HasSuffix(cmd, "\n") {
+		cmd += "\n"
+	}
+	if _, err := io.WriteString(conn, cmd); err != nil {
+		return "", err
+	}
+	if uc, ok := conn.(interface{ CloseWrite() error }); ok {
+		uc.CloseWrite()
+	}
+	out, err := io.ReadAll(bufio.NewReader(conn))
+	return strings.TrimSpace(string(out)), err
+}
+
+// expect runs cmd and fails unless the answer contains want. The error
+// names the command's first word only: payloads hold private keys.
+func (a *runtimeAPI) expect(ctx context.Context, cmd, want string) error {
+	out, err := a.do(ctx, cmd)
+	verb := strings.Join(strings.Fields(cmd)[:min(4, len(strings.Fields(cmd)))], " ")
+	if err != nil {
+		return fmt.Errorf("%s: %v", verb, err)
+	}
+	if !strings.Contains(out, want) {
+		return fmt.Errorf("%s: HAProxy answered %q", verb, strings.Join(strings.Fields(out), " "))
+	}
+	return nil
+}
+
+// lines runs a "show" command and returns its non-comment lines.
+func (a *runtimeAPI) lines(ctx context.Context, cmd string) ([]string, error) {
+	out, err := a.do(ctx, cmd)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", cmd, err)
+	}
+	var res []string
+	for _, l := range strings.Split(out, "\n") {
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+			res = append(res, l)
+		}
+	}
+	return res, nil
+}
