@@ -12,6 +12,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -38,13 +39,43 @@ func (a *app) serverURL() (string, error) {
 }
 
 // acmeOptions checks every account setting that can be checked without the
-// network, so that bad input never reaches the CA.
+// network, so that bad input never reaches the CA, including whether a
+// new account on the chosen server could accept the terms of service.
 func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
-	g := a.global
 	server, err := a.serverURL()
 	if err != nil {
 		return acme.Options{}, err
 	}
+	o, err := a.accountBase(st)
+	if err != nil {
+		return o, err
+	}
+	o.Server = server
+	if acme.NeedsTOS(o) {
+		return acme.Options{}, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+	}
+	return o, nil
+}
+
+// newIssuer returns an issuer whose accounts use the global settings with
+// each lineage's own server and email.
+func (a *app) newIssuer(st *store.Store) *issuer.Issuer {
+	base, _ := a.accountBase(st) // validated by the caller
+	return &issuer.Issuer{
+		Store: st,
+		Now:   a.now,
+		Account: func(server, email string) acme.Options {
+			o := base
+			o.Server, o.Email = server, email
+			return o
+		},
+	}
+}
+
+// accountBase checks the account settings that do not depend on which
+// server is used.
+func (a *app) accountBase(st *store.Store) (acme.Options, error) {
+	g := a.global
 	if g.Email != "" {
 		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
 			return acme.Options{}, exit.Errorf("--email %q is not an email address", g.Email)
@@ -56,7 +87,7 @@ func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
 		}
 	}
 	o := acme.Options{
-		Server: server, CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
+		CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
 		EABKid: g.EABKid, UserAgent: "lbcert/" + version, Store: st,
 	}
 	if g.EABKid != "" || g.EABHMACFile != "" {
@@ -71,9 +102,6 @@ func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
 	}
 	if a.stdinTTY && a.stderrTTY {
 		o.ConfirmTOS = a.confirmTOS
-	}
-	if acme.NeedsTOS(o) {
-		return acme.Options{}, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
 	return o, nil
 }

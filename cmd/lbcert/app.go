@@ -90,9 +90,9 @@ func (a *app) printError(err error) {
 	if err == nil {
 		return
 	}
-	var silent *silentError
-	if errors.As(err, &silent) {
-		return // the command already reported its failures
+	var e *exit.Error
+	if errors.As(err, &e) && e.Reported {
+		return // the command already printed its failures
 	}
 	msg := strings.Join(strings.Fields(err.Error()), " ")
 	fmt.Fprintf(a.err, "lbcert: error: %s\n", msg)
@@ -100,12 +100,6 @@ func (a *app) printError(err error) {
 		fmt.Fprintf(a.err, "lbcert: hint: %s\n", h)
 	}
 }
-
-// silentError carries an exit code for a run whose failures were already
-// printed one by one (the summary of a partial run).
-type silentError struct{ code int }
-
-func (e *silentError) Error() string { return fmt.Sprintf("exit %d", e.code) }
 
 const exitCodesHelp = `Exit codes:
   0    success, or nothing was due
@@ -159,6 +153,8 @@ beats the config file, which beats the default.
 
 	root.AddCommand(
 		a.newIssueCmd(nil),
+		a.newRenewCmd(),
+		a.newCronCmd(),
 	)
 	return root
 }

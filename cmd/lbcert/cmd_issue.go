@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -18,6 +17,7 @@ import (
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
@@ -146,21 +146,14 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		return err
 	}
 
+	is := a.newIssuer(st)
+	defer is.Close()
 	// Bind the standalone port before the lock and before the CA: a port
 	// in use is bad input, and holding it means nobody takes it meanwhile.
-	var provider interface {
-		Present(domain, token, keyAuth string) error
-		CleanUp(domain, token, keyAuth string) error
-	}
 	if p.mode.Mode == "standalone" {
-		srv, err := challenge.Listen(p.mode.HTTPAddr)
-		if err != nil {
+		if _, err := is.Listen(p.mode.HTTPAddr); err != nil {
 			return exit.Errorf("%v", err)
 		}
-		defer srv.Close()
-		provider = srv
-	} else {
-		provider = &challenge.Webroot{Root: p.mode.Webroot}
 	}
 	if p.acme, err = a.acmeOptions(st); err != nil {
 		return err
@@ -181,9 +174,8 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	var reuse []byte
 	keyType := o.KeyType
 	if prev != nil {
-		now := a.now()
 		if sameNames(prev.Domains, p.domains) && !o.Force {
-			if due, _, at := renewal.LifetimeDue(prev.Cert, now); !due {
+			if due, _, at := renewal.LifetimeDue(prev.Cert, a.now()); !due {
 				a.printf("%s: certificate for %s is valid until %s and not due for renewal before %s; nothing to do (use --force to issue anyway)\n",
 					p.name, strings.Join(prev.Domains, ", "), prev.Cert.NotAfter.Format(time.DateOnly), at.Format(time.DateOnly))
 				return nil
@@ -197,53 +189,24 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		}
 	}
 
-	slog.Info("requesting certificate", "name", p.name, "domains", strings.Join(p.domains, ","), "challenge", p.mode.Mode)
-	client, err := acme.New(ctx, p.acme)
+	got, err := is.Obtain(ctx, issuer.Request{ReuseKey: reuse, Lineage: store.Lineage{
+		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
+		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
+	}})
 	if err != nil {
 		return err
 	}
-	res, err := client.Obtain(acme.Request{
-		Domains: p.domains, KeyType: keyType, Profile: o.Profile, Key: reuse, Provider: provider,
-	})
-	if err != nil {
-		return withChallengeHint(err, p)
-	}
-	lin := &store.Lineage{
-		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
-		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode,
-		Deploy: deploySettings, Cert: res.Info, IssuedAt: a.now().UTC(),
-	}
-	if ctx.Err() != nil {
-		return &exit.Error{Code: exit.Interrupted, Msg: "interrupted before saving; the previous certificate is unchanged"}
-	}
-	_, previous, err := st.Save(lin, res.Files)
-	if err != nil {
-		return exit.Errorf("save %s: %v", p.name, err).WithHint("the previous certificate, if any, is still live; check free space and permissions under %s", st.Dir)
+	// A new certificate starts with no renewal history.
+	if err := st.RemoveStatus(p.name); err != nil {
+		slog.Warn("could not reset renewal status", "name", p.name, "err", err)
 	}
 	paths := st.LivePaths(p.name)
-	days := int(res.Info.NotAfter.Sub(a.now()).Hours() / 24)
+	info := got.Lineage.Cert
+	days := int(info.NotAfter.Sub(a.now()).Hours() / 24)
 	a.printf("%s: issued certificate for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
-		p.name, strings.Join(p.domains, ", "), res.Info.Serial, res.Info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
+		p.name, strings.Join(p.domains, ", "), info.Serial, info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
 	runner := &deploy.Runner{Store: st}
-	results := runner.Run(ctx, []deploy.Change{{
-		Name: p.name, Domains: p.domains, Serial: res.Info.Serial, Previous: previous, Deploy: deploySettings,
-	}})
-	return a.reportDeploy(results)
-}
-
-// withChallengeHint adds a hint that names the challenge set-up in use,
-// which is what a user has to check when validation fails.
-func withChallengeHint(err error, p *issuePlan) error {
-	e, ok := err.(*exit.Error)
-	if !ok || !strings.Contains(e.Hint, "/.well-known/acme-challenge/") {
-		return err
-	}
-	if p.mode.Mode == "webroot" {
-		e.Hint = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", p.mode.Webroot, strings.Join(p.domains, ", "))
-	} else {
-		e.Hint = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", strings.Join(p.domains, ", "), p.mode.HTTPAddr)
-	}
-	return e
+	return a.reportDeploy(runner.Run(ctx, []deploy.Change{got.Change}))
 }
 
 func sameNames(a, b []string) bool {

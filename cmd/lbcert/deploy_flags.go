@@ -213,7 +213,7 @@ func (a *app) reportDeploy(results []deploy.Result) error {
 		}
 	}
 	if failed > 0 {
-		return &silentError{code: exit.Failure}
+		return exit.Reported(exit.Failure)
 	}
 	return nil
 }

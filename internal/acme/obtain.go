@@ -78,17 +78,34 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	}
 	defer c.router.clear(r.Domains)
 
-	res, err := c.lego.Certificate.Obtain(certificate.ObtainRequest{
+	req := certificate.ObtainRequest{
 		Domains:        r.Domains,
 		PrivateKey:     key,
 		Bundle:         true,
 		Profile:        r.Profile,
 		ReplacesCertID: r.Replaces,
-	})
+	}
+	res, err := c.lego.Certificate.Obtain(req)
+	if err != nil && r.Replaces != "" && replacesRejected(err) {
+		// RFC 9773 section 5: a CA may refuse "replaces" (already
+		// replaced, or not its certificate); renewing matters more than
+		// the hint, so order again without it.
+		req.ReplacesCertID = ""
+		res, err = c.lego.Certificate.Obtain(req)
+	}
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}
 	return check(res.Certificate, res.PrivateKey, r.Domains)
+}
+
+func replacesRejected(err error) bool {
+	var ar *legoacme.AlreadyReplacedError
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &ar) {
+		return true
+	}
+	return errors.As(err, &pd) && pd.HTTPStatus == 400 && strings.Contains(strings.ToLower(pd.Detail), "replace")
 }
 
 // check splits the bundle lego returned and refuses a certificate whose

@@ -28,6 +28,15 @@ type Error struct {
 	Msg  string
 	Hint string
 	Err  error
+	// Reported means the command already printed its failures one by
+	// one (a partial run's summary), so only the code is left to use.
+	Reported bool
+}
+
+// Reported returns an error that carries only an exit code, for a run
+// that has printed its own failures.
+func Reported(code int) *Error {
+	return &Error{Code: code, Msg: fmt.Sprintf("exit status %d", code), Reported: true}
 }
 
 func (e *Error) Error() string {

@@ -1,21 +1,35 @@
 // Package renewal is lbcert's renewal policy: given what is stored about a
 // certificate and the time now, is it due, and why. It is pure: no clock,
 // no disk, no network, so every rule is a table test.
+//
+// The rules, in order (issue #4):
+//   - expired, or less than 1/20 of the lifetime left: due, whatever else
+//     says (a safety net under ARI and --days);
+//   - --days N: due when fewer than N days remain; overrides the rest;
+//   - ARI (RFC 9773), when the CA offers it: due once the random moment
+//     picked inside the CA's suggested window is reached;
+//   - otherwise the lifetime rule: due when one third of the lifetime
+//     remains, or one half for lifetimes of 10 days or less.
 package renewal
 
 import (
+	"math/rand/v2"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// Reason says which rule made a certificate due, or not due.
+// Reason says which rule decided.
 type Reason string
 
 const (
 	NotDue   Reason = "not due"
 	Expired  Reason = "expired"
-	Lifetime Reason = "lifetime" // one third left (half for lifetimes of 10 days or less)
+	Critical Reason = "critical" // under 1/20 of the lifetime left
+	Days     Reason = "days"     // --days
+	ARI      Reason = "ari"      // the CA's renewal window
+	Lifetime Reason = "lifetime" // one third (or half) of the lifetime left
+	Forced   Reason = "forced"   // --force
 )
 
 // shortLived is the lifetime at or below which the half-life rule applies,
@@ -23,20 +37,128 @@ const (
 // failed cron run.
 const shortLived = 10 * 24 * time.Hour
 
-// LifetimeDue reports whether c is due by the lifetime rule at now, and
-// when it becomes due.
-func LifetimeDue(c store.CertInfo, now time.Time) (bool, Reason, time.Time) {
-	if !now.Before(c.NotAfter) {
-		return true, Expired, c.NotAfter
+// Decision is the verdict for one certificate.
+type Decision struct {
+	Due    bool
+	Reason Reason    // why it is due, or which rule set At
+	At     time.Time // when it is (or became) due under the deciding rule
+	// CheckARI is set when the CA offers ARI and the saved answer is
+	// missing, for another certificate, or past its Retry-After.
+	CheckARI bool
+}
+
+// Options are the run's switches.
+type Options struct {
+	Days int // --days; 0 means unset
+	// ARIOffered says the lineage's CA offers ARI and the certificate has
+	// an ARI CertID; without it ARI state is ignored.
+	ARIOffered bool
+}
+
+// Decide applies the rules to cert at now.
+func Decide(cert store.CertInfo, st store.Status, now time.Time, o Options) Decision {
+	life := cert.NotAfter.Sub(cert.NotBefore)
+	if !now.Before(cert.NotAfter) {
+		return Decision{Due: true, Reason: Expired, At: cert.NotAfter}
 	}
-	life := c.NotAfter.Sub(c.NotBefore)
+	critical := cert.NotAfter.Add(-life / 20)
+	if !now.Before(critical) {
+		return Decision{Due: true, Reason: Critical, At: critical}
+	}
+	if o.Days > 0 {
+		at := cert.NotAfter.Add(-time.Duration(o.Days) * 24 * time.Hour)
+		return Decision{Due: !now.Before(at), Reason: Days, At: at}
+	}
+	if o.ARIOffered && cert.ARICertID != "" {
+		fresh := st.ARISerial == cert.Serial && !st.ARIRenewAt.IsZero()
+		checkARI := !fresh || !now.Before(st.ARINextCheck)
+		if fresh {
+			return Decision{Due: !now.Before(st.ARIRenewAt), Reason: ARI, At: st.ARIRenewAt, CheckARI: checkARI}
+		}
+		d := lifetime(cert, now)
+		d.CheckARI = true
+		return d
+	}
+	return lifetime(cert, now)
+}
+
+func lifetime(cert store.CertInfo, now time.Time) Decision {
+	life := cert.NotAfter.Sub(cert.NotBefore)
 	left := life / 3
 	if life <= shortLived {
 		left = life / 2
 	}
-	at := c.NotAfter.Add(-left)
-	if !now.Before(at) {
-		return true, Lifetime, at
+	at := cert.NotAfter.Add(-left)
+	return Decision{Due: !now.Before(at), Reason: Lifetime, At: at}
+}
+
+// LifetimeDue is the lifetime rule alone, for issue's "nothing to do".
+func LifetimeDue(c store.CertInfo, now time.Time) (bool, Reason, time.Time) {
+	if !now.Before(c.NotAfter) {
+		return true, Expired, c.NotAfter
 	}
-	return false, NotDue, at
+	d := lifetime(c, now)
+	return d.Due, d.Reason, d.At
+}
+
+// ApplyARI records a fresh ARI answer in st. The moment to renew is
+// picked uniformly inside the window once (RFC 9773 section 4.2) and kept
+// while the CA keeps the same window, so that a daily poll does not
+// re-roll the dice until the earliest moment comes up; a new window (the
+// CA moved it, say after a revocation) gets a new pick. rnd returns a
+// value in [0, n); tests pass a fixed one.
+func ApplyARI(st store.Status, serial string, start, end time.Time, retryAfter time.Duration, now time.Time, rnd func(n int64) int64) store.Status {
+	sameWindow := st.ARISerial == serial && st.ARIWindowStart.Equal(start) && st.ARIWindowEnd.Equal(end) && !st.ARIRenewAt.IsZero()
+	st.ARISerial = serial
+	st.ARIWindowStart, st.ARIWindowEnd = start, end
+	if !sameWindow {
+		at := start
+		if w := end.Sub(start); w > 0 {
+			at = start.Add(time.Duration(rnd(int64(w))))
+		}
+		st.ARIRenewAt = at.UTC()
+	}
+	// RFC 9773 section 4.3: honour Retry-After, but poll at least daily-ish
+	// and not more than every minute whatever the CA says.
+	switch {
+	case retryAfter <= 0:
+		retryAfter = 6 * time.Hour
+	case retryAfter < time.Minute:
+		retryAfter = time.Minute
+	case retryAfter > 24*time.Hour:
+		retryAfter = 24 * time.Hour
+	}
+	st.ARINextCheck = now.Add(retryAfter).UTC()
+	st.ARIUnsupported = time.Time{}
+	return st
+}
+
+// RandInt64N is the production source for ApplyARI.
+func RandInt64N(n int64) int64 { return rand.Int64N(n) }
+
+// Backoff after consecutive failures: 1h, 2h, 4h, ... capped at 24h, so
+// a broken domain cannot burn the CA's failed-validation limit from cron.
+func Backoff(failures int) time.Duration {
+	if failures <= 0 {
+		return 0
+	}
+	d := time.Hour
+	for i := 1; i < failures && d < 24*time.Hour; i++ {
+		d *= 2
+	}
+	return min(d, 24*time.Hour)
+}
+
+// Failed records a failed attempt at now.
+func Failed(st store.Status, err string, now time.Time) store.Status {
+	st.Failures++
+	st.LastError = err
+	st.LastAttempt = now.UTC()
+	st.NextAttempt = now.Add(Backoff(st.Failures)).UTC()
+	return st
+}
+
+// InBackoff reports whether a failed lineage must wait at now.
+func InBackoff(st store.Status, now time.Time) bool {
+	return st.Failures > 0 && now.Before(st.NextAttempt)
 }

@@ -1,0 +1,238 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// setProfile rewrites a lineage's saved profile, as if it had been issued
+// with another one: renewals then come back with a different lifetime,
+// which lets a test tell renewed lineages from the rest by --days.
+func (e *env) setProfile(t *testing.T, name, profile string) {
+	t.Helper()
+	p := filepath.Join(e.dir, "live", name, "lineage.json")
+	data := readFile(t, p)
+	data = strings.Replace(data, `"profile": "shortlived"`, `"profile": "`+profile+`"`, 1)
+	if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRenewDueOnly: --days renews exactly the certificates that are due;
+// the others are untouched; the archive keeps the previous version; a
+// dry run saves nothing; a second run is silent and sends no request.
+func TestRenewDueOnly(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{ShortLived: true})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	issue := func(domain, profile string) {
+		e.mustRun("issue", "-d", domain, "--standalone", "--http-addr", http, "--agree-tos", "--profile", profile)
+	}
+	issue("short.example.com", "shortlived")
+	issue("long.example.com", "default")
+	short1, long1 := e.serial("short.example.com"), e.serial("long.example.com")
+
+	// Dry run: the whole flow against the CA, nothing saved.
+	r := e.mustRun("renew", "--days", "7", "--no-random-sleep", "--dry-run")
+	if !strings.Contains(r.stdout, "1 would renew (dry run), 1 not due") {
+		t.Fatalf("dry run: %q", r.stdout)
+	}
+	if e.serial("short.example.com") != short1 {
+		t.Fatal("dry run saved a certificate")
+	}
+
+	r = e.mustRun("renew", "--days", "7", "--no-random-sleep", "--json")
+	var rep struct {
+		Renewed []struct {
+			Name      string `json:"name"`
+			NewSerial string `json:"new_serial"`
+		}
+		NotDue []struct {
+			Name string `json:"name"`
+		} `json:"not_due"`
+		Failed []struct {
+			Name      string `json:"name"`
+			NewSerial string `json:"new_serial"`
+		}
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("--json: %v\n%s", err, r.stdout)
+	}
+	if len(rep.Renewed) != 1 || rep.Renewed[0].Name != "short.example.com" || len(rep.NotDue) != 1 || rep.NotDue[0].Name != "long.example.com" || len(rep.Failed) != 0 {
+		t.Fatalf("report: %+v", rep)
+	}
+	short2 := e.serial("short.example.com")
+	if short2 == short1 || rep.Renewed[0].NewSerial != short2 {
+		t.Fatalf("short not renewed: %s -> %s (report %s)", short1, short2, rep.Renewed[0].NewSerial)
+	}
+	if e.serial("long.example.com") != long1 {
+		t.Fatal("long.example.com renewed although not due")
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "archive", "short.example.com", "1", "cert.pem")); err != nil {
+		t.Fatalf("archive lost the previous version: %v", err)
+	}
+	meta := readFile(t, filepath.Join(e.dir, "live", "short.example.com", "lineage.json"))
+	if !strings.Contains(meta, `"profile": "shortlived"`) || !strings.Contains(meta, `"mode": "standalone"`) {
+		t.Fatalf("renewal did not keep the lineage's settings:\n%s", meta)
+	}
+
+	// Without --days, the first run asks ARI (Pebble offers it) and saves
+	// the window; nothing is due, so it prints nothing.
+	r = e.mustRun("renew", "--no-random-sleep")
+	if r.stdout != "" || r.stderr != "" {
+		t.Fatalf("nothing-due run printed: %q %q", r.stdout, r.stderr)
+	}
+	var st struct {
+		ARISerial   string    `json:"ari_serial"`
+		WindowStart time.Time `json:"ari_window_start"`
+		WindowEnd   time.Time `json:"ari_window_end"`
+		RenewAt     time.Time `json:"ari_renew_at"`
+		NextCheck   time.Time `json:"ari_next_check"`
+	}
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(e.dir, "renewal", "long.example.com.json"))), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.ARISerial != long1 || st.RenewAt.Before(st.WindowStart) || st.RenewAt.After(st.WindowEnd) ||
+		st.NextCheck.Sub(time.Now()) < 5*time.Hour || st.NextCheck.Sub(time.Now()) > 7*time.Hour {
+		t.Fatalf("saved ARI state: %+v", st)
+	}
+
+	// A second run: still nothing, and not a single request to the CA
+	// (ARI's Retry-After has not passed).
+	before := e.requests()
+	r = e.mustRun("renew")
+	if r.stdout != "" || r.stderr != "" || r.code != 0 {
+		t.Fatalf("second run: %q %q exit %d", r.stdout, r.stderr, r.code)
+	}
+	if n := e.requests() - before; n != 0 {
+		t.Fatalf("nothing-due run sent %d requests to the CA", n)
+	}
+}
+
+// TestRenewBackoff: a lineage whose validation fails is retried only after
+// its backoff; --force overrides it; the other lineages are not held up.
+func TestRenewBackoff(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	e.mustRun("issue", "-d", "good.example.com", "--standalone", "--http-addr", http, "--agree-tos")
+	e.mustRun("issue", "-d", "broken.example.com", "--standalone", "--http-addr", http, "--agree-tos")
+	// broken's listener moves to a port the CA does not validate on: a real
+	// validation failure at the CA, as after a firewall change.
+	p := filepath.Join(e.dir, "live", "broken.example.com", "lineage.json")
+	os.WriteFile(p, []byte(strings.Replace(readFile(t, p), http, freeAddr(t), 1)), 0o644)
+
+	r := e.run("renew", "--days", "100", "--no-random-sleep")
+	if r.code != 2 || !strings.Contains(r.stderr, "lbcert: error: renew broken.example.com: obtain broken.example.com: connection:") {
+		t.Fatalf("first run: exit %d stderr %s", r.code, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "1 renewed, 0 not due, 1 failed") {
+		t.Fatalf("summary: %s", r.stdout)
+	}
+	var st struct {
+		Failures    int       `json:"failures"`
+		NextAttempt time.Time `json:"next_attempt"`
+		LastError   string    `json:"last_error"`
+	}
+	json.Unmarshal([]byte(readFile(t, filepath.Join(e.dir, "renewal", "broken.example.com.json"))), &st)
+	if st.Failures != 1 || time.Until(st.NextAttempt) < 55*time.Minute || time.Until(st.NextAttempt) > 61*time.Minute || st.LastError == "" {
+		t.Fatalf("backoff after one failure: %+v", st)
+	}
+
+	// Next run: broken waits (no order for it), good renews again.
+	before := e.pebble.FullLog()
+	r = e.run("renew", "--days", "100", "--no-random-sleep")
+	if r.code != 0 || !strings.Contains(r.stdout, "1 renewed, 0 not due, 0 failed, 1 waiting") || !strings.Contains(r.stderr, "due but waiting after a failure name=broken.example.com") {
+		t.Fatalf("run during backoff: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if strings.Contains(e.pebble.FullLog()[len(before):], "broken.example.com") {
+		t.Fatal("a lineage in backoff reached the CA")
+	}
+
+	// --force ignores the backoff; the failure doubles it.
+	r = e.run("renew", "--name", "broken.example.com", "--force", "--no-random-sleep")
+	if r.code != 1 {
+		t.Fatalf("forced run: exit %d", r.code)
+	}
+	json.Unmarshal([]byte(readFile(t, filepath.Join(e.dir, "renewal", "broken.example.com.json"))), &st)
+	if st.Failures != 2 || time.Until(st.NextAttempt) < 115*time.Minute {
+		t.Fatalf("backoff after two failures: %+v", st)
+	}
+}
+
+// TestRenewKill9: kill -9 in the middle of a renew run leaves every
+// lineage consistent, and the next run finishes the job.
+func TestRenewKill9(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{ShortLived: true})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	names := []string{"k1.example.com", "k2.example.com", "k3.example.com", "k4.example.com"}
+	orig := map[string]string{}
+	for _, n := range names {
+		e.mustRun("issue", "-d", n, "--standalone", "--http-addr", http, "--agree-tos", "--profile", "shortlived")
+		e.setProfile(t, n, "default") // renewals come back with 90 days
+		orig[n] = e.serial(n)
+	}
+
+	cmd := exec.Command(lbcertBin, "--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir,
+		"renew", "--days", "7", "--no-random-sleep")
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Kill it as the third lineage starts: two are done, one is in flight.
+	sc := bufio.NewScanner(stderr)
+	seen := 0
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), "requesting certificate") {
+			if seen++; seen == 3 {
+				time.Sleep(150 * time.Millisecond)
+				cmd.Process.Signal(syscall.SIGKILL)
+				break
+			}
+		}
+	}
+	cmd.Wait()
+	if seen < 3 {
+		t.Fatalf("renew ended before it could be killed (saw %d orders)", seen)
+	}
+
+	renewed := 0
+	for _, n := range names {
+		c := e.leaf(n) // checks cert/key/chain agree
+		meta := readFile(t, filepath.Join(e.dir, "live", n, "lineage.json"))
+		if !strings.Contains(meta, fmt.Sprintf(`"serial": "%x"`, c.SerialNumber)) {
+			t.Fatalf("%s: lineage.json does not describe cert.pem after kill -9", n)
+		}
+		if e.serial(n) != orig[n] {
+			renewed++
+		}
+	}
+	if renewed < 2 || renewed == len(names) {
+		t.Fatalf("after kill -9: %d of %d renewed; want the run cut short", renewed, len(names))
+	}
+	// The lock died with the process: the next run proceeds and completes.
+	r := e.mustRun("renew", "--days", "7", "--no-random-sleep")
+	if !strings.Contains(r.stdout, fmt.Sprintf("%d renewed, %d not due", len(names)-renewed, renewed)) {
+		t.Fatalf("second run: %s", r.stdout)
+	}
+	for _, n := range names {
+		if c := e.leaf(n); c.NotAfter.Sub(c.NotBefore) < 80*24*time.Hour {
+			t.Fatalf("%s not renewed by the second run", n)
+		}
+	}
+	entries, _ := filepath.Glob(filepath.Join(e.dir, "archive", "*", ".tmp-*"))
+	if len(entries) > 1 {
+		t.Fatalf("temporary directories left: %v", entries)
+	}
+}

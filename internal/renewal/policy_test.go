@@ -1,0 +1,100 @@
+package renewal
+
+import (
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func cert(days int) store.CertInfo {
+	return store.CertInfo{Serial: "aa", NotBefore: t0, NotAfter: t0.Add(time.Duration(days) * 24 * time.Hour), ARICertID: "id"}
+}
+
+func day(n float64) time.Time { return t0.Add(time.Duration(n * 24 * float64(time.Hour))) }
+
+func TestDecide(t *testing.T) {
+	ari := store.Status{ARISerial: "aa", ARIRenewAt: day(50), ARINextCheck: day(10)}
+	tests := []struct {
+		name   string
+		cert   store.CertInfo
+		st     store.Status
+		now    time.Time
+		o      Options
+		due    bool
+		reason Reason
+		check  bool
+	}{
+		{"90d fresh", cert(90), store.Status{}, day(1), Options{}, false, Lifetime, false},
+		{"90d at 2/3", cert(90), store.Status{}, day(60), Options{}, true, Lifetime, false},
+		{"90d just before 2/3", cert(90), store.Status{}, day(59.9), Options{}, false, Lifetime, false},
+		{"6d short-lived half", cert(6), store.Status{}, day(2.9), Options{}, false, Lifetime, false},
+		{"6d short-lived at half", cert(6), store.Status{}, day(3), Options{}, true, Lifetime, false},
+		{"10d is short-lived", cert(10), store.Status{}, day(5), Options{}, true, Lifetime, false},
+		{"11d uses thirds", cert(11), store.Status{}, day(5), Options{}, false, Lifetime, false},
+		{"expired", cert(90), store.Status{}, day(90), Options{}, true, Expired, false},
+		{"days: not yet", cert(90), store.Status{}, day(59), Options{Days: 30}, false, Days, false},
+		{"days: due", cert(90), store.Status{}, day(61), Options{Days: 30}, true, Days, false},
+		{"days overrides lifetime", cert(90), store.Status{}, day(65), Options{Days: 10}, false, Days, false},
+		{"days overrides ARI", cert(90), ari, day(55), Options{Days: 10, ARIOffered: true}, false, Days, false},
+		{"critical beats days", cert(90), store.Status{}, day(86), Options{Days: 1}, true, Critical, false},
+		{"critical beats ARI", cert(90), store.Status{ARISerial: "aa", ARIRenewAt: day(89), ARINextCheck: day(100)}, day(86), Options{ARIOffered: true}, true, Critical, false},
+		{"ARI before moment", cert(90), ari, day(5), Options{ARIOffered: true}, false, ARI, false},
+		{"ARI at moment", cert(90), ari, day(50), Options{ARIOffered: true}, true, ARI, true},
+		{"ARI earlier than lifetime", cert(90), store.Status{ARISerial: "aa", ARIRenewAt: day(20), ARINextCheck: day(30)}, day(21), Options{ARIOffered: true}, true, ARI, false},
+		{"ARI retry-after passed", cert(90), ari, day(11), Options{ARIOffered: true}, false, ARI, true},
+		{"ARI for old serial: ask again", cert(90), store.Status{ARISerial: "old", ARIRenewAt: day(1)}, day(2), Options{ARIOffered: true}, false, Lifetime, true},
+		{"ARI never asked", cert(90), store.Status{}, day(2), Options{ARIOffered: true}, false, Lifetime, true},
+		{"ARI ignored when not offered", cert(90), ari, day(55), Options{}, false, Lifetime, false},
+	}
+	for _, tt := range tests {
+		d := Decide(tt.cert, tt.st, tt.now, tt.o)
+		if d.Due != tt.due || d.Reason != tt.reason || d.CheckARI != tt.check {
+			t.Errorf("%s: got due=%v reason=%s check=%v, want due=%v reason=%s check=%v", tt.name, d.Due, d.Reason, d.CheckARI, tt.due, tt.reason, tt.check)
+		}
+	}
+}
+
+func TestApplyARIPicksOnceAndHonoursRetryAfter(t *testing.T) {
+	start, end := day(55), day(65)
+	calls := 0
+	rnd := func(n int64) int64 { calls++; return n / 4 }
+	st := ApplyARI(store.Status{}, "aa", start, end, 6*time.Hour, day(1), rnd)
+	if !st.ARIRenewAt.Equal(day(57.5)) || !st.ARINextCheck.Equal(day(1).Add(6*time.Hour)) || calls != 1 {
+		t.Fatalf("first answer: %+v calls %d", st, calls)
+	}
+	// Same window a day later: keep the moment, move the next check.
+	st = ApplyARI(st, "aa", start, end, 3*time.Hour, day(2), rnd)
+	if !st.ARIRenewAt.Equal(day(57.5)) || calls != 1 || !st.ARINextCheck.Equal(day(2).Add(3*time.Hour)) {
+		t.Fatalf("same window re-picked or retry-after ignored: %+v calls %d", st, calls)
+	}
+	// The CA moves the window (revocation): pick again.
+	st = ApplyARI(st, "aa", day(3), day(3), 0, day(3), rnd)
+	if !st.ARIRenewAt.Equal(day(3)) || !st.ARINextCheck.Equal(day(3).Add(6*time.Hour)) {
+		t.Fatalf("moved window: %+v", st)
+	}
+	// Retry-After is clamped to [1m, 24h].
+	st = ApplyARI(st, "aa", day(3), day(3), 72*time.Hour, day(3), rnd)
+	if !st.ARINextCheck.Equal(day(4)) {
+		t.Fatalf("retry-after not capped: %v", st.ARINextCheck)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	want := []time.Duration{0, time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour, 16 * time.Hour, 24 * time.Hour, 24 * time.Hour}
+	for n, w := range want {
+		if got := Backoff(n); got != w {
+			t.Errorf("Backoff(%d) = %v, want %v", n, got, w)
+		}
+	}
+	st := Failed(store.Status{}, "boom", t0)
+	st = Failed(st, "boom again", t0.Add(time.Hour))
+	if st.Failures != 2 || !st.NextAttempt.Equal(t0.Add(3*time.Hour)) || st.LastError != "boom again" {
+		t.Fatalf("%+v", st)
+	}
+	if !InBackoff(st, t0.Add(2*time.Hour)) || InBackoff(st, t0.Add(3*time.Hour)) {
+		t.Fatal("InBackoff wrong around NextAttempt")
+	}
+}
