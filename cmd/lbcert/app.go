@@ -155,6 +155,10 @@ beats the config file, which beats the default.
 		a.newIssueCmd(nil),
 		a.newRenewCmd(),
 		a.newCronCmd(),
+		a.newListCmd(),
+		a.newShowCmd(),
+		a.newDeleteCmd(),
+		a.newGendocsCmd(),
 	)
 	return root
 }

@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
@@ -37,6 +38,19 @@ func TestScript(t *testing.T) {
 				l, err := store.New(ts.MkAbs(args[0])).TryLock()
 				ts.Check(err)
 				ts.Defer(l.Unlock)
+			},
+			// mklineage DIR NAME...: write lineages as issue would, with
+			// placeholder certificates, for commands that only read them.
+			"mklineage": func(ts *testscript.TestScript, neg bool, args []string) {
+				st := store.New(ts.MkAbs(args[0]))
+				for _, n := range args[1:] {
+					now := time.Now()
+					_, _, err := st.Save(&store.Lineage{Name: n, Domains: []string{n}, KeyType: "ec256",
+						Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www"},
+						Cert:      store.CertInfo{Serial: "01", NotBefore: now, NotAfter: now.Add(90 * 24 * time.Hour)},
+					}, store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
+					ts.Check(err)
+				}
 			},
 			// busyport VAR: listen on a loopback port and put its address
 			// in $VAR, to test "address already in use".

@@ -250,3 +250,21 @@ func hintFor(problem string) string {
 	}
 	return ""
 }
+
+// RevocationReasons are the RFC 5280 section 5.3.1 reason codes that
+// ACME subscribers may use (RFC 8555 section 7.6).
+var RevocationReasons = map[string]uint{
+	"unspecified":          0,
+	"keyCompromise":        1,
+	"affiliationChanged":   3,
+	"superseded":           4,
+	"cessationOfOperation": 5,
+}
+
+// Revoke revokes the certificate in certPEM with reason.
+func (c *Client) Revoke(certPEM []byte, reason uint) error {
+	if err := c.lego.Certificate.RevokeWithReason(certPEM, &reason); err != nil {
+		return explain("revoke", err)
+	}
+	return nil
+}

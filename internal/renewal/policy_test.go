@@ -98,3 +98,11 @@ func TestBackoff(t *testing.T) {
 		t.Fatal("InBackoff wrong around NextAttempt")
 	}
 }
+
+func BenchmarkDecide(b *testing.B) {
+	c := cert(90)
+	st := store.Status{ARISerial: "aa", ARIRenewAt: day(50), ARINextCheck: day(10)}
+	for i := 0; i < b.N; i++ {
+		Decide(c, st, day(5), Options{ARIOffered: true})
+	}
+}

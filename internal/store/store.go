@@ -122,7 +122,11 @@ type Files struct {
 
 // Paths are the live paths of a lineage, the ones configs should use.
 type Paths struct {
-	Dir, Cert, Chain, Fullchain, Key string
+	Dir       string `json:"dir"`
+	Cert      string `json:"cert"`
+	Chain     string `json:"chain"`
+	Fullchain string `json:"fullchain"`
+	Key       string `json:"key"`
 }
 
 // ErrNotFound is returned for a lineage that does not exist.
@@ -294,6 +298,18 @@ func (s *Store) Deactivate(name string) error {
 		return err
 	}
 	return syncDir(filepath.Join(s.Dir, "live"))
+}
+
+// Delete removes lineage name: first live/<name>, so it is gone for
+// every reader at once, then its archive and renewal status.
+func (s *Store) Delete(name string) error {
+	if err := s.Deactivate(name); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(s.Dir, "archive", name)); err != nil {
+		return err
+	}
+	return s.RemoveStatus(name)
 }
 
 // Rollback makes version previous live again, or removes the lineage from

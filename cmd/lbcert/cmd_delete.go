@@ -1,0 +1,220 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+type deleteOptions struct {
+	Name     string
+	Domain   string
+	Revoke   bool
+	Reason   string
+	Force    bool
+	Yes      bool
+	CronFile string
+}
+
+func (a *app) newDeleteCmd() *cobra.Command {
+	o := &deleteOptions{}
+	cmd := &cobra.Command{
+		Use:   "delete (--name NAME | -d DOMAIN | NAME)",
+		Short: "Delete a certificate lineage, optionally revoking it",
+		Long: `Delete removes a lineage: live/<name>, archive/<name>, its renewal status
+and its HAProxy PEM, then reloads the load balancer it deploys to.
+
+It refuses while the nginx config (as "nginx -T" shows it, includes and
+all) or the HAProxy config still refers to the lineage's files, so that the
+next reload does not fail; --force deletes anyway. With --revoke the
+certificate is first revoked at the CA. On a terminal it asks for
+confirmation; otherwise it needs --yes. When the last lineage is gone, the
+cron entry from "lbcert cron install" is removed too.`,
+		Example: `  lbcert delete --name shop.example.net --yes
+  lbcert delete -d old.example.com --revoke --reason cessationOfOperation --yes`,
+		Args:              cobra.MaximumNArgs(1),
+		ValidArgsFunction: a.completeLineages,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 {
+				if o.Name != "" {
+					return exit.Errorf("give the lineage once: as an argument or with --name")
+				}
+				o.Name = args[0]
+			}
+			return a.runDelete(cmd.Context(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Name, "name", "", "lineage to delete")
+	f.StringVarP(&o.Domain, "domain", "d", "", "delete the lineage whose certificate covers this name")
+	f.BoolVar(&o.Revoke, "revoke", false, "revoke the certificate at the CA first")
+	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(reasonNames(), ", "))
+	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
+	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
+	f.StringVar(&o.CronFile, "cron-file", cronFile, "cron entry to remove with the last lineage")
+	f.MarkHidden("cron-file")
+	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
+	cmd.RegisterFlagCompletionFunc("reason", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		return reasonNames(), cobra.ShellCompDirectiveNoFileComp
+	})
+	return cmd
+}
+
+func reasonNames() []string {
+	var out []string
+	for k := range acme.RevocationReasons {
+		out = append(out, k)
+	}
+	sort.Slice(out, func(i, j int) bool { return acme.RevocationReasons[out[i]] < acme.RevocationReasons[out[j]] })
+	return out
+}
+
+func parseReason(s string) (uint, error) {
+	if r, ok := acme.RevocationReasons[s]; ok {
+		return r, nil
+	}
+	if n, err := strconv.Atoi(s); err == nil {
+		for _, r := range acme.RevocationReasons {
+			if uint(n) == r {
+				return r, nil
+			}
+		}
+	}
+	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
+}
+
+func (a *app) runDelete(ctx context.Context, o *deleteOptions) error {
+	st := store.New(a.global.Dir)
+	if (o.Name == "") == (o.Domain == "") {
+		return exit.Errorf("say which lineage: --name NAME or -d DOMAIN")
+	}
+	reason, err := parseReason(o.Reason)
+	if err != nil {
+		return err
+	}
+	name := o.Name
+	if name != "" {
+		if err := names.Lineage(name); err != nil {
+			return exit.Errorf("--name: %v", err)
+		}
+	} else if name, err = a.lineageForDomain(st, o.Domain); err != nil {
+		return err
+	}
+	l, err := st.Load(name)
+	if err != nil {
+		if isNotFound(err) {
+			return exit.Errorf("no lineage %q in %s", name, st.Dir).WithHint("'lbcert list' shows the lineages")
+		}
+		return exit.Errorf("%v", err)
+	}
+	if o.Revoke {
+		if _, err := a.accountBase(st); err != nil {
+			return err
+		}
+	}
+	runner := &deploy.Runner{Store: st}
+	refs, err := runner.References(ctx, name, l.Deploy)
+	if err != nil && !o.Force {
+		return exit.Errorf("check %s config for references to %s: %v", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+	}
+	if len(refs) > 0 && !o.Force {
+		return exit.Errorf("%s config still uses %s: %s: %s", l.Deploy.Target, name, refs[0].File, refs[0].Line).
+			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
+	}
+	if !o.Yes {
+		if !(a.stdinTTY && a.stderrTTY) {
+			return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", name)
+		}
+		fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", name, strings.Join(l.Domains, ", "), l.Version)
+		line, _ := bufio.NewReader(a.in).ReadString('\n')
+		if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
+			return exit.Errorf("not deleted")
+		}
+	}
+
+	lock, err := a.lock(st)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	if o.Revoke {
+		is := a.newIssuer(st)
+		client, err := is.Client(ctx, l.Server, l.Email)
+		if err != nil {
+			return err
+		}
+		cert, err := os.ReadFile(st.LivePaths(name).Cert)
+		if err != nil {
+			return exit.Errorf("read %s: %v", name, err)
+		}
+		if err := client.Revoke(cert, reason); err != nil {
+			return exit.Errorf("%v; nothing was deleted", err)
+		}
+		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
+	}
+	if err := st.Delete(name); err != nil {
+		return exit.Errorf("delete %s: %v", name, err)
+	}
+	a.printf("%s: deleted\n", name)
+	if l.Deploy.Target != "" {
+		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
+			return exit.Errorf("deleted %s, but updating %s failed: %v", name, l.Deploy.Target, err)
+		}
+		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
+	}
+	left, _ := st.Names()
+	if len(left) == 0 {
+		if _, err := os.Stat(o.CronFile); err == nil {
+			if err := removeCronFile(o.CronFile); err != nil {
+				return err
+			}
+			a.printf("last lineage deleted: removed %s\n", o.CronFile)
+		}
+	}
+	slog.Debug("delete done", "name", name)
+	return nil
+}
+
+// lineageForDomain finds the one lineage whose certificate covers domain.
+func (a *app) lineageForDomain(st *store.Store, raw string) (string, error) {
+	d, err := names.Domain(raw)
+	if err != nil {
+		return "", exit.Errorf("%v", err)
+	}
+	all, err := st.Names()
+	if err != nil {
+		return "", exit.Errorf("%v", err)
+	}
+	var found []string
+	for _, n := range all {
+		if l, err := st.Load(n); err == nil {
+			for _, x := range l.Domains {
+				if x == d {
+					found = append(found, n)
+					break
+				}
+			}
+		}
+	}
+	switch len(found) {
+	case 0:
+		return "", exit.Errorf("no lineage covers %s", d).WithHint("'lbcert list' shows the lineages")
+	case 1:
+		return found[0], nil
+	}
+	return "", exit.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
+}

@@ -1,0 +1,367 @@
+// Command bench is "make bench": it measures a nothing-due "renew" pass
+// over N stored lineages for lbcert, and side by side for certbot and the
+// lego CLI (Debian packages) over their own lineages, in the same run.
+//
+// Every lineage holds a real ECDSA certificate from a local test CA,
+// valid for 90 days from yesterday, so none is due. Each tool is timed
+// with /usr/bin/time -v (wall clock, user+system CPU, peak RSS). certbot
+// and lego get fewer lineages (they are slow) and are compared per
+// lineage. lego fetches the ACME directory on every run even when nothing
+// is due, so it runs against a local Pebble.
+package main
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"flag"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+func main() {
+	n := flag.Int("n", 10000, "lineages for lbcert")
+	certbotN := flag.Int("certbot-n", 1000, "lineages for certbot")
+	legoN := flag.Int("lego-n", 100, "lineages for lego (one process each)")
+	runs := flag.Int("runs", 3, "timed runs per tool; the median is reported")
+	bin := flag.String("lbcert", "bin/lbcert", "lbcert binary")
+	work := flag.String("work", ".bench", "scratch directory")
+	flag.Parse()
+	if err := run(*n, *certbotN, *legoN, *runs, *bin, *work); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type result struct {
+	tool     string
+	lineages int
+	wall     time.Duration
+	cpu      time.Duration
+	rssKB    int
+}
+
+func run(n, certbotN, legoN, runs int, bin, work string) error {
+	work, _ = filepath.Abs(work)
+	bin, _ = filepath.Abs(bin)
+	os.RemoveAll(work)
+	if err := os.MkdirAll(work, 0o755); err != nil {
+		return err
+	}
+	ca, err := newCA()
+	if err != nil {
+		return err
+	}
+	fmt.Printf("bench: generating %d lbcert, %d certbot and %d lego lineages\n", n, certbotN, legoN)
+	lbDir := filepath.Join(work, "lbcert")
+	if err := genLbcert(lbDir, n, ca); err != nil {
+		return err
+	}
+	cbDir := filepath.Join(work, "certbot")
+	if err := genCertbot(cbDir, certbotN, ca); err != nil {
+		return err
+	}
+	p, err := testenv.StartPebble(testenv.PebbleOptions{Dir: work})
+	if err != nil {
+		return err
+	}
+	defer p.Stop()
+	legoDir := filepath.Join(work, "lego")
+	legoDomains, err := genLego(legoDir, legoN, ca)
+	if err != nil {
+		return err
+	}
+
+	var results []result
+	r, err := measure(runs, "lbcert", n, bin, "--dir", lbDir, "renew", "--no-random-sleep")
+	if err != nil {
+		return err
+	}
+	results = append(results, r)
+
+	r, err = measure(runs, "certbot 2.1 (Debian)", certbotN, "certbot", "renew", "--config-dir", filepath.Join(cbDir, "cfg"),
+		"--work-dir", filepath.Join(cbDir, "work"), "--logs-dir", filepath.Join(cbDir, "logs"), "--no-random-sleep-on-renew")
+	if err != nil {
+		return err
+	}
+	results = append(results, r)
+
+	// lego renews one domain per process; a loop is how it is run for
+	// many certificates. The first run registers the account.
+	var script strings.Builder
+	script.WriteString("set -e\n")
+	for _, d := range legoDomains {
+		fmt.Fprintf(&script, "LEGO_CA_CERTIFICATES=%s lego --server %s --path %s --email bench@lbcert.test --accept-tos --http --domains %s renew --days 30 --no-random-sleep >/dev/null 2>&1\n",
+			p.CABundle, p.DirectoryURL, legoDir, d)
+	}
+	sh := filepath.Join(work, "lego-loop.sh")
+	os.WriteFile(sh, []byte(script.String()), 0o755)
+	// lego's renew refuses an unregistered account: register it with one
+	// real issuance for a throwaway name, outside the timed runs.
+	warm := exec.Command("lego", "--server", p.DirectoryURL, "--path", legoDir, "--email", "bench@lbcert.test", "--accept-tos",
+		"--http", "--http.port", fmt.Sprintf("127.0.0.1:%d", p.HTTPPort), "--domains", "warmup.bench.example", "run")
+	warm.Env = append(os.Environ(), "LEGO_CA_CERTIFICATES="+p.CABundle)
+	if out, err := warm.CombinedOutput(); err != nil {
+		return fmt.Errorf("lego warm-up: %v\n%s", err, tail(string(out)))
+	}
+	if out, err := exec.Command("sh", sh).CombinedOutput(); err != nil {
+		return fmt.Errorf("lego loop: %v\n%s", err, out)
+	}
+	r, err = measure(runs, "lego 4.9 CLI (Debian), one run per lineage", legoN, "sh", sh)
+	if err != nil {
+		return err
+	}
+	results = append(results, r)
+	report(results)
+	return nil
+}
+
+// measure runs argv under /usr/bin/time -v, runs times, and keeps the run
+// with the median wall time.
+func measure(runs int, tool string, lineages int, argv ...string) (result, error) {
+	var rs []result
+	for i := 0; i < runs; i++ {
+		cmd := exec.Command("/usr/bin/time", append([]string{"-v"}, argv...)...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Run(); err != nil {
+			return result{}, fmt.Errorf("%s: %v\n%s", tool, err, tail(errb.String()))
+		}
+		r, err := parseTime(errb.String())
+		if err != nil {
+			return result{}, fmt.Errorf("%s: %v", tool, err)
+		}
+		r.tool, r.lineages = tool, lineages
+		if tool == "lbcert" && (out.Len() > 0 || strings.Contains(errb.String(), "lbcert:")) {
+			return result{}, fmt.Errorf("lbcert printed something on a nothing-due run:\n%s%s", out.String(), tail(errb.String()))
+		}
+		rs = append(rs, r)
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].wall < rs[j].wall })
+	return rs[len(rs)/2], nil
+}
+
+var (
+	reUser = regexp.MustCompile(`User time \(seconds\): ([\d.]+)`)
+	reSys  = regexp.MustCompile(`System time \(seconds\): ([\d.]+)`)
+	reWall = regexp.MustCompile(`Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)`)
+	reRSS  = regexp.MustCompile(`Maximum resident set size \(kbytes\): (\d+)`)
+)
+
+func parseTime(s string) (result, error) {
+	var r result
+	u, s1 := reUser.FindStringSubmatch(s), reSys.FindStringSubmatch(s)
+	w, m := reWall.FindStringSubmatch(s), reRSS.FindStringSubmatch(s)
+	if u == nil || s1 == nil || w == nil || m == nil {
+		return r, fmt.Errorf("cannot read /usr/bin/time output:\n%s", tail(s))
+	}
+	uf, _ := strconv.ParseFloat(u[1], 64)
+	sf, _ := strconv.ParseFloat(s1[1], 64)
+	r.cpu = time.Duration((uf + sf) * float64(time.Second))
+	var secs float64
+	for _, part := range strings.Split(w[1], ":") {
+		f, _ := strconv.ParseFloat(part, 64)
+		secs = secs*60 + f
+	}
+	r.wall = time.Duration(secs * float64(time.Second))
+	r.rssKB, _ = strconv.Atoi(m[1])
+	return r, nil
+}
+
+func report(rs []result) {
+	lb := rs[0]
+	lbPer := float64(lb.cpu) / float64(lb.lineages)
+	fmt.Printf("\nNothing-due renew pass, %s, %d cores\n\n", time.Now().UTC().Format(time.DateOnly), numCPU())
+	fmt.Println("| tool | lineages | wall | CPU (user+sys) | peak RSS | CPU per lineage | wall per lineage | lbcert is cheaper by |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range rs {
+		per := float64(r.cpu) / float64(r.lineages)
+		ratio := "-"
+		if r.tool != lb.tool && lbPer > 0 {
+			ratio = fmt.Sprintf("%.0fx", per/lbPer)
+		}
+		fmt.Printf("| %s | %d | %.3f s | %.3f s | %.1f MiB | %s | %s | %s |\n", r.tool, r.lineages, r.wall.Seconds(), r.cpu.Seconds(),
+			float64(r.rssKB)/1024, time.Duration(per).Round(time.Microsecond), (r.wall / time.Duration(r.lineages)).Round(time.Microsecond), ratio)
+	}
+	ok := lb.wall < time.Second && lb.rssKB < 150*1024
+	fmt.Printf("\nlbcert target (10,000 lineages: under 1 s wall and 150 MiB peak RSS): %v\n", map[bool]string{true: "met", false: "NOT met"}[ok])
+}
+
+func numCPU() int {
+	out, _ := exec.Command("nproc").Output()
+	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+	return n
+}
+
+func tail(s string) string {
+	if len(s) > 2000 {
+		return s[len(s)-2000:]
+	}
+	return s
+}
+
+// ca is a local test CA that signs the generated certificates.
+type ca struct {
+	key  *ecdsa.PrivateKey
+	cert *x509.Certificate
+	pem  []byte
+}
+
+func newCA() (*ca, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "lbcert bench CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(365 * 24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &ca{key: key, cert: cert, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}, nil
+}
+
+// leaf returns cert PEM, key PEM and the parsed certificate for name.
+func (c *ca) leaf(name string, serial int64) ([]byte, []byte, *x509.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), DNSNames: []string{name},
+		NotBefore: time.Now().Add(-24 * time.Hour), NotAfter: time.Now().Add(89 * 24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	cert, _ := x509.ParseCertificate(der)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), cert, nil
+}
+
+func domain(i int) string { return fmt.Sprintf("site%05d.bench.example", i) }
+
+// parallel runs f(0..n-1) on a few goroutines and returns the first error.
+func parallel(n int, f func(i int) error) error {
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	next := make(chan int)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				if err := f(i); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	for i := 0; i < n; i++ {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
+
+// genLbcert writes n lineages through lbcert's own store, as issue would.
+func genLbcert(dir string, n int, c *ca) error {
+	st := store.New(dir)
+	return parallel(n, func(i int) error {
+		name := domain(i)
+		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+2))
+		if err != nil {
+			return err
+		}
+		l := &store.Lineage{
+			Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
+			Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
+			Cert: store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
+		}
+		_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
+		return err
+	})
+}
+
+// genCertbot writes n lineages in certbot's layout: renewal/<name>.conf,
+// live/<name>/*.pem symlinks into archive/<name>/*1.pem.
+func genCertbot(dir string, n int, c *ca) error {
+	cfg := filepath.Join(dir, "cfg")
+	for _, d := range []string{"live", "archive", "renewal"} {
+		os.MkdirAll(filepath.Join(cfg, d), 0o700)
+	}
+	os.MkdirAll(filepath.Join(dir, "work"), 0o700)
+	os.MkdirAll(filepath.Join(dir, "logs"), 0o700)
+	return parallel(n, func(i int) error {
+		name := domain(i)
+		certPEM, keyPEM, _, err := c.leaf(name, int64(i+2))
+		if err != nil {
+			return err
+		}
+		arch, live := filepath.Join(cfg, "archive", name), filepath.Join(cfg, "live", name)
+		os.MkdirAll(arch, 0o700)
+		os.MkdirAll(live, 0o700)
+		files := map[string][]byte{"cert": certPEM, "chain": c.pem, "fullchain": append(append([]byte{}, certPEM...), c.pem...), "privkey": keyPEM}
+		for f, data := range files {
+			if err := os.WriteFile(filepath.Join(arch, f+"1.pem"), data, 0o600); err != nil {
+				return err
+			}
+			if err := os.Symlink(filepath.Join("..", "..", "archive", name, f+"1.pem"), filepath.Join(live, f+".pem")); err != nil {
+				return err
+			}
+		}
+		conf := fmt.Sprintf("version = 2.1.0\narchive_dir = %s\ncert = %s/cert.pem\nprivkey = %s/privkey.pem\nchain = %s/chain.pem\nfullchain = %s/fullchain.pem\n\n[renewalparams]\naccount = 0123456789abcdef0123456789abcdef\nauthenticator = webroot\nwebroot_path = /var/www/acme,\nserver = https://127.0.0.1:1/dir\nkey_type = ecdsa\n",
+			arch, live, live, live, live)
+		return os.WriteFile(filepath.Join(cfg, "renewal", name+".conf"), []byte(conf), 0o600)
+	})
+}
+
+// genLego writes n certificates in lego's layout: certificates/<d>.crt,
+// .key, .issuer.crt and .json.
+func genLego(dir string, n int, c *ca) ([]string, error) {
+	certs := filepath.Join(dir, "certificates")
+	os.MkdirAll(certs, 0o700)
+	ds := make([]string, n)
+	err := parallel(n, func(i int) error {
+		name := domain(i)
+		ds[i] = name
+		certPEM, keyPEM, _, err := c.leaf(name, int64(i+2))
+		if err != nil {
+			return err
+		}
+		meta, _ := json.Marshal(map[string]string{"domain": name, "certUrl": "", "certStableUrl": ""})
+		for ext, data := range map[string][]byte{".crt": append(append([]byte{}, certPEM...), c.pem...), ".key": keyPEM, ".issuer.crt": c.pem, ".json": meta} {
+			if err := os.WriteFile(filepath.Join(certs, name+ext), data, 0o600); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return ds, err
+}
