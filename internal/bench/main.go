@@ -302,7 +302,7 @@ func genLbcert(dir string, n int, c *ca) error {
 		l := &store.Lineage{
 			Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
 			Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
-			Cert: store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
+			Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
 		}
 		_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
 		return err
