@@ -3,10 +3,13 @@ module github.com/lbcert/lbcert
 go 1.26.8
 
 require (
+	github.com/emersion/go-sasl v0.0.0-20241020182733-b788ff22d5a6
+	github.com/emersion/go-smtp v0.25.1
 	github.com/go-acme/lego/v4 v4.35.2
 	github.com/rogpeppe/go-internal v1.14.1
 	github.com/spf13/cobra v1.10.2
 	github.com/spf13/pflag v1.0.9
+	github.com/wneessen/go-mail v0.7.2
 	golang.org/x/net v0.53.0
 	gopkg.in/yaml.v3 v3.0.1
 )

@@ -42,6 +42,7 @@ type app struct {
 	stdinTTY, stdoutTTY, stderrTTY bool
 
 	global globalOptions
+	mail   mailOptions
 }
 
 type globalOptions struct {
@@ -150,6 +151,7 @@ beats the config file, which beats the default.
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	config.Mark(pf, "dir", "server", "staging", "ca-bundle", "email", "agree-tos", "eab-kid", "eab-hmac-key-file", "quiet", "verbose")
+	a.mail.register(pf)
 
 	root.AddCommand(
 		a.newIssueCmd(nil),
@@ -159,6 +161,7 @@ beats the config file, which beats the default.
 		a.newShowCmd(),
 		a.newDeleteCmd(),
 		a.newGendocsCmd(),
+		a.newMailTestCmd(),
 	)
 	return root
 }
@@ -189,7 +192,7 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return exit.Errorf("%v", err)
 	}
 	a.setupLogging()
-	return nil
+	return a.mail.check()
 }
 
 // knownKey accepts any setting of any command, so one config file can

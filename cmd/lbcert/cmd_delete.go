@@ -16,6 +16,7 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -96,7 +97,7 @@ func parseReason(s string) (uint, error) {
 	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
-func (a *app) runDelete(ctx context.Context, o *deleteOptions) error {
+func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
 		return exit.Errorf("say which lineage: --name NAME or -d DOMAIN")
@@ -170,6 +171,16 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) error {
 		return exit.Errorf("delete %s: %v", name, err)
 	}
 	a.printf("%s: deleted\n", name)
+	item := notify.Item{Name: name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
+		MailTo: l.Mail.To, Relay: notify.Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
+	if o.Revoke {
+		item.Hint = "revoked at the CA (" + o.Reason + ")"
+	}
+	defer func() {
+		if mailErr := a.mailReport(ctx, st, &notify.Report{Command: "delete", Items: []notify.Item{item}}); mailErr != nil && retErr == nil {
+			retErr = mailErr
+		}
+	}()
 	if l.Deploy.Target != "" {
 		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
 			return exit.Errorf("deleted %s, but updating %s failed: %v", name, l.Deploy.Target, err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
@@ -19,6 +20,7 @@ import (
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -34,6 +36,7 @@ type issueOptions struct {
 	HTTPAddr   string
 	Force      bool
 	deploy     deployFlags
+	flags      *pflag.FlagSet
 
 	httpAddrSet bool
 }
@@ -59,6 +62,7 @@ does nothing and exits 0; --force issues anyway.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.httpAddrSet = cmd.Flags().Changed("http-addr")
+			o.flags = cmd.Flags()
 			if runF != nil {
 				return runF(cmd.Context(), o)
 			}
@@ -138,9 +142,11 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	// Deploy settings are checked against the lineage's saved ones now,
 	// read-only, so bad input leaves nothing behind.
 	var prevDeploy *store.Deploy
+	var prevMail *store.Mail
 	if prev, err := st.Load(p.name); err == nil {
-		prevDeploy = &prev.Deploy
+		prevDeploy, prevMail = &prev.Deploy, &prev.Mail
 	}
+	mailSettings := a.lineageMail(o.flags, prevMail)
 	deploySettings, err := o.deploy.resolve(st.Dir, prevDeploy)
 	if err != nil {
 		return err
@@ -189,12 +195,19 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		}
 	}
 
+	item := notify.Item{Name: p.name, Domains: p.domains, MailTo: mailSettings.To,
+		Relay: notify.Relay{Host: mailSettings.Host, Port: mailSettings.Port, From: mailSettings.From}}
+	if prev != nil {
+		item.OldNotAfter = prev.Cert.NotAfter
+	}
 	got, err := is.Obtain(ctx, issuer.Request{ReuseKey: reuse, Lineage: store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
 		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
+		Mail: mailSettings,
 	}})
 	if err != nil {
-		return err
+		item.Outcome, item.Error, item.Hint = "failed", oneLine(err), exit.Hint(err)
+		return combine(err, a.mailReport(ctx, st, &notify.Report{Command: "issue", Items: []notify.Item{item}}))
 	}
 	// A new certificate starts with no renewal history.
 	if err := st.RemoveStatus(p.name); err != nil {
@@ -206,8 +219,30 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	a.printf("%s: issued certificate for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
 		p.name, strings.Join(p.domains, ", "), info.Serial, info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
 	runner := &deploy.Runner{Store: st}
-	return a.reportDeploy(runner.Run(ctx, []deploy.Change{got.Change}))
+	results := runner.Run(ctx, []deploy.Change{got.Change})
+	deployErr := a.reportDeploy(results)
+	item.Outcome, item.Serial, item.NewNotAfter = "issued", info.Serial, info.NotAfter
+	applyResult(&item, results[0])
+	return combine(deployErr, a.mailReport(ctx, st, &notify.Report{Command: "issue", Items: []notify.Item{item}}))
 }
+
+// applyResult copies a deploy result into a report item; a failed deploy
+// makes the item a failure.
+func applyResult(it *notify.Item, r deploy.Result) {
+	switch {
+	case r.RolledBack:
+		it.Deploy = "rolled back to the previous certificate"
+	case r.Deployed && r.Name != "":
+		it.Deploy = "ok"
+	}
+	it.Verify = r.Verify
+	if r.Failed() {
+		it.Outcome = "failed"
+		it.Error = oneLine(r.Err)
+	}
+}
+
+func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func sameNames(a, b []string) bool {
 	x, y := slices.Clone(a), slices.Clone(b)

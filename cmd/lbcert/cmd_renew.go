@@ -18,6 +18,7 @@ import (
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -99,6 +100,8 @@ type renewEntry struct {
 	Error       string     `json:"error,omitempty"`
 	Hint        string     `json:"hint,omitempty"`
 	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+
+	mail store.Mail // the lineage's own recipients, for the report
 }
 
 // renewReport is what a run did; --json prints it as is.
@@ -162,6 +165,9 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	r := &renewRun{app: a, o: o, st: st, is: is, report: &renewReport{DryRun: o.DryRun}}
 	r.run(ctx, selected)
 	err = a.finishRenew(r.report, o)
+	if !o.DryRun {
+		err = combine(err, a.mailReport(ctx, st, r.report.mailReport(a.now())))
+	}
 	if ctx.Err() != nil {
 		return &exit.Error{Code: exit.Interrupted, Msg: "interrupted; lineages not reached are unchanged, the next run renews them"}
 	}
@@ -222,7 +228,7 @@ func (r *renewRun) one(ctx context.Context, name string, now time.Time) {
 		return
 	}
 	status, _ := r.st.ReadStatus(name)
-	entry := renewEntry{Name: name, Domains: l.Domains, OldSerial: l.Cert.Serial, OldNotAfter: timePtr(l.Cert.NotAfter)}
+	entry := renewEntry{Name: name, Domains: l.Domains, OldSerial: l.Cert.Serial, OldNotAfter: timePtr(l.Cert.NotAfter), mail: l.Mail}
 	opts := renewal.Options{Days: r.o.Days, ARIOffered: !now.Before(status.ARIUnsupported)}
 	d := renewal.Decide(l.Cert, status, now, opts)
 	if d.CheckARI && !d.Due && !r.o.Force {
@@ -426,6 +432,39 @@ func (a *app) printRenewSummary(rep *renewReport) {
 	for _, e := range rep.Deferred {
 		a.printf("  waiting   %-30s next attempt %s\n", e.Name, e.NextAttempt.Format(time.RFC3339))
 	}
+}
+
+// mailReport turns the run's report into the mail report: renewed and
+// failed lineages, and a warning for those within 14 days of expiry that
+// this run did not renew.
+func (rep *renewReport) mailReport(now time.Time) *notify.Report {
+	out := &notify.Report{Command: "renew", Time: now}
+	item := func(e renewEntry, outcome string) notify.Item {
+		it := notify.Item{Name: e.Name, Domains: e.Domains, Outcome: outcome, Serial: e.NewSerial, Deploy: e.Deploy,
+			Verify: e.Verify, Error: e.Error, Hint: e.Hint, MailTo: e.mail.To,
+			Relay: notify.Relay{Host: e.mail.Host, Port: e.mail.Port, From: e.mail.From}}
+		if e.OldNotAfter != nil {
+			it.OldNotAfter = *e.OldNotAfter
+		}
+		if e.NewNotAfter != nil {
+			it.NewNotAfter = *e.NewNotAfter
+		}
+		return it
+	}
+	for _, e := range rep.Renewed {
+		out.Items = append(out.Items, item(e, "renewed"))
+	}
+	for _, e := range rep.Failed {
+		out.Items = append(out.Items, item(e, "failed"))
+	}
+	for _, list := range [][]renewEntry{rep.NotDue, rep.Deferred} {
+		for _, e := range list {
+			if e.OldNotAfter != nil && e.OldNotAfter.Sub(now) < notify.WarnWindow {
+				out.Warnings = append(out.Warnings, item(e, "expiring"))
+			}
+		}
+	}
+	return out
 }
 
 // dryRunServer keeps dry runs off Let's Encrypt's production limits, as

@@ -74,11 +74,17 @@ type result struct {
 // run runs lbcert with the env's server, CA bundle and state directory.
 func (e *env) run(args ...string) result {
 	e.t.Helper()
+	return e.runEnv(nil, args...)
+}
+
+// runEnv is run with extra environment variables.
+func (e *env) runEnv(extra []string, args ...string) result {
+	e.t.Helper()
 	full := append([]string{"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
 	cmd := exec.Command(lbcertBin, full...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	cmd.Env = append(os.Environ(), "LBCERT_CONFIG=")
+	cmd.Env = append(append(os.Environ(), "LBCERT_CONFIG="), extra...)
 	err := cmd.Run()
 	r := result{stdout: out.String(), stderr: errb.String()}
 	if ee, ok := err.(*exec.ExitError); ok {

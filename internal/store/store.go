@@ -87,6 +87,15 @@ type Deploy struct {
 	VerifyAddr    string `json:"verify_addr,omitempty"`
 }
 
+// Mail is a lineage's own report recipients and relay (seed 004's
+// -f FROM -t TO -r RELAY -x PORT). The SMTP password is never saved.
+type Mail struct {
+	To   []string `json:"to,omitempty"`
+	From string   `json:"from,omitempty"`
+	Host string   `json:"smtp_host,omitempty"`
+	Port int      `json:"smtp_port,omitempty"`
+}
+
 // CertInfo describes the certificate of one version, so that renew can
 // decide what is due without parsing 10,000 certificates.
 type CertInfo struct {
@@ -111,6 +120,7 @@ type Lineage struct {
 	ReuseKey  bool      `json:"reuse_key,omitempty"`
 	Challenge Challenge `json:"challenge"`
 	Deploy    Deploy    `json:"deploy"`
+	Mail      Mail      `json:"mail,omitzero"`
 	Cert      CertInfo  `json:"cert"`
 	IssuedAt  time.Time `json:"issued_at"`
 }

@@ -1,0 +1,170 @@
+package notify
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	mail "github.com/wneessen/go-mail"
+)
+
+// TLS modes for --smtp-tls.
+var TLSModes = []string{"starttls", "tls", "opportunistic", "none"}
+
+// Settings is how to reach the SMTP server. Password is a secret: it
+// comes from LBCERT_SMTP_PASSWORD or --smtp-password-file, is never saved
+// with a lineage, and never printed.
+type Settings struct {
+	Host     string
+	Port     int
+	From     string
+	User     string
+	Password string
+	TLS      string // starttls (default, verified), tls, opportunistic, none
+	CABundle string // extra roots for the server's certificate
+	Timeout  time.Duration
+	// Tries and Backoff shape the retries; zero means 3 tries, 2s apart
+	// and doubling.
+	Tries   int
+	Backoff time.Duration
+}
+
+// Sender mails envelopes.
+type Sender struct {
+	Settings Settings
+	Now      func() time.Time
+}
+
+// Send mails one envelope, retrying with backoff. The error names the
+// server and carries its SMTP reply, never the password.
+func (s *Sender) Send(ctx context.Context, env Envelope) error {
+	set := s.Settings
+	if env.Relay.Host != "" {
+		set.Host = env.Relay.Host
+	}
+	if env.Relay.Port != 0 {
+		set.Port = env.Relay.Port
+	}
+	if env.Relay.From != "" {
+		set.From = env.Relay.From
+	}
+	msg := mail.NewMsg()
+	if err := msg.From(set.From); err != nil {
+		return fmt.Errorf("mail from %q: %v", set.From, err)
+	}
+	if err := msg.To(env.To); err != nil {
+		return fmt.Errorf("mail to %q: %v", env.To, err)
+	}
+	msg.Subject(env.Report.Subject())
+	msg.SetDateWithValue(env.Report.Time)
+	msg.SetMessageID()
+	msg.SetBodyString(mail.TypeTextPlain, env.Report.Body())
+
+	client, err := newClient(set)
+	if err != nil {
+		return err
+	}
+	tries, backoff := set.Tries, set.Backoff
+	if tries <= 0 {
+		tries = 3
+	}
+	if backoff <= 0 {
+		backoff = 2 * time.Second
+	}
+	server := fmt.Sprintf("%s:%d", set.Host, set.Port)
+	for i := 1; ; i++ {
+		err = client.DialAndSendWithContext(ctx, msg)
+		if err == nil {
+			return nil
+		}
+		if i >= tries || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+		}
+		backoff *= 2
+	}
+	return fmt.Errorf("mail to %s through %s failed after %d tries: %s", env.To, server, tries, scrub(err.Error(), set.Password))
+}
+
+func newClient(s Settings) (*mail.Client, error) {
+	opts := []mail.Option{mail.WithPort(s.Port), mail.WithTimeout(orDefault(s.Timeout, 30*time.Second))}
+	tlsConf := &tls.Config{ServerName: s.Host, MinVersion: tls.VersionTLS12}
+	if s.CABundle != "" {
+		pool, err := x509.SystemCertPool()
+		if err != nil || pool == nil {
+			pool = x509.NewCertPool()
+		}
+		pem, err := os.ReadFile(s.CABundle)
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--smtp-ca-bundle %s: no PEM certificates", s.CABundle)
+		}
+		tlsConf.RootCAs = pool
+	}
+	opts = append(opts, mail.WithTLSConfig(tlsConf))
+	switch s.TLS {
+	case "", "starttls":
+		opts = append(opts, mail.WithTLSPolicy(mail.TLSMandatory))
+	case "tls":
+		opts = append(opts, mail.WithSSL())
+	case "opportunistic":
+		opts = append(opts, mail.WithTLSPolicy(mail.TLSOpportunistic))
+	case "none":
+		opts = append(opts, mail.WithTLSPolicy(mail.NoTLS))
+	default:
+		return nil, fmt.Errorf("--smtp-tls %q: want one of %s", s.TLS, strings.Join(TLSModes, ", "))
+	}
+	if s.User != "" {
+		opts = append(opts, mail.WithSMTPAuth(mail.SMTPAuthAutoDiscover), mail.WithUsername(s.User), mail.WithPassword(s.Password))
+	}
+	return mail.NewClient(s.Host, opts...)
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// scrub removes the password from a message, in case a library ever
+// echoes it back.
+func scrub(s, secret string) string {
+	if secret == "" {
+		return s
+	}
+	return strings.ReplaceAll(s, secret, "[redacted]")
+}
+
+// Spool writes a report that could not be mailed to dir/reports/, so
+// nothing is lost, and returns the file's path.
+func Spool(dir string, env Envelope) (string, error) {
+	d := filepath.Join(dir, "reports")
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		return "", err
+	}
+	name := fmt.Sprintf("%s-%s-%s.txt", env.Report.Time.UTC().Format("20060102T150405Z"), env.Report.Command, safe(env.To))
+	p := filepath.Join(d, name)
+	content := "To: " + env.To + "\nSubject: " + env.Report.Subject() + "\n\n" + env.Report.Body()
+	return p, os.WriteFile(p, []byte(content), 0o600)
+}
+
+func safe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '@' || r == '-' {
+			return r
+		}
+		return '_'
+	}, s)
+}
+
+// ErrNoRecipients means mail is configured without --mail-to.
+var ErrNoRecipients = errors.New("no --mail-to recipient")

@@ -1,0 +1,168 @@
+package testenv
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// Message is one mail the test SMTP server accepted.
+type Message struct {
+	From string
+	To   []string
+	Data string
+	User string // who authenticated
+	TLS  bool   // whether the session was encrypted
+}
+
+// SMTP is a real SMTP server (emersion/go-smtp) on loopback, offering
+// STARTTLS with a certificate from its own test CA and requiring AUTH
+// PLAIN with one user, so tests exercise what a production relay does.
+type SMTP struct {
+	Addr     string
+	Host     string
+	Port     int
+	CABundle string // PEM of the CA that signed the server's certificate
+	User     string
+	Password string
+
+	srv  *smtp.Server
+	mu   sync.Mutex
+	msgs []Message
+	// Auths counts successful logins.
+	Auths int
+}
+
+// StartSMTP starts the server; dir receives the CA bundle.
+func StartSMTP(dir, user, password string) (*SMTP, error) {
+	caPEM, tlsConf, err := smtpCert()
+	if err != nil {
+		return nil, err
+	}
+	s := &SMTP{CABundle: filepath.Join(dir, "smtp-ca.pem"), User: user, Password: password}
+	if err := os.WriteFile(s.CABundle, caPEM, 0o644); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s.Addr = ln.Addr().String()
+	s.Host = "127.0.0.1"
+	s.Port = ln.Addr().(*net.TCPAddr).Port
+	s.srv = smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
+		return &smtpSession{s: s, conn: c}, nil
+	}))
+	s.srv.Domain = "localhost"
+	s.srv.TLSConfig = tlsConf
+	s.srv.ReadTimeout = 10 * time.Second
+	s.srv.WriteTimeout = 10 * time.Second
+	go s.srv.Serve(ln)
+	return s, nil
+}
+
+// Stop stops the server.
+func (s *SMTP) Stop() { s.srv.Close() }
+
+// Messages returns what was delivered so far.
+func (s *SMTP) Messages() []Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Message(nil), s.msgs...)
+}
+
+type smtpSession struct {
+	s    *SMTP
+	conn *smtp.Conn
+	user string
+	msg  Message
+}
+
+func (ss *smtpSession) AuthMechanisms() []string { return []string{sasl.Plain} }
+
+func (ss *smtpSession) Auth(mech string) (sasl.Server, error) {
+	return sasl.NewPlainServer(func(identity, username, password string) error {
+		if username != ss.s.User || password != ss.s.Password {
+			return errors.New("invalid credentials")
+		}
+		ss.user = username
+		ss.s.mu.Lock()
+		ss.s.Auths++
+		ss.s.mu.Unlock()
+		return nil
+	}), nil
+}
+
+func (ss *smtpSession) Mail(from string, _ *smtp.MailOptions) error {
+	if ss.user == "" {
+		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
+	}
+	ss.msg = Message{From: from, User: ss.user}
+	return nil
+}
+
+func (ss *smtpSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	ss.msg.To = append(ss.msg.To, to)
+	return nil
+}
+
+func (ss *smtpSession) Data(r io.Reader) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	ss.msg.Data = string(data)
+	_, ss.msg.TLS = ss.conn.TLSConnectionState()
+	ss.s.mu.Lock()
+	ss.s.msgs = append(ss.s.msgs, ss.msg)
+	ss.s.mu.Unlock()
+	return nil
+}
+
+func (ss *smtpSession) Reset()        { ss.msg = Message{} }
+func (ss *smtpSession) Logout() error { return nil }
+
+// smtpCert makes a test CA and a server certificate for 127.0.0.1.
+func smtpCert() ([]byte, *tls.Config, error) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "lbcert test SMTP CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), &tls.Config{Certificates: []tls.Certificate{cert}}, nil
+}
