@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -209,22 +210,11 @@ func (a *app) reportDeploy(results []deploy.Result) error {
 			parts = append(parts, "hook ok")
 		}
 		if len(parts) > 0 {
-			a.printf("  deploy    %s\n", joinComma(parts))
+			a.printf("  deploy    %s\n", strings.Join(parts, ", "))
 		}
 	}
 	if failed > 0 {
 		return exit.Reported(exit.Failure)
 	}
 	return nil
-}
-
-func joinComma(s []string) string {
-	out := ""
-	for i, p := range s {
-		if i > 0 {
-			out += ", "
-		}
-		out += p
-	}
-	return out
 }

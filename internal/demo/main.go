@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 
 	"github.com/lbcert/lbcert/internal/testenv"
 )
@@ -47,7 +48,7 @@ func run(bin, dir string) error {
 		"--server", p.DirectoryURL, "--ca-bundle", p.CABundle,
 		"--dir", state, "--agree-tos",
 	}
-	fmt.Printf("demo: $ lbcert %s\n", quote(args))
+	fmt.Printf("demo: $ lbcert %s\n", strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
@@ -60,15 +61,4 @@ func run(bin, dir string) error {
 		fmt.Printf("demo: openssl says:\n%s", out)
 	}
 	return nil
-}
-
-func quote(args []string) string {
-	s := ""
-	for i, a := range args {
-		if i > 0 {
-			s += " "
-		}
-		s += a
-	}
-	return s
 }
