@@ -117,7 +117,7 @@ func (e *env) leaf(name string) *x509.Certificate {
 		}
 		return b
 	}
-	certPEM, chain, full, key := read("cert.pem"), read("chain.pem"), read("fullchain.pem"), read("privkey.pem")
+	certPEM, chain, full := read("cert.pem"), read("chain.pem"), read("fullchain.pem")
 	if !bytes.Equal(full, append(append([]byte{}, certPEM...), chain...)) {
 		e.t.Fatalf("%s: fullchain.pem is not cert.pem + chain.pem", name)
 	}
@@ -138,7 +138,6 @@ func (e *env) leaf(name string) *x509.Certificate {
 			e.t.Fatalf("%s: privkey.pem does not match cert.pem", name)
 		}
 	}
-	_ = key
 	return c
 }
 
