@@ -155,6 +155,7 @@ beats the config file, which beats the default.
 
 	root.AddCommand(
 		a.newIssueCmd(nil),
+		a.newBatchCmd(),
 		a.newRenewCmd(),
 		a.newCronCmd(),
 		a.newListCmd(),

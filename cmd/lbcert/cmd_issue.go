@@ -21,6 +21,8 @@ import (
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -36,6 +38,8 @@ type issueOptions struct {
 	HTTPAddr   string
 	Force      bool
 	deploy     deployFlags
+	pace       paceFlags
+	preflight  preflightFlags
 	flags      *pflag.FlagSet
 
 	httpAddrSet bool
@@ -81,16 +85,20 @@ does nothing and exits 0; --force issues anyway.`,
 	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists")
 	config.Mark(f, "key-type", "profile", "http-addr")
 	o.deploy.register(f)
+	o.pace.register(f)
+	o.preflight.register(f, false)
 	return cmd
 }
 
 // issuePlan is a checked issue request: everything validated, nothing
 // touched yet.
 type issuePlan struct {
-	domains []string
-	name    string
-	mode    store.Challenge
-	acme    acme.Options
+	domains   []string
+	name      string
+	mode      store.Challenge
+	acme      acme.Options
+	limits    pace.Limits
+	preflight *preflight.Checker
 }
 
 // checkIssue validates every input that can be checked offline, in the
@@ -128,6 +136,12 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 		p.mode = store.Challenge{Mode: "webroot", Webroot: root}
 	default:
 		p.mode = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
+	}
+	if p.limits, err = o.pace.limits(); err != nil {
+		return nil, err
+	}
+	if p.preflight, err = o.preflight.checker(); err != nil {
+		return nil, err
 	}
 	return p, nil
 }
@@ -195,6 +209,28 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		}
 	}
 
+	// Pre-flight and the budget come last, under the lock: they are what
+	// stands between this run and the CA.
+	responder, err := is.Provider(p.mode)
+	if err != nil {
+		return err
+	}
+	if err := runPreflight(ctx, p.preflight, p.domains, responder); err != nil {
+		return err
+	}
+	budget, err := a.openBudget(st, p.limits)
+	if err != nil {
+		return err
+	}
+	key := pace.Key{Server: p.acme.Server, Email: p.acme.Email}
+	if err := budget.Reserve(key, p.domains); err != nil {
+		if d, ok := denied(err); ok {
+			return exit.Errorf("not ordering %s: %v", p.name, d).
+				WithHint("wait until then, or loosen --rate-orders/--rate-domain/--rate-failed-authz if your CA allows more")
+		}
+		return exit.Errorf("%v", err)
+	}
+
 	item := notify.Item{Name: p.name, Domains: p.domains, MailTo: mailSettings.To,
 		Relay: notify.Relay{Host: mailSettings.Host, Port: mailSettings.Port, From: mailSettings.From}}
 	if prev != nil {
@@ -206,6 +242,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		Mail: mailSettings,
 	}})
 	if err != nil {
+		spend(budget, key, p.domains, err, a.now())
 		item.Outcome, item.Error, item.Hint = "failed", oneLine(err), exit.Hint(err)
 		return combine(err, a.mailReport(ctx, st, &notify.Report{Command: "issue", Items: []notify.Item{item}}))
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -31,6 +32,7 @@ type renewOptions struct {
 	JSON          bool
 	NoRandomSleep bool
 	WaitLock      time.Duration
+	pace          paceFlags
 }
 
 // maxRandomSleep spreads cron runs over eight minutes, as certbot and
@@ -80,6 +82,7 @@ one reload per load balancer.
 	f.BoolVar(&o.NoRandomSleep, "no-random-sleep", false, "do not sleep 0-8 minutes before contacting the CA from cron")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
 	config.Mark(f, "days", "no-random-sleep", "wait-lock")
+	o.pace.register(f)
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	return cmd
 }
@@ -123,6 +126,10 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 			return exit.Errorf("--name: %v", err)
 		}
 	}
+	limits, err := o.pace.limits()
+	if err != nil {
+		return err
+	}
 	base, err := a.accountBase(st)
 	if err != nil {
 		return err
@@ -162,7 +169,11 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return opts
 	}
 	defer is.Close()
-	r := &renewRun{app: a, o: o, st: st, is: is, report: &renewReport{DryRun: o.DryRun}}
+	budget, err := a.openBudget(st, limits)
+	if err != nil {
+		return err
+	}
+	r := &renewRun{app: a, o: o, st: st, is: is, budget: budget, report: &renewReport{DryRun: o.DryRun}}
 	r.run(ctx, selected)
 	err = a.finishRenew(r.report, o)
 	if !o.DryRun {
@@ -197,6 +208,7 @@ type renewRun struct {
 	o       *renewOptions
 	st      *store.Store
 	is      *issuer.Issuer
+	budget  *pace.Budget
 	report  *renewReport
 	slept   bool
 	changes []deploy.Change
@@ -271,9 +283,28 @@ func (r *renewRun) one(ctx context.Context, name string, now time.Time) {
 			return
 		}
 	}
+	// The budget is shared with batch and issue; a spent one defers the
+	// lineage to a later run instead of finding the CA's limit.
+	key := pace.Key{Server: req.Lineage.Server, Email: req.Lineage.Email}
+	if !r.o.DryRun {
+		if err := r.budget.Reserve(key, l.Domains); err != nil {
+			if d, ok := denied(err); ok {
+				entry.Error = "not ordered: " + d.Reason
+				entry.NextAttempt = timePtr(r.app.now().Add(d.Wait))
+				slog.Warn("due but the rate budget is spent", "name", name, "reason", d.Reason, "next", entry.NextAttempt.Format(time.RFC3339))
+				r.report.Deferred = append(r.report.Deferred, entry)
+				return
+			}
+			r.fail(entry, err, status, false)
+			return
+		}
+	}
 	slog.Info("renewing", "name", name, "reason", d.Reason)
 	got, err := r.is.Obtain(ctx, req)
 	if err != nil {
+		if !r.o.DryRun {
+			spend(r.budget, key, l.Domains, err, r.app.now())
+		}
 		r.fail(entry, err, status, !r.o.DryRun)
 		return
 	}

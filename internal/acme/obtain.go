@@ -230,7 +230,7 @@ func explain(prefix string, err error) error {
 	if e.Hint == "" {
 		e.Hint = hintFor(msg)
 	}
-	return e
+	return &caError{explained: e, cause: err}
 }
 
 func hintFor(problem string) string {

@@ -162,6 +162,22 @@ func TestDeployNginx(t *testing.T) {
 	}
 }
 
+// haproxyConfig is a minimal HAProxy serving TLS on tlsAddr from the
+// combined PEMs in certs, with an admin runtime socket.
+func haproxyConfig(sock, tlsAddr, certs string) string {
+	return fmt.Sprintf(`global
+    stats socket %s level admin
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+frontend tls
+    bind %s ssl crt %s
+    http-request return status 200 content-type text/plain string ok
+`, sock, tlsAddr, certs)
+}
+
 // TestDeployHAProxy: combined PEMs in a crt directory, reload through a
 // command, hot update over the runtime API with no reload, a new lineage
 // added to the running HAProxy, and rollback when haproxy -c fails.
@@ -175,17 +191,7 @@ func TestDeployHAProxy(t *testing.T) {
 	os.MkdirAll(hdir, 0o755)
 	sock := filepath.Join(hdir, "admin.sock")
 	conf := filepath.Join(hdir, "haproxy.cfg")
-	cfg := fmt.Sprintf(`global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 5s
-    timeout server 5s
-frontend tls
-    bind %s ssl crt %s
-    http-request return status 200 content-type text/plain string ok
-`, sock, tlsAddr, certs)
+	cfg := haproxyConfig(sock, tlsAddr, certs)
 	os.WriteFile(conf, []byte(cfg), 0o644)
 	pidfile := filepath.Join(hdir, "haproxy.pid")
 	marker := filepath.Join(hdir, "reloaded")

@@ -94,7 +94,9 @@ func (is *Issuer) Close() {
 	is.listeners = nil
 }
 
-func (is *Issuer) provider(c store.Challenge) (legochallenge.Provider, error) {
+// Provider returns the HTTP-01 responder for c: a webroot, or the shared
+// standalone listener of its address.
+func (is *Issuer) Provider(c store.Challenge) (legochallenge.Provider, error) {
 	switch c.Mode {
 	case "webroot":
 		return &challenge.Webroot{Root: c.Webroot}, nil
@@ -130,7 +132,7 @@ type Obtained struct {
 // Obtain orders, checks and saves one certificate.
 func (is *Issuer) Obtain(ctx context.Context, r Request) (*Obtained, error) {
 	l := r.Lineage
-	p, err := is.provider(l.Challenge)
+	p, err := is.Provider(l.Challenge)
 	if err != nil {
 		return nil, err
 	}

@@ -237,8 +237,14 @@ func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error)
 		return 0, 0, err
 	}
 
+	// Versions half-written by a run that was killed are never live;
+	// the caller holds the lock, so any left here are dead and go.
+	if stale, _ := filepath.Glob(filepath.Join(archive, ".tmp-*")); len(stale) > 0 {
+		for _, d := range stale {
+			os.RemoveAll(d)
+		}
+	}
 	tmp := filepath.Join(archive, fmt.Sprintf(".tmp-%d-%d", version, os.Getpid()))
-	os.RemoveAll(tmp)
 	if err := os.Mkdir(tmp, 0o700); err != nil {
 		return 0, 0, err
 	}

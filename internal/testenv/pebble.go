@@ -23,6 +23,11 @@ type Pebble struct {
 	HTTPPort int
 	// MgmtURL is Pebble's management API (roots, cert status).
 	MgmtURL string
+	// DNSAddr is pebble-challtestsrv's DNS server, the one Pebble asks:
+	// lbcert --resolver for pre-flight checks that see what the CA sees.
+	DNSAddr string
+
+	dnsMgmt string
 
 	pebble, dns *proc
 }
@@ -95,8 +100,10 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 		CABundle:     filepath.Join(certs, "minica.pem"),
 		HTTPPort:     o.HTTPPort,
 		MgmtURL:      fmt.Sprintf("https://127.0.0.1:%d", mgmtPort),
+		DNSAddr:      fmt.Sprintf("127.0.0.1:%d", dnsPort),
+		dnsMgmt:      fmt.Sprintf("http://127.0.0.1:%d", dnsMgmtPort),
 	}
-	dnsAddr := fmt.Sprintf("127.0.0.1:%d", dnsPort)
+	dnsAddr := p.DNSAddr
 	p.dns, err = start(filepath.Join(o.Dir, "challtestsrv.log"), nil, dnsBin,
 		"-management", fmt.Sprintf("127.0.0.1:%d", dnsMgmtPort),
 		"-dnsserver", dnsAddr,
@@ -180,4 +187,25 @@ func (p *Pebble) CertStatus(serial string) (string, error) {
 		return "", err
 	}
 	return st.Status, nil
+}
+
+// SetA makes the DNS server answer host's A queries with addrs instead of
+// 127.0.0.1, for tests of names that do not point at this machine.
+func (p *Pebble) SetA(host string, addrs ...string) error {
+	body, _ := json.Marshal(map[string]any{"host": strings.TrimSuffix(host, ".") + ".", "addresses": addrs})
+	resp, err := http.Post(p.dnsMgmt+"/add-a", "application/json", strings.NewReader(string(body)))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		msg, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("challtestsrv add-a %s: %s %s", host, resp.Status, msg)
+	}
+	return nil
+}
+
+// Orders counts the new orders Pebble has received so far.
+func (p *Pebble) Orders() int {
+	return strings.Count(p.FullLog(), "POST /order-plz -> calling handler()")
 }

@@ -1,0 +1,294 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/batch"
+	"github.com/lbcert/lbcert/internal/challenge"
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+type batchOptions struct {
+	Check       bool
+	Strict      bool
+	Concurrency int
+	Force       bool
+	JSON        bool
+	Webroot     string
+	Standalone  bool
+	HTTPAddr    string
+	KeyType     string
+	Profile     string
+	VIPHost     string
+	MaxWait     time.Duration
+	WaitLock    time.Duration
+	deploy      deployFlags
+	pace        paceFlags
+	preflight   preflightFlags
+	flags       *pflag.FlagSet
+}
+
+func (a *app) newBatchCmd() *cobra.Command {
+	o := &batchOptions{}
+	cmd := &cobra.Command{
+		Use:   "batch FILE.csv",
+		Short: "Obtain one certificate per CSV row, checked first, paced, resumable",
+		Long: `Batch obtains one certificate per row of a CSV file. Every row is checked
+before anything is sent to the CA; bad rows are reported as FILE:LINE:
+reason and skipped (--strict refuses the whole file instead, --check only
+checks). Two formats, told apart by the first line:
+
+Seed 004's, by position, with or without this header:
+  DOMAIN,VIPPort,ACMEPort,FROMAddr,TOAddr,RELAYAddr,RELAYPort
+ACMEPort is the port of lbcert's standalone HTTP-01 listener (the host
+comes from --http-addr); VIPPort is the TLS port the load balancer serves
+the certificate on, checked at --vip-host after deploy; the rest are the
+report's sender, recipient and SMTP relay. Empty fields use the command
+line's settings.
+
+Header-named, with a "domains" column (several names separated by spaces
+or semicolons) and any of:
+  ` + strings.Join(batch.NamedColumns, ",") + `
+
+Rows whose certificate exists for the same names and is not due are
+skipped, so running the same file again finishes what a crash or Ctrl-C
+left. Orders run --concurrency at a time, inside the client-side budget
+(--rate-*, saved in --dir and shared with renew), after a pre-flight check
+that each name routes /.well-known/acme-challenge/ to lbcert. All deploys
+happen once at the end, and each recipient gets one mail.
+
+` + exitCodesHelp,
+		Example: `  lbcert batch import.csv --check
+  lbcert batch import.csv --http-addr :8888 --deploy haproxy --haproxy-socket /run/haproxy/admin.sock
+  lbcert batch customers.csv --webroot /var/www/acme --deploy nginx --expect-ip 203.0.113.10`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.flags = cmd.Flags()
+			return a.runBatch(cmd.Context(), o, args[0])
+		},
+		ValidArgsFunction: func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+			return []string{"csv"}, cobra.ShellCompDirectiveFilterFileExt
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&o.Check, "check", false, "check every row and exit; send nothing to the CA")
+	f.BoolVar(&o.Strict, "strict", false, "refuse the whole file if any row is bad")
+	f.IntVar(&o.Concurrency, "concurrency", 8, "orders in flight at once")
+	f.BoolVar(&o.Force, "force", false, "order even for rows whose certificate is valid and not due, and ignore failure backoff")
+	f.BoolVar(&o.JSON, "json", false, "print the run's rows as JSON on stdout")
+	f.StringVar(&o.Webroot, "webroot", "", "HTTP-01 webroot for rows that name no challenge")
+	f.BoolVar(&o.Standalone, "standalone", false, "HTTP-01 from lbcert's listener on --http-addr for rows that name no challenge")
+	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "standalone listen address; an ACMEPort column replaces its port")
+	f.StringVar(&o.KeyType, "key-type", "ec256", "private key type for rows without key_type: "+strings.Join(acme.KeyTypes, ", "))
+	f.StringVar(&o.Profile, "profile", "", "ACME profile for rows without one")
+	f.StringVar(&o.VIPHost, "vip-host", "127.0.0.1", "address where a VIPPort is checked for the new certificate after deploy")
+	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a row for the next run")
+	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
+	config.Mark(f, "concurrency", "http-addr", "key-type", "profile", "vip-host", "max-wait", "wait-lock")
+	o.deploy.register(f)
+	o.pace.register(f)
+	o.preflight.register(f, true)
+	return cmd
+}
+
+// rowStatus is where a row ended up.
+const (
+	rowIssued      = "issued"
+	rowUpToDate    = "up to date"
+	rowFailed      = "failed"
+	rowInvalid     = "invalid"
+	rowDeferred    = "deferred"
+	rowNotStarted  = "not started"
+	rowInterrupted = "interrupted"
+)
+
+// batchRow is one row's line in the summary and in --json.
+type batchRow struct {
+	Line        int        `json:"line"`
+	Name        string     `json:"name,omitempty"`
+	Domains     []string   `json:"domains,omitempty"`
+	Status      string     `json:"status"`
+	Serial      string     `json:"serial,omitempty"`
+	NotAfter    *time.Time `json:"not_after,omitempty"`
+	Deploy      string     `json:"deploy,omitempty"`
+	Verify      string     `json:"verify,omitempty"`
+	Error       string     `json:"error,omitempty"`
+	Hint        string     `json:"hint,omitempty"`
+	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+
+	row    batch.Row
+	deploy store.Deploy
+	ok     bool // issued or up to date
+	oldEnd time.Time
+}
+
+// batchReport is the whole run, as --json prints it.
+type batchReport struct {
+	File   string         `json:"file"`
+	Format string         `json:"format"`
+	Counts map[string]int `json:"counts"`
+	Rows   []*batchRow    `json:"rows"`
+}
+
+func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error {
+	st := store.New(a.global.Dir)
+	if o.Concurrency < 1 {
+		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+	}
+	if err := acme.CheckKeyType(o.KeyType); err != nil {
+		return exit.Errorf("%v", err)
+	}
+	if o.Webroot != "" && o.Standalone {
+		return exit.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
+	}
+	var fallback store.Challenge
+	switch {
+	case o.Webroot != "":
+		root, err := filepath.Abs(o.Webroot)
+		if err != nil {
+			return exit.Errorf("--webroot %s: %v", o.Webroot, err)
+		}
+		if err := challenge.CheckWebroot(root); err != nil {
+			return exit.Errorf("%v", err)
+		}
+		fallback = store.Challenge{Mode: "webroot", Webroot: root}
+	case o.Standalone:
+		fallback = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
+	}
+	limits, err := o.pace.limits()
+	if err != nil {
+		return err
+	}
+	checker, err := o.preflight.checker()
+	if err != nil {
+		return err
+	}
+
+	res, err := a.readBatch(file, o)
+	if err != nil {
+		return err
+	}
+	rep := &batchReport{File: file, Format: string(res.Format), Counts: map[string]int{}}
+	for _, p := range res.Problems {
+		rep.Rows = append(rep.Rows, &batchRow{Line: p.Line, Status: rowInvalid, Error: p.Msg})
+	}
+	// Rows that name no challenge take the command line's; a row that
+	// still has none is bad input like any other.
+	deploys := map[string]store.Deploy{}
+	var todo []*batchRow
+	for _, row := range res.Rows {
+		br := &batchRow{Line: row.Line, Name: row.Name, Domains: row.Domains, row: row}
+		rep.Rows = append(rep.Rows, br)
+		if br.row.Challenge.Mode == "" {
+			if fallback.Mode == "" {
+				br.Status, br.Error = rowInvalid, "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
+				continue
+			}
+			br.row.Challenge = fallback
+		}
+		if err := a.rowDeploy(o, st.Dir, br, deploys); err != nil {
+			br.Status, br.Error = rowInvalid, oneLine(err)
+			continue
+		}
+		todo = append(todo, br)
+	}
+	sortRows(rep.Rows)
+	bad := 0
+	for _, r := range rep.Rows {
+		if r.Status == rowInvalid {
+			bad++
+			if r.Line > 0 {
+				fmt.Fprintf(a.err, "%s:%d: %s\n", file, r.Line, r.Error)
+			} else {
+				fmt.Fprintf(a.err, "%s: %s\n", file, r.Error)
+			}
+		}
+	}
+	if o.Check {
+		a.printf("%s: %d rows (%s format): %d good, %d bad\n", file, len(todo)+bad, res.Format, len(todo), bad)
+		if bad > 0 {
+			return exit.Reported(exit.Failure)
+		}
+		return nil
+	}
+	if bad > 0 && o.Strict {
+		return exit.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
+	}
+	if len(todo) == 0 {
+		return exit.Errorf("%s: no good rows; nothing was sent to the CA", file).WithHint("fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
+	}
+
+	run := &batchRun{app: a, o: o, st: st, rep: rep, checker: checker}
+	err = run.execute(ctx, todo, limits)
+	if err != nil {
+		return err
+	}
+	return run.finish(ctx)
+}
+
+// readBatch opens and parses the file ("-" is stdin).
+func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
+	var r io.Reader
+	if file == "-" {
+		r = os.Stdin
+	} else {
+		f, err := os.Open(file)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, exit.Errorf("%s: no such file", file)
+		}
+		if err != nil {
+			return nil, exit.Errorf("%s: %v", file, unwrapPath(err))
+		}
+		defer f.Close()
+		if fi, err := f.Stat(); err == nil && fi.IsDir() {
+			return nil, exit.Errorf("%s: is a directory, want a CSV file", file)
+		}
+		r = f
+	}
+	res := batch.Parse(r, batch.Defaults{
+		HTTPAddr:     o.HTTPAddr,
+		VIPHost:      o.VIPHost,
+		KeyTypeOK:    acme.CheckKeyType,
+		CheckWebroot: challenge.CheckWebroot,
+	})
+	return res, nil
+}
+
+// rowDeploy fills the row's deploy settings: the command line's, with the
+// row's deploy target and verify address on top. Each target is resolved
+// (binaries found, configs checked) once per run, not once per row.
+func (a *app) rowDeploy(o *batchOptions, stateDir string, br *batchRow, cache map[string]store.Deploy) error {
+	target := br.row.Deploy
+	if target == "" {
+		target = o.deploy.target
+	}
+	d, ok := cache[target]
+	if !ok {
+		flags := o.deploy
+		flags.target = target
+		var err error
+		if d, err = flags.resolve(stateDir, nil); err != nil {
+			return err
+		}
+		cache[target] = d
+	}
+	if br.row.VerifyAddr != "" {
+		d.VerifyAddr = br.row.VerifyAddr
+	}
+	br.deploy = d
+	return nil
+}

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+)
+
+// progress is batch's progress bar on a terminal: rows done out of total,
+// ok, failed and an ETA, redrawn in place on stderr. Log lines written
+// through it erase the bar, print, and redraw it, so the two never mix.
+type progress struct {
+	mu                   sync.Mutex
+	w                    io.Writer
+	total, done, ok, bad int
+	start                time.Time
+	now                  func() time.Time
+	width                int
+	drawn                bool
+}
+
+func newProgress(w io.Writer, total int, now func() time.Time) *progress {
+	return &progress{w: w, total: total, start: now(), now: now, width: 30}
+}
+
+// step counts one finished row.
+func (p *progress) step(ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done++
+	if ok {
+		p.ok++
+	} else {
+		p.bad++
+	}
+	p.draw()
+}
+
+// Write prints a log line above the bar.
+func (p *progress) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.drawn {
+		io.WriteString(p.w, "\r\033[K")
+	}
+	n, err := p.w.Write(b)
+	p.draw()
+	return n, err
+}
+
+// finish leaves the last state of the bar on its own line.
+func (p *progress) finish() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.drawn {
+		io.WriteString(p.w, "\n")
+		p.drawn = false
+	}
+}
+
+func (p *progress) draw() {
+	io.WriteString(p.w, "\r\033[K"+p.line())
+	p.drawn = true
+}
+
+// line renders the bar: [=========>          ] 120/200  ok 118  failed 2  ETA 42s
+func (p *progress) line() string {
+	filled := 0
+	if p.total > 0 {
+		filled = p.width * p.done / p.total
+	}
+	bar := strings.Repeat("=", filled)
+	if filled < p.width {
+		bar += ">" + strings.Repeat(" ", p.width-filled-1)
+	}
+	eta := "--"
+	if p.done > 0 && p.done < p.total {
+		per := p.now().Sub(p.start) / time.Duration(p.done)
+		eta = (per * time.Duration(p.total-p.done)).Round(time.Second).String()
+	} else if p.done == p.total {
+		eta = "done"
+	}
+	return fmt.Sprintf("[%s] %d/%d  ok %d  failed %d  ETA %s", bar, p.done, p.total, p.ok, p.bad, eta)
+}

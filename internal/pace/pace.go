@@ -1,0 +1,324 @@
+// Package pace keeps lbcert inside a CA's rate limits on the client side,
+// so that a batch of thousands, a cron renew and a hand-typed issue share
+// one budget instead of finding the limit by hitting it (seed 003).
+//
+// The limits are token buckets, the way Let's Encrypt describes its own:
+// a bucket holds up to N tokens and refills at N per period, so after a
+// burst of N the steady pace is one per period/N. The defaults are Let's
+// Encrypt's published ones:
+//
+//   - new orders per account: 300 per 3 hours;
+//   - new certificates per registered domain: 50 per 7 days;
+//   - failed authorizations per name per account: 5 per hour.
+//
+// A rateLimited answer's Retry-After blocks the account until then. The
+// buckets live in <dir>/ratelimit.json; every command that orders holds
+// the state directory's lock, so one process writes it at a time.
+package pace
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/publicsuffix"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Limit is N events per Per; N == 0 turns it off.
+type Limit struct {
+	N   int
+	Per time.Duration
+}
+
+func (l Limit) String() string {
+	if l.N == 0 {
+		return "off"
+	}
+	return fmt.Sprintf("%d/%s", l.N, shortDuration(l.Per))
+}
+
+func shortDuration(d time.Duration) string {
+	switch {
+	case d%(24*time.Hour) == 0:
+		return fmt.Sprintf("%dd", d/(24*time.Hour))
+	case d%time.Hour == 0:
+		return fmt.Sprintf("%dh", d/time.Hour)
+	}
+	return d.String()
+}
+
+// ParseLimit reads "300/3h", "50/7d" or "off".
+func ParseLimit(s string) (Limit, error) {
+	s = strings.TrimSpace(s)
+	if s == "off" || s == "0" {
+		return Limit{}, nil
+	}
+	n, per, ok := strings.Cut(s, "/")
+	count, err := strconv.Atoi(n)
+	if !ok || err != nil || count < 1 {
+		return Limit{}, fmt.Errorf("%q: want COUNT/PERIOD like 300/3h or 50/7d, or off", s)
+	}
+	var d time.Duration
+	if days, ok := strings.CutSuffix(per, "d"); ok {
+		nd, err := strconv.Atoi(days)
+		if err != nil || nd < 1 {
+			return Limit{}, fmt.Errorf("%q: bad period %q", s, per)
+		}
+		d = time.Duration(nd) * 24 * time.Hour
+	} else if d, err = time.ParseDuration(per); err != nil || d <= 0 {
+		return Limit{}, fmt.Errorf("%q: bad period %q", s, per)
+	}
+	return Limit{N: count, Per: d}, nil
+}
+
+// Limits are the three budgets.
+type Limits struct {
+	Orders      Limit // new orders per account
+	Domain      Limit // new certificates per registered domain
+	FailedAuthz Limit // failed authorizations per name per account
+}
+
+// LetsEncrypt are Let's Encrypt's published limits, the defaults.
+var LetsEncrypt = Limits{
+	Orders:      Limit{300, 3 * time.Hour},
+	Domain:      Limit{50, 7 * 24 * time.Hour},
+	FailedAuthz: Limit{5, time.Hour},
+}
+
+type bucket struct {
+	Tokens float64   `json:"tokens"`
+	At     time.Time `json:"at"`
+}
+
+// level is the bucket's tokens at now: what it had, plus the refill since.
+func (b bucket) level(l Limit, now time.Time) float64 {
+	rate := float64(l.N) / float64(l.Per)
+	return math.Min(float64(l.N), b.Tokens+float64(now.Sub(b.At))*rate)
+}
+
+// wait is how long until the bucket holds one token.
+func (b bucket) wait(l Limit, now time.Time) time.Duration {
+	lv := b.level(l, now)
+	if lv >= 1 {
+		return 0
+	}
+	return time.Duration(math.Ceil((1 - lv) * float64(l.Per) / float64(l.N)))
+}
+
+type state struct {
+	Orders  map[string]bucket    `json:"orders,omitempty"`
+	Domains map[string]bucket    `json:"domains,omitempty"`
+	Failed  map[string]bucket    `json:"failed_authz,omitempty"`
+	Blocked map[string]time.Time `json:"blocked_until,omitempty"`
+}
+
+// Budget is the saved budget of one state directory.
+type Budget struct {
+	Limits Limits
+	Now    func() time.Time
+
+	path string
+	mu   sync.Mutex
+	st   state
+}
+
+// FileName is the budget's file in the state directory.
+const FileName = "ratelimit.json"
+
+// Open reads dir's budget. A missing or unreadable file is a full budget:
+// losing it costs at most one burst, never a stuck batch.
+func Open(dir string, l Limits, now func() time.Time) (*Budget, error) {
+	b := &Budget{Limits: l, Now: now, path: filepath.Join(dir, FileName)}
+	data, err := os.ReadFile(b.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return nil, err
+	default:
+		json.Unmarshal(data, &b.st)
+	}
+	if b.st.Orders == nil {
+		b.st.Orders = map[string]bucket{}
+	}
+	if b.st.Domains == nil {
+		b.st.Domains = map[string]bucket{}
+	}
+	if b.st.Failed == nil {
+		b.st.Failed = map[string]bucket{}
+	}
+	if b.st.Blocked == nil {
+		b.st.Blocked = map[string]time.Time{}
+	}
+	return b, nil
+}
+
+// Key names one ACME account at one CA; the per-domain buckets are per
+// CA and shared by its accounts, as the CA counts them.
+type Key struct{ Server, Email string }
+
+func (k Key) account() string { return k.Server + " " + k.Email }
+
+// RegisteredDomain is the name a per-domain limit counts under: the
+// public suffix plus one label (shop.example.co.uk -> example.co.uk).
+func RegisteredDomain(name string) string {
+	if d, err := publicsuffix.EffectiveTLDPlusOne(name); err == nil {
+		return d
+	}
+	return name
+}
+
+// Denied says why an order may not start yet and when it may.
+type Denied struct {
+	Wait   time.Duration
+	Reason string
+}
+
+func (d *Denied) Error() string {
+	return fmt.Sprintf("%s; next possible in %s", d.Reason, d.Wait.Round(time.Second))
+}
+
+// Reserve takes one new-order token for account and one certificate token
+// per registered domain of names, if every bucket (and every name's
+// failed-authorization bucket) has one. Otherwise it takes nothing and
+// returns a *Denied with the longest wait.
+func (b *Budget) Reserve(k Key, names []string) error {
+	account := k.account()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.Now()
+	var worst *Denied
+	deny := func(wait time.Duration, reason string) {
+		if wait > 0 && (worst == nil || wait > worst.Wait) {
+			worst = &Denied{Wait: wait, Reason: reason}
+		}
+	}
+	if until, ok := b.st.Blocked[account]; ok {
+		deny(until.Sub(now), fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339)))
+	}
+	l := b.Limits
+	if l.Orders.N > 0 {
+		deny(b.st.Orders[account].get(l.Orders, now).wait(l.Orders, now),
+			fmt.Sprintf("the new-orders budget (%s per account) is spent", l.Orders))
+	}
+	domains := registered(names)
+	if l.Domain.N > 0 {
+		for _, d := range domains {
+			deny(b.st.Domains[k.Server+" "+d].get(l.Domain, now).wait(l.Domain, now),
+				fmt.Sprintf("the certificates budget for %s (%s) is spent", d, l.Domain))
+		}
+	}
+	if l.FailedAuthz.N > 0 {
+		for _, n := range names {
+			deny(b.st.Failed[account+" "+n].get(l.FailedAuthz, now).wait(l.FailedAuthz, now),
+				fmt.Sprintf("%s failed validation %d times within %s", n, l.FailedAuthz.N, shortDuration(l.FailedAuthz.Per)))
+		}
+	}
+	if worst != nil {
+		return worst
+	}
+	if l.Orders.N > 0 {
+		b.st.Orders[account] = b.st.Orders[account].take(l.Orders, now)
+	}
+	if l.Domain.N > 0 {
+		for _, d := range domains {
+			b.st.Domains[k.Server+" "+d] = b.st.Domains[k.Server+" "+d].take(l.Domain, now)
+		}
+	}
+	return b.save(now)
+}
+
+// get returns the bucket, a missing one being full.
+func (b bucket) get(l Limit, now time.Time) bucket {
+	if b.At.IsZero() {
+		return bucket{Tokens: float64(l.N), At: now}
+	}
+	return b
+}
+
+func (b bucket) take(l Limit, now time.Time) bucket {
+	b = b.get(l, now)
+	return bucket{Tokens: b.level(l, now) - 1, At: now}
+}
+
+func registered(names []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, n := range names {
+		d := RegisteredDomain(n)
+		if !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// FailedAuthz spends one failed-authorization token for each name.
+func (b *Budget) FailedAuthz(k Key, names []string) error {
+	account := k.account()
+	if b.Limits.FailedAuthz.N == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.Now()
+	for _, n := range names {
+		k := account + " " + n
+		b.st.Failed[k] = b.st.Failed[k].take(b.Limits.FailedAuthz, now)
+	}
+	return b.save(now)
+}
+
+// Block stops new orders on account until until, after the CA answered
+// rateLimited with a Retry-After.
+func (b *Budget) Block(k Key, until time.Time) error {
+	account := k.account()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if until.After(b.st.Blocked[account]) {
+		b.st.Blocked[account] = until.UTC()
+	}
+	return b.save(b.Now())
+}
+
+// save writes the budget, dropping buckets that have refilled: a full
+// bucket is the same as none, and this keeps the file the size of the
+// recent activity, not of every domain ever seen.
+func (b *Budget) save(now time.Time) error {
+	prune := func(m map[string]bucket, l Limit) {
+		for k, v := range m {
+			if l.N == 0 || v.level(l, now) >= float64(l.N) {
+				delete(m, k)
+			}
+		}
+	}
+	prune(b.st.Orders, b.Limits.Orders)
+	prune(b.st.Domains, b.Limits.Domain)
+	prune(b.st.Failed, b.Limits.FailedAuthz)
+	for k, t := range b.st.Blocked {
+		if !now.Before(t) {
+			delete(b.st.Blocked, k)
+		}
+	}
+	data, err := json.MarshalIndent(b.st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(b.path), 0o700); err != nil {
+		return err
+	}
+	if err := store.WriteFile(b.path, append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("save rate budget: %w", err)
+	}
+	return nil
+}

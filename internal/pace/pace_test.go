@@ -1,0 +1,140 @@
+package pace
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+var acct = Key{Server: "https://ca.example/dir", Email: "ops@example.com"}
+
+func TestParseLimit(t *testing.T) {
+	for in, want := range map[string]Limit{
+		"300/3h": {300, 3 * time.Hour}, "50/7d": {50, 7 * 24 * time.Hour}, "5/1h": {5, time.Hour},
+		"off": {}, "0": {},
+	} {
+		got, err := ParseLimit(in)
+		if err != nil || got != want {
+			t.Errorf("%s: %v %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "300", "x/3h", "300/", "300/3x", "-1/3h", "3/0d"} {
+		if _, err := ParseLimit(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	if s := (Limit{50, 7 * 24 * time.Hour}).String(); s != "50/7d" {
+		t.Errorf("String: %s", s)
+	}
+}
+
+// TestOrdersBucket: a burst of N, then one per Per/N, and the state
+// survives a new process.
+func TestOrdersBucket(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	l := Limits{Orders: Limit{3, 3 * time.Hour}}
+	b, _ := Open(dir, l, c.now)
+	for i := range 3 {
+		if err := b.Reserve(acct, []string{"a.example.com"}); err != nil {
+			t.Fatalf("order %d: %v", i, err)
+		}
+	}
+	err := b.Reserve(acct, []string{"a.example.com"})
+	var d *Denied
+	if !errors.As(err, &d) || d.Wait != time.Hour || !strings.Contains(d.Reason, "new-orders budget (3/3h per account)") {
+		t.Fatalf("4th order: %v", err)
+	}
+	// Another account on the same CA has its own bucket.
+	if err := b.Reserve(Key{acct.Server, "other@example.com"}, []string{"b.example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	// A new process sees the spent budget; an hour later one token is back.
+	c.t = c.t.Add(59 * time.Minute)
+	b2, _ := Open(dir, l, c.now)
+	if err := b2.Reserve(acct, []string{"a.example.com"}); err == nil {
+		t.Fatal("budget not persisted")
+	}
+	c.t = c.t.Add(time.Minute)
+	if err := b2.Reserve(acct, []string{"a.example.com"}); err != nil {
+		t.Fatalf("after refill: %v", err)
+	}
+	if err := b2.Reserve(acct, []string{"a.example.com"}); err == nil {
+		t.Fatal("refilled more than one token")
+	}
+}
+
+func TestDomainBucketAndPrune(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	l := Limits{Domain: Limit{2, 7 * 24 * time.Hour}}
+	b, _ := Open(dir, l, c.now)
+	// Both names count once under example.co.uk, the registered domain.
+	if err := b.Reserve(acct, []string{"a.example.co.uk", "www.a.example.co.uk"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Reserve(acct, []string{"b.example.co.uk"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Reserve(acct, []string{"c.example.co.uk"}); err == nil || !strings.Contains(err.Error(), "example.co.uk (2/7d)") {
+		t.Fatalf("third cert: %v", err)
+	}
+	if err := b.Reserve(acct, []string{"other.example.org"}); err != nil {
+		t.Fatalf("another domain: %v", err)
+	}
+	// Once every bucket has refilled the file holds nothing.
+	c.t = c.t.Add(8 * 24 * time.Hour)
+	if err := b.Block(acct, c.t.Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(filepath.Join(dir, FileName))
+	if strings.TrimSpace(string(data)) != "{}" {
+		t.Fatalf("not pruned: %s", data)
+	}
+}
+
+func TestFailedAuthzAndBlock(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	b, _ := Open(t.TempDir(), LetsEncrypt, c.now)
+	for range 5 {
+		b.FailedAuthz(acct, []string{"broken.example.com"})
+	}
+	err := b.Reserve(acct, []string{"ok.example.com", "broken.example.com"})
+	if err == nil || !strings.Contains(err.Error(), "broken.example.com failed validation 5 times within 1h") {
+		t.Fatalf("after 5 failures: %v", err)
+	}
+	if err := b.Reserve(acct, []string{"ok.example.com"}); err != nil {
+		t.Fatalf("another name: %v", err)
+	}
+	b.Block(acct, c.t.Add(30*time.Minute))
+	var d *Denied
+	if err := b.Reserve(acct, []string{"ok2.example.com"}); !errors.As(err, &d) || d.Wait != 30*time.Minute || !strings.Contains(d.Reason, "rateLimited") {
+		t.Fatalf("blocked: %v", err)
+	}
+	c.t = c.t.Add(30 * time.Minute)
+	if err := b.Reserve(acct, []string{"ok2.example.com"}); err != nil {
+		t.Fatalf("after Retry-After: %v", err)
+	}
+}
+
+func TestOffAndCorruptFile(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, FileName), []byte("{not json"), 0o600)
+	c := &clock{time.Now()}
+	b, err := Open(dir, Limits{}, c.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 1000 {
+		if err := b.Reserve(acct, []string{"a.example.com"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
