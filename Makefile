@@ -49,6 +49,7 @@ bench: build bench-deps
 fuzz:
 	$(GO) test -run XXX -fuzz FuzzDomain -fuzztime 30s ./internal/names/
 	$(GO) test -run XXX -fuzz FuzzParse -fuzztime 30s ./internal/config/
+	$(GO) test -run XXX -fuzz FuzzParse -fuzztime 30s ./internal/batch/
 
 demo: build
 	$(GO) run ./internal/demo -lbcert $(BIN)

@@ -155,9 +155,6 @@ func (p *parser) parse(r io.Reader) {
 	switch header := splitHeader(first); {
 	case header == nil:
 		p.problem(0, "no rows: the file is empty or holds only comments")
-	case hasColumn(header, "domains"):
-		p.res.Format = Named
-		p.named(cr)
 	case strings.EqualFold(header[0], "domain"):
 		p.res.Format = Seed
 		rec, err := cr.Read() // the header line itself
@@ -167,6 +164,9 @@ func (p *parser) parse(r io.Reader) {
 			return
 		}
 		p.seed(cr)
+	case hasColumn(header, "domains") || looksLikeHeader(header):
+		p.res.Format = Named
+		p.named(cr)
 	default:
 		p.res.Format = Seed
 		p.seed(cr)
@@ -207,6 +207,22 @@ func splitHeader(line string) []string {
 		rec[i] = strings.TrimSpace(rec[i])
 	}
 	return rec
+}
+
+// looksLikeHeader: every cell is a word, none a name or an address, so a
+// misspelt header is reported as one instead of as a row of bad names.
+func looksLikeHeader(cells []string) bool {
+	for _, c := range cells {
+		if c == "" {
+			return false
+		}
+		for _, r := range c {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r == '_' || r == '-' || r == ' ') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func hasColumn(header []string, col string) bool {
@@ -349,6 +365,10 @@ func (p *parser) named(cr *csv.Reader) {
 			p.problem(headerLine, "unknown column %q; the columns are %s", h, strings.Join(NamedColumns, ","))
 			bad = true
 		}
+	}
+	if !seen["domains"] {
+		p.problem(headerLine, "the header has no domains column; the columns are %s (or seed 004's %s)", strings.Join(NamedColumns, ","), strings.Join(SeedHeader, ","))
+		bad = true
 	}
 	if len(um.Headers) != len(seen) {
 		p.problem(headerLine, "a column is named twice")
