@@ -311,7 +311,7 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 
 // rowMail is what the lineage saves for its reports: the row's own
 // sender, recipients and relay, over those given on the command line.
-func (r *batchRun) rowMail(row batch.Row) store.Mail {
+func (r *batchRun) rowMail(row *batch.Row) store.Mail {
 	m := r.app.lineageMail(r.o.flags, nil)
 	if len(row.MailTo) > 0 {
 		m.To = row.MailTo

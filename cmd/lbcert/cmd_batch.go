@@ -130,7 +130,7 @@ type batchRow struct {
 	Hint        string     `json:"hint,omitempty"`
 	NextAttempt *time.Time `json:"next_attempt,omitempty"`
 
-	row    batch.Row
+	row    *batch.Row
 	deploy store.Deploy
 	ok     bool // issued or up to date
 	oldEnd time.Time
@@ -190,22 +190,37 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	// still has none is bad input like any other.
 	deploys := map[string]store.Deploy{}
 	var todo []*batchRow
+	good := 0
 	for _, row := range res.Rows {
-		br := &batchRow{Line: row.Line, Name: row.Name, Domains: row.Domains, row: row}
-		rep.Rows = append(rep.Rows, br)
-		if br.row.Challenge.Mode == "" {
+		problem := ""
+		if row.Challenge.Mode == "" {
 			if fallback.Mode == "" {
-				br.Status, br.Error = rowInvalid, "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
-				continue
+				problem = "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
 			}
-			br.row.Challenge = fallback
+			row.Challenge = fallback
 		}
-		if err := a.rowDeploy(o, st.Dir, br, deploys); err != nil {
-			br.Status, br.Error = rowInvalid, oneLine(err)
+		var d store.Deploy
+		if problem == "" {
+			var err error
+			if d, err = a.rowDeploy(o, st.Dir, row, deploys); err != nil {
+				problem = oneLine(err)
+			}
+		}
+		if problem == "" {
+			good++
+			if o.Check {
+				continue // --check keeps no per-row state: 100,000 rows stay small
+			}
+		}
+		br := &batchRow{Line: row.Line, Name: row.Name, Domains: row.Domains, row: row, deploy: d}
+		rep.Rows = append(rep.Rows, br)
+		if problem != "" {
+			br.Name, br.Domains, br.Status, br.Error = "", nil, rowInvalid, problem
 			continue
 		}
 		todo = append(todo, br)
 	}
+	res.Rows = nil
 	sortRows(rep.Rows)
 	bad := 0
 	for _, r := range rep.Rows {
@@ -219,7 +234,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		}
 	}
 	if o.Check {
-		a.printf("%s: %d rows (%s format): %d good, %d bad\n", file, len(todo)+bad, res.Format, len(todo), bad)
+		a.printf("%s: %d rows (%s format): %d good, %d bad\n", file, good+bad, res.Format, good, bad)
 		if bad > 0 {
 			return exit.Reported(exit.Failure)
 		}
@@ -271,8 +286,8 @@ func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
 // rowDeploy fills the row's deploy settings: the command line's, with the
 // row's deploy target and verify address on top. Each target is resolved
 // (binaries found, configs checked) once per run, not once per row.
-func (a *app) rowDeploy(o *batchOptions, stateDir string, br *batchRow, cache map[string]store.Deploy) error {
-	target := br.row.Deploy
+func (a *app) rowDeploy(o *batchOptions, stateDir string, row *batch.Row, cache map[string]store.Deploy) (store.Deploy, error) {
+	target := row.Deploy
 	if target == "" {
 		target = o.deploy.target
 	}
@@ -282,13 +297,12 @@ func (a *app) rowDeploy(o *batchOptions, stateDir string, br *batchRow, cache ma
 		flags.target = target
 		var err error
 		if d, err = flags.resolve(stateDir, nil); err != nil {
-			return err
+			return d, err
 		}
 		cache[target] = d
 	}
-	if br.row.VerifyAddr != "" {
-		d.VerifyAddr = br.row.VerifyAddr
+	if row.VerifyAddr != "" {
+		d.VerifyAddr = row.VerifyAddr
 	}
-	br.deploy = d
-	return nil
+	return d, nil
 }

@@ -99,7 +99,31 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err := t.ctx.Err(); err != nil {
 		return nil, err
 	}
-	return t.base.RoundTrip(r.WithContext(t.ctx))
+	resp, err := t.base.RoundTrip(r.WithContext(t.ctx))
+	if err == nil && r.Method == http.MethodPost {
+		pollSoon(resp.Header)
+	}
+	return resp, err
+}
+
+// pollSoon gives a challenge response without Retry-After one of a
+// second. lego waits for Retry-After before its first look at the
+// authorization, and 5 seconds when the CA sends none, as Let's Encrypt
+// does; validation usually takes a second or two, so that default is
+// most of the time an order takes. lego backs off from there (doubling,
+// capped at 10 intervals), so a slow CA is not polled hard.
+// A challenge response is the one with a Link rel="up" to its
+// authorization (RFC 8555 section 7.5.1).
+func pollSoon(h http.Header) {
+	if h.Get("Retry-After") != "" {
+		return
+	}
+	for _, l := range h.Values("Link") {
+		if strings.Contains(l, `rel="up"`) && !strings.Contains(l, "/order") {
+			h.Set("Retry-After", "1")
+			return
+		}
+	}
 }
 
 // New loads the account for (Server, Email) or registers one, and

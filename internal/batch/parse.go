@@ -87,7 +87,7 @@ type Defaults struct {
 // Result is a parsed file.
 type Result struct {
 	Format   Format
-	Rows     []Row
+	Rows     []*Row
 	Problems []Problem
 	Total    int // data rows seen, good and bad
 }
@@ -515,7 +515,7 @@ func (p *parser) finish(c *checker, row Row) {
 	for _, d := range row.Domains {
 		p.names[d] = row.Line
 	}
-	p.res.Rows = append(p.res.Rows, row)
+	p.res.Rows = append(p.res.Rows, &row)
 }
 
 // checker collects a row's first problem; later checks of the same row

@@ -1,6 +1,9 @@
 // Command bench is "make bench": it measures a nothing-due "renew" pass
 // over N stored lineages for lbcert, and side by side for certbot and the
 // lego CLI (Debian packages) over their own lineages, in the same run.
+// Then it issues 200 certificates with "lbcert batch" and with loops of
+// certbot and lego against one Pebble (issue.go), and checks a
+// 100,000-row CSV for peak memory.
 //
 // Every lineage holds a real ECDSA certificate from a local test CA,
 // valid for 90 days from yesterday, so none is due. Each tool is timed
@@ -43,8 +46,21 @@ func main() {
 	runs := flag.Int("runs", 3, "timed runs per tool; the median is reported")
 	bin := flag.String("lbcert", "bin/lbcert", "lbcert binary")
 	work := flag.String("work", ".bench", "scratch directory")
+	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
+	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
+	only := flag.String("only", "all", "renew, issue or all")
 	flag.Parse()
-	if err := run(*n, *certbotN, *legoN, *runs, *bin, *work); err != nil {
+	var err error
+	if *only == "all" || *only == "renew" {
+		err = run(*n, *certbotN, *legoN, *runs, *bin, *work)
+	}
+	if err == nil && (*only == "all" || *only == "issue") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchIssue(*issueN, *conc, b, w)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}

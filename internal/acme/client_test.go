@@ -1,0 +1,65 @@
+package acme
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	legoacme "github.com/go-acme/lego/v4/acme"
+
+	"github.com/lbcert/lbcert/internal/exit"
+)
+
+// TestPollSoon: only a challenge response (Link rel="up" to its
+// authorization) without Retry-After gets one of a second.
+func TestPollSoon(t *testing.T) {
+	for _, tc := range []struct {
+		link, retry, want string
+	}{
+		{`<https://ca.example/authz/1>;rel="up"`, "", "1"},
+		{`<https://ca.example/authz/1>;rel="up"`, "7", "7"},
+		{`<https://ca.example/order/1>;rel="up"`, "", ""},
+		{`<https://ca.example/dir>;rel="index"`, "", ""},
+		{"", "", ""},
+	} {
+		h := http.Header{}
+		if tc.link != "" {
+			h.Set("Link", tc.link)
+		}
+		if tc.retry != "" {
+			h.Set("Retry-After", tc.retry)
+		}
+		pollSoon(h)
+		if got := h.Get("Retry-After"); got != tc.want {
+			t.Errorf("Link %q Retry-After %q: got %q, want %q", tc.link, tc.retry, got, tc.want)
+		}
+	}
+}
+
+// TestClassify: a rateLimited problem is found through lbcert's own
+// explained error, with its Retry-After; validation failures are told
+// apart from other CA errors.
+func TestClassify(t *testing.T) {
+	rl := &legoacme.RateLimitedError{ProblemDetails: &legoacme.ProblemDetails{Type: legoacme.RateLimitedErr, Detail: "too many", HTTPStatus: 429}, RetryAfter: "120"}
+	err := explain("obtain a.example.com", fmt.Errorf("wrapped: %w", rl))
+	wait, limited := RateLimited(err)
+	if !limited || wait != 2*time.Minute {
+		t.Fatalf("RateLimited: %v %v", wait, limited)
+	}
+	var e *exit.Error
+	if !errors.As(err, &e) || e.Hint == "" || exit.Code(err) != exit.Failure {
+		t.Fatalf("explained error lost: %v", err)
+	}
+	unauth := explain("obtain b.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:unauthorized", Detail: "404"})
+	if !FailedValidation(unauth) {
+		t.Fatalf("unauthorized is a failed validation: %v", unauth)
+	}
+	if _, limited := RateLimited(unauth); limited {
+		t.Fatal("unauthorized is not a rate limit")
+	}
+	if FailedValidation(explain("obtain", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:rejectedIdentifier"})) {
+		t.Fatal("rejectedIdentifier is not a failed validation")
+	}
+}
