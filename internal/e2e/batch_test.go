@@ -214,6 +214,28 @@ func TestBatchNamedFormat(t *testing.T) {
 		t.Errorf("nginx did not see the pre-flight requests:\n%s", n.AccessLog())
 	}
 
+	// Without pre-flight the two bad rows reach the CA and fail there:
+	// that starts the backoff renew shares, and the next run leaves them
+	// alone instead of spending more failed validations.
+	orders = e.pebble.Orders()
+	r = e.run(e.batchArgs(csv, "--preflight=false")...)
+	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stdout, "2 up to date, 2 failed, 1 invalid") {
+		t.Fatalf("without pre-flight: exit %d, %d orders\n%s", r.code, e.pebble.Orders()-orders, r.stdout)
+	}
+	for _, name := range []string{"api.example.org", "moved.example.org"} {
+		if st := readFile(t, filepath.Join(e.dir, "renewal", name+".json")); !strings.Contains(st, `"failures": 1`) {
+			t.Errorf("%s: no backoff after a CA failure:\n%s", name, st)
+		}
+	}
+	if b := readFile(t, filepath.Join(e.dir, "ratelimit.json")); !strings.Contains(b, "api.example.org") {
+		t.Errorf("failed validation not counted in the budget:\n%s", b)
+	}
+	orders = e.pebble.Orders()
+	r = e.run(e.batchArgs(csv, "--preflight=false")...)
+	if e.pebble.Orders() != orders || !strings.Contains(r.stdout, "2 deferred") || !strings.Contains(r.stdout, "waiting after earlier failures") {
+		t.Fatalf("backoff not honoured: %d orders\n%s", e.pebble.Orders()-orders, r.stdout)
+	}
+
 	// --json: one object per row, with the statuses.
 	r = e.run(e.batchArgs(csv, "--json", "--preflight=false", "--expect-ip", "127.0.0.1")...)
 	for _, want := range []string{`"status": "up to date"`, `"status": "invalid"`, `"format": "named"`, `"line": 7`} {
