@@ -216,6 +216,14 @@ func (a *app) knownKey(root *cobra.Command) func(string) bool {
 }
 
 func (a *app) setupLogging() {
+	a.logTo(a.err)
+	// lego logs every step of every order; that is -v material.
+	legolog.Logger = log.New(slogWriter{}, "", 0)
+}
+
+// logTo sends log lines to w at the level -q/-v chose; batch points it
+// at its progress bar so lines are drawn above the bar.
+func (a *app) logTo(w io.Writer) {
 	level := slog.LevelInfo
 	switch {
 	case a.global.Verbose:
@@ -223,9 +231,7 @@ func (a *app) setupLogging() {
 	case a.global.Quiet:
 		level = slog.LevelWarn
 	}
-	slog.SetDefault(slog.New(&lineHandler{w: a.err, level: level}))
-	// lego logs every step of every order; that is -v material.
-	legolog.Logger = log.New(slogWriter{}, "", 0)
+	slog.SetDefault(slog.New(&lineHandler{w: w, level: level}))
 }
 
 // slogWriter turns lego's log lines into debug records.

@@ -72,6 +72,7 @@ func (r *batchRun) execute(ctx context.Context, todo []*batchRow, limits pace.Li
 	if r.budget, err = a.openBudget(st, limits); err != nil {
 		return err
 	}
+	defer flushBudget(r.budget)
 
 	// Skip what is already done: this is what makes a re-run resume.
 	now := a.now()
@@ -115,7 +116,7 @@ func (r *batchRun) execute(ctx context.Context, todo []*batchRow, limits pace.Li
 			applyBatchDeploy(br, res)
 			if res.Failed() {
 				status, _ := st.ReadStatus(res.Name)
-				st.WriteStatus(res.Name, renewal.Failed(status, br.Error, a.now()))
+				br.NextAttempt = timePtr(recordFailure(st, status, res.Name, br.Error, a.now()))
 			}
 		}
 	}
@@ -133,14 +134,10 @@ func (r *batchRun) orderAll(ctx context.Context, queue []*batchRow) {
 	r.byName = map[string]*batchRow{}
 	if a.stderrTTY && !a.global.Quiet && !r.o.JSON {
 		r.prog = newProgress(a.err, len(queue), a.now)
-		prev := slog.Default()
-		slog.SetDefault(slog.New(&lineHandler{w: r.prog, level: slog.LevelInfo}))
-		if a.global.Verbose {
-			slog.SetDefault(slog.New(&lineHandler{w: r.prog, level: slog.LevelDebug}))
-		}
+		a.logTo(r.prog)
 		defer func() {
 			r.prog.finish()
-			slog.SetDefault(prev)
+			a.logTo(a.err)
 		}()
 	}
 	jobs := make(chan *batchRow)
@@ -262,11 +259,7 @@ func (r *batchRun) one(ctx context.Context, br *batchRow) {
 		// The same backoff renew uses: a broken name is not retried by
 		// the next batch or cron run for an hour, then 2, 4, ... 24.
 		status, _ := r.st.ReadStatus(br.Name)
-		status = renewal.Failed(status, br.Error, a.now())
-		br.NextAttempt = timePtr(status.NextAttempt)
-		if werr := r.st.WriteStatus(br.Name, status); werr != nil {
-			slog.Warn("could not save backoff", "name", br.Name, "err", werr)
-		}
+		br.NextAttempt = timePtr(recordFailure(r.st, status, br.Name, br.Error, a.now()))
 		return
 	}
 }

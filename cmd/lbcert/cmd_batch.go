@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -154,6 +156,11 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	}
 	if o.Webroot != "" && o.Standalone {
 		return exit.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
+	}
+	if net.ParseIP(o.VIPHost) == nil {
+		if _, err := names.Domain(o.VIPHost); err != nil {
+			return exit.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
+		}
 	}
 	var fallback store.Challenge
 	switch {

@@ -222,6 +222,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	if err != nil {
 		return err
 	}
+	defer flushBudget(budget)
 	key := pace.Key{Server: p.acme.Server, Email: p.acme.Email}
 	if err := budget.Reserve(key, p.domains); err != nil {
 		if d, ok := denied(err); ok {

@@ -173,6 +173,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if err != nil {
 		return err
 	}
+	defer flushBudget(budget)
 	r := &renewRun{app: a, o: o, st: st, is: is, budget: budget, report: &renewReport{DryRun: o.DryRun}}
 	r.run(ctx, selected)
 	err = a.finishRenew(r.report, o)
@@ -372,13 +373,20 @@ func (r *renewRun) fail(e renewEntry, err error, st store.Status, backoff bool) 
 	e.Error = strings.Join(strings.Fields(err.Error()), " ")
 	e.Hint = exit.Hint(err)
 	if backoff {
-		st = renewal.Failed(st, e.Error, r.app.now())
-		e.NextAttempt = timePtr(st.NextAttempt)
-		if werr := r.st.WriteStatus(e.Name, st); werr != nil {
-			slog.Warn("could not save backoff", "name", e.Name, "err", werr)
-		}
+		e.NextAttempt = timePtr(recordFailure(r.st, st, e.Name, e.Error, r.app.now()))
 	}
 	r.report.Failed = append(r.report.Failed, e)
+}
+
+// recordFailure starts or lengthens the per-name backoff that renew and
+// batch share (1h, 2h, ... 24h) and returns when the name may be tried
+// again.
+func recordFailure(s *store.Store, status store.Status, name, msg string, now time.Time) time.Time {
+	status = renewal.Failed(status, msg, now)
+	if err := s.WriteStatus(name, status); err != nil {
+		slog.Warn("could not save backoff", "name", name, "err", err)
+	}
+	return status.NextAttempt
 }
 
 // applyDeploy moves lineages whose deploy failed from renewed to failed.

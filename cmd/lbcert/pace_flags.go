@@ -59,6 +59,14 @@ func (a *app) openBudget(st *store.Store, l pace.Limits) (*pace.Budget, error) {
 	return b, nil
 }
 
+// flushBudget writes what is left of the budget's record, under the
+// lock, before the command exits.
+func flushBudget(b *pace.Budget) {
+	if err := b.Flush(); err != nil {
+		slog.Warn("could not save the rate budget", "err", err)
+	}
+}
+
 // spend records what a failed order means for the budget: a failed
 // validation counts against each name, and a rateLimited answer blocks
 // the account for its Retry-After (an hour when the CA gives none). It

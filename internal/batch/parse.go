@@ -341,7 +341,7 @@ func (p *parser) seed(cr *csv.Reader) {
 func (p *parser) named(cr *csv.Reader) {
 	um, err := gocsv.NewUnmarshaller(cr, namedRow{})
 	if err != nil {
-		p.problem(1, "header: %v", err)
+		p.problem(0, "header: %v", err)
 		return
 	}
 	headerLine, _ := cr.FieldPos(0)

@@ -56,7 +56,11 @@ func TestOrdersBucket(t *testing.T) {
 	if err := b.Reserve(Key{acct.Server, "other@example.com"}, []string{"b.example.com"}); err != nil {
 		t.Fatal(err)
 	}
-	// A new process sees the spent budget; an hour later one token is back.
+	// A new process sees the spent budget once it is flushed; an hour
+	// later one token is back.
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	c.t = c.t.Add(59 * time.Minute)
 	b2, _ := Open(dir, l, c.now)
 	if err := b2.Reserve(acct, []string{"a.example.com"}); err == nil {
