@@ -12,7 +12,6 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
-	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -57,34 +56,12 @@ func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
 	return o, nil
 }
 
-// newIssuer returns an issuer whose accounts use the global settings with
-// each lineage's own server and email.
-func (a *app) newIssuer(st *store.Store) *issuer.Issuer {
-	base, _ := a.accountBase(st) // validated by the caller
-	return &issuer.Issuer{
-		Store: st,
-		Now:   a.now,
-		Account: func(server, email string) acme.Options {
-			o := base
-			o.Server, o.Email = server, email
-			return o
-		},
-	}
-}
-
 // accountBase checks the account settings that do not depend on which
 // server is used.
 func (a *app) accountBase(st *store.Store) (acme.Options, error) {
 	g := a.global
-	if g.Email != "" {
-		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
-			return acme.Options{}, exit.Errorf("--email %q is not an email address", g.Email)
-		}
-	}
-	if g.CABundle != "" {
-		if _, err := acme.HTTPClient(a.ctx, g.CABundle); err != nil {
-			return acme.Options{}, exit.Errorf("%v", err)
-		}
+	if err := a.checkAccountSettings(); err != nil {
+		return acme.Options{}, err
 	}
 	o := acme.Options{
 		CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
@@ -104,6 +81,26 @@ func (a *app) accountBase(st *store.Store) (acme.Options, error) {
 		o.ConfirmTOS = a.confirmTOS
 	}
 	return o, nil
+}
+
+// checkAccountSettings checks the account settings that hold no secret,
+// so that bad input is refused before any lineage is tried.
+func (a *app) checkAccountSettings() error {
+	g := a.global
+	if g.Email != "" {
+		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
+			return exit.Errorf("--email %q is not an email address", g.Email)
+		}
+	}
+	if g.CABundle != "" {
+		if _, err := acme.HTTPClient(a.ctx, g.CABundle); err != nil {
+			return exit.Errorf("%w", err)
+		}
+	}
+	if g.EABHMACFile != "" && g.EABKid == "" {
+		return exit.Errorf("an EAB HMAC key file was given without --eab-kid")
+	}
+	return nil
 }
 
 // eabHMAC reads the EAB HMAC key from LBCERT_EAB_HMAC_KEY or the file named

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
@@ -107,45 +109,6 @@ happen once at the end, and each recipient gets one mail.
 	return cmd
 }
 
-// rowStatus is where a row ended up.
-const (
-	rowIssued      = "issued"
-	rowUpToDate    = "up to date"
-	rowFailed      = "failed"
-	rowInvalid     = "invalid"
-	rowDeferred    = "deferred"
-	rowNotStarted  = "not started"
-	rowInterrupted = "interrupted"
-)
-
-// batchRow is one row's line in the summary and in --json.
-type batchRow struct {
-	Line        int        `json:"line"`
-	Name        string     `json:"name,omitempty"`
-	Domains     []string   `json:"domains,omitempty"`
-	Status      string     `json:"status"`
-	Serial      string     `json:"serial,omitempty"`
-	NotAfter    *time.Time `json:"not_after,omitempty"`
-	Deploy      string     `json:"deploy,omitempty"`
-	Verify      string     `json:"verify,omitempty"`
-	Error       string     `json:"error,omitempty"`
-	Hint        string     `json:"hint,omitempty"`
-	NextAttempt *time.Time `json:"next_attempt,omitempty"`
-
-	row    *batch.Row
-	deploy store.Deploy
-	ok     bool // issued or up to date
-	oldEnd time.Time
-}
-
-// batchReport is the whole run, as --json prints it.
-type batchReport struct {
-	File   string         `json:"file"`
-	Format string         `json:"format"`
-	Counts map[string]int `json:"counts"`
-	Rows   []*batchRow    `json:"rows"`
-}
-
 func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error {
 	st := store.New(a.global.Dir)
 	if o.Concurrency < 1 {
@@ -189,14 +152,14 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	if err != nil {
 		return err
 	}
-	rep := &batchReport{File: file, Format: string(res.Format), Counts: map[string]int{}}
+	var invalid []*engine.Item
 	for _, p := range res.Problems {
-		rep.Rows = append(rep.Rows, &batchRow{Line: p.Line, Status: rowInvalid, Error: p.Msg})
+		invalid = append(invalid, &engine.Item{Line: p.Line, Outcome: engine.Invalid, Error: p.Msg})
 	}
 	// Rows that name no challenge take the command line's; a row that
 	// still has none is bad input like any other.
 	deploys := map[string]store.Deploy{}
-	var todo []*batchRow
+	var todo []batchRow
 	good := 0
 	for _, row := range res.Rows {
 		problem := ""
@@ -213,33 +176,25 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 				problem = oneLine(err)
 			}
 		}
-		if problem == "" {
-			good++
-			if o.Check {
-				continue // --check keeps no per-row state: 100,000 rows stay small
-			}
-		}
-		br := &batchRow{Line: row.Line, Name: row.Name, Domains: row.Domains, row: row, deploy: d}
-		rep.Rows = append(rep.Rows, br)
 		if problem != "" {
-			br.Name, br.Domains, br.Status, br.Error = "", nil, rowInvalid, problem
+			invalid = append(invalid, &engine.Item{Line: row.Line, Outcome: engine.Invalid, Error: problem})
 			continue
 		}
-		todo = append(todo, br)
-	}
-	res.Rows = nil
-	sortRows(rep.Rows)
-	bad := 0
-	for _, r := range rep.Rows {
-		if r.Status == rowInvalid {
-			bad++
-			if r.Line > 0 {
-				fmt.Fprintf(a.err, "%s:%d: %s\n", file, r.Line, r.Error)
-			} else {
-				fmt.Fprintf(a.err, "%s: %s\n", file, r.Error)
-			}
+		good++
+		if !o.Check { // --check keeps no per-row state: 100,000 rows stay small
+			todo = append(todo, batchRow{row: row, deploy: d})
 		}
 	}
+	res.Rows = nil
+	sort.SliceStable(invalid, func(i, j int) bool { return invalid[i].Line < invalid[j].Line })
+	for _, it := range invalid {
+		if it.Line > 0 {
+			fmt.Fprintf(a.err, "%s:%d: %s\n", file, it.Line, it.Error)
+		} else {
+			fmt.Fprintf(a.err, "%s: %s\n", file, it.Error)
+		}
+	}
+	bad := len(invalid)
 	if o.Check {
 		a.printf("%s: %d rows (%s format): %d good, %d bad\n", file, good+bad, res.Format, good, bad)
 		if bad > 0 {
@@ -253,13 +208,16 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	if len(todo) == 0 {
 		return exit.Errorf("%s: no good rows; nothing was sent to the CA", file).WithHint("fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
 	}
-
-	run := &batchRun{app: a, o: o, st: st, rep: rep, checker: checker}
-	err = run.execute(ctx, todo, limits)
+	result, err := a.executeBatch(ctx, st, o, file, string(res.Format), todo, invalid, limits, checker)
 	if err != nil {
 		return err
 	}
-	return run.finish(ctx)
+	if o.JSON {
+		a.printJSON(result)
+	} else {
+		a.printBatchSummary(result)
+	}
+	return finish(result, a.mailReport(context.WithoutCancel(ctx), st, result.Report()))
 }
 
 // readBatch opens and parses the file ("-" is stdin).

@@ -15,6 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/store"
@@ -153,7 +154,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	defer lock.Unlock()
 
 	if o.Revoke {
-		is := a.newIssuer(st)
+		is := &issuer.Issuer{Account: a.lazyAccount(st, false)}
 		client, err := is.Client(ctx, l.Server, l.Email)
 		if err != nil {
 			return err

@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"errors"
-	"log/slog"
+	"fmt"
 	"path/filepath"
-	"slices"
-	"sort"
 	"strings"
 	"time"
 
@@ -16,14 +14,11 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
-	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
-	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
-	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -37,6 +32,9 @@ type issueOptions struct {
 	Standalone bool
 	HTTPAddr   string
 	Force      bool
+	JSON       bool
+	MaxWait    time.Duration
+	WaitLock   time.Duration
 	deploy     deployFlags
 	pace       paceFlags
 	preflight  preflightFlags
@@ -82,8 +80,11 @@ does nothing and exits 0; --force issues anyway.`,
 	f.StringVar(&o.Webroot, "webroot", "", "directory the web server serves /.well-known/acme-challenge/ from")
 	f.BoolVar(&o.Standalone, "standalone", false, "answer HTTP-01 from lbcert's own listener on --http-addr")
 	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "listen address for --standalone")
-	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists")
-	config.Mark(f, "key-type", "profile", "http-addr")
+	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists, and ignore the failure backoff")
+	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
+	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before giving up for this run")
+	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
+	config.Mark(f, "key-type", "profile", "http-addr", "max-wait", "wait-lock")
 	o.deploy.register(f)
 	o.pace.register(f)
 	o.preflight.register(f, false)
@@ -165,128 +166,96 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	if err != nil {
 		return err
 	}
-
-	is := a.newIssuer(st)
-	defer is.Close()
-	// Bind the standalone port before the lock and before the CA: a port
-	// in use is bad input, and holding it means nobody takes it meanwhile.
-	if p.mode.Mode == "standalone" {
-		if _, err := is.Listen(p.mode.HTTPAddr); err != nil {
-			return exit.Errorf("%v", err)
-		}
-	}
 	if p.acme, err = a.acmeOptions(st); err != nil {
 		return err
 	}
-
-	lock, err := a.lock(st)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-
-	// Check again under the lock whether there is work to do: another run
-	// may have issued this lineage while we waited.
-	prev, err := st.Load(p.name)
-	if err != nil && !isNotFound(err) {
-		return exit.Errorf("%v", err).WithHint("move the broken lineage %s aside, or issue under another --name", st.LivePaths(p.name).Dir)
-	}
-	var reuse []byte
-	keyType := o.KeyType
-	if prev != nil {
-		if sameNames(prev.Domains, p.domains) && !o.Force {
-			if due, _, at := renewal.LifetimeDue(prev.Cert, a.now()); !due {
-				a.printf("%s: certificate for %s is valid until %s and not due for renewal before %s; nothing to do (use --force to issue anyway)\n",
-					p.name, strings.Join(prev.Domains, ", "), prev.Cert.NotAfter.Format(time.DateOnly), at.Format(time.DateOnly))
-				return nil
-			}
-		}
-		if o.ReuseKey {
-			if reuse, err = st.ReadKey(p.name); err != nil {
-				return exit.Errorf("--reuse-key: %v", err)
-			}
-			keyType = prev.KeyType
-		}
-	}
-
-	// Pre-flight and the budget come last, under the lock: they are what
-	// stands between this run and the CA.
-	responder, err := is.Provider(p.mode)
-	if err != nil {
-		return err
-	}
-	if err := runPreflight(ctx, p.preflight, p.domains, responder); err != nil {
-		return err
-	}
-	budget, err := a.openBudget(st, p.limits)
-	if err != nil {
-		return err
-	}
-	defer flushBudget(budget)
-	key := pace.Key{Server: p.acme.Server, Email: p.acme.Email}
-	if err := budget.Reserve(key, p.domains); err != nil {
-		if d, ok := denied(err); ok {
-			return exit.Errorf("not ordering %s: %v", p.name, d).
-				WithHint("wait until then, or loosen --rate-orders/--rate-domain/--rate-failed-authz if your CA allows more")
-		}
-		return exit.Errorf("%v", err)
-	}
-
-	item := notify.Item{Name: p.name, Domains: p.domains, MailTo: mailSettings.To,
-		Relay: notify.Relay{Host: mailSettings.Host, Port: mailSettings.Port, From: mailSettings.From}}
-	if prev != nil {
-		item.OldNotAfter = prev.Cert.NotAfter
-	}
-	got, err := is.Obtain(ctx, issuer.Request{ReuseKey: reuse, Lineage: store.Lineage{
+	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
-		KeyType: keyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
+		KeyType: o.KeyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
 		Mail: mailSettings,
-	}})
+	}}
+	res, err := a.runEngine(ctx, st, runSpec{
+		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1,
+		maxWait: o.MaxWait, waitLock: o.WaitLock,
+	}, func() ([]engine.Job, error) { return []engine.Job{job}, nil })
 	if err != nil {
-		spend(budget, key, p.domains, err, a.now())
-		item.Outcome, item.Error, item.Hint = "failed", oneLine(err), exit.Hint(err)
-		return combine(err, a.mailReport(ctx, st, &notify.Report{Command: "issue", Items: []notify.Item{item}}))
+		return err
 	}
-	// A new certificate starts with no renewal history.
-	if err := st.RemoveStatus(p.name); err != nil {
-		slog.Warn("could not reset renewal status", "name", p.name, "err", err)
+	if o.JSON {
+		a.printJSON(res)
+	} else {
+		a.printIssue(st, res.Items[0])
 	}
-	paths := st.LivePaths(p.name)
-	info := got.Lineage.Cert
-	days := int(info.NotAfter.Sub(a.now()).Hours() / 24)
-	a.printf("%s: issued certificate for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
-		p.name, strings.Join(p.domains, ", "), info.Serial, info.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
-	runner := &deploy.Runner{Store: st}
-	results := runner.Run(ctx, []deploy.Change{got.Change})
-	deployErr := a.reportDeploy(results)
-	item.Outcome, item.Serial, item.NewNotAfter = "issued", info.Serial, info.NotAfter
-	applyResult(&item, results[0])
-	return combine(deployErr, a.mailReport(ctx, st, &notify.Report{Command: "issue", Items: []notify.Item{item}}))
+	return finish(res, a.mailReport(ctx, st, res.Report()))
 }
 
-// applyResult copies a deploy result into a report item; a failed deploy
-// makes the item a failure.
-func applyResult(it *notify.Item, r deploy.Result) {
-	switch {
-	case r.RolledBack:
-		it.Deploy = "rolled back to the previous certificate"
-	case r.Deployed && r.Name != "":
-		it.Deploy = "ok"
+// printIssue says what happened to the one certificate: results on
+// stdout, failures on stderr in lbcert's voice.
+func (a *app) printIssue(st *store.Store, it *engine.Item) {
+	paths := st.LivePaths(it.Name)
+	switch it.Outcome {
+	case engine.NotDue:
+		at := ""
+		if it.DueAt != nil {
+			at = " and not due for renewal before " + it.DueAt.Format(time.DateOnly)
+		}
+		a.printf("%s: certificate for %s is valid until %s%s; nothing to do (use --force to issue anyway)\n",
+			it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.Format(time.DateOnly), at)
+		return
+	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
+		if it.Serial == "" {
+			break
+		}
+		verb := "issued certificate"
+		if it.Outcome == engine.Deployed {
+			verb = "deployed the certificate obtained earlier"
+		}
+		days := int(it.NotAfter.Sub(a.now()).Hours() / 24)
+		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
+			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
+		a.printf("  deploy    %s\n", deployWords(it))
 	}
-	it.Verify = r.Verify
-	if r.Failed() {
-		it.Outcome = "failed"
-		it.Error = oneLine(r.Err)
+	switch it.Outcome {
+	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:
+		switch {
+		case it.Outcome == engine.Deferred:
+			fmt.Fprintf(a.err, "lbcert: error: not ordering %s: %s\n", it.Name, it.Error)
+		case it.Serial != "":
+			fmt.Fprintf(a.err, "lbcert: error: %s: %s\n", it.Name, it.Error)
+		default: // the CA's errors say "obtain <names>: ..." themselves
+			fmt.Fprintf(a.err, "lbcert: error: %s\n", it.Error)
+		}
+		if it.Hint != "" {
+			fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+		}
+		if it.NextAttempt != nil && it.Outcome == engine.Deferred {
+			fmt.Fprintf(a.err, "lbcert: hint: next attempt after %s\n", it.NextAttempt.Format(time.RFC3339))
+		}
 	}
+}
+
+// deployWords says on stdout what the deploy step did: "none",
+// "deployed, verified, hook ok" or "rolled back: <reason>".
+func deployWords(it *engine.Item) string {
+	switch it.Deploy {
+	case "none":
+		return "none (no --deploy target)"
+	case "rolled_back":
+		return "rolled back: " + it.Pending
+	}
+	if it.Outcome == engine.Failed {
+		return "failed: " + it.Error
+	}
+	parts := []string{"deployed"}
+	if it.Verify == "ok" {
+		parts = append(parts, "verified")
+	}
+	if it.Hook == "ok" {
+		parts = append(parts, "hook ok")
+	}
+	return strings.Join(parts, ", ")
 }
 
 func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
-
-func sameNames(a, b []string) bool {
-	x, y := slices.Clone(a), slices.Clone(b)
-	sort.Strings(x)
-	sort.Strings(y)
-	return slices.Equal(x, y)
-}
 
 func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }

@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -14,13 +12,9 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
-	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
-	"github.com/lbcert/lbcert/internal/notify"
-	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -32,6 +26,8 @@ type renewOptions struct {
 	JSON          bool
 	NoRandomSleep bool
 	WaitLock      time.Duration
+	Concurrency   int
+	MaxWait       time.Duration
 	pace          paceFlags
 }
 
@@ -81,39 +77,12 @@ one reload per load balancer.
 	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
 	f.BoolVar(&o.NoRandomSleep, "no-random-sleep", false, "do not sleep 0-8 minutes before contacting the CA from cron")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
-	config.Mark(f, "days", "no-random-sleep", "wait-lock")
+	f.IntVar(&o.Concurrency, "concurrency", 8, "renewals (and ARI look-ups) in flight at once")
+	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a lineage for the next run")
+	config.Mark(f, "days", "no-random-sleep", "wait-lock", "concurrency", "max-wait")
 	o.pace.register(f)
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	return cmd
-}
-
-// renewEntry is one lineage's line in the report.
-type renewEntry struct {
-	Name        string     `json:"name"`
-	Domains     []string   `json:"domains,omitempty"`
-	Reason      string     `json:"reason,omitempty"`
-	DueAt       *time.Time `json:"due_at,omitempty"`
-	OldSerial   string     `json:"old_serial,omitempty"`
-	NewSerial   string     `json:"new_serial,omitempty"`
-	OldNotAfter *time.Time `json:"old_not_after,omitempty"`
-	NewNotAfter *time.Time `json:"new_not_after,omitempty"`
-	Deploy      string     `json:"deploy,omitempty"`
-	Verify      string     `json:"verify,omitempty"`
-	Hook        string     `json:"hook,omitempty"`
-	Error       string     `json:"error,omitempty"`
-	Hint        string     `json:"hint,omitempty"`
-	NextAttempt *time.Time `json:"next_attempt,omitempty"`
-
-	mail store.Mail // the lineage's own recipients, for the report
-}
-
-// renewReport is what a run did; --json prints it as is.
-type renewReport struct {
-	DryRun   bool         `json:"dry_run,omitempty"`
-	Renewed  []renewEntry `json:"renewed"`
-	NotDue   []renewEntry `json:"not_due"`
-	Failed   []renewEntry `json:"failed"`
-	Deferred []renewEntry `json:"deferred"`
 }
 
 func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
@@ -121,389 +90,122 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if o.Days < 0 {
 		return exit.Errorf("--days %d: must be positive", o.Days)
 	}
+	if o.Concurrency < 1 {
+		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+	}
 	for _, n := range o.Names {
 		if err := names.Lineage(n); err != nil {
-			return exit.Errorf("--name: %v", err)
+			return exit.Errorf("--name: %w", err)
 		}
 	}
 	limits, err := o.pace.limits()
 	if err != nil {
 		return err
 	}
-	base, err := a.accountBase(st)
-	if err != nil {
+	// Checked now, without reading any secret: a bad --email or
+	// --ca-bundle is bad input, not a failure of every lineage.
+	if err := a.checkAccountSettings(); err != nil {
 		return err
 	}
 	all, err := st.Names()
 	if err != nil {
-		return exit.Errorf("read %s: %v", st.Dir, err)
+		return exit.Errorf("read %s: %w", st.Dir, err)
 	}
+	if len(all) == 0 && len(o.Names) == 0 {
+		slog.Debug("no lineages", "dir", st.Dir)
+		res := &engine.Result{Version: engine.SchemaVersion, Command: "renew", DryRun: o.DryRun, Started: a.now(), Finished: a.now()}
+		res.Count()
+		a.renderRenew(res, o)
+		return nil
+	}
+	delay := maxRandomSleep
+	if o.NoRandomSleep || a.stdoutTTY {
+		delay = 0
+	}
+	res, err := a.runEngine(ctx, st, runSpec{
+		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
+		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock,
+	}, func() ([]engine.Job, error) { return renewJobs(st, all, o) })
+	if err != nil {
+		return err
+	}
+	a.renderRenew(res, o)
+	var mailErr error
+	if !o.DryRun {
+		mailErr = a.mailReport(ctx, st, res.Report())
+	}
+	return finish(res, mailErr)
+}
+
+// renewJobs is one job per selected lineage, with its saved settings.
+func renewJobs(st *store.Store, all []string, o *renewOptions) ([]engine.Job, error) {
 	selected := all
 	if len(o.Names) > 0 {
-		selected = nil
-		for _, n := range o.Names {
-			if _, err := st.Load(n); err != nil {
-				return exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
+		selected = o.Names
+	}
+	var jobs []engine.Job
+	for _, n := range selected {
+		l, err := st.Load(n)
+		if err != nil {
+			if len(o.Names) > 0 && errors.Is(err, store.ErrNotFound) {
+				return nil, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
 			}
-			selected = append(selected, n)
+			// A broken lineage is one failed item, not a failed run.
+			jobs = append(jobs, engine.Job{Lineage: store.Lineage{Name: n}})
+			continue
 		}
-	}
-	if len(selected) == 0 {
-		slog.Debug("no lineages", "dir", st.Dir)
-		return a.finishRenew(&renewReport{DryRun: o.DryRun}, o)
-	}
-
-	lock, err := a.renewLock(ctx, st, o.WaitLock)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-
-	is := a.newIssuer(st)
-	is.Account = func(server, email string) acme.Options {
-		opts := base
-		opts.Server, opts.Email = server, email
 		if o.DryRun {
-			opts.AgreeTOS = true // a dry run against staging needs its own account
+			l.Server = dryRunServer(l.Server)
 		}
-		return opts
+		jobs = append(jobs, engine.Job{Lineage: *l, Force: o.Force})
 	}
-	defer is.Close()
-	budget, err := a.openBudget(st, limits)
-	if err != nil {
-		return err
-	}
-	defer flushBudget(budget)
-	r := &renewRun{app: a, o: o, st: st, is: is, budget: budget, report: &renewReport{DryRun: o.DryRun}}
-	r.run(ctx, selected)
-	err = a.finishRenew(r.report, o)
-	if !o.DryRun {
-		err = combine(err, a.mailReport(ctx, st, r.report.mailReport(a.now())))
-	}
-	if ctx.Err() != nil {
-		return &exit.Error{Code: exit.Interrupted, Msg: "interrupted; lineages not reached are unchanged, the next run renews them"}
-	}
-	return err
+	return jobs, nil
 }
 
-func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration) (*store.Lock, error) {
-	if wait <= 0 {
-		return a.lock(st)
-	}
-	wctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	l, err := st.WaitLock(wctx)
-	var le *store.LockedError
-	if errors.As(err, &le) {
-		return nil, &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, wait)}
-	}
-	if err != nil {
-		return nil, exit.Errorf("%v", err)
-	}
-	return l, nil
-}
-
-// renewRun is one renew run's state.
-type renewRun struct {
-	app     *app
-	o       *renewOptions
-	st      *store.Store
-	is      *issuer.Issuer
-	budget  *pace.Budget
-	report  *renewReport
-	slept   bool
-	changes []deploy.Change
-	byName  map[string]int // change index -> report.Renewed index
-}
-
-func (r *renewRun) run(ctx context.Context, selected []string) {
-	now := r.app.now()
-	r.byName = map[string]int{}
-	for _, name := range selected {
-		if ctx.Err() != nil {
-			slog.Warn("interrupted: no new renewals started", "left", len(selected))
-			break
-		}
-		r.one(ctx, name, now)
-		now = r.app.now()
-	}
-	if len(r.changes) > 0 && !r.o.DryRun {
-		results := (&deploy.Runner{Store: r.st}).Run(ctx, r.changes)
-		r.applyDeploy(results)
-	}
-}
-
-// one decides about and, if due, renews lineage name.
-func (r *renewRun) one(ctx context.Context, name string, now time.Time) {
-	l, err := r.st.Load(name)
-	if err != nil {
-		r.fail(renewEntry{Name: name}, err, store.Status{}, false)
-		return
-	}
-	status, _ := r.st.ReadStatus(name)
-	entry := renewEntry{Name: name, Domains: l.Domains, OldSerial: l.Cert.Serial, OldNotAfter: timePtr(l.Cert.NotAfter), mail: l.Mail}
-	opts := renewal.Options{Days: r.o.Days, ARIOffered: !now.Before(status.ARIUnsupported)}
-	d := renewal.Decide(l.Cert, status, now, opts)
-	if d.CheckARI && !d.Due && !r.o.Force {
-		status = r.checkARI(ctx, l, status, now)
-		opts.ARIOffered = !now.Before(status.ARIUnsupported)
-		d = renewal.Decide(l.Cert, status, now, opts)
-	}
-	if r.o.Force {
-		d.Due, d.Reason = true, renewal.Forced
-	}
-	entry.Reason = string(d.Reason)
-	entry.DueAt = timePtr(d.At)
-	if !d.Due {
-		slog.Debug("not due", "name", name, "rule", d.Reason, "due_at", d.At.Format(time.RFC3339))
-		r.report.NotDue = append(r.report.NotDue, entry)
-		return
-	}
-	if renewal.InBackoff(status, now) && !r.o.Force {
-		entry.Error = status.LastError
-		entry.NextAttempt = timePtr(status.NextAttempt)
-		slog.Warn("due but waiting after a failure", "name", name, "until", status.NextAttempt.Format(time.RFC3339), "failures", status.Failures)
-		r.report.Deferred = append(r.report.Deferred, entry)
-		return
-	}
-	r.sleepOnce(ctx)
-	if ctx.Err() != nil {
-		return
-	}
-	req := issuer.Request{Lineage: *l, DryRun: r.o.DryRun}
-	if opts.ARIOffered {
-		req.Replaces = l.Cert.ARICertID
-	}
-	if r.o.DryRun {
-		req.Lineage.Server = dryRunServer(l.Server)
-		req.Replaces = ""
-	}
-	if l.ReuseKey {
-		if req.ReuseKey, err = r.st.ReadKey(name); err != nil {
-			r.fail(entry, err, status, true)
-			return
-		}
-	}
-	// The budget is shared with batch and issue; a spent one defers the
-	// lineage to a later run instead of finding the CA's limit.
-	key := pace.Key{Server: req.Lineage.Server, Email: req.Lineage.Email}
-	if !r.o.DryRun {
-		if err := r.budget.Reserve(key, l.Domains); err != nil {
-			if d, ok := denied(err); ok {
-				entry.Error = "not ordered: " + d.Reason
-				entry.NextAttempt = timePtr(r.app.now().Add(d.Wait))
-				slog.Warn("due but the rate budget is spent", "name", name, "reason", d.Reason, "next", entry.NextAttempt.Format(time.RFC3339))
-				r.report.Deferred = append(r.report.Deferred, entry)
-				return
-			}
-			r.fail(entry, err, status, false)
-			return
-		}
-	}
-	slog.Info("renewing", "name", name, "reason", d.Reason)
-	got, err := r.is.Obtain(ctx, req)
-	if err != nil {
-		if !r.o.DryRun {
-			spend(r.budget, key, l.Domains, err, r.app.now())
-		}
-		r.fail(entry, err, status, !r.o.DryRun)
-		return
-	}
-	entry.NewSerial = got.Lineage.Cert.Serial
-	entry.NewNotAfter = timePtr(got.Lineage.Cert.NotAfter)
-	if !r.o.DryRun {
-		// Fresh certificate, fresh history: ARI for the new serial is
-		// asked on a later run, and the backoff is over.
-		if err := r.st.RemoveStatus(name); err != nil {
-			slog.Warn("could not reset renewal status", "name", name, "err", err)
-		}
-		r.byName[name] = len(r.report.Renewed)
-		r.changes = append(r.changes, got.Change)
-	}
-	r.report.Renewed = append(r.report.Renewed, entry)
-}
-
-// checkARI asks the CA for the renewal window and saves the answer.
-func (r *renewRun) checkARI(ctx context.Context, l *store.Lineage, st store.Status, now time.Time) store.Status {
-	client, err := r.is.Client(ctx, l.Server, l.Email)
-	if err != nil {
-		slog.Warn("renewal info: no ACME client; using the lifetime rule", "name", l.Name, "err", err)
-		return st
-	}
-	cert, err := r.st.ReadFullchain(l.Name)
-	if err != nil {
-		return st
-	}
-	info, err := client.RenewalInfo(cert)
-	switch {
-	case errors.Is(err, acme.ErrNoARI):
-		st.ARIUnsupported = now.Add(7 * 24 * time.Hour).UTC()
-	case err != nil:
-		slog.Warn("renewal info failed; using the lifetime rule", "name", l.Name, "err", err)
-		return st
-	default:
-		st = renewal.ApplyARI(st, l.Cert.Serial, info.Start, info.End, info.RetryAfter, now, renewal.RandInt64N)
-		slog.Debug("renewal info", "name", l.Name, "window_start", info.Start, "window_end", info.End, "renew_at", st.ARIRenewAt, "next_check", st.ARINextCheck)
-	}
-	if !r.o.DryRun {
-		if err := r.st.WriteStatus(l.Name, st); err != nil {
-			slog.Warn("could not save renewal info", "name", l.Name, "err", err)
-		}
-	}
-	return st
-}
-
-// sleepOnce sleeps a random 0-8 minutes before the first request to the
-// CA of a run whose stdout is not a terminal, i.e. from cron.
-func (r *renewRun) sleepOnce(ctx context.Context) {
-	if r.slept || r.o.NoRandomSleep || r.app.stdoutTTY {
-		return
-	}
-	r.slept = true
-	d := time.Duration(rand.Int64N(int64(maxRandomSleep)))
-	slog.Info("sleeping before contacting the CA, to spread cron load (--no-random-sleep to skip)", "for", d.Round(time.Second))
-	select {
-	case <-time.After(d):
-	case <-ctx.Done():
-	}
-}
-
-// fail records a failure and, unless this is a dry run, the backoff.
-func (r *renewRun) fail(e renewEntry, err error, st store.Status, backoff bool) {
-	e.Error = strings.Join(strings.Fields(err.Error()), " ")
-	e.Hint = exit.Hint(err)
-	if backoff {
-		e.NextAttempt = timePtr(recordFailure(r.st, st, e.Name, e.Error, r.app.now()))
-	}
-	r.report.Failed = append(r.report.Failed, e)
-}
-
-// recordFailure starts or lengthens the per-name backoff that renew and
-// batch share (1h, 2h, ... 24h) and returns when the name may be tried
-// again.
-func recordFailure(s *store.Store, status store.Status, name, msg string, now time.Time) time.Time {
-	status = renewal.Failed(status, msg, now)
-	if err := s.WriteStatus(name, status); err != nil {
-		slog.Warn("could not save backoff", "name", name, "err", err)
-	}
-	return status.NextAttempt
-}
-
-// applyDeploy moves lineages whose deploy failed from renewed to failed.
-func (r *renewRun) applyDeploy(results []deploy.Result) {
-	failed := map[string]bool{}
-	for _, res := range results {
-		i := r.byName[res.Name]
-		e := &r.report.Renewed[i]
-		switch {
-		case res.RolledBack:
-			e.Deploy = "rolled back"
-		case res.Deployed:
-			e.Deploy = "ok"
-		}
-		e.Verify, e.Hook = res.Verify, res.Hook
-		if res.Failed() {
-			failed[res.Name] = true
-			st, _ := r.st.ReadStatus(res.Name)
-			msg := res.Err.Error()
-			if res.RolledBack {
-				msg += "; rolled back to the previous certificate"
-			}
-			r.fail(*e, errors.New(msg), st, true)
-		}
-	}
-	kept := r.report.Renewed[:0]
-	for _, e := range r.report.Renewed {
-		if !failed[e.Name] {
-			kept = append(kept, e)
-		}
-	}
-	r.report.Renewed = kept
-}
-
-// finishRenew prints the report and picks the exit code. A run where
-// nothing happened prints nothing, so cron sends no mail.
-func (a *app) finishRenew(rep *renewReport, o *renewOptions) error {
+// renderRenew prints the run: JSON, or a summary that is silent when
+// nothing happened, so cron sends no mail.
+func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	if o.JSON {
-		for _, l := range []*[]renewEntry{&rep.Renewed, &rep.NotDue, &rep.Failed, &rep.Deferred} {
-			if *l == nil {
-				*l = []renewEntry{}
+		a.printJSON(res)
+		return
+	}
+	for _, it := range res.Items {
+		if it.Outcome == engine.Failed || it.Outcome == engine.Aborted {
+			fmt.Fprintf(a.err, "lbcert: error: renew %s: %s\n", it.Name, it.Error)
+			if it.Hint != "" {
+				fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
 			}
 		}
-		enc := json.NewEncoder(a.out)
-		enc.SetIndent("", "  ")
-		enc.Encode(rep)
-	} else {
-		a.printRenewSummary(rep)
 	}
-	switch {
-	case len(rep.Failed) == 0:
-		return nil
-	case len(rep.Renewed)+len(rep.NotDue)+len(rep.Deferred) > 0:
-		return exit.Reported(exit.Partial)
-	default:
-		return exit.Reported(exit.Failure)
-	}
-}
-
-func (a *app) printRenewSummary(rep *renewReport) {
-	for _, e := range rep.Failed {
-		fmt.Fprintf(a.err, "lbcert: error: renew %s: %s\n", e.Name, e.Error)
-		if e.Hint != "" {
-			fmt.Fprintf(a.err, "lbcert: hint: %s\n", e.Hint)
-		}
-	}
-	if len(rep.Renewed)+len(rep.Failed)+len(rep.Deferred) == 0 {
+	c := res.Counts
+	changed := c[engine.Renewed] + c[engine.Issued] + c[engine.Deployed]
+	if changed+c[engine.Failed]+c[engine.Deferred]+c[engine.Aborted]+c[engine.NotStarted] == 0 {
 		return // nothing due: silence, for cron
 	}
 	verb := "renewed"
-	if rep.DryRun {
+	if res.DryRun {
 		verb = "would renew (dry run)"
 	}
-	a.printf("lbcert renew: %d %s, %d not due, %d failed, %d waiting after earlier failures\n",
-		len(rep.Renewed), verb, len(rep.NotDue), len(rep.Failed), len(rep.Deferred))
-	for _, e := range rep.Renewed {
-		a.printf("  renewed   %-30s %s -> %s, expires %s (%s)\n", e.Name, e.OldSerial, e.NewSerial, e.NewNotAfter.Format(time.DateOnly), e.Reason)
-	}
-	for _, e := range rep.Failed {
-		a.printf("  failed    %-30s %s\n", e.Name, e.Error)
-	}
-	for _, e := range rep.Deferred {
-		a.printf("  waiting   %-30s next attempt %s\n", e.Name, e.NextAttempt.Format(time.RFC3339))
-	}
-}
-
-// mailReport turns the run's report into the mail report: renewed and
-// failed lineages, and a warning for those within 14 days of expiry that
-// this run did not renew.
-func (rep *renewReport) mailReport(now time.Time) *notify.Report {
-	out := &notify.Report{Command: "renew", Time: now}
-	item := func(e renewEntry, outcome string) notify.Item {
-		it := notify.Item{Name: e.Name, Domains: e.Domains, Outcome: outcome, Serial: e.NewSerial, Deploy: e.Deploy,
-			Verify: e.Verify, Error: e.Error, Hint: e.Hint, MailTo: e.mail.To,
-			Relay: notify.Relay{Host: e.mail.Host, Port: e.mail.Port, From: e.mail.From}}
-		if e.OldNotAfter != nil {
-			it.OldNotAfter = *e.OldNotAfter
-		}
-		if e.NewNotAfter != nil {
-			it.NewNotAfter = *e.NewNotAfter
-		}
-		return it
-	}
-	for _, e := range rep.Renewed {
-		out.Items = append(out.Items, item(e, "renewed"))
-	}
-	for _, e := range rep.Failed {
-		out.Items = append(out.Items, item(e, "failed"))
-	}
-	for _, list := range [][]renewEntry{rep.NotDue, rep.Deferred} {
-		for _, e := range list {
-			if e.OldNotAfter != nil && e.OldNotAfter.Sub(now) < notify.WarnWindow {
-				out.Warnings = append(out.Warnings, item(e, "expiring"))
+	a.printf("lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
+		changed, verb, c[engine.NotDue], c[engine.Failed]+c[engine.Aborted], c[engine.Deferred])
+	for _, it := range res.Items {
+		switch it.Outcome {
+		case engine.Renewed, engine.Issued:
+			a.printf("  renewed   %-30s %s -> %s, expires %s (%s); deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), it.Reason, deployWords(it))
+		case engine.Deployed:
+			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), deployWords(it))
+		case engine.Failed, engine.Aborted:
+			a.printf("  failed    %-30s %s\n", it.Name, it.Error)
+		case engine.Deferred:
+			next := ""
+			if it.NextAttempt != nil {
+				next = "; next attempt " + it.NextAttempt.Format(time.RFC3339)
 			}
+			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, next)
+		case engine.NotStarted:
+			a.printf("  not started %-28s %s\n", it.Name, it.Error)
 		}
 	}
-	return out
 }
 
 // dryRunServer keeps dry runs off Let's Encrypt's production limits, as

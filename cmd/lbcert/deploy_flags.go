@@ -1,13 +1,11 @@
 package main
 
 import (
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -183,38 +181,4 @@ func existingFile(flag, path string) (string, error) {
 		return "", exit.Errorf("%s %s: is a directory", flag, path)
 	}
 	return abs, nil
-}
-
-// reportDeploy prints one line per deploy result and returns an error
-// when any failed.
-func (a *app) reportDeploy(results []deploy.Result) error {
-	failed := 0
-	for _, r := range results {
-		if r.Failed() {
-			failed++
-			msg := r.Err.Error()
-			if r.RolledBack {
-				msg += "; rolled back to the previous certificate"
-			}
-			fmt.Fprintf(a.err, "lbcert: error: deploy %s: %s\n", r.Name, msg)
-			continue
-		}
-		var parts []string
-		if r.Deployed {
-			parts = append(parts, "deployed")
-		}
-		if r.Verify == "ok" {
-			parts = append(parts, "verified")
-		}
-		if r.Hook == "ok" {
-			parts = append(parts, "hook ok")
-		}
-		if len(parts) > 0 {
-			a.printf("  deploy    %s\n", strings.Join(parts, ", "))
-		}
-	}
-	if failed > 0 {
-		return exit.Reported(exit.Failure)
-	}
-	return nil
 }

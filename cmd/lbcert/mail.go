@@ -185,15 +185,6 @@ func (a *app) mailReport(ctx context.Context, st *store.Store, rep *notify.Repor
 	return nil
 }
 
-// combine joins a run's error with a mail error: the run's own failure
-// code wins; a mail failure alone makes the run partial.
-func combine(runErr, mailErr error) error {
-	if runErr != nil {
-		return runErr
-	}
-	return mailErr
-}
-
 func (a *app) newMailTestCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "mail-test",

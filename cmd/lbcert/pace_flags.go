@@ -1,18 +1,13 @@
 package main
 
 import (
-	"context"
-	"errors"
-	"log/slog"
 	"net"
 	"net/netip"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
@@ -57,42 +52,6 @@ func (a *app) openBudget(st *store.Store, l pace.Limits) (*pace.Budget, error) {
 		return nil, exit.Errorf("read the rate budget: %v", err).WithHint("remove %s/%s to start with a full budget", st.Dir, pace.FileName)
 	}
 	return b, nil
-}
-
-// flushBudget writes what is left of the budget's record, under the
-// lock, before the command exits.
-func flushBudget(b *pace.Budget) {
-	if err := b.Flush(); err != nil {
-		slog.Warn("could not save the rate budget", "err", err)
-	}
-}
-
-// spend records what a failed order means for the budget: a failed
-// validation counts against each name, and a rateLimited answer blocks
-// the account for its Retry-After (an hour when the CA gives none). It
-// returns the Retry-After when the CA rate-limited us.
-func spend(b *pace.Budget, k pace.Key, names []string, err error, now time.Time) (time.Duration, bool) {
-	if wait, limited := acme.RateLimited(err); limited {
-		if wait <= 0 {
-			wait = time.Hour
-		}
-		if berr := b.Block(k, now.Add(wait)); berr != nil {
-			slog.Warn("could not save the rate budget", "err", berr)
-		}
-		return wait, true
-	}
-	if acme.FailedValidation(err) {
-		if berr := b.FailedAuthz(k, names); berr != nil {
-			slog.Warn("could not save the rate budget", "err", berr)
-		}
-	}
-	return 0, false
-}
-
-// denied turns a spent budget into the error issue and renew report.
-func denied(err error) (*pace.Denied, bool) {
-	var d *pace.Denied
-	return d, errors.As(err, &d)
 }
 
 // preflightFlags are the checks made before ordering.
@@ -146,13 +105,4 @@ func (p *preflightFlags) checker() (*preflight.Checker, error) {
 		}
 	}
 	return c, nil
-}
-
-// runPreflight runs c for the names through the lineage's responder.
-func runPreflight(ctx context.Context, c *preflight.Checker, names []string, r preflight.Responder) error {
-	if c == nil {
-		return nil
-	}
-	slog.Debug("pre-flight", "domains", strings.Join(names, ","))
-	return c.Check(ctx, names, r)
 }

@@ -8,13 +8,13 @@ import (
 	legoacme "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/acme/api"
 
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // caError is an explained CA error that keeps the CA's own error in the
 // chain, so callers can still ask what kind of problem it was.
 type caError struct {
-	explained *exit.Error
+	explained *hint.Error
 	cause     error
 }
 

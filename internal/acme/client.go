@@ -46,7 +46,7 @@ type Options struct {
 	EABKid    string
 	EABHMAC   string // secret: never logged
 	UserAgent string
-	Store     *store.Store
+	Store     store.Accounts
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -150,13 +150,13 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	default:
 		key, err := certcrypto.ParsePEMPrivateKey(keyPEM)
 		if err != nil {
-			return nil, fmt.Errorf("account key in %s: %v", o.Store.AccountDir(o.Server, o.Email), err)
+			return nil, fmt.Errorf("account key for %s at %s: %v", displayEmail(o.Email), o.Server, err)
 		}
 		u.key = key
 		if regJSON != nil {
 			var reg registration.Resource
 			if err := json.Unmarshal(regJSON, &reg); err != nil {
-				return nil, fmt.Errorf("account in %s: %v", o.Store.AccountDir(o.Server, o.Email), err)
+				return nil, fmt.Errorf("account %s at %s: %v", displayEmail(o.Email), o.Server, err)
 			}
 			u.reg = &reg
 		}

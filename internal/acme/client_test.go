@@ -4,12 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
 
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // TestPollSoon: only a challenge response (Link rel="up" to its
@@ -48,8 +49,7 @@ func TestClassify(t *testing.T) {
 	if !limited || wait != 2*time.Minute {
 		t.Fatalf("RateLimited: %v %v", wait, limited)
 	}
-	var e *exit.Error
-	if !errors.As(err, &e) || e.Hint == "" || exit.Code(err) != exit.Failure {
+	if !strings.Contains(hint.Of(err), "rate limit") || !errors.As(err, new(*legoacme.RateLimitedError)) {
 		t.Fatalf("explained error lost: %v", err)
 	}
 	unauth := explain("obtain b.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:unauthorized", Detail: "404"})

@@ -18,7 +18,7 @@ import (
 	"github.com/go-acme/lego/v4/certificate"
 	"github.com/go-acme/lego/v4/challenge"
 
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -186,7 +186,7 @@ func publicKeyMatches(pub crypto.PublicKey, key crypto.PrivateKey) bool {
 	return false
 }
 
-// Explain wraps an ACME error with an exit code and a hint matched to the
+// Explain wraps an ACME error with a hint matched to the
 // problem type, and makes lego's multi-line errors one line.
 func Explain(err error) error {
 	return explain("", err)
@@ -207,28 +207,28 @@ func explain(prefix string, err error) error {
 	} else if prefix != "" {
 		msg = prefix + ": " + msg
 	}
-	e := &exit.Error{Code: exit.Failure, Msg: msg}
+	e := &hint.Error{Err: errors.New(msg)}
 	switch {
 	case errors.As(err, &rl):
-		e.Hint = "the CA's rate limit was hit; wait"
+		e.Text = "the CA's rate limit was hit; wait"
 		if rl.RetryAfter != "" {
-			e.Hint += fmt.Sprintf(" (Retry-After: %s)", rl.RetryAfter)
+			e.Text += fmt.Sprintf(" (Retry-After: %s)", rl.RetryAfter)
 		}
-		e.Hint += " before trying again, and use --staging while testing"
+		e.Text += " before trying again, and use --staging while testing"
 	case errors.As(err, &pd):
-		e.Hint = hintFor(pd.Type)
+		e.Text = hintFor(pd.Type)
 		for _, sp := range pd.SubProblems {
-			if e.Hint == "" {
-				e.Hint = hintFor(sp.Type)
+			if e.Text == "" {
+				e.Text = hintFor(sp.Type)
 			}
 		}
 	case strings.Contains(msg, "certificate signed by unknown authority"):
-		e.Hint = "the ACME server's TLS certificate is not trusted: pass its root with --ca-bundle"
+		e.Text = "the ACME server's TLS certificate is not trusted: pass its root with --ca-bundle"
 	case strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host"):
-		e.Hint = "check --server and that this host can reach the ACME server"
+		e.Text = "check --server and that this host can reach the ACME server"
 	}
-	if e.Hint == "" {
-		e.Hint = hintFor(msg)
+	if e.Text == "" {
+		e.Text = hintFor(msg)
 	}
 	return &caError{explained: e, cause: err}
 }

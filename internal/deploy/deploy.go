@@ -51,10 +51,19 @@ type Options struct {
 	DryRun        bool          // plan only: test nothing, reload nothing
 }
 
-// Runner deploys changes. Exec runs commands; tests replace it only in
-// unit tests, never in end-to-end ones.
+// Store is what deploy needs of the storage seam: the live paths the
+// load balancer reads and a way back to the previous version.
+type Store interface {
+	LivePaths(name string) store.Paths
+	ArchiveDir(name string) string
+	ReadKey(name string) ([]byte, error)
+	ReadFullchain(name string) ([]byte, error)
+	Rollback(name string, previous int) error
+}
+
+// Runner deploys changes.
 type Runner struct {
-	Store *store.Store
+	Store Store
 	Opts  Options
 }
 

@@ -27,8 +27,8 @@ type Reference struct {
 // one file from it is how HAProxy is meant to be used.
 func (r *Runner) References(ctx context.Context, name string, d store.Deploy) ([]Reference, error) {
 	paths := []string{
-		filepath.Join(r.Store.Dir, "live", name) + "/",
-		filepath.Join(r.Store.Dir, "archive", name) + "/",
+		r.Store.LivePaths(name).Dir + "/",
+		r.Store.ArchiveDir(name) + "/",
 	}
 	var text string
 	switch d.Target {

@@ -236,9 +236,9 @@ func TestBatchNamedFormat(t *testing.T) {
 		t.Fatalf("backoff not honoured: %d orders\n%s", e.pebble.Orders()-orders, r.stdout)
 	}
 
-	// --json: one object per row, with the statuses.
+	// --json: the run report, one item per row, with the outcomes.
 	r = e.run(e.batchArgs(csv, "--json", "--preflight=false", "--expect-ip", "127.0.0.1")...)
-	for _, want := range []string{`"status": "up to date"`, `"status": "invalid"`, `"format": "named"`, `"line": 7`} {
+	for _, want := range []string{`"version": 1`, `"command": "batch"`, `"outcome": "not_due"`, `"outcome": "invalid"`, `"format": "named"`, `"line": 7`} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("--json lacks %s:\n%s", want, r.stdout)
 		}
@@ -350,8 +350,8 @@ func TestBatchPacing(t *testing.T) {
 		t.Fatalf("second run: exit %d, %d orders\n%s", r.code, e.pebble.Orders()-orders, r.stdout)
 	}
 	// renew spends the same budget: a forced renew is deferred too.
-	r = e.run("renew", "--force", "--no-random-sleep", "--rate-orders", "2/1h")
-	if e.pebble.Orders()-orders != 2 || !strings.Contains(r.stdout, "0 renewed") || !strings.Contains(r.stdout, "2 waiting") {
+	r = e.run("renew", "--force", "--no-random-sleep", "--rate-orders", "2/1h", "--max-wait", "1s")
+	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stdout, "0 renewed") || !strings.Contains(r.stdout, "2 deferred") {
 		t.Fatalf("renew did not share the budget: exit %d, %d orders\n%s%s", r.code, e.pebble.Orders()-orders, r.stdout, r.stderr)
 	}
 	r = e.run(append(args, "--rate-orders", "off")...)

@@ -40,14 +40,21 @@ func TestIssueStandalone(t *testing.T) {
 		t.Fatalf("account key: %v", accounts)
 	}
 
-	// Same names again: nothing to do, no order, exit 0.
-	before := e.requests()
+	// Same names again: nothing to do, no order, exit 0. issue follows
+	// renew's due rule, so the first time it asks the CA's renewal window
+	// (ARI); the answer is saved, and a third run asks the CA nothing.
+	orders := e.pebble.Orders()
 	r = e.mustRun("issue", "-d", "shop.example.net", "-d", "www.shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test")
 	if !strings.Contains(r.stdout, "nothing to do") {
 		t.Fatalf("second issue: %q", r.stdout)
 	}
+	if n := e.pebble.Orders(); n != orders {
+		t.Fatalf("second issue placed %d orders", n-orders)
+	}
+	before := e.requests()
+	e.mustRun("issue", "-d", "shop.example.net", "-d", "www.shop.example.net", "--standalone", "--http-addr", addr, "--email", "ops@lbcert.test")
 	if n := e.requests(); n != before {
-		t.Fatalf("second issue sent %d requests to the CA", n-before)
+		t.Fatalf("third issue sent %d requests to the CA", n-before)
 	}
 	if e.leaf("shop.example.net").SerialNumber.Cmp(c1.SerialNumber) != 0 {
 		t.Fatal("second issue changed the certificate")

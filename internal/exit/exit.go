@@ -10,6 +10,8 @@ package exit
 import (
 	"errors"
 	"fmt"
+
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // Exit codes. Keep README.md and the root command's help in step with these.
@@ -51,9 +53,14 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// Errorf returns an *Error with code Failure.
+// HintText makes *Error a hint.Hinter.
+func (e *Error) HintText() string { return e.Hint }
+
+// Errorf returns an *Error with code Failure. It formats with
+// fmt.Errorf, so a %w argument stays in the chain for errors.Is/As and
+// for its hint.
 func Errorf(format string, args ...any) *Error {
-	return &Error{Code: Failure, Msg: fmt.Sprintf(format, args...)}
+	return &Error{Code: Failure, Err: fmt.Errorf(format, args...)}
 }
 
 // WithHint returns e with its hint set, for chaining at the call site.
@@ -75,17 +82,6 @@ func Code(err error) int {
 	return Failure
 }
 
-// Hint returns the first hint found in err's chain, or "".
-func Hint(err error) string {
-	for err != nil {
-		var e *Error
-		if !errors.As(err, &e) {
-			return ""
-		}
-		if e.Hint != "" {
-			return e.Hint
-		}
-		err = e.Err
-	}
-	return ""
-}
+// Hint returns the first hint found in err's chain, or "": an *Error's
+// own, or one offered by a core package through hint.Hinter.
+func Hint(err error) string { return hint.Of(err) }

@@ -1,12 +1,13 @@
-// Package issuer turns a lineage's settings into a saved certificate: it
-// answers HTTP-01 through the lineage's webroot or a shared standalone
-// listener, orders through acme, saves through store, and hands back the
-// deploy.Change for the run's single deploy step.
+// Package issuer is the engine's way to the CA: it answers HTTP-01
+// through a lineage's webroot or a shared standalone listener, orders
+// through acme, and returns the checked certificate. It never saves,
+// never deploys and never decides what is due: the engine does that.
 //
-// It is what issue, renew and batch share. It keeps one ACME client per
-// (server, email) and one listener per standalone address for the whole
-// run, so a batch of 500 certificates registers nothing twice and binds
-// each port once. It never deploys and never decides what is due.
+// It keeps one ACME client per (server, email) and one listener per
+// port for the whole run, so a batch of 500 certificates registers
+// nothing twice and binds each port once. Account options are built
+// lazily on the first order, so a run with nothing due reads no account
+// key and no EAB secret.
 package issuer
 
 import (
@@ -14,30 +15,33 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
-	"time"
 
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Issuer is one run's access to the CA.
 type Issuer struct {
-	Store *store.Store
 	// Account returns the options for (server, email); the caller knows
-	// the CA bundle, ToS and EAB settings.
-	Account func(server, email string) acme.Options
-	Now     func() time.Time
+	// the CA bundle, ToS and EAB settings. It is called once per pair,
+	// on first use.
+	Account func(server, email string) (acme.Options, error)
 
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
-	listeners map[string]*challenge.Standalone
+	listeners map[string]*listener // by port
+}
+
+type listener struct {
+	s   *challenge.Standalone
+	err error
 }
 
 type clientOnce struct {
@@ -60,28 +64,90 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 		is.clients[key] = co
 	}
 	is.mu.Unlock()
-	co.once.Do(func() { co.c, co.err = acme.New(ctx, is.Account(server, email)) })
+	co.once.Do(func() {
+		o, err := is.Account(server, email)
+		if err == nil {
+			co.c, err = acme.New(ctx, o)
+		}
+		if err != nil {
+			co.err = &AccountError{Server: server, Err: err}
+		}
+	})
 	return co.c, co.err
 }
 
-// Listen binds the standalone listener for addr now, or returns the one
-// already bound. Callers bind before taking the lock or asking the CA, so
-// a port in use is reported as bad input.
-func (is *Issuer) Listen(addr string) (*challenge.Standalone, error) {
+// AccountError is a failure to set up the account itself (settings, a
+// secret, registration), not anything about one lineage's names: the
+// engine gives it no per-lineage backoff.
+type AccountError struct {
+	Server string
+	Err    error
+}
+
+func (e *AccountError) Error() string { return e.Err.Error() }
+func (e *AccountError) Unwrap() error { return e.Err }
+
+// ForgetClient drops the cached client for (server, email), so that the
+// next Client call loads or registers the account afresh.
+func (is *Issuer) ForgetClient(server, email string) {
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	delete(is.clients, server+"\x00"+email)
+}
+
+// PortOf returns the port part of a listen address, the key under which
+// one run keeps one listener: ":8888" and "127.0.0.1:8888" are the same
+// listener, or the second bind would fail against the first.
+func PortOf(addr string) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return port
+}
+
+// BindAll binds one listener per port for addrs. Addresses that share a
+// port but name different hosts are served by one wildcard listener on
+// that port, which answers on every one of them. It returns the error of
+// each port that could not be bound, keyed by port.
+func (is *Issuer) BindAll(addrs []string) map[string]error {
+	hosts := map[string]map[string]bool{}
+	var order []string
+	for _, a := range addrs {
+		p := PortOf(a)
+		if hosts[p] == nil {
+			hosts[p] = map[string]bool{}
+			order = append(order, p)
+		}
+		h, _, err := net.SplitHostPort(a)
+		if err != nil {
+			h = ""
+		}
+		hosts[p][h] = true
+	}
+	errs := map[string]error{}
 	is.mu.Lock()
 	defer is.mu.Unlock()
 	if is.listeners == nil {
-		is.listeners = map[string]*challenge.Standalone{}
+		is.listeners = map[string]*listener{}
 	}
-	if l, ok := is.listeners[addr]; ok {
-		return l, nil
+	for _, p := range order {
+		if _, ok := is.listeners[p]; ok {
+			continue
+		}
+		addr := ":" + p
+		if len(hosts[p]) == 1 {
+			for h := range hosts[p] {
+				addr = net.JoinHostPort(h, p)
+			}
+		}
+		s, err := challenge.Listen(addr)
+		is.listeners[p] = &listener{s: s, err: err}
+		if err != nil {
+			errs[p] = err
+		}
 	}
-	l, err := challenge.Listen(addr)
-	if err != nil {
-		return nil, err
-	}
-	is.listeners[addr] = l
-	return l, nil
+	return errs
 }
 
 // Close stops every listener.
@@ -89,50 +155,45 @@ func (is *Issuer) Close() {
 	is.mu.Lock()
 	defer is.mu.Unlock()
 	for _, l := range is.listeners {
-		l.Close()
+		if l.s != nil {
+			l.s.Close()
+		}
 	}
 	is.listeners = nil
 }
 
-// Provider returns the HTTP-01 responder for c: a webroot, or the shared
-// standalone listener of its address.
-func (is *Issuer) Provider(c store.Challenge) (legochallenge.Provider, error) {
+// Responder returns the HTTP-01 responder for c: a webroot, or the
+// shared standalone listener of its port (bound now if BindAll did not).
+func (is *Issuer) Responder(c store.Challenge) (legochallenge.Provider, error) {
 	switch c.Mode {
 	case "webroot":
 		return &challenge.Webroot{Root: c.Webroot}, nil
 	case "standalone":
-		l, err := is.Listen(c.HTTPAddr)
-		if err != nil {
-			return nil, exit.Errorf("%v", err)
+		if errs := is.BindAll([]string{c.HTTPAddr}); errs[PortOf(c.HTTPAddr)] != nil {
+			return nil, errs[PortOf(c.HTTPAddr)]
 		}
-		return l, nil
+		is.mu.Lock()
+		l := is.listeners[PortOf(c.HTTPAddr)]
+		is.mu.Unlock()
+		if l.err != nil {
+			return nil, l.err
+		}
+		return l.s, nil
 	}
 	return nil, fmt.Errorf("unknown challenge mode %q", c.Mode)
 }
 
-// Request is one certificate to obtain for a lineage.
-type Request struct {
-	// Lineage holds the settings; Cert, Version and IssuedAt are filled
-	// in from the new certificate.
-	Lineage store.Lineage
-	// ReuseKey is the PEM key to reuse, if any.
-	ReuseKey []byte
-	// Replaces is the RFC 9773 CertID of the certificate being renewed.
-	Replaces string
-	// DryRun orders the certificate but saves nothing.
-	DryRun bool
+// Order is one certificate to obtain for a lineage.
+type Order struct {
+	Lineage  store.Lineage // the settings: names, server, account, key type, profile, challenge
+	ReuseKey []byte        // PEM key to reuse, if any
+	Replaces string        // RFC 9773 CertID of the certificate being renewed
 }
 
-// Obtained is a certificate obtained (and, unless DryRun, saved).
-type Obtained struct {
-	Lineage store.Lineage
-	Change  deploy.Change
-}
-
-// Obtain orders, checks and saves one certificate.
-func (is *Issuer) Obtain(ctx context.Context, r Request) (*Obtained, error) {
-	l := r.Lineage
-	p, err := is.Provider(l.Challenge)
+// Obtain orders and checks one certificate. It saves nothing.
+func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
+	l := o.Lineage
+	p, err := is.Responder(l.Challenge)
 	if err != nil {
 		return nil, err
 	}
@@ -142,44 +203,35 @@ func (is *Issuer) Obtain(ctx context.Context, r Request) (*Obtained, error) {
 	}
 	slog.Info("requesting certificate", "name", l.Name, "domains", strings.Join(l.Domains, ","), "challenge", l.Challenge.Mode)
 	res, err := client.Obtain(acme.Request{
-		Domains: l.Domains, KeyType: l.KeyType, Profile: l.Profile, Key: r.ReuseKey, Provider: p, Replaces: r.Replaces,
+		Domains: l.Domains, KeyType: l.KeyType, Profile: l.Profile, Key: o.ReuseKey, Provider: p, Replaces: o.Replaces,
 	})
 	if err != nil {
 		return nil, withChallengeHint(err, l)
 	}
-	l.Cert = res.Info
-	l.IssuedAt = is.Now().UTC()
-	out := &Obtained{Lineage: l, Change: deploy.Change{
-		Name: l.Name, Domains: l.Domains, Serial: res.Info.Serial, Deploy: l.Deploy,
-	}}
-	if r.DryRun {
-		return out, nil
-	}
-	// A Ctrl-C that arrived while the CA answered: the certificate is
-	// valid and paid for in rate limit, so keeping it is the better half
-	// of the bargain; the save is atomic either way.
-	version, previous, err := is.Store.Save(&l, res.Files)
+	return res, nil
+}
+
+// RenewalInfo asks the lineage's CA for the ARI window of fullchain.
+func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+	client, err := is.Client(ctx, l.Server, l.Email)
 	if err != nil {
-		return nil, exit.Errorf("save %s: %v", l.Name, err).
-			WithHint("the previous certificate, if any, is still live; check free space and permissions under %s", is.Store.Dir)
+		return nil, err
 	}
-	out.Lineage.Version = version
-	out.Change.Previous = previous
-	return out, nil
+	return client.RenewalInfo(fullchain)
 }
 
 // withChallengeHint replaces a generic HTTP-01 hint with one that names
 // the set-up in use, which is what the user has to check.
 func withChallengeHint(err error, l store.Lineage) error {
-	var e *exit.Error
-	if !errors.As(err, &e) || !strings.Contains(e.Hint, "/.well-known/acme-challenge/") {
+	var e *hint.Error
+	if !errors.As(err, &e) || !strings.Contains(e.Text, "/.well-known/acme-challenge/") {
 		return err
 	}
 	names := strings.Join(l.Domains, ", ")
 	if l.Challenge.Mode == "webroot" {
-		e.Hint = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", l.Challenge.Webroot, names)
+		e.Text = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", l.Challenge.Webroot, names)
 	} else {
-		e.Hint = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", names, l.Challenge.HTTPAddr)
+		e.Text = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", names, l.Challenge.HTTPAddr)
 	}
 	return err
 }

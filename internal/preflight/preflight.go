@@ -23,7 +23,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // Responder is where a token is put for the route check: the same
@@ -125,8 +125,8 @@ func (c *Checker) DNS(ctx context.Context, name string) error {
 			why = append(why, fmt.Sprintf("it resolves to %s, which is not --expect-ip", strings.Join(stray, ", ")))
 		}
 	}
-	return exit.Errorf("pre-flight DNS %s: %s", name, strings.Join(why, "; ")).
-		WithHint("point %s at this load balancer (A/AAAA to --expect-ip, or CNAME to --expect-cname) before ordering; nothing was sent to the CA", name)
+	return hint.Errorf(fmt.Sprintf("point %s at this load balancer (A/AAAA to --expect-ip, or CNAME to --expect-cname) before ordering; nothing was sent to the CA", name),
+		"pre-flight DNS %s: %s", name, strings.Join(why, "; "))
 }
 
 func dnsErr(err error) string {
@@ -148,7 +148,7 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 	defer cancel()
 	token, value := randomToken(), "lbcert-preflight."+randomToken()
 	if err := r.Present(name, token, value); err != nil {
-		return exit.Errorf("pre-flight HTTP %s: %v", name, err)
+		return fmt.Errorf("pre-flight HTTP %s: %w", name, err)
 	}
 	defer r.CleanUp(name, token, value)
 
@@ -182,19 +182,19 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 	client := &http.Client{Transport: tr}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("User-Agent", "lbcert-preflight")
-	hint := fmt.Sprintf("the CA will fetch http://%s:%d%s<token>: route that path to lbcert (HAProxy: an ACL on path_beg %s; nginx: a location serving the webroot); if this host cannot reach its own public address, pass --preflight=false",
+	route := fmt.Sprintf("the CA will fetch http://%s:%d%s<token>: route that path to lbcert (HAProxy: an ACL on path_beg %s; nginx: a location serving the webroot); if this host cannot reach its own public address, pass --preflight=false",
 		name, port, challenge.PathPrefix, challenge.PathPrefix)
 	resp, err := client.Do(req)
 	if err != nil {
-		return exit.Errorf("pre-flight HTTP %s: %v", name, flatten(err)).WithHint("%s", hint)
+		return hint.Errorf(route, "pre-flight HTTP %s: %s", name, flatten(err))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode != http.StatusOK {
-		return exit.Errorf("pre-flight HTTP %s: GET %s: %s", name, url, resp.Status).WithHint("%s", hint)
+		return hint.Errorf(route, "pre-flight HTTP %s: GET %s: %s", name, url, resp.Status)
 	}
 	if strings.TrimSpace(string(body)) != value {
-		return exit.Errorf("pre-flight HTTP %s: GET %s answered, but not with lbcert's token", name, url).WithHint("%s", hint)
+		return hint.Errorf(route, "pre-flight HTTP %s: GET %s answered, but not with lbcert's token", name, url)
 	}
 	return nil
 }

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 func listen(t *testing.T) (*challenge.Standalone, int) {
@@ -36,8 +36,8 @@ func TestHTTPRoute(t *testing.T) {
 		t.Fatalf("route to the listener: %v", err)
 	}
 	err := c.HTTP(ctx, "localhost", other)
-	if err == nil || !strings.Contains(err.Error(), "404 Not Found") || !strings.Contains(exit.Hint(err), "path_beg /.well-known/acme-challenge/") {
-		t.Fatalf("route to another listener: %v (hint %q)", err, exit.Hint(err))
+	if err == nil || !strings.Contains(err.Error(), "404 Not Found") || !strings.Contains(hint.Of(err), "path_beg /.well-known/acme-challenge/") {
+		t.Fatalf("route to another listener: %v (hint %q)", err, hint.Of(err))
 	}
 	closed := &Checker{HTTPPort: 1}
 	if err := closed.HTTP(ctx, "localhost", good); err == nil || !strings.Contains(err.Error(), "refused") {
@@ -52,7 +52,7 @@ func TestDNS(t *testing.T) {
 		t.Fatalf("localhost to loopback: %v", err)
 	}
 	err := (&Checker{ExpectIPs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}}).DNS(ctx, "localhost")
-	if err == nil || !strings.Contains(err.Error(), "which is not --expect-ip") || !strings.Contains(exit.Hint(err), "nothing was sent to the CA") {
+	if err == nil || !strings.Contains(err.Error(), "which is not --expect-ip") || !strings.Contains(hint.Of(err), "nothing was sent to the CA") {
 		t.Fatalf("wrong address: %v", err)
 	}
 	if (&Checker{}).DNSEnabled() {

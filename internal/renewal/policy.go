@@ -136,17 +136,25 @@ func ApplyARI(st store.Status, serial string, start, end time.Time, retryAfter t
 // RandInt64N is the production source for ApplyARI.
 func RandInt64N(n int64) int64 { return rand.Int64N(n) }
 
-// Backoff after consecutive failures: 1h, 2h, 4h, ... capped at 24h, so
-// a broken domain cannot burn the CA's failed-validation limit from cron.
+// MaxBackoff is the longest wait after failures. It ends a little before
+// the next daily run: the engine counts the backoff from the start of the
+// failed run and checks it when the next run's work starts (after its
+// random delay), so a daily cron retries a failing lineage every day,
+// not every other day as a cap of exactly 24 hours would.
+const MaxBackoff = 24*time.Hour - 10*time.Minute
+
+// Backoff after consecutive failures: 1h, 2h, 4h, ... capped at
+// MaxBackoff, so a broken domain cannot burn the CA's failed-validation
+// limit from cron.
 func Backoff(failures int) time.Duration {
 	if failures <= 0 {
 		return 0
 	}
 	d := time.Hour
-	for i := 1; i < failures && d < 24*time.Hour; i++ {
+	for i := 1; i < failures && d < MaxBackoff; i++ {
 		d *= 2
 	}
-	return min(d, 24*time.Hour)
+	return min(d, MaxBackoff)
 }
 
 // Failed records a failed attempt at now.

@@ -83,7 +83,7 @@ func TestApplyARIPicksOnceAndHonoursRetryAfter(t *testing.T) {
 }
 
 func TestBackoff(t *testing.T) {
-	want := []time.Duration{0, time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour, 16 * time.Hour, 24 * time.Hour, 24 * time.Hour}
+	want := []time.Duration{0, time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour, 16 * time.Hour, MaxBackoff, MaxBackoff}
 	for n, w := range want {
 		if got := Backoff(n); got != w {
 			t.Errorf("Backoff(%d) = %v, want %v", n, got, w)

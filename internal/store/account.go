@@ -100,3 +100,13 @@ func safeName(s string) string {
 	}
 	return strings.TrimLeft(out, ".")
 }
+
+// RemoveAccount forgets the account for (server, email): the CA said it
+// no longer knows it, and the next use registers a new one.
+func (s *Store) RemoveAccount(server, email string) error {
+	err := os.RemoveAll(s.AccountDir(server, email))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}

@@ -31,6 +31,21 @@ type Status struct {
 	LastError   string    `json:"last_error,omitempty"`
 	LastAttempt time.Time `json:"last_attempt,omitzero"`
 	NextAttempt time.Time `json:"next_attempt,omitzero"`
+
+	// Pending is a version that was obtained and saved but is not known
+	// to be deployed: written before live/ is switched to it, cleared
+	// once the load balancer serves it. A run that finds one deploys it
+	// instead of ordering again (a failed deploy must not burn the CA's
+	// five-per-week limit on the same names).
+	Pending *Pending `json:"pending,omitempty"`
+}
+
+// Pending is a deploy still owed.
+type Pending struct {
+	Version  int       `json:"version"`
+	Previous int       `json:"previous"` // live before it; 0 for a new lineage
+	Since    time.Time `json:"since"`
+	Error    string    `json:"error,omitempty"` // why the last deploy failed
 }
 
 func (s *Store) statusPath(name string) string {

@@ -159,7 +159,20 @@ func (s *Store) Load(name string) (*Lineage, error) {
 	if err := names.Lineage(name); err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(filepath.Join(s.Dir, "live", name, MetaFile))
+	return s.readMeta(name, filepath.Join(s.Dir, "live", name, MetaFile))
+}
+
+// LoadVersion reads the metadata of one archived version, live or not:
+// a pending deploy is a version that is not live.
+func (s *Store) LoadVersion(name string, version int) (*Lineage, error) {
+	if err := names.Lineage(name); err != nil {
+		return nil, err
+	}
+	return s.readMeta(name, filepath.Join(s.ArchiveDir(name), strconv.Itoa(version), MetaFile))
+}
+
+func (s *Store) readMeta(name, path string) (*Lineage, error) {
+	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
@@ -174,6 +187,11 @@ func (s *Store) Load(name string) (*Lineage, error) {
 		return nil, fmt.Errorf("lineage %q: written by a newer lbcert (format %d)", name, l.Format)
 	}
 	return &l, nil
+}
+
+// ArchiveDir is the directory holding every version of lineage name.
+func (s *Store) ArchiveDir(name string) string {
+	return filepath.Join(s.Dir, "archive", name)
 }
 
 // ReadKey returns the current private key PEM of lineage name.
@@ -211,20 +229,35 @@ func (s *Store) Names() ([]string, error) {
 // live. It returns the version number now live and the one it replaced
 // (0 when the lineage is new), so a failed deploy can roll back.
 func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error) {
-	if err := names.Lineage(l.Name); err != nil {
+	previous, _ = s.LiveVersion(l.Name)
+	if version, err = s.SaveVersion(l, files); err != nil {
 		return 0, 0, err
+	}
+	if err := s.Activate(l.Name, version); err != nil {
+		return 0, 0, err
+	}
+	return version, previous, nil
+}
+
+// SaveVersion writes files and l as a new archived version of lineage
+// l.Name without making it live, and returns its number. The engine
+// records a pending deploy between SaveVersion and Activate, so a kill
+// at any moment leaves either the old version live with nothing to do,
+// or a journal entry that the next run finishes.
+func (s *Store) SaveVersion(l *Lineage, files Files) (version int, err error) {
+	if err := names.Lineage(l.Name); err != nil {
+		return 0, err
 	}
 	archive := filepath.Join(s.Dir, "archive", l.Name)
 	live := filepath.Join(s.Dir, "live")
 	for _, d := range []string{s.Dir, filepath.Join(s.Dir, "archive"), archive, live} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 	}
-	previous, _ = s.liveVersion(l.Name)
 	versions, err := s.versions(l.Name)
 	if err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 	version = 1
 	if n := len(versions); n > 0 {
@@ -234,7 +267,7 @@ func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error)
 	l.Version = version
 	meta, err := json.MarshalIndent(l, "", "  ")
 	if err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 
 	// Versions half-written by a run that was killed are never live;
@@ -246,7 +279,7 @@ func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error)
 	}
 	tmp := filepath.Join(archive, fmt.Sprintf(".tmp-%d-%d", version, os.Getpid()))
 	if err := os.Mkdir(tmp, 0o700); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 	committed := false
 	defer func() {
@@ -267,30 +300,27 @@ func (s *Store) Save(l *Lineage, files Files) (version, previous int, err error)
 	}
 	for _, st := range steps {
 		if err := writeNew(filepath.Join(tmp, st.name), st.data, st.perm); err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 		if err := s.step("write " + st.name); err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 	}
 	if err := syncDir(tmp); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 	final := filepath.Join(archive, strconv.Itoa(version))
 	if err := os.Rename(tmp, final); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 	committed = true
 	if err := syncDir(archive); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
 	if err := s.step("archive"); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
-	if err := s.Activate(l.Name, version); err != nil {
-		return 0, 0, err
-	}
-	return version, previous, nil
+	return version, nil
 }
 
 // Activate makes an existing version of lineage name live. Rollback after
@@ -356,8 +386,8 @@ func (s *Store) versions(name string) ([]int, error) {
 	return out, nil
 }
 
-// liveVersion returns the version live/<name> points at.
-func (s *Store) liveVersion(name string) (int, error) {
+// LiveVersion returns the version live/<name> points at.
+func (s *Store) LiveVersion(name string) (int, error) {
 	target, err := os.Readlink(filepath.Join(s.Dir, "live", name))
 	if err != nil {
 		return 0, err
@@ -370,4 +400,42 @@ func (s *Store) step(name string) error {
 		return nil
 	}
 	return s.afterWrite(name)
+}
+
+// Prune removes archived versions of lineage name beyond the newest keep,
+// never the live one or any in protect (a pending deploy). It returns the
+// versions removed. Old private keys are a liability, not a backup: the
+// live version and the ones before it are enough to roll back.
+func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
+	if err := names.Lineage(name); err != nil {
+		return nil, err
+	}
+	if keep < 1 {
+		keep = 1
+	}
+	versions, err := s.versions(name)
+	if err != nil {
+		return nil, err
+	}
+	live, _ := s.LiveVersion(name)
+	keepSet := map[int]bool{live: true}
+	for _, v := range protect {
+		keepSet[v] = true
+	}
+	var removed []int
+	for i, v := range versions {
+		if len(versions)-i <= keep || keepSet[v] {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v))); err != nil {
+			return removed, err
+		}
+		removed = append(removed, v)
+	}
+	if len(removed) > 0 {
+		if err := syncDir(s.ArchiveDir(name)); err != nil {
+			return removed, err
+		}
+	}
+	return removed, nil
 }

@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/issuer"
+	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/preflight"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// runSpec is what a command asks of one engine run.
+type runSpec struct {
+	command     string
+	limits      pace.Limits
+	preflight   *preflight.Checker
+	concurrency int
+	days        int
+	dryRun      bool
+	maxWait     time.Duration
+	randomDelay time.Duration
+	waitLock    time.Duration
+	observe     func(*engine.Item)
+}
+
+// runEngine is the one driver of issue, batch and renew: take the lock,
+// build the jobs under it (so they see what another run just saved),
+// plan, execute. Listeners are bound inside the run, after the lock, so
+// a second run exits "locked" (3) rather than "port in use".
+func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() ([]engine.Job, error)) (*engine.Result, error) {
+	lock, err := a.renewLock(ctx, st, spec.waitLock)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+	js, err := jobs()
+	if err != nil {
+		return nil, err
+	}
+	budget, err := a.openBudget(st, spec.limits)
+	if err != nil {
+		return nil, err
+	}
+	is := &issuer.Issuer{Account: a.lazyAccount(st, spec.dryRun)}
+	defer is.Close()
+	e := &engine.Engine{
+		Store:  st,
+		CA:     is,
+		Deploy: &deploy.Runner{Store: st},
+		Budget: budget,
+		Opts: engine.Options{
+			Command:     spec.command,
+			Concurrency: spec.concurrency,
+			Days:        spec.days,
+			DryRun:      spec.dryRun,
+			MaxWait:     spec.maxWait,
+			RandomDelay: spec.randomDelay,
+			Preflight:   spec.preflight,
+			Now:         a.now,
+			Observe:     spec.observe,
+		},
+	}
+	plan, err := e.Plan(ctx, js)
+	if err != nil {
+		return nil, exit.Errorf("%w", err)
+	}
+	return plan.Execute(ctx), nil
+}
+
+// lazyAccount builds the account options on the first order, not
+// before: a run with nothing due reads no EAB secret (gh's Factory).
+func (a *app) lazyAccount(st *store.Store, dryRun bool) func(server, email string) (acme.Options, error) {
+	var once sync.Once
+	var base acme.Options
+	var err error
+	return func(server, email string) (acme.Options, error) {
+		once.Do(func() { base, err = a.accountBase(st) })
+		if err != nil {
+			return acme.Options{}, err
+		}
+		o := base
+		o.Server, o.Email = server, email
+		if dryRun {
+			o.AgreeTOS = true // a dry run against staging needs its own account
+		}
+		if acme.NeedsTOS(o) {
+			return o, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+		}
+		return o, nil
+	}
+}
+
+// exitCode is the one rule, for every command that runs the engine
+// (README "Exit codes"):
+//
+//	130 the run was interrupted (what was obtained is saved and deployed)
+//	  0 every item is in place: issued, renewed, deployed or not due
+//	  1 nothing is in place and nothing was deferred: everything failed
+//	  2 anything else: some items failed or were deferred to a later run
+//	    (backoff, budget, the CA's Retry-After) while others are fine, or
+//	    all were deferred
+func exitCode(res *engine.Result) int {
+	if res.Interrupted {
+		return exit.Interrupted
+	}
+	deferred := res.Counts[engine.Deferred]
+	notDone := len(res.Items) - res.Done()
+	switch {
+	case notDone == 0:
+		return exit.OK
+	case res.Done() == 0 && deferred == 0:
+		return exit.Failure
+	default:
+		return exit.Partial
+	}
+}
+
+// finish turns a rendered result and the mail outcome into the command's
+// error: the run's own code wins; a mail failure alone makes it partial.
+func finish(res *engine.Result, mailErr error) error {
+	switch code := exitCode(res); code {
+	case exit.OK:
+		return mailErr
+	case exit.Interrupted:
+		return &exit.Error{Code: code, Msg: "interrupted; certificates already obtained are saved and deployed; run the same command again to finish"}
+	default:
+		return exit.Reported(code)
+	}
+}
+
+// printJSON writes the run report in the one versioned schema.
+func (a *app) printJSON(v any) {
+	enc := json.NewEncoder(a.out)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// renewLock takes the state-directory lock, waiting up to wait for it.
+func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration) (*store.Lock, error) {
+	if wait <= 0 {
+		return a.lock(st)
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	l, err := st.WaitLock(wctx)
+	var le *store.LockedError
+	if errors.As(err, &le) {
+		return nil, &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, wait)}
+	}
+	if err != nil {
+		return nil, exit.Errorf("%w", err)
+	}
+	return l, nil
+}

@@ -1,0 +1,774 @@
+// Package engine is lbcert's one run pipeline. issue, batch and renew
+// (and, later, a long-running agent on a ticker) build Jobs, call Plan,
+// then Execute, and render the Result; none of them orders, saves or
+// deploys by itself.
+//
+// One run, start to end:
+//
+//  1. Plan decides per job, reading only the storage seam (lineage
+//     metadata and status, never an account key or a secret): new, due
+//     (renewal's one rule: critical, --days, ARI, lifetime), not due, ARI
+//     to ask, or a pending deploy to finish.
+//  2. Execute works the plan through one worker pool of Concurrency
+//     workers. Per job: take the lineage's lease, ask ARI if needed, check
+//     the failure backoff when the work starts (after the random cron
+//     delay, not before it), pre-flight, reserve the pace budget (waiting
+//     up to MaxWait), obtain, save the version, journal it as pending,
+//     switch live/ to it.
+//  3. Deploy runs once for the whole run, grouped by load balancer, with
+//     a context that an interrupt does not cancel: whatever was obtained
+//     is deployed. A certificate whose deploy failed is rolled back and
+//     stays pending; later runs deploy it instead of ordering again.
+//  4. The Result holds one typed Item per job; the command renders it and
+//     maps it to an exit code.
+//
+// The engine never imports cobra or package exit: errors carry hints
+// through package hint, and only cmd/lbcert turns a Result into an exit
+// code.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	legochallenge "github.com/go-acme/lego/v4/challenge"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/issuer"
+	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/preflight"
+	"github.com/lbcert/lbcert/internal/renewal"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// CA is the engine's way to the ACME server; *issuer.Issuer is the real
+// one, engine tests use a fake.
+type CA interface {
+	// BindAll binds the standalone listeners for addrs, one per port,
+	// and returns the error of each port that failed.
+	BindAll(addrs []string) map[string]error
+	Responder(c store.Challenge) (legochallenge.Provider, error)
+	Obtain(ctx context.Context, o issuer.Order) (*acme.Result, error)
+	RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error)
+}
+
+// Deployer puts certificates in front of users; *deploy.Runner is the
+// real one.
+type Deployer interface {
+	Run(ctx context.Context, changes []deploy.Change) []deploy.Result
+}
+
+// Budget is the client-side pace budget, shared by every command;
+// *pace.Budget is the real one.
+type Budget interface {
+	Reserve(k pace.Key, names []string) error
+	FailedAuthz(k pace.Key, names []string) error
+	Block(k pace.Key, until time.Time) error
+	Flush() error
+}
+
+// Job is one certificate the command wants in place.
+type Job struct {
+	// Lineage holds the wanted settings: Name and Domains, the server and
+	// account, key type, profile, challenge, deploy and mail. For renew
+	// it is the saved lineage itself.
+	Lineage store.Lineage
+	// Line is the CSV line of a batch row, for the report.
+	Line int
+	// Force orders even when the certificate is valid and not due, and
+	// ignores the failure backoff.
+	Force bool
+	// ReuseKey keeps the live version's private key.
+	ReuseKey bool
+}
+
+// Options are a run's switches; the zero value is a sensible default
+// for everything but Command.
+type Options struct {
+	Command     string // "issue", "batch", "renew": names the report
+	Concurrency int    // workers; default 8
+	Days        int    // --days: due when fewer than this many days remain
+	DryRun      bool   // order, but save, deploy and charge nothing
+	// MaxWait is how long a job may wait for the pace budget or a short
+	// Retry-After before it is deferred to a later run.
+	MaxWait time.Duration
+	// RandomDelay is the longest random pause before the run's first
+	// order (cron runs), so that hosts do not hit the CA in step.
+	RandomDelay time.Duration
+	// Preflight checks names before ordering; nil skips it.
+	Preflight *preflight.Checker
+	// KeepVersions is how many archived versions a lineage keeps after
+	// a successful deploy, the live one included (default 3).
+	KeepVersions int
+	// LeaseTTL bounds how long a stalled holder keeps a lineage.
+	LeaseTTL time.Duration
+
+	Now   func() time.Time
+	Rand  func(n int64) int64                             // [0, n); for the ARI pick and the delay
+	Sleep func(ctx context.Context, d time.Duration) bool // false when ctx ended first
+	// Observe is called once per finished item, from the worker that
+	// finished it (progress bars, log lines).
+	Observe func(*Item)
+}
+
+// Engine runs plans against one storage backend.
+type Engine struct {
+	Store  store.Backend
+	CA     CA
+	Deploy Deployer
+	Budget Budget
+	Opts   Options
+}
+
+func (e *Engine) now() time.Time {
+	if e.Opts.Now != nil {
+		return e.Opts.Now()
+	}
+	return time.Now()
+}
+
+func (e *Engine) rand(n int64) int64 {
+	if n <= 0 {
+		return 0
+	}
+	if e.Opts.Rand != nil {
+		return e.Opts.Rand(n)
+	}
+	return renewal.RandInt64N(n)
+}
+
+func (e *Engine) sleep(ctx context.Context, d time.Duration) bool {
+	if e.Opts.Sleep != nil {
+		return e.Opts.Sleep(ctx, d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// action is what the plan does with a job.
+type action int
+
+const (
+	actNone          action = iota // outcome already decided
+	actOrder                       // obtain a certificate
+	actCheckARI                    // ask the CA's renewal window, then maybe order
+	actDeployPending               // deploy a version obtained by an earlier run
+)
+
+type step struct {
+	job     Job
+	item    *Item
+	act     action
+	prev    *store.Lineage // live version, if any
+	status  store.Status
+	pending *store.Lineage // the pending version's metadata
+	ari     bool           // the CA offers ARI for this lineage
+	replace bool           // an ARI renewal of prev: send "replaces"
+}
+
+// Plan is a decided run, ready to Execute.
+type Plan struct {
+	e       *Engine
+	steps   []*step
+	started time.Time
+}
+
+// Plan decides what each job needs. It reads lineage metadata and
+// status only, and writes nothing.
+func (e *Engine) Plan(ctx context.Context, jobs []Job) (*Plan, error) {
+	now := e.now()
+	p := &Plan{e: e, started: now}
+	for _, j := range jobs {
+		s := &step{job: j, item: &Item{Name: j.Lineage.Name, Line: j.Line, Domains: j.Lineage.Domains, mail: j.Lineage.Mail}}
+		e.decide(s, now)
+		p.steps = append(p.steps, s)
+	}
+	return p, nil
+}
+
+func (e *Engine) decide(s *step, now time.Time) {
+	name := s.job.Lineage.Name
+	prev, err := e.Store.Load(name)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		s.item.Outcome = Failed
+		s.item.Error = oneLine(err)
+		s.item.Hint = fmt.Sprintf("move the broken lineage %s aside, or issue it under another name", e.Store.LivePaths(name).Dir)
+		return
+	}
+	s.prev = prev
+	s.status, _ = e.Store.ReadStatus(name)
+	if prev != nil {
+		s.item.OldSerial = prev.Cert.Serial
+		s.item.OldNotAfter = timePtr(prev.Cert.NotAfter)
+		s.item.life = prev.Cert.NotAfter.Sub(prev.Cert.NotBefore)
+		s.ari = !now.Before(s.status.ARIUnsupported) && prev.Cert.ARICertID != ""
+	}
+	same := prev != nil && sameNames(prev.Domains, s.job.Lineage.Domains)
+
+	// A certificate obtained earlier and never deployed comes first: it
+	// is valid and paid for, and ordering again would spend the CA's
+	// five-per-week limit on the same names.
+	if pend := s.status.Pending; pend != nil && !s.job.Force && !e.Opts.DryRun {
+		pl, err := e.Store.LoadVersion(name, pend.Version)
+		if err == nil && sameNames(pl.Domains, s.job.Lineage.Domains) {
+			d := renewal.Decide(pl.Cert, store.Status{}, now, renewal.Options{Days: e.Opts.Days})
+			if !d.Due {
+				s.act, s.pending = actDeployPending, pl
+				s.item.Reason = "pending deploy"
+				s.item.Pending = pend.Error
+				return
+			}
+		}
+		// Gone, expired or for other names: forget it and decide afresh.
+		s.status.Pending = nil
+	}
+
+	switch {
+	case prev == nil:
+		s.act, s.item.Reason = actOrder, "new"
+		return
+	case !same:
+		s.act, s.item.Reason = actOrder, "names changed"
+		return
+	case s.job.Force:
+		s.act, s.item.Reason = actOrder, string(renewal.Forced)
+		s.replace = s.ari
+		return
+	}
+	d := renewal.Decide(prev.Cert, s.status, now, renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari})
+	s.item.Reason, s.item.DueAt = string(d.Reason), timePtr(d.At)
+	switch {
+	case d.Due:
+		s.act, s.replace, s.item.dueNow = actOrder, s.ari, true
+	case d.CheckARI:
+		s.act = actCheckARI
+	default:
+		s.item.Outcome = NotDue
+	}
+}
+
+// Execute works the plan: one pool of workers for every order, then one
+// deploy for the whole run. The context cancels new work; what was
+// obtained before the cancel is saved and deployed all the same.
+func (p *Plan) Execute(ctx context.Context) *Result {
+	e := p.e
+	res := &Result{Version: SchemaVersion, Command: e.Opts.Command, DryRun: e.Opts.DryRun, Started: p.started}
+	r := &run{e: e, ctx: ctx, started: p.started}
+	var work []*step
+	for _, s := range p.steps {
+		res.Items = append(res.Items, s.item)
+		if s.act == actNone {
+			if e.Opts.Observe != nil {
+				e.Opts.Observe(s.item)
+			}
+			continue
+		}
+		work = append(work, s)
+	}
+	r.bindAddrs = standaloneAddrs(work)
+
+	workers := e.Opts.Concurrency
+	if workers < 1 {
+		workers = 8
+	}
+	jobs := make(chan *step)
+	var wg sync.WaitGroup
+	for range min(workers, len(work)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for s := range jobs {
+				r.one(s)
+				if e.Opts.Observe != nil && !r.owesDeploy(s) {
+					e.Opts.Observe(s.item)
+				}
+			}
+		}()
+	}
+	for i, s := range work {
+		if ctx.Err() != nil {
+			for _, left := range work[i:] {
+				left.item.Outcome = NotStarted
+				left.item.Error = "interrupted before it started; run the same command again to finish"
+			}
+			slog.Warn("interrupted: no new orders started", "left", len(work)-i)
+			break
+		}
+		jobs <- s
+	}
+	close(jobs)
+	wg.Wait()
+
+	r.deployAll()
+	if e.Budget != nil {
+		if err := e.Budget.Flush(); err != nil {
+			slog.Warn("could not save the rate budget", "err", err)
+		}
+	}
+	res.Interrupted = ctx.Err() != nil
+	res.Finished = e.now()
+	res.Count()
+	return res
+}
+
+// run is one Execute's shared state.
+type run struct {
+	e       *Engine
+	ctx     context.Context
+	started time.Time
+
+	bindOnce  sync.Once
+	bindAddrs []string
+	bindErrs  map[string]error
+
+	delayOnce sync.Once
+
+	mu      sync.Mutex
+	changes []deploy.Change
+	owed    map[string]*step // lineage name -> step whose change is in changes
+}
+
+func (r *run) owesDeploy(s *step) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.owed[s.job.Lineage.Name] == s
+}
+
+// one takes a step through everything before the deploy.
+func (r *run) one(s *step) {
+	e, ctx, it := r.e, r.ctx, s.item
+	name := s.job.Lineage.Name
+	if ctx.Err() != nil {
+		it.Outcome, it.Error = NotStarted, "interrupted before it started; run the same command again to finish"
+		return
+	}
+	ttl := e.Opts.LeaseTTL
+	if ttl <= 0 {
+		ttl = 10 * time.Minute
+	}
+	lease, err := e.Store.Acquire(ctx, name, ttl)
+	if err != nil {
+		r.defer_(s, "another run holds this lineage", time.Time{}, err)
+		return
+	}
+	defer lease.Release()
+
+	if s.act == actCheckARI {
+		r.checkARI(s)
+		d := renewal.Decide(s.prev.Cert, s.status, e.now(), renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari})
+		it.Reason, it.DueAt = string(d.Reason), timePtr(d.At)
+		if !d.Due {
+			it.Outcome = NotDue
+			slog.Debug("not due", "name", name, "rule", d.Reason, "due_at", d.At.Format(time.RFC3339))
+			return
+		}
+		s.act, s.replace, it.dueNow = actOrder, s.ari, true
+	}
+
+	if s.act == actDeployPending {
+		// No backoff here: the backoff protects the CA's limits, and a
+		// deploy retry spends none of them. The run after the config is
+		// fixed deploys, whenever it comes.
+		r.activatePending(s)
+		return
+	}
+	r.order(s)
+}
+
+// order obtains, saves and journals a new certificate for s.
+func (r *run) order(s *step) {
+	e, ctx, it := r.e, r.ctx, s.item
+	l := s.job.Lineage
+	// Backoff is checked when the work starts: a lineage that could go
+	// after the random delay is not deferred for a whole day because of
+	// a check made before it.
+	if !s.job.Force && renewal.InBackoff(s.status, e.now().Add(e.Opts.RandomDelay)) {
+		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		return
+	}
+	r.delay()
+	if ctx.Err() != nil {
+		it.Outcome, it.Error = NotStarted, "interrupted before it started; run the same command again to finish"
+		return
+	}
+	if !s.job.Force && renewal.InBackoff(s.status, e.now()) {
+		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		return
+	}
+	if l.Challenge.Mode == "standalone" {
+		if err := r.bind(l.Challenge.HTTPAddr); err != nil {
+			r.fail(s, err, false)
+			return
+		}
+	}
+	if e.Opts.Preflight != nil {
+		responder, err := e.CA.Responder(l.Challenge)
+		if err == nil {
+			slog.Debug("pre-flight", "domains", strings.Join(l.Domains, ","))
+			err = e.Opts.Preflight.Check(ctx, l.Domains, responder)
+		}
+		if err != nil {
+			// No backoff: nothing reached the CA, and the fix (DNS, a
+			// route) should work on the very next run.
+			r.fail(s, err, false)
+			return
+		}
+	}
+	o := issuer.Order{Lineage: l}
+	if s.replace && s.prev != nil {
+		o.Replaces = s.prev.Cert.ARICertID
+	}
+	if (s.job.ReuseKey || l.ReuseKey) && s.prev != nil {
+		key, err := e.Store.ReadKey(l.Name)
+		if err != nil {
+			r.fail(s, fmt.Errorf("reuse key: %w", err), false)
+			return
+		}
+		o.ReuseKey = key
+		o.Lineage.KeyType = s.prev.KeyType
+	}
+	key := pace.Key{Server: l.Server, Email: l.Email}
+	for attempt := 0; ; attempt++ {
+		if !e.Opts.DryRun && e.Budget != nil && !r.reserve(s, key) {
+			return
+		}
+		if e.Opts.DryRun {
+			o.Replaces = ""
+		}
+		slog.Debug("ordering", "name", l.Name, "reason", it.Reason)
+		got, err := e.CA.Obtain(ctx, o)
+		if err == nil {
+			r.obtained(s, o.Lineage, got)
+			return
+		}
+		if ctx.Err() != nil {
+			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
+			return
+		}
+		wait, limited := r.spend(key, l.Domains, err)
+		if limited && attempt == 0 && wait <= e.Opts.MaxWait {
+			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "retry_after", wait)
+			if !e.sleep(ctx, wait) {
+				it.Outcome, it.Error = Aborted, "interrupted while waiting for the CA's Retry-After"
+				return
+			}
+			continue
+		}
+		if limited {
+			r.defer_(s, "the CA rate-limited this account: "+oneLine(err), e.now().Add(wait), err)
+			return
+		}
+		// An account that cannot be set up is not this lineage's fault:
+		// no backoff, so the next run after the fix goes ahead.
+		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)))
+		return
+	}
+}
+
+// reserve takes the job's tokens from the budget, waiting up to MaxWait.
+func (r *run) reserve(s *step, key pace.Key) bool {
+	e := r.e
+	for {
+		err := e.Budget.Reserve(key, s.job.Lineage.Domains)
+		if err == nil {
+			return true
+		}
+		var d *pace.Denied
+		if !errors.As(err, &d) {
+			r.fail(s, err, false)
+			return false
+		}
+		if d.Wait > e.Opts.MaxWait {
+			r.defer_(s, "not ordered: "+d.Reason, e.now().Add(d.Wait),
+				hint.Wrap(err, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-failed-authz if your CA allows more"))
+			return false
+		}
+		slog.Debug("waiting for the rate budget", "name", s.job.Lineage.Name, "for", d.Wait.Round(time.Second), "why", d.Reason)
+		if !e.sleep(r.ctx, d.Wait) {
+			s.item.Outcome, s.item.Error = NotStarted, "interrupted while waiting for the rate budget"
+			return false
+		}
+	}
+}
+
+// spend records a failed order in the budget: a failed validation counts
+// against each name; a rateLimited answer blocks the account for its
+// Retry-After (an hour when the CA gives none).
+func (r *run) spend(k pace.Key, names []string, err error) (time.Duration, bool) {
+	e := r.e
+	if e.Budget == nil || e.Opts.DryRun {
+		wait, limited := acme.RateLimited(err)
+		return wait, limited
+	}
+	if wait, limited := acme.RateLimited(err); limited {
+		if wait <= 0 {
+			wait = time.Hour
+		}
+		if berr := e.Budget.Block(k, e.now().Add(wait)); berr != nil {
+			slog.Warn("could not save the rate budget", "err", berr)
+		}
+		return wait, true
+	}
+	if acme.FailedValidation(err) {
+		if berr := e.Budget.FailedAuthz(k, names); berr != nil {
+			slog.Warn("could not save the rate budget", "err", berr)
+		}
+	}
+	return 0, false
+}
+
+// obtained saves a new certificate: the version first, then the journal
+// entry that says it is owed a deploy, then the live/ switch. A kill at
+// any point leaves either the old version live with nothing owed, or a
+// pending entry the next run finishes.
+func (r *run) obtained(s *step, l store.Lineage, got *acme.Result) {
+	e, it := r.e, s.item
+	l.Cert = got.Info
+	l.IssuedAt = e.now().UTC()
+	it.Serial, it.NotAfter = got.Info.Serial, timePtr(got.Info.NotAfter)
+	it.dueNow = false
+	it.life = got.Info.NotAfter.Sub(got.Info.NotBefore)
+	outcome := Issued
+	if s.prev != nil && sameNames(s.prev.Domains, l.Domains) {
+		outcome = Renewed
+	}
+	if e.Opts.DryRun {
+		it.Outcome = outcome
+		slog.Info("obtained (dry run, not saved)", "name", l.Name, "serial", got.Info.Serial)
+		return
+	}
+	version, err := e.Store.SaveVersion(&l, got.Files)
+	if err != nil {
+		r.fail(s, hint.Wrap(fmt.Errorf("save %s: %w", l.Name, err),
+			"the previous certificate, if any, is still live; check free space and permissions of the state directory"), false)
+		return
+	}
+	previous, _ := e.Store.LiveVersion(l.Name)
+	// A new certificate starts with no renewal history: no ARI answer,
+	// no backoff; only the deploy it is owed.
+	st := store.Status{Pending: &store.Pending{Version: version, Previous: previous, Since: e.now().UTC()}}
+	if err := e.Store.WriteStatus(l.Name, st); err != nil {
+		r.fail(s, fmt.Errorf("journal the new version of %s: %w", l.Name, err), false)
+		return
+	}
+	if err := e.Store.Activate(l.Name, version); err != nil {
+		r.fail(s, fmt.Errorf("make %s version %d live: %w", l.Name, version, err), false)
+		return
+	}
+	s.status = st
+	it.Outcome = outcome
+	slog.Info(string(outcome), "name", l.Name, "serial", got.Info.Serial, "expires", got.Info.NotAfter.Format(time.DateOnly))
+	r.owe(s, deploy.Change{Name: l.Name, Domains: l.Domains, Serial: got.Info.Serial, Previous: previous, Deploy: l.Deploy})
+}
+
+// activatePending makes the pending version live again and owes it a
+// deploy.
+func (r *run) activatePending(s *step) {
+	e, it := r.e, s.item
+	pend := s.status.Pending
+	l := s.pending
+	previous, _ := e.Store.LiveVersion(l.Name)
+	if previous == pend.Version {
+		previous = pend.Previous
+	}
+	if err := e.Store.Activate(l.Name, pend.Version); err != nil {
+		r.fail(s, fmt.Errorf("make pending version %d of %s live: %w", pend.Version, l.Name, err), false)
+		return
+	}
+	it.Outcome = Deployed
+	it.Serial, it.NotAfter = l.Cert.Serial, timePtr(l.Cert.NotAfter)
+	it.life = l.Cert.NotAfter.Sub(l.Cert.NotBefore)
+	slog.Info("deploying a certificate obtained earlier", "name", l.Name, "serial", l.Cert.Serial)
+	r.owe(s, deploy.Change{Name: l.Name, Domains: l.Domains, Serial: l.Cert.Serial, Previous: previous, Deploy: l.Deploy})
+}
+
+func (r *run) owe(s *step, c deploy.Change) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.owed == nil {
+		r.owed = map[string]*step{}
+	}
+	r.changes = append(r.changes, c)
+	r.owed[c.Name] = s
+}
+
+// deployAll deploys every change once, even after an interrupt: the
+// certificates are live on disk, and the load balancer should serve them.
+func (r *run) deployAll() {
+	e := r.e
+	if len(r.changes) == 0 {
+		return
+	}
+	results := e.Deploy.Run(context.WithoutCancel(r.ctx), r.changes)
+	keep := e.Opts.KeepVersions
+	if keep <= 0 {
+		keep = 3
+	}
+	for i, res := range results {
+		c := r.changes[i]
+		s := r.owed[c.Name]
+		it := s.item
+		it.Verify, it.Hook = res.Verify, res.Hook
+		switch {
+		case res.RolledBack:
+			it.Deploy = "rolled_back"
+		case c.Deploy.Target == "":
+			it.Deploy = "none"
+		case res.Deployed:
+			it.Deploy = "ok"
+		}
+		if !res.Failed() {
+			it.Pending = ""
+			// Deployed: nothing is owed any more.
+			if err := e.Store.WriteStatus(c.Name, store.Status{}); err != nil {
+				slog.Warn("could not clear the pending deploy", "name", c.Name, "err", err)
+			}
+			if removed, err := e.Store.Prune(c.Name, keep); err != nil {
+				slog.Warn("could not remove old versions", "name", c.Name, "err", err)
+			} else if len(removed) > 0 {
+				slog.Debug("removed old versions", "name", c.Name, "versions", removed)
+			}
+			if e.Opts.Observe != nil {
+				e.Opts.Observe(it)
+			}
+			continue
+		}
+		msg := oneLine(res.Err)
+		if res.RolledBack {
+			msg += "; rolled back to the previous certificate"
+		}
+		it.Pending = msg
+		st := s.status
+		if st.Pending != nil {
+			p := *st.Pending
+			p.Error = msg
+			st.Pending = &p
+		}
+		st = renewal.Failed(st, "deploy: "+msg, r.started)
+		if err := e.Store.WriteStatus(c.Name, st); err != nil {
+			slog.Warn("could not save the pending deploy", "name", c.Name, "err", err)
+		}
+		it.Outcome, it.Error = Failed, "deploy: "+msg
+		it.Hint = "the new certificate is kept and deployed by the next run once the load balancer's config is fixed; no new order is placed"
+		it.NextAttempt = timePtr(st.NextAttempt)
+		slog.Debug("deploy failed", "name", c.Name, "err", msg)
+		if e.Opts.Observe != nil {
+			e.Opts.Observe(it)
+		}
+	}
+}
+
+// checkARI asks the CA for the renewal window and saves the answer. A
+// failure falls back to the lifetime rule.
+func (r *run) checkARI(s *step) {
+	e, l := r.e, s.prev
+	now := e.now()
+	fullchain, err := e.Store.ReadFullchain(l.Name)
+	if err != nil {
+		return
+	}
+	info, err := e.CA.RenewalInfo(r.ctx, l, fullchain)
+	switch {
+	case errors.Is(err, acme.ErrNoARI):
+		s.status.ARIUnsupported = now.Add(7 * 24 * time.Hour).UTC()
+		s.ari = false
+	case err != nil:
+		slog.Warn("renewal info failed; using the lifetime rule", "name", l.Name, "err", oneLine(err))
+		return
+	default:
+		s.status = renewal.ApplyARI(s.status, l.Cert.Serial, info.Start, info.End, info.RetryAfter, now, e.rand)
+		slog.Debug("renewal info", "name", l.Name, "window_start", info.Start, "window_end", info.End, "renew_at", s.status.ARIRenewAt)
+	}
+	if !e.Opts.DryRun {
+		if err := e.Store.WriteStatus(l.Name, s.status); err != nil {
+			slog.Warn("could not save renewal info", "name", l.Name, "err", err)
+		}
+	}
+}
+
+// delay sleeps once per run, a random part of RandomDelay, before the
+// first order; every worker waits for it.
+func (r *run) delay() {
+	r.delayOnce.Do(func() {
+		if r.e.Opts.RandomDelay <= 0 {
+			return
+		}
+		d := time.Duration(r.e.rand(int64(r.e.Opts.RandomDelay)))
+		slog.Info("sleeping before contacting the CA, to spread cron load (--no-random-sleep to skip)", "for", d.Round(time.Second))
+		r.e.sleep(r.ctx, d)
+	})
+}
+
+// bind binds every standalone port the run may need, once, at the first
+// order: one listener per port, whatever host part each lineage's
+// address carries.
+func (r *run) bind(addr string) error {
+	r.bindOnce.Do(func() { r.bindErrs = r.e.CA.BindAll(r.bindAddrs) })
+	if err := r.bindErrs[issuer.PortOf(addr)]; err != nil {
+		return err
+	}
+	return nil
+}
+
+func standaloneAddrs(steps []*step) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, s := range steps {
+		c := s.job.Lineage.Challenge
+		if c.Mode == "standalone" && !seen[c.HTTPAddr] {
+			seen[c.HTTPAddr] = true
+			out = append(out, c.HTTPAddr)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// fail records a failure; backoff says whether it reached the CA and so
+// starts or lengthens the lineage's failure backoff.
+func (r *run) fail(s *step, err error, backoff bool) {
+	it := s.item
+	it.Outcome, it.Error, it.Hint = Failed, oneLine(err), hint.Of(err)
+	if backoff {
+		st := renewal.Failed(s.status, it.Error, r.started)
+		if werr := r.e.Store.WriteStatus(s.job.Lineage.Name, st); werr != nil {
+			slog.Warn("could not save backoff", "name", s.job.Lineage.Name, "err", werr)
+		}
+		s.status = st
+		it.NextAttempt = timePtr(st.NextAttempt)
+	}
+	slog.Debug("failed", "name", s.job.Lineage.Name, "err", it.Error)
+}
+
+// defer_ leaves s for a later run, without backoff.
+func (r *run) defer_(s *step, why string, next time.Time, err error) {
+	it := s.item
+	it.Outcome, it.Error = Deferred, why
+	it.Hint = hint.Of(err)
+	it.NextAttempt = timePtr(next)
+	slog.Debug("deferred", "name", s.job.Lineage.Name, "why", it.Error)
+}
+
+func sameNames(a, b []string) bool {
+	x, y := slices.Clone(a), slices.Clone(b)
+	sort.Strings(x)
+	sort.Strings(y)
+	return slices.Equal(x, y)
+}
+
+func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }

@@ -1,0 +1,152 @@
+package engine
+
+import (
+	"time"
+
+	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// SchemaVersion is the "version" of the run report's JSON (issue, batch
+// and renew --json). It changes only when a key changes meaning or goes
+// away; new keys may be added within a version.
+const SchemaVersion = 1
+
+// Outcome is where one job ended up. The values are the JSON values and
+// never contain spaces.
+type Outcome string
+
+const (
+	Issued     Outcome = "issued"      // a new lineage, or new names for one
+	Renewed    Outcome = "renewed"     // a new certificate for the same names
+	Deployed   Outcome = "deployed"    // a pending certificate, obtained earlier, now deployed
+	NotDue     Outcome = "not_due"     // valid and not due: nothing to do
+	Deferred   Outcome = "deferred"    // due, but left for a later run (backoff, budget, the CA's Retry-After, a lease)
+	Failed     Outcome = "failed"      // tried and failed, or its deploy failed
+	Invalid    Outcome = "invalid"     // bad input (a batch row); never sent to the CA
+	NotStarted Outcome = "not_started" // interrupted before it started
+	Aborted    Outcome = "interrupted" // interrupted while ordering; nothing of it was saved
+)
+
+// Outcomes lists every outcome, in the order reports show them.
+var Outcomes = []Outcome{Issued, Renewed, Deployed, NotDue, Deferred, Failed, Invalid, NotStarted, Aborted}
+
+// Done reports whether o means the job's certificate is in place.
+func (o Outcome) Done() bool { return o == Issued || o == Renewed || o == Deployed || o == NotDue }
+
+// Item is one job's outcome: a lineage, or a batch row.
+type Item struct {
+	Name        string     `json:"name,omitempty"`
+	Line        int        `json:"line,omitempty"` // batch: the CSV line
+	Domains     []string   `json:"domains,omitempty"`
+	Outcome     Outcome    `json:"outcome"`
+	Reason      string     `json:"reason,omitempty"` // the rule that made it due (renewal.Reason), or why it was deferred
+	DueAt       *time.Time `json:"due_at,omitempty"` // when it is (or was) due
+	OldSerial   string     `json:"old_serial,omitempty"`
+	OldNotAfter *time.Time `json:"old_not_after,omitempty"`
+	Serial      string     `json:"serial,omitempty"`
+	NotAfter    *time.Time `json:"not_after,omitempty"`
+	Deploy      string     `json:"deploy,omitempty"` // "ok", "none", "rolled_back", "pending"
+	Verify      string     `json:"verify,omitempty"`
+	Hook        string     `json:"hook,omitempty"`
+	Pending     string     `json:"pending,omitempty"` // a certificate waiting to be deployed, and why
+	Error       string     `json:"error,omitempty"`
+	Hint        string     `json:"hint,omitempty"`
+	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+
+	mail   store.Mail
+	life   time.Duration // of the certificate it holds, for warnings
+	dueNow bool          // past its renewal moment
+}
+
+// Result is one run: every job's outcome, in job order.
+type Result struct {
+	Version     int             `json:"version"`
+	Command     string          `json:"command"`
+	DryRun      bool            `json:"dry_run,omitempty"`
+	File        string          `json:"file,omitempty"`   // batch
+	Format      string          `json:"format,omitempty"` // batch
+	Started     time.Time       `json:"started"`
+	Finished    time.Time       `json:"finished"`
+	Interrupted bool            `json:"interrupted,omitempty"`
+	Counts      map[Outcome]int `json:"counts"`
+	Items       []*Item         `json:"items"`
+}
+
+// Count recomputes Counts from Items.
+func (r *Result) Count() {
+	if r.Items == nil {
+		r.Items = []*Item{} // "items": [], never null
+	}
+	r.Counts = map[Outcome]int{}
+	for _, it := range r.Items {
+		r.Counts[it.Outcome]++
+	}
+}
+
+// Done is the number of items whose certificate is in place.
+func (r *Result) Done() int {
+	n := 0
+	for _, it := range r.Items {
+		if it.Outcome.Done() {
+			n++
+		}
+	}
+	return n
+}
+
+// Report is the mail report of the run: what changed or failed, and a
+// warning for every certificate that is past its renewal time or has
+// less than a third of its lifetime left and was not renewed. The rule
+// follows the lifetime, so it is right for 90-, 45- and 6-day
+// certificates alike (a fixed 14 days would flag every 6-day one).
+func (r *Result) Report() *notify.Report {
+	out := &notify.Report{Command: r.Command, Time: r.Finished}
+	for _, it := range r.Items {
+		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
+			Verify: it.Verify, Error: it.Error, Hint: it.Hint, MailTo: it.mail.To,
+			Relay: notify.Relay{Host: it.mail.Host, Port: it.mail.Port, From: it.mail.From}}
+		if it.Pending != "" && ni.Deploy == "" {
+			ni.Deploy = "pending deploy: " + it.Pending
+		}
+		if it.OldNotAfter != nil {
+			ni.OldNotAfter = *it.OldNotAfter
+		}
+		if it.NotAfter != nil {
+			ni.NewNotAfter = *it.NotAfter
+		}
+		switch it.Outcome {
+		case Issued, Renewed, Deployed:
+			ni.Outcome = string(it.Outcome)
+			if it.Outcome == Deployed {
+				ni.Outcome = "renewed"
+			}
+			out.Items = append(out.Items, ni)
+			continue
+		case Failed, Aborted:
+			ni.Outcome = "failed"
+			out.Items = append(out.Items, ni)
+		case Deferred:
+			if r.Command == "batch" {
+				ni.Outcome = "failed" // a row asked for and not done is news
+				out.Items = append(out.Items, ni)
+			}
+		}
+		if it.OldNotAfter != nil && it.life > 0 {
+			left := it.OldNotAfter.Sub(r.Finished)
+			if it.dueNow || left < it.life/3 {
+				ni.Outcome = "expiring"
+				out.Warnings = append(out.Warnings, ni)
+			}
+		}
+	}
+	return out
+}
+
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	t = t.UTC()
+	return &t
+}
