@@ -23,10 +23,10 @@ build:
 # deps installs the servers the end-to-end tests need. Nothing skips when
 # they are missing: this target installs them, or fails saying why.
 deps:
-	@scripts/apt-ensure nginx:nginx-light haproxy:haproxy
+	@internal/testenv/apt-ensure nginx:nginx-light haproxy:haproxy
 
 bench-deps: deps
-	@scripts/apt-ensure certbot:certbot lego:lego
+	@internal/testenv/apt-ensure certbot:certbot lego:lego
 
 test: deps
 	$(GO) vet ./...
@@ -41,9 +41,9 @@ e2e: deps
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
-# CSV, all in the same run (docs/BENCHMARKS.md), then the Go benchmarks.
+# CSV, all in the same run (internal/bench/README.md), then the Go benchmarks.
 bench: build bench-deps
-	@command -v /usr/bin/time >/dev/null || scripts/apt-ensure /usr/bin/time:time
+	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
 	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
@@ -39,12 +40,20 @@ type listEntry struct {
 	Profile     string      `json:"profile,omitempty"`
 	Server      string      `json:"server"`
 	Email       string      `json:"email,omitempty"`
-	Version     int         `json:"version"`
+	Version     int         `json:"cert_version"`      // the archive version live/ points at
+	Pending     string      `json:"pending,omitempty"` // "pending deploy: <reason>"
 	Failures    int         `json:"failures,omitempty"`
 	LastError   string      `json:"last_error,omitempty"`
 	BackoffTill *time.Time  `json:"backoff_until,omitempty"`
 	Paths       store.Paths `json:"paths"`
 	Error       string      `json:"error,omitempty"` // the lineage could not be read
+}
+
+// lineageList is list --json: the same schema rules as the run report
+// (a "version", lowercase keys without spaces).
+type lineageList struct {
+	Version  int         `json:"version"`
+	Lineages []listEntry `json:"lineages"`
 }
 
 func (a *app) newListCmd() *cobra.Command {
@@ -112,7 +121,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		entries = append(entries, *e)
 	}
 	if o.JSON {
-		return writeJSON(a, entries)
+		return writeJSON(a, lineageList{Version: engine.SchemaVersion, Lineages: entries})
 	}
 	if len(entries) == 0 {
 		fmt.Fprintf(a.err, "lbcert: no certificates in %s\n", st.Dir)
@@ -147,6 +156,12 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 	}
 	if e.Deploy == "" {
 		e.Deploy = "none"
+	}
+	if p := status.Pending; p != nil {
+		e.Pending = fmt.Sprintf("pending deploy of version %d", p.Version)
+		if p.Error != "" {
+			e.Pending = "pending deploy: " + p.Error
+		}
 	}
 	if renewal.InBackoff(status, now) {
 		e.BackoffTill = timePtr(status.NextAttempt)
@@ -197,7 +212,9 @@ func (a *app) printTable(entries []listEntry) {
 			continue
 		}
 		status := "ok"
-		if e.Failures > 0 {
+		if e.Pending != "" {
+			status = e.Pending
+		} else if e.Failures > 0 {
 			status = fmt.Sprintf("%d failures: %s", e.Failures, e.LastError)
 			if e.BackoffTill != nil {
 				status = fmt.Sprintf("%d failures, retry %s: %s", e.Failures, a.when(*e.BackoffTill), e.LastError)
@@ -230,6 +247,7 @@ func (a *app) printShow(e *listEntry) {
 	row("server", e.Server)
 	row("account", e.Email)
 	row("version", fmt.Sprint(e.Version))
+	row("pending", e.Pending)
 	if e.Failures > 0 {
 		row("failures", fmt.Sprint(e.Failures))
 		row("last error", e.LastError)

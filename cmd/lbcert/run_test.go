@@ -1,0 +1,70 @@
+package main
+
+import (
+	"bytes"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/exit"
+)
+
+// The one exit-code rule of issue, batch and renew.
+func TestExitCode(t *testing.T) {
+	type c = map[engine.Outcome]int
+	cases := []struct {
+		name        string
+		counts      c
+		interrupted bool
+		want        int
+	}{
+		{"nothing at all", c{}, false, exit.OK},
+		{"all renewed or not due", c{engine.Renewed: 2, engine.NotDue: 5}, false, exit.OK},
+		{"a pending deploy finished", c{engine.Deployed: 1}, false, exit.OK},
+		{"one failed, one renewed", c{engine.Failed: 1, engine.Renewed: 1}, false, exit.Partial},
+		{"one failed, one not due", c{engine.Failed: 1, engine.NotDue: 1}, false, exit.Partial},
+		{"everything failed", c{engine.Failed: 3}, false, exit.Failure},
+		{"bad rows only", c{engine.Invalid: 2}, false, exit.Failure},
+		{"deferred while others fine", c{engine.Deferred: 1, engine.NotDue: 4}, false, exit.Partial},
+		{"everything deferred", c{engine.Deferred: 2}, false, exit.Partial},
+		{"failed and deferred, none done", c{engine.Failed: 1, engine.Deferred: 1}, false, exit.Partial},
+		{"interrupted", c{engine.Renewed: 1, engine.NotStarted: 3}, true, exit.Interrupted},
+	}
+	for _, tc := range cases {
+		res := &engine.Result{Interrupted: tc.interrupted}
+		for o, n := range tc.counts {
+			for range n {
+				res.Items = append(res.Items, &engine.Item{Outcome: o})
+			}
+		}
+		res.Count()
+		if got := exitCode(res); got != tc.want {
+			t.Errorf("%s: exit %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+// The run report's JSON schema, every key, pinned.
+func TestRunReportSchema(t *testing.T) {
+	at := func(d int) *time.Time { x := fixedNow.Add(time.Duration(d) * 24 * time.Hour); return &x }
+	res := &engine.Result{Version: engine.SchemaVersion, Command: "batch", File: "import.csv", Format: "positional",
+		Started: fixedNow, Finished: fixedNow.Add(time.Minute), Items: []*engine.Item{
+			{Name: "shop.example.com", Line: 2, Domains: []string{"shop.example.com"}, Outcome: engine.Renewed, Reason: "ari",
+				DueAt: at(-1), OldSerial: "0a", OldNotAfter: at(20), Serial: "0b", NotAfter: at(90), Deploy: "ok", Verify: "ok", Hook: "ok"},
+			{Name: "blog.example.com", Line: 3, Domains: []string{"blog.example.com"}, Outcome: engine.Failed, Reason: "lifetime",
+				OldSerial: "1a", OldNotAfter: at(5), Serial: "1b", NotAfter: at(90), Deploy: "rolled_back",
+				Pending: "nginx -t: syntax error; rolled back to the previous certificate", Error: "deploy: nginx -t: syntax error",
+				Hint: "fix the config", NextAttempt: at(1)},
+			{Name: "api.example.com", Line: 4, Domains: []string{"api.example.com"}, Outcome: engine.Deferred,
+				Error: "not ordered: the new-orders budget (300/3h per account) is spent", NextAttempt: at(1)},
+			{Line: 5, Outcome: engine.Invalid, Error: `domain "*.x": wildcard names need DNS-01 validation`},
+		}}
+	res.Count()
+	var out bytes.Buffer
+	a := &app{out: &out}
+	a.printJSON(res)
+	golden(t, "run-report.json", out.String())
+	// renew --json through the whole command, on a lineage not due.
+	got := runGolden(t, false, "--dir", fixtureStore(t), "renew", "--json", "--name", "example.com")
+	golden(t, "renew.json", got)
+}

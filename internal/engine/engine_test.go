@@ -1,0 +1,522 @@
+package engine
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	legochallenge "github.com/go-acme/lego/v4/challenge"
+
+	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/issuer"
+	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/renewal"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// clock is a fixed, settable time.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// fakeCA issues self-signed certificates of a fixed lifetime, counts
+// orders, answers ARI from a table, and can fail or block on cue.
+type fakeCA struct {
+	now      func() time.Time
+	life     time.Duration
+	mu       sync.Mutex
+	orders   []string
+	ari      map[string]*acme.RenewalInfo // by serial
+	fail     map[string]error             // by lineage name
+	block    chan struct{}                // when set, Obtain waits on it (or ctx)
+	started  chan string                  // when set, Obtain sends the name on entry
+	inflight atomic.Int32
+	maxIn    atomic.Int32
+	binds    [][]string
+	replaces map[string]string
+}
+
+func (f *fakeCA) BindAll(addrs []string) map[string]error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.binds = append(f.binds, append([]string(nil), addrs...))
+	return map[string]error{}
+}
+
+func (f *fakeCA) Responder(store.Challenge) (legochallenge.Provider, error) { return nil, nil }
+
+func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, error) {
+	n := f.inflight.Add(1)
+	defer f.inflight.Add(-1)
+	for {
+		m := f.maxIn.Load()
+		if n <= m || f.maxIn.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	if f.started != nil {
+		f.started <- o.Lineage.Name
+	}
+	if f.block != nil {
+		select {
+		case <-f.block:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	f.mu.Lock()
+	f.orders = append(f.orders, o.Lineage.Name)
+	if f.replaces == nil {
+		f.replaces = map[string]string{}
+	}
+	f.replaces[o.Lineage.Name] = o.Replaces
+	err := f.fail[o.Lineage.Name]
+	f.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return selfSigned(o.Lineage.Domains, f.now(), f.life)
+}
+
+func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if ri, ok := f.ari[l.Cert.Serial]; ok {
+		return ri, nil
+	}
+	return nil, acme.ErrNoARI
+}
+
+func (f *fakeCA) count() int { f.mu.Lock(); defer f.mu.Unlock(); return len(f.orders) }
+
+var serial atomic.Int64
+
+func selfSigned(domains []string, now time.Time, life time.Duration) (*acme.Result, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1000 + serial.Add(1)),
+		Subject:      pkix.Name{CommonName: domains[0]},
+		DNSNames:     domains,
+		NotBefore:    now,
+		NotAfter:     now.Add(life),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	kd, _ := x509.MarshalECPrivateKey(key)
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	return &acme.Result{
+		Files: store.Files{Cert: certPEM, Chain: certPEM, Fullchain: append(append([]byte{}, certPEM...), certPEM...),
+			Key: pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kd})},
+		Info: store.CertInfo{Serial: fmt.Sprintf("%x", tmpl.SerialNumber), NotBefore: now.UTC(), NotAfter: now.Add(life).UTC(),
+			ARICertID: "ari-" + fmt.Sprintf("%x", tmpl.SerialNumber)},
+	}, nil
+}
+
+// fakeDeployer records every Run and fails the names in fail.
+type fakeDeployer struct {
+	mu    sync.Mutex
+	runs  [][]string
+	fail  map[string]bool
+	ctxOK []bool // whether each Run's context was still live
+	st    *store.Store
+}
+
+func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var names []string
+	out := make([]deploy.Result, len(changes))
+	for i, c := range changes {
+		names = append(names, c.Name)
+		out[i] = deploy.Result{Name: c.Name, Deployed: true}
+		if d.fail[c.Name] {
+			d.st.Rollback(c.Name, c.Previous)
+			out[i] = deploy.Result{Name: c.Name, RolledBack: true, Err: errors.New("nginx -t: syntax error")}
+		}
+	}
+	sort.Strings(names)
+	d.runs = append(d.runs, names)
+	d.ctxOK = append(d.ctxOK, ctx.Err() == nil)
+	return out
+}
+
+type fixture struct {
+	t     *testing.T
+	clock *clock
+	st    *store.Store
+	ca    *fakeCA
+	dep   *fakeDeployer
+}
+
+var t0 = time.Date(2026, 12, 1, 2, 17, 0, 0, time.UTC)
+
+func newFixture(t *testing.T) *fixture {
+	c := &clock{t: t0}
+	st := store.New(t.TempDir())
+	return &fixture{t: t, clock: c, st: st,
+		ca:  &fakeCA{now: c.Now, life: 90 * 24 * time.Hour, ari: map[string]*acme.RenewalInfo{}, fail: map[string]error{}},
+		dep: &fakeDeployer{fail: map[string]bool{}, st: st}}
+}
+
+func (f *fixture) engine(o Options) *Engine {
+	o.Now = f.clock.Now
+	if o.Rand == nil {
+		o.Rand = func(n int64) int64 { return 0 }
+	}
+	o.Sleep = func(ctx context.Context, d time.Duration) bool { f.clock.Add(d); return ctx.Err() == nil }
+	return &Engine{Store: f.st, CA: f.ca, Deploy: f.dep, Opts: o}
+}
+
+func job(name string) Job {
+	return Job{Lineage: store.Lineage{Name: name, Domains: []string{name}, Server: "https://ca.test/dir", KeyType: "ec256",
+		Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www"}}}
+}
+
+func (f *fixture) run(ctx context.Context, o Options, jobs ...Job) *Result {
+	f.t.Helper()
+	p, err := f.engine(o).Plan(ctx, jobs)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return p.Execute(ctx)
+}
+
+// saved issues name through the engine and returns its lineage.
+func (f *fixture) saved(name string) *store.Lineage {
+	f.t.Helper()
+	res := f.run(context.Background(), Options{Command: "issue"}, job(name))
+	if res.Items[0].Outcome != Issued {
+		f.t.Fatalf("issue %s: %+v", name, res.Items[0])
+	}
+	l, err := f.st.Load(name)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return l
+}
+
+func outcomes(res *Result) map[string]Outcome {
+	m := map[string]Outcome{}
+	for _, it := range res.Items {
+		m[it.Name] = it.Outcome
+	}
+	return m
+}
+
+// The rows below are the differences the three commands used to have;
+// each one fails if a command-specific rule comes back.
+
+// ARI says due: batch (and issue) renew it, not "up to date".
+func TestARIDueInEveryCommand(t *testing.T) {
+	for _, cmd := range []string{"issue", "batch", "renew"} {
+		t.Run(cmd, func(t *testing.T) {
+			f := newFixture(t)
+			l := f.saved("a.test")
+			f.clock.Add(10 * 24 * time.Hour) // far from the lifetime rule's 60 days
+			f.ca.ari[l.Cert.Serial] = &acme.RenewalInfo{Start: f.clock.Now().Add(-time.Hour), End: f.clock.Now().Add(-time.Minute), RetryAfter: time.Hour}
+			res := f.run(context.Background(), Options{Command: cmd}, job("a.test"))
+			it := res.Items[0]
+			if it.Outcome != Renewed || it.Reason != string(renewal.ARI) {
+				t.Fatalf("%s: outcome %s reason %s, want renewed by ari", cmd, it.Outcome, it.Reason)
+			}
+			if got := f.ca.replaces["a.test"]; got != l.Cert.ARICertID {
+				t.Fatalf("%s: replaces %q, want %q", cmd, got, l.Cert.ARICertID)
+			}
+		})
+	}
+}
+
+// Backoff is honoured by every command, issue included; Force overrides.
+func TestBackoffInEveryCommand(t *testing.T) {
+	for _, cmd := range []string{"issue", "batch", "renew"} {
+		t.Run(cmd, func(t *testing.T) {
+			f := newFixture(t)
+			f.saved("b.test")
+			f.clock.Add(70 * 24 * time.Hour) // due by lifetime
+			f.ca.fail["b.test"] = errors.New("obtain b.test: connection: refused")
+			res := f.run(context.Background(), Options{Command: cmd}, job("b.test"))
+			if res.Items[0].Outcome != Failed || res.Items[0].NextAttempt == nil {
+				t.Fatalf("first: %+v", res.Items[0])
+			}
+			n := f.ca.count()
+			f.clock.Add(10 * time.Minute)
+			res = f.run(context.Background(), Options{Command: cmd}, job("b.test"))
+			if res.Items[0].Outcome != Deferred || f.ca.count() != n {
+				t.Fatalf("%s in backoff: %s, %d orders", cmd, res.Items[0].Outcome, f.ca.count()-n)
+			}
+			forced := job("b.test")
+			forced.Force = true
+			f.run(context.Background(), Options{Command: cmd}, forced)
+			if f.ca.count() != n+1 {
+				t.Fatalf("%s --force did not order through the backoff", cmd)
+			}
+		})
+	}
+}
+
+// Ctrl-C after some renewals: those are saved and deployed (with a live
+// context), the rest are not started, and the run says interrupted.
+func TestInterruptDeploysWhatWasObtained(t *testing.T) {
+	f := newFixture(t)
+	for _, n := range []string{"i1.test", "i2.test", "i3.test", "i4.test"} {
+		f.saved(n)
+	}
+	f.dep.runs, f.dep.ctxOK = nil, nil
+	f.clock.Add(70 * 24 * time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	f.ca.started = make(chan string, 10)
+	f.ca.block = make(chan struct{})
+	var jobs []Job
+	for _, n := range []string{"i1.test", "i2.test", "i3.test", "i4.test"} {
+		jobs = append(jobs, job(n))
+	}
+	p, _ := f.engine(Options{Command: "renew", Concurrency: 1}).Plan(ctx, jobs)
+	done := make(chan *Result)
+	go func() { done <- p.Execute(ctx) }()
+	<-f.ca.started // i1 in flight
+	f.ca.block <- struct{}{}
+	<-f.ca.started // i2 in flight
+	cancel()
+	res := <-done
+	got := outcomes(res)
+	if got["i1.test"] != Renewed || got["i2.test"] != Aborted || got["i3.test"] != NotStarted || got["i4.test"] != NotStarted {
+		t.Fatalf("outcomes: %v", got)
+	}
+	if !res.Interrupted || len(f.dep.runs) != 1 || len(f.dep.runs[0]) != 1 || f.dep.runs[0][0] != "i1.test" || !f.dep.ctxOK[0] {
+		t.Fatalf("deploy after interrupt: runs %v live ctx %v interrupted %v", f.dep.runs, f.dep.ctxOK, res.Interrupted)
+	}
+	if st, _ := f.st.ReadStatus("i1.test"); st.Pending != nil || st.Failures != 0 {
+		t.Fatalf("i1 deployed but status %+v", st)
+	}
+}
+
+// renew works in parallel through the same pool as batch, and deploys once.
+func TestRenewRunsInParallel(t *testing.T) {
+	f := newFixture(t)
+	var jobs []Job
+	for i := range 12 {
+		n := fmt.Sprintf("p%02d.test", i)
+		f.saved(n)
+		jobs = append(jobs, job(n))
+	}
+	f.dep.runs = nil
+	f.clock.Add(70 * 24 * time.Hour)
+	f.ca.maxIn.Store(0)
+	f.ca.started = make(chan string, 100)
+	f.ca.block = make(chan struct{})
+	p, _ := f.engine(Options{Command: "renew", Concurrency: 4}).Plan(context.Background(), jobs)
+	done := make(chan *Result)
+	go func() { done <- p.Execute(context.Background()) }()
+	for range 4 {
+		<-f.ca.started // four orders in flight at once
+	}
+	close(f.ca.block)
+	res := <-done
+	if res.Counts[Renewed] != 12 || f.ca.maxIn.Load() != 4 || len(f.dep.runs) != 1 || len(f.dep.runs[0]) != 12 {
+		t.Fatalf("renewed %d, max in flight %d, deploy runs %v", res.Counts[Renewed], f.ca.maxIn.Load(), f.dep.runs)
+	}
+}
+
+// A failed deploy keeps the certificate pending: later runs deploy it and
+// never order the same names again; once the deploy works it is live.
+func TestPendingDeployNeverOrdersAgain(t *testing.T) {
+	f := newFixture(t)
+	old := f.saved("d.test")
+	f.clock.Add(70 * 24 * time.Hour)
+	f.dep.fail["d.test"] = true
+	res := f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	it := res.Items[0]
+	if it.Outcome != Failed || it.Deploy != "rolled_back" || it.Pending == "" {
+		t.Fatalf("failed deploy: %+v", it)
+	}
+	if l, _ := f.st.Load("d.test"); l.Cert.Serial != old.Cert.Serial {
+		t.Fatal("rolled-back certificate still live")
+	}
+	orders := f.ca.count()
+	for i := range 3 { // three more runs with the config still broken, an hour apart
+		f.clock.Add(time.Hour)
+		res = f.run(context.Background(), Options{Command: []string{"renew", "batch", "issue"}[i]}, job("d.test"))
+		if f.ca.count() != orders || res.Items[0].Outcome != Failed {
+			t.Fatalf("run %d: %d new orders, outcome %s", i, f.ca.count()-orders, res.Items[0].Outcome)
+		}
+	}
+	f.dep.fail["d.test"] = false
+	res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	if res.Items[0].Outcome != Deployed || f.ca.count() != orders {
+		t.Fatalf("after the fix: %s, %d orders", res.Items[0].Outcome, f.ca.count()-orders)
+	}
+	l, _ := f.st.Load("d.test")
+	if l.Cert.Serial != res.Items[0].Serial || l.Cert.Serial == old.Cert.Serial {
+		t.Fatalf("live serial %s after deploying pending %s", l.Cert.Serial, res.Items[0].Serial)
+	}
+	if st, _ := f.st.ReadStatus("d.test"); st.Pending != nil {
+		t.Fatalf("pending not cleared: %+v", st.Pending)
+	}
+	// And now nothing is due: a plain run leaves it alone.
+	res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	if res.Items[0].Outcome != NotDue {
+		t.Fatalf("after deploy: %s", res.Items[0].Outcome)
+	}
+}
+
+// kill -9 after live/ was switched but before the deploy: the journal
+// entry makes the next nothing-due run deploy it.
+func TestKillBeforeDeployIsFinished(t *testing.T) {
+	f := newFixture(t)
+	f.saved("k.test")
+	got, _ := selfSigned([]string{"k.test"}, f.clock.Now(), 90*24*time.Hour)
+	l, _ := f.st.Load("k.test")
+	l.Cert = got.Info
+	prev, _ := f.st.LiveVersion("k.test")
+	v, _ := f.st.SaveVersion(l, got.Files)
+	f.st.WriteStatus("k.test", store.Status{Pending: &store.Pending{Version: v, Previous: prev}})
+	f.st.Activate("k.test", v) // ... and the process died here
+	f.dep.runs = nil
+	res := f.run(context.Background(), Options{Command: "renew"}, job("k.test"))
+	if res.Items[0].Outcome != Deployed || len(f.dep.runs) != 1 || f.ca.count() != 1 {
+		t.Fatalf("%s, deploy runs %v, orders %d", res.Items[0].Outcome, f.dep.runs, f.ca.count())
+	}
+}
+
+// One listener per port, whatever host part each lineage's address has.
+func TestOneListenerPerPort(t *testing.T) {
+	f := newFixture(t)
+	a, b := job("x.test"), job("y.test")
+	a.Lineage.Challenge = store.Challenge{Mode: "standalone", HTTPAddr: ":5002"}
+	b.Lineage.Challenge = store.Challenge{Mode: "standalone", HTTPAddr: "127.0.0.1:5002"}
+	res := f.run(context.Background(), Options{Command: "renew"}, a, b)
+	if res.Counts[Issued] != 2 || len(f.ca.binds) != 1 || len(f.ca.binds[0]) != 2 {
+		t.Fatalf("issued %d, binds %v", res.Counts[Issued], f.ca.binds)
+	}
+}
+
+// The budget defers with the same MaxWait everywhere, and a deferred job
+// is not a failure.
+func TestBudgetDefersEverywhere(t *testing.T) {
+	for _, cmd := range []string{"issue", "batch", "renew"} {
+		t.Run(cmd, func(t *testing.T) {
+			f := newFixture(t)
+			b, err := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 1, Per: time.Hour}}, f.clock.Now)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := f.engine(Options{Command: cmd, MaxWait: time.Minute})
+			e.Budget = b
+			p, _ := e.Plan(context.Background(), []Job{job("q1.test"), job("q2.test")})
+			res := p.Execute(context.Background())
+			if res.Counts[Issued] != 1 || res.Counts[Deferred] != 1 {
+				t.Fatalf("%v", res.Counts)
+			}
+			for _, it := range res.Items {
+				if it.Outcome == Deferred {
+					if st, _ := f.st.ReadStatus(it.Name); st.Failures != 0 || it.NextAttempt == nil {
+						t.Fatalf("deferred item put into backoff or without next attempt: %+v %+v", st, it)
+					}
+				}
+			}
+			// With a longer MaxWait the second one waits (the clock is
+			// advanced by the fake sleep) and is issued.
+			f2 := newFixture(t)
+			b2, _ := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 1, Per: time.Hour}}, f2.clock.Now)
+			e2 := f2.engine(Options{Command: cmd, MaxWait: 2 * time.Hour, Concurrency: 1})
+			e2.Budget = b2
+			p2, _ := e2.Plan(context.Background(), []Job{job("q1.test"), job("q2.test")})
+			if res := p2.Execute(context.Background()); res.Counts[Issued] != 2 {
+				t.Fatalf("with max-wait: %v", res.Counts)
+			}
+		})
+	}
+}
+
+// A daily cron with a random start delay retries a failing lineage on
+// every one of seven days, not on alternate days.
+func TestDailyCronRetriesEveryDay(t *testing.T) {
+	f := newFixture(t)
+	f.saved("c.test")
+	f.clock.Add(70 * 24 * time.Hour)
+	f.ca.fail["c.test"] = errors.New("obtain c.test: connection: refused")
+	// The random delay comes out longest on the failing day and shortest
+	// on the next, the worst case for an exact 24 h cap.
+	delays := []int64{0, int64(8 * time.Minute)}
+	day := 0
+	start := f.clock.Now()
+	for day = range 7 {
+		f.clock.t = start.Add(time.Duration(day) * 24 * time.Hour)
+		d := delays[day%2]
+		o := Options{Command: "renew", RandomDelay: 8 * time.Minute, Rand: func(int64) int64 { return d }}
+		before := f.ca.count()
+		res := f.run(context.Background(), o, job("c.test"))
+		if f.ca.count() != before+1 {
+			t.Fatalf("day %d: not retried (%s: %s)", day+1, res.Items[0].Outcome, res.Items[0].Error)
+		}
+	}
+	if st, _ := f.st.ReadStatus("c.test"); st.Failures != 7 {
+		t.Fatalf("failures %d after 7 days", st.Failures)
+	}
+}
+
+// The archive keeps the live version and the two before it.
+func TestArchiveKeepsThreeVersions(t *testing.T) {
+	f := newFixture(t)
+	f.saved("v.test")
+	forced := job("v.test")
+	forced.Force = true
+	for range 5 {
+		f.run(context.Background(), Options{Command: "renew"}, forced)
+	}
+	entries, _ := os.ReadDir(f.st.ArchiveDir("v.test"))
+	if len(entries) != 3 {
+		t.Fatalf("archive holds %d versions, want 3", len(entries))
+	}
+	live, _ := f.st.LiveVersion("v.test")
+	if _, err := os.Stat(filepath.Join(f.st.ArchiveDir("v.test"), fmt.Sprint(live), store.KeyFile)); err != nil || live != 6 {
+		t.Fatalf("live version %d: %v", live, err)
+	}
+}
+
+// A nothing-due run asks the CA nothing once ARI is fresh, and reads no
+// account: the CA fake would count any order or look-up.
+func TestNothingDueTouchesNothing(t *testing.T) {
+	f := newFixture(t)
+	l := f.saved("n.test")
+	f.ca.ari[l.Cert.Serial] = &acme.RenewalInfo{Start: t0.Add(50 * 24 * time.Hour), End: t0.Add(55 * 24 * time.Hour), RetryAfter: 6 * time.Hour}
+	res := f.run(context.Background(), Options{Command: "renew"}, job("n.test"))
+	if res.Items[0].Outcome != NotDue {
+		t.Fatalf("%+v", res.Items[0])
+	}
+	// The ARI answer is saved: within its Retry-After nothing is asked.
+	delete(f.ca.ari, l.Cert.Serial)
+	f.clock.Add(time.Hour)
+	res = f.run(context.Background(), Options{Command: "renew"}, job("n.test"))
+	if res.Items[0].Outcome != NotDue || res.Items[0].Reason != string(renewal.ARI) {
+		t.Fatalf("second: %+v", res.Items[0])
+	}
+}
