@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -259,11 +260,12 @@ func TestBatchResume(t *testing.T) {
 	}
 	csv := writeCSV(t, e.work, "rows.csv", strings.Join(rows, "\n")+"\n")
 	args := e.batchArgs(csv, "--concurrency", "1", "--http-addr", "127.0.0.1:1")
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
 	start := func() (*exec.Cmd, *bytes.Buffer) {
-		cmd := exec.Command(lbcertBin, append([]string{"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)...)
+		cmd := e.command(ctx, args...)
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
-		cmd.Env = append(os.Environ(), "LBCERT_CONFIG=")
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}

@@ -6,13 +6,16 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/testenv"
 )
@@ -77,16 +80,38 @@ func (e *env) run(args ...string) result {
 	return e.runEnv(nil, args...)
 }
 
+// runDeadline bounds every lbcert run of the suite. A run that passes
+// it is stopped with SIGQUIT, so the Go runtime prints where each of its
+// goroutines waits, and Pebble is asked for the same dump: a hang names
+// its cause (lbcert, or Pebble's own deadlock) instead of a bare timeout.
+const runDeadline = 3 * time.Minute
+
+// command is lbcert with the env's server, CA bundle and state
+// directory, under ctx; on cancel it gets SIGQUIT, then SIGKILL.
+func (e *env) command(ctx context.Context, args ...string) *exec.Cmd {
+	full := append([]string{"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
+	cmd := exec.CommandContext(ctx, lbcertBin, full...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
+	cmd.WaitDelay = 10 * time.Second
+	cmd.Env = append(os.Environ(), "LBCERT_CONFIG=")
+	return cmd
+}
+
 // runEnv is run with extra environment variables.
 func (e *env) runEnv(extra []string, args ...string) result {
 	e.t.Helper()
-	full := append([]string{"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
-	cmd := exec.Command(lbcertBin, full...)
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := e.command(ctx, args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	cmd.Env = append(append(os.Environ(), "LBCERT_CONFIG="), extra...)
+	cmd.Env = append(cmd.Env, extra...)
 	err := cmd.Run()
 	r := result{stdout: out.String(), stderr: errb.String()}
+	if ctx.Err() != nil {
+		e.t.Fatalf("lbcert %s: still running after %s; its goroutines:\n%s\nPebble's goroutines:\n%s",
+			strings.Join(args, " "), runDeadline, r.stderr, e.pebble.Dump())
+	}
 	if ee, ok := err.(*exec.ExitError); ok {
 		r.code = ee.ExitCode()
 	} else if err != nil {

@@ -2,10 +2,10 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -187,8 +187,9 @@ func TestRenewKill9(t *testing.T) {
 		orig[n] = e.serial(n)
 	}
 
-	cmd := exec.Command(lbcertBin, "--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir,
-		"renew", "--days", "7", "--no-random-sleep", "--concurrency", "1")
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := e.command(ctx, "renew", "--days", "7", "--no-random-sleep", "--concurrency", "1")
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

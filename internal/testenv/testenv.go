@@ -64,14 +64,44 @@ func Tool(name string) (string, error) {
 	return p, nil
 }
 
-// FreePort returns a loopback TCP port that was free a moment ago.
+// Ports handed out by FreePort come from below Linux's ephemeral range
+// (32768-60999), so the kernel never gives one of them to an outgoing
+// connection between FreePort and the server's bind, and each is handed
+// out once per process, so two tests never get the same one. Test
+// binaries run in parallel start at different offsets (by PID) and skip
+// ports they cannot bind.
+const portLow, portHigh = 20000, 32000
+
+var portMu sync.Mutex
+var portNext int
+var portsGiven = map[int]bool{}
+
+// FreePort returns a loopback TCP port that is free and that no other
+// caller in this process has been given.
 func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	portMu.Lock()
+	defer portMu.Unlock()
+	if portNext == 0 {
+		portNext = portLow + (os.Getpid()*577)%(portHigh-portLow)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
+	for range portHigh - portLow {
+		p := portNext
+		portNext++
+		if portNext >= portHigh {
+			portNext = portLow
+		}
+		if portsGiven[p] {
+			continue
+		}
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		portsGiven[p] = true
+		return p, nil
+	}
+	return 0, errors.New("no free loopback port in 20000-32000")
 }
 
 // waitTCP waits until addr accepts connections, or the process exits.
