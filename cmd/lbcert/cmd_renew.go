@@ -55,9 +55,12 @@ When nothing is due, renew prints nothing and exits 0 (add -v to see why).
 When stdout is not a terminal and something is due, it first sleeps a
 random 0-8 minutes, so that many hosts' cron jobs do not hit the CA at the
 same second; --no-random-sleep turns that off. After a failure a lineage
-waits 1 hour before the next attempt, then 2, 4, up to 24 hours; --force
-overrides that. All deploys happen once, at the end: one config test and
-one reload per load balancer.
+waits 1 hour before the next attempt, then 2, 4, up to 23h50m (so a daily
+cron retries every day); --force overrides that. Lineages are renewed
+--concurrency at a time. All deploys happen once, at the end: one config
+test and one reload per load balancer. A certificate whose deploy failed
+is kept as pending and deployed by a later run; it is never ordered again
+while it is valid.
 
 ` + exitCodesHelp,
 		Example: `  17 2 * * * root lbcert renew -q          # the cron line
