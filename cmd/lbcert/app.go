@@ -150,7 +150,6 @@ beats the config file, which beats the default.
 	pf.StringVar(&g.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
-	config.Mark(pf, "dir", "server", "staging", "ca-bundle", "email", "agree-tos", "eab-kid", "eab-hmac-key-file", "quiet", "verbose")
 	a.mail.register(pf)
 
 	root.AddCommand(
@@ -194,6 +193,17 @@ func (a *app) setup(cmd *cobra.Command) error {
 	}
 	a.setupLogging()
 	return a.mail.check()
+}
+
+// configPath is the config file this run reads, or would read.
+func (a *app) configPath() string {
+	if a.global.Config != "" {
+		return a.global.Config
+	}
+	if p := a.getenv(config.EnvName("config")); p != "" {
+		return p
+	}
+	return defaultConfig
 }
 
 // knownKey accepts any setting of any command, so one config file can

@@ -19,7 +19,6 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
@@ -102,7 +101,6 @@ happen once at the end, and each recipient gets one mail.
 	f.StringVar(&o.VIPHost, "vip-host", "127.0.0.1", "address where a VIPPort is checked for the new certificate after deploy")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a row for the next run")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
-	config.Mark(f, "concurrency", "http-addr", "key-type", "profile", "vip-host", "max-wait", "wait-lock")
 	o.deploy.register(f)
 	o.pace.register(f)
 	o.preflight.register(f, true)

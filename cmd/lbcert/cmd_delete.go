@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/issuer"
@@ -66,6 +67,7 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(reasonNames(), ", "))
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
+	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
 	f.StringVar(&o.CronFile, "cron-file", cronFile, "cron entry to remove with the last lineage")
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)

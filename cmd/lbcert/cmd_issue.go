@@ -13,7 +13,6 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
@@ -84,7 +83,6 @@ does nothing and exits 0; --force issues anyway.`,
 	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before giving up for this run")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
-	config.Mark(f, "key-type", "profile", "http-addr", "max-wait", "wait-lock")
 	o.deploy.register(f)
 	o.pace.register(f)
 	o.preflight.register(f, false)
@@ -123,7 +121,8 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	case o.Webroot != "" && o.Standalone:
 		return nil, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
 	case o.Webroot == "" && !o.Standalone:
-		return nil, exit.Errorf("no challenge method: pass --webroot DIR or --standalone")
+		return nil, exit.Errorf("no challenge method: pass --webroot DIR or --standalone").
+			WithHint("or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
 	case o.httpAddrSet && !o.Standalone:
 		return nil, exit.Errorf("--http-addr only applies with --standalone")
 	case o.Webroot != "":

@@ -82,7 +82,6 @@ while it is valid.
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
 	f.IntVar(&o.Concurrency, "concurrency", 8, "renewals (and ARI look-ups) in flight at once")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a lineage for the next run")
-	config.Mark(f, "days", "no-random-sleep", "wait-lock", "concurrency", "max-wait")
 	o.pace.register(f)
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	return cmd

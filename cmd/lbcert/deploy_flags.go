@@ -47,8 +47,6 @@ func (d *deployFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&d.hook, "deploy-hook", "", "command run with /bin/sh -c after each deployed certificate; sees LBCERT_* and RENEWED_* variables")
 	f.DurationVar(&d.hookTimeout, "hook-timeout", deploy.DefaultHookTimeout, "how long a deploy hook may run before it is killed")
 	f.StringVar(&d.verifyAddr, "verify-addr", "", "TLS address the load balancer serves on (host:port); checked for the new serial after reload")
-	config.Mark(f, "deploy", "nginx-conf", "nginx-bin", "haproxy-conf", "haproxy-bin", "haproxy-certs",
-		"haproxy-socket", "reload-cmd", "deploy-hook", "hook-timeout", "verify-addr")
 }
 
 // resolve checks the deploy settings offline and returns them, filled in

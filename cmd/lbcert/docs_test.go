@@ -7,6 +7,11 @@ import (
 	"sort"
 	"testing"
 	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/lbcert/lbcert/internal/config"
 )
 
 // TestDocsUpToDate fails when man/ or completions/ differ from what the
@@ -43,5 +48,52 @@ func TestDocsUpToDate(t *testing.T) {
 	}
 	if _, ok := files["lbcert-renew.1"]; !ok {
 		t.Fatal("no man page for lbcert renew")
+	}
+}
+
+// Every flag of every command is a setting: it has an environment
+// variable and a config key, so "lbcert issue -d foo.com" can take its
+// webroot from /etc/lbcert/config.yaml. Only the flags listed here are
+// command-line only, each for a reason.
+func TestEveryFlagIsASetting(t *testing.T) {
+	commandLineOnly := map[string]string{
+		"help":    "cobra's",
+		"version": "cobra's",
+		"config":  "names the file itself; LBCERT_CONFIG is read by the root",
+		"yes":     "a standing yes would let delete remove lineages without ever asking",
+	}
+	a := &app{out: &bytes.Buffer{}, err: &bytes.Buffer{}, getenv: func(string) string { return "" }, now: time.Now}
+	root := a.newRootCmd()
+	root.InitDefaultHelpFlag()
+	root.InitDefaultVersionFlag()
+	known := a.knownKey(root)
+	var walk func(c *cobra.Command)
+	n := 0
+	walk = func(c *cobra.Command) {
+		c.InitDefaultHelpFlag()
+		check := func(f *pflag.Flag) {
+			n++
+			if why, ok := commandLineOnly[f.Name]; ok {
+				if config.IsSetting(f) && f.Name != "help" && f.Name != "version" {
+					t.Errorf("%s --%s is listed as command-line only (%s) but is a setting", c.CommandPath(), f.Name, why)
+				}
+				return
+			}
+			if !config.IsSetting(f) {
+				t.Errorf("%s --%s has no environment variable (%s) or config key", c.CommandPath(), f.Name, config.EnvName(f.Name))
+			}
+			if !known(f.Name) {
+				t.Errorf("%s --%s: config key %q is refused by the config loader", c.CommandPath(), f.Name, f.Name)
+			}
+		}
+		c.LocalFlags().VisitAll(check)
+		c.PersistentFlags().VisitAll(check)
+		for _, sc := range c.Commands() {
+			walk(sc)
+		}
+	}
+	walk(root)
+	if n < 50 {
+		t.Fatalf("walked only %d flags", n)
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/store"
@@ -42,7 +41,6 @@ func (m *mailOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&m.TLS, "smtp-tls", "starttls", "starttls (required, certificate verified), tls, opportunistic or none")
 	pf.StringVar(&m.CABundle, "smtp-ca-bundle", "", "PEM roots to trust for the SMTP server's certificate")
 	pf.StringVar(&m.Report, "report", "changes", "when to mail: changes (something issued, renewed, deleted or failed), always, never")
-	config.Mark(pf, "smtp-host", "smtp-port", "mail-from", "mail-to", "smtp-user", "smtp-password-file", "smtp-tls", "smtp-ca-bundle", "report")
 }
 
 // check validates the mail settings offline; it never reads the password

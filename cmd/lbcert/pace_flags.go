@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -27,7 +26,6 @@ func (p *paceFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&p.orders, "rate-orders", le.Orders.String(), "new orders per account the client allows itself (COUNT/PERIOD, or off)")
 	f.StringVar(&p.domain, "rate-domain", le.Domain.String(), "new certificates per registered domain (COUNT/PERIOD, or off)")
 	f.StringVar(&p.failedAuthz, "rate-failed-authz", le.FailedAuthz.String(), "failed validations per name per account before it waits (COUNT/PERIOD, or off)")
-	config.Mark(f, "rate-orders", "rate-domain", "rate-failed-authz")
 }
 
 func (p *paceFlags) limits() (pace.Limits, error) {
@@ -69,7 +67,6 @@ func (p *preflightFlags) register(f *pflag.FlagSet, on bool) {
 	f.StringVar(&p.expectCNAME, "expect-cname", "", "pre-flight: or every name must be a CNAME to this name")
 	f.StringVar(&p.resolver, "resolver", "", "pre-flight: DNS server (host:port) to ask instead of the system's")
 	f.IntVar(&p.httpPort, "http-port", 80, "pre-flight: the port the CA connects to for HTTP-01")
-	config.Mark(f, "preflight", "expect-ip", "expect-cname", "resolver", "http-port")
 }
 
 // checker returns the configured checks, or nil when pre-flight is off.

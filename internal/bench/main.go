@@ -48,7 +48,9 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue or all")
+	only := flag.String("only", "all", "renew, issue, renew-due or all")
+	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
+	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	flag.Parse()
 	var err error
 	if *only == "all" || *only == "renew" {
@@ -59,6 +61,15 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchIssue(*issueN, *conc, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "renew-due") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		if *before != "" {
+			*before, _ = filepath.Abs(*before)
+		}
+		os.MkdirAll(w, 0o755)
+		err = benchRenewDue(*renewDueN, *conc, b, *before, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

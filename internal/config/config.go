@@ -2,7 +2,7 @@
 // all of them: command-line flag, then environment variable, then config
 // file, then the flag's default.
 //
-// A setting is a pflag flag marked with Mark. Its environment variable is
+// Every pflag flag is a setting unless excluded. Its environment variable is
 // derived from the flag name by EnvName, and its config-file key is the
 // flag name itself, so the three spellings never drift apart. The config
 // file is YAML and is decoded strictly: a key that is not a setting is an
@@ -25,10 +25,10 @@ import (
 // EnvPrefix starts every environment variable lbcert reads.
 const EnvPrefix = "LBCERT_"
 
-// annotation marks a flag as a setting that env and config may supply;
-// sourceAnnotation records which of them did.
+// notSetting excludes a flag from env and config; sourceAnnotation
+// records which of them supplied a setting's value.
 const (
-	annotation       = "lbcert/setting"
+	notSetting       = "lbcert/not-setting"
 	sourceAnnotation = "lbcert/source"
 )
 
@@ -38,20 +38,28 @@ func EnvName(flag string) string {
 	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
 
-// Mark marks the named flags of fs as settings. It panics on an unknown
-// name, which is a programming error caught by the tests.
-func Mark(fs *pflag.FlagSet, names ...string) {
+// Exclude makes the named flags of fs command-line only. Every other
+// flag is a setting: a new flag gets its environment variable and config
+// key without anyone having to remember to add them. It panics on an
+// unknown name, which is a programming error caught by the tests.
+func Exclude(fs *pflag.FlagSet, names ...string) {
 	for _, n := range names {
-		if err := fs.SetAnnotation(n, annotation, []string{"true"}); err != nil {
+		if err := fs.SetAnnotation(n, notSetting, []string{"true"}); err != nil {
 			panic(err)
 		}
 	}
 }
 
-// IsSetting reports whether f was marked by Mark.
+// IsSetting reports whether f takes a value from the environment and
+// the config file: every flag but --help, --version, --config (which
+// names the file; LBCERT_CONFIG is read by the root) and Exclude's.
 func IsSetting(f *pflag.Flag) bool {
-	_, ok := f.Annotations[annotation]
-	return ok
+	switch f.Name {
+	case "help", "version", "config":
+		return false
+	}
+	_, no := f.Annotations[notSetting]
+	return !no
 }
 
 // File is a decoded config file: each key with its values. A scalar value

@@ -53,7 +53,7 @@ func TestPrecedence(t *testing.T) {
 		b := fs.String("server", "default-server", "")
 		c := fs.String("unmarked", "u", "")
 		d := fs.StringArray("mail-to", nil, "")
-		Mark(fs, "dir", "server", "mail-to")
+		Exclude(fs, "unmarked")
 		return fs, a, b, c, d
 	}
 	file := &File{Path: "c.yaml", Values: map[string][]string{
