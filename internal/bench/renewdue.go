@@ -84,9 +84,10 @@ func renewDueOnce(n, concurrency int, bin, before, work string) error {
 	rows := [][3]any{{bres, bca, ""}, {rres, rca, fmt.Sprintf("%.2fx batch", float64(rres.wall)/float64(bres.wall))}}
 	if before != "" {
 		// The binary from before the engine renews the same kind of
-		// lineages, issued by it, one at a time.
+		// lineages (issued by today's batch: the on-disk format is the
+		// same), one at a time.
 		od := filepath.Join(work, "before")
-		if _, _, err := issue(before, od, "o"); err != nil {
+		if _, _, err := issue(bin, od, "o"); err != nil {
 			return err
 		}
 		if err := markNoARI(od); err != nil {

@@ -315,6 +315,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 	wg.Wait()
 
 	r.deployAll()
+	r.warnings(p.steps)
 	if e.Budget != nil {
 		if err := e.Budget.Flush(); err != nil {
 			slog.Warn("could not save the rate budget", "err", err)
@@ -669,6 +670,32 @@ func (r *run) deployAll() {
 		slog.Debug("deploy failed", "name", c.Name, "err", msg)
 		if e.Opts.Observe != nil {
 			e.Opts.Observe(it)
+		}
+	}
+}
+
+// warnings marks the items the report warns about: heading for expiry
+// unrenewed, and not warned about in the last day (a cron that runs
+// hourly must not mail hourly).
+func (r *run) warnings(steps []*step) {
+	e := r.e
+	now := e.now()
+	for _, s := range steps {
+		it := s.item
+		if !it.warnWorthy(now) {
+			continue
+		}
+		st, _ := e.Store.ReadStatus(it.Name)
+		if !st.WarnedAt.IsZero() && now.Sub(st.WarnedAt) < 23*time.Hour {
+			continue
+		}
+		it.warn = true
+		if e.Opts.DryRun {
+			continue
+		}
+		st.WarnedAt = now.UTC()
+		if err := e.Store.WriteStatus(it.Name, st); err != nil {
+			slog.Warn("could not save the warning time", "name", it.Name, "err", err)
 		}
 	}
 }

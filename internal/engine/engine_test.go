@@ -520,3 +520,46 @@ func TestNothingDueTouchesNothing(t *testing.T) {
 		t.Fatalf("second: %+v", res.Items[0])
 	}
 }
+
+// The expiry warning follows the lifetime: a fresh 6-day certificate is
+// not flagged (a fixed 14 days would flag it from the day it is issued);
+// one that keeps failing past its renewal time is, on 6-, 45- and 90-day
+// lifetimes alike; and a run an hour later does not warn again.
+func TestExpiryWarningFollowsLifetime(t *testing.T) {
+	for _, days := range []int{6, 45, 90} {
+		t.Run(fmt.Sprint(days), func(t *testing.T) {
+			f := newFixture(t)
+			f.ca.life = time.Duration(days) * 24 * time.Hour
+			f.saved("w.test")
+			res := f.run(context.Background(), Options{Command: "renew"}, job("w.test"))
+			if rep := res.Report(); len(rep.Warnings) != 0 || rep.Changed() {
+				t.Fatalf("fresh %d-day certificate warned about: %+v", days, rep.Warnings)
+			}
+			// Past its renewal time (2/3 of the lifetime, or 1/2 for
+			// short ones) and the CA keeps failing.
+			f.clock.Add(f.ca.life * 7 / 10)
+			f.ca.fail["w.test"] = errors.New("obtain w.test: connection: refused")
+			res = f.run(context.Background(), Options{Command: "renew"}, job("w.test"))
+			rep := res.Report()
+			if len(rep.Warnings) != 1 || !rep.Changed() {
+				t.Fatalf("%d-day certificate past its renewal time: warnings %+v", days, rep.Warnings)
+			}
+			// An hour later it is in backoff: deferred, and not warned
+			// about again so soon.
+			f.clock.Add(time.Hour / 2)
+			res = f.run(context.Background(), Options{Command: "renew"}, job("w.test"))
+			if rep := res.Report(); len(rep.Warnings) != 0 || res.Items[0].Outcome != Deferred {
+				t.Fatalf("warned again within the day: %s %+v", res.Items[0].Outcome, rep.Warnings)
+			}
+			// A day later the warning comes back, even with nothing else
+			// to report: --report changes mails it.
+			f.clock.Add(24 * time.Hour)
+			delete(f.ca.fail, "w.test")
+			f.ca.fail["w.test"] = errors.New("obtain w.test: connection: refused")
+			res = f.run(context.Background(), Options{Command: "renew"}, job("w.test"))
+			if rep := res.Report(); len(rep.Warnings) != 1 {
+				t.Fatalf("no warning a day later: %+v", rep)
+			}
+		})
+	}
+}

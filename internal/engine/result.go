@@ -57,6 +57,21 @@ type Item struct {
 	mail   store.Mail
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
+	warn   bool          // the report warns about it (at most once a day)
+}
+
+// warnWorthy reports whether it holds a certificate that is past its
+// renewal time, or has under a third of its lifetime left, and was not
+// renewed by this run.
+func (it *Item) warnWorthy(now time.Time) bool {
+	switch it.Outcome {
+	case Issued, Renewed, Deployed, Invalid:
+		return false
+	}
+	if it.OldNotAfter == nil || it.life <= 0 {
+		return false
+	}
+	return it.dueNow || it.OldNotAfter.Sub(now) < it.life/3
 }
 
 // Result is one run: every job's outcome, in job order.
@@ -132,12 +147,9 @@ func (r *Result) Report() *notify.Report {
 				out.Items = append(out.Items, ni)
 			}
 		}
-		if it.OldNotAfter != nil && it.life > 0 {
-			left := it.OldNotAfter.Sub(r.Finished)
-			if it.dueNow || left < it.life/3 {
-				ni.Outcome = "expiring"
-				out.Warnings = append(out.Warnings, ni)
-			}
+		if it.warn {
+			ni.Outcome = "expiring"
+			out.Warnings = append(out.Warnings, ni)
 		}
 	}
 	return out

@@ -40,17 +40,15 @@ type Report struct {
 	Host     string // the machine, for the subject line
 	Command  string // issue, renew, batch, delete
 	Items    []Item
-	Warnings []Item // certificates within 14 days of expiry that were not renewed
+	Warnings []Item // certificates past their renewal time, or with under a third of their lifetime left, not renewed
 	Time     time.Time
 }
 
-// WarnWindow is how close to expiry a certificate that was not renewed
-// must be to appear in the warning section.
-const WarnWindow = 14 * 24 * time.Hour
-
-// Changed reports whether the run did or failed anything, which is when
-// --report changes sends mail.
-func (r *Report) Changed() bool { return len(r.Items) > 0 }
+// Changed reports whether the run did or failed anything, or has a
+// warning, which is when --report changes sends mail. Let's Encrypt no
+// longer mails expiry warnings, so a certificate heading for expiry is
+// news even on a run that changed nothing.
+func (r *Report) Changed() bool { return len(r.Items) > 0 || len(r.Warnings) > 0 }
 
 func (r *Report) counts() map[string]int {
 	c := map[string]int{}
@@ -113,7 +111,7 @@ func (r *Report) Body() string {
 		row("hint", it.Hint)
 	}
 	if len(r.Warnings) > 0 {
-		fmt.Fprintf(&b, "\nWARNING: expiring within %d days and not renewed by this run\n", int(WarnWindow.Hours()/24))
+		b.WriteString("\nWARNING: past the renewal time, or under a third of the lifetime left, and not renewed by this run\n")
 		for _, it := range r.Warnings {
 			left := int(it.OldNotAfter.Sub(r.Time).Hours() / 24)
 			fmt.Fprintf(&b, "  %s (%s): expires %s, %d days left", it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.UTC().Format(time.RFC3339), left)

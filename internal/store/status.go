@@ -38,6 +38,10 @@ type Status struct {
 	// instead of ordering again (a failed deploy must not burn the CA's
 	// five-per-week limit on the same names).
 	Pending *Pending `json:"pending,omitempty"`
+
+	// WarnedAt is when a report last warned that this certificate is
+	// heading for expiry unrenewed: at most one such warning a day.
+	WarnedAt time.Time `json:"warned_at,omitzero"`
 }
 
 // Pending is a deploy still owed.
