@@ -18,13 +18,14 @@ import (
 // paceFlags are the client-side rate limits of issue, renew and batch.
 // They all spend one budget, saved in the state directory.
 type paceFlags struct {
-	orders, domain, failedAuthz string
+	orders, domain, exactSet, failedAuthz string
 }
 
 func (p *paceFlags) register(f *pflag.FlagSet) {
 	le := pace.LetsEncrypt
 	f.StringVar(&p.orders, "rate-orders", le.Orders.String(), "new orders per account the client allows itself (COUNT/PERIOD, or off)")
-	f.StringVar(&p.domain, "rate-domain", le.Domain.String(), "new certificates per registered domain (COUNT/PERIOD, or off)")
+	f.StringVar(&p.domain, "rate-domain", le.Domain.String(), "new certificates per registered domain; renewals are exempt (COUNT/PERIOD, or off)")
+	f.StringVar(&p.exactSet, "rate-names", le.ExactSet.String(), "new certificates per exact set of names, renewals included (COUNT/PERIOD, or off)")
 	f.StringVar(&p.failedAuthz, "rate-failed-authz", le.FailedAuthz.String(), "failed validations per name per account before it waits (COUNT/PERIOD, or off)")
 }
 
@@ -34,7 +35,8 @@ func (p *paceFlags) limits() (pace.Limits, error) {
 		flag string
 		val  string
 		dst  *pace.Limit
-	}{{"--rate-orders", p.orders, &l.Orders}, {"--rate-domain", p.domain, &l.Domain}, {"--rate-failed-authz", p.failedAuthz, &l.FailedAuthz}} {
+	}{{"--rate-orders", p.orders, &l.Orders}, {"--rate-domain", p.domain, &l.Domain}, {"--rate-names", p.exactSet, &l.ExactSet},
+		{"--rate-failed-authz", p.failedAuthz, &l.FailedAuthz}} {
 		v, err := pace.ParseLimit(x.val)
 		if err != nil {
 			return l, exit.Errorf("%s %v", x.flag, err)

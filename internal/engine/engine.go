@@ -70,7 +70,7 @@ type Deployer interface {
 // Budget is the client-side pace budget, shared by every command;
 // *pace.Budget is the real one.
 type Budget interface {
-	Reserve(k pace.Key, names []string) error
+	Reserve(k pace.Key, o pace.Order) error
 	FailedAuthz(k pace.Key, names []string) error
 	Block(k pace.Key, until time.Time) error
 	Flush() error
@@ -445,7 +445,7 @@ func (r *run) order(s *step) {
 	}
 	key := pace.Key{Server: l.Server, Email: l.Email}
 	for attempt := 0; ; attempt++ {
-		if !e.Opts.DryRun && e.Budget != nil && !r.reserve(s, key) {
+		if !e.Opts.DryRun && e.Budget != nil && !r.reserve(s, key, o.Replaces) {
 			return
 		}
 		if e.Opts.DryRun {
@@ -482,10 +482,12 @@ func (r *run) order(s *step) {
 }
 
 // reserve takes the job's tokens from the budget, waiting up to MaxWait.
-func (r *run) reserve(s *step, key pace.Key) bool {
+func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
 	e := r.e
+	o := pace.Order{Names: s.job.Lineage.Domains, Replaces: replaces,
+		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains)}
 	for {
-		err := e.Budget.Reserve(key, s.job.Lineage.Domains)
+		err := e.Budget.Reserve(key, o)
 		if err == nil {
 			return true
 		}

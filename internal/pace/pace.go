@@ -24,6 +24,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,10 +82,11 @@ func ParseLimit(s string) (Limit, error) {
 	return Limit{N: count, Per: d}, nil
 }
 
-// Limits are the three budgets.
+// Limits are the budgets.
 type Limits struct {
 	Orders      Limit // new orders per account
 	Domain      Limit // new certificates per registered domain
+	ExactSet    Limit // new certificates per exact set of names
 	FailedAuthz Limit // failed authorizations per name per account
 }
 
@@ -92,7 +94,23 @@ type Limits struct {
 var LetsEncrypt = Limits{
 	Orders:      Limit{300, 3 * time.Hour},
 	Domain:      Limit{50, 7 * 24 * time.Hour},
+	ExactSet:    Limit{5, 7 * 24 * time.Hour},
 	FailedAuthz: Limit{5, time.Hour},
+}
+
+// Order is what an order asks of the budget. Let's Encrypt exempts some
+// orders from some limits, and so does the budget, rule by rule
+// (README "Rate limits and renewals"):
+//
+//   - an order that carries ARI "replaces" is exempt from every limit,
+//     once per replaced certificate;
+//   - a renewal (the same exact set of names as the certificate it
+//     replaces) is exempt from the per-registered-domain limit, but
+//     still counts as a new order and against its exact set of names.
+type Order struct {
+	Names    []string
+	Renewal  bool   // the same exact set of names as the live certificate
+	Replaces string // the ARI CertID this order replaces, if any
 }
 
 type bucket struct {
@@ -118,6 +136,8 @@ func (b bucket) wait(l Limit, now time.Time) time.Duration {
 type state struct {
 	Orders  map[string]bucket    `json:"orders,omitempty"`
 	Domains map[string]bucket    `json:"domains,omitempty"`
+	Sets    map[string]bucket    `json:"exact_sets,omitempty"`
+	ARIUsed map[string]time.Time `json:"ari_replaced,omitempty"` // CertID -> when its exemption was used
 	Failed  map[string]bucket    `json:"failed_authz,omitempty"`
 	Blocked map[string]time.Time `json:"blocked_until,omitempty"`
 }
@@ -167,6 +187,12 @@ func Open(dir string, l Limits, now func() time.Time) (*Budget, error) {
 	if b.st.Blocked == nil {
 		b.st.Blocked = map[string]time.Time{}
 	}
+	if b.st.Sets == nil {
+		b.st.Sets = map[string]bucket{}
+	}
+	if b.st.ARIUsed == nil {
+		b.st.ARIUsed = map[string]time.Time{}
+	}
 	return b, nil
 }
 
@@ -195,11 +221,11 @@ func (d *Denied) Error() string {
 	return fmt.Sprintf("%s; next possible in %s", d.Reason, d.Wait.Round(time.Second))
 }
 
-// Reserve takes one new-order token for account and one certificate token
-// per registered domain of names, if every bucket (and every name's
-// failed-authorization bucket) has one. Otherwise it takes nothing and
-// returns a *Denied with the longest wait.
-func (b *Budget) Reserve(k Key, names []string) error {
+// Reserve takes the tokens order o needs from account k's buckets, if
+// every one of them has a token. Otherwise it takes nothing and returns a
+// *Denied with the longest wait. A CA's rateLimited Retry-After (Block)
+// stops every order, exempt or not: the CA has spoken.
+func (b *Budget) Reserve(k Key, o Order) error {
 	account := k.account()
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -213,17 +239,32 @@ func (b *Budget) Reserve(k Key, names []string) error {
 	if until, ok := b.st.Blocked[account]; ok {
 		deny(until.Sub(now), fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339)))
 	}
+	names := o.Names
+	ari := o.Replaces != "" && b.st.ARIUsed[o.Replaces].IsZero()
 	l := b.Limits
+	if ari {
+		if worst != nil {
+			return worst
+		}
+		b.st.ARIUsed[o.Replaces] = now.UTC()
+		b.dirty = true
+		return b.maybeSave(now)
+	}
 	if l.Orders.N > 0 {
 		deny(b.st.Orders[account].get(l.Orders, now).wait(l.Orders, now),
 			fmt.Sprintf("the new-orders budget (%s per account) is spent", l.Orders))
 	}
 	domains := registered(names)
-	if l.Domain.N > 0 {
+	if l.Domain.N > 0 && !o.Renewal {
 		for _, d := range domains {
 			deny(b.st.Domains[k.Server+" "+d].get(l.Domain, now).wait(l.Domain, now),
 				fmt.Sprintf("the certificates budget for %s (%s) is spent", d, l.Domain))
 		}
+	}
+	set := k.Server + " " + exactSet(names)
+	if l.ExactSet.N > 0 {
+		deny(b.st.Sets[set].get(l.ExactSet, now).wait(l.ExactSet, now),
+			fmt.Sprintf("%d certificates for exactly these names (%s) were issued within %s; the CA would lock them out", l.ExactSet.N, exactSet(names), shortDuration(l.ExactSet.Per)))
 	}
 	if l.FailedAuthz.N > 0 {
 		for _, n := range names {
@@ -237,16 +278,30 @@ func (b *Budget) Reserve(k Key, names []string) error {
 	if l.Orders.N > 0 {
 		b.st.Orders[account] = b.st.Orders[account].take(l.Orders, now)
 	}
-	if l.Domain.N > 0 {
+	if l.Domain.N > 0 && !o.Renewal {
 		for _, d := range domains {
 			b.st.Domains[k.Server+" "+d] = b.st.Domains[k.Server+" "+d].take(l.Domain, now)
 		}
 	}
+	if l.ExactSet.N > 0 {
+		b.st.Sets[set] = b.st.Sets[set].take(l.ExactSet, now)
+	}
 	b.dirty = true
+	return b.maybeSave(now)
+}
+
+func (b *Budget) maybeSave(now time.Time) error {
 	if time.Since(b.lastSave) < saveEvery {
 		return nil
 	}
 	return b.save(now)
+}
+
+// exactSet names a set of names independently of their order.
+func exactSet(names []string) string {
+	s := slices.Clone(names)
+	slices.Sort(s)
+	return strings.Join(slices.Compact(s), ",")
 }
 
 // Flush writes what Reserve has not written yet. Commands call it before
@@ -328,6 +383,12 @@ func (b *Budget) save(now time.Time) error {
 	prune(b.st.Orders, b.Limits.Orders)
 	prune(b.st.Domains, b.Limits.Domain)
 	prune(b.st.Failed, b.Limits.FailedAuthz)
+	prune(b.st.Sets, b.Limits.ExactSet)
+	for k, t := range b.st.ARIUsed {
+		if now.Sub(t) > 90*24*time.Hour { // long after the certificate it replaced expired
+			delete(b.st.ARIUsed, k)
+		}
+	}
 	for k, t := range b.st.Blocked {
 		if !now.Before(t) {
 			delete(b.st.Blocked, k)

@@ -43,17 +43,17 @@ func TestOrdersBucket(t *testing.T) {
 	l := Limits{Orders: Limit{3, 3 * time.Hour}}
 	b, _ := Open(dir, l, c.now)
 	for i := range 3 {
-		if err := b.Reserve(acct, []string{"a.example.com"}); err != nil {
+		if err := b.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
 			t.Fatalf("order %d: %v", i, err)
 		}
 	}
-	err := b.Reserve(acct, []string{"a.example.com"})
+	err := b.Reserve(acct, Order{Names: []string{"a.example.com"}})
 	var d *Denied
 	if !errors.As(err, &d) || d.Wait != time.Hour || !strings.Contains(d.Reason, "new-orders budget (3/3h per account)") {
 		t.Fatalf("4th order: %v", err)
 	}
 	// Another account on the same CA has its own bucket.
-	if err := b.Reserve(Key{acct.Server, "other@example.com"}, []string{"b.example.com"}); err != nil {
+	if err := b.Reserve(Key{acct.Server, "other@example.com"}, Order{Names: []string{"b.example.com"}}); err != nil {
 		t.Fatal(err)
 	}
 	// A new process sees the spent budget once it is flushed; an hour
@@ -63,14 +63,14 @@ func TestOrdersBucket(t *testing.T) {
 	}
 	c.t = c.t.Add(59 * time.Minute)
 	b2, _ := Open(dir, l, c.now)
-	if err := b2.Reserve(acct, []string{"a.example.com"}); err == nil {
+	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err == nil {
 		t.Fatal("budget not persisted")
 	}
 	c.t = c.t.Add(time.Minute)
-	if err := b2.Reserve(acct, []string{"a.example.com"}); err != nil {
+	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
 		t.Fatalf("after refill: %v", err)
 	}
-	if err := b2.Reserve(acct, []string{"a.example.com"}); err == nil {
+	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err == nil {
 		t.Fatal("refilled more than one token")
 	}
 }
@@ -81,16 +81,16 @@ func TestDomainBucketAndPrune(t *testing.T) {
 	l := Limits{Domain: Limit{2, 7 * 24 * time.Hour}}
 	b, _ := Open(dir, l, c.now)
 	// Both names count once under example.co.uk, the registered domain.
-	if err := b.Reserve(acct, []string{"a.example.co.uk", "www.a.example.co.uk"}); err != nil {
+	if err := b.Reserve(acct, Order{Names: []string{"a.example.co.uk", "www.a.example.co.uk"}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Reserve(acct, []string{"b.example.co.uk"}); err != nil {
+	if err := b.Reserve(acct, Order{Names: []string{"b.example.co.uk"}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Reserve(acct, []string{"c.example.co.uk"}); err == nil || !strings.Contains(err.Error(), "example.co.uk (2/7d)") {
+	if err := b.Reserve(acct, Order{Names: []string{"c.example.co.uk"}}); err == nil || !strings.Contains(err.Error(), "example.co.uk (2/7d)") {
 		t.Fatalf("third cert: %v", err)
 	}
-	if err := b.Reserve(acct, []string{"other.example.org"}); err != nil {
+	if err := b.Reserve(acct, Order{Names: []string{"other.example.org"}}); err != nil {
 		t.Fatalf("another domain: %v", err)
 	}
 	// Once every bucket has refilled the file holds nothing.
@@ -110,20 +110,20 @@ func TestFailedAuthzAndBlock(t *testing.T) {
 	for range 5 {
 		b.FailedAuthz(acct, []string{"broken.example.com"})
 	}
-	err := b.Reserve(acct, []string{"ok.example.com", "broken.example.com"})
+	err := b.Reserve(acct, Order{Names: []string{"ok.example.com", "broken.example.com"}})
 	if err == nil || !strings.Contains(err.Error(), "broken.example.com failed validation 5 times within 1h") {
 		t.Fatalf("after 5 failures: %v", err)
 	}
-	if err := b.Reserve(acct, []string{"ok.example.com"}); err != nil {
+	if err := b.Reserve(acct, Order{Names: []string{"ok.example.com"}}); err != nil {
 		t.Fatalf("another name: %v", err)
 	}
 	b.Block(acct, c.t.Add(30*time.Minute))
 	var d *Denied
-	if err := b.Reserve(acct, []string{"ok2.example.com"}); !errors.As(err, &d) || d.Wait != 30*time.Minute || !strings.Contains(d.Reason, "rateLimited") {
+	if err := b.Reserve(acct, Order{Names: []string{"ok2.example.com"}}); !errors.As(err, &d) || d.Wait != 30*time.Minute || !strings.Contains(d.Reason, "rateLimited") {
 		t.Fatalf("blocked: %v", err)
 	}
 	c.t = c.t.Add(30 * time.Minute)
-	if err := b.Reserve(acct, []string{"ok2.example.com"}); err != nil {
+	if err := b.Reserve(acct, Order{Names: []string{"ok2.example.com"}}); err != nil {
 		t.Fatalf("after Retry-After: %v", err)
 	}
 }
@@ -137,8 +137,79 @@ func TestOffAndCorruptFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 1000 {
-		if err := b.Reserve(acct, []string{"a.example.com"}); err != nil {
+		if err := b.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+// Let's Encrypt's exemptions, rule by rule (README "Rate limits and
+// renewals").
+func TestExemptions(t *testing.T) {
+	now := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	acct := Key{"https://ca.test/dir", "ops@example.com"}
+	open := func(l Limits) *Budget {
+		b, err := Open(t.TempDir(), l, clock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	names := []string{"shop.example.com"}
+
+	t.Run("a renewal is exempt from the registered-domain limit", func(t *testing.T) {
+		b := open(Limits{Domain: Limit{1, 7 * 24 * time.Hour}})
+		if err := b.Reserve(acct, Order{Names: names}); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Reserve(acct, Order{Names: []string{"blog.example.com"}}); err == nil {
+			t.Fatal("a new certificate for the same registered domain was allowed past 1/7d")
+		}
+		for range 3 {
+			if err := b.Reserve(acct, Order{Names: names, Renewal: true}); err != nil {
+				t.Fatalf("a renewal was charged to the registered domain: %v", err)
+			}
+		}
+	})
+	t.Run("a renewal still counts as a new order", func(t *testing.T) {
+		b := open(Limits{Orders: Limit{1, time.Hour}})
+		b.Reserve(acct, Order{Names: names, Renewal: true})
+		if err := b.Reserve(acct, Order{Names: names, Renewal: true}); err == nil {
+			t.Fatal("a plain renewal was exempt from new orders per account")
+		}
+	})
+	t.Run("five certificates per exact set of names, renewals included", func(t *testing.T) {
+		b := open(LetsEncrypt)
+		for i := range 5 {
+			if err := b.Reserve(acct, Order{Names: []string{"www.shop.example.com", "shop.example.com"}, Renewal: i > 0}); err != nil {
+				t.Fatalf("certificate %d: %v", i+1, err)
+			}
+		}
+		var d *Denied
+		err := b.Reserve(acct, Order{Names: []string{"shop.example.com", "www.shop.example.com"}, Renewal: true})
+		if !errors.As(err, &d) || !strings.Contains(d.Reason, "exactly these names") || d.Wait < 24*time.Hour {
+			t.Fatalf("the sixth certificate for the same names: %v", err)
+		}
+		if err := b.Reserve(acct, Order{Names: []string{"shop.example.com"}}); err != nil {
+			t.Fatalf("another set of names was held up: %v", err)
+		}
+	})
+	t.Run("an ARI renewal is exempt from every limit, once per certificate", func(t *testing.T) {
+		b := open(Limits{Orders: Limit{1, time.Hour}, Domain: Limit{1, 7 * 24 * time.Hour}, ExactSet: Limit{1, 7 * 24 * time.Hour}, FailedAuthz: Limit{1, time.Hour}})
+		b.Reserve(acct, Order{Names: names})
+		b.FailedAuthz(acct, names)
+		if err := b.Reserve(acct, Order{Names: names, Renewal: true, Replaces: "aki.serial1"}); err != nil {
+			t.Fatalf("an ARI renewal was charged: %v", err)
+		}
+		if err := b.Reserve(acct, Order{Names: names, Renewal: true, Replaces: "aki.serial1"}); err == nil {
+			t.Fatal("the same certificate's ARI exemption was used twice")
+		}
+		if err := b.Block(acct, now.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Reserve(acct, Order{Names: names, Renewal: true, Replaces: "aki.serial2"}); err == nil {
+			t.Fatal("an ARI renewal went past the CA's own Retry-After")
+		}
+	})
 }
