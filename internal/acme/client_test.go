@@ -63,3 +63,25 @@ func TestClassify(t *testing.T) {
 		t.Fatal("rejectedIdentifier is not a failed validation")
 	}
 }
+
+// An error response to an order that carried "replaces" is retried once
+// without it, whatever its status (Pebble answers 500 for some serials);
+// a failed validation or a rate limit is not.
+func TestReplacesRejected(t *testing.T) {
+	cases := []struct {
+		err  error
+		want bool
+	}{
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "could not find an order for the given certificate"}, true},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:malformed", HTTPStatus: 400, Detail: "bad replaces"}, true},
+		{&legoacme.AlreadyReplacedError{ProblemDetails: &legoacme.ProblemDetails{HTTPStatus: 409}}, true},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:unauthorized", HTTPStatus: 403, Detail: "404 from the token URL"}, false},
+		{&legoacme.RateLimitedError{ProblemDetails: &legoacme.ProblemDetails{Type: legoacme.RateLimitedErr, HTTPStatus: 429}}, false},
+		{fmt.Errorf("dial tcp: connection refused"), false},
+	}
+	for _, c := range cases {
+		if got := replacesRejected(fmt.Errorf("obtain: %w", c.err)); got != c.want {
+			t.Errorf("replacesRejected(%v) = %v, want %v", c.err, got, c.want)
+		}
+	}
+}

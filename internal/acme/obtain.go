@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sort"
 	"strings"
@@ -88,8 +89,11 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	res, err := c.lego.Certificate.Obtain(req)
 	if err != nil && r.Replaces != "" && replacesRejected(err) {
 		// RFC 9773 section 5: a CA may refuse "replaces" (already
-		// replaced, or not its certificate); renewing matters more than
-		// the hint, so order again without it.
+		// replaced, not its certificate, or, as Pebble does for some
+		// serials, a 500); renewing matters more than the hint, so
+		// order again without it, once.
+		slog.Info("the CA refused the order that names the certificate it replaces (ARI); ordering again without it",
+			"domains", strings.Join(r.Domains, ","), "err", flatten(err.Error()))
 		req.ReplacesCertID = ""
 		res, err = c.lego.Certificate.Obtain(req)
 	}
@@ -99,13 +103,22 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	return check(res.Certificate, res.PrivateKey, r.Domains)
 }
 
+// replacesRejected reports whether err is the CA's error response to an
+// order that carried "replaces", rather than a failed validation or a
+// rate limit (which an order without it would meet just the same).
 func replacesRejected(err error) bool {
 	var ar *legoacme.AlreadyReplacedError
 	var pd *legoacme.ProblemDetails
 	if errors.As(err, &ar) {
 		return true
 	}
-	return errors.As(err, &pd) && pd.HTTPStatus == 400 && strings.Contains(strings.ToLower(pd.Detail), "replace")
+	if !errors.As(err, &pd) || pd.HTTPStatus < 400 {
+		return false
+	}
+	if _, limited := RateLimited(err); limited || FailedValidation(err) {
+		return false
+	}
+	return true
 }
 
 // check splits the bundle lego returned and refuses a certificate whose

@@ -117,7 +117,17 @@ func perCert(d time.Duration, n int) float64 { return float64(d.Microseconds()) 
 
 // measureWithCA is measureOnce plus the CPU Pebble spent meanwhile, read
 // from /proc: the CA's cost beside the client's, in the same run.
-func measureWithCA(p *testenv.Pebble, tool string, n int, argv ...string) (result, time.Duration, error) {
+func measureWithCA(p *testenv.Pebble, tool string, n int, argv ...string) (r result, ca time.Duration, err error) {
+	defer func() {
+		if err == nil { // each phase's figure as it comes: a later hang loses nothing
+			fmt.Printf("  %s: %.1f s wall, lbcert CPU %.1f ms/cert, Pebble CPU %.1f ms/cert, %.1f MiB\n",
+				tool, r.wall.Seconds(), perCert(r.cpu, n), perCert(ca, n), float64(r.rssKB)/1024)
+		}
+	}()
+	return measureCA(p, tool, n, argv...)
+}
+
+func measureCA(p *testenv.Pebble, tool string, n int, argv ...string) (result, time.Duration, error) {
 	before, err := procCPU(p.PID())
 	if err != nil {
 		return result{}, 0, err

@@ -173,3 +173,19 @@ func (e *env) leaf(name string) *x509.Certificate {
 func (e *env) requests() int {
 	return strings.Count(e.pebble.FullLog(), "-> calling handler()")
 }
+
+// settledOrders is Pebble's order count once it has not changed for a
+// second: after a kill -9, the victim's last request may still be in
+// flight to Pebble.
+func (e *env) settledOrders() int {
+	n := e.pebble.Orders()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(time.Second)
+		m := e.pebble.Orders()
+		if m == n {
+			return n
+		}
+		n = m
+	}
+	return n
+}

@@ -123,7 +123,7 @@ exec %s "$@"
 	if v3 == v2 || served(t, tlsAddr, "pend.example.com") != v2 {
 		t.Fatalf("before the next run: live %s (want new), served %s (want %s)", v3, served(t, tlsAddr, "pend.example.com"), v2)
 	}
-	orders = e.pebble.Orders()
+	orders = e.settledOrders()
 	r = e.mustRun("renew", "--no-random-sleep")
 	if !strings.Contains(r.stdout, "deployed  pend.example.com") || e.pebble.Orders() != orders {
 		t.Fatalf("after kill -9: %d orders\n%s", e.pebble.Orders()-orders, r.stdout)

@@ -144,11 +144,21 @@ func (p *Pebble) Stop() {
 }
 
 // Dump makes Pebble print every goroutine's stack (SIGQUIT, which also
-// ends it) and returns what it printed, marked plainly when it shows the
-// lock-order cycle of Pebble 2.10.1's memory store: an authz handler
-// holding the authz lock while waiting for the store's read lock, and
-// FindValidAuthorization holding the read lock while waiting for the
-// authz lock. A hung test then names Pebble, not lbcert, as the cause.
+// ends it) and returns what it printed, marked plainly when Pebble is
+// stuck on its own locks. Pebble 2.10.1 has two such bugs, both seen in
+// dumps taken here:
+//
+//   - its order handler (wfe.Order) read-locks the order and then calls
+//     orderForDisplay, which read-locks it again; when CompleteOrder asks
+//     for the write lock between the two, each waits for the other
+//     forever. Any client that polls an order while it is being issued
+//     can hit it, more often the more orders run at once;
+//   - a lock-order cycle in its memory store (an authz handler holding
+//     the authz lock while it waits for the store's read lock, and
+//     FindValidAuthorization holding that read lock while it waits for
+//     the authz lock).
+//
+// A hung test then names Pebble, not lbcert, as the cause.
 func (p *Pebble) Dump() string {
 	before := len(p.FullLog())
 	p.pebble.cmd.Process.Signal(syscall.SIGQUIT)
@@ -158,7 +168,7 @@ func (p *Pebble) Dump() string {
 	}
 	dump := p.FullLog()[before:]
 	if stuck := pebbleLockWaits(dump); stuck > 0 {
-		return fmt.Sprintf("PEBBLE DEADLOCK: %d Pebble goroutines have waited a minute or more for one of its own locks (Pebble 2.10.1's lock-order cycles; not an lbcert hang)\n", stuck) + dump
+		return fmt.Sprintf("PEBBLE DEADLOCK: %d Pebble goroutines have waited a minute or more for one of Pebble's own locks (Pebble 2.10.1 read-locks an order twice in its order handler; not an lbcert hang)\n", stuck) + dump
 	}
 	return dump
 }
