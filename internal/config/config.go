@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -199,11 +200,30 @@ func setAll(f *pflag.Flag, vals []string) error {
 		return fmt.Errorf("takes one value, got %d", len(vals))
 	}
 	for _, v := range vals {
+		if f.Value.Type() == "bool" {
+			b, ok := parseBool(v)
+			if !ok {
+				return fmt.Errorf("want true or false (or yes/no, on/off, 1/0)")
+			}
+			v = strconv.FormatBool(b)
+		}
 		if err := f.Value.Set(v); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// parseBool reads a boolean the ways people write one in an environment
+// file or YAML: true/false, yes/no, on/off, 1/0, any case.
+func parseBool(s string) (bool, bool) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true", "yes", "y", "on", "1":
+		return true, true
+	case "false", "no", "n", "off", "0":
+		return false, true
+	}
+	return false, false
 }
 
 // Keys lists every setting name in the flag sets, sorted, for docs and for

@@ -107,3 +107,28 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// A boolean in the environment accepts yes/no too, and a bad one names
+// the variable and the accepted values instead of strconv's words.
+func TestBoolSettings(t *testing.T) {
+	for _, c := range []struct {
+		val  string
+		want bool
+		ok   bool
+	}{{"yes", true, true}, {"NO", false, true}, {"on", true, true}, {"0", false, true}, {"true", true, true}, {"maybe", false, false}} {
+		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+		v := fs.Bool("agree-tos", !c.want, "")
+		err := Apply(fs, nil, func(k string) string {
+			if k == "LBCERT_AGREE_TOS" {
+				return c.val
+			}
+			return ""
+		})
+		switch {
+		case c.ok && (err != nil || *v != c.want):
+			t.Errorf("%q: %v, err %v", c.val, *v, err)
+		case !c.ok && (err == nil || !strings.Contains(err.Error(), `LBCERT_AGREE_TOS="maybe": want true or false (or yes/no, on/off, 1/0)`) || strings.Contains(err.Error(), "strconv")):
+			t.Errorf("%q: error %v", c.val, err)
+		}
+	}
+}
