@@ -41,7 +41,9 @@ e2e: deps
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
-# CSV, all in the same run (internal/bench/README.md), then the Go benchmarks.
+# CSV, then renew of 200 due lineages beside batch issuing 200 (with
+# Pebble's CPU beside lbcert's), all in the same run
+# (internal/bench/README.md), then the Go benchmarks.
 bench: build bench-deps
 	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
