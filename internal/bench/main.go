@@ -50,6 +50,7 @@ func main() {
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
 	only := flag.String("only", "all", "renew, issue, renew-due or all")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
+	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	flag.Parse()
 	var err error
@@ -69,7 +70,7 @@ func main() {
 			*before, _ = filepath.Abs(*before)
 		}
 		os.MkdirAll(w, 0o755)
-		err = benchRenewDue(*renewDueN, *conc, b, *before, w)
+		err = benchRenewDue(*renewDueN, *renewDueC, b, *before, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
