@@ -59,6 +59,11 @@ func (m *mailOptions) check() error {
 	if m.Port < 1 || m.Port > 65535 {
 		return exit.Errorf("--smtp-port %d: want 1-65535", m.Port)
 	}
+	// Refused now, before any connection: a login over a connection
+	// without TLS would send the password in the clear.
+	if m.User != "" && m.TLS == "none" {
+		return exit.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls none would send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port)
+	}
 	for _, to := range m.To {
 		if err := checkAddress("--mail-to", to); err != nil {
 			return err

@@ -45,6 +45,12 @@ type Sender struct {
 // server and carries its SMTP reply, never the password.
 func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	set := s.Settings
+	// Credentials belong to the relay they were configured for. A relay
+	// named by a lineage or a CSV row is another server: it gets no login,
+	// so the configured password can never go to it.
+	if other := (env.Relay.Host != "" && env.Relay.Host != set.Host) || (env.Relay.Port != 0 && env.Relay.Port != set.Port); other {
+		set.User, set.Password = "", ""
+	}
 	if env.Relay.Host != "" {
 		set.Host = env.Relay.Host
 	}

@@ -44,13 +44,16 @@ type SMTP struct {
 	srv  *smtp.Server
 	mu   sync.Mutex
 	msgs []Message
-	// Auths counts successful logins.
-	Auths int
+	// Auths counts successful logins; AuthAttempts counts every AUTH a
+	// client sent, right or wrong, so a test can prove none was sent.
+	Auths, AuthAttempts int
 }
 
-// StartSMTP starts the server; dir receives the CA bundle.
+// StartSMTP starts the server; dir receives the CA bundle. With an empty
+// user it is a relay that needs no login (as a row's own relay may be).
+// Every server of one test binary has its certificate from the same CA.
 func StartSMTP(dir, user, password string) (*SMTP, error) {
-	caPEM, tlsConf, err := smtpCert()
+	caPEM, tlsConf, err := sharedSMTPCert()
 	if err != nil {
 		return nil, err
 	}
@@ -96,6 +99,9 @@ type smtpSession struct {
 func (ss *smtpSession) AuthMechanisms() []string { return []string{sasl.Plain} }
 
 func (ss *smtpSession) Auth(mech string) (sasl.Server, error) {
+	ss.s.mu.Lock()
+	ss.s.AuthAttempts++
+	ss.s.mu.Unlock()
 	return sasl.NewPlainServer(func(identity, username, password string) error {
 		if username != ss.s.User || password != ss.s.Password {
 			return errors.New("invalid credentials")
@@ -109,7 +115,7 @@ func (ss *smtpSession) Auth(mech string) (sasl.Server, error) {
 }
 
 func (ss *smtpSession) Mail(from string, _ *smtp.MailOptions) error {
-	if ss.user == "" {
+	if ss.user == "" && ss.s.User != "" {
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
 	}
 	ss.msg = Message{From: from, User: ss.user}
@@ -138,6 +144,19 @@ func (ss *smtpSession) Reset()        { ss.msg = Message{} }
 func (ss *smtpSession) Logout() error { return nil }
 
 // smtpCert makes a test CA and a server certificate for 127.0.0.1.
+var smtpCertOnce struct {
+	sync.Once
+	pem  []byte
+	conf *tls.Config
+	err  error
+}
+
+func sharedSMTPCert() ([]byte, *tls.Config, error) {
+	c := &smtpCertOnce
+	c.Do(func() { c.pem, c.conf, c.err = smtpCert() })
+	return c.pem, c.conf, c.err
+}
+
 func smtpCert() ([]byte, *tls.Config, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

@@ -1,0 +1,49 @@
+package notify
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// The configured SMTP login goes only to the configured relay. A relay a
+// lineage or CSV row names gets the report without any AUTH, over TLS.
+func TestCredentialsStayWithTheirRelay(t *testing.T) {
+	dir := t.TempDir()
+	global, err := testenv.StartSMTP(dir, "lbcert", "s3cret-pass")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer global.Stop()
+	row, err := testenv.StartSMTP(dir, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer row.Stop()
+	for _, mode := range []string{"starttls"} { // the test servers speak STARTTLS
+		s := &Sender{Now: time.Now, Settings: Settings{Host: global.Host, Port: global.Port, From: "lbcert@example.com",
+			User: "lbcert", Password: "s3cret-pass", TLS: mode, CABundle: global.CABundle, Tries: 1}}
+		rep := &Report{Host: "lb1", Command: "batch", Time: time.Now(), Items: []Item{{Name: "a.example.com", Outcome: "issued"}}}
+		// The row's relay: no login, the mail arrives, no AUTH was sent.
+		err := s.Send(context.Background(), Envelope{To: "row@example.com", Relay: Relay{Host: row.Host, Port: row.Port}, Report: rep})
+		if err != nil {
+			t.Fatalf("%s: mail to the row's relay: %v", mode, err)
+		}
+		if n := len(row.Messages()); n != 1 || !row.Messages()[0].TLS {
+			t.Fatalf("%s: the row's relay got %d messages (TLS %v)", mode, n, n == 1 && row.Messages()[0].TLS)
+		}
+		if row.AuthAttempts != 0 {
+			t.Fatalf("%s: the row's relay was sent AUTH %d times: the global password went to it", mode, row.AuthAttempts)
+		}
+		// The configured relay still gets its login.
+		if err := s.Send(context.Background(), Envelope{To: "ops@example.com", Report: rep}); err != nil {
+			t.Fatalf("%s: mail to the configured relay: %v", mode, err)
+		}
+		if global.Auths != 1 || !strings.Contains(global.Messages()[0].User, "lbcert") {
+			t.Fatalf("%s: configured relay: %d logins", mode, global.Auths)
+		}
+	}
+}
