@@ -57,6 +57,7 @@ type globalOptions struct {
 	EABHMACFile string
 	Quiet       bool
 	Verbose     bool
+	HookConc    int
 }
 
 // Main runs lbcert with os.Args and returns the exit code. Nothing below
@@ -150,6 +151,7 @@ beats the config file, which beats the default.
 	pf.StringVar(&g.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
+	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
 	a.mail.register(pf)
 
 	root.AddCommand(

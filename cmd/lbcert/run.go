@@ -37,6 +37,9 @@ type runSpec struct {
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
 func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() ([]engine.Job, error)) (*engine.Result, error) {
+	if a.global.HookConc < 1 {
+		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
+	}
 	lock, err := a.renewLock(ctx, st, spec.waitLock)
 	if err != nil {
 		return nil, err
@@ -55,7 +58,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	e := &engine.Engine{
 		Store:  st,
 		CA:     is,
-		Deploy: &deploy.Runner{Store: st},
+		Deploy: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}},
 		Budget: budget,
 		Opts: engine.Options{
 			Command:     spec.command,

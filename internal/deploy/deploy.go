@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -47,8 +48,12 @@ func (r Result) Failed() bool { return r.Err != nil }
 
 // Options tune a run; zero values are the defaults.
 type Options struct {
-	VerifyTimeout time.Duration // how long to retry TLS verification (default 10s)
-	DryRun        bool          // plan only: test nothing, reload nothing
+	// VerifyTimeout bounds the whole verify step, every change's TLS
+	// check included (default 10s).
+	VerifyTimeout     time.Duration
+	VerifyConcurrency int  // TLS checks at once (default 32)
+	HookConcurrency   int  // deploy hooks at once (default 1, as certbot)
+	DryRun            bool // plan only: test nothing, reload nothing
 }
 
 // Store is what deploy needs of the storage seam: the live paths the
@@ -95,17 +100,57 @@ func (r *Runner) Run(ctx context.Context, changes []Change) []Result {
 			}
 		}
 	}
-	for i, c := range changes {
-		if results[i].Deployed && c.Deploy.VerifyAddr != "" && c.Deploy.Target != "" {
-			r.verify(ctx, c, &results[i])
-		}
-	}
-	for i, c := range changes {
-		if c.Deploy.Hook != "" && results[i].Deployed {
-			r.hook(ctx, c, &results[i])
-		}
-	}
+	r.verifyAll(ctx, changes, results)
+	r.hooks(ctx, changes, results)
 	return results
+}
+
+// verifyAll checks every deployed change over TLS, VerifyConcurrency at
+// a time, under one deadline for the whole step: 3,000 renewed
+// certificates behind a load balancer that serves the wrong one must not
+// hold the lock for hours, one 10-second wait after another.
+func (r *Runner) verifyAll(ctx context.Context, changes []Change, results []Result) {
+	timeout := r.Opts.VerifyTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	r.each(ctx, r.Opts.VerifyConcurrency, 32, changes, func(i int) bool {
+		c := changes[i]
+		return results[i].Deployed && c.Deploy.VerifyAddr != "" && c.Deploy.Target != ""
+	}, func(i int) { r.verify(ctx, changes[i], &results[i]) })
+}
+
+// hooks runs the deploy hooks, one after another by default as certbot
+// runs them (hooks written for certbot may not expect company), or
+// HookConcurrency at a time.
+func (r *Runner) hooks(ctx context.Context, changes []Change, results []Result) {
+	r.each(ctx, r.Opts.HookConcurrency, 1, changes, func(i int) bool {
+		return changes[i].Deploy.Hook != "" && results[i].Deployed
+	}, func(i int) { r.hook(ctx, changes[i], &results[i]) })
+}
+
+// each runs do for every index that want selects, n at a time (def
+// when n is 0).
+func (r *Runner) each(ctx context.Context, n, def int, changes []Change, want func(int) bool, do func(int)) {
+	if n <= 0 {
+		n = def
+	}
+	sem := make(chan struct{}, n)
+	var wg sync.WaitGroup
+	for i := range changes {
+		if !want(i) {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			do(i)
+		}()
+	}
+	wg.Wait()
 }
 
 func groupChanges(changes []Change) []*group {

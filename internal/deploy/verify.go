@@ -14,23 +14,30 @@ import (
 // asynchronously (nginx starts new workers, HAProxy a new process), so it
 // retries for a few seconds before calling it a mismatch.
 func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
-	timeout := r.Opts.VerifyTimeout
-	if timeout == 0 {
-		timeout = 10 * time.Second
-	}
-	deadline := time.Now().Add(timeout)
 	for _, name := range c.Domains {
 		var got string
 		var err error
-		for {
-			got, err = servedSerial(ctx, c.Deploy.VerifyAddr, name)
-			if err == nil && got == c.Serial {
+		for attempt := 0; ; attempt++ {
+			actx := ctx
+			if attempt == 0 && ctx.Err() != nil {
+				// The step's deadline passed while this change waited
+				// for a worker: it still gets one honest look.
+				var cancel context.CancelFunc
+				actx, cancel = context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+				defer cancel()
+			}
+			g, e := servedSerial(actx, c.Deploy.VerifyAddr, name)
+			if attempt > 0 && ctx.Err() != nil {
+				break // keep the last full answer, not "deadline exceeded"
+			}
+			got, err = g, e
+			if (err == nil && got == c.Serial) || ctx.Err() != nil {
 				break
 			}
-			if time.Now().After(deadline) || ctx.Err() != nil {
-				break
+			select {
+			case <-time.After(250 * time.Millisecond):
+			case <-ctx.Done():
 			}
-			time.Sleep(250 * time.Millisecond)
 		}
 		if err != nil {
 			res.Verify = "failed"
