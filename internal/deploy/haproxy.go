@@ -86,7 +86,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	}
 
 	if d.HAProxySocket != "" {
-		err := r.hotUpdate(ctx, d, g, changes, pems)
+		err := r.hotUpdate(ctx, d, g, changes, pems, old)
 		if err == nil {
 			slog.Info("haproxy updated over its runtime API, no reload", "socket", d.HAProxySocket, "certificates", len(g.changes))
 			for _, i := range g.changes {
@@ -115,8 +115,44 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 // cert, and adds new ones to the crt-list that holds the certificate
 // directory (HAProxy 2.2+ treats a "crt DIR" as a crt-list named by the
 // directory), so no reload and no dropped connections.
-func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, changes []Change, pems map[int][]byte) error {
+//
+// It is all or nothing: when a command fails midway, the certificates
+// already committed are set back to their previous PEM (old) through the
+// same API, and new ones are taken out again, so HAProxy's memory agrees
+// with the files the caller then rolls back on disk.
+func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, changes []Change, pems, old map[int][]byte) (err error) {
 	api := &runtimeAPI{addr: d.HAProxySocket}
+	type done struct {
+		path  string
+		prev  []byte
+		isNew bool
+	}
+	var committed []done
+	crtList := ""
+	defer func() {
+		if err == nil || len(committed) == 0 {
+			return
+		}
+		var undoErrs []error
+		for i := len(committed) - 1; i >= 0; i-- {
+			c := committed[i]
+			if c.isNew {
+				if crtList != "" {
+					undoErrs = append(undoErrs, api.expect(ctx, "del ssl crt-list "+crtList+" "+c.path, ""))
+				}
+				undoErrs = append(undoErrs, api.expect(ctx, "del ssl cert "+c.path, ""))
+				continue
+			}
+			undoErrs = append(undoErrs,
+				api.expect(ctx, "set ssl cert "+c.path+" <<\n"+string(c.prev)+"\n", "Transaction"),
+				api.expect(ctx, "commit ssl cert "+c.path, "Success!"))
+		}
+		if uerr := errors.Join(undoErrs...); uerr != nil {
+			err = fmt.Errorf("%v; and setting HAProxy's memory back failed: %v (reload it to load the files on disk)", err, uerr)
+			return
+		}
+		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
+	}()
 	loaded, err := api.lines(ctx, "show ssl cert")
 	if err != nil {
 		return err
@@ -129,7 +165,6 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 	if err != nil {
 		return err
 	}
-	crtList := ""
 	dir := filepath.Clean(d.HAProxyCerts)
 	for _, l := range lists {
 		if filepath.Clean(l) == dir {
@@ -154,6 +189,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		if err := api.expect(ctx, "commit ssl cert "+p, "Success!"); err != nil {
 			return err
 		}
+		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
 		if isNew {
 			if err := api.expect(ctx, "add ssl crt-list "+crtList+" "+p, "Success!"); err != nil {
 				return err

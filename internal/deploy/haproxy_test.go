@@ -1,0 +1,121 @@
+package deploy
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// fakeRuntimeAPI answers HAProxy's runtime API on a unix socket, one
+// command per connection, and fails the "set ssl cert" after the
+// first failAfter ones (once), recording every command it got. Unit test only:
+// the end-to-end tests use a real HAProxy.
+type fakeRuntimeAPI struct {
+	mu        sync.Mutex
+	cmds      []string
+	certs     []string
+	sets      int
+	failAfter int
+}
+
+func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		data, _ := io.ReadAll(bufio.NewReader(c))
+		cmd := string(data)
+		f.mu.Lock()
+		f.cmds = append(f.cmds, cmd)
+		var out string
+		switch {
+		case strings.HasPrefix(cmd, "show ssl cert"):
+			out = "# filename\n" + strings.Join(f.certs, "\n") + "\n"
+		case strings.HasPrefix(cmd, "show ssl crt-list"):
+			out = crtList + "\n"
+		case strings.HasPrefix(cmd, "set ssl cert"):
+			f.sets++
+			if f.sets == f.failAfter+1 {
+				out = "Can't update the certificate: out of memory\n"
+			} else {
+				out = "Transaction created for certificate\n"
+			}
+		case strings.HasPrefix(cmd, "commit ssl cert"):
+			out = "Committing ...\nSuccess!\n"
+		default:
+			out = "Success!\n"
+		}
+		f.mu.Unlock()
+		c.Write([]byte(out))
+		c.Close()
+	}
+}
+
+// A runtime-API update that fails midway sets the certificates it had
+// already committed back to their previous PEM, in HAProxy's memory, and
+// the files and live/ are rolled back too.
+func TestHotUpdateIsAllOrNothing(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	certs := filepath.Join(dir, "certs")
+	os.MkdirAll(certs, 0o700)
+	haproxy := filepath.Join(dir, "haproxy")
+	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	conf := filepath.Join(dir, "haproxy.cfg")
+	os.WriteFile(conf, []byte("# test\n"), 0o644)
+	sock := filepath.Join(dir, "admin.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	api := &fakeRuntimeAPI{failAfter: 1}
+	var changes []Change
+	for _, name := range []string{"a.test", "b.test"} {
+		saveVersion(t, s, name, "OLD-"+name)
+		p := PEMPath(certs, name)
+		os.WriteFile(p, []byte("OLD PEM "+name), 0o600)
+		api.certs = append(api.certs, p)
+		v, prev := saveVersion(t, s, name, "NEW-"+name)
+		_ = v
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Serial: "NEW-" + name, Previous: prev,
+			Deploy: store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: conf, HAProxyCerts: certs, HAProxySocket: sock}})
+	}
+	go api.serve(t, ln, certs)
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	for _, r := range results {
+		if !r.RolledBack || r.Err == nil || !strings.Contains(r.Err.Error(), "set back in HAProxy's memory") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	// a.test was committed, b.test failed: a.test must be set back to
+	// its old PEM and committed again.
+	var undo []string
+	for _, c := range api.cmds {
+		if strings.Contains(c, "OLD PEM a.test") || (len(undo) > 0 && strings.HasPrefix(c, "commit ssl cert")) {
+			undo = append(undo, strings.SplitN(c, "\n", 2)[0])
+		}
+	}
+	if len(undo) != 2 || !strings.HasPrefix(undo[0], "set ssl cert "+PEMPath(certs, "a.test")) || !strings.HasPrefix(undo[1], "commit ssl cert "+PEMPath(certs, "a.test")) {
+		t.Fatalf("a.test not set back in memory; commands after the failure: %q\nall: %q", undo, api.cmds)
+	}
+	for _, name := range []string{"a.test", "b.test"} {
+		if got, _ := os.ReadFile(PEMPath(certs, name)); string(got) != "OLD PEM "+name {
+			t.Errorf("%s PEM on disk: %q", name, got)
+		}
+		if l, _ := s.Load(name); l.Cert.Serial != "OLD-"+name {
+			t.Errorf("%s live: %s", name, l.Cert.Serial)
+		}
+	}
+}
