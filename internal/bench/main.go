@@ -48,7 +48,8 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, deploy or all")
+	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
@@ -71,6 +72,11 @@ func main() {
 		}
 		os.MkdirAll(w, 0o755)
 		err = benchRenewDue(*renewDueN, *renewDueC, b, *before, w)
+	}
+	if err == nil && (*only == "all" || *only == "deploy") {
+		w, _ := filepath.Abs(*work)
+		os.MkdirAll(w, 0o755)
+		err = benchDeploy(*deployN, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
