@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -78,4 +80,36 @@ func TestVerifyRunsInParallel(t *testing.T) {
 
 func deployTo(target, verifyAddr string) store.Deploy {
 	return store.Deploy{Target: target, VerifyAddr: verifyAddr}
+}
+
+// Hooks run one after another by default, as certbot runs them, and
+// HookConcurrency at a time when asked.
+func TestHookConcurrency(t *testing.T) {
+	for _, n := range []int{0, 3} {
+		dir := t.TempDir()
+		log := filepath.Join(dir, "log")
+		hook := fmt.Sprintf("echo start >> %s; sleep 0.3; echo end >> %s", log, log)
+		changes := make([]Change, 3)
+		results := make([]Result, 3)
+		for i := range changes {
+			changes[i] = Change{Name: fmt.Sprintf("h%d.test", i), Deploy: store.Deploy{Hook: hook, HookTimeout: 10}}
+			results[i] = Result{Name: changes[i].Name, Deployed: true}
+		}
+		s := store.New(filepath.Join(dir, "state"))
+		(&Runner{Store: s, Opts: Options{HookConcurrency: n}}).hooks(context.Background(), changes, results)
+		data, _ := os.ReadFile(log)
+		got := strings.Join(strings.Fields(string(data)), " ")
+		want := "start end start end start end"
+		if n == 3 {
+			want = "start start start end end end"
+		}
+		if got != want {
+			t.Errorf("HookConcurrency %d: hooks ran %q, want %q", n, got, want)
+		}
+		for _, r := range results {
+			if r.Hook != "ok" {
+				t.Errorf("%s: hook %q err %v", r.Name, r.Hook, r.Err)
+			}
+		}
+	}
 }

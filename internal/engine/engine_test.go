@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -356,6 +357,9 @@ func TestPendingDeployNeverOrdersAgain(t *testing.T) {
 	it := res.Items[0]
 	if it.Outcome != Failed || it.Deploy != "rolled_back" || it.Pending == "" {
 		t.Fatalf("failed deploy: %+v", it)
+	}
+	if rep := res.Report(); len(rep.Items) != 1 || !strings.Contains(rep.Items[0].Deploy, "rolled back; pending deploy: nginx -t: syntax error") {
+		t.Fatalf("the report does not say the deploy is pending: %+v", rep.Items)
 	}
 	if l, _ := f.st.Load("d.test"); l.Cert.Serial != old.Cert.Serial {
 		t.Fatal("rolled-back certificate still live")

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"strings"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/notify"
@@ -121,8 +122,9 @@ func (r *Result) Report() *notify.Report {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint, MailTo: it.mail.To,
 			Relay: notify.Relay{Host: it.mail.Host, Port: it.mail.Port, From: it.mail.From}}
-		if it.Pending != "" && ni.Deploy == "" {
-			ni.Deploy = "pending deploy: " + it.Pending
+		if it.Pending != "" {
+			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
+			ni.Deploy = strings.TrimPrefix(ni.Deploy, "; ")
 		}
 		if it.OldNotAfter != nil {
 			ni.OldNotAfter = *it.OldNotAfter
