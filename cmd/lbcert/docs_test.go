@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -95,5 +97,28 @@ func TestEveryFlagIsASetting(t *testing.T) {
 	walk(root)
 	if n < 50 {
 		t.Fatalf("walked only %d flags", n)
+	}
+}
+
+// The top level is the design's: cmd, internal, testdata, man,
+// completions, go.mod, go.sum, Makefile, README.md, .gitignore and .ci.
+// The benchmark page lives at internal/bench/README.md.
+func TestTopLevelLayout(t *testing.T) {
+	out, err := exec.Command("git", "-C", "../..", "ls-files").Output()
+	if err != nil {
+		t.Fatalf("git ls-files: %v", err)
+	}
+	allowed := map[string]bool{"cmd": true, "internal": true, "testdata": true, "man": true, "completions": true,
+		"go.mod": true, "go.sum": true, "Makefile": true, "README.md": true, ".gitignore": true, ".ci": true}
+	seen := map[string]bool{}
+	for _, f := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		top := strings.SplitN(f, "/", 2)[0]
+		if !allowed[top] && !seen[top] {
+			t.Errorf("top-level %q is outside the layout", top)
+		}
+		seen[top] = true
+	}
+	if _, err := os.Stat("../../internal/bench/README.md"); err != nil {
+		t.Errorf("the benchmark page: %v", err)
 	}
 }
