@@ -42,7 +42,9 @@ func TestBatchSeedFormat(t *testing.T) {
 	acmePort := e.pebble.HTTPPort
 	tlsAddr := freeAddr(t)
 	vip := strings.TrimPrefix(tlsAddr, "127.0.0.1:")
-	smtp, err := testenv.StartSMTP(e.work, "lbcert", smtpSecret)
+	// The rows name their own relay, which needs no login: the configured
+	// SMTP user and password (for another relay) must never reach it.
+	smtp, err := testenv.StartSMTP(e.work, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,6 +126,9 @@ func TestBatchSeedFormat(t *testing.T) {
 	if len(msgs) != 2 || !strings.Contains(to["alice@example.net"], "ISSUED a.lb.example.com") || !strings.Contains(to["alice@example.net"], "ISSUED d.lb.example.com") ||
 		strings.Contains(to["alice@example.net"], "b.lb.example.com") || !strings.Contains(to["bob@example.net"], "ISSUED b.lb.example.com") {
 		t.Fatalf("want one mail each to alice (a, d) and bob (b), got %d: %v", len(msgs), to)
+	}
+	if smtp.AuthAttempts != 0 || !msgs[0].TLS {
+		t.Fatalf("the rows' relay was sent AUTH %d times (TLS %v): the configured password went to another relay", smtp.AuthAttempts, msgs[0].TLS)
 	}
 	noSecret(t, "batch output", r.stdout, r.stderr)
 
