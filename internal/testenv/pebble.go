@@ -258,3 +258,10 @@ func (p *Pebble) SetA(host string, addrs ...string) error {
 func (p *Pebble) Orders() int {
 	return strings.Count(p.FullLog(), "POST /order-plz -> calling handler()")
 }
+
+// Issued counts the certificates Pebble has issued so far. An order the
+// CA refused (say for an ARI "replaces" it had already seen) counts in
+// Orders but not here.
+func (p *Pebble) Issued() int {
+	return strings.Count(p.FullLog(), "Issued certificate serial")
+}
