@@ -164,7 +164,8 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 		}
 	}
 	if renewal.InBackoff(status, now) {
-		e.BackoffTill = timePtr(status.NextAttempt)
+		next := status.NextAttempt.UTC()
+		e.BackoffTill = &next
 	}
 	return e, nil
 }

@@ -219,14 +219,6 @@ func dryRunServer(server string) string {
 	return server
 }
 
-func timePtr(t time.Time) *time.Time {
-	if t.IsZero() {
-		return nil
-	}
-	t = t.UTC()
-	return &t
-}
-
 // completeLineages completes lineage names for --name and delete/show.
 func (a *app) completeLineages(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
 	dir := a.global.Dir
