@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -180,5 +181,14 @@ func TestAccountDirStaysInside(t *testing.T) {
 		if !strings.HasPrefix(d, "/state/accounts/ca.test_dir/") || strings.Count(d, "/") != 4 {
 			t.Errorf("AccountDir(%q) = %s", email, d)
 		}
+	}
+}
+
+func TestNaturalOrder(t *testing.T) {
+	names := []string{"c10.example.com", "c2.example.com", "c1.example.com", "c11.example.com", "b.example.com", "c02.example.com", "c1a.example.com"}
+	sort.Slice(names, func(i, j int) bool { return NaturalLess(names[i], names[j]) })
+	want := "b.example.com c1.example.com c1a.example.com c2.example.com c02.example.com c10.example.com c11.example.com"
+	if got := strings.Join(names, " "); got != want {
+		t.Fatalf("got  %s\nwant %s", got, want)
 	}
 }
