@@ -7,6 +7,7 @@ import (
 	"net/mail"
 	"net/url"
 	"os"
+	"runtime/debug"
 	"strings"
 
 	"github.com/lbcert/lbcert/internal/acme"
@@ -65,7 +66,7 @@ func (a *app) accountBase(st *store.Store) (acme.Options, error) {
 	}
 	o := acme.Options{
 		CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
-		EABKid: g.EABKid, UserAgent: "lbcert/" + version, Store: st,
+		EABKid: g.EABKid, UserAgent: "lbcert/" + buildVersion(debug.ReadBuildInfo()), Store: st,
 	}
 	if g.EABKid != "" || g.EABHMACFile != "" {
 		hmac, err := a.eabHMAC()

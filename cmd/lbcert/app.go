@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -21,8 +22,36 @@ import (
 	"github.com/lbcert/lbcert/internal/exit"
 )
 
-// version is set by the Makefile through -ldflags.
+// version is set by the Makefile through -ldflags; without it (go
+// install, go build) buildVersion reads the module's build info.
 var version = "dev"
+
+// buildVersion says what this binary is: the -ldflags version, else the
+// module version (go install ...@v1.2.3), else the VCS revision Go
+// stamped into the build, with "-dirty" for uncommitted changes.
+func buildVersion(info *debug.BuildInfo, ok bool) string {
+	if version != "dev" || !ok {
+		return version
+	}
+	if v := info.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	var rev, dirty string
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				dirty = "-dirty"
+			}
+		}
+	}
+	if rev == "" {
+		return version
+	}
+	return "dev-" + rev[:min(12, len(rev))] + dirty
+}
 
 // defaultConfig is read when it exists and no --config is given.
 const defaultConfig = "/etc/lbcert/config.yaml"
@@ -124,7 +153,7 @@ and a config-file key (the flag name). A flag beats the environment, which
 beats the config file, which beats the default.
 
 ` + exitCodesHelp,
-		Version:       version,
+		Version:       buildVersion(debug.ReadBuildInfo()),
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		// Commands, not the root, do the work.
