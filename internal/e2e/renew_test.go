@@ -250,3 +250,22 @@ func TestRenewKill9(t *testing.T) {
 		t.Fatalf("temporary directories left: %v", entries)
 	}
 }
+
+// TestRenewQuietWhenCADown: from cron (-q), a nothing-due run whose ARI
+// look-up fails because the CA is down prints nothing and exits 0; the
+// lifetime rule still says nothing is due.
+func TestRenewQuietWhenCADown(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	e.mustRun("issue", "-d", "quiet.example.com", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort), "--agree-tos")
+	e.pebble.Stop()
+	r := e.run("renew", "-q", "--no-random-sleep")
+	if r.code != 0 || r.stdout != "" || r.stderr != "" {
+		t.Fatalf("-q with the CA down and nothing due: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	// Without -q the look-up failure is still said, as information.
+	r = e.run("renew", "--no-random-sleep")
+	if r.code != 0 || !strings.Contains(r.stderr, "renewal info failed; using the lifetime rule") {
+		t.Fatalf("without -q: exit %d, stderr %q", r.code, r.stderr)
+	}
+}

@@ -717,7 +717,9 @@ func (r *run) checkARI(s *step) {
 		s.status.ARIUnsupported = now.Add(7 * 24 * time.Hour).UTC()
 		s.ari = false
 	case err != nil:
-		slog.Warn("renewal info failed; using the lifetime rule", "name", l.Name, "err", oneLine(err))
+		// Info, not a warning: a CA that is down for a nothing-due run
+		// changes nothing, and "-q" from cron must stay silent.
+		slog.Info("renewal info failed; using the lifetime rule", "name", l.Name, "err", oneLine(err))
 		return
 	default:
 		s.status = renewal.ApplyARI(s.status, l.Cert.Serial, info.Start, info.End, info.RetryAfter, now, e.rand)
