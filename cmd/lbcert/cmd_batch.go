@@ -55,7 +55,7 @@ before anything is sent to the CA; bad rows are reported as FILE:LINE:
 reason and skipped (--strict refuses the whole file instead, --check only
 checks). Two formats, told apart by the first line:
 
-Seed 004's, by position, with or without this header:
+The positional format, with or without this header:
   DOMAIN,VIPPort,ACMEPort,FROMAddr,TOAddr,RELAYAddr,RELAYPort
 ACMEPort is the port of lbcert's standalone HTTP-01 listener (the host
 comes from --http-addr); VIPPort is the TLS port the load balancer serves

@@ -36,7 +36,7 @@ func (a *app) newCronCmd() *cobra.Command {
 		Long: `Manage the cron entry that runs "lbcert renew -q" once a day.
 
 The time is picked at random when the entry is first installed, never on a
-round minute, so that hosts do not all hit the CA at 00:00 (seed 002). The
+round minute, so that hosts do not all hit the CA at 00:00. The
 entry goes to /etc/cron.d/lbcert, or with --user into the invoking user's
 crontab. "cron install" is idempotent: run again, it keeps the time it
 picked.`,

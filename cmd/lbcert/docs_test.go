@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
@@ -120,5 +121,24 @@ func TestTopLevelLayout(t *testing.T) {
 	}
 	if _, err := os.Stat("../../internal/bench/README.md"); err != nil {
 		t.Errorf("the benchmark page: %v", err)
+	}
+}
+
+// Users have no seeds and no issue numbers: help, man pages, completions
+// and the README never mention them.
+func TestNoInternalWords(t *testing.T) {
+	files, _ := filepath.Glob("../../man/*.1")
+	files = append(files, "../../README.md", "../../completions/lbcert.bash")
+	re := regexp.MustCompile(`(?i)\bseeds?\b|\bissue #\d`)
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, line := range strings.Split(string(data), "\n") {
+			if re.MatchString(line) {
+				t.Errorf("%s:%d: %s", f, i+1, line)
+			}
+		}
 	}
 }

@@ -42,7 +42,7 @@ var SeedHeader = []string{"DOMAIN", "VIPPort", "ACMEPort", "FROMAddr", "TOAddr",
 type Format string
 
 const (
-	Seed  Format = "seed"  // DOMAIN,VIPPort,ACMEPort,... by position
+	Seed  Format = "positional" // DOMAIN,VIPPort,ACMEPort,... by position (a load-balancer vendor's format, seed 004)
 	Named Format = "named" // header with a domains column
 )
 
@@ -160,7 +160,7 @@ func (p *parser) parse(r io.Reader) {
 		rec, err := cr.Read() // the header line itself
 		if err == nil && !isSeedHeader(rec) {
 			line, _ := cr.FieldPos(0)
-			p.problem(line, "header %q is not seed 004's %s; for named columns, include a \"domains\" column", strings.Join(rec, ","), strings.Join(SeedHeader, ","))
+			p.problem(line, "header %q is not the positional format's %s; for named columns, include a \"domains\" column", strings.Join(rec, ","), strings.Join(SeedHeader, ","))
 			return
 		}
 		p.seed(cr)
@@ -367,7 +367,7 @@ func (p *parser) named(cr *csv.Reader) {
 		}
 	}
 	if !seen["domains"] {
-		p.problem(headerLine, "the header has no domains column; the columns are %s (or seed 004's %s)", strings.Join(NamedColumns, ","), strings.Join(SeedHeader, ","))
+		p.problem(headerLine, "the header has no domains column; the columns are %s (or the positional format's %s)", strings.Join(NamedColumns, ","), strings.Join(SeedHeader, ","))
 		bad = true
 	}
 	if len(um.Headers) != len(seen) {

@@ -159,7 +159,7 @@ func TestMalformed(t *testing.T) {
 		{"latin1", "caf\xE9.example.com,443\n", "1: not UTF-8"},
 		{"bad quote", "a.example.com,\"443\n", "unbalanced quotes"},
 		{"bare quote", "a.exa\"mple.com,443\n", "quote inside an unquoted field"},
-		{"bad seed header", "Domain,Port,Foo\n", "is not seed 004's"},
+		{"bad seed header", "Domain,Port,Foo\n", "is not the positional format's"},
 		{"named no domains", "domains,name\n,x\n", "domains: empty"},
 		{"two names in seed", "a.example.com b.example.com,443\n", "one name per row"},
 	} {
