@@ -43,7 +43,7 @@ type Format string
 
 const (
 	Seed  Format = "positional" // DOMAIN,VIPPort,ACMEPort,... by position (a load-balancer vendor's format, seed 004)
-	Named Format = "named" // header with a domains column
+	Named Format = "named"      // header with a domains column
 )
 
 // Row is one checked certificate request. Empty fields mean "use the
