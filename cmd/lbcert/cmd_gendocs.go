@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
+	"github.com/spf13/pflag"
 )
 
 // docsDate is the date written into every man page. It is fixed so that
@@ -64,6 +66,11 @@ func generateDocs(root *cobra.Command) (map[string][]byte, error) {
 	// them added here, or man pages would depend on how they were made.
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()
+	// The man generator reads help text as Markdown, where "<hostname>"
+	// is an HTML tag and vanishes: escape the angle brackets, on copies,
+	// so "--help" keeps its own text.
+	escapeAngles(root)
+	defer restoreAngles(root)
 	hdr := &doc.GenManHeader{Title: "LBCERT", Section: "1", Source: "lbcert", Manual: "lbcert manual", Date: &docsDate}
 	if err := doc.GenManTree(root, hdr, tmp); err != nil {
 		return nil, err
@@ -98,4 +105,37 @@ func generateDocs(root *cobra.Command) (map[string][]byte, error) {
 		return nil, fmt.Errorf("generated only %d files", len(files))
 	}
 	return files, nil
+}
+
+var angles = strings.NewReplacer("<", `\<`, ">", `\>`)
+
+var savedUsage = map[*pflag.Flag]string{}
+var savedLong = map[*cobra.Command]string{}
+
+func escapeAngles(c *cobra.Command) {
+	savedLong[c] = c.Long
+	c.Long = angles.Replace(c.Long)
+	escape := func(f *pflag.Flag) {
+		if _, done := savedUsage[f]; !done {
+			savedUsage[f] = f.Usage
+			f.Usage = angles.Replace(f.Usage)
+		}
+	}
+	c.LocalFlags().VisitAll(escape)
+	c.PersistentFlags().VisitAll(escape)
+	c.InheritedFlags().VisitAll(escape)
+	for _, sc := range c.Commands() {
+		escapeAngles(sc)
+	}
+}
+
+func restoreAngles(c *cobra.Command) {
+	for cmd, long := range savedLong {
+		cmd.Long = long
+	}
+	for f, u := range savedUsage {
+		f.Usage = u
+	}
+	clear(savedLong)
+	clear(savedUsage)
 }

@@ -142,3 +142,40 @@ func TestNoInternalWords(t *testing.T) {
 		}
 	}
 }
+
+// Every <placeholder> in help text survives into the man pages (the
+// generator reads Markdown, where "<hostname>" would be an HTML tag).
+func TestManKeepsPlaceholders(t *testing.T) {
+	a := &app{out: &bytes.Buffer{}, err: &bytes.Buffer{}, getenv: func(string) string { return "" }, now: time.Now}
+	root := a.newRootCmd()
+	files, err := generateDocs(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ph := regexp.MustCompile(`<[a-z-]+>`)
+	checked := 0
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		page := string(files[strings.ReplaceAll(c.CommandPath(), " ", "-")+".1"])
+		texts := []string{c.Long}
+		c.LocalFlags().VisitAll(func(f *pflag.Flag) { texts = append(texts, f.Usage) })
+		for _, text := range texts {
+			for _, p := range ph.FindAllString(text, -1) {
+				checked++
+				if !strings.Contains(page, p) {
+					t.Errorf("%s: man page lost %q", c.CommandPath(), p)
+				}
+			}
+		}
+		for _, sc := range c.Commands() {
+			walk(sc)
+		}
+	}
+	walk(root)
+	if checked < 3 {
+		t.Fatalf("only %d placeholders checked", checked)
+	}
+	if !strings.Contains(root.PersistentFlags().Lookup("mail-from").Usage, "<hostname>") {
+		t.Fatal("generating the man pages changed the help text itself")
+	}
+}
