@@ -18,8 +18,10 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/notify"
 )
 
 // version is set by the Makefile through -ldflags; without it (go
@@ -194,6 +196,7 @@ beats the config file, which beats the default.
 		a.newGendocsCmd(),
 		a.newMailTestCmd(),
 	)
+	completeValues(root)
 	return root
 }
 
@@ -294,4 +297,31 @@ func (a *app) printf(format string, args ...any) {
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// valueCompletions are the known values of flags that take one of a few,
+// completed by every shell's completion script (delete completes its
+// --reason itself).
+var valueCompletions = map[string]func() []string{
+	"key-type": func() []string { return acme.KeyTypes },
+	"deploy":   func() []string { return []string{"nginx", "haproxy", "none"} },
+	"smtp-tls": func() []string { return notify.TLSModes },
+	"report":   func() []string { return []string{"changes", "always", "never"} },
+	// Let's Encrypt's profiles; another CA's are whatever it lists.
+	"profile": func() []string { return []string{"classic", "tlsserver", "shortlived"} },
+}
+
+// completeValues registers valueCompletions on every command that defines
+// one of those flags.
+func completeValues(c *cobra.Command) {
+	for name, values := range valueCompletions {
+		if c.LocalNonPersistentFlags().Lookup(name) != nil || c.PersistentFlags().Lookup(name) != nil {
+			c.RegisterFlagCompletionFunc(name, func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+				return values(), cobra.ShellCompDirectiveNoFileComp
+			})
+		}
+	}
+	for _, sc := range c.Commands() {
+		completeValues(sc)
+	}
 }
