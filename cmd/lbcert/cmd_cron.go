@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 
@@ -68,14 +69,25 @@ func (a *app) renewCommand() string {
 	if err != nil {
 		bin = "lbcert"
 	}
+	// The cron run must read the same settings as the command that
+	// installed it: the state directory and the config file, however
+	// they were given (flag, LBCERT_DIR/LBCERT_CONFIG, config file),
+	// as absolute paths since cron starts in another directory.
 	parts := []string{bin}
 	if a.global.Dir != "/etc/lbcert" {
-		parts = append(parts, "--dir", shellQuote(a.global.Dir))
+		parts = append(parts, "--dir", shellQuote(absPath(a.global.Dir)))
 	}
-	if a.global.Config != "" {
-		parts = append(parts, "--config", shellQuote(a.global.Config))
+	if p := a.configPath(); p != defaultConfig {
+		parts = append(parts, "--config", shellQuote(absPath(p)))
 	}
 	return strings.Join(append(parts, "renew", "-q"), " ")
+}
+
+func absPath(p string) string {
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
 }
 
 // randomTime returns a minute and hour for the daily run. Minutes 0, 15,
