@@ -106,6 +106,17 @@ func (a *app) lineageMail(fs *pflag.FlagSet, prev *store.Mail) store.Mail {
 	if fs.Changed("smtp-port") {
 		out.Port = m.Port
 	}
+	// A relay is saved whole: its TLS mode and roots with its address,
+	// or a cron renew would try the global mode against it.
+	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-tls") {
+		out.TLS = m.TLS
+	}
+	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-ca-bundle") {
+		out.CABundle = absPath(m.CABundle)
+		if m.CABundle == "" {
+			out.CABundle = ""
+		}
+	}
 	return out
 }
 

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/pflag"
+
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 )
@@ -97,5 +99,28 @@ func TestBuildVersion(t *testing.T) {
 	defer func() { version = old }()
 	if got := buildVersion(info("v1.4.0"), true); got != "v9.9.9-from-ldflags" {
 		t.Errorf("-ldflags version lost: %q", got)
+	}
+}
+
+// The relay a lineage saves is saved whole: its TLS mode and roots go
+// with its host and port, never the password.
+func TestLineageMailSavesTheWholeRelay(t *testing.T) {
+	a := &app{}
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	a.mail.register(fs)
+	if err := fs.Parse([]string{"--smtp-host", "mx.example.com", "--smtp-port", "2525", "--smtp-tls", "none", "--mail-to", "ops@example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	m := a.lineageMail(fs, nil)
+	if m.Host != "mx.example.com" || m.Port != 2525 || m.TLS != "none" || len(m.To) != 1 {
+		t.Fatalf("saved %+v", m)
+	}
+	// A reissue that names no relay keeps the saved one, TLS mode included.
+	fs2 := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	a2 := &app{}
+	a2.mail.register(fs2)
+	fs2.Parse(nil)
+	if kept := a2.lineageMail(fs2, &m); kept.TLS != "none" || kept.Host != "mx.example.com" {
+		t.Fatalf("kept %+v", kept)
 	}
 }

@@ -121,7 +121,7 @@ func (r *Result) Report() *notify.Report {
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint, MailTo: it.mail.To,
-			Relay: notify.Relay{Host: it.mail.Host, Port: it.mail.Port, From: it.mail.From}}
+			Relay: notify.Relay{Host: it.mail.Host, Port: it.mail.Port, From: it.mail.From, TLS: it.mail.TLS, CABundle: it.mail.CABundle}}
 		if it.Pending != "" {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
 			ni.Deploy = strings.TrimPrefix(ni.Deploy, "; ")

@@ -128,9 +128,11 @@ func (r *Report) Body() string {
 // Relay is an SMTP server and sender; empty fields fall back to the
 // global settings.
 type Relay struct {
-	Host string
-	Port int
-	From string
+	Host     string
+	Port     int
+	From     string
+	TLS      string // this relay's --smtp-tls, when it has its own
+	CABundle string
 }
 
 // Envelope is one mail to send: where to, through which relay, and the

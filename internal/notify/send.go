@@ -60,6 +60,12 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	if env.Relay.From != "" {
 		set.From = env.Relay.From
 	}
+	if env.Relay.TLS != "" {
+		set.TLS = env.Relay.TLS
+	}
+	if env.Relay.CABundle != "" {
+		set.CABundle = env.Relay.CABundle
+	}
 	msg := mail.NewMsg()
 	if err := msg.From(set.From); err != nil {
 		return fmt.Errorf("mail from %q: %v", set.From, err)

@@ -47,3 +47,23 @@ func TestCredentialsStayWithTheirRelay(t *testing.T) {
 		}
 	}
 }
+
+// A lineage's relay is used with its own saved TLS mode, not the global
+// one: here the global mode verifies STARTTLS against roots that do not
+// sign the relay's certificate, and the relay's own "none" must win.
+func TestRelayKeepsItsTLSMode(t *testing.T) {
+	relay, err := testenv.StartSMTP(t.TempDir(), "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Stop()
+	s := &Sender{Now: time.Now, Settings: Settings{Host: "localhost", Port: 25, From: "lbcert@example.com", TLS: "starttls", Tries: 1}}
+	rep := &Report{Host: "lb1", Command: "renew", Time: time.Now(), Items: []Item{{Name: "a.example.com", Outcome: "renewed"}}}
+	err = s.Send(context.Background(), Envelope{To: "ops@example.com", Relay: Relay{Host: relay.Host, Port: relay.Port, TLS: "none"}, Report: rep})
+	if err != nil {
+		t.Fatalf("the relay's own TLS mode was not used: %v", err)
+	}
+	if m := relay.Messages(); len(m) != 1 || m[0].TLS {
+		t.Fatalf("messages %+v", m)
+	}
+}

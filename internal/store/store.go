@@ -94,6 +94,10 @@ type Mail struct {
 	From string   `json:"from,omitempty"`
 	Host string   `json:"smtp_host,omitempty"`
 	Port int      `json:"smtp_port,omitempty"`
+	// The rest of the relay setting travels with its host: a relay saved
+	// without its TLS mode would be tried with the global one.
+	TLS      string `json:"smtp_tls,omitempty"`
+	CABundle string `json:"smtp_ca_bundle,omitempty"`
 }
 
 // CertInfo describes the certificate of one version, so that renew can
