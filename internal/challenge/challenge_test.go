@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -122,5 +123,39 @@ func TestCheckWebroot(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Fatalf("CheckWebroot left files: %v", entries)
+	}
+}
+
+// Under umask 077 the directories and token files lbcert creates in a
+// webroot are still readable by the web server (0755, 0644), and a
+// webroot the web server cannot read is refused before the CA is asked.
+func TestWebrootUnderUmask077(t *testing.T) {
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	root := t.TempDir()
+	os.Chmod(root, 0o755)
+	w := &Webroot{Root: root}
+	token := "abcDEF-123_xyz"
+	if err := w.Present("a.example.com", token, "key-auth"); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(root, ".well-known"):                          0o755,
+		filepath.Join(root, ".well-known", "acme-challenge"):        0o755,
+		filepath.Join(root, ".well-known", "acme-challenge", token): 0o644,
+	} {
+		fi, err := os.Stat(path)
+		if err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %04o (%v)", path, fi.Mode().Perm(), want, err)
+		}
+	}
+	private := t.TempDir()
+	os.Chmod(private, 0o700)
+	if err := CheckWebroot(private); err == nil || !strings.Contains(err.Error(), "the web server cannot read it") {
+		t.Fatalf("a 0700 webroot: %v", err)
+	}
+	os.Chmod(private, 0o750)
+	if err := CheckWebroot(private); err != nil {
+		t.Fatalf("a 0750 webroot (group may read): %v", err)
 	}
 }

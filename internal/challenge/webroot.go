@@ -29,6 +29,12 @@ func CheckWebroot(dir string) error {
 	if !fi.IsDir() {
 		return fmt.Errorf("webroot %s is not a directory", dir)
 	}
+	// The web server's worker is not root: unless its group or everyone
+	// may enter and read the webroot, it answers 403 to the CA, and the
+	// failed validation counts against the CA's limits.
+	if m := fi.Mode().Perm(); m&0o050 != 0o050 && m&0o005 != 0o005 {
+		return fmt.Errorf("webroot %s has mode %04o: the web server cannot read it, so it would answer the CA 403; chmod o+rx (or give its group r-x) first", dir, m)
+	}
 	f, err := os.CreateTemp(dir, ".lbcert-write-test-*")
 	if err != nil {
 		return fmt.Errorf("webroot %s cannot be written: %v", dir, unwrap(err))
@@ -95,6 +101,11 @@ func (w *Webroot) mkdir(dir string) error {
 	}
 	for i := len(missing) - 1; i >= 0; i-- {
 		if err := os.Mkdir(missing[i], 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		// Mkdir's mode goes through the umask: under 077 the web server
+		// could not enter the directory. It must read it whatever the umask.
+		if err := os.Chmod(missing[i], 0o755); err != nil {
 			return err
 		}
 		w.created = append(w.created, missing[i])
