@@ -70,6 +70,11 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 			co.c, err = acme.New(ctx, o)
 		}
 		if err != nil {
+			// A run over saved lineages talks to each one's own server,
+			// which --server does not change: name the one that failed.
+			if strings.Contains(hint.Of(err), "--server") {
+				err = hint.Set(err, fmt.Sprintf("check that this host can reach the ACME server %s (each lineage keeps the server it was issued by; 'lbcert show NAME' shows it)", server))
+			}
 			co.err = &AccountError{Server: server, Err: err}
 		}
 	})
