@@ -85,3 +85,16 @@ func TestReplacesRejected(t *testing.T) {
 		}
 	}
 }
+
+// A CA problem that says the name did not resolve gets the DNS hint,
+// whatever type the CA filed it under, not the port-80 one.
+func TestDNSFailureHint(t *testing.T) {
+	err := explain("obtain gone.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:connection", Detail: "DNS problem: NXDOMAIN looking up A for gone.example.com"})
+	if h := hint.Of(err); !strings.Contains(h, "could not resolve the name") || strings.Contains(h, "port 80") {
+		t.Fatalf("hint %q", h)
+	}
+	err = explain("obtain up.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:connection", Detail: "Connection refused"})
+	if h := hint.Of(err); !strings.Contains(h, "port 80") {
+		t.Fatalf("refused: hint %q", h)
+	}
+}

@@ -228,6 +228,10 @@ func explain(prefix string, err error) error {
 			e.Text += fmt.Sprintf(" (Retry-After: %s)", rl.RetryAfter)
 		}
 		e.Text += " before trying again, and use --staging while testing"
+	case errors.As(err, &pd) && dnsDetail(pd):
+		// The CA files some DNS failures under "connection": the name
+		// has no address, which no firewall or route can fix.
+		e.Text = hintFor(":dns")
 	case errors.As(err, &pd):
 		e.Text = hintFor(pd.Type)
 		for _, sp := range pd.SubProblems {
@@ -244,6 +248,22 @@ func explain(prefix string, err error) error {
 		e.Text = hintFor(msg)
 	}
 	return &caError{explained: e, cause: err}
+}
+
+// dnsDetail reports whether a CA problem, whatever its type, says the
+// name did not resolve.
+func dnsDetail(pd *legoacme.ProblemDetails) bool {
+	texts := []string{pd.Detail}
+	for _, sp := range pd.SubProblems {
+		texts = append(texts, sp.Detail)
+	}
+	for _, t := range texts {
+		t = strings.ToLower(t)
+		if strings.Contains(t, "nxdomain") || strings.Contains(t, "no such host") || strings.Contains(t, "no valid a records") || strings.Contains(t, "no valid ip addresses") {
+			return true
+		}
+	}
+	return false
 }
 
 func hintFor(problem string) string {

@@ -50,6 +50,9 @@ func Listen(addr string) (*Standalone, error) {
 	return s, nil
 }
 
+// ListenAddr is where the listener is bound, for hints that must name it.
+func (s *Standalone) ListenAddr() string { return s.Addr }
+
 // Close stops the listener and waits briefly for requests in flight.
 func (s *Standalone) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

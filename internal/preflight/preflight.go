@@ -129,6 +129,11 @@ func (c *Checker) DNS(ctx context.Context, name string) error {
 		"pre-flight DNS %s: %s", name, strings.Join(why, "; "))
 }
 
+// dnsFailure is a name that resolved to no address during the fetch.
+type dnsFailure struct{ host, why string }
+
+func (e *dnsFailure) Error() string { return fmt.Sprintf("resolve %s: %s", e.host, e.why) }
+
 func dnsErr(err error) string {
 	var de *net.DNSError
 	if errors.As(err, &de) {
@@ -158,6 +163,11 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 	}
 	url := "http://" + net.JoinHostPort(name, strconv.Itoa(port)) + challenge.PathPrefix + token
 	res := c.resolver()
+	resolverName := "the system's resolver"
+	if c.Resolver != "" {
+		resolverName = "--resolver " + c.Resolver
+	}
+	var dialed string // the address the name resolved to, once it did
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
 	tr := &http.Transport{
 		// The CA does not check the certificate of an HTTPS redirect
@@ -174,9 +184,10 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 				ips, err = res.LookupNetIP(ctx, "ip", host)
 			}
 			if err != nil {
-				return nil, fmt.Errorf("resolve %s: %s", host, dnsErr(err))
+				return nil, &dnsFailure{host: host, why: dnsErr(err)}
 			}
-			return dialer.DialContext(ctx, network, net.JoinHostPort(ips[0].Unmap().String(), p))
+			dialed = net.JoinHostPort(ips[0].Unmap().String(), p)
+			return dialer.DialContext(ctx, network, dialed)
 		},
 	}
 	client := &http.Client{Transport: tr}
@@ -185,12 +196,32 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 	route := fmt.Sprintf("the CA will fetch http://%s:%d%s<token>: route that path to lbcert (HAProxy: an ACL on path_beg %s; nginx: a location serving the webroot); if this host cannot reach its own public address, pass --preflight=false",
 		name, port, challenge.PathPrefix, challenge.PathPrefix)
 	resp, err := client.Do(req)
-	if err != nil {
-		return hint.Errorf(route, "pre-flight HTTP %s: %s", name, flatten(err))
+	var dnsErr *dnsFailure
+	switch {
+	case errors.As(err, &dnsErr):
+		// No address at all: a DNS matter, not a route.
+		return hint.Errorf(fmt.Sprintf("add an A or AAAA record for %s pointing at this load balancer (asked %s); nothing was sent to the CA", dnsErr.host, resolverName),
+			"pre-flight DNS %s: %s resolves to nothing at %s: %s", name, dnsErr.host, resolverName, dnsErr.why)
+	case err != nil:
+		listener := ""
+		if l, ok := r.(interface{ ListenAddr() string }); ok {
+			listener = fmt.Sprintf(" lbcert's own listener is on --http-addr %s: the CA's port %d must reach it.", l.ListenAddr(), port)
+		}
+		where := "it"
+		if dialed != "" {
+			where = dialed
+		}
+		return hint.Errorf(fmt.Sprintf("%s resolved to %s, and nothing answered there on port %d: check the firewall and that the load balancer listens on it.%s", name, where, port, listener),
+			"pre-flight HTTP %s: %s", name, flatten(err))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if resp.StatusCode != http.StatusOK {
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusForbidden:
+		return hint.Errorf(fmt.Sprintf("the web server refused to serve %s<token>: check that its worker may read the webroot and the token files (permissions, SELinux/AppArmor)", challenge.PathPrefix),
+			"pre-flight HTTP %s: GET %s: %s", name, url, resp.Status)
+	default:
 		return hint.Errorf(route, "pre-flight HTTP %s: GET %s: %s", name, url, resp.Status)
 	}
 	if strings.TrimSpace(string(body)) != value {

@@ -3,10 +3,14 @@ package preflight
 import (
 	"context"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/miekg/dns"
 
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
@@ -57,5 +61,52 @@ func TestDNS(t *testing.T) {
 	}
 	if (&Checker{}).DNSEnabled() {
 		t.Fatal("DNS check on without expectations")
+	}
+}
+
+// Each cause gets its own message and hint: a name with no address (and
+// the resolver asked), nothing answering where it points (that address
+// and lbcert's own listener), and a 403 (permissions).
+func TestHTTPCauses(t *testing.T) {
+	ctx := context.Background()
+	// A loopback DNS server that knows no names: every query is NXDOMAIN.
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetRcode(r, dns.RcodeNameError)
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	defer srv.Shutdown()
+	l, _ := listen(t)
+
+	c := &Checker{HTTPPort: 80, Resolver: pc.LocalAddr().String()}
+	err = c.HTTP(ctx, "nxdomain.example.com", l)
+	if err == nil || !strings.Contains(err.Error(), "pre-flight DNS nxdomain.example.com") ||
+		!strings.Contains(hint.Of(err), "add an A or AAAA record") || !strings.Contains(hint.Of(err), pc.LocalAddr().String()) ||
+		strings.Contains(hint.Of(err), "path_beg") {
+		t.Fatalf("no address: %v (hint %q)", err, hint.Of(err))
+	}
+
+	closed, _ := net.Listen("tcp", "127.0.0.1:0")
+	port := closed.Addr().(*net.TCPAddr).Port
+	closed.Close()
+	c = &Checker{HTTPPort: port}
+	err = c.HTTP(ctx, "localhost", l)
+	if err == nil || !strings.Contains(hint.Of(err), "127.0.0.1:"+strconv.Itoa(port)) || !strings.Contains(hint.Of(err), "--http-addr "+l.Addr) {
+		t.Fatalf("refused: %v (hint %q)", err, hint.Of(err))
+	}
+
+	forbidden := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusForbidden) }))
+	defer forbidden.Close()
+	_, fp, _ := net.SplitHostPort(strings.TrimPrefix(forbidden.URL, "http://"))
+	fport, _ := strconv.Atoi(fp)
+	c = &Checker{HTTPPort: fport}
+	err = c.HTTP(ctx, "localhost", l)
+	if err == nil || !strings.Contains(err.Error(), "403") || !strings.Contains(hint.Of(err), "permissions") {
+		t.Fatalf("403: %v (hint %q)", err, hint.Of(err))
 	}
 }
