@@ -110,6 +110,7 @@ func (a *app) rowMail(o *batchOptions, row *batch.Row) store.Mail {
 // words is how the summary names an outcome.
 var words = map[engine.Outcome]string{
 	engine.Issued: "issued", engine.Renewed: "renewed", engine.Deployed: "deployed", engine.NotDue: "up to date",
+	engine.Reconfigured: "reconfigured",
 	engine.Deferred: "deferred", engine.Failed: "failed", engine.Invalid: "invalid",
 	engine.NotStarted: "not started", engine.Aborted: "interrupted",
 }
@@ -158,7 +159,7 @@ func (a *app) printBatchSummary(res *engine.Result) {
 
 func rowDetail(it *engine.Item) string {
 	switch it.Outcome {
-	case engine.Issued, engine.Renewed, engine.Deployed:
+	case engine.Issued, engine.Renewed, engine.Deployed, engine.Reconfigured:
 		d := fmt.Sprintf("serial %s, expires %s", it.Serial, it.NotAfter.Format(time.DateOnly))
 		if it.Deploy != "" && it.Deploy != "none" {
 			d += ", deploy " + it.Deploy

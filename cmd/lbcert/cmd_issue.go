@@ -201,6 +201,11 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 		a.printf("%s: certificate for %s is valid until %s%s; nothing to do (use --force to issue anyway)\n",
 			it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.Format(time.DateOnly), at)
 		return
+	case engine.Reconfigured:
+		a.printf("%s: certificate for %s is valid until %s and not due; saved the new settings without ordering\n",
+			it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly))
+		a.printf("  deploy    %s\n", deployWords(it))
+		return
 	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
 		if it.Serial == "" {
 			break

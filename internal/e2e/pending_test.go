@@ -52,8 +52,14 @@ for a in "$@"; do
 done
 exec %s "$@"
 `, slow, inTest, n.Bin)), 0o755)
-	e.mustRun("issue", "-d", "pend.example.com", "--standalone", "--http-addr", http, "--force",
+	// New deploy settings for a certificate that is not due: saved and
+	// deployed, and the CA is not asked.
+	before := e.pebble.Orders()
+	r0 := e.mustRun("issue", "-d", "pend.example.com", "--standalone", "--http-addr", http,
 		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", wrapper, "--verify-addr", tlsAddr)
+	if e.pebble.Orders() != before || !strings.Contains(r0.stdout, "saved the new settings without ordering") || !strings.Contains(r0.stdout, "deployed, verified") {
+		t.Fatalf("reconfigure: %d orders\n%s", e.pebble.Orders()-before, r0.stdout)
+	}
 	v1 := e.serial("pend.example.com")
 	servedEventually(t, tlsAddr, "pend.example.com", v1)
 

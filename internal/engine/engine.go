@@ -168,6 +168,7 @@ const (
 	actOrder                       // obtain a certificate
 	actCheckARI                    // ask the CA's renewal window, then maybe order
 	actDeployPending               // deploy a version obtained by an earlier run
+	actReconfigure                 // not due, but new settings: save them, deploy if the target changed
 )
 
 type step struct {
@@ -177,6 +178,7 @@ type step struct {
 	prev    *store.Lineage // live version, if any
 	status  store.Status
 	pending *store.Lineage // the pending version's metadata
+	restore *store.Lineage // metadata to put back if a reconfigured deploy fails
 	ari     bool           // the CA offers ARI for this lineage
 	replace bool           // an ARI renewal of prev: send "replaces"
 }
@@ -219,6 +221,11 @@ func (e *Engine) decide(s *step, now time.Time) {
 		s.ari = !now.Before(s.status.ARIUnsupported) && prev.Cert.ARICertID != ""
 	}
 	same := prev != nil && sameNames(prev.Domains, s.job.Lineage.Domains)
+	if prev != nil && s.job.Lineage.Profile == "" {
+		// A profile sticks: a job that names none keeps the lineage's
+		// (Traefik drops it on renewal; lbcert does not).
+		s.job.Lineage.Profile = prev.Profile
+	}
 
 	// A certificate obtained earlier and never deployed comes first: it
 	// is valid and paid for, and ordering again would spend the CA's
@@ -259,7 +266,21 @@ func (e *Engine) decide(s *step, now time.Time) {
 		s.act = actCheckARI
 	default:
 		s.item.Outcome = NotDue
+		if settingsChanged(prev, &s.job.Lineage) {
+			s.act = actReconfigure
+			s.item.Outcome = ""
+			s.item.Reason = "settings changed"
+		}
 	}
+}
+
+// settingsChanged reports whether a job asks for other challenge, deploy,
+// mail or profile settings than the lineage has: those take effect
+// without a new certificate. (A new key type needs one: that is --force.)
+func settingsChanged(prev, want *store.Lineage) bool {
+	return prev.Challenge != want.Challenge || prev.Deploy != want.Deploy || prev.Profile != want.Profile ||
+		!slices.Equal(prev.Mail.To, want.Mail.To) || prev.Mail.From != want.Mail.From || prev.Mail.Host != want.Mail.Host ||
+		prev.Mail.Port != want.Mail.Port || prev.Mail.TLS != want.Mail.TLS || prev.Mail.CABundle != want.Mail.CABundle
 }
 
 // Execute works the plan: one pool of workers for every order, then one
@@ -374,6 +395,11 @@ func (r *run) one(s *step) {
 		d := renewal.Decide(s.prev.Cert, s.status, e.now(), renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari})
 		it.Reason, it.DueAt = string(d.Reason), timePtr(d.At)
 		if !d.Due {
+			if settingsChanged(s.prev, &s.job.Lineage) {
+				it.Reason = "settings changed"
+				r.reconfigure(s)
+				return
+			}
 			it.Outcome = NotDue
 			slog.Debug("not due", "name", name, "rule", d.Reason, "due_at", d.At.Format(time.RFC3339))
 			return
@@ -381,6 +407,10 @@ func (r *run) one(s *step) {
 		s.act, s.replace, it.dueNow = actOrder, s.ari, true
 	}
 
+	if s.act == actReconfigure {
+		r.reconfigure(s)
+		return
+	}
 	if s.act == actDeployPending {
 		// No backoff here: the backoff protects the CA's limits, and a
 		// deploy retry spends none of them. The run after the config is
@@ -579,6 +609,32 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result) {
 	r.owe(s, deploy.Change{Name: l.Name, Domains: l.Domains, Serial: got.Info.Serial, Previous: previous, Deploy: l.Deploy})
 }
 
+// reconfigure saves a not-due lineage's new settings in place and, when
+// its deploy target changed, owes the current certificate a deploy. The
+// CA is never asked: changing where a certificate goes must not cost an
+// order.
+func (r *run) reconfigure(s *step) {
+	e, it := r.e, s.item
+	l := s.job.Lineage
+	l.Cert, l.Version, l.IssuedAt, l.KeyType = s.prev.Cert, s.prev.Version, s.prev.IssuedAt, s.prev.KeyType
+	l.ReuseKey = s.prev.ReuseKey || s.job.ReuseKey
+	it.Serial, it.NotAfter = l.Cert.Serial, timePtr(l.Cert.NotAfter)
+	if e.Opts.DryRun {
+		it.Outcome = Reconfigured
+		return
+	}
+	if err := e.Store.UpdateMeta(&l); err != nil {
+		r.fail(s, fmt.Errorf("save the new settings of %s: %w", l.Name, err), false)
+		return
+	}
+	it.Outcome = Reconfigured
+	slog.Info("saved new settings without ordering", "name", l.Name)
+	if l.Deploy != s.prev.Deploy && l.Deploy.Target != "" {
+		s.restore = s.prev
+		r.owe(s, deploy.Change{Name: l.Name, Domains: l.Domains, Serial: l.Cert.Serial, Previous: l.Version, Deploy: l.Deploy})
+	}
+}
+
 // activatePending makes the pending version live again and owes it a
 // deploy.
 func (r *run) activatePending(s *step) {
@@ -637,9 +693,12 @@ func (r *run) deployAll() {
 		}
 		if !res.Failed() {
 			it.Pending = ""
-			// Deployed: nothing is owed any more.
-			if err := e.Store.WriteStatus(c.Name, store.Status{}); err != nil {
-				slog.Warn("could not clear the pending deploy", "name", c.Name, "err", err)
+			// Deployed: nothing is owed any more. (A reconfiguration
+			// owed nothing and keeps its renewal history.)
+			if s.restore == nil {
+				if err := e.Store.WriteStatus(c.Name, store.Status{}); err != nil {
+					slog.Warn("could not clear the pending deploy", "name", c.Name, "err", err)
+				}
 			}
 			if removed, err := e.Store.Prune(c.Name, keep); err != nil {
 				slog.Warn("could not remove old versions", "name", c.Name, "err", err)
@@ -652,6 +711,19 @@ func (r *run) deployAll() {
 			continue
 		}
 		msg := oneLine(res.Err)
+		if s.restore != nil {
+			// A reconfiguration whose deploy failed keeps the old
+			// settings, so the next run tries the change again.
+			if err := e.Store.UpdateMeta(s.restore); err != nil {
+				slog.Warn("could not restore the previous settings", "name", c.Name, "err", err)
+			}
+			it.Outcome, it.Error = Failed, "deploy: "+msg
+			it.Hint = "the settings were not changed; fix the load balancer's config and run the same command again"
+			if e.Opts.Observe != nil {
+				e.Opts.Observe(it)
+			}
+			continue
+		}
 		if res.RolledBack {
 			msg += "; rolled back to the previous certificate"
 		}

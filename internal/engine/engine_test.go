@@ -567,3 +567,40 @@ func TestExpiryWarningFollowsLifetime(t *testing.T) {
 		})
 	}
 }
+
+// New deploy settings for a certificate that is not due are saved and
+// deployed without an order; a failed deploy keeps the old settings; a
+// job that names no profile keeps the lineage's.
+func TestReconfigureWithoutOrdering(t *testing.T) {
+	f := newFixture(t)
+	j := job("r.test")
+	j.Lineage.Profile = "shortlived"
+	f.run(context.Background(), Options{Command: "issue"}, j)
+	orders := f.ca.count()
+	f.dep.runs = nil
+	j2 := job("r.test") // names no profile
+	j2.Lineage.Deploy = store.Deploy{Target: "nginx", NginxBin: "/usr/sbin/nginx", NginxConf: "/etc/nginx/nginx.conf"}
+	res := f.run(context.Background(), Options{Command: "issue"}, j2)
+	if res.Items[0].Outcome != Reconfigured || f.ca.count() != orders || len(f.dep.runs) != 1 {
+		t.Fatalf("outcome %s, %d orders, deploy runs %v", res.Items[0].Outcome, f.ca.count()-orders, f.dep.runs)
+	}
+	l, _ := f.st.Load("r.test")
+	if l.Deploy.Target != "nginx" || l.Profile != "shortlived" {
+		t.Fatalf("saved deploy %q profile %q", l.Deploy.Target, l.Profile)
+	}
+	// The same again: nothing to do.
+	if res := f.run(context.Background(), Options{Command: "issue"}, j2); res.Items[0].Outcome != NotDue {
+		t.Fatalf("second: %s", res.Items[0].Outcome)
+	}
+	// A change whose deploy fails keeps the old settings.
+	j3 := job("r.test")
+	j3.Lineage.Deploy = store.Deploy{Target: "haproxy", HAProxyBin: "/usr/sbin/haproxy"}
+	f.dep.fail["r.test"] = true
+	res = f.run(context.Background(), Options{Command: "batch"}, j3)
+	if res.Items[0].Outcome != Failed || f.ca.count() != orders {
+		t.Fatalf("failed reconfigure: %s, %d orders", res.Items[0].Outcome, f.ca.count()-orders)
+	}
+	if l, _ := f.st.Load("r.test"); l.Deploy.Target != "nginx" {
+		t.Fatalf("a failed reconfiguration left deploy %q", l.Deploy.Target)
+	}
+}

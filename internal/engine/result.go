@@ -18,22 +18,25 @@ const SchemaVersion = 1
 type Outcome string
 
 const (
-	Issued     Outcome = "issued"      // a new lineage, or new names for one
-	Renewed    Outcome = "renewed"     // a new certificate for the same names
-	Deployed   Outcome = "deployed"    // a pending certificate, obtained earlier, now deployed
-	NotDue     Outcome = "not_due"     // valid and not due: nothing to do
-	Deferred   Outcome = "deferred"    // due, but left for a later run (backoff, budget, the CA's Retry-After, a lease)
-	Failed     Outcome = "failed"      // tried and failed, or its deploy failed
-	Invalid    Outcome = "invalid"     // bad input (a batch row); never sent to the CA
-	NotStarted Outcome = "not_started" // interrupted before it started
-	Aborted    Outcome = "interrupted" // interrupted while ordering; nothing of it was saved
+	Issued       Outcome = "issued"       // a new lineage, or new names for one
+	Renewed      Outcome = "renewed"      // a new certificate for the same names
+	Deployed     Outcome = "deployed"     // a pending certificate, obtained earlier, now deployed
+	NotDue       Outcome = "not_due"      // valid and not due: nothing to do
+	Reconfigured Outcome = "reconfigured" // not due; new settings saved (and deployed) without ordering
+	Deferred     Outcome = "deferred"     // due, but left for a later run (backoff, budget, the CA's Retry-After, a lease)
+	Failed       Outcome = "failed"       // tried and failed, or its deploy failed
+	Invalid      Outcome = "invalid"      // bad input (a batch row); never sent to the CA
+	NotStarted   Outcome = "not_started"  // interrupted before it started
+	Aborted      Outcome = "interrupted"  // interrupted while ordering; nothing of it was saved
 )
 
 // Outcomes lists every outcome, in the order reports show them.
-var Outcomes = []Outcome{Issued, Renewed, Deployed, NotDue, Deferred, Failed, Invalid, NotStarted, Aborted}
+var Outcomes = []Outcome{Issued, Renewed, Deployed, Reconfigured, NotDue, Deferred, Failed, Invalid, NotStarted, Aborted}
 
 // Done reports whether o means the job's certificate is in place.
-func (o Outcome) Done() bool { return o == Issued || o == Renewed || o == Deployed || o == NotDue }
+func (o Outcome) Done() bool {
+	return o == Issued || o == Renewed || o == Deployed || o == Reconfigured || o == NotDue
+}
 
 // Item is one job's outcome: a lineage, or a batch row.
 type Item struct {
@@ -66,7 +69,7 @@ type Item struct {
 // renewed by this run.
 func (it *Item) warnWorthy(now time.Time) bool {
 	switch it.Outcome {
-	case Issued, Renewed, Deployed, Invalid:
+	case Issued, Renewed, Deployed, Reconfigured, Invalid:
 		return false
 	}
 	if it.OldNotAfter == nil || it.life <= 0 {

@@ -50,6 +50,7 @@ type Lineages interface {
 	LoadVersion(name string, version int) (*Lineage, error)
 	LiveVersion(name string) (int, error)
 	SaveVersion(l *Lineage, files Files) (version int, err error)
+	UpdateMeta(l *Lineage) error
 	Activate(name string, version int) error
 	Rollback(name string, previous int) error
 	Delete(name string) error

@@ -193,6 +193,26 @@ func (s *Store) readMeta(name, path string) (*Lineage, error) {
 	return &l, nil
 }
 
+// UpdateMeta rewrites the metadata of the live version of l.Name in
+// place, atomically, keeping its certificate: new deploy, mail or
+// challenge settings for a certificate that is not due. l.Version must
+// be the live version.
+func (s *Store) UpdateMeta(l *Lineage) error {
+	live, err := s.LiveVersion(l.Name)
+	if err != nil {
+		return err
+	}
+	if live != l.Version {
+		return fmt.Errorf("lineage %q: version %d is not the live one (%d)", l.Name, l.Version, live)
+	}
+	l.Format = FormatVersion
+	meta, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		return err
+	}
+	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(live), MetaFile), append(meta, '\n'), 0o644)
+}
+
 // ArchiveDir is the directory holding every version of lineage name.
 func (s *Store) ArchiveDir(name string) string {
 	return filepath.Join(s.Dir, "archive", name)
