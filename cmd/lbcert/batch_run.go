@@ -111,7 +111,7 @@ func (a *app) rowMail(o *batchOptions, row *batch.Row) store.Mail {
 var words = map[engine.Outcome]string{
 	engine.Issued: "issued", engine.Renewed: "renewed", engine.Deployed: "deployed", engine.NotDue: "up to date",
 	engine.Reconfigured: "reconfigured",
-	engine.Deferred: "deferred", engine.Failed: "failed", engine.Invalid: "invalid",
+	engine.Deferred:     "deferred", engine.Failed: "failed", engine.Invalid: "invalid",
 	engine.NotStarted: "not started", engine.Aborted: "interrupted",
 }
 
