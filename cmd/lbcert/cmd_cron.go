@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -25,8 +26,10 @@ const cronFile = "/etc/cron.d/lbcert"
 const cronMarker = "# lbcert renew (managed by 'lbcert cron')"
 
 type cronOptions struct {
-	User bool
-	File string
+	User    bool
+	File    string
+	Systemd bool
+	UnitDir string
 }
 
 func (a *app) newCronCmd() *cobra.Command {
@@ -40,23 +43,46 @@ The time is picked at random when the entry is first installed, never on a
 round minute, so that hosts do not all hit the CA at 00:00. The
 entry goes to /etc/cron.d/lbcert, or with --user into the invoking user's
 crontab. "cron install" is idempotent: run again, it keeps the time it
-picked.`,
+picked.
+
+With --systemd it writes lbcert-renew.service and lbcert-renew.timer
+instead (for hosts without cron, as Debian's certbot does): twice a day at
+a random minute, RandomizedDelaySec=1h and Persistent=true, so a run missed
+while the host was off happens at boot. Enable it with
+"systemctl daemon-reload && systemctl enable --now lbcert-renew.timer".`,
 		Args: cobra.NoArgs,
 	}
 	cmd.PersistentFlags().BoolVar(&o.User, "user", false, "use the invoking user's crontab instead of "+cronFile)
 	cmd.PersistentFlags().StringVar(&o.File, "file", cronFile, "cron.d file to manage")
+	cmd.PersistentFlags().BoolVar(&o.Systemd, "systemd", false, "a systemd timer (lbcert-renew.timer and .service in --unit-dir) instead of cron")
+	cmd.PersistentFlags().StringVar(&o.UnitDir, "unit-dir", "/etc/systemd/system", "where --systemd writes its units")
 	cmd.AddCommand(
 		&cobra.Command{
 			Use: "install", Short: "Install the daily renew entry", Args: cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, args []string) error { return a.cronInstall(o) },
+			RunE: func(cmd *cobra.Command, args []string) error {
+				if o.Systemd {
+					return a.timerInstall(o)
+				}
+				return a.cronInstall(o)
+			},
 		},
 		&cobra.Command{
 			Use: "show", Short: "Print the renew entry, if installed", Args: cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, args []string) error { return a.cronShow(o) },
+			RunE: func(cmd *cobra.Command, args []string) error {
+				if o.Systemd {
+					return a.timerShow(o)
+				}
+				return a.cronShow(o)
+			},
 		},
 		&cobra.Command{
 			Use: "remove", Short: "Remove the renew entry", Args: cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, args []string) error { return a.cronRemove(o) },
+			RunE: func(cmd *cobra.Command, args []string) error {
+				if o.Systemd {
+					return a.timerRemove(o)
+				}
+				return a.cronRemove(o)
+			},
 		},
 	)
 	return cmd
@@ -232,4 +258,81 @@ func shellQuote(s string) string {
 		return s
 	}
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+const (
+	timerUnit   = "lbcert-renew.timer"
+	serviceUnit = "lbcert-renew.service"
+)
+
+var onCalendarRE = regexp.MustCompile(`(?m)^OnCalendar=\*-\*-\* 00,12:(\d+):00$`)
+
+// timerInstall writes the systemd service and timer. Twice a day, as
+// certbot's timer runs: one failed run still leaves another the same day.
+func (a *app) timerInstall(o *cronOptions) error {
+	timerPath := filepath.Join(o.UnitDir, timerUnit)
+	minute := 0
+	if old, err := os.ReadFile(timerPath); err == nil {
+		if m := onCalendarRE.FindSubmatch(old); m != nil {
+			minute, _ = strconv.Atoi(string(m[1]))
+		}
+	}
+	if minute == 0 {
+		minute, _ = randomTime()
+	}
+	service := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
+[Unit]
+Description=Renew lbcert certificates that are due
+Documentation=man:lbcert-renew(1)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=%s
+`, strings.Replace(a.renewCommand(), " renew -q", " renew -q --no-random-sleep", 1))
+	timer := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
+[Unit]
+Description=Renew lbcert certificates twice a day
+
+[Timer]
+OnCalendar=*-*-* 00,12:%02d:00
+RandomizedDelaySec=1h
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+`, minute)
+	if err := os.MkdirAll(o.UnitDir, 0o755); err != nil {
+		return exit.Errorf("%s: %w", o.UnitDir, unwrapPath(err))
+	}
+	for _, f := range []struct{ path, data string }{{filepath.Join(o.UnitDir, serviceUnit), service}, {timerPath, timer}} {
+		if err := store.WriteFile(f.path, []byte(f.data), 0o644); err != nil {
+			return exit.Errorf("write %s: %w", f.path, unwrapPath(err))
+		}
+	}
+	a.printf("installed %s (00:%02d and 12:%02d, up to 1h later at random); enable it with: systemctl daemon-reload && systemctl enable --now %s\n",
+		timerPath, minute, minute, timerUnit)
+	return nil
+}
+
+func (a *app) timerShow(o *cronOptions) error {
+	data, err := os.ReadFile(filepath.Join(o.UnitDir, timerUnit))
+	if err != nil {
+		return exit.Errorf("no lbcert systemd timer installed in %s", o.UnitDir).WithHint("'lbcert cron install --systemd' adds one")
+	}
+	if m := onCalendarRE.Find(data); m != nil {
+		fmt.Fprintln(a.out, string(m))
+	}
+	return nil
+}
+
+func (a *app) timerRemove(o *cronOptions) error {
+	for _, u := range []string{timerUnit, serviceUnit} {
+		if err := os.Remove(filepath.Join(o.UnitDir, u)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return exit.Errorf("remove %s: %w", u, unwrapPath(err))
+		}
+	}
+	a.printf("removed %s and %s from %s; run: systemctl daemon-reload\n", timerUnit, serviceUnit, o.UnitDir)
+	return nil
 }
