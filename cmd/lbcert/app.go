@@ -89,6 +89,7 @@ type globalOptions struct {
 	Quiet       bool
 	Verbose     bool
 	HookConc    int
+	MetricsFile string
 }
 
 // Main runs lbcert with os.Args and returns the exit code. Nothing below
@@ -183,6 +184,7 @@ beats the config file, which beats the default.
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
+	pf.StringVar(&g.MetricsFile, "metrics-file", "", "after every run, write Prometheus metrics here (node_exporter textfile format); off when empty")
 	a.mail.register(pf)
 
 	root.AddCommand(

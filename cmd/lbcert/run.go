@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/issuer"
+	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/store"
@@ -76,7 +78,15 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if err != nil {
 		return nil, exit.Errorf("%w", err)
 	}
-	return plan.Execute(ctx), nil
+	res := plan.Execute(ctx)
+	if a.global.MetricsFile != "" && !spec.dryRun {
+		// Monitoring is not the run: a metrics file that cannot be
+		// written is a warning, never a failed renewal.
+		if err := metrics.Write(a.global.MetricsFile, st, res, budget, a.now()); err != nil {
+			slog.Warn("could not write the metrics file", "path", a.global.MetricsFile, "err", err)
+		}
+	}
+	return res, nil
 }
 
 // lazyAccount builds the account options on the first order, not

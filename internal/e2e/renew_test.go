@@ -51,7 +51,16 @@ func TestRenewDueOnly(t *testing.T) {
 		t.Fatal("dry run saved a certificate")
 	}
 
-	r = e.mustRun("renew", "--days", "7", "--no-random-sleep", "--json")
+	prom := filepath.Join(e.work, "textfile", "lbcert.prom")
+	os.MkdirAll(filepath.Dir(prom), 0o755)
+	r = e.mustRun("--metrics-file", prom, "renew", "--days", "7", "--no-random-sleep", "--json")
+	metrics := readFile(t, prom)
+	for _, want := range []string{`lbcert_certificate_expiry_timestamp_seconds{lineage="short.example.com"}`,
+		`lbcert_run_items{command="renew",outcome="renewed"} 1`, `lbcert_run_items{command="renew",outcome="not_due"} 1`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics file lacks %s:\n%s", want, metrics)
+		}
+	}
 	var rep struct {
 		Version int `json:"version"`
 		Items   []struct {

@@ -304,6 +304,23 @@ func exactSet(names []string) string {
 	return strings.Join(slices.Compact(s), ",")
 }
 
+// OrdersLeft is how many new orders each account with a recent order
+// may place now, for the metrics file. An account not listed has its
+// whole budget.
+func (b *Budget) OrdersLeft() map[string]float64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[string]float64{}
+	if b.Limits.Orders.N == 0 {
+		return out
+	}
+	now := b.Now()
+	for acct, bk := range b.st.Orders {
+		out[acct] = math.Floor(bk.level(b.Limits.Orders, now))
+	}
+	return out
+}
+
 // Flush writes what Reserve has not written yet. Commands call it before
 // they exit.
 func (b *Budget) Flush() error {
