@@ -3,7 +3,9 @@ package main
 import (
 	"bufio"
 	"encoding/base64"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/mail"
 	"net/url"
 	"os"
@@ -142,9 +144,18 @@ func (a *app) lock(st *store.Store) (*store.Lock, error) {
 			return nil, (&exit.Error{Code: exit.Locked, Msg: le.Error()}).
 				WithHint("wait for the other run to finish; the lock is released when it exits, even if it is killed")
 		}
-		return nil, exit.Errorf("%v", err)
+		return nil, dirError(st, err)
 	}
 	return l, nil
+}
+
+// dirError explains a state directory lbcert cannot use.
+func dirError(_ *store.Store, err error) error {
+	e := exit.Errorf("%w", err)
+	if errors.Is(err, fs.ErrPermission) {
+		e = e.WithHint("run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir (or set LBCERT_DIR) to a directory you can write")
+	}
+	return e
 }
 
 func unwrapPath(err error) error {

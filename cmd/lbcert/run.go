@@ -170,7 +170,7 @@ func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration
 		return nil, &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, wait)}
 	}
 	if err != nil {
-		return nil, exit.Errorf("%w", err)
+		return nil, dirError(st, err)
 	}
 	return l, nil
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -219,4 +220,34 @@ func sorted(s []string) []string {
 	s = slices.Clone(s)
 	slices.Sort(s)
 	return s
+}
+
+// TestUnwritableDir: as a user who cannot create the state directory,
+// lbcert says so and what to do (run as root, or --dir), and asks the CA
+// nothing.
+func TestUnwritableDir(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		t.Fatalf("setpriv (util-linux) is needed to run lbcert as another user: %v", err)
+	}
+	os.Chmod(filepath.Dir(lbcertBin), 0o755)
+	www, err := os.MkdirTemp("", "lbcert-www-") // t.TempDir's parents are 0700
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(www)
+	os.Chmod(www, 0o777)
+	before := e.requests()
+	cmd := exec.Command(setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", lbcertBin,
+		"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", filepath.Join(e.work, "state"),
+		"--config", os.DevNull, "issue", "-d", "ok.example.com", "--webroot", www, "--agree-tos")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "permission denied") ||
+		!strings.Contains(string(out), "lbcert: hint: run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir") {
+		t.Fatalf("exit %v:\n%s", err, out)
+	}
+	if e.requests() != before {
+		t.Fatal("an unusable state directory reached the CA")
+	}
 }
