@@ -60,7 +60,9 @@ func TestDeployNginx(t *testing.T) {
 	tlsAddr := freeAddr(t)
 	issue := []string{"issue", "-d", "site.example.com", "-d", "www.site.example.com", "--standalone", "--http-addr", http, "--agree-tos"}
 
-	e.mustRun(issue...)
+	if r := e.mustRun(issue...); !strings.Contains(r.stdout, "  deploy    none (no --deploy target)") || strings.Contains(r.stdout, "deployed") {
+		t.Fatalf("--deploy none said: %q", r.stdout)
+	}
 	v1 := e.serial("site.example.com")
 
 	prefix := filepath.Join(e.work, "nginx")
@@ -105,6 +107,10 @@ func TestDeployNginx(t *testing.T) {
 	r = e.run(append(issue, "--force")...) // deploy settings come from the lineage
 	if r.code != 1 || !strings.Contains(r.stderr, "nginx -t -c "+n.Conf+" failed") || !strings.Contains(r.stderr, "rolled back to the previous certificate") {
 		t.Fatalf("broken config: exit %d stderr %s", r.code, r.stderr)
+	}
+	// stdout says so too, not only stderr and the exit code.
+	if !strings.Contains(r.stdout, "  deploy    rolled back: nginx -t -c "+n.Conf+" failed") {
+		t.Fatalf("stdout of a rolled-back deploy: %q", r.stdout)
 	}
 	if !strings.Contains(r.stderr, "this_is_not_a_directive") {
 		t.Errorf("the error does not carry nginx's own output: %s", r.stderr)
