@@ -132,3 +132,16 @@ func TestBoolSettings(t *testing.T) {
 		}
 	}
 }
+
+// A second YAML document is refused with its line, not ignored with
+// every setting in it.
+func TestSecondDocumentRefused(t *testing.T) {
+	known := func(string) bool { return true }
+	_, err := Parse("c.yaml", []byte("email: a@example.com\n---\nagree-tos: true\n"), known)
+	if err == nil || !strings.Contains(err.Error(), "config c.yaml: line 2: a second YAML document") {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := Parse("c.yaml", []byte("---\nemail: a@example.com\n"), known); err != nil {
+		t.Fatalf("one document with a leading ---: %v", err)
+	}
+}
