@@ -15,6 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -117,6 +118,7 @@ func (a *app) eabHMAC() (string, error) {
 		}
 		key = strings.TrimSpace(string(data))
 	}
+	secret.Add(key)
 	if key == "" {
 		return "", exit.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
 	}

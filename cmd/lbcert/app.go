@@ -22,6 +22,7 @@ import (
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/secret"
 )
 
 // version is set by the Makefile through -ldflags; without it (go
@@ -97,6 +98,7 @@ type globalOptions struct {
 func Main() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	secret.FromEnviron()
 	a := &app{
 		in: os.Stdin, out: os.Stdout, err: os.Stderr,
 		getenv: os.Getenv, now: time.Now, ctx: ctx,
@@ -128,7 +130,7 @@ func (a *app) printError(err error) {
 	if errors.As(err, &e) && e.Reported {
 		return // the command already printed its failures
 	}
-	msg := strings.Join(strings.Fields(err.Error()), " ")
+	msg := secret.Scrub(strings.Join(strings.Fields(err.Error()), " "))
 	fmt.Fprintf(a.err, "lbcert: error: %s\n", msg)
 	if h := exit.Hint(err); h != "" {
 		fmt.Fprintf(a.err, "lbcert: hint: %s\n", h)

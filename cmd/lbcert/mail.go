@@ -14,6 +14,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -136,6 +137,7 @@ func (a *app) settings() (notify.Settings, error) {
 			}
 			s.Password = strings.TrimRight(string(data), "\r\n")
 		}
+		secret.Add(s.Password)
 	}
 	if d := a.getenv("LBCERT_SMTP_RETRY_DELAY"); d != "" { // for tests of the retry path
 		if v, err := time.ParseDuration(d); err == nil {

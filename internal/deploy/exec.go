@@ -1,19 +1,58 @@
 package deploy
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/secret"
 )
 
 // maxOutput caps what a command's output contributes to an error message.
 const maxOutput = 4000
+
+// keepOutput is how much of a command's output is kept while it runs:
+// the last 64 KiB. A hook that prints 100 MB must not take lbcert's
+// memory with it.
+const keepOutput = 64 << 10
+
+// waitDelay is how long a command's pipes stay open after it exits. A
+// hook that starts "sleep 30 &" has exited: it is judged by its own exit,
+// not by the children that inherited its output.
+const waitDelay = 2 * time.Second
+
+// tail keeps the last keepOutput bytes written to it.
+type tail struct {
+	mu  sync.Mutex
+	buf []byte
+	cut bool
+}
+
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := len(p)
+	if len(p) >= keepOutput {
+		t.buf, t.cut = append(t.buf[:0], p[len(p)-keepOutput:]...), true
+		return n, nil
+	}
+	if over := len(t.buf) + len(p) - keepOutput; over > 0 {
+		t.buf, t.cut = append(t.buf[:0], t.buf[over:]...), true
+	}
+	t.buf = append(t.buf, p...)
+	return n, nil
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.buf)
+}
 
 // run runs argv (or, when shell is set, "/bin/sh -c shell") with a
 // timeout, in its own process group so that a timeout kills whatever it
@@ -25,10 +64,13 @@ func run(ctx context.Context, timeout time.Duration, env []string, shell string,
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.Command(argv[0], argv[1:]...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.Env = append(os.Environ(), env...)
+	out := &tail{}
+	cmd.Stdout, cmd.Stderr = out, out
+	// Everything but lbcert's own secrets: certbot's hooks expect the
+	// environment they were started from.
+	cmd.Env = secret.Env(env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.WaitDelay = waitDelay
 	if err := cmd.Start(); err != nil {
 		return "", err
 	}
@@ -37,6 +79,9 @@ func run(ctx context.Context, timeout time.Duration, env []string, shell string,
 	var err error
 	select {
 	case err = <-done:
+		if errors.Is(err, exec.ErrWaitDelay) {
+			err = nil // it exited 0; a child it left behind kept the pipe
+		}
 	case <-ctx.Done():
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-done
@@ -46,7 +91,7 @@ func run(ctx context.Context, timeout time.Duration, env []string, shell string,
 			err = fmt.Errorf("interrupted")
 		}
 	}
-	return trimOutput(out.String()), err
+	return trimOutput(secret.Scrub(out.String())), err
 }
 
 func trimOutput(s string) string {

@@ -113,3 +113,32 @@ func TestHookConcurrency(t *testing.T) {
 		}
 	}
 }
+
+// A hook is judged by its own exit: children it leaves behind holding
+// its output do not make it "timed out"; its output is bounded; and it
+// never sees lbcert's secrets, though it sees everything else.
+func TestHookHygiene(t *testing.T) {
+	t.Setenv("LBCERT_SMTP_PASSWORD", "smtp-secret-value")
+	t.Setenv("LBCERT_EAB_HMAC_KEY", "eab-secret-value")
+	t.Setenv("SOME_OPERATOR_VAR", "kept")
+	out, err := run(context.Background(), 5*time.Second, nil, "sleep 30 & echo started")
+	if err != nil || out != "started" {
+		t.Fatalf("a hook that leaves a child: %q, %v", out, err)
+	}
+	out, err = run(context.Background(), 5*time.Second, nil, "setsid sleep 40 & exit 0")
+	if err != nil {
+		t.Fatalf("setsid child: %v", err)
+	}
+	out, _ = run(context.Background(), 30*time.Second, nil, "head -c 100000000 /dev/zero | tr '\\\\0' x; echo END")
+	if len(out) > maxOutput+3 || !strings.HasSuffix(out, "END") {
+		t.Fatalf("100 MB of output kept %d bytes (ends %q)", len(out), out[max(0, len(out)-5):])
+	}
+	out, err = run(context.Background(), 5*time.Second, nil, "env")
+	if err != nil || strings.Contains(out, "secret-value") || !strings.Contains(out, "SOME_OPERATOR_VAR=kept") {
+		t.Fatalf("hook environment: %v\n%s", err, out)
+	}
+	// A hook that itself runs too long is still killed.
+	if _, err := run(context.Background(), time.Second, nil, "sleep 20"); err == nil || !strings.Contains(err.Error(), "timed out") {
+		t.Fatalf("slow hook: %v", err)
+	}
+}

@@ -157,6 +157,34 @@ func TestDeployNginx(t *testing.T) {
 	}
 	servedEventually(t, tlsAddr, "site.example.com", v5)
 
+	// lbcert's secrets never reach a hook, and a hook that prints what it
+	// has and fails leaves no secret in the error line, the status file
+	// or the spooled report.
+	secrets := []string{"LBCERT_SMTP_PASSWORD=smtp-pw-e2e-secret", "LBCERT_EAB_HMAC_KEY=eab-e2e-secret", "LBCERT_SMTP_USER=ops",
+		"LBCERT_SMTP_PORT=1", "LBCERT_MAIL_TO=ops@example.com", "LBCERT_SMTP_RETRY_DELAY=10ms"}
+	r = e.runEnv(secrets, append(issue, "--force", "--deploy-hook", "env; echo smtp-pw-e2e-secret; exit 3")...)
+	if r.code == 0 {
+		t.Fatal("a failing hook passed")
+	}
+	leaks := r.stdout + r.stderr
+	status, _ := os.ReadFile(filepath.Join(e.dir, "renewal", "site.example.com.json"))
+	leaks += string(status)
+	reports, _ := filepath.Glob(filepath.Join(e.dir, "reports", "*"))
+	if len(reports) == 0 {
+		t.Fatal("the unmailable report was not spooled")
+	}
+	for _, rp := range reports {
+		leaks += readFile(t, rp)
+	}
+	for _, s := range []string{"smtp-pw-e2e-secret", "eab-e2e-secret"} {
+		if strings.Contains(leaks, s) {
+			t.Fatalf("secret %q leaked into output, status or report:\n%s", s, leaks)
+		}
+	}
+	if !strings.Contains(leaks, "[secret]") || !strings.Contains(leaks, "LBCERT_NAME=site.example.com") {
+		t.Fatalf("the hook's own output is not there, scrubbed:\n%s", leaks)
+	}
+
 	// A hook that hangs is killed at its timeout and fails the run.
 	start := time.Now()
 	r = e.run(append(issue, "--force", "--deploy-hook", "sleep 60", "--hook-timeout", "1s")...)

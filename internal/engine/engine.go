@@ -47,6 +47,7 @@ import (
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/renewal"
+	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -874,4 +875,6 @@ func sameNames(a, b []string) bool {
 	return slices.Equal(x, y)
 }
 
-func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
+// oneLine is an error as one line, without any known secret: it goes
+// into status files, reports and mail.
+func oneLine(err error) string { return secret.Scrub(strings.Join(strings.Fields(err.Error()), " ")) }

@@ -12,6 +12,9 @@ import (
 	"time"
 
 	mail "github.com/wneessen/go-mail"
+
+	"github.com/lbcert/lbcert/internal/secret"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // TLS modes for --smtp-tls.
@@ -76,7 +79,7 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	msg.Subject(env.Report.Subject())
 	msg.SetDateWithValue(env.Report.Time)
 	msg.SetMessageID()
-	msg.SetBodyString(mail.TypeTextPlain, env.Report.Body())
+	msg.SetBodyString(mail.TypeTextPlain, secret.Scrub(env.Report.Body()))
 
 	client, err := newClient(set)
 	if err != nil {
@@ -149,11 +152,11 @@ func orDefault(d, def time.Duration) time.Duration {
 
 // scrub removes the password from a message, in case a library ever
 // echoes it back.
-func scrub(s, secret string) string {
-	if secret == "" {
-		return s
-	}
-	return strings.ReplaceAll(s, secret, "[redacted]")
+// scrub removes the password and every other known secret, literal or
+// base64 (a relay that echoes the AUTH exchange), from s.
+func scrub(s, password string) string {
+	secret.Add(password)
+	return secret.Scrub(s)
 }
 
 // Spool writes a report that could not be mailed to dir/reports/, so
@@ -166,7 +169,8 @@ func Spool(dir string, env Envelope) (string, error) {
 	name := fmt.Sprintf("%s-%s-%s.txt", env.Report.Time.UTC().Format("20060102T150405Z"), env.Report.Command, safe(env.To))
 	p := filepath.Join(d, name)
 	content := "To: " + env.To + "\nSubject: " + env.Report.Subject() + "\n\n" + env.Report.Body()
-	return p, os.WriteFile(p, []byte(content), 0o600)
+	// Atomic, and never through a link planted at the name.
+	return p, store.WriteFile(p, []byte(secret.Scrub(content)), 0o600)
 }
 
 func safe(s string) string {
