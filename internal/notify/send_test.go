@@ -2,6 +2,8 @@ package notify
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -65,5 +67,29 @@ func TestRelayKeepsItsTLSMode(t *testing.T) {
 	}
 	if m := relay.Messages(); len(m) != 1 || m[0].TLS {
 		t.Fatalf("messages %+v", m)
+	}
+}
+
+// A link planted at the report's name is replaced, never followed: the
+// file it points to is left alone.
+func TestSpoolDoesNotFollowLinks(t *testing.T) {
+	dir := t.TempDir()
+	victim := filepath.Join(t.TempDir(), "victim")
+	os.WriteFile(victim, []byte("precious"), 0o644)
+	env := Envelope{To: "ops@example.com", Report: &Report{Host: "lb1", Command: "renew", Time: time.Date(2026, 12, 1, 2, 17, 0, 0, time.UTC)}}
+	os.MkdirAll(filepath.Join(dir, "reports"), 0o700)
+	planted := filepath.Join(dir, "reports", "20261201T021700Z-renew-ops@example.com.txt")
+	if err := os.Symlink(victim, planted); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Spool(dir, env)
+	if err != nil || p != planted {
+		t.Fatalf("Spool = %s, %v (planted %s)", p, err, planted)
+	}
+	if data, _ := os.ReadFile(victim); string(data) != "precious" {
+		t.Fatalf("the link was followed: victim now %q", data)
+	}
+	if fi, _ := os.Lstat(p); fi.Mode()&os.ModeSymlink != 0 {
+		t.Fatal("the report is still a link")
 	}
 }
