@@ -24,6 +24,10 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
+// maxValue bounds one setting's value: no path, address or name is
+// longer, and a 20 MB "email:" must not become an account path.
+const maxValue = 4096
+
 // EnvPrefix starts every environment variable lbcert reads.
 const EnvPrefix = "LBCERT_"
 
@@ -115,6 +119,11 @@ func Parse(path string, data []byte, known func(key string) bool) (*File, error)
 		}
 		if _, dup := f.Values[key]; dup {
 			return nil, fmt.Errorf("config %s: line %d: key %q given twice", path, k.Line, key)
+		}
+		for _, n := range append([]*yaml.Node{v}, v.Content...) {
+			if n.Kind == yaml.ScalarNode && len(n.Value) > maxValue {
+				return nil, fmt.Errorf("config %s: line %d: %q: a value of %d bytes; a setting is at most %d", path, n.Line, key, len(n.Value), maxValue)
+			}
 		}
 		switch v.Kind {
 		case yaml.ScalarNode:

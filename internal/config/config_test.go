@@ -145,3 +145,11 @@ func TestSecondDocumentRefused(t *testing.T) {
 		t.Fatalf("one document with a leading ---: %v", err)
 	}
 }
+
+func TestHugeValueRefused(t *testing.T) {
+	data := "email: " + strings.Repeat("a", 20<<20) + "@example.com\n"
+	_, err := Parse("c.yaml", []byte(data), func(string) bool { return true })
+	if err == nil || !strings.Contains(err.Error(), `line 1: "email": a value of`) || len(err.Error()) > 200 {
+		t.Fatalf("got %.300v", err)
+	}
+}

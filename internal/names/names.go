@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/net/idna"
 )
@@ -20,7 +22,29 @@ import (
 const (
 	maxLabel = 63
 	maxName  = 253
+	// MaxNames is the most names one certificate may carry at Let's
+	// Encrypt (and most CAs): a 101st is refused before the CA is asked.
+	MaxNames = 100
+	// maxQuote is how much of a bad value an error repeats: a 10 MB
+	// cell must not become a 10 MB error line.
+	maxQuote = 100
 )
+
+// registration checks a name the way a registry would (IDNA 2008):
+// valid punycode, no symbols or emoji, which Let's Encrypt refuses too.
+var registration = idna.New(idna.ValidateForRegistration(), idna.BidiRule(), idna.StrictDomainName(true))
+
+// Quote is %q of s, cut to about maxQuote characters with "…".
+func Quote(s string) string {
+	if len(s) > maxQuote {
+		cut := maxQuote
+		for cut > 0 && !utf8.RuneStart(s[cut]) {
+			cut--
+		}
+		return fmt.Sprintf("%q…", s[:cut])
+	}
+	return fmt.Sprintf("%q", s)
+}
 
 // toASCII converts IDN labels to punycode without applying any mapping
 // beyond what lookup needs; our own checks below give clearer errors than
@@ -32,7 +56,7 @@ var toASCII = idna.New(idna.MapForLookup(), idna.Transitional(false), idna.BidiR
 // validate it.
 func Domain(raw string) (string, error) {
 	name := strings.TrimSpace(raw)
-	q := fmt.Sprintf("%q", raw)
+	q := Quote(raw)
 	if name == "" {
 		return "", fmt.Errorf("domain %s: empty name", q)
 	}
@@ -62,6 +86,26 @@ func Domain(raw string) (string, error) {
 	if err := checkLabels(raw, name, true); err != nil {
 		return "", err
 	}
+	labels := strings.Split(name, ".")
+	if last := labels[len(labels)-1]; strings.Trim(last, "0123456789") == "" {
+		return "", fmt.Errorf("domain %s: its last label is all digits, so it is neither a DNS name nor an IP address", q)
+	}
+	for _, l := range labels {
+		if !strings.HasPrefix(l, "xn--") {
+			continue
+		}
+		u, err := registration.ToUnicode(l)
+		if err != nil {
+			return "", fmt.Errorf("domain %s: label %q is not valid IDNA 2008 (bad punycode): %v", q, l, trimIDNAErr(err))
+		}
+		// IDNA 2008 allows letters, marks and digits (and the hyphen):
+		// a symbol or an emoji is refused by Let's Encrypt, so here.
+		for _, r := range u {
+			if r != '-' && !unicode.IsLetter(r) && !unicode.IsDigit(r) && !unicode.Is(unicode.M, r) {
+				return "", fmt.Errorf("domain %s: %q is a symbol, which IDNA 2008 and the CA refuse in a name", q, r)
+			}
+		}
+	}
 	return name, nil
 }
 
@@ -84,11 +128,14 @@ func Domains(raw []string) ([]string, error) {
 			out = append(out, d)
 		}
 	}
+	if len(out) > MaxNames {
+		return nil, fmt.Errorf("%d names in one certificate: the CA allows at most %d; split them over several lineages", len(out), MaxNames)
+	}
 	return out, nil
 }
 
 func checkLabels(raw, name string, ascii bool) error {
-	q := fmt.Sprintf("%q", raw)
+	q := Quote(raw)
 	if ascii && len(name) > maxName {
 		return fmt.Errorf("domain %s: %d characters, longer than the %d a DNS name may have", q, len(name), maxName)
 	}

@@ -1,6 +1,7 @@
 package names
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -114,4 +115,39 @@ func FuzzDomain(f *testing.F) {
 			t.Fatalf("Domain(%q) = %q, but Domain(%q) = %q, %v", in, out, out, again, err)
 		}
 	})
+}
+
+// Names the CA or Let's Encrypt would refuse are refused here, before
+// anything is sent; bad values are quoted short.
+func TestRefusedBeforeTheCA(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"xn--zz.example.com", "not valid IDNA 2008"},
+		{"💩.example.com", "is a symbol"},
+		{"127.000.000.001", "last label is all digits"},
+		{"www.example.123", "last label is all digits"},
+	} {
+		if _, err := Domain(c.in); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("Domain(%q) = %v, want an error with %q", c.in, err, c.want)
+		}
+	}
+	for _, ok := range []string{"bücher.example", "xn--bcher-kva.example", "3com.example", "example.com"} {
+		if _, err := Domain(ok); err != nil {
+			t.Errorf("Domain(%q): %v", ok, err)
+		}
+	}
+	var many []string
+	for i := range 101 {
+		many = append(many, fmt.Sprintf("n%d.example.com", i))
+	}
+	if _, err := Domains(many); err == nil || !strings.Contains(err.Error(), "101 names in one certificate: the CA allows at most 100") {
+		t.Errorf("101 names: %v", err)
+	}
+	if _, err := Domains(many[:100]); err != nil {
+		t.Errorf("100 names: %v", err)
+	}
+	huge := strings.Repeat("a", 10<<20) + ".example.com"
+	_, err := Domain(huge)
+	if err == nil || len(err.Error()) > 300 || !strings.Contains(err.Error(), "…") {
+		t.Errorf("a 10 MB name gave a %d-byte error", len(fmt.Sprint(err)))
+	}
 }
