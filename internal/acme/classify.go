@@ -36,6 +36,16 @@ func RateLimited(err error) (time.Duration, bool) {
 	return 0, false
 }
 
+// AccountGone reports whether the CA says it does not know the account
+// (it lost its database, as a restarted Pebble does, or deactivated it).
+func AccountGone(err error) bool {
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) && pd.Type == "urn:ietf:params:acme:error:accountDoesNotExist" {
+		return true
+	}
+	return err != nil && strings.Contains(err.Error(), "accountDoesNotExist")
+}
+
 // validationProblems are the problem types of a failed authorization:
 // the CA tried the name and did not get the right answer.
 var validationProblems = []string{"unauthorized", "incorrectResponse", "connection", "dns", "caa", "tls"}

@@ -60,6 +60,9 @@ type CA interface {
 	Responder(c store.Challenge) (legochallenge.Provider, error)
 	Obtain(ctx context.Context, o issuer.Order) (*acme.Result, error)
 	RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error)
+	// ResetAccount forgets the account for (server, email), so the next
+	// order registers a new one.
+	ResetAccount(server, email string) error
 }
 
 // Deployer puts certificates in front of users; *deploy.Runner is the
@@ -362,6 +365,7 @@ type run struct {
 	delayOnce sync.Once
 
 	mu      sync.Mutex
+	reset   map[string]*sync.Once // accounts reset this run
 	changes []deploy.Change
 	owed    map[string]*step // lineage name -> step whose change is in changes
 }
@@ -492,6 +496,14 @@ func (r *run) order(s *step) {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return
 		}
+		if acme.AccountGone(err) && attempt == 0 {
+			// The CA lost the account (a restarted or rebuilt CA): register
+			// again, once, and say so, instead of failing every lineage
+			// until someone deletes accounts/ by hand.
+			slog.Warn("the CA no longer knows the saved account; registering a new one", "server", l.Server, "email", l.Email)
+			r.resetOnce(l.Server, l.Email)
+			continue
+		}
 		wait, limited := r.spend(key, l.Domains, err)
 		if limited && attempt == 0 && wait <= e.Opts.MaxWait {
 			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "retry_after", wait)
@@ -510,6 +522,26 @@ func (r *run) order(s *step) {
 		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)))
 		return
 	}
+}
+
+// resetOnce resets an account once per run, however many workers meet
+// its loss at the same time.
+func (r *run) resetOnce(server, email string) {
+	r.mu.Lock()
+	if r.reset == nil {
+		r.reset = map[string]*sync.Once{}
+	}
+	o := r.reset[server+" "+email]
+	if o == nil {
+		o = &sync.Once{}
+		r.reset[server+" "+email] = o
+	}
+	r.mu.Unlock()
+	o.Do(func() {
+		if err := r.e.CA.ResetAccount(server, email); err != nil {
+			slog.Warn("could not forget the lost account", "server", server, "err", err)
+		}
+	})
 }
 
 // reserve takes the job's tokens from the budget, waiting up to MaxWait.

@@ -58,6 +58,7 @@ type fakeCA struct {
 	maxIn    atomic.Int32
 	binds    [][]string
 	replaces map[string]string
+	resets   int
 }
 
 func (f *fakeCA) BindAll(addrs []string) map[string]error {
@@ -110,6 +111,21 @@ func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []
 	}
 	return nil, acme.ErrNoARI
 }
+
+func (f *fakeCA) ResetAccount(server, email string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.resets++
+	delete(f.fail, "gone") // the next registration is a new, known account
+	for k, v := range f.fail {
+		if v == errAccountGone {
+			delete(f.fail, k)
+		}
+	}
+	return nil
+}
+
+var errAccountGone = errors.New("obtain: urn:ietf:params:acme:error:accountDoesNotExist: unable to find existing account")
 
 func (f *fakeCA) count() int { f.mu.Lock(); defer f.mu.Unlock(); return len(f.orders) }
 
@@ -602,5 +618,17 @@ func TestReconfigureWithoutOrdering(t *testing.T) {
 	}
 	if l, _ := f.st.Load("r.test"); l.Deploy.Target != "nginx" {
 		t.Fatalf("a failed reconfiguration left deploy %q", l.Deploy.Target)
+	}
+}
+
+// The CA lost the account: the engine forgets it, registers a new one
+// once for the whole run, and the orders go through.
+func TestAccountLostIsRegisteredAgain(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["l1.test"] = errAccountGone
+	f.ca.fail["l2.test"] = errAccountGone
+	res := f.run(context.Background(), Options{Command: "batch", Concurrency: 1}, job("l1.test"), job("l2.test"))
+	if res.Counts[Issued] != 2 || f.ca.resets != 1 {
+		t.Fatalf("issued %d, account resets %d: %+v", res.Counts[Issued], f.ca.resets, res.Items[0])
 	}
 }

@@ -100,6 +100,21 @@ func (is *Issuer) ForgetClient(server, email string) {
 	delete(is.clients, server+"\x00"+email)
 }
 
+// ResetAccount forgets the saved account for (server, email), on disk
+// and in this run, so that the next order registers a new one: the CA
+// said it no longer knows the old one.
+func (is *Issuer) ResetAccount(server, email string) error {
+	o, err := is.Account(server, email)
+	if err != nil {
+		return err
+	}
+	is.ForgetClient(server, email)
+	if o.Store == nil {
+		return nil
+	}
+	return o.Store.RemoveAccount(server, email)
+}
+
 // PortOf returns the port part of a listen address, the key under which
 // one run keeps one listener: ":8888" and "127.0.0.1:8888" are the same
 // listener, or the second bind would fail against the first.
