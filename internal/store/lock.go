@@ -30,7 +30,7 @@ func (e *LockedError) Error() string {
 
 func (e *LockedError) Is(target error) bool { return target == ErrLocked }
 
-// Lock is an exclusive flock(2) on <dir>/lbcert.lock. The kernel drops it
+// Lock is an exclusive flock(2) on the state directory. The kernel drops it
 // when the process dies, even by kill -9, so a crash never leaves a stale
 // lock that an operator has to clear by hand.
 type Lock struct {
@@ -54,39 +54,59 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	path := filepath.Join(s.Dir, LockFile)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	// The flock is on the state directory itself: deleting lbcert.lock
+	// while a run holds it must not let a second writer in, and a
+	// directory cannot be swapped out from under its open descriptor.
+	// lbcert.lock only carries the holder's PID for the message.
+	dir, err := os.OpenFile(s.Dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("lock %s: %w", s.Dir, err)
 	}
+	path := filepath.Join(s.Dir, LockFile)
 	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		err = syscall.Flock(int(dir.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
 			break
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
+			dir.Close()
+			return nil, fmt.Errorf("lock %s: %w", s.Dir, err)
 		}
 		if !wait {
-			pid := readPID(f)
-			f.Close()
-			return nil, &LockedError{Path: s.Dir, PID: pid}
+			dir.Close()
+			return nil, &LockedError{Path: s.Dir, PID: readPIDFile(path)}
 		}
 		select {
 		case <-ctx.Done():
-			pid := readPID(f)
-			f.Close()
-			return nil, &LockedError{Path: s.Dir, PID: pid}
+			dir.Close()
+			return nil, &LockedError{Path: s.Dir, PID: readPIDFile(path)}
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	// The PID is only for the message another process prints; the flock
-	// is what excludes.
+	// O_NOFOLLOW: a link planted at lbcert.lock (say to a root-owned
+	// file) is refused, never truncated.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		dir.Close()
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, fmt.Errorf("%s is a symbolic link: remove it; lbcert never writes through links in its state directory", path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
 	if err := f.Truncate(0); err == nil {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
-	return &Lock{f: f}, nil
+	f.Close()
+	return &Lock{f: dir}, nil
+}
+
+func readPIDFile(path string) int {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	return readPID(f)
 }
 
 func readPID(f *os.File) int {

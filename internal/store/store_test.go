@@ -192,3 +192,30 @@ func TestNaturalOrder(t *testing.T) {
 		t.Fatalf("got  %s\nwant %s", got, want)
 	}
 }
+
+// Deleting lbcert.lock while a run holds the lock lets no second writer
+// in; a link planted at lbcert.lock is refused, its target untouched.
+func TestLockSurvivesDeletionAndRefusesLinks(t *testing.T) {
+	dir := t.TempDir()
+	a := New(dir)
+	l, err := a.TryLock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(filepath.Join(dir, LockFile))
+	if _, err := New(dir).TryLock(); !errors.Is(err, ErrLocked) {
+		t.Fatalf("a second writer got in after lbcert.lock was deleted: %v", err)
+	}
+	l.Unlock()
+
+	victim := filepath.Join(t.TempDir(), "victim")
+	os.WriteFile(victim, []byte("precious"), 0o644)
+	os.Remove(filepath.Join(dir, LockFile))
+	os.Symlink(victim, filepath.Join(dir, LockFile))
+	if _, err := New(dir).TryLock(); err == nil || !strings.Contains(err.Error(), "is a symbolic link") {
+		t.Fatalf("a planted link: %v", err)
+	}
+	if data, _ := os.ReadFile(victim); string(data) != "precious" {
+		t.Fatalf("the link's target was written: %q", data)
+	}
+}
