@@ -54,6 +54,9 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
 		return nil, err
 	}
+	if err := s.CheckDir(); err != nil {
+		return nil, err
+	}
 	// The flock is on the state directory itself: deleting lbcert.lock
 	// while a run holds it must not let a second writer in, and a
 	// directory cannot be swapped out from under its open descriptor.

@@ -32,6 +32,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/names"
@@ -213,6 +214,54 @@ func (s *Store) UpdateMeta(l *Lineage) error {
 	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(live), MetaFile), append(meta, '\n'), 0o644)
 }
 
+// realDir makes sure path is a directory of its own, creating it (0700)
+// when missing. A symbolic link there is refused: a link planted at
+// archive/<name> would make lbcert write a private key outside the state
+// directory, and live/ would then point at it.
+func realDir(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		fi, err = os.Lstat(path)
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSymlink != 0 {
+		return fmt.Errorf("%s is a symbolic link: remove it; lbcert never writes through links in its state directory", path)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", path)
+	}
+	return nil
+}
+
+// CheckDir refuses a state directory that another user could tamper
+// with, as ssh's StrictModes does: one owned by someone else, or that
+// group or others may write. A directory others may only read (0755, as
+// an old install or a careless mkdir leaves it) is tightened to 0700:
+// it holds private keys.
+func (s *Store) CheckDir() error {
+	fi, err := os.Stat(s.Dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("state directory %s is owned by uid %d, not by this user (uid %d): refusing to keep keys where another user can replace them; chown it, or pass another --dir", s.Dir, st.Uid, os.Geteuid())
+	}
+	if m := fi.Mode().Perm(); m&0o022 != 0 {
+		return fmt.Errorf("state directory %s has mode %04o: others may write it; chmod 700 %s", s.Dir, m, s.Dir)
+	} else if m&0o077 != 0 {
+		if err := os.Chmod(s.Dir, 0o700); err != nil {
+			return fmt.Errorf("tighten %s to 0700: %w", s.Dir, err)
+		}
+	}
+	return nil
+}
+
 // ArchiveDir is the directory holding every version of lineage name.
 func (s *Store) ArchiveDir(name string) string {
 	return filepath.Join(s.Dir, "archive", name)
@@ -310,7 +359,7 @@ func (s *Store) SaveVersion(l *Lineage, files Files) (version int, err error) {
 	archive := filepath.Join(s.Dir, "archive", l.Name)
 	live := filepath.Join(s.Dir, "live")
 	for _, d := range []string{s.Dir, filepath.Join(s.Dir, "archive"), archive, live} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
+		if err := realDir(d); err != nil {
 			return 0, err
 		}
 	}

@@ -219,3 +219,46 @@ func TestLockSurvivesDeletionAndRefusesLinks(t *testing.T) {
 		t.Fatalf("the link's target was written: %q", data)
 	}
 }
+
+// A link planted at archive/<name> is refused: no key is written
+// outside the state directory, and live/ does not move.
+func TestPlantedArchiveLinkRefused(t *testing.T) {
+	dir := t.TempDir()
+	s := New(dir)
+	outside := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "archive"), 0o700)
+	os.Symlink(outside, filepath.Join(dir, "archive", "x.example.com"))
+	_, _, err := s.Save(&Lineage{Name: "x.example.com", Domains: []string{"x.example.com"}}, Files{Key: []byte("KEY")})
+	if err == nil || !strings.Contains(err.Error(), "is a symbolic link") {
+		t.Fatalf("Save through a planted link: %v", err)
+	}
+	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+		t.Fatalf("wrote outside the state directory: %v", entries)
+	}
+}
+
+// The state directory is this user's alone: 0755 is tightened to 0700,
+// a directory others may write is refused.
+func TestStateDirModes(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	os.Mkdir(dir, 0o755)
+	os.Chmod(dir, 0o755)
+	l, err := New(dir).TryLock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Unlock()
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("mode %04o, want 0700", fi.Mode().Perm())
+	}
+	os.Chmod(dir, 0o777)
+	if _, err := New(dir).TryLock(); err == nil || !strings.Contains(err.Error(), "others may write it") {
+		t.Fatalf("a world-writable dir: %v", err)
+	}
+	os.Chmod(dir, 0o700)
+	if err := os.Chown(dir, 65534, 65534); err == nil { // as root: owned by nobody
+		if _, err := New(dir).TryLock(); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
+			t.Fatalf("someone else's dir: %v", err)
+		}
+	}
+}
