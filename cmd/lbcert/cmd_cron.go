@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -19,8 +21,25 @@ import (
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// cronFile is where "cron install" writes the system-wide entry.
+// cronFile is where "cron install" writes the system-wide entry for the
+// default state directory.
 const cronFile = "/etc/cron.d/lbcert"
+
+// cronFileFor is the cron.d file of state directory dir: /etc/cron.d/lbcert
+// for the default one, lbcert-<hash of its path> for any other, so that
+// two state directories never share, replace or delete each other's
+// entry. (cron.d names may not contain dots: no path in the name.)
+func cronFileFor(cronDir, dir string) string {
+	abs := absPath(dir)
+	if abs == "/etc/lbcert" {
+		return filepath.Join(cronDir, "lbcert")
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join(cronDir, "lbcert-"+hex.EncodeToString(sum[:4]))
+}
+
+// markerFor tags the crontab line of state directory dir.
+func markerFor(dir string) string { return cronMarker + " dir=" + absPath(dir) }
 
 // cronMarker tags the line lbcert owns in a user's crontab.
 const cronMarker = "# lbcert renew (managed by 'lbcert cron')"
@@ -53,7 +72,7 @@ while the host was off happens at boot. Enable it with
 		Args: cobra.NoArgs,
 	}
 	cmd.PersistentFlags().BoolVar(&o.User, "user", false, "use the invoking user's crontab instead of "+cronFile)
-	cmd.PersistentFlags().StringVar(&o.File, "file", cronFile, "cron.d file to manage")
+	cmd.PersistentFlags().StringVar(&o.File, "file", "", "cron.d file to manage (default /etc/cron.d/lbcert for --dir /etc/lbcert, /etc/cron.d/lbcert-HASH for another --dir)")
 	cmd.PersistentFlags().BoolVar(&o.Systemd, "systemd", false, "a systemd timer (lbcert-renew.timer and .service in --unit-dir) instead of cron")
 	cmd.PersistentFlags().StringVar(&o.UnitDir, "unit-dir", "/etc/systemd/system", "where --systemd writes its units")
 	cmd.AddCommand(
@@ -139,7 +158,15 @@ func entryTime(existing string) (string, bool) {
 	return "", false
 }
 
+// cronFileOf resolves --file for the state directory in use.
+func (a *app) cronFileOf(o *cronOptions) {
+	if o.File == "" {
+		o.File = cronFileFor("/etc/cron.d", a.global.Dir)
+	}
+}
+
 func (a *app) cronInstall(o *cronOptions) error {
+	a.cronFileOf(o)
 	existing, err := a.readCron(o)
 	if err != nil {
 		return err
@@ -154,11 +181,11 @@ func (a *app) cronInstall(o *cronOptions) error {
 		line += a.renewCommand()
 		var kept []string
 		for _, l := range strings.Split(strings.TrimRight(existing, "\n"), "\n") {
-			if l != "" && !strings.Contains(l, cronMarker) {
+			if l != "" && !strings.HasSuffix(l, markerFor(a.global.Dir)) {
 				kept = append(kept, l)
 			}
 		}
-		kept = append(kept, line+" "+cronMarker)
+		kept = append(kept, line+" "+markerFor(a.global.Dir))
 		if err := writeCrontab(strings.Join(kept, "\n") + "\n"); err != nil {
 			return err
 		}
@@ -182,6 +209,7 @@ func (a *app) cronInstall(o *cronOptions) error {
 }
 
 func (a *app) cronShow(o *cronOptions) error {
+	a.cronFileOf(o)
 	existing, err := a.readCron(o)
 	if err != nil {
 		return err
@@ -196,6 +224,7 @@ func (a *app) cronShow(o *cronOptions) error {
 }
 
 func (a *app) cronRemove(o *cronOptions) error {
+	a.cronFileOf(o)
 	if o.User {
 		existing, err := a.readCron(o)
 		if err != nil {
@@ -203,7 +232,7 @@ func (a *app) cronRemove(o *cronOptions) error {
 		}
 		var kept []string
 		for _, l := range strings.Split(strings.TrimRight(existing, "\n"), "\n") {
-			if l != "" && !strings.Contains(l, cronMarker) {
+			if l != "" && !strings.HasSuffix(l, markerFor(a.global.Dir)) {
 				kept = append(kept, l)
 			}
 		}

@@ -68,7 +68,7 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
 	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
-	f.StringVar(&o.CronFile, "cron-file", cronFile, "cron entry to remove with the last lineage")
+	f.StringVar(&o.CronFile, "cron-file", "", "cron entry to remove with the last lineage (default: this state directory's)")
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	cmd.RegisterFlagCompletionFunc("reason", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
@@ -191,6 +191,9 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
 	}
 	left, _ := st.Names()
+	if o.CronFile == "" {
+		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
+	}
 	if len(left) == 0 {
 		if _, err := os.Stat(o.CronFile); err == nil {
 			if err := removeCronFile(o.CronFile); err != nil {
