@@ -113,7 +113,10 @@ func (a *app) run(args []string) int {
 	root := a.newRootCmd()
 	root.SetArgs(args)
 	err := root.ExecuteContext(a.ctx)
-	if err != nil && a.ctx.Err() != nil && exit.Code(err) == exit.Failure {
+	// A signal that cut something short (a mail in flight, say) makes
+	// the exit code 130, whatever failure it caused; a second run's
+	// "locked" stays 3.
+	if code := exit.Code(err); err != nil && a.ctx.Err() != nil && code != exit.Locked && code != exit.Interrupted {
 		err = &exit.Error{Code: exit.Interrupted, Msg: "interrupted", Err: err}
 	}
 	a.printError(err)

@@ -215,7 +215,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	} else {
 		a.printBatchSummary(result)
 	}
-	return finish(result, a.mailReport(context.WithoutCancel(ctx), st, result.Report()))
+	return finish(result, a.mailReport(ctx, st, result.Report()))
 }
 
 // readBatch opens and parses the file ("-" is stdin).

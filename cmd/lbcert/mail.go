@@ -155,6 +155,9 @@ func hostname() string {
 	return strings.SplitN(h, ".", 2)[0]
 }
 
+// mailStepTimeout bounds all the mail of one run.
+const mailStepTimeout = 5 * time.Minute
+
 // mailReport sends the run's report, one mail per recipient, when the
 // --report mode says so. A mail failure never undoes the run: it prints
 // the report to stderr, spools it under <dir>/reports/, and returns an
@@ -181,6 +184,10 @@ func (a *app) mailReport(ctx context.Context, st *store.Store, rep *notify.Repor
 		return err
 	}
 	sender := &notify.Sender{Settings: set, Now: a.now}
+	// The whole mail step is bounded: every report still gets spooled
+	// when a relay is slow, and the run ends.
+	ctx, cancel := context.WithTimeout(ctx, mailStepTimeout)
+	defer cancel()
 	failed := 0
 	for _, env := range envs {
 		if err := sender.Send(ctx, env); err != nil {

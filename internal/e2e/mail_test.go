@@ -1,10 +1,17 @@
 package e2e
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"net"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/testenv"
 )
@@ -129,4 +136,40 @@ func TestMailReports(t *testing.T) {
 		noSecret(t, p, readFile(t, p))
 	}
 	noSecret(t, "lbcert's output", outputs...)
+}
+
+// TestSilentSMTPServer: a relay that accepts and never greets does not
+// hang lbcert: SIGTERM ends the run at once with exit 130.
+func TestSilentSMTPServer(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // accept, and say nothing
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := e.command(ctx, "mail-test", "--smtp-host", "127.0.0.1", "--smtp-port", strconv.Itoa(port), "--smtp-tls", "none", "--mail-to", "ops@example.com")
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	cmd.Process.Signal(syscall.SIGTERM)
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 130 || ctx.Err() != nil {
+		t.Fatalf("SIGTERM during a silent SMTP greeting: %v (ctx %v)\n%s", err, ctx.Err(), out.String())
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -81,7 +82,7 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	msg.SetMessageID()
 	msg.SetBodyString(mail.TypeTextPlain, secret.Scrub(env.Report.Body()))
 
-	client, err := newClient(set)
+	client, err := newClient(ctx, set)
 	if err != nil {
 		return err
 	}
@@ -110,8 +111,9 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	return fmt.Errorf("mail to %s through %s failed after %d tries: %s", env.To, server, tries, scrub(err.Error(), set.Password))
 }
 
-func newClient(s Settings) (*mail.Client, error) {
-	opts := []mail.Option{mail.WithPort(s.Port), mail.WithTimeout(orDefault(s.Timeout, 30*time.Second))}
+func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
+	timeout := orDefault(s.Timeout, 30*time.Second)
+	opts := []mail.Option{mail.WithPort(s.Port), mail.WithTimeout(timeout)}
 	tlsConf := &tls.Config{ServerName: s.Host, MinVersion: tls.VersionTLS12}
 	if s.CABundle != "" {
 		pool, err := x509.SystemCertPool()
@@ -124,7 +126,7 @@ func newClient(s Settings) (*mail.Client, error) {
 		}
 		tlsConf.RootCAs = pool
 	}
-	opts = append(opts, mail.WithTLSConfig(tlsConf))
+	opts = append(opts, mail.WithTLSConfig(tlsConf), mail.WithDialContextFunc(sessionDialer(ctx, s.TLS == "tls", tlsConf, timeout)))
 	switch s.TLS {
 	case "", "starttls":
 		opts = append(opts, mail.WithTLSPolicy(mail.TLSMandatory))
@@ -148,6 +150,42 @@ func orDefault(d, def time.Duration) time.Duration {
 		return d
 	}
 	return def
+}
+
+// sessionDialer dials the relay and gives the connection one deadline for
+// the whole SMTP session, greeting included: a server that accepts and
+// never greets, or drips its greeting a byte at a time, cannot hold the
+// run (and its lock and port) past it. Cancelling run, the send's own
+// context (SIGTERM), ends the session at once; the context go-mail passes
+// for dialing ends with the dial, so it cannot serve for that. With implicit TLS it does the handshake itself, since
+// go-mail's own TLS dialing is replaced by this one.
+func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, timeout time.Duration) mail.DialContextFunc {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := &net.Dialer{Timeout: timeout}
+		var conn net.Conn
+		var err error
+		if implicitTLS {
+			conn, err = (&tls.Dialer{NetDialer: d, Config: conf}).DialContext(ctx, network, addr)
+		} else {
+			conn, err = d.DialContext(ctx, network, addr)
+		}
+		if err != nil {
+			return nil, err
+		}
+		conn.SetDeadline(time.Now().Add(timeout))
+		stop := context.AfterFunc(run, func() { conn.SetDeadline(time.Now()) })
+		return &sessionConn{Conn: conn, stop: stop}, nil
+	}
+}
+
+type sessionConn struct {
+	net.Conn
+	stop func() bool
+}
+
+func (c *sessionConn) Close() error {
+	c.stop()
+	return c.Conn.Close()
 }
 
 // scrub removes the password from a message, in case a library ever

@@ -2,6 +2,7 @@ package notify
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -91,5 +92,58 @@ func TestSpoolDoesNotFollowLinks(t *testing.T) {
 	}
 	if fi, _ := os.Lstat(p); fi.Mode()&os.ModeSymlink != 0 {
 		t.Fatal("the report is still a link")
+	}
+}
+
+// A relay that accepts and never greets, or drips its greeting, cannot
+// hold the run: the session has one deadline, and cancelling (SIGTERM)
+// ends it at once.
+func TestSilentRelayIsBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // drip "220" one byte every 400 ms, never a full line
+				defer c.Close()
+				for _, b := range []byte("220 slowly") {
+					c.Write([]byte{b})
+					time.Sleep(400 * time.Millisecond)
+				}
+			}()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	rep := &Report{Host: "lb1", Command: "renew", Time: time.Now(), Items: []Item{{Name: "a", Outcome: "renewed"}}}
+	s := &Sender{Now: time.Now, Settings: Settings{Host: "127.0.0.1", Port: port, From: "lbcert@example.com", TLS: "none", Tries: 1, Timeout: time.Second}}
+	done := make(chan error, 1)
+	go func() { done <- s.Send(context.Background(), Envelope{To: "ops@example.com", Report: rep}) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a silent relay accepted the mail")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a dripping greeting held the send past its deadline")
+	}
+	// Cancelled (SIGTERM), a send with a long deadline ends at once.
+	s.Settings.Timeout = time.Hour
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { done <- s.Send(ctx, Envelope{To: "ops@example.com", Report: rep}) }()
+	time.Sleep(300 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a cancelled send succeeded")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("cancelling did not end the SMTP session")
 	}
 }
