@@ -215,6 +215,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	} else {
 		a.printBatchSummary(result)
 	}
+	a.sayUnreachable(result)
 	return finish(result, a.mailReport(ctx, st, result.Report()))
 }
 

@@ -132,6 +132,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	a.renderRenew(res, o)
+	a.sayUnreachable(res)
 	var mailErr error
 	if !o.DryRun {
 		mailErr = a.mailReport(ctx, st, res.Report())

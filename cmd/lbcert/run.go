@@ -112,6 +112,14 @@ func (a *app) lazyAccount(st *store.Store, dryRun bool) func(server, email strin
 	}
 }
 
+// sayUnreachable prints the one line for a CA that stopped answering.
+func (a *app) sayUnreachable(res *engine.Result) {
+	for _, s := range res.Unreachable {
+		fmt.Fprintf(a.err, "lbcert: error: the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run\n", s)
+		fmt.Fprintf(a.err, "lbcert: hint: check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff\n", s)
+	}
+}
+
 // exitCode is the one rule, for every command that runs the engine
 // (README "Exit codes"):
 //

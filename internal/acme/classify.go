@@ -2,6 +2,7 @@ package acme
 
 import (
 	"errors"
+	"net"
 	"strings"
 	"time"
 
@@ -34,6 +35,41 @@ func RateLimited(err error) (time.Duration, bool) {
 		return 0, true
 	}
 	return 0, false
+}
+
+// CATimeout bounds connecting to the CA and its TLS handshake.
+const CATimeout = 30 * time.Second
+
+// Unreachable reports whether err means the CA did not answer at all
+// (refused, timed out, no route, name not found, TLS never finished), as
+// opposed to answering with a problem. A run that meets this a few times
+// in a row stops ordering from that CA: the domains are not at fault.
+func Unreachable(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) || FailedValidation(err) || strings.Contains(err.Error(), "urn:ietf:params:acme:error:") {
+		return false // the CA answered (a validation that could not connect is the domain's matter)
+	}
+	if _, limited := RateLimited(err); limited {
+		return false
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	var op *net.OpError
+	if errors.As(err, &op) {
+		return true
+	}
+	msg := err.Error()
+	for _, s := range []string{"connection refused", "i/o timeout", "TLS handshake timeout", "no such host", "Client.Timeout exceeded", "network is unreachable", "connection reset"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // AccountGone reports whether the CA says it does not know the account

@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -87,6 +88,12 @@ func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	tr.MaxIdleConnsPerHost = 16
+	// Go's 10 s TLS handshake limit is tighter than every other CA
+	// timeout here, and a loaded CA failed one run on it; connecting
+	// and reading headers get the same 30 s.
+	tr.TLSHandshakeTimeout = CATimeout
+	tr.ResponseHeaderTimeout = 90 * time.Second
+	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
 	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr}}, nil
 }
 

@@ -3,6 +3,7 @@ package acme
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -96,5 +97,31 @@ func TestDNSFailureHint(t *testing.T) {
 	err = explain("obtain up.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:connection", Detail: "Connection refused"})
 	if h := hint.Of(err); !strings.Contains(h, "port 80") {
 		t.Fatalf("refused: hint %q", h)
+	}
+}
+
+// The CA not answering is told apart from the CA answering with a
+// problem, a failed validation included (whose detail may say
+// "connection refused" about the domain's port 80).
+func TestUnreachable(t *testing.T) {
+	yes := []error{
+		&net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")},
+		fmt.Errorf("Get \"https://ca/dir\": net/http: TLS handshake timeout"),
+		fmt.Errorf("ACME server https://ca/dir: dial tcp: lookup ca: no such host"),
+	}
+	no := []error{
+		explain("obtain a.example.com", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:connection", Detail: "Connection refused"}),
+		explain("obtain a.example.com", &legoacme.RateLimitedError{ProblemDetails: &legoacme.ProblemDetails{Type: legoacme.RateLimitedErr, HTTPStatus: 429}}),
+		errors.New("CA returned a certificate that does not match our private key"),
+	}
+	for _, e := range yes {
+		if !Unreachable(e) {
+			t.Errorf("Unreachable(%v) = false", e)
+		}
+	}
+	for _, e := range no {
+		if Unreachable(e) {
+			t.Errorf("Unreachable(%v) = true", e)
+		}
 	}
 }

@@ -278,3 +278,26 @@ func TestRenewQuietWhenCADown(t *testing.T) {
 		t.Fatalf("without -q: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
+
+// TestRenewDeadCA: with the CA down, a renew of many due lineages stops
+// ordering after a few failures, says so in one error, defers the rest,
+// and puts no lineage into failure backoff.
+func TestRenewDeadCA(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	for i := range 6 {
+		e.mustRun("issue", "-d", fmt.Sprintf("dead%d.example.com", i), "--standalone", "--http-addr", http, "--agree-tos")
+	}
+	e.pebble.Stop()
+	r := e.run("renew", "--force", "--no-random-sleep")
+	if r.code != 2 || !strings.Contains(r.stderr, "did not answer several orders in a row") || !strings.Contains(r.stdout, "3 deferred") {
+		t.Fatalf("dead CA: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	statuses, _ := filepath.Glob(filepath.Join(e.dir, "renewal", "*.json"))
+	for _, p := range statuses {
+		if strings.Contains(readFile(t, p), `"failures"`) {
+			t.Fatalf("%s: a lineage was put into backoff for the CA's outage:\n%s", p, readFile(t, p))
+		}
+	}
+}

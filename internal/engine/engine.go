@@ -293,7 +293,7 @@ func settingsChanged(prev, want *store.Lineage) bool {
 func (p *Plan) Execute(ctx context.Context) *Result {
 	e := p.e
 	res := &Result{Version: SchemaVersion, Command: e.Opts.Command, DryRun: e.Opts.DryRun, Started: p.started}
-	r := &run{e: e, ctx: ctx, started: p.started}
+	r := &run{e: e, ctx: ctx, started: p.started, res: res}
 	var work []*step
 	for _, s := range p.steps {
 		res.Items = append(res.Items, s.item)
@@ -366,6 +366,8 @@ type run struct {
 
 	mu      sync.Mutex
 	reset   map[string]*sync.Once // accounts reset this run
+	caFails map[string]int        // consecutive unreachable answers per CA
+	res     *Result
 	changes []deploy.Change
 	owed    map[string]*step // lineage name -> step whose change is in changes
 }
@@ -465,6 +467,10 @@ func (r *run) order(s *step) {
 			return
 		}
 	}
+	if r.caDown(l.Server) {
+		r.defer_(s, "CA unreachable: "+l.Server+" did not answer the orders before this one; not ordering until the next run", time.Time{}, nil)
+		return
+	}
 	o := issuer.Order{Lineage: l}
 	if s.replace && s.prev != nil {
 		o.Replaces = s.prev.Cert.ARICertID
@@ -488,6 +494,7 @@ func (r *run) order(s *step) {
 		}
 		slog.Debug("ordering", "name", l.Name, "reason", it.Reason)
 		got, err := e.CA.Obtain(ctx, o)
+		r.caResult(l.Server, err)
 		if err == nil {
 			r.obtained(s, o.Lineage, got)
 			return
@@ -517,11 +524,42 @@ func (r *run) order(s *step) {
 			r.defer_(s, "the CA rate-limited this account: "+oneLine(err), e.now().Add(wait), err)
 			return
 		}
-		// An account that cannot be set up is not this lineage's fault:
-		// no backoff, so the next run after the fix goes ahead.
-		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)))
+		// An account that cannot be set up, or a CA that does not answer,
+		// is not this lineage's fault: no backoff, so the next run after
+		// the fix goes ahead.
+		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err))
 		return
 	}
+}
+
+// caDownAfter is how many orders in a row may find a CA unreachable
+// before the run starts no more orders from it: a dead CA costs a few
+// timeouts, not rows ÷ concurrency × 2 minutes, and puts no lineage into
+// backoff as if its domain were broken.
+const caDownAfter = 3
+
+// caResult counts consecutive unreachable answers per CA.
+func (r *run) caResult(server string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.caFails == nil {
+		r.caFails = map[string]int{}
+	}
+	if acme.Unreachable(err) {
+		r.caFails[server]++
+		if r.caFails[server] == caDownAfter {
+			slog.Error("the CA did not answer several orders in a row; starting no more orders from it in this run", "server", server)
+			r.res.Unreachable = append(r.res.Unreachable, server)
+		}
+		return
+	}
+	r.caFails[server] = 0
+}
+
+func (r *run) caDown(server string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.caFails[server] >= caDownAfter
 }
 
 // resetOnce resets an account once per run, however many workers meet

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -630,5 +631,34 @@ func TestAccountLostIsRegisteredAgain(t *testing.T) {
 	res := f.run(context.Background(), Options{Command: "batch", Concurrency: 1}, job("l1.test"), job("l2.test"))
 	if res.Counts[Issued] != 2 || f.ca.resets != 1 {
 		t.Fatalf("issued %d, account resets %d: %+v", res.Counts[Issued], f.ca.resets, res.Items[0])
+	}
+}
+
+// A CA that does not answer: after a few orders in a row the run starts
+// no more from it, defers the rest as "CA unreachable", and puts no
+// lineage into failure backoff.
+func TestDeadCABreaker(t *testing.T) {
+	f := newFixture(t)
+	down := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connect: connection refused")}
+	var jobs []Job
+	for i := range 10 {
+		n := fmt.Sprintf("d%d.test", i)
+		f.ca.fail[n] = fmt.Errorf("obtain %s: %w", n, down)
+		jobs = append(jobs, job(n))
+	}
+	res := f.run(context.Background(), Options{Command: "batch", Concurrency: 1}, jobs...)
+	if res.Counts[Failed] != caDownAfter || res.Counts[Deferred] != 10-caDownAfter || f.ca.count() != caDownAfter {
+		t.Fatalf("counts %v, %d orders", res.Counts, f.ca.count())
+	}
+	if len(res.Unreachable) != 1 || res.Unreachable[0] != "https://ca.test/dir" {
+		t.Fatalf("unreachable %v", res.Unreachable)
+	}
+	for _, it := range res.Items {
+		if st, _ := f.st.ReadStatus(it.Name); st.Failures != 0 {
+			t.Fatalf("%s put into backoff for the CA's failure: %+v", it.Name, st)
+		}
+		if it.Outcome == Deferred && !strings.Contains(it.Error, "CA unreachable") {
+			t.Fatalf("%s deferred with %q", it.Name, it.Error)
+		}
 	}
 }

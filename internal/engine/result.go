@@ -80,14 +80,17 @@ func (it *Item) warnWorthy(now time.Time) bool {
 
 // Result is one run: every job's outcome, in job order.
 type Result struct {
-	Version     int             `json:"version"`
-	Command     string          `json:"command"`
-	DryRun      bool            `json:"dry_run,omitempty"`
-	File        string          `json:"file,omitempty"`   // batch
-	Format      string          `json:"format,omitempty"` // batch
-	Started     time.Time       `json:"started"`
-	Finished    time.Time       `json:"finished"`
-	Interrupted bool            `json:"interrupted,omitempty"`
+	Version     int       `json:"version"`
+	Command     string    `json:"command"`
+	DryRun      bool      `json:"dry_run,omitempty"`
+	File        string    `json:"file,omitempty"`   // batch
+	Format      string    `json:"format,omitempty"` // batch
+	Started     time.Time `json:"started"`
+	Finished    time.Time `json:"finished"`
+	Interrupted bool      `json:"interrupted,omitempty"`
+	// Unreachable lists the CAs that did not answer several orders in a
+	// row; the run started no more orders from them.
+	Unreachable []string        `json:"unreachable,omitempty"`
 	Counts      map[Outcome]int `json:"counts"`
 	Items       []*Item         `json:"items"`
 }
