@@ -194,7 +194,15 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	}
 	bad := len(invalid)
 	if o.Check {
-		a.printf("%s: %d rows (%s format): %d good, %d bad\n", file, good+bad, res.Format, good, bad)
+		if res.Format == "" { // a file-level problem: no rows, no format
+			a.printf("%s: %d good, %d bad\n", file, good, bad)
+		} else {
+			rows := "rows"
+			if good+bad == 1 {
+				rows = "row"
+			}
+			a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
+		}
 		if bad > 0 {
 			return exit.Reported(exit.Failure)
 		}

@@ -132,12 +132,57 @@ type parser struct {
 	lineages map[string]int // lineage name -> line
 }
 
+// maxLine bounds one line of the file: no row of either format comes
+// near it, and a 200 MB "cell" must not cost minutes and gigabytes.
+const maxLine = 64 << 10
+
+// maxProblem bounds one problem's text: a bad 10 MB cell quoted whole
+// would make a 10 MB error line.
+const maxProblem = 300
+
 func (p *parser) problem(line int, format string, args ...any) {
-	p.res.Problems = append(p.res.Problems, Problem{Line: line, Msg: fmt.Sprintf(format, args...)})
+	msg := fmt.Sprintf(format, args...)
+	if len(msg) > maxProblem {
+		cut := maxProblem
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut] + "…"
+	}
+	p.res.Problems = append(p.res.Problems, Problem{Line: line, Msg: msg})
+}
+
+// lineLimit fails a read once a line passes maxLine bytes.
+type lineLimit struct {
+	r    io.Reader
+	run  int // bytes since the last newline
+	line int
+}
+
+type lineTooLong struct{ line int }
+
+func (e *lineTooLong) Error() string {
+	return fmt.Sprintf("line %d is longer than %d KiB: no row is that long; is this the right file?", e.line, maxLine>>10)
+}
+
+func (l *lineLimit) Read(b []byte) (int, error) {
+	n, err := l.r.Read(b)
+	for i := range n {
+		if b[i] == '\n' {
+			l.run = 0
+			l.line++
+			continue
+		}
+		l.run++
+		if l.run > maxLine {
+			return i, &lineTooLong{line: l.line + 1}
+		}
+	}
+	return n, err
 }
 
 func (p *parser) parse(r io.Reader) {
-	br := bufio.NewReaderSize(r, 64*1024)
+	br := bufio.NewReaderSize(&lineLimit{r: r}, 64*1024)
 	head, _ := br.Peek(4)
 	switch {
 	case bytes.HasPrefix(head, []byte("\xEF\xBB\xBF")):
@@ -263,6 +308,11 @@ func (p *parser) next(cr *csv.Reader) (rec []string, line int, ok bool) {
 		p.res.Total++
 		p.problem(pe.StartLine, "%s", csvReason(pe))
 		return nil, 0, true
+	}
+	var long *lineTooLong
+	if errors.As(err, &long) {
+		p.problem(long.line, "%v", long)
+		return nil, 0, false
 	}
 	if err != nil && !errors.Is(err, csv.ErrFieldCount) {
 		p.problem(0, "read: %v", err)
@@ -398,6 +448,11 @@ func (p *parser) named(cr *csv.Reader) {
 		case errors.As(err, &pe):
 			p.problem(pe.StartLine, "%s", csvReason(pe))
 			continue
+		case errors.As(err, new(*lineTooLong)):
+			var long *lineTooLong
+			errors.As(err, &long)
+			p.problem(long.line, "%v", long)
+			return
 		case err != nil:
 			p.problem(0, "read: %v", err)
 			return

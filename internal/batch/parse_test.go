@@ -221,3 +221,24 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// Huge input is refused quickly, with a short line: a 200 MB header
+// cell, a 10 MB cell in a row.
+func TestHugeInput(t *testing.T) {
+	huge := strings.Repeat("x", 200<<20)
+	res := Parse(strings.NewReader("domains,name\n"+huge+",a\n"), Defaults{HTTPAddr: ":80", VIPHost: "127.0.0.1"})
+	if len(res.Problems) == 0 || !strings.Contains(res.Problems[len(res.Problems)-1].Msg, "longer than 64 KiB") || len(res.Problems[len(res.Problems)-1].Msg) > maxProblem+3 {
+		t.Fatalf("a 200 MB line: %+v", res.Problems)
+	}
+	res = Parse(strings.NewReader(strings.Repeat("y", 10<<20)+",header\n"), Defaults{})
+	for _, p := range res.Problems {
+		if len(p.Msg) > maxProblem+3 {
+			t.Fatalf("a %d-byte problem", len(p.Msg))
+		}
+	}
+	cell := strings.Repeat("z", 60<<10) + ".example.com" // under the line limit, still quoted short
+	res = Parse(strings.NewReader(cell+",443,8888\n"), Defaults{HTTPAddr: ":80", VIPHost: "127.0.0.1"})
+	if len(res.Problems) != 1 || len(res.Problems[0].Msg) > maxProblem+3 || !strings.Contains(res.Problems[0].Msg, "…") {
+		t.Fatalf("a 60 KiB cell: %d problems, %d bytes", len(res.Problems), len(fmt.Sprint(res.Problems)))
+	}
+}
