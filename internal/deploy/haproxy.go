@@ -44,13 +44,20 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		r.rollback(g, changes, results, fmt.Errorf("haproxy certificate directory %s: %v", d.HAProxyCerts, err), nil)
 		return
 	}
-	// Keep what each PEM held, so a failure can put it back exactly.
+	// Keep what each PEM held, so a failure can put it back exactly; and
+	// which were written at all: a PEM whose atomic write failed (say on
+	// ENOSPC) is intact and needs no restoring, and trying would only
+	// fail again and report a rollback problem that does not exist.
 	old := map[int][]byte{}
 	pems := map[int][]byte{}
+	written := map[int]bool{}
 	undo := func(i int) error {
+		if !written[i] {
+			return nil
+		}
 		p := PEMPath(d.HAProxyCerts, changes[i].Name)
 		if prev, ok := old[i]; ok && prev != nil {
-			return store.WriteFile(p, prev, 0o600)
+			return writePEM(p, prev, 0o600)
 		}
 		err := os.Remove(p)
 		if errors.Is(err, fs.ErrNotExist) {
@@ -74,10 +81,11 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 			return
 		}
 		pems[i] = CombinedPEM(full, key)
-		if err := store.WriteFile(p, pems[i], 0o600); err != nil {
+		if err := writePEM(p, pems[i], 0o600); err != nil {
 			r.rollback(g, changes, results, fmt.Errorf("write %s: %v", p, err), undo)
 			return
 		}
+		written[i] = true
 	}
 	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	if err != nil {
@@ -110,6 +118,9 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		results[i].Deployed = true
 	}
 }
+
+// writePEM writes a combined PEM; tests replace it to fail on cue.
+var writePEM = store.WriteFile
 
 // hotUpdate replaces certificates HAProxy already has with set/commit ssl
 // cert, and adds new ones to the crt-list that holds the certificate

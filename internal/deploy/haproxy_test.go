@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -117,5 +119,59 @@ func TestHotUpdateIsAllOrNothing(t *testing.T) {
 		if l, _ := s.Load(name); l.Cert.Serial != "OLD-"+name {
 			t.Errorf("%s live: %s", name, l.Cert.Serial)
 		}
+	}
+}
+
+// ENOSPC while writing one PEM: the files written before it are put
+// back, and no spurious "rollback: restore ... failed" is reported for
+// the PEMs that were never touched.
+func TestHAProxyWriteFailureRollsBackOnlyWhatWasWritten(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	certs := filepath.Join(dir, "certs")
+	os.MkdirAll(certs, 0o700)
+	haproxy := filepath.Join(dir, "haproxy")
+	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	var changes []Change
+	for _, name := range []string{"a.test", "b.test", "c.test"} {
+		saveVersion(t, s, name, "OLD-"+name)
+		os.WriteFile(PEMPath(certs, name), []byte("OLD PEM "+name), 0o600)
+		_, prev := saveVersion(t, s, name, "NEW-"+name)
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev,
+			Deploy: store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, ReloadCmd: "true"}})
+	}
+	writes := 0
+	writePEM = func(path string, data []byte, perm os.FileMode) error {
+		writes++
+		if writes >= 2 { // the disk is full from the second PEM on
+			return &os.PathError{Op: "write", Path: path, Err: syscall.ENOSPC}
+		}
+		return store.WriteFile(path, data, perm)
+	}
+	defer func() { writePEM = store.WriteFile }()
+	var logs strings.Builder
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))
+	defer slog.SetDefault(old)
+
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	for _, r := range results {
+		if !r.RolledBack || !strings.Contains(r.Err.Error(), "no space left on device") {
+			t.Fatalf("%s: %+v", r.Name, r)
+		}
+	}
+	// Only a.test's PEM was replaced, so only its restore (which the full
+	// disk refuses too) may be reported; b's write failed atomically and
+	// c's never happened: both are intact, with nothing to report.
+	for _, name := range []string{"b.test", "c.test"} {
+		if strings.Contains(logs.String(), "name="+name) && strings.Contains(logs.String(), "rollback: restore") {
+			t.Fatalf("spurious rollback error for %s:\n%s", name, logs.String())
+		}
+		if got, _ := os.ReadFile(PEMPath(certs, name)); string(got) != "OLD PEM "+name {
+			t.Errorf("%s PEM: %q", name, got)
+		}
+	}
+	if !strings.Contains(logs.String(), "name=a.test") {
+		t.Errorf("a.test's failed restore was not reported:\n%s", logs.String())
 	}
 }
