@@ -87,8 +87,13 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 			"ocspResponderURL":               "",
 			"externalAccountBindingRequired": false,
 			"domainBlocklist":                []string{"blocked-domain.example"},
-			// Short polling intervals: lego sleeps for Retry-After.
-			"retryAfter": map[string]int{"authz": 1, "order": 1},
+			// Short polling intervals: lego sleeps for Retry-After. The
+			// order's is 2 s, not 1: Pebble 2.10.1 deadlocks when a
+			// client polls an order (its handler read-locks the order
+			// twice) while CompleteOrder waits to write it, and on a
+			// loaded machine issuing can take over a second. Giving
+			// CompleteOrder that head start makes the overlap rare.
+			"retryAfter": map[string]int{"authz": 1, "order": 2},
 			"profiles":   profiles,
 		},
 	}
