@@ -62,35 +62,43 @@ func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
 	}
 }
 
-// A runtime-API update that fails midway sets the certificates it had
-// already committed back to their previous PEM, in HAProxy's memory, and
-// the files and live/ are rolled back too.
-func TestHotUpdateIsAllOrNothing(t *testing.T) {
+// haproxyFixture is a store, a certificate directory and a stand-in
+// "haproxy -c" that passes, with each name saved twice (OLD- then NEW-,
+// live) and its PEM on disk holding "OLD PEM <name>". It returns the
+// changes that deploy the new versions with d's settings filled in.
+func haproxyFixture(t *testing.T, d store.Deploy, names ...string) (*store.Store, string, []Change) {
+	t.Helper()
 	dir := t.TempDir()
 	s := store.New(filepath.Join(dir, "state"))
 	certs := filepath.Join(dir, "certs")
 	os.MkdirAll(certs, 0o700)
 	haproxy := filepath.Join(dir, "haproxy")
 	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
-	conf := filepath.Join(dir, "haproxy.cfg")
-	os.WriteFile(conf, []byte("# test\n"), 0o644)
-	sock := filepath.Join(dir, "admin.sock")
+	d.Target, d.HAProxyBin, d.HAProxyConf, d.HAProxyCerts = "haproxy", haproxy, haproxy, certs
+	var changes []Change
+	for _, name := range names {
+		saveVersion(t, s, name, "OLD-"+name)
+		os.WriteFile(PEMPath(certs, name), []byte("OLD PEM "+name), 0o600)
+		_, prev := saveVersion(t, s, name, "NEW-"+name)
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Serial: "NEW-" + name, Previous: prev, Deploy: d})
+	}
+	return s, certs, changes
+}
+
+// A runtime-API update that fails midway sets the certificates it had
+// already committed back to their previous PEM, in HAProxy's memory, and
+// the files and live/ are rolled back too.
+func TestHotUpdateIsAllOrNothing(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "admin.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
+	s, certs, changes := haproxyFixture(t, store.Deploy{HAProxySocket: sock}, "a.test", "b.test")
 	api := &fakeRuntimeAPI{failAfter: 1}
-	var changes []Change
-	for _, name := range []string{"a.test", "b.test"} {
-		saveVersion(t, s, name, "OLD-"+name)
-		p := PEMPath(certs, name)
-		os.WriteFile(p, []byte("OLD PEM "+name), 0o600)
-		api.certs = append(api.certs, p)
-		v, prev := saveVersion(t, s, name, "NEW-"+name)
-		_ = v
-		changes = append(changes, Change{Name: name, Domains: []string{name}, Serial: "NEW-" + name, Previous: prev,
-			Deploy: store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: conf, HAProxyCerts: certs, HAProxySocket: sock}})
+	for _, c := range changes {
+		api.certs = append(api.certs, PEMPath(certs, c.Name))
 	}
 	go api.serve(t, ln, certs)
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
@@ -126,20 +134,7 @@ func TestHotUpdateIsAllOrNothing(t *testing.T) {
 // back, and no spurious "rollback: restore ... failed" is reported for
 // the PEMs that were never touched.
 func TestHAProxyWriteFailureRollsBackOnlyWhatWasWritten(t *testing.T) {
-	dir := t.TempDir()
-	s := store.New(filepath.Join(dir, "state"))
-	certs := filepath.Join(dir, "certs")
-	os.MkdirAll(certs, 0o700)
-	haproxy := filepath.Join(dir, "haproxy")
-	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
-	var changes []Change
-	for _, name := range []string{"a.test", "b.test", "c.test"} {
-		saveVersion(t, s, name, "OLD-"+name)
-		os.WriteFile(PEMPath(certs, name), []byte("OLD PEM "+name), 0o600)
-		_, prev := saveVersion(t, s, name, "NEW-"+name)
-		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev,
-			Deploy: store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, ReloadCmd: "true"}})
-	}
+	s, certs, changes := haproxyFixture(t, store.Deploy{ReloadCmd: "true"}, "a.test", "b.test", "c.test")
 	writes := 0
 	writePEM = func(path string, data []byte, perm os.FileMode) error {
 		writes++

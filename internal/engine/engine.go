@@ -485,9 +485,13 @@ func (r *run) order(s *step) {
 		o.Lineage.KeyType = s.prev.KeyType
 	}
 	key := pace.Key{Server: l.Server, Email: l.Email}
+	reserved := false // one token per order the CA sees: a retry after an account reset is the same order
 	for attempt := 0; ; attempt++ {
-		if !e.Opts.DryRun && e.Budget != nil && !r.reserve(s, key, o.Replaces) {
-			return
+		if !reserved && !e.Opts.DryRun && e.Budget != nil {
+			if !r.reserve(s, key, o.Replaces) {
+				return
+			}
+			reserved = true
 		}
 		if e.Opts.DryRun {
 			o.Replaces = ""
@@ -518,6 +522,7 @@ func (r *run) order(s *step) {
 				it.Outcome, it.Error = Aborted, "interrupted while waiting for the CA's Retry-After"
 				return
 			}
+			reserved = false // a new order after the CA's Retry-After
 			continue
 		}
 		if limited {
