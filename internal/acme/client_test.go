@@ -1,10 +1,13 @@
 package acme
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -123,5 +126,61 @@ func TestUnreachable(t *testing.T) {
 		if Unreachable(e) {
 			t.Errorf("Unreachable(%v) = true", e)
 		}
+	}
+}
+
+// TestProcessingOrderWaitsForRetryAfter: a POST whose answer is an order
+// still "processing" with Retry-After is handed back only after that
+// wait (capped), with its body intact; other answers pass at once.
+func TestProcessingOrderWaitsForRetryAfter(t *testing.T) {
+	var status, retry string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		if retry != "" {
+			w.Header().Set("Retry-After", retry)
+		}
+		fmt.Fprintf(w, `{"status":%q,"finalize":"https://ca.example/finalize/1"}`, status)
+	}))
+	defer srv.Close()
+	tr := ctxTransport{ctx: context.Background(), base: http.DefaultTransport}
+	for _, tc := range []struct {
+		status, retry string
+		min, max      time.Duration
+	}{
+		{"processing", "1", time.Second, 5 * time.Second},
+		{"valid", "1", 0, 500 * time.Millisecond},
+		{"processing", "", 0, 500 * time.Millisecond},
+		{"processing", "soon", 0, 500 * time.Millisecond},
+	} {
+		status, retry = tc.status, tc.retry
+		req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader("{}"))
+		start := time.Now()
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if took < tc.min || took > tc.max {
+			t.Errorf("%s Retry-After %q: took %v, want %v..%v", tc.status, tc.retry, took, tc.min, tc.max)
+		}
+		if !strings.Contains(string(body), `"status":"`+tc.status+`"`) {
+			t.Errorf("%s: body lost: %q", tc.status, body)
+		}
+	}
+	if d := processingWait(&http.Response{StatusCode: 200, Header: http.Header{"Retry-After": {"3600"}, "Content-Type": {"application/json"}},
+		Body: io.NopCloser(strings.NewReader(`{"status":"processing","finalize":"x"}`))}); d != maxProcessingWait {
+		t.Errorf("an hour's Retry-After: waited %v, want the cap %v", d, maxProcessingWait)
+	}
+
+	// Ctrl-C during the wait ends it.
+	ctx, cancel := context.WithCancel(context.Background())
+	status, retry = "processing", "9"
+	time.AfterFunc(200*time.Millisecond, cancel)
+	req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader("{}"))
+	start := time.Now()
+	if _, err := (ctxTransport{ctx: ctx, base: http.DefaultTransport}).RoundTrip(req); !errors.Is(err, context.Canceled) || time.Since(start) > 3*time.Second {
+		t.Errorf("cancelled wait: %v after %v", err, time.Since(start))
 	}
 }

@@ -87,12 +87,14 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 			"ocspResponderURL":               "",
 			"externalAccountBindingRequired": false,
 			"domainBlocklist":                []string{"blocked-domain.example"},
-			// Short polling intervals: lego sleeps for Retry-After. The
+			// Short polling intervals: lego sleeps for an authorization's
+			// Retry-After, and lbcert for a processing order's
+			// (acme.processingWait; lego alone polls at once). The
 			// order's is 2 s, not 1: Pebble 2.10.1 deadlocks when a
 			// client polls an order (its handler read-locks the order
 			// twice) while CompleteOrder waits to write it, and on a
 			// loaded machine issuing can take over a second. Giving
-			// CompleteOrder that head start makes the overlap rare.
+			// CompleteOrder that head start keeps polls off it.
 			"retryAfter": map[string]int{"authz": 1, "order": 2},
 			"profiles":   profiles,
 		},
