@@ -167,7 +167,6 @@ func processingWait(resp *http.Response) time.Duration {
 	return min(d, maxProcessingWait)
 }
 
-
 // pollSoon gives a challenge response without Retry-After one of a
 // second. lego waits for Retry-After before its first look at the
 // authorization, and 5 seconds when the CA sends none, as Let's Encrypt
