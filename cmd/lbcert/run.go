@@ -105,9 +105,8 @@ func (a *app) lazyAccount(st *store.Store, dryRun bool) func(server, email strin
 		if dryRun {
 			o.AgreeTOS = true // a dry run against staging needs its own account
 		}
-		if acme.NeedsTOS(o) {
-			return o, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
-		}
+		// No terms check here: acme.New makes it, after the issuer has
+		// carried over the terms a lost account had accepted.
 		return o, nil
 	}
 }

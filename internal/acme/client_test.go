@@ -82,6 +82,11 @@ func TestReplacesRejected(t *testing.T) {
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:unauthorized", HTTPStatus: 403, Detail: "404 from the token URL"}, false},
 		{&legoacme.RateLimitedError{ProblemDetails: &legoacme.ProblemDetails{Type: legoacme.RateLimitedErr, HTTPStatus: 429}}, false},
 		{fmt.Errorf("dial tcp: connection refused"), false},
+		// The account, not the "replaces": an order without it fails the
+		// same way, and the engine must see the account's own error.
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:accountDoesNotExist", HTTPStatus: 400, Detail: "Account not found"}, false},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:userActionRequired", HTTPStatus: 403}, false},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:rejectedIdentifier", HTTPStatus: 400}, false},
 	}
 	for _, c := range cases {
 		if got := replacesRejected(fmt.Errorf("obtain: %w", c.err)); got != c.want {

@@ -115,7 +115,14 @@ func replacesRejected(err error) bool {
 	if !errors.As(err, &pd) || pd.HTTPStatus < 400 {
 		return false
 	}
-	if _, limited := RateLimited(err); limited || FailedValidation(err) {
+	if _, limited := RateLimited(err); limited || FailedValidation(err) || AccountGone(err) {
+		return false
+	}
+	// Problems about the account or the names, which the same order
+	// without "replaces" would meet just the same.
+	switch strings.TrimPrefix(pd.Type, "urn:ietf:params:acme:error:") {
+	case "userActionRequired", "externalAccountRequired", "rejectedIdentifier",
+		"unsupportedIdentifier", "badCSR", "caa", "dns", "invalidContact", "unsupportedContact":
 		return false
 	}
 	return true

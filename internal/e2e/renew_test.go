@@ -301,3 +301,43 @@ func TestRenewDeadCA(t *testing.T) {
 		}
 	}
 }
+
+// TestAccountLostAfterPebbleRestart: a restarted Pebble knows no account.
+// The next renew says so once, registers one new account, and renews
+// every lineage with it; nobody deletes accounts/ by hand.
+func TestAccountLostAfterPebbleRestart(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	names := []string{"lost1.example.com", "lost2.example.com"}
+	before := map[string]string{}
+	for _, n := range names {
+		e.mustRun("issue", "-d", n, "--standalone", "--http-addr", http, "--agree-tos")
+		before[n] = e.serial(n)
+	}
+	regs, _ := filepath.Glob(filepath.Join(e.dir, "accounts", "*", "*", "account.json"))
+	if len(regs) != 1 {
+		t.Fatalf("want one saved account before the restart, have %v", regs)
+	}
+	oldReg := readFile(t, regs[0])
+	if err := e.pebble.Restart(); err != nil {
+		t.Fatal(err)
+	}
+
+	r := e.mustRun("renew", "--force", "--no-random-sleep")
+	if n := strings.Count(r.stderr, "no longer knows the saved account"); n != 1 {
+		t.Fatalf("want the lost account said once, said %d times:\n%s", n, r.stderr)
+	}
+	for _, n := range names {
+		if e.serial(n) == before[n] {
+			t.Fatalf("%s was not renewed after the account was registered again:\n%s", n, r.stdout)
+		}
+	}
+	regs, _ = filepath.Glob(filepath.Join(e.dir, "accounts", "*", "*", "account.json"))
+	if len(regs) != 1 || readFile(t, regs[0]) == oldReg {
+		t.Fatalf("want one new account saved in place of the old, have %v", regs)
+	}
+	if log := e.pebble.FullLog(); strings.Count(log, "POST /sign-me-up") != 1 {
+		t.Fatalf("the restarted Pebble saw %d registrations, want 1", strings.Count(log, "POST /sign-me-up"))
+	}
+}

@@ -37,6 +37,13 @@ type Issuer struct {
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
 	listeners map[string]*listener // by port
+	// reRegister holds the (server, email) pairs whose saved account the
+	// CA lost in this run. Their terms of service were accepted when the
+	// lost account was registered, so the new registration accepts them
+	// again without --agree-tos: a cron renew after a CA rebuild must not
+	// stop on a question nobody is there to answer. A CA whose terms
+	// changed says userActionRequired, which is still an error.
+	reRegister map[string]bool
 }
 
 type listener struct {
@@ -67,6 +74,9 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 	co.once.Do(func() {
 		o, err := is.Account(server, email)
 		if err == nil {
+			is.mu.Lock()
+			o.AgreeTOS = o.AgreeTOS || is.reRegister[key]
+			is.mu.Unlock()
 			co.c, err = acme.New(ctx, o)
 		}
 		if err != nil {
@@ -111,6 +121,14 @@ func (is *Issuer) ResetAccount(server, email string) error {
 	is.ForgetClient(server, email)
 	if o.Store == nil {
 		return nil
+	}
+	if o.Store.HasAccount(server, email) {
+		is.mu.Lock()
+		if is.reRegister == nil {
+			is.reRegister = map[string]bool{}
+		}
+		is.reRegister[server+"\x00"+email] = true
+		is.mu.Unlock()
 	}
 	return o.Store.RemoveAccount(server, email)
 }

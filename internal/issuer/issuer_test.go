@@ -58,3 +58,38 @@ func TestBindAllOnePerPort(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// After the CA lost an account that was registered (so its terms were
+// accepted), the new registration needs no --agree-tos; an account
+// never registered still does.
+func TestReRegisterKeepsTheAcceptedTerms(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := "https://" + ln.Addr().String() + "/dir"
+	ln.Close()
+	st := store.New(t.TempDir())
+	is := &Issuer{Account: func(s, e string) (acme.Options, error) {
+		return acme.Options{Server: s, Email: e, Store: st}, nil // no --agree-tos
+	}}
+	if _, err := is.Client(context.Background(), server, "a@example.com"); err == nil || !strings.Contains(err.Error(), "terms of service") {
+		t.Fatalf("never registered, no --agree-tos: want the terms refusal, got %v", err)
+	}
+	if err := st.WriteAccountKey(server, "a@example.com", []byte("key")); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.WriteAccount(server, "a@example.com", []byte(`{"uri":"https://ca/acct/1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := is.ResetAccount(server, "a@example.com"); err != nil {
+		t.Fatal(err)
+	}
+	if st.HasAccount(server, "a@example.com") {
+		t.Fatal("the lost account is still saved")
+	}
+	_, err = is.Client(context.Background(), server, "a@example.com")
+	if err == nil || strings.Contains(err.Error(), "terms of service") {
+		t.Fatalf("re-registering a lost account asked about the terms again: %v", err)
+	}
+}

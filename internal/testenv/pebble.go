@@ -32,6 +32,7 @@ type Pebble struct {
 	dnsMgmt string
 
 	pebble, dns *proc
+	startCA     func() error
 }
 
 // PebbleOptions tune a Pebble instance.
@@ -131,17 +132,33 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 		"PEBBLE_AUTHZREUSE=0",      // every order validates, so tests really hit the responder
 		"PEBBLE_VA_ALWAYS_VALID=0",
 	}
-	p.pebble, err = start(filepath.Join(o.Dir, "pebble.log"), env, pebbleBin,
-		"-config", cfgPath, "-dnsserver", dnsAddr)
-	if err != nil {
-		p.Stop()
-		return nil, err
+	runs := 0
+	p.startCA = func() error {
+		runs++
+		log := filepath.Join(o.Dir, "pebble.log")
+		if runs > 1 {
+			log = filepath.Join(o.Dir, fmt.Sprintf("pebble-%d.log", runs))
+		}
+		var err error
+		if p.pebble, err = start(log, env, pebbleBin, "-config", cfgPath, "-dnsserver", dnsAddr); err != nil {
+			return err
+		}
+		return waitTCP(fmt.Sprintf("127.0.0.1:%d", acmePort), 15*time.Second, p.pebble.done, "pebble", p.pebble.log)
 	}
-	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", acmePort), 15*time.Second, p.pebble.done, "pebble", p.pebble.log); err != nil {
+	if err := p.startCA(); err != nil {
 		p.Stop()
 		return nil, err
 	}
 	return p, nil
+}
+
+// Restart stops Pebble and starts it again on the same ports. Pebble
+// keeps everything in memory, so the new one knows no account, order or
+// certificate of the old one, as a CA that lost its database would; its
+// roots are new too.
+func (p *Pebble) Restart() error {
+	p.pebble.stop()
+	return p.startCA()
 }
 
 // Stop stops Pebble and its DNS server.
