@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
@@ -20,9 +21,17 @@ const smtpSecret = "s3cret-Pa55word-for-lbcert"
 
 func noSecret(t *testing.T, where string, texts ...string) {
 	t.Helper()
+	forms := map[string]string{
+		"as written":                smtpSecret,
+		"in base64":                 base64.StdEncoding.EncodeToString([]byte(smtpSecret)),
+		"in base64 as AUTH PLAIN":   base64.StdEncoding.EncodeToString([]byte("\x00lbcert\x00" + smtpSecret)),
+		"in base64 without padding": base64.RawStdEncoding.EncodeToString([]byte(smtpSecret)),
+	}
 	for _, s := range texts {
-		if strings.Contains(s, smtpSecret) {
-			t.Fatalf("the SMTP password appears in %s", where)
+		for form, secret := range forms {
+			if strings.Contains(s, secret) {
+				t.Fatalf("the SMTP password appears %s in %s:\n%s", form, where, s)
+			}
 		}
 	}
 }
@@ -112,6 +121,23 @@ func TestMailReports(t *testing.T) {
 	if r.code != 0 || !strings.Contains(r.stdout, "test report sent to ops@example.com") {
 		t.Fatalf("mail-test: %d %s %s", r.code, r.stdout, r.stderr)
 	}
+
+	// A relay whose refusal quotes the AUTH exchange back: its reply is
+	// shown (the operator needs it), the password in it is not, in any
+	// form, in the output, the spooled report or the lineage's status.
+	smtp.SetEchoAuth(true)
+	r = e.runEnv(append(mailEnv, "LBCERT_MAIL_TO=ops@example.com"), "mail-test")
+	if r.code != 1 || !strings.Contains(r.stderr, "535") || !strings.Contains(r.stderr, "Authentication failed for AUTH PLAIN") {
+		t.Fatalf("echoing relay, mail-test: exit %d\n%s", r.code, r.stderr)
+	}
+	outputs = append(outputs, r.stdout, r.stderr)
+	r = e.runEnv(append(mailEnv, "LBCERT_MAIL_TO=ops@example.com"), "renew", "--force", "--no-random-sleep", "--name", "b.example.com")
+	if r.code != 2 || !strings.Contains(r.stderr, "535") {
+		t.Fatalf("echoing relay, renew: exit %d, want 2 (renewed, not mailed)\n%s", r.code, r.stderr)
+	}
+	outputs = append(outputs, r.stdout, r.stderr)
+	noSecret(t, "renewal/b.example.com.json", readFile(t, filepath.Join(e.dir, "renewal", "b.example.com.json")))
+	smtp.SetEchoAuth(false)
 
 	// The server is down: certificates are still renewed and kept, the
 	// report goes to stderr and reports/, the exit code is partial.

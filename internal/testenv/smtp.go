@@ -7,13 +7,16 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +50,17 @@ type SMTP struct {
 	// Auths counts successful logins; AuthAttempts counts every AUTH a
 	// client sent, right or wrong, so a test can prove none was sent.
 	Auths, AuthAttempts int
+	// EchoAuth makes the server refuse every login with a 535 reply that
+	// quotes what the client sent, base64 as on the wire and the
+	// password's own base64, as some relays' error replies do.
+	EchoAuth bool
+}
+
+// SetEchoAuth turns EchoAuth on or off for the sessions that follow.
+func (s *SMTP) SetEchoAuth(on bool) {
+	s.mu.Lock()
+	s.EchoAuth = on
+	s.mu.Unlock()
 }
 
 // StartSMTP starts the server; dir receives the CA bundle. With an empty
@@ -101,7 +115,11 @@ func (ss *smtpSession) AuthMechanisms() []string { return []string{sasl.Plain} }
 func (ss *smtpSession) Auth(mech string) (sasl.Server, error) {
 	ss.s.mu.Lock()
 	ss.s.AuthAttempts++
+	echo := ss.s.EchoAuth
 	ss.s.mu.Unlock()
+	if echo {
+		return echoServer{}, nil
+	}
 	return sasl.NewPlainServer(func(identity, username, password string) error {
 		if username != ss.s.User || password != ss.s.Password {
 			return errors.New("invalid credentials")
@@ -112,6 +130,20 @@ func (ss *smtpSession) Auth(mech string) (sasl.Server, error) {
 		ss.s.mu.Unlock()
 		return nil
 	}), nil
+}
+
+// echoServer is a SASL exchange that refuses the login and quotes it.
+type echoServer struct{}
+
+func (echoServer) Next(response []byte) ([]byte, bool, error) {
+	if response == nil {
+		return []byte{}, false, nil // ask for the initial response
+	}
+	parts := strings.Split(string(response), "\x00")
+	pw := parts[len(parts)-1]
+	return nil, true, &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
+		Message: fmt.Sprintf("Authentication failed for AUTH PLAIN %s (password %s)",
+			base64.StdEncoding.EncodeToString(response), base64.StdEncoding.EncodeToString([]byte(pw)))}
 }
 
 func (ss *smtpSession) Mail(from string, _ *smtp.MailOptions) error {
