@@ -141,7 +141,7 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 	}
 	status, _ := st.ReadStatus(name)
 	now := a.now()
-	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported)})
+	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported), Name: l.Name})
 	reason := string(d.Reason)
 	if d.Reason == renewal.Lifetime && l.Cert.ARICertID != "" && status.ARISerial != l.Cert.Serial {
 		reason = "lifetime (ARI not asked yet)"

@@ -237,7 +237,7 @@ func (e *Engine) decide(s *step, now time.Time) {
 	if pend := s.status.Pending; pend != nil && !s.job.Force && !e.Opts.DryRun {
 		pl, err := e.Store.LoadVersion(name, pend.Version)
 		if err == nil && sameNames(pl.Domains, s.job.Lineage.Domains) {
-			d := renewal.Decide(pl.Cert, store.Status{}, now, renewal.Options{Days: e.Opts.Days})
+			d := renewal.Decide(pl.Cert, store.Status{}, now, renewal.Options{Days: e.Opts.Days, Name: name})
 			if !d.Due {
 				s.act, s.pending = actDeployPending, pl
 				s.item.Reason = "pending deploy"
@@ -261,7 +261,7 @@ func (e *Engine) decide(s *step, now time.Time) {
 		s.replace = s.ari
 		return
 	}
-	d := renewal.Decide(prev.Cert, s.status, now, renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari})
+	d := renewal.Decide(prev.Cert, s.status, now, renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari, Name: name})
 	s.item.Reason, s.item.DueAt = string(d.Reason), timePtr(d.At)
 	switch {
 	case d.Due:
@@ -399,7 +399,7 @@ func (r *run) one(s *step) {
 
 	if s.act == actCheckARI {
 		r.checkARI(s)
-		d := renewal.Decide(s.prev.Cert, s.status, e.now(), renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari})
+		d := renewal.Decide(s.prev.Cert, s.status, e.now(), renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari, Name: s.job.Lineage.Name})
 		it.Reason, it.DueAt = string(d.Reason), timePtr(d.At)
 		if !d.Due {
 			if settingsChanged(s.prev, &s.job.Lineage) {

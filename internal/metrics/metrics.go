@@ -56,7 +56,7 @@ func Render(src Source, res *engine.Result, budget Budget, now time.Time) ([]byt
 			continue // a broken lineage is reported by list and the run
 		}
 		st, _ := src.ReadStatus(n)
-		d := renewal.Decide(l.Cert, st, now, renewal.Options{ARIOffered: !now.Before(st.ARIUnsupported)})
+		d := renewal.Decide(l.Cert, st, now, renewal.Options{ARIOffered: !now.Before(st.ARIUnsupported), Name: n})
 		rows = append(rows, row{name: n, expiry: l.Cert.NotAfter, renewAt: d.At, issued: l.IssuedAt, failures: st.Failures, pending: st.Pending != nil})
 	}
 	series := func(name, typ, help string, val func(r row) float64) {

@@ -8,11 +8,16 @@
 //   - --days N: due when fewer than N days remain; overrides the rest;
 //   - ARI (RFC 9773), when the CA offers it: due once the random moment
 //     picked inside the CA's suggested window is reached;
-//   - otherwise the lifetime rule: due when one third of the lifetime
-//     remains, or one half for lifetimes of 10 days or less.
+//   - otherwise the lifetime rule: due at a moment of the lineage's own,
+//     between one half and one third of the lifetime left (for lifetimes
+//     of 10 days or less, between two thirds and one half), picked from a
+//     hash of its name. Certificates bulk-issued on one day then come due
+//     over many days instead of on one, and since each lineage keeps its
+//     moment, the spread survives every later cycle (seed 003).
 package renewal
 
 import (
+	"hash/fnv"
 	"math/rand/v2"
 	"time"
 
@@ -53,6 +58,9 @@ type Options struct {
 	// ARIOffered says the lineage's CA offers ARI and the certificate has
 	// an ARI CertID; without it ARI state is ignored.
 	ARIOffered bool
+	// Name is the lineage's name, which picks its moment under the
+	// lifetime rule (Spread).
+	Name string
 }
 
 // Decide applies the rules to cert at now.
@@ -75,31 +83,61 @@ func Decide(cert store.CertInfo, st store.Status, now time.Time, o Options) Deci
 		if fresh {
 			return Decision{Due: !now.Before(st.ARIRenewAt), Reason: ARI, At: st.ARIRenewAt, CheckARI: checkARI}
 		}
-		d := lifetime(cert, now)
+		d := lifetime(cert, now, o.Name)
 		d.CheckARI = true
 		return d
 	}
-	return lifetime(cert, now)
+	return lifetime(cert, now, o.Name)
 }
 
-func lifetime(cert store.CertInfo, now time.Time) Decision {
-	life := cert.NotAfter.Sub(cert.NotBefore)
-	left := life / 3
-	if life <= shortLived {
-		left = life / 2
-	}
-	at := cert.NotAfter.Add(-left)
+func lifetime(cert store.CertInfo, now time.Time, name string) Decision {
+	at := Moment(cert, name)
 	return Decision{Due: !now.Before(at), Reason: Lifetime, At: at}
 }
 
-// LifetimeDue is the lifetime rule alone, for issue's "nothing to do".
-func LifetimeDue(c store.CertInfo, now time.Time) (bool, Reason, time.Time) {
-	if !now.Before(c.NotAfter) {
-		return true, Expired, c.NotAfter
+// Moment is when the lifetime rule renews lineage name: inside the part
+// of the lifetime from one half down to one third left (two thirds to one
+// half for short-lived certificates), at the lineage's own phase.
+//
+// The phase is a point in a cycle as long as that window (15 days for a
+// 90-day certificate), picked from a hash of the name and counted from
+// the Unix epoch, not from the certificate: the moment is the latest
+// instant in the window at that phase. So a thousand certificates
+// bulk-issued on one day come due spread evenly over the window, and when
+// each is renewed (a little after its moment, at the next run) the next
+// moment falls at the same phase again, exactly a whole number of cycles
+// later. The spread holds cycle after cycle; an offset from each
+// certificate's own start would not, since renewing at the next daily
+// run rounds every lineage's period to whole days and regroups them.
+// No lineage renews later than the old rule (a third left) and the 1/20
+// safety net stays far away.
+func Moment(c store.CertInfo, name string) time.Time {
+	life := c.NotAfter.Sub(c.NotBefore)
+	lo, hi := life/3, life/2
+	if life <= shortLived {
+		lo, hi = life/2, life*2/3
 	}
-	d := lifetime(c, now)
-	return d.Due, d.Reason, d.At
+	end := c.NotAfter.Add(-lo)
+	cycle := hi - lo
+	if cycle <= 0 {
+		return end
+	}
+	phase := time.Duration(Spread(name) * float64(cycle))
+	since := (end.Sub(time.Unix(0, 0)) - phase) % cycle
+	if since < 0 {
+		since += cycle
+	}
+	return end.Add(-since).Truncate(time.Second) // whole seconds read better in list
 }
+
+// Spread maps a lineage name to [0, 1), evenly and the same on every
+// host and run: FNV-1a, whose low bits are well mixed for short keys.
+func Spread(name string) float64 {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return float64(h.Sum64()>>11) / (1 << 53)
+}
+
 
 // ApplyARI records a fresh ARI answer in st. The moment to renew is
 // picked uniformly inside the window once (RFC 9773 section 4.2) and kept

@@ -1,6 +1,7 @@
 package renewal
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -29,11 +30,11 @@ func TestDecide(t *testing.T) {
 	}{
 		{"90d fresh", cert(90), store.Status{}, day(1), Options{}, false, Lifetime, false},
 		{"90d at 2/3", cert(90), store.Status{}, day(60), Options{}, true, Lifetime, false},
-		{"90d just before 2/3", cert(90), store.Status{}, day(59.9), Options{}, false, Lifetime, false},
-		{"6d short-lived half", cert(6), store.Status{}, day(2.9), Options{}, false, Lifetime, false},
+		{"90d before half left", cert(90), store.Status{}, day(44.9), Options{}, false, Lifetime, false},
+		{"6d short-lived before 2/3 left", cert(6), store.Status{}, day(1.9), Options{}, false, Lifetime, false},
 		{"6d short-lived at half", cert(6), store.Status{}, day(3), Options{}, true, Lifetime, false},
 		{"10d is short-lived", cert(10), store.Status{}, day(5), Options{}, true, Lifetime, false},
-		{"11d uses thirds", cert(11), store.Status{}, day(5), Options{}, false, Lifetime, false},
+		{"11d uses thirds", cert(11), store.Status{}, day(5.4), Options{}, false, Lifetime, false},
 		{"expired", cert(90), store.Status{}, day(90), Options{}, true, Expired, false},
 		{"days: not yet", cert(90), store.Status{}, day(59), Options{Days: 30}, false, Days, false},
 		{"days: due", cert(90), store.Status{}, day(61), Options{Days: 30}, true, Days, false},
@@ -47,13 +48,51 @@ func TestDecide(t *testing.T) {
 		{"ARI retry-after passed", cert(90), ari, day(11), Options{ARIOffered: true}, false, ARI, true},
 		{"ARI for old serial: ask again", cert(90), store.Status{ARISerial: "old", ARIRenewAt: day(1)}, day(2), Options{ARIOffered: true}, false, Lifetime, true},
 		{"ARI never asked", cert(90), store.Status{}, day(2), Options{ARIOffered: true}, false, Lifetime, true},
-		{"ARI ignored when not offered", cert(90), ari, day(55), Options{}, false, Lifetime, false},
+		{"ARI ignored when not offered", cert(90), ari, day(44), Options{}, false, Lifetime, false},
 	}
 	for _, tt := range tests {
 		d := Decide(tt.cert, tt.st, tt.now, tt.o)
 		if d.Due != tt.due || d.Reason != tt.reason || d.CheckARI != tt.check {
 			t.Errorf("%s: got due=%v reason=%s check=%v, want due=%v reason=%s check=%v", tt.name, d.Due, d.Reason, d.CheckARI, tt.due, tt.reason, tt.check)
 		}
+	}
+}
+
+// TestLifetimeMomentIsTheLineagesOwn: under the lifetime rule each name
+// has its moment, between half and a third of the lifetime left (2/3 and
+// 1/2 when short-lived), the same every time it is asked, and names
+// spread over that window.
+func TestLifetimeMomentIsTheLineagesOwn(t *testing.T) {
+	for _, life := range []time.Duration{90 * 24 * time.Hour, 47 * 24 * time.Hour, 6 * 24 * time.Hour} {
+		c := store.CertInfo{NotBefore: t0, NotAfter: t0.Add(life)}
+		lo, hi := life/3, life/2
+		if life <= shortLived {
+			lo, hi = life/2, life*2/3
+		}
+		seen := map[time.Duration]bool{}
+		for i := range 1000 {
+			name := fmt.Sprintf("site%d.example.com", i)
+			left := c.NotAfter.Sub(Moment(c, name))
+			if left < lo || left > hi || !Moment(c, name).Equal(Moment(c, name)) {
+				t.Fatalf("%s, life %v: %v left, want the same value in [%v, %v]", name, life, left, lo, hi)
+			}
+			seen[left.Truncate(life/100)] = true
+		}
+		// 1,000 names over 1/6 of the lifetime: most of its hundredths used.
+		if len(seen) < 14 {
+			t.Fatalf("life %v: 1000 names fall in only %d slots", life, len(seen))
+		}
+	}
+	c := cert(90)
+	d := Decide(c, store.Status{}, day(0), Options{Name: "a.example.com"})
+	if !d.At.Equal(Moment(c, "a.example.com")) {
+		t.Fatalf("Decide's moment %v, want %v", d.At, Moment(c, "a.example.com"))
+	}
+	// Renewed a little after its moment, the next certificate's moment
+	// is a whole number of cycles after the last: same phase.
+	renewed := store.CertInfo{NotBefore: d.At.Add(5 * time.Hour), NotAfter: d.At.Add(5*time.Hour + 90*24*time.Hour)}
+	if gap := Moment(renewed, "a.example.com").Sub(d.At); gap%(15*24*time.Hour) != 0 {
+		t.Fatalf("next moment %v after the last, not a whole number of 15-day cycles", gap)
 	}
 }
 
