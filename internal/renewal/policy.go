@@ -138,7 +138,6 @@ func Spread(name string) float64 {
 	return float64(h.Sum64()>>11) / (1 << 53)
 }
 
-
 // ApplyARI records a fresh ARI answer in st. The moment to renew is
 // picked uniformly inside the window once (RFC 9773 section 4.2) and kept
 // while the CA keeps the same window, so that a daily poll does not
