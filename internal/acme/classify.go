@@ -97,3 +97,20 @@ func FailedValidation(err error) bool {
 	}
 	return false
 }
+
+// ProblemDetail is the detail of the CA's problem document in err, or
+// err's text when there is none.
+func ProblemDetail(err error) string {
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) {
+		return pd.Detail
+	}
+	var rl *legoacme.RateLimitedError
+	if errors.As(err, &rl) && rl.ProblemDetails != nil {
+		return rl.Detail
+	}
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

@@ -76,7 +76,7 @@ type Deployer interface {
 type Budget interface {
 	Reserve(k pace.Key, o pace.Order) error
 	FailedAuthz(k pace.Key, names []string) error
-	Block(k pace.Key, until time.Time) error
+	Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.Time) error
 	Flush() error
 }
 
@@ -515,9 +515,9 @@ func (r *run) order(s *step) {
 			r.resetOnce(l.Server, l.Email)
 			continue
 		}
-		wait, limited := r.spend(key, l.Domains, err)
+		wait, scope, limited := r.spend(key, r.paceOrder(s, o.Replaces), err)
 		if limited && attempt == 0 && wait <= e.Opts.MaxWait {
-			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "retry_after", wait)
+			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "scope", scope.String(), "retry_after", wait)
 			if !e.sleep(ctx, wait) {
 				it.Outcome, it.Error = Aborted, "interrupted while waiting for the CA's Retry-After"
 				return
@@ -526,7 +526,7 @@ func (r *run) order(s *step) {
 			continue
 		}
 		if limited {
-			r.defer_(s, "the CA rate-limited this account: "+oneLine(err), e.now().Add(wait), err)
+			r.defer_(s, "the CA rate-limited "+scope.String()+": "+oneLine(err), e.now().Add(wait), err)
 			return
 		}
 		// An account that cannot be set up, or a CA that does not answer,
@@ -587,11 +587,16 @@ func (r *run) resetOnce(server, email string) {
 	})
 }
 
+// paceOrder is the step's order as the budget counts it.
+func (r *run) paceOrder(s *step, replaces string) pace.Order {
+	return pace.Order{Names: s.job.Lineage.Domains, Replaces: replaces,
+		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains)}
+}
+
 // reserve takes the job's tokens from the budget, waiting up to MaxWait.
 func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
 	e := r.e
-	o := pace.Order{Names: s.job.Lineage.Domains, Replaces: replaces,
-		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains)}
+	o := r.paceOrder(s, replaces)
 	for {
 		err := e.Budget.Reserve(key, o)
 		if err == nil {
@@ -616,29 +621,31 @@ func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
 }
 
 // spend records a failed order in the budget: a failed validation counts
-// against each name; a rateLimited answer blocks the account for its
-// Retry-After (an hour when the CA gives none).
-func (r *run) spend(k pace.Key, names []string, err error) (time.Duration, bool) {
+// against each name; a rateLimited answer blocks what it is about (the
+// account, a domain, the set of names, a name) for its Retry-After, an
+// hour when the CA gives none, and teaches the budget the CA's limit
+// when it states a stricter one.
+func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.RateLimit, bool) {
 	e := r.e
-	if e.Budget == nil || e.Opts.DryRun {
-		wait, limited := acme.RateLimited(err)
-		return wait, limited
-	}
-	if wait, limited := acme.RateLimited(err); limited {
-		if wait <= 0 {
-			wait = time.Hour
+	wait, limited := acme.RateLimited(err)
+	if !limited {
+		if acme.FailedValidation(err) && e.Budget != nil && !e.Opts.DryRun {
+			if berr := e.Budget.FailedAuthz(k, o.Names); berr != nil {
+				slog.Warn("could not save the rate budget", "err", berr)
+			}
 		}
-		if berr := e.Budget.Block(k, e.now().Add(wait)); berr != nil {
+		return 0, pace.RateLimit{}, false
+	}
+	if wait <= 0 {
+		wait = time.Hour
+	}
+	scope := pace.ParseRateLimit(acme.ProblemDetail(err))
+	if e.Budget != nil && !e.Opts.DryRun {
+		if berr := e.Budget.Limited(k, o, scope, e.now().Add(wait)); berr != nil {
 			slog.Warn("could not save the rate budget", "err", berr)
 		}
-		return wait, true
 	}
-	if acme.FailedValidation(err) {
-		if berr := e.Budget.FailedAuthz(k, names); berr != nil {
-			slog.Warn("could not save the rate budget", "err", berr)
-		}
-	}
-	return 0, false
+	return wait, scope, true
 }
 
 // obtained saves a new certificate: the version first, then the journal

@@ -11,8 +11,11 @@
 //   - new certificates per registered domain: 50 per 7 days;
 //   - failed authorizations per name per account: 5 per hour.
 //
-// A rateLimited answer's Retry-After blocks the account until then. The
-// buckets live in <dir>/ratelimit.json; every command that orders holds
+// A rateLimited answer's Retry-After blocks what it is about (the
+// account, a registered domain, a set of names, a name) until then, and
+// a limit the CA states that is stricter than the configured one
+// replaces it for that CA (scope.go). The buckets live in
+// <dir>/ratelimit.json; every command that orders holds
 // the state directory's lock, so one process writes it at a time.
 package pace
 
@@ -37,8 +40,8 @@ import (
 
 // Limit is N events per Per; N == 0 turns it off.
 type Limit struct {
-	N   int
-	Per time.Duration
+	N   int           `json:"n"`
+	Per time.Duration `json:"per_ns"`
 }
 
 func (l Limit) String() string {
@@ -139,7 +142,8 @@ type state struct {
 	Sets    map[string]bucket    `json:"exact_sets,omitempty"`
 	ARIUsed map[string]time.Time `json:"ari_replaced,omitempty"` // CertID -> when its exemption was used
 	Failed  map[string]bucket    `json:"failed_authz,omitempty"`
-	Blocked map[string]time.Time `json:"blocked_until,omitempty"`
+	Blocked map[string]time.Time `json:"blocked_until,omitempty"` // account, or "SCOPE OWNER WHAT" -> the CA's Retry-After
+	Learned map[string]Limit     `json:"ca_limits,omitempty"`     // "SERVER SCOPE" -> a stricter limit the CA stated
 }
 
 // Budget is the saved budget of one state directory.
@@ -223,8 +227,10 @@ func (d *Denied) Error() string {
 
 // Reserve takes the tokens order o needs from account k's buckets, if
 // every one of them has a token. Otherwise it takes nothing and returns a
-// *Denied with the longest wait. A CA's rateLimited Retry-After (Block)
-// stops every order, exempt or not: the CA has spoken.
+// *Denied with the longest wait. The CA's rateLimited answers (Limited)
+// come first: its Retry-After for the account stops every order, exempt
+// or not; one for a domain, a set of names or a name stops the orders in
+// that scope, as the CA's own exemptions allow.
 func (b *Budget) Reserve(k Key, o Order) error {
 	account := k.account()
 	b.mu.Lock()
@@ -236,12 +242,27 @@ func (b *Budget) Reserve(k Key, o Order) error {
 			worst = &Denied{Wait: wait, Reason: reason}
 		}
 	}
-	if until, ok := b.st.Blocked[account]; ok {
-		deny(until.Sub(now), fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339)))
+	blocked := func(key string, what RateLimit) {
+		if until, ok := b.st.Blocked[key]; ok {
+			deny(until.Sub(now), fmt.Sprintf("the CA said rateLimited (%s) and asked to wait until %s", what, until.UTC().Format(time.RFC3339)))
+		}
 	}
 	names := o.Names
 	ari := o.Replaces != "" && b.st.ARIUsed[o.Replaces].IsZero()
-	l := b.Limits
+	domains := registered(names)
+	set := exactSet(names)
+	blocked(account, RateLimit{Scope: ScopeAccount})
+	for _, n := range names {
+		blocked(blockKey(ScopeFailedAuthz, account, n), RateLimit{Scope: ScopeFailedAuthz, Name: n})
+	}
+	if !ari {
+		blocked(blockKey(ScopeExactSet, k.Server, set), RateLimit{Scope: ScopeExactSet})
+		if !o.Renewal {
+			for _, d := range domains {
+				blocked(blockKey(ScopeDomain, k.Server, d), RateLimit{Scope: ScopeDomain, Name: d})
+			}
+		}
+	}
 	if ari {
 		if worst != nil {
 			return worst
@@ -250,41 +271,41 @@ func (b *Budget) Reserve(k Key, o Order) error {
 		b.dirty = true
 		return b.maybeSave(now)
 	}
-	if l.Orders.N > 0 {
-		deny(b.st.Orders[account].get(l.Orders, now).wait(l.Orders, now),
-			fmt.Sprintf("the new-orders budget (%s per account) is spent", l.Orders))
+	lo, ld, ls, lf := b.limit(k.Server, ScopeAccount), b.limit(k.Server, ScopeDomain), b.limit(k.Server, ScopeExactSet), b.limit(k.Server, ScopeFailedAuthz)
+	if lo.N > 0 {
+		deny(b.st.Orders[account].get(lo, now).wait(lo, now),
+			fmt.Sprintf("the new-orders budget (%s per account) is spent", lo))
 	}
-	domains := registered(names)
-	if l.Domain.N > 0 && !o.Renewal {
+	if ld.N > 0 && !o.Renewal {
 		for _, d := range domains {
-			deny(b.st.Domains[k.Server+" "+d].get(l.Domain, now).wait(l.Domain, now),
-				fmt.Sprintf("the certificates budget for %s (%s) is spent", d, l.Domain))
+			deny(b.st.Domains[k.Server+" "+d].get(ld, now).wait(ld, now),
+				fmt.Sprintf("the certificates budget for %s (%s) is spent", d, ld))
 		}
 	}
-	set := k.Server + " " + exactSet(names)
-	if l.ExactSet.N > 0 {
-		deny(b.st.Sets[set].get(l.ExactSet, now).wait(l.ExactSet, now),
-			fmt.Sprintf("%d certificates for exactly these names (%s) were issued within %s; the CA would lock them out", l.ExactSet.N, exactSet(names), shortDuration(l.ExactSet.Per)))
+	setKey := k.Server + " " + set
+	if ls.N > 0 {
+		deny(b.st.Sets[setKey].get(ls, now).wait(ls, now),
+			fmt.Sprintf("%d certificates for exactly these names (%s) were issued within %s; the CA would lock them out", ls.N, set, shortDuration(ls.Per)))
 	}
-	if l.FailedAuthz.N > 0 {
+	if lf.N > 0 {
 		for _, n := range names {
-			deny(b.st.Failed[account+" "+n].get(l.FailedAuthz, now).wait(l.FailedAuthz, now),
-				fmt.Sprintf("%s failed validation %d times within %s", n, l.FailedAuthz.N, shortDuration(l.FailedAuthz.Per)))
+			deny(b.st.Failed[account+" "+n].get(lf, now).wait(lf, now),
+				fmt.Sprintf("%s failed validation %d times within %s", n, lf.N, shortDuration(lf.Per)))
 		}
 	}
 	if worst != nil {
 		return worst
 	}
-	if l.Orders.N > 0 {
-		b.st.Orders[account] = b.st.Orders[account].take(l.Orders, now)
+	if lo.N > 0 {
+		b.st.Orders[account] = b.st.Orders[account].take(lo, now)
 	}
-	if l.Domain.N > 0 && !o.Renewal {
+	if ld.N > 0 && !o.Renewal {
 		for _, d := range domains {
-			b.st.Domains[k.Server+" "+d] = b.st.Domains[k.Server+" "+d].take(l.Domain, now)
+			b.st.Domains[k.Server+" "+d] = b.st.Domains[k.Server+" "+d].take(ld, now)
 		}
 	}
-	if l.ExactSet.N > 0 {
-		b.st.Sets[set] = b.st.Sets[set].take(l.ExactSet, now)
+	if ls.N > 0 {
+		b.st.Sets[setKey] = b.st.Sets[setKey].take(ls, now)
 	}
 	b.dirty = true
 	return b.maybeSave(now)
@@ -316,7 +337,8 @@ func (b *Budget) OrdersLeft() map[string]float64 {
 	}
 	now := b.Now()
 	for acct, bk := range b.st.Orders {
-		out[acct] = math.Floor(bk.level(b.Limits.Orders, now))
+		server, _, _ := strings.Cut(acct, " ")
+		out[acct] = math.Floor(bk.level(b.limit(server, ScopeAccount), now))
 	}
 	return out
 }
@@ -361,46 +383,39 @@ func registered(names []string) []string {
 // FailedAuthz spends one failed-authorization token for each name.
 func (b *Budget) FailedAuthz(k Key, names []string) error {
 	account := k.account()
-	if b.Limits.FailedAuthz.N == 0 {
-		return nil
-	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	l := b.limit(k.Server, ScopeFailedAuthz)
+	if l.N == 0 {
+		return nil
+	}
 	now := b.Now()
 	for _, n := range names {
 		k := account + " " + n
-		b.st.Failed[k] = b.st.Failed[k].take(b.Limits.FailedAuthz, now)
+		b.st.Failed[k] = b.st.Failed[k].take(l, now)
 	}
 	return b.save(now)
 }
 
-// Block stops new orders on account until until, after the CA answered
-// rateLimited with a Retry-After.
-func (b *Budget) Block(k Key, until time.Time) error {
-	account := k.account()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if until.After(b.st.Blocked[account]) {
-		b.st.Blocked[account] = until.UTC()
-	}
-	return b.save(b.Now())
-}
 
 // save writes the budget, dropping buckets that have refilled: a full
 // bucket is the same as none, and this keeps the file the size of the
 // recent activity, not of every domain ever seen.
 func (b *Budget) save(now time.Time) error {
-	prune := func(m map[string]bucket, l Limit) {
+	// Every bucket key starts with the CA's URL, which holds no space:
+	// that CA's limit (its own, where it stated a stricter one) decides.
+	prune := func(m map[string]bucket, s Scope) {
 		for k, v := range m {
-			if l.N == 0 || v.level(l, now) >= float64(l.N) {
+			server, _, _ := strings.Cut(k, " ")
+			if l := b.limit(server, s); l.N == 0 || v.level(l, now) >= float64(l.N) {
 				delete(m, k)
 			}
 		}
 	}
-	prune(b.st.Orders, b.Limits.Orders)
-	prune(b.st.Domains, b.Limits.Domain)
-	prune(b.st.Failed, b.Limits.FailedAuthz)
-	prune(b.st.Sets, b.Limits.ExactSet)
+	prune(b.st.Orders, ScopeAccount)
+	prune(b.st.Domains, ScopeDomain)
+	prune(b.st.Failed, ScopeFailedAuthz)
+	prune(b.st.Sets, ScopeExactSet)
 	for k, t := range b.st.ARIUsed {
 		if now.Sub(t) > 90*24*time.Hour { // long after the certificate it replaced expired
 			delete(b.st.ARIUsed, k)

@@ -1,0 +1,177 @@
+package pace
+
+import (
+	"fmt"
+	"math"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Scope is the part of the budget a CA's rateLimited answer is about.
+type Scope string
+
+const (
+	ScopeAccount     Scope = "orders"       // new orders per account; also any answer lbcert cannot place
+	ScopeDomain      Scope = "domain"       // new certificates per registered domain
+	ScopeExactSet    Scope = "exact_set"    // new certificates per exact set of names
+	ScopeFailedAuthz Scope = "failed_authz" // failed authorizations per name per account
+)
+
+// RateLimit is what a rateLimited answer said: which limit, for which
+// domain or name when it names one, and the CA's own figures for that
+// limit when the detail gives them.
+type RateLimit struct {
+	Scope Scope
+	Name  string // the registered domain (ScopeDomain) or name (ScopeFailedAuthz)
+	Limit Limit  // N per Per as the CA states it; zero when it does not
+}
+
+func (r RateLimit) String() string {
+	switch r.Scope {
+	case ScopeDomain:
+		return "certificates for " + r.Name
+	case ScopeExactSet:
+		return "certificates for this exact set of names"
+	case ScopeFailedAuthz:
+		return "failed validations of " + r.Name
+	}
+	return "new orders on this account"
+}
+
+var (
+	// Let's Encrypt words each limit's answer as "too many X (N) ... in
+	// the last D" and links its section of the rate-limit page; the link
+	// is the surest sign of the scope, the wording the fallback for CAs
+	// that copy the wording but not the links.
+	rlCount  = regexp.MustCompile(`\((\d+)\)`)
+	rlPeriod = regexp.MustCompile(`in the last ((?:\d+(?:\.\d+)?[hms])+)`)
+	rlQuoted = regexp.MustCompile(`"([^"]+)"`)
+)
+
+// ParseRateLimit reads a rateLimited problem's detail. An answer it
+// cannot place is taken as the account's: the widest scope, so nothing
+// is sent that the CA might refuse again.
+func ParseRateLimit(detail string) RateLimit {
+	d := strings.ToLower(detail)
+	r := RateLimit{Scope: ScopeAccount}
+	switch {
+	case strings.Contains(d, "#new-certificates-per-registered-domain"),
+		strings.Contains(d, "per registered domain"),
+		strings.Contains(d, "certificates") && strings.Contains(d, "already issued for \""):
+		r.Scope = ScopeDomain
+	case strings.Contains(d, "#new-certificates-per-exact-set"),
+		strings.Contains(d, "exact set"):
+		r.Scope = ScopeExactSet
+	case strings.Contains(d, "#authorization-failures-per"),
+		strings.Contains(d, "failed authorizations"):
+		r.Scope = ScopeFailedAuthz
+	}
+	if r.Scope == ScopeDomain || r.Scope == ScopeFailedAuthz {
+		m := rlQuoted.FindStringSubmatch(detail)
+		if m == nil {
+			return RateLimit{Scope: ScopeAccount} // a scope without its name: block the account
+		}
+		r.Name = strings.ToLower(m[1])
+	}
+	if m := rlCount.FindStringSubmatch(detail); m != nil {
+		n, err := strconv.Atoi(m[1])
+		p := rlPeriod.FindStringSubmatch(detail)
+		if err == nil && n > 0 && p != nil {
+			if per, err := time.ParseDuration(p[1]); err == nil && per > 0 {
+				r.Limit = Limit{N: n, Per: per}
+			}
+		}
+	}
+	return r
+}
+
+// Limited records a rateLimited answer to order o: nothing more goes to
+// that scope until until (the CA's Retry-After), in this run or a later
+// one; the scope's bucket holds its next token at that moment; and when
+// the CA stated its limit, the budget keeps it and paces by the tighter
+// of the CA's and the configured one from then on, so that after the
+// wait it sends as the CA counts instead of meeting the same answer.
+func (b *Budget) Limited(k Key, o Order, r RateLimit, until time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.Now()
+	key, bucketKey, buckets := b.scopeKeys(k, o, r)
+	if until.After(b.st.Blocked[key]) {
+		b.st.Blocked[key] = until.UTC()
+	}
+	if r.Limit.N > 0 {
+		if b.st.Learned == nil {
+			b.st.Learned = map[string]Limit{}
+		}
+		b.st.Learned[k.Server+" "+string(r.Scope)] = r.Limit
+	}
+	// The CA says its bucket for this scope is empty until until: ours
+	// gets the level that makes one token at that moment, if it had more.
+	if l := b.limit(k.Server, r.Scope); buckets != nil && l.N > 0 {
+		rate := float64(l.N) / float64(l.Per)
+		level := 1 - float64(until.Sub(now))*rate
+		if cur := buckets[bucketKey].get(l, now).level(l, now); level < cur {
+			buckets[bucketKey] = bucket{Tokens: level, At: now}
+		}
+	}
+	return b.save(now)
+}
+
+// Block stops every new order on account k until until: a rateLimited
+// answer that names no scope.
+func (b *Budget) Block(k Key, until time.Time) error {
+	return b.Limited(k, Order{}, RateLimit{Scope: ScopeAccount}, until)
+}
+
+// scopeKeys names the block and the bucket a rateLimited answer is about.
+func (b *Budget) scopeKeys(k Key, o Order, r RateLimit) (block, bucketKey string, buckets map[string]bucket) {
+	switch r.Scope {
+	case ScopeDomain:
+		return blockKey(ScopeDomain, k.Server, r.Name), k.Server + " " + r.Name, b.st.Domains
+	case ScopeExactSet:
+		set := exactSet(o.Names)
+		return blockKey(ScopeExactSet, k.Server, set), k.Server + " " + set, b.st.Sets
+	case ScopeFailedAuthz:
+		return blockKey(ScopeFailedAuthz, k.account(), r.Name), k.account() + " " + r.Name, b.st.Failed
+	}
+	return k.account(), k.account(), b.st.Orders
+}
+
+// blockKey is a scoped block's key in blocked_until; an account's own
+// block is keyed by the account alone, as before scopes existed.
+func blockKey(s Scope, owner, what string) string {
+	return fmt.Sprintf("%s %s %s", s, owner, what)
+}
+
+// limit is the limit in force for scope s at server: the configured
+// one, tightened by what the CA said of its own (the smaller burst and
+// the slower rate of the two). A limit turned off stays off: that is the
+// operator's word about this CA.
+func (b *Budget) limit(server string, s Scope) Limit {
+	var l Limit
+	switch s {
+	case ScopeAccount:
+		l = b.Limits.Orders
+	case ScopeDomain:
+		l = b.Limits.Domain
+	case ScopeExactSet:
+		l = b.Limits.ExactSet
+	case ScopeFailedAuthz:
+		l = b.Limits.FailedAuthz
+	}
+	ca, ok := b.st.Learned[server+" "+string(s)]
+	if l.N == 0 || !ok || ca.N <= 0 || ca.Per <= 0 {
+		return l
+	}
+	return tighter(l, ca)
+}
+
+// tighter is the limit that allows no more than either a or b: the
+// smaller burst, refilling at the slower rate.
+func tighter(a, b Limit) Limit {
+	n := min(a.N, b.N)
+	rate := min(float64(a.N)/float64(a.Per), float64(b.N)/float64(b.Per))
+	return Limit{N: n, Per: time.Duration(math.Round(float64(n) / rate))}
+}
