@@ -397,7 +397,6 @@ func (b *Budget) FailedAuthz(k Key, names []string) error {
 	return b.save(now)
 }
 
-
 // save writes the budget, dropping buckets that have refilled: a full
 // bucket is the same as none, and this keeps the file the size of the
 // recent activity, not of every domain ever seen.

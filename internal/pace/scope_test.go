@@ -23,8 +23,8 @@ func TestParseRateLimit(t *testing.T) {
 			RateLimit{Scope: ScopeExactSet, Limit: Limit{5, week}}},
 		{`too many failed authorizations (5) for "a.example.com" in the last 1h0m0s, retry after 2026-12-01 12:00:00 UTC: see https://letsencrypt.org/docs/rate-limits/#authorization-failures-per-identifier-per-account`,
 			RateLimit{Scope: ScopeFailedAuthz, Name: "a.example.com", Limit: Limit{5, time.Hour}}},
-		{`too many orders in the last 1.5s`, RateLimit{Scope: ScopeAccount}},       // no count: no limit learned
-		{`slow down`, RateLimit{Scope: ScopeAccount}},                              // unknown: the account
+		{`too many orders in the last 1.5s`, RateLimit{Scope: ScopeAccount}},        // no count: no limit learned
+		{`slow down`, RateLimit{Scope: ScopeAccount}},                               // unknown: the account
 		{`too many failed authorizations recently`, RateLimit{Scope: ScopeAccount}}, // a scope without its name
 	} {
 		if got := ParseRateLimit(tc.detail); got != tc.want {
