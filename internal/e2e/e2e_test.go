@@ -50,6 +50,9 @@ type env struct {
 	pebble *testenv.Pebble
 	dir    string // lbcert --dir
 	work   string
+	// server, when set, is the directory lbcert is given instead of
+	// Pebble's own (a RateFront in front of it).
+	server string
 }
 
 func newEnv(t *testing.T, o testenv.PebbleOptions) *env {
@@ -89,7 +92,11 @@ const runDeadline = 3 * time.Minute
 // command is lbcert with the env's server, CA bundle and state
 // directory, under ctx; on cancel it gets SIGQUIT, then SIGKILL.
 func (e *env) command(ctx context.Context, args ...string) *exec.Cmd {
-	full := append([]string{"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
+	server := e.pebble.DirectoryURL
+	if e.server != "" {
+		server = e.server
+	}
+	full := append([]string{"--server", server, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
 	cmd := exec.CommandContext(ctx, lbcertBin, full...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
 	cmd.WaitDelay = 10 * time.Second

@@ -77,6 +77,7 @@ type Budget interface {
 	Reserve(k pace.Key, o pace.Order) error
 	FailedAuthz(k pace.Key, names []string) error
 	Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.Time) error
+	Refund(k pace.Key, o pace.Order) error
 	Flush() error
 }
 
@@ -628,8 +629,15 @@ func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
 func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.RateLimit, bool) {
 	e := r.e
 	wait, limited := acme.RateLimited(err)
+	budget := e.Budget != nil && !e.Opts.DryRun
+	if budget && (limited || acme.FailedValidation(err)) {
+		// Refused or failed before issuance: no certificate to count.
+		if berr := e.Budget.Refund(k, o); berr != nil {
+			slog.Warn("could not save the rate budget", "err", berr)
+		}
+	}
 	if !limited {
-		if acme.FailedValidation(err) && e.Budget != nil && !e.Opts.DryRun {
+		if budget && acme.FailedValidation(err) {
 			if berr := e.Budget.FailedAuthz(k, o.Names); berr != nil {
 				slog.Warn("could not save the rate budget", "err", berr)
 			}

@@ -175,3 +175,32 @@ func tighter(a, b Limit) Limit {
 	rate := min(float64(a.N)/float64(a.Per), float64(b.N)/float64(b.Per))
 	return Limit{N: n, Per: time.Duration(math.Round(float64(n) / rate))}
 }
+
+// Refund gives back the certificate tokens order o took, after the CA
+// refused it or its validation failed: no certificate was issued, and
+// the CA counts certificates, not attempts. Its new-order token stays
+// spent, as the CA counts every order it created.
+func (b *Budget) Refund(k Key, o Order) error {
+	if o.Replaces != "" {
+		return nil // an ARI order took none (or only its once-per-certificate exemption, kept)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.Now()
+	give := func(m map[string]bucket, key string, l Limit) {
+		if l.N == 0 {
+			return
+		}
+		if bk, ok := m[key]; ok {
+			m[key] = bucket{Tokens: min(bk.level(l, now)+1, float64(l.N)), At: now}
+		}
+	}
+	if !o.Renewal {
+		for _, d := range registered(o.Names) {
+			give(b.st.Domains, k.Server+" "+d, b.limit(k.Server, ScopeDomain))
+		}
+	}
+	give(b.st.Sets, k.Server+" "+exactSet(o.Names), b.limit(k.Server, ScopeExactSet))
+	b.dirty = true
+	return b.maybeSave(now)
+}

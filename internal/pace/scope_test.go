@@ -113,3 +113,26 @@ func TestLearnedLimit(t *testing.T) {
 		t.Fatalf("--rate-orders off: %v", err)
 	}
 }
+
+// An order that failed validation or was refused gets its certificate
+// tokens back (no certificate was issued), not its new-order token.
+func TestRefund(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	l := LetsEncrypt
+	l.Orders = Limit{10, time.Hour}
+	b, _ := Open(t.TempDir(), l, c.now)
+	o := Order{Names: []string{"flaky.example.com"}}
+	for i := range 8 {
+		if err := b.Reserve(acct, o); err != nil {
+			t.Fatalf("attempt %d: %v", i+1, err) // without refunds the 6th would hit the exact-set limit
+		}
+		b.Refund(acct, o)
+	}
+	var d *Denied
+	for range 2 {
+		b.Reserve(acct, Order{Names: []string{"other.example.com"}})
+	}
+	if err := b.Reserve(acct, o); !errors.As(err, &d) || !strings.Contains(d.Reason, "new-orders budget") {
+		t.Fatalf("refunds gave back the new-order tokens too: %v", err)
+	}
+}
