@@ -48,7 +48,9 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, deploy or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing or all")
+	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
+	paceC := flag.Int("pace-concurrency", 8, "lbcert batch --concurrency in the pacing benchmark")
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
@@ -72,6 +74,12 @@ func main() {
 		}
 		os.MkdirAll(w, 0o755)
 		err = benchRenewDue(*renewDueN, *renewDueC, b, *before, w)
+	}
+	if err == nil && (*only == "all" || *only == "pacing") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchPacing(*paceN, *paceC, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "deploy") {
 		w, _ := filepath.Abs(*work)
