@@ -42,11 +42,14 @@ e2e: deps
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
 # CSV, then renew of 200 due lineages beside batch issuing 200 (with
-# Pebble's CPU beside lbcert's), all in the same run
-# (internal/bench/README.md), then the Go benchmarks.
+# Pebble's CPU beside lbcert's), then 200 names through a front that
+# enforces Let's Encrypt's limits, all in the same run
+# (internal/bench/README.md), then the renewal-spread simulation and the
+# Go benchmarks.
 bench: build bench-deps
 	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
+	$(GO) test -count=1 -run TestRenewalSpread -v ./internal/renewal/
 	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/
 
 fuzz:
