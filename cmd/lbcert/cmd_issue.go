@@ -109,7 +109,7 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	}
 	p := &issuePlan{domains: domains, name: o.Name}
 	if p.name == "" {
-		p.name = domains[0]
+		p.name = names.LineageFor(domains[0])
 	}
 	if err := names.Lineage(p.name); err != nil {
 		return nil, exit.Errorf("--name: %v", err)

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sort"
 	"strings"
@@ -163,6 +164,11 @@ func check(bundle, keyPEM []byte, domains []string) (*Result, error) {
 		return nil, errors.New("CA returned a certificate that does not match our private key")
 	}
 	got := slices.Clone(leaf.DNSNames)
+	for _, ip := range leaf.IPAddresses { // RFC 8738 identifiers, canonical as names.Domain keeps them
+		if a, ok := netip.AddrFromSlice(ip); ok {
+			got = append(got, a.Unmap().String())
+		}
+	}
 	want := slices.Clone(domains)
 	sort.Strings(got)
 	sort.Strings(want)

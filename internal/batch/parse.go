@@ -554,7 +554,7 @@ func (p *parser) finish(c *checker, row Row) {
 		return
 	}
 	if row.Name == "" {
-		row.Name = row.Domains[0]
+		row.Name = names.LineageFor(row.Domains[0])
 	}
 	for _, d := range row.Domains {
 		if prev, dup := p.names[d]; dup {

@@ -9,6 +9,8 @@ package challenge
 
 import (
 	"fmt"
+	"net"
+	"net/netip"
 	"strings"
 )
 
@@ -33,9 +35,12 @@ func checkToken(token string) error {
 // hostOnly strips a port and a trailing dot from a Host header and
 // lowercases it, so that "Shop.Example.net.:8888" matches "shop.example.net".
 func hostOnly(host string) string {
-	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.Contains(host[i:], "]") {
-		host = host[:i]
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h // "name:port", "1.2.3.4:port", "[v6]:port"
 	}
 	host = strings.TrimPrefix(strings.TrimSuffix(host, "]"), "[")
+	if a, err := netip.ParseAddr(host); err == nil {
+		return a.String() // an RFC 8738 address, however the client wrote it
+	}
 	return strings.ToLower(strings.TrimSuffix(host, "."))
 }

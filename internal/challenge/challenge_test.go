@@ -159,3 +159,22 @@ func TestWebrootUnderUmask077(t *testing.T) {
 		t.Fatalf("a 0750 webroot (group may read): %v", err)
 	}
 }
+
+// The responder finds a token by the Host the CA sends: a name or an
+// RFC 8738 address, with or without a port, in any case or IPv6 form.
+func TestHostOnly(t *testing.T) {
+	for in, want := range map[string]string{
+		"Shop.Example.net.:8888": "shop.example.net",
+		"shop.example.net":       "shop.example.net",
+		"127.0.0.1":              "127.0.0.1",
+		"127.0.0.1:80":           "127.0.0.1",
+		"2001:db8::1":            "2001:db8::1",
+		"[2001:DB8::1]:80":       "2001:db8::1",
+		"[2001:db8:0:0::1]":      "2001:db8::1",
+		"[::1]:8888":             "::1",
+	} {
+		if got := hostOnly(in); got != want {
+			t.Errorf("hostOnly(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -64,8 +64,8 @@ func Domain(raw string) (string, error) {
 	if strings.Contains(name, "*") {
 		return "", fmt.Errorf("domain %s: wildcard names need DNS-01 validation, which HTTP-01 cannot do", q)
 	}
-	if isIP(name) {
-		return "", fmt.Errorf("domain %s: IP addresses are not supported, use a DNS name", q)
+	if looksLikeAddress(name) {
+		return address(name, q)
 	}
 	if strings.ContainsAny(name, `/\`) {
 		return "", fmt.Errorf("domain %s: contains a path separator", q)
@@ -161,10 +161,58 @@ func checkLabels(raw, name string, ascii bool) error {
 	return nil
 }
 
-func isIP(s string) bool {
-	s = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-	_, err := netip.ParseAddr(s)
+// looksLikeAddress reports whether s is meant as an IP address (RFC 8738)
+// rather than a DNS name: it has a colon (IPv6; a DNS name never does),
+// brackets, or only digits and dots with a dot in it. "127.000.000.001"
+// and "10.0.0.0/8" are addresses meant, and refused as such below.
+func looksLikeAddress(s string) bool {
+	if strings.ContainsAny(s, ":[]") {
+		return true
+	}
+	s, _, _ = strings.Cut(s, "/")
+	return strings.Contains(s, ".") && strings.ContainsAny(s, "0123456789") && strings.Trim(s, "0123456789.") == ""
+}
+
+// address returns an IP address in its canonical form (IPv6 compressed
+// and lower-case), or says in one line why it cannot be a certificate's.
+func address(s, q string) (string, error) {
+	inner := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+	switch {
+	case strings.Contains(inner, "/"):
+		return "", fmt.Errorf("domain %s: an address range; a certificate names single addresses", q)
+	case strings.Contains(inner, "%"):
+		return "", fmt.Errorf("domain %s: an IPv6 zone (%%…) only means something on this host; give the address alone", q)
+	}
+	a, err := netip.ParseAddr(inner)
+	if err != nil {
+		reason := strings.TrimPrefix(err.Error(), "ParseAddr("+fmt.Sprintf("%q", inner)+"): ")
+		if strings.Contains(reason, "leading zero") {
+			reason = "a leading zero (some read it as octal); write each part without one"
+		}
+		return "", fmt.Errorf("domain %s: not a valid IP address: %s", q, reason)
+	}
+	switch {
+	case a.Is4In6():
+		return "", fmt.Errorf("domain %s: an IPv4-mapped IPv6 address; give it as %s", q, a.Unmap())
+	case a.IsUnspecified(), a.IsMulticast():
+		return "", fmt.Errorf("domain %s: not an address a client connects to, so no CA can validate it", q)
+	}
+	return a.String(), nil
+}
+
+// IsAddress reports whether a normalised name (from Domain) is an IP
+// address.
+func IsAddress(name string) bool {
+	_, err := netip.ParseAddr(name)
 	return err == nil
+}
+
+// LineageFor is the default lineage name for a certificate whose first
+// name is first: the name itself, or for an IPv6 address the address
+// with its colons as hyphens, which is safe as a path component and a
+// file name everywhere ("2001:db8::1" -> "2001-db8--1").
+func LineageFor(first string) string {
+	return strings.ReplaceAll(first, ":", "-")
 }
 
 func hasNonASCII(s string) bool {

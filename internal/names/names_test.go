@@ -21,9 +21,21 @@ func TestDomain(t *testing.T) {
 		{in: "", err: "empty name"},
 		{in: "*.example.com", err: "wildcard"},
 		{in: "foo.*.example.com", err: "wildcard"},
-		{in: "192.0.2.1", err: "IP addresses are not supported"},
-		{in: "2001:db8::1", err: "IP addresses are not supported"},
-		{in: "[::1]", err: "IP addresses are not supported"},
+		// RFC 8738 addresses, canonical, and the forms that are refused.
+		{in: "192.0.2.1", want: "192.0.2.1"},
+		{in: "127.0.0.1.", want: "127.0.0.1"},
+		{in: "2001:DB8:0:0::1", want: "2001:db8::1"},
+		{in: "[::1]", want: "::1"},
+		{in: "127.000.000.001", err: "leading zero"},
+		{in: "10.0.0.0/8", err: "an address range"},
+		{in: "2001:db8::/32", err: "an address range"},
+		{in: "fe80::1%eth0", err: "an IPv6 zone"},
+		{in: "::ffff:192.0.2.1", err: "give it as 192.0.2.1"},
+		{in: "0.0.0.0", err: "not an address a client connects to"},
+		{in: "::", err: "not an address a client connects to"},
+		{in: "224.0.0.1", err: "not an address a client connects to"},
+		{in: "192.0.2", err: "not a valid IP address"},
+		{in: "1.2.3.4.5", err: "not a valid IP address"},
 		{in: "a..example", err: "empty label"},
 		{in: ".example.com", err: "empty label"},
 		{in: "example.com..", err: "empty label"},
@@ -123,7 +135,8 @@ func TestRefusedBeforeTheCA(t *testing.T) {
 	for _, c := range []struct{ in, want string }{
 		{"xn--zz.example.com", "not valid IDNA 2008"},
 		{"💩.example.com", "is a symbol"},
-		{"127.000.000.001", "last label is all digits"},
+		{"127.000.000.001", "not a valid IP address: a leading zero"},
+		{"a.127.000.000.001", "last label is all digits"},
 		{"www.example.123", "last label is all digits"},
 	} {
 		if _, err := Domain(c.in); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -149,5 +162,16 @@ func TestRefusedBeforeTheCA(t *testing.T) {
 	_, err := Domain(huge)
 	if err == nil || len(err.Error()) > 300 || !strings.Contains(err.Error(), "…") {
 		t.Errorf("a 10 MB name gave a %d-byte error", len(fmt.Sprint(err)))
+	}
+}
+
+func TestLineageFor(t *testing.T) {
+	for in, want := range map[string]string{"example.com": "example.com", "192.0.2.1": "192.0.2.1", "2001:db8::1": "2001-db8--1", "::1": "--1"} {
+		if got := LineageFor(in); got != want || Lineage(got) != nil {
+			t.Errorf("LineageFor(%q) = %q (%v), want %q", in, got, Lineage(got), want)
+		}
+	}
+	if !IsAddress("2001:db8::1") || !IsAddress("127.0.0.1") || IsAddress("example.com") {
+		t.Fatal("IsAddress")
 	}
 }

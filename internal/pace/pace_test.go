@@ -35,8 +35,9 @@ func TestParseLimit(t *testing.T) {
 	}
 }
 
-// TestOrdersBucket: a burst of N, then one per Per/N, and the state
-// survives a new process.
+// TestOrdersBucket: a burst of N; once drained, one token in hand, so
+// the next order waits two tokens' time and then one per Per/N; the
+// state survives a new process.
 func TestOrdersBucket(t *testing.T) {
 	dir := t.TempDir()
 	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
@@ -49,19 +50,19 @@ func TestOrdersBucket(t *testing.T) {
 	}
 	err := b.Reserve(acct, Order{Names: []string{"a.example.com"}})
 	var d *Denied
-	if !errors.As(err, &d) || d.Wait != time.Hour || !strings.Contains(d.Reason, "new-orders budget (3/3h per account)") {
+	if !errors.As(err, &d) || d.Wait != 2*time.Hour || !strings.Contains(d.Reason, "new-orders budget (3/3h per account)") {
 		t.Fatalf("4th order: %v", err)
 	}
 	// Another account on the same CA has its own bucket.
 	if err := b.Reserve(Key{acct.Server, "other@example.com"}, Order{Names: []string{"b.example.com"}}); err != nil {
 		t.Fatal(err)
 	}
-	// A new process sees the spent budget once it is flushed; an hour
-	// later one token is back.
+	// A new process sees the spent budget once it is flushed; two hours
+	// later the order goes, and the one after waits an hour, not two.
 	if err := b.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	c.t = c.t.Add(59 * time.Minute)
+	c.t = c.t.Add(119 * time.Minute)
 	b2, _ := Open(dir, l, c.now)
 	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err == nil {
 		t.Fatal("budget not persisted")
@@ -70,8 +71,15 @@ func TestOrdersBucket(t *testing.T) {
 	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
 		t.Fatalf("after refill: %v", err)
 	}
-	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err == nil {
-		t.Fatal("refilled more than one token")
+	if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); !errors.As(err, &d) || d.Wait != time.Hour {
+		t.Fatalf("steady pace: %v, want one per hour", err)
+	}
+	// Full again: a fresh burst of 3.
+	c.t = c.t.Add(4 * time.Hour)
+	for i := range 3 {
+		if err := b2.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
+			t.Fatalf("second burst, order %d: %v", i, err)
+		}
 	}
 }
 

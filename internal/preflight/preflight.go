@@ -24,6 +24,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
+	lbnames "github.com/lbcert/lbcert/internal/names"
 )
 
 // Responder is where a token is put for the route check: the same
@@ -72,7 +73,9 @@ func (c *Checker) timeout() time.Duration {
 // for every name. The error says which name failed and why, with a hint.
 func (c *Checker) Check(ctx context.Context, names []string, r Responder) error {
 	for _, n := range names {
-		if c.DNSEnabled() {
+		// An RFC 8738 address has no DNS to check; the route is still
+		// fetched through it below, as the CA will.
+		if c.DNSEnabled() && !lbnames.IsAddress(n) {
 			if err := c.DNS(ctx, n); err != nil {
 				return err
 			}

@@ -110,3 +110,19 @@ func TestHTTPCauses(t *testing.T) {
 		t.Fatalf("403: %v (hint %q)", err, hint.Of(err))
 	}
 }
+
+// An address needs no DNS: with --expect-ip set to something else, the
+// DNS step is skipped for it (a literal resolves to itself), and the
+// route is still fetched through the address.
+func TestAddressSkipsDNS(t *testing.T) {
+	ctx := context.Background()
+	good, port := listen(t)
+	c := &Checker{HTTPPort: port, ExpectIPs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}, Resolver: "127.0.0.1:1"}
+	if err := c.Check(ctx, []string{"127.0.0.1"}, good); err != nil {
+		t.Fatalf("address: %v", err)
+	}
+	other, _ := listen(t)
+	if err := c.Check(ctx, []string{"127.0.0.1"}, other); err == nil || !strings.Contains(err.Error(), "GET http://127.0.0.1:") {
+		t.Fatalf("the route was not fetched through the address: %v", err)
+	}
+}
