@@ -62,6 +62,11 @@ type Client struct {
 	opts   Options
 	lego   *lego.Client
 	router *router
+	hc     *http.Client
+
+	dirOnce sync.Once // the directory's meta, read on first need
+	dirMeta directoryMeta
+	dirErr  error
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -232,7 +237,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{opts: o, lego: lc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c := &Client{opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
 	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
 		return nil, err
 	}

@@ -57,6 +57,9 @@ type Request struct {
 type Result struct {
 	Files store.Files
 	Info  store.CertInfo
+	// Profile is the profile ordered under: the one asked for, or the
+	// one lbcert picked (shortlived for an IP address).
+	Profile string
 }
 
 // Obtain orders a certificate for r.Domains, answers the HTTP-01
@@ -75,6 +78,10 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	} else if key, err = certcrypto.GeneratePrivateKey(kt); err != nil {
 		return nil, err
 	}
+	profile, err := c.pickProfile(r)
+	if err != nil {
+		return nil, err
+	}
 	if err := c.router.set(r.Domains, r.Provider); err != nil {
 		return nil, err
 	}
@@ -84,7 +91,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		Domains:        r.Domains,
 		PrivateKey:     key,
 		Bundle:         true,
-		Profile:        r.Profile,
+		Profile:        profile,
 		ReplacesCertID: r.Replaces,
 	}
 	res, err := c.lego.Certificate.Obtain(req)
@@ -101,7 +108,12 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}
-	return check(res.Certificate, res.PrivateKey, r.Domains)
+	out, err := check(res.Certificate, res.PrivateKey, r.Domains)
+	if err != nil {
+		return nil, err
+	}
+	out.Profile = profile
+	return out, nil
 }
 
 // replacesRejected reports whether err is the CA's error response to an

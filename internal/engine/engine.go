@@ -231,6 +231,11 @@ func (e *Engine) decide(s *step, now time.Time) {
 		// (Traefik drops it on renewal; lbcert does not).
 		s.job.Lineage.Profile = prev.Profile
 	}
+	if err := pace.CheckProfileNames(s.job.Lineage.Server, s.job.Lineage.Profile, len(s.job.Lineage.Domains)); err != nil {
+		s.item.Outcome, s.item.Error = Invalid, err.Error()
+		s.item.Hint = "split the names over several lineages, or choose a profile that allows more with --profile"
+		return
+	}
 
 	// A certificate obtained earlier and never deployed comes first: it
 	// is valid and paid for, and ordering again would spend the CA's
@@ -663,6 +668,9 @@ func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.Ra
 func (r *run) obtained(s *step, l store.Lineage, got *acme.Result) {
 	e, it := r.e, s.item
 	l.Cert = got.Info
+	if l.Profile == "" {
+		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
+	}
 	l.IssuedAt = e.now().UTC()
 	it.Serial, it.NotAfter = got.Info.Serial, timePtr(got.Info.NotAfter)
 	it.dueNow = false

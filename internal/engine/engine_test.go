@@ -662,3 +662,18 @@ func TestDeadCABreaker(t *testing.T) {
 		}
 	}
 }
+
+// More names than the Let's Encrypt profile allows: invalid, with one
+// line, and nothing sent to the CA.
+func TestProfileNameLimitBeforeTheCA(t *testing.T) {
+	f := newFixture(t)
+	j := job("many.test")
+	j.Lineage.Server, j.Lineage.Profile = "https://acme-v02.api.letsencrypt.org/directory", "shortlived"
+	for i := range 25 {
+		j.Lineage.Domains = append(j.Lineage.Domains, fmt.Sprintf("n%d.many.test", i))
+	}
+	res := f.run(context.Background(), Options{Command: "issue"}, j)
+	if res.Counts[Invalid] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "26 names in one certificate: Let's Encrypt's shortlived profile allows at most 25") {
+		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
+	}
+}

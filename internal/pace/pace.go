@@ -463,3 +463,27 @@ func (b *Budget) save(now time.Time) error {
 	b.dirty, b.lastSave = false, time.Now()
 	return nil
 }
+
+// letsEncryptProfileNames is the most names one certificate may carry
+// under each of Let's Encrypt's profiles (its profiles page): the
+// classic one allows 100, the 45-day and 6-day ones 25.
+var letsEncryptProfileNames = map[string]int{"classic": 100, "tlsserver": 25, "shortlived": 25}
+
+// letsEncryptServers are the directories the table applies to.
+var letsEncryptServers = []string{"https://acme-v02.api.letsencrypt.org/directory", "https://acme-staging-v02.api.letsencrypt.org/directory"}
+
+// CheckProfileNames refuses, before any request, a certificate with more
+// names than the profile allows at Let's Encrypt. Other CAs' limits are
+// not known here; they answer for themselves.
+func CheckProfileNames(server, profile string, n int) error {
+	if !slices.Contains(letsEncryptServers, strings.TrimRight(server, "/")) {
+		return nil
+	}
+	if profile == "" {
+		profile = "classic"
+	}
+	if limit, ok := letsEncryptProfileNames[profile]; ok && n > limit {
+		return fmt.Errorf("%d names in one certificate: Let's Encrypt's %s profile allows at most %d", n, profile, limit)
+	}
+	return nil
+}

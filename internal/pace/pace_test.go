@@ -221,3 +221,21 @@ func TestExemptions(t *testing.T) {
 		}
 	})
 }
+
+func TestCheckProfileNames(t *testing.T) {
+	le := "https://acme-v02.api.letsencrypt.org/directory"
+	for _, tc := range []struct {
+		server, profile string
+		n               int
+		ok              bool
+	}{
+		{le, "", 100, true}, {le, "classic", 100, true}, {le, "shortlived", 25, true},
+		{le, "shortlived", 26, false}, {le, "tlsserver", 26, false},
+		{"https://acme-staging-v02.api.letsencrypt.org/directory/", "tlsserver", 30, false},
+		{"https://ca.example/dir", "shortlived", 60, true}, // another CA's limits are its own
+	} {
+		if err := CheckProfileNames(tc.server, tc.profile, tc.n); (err == nil) != tc.ok {
+			t.Errorf("%s %q %d names: %v", tc.server, tc.profile, tc.n, err)
+		}
+	}
+}
