@@ -1,0 +1,172 @@
+package e2e
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// servedNoSNI is the serial addr serves to a client that sends no server
+// name, as a health check or a client dialling the VIP by address does.
+func servedNoSNI(t *testing.T, addr string) string {
+	t.Helper()
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("TLS to %s without SNI: %v", addr, err)
+	}
+	defer conn.Close()
+	return fmt.Sprintf("%x", conn.ConnectionState().PeerCertificates[0].SerialNumber)
+}
+
+func servedNoSNIEventually(t *testing.T, addr, want string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if servedNoSNI(t, addr) == want {
+			return
+		}
+	}
+	t.Fatalf("%s serves %s without SNI, want %s", addr, servedNoSNI(t, addr), want)
+}
+
+// TestIPCertificates: certificates for load-balancer addresses (RFC
+// 8738). 127.0.0.1 is issued over HTTP-01 through the standalone
+// listener, under the CA's shortlived profile since none was asked for,
+// and deployed to a real nginx as its default_server; 127.0.0.2 is
+// deployed to a real HAProxy as the bind's default certificate. Both
+// are served to clients that send no SNI, renewed with their profile,
+// and the HAProxy one is deleted.
+func TestIPCertificates(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{ShortLived: true})
+	port := e.pebble.HTTPPort
+
+	// nginx: issue first (nginx cannot start without the files).
+	r := e.mustRun("issue", "-d", "127.0.0.1", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--agree-tos")
+	if !strings.Contains(r.stderr, "using the CA's shortlived profile") {
+		t.Fatalf("no word about the profile picked:\n%s", r.stderr)
+	}
+	c := e.leaf("127.0.0.1")
+	if len(c.IPAddresses) != 1 || !c.IPAddresses[0].Equal(net.ParseIP("127.0.0.1")) || len(c.DNSNames) != 0 {
+		t.Fatalf("certificate names %v %v, want the address alone", c.IPAddresses, c.DNSNames)
+	}
+	if life := c.NotAfter.Sub(c.NotBefore); life > 7*24*time.Hour {
+		t.Fatalf("lifetime %v: not the shortlived profile", life)
+	}
+	if meta := readFile(t, filepath.Join(e.dir, "live", "127.0.0.1", "lineage.json")); !strings.Contains(meta, `"profile": "shortlived"`) {
+		t.Fatalf("the picked profile was not saved:\n%s", meta)
+	}
+
+	nginxTLS := freeAddr(t)
+	prefix := filepath.Join(e.work, "nginx")
+	os.MkdirAll(prefix, 0o755)
+	live := filepath.Join(e.dir, "live", "127.0.0.1")
+	n, err := testenv.StartNginx(prefix, testenv.NginxConfig(prefix, fmt.Sprintf(`
+    server {
+        listen %s ssl default_server;
+        ssl_certificate %s/fullchain.pem;
+        ssl_certificate_key %s/privkey.pem;
+        return 200 "ok\n";
+    }`, nginxTLS, live, live)), nginxTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+	if got := servedNoSNI(t, nginxTLS); got != e.serial("127.0.0.1") {
+		t.Fatalf("nginx serves %s without SNI, want %s", got, e.serial("127.0.0.1"))
+	}
+	r = e.mustRun("issue", "-d", "127.0.0.1", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--force",
+		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin, "--verify-addr", nginxTLS)
+	if !strings.Contains(r.stdout, "deployed, verified") {
+		t.Fatalf("nginx deploy of the address lineage:\n%s", r.stdout)
+	}
+	servedNoSNIEventually(t, nginxTLS, e.serial("127.0.0.1"))
+
+	// HAProxy: 127.0.0.2's PEM is the bind's first crt, so HAProxy
+	// serves it when no SNI comes; the directory holds the rest.
+	hdir := filepath.Join(e.work, "haproxy")
+	certs := filepath.Join(hdir, "certs")
+	os.MkdirAll(hdir, 0o755)
+	haTLS := freeAddr(t)
+	conf := filepath.Join(hdir, "haproxy.cfg")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`global
+    stats socket %s level admin
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+frontend tls
+    bind %s ssl crt %s/127.0.0.2.pem crt %s
+    http-request return status 200 content-type text/plain string ok
+`, filepath.Join(hdir, "admin.sock"), haTLS, certs, certs)), 0o644)
+	e.mustRun("issue", "-d", "127.0.0.2", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.2:%d", port), "--agree-tos",
+		"--deploy", "haproxy", "--haproxy-conf", conf, "--haproxy-certs", certs, "--reload-cmd", "true")
+	// A name lineage beside it, served by SNI from the same bind.
+	e.mustRun("issue", "-d", "named.example.com", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--agree-tos",
+		"--profile", "default", "--deploy", "haproxy", "--haproxy-conf", conf, "--haproxy-certs", certs, "--reload-cmd", "true")
+	h, err := testenv.StartHAProxy(hdir, conf, haTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Stop()
+	if got := servedNoSNI(t, haTLS); got != e.serial("127.0.0.2") {
+		t.Fatalf("HAProxy serves %s without SNI, want the address's %s", got, e.serial("127.0.0.2"))
+	}
+	if got := served(t, haTLS, "named.example.com"); got != e.serial("named.example.com") {
+		t.Fatalf("HAProxy serves %s for named.example.com, want %s", got, e.serial("named.example.com"))
+	}
+	// Now running: updated over the runtime API and verified without SNI.
+	r = e.mustRun("issue", "-d", "127.0.0.2", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.2:%d", port), "--force",
+		"--haproxy-socket", filepath.Join(hdir, "admin.sock"), "--verify-addr", haTLS)
+	if !strings.Contains(r.stdout, "deployed, verified") {
+		t.Fatalf("HAProxy deploy of the address lineage:\n%s", r.stdout)
+	}
+	servedNoSNIEventually(t, haTLS, e.serial("127.0.0.2"))
+
+	// renew: both address lineages, their profile kept, deployed and
+	// verified without SNI.
+	before1, before2 := e.serial("127.0.0.1"), e.serial("127.0.0.2")
+	r = e.mustRun("renew", "--force", "--no-random-sleep", "--name", "127.0.0.1", "--name", "127.0.0.2")
+	if !strings.Contains(r.stdout, "2 renewed") {
+		t.Fatalf("renew:\n%s%s", r.stdout, r.stderr)
+	}
+	for _, a := range []string{"127.0.0.1", "127.0.0.2"} {
+		c := e.leaf(a)
+		if life := c.NotAfter.Sub(c.NotBefore); life > 7*24*time.Hour {
+			t.Fatalf("%s renewed with lifetime %v: the profile did not stick", a, life)
+		}
+	}
+	if e.serial("127.0.0.1") == before1 || e.serial("127.0.0.2") == before2 {
+		t.Fatal("not renewed")
+	}
+	servedNoSNIEventually(t, nginxTLS, e.serial("127.0.0.1"))
+	servedNoSNIEventually(t, haTLS, e.serial("127.0.0.2"))
+
+	if r := e.mustRun("list"); !strings.Contains(r.stdout, "127.0.0.2") {
+		t.Fatalf("list does not show the address:\n%s", r.stdout)
+	}
+	// delete refuses while the config names the PEM; the operator drops
+	// the line first.
+	if r := e.run("delete", "--name", "127.0.0.2", "--yes"); r.code == 0 || !strings.Contains(r.stderr, "haproxy config still uses 127.0.0.2") {
+		t.Fatalf("delete with the address still configured: exit %d\n%s", r.code, r.stderr)
+	}
+	cfg := readFile(t, conf)
+	os.WriteFile(conf, []byte(strings.Replace(cfg, "crt "+certs+"/127.0.0.2.pem ", "", 1)), 0o644)
+	e.mustRun("delete", "--name", "127.0.0.2", "--yes")
+	if _, err := os.Stat(filepath.Join(certs, "127.0.0.2.pem")); !os.IsNotExist(err) {
+		t.Fatalf("the deleted lineage's HAProxy PEM is still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "live", "127.0.0.2")); !os.IsNotExist(err) {
+		t.Fatalf("the deleted address lineage is still live: %v", err)
+	}
+	if r := e.mustRun("list"); strings.Contains(r.stdout, "127.0.0.2") {
+		t.Fatalf("list still shows the deleted lineage:\n%s", r.stdout)
+	}
+}
