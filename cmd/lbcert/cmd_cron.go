@@ -12,8 +12,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -55,8 +57,11 @@ func (a *app) newCronCmd() *cobra.Command {
 	o := &cronOptions{}
 	cmd := &cobra.Command{
 		Use:   "cron",
-		Short: "Install, show or remove the daily renew cron entry",
-		Long: `Manage the cron entry that runs "lbcert renew -q" once a day.
+		Short: "Install, show or remove the renew cron entry",
+		Long: `Manage the cron entry that runs "lbcert renew -q": twice a day, or every
+6 hours when any certificate lives 10 days or less (each certificate
+should get at least 3 runs between its renewal time and expiry; renew and
+list warn when the schedule as it really ran leaves fewer).
 
 The time is picked at random when the entry is first installed, never on a
 round minute, so that hosts do not all hit the CA at 00:00. The
@@ -65,8 +70,8 @@ crontab. "cron install" is idempotent: run again, it keeps the time it
 picked.
 
 With --systemd it writes lbcert-renew.service and lbcert-renew.timer
-instead (for hosts without cron, as Debian's certbot does): twice a day at
-a random minute, RandomizedDelaySec=1h and Persistent=true, so a run missed
+instead (for hosts without cron, as Debian's certbot does): at the same
+cadence at a random minute, RandomizedDelaySec=1h and Persistent=true, so a run missed
 while the host was off happens at boot. Enable it with
 "systemctl daemon-reload && systemctl enable --now lbcert-renew.timer".`,
 		Args: cobra.NoArgs,
@@ -146,16 +151,52 @@ func randomTime() (minute, hour int) {
 	}
 }
 
-var cronTimeRE = regexp.MustCompile(`^(\d+) (\d+) \* \* \* `)
+var cronTimeRE = regexp.MustCompile(`^(\d+) (\d+)[\d,]* \* \* \* `)
 
-// entryTime keeps an installed entry's time, so install is idempotent.
-func entryTime(existing string) (string, bool) {
+// entryTime keeps an installed entry's minute and first hour, so install
+// is idempotent; the hours that follow are the schedule's (schedule).
+func entryTime(existing string) (minute, hour int, ok bool) {
 	for _, line := range strings.Split(existing, "\n") {
 		if m := cronTimeRE.FindStringSubmatch(line); m != nil && strings.Contains(line, " renew -q") {
-			return m[1] + " " + m[2], true
+			minute, _ = strconv.Atoi(m[1])
+			hour, _ = strconv.Atoi(m[2])
+			return minute, hour % 24, true
 		}
 	}
-	return "", false
+	return 0, 0, false
+}
+
+// shortLivedAt is the lifetime at or below which the schedule runs every
+// 6 hours: a 6-day certificate renews 2 to 3 days before expiry, and
+// three chances in that window need runs at most 16 hours apart.
+const shortLivedAt = 10 * 24 * time.Hour
+
+// runsPerDay is how often renew should run for the lineages in st: twice
+// a day, as certbot's timer runs (one failed run still leaves another
+// the same day), or four times with any certificate of 10 days or less.
+func runsPerDay(st *store.Store) int {
+	names, _ := st.Names()
+	for _, n := range names {
+		if l, err := st.Load(n); err == nil && l.Cert.NotAfter.Sub(l.Cert.NotBefore) <= shortLivedAt {
+			return 4
+		}
+	}
+	return 2
+}
+
+// hours spreads perDay runs evenly over the day from first, as a list
+// of hours in format ("%d" for cron, "%02d" for systemd).
+func hours(first, perDay int, format string) string {
+	var hs []int
+	for i := range perDay {
+		hs = append(hs, (first+i*24/perDay)%24)
+	}
+	slices.Sort(hs)
+	out := make([]string, len(hs))
+	for i, h := range hs {
+		out[i] = fmt.Sprintf(format, h)
+	}
+	return strings.Join(out, ",")
 }
 
 // cronFileOf resolves --file for the state directory in use.
@@ -171,11 +212,12 @@ func (a *app) cronInstall(o *cronOptions) error {
 	if err != nil {
 		return err
 	}
-	when, ok := entryTime(existing)
+	m, h, ok := entryTime(existing)
 	if !ok {
-		m, h := randomTime()
-		when = fmt.Sprintf("%d %d", m, h)
+		m, h = randomTime()
 	}
+	perDay := runsPerDay(store.New(a.global.Dir))
+	when := fmt.Sprintf("%d %s", m, hours(h, perDay, "%d"))
 	line := when + " * * * "
 	if o.User {
 		line += a.renewCommand()
@@ -190,7 +232,7 @@ func (a *app) cronInstall(o *cronOptions) error {
 			return err
 		}
 	} else {
-		content := "# lbcert: renew certificates once a day at a random time.\n" +
+		content := fmt.Sprintf("# lbcert: renew certificates %d times a day at a random minute.\n", perDay) +
 			"# Managed by 'lbcert cron install'; 'lbcert cron remove' deletes it.\n" +
 			"SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n" +
 			line + "root " + a.renewCommand() + "\n"
@@ -204,7 +246,7 @@ func (a *app) cronInstall(o *cronOptions) error {
 			return exit.Errorf("write %s: %v", o.File, unwrapPath(err))
 		}
 	}
-	a.printf("installed daily renew at %s (minute hour): %s\n", when, a.renewCommand())
+	a.printf("installed renew %d times a day at %s (minute hour): %s\n", perDay, when, a.renewCommand())
 	return nil
 }
 
@@ -294,7 +336,7 @@ const (
 	serviceUnit = "lbcert-renew.service"
 )
 
-var onCalendarRE = regexp.MustCompile(`(?m)^OnCalendar=\*-\*-\* 00,12:(\d+):00$`)
+var onCalendarRE = regexp.MustCompile(`(?m)^OnCalendar=\*-\*-\* [\d,]+:(\d+):00$`)
 
 // timerInstall writes the systemd service and timer. Twice a day, as
 // certbot's timer runs: one failed run still leaves another the same day.
@@ -309,6 +351,8 @@ func (a *app) timerInstall(o *cronOptions) error {
 	if minute == 0 {
 		minute, _ = randomTime()
 	}
+	perDay := runsPerDay(store.New(a.global.Dir))
+	timerHours := hours(0, perDay, "%02d")
 	service := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
 [Unit]
 Description=Renew lbcert certificates that are due
@@ -322,16 +366,16 @@ ExecStart=%s
 `, strings.Replace(a.renewCommand(), " renew -q", " renew -q --no-random-sleep", 1))
 	timer := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
 [Unit]
-Description=Renew lbcert certificates twice a day
+Description=Renew lbcert certificates that are due, %d times a day
 
 [Timer]
-OnCalendar=*-*-* 00,12:%02d:00
+OnCalendar=*-*-* %s:%02d:00
 RandomizedDelaySec=1h
 Persistent=true
 
 [Install]
 WantedBy=timers.target
-`, minute)
+`, perDay, timerHours, minute)
 	if err := os.MkdirAll(o.UnitDir, 0o755); err != nil {
 		return exit.Errorf("%s: %w", o.UnitDir, unwrapPath(err))
 	}
@@ -340,8 +384,8 @@ WantedBy=timers.target
 			return exit.Errorf("write %s: %w", f.path, unwrapPath(err))
 		}
 	}
-	a.printf("installed %s (00:%02d and 12:%02d, up to 1h later at random); enable it with: systemctl daemon-reload && systemctl enable --now %s\n",
-		timerPath, minute, minute, timerUnit)
+	a.printf("installed %s (at minute %02d of hours %s, up to 1h later at random); enable it with: systemctl daemon-reload && systemctl enable --now %s\n",
+		timerPath, minute, timerHours, timerUnit)
 	return nil
 }
 

@@ -45,6 +45,7 @@ type listEntry struct {
 	Failures    int         `json:"failures,omitempty"`
 	LastError   string      `json:"last_error,omitempty"`
 	BackoffTill *time.Time  `json:"backoff_until,omitempty"`
+	Cadence     string      `json:"cadence_warning,omitempty"` // renew runs too seldom for this certificate
 	Paths       store.Paths `json:"paths"`
 	Error       string      `json:"error,omitempty"` // the lineage could not be read
 }
@@ -167,6 +168,11 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 		next := status.NextAttempt.UTC()
 		e.BackoffTill = &next
 	}
+	// The schedule as renew has really run here, up to now: a cron that
+	// stopped a week ago shows as a week's gap.
+	if runs := st.Runs(); len(runs) > 0 {
+		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(runs, now))
+	}
 	return e, nil
 }
 
@@ -220,6 +226,9 @@ func (a *app) printTable(entries []listEntry) {
 			if e.BackoffTill != nil {
 				status = fmt.Sprintf("%d failures, retry %s: %s", e.Failures, a.when(*e.BackoffTill), e.LastError)
 			}
+		}
+		if e.Cadence != "" {
+			status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, strings.Join(e.Domains, ","), a.when(e.NotAfter), e.DaysLeft,
 			a.renewWhen(e.RenewAt), e.RenewReason, e.Challenge, e.Deploy, status)

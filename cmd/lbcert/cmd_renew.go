@@ -179,6 +179,11 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 				fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
 			}
 		}
+		if it.Cadence != "" {
+			// Even on a nothing-due run: a schedule too slow for the
+			// certificates is silent until one expires (-q keeps it).
+			fmt.Fprintf(a.err, "lbcert: warning: %s: %s\n", it.Name, it.Cadence)
+		}
 	}
 	c := res.Counts
 	changed := c[engine.Renewed] + c[engine.Issued] + c[engine.Deployed]

@@ -85,3 +85,90 @@ func TestListGolden(t *testing.T) {
 	golden(t, "list.json", replaceDir(runGolden(t, false, "--dir", dir, "list", "--json")))
 	golden(t, "show-terminal.txt", replaceDir(runGolden(t, true, "--dir", dir, "show", "broken.example.org")))
 }
+
+// The schedule fits the certificates: twice a day, or every 6 hours once
+// a lineage lives 10 days or less; an installed entry keeps its minute
+// and first hour and gains the hours it now needs.
+func TestCronCadence(t *testing.T) {
+	dir := fixtureStore(t)
+	cron := filepath.Join(t.TempDir(), "lbcert")
+	runGolden(t, false, "--dir", dir, "cron", "install", "--file", cron)
+	line := func() []string {
+		data, _ := os.ReadFile(cron)
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.Contains(l, " renew -q") {
+				return strings.Fields(l)
+			}
+		}
+		t.Fatalf("no renew line in\n%s", data)
+		return nil
+	}
+	f := line()
+	if hs := strings.Split(f[1], ","); len(hs) != 2 {
+		t.Fatalf("90-day lineages: hours %q, want two", f[1])
+	}
+	st := store.New(dir)
+	_, _, err := st.Save(&store.Lineage{Name: "six.example.com", Domains: []string{"six.example.com"}, Server: "https://acme.test/dir", KeyType: "ec256",
+		Challenge: store.Challenge{Mode: "standalone", HTTPAddr: ":80"},
+		Cert:      store.CertInfo{Serial: "0b", NotBefore: fixedNow, NotAfter: fixedNow.Add(6 * 24 * time.Hour)}},
+		store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runGolden(t, false, "--dir", dir, "cron", "install", "--file", cron)
+	g := line()
+	hs := strings.Split(g[1], ",")
+	if g[0] != f[0] || len(hs) != 4 || !strings.Contains(g[1], strings.Split(f[1], ",")[0]) {
+		t.Fatalf("with a 6-day lineage: %q %q, want minute %s and four hours including %s", g[0], g[1], f[0], f[1])
+	}
+	units := t.TempDir()
+	runGolden(t, false, "--dir", dir, "cron", "install", "--systemd", "--unit-dir", units)
+	timer, _ := os.ReadFile(filepath.Join(units, "lbcert-renew.timer"))
+	if !strings.Contains(string(timer), "OnCalendar=*-*-* 00,06,12,18:") {
+		t.Fatalf("timer with a 6-day lineage:\n%s", timer)
+	}
+}
+
+// A weekly renew over 6-day certificates: renew (even with nothing due)
+// and list warn, naming the lineage, the gap seen and the gap needed; a
+// 90-day lineage under the same schedule gets no warning.
+func TestCadenceWarning(t *testing.T) {
+	dir := fixtureStore(t)
+	st := store.New(dir)
+	_, _, err := st.Save(&store.Lineage{Name: "six.example.com", Domains: []string{"six.example.com"}, Server: "https://acme.test/dir", KeyType: "ec256",
+		Challenge: store.Challenge{Mode: "standalone", HTTPAddr: ":80"},
+		Cert:      store.CertInfo{Serial: "0b", NotBefore: fixedNow, NotAfter: fixedNow.Add(6 * 24 * time.Hour)}},
+		store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, at := range []time.Time{fixedNow.Add(-14 * 24 * time.Hour), fixedNow.Add(-7 * 24 * time.Hour)} {
+		if err := st.RecordRun(at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var out, errb bytes.Buffer
+	a := &app{out: &out, err: &errb, getenv: func(string) string { return "" }, now: func() time.Time { return fixedNow },
+		ctx: context.Background()}
+	if code := a.run([]string{"--dir", dir, "renew", "--name", "six.example.com", "--name", "example.com", "--no-random-sleep"}); code != 0 {
+		t.Fatalf("renew: exit %d\n%s", code, errb.String())
+	}
+	if !strings.Contains(errb.String(), "lbcert: warning: six.example.com: renew runs every 7.0 days") ||
+		!strings.Contains(errb.String(), "run renew at least every") || strings.Count(errb.String(), "renew runs every") != 1 {
+		t.Fatalf("renew's warning:\n%s", errb.String())
+	}
+	if runs := st.Runs(); len(runs) != 3 || !runs[2].Equal(fixedNow) {
+		t.Fatalf("this run was not recorded: %v", runs)
+	}
+	list := runGolden(t, false, "--dir", dir, "list")
+	for _, l := range strings.Split(list, "\n") {
+		switch {
+		case strings.HasPrefix(l, "six.example.com"):
+			if !strings.Contains(l, "warning: renew runs every 7.0 days") {
+				t.Fatalf("list:\n%s", list)
+			}
+		case strings.HasPrefix(l, "example.com") && strings.Contains(l, "warning"):
+			t.Fatalf("a 90-day lineage warned under a weekly schedule:\n%s", list)
+		}
+	}
+}

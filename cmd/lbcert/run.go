@@ -17,6 +17,7 @@ import (
 	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -55,6 +56,16 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if err != nil {
 		return nil, err
 	}
+	var gap time.Duration
+	if spec.command == "renew" && !spec.dryRun {
+		// The schedule as it really runs: the gaps between the recorded
+		// renew runs and this one (README "Short lifetimes and IP
+		// certificates").
+		gap = renewal.RunGap(st.Runs(), a.now())
+		if err := st.RecordRun(a.now()); err != nil {
+			slog.Warn("could not record this renew run", "err", err)
+		}
+	}
 	is := &issuer.Issuer{Account: a.lazyAccount(st, spec.dryRun)}
 	defer is.Close()
 	e := &engine.Engine{
@@ -70,6 +81,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 			MaxWait:     spec.maxWait,
 			RandomDelay: spec.randomDelay,
 			Preflight:   spec.preflight,
+			RunGap:      gap,
 			Now:         a.now,
 			Observe:     spec.observe,
 		},

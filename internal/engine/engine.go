@@ -116,6 +116,11 @@ type Options struct {
 	KeepVersions int
 	// LeaseTTL bounds how long a stalled holder keeps a lineage.
 	LeaseTTL time.Duration
+	// RunGap is the longest gap between this host's recent renew runs
+	// (renewal.RunGap); when set, an item whose certificate gets fewer
+	// than renewal.MinChances runs between its renewal time and expiry
+	// carries a warning.
+	RunGap time.Duration
 
 	Now   func() time.Time
 	Rand  func(n int64) int64                             // [0, n); for the ARI pick and the delay
@@ -224,6 +229,10 @@ func (e *Engine) decide(s *step, now time.Time) {
 		s.item.OldNotAfter = timePtr(prev.Cert.NotAfter)
 		s.item.life = prev.Cert.NotAfter.Sub(prev.Cert.NotBefore)
 		s.ari = !now.Before(s.status.ARIUnsupported) && prev.Cert.ARICertID != ""
+	}
+	if prev != nil && e.Opts.RunGap > 0 {
+		d := renewal.Decide(prev.Cert, s.status, now, renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari, Name: name})
+		s.item.Cadence = renewal.CadenceWarning(prev.Cert, d.At, e.Opts.RunGap)
 	}
 	same := prev != nil && sameNames(prev.Domains, s.job.Lineage.Domains)
 	if prev != nil && s.job.Lineage.Profile == "" {

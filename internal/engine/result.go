@@ -57,6 +57,9 @@ type Item struct {
 	Error       string     `json:"error,omitempty"`
 	Hint        string     `json:"hint,omitempty"`
 	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+	// Cadence warns that renew runs too seldom for this certificate
+	// (Options.RunGap).
+	Cadence string `json:"cadence_warning,omitempty"`
 
 	mail   store.Mail
 	life   time.Duration // of the certificate it holds, for warnings
@@ -158,6 +161,9 @@ func (r *Result) Report() *notify.Report {
 		if it.warn {
 			ni.Outcome = "expiring"
 			out.Warnings = append(out.Warnings, ni)
+		}
+		if it.Cadence != "" {
+			out.Cadence = append(out.Cadence, notify.Note{Name: it.Name, Text: it.Cadence})
 		}
 	}
 	return out

@@ -41,14 +41,23 @@ type Report struct {
 	Command  string // issue, renew, batch, delete
 	Items    []Item
 	Warnings []Item // certificates past their renewal time, or with under a third of their lifetime left, not renewed
+	Cadence  []Note // certificates the renew schedule runs too seldom for
 	Time     time.Time
+}
+
+// Note is a warning about one lineage that is not about this run's
+// outcome. Notes go to the global recipients only: the schedule is the
+// host's matter, not a customer's.
+type Note struct {
+	Name string
+	Text string
 }
 
 // Changed reports whether the run did or failed anything, or has a
 // warning, which is when --report changes sends mail. Let's Encrypt no
 // longer mails expiry warnings, so a certificate heading for expiry is
 // news even on a run that changed nothing.
-func (r *Report) Changed() bool { return len(r.Items) > 0 || len(r.Warnings) > 0 }
+func (r *Report) Changed() bool { return len(r.Items) > 0 || len(r.Warnings) > 0 || len(r.Cadence) > 0 }
 
 func (r *Report) counts() map[string]int {
 	c := map[string]int{}
@@ -119,6 +128,12 @@ func (r *Report) Body() string {
 				fmt.Fprintf(&b, "; last error: %s", it.Error)
 			}
 			b.WriteString("\n")
+		}
+	}
+	if len(r.Cadence) > 0 {
+		b.WriteString("\nWARNING: renew runs too seldom for these certificates (each should get at least 3 runs between its renewal time and expiry)\n")
+		for _, n := range r.Cadence {
+			fmt.Fprintf(&b, "  %s: %s\n", n.Name, n.Text)
 		}
 	}
 	b.WriteString("\n-- \nlbcert: 'lbcert list' shows every certificate and when it renews.\n")

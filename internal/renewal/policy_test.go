@@ -2,6 +2,7 @@ package renewal
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -143,5 +144,37 @@ func BenchmarkDecide(b *testing.B) {
 	st := store.Status{ARISerial: "aa", ARIRenewAt: day(50), ARINextCheck: day(10)}
 	for i := 0; i < b.N; i++ {
 		Decide(c, st, day(5), Options{ARIOffered: true})
+	}
+}
+
+// The schedule as it ran against each certificate's window: a weekly
+// run over 6-day certificates is flagged with the gap it needs; a daily
+// one over 90-day certificates is not.
+func TestCadence(t *testing.T) {
+	d := 24 * time.Hour
+	if g := RunGap([]time.Time{day(0), day(1), day(8)}, time.Time{}); g != 7*d {
+		t.Fatalf("RunGap %v, want the longest, 7 days", g)
+	}
+	if g := RunGap([]time.Time{day(0)}, day(0).Add(20*time.Hour)); g != 20*time.Hour {
+		t.Fatalf("RunGap with now %v", g)
+	}
+	if g := RunGap(nil, day(3)); g != 0 {
+		t.Fatalf("RunGap with one moment %v", g)
+	}
+	six := cert(6)
+	at := Moment(six, "short.example.com") // 2 to 3 days before expiry
+	w := CadenceWarning(six, at, 7*d)
+	if w == "" || !strings.Contains(w, "renew runs every 7.0 days") || !strings.Contains(w, "run renew at least every") {
+		t.Fatalf("weekly over 6-day certificates: %q", w)
+	}
+	if w := CadenceWarning(six, at, 6*time.Hour); w != "" {
+		t.Fatalf("every 6 h over 6-day certificates: %q", w)
+	}
+	ninety := cert(90)
+	if w := CadenceWarning(ninety, Moment(ninety, "a.example.com"), d); w != "" {
+		t.Fatalf("daily over 90-day certificates: %q", w)
+	}
+	if w := CadenceWarning(ninety, Moment(ninety, "a.example.com"), 0); w != "" {
+		t.Fatal("no runs known: no warning")
 	}
 }

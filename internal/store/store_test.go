@@ -262,3 +262,20 @@ func TestStateDirModes(t *testing.T) {
 		}
 	}
 }
+
+func TestRecordRuns(t *testing.T) {
+	s := New(t.TempDir())
+	if len(s.Runs()) != 0 {
+		t.Fatal("runs on a fresh store")
+	}
+	t0 := time.Date(2026, 12, 1, 2, 17, 0, 0, time.UTC)
+	for i := range 10 {
+		if err := s.RecordRun(t0.Add(time.Duration(i) * time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runs := s.Runs()
+	if len(runs) != keepRuns || !runs[0].Equal(t0.Add(2*time.Hour)) || !runs[len(runs)-1].Equal(t0.Add(9*time.Hour)) {
+		t.Fatalf("runs %v", runs)
+	}
+}

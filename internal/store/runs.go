@@ -1,0 +1,51 @@
+package store
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// RunsFile records when renew ran, so that lbcert can tell whether the
+// schedule it runs on fits the certificates it holds (a weekly cron over
+// 6-day certificates). It is node-local: it says how this host's cron
+// runs.
+const RunsFile = "runs.json"
+
+// keepRuns is how many renew runs are remembered: a week of a 6-hourly
+// schedule is 28; eight is enough to see the gaps without a history.
+const keepRuns = 8
+
+type runsFile struct {
+	Renew []time.Time `json:"renew"`
+}
+
+// RecordRun adds a renew run started at at, keeping the last few.
+// The caller holds the state directory's lock.
+func (s *Store) RecordRun(at time.Time) error {
+	rf := runsFile{Renew: s.Runs()}
+	rf.Renew = append(rf.Renew, at.UTC().Truncate(time.Second))
+	if len(rf.Renew) > keepRuns {
+		rf.Renew = rf.Renew[len(rf.Renew)-keepRuns:]
+	}
+	data, err := json.MarshalIndent(rf, "", "  ")
+	if err != nil {
+		return err
+	}
+	return WriteFile(filepath.Join(s.Dir, RunsFile), append(data, '\n'), 0o600)
+}
+
+// Runs returns the recorded renew runs, oldest first; none when the
+// file is missing or unreadable (a fresh host knows no schedule yet).
+func (s *Store) Runs() []time.Time {
+	data, err := os.ReadFile(filepath.Join(s.Dir, RunsFile))
+	if err != nil {
+		return nil
+	}
+	var rf runsFile
+	if json.Unmarshal(data, &rf) != nil {
+		return nil
+	}
+	return rf.Renew
+}
