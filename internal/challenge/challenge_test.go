@@ -1,12 +1,14 @@
 package challenge
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 )
@@ -176,5 +178,35 @@ func TestHostOnly(t *testing.T) {
 		if got := hostOnly(in); got != want {
 			t.Errorf("hostOnly(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// Many tokens presented and cleaned up at once in one webroot: none is
+// lost to another's clean-up removing the directory it is written to.
+func TestWebrootConcurrent(t *testing.T) {
+	w := &Webroot{Root: t.TempDir()}
+	var wg sync.WaitGroup
+	errs := make(chan error, 400)
+	for i := range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok := fmt.Sprintf("tok%d", i)
+			if err := w.Present("a.example.com", tok, "ka"); err != nil {
+				errs <- err
+				return
+			}
+			errs <- w.CleanUp("a.example.com", tok, "ka")
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(w.Root, ".well-known")); !os.IsNotExist(err) {
+		t.Fatalf("webroot not left as found: %v", err)
 	}
 }

@@ -59,6 +59,11 @@ func (w *Webroot) Present(domain, token, keyAuth string) error {
 		return err
 	}
 	dir := filepath.Join(w.Root, ".well-known", "acme-challenge")
+	// Under the lock from mkdir to the written token: CleanUp removes
+	// the directories it made once they are empty, and must not find
+	// this one empty between the two.
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if err := w.mkdir(dir); err != nil {
 		return fmt.Errorf("webroot %s: %v", w.Root, unwrap(err))
 	}
@@ -75,12 +80,12 @@ func (w *Webroot) CleanUp(domain, token, keyAuth string) error {
 	if err := checkToken(token); err != nil {
 		return err
 	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	err := os.Remove(filepath.Join(w.Root, ".well-known", "acme-challenge", token))
 	if errors.Is(err, fs.ErrNotExist) {
 		err = nil
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	for i := len(w.created) - 1; i >= 0; i-- {
 		if os.Remove(w.created[i]) == nil {
 			w.created = append(w.created[:i], w.created[i+1:]...)
@@ -89,9 +94,9 @@ func (w *Webroot) CleanUp(domain, token, keyAuth string) error {
 	return err
 }
 
+// mkdir makes dir and the missing directories above it up to Root;
+// the caller holds w.mu.
 func (w *Webroot) mkdir(dir string) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	var missing []string
 	for d := dir; d != w.Root && d != filepath.Dir(d); d = filepath.Dir(d) {
 		if _, err := os.Stat(d); err == nil {

@@ -166,7 +166,8 @@ func TestBadInputNeverReachesCA(t *testing.T) {
 	before := e.requests()
 	for _, args := range [][]string{
 		{"-d", "*.example.com", "--webroot", webroot},
-		{"-d", "10.0.0.1", "--webroot", webroot},
+		{"-d", "10.0.0.0/8", "--webroot", webroot},
+		{"-d", "127.000.000.001", "--webroot", webroot},
 		{"-d", "bad_name.example.com", "--webroot", webroot},
 		{"-d", "ok.example.com", "--name", "../x", "--webroot", webroot},
 		{"-d", "ok.example.com", "--webroot", filepath.Join(e.work, "missing")},

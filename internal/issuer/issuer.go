@@ -37,6 +37,7 @@ type Issuer struct {
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
 	listeners map[string]*listener // by port
+	webroots  map[string]*challenge.Webroot
 	// reRegister holds the (server, email) pairs whose saved account the
 	// CA lost in this run. Their terms of service were accepted when the
 	// lost account was registered, so the new registration accepts them
@@ -205,7 +206,20 @@ func (is *Issuer) Close() {
 func (is *Issuer) Responder(c store.Challenge) (legochallenge.Provider, error) {
 	switch c.Mode {
 	case "webroot":
-		return &challenge.Webroot{Root: c.Webroot}, nil
+		// One responder per webroot for the whole run: rows that share a
+		// webroot share its lock, so one row's clean-up cannot remove the
+		// challenge directory another row is writing into.
+		is.mu.Lock()
+		defer is.mu.Unlock()
+		if is.webroots == nil {
+			is.webroots = map[string]*challenge.Webroot{}
+		}
+		w := is.webroots[c.Webroot]
+		if w == nil {
+			w = &challenge.Webroot{Root: c.Webroot}
+			is.webroots[c.Webroot] = w
+		}
+		return w, nil
 	case "standalone":
 		if errs := is.BindAll([]string{c.HTTPAddr}); errs[PortOf(c.HTTPAddr)] != nil {
 			return nil, errs[PortOf(c.HTTPAddr)]

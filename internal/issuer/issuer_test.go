@@ -93,3 +93,14 @@ func TestReRegisterKeepsTheAcceptedTerms(t *testing.T) {
 		t.Fatalf("re-registering a lost account asked about the terms again: %v", err)
 	}
 }
+
+// Rows that share a webroot share one responder, and so its lock.
+func TestOneResponderPerWebroot(t *testing.T) {
+	is := &Issuer{}
+	a, _ := is.Responder(store.Challenge{Mode: "webroot", Webroot: "/var/www/a"})
+	b, _ := is.Responder(store.Challenge{Mode: "webroot", Webroot: "/var/www/a"})
+	c, _ := is.Responder(store.Challenge{Mode: "webroot", Webroot: "/var/www/c"})
+	if a != b || a == c {
+		t.Fatalf("responders %p %p %p: want one per webroot", a, b, c)
+	}
+}
