@@ -35,13 +35,15 @@ func TestREADMESnippets(t *testing.T) {
 	}
 	work := t.TempDir()
 	state := filepath.Join(work, "etc-lbcert")
-	live := filepath.Join(state, "live", "example.com")
-	os.MkdirAll(live, 0o700)
 	os.MkdirAll(filepath.Join(state, "haproxy"), 0o700)
-	certPEM, keyPEM := selfSigned(t, "example.com")
-	os.WriteFile(filepath.Join(live, "fullchain.pem"), certPEM, 0o644)
-	os.WriteFile(filepath.Join(live, "privkey.pem"), keyPEM, 0o600)
-	os.WriteFile(filepath.Join(state, "haproxy", "example.com.pem"), append(append([]byte{}, certPEM...), keyPEM...), 0o600)
+	for _, name := range []string{"example.com", "203.0.113.10"} { // the README's name and address lineages
+		live := filepath.Join(state, "live", name)
+		os.MkdirAll(live, 0o700)
+		certPEM, keyPEM := selfSigned(t, "example.com")
+		os.WriteFile(filepath.Join(live, "fullchain.pem"), certPEM, 0o644)
+		os.WriteFile(filepath.Join(live, "privkey.pem"), keyPEM, 0o600)
+		os.WriteFile(filepath.Join(state, "haproxy", name+".pem"), append(append([]byte{}, certPEM...), keyPEM...), 0o600)
+	}
 	os.MkdirAll(filepath.Join(work, "www", "acme"), 0o755)
 	paths := strings.NewReplacer("/etc/lbcert", state, "/var/www", filepath.Join(work, "www"), "/run/haproxy", work)
 
