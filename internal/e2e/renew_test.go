@@ -341,3 +341,43 @@ func TestAccountLostAfterPebbleRestart(t *testing.T) {
 		t.Fatalf("the restarted Pebble saw %d registrations, want 1", strings.Count(log, "POST /sign-me-up"))
 	}
 }
+
+// TestARIWindowInThePast: a CA in an emergency (a mass revocation)
+// moves a certificate's ARI window into the past. Once the saved
+// Retry-After has passed, the next plain renew asks again, renews the
+// certificate whatever its lifetime says, and gives that as the reason.
+func TestARIWindowInThePast(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	e.mustRun("issue", "-d", "revoked.example.com", "--standalone", "--http-addr", http, "--agree-tos")
+	before := e.serial("revoked.example.com")
+	// A first renew asks ARI: a normal window, nothing due.
+	if r := e.mustRun("renew", "--no-random-sleep"); strings.Contains(r.stdout, "renewed") {
+		t.Fatalf("renewed a fresh certificate:\n%s", r.stdout)
+	}
+	statusPath := filepath.Join(e.dir, "renewal", "revoked.example.com.json")
+	var st map[string]any
+	json.Unmarshal([]byte(readFile(t, statusPath)), &st)
+	if st["ari_next_check"] == nil {
+		t.Fatalf("ARI not asked:\n%s", readFile(t, statusPath))
+	}
+
+	cert := readFile(t, filepath.Join(e.dir, "live", "revoked.example.com", "cert.pem"))
+	now := time.Now()
+	if err := e.pebble.SetRenewalInfo([]byte(cert), now.Add(-48*time.Hour), now.Add(-24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	// Before the saved Retry-After: not asked, not renewed.
+	if r := e.mustRun("renew", "--no-random-sleep"); strings.Contains(r.stdout, "renewed") {
+		t.Fatalf("asked ARI before its Retry-After:\n%s", r.stdout)
+	}
+	// The test shortens the Retry-After it saved.
+	st["ari_next_check"] = now.Add(-time.Minute).UTC().Format(time.RFC3339)
+	data, _ := json.Marshal(st)
+	os.WriteFile(statusPath, data, 0o600)
+	r := e.mustRun("renew", "--no-random-sleep")
+	if !strings.Contains(r.stdout, "1 renewed") || !strings.Contains(r.stdout, "(ari_window_past)") || e.serial("revoked.example.com") == before {
+		t.Fatalf("the moved window did not renew it, with that reason:\n%s%s", r.stdout, r.stderr)
+	}
+}

@@ -259,10 +259,11 @@ func TestARIDueInEveryCommand(t *testing.T) {
 			f := newFixture(t)
 			l := f.saved("a.test")
 			f.clock.Add(10 * 24 * time.Hour) // far from the lifetime rule's 60 days
-			f.ca.ari[l.Cert.Serial] = &acme.RenewalInfo{Start: f.clock.Now().Add(-time.Hour), End: f.clock.Now().Add(-time.Minute), RetryAfter: time.Hour}
+			f.ca.ari[l.Cert.Serial] = &acme.RenewalInfo{Start: f.clock.Now().Add(-2 * time.Hour), End: f.clock.Now().Add(-time.Minute), RetryAfter: time.Hour}
 			res := f.run(context.Background(), Options{Command: cmd}, job("a.test"))
 			it := res.Items[0]
-			if it.Outcome != Renewed || it.Reason != string(renewal.ARI) {
+			// A window that has ended is the CA asking for renewal now.
+			if it.Outcome != Renewed || it.Reason != string(renewal.ARIPast) {
 				t.Fatalf("%s: outcome %s reason %s, want renewed by ari", cmd, it.Outcome, it.Reason)
 			}
 			if got := f.ca.replaces["a.test"]; got != l.Cert.ARICertID {

@@ -33,6 +33,10 @@ const (
 	Critical Reason = "critical" // under 1/20 of the lifetime left
 	Days     Reason = "days"     // --days
 	ARI      Reason = "ari"      // the CA's renewal window
+	// ARIPast is the CA's renewal window moved into the past: the CA
+	// asks for renewal now (a mass revocation), whatever the lifetime
+	// says.
+	ARIPast Reason = "ari_window_past"
 	Lifetime Reason = "lifetime" // one third (or half) of the lifetime left
 	Forced   Reason = "forced"   // --force
 )
@@ -81,7 +85,11 @@ func Decide(cert store.CertInfo, st store.Status, now time.Time, o Options) Deci
 		fresh := st.ARISerial == cert.Serial && !st.ARIRenewAt.IsZero()
 		checkARI := !fresh || !now.Before(st.ARINextCheck)
 		if fresh {
-			return Decision{Due: !now.Before(st.ARIRenewAt), Reason: ARI, At: st.ARIRenewAt, CheckARI: checkARI}
+			reason := ARI
+			if !st.ARIWindowEnd.IsZero() && !now.Before(st.ARIWindowEnd) {
+				reason = ARIPast
+			}
+			return Decision{Due: !now.Before(st.ARIRenewAt), Reason: reason, At: st.ARIRenewAt, CheckARI: checkARI}
 		}
 		d := lifetime(cert, now, o.Name)
 		d.CheckARI = true

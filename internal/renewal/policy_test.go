@@ -45,6 +45,7 @@ func TestDecide(t *testing.T) {
 		{"critical beats ARI", cert(90), store.Status{ARISerial: "aa", ARIRenewAt: day(89), ARINextCheck: day(100)}, day(86), Options{ARIOffered: true}, true, Critical, false},
 		{"ARI before moment", cert(90), ari, day(5), Options{ARIOffered: true}, false, ARI, false},
 		{"ARI at moment", cert(90), ari, day(50), Options{ARIOffered: true}, true, ARI, true},
+		{"ARI window moved into the past", cert(90), store.Status{ARISerial: "aa", ARIWindowStart: day(3), ARIWindowEnd: day(4), ARIRenewAt: day(3.5), ARINextCheck: day(11)}, day(5), Options{ARIOffered: true}, true, ARIPast, false},
 		{"ARI earlier than lifetime", cert(90), store.Status{ARISerial: "aa", ARIRenewAt: day(20), ARINextCheck: day(30)}, day(21), Options{ARIOffered: true}, true, ARI, false},
 		{"ARI retry-after passed", cert(90), ari, day(11), Options{ARIOffered: true}, false, ARI, true},
 		{"ARI for old serial: ask again", cert(90), store.Status{ARISerial: "old", ARIRenewAt: day(1)}, day(2), Options{ARIOffered: true}, false, Lifetime, true},

@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -225,7 +226,10 @@ func (p *Pebble) FullLog() string {
 }
 
 // mgmtGet fetches a management API path.
-func (p *Pebble) mgmtGet(path string) ([]byte, error) {
+func (p *Pebble) mgmtGet(path string) ([]byte, error) { return p.mgmt(http.MethodGet, path, nil) }
+
+// mgmt sends one request to Pebble's management interface.
+func (p *Pebble) mgmt(method, path string, body []byte) ([]byte, error) {
 	pool := x509.NewCertPool()
 	pem, err := os.ReadFile(p.CABundle)
 	if err != nil {
@@ -233,16 +237,31 @@ func (p *Pebble) mgmtGet(path string) ([]byte, error) {
 	}
 	pool.AppendCertsFromPEM(pem)
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	resp, err := c.Get(p.MgmtURL + path)
+	req, err := http.NewRequest(method, p.MgmtURL+path, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.Do(req)
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
+	out, err := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+		return nil, fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(out)))
 	}
-	return body, err
+	return out, err
+}
+
+// SetRenewalInfo makes Pebble's ARI answer for the certificate in
+// certPEM the window [start, end], as a CA does in a mass revocation
+// when it moves the window into the past.
+func (p *Pebble) SetRenewalInfo(certPEM []byte, start, end time.Time) error {
+	ari, _ := json.Marshal(map[string]any{"suggestedWindow": map[string]string{
+		"start": start.UTC().Format(time.RFC3339), "end": end.UTC().Format(time.RFC3339)}})
+	body, _ := json.Marshal(map[string]string{"Certificate": string(certPEM), "ARIResponse": string(ari)})
+	_, err := p.mgmt(http.MethodPost, "/set-renewal-info/", body)
+	return err
 }
 
 // Roots returns Pebble's issuing root (PEM), which changes every start.
