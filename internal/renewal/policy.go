@@ -36,7 +36,7 @@ const (
 	// ARIPast is the CA's renewal window moved into the past: the CA
 	// asks for renewal now (a mass revocation), whatever the lifetime
 	// says.
-	ARIPast Reason = "ari_window_past"
+	ARIPast  Reason = "ari_window_past"
 	Lifetime Reason = "lifetime" // one third (or half) of the lifetime left
 	Forced   Reason = "forced"   // --force
 )
