@@ -70,6 +70,7 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 			if l.KeyType == "" {
 				l.KeyType = o.KeyType
 			}
+			l.PreferredChain = o.Chain
 			if l.Profile == "" {
 				l.Profile = o.Profile
 			}

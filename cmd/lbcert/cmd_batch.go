@@ -36,6 +36,7 @@ type batchOptions struct {
 	HTTPAddr    string
 	KeyType     string
 	Profile     string
+	Chain       string
 	VIPHost     string
 	MaxWait     time.Duration
 	WaitLock    time.Duration
@@ -98,6 +99,7 @@ happen once at the end, and each recipient gets one mail.
 	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "standalone listen address; an ACMEPort column replaces its port")
 	f.StringVar(&o.KeyType, "key-type", "ec256", "private key type for rows without key_type: "+strings.Join(acme.KeyTypes, ", "))
 	f.StringVar(&o.Profile, "profile", "", "ACME profile for rows without one")
+	f.StringVar(&o.Chain, "preferred-chain", "", "pick the chain whose top issuer has this common name, when the CA offers several")
 	f.StringVar(&o.VIPHost, "vip-host", "127.0.0.1", "address where a VIPPort is checked for the new certificate after deploy")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a row for the next run")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")

@@ -26,6 +26,7 @@ type issueOptions struct {
 	Name       string
 	KeyType    string
 	Profile    string
+	Chain      string
 	ReuseKey   bool
 	Webroot    string
 	Standalone bool
@@ -75,6 +76,7 @@ does nothing and exits 0; --force issues anyway.`,
 	f.StringVar(&o.Name, "name", "", "lineage name, the directory under live/ (default: the first domain)")
 	f.StringVar(&o.KeyType, "key-type", "ec256", "private key type: "+strings.Join(acme.KeyTypes, ", "))
 	f.StringVar(&o.Profile, "profile", "", "ACME profile to request, such as Let's Encrypt's shortlived")
+	f.StringVar(&o.Chain, "preferred-chain", "", "pick the chain whose top issuer has this common name, when the CA offers several")
 	f.BoolVar(&o.ReuseKey, "reuse-key", false, "keep the lineage's current private key")
 	f.StringVar(&o.Webroot, "webroot", "", "directory the web server serves /.well-known/acme-challenge/ from")
 	f.BoolVar(&o.Standalone, "standalone", false, "answer HTTP-01 from lbcert's own listener on --http-addr")
@@ -170,7 +172,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	}
 	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
-		KeyType: o.KeyType, Profile: o.Profile, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
+		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
 		Mail: mailSettings,
 	}}
 	res, err := a.runEngine(ctx, st, runSpec{

@@ -51,6 +51,9 @@ type Request struct {
 	Key      []byte // PEM; reuse this private key instead of making one
 	Provider challenge.Provider
 	Replaces string // RFC 9773 ARI CertID of the certificate this replaces
+	// PreferredChain is the issuer common name of the chain to pick
+	// among those the CA offers.
+	PreferredChain string
 }
 
 // Result is a checked certificate, ready for store.Save.
@@ -93,6 +96,8 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		Bundle:         true,
 		Profile:        profile,
 		ReplacesCertID: r.Replaces,
+		PreferredChain: r.PreferredChain,
+		MustStaple:     false, // never: Let's Encrypt runs no OCSP, so a Must-Staple certificate fails in browsers
 	}
 	res, err := c.lego.Certificate.Obtain(req)
 	if err != nil && r.Replaces != "" && replacesRejected(err) {

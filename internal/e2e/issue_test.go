@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"os/exec"
@@ -250,5 +252,60 @@ func TestUnwritableDir(t *testing.T) {
 	}
 	if e.requests() != before {
 		t.Fatal("an unusable state directory reached the CA")
+	}
+}
+
+// TestPreferredChain: Pebble offers a second chain to another root;
+// --preferred-chain picks it by the root's name, the choice sticks on
+// renew, and without it the CA's default chain is kept. The leaf never
+// asks for Must-Staple (Let's Encrypt runs no OCSP).
+func TestPreferredChain(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{AlternateRoots: 1})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	rootCN := func(i int) string {
+		data, err := e.pebble.Root(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := pem.Decode(data)
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Subject.CommonName
+	}
+	topIssuer := func(name string) string {
+		data := readFile(t, filepath.Join(e.dir, "live", name, "chain.pem"))
+		var last *x509.Certificate
+		for rest := []byte(data); ; {
+			var b *pem.Block
+			if b, rest = pem.Decode(rest); b == nil {
+				break
+			}
+			last, _ = x509.ParseCertificate(b.Bytes)
+		}
+		return last.Issuer.CommonName
+	}
+	alt := rootCN(1)
+	e.mustRun("issue", "-d", "default.example.com", "--standalone", "--http-addr", http, "--agree-tos")
+	if got := topIssuer("default.example.com"); got != rootCN(0) {
+		t.Fatalf("default chain tops at %q, want %q", got, rootCN(0))
+	}
+	e.mustRun("issue", "-d", "alt.example.com", "--standalone", "--http-addr", http, "--agree-tos", "--preferred-chain", alt)
+	if got := topIssuer("alt.example.com"); got != alt {
+		t.Fatalf("--preferred-chain %q: chain tops at %q", alt, got)
+	}
+	e.mustRun("renew", "--force", "--no-random-sleep", "--name", "alt.example.com")
+	if got := topIssuer("alt.example.com"); got != alt {
+		t.Fatalf("after renew the chain tops at %q, want %q: the choice did not stick", got, alt)
+	}
+	mustStaple := []int{1, 3, 6, 1, 5, 5, 7, 1, 24} // id-pe-tlsfeature
+	for _, n := range []string{"default.example.com", "alt.example.com"} {
+		for _, ext := range e.leaf(n).Extensions {
+			if ext.Id.Equal(mustStaple) {
+				t.Fatalf("%s carries the TLS Feature (Must-Staple) extension", n)
+			}
+		}
 	}
 }

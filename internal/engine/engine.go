@@ -240,6 +240,9 @@ func (e *Engine) decide(s *step, now time.Time) {
 		// (Traefik drops it on renewal; lbcert does not).
 		s.job.Lineage.Profile = prev.Profile
 	}
+	if prev != nil && s.job.Lineage.PreferredChain == "" {
+		s.job.Lineage.PreferredChain = prev.PreferredChain // sticks as the profile does
+	}
 	if err := pace.CheckProfileNames(s.job.Lineage.Server, s.job.Lineage.Profile, len(s.job.Lineage.Domains)); err != nil {
 		s.item.Outcome, s.item.Error = Invalid, err.Error()
 		s.item.Hint = "split the names over several lineages, or choose a profile that allows more with --profile"

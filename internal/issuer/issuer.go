@@ -256,6 +256,7 @@ func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
 	slog.Info("requesting certificate", "name", l.Name, "domains", strings.Join(l.Domains, ","), "challenge", l.Challenge.Mode)
 	res, err := client.Obtain(acme.Request{
 		Domains: l.Domains, KeyType: l.KeyType, Profile: l.Profile, Key: o.ReuseKey, Provider: p, Replaces: o.Replaces,
+		PreferredChain: l.PreferredChain,
 	})
 	if err != nil {
 		return nil, withChallengeHint(err, l)

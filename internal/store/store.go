@@ -122,6 +122,10 @@ type Lineage struct {
 	Email     string    `json:"email,omitempty"`
 	KeyType   string    `json:"key_type"`
 	Profile   string    `json:"profile,omitempty"`
+	// PreferredChain picks, among the chains the CA offers, the one
+	// whose top certificate's issuer has this common name (lego's
+	// PreferredChain); empty takes the CA's default chain.
+	PreferredChain string `json:"preferred_chain,omitempty"`
 	ReuseKey  bool      `json:"reuse_key,omitempty"`
 	Challenge Challenge `json:"challenge"`
 	Deploy    Deploy    `json:"deploy"`

@@ -44,6 +44,9 @@ type PebbleOptions struct {
 	// random profile for orders that name none, so with it every order in
 	// the test should say --profile.
 	ShortLived bool
+	// AlternateRoots is how many alternate chains (each to its own root)
+	// Pebble offers besides the default (PEBBLE_ALTERNATE_ROOTS).
+	AlternateRoots int
 }
 
 // StartPebble starts pebble-challtestsrv (every A query answers 127.0.0.1,
@@ -132,6 +135,7 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 		"PEBBLE_WFE_NONCEREJECT=0", // no random badNonce: tests must be deterministic
 		"PEBBLE_AUTHZREUSE=0",      // every order validates, so tests really hit the responder
 		"PEBBLE_VA_ALWAYS_VALID=0",
+		fmt.Sprintf("PEBBLE_ALTERNATE_ROOTS=%d", o.AlternateRoots),
 	}
 	runs := 0
 	p.startCA = func() error {
@@ -266,6 +270,10 @@ func (p *Pebble) SetRenewalInfo(certPEM []byte, start, end time.Time) error {
 
 // Roots returns Pebble's issuing root (PEM), which changes every start.
 func (p *Pebble) Roots() ([]byte, error) { return p.mgmtGet("/roots/0") }
+
+// Root returns the PEM of root i: 0 is the default chain's, 1 and up
+// the alternates'.
+func (p *Pebble) Root(i int) ([]byte, error) { return p.mgmtGet(fmt.Sprintf("/roots/%d", i)) }
 
 // CertStatus returns Pebble's view of a certificate by serial (hex):
 // "Valid" or "Revoked".
