@@ -114,24 +114,24 @@ type CertInfo struct {
 // Lineage is the metadata of one version: everything a later renew needs
 // to repeat the issuance without flags.
 type Lineage struct {
-	Format    int       `json:"format"`
-	Name      string    `json:"name"`
-	Version   int       `json:"version"`
-	Domains   []string  `json:"domains"`
-	Server    string    `json:"server"`
-	Email     string    `json:"email,omitempty"`
-	KeyType   string    `json:"key_type"`
-	Profile   string    `json:"profile,omitempty"`
+	Format  int      `json:"format"`
+	Name    string   `json:"name"`
+	Version int      `json:"version"`
+	Domains []string `json:"domains"`
+	Server  string   `json:"server"`
+	Email   string   `json:"email,omitempty"`
+	KeyType string   `json:"key_type"`
+	Profile string   `json:"profile,omitempty"`
 	// PreferredChain picks, among the chains the CA offers, the one
 	// whose top certificate's issuer has this common name (lego's
 	// PreferredChain); empty takes the CA's default chain.
-	PreferredChain string `json:"preferred_chain,omitempty"`
-	ReuseKey  bool      `json:"reuse_key,omitempty"`
-	Challenge Challenge `json:"challenge"`
-	Deploy    Deploy    `json:"deploy"`
-	Mail      Mail      `json:"mail,omitzero"`
-	Cert      CertInfo  `json:"cert"`
-	IssuedAt  time.Time `json:"issued_at"`
+	PreferredChain string    `json:"preferred_chain,omitempty"`
+	ReuseKey       bool      `json:"reuse_key,omitempty"`
+	Challenge      Challenge `json:"challenge"`
+	Deploy         Deploy    `json:"deploy"`
+	Mail           Mail      `json:"mail,omitzero"`
+	Cert           CertInfo  `json:"cert"`
+	IssuedAt       time.Time `json:"issued_at"`
 }
 
 // Files is the PEM content of one version.
