@@ -32,6 +32,7 @@ type deployFlags struct {
 	hook          string
 	hookTimeout   time.Duration
 	verifyAddr    string
+	verifyRoots   string
 }
 
 func (d *deployFlags) register(f *pflag.FlagSet) {
@@ -47,6 +48,7 @@ func (d *deployFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&d.hook, "deploy-hook", "", "command run with /bin/sh -c after each deployed certificate; sees LBCERT_* and RENEWED_* variables")
 	f.DurationVar(&d.hookTimeout, "hook-timeout", deploy.DefaultHookTimeout, "how long a deploy hook may run before it is killed")
 	f.StringVar(&d.verifyAddr, "verify-addr", "", "TLS address the load balancer serves on (host:port); checked for the new serial after reload")
+	f.StringVar(&d.verifyRoots, "verify-roots", "", "PEM file of roots: the TLS check also verifies the served chain to one of them (no intermediate is ever pinned)")
 }
 
 // resolve checks the deploy settings offline and returns them, filled in
@@ -71,6 +73,7 @@ func (d *deployFlags) resolve(stateDir string, prev *store.Deploy) (store.Deploy
 	pick(&out.ReloadCmd, "reload-cmd", d.reloadCmd)
 	pick(&out.Hook, "deploy-hook", d.hook)
 	pick(&out.VerifyAddr, "verify-addr", d.verifyAddr)
+	pick(&out.VerifyRoots, "verify-roots", d.verifyRoots)
 	if given("hook-timeout") || prev == nil {
 		out.HookTimeout = int(d.hookTimeout / time.Second)
 	}
@@ -147,6 +150,19 @@ func checkDeploy(d *store.Deploy) error {
 		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
 			return exit.Errorf("--verify-addr %q: want host:port, like 127.0.0.1:443", d.VerifyAddr)
 		}
+	}
+	if d.VerifyRoots != "" {
+		if d.VerifyAddr == "" {
+			return exit.Errorf("--verify-roots needs --verify-addr: the address whose served chain to check")
+		}
+		abs, err := filepath.Abs(d.VerifyRoots)
+		if err == nil {
+			_, err = deploy.LoadRoots(abs)
+		}
+		if err != nil {
+			return exit.Errorf("--verify-roots: %v", err)
+		}
+		d.VerifyRoots = abs
 	}
 	if d.HookTimeout < 0 {
 		return exit.Errorf("--hook-timeout must be positive")

@@ -3,9 +3,11 @@ package deploy
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"time"
 )
 
@@ -26,12 +28,14 @@ func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
 				actx, cancel = context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 				defer cancel()
 			}
-			g, e := servedSerial(actx, c.Deploy.VerifyAddr, name)
+			g, e := servedSerial(actx, c.Deploy.VerifyAddr, name, c.Deploy.VerifyRoots)
 			if attempt > 0 && ctx.Err() != nil {
 				break // keep the last full answer, not "deadline exceeded"
 			}
 			got, err = g, e
-			if (err == nil && got == c.Serial) || ctx.Err() != nil {
+			// The new serial with a chain that does not verify is final:
+			// no reload in progress will change the chain it serves.
+			if got == c.Serial || ctx.Err() != nil {
 				break
 			}
 			select {
@@ -57,7 +61,7 @@ func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
 // ServedSerial returns the serial (hex) of the leaf served at addr for
 // SNI name. It does not check the chain: the question is which
 // certificate is served, not whether the client trusts it.
-func servedSerial(ctx context.Context, addr, name string) (string, error) {
+func servedSerial(ctx context.Context, addr, name, rootsFile string) (string, error) {
 	conn, err := dialTLS(ctx, addr, &tls.Config{ServerName: name, InsecureSkipVerify: true})
 	if err != nil {
 		return "", err
@@ -67,7 +71,46 @@ func servedSerial(ctx context.Context, addr, name string) (string, error) {
 	if len(certs) == 0 {
 		return "", fmt.Errorf("no certificate served")
 	}
-	return fmt.Sprintf("%x", certs[0].SerialNumber), nil
+	serial := fmt.Sprintf("%x", certs[0].SerialNumber)
+	if rootsFile != "" {
+		if err := verifyChain(certs, name, rootsFile); err != nil {
+			return serial, err
+		}
+	}
+	return serial, nil
+}
+
+// verifyChain checks that the served chain leads from the leaf, for
+// name, to one of the roots in rootsFile, through whatever intermediates
+// the server sent. It never compares them with a saved chain: Let's
+// Encrypt picks its issuing intermediate at random, so a pinned one
+// would fail on a good renewal.
+func verifyChain(certs []*x509.Certificate, name, rootsFile string) error {
+	roots, err := LoadRoots(rootsFile)
+	if err != nil {
+		return err
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := certs[0].Verify(x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: inter}); err != nil {
+		return fmt.Errorf("served chain does not verify to --verify-roots %s: %v", rootsFile, err)
+	}
+	return nil
+}
+
+// LoadRoots reads a PEM file of root certificates.
+func LoadRoots(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("%s: no PEM certificates in it", path)
+	}
+	return pool, nil
 }
 
 // dialTLS connects and completes the handshake; a variable so a test can

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
 	"math/big"
 	"net"
@@ -152,5 +153,90 @@ func TestHookHygiene(t *testing.T) {
 	// A hook that itself runs too long is still killed.
 	if _, err := run(context.Background(), time.Second, nil, "sleep 20"); err == nil || !strings.Contains(err.Error(), "timed out") {
 		t.Fatalf("slow hook: %v", err)
+	}
+}
+
+// testCA is a root or intermediate that signs.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	der  []byte
+}
+
+func newCA(t *testing.T, name string, parent *testCA) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	signer, signKey := tmpl, key
+	if parent != nil {
+		signer, signKey = parent.cert, parent.key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return &testCA{cert: c, key: key, der: der}
+}
+
+// serveChain serves a leaf for name issued by inter, with inter in the
+// chain, and returns the address and the leaf's serial.
+func serveChain(t *testing.T, name string, inter *testCA) (string, string) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, inter.cert, &key.PublicKey, inter.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der, inter.der}, PrivateKey: key}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.(*tls.Conn).Handshake(); c.Close() }()
+		}
+	}()
+	return ln.Addr().String(), fmt.Sprintf("%x", tmpl.SerialNumber)
+}
+
+// With --verify-roots the check verifies the served chain to the roots,
+// whichever intermediate the CA picked (none is pinned), and fails a
+// chain to another root.
+func TestVerifyChainToRoots(t *testing.T) {
+	root, other := newCA(t, "Root X", nil), newCA(t, "Root Y", nil)
+	dir := t.TempDir()
+	rootsFile := filepath.Join(dir, "roots.pem")
+	os.WriteFile(rootsFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.der}), 0o644)
+	r := &Runner{Opts: Options{VerifyTimeout: 2 * time.Second}}
+	for _, tc := range []struct {
+		inter *testCA
+		ok    bool
+	}{
+		{newCA(t, "Intermediate E5", root), true},
+		{newCA(t, "Intermediate E6", root), true}, // another intermediate, same root: fine
+		{newCA(t, "Intermediate Z", other), false},
+	} {
+		addr, serial := serveChain(t, "lb.example.com", tc.inter)
+		c := Change{Name: "lb.example.com", Domains: []string{"lb.example.com"}, Serial: serial,
+			Deploy: store.Deploy{Target: "nginx", VerifyAddr: addr, VerifyRoots: rootsFile}}
+		res := Result{Name: c.Name, Deployed: true}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second) // the step's deadline, as verifyAll sets it
+		r.verify(ctx, c, &res)
+		cancel()
+		if ok := res.Verify == "ok"; ok != tc.ok {
+			t.Fatalf("chain via %s: verify %q (%v), want ok=%v", tc.inter.cert.Subject.CommonName, res.Verify, res.Err, tc.ok)
+		}
+		if !tc.ok && !strings.Contains(res.Err.Error(), "served chain does not verify to --verify-roots") {
+			t.Fatalf("error %v", res.Err)
+		}
 	}
 }

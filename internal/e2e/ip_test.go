@@ -81,8 +81,16 @@ func TestIPCertificates(t *testing.T) {
 	if got := servedNoSNI(t, nginxTLS); got != e.serial("127.0.0.1") {
 		t.Fatalf("nginx serves %s without SNI, want %s", got, e.serial("127.0.0.1"))
 	}
+	// The check also verifies the served chain to Pebble's root, with the
+	// address as the name checked.
+	roots, err := e.pebble.Roots()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootsFile := filepath.Join(e.work, "pebble-root.pem")
+	os.WriteFile(rootsFile, roots, 0o644)
 	r = e.mustRun("issue", "-d", "127.0.0.1", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--force",
-		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin, "--verify-addr", nginxTLS)
+		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin, "--verify-addr", nginxTLS, "--verify-roots", rootsFile)
 	if !strings.Contains(r.stdout, "deployed, verified") {
 		t.Fatalf("nginx deploy of the address lineage:\n%s", r.stdout)
 	}

@@ -86,6 +86,9 @@ type Deploy struct {
 	Hook          string `json:"hook,omitempty"`
 	HookTimeout   int    `json:"hook_timeout_seconds,omitempty"`
 	VerifyAddr    string `json:"verify_addr,omitempty"`
+	// VerifyRoots is a PEM file of roots the served chain must verify
+	// to (with the name or address checked), beside the serial check.
+	VerifyRoots string `json:"verify_roots,omitempty"`
 }
 
 // Mail is a lineage's own report recipients and relay (seed 004's
