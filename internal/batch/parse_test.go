@@ -242,3 +242,15 @@ func TestHugeInput(t *testing.T) {
 		t.Fatalf("a 60 KiB cell: %d problems, %d bytes", len(res.Problems), len(fmt.Sprint(res.Problems)))
 	}
 }
+
+// Addresses are rows like any other: canonical, lineages named safely,
+// bad ones refused with their line.
+func TestAddressRows(t *testing.T) {
+	r := Parse(strings.NewReader("203.0.113.10,443,8888\n2001:DB8::10,443,8888\n127.000.000.001,443,8888\n"), defaults)
+	if len(r.Rows) != 2 || r.Rows[0].Name != "203.0.113.10" || r.Rows[1].Name != "2001-db8--10" || r.Rows[1].Domains[0] != "2001:db8::10" {
+		t.Fatalf("rows %+v", r.Rows)
+	}
+	if len(r.Problems) != 1 || r.Problems[0].Line != 3 || !strings.Contains(r.Problems[0].Msg, "leading zero") {
+		t.Fatalf("problems %+v", r.Problems)
+	}
+}
