@@ -48,7 +48,9 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing, scale or all")
+	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
+	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
 	paceC := flag.Int("pace-concurrency", 8, "lbcert batch --concurrency in the pacing benchmark")
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
@@ -80,6 +82,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchPacing(*paceN, *paceC, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "scale") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchScale(*shortN, *bigN, *runs, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "deploy") {
 		w, _ := filepath.Abs(*work)
@@ -264,6 +272,9 @@ type ca struct {
 	key  *ecdsa.PrivateKey
 	cert *x509.Certificate
 	pem  []byte
+	// age and life shape every leaf: issued age ago, valid for life.
+	// Zero means a day ago and 90 days, so that none is due.
+	age, life time.Duration
 }
 
 func newCA() (*ca, error) {
@@ -292,7 +303,7 @@ func (c *ca) leaf(name string, serial int64) ([]byte, []byte, *x509.Certificate,
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(serial), DNSNames: []string{name},
-		NotBefore: time.Now().Add(-24 * time.Hour), NotAfter: time.Now().Add(89 * 24 * time.Hour),
+		NotBefore: time.Now().Add(-c.ageOr()), NotAfter: time.Now().Add(-c.ageOr() + c.lifeOr()),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
@@ -303,6 +314,20 @@ func (c *ca) leaf(name string, serial int64) ([]byte, []byte, *x509.Certificate,
 	cert, _ := x509.ParseCertificate(der)
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), cert, nil
+}
+
+func (c *ca) ageOr() time.Duration {
+	if c.age == 0 {
+		return 24 * time.Hour
+	}
+	return c.age
+}
+
+func (c *ca) lifeOr() time.Duration {
+	if c.life == 0 {
+		return 90 * 24 * time.Hour
+	}
+	return c.life
 }
 
 func domain(i int) string { return fmt.Sprintf("site%05d.bench.example", i) }
