@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -141,25 +140,30 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 }
 
 // renewJobs is one job per selected lineage, with its saved settings.
+// Only a dry run reads them here (to point them at staging); otherwise
+// the plan loads each lineage when it decides it.
 func renewJobs(st *store.Store, all []string, o *renewOptions) ([]engine.Job, error) {
 	selected := all
 	if len(o.Names) > 0 {
 		selected = o.Names
 	}
-	var jobs []engine.Job
+	jobs := make([]engine.Job, 0, len(selected))
 	for _, n := range selected {
+		if len(o.Names) > 0 && !st.Exists(n) {
+			return nil, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
+		}
+		if !o.DryRun {
+			// A broken lineage is one failed item, not a failed run: the
+			// plan says so when it cannot load it.
+			jobs = append(jobs, engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true})
+			continue
+		}
 		l, err := st.Load(n)
 		if err != nil {
-			if len(o.Names) > 0 && errors.Is(err, store.ErrNotFound) {
-				return nil, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
-			}
-			// A broken lineage is one failed item, not a failed run.
 			jobs = append(jobs, engine.Job{Lineage: store.Lineage{Name: n}})
 			continue
 		}
-		if o.DryRun {
-			l.Server = dryRunServer(l.Server)
-		}
+		l.Server = dryRunServer(l.Server)
 		jobs = append(jobs, engine.Job{Lineage: *l, Force: o.Force})
 	}
 	return jobs, nil

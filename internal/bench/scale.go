@@ -39,7 +39,9 @@ func benchScale(shortN, bigN, runs int, bin, work string) error {
 	if err != nil {
 		return err
 	}
-	os.RemoveAll(big)
+	if os.Getenv("LBCERT_BENCH_KEEP") == "" {
+		os.RemoveAll(big)
+	}
 	fmt.Printf("\nNothing-due renew pass at scale, %s, %d cores, median of %d runs\n\n", time.Now().UTC().Format(time.DateOnly), numCPU(), runs)
 	fmt.Println("| lineages | wall | per lineage | CPU (user+sys) | peak RSS | target |")
 	fmt.Println("|---|---:|---:|---:|---:|---|")

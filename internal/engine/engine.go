@@ -94,6 +94,11 @@ type Job struct {
 	Force bool
 	// ReuseKey keeps the live version's private key.
 	ReuseKey bool
+	// Stored says the job is lineage Lineage.Name with its stored
+	// settings, as renew runs it: the plan loads it when it gets to it,
+	// once, so that a pass over 100,000 lineages holds one at a time,
+	// not all of them before the first is decided.
+	Stored bool
 }
 
 // Options are a run's switches; the zero value is a sensible default
@@ -196,7 +201,8 @@ type step struct {
 // Plan is a decided run, ready to Execute.
 type Plan struct {
 	e       *Engine
-	steps   []*step
+	items   []*Item // every job's, in job order
+	steps   []*step // the jobs that have work; decided ones keep only their item
 	started time.Time
 }
 
@@ -204,11 +210,17 @@ type Plan struct {
 // status only, and writes nothing.
 func (e *Engine) Plan(ctx context.Context, jobs []Job) (*Plan, error) {
 	now := e.now()
-	p := &Plan{e: e, started: now}
+	p := &Plan{e: e, started: now, items: make([]*Item, 0, len(jobs))}
 	for _, j := range jobs {
 		s := &step{job: j, item: &Item{Name: j.Lineage.Name, Line: j.Line, Domains: j.Lineage.Domains, mail: j.Lineage.Mail}}
 		e.decide(s, now)
-		p.steps = append(p.steps, s)
+		p.items = append(p.items, s.item)
+		// Decided for good: keep the item, let the step and its lineage
+		// go. A nothing-due pass over 100,000 lineages would otherwise
+		// hold every one of them until the run ends.
+		if s.act != actNone {
+			p.steps = append(p.steps, s)
+		}
 	}
 	return p, nil
 }
@@ -216,6 +228,10 @@ func (e *Engine) Plan(ctx context.Context, jobs []Job) (*Plan, error) {
 func (e *Engine) decide(s *step, now time.Time) {
 	name := s.job.Lineage.Name
 	prev, err := e.Store.Load(name)
+	if err == nil && s.job.Stored {
+		s.job.Lineage = *prev
+		s.item.Domains, s.item.mail = prev.Domains, prev.Mail
+	}
 	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		s.item.Outcome = Failed
 		s.item.Error = oneLine(err)
@@ -312,17 +328,19 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 	e := p.e
 	res := &Result{Version: SchemaVersion, Command: e.Opts.Command, DryRun: e.Opts.DryRun, Started: p.started}
 	r := &run{e: e, ctx: ctx, started: p.started, res: res}
-	var work []*step
-	for _, s := range p.steps {
-		res.Items = append(res.Items, s.item)
-		if s.act == actNone {
-			if e.Opts.Observe != nil {
-				e.Opts.Observe(s.item)
-			}
-			continue
+	res.Items = p.items
+	if e.Opts.Observe != nil {
+		working := make(map[*Item]bool, len(p.steps))
+		for _, s := range p.steps {
+			working[s.item] = true
 		}
-		work = append(work, s)
+		for _, it := range p.items {
+			if !working[it] { // decided in the plan: reported now
+				e.Opts.Observe(it)
+			}
+		}
 	}
+	work := p.steps
 	r.bindAddrs = standaloneAddrs(work)
 
 	workers := e.Opts.Concurrency
@@ -358,7 +376,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 	wg.Wait()
 
 	r.deployAll()
-	r.warnings(p.steps)
+	r.warnings(p.items)
 	if e.Budget != nil {
 		if err := e.Budget.Flush(); err != nil {
 			slog.Warn("could not save the rate budget", "err", err)
@@ -862,11 +880,10 @@ func (r *run) deployAll() {
 // warnings marks the items the report warns about: heading for expiry
 // unrenewed, and not warned about in the last day (a cron that runs
 // hourly must not mail hourly).
-func (r *run) warnings(steps []*step) {
+func (r *run) warnings(items []*Item) {
 	e := r.e
 	now := e.now()
-	for _, s := range steps {
-		it := s.item
+	for _, it := range items {
 		if !it.warnWorthy(now) {
 			continue
 		}

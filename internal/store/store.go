@@ -174,6 +174,16 @@ func (s *Store) Load(name string) (*Lineage, error) {
 	return s.readMeta(name, filepath.Join(s.Dir, "live", name, MetaFile))
 }
 
+// Exists reports whether lineage name has a live entry, readable or not
+// (Load then says what is wrong with it), without reading it.
+func (s *Store) Exists(name string) bool {
+	if names.Lineage(name) != nil {
+		return false
+	}
+	_, err := os.Lstat(filepath.Join(s.Dir, "live", name))
+	return err == nil
+}
+
 // LoadVersion reads the metadata of one archived version, live or not:
 // a pending deploy is a version that is not live.
 func (s *Store) LoadVersion(name string, version int) (*Lineage, error) {
