@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"iter"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -58,7 +60,7 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 			slog.Warn(words[it.Outcome], "line", it.Line, "name", it.Name, "err", it.Error)
 		}
 	}
-	res, err := a.runEngine(ctx, st, spec, func() ([]engine.Job, error) {
+	res, err := a.runEngine(ctx, st, spec, func() (iter.Seq[engine.Job], int, error) {
 		jobs := make([]engine.Job, 0, len(rows))
 		for _, br := range rows {
 			row := br.row
@@ -76,7 +78,7 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 			}
 			jobs = append(jobs, engine.Job{Lineage: l, Line: row.Line, Force: o.Force})
 		}
-		return jobs, nil
+		return slices.Values(jobs), len(jobs), nil
 	})
 	if err != nil {
 		return nil, err

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -178,7 +180,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	res, err := a.runEngine(ctx, st, runSpec{
 		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1,
 		maxWait: o.MaxWait, waitLock: o.WaitLock,
-	}, func() ([]engine.Job, error) { return []engine.Job{job}, nil })
+	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"iter"
 	"log/slog"
 	"strings"
 	"time"
@@ -126,7 +127,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	res, err := a.runEngine(ctx, st, runSpec{
 		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
 		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock,
-	}, func() ([]engine.Job, error) { return renewJobs(st, all, o) })
+	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(st, all, o) })
 	if err != nil {
 		return err
 	}
@@ -139,34 +140,36 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	return finish(res, mailErr)
 }
 
-// renewJobs is one job per selected lineage, with its saved settings.
-// Only a dry run reads them here (to point them at staging); otherwise
-// the plan loads each lineage when it decides it.
-func renewJobs(st *store.Store, all []string, o *renewOptions) ([]engine.Job, error) {
+// renewJobs is one job per selected lineage, with its saved settings,
+// made as the plan reaches it: the plan loads each lineage when it
+// decides it, so a pass over 100,000 holds one at a time. Only a dry run
+// reads them here, to point them at staging.
+func renewJobs(st *store.Store, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
 	selected := all
 	if len(o.Names) > 0 {
 		selected = o.Names
-	}
-	jobs := make([]engine.Job, 0, len(selected))
-	for _, n := range selected {
-		if len(o.Names) > 0 && !st.Exists(n) {
-			return nil, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
+		for _, n := range selected {
+			if !st.Exists(n) {
+				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
+			}
 		}
-		if !o.DryRun {
+	}
+	return func(yield func(engine.Job) bool) {
+		for _, n := range selected {
 			// A broken lineage is one failed item, not a failed run: the
 			// plan says so when it cannot load it.
-			jobs = append(jobs, engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true})
-			continue
+			job := engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true}
+			if o.DryRun {
+				if l, err := st.Load(n); err == nil {
+					job.Stored, job.Lineage = false, *l
+					job.Lineage.Server = dryRunServer(l.Server)
+				}
+			}
+			if !yield(job) {
+				return
+			}
 		}
-		l, err := st.Load(n)
-		if err != nil {
-			jobs = append(jobs, engine.Job{Lineage: store.Lineage{Name: n}})
-			continue
-		}
-		l.Server = dryRunServer(l.Server)
-		jobs = append(jobs, engine.Job{Lineage: *l, Force: o.Force})
-	}
-	return jobs, nil
+	}, len(selected), nil
 }
 
 // renderRenew prints the run: JSON, or a summary that is silent when

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"sync"
 	"time"
@@ -39,7 +40,7 @@ type runSpec struct {
 // build the jobs under it (so they see what another run just saved),
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
-func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() ([]engine.Job, error)) (*engine.Result, error) {
+func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
 	if a.global.HookConc < 1 {
 		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
@@ -48,7 +49,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		return nil, err
 	}
 	defer lock.Unlock()
-	js, err := jobs()
+	js, n, err := jobs()
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +87,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 			Observe:     spec.observe,
 		},
 	}
-	plan, err := e.Plan(ctx, js)
+	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
 		return nil, exit.Errorf("%w", err)
 	}

@@ -61,7 +61,7 @@ type Item struct {
 	// (Options.RunGap).
 	Cadence string `json:"cadence_warning,omitempty"`
 
-	mail   store.Mail
+	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
 	warn   bool          // the report warns about it (at most once a day)
@@ -129,8 +129,11 @@ func (r *Result) Report() *notify.Report {
 	out := &notify.Report{Command: r.Command, Time: r.Finished}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
-			Verify: it.Verify, Error: it.Error, Hint: it.Hint, MailTo: it.mail.To,
-			Relay: notify.Relay{Host: it.mail.Host, Port: it.mail.Port, From: it.mail.From, TLS: it.mail.TLS, CABundle: it.mail.CABundle}}
+			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
+		if m := it.mail; m != nil {
+			ni.MailTo = m.To
+			ni.Relay = notify.Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle}
+		}
 		if it.Pending != "" {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
 			ni.Deploy = strings.TrimPrefix(ni.Deploy, "; ")
@@ -175,4 +178,13 @@ func timePtr(t time.Time) *time.Time {
 	}
 	t = t.UTC()
 	return &t
+}
+
+// mailOf keeps a lineage's own mail settings, if it has any: most have
+// none, and 100,000 items should not carry 100,000 empty copies.
+func mailOf(m store.Mail) *store.Mail {
+	if m.Host == "" && m.From == "" && len(m.To) == 0 && m.Port == 0 {
+		return nil
+	}
+	return &m
 }
