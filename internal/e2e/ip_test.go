@@ -38,10 +38,11 @@ func servedNoSNIEventually(t *testing.T, addr, want string) {
 // TestIPCertificates: certificates for load-balancer addresses (RFC
 // 8738). 127.0.0.1 is issued over HTTP-01 through the standalone
 // listener, under the CA's shortlived profile since none was asked for,
-// and deployed to a real nginx as its default_server; 127.0.0.2 is
-// deployed to a real HAProxy as the bind's default certificate. Both
-// are served to clients that send no SNI, renewed with their profile,
-// and the HAProxy one is deleted.
+// and deployed to a real nginx as its default_server, its chain checked
+// to Pebble's root; 127.0.0.2 goes to a real HAProxy as the bind's
+// default certificate. Both are served to clients that send no SNI and
+// renewed with their profile; then 127.0.0.1 moves to HAProxy and is
+// served there without SNI too; both are deleted.
 func TestIPCertificates(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, testenv.PebbleOptions{ShortLived: true})
@@ -157,24 +158,42 @@ frontend tls
 	servedNoSNIEventually(t, nginxTLS, e.serial("127.0.0.1"))
 	servedNoSNIEventually(t, haTLS, e.serial("127.0.0.2"))
 
+	// 127.0.0.1 moves from nginx to HAProxy: its PEM becomes the bind's
+	// default, HAProxy reloads, and no-SNI clients get it there too.
+	cfg := readFile(t, conf)
+	os.WriteFile(conf, []byte(strings.Replace(cfg, "crt "+certs+"/127.0.0.2.pem ", "crt "+certs+"/127.0.0.1.pem ", 1)), 0o644)
+	r = e.mustRun("issue", "-d", "127.0.0.1", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--force",
+		"--deploy", "haproxy", "--haproxy-conf", conf, "--haproxy-certs", certs, "--verify-addr", haTLS,
+		"--reload-cmd", fmt.Sprintf("kill -USR2 $(cat %s)", h.PIDFile))
+	if !strings.Contains(r.stdout, "deployed, verified") {
+		t.Fatalf("HAProxy deploy of 127.0.0.1:\n%s", r.stdout)
+	}
+	servedNoSNIEventually(t, haTLS, e.serial("127.0.0.1"))
+	if life := e.leaf("127.0.0.1").NotAfter.Sub(e.leaf("127.0.0.1").NotBefore); life > 7*24*time.Hour {
+		t.Fatalf("127.0.0.1 re-issued with lifetime %v: the profile did not stick", life)
+	}
+
 	if r := e.mustRun("list"); !strings.Contains(r.stdout, "127.0.0.2") {
 		t.Fatalf("list does not show the address:\n%s", r.stdout)
 	}
 	// delete refuses while the config names the PEM; the operator drops
 	// the line first.
-	if r := e.run("delete", "--name", "127.0.0.2", "--yes"); r.code == 0 || !strings.Contains(r.stderr, "haproxy config still uses 127.0.0.2") {
+	if r := e.run("delete", "--name", "127.0.0.1", "--yes"); r.code == 0 || !strings.Contains(r.stderr, "haproxy config still uses 127.0.0.1") {
 		t.Fatalf("delete with the address still configured: exit %d\n%s", r.code, r.stderr)
 	}
-	cfg := readFile(t, conf)
-	os.WriteFile(conf, []byte(strings.Replace(cfg, "crt "+certs+"/127.0.0.2.pem ", "", 1)), 0o644)
-	e.mustRun("delete", "--name", "127.0.0.2", "--yes")
-	if _, err := os.Stat(filepath.Join(certs, "127.0.0.2.pem")); !os.IsNotExist(err) {
-		t.Fatalf("the deleted lineage's HAProxy PEM is still there: %v", err)
+	cfg = readFile(t, conf)
+	os.WriteFile(conf, []byte(strings.Replace(cfg, "crt "+certs+"/127.0.0.1.pem ", "", 1)), 0o644)
+	n.Stop() // nginx served it before: done with it too
+	for _, a := range []string{"127.0.0.1", "127.0.0.2"} {
+		e.mustRun("delete", "--name", a, "--yes")
+		if _, err := os.Stat(filepath.Join(certs, a+".pem")); !os.IsNotExist(err) {
+			t.Fatalf("the deleted lineage's HAProxy PEM is still there: %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(e.dir, "live", a)); !os.IsNotExist(err) {
+			t.Fatalf("the deleted address lineage %s is still live: %v", a, err)
+		}
 	}
-	if _, err := os.Stat(filepath.Join(e.dir, "live", "127.0.0.2")); !os.IsNotExist(err) {
-		t.Fatalf("the deleted address lineage is still live: %v", err)
-	}
-	if r := e.mustRun("list"); strings.Contains(r.stdout, "127.0.0.2") {
-		t.Fatalf("list still shows the deleted lineage:\n%s", r.stdout)
+	if r := e.mustRun("list"); strings.Contains(r.stdout, "127.0.0.") {
+		t.Fatalf("list still shows a deleted lineage:\n%s", r.stdout)
 	}
 }

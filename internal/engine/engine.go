@@ -33,6 +33,7 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -219,19 +220,50 @@ func (e *Engine) Plan(ctx context.Context, jobs []Job) (*Plan, error) {
 func (e *Engine) PlanSeq(ctx context.Context, jobs iter.Seq[Job], n int) (*Plan, error) {
 	now := e.now()
 	p := &Plan{e: e, started: now, items: make([]*Item, 0, n)}
+	// Deciding is reading two small files and parsing JSON per lineage:
+	// a few goroutines decide a batch at a time, in job order, so the
+	// cores share the work and no more than a batch is held at once.
+	batch := make([]*step, 0, planBatch)
+	flush := func() {
+		var wg sync.WaitGroup
+		next := make(chan *step)
+		for range min(runtime.GOMAXPROCS(0)*2, len(batch)) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for s := range next {
+					e.decide(s, now)
+				}
+			}()
+		}
+		for _, s := range batch {
+			next <- s
+		}
+		close(next)
+		wg.Wait()
+		for _, s := range batch {
+			p.items = append(p.items, s.item)
+			// Decided for good: keep the item, let the step and its
+			// lineage go. A nothing-due pass over 100,000 lineages would
+			// otherwise hold every one of them until the run ends.
+			if s.act != actNone {
+				p.steps = append(p.steps, s)
+			}
+		}
+		batch = batch[:0]
+	}
 	for j := range jobs {
-		s := &step{job: j, item: &Item{Name: j.Lineage.Name, Line: j.Line, Domains: j.Lineage.Domains, mail: mailOf(j.Lineage.Mail)}}
-		e.decide(s, now)
-		p.items = append(p.items, s.item)
-		// Decided for good: keep the item, let the step and its lineage
-		// go. A nothing-due pass over 100,000 lineages would otherwise
-		// hold every one of them until the run ends.
-		if s.act != actNone {
-			p.steps = append(p.steps, s)
+		batch = append(batch, &step{job: j, item: &Item{Name: j.Lineage.Name, Line: j.Line, Domains: j.Lineage.Domains, mail: mailOf(j.Lineage.Mail)}})
+		if len(batch) == planBatch {
+			flush()
 		}
 	}
+	flush()
 	return p, nil
 }
+
+// planBatch is how many jobs the plan decides at once.
+const planBatch = 256
 
 func (e *Engine) decide(s *step, now time.Time) {
 	name := s.job.Lineage.Name
