@@ -75,6 +75,8 @@ type app struct {
 
 	global globalOptions
 	mail   mailOptions
+
+	runs *[]time.Time // renew's recorded runs, read once per command (list)
 }
 
 type globalOptions struct {

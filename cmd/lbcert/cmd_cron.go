@@ -167,8 +167,9 @@ func entryTime(existing string) (minute, hour int, ok bool) {
 }
 
 // shortLivedAt is the lifetime at or below which the schedule runs every
-// 6 hours: a 6-day certificate renews 2 to 3 days before expiry, and
-// three chances in that window need runs at most 16 hours apart.
+// 6 hours. A 6-day certificate renews 3 to 4 days before expiry, so twice
+// a day already gives it 6 runs in that window; every 6 hours keeps that
+// true when a run or two fails, and when a CA shortens lifetimes further.
 const shortLivedAt = 10 * 24 * time.Hour
 
 // runsPerDay is how often renew should run for the lineages in st: twice

@@ -170,7 +170,11 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 	}
 	// The schedule as renew has really run here, up to now: a cron that
 	// stopped a week ago shows as a week's gap.
-	if runs := st.Runs(); len(runs) > 0 {
+	if a.runs == nil {
+		runs := st.Runs()
+		a.runs = &runs // once for the whole list, not once per lineage
+	}
+	if runs := *a.runs; len(runs) > 0 {
 		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(runs, now))
 	}
 	return e, nil

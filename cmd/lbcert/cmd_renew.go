@@ -126,7 +126,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	}
 	res, err := a.runEngine(ctx, st, runSpec{
 		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock,
+		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0,
 	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(st, all, o) })
 	if err != nil {
 		return err

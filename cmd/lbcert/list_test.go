@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -118,7 +119,7 @@ func TestCronCadence(t *testing.T) {
 	runGolden(t, false, "--dir", dir, "cron", "install", "--file", cron)
 	g := line()
 	hs := strings.Split(g[1], ",")
-	if g[0] != f[0] || len(hs) != 4 || !strings.Contains(g[1], strings.Split(f[1], ",")[0]) {
+	if g[0] != f[0] || len(hs) != 4 || !slices.Contains(hs, strings.Split(f[1], ",")[0]) {
 		t.Fatalf("with a 6-day lineage: %q %q, want minute %s and four hours including %s", g[0], g[1], f[0], f[1])
 	}
 	units := t.TempDir()
@@ -131,34 +132,49 @@ func TestCronCadence(t *testing.T) {
 
 // A weekly renew over 6-day certificates: renew (even with nothing due)
 // and list warn, naming the lineage, the gap seen and the gap needed; a
-// 90-day lineage under the same schedule gets no warning.
+// 90-day lineage under the same schedule gets no warning; renew says it
+// once a day (cron mails every run that prints), list every time; a
+// hand-typed renew --name is not recorded as a run of the schedule.
 func TestCadenceWarning(t *testing.T) {
-	dir := fixtureStore(t)
+	dir := filepath.Join(t.TempDir(), "state")
 	st := store.New(dir)
-	_, _, err := st.Save(&store.Lineage{Name: "six.example.com", Domains: []string{"six.example.com"}, Server: "https://acme.test/dir", KeyType: "ec256",
-		Challenge: store.Challenge{Mode: "standalone", HTTPAddr: ":80"},
-		Cert:      store.CertInfo{Serial: "0b", NotBefore: fixedNow, NotAfter: fixedNow.Add(6 * 24 * time.Hour)}},
-		store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
-	if err != nil {
-		t.Fatal(err)
+	for _, l := range []struct {
+		name string
+		life time.Duration
+	}{{"six.example.com", 6 * 24 * time.Hour}, {"ninety.example.com", 90 * 24 * time.Hour}} {
+		_, _, err := st.Save(&store.Lineage{Name: l.name, Domains: []string{l.name}, Server: "https://acme.test/dir", KeyType: "ec256",
+			Challenge: store.Challenge{Mode: "standalone", HTTPAddr: ":80"},
+			Cert:      store.CertInfo{Serial: "0b", NotBefore: fixedNow, NotAfter: fixedNow.Add(l.life)}},
+			store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, at := range []time.Time{fixedNow.Add(-14 * 24 * time.Hour), fixedNow.Add(-7 * 24 * time.Hour)} {
 		if err := st.RecordRun(at); err != nil {
 			t.Fatal(err)
 		}
 	}
-	var out, errb bytes.Buffer
-	a := &app{out: &out, err: &errb, getenv: func(string) string { return "" }, now: func() time.Time { return fixedNow },
-		ctx: context.Background()}
-	if code := a.run([]string{"--dir", dir, "renew", "--name", "six.example.com", "--name", "example.com", "--no-random-sleep"}); code != 0 {
-		t.Fatalf("renew: exit %d\n%s", code, errb.String())
+	renew := func(now time.Time, args ...string) string {
+		var out, errb bytes.Buffer
+		a := &app{out: &out, err: &errb, getenv: func(string) string { return "" }, now: func() time.Time { return now }, ctx: context.Background()}
+		if code := a.run(append([]string{"--dir", dir, "renew", "--no-random-sleep"}, args...)); code != 0 {
+			t.Fatalf("renew %v: exit %d\n%s", args, code, errb.String())
+		}
+		return errb.String()
 	}
-	if !strings.Contains(errb.String(), "lbcert: warning: six.example.com: renew runs every 7.0 days") ||
-		!strings.Contains(errb.String(), "run renew at least every") || strings.Count(errb.String(), "renew runs every") != 1 {
-		t.Fatalf("renew's warning:\n%s", errb.String())
+	if got := renew(fixedNow, "--name", "six.example.com"); !strings.Contains(got, "lbcert: warning: six.example.com: renew runs every 7.0 days") ||
+		!strings.Contains(got, "run renew at least every") || strings.Count(got, "renew runs every") != 1 {
+		t.Fatalf("renew's warning:\n%s", got)
 	}
-	if runs := st.Runs(); len(runs) != 3 || !runs[2].Equal(fixedNow) {
-		t.Fatalf("this run was not recorded: %v", runs)
+	if runs := st.Runs(); len(runs) != 2 {
+		t.Fatalf("a renew --name was recorded as a scheduled run: %v", runs)
+	}
+	if got := renew(fixedNow.Add(time.Hour)); strings.Contains(got, "renew runs every") {
+		t.Fatalf("warned twice within a day:\n%s", got)
+	}
+	if runs := st.Runs(); len(runs) != 3 || !runs[2].Equal(fixedNow.Add(time.Hour)) {
+		t.Fatalf("the scheduled run was not recorded: %v", runs)
 	}
 	list := runGolden(t, false, "--dir", dir, "list")
 	for _, l := range strings.Split(list, "\n") {
@@ -167,7 +183,7 @@ func TestCadenceWarning(t *testing.T) {
 			if !strings.Contains(l, "warning: renew runs every 7.0 days") {
 				t.Fatalf("list:\n%s", list)
 			}
-		case strings.HasPrefix(l, "example.com") && strings.Contains(l, "warning"):
+		case strings.HasPrefix(l, "ninety.example.com") && strings.Contains(l, "warning"):
 			t.Fatalf("a 90-day lineage warned under a weekly schedule:\n%s", list)
 		}
 	}

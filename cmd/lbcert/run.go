@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,6 +35,10 @@ type runSpec struct {
 	randomDelay time.Duration
 	waitLock    time.Duration
 	observe     func(*engine.Item)
+	// scheduled says the run is the kind cron makes (renew over every
+	// lineage), so it is recorded for the cadence check; a hand-typed
+	// renew --name would hide the real gaps between cron's.
+	scheduled bool
 }
 
 // runEngine is the one driver of issue, batch and renew: take the lock,
@@ -61,10 +66,15 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if spec.command == "renew" && !spec.dryRun {
 		// The schedule as it really runs: the gaps between the recorded
 		// renew runs and this one (README "Short lifetimes and IP
-		// certificates").
-		gap = renewal.RunGap(st.Runs(), a.now())
-		if err := st.RecordRun(a.now()); err != nil {
-			slog.Warn("could not record this renew run", "err", err)
+		// certificates"). Said at most once a day: cron mails every run
+		// that prints.
+		if a.now().Sub(st.CadenceWarnedAt()) >= 23*time.Hour {
+			gap = renewal.RunGap(st.Runs(), a.now())
+		}
+		if spec.scheduled {
+			if err := st.RecordRun(a.now()); err != nil {
+				slog.Warn("could not record this renew run", "err", err)
+			}
 		}
 	}
 	is := &issuer.Issuer{Account: a.lazyAccount(st, spec.dryRun)}
@@ -92,6 +102,11 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		return nil, exit.Errorf("%w", err)
 	}
 	res := plan.Execute(ctx)
+	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
+		if err := st.MarkCadenceWarned(a.now()); err != nil {
+			slog.Warn("could not record the schedule warning", "err", err)
+		}
+	}
 	if a.global.MetricsFile != "" && !spec.dryRun {
 		// Monitoring is not the run: a metrics file that cannot be
 		// written is a warning, never a failed renewal.

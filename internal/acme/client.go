@@ -64,9 +64,8 @@ type Client struct {
 	router *router
 	hc     *http.Client
 
-	dirOnce sync.Once // the directory's meta, read on first need
-	dirMeta directoryMeta
-	dirErr  error
+	dirMu   sync.Mutex     // the directory's meta, read on first need
+	dirMeta *directoryMeta // nil until read
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms

@@ -24,24 +24,26 @@ type directoryMeta struct {
 
 // profiles returns the profiles the CA's directory offers (RFC draft
 // "ACME profiles", meta.profiles), read once per client.
+// A failed read is not kept: the next order asks again.
 func (c *Client) profiles() (map[string]string, error) {
-	c.dirOnce.Do(func() {
-		resp, err := c.hc.Get(c.opts.Server)
-		if err != nil {
-			c.dirErr = Explain(fmt.Errorf("ACME server %s: %w", c.opts.Server, err))
-			return
-		}
-		defer resp.Body.Close()
-		var d struct {
-			Meta directoryMeta `json:"meta"`
-		}
-		if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&d); err != nil || resp.StatusCode != http.StatusOK {
-			c.dirErr = fmt.Errorf("ACME server %s: could not read its directory (HTTP %d)", c.opts.Server, resp.StatusCode)
-			return
-		}
-		c.dirMeta = d.Meta
-	})
-	return c.dirMeta.Profiles, c.dirErr
+	c.dirMu.Lock()
+	defer c.dirMu.Unlock()
+	if c.dirMeta != nil {
+		return c.dirMeta.Profiles, nil
+	}
+	resp, err := c.hc.Get(c.opts.Server)
+	if err != nil {
+		return nil, Explain(fmt.Errorf("ACME server %s: %w", c.opts.Server, err))
+	}
+	defer resp.Body.Close()
+	var d struct {
+		Meta directoryMeta `json:"meta"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&d); err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("ACME server %s: could not read its directory (HTTP %d)", c.opts.Server, resp.StatusCode)
+	}
+	c.dirMeta = &d.Meta
+	return d.Meta.Profiles, nil
 }
 
 // pickProfile checks a requested profile against the directory before

@@ -41,21 +41,23 @@ func TestPacingAgainstRateLimitingCA(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, testenv.PebbleOptions{})
 	limits := testenv.LetsEncryptLimits()
-	limits.Orders.N, limits.Orders.Per = 3, 30*time.Second // a burst of 3, then one every 10 s
+	// A burst of 3, then one every 15 s: slow beside an order here (3 to
+	// 5 s on a loaded CI machine), so one run cannot do all five.
+	limits.Orders.N, limits.Orders.Per = 3, 45*time.Second
 	front := e.withFront(t, limits)
 	var names []string
 	for i := range 5 {
 		names = append(names, fmt.Sprintf("b%d.bulk%d.example.com", i, i))
 	}
 	csv := writeCSV(t, e.work, "bulk.csv", seedRows(e, names...))
-	args := e.batchArgs(csv, "--rate-orders", "3/30s", "--max-wait", "0s")
+	args := e.batchArgs(csv, "--rate-orders", "3/45s", "--max-wait", "0s")
 	runs := 0
-	for ; runs < 20; runs++ {
+	for ; runs < 40; runs++ {
 		r := e.run(args...)
 		if r.code == 0 {
 			break
 		}
-		if r.code != 2 || !strings.Contains(r.stdout, "not ordered: the new-orders budget (3/30s per account) is spent") {
+		if r.code != 2 || !strings.Contains(r.stdout, "not ordered: the new-orders budget (3/45s per account) is spent") {
 			t.Fatalf("run %d: exit %d\n%s%s", runs+1, r.code, r.stdout, r.stderr)
 		}
 		time.Sleep(2 * time.Second)
@@ -84,8 +86,10 @@ func TestStricterCAThanTheBudget(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, testenv.PebbleOptions{})
 	limits := testenv.LetsEncryptLimits()
-	limits.Orders.N, limits.Orders.Per = 3, 45*time.Second // one more every 15 s
-	limits.Domain.N, limits.Domain.Per = 2, 20*time.Second // one more every 10 s
+	// Refills slow beside an order here (3 to 5 s on a loaded CI
+	// machine), so the answers below come in this order whatever the load.
+	limits.Orders.N, limits.Orders.Per = 3, 90*time.Second // one more every 30 s
+	limits.Domain.N, limits.Domain.Per = 2, 40*time.Second // one more every 20 s
 	front := e.withFront(t, limits)
 	// In order: two of example.com, a third (over the domain limit), one
 	// elsewhere (the third order), one over the order limit, then one

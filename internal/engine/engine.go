@@ -46,6 +46,7 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
+	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/renewal"
@@ -268,6 +269,13 @@ const planBatch = 256
 func (e *Engine) decide(s *step, now time.Time) {
 	name := s.job.Lineage.Name
 	prev, err := e.Store.Load(name)
+	if s.job.Stored && errors.Is(err, store.ErrNotFound) {
+		// A stored lineage whose metadata is gone is broken, not new:
+		// ordering it would be ordering nothing.
+		s.item.Outcome, s.item.Error = Failed, fmt.Sprintf("%s: no %s: not a lineage lbcert can renew", e.Store.LivePaths(name).Dir, store.MetaFile)
+		s.item.Hint = "move the directory aside, or issue the names again under this name"
+		return
+	}
 	if err == nil && s.job.Stored {
 		s.job.Lineage = *prev
 		s.item.Domains, s.item.mail = prev.Domains, mailOf(prev.Mail)
@@ -299,7 +307,11 @@ func (e *Engine) decide(s *step, now time.Time) {
 	if prev != nil && s.job.Lineage.PreferredChain == "" {
 		s.job.Lineage.PreferredChain = prev.PreferredChain // sticks as the profile does
 	}
-	if err := pace.CheckProfileNames(s.job.Lineage.Server, s.job.Lineage.Profile, len(s.job.Lineage.Domains)); err != nil {
+	profile := s.job.Lineage.Profile
+	if profile == "" && slices.ContainsFunc(s.job.Lineage.Domains, names.IsAddress) {
+		profile = acme.ShortLived // what the order will pick for an address
+	}
+	if err := pace.CheckProfileNames(s.job.Lineage.Server, profile, len(s.job.Lineage.Domains)); err != nil {
 		s.item.Outcome, s.item.Error = Invalid, err.Error()
 		s.item.Hint = "split the names over several lineages, or choose a profile that allows more with --profile"
 		return

@@ -678,3 +678,29 @@ func TestProfileNameLimitBeforeTheCA(t *testing.T) {
 		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
 	}
 }
+
+// A stored lineage whose metadata is gone is one failed item, never an
+// order for no names.
+func TestStoredWithoutMetadata(t *testing.T) {
+	f := newFixture(t)
+	res := f.run(context.Background(), Options{Command: "renew"}, Job{Lineage: store.Lineage{Name: "gone.test"}, Stored: true})
+	if res.Counts[Failed] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "not a lineage lbcert can renew") {
+		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
+	}
+}
+
+// An address with no profile gets shortlived at Let's Encrypt, so the
+// name limit checked is shortlived's 25, not classic's 100.
+func TestAddressProfileNameLimit(t *testing.T) {
+	f := newFixture(t)
+	j := job("addr.test")
+	j.Lineage.Server = "https://acme-v02.api.letsencrypt.org/directory"
+	j.Lineage.Domains = []string{"192.0.2.1"}
+	for i := range 25 {
+		j.Lineage.Domains = append(j.Lineage.Domains, fmt.Sprintf("n%d.addr.test", i))
+	}
+	res := f.run(context.Background(), Options{Command: "issue"}, j)
+	if res.Counts[Invalid] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "shortlived profile allows at most 25") {
+		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
+	}
+}

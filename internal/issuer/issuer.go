@@ -119,7 +119,9 @@ func (is *Issuer) ResetAccount(server, email string) error {
 	if err != nil {
 		return err
 	}
-	is.ForgetClient(server, email)
+	// Forget the client last: a worker that asks for it in between must
+	// find the account gone and register, not load the lost one again.
+	defer is.ForgetClient(server, email)
 	if o.Store == nil {
 		return nil
 	}

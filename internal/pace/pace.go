@@ -161,7 +161,7 @@ type state struct {
 	ARIUsed map[string]time.Time `json:"ari_replaced,omitempty"` // CertID -> when its exemption was used
 	Failed  map[string]bucket    `json:"failed_authz,omitempty"`
 	Blocked map[string]time.Time `json:"blocked_until,omitempty"` // account, or "SCOPE OWNER WHAT" -> the CA's Retry-After
-	Learned map[string]Limit     `json:"ca_limits,omitempty"`     // "SERVER SCOPE" -> a stricter limit the CA stated
+	Learned map[string]learned   `json:"ca_limits,omitempty"`     // "SERVER SCOPE" -> a limit the CA stated, and when
 }
 
 // Budget is the saved budget of one state directory.

@@ -25,7 +25,11 @@ const (
 type RateLimit struct {
 	Scope Scope
 	Name  string // the registered domain (ScopeDomain) or name (ScopeFailedAuthz)
-	Limit Limit  // N per Per as the CA states it; zero when it does not
+	// Limit is N per Per as the CA states it, read only when the answer
+	// was placed in its scope for sure; zero otherwise, so a limit of
+	// another kind (registrations per IP address) is never taken for
+	// the orders limit.
+	Limit Limit
 }
 
 func (r RateLimit) String() string {
@@ -46,7 +50,7 @@ var (
 	// is the surest sign of the scope, the wording the fallback for CAs
 	// that copy the wording but not the links.
 	rlCount  = regexp.MustCompile(`\((\d+)\)`)
-	rlPeriod = regexp.MustCompile(`in the last ((?:\d+(?:\.\d+)?[hms])+)`)
+	rlPeriod = regexp.MustCompile(`in the last ((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|h|m|s))+)`)
 	rlQuoted = regexp.MustCompile(`"([^"]+)"`)
 )
 
@@ -56,7 +60,9 @@ var (
 func ParseRateLimit(detail string) RateLimit {
 	d := strings.ToLower(detail)
 	r := RateLimit{Scope: ScopeAccount}
+	placed := true
 	switch {
+	case strings.Contains(d, "#new-orders-per-account"), strings.Contains(d, "new orders"):
 	case strings.Contains(d, "#new-certificates-per-registered-domain"),
 		strings.Contains(d, "per registered domain"),
 		strings.Contains(d, "certificates") && strings.Contains(d, "already issued for \""):
@@ -67,6 +73,8 @@ func ParseRateLimit(detail string) RateLimit {
 	case strings.Contains(d, "#authorization-failures-per"),
 		strings.Contains(d, "failed authorizations"):
 		r.Scope = ScopeFailedAuthz
+	default:
+		placed = false // the account's, to be safe, but no limit learned from it
 	}
 	if r.Scope == ScopeDomain || r.Scope == ScopeFailedAuthz {
 		m := rlQuoted.FindStringSubmatch(detail)
@@ -75,7 +83,7 @@ func ParseRateLimit(detail string) RateLimit {
 		}
 		r.Name = strings.ToLower(m[1])
 	}
-	if m := rlCount.FindStringSubmatch(detail); m != nil {
+	if m := rlCount.FindStringSubmatch(detail); m != nil && placed {
 		n, err := strconv.Atoi(m[1])
 		p := rlPeriod.FindStringSubmatch(detail)
 		if err == nil && n > 0 && p != nil {
@@ -103,9 +111,9 @@ func (b *Budget) Limited(k Key, o Order, r RateLimit, until time.Time) error {
 	}
 	if r.Limit.N > 0 {
 		if b.st.Learned == nil {
-			b.st.Learned = map[string]Limit{}
+			b.st.Learned = map[string]learned{}
 		}
-		b.st.Learned[k.Server+" "+string(r.Scope)] = r.Limit
+		b.st.Learned[k.Server+" "+string(r.Scope)] = learned{Limit: r.Limit, At: now.UTC()}
 	}
 	// The CA says its bucket for this scope is empty until until: ours
 	// gets the level that makes one token at that moment, if it had more.
@@ -113,6 +121,10 @@ func (b *Budget) Limited(k Key, o Order, r RateLimit, until time.Time) error {
 		rate := float64(l.N) / float64(l.Per)
 		level := 1 - float64(until.Sub(now))*rate
 		if cur := buckets[bucketKey].get(l, now).level(l, now); level < cur {
+			// Not marked drained: the order sent at the Retry-After
+			// arrives after it, when the CA's bucket holds its token;
+			// taking that token drains ours, and the one after it waits
+			// for a token in hand (ordersInHand).
 			buckets[bucketKey] = bucket{Tokens: level, At: now}
 		}
 	}
@@ -162,10 +174,10 @@ func (b *Budget) limit(server string, s Scope) Limit {
 		l = b.Limits.FailedAuthz
 	}
 	ca, ok := b.st.Learned[server+" "+string(s)]
-	if l.N == 0 || !ok || ca.N <= 0 || ca.Per <= 0 {
+	if l.N == 0 || !ok || ca.N <= 0 || ca.Per <= 0 || b.Now().Sub(ca.At) > learnedFor {
 		return l
 	}
-	return tighter(l, ca)
+	return tighter(l, ca.Limit)
 }
 
 // tighter is the limit that allows no more than either a or b: the
@@ -204,3 +216,14 @@ func (b *Budget) Refund(k Key, o Order) error {
 	b.dirty = true
 	return b.maybeSave(now)
 }
+
+// learned is a limit a CA stated, and when.
+type learned struct {
+	Limit
+	At time.Time `json:"at"`
+}
+
+// learnedFor is how long a stated limit is kept without the CA saying it
+// again: a CA that raises an account's limits is believed within a month,
+// and one that keeps them low says so again at its first refusal.
+const learnedFor = 30 * 24 * time.Hour

@@ -137,3 +137,30 @@ func TestRefund(t *testing.T) {
 		t.Fatalf("refunds gave back the new-order tokens too: %v", err)
 	}
 }
+
+// A limit of another kind, or an answer lbcert cannot place, blocks the
+// account for its Retry-After but teaches nothing: registrations per IP
+// address are not the orders limit. A stated limit is kept for a month.
+func TestLearnOnlyWhatIsPlaced(t *testing.T) {
+	for _, d := range []string{
+		`too many new registrations (10) from this IP address in the last 3h0m0s, retry after 2026-12-01 12:00:00 UTC: see https://letsencrypt.org/docs/rate-limits/#new-registrations-per-ip-address`,
+		`slow down (3) in the last 1h0m0s`,
+	} {
+		if r := ParseRateLimit(d); r.Scope != ScopeAccount || r.Limit != (Limit{}) {
+			t.Errorf("%.50s…: %+v, want the account and no limit", d, r)
+		}
+	}
+	if r := ParseRateLimit(`too many new orders (30) from this account in the last 500ms`); r.Limit != (Limit{30, 500 * time.Millisecond}) {
+		t.Errorf("500ms: %+v", r.Limit)
+	}
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	b, _ := Open(t.TempDir(), LetsEncrypt, c.now)
+	b.Limited(acct, Order{}, RateLimit{Scope: ScopeAccount, Limit: Limit{3, 3 * time.Hour}}, c.t.Add(time.Hour))
+	if l := b.limit(acct.Server, ScopeAccount); l.N != 3 {
+		t.Fatalf("learned limit not used: %v", l)
+	}
+	c.t = c.t.Add(31 * 24 * time.Hour)
+	if l := b.limit(acct.Server, ScopeAccount); l != LetsEncrypt.Orders {
+		t.Fatalf("a month later: %v, want the configured %v", l, LetsEncrypt.Orders)
+	}
+}

@@ -163,7 +163,7 @@ func TestCadence(t *testing.T) {
 		t.Fatalf("RunGap with one moment %v", g)
 	}
 	six := cert(6)
-	at := Moment(six, "short.example.com") // 2 to 3 days before expiry
+	at := Moment(six, "short.example.com") // 3 to 4 days before expiry
 	w := CadenceWarning(six, at, 7*d)
 	if w == "" || !strings.Contains(w, "renew runs every 7.0 days") || !strings.Contains(w, "run renew at least every") {
 		t.Fatalf("weekly over 6-day certificates: %q", w)

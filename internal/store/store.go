@@ -174,13 +174,13 @@ func (s *Store) Load(name string) (*Lineage, error) {
 	return s.readMeta(name, filepath.Join(s.Dir, "live", name, MetaFile))
 }
 
-// Exists reports whether lineage name has a live entry, readable or not
-// (Load then says what is wrong with it), without reading it.
+// Exists reports whether lineage name has live metadata, readable or
+// not (Load then says what is wrong with it), without reading it.
 func (s *Store) Exists(name string) bool {
 	if names.Lineage(name) != nil {
 		return false
 	}
-	_, err := os.Lstat(filepath.Join(s.Dir, "live", name))
+	_, err := os.Lstat(filepath.Join(s.Dir, "live", name, MetaFile))
 	return err == nil
 }
 
