@@ -22,6 +22,26 @@ import (
 	"github.com/lbcert/lbcert/internal/store"
 )
 
+// serveTLS accepts TLS on loopback until the test ends, completing each
+// handshake and closing, and returns the address.
+func serveTLS(t *testing.T, conf *tls.Config) string {
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.(*tls.Conn).Handshake(); c.Close() }()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).String()
+}
+
 // A TLS server that serves one fixed certificate and counts the TLS
 // handshakes in progress at once.
 func wrongCertServer(t *testing.T) (addr string, maxAtOnce *atomic.Int32) {
@@ -39,21 +59,7 @@ func wrongCertServer(t *testing.T) (addr string, maxAtOnce *atomic.Int32) {
 			now.Add(-1)
 			return nil, nil
 		}}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", conf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { c.(*tls.Conn).Handshake(); c.Close() }()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).String(), &max
+	return serveTLS(t, conf), &max
 }
 
 // The verify step checks many certificates at once under one deadline
@@ -191,21 +197,8 @@ func serveChain(t *testing.T, name string, inter *testCA) (string, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der, inter.der}, PrivateKey: key}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { c.(*tls.Conn).Handshake(); c.Close() }()
-		}
-	}()
-	return ln.Addr().String(), fmt.Sprintf("%x", tmpl.SerialNumber)
+	addr := serveTLS(t, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der, inter.der}, PrivateKey: key}}})
+	return addr, fmt.Sprintf("%x", tmpl.SerialNumber)
 }
 
 // With --verify-roots the check verifies the served chain to the roots,

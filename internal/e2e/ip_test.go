@@ -104,17 +104,8 @@ func TestIPCertificates(t *testing.T) {
 	os.MkdirAll(hdir, 0o755)
 	haTLS := freeAddr(t)
 	conf := filepath.Join(hdir, "haproxy.cfg")
-	os.WriteFile(conf, []byte(fmt.Sprintf(`global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 5s
-    timeout server 5s
-frontend tls
-    bind %s ssl crt %s/127.0.0.2.pem crt %s
-    http-request return status 200 content-type text/plain string ok
-`, filepath.Join(hdir, "admin.sock"), haTLS, certs, certs)), 0o644)
+	// The address's PEM first, then the directory (its copy loads once).
+	os.WriteFile(conf, []byte(haproxyConfig(filepath.Join(hdir, "admin.sock"), haTLS, certs+"/127.0.0.2.pem crt "+certs)), 0o644)
 	e.mustRun("issue", "-d", "127.0.0.2", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.2:%d", port), "--agree-tos",
 		"--deploy", "haproxy", "--haproxy-conf", conf, "--haproxy-certs", certs, "--reload-cmd", "true")
 	// A name lineage beside it, served by SNI from the same bind.
