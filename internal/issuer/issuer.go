@@ -42,8 +42,9 @@ type Issuer struct {
 	// CA lost in this run. Their terms of service were accepted when the
 	// lost account was registered, so the new registration accepts them
 	// again without --agree-tos: a cron renew after a CA rebuild must not
-	// stop on a question nobody is there to answer. A CA whose terms
-	// changed says userActionRequired, which is still an error.
+	// stop on a question nobody is there to answer. Whether the terms
+	// changed in between is not checked (the accepted terms URL is not
+	// saved); README "When the CA misbehaves" says so.
 	reRegister map[string]bool
 }
 
