@@ -9,7 +9,7 @@ LDFLAGS  := -X main.version=$(VERSION)
 BIN      := bin/lbcert
 
 # Debian packages the end-to-end tests run for real.
-TEST_PKGS := nginx-light haproxy
+TEST_PKGS := nginx-light haproxy redis-server redis-sentinel
 # Peers for the benchmarks.
 BENCH_PKGS := certbot lego
 
@@ -23,7 +23,7 @@ build:
 # deps installs the servers the end-to-end tests need. Nothing skips when
 # they are missing: this target installs them, or fails saying why.
 deps:
-	@internal/testenv/apt-ensure nginx:nginx-light haproxy:haproxy
+	@internal/testenv/apt-ensure nginx:nginx-light haproxy:haproxy redis-server:redis-server redis-sentinel:redis-sentinel
 
 bench-deps: deps
 	@internal/testenv/apt-ensure certbot:certbot lego:lego

@@ -388,6 +388,43 @@ func (s *Store) SaveVersion(l *Lineage, files Files) (version int, err error) {
 	if n := len(versions); n > 0 {
 		version = versions[n-1] + 1
 	}
+	return s.saveAt(l, files, version)
+}
+
+// MaxVersion is the newest archived version of lineage name (0 for none).
+func (s *Store) MaxVersion(name string) int {
+	v, _ := s.versions(name)
+	if len(v) == 0 {
+		return 0
+	}
+	return v[len(v)-1]
+}
+
+// SaveVersionAt is SaveVersion with the version number chosen by the
+// caller: a fleet numbers versions fleet-wide, and a node keeps the
+// fleet's numbers. It fails if that version exists already.
+func (s *Store) SaveVersionAt(l *Lineage, files Files, version int) error {
+	if err := names.Lineage(l.Name); err != nil {
+		return err
+	}
+	if version < 1 {
+		return fmt.Errorf("lineage %q: version %d", l.Name, version)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir, "archive", l.Name, strconv.Itoa(version))); err == nil {
+		return fmt.Errorf("lineage %q: version %d exists already", l.Name, version)
+	}
+	_, err := s.saveAt(l, files, version)
+	return err
+}
+
+func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
+	archive := filepath.Join(s.Dir, "archive", l.Name)
+	live := filepath.Join(s.Dir, "live")
+	for _, d := range []string{s.Dir, filepath.Join(s.Dir, "archive"), archive, live} {
+		if err := realDir(d); err != nil {
+			return 0, err
+		}
+	}
 	l.Format = FormatVersion
 	l.Version = version
 	meta, err := json.MarshalIndent(l, "", "  ")

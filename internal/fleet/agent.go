@@ -1,0 +1,173 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Agent is a node's long-running part: it answers the fleet's HTTP-01
+// tokens from Redis for whichever node ordered, heartbeats so that
+// orderers check their tokens through it, and re-seeds an emptied Redis.
+type Agent struct {
+	N *Node
+	// Listener serves HTTP-01; the command binds it.
+	Listener net.Listener
+	// Advertise is where peers reach it (host:port).
+	Advertise string
+	Version   string
+	// Beat is the heartbeat interval (default 3 s); a heartbeat lives
+	// for five of them.
+	Beat time.Duration
+
+	mu    sync.Mutex
+	cache map[string]cached // host + " " + token
+}
+
+type cached struct {
+	keyAuth string
+	checked time.Time // when Redis last confirmed it
+	expires time.Time // the token's own TTL
+}
+
+// fresh is how long a cached token is answered without asking Redis.
+const fresh = 2 * time.Second
+
+// Run serves until ctx ends; it returns nil on a clean stop.
+func (a *Agent) Run(ctx context.Context) error {
+	if a.Beat <= 0 {
+		a.Beat = 3 * time.Second
+	}
+	a.cache = map[string]cached{}
+	srv := &http.Server{Handler: a, ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(a.Listener) }()
+	go a.heartbeats(ctx)
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer dcancel()
+	a.N.Shared.DelHeartbeat(dctx, a.N.Name)
+	return nil
+}
+
+func (a *Agent) heartbeats(ctx context.Context) {
+	down := false
+	wait := a.Beat
+	for {
+		err := a.beat(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			if !down {
+				slog.Warn("the fleet's Redis is unreachable; serving the tokens already cached and reconnecting", "err", err)
+			}
+			down = true
+			wait = min(wait*2, 30*time.Second) // back off while it is away
+		case down:
+			slog.Info("the fleet's Redis is back")
+			down, wait = false, a.Beat
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (a *Agent) beat(ctx context.Context) error {
+	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := a.N.CheckSeeded(bctx); err != nil {
+		return err
+	}
+	info, _ := json.Marshal(AgentInfo{Node: a.N.Name, Addr: a.Advertise, Version: a.Version, PID: os.Getpid(), At: time.Now().UTC()})
+	if err := a.N.Shared.Heartbeat(bctx, a.N.Name, info, 5*a.Beat); err != nil {
+		return err
+	}
+	// Membership changes (approve, remove) reach the orderers' view of
+	// who must answer through their own loads; the agent refreshes its
+	// own so a removed node's agent knows it.
+	return a.N.loadMembers(bctx)
+}
+
+const challengePath = "/.well-known/acme-challenge/"
+
+// ServeHTTP answers GET /.well-known/acme-challenge/TOKEN for the Host
+// the token was published for, and nothing else.
+func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead || !strings.HasPrefix(r.URL.Path, challengePath) {
+		http.NotFound(w, r)
+		return
+	}
+	token := strings.TrimPrefix(r.URL.Path, challengePath)
+	if token == "" || strings.ContainsAny(token, "/.") {
+		http.NotFound(w, r)
+		return
+	}
+	host := splitHost(r.Host)
+	keyAuth, ok := a.lookup(r.Context(), host, token)
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	io.Copy(w, bytes.NewReader([]byte(keyAuth)))
+}
+
+func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
+	k := host + " " + token
+	now := time.Now()
+	a.mu.Lock()
+	c, hit := a.cache[k]
+	a.mu.Unlock()
+	if hit && now.Sub(c.checked) < fresh && now.Before(c.expires) {
+		return c.keyAuth, true
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	keyAuth, ttl, err := a.N.Shared.Token(rctx, host, token)
+	if err != nil {
+		// Redis away: a token seen before is still good until it expires.
+		if hit && now.Before(c.expires) {
+			return c.keyAuth, true
+		}
+		return "", false
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if keyAuth == "" {
+		delete(a.cache, k)
+		return "", false
+	}
+	if ttl <= 0 {
+		ttl = TokenTTL
+	}
+	a.cache[k] = cached{keyAuth: keyAuth, checked: now, expires: now.Add(ttl)}
+	// Expired entries go on every write: the cache stays the size of
+	// the tokens in flight.
+	for key, e := range a.cache {
+		if now.After(e.expires) {
+			delete(a.cache, key)
+		}
+	}
+	return keyAuth, true
+}
+
+// ErrAdvertise is an agent address peers could not reach.
+var ErrAdvertise = errors.New("--http-addr has no host part, so peers cannot reach it: give --advertise-addr HOST:PORT")

@@ -1,0 +1,88 @@
+package fleet
+
+import (
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/pace"
+)
+
+// DefaultLedgerCap is how many certificates for one exact set of names
+// the fleet orders in LedgerWindow: below Let's Encrypt's 5, so a lease
+// lost even in a failover that dropped writes costs at most an extra
+// order, never the week-long lockout seed 001 hit.
+const DefaultLedgerCap = 3
+
+// Budget is the engine's budget in fleet mode: the pace budget, then a
+// place in the fleet's issuance ledger for the exact set of names.
+type Budget struct {
+	Pace engine.Budget
+	N    *Node
+	Cap  int
+	Now  func() time.Time
+
+	mu    sync.Mutex
+	taken map[string][]string // ledger set -> ids this process took, newest last
+	seq   atomic.Int64
+}
+
+var _ engine.Budget = (*Budget)(nil)
+
+// Reserve spends the pace budget and a ledger place, or neither.
+func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
+	if err := b.Pace.Reserve(k, o); err != nil {
+		return err
+	}
+	set := LedgerSet(k.Server, o.Names)
+	id := b.N.Name + ":" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":" + strconv.FormatInt(b.seq.Add(1), 10)
+	ctx, cancel := rctx()
+	defer cancel()
+	now := b.Now()
+	ok, free, err := b.N.Shared.LedgerTake(ctx, set, id, b.Cap, LedgerWindow, now)
+	if err != nil {
+		b.Pace.Refund(k, o)
+		return err
+	}
+	if !ok {
+		b.Pace.Refund(k, o)
+		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d certificates for exactly these names within 7 days (cap %d, below the CA's 5)", b.Cap, b.Cap)}
+	}
+	b.mu.Lock()
+	if b.taken == nil {
+		b.taken = map[string][]string{}
+	}
+	b.taken[set] = append(b.taken[set], id)
+	b.mu.Unlock()
+	return nil
+}
+
+// Refund gives back the pace tokens and the ledger place of an order
+// that issued nothing.
+func (b *Budget) Refund(k pace.Key, o pace.Order) error {
+	set := LedgerSet(k.Server, o.Names)
+	b.mu.Lock()
+	ids := b.taken[set]
+	var id string
+	if len(ids) > 0 {
+		id, b.taken[set] = ids[len(ids)-1], ids[:len(ids)-1]
+	}
+	b.mu.Unlock()
+	if id != "" {
+		ctx, cancel := rctx()
+		defer cancel()
+		if err := b.N.Shared.LedgerGive(ctx, set, id); err != nil {
+			return err
+		}
+	}
+	return b.Pace.Refund(k, o)
+}
+
+func (b *Budget) FailedAuthz(k pace.Key, names []string) error { return b.Pace.FailedAuthz(k, names) }
+func (b *Budget) Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.Time) error {
+	return b.Pace.Limited(k, o, r, until)
+}
+func (b *Budget) Flush() error { return b.Pace.Flush() }

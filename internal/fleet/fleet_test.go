@@ -1,0 +1,255 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+func startRedis(t *testing.T) (*testenv.Redis, *redis.Shared) {
+	t.Helper()
+	r, err := testenv.StartRedis(t.TempDir(), "pw-for-tests", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Stop)
+	sh, err := redis.Dial(context.Background(), redis.Options{URL: r.URL(), Password: "pw-for-tests"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sh.Close() })
+	return r, sh
+}
+
+func TestSealBindsFleetNameAndVersion(t *testing.T) {
+	key, _ := newDataKey()
+	other, _ := newDataKey()
+	pem := []byte("-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n")
+	sealed, err := seal(key, bundleAD("f1", "foo.com", 3), pem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(sealed, []byte("secret")) {
+		t.Fatal("sealed blob holds the plaintext")
+	}
+	if got, err := open(key, bundleAD("f1", "foo.com", 3), sealed); err != nil || !bytes.Equal(got, pem) {
+		t.Fatalf("open: %v", err)
+	}
+	for name, ad := range map[string][]byte{
+		"other name":    bundleAD("f1", "bar.com", 3),
+		"other version": bundleAD("f1", "foo.com", 4),
+		"other fleet":   bundleAD("f2", "foo.com", 3),
+	} {
+		if _, err := open(key, ad, sealed); !errors.Is(err, ErrOpen) {
+			t.Errorf("%s: %v, want ErrOpen", name, err)
+		}
+	}
+	if _, err := open(other, bundleAD("f1", "foo.com", 3), sealed); !errors.Is(err, ErrOpen) {
+		t.Errorf("other key: %v", err)
+	}
+	if _, err := seal(nil, nil, pem); err == nil {
+		t.Error("sealed with no key: there must be no default key")
+	}
+}
+
+// A fleet of three nodes: join, approve (a wrong fingerprint refused),
+// remove with rotation, and a re-seed after FLUSHALL.
+func TestMembership(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Init(ctx, sh, st("lbx"), "lbx"); err == nil || !strings.Contains(err.Error(), "already holds fleet") {
+		t.Errorf("second init: %v", err)
+	}
+	fp2, _, err := Join(ctx, sh, st("lb2"), "lb2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp3, _, err := Join(ctx, sh, st("lb3"), "lb3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb2")); err == nil || !strings.Contains(err.Error(), "not approved yet") {
+		t.Errorf("open before approval: %v", err)
+	}
+	if err := lb1.Approve(ctx, "lb2", fp3); err == nil || !strings.Contains(err.Error(), "refusing") {
+		t.Errorf("approve with lb3's fingerprint: %v", err)
+	}
+	if err := lb1.Approve(ctx, "lb2", fp2); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.Approve(ctx, "lb3", fp3); err != nil {
+		t.Fatal(err)
+	}
+	lb2, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb3, err := Open(ctx, sh, st("lb3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(lb2.Members()) != 3 {
+		t.Fatalf("members %v", lb2.Members())
+	}
+	// A planted member (no MAC under the key) is not trusted.
+	sh.HSet(ctx, "members", "evil", `{"node":"evil","recipient":"age1qqq","mac":"00"}`)
+	if err := lb2.loadMembers(ctx); err != nil || len(lb2.Members()) != 3 {
+		t.Errorf("planted member: %v %v", err, lb2.Members())
+	}
+	sh.HDel(ctx, "members", "evil")
+
+	// Everyone opens a bundle sealed before the removal.
+	ep, sealed, _ := lb1.SealBundleKey("foo.com", 1, []byte("KEY-1"))
+	before := &redis.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
+	for _, n := range []*Node{lb2, lb3} {
+		if got, err := n.OpenBundleKey(before); err != nil || string(got) != "KEY-1" {
+			t.Fatalf("%s opens the old bundle: %v", n.Name, err)
+		}
+	}
+	if _, err := lb1.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	// lb2 follows the rotation; lb3 is refused the new key.
+	lb2, err = Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lb2.Epoch() != 2 {
+		t.Fatalf("lb2 epoch %d after rotation", lb2.Epoch())
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err == nil || !strings.Contains(err.Error(), "removed") {
+		t.Errorf("removed node opens: %v", err)
+	}
+	ep2, sealed2, _ := lb1.SealBundleKey("foo.com", 2, []byte("KEY-2"))
+	after := &redis.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
+	if got, err := lb2.OpenBundleKey(after); err != nil || string(got) != "KEY-2" {
+		t.Fatalf("lb2 opens the new bundle: %v", err)
+	}
+	if _, err := lb3.OpenBundleKey(after); err == nil {
+		t.Fatal("lb3 opened a bundle published after its removal")
+	}
+
+	// A rotation not linked to the old key is refused.
+	sh.HSet(ctx, "meta", "epoch", "3")
+	sh.HSet(ctx, "epochs", "3", `{"n":3,"key_id":"abcd","link":"00"}`)
+	if _, err := Open(ctx, sh, st("lb2")); err == nil {
+		t.Error("accepted an epoch with no valid link")
+	}
+	sh.HSet(ctx, "meta", "epoch", "2")
+	sh.HDel(ctx, "epochs", "3")
+
+	// FLUSHALL: lb2 re-seeds the fleet, and lb1 opens it with its own key.
+	sh.Client().FlushAll(ctx)
+	if _, err := Open(ctx, sh, st("lb2")); err != nil {
+		t.Fatalf("re-seed: %v", err)
+	}
+	lb1, err = Open(ctx, sh, st("lb1"))
+	if err != nil {
+		t.Fatalf("lb1 after re-seed: %v", err)
+	}
+	if len(lb1.Members()) != 2 {
+		t.Errorf("members after re-seed: %v", lb1.Members())
+	}
+	// An outsider's fleet in an empty Redis is not this fleet.
+	sh.Client().FlushAll(ctx)
+	if _, err := Init(ctx, sh, st("outsider"), "mallory"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb1")); err == nil || !strings.Contains(err.Error(), "refusing") {
+		t.Errorf("member trusted an outsider's fleet: %v", err)
+	}
+}
+
+func TestAgentAnswersByHostAndPresentChecksEveryAgent(t *testing.T) {
+	r, sh := startRedis(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	n1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &Agent{N: n1, Listener: ln, Advertise: ln.Addr().String(), Beat: 200 * time.Millisecond}
+	go a.Run(ctx)
+	waitFor(t, func() bool { ag, _ := n1.LiveAgents(ctx); return len(ag) == 1 })
+
+	tok := &Tokens{N: n1}
+	if err := tok.Present("Foo.COM", "tok1", "tok1.thumb"); err != nil {
+		t.Fatal(err)
+	}
+	get := func(host, token string) (int, string) {
+		req, _ := http.NewRequest("GET", "http://"+ln.Addr().String()+"/.well-known/acme-challenge/"+token, nil)
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b bytes.Buffer
+		b.ReadFrom(resp.Body)
+		return resp.StatusCode, b.String()
+	}
+	if code, body := get("foo.com:80", "tok1"); code != 200 || body != "tok1.thumb" {
+		t.Errorf("matching host: %d %q", code, body)
+	}
+	if code, _ := get("bar.com", "tok1"); code != 404 {
+		t.Errorf("other host got the token: %d", code)
+	}
+	// Redis away: the cached token is still answered.
+	r.Kill()
+	if code, body := get("foo.com", "tok1"); code != 200 || body != "tok1.thumb" {
+		t.Errorf("cached token with Redis down: %d %q", code, body)
+	}
+	if err := r.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// A member whose agent is not answering makes Present fail before
+	// the CA is asked, naming the node.
+	fp, _, _ := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
+	if err := n1.Approve(ctx, "lb2", fp); err != nil {
+		t.Fatal(err)
+	}
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	sh.Heartbeat(ctx, "lb2", []byte(`{"addr":"`+deadAddr+`"}`), time.Minute)
+	err = tok.Present("foo.com", "tok2", "tok2.thumb")
+	var ace *AgentCheckError
+	if !errors.As(err, &ace) || ace.Node != "lb2" {
+		t.Fatalf("Present with a dead agent: %v", err)
+	}
+	if v, _, _ := sh.Token(ctx, "foo.com", "tok2"); v != "" {
+		t.Error("the abandoned token stayed in Redis")
+	}
+}
+
+func waitFor(t *testing.T, ok func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if ok() {
+			return
+		}
+	}
+	t.Fatal("condition not met within 10s")
+}

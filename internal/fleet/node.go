@@ -1,0 +1,703 @@
+// Package fleet is lbcert's fleet mode: load balancers that share one
+// Redis (package store/redis) so that exactly one of them orders each
+// name, any of them answers any HTTP-01 token, and private keys leave a
+// node only sealed under the fleet's data key.
+//
+// A node's own state lives in <dir>/fleet/: its age identity (0600, never
+// sent anywhere), the fleet it belongs to, the data key wrapped for its
+// identity, and its last verified copy of the membership. That copy is
+// what rebuilds an emptied Redis (Reseed): an empty Redis never means
+// "order everything again", and a Redis that somebody else filled is
+// not trusted (see crypto.go).
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"filippo.io/age"
+
+	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
+)
+
+// Member is one approved node, as the membership records hold it.
+type Member struct {
+	Node      string    `json:"node"`
+	Recipient string    `json:"recipient"` // age1...: the node's public identity
+	By        string    `json:"approved_by,omitempty"`
+	At        time.Time `json:"approved_at,omitzero"`
+	// MAC binds node and recipient under the current data key: a member
+	// planted in Redis by someone without the key is never trusted.
+	MAC string `json:"mac"`
+}
+
+// Epoch is one generation of the data key.
+type Epoch struct {
+	N     int    `json:"n"`
+	KeyID string `json:"key_id"`
+	// Link is a MAC of this epoch under the previous one's key: only a
+	// holder of the old key can make a rotation members accept.
+	Link string `json:"link,omitempty"`
+}
+
+// local is <dir>/fleet/state.json.
+type local struct {
+	Fleet   string   `json:"fleet_id"`
+	Node    string   `json:"node"`
+	Epoch   int      `json:"epoch"` // 0: asked to join, not approved yet
+	Epochs  []Epoch  `json:"epochs,omitempty"`
+	Members []Member `json:"members,omitempty"`
+}
+
+// Node is this host as a member of a fleet: its Redis, identity and keys.
+type Node struct {
+	Shared *redis.Shared
+	Local  *store.Store
+	Name   string
+	ID     string // fleet ID
+
+	identity *age.X25519Identity
+	mu       sync.Mutex
+	keys     map[int][]byte // data keys by epoch
+	epoch    int            // current
+	members  []Member
+	st       local
+}
+
+func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
+
+// NotMember says how to become one.
+type NotMember struct{ Dir string }
+
+func (e *NotMember) Error() string {
+	return fmt.Sprintf("%s is not a member of a fleet", e.Dir)
+}
+
+// HintText makes *NotMember a hint.Hinter.
+func (e *NotMember) HintText() string {
+	return "on the first node run 'lbcert --redis URL fleet init'; on the others 'lbcert --redis URL fleet join --node NAME', then 'fleet approve' on a member"
+}
+
+func readLocal(st *store.Store) (*local, error) {
+	data, err := os.ReadFile(filepath.Join(fleetDir(st), "state.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, &NotMember{Dir: st.Dir}
+	}
+	if err != nil {
+		return nil, err
+	}
+	var l local
+	if err := json.Unmarshal(data, &l); err != nil {
+		return nil, fmt.Errorf("%s: %v", filepath.Join(fleetDir(st), "state.json"), err)
+	}
+	return &l, nil
+}
+
+func writeLocal(st *store.Store, l *local) error {
+	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
+		return err
+	}
+	data, _ := json.MarshalIndent(l, "", "  ")
+	return store.WriteFile(filepath.Join(fleetDir(st), "state.json"), append(data, '\n'), 0o600)
+}
+
+// identity loads the node's age identity, making one if asked.
+func loadIdentity(st *store.Store, create bool) (*age.X25519Identity, error) {
+	path := filepath.Join(fleetDir(st), "identity.txt")
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && create {
+		id, err := age.GenerateX25519Identity()
+		if err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
+			return nil, err
+		}
+		if err := store.WriteFile(path, []byte("# lbcert fleet identity: keep it on this node only\n"+id.String()+"\n"), 0o600); err != nil {
+			return nil, err
+		}
+		return id, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	ids, err := age.ParseIdentities(bytes.NewReader(data))
+	if err != nil || len(ids) != 1 {
+		return nil, fmt.Errorf("%s: not one age identity", path)
+	}
+	x, ok := ids[0].(*age.X25519Identity)
+	if !ok {
+		return nil, fmt.Errorf("%s: not an X25519 identity", path)
+	}
+	return x, nil
+}
+
+// localKey is the data key of epoch e as this node saved it, wrapped for
+// its own identity.
+func (n *Node) saveLocalKey(e int, key []byte) error {
+	w, err := wrap(key, n.identity.Recipient().String())
+	if err != nil {
+		return err
+	}
+	return store.WriteFile(filepath.Join(fleetDir(n.Local), "datakey-"+strconv.Itoa(e)+".age"), w, 0o600)
+}
+
+func (n *Node) loadLocalKey(e int) ([]byte, error) {
+	w, err := os.ReadFile(filepath.Join(fleetDir(n.Local), "datakey-"+strconv.Itoa(e)+".age"))
+	if err != nil {
+		return nil, err
+	}
+	return unwrap(w, n.identity)
+}
+
+// Fingerprint is the node's public identity, age1...
+func (n *Node) Fingerprint() string { return n.identity.Recipient().String() }
+
+// Epoch is the current data key generation.
+func (n *Node) Epoch() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.epoch
+}
+
+func (n *Node) key(e int) ([]byte, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	k, ok := n.keys[e]
+	if !ok {
+		return nil, fmt.Errorf("no data key for epoch %d on this node (it was removed from the fleet, or the key was rotated without it)", e)
+	}
+	return k, nil
+}
+
+func (n *Node) current() (int, []byte) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.epoch, n.keys[n.epoch]
+}
+
+func newFleetID() string {
+	b := make([]byte, 12)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Init creates a fleet in an empty Redis with this node as its first
+// member, and imports the node's lineages and accounts.
+func Init(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (*Node, error) {
+	if err := checkNodeName(node); err != nil {
+		return nil, err
+	}
+	if l, err := readLocal(st); err == nil {
+		return nil, hint.Wrap(fmt.Errorf("%s already belongs to fleet %s as node %s", st.Dir, l.Fleet, l.Node), "%s", "a node belongs to one fleet; to start over, remove "+fleetDir(st)+" first")
+	}
+	if meta, err := sh.HGetAll(ctx, "meta"); err != nil {
+		return nil, err
+	} else if meta["id"] != "" {
+		return nil, hint.Wrap(fmt.Errorf("%s already holds fleet %s", sh.Addr(), meta["id"]), "%s", "join it instead: lbcert --redis URL fleet join --node "+node)
+	}
+	id, err := loadIdentity(st, true)
+	if err != nil {
+		return nil, err
+	}
+	key, err := newDataKey()
+	if err != nil {
+		return nil, err
+	}
+	n := &Node{Shared: sh, Local: st, Name: node, ID: newFleetID(), identity: id, keys: map[int][]byte{1: key}, epoch: 1}
+	ep := Epoch{N: 1, KeyID: keyID(key)}
+	me := n.member(node, id.Recipient().String(), node, key)
+	n.members = []Member{me}
+	n.st = local{Fleet: n.ID, Node: node, Epoch: 1, Epochs: []Epoch{ep}, Members: n.members}
+	created, err := sh.Create(ctx, "meta", "id", n.ID, "epoch", "1", "created", time.Now().UTC().Format(time.RFC3339), "creator", node)
+	if err != nil {
+		return nil, err
+	}
+	if !created {
+		return nil, errors.New("another node created a fleet in this Redis at the same moment; join it instead")
+	}
+	if err := n.writeShared(ctx, ep); err != nil {
+		return nil, err
+	}
+	if err := n.saveLocalKey(1, key); err != nil {
+		return nil, err
+	}
+	if err := writeLocal(st, &n.st); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// member makes a member record MACed under key.
+func (n *Node) member(node, recipient, by string, key []byte) Member {
+	return Member{Node: node, Recipient: recipient, By: by, At: time.Now().UTC().Truncate(time.Second),
+		MAC: mac(key, "member", n.ID, node, recipient)}
+}
+
+// writeShared writes the epoch record, every member and their wrapped keys.
+func (n *Node) writeShared(ctx context.Context, ep Epoch) error {
+	epoch, key := n.current()
+	epj, _ := json.Marshal(ep)
+	if err := n.Shared.HSet(ctx, "epochs", strconv.Itoa(ep.N), string(epj)); err != nil {
+		return err
+	}
+	for _, m := range n.members {
+		w, err := wrap(key, m.Recipient)
+		if err != nil {
+			return err
+		}
+		mj, _ := json.Marshal(m)
+		if err := n.Shared.HSet(ctx, "wrapped:"+strconv.Itoa(epoch), m.Node, string(w)); err != nil {
+			return err
+		}
+		if err := n.Shared.HSet(ctx, "members", m.Node, string(mj)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Join asks to join the fleet in Redis: it makes this node's identity
+// and leaves a join request for a member to approve.
+func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (fingerprint, fleetID string, err error) {
+	if err := checkNodeName(node); err != nil {
+		return "", "", err
+	}
+	meta, err := sh.HGetAll(ctx, "meta")
+	if err != nil {
+		return "", "", err
+	}
+	if meta["id"] == "" {
+		return "", "", hint.Wrap(fmt.Errorf("%s holds no fleet", sh.Addr()), "create it on the first node with 'lbcert --redis URL fleet init'")
+	}
+	if l, err := readLocal(st); err == nil && (l.Fleet != meta["id"] || l.Node != node) {
+		return "", "", fmt.Errorf("%s already belongs to fleet %s as node %s", st.Dir, l.Fleet, l.Node)
+	} else if err == nil && l.Epoch > 0 {
+		return "", "", fmt.Errorf("node %s is already an approved member of fleet %s", node, l.Fleet)
+	}
+	if m, _ := sh.HGet(ctx, "members", node); m != "" {
+		return "", "", hint.Wrap(fmt.Errorf("fleet %s already has a member named %s", meta["id"], node), "%s", "pick another --node, or 'fleet remove "+node+"' on a member first")
+	}
+	id, err := loadIdentity(st, true)
+	if err != nil {
+		return "", "", err
+	}
+	fp := id.Recipient().String()
+	host, _ := os.Hostname()
+	req, _ := json.Marshal(map[string]string{"recipient": fp, "host": host, "at": time.Now().UTC().Format(time.RFC3339)})
+	if err := sh.HSet(ctx, "join", node, string(req)); err != nil {
+		return "", "", err
+	}
+	if err := writeLocal(st, &local{Fleet: meta["id"], Node: node}); err != nil {
+		return "", "", err
+	}
+	return fp, meta["id"], nil
+}
+
+// Open loads this node's fleet membership and keys, checking every
+// record it trusts, and re-seeds Redis from this node when Redis holds
+// no fleet at all.
+func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error) {
+	l, err := readLocal(st)
+	if err != nil {
+		return nil, err
+	}
+	id, err := loadIdentity(st, false)
+	if err != nil {
+		return nil, err
+	}
+	n := &Node{Shared: sh, Local: st, Name: l.Node, ID: l.Fleet, identity: id, keys: map[int][]byte{}, st: *l, epoch: l.Epoch}
+	meta, err := sh.HGetAll(ctx, "meta")
+	if err != nil {
+		return nil, err
+	}
+	if meta["id"] == "" {
+		if l.Epoch == 0 {
+			return nil, fmt.Errorf("%s holds no fleet, and node %s was never approved, so it cannot rebuild it", sh.Addr(), l.Node)
+		}
+		if err := n.loadLocalKeys(); err != nil {
+			return nil, err
+		}
+		n.members = l.Members
+		slog.Warn("the fleet's Redis is empty; re-seeding it from this node", "redis", sh.Addr(), "fleet", n.ID)
+		if err := n.Reseed(ctx); err != nil {
+			return nil, err
+		}
+		return n, nil
+	}
+	if meta["id"] != l.Fleet {
+		return nil, hint.Wrap(fmt.Errorf("%s holds fleet %s, but this node belongs to fleet %s; refusing to trust it", sh.Addr(), meta["id"], l.Fleet),
+			"point --redis at this node's fleet; a Redis that lost the fleet is re-seeded by its members only when it is empty")
+	}
+	cur, _ := strconv.Atoi(meta["epoch"])
+	if l.Epoch == 0 {
+		// Approved since the join? Trust on first use: the operator
+		// checked the fingerprint when approving.
+		w, err := sh.HGet(ctx, "wrapped:"+strconv.Itoa(cur), l.Node)
+		if err != nil {
+			return nil, err
+		}
+		if w == "" {
+			return nil, hint.Wrap(fmt.Errorf("node %s has asked to join fleet %s but is not approved yet", l.Node, l.Fleet), "on a member run: lbcert --redis URL fleet approve %s --fingerprint %s", l.Node, id.Recipient())
+		}
+		key, err := unwrap([]byte(w), id)
+		if err != nil {
+			return nil, fmt.Errorf("the data key wrapped for node %s does not open with its identity: %v", l.Node, err)
+		}
+		n.keys[cur], n.epoch = key, cur
+		if err := n.pin(ctx, cur); err != nil {
+			return nil, err
+		}
+	} else {
+		if err := n.loadLocalKeys(); err != nil {
+			return nil, err
+		}
+		switch {
+		case cur < l.Epoch:
+			return nil, fmt.Errorf("%s holds data key epoch %d of fleet %s, older than this node's %d (a restored backup, or records written by a removed node); refusing", sh.Addr(), cur, l.Fleet, l.Epoch)
+		case cur > l.Epoch:
+			if err := n.follow(ctx, cur); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := n.loadMembers(ctx); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func (n *Node) loadLocalKeys() error {
+	for _, ep := range n.st.Epochs {
+		k, err := n.loadLocalKey(ep.N)
+		if err != nil {
+			continue // an old epoch may have been pruned
+		}
+		if keyID(k) != ep.KeyID {
+			return fmt.Errorf("%s: data key of epoch %d does not match its id", fleetDir(n.Local), ep.N)
+		}
+		n.keys[ep.N] = k
+	}
+	if _, ok := n.keys[n.st.Epoch]; !ok {
+		return fmt.Errorf("%s: the data key of epoch %d is missing", fleetDir(n.Local), n.st.Epoch)
+	}
+	return nil
+}
+
+// follow accepts the rotations from this node's epoch up to cur, each
+// only if it is linked to the key before it.
+func (n *Node) follow(ctx context.Context, cur int) error {
+	eps, err := n.Shared.HGetAll(ctx, "epochs")
+	if err != nil {
+		return err
+	}
+	for e := n.st.Epoch + 1; e <= cur; e++ {
+		var ep Epoch
+		if err := json.Unmarshal([]byte(eps[strconv.Itoa(e)]), &ep); err != nil {
+			return fmt.Errorf("fleet %s: epoch %d has no valid record", n.ID, e)
+		}
+		w, err := n.Shared.HGet(ctx, "wrapped:"+strconv.Itoa(e), n.Name)
+		if err != nil {
+			return err
+		}
+		if w == "" {
+			return hint.Wrap(fmt.Errorf("node %s is not given the fleet's data key of epoch %d: it was removed from fleet %s", n.Name, e, n.ID), "%s", "to serve this fleet again, remove "+fleetDir(n.Local)+" and join anew")
+		}
+		key, err := unwrap([]byte(w), n.identity)
+		if err != nil {
+			return fmt.Errorf("epoch %d: %v", e, err)
+		}
+		prev := n.keys[e-1]
+		if keyID(key) != ep.KeyID || prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
+			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
+		}
+		n.keys[e] = key
+		n.epoch = e
+		if err := n.pin(ctx, e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pin saves the key of epoch e and e's record locally.
+func (n *Node) pin(ctx context.Context, e int) error {
+	key := n.keys[e]
+	if err := n.saveLocalKey(e, key); err != nil {
+		return err
+	}
+	eps, err := n.Shared.HGetAll(ctx, "epochs")
+	if err != nil {
+		return err
+	}
+	var ep Epoch
+	json.Unmarshal([]byte(eps[strconv.Itoa(e)]), &ep)
+	if ep.KeyID != keyID(key) {
+		return fmt.Errorf("fleet %s: epoch %d's record does not match its key", n.ID, e)
+	}
+	n.st.Epoch = e
+	n.st.Epochs = append(n.st.Epochs, ep)
+	return writeLocal(n.Local, &n.st)
+}
+
+// loadMembers reads the members whose records verify under the current
+// key, and keeps a copy on disk for re-seeding.
+func (n *Node) loadMembers(ctx context.Context) error {
+	raw, err := n.Shared.HGetAll(ctx, "members")
+	if err != nil {
+		return err
+	}
+	_, key := n.current()
+	var ms []Member
+	for node, j := range raw {
+		var m Member
+		if json.Unmarshal([]byte(j), &m) != nil || m.Node != node || !macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
+			slog.Warn("ignoring a fleet member record that does not verify under the fleet's key", "node", node)
+			continue
+		}
+		ms = append(ms, m)
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
+	n.mu.Lock()
+	n.members = ms
+	n.mu.Unlock()
+	if !membersEqual(ms, n.st.Members) {
+		n.st.Members = ms
+		return writeLocal(n.Local, &n.st)
+	}
+	return nil
+}
+
+func membersEqual(a, b []Member) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Members are the verified members.
+func (n *Node) Members() []Member {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]Member(nil), n.members...)
+}
+
+// Approve lets node read the fleet's keys, if its join request carries
+// fingerprint: an operator who read the fingerprint on the new node
+// itself can be sure the request came from there.
+func (n *Node) Approve(ctx context.Context, node, fingerprint string) error {
+	raw, err := n.Shared.HGet(ctx, "join", node)
+	if err != nil {
+		return err
+	}
+	if raw == "" {
+		return hint.Wrap(fmt.Errorf("fleet %s has no join request from %s", n.ID, node), "%s", "run 'lbcert --redis URL fleet join --node "+node+"' on that node first")
+	}
+	var req struct{ Recipient string }
+	json.Unmarshal([]byte(raw), &req)
+	if req.Recipient != fingerprint {
+		return hint.Wrap(fmt.Errorf("refusing: %s asked to join with fingerprint %s, not %s", node, req.Recipient, fingerprint),
+			"read the fingerprint on the new node itself ('lbcert fleet join' prints it); a different one means the request did not come from there")
+	}
+	if _, err := age.ParseX25519Recipient(fingerprint); err != nil {
+		return fmt.Errorf("fingerprint %q: %v", fingerprint, err)
+	}
+	epoch, key := n.current()
+	m := n.member(node, fingerprint, n.Name, key)
+	w, err := wrap(key, fingerprint)
+	if err != nil {
+		return err
+	}
+	mj, _ := json.Marshal(m)
+	if err := n.Shared.HSet(ctx, "wrapped:"+strconv.Itoa(epoch), node, string(w)); err != nil {
+		return err
+	}
+	if err := n.Shared.HSet(ctx, "members", node, string(mj)); err != nil {
+		return err
+	}
+	if err := n.Shared.HDel(ctx, "join", node); err != nil {
+		return err
+	}
+	return n.loadMembers(ctx)
+}
+
+// Remove takes node out of the fleet: its membership and wrapped keys
+// go, the data key is rotated and every sealed key re-sealed under the
+// new one, so node can open nothing published afterwards.
+func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error) {
+	if node == n.Name {
+		return 0, errors.New("a node cannot remove itself: run 'fleet remove' on another member")
+	}
+	found := false
+	var keep []Member
+	for _, m := range n.Members() {
+		if m.Node == node {
+			found = true
+			continue
+		}
+		keep = append(keep, m)
+	}
+	if !found {
+		return 0, fmt.Errorf("fleet %s has no member %s", n.ID, node)
+	}
+	oldEpoch, oldKey := n.current()
+	newKey, err := newDataKey()
+	if err != nil {
+		return 0, err
+	}
+	e := oldEpoch + 1
+	ep := Epoch{N: e, KeyID: keyID(newKey)}
+	ep.Link = mac(oldKey, "epoch", n.ID, strconv.Itoa(e), ep.KeyID)
+	n.mu.Lock()
+	n.keys[e], n.epoch = newKey, e
+	for i := range keep {
+		keep[i].MAC = mac(newKey, "member", n.ID, keep[i].Node, keep[i].Recipient)
+	}
+	n.members = keep
+	n.mu.Unlock()
+	// Order matters to readers that run meanwhile: the removed node's
+	// record and keys go first; the new epoch's wrapped keys exist
+	// before anything is sealed under it; meta names the new epoch last.
+	if err := n.Shared.HDel(ctx, "members", node); err != nil {
+		return 0, err
+	}
+	for i := 1; i <= oldEpoch; i++ {
+		if err := n.Shared.HDel(ctx, "wrapped:"+strconv.Itoa(i), node); err != nil {
+			return 0, err
+		}
+	}
+	if err := n.writeShared(ctx, ep); err != nil {
+		return 0, err
+	}
+	if err := n.saveLocalKey(e, newKey); err != nil {
+		return 0, err
+	}
+	n.st.Epoch, n.st.Epochs, n.st.Members = e, append(n.st.Epochs, ep), keep
+	if err := writeLocal(n.Local, &n.st); err != nil {
+		return 0, err
+	}
+	if resealed, err = n.resealAll(ctx); err != nil {
+		return resealed, err
+	}
+	return resealed, n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e))
+}
+
+// resealAll re-seals every bundle's and account's key under the current
+// data key.
+func (n *Node) resealAll(ctx context.Context) (int, error) {
+	epoch, key := n.current()
+	names, err := n.Shared.Names(ctx)
+	if err != nil {
+		return 0, err
+	}
+	count := 0
+	for _, name := range names {
+		b, err := n.Shared.Bundle(ctx, name)
+		if errors.Is(err, redis.ErrNoBundle) {
+			continue
+		}
+		if err != nil {
+			return count, err
+		}
+		if b.Epoch == epoch {
+			continue
+		}
+		pem, err := n.OpenBundleKey(b)
+		if err != nil {
+			return count, fmt.Errorf("re-seal %s: %v", name, err)
+		}
+		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
+		if err != nil {
+			return count, err
+		}
+		if ok, err := n.Shared.ResealKey(ctx, name, b.Version, epoch, sealed); err != nil {
+			return count, err
+		} else if ok {
+			count++
+		}
+	}
+	accts, err := n.Shared.Accounts(ctx)
+	if err != nil {
+		return count, err
+	}
+	for _, a := range accts {
+		sealedKey, _, e, err := n.Shared.Account(ctx, a[0], a[1])
+		if err != nil {
+			return count, err
+		}
+		if e == epoch || len(sealedKey) == 0 {
+			continue
+		}
+		old, err := n.key(e)
+		if err != nil {
+			return count, err
+		}
+		pem, err := open(old, accountAD(n.ID, a[0], a[1]), sealedKey)
+		if err != nil {
+			return count, fmt.Errorf("re-seal the account %s at %s: %v", a[1], a[0], err)
+		}
+		s, err := seal(key, accountAD(n.ID, a[0], a[1]), pem)
+		if err != nil {
+			return count, err
+		}
+		if err := n.Shared.SetAccountKeyKeepReg(ctx, a[0], a[1], epoch, s); err != nil {
+			return count, err
+		}
+		count++
+	}
+	return count, nil
+}
+
+// SealBundleKey seals a certificate's private key for publishing.
+func (n *Node) SealBundleKey(name string, version int, pem []byte) (epoch int, sealed []byte, err error) {
+	epoch, key := n.current()
+	sealed, err = seal(key, bundleAD(n.ID, name, version), pem)
+	return epoch, sealed, err
+}
+
+// OpenBundleKey opens a bundle's private key.
+func (n *Node) OpenBundleKey(b *redis.Bundle) ([]byte, error) {
+	key, err := n.key(b.Epoch)
+	if err != nil {
+		return nil, err
+	}
+	pem, err := open(key, bundleAD(n.ID, b.Name, b.Version), b.SealedKey)
+	if err != nil {
+		return nil, fmt.Errorf("%s version %d: %w", b.Name, b.Version, err)
+	}
+	return pem, nil
+}
+
+func checkNodeName(node string) error {
+	if node == "" {
+		return errors.New("--node is required: a short name for this node, such as lb2")
+	}
+	if len(node) > 63 {
+		return fmt.Errorf("--node %q: longer than 63 characters", node)
+	}
+	for _, c := range node {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("--node %q: only letters, digits, '-', '_' and '.' are allowed", node)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,215 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
+)
+
+// LedgerWindow is the issuance ledger's window, Let's Encrypt's for
+// duplicate certificates.
+const LedgerWindow = 7 * 24 * time.Hour
+
+// LedgerSet names an exact set of names at one CA, independently of order.
+func LedgerSet(server string, names []string) string {
+	s := slices.Clone(names)
+	for i := range s {
+		s[i] = strings.ToLower(s[i])
+	}
+	slices.Sort(s)
+	return server + " " + strings.Join(slices.Compact(s), ",")
+}
+
+// Reseed rebuilds an empty Redis from this node: the fleet record, the
+// membership and every member's wrapped data key (from the node's
+// verified copy), then the node's own lineages, accounts and ledger
+// entries. Every member does the same when it finds Redis empty, so the
+// fleet's lineages come back from whichever nodes hold them; a newer
+// certificate is never replaced by an older one.
+func (n *Node) Reseed(ctx context.Context) error {
+	epoch, key := n.current()
+	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch),
+		"created", time.Now().UTC().Format(time.RFC3339), "reseeded_by", n.Name)
+	if err != nil {
+		return err
+	}
+	if created {
+		for _, ep := range n.st.Epochs {
+			j, _ := json.Marshal(ep)
+			if err := n.Shared.HSet(ctx, "epochs", strconv.Itoa(ep.N), string(j)); err != nil {
+				return err
+			}
+		}
+		var ms []Member
+		for _, m := range n.st.Members {
+			if macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
+				ms = append(ms, m)
+			}
+		}
+		n.mu.Lock()
+		n.members = ms
+		n.mu.Unlock()
+		cur := Epoch{N: epoch, KeyID: keyID(key)}
+		for _, ep := range n.st.Epochs {
+			if ep.N == epoch {
+				cur = ep
+			}
+		}
+		if err := n.writeShared(ctx, cur); err != nil {
+			return err
+		}
+	} else if meta, err := n.Shared.HGetAll(ctx, "meta"); err != nil {
+		return err
+	} else if meta["id"] != n.ID {
+		return fmt.Errorf("%s was re-seeded with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
+	}
+	names, err := n.Local.Names()
+	if err != nil {
+		return err
+	}
+	seeded := 0
+	accounts := map[[2]string]bool{}
+	for _, name := range names {
+		err := n.seedLineage(ctx, name)
+		switch {
+		case err == nil:
+			seeded++
+		case errors.Is(err, redis.ErrStale):
+		case errors.As(err, new(*redis.Unavailable)):
+			return err
+		default:
+			slog.Warn("could not re-seed a lineage", "name", name, "err", err)
+		}
+		if l, err := n.Local.Load(name); err == nil {
+			accounts[[2]string{l.Server, l.Email}] = true
+		}
+	}
+	for a := range accounts {
+		if err := n.seedAccount(ctx, a[0], a[1]); err != nil {
+			return err
+		}
+	}
+	slog.Info("re-seeded the fleet's Redis from this node", "fleet", n.ID, "lineages", seeded)
+	return nil
+}
+
+// seedLineage publishes this node's live version of name, unfenced: the
+// notBefore rule keeps a newer certificate another node published.
+func (n *Node) seedLineage(ctx context.Context, name string) error {
+	l, err := n.Local.Load(name)
+	if err != nil {
+		return err
+	}
+	p := n.Local.LivePaths(name)
+	read := func(path string) ([]byte, error) { return os.ReadFile(path) }
+	cert, err := read(p.Cert)
+	if err != nil {
+		return err
+	}
+	chain, _ := read(p.Chain)
+	full, err := read(p.Fullchain)
+	if err != nil {
+		return err
+	}
+	key, err := read(p.Key)
+	if err != nil {
+		return err
+	}
+	cp := *l
+	cp.Challenge = store.Challenge{Mode: "fleet"}
+	epoch, sealed, err := n.SealBundleKey(name, l.Version, key)
+	if err != nil {
+		return err
+	}
+	meta, _ := json.Marshal(&cp)
+	if err := n.Shared.Publish(ctx, &redis.Bundle{Name: name, Version: l.Version, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
+		Meta: meta, Cert: cert, Chain: chain, Fullchain: full, SealedKey: sealed}); err != nil {
+		return err
+	}
+	if !l.IssuedAt.IsZero() {
+		return n.Shared.LedgerSeed(ctx, LedgerSet(l.Server, l.Domains), name+":v"+strconv.Itoa(l.Version), l.IssuedAt, LedgerWindow)
+	}
+	return nil
+}
+
+// seedAccount publishes this node's account for (server, email) when
+// the fleet has none.
+func (n *Node) seedAccount(ctx context.Context, server, email string) error {
+	sealed, _, _, err := n.Shared.Account(ctx, server, email)
+	if err != nil || len(sealed) > 0 {
+		return err
+	}
+	key, reg, err := n.Local.ReadAccount(server, email)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	epoch, dk := n.current()
+	s, err := seal(dk, accountAD(n.ID, server, email), key)
+	if err != nil {
+		return err
+	}
+	if err := n.Shared.SetAccountKey(ctx, server, email, epoch, s); err != nil {
+		return err
+	}
+	if len(reg) > 0 {
+		return n.Shared.SetAccountReg(ctx, server, email, reg)
+	}
+	return nil
+}
+
+// Import publishes every lineage and account of this node's --dir, for
+// fleet init.
+func (n *Node) Import(ctx context.Context) (int, error) {
+	names, err := n.Local.Names()
+	if err != nil {
+		return 0, err
+	}
+	count := 0
+	accounts := map[[2]string]bool{}
+	for _, name := range names {
+		if err := n.seedLineage(ctx, name); err != nil && !errors.Is(err, redis.ErrStale) {
+			return count, fmt.Errorf("import %s: %w", name, err)
+		}
+		count++
+		if l, err := n.Local.Load(name); err == nil {
+			accounts[[2]string{l.Server, l.Email}] = true
+		}
+	}
+	for a := range accounts {
+		if err := n.seedAccount(ctx, a[0], a[1]); err != nil {
+			return count, err
+		}
+	}
+	return count, nil
+}
+
+// CheckSeeded re-seeds Redis if it lost the fleet (FLUSHALL, a new
+// instance) since this node opened it. The agent calls it on every
+// heartbeat.
+func (n *Node) CheckSeeded(ctx context.Context) error {
+	id, err := n.Shared.HGet(ctx, "meta", "id")
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		slog.Warn("the fleet's Redis is empty; re-seeding it from this node", "redis", n.Shared.Addr(), "fleet", n.ID)
+		return n.Reseed(ctx)
+	}
+	if id != n.ID {
+		return fmt.Errorf("%s now holds fleet %s, not this node's %s", n.Shared.Addr(), id, n.ID)
+	}
+	return nil
+}

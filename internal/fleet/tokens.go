@@ -1,0 +1,185 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// TokenTTL is how long a published HTTP-01 token lives in Redis (and in
+// an agent's cache): longer than any validation, short enough that a
+// crashed orderer leaves nothing behind for long.
+const TokenTTL = 30 * time.Minute
+
+// AgentInfo is what an agent's heartbeat says about it.
+type AgentInfo struct {
+	Node    string    `json:"node"`
+	Addr    string    `json:"addr"` // where peers reach its HTTP-01 responder
+	Version string    `json:"version"`
+	PID     int       `json:"pid"`
+	At      time.Time `json:"at"`
+}
+
+// LiveAgents are the agents of approved members that sent a heartbeat
+// recently: a removed node's agent, or one planted in Redis, is not asked.
+func (n *Node) LiveAgents(ctx context.Context) ([]AgentInfo, error) {
+	raw, err := n.Shared.Agents(ctx)
+	if err != nil {
+		return nil, err
+	}
+	members := map[string]bool{}
+	for _, m := range n.Members() {
+		members[m.Node] = true
+	}
+	var out []AgentInfo
+	for node, j := range raw {
+		var a AgentInfo
+		if json.Unmarshal(j, &a) != nil || !members[node] || a.Addr == "" {
+			continue
+		}
+		a.Node = node
+		out = append(out, a)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Node < out[j].Node })
+	return out, nil
+}
+
+// Tokens is the HTTP-01 provider of a fleet run: it publishes each
+// token to Redis and then fetches it through every live agent before
+// the CA is told to validate. If any agent cannot answer it, the
+// authorization is abandoned (lego deactivates it) before the CA looks,
+// which costs no failed validation, and the error names the node.
+type Tokens struct {
+	N      *Node
+	Client *http.Client
+}
+
+// AgentCheckError is a token that an agent did not serve.
+type AgentCheckError struct {
+	Domain, Node, Addr string
+	Err                error
+}
+
+func (e *AgentCheckError) Error() string {
+	return fmt.Sprintf("node %s's agent at %s does not answer the HTTP-01 token for %s (%v); abandoned before the CA validated, so no failed validation was spent", e.Node, e.Addr, e.Domain, e.Err)
+}
+
+// HintText makes *AgentCheckError a hint.Hinter.
+func (e *AgentCheckError) HintText() string {
+	return "check that 'lbcert agent' runs on " + e.Node + " and reaches Redis, or take the node out of the pool the CA validates through"
+}
+
+// NoBackoff says the name is not at fault: the next run may try at once.
+func (e *AgentCheckError) NoBackoff() bool { return true }
+
+// NoAgentError is a fleet with no live agent at all.
+type NoAgentError struct{}
+
+func (NoAgentError) Error() string {
+	return "no lbcert agent of the fleet has sent a heartbeat recently, so nothing answers HTTP-01 for the CA"
+}
+func (NoAgentError) HintText() string {
+	return "start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates (README \"A pool of load balancers\")"
+}
+func (NoAgentError) NoBackoff() bool { return true }
+
+func hostOf(domain string) string { return strings.ToLower(strings.TrimSuffix(domain, ".")) }
+
+// Present publishes the token and checks it through every live agent.
+func (t *Tokens) Present(domain, token, keyAuth string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	host := hostOf(domain)
+	if err := t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL); err != nil {
+		return err
+	}
+	agents, err := t.N.LiveAgents(ctx)
+	if err != nil {
+		return err
+	}
+	if len(agents) == 0 {
+		t.N.Shared.DelToken(ctx, host, token)
+		return NoAgentError{}
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(agents))
+	for i, a := range agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = t.check(ctx, a.Addr, host, token, keyAuth)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.N.Shared.DelToken(ctx, host, token)
+			return &AgentCheckError{Domain: domain, Node: agents[i].Node, Addr: agents[i].Addr, Err: err}
+		}
+	}
+	return nil
+}
+
+// check fetches the token from one agent, as the CA would (Host header
+// the name), retrying briefly.
+func (t *Tokens) check(ctx context.Context, addr, host, token, keyAuth string) error {
+	client := t.Client
+	if client == nil {
+		client = &http.Client{Timeout: 3 * time.Second}
+	}
+	hostHeader := host
+	if strings.Contains(host, ":") {
+		hostHeader = "[" + host + "]"
+	}
+	var last error
+	for attempt := range 4 {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(time.Duration(attempt) * 250 * time.Millisecond):
+			}
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/.well-known/acme-challenge/"+token, nil)
+		req.Host = hostHeader
+		resp, err := client.Do(req)
+		if err != nil {
+			last = err
+			continue
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		switch {
+		case resp.StatusCode != http.StatusOK:
+			last = fmt.Errorf("HTTP %d", resp.StatusCode)
+		case !bytes.Equal(bytes.TrimSpace(body), []byte(keyAuth)):
+			last = fmt.Errorf("it answered something else")
+		default:
+			return nil
+		}
+	}
+	return last
+}
+
+// CleanUp removes the token from Redis (agents' caches let it expire).
+func (t *Tokens) CleanUp(domain, token, keyAuth string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return t.N.Shared.DelToken(ctx, hostOf(domain), token)
+}
+
+// splitHost strips the port from a Host header.
+func splitHost(h string) string {
+	if host, _, err := net.SplitHostPort(h); err == nil {
+		return hostOf(host)
+	}
+	return hostOf(strings.Trim(h, "[]"))
+}

@@ -1,0 +1,174 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// A real redis-server: the scripts are the point, and only Redis runs Lua.
+func dial(t *testing.T) *Shared {
+	t.Helper()
+	r, err := testenv.StartRedis(t.TempDir(), "s3cret-pass", nil)
+	if err != nil {
+		t.Fatalf("start redis: %v", err)
+	}
+	t.Cleanup(r.Stop)
+	s, err := Dial(context.Background(), Options{URL: r.URL(), Password: "s3cret-pass"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestLeaseIsExclusiveAndFenced(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	// 20 holders race for one name: exactly one wins.
+	var wins atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok, err := s.Acquire(ctx, "foo.com", "node"+itoa(int64(i)), time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			if tok > 0 {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if wins.Load() != 1 {
+		t.Fatalf("%d holders got the lease, want 1", wins.Load())
+	}
+
+	// A short lease expires; the next holder gets a larger token, and the
+	// stale holder can neither extend nor release the new one.
+	t1, _ := s.Acquire(ctx, "bar.com", "a", 100*time.Millisecond)
+	time.Sleep(200 * time.Millisecond)
+	t2, _ := s.Acquire(ctx, "bar.com", "b", time.Minute)
+	if t1 == 0 || t2 <= t1 {
+		t.Fatalf("tokens %d then %d: want growing", t1, t2)
+	}
+	if ok, _ := s.Extend(ctx, "bar.com", "a", t1, time.Minute); ok {
+		t.Error("stale holder extended the new holder's lease")
+	}
+	s.Release(ctx, "bar.com", "a", t1)
+	if tok, _ := s.Acquire(ctx, "bar.com", "c", time.Minute); tok != 0 {
+		t.Error("stale holder's release freed the new holder's lease")
+	}
+	if ok, _ := s.Extend(ctx, "bar.com", "b", t2, time.Minute); !ok {
+		t.Error("holder could not extend its own lease")
+	}
+	s.Release(ctx, "bar.com", "b", t2)
+	if tok, _ := s.Acquire(ctx, "bar.com", "c", time.Minute); tok <= t2 {
+		t.Errorf("after release: token %d, want > %d", tok, t2)
+	}
+}
+
+func TestPublishRefusesStaleWriters(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	t1, _ := s.Acquire(ctx, "foo.com", "a", 50*time.Millisecond)
+	time.Sleep(100 * time.Millisecond)
+	t2, _ := s.Acquire(ctx, "foo.com", "b", time.Minute)
+	v, _ := s.NextVersion(ctx, "foo.com", 0)
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v, Fence: t2, NotBefore: nb, Meta: []byte("{}"), SealedKey: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	// The stale holder's certificate is even newer, but its lease was
+	// taken over: refused.
+	v2, _ := s.NextVersion(ctx, "foo.com", 0)
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, Fence: t1, NotBefore: nb.Add(time.Minute)}); !errors.Is(err, ErrStale) {
+		t.Errorf("stale lease publish: %v, want ErrStale", err)
+	}
+	// An older certificate never replaces a newer one, even unfenced (a
+	// re-seed from an out-of-date disk).
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: 1, NotBefore: nb.Add(-time.Hour)}); !errors.Is(err, ErrStale) {
+		t.Errorf("older certificate publish: %v, want ErrStale", err)
+	}
+	b, err := s.Bundle(ctx, "foo.com")
+	if err != nil || b.Version != v || b.Fence != t2 || string(b.SealedKey) != "x" || !b.NotBefore.Equal(nb) {
+		t.Fatalf("bundle %+v, %v", b, err)
+	}
+	if v2 <= v {
+		t.Errorf("versions %d then %d", v, v2)
+	}
+	// A wiped counter does not reuse versions: the floor and the bundle win.
+	s.Client().Del(ctx, s.k("ver", "foo.com"))
+	if v3, _ := s.NextVersion(ctx, "foo.com", 7); v3 != 8 {
+		t.Errorf("next version after wipe with floor 7: %d, want 8", v3)
+	}
+	names, _ := s.Names(ctx)
+	if len(names) != 1 || names[0] != "foo.com" {
+		t.Errorf("names %v", names)
+	}
+}
+
+func TestLedgerCapsExactSets(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	now := time.Now()
+	week := 7 * 24 * time.Hour
+	var ok atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, _, err := s.LedgerTake(ctx, "a.com,www.a.com", "id"+itoa(int64(i)), 3, week, now)
+			if err != nil {
+				t.Error(err)
+			}
+			if got {
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 3 {
+		t.Fatalf("%d places taken, want 3", ok.Load())
+	}
+	got, free, _ := s.LedgerTake(ctx, "a.com,www.a.com", "late", 3, week, now)
+	if got || free.Sub(now.Add(week)).Abs() > time.Second {
+		t.Errorf("full ledger: got=%v free at %v", got, free)
+	}
+	// Giving back every id frees every place that was taken.
+	for i := range 10 {
+		s.LedgerGive(ctx, "a.com,www.a.com", "id"+itoa(int64(i)))
+	}
+	if n, _ := s.LedgerCount(ctx, "a.com,www.a.com", week, now); n != 0 {
+		t.Errorf("count after giving every place back: %d, want 0", n)
+	}
+	// Entries older than the window do not count.
+	s.LedgerSeed(ctx, "b.com", "old", now.Add(-8*24*time.Hour), week)
+	s.LedgerSeed(ctx, "b.com", "new", now.Add(-time.Hour), week)
+	s.LedgerSeed(ctx, "b.com", "new", now.Add(-time.Hour), week)
+	if n, _ := s.LedgerCount(ctx, "b.com", week, now); n != 1 {
+		t.Errorf("seeded count %d, want 1", n)
+	}
+}
+
+func TestUnreachableRedisIsUnavailable(t *testing.T) {
+	port, _ := testenv.FreePort()
+	_, err := Dial(context.Background(), Options{URL: "redis://127.0.0.1:" + itoa(int64(port)) + "/0"})
+	var u *Unavailable
+	if !errors.As(err, &u) {
+		t.Fatalf("dial a closed port: %v, want *Unavailable", err)
+	}
+	for _, bad := range []string{"redis://user:pw@127.0.0.1:1/0", "http://x", "redis://h/abc", "redis-sentinel://h:1", "redis://h/0/1"} {
+		if _, err := Dial(context.Background(), Options{URL: bad}); err == nil || errors.As(err, &u) {
+			t.Errorf("%s: %v, want a settings error", bad, err)
+		}
+	}
+}
