@@ -62,7 +62,7 @@ func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
 
 // accountBase checks the account settings that do not depend on which
 // server is used.
-func (a *app) accountBase(st *store.Store) (acme.Options, error) {
+func (a *app) accountBase(st store.Accounts) (acme.Options, error) {
 	g := a.global
 	if err := a.checkAccountSettings(); err != nil {
 		return acme.Options{}, err

@@ -73,8 +73,9 @@ type app struct {
 	// lbcert may ask a question; they never change what happens.
 	stdinTTY, stdoutTTY, stderrTTY bool
 
-	global globalOptions
-	mail   mailOptions
+	global    globalOptions
+	mail      mailOptions
+	fleetOpts fleetOptions
 
 	runs *[]time.Time // renew's recorded runs, read once per command (list)
 }
@@ -147,6 +148,7 @@ const exitCodesHelp = `Exit codes:
   1    error: bad input, the CA refused, a deploy failed
   2    partial failure: some certificates succeeded, some failed
   3    locked: another lbcert process is using the state directory
+  4    fleet mode: the fleet's Redis is unreachable; nothing was ordered
   130  interrupted by SIGINT or SIGTERM; nothing half-written was kept`
 
 func (a *app) newRootCmd() *cobra.Command {
@@ -193,6 +195,7 @@ beats the config file, which beats the default.
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
 	pf.StringVar(&g.MetricsFile, "metrics-file", "", "after every run, write Prometheus metrics here (node_exporter textfile format); off when empty")
 	a.mail.register(pf)
+	a.fleetOpts.register(pf)
 
 	root.AddCommand(
 		a.newIssueCmd(nil),
@@ -204,6 +207,8 @@ beats the config file, which beats the default.
 		a.newDeleteCmd(),
 		a.newGendocsCmd(),
 		a.newMailTestCmd(),
+		a.newFleetCmd(),
+		a.newAgentCmd(),
 	)
 	completeValues(root)
 	return root

@@ -33,10 +33,15 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	if err != nil {
 		return nil, err
 	}
+	f, err := a.openFleet(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	defer f.close()
 	var prog *progress
 	spec := runSpec{
 		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency,
-		maxWait: o.MaxWait, waitLock: o.WaitLock,
+		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
 	}
 	if a.stderrTTY && !a.global.Quiet && !o.JSON {
 		prog = newProgress(a.err, len(rows), a.now)

@@ -126,7 +126,16 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		}
 	}
 	var fallback store.Challenge
+	fleetMode := a.fleetOpts.Redis != ""
 	switch {
+	case fleetMode && a.fleetOpts.NoOrder:
+		return fleetOrderRefused("batch")
+	case fleetMode && o.Webroot != "":
+		return fleetChallenge("--webroot")
+	case fleetMode && o.Standalone:
+		return fleetChallenge("--standalone")
+	case fleetMode:
+		fallback = store.Challenge{Mode: "fleet"}
 	case o.Webroot != "":
 		root, err := filepath.Abs(o.Webroot)
 		if err != nil {
@@ -163,7 +172,10 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	good := 0
 	for _, row := range res.Rows {
 		problem := ""
-		if row.Challenge.Mode == "" {
+		if fleetMode && row.Challenge.Mode != "" {
+			problem = "the row names a challenge (ACMEPort, webroot or http_addr), which fleet mode does not use: every node's 'lbcert agent' answers HTTP-01; leave the column empty"
+		}
+		if row.Challenge.Mode == "" || fleetMode {
 			if fallback.Mode == "" {
 				problem = "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
 			}

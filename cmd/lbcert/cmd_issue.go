@@ -121,7 +121,18 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
 		return nil, exit.Errorf("%v", err)
 	}
+	fleetMode := a.fleetOpts.Redis != ""
 	switch {
+	case fleetMode && a.fleetOpts.NoOrder:
+		return nil, fleetOrderRefused("issue")
+	case fleetMode && o.Webroot != "":
+		return nil, fleetChallenge("--webroot")
+	case fleetMode && o.Standalone:
+		return nil, fleetChallenge("--standalone")
+	case fleetMode && o.httpAddrSet:
+		return nil, fleetChallenge("--http-addr")
+	case fleetMode:
+		p.mode = store.Challenge{Mode: "fleet"}
 	case o.Webroot != "" && o.Standalone:
 		return nil, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
 	case o.Webroot == "" && !o.Standalone:
@@ -172,6 +183,11 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	if p.acme, err = a.acmeOptions(st); err != nil {
 		return err
 	}
+	f, err := a.openFleet(ctx, st)
+	if err != nil {
+		return err
+	}
+	defer f.close()
 	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
 		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
@@ -179,7 +195,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	}}
 	res, err := a.runEngine(ctx, st, runSpec{
 		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1,
-		maxWait: o.MaxWait, waitLock: o.WaitLock,
+		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
 	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"slices"
 	"strings"
 	"time"
 
@@ -109,9 +110,26 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if err := a.checkAccountSettings(); err != nil {
 		return err
 	}
-	all, err := st.Names()
+	f, err := a.openFleet(ctx, st)
 	if err != nil {
-		return exit.Errorf("read %s: %w", st.Dir, err)
+		return err
+	}
+	defer f.close()
+	var lineages renewSource = st
+	where := st.Dir
+	if f != nil {
+		where = "the fleet"
+		if a.fleetOpts.NoOrder {
+			// Cron runs renew on every node; this one leaves ordering to
+			// the dedicated node (seed 000) and says so only with -v.
+			slog.Debug("this node never orders (--no-order); nothing to do")
+			return nil
+		}
+		lineages = f.backend
+	}
+	all, err := lineages.Names()
+	if err != nil {
+		return redisExit(fmt.Errorf("read the lineages: %w", err))
 	}
 	if len(all) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
@@ -126,8 +144,8 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	}
 	res, err := a.runEngine(ctx, st, runSpec{
 		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0,
-	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(st, all, o) })
+		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, fleet: f,
+	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(lineages, where, all, o) })
 	if err != nil {
 		return err
 	}
@@ -144,13 +162,20 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 // made as the plan reaches it: the plan loads each lineage when it
 // decides it, so a pass over 100,000 holds one at a time. Only a dry run
 // reads them here, to point them at staging.
-func renewJobs(st *store.Store, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
+// renewSource is where renew finds lineages: the state directory, or in
+// fleet mode the fleet's.
+type renewSource interface {
+	Names() ([]string, error)
+	Load(name string) (*store.Lineage, error)
+}
+
+func renewJobs(st renewSource, where string, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
 	selected := all
 	if len(o.Names) > 0 {
 		selected = o.Names
 		for _, n := range selected {
-			if !st.Exists(n) {
-				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, st.Dir).WithHint("'lbcert list' shows the lineages")
+			if !slices.Contains(all, n) {
+				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, where).WithHint("'lbcert list' shows the lineages")
 			}
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -39,6 +40,8 @@ type runSpec struct {
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
 	scheduled bool
+	// fleet is the open fleet in fleet mode (--redis), nil on one host.
+	fleet *fleetRun
 }
 
 // runEngine is the one driver of issue, batch and renew: take the lock,
@@ -62,6 +65,20 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if err != nil {
 		return nil, err
 	}
+	var backend store.Backend = st
+	var ebudget engine.Budget = budget
+	is := &issuer.Issuer{}
+	if f := spec.fleet; f != nil {
+		// Certificates this node kept while Redis was away go first, so
+		// the plan sees them and orders nothing twice.
+		if err := f.backend.PublishQueued(ctx); err != nil {
+			return nil, redisExit(err)
+		}
+		backend = f.backend
+		ebudget = &fleet.Budget{Pace: budget, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}
+		is.Fleet = &fleet.Tokens{N: f.node}
+	}
+	is.Account = a.lazyAccount(backend, spec.dryRun)
 	var gap time.Duration
 	if spec.command == "renew" && !spec.dryRun {
 		// The schedule as it really runs: the gaps between the recorded
@@ -77,13 +94,12 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 			}
 		}
 	}
-	is := &issuer.Issuer{Account: a.lazyAccount(st, spec.dryRun)}
 	defer is.Close()
 	e := &engine.Engine{
-		Store:  st,
+		Store:  backend,
 		CA:     is,
 		Deploy: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}},
-		Budget: budget,
+		Budget: ebudget,
 		Opts: engine.Options{
 			Command:     spec.command,
 			Concurrency: spec.concurrency,
@@ -95,6 +111,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 			RunGap:      gap,
 			Now:         a.now,
 			Observe:     spec.observe,
+			LeaseTTL:    a.fleetOpts.LeaseTTL,
 		},
 	}
 	plan, err := e.PlanSeq(ctx, js, n)
@@ -119,7 +136,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 
 // lazyAccount builds the account options on the first order, not
 // before: a run with nothing due reads no EAB secret (gh's Factory).
-func (a *app) lazyAccount(st *store.Store, dryRun bool) func(server, email string) (acme.Options, error) {
+func (a *app) lazyAccount(st store.Backend, dryRun bool) func(server, email string) (acme.Options, error) {
 	var once sync.Once
 	var base acme.Options
 	var err error

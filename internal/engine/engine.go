@@ -479,11 +479,18 @@ func (r *run) one(s *step) {
 		ttl = 10 * time.Minute
 	}
 	lease, err := e.Store.Acquire(ctx, name, ttl)
-	if err != nil {
+	if errors.Is(err, store.ErrLeaseHeld) {
 		r.defer_(s, "another run holds this lineage", time.Time{}, err)
 		return
 	}
+	if err != nil {
+		r.defer_(s, oneLine(err), time.Time{}, err)
+		return
+	}
 	defer lease.Release()
+	if r.doneMeanwhile(s) {
+		return
+	}
 
 	if s.act == actCheckARI {
 		r.checkARI(s)
@@ -514,6 +521,32 @@ func (r *run) one(s *step) {
 		return
 	}
 	r.order(s)
+}
+
+// doneMeanwhile checks again, under the lease, whether the work is still
+// needed: between the plan and the lease another run (in a fleet,
+// another node) may have obtained the certificate, as certmagic's
+// renewCert checks too. It reports true when s is settled.
+func (r *run) doneMeanwhile(s *step) bool {
+	e, it := r.e, s.item
+	if s.act != actOrder || s.job.Force {
+		return false
+	}
+	fresh, err := e.Store.Load(s.job.Lineage.Name)
+	if err != nil || !sameNames(fresh.Domains, s.job.Lineage.Domains) ||
+		s.prev != nil && fresh.Cert.Serial == s.prev.Cert.Serial {
+		return false
+	}
+	st, _ := e.Store.ReadStatus(fresh.Name)
+	d := renewal.Decide(fresh.Cert, st, e.now(), renewal.Options{Days: e.Opts.Days, Name: fresh.Name})
+	if d.Due {
+		return false
+	}
+	s.prev = fresh
+	it.Outcome, it.Reason, it.DueAt, it.dueNow = NotDue, "obtained by another run meanwhile", timePtr(d.At), false
+	it.Serial, it.NotAfter = fresh.Cert.Serial, timePtr(fresh.Cert.NotAfter)
+	slog.Info("not ordering: another run obtained it meanwhile", "name", fresh.Name, "serial", fresh.Cert.Serial)
+	return true
 }
 
 // order obtains, saves and journals a new certificate for s.
@@ -603,6 +636,13 @@ func (r *run) order(s *step) {
 			r.resetOnce(l.Server, l.Email)
 			continue
 		}
+		if notTheNamesFault(err) && reserved && e.Budget != nil {
+			// Stopped before the CA validated (a fleet agent that did not
+			// answer, Redis away): no certificate, nothing to count.
+			if berr := e.Budget.Refund(key, r.paceOrder(s, o.Replaces)); berr != nil {
+				slog.Warn("could not save the rate budget", "err", berr)
+			}
+		}
 		wait, scope, limited := r.spend(key, r.paceOrder(s, o.Replaces), err)
 		if limited && attempt == 0 && wait <= e.Opts.MaxWait {
 			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "scope", scope.String(), "retry_after", wait)
@@ -620,7 +660,7 @@ func (r *run) order(s *step) {
 		// An account that cannot be set up, or a CA that does not answer,
 		// is not this lineage's fault: no backoff, so the next run after
 		// the fix goes ahead.
-		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err))
+		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
 		return
 	}
 }
@@ -767,6 +807,10 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result) {
 		return
 	}
 	version, err := e.Store.SaveVersion(&l, got.Files)
+	if notTheNamesFault(err) {
+		r.fail(s, err, false) // a storage that says why, as a fleet refusing a stale writer does
+		return
+	}
 	if err != nil {
 		r.fail(s, hint.Wrap(fmt.Errorf("save %s: %w", l.Name, err),
 			"the previous certificate, if any, is still live; check free space and permissions of the state directory"), false)
@@ -1056,4 +1100,12 @@ func sameNames(a, b []string) bool {
 
 // oneLine is an error as one line, without any known secret: it goes
 // into status files, reports and mail.
+// notTheNamesFault is an error that says the names are not to blame (a
+// fleet agent that did not answer, a stale writer refused): no backoff,
+// so the next run may try at once.
+func notTheNamesFault(err error) bool {
+	var nb interface{ NoBackoff() bool }
+	return errors.As(err, &nb) && nb.NoBackoff()
+}
+
 func oneLine(err error) string { return secret.Scrub(strings.Join(strings.Fields(err.Error()), " ")) }

@@ -20,6 +20,7 @@ const (
 	Failure     = 1   // the run failed: bad input, CA refused, I/O error
 	Partial     = 2   // some certificates succeeded and some failed
 	Locked      = 3   // another lbcert process holds the state directory
+	Unavailable = 4   // fleet mode: the fleet's Redis did not answer; nothing was ordered without it
 	Interrupted = 130 // SIGINT or SIGTERM stopped the run (128+2, as shells do)
 )
 

@@ -107,6 +107,9 @@ func (e *ErrFenced) Error() string {
 	return fmt.Sprintf("the fleet refused this certificate for %s: another node took the name over after this node's lease ran out, and published its own", e.Name)
 }
 
+// NoBackoff: the name is fine, this node was slow.
+func (e *ErrFenced) NoBackoff() bool { return true }
+
 // HintText makes *ErrFenced a hint.Hinter.
 func (e *ErrFenced) HintText() string {
 	return "nothing to do: the other node's certificate stands; this node stalled longer than --lease-ttl"

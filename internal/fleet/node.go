@@ -333,7 +333,7 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 			return nil, err
 		}
 		n.members = l.Members
-		slog.Warn("the fleet's Redis is empty; re-seeding it from this node", "redis", sh.Addr(), "fleet", n.ID)
+		slog.Warn("the fleet's Redis is empty; rebuilding it from this node", "redis", sh.Addr(), "fleet", n.ID)
 		if err := n.Reseed(ctx); err != nil {
 			return nil, err
 		}
@@ -341,7 +341,7 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 	}
 	if meta["id"] != l.Fleet {
 		return nil, hint.Wrap(fmt.Errorf("%s holds fleet %s, but this node belongs to fleet %s; refusing to trust it", sh.Addr(), meta["id"], l.Fleet),
-			"point --redis at this node's fleet; a Redis that lost the fleet is re-seeded by its members only when it is empty")
+			"point --redis at this node's fleet; a Redis that lost the fleet is rebuilt by its members only when it is empty")
 	}
 	cur, _ := strconv.Atoi(meta["epoch"])
 	if l.Epoch == 0 {

@@ -39,7 +39,7 @@ func LedgerSet(server string, names []string) string {
 func (n *Node) Reseed(ctx context.Context) error {
 	epoch, key := n.current()
 	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch),
-		"created", time.Now().UTC().Format(time.RFC3339), "reseeded_by", n.Name)
+		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name)
 	if err != nil {
 		return err
 	}
@@ -71,7 +71,7 @@ func (n *Node) Reseed(ctx context.Context) error {
 	} else if meta, err := n.Shared.HGetAll(ctx, "meta"); err != nil {
 		return err
 	} else if meta["id"] != n.ID {
-		return fmt.Errorf("%s was re-seeded with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
+		return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
 	}
 	names, err := n.Local.Names()
 	if err != nil {
@@ -88,7 +88,7 @@ func (n *Node) Reseed(ctx context.Context) error {
 		case errors.As(err, new(*redis.Unavailable)):
 			return err
 		default:
-			slog.Warn("could not re-seed a lineage", "name", name, "err", err)
+			slog.Warn("could not republish a lineage", "name", name, "err", err)
 		}
 		if l, err := n.Local.Load(name); err == nil {
 			accounts[[2]string{l.Server, l.Email}] = true
@@ -99,7 +99,7 @@ func (n *Node) Reseed(ctx context.Context) error {
 			return err
 		}
 	}
-	slog.Info("re-seeded the fleet's Redis from this node", "fleet", n.ID, "lineages", seeded)
+	slog.Info("rebuilt the fleet's Redis from this node", "fleet", n.ID, "lineages", seeded)
 	return nil
 }
 
@@ -205,7 +205,7 @@ func (n *Node) CheckSeeded(ctx context.Context) error {
 		return err
 	}
 	if id == "" {
-		slog.Warn("the fleet's Redis is empty; re-seeding it from this node", "redis", n.Shared.Addr(), "fleet", n.ID)
+		slog.Warn("the fleet's Redis is empty; rebuilding it from this node", "redis", n.Shared.Addr(), "fleet", n.ID)
 		return n.Reseed(ctx)
 	}
 	if id != n.ID {

@@ -33,6 +33,10 @@ type Issuer struct {
 	// the CA bundle, ToS and EAB settings. It is called once per pair,
 	// on first use.
 	Account func(server, email string) (acme.Options, error)
+	// Fleet, when set, answers every HTTP-01 challenge (fleet mode: the
+	// token goes to Redis and every node's agent serves it); the run
+	// binds no listener and writes no webroot of its own.
+	Fleet legochallenge.Provider
 
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
@@ -153,6 +157,9 @@ func PortOf(addr string) string {
 // that port, which answers on every one of them. It returns the error of
 // each port that could not be bound, keyed by port.
 func (is *Issuer) BindAll(addrs []string) map[string]error {
+	if is.Fleet != nil {
+		return map[string]error{}
+	}
 	hosts := map[string]map[string]bool{}
 	var order []string
 	for _, a := range addrs {
@@ -207,6 +214,9 @@ func (is *Issuer) Close() {
 // Responder returns the HTTP-01 responder for c: a webroot, or the
 // shared standalone listener of its port (bound now if BindAll did not).
 func (is *Issuer) Responder(c store.Challenge) (legochallenge.Provider, error) {
+	if is.Fleet != nil {
+		return is.Fleet, nil
+	}
 	switch c.Mode {
 	case "webroot":
 		// One responder per webroot for the whole run: rows that share a

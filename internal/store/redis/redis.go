@@ -65,6 +65,10 @@ func (u *Unavailable) HintText() string {
 	return "certificates already on this node keep being served; no order is placed without Redis; check that Redis runs and that --redis, the password and --redis-ca are right"
 }
 
+// NoBackoff: Redis being away is not the names' fault; the next run may
+// try them at once.
+func (u *Unavailable) NoBackoff() bool { return true }
+
 // Shared is a connection to the fleet's Redis.
 type Shared struct {
 	c      goredis.UniversalClient

@@ -1,0 +1,350 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/secret"
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
+)
+
+// fleetOptions are the global fleet-mode settings (README "A pool of
+// load balancers").
+type fleetOptions struct {
+	Redis        string
+	PasswordFile string
+	CA           string
+	LeaseTTL     time.Duration
+	LedgerCap    int
+	NoOrder      bool
+}
+
+func (f *fleetOptions) register(pf *pflag.FlagSet) {
+	pf.StringVar(&f.Redis, "redis", "", "fleet mode: the shared Redis, redis://HOST:PORT/DB, rediss:// (TLS) or redis-sentinel://S1:PORT,S2:PORT/MASTER/DB; the password never goes here")
+	pf.StringVar(&f.PasswordFile, "redis-password-file", "", "file holding the Redis password (or set LBCERT_REDIS_PASSWORD); never passed in argv")
+	pf.StringVar(&f.CA, "redis-ca", "", "PEM file of roots that sign the Redis server's certificate (rediss://, private CA)")
+	pf.DurationVar(&f.LeaseTTL, "lease-ttl", 10*time.Minute, "fleet mode: how long a node that stalls keeps a name before another may order it")
+	pf.IntVar(&f.LedgerCap, "ledger-cap", fleet.DefaultLedgerCap, "fleet mode: most certificates for one exact set of names in 7 days, fleet-wide (Let's Encrypt allows 5)")
+	pf.BoolVar(&f.NoOrder, "no-order", false, "fleet mode: this node never orders (renewals stay on a dedicated node); its agent still answers tokens")
+}
+
+// fleetRun is one command's open fleet.
+type fleetRun struct {
+	sh      *redis.Shared
+	node    *fleet.Node
+	backend *fleet.Backend
+}
+
+// redisExit maps a Redis that did not answer to its exit code.
+func redisExit(err error) error {
+	var u *redis.Unavailable
+	if errors.As(err, &u) {
+		return &exit.Error{Code: exit.Unavailable, Err: err, Hint: u.HintText()}
+	}
+	return exit.Errorf("%w", err)
+}
+
+// dialRedis connects to --redis with the password from the environment
+// or --redis-password-file.
+func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
+	f := &a.fleetOpts
+	if f.Redis == "" {
+		return nil, exit.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
+	}
+	pw := a.getenv(config.EnvName("redis-password"))
+	if f.PasswordFile != "" {
+		data, err := os.ReadFile(f.PasswordFile)
+		if err != nil {
+			return nil, exit.Errorf("--redis-password-file %s: %v", f.PasswordFile, unwrapPath(err))
+		}
+		pw = strings.TrimSpace(string(data))
+	}
+	secret.Add(pw)
+	if f.LedgerCap < 1 || f.LedgerCap > 4 {
+		return nil, exit.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", f.LedgerCap)
+	}
+	if f.LeaseTTL < time.Second {
+		return nil, exit.Errorf("--lease-ttl %s: want at least 1s", f.LeaseTTL)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	sh, err := redis.Dial(dctx, redis.Options{URL: f.Redis, Password: pw, CAFile: f.CA})
+	if err != nil {
+		return nil, redisExit(err)
+	}
+	return sh, nil
+}
+
+// openFleet opens this node's fleet for a run, or returns nil when
+// --redis is not set (single-host mode, unchanged).
+func (a *app) openFleet(ctx context.Context, st *store.Store) (*fleetRun, error) {
+	if a.fleetOpts.Redis == "" {
+		return nil, nil
+	}
+	sh, err := a.dialRedis(ctx)
+	if err != nil {
+		return nil, err
+	}
+	n, err := fleet.Open(ctx, sh, st)
+	if err != nil {
+		sh.Close()
+		return nil, redisExit(err)
+	}
+	return &fleetRun{sh: sh, node: n, backend: fleet.NewBackend(n)}, nil
+}
+
+func (f *fleetRun) close() {
+	if f != nil {
+		f.sh.Close()
+	}
+}
+
+// fleetChallenge refuses a challenge flag in fleet mode: the agents
+// answer every token, and a run binding its own listener would answer
+// for one node only.
+func fleetChallenge(what string) error {
+	return exit.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what).
+		WithHint("start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
+}
+
+func (a *app) newFleetCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "fleet",
+		Short: "Manage a pool of load balancers that share one Redis",
+		Long: `A fleet is a pool of load balancers that share one Redis (--redis). Any
+node may run issue, batch or renew: a per-name lease in Redis makes exactly
+one node order each name, every node's agent answers every HTTP-01 token,
+and private keys leave a node only sealed (AES-256-GCM) under the fleet's
+data key, which is wrapped (age X25519) for each approved node.
+
+  lbcert --redis URL fleet init                   the first node; imports its --dir
+  lbcert --redis URL fleet join --node lb2        on lb2: prints its fingerprint
+  lbcert --redis URL fleet approve lb2 --fingerprint age1...   on a member
+  lbcert --redis URL fleet remove lb3             rotates the data key
+
+See README "A pool of load balancers".`,
+	}
+	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd())
+	return cmd
+}
+
+func (a *app) newFleetInitCmd() *cobra.Command {
+	var node string
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create a fleet in an empty Redis, with this node as its first member",
+		Long: `Init creates the fleet: a fleet ID, a random data key wrapped for this
+node's new identity (kept in <dir>/fleet/, 0600, never sent anywhere),
+and this node as the first member. It then publishes every lineage and
+account in --dir, keys sealed, so the other nodes never order them again.
+It refuses a Redis that already holds a fleet.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if node == "" {
+				node, _ = os.Hostname()
+			}
+			st := store.New(a.global.Dir)
+			sh, err := a.dialRedis(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer sh.Close()
+			lock, err := a.lock(st)
+			if err != nil {
+				return err
+			}
+			defer lock.Unlock()
+			n, err := fleet.Init(cmd.Context(), sh, st, node)
+			if err != nil {
+				return redisExit(err)
+			}
+			count, err := n.Import(cmd.Context())
+			if err != nil {
+				return redisExit(err)
+			}
+			a.printf("created fleet %s in %s with node %s\n", n.ID, sh.Addr(), n.Name)
+			a.printf("imported %d lineages from %s\n", count, st.Dir)
+			a.printf("fingerprint: %s\n", n.Fingerprint())
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&node, "node", "", "this node's name in the fleet (default the host name)")
+	return cmd
+}
+
+func (a *app) newFleetJoinCmd() *cobra.Command {
+	var node string
+	cmd := &cobra.Command{
+		Use:   "join",
+		Short: "Ask to join the fleet; prints this node's fingerprint for approval",
+		Long: `Join makes this node's identity (an age X25519 key in <dir>/fleet/, 0600)
+and leaves a join request in Redis. Read the printed fingerprint on this
+node and approve it on a member with 'fleet approve NODE --fingerprint'.
+Until then this node can read no key.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if node == "" {
+				node, _ = os.Hostname()
+			}
+			st := store.New(a.global.Dir)
+			sh, err := a.dialRedis(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer sh.Close()
+			fp, id, err := fleet.Join(cmd.Context(), sh, st, node)
+			if err != nil {
+				return redisExit(err)
+			}
+			a.printf("node %s asked to join fleet %s\n", node, id)
+			a.printf("fingerprint: %s\n", fp)
+			a.printf("on a member run: lbcert --redis URL fleet approve %s --fingerprint %s\n", node, fp)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&node, "node", "", "this node's name in the fleet (default the host name)")
+	return cmd
+}
+
+func (a *app) newFleetApproveCmd() *cobra.Command {
+	var fp string
+	cmd := &cobra.Command{
+		Use:   "approve NODE --fingerprint age1...",
+		Short: "Let a node that asked to join read the fleet's keys",
+		Long: `Approve wraps the fleet's data key for NODE's identity, if NODE's join
+request carries exactly the fingerprint given: read it on NODE itself
+('fleet join' prints it). A different fingerprint is refused, because
+the request then did not come from that node.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if fp == "" {
+				return exit.Errorf("--fingerprint is required: the age1... that 'fleet join' printed on %s", args[0])
+			}
+			return a.withMember(cmd.Context(), func(n *fleet.Node) error {
+				if err := n.Approve(cmd.Context(), args[0], fp); err != nil {
+					return err
+				}
+				a.printf("approved %s in fleet %s\n", args[0], n.ID)
+				return nil
+			})
+		},
+	}
+	cmd.Flags().StringVar(&fp, "fingerprint", "", "the joining node's fingerprint (age1...), as it printed it")
+	return cmd
+}
+
+func (a *app) newFleetRemoveCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "remove NODE",
+		Short: "Take a node out of the fleet and rotate the data key",
+		Long: `Remove deletes NODE's membership and wrapped keys, makes a new data key
+for the remaining members, and re-seals every certificate and account
+key under it: NODE can open nothing published afterwards. Keys NODE held
+before stay known to it: renew those certificates if that matters (for
+a node that was stolen, say), and change the Redis password too.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withMember(cmd.Context(), func(n *fleet.Node) error {
+				count, err := n.Remove(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				a.printf("removed %s from fleet %s; data key rotated to epoch %d, %d keys re-sealed\n", args[0], n.ID, n.Epoch(), count)
+				return nil
+			})
+		},
+	}
+}
+
+// withMember runs f with this node's open fleet, under the directory lock.
+func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
+	st := store.New(a.global.Dir)
+	sh, err := a.dialRedis(ctx)
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	lock, err := a.lock(st)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	n, err := fleet.Open(ctx, sh, st)
+	if err != nil {
+		return redisExit(err)
+	}
+	if err := f(n); err != nil {
+		return redisExit(err)
+	}
+	return nil
+}
+
+func (a *app) newAgentCmd() *cobra.Command {
+	var httpAddr, advertise string
+	cmd := &cobra.Command{
+		Use:   "agent --http-addr ADDR",
+		Short: "Answer the fleet's HTTP-01 tokens on this node (runs until stopped)",
+		Long: `The agent runs on every node of a fleet. It answers HTTP-01 challenges
+for whichever node ordered, from Redis with a short local cache, and only
+for the Host the token was published for. It sends a heartbeat, so that
+an ordering node fetches each token through every live agent before the
+CA validates, and abandons the authorization if one cannot answer (no
+failed validation is spent). If Redis is emptied (FLUSHALL, a new
+instance), the agent rebuilds it from this node's --dir. When Redis is
+unreachable it keeps answering the tokens it has cached until they
+expire, and reconnects with backoff. SIGTERM stops it cleanly.
+
+Point the load balancer's port 80 for /.well-known/acme-challenge/ at
+--http-addr (an HAProxy backend or an nginx proxy_pass).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if httpAddr == "" {
+				return exit.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
+			}
+			if advertise == "" {
+				host, _, err := net.SplitHostPort(httpAddr)
+				if err != nil {
+					return exit.Errorf("--http-addr %q: %v", httpAddr, err)
+				}
+				if host == "" || host == "0.0.0.0" || host == "::" {
+					return exit.Errorf("%v", fleet.ErrAdvertise)
+				}
+				advertise = httpAddr
+			}
+			st := store.New(a.global.Dir)
+			f, err := a.openFleet(cmd.Context(), st)
+			if err != nil {
+				return err
+			}
+			defer f.close()
+			ln, err := net.Listen("tcp", httpAddr)
+			if err != nil {
+				return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", httpAddr)
+			}
+			a.printf("agent of node %s (fleet %s) answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
+			ag := &fleet.Agent{N: f.node, Listener: ln, Advertise: advertise, Version: buildVersion(debug.ReadBuildInfo())}
+			return ag.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().StringVar(&httpAddr, "http-addr", "", "where the agent answers HTTP-01, host:port")
+	cmd.Flags().StringVar(&advertise, "advertise-addr", "", "where the other nodes reach this agent (default --http-addr, which then needs a host part)")
+	return cmd
+}
+
+// fleetOrderRefused says why a no-order node does not order.
+func fleetOrderRefused(cmd string) error {
+	return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", cmd)
+}
+
