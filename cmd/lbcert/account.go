@@ -44,7 +44,7 @@ func (a *app) serverURL() (string, error) {
 // acmeOptions checks every account setting that can be checked without the
 // network, so that bad input never reaches the CA, including whether a
 // new account on the chosen server could accept the terms of service.
-func (a *app) acmeOptions(st *store.Store) (acme.Options, error) {
+func (a *app) acmeOptions(st store.Accounts) (acme.Options, error) {
 	server, err := a.serverURL()
 	if err != nil {
 		return acme.Options{}, err

@@ -29,15 +29,15 @@ type batchRow struct {
 // show every row of the file.
 func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file, format string,
 	rows []batchRow, invalid []*engine.Item, limits pace.Limits, checker *preflight.Checker) (*engine.Result, error) {
-	opts, err := a.acmeOptions(st)
-	if err != nil {
-		return nil, err
-	}
 	f, err := a.openFleet(ctx, st)
 	if err != nil {
 		return nil, err
 	}
 	defer f.close()
+	opts, err := a.acmeOptions(f.accounts(st))
+	if err != nil {
+		return nil, err
+	}
 	var prog *progress
 	spec := runSpec{
 		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency,

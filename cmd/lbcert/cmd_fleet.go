@@ -105,6 +105,15 @@ func (a *app) openFleet(ctx context.Context, st *store.Store) (*fleetRun, error)
 	return &fleetRun{sh: sh, node: n, backend: fleet.NewBackend(n)}, nil
 }
 
+// accounts is where the run's ACME accounts live: the fleet's, or the
+// state directory's on one host.
+func (f *fleetRun) accounts(st *store.Store) store.Accounts {
+	if f == nil {
+		return st
+	}
+	return f.backend
+}
+
 func (f *fleetRun) close() {
 	if f != nil {
 		f.sh.Close()

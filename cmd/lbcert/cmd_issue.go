@@ -180,14 +180,14 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	if err != nil {
 		return err
 	}
-	if p.acme, err = a.acmeOptions(st); err != nil {
-		return err
-	}
 	f, err := a.openFleet(ctx, st)
 	if err != nil {
 		return err
 	}
 	defer f.close()
+	if p.acme, err = a.acmeOptions(f.accounts(st)); err != nil {
+		return err
+	}
 	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
 		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
 		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,

@@ -126,6 +126,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
+	slog.Debug("answered HTTP-01", "host", host, "token", token, "from", r.RemoteAddr, "agent", r.UserAgent())
 	w.Header().Set("Content-Type", "text/plain")
 	io.Copy(w, bytes.NewReader([]byte(keyAuth)))
 }

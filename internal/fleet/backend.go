@@ -344,6 +344,14 @@ func (b *Backend) ReadAccount(server, email string) ([]byte, []byte, error) {
 	if len(reg) == 0 {
 		reg = nil
 	}
+	// A copy on this node's disk (0600, as on a single host): a Redis
+	// that comes back empty gets the account back from any node that
+	// used it, so renewals never stop on "register a new account".
+	if !b.Local.HasAccount(server, email) && reg != nil {
+		if err := b.Local.WriteAccountKey(server, email, pem); err == nil {
+			b.Local.WriteAccount(server, email, reg)
+		}
+	}
 	return pem, reg, nil
 }
 

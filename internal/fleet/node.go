@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,9 +57,12 @@ type Epoch struct {
 
 // local is <dir>/fleet/state.json.
 type local struct {
-	Fleet   string   `json:"fleet_id"`
-	Node    string   `json:"node"`
-	Epoch   int      `json:"epoch"` // 0: asked to join, not approved yet
+	Fleet string `json:"fleet_id"`
+	Node  string `json:"node"`
+	Epoch int    `json:"epoch"` // 0: asked to join, not approved yet
+	// Gen is the Redis generation this node last published its disk
+	// into: a rebuilt Redis has a new one.
+	Gen     string   `json:"redis_gen,omitempty"`
 	Epochs  []Epoch  `json:"epochs,omitempty"`
 	Members []Member `json:"members,omitempty"`
 }
@@ -223,7 +227,8 @@ func Init(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (
 	me := n.member(node, id.Recipient().String(), node, key)
 	n.members = []Member{me}
 	n.st = local{Fleet: n.ID, Node: node, Epoch: 1, Epochs: []Epoch{ep}, Members: n.members}
-	created, err := sh.Create(ctx, "meta", "id", n.ID, "epoch", "1", "created", time.Now().UTC().Format(time.RFC3339), "creator", node)
+	n.st.Gen = newFleetID()
+	created, err := sh.Create(ctx, "meta", "id", n.ID, "epoch", "1", "gen", n.st.Gen, "created", time.Now().UTC().Format(time.RFC3339), "creator", node)
 	if err != nil {
 		return nil, err
 	}
@@ -376,6 +381,11 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 		}
 	}
 	if err := n.loadMembers(ctx); err != nil {
+		return nil, err
+	}
+	// A newly approved node adds the certificates it had before joining;
+	// every member adds its own after another rebuilt Redis.
+	if err := n.catchUp(ctx); err != nil {
 		return nil, err
 	}
 	return n, nil
@@ -559,6 +569,12 @@ func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error
 	if !found {
 		return 0, fmt.Errorf("fleet %s has no member %s", n.ID, node)
 	}
+	// Every sealed key must open before anything changes: a rotation that
+	// stopped half-way on a bundle moved or tampered with would leave
+	// keys sealed under two epochs and a removed node still listed.
+	if err := n.CheckBundles(ctx); err != nil {
+		return 0, err
+	}
 	oldEpoch, oldKey := n.current()
 	newKey, err := newDataKey()
 	if err != nil {
@@ -599,6 +615,32 @@ func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error
 		return resealed, err
 	}
 	return resealed, n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e))
+}
+
+// CheckBundles opens every bundle's sealed key, and says which do not.
+func (n *Node) CheckBundles(ctx context.Context) error {
+	names, err := n.Shared.Names(ctx)
+	if err != nil {
+		return err
+	}
+	var bad []string
+	for _, name := range names {
+		b, err := n.Shared.Bundle(ctx, name)
+		if errors.Is(err, redis.ErrNoBundle) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := n.OpenBundleKey(b); err != nil {
+			bad = append(bad, name)
+		}
+	}
+	if len(bad) > 0 {
+		return hint.Wrap(fmt.Errorf("refusing to rotate the data key: the sealed key of %s does not open (moved from another name or fleet, or tampered with)", strings.Join(bad, ", ")),
+			"renew those names with 'renew --force --name NAME' on a member, or delete them, then run this again")
+	}
+	return nil
 }
 
 // resealAll re-seals every bundle's and account's key under the current

@@ -38,7 +38,8 @@ func LedgerSet(server string, names []string) string {
 // certificate is never replaced by an older one.
 func (n *Node) Reseed(ctx context.Context) error {
 	epoch, key := n.current()
-	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch),
+	gen := newFleetID()
+	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch), "gen", gen,
 		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name)
 	if err != nil {
 		return err
@@ -73,6 +74,18 @@ func (n *Node) Reseed(ctx context.Context) error {
 	} else if meta["id"] != n.ID {
 		return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
 	}
+	return n.publishDisk(ctx)
+}
+
+// publishDisk publishes this node's lineages, accounts and ledger
+// entries, unfenced: the notBefore rule keeps whatever is newer in Redis.
+// It then remembers the Redis generation it published into, so it does
+// this once per rebuild, not on every run.
+func (n *Node) publishDisk(ctx context.Context) error {
+	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	if err != nil {
+		return err
+	}
 	names, err := n.Local.Names()
 	if err != nil {
 		return err
@@ -99,8 +112,9 @@ func (n *Node) Reseed(ctx context.Context) error {
 			return err
 		}
 	}
-	slog.Info("rebuilt the fleet's Redis from this node", "fleet", n.ID, "lineages", seeded)
-	return nil
+	slog.Info("published this node's certificates into a rebuilt Redis", "fleet", n.ID, "lineages", seeded)
+	n.st.Gen = gen
+	return writeLocal(n.Local, &n.st)
 }
 
 // seedLineage publishes this node's live version of name, unfenced: the
@@ -211,5 +225,17 @@ func (n *Node) CheckSeeded(ctx context.Context) error {
 	if id != n.ID {
 		return fmt.Errorf("%s now holds fleet %s, not this node's %s", n.Shared.Addr(), id, n.ID)
 	}
-	return nil
+	return n.catchUp(ctx)
+}
+
+// catchUp publishes this node's certificates when another member has
+// rebuilt Redis since this node last looked (a new generation): every
+// node holds the lineages it ordered, so all of them must add theirs.
+func (n *Node) catchUp(ctx context.Context) error {
+	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	if err != nil || gen == n.st.Gen {
+		return err
+	}
+	slog.Info("the fleet's Redis was rebuilt; adding this node's certificates", "fleet", n.ID)
+	return n.publishDisk(ctx)
 }

@@ -150,6 +150,7 @@ func (t *Tokens) check(ctx context.Context, addr, host, token, keyAuth string) e
 		}
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/.well-known/acme-challenge/"+token, nil)
 		req.Host = hostHeader
+		req.Header.Set("User-Agent", CheckAgent)
 		resp, err := client.Do(req)
 		if err != nil {
 			last = err
@@ -168,6 +169,10 @@ func (t *Tokens) check(ctx context.Context, addr, host, token, keyAuth string) e
 	}
 	return last
 }
+
+// CheckAgent is the User-Agent of the orderer's check, which tells it
+// apart from the CA's request in an agent's log.
+const CheckAgent = "lbcert-fleet-check"
 
 // CleanUp removes the token from Redis (agents' caches let it expire).
 func (t *Tokens) CleanUp(domain, token, keyAuth string) error {

@@ -1,0 +1,482 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"filippo.io/age"
+	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// fleetPassword is the test Redis's password: it must appear in no argv,
+// output, or Redis value.
+const fleetPassword = "fleet-redis-pw-7c1e"
+
+// fleetEnv is a pool of nodes on one machine: one Pebble whose
+// validation port is an HAProxy frontend with "balance random" over the
+// nodes' agents, one Redis, and per node its own --dir and agent.
+type fleetEnv struct {
+	*env
+	redis    *testenv.Redis
+	sentinel *testenv.Sentinel
+	url      string // --redis
+	nodes    map[string]*fleetNode
+	order    []string
+	haproxy  *testenv.HAProxy
+	hdir     string
+}
+
+type fleetNode struct {
+	name   string
+	dir    string
+	port   int // agent
+	agent  *exec.Cmd
+	log    *bytes.Buffer
+	logMu  *sync.Mutex
+	cancel context.CancelFunc
+}
+
+func newFleet(t *testing.T, nodes ...string) *fleetEnv {
+	t.Helper()
+	httpPort, err := testenv.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, testenv.PebbleOptions{HTTPPort: httpPort})
+	r, err := testenv.StartRedis(filepath.Join(e.work, "redis"), fleetPassword, nil)
+	if err != nil {
+		t.Fatalf("start redis: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("redis log:\n%s", r.Log())
+		}
+		r.Stop()
+	})
+	f := &fleetEnv{env: e, redis: r, url: r.URL(), nodes: map[string]*fleetNode{}, hdir: filepath.Join(e.work, "haproxy")}
+	for _, n := range nodes {
+		port, err := testenv.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.nodes[n] = &fleetNode{name: n, dir: filepath.Join(e.work, n), port: port, log: &bytes.Buffer{}, logMu: &sync.Mutex{}}
+		f.order = append(f.order, n)
+	}
+	return f
+}
+
+// on runs lbcert on node n, in fleet mode.
+func (f *fleetEnv) on(n string, args ...string) result {
+	f.t.Helper()
+	full := append([]string{"--dir", f.nodes[n].dir, "--redis", f.url}, args...)
+	return f.runEnv([]string{"LBCERT_REDIS_PASSWORD=" + fleetPassword}, full...)
+}
+
+func (f *fleetEnv) mustOn(n string, args ...string) result {
+	f.t.Helper()
+	r := f.on(n, args...)
+	if r.code != 0 {
+		f.t.Fatalf("%s: lbcert %s: exit %d\n%s", n, strings.Join(args, " "), r.code, r.stderr)
+	}
+	return r
+}
+
+var fingerprintRe = regexp.MustCompile(`fingerprint: (age1[0-9a-z]+)`)
+
+// form makes the fleet: init on the first node, join and approve the rest.
+func (f *fleetEnv) form() {
+	f.t.Helper()
+	first := f.order[0]
+	f.mustOn(first, "fleet", "init", "--node", first)
+	for _, n := range f.order[1:] {
+		r := f.mustOn(n, "fleet", "join", "--node", n)
+		m := fingerprintRe.FindStringSubmatch(r.stdout)
+		if m == nil {
+			f.t.Fatalf("join printed no fingerprint:\n%s", r.stdout)
+		}
+		f.mustOn(first, "fleet", "approve", n, "--fingerprint", m[1])
+	}
+}
+
+// startAgent starts node n's agent and waits for its heartbeat.
+func (f *fleetEnv) startAgent(n string) {
+	f.t.Helper()
+	node := f.nodes[n]
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, lbcertBin, "-v", "--dir", node.dir, "--redis", f.url, "agent", "--http-addr", fmt.Sprintf("127.0.0.1:%d", node.port))
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 10 * time.Second
+	cmd.Env = append(os.Environ(), "LBCERT_CONFIG=", "LBCERT_REDIS_PASSWORD="+fleetPassword)
+	w := &lockedWriter{b: node.log, mu: node.logMu}
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		f.t.Fatal(err)
+	}
+	node.agent, node.cancel = cmd, cancel
+	f.t.Cleanup(func() {
+		cancel()
+		cmd.Wait()
+		if f.t.Failed() {
+			f.t.Logf("agent %s log:\n%s", n, node.agentLog())
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if v, _ := f.rdb().Exists(context.Background(), "lbcert:agent:"+n).Result(); v == 1 {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	f.t.Fatalf("agent %s sent no heartbeat:\n%s", n, node.agentLog())
+}
+
+type lockedWriter struct {
+	b  *bytes.Buffer
+	mu *sync.Mutex
+}
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (n *fleetNode) agentLog() string {
+	n.logMu.Lock()
+	defer n.logMu.Unlock()
+	return n.b().String()
+}
+
+func (n *fleetNode) b() *bytes.Buffer { return n.log }
+
+// caAnswers counts the HTTP-01 requests node n's agent answered for the
+// CA (not the orderers' own checks).
+func (n *fleetNode) caAnswers() int {
+	c := 0
+	for _, l := range strings.Split(n.agentLog(), "\n") {
+		if strings.Contains(l, "answered HTTP-01") && !strings.Contains(l, "lbcert-fleet-check") {
+			c++
+		}
+	}
+	return c
+}
+
+// validateVia points Pebble's validation port at the given nodes'
+// agents, through HAProxy with "balance random".
+func (f *fleetEnv) validateVia(nodes ...string) {
+	f.t.Helper()
+	os.MkdirAll(f.hdir, 0o755)
+	var servers strings.Builder
+	for _, n := range nodes {
+		fmt.Fprintf(&servers, "    server %s 127.0.0.1:%d\n", n, f.nodes[n].port)
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
+	conf := fmt.Sprintf(`global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend acme
+    bind %s
+    default_backend agents
+backend agents
+    balance random
+%s`, listen, servers.String())
+	path := filepath.Join(f.hdir, "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		f.t.Fatal(err)
+	}
+	if f.haproxy != nil {
+		f.haproxy.Stop()
+	}
+	h, err := testenv.StartHAProxy(f.hdir, path, listen)
+	if err != nil {
+		f.t.Fatalf("start haproxy: %v", err)
+	}
+	f.haproxy = h
+	f.t.Cleanup(h.Stop)
+}
+
+func (f *fleetEnv) rdb() *goredis.Client {
+	return goredis.NewClient(&goredis.Options{Addr: f.redis.Addr(), Password: fleetPassword})
+}
+
+// fleetNames are the lineages in Redis.
+func (f *fleetEnv) fleetNames() []string {
+	c := f.rdb()
+	defer c.Close()
+	n, err := c.SMembers(context.Background(), "lbcert:lineages").Result()
+	if err != nil {
+		f.t.Fatalf("read lineages from redis: %v", err)
+	}
+	return n
+}
+
+// failedValidations counts authorizations Pebble set invalid.
+func (f *fleetEnv) failedValidations() int {
+	return strings.Count(f.pebble.FullLog(), "set INVALID by completed challenge")
+}
+
+// writeCSV writes a header-format batch file of names fleetNNN.example.com.
+func (f *fleetEnv) writeCSV(name string, from, to int) string {
+	var b strings.Builder
+	b.WriteString("domains\n")
+	for i := from; i < to; i++ {
+		fmt.Fprintf(&b, "fleet%03d.example.com\n", i)
+	}
+	path := filepath.Join(f.work, name)
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		f.t.Fatal(err)
+	}
+	return path
+}
+
+// batchAll runs the same batch on every node at the same moment.
+func (f *fleetEnv) batchAll(csv string, extra ...string) map[string]result {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	out := map[string]result{}
+	start := make(chan struct{})
+	for _, n := range f.order {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			r := f.on(n, append([]string{"batch", csv, "--preflight=false", "--agree-tos"}, extra...)...)
+			mu.Lock()
+			out[n] = r
+			mu.Unlock()
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+// scanRedis returns every key and value (hash fields too) in Redis.
+func (f *fleetEnv) scanRedis() map[string][]byte {
+	ctx := context.Background()
+	c := f.rdb()
+	defer c.Close()
+	out := map[string][]byte{}
+	keys, err := c.Keys(ctx, "*").Result()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	for _, k := range keys {
+		switch c.Type(ctx, k).Val() {
+		case "string":
+			v, _ := c.Get(ctx, k).Bytes()
+			out[k] = v
+		case "hash":
+			for field, v := range c.HGetAll(ctx, k).Val() {
+				out[k+" "+field] = []byte(v)
+			}
+		case "set":
+			out[k] = []byte(strings.Join(c.SMembers(ctx, k).Val(), "\n"))
+		case "zset":
+			out[k] = []byte(strings.Join(c.ZRange(ctx, k, 0, -1).Val(), "\n"))
+		}
+	}
+	return out
+}
+
+// T1, T2 and T8 over one fleet of three nodes.
+func TestFleetOneOrderPerName(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2", "lb3")
+	f.form()
+	for _, n := range f.order {
+		f.startAgent(n)
+	}
+
+	// Bad input in fleet mode: one line naming the agent, nothing ordered.
+	if r := f.on("lb1", "issue", "-d", "x.example.com", "--standalone", "--agree-tos"); r.code != 1 || !strings.Contains(r.stderr, "agent") {
+		t.Errorf("issue --standalone in fleet mode: exit %d\n%s", r.code, r.stderr)
+	}
+
+	// T2: the node that orders is not behind the validation address.
+	f.validateVia("lb2", "lb3")
+	before := f.pebble.Orders()
+	f.mustOn("lb1", "issue", "-d", "peer0.example.com", "-d", "peer1.example.com", "--agree-tos")
+	r := f.mustOn("lb1", "batch", f.writeCSV("peers.csv", 900, 905), "--preflight=false")
+	if got := f.pebble.Orders() - before; got != 6 {
+		t.Errorf("T2: %d orders, want 6\n%s", got, r.stdout)
+	}
+	if n := f.failedValidations(); n != 0 {
+		t.Errorf("T2: %d failed validations", n)
+	}
+	if a := f.nodes["lb1"].caAnswers(); a != 0 {
+		t.Errorf("T2: lb1 is out of the pool but answered %d CA requests", a)
+	}
+	if a := f.nodes["lb2"].caAnswers() + f.nodes["lb3"].caAnswers(); a < 7 {
+		t.Errorf("T2: the peers answered %d CA requests, want at least 7 (one per name)", a)
+	}
+
+	// T1: three nodes start the same 100-row batch at the same moment.
+	f.validateVia("lb1", "lb2", "lb3")
+	before = f.pebble.Orders()
+	csv := f.writeCSV("t1.csv", 0, 100)
+	res := f.batchAll(csv)
+	for n, r := range res {
+		if r.code != 0 && r.code != 2 {
+			t.Errorf("T1: %s exit %d\n%s", n, r.code, r.stderr)
+		}
+	}
+	if got := f.settledOrders() - before; got != 100 {
+		t.Errorf("T1: %d orders at Pebble, want exactly 100", got)
+	}
+	if n := f.failedValidations(); n != 0 {
+		t.Errorf("T1: %d failed validations", n)
+	}
+	if got := len(f.fleetNames()); got != 100+6 {
+		t.Errorf("T1: %d lineages in Redis, want 106", got)
+	}
+	// The same batch again, from any node, orders nothing.
+	before = f.pebble.Orders()
+	if r := f.mustOn("lb3", "batch", csv, "--preflight=false"); f.pebble.Orders() != before {
+		t.Errorf("re-run ordered %d\n%s", f.pebble.Orders()-before, r.stdout)
+	}
+
+	// T8: no private key in Redis, in any form.
+	values := f.scanRedis()
+	var keysDER [][]byte
+	for _, n := range f.order {
+		paths, _ := filepath.Glob(filepath.Join(f.nodes[n].dir, "archive", "*", "*", "privkey.pem"))
+		for _, p := range paths {
+			data, _ := os.ReadFile(p)
+			b, _ := pem.Decode(data)
+			if b == nil {
+				t.Fatalf("%s: no PEM", p)
+			}
+			if _, err := x509.ParsePKCS8PrivateKey(b.Bytes); err != nil {
+				if _, err := x509.ParseECPrivateKey(b.Bytes); err != nil {
+					t.Fatalf("%s: %v", p, err)
+				}
+			}
+			keysDER = append(keysDER, b.Bytes)
+		}
+	}
+	if len(keysDER) < 106 {
+		t.Fatalf("found %d private keys on the nodes, want at least 106", len(keysDER))
+	}
+	for k, v := range values {
+		if bytes.Contains(v, []byte("PRIVATE KEY")) {
+			t.Errorf("T8: %s holds a PEM private key", k)
+		}
+		if bytes.Contains(v, []byte(fleetPassword)) {
+			t.Errorf("T8: %s holds the Redis password", k)
+		}
+		for _, d := range keysDER {
+			if bytes.Contains(v, d[len(d)-32:]) {
+				t.Errorf("T8: %s holds raw private key bytes", k)
+			}
+		}
+	}
+
+	// T5: Redis comes back empty; renew on one node orders nothing, and
+	// the nodes (their agents) rebuild the fleet from their disks.
+	ctx := context.Background()
+	c := f.rdb()
+	defer c.Close()
+	c.FlushAll(ctx)
+	before = f.pebble.Orders()
+	f.mustOn("lb2", "renew", "--no-random-sleep")
+	deadline := time.Now().Add(30 * time.Second)
+	for len(f.fleetNames()) < 106 && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if got := len(f.fleetNames()); got != 106 {
+		t.Errorf("T5: %d lineages in Redis after the rebuild, want 106", got)
+	}
+	if got := f.pebble.Orders() - before; got != 0 {
+		t.Errorf("T5: renew after FLUSHALL placed %d orders", got)
+	}
+	f.mustOn("lb1", "renew", "--no-random-sleep")
+	if got := f.pebble.Orders() - before; got != 0 {
+		t.Errorf("T5: renew on the rebuilt fleet placed %d orders", got)
+	}
+
+	// T8: approve with a wrong fingerprint is refused.
+	j := f.mustOn("lb1", "--dir", filepath.Join(f.work, "lb4"), "fleet", "join", "--node", "lb4")
+	fp2 := fingerprintRe.FindStringSubmatch(f.mustOn("lb1", "--dir", filepath.Join(f.work, "lb5"), "fleet", "join", "--node", "lb5").stdout)[1]
+	if r := f.on("lb1", "fleet", "approve", "lb4", "--fingerprint", fp2); r.code != 1 || !strings.Contains(r.stderr, "refusing") {
+		t.Errorf("T8: approve with another node's fingerprint: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := f.on("lb1", "--dir", filepath.Join(f.work, "lb4"), "renew"); r.code == 0 {
+		t.Errorf("T8: an unapproved node ran renew:\n%s", r.stderr)
+	}
+	_ = j
+
+	// T8: a bundle moved to another name does not open: the rotation
+	// refuses to start, naming it, and changes nothing.
+	saved, err := c.Dump(ctx, "lbcert:bundle:fleet001.example.com").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved, err := c.Dump(ctx, "lbcert:bundle:fleet000.example.com").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.RestoreReplace(ctx, "lbcert:bundle:fleet001.example.com", 0, moved).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.on("lb1", "fleet", "remove", "lb3"); r.code != 1 || !strings.Contains(r.stderr, "fleet001.example.com") || !strings.Contains(r.stderr, "does not open") {
+		t.Errorf("T8: rotation over a moved bundle: exit %d\n%s", r.code, r.stderr)
+	}
+	if ep := c.HGet(ctx, "lbcert:meta", "epoch").Val(); ep != "1" {
+		t.Errorf("T8: the refused rotation changed the epoch to %s", ep)
+	}
+	if err := c.RestoreReplace(ctx, "lbcert:bundle:fleet001.example.com", 0, saved).Err(); err != nil {
+		t.Fatal(err)
+	}
+
+	// T8: after fleet remove lb3, lb3 can open nothing published later.
+	f.mustOn("lb1", "fleet", "remove", "lb3")
+	f.mustOn("lb1", "renew", "--force", "--name", "fleet002.example.com", "--no-random-sleep")
+	if ep := c.HGet(ctx, "lbcert:bundle:fleet002.example.com", "epoch").Val(); ep != "2" {
+		t.Errorf("T8: bundle published after the removal is sealed under epoch %s, want 2", ep)
+	}
+	idData, err := os.ReadFile(filepath.Join(f.nodes["lb3"].dir, "fleet", "identity.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := age.ParseIdentities(bytes.NewReader(idData))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapped := c.HGetAll(ctx, "lbcert:wrapped:2").Val()
+	if len(wrapped) != 2 {
+		t.Errorf("T8: epoch 2 is wrapped for %d nodes, want lb1 and lb2", len(wrapped))
+	}
+	for node, w := range wrapped {
+		if _, err := age.Decrypt(strings.NewReader(w), ids...); err == nil {
+			t.Errorf("T8: lb3's identity opens the epoch-2 data key wrapped for %s", node)
+		}
+	}
+	if r := f.on("lb3", "renew", "--no-random-sleep"); r.code != 1 || !strings.Contains(r.stderr, "removed") {
+		t.Errorf("T8: removed lb3 ran renew: exit %d\n%s", r.code, r.stderr)
+	}
+	// lb2 follows the rotation and keeps working.
+	f.mustOn("lb2", "renew", "--no-random-sleep")
+	for k, v := range f.scanRedis() {
+		if bytes.Contains(v, []byte("PRIVATE KEY")) {
+			t.Errorf("T8: after rotation %s holds a PEM private key", k)
+		}
+	}
+}
