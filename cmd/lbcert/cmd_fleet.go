@@ -356,4 +356,3 @@ Point the load balancer's port 80 for /.well-known/acme-challenge/ at
 func fleetOrderRefused(cmd string) error {
 	return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", cmd)
 }
-
