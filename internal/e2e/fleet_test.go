@@ -480,3 +480,152 @@ func TestFleetOneOrderPerName(t *testing.T) {
 		}
 	}
 }
+
+// ordersPerName counts "requesting certificate" lines per lineage name
+// in the runs' output: how many orders lbcert placed for each.
+func ordersPerName(outputs ...string) map[string]int {
+	re := regexp.MustCompile(`requesting certificate name=(\S+)`)
+	out := map[string]int{}
+	for _, o := range outputs {
+		for _, m := range re.FindAllStringSubmatch(o, -1) {
+			out[m[1]]++
+		}
+	}
+	return out
+}
+
+// T6: the lease holder stalls (SIGSTOP) for twice the lease while it
+// orders; another node takes the name over. At most one extra order, no
+// third, and the stalled holder's certificate is refused.
+func TestFleetStalledLeaseHolder(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	f.form()
+	f.startAgent("lb1")
+	f.startAgent("lb2")
+	f.validateVia("lb1", "lb2")
+	const ttl = 3 * time.Second
+	before := f.pebble.Orders()
+
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := f.command(ctx, "--dir", f.nodes["lb1"].dir, "--redis", f.url, "--lease-ttl", ttl.String(), "issue", "-d", "stall.example.com", "--agree-tos")
+	cmd.Env = append(cmd.Env, "LBCERT_REDIS_PASSWORD="+fleetPassword)
+	stderr, _ := cmd.StderrPipe()
+	var stalledOut bytes.Buffer
+	cmd.Stdout = &stalledOut
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan struct{})
+	var errOut bytes.Buffer
+	go func() {
+		buf := make([]byte, 4096)
+		once := sync.Once{}
+		for {
+			n, err := stderr.Read(buf)
+			errOut.Write(buf[:n])
+			if strings.Contains(errOut.String(), "requesting certificate") {
+				once.Do(func() {
+					cmd.Process.Signal(syscall.SIGSTOP)
+					close(stopped)
+				})
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(time.Minute):
+		t.Fatalf("lb1 never started ordering:\n%s", errOut.String())
+	}
+	time.Sleep(2 * ttl)
+	r := f.on("lb2", "--lease-ttl", ttl.String(), "issue", "-d", "stall.example.com", "--agree-tos")
+	if r.code != 0 {
+		t.Fatalf("lb2 could not take over the stalled name: exit %d\n%s", r.code, r.stderr)
+	}
+	published := f.rdb().HGet(context.Background(), "lbcert:bundle:stall.example.com", "cert").Val()
+	cmd.Process.Signal(syscall.SIGCONT)
+	err := cmd.Wait()
+	t.Logf("stalled lb1:\n%s%s(%v)", stalledOut.String(), errOut.String(), err)
+	if err == nil {
+		t.Error("the stalled holder's run succeeded; its certificate must be refused")
+	}
+	if !strings.Contains(errOut.String(), "refused this certificate") {
+		t.Errorf("the stalled holder did not say its certificate was refused:\n%s", errOut.String())
+	}
+	if got := f.rdb().HGet(context.Background(), "lbcert:bundle:stall.example.com", "cert").Val(); got != published || got == "" {
+		t.Error("the stalled holder replaced the newer certificate in the fleet")
+	}
+	if got := f.settledOrders() - before; got > 2 {
+		t.Errorf("%d orders for one name, want at most 2", got)
+	}
+	// No third: both nodes see the name as done.
+	mid := f.pebble.Orders()
+	f.mustOn("lb1", "renew", "--no-random-sleep")
+	f.mustOn("lb2", "renew", "--no-random-sleep")
+	f.mustOn("lb1", "issue", "-d", "stall.example.com", "--agree-tos")
+	if got := f.pebble.Orders() - mid; got != 0 {
+		t.Errorf("a third order: %d more after the take-over", got)
+	}
+}
+
+// T4: redis-server is killed with SIGKILL mid-batch and restarted 5 s
+// later. No name is ordered twice, no validation fails, and the batch
+// finishes on a re-run with nothing lost.
+func TestFleetRedisKilledMidBatch(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	f.form()
+	f.startAgent("lb1")
+	f.startAgent("lb2")
+	f.validateVia("lb1", "lb2")
+	csv := f.writeCSV("t4.csv", 0, 30)
+	before := f.pebble.Orders()
+	done := make(chan map[string]result)
+	go func() { done <- f.batchAll(csv) }()
+	for f.pebble.Orders()-before < 8 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.redis.Kill()
+	time.Sleep(5 * time.Second)
+	if err := f.redis.Start(); err != nil {
+		t.Fatal(err)
+	}
+	first := <-done
+	noticed := false
+	for _, n := range f.order {
+		noticed = noticed || strings.Contains(f.nodes[n].agentLog(), "Redis is unreachable")
+	}
+	if !noticed {
+		t.Error("no agent saw Redis go away: the kill did not happen while the fleet ran")
+	}
+	var outs []string
+	for _, r := range first {
+		outs = append(outs, r.stderr)
+	}
+	// The re-run finishes the batch: every row in place, from any node.
+	r := f.on("lb1", "batch", csv, "--preflight=false", "--agree-tos")
+	outs = append(outs, r.stderr)
+	if r.code != 0 {
+		r = f.on("lb2", "batch", csv, "--preflight=false", "--agree-tos")
+		outs = append(outs, r.stderr)
+	}
+	if r.code != 0 {
+		t.Errorf("the batch did not finish on re-run: exit %d\n%s", r.code, r.stdout)
+	}
+	for name, n := range ordersPerName(outs...) {
+		if n > 1 {
+			t.Errorf("%s was ordered %d times", name, n)
+		}
+	}
+	if got := f.settledOrders() - before; got != 30 {
+		t.Errorf("%d orders at Pebble for 30 names", got)
+	}
+	if n := f.failedValidations(); n != 0 {
+		t.Errorf("%d failed validations", n)
+	}
+	if got := len(f.fleetNames()); got != 30 {
+		t.Errorf("%d lineages in Redis, want 30", got)
+	}
+}

@@ -10,7 +10,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/hint"
@@ -160,7 +162,7 @@ func (b *Backend) SaveVersion(l *store.Lineage, files store.Files) (int, error) 
 	}
 	if err != nil {
 		slog.Warn("the fleet's Redis did not answer; the certificate is kept on this node and published when Redis is back", "name", l.Name, "err", err)
-		if qerr := b.queue(l.Name); qerr != nil {
+		if qerr := b.queue(l.Name, v); qerr != nil {
 			return 0, qerr
 		}
 	}
@@ -182,17 +184,18 @@ func (b *Backend) bundle(l *store.Lineage, files store.Files, v int, fence int64
 // The queue of certificates saved here while Redis was away.
 func (b *Backend) queuePath() string { return filepath.Join(fleetDir(b.Local), "unpublished.json") }
 
-func (b *Backend) queue(name string) error {
+func (b *Backend) queue(name string, v int) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	q := readQueue(b.queuePath())
-	q[name] = true
+	q[name] = v
 	data, _ := json.Marshal(q)
 	return store.WriteFile(b.queuePath(), data, 0o600)
 }
 
-func readQueue(path string) map[string]bool {
-	q := map[string]bool{}
+// readQueue is name -> the version waiting to be published.
+func readQueue(path string) map[string]int {
+	q := map[string]int{}
 	if data, err := os.ReadFile(path); err == nil {
 		json.Unmarshal(data, &q)
 	}
@@ -206,15 +209,14 @@ func (b *Backend) PublishQueued(ctx context.Context) error {
 	if len(q) == 0 {
 		return nil
 	}
-	for name := range q {
-		if err := b.N.seedLineage(ctx, name); err != nil && !errors.Is(err, redis.ErrStale) {
+	for name, v := range q {
+		if err := b.N.publishVersion(ctx, name, v, 0); err != nil && !errors.Is(err, redis.ErrStale) && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 		slog.Info("published a certificate kept on this node while Redis was away", "name", name)
+		b.unqueue(name)
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return os.Remove(b.queuePath())
+	return nil
 }
 
 // UpdateMeta saves new settings for the current version, in the fleet
@@ -308,7 +310,14 @@ func (b *Backend) WriteStatus(name string, st store.Status) error {
 	ctx, cancel := rctx()
 	defer cancel()
 	data, _ := json.Marshal(st)
-	return b.sh().SetStatus(ctx, name, data)
+	err := b.sh().SetStatus(ctx, name, data)
+	if errors.As(err, new(*redis.Unavailable)) {
+		// The pending deploy, the part that must not be lost, is on
+		// disk; the shared part (ARI, backoff) is learnt again.
+		slog.Warn("could not save the renewal status in Redis; it is learnt again on the next run", "name", name, "err", err)
+		return nil
+	}
+	return err
 }
 
 // RemoveStatus removes both parts.
@@ -398,6 +407,51 @@ func (b *Backend) RemoveAccount(server, email string) error {
 	return b.sh().DelAccount(ctx, server, email)
 }
 
+func (b *Backend) queued(name string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return readQueue(b.queuePath())[name]
+}
+
+func (b *Backend) unqueue(name string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	q := readQueue(b.queuePath())
+	delete(q, name)
+	if len(q) == 0 {
+		os.Remove(b.queuePath())
+		return
+	}
+	data, _ := json.Marshal(q)
+	store.WriteFile(b.queuePath(), data, 0o600)
+}
+
+// queuedWait is how long a lease holder whose certificate could not be
+// published keeps trying before it gives the name back.
+const queuedWait = 30 * time.Second
+
+// publishQueued publishes the certificate this lease's holder saved
+// while Redis was away, under the lease, retrying for queuedWait.
+func (l *lease) publishQueued(v int) bool {
+	deadline := time.Now().Add(queuedWait)
+	for {
+		ctx, cancel := rctx()
+		err := l.b.N.publishVersion(ctx, l.name, v, l.token)
+		cancel()
+		if err == nil || errors.Is(err, redis.ErrStale) {
+			l.b.unqueue(l.name)
+			if err == nil {
+				slog.Info("published the certificate once Redis was back", "name", l.name)
+			}
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Second)
+	}
+}
+
 // lease is one fleet-wide lease held by this process, extended by a
 // heartbeat until released.
 type lease struct {
@@ -413,6 +467,15 @@ func (l *lease) Token() int64 { return l.token }
 
 func (l *lease) Release() {
 	l.once.Do(func() {
+		if v := l.b.queued(l.name); v > 0 && !l.publishQueued(v) {
+			// Keep the lease (the heartbeat too, until the TTL ends it):
+			// the certificate is only on this node, and another node that
+			// took the name now would order it again.
+			slog.Warn("Redis still away: keeping the lease until it expires so no other node orders this name again; the certificate is published by the next run", "name", l.name)
+			close(l.stop)
+			<-l.done
+			return
+		}
 		close(l.stop)
 		<-l.done
 		l.b.mu.Lock()
@@ -435,6 +498,9 @@ func (l *lease) Release() {
 // as lost only when Redis says another holder has it.
 func (b *Backend) Acquire(ctx context.Context, name string, ttl time.Duration) (store.Lease, error) {
 	tok, err := b.sh().Acquire(ctx, name, b.Holder, ttl)
+	if err == nil && tok == 0 && b.breakDeadOwn(ctx, name) {
+		tok, err = b.sh().Acquire(ctx, name, b.Holder, ttl)
+	}
 	if err != nil {
 		return nil, hint.Wrap(fmt.Errorf("take the fleet lease of %s: %w", name, err), "no order is placed without the lease; the name is left for the next run")
 	}
@@ -447,6 +513,25 @@ func (b *Backend) Acquire(ctx context.Context, name string, ttl time.Duration) (
 	b.mu.Unlock()
 	go l.heartbeat(ttl)
 	return l, nil
+}
+
+// breakDeadOwn frees a lease that a process of this very node holds
+// and that is no longer running (killed, or it could not release while
+// Redis was away). This run holds the node's state-directory lock, so
+// no other lbcert run of this node can be using it. Another node's
+// lease is never broken: only its TTL ends it.
+func (b *Backend) breakDeadOwn(ctx context.Context, name string) bool {
+	holder, token, err := b.sh().Holder(ctx, name)
+	node, pidText, ok := strings.Cut(holder, "/")
+	if err != nil || !ok || node != b.N.Name || holder == b.Holder {
+		return false
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+		return false
+	}
+	slog.Info("freeing a lease left by a process of this node that has exited", "name", name, "pid", pid)
+	return b.sh().Break(ctx, name, holder, token) == nil
 }
 
 func (l *lease) heartbeat(ttl time.Duration) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -120,22 +121,32 @@ func (n *Node) publishDisk(ctx context.Context) error {
 // seedLineage publishes this node's live version of name, unfenced: the
 // notBefore rule keeps a newer certificate another node published.
 func (n *Node) seedLineage(ctx context.Context, name string) error {
-	l, err := n.Local.Load(name)
+	v, err := n.Local.LiveVersion(name)
 	if err != nil {
 		return err
 	}
-	p := n.Local.LivePaths(name)
-	read := func(path string) ([]byte, error) { return os.ReadFile(path) }
-	cert, err := read(p.Cert)
+	return n.publishVersion(ctx, name, v, 0)
+}
+
+// publishVersion publishes version v of name from this node's archive,
+// under a lease token (0 for none).
+func (n *Node) publishVersion(ctx context.Context, name string, v int, fence int64) error {
+	l, err := n.Local.LoadVersion(name, v)
 	if err != nil {
 		return err
 	}
-	chain, _ := read(p.Chain)
-	full, err := read(p.Fullchain)
+	dir := filepath.Join(n.Local.ArchiveDir(name), strconv.Itoa(v))
+	read := func(f string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, f)) }
+	cert, err := read(store.CertFile)
 	if err != nil {
 		return err
 	}
-	key, err := read(p.Key)
+	chain, _ := read(store.ChainFile)
+	full, err := read(store.FullchainFile)
+	if err != nil {
+		return err
+	}
+	key, err := read(store.KeyFile)
 	if err != nil {
 		return err
 	}
@@ -146,7 +157,7 @@ func (n *Node) seedLineage(ctx context.Context, name string) error {
 		return err
 	}
 	meta, _ := json.Marshal(&cp)
-	if err := n.Shared.Publish(ctx, &redis.Bundle{Name: name, Version: l.Version, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
+	if err := n.Shared.Publish(ctx, &redis.Bundle{Name: name, Version: l.Version, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
 		Meta: meta, Cert: cert, Chain: chain, Fullchain: full, SealedKey: sealed}); err != nil {
 		return err
 	}

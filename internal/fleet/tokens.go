@@ -4,14 +4,18 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"sort"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // TokenTTL is how long a published HTTP-01 token lives in Redis (and in
@@ -93,16 +97,50 @@ func (NoAgentError) NoBackoff() bool { return true }
 
 func hostOf(domain string) string { return strings.ToLower(strings.TrimSuffix(domain, ".")) }
 
+// redisWait is how long Present waits for a Redis that stopped
+// answering (a restart, a Sentinel failover) before it gives the
+// authorization up: the order is already placed, and a few seconds'
+// wait saves ordering again.
+const redisWait = 30 * time.Second
+
+// withRedis runs f, retrying while Redis is unreachable, up to redisWait.
+func withRedis(ctx context.Context, f func(context.Context) error) error {
+	deadline := time.Now().Add(redisWait)
+	wait := 250 * time.Millisecond
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := f(cctx)
+		cancel()
+		if err == nil || !errors.As(err, new(*redis.Unavailable)) || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		if wait == 250*time.Millisecond {
+			slog.Warn("the fleet's Redis is not answering; waiting for it before giving the authorization up", "for", redisWait, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 2*time.Second)
+	}
+}
+
 // Present publishes the token and checks it through every live agent.
 func (t *Tokens) Present(domain, token, keyAuth string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), redisWait+20*time.Second)
 	defer cancel()
 	host := hostOf(domain)
-	if err := t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL); err != nil {
+	if err := withRedis(ctx, func(ctx context.Context) error {
+		return t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL)
+	}); err != nil {
 		return err
 	}
-	agents, err := t.N.LiveAgents(ctx)
-	if err != nil {
+	var agents []AgentInfo
+	if err := withRedis(ctx, func(ctx context.Context) (err error) {
+		agents, err = t.N.LiveAgents(ctx)
+		return err
+	}); err != nil {
 		return err
 	}
 	if len(agents) == 0 {

@@ -2,6 +2,8 @@ package redis
 
 import (
 	"context"
+	"strconv"
+	"strings"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -62,4 +64,27 @@ func (s *Shared) Fence(ctx context.Context, name string) (int64, error) {
 
 func leaseValue(holder string, token int64) string {
 	return holder + "/" + itoa(token)
+}
+
+// Holder reads who holds name's lease ("" when free) and its token.
+func (s *Shared) Holder(ctx context.Context, name string) (holder string, token int64, err error) {
+	v, err := s.c.Get(ctx, s.k("lease", name)).Result()
+	if err == goredis.Nil {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, s.unavailable(err)
+	}
+	i := strings.LastIndexByte(v, '/')
+	if i < 0 {
+		return v, 0, nil
+	}
+	t, _ := strconv.ParseInt(v[i+1:], 10, 64)
+	return v[:i], t, nil
+}
+
+// Break deletes name's lease if holder still has it with token: for a
+// holder known to be dead.
+func (s *Shared) Break(ctx context.Context, name, holder string, token int64) error {
+	return s.Release(ctx, name, holder, token)
 }
