@@ -214,6 +214,10 @@ backend agents
 }
 
 func (f *fleetEnv) rdb() *goredis.Client {
+	if f.sentinel != nil {
+		return goredis.NewFailoverClient(&goredis.FailoverOptions{MasterName: f.sentinel.Master,
+			SentinelAddrs: []string{f.sentinel.Addr()}, Password: fleetPassword, SentinelPassword: fleetPassword})
+	}
 	return goredis.NewClient(&goredis.Options{Addr: f.redis.Addr(), Password: fleetPassword})
 }
 
@@ -627,5 +631,91 @@ func TestFleetRedisKilledMidBatch(t *testing.T) {
 	}
 	if got := len(f.fleetNames()); got != 30 {
 		t.Errorf("%d lineages in Redis, want 30", got)
+	}
+}
+
+// T10: Redis with a replica and Sentinel; the primary is killed
+// mid-batch. The batch completes after the failover, no name is ordered
+// more than twice, and no exact set is over the ledger's cap.
+func TestFleetSentinelFailover(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	replica, err := testenv.StartRedis(filepath.Join(f.work, "replica"), fleetPassword, f.redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(replica.Stop)
+	s, err := testenv.StartSentinel(filepath.Join(f.work, "sentinel"), "lbmaster", f.redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sentinel log:\n%s", s.Log())
+		}
+		s.Stop()
+	})
+	rc := goredis.NewClient(&goredis.Options{Addr: replica.Addr(), Password: fleetPassword})
+	defer rc.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(rc.Info(context.Background(), "replication").Val(), "master_link_status:up") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica never synced:\n%s", replica.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	f.sentinel = s
+	f.url = fmt.Sprintf("redis-sentinel://%s/lbmaster/0", s.Addr())
+	f.form()
+	f.startAgent("lb1")
+	f.startAgent("lb2")
+	f.validateVia("lb1", "lb2")
+
+	csv := f.writeCSV("t10.csv", 0, 30)
+	before := f.pebble.Orders()
+	done := make(chan map[string]result)
+	go func() { done <- f.batchAll(csv) }()
+	for f.pebble.Orders()-before < 8 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.redis.Kill()
+	first := <-done
+	var outs []string
+	for _, r := range first {
+		outs = append(outs, r.stderr)
+	}
+	// The failover happened: the replica is the primary now.
+	if !strings.Contains(rc.Info(context.Background(), "replication").Val(), "role:master") {
+		t.Fatalf("Sentinel did not promote the replica:\n%s", s.Log())
+	}
+	var r result
+	for range 3 {
+		r = f.on("lb1", "batch", csv, "--preflight=false", "--agree-tos")
+		outs = append(outs, r.stderr)
+		if r.code == 0 {
+			break
+		}
+	}
+	if r.code != 0 {
+		t.Fatalf("the batch did not complete after the failover: exit %d\n%s", r.code, r.stdout)
+	}
+	for name, n := range ordersPerName(outs...) {
+		if n > 2 {
+			t.Errorf("%s was ordered %d times, want at most 2", name, n)
+		}
+	}
+	if got := len(f.fleetNames()); got != 30 {
+		t.Errorf("%d lineages in Redis after the failover, want 30", got)
+	}
+	ctx := context.Background()
+	c := f.rdb()
+	defer c.Close()
+	keys, _ := c.Keys(ctx, "lbcert:ledger:*").Result()
+	if len(keys) == 0 {
+		t.Error("no ledger entries after the failover")
+	}
+	for _, k := range keys {
+		if n := c.ZCard(ctx, k).Val(); n > 3 {
+			t.Errorf("ledger %s holds %d certificates, over its cap of 3", k, n)
+		}
 	}
 }
