@@ -75,6 +75,9 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 			return nil, redisExit(err)
 		}
 		backend = f.backend
+		// One budget for the fleet: the CA counts per account and domain,
+		// whichever node orders.
+		budget = pace.OpenShared(fleet.PaceStore{Shared: f.sh}, spec.limits, a.now)
 		ebudget = &fleet.Budget{Pace: budget, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}
 		is.Fleet = &fleet.Tokens{N: f.node}
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // DefaultLedgerCap is how many certificates for one exact set of names
@@ -86,3 +87,13 @@ func (b *Budget) Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.
 	return b.Pace.Limited(k, o, r, until)
 }
 func (b *Budget) Flush() error { return b.Pace.Flush() }
+
+// PaceStore keeps the pace budget in the fleet's Redis.
+type PaceStore struct{ Shared *redis.Shared }
+
+// Update is pace.Shared's.
+func (p PaceStore) Update(fields []string, fn func(map[string][]byte) (map[string][]byte, error)) error {
+	return p.Shared.PaceUpdate(fields, fn)
+}
+
+var _ pace.Shared = PaceStore{}

@@ -4,13 +4,16 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/store/redis"
 	"github.com/lbcert/lbcert/internal/testenv"
@@ -252,4 +255,52 @@ func waitFor(t *testing.T, ok func() bool) {
 		}
 	}
 	t.Fatal("condition not met within 10s")
+}
+
+// Two nodes' budgets over one Redis are one budget: 40 racing reserves
+// against a limit of 10 new orders get exactly 10, and a refund or a
+// rateLimited block one node records is seen by the other.
+func TestSharedPaceBudget(t *testing.T) {
+	_, sh := startRedis(t)
+	limits := pace.Limits{Orders: pace.Limit{N: 10, Per: time.Hour}, Domain: pace.Limit{N: 50, Per: 7 * 24 * time.Hour}}
+	now := time.Now
+	a := pace.OpenShared(PaceStore{sh}, limits, now)
+	b := pace.OpenShared(PaceStore{sh}, limits, now)
+	k := pace.Key{Server: "https://ca.test/dir", Email: "ops@example.com"}
+	var mu sync.Mutex
+	granted := 0
+	var wg sync.WaitGroup
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bud := a
+			if i%2 == 1 {
+				bud = b
+			}
+			err := bud.Reserve(k, pace.Order{Names: []string{fmt.Sprintf("n%d.example.com", i)}})
+			var d *pace.Denied
+			switch {
+			case err == nil:
+				mu.Lock()
+				granted++
+				mu.Unlock()
+			case !errors.As(err, &d):
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if granted != 10 {
+		t.Fatalf("%d orders granted across two nodes, want 10", granted)
+	}
+	// A block recorded by one node stops the other.
+	k2 := pace.Key{Server: "https://ca.test/dir", Email: "other@example.com"}
+	if err := a.Block(k2, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	var d *pace.Denied
+	if err := b.Reserve(k2, pace.Order{Names: []string{"x.example.com"}}); !errors.As(err, &d) || d.Wait < 50*time.Minute {
+		t.Errorf("the other node ignored the block: %v", err)
+	}
 }

@@ -170,6 +170,7 @@ type Budget struct {
 	Now    func() time.Time
 
 	path     string
+	shared   Shared // fleet mode: the state lives there, not in path
 	mu       sync.Mutex
 	st       state
 	dirty    bool      // spent tokens not yet on disk
@@ -250,9 +251,11 @@ func (d *Denied) Error() string {
 // or not; one for a domain, a set of names or a name stops the orders in
 // that scope, as the CA's own exemptions allow.
 func (b *Budget) Reserve(k Key, o Order) error {
+	return b.do(b.fieldsFor(k, o, ""), func() error { return b.reserve(k, o) })
+}
+
+func (b *Budget) reserve(k Key, o Order) error {
 	account := k.account()
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	now := b.Now()
 	var worst *Denied
 	deny := func(wait time.Duration, reason string) {
@@ -335,7 +338,7 @@ func (b *Budget) Reserve(k Key, o Order) error {
 }
 
 func (b *Budget) maybeSave(now time.Time) error {
-	if time.Since(b.lastSave) < saveEvery {
+	if time.Since(b.lastSave) < saveEvery && b.shared == nil {
 		return nil
 	}
 	return b.save(now)
@@ -407,9 +410,11 @@ func registered(names []string) []string {
 
 // FailedAuthz spends one failed-authorization token for each name.
 func (b *Budget) FailedAuthz(k Key, names []string) error {
+	return b.do(b.fieldsFor(k, Order{Names: names}, ""), func() error { return b.failedAuthz(k, names) })
+}
+
+func (b *Budget) failedAuthz(k Key, names []string) error {
 	account := k.account()
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	l := b.limit(k.Server, ScopeFailedAuthz)
 	if l.N == 0 {
 		return nil
@@ -426,6 +431,26 @@ func (b *Budget) FailedAuthz(k Key, names []string) error {
 // bucket is the same as none, and this keeps the file the size of the
 // recent activity, not of every domain ever seen.
 func (b *Budget) save(now time.Time) error {
+	b.prune(now)
+	if b.shared != nil {
+		return nil // Budget.do writes the fields back
+	}
+	data, err := json.MarshalIndent(b.st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(b.path), 0o700); err != nil {
+		return err
+	}
+	if err := store.WriteFile(b.path, append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("save rate budget: %w", err)
+	}
+	b.dirty, b.lastSave = false, time.Now()
+	return nil
+}
+
+// prune drops buckets that have refilled and blocks that have passed.
+func (b *Budget) prune(now time.Time) {
 	// Every bucket key starts with the CA's URL, which holds no space:
 	// that CA's limit (its own, where it stated a stricter one) decides.
 	prune := func(m map[string]bucket, s Scope) {
@@ -450,18 +475,6 @@ func (b *Budget) save(now time.Time) error {
 			delete(b.st.Blocked, k)
 		}
 	}
-	data, err := json.MarshalIndent(b.st, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(b.path), 0o700); err != nil {
-		return err
-	}
-	if err := store.WriteFile(b.path, append(data, '\n'), 0o600); err != nil {
-		return fmt.Errorf("save rate budget: %w", err)
-	}
-	b.dirty, b.lastSave = false, time.Now()
-	return nil
 }
 
 // letsEncryptProfileNames is the most names one certificate may carry

@@ -102,8 +102,10 @@ func ParseRateLimit(detail string) RateLimit {
 // of the CA's and the configured one from then on, so that after the
 // wait it sends as the CA counts instead of meeting the same answer.
 func (b *Budget) Limited(k Key, o Order, r RateLimit, until time.Time) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	return b.do(b.fieldsFor(k, o, r.Name), func() error { return b.limited(k, o, r, until) })
+}
+
+func (b *Budget) limited(k Key, o Order, r RateLimit, until time.Time) error {
 	now := b.Now()
 	key, bucketKey, buckets := b.scopeKeys(k, o, r)
 	if until.After(b.st.Blocked[key]) {
@@ -196,8 +198,10 @@ func (b *Budget) Refund(k Key, o Order) error {
 	if o.Replaces != "" {
 		return nil // an ARI order took none (or only its once-per-certificate exemption, kept)
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	return b.do(b.fieldsFor(k, o, ""), func() error { return b.refund(k, o) })
+}
+
+func (b *Budget) refund(k Key, o Order) error {
 	now := b.Now()
 	give := func(m map[string]bucket, key string, l Limit) {
 		if l.N == 0 {

@@ -271,3 +271,52 @@ func (s *Shared) SetAccountKeyKeepReg(ctx context.Context, server, email string,
 func (s *Shared) DelHeartbeat(ctx context.Context, node string) error {
 	return s.unavailable(s.c.Del(ctx, s.k("agent", node)).Err())
 }
+
+// PaceUpdate is the fleet's pace budget (package pace's Shared): fields
+// of one hash, read, changed by fn and written back in a WATCH/MULTI
+// transaction, retried when another node wrote the hash meanwhile. The
+// hash is watched as a whole, so two nodes' orders for unrelated names
+// also retry each other; an update is two round trips, and a retry
+// costs the same again.
+func (s *Shared) PaceUpdate(fields []string, fn func(map[string][]byte) (map[string][]byte, error)) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	key := s.k("pace")
+	var fnErr error
+	for range 100 {
+		err := s.c.Watch(ctx, func(tx *goredis.Tx) error {
+			vals, err := tx.HMGet(ctx, key, fields...).Result()
+			if err != nil {
+				return err
+			}
+			in := map[string][]byte{}
+			for i, v := range vals {
+				if str, ok := v.(string); ok {
+					in[fields[i]] = []byte(str)
+				}
+			}
+			out, ferr := fn(in)
+			fnErr = ferr
+			_, err = tx.TxPipelined(ctx, func(p goredis.Pipeliner) error {
+				for f, v := range out {
+					switch {
+					case v != nil:
+						p.HSet(ctx, key, f, v)
+					case in[f] != nil:
+						p.HDel(ctx, key, f)
+					}
+				}
+				return nil
+			})
+			return err
+		}, key)
+		if errors.Is(err, goredis.TxFailedErr) {
+			continue
+		}
+		if err != nil {
+			return s.unavailable(err)
+		}
+		return fnErr
+	}
+	return errors.New("the fleet's pace budget changed under every one of 100 tries; try again")
+}
