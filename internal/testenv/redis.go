@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -29,6 +30,8 @@ type Redis struct {
 	Dir      string
 	// ReplicaOf makes it a replica of another instance.
 	ReplicaOf *Redis
+	// TLS, when set, serves TLS only (rediss://) with this certificate.
+	TLS *RedisTLS
 	proc      *proc
 	n         int // starts, for log names
 }
@@ -38,6 +41,22 @@ func (r *Redis) Addr() string { return "127.0.0.1:" + strconv.Itoa(r.Port) }
 
 // URL is the redis:// URL, without the password.
 func (r *Redis) URL() string { return "redis://" + r.Addr() + "/0" }
+
+// RedisTLS is a TLS server certificate for Redis: PEM files.
+type RedisTLS struct{ Cert, Key, CA string }
+
+// StartRedisTLS starts a TLS-only redis-server.
+func StartRedisTLS(dir, password string, t *RedisTLS) (*Redis, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	r := &Redis{Port: port, Password: password, Dir: dir, TLS: t}
+	return r, r.Start()
+}
 
 // StartRedis starts a redis-server in dir with requirepass password
 // (empty for none).
@@ -60,6 +79,10 @@ func (r *Redis) Start() error {
 		return err
 	}
 	conf := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nappendonly yes\nappendfsync always\nsave \"\"\ndaemonize no\nprotected-mode no\n", r.Port, r.Dir)
+	if r.TLS != nil {
+		conf = strings.Replace(conf, fmt.Sprintf("port %d\n", r.Port), fmt.Sprintf("port 0\ntls-port %d\ntls-cert-file %s\ntls-key-file %s\ntls-ca-cert-file %s\ntls-auth-clients no\n",
+			r.Port, r.TLS.Cert, r.TLS.Key, r.TLS.CA), 1)
+	}
 	if r.Password != "" {
 		conf += fmt.Sprintf("requirepass %s\nmasterauth %s\n", r.Password, r.Password)
 	}

@@ -21,6 +21,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -75,6 +76,17 @@ type Shared struct {
 	prefix string
 	addr   string // for messages, without credentials
 }
+
+// quietLog sends go-redis's own log lines (pool dial retries) to debug
+// level: the error that matters reaches the caller, once, in lbcert's
+// voice; the library's copies would print on stderr beside it.
+type quietLog struct{}
+
+func (quietLog) Printf(_ context.Context, format string, v ...any) {
+	slog.Debug("redis: " + fmt.Sprintf(format, v...))
+}
+
+func init() { goredis.SetLogger(quietLog{}) }
 
 // Dial connects and checks that Redis answers and is not a Cluster.
 func Dial(ctx context.Context, o Options) (*Shared, error) {
