@@ -29,7 +29,7 @@ type batchRow struct {
 // show every row of the file.
 func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file, format string,
 	rows []batchRow, invalid []*engine.Item, limits pace.Limits, checker *preflight.Checker) (*engine.Result, error) {
-	f, err := a.openFleet(ctx, st)
+	f, err := a.openFleet(ctx, st, "batch")
 	if err != nil {
 		return nil, err
 	}

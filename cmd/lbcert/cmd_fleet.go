@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"runtime/debug"
@@ -15,6 +16,7 @@ import (
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/store/redis"
@@ -89,20 +91,37 @@ func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
 
 // openFleet opens this node's fleet for a run, or returns nil when
 // --redis is not set (single-host mode, unchanged).
-func (a *app) openFleet(ctx context.Context, st *store.Store) (*fleetRun, error) {
+func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*fleetRun, error) {
 	if a.fleetOpts.Redis == "" {
 		return nil, nil
 	}
 	sh, err := a.dialRedis(ctx)
 	if err != nil {
-		return nil, err
+		return nil, a.fleetDown(ctx, st, command, err)
 	}
 	n, err := fleet.Open(ctx, sh, st)
 	if err != nil {
 		sh.Close()
-		return nil, redisExit(err)
+		return nil, a.fleetDown(ctx, st, command, redisExit(err))
 	}
 	return &fleetRun{sh: sh, node: n, backend: fleet.NewBackend(n)}, nil
+}
+
+// fleetDown mails the report of a run that could not start because
+// Redis did not answer: cron's mail must say why nothing was renewed,
+// not stay silent. It returns err, the run's error.
+func (a *app) fleetDown(ctx context.Context, st *store.Store, command string, err error) error {
+	if command == "agent" || !errors.As(err, new(*redis.Unavailable)) {
+		return err
+	}
+	rep := &notify.Report{Command: command, Items: []notify.Item{{
+		Name: "fleet", Outcome: "failed", Error: secret.Scrub(oneLine(err)),
+		Hint: "nothing was ordered: no order is placed without the fleet's Redis; certificates already on this node keep being served",
+	}}}
+	if merr := a.mailReport(ctx, st, rep); merr != nil {
+		fmt.Fprintf(a.err, "lbcert: warning: could not mail the report: %s\n", secret.Scrub(oneLine(merr)))
+	}
+	return err
 }
 
 // accounts is where the run's ACME accounts live: the fleet's, or the
@@ -333,7 +352,7 @@ Point the load balancer's port 80 for /.well-known/acme-challenge/ at
 				advertise = httpAddr
 			}
 			st := store.New(a.global.Dir)
-			f, err := a.openFleet(cmd.Context(), st)
+			f, err := a.openFleet(cmd.Context(), st, "agent")
 			if err != nil {
 				return err
 			}

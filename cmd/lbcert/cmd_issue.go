@@ -180,7 +180,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	if err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st)
+	f, err := a.openFleet(ctx, st, "issue")
 	if err != nil {
 		return err
 	}

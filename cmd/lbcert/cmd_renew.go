@@ -110,7 +110,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if err := a.checkAccountSettings(); err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st)
+	f, err := a.openFleet(ctx, st, "renew")
 	if err != nil {
 		return err
 	}

@@ -594,7 +594,26 @@ func TestFleetRedisKilledMidBatch(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	f.redis.Kill()
-	time.Sleep(5 * time.Second)
+	killed := time.Now()
+	// A run that starts while Redis is away: one line naming Redis, exit
+	// 4, and the mailed report says so.
+	smtp, err := testenv.StartSMTP(f.work, "lbcert", smtpSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer smtp.Stop()
+	mailEnv := []string{"LBCERT_REDIS_PASSWORD=" + fleetPassword,
+		"LBCERT_SMTP_HOST=" + smtp.Host, fmt.Sprintf("LBCERT_SMTP_PORT=%d", smtp.Port),
+		"LBCERT_SMTP_USER=lbcert", "LBCERT_SMTP_PASSWORD=" + smtpSecret,
+		"LBCERT_SMTP_CA_BUNDLE=" + smtp.CABundle, "LBCERT_MAIL_FROM=lbcert@lb1.example.com", "LBCERT_MAIL_TO=ops@example.com"}
+	down := f.runEnv(mailEnv, "--dir", f.nodes["lb1"].dir, "--redis", f.url, "renew", "--no-random-sleep")
+	if down.code != 4 || !strings.Contains(down.stderr, "\nlbcert: error: the fleet's Redis at "+f.url+" is unreachable") || strings.Count(down.stderr, "lbcert: error:") != 1 {
+		t.Errorf("renew with Redis down: exit %d, want 4 and one line naming Redis:\n%s", down.code, down.stderr)
+	}
+	if msgs := smtp.Messages(); len(msgs) != 1 || !strings.Contains(msgs[0].Data, "unreachable") || strings.Contains(msgs[0].Data, fleetPassword) {
+		t.Errorf("the report of the run with Redis down: %d messages %+v", len(msgs), msgs)
+	}
+	time.Sleep(time.Until(killed.Add(5 * time.Second)))
 	if err := f.redis.Start(); err != nil {
 		t.Fatal(err)
 	}
