@@ -100,6 +100,14 @@ func parseReason(s string) (uint, error) {
 	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
+// deleteSource is where delete finds the lineage: the state directory,
+// or the fleet.
+type deleteSource interface {
+	Names() ([]string, error)
+	Load(name string) (*store.Lineage, error)
+	Delete(name string) error
+}
+
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
@@ -117,12 +125,24 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	} else if name, err = a.lineageForDomain(st, o.Domain); err != nil {
 		return err
 	}
-	l, err := st.Load(name)
+	f, err := a.openFleet(ctx, st, "delete")
+	if err != nil {
+		return err
+	}
+	defer f.close()
+	// In fleet mode the lineage is the fleet's: deleting it here deletes
+	// it for every node, so no other node renews it.
+	var src deleteSource = st
+	where := st.Dir
+	if f != nil {
+		src, where = f.backend, "the fleet"
+	}
+	l, err := src.Load(name)
 	if err != nil {
 		if isNotFound(err) {
-			return exit.Errorf("no lineage %q in %s", name, st.Dir).WithHint("'lbcert list' shows the lineages")
+			return exit.Errorf("no lineage %q in %s", name, where).WithHint("'lbcert list' shows the lineages")
 		}
-		return exit.Errorf("%v", err)
+		return redisExit(err)
 	}
 	if o.Revoke {
 		if _, err := a.accountBase(st); err != nil {
@@ -156,12 +176,15 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	defer lock.Unlock()
 
 	if o.Revoke {
-		is := &issuer.Issuer{Account: a.lazyAccount(st, false)}
+		is := &issuer.Issuer{Account: a.lazyAccount(f.accounts(st), false)}
 		client, err := is.Client(ctx, l.Server, l.Email)
 		if err != nil {
 			return err
 		}
 		cert, err := os.ReadFile(st.LivePaths(name).Cert)
+		if f != nil && err != nil {
+			cert, err = f.backend.ReadFullchain(name) // the fleet's, when this node does not hold it
+		}
 		if err != nil {
 			return exit.Errorf("read %s: %v", name, err)
 		}
@@ -170,7 +193,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		}
 		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
 	}
-	if err := st.Delete(name); err != nil {
+	if err := src.Delete(name); err != nil {
 		return exit.Errorf("delete %s: %v", name, err)
 	}
 	a.printf("%s: deleted\n", name)
@@ -190,7 +213,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		}
 		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
 	}
-	left, _ := st.Names()
+	left, _ := src.Names()
 	if o.CronFile == "" {
 		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
 	}

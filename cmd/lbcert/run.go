@@ -139,7 +139,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 
 // lazyAccount builds the account options on the first order, not
 // before: a run with nothing due reads no EAB secret (gh's Factory).
-func (a *app) lazyAccount(st store.Backend, dryRun bool) func(server, email string) (acme.Options, error) {
+func (a *app) lazyAccount(st store.Accounts, dryRun bool) func(server, email string) (acme.Options, error) {
 	var once sync.Once
 	var base acme.Options
 	var err error

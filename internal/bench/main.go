@@ -48,7 +48,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing, scale or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing, scale, fleet or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -56,6 +56,8 @@ func main() {
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
+	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
+	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	flag.Parse()
 	var err error
@@ -93,6 +95,12 @@ func main() {
 		w, _ := filepath.Abs(*work)
 		os.MkdirAll(w, 0o755)
 		err = benchDeploy(*deployN, w)
+	}
+	if err == nil && (*only == "all" || *only == "fleet") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchFleet(*fleetN, *fleetOrders, b, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

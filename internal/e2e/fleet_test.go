@@ -480,6 +480,18 @@ func TestFleetOneOrderPerName(t *testing.T) {
 	}
 	// lb2 follows the rotation and keeps working.
 	f.mustOn("lb2", "renew", "--no-random-sleep")
+	// delete on one node deletes for the fleet, even a lineage another
+	// node ordered, and the node that holds it does not bring it back.
+	f.mustOn("lb2", "delete", "--name", "peer0.example.com", "--yes")
+	f.mustOn("lb1", "renew", "--no-random-sleep")
+	for _, n := range f.fleetNames() {
+		if n == "peer0.example.com" {
+			t.Error("the deleted lineage is still in the fleet")
+		}
+	}
+	if r := f.on("lb1", "delete", "--name", "peer0.example.com", "--yes"); r.code != 1 || !strings.Contains(r.stderr, "no lineage") {
+		t.Errorf("deleting it again: exit %d\n%s", r.code, r.stderr)
+	}
 	for k, v := range f.scanRedis() {
 		if bytes.Contains(v, []byte("PRIVATE KEY")) {
 			t.Errorf("T8: after rotation %s holds a PEM private key", k)

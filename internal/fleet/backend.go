@@ -252,6 +252,9 @@ func (b *Backend) Delete(name string) error {
 	if err := b.sh().DeleteBundle(ctx, name); err != nil {
 		return err
 	}
+	if !b.Local.Exists(name) {
+		return nil // another node held it
+	}
 	return b.Local.Delete(name)
 }
 

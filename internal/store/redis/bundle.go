@@ -62,6 +62,9 @@ local token = tonumber(ARGV[2])
 if token > 0 then
   local f = tonumber(redis.call('GET', KEYS[2]) or '0')
   if f > token then return 'stale' end
+  redis.call('HDEL', KEYS[5], ARGV[1])
+elseif redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then
+  return 'stale'
 end
 redis.call('DEL', KEYS[1])
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
@@ -79,13 +82,14 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 
 // Publish makes b the fleet's certificate for b.Name, fenced by b.Fence
 // (0 for a re-seed from a node's disk, which only the notBefore rule
-// guards). It returns ErrStale when refused.
+// guards, and which never brings back a name deleted from the fleet).
+// It returns ErrStale when refused.
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
 	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(),
 		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
 		"node", b.Node, "published_at", time.Now().UnixMilli(),
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
-	res, err := publishScript.Run(ctx, s.c, []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name)}, args...).Text()
+	res, err := publishScript.Run(ctx, s.c, []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted")}, args...).Text()
 	if err != nil {
 		return s.unavailable(err)
 	}
@@ -173,12 +177,15 @@ return 0
 `)
 
 // DeleteBundle removes name from the fleet: its bundle, status and set
-// membership. The version and fence counters stay, so numbers are never
+// membership, leaving a tombstone that a new fenced publish clears. The version and fence counters stay, so numbers are never
 // reused.
 func (s *Shared) DeleteBundle(ctx context.Context, name string) error {
 	p := s.c.TxPipeline()
 	p.SRem(ctx, s.k("lineages"), name)
 	p.Del(ctx, s.k("bundle", name), s.k("status", name))
+	// A tombstone: nodes that still hold the name on disk must not bring
+	// it back when they republish into a rebuilt Redis.
+	p.HSet(ctx, s.k("deleted"), name, time.Now().UTC().Format(time.RFC3339))
 	_, err := p.Exec(ctx)
 	return s.unavailable(err)
 }

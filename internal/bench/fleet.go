@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// benchFleet measures fleet mode's own costs against a real redis-server:
+// opening n sealed bundles as a node that joins does (fetch from Redis,
+// unseal, in parallel), the cost of sealing and unsealing one key alone,
+// and, over a real batch of orders against Pebble through an agent, the
+// Redis round trips per order and how many of them are the lease's.
+func benchFleet(n, orders int, bin, work string) error {
+	work = filepath.Join(work, "fleet")
+	os.RemoveAll(work)
+	os.MkdirAll(work, 0o755)
+	r, err := testenv.StartRedis(filepath.Join(work, "redis"), "bench-pw", nil)
+	if err != nil {
+		return err
+	}
+	defer r.Stop()
+	ctx := context.Background()
+	sh, err := redis.Dial(ctx, redis.Options{URL: r.URL(), Password: "bench-pw"})
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	node, err := fleet.Init(ctx, sh, store.New(filepath.Join(work, "lb1")), "lb1")
+	if err != nil {
+		return err
+	}
+
+	// n bundles, each with its own P-256 key, sealed as publishing does.
+	fmt.Printf("\nbench: publishing %d sealed bundles to Redis\n", n)
+	c, err := newCA()
+	if err != nil {
+		return err
+	}
+	var sealTotal atomic.Int64
+	var bytesTotal atomic.Int64
+	err = parallel(n, func(i int) error {
+		name := domain(i)
+		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+1))
+		if err != nil {
+			return err
+		}
+		t0 := time.Now()
+		epoch, sealed, err := node.SealBundleKey(name, 1, keyPEM)
+		sealTotal.Add(int64(time.Since(t0)))
+		if err != nil {
+			return err
+		}
+		meta := []byte(fmt.Sprintf(`{"format":1,"name":%q,"version":1,"domains":[%q],"server":"https://acme.example/directory","key_type":"ec256","challenge":{"mode":"fleet"},"deploy":{},"cert":{"serial":"%x","not_before":%q,"not_after":%q},"issued_at":%q}`,
+			name, name, cert.SerialNumber, cert.NotBefore.Format(time.RFC3339), cert.NotAfter.Format(time.RFC3339), cert.NotBefore.Format(time.RFC3339)))
+		chain := c.pem
+		b := &redis.Bundle{Name: name, Version: 1, NotBefore: cert.NotBefore, Epoch: epoch, Node: "lb1", Meta: meta,
+			Cert: certPEM, Chain: chain, Fullchain: append(append([]byte{}, certPEM...), chain...), SealedKey: sealed}
+		bytesTotal.Add(int64(len(meta) + len(certPEM) + 2*len(chain) + len(certPEM) + len(sealed)))
+		return sh.Publish(ctx, b)
+	})
+	if err != nil {
+		return err
+	}
+	used, _ := sh.Client().Info(ctx, "memory").Result()
+
+	// A joining node's load: every bundle fetched and opened, 2 workers
+	// per core.
+	workers := runtime.GOMAXPROCS(0) * 2
+	var openTotal atomic.Int64
+	t0 := time.Now()
+	err = parallel(n, func(i int) error {
+		b, err := sh.Bundle(ctx, domain(i))
+		if err != nil {
+			return err
+		}
+		t := time.Now()
+		key, err := node.OpenBundleKey(b)
+		openTotal.Add(int64(time.Since(t)))
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(string(key), "PRIVATE KEY") {
+			return fmt.Errorf("%s: opened key is not a PEM key", b.Name)
+		}
+		return nil
+	})
+	wall := time.Since(t0)
+	if err != nil {
+		return err
+	}
+
+	// One key, sealed and opened alone, many times.
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(k)
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	const reps = 100000
+	ep, sealed, _ := node.SealBundleKey("one.example", 1, keyPEM)
+	b := &redis.Bundle{Name: "one.example", Version: 1, Epoch: ep, SealedKey: sealed}
+	t1 := time.Now()
+	for range reps {
+		if _, err := node.OpenBundleKey(b); err != nil {
+			return err
+		}
+	}
+	openOne := time.Since(t1) / reps
+
+	fmt.Printf("\nFleet bundles, %s, %d cores, one redis-server 7.0 on loopback\n\n", time.Now().UTC().Format(time.DateOnly), numCPU())
+	fmt.Println("| measure | figure |")
+	fmt.Println("|---|---:|")
+	fmt.Printf("| bundles | %d |\n", n)
+	fmt.Printf("| bytes per bundle (metadata, certificate, chain, full chain, sealed key) | %d |\n", bytesTotal.Load()/int64(n))
+	fmt.Printf("| Redis memory with %d bundles | %s |\n", n, infoField(used, "used_memory_human"))
+	fmt.Printf("| fetch and open all %d (%d workers), wall | %.2f s |\n", n, workers, wall.Seconds())
+	fmt.Printf("| ... per bundle, wall | %.1f µs |\n", float64(wall.Microseconds())/float64(n))
+	fmt.Printf("| ... of which unsealing, CPU per key (AES-256-GCM) | %.1f µs |\n", float64(openTotal.Load())/float64(n)/1e3)
+	fmt.Printf("| sealing, CPU per key | %.1f µs |\n", float64(sealTotal.Load())/float64(n)/1e3)
+	fmt.Printf("| unsealing one key alone, %d times | %.2f µs per key |\n", reps, float64(openOne.Nanoseconds())/1e3)
+
+	return benchFleetOrders(orders, bin, work, r)
+}
+
+func infoField(info, field string) string {
+	for _, l := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), field+":"); ok {
+			return v
+		}
+	}
+	return "?"
+}
+
+// commandStats reads Redis's per-command call counts.
+func commandStats(c goredis.UniversalClient) map[string]int {
+	info, _ := c.Info(context.Background(), "commandstats").Result()
+	out := map[string]int{}
+	for _, l := range strings.Split(info, "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(l), ":")
+		if !ok || !strings.HasPrefix(name, "cmdstat_") {
+			continue
+		}
+		for _, kv := range strings.Split(rest, ",") {
+			if v, ok := strings.CutPrefix(kv, "calls="); ok {
+				out[strings.TrimPrefix(name, "cmdstat_")], _ = strconv.Atoi(v)
+			}
+		}
+	}
+	return out
+}
+
+// benchFleetOrders runs a batch of orders names through one fleet node
+// and its agent against Pebble, and counts the Redis commands it cost.
+func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
+	httpPort, err := testenv.FreePort()
+	if err != nil {
+		return err
+	}
+	p, err := testenv.StartPebble(testenv.PebbleOptions{Dir: filepath.Join(work, "pebble"), HTTPPort: httpPort})
+	if err != nil {
+		return err
+	}
+	defer p.Stop()
+	// The agent answers on Pebble's validation port itself: one node.
+	c := goredis.NewClient(&goredis.Options{Addr: r.Addr(), Password: "bench-pw"})
+	defer c.Close()
+	c.FlushAll(context.Background())
+	dir := filepath.Join(work, "node")
+	env := append(os.Environ(), "LBCERT_REDIS_PASSWORD=bench-pw", "LBCERT_CONFIG=")
+	base := []string{"--dir", dir, "--redis", r.URL(), "--server", p.DirectoryURL, "--ca-bundle", p.CABundle}
+	run := func(args ...string) (string, error) {
+		cmd := exec.Command(bin, append(base, args...)...)
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := run("fleet", "init", "--node", "lb1"); err != nil {
+		return fmt.Errorf("fleet init: %v\n%s", err, out)
+	}
+	agent := exec.Command(bin, append(base, "agent", "--http-addr", fmt.Sprintf("127.0.0.1:%d", httpPort))...)
+	agent.Env = env
+	if err := agent.Start(); err != nil {
+		return err
+	}
+	defer func() { agent.Process.Signal(os.Interrupt); agent.Wait() }()
+	time.Sleep(time.Second)
+	var csv strings.Builder
+	csv.WriteString("domains\n")
+	for i := range orders {
+		fmt.Fprintf(&csv, "fleet%04d.bench.example\n", i)
+	}
+	path := filepath.Join(work, "orders.csv")
+	os.WriteFile(path, []byte(csv.String()), 0o644)
+	// The agent's heartbeats run meanwhile: measured alone, then taken out.
+	s0 := commandStats(c)
+	time.Sleep(3 * time.Second)
+	s1 := commandStats(c)
+	idlePerSec := float64(sum(s1)-sum(s0)) / 3
+	t0 := time.Now()
+	if out, err := run("batch", path, "--preflight=false", "--agree-tos", "--concurrency", "4", "--rate-domain", "off"); err != nil {
+		return fmt.Errorf("batch: %v\n%s", err, out)
+	}
+	elapsed := time.Since(t0)
+	s2 := commandStats(c)
+	total := float64(sum(s2)-sum(s1)) - idlePerSec*elapsed.Seconds()
+	evals := s2["evalsha"] + s2["eval"] - s1["evalsha"] - s1["eval"]
+	fmt.Printf("\nRedis round trips per order, %d orders through `lbcert batch --concurrency 4` and one agent, Pebble\n\n", orders)
+	fmt.Println("| measure | per order |")
+	fmt.Println("|---|---:|")
+	fmt.Printf("| Redis commands, all (the agent's idle heartbeats taken out) | %.1f |\n", total/float64(orders))
+	fmt.Printf("| Lua scripts (lease acquire and release, version, fenced publish, ledger) | %.1f |\n", float64(evals)/float64(orders))
+	fmt.Printf("| of which the lease: acquire and release, plus a heartbeat every --lease-ttl/3 | 2 |\n")
+	fmt.Printf("| wall per order | %.0f ms |\n", float64(elapsed.Milliseconds())/float64(orders))
+	var top []string
+	for k, v := range s2 {
+		if d := v - s1[k]; d > 0 {
+			top = append(top, fmt.Sprintf("%s %.1f", k, float64(d)/float64(orders)))
+		}
+	}
+	fmt.Printf("\nper command: %s\n", strings.Join(top, ", "))
+	return nil
+}
+
+func sum(m map[string]int) int {
+	t := 0
+	for _, v := range m {
+		t += v
+	}
+	return t
+}
+
