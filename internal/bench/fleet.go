@@ -11,7 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -83,9 +83,9 @@ func benchFleet(n, orders int, bin, work string) error {
 	}
 	used, _ := sh.Client().Info(ctx, "memory").Result()
 
-	// A joining node's load: every bundle fetched and opened, 2 workers
-	// per core.
-	workers := runtime.GOMAXPROCS(0) * 2
+	// A joining node's load: every bundle fetched and opened, by
+	// parallel's 8 workers.
+	workers := 8
 	var openTotal atomic.Int64
 	t0 := time.Now()
 	err = parallel(n, func(i int) error {
@@ -148,24 +148,6 @@ func infoField(info, field string) string {
 	return "?"
 }
 
-// commandStats reads Redis's per-command call counts.
-func commandStats(c goredis.UniversalClient) map[string]int {
-	info, _ := c.Info(context.Background(), "commandstats").Result()
-	out := map[string]int{}
-	for _, l := range strings.Split(info, "\n") {
-		name, rest, ok := strings.Cut(strings.TrimSpace(l), ":")
-		if !ok || !strings.HasPrefix(name, "cmdstat_") {
-			continue
-		}
-		for _, kv := range strings.Split(rest, ",") {
-			if v, ok := strings.CutPrefix(kv, "calls="); ok {
-				out[strings.TrimPrefix(name, "cmdstat_")], _ = strconv.Atoi(v)
-			}
-		}
-	}
-	return out
-}
-
 // benchFleetOrders runs a batch of orders names through one fleet node
 // and its agent against Pebble, and counts the Redis commands it cost.
 func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
@@ -173,6 +155,7 @@ func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
 	if err != nil {
 		return err
 	}
+	os.MkdirAll(filepath.Join(work, "pebble"), 0o755)
 	p, err := testenv.StartPebble(testenv.PebbleOptions{Dir: filepath.Join(work, "pebble"), HTTPPort: httpPort})
 	if err != nil {
 		return err
@@ -181,7 +164,7 @@ func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
 	// The agent answers on Pebble's validation port itself: one node.
 	c := goredis.NewClient(&goredis.Options{Addr: r.Addr(), Password: "bench-pw"})
 	defer c.Close()
-	c.FlushAll(context.Background())
+	c.FlushAll(context.Background()) // the bundles above are not this fleet's
 	dir := filepath.Join(work, "node")
 	env := append(os.Environ(), "LBCERT_REDIS_PASSWORD=bench-pw", "LBCERT_CONFIG=")
 	base := []string{"--dir", dir, "--redis", r.URL(), "--server", p.DirectoryURL, "--ca-bundle", p.CABundle}
@@ -208,41 +191,70 @@ func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
 	}
 	path := filepath.Join(work, "orders.csv")
 	os.WriteFile(path, []byte(csv.String()), 0o644)
-	// The agent's heartbeats run meanwhile: measured alone, then taken out.
-	s0 := commandStats(c)
+	// Every command Redis runs is seen through MONITOR: those a client
+	// sent (one round trip each, pipelined ones aside) and those a Lua
+	// script ran inside the one round trip of its EVALSHA. The agent's
+	// idle heartbeats are measured alone first and taken out.
+	mon := exec.Command("redis-cli", "-p", strconv.Itoa(r.Port), "--no-auth-warning", "monitor")
+	mon.Env = append(os.Environ(), "REDISCLI_AUTH=bench-pw")
+	var monOut strings.Builder
+	mon.Stdout = &monOut
+	if err := mon.Start(); err != nil {
+		return fmt.Errorf("redis-cli monitor: %v", err)
+	}
 	time.Sleep(3 * time.Second)
-	s1 := commandStats(c)
-	idlePerSec := float64(sum(s1)-sum(s0)) / 3
+	idle := clientCommands(monOut.String())
+	mark := len(monOut.String())
 	t0 := time.Now()
 	if out, err := run("batch", path, "--preflight=false", "--agree-tos", "--concurrency", "4", "--rate-domain", "off"); err != nil {
+		mon.Process.Kill()
 		return fmt.Errorf("batch: %v\n%s", err, out)
 	}
 	elapsed := time.Since(t0)
-	s2 := commandStats(c)
-	total := float64(sum(s2)-sum(s1)) - idlePerSec*elapsed.Seconds()
-	evals := s2["evalsha"] + s2["eval"] - s1["evalsha"] - s1["eval"]
-	fmt.Printf("\nRedis round trips per order, %d orders through `lbcert batch --concurrency 4` and one agent, Pebble\n\n", orders)
-	fmt.Println("| measure | per order |")
-	fmt.Println("|---|---:|")
-	fmt.Printf("| Redis commands, all (the agent's idle heartbeats taken out) | %.1f |\n", total/float64(orders))
-	fmt.Printf("| Lua scripts (lease acquire and release, version, fenced publish, ledger) | %.1f |\n", float64(evals)/float64(orders))
-	fmt.Printf("| of which the lease: acquire and release, plus a heartbeat every --lease-ttl/3 | 2 |\n")
-	fmt.Printf("| wall per order | %.0f ms |\n", float64(elapsed.Milliseconds())/float64(orders))
-	var top []string
-	for k, v := range s2 {
-		if d := v - s1[k]; d > 0 {
-			top = append(top, fmt.Sprintf("%s %.1f", k, float64(d)/float64(orders)))
+	time.Sleep(500 * time.Millisecond)
+	mon.Process.Kill()
+	mon.Wait()
+	during := monOut.String()[mark:]
+	calls := float64(clientCommands(during)) - float64(idle)/3*elapsed.Seconds()
+	scripted := strings.Count(during, " lua] ")
+	var lease int
+	for _, l := range strings.Split(during, "\n") {
+		if !strings.Contains(l, " lua] ") && strings.Contains(l, `"evalsha"`) && strings.Contains(l, `"lbcert:lease:`) {
+			lease++
 		}
 	}
-	fmt.Printf("\nper command: %s\n", strings.Join(top, ", "))
+	fmt.Printf("\nRedis round trips per order, %d orders through `lbcert batch --concurrency 4` and one agent, against Pebble\n\n", orders)
+	fmt.Println("| measure | per order |")
+	fmt.Println("|---|---:|")
+	fmt.Printf("| round trips to Redis, the orderer's and the agent's (idle heartbeats taken out) | %.1f |\n", calls/float64(orders))
+	fmt.Printf("| ... of them the lease's (acquire, heartbeat every --lease-ttl/3, release) | %.1f |\n", float64(lease)/float64(orders))
+	fmt.Printf("| commands Lua scripts ran inside those round trips | %.1f |\n", float64(scripted)/float64(orders))
+	fmt.Printf("| wall per order (Pebble validating, 4 at a time) | %.0f ms |\n", float64(elapsed.Milliseconds())/float64(orders))
+	perCmd := map[string]int{}
+	for _, l := range strings.Split(during, "\n") {
+		if f := strings.Fields(l); len(f) >= 4 && !strings.Contains(l, " lua] ") {
+			perCmd[strings.Trim(f[3], `"`)]++
+		}
+	}
+	var top []string
+	for k, v := range perCmd {
+		top = append(top, fmt.Sprintf("%s %.1f", k, float64(v)/float64(orders)))
+	}
+	sort.Strings(top)
+	fmt.Printf("\nround trips per order by command: %s\n", strings.Join(top, ", "))
 	return nil
 }
 
-func sum(m map[string]int) int {
-	t := 0
-	for _, v := range m {
-		t += v
+// clientCommands counts MONITOR lines of commands a client sent (not a
+// script).
+func clientCommands(mon string) int {
+	n := 0
+	for _, l := range strings.Split(mon, "\n") {
+		if strings.HasPrefix(l, "1") && !strings.Contains(l, " lua] ") {
+			n++
+		}
 	}
-	return t
+	return n
 }
+
 
