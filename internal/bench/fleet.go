@@ -256,5 +256,3 @@ func clientCommands(mon string) int {
 	}
 	return n
 }
-
-

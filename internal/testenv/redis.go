@@ -31,9 +31,9 @@ type Redis struct {
 	// ReplicaOf makes it a replica of another instance.
 	ReplicaOf *Redis
 	// TLS, when set, serves TLS only (rediss://) with this certificate.
-	TLS *RedisTLS
-	proc      *proc
-	n         int // starts, for log names
+	TLS  *RedisTLS
+	proc *proc
+	n    int // starts, for log names
 }
 
 // Addr is host:port.
