@@ -180,32 +180,20 @@ account in --dir, keys sealed, so the other nodes never order them again.
 It refuses a Redis that already holds a fleet.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if node == "" {
-				node, _ = os.Hostname()
-			}
-			st := store.New(a.global.Dir)
-			sh, err := a.dialRedis(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer sh.Close()
-			lock, err := a.lock(st)
-			if err != nil {
-				return err
-			}
-			defer lock.Unlock()
-			n, err := fleet.Init(cmd.Context(), sh, st, node)
-			if err != nil {
-				return redisExit(err)
-			}
-			count, err := n.Import(cmd.Context())
-			if err != nil {
-				return redisExit(err)
-			}
-			a.printf("created fleet %s in %s with node %s\n", n.ID, sh.Addr(), n.Name)
-			a.printf("imported %d lineages from %s\n", count, st.Dir)
-			a.printf("fingerprint: %s\n", n.Fingerprint())
-			return nil
+			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+				n, err := fleet.Init(cmd.Context(), sh, st, nodeName(node))
+				if err != nil {
+					return err
+				}
+				count, err := n.Import(cmd.Context())
+				if err != nil {
+					return err
+				}
+				a.printf("created fleet %s in %s with node %s\n", n.ID, sh.Addr(), n.Name)
+				a.printf("imported %d lineages from %s\n", count, st.Dir)
+				a.printf("fingerprint: %s\n", n.Fingerprint())
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&node, "node", "", "this node's name in the fleet (default the host name)")
@@ -223,23 +211,17 @@ node and approve it on a member with 'fleet approve NODE --fingerprint'.
 Until then this node can read no key.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if node == "" {
-				node, _ = os.Hostname()
-			}
-			st := store.New(a.global.Dir)
-			sh, err := a.dialRedis(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer sh.Close()
-			fp, id, err := fleet.Join(cmd.Context(), sh, st, node)
-			if err != nil {
-				return redisExit(err)
-			}
-			a.printf("node %s asked to join fleet %s\n", node, id)
-			a.printf("fingerprint: %s\n", fp)
-			a.printf("on a member run: lbcert --redis URL fleet approve %s --fingerprint %s\n", node, fp)
-			return nil
+			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+				node := nodeName(node)
+				fp, id, err := fleet.Join(cmd.Context(), sh, st, node)
+				if err != nil {
+					return err
+				}
+				a.printf("node %s asked to join fleet %s\n", node, id)
+				a.printf("fingerprint: %s\n", fp)
+				a.printf("on a member run: lbcert --redis URL fleet approve %s --fingerprint %s\n", node, fp)
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&node, "node", "", "this node's name in the fleet (default the host name)")
@@ -296,8 +278,9 @@ a node that was stolen, say), and change the Redis password too.`,
 	}
 }
 
-// withMember runs f with this node's open fleet, under the directory lock.
-func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
+// withRedis runs f with the fleet's Redis and this node's state
+// directory, under the directory lock.
+func (a *app) withRedis(ctx context.Context, f func(*redis.Shared, *store.Store) error) error {
 	st := store.New(a.global.Dir)
 	sh, err := a.dialRedis(ctx)
 	if err != nil {
@@ -309,14 +292,29 @@ func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
 		return err
 	}
 	defer lock.Unlock()
-	n, err := fleet.Open(ctx, sh, st)
-	if err != nil {
-		return redisExit(err)
-	}
-	if err := f(n); err != nil {
+	if err := f(sh, st); err != nil {
 		return redisExit(err)
 	}
 	return nil
+}
+
+// withMember runs f with this node's open fleet, under the directory lock.
+func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
+	return a.withRedis(ctx, func(sh *redis.Shared, st *store.Store) error {
+		n, err := fleet.Open(ctx, sh, st)
+		if err != nil {
+			return err
+		}
+		return f(n)
+	})
+}
+
+// nodeName is --node, or the host name.
+func nodeName(flag string) string {
+	if flag == "" {
+		flag, _ = os.Hostname()
+	}
+	return flag
 }
 
 func (a *app) newAgentCmd() *cobra.Command {

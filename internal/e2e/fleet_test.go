@@ -517,10 +517,7 @@ func ordersPerName(outputs ...string) map[string]int {
 // third, and the stalled holder's certificate is refused.
 func TestFleetStalledLeaseHolder(t *testing.T) {
 	f := newFleet(t, "lb1", "lb2")
-	f.form()
-	f.startAgent("lb1")
-	f.startAgent("lb2")
-	f.validateVia("lb1", "lb2")
+	f.pool()
 	const ttl = 3 * time.Second
 	before := f.pebble.Orders()
 
@@ -589,22 +586,37 @@ func TestFleetStalledLeaseHolder(t *testing.T) {
 	}
 }
 
+// pool forms a fleet of two nodes, starts their agents, and lets the
+// CA validate through both.
+func (f *fleetEnv) pool() {
+	f.t.Helper()
+	f.form()
+	f.startAgent("lb1")
+	f.startAgent("lb2")
+	f.validateVia("lb1", "lb2")
+}
+
+// batchUntil starts the same batch on every node and returns once Pebble
+// has received n more orders; the channel gives the runs' results.
+func (f *fleetEnv) batchUntil(csv string, n int) <-chan map[string]result {
+	before := f.pebble.Orders()
+	done := make(chan map[string]result, 1)
+	go func() { done <- f.batchAll(csv) }()
+	for f.pebble.Orders()-before < n {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return done
+}
+
 // T4: redis-server is killed with SIGKILL mid-batch and restarted 5 s
 // later. No name is ordered twice, no validation fails, and the batch
 // finishes on a re-run with nothing lost.
 func TestFleetRedisKilledMidBatch(t *testing.T) {
 	f := newFleet(t, "lb1", "lb2")
-	f.form()
-	f.startAgent("lb1")
-	f.startAgent("lb2")
-	f.validateVia("lb1", "lb2")
+	f.pool()
 	csv := f.writeCSV("t4.csv", 0, 30)
 	before := f.pebble.Orders()
-	done := make(chan map[string]result)
-	go func() { done <- f.batchAll(csv) }()
-	for f.pebble.Orders()-before < 8 {
-		time.Sleep(20 * time.Millisecond)
-	}
+	done := f.batchUntil(csv, 8)
 	f.redis.Kill()
 	killed := time.Now()
 	// A run that starts while Redis is away: one line naming Redis, exit
@@ -698,18 +710,9 @@ func TestFleetSentinelFailover(t *testing.T) {
 	}
 	f.sentinel = s
 	f.url = fmt.Sprintf("redis-sentinel://%s/lbmaster/0", s.Addr())
-	f.form()
-	f.startAgent("lb1")
-	f.startAgent("lb2")
-	f.validateVia("lb1", "lb2")
-
+	f.pool()
 	csv := f.writeCSV("t10.csv", 0, 30)
-	before := f.pebble.Orders()
-	done := make(chan map[string]result)
-	go func() { done <- f.batchAll(csv) }()
-	for f.pebble.Orders()-before < 8 {
-		time.Sleep(20 * time.Millisecond)
-	}
+	done := f.batchUntil(csv, 8)
 	f.redis.Kill()
 	first := <-done
 	var outs []string

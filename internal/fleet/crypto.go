@@ -60,9 +60,9 @@ func accountAD(fleetID, server, email string) []byte {
 	return []byte("lbcert-account-v1\x00" + fleetID + "\x00" + server + "\x00" + email)
 }
 
-// seal encrypts plaintext under key with AES-256-GCM: version byte,
-// 12-byte random nonce, ciphertext and tag.
-func seal(key, ad, plaintext []byte) ([]byte, error) {
+// gcmOf is AES-256-GCM under a data key; a missing key is an error,
+// never a default.
+func gcmOf(key []byte) (cipher.AEAD, error) {
 	if len(key) != keySize {
 		return nil, errors.New("fleet data key is not set")
 	}
@@ -70,7 +70,13 @@ func seal(key, ad, plaintext []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	gcm, err := cipher.NewGCM(block)
+	return cipher.NewGCM(block)
+}
+
+// seal encrypts plaintext under key with AES-256-GCM: version byte,
+// 12-byte random nonce, ciphertext and tag.
+func seal(key, ad, plaintext []byte) ([]byte, error) {
+	gcm, err := gcmOf(key)
 	if err != nil {
 		return nil, err
 	}
@@ -87,14 +93,7 @@ func seal(key, ad, plaintext []byte) ([]byte, error) {
 var ErrOpen = errors.New("the sealed key does not open with this fleet's data key (moved, tampered with, or sealed under another key)")
 
 func open(key, ad, sealed []byte) ([]byte, error) {
-	if len(key) != keySize {
-		return nil, errors.New("fleet data key is not set")
-	}
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, err
-	}
-	gcm, err := cipher.NewGCM(block)
+	gcm, err := gcmOf(key)
 	if err != nil {
 		return nil, err
 	}

@@ -47,28 +47,24 @@ type RedisTLS struct{ Cert, Key, CA string }
 
 // StartRedisTLS starts a TLS-only redis-server.
 func StartRedisTLS(dir, password string, t *RedisTLS) (*Redis, error) {
-	port, err := FreePort()
-	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	r := &Redis{Port: port, Password: password, Dir: dir, TLS: t}
-	return r, r.Start()
+	return startRedis(&Redis{Password: password, Dir: dir, TLS: t})
 }
 
 // StartRedis starts a redis-server in dir with requirepass password
-// (empty for none).
+// (empty for none), a replica of replicaOf when that is set.
 func StartRedis(dir, password string, replicaOf *Redis) (*Redis, error) {
+	return startRedis(&Redis{Password: password, Dir: dir, ReplicaOf: replicaOf})
+}
+
+func startRedis(r *Redis) (*Redis, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	r := &Redis{Port: port, Password: password, Dir: dir, ReplicaOf: replicaOf}
+	r.Port = port
 	return r, r.Start()
 }
 
