@@ -492,6 +492,22 @@ func TestFleetOneOrderPerName(t *testing.T) {
 	if r := f.on("lb1", "delete", "--name", "peer0.example.com", "--yes"); r.code != 1 || !strings.Contains(r.stderr, "no lineage") {
 		t.Errorf("deleting it again: exit %d\n%s", r.code, r.stderr)
 	}
+
+	// A node whose agent died (its heartbeat not yet expired): the order
+	// is abandoned before the CA validates, no failed validation is
+	// spent, the report names the node, and the name gets no backoff.
+	f.nodes["lb2"].agent.Process.Kill()
+	failed := f.failedValidations()
+	r = f.on("lb1", "issue", "-d", "deadagent.example.com", "--agree-tos")
+	if r.code != 1 || !strings.Contains(r.stderr, "node lb2's agent at 127.0.0.1:") || !strings.Contains(r.stderr, "no failed validation was spent") {
+		t.Errorf("order with lb2's agent dead: exit %d\n%s", r.code, r.stderr)
+	}
+	if n := f.failedValidations(); n != failed {
+		t.Errorf("the dead agent cost %d failed validations", n-failed)
+	}
+	if st := c.Get(ctx, "lbcert:status:deadagent.example.com").Val(); strings.Contains(st, "next_attempt") {
+		t.Errorf("the name was put into backoff for a dead agent: %s", st)
+	}
 	for k, v := range f.scanRedis() {
 		if bytes.Contains(v, []byte("PRIVATE KEY")) {
 			t.Errorf("T8: after rotation %s holds a PEM private key", k)

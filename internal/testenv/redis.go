@@ -31,7 +31,9 @@ type Redis struct {
 	// ReplicaOf makes it a replica of another instance.
 	ReplicaOf *Redis
 	// TLS, when set, serves TLS only (rediss://) with this certificate.
-	TLS  *RedisTLS
+	TLS *RedisTLS
+	// Conf is more redis.conf lines.
+	Conf string
 	proc *proc
 	n    int // starts, for log names
 }
@@ -54,6 +56,11 @@ func StartRedisTLS(dir, password string, t *RedisTLS) (*Redis, error) {
 // (empty for none), a replica of replicaOf when that is set.
 func StartRedis(dir, password string, replicaOf *Redis) (*Redis, error) {
 	return startRedis(&Redis{Password: password, Dir: dir, ReplicaOf: replicaOf})
+}
+
+// StartRedisConf starts a redis-server with extra config lines.
+func StartRedisConf(dir, conf string) (*Redis, error) {
+	return startRedis(&Redis{Dir: dir, Conf: conf})
 }
 
 func startRedis(r *Redis) (*Redis, error) {
@@ -85,6 +92,7 @@ func (r *Redis) Start() error {
 	if r.ReplicaOf != nil {
 		conf += fmt.Sprintf("replicaof 127.0.0.1 %d\n", r.ReplicaOf.Port)
 	}
+	conf += r.Conf
 	// The config is a file, not argv: the password must not show in ps.
 	path := filepath.Join(r.Dir, "redis.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {

@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -170,5 +171,18 @@ func TestUnreachableRedisIsUnavailable(t *testing.T) {
 		if _, err := Dial(context.Background(), Options{URL: bad}); err == nil || errors.As(err, &u) {
 			t.Errorf("%s: %v, want a settings error", bad, err)
 		}
+	}
+}
+
+// A Redis Cluster node is refused at once, saying why and what to use.
+func TestClusterIsRefused(t *testing.T) {
+	r, err := testenv.StartRedisConf(t.TempDir(), "cluster-enabled yes\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Stop)
+	_, err = Dial(context.Background(), Options{URL: r.URL()})
+	if err == nil || !strings.Contains(err.Error(), "Redis Cluster, which lbcert does not support") || !strings.Contains(err.Error(), "Sentinel") {
+		t.Fatalf("dial a cluster node: %v", err)
 	}
 }
