@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/notify"
@@ -164,7 +165,7 @@ data key, which is wrapped (age X25519) for each approved node.
 
 See README "A pool of load balancers".`,
 	}
-	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd())
+	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd(), a.newFleetStatusCmd())
 	return cmd
 }
 
@@ -317,56 +318,169 @@ func nodeName(flag string) string {
 	return flag
 }
 
+type agentOptions struct {
+	httpAddr, advertise string
+	reconcile           time.Duration
+	printUnit           bool
+	deploy              deployFlags
+}
+
 func (a *app) newAgentCmd() *cobra.Command {
-	var httpAddr, advertise string
+	o := &agentOptions{}
 	cmd := &cobra.Command{
-		Use:   "agent --http-addr ADDR",
-		Short: "Answer the fleet's HTTP-01 tokens on this node (runs until stopped)",
-		Long: `The agent runs on every node of a fleet. It answers HTTP-01 challenges
-for whichever node ordered, from Redis with a short local cache, and only
-for the Host the token was published for. It sends a heartbeat, so that
-an ordering node fetches each token through every live agent before the
-CA validates, and abandons the authorization if one cannot answer (no
-failed validation is spent). If Redis is emptied (FLUSHALL, a new
-instance), the agent rebuilds it from this node's --dir. When Redis is
-unreachable it keeps answering the tokens it has cached until they
-expire, and reconnects with backoff. SIGTERM stops it cleanly.
+		Use:   "agent --http-addr ADDR [--deploy nginx|haproxy ...]",
+		Short: "Serve the fleet on this node: answer HTTP-01, install and deploy every certificate (runs until stopped)",
+		Long: `The agent runs on every node of a fleet, under systemd
+(--print-systemd-unit prints the unit). It:
+
+  - answers HTTP-01 challenges for whichever node ordered, from Redis with
+    a short local cache, and only for the Host the token was published for;
+  - sends a heartbeat, so that an ordering node fetches each token through
+    every live agent before the CA validates, and abandons the
+    authorization if one cannot answer (no failed validation is spent);
+  - installs every certificate the fleet publishes into this node's --dir
+    (the key unsealed only here), learning of them from a Redis stream and
+    reconciling everything every --reconcile as the fallback, and deploys
+    each burst at once with this node's own --deploy settings: one config
+    test, one reload or runtime-API update, rollback and the TLS check, as
+    renew does; a failed deploy is retried at each reconcile;
+  - reports to the fleet the version it serves of every lineage
+    ('fleet status' shows them);
+  - rebuilds an emptied Redis (FLUSHALL, a new instance) from this node's
+    --dir.
+
+It takes the state directory's short write lock only around each install
+and deploy, so a long batch on the same node does not hold it up. When
+Redis is unreachable it keeps serving from disk and the tokens it has
+cached, and reconnects with backoff; what was published meanwhile arrives
+after. SIGTERM stops it cleanly.
 
 Point the load balancer's port 80 for /.well-known/acme-challenge/ at
 --http-addr (an HAProxy backend or an nginx proxy_pass).`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if httpAddr == "" {
-				return exit.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
-			}
-			if advertise == "" {
-				host, _, err := net.SplitHostPort(httpAddr)
-				if err != nil {
-					return exit.Errorf("--http-addr %q: %v", httpAddr, err)
-				}
-				if host == "" || host == "0.0.0.0" || host == "::" {
-					return exit.Errorf("%v", fleet.ErrAdvertise)
-				}
-				advertise = httpAddr
-			}
-			st := store.New(a.global.Dir)
-			f, err := a.openFleet(cmd.Context(), st, "agent")
-			if err != nil {
-				return err
-			}
-			defer f.close()
-			ln, err := net.Listen("tcp", httpAddr)
-			if err != nil {
-				return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", httpAddr)
-			}
-			a.printf("agent of node %s (fleet %s) answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
-			ag := &fleet.Agent{N: f.node, Listener: ln, Advertise: advertise, Version: buildVersion(debug.ReadBuildInfo())}
-			return ag.Run(cmd.Context())
-		},
+		RunE: func(cmd *cobra.Command, args []string) error { return a.runAgent(cmd.Context(), o) },
 	}
-	cmd.Flags().StringVar(&httpAddr, "http-addr", "", "where the agent answers HTTP-01, host:port")
-	cmd.Flags().StringVar(&advertise, "advertise-addr", "", "where the other nodes reach this agent (default --http-addr, which then needs a host part)")
+	f := cmd.Flags()
+	f.StringVar(&o.httpAddr, "http-addr", "", "where the agent answers HTTP-01, host:port")
+	f.StringVar(&o.advertise, "advertise-addr", "", "where the other nodes reach this agent (default --http-addr, which then needs a host part)")
+	f.DurationVar(&o.reconcile, "reconcile", time.Minute, "how often the agent compares every lineage with the fleet, besides following its events")
+	f.BoolVar(&o.printUnit, "print-systemd-unit", false, "print a systemd unit that runs this agent with these settings, and exit")
+	o.deploy.register(f)
 	return cmd
+}
+
+func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
+	if o.httpAddr == "" {
+		return exit.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
+	}
+	advertise := o.advertise
+	if advertise == "" {
+		host, _, err := net.SplitHostPort(o.httpAddr)
+		if err != nil {
+			return exit.Errorf("--http-addr %q: %v", o.httpAddr, err)
+		}
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			return exit.Errorf("%v", fleet.ErrAdvertise)
+		}
+		advertise = o.httpAddr
+	}
+	if o.reconcile < time.Second {
+		return exit.Errorf("--reconcile %s: want 1s or more", o.reconcile)
+	}
+	st := store.New(a.global.Dir)
+	settings, err := o.deploy.resolve(st.Dir, nil)
+	if err != nil {
+		return err
+	}
+	if o.printUnit {
+		a.printf("%s", a.agentUnit(o))
+		return nil
+	}
+	f, err := a.openFleet(ctx, st, "agent")
+	if err != nil {
+		return err
+	}
+	defer f.close()
+	ln, err := net.Listen("tcp", o.httpAddr)
+	if err != nil {
+		return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
+	}
+	a.printf("agent of node %s (fleet %s) answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
+	sync := &fleet.Syncer{N: f.node, Deploy: settings, Reconcile: o.reconcile,
+		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
+	go sync.Run(ctx)
+	ag := &fleet.Agent{N: f.node, Listener: ln, Advertise: advertise, Version: buildVersion(debug.ReadBuildInfo())}
+	return ag.Run(ctx)
+}
+
+// agentUnit is the systemd unit for this agent: the same flags, the
+// password from an environment file (never in the unit's argv), and a
+// restart on failure.
+func (a *app) agentUnit(o *agentOptions) string {
+	self, err := os.Executable()
+	if err != nil {
+		self = "/usr/local/bin/lbcert"
+	}
+	args := []string{self, "--dir", a.global.Dir}
+	if a.fleetOpts.Redis != "" {
+		args = append(args, "--redis", a.fleetOpts.Redis)
+	}
+	if a.fleetOpts.CA != "" {
+		args = append(args, "--redis-ca", a.fleetOpts.CA)
+	}
+	if a.fleetOpts.PasswordFile != "" {
+		args = append(args, "--redis-password-file", a.fleetOpts.PasswordFile)
+	}
+	args = append(args, "agent", "--http-addr", o.httpAddr)
+	if o.advertise != "" {
+		args = append(args, "--advertise-addr", o.advertise)
+	}
+	if o.reconcile != time.Minute {
+		args = append(args, "--reconcile", o.reconcile.String())
+	}
+	o.deploy.fs.Visit(func(fl *pflag.Flag) {
+		if strings.HasPrefix(fl.Name, "deploy") || strings.HasPrefix(fl.Name, "nginx") || strings.HasPrefix(fl.Name, "haproxy") ||
+			fl.Name == "reload-cmd" || fl.Name == "verify-addr" || fl.Name == "verify-roots" || fl.Name == "hook-timeout" {
+			args = append(args, "--"+fl.Name, fl.Value.String())
+		}
+	})
+	quoted := make([]string, len(args))
+	for i, x := range args {
+		quoted[i] = systemdQuote(x)
+	}
+	return fmt.Sprintf(`# lbcert fleet agent: 'lbcert agent --print-systemd-unit' wrote this.
+# Install: put it in /etc/systemd/system/lbcert-agent.service, put
+# LBCERT_REDIS_PASSWORD=... in /etc/lbcert/agent.env (mode 0600) unless
+# --redis-password-file is used, then:
+#   systemctl daemon-reload && systemctl enable --now lbcert-agent
+[Unit]
+Description=lbcert fleet agent (HTTP-01 answers, certificate sync and deploy)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+EnvironmentFile=-/etc/lbcert/agent.env
+ExecStart=%s
+Restart=on-failure
+RestartSec=5s
+KillSignal=SIGTERM
+TimeoutStopSec=30s
+NoNewPrivileges=yes
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+`, strings.Join(quoted, " "))
+}
+
+// systemdQuote quotes one ExecStart word when it needs it.
+func systemdQuote(s string) string {
+	if s != "" && !strings.ContainsAny(s, " \t\"'\\$%;") {
+		return s
+	}
+	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", "$$", "%", "%%")
+	return `"` + r.Replace(s) + `"`
 }
 
 // fleetOrderRefused says why a no-order node does not order.

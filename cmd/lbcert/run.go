@@ -98,10 +98,16 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		}
 	}
 	defer is.Close()
+	var deployer engine.Deployer = &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	if spec.fleet != nil {
+		// The agent installs on this node too: the deploy waits for its
+		// short write lock, and it for ours.
+		deployer = writeLocked{deployer, st}
+	}
 	e := &engine.Engine{
 		Store:  backend,
 		CA:     is,
-		Deploy: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}},
+		Deploy: deployer,
 		Budget: ebudget,
 		Opts: engine.Options{
 			Command:     spec.command,
@@ -228,4 +234,17 @@ func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration
 		return nil, dirError(st, err)
 	}
 	return l, nil
+}
+
+// writeLocked runs a deploy under the state directory's short write lock.
+type writeLocked struct {
+	engine.Deployer
+	st *store.Store
+}
+
+func (w writeLocked) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
+	if l, err := w.st.WriteLock(ctx); err == nil {
+		defer l.Unlock()
+	}
+	return w.Deployer.Run(ctx, changes)
 }

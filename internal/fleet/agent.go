@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -29,8 +30,9 @@ type Agent struct {
 	// for five of them.
 	Beat time.Duration
 
-	mu    sync.Mutex
-	cache map[string]cached // host + " " + token
+	mu      sync.Mutex
+	cache   map[string]cached // host + " " + token
+	seeding atomic.Bool       // a rebuild check is running
 }
 
 type cached struct {
@@ -74,7 +76,7 @@ func (a *Agent) heartbeats(ctx context.Context) {
 		switch {
 		case err != nil && ctx.Err() == nil:
 			if !down {
-				slog.Warn("the fleet's Redis is unreachable; serving the tokens already cached and reconnecting", "err", err)
+				slog.Warn("the agent's heartbeat failed (the fleet's Redis is unreachable, or this node was removed); serving from disk and the tokens already cached, and retrying", "err", err)
 			}
 			down = true
 			wait = min(wait*2, 30*time.Second) // back off while it is away
@@ -90,19 +92,31 @@ func (a *Agent) heartbeats(ctx context.Context) {
 	}
 }
 
+// beat says this agent is alive first, so that nothing slow after it
+// (rebuilding an emptied Redis from thousands of lineages) can let the
+// heartbeat lapse and orderers stop counting on this node.
 func (a *Agent) beat(ctx context.Context) error {
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := a.N.CheckSeeded(bctx); err != nil {
-		return err
-	}
 	info, _ := json.Marshal(AgentInfo{Node: a.N.Name, Addr: a.Advertise, Version: a.Version, PID: os.Getpid(), At: time.Now().UTC()})
 	if err := a.N.Shared.Heartbeat(bctx, a.N.Name, info, 5*a.Beat); err != nil {
 		return err
 	}
-	// Membership changes (approve, remove) reach the orderers' view of
-	// who must answer through their own loads; the agent refreshes its
-	// own so a removed node's agent knows it.
+	if a.seeding.CompareAndSwap(false, true) {
+		go func() {
+			defer a.seeding.Store(false)
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			defer cancel()
+			if err := a.N.CheckSeeded(sctx); err != nil && ctx.Err() == nil {
+				slog.Warn("could not rebuild the fleet's Redis from this node; trying again", "err", err)
+			}
+		}()
+	}
+	// A key rotation (fleet remove) is followed, so the agent can open
+	// what is sealed under the new key; membership changes are read.
+	if err := a.N.Refresh(bctx); err != nil {
+		return err
+	}
 	return a.N.loadMembers(bctx)
 }
 

@@ -158,7 +158,12 @@ func (b *Backend) SaveVersion(l *store.Lineage, files store.Files) (int, error) 
 		}
 	}
 	if err := b.Local.SaveVersionAt(l, files, v); err != nil {
-		return 0, err
+		// This node's agent may have installed the very version already,
+		// from the fleet's event: the same certificate is no failure.
+		have, lerr := b.Local.LoadVersion(l.Name, v)
+		if lerr != nil || have.Cert.Serial != l.Cert.Serial {
+			return 0, err
+		}
 	}
 	if err != nil {
 		slog.Warn("the fleet's Redis did not answer; the certificate is kept on this node and published when Redis is back", "name", l.Name, "err", err)

@@ -304,3 +304,32 @@ func TestSharedPaceBudget(t *testing.T) {
 		t.Errorf("the other node ignored the block: %v", err)
 	}
 }
+
+// An agent that reads the membership of an emptied Redis before anyone
+// rebuilt it keeps its copy, so the rebuild restores every member.
+func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp, _, _ := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
+	if err := lb1.Approve(ctx, "lb2", fp); err != nil {
+		t.Fatal(err)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb1.loadMembers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 2 {
+		t.Fatalf("members after the rebuild: %v", m)
+	}
+	if _, err := Open(ctx, sh, store.New(filepath.Join(dir, "lb2"))); err != nil {
+		t.Fatalf("lb2 after the rebuild: %v", err)
+	}
+}

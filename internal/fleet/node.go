@@ -408,6 +408,23 @@ func (n *Node) loadLocalKeys() error {
 	return nil
 }
 
+// Refresh follows a data key rotation made since this node opened the
+// fleet (a long-running agent), so it can open what is sealed under the
+// new key.
+func (n *Node) Refresh(ctx context.Context) error {
+	raw, err := n.Shared.HGet(ctx, "meta", "epoch")
+	if err != nil {
+		return err
+	}
+	cur, _ := strconv.Atoi(raw)
+	if cur <= n.Epoch() {
+		return nil
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.follow(ctx, cur)
+}
+
 // follow accepts the rotations from this node's epoch up to cur, each
 // only if it is linked to the key before it.
 func (n *Node) follow(ctx context.Context, cur int) error {
@@ -470,6 +487,11 @@ func (n *Node) loadMembers(ctx context.Context) error {
 	raw, err := n.Shared.HGetAll(ctx, "members")
 	if err != nil {
 		return err
+	}
+	if len(raw) == 0 {
+		// An emptied Redis (FLUSHALL, before the rebuild): the copy on
+		// disk is what rebuilds it, so it must not be emptied too.
+		return nil
 	}
 	_, key := n.current()
 	var ms []Member

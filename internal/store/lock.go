@@ -128,3 +128,37 @@ func (l *Lock) Unlock() {
 	l.f.Close()
 	l.f = nil
 }
+
+// WriteLockFile is the short lock of fleet mode: the agent and the
+// commands take it around each local write and deploy, so a long batch
+// (which holds LockFile's lock for its whole run) never keeps the agent
+// from installing what the fleet published.
+const WriteLockFile = "lbcert.write.lock"
+
+// WriteLock takes the short write lock, waiting until ctx is done.
+func (s *Store) WriteLock(ctx context.Context) (*Lock, error) {
+	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(s.Dir, WriteLockFile)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return &Lock{f: f}, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, &LockedError{Path: path}
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

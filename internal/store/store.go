@@ -400,6 +400,19 @@ func (s *Store) MaxVersion(name string) int {
 	return v[len(v)-1]
 }
 
+// MaxVersionBelow is the newest archived version of name older than v
+// (0 for none): what a rollback of v goes back to.
+func (s *Store) MaxVersionBelow(name string, v int) int {
+	vs, _ := s.versions(name)
+	best := 0
+	for _, x := range vs {
+		if x < v {
+			best = x
+		}
+	}
+	return best
+}
+
 // SaveVersionAt is SaveVersion with the version number chosen by the
 // caller: a fleet numbers versions fleet-wide, and a node keeps the
 // fleet's numbers. It fails if that version exists already.

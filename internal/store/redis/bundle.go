@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -19,6 +20,7 @@ type Bundle struct {
 	NotBefore time.Time
 	Epoch     int    // the data key generation SealedKey is sealed under
 	Node      string // who published it
+	Published time.Time
 	Meta      []byte // lineage.json
 	Cert      []byte
 	Chain     []byte
@@ -71,6 +73,7 @@ for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 local v = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'version', v)
 return 'ok'
 `)
 
@@ -89,7 +92,7 @@ func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
 		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
 		"node", b.Node, "published_at", time.Now().UnixMilli(),
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
-	res, err := publishScript.Run(ctx, s.c, []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted")}, args...).Text()
+	res, err := publishScript.Run(ctx, s.c, []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events")}, args...).Text()
 	if err != nil {
 		return s.unavailable(err)
 	}
@@ -114,7 +117,7 @@ func (s *Shared) Bundle(ctx context.Context, name string) (*Bundle, error) {
 // BundleMeta reads only the metadata and version fields of name's
 // bundle: what deciding what is due needs, without the PEM.
 func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
-	vals, err := s.c.HMGet(ctx, s.k("bundle", name), "version", "fence", "not_before", "epoch", "node", "meta").Result()
+	vals, err := s.c.HMGet(ctx, s.k("bundle", name), "version", "fence", "not_before", "epoch", "node", "meta", "published_at").Result()
 	if err != nil {
 		return nil, s.unavailable(err)
 	}
@@ -122,7 +125,7 @@ func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
 		return nil, ErrNoBundle
 	}
 	m := map[string]string{}
-	for i, f := range []string{"version", "fence", "not_before", "epoch", "node", "meta"} {
+	for i, f := range []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at"} {
 		if v, ok := vals[i].(string); ok {
 			m[f] = v
 		}
@@ -134,7 +137,7 @@ func bundleOf(name string, m map[string]string) *Bundle {
 	atoi := func(f string) int64 { n, _ := strconv.ParseInt(m[f], 10, 64); return n }
 	return &Bundle{
 		Name: name, Version: int(atoi("version")), Fence: atoi("fence"), NotBefore: time.UnixMilli(atoi("not_before")).UTC(),
-		Epoch: int(atoi("epoch")), Node: m["node"],
+		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(),
 		Meta: []byte(m["meta"]), Cert: []byte(m["cert"]), Chain: []byte(m["chain"]), Fullchain: []byte(m["fullchain"]),
 		SealedKey: []byte(m["key"]),
 	}
@@ -186,8 +189,110 @@ func (s *Shared) DeleteBundle(ctx context.Context, name string) error {
 	// A tombstone: nodes that still hold the name on disk must not bring
 	// it back when they republish into a rebuilt Redis.
 	p.HSet(ctx, s.k("deleted"), name, time.Now().UTC().Format(time.RFC3339))
+	p.XAdd(ctx, &goredis.XAddArgs{Stream: s.k("events"), MaxLen: 100000, Approx: true, Values: []any{"name", name, "deleted", "1"}})
 	_, err := p.Exec(ctx)
 	return s.unavailable(err)
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// Event is one change to the fleet's lineages, from the events stream:
+// a version published, or a lineage deleted.
+type Event struct {
+	ID      string
+	Name    string
+	Version int
+	Deleted bool
+}
+
+// LastEvent is the ID of the newest event ("0" for none): an agent that
+// reconciles everything first reads from here on, missing nothing
+// published during its reconcile.
+func (s *Shared) LastEvent(ctx context.Context) (string, error) {
+	msgs, err := s.c.XRevRangeN(ctx, s.k("events"), "+", "-", 1).Result()
+	if err != nil {
+		return "", s.unavailable(err)
+	}
+	if len(msgs) == 0 {
+		return "0", nil
+	}
+	return msgs[0].ID, nil
+}
+
+// Events waits up to block for events after id, and returns them.
+func (s *Shared) Events(ctx context.Context, id string, block time.Duration) ([]Event, error) {
+	res, err := s.c.XRead(ctx, &goredis.XReadArgs{Streams: []string{s.k("events"), id}, Block: block, Count: 1000}).Result()
+	if errors.Is(err, goredis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, s.unavailable(err)
+	}
+	var out []Event
+	for _, st := range res {
+		for _, m := range st.Messages {
+			e := Event{ID: m.ID}
+			e.Name, _ = m.Values["name"].(string)
+			v, _ := m.Values["version"].(string)
+			e.Version, _ = strconv.Atoi(v)
+			d, _ := m.Values["deleted"].(string)
+			e.Deleted = d == "1"
+			out = append(out, e)
+		}
+	}
+	return out, nil
+}
+
+// Versions reads the fleet's current version of each name (0 for none),
+// pipelined: a full reconcile of 10,000 lineages is a few round trips.
+func (s *Shared) Versions(ctx context.Context, names []string) (map[string]int, error) {
+	out := make(map[string]int, len(names))
+	for start := 0; start < len(names); start += 1000 {
+		chunk := names[start:min(start+1000, len(names))]
+		p := s.c.Pipeline()
+		cmds := make([]*goredis.StringCmd, len(chunk))
+		for i, n := range chunk {
+			cmds[i] = p.HGet(ctx, s.k("bundle", n), "version")
+		}
+		if _, err := p.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
+			return nil, s.unavailable(err)
+		}
+		for i, n := range chunk {
+			v, _ := cmds[i].Int()
+			out[n] = v
+		}
+	}
+	return out, nil
+}
+
+// Head is a bundle's version and when it was published.
+type Head struct {
+	Version   int
+	Published time.Time
+}
+
+// Heads reads the version and publish time of each name, pipelined.
+func (s *Shared) Heads(ctx context.Context, names []string) (map[string]Head, error) {
+	out := make(map[string]Head, len(names))
+	for start := 0; start < len(names); start += 1000 {
+		chunk := names[start:min(start+1000, len(names))]
+		p := s.c.Pipeline()
+		cmds := make([]*goredis.SliceCmd, len(chunk))
+		for i, n := range chunk {
+			cmds[i] = p.HMGet(ctx, s.k("bundle", n), "version", "published_at")
+		}
+		if _, err := p.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
+			return nil, s.unavailable(err)
+		}
+		for i, n := range chunk {
+			vals := cmds[i].Val()
+			if len(vals) < 2 || vals[0] == nil {
+				continue
+			}
+			v, _ := strconv.Atoi(vals[0].(string))
+			ms, _ := strconv.ParseInt(fmt.Sprint(vals[1]), 10, 64)
+			out[n] = Head{Version: v, Published: time.UnixMilli(ms).UTC()}
+		}
+	}
+	return out, nil
+}

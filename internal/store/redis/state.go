@@ -320,3 +320,26 @@ func (s *Shared) PaceUpdate(fields []string, fn func(map[string][]byte) (map[str
 	}
 	return errors.New("the fleet's pace budget changed under every one of 100 tries; try again")
 }
+
+// SetServed records what node serves for each name (JSON per name).
+func (s *Shared) SetServed(ctx context.Context, node string, served map[string][]byte) error {
+	if len(served) == 0 {
+		return nil
+	}
+	args := make([]any, 0, 2*len(served))
+	for k, v := range served {
+		args = append(args, k, v)
+	}
+	return s.unavailable(s.c.HSet(ctx, s.k("served", node), args...).Err())
+}
+
+// Served reads what node reported serving, by name.
+func (s *Shared) Served(ctx context.Context, node string) (map[string]string, error) {
+	m, err := s.c.HGetAll(ctx, s.k("served", node)).Result()
+	return m, s.unavailable(err)
+}
+
+// DelServed forgets names node served (deleted lineages).
+func (s *Shared) DelServed(ctx context.Context, node string, names ...string) error {
+	return s.unavailable(s.c.HDel(ctx, s.k("served", node), names...).Err())
+}

@@ -1,0 +1,119 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"time"
+)
+
+// StatusVersion is the fleet status JSON schema's version; it changes
+// only when a field changes meaning or goes away.
+const StatusVersion = 1
+
+// Status is the fleet as 'fleet status' shows it.
+type Status struct {
+	Version  int          `json:"version"`
+	Fleet    string       `json:"fleet"`
+	Redis    string       `json:"redis"`
+	Lineages int          `json:"lineages"`
+	Nodes    []NodeStatus `json:"nodes"`
+	OK       bool         `json:"ok"`
+	At       time.Time    `json:"at"`
+}
+
+// NodeStatus is one member's view.
+type NodeStatus struct {
+	Node        string     `json:"node"`
+	Heartbeat   *time.Time `json:"heartbeat,omitempty"`
+	Agent       string     `json:"agent_version,omitempty"`
+	Addr        string     `json:"agent_addr,omitempty"`
+	Newest      int        `json:"newest"` // lineages served at the fleet's newest version
+	Behind      int        `json:"behind"`
+	Failed      int        `json:"failed"`
+	LagSeconds  float64    `json:"lag_seconds"` // the oldest change not served yet
+	Failures    []Failure  `json:"failures,omitempty"`
+	Problems    []string   `json:"problems,omitempty"`
+	BehindNames []string   `json:"behind_names,omitempty"`
+}
+
+// Failure is a lineage a node failed to install or deploy.
+type Failure struct {
+	Name  string    `json:"name"`
+	Error string    `json:"error"`
+	At    time.Time `json:"at"`
+}
+
+// Report builds the fleet's status at now: a node is a problem when its
+// heartbeat is older than maxBeat (or gone), when a deploy failed, or
+// when it has been behind the newest version for longer than maxLag.
+func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.Duration) (*Status, error) {
+	names, err := n.Shared.Names(ctx)
+	if err != nil {
+		return nil, err
+	}
+	heads, err := n.Shared.Heads(ctx, names)
+	if err != nil {
+		return nil, err
+	}
+	agents, err := n.Shared.Agents(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC()}
+	for _, m := range n.Members() {
+		ns := NodeStatus{Node: m.Node}
+		var info AgentInfo
+		if raw, ok := agents[m.Node]; ok && json.Unmarshal(raw, &info) == nil {
+			t := info.At
+			ns.Heartbeat, ns.Agent, ns.Addr = &t, info.Version, info.Addr
+		}
+		served, err := n.Shared.Served(ctx, m.Node)
+		if err != nil {
+			return nil, err
+		}
+		var lag time.Duration
+		for name, h := range heads {
+			var s Served
+			if raw, ok := served[name]; ok {
+				json.Unmarshal([]byte(raw), &s)
+			}
+			switch {
+			case s.OK && s.Version >= h.Version:
+				ns.Newest++
+				continue
+			case s.Error != "" && s.Wanted >= h.Version:
+				ns.Failed++
+				ns.Failures = append(ns.Failures, Failure{Name: name, Error: s.Error, At: s.At})
+			default:
+				ns.Behind++
+				ns.BehindNames = append(ns.BehindNames, name)
+			}
+			lag = max(lag, now.Sub(h.Published))
+		}
+		sort.Slice(ns.Failures, func(i, j int) bool { return ns.Failures[i].Name < ns.Failures[j].Name })
+		sort.Strings(ns.BehindNames)
+		if len(ns.BehindNames) > 20 {
+			ns.BehindNames = ns.BehindNames[:20]
+		}
+		ns.LagSeconds = lag.Seconds()
+		switch {
+		case ns.Heartbeat == nil:
+			ns.Problems = append(ns.Problems, "no heartbeat: its agent is not running or cannot reach Redis")
+		case now.Sub(*ns.Heartbeat) > maxBeat:
+			ns.Problems = append(ns.Problems, fmt.Sprintf("last heartbeat %s ago", now.Sub(*ns.Heartbeat).Round(time.Second)))
+		}
+		if ns.Failed > 0 {
+			ns.Problems = append(ns.Problems, fmt.Sprintf("%d failed to deploy", ns.Failed))
+		}
+		if ns.Behind > 0 && lag > maxLag {
+			ns.Problems = append(ns.Problems, fmt.Sprintf("%d behind for %s", ns.Behind, lag.Round(time.Second)))
+		}
+		if len(ns.Problems) > 0 {
+			st.OK = false
+		}
+		st.Nodes = append(st.Nodes, ns)
+	}
+	return st, nil
+}
