@@ -113,11 +113,12 @@ func (f *fleetEnv) form() {
 }
 
 // startAgent starts node n's agent and waits for its heartbeat.
-func (f *fleetEnv) startAgent(n string) {
+func (f *fleetEnv) startAgent(n string, extra ...string) {
 	f.t.Helper()
 	node := f.nodes[n]
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, lbcertBin, "-v", "--dir", node.dir, "--redis", f.url, "agent", "--http-addr", fmt.Sprintf("127.0.0.1:%d", node.port))
+	args := append([]string{"-v", "--dir", node.dir, "--redis", f.url, "agent", "--http-addr", fmt.Sprintf("127.0.0.1:%d", node.port)}, extra...)
+	cmd := exec.CommandContext(ctx, lbcertBin, args...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 10 * time.Second
 	cmd.Env = append(os.Environ(), "LBCERT_CONFIG=", "LBCERT_REDIS_PASSWORD="+fleetPassword)

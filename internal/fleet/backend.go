@@ -380,9 +380,21 @@ func (b *Backend) HasAccount(server, email string) bool {
 	return err == nil && len(reg) > 0 || b.Local.HasAccount(server, email)
 }
 
-// WriteAccountKey saves the new account key here and, sealed, in the fleet.
+// WriteAccountKey saves the new account key on this node; the fleet
+// gets it with its registration, in one piece (WriteAccount).
 func (b *Backend) WriteAccountKey(server, email string, key []byte) error {
-	if err := b.Local.WriteAccountKey(server, email, key); err != nil {
+	return b.Local.WriteAccountKey(server, email, key)
+}
+
+// WriteAccount saves the registration here and, with its key sealed, in
+// the fleet, unless another node registered first: then the fleet keeps
+// that one, and this node uses it from its next run on.
+func (b *Backend) WriteAccount(server, email string, reg []byte) error {
+	if err := b.Local.WriteAccount(server, email, reg); err != nil {
+		return err
+	}
+	key, _, err := b.Local.ReadAccount(server, email)
+	if err != nil {
 		return err
 	}
 	epoch, dk := b.N.current()
@@ -392,17 +404,11 @@ func (b *Backend) WriteAccountKey(server, email string, key []byte) error {
 	}
 	ctx, cancel := rctx()
 	defer cancel()
-	return b.sh().SetAccountKey(ctx, server, email, epoch, sealed)
-}
-
-// WriteAccount saves the registration here and in the fleet.
-func (b *Backend) WriteAccount(server, email string, reg []byte) error {
-	if err := b.Local.WriteAccount(server, email, reg); err != nil {
-		return err
+	created, err := b.sh().CreateAccount(ctx, server, email, epoch, sealed, reg)
+	if err == nil && !created {
+		slog.Info("another node registered the fleet's account at the same moment; the fleet keeps that one", "server", server, "email", email)
 	}
-	ctx, cancel := rctx()
-	defer cancel()
-	return b.sh().SetAccountReg(ctx, server, email, reg)
+	return err
 }
 
 // RemoveAccount forgets the account here and in the fleet.

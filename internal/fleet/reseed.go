@@ -181,18 +181,16 @@ func (n *Node) seedAccount(ctx context.Context, server, email string) error {
 	if err != nil {
 		return err
 	}
+	if len(reg) == 0 {
+		return nil // never registered: nothing the fleet could use
+	}
 	epoch, dk := n.current()
 	s, err := seal(dk, accountAD(n.ID, server, email), key)
 	if err != nil {
 		return err
 	}
-	if err := n.Shared.SetAccountKey(ctx, server, email, epoch, s); err != nil {
-		return err
-	}
-	if len(reg) > 0 {
-		return n.Shared.SetAccountReg(ctx, server, email, reg)
-	}
-	return nil
+	_, err = n.Shared.CreateAccount(ctx, server, email, epoch, s, reg)
+	return err
 }
 
 // Import publishes every lineage and account of this node's --dir, for

@@ -186,3 +186,31 @@ func TestClusterIsRefused(t *testing.T) {
 		t.Fatalf("dial a cluster node: %v", err)
 	}
 }
+
+// Two nodes registering the same account at once: the fleet keeps one
+// node's key with that node's registration, never a mix.
+func TestAccountIsCreatedWhole(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	var wins atomic.Int32
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := itoa(int64(i))
+			ok, err := s.CreateAccount(ctx, "https://ca/dir", "ops@example.com", 1, []byte("key-"+id), []byte("reg-"+id))
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	key, reg, _, err := s.Account(ctx, "https://ca/dir", "ops@example.com")
+	if err != nil || wins.Load() != 1 || strings.TrimPrefix(string(key), "key-") != strings.TrimPrefix(string(reg), "reg-") {
+		t.Fatalf("wins %d, key %q, reg %q, %v", wins.Load(), key, reg, err)
+	}
+}

@@ -47,20 +47,21 @@ func (s *Shared) Account(ctx context.Context, server, email string) (sealedKey, 
 	return []byte(m["key"]), []byte(m["reg"]), epoch, nil
 }
 
-// SetAccountKey saves the sealed account key (and drops a registration
-// made with another key).
-func (s *Shared) SetAccountKey(ctx context.Context, server, email string, epoch int, sealed []byte) error {
-	k := s.accountKey(server, email)
-	p := s.c.TxPipeline()
-	p.HDel(ctx, k, "reg")
-	p.HSet(ctx, k, "server", server, "email", email, "epoch", epoch, "key", sealed)
-	_, err := p.Exec(ctx)
-	return s.unavailable(err)
-}
+// accountScript saves an account's key and registration together, only
+// if the fleet has none yet: two nodes registering at the same moment
+// must not leave one node's key beside the other's registration (the CA
+// would refuse every signature). The loser's account stays unused.
+var accountScript = goredis.NewScript(`
+if redis.call('HEXISTS', KEYS[1], 'reg') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'server', ARGV[1], 'email', ARGV[2], 'epoch', ARGV[3], 'key', ARGV[4], 'reg', ARGV[5])
+return 1
+`)
 
-// SetAccountReg saves the registration of the account.
-func (s *Shared) SetAccountReg(ctx context.Context, server, email string, reg []byte) error {
-	return s.unavailable(s.c.HSet(ctx, s.accountKey(server, email), "reg", reg).Err())
+// CreateAccount saves a registered account if the fleet has none for
+// (server, email); false means another node's account is the fleet's.
+func (s *Shared) CreateAccount(ctx context.Context, server, email string, epoch int, sealed, reg []byte) (bool, error) {
+	n, err := accountScript.Run(ctx, s.c, []string{s.accountKey(server, email)}, server, email, epoch, sealed, reg).Int()
+	return n == 1, s.unavailable(err)
 }
 
 // DelAccount forgets the account.
