@@ -129,7 +129,7 @@ func TestFleetEveryNodeServes(t *testing.T) {
 	// every node serving the new serial over TLS.
 	bg := make(chan result, 1)
 	go func() {
-		bg <- f.on("lb2", "batch", f.writeCSV("bg.csv", 200, 300), "--preflight=false", "--rate-domain", "off")
+		bg <- f.on("lb2", "batch", f.writeCSV("bg.csv", 200, 300), "--preflight=false", "--rate-domain", "off", "--concurrency", "4")
 	}()
 	var lat []time.Duration
 	for i := range 50 {
