@@ -30,13 +30,13 @@ bench-deps: deps
 
 test: deps
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -timeout 25m ./...
 
 unit:
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /internal/e2e)
 
 e2e: deps
-	$(GO) test -count=1 -timeout 20m -v ./internal/e2e/
+	$(GO) test -count=1 -timeout 25m -v ./internal/e2e/
 
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch

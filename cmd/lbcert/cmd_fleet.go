@@ -53,6 +53,10 @@ type fleetRun struct {
 // redisExit maps a Redis that did not answer to its exit code.
 func redisExit(err error) error {
 	var u *redis.Unavailable
+	var e *exit.Error
+	if errors.As(err, &e) && !errors.As(err, &u) {
+		return err // it says its own code
+	}
 	if errors.As(err, &u) {
 		return &exit.Error{Code: exit.Unavailable, Err: err, Hint: u.HintText()}
 	}

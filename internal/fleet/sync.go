@@ -274,16 +274,12 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 		if status.Pending != nil && status.Pending.Version == v {
 			previous = status.Pending.Previous // a deploy a killed agent left half-done
 		} else if live == v {
-			s.mu.Lock()
-			rep, ok := s.reported[name]
-			s.mu.Unlock()
-			if ok && rep.OK && rep.Version == v {
-				continue
-			}
-			// Live already (its own run installed it, or an earlier
-			// agent): deployed again, which is idempotent, so that the
-			// report says what the load balancer really serves.
-			previous = v
+			// Live and not owed a deploy: this node's own run installed
+			// and deployed it, or an earlier agent did and was stopped
+			// before it reported. Nothing to redo, and a redo whose test
+			// failed must never roll back a certificate already served.
+			reports[name] = Served{Version: v, Serial: l.Cert.Serial, Wanted: v, OK: true, At: now}
+			continue
 		}
 		if err := st.WriteStatus(name, store.Status{Pending: &store.Pending{Version: v, Previous: previous, Since: now}}); err != nil {
 			reports[name] = Served{Version: live, Wanted: v, Error: "journal: " + err.Error(), At: now}
@@ -292,12 +288,6 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 		if err := st.Activate(name, v); err != nil {
 			reports[name] = Served{Version: live, Wanted: v, Error: "activate: " + err.Error(), At: now}
 			continue
-		}
-		if previous == v {
-			previous = 0
-			if prev := st.MaxVersionBelow(name, v); prev > 0 {
-				previous = prev
-			}
 		}
 		changes = append(changes, deploy.Change{Name: name, Domains: l.Domains, Serial: l.Cert.Serial, Previous: previous, Deploy: s.Deploy})
 		owed = append(owed, p)
