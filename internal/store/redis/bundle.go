@@ -246,21 +246,13 @@ func (s *Shared) Events(ctx context.Context, id string, block time.Duration) ([]
 // Versions reads the fleet's current version of each name (0 for none),
 // pipelined: a full reconcile of 10,000 lineages is a few round trips.
 func (s *Shared) Versions(ctx context.Context, names []string) (map[string]int, error) {
+	heads, err := s.Heads(ctx, names)
+	if err != nil {
+		return nil, err
+	}
 	out := make(map[string]int, len(names))
-	for start := 0; start < len(names); start += 1000 {
-		chunk := names[start:min(start+1000, len(names))]
-		p := s.c.Pipeline()
-		cmds := make([]*goredis.StringCmd, len(chunk))
-		for i, n := range chunk {
-			cmds[i] = p.HGet(ctx, s.k("bundle", n), "version")
-		}
-		if _, err := p.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
-			return nil, s.unavailable(err)
-		}
-		for i, n := range chunk {
-			v, _ := cmds[i].Int()
-			out[n] = v
-		}
+	for _, n := range names {
+		out[n] = heads[n].Version
 	}
 	return out, nil
 }
