@@ -285,11 +285,11 @@ func (b *Backend) ReadKey(name string) ([]byte, error) {
 func (b *Backend) ReadFullchain(name string) ([]byte, error) {
 	ctx, cancel := rctx()
 	defer cancel()
-	bd, err := b.sh().Bundle(ctx, name)
+	full, err := b.sh().Fullchain(ctx, name)
 	if err != nil {
 		return b.Local.ReadFullchain(name)
 	}
-	return bd.Fullchain, nil
+	return full, nil
 }
 
 // ReadStatus merges the fleet's status (ARI, backoff, warnings) with this

@@ -288,3 +288,13 @@ func (s *Shared) Heads(ctx context.Context, names []string) (map[string]Head, er
 	}
 	return out, nil
 }
+
+// Fullchain reads only name's full chain: an ARI check needs no more,
+// and renew makes one per lineage.
+func (s *Shared) Fullchain(ctx context.Context, name string) ([]byte, error) {
+	b, err := s.c.HGet(ctx, s.k("bundle", name), "fullchain").Bytes()
+	if errors.Is(err, goredis.Nil) {
+		return nil, ErrNoBundle
+	}
+	return b, s.unavailable(err)
+}

@@ -98,6 +98,9 @@ func TestPublishRefusesStaleWriters(t *testing.T) {
 	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: 1, NotBefore: nb.Add(-time.Hour)}); !errors.Is(err, ErrStale) {
 		t.Errorf("older certificate publish: %v, want ErrStale", err)
 	}
+	if _, err := s.Fullchain(ctx, "nosuch.com"); !errors.Is(err, ErrNoBundle) {
+		t.Errorf("full chain of a missing bundle: %v", err)
+	}
 	b, err := s.Bundle(ctx, "foo.com")
 	if err != nil || b.Version != v || b.Fence != t2 || string(b.SealedKey) != "x" || !b.NotBefore.Equal(nb) {
 		t.Fatalf("bundle %+v, %v", b, err)
