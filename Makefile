@@ -28,15 +28,17 @@ deps:
 bench-deps: deps
 	@internal/testenv/apt-ensure certbot:certbot lego:lego
 
+# gotest ends a failing run with a summary of what failed (CI may show
+# only the end of the output).
 test: deps
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 25m ./...
+	GO=$(GO) internal/testenv/gotest -count=1 -timeout 25m ./...
 
 unit:
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /internal/e2e)
 
 e2e: deps
-	$(GO) test -count=1 -timeout 25m -v ./internal/e2e/
+	GO=$(GO) internal/testenv/gotest -count=1 -timeout 25m -v ./internal/e2e/
 
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch
