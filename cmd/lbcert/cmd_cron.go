@@ -130,7 +130,28 @@ func (a *app) renewCommand() string {
 	if p := a.configPath(); p != defaultConfig {
 		parts = append(parts, "--config", shellQuote(absPath(p)))
 	}
+	for _, f := range a.fleetArgs() {
+		parts = append(parts, shellQuote(f))
+	}
 	return strings.Join(append(parts, "renew", "-q"), " ")
+}
+
+// fleetArgs are the fleet flags a unit or cron line must repeat for its
+// run to be in the same fleet: never a password (the run reads it from
+// --redis-password-file, LBCERT_REDIS_PASSWORD or the config file).
+func (a *app) fleetArgs() []string {
+	var args []string
+	f := a.fleetOpts
+	if f.Redis != "" {
+		args = append(args, "--redis", f.Redis)
+	}
+	if f.CA != "" {
+		args = append(args, "--redis-ca", absPath(f.CA))
+	}
+	if f.PasswordFile != "" {
+		args = append(args, "--redis-password-file", absPath(f.PasswordFile))
+	}
+	return args
 }
 
 func absPath(p string) string {
@@ -352,31 +373,7 @@ func (a *app) timerInstall(o *cronOptions) error {
 	if minute == 0 {
 		minute, _ = randomTime()
 	}
-	perDay := runsPerDay(store.New(a.global.Dir))
-	timerHours := hours(0, perDay, "%02d")
-	service := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
-[Unit]
-Description=Renew lbcert certificates that are due
-Documentation=man:lbcert-renew(1)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-ExecStart=%s
-`, strings.Replace(a.renewCommand(), " renew -q", " renew -q --no-random-sleep", 1))
-	timer := fmt.Sprintf(`# Managed by 'lbcert cron install --systemd'; 'lbcert cron remove --systemd' deletes it.
-[Unit]
-Description=Renew lbcert certificates that are due, %d times a day
-
-[Timer]
-OnCalendar=*-*-* %s:%02d:00
-RandomizedDelaySec=1h
-Persistent=true
-
-[Install]
-WantedBy=timers.target
-`, perDay, timerHours, minute)
+	service, timer, timerHours := a.renewService(cronManaged), a.renewTimer(minute, cronManaged), hours(0, runsPerDay(store.New(a.global.Dir)), "%02d")
 	if err := os.MkdirAll(o.UnitDir, 0o755); err != nil {
 		return exit.Errorf("%s: %w", o.UnitDir, unwrapPath(err))
 	}

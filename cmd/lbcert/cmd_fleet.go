@@ -400,20 +400,28 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 		a.printf("%s", a.agentUnit(o))
 		return nil
 	}
-	f, err := a.openFleet(ctx, st, "agent")
-	if err != nil {
-		return err
+	if a.fleetOpts.Redis == "" {
+		return exit.Errorf("agent: fleet mode needs --redis (or LBCERT_REDIS, or 'redis' in the config file)")
 	}
-	defer f.close()
 	ln, err := net.Listen("tcp", o.httpAddr)
 	if err != nil {
 		return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
 	}
-	a.printf("agent of node %s (fleet %s) answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
-	sync := &fleet.Syncer{N: f.node, Deploy: settings, Reconcile: o.reconcile,
+	var f *fleetRun
+	defer func() { f.close() }()
+	connect := func(ctx context.Context) (*fleet.Node, error) {
+		var err error
+		if f, err = a.openFleet(ctx, st, "agent"); err != nil {
+			return nil, err // the agent retries a *redis.Unavailable
+		}
+		a.printf("agent of node %s (fleet %s) connected; answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
+		return f.node, nil
+	}
+	a.printf("agent answering HTTP-01 on %s; connecting to the fleet's Redis\n", ln.Addr())
+	sync := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile,
 		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
-	go sync.Run(ctx)
-	ag := &fleet.Agent{N: f.node, Listener: ln, Advertise: advertise, Version: buildVersion(debug.ReadBuildInfo())}
+	ag := &fleet.Agent{Local: st, Connect: connect, Sync: sync, Listener: ln, Advertise: advertise,
+		Version: buildVersion(debug.ReadBuildInfo())}
 	return ag.Run(ctx)
 }
 
@@ -425,16 +433,7 @@ func (a *app) agentUnit(o *agentOptions) string {
 	if err != nil {
 		self = "/usr/local/bin/lbcert"
 	}
-	args := []string{self, "--dir", a.global.Dir}
-	if a.fleetOpts.Redis != "" {
-		args = append(args, "--redis", a.fleetOpts.Redis)
-	}
-	if a.fleetOpts.CA != "" {
-		args = append(args, "--redis-ca", a.fleetOpts.CA)
-	}
-	if a.fleetOpts.PasswordFile != "" {
-		args = append(args, "--redis-password-file", a.fleetOpts.PasswordFile)
-	}
+	args := append([]string{self, "--dir", absPath(a.global.Dir)}, a.fleetArgs()...)
 	args = append(args, "agent", "--http-addr", o.httpAddr)
 	if o.advertise != "" {
 		args = append(args, "--advertise-addr", o.advertise)
@@ -452,7 +451,7 @@ func (a *app) agentUnit(o *agentOptions) string {
 	for i, x := range args {
 		quoted[i] = systemdQuote(x)
 	}
-	return fmt.Sprintf(`# lbcert fleet agent: 'lbcert agent --print-systemd-unit' wrote this.
+	return fmt.Sprintf(`%s
 # Install: put it in /etc/systemd/system/lbcert-agent.service, put
 # LBCERT_REDIS_PASSWORD=... in /etc/lbcert/agent.env (mode 0600) unless
 # --redis-password-file is used, then:
@@ -475,7 +474,7 @@ PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
-`, strings.Join(quoted, " "))
+`, printedBy("lbcert-agent.service", "agent --print-systemd-unit"), strings.Join(quoted, " "))
 }
 
 // systemdQuote quotes one ExecStart word when it needs it.

@@ -29,6 +29,8 @@ type renewOptions struct {
 	WaitLock      time.Duration
 	Concurrency   int
 	MaxWait       time.Duration
+	PrintUnit     bool
+	PrintTimer    bool
 	pace          paceFlags
 }
 
@@ -83,12 +85,24 @@ while it is valid.
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
 	f.IntVar(&o.Concurrency, "concurrency", 8, "renewals (and ARI look-ups) in flight at once")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a lineage for the next run")
+	f.BoolVar(&o.PrintUnit, "print-systemd-unit", false, "print lbcert-renew.service, a unit running this renew with these settings, and exit")
+	f.BoolVar(&o.PrintTimer, "print-systemd-timer", false, "print lbcert-renew.timer, which starts that unit on the renew schedule, and exit")
 	o.pace.register(f)
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	return cmd
 }
 
 func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
+	switch {
+	case o.PrintUnit && o.PrintTimer:
+		return exit.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
+	case o.PrintUnit:
+		a.printf("%s", a.renewService(printedBy(serviceUnit, "renew --print-systemd-unit")))
+		return nil
+	case o.PrintTimer:
+		a.printf("%s", a.renewTimer(a.hostMinute(), printedBy(timerUnit, "renew --print-systemd-timer")))
+		return nil
+	}
 	st := store.New(a.global.Dir)
 	if o.Days < 0 {
 		return exit.Errorf("--days %d: must be positive", o.Days)

@@ -14,13 +14,28 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // Agent is a node's long-running part: it answers the fleet's HTTP-01
 // tokens from Redis for whichever node ordered, heartbeats so that
-// orderers check their tokens through it, and re-seeds an emptied Redis.
+// orderers check their tokens through it, installs what the fleet
+// publishes (Sync), and re-seeds an emptied Redis.
+//
+// It starts without Redis: nginx and HAProxy go on serving what is on
+// disk, a deploy a killed agent left half-done is finished from disk,
+// and the agent connects when Redis answers, backing off meanwhile.
 type Agent struct {
-	N *Node
+	// Local is this node's state directory.
+	Local *store.Store
+	// Connect opens this node's fleet. An error that is a
+	// *redis.Unavailable is retried with backoff; any other ends Run.
+	Connect func(ctx context.Context) (*Node, error)
+	// Sync, when set, installs and deploys what the fleet publishes;
+	// its N is set on connect.
+	Sync *Syncer
 	// Listener serves HTTP-01; the command binds it.
 	Listener net.Listener
 	// Advertise is where peers reach it (host:port).
@@ -30,10 +45,14 @@ type Agent struct {
 	// for five of them.
 	Beat time.Duration
 
+	node    atomic.Pointer[Node] // nil until Connect succeeds
 	mu      sync.Mutex
 	cache   map[string]cached // host + " " + token
 	seeding atomic.Bool       // a rebuild check is running
 }
+
+// N is the connected node, or nil before Redis first answered.
+func (a *Agent) N() *Node { return a.node.Load() }
 
 type cached struct {
 	keyAuth string
@@ -51,21 +70,70 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.cache = map[string]cached{}
 	srv := &http.Server{Handler: a, ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(a.Listener) }()
-	go a.heartbeats(ctx)
+	if a.Sync != nil && a.Local != nil {
+		// Before Redis: a deploy this agent was killed in the middle of
+		// is owed now, whether or not Redis answers.
+		a.Sync.FinishLocal(ctx, a.Local)
+	}
+	go func() {
+		n, err := a.connect(ctx)
+		if err != nil || n == nil {
+			errc <- err // nil: ctx ended first
+			return
+		}
+		a.node.Store(n)
+		if a.Sync != nil {
+			a.Sync.N = n
+			go a.Sync.Run(ctx)
+		}
+		a.heartbeats(ctx)
+	}()
+	var err error
 	select {
 	case <-ctx.Done():
-	case err := <-errc:
-		return err
+	case err = <-errc:
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	srv.Shutdown(sctx)
-	dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer dcancel()
-	a.N.Shared.DelHeartbeat(dctx, a.N.Name)
-	return nil
+	if n := a.N(); n != nil {
+		dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer dcancel()
+		n.Shared.DelHeartbeat(dctx, n.Name)
+	}
+	return err
+}
+
+// connect calls Connect until it succeeds, backing off from 1 s to 30 s
+// while Redis is unreachable; it returns a lasting error (this node is
+// not a member, Redis holds another fleet) at once.
+func (a *Agent) connect(ctx context.Context) (*Node, error) {
+	wait := time.Second
+	warned := false
+	for {
+		n, err := a.Connect(ctx)
+		if err == nil {
+			if warned {
+				slog.Info("the fleet's Redis answers; the agent is connected")
+			}
+			return n, nil
+		}
+		if !errors.As(err, new(*redis.Unavailable)) {
+			return nil, err
+		}
+		if !warned {
+			slog.Warn("the fleet's Redis is unreachable; nginx and HAProxy keep serving what is on disk, and the agent connects when it answers", "err", err)
+			warned = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 30*time.Second)
+	}
 }
 
 func (a *Agent) heartbeats(ctx context.Context) {
@@ -84,6 +152,11 @@ func (a *Agent) heartbeats(ctx context.Context) {
 			slog.Info("the fleet's Redis is back")
 			down, wait = false, a.Beat
 		}
+		if err == nil {
+			// What a run of this node kept here while Redis was away is
+			// published now, not only when the next run starts.
+			a.publishQueued(ctx)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -96,10 +169,11 @@ func (a *Agent) heartbeats(ctx context.Context) {
 // (rebuilding an emptied Redis from thousands of lineages) can let the
 // heartbeat lapse and orderers stop counting on this node.
 func (a *Agent) beat(ctx context.Context) error {
+	n := a.N()
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	info, _ := json.Marshal(AgentInfo{Node: a.N.Name, Addr: a.Advertise, Version: a.Version, PID: os.Getpid(), At: time.Now().UTC()})
-	if err := a.N.Shared.Heartbeat(bctx, a.N.Name, info, 5*a.Beat); err != nil {
+	info, _ := json.Marshal(AgentInfo{Node: n.Name, Addr: a.Advertise, Version: a.Version, PID: os.Getpid(), At: time.Now().UTC()})
+	if err := n.Shared.Heartbeat(bctx, n.Name, info, 5*a.Beat); err != nil {
 		return err
 	}
 	if a.seeding.CompareAndSwap(false, true) {
@@ -107,17 +181,32 @@ func (a *Agent) beat(ctx context.Context) error {
 			defer a.seeding.Store(false)
 			sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 			defer cancel()
-			if err := a.N.CheckSeeded(sctx); err != nil && ctx.Err() == nil {
+			if err := n.CheckSeeded(sctx); err != nil && ctx.Err() == nil {
 				slog.Warn("could not rebuild the fleet's Redis from this node; trying again", "err", err)
 			}
 		}()
 	}
 	// A key rotation (fleet remove) is followed, so the agent can open
 	// what is sealed under the new key; membership changes are read.
-	if err := a.N.Refresh(bctx); err != nil {
+	if err := n.Refresh(bctx); err != nil {
 		return err
 	}
-	return a.N.loadMembers(bctx)
+	return n.loadMembers(bctx)
+}
+
+// publishQueued publishes the certificates a run of this node saved
+// while Redis was away (the run itself is gone, or waits for its next
+// start).
+func (a *Agent) publishQueued(ctx context.Context) {
+	n := a.N()
+	if !hasQueue(n.Local) {
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := NewBackend(n).PublishQueued(pctx); err != nil && ctx.Err() == nil {
+		slog.Warn("could not publish the certificates kept on this node while Redis was away; trying again", "err", err)
+	}
 }
 
 const challengePath = "/.well-known/acme-challenge/"
@@ -135,6 +224,10 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	host := splitHost(r.Host)
+	if a.N() == nil {
+		http.Error(w, "not connected to the fleet's Redis yet", http.StatusServiceUnavailable)
+		return
+	}
 	keyAuth, ok := a.lookup(r.Context(), host, token)
 	if !ok {
 		http.NotFound(w, r)
@@ -156,7 +249,7 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	keyAuth, ttl, err := a.N.Shared.Token(rctx, host, token)
+	keyAuth, ttl, err := a.N().Shared.Token(rctx, host, token)
 	if err != nil {
 		// Redis away: a token seen before is still good until it expires.
 		if hit && now.Before(c.expires) {

@@ -192,10 +192,35 @@ func (b *Backend) queuePath() string { return filepath.Join(fleetDir(b.Local), "
 func (b *Backend) queue(name string, v int) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	q := readQueue(b.queuePath())
-	q[name] = v
-	data, _ := json.Marshal(q)
-	return store.WriteFile(b.queuePath(), data, 0o600)
+	return withQueueLock(b.Local, func() error {
+		q := readQueue(b.queuePath())
+		q[name] = v
+		data, _ := json.Marshal(q)
+		return store.WriteFile(b.queuePath(), data, 0o600)
+	})
+}
+
+// withQueueLock runs fn under a flock of the queue's own lock file: a
+// run adding to the queue and the agent publishing it are two
+// processes, and neither may lose the other's entry. The lock is held
+// for a file's read and write only.
+func withQueueLock(st *store.Store, fn func() error) error {
+	path := filepath.Join(fleetDir(st), "unpublished.lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return err
+	}
+	return fn()
+}
+
+// hasQueue says whether certificates wait on this node to be published.
+func hasQueue(st *store.Store) bool {
+	_, err := os.Stat(filepath.Join(fleetDir(st), "unpublished.json"))
+	return err == nil
 }
 
 // readQueue is name -> the version waiting to be published.
@@ -219,7 +244,7 @@ func (b *Backend) PublishQueued(ctx context.Context) error {
 			return err
 		}
 		slog.Info("published a certificate kept on this node while Redis was away", "name", name)
-		b.unqueue(name)
+		b.unqueue(name, v)
 	}
 	return nil
 }
@@ -427,17 +452,23 @@ func (b *Backend) queued(name string) int {
 	return readQueue(b.queuePath())[name]
 }
 
-func (b *Backend) unqueue(name string) {
+// unqueue drops name's entry if it is still version v: a newer version
+// queued meanwhile waits for its own publish.
+func (b *Backend) unqueue(name string, v int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	q := readQueue(b.queuePath())
-	delete(q, name)
-	if len(q) == 0 {
-		os.Remove(b.queuePath())
-		return
-	}
-	data, _ := json.Marshal(q)
-	store.WriteFile(b.queuePath(), data, 0o600)
+	withQueueLock(b.Local, func() error {
+		q := readQueue(b.queuePath())
+		if q[name] != v {
+			return nil
+		}
+		delete(q, name)
+		if len(q) == 0 {
+			return os.Remove(b.queuePath())
+		}
+		data, _ := json.Marshal(q)
+		return store.WriteFile(b.queuePath(), data, 0o600)
+	})
 }
 
 // queuedWait is how long a lease holder whose certificate could not be
@@ -453,7 +484,7 @@ func (l *lease) publishQueued(v int) bool {
 		err := l.b.N.publishVersion(ctx, l.name, v, l.token)
 		cancel()
 		if err == nil || errors.Is(err, redis.ErrStale) {
-			l.b.unqueue(l.name)
+			l.b.unqueue(l.name, v)
 			if err == nil {
 				slog.Info("published the certificate once Redis was back", "name", l.name)
 			}

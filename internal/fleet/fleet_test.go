@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -193,9 +194,24 @@ func TestAgentAnswersByHostAndPresentChecksEveryAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &Agent{N: n1, Listener: ln, Advertise: ln.Addr().String(), Beat: 200 * time.Millisecond}
+	// Redis "away" for the first two tries: the agent serves (503, not
+	// a refused connection) and connects on a later try.
+	var tries atomic.Int32
+	connect := func(context.Context) (*Node, error) {
+		if tries.Add(1) <= 2 {
+			return nil, &redis.Unavailable{Addr: "test", Err: errors.New("connection refused")}
+		}
+		return n1, nil
+	}
+	a := &Agent{Connect: connect, Listener: ln, Advertise: ln.Addr().String(), Beat: 200 * time.Millisecond}
 	go a.Run(ctx)
+	if resp, err := http.Get("http://" + ln.Addr().String() + "/.well-known/acme-challenge/x"); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("before Redis answers: %v %v, want 503", resp, err)
+	}
 	waitFor(t, func() bool { ag, _ := n1.LiveAgents(ctx); return len(ag) == 1 })
+	if n := tries.Load(); n != 3 {
+		t.Errorf("connected after %d tries, want 3", n)
+	}
 
 	tok := &Tokens{N: n1}
 	if err := tok.Present("Foo.COM", "tok1", "tok1.thumb"); err != nil {

@@ -165,10 +165,50 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 }
 
 type pulled struct {
-	b     *redis.Bundle
+	name  string
+	v     int
 	l     *store.Lineage
-	files store.Files
+	files store.Files // empty when the version is already on disk
 }
+
+// FinishLocal deploys what this agent left pending when it was killed
+// in the middle of a deploy, from disk and without Redis: the version
+// is in the archive, the journal says what was live before it. It is
+// reported to the fleet when Redis answers; a reconcile catches any
+// newer version after that.
+func (s *Syncer) FinishLocal(ctx context.Context, st *store.Store) {
+	names, err := st.Names()
+	if err != nil {
+		slog.Warn("could not list this node's certificates to finish a pending deploy", "err", err)
+		return
+	}
+	var work []*pulled
+	for _, name := range names {
+		status, _ := st.ReadStatus(name)
+		p := status.Pending
+		if p == nil || p.By != pendingByAgent {
+			continue
+		}
+		l, err := st.LoadVersion(name, p.Version)
+		if err != nil {
+			slog.Warn("a pending deploy's certificate is not on disk; the fleet's copy is fetched when Redis answers", "name", name, "version", p.Version, "err", err)
+			continue
+		}
+		work = append(work, &pulled{name: name, v: p.Version, l: l})
+	}
+	if len(work) == 0 {
+		return
+	}
+	slog.Info("finishing the deploy the agent was stopped in", "count", len(work))
+	// Not remembered as reported: the first reconcile, once Redis
+	// answers, finds the version live and tells the fleet.
+	if _, err := s.installLocked(ctx, st, work); err != nil {
+		slog.Warn("could not finish the pending deploy; the reconcile tries again", "err", err)
+	}
+}
+
+// pendingByAgent marks the journal entries the agent writes.
+const pendingByAgent = "agent"
 
 // sync brings names to the fleet's version on this node.
 func (s *Syncer) sync(ctx context.Context, names []string) error {
@@ -239,19 +279,28 @@ func (s *Syncer) pull(ctx context.Context, name string) (*pulled, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &pulled{b: b, l: l, files: store.Files{Cert: b.Cert, Chain: b.Chain, Fullchain: b.Fullchain, Key: key}}, nil
+	return &pulled{name: b.Name, v: b.Version, l: l, files: store.Files{Cert: b.Cert, Chain: b.Chain, Fullchain: b.Fullchain, Key: key}}, nil
 }
 
 // install writes the pulled versions, makes them live and deploys them
 // once, under the node's short write lock, then reports what the node
 // serves.
 func (s *Syncer) install(ctx context.Context, work []*pulled) error {
-	st := s.N.Local
+	reports, err := s.installLocked(ctx, s.N.Local, work)
+	if err != nil {
+		return err
+	}
+	return s.report(ctx, reports)
+}
+
+// installLocked is install's local part, under the write lock: it
+// returns what the node now serves for each name.
+func (s *Syncer) installLocked(ctx context.Context, st *store.Store, work []*pulled) (map[string]Served, error) {
 	lctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	lock, err := st.WriteLock(lctx)
 	cancel()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer lock.Unlock()
 	now := time.Now().UTC()
@@ -259,7 +308,7 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 	var changes []deploy.Change
 	var owed []*pulled
 	for _, p := range work {
-		name, v := p.b.Name, p.b.Version
+		name, v := p.name, p.v
 		l := *p.l
 		l.Deploy = s.Deploy // this node's own
 		if _, err := st.LoadVersion(name, v); err != nil {
@@ -281,7 +330,7 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 			reports[name] = Served{Version: v, Serial: l.Cert.Serial, Wanted: v, OK: true, At: now}
 			continue
 		}
-		if err := st.WriteStatus(name, store.Status{Pending: &store.Pending{Version: v, Previous: previous, Since: now}}); err != nil {
+		if err := st.WriteStatus(name, store.Status{Pending: &store.Pending{Version: v, Previous: previous, Since: now, By: pendingByAgent}}); err != nil {
 			reports[name] = Served{Version: live, Wanted: v, Error: "journal: " + err.Error(), At: now}
 			continue
 		}
@@ -296,7 +345,7 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 		results := s.Runner.Run(context.WithoutCancel(ctx), changes)
 		for i, res := range results {
 			p := owed[i]
-			name, v := p.b.Name, p.b.Version
+			name, v := p.name, p.v
 			if !res.Failed() {
 				st.WriteStatus(name, store.Status{})
 				st.Prune(name, 3)
@@ -317,7 +366,7 @@ func (s *Syncer) install(ctx context.Context, work []*pulled) error {
 		}
 		slog.Info("installed certificates from the fleet", "count", len(changes))
 	}
-	return s.report(ctx, reports)
+	return reports, nil
 }
 
 func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {

@@ -50,6 +50,10 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
+	// By is who owes the deploy: "agent" when the fleet agent wrote it
+	// (it finishes its own from disk when it restarts, Redis or not);
+	// empty for a run, whose next run finishes it.
+	By string `json:"by,omitempty"`
 }
 
 func (s *Store) statusPath(name string) string {
