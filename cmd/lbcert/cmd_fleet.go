@@ -422,7 +422,27 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
 	ag := &fleet.Agent{Local: st, Connect: connect, Sync: sync, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}
+	if a.global.MetricsFile != "" {
+		go a.agentMetrics(ctx, ag)
+	}
 	return ag.Run(ctx)
+}
+
+// agentMetrics keeps the fleet's per-node figures beside --metrics-file
+// fresh while the agent runs: the one process that is always there.
+func (a *app) agentMetrics(ctx context.Context, ag *fleet.Agent) {
+	t := time.NewTicker(15 * time.Second)
+	defer t.Stop()
+	for {
+		if n := ag.N(); n != nil {
+			a.writeFleetMetrics(ctx, n)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // agentUnit is the systemd unit for this agent: the same flags, the

@@ -11,6 +11,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/metrics"
 )
 
 type fleetStatusOptions struct {
@@ -18,6 +19,10 @@ type fleetStatusOptions struct {
 	maxLag  time.Duration
 	maxBeat time.Duration
 }
+
+// fleetStatusDefaults are the thresholds when none is given: what the
+// metrics written by runs and the agent use.
+var fleetStatusDefaults = fleetStatusOptions{maxLag: 5 * time.Minute, maxBeat: 30 * time.Second}
 
 func (a *app) newFleetStatusCmd() *cobra.Command {
 	o := &fleetStatusOptions{}
@@ -32,15 +37,18 @@ reasons.
 It exits 0 when every node is fine, and 2 when a node's heartbeat is older
 than --max-heartbeat-age (or gone), a deploy failed on it, or it has been
 behind for longer than --max-lag: run it from your monitoring. --json
-prints the same in the versioned JSON schema.`,
+prints the same in the versioned JSON schema. With --metrics-file, the
+same per-node figures also go to the Prometheus textfile beside it
+(lbcert.prom -> lbcert-fleet.prom), which every run in fleet mode and the
+agent refresh too.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withMember(cmd.Context(), func(n *fleet.Node) error { return a.fleetStatus(cmd.Context(), n, o) })
 		},
 	}
 	cmd.Flags().BoolVar(&o.json, "json", false, "print JSON (schema version 1)")
-	cmd.Flags().DurationVar(&o.maxLag, "max-lag", 5*time.Minute, "a node behind the newest version for longer than this is a problem")
-	cmd.Flags().DurationVar(&o.maxBeat, "max-heartbeat-age", 30*time.Second, "a node whose agent's last heartbeat is older than this is a problem")
+	cmd.Flags().DurationVar(&o.maxLag, "max-lag", fleetStatusDefaults.maxLag, "a node behind the newest version for longer than this is a problem")
+	cmd.Flags().DurationVar(&o.maxBeat, "max-heartbeat-age", fleetStatusDefaults.maxBeat, "a node whose agent's last heartbeat is older than this is a problem")
 	return cmd
 }
 
@@ -48,6 +56,11 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	st, err := n.Report(ctx, a.now(), o.maxLag, o.maxBeat)
 	if err != nil {
 		return err
+	}
+	if a.global.MetricsFile != "" {
+		if err := metrics.WriteFleet(a.global.MetricsFile, st); err != nil {
+			return exit.Errorf("--metrics-file: %v", unwrapPath(err))
+		}
 	}
 	if o.json {
 		a.printJSON(st)

@@ -139,8 +139,29 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		if err := metrics.Write(a.global.MetricsFile, st, res, budget, a.now()); err != nil {
 			slog.Warn("could not write the metrics file", "path", a.global.MetricsFile, "err", err)
 		}
+		if spec.fleet != nil {
+			a.writeFleetMetrics(ctx, spec.fleet.node)
+		}
 	}
 	return res, nil
+}
+
+// writeFleetMetrics refreshes the fleet's per-node figures beside
+// --metrics-file (metrics.FleetPath); like the run's own file, a
+// failure is a warning.
+func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
+	if a.global.MetricsFile == "" {
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	st, err := n.Report(rctx, a.now(), fleetStatusDefaults.maxLag, fleetStatusDefaults.maxBeat)
+	if err == nil {
+		err = metrics.WriteFleet(a.global.MetricsFile, st)
+	}
+	if err != nil {
+		slog.Warn("could not write the fleet's metrics file", "path", metrics.FleetPath(a.global.MetricsFile), "err", err)
+	}
 }
 
 // lazyAccount builds the account options on the first order, not

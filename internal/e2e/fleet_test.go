@@ -115,6 +115,14 @@ func (f *fleetEnv) form() {
 // startAgent starts node n's agent and waits for its heartbeat.
 func (f *fleetEnv) startAgent(n string, extra ...string) {
 	f.t.Helper()
+	f.spawnAgent(n, extra...)
+	f.waitHeartbeat(n, 15*time.Second)
+}
+
+// spawnAgent starts node n's agent without waiting for it (Redis may be
+// down).
+func (f *fleetEnv) spawnAgent(n string, extra ...string) {
+	f.t.Helper()
 	node := f.nodes[n]
 	ctx, cancel := context.WithCancel(context.Background())
 	args := append([]string{"-v", "--dir", node.dir, "--redis", f.url, "agent", "--http-addr", fmt.Sprintf("127.0.0.1:%d", node.port)}, extra...)
@@ -140,14 +148,22 @@ func (f *fleetEnv) startAgent(n string, extra ...string) {
 			f.t.Logf("agent %s log:\n%s", n, node.agentLog())
 		}
 	})
-	deadline := time.Now().Add(15 * time.Second)
+}
+
+// waitHeartbeat waits until node n's agent heartbeats in Redis.
+func (f *fleetEnv) waitHeartbeat(n string, limit time.Duration) {
+	f.t.Helper()
+	node := f.nodes[n]
+	c := f.rdb()
+	defer c.Close()
+	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
-		if v, _ := f.rdb().Exists(context.Background(), "lbcert:agent:"+n).Result(); v == 1 {
+		if v, _ := c.Exists(context.Background(), "lbcert:agent:"+n).Result(); v == 1 {
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	f.t.Fatalf("agent %s sent no heartbeat:\n%s", n, node.agentLog())
+	f.t.Fatalf("agent %s sent no heartbeat in %s:\n%s", n, limit, node.agentLog())
 }
 
 type lockedWriter struct {

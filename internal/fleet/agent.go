@@ -106,7 +106,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
-// connect calls Connect until it succeeds, backing off from 1 s to 30 s
+// maxBackoff caps the agent's retries while Redis is away: every retry
+// is one connection attempt per node, cheap for Redis, and a fleet
+// whose Redis is back should not wait long for its agents (an order
+// needs at least one live agent, and waits for the slowest to sync).
+const maxBackoff = 10 * time.Second
+
+// connect calls Connect until it succeeds, backing off from 1 s to 10 s
 // while Redis is unreachable; it returns a lasting error (this node is
 // not a member, Redis holds another fleet) at once.
 func (a *Agent) connect(ctx context.Context) (*Node, error) {
@@ -132,7 +138,7 @@ func (a *Agent) connect(ctx context.Context) (*Node, error) {
 			return nil, nil
 		case <-time.After(wait):
 		}
-		wait = min(wait*2, 30*time.Second)
+		wait = min(wait*2, maxBackoff)
 	}
 }
 
@@ -147,7 +153,7 @@ func (a *Agent) heartbeats(ctx context.Context) {
 				slog.Warn("the agent's heartbeat failed (the fleet's Redis is unreachable, or this node was removed); serving from disk and the tokens already cached, and retrying", "err", err)
 			}
 			down = true
-			wait = min(wait*2, 30*time.Second) // back off while it is away
+			wait = min(wait*2, maxBackoff) // back off while it is away
 		case down:
 			slog.Info("the fleet's Redis is back")
 			down, wait = false, a.Beat

@@ -66,7 +66,7 @@ func (s *Syncer) Run(ctx context.Context) {
 			case <-ctx.Done():
 			case <-time.After(wait):
 			}
-			wait = min(wait*2, 30*time.Second)
+			wait = min(wait*2, maxBackoff)
 			continue
 		}
 		wait = time.Second

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -114,3 +115,58 @@ func Write(path string, src Source, res *engine.Result, budget Budget, now time.
 }
 
 func num(f float64) string { return fmt.Sprintf("%g", f) }
+
+// FleetPath is where the fleet's per-node figures go beside the run's
+// textfile: lbcert.prom -> lbcert-fleet.prom. A file of their own,
+// since the agent, fleet status and every run in fleet mode refresh
+// them, while the run's own file is the last run's; node_exporter's
+// textfile collector reads every *.prom in the directory.
+func FleetPath(path string) string {
+	return strings.TrimSuffix(path, ".prom") + "-fleet.prom"
+}
+
+// RenderFleet returns the per-node figures of the fleet status st, the
+// ones 'fleet status' prints.
+func RenderFleet(st *fleet.Status) []byte {
+	var b bytes.Buffer
+	family := func(name, help string) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n", name, help, name)
+	}
+	family("lbcert_fleet_lineages", "Lineages the fleet holds.")
+	fmt.Fprintf(&b, "lbcert_fleet_lineages{fleet=%q} %d\n", st.Fleet, st.Lineages)
+	family("lbcert_fleet_status_timestamp_seconds", "When these figures were read from the fleet's Redis.")
+	fmt.Fprintf(&b, "lbcert_fleet_status_timestamp_seconds{fleet=%q} %d\n", st.Fleet, st.At.Unix())
+	family("lbcert_fleet_node_heartbeat_timestamp_seconds", "The node's agent's last heartbeat (absent: none).")
+	for _, n := range st.Nodes {
+		if n.Heartbeat != nil {
+			fmt.Fprintf(&b, "lbcert_fleet_node_heartbeat_timestamp_seconds{node=%q} %d\n", n.Node, n.Heartbeat.Unix())
+		}
+	}
+	family("lbcert_fleet_node_lineages", "Lineages the node serves at the fleet's newest version, is behind on, or failed to deploy.")
+	for _, n := range st.Nodes {
+		for _, s := range []struct {
+			state string
+			n     int
+		}{{"newest", n.Newest}, {"behind", n.Behind}, {"failed", n.Failed}} {
+			fmt.Fprintf(&b, "lbcert_fleet_node_lineages{node=%q,state=%q} %d\n", n.Node, s.state, s.n)
+		}
+	}
+	family("lbcert_fleet_node_lag_seconds", "How long the oldest change the node does not serve yet has waited (0: none).")
+	for _, n := range st.Nodes {
+		fmt.Fprintf(&b, "lbcert_fleet_node_lag_seconds{node=%q} %s\n", n.Node, num(n.LagSeconds))
+	}
+	family("lbcert_fleet_node_ok", "1 when fleet status finds no problem with the node (heartbeat fresh, no failed deploy, not behind too long).")
+	for _, n := range st.Nodes {
+		ok := 0
+		if len(n.Problems) == 0 {
+			ok = 1
+		}
+		fmt.Fprintf(&b, "lbcert_fleet_node_ok{node=%q} %d\n", n.Node, ok)
+	}
+	return b.Bytes()
+}
+
+// WriteFleet writes RenderFleet(st) beside the run's textfile at path.
+func WriteFleet(path string, st *fleet.Status) error {
+	return store.WriteFile(FleetPath(path), RenderFleet(st), 0o644)
+}

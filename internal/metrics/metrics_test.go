@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -87,5 +88,69 @@ func TestTextfile(t *testing.T) {
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".*tmp*")); len(leftovers) != 0 {
 		t.Errorf("temporary files left: %v", leftovers)
+	}
+}
+
+// The fleet's per-node figures parse, sit beside the run's file, and
+// carry each node's counts, heartbeat and verdict.
+func TestFleetTextfile(t *testing.T) {
+	now := time.Date(2026, 12, 1, 2, 17, 0, 0, time.UTC)
+	beat := now.Add(-4 * time.Second)
+	st := &fleet.Status{Version: fleet.StatusVersion, Fleet: "f1", Lineages: 5, At: now, Nodes: []fleet.NodeStatus{
+		{Node: "lb1", Heartbeat: &beat, Newest: 5},
+		{Node: "lb2", Newest: 3, Behind: 1, Failed: 1, LagSeconds: 42, Problems: []string{"no heartbeat"}},
+	}}
+	path := filepath.Join(t.TempDir(), "lbcert.prom")
+	if err := WriteFleet(path, st); err != nil {
+		t.Fatal(err)
+	}
+	if FleetPath(path) != filepath.Join(filepath.Dir(path), "lbcert-fleet.prom") {
+		t.Fatalf("FleetPath %s", FleetPath(path))
+	}
+	data, err := os.ReadFile(FleetPath(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(bytes.NewReader(data))
+	if err != nil {
+		t.Fatalf("Prometheus cannot parse it: %v\n%s", err, data)
+	}
+	value := func(fam string, labels ...string) float64 {
+		t.Helper()
+	next:
+		for _, m := range fams[fam].GetMetric() {
+			for i := 0; i < len(labels); i += 2 {
+				for _, lp := range m.Label {
+					if lp.GetName() == labels[i] && lp.GetValue() != labels[i+1] {
+						continue next
+					}
+				}
+			}
+			return m.GetGauge().GetValue()
+		}
+		t.Fatalf("%s%v: no such series\n%s", fam, labels, data)
+		return 0
+	}
+	for _, c := range []struct {
+		fam    string
+		labels []string
+		want   float64
+	}{
+		{"lbcert_fleet_lineages", nil, 5},
+		{"lbcert_fleet_node_lineages", []string{"node", "lb1", "state", "newest"}, 5},
+		{"lbcert_fleet_node_lineages", []string{"node", "lb2", "state", "behind"}, 1},
+		{"lbcert_fleet_node_lineages", []string{"node", "lb2", "state", "failed"}, 1},
+		{"lbcert_fleet_node_lag_seconds", []string{"node", "lb2"}, 42},
+		{"lbcert_fleet_node_ok", []string{"node", "lb1"}, 1},
+		{"lbcert_fleet_node_ok", []string{"node", "lb2"}, 0},
+		{"lbcert_fleet_node_heartbeat_timestamp_seconds", []string{"node", "lb1"}, float64(beat.Unix())},
+	} {
+		if got := value(c.fam, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.fam, c.labels, got, c.want)
+		}
+	}
+	if bytes.Contains(data, []byte(`heartbeat_timestamp_seconds{node="lb2"}`)) {
+		t.Error("a node without a heartbeat has a heartbeat series")
 	}
 }
