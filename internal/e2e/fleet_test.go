@@ -478,7 +478,17 @@ func TestFleetOneOrderPerName(t *testing.T) {
 	f.mustOn("lb1", "fleet", "remove", "lb3")
 	if r := f.on("lb1", "renew", "--force", "--name", "fleet002.example.com", "--no-random-sleep"); r.code != 0 {
 		keys, _ := c.Keys(ctx, "lbcert:agent:*").Result()
-		t.Fatalf("renew after the rotation: exit %d; members %v; agents %v; meta %v", r.code, c.HKeys(ctx, "lbcert:members").Val(), keys, c.HGetAll(ctx, "lbcert:meta").Val())
+		// Why no heartbeat, if none: expired (expired_keys, Redis's
+		// clock against ours) or never written.
+		stats, _ := c.Info(ctx, "stats").Result()
+		var expired string
+		for _, l := range strings.Split(stats, "\n") {
+			if strings.HasPrefix(l, "expired_keys:") {
+				expired = strings.TrimSpace(l)
+			}
+		}
+		rt, _ := c.Time(ctx).Result()
+		t.Fatalf("renew after the rotation: exit %d; members %v; agents %v; meta %v; redis %s, its clock %s ahead of ours", r.code, c.HKeys(ctx, "lbcert:members").Val(), keys, c.HGetAll(ctx, "lbcert:meta").Val(), expired, rt.Sub(time.Now()))
 	}
 	if ep := c.HGet(ctx, "lbcert:bundle:fleet002.example.com", "epoch").Val(); ep != "2" {
 		t.Errorf("T8: bundle published after the removal is sealed under epoch %s, want 2", ep)

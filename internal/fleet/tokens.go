@@ -103,6 +103,12 @@ func hostOf(domain string) string { return strings.ToLower(strings.TrimSuffix(do
 // wait saves ordering again.
 const redisWait = 30 * time.Second
 
+// agentWait is how long Present waits for a live agent when none has a
+// heartbeat: agents beat every 3 s, and every 10 s at most while they
+// reconnect after Redis was away (or was restarted or emptied, which
+// drops every heartbeat at once). The order is already placed.
+const agentWait = 12 * time.Second
+
 // withRedis runs f, retrying while Redis is unreachable, up to redisWait.
 func withRedis(ctx context.Context, f func(context.Context) error) error {
 	deadline := time.Now().Add(redisWait)
@@ -137,11 +143,26 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 		return err
 	}
 	var agents []AgentInfo
-	if err := withRedis(ctx, func(ctx context.Context) (err error) {
-		agents, err = t.N.LiveAgents(ctx)
-		return err
-	}); err != nil {
-		return err
+	deadline, warned := time.Now().Add(agentWait), false
+	for {
+		if err := withRedis(ctx, func(ctx context.Context) (err error) {
+			agents, err = t.N.LiveAgents(ctx)
+			return err
+		}); err != nil {
+			return err
+		}
+		if len(agents) > 0 || time.Now().After(deadline) {
+			break
+		}
+		if !warned {
+			warned = true
+			slog.Warn("no agent of the fleet has a live heartbeat; waiting for one before giving the authorization up", "for", agentWait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 	if len(agents) == 0 {
 		t.N.Shared.DelToken(ctx, host, token)
