@@ -136,6 +136,9 @@ func benchFleet(n, orders int, bin, work string) error {
 	fmt.Printf("| sealing, CPU per key | %.1f µs |\n", float64(sealTotal.Load())/float64(n)/1e3)
 	fmt.Printf("| unsealing one key alone, %d times | %.2f µs per key |\n", reps, float64(openOne.Nanoseconds())/1e3)
 
+	if err := benchFleetJoin(n, bin, work, r); err != nil {
+		return err
+	}
 	return benchFleetOrders(orders, bin, work, r)
 }
 
