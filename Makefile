@@ -46,7 +46,8 @@ e2e: deps
 # CSV, then renew of 200 due lineages beside batch issuing 200 (with
 # Pebble's CPU beside lbcert's), then 200 names through a front that
 # enforces Let's Encrypt's limits, then fleet mode's costs (10,000 sealed
-# bundles opened, Redis round trips per order), all in the same run
+# bundles opened, a node joining 10,000 lineages (T7), Redis round trips
+# per order), all in the same run
 # (internal/bench/README.md), then the renewal-spread simulation and the
 # Go benchmarks.
 bench: build bench-deps
