@@ -64,15 +64,7 @@ func benchFleetJoin(n int, bin, work string, r *testenv.Redis) error {
 	if err != nil {
 		return err
 	}
-	live := filepath.Join(lb2, "live")
-	ng, err := testenv.StartNginx(prefix, testenv.NginxConfig(prefix, fmt.Sprintf(`
-    server {
-        listen %s ssl;
-        server_name _;
-        ssl_certificate %s/$ssl_server_name/fullchain.pem;
-        ssl_certificate_key %s/$ssl_server_name/privkey.pem;
-        return 200 "ok\n";
-    }`, tlsAddr, live, live)), tlsAddr)
+	ng, err := testenv.StartNginx(prefix, testenv.NginxConfig(prefix, testenv.SNIServer(tlsAddr, filepath.Join(lb2, "live"))), tlsAddr)
 	if err != nil {
 		return err
 	}

@@ -56,15 +56,7 @@ func (f *fleetEnv) nodeNginx(n string) (tlsAddr, conf string, agentFlags []strin
 	prefix := filepath.Join(f.work, "nginx-"+n)
 	os.MkdirAll(prefix, 0o755)
 	tlsAddr = freeAddr(f.t)
-	live := filepath.Join(node.dir, "live")
-	servers := fmt.Sprintf(`
-    server {
-        listen %s ssl;
-        server_name _;
-        ssl_certificate %s/$ssl_server_name/fullchain.pem;
-        ssl_certificate_key %s/$ssl_server_name/privkey.pem;
-        return 200 "ok\n";
-    }`, tlsAddr, live, live)
+	servers := testenv.SNIServer(tlsAddr, filepath.Join(node.dir, "live"))
 	ng, err := testenv.StartNginx(prefix, testenv.NginxConfig(prefix, servers), tlsAddr)
 	if err != nil {
 		f.t.Fatal(err)

@@ -105,3 +105,17 @@ func (n *Nginx) MasterPID() string {
 func (n *Nginx) Cmdline() string {
 	return strings.Join([]string{n.Bin, "-p", n.Prefix}, " ")
 }
+
+// SNIServer is an nginx server block on tlsAddr serving every lineage
+// under live (a --dir's live/) by SNI, as the README's fleet snippet
+// does: the certificate files are read per handshake, by name.
+func SNIServer(tlsAddr, live string) string {
+	return fmt.Sprintf(`
+    server {
+        listen %s ssl;
+        server_name _;
+        ssl_certificate %s/$ssl_server_name/fullchain.pem;
+        ssl_certificate_key %s/$ssl_server_name/privkey.pem;
+        return 200 "ok\n";
+    }`, tlsAddr, live, live)
+}
