@@ -93,6 +93,7 @@ type globalOptions struct {
 	Quiet       bool
 	Verbose     bool
 	HookConc    int
+	Keep        int
 	MetricsFile string
 }
 
@@ -193,6 +194,7 @@ beats the config file, which beats the default.
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
+	pf.IntVar(&g.Keep, "keep-versions", 3, "versions of each certificate kept in the archive after a successful deploy, the live one included (older keys are removed)")
 	pf.StringVar(&g.MetricsFile, "metrics-file", "", "after every run, write Prometheus metrics here (node_exporter textfile format); off when empty")
 	a.mail.register(pf)
 	a.fleetOpts.register(pf)

@@ -418,7 +418,10 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 		return f.node, nil
 	}
 	a.printf("agent answering HTTP-01 on %s; connecting to the fleet's Redis\n", ln.Addr())
-	sync := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile,
+	if err := a.checkKeep(); err != nil {
+		return err
+	}
+	sync := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep,
 		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
 	ag := &fleet.Agent{Local: st, Connect: connect, Sync: sync, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}

@@ -62,8 +62,8 @@ func (m *mailOptions) check() error {
 	}
 	// Refused now, before any connection: a login over a connection
 	// without TLS would send the password in the clear.
-	if m.User != "" && m.TLS == "none" {
-		return exit.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls none would send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port)
+	if m.User != "" && !notify.TLSAlways(m.TLS) {
+		return exit.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls %s could send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port, m.TLS)
 	}
 	for _, to := range m.To {
 		if err := checkAddress("--mail-to", to); err != nil {

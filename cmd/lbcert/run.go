@@ -49,6 +49,9 @@ type runSpec struct {
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
 func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
+	if err := a.checkKeep(); err != nil {
+		return nil, err
+	}
 	if a.global.HookConc < 1 {
 		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
@@ -110,17 +113,18 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		Deploy: deployer,
 		Budget: ebudget,
 		Opts: engine.Options{
-			Command:     spec.command,
-			Concurrency: spec.concurrency,
-			Days:        spec.days,
-			DryRun:      spec.dryRun,
-			MaxWait:     spec.maxWait,
-			RandomDelay: spec.randomDelay,
-			Preflight:   spec.preflight,
-			RunGap:      gap,
-			Now:         a.now,
-			Observe:     spec.observe,
-			LeaseTTL:    a.fleetOpts.LeaseTTL,
+			Command:      spec.command,
+			KeepVersions: a.global.Keep,
+			Concurrency:  spec.concurrency,
+			Days:         spec.days,
+			DryRun:       spec.dryRun,
+			MaxWait:      spec.maxWait,
+			RandomDelay:  spec.randomDelay,
+			Preflight:    spec.preflight,
+			RunGap:       gap,
+			Now:          a.now,
+			Observe:      spec.observe,
+			LeaseTTL:     a.fleetOpts.LeaseTTL,
 		},
 	}
 	plan, err := e.PlanSeq(ctx, js, n)
@@ -144,6 +148,15 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 		}
 	}
 	return res, nil
+}
+
+// checkKeep refuses an archive that would keep nothing to roll back to
+// nor the live version itself.
+func (a *app) checkKeep() error {
+	if a.global.Keep < 1 {
+		return exit.Errorf("--keep-versions %d: want 1 or more (the live version counts; 3 keeps two to roll back to)", a.global.Keep)
+	}
+	return nil
 }
 
 // writeFleetMetrics refreshes the fleet's per-node figures beside

@@ -309,3 +309,33 @@ func TestPreferredChain(t *testing.T) {
 		}
 	}
 }
+
+// A loop that issues one set of names again and again as new lineages
+// (no ARI "replaces", which Let's Encrypt exempts from every limit, once
+// per certificate) is stopped by lbcert's own budget at the CA's 5
+// certificates per exact set per 7 days, with a line that says so,
+// before the CA has to: Pebble sees 5 orders, not 6.
+func TestIssueLoopStopsAtTheExactSetLimit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	addr := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	issue := func(i int) result {
+		return e.run("issue", "-d", "loop.example.com", "--name", fmt.Sprintf("loop%d", i), "--standalone", "--http-addr", addr, "--agree-tos")
+	}
+	for i := range 5 {
+		if r := issue(i); r.code != 0 {
+			t.Fatalf("certificate %d: exit %d\n%s", i+1, r.code, r.stderr)
+		}
+	}
+	before := e.pebble.Orders()
+	r := issue(5)
+	if r.code == 0 || !strings.Contains(r.stderr, "not ordered") || !strings.Contains(r.stderr, "--rate-names") {
+		t.Fatalf("the sixth certificate for one set of names: exit %d\n%s", r.code, r.stderr)
+	}
+	if got := e.pebble.Orders() - before; got != 0 {
+		t.Fatalf("the refused sixth placed %d orders at the CA", got)
+	}
+	if got := e.pebble.Issued(); got != 5 {
+		t.Fatalf("Pebble issued %d certificates, want 5", got)
+	}
+}

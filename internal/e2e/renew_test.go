@@ -381,3 +381,36 @@ func TestARIWindowInThePast(t *testing.T) {
 		t.Fatalf("the moved window did not renew it, with that reason:\n%s%s", r.stdout, r.stderr)
 	}
 }
+
+// The archive keeps --keep-versions versions (the live one included),
+// given as a flag or as the config key, and live/ keeps working.
+func TestKeepVersions(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	addr := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	e.mustRun("issue", "-d", "keep.example.com", "--standalone", "--http-addr", addr, "--agree-tos")
+	archived := func() int {
+		entries, err := os.ReadDir(filepath.Join(e.dir, "archive", "keep.example.com"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	for range 3 {
+		e.mustRun("--keep-versions", "2", "renew", "--force", "--no-random-sleep")
+	}
+	if n := archived(); n != 2 {
+		t.Fatalf("with --keep-versions 2 the archive holds %d versions", n)
+	}
+	e.leaf("keep.example.com") // live/ is whole and matches its key
+	conf := filepath.Join(e.work, "keep.yaml")
+	os.WriteFile(conf, []byte("keep-versions: 1\n"), 0o644)
+	e.mustRun("--config", conf, "renew", "--force", "--no-random-sleep")
+	if n := archived(); n != 1 {
+		t.Fatalf("with keep-versions: 1 in the config the archive holds %d versions", n)
+	}
+	e.leaf("keep.example.com")
+	if r := e.run("--keep-versions", "0", "renew", "--force", "--no-random-sleep"); r.code != 1 || !strings.Contains(r.stderr, "--keep-versions 0: want 1 or more") {
+		t.Fatalf("--keep-versions 0: exit %d\n%s", r.code, r.stderr)
+	}
+}

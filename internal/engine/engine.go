@@ -737,7 +737,7 @@ func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
 		}
 		if d.Wait > e.Opts.MaxWait {
 			r.defer_(s, "not ordered: "+d.Reason, e.now().Add(d.Wait),
-				hint.Wrap(err, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-failed-authz if your CA allows more"))
+				hint.Wrap(err, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-names/--rate-failed-authz if your CA allows more"))
 			return false
 		}
 		slog.Debug("waiting for the rate budget", "name", s.job.Lineage.Name, "for", d.Wait.Round(time.Second), "why", d.Reason)
@@ -965,7 +965,11 @@ func (r *run) deployAll() {
 		}
 		it.Outcome, it.Error = Failed, "deploy: "+msg
 		it.Hint = "the new certificate is kept and deployed by the next run once the load balancer's config is fixed; no new order is placed"
-		it.NextAttempt = timePtr(st.NextAttempt)
+		// No next attempt is reported: a pending deploy costs the CA
+		// nothing and is retried by every run, so the fix is picked up at
+		// the next cron run. The backoff recorded above only paces an
+		// order, should the pending certificate itself fall due.
+		it.NextAttempt = nil
 		slog.Debug("deploy failed", "name", c.Name, "err", msg)
 		if e.Opts.Observe != nil {
 			e.Opts.Observe(it)

@@ -373,8 +373,8 @@ func TestPendingDeployNeverOrdersAgain(t *testing.T) {
 	f.dep.fail["d.test"] = true
 	res := f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
 	it := res.Items[0]
-	if it.Outcome != Failed || it.Deploy != "rolled_back" || it.Pending == "" {
-		t.Fatalf("failed deploy: %+v", it)
+	if it.Outcome != Failed || it.Deploy != "rolled_back" || it.Pending == "" || it.NextAttempt != nil {
+		t.Fatalf("failed deploy (retried by every run, so no next attempt): %+v", it)
 	}
 	if rep := res.Report(); len(rep.Items) != 1 || !strings.Contains(rep.Items[0].Deploy, "rolled back; pending deploy: nginx -t: syntax error") {
 		t.Fatalf("the report does not say the deploy is pending: %+v", rep.Items)

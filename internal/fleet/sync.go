@@ -44,6 +44,9 @@ type Syncer struct {
 	Reconcile time.Duration
 	// Settle is how long the agent gathers events into one deploy.
 	Settle time.Duration
+	// Keep is how many versions a lineage keeps after a deploy, the
+	// live one included (default 3), as --keep-versions for runs.
+	Keep int
 
 	mu       sync.Mutex
 	reported map[string]Served
@@ -355,7 +358,7 @@ func (s *Syncer) installLocked(ctx context.Context, st *store.Store, work []*pul
 			var r Served
 			if !res.Failed() {
 				st.WriteStatus(name, store.Status{})
-				st.Prune(name, 3)
+				st.Prune(name, s.keep())
 				r = Served{Version: v, Serial: p.l.Cert.Serial, Wanted: v, OK: true, At: now}
 			} else {
 				msg := strings.Join(strings.Fields(res.Err.Error()), " ")
@@ -377,6 +380,13 @@ func (s *Syncer) installLocked(ctx context.Context, st *store.Store, work []*pul
 		slog.Info("installed certificates from the fleet", "count", len(changes))
 	}
 	return reports, nil
+}
+
+func (s *Syncer) keep() int {
+	if s.Keep > 0 {
+		return s.Keep
+	}
+	return 3
 }
 
 // each runs f(0..n-1) on up to workers goroutines and waits for all.

@@ -70,6 +70,11 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	if env.Relay.CABundle != "" {
 		set.CABundle = env.Relay.CABundle
 	}
+	if set.User != "" && !tlsAlways(set.TLS) {
+		// A lineage's saved mode can differ from the flags checked up
+		// front: a login goes only where TLS is certain, else nowhere.
+		return fmt.Errorf("relay %s:%d: refusing to log in with --smtp-tls %s, which can send the password in the clear; use starttls or tls for it", set.Host, set.Port, set.TLS)
+	}
 	msg := mail.NewMsg()
 	if err := msg.From(set.From); err != nil {
 		return fmt.Errorf("mail from %q: %v", set.From, err)
@@ -110,6 +115,13 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	}
 	return fmt.Errorf("mail to %s through %s failed after %d tries: %s", env.To, server, tries, scrub(err.Error(), set.Password))
 }
+
+// tlsAlways says whether mode guarantees TLS before anything is sent
+// ("" is the default, starttls).
+func tlsAlways(mode string) bool { return mode == "" || mode == "starttls" || mode == "tls" }
+
+// TLSAlways is tlsAlways for the commands' up-front check.
+func TLSAlways(mode string) bool { return tlsAlways(mode) }
 
 func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
 	timeout := orDefault(s.Timeout, 30*time.Second)

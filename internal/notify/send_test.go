@@ -51,6 +51,30 @@ func TestCredentialsStayWithTheirRelay(t *testing.T) {
 	}
 }
 
+// A login goes only over a connection that is TLS for certain: the
+// configured relay reached with a lineage's saved "none" or
+// "opportunistic" gets no password; the error says why, before any
+// connection (the relay counts no AUTH and no message).
+func TestNoLoginWithoutTLS(t *testing.T) {
+	relay, err := testenv.StartSMTP(t.TempDir(), "lbcert", "s3cret-pass")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Stop()
+	for _, mode := range []string{"none", "opportunistic"} {
+		s := &Sender{Now: time.Now, Settings: Settings{Host: relay.Host, Port: relay.Port, From: "lbcert@example.com",
+			User: "lbcert", Password: "s3cret-pass", TLS: "starttls", CABundle: relay.CABundle, Tries: 1}}
+		rep := &Report{Host: "lb1", Command: "renew", Time: time.Now(), Items: []Item{{Name: "a.example.com", Outcome: "renewed"}}}
+		err := s.Send(context.Background(), Envelope{To: "ops@example.com", Relay: Relay{Host: relay.Host, Port: relay.Port, TLS: mode}, Report: rep})
+		if err == nil || !strings.Contains(err.Error(), "refusing to log in with --smtp-tls "+mode) || strings.Contains(err.Error(), "s3cret-pass") {
+			t.Fatalf("%s: %v", mode, err)
+		}
+		if relay.AuthAttempts != 0 || len(relay.Messages()) != 0 {
+			t.Fatalf("%s: the relay saw %d AUTH and %d messages", mode, relay.AuthAttempts, len(relay.Messages()))
+		}
+	}
+}
+
 // A lineage's relay is used with its own saved TLS mode, not the global
 // one: here the global mode verifies STARTTLS against roots that do not
 // sign the relay's certificate, and the relay's own "none" must win.
