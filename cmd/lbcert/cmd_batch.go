@@ -68,9 +68,10 @@ Header-named, with a "domains" column (several names separated by spaces
 or semicolons) and any of:
   ` + strings.Join(batch.NamedColumns, ",") + `
 
-Rows whose certificate exists for the same names and is not due are
-skipped, so running the same file again finishes what a crash or Ctrl-C
-left. Orders run --concurrency at a time, inside the client-side budget
+Rows whose certificate exists for the same names and is not due order
+nothing (their changed settings are saved, and a new deploy target gets
+the current certificate), so running the same file again finishes what a
+crash or Ctrl-C left. Orders run --concurrency at a time, inside the client-side budget
 (--rate-*, saved in --dir and shared with renew), after a pre-flight check
 that each name routes /.well-known/acme-challenge/ to lbcert. All deploys
 happen once at the end, and each recipient gets one mail.

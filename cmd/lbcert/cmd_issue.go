@@ -60,7 +60,9 @@ lbcert's own listener on --http-addr (--standalone).
 The certificate is saved under <dir>/live/<name>/ as cert.pem, chain.pem,
 fullchain.pem and privkey.pem. If the lineage already holds a valid
 certificate for the same names that is not yet due for renewal, issue
-does nothing and exits 0; --force issues anyway.`,
+orders nothing and exits 0: it says so, and when settings changed (the
+deploy target, mail, challenge) it saves them and, for a new deploy
+target, deploys the current certificate there; --force issues anyway.`,
 		Example: `  lbcert issue -d example.com -d www.example.com --webroot /var/www/acme
   lbcert issue -d shop.example.net --standalone --http-addr 127.0.0.1:8888`,
 		Args: cobra.NoArgs,
@@ -224,7 +226,13 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 	case engine.Reconfigured:
 		a.printf("%s: certificate for %s is valid until %s and not due; saved the new settings without ordering\n",
 			it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly))
-		a.printf("  deploy    %s\n", deployWords(it))
+		if it.Deploy == "" {
+			// Only mail or challenge settings changed: the certificate
+			// already where it was is not deployed again.
+			a.printf("  deploy    unchanged (same deploy target; nothing deployed)\n")
+		} else {
+			a.printf("  deploy    %s\n", deployWords(it))
+		}
 		return
 	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
 		if it.Serial == "" {

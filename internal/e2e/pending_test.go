@@ -62,6 +62,16 @@ exec %s "$@"
 	}
 	v1 := e.serial("pend.example.com")
 	servedEventually(t, tlsAddr, "pend.example.com", v1)
+	// Only the mail sender changes: saved, nothing deployed, and the
+	// output says so instead of "deployed".
+	r1 := e.mustRun("issue", "-d", "pend.example.com", "--standalone", "--http-addr", http,
+		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", wrapper, "--verify-addr", tlsAddr, "--mail-from", "pend@example.com")
+	if e.pebble.Orders() != before || !strings.Contains(r1.stdout, "saved the new settings without ordering") || !strings.Contains(r1.stdout, "deploy    unchanged") {
+		t.Fatalf("mail-only reconfigure: %d orders\n%s", e.pebble.Orders()-before, r1.stdout)
+	}
+	if meta := readFile(t, filepath.Join(e.dir, "live", "pend.example.com", "lineage.json")); !strings.Contains(meta, "pend@example.com") {
+		t.Fatalf("the new sender was not saved:\n%s", meta)
+	}
 
 	// A typo in the config: the renewal is rolled back and kept pending.
 	os.WriteFile(n.Conf, []byte(conf+"\nthis_is_not_a_directive;\n"), 0o644)

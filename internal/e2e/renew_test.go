@@ -277,6 +277,12 @@ func TestRenewQuietWhenCADown(t *testing.T) {
 	if r.code != 0 || !strings.Contains(r.stderr, "renewal info failed; using the lifetime rule") {
 		t.Fatalf("without -q: exit %d, stderr %q", r.code, r.stderr)
 	}
+	// -q silences information, never a failure: a due renewal that
+	// fails still says so, and the exit is not 0.
+	r = e.run("renew", "-q", "--force", "--no-random-sleep")
+	if r.code == 0 || !strings.Contains(r.stderr, "lbcert: error:") || !strings.Contains(r.stderr, "quiet.example.com") {
+		t.Fatalf("-q with a due renewal failing: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
 }
 
 // TestRenewDeadCA: with the CA down, a renew of many due lineages stops
