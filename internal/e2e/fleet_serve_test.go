@@ -162,6 +162,10 @@ func TestFleetEveryNodeServes(t *testing.T) {
 	// is fixed lb3 catches up by itself, with no order.
 	name := names[0]
 	old := f.fleetSerial(name)
+	// First every node has finished deploying T3's last certificate:
+	// nginx serves a file as soon as it is live, before the agent's
+	// config test, and a config broken during that test rolls it back.
+	f.waitStatusOK(30 * time.Second)
 	good, _ := os.ReadFile(confs["lb3"])
 	os.WriteFile(confs["lb3"], append(append([]byte{}, good...), []byte("\nthis_is_not_a_directive;\n")...), 0o644)
 	f.mustOn("lb1", "renew", "--force", "--name", name, "--no-random-sleep")
