@@ -113,27 +113,50 @@ while the host was off happens at boot. Enable it with
 }
 
 // renewCommand is the command line cron runs: this binary, and the state
-// directory and config when they are not the defaults.
+// directory and config when they are not the defaults. Each word is
+// shell-quoted, and % escaped: cron turns a bare % into a newline, even
+// inside quotes.
 func (a *app) renewCommand() string {
+	words := a.renewArgv()
+	for i, w := range words {
+		words[i] = strings.ReplaceAll(shellQuote(w), "%", `\%`)
+	}
+	return strings.Join(words, " ")
+}
+
+// renewArgv is renew's argv as cron and the timer run it.
+func (a *app) renewArgv() []string {
 	bin, err := os.Executable()
 	if err != nil {
 		bin = "lbcert"
 	}
-	// The cron run must read the same settings as the command that
-	// installed it: the state directory and the config file, however
-	// they were given (flag, LBCERT_DIR/LBCERT_CONFIG, config file),
-	// as absolute paths since cron starts in another directory.
-	parts := []string{bin}
+	return append(append([]string{bin}, a.carriedArgs()...), "renew", "-q")
+}
+
+// carriedArgs are the global settings a cron line or a unit must repeat
+// for its run to be the same as the command that printed it: the state
+// directory and the config file, however they were given (flag,
+// LBCERT_DIR/LBCERT_CONFIG, config file), as absolute paths since cron
+// starts in another directory; the settings given as flags that change
+// what a run keeps or writes; and the fleet's flags. Never a secret.
+func (a *app) carriedArgs() []string {
+	var args []string
 	if a.global.Dir != "/etc/lbcert" {
-		parts = append(parts, "--dir", shellQuote(absPath(a.global.Dir)))
+		args = append(args, "--dir", absPath(a.global.Dir))
 	}
 	if p := a.configPath(); p != defaultConfig {
-		parts = append(parts, "--config", shellQuote(absPath(p)))
+		args = append(args, "--config", absPath(p))
 	}
-	for _, f := range a.fleetArgs() {
-		parts = append(parts, shellQuote(f))
+	if a.global.Keep != 3 {
+		args = append(args, "--keep-versions", strconv.Itoa(a.global.Keep))
 	}
-	return strings.Join(append(parts, "renew", "-q"), " ")
+	if a.global.HookConc != 1 {
+		args = append(args, "--hook-concurrency", strconv.Itoa(a.global.HookConc))
+	}
+	if a.global.MetricsFile != "" {
+		args = append(args, "--metrics-file", absPath(a.global.MetricsFile))
+	}
+	return append(args, a.fleetArgs()...)
 }
 
 // fleetArgs are the fleet flags a unit or cron line must repeat for its

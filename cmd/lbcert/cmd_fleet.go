@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -407,13 +408,32 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if err != nil {
 		return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
 	}
-	var f *fleetRun
-	defer func() { f.close() }()
+	// The fleet is opened on the agent's connect goroutine, which may
+	// still be dialling when Run returns: the one it opened is closed
+	// here under the lock, or by itself when the agent is already gone.
+	var (
+		mu   sync.Mutex
+		f    *fleetRun
+		done bool
+	)
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		done = true
+		f.close()
+	}()
 	connect := func(ctx context.Context) (*fleet.Node, error) {
-		var err error
-		if f, err = a.openFleet(ctx, st, "agent"); err != nil {
+		opened, err := a.openFleet(ctx, st, "agent")
+		if err != nil {
 			return nil, err // the agent retries a *redis.Unavailable
 		}
+		mu.Lock()
+		defer mu.Unlock()
+		if done {
+			opened.close()
+			return nil, context.Canceled
+		}
+		f = opened
 		a.printf("agent of node %s (fleet %s) connected; answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
 		return f.node, nil
 	}
@@ -421,9 +441,9 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if err := a.checkKeep(); err != nil {
 		return err
 	}
-	sync := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep,
+	syncer := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep,
 		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
-	ag := &fleet.Agent{Local: st, Connect: connect, Sync: sync, Listener: ln, Advertise: advertise,
+	ag := &fleet.Agent{Local: st, Connect: connect, Sync: syncer, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}
 	if a.global.MetricsFile != "" {
 		go a.agentMetrics(ctx, ag)
@@ -456,8 +476,11 @@ func (a *app) agentUnit(o *agentOptions) string {
 	if err != nil {
 		self = "/usr/local/bin/lbcert"
 	}
-	args := append([]string{self, "--dir", absPath(a.global.Dir)}, a.fleetArgs()...)
-	args = append(args, "agent", "--http-addr", o.httpAddr)
+	args := []string{self}
+	if a.global.Dir == "/etc/lbcert" {
+		args = append(args, "--dir", a.global.Dir) // said, as the unit's reader looks for it
+	}
+	args = append(append(args, a.carriedArgs()...), "agent", "--http-addr", o.httpAddr)
 	if o.advertise != "" {
 		args = append(args, "--advertise-addr", o.advertise)
 	}
@@ -470,10 +493,6 @@ func (a *app) agentUnit(o *agentOptions) string {
 			args = append(args, "--"+fl.Name, fl.Value.String())
 		}
 	})
-	quoted := make([]string, len(args))
-	for i, x := range args {
-		quoted[i] = systemdQuote(x)
-	}
 	return fmt.Sprintf(`%s
 # Install: put it in /etc/systemd/system/lbcert-agent.service, put
 # LBCERT_REDIS_PASSWORD=... in /etc/lbcert/agent.env (mode 0600) unless
@@ -497,7 +516,7 @@ PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
-`, printedBy("lbcert-agent.service", "agent --print-systemd-unit"), strings.Join(quoted, " "))
+`, printedBy("lbcert-agent.service", "agent --print-systemd-unit"), execStart(args))
 }
 
 // systemdQuote quotes one ExecStart word when it needs it.

@@ -15,9 +15,19 @@ import (
 // it was given, to be redirected into /etc/systemd/system. `cron install
 // --systemd` writes the renew pair itself, from the same text.
 
+// execStart is argv as an ExecStart= line: each word quoted for systemd
+// (which knows neither shell quoting nor a bare % or $).
+func execStart(argv []string) string {
+	quoted := make([]string, len(argv))
+	for i, w := range argv {
+		quoted[i] = systemdQuote(w)
+	}
+	return strings.Join(quoted, " ")
+}
+
 // printedBy is the first line of a printed unit.
 func printedBy(unit, command string) string {
-	return fmt.Sprintf("# %s: printed by 'lbcert %s', with the --dir, --config and fleet flags it was given.", unit, command)
+	return fmt.Sprintf("# %s: printed by 'lbcert %s', with the global settings it was given (--dir, --config, --keep-versions, --metrics-file, fleet flags).", unit, command)
 }
 
 // cronManaged is the first line of the units cron install writes.
@@ -39,7 +49,7 @@ After=network-online.target
 [Service]
 Type=oneshot
 ExecStart=%s
-`, header, strings.Replace(a.renewCommand(), " renew -q", " renew -q --no-random-sleep", 1))
+`, header, execStart(append(a.renewArgv(), "--no-random-sleep")))
 }
 
 // renewTimer is lbcert-renew.timer at minute past the hours of the

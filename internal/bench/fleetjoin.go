@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -79,8 +80,8 @@ func benchFleetJoin(n int, bin, work string, r *testenv.Redis) error {
 	agent := exec.Command(bin, "--dir", lb2, "--redis", r.URL(), "--server", "http://"+ca.Addr().String()+"/dir",
 		"agent", "--http-addr", httpAddr, "--deploy", "nginx", "--nginx-conf", ng.Conf, "--nginx-bin", ng.Bin)
 	agent.Env = env
-	var agentLog strings.Builder
-	agent.Stdout, agent.Stderr = &agentLog, &agentLog
+	agentLog := &syncLog{}
+	agent.Stdout, agent.Stderr = agentLog, agentLog
 	if err := agent.Start(); err != nil {
 		return err
 	}
@@ -162,6 +163,25 @@ func benchFleetJoin(n int, bin, work string, r *testenv.Redis) error {
 		return fmt.Errorf("T7 does not hold: %.1f s, %d CA requests", reported.Seconds(), caHits.Load())
 	}
 	return nil
+}
+
+// syncLog is the agent's output, written by exec's copying goroutine
+// and read while the agent runs.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func freeLoopback() (string, error) {
