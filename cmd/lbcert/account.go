@@ -69,7 +69,7 @@ func (a *app) accountBase(st store.Accounts) (acme.Options, error) {
 	}
 	o := acme.Options{
 		CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
-		EABKid: g.EABKid, UserAgent: "lbcert/" + buildVersion(debug.ReadBuildInfo()), Store: st,
+		EABKid: g.EABKid, UserAgent: userAgent(), Store: st,
 	}
 	if g.EABKid != "" || g.EABHMACFile != "" {
 		hmac, err := a.eabHMAC()
@@ -86,6 +86,9 @@ func (a *app) accountBase(st store.Accounts) (acme.Options, error) {
 	}
 	return o, nil
 }
+
+// userAgent is what lbcert calls itself to the CA.
+func userAgent() string { return "lbcert/" + buildVersion(debug.ReadBuildInfo()) }
 
 // checkAccountSettings checks the account settings that hold no secret,
 // so that bad input is refused before any lineage is tried.
@@ -114,7 +117,7 @@ func (a *app) eabHMAC() (string, error) {
 	if f := a.global.EABHMACFile; f != "" {
 		data, err := os.ReadFile(f)
 		if err != nil {
-			return "", exit.Errorf("--eab-hmac-key-file %s: %v", f, unwrapPath(err))
+			return "", exit.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
 		}
 		key = strings.TrimSpace(string(data))
 	}

@@ -178,7 +178,7 @@ beats the config file, which beats the default.
 	root.SetErr(a.err)
 	root.SetIn(a.in)
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
-		return exit.Errorf("%v (see '%s --help')", err, cmd.CommandPath())
+		return exit.Errorf("%w (see '%s --help')", err, cmd.CommandPath())
 	})
 
 	pf := root.PersistentFlags()
@@ -228,18 +228,18 @@ func (a *app) setup(cmd *cobra.Command) error {
 	if path != "" {
 		f, err := config.Load(path, a.knownKey(cmd.Root()))
 		if err != nil {
-			return exit.Errorf("%v", err)
+			return exit.Errorf("%w", err)
 		}
 		file = f
 	} else if _, err := os.Stat(defaultConfig); err == nil {
 		f, err := config.Load(defaultConfig, a.knownKey(cmd.Root()))
 		if err != nil {
-			return exit.Errorf("%v", err)
+			return exit.Errorf("%w", err)
 		}
 		file = f
 	}
 	if err := config.Apply(fs, file, a.getenv); err != nil {
-		return exit.Errorf("%v", err)
+		return exit.Errorf("%w", err)
 	}
 	a.setupLogging()
 	return a.mail.check()

@@ -116,7 +116,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return exit.Errorf("%v", err)
+		return exit.Errorf("%w", err)
 	}
 	if o.Webroot != "" && o.Standalone {
 		return exit.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
@@ -140,10 +140,10 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	case o.Webroot != "":
 		root, err := filepath.Abs(o.Webroot)
 		if err != nil {
-			return exit.Errorf("--webroot %s: %v", o.Webroot, err)
+			return exit.Errorf("--webroot %s: %w", o.Webroot, err)
 		}
 		if err := challenge.CheckWebroot(root); err != nil {
-			return exit.Errorf("%v", err)
+			return exit.Errorf("%w", err)
 		}
 		fallback = store.Challenge{Mode: "webroot", Webroot: root}
 	case o.Standalone:
@@ -253,7 +253,7 @@ func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
 			return nil, exit.Errorf("%s: no such file", file)
 		}
 		if err != nil {
-			return nil, exit.Errorf("%s: %v", file, unwrapPath(err))
+			return nil, exit.Errorf("%s: %w", file, unwrapPath(err))
 		}
 		defer f.Close()
 		if fi, err := f.Stat(); err == nil && fi.IsDir() {

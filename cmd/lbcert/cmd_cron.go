@@ -288,7 +288,7 @@ func (a *app) cronInstall(o *cronOptions) error {
 		// cron.d files must be root-owned, 0644, and not group/other
 		// writable, or cron ignores them.
 		if err := store.WriteFile(o.File, []byte(content), 0o644); err != nil {
-			return exit.Errorf("write %s: %v", o.File, unwrapPath(err))
+			return exit.Errorf("write %s: %w", o.File, unwrapPath(err))
 		}
 	}
 	a.printf("installed renew %d times a day at %s (minute hour): %s\n", perDay, when, a.renewCommand())
@@ -331,7 +331,7 @@ func (a *app) cronRemove(o *cronOptions) error {
 func removeCronFile(path string) error {
 	err := os.Remove(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return exit.Errorf("remove %s: %v", path, unwrapPath(err))
+		return exit.Errorf("remove %s: %w", path, unwrapPath(err))
 	}
 	return nil
 }
@@ -352,7 +352,7 @@ func (a *app) readCron(o *cronOptions) (string, error) {
 		return "", nil
 	}
 	if err != nil {
-		return "", exit.Errorf("read %s: %v", o.File, unwrapPath(err))
+		return "", exit.Errorf("read %s: %w", o.File, unwrapPath(err))
 	}
 	return string(data), nil
 }
@@ -363,7 +363,7 @@ func writeCrontab(content string) error {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
-		return exit.Errorf("crontab -: %v: %s", err, strings.TrimSpace(stderr.String()))
+		return exit.Errorf("crontab -: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
 }

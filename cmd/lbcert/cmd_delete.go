@@ -120,7 +120,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	name := o.Name
 	if name != "" {
 		if err := names.Lineage(name); err != nil {
-			return exit.Errorf("--name: %v", err)
+			return exit.Errorf("--name: %w", err)
 		}
 	} else if name, err = a.lineageForDomain(st, o.Domain); err != nil {
 		return err
@@ -152,7 +152,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	runner := &deploy.Runner{Store: st}
 	refs, err := runner.References(ctx, name, l.Deploy)
 	if err != nil && !o.Force {
-		return exit.Errorf("check %s config for references to %s: %v", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+		return exit.Errorf("check %s config for references to %s: %w", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
 	}
 	if len(refs) > 0 && !o.Force {
 		return exit.Errorf("%s config still uses %s: %s: %s", l.Deploy.Target, name, refs[0].File, refs[0].Line).
@@ -186,15 +186,15 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			cert, err = f.backend.ReadFullchain(name) // the fleet's, when this node does not hold it
 		}
 		if err != nil {
-			return exit.Errorf("read %s: %v", name, err)
+			return exit.Errorf("read %s: %w", name, err)
 		}
 		if err := client.Revoke(cert, reason); err != nil {
-			return exit.Errorf("%v; nothing was deleted", err)
+			return exit.Errorf("%w; nothing was deleted", err)
 		}
 		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
 	}
 	if err := src.Delete(name); err != nil {
-		return exit.Errorf("delete %s: %v", name, err)
+		return exit.Errorf("delete %s: %w", name, err)
 	}
 	a.printf("%s: deleted\n", name)
 	item := notify.Item{Name: name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
@@ -209,7 +209,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	}()
 	if l.Deploy.Target != "" {
 		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
-			return exit.Errorf("deleted %s, but updating %s failed: %v", name, l.Deploy.Target, err)
+			return exit.Errorf("deleted %s, but updating %s failed: %w", name, l.Deploy.Target, err)
 		}
 		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
 	}
@@ -233,11 +233,11 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 func (a *app) lineageForDomain(st *store.Store, raw string) (string, error) {
 	d, err := names.Domain(raw)
 	if err != nil {
-		return "", exit.Errorf("%v", err)
+		return "", exit.Errorf("%w", err)
 	}
 	all, err := st.Names()
 	if err != nil {
-		return "", exit.Errorf("%v", err)
+		return "", exit.Errorf("%w", err)
 	}
 	var found []string
 	for _, n := range all {

@@ -75,7 +75,7 @@ func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
 	if f.PasswordFile != "" {
 		data, err := os.ReadFile(f.PasswordFile)
 		if err != nil {
-			return nil, exit.Errorf("--redis-password-file %s: %v", f.PasswordFile, unwrapPath(err))
+			return nil, exit.Errorf("--redis-password-file %s: %w", f.PasswordFile, unwrapPath(err))
 		}
 		pw = strings.TrimSpace(string(data))
 	}
@@ -382,10 +382,10 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if advertise == "" {
 		host, _, err := net.SplitHostPort(o.httpAddr)
 		if err != nil {
-			return exit.Errorf("--http-addr %q: %v", o.httpAddr, err)
+			return exit.Errorf("--http-addr %q: %w", o.httpAddr, err)
 		}
 		if host == "" || host == "0.0.0.0" || host == "::" {
-			return exit.Errorf("%v", fleet.ErrAdvertise)
+			return exit.Errorf("%w", fleet.ErrAdvertise)
 		}
 		advertise = o.httpAddr
 	}
@@ -406,7 +406,7 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	}
 	ln, err := net.Listen("tcp", o.httpAddr)
 	if err != nil {
-		return exit.Errorf("agent: %v", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
+		return exit.Errorf("agent: %w", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
 	}
 	// The fleet is opened on the agent's connect goroutine, which may
 	// still be dialling when Run returns: the one it opened is closed

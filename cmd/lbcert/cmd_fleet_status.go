@@ -59,7 +59,7 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	}
 	if a.global.MetricsFile != "" {
 		if err := metrics.WriteFleet(a.global.MetricsFile, st); err != nil {
-			return exit.Errorf("--metrics-file: %v", unwrapPath(err))
+			return exit.Errorf("--metrics-file: %w", unwrapPath(err))
 		}
 	}
 	if o.json {

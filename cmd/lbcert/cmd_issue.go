@@ -111,17 +111,17 @@ type issuePlan struct {
 func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	domains, err := names.Domains(o.Domains)
 	if err != nil {
-		return nil, exit.Errorf("%v", err)
+		return nil, exit.Errorf("%w", err)
 	}
 	p := &issuePlan{domains: domains, name: o.Name}
 	if p.name == "" {
 		p.name = names.LineageFor(domains[0])
 	}
 	if err := names.Lineage(p.name); err != nil {
-		return nil, exit.Errorf("--name: %v", err)
+		return nil, exit.Errorf("--name: %w", err)
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return nil, exit.Errorf("%v", err)
+		return nil, exit.Errorf("%w", err)
 	}
 	fleetMode := a.fleetOpts.Redis != ""
 	switch {
@@ -145,10 +145,10 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	case o.Webroot != "":
 		root, err := filepath.Abs(o.Webroot)
 		if err != nil {
-			return nil, exit.Errorf("--webroot %s: %v", o.Webroot, err)
+			return nil, exit.Errorf("--webroot %s: %w", o.Webroot, err)
 		}
 		if err := challenge.CheckWebroot(root); err != nil {
-			return nil, exit.Errorf("%v", err)
+			return nil, exit.Errorf("%w", err)
 		}
 		p.mode = store.Challenge{Mode: "webroot", Webroot: root}
 	default:

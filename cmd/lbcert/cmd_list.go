@@ -107,7 +107,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 	if len(names) == 0 {
 		var err error
 		if names, err = st.Names(); err != nil {
-			return exit.Errorf("read %s: %v", st.Dir, err)
+			return exit.Errorf("read %s: %w", st.Dir, err)
 		}
 	}
 	entries := make([]listEntry, 0, len(names))
@@ -138,7 +138,7 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 		if isNotFound(err) {
 			return nil, exit.Errorf("no lineage %q in %s", name, st.Dir).WithHint("'lbcert list' shows the lineages")
 		}
-		return nil, exit.Errorf("%v", err)
+		return nil, exit.Errorf("%w", err)
 	}
 	status, _ := st.ReadStatus(name)
 	now := a.now()

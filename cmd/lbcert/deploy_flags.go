@@ -131,7 +131,7 @@ func checkDeploy(d *store.Deploy) error {
 			return err
 		}
 		if d.HAProxyCerts, err = filepath.Abs(d.HAProxyCerts); err != nil {
-			return exit.Errorf("--haproxy-certs: %v", err)
+			return exit.Errorf("--haproxy-certs: %w", err)
 		}
 		if d.ReloadCmd == "" && d.HAProxySocket == "" {
 			return exit.Errorf("--deploy haproxy needs --reload-cmd (for example 'systemctl reload haproxy') or --haproxy-socket")
@@ -139,7 +139,7 @@ func checkDeploy(d *store.Deploy) error {
 		if d.HAProxySocket != "" && filepath.IsAbs(d.HAProxySocket) == false {
 			if _, _, err := net.SplitHostPort(d.HAProxySocket); err != nil {
 				if d.HAProxySocket, err = filepath.Abs(d.HAProxySocket); err != nil {
-					return exit.Errorf("--haproxy-socket: %v", err)
+					return exit.Errorf("--haproxy-socket: %w", err)
 				}
 			}
 		}
@@ -160,7 +160,7 @@ func checkDeploy(d *store.Deploy) error {
 			_, err = deploy.LoadRoots(abs)
 		}
 		if err != nil {
-			return exit.Errorf("--verify-roots: %v", err)
+			return exit.Errorf("--verify-roots: %w", err)
 		}
 		d.VerifyRoots = abs
 	}
@@ -185,11 +185,11 @@ func findBin(flag, bin string) (string, error) {
 func existingFile(flag, path string) (string, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return "", exit.Errorf("%s %s: %v", flag, path, err)
+		return "", exit.Errorf("%s %s: %w", flag, path, err)
 	}
 	fi, err := os.Stat(abs)
 	if err != nil {
-		return "", exit.Errorf("%s %s: %v", flag, path, unwrapPath(err))
+		return "", exit.Errorf("%s %s: %w", flag, path, unwrapPath(err))
 	}
 	if fi.IsDir() {
 		return "", exit.Errorf("%s %s: is a directory", flag, path)

@@ -133,7 +133,7 @@ func (a *app) settings() (notify.Settings, error) {
 		if m.PasswordFile != "" {
 			data, err := os.ReadFile(m.PasswordFile)
 			if err != nil {
-				return s, exit.Errorf("--smtp-password-file %s: %v", m.PasswordFile, unwrapPath(err))
+				return s, exit.Errorf("--smtp-password-file %s: %w", m.PasswordFile, unwrapPath(err))
 			}
 			s.Password = strings.TrimRight(string(data), "\r\n")
 		}
@@ -231,7 +231,7 @@ with the server's reply, when the mail cannot be sent.`,
 			sender.Settings.Tries = 1
 			for _, env := range notify.Group(rep, a.mail.To, notify.Relay{}) {
 				if err := sender.Send(cmd.Context(), env); err != nil {
-					return exit.Errorf("%v", err)
+					return exit.Errorf("%w", err)
 				}
 				a.printf("test report sent to %s through %s:%d\n", env.To, set.Host, set.Port)
 			}

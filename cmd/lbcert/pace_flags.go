@@ -39,7 +39,7 @@ func (p *paceFlags) limits() (pace.Limits, error) {
 		{"--rate-failed-authz", p.failedAuthz, &l.FailedAuthz}} {
 		v, err := pace.ParseLimit(x.val)
 		if err != nil {
-			return l, exit.Errorf("%s %v", x.flag, err)
+			return l, exit.Errorf("%s %w", x.flag, err)
 		}
 		*x.dst = v
 	}
@@ -49,7 +49,7 @@ func (p *paceFlags) limits() (pace.Limits, error) {
 func (a *app) openBudget(st *store.Store, l pace.Limits) (*pace.Budget, error) {
 	b, err := pace.Open(st.Dir, l, a.now)
 	if err != nil {
-		return nil, exit.Errorf("read the rate budget: %v", err).WithHint("remove %s/%s to start with a full budget", st.Dir, pace.FileName)
+		return nil, exit.Errorf("read the rate budget: %w", err).WithHint("remove %s/%s to start with a full budget", st.Dir, pace.FileName)
 	}
 	return b, nil
 }
@@ -89,7 +89,7 @@ func (p *preflightFlags) checker() (*preflight.Checker, error) {
 	}
 	if p.expectCNAME != "" {
 		if _, err := names.Domain(p.expectCNAME); err != nil {
-			return nil, exit.Errorf("--expect-cname: %v", err)
+			return nil, exit.Errorf("--expect-cname: %w", err)
 		}
 		c.ExpectCNAME = p.expectCNAME
 	}

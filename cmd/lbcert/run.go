@@ -70,7 +70,7 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	}
 	var backend store.Backend = st
 	var ebudget engine.Budget = budget
-	is := &issuer.Issuer{}
+	is := &issuer.Issuer{CABundle: a.global.CABundle, UserAgent: userAgent()}
 	if f := spec.fleet; f != nil {
 		// Certificates this node kept while Redis was away go first, so
 		// the plan sees them and orders nothing twice.

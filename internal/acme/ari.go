@@ -1,10 +1,15 @@
 package acme
 
 import (
+	"context"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"strings"
 	"time"
 
 	"github.com/go-acme/lego/v4/acme/api"
@@ -21,8 +26,38 @@ type RenewalInfo struct {
 	RetryAfter time.Duration
 }
 
+// ARI asks a CA's renewal information endpoint without an account.
+// RFC 9773's renewalInfo is a plain GET, so the daily nothing-due renew
+// that asks it reads no account key, registration or EAB secret: those
+// are loaded only when something is ordered.
+type ARI struct {
+	hc        *http.Client
+	url       string // the directory's renewalInfo; "" when the CA has none
+	userAgent string
+}
+
+// NewARI reads server's directory for its renewalInfo endpoint.
+func NewARI(ctx context.Context, server, caBundle, userAgent string) (*ARI, error) {
+	hc, err := HTTPClient(ctx, caBundle)
+	if err != nil {
+		return nil, err
+	}
+	a := &ARI{hc: hc, userAgent: userAgent}
+	var dir struct {
+		RenewalInfo string `json:"renewalInfo"`
+	}
+	if err := a.get(server, &dir, nil); err != nil {
+		return nil, Explain(fmt.Errorf("ACME server %s: %w", server, err))
+	}
+	a.url = strings.TrimRight(dir.RenewalInfo, "/")
+	return a, nil
+}
+
 // RenewalInfo asks the CA when to renew the certificate in certPEM.
-func (c *Client) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
+func (a *ARI) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
+	if a.url == "" {
+		return nil, ErrNoARI
+	}
 	b, _ := pem.Decode(certPEM)
 	if b == nil {
 		return nil, errors.New("cert.pem is not PEM")
@@ -31,15 +66,52 @@ func (c *Client) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	info, err := c.lego.Certificate.GetRenewalInfo(certificate.RenewalInfoRequest{Cert: leaf})
-	if errors.Is(err, api.ErrNoARI) {
-		return nil, ErrNoARI
-	}
+	id, err := certificate.MakeARICertID(leaf)
 	if err != nil {
-		return nil, explain("renewal info", err)
+		return nil, err
+	}
+	var info certificate.RenewalInfoResponse
+	var h http.Header
+	if err := a.get(a.url+"/"+id, &info, &h); err != nil {
+		return nil, fmt.Errorf("renewal info: %w", err)
+	}
+	if retry := h.Get("Retry-After"); retry != "" {
+		if info.RetryAfter, err = api.ParseRetryAfter(retry); err != nil {
+			return nil, fmt.Errorf("renewal info: Retry-After %q: %v", retry, err)
+		}
 	}
 	if info.SuggestedWindow.End.Before(info.SuggestedWindow.Start) {
 		return nil, fmt.Errorf("renewal info: window ends before it starts")
 	}
 	return &RenewalInfo{Start: info.SuggestedWindow.Start.UTC(), End: info.SuggestedWindow.End.UTC(), RetryAfter: info.RetryAfter}, nil
+}
+
+// get GETs url and decodes its JSON into v; header, when set, gets the
+// response's headers.
+func (a *ARI) get(url string, v any, header *http.Header) error {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("User-Agent", a.userAgent)
+	req.Header.Set("Accept", "application/json")
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, strings.TrimSpace(string(body[:min(len(body), 200)])))
+	}
+	if header != nil {
+		*header = resp.Header
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("GET %s: %v", url, err)
+	}
+	return nil
 }

@@ -48,7 +48,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, deploy, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, cpu, deploy, pacing, scale, fleet or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -58,6 +58,7 @@ func main() {
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
 	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
 	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
+	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	flag.Parse()
 	var err error
@@ -78,6 +79,12 @@ func main() {
 		}
 		os.MkdirAll(w, 0o755)
 		err = benchRenewDue(*renewDueN, *renewDueC, b, *before, w)
+	}
+	if err == nil && (*only == "all" || *only == "cpu") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchCPU(*issueN, *conc, *cpuPerf, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "pacing") {
 		w, _ := filepath.Abs(*work)

@@ -17,20 +17,6 @@ import (
 // before the engine (renew one lineage at a time), run over the same
 // kind of lineages for the "before" figure.
 func benchRenewDue(n, concurrency int, bin, before, work string) error {
-	// Pebble 2.10.1 can hang on its own locks under concurrent renewals
-	// (orders carrying ARI "replaces"); the dump says so. Such a try is
-	// reported and the whole measurement starts again on a fresh Pebble.
-	var err error
-	for try := 1; try <= 3; try++ {
-		if err = renewDueOnce(n, concurrency, bin, before, work); err == nil || !strings.Contains(err.Error(), "PEBBLE DEADLOCK") {
-			return err
-		}
-		fmt.Printf("try %d hit Pebble's own deadlock (its goroutine dump shows it); starting again on a fresh Pebble\n", try)
-	}
-	return err
-}
-
-func renewDueOnce(n, concurrency int, bin, before, work string) error {
 	work = filepath.Join(work, "renewdue")
 	os.RemoveAll(work)
 	os.MkdirAll(work, 0o755)
@@ -70,13 +56,6 @@ func renewDueOnce(n, concurrency int, bin, before, work string) error {
 	if got := countFiles(filepath.Join(dir, "live", "*", "cert.pem")); got != n {
 		return fmt.Errorf("batch issued %d of %d", got, n)
 	}
-	// Pebble 2.10.1 deadlocks on its own locks when orders carrying ARI
-	// "replaces" run concurrently (the goroutine dump shows it), so the
-	// lineages are marked as at a CA without ARI: renew then orders as
-	// batch does, without "replaces". Nothing else about the run changes.
-	if err := markNoARI(dir); err != nil {
-		return err
-	}
 	rres, rca, err := renew(bin, dir, fmt.Sprintf("lbcert renew, %d due lineages", n), true)
 	if err != nil {
 		return err
@@ -88,9 +67,6 @@ func renewDueOnce(n, concurrency int, bin, before, work string) error {
 		// same), one at a time.
 		od := filepath.Join(work, "before")
 		if _, _, err := issue(bin, od, "o"); err != nil {
-			return err
-		}
-		if err := markNoARI(od); err != nil {
 			return err
 		}
 		ores, oca, err := renew(before, od, fmt.Sprintf("lbcert renew before the engine (one at a time), %d due", n), false)
@@ -157,19 +133,4 @@ func procCPU(pid int) (time.Duration, error) {
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
 	const hz = 100 // USER_HZ on Linux
 	return time.Duration(utime+stime) * time.Second / hz, nil
-}
-
-// markNoARI writes each lineage's renewal status as "the CA offers no
-// ARI, ask again in a week", the state renew itself saves at such a CA.
-func markNoARI(dir string) error {
-	lives, _ := filepath.Glob(filepath.Join(dir, "live", "*"))
-	os.MkdirAll(filepath.Join(dir, "renewal"), 0o700)
-	until := time.Now().Add(7 * 24 * time.Hour).UTC().Format(time.RFC3339)
-	for _, l := range lives {
-		st := fmt.Sprintf("{\"ari_unsupported\": %q}\n", until)
-		if err := os.WriteFile(filepath.Join(dir, "renewal", filepath.Base(l)+".json"), []byte(st), 0o600); err != nil {
-			return err
-		}
-	}
-	return nil
 }

@@ -190,8 +190,12 @@ func TestRenewKill9(t *testing.T) {
 	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
 	names := []string{"k1.example.com", "k2.example.com", "k3.example.com", "k4.example.com"}
 	orig := map[string]string{}
+	// Each has a deploy hook, so a certificate saved is owed a deploy
+	// until the hook has run (one with nowhere to go is owed none).
+	hookLog := filepath.Join(e.work, "hook.log")
 	for _, n := range names {
-		e.mustRun("issue", "-d", n, "--standalone", "--http-addr", http, "--agree-tos", "--profile", "shortlived")
+		e.mustRun("issue", "-d", n, "--standalone", "--http-addr", http, "--agree-tos", "--profile", "shortlived",
+			"--deploy-hook", "echo $LBCERT_NAME >> "+hookLog)
 		e.setProfile(t, n, "default") // renewals come back with 90 days
 		orig[n] = e.serial(n)
 	}
@@ -244,7 +248,11 @@ func TestRenewKill9(t *testing.T) {
 	// second time and lbcert orders again without it.
 	e.settledOrders()
 	issuedBefore := e.pebble.Issued()
+	os.Remove(hookLog)
 	r := e.mustRun("renew", "--days", "7", "--no-random-sleep")
+	if hooked := strings.Fields(readFileOrEmpty(hookLog)); len(hooked) != len(names) {
+		t.Fatalf("second run ran the deploy hook for %v, want all %d", hooked, len(names))
+	}
 	if !strings.Contains(r.stdout, fmt.Sprintf("%d renewed, 0 not due", len(names))) ||
 		strings.Count(r.stdout, "  deployed  ") != renewed || e.pebble.Issued()-issuedBefore != len(names)-renewed {
 		t.Fatalf("second run: %d certificates issued\n%s", e.pebble.Issued()-issuedBefore, r.stdout)
@@ -296,7 +304,9 @@ func TestRenewDeadCA(t *testing.T) {
 		e.mustRun("issue", "-d", fmt.Sprintf("dead%d.example.com", i), "--standalone", "--http-addr", http, "--agree-tos")
 	}
 	e.pebble.Stop()
-	r := e.run("renew", "--force", "--no-random-sleep")
+	// One order at a time, so that "after a few" is exact: at the default
+	// concurrency all six would be in flight before the first failed.
+	r := e.run("renew", "--force", "--no-random-sleep", "--concurrency", "1")
 	if r.code != 2 || !strings.Contains(r.stderr, "did not answer several orders in a row") || !strings.Contains(r.stdout, "3 deferred") {
 		t.Fatalf("dead CA: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}

@@ -37,9 +37,13 @@ type Issuer struct {
 	// token goes to Redis and every node's agent serves it); the run
 	// binds no listener and writes no webroot of its own.
 	Fleet legochallenge.Provider
+	// CABundle and UserAgent are what asking a CA's renewal information
+	// needs: no account, so Account is not called for it.
+	CABundle, UserAgent string
 
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
+	aris      map[string]*ariOnce  // by server
 	listeners map[string]*listener // by port
 	webroots  map[string]*challenge.Webroot
 	// reRegister holds the (server, email) pairs whose saved account the
@@ -55,6 +59,12 @@ type Issuer struct {
 type listener struct {
 	s   *challenge.Standalone
 	err error
+}
+
+type ariOnce struct {
+	once sync.Once
+	a    *acme.ARI
+	err  error
 }
 
 type clientOnce struct {
@@ -279,11 +289,22 @@ func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
 
 // RenewalInfo asks the lineage's CA for the ARI window of fullchain.
 func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
-	client, err := is.Client(ctx, l.Server, l.Email)
-	if err != nil {
-		return nil, err
+	is.mu.Lock()
+	if is.aris == nil {
+		is.aris = map[string]*ariOnce{}
 	}
-	return client.RenewalInfo(fullchain)
+	ao := is.aris[l.Server]
+	if ao == nil {
+		ao = &ariOnce{}
+		is.aris[l.Server] = ao
+	}
+	is.mu.Unlock()
+	// The directory is read once per server and run, as for orders.
+	ao.once.Do(func() { ao.a, ao.err = acme.NewARI(ctx, l.Server, is.CABundle, is.UserAgent) })
+	if ao.err != nil {
+		return nil, ao.err
+	}
+	return ao.a.RenewalInfo(fullchain)
 }
 
 // withChallengeHint replaces a generic HTTP-01 hint with one that names

@@ -1,0 +1,62 @@
+package testenv
+
+import (
+	"bytes"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// funcBody is the text of the Go function that starts with header.
+func funcBody(src []byte, header string) string {
+	i := bytes.Index(src, []byte(header))
+	if i < 0 {
+		return ""
+	}
+	rest := src[i+len(header):]
+	if j := bytes.Index(rest, []byte("\nfunc ")); j >= 0 {
+		rest = rest[:j]
+	}
+	return string(rest)
+}
+
+// The tests' Pebble is built from source with both lock cycles cut: the
+// order handler no longer holds the order's read lock while it displays
+// the order (which read-locks it again), and GetOrderByID no longer locks
+// an order while holding the store's lock. The binary builds and runs.
+func TestPebbleLockFixes(t *testing.T) {
+	if _, err := Tool("pebble"); err != nil {
+		t.Fatal(err)
+	}
+	root, err := ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("go", "-C", root, "list", "-m", "-f", "{{.Dir}} {{.Version}}", "github.com/letsencrypt/pebble/v2").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(out))
+	files, _, err := fixedPebbleSource(f[0], f[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := funcBody(files["wfe/wfe.go"], "func (wfe *WebFrontEndImpl) Order(")
+	lock, unlock, display := strings.Index(order, "order.RLock()"), strings.Index(order, "order.RUnlock()"), strings.Index(order, "orderForDisplay(")
+	if lock < 0 || unlock < lock || display < unlock || strings.Contains(order, "defer order.RUnlock()") || strings.Contains(order, "order.Status ==") {
+		t.Fatalf("the order handler still holds the order's lock while displaying it:\n%s", order)
+	}
+	get := funcBody(files["db/memorystore.go"], "func (m *MemoryStore) GetOrderByID(")
+	if strings.Contains(get, "defer m.RUnlock()") || strings.Index(get, "m.RUnlock()") > strings.Index(get, "order.Lock()") {
+		t.Fatalf("GetOrderByID still locks the order under the store's lock:\n%s", get)
+	}
+
+	bin, err := PebbleBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := exec.Command(bin, "-version").CombinedOutput()
+	if err != nil || !strings.Contains(strings.ToLower(string(v)), "pebble") {
+		t.Fatalf("%s -version: %v: %s", bin, err, v)
+	}
+}
