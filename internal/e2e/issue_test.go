@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -9,7 +10,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/testenv"
 )
@@ -242,10 +245,19 @@ func TestUnwritableDir(t *testing.T) {
 	defer os.RemoveAll(www)
 	os.Chmod(www, 0o777)
 	before := e.requests()
-	cmd := exec.Command(setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", lbcertBin,
+	// Under the suite's deadline like every run (setpriv execs lbcert, so
+	// the SIGQUIT reaches it and its goroutine dump is in out).
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", lbcertBin,
 		"--server", e.pebble.DirectoryURL, "--ca-bundle", e.pebble.CABundle, "--dir", filepath.Join(e.work, "state"),
 		"--config", os.DevNull, "issue", "-d", "ok.example.com", "--webroot", www, "--agree-tos")
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
+	cmd.WaitDelay = 10 * time.Second
 	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("lbcert as nobody: still running after %s:\n%s", runDeadline, out)
+	}
 	if err == nil || !strings.Contains(string(out), "permission denied") ||
 		!strings.Contains(string(out), "lbcert: hint: run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir") {
 		t.Fatalf("exit %v:\n%s", err, out)

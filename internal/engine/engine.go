@@ -632,8 +632,8 @@ func (r *run) order(s *step) {
 		if acme.AccountGone(err) && attempt == 0 {
 			// The CA lost the account (a restarted or rebuilt CA): register
 			// again, once, and say so, instead of failing every lineage
-			// until someone deletes accounts/ by hand.
-			slog.Warn("the CA no longer knows the saved account; registering a new one", "server", l.Server, "email", l.Email)
+			// until someone deletes accounts/ by hand. Several workers
+			// may find it at once; one resets it and says so.
 			r.resetOnce(l.Server, l.Email)
 			continue
 		}
@@ -710,6 +710,7 @@ func (r *run) resetOnce(server, email string) {
 	}
 	r.mu.Unlock()
 	o.Do(func() {
+		slog.Warn("the CA no longer knows the saved account; registering a new one", "server", server, "email", email)
 		if err := r.e.CA.ResetAccount(server, email); err != nil {
 			slog.Warn("could not forget the lost account", "server", server, "err", err)
 		}
