@@ -40,7 +40,7 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	}
 	var prog *progress
 	spec := runSpec{
-		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency,
+		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency, days: o.Days,
 		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
 	}
 	if a.stderrTTY && !a.global.Quiet && !o.JSON {

@@ -30,6 +30,7 @@ type batchOptions struct {
 	Strict      bool
 	Concurrency int
 	Force       bool
+	Days        int
 	JSON        bool
 	Webroot     string
 	Standalone  bool
@@ -94,6 +95,7 @@ happen once at the end, and each recipient gets one mail.
 	f.BoolVar(&o.Strict, "strict", false, "refuse the whole file if any row is bad")
 	f.IntVar(&o.Concurrency, "concurrency", 8, "orders in flight at once")
 	f.BoolVar(&o.Force, "force", false, "order even for rows whose certificate is valid and not due, and ignore failure backoff")
+	f.IntVar(&o.Days, "days", 0, "renew a row's existing certificate when fewer than N days remain, instead of ARI and the lifetime rule (as renew --days)")
 	f.BoolVar(&o.JSON, "json", false, "print the run's rows as JSON on stdout")
 	f.StringVar(&o.Webroot, "webroot", "", "HTTP-01 webroot for rows that name no challenge")
 	f.BoolVar(&o.Standalone, "standalone", false, "HTTP-01 from lbcert's listener on --http-addr for rows that name no challenge")
@@ -114,6 +116,9 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	st := store.New(a.global.Dir)
 	if o.Concurrency < 1 {
 		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+	}
+	if err := checkDays(o.Days); err != nil {
+		return err
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
 		return exit.Errorf("%w", err)

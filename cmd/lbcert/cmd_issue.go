@@ -34,6 +34,7 @@ type issueOptions struct {
 	Standalone bool
 	HTTPAddr   string
 	Force      bool
+	Days       int
 	JSON       bool
 	MaxWait    time.Duration
 	WaitLock   time.Duration
@@ -86,6 +87,7 @@ target, deploys the current certificate there; --force issues anyway.`,
 	f.BoolVar(&o.Standalone, "standalone", false, "answer HTTP-01 from lbcert's own listener on --http-addr")
 	f.StringVar(&o.HTTPAddr, "http-addr", ":80", "listen address for --standalone")
 	f.BoolVar(&o.Force, "force", false, "issue even if a valid certificate for the same names exists, and ignore the failure backoff")
+	f.IntVar(&o.Days, "days", 0, "renew the existing certificate when fewer than N days remain, instead of ARI and the lifetime rule (as renew --days)")
 	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before giving up for this run")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
@@ -109,6 +111,9 @@ type issuePlan struct {
 // checkIssue validates every input that can be checked offline, in the
 // order a user would fix them. It writes nothing.
 func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
+	if err := checkDays(o.Days); err != nil {
+		return nil, err
+	}
 	domains, err := names.Domains(o.Domains)
 	if err != nil {
 		return nil, exit.Errorf("%w", err)
@@ -196,7 +201,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		Mail: mailSettings,
 	}}
 	res, err := a.runEngine(ctx, st, runSpec{
-		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1,
+		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1, days: o.Days,
 		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
 	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {

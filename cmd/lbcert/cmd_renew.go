@@ -104,8 +104,8 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return nil
 	}
 	st := store.New(a.global.Dir)
-	if o.Days < 0 {
-		return exit.Errorf("--days %d: must be positive", o.Days)
+	if err := checkDays(o.Days); err != nil {
+		return err
 	}
 	if o.Concurrency < 1 {
 		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)

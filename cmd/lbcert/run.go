@@ -245,6 +245,15 @@ func finish(res *engine.Result, mailErr error) error {
 	}
 }
 
+// checkDays checks --days, the one override of the due rule that issue,
+// batch and renew share.
+func checkDays(days int) error {
+	if days < 0 {
+		return exit.Errorf("--days %d: must be positive", days)
+	}
+	return nil
+}
+
 // printJSON writes the run report in the one versioned schema.
 func (a *app) printJSON(v any) {
 	enc := json.NewEncoder(a.out)
