@@ -80,6 +80,11 @@ func (a *ARI) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
 			return nil, fmt.Errorf("renewal info: Retry-After %q: %v", retry, err)
 		}
 	}
+	if info.SuggestedWindow.Start.IsZero() || info.SuggestedWindow.End.IsZero() {
+		// RFC 9773 requires the window; a zero one would make the
+		// certificate due in year 1, at once.
+		return nil, fmt.Errorf("renewal info: the CA's answer has no suggestedWindow")
+	}
 	if info.SuggestedWindow.End.Before(info.SuggestedWindow.Start) {
 		return nil, fmt.Errorf("renewal info: window ends before it starts")
 	}

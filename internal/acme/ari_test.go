@@ -24,7 +24,7 @@ import (
 // with the window and the CA's Retry-After as it sent them.
 func TestARIWithoutAccount(t *testing.T) {
 	var asked []string
-	withARI := true
+	withARI, withWindow := true, true
 	var srv *httptest.Server
 	srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		asked = append(asked, r.Method+" "+r.URL.Path)
@@ -37,6 +37,8 @@ func TestARIWithoutAccount(t *testing.T) {
 			fmt.Fprintf(w, `{"newOrder": %q, "renewalInfo": %q}`, srv.URL+"/new-order", srv.URL+"/ari/")
 		case r.URL.Path == "/dir":
 			fmt.Fprintf(w, `{"newOrder": %q}`, srv.URL+"/new-order")
+		case strings.HasPrefix(r.URL.Path, "/ari/") && !withWindow:
+			fmt.Fprint(w, `{"explanationURL": "https://ca.test/why"}`)
 		case strings.HasPrefix(r.URL.Path, "/ari/"):
 			w.Header().Set("Retry-After", "21600")
 			fmt.Fprint(w, `{"suggestedWindow": {"start": "2027-01-10T00:00:00Z", "end": "2027-01-12T00:00:00Z"}}`)
@@ -62,6 +64,13 @@ func TestARIWithoutAccount(t *testing.T) {
 	}
 	if len(asked) != 2 || asked[0] != "GET /dir" || !strings.HasPrefix(asked[1], "GET /ari/") {
 		t.Fatalf("requests %v, want the directory and one renewalInfo GET", asked)
+	}
+
+	// A 200 without the window RFC 9773 requires is an error, not a
+	// window in year 1 that makes the certificate due at once.
+	withWindow = false
+	if _, err := a.RenewalInfo(leaf); err == nil || !strings.Contains(err.Error(), "no suggestedWindow") {
+		t.Fatalf("an answer without a window: %v", err)
 	}
 
 	withARI = false

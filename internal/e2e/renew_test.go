@@ -190,8 +190,8 @@ func TestRenewKill9(t *testing.T) {
 	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
 	names := []string{"k1.example.com", "k2.example.com", "k3.example.com", "k4.example.com"}
 	orig := map[string]string{}
-	// Each has a deploy hook, so a certificate saved is owed a deploy
-	// until the hook has run (one with nowhere to go is owed none).
+	// Each has a deploy hook: the certificates saved before the kill are
+	// owed their deploy, and the next run must run the hook for them.
 	hookLog := filepath.Join(e.work, "hook.log")
 	for _, n := range names {
 		e.mustRun("issue", "-d", n, "--standalone", "--http-addr", http, "--agree-tos", "--profile", "shortlived",

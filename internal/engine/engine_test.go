@@ -165,15 +165,11 @@ type fakeDeployer struct {
 	fail  map[string]bool
 	ctxOK []bool // whether each Run's context was still live
 	st    *store.Store
-	onRun func() // called first in Run, to look at the store as deploy sees it
 }
 
 func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.onRun != nil {
-		d.onRun()
-	}
 	var names []string
 	out := make([]deploy.Result, len(changes))
 	for i, c := range changes {
@@ -706,52 +702,5 @@ func TestAddressProfileNameLimit(t *testing.T) {
 	res := f.run(context.Background(), Options{Command: "issue"}, j)
 	if res.Counts[Invalid] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "shortlived profile allows at most 25") {
 		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
-	}
-}
-
-// A new certificate with somewhere to go is journalled as owed before it
-// goes live; one with nowhere to go (no load balancer, hook or check) is
-// owed nothing and costs no status write at all, unless it has a
-// history to clear (a backoff from an earlier failure).
-func TestJournalOnlyWhatIsOwed(t *testing.T) {
-	f := newFixture(t)
-	statusFile := func(name string) bool {
-		_, err := os.Stat(filepath.Join(f.st.Dir, "renewal", name+".json"))
-		return err == nil
-	}
-	// Nowhere to go: no status file, before or after (a hook timeout
-	// alone is a setting, not a hook).
-	plain := job("plain.test")
-	plain.Lineage.Deploy.HookTimeout = 120
-	res := f.run(context.Background(), Options{Command: "batch"}, plain)
-	if res.Counts[Issued] != 1 || statusFile("plain.test") {
-		t.Fatalf("issued %v, status file %v", res.Counts, statusFile("plain.test"))
-	}
-	// A backoff to clear: cleared.
-	f.st.WriteStatus("retry.test", store.Status{Failures: 2, LastError: "x", NextAttempt: f.clock.Now().Add(-time.Minute)})
-	res = f.run(context.Background(), Options{Command: "batch"}, job("retry.test"))
-	if st, _ := f.st.ReadStatus("retry.test"); res.Counts[Issued] != 1 || st != (store.Status{}) {
-		t.Fatalf("issued %v, status %+v", res.Counts, st)
-	}
-	// A deploy target: journalled before the deploy (the fake deployer
-	// sees the pending entry), cleared after it.
-	j := job("lb.test")
-	j.Lineage.Deploy = store.Deploy{Target: "nginx"}
-	f.dep.onRun = func() {
-		if st, _ := f.st.ReadStatus("lb.test"); st.Pending == nil || st.Pending.Version != 1 {
-			t.Errorf("deploying lb.test with no journal entry: %+v", st)
-		}
-	}
-	res = f.run(context.Background(), Options{Command: "batch"}, j)
-	if st, _ := f.st.ReadStatus("lb.test"); res.Counts[Issued] != 1 || st.Pending != nil {
-		t.Fatalf("issued %v, pending after deploy %+v", res.Counts, st.Pending)
-	}
-	// A deploy that fails with nowhere to go (a wrapper that failed)
-	// still leaves the version owed, so the next run deploys, not orders.
-	f.dep.onRun = nil
-	f.dep.fail["odd.test"] = true
-	f.run(context.Background(), Options{Command: "batch"}, job("odd.test"))
-	if st, _ := f.st.ReadStatus("odd.test"); st.Pending == nil {
-		t.Fatalf("a failed deploy left nothing owed: %+v", st)
 	}
 }

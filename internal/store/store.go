@@ -91,11 +91,6 @@ type Deploy struct {
 	VerifyRoots string `json:"verify_roots,omitempty"`
 }
 
-// None reports whether the deploy has nothing to do: no load balancer
-// to test and reload and no hook to run (a hook timeout alone is only a
-// setting).
-func (d Deploy) None() bool { return d.Target == "" && d.Hook == "" && d.ReloadCmd == "" }
-
 // Mail is a lineage's own report recipients and relay (seed 004's
 // -f FROM -t TO -r RELAY -x PORT). The SMTP password is never saved.
 type Mail struct {

@@ -14,8 +14,8 @@ import (
 
 // Pebble 2.10.1 (and 2.10.3, the newest served here) can hang for good
 // under concurrent orders. SIGQUIT dumps of a hung Pebble, taken by
-// Pebble.Dump when a test or benchmark run passed its deadline, show two
-// lock cycles of its own, neither involving lbcert:
+// Pebble.Dump when a test or benchmark run passed its deadline, and a
+// read of its locking show cycles of its own, none involving lbcert:
 //
 //   - The order handler (wfe.Order) read-locks the order and keeps it
 //     locked while orderForDisplay read-locks it again. Go's RWMutex
@@ -23,20 +23,27 @@ import (
 //     asynchronous CompleteOrder asks for the write lock between the two,
 //     the handler waits for CompleteOrder, which waits for the handler.
 //     A client polling an order while it is processing (RFC 8555 allows
-//     it; lego does it at once) hits this.
-//   - MemoryStore.GetOrderByID locks the order for writing while holding
-//     the store's read lock, and the finalize goroutine takes the store's
-//     write lock (AddOrderByIssuedSerial) after the order's locks, so a
-//     writer waiting on the store joins the cycle.
+//     it; lego does it at once) hits this. The dump in
+//     testdata/pebble-hang.txt is this one.
+//   - The store's read lock is held while order and authorization locks
+//     are taken (MemoryStore.GetOrderByID locks the order, and its status
+//     read-locks each authorization; FindValidAuthorization, called for
+//     every identifier of every new order, read-locks every authorization
+//     in the store), while other paths take the store's lock while
+//     holding an authorization's (the authorization handler looks up the
+//     account under authz.Lock) or an order's (setOrderError). With a
+//     store writer queued (any new order, authorization or certificate),
+//     each side waits for the other.
 //
 // These are bugs of the test CA, not behaviour a real CA has, and a test
 // that hangs on them says nothing about lbcert. So the tests' Pebble is
-// built from the module's own source with the two cycles cut: the order
-// handler copies what it needs and unlocks before displaying, and
-// GetOrderByID looks the order up under the store's lock and releases it
-// before locking the order. Nothing else changes; every fix must match
-// the source exactly, or the build fails saying so (a new Pebble version
-// needs its fixes checked again, not applied blindly).
+// built from the module's own source with the cycles cut: the order
+// handler copies what it needs and unlocks before displaying, and the two
+// store look-ups copy what they found under the store's lock and release
+// it before locking any order or authorization. Nothing else changes;
+// every fix must match the source exactly, or the build fails saying so
+// (a new Pebble version needs its fixes checked again, not applied
+// blindly).
 var pebbleFixes = []struct {
 	file, fn, old, new string
 }{
@@ -54,6 +61,11 @@ var pebbleFixes = []struct {
 		"db/memorystore.go", "func (m *MemoryStore) GetOrderByID(",
 		"\tm.RLock()\n\tdefer m.RUnlock()\n\n\tif order, ok := m.ordersByID[id]; ok {\n",
 		"\tm.RLock()\n\torder, ok := m.ordersByID[id]\n\tm.RUnlock()\n\tif ok {\n",
+	},
+	{
+		"db/memorystore.go", "func (m *MemoryStore) FindValidAuthorization(",
+		"\tm.RLock()\n\tdefer m.RUnlock()\n\tfor _, authz := range m.authorizationsByID {\n",
+		"\tm.RLock()\n\tauthzs := make([]*core.Authorization, 0, len(m.authorizationsByID))\n\tfor _, authz := range m.authorizationsByID {\n\t\tauthzs = append(authzs, authz)\n\t}\n\tm.RUnlock()\n\tfor _, authz := range authzs {\n",
 	},
 }
 

@@ -20,10 +20,11 @@ func funcBody(src []byte, header string) string {
 	return string(rest)
 }
 
-// The tests' Pebble is built from source with both lock cycles cut: the
+// The tests' Pebble is built from source with its lock cycles cut: the
 // order handler no longer holds the order's read lock while it displays
-// the order (which read-locks it again), and GetOrderByID no longer locks
-// an order while holding the store's lock. The binary builds and runs.
+// the order (which read-locks it again), and neither GetOrderByID nor
+// FindValidAuthorization locks an order or authorization while holding
+// the store's lock. The binary builds and runs.
 func TestPebbleLockFixes(t *testing.T) {
 	if _, err := Tool("pebble"); err != nil {
 		t.Fatal(err)
@@ -49,6 +50,10 @@ func TestPebbleLockFixes(t *testing.T) {
 	get := funcBody(files["db/memorystore.go"], "func (m *MemoryStore) GetOrderByID(")
 	if strings.Contains(get, "defer m.RUnlock()") || strings.Index(get, "m.RUnlock()") > strings.Index(get, "order.Lock()") {
 		t.Fatalf("GetOrderByID still locks the order under the store's lock:\n%s", get)
+	}
+	find := funcBody(files["db/memorystore.go"], "func (m *MemoryStore) FindValidAuthorization(")
+	if strings.Contains(find, "defer m.RUnlock()") || strings.Index(find, "m.RUnlock()") > strings.Index(find, "authz.RLock()") {
+		t.Fatalf("FindValidAuthorization still locks authorizations under the store's lock:\n%s", find)
 	}
 
 	bin, err := PebbleBinary()
