@@ -528,10 +528,13 @@ func (l *lease) Release() {
 			delete(l.b.held, l.name)
 		}
 		l.b.mu.Unlock()
-		ctx, cancel := rctx()
-		defer cancel()
-		if err := l.b.sh().Release(ctx, l.name, l.b.Holder, l.token); err != nil {
-			slog.Debug("lease release failed; it expires by itself", "name", l.name, "err", err)
+		// A Redis that is failing over comes back in seconds: waiting for
+		// it to hand the name back spares every other node the lease's
+		// whole TTL (10 minutes by default) of "another run holds it".
+		if err := withRedis(context.Background(), "leaving the lease to expire", func(ctx context.Context) error {
+			return l.b.sh().Release(ctx, l.name, l.b.Holder, l.token)
+		}); err != nil {
+			slog.Info("could not hand the lease back; it expires by itself", "name", l.name, "err", err)
 		}
 	})
 }

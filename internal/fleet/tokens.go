@@ -109,8 +109,9 @@ const redisWait = 30 * time.Second
 // drops every heartbeat at once). The order is already placed.
 const agentWait = 12 * time.Second
 
-// withRedis runs f, retrying while Redis is unreachable, up to redisWait.
-func withRedis(ctx context.Context, f func(context.Context) error) error {
+// withRedis runs f, retrying while Redis is unreachable, up to redisWait;
+// before says what the wait spares (for the one warning it gives).
+func withRedis(ctx context.Context, before string, f func(context.Context) error) error {
 	deadline := time.Now().Add(redisWait)
 	wait := 250 * time.Millisecond
 	for {
@@ -121,7 +122,7 @@ func withRedis(ctx context.Context, f func(context.Context) error) error {
 			return err
 		}
 		if wait == 250*time.Millisecond {
-			slog.Warn("the fleet's Redis is not answering; waiting for it before giving the authorization up", "for", redisWait, "err", err)
+			slog.Warn("the fleet's Redis is not answering; waiting for it before "+before, "for", redisWait, "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -137,7 +138,7 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), redisWait+20*time.Second)
 	defer cancel()
 	host := hostOf(domain)
-	if err := withRedis(ctx, func(ctx context.Context) error {
+	if err := withRedis(ctx, "giving the authorization up", func(ctx context.Context) error {
 		return t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL)
 	}); err != nil {
 		return err
@@ -145,7 +146,7 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 	var agents []AgentInfo
 	deadline, warned := time.Now().Add(agentWait), false
 	for {
-		if err := withRedis(ctx, func(ctx context.Context) (err error) {
+		if err := withRedis(ctx, "giving the authorization up", func(ctx context.Context) (err error) {
 			agents, err = t.N.LiveAgents(ctx)
 			return err
 		}); err != nil {
