@@ -46,7 +46,7 @@ func NewARI(ctx context.Context, server, caBundle, userAgent string) (*ARI, erro
 	var dir struct {
 		RenewalInfo string `json:"renewalInfo"`
 	}
-	if err := a.get(server, &dir, nil); err != nil {
+	if err := a.get(ctx, server, &dir, nil); err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", server, err))
 	}
 	a.url = strings.TrimRight(dir.RenewalInfo, "/")
@@ -54,7 +54,7 @@ func NewARI(ctx context.Context, server, caBundle, userAgent string) (*ARI, erro
 }
 
 // RenewalInfo asks the CA when to renew the certificate in certPEM.
-func (a *ARI) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
+func (a *ARI) RenewalInfo(ctx context.Context, certPEM []byte) (*RenewalInfo, error) {
 	if a.url == "" {
 		return nil, ErrNoARI
 	}
@@ -72,7 +72,7 @@ func (a *ARI) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
 	}
 	var info certificate.RenewalInfoResponse
 	var h http.Header
-	if err := a.get(a.url+"/"+id, &info, &h); err != nil {
+	if err := a.get(ctx, a.url+"/"+id, &info, &h); err != nil {
 		return nil, fmt.Errorf("renewal info: %w", err)
 	}
 	if retry := h.Get("Retry-After"); retry != "" {
@@ -93,8 +93,8 @@ func (a *ARI) RenewalInfo(certPEM []byte) (*RenewalInfo, error) {
 
 // get GETs url and decodes its JSON into v; header, when set, gets the
 // response's headers.
-func (a *ARI) get(url string, v any, header *http.Header) error {
-	req, err := http.NewRequest(http.MethodGet, url, nil)
+func (a *ARI) get(ctx context.Context, url string, v any, header *http.Header) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}

@@ -55,7 +55,7 @@ func TestARIWithoutAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := a.RenewalInfo(leaf)
+	info, err := a.RenewalInfo(context.Background(), leaf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +69,7 @@ func TestARIWithoutAccount(t *testing.T) {
 	// A 200 without the window RFC 9773 requires is an error, not a
 	// window in year 1 that makes the certificate due at once.
 	withWindow = false
-	if _, err := a.RenewalInfo(leaf); err == nil || !strings.Contains(err.Error(), "no suggestedWindow") {
+	if _, err := a.RenewalInfo(context.Background(), leaf); err == nil || !strings.Contains(err.Error(), "no suggestedWindow") {
 		t.Fatalf("an answer without a window: %v", err)
 	}
 
@@ -78,7 +78,7 @@ func TestARIWithoutAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.RenewalInfo(leaf); !errors.Is(err, ErrNoARI) {
+	if _, err := a.RenewalInfo(context.Background(), leaf); !errors.Is(err, ErrNoARI) {
 		t.Fatalf("a CA without renewalInfo: %v, want ErrNoARI", err)
 	}
 	if _, err := NewARI(context.Background(), srv.URL+"/missing", bundle, "lbcert/test"); err == nil || !strings.Contains(err.Error(), "404") {

@@ -304,7 +304,7 @@ func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain [
 	if ao.err != nil {
 		return nil, ao.err
 	}
-	return ao.a.RenewalInfo(fullchain)
+	return ao.a.RenewalInfo(ctx, fullchain)
 }
 
 // withChallengeHint replaces a generic HTTP-01 hint with one that names

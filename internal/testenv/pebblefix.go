@@ -83,25 +83,31 @@ func PebbleBinary() (string, error) {
 	return pebbleOnce.path, pebbleOnce.err
 }
 
-func buildPebble() (string, error) {
-	root, err := ModuleRoot()
-	if err != nil {
-		return "", err
+// pebbleModule is where go.mod's Pebble module is in the module cache,
+// and its version; go tool -n downloads it first if need be.
+func pebbleModule() (root, modDir, version string, err error) {
+	if root, err = ModuleRoot(); err != nil {
+		return "", "", "", err
 	}
-	// go tool -n downloads the module if need be, as the unpatched
-	// tools are fetched.
 	if _, err := Tool("pebble"); err != nil {
-		return "", err
+		return "", "", "", err
 	}
 	out, err := exec.Command("go", "-C", root, "list", "-m", "-f", "{{.Dir}} {{.Version}}", "github.com/letsencrypt/pebble/v2").Output()
 	if err != nil {
-		return "", fmt.Errorf("go list -m pebble: %v", err)
+		return "", "", "", fmt.Errorf("go list -m pebble: %v", err)
 	}
 	f := strings.Fields(string(out))
 	if len(f) != 2 {
-		return "", fmt.Errorf("go list -m pebble: unexpected %q", out)
+		return "", "", "", fmt.Errorf("go list -m pebble: unexpected %q", out)
 	}
-	modDir, version := f[0], f[1]
+	return root, f[0], f[1], nil
+}
+
+func buildPebble() (string, error) {
+	root, modDir, version, err := pebbleModule()
+	if err != nil {
+		return "", err
+	}
 
 	patched, id, err := fixedPebbleSource(modDir, version)
 	if err != nil {

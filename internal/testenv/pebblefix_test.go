@@ -26,19 +26,11 @@ func funcBody(src []byte, header string) string {
 // FindValidAuthorization locks an order or authorization while holding
 // the store's lock. The binary builds and runs.
 func TestPebbleLockFixes(t *testing.T) {
-	if _, err := Tool("pebble"); err != nil {
-		t.Fatal(err)
-	}
-	root, err := ModuleRoot()
+	_, modDir, version, err := pebbleModule()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("go", "-C", root, "list", "-m", "-f", "{{.Dir}} {{.Version}}", "github.com/letsencrypt/pebble/v2").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Fields(string(out))
-	files, _, err := fixedPebbleSource(f[0], f[1])
+	files, _, err := fixedPebbleSource(modDir, version)
 	if err != nil {
 		t.Fatal(err)
 	}
