@@ -21,7 +21,7 @@ import (
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // fleetOptions are the global fleet-mode settings (README "A pool of
@@ -46,14 +46,14 @@ func (f *fleetOptions) register(pf *pflag.FlagSet) {
 
 // fleetRun is one command's open fleet.
 type fleetRun struct {
-	sh      *redis.Shared
+	sh      *rdb.Shared
 	node    *fleet.Node
 	backend *fleet.Backend
 }
 
 // redisExit maps a Redis that did not answer to its exit code.
 func redisExit(err error) error {
-	var u *redis.Unavailable
+	var u *rdb.Unavailable
 	var e *exit.Error
 	if errors.As(err, &e) && !errors.As(err, &u) {
 		return err // it says its own code
@@ -66,7 +66,7 @@ func redisExit(err error) error {
 
 // dialRedis connects to --redis with the password from the environment
 // or --redis-password-file.
-func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
+func (a *app) dialRedis(ctx context.Context) (*rdb.Shared, error) {
 	f := &a.fleetOpts
 	if f.Redis == "" {
 		return nil, exit.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
@@ -88,7 +88,7 @@ func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	sh, err := redis.Dial(dctx, redis.Options{URL: f.Redis, Password: pw, CAFile: f.CA})
+	sh, err := rdb.Dial(dctx, rdb.Options{URL: f.Redis, Password: pw, CAFile: f.CA})
 	if err != nil {
 		return nil, redisExit(err)
 	}
@@ -117,7 +117,7 @@ func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*
 // Redis did not answer: cron's mail must say why nothing was renewed,
 // not stay silent. It returns err, the run's error.
 func (a *app) fleetDown(ctx context.Context, st *store.Store, command string, err error) error {
-	if command == "agent" || !errors.As(err, new(*redis.Unavailable)) {
+	if command == "agent" || !errors.As(err, new(*rdb.Unavailable)) {
 		return err
 	}
 	rep := &notify.Report{Command: command, Items: []notify.Item{{
@@ -186,7 +186,7 @@ account in --dir, keys sealed, so the other nodes never order them again.
 It refuses a Redis that already holds a fleet.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+			return a.withRedis(cmd.Context(), func(sh *rdb.Shared, st *store.Store) error {
 				n, err := fleet.Init(cmd.Context(), sh, st, nodeName(node))
 				if err != nil {
 					return err
@@ -217,7 +217,7 @@ node and approve it on a member with 'fleet approve NODE --fingerprint'.
 Until then this node can read no key.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+			return a.withRedis(cmd.Context(), func(sh *rdb.Shared, st *store.Store) error {
 				node := nodeName(node)
 				fp, id, err := fleet.Join(cmd.Context(), sh, st, node)
 				if err != nil {
@@ -286,7 +286,7 @@ a node that was stolen, say), and change the Redis password too.`,
 
 // withRedis runs f with the fleet's Redis and this node's state
 // directory, under the directory lock.
-func (a *app) withRedis(ctx context.Context, f func(*redis.Shared, *store.Store) error) error {
+func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) error) error {
 	st := store.New(a.global.Dir)
 	sh, err := a.dialRedis(ctx)
 	if err != nil {
@@ -306,7 +306,7 @@ func (a *app) withRedis(ctx context.Context, f func(*redis.Shared, *store.Store)
 
 // withMember runs f with this node's open fleet, under the directory lock.
 func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
-	return a.withRedis(ctx, func(sh *redis.Shared, st *store.Store) error {
+	return a.withRedis(ctx, func(sh *rdb.Shared, st *store.Store) error {
 		n, err := fleet.Open(ctx, sh, st)
 		if err != nil {
 			return err
@@ -425,7 +425,7 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	connect := func(ctx context.Context) (*fleet.Node, error) {
 		opened, err := a.openFleet(ctx, st, "agent")
 		if err != nil {
-			return nil, err // the agent retries a *redis.Unavailable
+			return nil, err // the agent retries a *rdb.Unavailable
 		}
 		mu.Lock()
 		defer mu.Unlock()

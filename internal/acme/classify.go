@@ -114,3 +114,23 @@ func ProblemDetail(err error) string {
 	}
 	return err.Error()
 }
+
+// ReplacesRefused reports whether the CA refused an order because of
+// its "replaces" field (RFC 9773 section 5): the certificate was already
+// replaced (409 alreadyReplaced), or it was issued under another account
+// than the one ordering ("requester account did not request the
+// certificate being replaced", after a fleet's account changed). The
+// order is good without it: certmagic#361 left certificates to expire by
+// giving up here instead.
+func ReplacesRefused(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) && (pd.Type == "urn:ietf:params:acme:error:alreadyReplaced" || pd.HTTPStatus == 409) {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "alreadyReplaced") || strings.Contains(msg, "being replaced") ||
+		strings.Contains(msg, "replaces") && strings.Contains(msg, "urn:ietf:params:acme:error:")
+}

@@ -32,6 +32,7 @@ import (
 	"github.com/go-acme/lego/v4/lego"
 	"github.com/go-acme/lego/v4/registration"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -50,7 +51,7 @@ type Options struct {
 	EABKid    string
 	EABHMAC   string // secret: never logged
 	UserAgent string
-	Store     store.Accounts
+	Store     catalog.Accounts
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.

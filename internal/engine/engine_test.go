@@ -24,6 +24,7 @@ import (
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -104,7 +105,7 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 	return selfSigned(o.Lineage.Domains, f.now(), f.life)
 }
 
-func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if ri, ok := f.ari[l.Cert.Serial]; ok {
@@ -210,7 +211,7 @@ func (f *fixture) engine(o Options) *Engine {
 		o.Rand = func(n int64) int64 { return 0 }
 	}
 	o.Sleep = func(ctx context.Context, d time.Duration) bool { f.clock.Add(d); return ctx.Err() == nil }
-	return &Engine{Store: f.st, CA: f.ca, Deploy: f.dep, Opts: o}
+	return &Engine{Catalog: catalog.NewDir(f.st), Node: &Node{Local: f.st, Deploy: f.dep}, CA: f.ca, Opts: o}
 }
 
 func job(name string) Job {
@@ -332,7 +333,10 @@ func TestInterruptDeploysWhatWasObtained(t *testing.T) {
 	if !res.Interrupted || len(f.dep.runs) != 1 || len(f.dep.runs[0]) != 1 || f.dep.runs[0][0] != "i1.test" || !f.dep.ctxOK[0] {
 		t.Fatalf("deploy after interrupt: runs %v live ctx %v interrupted %v", f.dep.runs, f.dep.ctxOK, res.Interrupted)
 	}
-	if st, _ := f.st.ReadStatus("i1.test"); st.Pending != nil || st.Failures != 0 {
+	if j, _ := f.st.Journal("i1.test"); j.Pending != nil {
+		t.Fatalf("journal %+v", j)
+	}
+	if st, _ := f.st.ReadStatus("i1.test"); st.Failures != 0 {
 		t.Fatalf("i1 deployed but status %+v", st)
 	}
 }
@@ -399,8 +403,8 @@ func TestPendingDeployNeverOrdersAgain(t *testing.T) {
 	if l.Cert.Serial != res.Items[0].Serial || l.Cert.Serial == old.Cert.Serial {
 		t.Fatalf("live serial %s after deploying pending %s", l.Cert.Serial, res.Items[0].Serial)
 	}
-	if st, _ := f.st.ReadStatus("d.test"); st.Pending != nil {
-		t.Fatalf("pending not cleared: %+v", st.Pending)
+	if j, _ := f.st.Journal("d.test"); j.Pending != nil {
+		t.Fatalf("pending not cleared: %+v", j.Pending)
 	}
 	// And now nothing is due: a plain run leaves it alone.
 	res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
@@ -419,7 +423,7 @@ func TestKillBeforeDeployIsFinished(t *testing.T) {
 	l.Cert = got.Info
 	prev, _ := f.st.LiveVersion("k.test")
 	v, _ := f.st.SaveVersion(l, got.Files)
-	f.st.WriteStatus("k.test", store.Status{Pending: &store.Pending{Version: v, Previous: prev}})
+	f.st.SetJournal("k.test", store.Journal{Pending: &store.Pending{Version: v, Previous: prev}})
 	f.st.Activate("k.test", v) // ... and the process died here
 	f.dep.runs = nil
 	res := f.run(context.Background(), Options{Command: "renew"}, job("k.test"))

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Agent is a node's long-running part: it answers the fleet's HTTP-01
@@ -31,7 +31,7 @@ type Agent struct {
 	// Local is this node's state directory.
 	Local *store.Store
 	// Connect opens this node's fleet. An error that is a
-	// *redis.Unavailable is retried with backoff; any other ends Run.
+	// *rdb.Unavailable is retried with backoff; any other ends Run.
 	Connect func(ctx context.Context) (*Node, error)
 	// Sync, when set, installs and deploys what the fleet publishes;
 	// its N is set on connect.
@@ -126,7 +126,7 @@ func (a *Agent) connect(ctx context.Context) (*Node, error) {
 			}
 			return n, nil
 		}
-		if !errors.As(err, new(*redis.Unavailable)) {
+		if !errors.As(err, new(*rdb.Unavailable)) {
 			return nil, err
 		}
 		if !warned {

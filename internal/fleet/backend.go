@@ -17,7 +17,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Backend is the storage seam in fleet mode: the shared half (bundles,
@@ -47,7 +47,7 @@ func rctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 10*time.Second)
 }
 
-func (b *Backend) sh() *redis.Shared { return b.N.Shared }
+func (b *Backend) sh() *rdb.Shared { return b.N.Shared }
 
 // Names are the fleet's lineages.
 func (b *Backend) Names() ([]string, error) {
@@ -66,7 +66,7 @@ func (b *Backend) Load(name string) (*store.Lineage, error) {
 	ctx, cancel := rctx()
 	defer cancel()
 	bd, err := b.sh().BundleMeta(ctx, name)
-	if errors.Is(err, redis.ErrNoBundle) {
+	if errors.Is(err, rdb.ErrNoBundle) {
 		return nil, store.ErrNotFound
 	}
 	if err != nil {
@@ -75,7 +75,7 @@ func (b *Backend) Load(name string) (*store.Lineage, error) {
 	return metaOf(bd)
 }
 
-func metaOf(bd *redis.Bundle) (*store.Lineage, error) {
+func metaOf(bd *rdb.Bundle) (*store.Lineage, error) {
 	var l store.Lineage
 	if err := json.Unmarshal(bd.Meta, &l); err != nil {
 		return nil, fmt.Errorf("the fleet's metadata of %s: %v", bd.Name, err)
@@ -128,7 +128,7 @@ func (b *Backend) SaveVersion(l *store.Lineage, files store.Files) (int, error) 
 	defer cancel()
 	floor := b.Local.MaxVersion(l.Name)
 	v, err := b.sh().NextVersion(ctx, l.Name, floor)
-	var unavailable *redis.Unavailable
+	var unavailable *rdb.Unavailable
 	if errors.As(err, &unavailable) {
 		v = floor + 1
 	} else if err != nil {
@@ -150,7 +150,7 @@ func (b *Backend) SaveVersion(l *store.Lineage, files store.Files) (int, error) 
 			return 0, berr
 		}
 		err = b.sh().Publish(ctx, bd)
-		if errors.Is(err, redis.ErrStale) {
+		if errors.Is(err, rdb.ErrStale) {
 			return 0, &ErrFenced{Name: l.Name}
 		}
 		if err != nil && !errors.As(err, &unavailable) {
@@ -174,7 +174,7 @@ func (b *Backend) SaveVersion(l *store.Lineage, files store.Files) (int, error) 
 	return v, nil
 }
 
-func (b *Backend) bundle(l *store.Lineage, files store.Files, v int, fence int64) (*redis.Bundle, error) {
+func (b *Backend) bundle(l *store.Lineage, files store.Files, v int, fence int64) (*rdb.Bundle, error) {
 	epoch, sealed, err := b.N.SealBundleKey(l.Name, v, files.Key)
 	if err != nil {
 		return nil, err
@@ -182,7 +182,7 @@ func (b *Backend) bundle(l *store.Lineage, files store.Files, v int, fence int64
 	cp := *l
 	cp.Version, cp.Format = v, store.FormatVersion
 	meta, _ := json.Marshal(&cp)
-	return &redis.Bundle{Name: l.Name, Version: v, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: b.N.Name,
+	return &rdb.Bundle{Name: l.Name, Version: v, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: b.N.Name,
 		Meta: meta, Cert: files.Cert, Chain: files.Chain, Fullchain: files.Fullchain, SealedKey: sealed}, nil
 }
 
@@ -240,7 +240,7 @@ func (b *Backend) PublishQueued(ctx context.Context) error {
 		return nil
 	}
 	for name, v := range q {
-		if err := b.N.publishVersion(ctx, name, v, 0); err != nil && !errors.Is(err, redis.ErrStale) && !errors.Is(err, os.ErrNotExist) {
+		if err := b.N.publishVersion(ctx, name, v, 0); err != nil && !errors.Is(err, rdb.ErrStale) && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 		slog.Info("published a certificate kept on this node while Redis was away", "name", name)
@@ -344,7 +344,7 @@ func (b *Backend) WriteStatus(name string, st store.Status) error {
 	defer cancel()
 	data, _ := json.Marshal(st)
 	err := b.sh().SetStatus(ctx, name, data)
-	if errors.As(err, new(*redis.Unavailable)) {
+	if errors.As(err, new(*rdb.Unavailable)) {
 		// The pending deploy, the part that must not be lost, is on
 		// disk; the shared part (ARI, backoff) is learnt again.
 		slog.Warn("could not save the renewal status in Redis; it is learnt again on the next run", "name", name, "err", err)
@@ -483,7 +483,7 @@ func (l *lease) publishQueued(v int) bool {
 		ctx, cancel := rctx()
 		err := l.b.N.publishVersion(ctx, l.name, v, l.token)
 		cancel()
-		if err == nil || errors.Is(err, redis.ErrStale) {
+		if err == nil || errors.Is(err, rdb.ErrStale) {
 			l.b.unqueue(l.name, v)
 			if err == nil {
 				slog.Info("published the certificate once Redis was back", "name", l.name)

@@ -9,7 +9,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // DefaultLedgerCap is how many certificates for one exact set of names
@@ -89,7 +89,7 @@ func (b *Budget) Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.
 func (b *Budget) Flush() error { return b.Pace.Flush() }
 
 // PaceStore keeps the pace budget in the fleet's Redis.
-type PaceStore struct{ Shared *redis.Shared }
+type PaceStore struct{ Shared *rdb.Shared }
 
 // Update is pace.Shared's.
 func (p PaceStore) Update(fields []string, fn func(map[string][]byte) (map[string][]byte, error)) error {

@@ -16,18 +16,18 @@ import (
 
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
-func startRedis(t *testing.T) (*testenv.Redis, *redis.Shared) {
+func startRedis(t *testing.T) (*testenv.Redis, *rdb.Shared) {
 	t.Helper()
 	r, err := testenv.StartRedis(t.TempDir(), "pw-for-tests", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.Stop)
-	sh, err := redis.Dial(context.Background(), redis.Options{URL: r.URL(), Password: "pw-for-tests"})
+	sh, err := rdb.Dial(context.Background(), rdb.Options{URL: r.URL(), Password: "pw-for-tests"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +121,7 @@ func TestMembership(t *testing.T) {
 
 	// Everyone opens a bundle sealed before the removal.
 	ep, sealed, _ := lb1.SealBundleKey("foo.com", 1, []byte("KEY-1"))
-	before := &redis.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
+	before := &rdb.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
 	for _, n := range []*Node{lb2, lb3} {
 		if got, err := n.OpenBundleKey(before); err != nil || string(got) != "KEY-1" {
 			t.Fatalf("%s opens the old bundle: %v", n.Name, err)
@@ -142,7 +142,7 @@ func TestMembership(t *testing.T) {
 		t.Errorf("removed node opens: %v", err)
 	}
 	ep2, sealed2, _ := lb1.SealBundleKey("foo.com", 2, []byte("KEY-2"))
-	after := &redis.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
+	after := &rdb.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
 	if got, err := lb2.OpenBundleKey(after); err != nil || string(got) != "KEY-2" {
 		t.Fatalf("lb2 opens the new bundle: %v", err)
 	}
@@ -199,7 +199,7 @@ func TestAgentAnswersByHostAndPresentChecksEveryAgent(t *testing.T) {
 	var tries atomic.Int32
 	connect := func(context.Context) (*Node, error) {
 		if tries.Add(1) <= 2 {
-			return nil, &redis.Unavailable{Addr: "test", Err: errors.New("connection refused")}
+			return nil, &rdb.Unavailable{Addr: "test", Err: errors.New("connection refused")}
 		}
 		return n1, nil
 	}

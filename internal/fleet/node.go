@@ -32,7 +32,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Member is one approved node, as the membership records hold it.
@@ -69,7 +69,7 @@ type local struct {
 
 // Node is this host as a member of a fleet: its Redis, identity and keys.
 type Node struct {
-	Shared *redis.Shared
+	Shared *rdb.Shared
 	Local  *store.Store
 	Name   string
 	ID     string // fleet ID
@@ -202,7 +202,7 @@ func newFleetID() string {
 
 // Init creates a fleet in an empty Redis with this node as its first
 // member, and imports the node's lineages and accounts.
-func Init(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (*Node, error) {
+func Init(ctx context.Context, sh *rdb.Shared, st *store.Store, node string) (*Node, error) {
 	if err := checkNodeName(node); err != nil {
 		return nil, err
 	}
@@ -278,7 +278,7 @@ func (n *Node) writeShared(ctx context.Context, ep Epoch) error {
 
 // Join asks to join the fleet in Redis: it makes this node's identity
 // and leaves a join request for a member to approve.
-func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (fingerprint, fleetID string, err error) {
+func Join(ctx context.Context, sh *rdb.Shared, st *store.Store, node string) (fingerprint, fleetID string, err error) {
 	if err := checkNodeName(node); err != nil {
 		return "", "", err
 	}
@@ -316,7 +316,7 @@ func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (
 // Open loads this node's fleet membership and keys, checking every
 // record it trusts, and re-seeds Redis from this node when Redis holds
 // no fleet at all.
-func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error) {
+func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 	l, err := readLocal(st)
 	if err != nil {
 		return nil, err
@@ -648,7 +648,7 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 	var bad []string
 	for _, name := range names {
 		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, redis.ErrNoBundle) {
+		if errors.Is(err, rdb.ErrNoBundle) {
 			continue
 		}
 		if err != nil {
@@ -676,7 +676,7 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 	count := 0
 	for _, name := range names {
 		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, redis.ErrNoBundle) {
+		if errors.Is(err, rdb.ErrNoBundle) {
 			continue
 		}
 		if err != nil {
@@ -739,7 +739,7 @@ func (n *Node) SealBundleKey(name string, version int, pem []byte) (epoch int, s
 }
 
 // OpenBundleKey opens a bundle's private key.
-func (n *Node) OpenBundleKey(b *redis.Bundle) ([]byte, error) {
+func (n *Node) OpenBundleKey(b *rdb.Bundle) ([]byte, error) {
 	key, err := n.key(b.Epoch)
 	if err != nil {
 		return nil, err

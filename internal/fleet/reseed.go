@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // LedgerWindow is the issuance ledger's window, Let's Encrypt's for
@@ -98,8 +98,8 @@ func (n *Node) publishDisk(ctx context.Context) error {
 		switch {
 		case err == nil:
 			seeded++
-		case errors.Is(err, redis.ErrStale):
-		case errors.As(err, new(*redis.Unavailable)):
+		case errors.Is(err, rdb.ErrStale):
+		case errors.As(err, new(*rdb.Unavailable)):
 			return err
 		default:
 			slog.Warn("could not republish a lineage", "name", name, "err", err)
@@ -157,7 +157,7 @@ func (n *Node) publishVersion(ctx context.Context, name string, v int, fence int
 		return err
 	}
 	meta, _ := json.Marshal(&cp)
-	if err := n.Shared.Publish(ctx, &redis.Bundle{Name: name, Version: l.Version, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
+	if err := n.Shared.Publish(ctx, &rdb.Bundle{Name: name, Version: l.Version, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
 		Meta: meta, Cert: cert, Chain: chain, Fullchain: full, SealedKey: sealed}); err != nil {
 		return err
 	}
@@ -203,7 +203,7 @@ func (n *Node) Import(ctx context.Context) (int, error) {
 	count := 0
 	accounts := map[[2]string]bool{}
 	for _, name := range names {
-		if err := n.seedLineage(ctx, name); err != nil && !errors.Is(err, redis.ErrStale) {
+		if err := n.seedLineage(ctx, name); err != nil && !errors.Is(err, rdb.ErrStale) {
 			return count, fmt.Errorf("import %s: %w", name, err)
 		}
 		count++

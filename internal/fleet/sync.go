@@ -12,7 +12,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Served is what a node reports serving for one lineage.
@@ -222,7 +222,7 @@ func (s *Syncer) sync(ctx context.Context, names []string) error {
 	errs := make([]error, len(names))
 	each(len(names), 8, func(i int) { got[i], errs[i] = s.pull(ctx, names[i]) })
 	for i, err := range errs {
-		if errors.As(err, new(*redis.Unavailable)) {
+		if errors.As(err, new(*rdb.Unavailable)) {
 			return err
 		}
 		if err != nil {
@@ -253,7 +253,7 @@ func (s *Syncer) pull(ctx context.Context, name string) (*pulled, error) {
 		return nil, nil // the reconcile after that run picks it up
 	}
 	b, err := s.N.Shared.Bundle(rctx, name)
-	if errors.Is(err, redis.ErrNoBundle) {
+	if errors.Is(err, rdb.ErrNoBundle) {
 		return nil, nil
 	}
 	if err != nil {

@@ -287,8 +287,9 @@ func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
 	return res, nil
 }
 
-// RenewalInfo asks the lineage's CA for the ARI window of fullchain.
-func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+// RenewalInfo asks the lineage's CA for the ARI window of its current
+// certificate.
+func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	is.mu.Lock()
 	if is.aris == nil {
 		is.aris = map[string]*ariOnce{}
@@ -304,7 +305,7 @@ func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain [
 	if ao.err != nil {
 		return nil, ao.err
 	}
-	return ao.a.RenewalInfo(ctx, fullchain)
+	return ao.a.RenewalInfo(ctx, l.Cert.ARICertID)
 }
 
 // withChallengeHint replaces a generic HTTP-01 hint with one that names

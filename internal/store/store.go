@@ -211,24 +211,21 @@ func (s *Store) readMeta(name, path string) (*Lineage, error) {
 	return &l, nil
 }
 
-// UpdateMeta rewrites the metadata of the live version of l.Name in
+// UpdateMeta rewrites the metadata of version l.Version of l.Name in
 // place, atomically, keeping its certificate: new deploy, mail or
-// challenge settings for a certificate that is not due. l.Version must
-// be the live version.
+// challenge settings for a certificate that is not due. The version
+// need not be live: one whose deploy is still owed takes new settings
+// too.
 func (s *Store) UpdateMeta(l *Lineage) error {
-	live, err := s.LiveVersion(l.Name)
-	if err != nil {
+	if _, err := s.LoadVersion(l.Name, l.Version); err != nil {
 		return err
-	}
-	if live != l.Version {
-		return fmt.Errorf("lineage %q: version %d is not the live one (%d)", l.Name, l.Version, live)
 	}
 	l.Format = FormatVersion
 	meta, err := json.MarshalIndent(l, "", "  ")
 	if err != nil {
 		return err
 	}
-	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(live), MetaFile), append(meta, '\n'), 0o644)
+	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(l.Version), MetaFile), append(meta, '\n'), 0o644)
 }
 
 // realDir makes sure path is a directory of its own, creating it (0700)
@@ -413,23 +410,6 @@ func (s *Store) MaxVersionBelow(name string, v int) int {
 	return best
 }
 
-// SaveVersionAt is SaveVersion with the version number chosen by the
-// caller: a fleet numbers versions fleet-wide, and a node keeps the
-// fleet's numbers. It fails if that version exists already.
-func (s *Store) SaveVersionAt(l *Lineage, files Files, version int) error {
-	if err := names.Lineage(l.Name); err != nil {
-		return err
-	}
-	if version < 1 {
-		return fmt.Errorf("lineage %q: version %d", l.Name, version)
-	}
-	if _, err := os.Stat(filepath.Join(s.Dir, "archive", l.Name, strconv.Itoa(version))); err == nil {
-		return fmt.Errorf("lineage %q: version %d exists already", l.Name, version)
-	}
-	_, err := s.saveAt(l, files, version)
-	return err
-}
-
 func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 	archive := filepath.Join(s.Dir, "archive", l.Name)
 	live := filepath.Join(s.Dir, "live")
@@ -530,7 +510,7 @@ func (s *Store) Delete(name string) error {
 	if err := os.RemoveAll(filepath.Join(s.Dir, "archive", name)); err != nil {
 		return err
 	}
-	return s.RemoveStatus(name)
+	return s.removeRecord(name)
 }
 
 // Rollback makes version previous live again, or removes the lineage from

@@ -1,10 +1,11 @@
-package redis
+package rdb
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -21,6 +22,7 @@ type Bundle struct {
 	Epoch     int    // the data key generation SealedKey is sealed under
 	Node      string // who published it
 	Published time.Time
+	IssuedAt  time.Time // when the publisher obtained it: a tombstone beats what was issued before it
 	Meta      []byte // lineage.json
 	Cert      []byte
 	Chain     []byte
@@ -28,11 +30,18 @@ type Bundle struct {
 	SealedKey []byte
 }
 
-// ErrStale is a publish refused because the fleet already holds a newer
-// certificate for the name, or a newer lease was handed out since the
-// publisher's: a holder that stalled past its lease never replaces the
-// work of the one that took over.
-var ErrStale = errors.New("refused: the fleet holds a newer certificate or lease for this name")
+// ErrStale is a publish refused by the fleet: Why says which rule.
+type ErrStale struct{ Why string }
+
+func (e *ErrStale) Error() string { return "refused: " + staleWhy[e.Why] }
+
+var staleWhy = map[string]string{
+	"epoch":   "sealed under a data key that is no longer the fleet's (a key rotation ran meanwhile)",
+	"version": "the fleet already holds this version number or a newer one",
+	"older":   "the fleet holds a certificate issued later",
+	"lease":   "a newer lease on the name was handed out since this publisher's (it stalled past --lease-ttl)",
+	"deleted": "the name was deleted after this publisher took its lease",
+}
 
 // ErrNoBundle is a lineage the fleet has no bundle for.
 var ErrNoBundle = errors.New("the fleet has no certificate for this name")
@@ -52,26 +61,41 @@ end
 return v
 `)
 
-// publishScript replaces the bundle only with a certificate issued later
-// than the one there (notBefore), and, for a fenced publish, only while
-// no lease newer than the publisher's was handed out. A counter lower
-// than the token (lost in a failover with asynchronous replication) is
-// no reason to refuse: the notBefore check still holds.
+// publishScript makes a bundle the fleet's certificate for a name, only
+// if every rule holds (package catalog's contract and invariants I2, I3,
+// I5), in this order:
+//   - its key is sealed under the fleet's current data key epoch;
+//   - its version is above the one there (numbers are never reused);
+//   - it was issued later than the one there (notBefore);
+//   - for a fenced publish, no lease newer than the publisher's was
+//     handed out, and no delete happened after the publisher's lease
+//     (a delete moves the fence past every lease, and clears nothing
+//     until a lease taken after it publishes);
+//   - an unfenced publish (a node rebuilding Redis from its disk) never
+//     brings back a deleted name.
+// A fence counter lower than the token (lost in a failover with
+// asynchronous replication) is no reason to refuse: the version and
+// notBefore checks still hold.
 var publishScript = goredis.NewScript(`
-local cur = tonumber(redis.call('HGET', KEYS[1], 'not_before') or '-1')
-if tonumber(ARGV[3]) <= cur then return 'stale' end
+local epoch = tonumber(redis.call('HGET', KEYS[7], 'epoch') or '0')
+if tonumber(ARGV[4]) ~= epoch then return 'epoch' end
+if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], 'version') or '0') then return 'version' end
+if tonumber(ARGV[3]) <= tonumber(redis.call('HGET', KEYS[1], 'not_before') or '-1') then return 'older' end
 local token = tonumber(ARGV[2])
+local tomb = redis.call('HGET', KEYS[5], ARGV[1])
 if token > 0 then
-  local f = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if f > token then return 'stale' end
-  redis.call('HDEL', KEYS[5], ARGV[1])
-elseif redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then
-  return 'stale'
+  if tonumber(redis.call('GET', KEYS[2]) or '0') > token then return 'lease' end
+  if tomb then
+    if tonumber(string.match(tomb, '^(%d+)') or '0') >= token then return 'deleted' end
+    redis.call('HDEL', KEYS[5], ARGV[1])
+  end
+elseif tomb then
+  return 'deleted'
 end
 redis.call('DEL', KEYS[1])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
-local v = tonumber(redis.call('HGET', KEYS[1], 'version'))
+local v = tonumber(ARGV[5])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'version', v)
 return 'ok'
@@ -84,20 +108,20 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 }
 
 // Publish makes b the fleet's certificate for b.Name, fenced by b.Fence
-// (0 for a re-seed from a node's disk, which only the notBefore rule
-// guards, and which never brings back a name deleted from the fleet).
-// It returns ErrStale when refused.
+// (0 for a re-seed from a node's disk). It returns an *ErrStale when
+// refused.
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
-	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(),
+	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version,
 		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
-		"node", b.Node, "published_at", time.Now().UnixMilli(),
+		"node", b.Node, "published_at", time.Now().UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(),
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
-	res, err := publishScript.Run(ctx, s.c, []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events")}, args...).Text()
+	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta")}
+	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
 	if err != nil {
 		return s.unavailable(err)
 	}
 	if res != "ok" {
-		return ErrStale
+		return &ErrStale{Why: res}
 	}
 	return nil
 }
@@ -137,7 +161,7 @@ func bundleOf(name string, m map[string]string) *Bundle {
 	atoi := func(f string) int64 { n, _ := strconv.ParseInt(m[f], 10, 64); return n }
 	return &Bundle{
 		Name: name, Version: int(atoi("version")), Fence: atoi("fence"), NotBefore: time.UnixMilli(atoi("not_before")).UTC(),
-		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(),
+		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(), IssuedAt: time.UnixMilli(atoi("issued_at")).UTC(),
 		Meta: []byte(m["meta"]), Cert: []byte(m["cert"]), Chain: []byte(m["chain"]), Fullchain: []byte(m["fullchain"]),
 		SealedKey: []byte(m["key"]),
 	}
@@ -179,19 +203,80 @@ end
 return 0
 `)
 
-// DeleteBundle removes name from the fleet: its bundle, status and set
-// membership, leaving a tombstone that a new fenced publish clears. The version and fence counters stay, so numbers are never
-// reused.
-func (s *Shared) DeleteBundle(ctx context.Context, name string) error {
-	p := s.c.TxPipeline()
-	p.SRem(ctx, s.k("lineages"), name)
-	p.Del(ctx, s.k("bundle", name), s.k("status", name))
-	// A tombstone: nodes that still hold the name on disk must not bring
-	// it back when they republish into a rebuilt Redis.
-	p.HSet(ctx, s.k("deleted"), name, time.Now().UTC().Format(time.RFC3339))
-	p.XAdd(ctx, &goredis.XAddArgs{Stream: s.k("events"), MaxLen: 100000, Approx: true, Values: []any{"name", name, "deleted", "1"}})
-	_, err := p.Exec(ctx)
-	return s.unavailable(err)
+// deleteScript removes a name from the fleet and leaves its tombstone,
+// "<fence> <unix ms>": the fence counter moves past every lease handed
+// out for the name, so no holder of one can publish afterwards
+// (publishScript). The version and fence counters stay, so numbers are
+// never reused.
+var deleteScript = goredis.NewScript(`
+local f = redis.call('INCR', KEYS[6])
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[4], ARGV[1], f .. ' ' .. ARGV[2])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
+return f
+`)
+
+// DeleteBundle removes name from the fleet, fenced; it returns the
+// tombstone's fence.
+func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (int64, error) {
+	keys := []string{s.k("lineages"), s.k("bundle", name), s.k("status", name), s.k("deleted"), s.k("events"), s.k("fence", name)}
+	f, err := deleteScript.Run(ctx, s.c, keys, name, at.UnixMilli()).Int64()
+	return f, s.unavailable(err)
+}
+
+// seedTombstoneScript puts back a tombstone a node kept, into a Redis
+// that lost it: the newer of two tombstones stays, the fence counter
+// moves past it, and a bundle issued before the delete goes, whichever
+// node rebuilt first.
+var seedTombstoneScript = goredis.NewScript(`
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local cat = tonumber(string.match(cur, ' (%d+)$') or '0')
+  if cat >= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
+if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') < tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
+end
+return 1
+`)
+
+// SeedTombstone records a delete a node kept on disk (see the script).
+func (s *Shared) SeedTombstone(ctx context.Context, name string, fence int64, at time.Time) error {
+	keys := []string{s.k("deleted"), s.k("bundle", name), s.k("lineages"), s.k("fence", name), s.k("events")}
+	return s.unavailable(seedTombstoneScript.Run(ctx, s.c, keys, name, fence, at.UnixMilli()).Err())
+}
+
+// Tombstone is a delete the fleet records.
+type Tombstone struct {
+	Fence int64
+	At    time.Time
+}
+
+// Tombstones reads every tombstone.
+func (s *Shared) Tombstones(ctx context.Context) (map[string]Tombstone, error) {
+	m, err := s.c.HGetAll(ctx, s.k("deleted")).Result()
+	if err != nil {
+		return nil, s.unavailable(err)
+	}
+	out := make(map[string]Tombstone, len(m))
+	for name, v := range m {
+		f, at, _ := strings.Cut(v, " ")
+		fence, _ := strconv.ParseInt(f, 10, 64)
+		ms, _ := strconv.ParseInt(at, 10, 64)
+		out[name] = Tombstone{Fence: fence, At: time.UnixMilli(ms).UTC()}
+	}
+	return out, nil
+}
+
+// IsDeleted says whether name has a tombstone.
+func (s *Shared) IsDeleted(ctx context.Context, name string) (bool, error) {
+	ok, err := s.c.HExists(ctx, s.k("deleted"), name).Result()
+	return ok, s.unavailable(err)
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }

@@ -1,4 +1,4 @@
-// Package redis is the shared half of the storage seam in Redis, for
+// Package rdb is the shared half of the storage seam in Redis, for
 // fleet mode: lineage bundles, statuses, accounts, per-name leases with
 // fencing tokens, the issuance ledger, HTTP-01 tokens, agent heartbeats
 // and the fleet's membership records.
@@ -13,7 +13,7 @@
 // the set of names), which Cluster allows only within one hash slot, and
 // a fleet's whole state (10,000 lineages are about 60 MB) fits one
 // primary. High availability is Sentinel's job (redis-sentinel://).
-package redis
+package rdb
 
 import (
 	"context"

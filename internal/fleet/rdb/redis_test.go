@@ -1,4 +1,4 @@
-package redis
+package rdb
 
 import (
 	"context"
@@ -90,12 +90,12 @@ func TestPublishRefusesStaleWriters(t *testing.T) {
 	// The stale holder's certificate is even newer, but its lease was
 	// taken over: refused.
 	v2, _ := s.NextVersion(ctx, "foo.com", 0)
-	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, Fence: t1, NotBefore: nb.Add(time.Minute)}); !errors.Is(err, ErrStale) {
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, Fence: t1, NotBefore: nb.Add(time.Minute)}); !stale(err, "lease") {
 		t.Errorf("stale lease publish: %v, want ErrStale", err)
 	}
 	// An older certificate never replaces a newer one, even unfenced (a
 	// re-seed from an out-of-date disk).
-	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: 1, NotBefore: nb.Add(-time.Hour)}); !errors.Is(err, ErrStale) {
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, NotBefore: nb.Add(-time.Hour)}); !stale(err, "older") {
 		t.Errorf("older certificate publish: %v, want ErrStale", err)
 	}
 	if _, err := s.Fullchain(ctx, "nosuch.com"); !errors.Is(err, ErrNoBundle) {
@@ -116,6 +116,78 @@ func TestPublishRefusesStaleWriters(t *testing.T) {
 	names, _ := s.Names(ctx)
 	if len(names) != 1 || names[0] != "foo.com" {
 		t.Errorf("names %v", names)
+	}
+}
+
+func stale(err error, why string) bool {
+	var e *ErrStale
+	return errors.As(err, &e) && e.Why == why
+}
+
+// One version number names one certificate: a publish under a number
+// the fleet already holds is refused, whatever its lease or notBefore.
+func TestPublishNeverReusesAVersion(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	tok, _ := s.Acquire(ctx, "v.com", "a", time.Minute)
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 2, Fence: tok, NotBefore: nb}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 2, Fence: tok, NotBefore: nb.Add(time.Hour)}); !stale(err, "version") {
+		t.Fatalf("same version again: %v", err)
+	}
+	// A key sealed under another epoch than meta's is refused (I5).
+	s.Client().HSet(ctx, s.k("meta"), "epoch", 2)
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 3, Epoch: 1, Fence: tok, NotBefore: nb.Add(time.Hour)}); !stale(err, "epoch") {
+		t.Fatalf("old epoch: %v", err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 3, Epoch: 2, Fence: tok, NotBefore: nb.Add(time.Hour)}); err != nil {
+		t.Fatalf("current epoch: %v", err)
+	}
+}
+
+// A delete is fenced against the lease holder that took the name before
+// it, and a later lease clears the tombstone; an unfenced re-seed never
+// brings the name back; a tombstone seeded into a rebuilt Redis removes
+// a bundle issued before the delete.
+func TestDeleteIsFencedAndSticks(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	held, _ := s.Acquire(ctx, "d.com", "a", time.Minute)
+	fence, err := s.DeleteBundle(ctx, "d.com", nb)
+	if err != nil || fence <= held {
+		t.Fatalf("delete: fence %d after lease %d, %v", fence, held, err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, Fence: held, NotBefore: nb}); !stale(err, "lease") && !stale(err, "deleted") {
+		t.Fatalf("publish by the holder from before the delete: %v", err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, NotBefore: nb}); !stale(err, "deleted") {
+		t.Fatalf("unfenced re-seed of a deleted name: %v", err)
+	}
+	s.Release(ctx, "d.com", "a", held)
+	later, _ := s.Acquire(ctx, "d.com", "b", time.Minute)
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, Fence: later, NotBefore: nb, IssuedAt: nb}); err != nil {
+		t.Fatalf("a new issue after the delete: %v", err)
+	}
+	if ok, _ := s.IsDeleted(ctx, "d.com"); ok {
+		t.Fatal("the tombstone outlived a new issue")
+	}
+	// Redis emptied; one node republishes the old certificate, another
+	// its tombstone of a later delete: the tombstone wins, in either order.
+	s.Client().FlushAll(ctx)
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, NotBefore: nb, IssuedAt: nb}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := s.Names(ctx); len(names) != 0 {
+		t.Fatalf("names after the tombstone came back: %v", names)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 2, NotBefore: nb.Add(time.Second), IssuedAt: nb}); !stale(err, "deleted") {
+		t.Fatalf("re-seed after the tombstone: %v", err)
 	}
 }
 
