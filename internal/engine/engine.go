@@ -280,6 +280,10 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 		return
 	}
 	name, prev := s.job.Lineage.Name, s.prev
+	if e.Opts.InstallOnly {
+		e.decideInstall(s)
+		return
+	}
 	s.status, _ = e.Catalog.Status(ctx, name)
 	if prev != nil {
 		s.item.OldSerial = prev.Cert.Serial
@@ -290,10 +294,6 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 	if prev != nil && e.Opts.RunGap > 0 {
 		d := renewal.Decide(prev.Cert, s.status, now, renewal.Options{Days: e.Opts.Days, ARIOffered: s.ari, Name: name})
 		s.item.Cadence = renewal.CadenceWarning(prev.Cert, d.At, e.Opts.RunGap)
-	}
-	if e.Opts.InstallOnly {
-		e.decideInstall(s)
-		return
 	}
 	if !e.checkProfile(s) {
 		return
@@ -384,7 +384,7 @@ func (e *Engine) decideInstall(s *step) {
 		s.item.Pending = pendingError(e.Node, s.prev.Name)
 	default:
 		s.item.Outcome = NotDue
-		s.item.Serial, s.item.NotAfter = s.prev.Cert.Serial, timePtr(s.prev.Cert.NotAfter)
+		s.item.Serial, s.item.NotAfter, s.item.Version = s.prev.Cert.Serial, timePtr(s.prev.Cert.NotAfter), s.prev.Version
 	}
 }
 

@@ -224,7 +224,7 @@ func (r *run) install(s *step) {
 			if it.Outcome == "" {
 				it.Outcome = Deployed
 			}
-			it.Serial, it.NotAfter = l.Cert.Serial, timePtr(l.Cert.NotAfter)
+			it.Serial, it.NotAfter, it.Version = l.Cert.Serial, timePtr(l.Cert.NotAfter), l.Version
 			it.life = l.Cert.NotAfter.Sub(l.Cert.NotBefore)
 			slog.Info("installing a certificate from the catalog", "name", name, "version", l.Version, "serial", l.Cert.Serial)
 			r.owe(s, w)
@@ -334,6 +334,11 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		return
 	}
 	version, err := e.Catalog.Publish(r.ctx, lease, &l, got.Files)
+	var later interface{ Later() bool }
+	if errors.As(err, &later) && later.Later() {
+		r.defer_(s, oneLine(err), time.Time{}, err)
+		return
+	}
 	if notTheNamesFault(err) {
 		r.fail(s, err, false) // a catalog that says why, as a fleet refusing a stale writer does
 		return
@@ -342,7 +347,7 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		r.fail(s, fmt.Errorf("save %s: %w", l.Name, err), false)
 		return
 	}
-	l.Version = version
+	l.Version, it.Version = version, version
 	// A new certificate starts with no renewal history: no ARI answer,
 	// no backoff.
 	if err := e.Catalog.SetStatus(r.ctx, l.Name, store.Status{}); err != nil {
@@ -547,7 +552,7 @@ func standaloneAddrs(steps []*step) []string {
 // starts or lengthens the lineage's failure backoff.
 func (r *run) fail(s *step, err error, backoff bool) {
 	it := s.item
-	it.Outcome, it.Error, it.Hint = Failed, oneLine(err), hint.Of(err)
+	it.Outcome, it.Error, it.Hint, it.err = Failed, oneLine(err), hint.Of(err), err
 	if backoff {
 		st := renewal.Failed(s.status, it.Error, r.started)
 		if werr := r.e.Catalog.SetStatus(r.ctx, s.job.Lineage.Name, st); werr != nil {

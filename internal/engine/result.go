@@ -50,6 +50,7 @@ type Item struct {
 	OldNotAfter *time.Time `json:"old_not_after,omitempty"`
 	Serial      string     `json:"serial,omitempty"`
 	NotAfter    *time.Time `json:"not_after,omitempty"`
+	Version     int        `json:"cert_version,omitempty"` // the catalog's version of the certificate in place
 	Deploy      string     `json:"deploy,omitempty"` // "ok", "none", "rolled_back", "pending"
 	Verify      string     `json:"verify,omitempty"`
 	Hook        string     `json:"hook,omitempty"`
@@ -61,11 +62,15 @@ type Item struct {
 	// (Options.RunGap).
 	Cadence string `json:"cadence_warning,omitempty"`
 
+	err    error         // what Error says, for callers that ask what kind it was
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
 	warn   bool          // the report warns about it (at most once a day)
 }
+
+// Err is the error behind Error, when the item failed.
+func (it *Item) Err() error { return it.err }
 
 // warnWorthy reports whether it holds a certificate that is past its
 // renewal time, or has under a third of its lifetime left, and was not

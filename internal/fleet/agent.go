@@ -49,6 +49,7 @@ type Agent struct {
 	mu      sync.Mutex
 	cache   map[string]cached // host + " " + token
 	seeding atomic.Bool       // a rebuild check is running
+	removed atomic.Bool       // this node was taken out of the fleet
 }
 
 // N is the connected node, or nil before Redis first answered.
@@ -75,7 +76,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Sync != nil && a.Local != nil {
 		// Before Redis: a deploy this agent was killed in the middle of
 		// is owed now, whether or not Redis answers.
-		a.Sync.FinishLocal(ctx, a.Local)
+		a.Sync.Local = a.Local
+		a.Sync.FinishLocal(ctx)
 	}
 	go func() {
 		n, err := a.connect(ctx)
@@ -182,7 +184,7 @@ func (a *Agent) beat(ctx context.Context) error {
 	if err := n.Shared.Heartbeat(bctx, n.Name, info, 5*a.Beat); err != nil {
 		return err
 	}
-	if a.seeding.CompareAndSwap(false, true) {
+	if !a.removed.Load() && a.seeding.CompareAndSwap(false, true) {
 		go func() {
 			defer a.seeding.Store(false)
 			sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
@@ -193,24 +195,26 @@ func (a *Agent) beat(ctx context.Context) error {
 		}()
 	}
 	// A key rotation (fleet remove) is followed, so the agent can open
-	// what is sealed under the new key; membership changes are read.
+	// what is sealed under the new key; membership changes are read. A
+	// node that was removed stops answering tokens and installing
+	// (invariant I5).
 	if err := n.Refresh(bctx); err != nil {
+		var removed *Removed
+		if errors.As(err, &removed) && a.removed.CompareAndSwap(false, true) {
+			slog.Error("this node was removed from the fleet: its agent answers no token and installs nothing more", "err", err)
+		}
 		return err
 	}
 	return n.loadMembers(bctx)
 }
 
-// publishQueued publishes the certificates a run of this node saved
-// while Redis was away (the run itself is gone, or waits for its next
-// start).
+// publishQueued publishes the certificates a run of this node kept
+// here while Redis was away (the run itself is gone, or waits for its
+// next start).
 func (a *Agent) publishQueued(ctx context.Context) {
-	n := a.N()
-	if !hasQueue(n.Local) {
-		return
-	}
 	pctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if err := NewBackend(n).PublishQueued(pctx); err != nil && ctx.Err() == nil {
+	if err := a.N().PublishSpool(pctx); err != nil && ctx.Err() == nil {
 		slog.Warn("could not publish the certificates kept on this node while Redis was away; trying again", "err", err)
 	}
 }
@@ -232,6 +236,10 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	host := splitHost(r.Host)
 	if a.N() == nil {
 		http.Error(w, "not connected to the fleet's Redis yet", http.StatusServiceUnavailable)
+		return
+	}
+	if a.removed.Load() {
+		http.NotFound(w, r)
 		return
 	}
 	keyAuth, ok := a.lookup(r.Context(), host, token)

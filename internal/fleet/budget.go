@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"sync"
@@ -8,8 +9,8 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/pace"
 )
 
 // DefaultLedgerCap is how many certificates for one exact set of names
@@ -40,7 +41,7 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	set := LedgerSet(k.Server, o.Names)
 	id := b.N.Name + ":" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":" + strconv.FormatInt(b.seq.Add(1), 10)
-	ctx, cancel := rctx()
+	ctx, cancel := rctx(context.Background())
 	defer cancel()
 	now := b.Now()
 	ok, free, err := b.N.Shared.LedgerTake(ctx, set, id, b.Cap, LedgerWindow, now)
@@ -73,7 +74,7 @@ func (b *Budget) Refund(k pace.Key, o pace.Order) error {
 	}
 	b.mu.Unlock()
 	if id != "" {
-		ctx, cancel := rctx()
+		ctx, cancel := rctx(context.Background())
 		defer cancel()
 		if err := b.N.Shared.LedgerGive(ctx, set, id); err != nil {
 			return err

@@ -123,7 +123,7 @@ func TestMembership(t *testing.T) {
 	ep, sealed, _ := lb1.SealBundleKey("foo.com", 1, []byte("KEY-1"))
 	before := &rdb.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
 	for _, n := range []*Node{lb2, lb3} {
-		if got, err := n.OpenBundleKey(before); err != nil || string(got) != "KEY-1" {
+		if got, err := n.OpenBundleKey(ctx, before); err != nil || string(got) != "KEY-1" {
 			t.Fatalf("%s opens the old bundle: %v", n.Name, err)
 		}
 	}
@@ -143,10 +143,10 @@ func TestMembership(t *testing.T) {
 	}
 	ep2, sealed2, _ := lb1.SealBundleKey("foo.com", 2, []byte("KEY-2"))
 	after := &rdb.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
-	if got, err := lb2.OpenBundleKey(after); err != nil || string(got) != "KEY-2" {
+	if got, err := lb2.OpenBundleKey(ctx, after); err != nil || string(got) != "KEY-2" {
 		t.Fatalf("lb2 opens the new bundle: %v", err)
 	}
-	if _, err := lb3.OpenBundleKey(after); err == nil {
+	if _, err := lb3.OpenBundleKey(ctx, after); err == nil {
 		t.Fatal("lb3 opened a bundle published after its removal")
 	}
 

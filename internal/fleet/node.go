@@ -1,5 +1,5 @@
 // Package fleet is lbcert's fleet mode: load balancers that share one
-// Redis (package store/redis) so that exactly one of them orders each
+// Redis (package fleet/rdb) so that exactly one of them orders each
 // name, any of them answers any HTTP-01 token, and private keys leave a
 // node only sealed under the fleet's data key.
 //
@@ -83,6 +83,22 @@ type Node struct {
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
+
+// Removed is a node that was taken out of its fleet: it is not given
+// the current data key, and its agent answers no token.
+type Removed struct {
+	Node, Fleet, Dir string
+	Epoch            int
+}
+
+func (e *Removed) Error() string {
+	return fmt.Sprintf("node %s is not given the fleet's data key of epoch %d: it was removed from fleet %s", e.Node, e.Epoch, e.Fleet)
+}
+
+// HintText makes *Removed a hint.Hinter.
+func (e *Removed) HintText() string {
+	return "to serve this fleet again, remove " + e.Dir + " and join anew"
+}
 
 // NotMember says how to become one.
 type NotMember struct{ Dir string }
@@ -186,6 +202,19 @@ func (n *Node) key(e int) ([]byte, error) {
 		return nil, fmt.Errorf("no data key for epoch %d on this node (it was removed from the fleet, or the key was rotated without it)", e)
 	}
 	return k, nil
+}
+
+// keyFor is the data key of epoch e, following a rotation that ran
+// since this process opened the fleet (a batch started before 'fleet
+// remove' finishes under the new key, instead of failing).
+func (n *Node) keyFor(ctx context.Context, e int) ([]byte, error) {
+	if k, err := n.key(e); err == nil || e <= n.Epoch() {
+		return k, err
+	}
+	if err := n.Refresh(ctx); err != nil {
+		return nil, err
+	}
+	return n.key(e)
 }
 
 func (n *Node) current() (int, []byte) {
@@ -442,7 +471,7 @@ func (n *Node) follow(ctx context.Context, cur int) error {
 			return err
 		}
 		if w == "" {
-			return hint.Wrap(fmt.Errorf("node %s is not given the fleet's data key of epoch %d: it was removed from fleet %s", n.Name, e, n.ID), "%s", "to serve this fleet again, remove "+fleetDir(n.Local)+" and join anew")
+			return &Removed{Node: n.Name, Fleet: n.ID, Epoch: e, Dir: fleetDir(n.Local)}
 		}
 		key, err := unwrap([]byte(w), n.identity)
 		if err != nil {
@@ -633,10 +662,15 @@ func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error
 	if err := writeLocal(n.Local, &n.st); err != nil {
 		return 0, err
 	}
-	if resealed, err = n.resealAll(ctx); err != nil {
-		return resealed, err
+	// The new epoch is the fleet's before anything is re-sealed: from
+	// here on Redis refuses a key sealed under the old one (invariant
+	// I5), so a run that opened the fleet earlier re-seals under the new
+	// key at its publish, and nothing it publishes can slip past the
+	// re-sealing below.
+	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e)); err != nil {
+		return 0, err
 	}
-	return resealed, n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e))
+	return n.resealAll(ctx)
 }
 
 // CheckBundles opens every bundle's sealed key, and says which do not.
@@ -654,7 +688,7 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if _, err := n.OpenBundleKey(b); err != nil {
+		if _, err := n.OpenBundleKey(ctx, b); err != nil {
 			bad = append(bad, name)
 		}
 	}
@@ -685,7 +719,7 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 		if b.Epoch == epoch {
 			continue
 		}
-		pem, err := n.OpenBundleKey(b)
+		pem, err := n.OpenBundleKey(ctx, b)
 		if err != nil {
 			return count, fmt.Errorf("re-seal %s: %v", name, err)
 		}
@@ -739,8 +773,8 @@ func (n *Node) SealBundleKey(name string, version int, pem []byte) (epoch int, s
 }
 
 // OpenBundleKey opens a bundle's private key.
-func (n *Node) OpenBundleKey(b *rdb.Bundle) ([]byte, error) {
-	key, err := n.key(b.Epoch)
+func (n *Node) OpenBundleKey(ctx context.Context, b *rdb.Bundle) ([]byte, error) {
+	key, err := n.keyFor(ctx, b.Epoch)
 	if err != nil {
 		return nil, err
 	}

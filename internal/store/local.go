@@ -75,15 +75,24 @@ func (s *Store) Forget(name string, t Tombstone) error {
 		return err
 	}
 	if !t.At.IsZero() {
-		data, _ := json.Marshal(t)
-		if err := os.MkdirAll(filepath.Join(s.Dir, "deleted"), 0o700); err != nil {
-			return err
-		}
-		if err := WriteFile(s.tombstonePath(name), append(data, '\n'), 0o600); err != nil {
+		if err := s.WriteTombstone(name, t); err != nil {
 			return err
 		}
 	}
 	return s.Delete(name)
+}
+
+// WriteTombstone records that name was deleted, keeping its files: a
+// fleet node whose load balancer config still names them.
+func (s *Store) WriteTombstone(name string, t Tombstone) error {
+	if err := names.Lineage(name); err != nil {
+		return err
+	}
+	data, _ := json.Marshal(t)
+	if err := os.MkdirAll(filepath.Join(s.Dir, "deleted"), 0o700); err != nil {
+		return err
+	}
+	return WriteFile(s.tombstonePath(name), append(data, '\n'), 0o600)
 }
 
 // Tombstones are the lineages deleted on or through this node.

@@ -23,6 +23,7 @@ type Bundle struct {
 	Node      string // who published it
 	Published time.Time
 	IssuedAt  time.Time // when the publisher obtained it: a tombstone beats what was issued before it
+	Serial    string    // of the certificate: nodes compare serials, not only version numbers
 	Meta      []byte // lineage.json
 	Cert      []byte
 	Chain     []byte
@@ -113,7 +114,7 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
 	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version,
 		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
-		"node", b.Node, "published_at", time.Now().UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(),
+		"node", b.Node, "published_at", time.Now().UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "serial", b.Serial,
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
 	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta")}
 	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
@@ -141,7 +142,8 @@ func (s *Shared) Bundle(ctx context.Context, name string) (*Bundle, error) {
 // BundleMeta reads only the metadata and version fields of name's
 // bundle: what deciding what is due needs, without the PEM.
 func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
-	vals, err := s.c.HMGet(ctx, s.k("bundle", name), "version", "fence", "not_before", "epoch", "node", "meta", "published_at").Result()
+	fields := []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at", "issued_at", "serial"}
+	vals, err := s.c.HMGet(ctx, s.k("bundle", name), fields...).Result()
 	if err != nil {
 		return nil, s.unavailable(err)
 	}
@@ -149,7 +151,7 @@ func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
 		return nil, ErrNoBundle
 	}
 	m := map[string]string{}
-	for i, f := range []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at"} {
+	for i, f := range fields {
 		if v, ok := vals[i].(string); ok {
 			m[f] = v
 		}
@@ -161,7 +163,7 @@ func bundleOf(name string, m map[string]string) *Bundle {
 	atoi := func(f string) int64 { n, _ := strconv.ParseInt(m[f], 10, 64); return n }
 	return &Bundle{
 		Name: name, Version: int(atoi("version")), Fence: atoi("fence"), NotBefore: time.UnixMilli(atoi("not_before")).UTC(),
-		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(), IssuedAt: time.UnixMilli(atoi("issued_at")).UTC(),
+		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(), IssuedAt: time.UnixMilli(atoi("issued_at")).UTC(), Serial: m["serial"],
 		Meta: []byte(m["meta"]), Cert: []byte(m["cert"]), Chain: []byte(m["chain"]), Fullchain: []byte(m["fullchain"]),
 		SealedKey: []byte(m["key"]),
 	}
@@ -342,9 +344,10 @@ func (s *Shared) Versions(ctx context.Context, names []string) (map[string]int, 
 	return out, nil
 }
 
-// Head is a bundle's version and when it was published.
+// Head is a bundle's version, serial and when it was published.
 type Head struct {
 	Version   int
+	Serial    string
 	Published time.Time
 }
 
@@ -356,19 +359,20 @@ func (s *Shared) Heads(ctx context.Context, names []string) (map[string]Head, er
 		p := s.c.Pipeline()
 		cmds := make([]*goredis.SliceCmd, len(chunk))
 		for i, n := range chunk {
-			cmds[i] = p.HMGet(ctx, s.k("bundle", n), "version", "published_at")
+			cmds[i] = p.HMGet(ctx, s.k("bundle", n), "version", "published_at", "serial")
 		}
 		if _, err := p.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
 			return nil, s.unavailable(err)
 		}
 		for i, n := range chunk {
 			vals := cmds[i].Val()
-			if len(vals) < 2 || vals[0] == nil {
+			if len(vals) < 3 || vals[0] == nil {
 				continue
 			}
 			v, _ := strconv.Atoi(vals[0].(string))
 			ms, _ := strconv.ParseInt(fmt.Sprint(vals[1]), 10, 64)
-			out[n] = Head{Version: v, Published: time.UnixMilli(ms).UTC()}
+			serial, _ := vals[2].(string)
+			out[n] = Head{Version: v, Serial: serial, Published: time.UnixMilli(ms).UTC()}
 		}
 	}
 	return out, nil
@@ -382,4 +386,26 @@ func (s *Shared) Fullchain(ctx context.Context, name string) ([]byte, error) {
 		return nil, ErrNoBundle
 	}
 	return b, s.unavailable(err)
+}
+
+// MarkCaughtUp records that node added its disk to Redis generation gen.
+func (s *Shared) MarkCaughtUp(ctx context.Context, gen, node string) error {
+	p := s.c.TxPipeline()
+	p.SAdd(ctx, s.k("caughtup", gen), node)
+	p.Expire(ctx, s.k("caughtup", gen), 24*time.Hour)
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
+}
+
+// CaughtUp is the set of nodes that added their disk to generation gen.
+func (s *Shared) CaughtUp(ctx context.Context, gen string) (map[string]bool, error) {
+	m, err := s.c.SMembers(ctx, s.k("caughtup", gen)).Result()
+	if err != nil {
+		return nil, s.unavailable(err)
+	}
+	out := make(map[string]bool, len(m))
+	for _, n := range m {
+		out[n] = true
+	}
+	return out, nil
 }

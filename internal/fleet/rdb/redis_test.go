@@ -269,6 +269,10 @@ func TestAccountIsCreatedWhole(t *testing.T) {
 	ctx := context.Background()
 	var wg sync.WaitGroup
 	var wins atomic.Int32
+	s.Client().HSet(ctx, s.k("meta"), "epoch", 1)
+	if _, err := s.CreateAccount(ctx, "https://ca/dir", "ops@example.com", 2, []byte("k"), []byte("r")); err != ErrEpoch {
+		t.Fatalf("an account sealed under another epoch: %v", err)
+	}
 	for i := range 10 {
 		wg.Add(1)
 		go func() {

@@ -52,6 +52,7 @@ func (s *Shared) Account(ctx context.Context, server, email string) (sealedKey, 
 // must not leave one node's key beside the other's registration (the CA
 // would refuse every signature). The loser's account stays unused.
 var accountScript = goredis.NewScript(`
+if tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0') ~= tonumber(ARGV[3]) then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'reg') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'server', ARGV[1], 'email', ARGV[2], 'epoch', ARGV[3], 'key', ARGV[4], 'reg', ARGV[5])
 return 1
@@ -59,10 +60,19 @@ return 1
 
 // CreateAccount saves a registered account if the fleet has none for
 // (server, email); false means another node's account is the fleet's.
+// A key sealed under another epoch than the fleet's current one is
+// refused with ErrEpoch.
 func (s *Shared) CreateAccount(ctx context.Context, server, email string, epoch int, sealed, reg []byte) (bool, error) {
-	n, err := accountScript.Run(ctx, s.c, []string{s.accountKey(server, email)}, server, email, epoch, sealed, reg).Int()
+	n, err := accountScript.Run(ctx, s.c, []string{s.accountKey(server, email), s.k("meta")}, server, email, epoch, sealed, reg).Int()
+	if err == nil && n < 0 {
+		return false, ErrEpoch
+	}
 	return n == 1, s.unavailable(err)
 }
+
+// ErrEpoch is a key sealed under a data key that is no longer the
+// fleet's current one.
+var ErrEpoch = &ErrStale{Why: "epoch"}
 
 // DelAccount forgets the account.
 func (s *Shared) DelAccount(ctx context.Context, server, email string) error {
