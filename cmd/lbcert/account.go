@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/secret"
@@ -44,7 +45,7 @@ func (a *app) serverURL() (string, error) {
 // acmeOptions checks every account setting that can be checked without the
 // network, so that bad input never reaches the CA, including whether a
 // new account on the chosen server could accept the terms of service.
-func (a *app) acmeOptions(st store.Accounts) (acme.Options, error) {
+func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
 	server, err := a.serverURL()
 	if err != nil {
 		return acme.Options{}, err
@@ -62,7 +63,7 @@ func (a *app) acmeOptions(st store.Accounts) (acme.Options, error) {
 
 // accountBase checks the account settings that do not depend on which
 // server is used.
-func (a *app) accountBase(st store.Accounts) (acme.Options, error) {
+func (a *app) accountBase(st catalog.Accounts) (acme.Options, error) {
 	g := a.global
 	if err := a.checkAccountSettings(); err != nil {
 		return acme.Options{}, err

@@ -29,19 +29,19 @@ type batchRow struct {
 // show every row of the file.
 func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file, format string,
 	rows []batchRow, invalid []*engine.Item, limits pace.Limits, checker *preflight.Checker) (*engine.Result, error) {
-	f, err := a.openFleet(ctx, st, "batch")
+	h, err := a.mode().open(ctx, "batch")
 	if err != nil {
 		return nil, err
 	}
-	defer f.close()
-	opts, err := a.acmeOptions(f.accounts(st))
+	defer h.close()
+	opts, err := a.acmeOptions(h.accounts)
 	if err != nil {
 		return nil, err
 	}
 	var prog *progress
 	spec := runSpec{
 		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency, days: o.Days,
-		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
+		maxWait: o.MaxWait, waitLock: o.WaitLock,
 	}
 	if a.stderrTTY && !a.global.Quiet && !o.JSON {
 		prog = newProgress(a.err, len(rows), a.now)
@@ -65,7 +65,7 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 			slog.Warn(words[it.Outcome], "line", it.Line, "name", it.Name, "err", it.Error)
 		}
 	}
-	res, err := a.runEngine(ctx, st, spec, func() (iter.Seq[engine.Job], int, error) {
+	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) {
 		jobs := make([]engine.Job, 0, len(rows))
 		for _, br := range rows {
 			row := br.row

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"net"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -131,28 +130,13 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 			return exit.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
 		}
 	}
-	var fallback store.Challenge
-	fleetMode := a.fleetOpts.Redis != ""
-	switch {
-	case fleetMode && a.fleetOpts.NoOrder:
-		return fleetOrderRefused("batch")
-	case fleetMode && o.Webroot != "":
-		return fleetChallenge("--webroot")
-	case fleetMode && o.Standalone:
-		return fleetChallenge("--standalone")
-	case fleetMode:
-		fallback = store.Challenge{Mode: "fleet"}
-	case o.Webroot != "":
-		root, err := filepath.Abs(o.Webroot)
-		if err != nil {
-			return exit.Errorf("--webroot %s: %w", o.Webroot, err)
-		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return exit.Errorf("%w", err)
-		}
-		fallback = store.Challenge{Mode: "webroot", Webroot: root}
-	case o.Standalone:
-		fallback = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
+	m := a.mode()
+	if err := m.mayOrder("batch"); err != nil {
+		return err
+	}
+	fallback, err := m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true})
+	if err != nil {
+		return err
 	}
 	limits, err := o.pace.limits()
 	if err != nil {
@@ -177,16 +161,8 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	var todo []batchRow
 	good := 0
 	for _, row := range res.Rows {
-		problem := ""
-		if fleetMode && row.Challenge.Mode != "" {
-			problem = "the row names a challenge (ACMEPort, webroot or http_addr), which fleet mode does not use: every node's 'lbcert agent' answers HTTP-01; leave the column empty"
-		}
-		if row.Challenge.Mode == "" || fleetMode {
-			if fallback.Mode == "" {
-				problem = "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
-			}
-			row.Challenge = fallback
-		}
+		var problem string
+		row.Challenge, problem = m.rowChallenge(row, fallback)
 		var d store.Deploy
 		if problem == "" {
 			var err error
@@ -288,7 +264,7 @@ func (a *app) rowDeploy(o *batchOptions, stateDir string, row *batch.Row, cache 
 		flags := o.deploy
 		flags.target = target
 		var err error
-		if d, err = flags.resolve(stateDir, nil); err != nil {
+		if d, err = a.mode().deploy(&flags, stateDir, nil); err != nil {
 			return d, err
 		}
 		cache[target] = d

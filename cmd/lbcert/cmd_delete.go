@@ -4,11 +4,12 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -30,6 +31,7 @@ type deleteOptions struct {
 	Force    bool
 	Yes      bool
 	CronFile string
+	WaitLock time.Duration
 }
 
 func (a *app) newDeleteCmd() *cobra.Command {
@@ -68,6 +70,7 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
 	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
+	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
 	f.StringVar(&o.CronFile, "cron-file", "", "cron entry to remove with the last lineage (default: this state directory's)")
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
@@ -100,14 +103,6 @@ func parseReason(s string) (uint, error) {
 	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
-// deleteSource is where delete finds the lineage: the state directory,
-// or the fleet.
-type deleteSource interface {
-	Names() ([]string, error)
-	Load(name string) (*store.Lineage, error)
-	Delete(name string) error
-}
-
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
@@ -117,103 +112,148 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	if err != nil {
 		return err
 	}
-	name := o.Name
-	if name != "" {
-		if err := names.Lineage(name); err != nil {
+	if o.Name != "" {
+		if err := names.Lineage(o.Name); err != nil {
 			return exit.Errorf("--name: %w", err)
 		}
-	} else if name, err = a.lineageForDomain(st, o.Domain); err != nil {
-		return err
 	}
-	f, err := a.openFleet(ctx, st, "delete")
+	h, err := a.mode().open(ctx, "delete")
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	// In fleet mode the lineage is the fleet's: deleting it here deletes
-	// it for every node, so no other node renews it.
-	var src deleteSource = st
-	where := st.Dir
-	if f != nil {
-		src, where = f.backend, "the fleet"
-	}
-	l, err := src.Load(name)
+	defer h.close()
+	l, err := a.deleteTarget(ctx, h, o)
 	if err != nil {
-		if isNotFound(err) {
-			return exit.Errorf("no lineage %q in %s", name, where).WithHint("'lbcert list' shows the lineages")
-		}
-		return redisExit(err)
+		return err
 	}
-	if o.Revoke {
-		if _, err := a.accountBase(st); err != nil {
-			return err
-		}
+	name, d := l.Name, l.Deploy
+	if h.node.Settings != nil {
+		d = h.node.Settings(l) // this node's way of serving it
 	}
 	runner := &deploy.Runner{Store: st}
-	refs, err := runner.References(ctx, name, l.Deploy)
-	if err != nil && !o.Force {
-		return exit.Errorf("check %s config for references to %s: %w", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+	if err := a.checkReferences(ctx, runner, name, d, o.Force); err != nil {
+		return err
 	}
-	if len(refs) > 0 && !o.Force {
-		return exit.Errorf("%s config still uses %s: %s: %s", l.Deploy.Target, name, refs[0].File, refs[0].Line).
-			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
+	if err := a.confirmDelete(o, l); err != nil {
+		return err
 	}
-	if !o.Yes {
-		if !(a.stdinTTY && a.stderrTTY) {
-			return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", name)
-		}
-		fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", name, strings.Join(l.Domains, ", "), l.Version)
-		line, _ := bufio.NewReader(a.in).ReadString('\n')
-		if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
-			return exit.Errorf("not deleted")
-		}
-	}
-
-	lock, err := a.lock(st)
+	lock, err := a.renewLock(ctx, st, o.WaitLock)
 	if err != nil {
 		return err
 	}
 	defer lock.Unlock()
-
 	if o.Revoke {
-		is := &issuer.Issuer{Account: a.lazyAccount(f.accounts(st), false)}
-		client, err := is.Client(ctx, l.Server, l.Email)
-		if err != nil {
+		if err := a.revoke(ctx, h, l, reason, o.Reason); err != nil {
 			return err
 		}
-		cert, err := os.ReadFile(st.LivePaths(name).Cert)
-		if f != nil && err != nil {
-			cert, err = f.backend.ReadFullchain(name) // the fleet's, when this node does not hold it
-		}
-		if err != nil {
-			return exit.Errorf("read %s: %w", name, err)
-		}
-		if err := client.Revoke(cert, reason); err != nil {
-			return exit.Errorf("%w; nothing was deleted", err)
-		}
-		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
 	}
-	if err := src.Delete(name); err != nil {
-		return exit.Errorf("delete %s: %w", name, err)
+	if err := h.catalog.Delete(ctx, name); err != nil {
+		return redisExit(fmt.Errorf("delete %s: %w", name, err))
 	}
 	a.printf("%s: deleted\n", name)
-	item := notify.Item{Name: name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
+	defer func() {
+		if mailErr := a.mailReport(ctx, st, deleteReport(l, o)); mailErr != nil && retErr == nil {
+			retErr = mailErr
+		}
+	}()
+	if d.Target != "" {
+		if err := runner.Remove(ctx, name, d); err != nil {
+			return exit.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
+		}
+		a.printf("%s: %s reloaded\n", name, d.Target)
+	}
+	return a.removeCronIfLast(ctx, h, o)
+}
+
+// deleteTarget finds the lineage to delete, checking the account
+// settings a revocation needs before anything changes.
+func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*store.Lineage, error) {
+	name := o.Name
+	if name == "" {
+		var err error
+		if name, err = a.lineageForDomain(ctx, h, o.Domain); err != nil {
+			return nil, err
+		}
+	}
+	l, err := h.catalog.Head(ctx, name)
+	if isNotFound(err) {
+		return nil, exit.Errorf("no lineage %q in %s", name, h.where).WithHint("'lbcert list' shows the lineages")
+	}
+	if err != nil {
+		return nil, redisExit(err)
+	}
+	if o.Revoke {
+		if _, err := a.accountBase(h.accounts); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// checkReferences refuses a delete while the load balancer's config
+// still uses the lineage's files (the next reload would fail), unless
+// --force.
+func (a *app) checkReferences(ctx context.Context, runner *deploy.Runner, name string, d store.Deploy, force bool) error {
+	if force {
+		return nil
+	}
+	refs, err := runner.References(ctx, name, d)
+	if err != nil {
+		return exit.Errorf("check %s config for references to %s: %w", d.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+	}
+	if len(refs) > 0 {
+		return exit.Errorf("%s config still uses %s: %s: %s", d.Target, name, refs[0].File, refs[0].Line).
+			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), runner.Store.LivePaths(name).Dir)
+	}
+	return nil
+}
+
+// confirmDelete asks on a terminal, or needs --yes.
+func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
+	if o.Yes {
+		return nil
+	}
+	if !(a.stdinTTY && a.stderrTTY) {
+		return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
+	}
+	fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", l.Name, strings.Join(l.Domains, ", "), l.Version)
+	line, _ := bufio.NewReader(a.in).ReadString('\n')
+	if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
+		return exit.Errorf("not deleted")
+	}
+	return nil
+}
+
+// revoke revokes the lineage's current certificate at its CA.
+func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
+	is := &issuer.Issuer{Account: a.lazyAccount(h.accounts, false)}
+	client, err := is.Client(ctx, l.Server, l.Email)
+	if err != nil {
+		return err
+	}
+	_, files, err := h.catalog.Fetch(ctx, l.Name, 0)
+	if err != nil {
+		return exit.Errorf("read %s: %w", l.Name, err)
+	}
+	if err := client.Revoke(files.Cert, reason); err != nil {
+		return exit.Errorf("%w; nothing was deleted", err)
+	}
+	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
+	return nil
+}
+
+func deleteReport(l *store.Lineage, o *deleteOptions) *notify.Report {
+	item := notify.Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
 		MailTo: l.Mail.To, Relay: notify.Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
 	if o.Revoke {
 		item.Hint = "revoked at the CA (" + o.Reason + ")"
 	}
-	defer func() {
-		if mailErr := a.mailReport(ctx, st, &notify.Report{Command: "delete", Items: []notify.Item{item}}); mailErr != nil && retErr == nil {
-			retErr = mailErr
-		}
-	}()
-	if l.Deploy.Target != "" {
-		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
-			return exit.Errorf("deleted %s, but updating %s failed: %w", name, l.Deploy.Target, err)
-		}
-		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
-	}
-	left, _ := src.Names()
+	return &notify.Report{Command: "delete", Items: []notify.Item{item}}
+}
+
+// removeCronIfLast removes the cron entry with the last lineage.
+func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) error {
+	left, _ := h.catalog.Names(ctx)
 	if o.CronFile == "" {
 		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
 	}
@@ -225,29 +265,23 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			a.printf("last lineage deleted: removed %s\n", o.CronFile)
 		}
 	}
-	slog.Debug("delete done", "name", name)
 	return nil
 }
 
 // lineageForDomain finds the one lineage whose certificate covers domain.
-func (a *app) lineageForDomain(st *store.Store, raw string) (string, error) {
+func (a *app) lineageForDomain(ctx context.Context, h *host, raw string) (string, error) {
 	d, err := names.Domain(raw)
 	if err != nil {
 		return "", exit.Errorf("%w", err)
 	}
-	all, err := st.Names()
+	all, err := h.catalog.Names(ctx)
 	if err != nil {
-		return "", exit.Errorf("%w", err)
+		return "", redisExit(err)
 	}
 	var found []string
 	for _, n := range all {
-		if l, err := st.Load(n); err == nil {
-			for _, x := range l.Domains {
-				if x == d {
-					found = append(found, n)
-					break
-				}
-			}
+		if l, err := h.catalog.Head(ctx, n); err == nil && slices.Contains(l.Domains, d) {
+			found = append(found, n)
 		}
 	}
 	switch len(found) {

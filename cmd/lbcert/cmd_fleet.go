@@ -18,10 +18,10 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // fleetOptions are the global fleet-mode settings (README "A pool of
@@ -46,13 +46,15 @@ func (f *fleetOptions) register(pf *pflag.FlagSet) {
 
 // fleetRun is one command's open fleet.
 type fleetRun struct {
-	sh      *rdb.Shared
-	node    *fleet.Node
-	backend *fleet.Backend
+	sh   *rdb.Shared
+	node *fleet.Node
 }
 
 // redisExit maps a Redis that did not answer to its exit code.
 func redisExit(err error) error {
+	if err == nil {
+		return nil
+	}
 	var u *rdb.Unavailable
 	var e *exit.Error
 	if errors.As(err, &e) && !errors.As(err, &u) {
@@ -95,12 +97,8 @@ func (a *app) dialRedis(ctx context.Context) (*rdb.Shared, error) {
 	return sh, nil
 }
 
-// openFleet opens this node's fleet for a run, or returns nil when
-// --redis is not set (single-host mode, unchanged).
+// openFleet opens this node's fleet for a command (fleetMode.open).
 func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*fleetRun, error) {
-	if a.fleetOpts.Redis == "" {
-		return nil, nil
-	}
 	sh, err := a.dialRedis(ctx)
 	if err != nil {
 		return nil, a.fleetDown(ctx, st, command, err)
@@ -110,7 +108,7 @@ func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*
 		sh.Close()
 		return nil, a.fleetDown(ctx, st, command, redisExit(err))
 	}
-	return &fleetRun{sh: sh, node: n, backend: fleet.NewBackend(n)}, nil
+	return &fleetRun{sh: sh, node: n}, nil
 }
 
 // fleetDown mails the report of a run that could not start because
@@ -130,27 +128,10 @@ func (a *app) fleetDown(ctx context.Context, st *store.Store, command string, er
 	return err
 }
 
-// accounts is where the run's ACME accounts live: the fleet's, or the
-// state directory's on one host.
-func (f *fleetRun) accounts(st *store.Store) store.Accounts {
-	if f == nil {
-		return st
-	}
-	return f.backend
-}
-
 func (f *fleetRun) close() {
 	if f != nil {
 		f.sh.Close()
 	}
-}
-
-// fleetChallenge refuses a challenge flag in fleet mode: the agents
-// answer every token, and a run binding its own listener would answer
-// for one node only.
-func fleetChallenge(what string) error {
-	return exit.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what).
-		WithHint("start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
 }
 
 func (a *app) newFleetCmd() *cobra.Command {
@@ -285,7 +266,9 @@ a node that was stolen, say), and change the Redis password too.`,
 }
 
 // withRedis runs f with the fleet's Redis and this node's state
-// directory, under the directory lock.
+// directory, under the state directory's short write lock: a fleet
+// command changes only this node's fleet records, and must not wait for
+// (or fail on) a long run of this node, which holds the long lock.
 func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) error) error {
 	st := store.New(a.global.Dir)
 	sh, err := a.dialRedis(ctx)
@@ -293,18 +276,35 @@ func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) e
 		return err
 	}
 	defer sh.Close()
-	lock, err := a.lock(st)
+	unlock, err := fleet.WriteLock(st)(ctx)
 	if err != nil {
-		return err
+		return dirError(st, err)
 	}
-	defer lock.Unlock()
+	defer unlock()
 	if err := f(sh, st); err != nil {
 		return redisExit(err)
 	}
 	return nil
 }
 
-// withMember runs f with this node's open fleet, under the directory lock.
+// readMember runs f with this node's open fleet and no lock: what only
+// reads the fleet (status) never waits for, or fails on, a run.
+func (a *app) readMember(ctx context.Context, f func(*fleet.Node) error) error {
+	st := store.New(a.global.Dir)
+	sh, err := a.dialRedis(ctx)
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	n, err := fleet.Open(ctx, sh, st)
+	if err == nil {
+		err = f(n)
+	}
+	return redisExit(err)
+}
+
+// withMember runs f with this node's open fleet, under the short write
+// lock.
 func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
 	return a.withRedis(ctx, func(sh *rdb.Shared, st *store.Store) error {
 		n, err := fleet.Open(ctx, sh, st)
@@ -441,8 +441,14 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if err := a.checkKeep(); err != nil {
 		return err
 	}
-	syncer := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep,
-		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
+	// The runs of this node deploy what they order with the agent's
+	// settings, as the agent would (invariant I1: the ordering node
+	// serves it too).
+	if err := fleet.SaveNodeDeploy(st, settings); err != nil {
+		return exit.Errorf("save this node's deploy settings: %w", err)
+	}
+	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner}
 	ag := &fleet.Agent{Local: st, Connect: connect, Sync: syncer, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}
 	if a.global.MetricsFile != "" {
@@ -526,9 +532,4 @@ func systemdQuote(s string) string {
 	}
 	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", "$$", "%", "%%")
 	return `"` + r.Replace(s) + `"`
-}
-
-// fleetOrderRefused says why a no-order node does not order.
-func fleetOrderRefused(cmd string) error {
-	return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", cmd)
 }

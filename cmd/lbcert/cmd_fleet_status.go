@@ -43,7 +43,7 @@ same per-node figures also go to the Prometheus textfile beside it
 agent refresh too.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withMember(cmd.Context(), func(n *fleet.Node) error { return a.fleetStatus(cmd.Context(), n, o) })
+			return a.readMember(cmd.Context(), func(n *fleet.Node) error { return a.fleetStatus(cmd.Context(), n, o) })
 		},
 	}
 	cmd.Flags().BoolVar(&o.json, "json", false, "print JSON (schema version 1)")

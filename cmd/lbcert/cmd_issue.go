@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"iter"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -14,7 +13,6 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/acme"
-	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
@@ -128,36 +126,12 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
 		return nil, exit.Errorf("%w", err)
 	}
-	fleetMode := a.fleetOpts.Redis != ""
-	switch {
-	case fleetMode && a.fleetOpts.NoOrder:
-		return nil, fleetOrderRefused("issue")
-	case fleetMode && o.Webroot != "":
-		return nil, fleetChallenge("--webroot")
-	case fleetMode && o.Standalone:
-		return nil, fleetChallenge("--standalone")
-	case fleetMode && o.httpAddrSet:
-		return nil, fleetChallenge("--http-addr")
-	case fleetMode:
-		p.mode = store.Challenge{Mode: "fleet"}
-	case o.Webroot != "" && o.Standalone:
-		return nil, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
-	case o.Webroot == "" && !o.Standalone:
-		return nil, exit.Errorf("no challenge method: pass --webroot DIR or --standalone").
-			WithHint("or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
-	case o.httpAddrSet && !o.Standalone:
-		return nil, exit.Errorf("--http-addr only applies with --standalone")
-	case o.Webroot != "":
-		root, err := filepath.Abs(o.Webroot)
-		if err != nil {
-			return nil, exit.Errorf("--webroot %s: %w", o.Webroot, err)
-		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return nil, exit.Errorf("%w", err)
-		}
-		p.mode = store.Challenge{Mode: "webroot", Webroot: root}
-	default:
-		p.mode = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
+	m := a.mode()
+	if err := m.mayOrder("issue"); err != nil {
+		return nil, err
+	}
+	if p.mode, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet}); err != nil {
+		return nil, err
 	}
 	if p.limits, err = o.pace.limits(); err != nil {
 		return nil, err
@@ -179,20 +153,20 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	// read-only, so bad input leaves nothing behind.
 	var prevDeploy *store.Deploy
 	var prevMail *store.Mail
-	if prev, err := st.Load(p.name); err == nil {
+	if prev, err := st.Newest(p.name); err == nil {
 		prevDeploy, prevMail = &prev.Deploy, &prev.Mail
 	}
 	mailSettings := a.lineageMail(o.flags, prevMail)
-	deploySettings, err := o.deploy.resolve(st.Dir, prevDeploy)
+	deploySettings, err := a.mode().deploy(&o.deploy, st.Dir, prevDeploy)
 	if err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st, "issue")
+	h, err := a.mode().open(ctx, "issue")
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	if p.acme, err = a.acmeOptions(f.accounts(st)); err != nil {
+	defer h.close()
+	if p.acme, err = a.acmeOptions(h.accounts); err != nil {
 		return err
 	}
 	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
@@ -200,9 +174,9 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
 		Mail: mailSettings,
 	}}
-	res, err := a.runEngine(ctx, st, runSpec{
+	res, err := a.runEngine(ctx, h, runSpec{
 		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1, days: o.Days,
-		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
+		maxWait: o.MaxWait, waitLock: o.WaitLock,
 	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err

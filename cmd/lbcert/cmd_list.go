@@ -85,8 +85,12 @@ func (a *app) newShowCmd() *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeLineages,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st := store.New(a.global.Dir)
-			e, err := a.listEntry(st, args[0])
+			h, err := a.mode().open(cmd.Context(), "show")
+			if err != nil {
+				return err
+			}
+			defer h.close()
+			e, err := a.listEntry(cmd.Context(), h, args[0])
 			if err != nil {
 				return err
 			}
@@ -102,17 +106,20 @@ func (a *app) newShowCmd() *cobra.Command {
 }
 
 func (a *app) runList(ctx context.Context, o *listOptions) error {
-	st := store.New(a.global.Dir)
+	h, err := a.mode().open(ctx, "list")
+	if err != nil {
+		return err
+	}
+	defer h.close()
 	names := o.Names
 	if len(names) == 0 {
-		var err error
-		if names, err = st.Names(); err != nil {
-			return exit.Errorf("read %s: %w", st.Dir, err)
+		if names, err = h.catalog.Names(ctx); err != nil {
+			return redisExit(fmt.Errorf("read %s: %w", h.where, err))
 		}
 	}
 	entries := make([]listEntry, 0, len(names))
 	for _, n := range names {
-		e, err := a.listEntry(st, n)
+		e, err := a.listEntry(ctx, h, n)
 		if err != nil {
 			if len(o.Names) > 0 {
 				return err
@@ -125,22 +132,22 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		return writeJSON(a, lineageList{Version: engine.SchemaVersion, Lineages: entries})
 	}
 	if len(entries) == 0 {
-		fmt.Fprintf(a.err, "lbcert: no certificates in %s\n", st.Dir)
+		fmt.Fprintf(a.err, "lbcert: no certificates in %s\n", h.where)
 		return nil
 	}
 	a.printTable(entries)
 	return nil
 }
 
-func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
-	l, err := st.Load(name)
+func (a *app) listEntry(ctx context.Context, h *host, name string) (*listEntry, error) {
+	l, err := h.catalog.Head(ctx, name)
 	if err != nil {
 		if isNotFound(err) {
-			return nil, exit.Errorf("no lineage %q in %s", name, st.Dir).WithHint("'lbcert list' shows the lineages")
+			return nil, exit.Errorf("no lineage %q in %s", name, h.where).WithHint("'lbcert list' shows the lineages")
 		}
-		return nil, exit.Errorf("%w", err)
+		return nil, redisExit(err)
 	}
-	status, _ := st.ReadStatus(name)
+	status, _ := h.catalog.Status(ctx, name)
 	now := a.now()
 	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported), Name: l.Name})
 	reason := string(d.Reason)
@@ -153,17 +160,12 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 		Challenge: l.Challenge.Mode, Webroot: l.Challenge.Webroot, HTTPAddr: l.Challenge.HTTPAddr,
 		Deploy: l.Deploy.Target, VerifyAddr: l.Deploy.VerifyAddr, KeyType: l.KeyType, Profile: l.Profile,
 		Server: l.Server, Email: l.Email, Version: l.Version, Failures: status.Failures, LastError: status.LastError,
-		Paths: st.LivePaths(name),
+		Paths: h.st.LivePaths(name),
 	}
 	if e.Deploy == "" {
 		e.Deploy = "none"
 	}
-	if p := status.Pending; p != nil {
-		e.Pending = fmt.Sprintf("pending deploy of version %d", p.Version)
-		if p.Error != "" {
-			e.Pending = "pending deploy: " + p.Error
-		}
-	}
+	e.Pending = pendingWords(h, l)
 	if renewal.InBackoff(status, now) {
 		next := status.NextAttempt.UTC()
 		e.BackoffTill = &next
@@ -171,13 +173,27 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 	// The schedule as renew has really run here, up to now: a cron that
 	// stopped a week ago shows as a week's gap.
 	if a.runs == nil {
-		runs := st.Runs()
+		runs := h.st.Runs()
 		a.runs = &runs // once for the whole list, not once per lineage
 	}
 	if runs := *a.runs; len(runs) > 0 {
 		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(runs, now))
 	}
 	return e, nil
+}
+
+// pendingWords says what this node still owes of the lineage: a deploy
+// that failed (and why), or a version it does not serve yet.
+func pendingWords(h *host, l *store.Lineage) string {
+	j, _ := h.st.Journal(l.Name)
+	live, _ := h.st.LiveVersion(l.Name)
+	switch {
+	case j.Pending != nil && j.Pending.Error != "":
+		return "pending deploy: " + j.Pending.Error
+	case j.Pending != nil || live != l.Version:
+		return fmt.Sprintf("pending deploy of version %d", l.Version)
+	}
+	return ""
 }
 
 // when formats t for a person on a terminal, or as RFC 3339 for a pipe.

@@ -124,24 +124,19 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if err := a.checkAccountSettings(); err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st, "renew")
+	if err := a.mode().mayOrder("renew"); err != nil {
+		// Cron runs renew on every node; this one leaves ordering to the
+		// dedicated node (seed 000), and its agent installs what that
+		// node orders. Said only with -v.
+		slog.Debug("this node never orders (--no-order); nothing to do")
+		return nil
+	}
+	h, err := a.mode().open(ctx, "renew")
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	var lineages renewSource = st
-	where := st.Dir
-	if f != nil {
-		where = "the fleet"
-		if a.fleetOpts.NoOrder {
-			// Cron runs renew on every node; this one leaves ordering to
-			// the dedicated node (seed 000) and says so only with -v.
-			slog.Debug("this node never orders (--no-order); nothing to do")
-			return nil
-		}
-		lineages = f.backend
-	}
-	all, err := lineages.Names()
+	defer h.close()
+	all, err := h.catalog.Names(ctx)
 	if err != nil {
 		return redisExit(fmt.Errorf("read the lineages: %w", err))
 	}
@@ -156,10 +151,10 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if o.NoRandomSleep || a.stdoutTTY {
 		delay = 0
 	}
-	res, err := a.runEngine(ctx, st, runSpec{
+	res, err := a.runEngine(ctx, h, runSpec{
 		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, fleet: f,
-	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(lineages, where, all, o) })
+		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0,
+	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
 	if err != nil {
 		return err
 	}
@@ -176,20 +171,13 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 // made as the plan reaches it: the plan loads each lineage when it
 // decides it, so a pass over 100,000 holds one at a time. Only a dry run
 // reads them here, to point them at staging.
-// renewSource is where renew finds lineages: the state directory, or in
-// fleet mode the fleet's.
-type renewSource interface {
-	Names() ([]string, error)
-	Load(name string) (*store.Lineage, error)
-}
-
-func renewJobs(st renewSource, where string, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
+func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
 	selected := all
 	if len(o.Names) > 0 {
 		selected = o.Names
 		for _, n := range selected {
 			if !slices.Contains(all, n) {
-				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, where).WithHint("'lbcert list' shows the lineages")
+				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, h.where).WithHint("'lbcert list' shows the lineages")
 			}
 		}
 	}
@@ -199,7 +187,7 @@ func renewJobs(st renewSource, where string, all []string, o *renewOptions) (ite
 			// plan says so when it cannot load it.
 			job := engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true}
 			if o.DryRun {
-				if l, err := st.Load(n); err == nil {
+				if l, err := h.catalog.Head(ctx, n); err == nil {
 					job.Stored, job.Lineage = false, *l
 					job.Lineage.Server = dryRunServer(l.Server)
 				}
@@ -279,7 +267,7 @@ func (a *app) completeLineages(cmd *cobra.Command, args []string, toComplete str
 			dir = v
 		}
 	}
-	all, _ := store.New(dir).Names()
+	all, _ := store.New(dir).Lineages()
 	var out []string
 	for _, n := range all {
 		if strings.HasPrefix(n, toComplete) {

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/acme"
-	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
@@ -40,21 +40,20 @@ type runSpec struct {
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
 	scheduled bool
-	// fleet is the open fleet in fleet mode (--redis), nil on one host.
-	fleet *fleetRun
 }
 
 // runEngine is the one driver of issue, batch and renew: take the lock,
 // build the jobs under it (so they see what another run just saved),
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
-func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
+func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
 	if err := a.checkKeep(); err != nil {
 		return nil, err
 	}
 	if a.global.HookConc < 1 {
 		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
+	st := h.st
 	lock, err := a.renewLock(ctx, st, spec.waitLock)
 	if err != nil {
 		return nil, err
@@ -64,67 +63,37 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if err != nil {
 		return nil, err
 	}
-	budget, err := a.openBudget(st, spec.limits)
+	// Certificates this node kept while a fleet's Redis was away go
+	// first, so the plan sees them and orders nothing twice.
+	if err := h.prepare(ctx); err != nil {
+		return nil, err
+	}
+	ebudget, budget, err := h.budget(spec.limits)
 	if err != nil {
 		return nil, err
 	}
-	var backend store.Backend = st
-	var ebudget engine.Budget = budget
 	is := &issuer.Issuer{CABundle: a.global.CABundle, UserAgent: userAgent()}
-	if f := spec.fleet; f != nil {
-		// Certificates this node kept while Redis was away go first, so
-		// the plan sees them and orders nothing twice.
-		if err := f.backend.PublishQueued(ctx); err != nil {
-			return nil, redisExit(err)
-		}
-		backend = f.backend
-		// One budget for the fleet: the CA counts per account and domain,
-		// whichever node orders.
-		budget = pace.OpenShared(fleet.PaceStore{Shared: f.sh}, spec.limits, a.now)
-		ebudget = &fleet.Budget{Pace: budget, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}
-		is.Fleet = &fleet.Tokens{N: f.node}
-	}
-	is.Account = a.lazyAccount(backend, spec.dryRun)
-	var gap time.Duration
-	if spec.command == "renew" && !spec.dryRun {
-		// The schedule as it really runs: the gaps between the recorded
-		// renew runs and this one (README "Short lifetimes and IP
-		// certificates"). Said at most once a day: cron mails every run
-		// that prints.
-		if a.now().Sub(st.CadenceWarnedAt()) >= 23*time.Hour {
-			gap = renewal.RunGap(st.Runs(), a.now())
-		}
-		if spec.scheduled {
-			if err := st.RecordRun(a.now()); err != nil {
-				slog.Warn("could not record this renew run", "err", err)
-			}
-		}
-	}
+	h.tokens(is)
+	is.Account = a.lazyAccount(h.accounts, spec.dryRun)
 	defer is.Close()
-	var deployer engine.Deployer = &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
-	if spec.fleet != nil {
-		// The agent installs on this node too: the deploy waits for its
-		// short write lock, and it for ours.
-		deployer = writeLocked{deployer, st}
-	}
+	gap := a.runGap(st, spec)
 	e := &engine.Engine{
-		Store:  backend,
-		CA:     is,
-		Deploy: deployer,
-		Budget: ebudget,
+		Catalog: h.catalog,
+		Node:    h.node,
+		CA:      is,
+		Budget:  ebudget,
 		Opts: engine.Options{
-			Command:      spec.command,
-			KeepVersions: a.global.Keep,
-			Concurrency:  spec.concurrency,
-			Days:         spec.days,
-			DryRun:       spec.dryRun,
-			MaxWait:      spec.maxWait,
-			RandomDelay:  spec.randomDelay,
-			Preflight:    spec.preflight,
-			RunGap:       gap,
-			Now:          a.now,
-			Observe:      spec.observe,
-			LeaseTTL:     a.fleetOpts.LeaseTTL,
+			Command:     spec.command,
+			Concurrency: spec.concurrency,
+			Days:        spec.days,
+			DryRun:      spec.dryRun,
+			MaxWait:     spec.maxWait,
+			RandomDelay: spec.randomDelay,
+			Preflight:   spec.preflight,
+			RunGap:      gap,
+			Now:         a.now,
+			Observe:     spec.observe,
+			LeaseTTL:    a.fleetOpts.LeaseTTL,
 		},
 	}
 	plan, err := e.PlanSeq(ctx, js, n)
@@ -140,14 +109,32 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if a.global.MetricsFile != "" && !spec.dryRun {
 		// Monitoring is not the run: a metrics file that cannot be
 		// written is a warning, never a failed renewal.
-		if err := metrics.Write(a.global.MetricsFile, st, res, budget, a.now()); err != nil {
+		if err := metrics.Write(ctx, a.global.MetricsFile, metrics.Source{Catalog: h.catalog, Local: st}, res, budget, a.now()); err != nil {
 			slog.Warn("could not write the metrics file", "path", a.global.MetricsFile, "err", err)
 		}
-		if spec.fleet != nil {
-			a.writeFleetMetrics(ctx, spec.fleet.node)
-		}
+		h.after(ctx)
 	}
 	return res, nil
+}
+
+// runGap is the schedule as it really runs: the gaps between the
+// recorded renew runs and this one (README "Short lifetimes and IP
+// certificates"), said at most once a day, since cron mails every run
+// that prints. A scheduled run is recorded.
+func (a *app) runGap(st *store.Store, spec runSpec) time.Duration {
+	if spec.command != "renew" || spec.dryRun {
+		return 0
+	}
+	var gap time.Duration
+	if a.now().Sub(st.CadenceWarnedAt()) >= 23*time.Hour {
+		gap = renewal.RunGap(st.Runs(), a.now())
+	}
+	if spec.scheduled {
+		if err := st.RecordRun(a.now()); err != nil {
+			slog.Warn("could not record this renew run", "err", err)
+		}
+	}
+	return gap
 }
 
 // checkKeep refuses an archive that would keep nothing to roll back to
@@ -179,7 +166,7 @@ func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
 
 // lazyAccount builds the account options on the first order, not
 // before: a run with nothing due reads no EAB secret (gh's Factory).
-func (a *app) lazyAccount(st store.Accounts, dryRun bool) func(server, email string) (acme.Options, error) {
+func (a *app) lazyAccount(st catalog.Accounts, dryRun bool) func(server, email string) (acme.Options, error) {
 	var once sync.Once
 	var base acme.Options
 	var err error
@@ -277,17 +264,4 @@ func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration
 		return nil, dirError(st, err)
 	}
 	return l, nil
-}
-
-// writeLocked runs a deploy under the state directory's short write lock.
-type writeLocked struct {
-	engine.Deployer
-	st *store.Store
-}
-
-func (w writeLocked) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
-	if l, err := w.st.WriteLock(ctx); err == nil {
-		defer l.Unlock()
-	}
-	return w.Deployer.Run(ctx, changes)
 }

@@ -20,8 +20,8 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/lbcert/lbcert/internal/fleet"
-	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
@@ -94,7 +94,7 @@ func benchFleet(n, orders int, bin, work string) error {
 			return err
 		}
 		t := time.Now()
-		key, err := node.OpenBundleKey(b)
+		key, err := node.OpenBundleKey(ctx, b)
 		openTotal.Add(int64(time.Since(t)))
 		if err != nil {
 			return err
@@ -118,7 +118,7 @@ func benchFleet(n, orders int, bin, work string) error {
 	b := &rdb.Bundle{Name: "one.example", Version: 1, Epoch: ep, SealedKey: sealed}
 	t1 := time.Now()
 	for range reps {
-		if _, err := node.OpenBundleKey(b); err != nil {
+		if _, err := node.OpenBundleKey(ctx, b); err != nil {
 			return err
 		}
 	}

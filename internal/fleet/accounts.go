@@ -148,4 +148,3 @@ func (c *Catalog) RemoveAccount(server, email string) error {
 	defer cancel()
 	return c.sh().DelAccount(ctx, server, email)
 }
-

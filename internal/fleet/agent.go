@@ -15,8 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Agent is a node's long-running part: it answers the fleet's HTTP-01

@@ -30,9 +30,9 @@ import (
 
 	"filippo.io/age"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Member is one approved node, as the membership records hold it.

@@ -9,8 +9,8 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Reseed rebuilds an empty Redis from this node: the fleet record, the

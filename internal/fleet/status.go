@@ -79,8 +79,11 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 			if raw, ok := served[name]; ok {
 				json.Unmarshal([]byte(raw), &s)
 			}
+			// The same version AND the same certificate: a node that
+			// serves another certificate under the newest number (a Redis
+			// that lost writes renumbered it) is behind (invariant I1).
 			switch {
-			case s.OK && s.Version >= h.Version:
+			case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
 				ns.Newest++
 				continue
 			case s.Error != "" && s.Wanted >= h.Version:

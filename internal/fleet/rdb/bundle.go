@@ -24,7 +24,7 @@ type Bundle struct {
 	Published time.Time
 	IssuedAt  time.Time // when the publisher obtained it: a tombstone beats what was issued before it
 	Serial    string    // of the certificate: nodes compare serials, not only version numbers
-	Meta      []byte // lineage.json
+	Meta      []byte    // lineage.json
 	Cert      []byte
 	Chain     []byte
 	Fullchain []byte
@@ -74,6 +74,7 @@ return v
 //     until a lease taken after it publishes);
 //   - an unfenced publish (a node rebuilding Redis from its disk) never
 //     brings back a deleted name.
+//
 // A fence counter lower than the token (lost in a failover with
 // asynchronous replication) is no reason to refuse: the version and
 // notBefore checks still hold.
