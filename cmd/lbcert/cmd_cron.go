@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -173,6 +174,20 @@ func (a *app) fleetArgs() []string {
 	}
 	if f.PasswordFile != "" {
 		args = append(args, "--redis-password-file", absPath(f.PasswordFile))
+	}
+	if f.Redis == "" {
+		return args
+	}
+	// The node's part in the fleet goes with it: a node set never to
+	// order must not start ordering from cron.
+	if f.NoOrder {
+		args = append(args, "--no-order")
+	}
+	if f.LedgerCap != fleet.DefaultLedgerCap {
+		args = append(args, "--ledger-cap", strconv.Itoa(f.LedgerCap))
+	}
+	if f.LeaseTTL != defaultLeaseTTL {
+		args = append(args, "--lease-ttl", f.LeaseTTL.String())
 	}
 	return args
 }

@@ -98,7 +98,10 @@ func (r *run) caResult(server string, err error) {
 	if r.caFails == nil {
 		r.caFails = map[string]int{}
 	}
-	if acme.Unreachable(err) {
+	// An error that says the names are not at fault and comes from this
+	// side (a fleet agent that did not answer the orderer's check) says
+	// nothing about the CA, even when it reads "connection refused".
+	if acme.Unreachable(err) && !notTheNamesFault(err) {
 		r.caFails[server]++
 		if r.caFails[server] == caDownAfter {
 			slog.Error("the CA did not answer several orders in a row; starting no more orders from it in this run", "server", server)

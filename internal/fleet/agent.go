@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -83,6 +84,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		n, err := a.connect(ctx)
 		if err != nil || n == nil {
 			errc <- err // nil: ctx ended first
+			return
+		}
+		if err := a.checkAdvertise(ctx, n); err != nil {
+			errc <- err
 			return
 		}
 		a.node.Store(n)
@@ -289,6 +294,44 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 		}
 	}
 	return keyAuth, true
+}
+
+// checkAdvertise refuses an address the other nodes cannot reach: the
+// orderer fetches each token through every live agent before the CA
+// validates, so an agent that advertises a loopback address in a fleet
+// whose other agents are on other hosts would make every orderer check
+// itself, and one that advertises another agent's address is never
+// checked at all.
+func (a *Agent) checkAdvertise(ctx context.Context, n *Node) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	agents, err := n.LiveAgents(cctx)
+	if err != nil {
+		return nil // Redis away: the heartbeat loop says so
+	}
+	mine := isLoopback(a.Advertise)
+	for _, o := range agents {
+		switch {
+		case o.Node == n.Name:
+		case o.Addr == a.Advertise:
+			return fmt.Errorf("node %s's agent already advertises %s: each node's agent needs an address of its own (--advertise-addr)", o.Node, a.Advertise)
+		case mine && !isLoopback(o.Addr):
+			return fmt.Errorf("this agent advertises %s, a loopback address, but node %s's agent is at %s: the other nodes could not reach this one; give --advertise-addr HOST:PORT with this host's address", a.Advertise, o.Node, o.Addr)
+		}
+	}
+	return nil
+}
+
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // ErrAdvertise is an agent address peers could not reach.

@@ -98,3 +98,8 @@ func (p PaceStore) Update(fields []string, fn func(map[string][]byte) (map[strin
 }
 
 var _ pace.Shared = PaceStore{}
+
+// Fields lists the budget's fields, for pace.Sweep.
+func (p PaceStore) Fields() ([]string, error) { return p.Shared.PaceFields() }
+
+var _ pace.Lister = PaceStore{}

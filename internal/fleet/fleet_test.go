@@ -349,3 +349,31 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 		t.Fatalf("lb2 after the rebuild: %v", err)
 	}
 }
+
+// The shared budget's fields go when they hold nothing any more, and
+// the ones still counting stay.
+func TestSweepPaceBudget(t *testing.T) {
+	_, sh := startRedis(t)
+	clock := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	now := func() time.Time { return clock }
+	b := pace.OpenShared(PaceStore{sh}, pace.LetsEncrypt, now)
+	k := pace.Key{Server: "https://ca.test/dir", Email: "ops@example.com"}
+	for i := range 5 {
+		if err := b.Reserve(k, pace.Order{Names: []string{fmt.Sprintf("s%d.example.com", i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := PaceStore{sh}.Fields()
+	if len(before) == 0 {
+		t.Fatal("no pace fields after five orders")
+	}
+	if n, err := pace.Sweep(PaceStore{sh}, pace.LetsEncrypt, now); err != nil || n != 0 {
+		t.Fatalf("sweep right after the orders removed %d fields (%v); every bucket still counts", n, err)
+	}
+	clock = clock.Add(8 * 24 * time.Hour) // every window refilled
+	n, err := pace.Sweep(PaceStore{sh}, pace.LetsEncrypt, now)
+	after, _ := PaceStore{sh}.Fields()
+	if err != nil || n == 0 || len(after) != 0 {
+		t.Fatalf("sweep a week later: removed %d, left %v, %v", n, after, err)
+	}
+}

@@ -26,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"filippo.io/age"
@@ -79,6 +80,7 @@ type Node struct {
 	keys     map[int][]byte // data keys by epoch
 	epoch    int            // current
 	members  []Member
+	stMu     sync.Mutex // guards st
 	st       local
 }
 
@@ -125,6 +127,56 @@ func readLocal(st *store.Store) (*local, error) {
 		return nil, fmt.Errorf("%s: %v", filepath.Join(fleetDir(st), "state.json"), err)
 	}
 	return &l, nil
+}
+
+// save writes this node's fleet state after mutate, merged with what
+// another process of this node wrote meanwhile (a 'fleet remove' run
+// beside a long-running agent, whose copy is older): the epochs are a
+// union and only move forward, and the members are those of the newest
+// epoch, never an older process's.
+func (n *Node) save(mutate func(l *local)) error {
+	unlock, err := lockState(n.Local)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	disk, derr := readLocal(n.Local)
+	n.stMu.Lock() // not n.mu: Refresh holds it while it follows a rotation
+	defer n.stMu.Unlock()
+	mutate(&n.st)
+	if derr == nil {
+		seen := map[int]bool{}
+		var eps []Epoch
+		for _, ep := range append(disk.Epochs, n.st.Epochs...) {
+			if !seen[ep.N] {
+				seen[ep.N] = true
+				eps = append(eps, ep)
+			}
+		}
+		sort.Slice(eps, func(i, j int) bool { return eps[i].N < eps[j].N })
+		n.st.Epochs = eps
+		if disk.Epoch > n.st.Epoch {
+			n.st.Epoch, n.st.Members = disk.Epoch, disk.Members
+		}
+	}
+	return writeLocal(n.Local, &n.st)
+}
+
+// lockState takes <dir>/fleet/state.lock: the processes of one node
+// write state.json one at a time.
+func lockState(st *store.Store) (func(), error) {
+	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(fleetDir(st), "state.lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
 }
 
 func writeLocal(st *store.Store, l *local) error {
@@ -461,7 +513,7 @@ func (n *Node) follow(ctx context.Context, cur int) error {
 	if err != nil {
 		return err
 	}
-	for e := n.st.Epoch + 1; e <= cur; e++ {
+	for e := n.epoch + 1; e <= cur; e++ {
 		var ep Epoch
 		if err := json.Unmarshal([]byte(eps[strconv.Itoa(e)]), &ep); err != nil {
 			return fmt.Errorf("fleet %s: epoch %d has no valid record", n.ID, e)
@@ -505,9 +557,10 @@ func (n *Node) pin(ctx context.Context, e int) error {
 	if ep.KeyID != keyID(key) {
 		return fmt.Errorf("fleet %s: epoch %d's record does not match its key", n.ID, e)
 	}
-	n.st.Epoch = e
-	n.st.Epochs = append(n.st.Epochs, ep)
-	return writeLocal(n.Local, &n.st)
+	return n.save(func(l *local) {
+		l.Epoch = max(l.Epoch, e)
+		l.Epochs = append(l.Epochs, ep)
+	})
 }
 
 // loadMembers reads the members whose records verify under the current
@@ -537,8 +590,7 @@ func (n *Node) loadMembers(ctx context.Context) error {
 	n.members = ms
 	n.mu.Unlock()
 	if !membersEqual(ms, n.st.Members) {
-		n.st.Members = ms
-		return writeLocal(n.Local, &n.st)
+		return n.save(func(l *local) { l.Members = ms })
 	}
 	return nil
 }
@@ -658,8 +710,7 @@ func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error
 	if err := n.saveLocalKey(e, newKey); err != nil {
 		return 0, err
 	}
-	n.st.Epoch, n.st.Epochs, n.st.Members = e, append(n.st.Epochs, ep), keep
-	if err := writeLocal(n.Local, &n.st); err != nil {
+	if err := n.save(func(l *local) { l.Epoch, l.Epochs, l.Members = e, append(l.Epochs, ep), keep }); err != nil {
 		return 0, err
 	}
 	// The new epoch is the fleet's before anything is re-sealed: from

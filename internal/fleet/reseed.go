@@ -89,8 +89,7 @@ func (n *Node) publishDisk(ctx context.Context) error {
 	if err := n.Shared.MarkCaughtUp(ctx, gen, n.Name); err != nil {
 		return err
 	}
-	n.st.Gen = gen
-	return writeLocal(n.Local, &n.st)
+	return n.save(func(l *local) { l.Gen = gen })
 }
 
 // seedLineages publishes the live version of every lineage this node

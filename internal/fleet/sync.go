@@ -15,6 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -62,6 +63,7 @@ type Syncer struct {
 
 	mu       sync.Mutex
 	reported map[string]Served
+	swept    time.Time
 }
 
 // Run syncs until ctx ends.
@@ -162,6 +164,7 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err := s.forgetDeleted(rctx); err != nil {
 		return err
 	}
+	s.sweepPace()
 	names, err := s.N.Shared.Names(rctx)
 	if err != nil {
 		return err
@@ -199,6 +202,21 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 		return err
 	}
 	return s.sync(ctx, todo)
+}
+
+// sweepPace removes, once an hour, the pace budget's fields that hold
+// nothing any more, judged by Let's Encrypt's limits (the defaults):
+// the fleet's budget keeps a field per name it ever ordered.
+func (s *Syncer) sweepPace() {
+	if time.Since(s.swept) < time.Hour {
+		return
+	}
+	s.swept = time.Now()
+	if n, err := pace.Sweep(PaceStore{Shared: s.N.Shared}, pace.LetsEncrypt, time.Now); err != nil {
+		slog.Debug("could not sweep the fleet's pace budget", "err", err)
+	} else if n > 0 {
+		slog.Debug("swept the fleet's pace budget", "fields", n)
+	}
 }
 
 // sync installs the fleet's newest version of names on this node,

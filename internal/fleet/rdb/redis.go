@@ -92,7 +92,8 @@ func init() { goredis.SetLogger(quietLog{}) }
 func Dial(ctx context.Context, o Options) (*Shared, error) {
 	u, err := url.Parse(o.URL)
 	if err != nil {
-		return nil, fmt.Errorf("--redis %q: %v", redact(o.URL), err)
+		// url.Parse's own message quotes the whole URL, password and all.
+		return nil, fmt.Errorf("--redis %q is not a URL: want redis://HOST:PORT/DB, rediss:// or redis-sentinel://; the password never goes in it", redact(o.URL))
 	}
 	if _, set := u.User.Password(); set {
 		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
@@ -205,13 +206,29 @@ func dbOf(path string, sentinel bool) (db int, master string, err error) {
 	return 0, "", fmt.Errorf("path %q: too many parts", path)
 }
 
+// redact is raw without the password a user may have put in it, even
+// when raw does not parse: everything between "://" and the last "@"
+// before the host goes.
 func redact(raw string) string {
 	u, err := url.Parse(raw)
-	if err != nil || u.User == nil {
+	if err == nil && u.User == nil && (u.Host != "" || !strings.Contains(raw, "@")) {
 		return raw
 	}
-	u.User = url.User(u.User.Username())
-	return u.String()
+	if err == nil && u.User != nil {
+		u.User = url.User(u.User.Username())
+		return u.String()
+	}
+	scheme, rest, ok := strings.Cut(raw, "://")
+	if !ok {
+		scheme, rest = "", raw
+	}
+	if at := strings.LastIndex(rest, "@"); at >= 0 {
+		rest = "REDACTED@" + rest[at+1:]
+	}
+	if !ok {
+		return rest
+	}
+	return scheme + "://" + rest
 }
 
 // Addr is the Redis URL without credentials, for messages.

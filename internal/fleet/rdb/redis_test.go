@@ -293,3 +293,22 @@ func TestAccountIsCreatedWhole(t *testing.T) {
 		t.Fatalf("wins %d, key %q, reg %q, %v", wins.Load(), key, reg, err)
 	}
 }
+
+// A password in a --redis URL is never repeated in a message, even when
+// the URL does not parse.
+func TestRedactNeverEchoesAPassword(t *testing.T) {
+	for _, raw := range []string{
+		"redis://user:s3cret@127.0.0.1:6379/0",
+		"redis://:s3cret@[::1:6379/0",
+		"redis://u:s3cret%zz@host/0",
+		"s3cret@no-scheme",
+	} {
+		if got := redact(raw); strings.Contains(got, "s3cret") {
+			t.Errorf("redact(%q) = %q", raw, got)
+		}
+		_, err := Dial(context.Background(), Options{URL: raw})
+		if err == nil || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("Dial(%q): %v", raw, err)
+		}
+	}
+}

@@ -354,3 +354,11 @@ func (s *Shared) Served(ctx context.Context, node string) (map[string]string, er
 func (s *Shared) DelServed(ctx context.Context, node string, names ...string) error {
 	return s.unavailable(s.c.HDel(ctx, s.k("served", node), names...).Err())
 }
+
+// PaceFields lists the fields of the fleet's pace budget.
+func (s *Shared) PaceFields() ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	keys, err := s.c.HKeys(ctx, s.k("pace")).Result()
+	return keys, s.unavailable(err)
+}
