@@ -153,7 +153,13 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	// read-only, so bad input leaves nothing behind.
 	var prevDeploy *store.Deploy
 	var prevMail *store.Mail
-	if prev, err := st.Newest(p.name); err == nil {
+	// The settings in force are the served version's: a newer one whose
+	// deploy failed does not pass its failed settings on.
+	prev, err := st.Load(p.name)
+	if err != nil {
+		prev, err = st.Newest(p.name)
+	}
+	if err == nil {
 		prevDeploy, prevMail = &prev.Deploy, &prev.Mail
 	}
 	mailSettings := a.lineageMail(o.flags, prevMail)

@@ -41,6 +41,9 @@ func (d *Dir) Head(ctx context.Context, name string) (*store.Lineage, error) {
 
 // Fetch reads one archived version.
 func (d *Dir) Fetch(ctx context.Context, name string, version int) (*store.Lineage, store.Files, error) {
+	if version == 0 {
+		version = d.S.MaxVersion(name)
+	}
 	l, f, err := d.S.ReadVersion(name, version)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, store.Files{}, fmt.Errorf("lineage %q version %d: %w", name, version, ErrSuperseded)
@@ -49,9 +52,14 @@ func (d *Dir) Fetch(ctx context.Context, name string, version int) (*store.Linea
 }
 
 // Publish archives the certificate as the next version. The state
-// directory's lock is the fence on one host: no other process can hold
-// a lease meanwhile.
+// directory's lock keeps other processes out on one host; a delete that
+// came after the lease was taken (its tombstone is newer) still wins.
 func (d *Dir) Publish(ctx context.Context, lease Lease, l *store.Lineage, files store.Files) (int, error) {
+	if dl, ok := lease.(*dirLease); ok {
+		if t, _ := d.S.ReadTombstone(l.Name); t != nil && !t.At.Before(dl.at) {
+			return 0, &ErrStale{Name: l.Name, Reason: "it was deleted after this run took it"}
+		}
+	}
 	v, err := d.S.SaveVersion(l, files)
 	if err != nil {
 		return 0, err
@@ -100,13 +108,14 @@ func (d *Dir) Acquire(ctx context.Context, name string, ttl time.Duration) (Leas
 	}
 	d.held[name] = true
 	d.token++
-	return &dirLease{d: d, name: name, token: d.token}, nil
+	return &dirLease{d: d, name: name, token: d.token, at: time.Now().UTC()}, nil
 }
 
 type dirLease struct {
 	d     *Dir
 	name  string
 	token int64
+	at    time.Time // when it was taken: a delete after it fences it
 	once  sync.Once
 }
 

@@ -161,11 +161,12 @@ func selfSigned(domains []string, now time.Time, life time.Duration) (*acme.Resu
 
 // fakeDeployer records every Run and fails the names in fail.
 type fakeDeployer struct {
-	mu    sync.Mutex
-	runs  [][]string
-	fail  map[string]bool
-	ctxOK []bool // whether each Run's context was still live
-	st    *store.Store
+	mu      sync.Mutex
+	runs    [][]string
+	changes []deploy.Change
+	fail    map[string]bool
+	ctxOK   []bool // whether each Run's context was still live
+	st      *store.Store
 }
 
 func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
@@ -173,6 +174,7 @@ func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deplo
 	defer d.mu.Unlock()
 	var names []string
 	out := make([]deploy.Result, len(changes))
+	d.changes = append(d.changes, changes...)
 	for i, c := range changes {
 		names = append(names, c.Name)
 		out[i] = deploy.Result{Name: c.Name, Deployed: true}
@@ -706,5 +708,100 @@ func TestAddressProfileNameLimit(t *testing.T) {
 	res := f.run(context.Background(), Options{Command: "issue"}, j)
 	if res.Counts[Invalid] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "shortlived profile allows at most 25") {
 		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
+	}
+}
+
+// renewJobs are the jobs renew makes: every lineage of the catalog.
+func (f *fixture) renewJobs() []Job {
+	f.t.Helper()
+	names, err := catalog.NewDir(f.st).Names(context.Background())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var jobs []Job
+	for _, n := range names {
+		jobs = append(jobs, Job{Lineage: store.Lineage{Name: n}, Stored: true})
+	}
+	return jobs
+}
+
+// A new lineage whose first deploy failed is still a lineage: renew (as
+// cron runs it, over the catalog's names) deploys it once the config is
+// fixed, and orders nothing.
+func TestFirstDeployFailedIsDeployedLater(t *testing.T) {
+	f := newFixture(t)
+	f.dep.fail["n1.test"] = true
+	res := f.run(context.Background(), Options{Command: "issue"}, job("n1.test"))
+	if it := res.Items[0]; it.Outcome != Failed || it.Deploy != "rolled_back" {
+		t.Fatalf("first deploy: %+v", it)
+	}
+	if _, err := f.st.LiveVersion("n1.test"); err == nil {
+		t.Fatal("a new lineage whose deploy failed is live")
+	}
+	jobs := f.renewJobs()
+	if len(jobs) != 1 || jobs[0].Lineage.Name != "n1.test" {
+		t.Fatalf("renew's jobs %+v: the lineage is invisible", jobs)
+	}
+	f.dep.fail["n1.test"] = false
+	orders := f.ca.count()
+	res = f.run(context.Background(), Options{Command: "renew"}, jobs...)
+	if it := res.Items[0]; it.Outcome != Deployed || f.ca.count() != orders {
+		t.Fatalf("renew after the fix: %+v, %d orders", it, f.ca.count()-orders)
+	}
+	if v, err := f.st.LiveVersion("n1.test"); err != nil || v != 1 {
+		t.Fatalf("live version %d, %v", v, err)
+	}
+}
+
+// Deploy settings given again for a certificate whose deploy is owed
+// apply to that deploy: the corrected command runs, not the failed one,
+// and the outcome says deployed.
+func TestCorrectedSettingsApplyToThePendingDeploy(t *testing.T) {
+	f := newFixture(t)
+	bad := job("p.test")
+	bad.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginxx"}
+	f.dep.fail["p.test"] = true
+	f.run(context.Background(), Options{Command: "issue"}, bad)
+	f.dep.fail["p.test"] = false
+	f.dep.runs, f.dep.changes = nil, nil
+	good := job("p.test")
+	good.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx"}
+	orders := f.ca.count()
+	res := f.run(context.Background(), Options{Command: "issue"}, good)
+	if it := res.Items[0]; it.Outcome != Deployed || f.ca.count() != orders {
+		t.Fatalf("re-run with corrected settings: %+v, %d orders", it, f.ca.count()-orders)
+	}
+	if len(f.dep.changes) != 1 || f.dep.changes[0].Deploy.ReloadCmd != "systemctl reload nginx" {
+		t.Fatalf("deployed with %+v, want the corrected reload command", f.dep.changes)
+	}
+}
+
+// A node deploys with its own settings, whatever the lineage saved (the
+// fleet: the agent's settings, whoever ordered), and new settings of its
+// own redeploy what it already serves.
+func TestNodeDeploysWithItsOwnSettings(t *testing.T) {
+	f := newFixture(t)
+	mine := store.Deploy{Target: "haproxy", HAProxyCerts: "/tmp/hc1"}
+	e := f.engine(Options{Command: "renew"})
+	e.Node.Settings = func(*store.Lineage) store.Deploy { return mine }
+	plan, _ := e.Plan(context.Background(), []Job{job("o.test")})
+	plan.Execute(context.Background())
+	if len(f.dep.changes) != 1 || f.dep.changes[0].Deploy != mine {
+		t.Fatalf("the ordering node deployed with %+v, want its own %+v", f.dep.changes, mine)
+	}
+	f.dep.changes = nil
+	orders := f.ca.count()
+	mine = store.Deploy{Target: "haproxy", HAProxyCerts: "/tmp/hc1-new"}
+	e = f.engine(Options{Command: "agent", InstallOnly: true})
+	e.Node.Settings = func(*store.Lineage) store.Deploy { return mine }
+	plan, _ = e.Plan(context.Background(), f.renewJobs())
+	res := plan.Execute(context.Background())
+	if res.Items[0].Outcome != Deployed || len(f.dep.changes) != 1 || f.dep.changes[0].Deploy != mine || f.ca.count() != orders {
+		t.Fatalf("new settings on the node: %+v, changes %+v", res.Items[0], f.dep.changes)
+	}
+	f.dep.changes = nil
+	plan, _ = e.Plan(context.Background(), f.renewJobs())
+	if res := plan.Execute(context.Background()); res.Items[0].Outcome != NotDue || len(f.dep.changes) != 0 {
+		t.Fatalf("the same settings again: %+v, changes %+v", res.Items[0], f.dep.changes)
 	}
 }

@@ -495,7 +495,10 @@ func (s *Store) Deactivate(name string) error {
 		return err
 	}
 	err := os.Remove(filepath.Join(s.Dir, "live", name))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // never live here: nothing to make durable
+	}
+	if err != nil {
 		return err
 	}
 	return syncDir(filepath.Join(s.Dir, "live"))
