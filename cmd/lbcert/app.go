@@ -76,6 +76,7 @@ type app struct {
 	global    globalOptions
 	mail      mailOptions
 	fleetOpts fleetOptions
+	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
 
 	runs *[]time.Time // renew's recorded runs, read once per command (list)
 }

@@ -154,6 +154,7 @@ data key, which is wrapped (age X25519) for each approved node.
 
 See README "A pool of load balancers".`,
 	}
+	cmd.PersistentFlags().DurationVar(&a.fleetWait, "wait-lock", time.Minute, "how long init, join, approve and remove wait for this node's short write lock (an install by its agent or a run)")
 	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd(), a.newFleetStatusCmd())
 	return cmd
 }
@@ -279,11 +280,17 @@ func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) e
 		return err
 	}
 	defer sh.Close()
-	unlock, err := fleet.WriteLock(st)(ctx)
+	wctx, cancel := context.WithTimeout(ctx, max(a.fleetWait, time.Second))
+	defer cancel()
+	l, err := st.WriteLock(wctx)
+	var le *store.LockedError
+	if errors.As(err, &le) {
+		return &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, a.fleetWait)}
+	}
 	if err != nil {
 		return dirError(st, err)
 	}
-	defer unlock()
+	defer l.Unlock()
 	if err := f(sh, st); err != nil {
 		return redisExit(err)
 	}

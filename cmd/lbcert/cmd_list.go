@@ -47,7 +47,9 @@ type listEntry struct {
 	BackoffTill *time.Time  `json:"backoff_until,omitempty"`
 	Cadence     string      `json:"cadence_warning,omitempty"` // renew runs too seldom for this certificate
 	Paths       store.Paths `json:"paths"`
-	Error       string      `json:"error,omitempty"` // the lineage could not be read
+	// Nodes is what each node of a fleet reports serving.
+	Nodes []nodeServes `json:"nodes,omitempty"`
+	Error string       `json:"error,omitempty"` // the lineage could not be read
 }
 
 // lineageList is list --json: the same schema rules as the run report
@@ -94,6 +96,11 @@ func (a *app) newShowCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			served, err := h.served(cmd.Context())
+			if err != nil {
+				return redisExit(err)
+			}
+			e.Nodes = served[e.Name]
 			if o.JSON {
 				return writeJSON(a, e)
 			}
@@ -117,9 +124,16 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 			return redisExit(fmt.Errorf("read %s: %w", h.where, err))
 		}
 	}
+	served, err := h.served(ctx)
+	if err != nil {
+		return redisExit(err)
+	}
 	entries := make([]listEntry, 0, len(names))
 	for _, n := range names {
 		e, err := a.listEntry(ctx, h, n)
+		if e != nil {
+			e.Nodes = served[n]
+		}
 		if err != nil {
 			if len(o.Names) > 0 {
 				return err
@@ -284,6 +298,13 @@ func (a *app) printShow(e *listEntry) {
 		if e.BackoffTill != nil {
 			row("next attempt", a.when(*e.BackoffTill))
 		}
+	}
+	for _, n := range e.Nodes {
+		what := fmt.Sprintf("version %d, serial %s", n.Version, n.Serial)
+		if !n.OK {
+			what = fmt.Sprintf("version %d; %s", n.Version, n.Error)
+		}
+		row("node "+n.Node, what)
 	}
 	row("fullchain", e.Paths.Fullchain)
 	row("key", e.Paths.Key)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"slices"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -113,7 +114,24 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			}
 			return nil
 		},
-		after: func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
-		close: f.close,
+		after:  func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
+		served: func(ctx context.Context) (map[string][]nodeServes, error) { return nodesServing(ctx, f.node) },
+		close:  f.close,
 	}, nil
+}
+
+// nodesServing is what each member reports serving, by lineage.
+func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]nodeServes, error) {
+	all, err := n.Serving(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string][]nodeServes, len(all))
+	for name, byNode := range all {
+		for node, s := range byNode {
+			out[name] = append(out[name], nodeServes{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+		}
+		slices.SortFunc(out[name], func(a, b nodeServes) int { return strings.Compare(a.Node, b.Node) })
+	}
+	return out, nil
 }

@@ -57,8 +57,21 @@ type host struct {
 	prepare func(ctx context.Context) error
 	// after runs after a run wrote its metrics: the fleet's figures.
 	after func(ctx context.Context)
-	close func()
-	fleet *fleetRun // fleet-only commands (status, remove) read it
+	// served is what each node of a fleet reports serving, by lineage
+	// and node; nil on one host, where the state directory says it.
+	served func(ctx context.Context) (map[string][]nodeServes, error)
+	close  func()
+	fleet  *fleetRun // fleet-only commands (status, remove) read it
+}
+
+// nodeServes is what one node serves of a lineage (list and show in a
+// fleet).
+type nodeServes struct {
+	Node    string `json:"node"`
+	Version int    `json:"version"`
+	Serial  string `json:"serial,omitempty"`
+	OK      bool   `json:"ok"`
+	Error   string `json:"error,omitempty"`
 }
 
 // mode is the run's mode, from the settings.
@@ -129,6 +142,7 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 		tokens:  func(*issuer.Issuer) {},
 		prepare: func(context.Context) error { return nil },
 		after:   func(context.Context) {},
+		served:  func(context.Context) (map[string][]nodeServes, error) { return nil, nil },
 		close:   func() {},
 	}, nil
 }

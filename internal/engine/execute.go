@@ -127,6 +127,12 @@ func (r *run) one(s *step) {
 		r.install(s)
 		return
 	}
+	// The random cron delay and the backoff come before the lease: a
+	// lease held through an 8-minute sleep would keep every other node
+	// (and a delete) waiting on a name nobody is ordering yet.
+	if s.act == actOrder && !r.mayStart(s) {
+		return
+	}
 	ttl := e.Opts.LeaseTTL
 	if ttl <= 0 {
 		ttl = 10 * time.Minute
@@ -145,7 +151,7 @@ func (r *run) one(s *step) {
 		return
 	}
 	if s.act == actCheckARI {
-		if !r.askARI(s) {
+		if !r.askARI(s) || s.act == actOrder && !r.mayStart(s) {
 			return
 		}
 	}
@@ -242,9 +248,6 @@ func (r *run) install(s *step) {
 func (r *run) order(s *step, lease catalog.Lease) {
 	e, ctx := r.e, r.ctx
 	l := s.job.Lineage
-	if !r.mayStart(s) {
-		return
-	}
 	if l.Challenge.Mode == "standalone" {
 		if err := r.bind(l.Challenge.HTTPAddr); err != nil {
 			r.fail(s, err, false)

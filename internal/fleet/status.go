@@ -120,3 +120,25 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 	}
 	return st, nil
 }
+
+// Serving is what every member reports serving: lineage -> node -> what.
+func (n *Node) Serving(ctx context.Context) (map[string]map[string]Served, error) {
+	out := map[string]map[string]Served{}
+	for _, m := range n.Members() {
+		served, err := n.Shared.Served(ctx, m.Node)
+		if err != nil {
+			return nil, err
+		}
+		for name, raw := range served {
+			var s Served
+			if json.Unmarshal([]byte(raw), &s) != nil {
+				continue
+			}
+			if out[name] == nil {
+				out[name] = map[string]Served{}
+			}
+			out[name][m.Node] = s
+		}
+	}
+	return out, nil
+}
