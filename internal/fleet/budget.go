@@ -22,7 +22,7 @@ const DefaultLedgerCap = 3
 // Budget is the engine's budget in fleet mode: the pace budget, then a
 // place in the fleet's issuance ledger for the exact set of names.
 type Budget struct {
-	Pace engine.Budget
+	Pace *pace.Budget
 	N    *Node
 	Cap  int
 	Now  func() time.Time
@@ -46,11 +46,11 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	now := b.Now()
 	ok, free, err := b.N.Shared.LedgerTake(ctx, set, id, b.Cap, LedgerWindow, now)
 	if err != nil {
-		b.Pace.Refund(k, o)
+		b.Pace.Unreserve(k, o) // nothing reached the CA
 		return err
 	}
 	if !ok {
-		b.Pace.Refund(k, o)
+		b.Pace.Unreserve(k, o)
 		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d certificates for exactly these names within 7 days (cap %d, below the CA's 5)", b.Cap, b.Cap)}
 	}
 	b.mu.Lock()
