@@ -38,11 +38,15 @@ func (a *app) newDeleteCmd() *cobra.Command {
 		Use:   "delete (--name NAME | -d DOMAIN | NAME)",
 		Short: "Delete a certificate lineage, optionally revoking it",
 		Long: `Delete removes a lineage: live/<name>, archive/<name>, its renewal status
-and its HAProxy PEM, then reloads the load balancer it deploys to.
+and its HAProxy PEM, then reloads the load balancer it deploys to. Its
+server block leaves every --nginx-include file first (nginx tested and
+reloaded without it; on failure nothing is deleted).
 
-It refuses while the nginx config (as "nginx -T" shows it, includes and
-all) or the HAProxy config still refers to the lineage's files, so that the
-next reload does not fail; --force deletes anyway. With --revoke the
+It refuses while a config still refers to the lineage's files, so that the
+next reload does not fail: the nginx config (as "nginx -T" shows it,
+includes and all) and the HAProxy config of every lineage in this
+directory, and /etc/nginx/nginx.conf and /etc/haproxy/haproxy.cfg when
+present; --force deletes anyway. With --revoke the
 certificate is first revoked at the CA. On a terminal it asks for
 confirmation; otherwise it needs --yes. When the last lineage is gone, the
 cron entry from "lbcert cron install" is removed too.`,
@@ -150,13 +154,9 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		}
 	}
 	runner := &deploy.Runner{Store: st}
-	refs, err := runner.References(ctx, name, l.Deploy)
-	if err != nil && !o.Force {
-		return exit.Errorf("check %s config for references to %s: %w", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
-	}
-	if len(refs) > 0 && !o.Force {
-		return exit.Errorf("%s config still uses %s: %s: %s", l.Deploy.Target, name, refs[0].File, refs[0].Line).
-			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
+	targets := deleteTargets(st, l.Deploy)
+	if err := checkReferences(ctx, runner, st, name, targets, o.Force); err != nil {
+		return err
 	}
 	if !o.Yes {
 		if !(a.stdinTTY && a.stderrTTY) {
@@ -176,22 +176,15 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	defer lock.Unlock()
 
 	if o.Revoke {
-		is := &issuer.Issuer{Account: a.lazyAccount(f.accounts(st), false)}
-		client, err := is.Client(ctx, l.Server, l.Email)
-		if err != nil {
+		if err := a.revoke(ctx, f, st, l, reason, o.Reason); err != nil {
 			return err
 		}
-		cert, err := os.ReadFile(st.LivePaths(name).Cert)
-		if f != nil && err != nil {
-			cert, err = f.backend.ReadFullchain(name) // the fleet's, when this node does not hold it
+	}
+	if err := a.unlistNginx(ctx, runner, name, targets, o.Force); err != nil {
+		if o.Revoke {
+			return exit.Errorf("%w; the certificate is revoked, nothing was deleted", err).WithHint("fix nginx and run delete again without --revoke, or pass --force")
 		}
-		if err != nil {
-			return exit.Errorf("read %s: %w", name, err)
-		}
-		if err := client.Revoke(cert, reason); err != nil {
-			return exit.Errorf("%w; nothing was deleted", err)
-		}
-		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
+		return exit.Errorf("%w; nothing was deleted", err).WithHint("fix nginx and run delete again, or pass --force")
 	}
 	if err := src.Delete(name); err != nil {
 		return exit.Errorf("delete %s: %w", name, err)
@@ -207,7 +200,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			retErr = mailErr
 		}
 	}()
-	if l.Deploy.Target != "" {
+	if l.Deploy.Target != "" && l.Deploy.NginxInclude == "" {
 		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
 			return exit.Errorf("deleted %s, but updating %s failed: %w", name, l.Deploy.Target, err)
 		}
@@ -226,6 +219,27 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		}
 	}
 	slog.Debug("delete done", "name", name)
+	return nil
+}
+
+// revoke revokes the lineage's live certificate at its CA.
+func (a *app) revoke(ctx context.Context, f *fleetRun, st *store.Store, l *store.Lineage, reason uint, reasonName string) error {
+	is := &issuer.Issuer{Account: a.lazyAccount(f.accounts(st), false)}
+	client, err := is.Client(ctx, l.Server, l.Email)
+	if err != nil {
+		return err
+	}
+	cert, err := os.ReadFile(st.LivePaths(l.Name).Cert)
+	if f != nil && err != nil {
+		cert, err = f.backend.ReadFullchain(l.Name) // the fleet's, when this node does not hold it
+	}
+	if err != nil {
+		return exit.Errorf("read %s: %w", l.Name, err)
+	}
+	if err := client.Revoke(cert, reason); err != nil {
+		return exit.Errorf("%w; nothing was deleted", err)
+	}
+	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
 	return nil
 }
 

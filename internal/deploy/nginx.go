@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // commandTimeout bounds config tests and reloads, which take well under a
@@ -14,27 +17,71 @@ const commandTimeout = 2 * time.Minute
 func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, results []Result) {
 	d := g.d
 	// live/<name> already points at the new version: the files nginx
-	// reads are in place, so test now.
-	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
-	if err != nil {
-		r.rollback(g, changes, results, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out), nil)
-		return
-	}
-	if d.ReloadCmd != "" {
-		out, err = run(ctx, commandTimeout, nil, d.ReloadCmd)
-	} else {
-		out, err = run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf)
-	}
-	if err != nil {
-		what := "reload nginx"
-		if d.ReloadCmd != "" {
-			what = fmt.Sprintf("reload command %q failed", d.ReloadCmd)
+	// reads are in place. The include file, when there is one, is
+	// rewritten once for the whole group, then nginx is tested.
+	undo := func() error { return nil }
+	if d.NginxInclude != "" {
+		var err error
+		undo, err = r.writeSites(d, r.notYetLive(g, changes, results))
+		if err != nil {
+			r.rollback(g, changes, results, fmt.Errorf("write nginx include %s: %v", d.NginxInclude, err), nil)
+			return
 		}
-		r.rollback(g, changes, results, cmdError(what, err, out), nil)
+	}
+	if err := nginxReload(ctx, d); err != nil {
+		if uerr := undo(); uerr != nil {
+			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
+		}
+		r.rollback(g, changes, results, err, nil)
 		return
 	}
 	slog.Info("nginx tested and reloaded", "conf", d.NginxConf, "certificates", len(g.changes))
 	for _, i := range g.changes {
 		results[i].Deployed = true
 	}
+}
+
+// notYetLive names the lineages of other groups of this run that are new
+// and not deployed yet: their deploy may still fail and take them out of
+// live/, and an include file naming their paths would then break the
+// next reload. They join the file with the next deploy.
+func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(string) bool {
+	mine := map[int]bool{}
+	for _, i := range g.changes {
+		mine[i] = true
+	}
+	skip := map[string]bool{}
+	for i, c := range changes {
+		if !mine[i] && c.Previous == 0 && !results[i].Deployed {
+			skip[c.Name] = true
+		}
+	}
+	return func(name string) bool { return skip[name] }
+}
+
+// nginxReload tests nginx's config once, then reloads it once.
+func nginxReload(ctx context.Context, d store.Deploy) error {
+	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+	if err != nil {
+		return nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out))
+	}
+	if d.ReloadCmd != "" {
+		if out, err := run(ctx, commandTimeout, nil, d.ReloadCmd); err != nil {
+			return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
+		}
+		return nil
+	}
+	if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
+		return cmdError("reload nginx", err, out)
+	}
+	return nil
+}
+
+// nginxTestError says what to do when the include file's own hash
+// settings meet the operator's.
+func nginxTestError(d store.Deploy, err error) error {
+	if d.NginxInclude != "" && strings.Contains(err.Error(), "server_names_hash") && strings.Contains(err.Error(), "duplicate") {
+		return fmt.Errorf("%v (the include file %s sets server_names_hash_max_size and _bucket_size for its names: remove yours)", err, d.NginxInclude)
+	}
+	return err
 }
