@@ -55,7 +55,7 @@ func (d *deployFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&d.haproxyBin, "haproxy-bin", "haproxy", "HAProxy binary")
 	f.StringVar(&d.haproxyCerts, "haproxy-certs", "", "directory of combined PEMs, one <name>.pem per lineage, for 'bind :443 ssl crt DIR' (default <dir>/haproxy)")
 	f.StringVar(&d.haproxySocket, "haproxy-socket", "", "HAProxy runtime API socket (level admin): update certificates without a reload")
-	f.StringVar(&d.reloadCmd, "reload-cmd", "", "command that reloads the load balancer, run with /bin/sh -c (nginx default: nginx -s reload)")
+	f.StringVar(&d.reloadCmd, "reload-cmd", "", "command that reloads the load balancer, run with /bin/sh -c (nginx default: SIGHUP to the master in the config's pid file, else nginx -s reload)")
 	f.StringVar(&d.hook, "deploy-hook", "", "command run with /bin/sh -c after each deployed certificate; sees LBCERT_* and RENEWED_* variables")
 	f.DurationVar(&d.hookTimeout, "hook-timeout", deploy.DefaultHookTimeout, "how long a deploy hook may run before it is killed")
 	f.StringVar(&d.verifyAddr, "verify-addr", "", "TLS address the load balancer serves on (host:port); checked for the new serial after reload")

@@ -1,10 +1,16 @@
 package deploy
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -71,10 +77,70 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 		}
 		return nil
 	}
+	if pid, ok := nginxMaster(ctx, d); ok {
+		if err := syscall.Kill(pid, syscall.SIGHUP); err == nil {
+			return nil
+		}
+	}
 	if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
 		return cmdError("reload nginx", err, out)
 	}
 	return nil
+}
+
+// nginxMaster finds the running master of d's config, to reload it with
+// SIGHUP as "nginx -s reload" does. "nginx -s reload" first loads the
+// whole config, every certificate, only to learn the PID: with 10,000
+// server blocks that is as long as the test. The PID file is the one the
+// config's pid directive names, or nginx's built-in one; when either is
+// unclear, or the PID is not an nginx master, the caller falls back to
+// "nginx -s reload".
+func nginxMaster(ctx context.Context, d store.Deploy) (int, bool) {
+	path := pidDirective(d.NginxConf)
+	if path == "" {
+		out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-V")
+		if err != nil {
+			return 0, false
+		}
+		if m := pidPathFlag.FindStringSubmatch(out); m != nil {
+			path = m[1]
+		}
+	}
+	if !filepath.IsAbs(path) {
+		return 0, false // relative to a prefix lbcert does not know
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 1 {
+		return 0, false
+	}
+	title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.HasPrefix(title, []byte("nginx: master process")) {
+		return 0, false
+	}
+	return pid, true
+}
+
+var (
+	pidLine     = regexp.MustCompile(`^\s*pid\s+([^\s;#]+)\s*;`)
+	pidPathFlag = regexp.MustCompile(`--pid-path=(\S+)`)
+)
+
+// pidDirective is the path of the main config's pid directive, or "".
+func pidDirective(conf string) string {
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if m := pidLine.FindStringSubmatch(line); m != nil {
+			return strings.Trim(m[1], `"'`)
+		}
+	}
+	return ""
 }
 
 // nginxTestError says what to do when the include file's own hash

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,9 +34,10 @@ const siteHeader = `# Written by lbcert: one server block per live lineage, with
 # its certificate.
 `
 
-// siteMarker heads each block and is all lbcert reads back: the lineage,
-// the version its names come from, and the names.
-var siteMarker = regexp.MustCompile(`^# (\S+) \(version (\d+)\):((?: \S+)*)$`)
+// A marker line heads each block and is all lbcert reads back: the
+// lineage, the version its names come from, and the names:
+// "# NAME (version V): NAME1 NAME2".
+const markerVersion = " (version "
 
 // NginxSites renders the include file: the server_names hash sized for
 // these names, then one server block per site. nginx's master reads each
@@ -67,12 +67,13 @@ func NginxSites(live func(name string) store.Paths, body string, sites []Site) [
 		return 1
 	})
 	var b bytes.Buffer
+	b.Grow(len(sites) * (400 + 2*len(body)))
 	fmt.Fprintf(&b, siteHeader, body)
 	maxSize, bucket := namesHash(sites)
 	fmt.Fprintf(&b, "server_names_hash_max_size %d;\nserver_names_hash_bucket_size %d;\n", maxSize, bucket)
 	taken := map[string]bool{}
 	for _, s := range sites {
-		fmt.Fprintf(&b, "\n# %s (version %d):", s.Name, s.Version)
+		b.WriteString("\n# " + s.Name + markerVersion + strconv.Itoa(s.Version) + "):")
 		var serve []string
 		for _, d := range s.Domains {
 			b.WriteString(" " + d)
@@ -87,8 +88,10 @@ func NginxSites(live func(name string) store.Paths, body string, sites []Site) [
 			continue
 		}
 		p := live(s.Name)
-		fmt.Fprintf(&b, "server {\n    server_name %s;\n    ssl_certificate     %s;\n    ssl_certificate_key %s;\n    include %s;\n}\n",
-			strings.Join(serve, " "), p.Fullchain, p.Key, body)
+		for _, part := range []string{"server {\n    server_name ", strings.Join(serve, " "), ";\n    ssl_certificate     ", p.Fullchain,
+			";\n    ssl_certificate_key ", p.Key, ";\n    include ", body, ";\n}\n"} {
+			b.WriteString(part)
+		}
 	}
 	return b.Bytes()
 }
@@ -137,19 +140,23 @@ func parseSites(data []byte) map[string]Site {
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "# ") {
+		line, ok := bytes.CutPrefix(sc.Bytes(), []byte("# "))
+		if !ok {
 			continue
 		}
-		m := siteMarker.FindStringSubmatch(line)
-		if m == nil {
+		name, rest, ok := bytes.Cut(line, []byte(markerVersion))
+		if !ok {
 			continue
 		}
-		v, err := strconv.Atoi(m[2])
-		if err != nil || names.Lineage(m[1]) != nil {
+		v, list, ok := bytes.Cut(rest, []byte("):"))
+		if !ok {
 			continue
 		}
-		out[m[1]] = Site{Name: m[1], Version: v, Domains: strings.Fields(m[3])}
+		n, err := strconv.Atoi(string(v))
+		if err != nil || names.Lineage(string(name)) != nil {
+			continue
+		}
+		out[string(name)] = Site{Name: string(name), Version: n, Domains: strings.Fields(string(list))}
 	}
 	return out
 }

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -129,7 +132,7 @@ func includeSetup(t *testing.T) (s *store.Store, d store.Deploy, log, failFlag s
 	bin, log, failFlag := fakeNginx(t, dir)
 	body := filepath.Join(dir, "body.conf")
 	os.WriteFile(body, []byte("listen 443 ssl;\n"), 0o644)
-	d = store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: "/etc/nginx/nginx.conf",
+	d = store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: filepath.Join(dir, "nginx.conf"),
 		NginxInclude: filepath.Join(dir, "sites.conf"), NginxServerBody: body}
 	return s, d, log, failFlag
 }
@@ -183,7 +186,7 @@ func TestIncludeEveryLineageOneWrite(t *testing.T) {
 		t.Fatalf("include file after renew:\n%s", second)
 	}
 	calls, _ := os.ReadFile(log)
-	if string(calls) != "-t -c /etc/nginx/nginx.conf\n-s reload -c /etc/nginx/nginx.conf\n" {
+	if string(calls) != "-t -c "+d.NginxConf+"\n-s reload -c "+d.NginxConf+"\n" {
 		t.Fatalf("want one test and one reload, got:\n%s", calls)
 	}
 
@@ -280,5 +283,103 @@ func TestNginxPathOK(t *testing.T) {
 		if err := NginxPathOK(p); err == nil {
 			t.Errorf("%q accepted", p)
 		}
+	}
+}
+
+// memStore holds n live lineages of two names in memory: the rewrite's
+// own cost, without reading lineages from disk.
+type memStore struct {
+	*store.Store
+	names   []string
+	version map[string]int
+}
+
+func (m *memStore) Names() ([]string, error)             { return m.names, nil }
+func (m *memStore) LiveVersion(name string) (int, error) { return m.version[name], nil }
+func (m *memStore) Load(name string) (*store.Lineage, error) {
+	return &store.Lineage{Name: name, Version: m.version[name], Domains: []string{name, "www." + name}}, nil
+}
+
+// BenchmarkIncludeRewrite is one deploy's rewrite of the include file
+// with n live lineages, one of them renewed: read the file, list the
+// lineages, render, and write it atomically (fsync included).
+func BenchmarkIncludeRewrite(b *testing.B) {
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.DiscardHandler))
+	for _, n := range []int{1000, 10000, 100000} {
+		b.Run(fmt.Sprintf("lineages=%d", n), func(b *testing.B) {
+			dir := b.TempDir()
+			m := &memStore{Store: store.New("/var/lib/lbcert"), version: map[string]int{}}
+			for i := range n {
+				name := fmt.Sprintf("site%06d.example.com", i)
+				m.names = append(m.names, name)
+				m.version[name] = 1
+			}
+			d := store.Deploy{NginxInclude: filepath.Join(dir, "sites.conf"), NginxServerBody: "/etc/nginx/body.conf"}
+			r := &Runner{Store: m}
+			none := func(string) bool { return false }
+			if _, err := r.writeSites(d, none); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				m.version[m.names[n/2]]++
+				if _, err := r.writeSites(d, none); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestHashDirectiveHint: nginx refusing the include file's hash settings
+// because the operator's config sets them too gets the way out.
+func TestHashDirectiveHint(t *testing.T) {
+	d := store.Deploy{NginxInclude: "/etc/nginx/conf.d/lbcert.conf"}
+	err := nginxTestError(d, errors.New(`nginx -t -c /etc/nginx/nginx.conf failed: exit status 1: [emerg] "server_names_hash_bucket_size" directive is duplicate in /etc/nginx/conf.d/lbcert.conf:8`))
+	if !strings.Contains(err.Error(), "sets server_names_hash_max_size and _bucket_size for its names: remove yours") {
+		t.Fatal(err)
+	}
+	other := errors.New(`nginx -t failed: [emerg] unknown directive "x"`)
+	if nginxTestError(d, other) != other || nginxTestError(store.Deploy{}, err) != err {
+		t.Fatal("a hint on an unrelated failure")
+	}
+}
+
+// TestReloadSignalsTheMaster: the reload is a SIGHUP to the master whose
+// PID the config's pid file holds, without "nginx -s reload" loading the
+// whole config again; a PID that is not an nginx master's falls back to
+// "nginx -s reload".
+func TestReloadSignalsTheMaster(t *testing.T) {
+	dir := t.TempDir()
+	bin, log, _ := fakeNginx(t, dir)
+	master := exec.Command("/bin/sleep", "60")
+	master.Args[0] = "nginx: master process " + bin
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer master.Process.Kill()
+	pidFile, conf := filepath.Join(dir, "run", "nginx.pid"), filepath.Join(dir, "nginx.conf")
+	os.MkdirAll(filepath.Dir(pidFile), 0o755)
+	os.WriteFile(conf, []byte("# pid /elsewhere.pid;\nuser nobody;\n  pid   "+pidFile+" ;\nevents {}\n"), 0o644)
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
+	d := store.Deploy{NginxBin: bin, NginxConf: conf}
+	if err := nginxReload(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	err := master.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGHUP {
+		t.Fatalf("the master got no SIGHUP: %v", err)
+	}
+	if calls, _ := os.ReadFile(log); string(calls) != "-t -c "+conf+"\n" {
+		t.Fatalf("nginx was run for more than the test:\n%s", calls)
+	}
+
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644)
+	if err := nginxReload(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	if calls, _ := os.ReadFile(log); !strings.HasSuffix(string(calls), "-s reload -c "+conf+"\n") {
+		t.Fatalf("a PID that is not nginx's was not left to nginx -s reload:\n%s", calls)
 	}
 }
