@@ -15,9 +15,12 @@ import (
 // lbTarget is one load balancer config that delete must not break.
 type lbTarget struct {
 	d store.Deploy
-	// configured: a lineage deploys to it. The usual config files are
-	// checked too, but a failure to read one is only a warning.
-	configured bool
+	// own: the deleted lineage deploys to it, and a config that cannot
+	// be checked stops the delete. Other lineages' configs and the
+	// usual files are checked too, but a failure to read one (a config
+	// since moved, say) is only a warning: it would otherwise block
+	// every delete.
+	own bool
 }
 
 // deleteTargets lists the configs delete checks: the deleted lineage's
@@ -28,13 +31,13 @@ type lbTarget struct {
 func deleteTargets(st *store.Store, own store.Deploy) []lbTarget {
 	var out []lbTarget
 	seen := map[string]bool{}
-	add := func(d store.Deploy, configured bool) {
+	add := func(d store.Deploy, own bool) {
 		k := lbKey(d)
 		if d.Target == "" || seen[k] {
 			return
 		}
 		seen[k] = true
-		out = append(out, lbTarget{d: d, configured: configured})
+		out = append(out, lbTarget{d: d, own: own})
 	}
 	add(own, true)
 	all, err := st.Names()
@@ -43,7 +46,7 @@ func deleteTargets(st *store.Store, own store.Deploy) []lbTarget {
 	}
 	for _, n := range all {
 		if l, err := st.Load(n); err == nil {
-			add(l.Deploy, true)
+			add(l.Deploy, false)
 		}
 	}
 	if _, err := os.Stat(defaultNginxConf); err == nil {
@@ -92,7 +95,7 @@ func checkReferences(ctx context.Context, runner *deploy.Runner, st *store.Store
 		checked[k] = true
 		refs, err := runner.References(ctx, name, t.d, managed)
 		if err != nil {
-			if !t.configured || force {
+			if !t.own || force {
 				slog.Warn("delete: could not check a load balancer config for references", "config", confOf(t.d), "err", err)
 				continue
 			}

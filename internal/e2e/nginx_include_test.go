@@ -139,6 +139,45 @@ func TestNginxIncludeServesEveryLineage(t *testing.T) {
 	waitNoTLS(t, tlsAddr)
 }
 
+// TestFleetAgentNginxInclude: a fleet node's agent deploys with its own
+// --nginx-include settings: a lineage another node orders is served by
+// the node's nginx (workers as nobody) for both its names and without
+// SNI, no key the config names readable by the workers' user.
+func TestFleetAgentNginxInclude(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, "lb1", "lb2")
+	f.form()
+	prefix := filepath.Join(f.work, "nginx-lb2")
+	os.MkdirAll(prefix, 0o755)
+	tlsAddr, plain := freeAddr(t), freeAddr(t)
+	body := filepath.Join(prefix, "lbcert-server.conf")
+	os.WriteFile(body, []byte(fmt.Sprintf("listen %s ssl;\nreturn 200;\n", tlsAddr)), 0o644)
+	include := filepath.Join(prefix, "lbcert.conf")
+	os.WriteFile(include, nil, 0o644) // the include line is there before the first certificate
+	conf := testenv.NginxConfigAs(prefix, "nobody nogroup", fmt.Sprintf("    server { listen %s; return 204; }\n    include %s;", plain, include))
+	n, err := testenv.StartNginx(prefix, conf, plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+	f.startAgent("lb1")
+	f.startAgent("lb2", "--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin,
+		"--nginx-include", include, "--nginx-server-body", body, "--reconcile", "2s")
+	f.validateVia(f.order...)
+
+	f.mustOn("lb1", "issue", "-d", "two.example.com", "-d", "www.two.example.com", "--agree-tos")
+	serial := f.fleetSerial("two.example.com")
+	for _, name := range []string{"two.example.com", "www.two.example.com"} {
+		waitServed(t, tlsAddr, name, serial, 30*time.Second)
+	}
+	if got := servedNoSNI(t, tlsAddr); got != serial {
+		t.Errorf("no SNI: served %s, want %s", got, serial)
+	}
+	if got := keysUnreadable(t, n, nobody); got != 1 {
+		t.Errorf("nginx -T names %d private keys, want 1", got)
+	}
+}
+
 // keysUnreadable checks every ssl_certificate_key that "nginx -T" shows:
 // the file (through live/'s symbolic link) is root's and no one else's,
 // and a process with uid's credentials fails to read it, while the same
