@@ -54,7 +54,7 @@ bench: build bench-deps
 	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
 	$(GO) test -count=1 -run TestRenewalSpread -v ./internal/renewal/
-	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/
+	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/ ./internal/deploy/
 
 fuzz:
 	$(GO) test -run XXX -fuzz FuzzDomain -fuzztime 30s ./internal/names/

@@ -40,11 +40,15 @@ func (a *app) newDeleteCmd() *cobra.Command {
 		Use:   "delete (--name NAME | -d DOMAIN | NAME)",
 		Short: "Delete a certificate lineage, optionally revoking it",
 		Long: `Delete removes a lineage: live/<name>, archive/<name>, its renewal status
-and its HAProxy PEM, then reloads the load balancer it deploys to.
+and its HAProxy PEM, then reloads the load balancer it deploys to. Its
+server block leaves every --nginx-include file first (nginx tested and
+reloaded without it; on failure nothing is deleted).
 
-It refuses while the nginx config (as "nginx -T" shows it, includes and
-all) or the HAProxy config still refers to the lineage's files, so that the
-next reload does not fail; --force deletes anyway. With --revoke the
+It refuses while a config still refers to the lineage's files, so that the
+next reload does not fail: the nginx config (as "nginx -T" shows it,
+includes and all) and the HAProxy config of every lineage in this
+directory, and /etc/nginx/nginx.conf and /etc/haproxy/haproxy.cfg when
+present; --force deletes anyway. With --revoke the
 certificate is first revoked at the CA. On a terminal it asks for
 confirmation; otherwise it needs --yes. When the last lineage is gone, the
 cron entry from "lbcert cron install" is removed too.`,
@@ -131,7 +135,8 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		d = h.node.Settings(l) // this node's way of serving it
 	}
 	runner := &deploy.Runner{Store: st}
-	if err := a.checkReferences(ctx, runner, name, d, o.Force); err != nil {
+	targets := deleteTargets(st, d)
+	if err := checkReferences(ctx, runner, st, name, targets, o.Force); err != nil {
 		return err
 	}
 	if err := a.confirmDelete(o, l); err != nil {
@@ -147,6 +152,12 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			return err
 		}
 	}
+	if err := a.unlistNginx(ctx, runner, name, targets, o.Force); err != nil {
+		if o.Revoke {
+			return exit.Errorf("%w; the certificate is revoked, nothing was deleted", err).WithHint("fix nginx and run delete again without --revoke, or pass --force")
+		}
+		return exit.Errorf("%w; nothing was deleted", err).WithHint("fix nginx and run delete again, or pass --force")
+	}
 	if err := h.catalog.Delete(ctx, name); err != nil {
 		return redisExit(fmt.Errorf("delete %s: %w", name, err))
 	}
@@ -156,7 +167,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			retErr = mailErr
 		}
 	}()
-	if d.Target != "" {
+	if d.Target != "" && d.NginxInclude == "" {
 		if err := runner.Remove(ctx, name, d); err != nil {
 			return exit.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
 		}
@@ -188,24 +199,6 @@ func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*sto
 		}
 	}
 	return l, nil
-}
-
-// checkReferences refuses a delete while the load balancer's config
-// still uses the lineage's files (the next reload would fail), unless
-// --force.
-func (a *app) checkReferences(ctx context.Context, runner *deploy.Runner, name string, d store.Deploy, force bool) error {
-	if force {
-		return nil
-	}
-	refs, err := runner.References(ctx, name, d)
-	if err != nil {
-		return exit.Errorf("check %s config for references to %s: %w", d.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
-	}
-	if len(refs) > 0 {
-		return exit.Errorf("%s config still uses %s: %s: %s", d.Target, name, refs[0].File, refs[0].Line).
-			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), runner.Store.LivePaths(name).Dir)
-	}
-	return nil
 }
 
 // confirmDelete asks on a terminal, or needs --yes.

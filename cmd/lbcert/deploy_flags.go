@@ -16,6 +16,13 @@ import (
 	"github.com/lbcert/lbcert/internal/store"
 )
 
+// The load balancers' usual config files: the flags' defaults, and what
+// delete checks besides the configs the lineages deploy to.
+const (
+	defaultNginxConf   = "/etc/nginx/nginx.conf"
+	defaultHAProxyConf = "/etc/haproxy/haproxy.cfg"
+)
+
 // deployFlags are the deploy settings of issue and batch. What is given
 // is saved with the lineage; what is not is taken from the lineage's
 // saved settings, so a reissue does not silently drop its deploy target.
@@ -24,6 +31,8 @@ type deployFlags struct {
 	target        string
 	nginxConf     string
 	nginxBin      string
+	nginxInclude  string
+	nginxBody     string
 	haproxyConf   string
 	haproxyBin    string
 	haproxyCerts  string
@@ -38,13 +47,15 @@ type deployFlags struct {
 func (d *deployFlags) register(f *pflag.FlagSet) {
 	d.fs = f
 	f.StringVar(&d.target, "deploy", "none", "load balancer to deploy to: nginx, haproxy or none")
-	f.StringVar(&d.nginxConf, "nginx-conf", "/etc/nginx/nginx.conf", "nginx config to test (nginx -t -c FILE) and reload")
+	f.StringVar(&d.nginxConf, "nginx-conf", defaultNginxConf, "nginx config to test (nginx -t -c FILE) and reload")
 	f.StringVar(&d.nginxBin, "nginx-bin", "nginx", "nginx binary")
-	f.StringVar(&d.haproxyConf, "haproxy-conf", "/etc/haproxy/haproxy.cfg", "HAProxy config to test (haproxy -c -f FILE)")
+	f.StringVar(&d.nginxInclude, "nginx-include", "", "file lbcert writes for 'include FILE;' in nginx's http block: a server block for every lineage, all its names (needs --nginx-server-body)")
+	f.StringVar(&d.nginxBody, "nginx-server-body", "", "your server body (listen lines, locations), included in every server block of --nginx-include")
+	f.StringVar(&d.haproxyConf, "haproxy-conf", defaultHAProxyConf, "HAProxy config to test (haproxy -c -f FILE)")
 	f.StringVar(&d.haproxyBin, "haproxy-bin", "haproxy", "HAProxy binary")
 	f.StringVar(&d.haproxyCerts, "haproxy-certs", "", "directory of combined PEMs, one <name>.pem per lineage, for 'bind :443 ssl crt DIR' (default <dir>/haproxy)")
 	f.StringVar(&d.haproxySocket, "haproxy-socket", "", "HAProxy runtime API socket (level admin): update certificates without a reload")
-	f.StringVar(&d.reloadCmd, "reload-cmd", "", "command that reloads the load balancer, run with /bin/sh -c (nginx default: nginx -s reload)")
+	f.StringVar(&d.reloadCmd, "reload-cmd", "", "command that reloads the load balancer, run with /bin/sh -c (nginx default: SIGHUP to the master in the config's pid file, else nginx -s reload)")
 	f.StringVar(&d.hook, "deploy-hook", "", "command run with /bin/sh -c after each deployed certificate; sees LBCERT_* and RENEWED_* variables")
 	f.DurationVar(&d.hookTimeout, "hook-timeout", deploy.DefaultHookTimeout, "how long a deploy hook may run before it is killed")
 	f.StringVar(&d.verifyAddr, "verify-addr", "", "TLS address the load balancer serves on (host:port); checked for the new serial after reload")
@@ -80,9 +91,12 @@ func (d *deployFlags) resolve(stateDir string, prev *store.Deploy) (store.Deploy
 	switch out.Target {
 	case "":
 		out.NginxConf, out.NginxBin, out.HAProxyConf, out.HAProxyBin, out.HAProxyCerts, out.HAProxySocket = "", "", "", "", "", ""
+		out.NginxInclude, out.NginxServerBody = "", ""
 	case "nginx":
 		pick(&out.NginxConf, "nginx-conf", d.nginxConf)
 		pick(&out.NginxBin, "nginx-bin", d.nginxBin)
+		pick(&out.NginxInclude, "nginx-include", d.nginxInclude)
+		pick(&out.NginxServerBody, "nginx-server-body", d.nginxBody)
 		if out.NginxConf == "" {
 			out.NginxConf = d.nginxConf
 		}
@@ -104,16 +118,16 @@ func (d *deployFlags) resolve(stateDir string, prev *store.Deploy) (store.Deploy
 		if out.HAProxyCerts == "" {
 			out.HAProxyCerts = filepath.Join(stateDir, "haproxy")
 		}
-		out.NginxConf, out.NginxBin = "", ""
+		out.NginxConf, out.NginxBin, out.NginxInclude, out.NginxServerBody = "", "", "", ""
 	default:
 		return out, exit.Errorf("--deploy %q: want nginx, haproxy or none", d.target)
 	}
-	return out, checkDeploy(&out)
+	return out, checkDeploy(&out, stateDir)
 }
 
 // checkDeploy refuses settings that cannot work, before the CA is asked
 // for a certificate that could then not be deployed.
-func checkDeploy(d *store.Deploy) error {
+func checkDeploy(d *store.Deploy, stateDir string) error {
 	var err error
 	switch d.Target {
 	case "nginx":
@@ -121,6 +135,9 @@ func checkDeploy(d *store.Deploy) error {
 			return err
 		}
 		if d.NginxConf, err = existingFile("--nginx-conf", d.NginxConf); err != nil {
+			return err
+		}
+		if err := checkNginxInclude(d, stateDir); err != nil {
 			return err
 		}
 	case "haproxy":
@@ -166,6 +183,44 @@ func checkDeploy(d *store.Deploy) error {
 	}
 	if d.HookTimeout < 0 {
 		return exit.Errorf("--hook-timeout must be positive")
+	}
+	return nil
+}
+
+// checkNginxInclude checks the include file's settings: both or
+// neither, the body a file, the include's directory there, and every path
+// the file will name one nginx reads as written.
+func checkNginxInclude(d *store.Deploy, stateDir string) error {
+	if d.NginxInclude == "" && d.NginxServerBody == "" {
+		return nil
+	}
+	if d.NginxInclude == "" || d.NginxServerBody == "" {
+		return exit.Errorf("--nginx-include and --nginx-server-body go together: the file lbcert writes, and your server body it includes in every block")
+	}
+	var err error
+	if d.NginxServerBody, err = existingFile("--nginx-server-body", d.NginxServerBody); err != nil {
+		return err
+	}
+	if d.NginxInclude, err = filepath.Abs(d.NginxInclude); err != nil {
+		return exit.Errorf("--nginx-include: %w", err)
+	}
+	if d.NginxInclude == d.NginxServerBody || d.NginxInclude == d.NginxConf {
+		return exit.Errorf("--nginx-include %s: lbcert rewrites this file; give it a file of its own", d.NginxInclude)
+	}
+	if fi, err := os.Stat(d.NginxInclude); err == nil && fi.IsDir() {
+		return exit.Errorf("--nginx-include %s: is a directory; name the file lbcert writes, like /etc/nginx/conf.d/lbcert.conf", d.NginxInclude)
+	}
+	if fi, err := os.Stat(filepath.Dir(d.NginxInclude)); err != nil || !fi.IsDir() {
+		return exit.Errorf("--nginx-include %s: no directory %s", d.NginxInclude, filepath.Dir(d.NginxInclude))
+	}
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		return exit.Errorf("--dir: %w", err)
+	}
+	for _, p := range [][2]string{{"--nginx-include", d.NginxInclude}, {"--nginx-server-body", d.NginxServerBody}, {"--dir", abs}} {
+		if err := deploy.NginxPathOK(p[1]); err != nil {
+			return exit.Errorf("%s %w", p[0], err)
+		}
 	}
 	return nil
 }

@@ -32,7 +32,8 @@ type Served struct {
 // Remover takes a deleted lineage off this node's load balancer:
 // *deploy.Runner is the real one.
 type Remover interface {
-	References(ctx context.Context, name string, d store.Deploy) ([]deploy.Reference, error)
+	References(ctx context.Context, name string, d store.Deploy, managed map[string]bool) ([]deploy.Reference, error)
+	Unlist(ctx context.Context, name string, d store.Deploy, keep bool) error
 	Remove(ctx context.Context, name string, d store.Deploy) error
 }
 
@@ -390,10 +391,18 @@ func (s *Syncer) forgetOne(ctx context.Context, name string, t store.Tombstone) 
 		return // this node holds a certificate issued after the delete
 	}
 	if s.Remove != nil && s.Local.Exists(name) {
-		if refs, err := s.Remove.References(ctx, name, s.Deploy); err == nil && len(refs) > 0 {
+		managed := map[string]bool{s.Deploy.NginxInclude: s.Deploy.NginxInclude != ""}
+		if refs, err := s.Remove.References(ctx, name, s.Deploy, managed); err == nil && len(refs) > 0 {
 			slog.Error("the fleet deleted this lineage, but this node's load balancer config still uses its files: they are kept until the config stops naming them", "name", name, "file", refs[0].File, "line", refs[0].Line)
 			s.Local.WriteTombstone(name, t)
 			return
+		}
+		if s.Deploy.Target == "nginx" && s.Deploy.NginxInclude != "" {
+			if err := s.Remove.Unlist(ctx, name, s.Deploy, false); err != nil {
+				slog.Error("the fleet deleted this lineage, but nginx failed without its block in the include file: its files are kept", "name", name, "err", err)
+				s.Local.WriteTombstone(name, t)
+				return
+			}
 		}
 		if err := s.Remove.Remove(ctx, name, s.Deploy); err != nil {
 			slog.Warn("could not take a deleted lineage off this node's load balancer", "name", name, "err", err)

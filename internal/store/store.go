@@ -89,6 +89,14 @@ type Deploy struct {
 	// VerifyRoots is a PEM file of roots the served chain must verify
 	// to (with the name or address checked), beside the serial check.
 	VerifyRoots string `json:"verify_roots,omitempty"`
+	// NginxInclude is a file lbcert writes and keeps current for
+	// "include FILE;" in nginx's http block: one server block per live
+	// lineage of the state directory, with all its names and literal
+	// certificate paths, each including NginxServerBody (the operator's
+	// listen lines and locations). Empty: nginx's config is the
+	// operator's alone.
+	NginxInclude    string `json:"nginx_include,omitempty"`
+	NginxServerBody string `json:"nginx_server_body,omitempty"`
 }
 
 // Mail is a lineage's own report recipients and relay (seed 004's
