@@ -143,10 +143,7 @@ func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
 	status, _ := st.ReadStatus(name)
 	now := a.now()
 	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported), Name: l.Name})
-	reason := string(d.Reason)
-	if d.Reason == renewal.Lifetime && l.Cert.ARICertID != "" && status.ARISerial != l.Cert.Serial {
-		reason = "lifetime (ARI not asked yet)"
-	}
+	reason := renewal.Rule(d, l.Cert, status, now)
 	e := &listEntry{
 		Name: l.Name, Domains: l.Domains, Serial: l.Cert.Serial, NotBefore: l.Cert.NotBefore, NotAfter: l.Cert.NotAfter,
 		DaysLeft: int(l.Cert.NotAfter.Sub(now).Hours() / 24), RenewAt: d.At.UTC(), RenewReason: reason,

@@ -17,6 +17,9 @@ import (
 type caError struct {
 	explained *hint.Error
 	cause     error
+	// challenge: the CA's verdict on a challenge (challengeAnswer),
+	// which the explained message no longer says in lego's words.
+	challenge bool
 }
 
 func (e *caError) Error() string   { return e.explained.Error() }
@@ -89,6 +92,9 @@ var validationProblems = []string{"unauthorized", "incorrectResponse", "connecti
 // FailedValidation reports whether err means an authorization failed,
 // which the CA counts against the name.
 func FailedValidation(err error) bool {
+	if challengeAnswer(err) {
+		return true
+	}
 	msg := err.Error()
 	for _, p := range validationProblems {
 		if strings.Contains(msg, "urn:ietf:params:acme:error:"+p) || strings.Contains(msg, ": "+p+": ") {
@@ -113,4 +119,18 @@ func ProblemDetail(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// challengeAnswer reports whether err is the CA's verdict on a challenge
+// (lego's "invalid challenge" or "invalid authorization"), whatever
+// problem type the CA filed it under, or a challenge it left pending with
+// an error.
+func challengeAnswer(err error) bool {
+	var st *StalledChallengeError
+	var ce *caError
+	if errors.As(err, &st) || errors.As(err, &ce) && ce.challenge {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "invalid challenge: ") || strings.Contains(msg, "invalid authorization: ")
 }

@@ -10,7 +10,6 @@
 package acme
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
@@ -18,7 +17,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -64,8 +62,8 @@ type Client struct {
 	router *router
 	hc     *http.Client
 
-	dirMu   sync.Mutex     // the directory's meta, read on first need
-	dirMeta *directoryMeta // nil until read
+	dirMu sync.Mutex // the directory, read on first need
+	dir   *directory // nil until read
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -114,18 +112,24 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp, err := t.base.RoundTrip(r.WithContext(t.ctx))
-	if err == nil && r.Method == http.MethodPost {
-		pollSoon(resp.Header)
-		if d := processingWait(resp); d > 0 {
-			select {
-			case <-time.After(d):
-			case <-t.ctx.Done():
-				resp.Body.Close()
-				return nil, t.ctx.Err()
-			}
+	if err != nil || r.Method != http.MethodPost {
+		return resp, err
+	}
+	pollSoon(resp.Header)
+	body := peekJSON(resp)
+	if err := stalledChallenge(body); err != nil {
+		resp.Body.Close()
+		return nil, err
+	}
+	if d := processingWait(resp.Header, body); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-t.ctx.Done():
+			resp.Body.Close()
+			return nil, t.ctx.Err()
 		}
 	}
-	return resp, err
+	return resp, nil
 }
 
 // maxProcessingWait caps how long one Retry-After on a processing order
@@ -139,22 +143,10 @@ const maxProcessingWait = 10 * time.Second
 // Timeout/60. Waiting here makes lego's first poll come after the CA's
 // Retry-After: fewer requests against a busy CA, and no poll racing the
 // CA's own issuance (Pebble 2.10.1 deadlocks on an order polled while it
-// stores the certificate). Only small order bodies are read; anything
-// else is passed on untouched.
-func processingWait(resp *http.Response) time.Duration {
-	ra := resp.Header.Get("Retry-After")
-	if ra == "" || resp.StatusCode != http.StatusOK || resp.ContentLength > 1<<20 ||
-		!strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
-		return 0
-	}
-	orig := resp.Body
-	body, err := io.ReadAll(io.LimitReader(orig, 1<<20))
-	// Put back what was read, in front of whatever was not.
-	resp.Body = struct {
-		io.Reader
-		io.Closer
-	}{io.MultiReader(bytes.NewReader(body), orig), orig}
-	if err != nil || len(body) == 1<<20 {
+// stores the certificate). body is the response's, from peekJSON.
+func processingWait(h http.Header, body []byte) time.Duration {
+	ra := h.Get("Retry-After")
+	if ra == "" || body == nil {
 		return 0
 	}
 	var o struct {

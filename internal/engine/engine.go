@@ -360,8 +360,17 @@ func (e *Engine) decide(s *step, now time.Time) {
 			s.act = actReconfigure
 			s.item.Outcome = ""
 			s.item.Reason = "settings changed"
+			return
 		}
+		logNotDue(name, d, prev.Cert, s.status, now)
 	}
+}
+
+// logNotDue says with -v why a lineage is left alone, whichever step
+// decided it (issue #26 item 11: renew -v printed nothing when nothing
+// was due and no CA was asked).
+func logNotDue(name string, d renewal.Decision, cert store.CertInfo, st store.Status, now time.Time) {
+	slog.Debug("not due", "name", name, "rule", renewal.Rule(d, cert, st, now), "due_at", d.At.Format(time.RFC3339))
 }
 
 // settingsChanged reports whether a job asks for other challenge, deploy,
@@ -503,7 +512,7 @@ func (r *run) one(s *step) {
 				return
 			}
 			it.Outcome = NotDue
-			slog.Debug("not due", "name", name, "rule", d.Reason, "due_at", d.At.Format(time.RFC3339))
+			logNotDue(name, d, s.prev.Cert, s.status, e.now())
 			return
 		}
 		s.act, s.replace, it.dueNow = actOrder, s.ari, true
@@ -826,6 +835,9 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result) {
 	// would save two of the twelve fsyncs per certificate; the CPU
 	// benchmark could not tell the difference from its noise.)
 	st := store.Status{Pending: &store.Pending{Version: version, Previous: previous, Since: e.now().UTC()}}
+	if got.NoARI {
+		st = renewal.NoARI(st, e.now()) // known from the order: no "ARI not asked yet" in list
+	}
 	if err := e.Store.WriteStatus(l.Name, st); err != nil {
 		r.fail(s, fmt.Errorf("journal the new version of %s: %w", l.Name, err), false)
 		return
@@ -1020,7 +1032,7 @@ func (r *run) checkARI(s *step) {
 	info, err := e.CA.RenewalInfo(r.ctx, l, fullchain)
 	switch {
 	case errors.Is(err, acme.ErrNoARI):
-		s.status.ARIUnsupported = now.Add(7 * 24 * time.Hour).UTC()
+		s.status = renewal.NoARI(s.status, now)
 		s.ari = false
 	case err != nil:
 		// Info, not a warning: a CA that is down for a nothing-due run

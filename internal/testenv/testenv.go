@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -153,6 +154,24 @@ func start(logPath string, env []string, name string, args ...string) (*proc, er
 	p := &proc{cmd: cmd, done: make(chan struct{}), log: logPath}
 	go func() { cmd.Wait(); lf.Close(); close(p.done) }()
 	return p, nil
+}
+
+// fullLog is all the process has logged so far.
+func (p *proc) fullLog() string {
+	data, _ := os.ReadFile(p.log)
+	return string(data)
+}
+
+// quitDump sends SIGQUIT, on which a Go program prints every
+// goroutine's stack and exits, and returns what it printed.
+func (p *proc) quitDump() string {
+	before := len(p.fullLog())
+	p.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+	}
+	return p.fullLog()[before:]
 }
 
 func (p *proc) stop() {
