@@ -30,6 +30,7 @@ import (
 	"github.com/go-acme/lego/v4/lego"
 	"github.com/go-acme/lego/v4/registration"
 
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -274,7 +275,7 @@ func (c *Client) register(u *user) error {
 		reg, err = c.lego.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
 	}
 	if err != nil {
-		return Explain(fmt.Errorf("register account %s: %w", displayEmail(o.Email), err))
+		return registerError(err, o)
 	}
 	data, err := json.MarshalIndent(reg, "", "  ")
 	if err != nil {
@@ -285,6 +286,18 @@ func (c *Client) register(u *user) error {
 	}
 	u.reg = reg
 	return nil
+}
+
+// registerError explains a refused registration. With EAB, a CA that
+// refuses the binding may not say so: step-ca answers an unknown key ID,
+// a wrong HMAC key and a key already bound to another account alike,
+// with a 500 "internal error". The hint names what to check instead.
+func registerError(err error, o Options) error {
+	err = explain("register account "+displayEmail(o.Email), err)
+	if o.EABKid != "" && !Unreachable(err) {
+		err = hint.Set(err, fmt.Sprintf("the CA refused the account with EAB key ID %s: check the key ID and the HMAC key (LBCERT_EAB_HMAC_KEY or --eab-hmac-key-file) on the CA's account page; a key binds one account only, so each --email needs its own", o.EABKid))
+	}
+	return err
 }
 
 func displayEmail(e string) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -106,5 +107,25 @@ func TestRejectedChallengeIsAWrongAnswer(t *testing.T) {
 	err := explain("obtain blocked.example.net", fmt.Errorf("new order: %w", pd))
 	if FailedValidation(err) || !strings.Contains(hint.Of(err), "policy or blocklist") {
 		t.Errorf("order refused: FailedValidation %v, hint %q", FailedValidation(err), hint.Of(err))
+	}
+}
+
+// A registration refused while binding an external account gets a hint
+// about the key, whatever the CA called the problem (step-ca: a 500 for
+// an unknown, wrong or already bound key); without EAB, or when the CA
+// did not answer at all, it does not.
+func TestRegisterErrorHint(t *testing.T) {
+	pd := &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", Detail: "The server experienced an internal error", HTTPStatus: 500}
+	err := registerError(pd, Options{Email: "ops@example.com", EABKid: "kid-7"})
+	if err.Error() != "register account ops@example.com: serverInternal: The server experienced an internal error" ||
+		!strings.Contains(hint.Of(err), "EAB key ID kid-7") {
+		t.Errorf("with EAB: %v / %q", err, hint.Of(err))
+	}
+	if err := registerError(pd, Options{Email: "ops@example.com"}); strings.Contains(hint.Of(err), "EAB") {
+		t.Errorf("without EAB: %q", hint.Of(err))
+	}
+	down := fmt.Errorf("post: %w", &net.OpError{Op: "dial", Err: errors.New("connection refused")})
+	if err := registerError(down, Options{EABKid: "kid-7"}); strings.Contains(hint.Of(err), "EAB") {
+		t.Errorf("CA down: %q", hint.Of(err))
 	}
 }

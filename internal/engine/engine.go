@@ -937,9 +937,10 @@ func (r *run) deployAll() {
 		if !res.Failed() {
 			it.Pending = ""
 			// Deployed: nothing is owed any more. (A reconfiguration
-			// owed nothing and keeps its renewal history.)
+			// owed nothing and keeps its renewal history.) What the
+			// order learnt of the CA's ARI stays.
 			if s.restore == nil {
-				if err := e.Store.WriteStatus(c.Name, store.Status{}); err != nil {
+				if err := e.Store.WriteStatus(c.Name, store.Status{ARIUnsupported: s.status.ARIUnsupported}); err != nil {
 					slog.Warn("could not clear the pending deploy", "name", c.Name, "err", err)
 				}
 			}

@@ -61,6 +61,10 @@ type StepCAOptions struct {
 	HTTPPort int    // 0 picks a free port
 	// EABKeys is how many keys to make for the acme-eab provisioner.
 	EABKeys int
+	// CertLifetime, when set, replaces step-ca's 24-hour default (and
+	// its one-minute backdating), so that a test sees the lifetime rule
+	// come due within a minute.
+	CertLifetime time.Duration
 }
 
 // The ACME provisioners' names, as they appear in their directory URLs.
@@ -93,7 +97,7 @@ func StartStepCA(o StepCAOptions) (*StepCA, error) {
 		}
 	}
 	dir := filepath.Join(o.Dir, "step-ca")
-	if err := writeStepCAConfig(dir, port); err != nil {
+	if err := writeStepCAConfig(dir, port, o.CertLifetime); err != nil {
 		return nil, err
 	}
 	s := &StepCA{
@@ -263,8 +267,8 @@ func readCert(path string) (*x509.Certificate, error) {
 // intermediate (ECDSA P-256, the intermediate's key unencrypted so no
 // password file is needed), and ca.json with the ACME provisioners, a
 // bbolt database and the CRL on. Certificate lifetimes stay step-ca's
-// defaults (24 hours).
-func writeStepCAConfig(dir string, port int) error {
+// defaults (24 hours) unless lifetime is set.
+func writeStepCAConfig(dir string, port int, lifetime time.Duration) error {
 	for _, d := range []string{"certs", "secrets", "config", "db", "steppath"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return err
@@ -312,6 +316,12 @@ func writeStepCAConfig(dir string, port int) error {
 			"maxVersion":    1.3,
 			"renegotiation": false,
 		},
+	}
+	if lifetime > 0 {
+		d := lifetime.String()
+		auth := cfg["authority"].(map[string]any)
+		auth["claims"] = map[string]string{"minTLSCertDuration": d, "defaultTLSCertDuration": d, "maxTLSCertDuration": d}
+		auth["backdate"] = "0s"
 	}
 	data, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
