@@ -89,8 +89,9 @@ func (e *env) verifyStepChain(lineage, name string) *x509.Certificate {
 // its 24-hour default lifetime, chains to step-ca's own root. step-ca
 // has no ARI: list names the lifetime rule and says why (never "ARI not
 // asked yet" once lbcert knows), renew -v says why nothing is due on
-// every run (issue #26 item 11) and orders nothing; delete --revoke puts
-// the serial on step-ca's CRL.
+// every run (issue #26 item 11) and orders nothing; cron install runs
+// renew often enough for 24-hour certificates; delete --revoke puts the
+// serial on step-ca's CRL.
 func TestStepCAIssueListRevoke(t *testing.T) {
 	t.Parallel()
 	e := newStepEnv(t, testenv.StepCAOptions{})
@@ -136,7 +137,14 @@ func TestStepCAIssueListRevoke(t *testing.T) {
 		t.Fatalf("a nothing-due renew sent %d orders", n)
 	}
 
-	r = e.mustRun("delete", "--name", "shop.example.net", "--yes", "--revoke")
+	// The schedule cron install picks gives a 24-hour certificate 3 runs
+	// in the 12 hours it may have left when due: every 4 hours.
+	cron := filepath.Join(e.work, "cron.d-lbcert")
+	if r := e.mustRun("cron", "install", "--file", cron); !strings.Contains(r.stdout, "installed renew 6 times a day") {
+		t.Fatalf("cron install: %q", r.stdout)
+	}
+
+	r = e.mustRun("delete", "--name", "shop.example.net", "--yes", "--revoke", "--cron-file", cron)
 	if !strings.Contains(r.stdout, "revoked certificate "+serial) {
 		t.Fatalf("delete: %q", r.stdout)
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // StepCAVersion is the step-ca the tests run, pinned by
@@ -54,16 +55,25 @@ func buildStepCA() (StepCABinaries, error) {
 	}
 	dir := filepath.Join(cache, "lbcert-test", "step-ca-"+StepCAVersion+"-"+id)
 	bins := StepCABinaries{StepCA: filepath.Join(dir, "step-ca"), DBInit: filepath.Join(dir, "dbinit")}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return StepCABinaries{}, err
+	}
+	// Test binaries of several packages may start at once: the first
+	// builds while the others wait for it (two builds of step-ca at once
+	// would take twice the CPU for nothing), then find the binaries.
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return StepCABinaries{}, err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return StepCABinaries{}, err
+	}
 	if _, err := os.Stat(bins.StepCA); err == nil {
 		if _, err := os.Stat(bins.DBInit); err == nil {
 			return bins, nil
 		}
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return StepCABinaries{}, err
-	}
-	// Test binaries of several packages may build at once: each builds
-	// into its own directory and renames the binaries into place.
 	work, err := os.MkdirTemp(dir, "build-")
 	if err != nil {
 		return StepCABinaries{}, err
@@ -76,7 +86,6 @@ func buildStepCA() (StepCABinaries, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return StepCABinaries{}, fmt.Errorf("build step-ca %s (internal/testenv/stepca): %v: %s", StepCAVersion, err, bytes.TrimSpace(out))
 	}
-	// dbinit first: the step-ca binary's presence means both are there.
 	if err := os.Rename(filepath.Join(work, "dbinit"), bins.DBInit); err != nil {
 		return StepCABinaries{}, err
 	}
