@@ -20,6 +20,16 @@ type caError struct {
 	// challenge: the CA's verdict on a challenge (challengeAnswer),
 	// which the explained message no longer says in lego's words.
 	challenge bool
+	// server: the CA said it failed itself (serverFault).
+	server bool
+}
+
+// NoBackoff tells the engine that a CA that failed itself (a 5xx, even
+// after order's retries) is not the names' fault, nor is what the
+// error it explains says is not.
+func (e *caError) NoBackoff() bool {
+	var nb interface{ NoBackoff() bool }
+	return e.server || errors.As(e.cause, &nb) && nb.NoBackoff()
 }
 
 func (e *caError) Error() string   { return e.explained.Error() }

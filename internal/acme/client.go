@@ -58,6 +58,7 @@ type Options struct {
 
 // Client is a registered ACME account on one server.
 type Client struct {
+	ctx    context.Context // the run's: Ctrl-C ends a wait between orders
 	opts   Options
 	lego   *lego.Client
 	router *router
@@ -229,7 +230,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c := &Client{ctx: ctx, opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
 	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
 		return nil, err
 	}

@@ -9,7 +9,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"slices"
 	"sort"
@@ -103,17 +102,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		PreferredChain: r.PreferredChain,
 		MustStaple:     false, // never: Let's Encrypt runs no OCSP, so a Must-Staple certificate fails in browsers
 	}
-	res, err := c.lego.Certificate.Obtain(req)
-	if err != nil && r.Replaces != "" && replacesRejected(err) {
-		// RFC 9773 section 5: a CA may refuse "replaces" (already
-		// replaced, not its certificate, or, as Pebble does for some
-		// serials, a 500); renewing matters more than the hint, so
-		// order again without it, once.
-		slog.Info("the CA refused the order that names the certificate it replaces (ARI); ordering again without it",
-			"domains", strings.Join(r.Domains, ","), "err", flatten(err.Error()))
-		req.ReplacesCertID = ""
-		res, err = c.lego.Certificate.Obtain(req)
-	}
+	res, err := c.order(req)
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}
@@ -298,7 +287,7 @@ func explain(prefix string, err error) error {
 		// with one detail for both.
 		e.Text += ", and that /.well-known/acme-challenge/ reaches lbcert (this CA reports an HTTP error such as 404 as a connection failure)"
 	}
-	return &caError{explained: e, cause: err, challenge: challengeAnswer(err)}
+	return &caError{explained: e, cause: err, challenge: challengeAnswer(err), server: serverFault(err)}
 }
 
 // problemType is an ACME problem type without its RFC 8555 namespace.

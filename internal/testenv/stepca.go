@@ -194,6 +194,19 @@ func (s *StepCA) Requests(path string) int {
 	return n
 }
 
+// ServerErrors counts the ACME requests step-ca answered with a 5xx
+// (its "internal error" for concurrent updates of one account's
+// orders, among others).
+func (s *StepCA) ServerErrors() int {
+	n := 0
+	for _, line := range strings.Split(s.FullLog(), "\n") {
+		if strings.Contains(line, " path=/acme/") && strings.Contains(line, " status=5") {
+			n++
+		}
+	}
+	return n
+}
+
 // Orders counts the new orders step-ca has received so far.
 func (s *StepCA) Orders() int { return s.Requests("new-order") }
 

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
 
@@ -127,5 +128,38 @@ func TestRegisterErrorHint(t *testing.T) {
 	down := fmt.Errorf("post: %w", &net.OpError{Op: "dial", Err: errors.New("connection refused")})
 	if err := registerError(down, Options{EABKid: "kid-7"}); strings.Contains(hint.Of(err), "EAB") {
 		t.Errorf("CA down: %q", hint.Of(err))
+	}
+}
+
+// A CA's own failure (5xx, serverInternal) is retried by order and,
+// when it persists, starts no backoff; the names' faults and rate limits
+// are neither; an explained error keeps the NoBackoff of what it wraps.
+func TestServerFault(t *testing.T) {
+	for _, tc := range []struct {
+		err    error
+		server bool
+	}{
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500}, true},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:malformed", HTTPStatus: 503}, true},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:unauthorized", HTTPStatus: 403}, false},
+		{&legoacme.RateLimitedError{ProblemDetails: &legoacme.ProblemDetails{Type: legoacme.RateLimitedErr, HTTPStatus: 429}}, false},
+		{errors.New("connection refused"), false},
+	} {
+		wrapped := fmt.Errorf("obtain: %w", tc.err)
+		var nb interface{ NoBackoff() bool }
+		explained := explain("obtain a.example", wrapped)
+		if serverFault(wrapped) != tc.server || !errors.As(explained, &nb) || nb.NoBackoff() != tc.server {
+			t.Errorf("%v: serverFault %v, want %v", tc.err, serverFault(wrapped), tc.server)
+		}
+	}
+	inner := explain("obtain", &ProfileError{"--profile x"})
+	var nb interface{ NoBackoff() bool }
+	if !errors.As(inner, &nb) || !nb.NoBackoff() {
+		t.Error("an explained error hid the NoBackoff of the error it wraps")
+	}
+	for try := 1; try < orderTries; try++ {
+		if p := retryPause(try); p < time.Duration(try)*500*time.Millisecond || p >= time.Duration(try)*1500*time.Millisecond {
+			t.Errorf("retryPause(%d) = %v", try, p)
+		}
 	}
 }
