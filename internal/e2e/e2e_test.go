@@ -1,5 +1,6 @@
 // Package e2e runs the built lbcert binary against real servers: Pebble
-// and pebble-challtestsrv (from go.mod's tool directives), and nginx from
+// and pebble-challtestsrv (from go.mod's tool directives), step-ca
+// (built from the module proxy, internal/testenv/stepca), and nginx from
 // Debian's package. Nothing is mocked and nothing skips: a missing server
 // fails the test with the command that installs it.
 package e2e
@@ -38,6 +39,12 @@ func TestMain(m *testing.M) {
 	if out, err := build.CombinedOutput(); err != nil {
 		os.Stderr.Write(out)
 		panic("build lbcert: " + err.Error())
+	}
+	// step-ca is built here, once per machine (a few minutes on two
+	// cores the first time), rather than by the first step-ca test while
+	// the others run against deadlines.
+	if _, err := testenv.BuildStepCA(); err != nil {
+		panic(err)
 	}
 	code := m.Run()
 	os.RemoveAll(dir)

@@ -1,7 +1,8 @@
 // Package testenv starts the real servers lbcert's end-to-end tests and
-// demo run against: Pebble (Let's Encrypt's test CA) with
-// pebble-challtestsrv answering every DNS name with 127.0.0.1, and nginx
-// with a config of its own on loopback ports.
+// demo run against: Pebble (Let's Encrypt's test CA) and step-ca
+// (smallstep's private CA), each with pebble-challtestsrv answering every
+// DNS name with 127.0.0.1, and nginx with a config of its own on
+// loopback ports.
 //
 // Everything listens on 127.0.0.1 only, lives in a caller-given temporary
 // directory and is stopped by Stop. Nothing here skips: a missing binary
