@@ -43,7 +43,9 @@ e2e: deps
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
-# CSV, then renew of 200 due lineages beside batch issuing 200 (with
+# CSV, then the same batch of 200 against step-ca beside Pebble (step-ca
+# is built from the Go module proxy on first use), then renew of 200 due
+# lineages beside batch issuing 200 (with
 # Pebble's CPU beside lbcert's), then 200 names through a front that
 # enforces Let's Encrypt's limits, then fleet mode's costs (10,000 sealed
 # bundles opened, a node joining 10,000 lineages (T7), Redis round trips

@@ -21,6 +21,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -59,10 +60,11 @@ func (a *app) newCronCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cron",
 		Short: "Install, show or remove the renew cron entry",
-		Long: `Manage the cron entry that runs "lbcert renew -q": twice a day, or every
-6 hours when any certificate lives 10 days or less (each certificate
+		Long: `Manage the cron entry that runs "lbcert renew -q": twice a day, every
+6 hours when any certificate lives 10 days or less, and more often for
+shorter ones (every 4 hours for 24-hour certificates): each certificate
 should get at least 3 runs between its renewal time and expiry; renew and
-list warn when the schedule as it really ran leaves fewer).
+list warn when the schedule as it really ran leaves fewer.
 
 The time is picked at random when the entry is first installed, never on a
 round minute, so that hosts do not all hit the CA at 00:00. The
@@ -233,15 +235,37 @@ const shortLivedAt = 10 * 24 * time.Hour
 
 // runsPerDay is how often renew should run for the lineages in st: twice
 // a day, as certbot's timer runs (one failed run still leaves another
-// the same day), or four times with any certificate of 10 days or less.
+// the same day), four times with any certificate of 10 days or less, and
+// more for the shortest (perDayFor).
 func runsPerDay(st *store.Store) int {
 	names, _ := st.Names()
+	var shortest time.Duration
 	for _, n := range names {
-		if l, err := st.Load(n); err == nil && l.Cert.NotAfter.Sub(l.Cert.NotBefore) <= shortLivedAt {
-			return 4
+		if l, err := st.Load(n); err == nil {
+			if life := l.Cert.NotAfter.Sub(l.Cert.NotBefore); shortest == 0 || life < shortest {
+				shortest = life
+			}
 		}
 	}
-	return 2
+	return perDayFor(shortest)
+}
+
+// perDayFor is the runs per day for a shortest lifetime (0: none). A
+// short-lived certificate may come due with only half its life left
+// (renewal.Moment), and that half must hold renewal.MinChances runs, or
+// list warns about lbcert's own schedule: step-ca's 24-hour default
+// needs a run every 4 hours, not 6. Runs divide the day evenly, at most
+// hourly (cron's grain for one line).
+func perDayFor(shortest time.Duration) int {
+	if shortest <= 0 || shortest > shortLivedAt {
+		return 2
+	}
+	for _, n := range []int{4, 6, 8, 12} {
+		if time.Duration(renewal.MinChances)*24*time.Hour/time.Duration(n) <= shortest/2 {
+			return n
+		}
+	}
+	return 24
 }
 
 // hours spreads perDay runs evenly over the day from first, as a list

@@ -227,9 +227,8 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 		if it.Outcome == engine.Deployed {
 			verb = "deployed the certificate obtained earlier"
 		}
-		days := int(it.NotAfter.Sub(a.now()).Hours() / 24)
-		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
-			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
+		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
+			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), timeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
 		a.printf("  deploy    %s\n", deployWords(it))
 	}
 	switch it.Outcome {

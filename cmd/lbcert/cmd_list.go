@@ -164,10 +164,7 @@ func (a *app) listEntry(ctx context.Context, h *host, name string) (*listEntry, 
 	status, _ := h.catalog.Status(ctx, name)
 	now := a.now()
 	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported), Name: l.Name})
-	reason := string(d.Reason)
-	if d.Reason == renewal.Lifetime && l.Cert.ARICertID != "" && status.ARISerial != l.Cert.Serial {
-		reason = "lifetime (ARI not asked yet)"
-	}
+	reason := renewal.Rule(d, l.Cert, status, now)
 	e := &listEntry{
 		Name: l.Name, Domains: l.Domains, Serial: l.Cert.Serial, NotBefore: l.Cert.NotBefore, NotAfter: l.Cert.NotAfter,
 		DaysLeft: int(l.Cert.NotAfter.Sub(now).Hours() / 24), RenewAt: d.At.UTC(), RenewReason: reason,
@@ -244,6 +241,23 @@ func relative(d time.Duration) string {
 	}
 }
 
+// timeLeft is a certificate's remaining life in words: days, or hours
+// and minutes for the short ones (step-ca's 24-hour default read "0
+// days" when just issued).
+func timeLeft(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%d days", int(d.Hours()/24))
+	case d >= 2*time.Hour:
+		return fmt.Sprintf("%d hours", int(d.Hours()))
+	case d >= 2*time.Minute:
+		return fmt.Sprintf("%d minutes", int(d.Minutes()))
+	case d > 0:
+		return "under 2 minutes"
+	}
+	return "expired"
+}
+
 func (a *app) printTable(entries []listEntry) {
 	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tDOMAINS\tEXPIRES\tDAYS\tRENEWS\tRULE\tCHALLENGE\tDEPLOY\tSTATUS")
@@ -281,7 +295,7 @@ func (a *app) printShow(e *listEntry) {
 	row("domains", strings.Join(e.Domains, ", "))
 	row("serial", e.Serial)
 	row("valid from", a.when(e.NotBefore))
-	row("expires", fmt.Sprintf("%s (%d days)", a.when(e.NotAfter), e.DaysLeft))
+	row("expires", fmt.Sprintf("%s (%s)", a.when(e.NotAfter), timeLeft(e.NotAfter.Sub(a.now()))))
 	row("renews", fmt.Sprintf("%s (%s)", a.renewWhen(e.RenewAt), e.RenewReason))
 	row("challenge", e.Challenge+" "+e.Webroot+e.HTTPAddr)
 	row("deploy", e.Deploy)

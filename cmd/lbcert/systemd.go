@@ -53,7 +53,7 @@ ExecStart=%s
 }
 
 // renewTimer is lbcert-renew.timer at minute past the hours of the
-// schedule (twice a day, four times with short-lived certificates),
+// schedule (twice a day, more often with short-lived certificates),
 // RandomizedDelaySec=1h and Persistent=true so a run missed while the
 // host was off happens at boot.
 func (a *app) renewTimer(minute int, header string) string {

@@ -17,6 +17,19 @@ import (
 type caError struct {
 	explained *hint.Error
 	cause     error
+	// challenge: the CA's verdict on a challenge (challengeAnswer),
+	// which the explained message no longer says in lego's words.
+	challenge bool
+	// server: the CA said it failed itself (serverFault).
+	server bool
+}
+
+// NoBackoff tells the engine that a CA that failed itself (a 5xx, even
+// after order's retries) is not the names' fault, nor is what the
+// error it explains says is not.
+func (e *caError) NoBackoff() bool {
+	var nb interface{ NoBackoff() bool }
+	return e.server || errors.As(e.cause, &nb) && nb.NoBackoff()
 }
 
 func (e *caError) Error() string   { return e.explained.Error() }
@@ -89,6 +102,9 @@ var validationProblems = []string{"unauthorized", "incorrectResponse", "connecti
 // FailedValidation reports whether err means an authorization failed,
 // which the CA counts against the name.
 func FailedValidation(err error) bool {
+	if challengeAnswer(err) {
+		return true
+	}
 	msg := err.Error()
 	for _, p := range validationProblems {
 		if strings.Contains(msg, "urn:ietf:params:acme:error:"+p) || strings.Contains(msg, ": "+p+": ") {
@@ -133,4 +149,18 @@ func ReplacesRefused(err error) bool {
 	msg := err.Error()
 	return strings.Contains(msg, "alreadyReplaced") || strings.Contains(msg, "being replaced") ||
 		strings.Contains(msg, "replaces") && strings.Contains(msg, "urn:ietf:params:acme:error:")
+}
+
+// challengeAnswer reports whether err is the CA's verdict on a challenge
+// (lego's "invalid challenge" or "invalid authorization"), whatever
+// problem type the CA filed it under, or a challenge it left pending with
+// an error.
+func challengeAnswer(err error) bool {
+	var st *StalledChallengeError
+	var ce *caError
+	if errors.As(err, &st) || errors.As(err, &ce) && ce.challenge {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "invalid challenge: ") || strings.Contains(msg, "invalid authorization: ")
 }

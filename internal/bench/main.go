@@ -2,8 +2,9 @@
 // over N stored lineages for lbcert, and side by side for certbot and the
 // lego CLI (Debian packages) over their own lineages, in the same run.
 // Then it issues 200 certificates with "lbcert batch" and with loops of
-// certbot and lego against one Pebble (issue.go), and checks a
-// 100,000-row CSV for peak memory.
+// certbot and lego against one Pebble (issue.go), checks a 100,000-row
+// CSV for peak memory, and issues the same batch against step-ca beside
+// Pebble (stepca.go).
 //
 // Every lineage holds a real ECDSA certificate from a local test CA,
 // valid for 90 days from yesterday, so none is due. Each tool is timed
@@ -48,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -86,6 +87,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchCPU(*issueN, *conc, *cpuPerf, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "stepca") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchStepCA(*issueN, *conc, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "pacing") {
 		w, _ := filepath.Abs(*work)

@@ -43,6 +43,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"log/slog"
 	"runtime"
 	"slices"
 	"sort"
@@ -334,7 +335,18 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 		s.act, s.item.Reason = actReconfigure, "settings changed"
 	default:
 		s.item.Outcome = NotDue
+		logNotDue(name, d, prev.Cert, s.status, now)
 	}
+}
+
+// logNotDue says with -v why a lineage is left alone, whichever step
+// decided it (issue #26 item 11: renew -v printed nothing when nothing
+// was due and no CA was asked).
+func logNotDue(name string, d renewal.Decision, cert store.CertInfo, st store.Status, now time.Time) {
+	if !slog.Default().Enabled(context.Background(), slog.LevelDebug) {
+		return // a nothing-due pass over 100,000 lineages formats nothing
+	}
+	slog.Debug("not due", "name", name, "rule", renewal.Rule(d, cert, st, now), "due_at", d.At.Format(time.RFC3339))
 }
 
 // loadHead reads the catalog's head into s.prev and merges the stored

@@ -179,7 +179,7 @@ func (r *run) askARI(s *step) bool {
 		return true
 	}
 	it.Outcome = NotDue
-	slog.Debug("not due", "name", s.job.Lineage.Name, "rule", d.Reason, "due_at", d.At.Format(time.RFC3339))
+	logNotDue(s.job.Lineage.Name, d, s.prev.Cert, s.status, e.now())
 	return false
 }
 
@@ -352,11 +352,16 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	}
 	l.Version, it.Version = version, version
 	// A new certificate starts with no renewal history: no ARI answer,
-	// no backoff.
-	if err := e.Catalog.SetStatus(r.ctx, l.Name, store.Status{}); err != nil {
+	// no backoff; only what the order learnt of the CA (no ARI at all:
+	// list then says the lifetime rule decides, not "ARI not asked yet").
+	st := store.Status{}
+	if got.NoARI {
+		st = renewal.NoARI(st, e.now())
+	}
+	if err := e.Catalog.SetStatus(r.ctx, l.Name, st); err != nil {
 		slog.Warn("could not reset the renewal status", "name", l.Name, "err", err)
 	}
-	s.status = store.Status{}
+	s.status = st
 	it.Outcome = outcome
 	slog.Info(string(outcome), "name", l.Name, "serial", got.Info.Serial, "expires", got.Info.NotAfter.Format(time.DateOnly))
 	w, err := e.Node.prepare(r.ctx, &l, func() (store.Files, error) { return got.Files, nil })
@@ -495,7 +500,7 @@ func (r *run) checkARI(s *step) {
 	info, err := e.CA.RenewalInfo(r.ctx, l)
 	switch {
 	case errors.Is(err, acme.ErrNoARI):
-		s.status.ARIUnsupported = now.Add(7 * 24 * time.Hour).UTC()
+		s.status = renewal.NoARI(s.status, now)
 		s.ari = false
 	case err != nil:
 		// Info, not a warning: a CA that is down for a nothing-due run
