@@ -114,17 +114,25 @@ func (a *app) checkAccountSettings() error {
 // eabHMAC reads the EAB HMAC key from LBCERT_EAB_HMAC_KEY or the file named
 // by --eab-hmac-key-file. It is a secret, so it never comes from argv.
 func (a *app) eabHMAC() (string, error) {
-	key := a.getenv(config.EnvName("eab-hmac-key"))
-	if f := a.global.EABHMACFile; f != "" {
-		data, err := os.ReadFile(f)
+	return a.readHMAC(config.EnvName("eab-hmac-key"), a.global.EABHMACFile, "--eab-hmac-key-file",
+		"--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+}
+
+// readHMAC reads an EAB HMAC key from file (named by setting in
+// messages) or, without one, from the environment variable env; missing
+// is the error when there is none.
+func (a *app) readHMAC(env, file, setting, missing string) (string, error) {
+	key := a.getenv(env)
+	if file != "" {
+		data, err := os.ReadFile(file)
 		if err != nil {
-			return "", exit.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
+			return "", exit.Errorf("%s %s: %w", setting, file, unwrapPath(err))
 		}
 		key = strings.TrimSpace(string(data))
 	}
 	secret.Add(key)
 	if key == "" {
-		return "", exit.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+		return "", exit.Errorf("%s", missing)
 	}
 	if _, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(key, "=")); err != nil {
 		return "", exit.Errorf("the EAB HMAC key is not base64url, as CAs issue it")

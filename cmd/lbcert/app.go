@@ -76,6 +76,7 @@ type app struct {
 	global    globalOptions
 	mail      mailOptions
 	fleetOpts fleetOptions
+	caOpts    caOptions
 	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
 
 	runs *[]time.Time // renew's recorded runs, read once per command (list)
@@ -199,6 +200,7 @@ beats the config file, which beats the default.
 	pf.StringVar(&g.MetricsFile, "metrics-file", "", "after every run, write Prometheus metrics here (node_exporter textfile format); off when empty")
 	a.mail.register(pf)
 	a.fleetOpts.register(pf)
+	a.caOpts.register(pf)
 
 	root.AddCommand(
 		a.newIssueCmd(nil),
@@ -243,6 +245,9 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return exit.Errorf("%w", err)
 	}
 	a.setupLogging()
+	if err := a.checkCAs(); err != nil {
+		return err
+	}
 	return a.mail.check()
 }
 

@@ -219,7 +219,7 @@ func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
 
 // revoke revokes the lineage's current certificate at its CA.
 func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
-	is := &issuer.Issuer{Account: a.lazyAccount(h.accounts, false)}
+	is := &issuer.Issuer{Account: a.accountsFor(h.accounts, a.caSet(h.breakers, false), false)}
 	client, err := is.Client(ctx, l.Server, l.Email)
 	if err != nil {
 		return err

@@ -458,7 +458,7 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 		return exit.Errorf("save this node's deploy settings: %w", err)
 	}
 	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
-	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner}
+	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner, Roots: a.caRoots()}
 	ag := &fleet.Agent{Local: st, Connect: connect, Sync: syncer, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}
 	if a.global.MetricsFile != "" {

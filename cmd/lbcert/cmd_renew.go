@@ -190,6 +190,7 @@ func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (ite
 				if l, err := h.catalog.Head(ctx, n); err == nil {
 					job.Stored, job.Lineage = false, *l
 					job.Lineage.Server = dryRunServer(l.Server)
+					job.Lineage.Fallback.Primary = dryRunServer(l.Fallback.Primary)
 				}
 			}
 			if !yield(job) {

@@ -93,7 +93,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
 	settings := fleet.NodeDeploy(st)
 	return &host{
-		st: st, catalog: cat, accounts: cat, where: "the fleet", fleet: f,
+		st: st, catalog: cat, accounts: cat, where: "the fleet", fleet: f, breakers: fleet.BreakerStore{N: f.node},
 		node: &engine.Node{
 			Local: st, Deploy: runner, Keep: a.global.Keep,
 			Settings: func(*store.Lineage) store.Deploy { return settings },

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 
 	"github.com/lbcert/lbcert/internal/batch"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/deploy"
@@ -62,6 +63,9 @@ type host struct {
 	served func(ctx context.Context) (map[string][]nodeServes, error)
 	close  func()
 	fleet  *fleetRun // fleet-only commands (status, remove) read it
+	// breakers keeps the CAs' breakers: the state directory, or the
+	// fleet's Redis, where every node sees them.
+	breakers ca.Store
 }
 
 // nodeServes is what one node serves of a lineage (list and show in a
@@ -133,7 +137,7 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 	st := store.New(a.global.Dir)
 	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
 	return &host{
-		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir,
+		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir, breakers: ca.FileStore{Dir: st.Dir},
 		node: &engine.Node{Local: st, Deploy: runner, Keep: a.global.Keep},
 		budget: func(l pace.Limits) (engine.Budget, *pace.Budget, error) {
 			b, err := a.openBudget(st, l)

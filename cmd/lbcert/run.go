@@ -96,6 +96,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 			LeaseTTL:    a.fleetOpts.LeaseTTL,
 		},
 	}
+	a.useCAs(h, is, e, spec)
 	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
 		return nil, exit.Errorf("%w", err)

@@ -51,6 +51,8 @@ type Options struct {
 	EABHMAC   string // secret: never logged
 	UserAgent string
 	Store     catalog.Accounts
+	// OrderGate, when set, paces this account's new orders.
+	OrderGate OrderGate
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -222,6 +224,14 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 
+	c := &Client{ctx: ctx, opts: o, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	if o.OrderGate != nil {
+		// lego gets a client of its own: the directory read for the
+		// newOrder URL goes through c.hc, ungated.
+		gated := *hc
+		gated.Transport = &gateTransport{base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
+		hc = &gated
+	}
 	cfg := lego.NewConfig(u)
 	cfg.CADirURL = o.Server
 	cfg.HTTPClient = hc
@@ -231,7 +241,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{ctx: ctx, opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c.lego = lc
 	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
 		return nil, err
 	}

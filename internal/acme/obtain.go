@@ -53,6 +53,10 @@ type Request struct {
 	// PreferredChain is the issuer common name of the chain to pick
 	// among those the CA offers.
 	PreferredChain string
+	// ProfileOptional orders under the CA's default when it does not
+	// offer Profile, instead of refusing: a fallback CA takes the
+	// lineage whatever profiles it has.
+	ProfileOptional bool
 }
 
 // Result is a checked certificate, ready for store.Save.
