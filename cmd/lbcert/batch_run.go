@@ -175,7 +175,7 @@ func rowDetail(it *engine.Item) string {
 		if it.Verify != "" {
 			d += ", verify " + it.Verify
 		}
-		return d
+		return d + fromFallback(it)
 	case engine.Deferred, engine.Failed:
 		if it.NextAttempt != nil {
 			return fmt.Sprintf("%s; next attempt %s", it.Error, it.NextAttempt.Format(time.RFC3339))

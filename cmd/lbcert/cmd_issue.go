@@ -230,6 +230,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
 			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), timeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
 		a.printf("  deploy    %s\n", deployWords(it))
+		a.printIssuer(it)
 	}
 	switch it.Outcome {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:

@@ -49,6 +49,7 @@ type listEntry struct {
 	Paths       store.Paths `json:"paths"`
 	// Nodes is what each node of a fleet reports serving.
 	Nodes []nodeServes `json:"nodes,omitempty"`
+	caEntry
 	Error string       `json:"error,omitempty"` // the lineage could not be read
 }
 
@@ -177,6 +178,7 @@ func (a *app) listEntry(ctx context.Context, h *host, name string) (*listEntry, 
 		e.Deploy = "none"
 	}
 	e.Pending = pendingWords(h, l)
+	e.caEntry = a.caEntryOf(l)
 	if renewal.InBackoff(status, now) {
 		next := status.NextAttempt.UTC()
 		e.BackoffTill = &next
@@ -278,6 +280,7 @@ func (a *app) printTable(entries []listEntry) {
 		if e.Cadence != "" {
 			status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
 		}
+		status += e.caEntry.words()
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, strings.Join(e.Domains, ","), a.when(e.NotAfter), e.DaysLeft,
 			a.renewWhen(e.RenewAt), e.RenewReason, e.Challenge, e.Deploy, status)
 	}
@@ -304,6 +307,10 @@ func (a *app) printShow(e *listEntry) {
 	row("profile", e.Profile)
 	row("server", e.Server)
 	row("account", e.Email)
+	row("issued by", e.caEntry.issuer())
+	if f := e.caEntry.Fallback; f != nil {
+		row("fallback", f.Reason+"; renewals try "+f.Primary+" first")
+	}
 	row("version", fmt.Sprint(e.Version))
 	row("pending", e.Pending)
 	if e.Failures > 0 {

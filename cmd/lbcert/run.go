@@ -189,6 +189,7 @@ func (a *app) lazyAccount(st catalog.Accounts, dryRun bool) func(server, email s
 
 // sayUnreachable prints the one line for a CA that stopped answering.
 func (a *app) sayUnreachable(res *engine.Result) {
+	a.sayFallbacks(res)
 	for _, s := range res.Unreachable {
 		fmt.Fprintf(a.err, "lbcert: error: the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run\n", s)
 		fmt.Fprintf(a.err, "lbcert: hint: check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff\n", s)

@@ -61,6 +61,8 @@ type fakeCA struct {
 	binds    [][]string
 	replaces map[string]string
 	resets   int
+	down     map[string]error // by server: every order there fails so
+	at       []string         // the server of each order, in order
 }
 
 func (f *fakeCA) BindAll(addrs []string) map[string]error {
@@ -97,7 +99,11 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 		f.replaces = map[string]string{}
 	}
 	f.replaces[o.Lineage.Name] = o.Replaces
+	f.at = append(f.at, o.Lineage.Server)
 	err := f.fail[o.Lineage.Name]
+	if down := f.down[o.Lineage.Server]; down != nil {
+		err = down
+	}
 	f.mu.Unlock()
 	if err != nil {
 		return nil, err

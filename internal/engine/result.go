@@ -153,7 +153,7 @@ func (r *Result) Report() *notify.Report {
 	out := &notify.Report{Command: r.Command, Time: r.Finished}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
-			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
+			Verify: it.Verify, Error: it.Error, Hint: it.Hint, CA: it.CA, Fallback: it.Fallback}
 		if m := it.mail; m != nil {
 			ni.MailTo = m.To
 			ni.Relay = notify.Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle}
