@@ -131,10 +131,12 @@ func (a *app) accountsFor(st catalog.Accounts, set *ca.Set, dryRun bool) func(se
 	return func(server, email string) (acme.Options, error) {
 		c, ok := set.Fallback(server)
 		if !ok {
-			return primary(server, email)
+			o, err := primary(server, email)
+			o.FailFast = set.Len() > 1 // another CA can take what this one drops
+			return o, err
 		}
 		o := acme.Options{Server: server, Email: email, CABundle: c.CABundle, AgreeTOS: a.global.AgreeTOS || dryRun,
-			EABKid: c.EABKid, UserAgent: userAgent(), Store: st}
+			EABKid: c.EABKid, UserAgent: userAgent(), Store: st, FailFast: true}
 		if a.stdinTTY && a.stderrTTY {
 			o.ConfirmTOS = a.confirmTOS
 		}

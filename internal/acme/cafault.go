@@ -2,8 +2,11 @@ package acme
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"strings"
+
+	legoacme "github.com/go-acme/lego/v4/acme"
 )
 
 // CAFault reports whether err is the CA's own fault, never the names':
@@ -29,13 +32,43 @@ func CAFault(err error) (why string, ok bool) {
 	msg := flatten(err.Error())
 	switch {
 	case serverFault(err):
-		return "answered with an internal error: " + clip(msg), true
+		return "answered " + statusWords(err), true
+	case errors.Is(err, ErrCADown):
+		return "stopped answering mid-order", true
 	case Unreachable(err) || closedConnection(err):
-		return "did not answer: " + clip(msg), true
+		return "did not answer (" + unreachableWords(msg) + ")", true
 	case strings.Contains(msg, "get directory at"), strings.Contains(msg, "could not read its directory"):
-		return "its directory could not be read: " + clip(msg), true
+		return "did not serve its directory (" + clip(msg) + ")", true
 	}
 	return "", false
+}
+
+// statusWords says what a CA that failed itself answered: "HTTP 503",
+// with the problem's type and detail when it sent one.
+func statusWords(err error) string {
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) {
+		status := pd.HTTPStatus
+		if status == 0 {
+			status = 500
+		}
+		return clip(fmt.Sprintf("HTTP %d (%s: %s)", status, problemType(pd.Type), flatten(pd.Detail)))
+	}
+	if m := plain5xx.FindStringSubmatch(err.Error()); m != nil {
+		return "HTTP " + m[2]
+	}
+	return "an internal error"
+}
+
+// unreachableWords is the gist of a CA that did not answer.
+func unreachableWords(msg string) string {
+	for _, s := range []string{"connection refused", "connection reset", "no such host", "network is unreachable", "TLS handshake timeout",
+		"Client.Timeout exceeded", "i/o timeout", "broken pipe", "unexpected EOF", "EOF"} {
+		if strings.Contains(msg, s) {
+			return s
+		}
+	}
+	return clip(msg)
 }
 
 // ServerFault reports whether err is the CA's answer that it failed

@@ -53,6 +53,9 @@ type Options struct {
 	Store     catalog.Accounts
 	// OrderGate, when set, paces this account's new orders.
 	OrderGate OrderGate
+	// FailFast gives up the orders in flight once the CA stops
+	// answering (ErrCADown), for a fallback CA to take them.
+	FailFast bool
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -69,6 +72,8 @@ type Client struct {
 
 	dirMu sync.Mutex // the directory, read on first need
 	dir   *directory // nil until read
+
+	down *downDetector // FailFast's
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -225,6 +230,12 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	}
 
 	c := &Client{ctx: ctx, opts: o, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	if o.FailFast {
+		c.down = &downDetector{}
+		watched := *hc
+		watched.Transport = watchTransport{base: hc.Transport, d: c.down}
+		hc = &watched
+	}
 	if o.OrderGate != nil {
 		// lego gets a client of its own: the directory read for the
 		// newOrder URL goes through c.hc, ungated.

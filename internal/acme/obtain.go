@@ -106,7 +106,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		PreferredChain: r.PreferredChain,
 		MustStaple:     false, // never: Let's Encrypt runs no OCSP, so a Must-Staple certificate fails in browsers
 	}
-	res, err := c.order(req)
+	res, err := c.orderWatched(req)
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}

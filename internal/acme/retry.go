@@ -73,7 +73,7 @@ func serverFault(err error) bool {
 
 // plain5xx is lego's wording of an error status without a problem
 // document: "503 :: GET :: URL" or "503 ::GET :: URL".
-var plain5xx = regexp.MustCompile(`(^|[^0-9])5[0-9][0-9] ::`)
+var plain5xx = regexp.MustCompile(`(^|[^0-9])(5[0-9][0-9]) ::`)
 
 // retryPause is 0.5 to 1.5 s, random, times the try: the orders of a
 // burst spread out further each time.

@@ -21,10 +21,11 @@ import (
 //     cannot be read, as any CA words it) stops new orders until its
 //     Retry-After, an hour when it gives none.
 //   - After that answer, orders are spaced by the Retry-After it gave
-//     (the time the CA needs for one more): when the wait ends, one
-//     order goes first, the next waits for its answer and for the
-//     spacing, so the herd never repeats. A second refusal doubles the
-//     spacing.
+//     (the time the CA needs for one more) and a tenth (an order's
+//     time on the wire varies, and the CA counts it on arrival): when
+//     the wait ends, one order goes first, the next waits for its answer
+//     and for the spacing, so the herd never repeats. A second refusal
+//     doubles the spacing.
 //
 // A wait longer than MaxWait is not started: Acquire returns a *Denied,
 // and the engine defers the order (or tries a fallback CA). A Gate lives
@@ -118,7 +119,7 @@ func (g *Gate) release(a *Answer) {
 			g.until = until
 			g.why = fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339))
 		}
-		g.gap = min(max(ra, 2*g.gap), maxGap)
+		g.gap = min(max(ra+ra/10, 2*g.gap), maxGap)
 	}
 	close(g.changed)
 	g.changed = make(chan struct{})

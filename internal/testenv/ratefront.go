@@ -66,6 +66,10 @@ func LetsEncryptLimits() FrontLimits {
 type RateFront struct {
 	// DirectoryURL is the ACME directory through the front.
 	DirectoryURL string
+	// PlainWording, set before the first request, words rateLimited
+	// answers as other CAs do: no count, no period, no link to Let's
+	// Encrypt's rate-limit page; only the Retry-After header says when.
+	PlainWording bool
 
 	limits FrontLimits
 	speed  float64
@@ -262,6 +266,9 @@ func (f *RateFront) admit(jws jwsRequest) *refusal {
 			"orders": "new-orders-per-account", "domain": "new-certificates-per-registered-domain",
 			"exact_set": "new-certificates-per-exact-set-of-identifiers", "failed_authz": "authorization-failures-per-identifier-per-account",
 		}[strings.Fields(ref.scope)[0]]
+		if f.PlainWording {
+			ref.detail = "Request rejected: this account is over its limit. Please retry later."
+		}
 		ev.Limited, ev.RetryAfter = ref.scope, ref.wait
 		f.events = append(f.events, ev)
 		return ref
