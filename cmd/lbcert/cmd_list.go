@@ -50,7 +50,7 @@ type listEntry struct {
 	// Nodes is what each node of a fleet reports serving.
 	Nodes []nodeServes `json:"nodes,omitempty"`
 	caEntry
-	Error string       `json:"error,omitempty"` // the lineage could not be read
+	Error string `json:"error,omitempty"` // the lineage could not be read
 }
 
 // lineageList is list --json: the same schema rules as the run report

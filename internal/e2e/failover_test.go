@@ -28,7 +28,7 @@ type failoverEnv struct {
 	front    *testenv.CAFront // nil when lbcert talks to Pebble itself
 	primary  string           // the primary's directory, as lbcert has it
 	fallback string           // --fallback-ca
-	roots    string // the primary's roots, --verify-roots
+	roots    string           // the primary's roots, --verify-roots
 	tlsAddr  string
 	deploy   []string
 }
