@@ -71,10 +71,14 @@ var nameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
 //
 // Keys: email, eab-kid, eab-hmac-key-file, ca-bundle, preferred-chain,
 // verify-roots, and profile=FROM:TO (repeatable; TO empty for the CA's
-// default). Files are checked to exist, not read: a run with nothing to
-// order reads no secret.
+// default). A value with spaces is double-quoted:
+// preferred-chain="ISRG Root X1". Files are checked to exist, not read:
+// a run with nothing to order reads no secret.
 func Parse(spec string) (CA, error) {
-	f := strings.Fields(spec)
+	f, err := fields(spec)
+	if err != nil {
+		return CA{}, err
+	}
 	if len(f) == 0 {
 		return CA{}, fmt.Errorf("an empty fallback: want NAME [URL] [key=value...]")
 	}
@@ -100,6 +104,35 @@ func Parse(spec string) (CA, error) {
 		return CA{}, fmt.Errorf("fallback %s: eab-hmac-key-file without eab-kid", c.Name)
 	}
 	return c, nil
+}
+
+// fields splits spec at spaces, except inside double quotes, which go.
+func fields(spec string) ([]string, error) {
+	var out []string
+	var cur strings.Builder
+	quoted, have := false, false
+	for _, r := range spec {
+		switch {
+		case r == '"':
+			quoted, have = !quoted, true
+		case !quoted && (r == ' ' || r == '\t' || r == '\n'):
+			if have {
+				out = append(out, cur.String())
+				cur.Reset()
+				have = false
+			}
+		default:
+			cur.WriteRune(r)
+			have = true
+		}
+	}
+	if quoted {
+		return nil, fmt.Errorf("%q: a double quote is not closed", spec)
+	}
+	if have {
+		out = append(out, cur.String())
+	}
+	return out, nil
 }
 
 func (c *CA) set(kv string) error {
@@ -202,7 +235,7 @@ func (s *Set) Len() int {
 
 // NewSet checks fallbacks against each other and against the primary.
 func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
-	seen := map[string]string{primary: "the primary (--server)"}
+	seen := map[string]string{primary: "the primary's directory (--server)"}
 	names := map[string]bool{}
 	for _, c := range fallbacks {
 		if names[c.Name] {
@@ -210,9 +243,9 @@ func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
 		}
 		names[c.Name] = true
 		if other, dup := seen[c.Server]; dup {
-			return nil, fmt.Errorf("fallback %s has the directory of %s (%s): a fallback must be another CA", c.Name, other, c.Server)
+			return nil, fmt.Errorf("fallback %s: %s is %s: a fallback must be another CA", c.Name, c.Server, other)
 		}
-		seen[c.Server] = "fallback " + c.Name
+		seen[c.Server] = "fallback " + c.Name + "'s directory"
 	}
 	return &Set{Fallbacks: fallbacks, breakers: b}, nil
 }

@@ -22,8 +22,8 @@ func TestParse(t *testing.T) {
 		{"zerossl", CA{Name: "zerossl", Server: Known["zerossl"]}},
 		{"stepca https://ca.internal:9000/acme/acme/directory ca-bundle=" + file + " verify-roots=" + file + " email=pki@example.com",
 			CA{Name: "stepca", Server: "https://ca.internal:9000/acme/acme/directory", CABundle: file, Roots: file, Email: "pki@example.com"}},
-		{"google eab-kid=K eab-hmac-key-file=" + file + " preferred-chain=GTS profile=shortlived: profile=tlsserver:tls",
-			CA{Name: "google", Server: Known["google"], EABKid: "K", EABHMACFile: file, PreferredChain: "GTS", Profiles: map[string]string{"shortlived": "", "tlsserver": "tls"}}},
+		{"google eab-kid=K eab-hmac-key-file=" + file + ` preferred-chain="GTS Root R1" profile=shortlived: profile=tlsserver:tls`,
+			CA{Name: "google", Server: Known["google"], EABKid: "K", EABHMACFile: file, PreferredChain: "GTS Root R1", Profiles: map[string]string{"shortlived": "", "tlsserver": "tls"}}},
 	}
 	for _, g := range good {
 		got, err := Parse(g.spec)
@@ -55,6 +55,7 @@ func TestParse(t *testing.T) {
 		"mine https://ca/dir eab-hmac-key-file=" + file: "eab-hmac-key-file without eab-kid",
 		"mine https://ca/dir profile=x":                 "want profile=FROM:TO",
 		"mine https://ca/dir email":                     `"email": want key=value`,
+		`mine https://ca/dir preferred-chain="X`:        "a double quote is not closed",
 	} {
 		if _, err := Parse(spec); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want %q", spec, err, want)
