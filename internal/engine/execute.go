@@ -373,6 +373,13 @@ func (r *run) reconfigure(s *step) {
 	l := s.job.Lineage
 	l.Cert, l.Version, l.IssuedAt, l.KeyType = s.prev.Cert, s.prev.Version, s.prev.IssuedAt, s.prev.KeyType
 	l.ReuseKey = s.prev.ReuseKey || s.job.ReuseKey
+	if p := s.prev; p.Fallback.Primary != "" {
+		// The certificate stays the fallback's: the CA and account that
+		// issued it stay with it, and the job's CA is where renewals go.
+		home, email := l.Home()
+		l.Server, l.Email, l.Fallback = p.Server, p.Email, p.Fallback
+		l.Fallback.Primary, l.Fallback.Email = home, email
+	}
 	it.Serial, it.NotAfter = l.Cert.Serial, timePtr(l.Cert.NotAfter)
 	if e.Opts.DryRun {
 		it.Outcome = Reconfigured

@@ -271,3 +271,22 @@ func (s orderSpy) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, err
 	*s.seen = append(*s.seen, strings.Join([]string{l.Server, l.Email, l.Profile, l.PreferredChain, fmt.Sprint(o.ProfileOptional)}, " "))
 	return s.fakeCA.Obtain(ctx, o)
 }
+
+// New settings for a certificate a fallback issued keep it the
+// fallback's: the CA and account that issued it, and why.
+func TestReconfigureKeepsTheIssuingCA(t *testing.T) {
+	f := newFixture(t)
+	f.ca.down = map[string]error{primary: refused}
+	f.runE(f.withFallback(Options{Command: "issue"}, t.TempDir()), job("k.test"))
+	f.ca.down = nil
+	j := job("k.test")
+	j.Lineage.Challenge.Webroot = "/srv/acme"
+	res := f.runE(f.withFallback(Options{Command: "issue"}, t.TempDir()), j)
+	if res.Items[0].Outcome != Reconfigured {
+		t.Fatalf("%+v", res.Items[0])
+	}
+	l, _ := f.st.Load("k.test")
+	if l.Server != fallback || l.Fallback.CA != "backup" || l.Fallback.Primary != primary || l.Challenge.Webroot != "/srv/acme" {
+		t.Fatalf("%+v", l)
+	}
+}
