@@ -43,6 +43,9 @@ func (a *app) checkCAs() error {
 		if err != nil {
 			return exit.Errorf("--fallback-ca: %v", err).WithHint("one CA per --fallback-ca (a list in the config file), like 'zerossl eab-kid=KID eab-hmac-key-file=/etc/lbcert/zerossl.hmac'")
 		}
+		if c.EABKid != "" && c.EABHMACFile == "" && a.getenv(c.HMACEnv()) == "" {
+			return exit.Errorf("--fallback-ca %s has eab-kid but no HMAC key: set %s or add eab-hmac-key-file=FILE", c.Name, c.HMACEnv())
+		}
 		if c.Email != "" {
 			if addr, err := mail.ParseAddress(c.Email); err != nil || addr.Address != c.Email || !strings.Contains(c.Email, ".") {
 				return exit.Errorf("--fallback-ca %s: email=%q is not an email address", c.Name, c.Email)

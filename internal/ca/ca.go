@@ -235,17 +235,27 @@ func (s *Set) Len() int {
 
 // NewSet checks fallbacks against each other and against the primary.
 func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
-	seen := map[string]string{primary: "the primary's directory (--server)"}
+	// One CA's directory, however it is spelt: a trailing slash or a
+	// capital in the host makes no other CA.
+	key := func(s string) string {
+		u, err := url.Parse(strings.TrimRight(s, "/"))
+		if err != nil {
+			return s
+		}
+		u.Host = strings.ToLower(u.Host)
+		return u.String()
+	}
+	seen := map[string]string{key(primary): "the primary's directory (--server)"}
 	names := map[string]bool{}
 	for _, c := range fallbacks {
 		if names[c.Name] {
 			return nil, fmt.Errorf("fallback %s is named twice: give each CA once", c.Name)
 		}
 		names[c.Name] = true
-		if other, dup := seen[c.Server]; dup {
+		if other, dup := seen[key(c.Server)]; dup {
 			return nil, fmt.Errorf("fallback %s: %s is %s: a fallback must be another CA", c.Name, c.Server, other)
 		}
-		seen[c.Server] = "fallback " + c.Name + "'s directory"
+		seen[key(c.Server)] = "fallback " + c.Name + "'s directory"
 	}
 	return &Set{Fallbacks: fallbacks, breakers: b}, nil
 }

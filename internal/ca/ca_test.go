@@ -71,7 +71,7 @@ func TestNewSetRefusesDuplicates(t *testing.T) {
 	if _, err := NewSet("https://p/dir", []CA{a, {Name: "a", Server: "https://b/dir"}}, nil); err == nil {
 		t.Fatal("a name given twice")
 	}
-	if _, err := NewSet("https://p/dir", []CA{a, {Name: "b", Server: "https://a/dir"}}, nil); err == nil {
+	if _, err := NewSet("https://p/dir", []CA{a, {Name: "b", Server: "https://A/dir/"}}, nil); err == nil {
 		t.Fatal("a directory given twice")
 	}
 }

@@ -48,6 +48,10 @@ func (r *run) orderFrom(s *step, lease catalog.Lease, reuse []byte, keyType stri
 			return
 		}
 		if a.next == "" {
+			if len(passed) > 0 && s.item.Error != "" {
+				// Settled at a later CA: the CAs before it failed too.
+				s.item.Error += " (at " + c.Name + ", after " + strings.Join(passed, "; ") + ")"
+			}
 			return // settled: failed, deferred or interrupted here
 		}
 		passed = append(passed, c.Name+" "+a.next)

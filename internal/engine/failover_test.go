@@ -290,3 +290,15 @@ func TestReconfigureKeepsTheIssuingCA(t *testing.T) {
 		t.Fatalf("%+v", l)
 	}
 }
+
+// Every CA down: the lineage fails at the last one, without backoff (no
+// fault of its names), and its error names what each CA did.
+func TestEveryCADown(t *testing.T) {
+	f := newFixture(t)
+	f.ca.down = map[string]error{primary: refused, fallback: refused}
+	res := f.runE(f.withFallback(Options{Command: "issue"}, t.TempDir()), job("d.test"))
+	it := res.Items[0]
+	if it.Outcome != Failed || it.NextAttempt != nil || !strings.Contains(it.Error, "(at backup, after ca.test did not answer (connection refused))") {
+		t.Fatalf("%+v", it)
+	}
+}
