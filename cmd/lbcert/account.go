@@ -58,7 +58,7 @@ func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
 	if acme.NeedsTOS(o) {
 		return acme.Options{}, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
-	return o, nil
+	return o, a.checkFallbackTOS(o)
 }
 
 // accountBase checks the account settings that do not depend on which

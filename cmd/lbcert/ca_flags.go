@@ -66,6 +66,23 @@ func (a *app) checkCAs() error {
 	return nil
 }
 
+// checkFallbackTOS refuses, before anything is ordered, fallbacks whose
+// account would have to accept terms of service with nobody to ask: in
+// an outage they could take nothing.
+func (a *app) checkFallbackTOS(primary acme.Options) error {
+	for _, c := range a.caOpts.list {
+		o := primary
+		o.Server = c.Server
+		if c.Email != "" {
+			o.Email = c.Email
+		}
+		if acme.NeedsTOS(o) {
+			return exit.Errorf("--fallback-ca %s: no account at %s yet, and no terminal to ask about its terms of service: pass --agree-tos to accept them", c.Name, c.Server)
+		}
+	}
+	return nil
+}
+
 // caSet is the run's CAs with their breakers in store, or nil with no
 // fallback: then a lineage orders from its own CA only, as it always
 // did. A dry run's fallbacks stay off Let's Encrypt's production limits.

@@ -87,6 +87,12 @@ func NeedsTOS(o Options) bool {
 // CA bundle, and every request bound to ctx so that Ctrl-C aborts an order
 // in flight (lego v4 takes no context of its own).
 func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
+	return httpClient(ctx, caBundle, 90*time.Second)
+}
+
+// httpClient is HTTPClient waiting at most headers for a response's
+// headers.
+func httpClient(ctx context.Context, caBundle string, headers time.Duration) (*http.Client, error) {
 	pool, err := x509.SystemCertPool()
 	if err != nil || pool == nil {
 		pool = x509.NewCertPool()
@@ -107,7 +113,7 @@ func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
 	// timeout here, and a loaded CA failed one run on it; connecting
 	// and reading headers get the same 30 s.
 	tr.TLSHandshakeTimeout = CATimeout
-	tr.ResponseHeaderTimeout = 90 * time.Second
+	tr.ResponseHeaderTimeout = headers
 	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
 	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr}}, nil
 }
@@ -199,7 +205,13 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if NeedsTOS(o) {
 		return nil, errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
-	hc, err := HTTPClient(ctx, o.CABundle)
+	// A CA that accepts a request and never answers it: with another
+	// CA to go to, it gets what connecting and the handshake get.
+	headers := 90 * time.Second
+	if o.FailFast {
+		headers = CATimeout
+	}
+	hc, err := httpClient(ctx, o.CABundle, headers)
 	if err != nil {
 		return nil, err
 	}

@@ -336,3 +336,30 @@ func TestNoFailoverForAFailedValidation(t *testing.T) {
 		t.Fatalf("no failure backoff for the name:\n%s", st)
 	}
 }
+
+// TestFailoverPrimaryHangs: the primary accepts every request and never
+// answers it. With a fallback to go to, the request gives up after 30 s,
+// as connecting and the handshake do, and the fallback issues.
+func TestFailoverPrimaryHangs(t *testing.T) {
+	t.Parallel()
+	f := newFailoverEnv(t, true)
+	http := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
+	f.mustRun("issue", "-d", "warm.example.org", "--standalone", "--http-addr", http, "--agree-tos") // the account, registered
+	// A fallback with no account yet needs its terms accepted: without
+	// --agree-tos and a terminal, that is refused before any order.
+	orders := f.front.Orders()
+	r := f.run("issue", "-d", "hang.example.org", "--standalone", "--http-addr", http, "--fallback-ca", f.fallback)
+	if r.code != 1 || !strings.Contains(r.stderr, "lbcert: error: --fallback-ca stepca: no account at "+f.stepca.DirectoryURL+" yet, and no terminal to ask about its terms of service: pass --agree-tos to accept them\n") ||
+		f.front.Orders() != orders || f.stepca.Requests("new-account") != 0 {
+		t.Fatalf("a fallback whose terms nobody accepted: exit %d\n%s", r.code, r.stderr)
+	}
+	f.front.Set(testenv.Hang, 0)
+	r = f.run("issue", "-d", "hang.example.org", "--standalone", "--http-addr", http, "--agree-tos", "--json", "--fallback-ca", f.fallback)
+	rep := parseReport(t, r)
+	if r.code != 0 || rep.Items[0].CA != "stepca" || !strings.Contains(rep.Items[0].Fallback, "did not answer") {
+		t.Fatalf("exit %d %+v\n%s", r.code, rep.Items, r.stderr)
+	}
+	if err := f.chainsTo("hang.example.org", "hang.example.org", f.stepca.CABundle); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -30,6 +30,9 @@ const (
 	// front's Retry-After, worded as no particular CA words it; the
 	// rest passes.
 	RefuseOrders
+	// Hang reads every request and never answers it, as a CA whose
+	// backend stalls behind its load balancer does.
+	Hang
 )
 
 // CAFront is a reverse proxy in front of a test CA (Pebble) whose
@@ -117,6 +120,9 @@ func (f *CAFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fault, ra := f.fault, f.retryAfter
 	f.mu.Unlock()
 	switch {
+	case fault == Hang:
+		<-r.Context().Done() // until the client gives up
+		return
 	case fault == Unavailable:
 		w.Header().Set("Content-Type", "text/html")
 		w.WriteHeader(http.StatusServiceUnavailable)
