@@ -61,7 +61,11 @@ func (a *app) printIssuer(it *engine.Item) {
 	if it.CA == "" {
 		return
 	}
-	a.printf("  issuer    %s%s\n", it.CA, fromFallback(it))
+	if it.Fallback != "" {
+		a.printf("  issuer    %s (fallback: %s)\n", it.CA, it.Fallback)
+		return
+	}
+	a.printf("  issuer    %s\n", it.CA)
 }
 
 // fromFallback is the words for a certificate a fallback issued.

@@ -234,7 +234,7 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	for _, it := range res.Items {
 		switch it.Outcome {
 		case engine.Renewed, engine.Issued:
-			a.printf("  renewed   %-30s %s -> %s, expires %s (%s); deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), it.Reason, deployWords(it))
+			a.printf("  renewed   %-30s %s -> %s, expires %s (%s); deploy %s%s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), it.Reason, deployWords(it), fromFallback(it))
 		case engine.Deployed:
 			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), deployWords(it))
 		case engine.Failed, engine.Aborted:

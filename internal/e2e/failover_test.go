@@ -34,8 +34,8 @@ type failoverEnv struct {
 }
 
 // newFailoverEnv starts the two CAs; with front, lbcert reaches Pebble
-// through a CAFront.
-func newFailoverEnv(t *testing.T, front bool) *failoverEnv {
+// through a CAFront; step-ca gets eab keys for its EAB provisioner.
+func newFailoverEnv(t *testing.T, front bool, eab int) *failoverEnv {
 	t.Helper()
 	port, err := testenv.FreePort()
 	if err != nil {
@@ -43,7 +43,7 @@ func newFailoverEnv(t *testing.T, front bool) *failoverEnv {
 	}
 	e := newEnv(t, testenv.PebbleOptions{HTTPPort: port})
 	os.MkdirAll(filepath.Join(e.work, "stepca"), 0o755)
-	s, err := testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(e.work, "stepca"), HTTPPort: port})
+	s, err := testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(e.work, "stepca"), HTTPPort: port, EABKeys: eab})
 	if err != nil {
 		t.Fatalf("start step-ca: %v", err)
 	}
@@ -149,7 +149,7 @@ func (f *failoverEnv) chainsTo(lineage, name, rootsFile string) error {
 // and its breaker's backoff has passed, a renewal goes back to it.
 func TestFailoverPrimaryKilledMidBatch(t *testing.T) {
 	t.Parallel()
-	f := newFailoverEnv(t, false)
+	f := newFailoverEnv(t, false, 0)
 	f.failoverBatch(f.pebble.Kill, func() {
 		if err := f.pebble.Start(); err != nil {
 			t.Fatal(err)
@@ -163,7 +163,7 @@ func TestFailoverPrimaryKilledMidBatch(t *testing.T) {
 // front of a CA that is down does.
 func TestFailoverPrimaryAnswers503(t *testing.T) {
 	t.Parallel()
-	f := newFailoverEnv(t, true)
+	f := newFailoverEnv(t, true, 0)
 	f.failoverBatch(func() { f.front.Set(testenv.Unavailable, 0) }, func() { f.front.Set(testenv.Pass, 0) })
 }
 
@@ -277,7 +277,7 @@ func (f *failoverEnv) failoverBatch(breakPrimary, restore func()) {
 // before its Retry-After (the budget holds it), but goes to the fallback.
 func TestFailoverRateLimitedPastMaxWait(t *testing.T) {
 	t.Parallel()
-	f := newFailoverEnv(t, true)
+	f := newFailoverEnv(t, true, 0)
 	f.front.Set(testenv.RefuseOrders, time.Hour)
 	http := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
 	issue := func(name string) runReport {
@@ -312,7 +312,7 @@ func TestFailoverRateLimitedPastMaxWait(t *testing.T) {
 // would spend as well.
 func TestNoFailoverForAFailedValidation(t *testing.T) {
 	t.Parallel()
-	f := newFailoverEnv(t, true)
+	f := newFailoverEnv(t, true, 0)
 	// Pebble resolves the name to an address nothing listens on.
 	if err := f.pebble.SetA("bad.example.org", "127.0.0.2"); err != nil {
 		t.Fatal(err)
@@ -342,7 +342,7 @@ func TestNoFailoverForAFailedValidation(t *testing.T) {
 // as connecting and the handshake do, and the fallback issues.
 func TestFailoverPrimaryHangs(t *testing.T) {
 	t.Parallel()
-	f := newFailoverEnv(t, true)
+	f := newFailoverEnv(t, true, 0)
 	http := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
 	f.mustRun("issue", "-d", "warm.example.org", "--standalone", "--http-addr", http, "--agree-tos") // the account, registered
 	// A fallback with no account yet needs its terms accepted: without
@@ -360,6 +360,51 @@ func TestFailoverPrimaryHangs(t *testing.T) {
 		t.Fatalf("exit %d %+v\n%s", r.code, rep.Items, r.stderr)
 	}
 	if err := f.chainsTo("hang.example.org", "hang.example.org", f.stepca.CABundle); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFallbackEAB: a fallback that requires external account binding
+// registers with its own key ID and HMAC key, from the environment
+// (LBCERT_EAB_HMAC_KEY_<NAME>) or a file, never argv; the key is in no
+// output and no file lbcert writes.
+func TestFallbackEAB(t *testing.T) {
+	t.Parallel()
+	f := newFailoverEnv(t, true, 2)
+	f.front.Set(testenv.Unavailable, 0)
+	http := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
+	k1, k2 := f.stepca.EAB[0], f.stepca.EAB[1]
+	spec := func(kid, extra string) string {
+		return fmt.Sprintf("stepca-eab %s ca-bundle=%s eab-kid=%s %s", f.stepca.EABDirectoryURL, f.stepca.CABundle, kid, extra)
+	}
+	r := f.runEnv([]string{"LBCERT_EAB_HMAC_KEY_STEPCA_EAB=" + k1.HMAC}, "issue", "-d", "eab1.example.org", "--standalone", "--http-addr", http,
+		"--agree-tos", "--email", "a@lbcert.test", "--fallback-ca", spec(k1.KID, ""))
+	if r.code != 0 || !strings.Contains(r.stdout, "issuer    stepca-eab (fallback: ") || strings.Contains(r.stdout+r.stderr, k1.HMAC) {
+		t.Fatalf("HMAC key from the environment: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	keyFile := filepath.Join(f.work, "eab.hmac")
+	os.WriteFile(keyFile, []byte(k2.HMAC+"\n"), 0o600)
+	r = f.run("issue", "-d", "eab2.example.org", "--standalone", "--http-addr", http, "--agree-tos", "--email", "b@lbcert.test",
+		"--fallback-ca", spec(k2.KID, "eab-hmac-key-file="+keyFile))
+	if r.code != 0 || strings.Contains(r.stdout+r.stderr, k2.HMAC) {
+		t.Fatalf("HMAC key from a file: exit %d\n%s", r.code, r.stderr)
+	}
+	if err := f.chainsTo("eab2.example.org", "eab2.example.org", f.stepca.CABundle); err != nil {
+		t.Fatal(err)
+	}
+	err := filepath.WalkDir(f.dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		data, _ := os.ReadFile(p)
+		for _, k := range []testenv.EABKey{k1, k2} {
+			if strings.Contains(string(data), k.HMAC) {
+				t.Errorf("%s holds an EAB HMAC key", p)
+			}
+		}
+		return nil
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 }
