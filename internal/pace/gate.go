@@ -16,7 +16,9 @@ import (
 //     issuance still run in parallel). A batch's workers therefore
 //     never arrive at once, and a refusal reaches the gate before the
 //     next order is sent: the CA answers "rateLimited" to one order,
-//     not to a whole herd.
+//     not to a whole herd. An answer that takes longer than stuckAfter
+//     lets the next order go: a CA that hangs must not hold every
+//     worker behind one request until its timeout.
 //   - A rateLimited answer about the account (or one whose scope
 //     cannot be read, as any CA words it) stops new orders until its
 //     Retry-After, an hour when it gives none.
@@ -35,9 +37,9 @@ type Gate struct {
 	Now     func() time.Time
 	MaxWait time.Duration
 
-	mu      sync.Mutex
-	busy    bool
-	changed chan struct{} // closed and replaced whenever busy clears or until moves
+	mu       sync.Mutex
+	inflight int           // new orders sent and not answered yet
+	changed  chan struct{} // closed and replaced whenever one is answered or until moves
 	until   time.Time     // no order before this (the CA's Retry-After)
 	gap     time.Duration // spacing learnt from refusals
 	last    time.Time     // when the last order was sent
@@ -53,6 +55,9 @@ type Answer struct {
 
 // maxGap bounds the spacing a run learns.
 const maxGap = time.Hour
+
+// stuckAfter is how long an unanswered new order holds the next back.
+const stuckAfter = 3 * time.Second
 
 func (g *Gate) now() time.Time {
 	if g.Now != nil {
@@ -81,17 +86,19 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 			g.mu.Unlock()
 			return nil, &Denied{Wait: wait, Reason: why}
 		}
-		if !g.busy && wait <= 0 {
-			g.busy, g.last = true, now
+		stuck := g.last.Add(stuckAfter).Sub(now)
+		if wait <= 0 && (g.inflight == 0 || stuck <= 0) {
+			g.inflight++
+			g.last = now
 			g.mu.Unlock()
 			return g.release, nil
 		}
-		ch, busy := g.changed, g.busy
-		g.mu.Unlock()
-		t := time.NewTimer(max(wait, 0))
-		if busy {
-			t.Stop() // woken by the answer, not the clock
+		if g.inflight > 0 {
+			wait = max(wait, stuck) // woken by the answer, or when it is overdue
 		}
+		ch := g.changed
+		g.mu.Unlock()
+		t := time.NewTimer(wait)
 		select {
 		case <-ch:
 		case <-t.C:
@@ -108,7 +115,7 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 func (g *Gate) release(a *Answer) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.busy = false
+	g.inflight--
 	if a != nil && a.Limited && ParseRateLimit(a.Detail).Scope == ScopeAccount {
 		ra := a.RetryAfter
 		if ra <= 0 {

@@ -81,3 +81,23 @@ func TestGateScopedRefusalDoesNotBlockTheAccount(t *testing.T) {
 	}
 	d(nil)
 }
+
+// A new order the CA does not answer holds the next back only until it
+// is overdue, not until its timeout.
+func TestGateStuckOrder(t *testing.T) {
+	g := &Gate{MaxWait: time.Minute}
+	if _, err := g.Acquire(context.Background()); err != nil { // never answered
+		t.Fatal(err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	done, err := g.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("the order after a stuck one never went: %v", err)
+	}
+	done(nil)
+	if waited := time.Since(start); waited < stuckAfter {
+		t.Fatalf("went after %v, while the one before was in flight for less than %v", waited, stuckAfter)
+	}
+}
