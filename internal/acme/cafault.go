@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -36,7 +37,7 @@ func CAFault(err error) (why string, ok bool) {
 	case errors.Is(err, ErrCADown):
 		return "stopped answering mid-order", true
 	case Unreachable(err) || closedConnection(err):
-		return "did not answer (" + unreachableWords(msg) + ")", true
+		return "did not answer (" + unreachableWords(err, msg) + ")", true
 	case strings.Contains(msg, "get directory at"), strings.Contains(msg, "could not read its directory"):
 		return "did not serve its directory (" + clip(msg) + ")", true
 	}
@@ -61,12 +62,16 @@ func statusWords(err error) string {
 }
 
 // unreachableWords is the gist of a CA that did not answer.
-func unreachableWords(msg string) string {
+func unreachableWords(err error, msg string) string {
 	for _, s := range []string{"connection refused", "connection reset", "no such host", "network is unreachable", "TLS handshake timeout",
-		"Client.Timeout exceeded", "i/o timeout", "broken pipe", "unexpected EOF", "EOF"} {
+		"broken pipe", "unexpected EOF", "EOF"} {
 		if strings.Contains(msg, s) {
 			return s
 		}
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() || strings.Contains(msg, "timeout") || strings.Contains(msg, "deadline exceeded") {
+		return "timed out"
 	}
 	return clip(msg)
 }
