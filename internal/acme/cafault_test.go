@@ -45,9 +45,9 @@ func TestCAFault(t *testing.T) {
 	}
 	// The reason is short enough for a report line.
 	for err, want := range map[error]string{
-		errors.New(`obtain a: Post "https://ca/authZ/x": net/http: timeout awaiting response headers`): "did not answer (timed out)",
+		errors.New(`obtain a: Post "https://ca/authZ/x": net/http: timeout awaiting response headers`):                             "did not answer (timed out)",
 		&url.Error{Op: "Post", URL: "https://ca/x", Err: &net.OpError{Op: "dial", Err: errors.New("connect: connection refused")}}: "did not answer (connection refused)",
-		fmt.Errorf("obtain: 503 :: POST :: https://ca/new-order :: invalid character '<'"):                                    "answered HTTP 503",
+		fmt.Errorf("obtain: 503 :: POST :: https://ca/new-order :: invalid character '<'"):                                         "answered HTTP 503",
 	} {
 		if why, _ := CAFault(err); why != want {
 			t.Errorf("CAFault(%v) says %q, want %q", err, why, want)
