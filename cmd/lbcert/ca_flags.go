@@ -53,8 +53,8 @@ func (a *app) checkCAs() error {
 		}
 		o.list = append(o.list, c)
 	}
-	if o.Backoff < time.Second {
-		return exit.Errorf("--ca-backoff %s: want 1s or more", o.Backoff)
+	if o.Backoff < time.Second || o.Backoff > ca.MaxBackoff {
+		return exit.Errorf("--ca-backoff %s: want 1s to %s", o.Backoff, ca.MaxBackoff)
 	}
 	if len(o.list) > 0 {
 		if primary, err := a.serverURL(); err == nil {
