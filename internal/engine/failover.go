@@ -52,6 +52,10 @@ func (r *run) orderFrom(s *step, lease catalog.Lease, reuse []byte, keyType stri
 				// Settled at a later CA: the CAs before it failed too.
 				s.item.Error += " (at " + c.Name + ", after " + strings.Join(passed, "; ") + ")"
 			}
+			if !c.Primary && (strings.Contains(s.item.Hint, "--ca-bundle") || strings.Contains(s.item.Hint, "--server")) {
+				// The primary's flags do not set a fallback's directory.
+				s.item.Hint = "check --fallback-ca " + c.Name + ": its directory URL, and ca-bundle= with the root of its HTTPS certificate for a private CA"
+			}
 			return // settled: failed, deferred or interrupted here
 		}
 		passed = append(passed, c.Name+" "+a.next)

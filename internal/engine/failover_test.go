@@ -302,3 +302,15 @@ func TestEveryCADown(t *testing.T) {
 		t.Fatalf("%+v", it)
 	}
 }
+
+// A fallback whose directory cannot be trusted is pointed at its own
+// setting, not at the primary's --ca-bundle.
+func TestFallbackHintNamesItsSetting(t *testing.T) {
+	f := newFixture(t)
+	f.ca.down = map[string]error{primary: refused,
+		fallback: acme.Explain(errors.New("ACME server https://fallback.test/dir: get directory at 'https://fallback.test/dir': x509: certificate signed by unknown authority"))}
+	res := f.runE(f.withFallback(Options{Command: "issue"}, t.TempDir()), job("h.test"))
+	if it := res.Items[0]; it.Outcome != Failed || !strings.HasPrefix(it.Hint, "check --fallback-ca backup: ") {
+		t.Fatalf("%+v", it)
+	}
+}
