@@ -40,10 +40,10 @@ type Gate struct {
 	mu       sync.Mutex
 	inflight int           // new orders sent and not answered yet
 	changed  chan struct{} // closed and replaced whenever one is answered or until moves
-	until   time.Time     // no order before this (the CA's Retry-After)
-	gap     time.Duration // spacing learnt from refusals
-	last    time.Time     // when the last order was sent
-	why     string
+	until    time.Time     // no order before this (the CA's Retry-After)
+	gap      time.Duration // spacing learnt from refusals
+	last     time.Time     // when the last order was sent
+	why      string
 }
 
 // Answer is the CA's answer to one new order, as the gate reads it.
