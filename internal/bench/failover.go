@@ -54,35 +54,86 @@ type failoverResult struct {
 	fromPebble, fromStep     int
 }
 
-func failoverOnce(n, after, concurrency int, bin, dir, how string) (failoverResult, error) {
-	var out failoverResult
+// failoverCAs are one failover run's CAs, validating on one port.
+type failoverCAs struct {
+	p     *testenv.Pebble
+	s     *testenv.StepCA
+	front *testenv.CAFront
+	port  int
+}
+
+func startFailoverCAs(dir string) (*failoverCAs, error) {
 	for _, d := range []string{"pebble", "step-ca"} {
 		os.MkdirAll(filepath.Join(dir, d), 0o755)
 	}
-	port, err := testenv.FreePort()
+	c := &failoverCAs{}
+	var err error
+	if c.port, err = testenv.FreePort(); err != nil {
+		return nil, err
+	}
+	if c.p, err = testenv.StartPebble(testenv.PebbleOptions{Dir: filepath.Join(dir, "pebble"), HTTPPort: c.port}); err != nil {
+		return nil, err
+	}
+	if c.s, err = testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(dir, "step-ca"), HTTPPort: c.port}); err != nil {
+		c.stop()
+		return nil, err
+	}
+	if c.front, err = testenv.StartCAFront(c.p); err != nil {
+		c.stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *failoverCAs) stop() {
+	if c.front != nil {
+		c.front.Stop()
+	}
+	if c.s != nil {
+		c.s.Stop()
+	}
+	c.p.Stop()
+}
+
+// breakAfter fails the primary as how says once it has issued after
+// more certificates, until stop; done closes when it has or never will.
+func (c *failoverCAs) breakAfter(how string, after int, stop <-chan struct{}) <-chan struct{} {
+	done := make(chan struct{})
+	issued := c.p.Issued()
+	go func() {
+		defer close(done)
+		for how != "up throughout" {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if c.p.Issued()-issued >= after {
+				if how == "killed" {
+					c.p.Kill()
+				} else {
+					c.front.Set(testenv.Unavailable, 0)
+				}
+				return
+			}
+		}
+	}()
+	return done
+}
+
+func failoverOnce(n, after, concurrency int, bin, dir, how string) (failoverResult, error) {
+	var out failoverResult
+	c, err := startFailoverCAs(dir)
 	if err != nil {
 		return out, err
 	}
-	p, err := testenv.StartPebble(testenv.PebbleOptions{Dir: filepath.Join(dir, "pebble"), HTTPPort: port})
-	if err != nil {
-		return out, err
-	}
-	defer p.Stop()
-	s, err := testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(dir, "step-ca"), HTTPPort: port})
-	if err != nil {
-		return out, err
-	}
-	defer s.Stop()
-	front, err := testenv.StartCAFront(p)
-	if err != nil {
-		return out, err
-	}
-	defer front.Stop()
+	defer c.stop()
+	p, s, port := c.p, c.s, c.port
 	// A killed CA refuses connections; a front in front of it would
 	// answer 502 instead, so the front is in the way only for the 503s.
 	server, orders := p.DirectoryURL, p.Orders
 	if how == "503 from a front" {
-		server, orders = front.DirectoryURL, front.Orders
+		server, orders = c.front.DirectoryURL, c.front.Orders
 	}
 	state := filepath.Join(dir, "state")
 	base := []string{"--server", server, "--ca-bundle", p.CABundle, "--dir", state,
@@ -106,30 +157,9 @@ func failoverOnce(n, after, concurrency int, bin, dir, how string) (failoverResu
 	if o, err := exec.Command(bin, warmStep...).CombinedOutput(); err != nil {
 		return out, fmt.Errorf("warm-up at step-ca: %v\n%s", err, tail(string(o)))
 	}
-	pebbleOrders, stepOrders, issued := orders(), s.Orders(), p.Issued()
+	pebbleOrders, stepOrders := orders(), s.Orders()
 	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if how == "up throughout" {
-			return
-		}
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-			if p.Issued()-issued >= after {
-				if how == "killed" {
-					p.Kill()
-				} else {
-					front.Set(testenv.Unavailable, 0)
-				}
-				return
-			}
-		}
-	}()
+	done := c.breakAfter(how, after, stop)
 	cmd := exec.Command(bin, batch("b", n, "--json")...)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -141,23 +171,31 @@ func failoverOnce(n, after, concurrency int, bin, dir, how string) (failoverResu
 	if err != nil {
 		return out, fmt.Errorf("batch: %v\n%s", err, tail(stderr.String()))
 	}
-	var rep struct {
-		Items []struct{ Outcome, CA string }
-	}
-	if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil {
+	if out.fromPebble, out.fromStep, err = countByCA(stdout.String()); err != nil {
 		return out, err
-	}
-	for _, it := range rep.Items {
-		switch {
-		case it.Outcome != "issued":
-			return out, fmt.Errorf("an item %s", it.Outcome)
-		case it.CA == "stepca":
-			out.fromStep++
-		default:
-			out.fromPebble++
-		}
 	}
 	out.stepOrders = s.Orders() - stepOrders
 	out.pebbleOrders = orders() - pebbleOrders
 	return out, nil
+}
+
+// countByCA counts a batch's certificates from Pebble and from step-ca.
+func countByCA(report string) (pebble, step int, err error) {
+	var rep struct {
+		Items []struct{ Outcome, CA string }
+	}
+	if err := json.Unmarshal([]byte(report), &rep); err != nil {
+		return 0, 0, err
+	}
+	for _, it := range rep.Items {
+		switch {
+		case it.Outcome != "issued":
+			return 0, 0, fmt.Errorf("an item %s", it.Outcome)
+		case it.CA == "stepca":
+			step++
+		default:
+			pebble++
+		}
+	}
+	return pebble, step, nil
 }

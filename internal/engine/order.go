@@ -59,18 +59,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
-		if acme.AccountGone(err) && !reset {
-			// The CA lost the account (a restarted or rebuilt CA): register
-			// again, once, and say so, instead of failing every lineage
-			// until someone deletes accounts/ by hand. Several workers
-			// may find it at once; one resets it and says so.
-			reset = true
-			r.resetOnce(l.Server, l.Email)
-			continue
-		}
-		if o.Replaces != "" && !dropped && acme.ReplacesRefused(err) {
-			slog.Warn("the CA refused to record this order as the replacement of the old certificate; ordering without it", "name", l.Name, "err", oneLine(err))
-			dropped, o.Replaces = true, ""
+		if r.again(err, &o, &reset, &dropped) {
 			continue
 		}
 		if d := (*pace.Denied)(nil); errors.As(err, &d) {
@@ -78,11 +67,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			// run was already given runs past MaxWait. Nothing reached
 			// the CA.
 			r.refund(key, r.paceOrder(s, o), reserved)
-			if more {
-				return attempt{next: "not ordered: " + d.Reason}
-			}
-			r.defer_(s, "not ordered: "+d.Reason, e.now().Add(d.Wait), err)
-			return attempt{}
+			return r.held(s, "not ordered: "+d.Reason, e.now().Add(d.Wait), err, more)
 		}
 		if notTheNamesFault(err) && reserved {
 			// Stopped before the CA validated (a fleet agent that did not
@@ -122,6 +107,37 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
 		return attempt{answered: !down, broken: down}
 	}
+}
+
+// again reports whether the same order goes to the CA again at once:
+// after it lost the account (registered again, once; several workers
+// may find it at once, and one resets it and says so), or without
+// "replaces" when it refused that (once).
+func (r *run) again(err error, o *issuer.Order, reset, dropped *bool) bool {
+	l := o.Lineage
+	switch {
+	case acme.AccountGone(err) && !*reset:
+		// A restarted or rebuilt CA: register again instead of failing
+		// every lineage until someone deletes accounts/ by hand.
+		*reset = true
+		r.resetOnce(l.Server, l.Email)
+		return true
+	case o.Replaces != "" && !*dropped && acme.ReplacesRefused(err):
+		slog.Warn("the CA refused to record this order as the replacement of the old certificate; ordering without it", "name", l.Name, "err", oneLine(err))
+		*dropped, o.Replaces = true, ""
+		return true
+	}
+	return false
+}
+
+// held settles s as deferred until next for why, or, with another CA to
+// try (more), passes why on to it.
+func (r *run) held(s *step, why string, next time.Time, err error, more bool) attempt {
+	if more {
+		return attempt{next: why}
+	}
+	r.defer_(s, why, next, err)
+	return attempt{}
 }
 
 // refund gives an order's certificate tokens back, when it took any.
