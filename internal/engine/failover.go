@@ -68,7 +68,7 @@ func (r *run) verdict(server string, a attempt) {
 	b := r.e.CAs.Breakers()
 	switch {
 	case a.broken:
-		b.Fault(server, a.next)
+		b.Fault(server, a.why)
 	case a.answered:
 		b.Success(server)
 	default:

@@ -21,8 +21,11 @@ type attempt struct {
 	// not answer or failed itself (a breaker fault), or it asked for a
 	// wait past MaxWait (its rateLimited, the budget). Empty when the
 	// step is settled here.
-	next   string
-	broken bool // next is a breaker fault of this CA
+	next string
+	// broken is a fault of the CA's own (acme.CAFault), for its
+	// breaker, and why what it says.
+	broken bool
+	why    string
 	// answered says the CA answered: up, whatever it said.
 	answered bool
 }
@@ -99,13 +102,13 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			if !notTheNamesFault(err) {
 				r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
 			}
-			return attempt{next: why, broken: true}
+			return attempt{next: why, broken: true, why: why}
 		}
 		// An account that cannot be set up, or a CA that does not answer,
 		// is not this lineage's fault: no backoff, so the next run after
 		// the fix goes ahead.
 		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
-		return attempt{answered: !down, broken: down}
+		return attempt{answered: !down, broken: down, why: why}
 	}
 }
 
