@@ -22,12 +22,13 @@ import (
 //   - A rateLimited answer about the account (or one whose scope
 //     cannot be read, as any CA words it) stops new orders until its
 //     Retry-After, an hour when it gives none.
-//   - After that answer, orders are spaced by the Retry-After it gave
-//     (the time the CA needs for one more) and a tenth (an order's
-//     time on the wire varies, and the CA counts it on arrival): when
-//     the wait ends, one order goes first, the next waits for its answer
-//     and for the spacing, so the herd never repeats. A second refusal
-//     doubles the spacing.
+//   - After that answer, orders are spaced by the time the CA needs
+//     for one more: its stated rate when the answer states one (Let's
+//     Encrypt's "(300) ... in the last 3h0m0s"), else the Retry-After
+//     it gave; and a tenth more (an order's time on the wire varies,
+//     and the CA counts it on arrival). When the wait ends, one order
+//     goes first, the next waits for its answer and for the spacing, so
+//     the herd never repeats. A second refusal doubles the spacing.
 //
 // A wait longer than MaxWait is not started: Acquire returns a *Denied,
 // and the engine defers the order (or tries a fallback CA). A Gate lives
@@ -51,6 +52,13 @@ type Answer struct {
 	Limited    bool
 	RetryAfter time.Duration
 	Detail     string
+}
+
+func (a *Answer) detail() string {
+	if a == nil {
+		return ""
+	}
+	return a.Detail
 }
 
 // maxGap bounds the spacing a run learns.
@@ -116,17 +124,21 @@ func (g *Gate) release(a *Answer) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.inflight--
-	if a != nil && a.Limited && ParseRateLimit(a.Detail).Scope == ScopeAccount {
+	if rl := ParseRateLimit(a.detail()); a != nil && a.Limited && rl.Scope == ScopeAccount {
 		ra := a.RetryAfter
 		if ra <= 0 {
 			ra = time.Hour
+		}
+		step := ra
+		if rl.Limit.N > 0 {
+			step = rl.Limit.Per / time.Duration(rl.Limit.N)
 		}
 		now := g.now()
 		if until := now.Add(ra); until.After(g.until) {
 			g.until = until
 			g.why = fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339))
 		}
-		g.gap = min(max(ra+ra/10, 2*g.gap), maxGap)
+		g.gap = min(max(step+step/10, 2*g.gap), maxGap)
 	}
 	close(g.changed)
 	g.changed = make(chan struct{})

@@ -101,3 +101,20 @@ func TestGateStuckOrder(t *testing.T) {
 		t.Fatalf("went after %v, while the one before was in flight for less than %v", waited, stuckAfter)
 	}
 }
+
+// A refusal that states the CA's limit spaces the orders after it by
+// that rate and a tenth, not by the Retry-After (whole seconds, as
+// HTTP rounds it); one that states none, by its Retry-After.
+func TestGateStatedRate(t *testing.T) {
+	for detail, want := range map[string]time.Duration{
+		"too many new orders (10) from this account in the last 1s, retry after 2026-12-03 12:00:00 UTC": 110 * time.Millisecond,
+		"Request rejected: this account is over its limit. Please retry later.":                            1100 * time.Millisecond,
+	} {
+		g := &Gate{MaxWait: time.Minute}
+		done, _ := g.Acquire(context.Background())
+		done(&Answer{Limited: true, RetryAfter: time.Second, Detail: detail})
+		if g.gap != want {
+			t.Errorf("%q: spacing %v, want %v", detail, g.gap, want)
+		}
+	}
+}
