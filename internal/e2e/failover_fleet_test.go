@@ -21,16 +21,7 @@ func TestFleetFailoverSharedBreaker(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, "n1", "n2")
 	os.MkdirAll(filepath.Join(f.work, "stepca"), 0o755)
-	s, err := testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(f.work, "stepca"), HTTPPort: f.pebble.HTTPPort})
-	if err != nil {
-		t.Fatalf("start step-ca: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("step-ca log:\n%s", s.Log())
-		}
-		s.Stop()
-	})
+	s := startStepCA(t, testenv.StepCAOptions{Dir: filepath.Join(f.work, "stepca"), HTTPPort: f.pebble.HTTPPort})
 	front, err := testenv.StartCAFront(f.pebble)
 	if err != nil {
 		t.Fatal(err)

@@ -43,16 +43,7 @@ func newFailoverEnv(t *testing.T, front bool, eab int) *failoverEnv {
 	}
 	e := newEnv(t, testenv.PebbleOptions{HTTPPort: port})
 	os.MkdirAll(filepath.Join(e.work, "stepca"), 0o755)
-	s, err := testenv.StartStepCA(testenv.StepCAOptions{Dir: filepath.Join(e.work, "stepca"), HTTPPort: port, EABKeys: eab})
-	if err != nil {
-		t.Fatalf("start step-ca: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("step-ca log:\n%s", s.Log())
-		}
-		s.Stop()
-	})
+	s := startStepCA(t, testenv.StepCAOptions{Dir: filepath.Join(e.work, "stepca"), HTTPPort: port, EABKeys: eab})
 	f := &failoverEnv{env: e, stepca: s, primary: e.pebble.DirectoryURL, roots: filepath.Join(e.work, "pebble-roots.pem")}
 	if front {
 		if f.front, err = testenv.StartCAFront(e.pebble); err != nil {
@@ -392,19 +383,5 @@ func TestFallbackEAB(t *testing.T) {
 	if err := f.chainsTo("eab2.example.org", "eab2.example.org", f.stepca.CABundle); err != nil {
 		t.Fatal(err)
 	}
-	err := filepath.WalkDir(f.dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		data, _ := os.ReadFile(p)
-		for _, k := range []testenv.EABKey{k1, k2} {
-			if strings.Contains(string(data), k.HMAC) {
-				t.Errorf("%s holds an EAB HMAC key", p)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	noSecretOnDisk(t, f.dir, k1.HMAC, k2.HMAC)
 }

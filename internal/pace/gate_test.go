@@ -108,7 +108,7 @@ func TestGateStuckOrder(t *testing.T) {
 func TestGateStatedRate(t *testing.T) {
 	for detail, want := range map[string]time.Duration{
 		"too many new orders (10) from this account in the last 1s, retry after 2026-12-03 12:00:00 UTC": 110 * time.Millisecond,
-		"Request rejected: this account is over its limit. Please retry later.":                            1100 * time.Millisecond,
+		"Request rejected: this account is over its limit. Please retry later.":                          1100 * time.Millisecond,
 	} {
 		g := &Gate{MaxWait: time.Minute}
 		done, _ := g.Acquire(context.Background())

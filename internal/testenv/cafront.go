@@ -1,18 +1,10 @@
 package testenv
 
 import (
-	"bytes"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httputil"
-	"net/url"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 )
@@ -42,9 +34,7 @@ type CAFront struct {
 	// DirectoryURL is the CA's directory through the front.
 	DirectoryURL string
 
-	target *url.URL
-	tr     *http.Transport
-	srv    *http.Server
+	*front
 
 	mu         sync.Mutex
 	fault      Fault
@@ -55,34 +45,12 @@ type CAFront struct {
 
 // StartCAFront starts a front for p.
 func StartCAFront(p *Pebble) (*CAFront, error) {
-	root, err := ModuleRoot()
-	if err != nil {
+	f := &CAFront{}
+	var err error
+	if f.front, err = startFront(p, f); err != nil {
 		return nil, err
 	}
-	certs := filepath.Join(root, "testdata", "pebble")
-	cert, err := tls.LoadX509KeyPair(filepath.Join(certs, "cert.pem"), filepath.Join(certs, "key.pem"))
-	if err != nil {
-		return nil, err
-	}
-	caPEM, err := os.ReadFile(p.CABundle)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	target, err := url.Parse(p.DirectoryURL)
-	if err != nil {
-		return nil, err
-	}
-	target.Path = ""
-	f := &CAFront{target: target, tr: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, MaxIdleConnsPerHost: 64}}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	f.DirectoryURL = "https://" + ln.Addr().String() + "/dir"
-	f.srv = &http.Server{Handler: f, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, ErrorLog: nullLogger()}
-	go f.srv.ServeTLS(ln, "", "")
+	f.DirectoryURL = f.dirURL
 	return f, nil
 }
 
@@ -132,28 +100,13 @@ func (f *CAFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.refuse(w, ra)
 		return
 	}
-	body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
-	r.Body.Close()
-	r.Body = io.NopCloser(bytes.NewReader(body))
-	r.ContentLength = int64(len(body))
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(f.target)
-			pr.Out.Host = pr.In.Host // Pebble builds its URLs from Host
-		},
-		Transport: f.tr,
-		ErrorLog:  nullLogger(),
-	}
-	proxy.ServeHTTP(w, r)
+	f.proxy(w, r)
 }
 
 // refuse answers a new order with rateLimited, with a fresh nonce from
 // the CA so that the client's next request is not a badNonce.
 func (f *CAFront) refuse(w http.ResponseWriter, ra time.Duration) {
-	if resp, err := (&http.Client{Transport: f.tr, Timeout: 10 * time.Second}).Head(f.target.String() + "/nonce-plz"); err == nil {
-		resp.Body.Close()
-		w.Header().Set("Replay-Nonce", resp.Header.Get("Replay-Nonce"))
-	}
+	w.Header().Set("Replay-Nonce", f.nonce())
 	w.Header().Set("Content-Type", "application/problem+json")
 	w.Header().Set("Retry-After", fmt.Sprint(int(ra.Seconds())))
 	w.WriteHeader(http.StatusTooManyRequests)
