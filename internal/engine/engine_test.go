@@ -63,6 +63,7 @@ type fakeCA struct {
 	resets   int
 	down     map[string]error // by server: every order there fails so
 	at       []string         // the server of each order, in order
+	ariAt    []string         // the server asked for each renewal window
 }
 
 func (f *fakeCA) BindAll(addrs []string) map[string]error {
@@ -114,6 +115,7 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.ariAt = append(f.ariAt, l.Server)
 	if ri, ok := f.ari[l.Cert.Serial]; ok {
 		return ri, nil
 	}

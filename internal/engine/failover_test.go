@@ -162,7 +162,8 @@ func TestBreakerPassesOverThenReturns(t *testing.T) {
 }
 
 // A certificate from the fallback renews at the primary when it answers:
-// no "replaces" sent there (it names the fallback's certificate), and
+// ARI is asked of the fallback that issued it, no "replaces" is sent to
+// the primary (it names the fallback's certificate), and
 // the lineage no longer records a fallback. A renewal at the same CA
 // sends "replaces".
 func TestRenewalGoesBackToThePrimary(t *testing.T) {
@@ -178,6 +179,9 @@ func TestRenewalGoesBackToThePrimary(t *testing.T) {
 	res := f.runE(f.withFallback(Options{Command: "renew"}, dir), Job{Lineage: store.Lineage{Name: "r.test"}, Stored: true})
 	if res.Items[0].Outcome != Renewed {
 		t.Fatalf("%+v", res.Items[0])
+	}
+	if f.ca.ariAt[len(f.ca.ariAt)-1] != fallback {
+		t.Fatalf("the renewal window was asked of %s, not of the CA that issued the certificate", f.ca.ariAt[len(f.ca.ariAt)-1])
 	}
 	got := f.servers()
 	if got[len(got)-1] != primary || f.ca.replaces["r.test"] != "" {
