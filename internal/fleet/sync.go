@@ -461,9 +461,18 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 			continue
 		}
 		err = s.N.publishVersion(ctx, name, live)
+		var stale *rdb.ErrStale
 		switch {
 		case err == nil:
 			slog.Warn("the fleet's Redis had lost this node's newest version; published it again", "name", name, "version", live)
+		case errors.As(err, &stale) && (stale.Why == "version" || stale.Why == "older"):
+			// Another node numbered a certificate of its own in the
+			// meantime: this one lost. It goes once the node serves the
+			// fleet's (the reconcile installs it next).
+			slog.Warn("the fleet's Redis had lost this node's newest version, and another node has published since: this node's goes", "name", name, "version", live)
+			if err := s.Local.MarkLost(name, live); err != nil {
+				slog.Warn("could not mark the lost version", "name", name, "err", err)
+			}
 		case isUnavailable(err):
 			return err
 		}
