@@ -15,7 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -24,7 +24,7 @@ import (
 func (a *app) serverURL() (string, error) {
 	g := a.global
 	if g.Staging && g.Server != "" {
-		return "", exit.Errorf("--staging and --server %s contradict each other: give one", g.Server)
+		return "", fmt.Errorf("--staging and --server %s contradict each other: give one", g.Server)
 	}
 	if g.Staging {
 		return acme.LetsEncryptStaging, nil
@@ -34,10 +34,10 @@ func (a *app) serverURL() (string, error) {
 	}
 	u, err := url.Parse(g.Server)
 	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
-		return "", exit.Errorf("--server %q is not a URL: want the CA's directory, like %s", g.Server, acme.LetsEncrypt)
+		return "", fmt.Errorf("--server %q is not a URL: want the CA's directory, like %s", g.Server, acme.LetsEncrypt)
 	}
 	if u.Scheme != "https" {
-		return "", exit.Errorf("--server %s: ACME requires https (RFC 8555 section 6.1)", g.Server)
+		return "", fmt.Errorf("--server %s: ACME requires https (RFC 8555 section 6.1)", g.Server)
 	}
 	return g.Server, nil
 }
@@ -56,7 +56,7 @@ func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
 	}
 	o.Server = server
 	if acme.NeedsTOS(o) {
-		return acme.Options{}, exit.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+		return acme.Options{}, fmt.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
 	return o, nil
 }
@@ -78,7 +78,7 @@ func (a *app) accountBase(st catalog.Accounts) (acme.Options, error) {
 			return acme.Options{}, err
 		}
 		if g.EABKid == "" {
-			return acme.Options{}, exit.Errorf("an EAB HMAC key was given without --eab-kid")
+			return acme.Options{}, fmt.Errorf("an EAB HMAC key was given without --eab-kid")
 		}
 		o.EABHMAC = hmac
 	}
@@ -97,16 +97,16 @@ func (a *app) checkAccountSettings() error {
 	g := a.global
 	if g.Email != "" {
 		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
-			return exit.Errorf("--email %q is not an email address", g.Email)
+			return fmt.Errorf("--email %q is not an email address", g.Email)
 		}
 	}
 	if g.CABundle != "" {
 		if _, err := acme.HTTPClient(a.ctx, g.CABundle); err != nil {
-			return exit.Errorf("%w", err)
+			return err
 		}
 	}
 	if g.EABHMACFile != "" && g.EABKid == "" {
-		return exit.Errorf("an EAB HMAC key file was given without --eab-kid")
+		return fmt.Errorf("an EAB HMAC key file was given without --eab-kid")
 	}
 	return nil
 }
@@ -118,16 +118,16 @@ func (a *app) eabHMAC() (string, error) {
 	if f := a.global.EABHMACFile; f != "" {
 		data, err := os.ReadFile(f)
 		if err != nil {
-			return "", exit.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
+			return "", fmt.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
 		}
 		key = strings.TrimSpace(string(data))
 	}
 	secret.Add(key)
 	if key == "" {
-		return "", exit.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+		return "", fmt.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
 	}
 	if _, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(key, "=")); err != nil {
-		return "", exit.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
+		return "", fmt.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
 	}
 	return key, nil
 }
@@ -142,26 +142,25 @@ func (a *app) confirmTOS(tos string) (bool, error) {
 	return ans == "y" || ans == "yes", nil
 }
 
-// lock takes the state directory lock, or fails with exit code Locked.
+// lock takes the state directory lock, or fails with a *store.LockedError
+// (exit code 3).
 func (a *app) lock(st *store.Store) (*store.Lock, error) {
 	l, err := st.TryLock()
+	if errors.Is(err, store.ErrLocked) {
+		return nil, hint.Wrap(err, "wait for the other run to finish, or pass --wait-lock; the lock is released when it exits, even if it is killed")
+	}
 	if err != nil {
-		if le, ok := err.(*store.LockedError); ok {
-			return nil, (&exit.Error{Code: exit.Locked, Msg: le.Error()}).
-				WithHint("wait for the other run to finish; the lock is released when it exits, even if it is killed")
-		}
-		return nil, dirError(st, err)
+		return nil, dirError(err)
 	}
 	return l, nil
 }
 
 // dirError explains a state directory lbcert cannot use.
-func dirError(_ *store.Store, err error) error {
-	e := exit.Errorf("%w", err)
+func dirError(err error) error {
 	if errors.Is(err, fs.ErrPermission) {
-		e = e.WithHint("run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir (or set LBCERT_DIR) to a directory you can write")
+		return hint.Wrap(err, "run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir (or set LBCERT_DIR) to a directory you can write")
 	}
-	return e
+	return err
 }
 
 func unwrapPath(err error) error {

@@ -20,7 +20,6 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 )
@@ -65,6 +64,7 @@ const defaultConfig = "/etc/lbcert/config.yaml"
 type app struct {
 	in       io.Reader
 	out, err io.Writer
+	say      *printer // every "lbcert: ..." line on err
 	getenv   func(string) string
 	now      func() time.Time
 	ctx      context.Context
@@ -115,34 +115,22 @@ func Main() int {
 }
 
 func (a *app) run(args []string) int {
+	a.say = &printer{w: a.err}
 	root := a.newRootCmd()
 	root.SetArgs(args)
 	err := root.ExecuteContext(a.ctx)
-	// A signal that cut something short (a mail in flight, say) makes
-	// the exit code 130, whatever failure it caused; a second run's
-	// "locked" stays 3.
-	if code := exit.Code(err); err != nil && a.ctx.Err() != nil && code != exit.Locked && code != exit.Interrupted {
-		err = &exit.Error{Code: exit.Interrupted, Msg: "interrupted", Err: err}
+	signalled := a.ctx != nil && a.ctx.Err() != nil
+	code := exitCode(err, signalled)
+	switch {
+	case err == nil || errors.Is(err, errReported):
+	case code == exitInterrupted && !errors.Is(err, errInterrupted):
+		// A signal that cut something short (a mail in flight, say)
+		// makes the run interrupted, whatever failure it caused.
+		a.say.errorWithHint(fmt.Errorf("interrupted: %w", err))
+	default:
+		a.say.errorWithHint(err)
 	}
-	a.printError(err)
-	return exit.Code(err)
-}
-
-// printError writes err in lbcert's one voice: "lbcert: error: ..." and,
-// when there is something to try, "lbcert: hint: ...".
-func (a *app) printError(err error) {
-	if err == nil {
-		return
-	}
-	var e *exit.Error
-	if errors.As(err, &e) && e.Reported {
-		return // the command already printed its failures
-	}
-	msg := secret.Scrub(strings.Join(strings.Fields(err.Error()), " "))
-	fmt.Fprintf(a.err, "lbcert: error: %s\n", msg)
-	if h := exit.Hint(err); h != "" {
-		fmt.Fprintf(a.err, "lbcert: hint: %s\n", h)
-	}
+	return code
 }
 
 const exitCodesHelp = `Exit codes:
@@ -179,7 +167,7 @@ beats the config file, which beats the default.
 	root.SetErr(a.err)
 	root.SetIn(a.in)
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
-		return exit.Errorf("%w (see '%s --help')", err, cmd.CommandPath())
+		return fmt.Errorf("%w (see '%s --help')", err, cmd.CommandPath())
 	})
 
 	pf := root.PersistentFlags()
@@ -229,18 +217,18 @@ func (a *app) setup(cmd *cobra.Command) error {
 	if path != "" {
 		f, err := config.Load(path, a.knownKey(cmd.Root()))
 		if err != nil {
-			return exit.Errorf("%w", err)
+			return err
 		}
 		file = f
 	} else if _, err := os.Stat(defaultConfig); err == nil {
 		f, err := config.Load(defaultConfig, a.knownKey(cmd.Root()))
 		if err != nil {
-			return exit.Errorf("%w", err)
+			return err
 		}
 		file = f
 	}
 	if err := config.Apply(fs, file, a.getenv); err != nil {
-		return exit.Errorf("%w", err)
+		return err
 	}
 	a.setupLogging()
 	return a.mail.check()
@@ -282,9 +270,11 @@ func (a *app) setupLogging() {
 	legolog.Logger = log.New(slogWriter{}, "", 0)
 }
 
-// logTo sends log lines to w at the level -q/-v chose; batch points it
-// at its progress bar so lines are drawn above the bar.
+// logTo sends the printer's lines to w, log lines at the level -q/-v
+// chose; batch points it at its progress bar so lines are drawn above
+// the bar.
 func (a *app) logTo(w io.Writer) {
+	a.say.to(w)
 	level := slog.LevelInfo
 	switch {
 	case a.global.Verbose:
@@ -292,7 +282,7 @@ func (a *app) logTo(w io.Writer) {
 	case a.global.Quiet:
 		level = slog.LevelWarn
 	}
-	slog.SetDefault(slog.New(&lineHandler{w: w, level: level}))
+	slog.SetDefault(slog.New(&lineHandler{p: a.say, level: level}))
 }
 
 // slogWriter turns lego's log lines into debug records.

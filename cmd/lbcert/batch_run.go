@@ -129,7 +129,8 @@ var words = map[engine.Outcome]string{
 func (a *app) printBatchSummary(res *engine.Result) {
 	for _, it := range res.Items {
 		if it.Outcome == engine.Failed && it.Hint != "" {
-			fmt.Fprintf(a.err, "lbcert: error: %s:%d %s: %s\nlbcert: hint: %s\n", res.File, it.Line, it.Name, it.Error, it.Hint)
+			a.say.errorf("%s:%d %s: %s", res.File, it.Line, it.Name, it.Error)
+			a.say.hintf("%s", it.Hint)
 		}
 	}
 	if a.global.Quiet {

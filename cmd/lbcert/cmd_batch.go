@@ -19,8 +19,9 @@ import (
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -114,20 +115,20 @@ happen once at the end, and each recipient gets one mail.
 func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error {
 	st := store.New(a.global.Dir)
 	if o.Concurrency < 1 {
-		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
 	if err := checkDays(o.Days); err != nil {
 		return err
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return exit.Errorf("%w", err)
+		return err
 	}
 	if o.Webroot != "" && o.Standalone {
-		return exit.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
+		return fmt.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
 	}
 	if net.ParseIP(o.VIPHost) == nil {
 		if _, err := names.Domain(o.VIPHost); err != nil {
-			return exit.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
+			return fmt.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
 		}
 	}
 	m := a.mode()
@@ -167,7 +168,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		if problem == "" {
 			var err error
 			if d, err = a.rowDeploy(o, st.Dir, row, deploys); err != nil {
-				problem = oneLine(err)
+				problem = secret.OneLine(err)
 			}
 		}
 		if problem != "" {
@@ -182,11 +183,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	res.Rows = nil
 	sort.SliceStable(invalid, func(i, j int) bool { return invalid[i].Line < invalid[j].Line })
 	for _, it := range invalid {
-		if it.Line > 0 {
-			fmt.Fprintf(a.err, "%s:%d: %s\n", file, it.Line, it.Error)
-		} else {
-			fmt.Fprintf(a.err, "%s: %s\n", file, it.Error)
-		}
+		a.say.at(file, it.Line, "%s", it.Error)
 	}
 	bad := len(invalid)
 	if o.Check {
@@ -200,15 +197,15 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 			a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
 		}
 		if bad > 0 {
-			return exit.Reported(exit.Failure)
+			return errReported
 		}
 		return nil
 	}
 	if bad > 0 && o.Strict {
-		return exit.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
+		return fmt.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
 	}
 	if len(todo) == 0 {
-		return exit.Errorf("%s: no good rows; nothing was sent to the CA", file).WithHint("fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
+		return hint.Wrap(fmt.Errorf("%s: no good rows; nothing was sent to the CA", file), "fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
 	}
 	result, err := a.executeBatch(ctx, st, o, file, string(res.Format), todo, invalid, limits, checker)
 	if err != nil {
@@ -220,7 +217,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		a.printBatchSummary(result)
 	}
 	a.sayUnreachable(result)
-	return finish(result, a.mailReport(ctx, st, result.Report()))
+	return runError(result, a.mailReport(ctx, st, result.Report()))
 }
 
 // readBatch opens and parses the file ("-" is stdin).
@@ -231,14 +228,14 @@ func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
 	} else {
 		f, err := os.Open(file)
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, exit.Errorf("%s: no such file", file)
+			return nil, fmt.Errorf("%s: no such file", file)
 		}
 		if err != nil {
-			return nil, exit.Errorf("%s: %w", file, unwrapPath(err))
+			return nil, fmt.Errorf("%s: %w", file, unwrapPath(err))
 		}
 		defer f.Close()
 		if fi, err := f.Stat(); err == nil && fi.IsDir() {
-			return nil, exit.Errorf("%s: is a directory, want a CSV file", file)
+			return nil, fmt.Errorf("%s: is a directory, want a CSV file", file)
 		}
 		r = f
 	}

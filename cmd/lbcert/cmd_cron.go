@@ -19,8 +19,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -327,7 +327,7 @@ func (a *app) cronInstall(o *cronOptions) error {
 		// cron.d files must be root-owned, 0644, and not group/other
 		// writable, or cron ignores them.
 		if err := store.WriteFile(o.File, []byte(content), 0o644); err != nil {
-			return exit.Errorf("write %s: %w", o.File, unwrapPath(err))
+			return fmt.Errorf("write %s: %w", o.File, unwrapPath(err))
 		}
 	}
 	a.printf("installed renew %d times a day at %s (minute hour): %s\n", perDay, when, a.renewCommand())
@@ -346,7 +346,7 @@ func (a *app) cronShow(o *cronOptions) error {
 			return nil
 		}
 	}
-	return exit.Errorf("no lbcert cron entry installed").WithHint("'lbcert cron install' adds one")
+	return hint.Wrap(fmt.Errorf("no lbcert cron entry installed"), "'lbcert cron install' adds one")
 }
 
 func (a *app) cronRemove(o *cronOptions) error {
@@ -370,7 +370,7 @@ func (a *app) cronRemove(o *cronOptions) error {
 func removeCronFile(path string) error {
 	err := os.Remove(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return exit.Errorf("remove %s: %w", path, unwrapPath(err))
+		return fmt.Errorf("remove %s: %w", path, unwrapPath(err))
 	}
 	return nil
 }
@@ -380,7 +380,7 @@ func (a *app) readCron(o *cronOptions) (string, error) {
 		out, err := exec.Command("crontab", "-l").Output()
 		if err != nil {
 			if _, lerr := exec.LookPath("crontab"); lerr != nil {
-				return "", exit.Errorf("crontab not found: install cron, or use %s", cronFile)
+				return "", fmt.Errorf("crontab not found: install cron, or use %s", cronFile)
 			}
 			return "", nil // "no crontab for user"
 		}
@@ -391,7 +391,7 @@ func (a *app) readCron(o *cronOptions) (string, error) {
 		return "", nil
 	}
 	if err != nil {
-		return "", exit.Errorf("read %s: %w", o.File, unwrapPath(err))
+		return "", fmt.Errorf("read %s: %w", o.File, unwrapPath(err))
 	}
 	return string(data), nil
 }
@@ -402,7 +402,7 @@ func writeCrontab(content string) error {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
-		return exit.Errorf("crontab -: %w: %s", err, strings.TrimSpace(stderr.String()))
+		return fmt.Errorf("crontab -: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
 }
@@ -437,11 +437,11 @@ func (a *app) timerInstall(o *cronOptions) error {
 	}
 	service, timer, timerHours := a.renewService(cronManaged), a.renewTimer(minute, cronManaged), hours(0, runsPerDay(store.New(a.global.Dir)), "%02d")
 	if err := os.MkdirAll(o.UnitDir, 0o755); err != nil {
-		return exit.Errorf("%s: %w", o.UnitDir, unwrapPath(err))
+		return fmt.Errorf("%s: %w", o.UnitDir, unwrapPath(err))
 	}
 	for _, f := range []struct{ path, data string }{{filepath.Join(o.UnitDir, serviceUnit), service}, {timerPath, timer}} {
 		if err := store.WriteFile(f.path, []byte(f.data), 0o644); err != nil {
-			return exit.Errorf("write %s: %w", f.path, unwrapPath(err))
+			return fmt.Errorf("write %s: %w", f.path, unwrapPath(err))
 		}
 	}
 	a.printf("installed %s (at minute %02d of hours %s, up to 1h later at random); enable it with: systemctl daemon-reload && systemctl enable --now %s\n",
@@ -452,7 +452,7 @@ func (a *app) timerInstall(o *cronOptions) error {
 func (a *app) timerShow(o *cronOptions) error {
 	data, err := os.ReadFile(filepath.Join(o.UnitDir, timerUnit))
 	if err != nil {
-		return exit.Errorf("no lbcert systemd timer installed in %s", o.UnitDir).WithHint("'lbcert cron install --systemd' adds one")
+		return hint.Wrap(fmt.Errorf("no lbcert systemd timer installed in %s", o.UnitDir), "'lbcert cron install --systemd' adds one")
 	}
 	if m := onCalendarRE.Find(data); m != nil {
 		fmt.Fprintln(a.out, string(m))
@@ -463,7 +463,7 @@ func (a *app) timerShow(o *cronOptions) error {
 func (a *app) timerRemove(o *cronOptions) error {
 	for _, u := range []string{timerUnit, serviceUnit} {
 		if err := os.Remove(filepath.Join(o.UnitDir, u)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return exit.Errorf("remove %s: %w", u, unwrapPath(err))
+			return fmt.Errorf("remove %s: %w", u, unwrapPath(err))
 		}
 	}
 	a.printf("removed %s and %s from %s; run: systemctl daemon-reload\n", timerUnit, serviceUnit, o.UnitDir)

@@ -16,7 +16,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
@@ -59,7 +59,7 @@ cron entry from "lbcert cron install" is removed too.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 1 {
 				if o.Name != "" {
-					return exit.Errorf("give the lineage once: as an argument or with --name")
+					return fmt.Errorf("give the lineage once: as an argument or with --name")
 				}
 				o.Name = args[0]
 			}
@@ -104,13 +104,13 @@ func parseReason(s string) (uint, error) {
 			}
 		}
 	}
-	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
+	return 0, fmt.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
-		return exit.Errorf("say which lineage: --name NAME or -d DOMAIN")
+		return fmt.Errorf("say which lineage: --name NAME or -d DOMAIN")
 	}
 	reason, err := parseReason(o.Reason)
 	if err != nil {
@@ -118,7 +118,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	}
 	if o.Name != "" {
 		if err := names.Lineage(o.Name); err != nil {
-			return exit.Errorf("--name: %w", err)
+			return fmt.Errorf("--name: %w", err)
 		}
 	}
 	h, err := a.mode().open(ctx, "delete")
@@ -154,12 +154,12 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	}
 	if err := a.unlistNginx(ctx, runner, name, targets, o.Force); err != nil {
 		if o.Revoke {
-			return exit.Errorf("%w; the certificate is revoked, nothing was deleted", err).WithHint("fix nginx and run delete again without --revoke, or pass --force")
+			return hint.Wrap(fmt.Errorf("%w; the certificate is revoked, nothing was deleted", err), "fix nginx and run delete again without --revoke, or pass --force")
 		}
-		return exit.Errorf("%w; nothing was deleted", err).WithHint("fix nginx and run delete again, or pass --force")
+		return hint.Wrap(fmt.Errorf("%w; nothing was deleted", err), "fix nginx and run delete again, or pass --force")
 	}
 	if err := h.catalog.Delete(ctx, name); err != nil {
-		return redisExit(fmt.Errorf("delete %s: %w", name, err))
+		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	a.printf("%s: deleted\n", name)
 	defer func() {
@@ -169,7 +169,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	}()
 	if d.Target != "" && d.NginxInclude == "" {
 		if err := runner.Remove(ctx, name, d); err != nil {
-			return exit.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
+			return fmt.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
 		}
 		a.printf("%s: %s reloaded\n", name, d.Target)
 	}
@@ -188,10 +188,10 @@ func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*sto
 	}
 	l, err := h.catalog.Head(ctx, name)
 	if isNotFound(err) {
-		return nil, exit.Errorf("no lineage %q in %s", name, h.where).WithHint("'lbcert list' shows the lineages")
+		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 	}
 	if err != nil {
-		return nil, redisExit(err)
+		return nil, err
 	}
 	if o.Revoke {
 		if _, err := a.accountBase(h.accounts); err != nil {
@@ -207,12 +207,12 @@ func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
 		return nil
 	}
 	if !(a.stdinTTY && a.stderrTTY) {
-		return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
+		return fmt.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
 	}
 	fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", l.Name, strings.Join(l.Domains, ", "), l.Version)
 	line, _ := bufio.NewReader(a.in).ReadString('\n')
 	if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
-		return exit.Errorf("not deleted")
+		return fmt.Errorf("not deleted")
 	}
 	return nil
 }
@@ -226,10 +226,10 @@ func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint
 	}
 	_, files, err := h.catalog.Fetch(ctx, l.Name, 0)
 	if err != nil {
-		return exit.Errorf("read %s: %w", l.Name, err)
+		return fmt.Errorf("read %s: %w", l.Name, err)
 	}
 	if err := client.Revoke(files.Cert, reason); err != nil {
-		return exit.Errorf("%w; nothing was deleted", err)
+		return fmt.Errorf("%w; nothing was deleted", err)
 	}
 	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
 	return nil
@@ -265,11 +265,11 @@ func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) e
 func (a *app) lineageForDomain(ctx context.Context, h *host, raw string) (string, error) {
 	d, err := names.Domain(raw)
 	if err != nil {
-		return "", exit.Errorf("%w", err)
+		return "", err
 	}
 	all, err := h.catalog.Names(ctx)
 	if err != nil {
-		return "", redisExit(err)
+		return "", err
 	}
 	var found []string
 	for _, n := range all {
@@ -279,9 +279,9 @@ func (a *app) lineageForDomain(ctx context.Context, h *host, raw string) (string
 	}
 	switch len(found) {
 	case 0:
-		return "", exit.Errorf("no lineage covers %s", d).WithHint("'lbcert list' shows the lineages")
+		return "", hint.Wrap(fmt.Errorf("no lineage covers %s", d), "'lbcert list' shows the lineages")
 	case 1:
 		return found[0], nil
 	}
-	return "", exit.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
+	return "", fmt.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
 }

@@ -16,9 +16,9 @@ import (
 
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
@@ -53,49 +53,33 @@ type fleetRun struct {
 	node *fleet.Node
 }
 
-// redisExit maps a Redis that did not answer to its exit code.
-func redisExit(err error) error {
-	if err == nil {
-		return nil
-	}
-	var u *rdb.Unavailable
-	var e *exit.Error
-	if errors.As(err, &e) && !errors.As(err, &u) {
-		return err // it says its own code
-	}
-	if errors.As(err, &u) {
-		return &exit.Error{Code: exit.Unavailable, Err: err, Hint: u.HintText()}
-	}
-	return exit.Errorf("%w", err)
-}
-
 // dialRedis connects to --redis with the password from the environment
 // or --redis-password-file.
 func (a *app) dialRedis(ctx context.Context) (*rdb.Shared, error) {
 	f := &a.fleetOpts
 	if f.Redis == "" {
-		return nil, exit.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
+		return nil, fmt.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
 	}
 	pw := a.getenv(config.EnvName("redis-password"))
 	if f.PasswordFile != "" {
 		data, err := os.ReadFile(f.PasswordFile)
 		if err != nil {
-			return nil, exit.Errorf("--redis-password-file %s: %w", f.PasswordFile, unwrapPath(err))
+			return nil, fmt.Errorf("--redis-password-file %s: %w", f.PasswordFile, unwrapPath(err))
 		}
 		pw = strings.TrimSpace(string(data))
 	}
 	secret.Add(pw)
 	if f.LedgerCap < 1 || f.LedgerCap > 4 {
-		return nil, exit.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", f.LedgerCap)
+		return nil, fmt.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", f.LedgerCap)
 	}
 	if f.LeaseTTL < time.Second {
-		return nil, exit.Errorf("--lease-ttl %s: want at least 1s", f.LeaseTTL)
+		return nil, fmt.Errorf("--lease-ttl %s: want at least 1s", f.LeaseTTL)
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	sh, err := rdb.Dial(dctx, rdb.Options{URL: f.Redis, Password: pw, CAFile: f.CA})
 	if err != nil {
-		return nil, redisExit(err)
+		return nil, err
 	}
 	return sh, nil
 }
@@ -109,7 +93,7 @@ func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*
 	n, err := fleet.Open(ctx, sh, st)
 	if err != nil {
 		sh.Close()
-		return nil, a.fleetDown(ctx, st, command, redisExit(err))
+		return nil, a.fleetDown(ctx, st, command, err)
 	}
 	return &fleetRun{sh: sh, node: n}, nil
 }
@@ -122,11 +106,11 @@ func (a *app) fleetDown(ctx context.Context, st *store.Store, command string, er
 		return err
 	}
 	rep := &notify.Report{Command: command, Items: []notify.Item{{
-		Name: "fleet", Outcome: "failed", Error: secret.Scrub(oneLine(err)),
+		Name: "fleet", Outcome: "failed", Error: secret.OneLine(err),
 		Hint: "nothing was ordered: no order is placed without the fleet's Redis; certificates already on this node keep being served",
 	}}}
 	if merr := a.mailReport(ctx, st, rep); merr != nil {
-		fmt.Fprintf(a.err, "lbcert: warning: could not mail the report: %s\n", secret.Scrub(oneLine(merr)))
+		a.say.warningf("could not mail the report: %s", merr)
 	}
 	return err
 }
@@ -231,7 +215,7 @@ the request then did not come from that node.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if fp == "" {
-				return exit.Errorf("--fingerprint is required: the age1... that 'fleet join' printed on %s", args[0])
+				return fmt.Errorf("--fingerprint is required: the age1... that 'fleet join' printed on %s", args[0])
 			}
 			return a.withMember(cmd.Context(), func(n *fleet.Node) error {
 				if err := n.Approve(cmd.Context(), args[0], fp); err != nil {
@@ -283,16 +267,15 @@ func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) e
 	wctx, cancel := context.WithTimeout(ctx, max(a.fleetWait, time.Second))
 	defer cancel()
 	l, err := st.WriteLock(wctx)
-	var le *store.LockedError
-	if errors.As(err, &le) {
-		return &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, a.fleetWait)}
+	if errors.Is(err, store.ErrLocked) {
+		return fmt.Errorf("%w; waited %s", err, a.fleetWait)
 	}
 	if err != nil {
-		return dirError(st, err)
+		return dirError(err)
 	}
 	defer l.Unlock()
 	if err := f(sh, st); err != nil {
-		return redisExit(err)
+		return err
 	}
 	return nil
 }
@@ -310,7 +293,7 @@ func (a *app) readMember(ctx context.Context, f func(*fleet.Node) error) error {
 	if err == nil {
 		err = f(n)
 	}
-	return redisExit(err)
+	return err
 }
 
 // withMember runs f with this node's open fleet, under the short write
@@ -386,21 +369,21 @@ Point the load balancer's port 80 for /.well-known/acme-challenge/ at
 
 func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if o.httpAddr == "" {
-		return exit.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
+		return fmt.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
 	}
 	advertise := o.advertise
 	if advertise == "" {
 		host, _, err := net.SplitHostPort(o.httpAddr)
 		if err != nil {
-			return exit.Errorf("--http-addr %q: %w", o.httpAddr, err)
+			return fmt.Errorf("--http-addr %q: %w", o.httpAddr, err)
 		}
 		if host == "" || host == "0.0.0.0" || host == "::" {
-			return exit.Errorf("%w", fleet.ErrAdvertise)
+			return fleet.ErrAdvertise
 		}
 		advertise = o.httpAddr
 	}
 	if o.reconcile < time.Second {
-		return exit.Errorf("--reconcile %s: want 1s or more", o.reconcile)
+		return fmt.Errorf("--reconcile %s: want 1s or more", o.reconcile)
 	}
 	st := store.New(a.global.Dir)
 	settings, err := o.deploy.resolve(st.Dir, nil)
@@ -412,11 +395,11 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 		return nil
 	}
 	if a.fleetOpts.Redis == "" {
-		return exit.Errorf("agent: fleet mode needs --redis (or LBCERT_REDIS, or 'redis' in the config file)")
+		return fmt.Errorf("agent: fleet mode needs --redis (or LBCERT_REDIS, or 'redis' in the config file)")
 	}
 	ln, err := net.Listen("tcp", o.httpAddr)
 	if err != nil {
-		return exit.Errorf("agent: %w", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
+		return hint.Wrap(fmt.Errorf("agent: %w", err), "another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
 	}
 	// The fleet is opened on the agent's connect goroutine, which may
 	// still be dialling when Run returns: the one it opened is closed
@@ -455,7 +438,7 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	// settings, as the agent would (invariant I1: the ordering node
 	// serves it too).
 	if err := fleet.SaveNodeDeploy(st, settings); err != nil {
-		return exit.Errorf("save this node's deploy settings: %w", err)
+		return fmt.Errorf("save this node's deploy settings: %w", err)
 	}
 	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
 	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -9,8 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/metrics"
 )
 
@@ -59,7 +60,7 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	}
 	if a.global.MetricsFile != "" {
 		if err := metrics.WriteFleet(a.global.MetricsFile, st); err != nil {
-			return exit.Errorf("--metrics-file: %w", unwrapPath(err))
+			return fmt.Errorf("--metrics-file: %w", unwrapPath(err))
 		}
 	}
 	if o.json {
@@ -95,8 +96,8 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
 		}
 	}
-	return &exit.Error{Code: exit.Partial, Msg: strings.Join(lines, "; "),
-		Hint: "README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"}
+	return mark(hint.Wrap(errors.New(strings.Join(lines, "; ")),
+		"README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"), errPartial)
 }
 
 func orDash(s string) string {

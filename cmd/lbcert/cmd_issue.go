@@ -14,7 +14,6 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
@@ -114,17 +113,17 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	}
 	domains, err := names.Domains(o.Domains)
 	if err != nil {
-		return nil, exit.Errorf("%w", err)
+		return nil, err
 	}
 	p := &issuePlan{domains: domains, name: o.Name}
 	if p.name == "" {
 		p.name = names.LineageFor(domains[0])
 	}
 	if err := names.Lineage(p.name); err != nil {
-		return nil, exit.Errorf("--name: %w", err)
+		return nil, fmt.Errorf("--name: %w", err)
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return nil, exit.Errorf("%w", err)
+		return nil, err
 	}
 	m := a.mode()
 	if err := m.mayOrder("issue"); err != nil {
@@ -192,7 +191,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	} else {
 		a.printIssue(st, res.Items[0])
 	}
-	return finish(res, a.mailReport(ctx, st, res.Report()))
+	return runError(res, a.mailReport(ctx, st, res.Report()))
 }
 
 // printIssue says what happened to the one certificate: results on
@@ -235,17 +234,17 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:
 		switch {
 		case it.Outcome == engine.Deferred:
-			fmt.Fprintf(a.err, "lbcert: error: not ordering %s: %s\n", it.Name, it.Error)
+			a.say.errorf("not ordering %s: %s", it.Name, it.Error)
 		case it.Serial != "":
-			fmt.Fprintf(a.err, "lbcert: error: %s: %s\n", it.Name, it.Error)
+			a.say.errorf("%s: %s", it.Name, it.Error)
 		default: // the CA's errors say "obtain <names>: ..." themselves
-			fmt.Fprintf(a.err, "lbcert: error: %s\n", it.Error)
+			a.say.errorf("%s", it.Error)
 		}
 		if it.Hint != "" {
-			fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+			a.say.hintf("%s", it.Hint)
 		}
 		if it.NextAttempt != nil && it.Outcome == engine.Deferred {
-			fmt.Fprintf(a.err, "lbcert: hint: next attempt after %s\n", it.NextAttempt.Format(time.RFC3339))
+			a.say.hintf("next attempt after %s", it.NextAttempt.Format(time.RFC3339))
 		}
 	}
 }
@@ -271,7 +270,5 @@ func deployWords(it *engine.Item) string {
 	}
 	return strings.Join(parts, ", ")
 }
-
-func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }

@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -98,7 +98,7 @@ func (a *app) newShowCmd() *cobra.Command {
 			}
 			served, err := h.served(cmd.Context())
 			if err != nil {
-				return redisExit(err)
+				return err
 			}
 			e.Nodes = served[e.Name]
 			if o.JSON {
@@ -121,12 +121,12 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 	names := o.Names
 	if len(names) == 0 {
 		if names, err = h.catalog.Names(ctx); err != nil {
-			return redisExit(fmt.Errorf("read %s: %w", h.where, err))
+			return fmt.Errorf("read %s: %w", h.where, err)
 		}
 	}
 	served, err := h.served(ctx)
 	if err != nil {
-		return redisExit(err)
+		return err
 	}
 	entries := make([]listEntry, 0, len(names))
 	for _, n := range names {
@@ -146,7 +146,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		return writeJSON(a, lineageList{Version: engine.SchemaVersion, Lineages: entries})
 	}
 	if len(entries) == 0 {
-		fmt.Fprintf(a.err, "lbcert: no certificates in %s\n", h.where)
+		a.say.say("", "no certificates in %s", h.where)
 		return nil
 	}
 	a.printTable(entries)
@@ -157,9 +157,9 @@ func (a *app) listEntry(ctx context.Context, h *host, name string) (*listEntry, 
 	l, err := h.catalog.Head(ctx, name)
 	if err != nil {
 		if isNotFound(err) {
-			return nil, exit.Errorf("no lineage %q in %s", name, h.where).WithHint("'lbcert list' shows the lineages")
+			return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 		}
-		return nil, redisExit(err)
+		return nil, err
 	}
 	status, _ := h.catalog.Status(ctx, name)
 	now := a.now()

@@ -14,7 +14,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -95,7 +95,7 @@ while it is valid.
 func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	switch {
 	case o.PrintUnit && o.PrintTimer:
-		return exit.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
+		return fmt.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
 	case o.PrintUnit:
 		a.printf("%s", a.renewService(printedBy(serviceUnit, "renew --print-systemd-unit")))
 		return nil
@@ -108,11 +108,11 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	if o.Concurrency < 1 {
-		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
 	for _, n := range o.Names {
 		if err := names.Lineage(n); err != nil {
-			return exit.Errorf("--name: %w", err)
+			return fmt.Errorf("--name: %w", err)
 		}
 	}
 	limits, err := o.pace.limits()
@@ -138,7 +138,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	defer h.close()
 	all, err := h.catalog.Names(ctx)
 	if err != nil {
-		return redisExit(fmt.Errorf("read the lineages: %w", err))
+		return fmt.Errorf("read the lineages: %w", err)
 	}
 	if len(all) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
@@ -164,7 +164,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if !o.DryRun {
 		mailErr = a.mailReport(ctx, st, res.Report())
 	}
-	return finish(res, mailErr)
+	return runError(res, mailErr)
 }
 
 // renewJobs is one job per selected lineage, with its saved settings,
@@ -177,7 +177,7 @@ func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (ite
 		selected = o.Names
 		for _, n := range selected {
 			if !slices.Contains(all, n) {
-				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, h.where).WithHint("'lbcert list' shows the lineages")
+				return nil, 0, hint.Wrap(fmt.Errorf("--name %s: no such lineage in %s", n, h.where), "'lbcert list' shows the lineages")
 			}
 		}
 	}
@@ -208,15 +208,15 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	}
 	for _, it := range res.Items {
 		if it.Outcome == engine.Failed || it.Outcome == engine.Aborted {
-			fmt.Fprintf(a.err, "lbcert: error: renew %s: %s\n", it.Name, it.Error)
+			a.say.errorf("renew %s: %s", it.Name, it.Error)
 			if it.Hint != "" {
-				fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+				a.say.hintf("%s", it.Hint)
 			}
 		}
 		if it.Cadence != "" {
 			// Even on a nothing-due run: a schedule too slow for the
 			// certificates is silent until one expires (-q keeps it).
-			fmt.Fprintf(a.err, "lbcert: warning: %s: %s\n", it.Name, it.Cadence)
+			a.say.warningf("%s: %s", it.Name, it.Cadence)
 		}
 	}
 	c := res.Counts

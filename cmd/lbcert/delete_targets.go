@@ -2,13 +2,14 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -99,11 +100,10 @@ func checkReferences(ctx context.Context, runner *deploy.Runner, st *store.Store
 				slog.Warn("delete: could not check a load balancer config for references", "config", confOf(t.d), "err", err)
 				continue
 			}
-			return exit.Errorf("check %s config for references to %s: %w", t.d.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+			return hint.Wrap(fmt.Errorf("check %s config for references to %s: %w", t.d.Target, name, err), "fix the config, or pass --force to delete without checking")
 		}
 		if len(refs) > 0 && !force {
-			return exit.Errorf("%s config still uses %s: %s: %s", t.d.Target, name, refs[0].File, refs[0].Line).
-				WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
+			return hint.Wrap(fmt.Errorf("%s config still uses %s: %s: %s", t.d.Target, name, refs[0].File, refs[0].Line), "remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
 		}
 	}
 	return nil

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -12,7 +13,6 @@ import (
 
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -120,7 +120,7 @@ func (d *deployFlags) resolve(stateDir string, prev *store.Deploy) (store.Deploy
 		}
 		out.NginxConf, out.NginxBin, out.NginxInclude, out.NginxServerBody = "", "", "", ""
 	default:
-		return out, exit.Errorf("--deploy %q: want nginx, haproxy or none", d.target)
+		return out, fmt.Errorf("--deploy %q: want nginx, haproxy or none", d.target)
 	}
 	return out, checkDeploy(&out, stateDir)
 }
@@ -148,15 +148,15 @@ func checkDeploy(d *store.Deploy, stateDir string) error {
 			return err
 		}
 		if d.HAProxyCerts, err = filepath.Abs(d.HAProxyCerts); err != nil {
-			return exit.Errorf("--haproxy-certs: %w", err)
+			return fmt.Errorf("--haproxy-certs: %w", err)
 		}
 		if d.ReloadCmd == "" && d.HAProxySocket == "" {
-			return exit.Errorf("--deploy haproxy needs --reload-cmd (for example 'systemctl reload haproxy') or --haproxy-socket")
+			return fmt.Errorf("--deploy haproxy needs --reload-cmd (for example 'systemctl reload haproxy') or --haproxy-socket")
 		}
 		if d.HAProxySocket != "" && filepath.IsAbs(d.HAProxySocket) == false {
 			if _, _, err := net.SplitHostPort(d.HAProxySocket); err != nil {
 				if d.HAProxySocket, err = filepath.Abs(d.HAProxySocket); err != nil {
-					return exit.Errorf("--haproxy-socket: %w", err)
+					return fmt.Errorf("--haproxy-socket: %w", err)
 				}
 			}
 		}
@@ -165,24 +165,24 @@ func checkDeploy(d *store.Deploy, stateDir string) error {
 		host, port, err := net.SplitHostPort(d.VerifyAddr)
 		n, perr := strconv.Atoi(port)
 		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
-			return exit.Errorf("--verify-addr %q: want host:port, like 127.0.0.1:443", d.VerifyAddr)
+			return fmt.Errorf("--verify-addr %q: want host:port, like 127.0.0.1:443", d.VerifyAddr)
 		}
 	}
 	if d.VerifyRoots != "" {
 		if d.VerifyAddr == "" {
-			return exit.Errorf("--verify-roots needs --verify-addr: the address whose served chain to check")
+			return fmt.Errorf("--verify-roots needs --verify-addr: the address whose served chain to check")
 		}
 		abs, err := filepath.Abs(d.VerifyRoots)
 		if err == nil {
 			_, err = deploy.LoadRoots(abs)
 		}
 		if err != nil {
-			return exit.Errorf("--verify-roots: %w", err)
+			return fmt.Errorf("--verify-roots: %w", err)
 		}
 		d.VerifyRoots = abs
 	}
 	if d.HookTimeout < 0 {
-		return exit.Errorf("--hook-timeout must be positive")
+		return fmt.Errorf("--hook-timeout must be positive")
 	}
 	return nil
 }
@@ -195,31 +195,31 @@ func checkNginxInclude(d *store.Deploy, stateDir string) error {
 		return nil
 	}
 	if d.NginxInclude == "" || d.NginxServerBody == "" {
-		return exit.Errorf("--nginx-include and --nginx-server-body go together: the file lbcert writes, and your server body it includes in every block")
+		return fmt.Errorf("--nginx-include and --nginx-server-body go together: the file lbcert writes, and your server body it includes in every block")
 	}
 	var err error
 	if d.NginxServerBody, err = existingFile("--nginx-server-body", d.NginxServerBody); err != nil {
 		return err
 	}
 	if d.NginxInclude, err = filepath.Abs(d.NginxInclude); err != nil {
-		return exit.Errorf("--nginx-include: %w", err)
+		return fmt.Errorf("--nginx-include: %w", err)
 	}
 	if d.NginxInclude == d.NginxServerBody || d.NginxInclude == d.NginxConf {
-		return exit.Errorf("--nginx-include %s: lbcert rewrites this file; give it a file of its own", d.NginxInclude)
+		return fmt.Errorf("--nginx-include %s: lbcert rewrites this file; give it a file of its own", d.NginxInclude)
 	}
 	if fi, err := os.Stat(d.NginxInclude); err == nil && fi.IsDir() {
-		return exit.Errorf("--nginx-include %s: is a directory; name the file lbcert writes, like /etc/nginx/conf.d/lbcert.conf", d.NginxInclude)
+		return fmt.Errorf("--nginx-include %s: is a directory; name the file lbcert writes, like /etc/nginx/conf.d/lbcert.conf", d.NginxInclude)
 	}
 	if fi, err := os.Stat(filepath.Dir(d.NginxInclude)); err != nil || !fi.IsDir() {
-		return exit.Errorf("--nginx-include %s: no directory %s", d.NginxInclude, filepath.Dir(d.NginxInclude))
+		return fmt.Errorf("--nginx-include %s: no directory %s", d.NginxInclude, filepath.Dir(d.NginxInclude))
 	}
 	abs, err := filepath.Abs(stateDir)
 	if err != nil {
-		return exit.Errorf("--dir: %w", err)
+		return fmt.Errorf("--dir: %w", err)
 	}
 	for _, p := range [][2]string{{"--nginx-include", d.NginxInclude}, {"--nginx-server-body", d.NginxServerBody}, {"--dir", abs}} {
 		if err := deploy.NginxPathOK(p[1]); err != nil {
-			return exit.Errorf("%s %w", p[0], err)
+			return fmt.Errorf("%s %w", p[0], err)
 		}
 	}
 	return nil
@@ -234,20 +234,20 @@ func findBin(flag, bin string) (string, error) {
 			return p, nil
 		}
 	}
-	return "", exit.Errorf("%s %s: not found or not executable", flag, bin)
+	return "", fmt.Errorf("%s %s: not found or not executable", flag, bin)
 }
 
 func existingFile(flag, path string) (string, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return "", exit.Errorf("%s %s: %w", flag, path, err)
+		return "", fmt.Errorf("%s %s: %w", flag, path, err)
 	}
 	fi, err := os.Stat(abs)
 	if err != nil {
-		return "", exit.Errorf("%s %s: %w", flag, path, unwrapPath(err))
+		return "", fmt.Errorf("%s %s: %w", flag, path, unwrapPath(err))
 	}
 	if fi.IsDir() {
-		return "", exit.Errorf("%s %s: is a directory", flag, path)
+		return "", fmt.Errorf("%s %s: is a directory", flag, path)
 	}
 	return abs, nil
 }

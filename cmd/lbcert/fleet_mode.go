@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 
@@ -10,8 +11,8 @@ import (
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -27,8 +28,7 @@ type fleetMode struct{ a *app }
 // answer every token, and a run binding its own listener would answer
 // for one node only.
 func fleetChallenge(what string) error {
-	return exit.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what).
-		WithHint("start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
+	return hint.Wrap(fmt.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what), "start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
 }
 
 func (fleetMode) challenge(c challengeFlags) (store.Challenge, error) {
@@ -55,7 +55,7 @@ func (fleetMode) rowChallenge(row *batch.Row, _ store.Challenge) (store.Challeng
 
 func (m fleetMode) mayOrder(command string) error {
 	if m.a.fleetOpts.NoOrder {
-		return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", command)
+		return fmt.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", command)
 	}
 	return nil
 }
@@ -70,8 +70,7 @@ func (fleetMode) deploy(d *deployFlags, _ string, _ *store.Deploy) (store.Deploy
 		}
 	})
 	if len(given) > 0 {
-		return store.Deploy{}, exit.Errorf("%s: in fleet mode every node deploys with its own agent's settings, whoever orders", strings.Join(given, ", ")).
-			WithHint("give the deploy flags to 'lbcert --redis URL agent' on each node, and drop them here")
+		return store.Deploy{}, hint.Wrap(fmt.Errorf("%s: in fleet mode every node deploys with its own agent's settings, whoever orders", strings.Join(given, ", ")), "give the deploy flags to 'lbcert --redis URL agent' on each node, and drop them here")
 	}
 	return store.Deploy{}, nil
 }
@@ -110,7 +109,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 		tokens: func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.node} },
 		prepare: func(ctx context.Context) error {
 			if err := f.node.PublishSpool(ctx); err != nil {
-				return redisExit(err)
+				return err
 			}
 			return nil
 		},

@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
@@ -50,20 +49,20 @@ func (m *mailOptions) check() error {
 	switch m.Report {
 	case "changes", "always", "never":
 	default:
-		return exit.Errorf("--report %q: want changes, always or never", m.Report)
+		return fmt.Errorf("--report %q: want changes, always or never", m.Report)
 	}
 	switch m.TLS {
 	case "starttls", "tls", "opportunistic", "none":
 	default:
-		return exit.Errorf("--smtp-tls %q: want one of %s", m.TLS, strings.Join(notify.TLSModes, ", "))
+		return fmt.Errorf("--smtp-tls %q: want one of %s", m.TLS, strings.Join(notify.TLSModes, ", "))
 	}
 	if m.Port < 1 || m.Port > 65535 {
-		return exit.Errorf("--smtp-port %d: want 1-65535", m.Port)
+		return fmt.Errorf("--smtp-port %d: want 1-65535", m.Port)
 	}
 	// Refused now, before any connection: a login over a connection
 	// without TLS would send the password in the clear.
 	if m.User != "" && !notify.TLSAlways(m.TLS) {
-		return exit.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls %s could send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port, m.TLS)
+		return fmt.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls %s could send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port, m.TLS)
 	}
 	for _, to := range m.To {
 		if err := checkAddress("--mail-to", to); err != nil {
@@ -81,7 +80,7 @@ func (m *mailOptions) check() error {
 func checkAddress(flag, addr string) error {
 	a, err := mail.ParseAddress(addr)
 	if err != nil || a.Address != addr {
-		return exit.Errorf("%s %q is not an email address", flag, addr)
+		return fmt.Errorf("%s %q is not an email address", flag, addr)
 	}
 	return nil
 }
@@ -133,7 +132,7 @@ func (a *app) settings() (notify.Settings, error) {
 		if m.PasswordFile != "" {
 			data, err := os.ReadFile(m.PasswordFile)
 			if err != nil {
-				return s, exit.Errorf("--smtp-password-file %s: %w", m.PasswordFile, unwrapPath(err))
+				return s, fmt.Errorf("--smtp-password-file %s: %w", m.PasswordFile, unwrapPath(err))
 			}
 			s.Password = strings.TrimRight(string(data), "\r\n")
 		}
@@ -193,9 +192,9 @@ func (a *app) mailReport(ctx context.Context, st *store.Store, rep *notify.Repor
 		if err := sender.Send(ctx, env); err != nil {
 			failed++
 			path, serr := notify.Spool(st.Dir, env)
-			fmt.Fprintf(a.err, "lbcert: error: %v\n", err)
+			a.say.errorWithHint(err)
 			if serr == nil {
-				fmt.Fprintf(a.err, "lbcert: hint: the report is saved in %s; it follows here too\n", path)
+				a.say.hintf("the report is saved in %s; it follows here too", path)
 			}
 			fmt.Fprintf(a.err, "Subject: %s\n\n%s\n", env.Report.Subject(), env.Report.Body())
 			continue
@@ -203,7 +202,7 @@ func (a *app) mailReport(ctx context.Context, st *store.Store, rep *notify.Repor
 		slog.Info("report mailed", "to", env.To, "subject", env.Report.Subject())
 	}
 	if failed > 0 {
-		return exit.Reported(exit.Partial)
+		return mark(errReported, errPartial)
 	}
 	return nil
 }
@@ -218,7 +217,7 @@ with the server's reply, when the mail cannot be sent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(a.mail.To) == 0 {
-				return exit.Errorf("mail-test: no recipient: pass --mail-to ADDR")
+				return fmt.Errorf("mail-test: no recipient: pass --mail-to ADDR")
 			}
 			set, err := a.settings()
 			if err != nil {
@@ -231,7 +230,7 @@ with the server's reply, when the mail cannot be sent.`,
 			sender.Settings.Tries = 1
 			for _, env := range notify.Group(rep, a.mail.To, notify.Relay{}) {
 				if err := sender.Send(cmd.Context(), env); err != nil {
-					return exit.Errorf("%w", err)
+					return err
 				}
 				a.printf("test report sent to %s through %s:%d\n", env.To, set.Host, set.Port)
 			}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 
 	"github.com/lbcert/lbcert/internal/batch"
@@ -9,7 +10,7 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -90,21 +91,20 @@ func (m singleHost) challenge(c challengeFlags) (store.Challenge, error) {
 	a := m.a
 	switch {
 	case c.webroot != "" && c.standalone:
-		return store.Challenge{}, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
+		return store.Challenge{}, fmt.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
 	case c.webroot == "" && !c.standalone && c.batch:
 		return store.Challenge{}, nil
 	case c.webroot == "" && !c.standalone:
-		return store.Challenge{}, exit.Errorf("no challenge method: pass --webroot DIR or --standalone").
-			WithHint("or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
+		return store.Challenge{}, hint.Wrap(fmt.Errorf("no challenge method: pass --webroot DIR or --standalone"), "or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
 	case c.addrSet && !c.standalone && !c.batch:
-		return store.Challenge{}, exit.Errorf("--http-addr only applies with --standalone")
+		return store.Challenge{}, fmt.Errorf("--http-addr only applies with --standalone")
 	case c.webroot != "":
 		root, err := filepath.Abs(c.webroot)
 		if err != nil {
-			return store.Challenge{}, exit.Errorf("--webroot %s: %w", c.webroot, err)
+			return store.Challenge{}, fmt.Errorf("--webroot %s: %w", c.webroot, err)
 		}
 		if err := challenge.CheckWebroot(root); err != nil {
-			return store.Challenge{}, exit.Errorf("%w", err)
+			return store.Challenge{}, err
 		}
 		return store.Challenge{Mode: "webroot", Webroot: root}, nil
 	default:

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"strconv"
@@ -8,7 +9,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
@@ -39,7 +40,7 @@ func (p *paceFlags) limits() (pace.Limits, error) {
 		{"--rate-failed-authz", p.failedAuthz, &l.FailedAuthz}} {
 		v, err := pace.ParseLimit(x.val)
 		if err != nil {
-			return l, exit.Errorf("%s %w", x.flag, err)
+			return l, fmt.Errorf("%s %w", x.flag, err)
 		}
 		*x.dst = v
 	}
@@ -49,7 +50,7 @@ func (p *paceFlags) limits() (pace.Limits, error) {
 func (a *app) openBudget(st *store.Store, l pace.Limits) (*pace.Budget, error) {
 	b, err := pace.Open(st.Dir, l, a.now)
 	if err != nil {
-		return nil, exit.Errorf("read the rate budget: %w", err).WithHint("remove %s/%s to start with a full budget", st.Dir, pace.FileName)
+		return nil, hint.Wrap(fmt.Errorf("read the rate budget: %w", err), "remove %s/%s to start with a full budget", st.Dir, pace.FileName)
 	}
 	return b, nil
 }
@@ -82,25 +83,25 @@ func (p *preflightFlags) checker() (*preflight.Checker, error) {
 		for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
 			ip, err := netip.ParseAddr(f)
 			if err != nil {
-				return nil, exit.Errorf("--expect-ip %q is not an IP address", f)
+				return nil, fmt.Errorf("--expect-ip %q is not an IP address", f)
 			}
 			c.ExpectIPs = append(c.ExpectIPs, ip.Unmap())
 		}
 	}
 	if p.expectCNAME != "" {
 		if _, err := names.Domain(p.expectCNAME); err != nil {
-			return nil, exit.Errorf("--expect-cname: %w", err)
+			return nil, fmt.Errorf("--expect-cname: %w", err)
 		}
 		c.ExpectCNAME = p.expectCNAME
 	}
 	if p.httpPort < 1 || p.httpPort > 65535 {
-		return nil, exit.Errorf("--http-port %d: want 1-65535", p.httpPort)
+		return nil, fmt.Errorf("--http-port %d: want 1-65535", p.httpPort)
 	}
 	if p.resolver != "" {
 		host, port, err := net.SplitHostPort(p.resolver)
 		n, perr := strconv.Atoi(port)
 		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
-			return nil, exit.Errorf("--resolver %q: want host:port, like 127.0.0.1:53", p.resolver)
+			return nil, fmt.Errorf("--resolver %q: want host:port, like 127.0.0.1:53", p.resolver)
 		}
 	}
 	return c, nil

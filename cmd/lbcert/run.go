@@ -14,7 +14,6 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/metrics"
@@ -51,7 +50,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 		return nil, err
 	}
 	if a.global.HookConc < 1 {
-		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
+		return nil, fmt.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
 	st := h.st
 	lock, err := a.renewLock(ctx, st, spec.waitLock)
@@ -98,7 +97,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	}
 	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
-		return nil, exit.Errorf("%w", err)
+		return nil, err
 	}
 	res := plan.Execute(ctx)
 	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
@@ -141,7 +140,7 @@ func (a *app) runGap(st *store.Store, spec runSpec) time.Duration {
 // nor the live version itself.
 func (a *app) checkKeep() error {
 	if a.global.Keep < 1 {
-		return exit.Errorf("--keep-versions %d: want 1 or more (the live version counts; 3 keeps two to roll back to)", a.global.Keep)
+		return fmt.Errorf("--keep-versions %d: want 1 or more (the live version counts; 3 keeps two to roll back to)", a.global.Keep)
 	}
 	return nil
 }
@@ -189,46 +188,8 @@ func (a *app) lazyAccount(st catalog.Accounts, dryRun bool) func(server, email s
 // sayUnreachable prints the one line for a CA that stopped answering.
 func (a *app) sayUnreachable(res *engine.Result) {
 	for _, s := range res.Unreachable {
-		fmt.Fprintf(a.err, "lbcert: error: the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run\n", s)
-		fmt.Fprintf(a.err, "lbcert: hint: check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff\n", s)
-	}
-}
-
-// exitCode is the one rule, for every command that runs the engine
-// (README "Exit codes"):
-//
-//	130 the run was interrupted (what was obtained is saved and deployed)
-//	  0 every item is in place: issued, renewed, deployed or not due
-//	  1 nothing is in place and nothing was deferred: everything failed
-//	  2 anything else: some items failed or were deferred to a later run
-//	    (backoff, budget, the CA's Retry-After) while others are fine, or
-//	    all were deferred
-func exitCode(res *engine.Result) int {
-	if res.Interrupted {
-		return exit.Interrupted
-	}
-	deferred := res.Counts[engine.Deferred]
-	notDone := len(res.Items) - res.Done()
-	switch {
-	case notDone == 0:
-		return exit.OK
-	case res.Done() == 0 && deferred == 0:
-		return exit.Failure
-	default:
-		return exit.Partial
-	}
-}
-
-// finish turns a rendered result and the mail outcome into the command's
-// error: the run's own code wins; a mail failure alone makes it partial.
-func finish(res *engine.Result, mailErr error) error {
-	switch code := exitCode(res); code {
-	case exit.OK:
-		return mailErr
-	case exit.Interrupted:
-		return &exit.Error{Code: code, Msg: "interrupted; certificates already obtained are saved and deployed; run the same command again to finish"}
-	default:
-		return exit.Reported(code)
+		a.say.errorf("the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run", s)
+		a.say.hintf("check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff", s)
 	}
 }
 
@@ -236,7 +197,7 @@ func finish(res *engine.Result, mailErr error) error {
 // batch and renew share.
 func checkDays(days int) error {
 	if days < 0 {
-		return exit.Errorf("--days %d: must be positive", days)
+		return fmt.Errorf("--days %d: must be positive", days)
 	}
 	return nil
 }
@@ -256,12 +217,11 @@ func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	l, err := st.WaitLock(wctx)
-	var le *store.LockedError
-	if errors.As(err, &le) {
-		return nil, &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, wait)}
+	if errors.Is(err, store.ErrLocked) {
+		return nil, fmt.Errorf("%w; waited %s", err, wait)
 	}
 	if err != nil {
-		return nil, dirError(st, err)
+		return nil, dirError(err)
 	}
 	return l, nil
 }

@@ -11,43 +11,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 )
-
-// The one exit-code rule of issue, batch and renew.
-func TestExitCode(t *testing.T) {
-	type c = map[engine.Outcome]int
-	cases := []struct {
-		name        string
-		counts      c
-		interrupted bool
-		want        int
-	}{
-		{"nothing at all", c{}, false, exit.OK},
-		{"all renewed or not due", c{engine.Renewed: 2, engine.NotDue: 5}, false, exit.OK},
-		{"a pending deploy finished", c{engine.Deployed: 1}, false, exit.OK},
-		{"one failed, one renewed", c{engine.Failed: 1, engine.Renewed: 1}, false, exit.Partial},
-		{"one failed, one not due", c{engine.Failed: 1, engine.NotDue: 1}, false, exit.Partial},
-		{"everything failed", c{engine.Failed: 3}, false, exit.Failure},
-		{"bad rows only", c{engine.Invalid: 2}, false, exit.Failure},
-		{"deferred while others fine", c{engine.Deferred: 1, engine.NotDue: 4}, false, exit.Partial},
-		{"everything deferred", c{engine.Deferred: 2}, false, exit.Partial},
-		{"failed and deferred, none done", c{engine.Failed: 1, engine.Deferred: 1}, false, exit.Partial},
-		{"interrupted", c{engine.Renewed: 1, engine.NotStarted: 3}, true, exit.Interrupted},
-	}
-	for _, tc := range cases {
-		res := &engine.Result{Interrupted: tc.interrupted}
-		for o, n := range tc.counts {
-			for range n {
-				res.Items = append(res.Items, &engine.Item{Outcome: o})
-			}
-		}
-		res.Count()
-		if got := exitCode(res); got != tc.want {
-			t.Errorf("%s: exit %d, want %d", tc.name, got, tc.want)
-		}
-	}
-}
 
 // The run report's JSON schema, every key, pinned.
 func TestRunReportSchema(t *testing.T) {

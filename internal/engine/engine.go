@@ -33,7 +33,7 @@
 //  4. The Result holds one typed Item per job; the command renders it and
 //     maps it to an exit code.
 //
-// The engine never imports cobra or package exit: errors carry hints
+// The engine never imports cobra or knows exit codes: errors carry hints
 // through package hint, and only cmd/lbcert turns a Result into an exit
 // code.
 package engine

@@ -591,4 +591,4 @@ func notTheNamesFault(err error) bool {
 
 // oneLine is an error as one line, without any known secret: it goes
 // into status files, reports and mail.
-func oneLine(err error) string { return secret.Scrub(strings.Join(strings.Fields(err.Error()), " ")) }
+func oneLine(err error) string { return secret.OneLine(err) }

@@ -25,6 +25,7 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
 	lbnames "github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/secret"
 )
 
 // Responder is where a token is put for the route check: the same
@@ -215,7 +216,7 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 			where = dialed
 		}
 		return hint.Errorf(fmt.Sprintf("%s resolved to %s, and nothing answered there on port %d: check the firewall and that the load balancer listens on it.%s", name, where, port, listener),
-			"pre-flight HTTP %s: %s", name, flatten(err))
+			"pre-flight HTTP %s: %s", name, secret.OneLine(err))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
@@ -238,5 +239,3 @@ func randomToken() string {
 	rand.Read(b)
 	return base64.RawURLEncoding.EncodeToString(b)
 }
-
-func flatten(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
