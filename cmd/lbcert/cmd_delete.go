@@ -20,6 +20,7 @@ import (
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/schedule"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -248,11 +249,11 @@ func deleteReport(l *store.Lineage, o *deleteOptions) *notify.Report {
 func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) error {
 	left, _ := h.catalog.Names(ctx)
 	if o.CronFile == "" {
-		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
+		o.CronFile = schedule.CronFileFor("/etc/cron.d", a.global.Dir)
 	}
 	if len(left) == 0 {
 		if _, err := os.Stat(o.CronFile); err == nil {
-			if err := removeCronFile(o.CronFile); err != nil {
+			if err := schedule.RemoveFile(o.CronFile); err != nil {
 				return err
 			}
 			a.printf("last lineage deleted: removed %s\n", o.CronFile)

@@ -20,6 +20,7 @@ import (
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/schedule"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -468,8 +469,7 @@ func (a *app) agentMetrics(ctx context.Context, ag *fleet.Agent) {
 }
 
 // agentUnit is the systemd unit for this agent: the same flags, the
-// password from an environment file (never in the unit's argv), and a
-// restart on failure.
+// password from an environment file (never in the unit's argv).
 func (a *app) agentUnit(o *agentOptions) string {
 	self, err := os.Executable()
 	if err != nil {
@@ -487,42 +487,9 @@ func (a *app) agentUnit(o *agentOptions) string {
 		args = append(args, "--reconcile", o.reconcile.String())
 	}
 	o.deploy.fs.Visit(func(fl *pflag.Flag) {
-		if strings.HasPrefix(fl.Name, "deploy") || strings.HasPrefix(fl.Name, "nginx") || strings.HasPrefix(fl.Name, "haproxy") ||
-			fl.Name == "reload-cmd" || fl.Name == "verify-addr" || fl.Name == "verify-roots" || fl.Name == "hook-timeout" {
+		if isDeployFlag(fl.Name) {
 			args = append(args, "--"+fl.Name, fl.Value.String())
 		}
 	})
-	return fmt.Sprintf(`%s
-# Install: put it in /etc/systemd/system/lbcert-agent.service, put
-# LBCERT_REDIS_PASSWORD=... in /etc/lbcert/agent.env (mode 0600) unless
-# --redis-password-file is used, then:
-#   systemctl daemon-reload && systemctl enable --now lbcert-agent
-[Unit]
-Description=lbcert fleet agent (HTTP-01 answers, certificate sync and deploy)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-EnvironmentFile=-/etc/lbcert/agent.env
-ExecStart=%s
-Restart=on-failure
-RestartSec=5s
-KillSignal=SIGTERM
-TimeoutStopSec=30s
-NoNewPrivileges=yes
-PrivateTmp=yes
-
-[Install]
-WantedBy=multi-user.target
-`, printedBy("lbcert-agent.service", "agent --print-systemd-unit"), execStart(args))
-}
-
-// systemdQuote quotes one ExecStart word when it needs it.
-func systemdQuote(s string) string {
-	if s != "" && !strings.ContainsAny(s, " \t\"'\\$%;") {
-		return s
-	}
-	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", "$$", "%", "%%")
-	return `"` + r.Replace(s) + `"`
+	return schedule.AgentUnit(args)
 }

@@ -97,10 +97,10 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	case o.PrintUnit && o.PrintTimer:
 		return fmt.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
 	case o.PrintUnit:
-		a.printf("%s", a.renewService(printedBy(serviceUnit, "renew --print-systemd-unit")))
+		a.printf("%s", a.printedUnit(false))
 		return nil
 	case o.PrintTimer:
-		a.printf("%s", a.renewTimer(a.hostMinute(), printedBy(timerUnit, "renew --print-systemd-timer")))
+		a.printf("%s", a.printedUnit(true))
 		return nil
 	}
 	st := store.New(a.global.Dir)

@@ -2,9 +2,7 @@ package main
 
 import (
 	"bytes"
-	"regexp"
 	"runtime/debug"
-	"strings"
 	"testing"
 	"time"
 
@@ -88,26 +86,5 @@ func TestLineageMailSavesTheWholeRelay(t *testing.T) {
 	fs2.Parse(nil)
 	if kept := a2.lineageMail(fs2, &m); kept.TLS != "none" || kept.Host != "mx.example.com" {
 		t.Fatalf("kept %+v", kept)
-	}
-}
-
-// Each state directory has its own cron entry: the default one keeps
-// /etc/cron.d/lbcert, any other gets a name of its own that cron.d
-// accepts (no dots), so installing or deleting for one never touches
-// another's.
-func TestCronFilePerStateDir(t *testing.T) {
-	if got := cronFileFor("/etc/cron.d", "/etc/lbcert"); got != "/etc/cron.d/lbcert" {
-		t.Fatalf("default: %s", got)
-	}
-	a, b := cronFileFor("/etc/cron.d", "/srv/lbcert-a"), cronFileFor("/etc/cron.d", "/srv/lbcert-b")
-	re := regexp.MustCompile(`^/etc/cron\.d/lbcert-[0-9a-f]{8}$`)
-	if a == b || !re.MatchString(a) || !re.MatchString(b) {
-		t.Fatalf("%s and %s", a, b)
-	}
-	if cronFileFor("/etc/cron.d", "/srv/lbcert-a/") != a {
-		t.Fatal("the same directory, spelt with a trailing slash, got another entry")
-	}
-	if !strings.HasSuffix(markerFor("/srv/lbcert-a"), "dir=/srv/lbcert-a") {
-		t.Fatal("crontab marker does not name the directory")
 	}
 }
