@@ -2,12 +2,9 @@ package main
 
 import (
 	"bufio"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/mail"
-	"net/url"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -16,37 +13,21 @@ import (
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/hint"
-	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// serverURL resolves --server and --staging into one directory URL.
-func (a *app) serverURL() (string, error) {
+// account is the account settings as given, for package acme to check.
+func (a *app) account() acme.Settings {
 	g := a.global
-	if g.Staging && g.Server != "" {
-		return "", fmt.Errorf("--staging and --server %s contradict each other: give one", g.Server)
-	}
-	if g.Staging {
-		return acme.LetsEncryptStaging, nil
-	}
-	if g.Server == "" {
-		return acme.LetsEncrypt, nil
-	}
-	u, err := url.Parse(g.Server)
-	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
-		return "", fmt.Errorf("--server %q is not a URL: want the CA's directory, like %s", g.Server, acme.LetsEncrypt)
-	}
-	if u.Scheme != "https" {
-		return "", fmt.Errorf("--server %s: ACME requires https (RFC 8555 section 6.1)", g.Server)
-	}
-	return g.Server, nil
+	return acme.Settings{Server: g.Server, Staging: g.Staging, CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
+		EABKid: g.EABKid, EABHMACFile: g.EABHMACFile, EABHMAC: a.getenv(config.EnvName("eab-hmac-key")), UserAgent: userAgent()}
 }
 
 // acmeOptions checks every account setting that can be checked without the
 // network, so that bad input never reaches the CA, including whether a
 // new account on the chosen server could accept the terms of service.
 func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
-	server, err := a.serverURL()
+	server, err := a.account().ServerURL()
 	if err != nil {
 		return acme.Options{}, err
 	}
@@ -61,76 +42,18 @@ func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
 	return o, nil
 }
 
-// accountBase checks the account settings that do not depend on which
-// server is used.
+// accountBase is the account options for any server, with a question
+// about the terms on a terminal.
 func (a *app) accountBase(st catalog.Accounts) (acme.Options, error) {
-	g := a.global
-	if err := a.checkAccountSettings(); err != nil {
-		return acme.Options{}, err
-	}
-	o := acme.Options{
-		CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
-		EABKid: g.EABKid, UserAgent: userAgent(), Store: st,
-	}
-	if g.EABKid != "" || g.EABHMACFile != "" {
-		hmac, err := a.eabHMAC()
-		if err != nil {
-			return acme.Options{}, err
-		}
-		if g.EABKid == "" {
-			return acme.Options{}, fmt.Errorf("an EAB HMAC key was given without --eab-kid")
-		}
-		o.EABHMAC = hmac
-	}
-	if a.stdinTTY && a.stderrTTY {
+	o, err := a.account().Options(a.ctx, st)
+	if err == nil && a.stdinTTY && a.stderrTTY {
 		o.ConfirmTOS = a.confirmTOS
 	}
-	return o, nil
+	return o, err
 }
 
 // userAgent is what lbcert calls itself to the CA.
 func userAgent() string { return "lbcert/" + buildVersion(debug.ReadBuildInfo()) }
-
-// checkAccountSettings checks the account settings that hold no secret,
-// so that bad input is refused before any lineage is tried.
-func (a *app) checkAccountSettings() error {
-	g := a.global
-	if g.Email != "" {
-		if addr, err := mail.ParseAddress(g.Email); err != nil || addr.Address != g.Email || !strings.Contains(g.Email, ".") {
-			return fmt.Errorf("--email %q is not an email address", g.Email)
-		}
-	}
-	if g.CABundle != "" {
-		if _, err := acme.HTTPClient(a.ctx, g.CABundle); err != nil {
-			return err
-		}
-	}
-	if g.EABHMACFile != "" && g.EABKid == "" {
-		return fmt.Errorf("an EAB HMAC key file was given without --eab-kid")
-	}
-	return nil
-}
-
-// eabHMAC reads the EAB HMAC key from LBCERT_EAB_HMAC_KEY or the file named
-// by --eab-hmac-key-file. It is a secret, so it never comes from argv.
-func (a *app) eabHMAC() (string, error) {
-	key := a.getenv(config.EnvName("eab-hmac-key"))
-	if f := a.global.EABHMACFile; f != "" {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			return "", fmt.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
-		}
-		key = strings.TrimSpace(string(data))
-	}
-	secret.Add(key)
-	if key == "" {
-		return "", fmt.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
-	}
-	if _, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(key, "=")); err != nil {
-		return "", fmt.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
-	}
-	return key, nil
-}
 
 func (a *app) confirmTOS(tos string) (bool, error) {
 	if tos == "" {

@@ -121,7 +121,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	}
 	// Checked now, without reading any secret: a bad --email or
 	// --ca-bundle is bad input, not a failure of every lineage.
-	if err := a.checkAccountSettings(); err != nil {
+	if err := a.account().Check(a.ctx); err != nil {
 		return err
 	}
 	if err := a.mode().mayOrder("renew"); err != nil {
