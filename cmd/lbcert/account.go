@@ -18,9 +18,9 @@ import (
 
 // account is the account settings as given, for package acme to check.
 func (a *app) account() acme.Settings {
-	g := a.global
-	return acme.Settings{Server: g.Server, Staging: g.Staging, CABundle: g.CABundle, Email: g.Email, AgreeTOS: g.AgreeTOS,
-		EABKid: g.EABKid, EABHMACFile: g.EABHMACFile, EABHMAC: a.getenv(config.EnvName("eab-hmac-key")), UserAgent: userAgent()}
+	s := a.global.acct
+	s.EABHMAC, s.UserAgent = a.getenv(config.EnvName("eab-hmac-key")), userAgent()
+	return s
 }
 
 // acmeOptions checks every account setting that can be checked without the

@@ -84,13 +84,7 @@ type app struct {
 type globalOptions struct {
 	Config      string
 	Dir         string
-	Server      string
-	Staging     bool
-	CABundle    string
-	Email       string
-	AgreeTOS    bool
-	EABKid      string
-	EABHMACFile string
+	acct        acme.Settings // --server, --email, --eab-* ...
 	Quiet       bool
 	Verbose     bool
 	HookConc    int
@@ -173,13 +167,13 @@ beats the config file, which beats the default.
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.Config, "config", "", "config file (YAML, keys are flag names; default "+defaultConfig+" if it exists)")
 	pf.StringVar(&g.Dir, "dir", "/etc/lbcert", "state directory: accounts, certificates, lock")
-	pf.StringVar(&g.Server, "server", "", "ACME directory URL (default Let's Encrypt production)")
-	pf.BoolVar(&g.Staging, "staging", false, "use Let's Encrypt's staging server, for testing")
-	pf.StringVar(&g.CABundle, "ca-bundle", "", "PEM file of roots to trust for the ACME server (private CAs, Pebble)")
-	pf.StringVar(&g.Email, "email", "", "account email address, for the CA's notices")
-	pf.BoolVar(&g.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
-	pf.StringVar(&g.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
-	pf.StringVar(&g.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
+	pf.StringVar(&g.acct.Server, "server", "", "ACME directory URL (default Let's Encrypt production)")
+	pf.BoolVar(&g.acct.Staging, "staging", false, "use Let's Encrypt's staging server, for testing")
+	pf.StringVar(&g.acct.CABundle, "ca-bundle", "", "PEM file of roots to trust for the ACME server (private CAs, Pebble)")
+	pf.StringVar(&g.acct.Email, "email", "", "account email address, for the CA's notices")
+	pf.BoolVar(&g.acct.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
+	pf.StringVar(&g.acct.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
+	pf.StringVar(&g.acct.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")

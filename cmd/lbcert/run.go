@@ -71,7 +71,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	if err != nil {
 		return nil, err
 	}
-	is := &issuer.Issuer{CABundle: a.global.CABundle, UserAgent: userAgent()}
+	is := &issuer.Issuer{CABundle: a.global.acct.CABundle, UserAgent: userAgent()}
 	h.tokens(is)
 	is.Account = a.lazyAccount(h.accounts, spec.dryRun)
 	defer is.Close()
