@@ -79,6 +79,11 @@ type app struct {
 	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
 
 	runs *[]time.Time // renew's recorded runs, read once per command (list)
+
+	// hookStop ends running deploy hooks (hookGrace after the first
+	// signal, or at the second); hardStop ends the mail step (the second
+	// signal). Nil in tests: nothing stops them but their own timeouts.
+	hookStop, hardStop context.Context
 }
 
 type globalOptions struct {
@@ -95,21 +100,65 @@ type globalOptions struct {
 // Main runs lbcert with os.Args and returns the exit code. Nothing below
 // it calls os.Exit.
 func Main() int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	secret.FromEnviron()
 	a := &app{
-		in: os.Stdin, out: os.Stdout, err: os.Stderr,
-		getenv: os.Getenv, now: time.Now, ctx: ctx,
+		in: os.Stdin, out: os.Stdout, err: os.Stderr, say: &printer{w: os.Stderr},
+		getenv: os.Getenv, now: time.Now,
 		stdinTTY:  isTerminal(os.Stdin),
 		stdoutTTY: isTerminal(os.Stdout),
 		stderrTTY: isTerminal(os.Stderr),
 	}
+	defer a.trapSignals()()
 	return a.run(os.Args[1:])
 }
 
+// hookGrace is how long deploy hooks may go on after the first SIGINT or
+// SIGTERM, before they are ended as at their timeout.
+const hookGrace = 10 * time.Second
+
+// trapSignals is lbcert's answer to SIGINT and SIGTERM. The first stops
+// new work (a.ctx): no new order starts, what was obtained is deployed
+// and the report mailed, under a short deadline; running deploy hooks
+// get hookGrace more (a.hookStop). The second ends the hooks and the
+// mail at once (a.hardStop). Either way the state stays consistent: a
+// deploy cut short is kept as owed, and the next run finishes it.
+func (a *app) trapSignals() (release func()) {
+	var cancel, stopHooks, stopAll context.CancelFunc
+	a.ctx, cancel = context.WithCancel(context.Background())
+	a.hookStop, stopHooks = context.WithCancel(context.Background())
+	a.hardStop, stopAll = context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		if _, ok := <-sigs; !ok {
+			return
+		}
+		cancel()
+		grace := hookGrace
+		if d, err := time.ParseDuration(a.getenv("LBCERT_HOOK_GRACE")); err == nil { // for tests
+			grace = d
+		}
+		a.say.warningf("interrupted: no new orders; deploying what was obtained (hooks get %s more); interrupt again to stop at once", grace)
+		timer := time.AfterFunc(grace, stopHooks)
+		defer timer.Stop()
+		if _, ok := <-sigs; ok {
+			stopHooks()
+			stopAll()
+		}
+	}()
+	return func() {
+		signal.Stop(sigs)
+		close(sigs)
+		cancel()
+		stopHooks()
+		stopAll()
+	}
+}
+
 func (a *app) run(args []string) int {
-	a.say = &printer{w: a.err}
+	if a.say == nil {
+		a.say = &printer{w: a.err}
+	}
 	root := a.newRootCmd()
 	root.SetArgs(args)
 	err := root.ExecuteContext(a.ctx)
@@ -225,7 +274,7 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return err
 	}
 	a.setupLogging()
-	return a.mail.check()
+	return a.mail.Check()
 }
 
 // configPath is the config file this run reads, or would read.

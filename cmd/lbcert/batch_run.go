@@ -38,31 +38,29 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	if err != nil {
 		return nil, err
 	}
-	var prog *progress
 	spec := runSpec{
 		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency, days: o.Days,
 		maxWait: o.MaxWait, waitLock: o.WaitLock,
 	}
 	if a.stderrTTY && !a.global.Quiet && !o.JSON {
-		prog = newProgress(a.err, len(rows), a.now)
+		prog := newProgress(a.err, len(rows), a.now)
 		a.logTo(prog)
 		defer func() {
 			prog.finish()
 			a.logTo(a.err)
 		}()
-	}
-	// One line per finished row that needs attention, drawn above the
-	// bar on a terminal; a plain log line from cron.
-	spec.observe = func(it *engine.Item) {
-		if prog != nil {
+		spec.deploying = func(n int) { prog.phase(fmt.Sprintf("deploying %d certificates", n)) }
+		spec.observe = func(it *engine.Item) {
 			prog.step(it.Outcome.Done())
+			a.sayRow(file, it)
 		}
-		switch it.Outcome {
-		case engine.Issued, engine.Renewed, engine.Deployed, engine.NotDue:
-		case engine.Deferred:
-			slog.Warn("deferred", "line", it.Line, "name", it.Name, "why", it.Error)
-		default:
-			slog.Warn(words[it.Outcome], "line", it.Line, "name", it.Name, "err", it.Error)
+	} else {
+		spec.observe = func(it *engine.Item) { a.sayRow(file, it) }
+	}
+	// A deploy that failed is said once too, when the deploy is done.
+	spec.deployed = func(it *engine.Item) {
+		if it.Outcome == engine.Failed {
+			a.sayRow(file, it)
 		}
 	}
 	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) {
@@ -96,6 +94,32 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	return res, nil
 }
 
+// sayRow says, once, during the run, what needs attention about a
+// row: a failure with its hint, a deferral with its next attempt. The
+// table at the end lists it again, and that is all.
+func (a *app) sayRow(file string, it *engine.Item) {
+	where := fmt.Sprintf("%s:%d %s", file, it.Line, it.Name)
+	switch it.Outcome {
+	case engine.Issued, engine.Renewed, engine.Deployed, engine.NotDue, engine.Reconfigured:
+		return
+	case engine.Deferred:
+		a.say.warningf("%s: deferred: %s%s", where, it.Error, nextAttempt(it))
+	default:
+		a.say.errorf("%s: %s: %s", where, words[it.Outcome], it.Error)
+	}
+	if it.Hint != "" {
+		a.say.hintf("%s", it.Hint)
+	}
+}
+
+// nextAttempt is "; next attempt TIME", or "" when there is none.
+func nextAttempt(it *engine.Item) string {
+	if it.NextAttempt == nil {
+		return ""
+	}
+	return "; next attempt " + it.NextAttempt.Format(time.RFC3339)
+}
+
 // rowMail is what the lineage saves for its reports: the row's own
 // sender, recipients and relay, over those given on the command line.
 func (a *app) rowMail(o *batchOptions, row *batch.Row) store.Mail {
@@ -127,12 +151,6 @@ var words = map[engine.Outcome]string{
 // changed, then the counts. Rows already up to date are only counted: on
 // a re-run of a 5,000-row file they are the noise.
 func (a *app) printBatchSummary(res *engine.Result) {
-	for _, it := range res.Items {
-		if it.Outcome == engine.Failed && it.Hint != "" {
-			a.say.errorf("%s:%d %s: %s", res.File, it.Line, it.Name, it.Error)
-			a.say.hintf("%s", it.Hint)
-		}
-	}
 	if a.global.Quiet {
 		return
 	}
@@ -177,10 +195,6 @@ func rowDetail(it *engine.Item) string {
 			d += ", verify " + it.Verify
 		}
 		return d
-	case engine.Deferred, engine.Failed:
-		if it.NextAttempt != nil {
-			return fmt.Sprintf("%s; next attempt %s", it.Error, it.NextAttempt.Format(time.RFC3339))
-		}
 	}
-	return it.Error
+	return it.Error + nextAttempt(it)
 }

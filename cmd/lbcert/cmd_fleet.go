@@ -441,7 +441,7 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if err := fleet.SaveNodeDeploy(st, settings); err != nil {
 		return fmt.Errorf("save this node's deploy settings: %w", err)
 	}
-	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner}
 	ag := &fleet.Agent{Local: st, Connect: connect, Sync: syncer, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}

@@ -89,7 +89,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 		return nil, err
 	}
 	cat := fleet.NewCatalog(f.node)
-	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	settings := fleet.NodeDeploy(st)
 	return &host{
 		st: st, catalog: cat, accounts: cat, where: "the fleet", fleet: f,

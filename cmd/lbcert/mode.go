@@ -131,7 +131,7 @@ func (singleHost) deploy(d *deployFlags, dir string, saved *store.Deploy) (store
 func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 	a := m.a
 	st := store.New(a.global.Dir)
-	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	return &host{
 		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir,
 		node: &engine.Node{Local: st, Deploy: runner, Keep: a.global.Keep},
@@ -145,4 +145,10 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 		served:  func(context.Context) (map[string][]nodeServes, error) { return nil, nil },
 		close:   func() {},
 	}, nil
+}
+
+// deployOptions are the deploy runner's settings in either mode: hooks
+// end hookGrace after an interrupt, or at the second.
+func (a *app) deployOptions() deploy.Options {
+	return deploy.Options{HookConcurrency: a.global.HookConc, Stop: a.hookStop}
 }

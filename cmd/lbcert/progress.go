@@ -19,6 +19,9 @@ type progress struct {
 	now                  func() time.Time
 	width                int
 	drawn                bool
+	// label names the phase after the orders: the deploy, which runs
+	// once for every certificate at the end.
+	label string
 }
 
 func newProgress(w io.Writer, total int, now func() time.Time) *progress {
@@ -35,6 +38,14 @@ func (p *progress) step(ok bool) {
 	} else {
 		p.bad++
 	}
+	p.draw()
+}
+
+// phase shows what the run does now that every row is counted.
+func (p *progress) phase(label string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.label = label
 	p.draw()
 }
 
@@ -65,7 +76,8 @@ func (p *progress) draw() {
 	p.drawn = true
 }
 
-// line renders the bar: [=========>          ] 120/200  ok 118  failed 2  ETA 42s
+// line renders the bar: [=========>          ] 120/200  ok 118  failed 2  ETA 42s,
+// or the phase's label in place of the ETA.
 func (p *progress) line() string {
 	filled := 0
 	if p.total > 0 {
@@ -75,12 +87,15 @@ func (p *progress) line() string {
 	if filled < p.width {
 		bar += ">" + strings.Repeat(" ", p.width-filled-1)
 	}
-	eta := "--"
+	eta := "ETA --"
 	if p.done > 0 && p.done < p.total {
 		per := p.now().Sub(p.start) / time.Duration(p.done)
-		eta = (per * time.Duration(p.total-p.done)).Round(time.Second).String()
+		eta = "ETA " + (per * time.Duration(p.total-p.done)).Round(time.Second).String()
 	} else if p.done == p.total {
-		eta = "done"
+		eta = "ETA done"
 	}
-	return fmt.Sprintf("[%s] %d/%d  ok %d  failed %d  ETA %s", bar, p.done, p.total, p.ok, p.bad, eta)
+	if p.label != "" {
+		eta = p.label
+	}
+	return fmt.Sprintf("[%s] %d/%d  ok %d  failed %d  %s", bar, p.done, p.total, p.ok, p.bad, eta)
 }

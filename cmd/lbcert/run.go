@@ -35,6 +35,8 @@ type runSpec struct {
 	randomDelay time.Duration
 	waitLock    time.Duration
 	observe     func(*engine.Item)
+	deploying   func(n int)
+	deployed    func(*engine.Item)
 	// scheduled says the run is the kind cron makes (renew over every
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
@@ -92,6 +94,8 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 			RunGap:      gap,
 			Now:         a.now,
 			Observe:     spec.observe,
+			Deploying:   spec.deploying,
+			Deployed:    spec.deployed,
 			LeaseTTL:    a.fleetOpts.LeaseTTL,
 		},
 	}

@@ -54,7 +54,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 			defer wg.Done()
 			for s := range jobs {
 				r.one(s)
-				if e.Opts.Observe != nil && !r.owesDeploy(s) {
+				if e.Opts.Observe != nil {
 					e.Opts.Observe(s.item)
 				}
 			}
@@ -105,12 +105,6 @@ type run struct {
 	res     *Result
 	wants   []*want
 	owed    map[string]*step // lineage name -> step whose want is in wants
-}
-
-func (r *run) owesDeploy(s *step) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.owed[s.job.Lineage.Name] == s
 }
 
 // one takes a step through everything before the deploy.
@@ -418,12 +412,15 @@ func (r *run) deployAll() {
 	if len(r.wants) == 0 {
 		return
 	}
+	if e.Opts.Deploying != nil {
+		e.Opts.Deploying(len(r.wants))
+	}
 	done := e.Node.deployAll(context.WithoutCancel(r.ctx), r.wants)
 	for i, w := range r.wants {
 		s := r.owed[w.l.Name]
 		r.deployed(s, w, done[i])
-		if e.Opts.Observe != nil {
-			e.Opts.Observe(s.item)
+		if e.Opts.Deployed != nil {
+			e.Opts.Deployed(s.item)
 		}
 	}
 }
