@@ -123,6 +123,9 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
 		return err
 	}
+	if err := challenge.CheckAddr(o.HTTPAddr); err != nil {
+		return err
+	}
 	if o.Webroot != "" && o.Standalone {
 		return fmt.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
 	}

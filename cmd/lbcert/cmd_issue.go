@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -132,6 +133,11 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	if p.mode, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet}); err != nil {
 		return nil, err
 	}
+	if p.mode.Mode == "standalone" {
+		if err := probe(st, p.mode.HTTPAddr); err != nil {
+			return nil, err
+		}
+	}
 	if p.limits, err = o.pace.limits(); err != nil {
 		return nil, err
 	}
@@ -139,6 +145,18 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// probe refuses a listen address in use before anything is written,
+// unless another lbcert run holds it: then the answer is "locked".
+func probe(st *store.Store, addr string) error {
+	err := challenge.Probe(addr)
+	if err != nil {
+		if held := st.Held(); held != nil {
+			return held
+		}
+	}
+	return err
 }
 
 func (a *app) runIssue(ctx context.Context, o *issueOptions) error {

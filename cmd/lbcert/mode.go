@@ -108,6 +108,9 @@ func (m singleHost) challenge(c challengeFlags) (store.Challenge, error) {
 		}
 		return store.Challenge{Mode: "webroot", Webroot: root}, nil
 	default:
+		if err := challenge.CheckAddr(c.httpAddr); err != nil {
+			return store.Challenge{}, err
+		}
 		return store.Challenge{Mode: "standalone", HTTPAddr: c.httpAddr}, nil
 	}
 }

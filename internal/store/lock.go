@@ -103,6 +103,26 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 	return &Lock{f: dir}, nil
 }
 
+// Held reports, writing nothing, whether another process holds the
+// state directory's lock: a *LockedError, or nil (also when there is no
+// directory yet). A command that finds a port busy asks it, so that a
+// second run of the same command says "locked", not "port in use".
+func (s *Store) Held() error {
+	dir, err := os.OpenFile(s.Dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil
+	}
+	defer dir.Close()
+	if err := syscall.Flock(int(dir.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return &LockedError{Path: s.Dir, PID: readPIDFile(filepath.Join(s.Dir, LockFile))}
+		}
+		return nil
+	}
+	syscall.Flock(int(dir.Fd()), syscall.LOCK_UN)
+	return nil
+}
+
 func readPIDFile(path string) int {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
