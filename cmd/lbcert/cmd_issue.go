@@ -241,8 +241,11 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 			break
 		}
 		verb := "issued certificate"
-		if it.Outcome == engine.Deployed {
+		switch it.Outcome {
+		case engine.Deployed:
 			verb = "deployed the certificate obtained earlier"
+		case engine.Renewed:
+			verb = "renewed certificate" // --force, or due: the log says "renewed" too
 		}
 		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
 			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), timeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
@@ -275,6 +278,10 @@ func deployWords(it *engine.Item) string {
 		return "none (no --deploy target)"
 	case "rolled_back":
 		return "rolled back: " + it.Pending
+	case "":
+		if it.Outcome != engine.Failed {
+			return "none (dry run: nothing saved or deployed)" // the only run that obtains and deploys nothing
+		}
 	}
 	if it.Outcome == engine.Failed {
 		return "failed: " + it.Error

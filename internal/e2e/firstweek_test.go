@@ -179,3 +179,30 @@ func TestInterruptDuringHook(t *testing.T) {
 		t.Fatalf("still pending after the deploy:\n%s", l.stdout)
 	}
 }
+
+// TestRenewWording: what issue and renew print says what happened
+// (issue #26 item 12): "issue --force" renewed, so it says "renewed"
+// as its log does; a dry run deployed nothing; the rule that made a
+// certificate due is said in words, not "(days)".
+func TestRenewWording(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	issue := []string{"issue", "-d", "words.example.com", "--standalone", "--http-addr", http, "--agree-tos"}
+	if r := e.mustRun(issue...); !strings.Contains(r.stdout, "words.example.com: issued certificate") {
+		t.Fatalf("first issue:\n%s", r.stdout)
+	}
+	r := e.mustRun(append(issue, "--force")...)
+	if !strings.Contains(r.stdout, "words.example.com: renewed certificate") || strings.Contains(r.stdout, "issued") {
+		t.Fatalf("issue --force of an existing lineage:\n%s", r.stdout)
+	}
+	r = e.mustRun("renew", "--dry-run", "--force", "--no-random-sleep")
+	if !strings.Contains(r.stdout, "1 would renew (dry run)") || strings.Contains(r.stdout, "deploy deployed") ||
+		!strings.Contains(r.stdout, "deploy none (dry run: nothing saved or deployed)") {
+		t.Fatalf("renew --dry-run:\n%s", r.stdout)
+	}
+	r = e.mustRun("renew", "--days", "1000", "--no-random-sleep")
+	if !strings.Contains(r.stdout, "due: fewer days left than --days") || strings.Contains(r.stdout, "(days)") {
+		t.Fatalf("renew --days:\n%s", r.stdout)
+	}
+}
