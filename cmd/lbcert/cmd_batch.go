@@ -127,7 +127,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		return err
 	}
 	if o.Webroot != "" && o.Standalone {
-		return fmt.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
+		return conflict(o.flags, "webroot", "standalone", "choose one default way to answer HTTP-01")
 	}
 	if net.ParseIP(o.VIPHost) == nil {
 		if _, err := names.Domain(o.VIPHost); err != nil {
@@ -138,7 +138,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	if err := m.mayOrder("batch"); err != nil {
 		return err
 	}
-	fallback, err := m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true})
+	fallback, err := m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true, fs: o.flags})
 	if err != nil {
 		return err
 	}

@@ -130,7 +130,7 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 	if err := m.mayOrder("issue"); err != nil {
 		return nil, err
 	}
-	if p.mode, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet}); err != nil {
+	if p.mode, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet, fs: o.flags}); err != nil {
 		return nil, err
 	}
 	if p.mode.Mode == "standalone" {
@@ -264,7 +264,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 		if it.Hint != "" {
 			a.say.hintf("%s", it.Hint)
 		}
-		if it.NextAttempt != nil && it.Outcome == engine.Deferred {
+		if it.NextAttempt != nil && it.Outcome == engine.Deferred && !strings.Contains(it.Hint, "next attempt") {
 			a.say.hintf("next attempt after %s", it.NextAttempt.Format(time.RFC3339))
 		}
 	}

@@ -163,7 +163,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("environment %s=%q: %v", env, v, err))
 			}
-			setSource(f, "env")
+			setSource(f, "env "+env)
 			return
 		}
 		if file == nil {
@@ -173,7 +173,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("config %s: %q: %v", file.Path, f.Name, err))
 			}
-			setSource(f, "config")
+			setSource(f, "config "+file.Path)
 		}
 	})
 	return errors.Join(errs...)
@@ -196,6 +196,28 @@ func Given(fs *pflag.FlagSet, name string) bool {
 	}
 	_, fromEnvOrFile := f.Annotations[sourceAnnotation]
 	return f.Changed || fromEnvOrFile
+}
+
+// Origin says where flag name's value came from, for a message about a
+// conflict: "" for the command line or the default, "LBCERT_WEBROOT"
+// for the environment, "'webroot:' in /etc/lbcert/config.yaml" for the
+// config file.
+func Origin(fs *pflag.FlagSet, name string) string {
+	f := fs.Lookup(name)
+	if f == nil || f.Changed {
+		return ""
+	}
+	src := f.Annotations[sourceAnnotation]
+	if len(src) == 0 {
+		return ""
+	}
+	if env, ok := strings.CutPrefix(src[0], "env "); ok {
+		return env
+	}
+	if path, ok := strings.CutPrefix(src[0], "config "); ok {
+		return fmt.Sprintf("'%s:' in %s", name, path)
+	}
+	return ""
 }
 
 // isList reports whether f is repeatable, so that a comma-separated

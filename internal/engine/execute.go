@@ -291,7 +291,7 @@ func (r *run) mayStart(s *step) bool {
 	// after the random delay is not deferred for a whole day because of
 	// a check made before it.
 	if !s.job.Force && renewal.InBackoff(s.status, e.now().Add(e.Opts.RandomDelay)) {
-		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		r.backedOff(s)
 		return false
 	}
 	r.delay()
@@ -300,7 +300,7 @@ func (r *run) mayStart(s *step) bool {
 		return false
 	}
 	if !s.job.Force && renewal.InBackoff(s.status, e.now()) {
-		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		r.backedOff(s)
 		return false
 	}
 	return true
@@ -567,6 +567,15 @@ func (r *run) fail(s *step, err error, backoff bool) {
 		it.NextAttempt = timePtr(st.NextAttempt)
 	}
 	slog.Debug("failed", "name", s.job.Lineage.Name, "err", it.Error)
+}
+
+// backedOff defers s, in failure backoff: the hint says when the next
+// attempt is, and that once the cause is fixed --force tries now
+// (issue #26 item 15).
+func (r *run) backedOff(s *step) {
+	next := s.status.NextAttempt
+	r.defer_(s, "waiting after earlier failures: "+s.status.LastError, next,
+		hint.Errorf(fmt.Sprintf("the next attempt is after %s; once the cause is fixed, the same command with --force tries now", next.UTC().Format(time.RFC3339)), "in backoff"))
 }
 
 // defer_ leaves s for a later run, without backoff.

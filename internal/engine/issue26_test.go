@@ -1,7 +1,10 @@
 package engine
 
 import (
+	"context"
+	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -49,5 +52,54 @@ func TestReportInterrupted(t *testing.T) {
 	}
 	if !rep.Changed() {
 		t.Error("an interrupted run is not mailed under --report changes")
+	}
+}
+
+// A progress bar counts a row when its certificate is obtained, not when
+// the run's one deploy at the end is done (issue #26 item 9: the bar
+// stayed at 0, then jumped to the end): every item is observed before
+// the deploy runs.
+func TestObservedWhenObtained(t *testing.T) {
+	f := newFixture(t)
+	var mu sync.Mutex
+	deploysSeen := map[string]int{}
+	observe := func(it *Item) {
+		mu.Lock()
+		defer mu.Unlock()
+		f.dep.mu.Lock()
+		deploysSeen[it.Name] = len(f.dep.runs)
+		f.dep.mu.Unlock()
+	}
+	res := f.run(context.Background(), Options{Command: "batch", Observe: observe}, job("o1.test"), job("o2.test"), job("o3.test"))
+	if res.Counts[Issued] != 3 || len(f.dep.runs) != 1 {
+		t.Fatalf("counts %v, deploy runs %v", res.Counts, f.dep.runs)
+	}
+	if len(deploysSeen) != 3 {
+		t.Fatalf("observed %v, want each of the 3 once", deploysSeen)
+	}
+	for name, n := range deploysSeen {
+		if n != 0 {
+			t.Errorf("%s observed after the deploy, not when obtained", name)
+		}
+	}
+}
+
+// A lineage in failure backoff says when its next attempt is, and that
+// once the cause is fixed --force tries now (issue #26 item 15).
+func TestBackoffHintSaysForceTriesNow(t *testing.T) {
+	f := newFixture(t)
+	f.saved("h.test")
+	f.clock.Add(70 * 24 * time.Hour)
+	f.ca.fail["h.test"] = errors.New("obtain h.test: connection: refused")
+	first := f.run(context.Background(), Options{Command: "renew"}, job("h.test")).Items[0]
+	if first.Outcome != Failed || first.NextAttempt == nil {
+		t.Fatalf("first: %+v", first)
+	}
+	delete(f.ca.fail, "h.test") // fixed
+	f.clock.Add(10 * time.Minute)
+	it := f.run(context.Background(), Options{Command: "renew"}, job("h.test")).Items[0]
+	if it.Outcome != Deferred || !strings.Contains(it.Hint, "--force tries now") ||
+		!strings.Contains(it.Hint, first.NextAttempt.Format(time.RFC3339)) {
+		t.Fatalf("deferred by backoff: %+v, hint %q", it.Outcome, it.Hint)
 	}
 }
