@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/pace"
 )
 
 // A batch's mail says what the command line said: a row deferred to a
@@ -101,5 +103,44 @@ func TestBackoffHintSaysForceTriesNow(t *testing.T) {
 	if it.Outcome != Deferred || !strings.Contains(it.Hint, "--force tries now") ||
 		!strings.Contains(it.Hint, first.NextAttempt.Format(time.RFC3339)) {
 		t.Fatalf("deferred by backoff: %+v, hint %q", it.Outcome, it.Hint)
+	}
+}
+
+// An order the CA refuses (rejectedIdentifier: its policy forbids the
+// name) or that Ctrl-C stops gives back the registered domain's token it
+// took: no certificate was issued (issue #26 item 19: 46 issued, the
+// budget at 50).
+func TestRefusedOrderGivesTokensBack(t *testing.T) {
+	limits := pace.Limits{Domain: pace.Limit{N: 2, Per: 7 * 24 * time.Hour}}
+	rejected := errors.New(`obtain x0.example.org: acme: error: 400 :: POST :: https://ca.test/new-order :: urn:ietf:params:acme:error:rejectedIdentifier :: Cannot issue for "x0.example.org": forbidden by policy`)
+	for _, interrupt := range []bool{false, true} {
+		f := newFixture(t)
+		b, err := pace.Open(t.TempDir(), limits, f.clock.Now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := f.engine(Options{Command: "issue", MaxWait: time.Minute})
+		e.Budget = b
+		if interrupt {
+			f.ca.block, f.ca.started = make(chan struct{}), make(chan string, 1)
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() { <-f.ca.started; cancel() }()
+			p, _ := e.Plan(ctx, []Job{job("x0.example.org")})
+			if it := p.Execute(ctx).Items[0]; it.Outcome != Aborted {
+				t.Fatalf("interrupted order: %+v", it)
+			}
+			f.ca.block, f.ca.started = nil, nil
+		} else {
+			f.ca.fail["x0.example.org"] = rejected
+			p, _ := e.Plan(context.Background(), []Job{job("x0.example.org")})
+			if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
+				t.Fatalf("refused order: %+v", it)
+			}
+		}
+		// Both of the registered domain's tokens are there for two more.
+		p, _ := e.Plan(context.Background(), []Job{job("x1.example.org"), job("x2.example.org")})
+		if res := p.Execute(context.Background()); res.Counts[Issued] != 2 {
+			t.Fatalf("interrupt %v: after the order that got nothing, %v", interrupt, outcomes(res))
+		}
 	}
 }
