@@ -206,6 +206,12 @@ beats the config file, which beats the default.
 			return a.setup(cmd)
 		},
 	}
+	if root.Version == "dev" {
+		root.SetVersionTemplate(`lbcert version dev
+(no version stamped: 'make build' stamps one; a plain 'go build' stamps the git revision,
+ unless -buildvcs=false is set, as GOFLAGS or 'go env -w' can do, or the checkout is a git worktree)
+`)
+	}
 	root.SetOut(a.out)
 	root.SetErr(a.err)
 	root.SetIn(a.in)
