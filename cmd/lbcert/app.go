@@ -78,8 +78,6 @@ type app struct {
 	fleetOpts fleetOptions
 	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
 
-	runs *[]time.Time // renew's recorded runs, read once per command (list)
-
 	// hookStop ends running deploy hooks (hookGrace after the first
 	// signal, or at the second); hardStop ends the mail step (the second
 	// signal). Nil in tests: nothing stops them but their own timeouts.

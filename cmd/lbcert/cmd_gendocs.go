@@ -66,9 +66,7 @@ func generateDocs(root *cobra.Command) (map[string][]byte, error) {
 	// them added here, or man pages would depend on how they were made.
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()
-	// The man generator reads help text as Markdown, where "<hostname>"
-	// is an HTML tag and vanishes: escape the angle brackets, on copies,
-	// so "--help" keeps its own text.
+	// The man generator reads help text as Markdown (markdown).
 	escapeAngles(root)
 	defer restoreAngles(root)
 	hdr := &doc.GenManHeader{Title: "LBCERT", Section: "1", Source: "lbcert", Manual: "lbcert manual", Date: &docsDate}
@@ -107,18 +105,58 @@ func generateDocs(root *cobra.Command) (map[string][]byte, error) {
 	return files, nil
 }
 
-var angles = strings.NewReplacer("<", `\<`, ">", `\>`)
+// markdown makes help text read as the Markdown the man generator
+// takes it for: "<hostname>" would be an HTML tag and vanish, "LBCERT_*
+// and RENEWED_*" would turn italic; and lines indented by two spaces
+// (a CSV header, an example) would run into the next line, so each run
+// of them becomes a block of its own, kept as typed.
+func markdown(text string) string {
+	var out []string
+	lines := strings.Split(text, "\n")
+	for i := 0; i < len(lines); i++ {
+		if !strings.HasPrefix(lines[i], "  ") || inList(lines, i) {
+			out = append(out, mdEscape.Replace(lines[i]))
+			continue
+		}
+		if len(out) > 0 && out[len(out)-1] != "" {
+			out = append(out, "")
+		}
+		for ; i < len(lines) && strings.HasPrefix(lines[i], "  "); i++ {
+			out = append(out, "    "+lines[i])
+		}
+		if i < len(lines) && lines[i] != "" {
+			out = append(out, "")
+		}
+		i--
+	}
+	return strings.Join(out, "\n")
+}
+
+// inList says whether line i belongs to a "  - item" list, which
+// Markdown lays out as one.
+func inList(lines []string, i int) bool {
+	for ; i >= 0 && strings.HasPrefix(lines[i], "  "); i-- {
+		if strings.HasPrefix(lines[i], "  - ") {
+			return true
+		}
+	}
+	return false
+}
+
+var mdEscape = strings.NewReplacer("<", `\<`, ">", `\>`, "*", `\*`, "_", `\_`)
 
 var savedUsage = map[*pflag.Flag]string{}
 var savedLong = map[*cobra.Command]string{}
 
+// escapeAngles puts the help text in Markdown (markdown), on copies
+// restored by restoreAngles, so that --help keeps its own text.
 func escapeAngles(c *cobra.Command) {
 	savedLong[c] = c.Long
-	c.Long = angles.Replace(c.Long)
+	c.Long = markdown(c.Long)
 	escape := func(f *pflag.Flag) {
 		if _, done := savedUsage[f]; !done {
 			savedUsage[f] = f.Usage
-			f.Usage = angles.Replace(f.Usage)
+			f.Usage = mdEscape.Replace(f.Usage)
 		}
 	}
 	c.LocalFlags().VisitAll(escape)

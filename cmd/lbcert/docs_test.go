@@ -181,3 +181,48 @@ func TestManKeepsPlaceholders(t *testing.T) {
 		t.Fatal("generating the man pages changed the help text itself")
 	}
 }
+
+// Man pages keep the help text's shape (issue #26 item 21): no stray
+// italics from an underscore or a star ("LBCERT_* and RENEWED_*"), and
+// every indented line (a CSV header, an exit-code table) stays a line of
+// its own in a block, instead of running into the next paragraph.
+func TestManFormatting(t *testing.T) {
+	a := &app{out: &bytes.Buffer{}, err: &bytes.Buffer{}, getenv: func(string) string { return "" }, now: time.Now}
+	root := a.newRootCmd()
+	files, err := generateDocs(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, data := range files {
+		if strings.HasSuffix(name, ".1") && bytes.Contains(data, []byte(`\fI`)) {
+			t.Errorf("%s: stray italics: %s", name, data[bytes.Index(data, []byte(`\fI`))-20:][:60])
+		}
+	}
+	checked := 0
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		page := string(files[strings.ReplaceAll(c.CommandPath(), " ", "-")+".1"])
+		blocks := regexp.MustCompile(`(?s)\n\.EX\n(.*?)\n\.EE\n`).FindAllStringSubmatch(page, -1)
+		lines := strings.Split(c.Long, "\n")
+		for i, line := range lines {
+			if !strings.HasPrefix(line, "  ") || inList(lines, i) || c.Hidden {
+				continue // a "  - item" list is Markdown's own
+			}
+			found := false
+			for _, b := range blocks {
+				found = found || strings.Contains(b[1]+"\n", line+"\n")
+			}
+			if !found {
+				t.Errorf("%s: indented line %q is not a block of its own in the man page", c.CommandPath(), line)
+			}
+			checked++
+		}
+		for _, sc := range c.Commands() {
+			walk(sc)
+		}
+	}
+	walk(root)
+	if checked < 10 || !strings.Contains(string(files["lbcert-batch.1"]), "LBCERT_* and RENEWED_*") {
+		t.Fatalf("checked %d indented lines; batch page: %v", checked, strings.Contains(string(files["lbcert-batch.1"]), "RENEWED"))
+	}
+}

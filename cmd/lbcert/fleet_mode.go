@@ -13,6 +13,7 @@ import (
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -113,24 +114,25 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			}
 			return nil
 		},
-		after:  func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
-		served: func(ctx context.Context) (map[string][]nodeServes, error) { return nodesServing(ctx, f.node) },
-		close:  f.close,
+		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
+		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return nodesServing(ctx, f.node) },
+		failedNames: func() ([]string, error) { return nil, nil },
+		close:       f.close,
 	}, nil
 }
 
 // nodesServing is what each member reports serving, by lineage.
-func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]nodeServes, error) {
+func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]inventory.Serves, error) {
 	all, err := n.Serving(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string][]nodeServes, len(all))
+	out := make(map[string][]inventory.Serves, len(all))
 	for name, byNode := range all {
 		for node, s := range byNode {
-			out[name] = append(out[name], nodeServes{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
 		}
-		slices.SortFunc(out[name], func(a, b nodeServes) int { return strings.Compare(a.Node, b.Node) })
+		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
 	}
 	return out, nil
 }

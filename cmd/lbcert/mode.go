@@ -14,6 +14,7 @@ import (
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -94,19 +95,13 @@ type host struct {
 	after func(ctx context.Context)
 	// served is what each node of a fleet reports serving, by lineage
 	// and node; nil on one host, where the state directory says it.
-	served func(ctx context.Context) (map[string][]nodeServes, error)
-	close  func()
-	fleet  *fleetRun // fleet-only commands (status, remove) read it
-}
-
-// nodeServes is what one node serves of a lineage (list and show in a
-// fleet).
-type nodeServes struct {
-	Node    string `json:"node"`
-	Version int    `json:"version"`
-	Serial  string `json:"serial,omitempty"`
-	OK      bool   `json:"ok"`
-	Error   string `json:"error,omitempty"`
+	served func(ctx context.Context) (map[string][]inventory.Serves, error)
+	// failedNames are the names whose first order failed (list shows
+	// them as never issued): from the state directory on one host; in a
+	// fleet the run's report says them.
+	failedNames func() ([]string, error)
+	close       func()
+	fleet       *fleetRun // fleet-only commands (status, remove) read it
 }
 
 // mode is the run's mode, from the settings.
@@ -176,11 +171,12 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 			b, err := a.openBudget(st, l)
 			return b, b, err
 		},
-		tokens:  func(*issuer.Issuer) {},
-		prepare: func(context.Context) error { return nil },
-		after:   func(context.Context) {},
-		served:  func(context.Context) (map[string][]nodeServes, error) { return nil, nil },
-		close:   func() {},
+		tokens:      func(*issuer.Issuer) {},
+		prepare:     func(context.Context) error { return nil },
+		after:       func(context.Context) {},
+		served:      func(context.Context) (map[string][]inventory.Serves, error) { return nil, nil },
+		failedNames: st.FailedNames,
+		close:       func() {},
 	}, nil
 }
 

@@ -32,3 +32,19 @@ func TestHeldWritesNothing(t *testing.T) {
 		t.Fatalf("Held left the lock taken: %v", err)
 	}
 }
+
+// FailedNames finds the names whose first order failed: failures on
+// record, no lineage.
+func TestFailedNames(t *testing.T) {
+	s := New(t.TempDir())
+	if err := s.WriteStatus("never.example.com", Status{Failures: 2, LastError: "refused"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteStatus("quiet.example.com", Status{}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.FailedNames()
+	if err != nil || len(got) != 1 || got[0] != "never.example.com" {
+		t.Fatalf("FailedNames = %v, %v", got, err)
+	}
+}
