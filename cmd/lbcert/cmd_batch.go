@@ -257,12 +257,12 @@ func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
 func (a *app) rowDeploy(o *batchOptions, stateDir string, row *batch.Row, cache map[string]store.Deploy) (store.Deploy, error) {
 	target := row.Deploy
 	if target == "" {
-		target = o.deploy.target
+		target = o.deploy.Target
 	}
 	d, ok := cache[target]
 	if !ok {
 		flags := o.deploy
-		flags.target = target
+		flags.Target = target
 		var err error
 		if d, err = a.mode().deploy(&flags, stateDir, nil); err != nil {
 			return d, err

@@ -136,8 +136,8 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		d = h.node.Settings(l) // this node's way of serving it
 	}
 	runner := &deploy.Runner{Store: st}
-	targets := deleteTargets(st, d)
-	if err := checkReferences(ctx, runner, st, name, targets, o.Force); err != nil {
+	targets := runner.DeleteTargets(d, st.Dir)
+	if err := runner.CheckReferences(ctx, name, targets, o.Force); err != nil {
 		return err
 	}
 	if err := a.confirmDelete(o, l); err != nil {
@@ -153,7 +153,11 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			return err
 		}
 	}
-	if err := a.unlistNginx(ctx, runner, name, targets, o.Force); err != nil {
+	unlisted, err := runner.UnlistAll(ctx, name, targets, o.Force)
+	for _, f := range unlisted {
+		a.printf("%s: removed from %s, nginx reloaded\n", name, f)
+	}
+	if err != nil {
 		if o.Revoke {
 			return hint.Wrap(fmt.Errorf("%w; the certificate is revoked, nothing was deleted", err), "fix nginx and run delete again without --revoke, or pass --force")
 		}
