@@ -142,11 +142,11 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	if err != nil {
 		return err
 	}
-	limits, err := o.pace.limits()
+	limits, err := o.pace.Limits()
 	if err != nil {
 		return err
 	}
-	checker, err := o.preflight.checker()
+	checker, err := o.preflight.Checker()
 	if err != nil {
 		return err
 	}

@@ -138,10 +138,10 @@ func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
 			return nil, err
 		}
 	}
-	if p.limits, err = o.pace.limits(); err != nil {
+	if p.limits, err = o.pace.Limits(); err != nil {
 		return nil, err
 	}
-	if p.preflight, err = o.preflight.checker(); err != nil {
+	if p.preflight, err = o.preflight.Checker(); err != nil {
 		return nil, err
 	}
 	return p, nil

@@ -116,7 +116,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 			return fmt.Errorf("--name: %w", err)
 		}
 	}
-	limits, err := o.pace.limits()
+	limits, err := o.pace.Limits()
 	if err != nil {
 		return err
 	}
