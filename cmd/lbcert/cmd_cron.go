@@ -164,7 +164,7 @@ func (a *app) fleetArgs() []string {
 	if f.LedgerCap != fleet.DefaultLedgerCap {
 		args = append(args, "--ledger-cap", strconv.Itoa(f.LedgerCap))
 	}
-	if f.LeaseTTL != defaultLeaseTTL {
+	if f.LeaseTTL != fleet.DefaultLeaseTTL {
 		args = append(args, "--lease-ttl", f.LeaseTTL.String())
 	}
 	return args

@@ -89,35 +89,35 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 	if err != nil {
 		return nil, err
 	}
-	cat := fleet.NewCatalog(f.node)
+	cat := fleet.NewCatalog(f.Node)
 	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	settings := fleet.NodeDeploy(st)
 	return &host{
-		st: st, catalog: cat, accounts: cat, where: "the fleet", fleet: f,
+		st: st, catalog: cat, accounts: cat, where: "the fleet",
 		node: &engine.Node{
 			Local: st, Deploy: runner, Keep: a.global.Keep,
 			Settings: func(*store.Lineage) store.Deploy { return settings },
 			Lock:     fleet.WriteLock(st),
-			Report:   fleet.ReportServed(f.node),
+			Report:   fleet.ReportServed(f.Node),
 		},
 		// One budget for the fleet: the CA counts per account and
 		// domain, whichever node orders; and the fleet's ledger of
 		// certificates per exact set of names.
 		budget: func(l pace.Limits) (engine.Budget, *pace.Budget, error) {
-			b := pace.OpenShared(fleet.PaceStore{Shared: f.sh}, l, a.now)
-			return &fleet.Budget{Pace: b, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}, b, nil
+			b := pace.OpenShared(fleet.PaceStore{Shared: f.Shared}, l, a.now)
+			return &fleet.Budget{Pace: b, N: f.Node, Cap: a.fleetOpts.LedgerCap, Now: a.now}, b, nil
 		},
-		tokens: func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.node} },
+		tokens: func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.Node} },
 		prepare: func(ctx context.Context) error {
-			if err := f.node.PublishSpool(ctx); err != nil {
+			if err := f.Node.PublishSpool(ctx); err != nil {
 				return err
 			}
 			return nil
 		},
-		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
-		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return nodesServing(ctx, f.node) },
+		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.Node) },
+		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return nodesServing(ctx, f.Node) },
 		failedNames: func() ([]string, error) { return nil, nil },
-		close:       f.close,
+		close:       f.Close,
 	}, nil
 }
 

@@ -101,7 +101,6 @@ type host struct {
 	// fleet the run's report says them.
 	failedNames func() ([]string, error)
 	close       func()
-	fleet       *fleetRun // fleet-only commands (status, remove) read it
 }
 
 // mode is the run's mode, from the settings.

@@ -1,0 +1,145 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/secret"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// DefaultLeaseTTL is --lease-ttl's default.
+const DefaultLeaseTTL = 10 * time.Minute
+
+// Settings are the fleet flags as a command was given them (README "A
+// pool of load balancers"). The password is not among them: it comes
+// from LBCERT_REDIS_PASSWORD or --redis-password-file, never argv.
+type Settings struct {
+	Redis        string
+	PasswordFile string
+	CA           string
+	LeaseTTL     time.Duration
+	LedgerCap    int
+	NoOrder      bool
+}
+
+// Dial checks the settings and connects to the fleet's Redis; password
+// is LBCERT_REDIS_PASSWORD's value, which --redis-password-file replaces.
+// A Redis that does not answer is an *rdb.Unavailable.
+func (s Settings) Dial(ctx context.Context, password string) (*rdb.Shared, error) {
+	if s.Redis == "" {
+		return nil, fmt.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
+	}
+	if s.PasswordFile != "" {
+		data, err := os.ReadFile(s.PasswordFile)
+		if err != nil {
+			if pe, ok := err.(*os.PathError); ok {
+				err = pe.Err
+			}
+			return nil, fmt.Errorf("--redis-password-file %s: %w", s.PasswordFile, err)
+		}
+		password = strings.TrimSpace(string(data))
+	}
+	secret.Add(password)
+	if s.LedgerCap < 1 || s.LedgerCap > 4 {
+		return nil, fmt.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", s.LedgerCap)
+	}
+	if s.LeaseTTL < time.Second {
+		return nil, fmt.Errorf("--lease-ttl %s: want at least 1s", s.LeaseTTL)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return rdb.Dial(dctx, rdb.Options{URL: s.Redis, Password: password, CAFile: s.CA})
+}
+
+// Conn is one command's open fleet: the connection and this node.
+type Conn struct {
+	Shared *rdb.Shared
+	Node   *Node
+}
+
+// Connect dials and opens this node (st) in the fleet.
+func (s Settings) Connect(ctx context.Context, password string, st *store.Store) (*Conn, error) {
+	sh, err := s.Dial(ctx, password)
+	if err != nil {
+		return nil, err
+	}
+	n, err := Open(ctx, sh, st)
+	if err != nil {
+		sh.Close()
+		return nil, err
+	}
+	return &Conn{Shared: sh, Node: n}, nil
+}
+
+// Close closes the connection; a nil Conn is fine.
+func (c *Conn) Close() {
+	if c != nil {
+		c.Shared.Close()
+	}
+}
+
+// AdvertiseAddr is where peers reach an agent listening on httpAddr:
+// advertise when given, else httpAddr, which then needs a host part.
+func AdvertiseAddr(httpAddr, advertise string) (string, error) {
+	if httpAddr == "" {
+		return "", fmt.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
+	}
+	if advertise != "" {
+		return advertise, nil
+	}
+	host, _, err := net.SplitHostPort(httpAddr)
+	if err != nil {
+		return "", fmt.Errorf("--http-addr %q: %w", httpAddr, err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		return "", ErrAdvertise
+	}
+	return httpAddr, nil
+}
+
+// Connector is an agent's Connect: it opens the fleet on the agent's
+// connect goroutine, which may still be dialling when Run returns, so
+// the connection it opened is closed by Close, or by itself when the
+// agent is already gone.
+type Connector struct {
+	Open      func(ctx context.Context) (*Conn, error)
+	Connected func(*Node) // told once the fleet is open
+
+	mu   sync.Mutex
+	conn *Conn
+	done bool
+}
+
+// Connect is for Agent.Connect.
+func (c *Connector) Connect(ctx context.Context) (*Node, error) {
+	opened, err := c.Open(ctx)
+	if err != nil {
+		return nil, err // the agent retries a *rdb.Unavailable
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		opened.Close()
+		return nil, context.Canceled
+	}
+	c.conn = opened
+	if c.Connected != nil {
+		c.Connected(opened.Node)
+	}
+	return opened.Node, nil
+}
+
+// Close closes what Connect opened, and any connection it opens later.
+func (c *Connector) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.done = true
+	c.conn.Close()
+}
