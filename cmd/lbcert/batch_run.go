@@ -1,10 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"iter"
-	"log/slog"
 	"slices"
 	"sort"
 	"strings"
@@ -13,22 +13,14 @@ import (
 
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// batchRow is one good row on its way to the engine.
-type batchRow struct {
-	row    *batch.Row
-	deploy store.Deploy
-}
-
 // executeBatch runs the good rows through the engine and adds the bad
-// ones to the result as invalid items, so that --json and the summary
-// show every row of the file.
-func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file, format string,
-	rows []batchRow, invalid []*engine.Item, limits pace.Limits, checker *preflight.Checker) (*engine.Result, error) {
+// ones to the result as invalid items, so that --json, the summary and
+// the mail show every row of the file.
+func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file string, rows *batch.Result,
+	deploys map[string]store.Deploy) (*engine.Result, error) {
 	h, err := a.mode().open(ctx, "batch")
 	if err != nil {
 		return nil, err
@@ -38,46 +30,22 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	if err != nil {
 		return nil, err
 	}
+	limits, _ := o.pace.Limits() // checked by checkBatch
+	checker, _ := o.preflight.Checker()
 	spec := runSpec{
 		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency, days: o.Days,
 		maxWait: o.MaxWait, waitLock: o.WaitLock,
 	}
-	if a.stderrTTY && !a.global.Quiet && !o.JSON {
-		prog := newProgress(a.err, len(rows), a.now)
-		a.logTo(prog)
-		defer func() {
-			prog.finish()
-			a.logTo(a.err)
-		}()
-		spec.deploying = func(n int) { prog.phase(fmt.Sprintf("deploying %d certificates", n)) }
-		spec.observe = func(it *engine.Item) {
-			prog.step(it.Outcome.Done())
-			a.sayRow(file, it)
-		}
-	} else {
-		spec.observe = func(it *engine.Item) { a.sayRow(file, it) }
-	}
-	// A deploy that failed is said once too, when the deploy is done.
-	spec.deployed = func(it *engine.Item) {
-		if it.Outcome == engine.Failed {
-			a.sayRow(file, it)
-		}
-	}
+	a.batchProgress(&spec, o, file, len(rows.Rows))
 	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) {
-		jobs := make([]engine.Job, 0, len(rows))
-		for _, br := range rows {
-			row := br.row
+		base := a.lineageMail(o.flags, nil)
+		jobs := make([]engine.Job, 0, len(rows.Rows))
+		for _, row := range rows.Rows {
+			d, _ := a.rowDeploy(o, st.Dir, row, deploys) // resolved by the check, cached
 			l := store.Lineage{
 				Name: row.Name, Domains: row.Domains, Server: opts.Server, Email: opts.Email,
-				KeyType: row.KeyType, Profile: row.Profile, Challenge: row.Challenge, Deploy: br.deploy,
-				Mail: a.rowMail(o, row),
-			}
-			if l.KeyType == "" {
-				l.KeyType = o.KeyType
-			}
-			l.PreferredChain = o.Chain
-			if l.Profile == "" {
-				l.Profile = o.Profile
+				KeyType: cmp.Or(row.KeyType, o.KeyType), Profile: cmp.Or(row.Profile, o.Profile), PreferredChain: o.Chain,
+				Challenge: row.Challenge, Deploy: d, Mail: row.Mail(base),
 			}
 			jobs = append(jobs, engine.Job{Lineage: l, Line: row.Line, Force: o.Force})
 		}
@@ -86,12 +54,41 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	if err != nil {
 		return nil, err
 	}
-	slog.Debug("batch", "rows", len(rows)+len(invalid))
-	res.File, res.Format = file, format
-	res.Items = append(res.Items, invalid...)
+	res.File, res.Format = file, string(rows.Format)
+	for _, p := range rows.Problems {
+		res.Items = append(res.Items, &engine.Item{Line: p.Line, Outcome: engine.Invalid, Error: p.Msg})
+	}
 	sort.SliceStable(res.Items, func(i, j int) bool { return res.Items[i].Line < res.Items[j].Line })
 	res.Count()
 	return res, nil
+}
+
+// batchProgress says what happens to the rows as the run goes: on a
+// terminal a progress bar (a row counts when its certificate is
+// obtained; the deploy is a phase of its own), and a line, once, for
+// every row that needs attention.
+func (a *app) batchProgress(spec *runSpec, o *batchOptions, file string, rows int) {
+	spec.observe = func(it *engine.Item) { a.sayRow(file, it) }
+	// A deploy that failed is said once too, when the deploy is done.
+	spec.deployed = func(it *engine.Item) {
+		if it.Outcome == engine.Failed {
+			a.sayRow(file, it)
+		}
+	}
+	if !a.stderrTTY || a.global.Quiet || o.JSON {
+		return
+	}
+	prog := newProgress(a.err, rows, a.now)
+	a.logTo(prog)
+	spec.deploying = func(n int) { prog.phase(fmt.Sprintf("deploying %d certificates", n)) }
+	spec.observe = func(it *engine.Item) {
+		prog.step(it.Outcome.Done())
+		a.sayRow(file, it)
+	}
+	spec.done = func() {
+		prog.finish()
+		a.logTo(a.err)
+	}
 }
 
 // sayRow says, once, during the run, what needs attention about a
@@ -118,25 +115,6 @@ func nextAttempt(it *engine.Item) string {
 		return ""
 	}
 	return "; next attempt " + it.NextAttempt.Format(time.RFC3339)
-}
-
-// rowMail is what the lineage saves for its reports: the row's own
-// sender, recipients and relay, over those given on the command line.
-func (a *app) rowMail(o *batchOptions, row *batch.Row) store.Mail {
-	m := a.lineageMail(o.flags, nil)
-	if len(row.MailTo) > 0 {
-		m.To = row.MailTo
-	}
-	if row.MailFrom != "" {
-		m.From = row.MailFrom
-	}
-	if row.SMTPHost != "" {
-		m.Host = row.SMTPHost
-	}
-	if row.SMTPPort != 0 {
-		m.Port = row.SMTPPort
-	}
-	return m
 }
 
 // words is how the summary names an outcome.

@@ -2,13 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"net"
-	"os"
-	"sort"
 	"strings"
 	"time"
 
@@ -18,7 +13,6 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/challenge"
-	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/secret"
@@ -114,103 +108,37 @@ happen once at the end, and each recipient gets one mail.
 
 func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error {
 	st := store.New(a.global.Dir)
-	if o.Concurrency < 1 {
-		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
-	}
-	if err := checkDays(o.Days); err != nil {
-		return err
-	}
-	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return err
-	}
-	if err := challenge.CheckAddr(o.HTTPAddr); err != nil {
-		return err
-	}
-	if o.Webroot != "" && o.Standalone {
-		return conflict(o.flags, "webroot", "standalone", "choose one default way to answer HTTP-01")
-	}
-	if net.ParseIP(o.VIPHost) == nil {
-		if _, err := names.Domain(o.VIPHost); err != nil {
-			return fmt.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
-		}
-	}
-	m := a.mode()
-	if err := m.mayOrder("batch"); err != nil {
-		return err
-	}
-	fallback, err := m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true, fs: o.flags})
+	fallback, err := a.checkBatch(o)
 	if err != nil {
 		return err
 	}
-	limits, err := o.pace.Limits()
+	res, err := batch.ReadFile(file, a.in, batch.Defaults{
+		HTTPAddr: o.HTTPAddr, VIPHost: o.VIPHost, KeyTypeOK: acme.CheckKeyType, CheckWebroot: challenge.CheckWebroot,
+	})
 	if err != nil {
 		return err
-	}
-	checker, err := o.preflight.Checker()
-	if err != nil {
-		return err
-	}
-
-	res, err := a.readBatch(file, o)
-	if err != nil {
-		return err
-	}
-	var invalid []*engine.Item
-	for _, p := range res.Problems {
-		invalid = append(invalid, &engine.Item{Line: p.Line, Outcome: engine.Invalid, Error: p.Msg})
 	}
 	// Rows that name no challenge take the command line's; a row that
-	// still has none is bad input like any other.
+	// still has none is bad input like any other, and so is a deploy
+	// target that cannot work.
 	deploys := map[string]store.Deploy{}
-	var todo []batchRow
-	good := 0
-	for _, row := range res.Rows {
+	res.Keep(func(row *batch.Row) string {
 		var problem string
-		row.Challenge, problem = m.rowChallenge(row, fallback)
-		var d store.Deploy
-		if problem == "" {
-			var err error
-			if d, err = a.rowDeploy(o, st.Dir, row, deploys); err != nil {
-				problem = secret.OneLine(err)
-			}
+		if row.Challenge, problem = a.mode().rowChallenge(row, fallback); problem != "" {
+			return problem
 		}
-		if problem != "" {
-			invalid = append(invalid, &engine.Item{Line: row.Line, Outcome: engine.Invalid, Error: problem})
-			continue
+		if _, err := a.rowDeploy(o, st.Dir, row, deploys); err != nil {
+			return secret.OneLine(err)
 		}
-		good++
-		if !o.Check { // --check keeps no per-row state: 100,000 rows stay small
-			todo = append(todo, batchRow{row: row, deploy: d})
-		}
+		return ""
+	})
+	for _, p := range res.Problems {
+		a.say.at(file, p.Line, "%s", p.Msg)
 	}
-	res.Rows = nil
-	sort.SliceStable(invalid, func(i, j int) bool { return invalid[i].Line < invalid[j].Line })
-	for _, it := range invalid {
-		a.say.at(file, it.Line, "%s", it.Error)
+	if err := a.batchChecked(o, file, res); err != nil || o.Check {
+		return err
 	}
-	bad := len(invalid)
-	if o.Check {
-		if res.Format == "" { // a file-level problem: no rows, no format
-			a.printf("%s: %d good, %d bad\n", file, good, bad)
-		} else {
-			rows := "rows"
-			if good+bad == 1 {
-				rows = "row"
-			}
-			a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
-		}
-		if bad > 0 {
-			return errReported
-		}
-		return nil
-	}
-	if bad > 0 && o.Strict {
-		return fmt.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
-	}
-	if len(todo) == 0 {
-		return hint.Wrap(fmt.Errorf("%s: no good rows; nothing was sent to the CA", file), "fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
-	}
-	result, err := a.executeBatch(ctx, st, o, file, string(res.Format), todo, invalid, limits, checker)
+	result, err := a.executeBatch(ctx, st, o, file, res, deploys)
 	if err != nil {
 		return err
 	}
@@ -223,32 +151,64 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 	return runError(result, a.mailReport(ctx, st, result.Report()))
 }
 
-// readBatch opens and parses the file ("-" is stdin).
-func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
-	var r io.Reader
-	if file == "-" {
-		r = os.Stdin
-	} else {
-		f, err := os.Open(file)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%s: no such file", file)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", file, unwrapPath(err))
-		}
-		defer f.Close()
-		if fi, err := f.Stat(); err == nil && fi.IsDir() {
-			return nil, fmt.Errorf("%s: is a directory, want a CSV file", file)
-		}
-		r = f
+// checkBatch checks batch's flags offline and returns the challenge of
+// rows that name none.
+func (a *app) checkBatch(o *batchOptions) (store.Challenge, error) {
+	var none store.Challenge
+	if o.Concurrency < 1 {
+		return none, fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
-	res := batch.Parse(r, batch.Defaults{
-		HTTPAddr:     o.HTTPAddr,
-		VIPHost:      o.VIPHost,
-		KeyTypeOK:    acme.CheckKeyType,
-		CheckWebroot: challenge.CheckWebroot,
-	})
-	return res, nil
+	if err := checkDays(o.Days); err != nil {
+		return none, err
+	}
+	if err := acme.CheckKeyType(o.KeyType); err != nil {
+		return none, err
+	}
+	if err := challenge.CheckAddr(o.HTTPAddr); err != nil {
+		return none, err
+	}
+	if o.Webroot != "" && o.Standalone {
+		return none, conflict(o.flags, "webroot", "standalone", "choose one default way to answer HTTP-01")
+	}
+	if net.ParseIP(o.VIPHost) == nil {
+		if _, err := names.Domain(o.VIPHost); err != nil {
+			return none, fmt.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
+		}
+	}
+	if _, err := o.pace.Limits(); err != nil {
+		return none, err
+	}
+	if _, err := o.preflight.Checker(); err != nil {
+		return none, err
+	}
+	if err := a.mode().mayOrder("batch"); err != nil {
+		return none, err
+	}
+	return a.mode().challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true, fs: o.flags})
+}
+
+// batchChecked says what --check found, and refuses a file with bad rows
+// under --strict, or with no good row at all.
+func (a *app) batchChecked(o *batchOptions, file string, res *batch.Result) error {
+	good, bad := len(res.Rows), len(res.Problems)
+	switch {
+	case o.Check && res.Format == "": // a file-level problem: no rows, no format
+		a.printf("%s: %d good, %d bad\n", file, good, bad)
+	case o.Check:
+		rows := "rows"
+		if good+bad == 1 {
+			rows = "row"
+		}
+		a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
+	case bad > 0 && o.Strict:
+		return fmt.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
+	case good == 0:
+		return hint.Wrap(fmt.Errorf("%s: no good rows; nothing was sent to the CA", file), "fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
+	}
+	if o.Check && bad > 0 {
+		return errReported
+	}
+	return nil
 }
 
 // rowDeploy fills the row's deploy settings: the command line's, with the

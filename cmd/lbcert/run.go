@@ -37,6 +37,7 @@ type runSpec struct {
 	observe     func(*engine.Item)
 	deploying   func(n int)
 	deployed    func(*engine.Item)
+	done        func() // when the run ends, before its result is printed
 	// scheduled says the run is the kind cron makes (renew over every
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
@@ -48,6 +49,9 @@ type runSpec struct {
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
 func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
+	if spec.done != nil {
+		defer spec.done()
+	}
 	if err := a.checkKeep(); err != nil {
 		return nil, err
 	}
