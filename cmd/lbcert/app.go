@@ -243,7 +243,6 @@ beats the config file, which beats the default.
 		a.newListCmd(),
 		a.newShowCmd(),
 		a.newDeleteCmd(),
-		a.newGendocsCmd(),
 		a.newMailTestCmd(),
 		a.newFleetCmd(),
 		a.newAgentCmd(),
