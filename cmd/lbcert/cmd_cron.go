@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/schedule"
 )
 
@@ -135,39 +134,7 @@ func (a *app) carriedArgs() []string {
 	if a.global.MetricsFile != "" {
 		args = append(args, "--metrics-file", absPath(a.global.MetricsFile))
 	}
-	return append(args, a.fleetArgs()...)
-}
-
-// fleetArgs are the fleet flags a unit or cron line must repeat for its
-// run to be in the same fleet: never a password (the run reads it from
-// --redis-password-file, LBCERT_REDIS_PASSWORD or the config file).
-func (a *app) fleetArgs() []string {
-	var args []string
-	f := a.fleetOpts
-	if f.Redis != "" {
-		args = append(args, "--redis", f.Redis)
-	}
-	if f.CA != "" {
-		args = append(args, "--redis-ca", absPath(f.CA))
-	}
-	if f.PasswordFile != "" {
-		args = append(args, "--redis-password-file", absPath(f.PasswordFile))
-	}
-	if f.Redis == "" {
-		return args
-	}
-	// The node's part in the fleet goes with it: a node set never to
-	// order must not start ordering from cron.
-	if f.NoOrder {
-		args = append(args, "--no-order")
-	}
-	if f.LedgerCap != fleet.DefaultLedgerCap {
-		args = append(args, "--ledger-cap", strconv.Itoa(f.LedgerCap))
-	}
-	if f.LeaseTTL != fleet.DefaultLeaseTTL {
-		args = append(args, "--lease-ttl", f.LeaseTTL.String())
-	}
-	return args
+	return append(args, a.fleetOpts.Args(absPath)...)
 }
 
 // absPath is p made absolute, for the settings cron and units repeat:

@@ -5,15 +5,13 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"slices"
-	"sort"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/hint"
@@ -71,7 +69,7 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.StringVar(&o.Name, "name", "", "lineage to delete")
 	f.StringVarP(&o.Domain, "domain", "d", "", "delete the lineage whose certificate covers this name")
 	f.BoolVar(&o.Revoke, "revoke", false, "revoke the certificate at the CA first")
-	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(reasonNames(), ", "))
+	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(acme.ReasonNames(), ", "))
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
 	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
@@ -80,32 +78,9 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	cmd.RegisterFlagCompletionFunc("reason", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
-		return reasonNames(), cobra.ShellCompDirectiveNoFileComp
+		return acme.ReasonNames(), cobra.ShellCompDirectiveNoFileComp
 	})
 	return cmd
-}
-
-func reasonNames() []string {
-	var out []string
-	for k := range acme.RevocationReasons {
-		out = append(out, k)
-	}
-	sort.Slice(out, func(i, j int) bool { return acme.RevocationReasons[out[i]] < acme.RevocationReasons[out[j]] })
-	return out
-}
-
-func parseReason(s string) (uint, error) {
-	if r, ok := acme.RevocationReasons[s]; ok {
-		return r, nil
-	}
-	if n, err := strconv.Atoi(s); err == nil {
-		for _, r := range acme.RevocationReasons {
-			if uint(n) == r {
-				return r, nil
-			}
-		}
-	}
-	return 0, fmt.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
@@ -113,7 +88,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	if (o.Name == "") == (o.Domain == "") {
 		return fmt.Errorf("say which lineage: --name NAME or -d DOMAIN")
 	}
-	reason, err := parseReason(o.Reason)
+	reason, err := acme.ParseReason(o.Reason)
 	if err != nil {
 		return err
 	}
@@ -168,7 +143,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	}
 	a.printf("%s: deleted\n", name)
 	defer func() {
-		if mailErr := a.mailReport(ctx, st, deleteReport(l, o)); mailErr != nil && retErr == nil {
+		if mailErr := a.mailReport(ctx, st, notify.Deleted(l, revokedFor(o))); mailErr != nil && retErr == nil {
 			retErr = mailErr
 		}
 	}()
@@ -187,7 +162,7 @@ func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*sto
 	name := o.Name
 	if name == "" {
 		var err error
-		if name, err = a.lineageForDomain(ctx, h, o.Domain); err != nil {
+		if name, err = catalog.Covering(ctx, h.catalog, o.Domain); err != nil {
 			return nil, err
 		}
 	}
@@ -224,7 +199,7 @@ func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
 
 // revoke revokes the lineage's current certificate at its CA.
 func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
-	is := &issuer.Issuer{Account: a.lazyAccount(h.accounts, false)}
+	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
 	client, err := is.Client(ctx, l.Server, l.Email)
 	if err != nil {
 		return err
@@ -238,15 +213,6 @@ func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint
 	}
 	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
 	return nil
-}
-
-func deleteReport(l *store.Lineage, o *deleteOptions) *notify.Report {
-	item := notify.Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
-		MailTo: l.Mail.To, Relay: notify.Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
-	if o.Revoke {
-		item.Hint = "revoked at the CA (" + o.Reason + ")"
-	}
-	return &notify.Report{Command: "delete", Items: []notify.Item{item}}
 }
 
 // removeCronIfLast removes the cron entry with the last lineage.
@@ -266,27 +232,10 @@ func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) e
 	return nil
 }
 
-// lineageForDomain finds the one lineage whose certificate covers domain.
-func (a *app) lineageForDomain(ctx context.Context, h *host, raw string) (string, error) {
-	d, err := names.Domain(raw)
-	if err != nil {
-		return "", err
+// revokedFor is the reason a delete revoked with, or "".
+func revokedFor(o *deleteOptions) string {
+	if o.Revoke {
+		return o.Reason
 	}
-	all, err := h.catalog.Names(ctx)
-	if err != nil {
-		return "", err
-	}
-	var found []string
-	for _, n := range all {
-		if l, err := h.catalog.Head(ctx, n); err == nil && slices.Contains(l.Domains, d) {
-			found = append(found, n)
-		}
-	}
-	switch len(found) {
-	case 0:
-		return "", hint.Wrap(fmt.Errorf("no lineage covers %s", d), "'lbcert list' shows the lineages")
-	case 1:
-		return found[0], nil
-	}
-	return "", fmt.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
+	return ""
 }

@@ -28,39 +28,10 @@ func (m *mailOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&m.Report, "report", "changes", "when to mail: changes (something issued, renewed, deleted or failed), always, never")
 }
 
-// lineageMail is what issue saves with a lineage: the mail settings given
-// on its command line, so renew mails the same people through the same
-// relay.
+// lineageMail is what issue saves with a lineage: the mail settings
+// given on its command line (notify.Options.Saved).
 func (a *app) lineageMail(fs *pflag.FlagSet, prev *store.Mail) store.Mail {
-	var out store.Mail
-	if prev != nil {
-		out = *prev
-	}
-	m := a.mail
-	if fs.Changed("mail-to") {
-		out.To = m.To
-	}
-	if fs.Changed("mail-from") {
-		out.From = m.From
-	}
-	if fs.Changed("smtp-host") {
-		out.Host = m.Host
-	}
-	if fs.Changed("smtp-port") {
-		out.Port = m.Port
-	}
-	// A relay is saved whole: its TLS mode and roots with its address,
-	// or a cron renew would try the global mode against it.
-	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-tls") {
-		out.TLS = m.TLS
-	}
-	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-ca-bundle") {
-		out.CABundle = absPath(m.CABundle)
-		if m.CABundle == "" {
-			out.CABundle = ""
-		}
-	}
-	return out
+	return a.mail.Saved(fs.Changed, prev)
 }
 
 // mailReport sends the run's report, one mail per recipient, when the

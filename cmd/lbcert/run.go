@@ -8,11 +8,9 @@ import (
 	"iter"
 	"log/slog"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/acme"
-	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/issuer"
@@ -79,7 +77,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	}
 	is := &issuer.Issuer{CABundle: a.global.acct.CABundle, UserAgent: userAgent()}
 	h.tokens(is)
-	is.Account = a.lazyAccount(h.accounts, spec.dryRun)
+	is.Account = acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, spec.dryRun)
 	defer is.Close()
 	gap := a.runGap(st, spec)
 	e := &engine.Engine{
@@ -168,28 +166,6 @@ func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
 	}
 	if err != nil {
 		slog.Warn("could not write the fleet's metrics file", "path", metrics.FleetPath(a.global.MetricsFile), "err", err)
-	}
-}
-
-// lazyAccount builds the account options on the first order, not
-// before: a run with nothing due reads no EAB secret (gh's Factory).
-func (a *app) lazyAccount(st catalog.Accounts, dryRun bool) func(server, email string) (acme.Options, error) {
-	var once sync.Once
-	var base acme.Options
-	var err error
-	return func(server, email string) (acme.Options, error) {
-		once.Do(func() { base, err = a.accountBase(st) })
-		if err != nil {
-			return acme.Options{}, err
-		}
-		o := base
-		o.Server, o.Email = server, email
-		if dryRun {
-			o.AgreeTOS = true // a dry run against staging needs its own account
-		}
-		// No terms check here: acme.New makes it, after the issuer has
-		// carried over the terms a lost account had accepted.
-		return o, nil
 	}
 }
 

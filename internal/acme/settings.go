@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/secret"
@@ -111,4 +112,29 @@ func (s Settings) eabHMAC() (string, error) {
 		return "", fmt.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
 	}
 	return key, nil
+}
+
+// Lazy is the account options for each order's server and email, built
+// on the first order and not before: a run with nothing due reads no EAB
+// secret (gh's Factory). base builds them (Options, and a terms question
+// on a terminal). A dry run against staging accepts the terms for the
+// account it needs there.
+func Lazy(base func() (Options, error), dryRun bool) func(server, email string) (Options, error) {
+	var once sync.Once
+	var opts Options
+	var err error
+	return func(server, email string) (Options, error) {
+		once.Do(func() { opts, err = base() })
+		if err != nil {
+			return Options{}, err
+		}
+		o := opts
+		o.Server, o.Email = server, email
+		if dryRun {
+			o.AgreeTOS = true
+		}
+		// No terms check here: New makes it, after the issuer has
+		// carried over the terms a lost account had accepted.
+		return o, nil
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -142,4 +143,36 @@ func (c *Connector) Close() {
 	defer c.mu.Unlock()
 	c.done = true
 	c.conn.Close()
+}
+
+// Args are the fleet flags a unit or cron line must repeat for its run to
+// be in the same fleet, with paths made absolute by abs: never a password
+// (the run reads it from --redis-password-file, LBCERT_REDIS_PASSWORD or
+// the config file).
+func (s Settings) Args(abs func(string) string) []string {
+	var args []string
+	if s.Redis != "" {
+		args = append(args, "--redis", s.Redis)
+	}
+	if s.CA != "" {
+		args = append(args, "--redis-ca", abs(s.CA))
+	}
+	if s.PasswordFile != "" {
+		args = append(args, "--redis-password-file", abs(s.PasswordFile))
+	}
+	if s.Redis == "" {
+		return args
+	}
+	// The node's part in the fleet goes with it: a node set never to
+	// order must not start ordering from cron.
+	if s.NoOrder {
+		args = append(args, "--no-order")
+	}
+	if s.LedgerCap != DefaultLedgerCap {
+		args = append(args, "--ledger-cap", strconv.Itoa(s.LedgerCap))
+	}
+	if s.LeaseTTL != DefaultLeaseTTL {
+		args = append(args, "--lease-ttl", s.LeaseTTL.String())
+	}
+	return args
 }

@@ -6,8 +6,11 @@ import (
 	"log/slog"
 	"net/mail"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Options are the report settings as a command was given them: the
@@ -181,4 +184,39 @@ func unwrapPath(err error) error {
 		return pe.Err
 	}
 	return err
+}
+
+// Saved is what a lineage saves of these settings: those changed says
+// were given on its command line, over prev, so that renew mails the
+// same people through the same relay. A relay is saved whole, its TLS
+// mode and roots with its address, or a cron renew would try the global
+// mode against it. Never the password.
+func (o Options) Saved(changed func(flag string) bool, prev *store.Mail) store.Mail {
+	var out store.Mail
+	if prev != nil {
+		out = *prev
+	}
+	if changed("mail-to") {
+		out.To = o.To
+	}
+	if changed("mail-from") {
+		out.From = o.From
+	}
+	if changed("smtp-host") {
+		out.Host = o.Host
+	}
+	if changed("smtp-port") {
+		out.Port = o.Port
+	}
+	relay := changed("smtp-host") || changed("smtp-port")
+	if relay || changed("smtp-tls") {
+		out.TLS = o.TLS
+	}
+	if relay || changed("smtp-ca-bundle") {
+		out.CABundle = ""
+		if o.CABundle != "" {
+			out.CABundle, _ = filepath.Abs(o.CABundle)
+		}
+	}
+	return out
 }

@@ -14,6 +14,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Item is one certificate the run touched, or one it warns about.
@@ -245,4 +247,15 @@ func Group(r *Report, global []string, relay Relay) []Envelope {
 		out = append(out, Envelope{To: k.to, Relay: k.relay, Report: parts[k]})
 	}
 	return out
+}
+
+// Deleted is the report of a delete: the lineage, its last certificate,
+// and whether it was revoked.
+func Deleted(l *store.Lineage, revokedFor string) *Report {
+	item := Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
+		MailTo: l.Mail.To, Relay: Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
+	if revokedFor != "" {
+		item.Hint = "revoked at the CA (" + revokedFor + ")"
+	}
+	return &Report{Command: "delete", Items: []Item{item}}
 }
