@@ -47,36 +47,6 @@ type challengeFlags struct {
 	fs         *pflag.FlagSet
 }
 
-// conflict is the error for two settings that exclude each other. One
-// that came from the config file or the environment is named with where
-// it came from, and how to clear it (issue #26 item 15).
-func conflict(fs *pflag.FlagSet, x, y, why string) error {
-	said := func(n string) string {
-		if o := origin(fs, n); o != "" {
-			return fmt.Sprintf("--%s (%s)", n, o)
-		}
-		return "--" + n
-	}
-	err := fmt.Errorf("%s and %s both given: %s", said(x), said(y), why)
-	for _, n := range []string{x, y} {
-		if o := origin(fs, n); o != "" {
-			override := "--" + n + " ''"
-			if f := fs.Lookup(n); f.Value.Type() == "bool" {
-				override = "--" + n + "=false"
-			}
-			return hint.Wrap(err, "%s sets --%s for every command: remove it there, or override it here with %s", o, n, override)
-		}
-	}
-	return err
-}
-
-func origin(fs *pflag.FlagSet, name string) string {
-	if fs == nil {
-		return ""
-	}
-	return config.Origin(fs, name)
-}
-
 // host is one command's catalog and node, as its mode opened them.
 type host struct {
 	st       *store.Store // this node's state directory
@@ -119,7 +89,7 @@ func (m singleHost) challenge(c challengeFlags) (store.Challenge, error) {
 	a := m.a
 	switch {
 	case c.webroot != "" && c.standalone:
-		return store.Challenge{}, conflict(c.fs, "webroot", "standalone", "choose one way to answer HTTP-01")
+		return store.Challenge{}, config.Conflict(c.fs, "webroot", "standalone", "choose one way to answer HTTP-01")
 	case c.webroot == "" && !c.standalone && c.batch:
 		return store.Challenge{}, nil
 	case c.webroot == "" && !c.standalone:

@@ -22,6 +22,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
+
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // maxValue bounds one setting's value: no path, address or name is
@@ -218,6 +220,35 @@ func Origin(fs *pflag.FlagSet, name string) string {
 		return fmt.Sprintf("'%s:' in %s", name, path)
 	}
 	return ""
+}
+
+// Conflict is the error for two settings that exclude each other, x and
+// y, both given. One that came from the config file or the environment
+// is named with where it came from, and the hint says how to clear it.
+func Conflict(fs *pflag.FlagSet, x, y, why string) error {
+	origin := func(n string) string {
+		if fs == nil {
+			return ""
+		}
+		return Origin(fs, n)
+	}
+	said := func(n string) string {
+		if o := origin(n); o != "" {
+			return fmt.Sprintf("--%s (%s)", n, o)
+		}
+		return "--" + n
+	}
+	err := fmt.Errorf("%s and %s both given: %s", said(x), said(y), why)
+	for _, n := range []string{x, y} {
+		if o := origin(n); o != "" {
+			override := "--" + n + " ''"
+			if fs.Lookup(n).Value.Type() == "bool" {
+				override = "--" + n + "=false"
+			}
+			return hint.Wrap(err, "%s sets --%s for every command: remove it there, or override it here with %s", o, n, override)
+		}
+	}
+	return err
 }
 
 // isList reports whether f is repeatable, so that a comma-separated
