@@ -15,6 +15,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
@@ -248,7 +249,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 			verb = "renewed certificate" // --force, or due: the log says "renewed" too
 		}
 		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
-			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), timeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
+			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), inventory.TimeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
 		a.printf("  deploy    %s\n", deployWords(it))
 	}
 	switch it.Outcome {

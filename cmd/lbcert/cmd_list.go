@@ -6,9 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
-	"text/tabwriter"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -67,7 +64,7 @@ func (a *app) newShowCmd() *cobra.Command {
 			if o.JSON {
 				return writeJSON(a, e)
 			}
-			a.printShow(e)
+			inventory.Show(a.out, e, a.clock())
 			return nil
 		},
 	}
@@ -119,7 +116,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		a.say.say("", "no certificates in %s", h.where)
 		return nil
 	}
-	a.printTable(entries)
+	inventory.Table(a.out, entries, a.clock())
 	return nil
 }
 
@@ -137,163 +134,12 @@ func (a *app) listEntry(ctx context.Context, h *host, src *inventory.Source, nam
 	return e, err
 }
 
-// when formats t for a person on a terminal, or as RFC 3339 for a pipe.
-func (a *app) when(t time.Time) string {
-	if !a.stdoutTTY {
-		return t.UTC().Format(time.RFC3339)
-	}
-	d := t.Sub(a.now())
-	switch {
-	case d < 0:
-		return relative(-d) + " ago"
-	default:
-		return "in " + relative(d)
-	}
-}
-
-// renewWhen is when for the next renewal: a moment already passed means
-// the next renew run renews it.
-func (a *app) renewWhen(t time.Time) string {
-	if a.stdoutTTY && !t.After(a.now()) {
-		return "due now"
-	}
-	return a.when(t)
-}
-
-func relative(d time.Duration) string {
-	switch {
-	case d >= 48*time.Hour:
-		return fmt.Sprintf("%dd", int(d.Hours()/24))
-	case d >= 2*time.Hour:
-		return fmt.Sprintf("%dh", int(d.Hours()))
-	default:
-		return fmt.Sprintf("%dm", int(d.Minutes()))
-	}
-}
-
-// timeLeft is a certificate's remaining life in words: days, or hours
-// and minutes for the short ones (step-ca's 24-hour default read "0
-// days" when just issued).
-func timeLeft(d time.Duration) string {
-	switch {
-	case d >= 48*time.Hour:
-		return fmt.Sprintf("%d days", int(d.Hours()/24))
-	case d >= 2*time.Hour:
-		return fmt.Sprintf("%d hours", int(d.Hours()))
-	case d >= 2*time.Minute:
-		return fmt.Sprintf("%d minutes", int(d.Minutes()))
-	case d > 0:
-		return "under 2 minutes"
-	}
-	return "expired"
-}
-
-func (a *app) printTable(entries []inventory.Entry) {
-	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tDOMAINS\tEXPIRES\tDAYS\tRENEWS\tRULE\tCHALLENGE\tDEPLOY\tSTATUS")
-	for _, e := range entries {
-		switch {
-		case e.Error != "":
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t-\terror: %s\n", e.Name, e.Error)
-		case e.NeverIssued:
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t-\tnever issued: %s\n", e.Name, a.failures(&e))
-		default:
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, strings.Join(e.Domains, ","), a.when(e.NotAfter), e.DaysLeft,
-				a.renewWhen(e.RenewAt), e.RenewReason, e.Challenge, e.Deploy, a.status(&e))
-		}
-	}
-	tw.Flush()
-}
-
-// status is a lineage's STATUS column: ok, what is owed, its failures,
-// and a schedule too slow for it.
-func (a *app) status(e *inventory.Entry) string {
-	status := "ok"
-	if e.Pending != "" {
-		status = e.Pending
-	} else if e.Failures > 0 {
-		status = a.failures(e)
-	}
-	if e.Cadence != "" {
-		status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
-	}
-	return status
-}
-
-// failures is "2 failures, retry in 58m: <last error>".
-func (a *app) failures(e *inventory.Entry) string {
-	if e.BackoffTill != nil {
-		return fmt.Sprintf("%d failures, retry %s: %s", e.Failures, a.when(*e.BackoffTill), e.LastError)
-	}
-	return fmt.Sprintf("%d failures: %s", e.Failures, e.LastError)
-}
-
-func (a *app) printShow(e *inventory.Entry) {
-	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-	row := func(k, v string) {
-		if v != "" {
-			fmt.Fprintf(tw, "%s:\t%s\n", k, v)
-		}
-	}
-	row("name", e.Name)
-	if e.NeverIssued {
-		row("status", "never issued: its first order failed")
-	} else {
-		a.showCertificate(row, e)
-	}
-	if e.Failures > 0 {
-		row("failures", fmt.Sprint(e.Failures))
-		row("last error", e.LastError)
-		if e.BackoffTill != nil {
-			row("next attempt", a.when(*e.BackoffTill))
-		}
-	}
-	for _, n := range e.Nodes {
-		what := fmt.Sprintf("version %d, serial %s", n.Version, n.Serial)
-		if !n.OK {
-			what = fmt.Sprintf("version %d; %s", n.Version, n.Error)
-		}
-		row("node "+n.Node, what)
-	}
-	if !e.NeverIssued {
-		row("fullchain", e.Paths.Fullchain)
-		row("key", e.Paths.Key)
-	}
-	tw.Flush()
-}
-
-// showCertificate is show's rows about the certificate and its saved
-// settings, the report's recipients and relay among them.
-func (a *app) showCertificate(row func(k, v string), e *inventory.Entry) {
-	row("domains", strings.Join(e.Domains, ", "))
-	row("serial", e.Serial)
-	row("valid from", a.when(e.NotBefore))
-	row("expires", fmt.Sprintf("%s (%s)", a.when(e.NotAfter), timeLeft(e.NotAfter.Sub(a.now()))))
-	row("renews", fmt.Sprintf("%s (%s)", a.renewWhen(e.RenewAt), e.RenewReason))
-	row("challenge", e.Challenge+" "+e.Webroot+e.HTTPAddr)
-	row("deploy", e.Deploy)
-	row("verify", e.VerifyAddr)
-	row("key type", e.KeyType)
-	row("profile", e.Profile)
-	row("server", e.Server)
-	row("account", e.Email)
-	row("version", fmt.Sprint(e.Version))
-	row("pending", e.Pending)
-	if m := e.Mail; m != nil {
-		row("mail to", strings.Join(m.To, ", "))
-		row("mail from", m.From)
-		if m.Host != "" || m.Port != 0 {
-			relay := fmt.Sprintf("%s:%d", m.Host, m.Port)
-			if m.TLS != "" {
-				relay += " (--smtp-tls " + m.TLS + ")"
-			}
-			row("mail relay", relay)
-		}
-	}
-}
-
 func writeJSON(a *app, v any) error {
 	enc := json.NewEncoder(a.out)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
+
+// clock is how list and show say times: relative on a terminal, RFC 3339
+// in a pipe.
+func (a *app) clock() inventory.Clock { return inventory.Clock{Now: a.now(), Terminal: a.stdoutTTY} }

@@ -1,4 +1,4 @@
-package main
+package inventory
 
 import (
 	"testing"
@@ -19,8 +19,8 @@ func TestTimeLeft(t *testing.T) {
 		0:                             "expired",
 		-time.Hour:                    "expired",
 	} {
-		if got := timeLeft(d); got != want {
-			t.Errorf("timeLeft(%v) = %q, want %q", d, got, want)
+		if got := TimeLeft(d); got != want {
+			t.Errorf("TimeLeft(%v) = %q, want %q", d, got, want)
 		}
 	}
 }
