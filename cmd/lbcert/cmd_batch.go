@@ -22,6 +22,7 @@ import (
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/progress"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -304,15 +305,15 @@ func (a *app) batchProgress(spec *runSpec, o *batchOptions, file string, rows in
 	if !a.stderrTTY || a.global.Quiet || o.JSON {
 		return
 	}
-	prog := newProgress(a.err, rows, a.now)
+	prog := progress.New(a.err, rows, a.now)
 	a.logTo(prog)
-	spec.deploying = func(n int) { prog.phase(fmt.Sprintf("deploying %d certificates", n)) }
+	spec.deploying = func(n int) { prog.Phase(fmt.Sprintf("deploying %d certificates", n)) }
 	spec.observe = func(it *engine.Item) {
-		prog.step(it.Outcome.Done())
+		prog.Step(it.Outcome.Done())
 		a.sayRow(file, it)
 	}
 	spec.done = func() {
-		prog.finish()
+		prog.Finish()
 		a.logTo(a.err)
 	}
 }
@@ -326,29 +327,13 @@ func (a *app) sayRow(file string, it *engine.Item) {
 	case engine.Issued, engine.Renewed, engine.Deployed, engine.NotDue, engine.Reconfigured:
 		return
 	case engine.Deferred:
-		a.say.warningf("%s: deferred: %s%s", where, it.Error, nextAttempt(it))
+		a.say.warningf("%s: deferred: %s%s", where, it.Error, it.NextAttemptWords())
 	default:
-		a.say.errorf("%s: %s: %s", where, words[it.Outcome], it.Error)
+		a.say.errorf("%s: %s: %s", where, it.Outcome.Words(), it.Error)
 	}
 	if it.Hint != "" {
 		a.say.hintf("%s", it.Hint)
 	}
-}
-
-// nextAttempt is "; next attempt TIME", or "" when there is none.
-func nextAttempt(it *engine.Item) string {
-	if it.NextAttempt == nil {
-		return ""
-	}
-	return "; next attempt " + it.NextAttempt.Format(time.RFC3339)
-}
-
-// words is how the summary names an outcome.
-var words = map[engine.Outcome]string{
-	engine.Issued: "issued", engine.Renewed: "renewed", engine.Deployed: "deployed", engine.NotDue: "up to date",
-	engine.Reconfigured: "reconfigured",
-	engine.Deferred:     "deferred", engine.Failed: "failed", engine.Invalid: "invalid",
-	engine.NotStarted: "not started", engine.Aborted: "interrupted",
 }
 
 // printBatchSummary prints a table of every row that needs attention or
@@ -370,7 +355,7 @@ func (a *app) printBatchSummary(res *engine.Result) {
 		if name == "" {
 			name = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", it.Line, name, words[it.Outcome], rowDetail(it))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", it.Line, name, it.Outcome.Words(), it.Detail())
 	}
 	if shown > 0 {
 		tw.Flush()
@@ -378,7 +363,7 @@ func (a *app) printBatchSummary(res *engine.Result) {
 	var parts []string
 	for _, s := range engine.Outcomes {
 		if n := res.Counts[s]; n > 0 {
-			parts = append(parts, fmt.Sprintf("%d %s", n, words[s]))
+			parts = append(parts, fmt.Sprintf("%d %s", n, s.Words()))
 		}
 	}
 	rows := "rows"
@@ -386,19 +371,4 @@ func (a *app) printBatchSummary(res *engine.Result) {
 		rows = "row"
 	}
 	a.printf("lbcert batch %s: %d %s: %s\n", res.File, len(res.Items), rows, strings.Join(parts, ", "))
-}
-
-func rowDetail(it *engine.Item) string {
-	switch it.Outcome {
-	case engine.Issued, engine.Renewed, engine.Deployed, engine.Reconfigured:
-		d := fmt.Sprintf("serial %s, expires %s", it.Serial, it.NotAfter.Format(time.DateOnly))
-		if it.Deploy != "" && it.Deploy != "none" {
-			d += ", deploy " + it.Deploy
-		}
-		if it.Verify != "" {
-			d += ", verify " + it.Verify
-		}
-		return d
-	}
-	return it.Error + nextAttempt(it)
 }

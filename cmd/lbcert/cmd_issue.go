@@ -234,7 +234,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 			// already where it was is not deployed again.
 			a.printf("  deploy    unchanged (same deploy target; nothing deployed)\n")
 		} else {
-			a.printf("  deploy    %s\n", deployWords(it))
+			a.printf("  deploy    %s\n", it.DeployWords())
 		}
 		return
 	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
@@ -250,7 +250,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 		}
 		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
 			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), inventory.TimeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
-		a.printf("  deploy    %s\n", deployWords(it))
+		a.printf("  deploy    %s\n", it.DeployWords())
 	}
 	switch it.Outcome {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:
@@ -269,32 +269,6 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 			a.say.hintf("next attempt after %s", it.NextAttempt.Format(time.RFC3339))
 		}
 	}
-}
-
-// deployWords says on stdout what the deploy step did: "none",
-// "deployed, verified, hook ok" or "rolled back: <reason>".
-func deployWords(it *engine.Item) string {
-	switch it.Deploy {
-	case "none":
-		return "none (no --deploy target)"
-	case "rolled_back":
-		return "rolled back: " + it.Pending
-	case "":
-		if it.Outcome != engine.Failed {
-			return "none (dry run: nothing saved or deployed)" // the only run that obtains and deploys nothing
-		}
-	}
-	if it.Outcome == engine.Failed {
-		return "failed: " + it.Error
-	}
-	parts := []string{"deployed"}
-	if it.Verify == "ok" {
-		parts = append(parts, "verified")
-	}
-	if it.Hook == "ok" {
-		parts = append(parts, "hook ok")
-	}
-	return strings.Join(parts, ", ")
 }
 
 func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }

@@ -234,40 +234,17 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	for _, it := range res.Items {
 		switch it.Outcome {
 		case engine.Renewed, engine.Issued:
-			a.printf("  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), dueWords(it.Reason), deployWords(it))
+			a.printf("  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords())
 		case engine.Deployed:
-			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), deployWords(it))
+			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords())
 		case engine.Failed, engine.Aborted:
 			a.printf("  failed    %-30s %s\n", it.Name, it.Error)
 		case engine.Deferred:
-			next := ""
-			if it.NextAttempt != nil {
-				next = "; next attempt " + it.NextAttempt.Format(time.RFC3339)
-			}
-			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, next)
+			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, it.NextAttemptWords())
 		case engine.NotStarted:
 			a.printf("  not started %-28s %s\n", it.Name, it.Error)
 		}
 	}
-}
-
-// dueWords says which rule made a certificate due, for a person.
-func dueWords(reason string) string {
-	switch renewal.Reason(reason) {
-	case renewal.ARI:
-		return "the CA's renewal window (ARI)"
-	case renewal.ARIPast:
-		return "the CA's renewal window had passed"
-	case renewal.Lifetime:
-		return "the lifetime rule"
-	case renewal.Days:
-		return "fewer days left than --days"
-	case renewal.Critical:
-		return "under a twentieth of its lifetime left"
-	case renewal.Forced:
-		return "--force"
-	}
-	return reason // expired, new, names changed, ...
 }
 
 // dryRunServer keeps dry runs off Let's Encrypt's production limits, as

@@ -215,3 +215,22 @@ func Failed(st store.Status, err string, now time.Time) store.Status {
 func InBackoff(st store.Status, now time.Time) bool {
 	return st.Failures > 0 && now.Before(st.NextAttempt)
 }
+
+// Words says which rule made a certificate due, for a person.
+func (r Reason) Words() string {
+	switch r {
+	case ARI:
+		return "the CA's renewal window (ARI)"
+	case ARIPast:
+		return "the CA's renewal window had passed"
+	case Lifetime:
+		return "the lifetime rule"
+	case Days:
+		return "fewer days left than --days"
+	case Critical:
+		return "under a twentieth of its lifetime left"
+	case Forced:
+		return "--force"
+	}
+	return string(r) // expired, new, names changed, ...
+}

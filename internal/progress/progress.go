@@ -1,4 +1,8 @@
-package main
+// Package progress is batch's progress bar on a terminal: rows counted
+// out of the total as their certificates are obtained, ok and failed, an
+// ETA, then the phase that follows (the deploy), redrawn in place. Log
+// lines written through it are drawn above it, never mixed with it.
+package progress
 
 import (
 	"fmt"
@@ -8,10 +12,10 @@ import (
 	"time"
 )
 
-// progress is batch's progress bar on a terminal: rows done out of total,
+// Bar is batch's progress bar on a terminal: rows done out of total,
 // ok, failed and an ETA, redrawn in place on stderr. Log lines written
 // through it erase the bar, print, and redraw it, so the two never mix.
-type progress struct {
+type Bar struct {
 	mu                   sync.Mutex
 	w                    io.Writer
 	total, done, ok, bad int
@@ -24,12 +28,13 @@ type progress struct {
 	label string
 }
 
-func newProgress(w io.Writer, total int, now func() time.Time) *progress {
-	return &progress{w: w, total: total, start: now(), now: now, width: 30}
+// New draws a bar for total rows on w.
+func New(w io.Writer, total int, now func() time.Time) *Bar {
+	return &Bar{w: w, total: total, start: now(), now: now, width: 30}
 }
 
-// step counts one finished row.
-func (p *progress) step(ok bool) {
+// Step counts one finished row.
+func (p *Bar) Step(ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.done++
@@ -41,8 +46,8 @@ func (p *progress) step(ok bool) {
 	p.draw()
 }
 
-// phase shows what the run does now that every row is counted.
-func (p *progress) phase(label string) {
+// Phase shows what the run does now that every row is counted.
+func (p *Bar) Phase(label string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.label = label
@@ -50,7 +55,7 @@ func (p *progress) phase(label string) {
 }
 
 // Write prints a log line above the bar.
-func (p *progress) Write(b []byte) (int, error) {
+func (p *Bar) Write(b []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.drawn {
@@ -61,8 +66,8 @@ func (p *progress) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// finish leaves the last state of the bar on its own line.
-func (p *progress) finish() {
+// Finish leaves the last state of the bar on its own line.
+func (p *Bar) Finish() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.drawn {
@@ -71,14 +76,14 @@ func (p *progress) finish() {
 	}
 }
 
-func (p *progress) draw() {
+func (p *Bar) draw() {
 	io.WriteString(p.w, "\r\033[K"+p.line())
 	p.drawn = true
 }
 
 // line renders the bar: [=========>          ] 120/200  ok 118  failed 2  ETA 42s,
 // or the phase's label in place of the ETA.
-func (p *progress) line() string {
+func (p *Bar) line() string {
 	filled := 0
 	if p.total > 0 {
 		filled = p.width * p.done / p.total
