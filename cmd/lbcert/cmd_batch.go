@@ -9,7 +9,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -337,38 +336,9 @@ func (a *app) sayRow(file string, it *engine.Item) {
 }
 
 // printBatchSummary prints a table of every row that needs attention or
-// changed, then the counts. Rows already up to date are only counted: on
-// a re-run of a 5,000-row file they are the noise.
+// changed, then the counts (engine.Result.BatchTable).
 func (a *app) printBatchSummary(res *engine.Result) {
-	if a.global.Quiet {
-		return
+	if !a.global.Quiet {
+		res.BatchTable(a.out)
 	}
-	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LINE\tNAME\tRESULT\tDETAIL")
-	shown := 0
-	for _, it := range res.Items {
-		if it.Outcome == engine.NotDue {
-			continue
-		}
-		shown++
-		name := it.Name
-		if name == "" {
-			name = "-"
-		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", it.Line, name, it.Outcome.Words(), it.Detail())
-	}
-	if shown > 0 {
-		tw.Flush()
-	}
-	var parts []string
-	for _, s := range engine.Outcomes {
-		if n := res.Counts[s]; n > 0 {
-			parts = append(parts, fmt.Sprintf("%d %s", n, s.Words()))
-		}
-	}
-	rows := "rows"
-	if len(res.Items) == 1 {
-		rows = "row"
-	}
-	a.printf("lbcert batch %s: %d %s: %s\n", res.File, len(res.Items), rows, strings.Join(parts, ", "))
 }

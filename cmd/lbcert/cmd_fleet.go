@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -305,43 +303,11 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	if o.json {
 		a.printJSON(st)
 	} else {
-		a.printf("fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
-		tw := tabwriter.NewWriter(a.out, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\tBEHIND\tFAILED\tLAG")
-		for _, ns := range st.Nodes {
-			beat := "none"
-			if ns.Heartbeat != nil {
-				beat = a.now().Sub(*ns.Heartbeat).Round(time.Second).String() + " ago"
-			}
-			lag := "-"
-			if ns.Behind+ns.Failed > 0 {
-				lag = (time.Duration(ns.LagSeconds) * time.Second).String()
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", ns.Node, beat, orDash(ns.Agent), ns.Newest, ns.Behind, ns.Failed, lag)
-		}
-		tw.Flush()
-		for _, ns := range st.Nodes {
-			for _, f := range ns.Failures {
-				a.printf("  %s %s: %s\n", ns.Node, f.Name, f.Error)
-			}
-		}
+		st.Table(a.out, a.now())
 	}
 	if st.OK {
 		return nil
 	}
-	var lines []string
-	for _, ns := range st.Nodes {
-		if len(ns.Problems) > 0 {
-			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
-		}
-	}
-	return mark(hint.Wrap(errors.New(strings.Join(lines, "; ")),
+	return mark(hint.Wrap(errors.New(st.Problems()),
 		"README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"), errPartial)
-}
-
-func orDash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
 }

@@ -15,7 +15,6 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/preflight"
@@ -216,41 +215,8 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 // printIssue says what happened to the one certificate: results on
 // stdout, failures on stderr in lbcert's voice.
 func (a *app) printIssue(st *store.Store, it *engine.Item) {
-	paths := st.LivePaths(it.Name)
-	switch it.Outcome {
-	case engine.NotDue:
-		at := ""
-		if it.DueAt != nil {
-			at = " and not due for renewal before " + it.DueAt.Format(time.DateOnly)
-		}
-		a.printf("%s: certificate for %s is valid until %s%s; nothing to do (use --force to issue anyway)\n",
-			it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.Format(time.DateOnly), at)
-		return
-	case engine.Reconfigured:
-		a.printf("%s: certificate for %s is valid until %s and not due; saved the new settings without ordering\n",
-			it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly))
-		if it.Deploy == "" {
-			// Only mail or challenge settings changed: the certificate
-			// already where it was is not deployed again.
-			a.printf("  deploy    unchanged (same deploy target; nothing deployed)\n")
-		} else {
-			a.printf("  deploy    %s\n", it.DeployWords())
-		}
-		return
-	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
-		if it.Serial == "" {
-			break
-		}
-		verb := "issued certificate"
-		switch it.Outcome {
-		case engine.Deployed:
-			verb = "deployed the certificate obtained earlier"
-		case engine.Renewed:
-			verb = "renewed certificate" // --force, or due: the log says "renewed" too
-		}
-		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
-			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), inventory.TimeLeft(it.NotAfter.Sub(a.now())), paths.Fullchain, paths.Key)
-		a.printf("  deploy    %s\n", it.DeployWords())
+	if !a.global.Quiet {
+		it.IssueText(a.out, st.LivePaths(it.Name), a.now())
 	}
 	switch it.Outcome {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:

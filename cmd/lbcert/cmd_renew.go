@@ -16,7 +16,6 @@ import (
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
-	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -220,30 +219,8 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 			a.say.warningf("%s: %s", it.Name, it.Cadence)
 		}
 	}
-	c := res.Counts
-	changed := c[engine.Renewed] + c[engine.Issued] + c[engine.Deployed]
-	if changed+c[engine.Failed]+c[engine.Deferred]+c[engine.Aborted]+c[engine.NotStarted] == 0 {
-		return // nothing due: silence, for cron
-	}
-	verb := "renewed"
-	if res.DryRun {
-		verb = "would renew (dry run)"
-	}
-	a.printf("lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
-		changed, verb, c[engine.NotDue], c[engine.Failed]+c[engine.Aborted], c[engine.Deferred])
-	for _, it := range res.Items {
-		switch it.Outcome {
-		case engine.Renewed, engine.Issued:
-			a.printf("  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords())
-		case engine.Deployed:
-			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords())
-		case engine.Failed, engine.Aborted:
-			a.printf("  failed    %-30s %s\n", it.Name, it.Error)
-		case engine.Deferred:
-			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, it.NextAttemptWords())
-		case engine.NotStarted:
-			a.printf("  not started %-28s %s\n", it.Name, it.Error)
-		}
+	if !a.global.Quiet {
+		res.RenewSummary(a.out)
 	}
 }
 

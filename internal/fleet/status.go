@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"sort"
+	"strings"
+	"text/tabwriter"
 	"time"
 )
 
@@ -141,4 +144,44 @@ func (n *Node) Serving(ctx context.Context) (map[string]map[string]Served, error
 		}
 	}
 	return out, nil
+}
+
+// Table writes the status as 'fleet status' prints it: the fleet, a row
+// per node (heartbeat, agent, lineages at the newest version, behind,
+// failed, lag), then every failure.
+func (st *Status) Table(w io.Writer, now time.Time) {
+	fmt.Fprintf(w, "fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\tBEHIND\tFAILED\tLAG")
+	for _, ns := range st.Nodes {
+		beat, agent, lag := "none", ns.Agent, "-"
+		if ns.Heartbeat != nil {
+			beat = now.Sub(*ns.Heartbeat).Round(time.Second).String() + " ago"
+		}
+		if agent == "" {
+			agent = "-"
+		}
+		if ns.Behind+ns.Failed > 0 {
+			lag = (time.Duration(ns.LagSeconds) * time.Second).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", ns.Node, beat, agent, ns.Newest, ns.Behind, ns.Failed, lag)
+	}
+	tw.Flush()
+	for _, ns := range st.Nodes {
+		for _, f := range ns.Failures {
+			fmt.Fprintf(w, "  %s %s: %s\n", ns.Node, f.Name, f.Error)
+		}
+	}
+}
+
+// Problems says, in one line, what is wrong with each node that is not
+// fine ("" when every node is).
+func (st *Status) Problems() string {
+	var lines []string
+	for _, ns := range st.Nodes {
+		if len(ns.Problems) > 0 {
+			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
+		}
+	}
+	return strings.Join(lines, "; ")
 }

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/renewal"
 )
 
 // Clock says times as list and show print them: relative to Now on a
@@ -47,23 +49,6 @@ func relative(d time.Duration) string {
 	default:
 		return fmt.Sprintf("%dm", int(d.Minutes()))
 	}
-}
-
-// TimeLeft is a certificate's remaining life in words: days, or hours
-// and minutes for the short ones (step-ca's 24-hour default read "0
-// days" when just issued).
-func TimeLeft(d time.Duration) string {
-	switch {
-	case d >= 48*time.Hour:
-		return fmt.Sprintf("%d days", int(d.Hours()/24))
-	case d >= 2*time.Hour:
-		return fmt.Sprintf("%d hours", int(d.Hours()))
-	case d >= 2*time.Minute:
-		return fmt.Sprintf("%d minutes", int(d.Minutes()))
-	case d > 0:
-		return "under 2 minutes"
-	}
-	return "expired"
 }
 
 // Table writes list's table: one row per lineage, a name never issued
@@ -149,7 +134,7 @@ func (e *Entry) showCertificate(row func(k, v string), c Clock) {
 	row("domains", strings.Join(e.Domains, ", "))
 	row("serial", e.Serial)
 	row("valid from", c.When(e.NotBefore))
-	row("expires", fmt.Sprintf("%s (%s)", c.When(e.NotAfter), TimeLeft(e.NotAfter.Sub(c.Now))))
+	row("expires", fmt.Sprintf("%s (%s)", c.When(e.NotAfter), renewal.TimeLeft(e.NotAfter.Sub(c.Now))))
 	row("renews", fmt.Sprintf("%s (%s)", c.RenewWhen(e.RenewAt), e.RenewReason))
 	row("challenge", e.Challenge+" "+e.Webroot+e.HTTPAddr)
 	row("deploy", e.Deploy)

@@ -17,6 +17,7 @@
 package renewal
 
 import (
+	"fmt"
 	"hash/fnv"
 	"math/rand/v2"
 	"time"
@@ -233,4 +234,21 @@ func (r Reason) Words() string {
 		return "--force"
 	}
 	return string(r) // expired, new, names changed, ...
+}
+
+// TimeLeft is a certificate's remaining life in words: days, or hours
+// and minutes for the short ones (step-ca's 24-hour default read "0
+// days" when just issued).
+func TimeLeft(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%d days", int(d.Hours()/24))
+	case d >= 2*time.Hour:
+		return fmt.Sprintf("%d hours", int(d.Hours()))
+	case d >= 2*time.Minute:
+		return fmt.Sprintf("%d minutes", int(d.Minutes()))
+	case d > 0:
+		return "under 2 minutes"
+	}
+	return "expired"
 }
