@@ -8,10 +8,8 @@ import (
 	"log"
 	"log/slog"
 	"os"
-	"os/signal"
 	"runtime/debug"
 	"strings"
-	"syscall"
 	"time"
 
 	legolog "github.com/go-acme/lego/v4/log"
@@ -20,40 +18,18 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
+	"github.com/lbcert/lbcert/internal/interrupt"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
+	lbversion "github.com/lbcert/lbcert/internal/version"
 )
 
 // version is set by the Makefile through -ldflags; without it (go
-// install, go build) buildVersion reads the module's build info.
+// install, go build) the build info says what this binary is.
 var version = "dev"
 
-// buildVersion says what this binary is: the -ldflags version, else the
-// module version (go install ...@v1.2.3), else the VCS revision Go
-// stamped into the build, with "-dirty" for uncommitted changes.
-func buildVersion(info *debug.BuildInfo, ok bool) string {
-	if version != "dev" || !ok {
-		return version
-	}
-	if v := info.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	var rev, dirty string
-	for _, s := range info.Settings {
-		switch s.Key {
-		case "vcs.revision":
-			rev = s.Value
-		case "vcs.modified":
-			if s.Value == "true" {
-				dirty = "-dirty"
-			}
-		}
-	}
-	if rev == "" {
-		return version
-	}
-	return "dev-" + rev[:min(12, len(rev))] + dirty
-}
+// buildVersion is this binary's version (package version).
+func buildVersion(info *debug.BuildInfo, ok bool) string { return lbversion.Of(version, info, ok) }
 
 // defaultConfig is read when it exists and no --config is given.
 const defaultConfig = "/etc/lbcert/config.yaml"
@@ -114,43 +90,18 @@ func Main() int {
 // SIGTERM, before they are ended as at their timeout.
 const hookGrace = 10 * time.Second
 
-// trapSignals is lbcert's answer to SIGINT and SIGTERM. The first stops
-// new work (a.ctx): no new order starts, what was obtained is deployed
-// and the report mailed, under a short deadline; running deploy hooks
-// get hookGrace more (a.hookStop). The second ends the hooks and the
-// mail at once (a.hardStop). Either way the state stays consistent: a
-// deploy cut short is kept as owed, and the next run finishes it.
+// trapSignals is lbcert's answer to SIGINT and SIGTERM (package
+// interrupt): a.ctx, a.hookStop and a.hardStop.
 func (a *app) trapSignals() (release func()) {
-	var cancel, stopHooks, stopAll context.CancelFunc
-	a.ctx, cancel = context.WithCancel(context.Background())
-	a.hookStop, stopHooks = context.WithCancel(context.Background())
-	a.hardStop, stopAll = context.WithCancel(context.Background())
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		if _, ok := <-sigs; !ok {
-			return
-		}
-		cancel()
-		grace := hookGrace
-		if d, err := time.ParseDuration(a.getenv("LBCERT_HOOK_GRACE")); err == nil { // for tests
-			grace = d
-		}
-		a.say.warningf("interrupted: no new orders; deploying what was obtained (hooks get %s more); interrupt again to stop at once", grace)
-		timer := time.AfterFunc(grace, stopHooks)
-		defer timer.Stop()
-		if _, ok := <-sigs; ok {
-			stopHooks()
-			stopAll()
-		}
-	}()
-	return func() {
-		signal.Stop(sigs)
-		close(sigs)
-		cancel()
-		stopHooks()
-		stopAll()
+	grace := hookGrace
+	if d, err := time.ParseDuration(a.getenv("LBCERT_HOOK_GRACE")); err == nil { // for tests
+		grace = d
 	}
+	s, release := interrupt.Trap(grace, func() {
+		a.say.warningf("interrupted: no new orders; deploying what was obtained (hooks get %s more); interrupt again to stop at once", grace)
+	})
+	a.ctx, a.hookStop, a.hardStop = s.Work, s.Hooks, s.Now
+	return release
 }
 
 func (a *app) run(args []string) int {
@@ -259,19 +210,9 @@ func (a *app) setup(cmd *cobra.Command) error {
 	if !fs.Changed("config") {
 		path = a.getenv(config.EnvName("config"))
 	}
-	var file *config.File
-	if path != "" {
-		f, err := config.Load(path, a.knownKey(cmd.Root()))
-		if err != nil {
-			return err
-		}
-		file = f
-	} else if _, err := os.Stat(defaultConfig); err == nil {
-		f, err := config.Load(defaultConfig, a.knownKey(cmd.Root()))
-		if err != nil {
-			return err
-		}
-		file = f
+	file, err := config.Find(path, defaultConfig, a.knownKey(cmd.Root()))
+	if err != nil {
+		return err
 	}
 	if err := config.Apply(fs, file, a.getenv); err != nil {
 		return err
@@ -303,11 +244,7 @@ func (a *app) knownKey(root *cobra.Command) func(string) bool {
 		}
 	}
 	walk(root)
-	keys := map[string]bool{}
-	for _, k := range config.Keys(sets...) {
-		keys[k] = true
-	}
-	return func(k string) bool { return keys[k] }
+	return config.Known(sets...)
 }
 
 func (a *app) setupLogging() {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -115,24 +114,8 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			return nil
 		},
 		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.Node) },
-		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return nodesServing(ctx, f.Node) },
+		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return f.Node.ServingByLineage(ctx) },
 		failedNames: func() ([]string, error) { return nil, nil },
 		close:       f.Close,
 	}, nil
-}
-
-// nodesServing is what each member reports serving, by lineage.
-func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]inventory.Serves, error) {
-	all, err := n.Serving(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := make(map[string][]inventory.Serves, len(all))
-	for name, byNode := range all {
-		for node, s := range byNode {
-			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
-		}
-		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
-	}
-	return out, nil
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 
 	"github.com/spf13/pflag"
 
@@ -96,21 +95,8 @@ func (m singleHost) challenge(c challengeFlags) (store.Challenge, error) {
 		return store.Challenge{}, hint.Wrap(fmt.Errorf("no challenge method: pass --webroot DIR or --standalone"), "or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
 	case c.addrSet && !c.standalone && !c.batch:
 		return store.Challenge{}, fmt.Errorf("--http-addr only applies with --standalone")
-	case c.webroot != "":
-		root, err := filepath.Abs(c.webroot)
-		if err != nil {
-			return store.Challenge{}, fmt.Errorf("--webroot %s: %w", c.webroot, err)
-		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return store.Challenge{}, err
-		}
-		return store.Challenge{Mode: "webroot", Webroot: root}, nil
-	default:
-		if err := challenge.CheckAddr(c.httpAddr); err != nil {
-			return store.Challenge{}, err
-		}
-		return store.Challenge{Mode: "standalone", HTTPAddr: c.httpAddr}, nil
 	}
+	return challenge.Resolve(c.webroot, c.httpAddr)
 }
 
 func (singleHost) rowChallenge(row *batch.Row, fallback store.Challenge) (store.Challenge, string) {

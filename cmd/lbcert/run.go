@@ -115,9 +115,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	}
 	res := plan.Execute(ctx)
 	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
-		if err := st.MarkCadenceWarned(a.now()); err != nil {
-			slog.Warn("could not record the schedule warning", "err", err)
-		}
+		renewal.Warned(st, a.now())
 	}
 	if a.global.MetricsFile != "" && !spec.dryRun {
 		// Monitoring is not the run: a metrics file that cannot be
@@ -130,24 +128,13 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	return res, nil
 }
 
-// runGap is the schedule as it really runs: the gaps between the
-// recorded renew runs and this one (README "Short lifetimes and IP
-// certificates"), said at most once a day, since cron mails every run
-// that prints. A scheduled run is recorded.
+// runGap is the schedule as it really runs, for renew's cadence
+// warning (renewal.Cadence); a scheduled run is recorded.
 func (a *app) runGap(st *store.Store, spec runSpec) time.Duration {
 	if spec.command != "renew" || spec.dryRun {
 		return 0
 	}
-	var gap time.Duration
-	if a.now().Sub(st.CadenceWarnedAt()) >= 23*time.Hour {
-		gap = renewal.RunGap(st.Runs(), a.now())
-	}
-	if spec.scheduled {
-		if err := st.RecordRun(a.now()); err != nil {
-			slog.Warn("could not record this renew run", "err", err)
-		}
-	}
-	return gap
+	return renewal.Cadence(st, a.now(), spec.scheduled)
 }
 
 // checkKeep refuses an archive that would keep nothing to roll back to

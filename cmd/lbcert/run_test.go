@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"runtime/debug"
 	"testing"
 	"time"
 
@@ -34,36 +33,6 @@ func TestRunReportSchema(t *testing.T) {
 	// renew --json through the whole command, on a lineage not due.
 	got := runGolden(t, false, "--dir", fixtureStore(t), "renew", "--json", "--name", "example.com")
 	golden(t, "renew.json", got)
-}
-
-// --version says what a binary built without the Makefile is: the
-// module version, or the VCS revision and whether the tree was dirty.
-func TestBuildVersion(t *testing.T) {
-	info := func(v string, settings ...debug.BuildSetting) *debug.BuildInfo {
-		return &debug.BuildInfo{Main: debug.Module{Version: v}, Settings: settings}
-	}
-	rev := debug.BuildSetting{Key: "vcs.revision", Value: "0123456789abcdef0123"}
-	dirty := debug.BuildSetting{Key: "vcs.modified", Value: "true"}
-	cases := []struct {
-		info *debug.BuildInfo
-		want string
-	}{
-		{info("v1.4.0"), "v1.4.0"},
-		{info("(devel)", rev), "dev-0123456789ab"},
-		{info("(devel)", rev, dirty), "dev-0123456789ab-dirty"},
-		{info("(devel)"), "dev"},
-	}
-	for _, c := range cases {
-		if got := buildVersion(c.info, true); got != c.want {
-			t.Errorf("buildVersion = %q, want %q", got, c.want)
-		}
-	}
-	old := version
-	version = "v9.9.9-from-ldflags"
-	defer func() { version = old }()
-	if got := buildVersion(info("v1.4.0"), true); got != "v9.9.9-from-ldflags" {
-		t.Errorf("-ldflags version lost: %q", got)
-	}
 }
 
 // The relay a lineage saves is saved whole: its TLS mode and roots go

@@ -298,6 +298,28 @@ func parseBool(s string) (bool, bool) {
 	return false, false
 }
 
+// Known is the strict decoder's known-key check for the settings of
+// every flag set: one config file serves every command.
+func Known(sets ...*pflag.FlagSet) func(key string) bool {
+	keys := map[string]bool{}
+	for _, k := range Keys(sets...) {
+		keys[k] = true
+	}
+	return func(k string) bool { return keys[k] }
+}
+
+// Find loads the config file at path, or at def when path is "" and def
+// exists; no file is nil.
+func Find(path, def string, known func(key string) bool) (*File, error) {
+	if path == "" {
+		if _, err := os.Stat(def); err != nil {
+			return nil, nil
+		}
+		path = def
+	}
+	return Load(path, known)
+}
+
 // Keys lists every setting name in the flag sets, sorted, for docs and for
 // the strict decoder's known-key check.
 func Keys(sets ...*pflag.FlagSet) []string {

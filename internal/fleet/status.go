@@ -5,10 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/inventory"
 )
 
 // StatusVersion is the fleet status JSON schema's version; it changes
@@ -184,4 +187,21 @@ func (st *Status) Problems() string {
 		}
 	}
 	return strings.Join(lines, "; ")
+}
+
+// ServingByLineage is what each member reports serving, by lineage, in
+// node order: list and show in a fleet.
+func (n *Node) ServingByLineage(ctx context.Context) (map[string][]inventory.Serves, error) {
+	all, err := n.Serving(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string][]inventory.Serves, len(all))
+	for name, byNode := range all {
+		for node, s := range byNode {
+			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+		}
+		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
+	}
+	return out, nil
 }
