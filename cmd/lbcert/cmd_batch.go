@@ -258,10 +258,9 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 	}
 	limits, _ := o.pace.Limits() // checked by checkBatch
 	checker, _ := o.preflight.Checker()
-	spec := runSpec{
-		command: "batch", limits: limits, preflight: checker, concurrency: o.Concurrency, days: o.Days,
-		maxWait: o.MaxWait, waitLock: o.WaitLock,
-	}
+	spec := runSpec{limits: limits, waitLock: o.WaitLock, Options: engine.Options{
+		Command: "batch", Preflight: checker, Concurrency: o.Concurrency, Days: o.Days, MaxWait: o.MaxWait,
+	}}
 	a.batchProgress(&spec, o, file, len(rows.Rows))
 	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) {
 		base := a.lineageMail(o.flags, nil)
@@ -294,9 +293,9 @@ func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions
 // obtained; the deploy is a phase of its own), and a line, once, for
 // every row that needs attention.
 func (a *app) batchProgress(spec *runSpec, o *batchOptions, file string, rows int) {
-	spec.observe = func(it *engine.Item) { a.sayRow(file, it) }
+	spec.Observe = func(it *engine.Item) { a.sayRow(file, it) }
 	// A deploy that failed is said once too, when the deploy is done.
-	spec.deployed = func(it *engine.Item) {
+	spec.Deployed = func(it *engine.Item) {
 		if it.Outcome == engine.Failed {
 			a.sayRow(file, it)
 		}
@@ -306,8 +305,8 @@ func (a *app) batchProgress(spec *runSpec, o *batchOptions, file string, rows in
 	}
 	prog := progress.New(a.err, rows, a.now)
 	a.logTo(prog)
-	spec.deploying = func(n int) { prog.Phase(fmt.Sprintf("deploying %d certificates", n)) }
-	spec.observe = func(it *engine.Item) {
+	spec.Deploying = func(n int) { prog.Phase(fmt.Sprintf("deploying %d certificates", n)) }
+	spec.Observe = func(it *engine.Item) {
 		prog.Step(it.Outcome.Done())
 		a.sayRow(file, it)
 	}

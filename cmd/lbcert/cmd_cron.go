@@ -94,13 +94,8 @@ func (o *cronOptions) entry(a *app) renewEntry {
 		host, _ := os.Hostname()
 		return &schedule.Timer{Dir: a.global.Dir, UnitDir: o.UnitDir, Command: append(a.renewArgv(), "--no-random-sleep"), Host: host}
 	}
-	return cronEntry{&schedule.Cron{Dir: a.global.Dir, File: o.File, User: o.User, Command: a.renewArgv()}}
+	return &schedule.Cron{Dir: a.global.Dir, File: o.File, User: o.User, Command: a.renewArgv()}
 }
-
-// cronEntry is a schedule.Cron whose remove says nothing.
-type cronEntry struct{ *schedule.Cron }
-
-func (c cronEntry) Remove() (string, error) { return "", c.Cron.Remove() }
 
 // renewArgv is renew's argv as cron and the timer run it.
 func (a *app) renewArgv() []string {

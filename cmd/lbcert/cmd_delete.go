@@ -118,7 +118,7 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	if err := a.confirmDelete(o, l); err != nil {
 		return err
 	}
-	lock, err := a.renewLock(ctx, st, o.WaitLock)
+	lock, err := st.Take(ctx, o.WaitLock)
 	if err != nil {
 		return err
 	}
@@ -199,16 +199,12 @@ func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
 
 // revoke revokes the lineage's current certificate at its CA.
 func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
-	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
-	client, err := is.Client(ctx, l.Server, l.Email)
-	if err != nil {
-		return err
-	}
 	_, files, err := h.catalog.Fetch(ctx, l.Name, 0)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", l.Name, err)
 	}
-	if err := client.Revoke(files.Cert, reason); err != nil {
+	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
+	if err := is.Revoke(ctx, l, files.Cert, reason); err != nil {
 		return fmt.Errorf("%w; nothing was deleted", err)
 	}
 	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)

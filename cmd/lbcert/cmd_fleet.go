@@ -212,7 +212,7 @@ func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) e
 		return fmt.Errorf("%w; waited %s", err, a.fleetWait)
 	}
 	if err != nil {
-		return dirError(err)
+		return store.DirError(err)
 	}
 	defer l.Unlock()
 	if err := f(sh, st); err != nil {

@@ -197,10 +197,9 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
 		Mail: mailSettings,
 	}}
-	res, err := a.runEngine(ctx, h, runSpec{
-		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1, days: o.Days,
-		maxWait: o.MaxWait, waitLock: o.WaitLock,
-	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
+	res, err := a.runEngine(ctx, h, runSpec{limits: p.limits, waitLock: o.WaitLock, Options: engine.Options{
+		Command: "issue", Preflight: p.preflight, Concurrency: 1, Days: o.Days, MaxWait: o.MaxWait,
+	}}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err
 	}

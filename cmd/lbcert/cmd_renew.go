@@ -151,10 +151,9 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if o.NoRandomSleep || a.stdoutTTY {
 		delay = 0
 	}
-	res, err := a.runEngine(ctx, h, runSpec{
-		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0,
-	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
+	res, err := a.runEngine(ctx, h, runSpec{limits: limits, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, Options: engine.Options{
+		Command: "renew", Concurrency: o.Concurrency, Days: o.Days, DryRun: o.DryRun, MaxWait: o.MaxWait, RandomDelay: delay,
+	}}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
 	if err != nil {
 		return err
 	}

@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"iter"
 	"log/slog"
 	"os"
@@ -20,30 +18,21 @@ import (
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet"
-	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// runSpec is what a command asks of one engine run.
+// runSpec is what a command asks of one engine run: the engine's
+// options (Now, RunGap and LeaseTTL are the run's), its pace limits,
+// how long to wait for the lock, and what to do when it ends.
 type runSpec struct {
-	command     string
-	limits      pace.Limits
-	preflight   *preflight.Checker
-	concurrency int
-	days        int
-	dryRun      bool
-	maxWait     time.Duration
-	randomDelay time.Duration
-	waitLock    time.Duration
-	observe     func(*engine.Item)
-	deploying   func(n int)
-	deployed    func(*engine.Item)
-	done        func() // when the run ends, before its result is printed
+	engine.Options
+	limits   pace.Limits
+	waitLock time.Duration
+	done     func() // when the run ends, before its result is printed
 	// scheduled says the run is the kind cron makes (renew over every
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
@@ -65,7 +54,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 		return nil, fmt.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
 	st := h.st
-	lock, err := a.renewLock(ctx, st, spec.waitLock)
+	lock, err := st.Take(ctx, spec.waitLock)
 	if err != nil {
 		return nil, err
 	}
@@ -85,30 +74,11 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	}
 	is := &issuer.Issuer{CABundle: a.global.acct.CABundle, UserAgent: userAgent()}
 	h.tokens(is)
-	is.Account = acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, spec.dryRun)
+	is.Account = acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, spec.DryRun)
 	defer is.Close()
 	gap := a.runGap(st, spec)
-	e := &engine.Engine{
-		Catalog: h.catalog,
-		Node:    h.node,
-		CA:      is,
-		Budget:  ebudget,
-		Opts: engine.Options{
-			Command:     spec.command,
-			Concurrency: spec.concurrency,
-			Days:        spec.days,
-			DryRun:      spec.dryRun,
-			MaxWait:     spec.maxWait,
-			RandomDelay: spec.randomDelay,
-			Preflight:   spec.preflight,
-			RunGap:      gap,
-			Now:         a.now,
-			Observe:     spec.observe,
-			Deploying:   spec.deploying,
-			Deployed:    spec.deployed,
-			LeaseTTL:    a.fleetOpts.LeaseTTL,
-		},
-	}
+	spec.Now, spec.RunGap, spec.LeaseTTL = a.now, gap, a.fleetOpts.LeaseTTL
+	e := &engine.Engine{Catalog: h.catalog, Node: h.node, CA: is, Budget: ebudget, Opts: spec.Options}
 	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
 		return nil, err
@@ -117,7 +87,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
 		renewal.Warned(st, a.now())
 	}
-	if a.global.MetricsFile != "" && !spec.dryRun {
+	if a.global.MetricsFile != "" && !spec.DryRun {
 		// Monitoring is not the run: a metrics file that cannot be
 		// written is a warning, never a failed renewal.
 		if err := metrics.Write(ctx, a.global.MetricsFile, metrics.Source{Catalog: h.catalog, Local: st}, res, budget, a.now()); err != nil {
@@ -131,7 +101,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 // runGap is the schedule as it really runs, for renew's cadence
 // warning (renewal.Cadence); a scheduled run is recorded.
 func (a *app) runGap(st *store.Store, spec runSpec) time.Duration {
-	if spec.command != "renew" || spec.dryRun {
+	if spec.Command != "renew" || spec.DryRun {
 		return 0
 	}
 	return renewal.Cadence(st, a.now(), spec.scheduled)
@@ -188,23 +158,6 @@ func (a *app) printJSON(v any) {
 	enc.Encode(v)
 }
 
-// renewLock takes the state-directory lock, waiting up to wait for it.
-func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration) (*store.Lock, error) {
-	if wait <= 0 {
-		return a.lock(st)
-	}
-	wctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	l, err := st.WaitLock(wctx)
-	if errors.Is(err, store.ErrLocked) {
-		return nil, fmt.Errorf("%w; waited %s", err, wait)
-	}
-	if err != nil {
-		return nil, dirError(err)
-	}
-	return l, nil
-}
-
 // account is the account settings as given, for package acme to check.
 func (a *app) account() acme.Settings {
 	s := a.global.acct
@@ -252,27 +205,6 @@ func (a *app) confirmTOS(tos string) (bool, error) {
 	line, _ := bufio.NewReader(a.in).ReadString('\n')
 	ans := strings.ToLower(strings.TrimSpace(line))
 	return ans == "y" || ans == "yes", nil
-}
-
-// lock takes the state directory lock, or fails with a *store.LockedError
-// (exit code 3).
-func (a *app) lock(st *store.Store) (*store.Lock, error) {
-	l, err := st.TryLock()
-	if errors.Is(err, store.ErrLocked) {
-		return nil, hint.Wrap(err, "wait for the other run to finish, or pass --wait-lock; the lock is released when it exits, even if it is killed")
-	}
-	if err != nil {
-		return nil, dirError(err)
-	}
-	return l, nil
-}
-
-// dirError explains a state directory lbcert cannot use.
-func dirError(err error) error {
-	if errors.Is(err, fs.ErrPermission) {
-		return hint.Wrap(err, "run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir (or set LBCERT_DIR) to a directory you can write")
-	}
-	return err
 }
 
 func unwrapPath(err error) error {

@@ -323,3 +323,13 @@ func withChallengeHint(err error, l store.Lineage) error {
 	}
 	return err
 }
+
+// Revoke revokes l's current certificate (its PEM in cert) at l's CA,
+// with the account l was issued under.
+func (is *Issuer) Revoke(ctx context.Context, l *store.Lineage, cert []byte, reason uint) error {
+	client, err := is.Client(ctx, l.Server, l.Email)
+	if err != nil {
+		return err
+	}
+	return client.Revoke(cert, reason)
+}

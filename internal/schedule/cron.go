@@ -111,16 +111,17 @@ func (c *Cron) Show() (string, error) {
 
 var errNotInstalled = hint.Errorf("'lbcert cron install' adds one", "no lbcert cron entry installed")
 
-// Remove deletes the entry; none installed is not an error.
-func (c *Cron) Remove() error {
+// Remove deletes the entry; none installed is not an error. It says
+// nothing (the string is for the timer's message).
+func (c *Cron) Remove() (string, error) {
 	if !c.User {
-		return RemoveFile(c.file())
+		return "", RemoveFile(c.file())
 	}
 	existing, err := c.read()
 	if err != nil {
-		return err
+		return "", err
 	}
-	return writeCrontab(strings.Join(c.others(existing), "\n") + "\n")
+	return "", writeCrontab(strings.Join(c.others(existing), "\n") + "\n")
 }
 
 // RemoveFile removes a cron.d file, if there is one.
