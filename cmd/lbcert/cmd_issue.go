@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,8 +17,6 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/names"
-	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -95,56 +94,45 @@ target, deploys the current certificate there; --force issues anyway.`,
 	return cmd
 }
 
-// issuePlan is a checked issue request: everything validated, nothing
-// touched yet.
-type issuePlan struct {
-	domains   []string
-	name      string
-	mode      store.Challenge
-	acme      acme.Options
-	limits    pace.Limits
-	preflight *preflight.Checker
-}
-
 // checkIssue validates every input that can be checked offline, in the
-// order a user would fix them. It writes nothing.
-func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
+// order a user would fix them, and returns the job and the run without
+// their account and saved settings. It writes nothing.
+func (a *app) checkIssue(st *store.Store, o *issueOptions) (engine.Job, runSpec, error) {
+	var job engine.Job
+	var spec runSpec
 	if err := checkDays(o.Days); err != nil {
-		return nil, err
+		return job, spec, err
 	}
 	domains, err := names.Domains(o.Domains)
 	if err != nil {
-		return nil, err
+		return job, spec, err
 	}
-	p := &issuePlan{domains: domains, name: o.Name}
-	if p.name == "" {
-		p.name = names.LineageFor(domains[0])
-	}
-	if err := names.Lineage(p.name); err != nil {
-		return nil, fmt.Errorf("--name: %w", err)
+	l := store.Lineage{Name: cmp.Or(o.Name, names.LineageFor(domains[0])), Domains: domains, KeyType: o.KeyType,
+		Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey}
+	if err := names.Lineage(l.Name); err != nil {
+		return job, spec, fmt.Errorf("--name: %w", err)
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return nil, err
+		return job, spec, err
 	}
 	m := a.mode()
 	if err := m.mayOrder("issue"); err != nil {
-		return nil, err
+		return job, spec, err
 	}
-	if p.mode, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet, fs: o.flags}); err != nil {
-		return nil, err
+	if l.Challenge, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet, fs: o.flags}); err != nil {
+		return job, spec, err
 	}
-	if p.mode.Mode == "standalone" {
-		if err := probe(st, p.mode.HTTPAddr); err != nil {
-			return nil, err
+	if l.Challenge.Mode == "standalone" {
+		if err := probe(st, l.Challenge.HTTPAddr); err != nil {
+			return job, spec, err
 		}
 	}
-	if p.limits, err = o.pace.Limits(); err != nil {
-		return nil, err
+	spec = runSpec{waitLock: o.WaitLock, Options: engine.Options{Command: "issue", Concurrency: 1, Days: o.Days, MaxWait: o.MaxWait}}
+	if spec.limits, err = o.pace.Limits(); err != nil {
+		return job, spec, err
 	}
-	if p.preflight, err = o.preflight.Checker(); err != nil {
-		return nil, err
-	}
-	return p, nil
+	spec.Preflight, err = o.preflight.Checker()
+	return engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: l}, spec, err
 }
 
 // probe refuses a listen address in use before anything is written,
@@ -161,27 +149,25 @@ func probe(st *store.Store, addr string) error {
 
 func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	st := store.New(a.global.Dir)
-	p, err := a.checkIssue(st, o)
+	job, spec, err := a.checkIssue(st, o)
 	if err != nil {
 		return err
 	}
-
 	// Deploy settings are checked against the lineage's saved ones now,
-	// read-only, so bad input leaves nothing behind.
+	// read-only, so bad input leaves nothing behind. The settings in
+	// force are the served version's: a newer one whose deploy failed
+	// does not pass its failed settings on.
 	var prevDeploy *store.Deploy
 	var prevMail *store.Mail
-	// The settings in force are the served version's: a newer one whose
-	// deploy failed does not pass its failed settings on.
-	prev, err := st.Load(p.name)
+	prev, err := st.Load(job.Lineage.Name)
 	if err != nil {
-		prev, err = st.Newest(p.name)
+		prev, err = st.Newest(job.Lineage.Name)
 	}
 	if err == nil {
 		prevDeploy, prevMail = &prev.Deploy, &prev.Mail
 	}
-	mailSettings := a.lineageMail(o.flags, prevMail)
-	deploySettings, err := a.mode().deploy(&o.deploy, st.Dir, prevDeploy)
-	if err != nil {
+	job.Lineage.Mail = a.lineageMail(o.flags, prevMail)
+	if job.Lineage.Deploy, err = a.mode().deploy(&o.deploy, st.Dir, prevDeploy); err != nil {
 		return err
 	}
 	h, err := a.mode().open(ctx, "issue")
@@ -189,17 +175,12 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 		return err
 	}
 	defer h.close()
-	if p.acme, err = a.acmeOptions(h.accounts); err != nil {
+	opts, err := a.acmeOptions(h.accounts)
+	if err != nil {
 		return err
 	}
-	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
-		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
-		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
-		Mail: mailSettings,
-	}}
-	res, err := a.runEngine(ctx, h, runSpec{limits: p.limits, waitLock: o.WaitLock, Options: engine.Options{
-		Command: "issue", Preflight: p.preflight, Concurrency: 1, Days: o.Days, MaxWait: o.MaxWait,
-	}}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
+	job.Lineage.Server, job.Lineage.Email = opts.Server, opts.Email
+	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err
 	}
