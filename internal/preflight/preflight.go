@@ -172,29 +172,7 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 		resolverName = "--resolver " + c.Resolver
 	}
 	var dialed string // the address the name resolved to, once it did
-	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	tr := &http.Transport{
-		// The CA does not check the certificate of an HTTPS redirect
-		// target, so neither does this check.
-		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			host, p, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			ips, err := res.LookupNetIP(ctx, "ip4", host)
-			if err != nil || len(ips) == 0 {
-				ips, err = res.LookupNetIP(ctx, "ip", host)
-			}
-			if err != nil {
-				return nil, &dnsFailure{host: host, why: dnsErr(err)}
-			}
-			dialed = net.JoinHostPort(ips[0].Unmap().String(), p)
-			return dialer.DialContext(ctx, network, dialed)
-		},
-	}
-	client := &http.Client{Transport: tr}
+	client := &http.Client{Transport: transport(res, &dialed)}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("User-Agent", "lbcert-preflight")
 	route := fmt.Sprintf("the CA will fetch http://%s:%d%s<token>: route that path to lbcert (HAProxy: an ACL on path_beg %s; nginx: a location serving the webroot); if this host cannot reach its own public address, pass --preflight=false",
@@ -232,6 +210,33 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 		return hint.Errorf(route, "pre-flight HTTP %s: GET %s answered, but not with lbcert's token", name, url)
 	}
 	return nil
+}
+
+// transport fetches as the CA does: names resolved by res (IPv4 first),
+// the address it dialed put in dialed.
+func transport(res *net.Resolver, dialed *string) *http.Transport {
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	return &http.Transport{
+		// The CA does not check the certificate of an HTTPS redirect
+		// target, so neither does this check.
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			host, p, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			ips, err := res.LookupNetIP(ctx, "ip4", host)
+			if err != nil || len(ips) == 0 {
+				ips, err = res.LookupNetIP(ctx, "ip", host)
+			}
+			if err != nil {
+				return nil, &dnsFailure{host: host, why: dnsErr(err)}
+			}
+			*dialed = net.JoinHostPort(ips[0].Unmap().String(), p)
+			return dialer.DialContext(ctx, network, *dialed)
+		},
+	}
 }
 
 func randomToken() string {

@@ -98,27 +98,9 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	if _, set := u.User.Password(); set {
 		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
 	}
-	var tlsConf *tls.Config
-	switch u.Scheme {
-	case "rediss", "rediss-sentinel":
-		tlsConf = &tls.Config{MinVersion: tls.VersionTLS12}
-		if o.CAFile != "" {
-			pem, err := os.ReadFile(o.CAFile)
-			if err != nil {
-				return nil, fmt.Errorf("--redis-ca: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("--redis-ca %s: no PEM certificate in it", o.CAFile)
-			}
-			tlsConf.RootCAs = pool
-		}
-	case "redis", "redis-sentinel":
-		if o.CAFile != "" {
-			return nil, fmt.Errorf("--redis-ca is for TLS: use rediss:// (or rediss-sentinel://)")
-		}
-	default:
-		return nil, fmt.Errorf("--redis %q: scheme %q: want redis://, rediss://, redis-sentinel:// or rediss-sentinel://", redact(o.URL), u.Scheme)
+	tlsConf, err := tlsFor(u.Scheme, o)
+	if err != nil {
+		return nil, err
 	}
 	user := u.User.Username()
 	db, rest, err := dbOf(u.Path, strings.HasSuffix(u.Scheme, "sentinel"))
@@ -178,6 +160,33 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 		return nil, fmt.Errorf("%s is a Redis Cluster, which lbcert does not support: use one primary with replicas and Sentinel (redis-sentinel://)", s.addr)
 	}
 	return s, nil
+}
+
+// tlsFor is the TLS configuration for a URL's scheme: nil for plain
+// redis://, the --redis-ca roots for rediss://.
+func tlsFor(scheme string, o Options) (*tls.Config, error) {
+	switch scheme {
+	case "rediss", "rediss-sentinel":
+		conf := &tls.Config{MinVersion: tls.VersionTLS12}
+		if o.CAFile != "" {
+			pem, err := os.ReadFile(o.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("--redis-ca: %v", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("--redis-ca %s: no PEM certificate in it", o.CAFile)
+			}
+			conf.RootCAs = pool
+		}
+		return conf, nil
+	case "redis", "redis-sentinel":
+		if o.CAFile != "" {
+			return nil, fmt.Errorf("--redis-ca is for TLS: use rediss:// (or rediss-sentinel://)")
+		}
+		return nil, nil
+	}
+	return nil, fmt.Errorf("--redis %q: scheme %q: want redis://, rediss://, redis-sentinel:// or rediss-sentinel://", redact(o.URL), scheme)
 }
 
 // dbOf reads "/0" (or "/master/0" for Sentinel): the database number and
