@@ -119,7 +119,7 @@ func (r *Report) Body() string {
 		fmt.Fprintf(&b, "\n%s %s\n", strings.ToUpper(it.Outcome), it.Name)
 		row := func(k, v string) {
 			if v != "" {
-				fmt.Fprintf(&b, "  %-13s %s\n", k+":", v)
+				fmt.Fprintf(&b, "  %-11s %s\n", k+":", v)
 			}
 		}
 		row("names", strings.Join(it.Domains, ", "))
@@ -133,7 +133,7 @@ func (r *Report) Body() string {
 		row("deploy", it.Deploy)
 		row("verify", it.Verify)
 		if !it.NextAttempt.IsZero() {
-			row("next attempt", it.NextAttempt.UTC().Format(time.RFC3339))
+			row("next try", it.NextAttempt.UTC().Format(time.RFC3339))
 		}
 		row("error", it.Error)
 		row("hint", it.Hint)
