@@ -2,9 +2,9 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 
@@ -213,19 +213,15 @@ func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint
 
 // removeCronIfLast removes the cron entry with the last lineage.
 func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) error {
-	left, _ := h.catalog.Names(ctx)
-	if o.CronFile == "" {
-		o.CronFile = schedule.CronFileFor("/etc/cron.d", a.global.Dir)
+	if left, _ := h.catalog.Names(ctx); len(left) > 0 {
+		return nil
 	}
-	if len(left) == 0 {
-		if _, err := os.Stat(o.CronFile); err == nil {
-			if err := schedule.RemoveFile(o.CronFile); err != nil {
-				return err
-			}
-			a.printf("last lineage deleted: removed %s\n", o.CronFile)
-		}
+	file := cmp.Or(o.CronFile, schedule.CronFileFor("/etc/cron.d", a.global.Dir))
+	removed, err := schedule.RemoveFile(file)
+	if removed {
+		a.printf("last lineage deleted: removed %s\n", file)
 	}
-	return nil
+	return err
 }
 
 // revokedFor is the reason a delete revoked with, or "".

@@ -195,30 +195,10 @@ a node that was stolen, say), and change the Redis password too.`,
 }
 
 // withRedis runs f with the fleet's Redis and this node's state
-// directory, under the state directory's short write lock: a fleet
-// command changes only this node's fleet records, and must not wait for
-// (or fail on) a long run of this node, which holds the long lock.
+// directory, under the short write lock (fleet.Settings.Locked).
 func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) error) error {
 	st := store.New(a.global.Dir)
-	sh, err := a.fleetOpts.Dial(ctx, a.redisPassword())
-	if err != nil {
-		return err
-	}
-	defer sh.Close()
-	wctx, cancel := context.WithTimeout(ctx, max(a.fleetWait, time.Second))
-	defer cancel()
-	l, err := st.WriteLock(wctx)
-	if errors.Is(err, store.ErrLocked) {
-		return fmt.Errorf("%w; waited %s", err, a.fleetWait)
-	}
-	if err != nil {
-		return store.DirError(err)
-	}
-	defer l.Unlock()
-	if err := f(sh, st); err != nil {
-		return err
-	}
-	return nil
+	return a.fleetOpts.Locked(ctx, a.redisPassword(), st, a.fleetWait, func(sh *rdb.Shared) error { return f(sh, st) })
 }
 
 // readMember runs f with this node's open fleet and no lock: what only

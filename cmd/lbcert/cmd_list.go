@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -62,7 +61,7 @@ func (a *app) newShowCmd() *cobra.Command {
 			}
 			e.Nodes = served[e.Name]
 			if o.JSON {
-				return writeJSON(a, e)
+				return a.printJSON(e)
 			}
 			inventory.Show(a.out, e, a.clock())
 			return nil
@@ -110,7 +109,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		entries = append(entries, *e)
 	}
 	if o.JSON {
-		return writeJSON(a, inventory.List{Version: engine.SchemaVersion, Lineages: entries})
+		return a.printJSON(inventory.List{Version: engine.SchemaVersion, Lineages: entries})
 	}
 	if len(entries) == 0 {
 		a.say.say("", "no certificates in %s", h.where)
@@ -132,12 +131,6 @@ func (a *app) listEntry(ctx context.Context, h *host, src *inventory.Source, nam
 		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 	}
 	return e, err
-}
-
-func writeJSON(a *app, v any) error {
-	enc := json.NewEncoder(a.out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
 }
 
 // clock is how list and show say times: relative on a terminal, RFC 3339

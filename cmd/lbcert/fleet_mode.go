@@ -12,7 +12,6 @@ import (
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/hint"
-	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -106,15 +105,10 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			b := pace.OpenShared(fleet.PaceStore{Shared: f.Shared}, l, a.now)
 			return &fleet.Budget{Pace: b, N: f.Node, Cap: a.fleetOpts.LedgerCap, Now: a.now}, b, nil
 		},
-		tokens: func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.Node} },
-		prepare: func(ctx context.Context) error {
-			if err := f.Node.PublishSpool(ctx); err != nil {
-				return err
-			}
-			return nil
-		},
+		tokens:      func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.Node} },
+		prepare:     f.Node.PublishSpool,
 		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.Node) },
-		served:      func(ctx context.Context) (map[string][]inventory.Serves, error) { return f.Node.ServingByLineage(ctx) },
+		served:      f.Node.ServingByLineage,
 		failedNames: func() ([]string, error) { return nil, nil },
 		close:       f.Close,
 	}, nil

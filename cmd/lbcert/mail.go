@@ -67,25 +67,9 @@ settings, so you can check them before relying on them. Exits non-zero,
 with the server's reply, when the mail cannot be sent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(a.mail.To) == 0 {
-				return fmt.Errorf("mail-test: no recipient: pass --mail-to ADDR")
-			}
-			set, err := a.mail.Settings(a.getenv("LBCERT_SMTP_PASSWORD"))
-			if err != nil {
-				return err
-			}
-			rep := &notify.Report{Host: notify.ShortHostname(), Command: "mail-test", Time: a.now(), Items: []notify.Item{{
-				Name: "test", Outcome: "test", Error: "", Hint: "this is a test report from 'lbcert mail-test'; nothing was issued",
-			}}}
-			sender := &notify.Sender{Settings: set, Now: a.now}
-			sender.Settings.Tries = 1
-			for _, env := range notify.Group(rep, a.mail.To, notify.Relay{}) {
-				if err := sender.Send(cmd.Context(), env); err != nil {
-					return err
-				}
-				a.printf("test report sent to %s through %s:%d\n", env.To, set.Host, set.Port)
-			}
-			return nil
+			return a.mail.Test(cmd.Context(), a.getenv("LBCERT_SMTP_PASSWORD"), a.now(), func(to, relay string) {
+				a.printf("test report sent to %s through %s\n", to, relay)
+			})
 		},
 	}
 }

@@ -151,11 +151,11 @@ func checkDays(days int) error {
 	return nil
 }
 
-// printJSON writes the run report in the one versioned schema.
-func (a *app) printJSON(v any) {
+// printJSON writes v, a report in one of the versioned schemas.
+func (a *app) printJSON(v any) error {
 	enc := json.NewEncoder(a.out)
 	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	return enc.Encode(v)
 }
 
 // account is the account settings as given, for package acme to check.

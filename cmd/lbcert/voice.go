@@ -31,13 +31,10 @@ func (p *printer) to(w io.Writer) {
 
 // say writes "lbcert: KIND: text", or "lbcert: text" for an empty kind.
 func (p *printer) say(kind, format string, args ...any) {
-	text := secret.Scrub(strings.Join(strings.Fields(fmt.Sprintf(format, args...)), " "))
 	if kind != "" {
-		text = kind + ": " + text
+		kind += ": "
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	io.WriteString(p.w, "lbcert: "+text+"\n")
+	p.line("lbcert: "+kind, format, args...)
 }
 
 func (p *printer) errorf(format string, args ...any)   { p.say("error", format, args...) }
@@ -47,14 +44,18 @@ func (p *printer) hintf(format string, args ...any)    { p.say("hint", format, a
 // at prints a problem at a line of a file the user gave, as compilers
 // do: "FILE:LINE: reason" (a line of 0 is the whole file).
 func (p *printer) at(file string, line int, format string, args ...any) {
-	where := file
 	if line > 0 {
-		where = fmt.Sprintf("%s:%d", file, line)
+		file = fmt.Sprintf("%s:%d", file, line)
 	}
+	p.line(file+": ", format, args...)
+}
+
+// line is the one writer: prefix, then the text on one line, scrubbed.
+func (p *printer) line(prefix, format string, args ...any) {
 	text := secret.Scrub(strings.Join(strings.Fields(fmt.Sprintf(format, args...)), " "))
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	io.WriteString(p.w, where+": "+text+"\n")
+	io.WriteString(p.w, prefix+text+"\n")
 }
 
 // errorWithHint prints err and, when it carries one, what to try next.

@@ -26,17 +26,24 @@ import (
 // the built binary or the code that makes it, so the README cannot drift
 // from what lbcert does.
 
-// readmeBlocks are the README's fenced blocks by language.
-func readmeBlocks(t *testing.T) (root string, blocks map[string][]string) {
+// readREADME is the module's root and its README.
+func readREADME(t *testing.T) (root string, readme []byte) {
 	t.Helper()
 	root, err := testenv.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	readme, err := os.ReadFile(filepath.Join(root, "README.md"))
+	readme, err = os.ReadFile(filepath.Join(root, "README.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return root, readme
+}
+
+// readmeBlocks are the README's fenced blocks by language.
+func readmeBlocks(t *testing.T) (root string, blocks map[string][]string) {
+	t.Helper()
+	root, readme := readREADME(t)
 	blocks = map[string][]string{}
 	fence := regexp.MustCompile("(?m)^```(.*)$")
 	marks := fence.FindAllStringSubmatchIndex(string(readme), -1)

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -175,4 +176,27 @@ func (s Settings) Args(abs func(string) string) []string {
 		args = append(args, "--lease-ttl", s.LeaseTTL.String())
 	}
 	return args
+}
+
+// Locked runs f with the fleet's Redis, under st's short write lock,
+// waited for up to wait: a fleet command (init, join, approve, remove)
+// changes only this node's fleet records, and must not wait for, or
+// fail on, a long run of this node, which holds the long lock.
+func (s Settings) Locked(ctx context.Context, password string, st *store.Store, wait time.Duration, f func(*rdb.Shared) error) error {
+	sh, err := s.Dial(ctx, password)
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	wctx, cancel := context.WithTimeout(ctx, max(wait, time.Second))
+	defer cancel()
+	l, err := st.WriteLock(wctx)
+	if errors.Is(err, store.ErrLocked) {
+		return fmt.Errorf("%w; waited %s", err, wait)
+	}
+	if err != nil {
+		return store.DirError(err)
+	}
+	defer l.Unlock()
+	return f(sh)
 }

@@ -220,3 +220,27 @@ func (o Options) Saved(changed func(flag string) bool, prev *store.Mail) store.M
 	}
 	return out
 }
+
+// Test sends a test report to every recipient, one try each, and says
+// each one sent (lbcert mail-test); the error is the relay's reply.
+func (o Options) Test(ctx context.Context, password string, now time.Time, sent func(to, relay string)) error {
+	if len(o.To) == 0 {
+		return fmt.Errorf("mail-test: no recipient: pass --mail-to ADDR")
+	}
+	set, err := o.Settings(password)
+	if err != nil {
+		return err
+	}
+	set.Tries = 1
+	rep := &Report{Host: ShortHostname(), Command: "mail-test", Time: now, Items: []Item{{
+		Name: "test", Outcome: "test", Hint: "this is a test report from 'lbcert mail-test'; nothing was issued",
+	}}}
+	sender := &Sender{Settings: set, Now: func() time.Time { return now }}
+	for _, env := range Group(rep, o.To, Relay{}) {
+		if err := sender.Send(ctx, env); err != nil {
+			return err
+		}
+		sent(env.To, fmt.Sprintf("%s:%d", set.Host, set.Port))
+	}
+	return nil
+}

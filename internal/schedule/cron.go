@@ -115,7 +115,8 @@ var errNotInstalled = hint.Errorf("'lbcert cron install' adds one", "no lbcert c
 // nothing (the string is for the timer's message).
 func (c *Cron) Remove() (string, error) {
 	if !c.User {
-		return "", RemoveFile(c.file())
+		_, err := RemoveFile(c.file())
+		return "", err
 	}
 	existing, err := c.read()
 	if err != nil {
@@ -124,13 +125,17 @@ func (c *Cron) Remove() (string, error) {
 	return "", writeCrontab(strings.Join(c.others(existing), "\n") + "\n")
 }
 
-// RemoveFile removes a cron.d file, if there is one.
-func RemoveFile(path string) error {
-	err := os.Remove(path)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove %s: %w", path, unwrapPath(err))
+// RemoveFile removes a cron.d file, if there is one, and says whether
+// there was.
+func RemoveFile(path string) (removed bool, err error) {
+	err = os.Remove(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
 	}
-	return nil
+	if err != nil {
+		return false, fmt.Errorf("remove %s: %w", path, unwrapPath(err))
+	}
+	return true, nil
 }
 
 func (c *Cron) read() (string, error) {
