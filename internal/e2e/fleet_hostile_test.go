@@ -452,3 +452,35 @@ func TestFleetHostileStatusSeesWhatIsServed(t *testing.T) {
 			servesName(lb2.addr, name), name, converge, want, r.code, r.stdout)
 	}
 }
+
+// An agent's report of what its node serves is lost (a Sentinel
+// failover dropped the write: seen with two failovers during two nodes'
+// batches, where two nodes' reports of one lineage never reached the new
+// primary). The agent keeps what it reported in memory and re-sends a
+// lineage's report only when that changes, so the fleet never hears
+// again: 'fleet status' says the node is behind, its lag growing until
+// it exits 2, while its load balancer serves the newest version. Here
+// the lost write is one HDEL of the node's report.
+func TestFleetHostileLostServedReport(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, "lb1", "lb2")
+	lbs := f.haproxyPool()
+	const name = "lost.example.com"
+	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
+	if !f.checkServed(t, "lb1 issued", name, lbs) {
+		t.FailNow()
+	}
+	f.waitStatusOK(converge)
+	c := f.rdb()
+	err := c.HDel(context.Background(), "lbcert:served:lb2", name).Err()
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st fleetStatusJSON
+	var r result
+	if !poll(converge, func() bool { r, st = f.status("lb1", "--max-lag", "1s"); return r.code == 0 && !st.behindSaid("lb2") }) {
+		t.Errorf("lb2's HAProxy serves %q for %s (the fleet's %s), yet %s after its report was lost 'fleet status' still says lb2 is behind (exit %d):\n%s",
+			servesName(lbs["lb2"].addr, name), name, f.fleetSerial(name), converge, r.code, r.stdout)
+	}
+}
