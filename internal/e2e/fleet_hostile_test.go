@@ -484,3 +484,46 @@ func TestFleetHostileLostServedReport(t *testing.T) {
 			servesName(lbs["lb2"].addr, name), name, f.fleetSerial(name), converge, r.code, r.stdout)
 	}
 }
+
+// Redis is emptied (FLUSHALL, a new instance) after 'fleet remove lb3',
+// and the removed lb3 is the first node to notice: its cron's renew
+// (removal stops nothing on lb3) rebuilds the fleet from lb3's disk,
+// with the data key and member list lb3 knew before its removal, lb3
+// among the members. The README: "A process that never was a member
+// cannot create a fleet the members trust"; key custody; and an empty
+// Redis is rebuilt "whichever node rebuilds first". On main every
+// member then refuses every command and its agent syncs nothing
+// ("holds data key epoch 1 ..., older than this node's 2; refusing"),
+// for good: members rebuild only an empty Redis, and this one now holds
+// lb3's fleet.
+func TestFleetHostileRemovedNodeRebuilds(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, "lb1", "lb2", "lb3")
+	lbs := f.haproxyPool()
+	const name = "rr.example.com"
+	f.issuedEverywhere(name)
+	f.mustOn("lb1", "fleet", "remove", "lb3")
+	f.validateVia("lb1", "lb2")
+	// The members' agents are down when Redis loses its data (a restart
+	// of every host); lb3's cron runs first.
+	f.stopAgent("lb1")
+	f.stopAgent("lb2")
+	f.flushAll()
+	t.Logf("removed lb3's cron renew after the FLUSHALL: exit %d", f.on("lb3", "renew", "-q", "--no-random-sleep").code)
+	f.spawnAgent("lb1", lbs["lb1"].flags...)
+	f.spawnAgent("lb2", lbs["lb2"].flags...)
+	var r result
+	if !poll(converge, func() bool { r = f.on("lb1", "fleet", "status"); return r.code == 0 || r.code == 2 }) {
+		t.Errorf("%s after the members' agents started again, 'fleet status' on member lb1 still exits %d: %s", converge, r.code, strings.TrimSpace(r.stderr))
+	}
+	c := f.rdb()
+	if c.HExists(context.Background(), "lbcert:members", "lb3").Val() {
+		t.Errorf("removed lb3 is a member of the fleet again after it rebuilt an emptied Redis")
+	}
+	c.Close()
+	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep"); r.code != 0 {
+		t.Errorf("member lb2's renewal of %s after the rebuild: exit %d: %s", name, r.code, strings.TrimSpace(r.stderr))
+	} else if opened := f.opensName(f.outsiderOf(f.nodes["lb3"].dir), name); len(opened) > 0 {
+		t.Errorf("removed lb3 opens the key of %s renewed after its removal: %v", name, opened)
+	}
+}
