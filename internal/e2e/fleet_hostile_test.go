@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -525,5 +526,74 @@ func TestFleetHostileRemovedNodeRebuilds(t *testing.T) {
 		t.Errorf("member lb2's renewal of %s after the rebuild: exit %d: %s", name, r.code, strings.TrimSpace(r.stderr))
 	} else if opened := f.opensName(f.outsiderOf(f.nodes["lb3"].dir), name); len(opened) > 0 {
 		t.Errorf("removed lb3 opens the key of %s renewed after its removal: %v", name, opened)
+	}
+}
+
+// A load balancer that served its sites alone joins the fleet (the
+// README's way to grow a pool). Its --dir holds its own lineage of a name
+// the fleet also holds, with fewer names, renewed more often (a higher
+// version number) and issued later. Once approved, the new node adds
+// "the certificates it had before joining" as a rebuild would: unfenced,
+// and the version and notBefore rules let its certificate replace the
+// fleet's. On main every node then serves the joiner's certificate: the
+// fleet's other name (www) is served by no node at all, and the fleet's
+// lineage now lists one name. Nothing is said.
+func TestFleetHostileJoinKeepsTheFleetsNames(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, "lb1", "lb2")
+	const name, www = "jn.example.com", "www.jn.example.com"
+	// lb2 alone, before the fleet: its own lineage of name, issued twice,
+	// validated through its own listener (where its agent will listen).
+	alone := []string{"--dir", f.nodes["lb2"].dir, "issue", "-d", name, "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", f.nodes["lb2"].port), "--agree-tos", "--force"}
+	f.validateVia("lb2")
+	f.mustRun(alone...)
+	f.mustRun(alone...)
+	// The fleet of lb1 holds name with both names.
+	f.mustOn("lb1", "fleet", "init", "--node", "lb1")
+	lb1 := f.nodeHAProxy("lb1")
+	f.startAgent("lb1", lb1.flags...)
+	f.validateVia("lb1")
+	f.mustOn("lb1", "issue", "-d", name, "-d", www, "--agree-tos")
+	if !poll(converge, func() bool { return servesName(lb1.addr, www) != "" }) {
+		t.Fatalf("lb1 does not serve %s before the join", www)
+	}
+	// lb2's own certificate is renewed once more, after the fleet's.
+	f.validateVia("lb2")
+	f.mustRun(alone...)
+	r := f.mustOn("lb2", "fleet", "join", "--node", "lb2")
+	m := fingerprintRe.FindStringSubmatch(r.stdout)
+	if m == nil {
+		t.Fatalf("join printed no fingerprint:\n%s", r.stdout)
+	}
+	f.mustOn("lb1", "fleet", "approve", "lb2", "--fingerprint", m[1])
+	lb2 := f.nodeHAProxy("lb2")
+	f.startAgent("lb2", lb2.flags...)
+	f.validateVia("lb1", "lb2")
+	// lb2 has added what it held (on main it marks itself caught up with
+	// the fleet's Redis generation), and every node serves the fleet's
+	// newest version, whichever it is.
+	c := f.rdb()
+	poll(converge, func() bool {
+		gen := c.HGet(context.Background(), "lbcert:meta", "gen").Val()
+		return c.SIsMember(context.Background(), "lbcert:caughtup:"+gen, "lb2").Val()
+	})
+	c.Close()
+	lbs := map[string]nodeLB{"lb1": lb1, "lb2": lb2}
+	f.checkServed(t, "lb2 joined", name, lbs)
+	c = f.rdb()
+	meta := c.HGet(context.Background(), "lbcert:bundle:"+name, "meta").Val()
+	c.Close()
+	if !strings.Contains(meta, www) {
+		t.Errorf("after lb2 joined, the fleet's lineage %s no longer names %s: %s", name, www, meta)
+	}
+	for _, n := range []string{"lb1", "lb2"} {
+		lb := lbs[n]
+		if servesName(lb.addr, www) == "" {
+			var sans []string
+			if l := servedLeaf(lb.addr, name); l != nil {
+				sans = l.DNSNames
+			}
+			t.Errorf("after lb2 joined, %s's HAProxy serves no certificate for %s (the fleet's lineage %s had it; it serves %v for %s)", n, www, name, sans, name)
+		}
 	}
 }
