@@ -89,6 +89,19 @@ func (f *fleetEnv) issuedEverywhere(name string) {
 	}
 }
 
+// servedPair is a fleet of two nodes, each with its own HAProxy, that
+// both serve name, issued on lb1.
+func servedPair(t *testing.T, name string) (*fleetEnv, map[string]nodeLB) {
+	t.Helper()
+	f := newFleet(t, "lb1", "lb2")
+	lbs := f.haproxyPool()
+	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
+	if !f.checkServed(t, "lb1 issued", name, lbs) {
+		t.FailNow()
+	}
+	return f, lbs
+}
+
 // opensName lists the sealed keys of name in Redis that a removed
 // node's outsider view opens.
 func (f *fleetEnv) opensName(o *outsider, name string) []string {
@@ -316,11 +329,8 @@ func TestFleetHostileRolledBackRotation(t *testing.T) {
 // HAProxy serves the certificate until it expires, never renewed.
 func TestFleetHostileReissueSurvivesRebuild(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, "lb1", "lb2")
-	lbs := f.haproxyPool()
 	const name = "ri.example.com"
-	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
-	f.checkServed(t, "lb1 issued", name, lbs)
+	f, lbs := servedPair(t, name)
 	f.mustOn("lb1", "delete", "--name", name, "--yes")
 	f.stopAgent("lb1")
 	f.validateVia("lb2")
@@ -464,13 +474,8 @@ func TestFleetHostileStatusSeesWhatIsServed(t *testing.T) {
 // the lost write is one HDEL of the node's report.
 func TestFleetHostileLostServedReport(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, "lb1", "lb2")
-	lbs := f.haproxyPool()
 	const name = "lost.example.com"
-	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
-	if !f.checkServed(t, "lb1 issued", name, lbs) {
-		t.FailNow()
-	}
+	f, lbs := servedPair(t, name)
 	f.waitStatusOK(converge)
 	c := f.rdb()
 	err := c.HDel(context.Background(), "lbcert:served:lb2", name).Err()
