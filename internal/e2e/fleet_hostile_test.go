@@ -464,14 +464,17 @@ func TestFleetHostileStatusSeesWhatIsServed(t *testing.T) {
 	}
 }
 
-// An agent's report of what its node serves is lost (a Sentinel
-// failover dropped the write: seen with two failovers during two nodes'
-// batches, where two nodes' reports of one lineage never reached the new
-// primary). The agent keeps what it reported in memory and re-sends a
-// lineage's report only when that changes, so the fleet never hears
-// again: 'fleet status' says the node is behind, its lag growing until
-// it exits 2, while its load balancer serves the newest version. Here
-// the lost write is one HDEL of the node's report.
+// An agent's report of what its node serves is lost: a Sentinel
+// failover dropped the write (seen with two failovers during two nodes'
+// batches), or Redis held writes past the report's 10 s deadline
+// ('renew --force' on lb1, then at once 'CLIENT PAUSE 15000 WRITE': the
+// other agents log "could not report to the fleet what this node serves;
+// the next reconcile does"). The agent keeps what it reported in memory,
+// marked before the write, and re-sends a lineage's report only when
+// that changes, so no reconcile ever does: 'fleet status' says the node
+// is behind, its lag growing until it exits 2, while its load balancer
+// serves the newest version. Here the lost write is one HDEL of the
+// node's report.
 func TestFleetHostileLostServedReport(t *testing.T) {
 	t.Parallel()
 	const name = "lost.example.com"
