@@ -149,7 +149,7 @@ func TestFleetHostileConcurrentRemoves(t *testing.T) {
 			t.Errorf("after the two removals, 'fleet status' on member %s exits %d: %s", n, r.code, strings.TrimSpace(r.stderr))
 		}
 	}
-	if r := f.on("lb1", "renew", "--force", "--name", name, "--no-random-sleep"); r.code != 0 {
+	if r := f.on("lb1", "renew", "--force", "--name", name, "--no-random-sleep", "--agree-tos"); r.code != 0 {
 		t.Errorf("after the two removals, lb1's renewal of %s exits %d: %s", name, r.code, strings.TrimSpace(r.stderr))
 	} else {
 		f.checkServed(t, "lb1 renewed after the removals", name, map[string]nodeLB{"lb1": lbs["lb1"], "lb2": lbs["lb2"]})
@@ -291,7 +291,7 @@ func TestFleetHostileRolledBackRotation(t *testing.T) {
 	// reboot), and lb3's cron renews, as it did before the removal.
 	f.stopAgent("lb3")
 	f.spawnAgent("lb3", lbs["lb3"].flags...)
-	if r := f.on("lb3", "renew", "--force", "--name", name, "--no-random-sleep"); r.code == 0 {
+	if r := f.on("lb3", "renew", "--force", "--name", name, "--no-random-sleep", "--agree-tos"); r.code == 0 {
 		if _, s := f.head(name); s != before {
 			t.Errorf("removed lb3 renewed %s after the restart and the fleet took its certificate %s", name, s)
 			for _, n := range []string{"lb1", "lb2"} {
@@ -303,7 +303,7 @@ func TestFleetHostileRolledBackRotation(t *testing.T) {
 	}
 	// A member's renewal after the fault succeeds, is served by the
 	// members, and the removed node cannot open it.
-	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep"); r.code != 0 {
+	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep", "--agree-tos"); r.code != 0 {
 		t.Errorf("member lb2's renewal of %s after Redis came back from an older snapshot: exit %d: %s", name, r.code, strings.TrimSpace(r.stderr))
 	}
 	if _, s := f.head(name); s != before {
@@ -530,7 +530,7 @@ func TestFleetHostileRemovedNodeRebuilds(t *testing.T) {
 		t.Errorf("removed lb3 is a member of the fleet again after it rebuilt an emptied Redis")
 	}
 	c.Close()
-	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep"); r.code != 0 {
+	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep", "--agree-tos"); r.code != 0 {
 		t.Errorf("member lb2's renewal of %s after the rebuild: exit %d: %s", name, r.code, strings.TrimSpace(r.stderr))
 	} else if opened := f.opensName(f.outsiderOf(f.nodes["lb3"].dir), name); len(opened) > 0 {
 		t.Errorf("removed lb3 opens the key of %s renewed after its removal: %v", name, opened)
