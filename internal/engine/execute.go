@@ -220,6 +220,13 @@ func (r *run) install(s *step) {
 			}
 			return f, err
 		})
+		if err == nil && w == nil {
+			if it.Outcome == "" {
+				it.Outcome, it.Reason = NotDue, "deployed by another process of this node"
+			}
+			it.Serial, it.NotAfter, it.Version = l.Cert.Serial, timePtr(l.Cert.NotAfter), l.Version
+			return
+		}
 		if err == nil {
 			if it.Outcome == "" {
 				it.Outcome = Deployed
@@ -362,6 +369,10 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	if err != nil {
 		r.fail(s, err, false)
 		it.Outcome = outcome // obtained and in the catalog: only this node's copy failed
+		return
+	}
+	if w == nil {
+		it.Deploy = "ok" // this node's agent deployed it already, with the same settings
 		return
 	}
 	r.owe(s, w)

@@ -52,8 +52,8 @@ func (s Settings) Dial(ctx context.Context, password string) (*rdb.Shared, error
 	if s.LedgerCap < 1 || s.LedgerCap > 4 {
 		return nil, fmt.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", s.LedgerCap)
 	}
-	if s.LeaseTTL < time.Second {
-		return nil, fmt.Errorf("--lease-ttl %s: want at least 1s", s.LeaseTTL)
+	if s.LeaseTTL < time.Second || s.LeaseTTL > 24*time.Hour {
+		return nil, fmt.Errorf("--lease-ttl %s: want 1s to 24h (a node that stalls keeps a name this long before another may order it)", s.LeaseTTL)
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

@@ -219,7 +219,7 @@ func (s *Store) MarkLost(name string, v int) error {
 	return WriteFile(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v), lostMark), nil, 0o600)
 }
 
-func (s *Store) isLost(name string, v int) bool {
+func (s *Store) IsLost(name string, v int) bool {
 	_, err := os.Stat(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v), lostMark))
 	return err == nil
 }

@@ -590,7 +590,7 @@ func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
 	}
 	var removed []int
 	for i, v := range versions {
-		lost := s.isLost(name, v)
+		lost := s.IsLost(name, v)
 		if (len(versions)-i <= keep && !lost) || keepSet[v] {
 			continue
 		}

@@ -98,6 +98,12 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	if _, set := u.User.Password(); set {
 		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
 	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		// go-redis would read some options from a query; lbcert reads
+		// none, and a password put there must neither be used from argv
+		// nor printed back.
+		return nil, fmt.Errorf("--redis %q: the URL has a query or fragment, which lbcert does not read; remove it (a password goes in LBCERT_REDIS_PASSWORD or --redis-password-file, never in the URL)", redact(o.URL))
+	}
 	tlsConf, err := tlsFor(u.Scheme, o)
 	if err != nil {
 		return nil, err
@@ -192,7 +198,7 @@ func tlsFor(scheme string, o Options) (*tls.Config, error) {
 // dbOf reads "/0" (or "/master/0" for Sentinel): the database number and
 // the master name.
 func dbOf(path string, sentinel bool) (db int, master string, err error) {
-	parts := strings.Split(strings.Trim(path, "/"), "/")
+	parts := strings.Split(strings.TrimSuffix(strings.TrimPrefix(path, "/"), "/"), "/")
 	if len(parts) == 1 && parts[0] == "" {
 		parts = nil
 	}
@@ -201,6 +207,9 @@ func dbOf(path string, sentinel bool) (db int, master string, err error) {
 			return 0, "", nil
 		}
 		master, parts = parts[0], parts[1:]
+		if master == "" {
+			return 0, "", fmt.Errorf("the master name is empty: want redis-sentinel://HOST:PORT/MASTER[/DB]")
+		}
 	}
 	switch len(parts) {
 	case 0:
@@ -220,13 +229,19 @@ func dbOf(path string, sentinel bool) (db int, master string, err error) {
 // before the host goes.
 func redact(raw string) string {
 	u, err := url.Parse(raw)
+	if err == nil {
+		// Nothing after the path is kept: a query may hold a password.
+		u.RawQuery, u.Fragment, u.RawFragment, u.ForceQuery = "", "", "", false
+	}
 	if err == nil && u.User == nil && (u.Host != "" || !strings.Contains(raw, "@")) {
-		return raw
+		return u.String()
 	}
 	if err == nil && u.User != nil {
 		u.User = url.User(u.User.Username())
 		return u.String()
 	}
+	raw, _, _ = strings.Cut(raw, "?")
+	raw, _, _ = strings.Cut(raw, "#")
 	scheme, rest, ok := strings.Cut(raw, "://")
 	if !ok {
 		scheme, rest = "", raw
