@@ -135,7 +135,9 @@ func TestFleetHostileConcurrentRemoves(t *testing.T) {
 	release := f.holdWrites()
 	rm3 := f.bg("lb1", "fleet", "remove", "lb3")
 	rm4 := f.bg("lb2", "fleet", "remove", "lb4")
-	release(2, "hdel")
+	// Their first write is the fleet's membership lock (set NX) now, or
+	// the removed member's HDEL before there was one.
+	release(2, "hdel", "set")
 	r3 := rm3.wait(t, "lb1: fleet remove lb3", 2*time.Minute)
 	r4 := rm4.wait(t, "lb2: fleet remove lb4", 2*time.Minute)
 	removed := map[string]bool{"lb3": r3.code == 0, "lb4": r4.code == 0}
@@ -198,7 +200,7 @@ func TestFleetHostileApproveDuringRemove(t *testing.T) {
 	release := f.holdWrites()
 	rm := f.bg("lb1", "fleet", "remove", "lb3")
 	ap := f.bg("lb2", "fleet", "approve", "lb4", "--fingerprint", m[1])
-	release(2, "hdel", "hset")
+	release(2, "hdel", "hset", "set")
 	rmr := rm.wait(t, "lb1: fleet remove lb3", 2*time.Minute)
 	apr := ap.wait(t, "lb2: fleet approve lb4", 2*time.Minute)
 	if rmr.code != 0 {
