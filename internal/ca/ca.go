@@ -213,6 +213,7 @@ func knownNames() []string {
 type Set struct {
 	Fallbacks []CA
 	breakers  *Breakers
+	getenv    func(string) string // where the fallbacks' HMAC keys may be
 }
 
 // Breakers are the set's breakers; nil (every method a no-op) for a

@@ -59,6 +59,9 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			return attempt{got: got, answered: true}
 		}
 		if ctx.Err() != nil {
+			// Stopped before a certificate came back: its tokens go
+			// back, as a refused order's do (issue #26 item 19).
+			r.refund(key, r.paceOrder(s, o), reserved)
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
@@ -99,7 +102,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		}
 		why, down := caFault(err)
 		if down && more {
-			if !notTheNamesFault(err) {
+			if !notTheNamesFault(err) && !acme.Refused(err) { // else refunded above
 				r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
 			}
 			return attempt{next: why, broken: true, why: why}
@@ -271,8 +274,10 @@ func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.Ra
 	e := r.e
 	wait, limited := acme.RateLimited(err)
 	budget := e.Budget != nil && !e.Opts.DryRun
-	if limited || acme.FailedValidation(err) {
-		r.refund(k, o, true) // refused or failed before issuance: no certificate to count
+	if limited || acme.FailedValidation(err) || acme.Refused(err) {
+		// Refused or failed before issuance (a rejectedIdentifier, say):
+		// no certificate to count.
+		r.refund(k, o, true)
 	}
 	if !limited {
 		if budget && acme.FailedValidation(err) {

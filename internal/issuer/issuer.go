@@ -23,6 +23,7 @@ import (
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -40,11 +41,13 @@ type Issuer struct {
 	// binds no listener and writes no webroot of its own.
 	Fleet legochallenge.Provider
 	// CABundle and UserAgent are what asking a CA's renewal information
-	// needs: no account, so Account is not called for it. BundleFor,
-	// when set, gives the bundle of each CA by its directory URL (a
-	// fallback has its own).
+	// needs: no account, so Account is not called for it.
 	CABundle, UserAgent string
-	BundleFor           func(server string) string
+	// CAs, when set, are the fallback CAs: an order or a question at a
+	// fallback's directory uses its own account and CA bundle, and every
+	// client gives up the orders in flight once its CA stops answering,
+	// for the next CA to take them.
+	CAs *ca.Set
 	// Gates, when set, pace the new orders of each account: every
 	// client this issuer makes sends its new orders through its
 	// account's gate.
@@ -111,7 +114,7 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 	if co.done || time.Since(co.down) < clientRetry {
 		return co.c, co.err
 	}
-	o, err := is.Account(server, email)
+	o, err := is.account(server, email)
 	if err == nil {
 		is.mu.Lock()
 		o.AgreeTOS = o.AgreeTOS || is.reRegister[key]
@@ -135,6 +138,18 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 	}
 	co.err, co.done = err, true
 	return co.c, co.err
+}
+
+// account is the options for (server, email): Account's, or a
+// fallback's own on top of them.
+func (is *Issuer) account(server, email string) (acme.Options, error) {
+	o, err := is.Account(server, email)
+	if err != nil {
+		return o, err
+	}
+	o, _, err = is.CAs.Account(o, server)
+	o.FailFast = o.FailFast || is.CAs.Len() > 1 // another CA can take what this one drops
+	return o, err
 }
 
 // AccountError is a failure to set up the account itself (settings, a
@@ -334,10 +349,7 @@ func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.Rene
 	}
 	is.mu.Unlock()
 	// The directory is read once per server and run, as for orders.
-	bundle := is.CABundle
-	if is.BundleFor != nil {
-		bundle = is.BundleFor(l.Server)
-	}
+	bundle := is.CAs.Bundle(l.Server, is.CABundle)
 	ao.once.Do(func() { ao.a, ao.err = acme.NewARI(ctx, l.Server, bundle, is.UserAgent) })
 	if ao.err != nil {
 		return nil, ao.err
@@ -353,9 +365,12 @@ func withChallengeHint(err error, l store.Lineage) error {
 		return err
 	}
 	names := strings.Join(l.Domains, ", ")
-	if l.Challenge.Mode == "webroot" {
+	switch l.Challenge.Mode {
+	case "webroot":
 		e.Text = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", l.Challenge.Webroot, names)
-	} else {
+	case "fleet":
+		e.Text = fmt.Sprintf("does port 80 for %s reach the fleet's nodes, and does each send /.well-known/acme-challenge/ to its 'lbcert agent' (an HAProxy ACL, an nginx proxy_pass)? A node taken out of the fleet answers no token: take it out of the pool too", names)
+	default:
 		e.Text = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", names, l.Challenge.HTTPAddr)
 	}
 	return err
@@ -376,4 +391,14 @@ func (g gate) Acquire(ctx context.Context) (func(acme.OrderAnswer), error) {
 		}
 		done(&pace.Answer{Limited: a.Limited, RetryAfter: a.RetryAfter, Detail: a.Detail})
 	}, nil
+}
+
+// Revoke revokes l's current certificate (its PEM in cert) at l's CA,
+// with the account l was issued under.
+func (is *Issuer) Revoke(ctx context.Context, l *store.Lineage, cert []byte, reason uint) error {
+	client, err := is.Client(ctx, l.Server, l.Email)
+	if err != nil {
+		return err
+	}
+	return client.Revoke(cert, reason)
 }
