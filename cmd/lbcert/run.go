@@ -135,7 +135,8 @@ func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
 	}
 }
 
-// sayUnreachable prints the one line for a CA that stopped answering, and warns of fallbacks used.
+// sayUnreachable prints the one line for a CA that stopped answering,
+// after the warnings about fallback CAs (Result.FallbackWarnings).
 func (a *app) sayUnreachable(res *engine.Result) {
 	for _, w := range res.FallbackWarnings() {
 		a.say.warningf("%s", w)
