@@ -144,6 +144,16 @@ func TestFleetHostileConcurrentRemoves(t *testing.T) {
 	if !removed["lb3"] && !removed["lb4"] {
 		t.Fatalf("neither removal succeeded:\n%s\n%s", r3.stderr, r4.stderr)
 	}
+	// The operator takes the removed nodes out of the pool the CA
+	// validates through, as the README says (a removed node's agent
+	// answers no token).
+	pool := []string{"lb1", "lb2"}
+	for _, n := range []string{"lb3", "lb4"} {
+		if !removed[n] {
+			pool = append(pool, n)
+		}
+	}
+	f.validateVia(pool...)
 	// The members that remain keep working: their commands open the
 	// fleet, and a renewal from either is served by both.
 	for _, n := range []string{"lb1", "lb2"} {

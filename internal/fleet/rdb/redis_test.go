@@ -266,7 +266,13 @@ func TestUnreachableRedisIsUnavailable(t *testing.T) {
 
 // A Redis Cluster node is refused at once, saying why and what to use.
 func TestClusterIsRefused(t *testing.T) {
-	r, err := testenv.StartRedisConf(t.TempDir(), "cluster-enabled yes\n")
+	// The cluster bus listens on the port plus 10,000 unless told
+	// otherwise, and that port may be another test's: name a free one.
+	bus, err := testenv.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := testenv.StartRedisConf(t.TempDir(), "cluster-enabled yes\ncluster-port "+itoa(int64(bus))+"\n")
 	if err != nil {
 		t.Fatal(err)
 	}
