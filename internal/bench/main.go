@@ -49,7 +49,10 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
+	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
+	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
+	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -72,6 +75,15 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchIssue(*issueN, *conc, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "certmagic") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		var sweep []int
+		if sweep, err = sizes("-sweep", *sweepList); err == nil {
+			err = benchCertmagic(*peerN, sweep, *traceRuns, b, w)
+		}
 	}
 	if err == nil && (*only == "all" || *only == "renew-due") {
 		w, _ := filepath.Abs(*work)
@@ -114,17 +126,9 @@ func main() {
 	if err == nil && (*only == "all" || *only == "nginx-include") {
 		w, _ := filepath.Abs(*work)
 		os.MkdirAll(w, 0o755)
-		var sizes []int
-		for _, f := range strings.Split(*includeN, ",") {
-			n, perr := strconv.Atoi(strings.TrimSpace(f))
-			if perr != nil || n < 1 {
-				err = fmt.Errorf("-nginx-include-n %q: want sizes like 1000,10000", *includeN)
-				break
-			}
-			sizes = append(sizes, n)
-		}
-		if err == nil {
-			err = benchNginxInclude(sizes, w)
+		var ns []int
+		if ns, err = sizes("-nginx-include-n", *includeN); err == nil {
+			err = benchNginxInclude(ns, w)
 		}
 	}
 	if err == nil && (*only == "all" || *only == "fleet") {
@@ -137,6 +141,22 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// sizes reads a comma-separated list of positive counts.
+func sizes(flagName, list string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(list, ",") {
+		if strings.TrimSpace(f) == "" {
+			continue
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%s %q: want counts like 1000,10000", flagName, list)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 type result struct {

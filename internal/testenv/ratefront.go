@@ -3,7 +3,6 @@ package testenv
 import (
 	"bytes"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -14,8 +13,6 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -110,21 +107,10 @@ type frontBucket struct {
 // StartRateFront starts a front for p with limits, its clock running
 // speed times the wall clock (1 for real time).
 func StartRateFront(p *Pebble, limits FrontLimits, speed float64) (*RateFront, error) {
-	root, err := ModuleRoot()
+	cert, pool, err := FrontTLS(p)
 	if err != nil {
 		return nil, err
 	}
-	certs := filepath.Join(root, "testdata", "pebble")
-	cert, err := tls.LoadX509KeyPair(filepath.Join(certs, "cert.pem"), filepath.Join(certs, "key.pem"))
-	if err != nil {
-		return nil, err
-	}
-	caPEM, err := os.ReadFile(p.CABundle)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
 	target, err := url.Parse(p.DirectoryURL)
 	if err != nil {
 		return nil, err
