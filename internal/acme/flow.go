@@ -49,7 +49,10 @@ const (
 // fetchSettle is how long after lbcert's responder has served the token
 // the first poll comes: the CA checks what it fetched and records the
 // result in that time. Too early a poll finds the challenge processing,
-// and then the CA's Retry-After (1 s at Pebble) is the wait.
+// and then the CA's Retry-After (1 s at Pebble) is the wait. Measured
+// over batches of 200 against Pebble on a loaded 2-core machine
+// (authorization requests per order, 2 when the first poll finds it
+// valid): 0 ms 2.35, 10 ms 2.03, 25 ms 2.00 to 2.10, 50 ms 2.00 to 2.01.
 var fetchSettle = 50 * time.Millisecond
 
 // fetchWatcher is a challenge provider that can tell when the CA has
