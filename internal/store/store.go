@@ -202,16 +202,18 @@ func (s *Store) LoadVersion(name string, version int) (*Lineage, error) {
 }
 
 func (s *Store) readMeta(name, path string) (*Lineage, error) {
-	data, err := os.ReadFile(path)
+	var l Lineage
+	err := readSmall(path, func(data []byte) error {
+		if err := json.Unmarshal(data, &l); err != nil {
+			return fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
+		}
+		return nil
+	})
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
 	if err != nil {
 		return nil, err
-	}
-	var l Lineage
-	if err := json.Unmarshal(data, &l); err != nil {
-		return nil, fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
 	}
 	if l.Format > FormatVersion {
 		return nil, fmt.Errorf("lineage %q: written by a newer lbcert (format %d)", name, l.Format)
@@ -535,7 +537,7 @@ func (s *Store) Rollback(name string, previous int) error {
 
 // Versions lists the archived versions of lineage name, oldest first.
 func (s *Store) versions(name string) ([]int, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "archive", name))
+	dirs, err := readDirs(filepath.Join(s.Dir, "archive", name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -543,8 +545,8 @@ func (s *Store) versions(name string) ([]int, error) {
 		return nil, err
 	}
 	var out []int
-	for _, e := range entries {
-		if n, err := strconv.Atoi(e.Name()); err == nil && e.IsDir() && n > 0 {
+	for _, d := range dirs {
+		if n, err := strconv.Atoi(d); err == nil && n > 0 {
 			out = append(out, n)
 		}
 	}
