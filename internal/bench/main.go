@@ -49,12 +49,13 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, million, fleet or all")
 	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
 	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
 	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
+	millionN := flag.Int("million-n", 1000000, "lineages in the million-lineage benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
 	paceC := flag.Int("pace-concurrency", 8, "lbcert batch --concurrency in the pacing benchmark")
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
@@ -117,6 +118,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchScale(*shortN, *bigN, *runs, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "million") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchMillion(*millionN, *runs, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "deploy") {
 		w, _ := filepath.Abs(*work)
