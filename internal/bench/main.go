@@ -427,19 +427,25 @@ func parallel(n int, f func(i int) error) error {
 func genLbcert(dir string, n int, c *ca) error {
 	st := store.New(dir)
 	return parallel(n, func(i int) error {
-		name := domain(i)
-		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+2))
-		if err != nil {
-			return err
-		}
-		l := &store.Lineage{
-			Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
-			Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
-			Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
-		}
-		_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
+		_, err := saveLineage(st, domain(i), int64(i+2), c)
 		return err
 	})
+}
+
+// saveLineage writes lineage name, one version with a certificate of
+// serial from c, through the store, as issue would.
+func saveLineage(st *store.Store, name string, serial int64, c *ca) (*store.Lineage, error) {
+	certPEM, keyPEM, cert, err := c.leaf(name, serial)
+	if err != nil {
+		return nil, err
+	}
+	l := &store.Lineage{
+		Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
+		Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
+		Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
+	}
+	_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
+	return l, err
 }
 
 // genCertbot writes n lineages in certbot's layout: renewal/<name>.conf,

@@ -80,16 +80,8 @@ func genLineagesFast(dir string, n int, c *ca) error {
 	ts := make([]tmpl, templates)
 	for i := range ts {
 		name := fmt.Sprintf("template%02d.bench.example", i)
-		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+2))
+		l, err := saveLineage(st, name, int64(i+2), c)
 		if err != nil {
-			return err
-		}
-		l := &store.Lineage{
-			Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
-			Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
-			Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
-		}
-		if _, _, err := st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM}); err != nil {
 			return err
 		}
 		ts[i] = tmpl{l: l, dir: filepath.Join(dir, "archive", name, "1")}
