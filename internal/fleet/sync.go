@@ -287,12 +287,14 @@ func WriteLock(st *store.Store) func(ctx context.Context) (func(), error) {
 // certificates in this node's copy of the ledger.
 func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 	m := make(map[string]Served, len(out))
+	var installed []*store.Lineage
 	for _, sv := range out {
 		m[sv.Name] = Served{Version: sv.Version, Serial: sv.Serial, Wanted: sv.Wanted, OK: sv.OK, Error: sv.Error, At: time.Now().UTC()}
 		if l, err := s.Local.LoadVersion(sv.Name, sv.Wanted); err == nil {
-			s.N.noteIssued(l)
+			installed = append(installed, l)
 		}
 	}
+	s.N.noteIssued(installed...)
 	if err := s.report(ctx, m); err != nil {
 		slog.Warn("could not report to the fleet what this node serves; the next reconcile does", "err", err)
 	}
