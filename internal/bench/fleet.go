@@ -218,6 +218,7 @@ func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
 	mon.Process.Kill()
 	mon.Wait()
 	during := monOut.String()[mark:]
+	os.WriteFile(filepath.Join(work, "monitor.txt"), []byte(during), 0o644) // what each order cost, command by command
 	calls := float64(clientCommands(during)) - float64(idle)/3*elapsed.Seconds()
 	scripted := strings.Count(during, " lua] ")
 	var lease int
