@@ -46,3 +46,38 @@ func TestLiveAgentsReused(t *testing.T) {
 		}()
 	}
 }
+
+// The workers of one process hold the short write lock together; another
+// holder of the lock file (another process: another open file) gets it
+// only once none of them holds it.
+func TestWriteLockShared(t *testing.T) {
+	st := store.New(t.TempDir())
+	lock := WriteLock(st)
+	ctx := context.Background()
+	u1, err1 := lock(ctx)
+	u2, err2 := lock(ctx) // a second worker: no wait
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	other := func() error {
+		ctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		l, err := st.WriteLock(ctx)
+		if err == nil {
+			l.Unlock()
+		}
+		return err
+	}
+	if other() == nil {
+		t.Fatal("another process took the lock while two workers held it")
+	}
+	u1()
+	u1() // twice: the same holder
+	if other() == nil {
+		t.Fatal("another process took the lock while a worker held it")
+	}
+	u2()
+	if err := other(); err != nil {
+		t.Fatalf("after both workers let go: %v", err)
+	}
+}

@@ -471,7 +471,7 @@ func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 			return 0, err
 		}
 	}
-	if err := syncDir(tmp); err != nil {
+	if err := durable(tmp); err != nil {
 		return 0, err
 	}
 	final := filepath.Join(archive, strconv.Itoa(version))
@@ -479,7 +479,7 @@ func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 		return 0, err
 	}
 	committed = true
-	if err := syncDir(archive); err != nil {
+	if err := durable(archive); err != nil {
 		return 0, err
 	}
 	if err := s.step("archive"); err != nil {
@@ -511,7 +511,7 @@ func (s *Store) Deactivate(name string) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(filepath.Join(s.Dir, "live"))
+	return durable(filepath.Join(s.Dir, "live"))
 }
 
 // Delete removes lineage name: first live/<name>, so it is gone for
@@ -601,7 +601,7 @@ func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
 		removed = append(removed, v)
 	}
 	if len(removed) > 0 {
-		if err := syncDir(s.ArchiveDir(name)); err != nil {
+		if err := durable(s.ArchiveDir(name)); err != nil {
 			return removed, err
 		}
 	}
