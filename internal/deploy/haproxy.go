@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -65,27 +67,36 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		}
 		return err
 	}
-	for _, i := range g.changes {
+	// The PEMs are written side by side: their durable writes then share
+	// the file system's syncs (a node joining a fleet writes thousands).
+	var mu sync.Mutex
+	write := func(i int) error {
 		c := changes[i]
 		p := PEMPath(d.HAProxyCerts, c.Name)
 		prev, err := os.ReadFile(p)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			r.rollback(g, changes, results, fmt.Errorf("read %s: %v", p, err), undo)
-			return
+			return fmt.Errorf("read %s: %v", p, err)
 		}
-		old[i] = prev
 		full, err1 := r.Store.ReadFullchain(c.Name)
 		key, err2 := r.Store.ReadKey(c.Name)
 		if err := errors.Join(err1, err2); err != nil {
-			r.rollback(g, changes, results, fmt.Errorf("read lineage %s: %v", c.Name, err), undo)
-			return
+			return fmt.Errorf("read lineage %s: %v", c.Name, err)
 		}
-		pems[i] = CombinedPEM(full, key)
-		if err := writePEM(p, pems[i], 0o600); err != nil {
-			r.rollback(g, changes, results, fmt.Errorf("write %s: %v", p, err), undo)
-			return
+		pem := CombinedPEM(full, key)
+		mu.Lock()
+		old[i], pems[i] = prev, pem
+		mu.Unlock()
+		if err := writePEM(p, pem, 0o600); err != nil {
+			return fmt.Errorf("write %s: %v", p, err)
 		}
+		mu.Lock()
 		written[i] = true
+		mu.Unlock()
+		return nil
+	}
+	if err := eachAtOnce(g.changes, pemWriters, write); err != nil {
+		r.rollback(g, changes, results, err, undo)
+		return
 	}
 	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	if err != nil {
@@ -121,6 +132,42 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 
 // writePEM writes a combined PEM; tests replace it to fail on cue.
 var writePEM = store.WriteFile
+
+// pemWriters is how many PEMs are written at once.
+const pemWriters = 16
+
+// eachAtOnce calls f for every index of idx, n at a time, and returns the
+// error of the first index (in idx's order) that failed; after a
+// failure it starts no more.
+func eachAtOnce(idx []int, n int, f func(i int) error) error {
+	errs := make([]error, len(idx))
+	var failed atomic.Bool
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(n, len(idx)) {
+		wg.Go(func() {
+			for k := range next {
+				if failed.Load() {
+					continue
+				}
+				if errs[k] = f(idx[k]); errs[k] != nil {
+					failed.Store(true)
+				}
+			}
+		})
+	}
+	for k := range idx {
+		next <- k
+	}
+	close(next)
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // hotUpdate replaces certificates HAProxy already has with set/commit ssl
 // cert, and adds new ones to the crt-list that holds the certificate
