@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/deploy"
@@ -103,6 +105,13 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 		return nil, err
 	}
 	defer unlock()
+	// Under the lock, again: another process of this node (a run, or the
+	// agent) may have installed the very version meanwhile, or be in the
+	// middle of deploying it. Deploying it twice would run every deploy
+	// hook twice.
+	if n.settled(l) {
+		return nil, nil
+	}
 	if have, err := n.Local.LoadVersion(l.Name, l.Version); err != nil || have.Cert.Serial != l.Cert.Serial {
 		f, err := files()
 		if err != nil {
@@ -118,7 +127,7 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	if p := j.Pending; p != nil && live == p.Version {
 		previous = p.Previous // a deploy a killed run left half-done
 	}
-	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC()}
+	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC(), PID: os.Getpid()}
 	if err := n.Local.SetJournal(l.Name, j); err != nil {
 		return nil, fmt.Errorf("journal %s version %d: %w", l.Name, l.Version, err)
 	}
@@ -126,6 +135,25 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 		return nil, fmt.Errorf("make %s version %d live: %w", l.Name, l.Version, err)
 	}
 	return &want{l: l, previous: previous, deploy: n.settings(l)}, nil
+}
+
+// settled reports whether this node needs nothing more for l: it is
+// deployed with this node's settings, or another live process of this
+// node journalled it and is deploying it now.
+func (n *Node) settled(l *store.Lineage) bool {
+	j, _ := n.Local.Journal(l.Name)
+	live, _ := n.Local.LiveVersion(l.Name)
+	if p := j.Pending; p != nil {
+		return p.Version == l.Version && p.PID != 0 && p.PID != os.Getpid() && alive(p.PID)
+	}
+	d := j.Deployed
+	return live == l.Version && d != nil && d.Version == l.Version && d.Serial == l.Cert.Serial && d.With == store.DeployDigest(n.settings(l))
+}
+
+// alive reports whether process pid runs (kill -9 leaves an entry whose
+// process is gone: that deploy is owed, not in progress).
+func alive(pid int) bool {
+	return syscall.Kill(pid, 0) == nil
 }
 
 // installed is what the deploy did to one want.
@@ -223,6 +251,7 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 		j.Pending = &store.Pending{Version: w.l.Version, Previous: w.previous, Since: time.Now().UTC()}
 	}
 	j.Pending.Error = msg
+	j.Pending.PID = 0 // owed, and nobody is at it: any process of the node may try again
 	if err := n.Local.SetJournal(name, j); err != nil {
 		slog.Warn("could not save the pending deploy", "name", name, "err", err)
 	}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"strings"
 	"time"
 
@@ -131,7 +132,7 @@ func (r *Result) Done() int {
 // follows the lifetime, so it is right for 90-, 45- and 6-day
 // certificates alike (a fixed 14 days would flag every 6-day one).
 func (r *Result) Report() *notify.Report {
-	out := &notify.Report{Command: r.Command, Time: r.Finished}
+	out := &notify.Report{Command: r.Command, Time: r.Finished, Interrupted: r.Interrupted}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
@@ -149,6 +150,9 @@ func (r *Result) Report() *notify.Report {
 		if it.NotAfter != nil {
 			ni.NewNotAfter = *it.NotAfter
 		}
+		if it.NextAttempt != nil {
+			ni.NextAttempt = *it.NextAttempt
+		}
 		switch it.Outcome {
 		case Issued, Renewed, Deployed:
 			ni.Outcome = string(it.Outcome)
@@ -162,9 +166,23 @@ func (r *Result) Report() *notify.Report {
 			out.Items = append(out.Items, ni)
 		case Deferred:
 			if r.Command == "batch" {
-				ni.Outcome = "failed" // a row asked for and not done is news
+				// A row asked for and not done yet is news, but not a
+				// failure: it goes at the time it says (issue #26 item 7).
+				ni.Outcome = "deferred"
 				out.Items = append(out.Items, ni)
 			}
+		case Invalid:
+			// Bad input is never sent to the CA: the file and line say
+			// which row to fix (issue #26 item 8).
+			ni.Outcome = "invalid"
+			if r.File != "" {
+				ni.Name = r.File
+				if it.Line > 0 {
+					ni.Name = fmt.Sprintf("%s:%d", r.File, it.Line)
+				}
+			}
+			out.Items = append(out.Items, ni)
+			continue
 		}
 		if it.warn {
 			ni.Outcome = "expiring"

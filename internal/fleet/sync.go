@@ -62,9 +62,7 @@ type Syncer struct {
 	// live one included (default 3), as --keep-versions for runs.
 	Keep int
 
-	mu       sync.Mutex
-	reported map[string]Served
-	swept    time.Time
+	swept time.Time
 }
 
 // Run syncs until ctx ends.
@@ -75,9 +73,6 @@ func (s *Syncer) Run(ctx context.Context) {
 	if s.Settle <= 0 {
 		s.Settle = 100 * time.Millisecond
 	}
-	s.mu.Lock()
-	s.reported = map[string]Served{}
-	s.mu.Unlock()
 	wait := time.Second
 	for ctx.Err() == nil {
 		if err := s.follow(ctx); err != nil && ctx.Err() == nil {
@@ -177,6 +172,13 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err := s.giveBack(rctx, heads); err != nil {
 		return err
 	}
+	// What Redis holds of this node's reports, not what this agent
+	// remembers sending: a report Redis lost (a failover, a pause, a
+	// restart from an older snapshot) is sent again.
+	said, err := s.N.Shared.Served(rctx, s.N.Name)
+	if err != nil {
+		return err
+	}
 	digest := store.DeployDigest(s.Deploy)
 	var todo []string
 	fine := map[string]Served{}
@@ -192,10 +194,8 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 			todo = append(todo, name)
 			continue
 		}
-		s.mu.Lock()
-		rep, ok := s.reported[name]
-		s.mu.Unlock()
-		if !ok || rep.Version != h.Version || rep.Serial != h.Serial || !rep.OK {
+		var rep Served
+		if json.Unmarshal([]byte(said[name]), &rep) != nil || rep.Version != h.Version || rep.Serial != h.Serial || !rep.OK {
 			fine[name] = Served{Version: h.Version, Serial: h.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC()}
 		}
 	}
@@ -336,7 +336,7 @@ func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 // ReportServed tells the fleet what a run of this node installed: the
 // agent's report, for the node that ordered.
 func ReportServed(n *Node) func(ctx context.Context, out []engine.Served) {
-	s := &Syncer{Local: n.Local, N: n, reported: map[string]Served{}}
+	s := &Syncer{Local: n.Local, N: n}
 	return s.served
 }
 
@@ -345,15 +345,13 @@ func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 		return nil
 	}
 	out := make(map[string][]byte, len(reports))
-	s.mu.Lock()
-	if s.reported == nil {
-		s.reported = map[string]Served{}
-	}
 	for name, r := range reports {
-		s.reported[name] = r
 		out[name], _ = json.Marshal(r)
 	}
-	s.mu.Unlock()
+	// A report lost to a pause, a failover or a restart from an older
+	// snapshot is sent again by the next reconcile, which compares what
+	// Redis holds, so fleet status never shows a node behind that is not
+	// (invariant I1).
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.SetServed(rctx, s.N.Name, out)
@@ -411,11 +409,6 @@ func (s *Syncer) forget(ctx context.Context, names []string) error {
 		}
 		s.forgetOne(ctx, name, store.Tombstone{At: t.At, Fence: t.Fence})
 	}
-	s.mu.Lock()
-	for _, n := range names {
-		delete(s.reported, n)
-	}
-	s.mu.Unlock()
 	rctx, cancel = context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.DelServed(rctx, s.N.Name, names...)
@@ -489,16 +482,25 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 	}
 	for _, name := range names {
 		live, err := s.Local.LiveVersion(name)
-		if err != nil || live <= heads[name].Version {
+		if err != nil || live <= heads[name].Version || s.Local.IsLost(name, live) {
 			continue
 		}
 		if t, _ := s.Local.ReadTombstone(name); t != nil {
 			continue
 		}
 		err = s.N.publishVersion(ctx, name, live)
+		var stale *rdb.ErrStale
 		switch {
 		case err == nil:
 			slog.Warn("the fleet's Redis had lost this node's newest version; published it again", "name", name, "version", live)
+		case errors.As(err, &stale) && (stale.Why == "version" || stale.Why == "older"):
+			// Another node numbered a certificate of its own in the
+			// meantime: this one lost. It goes once the node serves the
+			// fleet's (the reconcile installs it next).
+			slog.Warn("the fleet's Redis had lost this node's newest version, and another node has published since: this node's goes", "name", name, "version", live)
+			if err := s.Local.MarkLost(name, live); err != nil {
+				slog.Warn("could not mark the lost version", "name", name, "err", err)
+			}
 		case isUnavailable(err):
 			return err
 		}

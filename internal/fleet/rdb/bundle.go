@@ -73,7 +73,8 @@ return v
 //     (a delete moves the fence past every lease, and clears nothing
 //     until a lease taken after it publishes);
 //   - an unfenced publish (a node rebuilding Redis from its disk) never
-//     brings back a deleted name.
+//     brings back a deleted name, unless its certificate was issued after
+//     the delete (the name was issued again, and Redis lost that).
 //
 // A fence counter lower than the token (lost in a failover with
 // asynchronous replication) is no reason to refuse: the version and
@@ -92,10 +93,11 @@ if token > 0 then
     redis.call('HDEL', KEYS[5], ARGV[1])
   end
 elseif tomb then
-  return 'deleted'
+  if tonumber(ARGV[6]) <= tonumber(string.match(tomb, ' (%d+)$') or '0') then return 'deleted' end
+  redis.call('HDEL', KEYS[5], ARGV[1])
 end
 redis.call('DEL', KEYS[1])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 local v = tonumber(ARGV[5])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
@@ -113,7 +115,7 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 // (0 for a re-seed from a node's disk). It returns an *ErrStale when
 // refused.
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
-	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version,
+	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.IssuedAt.UnixMilli(),
 		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
 		"node", b.Node, "published_at", time.Now().UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "serial", b.Serial,
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
@@ -231,16 +233,20 @@ func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (i
 // seedTombstoneScript puts back a tombstone a node kept, into a Redis
 // that lost it: the newer of two tombstones stays, the fence counter
 // moves past it, and a bundle issued before the delete goes, whichever
-// node rebuilt first.
+// node rebuilt first; a bundle issued after it (the name was issued
+// again) stays, and the old tombstone is not recorded.
 var seedTombstoneScript = goredis.NewScript(`
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local cat = tonumber(string.match(cur, ' (%d+)$') or '0')
   if cat >= tonumber(ARGV[3]) then return 0 end
 end
+if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') > tonumber(ARGV[3]) then
+  return 0 -- issued again after that delete: the name stands
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
-if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') < tonumber(ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[3], ARGV[1])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
