@@ -97,7 +97,7 @@ end, and each recipient gets one mail.
 	f := cmd.Flags()
 	f.BoolVar(&o.Check, "check", false, "check every row and exit; send nothing to the CA")
 	f.BoolVar(&o.Strict, "strict", false, "refuse the whole file if any row is bad")
-	f.IntVar(&o.Concurrency, "concurrency", defaultConcurrency, "orders in flight at once")
+	f.IntVar(&o.Concurrency, "concurrency", engine.DefaultConcurrency, "orders in flight at once")
 	f.BoolVar(&o.Force, "force", false, "order even for rows whose certificate is valid and not due, and ignore failure backoff")
 	f.IntVar(&o.Days, "days", 0, "renew a row's existing certificate when fewer than N days remain, instead of ARI and the lifetime rule (as renew --days)")
 	f.BoolVar(&o.JSON, "json", false, "print the run's rows as JSON on stdout")

@@ -83,7 +83,7 @@ deployed by a later run; it is never ordered again while it is valid.
 	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
 	f.BoolVar(&o.NoRandomSleep, "no-random-sleep", false, "do not sleep 0-8 minutes before contacting the CA from cron")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
-	f.IntVar(&o.Concurrency, "concurrency", defaultConcurrency, "renewals (and ARI look-ups) in flight at once")
+	f.IntVar(&o.Concurrency, "concurrency", engine.DefaultConcurrency, "renewals (and ARI look-ups) in flight at once")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a lineage for the next run")
 	f.BoolVar(&o.PrintUnit, "print-systemd-unit", false, "print lbcert-renew.service, a unit running this renew with these settings, and exit")
 	f.BoolVar(&o.PrintTimer, "print-systemd-timer", false, "print lbcert-renew.timer, which starts that unit on the renew schedule, and exit")
@@ -197,14 +197,6 @@ func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (ite
 		}
 	}, len(selected), nil
 }
-
-// defaultConcurrency is batch's and renew's --concurrency, chosen from
-// internal/bench's sweep (#29): 200 orders against Pebble finished in
-// 27 s at 8 in flight, 13 s at 32 and 9 s at 64, each order being mostly
-// a wait for the CA (its Retry-After), at the same CPU per certificate;
-// renew flattened beyond 64. A CA's own limits are the pace budget's
-// business, not this one's.
-const defaultConcurrency = 64
 
 // renderRenew prints the run: JSON, or a summary that is silent when
 // nothing happened, so cron sends no mail.

@@ -44,7 +44,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 
 	workers := e.Opts.Concurrency
 	if workers < 1 {
-		workers = 8
+		workers = DefaultConcurrency
 	}
 	jobs := make(chan *step)
 	var wg sync.WaitGroup
