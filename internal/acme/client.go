@@ -51,6 +51,11 @@ type Options struct {
 	EABHMAC   string // secret: never logged
 	UserAgent string
 	Store     catalog.Accounts
+	// OrderGate, when set, paces this account's new orders.
+	OrderGate OrderGate
+	// FailFast gives up the orders in flight once the CA stops
+	// answering (ErrCADown), for a fallback CA to take them.
+	FailFast bool
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -70,6 +75,8 @@ type Client struct {
 	// waiter replaces waitUntil in tests, which see the order's waits
 	// without sleeping them.
 	waiter func(t time.Time, fetched, stop <-chan struct{}) error
+
+	down *downDetector // FailFast's
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -83,12 +90,13 @@ func NeedsTOS(o Options) bool {
 // CA bundle, and every request bound to ctx so that Ctrl-C aborts an order
 // in flight (lego v4 takes no context of its own).
 func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
-	return httpClient(ctx, caBundle, nil)
+	return httpClient(ctx, caBundle, 90*time.Second, nil)
 }
 
-// httpClient is HTTPClient whose transport notes the CA's Retry-After
-// times in hints (nil: nowhere).
-func httpClient(ctx context.Context, caBundle string, hints *retryHints) (*http.Client, error) {
+// httpClient is HTTPClient waiting at most headers for a response's
+// headers, whose transport notes the CA's Retry-After times in hints
+// (nil: nowhere).
+func httpClient(ctx context.Context, caBundle string, headers time.Duration, hints *retryHints) (*http.Client, error) {
 	pool, err := x509.SystemCertPool()
 	if err != nil || pool == nil {
 		pool = x509.NewCertPool()
@@ -109,7 +117,7 @@ func httpClient(ctx context.Context, caBundle string, hints *retryHints) (*http.
 	// timeout here, and a loaded CA failed one run on it; connecting
 	// and reading headers get the same 30 s.
 	tr.TLSHandshakeTimeout = CATimeout
-	tr.ResponseHeaderTimeout = 90 * time.Second
+	tr.ResponseHeaderTimeout = headers
 	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
 	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr, hints: hints}}, nil
 }
@@ -167,8 +175,14 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if NeedsTOS(o) {
 		return nil, errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
+	// A CA that accepts a request and never answers it: with another
+	// CA to go to, it gets what connecting and the handshake get.
+	headers := 90 * time.Second
+	if o.FailFast {
+		headers = CATimeout
+	}
 	hints := &retryHints{}
-	hc, err := httpClient(ctx, o.CABundle, hints)
+	hc, err := httpClient(ctx, o.CABundle, headers, hints)
 	if err != nil {
 		return nil, err
 	}
@@ -198,6 +212,20 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 
+	c := &Client{ctx: ctx, opts: o, hints: hints, router: &router{byDomain: map[string]challenge.Provider{}}}
+	if o.FailFast {
+		c.down = &downDetector{}
+		watched := *hc
+		watched.Transport = watchTransport{base: hc.Transport, d: c.down}
+		hc = &watched
+	}
+	if o.OrderGate != nil {
+		// Only new orders wait for the gate; the newOrder URL is the
+		// directory's, which api.New reads (a GET, ungated) before any.
+		gated := *hc
+		gated.Transport = &gateTransport{base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
+		hc = &gated
+	}
 	var kid string
 	if u.reg != nil {
 		kid = u.reg.URI
@@ -206,8 +234,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{ctx: ctx, opts: o, core: core, registrar: registration.NewRegistrar(core, u), hints: hints,
-		router: &router{byDomain: map[string]challenge.Provider{}}}
+	c.core, c.registrar = core, registration.NewRegistrar(core, u)
 	if u.reg == nil {
 		if err := c.register(u); err != nil {
 			return nil, err

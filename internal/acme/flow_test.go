@@ -163,7 +163,7 @@ func (f *fakeCA) client(p challenge.Provider) (*Client, *[]wait) {
 	hints := &retryHints{}
 	bundle := filepath.Join(f.t.TempDir(), "ca.pem")
 	os.WriteFile(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: f.srv.Certificate().Raw}), 0o644)
-	hc, err := httpClient(context.Background(), bundle, hints)
+	hc, err := httpClient(context.Background(), bundle, 90*time.Second, hints)
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -49,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, million, fleet, join or all")
+	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, million, fleet, join or all")
 	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
 	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
 	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
@@ -61,7 +61,7 @@ func main() {
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
 	includeN := flag.String("nginx-include-n", "1000,10000", "live lineages in the nginx include benchmark, comma-separated sizes")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
-	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
+	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default before it became 64; kept so the figures compare)")
 	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
 	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
 	joinN := flag.Int("join-n", 100000, "lineages of the fleet a node joins in the join benchmark")
@@ -69,6 +69,9 @@ func main() {
 	joinCheck := flag.Int("join-check", 10000, "names the join benchmark checks over TLS after the join")
 	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
+	failN := flag.Int("failover-n", 200, "names in the failover benchmark")
+	failAfter := flag.Int("failover-after", 50, "certificates the primary issues before it fails, in the failover benchmark")
+	failC := flag.Int("failover-concurrency", 8, "lbcert batch --concurrency in the failover benchmark (the default when it was first measured)")
 	flag.Parse()
 	var err error
 	if *only == "all" || *only == "renew" {
@@ -109,6 +112,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchStepCA(*issueN, *conc, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "failover") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchFailover(*failN, *failAfter, *failC, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "pacing") {
 		w, _ := filepath.Abs(*work)
