@@ -73,10 +73,13 @@ or semicolons) and any of:
 Rows whose certificate exists for the same names and is not due order
 nothing (their changed settings are saved, and a new deploy target gets
 the current certificate), so running the same file again finishes what a
-crash or Ctrl-C left. Orders run --concurrency at a time, inside the client-side budget
-(--rate-*, saved in --dir and shared with renew), after a pre-flight check
-that each name routes /.well-known/acme-challenge/ to lbcert. All deploys
-happen once at the end, and each recipient gets one mail.
+crash or Ctrl-C left. Orders run --concurrency at a time (64 by default:
+an order mostly waits for the CA, and a measured sweep finished 200
+orders sooner with each doubling up to 64 in flight, at the same CPU per
+certificate), inside the client-side budget (--rate-*, saved in --dir and
+shared with renew), after a pre-flight check that each name routes
+/.well-known/acme-challenge/ to lbcert. All deploys happen once at the
+end, and each recipient gets one mail.
 
 ` + exitCodesHelp,
 		Example: `  lbcert batch import.csv --check
@@ -94,7 +97,7 @@ happen once at the end, and each recipient gets one mail.
 	f := cmd.Flags()
 	f.BoolVar(&o.Check, "check", false, "check every row and exit; send nothing to the CA")
 	f.BoolVar(&o.Strict, "strict", false, "refuse the whole file if any row is bad")
-	f.IntVar(&o.Concurrency, "concurrency", 8, "orders in flight at once")
+	f.IntVar(&o.Concurrency, "concurrency", engine.DefaultConcurrency, "orders in flight at once")
 	f.BoolVar(&o.Force, "force", false, "order even for rows whose certificate is valid and not due, and ignore failure backoff")
 	f.IntVar(&o.Days, "days", 0, "renew a row's existing certificate when fewer than N days remain, instead of ARI and the lifetime rule (as renew --days)")
 	f.BoolVar(&o.JSON, "json", false, "print the run's rows as JSON on stdout")

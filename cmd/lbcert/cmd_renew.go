@@ -60,10 +60,10 @@ random 0-8 minutes, so that many hosts' cron jobs do not hit the CA at the
 same second; --no-random-sleep turns that off. After a failure a lineage
 waits 1 hour before the next attempt, then 2, 4, up to 23h50m (so a daily
 cron retries every day); --force overrides that. Lineages are renewed
---concurrency at a time. All deploys happen once, at the end: one config
-test and one reload per load balancer. A certificate whose deploy failed
-is kept as pending and deployed by a later run; it is never ordered again
-while it is valid.
+--concurrency at a time (64 by default, measured as for batch). All
+deploys happen once, at the end: one config test and one reload per load
+balancer. A certificate whose deploy failed is kept as pending and
+deployed by a later run; it is never ordered again while it is valid.
 
 ` + exitCodesHelp,
 		Example: `  17 2 * * * root lbcert renew -q          # the cron line
@@ -83,7 +83,7 @@ while it is valid.
 	f.BoolVar(&o.JSON, "json", false, "print the run's report as JSON on stdout")
 	f.BoolVar(&o.NoRandomSleep, "no-random-sleep", false, "do not sleep 0-8 minutes before contacting the CA from cron")
 	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
-	f.IntVar(&o.Concurrency, "concurrency", 8, "renewals (and ARI look-ups) in flight at once")
+	f.IntVar(&o.Concurrency, "concurrency", engine.DefaultConcurrency, "renewals (and ARI look-ups) in flight at once")
 	f.DurationVar(&o.MaxWait, "max-wait", 5*time.Minute, "wait at most this long for the rate budget or a Retry-After before leaving a lineage for the next run")
 	f.BoolVar(&o.PrintUnit, "print-systemd-unit", false, "print lbcert-renew.service, a unit running this renew with these settings, and exit")
 	f.BoolVar(&o.PrintTimer, "print-systemd-timer", false, "print lbcert-renew.timer, which starts that unit on the renew schedule, and exit")

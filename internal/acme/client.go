@@ -64,14 +64,17 @@ type Options struct {
 
 // Client is a registered ACME account on one server.
 type Client struct {
-	ctx    context.Context // the run's: Ctrl-C ends a wait between orders
-	opts   Options
-	lego   *lego.Client
-	router *router
-	hc     *http.Client
-
-	dirMu sync.Mutex // the directory, read on first need
-	dir   *directory // nil until read
+	ctx  context.Context // the run's: Ctrl-C ends a wait between orders
+	opts Options
+	// core is lego's ACME protocol layer (JWS, nonces, the directory):
+	// lbcert's own order code (flow.go) and lego's registrar share it.
+	core      *api.Core
+	registrar *registration.Registrar
+	hints     *retryHints // the CA's Retry-After times, noted by the transport
+	router    *router
+	// waiter replaces waitUntil in tests, which see the order's waits
+	// without sleeping them.
+	waiter func(t time.Time, fetched, stop <-chan struct{}) error
 
 	down *downDetector // FailFast's
 }
@@ -87,12 +90,13 @@ func NeedsTOS(o Options) bool {
 // CA bundle, and every request bound to ctx so that Ctrl-C aborts an order
 // in flight (lego v4 takes no context of its own).
 func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
-	return httpClient(ctx, caBundle, 90*time.Second)
+	return httpClient(ctx, caBundle, 90*time.Second, nil)
 }
 
 // httpClient is HTTPClient waiting at most headers for a response's
-// headers.
-func httpClient(ctx context.Context, caBundle string, headers time.Duration) (*http.Client, error) {
+// headers, whose transport notes the CA's Retry-After times in hints
+// (nil: nowhere).
+func httpClient(ctx context.Context, caBundle string, headers time.Duration, hints *retryHints) (*http.Client, error) {
 	pool, err := x509.SystemCertPool()
 	if err != nil || pool == nil {
 		pool = x509.NewCertPool()
@@ -115,12 +119,13 @@ func httpClient(ctx context.Context, caBundle string, headers time.Duration) (*h
 	tr.TLSHandshakeTimeout = CATimeout
 	tr.ResponseHeaderTimeout = headers
 	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
-	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr}}, nil
+	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr, hints: hints}}, nil
 }
 
 type ctxTransport struct {
-	ctx  context.Context
-	base http.RoundTripper
+	ctx   context.Context
+	base  http.RoundTripper
+	hints *retryHints
 }
 
 func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -131,72 +136,37 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err != nil || r.Method != http.MethodPost {
 		return resp, err
 	}
-	pollSoon(resp.Header)
 	body := peekJSON(resp)
 	if err := stalledChallenge(body); err != nil {
 		resp.Body.Close()
 		return nil, err
 	}
-	if d := processingWait(resp.Header, body); d > 0 {
-		select {
-		case <-time.After(d):
-		case <-t.ctx.Done():
-			resp.Body.Close()
-			return nil, t.ctx.Err()
-		}
+	if d, ok := pollAfter(resp.Header, body); ok {
+		t.hints.note(r.URL.String(), d)
 	}
 	return resp, nil
 }
 
-// maxProcessingWait caps how long one Retry-After on a processing order
-// holds the order up; the CA's word is advice, the run has deadlines.
-const maxProcessingWait = 10 * time.Second
-
-// processingWait is how long to wait before handing lego an order that
-// the CA says is still "processing". RFC 8555 section 7.4 asks clients to
-// honour Retry-After while a finalized order is processed; lego's
-// certificate loop instead polls the order at once and then every
-// Timeout/60. Waiting here makes lego's first poll come after the CA's
-// Retry-After: fewer requests against a busy CA, and no poll racing the
-// CA's own issuance (Pebble 2.10.1 deadlocks on an order polled while it
-// stores the certificate). body is the response's, from peekJSON.
-func processingWait(h http.Header, body []byte) time.Duration {
+// pollAfter is the Retry-After of an answer about an object the CA has
+// not decided yet (pending or processing): when the order may ask for
+// it again (RFC 8555 sections 7.4 and 8.2). body is the response's, from
+// peekJSON.
+func pollAfter(h http.Header, body []byte) (time.Duration, bool) {
 	ra := h.Get("Retry-After")
 	if ra == "" || body == nil {
-		return 0
+		return 0, false
 	}
 	var o struct {
-		Status   string `json:"status"`
-		Finalize string `json:"finalize"`
+		Status string `json:"status"`
 	}
-	if json.Unmarshal(body, &o) != nil || o.Status != "processing" || o.Finalize == "" {
-		return 0
+	if json.Unmarshal(body, &o) != nil || o.Status != "processing" && o.Status != "pending" {
+		return 0, false
 	}
 	d, err := api.ParseRetryAfter(ra)
-	if err != nil || d < 0 {
-		return 0
+	if err != nil {
+		return 0, false
 	}
-	return min(d, maxProcessingWait)
-}
-
-// pollSoon gives a challenge response without Retry-After one of a
-// second. lego waits for Retry-After before its first look at the
-// authorization, and 5 seconds when the CA sends none, as Let's Encrypt
-// does; validation usually takes a second or two, so that default is
-// most of the time an order takes. lego backs off from there (doubling,
-// capped at 10 intervals), so a slow CA is not polled hard.
-// A challenge response is the one with a Link rel="up" to its
-// authorization (RFC 8555 section 7.5.1).
-func pollSoon(h http.Header) {
-	if h.Get("Retry-After") != "" {
-		return
-	}
-	for _, l := range h.Values("Link") {
-		if strings.Contains(l, `rel="up"`) && !strings.Contains(l, "/order") {
-			h.Set("Retry-After", "1")
-			return
-		}
-	}
+	return max(d, 0), true
 }
 
 // New loads the account for (Server, Email) or registers one, and
@@ -211,7 +181,8 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if o.FailFast {
 		headers = CATimeout
 	}
-	hc, err := httpClient(ctx, o.CABundle, headers)
+	hints := &retryHints{}
+	hc, err := httpClient(ctx, o.CABundle, headers, hints)
 	if err != nil {
 		return nil, err
 	}
@@ -241,7 +212,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 
-	c := &Client{ctx: ctx, opts: o, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c := &Client{ctx: ctx, opts: o, hints: hints, router: &router{byDomain: map[string]challenge.Provider{}}}
 	if o.FailFast {
 		c.down = &downDetector{}
 		watched := *hc
@@ -249,25 +220,21 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		hc = &watched
 	}
 	if o.OrderGate != nil {
-		// lego gets a client of its own: the directory read for the
-		// newOrder URL goes through c.hc, ungated.
+		// Only new orders wait for the gate; the newOrder URL is the
+		// directory's, which api.New reads (a GET, ungated) before any.
 		gated := *hc
 		gated.Transport = &gateTransport{base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
 		hc = &gated
 	}
-	cfg := lego.NewConfig(u)
-	cfg.CADirURL = o.Server
-	cfg.HTTPClient = hc
-	cfg.UserAgent = o.UserAgent
-	cfg.Certificate.Timeout = 90 * time.Second
-	lc, err := lego.NewClient(cfg)
+	var kid string
+	if u.reg != nil {
+		kid = u.reg.URI
+	}
+	core, err := api.New(hc, o.UserAgent, o.Server, kid, u.key)
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c.lego = lc
-	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
-		return nil, err
-	}
+	c.core, c.registrar = core, registration.NewRegistrar(core, u)
 	if u.reg == nil {
 		if err := c.register(u); err != nil {
 			return nil, err
@@ -289,7 +256,7 @@ func (c *Client) register(u *user) error {
 		if o.ConfirmTOS == nil {
 			return errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 		}
-		ok, err := o.ConfirmTOS(c.lego.GetToSURL())
+		ok, err := o.ConfirmTOS(c.core.GetDirectory().Meta.TermsOfService)
 		if err != nil {
 			return err
 		}
@@ -301,13 +268,13 @@ func (c *Client) register(u *user) error {
 	var err error
 	switch {
 	case o.EABKid != "":
-		reg, err = c.lego.Registration.RegisterWithExternalAccountBinding(registration.RegisterEABOptions{
+		reg, err = c.registrar.RegisterWithExternalAccountBinding(registration.RegisterEABOptions{
 			TermsOfServiceAgreed: true, Kid: o.EABKid, HmacEncoded: o.EABHMAC,
 		})
-	case c.lego.GetExternalAccountRequired():
+	case c.core.GetDirectory().Meta.ExternalAccountRequired:
 		return errors.New("this CA requires external account binding: pass --eab-kid and the HMAC key (LBCERT_EAB_HMAC_KEY or --eab-hmac-key-file) from your CA account page")
 	default:
-		reg, err = c.lego.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
+		reg, err = c.registrar.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
 	}
 	if err != nil {
 		return registerError(err, o)
@@ -399,6 +366,17 @@ func (r *router) Present(domain, token, keyAuth string) error {
 		return err
 	}
 	return p.Present(domain, token, keyAuth)
+}
+
+// fetched is the provider's signal that the CA fetched token, nil when
+// it cannot tell.
+func (r *router) fetched(domain, token string) <-chan struct{} {
+	if p, err := r.get(domain); err == nil {
+		if w, ok := p.(fetchWatcher); ok {
+			return w.Fetched(domain, token)
+		}
+	}
+	return nil
 }
 
 func (r *router) CleanUp(domain, token, keyAuth string) error {

@@ -1,13 +1,9 @@
 package acme
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -16,32 +12,6 @@ import (
 
 	"github.com/lbcert/lbcert/internal/hint"
 )
-
-// TestPollSoon: only a challenge response (Link rel="up" to its
-// authorization) without Retry-After gets one of a second.
-func TestPollSoon(t *testing.T) {
-	for _, tc := range []struct {
-		link, retry, want string
-	}{
-		{`<https://ca.example/authz/1>;rel="up"`, "", "1"},
-		{`<https://ca.example/authz/1>;rel="up"`, "7", "7"},
-		{`<https://ca.example/order/1>;rel="up"`, "", ""},
-		{`<https://ca.example/dir>;rel="index"`, "", ""},
-		{"", "", ""},
-	} {
-		h := http.Header{}
-		if tc.link != "" {
-			h.Set("Link", tc.link)
-		}
-		if tc.retry != "" {
-			h.Set("Retry-After", tc.retry)
-		}
-		pollSoon(h)
-		if got := h.Get("Retry-After"); got != tc.want {
-			t.Errorf("Link %q Retry-After %q: got %q, want %q", tc.link, tc.retry, got, tc.want)
-		}
-	}
-}
 
 // TestClassify: a rateLimited problem is found through lbcert's own
 // explained error, with its Retry-After; validation failures are told
@@ -131,54 +101,5 @@ func TestUnreachable(t *testing.T) {
 		if Unreachable(e) {
 			t.Errorf("Unreachable(%v) = true", e)
 		}
-	}
-}
-
-// TestProcessingOrderWaitsForRetryAfter: a POST whose answer is an order
-// still "processing" with Retry-After is held for that wait (capped),
-// its body intact; other answers are not held. The waits are read from
-// processingWait, not timed; one real wait is cancelled by the context.
-func TestProcessingOrderWaitsForRetryAfter(t *testing.T) {
-	var status, retry string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json; charset=utf-8")
-		if retry != "" {
-			w.Header().Set("Retry-After", retry)
-		}
-		fmt.Fprintf(w, `{"status":%q,"finalize":"https://ca.example/finalize/1"}`, status)
-	}))
-	defer srv.Close()
-	for _, tc := range []struct {
-		status, retry string
-		want          time.Duration
-	}{
-		{"processing", "1", time.Second},
-		{"processing", "3600", maxProcessingWait},
-		{"valid", "1", 0},
-		{"processing", "", 0},
-		{"processing", "soon", 0},
-	} {
-		status, retry = tc.status, tc.retry
-		resp, err := http.Post(srv.URL, "application/jose+json", strings.NewReader("{}"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if d := processingWait(resp.Header, peekJSON(resp)); d != tc.want {
-			t.Errorf("%s, Retry-After %q: wait %v, want %v", tc.status, tc.retry, d, tc.want)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if !strings.Contains(string(body), `"status":"`+tc.status+`"`) {
-			t.Errorf("%s: body lost: %q", tc.status, body)
-		}
-	}
-
-	// The transport waits it out, and Ctrl-C during the wait ends it.
-	ctx, cancel := context.WithCancel(context.Background())
-	status, retry = "processing", "9"
-	time.AfterFunc(200*time.Millisecond, cancel)
-	req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader("{}"))
-	if _, err := (ctxTransport{ctx: ctx, base: http.DefaultTransport}).RoundTrip(req); !errors.Is(err, context.Canceled) {
-		t.Errorf("cancelled wait: %v, want context.Canceled", err)
 	}
 }

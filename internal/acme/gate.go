@@ -77,12 +77,11 @@ func answerOf(resp *http.Response) OrderAnswer {
 	return a
 }
 
-// newOrderURL is the directory's newOrder URL, or "" when the directory
-// cannot be read (the order then fails on its own, ungated).
+// newOrderURL is the directory's newOrder URL, or "" before the client
+// has read the directory (api.New reads it with a GET: no order yet).
 func (c *Client) newOrderURL() string {
-	d, err := c.directory()
-	if err != nil {
+	if c.core == nil {
 		return ""
 	}
-	return d.NewOrder
+	return c.core.GetDirectory().NewOrderURL
 }

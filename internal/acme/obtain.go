@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -342,9 +343,18 @@ var RevocationReasons = map[string]uint{
 	"cessationOfOperation": 5,
 }
 
-// Revoke revokes the certificate in certPEM with reason.
+// Revoke revokes the certificate in certPEM (its first certificate) with
+// reason (RFC 8555 section 7.6).
 func (c *Client) Revoke(certPEM []byte, reason uint) error {
-	if err := c.lego.Certificate.RevokeWithReason(certPEM, &reason); err != nil {
+	certs, err := certcrypto.ParsePEMBundle(certPEM)
+	if err != nil {
+		return explain("revoke", err)
+	}
+	if certs[0].IsCA {
+		return explain("revoke", errors.New("certificate bundle starts with a CA certificate"))
+	}
+	msg := legoacme.RevokeCertMessage{Certificate: base64.RawURLEncoding.EncodeToString(certs[0].Raw), Reason: &reason}
+	if err := c.core.Certificates.Revoke(msg); err != nil {
 		return explain("revoke", err)
 	}
 	return nil

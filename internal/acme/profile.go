@@ -1,11 +1,8 @@
 package acme
 
 import (
-	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
 	"slices"
 	"strings"
 
@@ -17,35 +14,22 @@ import (
 // IP addresses only under it.
 const ShortLived = "shortlived"
 
-// directory is what lbcert reads of the CA's directory itself (lego
-// reads it too, but keeps it to itself).
+// directory is what lbcert reads of the CA's directory.
 type directory struct {
 	Meta struct {
-		Profiles map[string]string `json:"profiles"`
-	} `json:"meta"`
-	RenewalInfo string `json:"renewalInfo"`
-	NewOrder    string `json:"newOrder"`
+		Profiles map[string]string
+	}
+	RenewalInfo string
 }
 
-// directory returns the CA's directory, read once per client. A failed
-// read is not kept: the next order asks again.
+// directory returns the CA's directory as the client read it when it
+// was made (New fails when it cannot be read): reading it again costs a
+// request per run for nothing.
 func (c *Client) directory() (*directory, error) {
-	c.dirMu.Lock()
-	defer c.dirMu.Unlock()
-	if c.dir != nil {
-		return c.dir, nil
-	}
-	resp, err := c.hc.Get(c.opts.Server)
-	if err != nil {
-		return nil, Explain(fmt.Errorf("ACME server %s: %w", c.opts.Server, err))
-	}
-	defer resp.Body.Close()
-	var d directory
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&d); err != nil || resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("ACME server %s: could not read its directory (HTTP %d)", c.opts.Server, resp.StatusCode)
-	}
-	c.dir = &d
-	return c.dir, nil
+	d := c.core.GetDirectory()
+	var out directory
+	out.Meta.Profiles, out.RenewalInfo = d.Meta.Profiles, d.RenewalInfo
+	return &out, nil
 }
 
 // profiles returns the profiles the CA's directory offers (RFC draft

@@ -1,26 +1,39 @@
 package acme
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/go-acme/lego/v4/acme/api"
 )
 
 // A profile is checked against the directory's meta.profiles before any
 // order; an address gets "shortlived" when the CA offers it and nobody
-// chose; the directory is read once, and only when needed.
+// chose; the directory is read once, when the client is made.
 func TestPickProfile(t *testing.T) {
 	var reads atomic.Int32
-	dir := `{"newOrder":"x","meta":{"profiles":{"classic":"90 days","shortlived":"6 days","tlsserver":"45 days"}}}`
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	dir := `{"newAccount":"x","newOrder":"x","meta":{"profiles":{"classic":"90 days","shortlived":"6 days","tlsserver":"45 days"}}}`
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		reads.Add(1)
 		w.Write([]byte(dir))
 	}))
 	defer srv.Close()
-	c := &Client{opts: Options{Server: srv.URL}, hc: srv.Client()}
+	client := func() *Client {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		core, err := api.New(srv.Client(), "", srv.URL, "", key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &Client{opts: Options{Server: srv.URL}, core: core}
+	}
+	c := client()
 	for _, tc := range []struct {
 		domains       []string
 		profile, want string
@@ -42,8 +55,8 @@ func TestPickProfile(t *testing.T) {
 		t.Fatalf("directory read %d times, want once", reads.Load())
 	}
 	// A CA without profiles: an address gets none, a profile is refused.
-	dir = `{"newOrder":"x"}`
-	c = &Client{opts: Options{Server: srv.URL}, hc: srv.Client()}
+	dir = `{"newAccount":"x","newOrder":"x"}`
+	c = client()
 	if got, err := c.pickProfile(Request{Domains: []string{"127.0.0.1"}}); got != "" || err != nil {
 		t.Fatalf("no profiles, address: %q %v", got, err)
 	}

@@ -17,7 +17,7 @@ import (
 // internal errors.
 const orderTries = 5
 
-// order runs lego's order for req, and orders again when the answer was
+// order runs one order for req (obtainOrder), and orders again when the answer was
 // not about the names:
 //
 //   - RFC 9773 section 5: a CA may refuse "replaces" (already replaced,
@@ -32,7 +32,7 @@ const orderTries = 5
 //     grows with each try, so the retries of a burst spread out. Should
 //     every try fail, the error starts no failure backoff (caError).
 func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, error) {
-	res, err := c.lego.Certificate.Obtain(req)
+	res, err := c.obtainOrder(req)
 	for try := 1; err != nil && try < orderTries; try++ {
 		names := strings.Join(req.Domains, ",")
 		switch {
@@ -50,7 +50,7 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 		default:
 			return nil, err
 		}
-		res, err = c.lego.Certificate.Obtain(req)
+		res, err = c.obtainOrder(req)
 	}
 	return res, err
 }

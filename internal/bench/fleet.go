@@ -32,52 +32,13 @@ import (
 // Redis round trips per order and how many of them are the lease's.
 func benchFleet(n, orders int, bin, work string) error {
 	work = filepath.Join(work, "fleet")
-	os.RemoveAll(work)
-	os.MkdirAll(work, 0o755)
-	r, err := testenv.StartRedis(filepath.Join(work, "redis"), "bench-pw", nil)
+	fl, err := startFleet(work)
 	if err != nil {
 		return err
 	}
-	defer r.Stop()
-	ctx := context.Background()
-	sh, err := rdb.Dial(ctx, rdb.Options{URL: r.URL(), Password: "bench-pw"})
-	if err != nil {
-		return err
-	}
-	defer sh.Close()
-	node, err := fleet.Init(ctx, sh, store.New(filepath.Join(work, "lb1")), "lb1")
-	if err != nil {
-		return err
-	}
-
-	// n bundles, each with its own P-256 key, sealed as publishing does.
-	fmt.Printf("\nbench: publishing %d sealed bundles to Redis\n", n)
-	c, err := newCA()
-	if err != nil {
-		return err
-	}
-	var sealTotal atomic.Int64
-	var bytesTotal atomic.Int64
-	err = parallel(n, func(i int) error {
-		name := domain(i)
-		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+1))
-		if err != nil {
-			return err
-		}
-		t0 := time.Now()
-		epoch, sealed, err := node.SealBundleKey(name, 1, keyPEM)
-		sealTotal.Add(int64(time.Since(t0)))
-		if err != nil {
-			return err
-		}
-		meta := []byte(fmt.Sprintf(`{"format":1,"name":%q,"version":1,"domains":[%q],"server":"https://acme.example/directory","key_type":"ec256","challenge":{"mode":"fleet"},"deploy":{},"cert":{"serial":"%x","not_before":%q,"not_after":%q},"issued_at":%q}`,
-			name, name, cert.SerialNumber, cert.NotBefore.Format(time.RFC3339), cert.NotAfter.Format(time.RFC3339), cert.NotBefore.Format(time.RFC3339)))
-		chain := c.pem
-		b := &rdb.Bundle{Name: name, Version: 1, NotBefore: cert.NotBefore, Epoch: epoch, Node: "lb1", Meta: meta,
-			Cert: certPEM, Chain: chain, Fullchain: append(append([]byte{}, certPEM...), chain...), SealedKey: sealed}
-		bytesTotal.Add(int64(len(meta) + len(certPEM) + 2*len(chain) + len(certPEM) + len(sealed)))
-		return sh.Publish(ctx, b)
-	})
+	defer fl.stop()
+	ctx, sh, node, r := context.Background(), fl.sh, fl.node, fl.r
+	sealTotal, bytesTotal, err := fl.publish(n)
 	if err != nil {
 		return err
 	}
@@ -128,15 +89,15 @@ func benchFleet(n, orders int, bin, work string) error {
 	fmt.Println("| measure | figure |")
 	fmt.Println("|---|---:|")
 	fmt.Printf("| bundles | %d |\n", n)
-	fmt.Printf("| bytes per bundle (metadata, certificate, chain, full chain, sealed key) | %d |\n", bytesTotal.Load()/int64(n))
+	fmt.Printf("| bytes per bundle (metadata, certificate, chain, full chain, sealed key) | %d |\n", bytesTotal/int64(n))
 	fmt.Printf("| Redis memory with %d bundles | %s |\n", n, infoField(used, "used_memory_human"))
 	fmt.Printf("| fetch and open all %d (%d workers), wall | %.2f s |\n", n, workers, wall.Seconds())
 	fmt.Printf("| ... per bundle, wall | %.1f µs |\n", float64(wall.Microseconds())/float64(n))
 	fmt.Printf("| ... of which unsealing, CPU per key (AES-256-GCM) | %.1f µs |\n", float64(openTotal.Load())/float64(n)/1e3)
-	fmt.Printf("| sealing, CPU per key | %.1f µs |\n", float64(sealTotal.Load())/float64(n)/1e3)
+	fmt.Printf("| sealing, CPU per key | %.1f µs |\n", float64(sealTotal)/float64(n)/1e3)
 	fmt.Printf("| unsealing one key alone, %d times | %.2f µs per key |\n", reps, float64(openOne.Nanoseconds())/1e3)
 
-	if err := benchFleetJoin(n, bin, work, r); err != nil {
+	if err := benchFleetJoin(n, "nginx-sni", n, 40*time.Second, bin, work, r); err != nil {
 		return err
 	}
 	return benchFleetOrders(orders, bin, work, r)
@@ -218,6 +179,7 @@ func benchFleetOrders(orders int, bin, work string, r *testenv.Redis) error {
 	mon.Process.Kill()
 	mon.Wait()
 	during := monOut.String()[mark:]
+	os.WriteFile(filepath.Join(work, "monitor.txt"), []byte(during), 0o644) // what each order cost, command by command
 	calls := float64(clientCommands(during)) - float64(idle)/3*elapsed.Seconds()
 	scripted := strings.Count(during, " lua] ")
 	var lease int
@@ -258,4 +220,73 @@ func clientCommands(mon string) int {
 		}
 	}
 	return n
+}
+
+// benchFleet's fleet: a redis-server and node lb1, which holds the keys.
+type benchFleetState struct {
+	r    *testenv.Redis
+	sh   *rdb.Shared
+	node *fleet.Node
+	c    *ca
+}
+
+func startFleet(work string) (*benchFleetState, error) {
+	os.RemoveAll(work)
+	os.MkdirAll(work, 0o755)
+	r, err := testenv.StartRedis(filepath.Join(work, "redis"), "bench-pw", nil)
+	if err != nil {
+		return nil, err
+	}
+	fl := &benchFleetState{r: r}
+	ctx := context.Background()
+	if fl.sh, err = rdb.Dial(ctx, rdb.Options{URL: r.URL(), Password: "bench-pw"}); err != nil {
+		fl.stop()
+		return nil, err
+	}
+	if fl.node, err = fleet.Init(ctx, fl.sh, store.New(filepath.Join(work, "lb1")), "lb1"); err != nil {
+		fl.stop()
+		return nil, err
+	}
+	if fl.c, err = newCA(); err != nil {
+		fl.stop()
+		return nil, err
+	}
+	return fl, nil
+}
+
+func (fl *benchFleetState) stop() {
+	if fl.sh != nil {
+		fl.sh.Close()
+	}
+	fl.r.Stop()
+}
+
+// publish puts n bundles in the fleet, each with its own P-256 key,
+// sealed as publishing does (lineage i gets serial i+1). It returns the
+// CPU spent sealing and the bundles' bytes.
+func (fl *benchFleetState) publish(n int) (seal time.Duration, bytes int64, err error) {
+	fmt.Printf("\nbench: publishing %d sealed bundles to Redis\n", n)
+	ctx, c, node := context.Background(), fl.c, fl.node
+	var sealTotal, bytesTotal atomic.Int64
+	err = parallel(n, func(i int) error {
+		name := domain(i)
+		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+1))
+		if err != nil {
+			return err
+		}
+		t0 := time.Now()
+		epoch, sealed, err := node.SealBundleKey(name, 1, keyPEM)
+		sealTotal.Add(int64(time.Since(t0)))
+		if err != nil {
+			return err
+		}
+		meta := []byte(fmt.Sprintf(`{"format":1,"name":%q,"version":1,"domains":[%q],"server":"https://acme.example/directory","key_type":"ec256","challenge":{"mode":"fleet"},"deploy":{},"cert":{"serial":"%x","not_before":%q,"not_after":%q},"issued_at":%q}`,
+			name, name, cert.SerialNumber, cert.NotBefore.Format(time.RFC3339), cert.NotAfter.Format(time.RFC3339), cert.NotBefore.Format(time.RFC3339)))
+		chain := c.pem
+		b := &rdb.Bundle{Name: name, Version: 1, NotBefore: cert.NotBefore, Epoch: epoch, Node: "lb1", Meta: meta,
+			Cert: certPEM, Chain: chain, Fullchain: append(append([]byte{}, certPEM...), chain...), SealedKey: sealed}
+		bytesTotal.Add(int64(len(meta) + len(certPEM) + 2*len(chain) + len(certPEM) + len(sealed)))
+		return fl.sh.Publish(ctx, b)
+	})
+	return time.Duration(sealTotal.Load()), bytesTotal.Load(), err
 }

@@ -49,22 +49,29 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, million, fleet, join or all")
+	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
+	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
+	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
+	millionN := flag.Int("million-n", 1000000, "lineages in the million-lineage benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
 	paceC := flag.Int("pace-concurrency", 8, "lbcert batch --concurrency in the pacing benchmark")
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
 	includeN := flag.String("nginx-include-n", "1000,10000", "live lineages in the nginx include benchmark, comma-separated sizes")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
-	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
+	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default before it became 64; kept so the figures compare)")
 	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
 	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
+	joinN := flag.Int("join-n", 100000, "lineages of the fleet a node joins in the join benchmark")
+	joinSetups := flag.String("join-setups", "nginx-sni,nginx-include,haproxy", "load balancer setups of the join benchmark, comma-separated")
+	joinCheck := flag.Int("join-check", 10000, "names the join benchmark checks over TLS after the join")
 	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	failN := flag.Int("failover-n", 200, "names in the failover benchmark")
 	failAfter := flag.Int("failover-after", 50, "certificates the primary issues before it fails, in the failover benchmark")
-	failC := flag.Int("failover-concurrency", 8, "lbcert batch --concurrency in the failover benchmark (the default)")
+	failC := flag.Int("failover-concurrency", 8, "lbcert batch --concurrency in the failover benchmark (the default when it was first measured)")
 	flag.Parse()
 	var err error
 	if *only == "all" || *only == "renew" {
@@ -75,6 +82,15 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchIssue(*issueN, *conc, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "certmagic") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		var sweep []int
+		if sweep, err = sizes("-sweep", *sweepList); err == nil {
+			err = benchCertmagic(*peerN, sweep, *traceRuns, b, w)
+		}
 	}
 	if err == nil && (*only == "all" || *only == "renew-due") {
 		w, _ := filepath.Abs(*work)
@@ -115,6 +131,12 @@ func main() {
 		os.MkdirAll(w, 0o755)
 		err = benchScale(*shortN, *bigN, *runs, b, w)
 	}
+	if err == nil && (*only == "all" || *only == "million") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchMillion(*millionN, *runs, b, w)
+	}
 	if err == nil && (*only == "all" || *only == "deploy") {
 		w, _ := filepath.Abs(*work)
 		os.MkdirAll(w, 0o755)
@@ -123,17 +145,9 @@ func main() {
 	if err == nil && (*only == "all" || *only == "nginx-include") {
 		w, _ := filepath.Abs(*work)
 		os.MkdirAll(w, 0o755)
-		var sizes []int
-		for _, f := range strings.Split(*includeN, ",") {
-			n, perr := strconv.Atoi(strings.TrimSpace(f))
-			if perr != nil || n < 1 {
-				err = fmt.Errorf("-nginx-include-n %q: want sizes like 1000,10000", *includeN)
-				break
-			}
-			sizes = append(sizes, n)
-		}
-		if err == nil {
-			err = benchNginxInclude(sizes, w)
+		var ns []int
+		if ns, err = sizes("-nginx-include-n", *includeN); err == nil {
+			err = benchNginxInclude(ns, w)
 		}
 	}
 	if err == nil && (*only == "all" || *only == "fleet") {
@@ -142,10 +156,32 @@ func main() {
 		os.MkdirAll(w, 0o755)
 		err = benchFleet(*fleetN, *fleetOrders, b, w)
 	}
+	if err == nil && (*only == "all" || *only == "join") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchJoin(*joinN, strings.Split(*joinSetups, ","), *joinCheck, b, w)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// sizes reads a comma-separated list of positive counts.
+func sizes(flagName, list string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(list, ",") {
+		if strings.TrimSpace(f) == "" {
+			continue
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%s %q: want counts like 1000,10000", flagName, list)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 type result struct {
@@ -409,19 +445,25 @@ func parallel(n int, f func(i int) error) error {
 func genLbcert(dir string, n int, c *ca) error {
 	st := store.New(dir)
 	return parallel(n, func(i int) error {
-		name := domain(i)
-		certPEM, keyPEM, cert, err := c.leaf(name, int64(i+2))
-		if err != nil {
-			return err
-		}
-		l := &store.Lineage{
-			Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
-			Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
-			Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
-		}
-		_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
+		_, err := saveLineage(st, domain(i), int64(i+2), c)
 		return err
 	})
+}
+
+// saveLineage writes lineage name, one version with a certificate of
+// serial from c, through the store, as issue would.
+func saveLineage(st *store.Store, name string, serial int64, c *ca) (*store.Lineage, error) {
+	certPEM, keyPEM, cert, err := c.leaf(name, serial)
+	if err != nil {
+		return nil, err
+	}
+	l := &store.Lineage{
+		Name: name, Domains: []string{name}, Server: "https://127.0.0.1:1/dir", KeyType: "ec256",
+		Challenge: store.Challenge{Mode: "webroot", Webroot: "/var/www/acme"},
+		Cert:      store.CertInfo{Serial: fmt.Sprintf("%x", cert.SerialNumber), NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC()},
+	}
+	_, _, err = st.Save(l, store.Files{Cert: certPEM, Chain: c.pem, Fullchain: append(append([]byte{}, certPEM...), c.pem...), Key: keyPEM})
+	return l, err
 }
 
 // genCertbot writes n lineages in certbot's layout: renewal/<name>.conf,

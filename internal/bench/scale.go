@@ -1,10 +1,13 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // benchScale measures the nothing-due renew pass where the WebPKI is
@@ -56,5 +59,112 @@ func benchScale(shortN, bigN, runs int, bin, work string) error {
 			float64(x.r.wall.Microseconds())/float64(x.r.lineages), x.r.cpu.Seconds(), float64(x.r.rssKB)/1024, x.targetText,
 			map[bool]string{true: "met", false: "NOT met"}[met])
 	}
+	return nil
+}
+
+// genLineagesFast writes n lineages the way lbcert leaves them after an
+// issue that deployed (a version directory, the live pointer, and the
+// renewal record whose journal says the version is deployed), each with
+// its own lineage.json, but without lbcert's fsyncs and with the PEM
+// files hard links to a few real certificates: a million lineages
+// written through the store one by one would take hours of fsyncs, and
+// the nothing-due pass never reads a PEM file. The templates are
+// written through the store itself, so the format is the store's.
+func genLineagesFast(dir string, n int, c *ca) error {
+	const templates = 32 // hard links per file stay well under ext4's 65,000
+	st := store.New(dir)
+	type tmpl struct {
+		l   *store.Lineage
+		dir string
+	}
+	ts := make([]tmpl, templates)
+	for i := range ts {
+		name := fmt.Sprintf("template%02d.bench.example", i)
+		l, err := saveLineage(st, name, int64(i+2), c)
+		if err != nil {
+			return err
+		}
+		ts[i] = tmpl{l: l, dir: filepath.Join(dir, "archive", name, "1")}
+	}
+	os.MkdirAll(filepath.Join(dir, "renewal"), 0o700)
+	at := time.Now().UTC()
+	err := parallel(n, func(i int) error {
+		t := ts[i%templates]
+		name := domain(i)
+		vdir := filepath.Join(dir, "archive", name, "1")
+		if err := os.MkdirAll(vdir, 0o700); err != nil {
+			return err
+		}
+		for _, f := range []string{store.CertFile, store.ChainFile, store.FullchainFile, store.KeyFile} {
+			if err := os.Link(filepath.Join(t.dir, f), filepath.Join(vdir, f)); err != nil {
+				return err
+			}
+		}
+		l := *t.l
+		l.Name, l.Domains, l.Version = name, []string{name}, 1
+		l.Cert.Serial = fmt.Sprintf("%x", i+1000)
+		meta, _ := json.MarshalIndent(&l, "", "  ")
+		if err := os.WriteFile(filepath.Join(vdir, store.MetaFile), append(meta, '\n'), 0o644); err != nil {
+			return err
+		}
+		if err := os.Symlink(filepath.Join("..", "archive", name, "1"), filepath.Join(dir, "live", name)); err != nil {
+			return err
+		}
+		// The record renew reads: this node deployed version 1 with the
+		// lineage's own settings (store/status.go's record, a Status and
+		// a Journal side by side).
+		rec, _ := json.MarshalIndent(struct {
+			store.Status
+			store.Journal
+		}{Journal: store.Journal{Deployed: &store.Deployed{Version: 1, Serial: l.Cert.Serial, With: store.DeployDigest(l.Deploy), At: at}}}, "", "  ")
+		return os.WriteFile(filepath.Join(dir, "renewal", name+".json"), append(rec, '\n'), 0o600)
+	})
+	if err != nil {
+		return err
+	}
+	// The templates are lineages too; they go, leaving n.
+	for _, t := range ts {
+		os.Remove(filepath.Join(dir, "live", t.l.Name))
+		os.RemoveAll(filepath.Join(dir, "archive", t.l.Name))
+	}
+	return nil
+}
+
+// benchMillion is the nothing-due pass over n lineages (#29: a million,
+// under 30 s and 1 GiB), written by genLineagesFast, median of runs.
+func benchMillion(n, runs int, bin, work string) error {
+	work = filepath.Join(work, "million")
+	os.RemoveAll(work)
+	os.MkdirAll(work, 0o755)
+	c, err := newCA()
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(work, "state")
+	fmt.Printf("\nbench: writing %d lineages (hard-linked PEM files, one lineage.json and renewal record each)\n", n)
+	t0 := time.Now()
+	if err := genLineagesFast(dir, n, c); err != nil {
+		return err
+	}
+	fmt.Printf("  written in %.0f s\n", time.Since(t0).Seconds())
+	if os.Getenv("LBCERT_BENCH_KEEP") == "" {
+		defer os.RemoveAll(work)
+	}
+	// The first pass reads from disk into the page cache; the timed runs
+	// are the cron job's, whose files the last run left cached.
+	if _, err := measure(1, "lbcert, first pass (cold)", n, bin, "--dir", dir, "renew", "--no-random-sleep"); err != nil {
+		return err
+	}
+	r, err := measure(runs, "lbcert", n, bin, "--dir", dir, "renew", "--no-random-sleep")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\nNothing-due renew pass over %d lineages, %s, %d cores, median of %d runs, load average %s\n\n", n,
+		time.Now().UTC().Format(time.DateOnly), numCPU(), runs, loadAverage())
+	fmt.Println("| lineages | wall | per lineage | CPU (user+sys) | peak RSS | target |")
+	fmt.Println("|---:|---:|---:|---:|---:|---|")
+	met := r.wall < 30*time.Second && r.rssKB < 1<<20
+	fmt.Printf("| %d | %.2f s | %.1f µs | %.2f s | %.1f MiB | under 30 s and 1 GiB: %s |\n", n, r.wall.Seconds(),
+		float64(r.wall.Microseconds())/float64(n), r.cpu.Seconds(), float64(r.rssKB)/1024, metText(met))
 	return nil
 }

@@ -63,6 +63,44 @@ func TestStandaloneAnswersOnlyPresentedTokens(t *testing.T) {
 	}
 }
 
+// TestStandaloneFetched: the fetch signal of a token closes when that
+// token is served, not at another token's fetch (lbcert's pre-flight
+// fetches a token of its own) nor at a 404; an unknown token has none.
+func TestStandaloneFetched(t *testing.T) {
+	s, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Present("shop.example.net", "acme-tok", "acme-tok.thumb")
+	s.Present("shop.example.net", "preflight-tok", "preflight-tok.x")
+	fetched := s.Fetched("SHOP.example.net", "acme-tok")
+	if fetched == nil || s.Fetched("shop.example.net", "nope") != nil {
+		t.Fatal("Fetched: want a channel for a presented token and nil for another")
+	}
+	closed := func() bool {
+		select {
+		case <-fetched:
+			return true
+		default:
+			return false
+		}
+	}
+	get(t, s.Addr, "shop.example.net", "/.well-known/acme-challenge/preflight-tok")
+	get(t, s.Addr, "other.example.net", "/.well-known/acme-challenge/acme-tok")
+	if closed() {
+		t.Fatal("closed by another token's fetch, or by a 404")
+	}
+	for range 2 { // fetched from several places, as a CA does
+		if code, _ := get(t, s.Addr, "shop.example.net", "/.well-known/acme-challenge/acme-tok"); code != 200 {
+			t.Fatalf("GET: %d", code)
+		}
+	}
+	if !closed() {
+		t.Fatal("not closed after the token was served")
+	}
+}
+
 func TestListenInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

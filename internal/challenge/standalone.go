@@ -25,7 +25,15 @@ type Standalone struct {
 	srv *http.Server
 
 	mu     sync.RWMutex
-	tokens map[string]map[string]string // host -> token -> key authorization
+	tokens map[string]map[string]*token // host -> token
+}
+
+// token is one presented token: its key authorization, and a channel
+// closed when it has been served (Fetched).
+type token struct {
+	keyAuth string
+	fetched chan struct{}
+	once    sync.Once
 }
 
 // CheckAddr checks a listen address offline: host:port (the host may be
@@ -70,7 +78,7 @@ func Listen(addr string) (*Standalone, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Standalone{Addr: ln.Addr().String(), ln: ln, tokens: map[string]map[string]string{}}
+	s := &Standalone{Addr: ln.Addr().String(), ln: ln, tokens: map[string]map[string]*token{}}
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -91,17 +99,30 @@ func (s *Standalone) Close() error {
 }
 
 // Present registers the key authorization for token on domain.
-func (s *Standalone) Present(domain, token, keyAuth string) error {
-	if err := checkToken(token); err != nil {
+func (s *Standalone) Present(domain, tok, keyAuth string) error {
+	if err := checkToken(tok); err != nil {
 		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	host := hostOnly(domain)
 	if s.tokens[host] == nil {
-		s.tokens[host] = map[string]string{}
+		s.tokens[host] = map[string]*token{}
 	}
-	s.tokens[host][token] = keyAuth
+	s.tokens[host][tok] = &token{keyAuth: keyAuth, fetched: make(chan struct{})}
+	return nil
+}
+
+// Fetched returns a channel closed once the listener has served token
+// for domain (to the CA, presumably: lbcert's own pre-flight fetches a
+// token of its own), or nil when token is not presented. The order
+// polls its authorization then, not before (RFC 8555 section 7.5.1).
+func (s *Standalone) Fetched(domain, tok string) <-chan struct{} {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if t := s.tokens[hostOnly(domain)][tok]; t != nil {
+		return t.fetched
+	}
 	return nil
 }
 
@@ -126,7 +147,7 @@ func (s *Standalone) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	host := hostOnly(r.Host)
 	s.mu.RLock()
-	keyAuth, found := s.tokens[host][token]
+	t, found := s.tokens[host][token]
 	s.mu.RUnlock()
 	if !found {
 		slog.Debug("http-01: no token for request", "host", host, "path", r.URL.Path, "from", r.RemoteAddr)
@@ -135,5 +156,6 @@ func (s *Standalone) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	slog.Debug("http-01: served token", "host", host, "from", r.RemoteAddr)
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Write([]byte(keyAuth))
+	t.once.Do(func() { close(t.fetched) }) // before the answer: the client has it once the CA does
+	w.Write([]byte(t.keyAuth))
 }

@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -44,48 +46,11 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		r.rollback(g, changes, results, fmt.Errorf("haproxy certificate directory %s: %v", d.HAProxyCerts, err), nil)
 		return
 	}
-	// Keep what each PEM held, so a failure can put it back exactly; and
-	// which were written at all: a PEM whose atomic write failed (say on
-	// ENOSPC) is intact and needs no restoring, and trying would only
-	// fail again and report a rollback problem that does not exist.
-	old := map[int][]byte{}
-	pems := map[int][]byte{}
-	written := map[int]bool{}
-	undo := func(i int) error {
-		if !written[i] {
-			return nil
-		}
-		p := PEMPath(d.HAProxyCerts, changes[i].Name)
-		if prev, ok := old[i]; ok && prev != nil {
-			return writePEM(p, prev, 0o600)
-		}
-		err := os.Remove(p)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	for _, i := range g.changes {
-		c := changes[i]
-		p := PEMPath(d.HAProxyCerts, c.Name)
-		prev, err := os.ReadFile(p)
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			r.rollback(g, changes, results, fmt.Errorf("read %s: %v", p, err), undo)
-			return
-		}
-		old[i] = prev
-		full, err1 := r.Store.ReadFullchain(c.Name)
-		key, err2 := r.Store.ReadKey(c.Name)
-		if err := errors.Join(err1, err2); err != nil {
-			r.rollback(g, changes, results, fmt.Errorf("read lineage %s: %v", c.Name, err), undo)
-			return
-		}
-		pems[i] = CombinedPEM(full, key)
-		if err := writePEM(p, pems[i], 0o600); err != nil {
-			r.rollback(g, changes, results, fmt.Errorf("write %s: %v", p, err), undo)
-			return
-		}
-		written[i] = true
+	w := &pemWrites{r: r, dir: d.HAProxyCerts, changes: changes, old: map[int][]byte{}, pems: map[int][]byte{}, written: map[int]bool{}}
+	undo := w.undo
+	if err := eachAtOnce(g.changes, pemWriters, w.write); err != nil {
+		r.rollback(g, changes, results, err, undo)
+		return
 	}
 	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	if err != nil {
@@ -94,7 +59,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	}
 
 	if d.HAProxySocket != "" {
-		err := r.hotUpdate(ctx, d, g, changes, pems, old)
+		err := r.hotUpdate(ctx, d, g, changes, w.pems, w.old)
 		if err == nil {
 			slog.Info("haproxy updated over its runtime API, no reload", "socket", d.HAProxySocket, "certificates", len(g.changes))
 			for _, i := range g.changes {
@@ -121,6 +86,64 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	for _, i := range g.changes {
 		results[i].Deployed = true
 	}
+}
+
+// pemWrites writes one group's combined PEMs side by side, so that their
+// durable writes share the file system's syncs (a node joining a fleet
+// writes thousands). It keeps what each PEM held, so a failure can put it
+// back exactly; and which were written at all: a PEM whose atomic write
+// failed (say on ENOSPC) is intact and needs no restoring, and trying
+// would only fail again and report a rollback problem that does not exist.
+type pemWrites struct {
+	r       *Runner
+	dir     string
+	changes []Change
+
+	mu      sync.Mutex
+	old     map[int][]byte
+	pems    map[int][]byte
+	written map[int]bool
+}
+
+func (w *pemWrites) write(i int) error {
+	c := w.changes[i]
+	p := PEMPath(w.dir, c.Name)
+	prev, err := os.ReadFile(p)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("read %s: %v", p, err)
+	}
+	full, err1 := w.r.Store.ReadFullchain(c.Name)
+	key, err2 := w.r.Store.ReadKey(c.Name)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("read lineage %s: %v", c.Name, err)
+	}
+	pem := CombinedPEM(full, key)
+	w.mu.Lock()
+	w.old[i], w.pems[i] = prev, pem
+	w.mu.Unlock()
+	if err := writePEM(p, pem, 0o600); err != nil {
+		return fmt.Errorf("write %s: %v", p, err)
+	}
+	w.mu.Lock()
+	w.written[i] = true
+	w.mu.Unlock()
+	return nil
+}
+
+// undo puts PEM i back as it was; it runs once every write has ended.
+func (w *pemWrites) undo(i int) error {
+	if !w.written[i] {
+		return nil
+	}
+	p := PEMPath(w.dir, w.changes[i].Name)
+	if prev, ok := w.old[i]; ok && prev != nil {
+		return writePEM(p, prev, 0o600)
+	}
+	err := os.Remove(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
 }
 
 // notLoadedError is a new certificate for a directory the running HAProxy
@@ -151,6 +174,42 @@ func configLoads(conf, dir string) bool {
 
 // writePEM writes a combined PEM; tests replace it to fail on cue.
 var writePEM = store.WriteFile
+
+// pemWriters is how many PEMs are written at once.
+const pemWriters = 16
+
+// eachAtOnce calls f for every index of idx, n at a time, and returns the
+// error of the first index (in idx's order) that failed; after a
+// failure it starts no more.
+func eachAtOnce(idx []int, n int, f func(i int) error) error {
+	errs := make([]error, len(idx))
+	var failed atomic.Bool
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(n, len(idx)) {
+		wg.Go(func() {
+			for k := range next {
+				if failed.Load() {
+					continue
+				}
+				if errs[k] = f(idx[k]); errs[k] != nil {
+					failed.Store(true)
+				}
+			}
+		})
+	}
+	for k := range idx {
+		next <- k
+	}
+	close(next)
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // hotUpdate replaces certificates HAProxy already has with set/commit ssl
 // cert, and adds new ones to the crt-list that holds the certificate

@@ -813,3 +813,36 @@ func TestNodeDeploysWithItsOwnSettings(t *testing.T) {
 		t.Fatalf("the same settings again: %+v, changes %+v", res.Items[0], f.dep.changes)
 	}
 }
+
+// countingCatalog counts the status writes of a directory catalog.
+type countingCatalog struct {
+	*catalog.Dir
+	setStatus atomic.Int32
+}
+
+func (c *countingCatalog) SetStatus(ctx context.Context, name string, st store.Status) error {
+	c.setStatus.Add(1)
+	return c.Dir.SetStatus(ctx, name, st)
+}
+
+// A new lineage has no renewal status to reset, and its order writes
+// none (a fleet's Redis round trip per order); a renewal resets the
+// status it had (here a failure backoff) to none.
+func TestOrderResetsOnlyAStatusThatWasThere(t *testing.T) {
+	f := newFixture(t)
+	cat := &countingCatalog{Dir: catalog.NewDir(f.st)}
+	e := f.engine(Options{Command: "issue"})
+	e.Catalog = cat
+	p, _ := e.Plan(context.Background(), []Job{job("new.example")})
+	if res := p.Execute(context.Background()); res.Items[0].Outcome != Issued || cat.setStatus.Load() != 0 {
+		t.Fatalf("new lineage: %+v, %d status writes, want issued and none", res.Items[0], cat.setStatus.Load())
+	}
+	f.st.WriteStatus("new.example", store.Status{Failures: 2, LastError: "earlier"})
+	j := job("new.example")
+	j.Force = true
+	p, _ = e.Plan(context.Background(), []Job{j})
+	res := p.Execute(context.Background())
+	if st, _ := f.st.ReadStatus("new.example"); res.Items[0].Outcome != Renewed || cat.setStatus.Load() != 1 || st != (store.Status{}) {
+		t.Fatalf("renewal: %+v, %d status writes, status %+v; want renewed, one write, none left", res.Items[0], cat.setStatus.Load(), st)
+	}
+}

@@ -44,7 +44,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 
 	workers := e.Opts.Concurrency
 	if workers < 1 {
-		workers = 8
+		workers = DefaultConcurrency
 	}
 	jobs := make(chan *step)
 	var wg sync.WaitGroup
@@ -351,8 +351,10 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	if got.NoARI {
 		st = renewal.NoARI(st, e.now())
 	}
-	if err := e.Catalog.SetStatus(r.ctx, l.Name, st); err != nil {
-		slog.Warn("could not reset the renewal status", "name", l.Name, "err", err)
+	if st != s.status { // a new lineage has none to reset: a fleet saves a Redis round trip per order
+		if err := e.Catalog.SetStatus(r.ctx, l.Name, st); err != nil {
+			slog.Warn("could not reset the renewal status", "name", l.Name, "err", err)
+		}
 	}
 	s.status = st
 	it.Outcome = outcome

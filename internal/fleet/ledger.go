@@ -51,15 +51,31 @@ func readLedger(st *store.Store) map[string]issued {
 	return m
 }
 
-// noteIssued adds l's certificate to this node's copy of the ledger.
-func (n *Node) noteIssued(l *store.Lineage) {
-	if l.IssuedAt.IsZero() || time.Since(l.IssuedAt) > LedgerWindow || l.Cert.Serial == "" {
+// noteIssued adds the certificates of ls to this node's copy of the
+// ledger: one read and one write of the file for all of them (a node
+// joining a fleet installs thousands at once, and a write per
+// certificate made the join quadratic).
+func (n *Node) noteIssued(ls ...*store.Lineage) {
+	var recent []*store.Lineage
+	for _, l := range ls {
+		if !l.IssuedAt.IsZero() && time.Since(l.IssuedAt) <= LedgerWindow && l.Cert.Serial != "" {
+			recent = append(recent, l)
+		}
+	}
+	if len(recent) == 0 {
 		return
 	}
 	ledgerMu.Lock()
 	defer ledgerMu.Unlock()
 	m := readLedger(n.Local)
-	if _, ok := m[l.Cert.Serial]; ok {
+	added := false
+	for _, l := range recent {
+		if _, ok := m[l.Cert.Serial]; !ok {
+			m[l.Cert.Serial] = issued{Set: LedgerSet(l.Server, l.Domains), At: l.IssuedAt.UTC()}
+			added = true
+		}
+	}
+	if !added {
 		return
 	}
 	for serial, e := range m {
@@ -67,7 +83,6 @@ func (n *Node) noteIssued(l *store.Lineage) {
 			delete(m, serial)
 		}
 	}
-	m[l.Cert.Serial] = issued{Set: LedgerSet(l.Server, l.Domains), At: l.IssuedAt.UTC()}
 	data, _ := json.Marshal(m)
 	err := os.MkdirAll(fleetDir(n.Local), 0o700)
 	if err == nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/catalog"
@@ -273,29 +274,64 @@ func (s *Syncer) node() *engine.Node {
 }
 
 // WriteLock is fleet mode's short write lock of st, as engine.Node
-// takes it around each install and deploy.
+// takes it around each install and deploy. The workers of one process
+// hold it together: one engine run's workers never write the same
+// lineage, and each install step held it alone, so a joining node
+// installed its lineages one after another however many workers it had
+// (#29). Other processes (a run, the agent) still wait until none of
+// this process's holders is left.
 func WriteLock(st *store.Store) func(ctx context.Context) (func(), error) {
+	v, _ := writeLocks.LoadOrStore(st.Dir, &sharedLock{})
+	sl := v.(*sharedLock)
 	return func(ctx context.Context) (func(), error) {
-		lctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-		defer cancel()
-		l, err := st.WriteLock(lctx)
-		if err != nil {
-			return nil, err
+		sl.mu.Lock()
+		defer sl.mu.Unlock()
+		if sl.holders == 0 {
+			lctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			l, err := st.WriteLock(lctx)
+			cancel()
+			if err != nil {
+				return nil, err
+			}
+			sl.l = l
 		}
-		return l.Unlock, nil
+		sl.holders++
+		var once sync.Once
+		return func() {
+			once.Do(func() {
+				sl.mu.Lock()
+				defer sl.mu.Unlock()
+				if sl.holders--; sl.holders == 0 {
+					sl.l.Unlock()
+					sl.l = nil
+				}
+			})
+		}, nil
 	}
+}
+
+// writeLocks are this process's holds of each state directory's short
+// write lock.
+var writeLocks sync.Map // dir -> *sharedLock
+
+type sharedLock struct {
+	mu      sync.Mutex
+	holders int
+	l       *store.Lock
 }
 
 // served reports what an install left this node serving, and notes the
 // certificates in this node's copy of the ledger.
 func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 	m := make(map[string]Served, len(out))
+	var installed []*store.Lineage
 	for _, sv := range out {
 		m[sv.Name] = Served{Version: sv.Version, Serial: sv.Serial, Wanted: sv.Wanted, OK: sv.OK, Error: sv.Error, At: time.Now().UTC()}
 		if l, err := s.Local.LoadVersion(sv.Name, sv.Wanted); err == nil {
-			s.N.noteIssued(l)
+			installed = append(installed, l)
 		}
 	}
+	s.N.noteIssued(installed...)
 	if err := s.report(ctx, m); err != nil {
 		slog.Warn("could not report to the fleet what this node serves; the next reconcile does", "err", err)
 	}

@@ -64,6 +64,34 @@ func (n *Node) LiveAgents(ctx context.Context) ([]AgentInfo, error) {
 type Tokens struct {
 	N      *Node
 	Client *http.Client
+
+	mu       sync.Mutex
+	agents   []AgentInfo // the last live agents found, for agentsFresh
+	agentsAt time.Time
+}
+
+// agentsFresh is how long Present reuses the list of live agents: a
+// batch presents many tokens a second, and the list (a SCAN and an MGET)
+// changes at most with a heartbeat, every 3 s, so a second's copy is no
+// staler than the heartbeats it is made from.
+const agentsFresh = time.Second
+
+// liveAgents is n.LiveAgents, reusing a non-empty answer for
+// agentsFresh.
+func (t *Tokens) liveAgents(ctx context.Context) ([]AgentInfo, error) {
+	t.mu.Lock()
+	if len(t.agents) > 0 && time.Since(t.agentsAt) < agentsFresh {
+		defer t.mu.Unlock()
+		return t.agents, nil
+	}
+	t.mu.Unlock()
+	agents, err := t.N.LiveAgents(ctx)
+	if err == nil && len(agents) > 0 {
+		t.mu.Lock()
+		t.agents, t.agentsAt = agents, time.Now()
+		t.mu.Unlock()
+	}
+	return agents, err
 }
 
 // AgentCheckError is a token that an agent did not serve.
@@ -147,7 +175,7 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 	deadline, warned := time.Now().Add(agentWait), false
 	for {
 		if err := withRedis(ctx, "giving the authorization up", func(ctx context.Context) (err error) {
-			agents, err = t.N.LiveAgents(ctx)
+			agents, err = t.liveAgents(ctx)
 			return err
 		}); err != nil {
 			return err

@@ -1,15 +1,14 @@
 package store
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 )
 
 // WriteFile writes data to path so that a reader (or a crash) sees either
 // the old content or the new, never a mix: it writes a temporary file in
-// the same directory, fsyncs it, renames it over path and fsyncs the
-// directory so the rename itself survives a power cut.
+// the same directory, makes it durable, renames it over path and makes
+// the rename durable too, so that it survives a power cut (durable.go).
 func WriteFile(path string, data []byte, perm os.FileMode) error {
 	dir, base := filepath.Split(path)
 	if dir == "" {
@@ -33,22 +32,23 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	if _, err := f.Write(data); err != nil {
 		return err
 	}
-	if err := f.Sync(); err != nil {
+	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := f.Close(); err != nil {
+	if err := durable(dir); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
 	ok = true
-	return syncDir(dir)
+	return durable(dir)
 }
 
-// writeNew writes a file that must not exist yet, with fsync. It is used
-// inside a private temporary directory that is renamed into place as a
-// whole, so the individual files need no rename of their own.
+// writeNew writes a file that must not exist yet. It is used inside a
+// private temporary directory that is made durable (durable) and then
+// renamed into place as a whole, so the individual files need neither a
+// sync nor a rename of their own.
 func writeNew(path string, data []byte, perm os.FileMode) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 	if err != nil {
@@ -58,23 +58,7 @@ func writeNew(path string, data []byte, perm os.FileMode) error {
 		f.Close()
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
 	return f.Close()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
 }
 
 // symlinkAtomic points link at target, replacing whatever link was, with a
@@ -90,5 +74,5 @@ func symlinkAtomic(target, link string) error {
 		os.Remove(tmp)
 		return err
 	}
-	return syncDir(dir)
+	return durable(dir)
 }

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -151,23 +152,21 @@ func (s *Store) ClearTombstoneBefore(name string, issued time.Time) error {
 // (one whose first deploy failed is archived but not live), sorted the
 // way people count. It is what a directory catalog holds.
 func (s *Store) Lineages() ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "archive"))
+	dirs, err := readDirs(filepath.Join(s.Dir, "archive"))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	out := make([]string, 0, len(entries))
-	for _, e := range entries {
-		n := e.Name()
-		if !e.IsDir() || strings.HasPrefix(n, ".") || names.Lineage(n) != nil {
-			continue
+	out := dirs[:0]
+	for _, n := range dirs {
+		if !strings.HasPrefix(n, ".") && names.Lineage(n) == nil {
+			out = append(out, n)
 		}
-		out = append(out, n)
 	}
 	sort.Slice(out, func(i, j int) bool { return NaturalLess(out[i], out[j]) })
-	return out, nil
+	return slices.Clip(out), nil
 }
 
 // Newest is the metadata of the newest archived version of name, or
@@ -180,7 +179,7 @@ func (s *Store) Newest(name string) (*Lineage, error) {
 	if v == 0 {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
-	return s.LoadVersion(name, v)
+	return s.readMeta(name, filepath.Join(s.ArchiveDir(name), strconv.Itoa(v), MetaFile)) // name checked above
 }
 
 // ReadVersion returns the metadata and files of one archived version.

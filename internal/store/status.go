@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/names"
@@ -77,10 +78,24 @@ type Deployed struct {
 // DeployDigest names a set of deploy settings: a node whose settings
 // changed redeploys what it already serves.
 func DeployDigest(d Deploy) string {
+	// A pass over a million lineages asks it of each, nearly always with
+	// the same settings: the last answer is kept.
+	if m := lastDigest.Load(); m != nil && m.d == d {
+		return m.digest
+	}
 	data, _ := json.Marshal(d)
 	sum := sha256.Sum256(data)
-	return hex.EncodeToString(sum[:8])
+	m := &digestMemo{d: d, digest: hex.EncodeToString(sum[:8])}
+	lastDigest.Store(m)
+	return m.digest
 }
+
+type digestMemo struct {
+	d      Deploy
+	digest string
+}
+
+var lastDigest atomic.Pointer[digestMemo]
 
 // record is the file <dir>/renewal/<name>.json: the status and this
 // node's journal side by side (the format of earlier releases, whose
@@ -113,17 +128,16 @@ func (s *Store) readRecord(name string) (record, error) {
 	if err := names.Lineage(name); err != nil {
 		return r, err
 	}
-	data, err := os.ReadFile(s.statusPath(name))
+	err := readSmall(s.statusPath(name), func(data []byte) error {
+		if json.Unmarshal(data, &r) != nil {
+			r = record{}
+		}
+		return nil
+	})
 	if errors.Is(err, fs.ErrNotExist) {
 		return r, nil
 	}
-	if err != nil {
-		return r, err
-	}
-	if json.Unmarshal(data, &r) != nil {
-		return record{}, nil
-	}
-	return r, nil
+	return r, err
 }
 
 func (s *Store) writeRecord(name string, r record) error {

@@ -224,16 +224,18 @@ func (s *Store) LoadVersion(name string, version int) (*Lineage, error) {
 }
 
 func (s *Store) readMeta(name, path string) (*Lineage, error) {
-	data, err := os.ReadFile(path)
+	var l Lineage
+	err := readSmall(path, func(data []byte) error {
+		if err := json.Unmarshal(data, &l); err != nil {
+			return fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
+		}
+		return nil
+	})
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
 	if err != nil {
 		return nil, err
-	}
-	var l Lineage
-	if err := json.Unmarshal(data, &l); err != nil {
-		return nil, fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
 	}
 	if l.Format > FormatVersion {
 		return nil, fmt.Errorf("lineage %q: written by a newer lbcert (format %d)", name, l.Format)
@@ -491,7 +493,7 @@ func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 			return 0, err
 		}
 	}
-	if err := syncDir(tmp); err != nil {
+	if err := durable(tmp); err != nil {
 		return 0, err
 	}
 	final := filepath.Join(archive, strconv.Itoa(version))
@@ -499,7 +501,7 @@ func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 		return 0, err
 	}
 	committed = true
-	if err := syncDir(archive); err != nil {
+	if err := durable(archive); err != nil {
 		return 0, err
 	}
 	if err := s.step("archive"); err != nil {
@@ -531,7 +533,7 @@ func (s *Store) Deactivate(name string) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(filepath.Join(s.Dir, "live"))
+	return durable(filepath.Join(s.Dir, "live"))
 }
 
 // Delete removes lineage name: first live/<name>, so it is gone for
@@ -557,7 +559,7 @@ func (s *Store) Rollback(name string, previous int) error {
 
 // Versions lists the archived versions of lineage name, oldest first.
 func (s *Store) versions(name string) ([]int, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "archive", name))
+	dirs, err := readDirs(filepath.Join(s.Dir, "archive", name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -565,8 +567,8 @@ func (s *Store) versions(name string) ([]int, error) {
 		return nil, err
 	}
 	var out []int
-	for _, e := range entries {
-		if n, err := strconv.Atoi(e.Name()); err == nil && e.IsDir() && n > 0 {
+	for _, d := range dirs {
+		if n, err := strconv.Atoi(d); err == nil && n > 0 {
 			out = append(out, n)
 		}
 	}
@@ -622,7 +624,7 @@ func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
 		removed = append(removed, v)
 	}
 	if len(removed) > 0 {
-		if err := syncDir(s.ArchiveDir(name)); err != nil {
+		if err := durable(s.ArchiveDir(name)); err != nil {
 			return removed, err
 		}
 	}

@@ -22,23 +22,34 @@ type front struct {
 	srv    *http.Server
 }
 
-// startFront serves h in front of p.
-func startFront(p *Pebble, h http.Handler) (*front, error) {
+// FrontTLS is what a proxy in front of p needs: the TLS certificate to
+// serve (Pebble's own, which p.CABundle verifies, so a client of the
+// front needs no other bundle) and the roots to verify Pebble with.
+func FrontTLS(p *Pebble) (tls.Certificate, *x509.CertPool, error) {
 	root, err := ModuleRoot()
 	if err != nil {
-		return nil, err
+		return tls.Certificate{}, nil, err
 	}
 	certs := filepath.Join(root, "testdata", "pebble")
 	cert, err := tls.LoadX509KeyPair(filepath.Join(certs, "cert.pem"), filepath.Join(certs, "key.pem"))
 	if err != nil {
-		return nil, err
+		return tls.Certificate{}, nil, err
 	}
 	caPEM, err := os.ReadFile(p.CABundle)
 	if err != nil {
-		return nil, err
+		return tls.Certificate{}, nil, err
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
+	return cert, pool, nil
+}
+
+// startFront serves h in front of p.
+func startFront(p *Pebble, h http.Handler) (*front, error) {
+	cert, pool, err := FrontTLS(p)
+	if err != nil {
+		return nil, err
+	}
 	target, err := url.Parse(p.DirectoryURL)
 	if err != nil {
 		return nil, err

@@ -1,0 +1,380 @@
+package acme
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	legoacme "github.com/go-acme/lego/v4/acme"
+	"github.com/go-acme/lego/v4/acme/api"
+	"github.com/go-acme/lego/v4/certificate"
+	"github.com/go-acme/lego/v4/challenge"
+)
+
+// fakeCA is an ACME server for the order's waits: it answers each
+// object from a script and logs every request. It checks no signature.
+type fakeCA struct {
+	t   *testing.T
+	srv *httptest.Server
+
+	mu  sync.Mutex
+	log []string // "POST /authz/a.example", ...
+	// authz answers the n-th poll (from 1) of name's authorization:
+	// status and Retry-After.
+	authz func(name string, n int) (string, string)
+	polls map[string]int
+	// challenge answers name's challenge POST, before which it calls
+	// onChallenge (the CA's fetch of the token).
+	challenge   func(name string) (string, string)
+	onChallenge func(name string)
+	// finalize and order answer the finalize POST and the n-th order poll.
+	finalize func() (string, string)
+	order    func(n int) (string, string)
+	orders   int
+}
+
+func newFakeCA(t *testing.T) *fakeCA {
+	f := &fakeCA{t: t, polls: map[string]int{},
+		authz:     func(string, int) (string, string) { return "valid", "" },
+		challenge: func(string) (string, string) { return "processing", "" },
+		finalize:  func() (string, string) { return "valid", "" },
+		order:     func(int) (string, string) { return "valid", "" },
+	}
+	f.srv = httptest.NewTLSServer(http.HandlerFunc(f.serve)) // lego speaks HTTPS only
+	t.Cleanup(f.srv.Close)
+	return f
+}
+
+func (f *fakeCA) requests(prefix string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, l := range f.log {
+		if strings.HasPrefix(l, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
+	u := f.srv.URL
+	w.Header().Set("Replay-Nonce", fmt.Sprintf("n%d", time.Now().UnixNano()))
+	if r.URL.Path == "/dir" {
+		fmt.Fprintf(w, `{"newNonce":%q,"newAccount":%q,"newOrder":%q,"revokeCert":%q}`, u+"/nonce", u+"/acct", u+"/new-order", u+"/revoke")
+		return
+	}
+	if r.URL.Path == "/nonce" {
+		return
+	}
+	var jws struct{ Payload string }
+	json.NewDecoder(r.Body).Decode(&jws)
+	payload, _ := base64.RawURLEncoding.DecodeString(jws.Payload)
+	f.mu.Lock()
+	f.log = append(f.log, r.Method+" "+r.URL.Path+" "+string(payload))
+	f.mu.Unlock()
+	name := r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]
+	answer := func(status, retry string, body string) {
+		w.Header().Set("Content-Type", "application/json")
+		if retry != "" {
+			w.Header().Set("Retry-After", retry)
+		}
+		fmt.Fprintf(w, body, status)
+	}
+	order := func(status string) string {
+		return `{"status":"%s","identifiers":[{"type":"dns","value":"a.example"},{"type":"dns","value":"b.example"}],` +
+			fmt.Sprintf(`"authorizations":[%q,%q],"finalize":%q,"certificate":%q}`, u+"/authz/a.example", u+"/authz/b.example", u+"/finalize", u+"/cert")
+	}
+	switch {
+	case r.URL.Path == "/new-order":
+		w.Header().Set("Location", u+"/order")
+		w.WriteHeader(http.StatusCreated)
+		answer("pending", "", order(""))
+	case strings.HasPrefix(r.URL.Path, "/authz/"):
+		if strings.Contains(string(payload), "deactivated") {
+			answer("deactivated", "", `{"status":"%s"}`)
+			return
+		}
+		f.mu.Lock()
+		n := f.polls[name]
+		f.polls[name]++
+		f.mu.Unlock()
+		status, retry := "pending", ""
+		if n > 0 {
+			status, retry = f.authz(name, n)
+		}
+		chStatus, chErr := status, ""
+		if status == "invalid" {
+			chErr = `,"error":{"type":"urn:ietf:params:acme:error:unauthorized","detail":"404 for the token","status":403}`
+		}
+		answer(status, retry, `{"status":"%s","identifier":{"type":"dns","value":"`+name+`"},"challenges":[`+
+			fmt.Sprintf(`{"type":"http-01","url":%q,"token":"tok-%s","status":%q%s}]}`, u+"/chall/"+name, name, chStatus, chErr))
+	case strings.HasPrefix(r.URL.Path, "/chall/"):
+		if f.onChallenge != nil {
+			f.onChallenge(name)
+		}
+		w.Header().Set("Link", fmt.Sprintf(`<%s>;rel="up"`, u+"/authz/"+name))
+		status, retry := f.challenge(name)
+		answer(status, retry, `{"type":"http-01","status":"%s","token":"tok-`+name+`"}`)
+	case r.URL.Path == "/finalize":
+		status, retry := f.finalize()
+		answer(status, retry, order(status))
+	case r.URL.Path == "/order":
+		f.mu.Lock()
+		f.orders++
+		n := f.orders
+		f.mu.Unlock()
+		status, retry := f.order(n)
+		answer(status, retry, order(status))
+	case r.URL.Path == "/cert":
+		w.Header().Set("Content-Type", "application/pem-certificate-chain")
+		io.WriteString(w, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+// wait is one wait the order asked for: how long (from when it asked),
+// and whether it was told of a token fetch to watch.
+type wait struct {
+	d       time.Duration
+	watched bool
+}
+
+// client is an acme.Client on f whose waits are recorded, not slept.
+func (f *fakeCA) client(p challenge.Provider) (*Client, *[]wait) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	hints := &retryHints{}
+	bundle := filepath.Join(f.t.TempDir(), "ca.pem")
+	os.WriteFile(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: f.srv.Certificate().Raw}), 0o644)
+	hc, err := httpClient(context.Background(), bundle, 90*time.Second, hints)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	core, err := api.New(hc, "", f.srv.URL+"/dir", f.srv.URL+"/acct/1", key)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var waits []wait
+	c := &Client{ctx: context.Background(), core: core, hints: hints, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c.waiter = func(t time.Time, fetched, stop <-chan struct{}) error {
+		select {
+		case <-stop:
+			return errStopped
+		default:
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		w := wait{d: time.Until(t)}
+		if fetched != nil {
+			<-fetched // the fake CA fetched during the challenge POST
+			w.watched = true
+		}
+		waits = append(waits, w)
+		return nil
+	}
+	c.router.set([]string{"a.example", "b.example"}, p)
+	return c, &waits
+}
+
+func (f *fakeCA) obtain(c *Client) (*certificate.Resource, error) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	return c.obtainOrder(certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true})
+}
+
+// watcher is a provider that can tell when the CA fetched a token.
+type watcher struct {
+	mu      sync.Mutex
+	fetched map[string]chan struct{}
+}
+
+func (w *watcher) Present(domain, token, _ string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.fetched[domain] = make(chan struct{})
+	return nil
+}
+func (w *watcher) CleanUp(string, string, string) error { return nil }
+func (w *watcher) Fetched(domain, _ string) <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.fetched[domain]
+}
+func (w *watcher) fetch(domain string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	close(w.fetched[domain])
+}
+
+// near reports whether a wait is d, less what the test itself took
+// between the CA's answer and the wait (well under a second).
+func near(got, d time.Duration) bool { return got <= d && got > d-time.Second }
+
+// TestOrderWaitsWhereTheCASays: both names' challenges are answered at
+// once (the CA holds the first until the second arrives); each first
+// authorization poll watches the token fetch; a "pending" answer with
+// Retry-After is polled again at that time, not before; a processing
+// order is polled at its Retry-After, and the certificate fetched as
+// soon as the order is valid.
+func TestOrderWaitsWhereTheCASays(t *testing.T) {
+	f := newFakeCA(t)
+	w := &watcher{fetched: map[string]chan struct{}{}}
+	var gate sync.WaitGroup
+	gate.Add(2)
+	f.onChallenge = func(name string) {
+		w.fetch(name)
+		gate.Done()
+		both := make(chan struct{})
+		go func() { gate.Wait(); close(both) }()
+		select { // the other name's challenge must come while this one is held
+		case <-both:
+		case <-time.After(10 * time.Second):
+			t.Errorf("%s: the other name's challenge did not come while this one was held: validations run one after the other", name)
+		}
+	}
+	f.authz = func(name string, n int) (string, string) {
+		if name == "a.example" && n == 1 {
+			return "pending", "30"
+		}
+		return "valid", ""
+	}
+	f.finalize = func() (string, string) { return "processing", "20" }
+	c, waits := f.client(w)
+	res, err := f.obtain(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(res.Certificate), "BEGIN CERTIFICATE") {
+		t.Fatalf("certificate: %q", res.Certificate)
+	}
+	var watched, ra30, ra20 int
+	for _, wt := range *waits {
+		switch {
+		case wt.watched:
+			watched++
+		case near(wt.d, 30*time.Second):
+			ra30++
+		case near(wt.d, 20*time.Second):
+			ra20++
+		default:
+			t.Errorf("a wait of %v the CA did not ask for", wt.d)
+		}
+	}
+	if watched != 2 || ra30 != 1 || ra20 != 1 {
+		t.Errorf("waits %+v: want each name's first poll on its token fetch, a's second at its Retry-After (30 s), the order's poll at finalize's (20 s)", *waits)
+	}
+	if n := f.requests("POST /order"); n != 1 {
+		t.Errorf("%d order polls, want 1", n)
+	}
+}
+
+// TestOrderValidAtFinalize: an order the finalize answer says is valid
+// is not polled and not waited on; a challenge answer's Retry-After is
+// the first poll's time, whatever the provider can tell; without either,
+// polls follow the schedule.
+func TestOrderValidAtFinalize(t *testing.T) {
+	f := newFakeCA(t)
+	f.challenge = func(string) (string, string) { return "processing", "10" }
+	c, waits := f.client(&watcher{fetched: map[string]chan struct{}{}})
+	if _, err := f.obtain(c); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.requests("POST /order"); n != 0 {
+		t.Errorf("%d order polls after a valid finalize answer, want 0", n)
+	}
+	if len(*waits) != 2 || !near((*waits)[0].d, 10*time.Second) || !near((*waits)[1].d, 10*time.Second) || (*waits)[0].watched {
+		t.Errorf("waits %+v: want each name's first poll at the challenge's Retry-After (10 s)", *waits)
+	}
+
+	// A webroot cannot tell: 250 ms, then doubling.
+	f = newFakeCA(t)
+	f.authz = func(_ string, n int) (string, string) {
+		if n < 3 {
+			return "pending", ""
+		}
+		return "valid", ""
+	}
+	c, waits = f.client(nopProvider{})
+	if _, err := f.obtain(c); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, wt := range *waits {
+		got = append(got, wt.d.Round(50*time.Millisecond).String())
+	}
+	sort.Strings(got)
+	if strings.Join(got, " ") != "1s 1s 250ms 250ms 500ms 500ms" {
+		t.Errorf("waits without Retry-After or fetch signal: %v, want 250ms, 500ms, 1s per name", got)
+	}
+}
+
+type nopProvider struct{}
+
+func (nopProvider) Present(string, string, string) error { return nil }
+func (nopProvider) CleanUp(string, string, string) error { return nil }
+
+// TestOrderFailedValidation: an invalid authorization fails the order
+// with the CA's problem (a failed validation, as the engine's backoff
+// and budget read it); the other name, still pending, is deactivated.
+func TestOrderFailedValidation(t *testing.T) {
+	f := newFakeCA(t)
+	f.authz = func(name string, _ int) (string, string) {
+		if name == "a.example" {
+			return "invalid", ""
+		}
+		return "pending", "1"
+	}
+	c, _ := f.client(nopProvider{})
+	_, err := f.obtain(c)
+	var pd *legoacme.ProblemDetails
+	if err == nil || !errors.As(err, &pd) || !FailedValidation(err) || !strings.Contains(err.Error(), "a.example: invalid authorization: ") {
+		t.Fatalf("err %v: want a.example's invalid authorization with the CA's problem", err)
+	}
+	if n := f.requests(`POST /authz/b.example {"status":"deactivated"`); n != 1 {
+		t.Errorf("b.example deactivated %d times, want 1", n)
+	}
+	if n := f.requests("POST /finalize"); n != 0 {
+		t.Errorf("finalized a failed order")
+	}
+}
+
+// TestPollAfter: only the Retry-After of an undecided object is noted.
+func TestPollAfter(t *testing.T) {
+	for _, tc := range []struct {
+		status, retry string
+		want          time.Duration
+		ok            bool
+	}{
+		{"processing", "1", time.Second, true},
+		{"pending", "30", 30 * time.Second, true},
+		{"valid", "1", 0, false},
+		{"processing", "", 0, false},
+		{"processing", "soon", 0, false},
+	} {
+		h := http.Header{}
+		if tc.retry != "" {
+			h.Set("Retry-After", tc.retry)
+		}
+		d, ok := pollAfter(h, []byte(fmt.Sprintf(`{"status":%q}`, tc.status)))
+		if d != tc.want || ok != tc.ok {
+			t.Errorf("%s, Retry-After %q: %v %v, want %v %v", tc.status, tc.retry, d, ok, tc.want, tc.ok)
+		}
+	}
+}

@@ -1,0 +1,83 @@
+package fleet
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// noteIssued keeps every recent certificate of a batch, in one file,
+// and leaves out old ones and those without a serial.
+func TestNoteIssuedBatch(t *testing.T) {
+	n := &Node{Local: store.New(t.TempDir())}
+	now := time.Now().UTC()
+	lin := func(name, serial string, at time.Time) *store.Lineage {
+		return &store.Lineage{Name: name, Domains: []string{name}, Server: "https://ca.example/dir", IssuedAt: at, Cert: store.CertInfo{Serial: serial}}
+	}
+	n.noteIssued(lin("a.example", "0a", now), lin("b.example", "0b", now.Add(-time.Hour)),
+		lin("old.example", "0c", now.Add(-LedgerWindow-time.Hour)), lin("noserial.example", "", now))
+	n.noteIssued(lin("c.example", "0d", now))
+	m := readLedger(n.Local)
+	if len(m) != 3 || m["0a"].Set != LedgerSet("https://ca.example/dir", []string{"a.example"}) || m["0b"].At.IsZero() || m["0d"].Set == "" {
+		t.Fatalf("ledger %v: want 0a, 0b and 0d", m)
+	}
+}
+
+// Present reuses a list of live agents found within agentsFresh (a batch
+// presents many tokens a second), and asks again for an older or an
+// empty one (here: a node without Redis, which fails when asked).
+func TestLiveAgentsReused(t *testing.T) {
+	want := []AgentInfo{{Node: "lb1", Addr: "127.0.0.1:1"}}
+	tok := &Tokens{N: &Node{}, agents: want, agentsAt: time.Now()}
+	if got, err := tok.liveAgents(context.Background()); err != nil || len(got) != 1 || got[0] != want[0] {
+		t.Fatalf("fresh list: %v %v", got, err)
+	}
+	for _, stale := range []*Tokens{
+		{N: &Node{}, agents: want, agentsAt: time.Now().Add(-2 * agentsFresh)},
+		{N: &Node{}, agentsAt: time.Now()},
+	} {
+		func() {
+			defer func() { recover() }() // no Redis behind this node: asking it panics or fails
+			if got, err := stale.liveAgents(context.Background()); err == nil && len(got) > 0 {
+				t.Fatalf("a stale or empty list was reused: %v", got)
+			}
+		}()
+	}
+}
+
+// The workers of one process hold the short write lock together; another
+// holder of the lock file (another process: another open file) gets it
+// only once none of them holds it.
+func TestWriteLockShared(t *testing.T) {
+	st := store.New(t.TempDir())
+	lock := WriteLock(st)
+	ctx := context.Background()
+	u1, err1 := lock(ctx)
+	u2, err2 := lock(ctx) // a second worker: no wait
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	other := func() error {
+		ctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		l, err := st.WriteLock(ctx)
+		if err == nil {
+			l.Unlock()
+		}
+		return err
+	}
+	if other() == nil {
+		t.Fatal("another process took the lock while two workers held it")
+	}
+	u1()
+	u1() // twice: the same holder
+	if other() == nil {
+		t.Fatal("another process took the lock while a worker held it")
+	}
+	u2()
+	if err := other(); err != nil {
+		t.Fatalf("after both workers let go: %v", err)
+	}
+}
