@@ -97,6 +97,18 @@ func (b *Breakers) locked() time.Time {
 	return now
 }
 
+// fresh is locked with the copy read again whatever its age: a fault
+// is written whole, and a copy up to Refresh old would undo what
+// another node found meanwhile (close a breaker it opened). Faults are
+// rare, so the extra read costs nothing that matters.
+func (b *Breakers) fresh() time.Time {
+	b.mu.Lock()
+	now := b.Now()
+	b.read = time.Time{}
+	b.load(now)
+	return now
+}
+
 // Allow reports whether an order may go to server now, and when not,
 // why it is passed over.
 func (b *Breakers) Allow(server string) (bool, string) {
@@ -130,7 +142,7 @@ func (b *Breakers) Fault(server, why string) {
 	if b == nil {
 		return
 	}
-	now := b.locked()
+	now := b.fresh()
 	defer b.mu.Unlock()
 	st := b.states[server]
 	st.Failures++

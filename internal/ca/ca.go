@@ -17,6 +17,7 @@ package ca
 
 import (
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
@@ -214,6 +215,7 @@ type Set struct {
 	Fallbacks []CA
 	breakers  *Breakers
 	getenv    func(string) string // where the fallbacks' HMAC keys may be
+	primary   string              // --server's directory ("" when not known)
 }
 
 // Breakers are the set's breakers; nil (every method a no-op) for a
@@ -234,18 +236,29 @@ func (s *Set) Len() int {
 	return 1 + len(s.Fallbacks)
 }
 
-// NewSet checks fallbacks against each other and against the primary.
-func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
-	// One CA's directory, however it is spelt: a trailing slash or a
-	// capital in the host makes no other CA.
-	key := func(s string) string {
-		u, err := url.Parse(strings.TrimRight(s, "/"))
-		if err != nil {
-			return s
-		}
-		u.Host = strings.ToLower(u.Host)
-		return u.String()
+// sameCA is one CA's directory, however it is spelt: a trailing slash,
+// a capital or a trailing dot in the host, or the scheme's default
+// port makes no other CA.
+func sameCA(s string) string {
+	u, err := url.Parse(strings.TrimRight(s, "/"))
+	if err != nil || u.Host == "" {
+		return s
 	}
+	host, port := strings.ToLower(strings.TrimSuffix(u.Hostname(), ".")), u.Port()
+	if (u.Scheme == "https" && port == "443") || (u.Scheme == "http" && port == "80") {
+		port = ""
+	}
+	u.Host = host
+	if port != "" {
+		u.Host = net.JoinHostPort(host, port)
+	}
+	return u.String()
+}
+
+// NewSet checks fallbacks against each other and against the primary
+// (--server's directory, "" when unknown).
+func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
+	key := sameCA
 	seen := map[string]string{key(primary): "the primary's directory (--server)"}
 	names := map[string]bool{}
 	for _, c := range fallbacks {
@@ -258,7 +271,7 @@ func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
 		}
 		seen[key(c.Server)] = "fallback " + c.Name + "'s directory"
 	}
-	return &Set{Fallbacks: fallbacks, breakers: b}, nil
+	return &Set{Fallbacks: fallbacks, breakers: b, primary: primary}, nil
 }
 
 // Fallback is the configured fallback whose directory is server.
@@ -267,7 +280,7 @@ func (s *Set) Fallback(server string) (CA, bool) {
 		return CA{}, false
 	}
 	for _, c := range s.Fallbacks {
-		if c.Server == server {
+		if sameCA(c.Server) == sameCA(server) {
 			return c, true
 		}
 	}
@@ -288,16 +301,29 @@ type Candidate struct {
 }
 
 // For lists the CAs to try for l, in order: its primary (l.Home()) with
-// the lineage's own profile and chain, then every fallback that is not
-// that CA, each with its own account, chain and mapped profile.
+// the lineage's own profile and chain, then the configured primary
+// (--server) when that is another CA, then every other fallback, each
+// with its own account, chain and mapped profile. A lineage whose home
+// is now one of the fallbacks (an operator who moved to a new primary
+// and kept the old CA behind it) tries the configured primary first and
+// its old CA in the fallbacks' order: the configuration says which CA
+// comes first.
 func (s *Set) For(l *store.Lineage) []Candidate {
 	home, email := l.Home()
-	out := []Candidate{{Name: s.Label(home), Server: home, Email: email, Profile: l.Profile, PreferredChain: l.PreferredChain, Primary: true}}
+	first := Candidate{Name: s.Label(home), Server: home, Email: email, Profile: l.Profile, PreferredChain: l.PreferredChain, Primary: true}
 	if s == nil {
-		return out
+		return []Candidate{first}
+	}
+	out := []Candidate{first}
+	if _, demoted := s.Fallback(home); demoted && s.primary != "" && sameCA(s.primary) != sameCA(home) {
+		// The lineage's profile and chain were its old CA's: the new
+		// primary orders under its default profile if it lacks it.
+		out = []Candidate{{Name: s.Label(s.primary), Server: s.primary, Email: email, Profile: l.Profile, ProfileOptional: true, Primary: true}}
+	} else if s.primary != "" && sameCA(s.primary) != sameCA(home) {
+		out = append(out, Candidate{Name: s.Label(s.primary), Server: s.primary, Email: email, Profile: l.Profile, ProfileOptional: true, Primary: true})
 	}
 	for _, c := range s.Fallbacks {
-		if c.Server == home {
+		if sameCA(c.Server) == sameCA(out[0].Server) || (len(out) > 1 && sameCA(c.Server) == sameCA(out[1].Server)) {
 			continue
 		}
 		cand := Candidate{Name: c.Name, Server: c.Server, Email: c.Email, PreferredChain: c.PreferredChain, Profile: l.Profile, ProfileOptional: true}

@@ -88,8 +88,21 @@ func TestFor(t *testing.T) {
 		got[2].Name != "b" || got[2].Email != "ops@example.com" || got[2].Profile != "six" {
 		t.Fatalf("%+v", got)
 	}
-	// A lineage whose primary is one of the fallbacks does not try it twice.
-	if got := s.For(&store.Lineage{Server: "https://b/dir"}); len(got) != 2 || got[0].Server != "https://b/dir" || got[1].Server != "https://a/dir" {
+	// A lineage whose own CA is now one of the fallbacks tries the
+	// configured primary first, then the fallbacks in their order, its
+	// old CA among them once.
+	if got := s.For(&store.Lineage{Server: "https://b/dir", Profile: "short"}); len(got) != 3 || got[0].Server != "https://p/dir" || !got[0].Primary || !got[0].ProfileOptional ||
+		got[1].Server != "https://a/dir" || got[2].Server != "https://b/dir" || got[2].Profile != "six" {
+		t.Fatalf("a lineage at a fallback: %+v", got)
+	}
+	// A lineage at a CA that is neither tries its own, then the
+	// configured primary, then the fallbacks.
+	if got := s.For(&store.Lineage{Server: "https://old/dir"}); len(got) != 4 || got[0].Server != "https://old/dir" || got[1].Server != "https://p/dir" || got[2].Name != "a" || got[3].Name != "b" {
+		t.Fatalf("a lineage at another CA: %+v", got)
+	}
+	// Without the primary known, a lineage at a fallback does not try it twice.
+	k, _ := NewSet("", s.Fallbacks, nil)
+	if got := k.For(&store.Lineage{Server: "https://b/dir"}); len(got) != 2 || got[0].Server != "https://b/dir" || got[1].Server != "https://a/dir" {
 		t.Fatalf("%+v", got)
 	}
 	var none *Set

@@ -19,7 +19,8 @@ type Settings struct {
 	Fallbacks []string
 	Backoff   time.Duration
 
-	list   []CA // the fallbacks, parsed by Check
+	list   []CA   // the fallbacks, parsed by Check
+	server string // the primary's directory (--server), when Check knew it
 	getenv func(string) string
 }
 
@@ -46,7 +47,11 @@ func (s *Settings) Check(primary acme.Settings, getenv func(string) string) erro
 	if s.Backoff < time.Second || s.Backoff > MaxBackoff {
 		return fmt.Errorf("--ca-backoff %s: want 1s to %s", s.Backoff, MaxBackoff)
 	}
-	server, _ := primary.ServerURL() // its own error is said where it is used
+	server, err := primary.ServerURL() // its own error is said where it is used
+	if err != nil {
+		server = ""
+	}
+	s.server = server
 	if _, err := NewSet(server, s.list, nil); err != nil {
 		return fmt.Errorf("--fallback-ca: %w", err)
 	}
@@ -85,7 +90,11 @@ func (s *Settings) Run(st Store, now func() time.Time, dryRun bool) *Set {
 		}
 		list[i] = c
 	}
-	set, _ := NewSet("", list, &Breakers{Store: st, Now: now, Backoff: s.Backoff})
+	server := s.server
+	if dryRun && server != "" {
+		server = acme.DryRunServer(server)
+	}
+	set, _ := NewSet(server, list, &Breakers{Store: st, Now: now, Backoff: s.Backoff})
 	set.getenv = s.getenv
 	return set
 }
