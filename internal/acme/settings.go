@@ -108,7 +108,7 @@ func ReadEABHMAC(key, file, setting, missing string) (string, error) {
 	if file != "" {
 		data, err := os.ReadFile(file)
 		if err != nil {
-			return "", fmt.Errorf("%s %s: %w", setting, file, unwrapPath(err))
+			return "", fmt.Errorf("%s %s: %w", setting, ShownKeyFile(file), unwrapPath(err))
 		}
 		key = strings.TrimSpace(string(data))
 	}
@@ -120,6 +120,17 @@ func ReadEABHMAC(key, file, setting, missing string) (string, error) {
 		return "", fmt.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
 	}
 	return key, nil
+}
+
+// ShownKeyFile is how an error shows the name given for a secret's
+// file: as given when it looks like a path, not at all when it has no
+// '/', as when a key was pasted where its file belongs (a secret never
+// printed).
+func ShownKeyFile(file string) string {
+	if strings.ContainsRune(file, '/') {
+		return file
+	}
+	return "(not shown: it has no '/'; give the path of the file holding the key, never the key itself)"
 }
 
 // DryRunServer is where a dry run orders instead of server: Let's

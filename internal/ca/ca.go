@@ -17,6 +17,7 @@ package ca
 
 import (
 	"fmt"
+	"github.com/lbcert/lbcert/internal/acme"
 	"net"
 	"net/url"
 	"os"
@@ -174,12 +175,16 @@ func (c *CA) set(kv string) error {
 
 // exists checks a file setting names a readable file.
 func exists(key, path string) error {
+	shown := path
+	if key == "eab-hmac-key-file" {
+		shown = acme.ShownKeyFile(path)
+	}
 	st, err := os.Stat(path)
 	if err != nil {
-		return fmt.Errorf("%s=%s: %v", key, path, unwrap(err))
+		return fmt.Errorf("%s=%s: %v", key, shown, unwrap(err))
 	}
 	if st.IsDir() {
-		return fmt.Errorf("%s=%s: a directory, want a file", key, path)
+		return fmt.Errorf("%s=%s: a directory, want a file", key, shown)
 	}
 	return nil
 }

@@ -61,6 +61,11 @@ func TestParse(t *testing.T) {
 			t.Errorf("%q: error %v, want %q", spec, err, want)
 		}
 	}
+	// A key pasted where its file belongs is refused without being shown.
+	const pasted = "kfTZ3Xf2hR8VbLQn0wCq7aYdUe1sPmGo9jHxNr4tBvI"
+	if _, err := Parse("mine https://ca/dir eab-kid=k eab-hmac-key-file=" + pasted); err == nil || strings.Contains(err.Error(), pasted) || !strings.Contains(err.Error(), "never the key itself") {
+		t.Errorf("a pasted key: %v", err)
+	}
 }
 
 func TestNewSetRefusesDuplicates(t *testing.T) {
