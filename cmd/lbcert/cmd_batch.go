@@ -220,6 +220,7 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		a.printBatchSummary(result)
 	}
 	a.sayUnreachable(result)
+	a.sayRollouts(result)
 	return finish(result, a.mailReport(ctx, st, result.Report()))
 }
 

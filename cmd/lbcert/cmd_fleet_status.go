@@ -67,7 +67,8 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	} else {
 		a.printf("fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
 		tw := tabwriter.NewWriter(a.out, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\tBEHIND\tFAILED\tLAG")
+		staged := len(st.Waves) > 0 // WAITING: for its wave
+		fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\t"+waitingCol(staged, "WAITING")+"BEHIND\tFAILED\tLAG")
 		for _, ns := range st.Nodes {
 			beat := "none"
 			if ns.Heartbeat != nil {
@@ -77,7 +78,7 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 			if ns.Behind+ns.Failed > 0 {
 				lag = (time.Duration(ns.LagSeconds) * time.Second).String()
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", ns.Node, beat, orDash(ns.Agent), ns.Newest, ns.Behind, ns.Failed, lag)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s%d\t%d\t%s\n", ns.Node, beat, orDash(ns.Agent), ns.Newest, waitingCol(staged, fmt.Sprint(ns.Waiting)), ns.Behind, ns.Failed, lag)
 		}
 		tw.Flush()
 		for _, ns := range st.Nodes {
@@ -85,11 +86,12 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 				a.printf("  %s %s: %s\n", ns.Node, f.Name, f.Error)
 			}
 		}
+		a.printRollouts(st)
 	}
 	if st.OK {
 		return nil
 	}
-	var lines []string
+	lines := st.Problems
 	for _, ns := range st.Nodes {
 		if len(ns.Problems) > 0 {
 			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))

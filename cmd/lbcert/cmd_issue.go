@@ -192,6 +192,7 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	} else {
 		a.printIssue(st, res.Items[0])
 	}
+	a.sayRollouts(res)
 	return finish(res, a.mailReport(ctx, st, res.Report()))
 }
 
@@ -258,6 +259,8 @@ func deployWords(it *engine.Item) string {
 		return "none (no --deploy target)"
 	case "rolled_back":
 		return "rolled back: " + it.Pending
+	case "held":
+		return "held on this node: " + it.Held
 	}
 	if it.Outcome == engine.Failed {
 		return "failed: " + it.Error

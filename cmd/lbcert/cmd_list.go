@@ -49,7 +49,9 @@ type listEntry struct {
 	Paths       store.Paths `json:"paths"`
 	// Nodes is what each node of a fleet reports serving.
 	Nodes []nodeServes `json:"nodes,omitempty"`
-	Error string       `json:"error,omitempty"` // the lineage could not be read
+	// Rollout is a fleet's staged rollout of it that needs an operator.
+	Rollout string `json:"rollout,omitempty"`
+	Error   string `json:"error,omitempty"` // the lineage could not be read
 }
 
 // lineageList is list --json: the same schema rules as the run report
@@ -101,6 +103,9 @@ func (a *app) newShowCmd() *cobra.Command {
 				return redisExit(err)
 			}
 			e.Nodes = served[e.Name]
+			one := []listEntry{*e}
+			a.markRollouts(cmd.Context(), h, one)
+			e = &one[0]
 			if o.JSON {
 				return writeJSON(a, e)
 			}
@@ -142,6 +147,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		}
 		entries = append(entries, *e)
 	}
+	a.markRollouts(ctx, h, entries)
 	if o.JSON {
 		return writeJSON(a, lineageList{Version: engine.SchemaVersion, Lineages: entries})
 	}
@@ -278,6 +284,9 @@ func (a *app) printTable(entries []listEntry) {
 		if e.Cadence != "" {
 			status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
 		}
+		if e.Rollout != "" {
+			status = strings.TrimPrefix(status+"; ", "ok; ") + e.Rollout
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, strings.Join(e.Domains, ","), a.when(e.NotAfter), e.DaysLeft,
 			a.renewWhen(e.RenewAt), e.RenewReason, e.Challenge, e.Deploy, status)
 	}
@@ -306,6 +315,7 @@ func (a *app) printShow(e *listEntry) {
 	row("account", e.Email)
 	row("version", fmt.Sprint(e.Version))
 	row("pending", e.Pending)
+	row("rollout", e.Rollout)
 	if e.Failures > 0 {
 		row("failures", fmt.Sprint(e.Failures))
 		row("last error", e.LastError)
@@ -317,6 +327,9 @@ func (a *app) printShow(e *listEntry) {
 		what := fmt.Sprintf("version %d, serial %s", n.Version, n.Serial)
 		if !n.OK {
 			what = fmt.Sprintf("version %d; %s", n.Version, n.Error)
+		}
+		if n.Held != "" {
+			what += "; " + n.Held
 		}
 		row("node "+n.Node, what)
 	}

@@ -160,6 +160,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	}
 	a.renderRenew(res, o)
 	a.sayUnreachable(res)
+	a.sayRollouts(res)
 	var mailErr error
 	if !o.DryRun {
 		mailErr = a.mailReport(ctx, st, res.Report())

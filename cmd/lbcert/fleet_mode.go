@@ -99,6 +99,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			Settings: func(*store.Lineage) store.Deploy { return settings },
 			Lock:     fleet.WriteLock(st),
 			Report:   fleet.ReportServed(f.node),
+			Gate:     f.node.Gate,
 		},
 		// One budget for the fleet: the CA counts per account and
 		// domain, whichever node orders; and the fleet's ledger of
@@ -116,6 +117,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 		},
 		after:  func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
 		served: func(ctx context.Context) (map[string][]nodeServes, error) { return nodesServing(ctx, f.node) },
+		notes:  func(ctx context.Context) ([]engine.Note, error) { return rolloutNotes(ctx, f.node, a.now()) },
 		close:  f.close,
 	}, nil
 }
@@ -129,7 +131,7 @@ func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]nodeServes, 
 	out := make(map[string][]nodeServes, len(all))
 	for name, byNode := range all {
 		for node, s := range byNode {
-			out[name] = append(out[name], nodeServes{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+			out[name] = append(out[name], nodeServes{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error, Held: s.Held})
 		}
 		slices.SortFunc(out[name], func(a, b nodeServes) int { return strings.Compare(a.Node, b.Node) })
 	}

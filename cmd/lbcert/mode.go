@@ -62,6 +62,9 @@ type host struct {
 	served func(ctx context.Context) (map[string][]nodeServes, error)
 	close  func()
 	fleet  *fleetRun // fleet-only commands (status, remove) read it
+	// notes are a fleet's staged rollouts that need an operator, for
+	// the run's report; nil on one host.
+	notes func(ctx context.Context) ([]engine.Note, error)
 }
 
 // nodeServes is what one node serves of a lineage (list and show in a
@@ -72,6 +75,8 @@ type nodeServes struct {
 	Serial  string `json:"serial,omitempty"`
 	OK      bool   `json:"ok"`
 	Error   string `json:"error,omitempty"`
+	// Held is why the node serves an older version: a staged rollout.
+	Held string `json:"held,omitempty"`
 }
 
 // mode is the run's mode, from the settings.

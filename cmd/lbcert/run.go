@@ -101,6 +101,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 		return nil, exit.Errorf("%w", err)
 	}
 	res := plan.Execute(ctx)
+	a.addRolloutNotes(ctx, h, res)
 	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
 		if err := st.MarkCadenceWarned(a.now()); err != nil {
 			slog.Warn("could not record the schedule warning", "err", err)

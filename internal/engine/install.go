@@ -34,6 +34,36 @@ type Node struct {
 	// Report, when set, is told what this node serves after a deploy:
 	// the fleet's per-node report, which 'fleet status' reads.
 	Report func(ctx context.Context, served []Served)
+	// Gate, when set, says which version of a lineage this node may
+	// serve now: the catalog's head, or an older version while a staged
+	// rollout has not released the head to this node (package fleet's
+	// waves). Every install asks it with fresh set, after reading the
+	// head, so what is installed is gated, not how: the install step is
+	// the same for the head and for the version before it. Planning may
+	// accept an answer a moment old.
+	Gate func(ctx context.Context, head *store.Lineage, fresh bool) (Gated, error)
+}
+
+// Gated is a Gate's answer.
+type Gated struct {
+	Want *store.Lineage // the version this node may serve now
+	// Held says why Want is not the head ("" when it is).
+	Held string
+	// Override is the warning of a rollout overridden because the
+	// version it would keep is about to expire.
+	Override string
+}
+
+// target asks the Gate, if any, what this node may serve of head.
+func (n *Node) target(ctx context.Context, head *store.Lineage, fresh bool) (Gated, error) {
+	if n.Gate == nil {
+		return Gated{Want: head}, nil
+	}
+	g, err := n.Gate(ctx, head, fresh)
+	if err == nil && g.Want == nil {
+		g.Want = head
+	}
+	return g, err
 }
 
 // Served is what a node serves of one lineage after an install.
@@ -150,7 +180,6 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 		}
 		return out
 	}
-	defer unlock()
 	// Under the lock, again: the agent of this node may have deployed
 	// the very version meanwhile.
 	var changes []deploy.Change
@@ -167,6 +196,9 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 	for k, res := range results {
 		out[idx[k]] = n.record(wants[idx[k]], res)
 	}
+	// The report goes after the lock: in a fleet it may probe through
+	// this node's load balancer, which takes seconds when it fails.
+	unlock()
 	n.report(ctx, wants, out)
 	return out
 }

@@ -61,6 +61,12 @@ type Item struct {
 	// Cadence warns that renew runs too seldom for this certificate
 	// (Options.RunGap).
 	Cadence string `json:"cadence_warning,omitempty"`
+	// Held says why this node serves an older version than the
+	// catalog's newest: a staged rollout has not reached it (a fleet).
+	Held string `json:"held,omitempty"`
+	// Override is a staged rollout overridden on this node because the
+	// version it held is about to expire.
+	Override string `json:"expiry_override,omitempty"`
 
 	err    error         // what Error says, for callers that ask what kind it was
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
@@ -101,6 +107,18 @@ type Result struct {
 	Unreachable []string        `json:"unreachable,omitempty"`
 	Counts      map[Outcome]int `json:"counts"`
 	Items       []*Item         `json:"items"`
+	// Rollouts are the fleet's staged rollouts that need an operator:
+	// held by a failed check, aborted, or overridden near expiry
+	// (whichever lineages the run touched).
+	Rollouts []Note `json:"rollouts,omitempty"`
+}
+
+// Note is a staged rollout's state as the report says it.
+type Note struct {
+	Name string `json:"name"`
+	// State is "held", "aborted" or "expiry_override".
+	State string `json:"state"`
+	Text  string `json:"text"`
 }
 
 // Count recomputes Counts from Items.
@@ -143,6 +161,9 @@ func (r *Result) Report() *notify.Report {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
 			ni.Deploy = strings.TrimPrefix(ni.Deploy, "; ")
 		}
+		if it.Held != "" && it.Deploy == "held" {
+			ni.Deploy = "held on this node: " + it.Held
+		}
 		if it.OldNotAfter != nil {
 			ni.OldNotAfter = *it.OldNotAfter
 		}
@@ -172,6 +193,17 @@ func (r *Result) Report() *notify.Report {
 		}
 		if it.Cadence != "" {
 			out.Cadence = append(out.Cadence, notify.Note{Name: it.Name, Text: it.Cadence})
+		}
+	}
+	seen := map[string]bool{}
+	for _, n := range r.Rollouts {
+		seen[n.Name] = true
+		out.Rollouts = append(out.Rollouts, notify.Note{Name: n.Name, Text: n.Text})
+	}
+	for _, it := range r.Items {
+		if it.Override != "" && !seen[it.Name] {
+			seen[it.Name] = true
+			out.Rollouts = append(out.Rollouts, notify.Note{Name: it.Name, Text: it.Override})
 		}
 	}
 	return out

@@ -82,6 +82,8 @@ type Node struct {
 	members  []Member
 	stMu     sync.Mutex // guards st
 	st       local
+	roOnce   sync.Once
+	ro       *rolloutCache // rollout.go
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
@@ -758,31 +760,14 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	count := 0
-	for _, name := range names {
-		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, rdb.ErrNoBundle) {
-			continue
-		}
-		if err != nil {
-			return count, err
-		}
-		if b.Epoch == epoch {
-			continue
-		}
-		pem, err := n.OpenBundleKey(ctx, b)
-		if err != nil {
-			return count, fmt.Errorf("re-seal %s: %v", name, err)
-		}
-		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
-		if err != nil {
-			return count, err
-		}
-		if ok, err := n.Shared.ResealKey(ctx, name, b.Version, epoch, sealed); err != nil {
-			return count, err
-		} else if ok {
-			count++
-		}
+	count, err := n.resealBundles(ctx, names, n.Shared.Bundle, n.Shared.ResealKey)
+	if err != nil {
+		return count, err
+	}
+	prevs, err := n.resealPrevs(ctx)
+	count += prevs
+	if err != nil {
+		return count, err
 	}
 	accts, err := n.Shared.Accounts(ctx)
 	if err != nil {
@@ -812,6 +797,41 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 			return count, err
 		}
 		count++
+	}
+	return count, nil
+}
+
+// resealBundles re-seals the key of each bundle read of names that is
+// not sealed under the current data key, and writes it back (if that
+// bundle is still at its version).
+func (n *Node) resealBundles(ctx context.Context, names []string, read func(context.Context, string) (*rdb.Bundle, error),
+	write func(ctx context.Context, name string, version, epoch int, sealed []byte) (bool, error)) (int, error) {
+	epoch, key := n.current()
+	count := 0
+	for _, name := range names {
+		b, err := read(ctx, name)
+		if errors.Is(err, rdb.ErrNoBundle) {
+			continue
+		}
+		if err != nil {
+			return count, err
+		}
+		if b.Epoch == epoch {
+			continue
+		}
+		pem, err := n.OpenBundleKey(ctx, b)
+		if err != nil {
+			return count, fmt.Errorf("re-seal %s version %d: %v", name, b.Version, err)
+		}
+		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
+		if err != nil {
+			return count, err
+		}
+		if ok, err := write(ctx, name, b.Version, epoch, sealed); err != nil {
+			return count, err
+		} else if ok {
+			count++
+		}
 	}
 	return count, nil
 }

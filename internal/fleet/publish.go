@@ -73,6 +73,9 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		}
 		l.Version = v
 		n.noteIssued(l)
+		if token > 0 {
+			n.copyAfterPublish(ctx, l.Name)
+		}
 		return v, nil
 	}
 }

@@ -21,21 +21,33 @@ type Status struct {
 	Nodes    []NodeStatus `json:"nodes"`
 	OK       bool         `json:"ok"`
 	At       time.Time    `json:"at"`
+	// Waves are the fleet's staged rollout waves, resolved over its
+	// members (none: every node installs every version at once), and
+	// Rollouts the rollouts on their way.
+	Waves    [][]string      `json:"waves,omitempty"`
+	Rollouts []RolloutStatus `json:"rollouts,omitempty"`
+	// Problems are what is wrong beyond any one node: a rollout held,
+	// aborted or overridden near expiry.
+	Problems []string `json:"problems,omitempty"`
 }
 
 // NodeStatus is one member's view.
 type NodeStatus struct {
-	Node        string     `json:"node"`
-	Heartbeat   *time.Time `json:"heartbeat,omitempty"`
-	Agent       string     `json:"agent_version,omitempty"`
-	Addr        string     `json:"agent_addr,omitempty"`
-	Newest      int        `json:"newest"` // lineages served at the fleet's newest version
-	Behind      int        `json:"behind"`
-	Failed      int        `json:"failed"`
-	LagSeconds  float64    `json:"lag_seconds"` // the oldest change not served yet
-	Failures    []Failure  `json:"failures,omitempty"`
-	Problems    []string   `json:"problems,omitempty"`
-	BehindNames []string   `json:"behind_names,omitempty"`
+	Node      string     `json:"node"`
+	Heartbeat *time.Time `json:"heartbeat,omitempty"`
+	Agent     string     `json:"agent_version,omitempty"`
+	Addr      string     `json:"agent_addr,omitempty"`
+	Newest    int        `json:"newest"` // lineages served at the fleet's newest version
+	// Waiting are lineages served at the version a staged rollout keeps
+	// this node on (its wave not released, or the rollout held): not
+	// behind, and no problem of the node's.
+	Waiting     int       `json:"waiting"`
+	Behind      int       `json:"behind"`
+	Failed      int       `json:"failed"`
+	LagSeconds  float64   `json:"lag_seconds"` // the oldest change not served yet
+	Failures    []Failure `json:"failures,omitempty"`
+	Problems    []string  `json:"problems,omitempty"`
+	BehindNames []string  `json:"behind_names,omitempty"`
 }
 
 // Failure is a lineage a node failed to install or deploy.
@@ -61,7 +73,12 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 	if err != nil {
 		return nil, err
 	}
-	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC()}
+	ro, err := n.viewRollouts(ctx, heads)
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC(), Waves: ro.waves}
+	all := map[string]map[string]Served{}
 	for _, m := range n.Members() {
 		ns := NodeStatus{Node: m.Node}
 		var info AgentInfo
@@ -73,18 +90,26 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 		if err != nil {
 			return nil, err
 		}
+		all[m.Node] = map[string]Served{}
 		var lag time.Duration
 		for name, h := range heads {
 			var s Served
 			if raw, ok := served[name]; ok {
 				json.Unmarshal([]byte(raw), &s)
 			}
+			if _, ok := ro.recs[name]; ok {
+				all[m.Node][name] = s
+			}
+			t, staged := ro.target(name, m.Node, s, now)
 			// The same version AND the same certificate: a node that
 			// serves another certificate under the newest number (a Redis
 			// that lost writes renumbered it) is behind (invariant I1).
 			switch {
 			case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
 				ns.Newest++
+				continue
+			case staged && s.OK && s.Version == t.Version && s.Serial == t.Serial:
+				ns.Waiting++
 				continue
 			case s.Error != "" && s.Wanted >= h.Version:
 				ns.Failed++
@@ -117,6 +142,14 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 			st.OK = false
 		}
 		st.Nodes = append(st.Nodes, ns)
+	}
+	st.Rollouts = ro.statuses(all, now)
+	sort.Slice(st.Rollouts, func(i, j int) bool { return st.Rollouts[i].Name < st.Rollouts[j].Name })
+	for i := range st.Rollouts {
+		if p := st.Rollouts[i].Problem(); p != "" {
+			st.Problems = append(st.Problems, p)
+			st.OK = false
+		}
 	}
 	return st, nil
 }

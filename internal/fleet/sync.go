@@ -27,6 +27,12 @@ type Served struct {
 	OK      bool      `json:"ok"`
 	Error   string    `json:"error,omitempty"`
 	At      time.Time `json:"at"`
+	// Probe is the staged rollout's probe through this node of the
+	// version it serves: "ok", or why it failed ("" when none ran).
+	Probe string `json:"probe,omitempty"`
+	// Held says why the node serves an older version than the fleet's
+	// newest: a staged rollout has not released it here.
+	Held string `json:"held,omitempty"`
 }
 
 // Remover takes a deleted lineage off this node's load balancer:
@@ -65,6 +71,8 @@ type Syncer struct {
 	mu       sync.Mutex
 	reported map[string]Served
 	swept    time.Time
+	gen      string    // the Redis generation reported is for
+	wake     time.Time // when a staged rollout is due a look
 }
 
 // Run syncs until ctx ends.
@@ -107,6 +115,9 @@ func (s *Syncer) follow(ctx context.Context) error {
 	}
 	next := time.Now().Add(s.Reconcile)
 	for ctx.Err() == nil {
+		if err := s.tick(ctx); err != nil {
+			return err
+		}
 		block := min(time.Until(next), 2*time.Second)
 		if block <= 0 {
 			if err := s.reconcile(ctx); err != nil {
@@ -177,6 +188,11 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err := s.giveBack(rctx, heads); err != nil {
 		return err
 	}
+	s.newGeneration()
+	targets, recs, err := s.N.Targets(rctx, heads)
+	if err != nil {
+		return err
+	}
 	digest := store.DeployDigest(s.Deploy)
 	var todo []string
 	fine := map[string]Served{}
@@ -185,24 +201,92 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 		if h.Version == 0 {
 			continue
 		}
+		// What this node may serve: the head, or the version a staged
+		// rollout keeps it on.
+		t, staged := targets[name]
+		if !staged {
+			t = Target{Version: h.Version, Serial: h.Serial}
+		}
 		live, _ := s.Local.LiveVersion(name)
 		j, _ := s.Local.Journal(name)
 		d := j.Deployed
-		if j.Pending != nil || live != h.Version || d == nil || d.Version != h.Version || d.Serial != h.Serial || d.With != digest {
+		if j.Pending != nil || live != t.Version || d == nil || d.Version != t.Version || d.Serial != t.Serial || d.With != digest {
 			todo = append(todo, name)
 			continue
 		}
 		s.mu.Lock()
 		rep, ok := s.reported[name]
 		s.mu.Unlock()
-		if !ok || rep.Version != h.Version || rep.Serial != h.Serial || !rep.OK {
-			fine[name] = Served{Version: h.Version, Serial: h.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC()}
+		if !ok || rep.Version != t.Version || rep.Serial != t.Serial || !rep.OK || rep.Held != t.Held {
+			fine[name] = Served{Version: t.Version, Serial: t.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC(), Held: t.Held}
 		}
 	}
 	if err := s.report(ctx, fine); err != nil {
 		return err
 	}
-	return s.sync(ctx, todo)
+	if err := s.sync(ctx, todo); err != nil {
+		return err
+	}
+	return s.judge(ctx, recs, heads)
+}
+
+// judge moves every rollout on its way as the reports say (Evaluate),
+// installs what moved, and forgets the copies of finished ones; it
+// notes when to look again.
+func (s *Syncer) judge(ctx context.Context, recs map[string]*Record, heads map[string]rdb.Head) error {
+	next, err := s.N.Evaluate(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.wake = next
+	s.mu.Unlock()
+	vs := make(map[string]int, len(heads))
+	for name, h := range heads {
+		vs[name] = h.Version
+	}
+	return s.N.dropStaleCopies(ctx, recs, vs)
+}
+
+// newGeneration forgets what this agent reported once Redis was rebuilt
+// (a new generation): the reports went with the old Redis, and staged
+// rollouts judge waves by them.
+func (s *Syncer) newGeneration() {
+	s.N.stMu.Lock()
+	gen := s.N.st.Gen
+	s.N.stMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if gen != s.gen {
+		s.gen = gen
+		s.reported = map[string]Served{}
+	}
+}
+
+// tick looks at the rollouts again when one is due (a soak ended, a
+// held version nearing expiry), and installs what that changed.
+func (s *Syncer) tick(ctx context.Context) error {
+	s.mu.Lock()
+	due := !s.wake.IsZero() && !time.Now().Before(s.wake)
+	if due {
+		s.wake = time.Time{}
+	}
+	s.mu.Unlock()
+	if !due {
+		return nil
+	}
+	next, err := s.N.Evaluate(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.wake = sooner(s.wake, next)
+	s.mu.Unlock()
+	names, err := s.N.Shared.Rollouts(ctx)
+	if err != nil {
+		return err
+	}
+	return s.sync(ctx, names)
 }
 
 // sweepPace removes, once an hour, the pace budget's fields that hold
@@ -240,7 +324,7 @@ func (s *Syncer) sync(ctx context.Context, names []string) error {
 	for _, it := range res.Items {
 		switch {
 		case it.Outcome == engine.NotDue && it.Serial != "":
-			fine[it.Name] = Served{Version: it.Version, Serial: it.Serial, Wanted: it.Version, OK: true, At: time.Now().UTC()}
+			fine[it.Name] = Served{Version: it.Version, Serial: it.Serial, Wanted: it.Version, OK: true, At: time.Now().UTC(), Held: it.Held}
 		case it.Outcome == engine.Failed && isUnavailable(it.Err()):
 			return it.Err()
 		case it.Outcome == engine.Failed:
@@ -266,6 +350,7 @@ func (s *Syncer) node() *engine.Node {
 		Keep:     s.Keep,
 		Lock:     WriteLock(s.Local),
 		Report:   s.served,
+		Gate:     s.N.Gate,
 	}
 }
 
@@ -299,16 +384,38 @@ func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 }
 
 // ReportServed tells the fleet what a run of this node installed: the
-// agent's report, for the node that ordered.
+// agent's report, for the node that ordered (with the probe of a staged
+// rollout, through this node's load balancer as its agent deploys).
 func ReportServed(n *Node) func(ctx context.Context, out []engine.Served) {
-	s := &Syncer{Local: n.Local, N: n, reported: map[string]Served{}}
+	s := &Syncer{Local: n.Local, N: n, Deploy: NodeDeploy(n.Local), reported: map[string]Served{}}
 	return s.served
 }
 
+// report tells the fleet what this node serves, with the probe of each
+// version a staged rollout is checking, then judges those rollouts at
+// once: a wave passes the moment its last node reports.
 func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 	if len(reports) == 0 {
 		return nil
 	}
+	checked, err := s.probes(ctx, reports)
+	if err != nil {
+		return err
+	}
+	if err := s.send(ctx, reports); err != nil {
+		return err
+	}
+	if len(checked) == 0 {
+		return nil
+	}
+	next, err := s.N.Evaluate(ctx, checked...)
+	s.mu.Lock()
+	s.wake = sooner(s.wake, next)
+	s.mu.Unlock()
+	return err
+}
+
+func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 	out := make(map[string][]byte, len(reports))
 	s.mu.Lock()
 	if s.reported == nil {
@@ -335,6 +442,14 @@ func (s *Syncer) FinishLocal(ctx context.Context) {
 		if err != nil {
 			slog.Warn("could not list this node's owed deploys", "err", err)
 		}
+		return
+	}
+	// A lineage with a staged rollout on its way waits for Redis: what
+	// it may serve is the rollout's to say, and a failed deploy of a
+	// version its wave may not get must not be retried from disk.
+	copies := recordCopies(s.Local)
+	names = slices.DeleteFunc(names, func(n string) bool { return copies[n] != nil })
+	if len(names) == 0 {
 		return
 	}
 	slog.Info("finishing the deploys this node was stopped in", "count", len(names))
@@ -459,6 +574,9 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 		}
 		if t, _ := s.Local.ReadTombstone(name); t != nil {
 			continue
+		}
+		if err := s.N.seedRecordCopy(ctx, name); err != nil {
+			return err
 		}
 		err = s.N.publishVersion(ctx, name, live)
 		switch {
