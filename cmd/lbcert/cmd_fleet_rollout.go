@@ -340,9 +340,12 @@ func (a *app) sayRollouts(res *engine.Result) {
 		fmt.Fprintf(a.err, "lbcert: warning: %s\n", n.Text)
 	}
 	if len(res.Rollouts) > 0 {
-		fmt.Fprintf(a.err, "lbcert: hint: 'lbcert fleet status' shows where; 'lbcert fleet rollout resume NAME' moves a rollout on, 'abort NAME' keeps the previous version everywhere\n")
+		fmt.Fprintf(a.err, "lbcert: hint: %s\n", rolloutHint)
 	}
 }
+
+// rolloutHint is what to do about a rollout held, aborted or overridden.
+const rolloutHint = "'lbcert fleet status' shows where; fix the node's load balancer or the probe's target, then 'lbcert fleet rollout resume NAME' moves it on, or 'abort NAME' keeps the previous version everywhere (README \"Staged rollouts\")"
 
 // waitingCol is fleet status's WAITING column, shown only in a fleet
 // that stages rollouts.

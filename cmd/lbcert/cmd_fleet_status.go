@@ -97,8 +97,11 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
 		}
 	}
-	return &exit.Error{Code: exit.Partial, Msg: strings.Join(lines, "; "),
-		Hint: "README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"}
+	hint := "README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"
+	if len(st.Problems) > 0 {
+		hint = rolloutHint
+	}
+	return &exit.Error{Code: exit.Partial, Msg: strings.Join(lines, "; "), Hint: hint}
 }
 
 func orDash(s string) string {

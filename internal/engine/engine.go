@@ -408,6 +408,9 @@ func (e *Engine) decideInstall(ctx context.Context, s *step) {
 		s.item.Pending = pendingError(e.Node, s.prev.Name)
 		return
 	}
+	if g.Want != s.prev {
+		slog.Info("not installing here yet: a staged rollout holds it", "name", s.prev.Name, "serving", g.Want.Version, "why", g.Held)
+	}
 	s.item.Outcome = NotDue
 	s.item.Serial, s.item.NotAfter, s.item.Version = g.Want.Cert.Serial, timePtr(g.Want.Cert.NotAfter), g.Want.Version
 }

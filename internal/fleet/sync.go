@@ -422,6 +422,11 @@ func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 		s.reported = map[string]Served{}
 	}
 	for name, r := range reports {
+		// The same report again keeps its time: it says since when the
+		// node serves this, which a staged rollout's soak counts from.
+		if old, ok := s.reported[name]; ok && sameReport(old, r) {
+			r.At = old.At
+		}
 		s.reported[name] = r
 		out[name], _ = json.Marshal(r)
 	}
@@ -429,6 +434,11 @@ func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.SetServed(rctx, s.N.Name, out)
+}
+
+func sameReport(a, b Served) bool {
+	a.At, b.At = time.Time{}, time.Time{}
+	return a == b
 }
 
 // FinishLocal deploys what a run or this agent left owed when it was

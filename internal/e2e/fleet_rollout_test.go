@@ -1,0 +1,187 @@
+package e2e
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Staged rollouts (issue 28): three nodes, each with its own HAProxy
+// whose agent checks over TLS what it serves, one Redis, Pebble.
+
+// A good version goes canary first, then the rest once the canary
+// serves it, its probe passed and the soak is over, even when a node of
+// the last wave ordered it; the agents' reports show the order.
+func TestFleetRolloutCanaryThenRest(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2", "lb3")
+	f.form()
+	lbs := f.rolloutPool(f.order...)
+	const name = "ro.example.com"
+	const soak = 4 * time.Second
+	r := f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", soak.String(), "--probe", "https://{name}/healthz")
+	if !strings.Contains(r.stdout, "wave 1: lb1") || !strings.Contains(r.stdout, "wave 2: rest         lb2, lb3") {
+		t.Fatalf("rollout set:\n%s", r.stdout)
+	}
+	// A new lineage has no previous version to keep: it goes everywhere.
+	f.mustOn("lb2", "issue", "-d", name, "--agree-tos", "--rate-domain", "off")
+	v1 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	sampler := f.sampleRollouts(lbs, name)
+
+	// lb3, in the last wave, renews: it does not deploy what it ordered.
+	r = f.mustOn("lb3", "renew", "--force", "--name", name, "--no-random-sleep", "--json")
+	var rep struct {
+		Items []struct{ Deploy, Held string } `json:"items"`
+	}
+	json.Unmarshal([]byte(r.stdout), &rep)
+	if len(rep.Items) != 1 || rep.Items[0].Deploy != "held" || !strings.Contains(rep.Items[0].Held, "this node is in wave 2") {
+		t.Fatalf("renew on a last-wave node: %s", r.stdout)
+	}
+	v2 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v2, 20*time.Second, "lb1")
+	// The canary serves it; the rest keep the previous version while it
+	// soaks, and fleet status says they wait, which is no problem.
+	for _, n := range []string{"lb2", "lb3"} {
+		if got := lbs[n].serves(name); got != v1 {
+			t.Fatalf("%s serves %s before the canary's soak is over, want the previous %s", n, got, v1)
+		}
+	}
+	st, js := f.waitRollout("lb2", "the rollout waiting for wave 2", soak, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Nodes[1].Waiting == 1
+	})
+	if st.code != 0 || js.Rollouts[0].State != "rolling" || js.Rollouts[0].Wave != 1 || js.Rollouts[0].Version != 2 || js.Rollouts[0].Previous != 1 {
+		t.Fatalf("fleet status during the soak: exit %d\n%s", st.code, st.stdout)
+	}
+	f.waitServes(lbs, name, v2, soak+20*time.Second, "lb2", "lb3")
+
+	// The order, as the agents reported it: the canary first with its
+	// probe passed, the others not before its soak was over.
+	canary := f.servedReport("lb1", name)
+	if canary.Serial != v2 || canary.Probe != "ok" {
+		t.Fatalf("the canary's report: %+v", canary)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		rest := f.servedReport(n, name)
+		if rest.Serial != v2 || rest.At.Sub(canary.At) < soak {
+			t.Errorf("%s reported %s at %s, %s after the canary's %s: want after the %s soak", n, rest.Serial, rest.At.Format(time.RFC3339Nano),
+				rest.At.Sub(canary.At), canary.At.Format(time.RFC3339Nano), soak)
+		}
+		if log := f.nodes[n].agentLog(); !strings.Contains(log, "not installing here yet: a staged rollout holds it") {
+			t.Errorf("%s's agent never said it held the version back:\n%s", n, log)
+		}
+	}
+	f.waitRollout("lb1", "the rollout done", 10*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return r.code == 0 && len(st.Rollouts) == 0
+	})
+	sampler.check(t)
+}
+
+// A canary whose load balancer refuses the new version holds it: the
+// other nodes never get it, the canary serves the previous certificate
+// again, and status, list and the next run's report say why; resume
+// moves it on once the canary is fixed. A canary whose probe fails goes
+// back to the previous version the same way; abort keeps that version
+// everywhere; and a new version starts a rollout of its own.
+func TestFleetRolloutCanaryFails(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2", "lb3")
+	f.form()
+	lbs := f.rolloutPool(f.order...)
+	const name = "cf.example.com"
+	f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", "0s")
+	f.mustOn("lb2", "issue", "-d", name, "--agree-tos", "--rate-domain", "off")
+	v1 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	sampler := f.sampleRollouts(lbs, name)
+
+	// The canary's HAProxy refuses the new PEM (its config test fails).
+	lbs["lb1"].broken = true
+	lbs["lb1"].apply(t)
+	f.mustOn("lb2", "renew", "--force", "--name", name, "--no-random-sleep")
+	v2 := f.fleetSerial(name)
+	r, st := f.waitRollout("lb3", "the rollout held", 20*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	if r.code != 2 || st.Rollouts[0].Node != "lb1" || !strings.Contains(st.Rollouts[0].Why, "deploy failed on lb1 (wave 1)") ||
+		!strings.Contains(r.stderr, "rollout of "+name+" version 2 held: deploy failed on lb1") || !strings.Contains(r.stderr, "lb1, lb2, lb3 keep version 1") {
+		t.Fatalf("fleet status with the canary's deploy failed: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	// Long enough for the agents of the last wave to have acted on it
+	// had they been going to: several reconciles.
+	hold := time.Now()
+	for time.Since(hold) < 6*time.Second {
+		for _, n := range f.order {
+			if got := lbs[n].serves(name); got != v1 {
+				t.Fatalf("%s serves %s while version 2 is held; want the previous %s", n, got, v1)
+			}
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	if l := f.on("lb3", "list"); !strings.Contains(l.stdout, "held: deploy failed on lb1") {
+		t.Errorf("list does not say the rollout is held:\n%s", l.stdout)
+	}
+	rep := f.on("lb3", "renew", "--name", name, "--no-random-sleep", "--json")
+	var res struct {
+		Rollouts []struct{ Name, State, Text string } `json:"rollouts"`
+	}
+	json.Unmarshal([]byte(rep.stdout), &res)
+	if len(res.Rollouts) != 1 || res.Rollouts[0].State != "held" || !strings.Contains(res.Rollouts[0].Text, "deploy failed on lb1") ||
+		!strings.Contains(rep.stderr, "lbcert: warning: rollout of "+name+" version 2 held") {
+		t.Errorf("the next run's report does not say the rollout is held: exit %d\n%s%s", rep.code, rep.stdout, rep.stderr)
+	}
+
+	// Fixed; resume: the canary gets it, then the rest.
+	lbs["lb1"].broken = false
+	lbs["lb1"].apply(t)
+	if r := f.mustOn("lb3", "fleet", "rollout", "resume", name); !strings.Contains(r.stdout, "resumed the rollout of "+name+" version 2") {
+		t.Fatalf("resume: %s", r.stdout)
+	}
+	f.waitServes(lbs, name, v2, 30*time.Second, f.order...)
+	f.waitRollout("lb1", "the rollout done", 10*time.Second, func(r result, st rolloutStatusJSON) bool { return r.code == 0 && len(st.Rollouts) == 0 })
+
+	// Now the probe fails on the canary: it deploys version 3, its
+	// probe fails, and it goes back to version 2.
+	f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", "0s", "--probe", "https://{name}/healthz")
+	lbs["lb1"].health = 503
+	lbs["lb1"].apply(t)
+	f.mustOn("lb3", "renew", "--force", "--name", name, "--no-random-sleep")
+	r, st = f.waitRollout("lb2", "the rollout held by the probe", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	if !strings.Contains(st.Rollouts[0].Why, "probe failed on lb1 (wave 1): GET https://"+name+"/healthz: status 503, want 200") {
+		t.Fatalf("held for the wrong reason: %+v", st.Rollouts[0])
+	}
+	f.waitServes(lbs, name, v2, 20*time.Second, "lb1") // back to the previous version
+	for _, n := range []string{"lb2", "lb3"} {
+		if got := lbs[n].serves(name); got != v2 {
+			t.Fatalf("%s serves %s with version 3 held, want %s", n, got, v2)
+		}
+	}
+	// Abort: version 2 everywhere, and it stays so.
+	if r := f.mustOn("lb2", "fleet", "rollout", "abort", name); !strings.Contains(r.stdout, "every node serves version 2 again") {
+		t.Fatalf("abort: %s", r.stdout)
+	}
+	r, st = f.waitRollout("lb2", "the rollout aborted", 10*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "aborted"
+	})
+	if r.code != 2 || !strings.Contains(r.stderr, "version 3 aborted; lb1, lb2, lb3 keep version 2") {
+		t.Fatalf("fleet status after abort: exit %d\n%s", r.code, r.stderr)
+	}
+	lbs["lb1"].health = 200
+	lbs["lb1"].apply(t)
+	settle := time.Now()
+	for time.Since(settle) < 5*time.Second {
+		for _, n := range f.order {
+			if got := lbs[n].serves(name); got != v2 {
+				t.Fatalf("%s serves %s after the abort, want %s", n, got, v2)
+			}
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	// A new version moves on: its own rollout, canary then the rest.
+	f.mustOn("lb2", "--ledger-cap", "4", "renew", "--force", "--name", name, "--no-random-sleep")
+	v4 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v4, 30*time.Second, f.order...)
+	f.waitRollout("lb1", "the new version's rollout done", 10*time.Second, func(r result, st rolloutStatusJSON) bool { return r.code == 0 && len(st.Rollouts) == 0 })
+	sampler.check(t)
+}
