@@ -264,3 +264,13 @@ func redisInt(c goredis.UniversalClient, key, field string) int {
 	v, _ := strconv.Atoi(c.HGet(context.Background(), key, field).Val())
 	return v
 }
+
+// mustOnCode runs lbcert on node n and fails unless it exits code.
+func (f *fleetEnv) mustOnCode(code int, n string, args ...string) result {
+	f.t.Helper()
+	r := f.on(n, args...)
+	if r.code != code {
+		f.t.Fatalf("%s: lbcert %s: exit %d, want %d\n%s", n, strings.Join(args, " "), r.code, code, r.stderr)
+	}
+	return r
+}

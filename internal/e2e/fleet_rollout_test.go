@@ -2,9 +2,14 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
 )
 
 // Staged rollouts (issue 28): three nodes, each with its own HAProxy
@@ -183,5 +188,88 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 	v4 := f.fleetSerial(name)
 	f.waitServes(lbs, name, v4, 30*time.Second, f.order...)
 	f.waitRollout("lb1", "the new version's rollout done", 10*time.Second, func(r result, st rolloutStatusJSON) bool { return r.code == 0 && len(st.Rollouts) == 0 })
+	sampler.check(t)
+}
+
+// Expiry beats caution: a rollout held by a failed probe keeps the last
+// wave on the previous version only until that version nears its
+// expiry; then every node gets the new one, and fleet status, the
+// metrics, the next run's report and its mail say so loudly.
+func TestFleetRolloutExpiryOverride(t *testing.T) {
+	// Certificates of 150 seconds; a margin of 60% overrides a hold 60
+	// seconds after the previous version was issued.
+	f := newFleetWith(t, testenv.PebbleOptions{Profiles: map[string]int{"brief": 150}}, "lb1", "lb2", "lb3")
+	f.form()
+	lbs := f.rolloutPool(f.order...)
+	const name = "ex.example.com"
+	f.mustOn("lb1", "issue", "-d", name, "--agree-tos", "--rate-domain", "off", "--profile", "brief")
+	v1 := f.fleetSerial(name)
+	issued := time.Now()
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", "0s", "--probe", "https://{name}/healthz", "--expiry-margin", "60%")
+	lbs["lb1"].health = 500
+	lbs["lb1"].apply(t)
+	sampler := f.sampleRollouts(lbs, name)
+	f.mustOn("lb2", "renew", "--force", "--name", name, "--no-random-sleep")
+	v2 := f.fleetSerial(name)
+	f.waitRollout("lb3", "the rollout held by the probe", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	if left := 60*time.Second - time.Since(issued); left < 10*time.Second {
+		t.Fatalf("the hold took until %s before the override: the test shows nothing", left)
+	}
+	// Held until the override: then every node serves the new version.
+	for _, n := range []string{"lb2", "lb3"} {
+		if got := lbs[n].serves(name); got != v1 {
+			t.Fatalf("%s serves %s before the override, want %s", n, got, v1)
+		}
+	}
+	f.waitServes(lbs, name, v2, 60*time.Second+time.Until(issued.Add(60*time.Second)), f.order...)
+	if since := time.Since(issued); since < 55*time.Second {
+		t.Fatalf("overridden %s after the previous version was issued, before its margin (60 s)", since)
+	}
+	metrics := filepath.Join(f.work, "metrics", "lbcert.prom")
+	os.MkdirAll(filepath.Dir(metrics), 0o755)
+	r, _ := f.waitRollout("lb1", "the expiry override", 10*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].Override != nil
+	})
+	if r.code != 2 || !strings.Contains(r.stderr, "rollout of "+name+" version 2 held but overridden since") {
+		t.Fatalf("fleet status after the override: exit %d\n%s", r.code, r.stderr)
+	}
+	f.mustOnCode(2, "lb1", "--metrics-file", metrics, "fleet", "status")
+	prom := readFile(t, metrics[:len(metrics)-len(".prom")]+"-fleet.prom")
+	if !strings.Contains(prom, `lbcert_fleet_rollout_expiry_override_timestamp_seconds{name="`+name+`",version="2"}`) ||
+		!strings.Contains(prom, `lbcert_fleet_rollout_held{name="`+name+`",version="2",state="held",node="lb1"} 1`) {
+		t.Fatalf("metrics:\n%s", prom)
+	}
+	// The next run's report and mail carry the warning, whatever it did
+	// (here: a new lineage; renewing this one would start a new rollout).
+	smtp, err := testenv.StartSMTP(f.work, "lbcert", smtpSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer smtp.Stop()
+	mailEnv := []string{"LBCERT_REDIS_PASSWORD=" + fleetPassword, "LBCERT_SMTP_HOST=" + smtp.Host, fmt.Sprintf("LBCERT_SMTP_PORT=%d", smtp.Port),
+		"LBCERT_SMTP_USER=lbcert", "LBCERT_SMTP_PASSWORD=" + smtpSecret, "LBCERT_SMTP_CA_BUNDLE=" + smtp.CABundle,
+		"LBCERT_MAIL_FROM=lbcert@lb3.example.com", "LBCERT_MAIL_TO=ops@example.com"}
+	rep := f.runEnv(mailEnv, "--dir", f.nodes["lb3"].dir, "--redis", f.url, "issue", "-d", "other.example.com", "--profile", "brief", "--rate-domain", "off", "--json")
+	var res struct {
+		Rollouts []struct{ Name, State, Text string } `json:"rollouts"`
+	}
+	json.Unmarshal([]byte(rep.stdout), &res)
+	if len(res.Rollouts) != 1 || res.Rollouts[0].State != "expiry_override" {
+		t.Fatalf("the report after the override: exit %d\n%s%s", rep.code, rep.stdout, rep.stderr)
+	}
+	msgs := smtp.Messages()
+	if len(msgs) != 1 || !strings.Contains(msgs[0].Data, "WARNING: staged rollouts held, aborted or overridden near expiry") ||
+		!strings.Contains(msgs[0].Data, "the version held back was about to expire") {
+		t.Fatalf("the mail after the override: %+v", msgs)
+	}
+	for _, n := range f.order {
+		if log := f.nodes[n].agentLog(); n != "lb1" && !strings.Contains(log, "EXPIRY OVERRIDE") {
+			t.Errorf("%s's agent did not say the hold was overridden:\n%s", n, log)
+		}
+	}
 	sampler.check(t)
 }

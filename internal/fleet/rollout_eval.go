@@ -163,7 +163,7 @@ func (n *Node) move(ctx context.Context, r *Record, done bool, kv ...string) {
 // margin, if that is still to come.
 func (n *Node) overrideWake(ctx context.Context, cfg *RolloutConfig, r *Record) time.Time {
 	prev, err := n.prevLineage(ctx, r)
-	if err != nil || prev == nil || !r.Override.IsZero() {
+	if err != nil || prev == nil {
 		return time.Time{}
 	}
 	at := overrideAt(prev.Cert, cfg.margin())
