@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -272,4 +273,104 @@ func TestFleetRolloutExpiryOverride(t *testing.T) {
 		}
 	}
 	sampler.check(t)
+}
+
+// A node that joins while a rollout is held gets the version its wave
+// may serve (the previous one, from the fleet), never the held one; and
+// an emptied Redis loses nothing of the rollout: its state, the held
+// version, the previous one and the waves come back from the nodes, and
+// resume then finishes it.
+func TestFleetRolloutJoinAndFlush(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2", "lb3", "lb4")
+	f.mustOn("lb1", "fleet", "init", "--node", "lb1")
+	f.joinFleet("lb2")
+	f.joinFleet("lb3")
+	roots := f.pebbleRoots()
+	lbs := map[string]*rolloutLB{}
+	for _, n := range f.order {
+		lbs[n] = f.rolloutLB(n, roots)
+	}
+	for _, n := range []string{"lb1", "lb2", "lb3"} {
+		f.startAgent(n, lbs[n].flags...)
+	}
+	f.validateVia("lb1", "lb2", "lb3")
+	const name = "jf.example.com"
+	f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", "0s", "--probe", "https://{name}/healthz")
+	f.mustOn("lb2", "issue", "-d", name, "--agree-tos", "--rate-domain", "off")
+	v1 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v1, 20*time.Second, "lb1", "lb2", "lb3")
+	sampler := f.sampleRollouts(lbs, name)
+	lbs["lb1"].health = 503
+	lbs["lb1"].apply(t)
+	f.mustOn("lb2", "renew", "--force", "--name", name, "--no-random-sleep")
+	v2 := f.fleetSerial(name)
+	f.waitRollout("lb3", "the rollout held by the probe", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	f.waitServes(lbs, name, v1, 20*time.Second, "lb1", "lb2", "lb3")
+
+	// lb4 joins: it is in the last wave, and gets the previous version.
+	f.joinFleet("lb4")
+	f.startAgent("lb4", lbs["lb4"].flags...)
+	f.waitServes(lbs, name, v1, 20*time.Second, "lb4")
+	if !strings.Contains(f.nodes["lb4"].agentLog(), "version=1") {
+		t.Errorf("lb4's agent did not install version 1:\n%s", f.nodes["lb4"].agentLog())
+	}
+
+	// Redis emptied: the nodes rebuild it, the rollout included. (First
+	// every node's copy of the membership has lb4, which their agents
+	// refresh every heartbeat: the rebuild takes the members from it.)
+	for _, n := range f.order {
+		if !poll(15*time.Second, func() bool {
+			return strings.Contains(readFileOrEmpty(filepath.Join(f.nodes[n].dir, "fleet", "state.json")), `"node": "lb4"`)
+		}) {
+			t.Fatalf("%s's copy of the membership never had lb4", n)
+		}
+	}
+	f.flushAll()
+	c := f.rdb()
+	defer c.Close()
+	var rec map[string]string
+	if !poll(30*time.Second, func() bool {
+		rec = c.HGetAll(context.Background(), "lbcert:rollout:"+name).Val()
+		v, _ := f.head(name)
+		return rec["state"] == "held" && v == 2 && redisInt(c, "lbcert:prev:"+name, "version") == 1
+	}) {
+		v, s := f.head(name)
+		t.Fatalf("after FLUSHALL: record %v, head %d %s, previous %d", rec, v, s, redisInt(c, "lbcert:prev:"+name, "version"))
+	}
+	if rec["version"] != "2" || rec["serial"] != v2 || rec["wave"] != "0" || rec["node"] != "lb1" || !strings.Contains(rec["why"], "probe failed on lb1") {
+		t.Fatalf("the rebuilt record: %v", rec)
+	}
+	r, st := f.waitRollout("lb4", "the held rollout after the rebuild", 20*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	if r.code != 2 || len(st.Rollouts[0].Waves) != 2 || len(st.Rollouts[0].Waves[1]) != 3 {
+		t.Fatalf("fleet status after the rebuild: exit %d\n%s", r.code, r.stdout)
+	}
+	if sh := f.on("lb3", "fleet", "rollout", "show"); !strings.Contains(sh.stdout, "probe https://{name}/healthz expecting 200") {
+		t.Fatalf("the waves after the rebuild:\n%s%s", sh.stdout, sh.stderr)
+	}
+	// Nothing moved meanwhile: the last wave, lb4 included, kept version 1.
+	for _, n := range []string{"lb2", "lb3", "lb4"} {
+		if got := lbs[n].serves(name); got != v1 {
+			t.Fatalf("%s serves %s after the rebuild, want %s", n, got, v1)
+		}
+	}
+	lbs["lb1"].health = 200
+	lbs["lb1"].apply(t)
+	f.mustOn("lb4", "fleet", "rollout", "resume", name)
+	f.waitServes(lbs, name, v2, 40*time.Second, f.order...)
+	sampler.check(t)
+}
+
+// joinFleet has node n ask to join and lb1 approve it.
+func (f *fleetEnv) joinFleet(n string) {
+	f.t.Helper()
+	r := f.mustOn(n, "fleet", "join", "--node", n)
+	m := fingerprintRe.FindStringSubmatch(r.stdout)
+	if m == nil {
+		f.t.Fatalf("join printed no fingerprint:\n%s", r.stdout)
+	}
+	f.mustOn("lb1", "fleet", "approve", n, "--fingerprint", m[1])
 }

@@ -396,6 +396,9 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 			g = Gated{Held: "could not read the rollout (" + oneLine(err) + "); this node's agent installs it when its wave is released"}
 		}
 		it.Held = g.Held
+		if serr := e.Node.stage(r.ctx, &l, got.Files); serr != nil {
+			slog.Warn("could not keep the new certificate on this node", "name", l.Name, "err", serr)
+		}
 		if err == nil && e.Node.owes(g.Want) {
 			r.install(s)
 		}

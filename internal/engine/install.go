@@ -157,6 +157,18 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	return &want{l: l, previous: previous, deploy: n.settings(l)}, nil
 }
 
+// stage keeps l on this node without making it live: the node that
+// ordered a version a staged rollout holds back keeps a copy, as every
+// node keeps what it holds, so a rebuilt catalog gets it back.
+func (n *Node) stage(ctx context.Context, l *store.Lineage, files store.Files) error {
+	unlock, err := n.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return n.Local.Stage(l, files)
+}
+
 // installed is what the deploy did to one want.
 type installed struct {
 	res    deploy.Result

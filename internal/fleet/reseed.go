@@ -89,6 +89,9 @@ func (n *Node) publishDisk(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := n.seedRolloutHeads(ctx); err != nil {
+		return err
+	}
 	if err := n.seedPrevs(ctx); err != nil {
 		return err
 	}

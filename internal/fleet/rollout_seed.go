@@ -3,7 +3,10 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
+
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // Every node keeps a copy of the fleet's waves and of each rollout on
@@ -26,6 +29,27 @@ func (n *Node) seedRollouts(ctx context.Context) error {
 			continue
 		}
 		if _, err := n.Shared.SeedRollout(ctx, name, r.Version, r.Seq, r.fields()...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// seedRolloutHeads puts back the version each rollout this node has a
+// copy of is rolling out, from its archive when it holds that version
+// without serving it (the node that ordered it, a canary that went
+// back): seedLineages publishes only what nodes serve, and in a held
+// rollout no node may serve it.
+func (n *Node) seedRolloutHeads(ctx context.Context) error {
+	for name, r := range recordCopies(n.Local) {
+		if live, _ := n.Local.LiveVersion(name); live == r.Version {
+			continue // seedLineages did
+		}
+		if l, err := n.Local.LoadVersion(name, r.Version); err != nil || l.Cert.Serial != r.Serial {
+			continue
+		}
+		err := n.publishVersion(ctx, name, r.Version)
+		if err != nil && !errors.As(err, new(*rdb.ErrStale)) {
 			return err
 		}
 	}
