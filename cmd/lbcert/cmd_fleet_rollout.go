@@ -299,8 +299,8 @@ func orNone(s []string) string {
 	return strings.Join(s, ", ")
 }
 
-// rolloutNotes are the fleet's rollouts that need an operator, for a
-// run's report and list.
+// rolloutNotes are the fleet's rollouts on their way, for a run's
+// report (those that need an operator) and list (all).
 func rolloutNotes(ctx context.Context, n *fleet.Node, now time.Time) ([]engine.Note, error) {
 	rs, err := n.RolloutsOnTheirWay(ctx, now)
 	if err != nil {
@@ -308,13 +308,14 @@ func rolloutNotes(ctx context.Context, n *fleet.Node, now time.Time) ([]engine.N
 	}
 	var out []engine.Note
 	for _, r := range rs {
-		if p := r.Problem(); p != "" {
-			state := r.State
-			if r.Override != nil {
-				state = "expiry_override"
-			}
-			out = append(out, engine.Note{Name: r.Name, State: state, Text: p})
+		state, text := r.State, r.Problem()
+		if r.Override != nil {
+			state = "expiry_override"
 		}
+		if text == "" {
+			text = fmt.Sprintf("rollout of version %d at wave %d of %d", r.Version, r.Wave, len(r.Waves))
+		}
+		out = append(out, engine.Note{Name: r.Name, State: state, Text: text})
 	}
 	return out, nil
 }
@@ -331,7 +332,11 @@ func (a *app) addRolloutNotes(ctx context.Context, h *host, res *engine.Result) 
 		fmt.Fprintf(a.err, "lbcert: warning: could not read the fleet's staged rollouts: %s\n", oneLine(err))
 		return
 	}
-	res.Rollouts = notes
+	for _, n := range notes {
+		if n.State != fleet.Rolling {
+			res.Rollouts = append(res.Rollouts, n)
+		}
+	}
 }
 
 // sayRollouts prints each rollout that needs an operator.
@@ -356,8 +361,9 @@ func waitingCol(staged bool, v string) string {
 	return v + "\t"
 }
 
-// markRollouts notes on list's entries the fleet's rollouts that need
-// an operator.
+// markRollouts notes on list's entries the fleet's rollouts on their
+// way: a version this node does not serve because its wave waits is
+// not a pending deploy, and the rollout says why.
 func (a *app) markRollouts(ctx context.Context, h *host, entries []listEntry) {
 	if h.notes == nil {
 		return
@@ -372,7 +378,11 @@ func (a *app) markRollouts(ctx context.Context, h *host, entries []listEntry) {
 		by[n.Name] = n.Text
 	}
 	for i := range entries {
-		entries[i].Rollout = by[entries[i].Name]
+		e := &entries[i]
+		e.Rollout = by[e.Name]
+		if e.Rollout != "" && e.Pending == fmt.Sprintf("pending deploy of version %d", e.Version) {
+			e.Pending = ""
+		}
 	}
 }
 

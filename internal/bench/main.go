@@ -49,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet, rollout or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -60,6 +60,7 @@ func main() {
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
 	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
 	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
+	rolloutN := flag.Int("rollout-n", 20, "renewals timed with and without waves in the rollout benchmark")
 	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	flag.Parse()
@@ -132,6 +133,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchFleet(*fleetN, *fleetOrders, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "rollout") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchRollout(*rolloutN, b, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

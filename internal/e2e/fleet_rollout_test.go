@@ -126,6 +126,14 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 	if l := f.on("lb3", "list"); !strings.Contains(l.stdout, "held: deploy failed on lb1") {
 		t.Errorf("list does not say the rollout is held:\n%s", l.stdout)
 	}
+	txt := f.on("lb3", "fleet", "status")
+	if txt.code != 2 || !strings.Contains(txt.stdout, "  "+name+" version 2 (was 1): held at wave 1 of 2\n") ||
+		!strings.Contains(txt.stdout, "resume: lbcert fleet rollout resume "+name) || !strings.Contains(txt.stdout, "WAITING") {
+		t.Errorf("fleet status does not show the held rollout: exit %d\n%s", txt.code, txt.stdout)
+	}
+	if sh := f.on("lb2", "fleet", "rollout", "show"); !strings.Contains(sh.stdout, "wave 2: rest         lb2, lb3") || !strings.Contains(sh.stdout, "held at wave 1 of 2") {
+		t.Errorf("rollout show:\n%s", sh.stdout)
+	}
 	rep := f.on("lb3", "renew", "--name", name, "--no-random-sleep", "--json")
 	var res struct {
 		Rollouts []struct{ Name, State, Text string } `json:"rollouts"`

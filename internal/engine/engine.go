@@ -7,7 +7,10 @@
 // The engine sees storage through two seams: the shared catalog
 // (package catalog: the state directory on one host, the fleet's Redis
 // in a fleet) and this node's Local store with its one install step
-// (Node). Nothing here knows which mode it runs in.
+// (Node). Nothing here knows which mode it runs in. A fleet that stages
+// rollouts gives the Node a Gate, which says which version a node may
+// serve (the head, or the one before it until the node's wave is
+// released); the install step installs that, through the same steps.
 //
 // One run, start to end:
 //

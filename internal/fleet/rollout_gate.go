@@ -20,9 +20,17 @@ import (
 // that version is about to expire. Installing asks with fresh set, so
 // nothing it decides is older than the Redis read just made.
 func (n *Node) Gate(ctx context.Context, head *store.Lineage, fresh bool) (engine.Gated, error) {
+	if n.publishedPlain(head.Name, head.Version, false) {
+		return engine.Gated{Want: head}, nil // it started no rollout
+	}
 	cfg, err := n.RolloutConfig(ctx, fresh)
 	if err != nil || !cfg.Staged() {
 		return engine.Gated{Want: head}, err
+	}
+	if !fresh {
+		if may, err := n.mayHaveRollout(ctx, head.Name); err != nil || !may {
+			return engine.Gated{Want: head}, err
+		}
 	}
 	recs, err := n.Records(ctx, head.Name)
 	if err != nil {

@@ -91,11 +91,3 @@ func (n *Node) seedRecordCopy(ctx context.Context, name string) error {
 	_, err := n.Shared.SeedRollout(ctx, name, r.Version, r.Seq, r.fields()...)
 	return err
 }
-
-// copyAfterPublish keeps this node's copy of the rollout a publish just
-// started, so the orderer can bring it back too.
-func (n *Node) copyAfterPublish(ctx context.Context, name string) {
-	if cfg, err := n.RolloutConfig(ctx, false); err == nil && cfg.Staged() {
-		n.Records(ctx, name)
-	}
-}

@@ -21,31 +21,66 @@ import (
 // record it copied to its disk, so an unchanged record is not written
 // again.
 type rolloutCache struct {
-	mu     sync.Mutex
-	cfg    *RolloutConfig
-	cfgAt  time.Time
-	copied map[string]int64 // name -> seq on disk (version<<32 | seq)
+	mu    sync.Mutex
+	cfg   *RolloutConfig
+	cfgAt time.Time
+	// followed: an agent keeps cfg current from the events stream (a
+	// change of the waves is an event ahead of any publish after it), so
+	// even installing needs no read of its own.
+	followed bool
+	copied   map[string]int64 // name -> seq on disk (version<<32 | seq)
+	// plain are versions this process published that started no
+	// rollout: none will ever be for them.
+	plain map[string]int
+	// active is the set of rollouts on their way, as planning may use
+	// it for a moment (a renew over 100,000 lineages asks once, not
+	// once per lineage).
+	active   map[string]bool
+	activeAt time.Time
 }
 
 // cfgFresh is how old an answer planning accepts.
 const cfgFresh = 2 * time.Second
 
 func (n *Node) roCache() *rolloutCache {
-	n.roOnce.Do(func() { n.ro = &rolloutCache{copied: map[string]int64{}} })
+	n.roOnce.Do(func() { n.ro = &rolloutCache{copied: map[string]int64{}, plain: map[string]int{}} })
 	return n.ro
 }
 
 // RolloutConfig reads the fleet's waves; fresh false accepts an answer
-// a couple of seconds old. A fleet that never set any has none.
+// a couple of seconds old, and an agent that follows the events has the
+// current one without a read. A fleet that never set any has none.
 func (n *Node) RolloutConfig(ctx context.Context, fresh bool) (*RolloutConfig, error) {
 	c := n.roCache()
 	c.mu.Lock()
-	if !fresh && c.cfg != nil && time.Since(c.cfgAt) < cfgFresh {
+	if c.cfg != nil && (c.followed || !fresh && time.Since(c.cfgAt) < cfgFresh) {
 		cfg := c.cfg
 		c.mu.Unlock()
 		return cfg, nil
 	}
 	c.mu.Unlock()
+	return n.readRolloutConfig(ctx)
+}
+
+// FollowRolloutConfig reads the fleet's waves and, from then on, keeps
+// the answer for installs too: the caller (the agent) calls it again on
+// every change the events stream brings, and whenever it may have
+// missed one (a reconnect, a reconcile).
+func (n *Node) FollowRolloutConfig(ctx context.Context) error {
+	c := n.roCache()
+	c.mu.Lock()
+	c.followed = false
+	c.mu.Unlock()
+	if _, err := n.readRolloutConfig(ctx); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.followed = true
+	c.mu.Unlock()
+	return nil
+}
+
+func (n *Node) readRolloutConfig(ctx context.Context) (*RolloutConfig, error) {
 	raw, seq, err := n.Shared.RolloutConfig(ctx)
 	if err != nil {
 		return nil, err
@@ -57,6 +92,7 @@ func (n *Node) RolloutConfig(ctx context.Context, fresh bool) (*RolloutConfig, e
 		}
 	}
 	cfg.Seq = seq
+	c := n.roCache()
 	c.mu.Lock()
 	c.cfg, c.cfgAt = cfg, time.Now()
 	c.mu.Unlock()
@@ -82,6 +118,43 @@ func (n *Node) SetRolloutConfig(ctx context.Context, cfg *RolloutConfig) error {
 	c.cfg, c.cfgAt = cfg, time.Now()
 	c.mu.Unlock()
 	return nil
+}
+
+// mayHaveRollout says whether name may have a rollout on its way, from
+// an answer at most a couple of seconds old.
+func (n *Node) mayHaveRollout(ctx context.Context, name string) (bool, error) {
+	c := n.roCache()
+	c.mu.Lock()
+	if c.active != nil && time.Since(c.activeAt) < cfgFresh {
+		ok := c.active[name]
+		c.mu.Unlock()
+		return ok, nil
+	}
+	c.mu.Unlock()
+	names, err := n.Shared.Rollouts(ctx)
+	if err != nil {
+		return false, err
+	}
+	active := make(map[string]bool, len(names))
+	for _, nm := range names {
+		active[nm] = true
+	}
+	c.mu.Lock()
+	c.active, c.activeAt = active, time.Now()
+	c.mu.Unlock()
+	return active[name], nil
+}
+
+// publishedPlain notes a version this process published that started
+// no rollout, and says whether v of name is one.
+func (n *Node) publishedPlain(name string, v int, set bool) bool {
+	c := n.roCache()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if set {
+		c.plain[name] = v
+	}
+	return c.plain[name] == v
 }
 
 func rolloutDir(st *store.Store) string { return filepath.Join(fleetDir(st), "rollouts") }

@@ -144,9 +144,16 @@ func (s *Syncer) follow(ctx context.Context) error {
 		last = evs[len(evs)-1].ID
 		var names, gone []string
 		for _, e := range evs {
-			if e.Deleted {
+			switch {
+			case e.Config:
+				// The waves changed: read them before anything published
+				// after the change (later in the stream) is installed.
+				if err := s.N.FollowRolloutConfig(ctx); err != nil {
+					return err
+				}
+			case e.Deleted:
 				gone = append(gone, e.Name)
-			} else {
+			default:
 				names = append(names, e.Name)
 			}
 		}
@@ -170,6 +177,9 @@ func compact(s []string) []string {
 func (s *Syncer) reconcile(ctx context.Context) error {
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	if err := s.N.FollowRolloutConfig(rctx); err != nil {
+		return err
+	}
 	if err := s.N.SyncAccounts(rctx); err != nil {
 		return err
 	}

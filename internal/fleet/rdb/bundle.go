@@ -103,6 +103,7 @@ elseif tomb then
   return 'deleted'
 end
 local v = tonumber(ARGV[5])
+local staged = 0
 if tonumber(redis.call('HGET', KEYS[8], 'waves') or '0') > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   local rv = tonumber(redis.call('HGET', KEYS[10], 'version') or '0')
   if token > 0 and rv ~= v then
@@ -115,6 +116,7 @@ if tonumber(redis.call('HGET', KEYS[8], 'waves') or '0') > 0 and redis.call('EXI
     redis.call('HSET', KEYS[10], 'version', v, 'serial', ARGV[7], 'previous', redis.call('HGET', KEYS[9], 'version'),
       'prev_serial', redis.call('HGET', KEYS[9], 'serial') or '', 'wave', 0, 'state', 'rolling', 'since', ARGV[6], 'started', ARGV[6], 'seq', seq)
     redis.call('SADD', KEYS[11], ARGV[1])
+    staged = 1
   elseif rv == v and redis.call('EXISTS', KEYS[9]) == 0 and redis.call('HGET', KEYS[1], 'version') == redis.call('HGET', KEYS[10], 'previous') then
     redis.call('RENAME', KEYS[1], KEYS[9])
   end
@@ -124,6 +126,7 @@ for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'version', v)
+if staged == 1 then return 'staged' end
 return 'ok'
 `)
 
@@ -137,18 +140,25 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 // (0 for a re-seed from a node's disk). It returns an *ErrStale when
 // refused.
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
+	_, err := s.PublishStaged(ctx, b)
+	return err
+}
+
+// PublishStaged is Publish, and says whether it started a staged
+// rollout of b (no rollout means none will ever be for this version).
+func (s *Shared) PublishStaged(ctx context.Context, b *Bundle) (bool, error) {
 	now := time.Now()
 	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, now.UnixMilli(), b.Serial}, b.fields()...)
 	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta"),
 		s.k("rollout"), s.k("prev", b.Name), s.k("rollout", b.Name), s.k("rollouts")}
 	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
 	if err != nil {
-		return s.unavailable(err)
+		return false, s.unavailable(err)
 	}
-	if res != "ok" {
-		return &ErrStale{Why: res}
+	if res != "ok" && res != "staged" {
+		return false, &ErrStale{Why: res}
 	}
-	return nil
+	return res == "staged", nil
 }
 
 // fields are b as the field-value pairs of its hash.
@@ -335,6 +345,8 @@ type Event struct {
 	Name    string
 	Version int
 	Deleted bool
+	// Config is a change of the fleet's rollout waves (no Name).
+	Config bool
 }
 
 // LastEvent is the ID of the newest event ("0" for none): an agent that
@@ -369,6 +381,8 @@ func (s *Shared) Events(ctx context.Context, id string, block time.Duration) ([]
 			e.Version, _ = strconv.Atoi(v)
 			d, _ := m.Values["deleted"].(string)
 			e.Deleted = d == "1"
+			c, _ := m.Values["config"].(string)
+			e.Config = c == "1"
 			out = append(out, e)
 		}
 	}

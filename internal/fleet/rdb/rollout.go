@@ -46,15 +46,17 @@ elseif seq <= cur then
   return 0
 end
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'waves', ARGV[2], 'seq', seq)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'config', '1')
 return seq
 `)
 
 // SetRolloutConfig writes the fleet's waves (raw is package fleet's
-// JSON, waves their count: 0 turns staging off) and returns the new
-// change count. seq 0 is a new change; another is a rebuild's copy,
+// JSON, waves their count: 0 turns staging off), tells the agents
+// through the events stream (ahead of any publish made after it), and
+// returns the new change count. seq 0 is a new change; another is a rebuild's copy,
 // written only when newer (then 0 means it was not).
 func (s *Shared) SetRolloutConfig(ctx context.Context, raw []byte, waves int, seq int64) (int64, error) {
-	n, err := setConfigScript.Run(ctx, s.c, []string{s.k("rollout")}, raw, waves, seq).Int64()
+	n, err := setConfigScript.Run(ctx, s.c, []string{s.k("rollout"), s.k("events")}, raw, waves, seq).Int64()
 	return n, s.unavailable(err)
 }
 
