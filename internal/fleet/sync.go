@@ -353,15 +353,18 @@ func isUnavailable(err error) bool { return err != nil && errors.As(err, new(*rd
 // settings for every lineage, the short write lock it shares with the
 // runs of this node, and a report to the fleet after each deploy.
 func (s *Syncer) node() *engine.Node {
-	return &engine.Node{
+	n := &engine.Node{
 		Local:    s.Local,
 		Deploy:   s.Runner,
 		Settings: func(*store.Lineage) store.Deploy { return s.Deploy },
 		Keep:     s.Keep,
 		Lock:     WriteLock(s.Local),
 		Report:   s.served,
-		Gate:     s.N.Gate,
 	}
+	if s.N != nil {
+		n.Gate = s.N.Gate // staged rollouts: what this node may serve
+	}
+	return n
 }
 
 // WriteLock is fleet mode's short write lock of st, as engine.Node
@@ -478,7 +481,9 @@ func (s *Syncer) FinishLocal(ctx context.Context) {
 		jobs[i] = engine.Job{Lineage: store.Lineage{Name: n}, Stored: true}
 	}
 	node := s.node()
-	node.Report = nil
+	// From disk, without Redis: no report, and no rollout gate (the
+	// lineages a rollout is on its way for were left out above).
+	node.Report, node.Gate = nil, nil
 	e := &engine.Engine{Catalog: catalog.NewDir(s.Local), Node: node, Opts: engine.Options{Command: "agent", InstallOnly: true}}
 	if plan, err := e.Plan(ctx, jobs); err == nil {
 		plan.Execute(ctx)
