@@ -266,6 +266,11 @@ func (a *app) printRollouts(st *fleet.Status) {
 	if len(st.Waves) == 0 {
 		return
 	}
+	var waves []string
+	for i, w := range st.Waves {
+		waves = append(waves, fmt.Sprintf("%d: %s", i+1, orNone(w)))
+	}
+	a.printf("waves: %s\n", strings.Join(waves, "; "))
 	if len(st.Rollouts) == 0 {
 		a.printf("rollouts on their way: none\n")
 		return

@@ -128,7 +128,8 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 	}
 	txt := f.on("lb3", "fleet", "status")
 	if txt.code != 2 || !strings.Contains(txt.stdout, "  "+name+" version 2 (was 1): held at wave 1 of 2\n") ||
-		!strings.Contains(txt.stdout, "resume: lbcert fleet rollout resume "+name) || !strings.Contains(txt.stdout, "WAITING") {
+		!strings.Contains(txt.stdout, "resume: lbcert fleet rollout resume "+name) || !strings.Contains(txt.stdout, "WAITING") ||
+		!strings.Contains(txt.stdout, "waves: 1: lb1; 2: lb2, lb3\n") {
 		t.Errorf("fleet status does not show the held rollout: exit %d\n%s", txt.code, txt.stdout)
 	}
 	if sh := f.on("lb2", "fleet", "rollout", "show"); !strings.Contains(sh.stdout, "wave 2: rest         lb2, lb3") || !strings.Contains(sh.stdout, "held at wave 1 of 2") {
