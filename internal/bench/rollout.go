@@ -77,7 +77,9 @@ func benchRollout(renewals int, bin, work string) error {
 	if err != nil {
 		return err
 	}
-	q := func(l []time.Duration, p int) time.Duration { return l[min(len(l)-1, len(l)*p/100)].Round(time.Millisecond) }
+	q := func(l []time.Duration, p int) time.Duration {
+		return l[min(len(l)-1, len(l)*p/100)].Round(time.Millisecond)
+	}
 	fmt.Printf("\nFleet convergence with and without waves: %d renewals, each on the last node, until all 3 HAProxies serve it\n\n", renewals)
 	fmt.Println("| waves | p50 | p90 | max |")
 	fmt.Println("|---|---:|---:|---:|")
