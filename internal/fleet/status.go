@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sort"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // StatusVersion is the fleet status JSON schema's version; it changes
@@ -80,64 +82,13 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC(), Waves: ro.waves}
 	all := map[string]map[string]Served{}
 	for _, m := range n.Members() {
-		ns := NodeStatus{Node: m.Node}
-		var info AgentInfo
-		if raw, ok := agents[m.Node]; ok && json.Unmarshal(raw, &info) == nil {
-			t := info.At
-			ns.Heartbeat, ns.Agent, ns.Addr = &t, info.Version, info.Addr
-		}
 		served, err := n.Shared.Served(ctx, m.Node)
 		if err != nil {
 			return nil, err
 		}
-		all[m.Node] = map[string]Served{}
-		var lag time.Duration
-		for name, h := range heads {
-			var s Served
-			if raw, ok := served[name]; ok {
-				json.Unmarshal([]byte(raw), &s)
-			}
-			if _, ok := ro.recs[name]; ok {
-				all[m.Node][name] = s
-			}
-			t, staged := ro.target(name, m.Node, s, now)
-			// The same version AND the same certificate: a node that
-			// serves another certificate under the newest number (a Redis
-			// that lost writes renumbered it) is behind (invariant I1).
-			switch {
-			case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
-				ns.Newest++
-				continue
-			case staged && s.OK && s.Version == t.Version && s.Serial == t.Serial:
-				ns.Waiting++
-				continue
-			case s.Error != "" && s.Wanted >= h.Version:
-				ns.Failed++
-				ns.Failures = append(ns.Failures, Failure{Name: name, Error: s.Error, At: s.At})
-			default:
-				ns.Behind++
-				ns.BehindNames = append(ns.BehindNames, name)
-			}
-			lag = max(lag, now.Sub(h.Published))
-		}
-		sort.Slice(ns.Failures, func(i, j int) bool { return ns.Failures[i].Name < ns.Failures[j].Name })
-		sort.Strings(ns.BehindNames)
-		if len(ns.BehindNames) > 20 {
-			ns.BehindNames = ns.BehindNames[:20]
-		}
-		ns.LagSeconds = lag.Seconds()
-		switch {
-		case ns.Heartbeat == nil:
-			ns.Problems = append(ns.Problems, "no heartbeat: its agent is not running or cannot reach Redis")
-		case now.Sub(*ns.Heartbeat) > maxBeat:
-			ns.Problems = append(ns.Problems, fmt.Sprintf("last heartbeat %s ago", now.Sub(*ns.Heartbeat).Round(time.Second)))
-		}
-		if ns.Failed > 0 {
-			ns.Problems = append(ns.Problems, fmt.Sprintf("%d failed to deploy", ns.Failed))
-		}
-		if ns.Behind > 0 && lag > maxLag {
-			ns.Problems = append(ns.Problems, fmt.Sprintf("%d behind for %s", ns.Behind, lag.Round(time.Second)))
-		}
+		ns, staged := nodeStatus(m.Node, agents[m.Node], served, heads, ro, now)
+		all[m.Node] = staged
+		ns.problems(now, maxLag, maxBeat)
 		if len(ns.Problems) > 0 {
 			st.OK = false
 		}
@@ -152,6 +103,72 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 		}
 	}
 	return st, nil
+}
+
+// nodeStatus counts what one node serves against the fleet's heads (and
+// the version a staged rollout keeps it on), and returns what it serves
+// of the lineages with a rollout on their way.
+func nodeStatus(node string, beat []byte, served map[string]string, heads map[string]rdb.Head, ro *rolloutView, now time.Time) (NodeStatus, map[string]Served) {
+	ns := NodeStatus{Node: node}
+	var info AgentInfo
+	if beat != nil && json.Unmarshal(beat, &info) == nil {
+		t := info.At
+		ns.Heartbeat, ns.Agent, ns.Addr = &t, info.Version, info.Addr
+	}
+	staged := map[string]Served{}
+	var lag time.Duration
+	for name, h := range heads {
+		var s Served
+		if raw, ok := served[name]; ok {
+			json.Unmarshal([]byte(raw), &s)
+		}
+		if _, ok := ro.recs[name]; ok {
+			staged[name] = s
+		}
+		t, held := ro.target(name, node, s, now)
+		// The same version AND the same certificate: a node that
+		// serves another certificate under the newest number (a Redis
+		// that lost writes renumbered it) is behind (invariant I1).
+		switch {
+		case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
+			ns.Newest++
+			continue
+		case held && s.OK && s.Version == t.Version && s.Serial == t.Serial:
+			ns.Waiting++
+			continue
+		case s.Error != "" && s.Wanted >= h.Version:
+			ns.Failed++
+			ns.Failures = append(ns.Failures, Failure{Name: name, Error: s.Error, At: s.At})
+		default:
+			ns.Behind++
+			ns.BehindNames = append(ns.BehindNames, name)
+		}
+		lag = max(lag, now.Sub(h.Published))
+	}
+	sort.Slice(ns.Failures, func(i, j int) bool { return ns.Failures[i].Name < ns.Failures[j].Name })
+	sort.Strings(ns.BehindNames)
+	if len(ns.BehindNames) > 20 {
+		ns.BehindNames = ns.BehindNames[:20]
+	}
+	ns.LagSeconds = lag.Seconds()
+	return ns, staged
+}
+
+// problems says what is wrong with the node: its heartbeat old or gone,
+// a failed deploy, behind for longer than maxLag.
+func (ns *NodeStatus) problems(now time.Time, maxLag, maxBeat time.Duration) {
+	switch {
+	case ns.Heartbeat == nil:
+		ns.Problems = append(ns.Problems, "no heartbeat: its agent is not running or cannot reach Redis")
+	case now.Sub(*ns.Heartbeat) > maxBeat:
+		ns.Problems = append(ns.Problems, fmt.Sprintf("last heartbeat %s ago", now.Sub(*ns.Heartbeat).Round(time.Second)))
+	}
+	if ns.Failed > 0 {
+		ns.Problems = append(ns.Problems, fmt.Sprintf("%d failed to deploy", ns.Failed))
+	}
+	if lag := time.Duration(ns.LagSeconds * float64(time.Second)); ns.Behind > 0 && lag > maxLag {
+		ns.Problems = append(ns.Problems, fmt.Sprintf("%d behind for %s", ns.Behind, lag.Round(time.Second)))
+	}
 }
 
 // Serving is what every member reports serving: lineage -> node -> what.
