@@ -301,6 +301,10 @@ func recordCopies(st *store.Store) map[string]*Record {
 // was just emptied has no records either, and the copies are what
 // brings them back.
 func (n *Node) dropStaleCopies(ctx context.Context, active map[string]*Record, heads map[string]int) error {
+	copies := recordCopies(n.Local)
+	if len(copies) == 0 {
+		return nil
+	}
 	gen, err := n.Shared.HGet(ctx, "meta", "gen")
 	if err != nil {
 		return err
@@ -311,7 +315,7 @@ func (n *Node) dropStaleCopies(ctx context.Context, active map[string]*Record, h
 	if gen == "" || gen != mine {
 		return nil
 	}
-	for name, r := range recordCopies(n.Local) {
+	for name, r := range copies {
 		t, _ := n.Local.ReadTombstone(name)
 		if active[name] == nil && (heads[name] >= r.Version || t != nil) {
 			n.keepRecord(name, nil)
