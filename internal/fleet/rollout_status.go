@@ -48,7 +48,11 @@ func (r *RolloutStatus) Problem() string {
 			}
 		}
 	}
-	keep := fmt.Sprintf("; %s keep version %d", orNone(where), r.Previous)
+	verb := "keep"
+	if len(where) == 1 {
+		verb = "keeps"
+	}
+	keep := fmt.Sprintf("; %s %s version %d", orNone(where), verb, r.Previous)
 	switch {
 	case r.Override != nil:
 		return fmt.Sprintf("%s %s but overridden since %s: the version held back was about to expire", s, r.State, r.Override.UTC().Format(time.RFC3339))
