@@ -109,8 +109,10 @@ func (n *Node) Evaluate(ctx context.Context, names ...string) (time.Time, error)
 	var next time.Time
 	for _, name := range rnames {
 		r, h := recs[name], heads[name]
-		if h.Version > r.Version || !cfg.Staged() {
-			// Staging turned off, or a record a rebuild left behind.
+		if h.Version > r.Version || !cfg.Staged() && cfg.Seq > 0 {
+			// Staging turned off ('fleet rollout off' is a change with a
+			// seq; an emptied Redis has none), or a record a rebuild left
+			// behind.
 			n.move(ctx, r, true)
 			continue
 		}

@@ -61,3 +61,47 @@ func TestFinishLocalLeavesRolloutsToRedis(t *testing.T) {
 		}
 	}
 }
+
+// An emptied Redis has no waves, which is not "no waves": a node that
+// kept the fleet's waves judges by its copy until they are put back, so
+// a record put back first is neither ended nor ignored meanwhile.
+func TestEmptiedRedisIsNotStagingOff(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.SetRolloutConfig(ctx, &RolloutConfig{Waves: []string{"lb1", "rest"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sh.Client().FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := n.RolloutConfig(ctx, true)
+	if err != nil || !cfg.Staged() {
+		t.Fatalf("after FLUSHALL: %+v %v, want the node's copy of the waves", cfg, err)
+	}
+	// A record comes back before the waves and the certificates.
+	r := &Record{Name: "a.example", Version: 2, Serial: "s2", Previous: 1, PrevSerial: "s1", State: Held, Why: "probe failed", Seq: 3}
+	if ok, err := sh.SeedRollout(ctx, r.Name, r.Version, r.Seq, r.fields()...); err != nil || !ok {
+		t.Fatalf("seed: %v %v", ok, err)
+	}
+	if _, err := n.Evaluate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := n.Records(ctx, r.Name)
+	if err != nil || recs[r.Name] == nil || recs[r.Name].State != Held {
+		t.Fatalf("after a look at the rollouts: %+v %v, want the held record kept", recs, err)
+	}
+	// 'fleet rollout off' is a change of its own: then it ends.
+	if err := n.SetRolloutConfig(ctx, &RolloutConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Evaluate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _ := n.Records(ctx, r.Name); recs[r.Name] != nil {
+		t.Fatalf("staging off: the record stays: %+v", recs[r.Name])
+	}
+}

@@ -46,10 +46,16 @@ func (n *Node) seedRolloutHeads(ctx context.Context) error {
 			continue // seedLineages did
 		}
 		if l, err := n.Local.LoadVersion(name, r.Version); err != nil || l.Cert.Serial != r.Serial {
+			slog.Debug("this node does not hold the version a staged rollout rolls out", "name", name, "version", r.Version, "err", err)
 			continue
 		}
 		err := n.publishVersion(ctx, name, r.Version)
-		if err != nil && !errors.As(err, new(*rdb.ErrStale)) {
+		switch {
+		case err == nil:
+			slog.Info("put back the version a staged rollout rolls out", "name", name, "version", r.Version)
+		case errors.As(err, new(*rdb.ErrStale)):
+			slog.Debug("the version a staged rollout rolls out is in Redis already, or newer", "name", name, "version", r.Version, "why", err)
+		default:
 			return err
 		}
 	}

@@ -85,6 +85,15 @@ func (n *Node) readRolloutConfig(ctx context.Context) (*RolloutConfig, error) {
 	if err != nil {
 		return nil, err
 	}
+	if raw == nil && seq == 0 {
+		// Redis has none, though this node kept the fleet's waves: Redis
+		// lost them (a rebuild not done yet), which is not "no waves";
+		// the rollouts it puts back are judged by the copy meanwhile.
+		if c := readConfigCopy(n.Local); c != nil && c.Seq > 0 {
+			raw, _ = json.Marshal(c)
+			seq = c.Seq
+		}
+	}
 	cfg := &RolloutConfig{}
 	if raw != nil {
 		if err := json.Unmarshal(raw, cfg); err != nil {
