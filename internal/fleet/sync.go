@@ -428,6 +428,9 @@ func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 	return err
 }
 
+// send writes reports to the fleet, and remembers them only once Redis
+// has them: a report lost to a Redis that went away is sent again by
+// the next reconcile, which sends what differs from what it remembers.
 func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 	out := make(map[string][]byte, len(reports))
 	s.mu.Lock()
@@ -439,14 +442,22 @@ func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 		// node serves this, which a staged rollout's soak counts from.
 		if old, ok := s.reported[name]; ok && sameReport(old, r) {
 			r.At = old.At
+			reports[name] = r
 		}
-		s.reported[name] = r
 		out[name], _ = json.Marshal(r)
 	}
 	s.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return s.N.Shared.SetServed(rctx, s.N.Name, out)
+	if err := s.N.Shared.SetServed(rctx, s.N.Name, out); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, r := range reports {
+		s.reported[name] = r
+	}
+	return nil
 }
 
 func sameReport(a, b Served) bool {
