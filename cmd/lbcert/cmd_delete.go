@@ -2,24 +2,23 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
-	"os"
-	"slices"
-	"sort"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/schedule"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -59,7 +58,7 @@ cron entry from "lbcert cron install" is removed too.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 1 {
 				if o.Name != "" {
-					return exit.Errorf("give the lineage once: as an argument or with --name")
+					return fmt.Errorf("give the lineage once: as an argument or with --name")
 				}
 				o.Name = args[0]
 			}
@@ -70,7 +69,7 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.StringVar(&o.Name, "name", "", "lineage to delete")
 	f.StringVarP(&o.Domain, "domain", "d", "", "delete the lineage whose certificate covers this name")
 	f.BoolVar(&o.Revoke, "revoke", false, "revoke the certificate at the CA first")
-	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(reasonNames(), ", "))
+	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(acme.ReasonNames(), ", "))
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
 	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
@@ -79,46 +78,23 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	cmd.RegisterFlagCompletionFunc("reason", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
-		return reasonNames(), cobra.ShellCompDirectiveNoFileComp
+		return acme.ReasonNames(), cobra.ShellCompDirectiveNoFileComp
 	})
 	return cmd
-}
-
-func reasonNames() []string {
-	var out []string
-	for k := range acme.RevocationReasons {
-		out = append(out, k)
-	}
-	sort.Slice(out, func(i, j int) bool { return acme.RevocationReasons[out[i]] < acme.RevocationReasons[out[j]] })
-	return out
-}
-
-func parseReason(s string) (uint, error) {
-	if r, ok := acme.RevocationReasons[s]; ok {
-		return r, nil
-	}
-	if n, err := strconv.Atoi(s); err == nil {
-		for _, r := range acme.RevocationReasons {
-			if uint(n) == r {
-				return r, nil
-			}
-		}
-	}
-	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
 }
 
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
-		return exit.Errorf("say which lineage: --name NAME or -d DOMAIN")
+		return fmt.Errorf("say which lineage: --name NAME or -d DOMAIN")
 	}
-	reason, err := parseReason(o.Reason)
+	reason, err := acme.ParseReason(o.Reason)
 	if err != nil {
 		return err
 	}
 	if o.Name != "" {
 		if err := names.Lineage(o.Name); err != nil {
-			return exit.Errorf("--name: %w", err)
+			return fmt.Errorf("--name: %w", err)
 		}
 	}
 	h, err := a.mode().open(ctx, "delete")
@@ -135,14 +111,14 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 		d = h.node.Settings(l) // this node's way of serving it
 	}
 	runner := &deploy.Runner{Store: st}
-	targets := deleteTargets(st, d)
-	if err := checkReferences(ctx, runner, st, name, targets, o.Force); err != nil {
+	targets := runner.DeleteTargets(d, st.Dir)
+	if err := runner.CheckReferences(ctx, name, targets, o.Force); err != nil {
 		return err
 	}
 	if err := a.confirmDelete(o, l); err != nil {
 		return err
 	}
-	lock, err := a.renewLock(ctx, st, o.WaitLock)
+	lock, err := st.Take(ctx, o.WaitLock)
 	if err != nil {
 		return err
 	}
@@ -152,24 +128,28 @@ func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 			return err
 		}
 	}
-	if err := a.unlistNginx(ctx, runner, name, targets, o.Force); err != nil {
+	unlisted, err := runner.UnlistAll(ctx, name, targets, o.Force)
+	for _, f := range unlisted {
+		a.printf("%s: removed from %s, nginx reloaded\n", name, f)
+	}
+	if err != nil {
 		if o.Revoke {
-			return exit.Errorf("%w; the certificate is revoked, nothing was deleted", err).WithHint("fix nginx and run delete again without --revoke, or pass --force")
+			return hint.Wrap(fmt.Errorf("%w; the certificate is revoked, nothing was deleted", err), "fix nginx and run delete again without --revoke, or pass --force")
 		}
-		return exit.Errorf("%w; nothing was deleted", err).WithHint("fix nginx and run delete again, or pass --force")
+		return hint.Wrap(fmt.Errorf("%w; nothing was deleted", err), "fix nginx and run delete again, or pass --force")
 	}
 	if err := h.catalog.Delete(ctx, name); err != nil {
-		return redisExit(fmt.Errorf("delete %s: %w", name, err))
+		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	a.printf("%s: deleted\n", name)
 	defer func() {
-		if mailErr := a.mailReport(ctx, st, deleteReport(l, o)); mailErr != nil && retErr == nil {
+		if mailErr := a.mailReport(ctx, st, notify.Deleted(l, revokedFor(o))); mailErr != nil && retErr == nil {
 			retErr = mailErr
 		}
 	}()
 	if d.Target != "" && d.NginxInclude == "" {
 		if err := runner.Remove(ctx, name, d); err != nil {
-			return exit.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
+			return fmt.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
 		}
 		a.printf("%s: %s reloaded\n", name, d.Target)
 	}
@@ -182,16 +162,16 @@ func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*sto
 	name := o.Name
 	if name == "" {
 		var err error
-		if name, err = a.lineageForDomain(ctx, h, o.Domain); err != nil {
+		if name, err = catalog.Covering(ctx, h.catalog, o.Domain); err != nil {
 			return nil, err
 		}
 	}
 	l, err := h.catalog.Head(ctx, name)
 	if isNotFound(err) {
-		return nil, exit.Errorf("no lineage %q in %s", name, h.where).WithHint("'lbcert list' shows the lineages")
+		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 	}
 	if err != nil {
-		return nil, redisExit(err)
+		return nil, err
 	}
 	if o.Revoke {
 		if _, err := a.accountBase(h.accounts); err != nil {
@@ -207,81 +187,47 @@ func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
 		return nil
 	}
 	if !(a.stdinTTY && a.stderrTTY) {
-		return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
+		return fmt.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
 	}
 	fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", l.Name, strings.Join(l.Domains, ", "), l.Version)
 	line, _ := bufio.NewReader(a.in).ReadString('\n')
 	if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
-		return exit.Errorf("not deleted")
+		return fmt.Errorf("not deleted")
 	}
 	return nil
 }
 
 // revoke revokes the lineage's current certificate at its CA.
 func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
-	is := &issuer.Issuer{Account: a.lazyAccount(h.accounts, false)}
-	client, err := is.Client(ctx, l.Server, l.Email)
-	if err != nil {
-		return err
-	}
 	_, files, err := h.catalog.Fetch(ctx, l.Name, 0)
 	if err != nil {
-		return exit.Errorf("read %s: %w", l.Name, err)
+		return fmt.Errorf("read %s: %w", l.Name, err)
 	}
-	if err := client.Revoke(files.Cert, reason); err != nil {
-		return exit.Errorf("%w; nothing was deleted", err)
+	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
+	if err := is.Revoke(ctx, l, files.Cert, reason); err != nil {
+		return fmt.Errorf("%w; nothing was deleted", err)
 	}
 	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
 	return nil
 }
 
-func deleteReport(l *store.Lineage, o *deleteOptions) *notify.Report {
-	item := notify.Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
-		MailTo: l.Mail.To, Relay: notify.Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
-	if o.Revoke {
-		item.Hint = "revoked at the CA (" + o.Reason + ")"
-	}
-	return &notify.Report{Command: "delete", Items: []notify.Item{item}}
-}
-
 // removeCronIfLast removes the cron entry with the last lineage.
 func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) error {
-	left, _ := h.catalog.Names(ctx)
-	if o.CronFile == "" {
-		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
+	if left, _ := h.catalog.Names(ctx); len(left) > 0 {
+		return nil
 	}
-	if len(left) == 0 {
-		if _, err := os.Stat(o.CronFile); err == nil {
-			if err := removeCronFile(o.CronFile); err != nil {
-				return err
-			}
-			a.printf("last lineage deleted: removed %s\n", o.CronFile)
-		}
+	file := cmp.Or(o.CronFile, schedule.CronFileFor("/etc/cron.d", a.global.Dir))
+	removed, err := schedule.RemoveFile(file)
+	if removed {
+		a.printf("last lineage deleted: removed %s\n", file)
 	}
-	return nil
+	return err
 }
 
-// lineageForDomain finds the one lineage whose certificate covers domain.
-func (a *app) lineageForDomain(ctx context.Context, h *host, raw string) (string, error) {
-	d, err := names.Domain(raw)
-	if err != nil {
-		return "", exit.Errorf("%w", err)
+// revokedFor is the reason a delete revoked with, or "".
+func revokedFor(o *deleteOptions) string {
+	if o.Revoke {
+		return o.Reason
 	}
-	all, err := h.catalog.Names(ctx)
-	if err != nil {
-		return "", redisExit(err)
-	}
-	var found []string
-	for _, n := range all {
-		if l, err := h.catalog.Head(ctx, n); err == nil && slices.Contains(l.Domains, d) {
-			found = append(found, n)
-		}
-	}
-	switch len(found) {
-	case 0:
-		return "", exit.Errorf("no lineage covers %s", d).WithHint("'lbcert list' shows the lineages")
-	case 1:
-		return found[0], nil
-	}
-	return "", exit.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
+	return ""
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -95,12 +95,12 @@ while it is valid.
 func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	switch {
 	case o.PrintUnit && o.PrintTimer:
-		return exit.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
+		return fmt.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
 	case o.PrintUnit:
-		a.printf("%s", a.renewService(printedBy(serviceUnit, "renew --print-systemd-unit")))
+		a.printf("%s", a.printedUnit(false))
 		return nil
 	case o.PrintTimer:
-		a.printf("%s", a.renewTimer(a.hostMinute(), printedBy(timerUnit, "renew --print-systemd-timer")))
+		a.printf("%s", a.printedUnit(true))
 		return nil
 	}
 	st := store.New(a.global.Dir)
@@ -108,20 +108,20 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	if o.Concurrency < 1 {
-		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
 	for _, n := range o.Names {
 		if err := names.Lineage(n); err != nil {
-			return exit.Errorf("--name: %w", err)
+			return fmt.Errorf("--name: %w", err)
 		}
 	}
-	limits, err := o.pace.limits()
+	limits, err := o.pace.Limits()
 	if err != nil {
 		return err
 	}
 	// Checked now, without reading any secret: a bad --email or
 	// --ca-bundle is bad input, not a failure of every lineage.
-	if err := a.checkAccountSettings(); err != nil {
+	if err := a.account().Check(a.ctx); err != nil {
 		return err
 	}
 	if err := a.mode().mayOrder("renew"); err != nil {
@@ -138,7 +138,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	defer h.close()
 	all, err := h.catalog.Names(ctx)
 	if err != nil {
-		return redisExit(fmt.Errorf("read the lineages: %w", err))
+		return fmt.Errorf("read the lineages: %w", err)
 	}
 	if len(all) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
@@ -151,21 +151,19 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if o.NoRandomSleep || a.stdoutTTY {
 		delay = 0
 	}
-	res, err := a.runEngine(ctx, h, runSpec{
-		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0,
-	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
+	res, err := a.runEngine(ctx, h, runSpec{limits: limits, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, Options: engine.Options{
+		Command: "renew", Concurrency: o.Concurrency, Days: o.Days, DryRun: o.DryRun, MaxWait: o.MaxWait, RandomDelay: delay,
+	}}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
 	if err != nil {
 		return err
 	}
 	a.renderRenew(res, o)
 	a.sayUnreachable(res)
-	a.sayRollouts(res)
 	var mailErr error
 	if !o.DryRun {
 		mailErr = a.mailReport(ctx, st, res.Report())
 	}
-	return finish(res, mailErr)
+	return runError(res, mailErr)
 }
 
 // renewJobs is one job per selected lineage, with its saved settings,
@@ -178,7 +176,7 @@ func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (ite
 		selected = o.Names
 		for _, n := range selected {
 			if !slices.Contains(all, n) {
-				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, h.where).WithHint("'lbcert list' shows the lineages")
+				return nil, 0, hint.Wrap(fmt.Errorf("--name %s: no such lineage in %s", n, h.where), "'lbcert list' shows the lineages")
 			}
 		}
 	}
@@ -209,45 +207,19 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	}
 	for _, it := range res.Items {
 		if it.Outcome == engine.Failed || it.Outcome == engine.Aborted {
-			fmt.Fprintf(a.err, "lbcert: error: renew %s: %s\n", it.Name, it.Error)
+			a.say.errorf("renew %s: %s", it.Name, it.Error)
 			if it.Hint != "" {
-				fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+				a.say.hintf("%s", it.Hint)
 			}
 		}
 		if it.Cadence != "" {
 			// Even on a nothing-due run: a schedule too slow for the
 			// certificates is silent until one expires (-q keeps it).
-			fmt.Fprintf(a.err, "lbcert: warning: %s: %s\n", it.Name, it.Cadence)
+			a.say.warningf("%s: %s", it.Name, it.Cadence)
 		}
 	}
-	c := res.Counts
-	changed := c[engine.Renewed] + c[engine.Issued] + c[engine.Deployed]
-	if changed+c[engine.Failed]+c[engine.Deferred]+c[engine.Aborted]+c[engine.NotStarted] == 0 {
-		return // nothing due: silence, for cron
-	}
-	verb := "renewed"
-	if res.DryRun {
-		verb = "would renew (dry run)"
-	}
-	a.printf("lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
-		changed, verb, c[engine.NotDue], c[engine.Failed]+c[engine.Aborted], c[engine.Deferred])
-	for _, it := range res.Items {
-		switch it.Outcome {
-		case engine.Renewed, engine.Issued:
-			a.printf("  renewed   %-30s %s -> %s, expires %s (%s); deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), it.Reason, deployWords(it))
-		case engine.Deployed:
-			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), deployWords(it))
-		case engine.Failed, engine.Aborted:
-			a.printf("  failed    %-30s %s\n", it.Name, it.Error)
-		case engine.Deferred:
-			next := ""
-			if it.NextAttempt != nil {
-				next = "; next attempt " + it.NextAttempt.Format(time.RFC3339)
-			}
-			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, next)
-		case engine.NotStarted:
-			a.printf("  not started %-28s %s\n", it.Name, it.Error)
-		}
+	if !a.global.Quiet {
+		res.RenewSummary(a.out)
 	}
 }
 

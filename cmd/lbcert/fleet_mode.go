@@ -2,7 +2,7 @@ package main
 
 import (
 	"context"
-	"slices"
+	"fmt"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -10,8 +10,8 @@ import (
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -27,8 +27,7 @@ type fleetMode struct{ a *app }
 // answer every token, and a run binding its own listener would answer
 // for one node only.
 func fleetChallenge(what string) error {
-	return exit.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what).
-		WithHint("start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
+	return hint.Wrap(fmt.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what), "start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
 }
 
 func (fleetMode) challenge(c challengeFlags) (store.Challenge, error) {
@@ -55,7 +54,7 @@ func (fleetMode) rowChallenge(row *batch.Row, _ store.Challenge) (store.Challeng
 
 func (m fleetMode) mayOrder(command string) error {
 	if m.a.fleetOpts.NoOrder {
-		return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", command)
+		return fmt.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", command)
 	}
 	return nil
 }
@@ -70,8 +69,7 @@ func (fleetMode) deploy(d *deployFlags, _ string, _ *store.Deploy) (store.Deploy
 		}
 	})
 	if len(given) > 0 {
-		return store.Deploy{}, exit.Errorf("%s: in fleet mode every node deploys with its own agent's settings, whoever orders", strings.Join(given, ", ")).
-			WithHint("give the deploy flags to 'lbcert --redis URL agent' on each node, and drop them here")
+		return store.Deploy{}, hint.Wrap(fmt.Errorf("%s: in fleet mode every node deploys with its own agent's settings, whoever orders", strings.Join(given, ", ")), "give the deploy flags to 'lbcert --redis URL agent' on each node, and drop them here")
 	}
 	return store.Deploy{}, nil
 }
@@ -89,51 +87,30 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 	if err != nil {
 		return nil, err
 	}
-	cat := fleet.NewCatalog(f.node)
-	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	cat := fleet.NewCatalog(f.Node)
+	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	settings := fleet.NodeDeploy(st)
 	return &host{
-		st: st, catalog: cat, accounts: cat, where: "the fleet", fleet: f,
+		st: st, catalog: cat, accounts: cat, where: "the fleet",
 		node: &engine.Node{
 			Local: st, Deploy: runner, Keep: a.global.Keep,
 			Settings: func(*store.Lineage) store.Deploy { return settings },
 			Lock:     fleet.WriteLock(st),
-			Report:   fleet.ReportServed(f.node),
-			Gate:     f.node.Gate,
+			Report:   fleet.ReportServed(f.Node),
+			Gate:     f.Node.Gate, Notes: f.Node.RolloutNotes, // staged rollouts
 		},
 		// One budget for the fleet: the CA counts per account and
 		// domain, whichever node orders; and the fleet's ledger of
 		// certificates per exact set of names.
 		budget: func(l pace.Limits) (engine.Budget, *pace.Budget, error) {
-			b := pace.OpenShared(fleet.PaceStore{Shared: f.sh}, l, a.now)
-			return &fleet.Budget{Pace: b, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}, b, nil
+			b := pace.OpenShared(fleet.PaceStore{Shared: f.Shared}, l, a.now)
+			return &fleet.Budget{Pace: b, N: f.Node, Cap: a.fleetOpts.LedgerCap, Now: a.now}, b, nil
 		},
-		tokens: func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.node} },
-		prepare: func(ctx context.Context) error {
-			if err := f.node.PublishSpool(ctx); err != nil {
-				return redisExit(err)
-			}
-			return nil
-		},
-		after:  func(ctx context.Context) { a.writeFleetMetrics(ctx, f.node) },
-		served: func(ctx context.Context) (map[string][]nodeServes, error) { return nodesServing(ctx, f.node) },
-		notes:  func(ctx context.Context) ([]engine.Note, error) { return rolloutNotes(ctx, f.node, a.now()) },
-		close:  f.close,
+		tokens:      func(is *issuer.Issuer) { is.Fleet = &fleet.Tokens{N: f.Node} },
+		prepare:     f.Node.PublishSpool,
+		after:       func(ctx context.Context) { a.writeFleetMetrics(ctx, f.Node) },
+		served:      f.Node.ServingByLineage,
+		failedNames: func() ([]string, error) { return nil, nil },
+		close:       f.Close,
 	}, nil
-}
-
-// nodesServing is what each member reports serving, by lineage.
-func nodesServing(ctx context.Context, n *fleet.Node) (map[string][]nodeServes, error) {
-	all, err := n.Serving(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := make(map[string][]nodeServes, len(all))
-	for name, byNode := range all {
-		for node, s := range byNode {
-			out[name] = append(out[name], nodeServes{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error, Held: s.Held})
-		}
-		slices.SortFunc(out[name], func(a, b nodeServes) int { return strings.Compare(a.Node, b.Node) })
-	}
-	return out, nil
 }

@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
-	"path/filepath"
+	"fmt"
+
+	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/challenge"
+	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/inventory"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
@@ -39,6 +43,7 @@ type challengeFlags struct {
 	httpAddr   string
 	addrSet    bool // --http-addr was given
 	batch      bool // batch: none given is fine (rows may name theirs)
+	fs         *pflag.FlagSet
 }
 
 // host is one command's catalog and node, as its mode opened them.
@@ -59,24 +64,12 @@ type host struct {
 	after func(ctx context.Context)
 	// served is what each node of a fleet reports serving, by lineage
 	// and node; nil on one host, where the state directory says it.
-	served func(ctx context.Context) (map[string][]nodeServes, error)
-	close  func()
-	fleet  *fleetRun // fleet-only commands (status, remove) read it
-	// notes are a fleet's staged rollouts that need an operator, for
-	// the run's report; nil on one host.
-	notes func(ctx context.Context) ([]engine.Note, error)
-}
-
-// nodeServes is what one node serves of a lineage (list and show in a
-// fleet).
-type nodeServes struct {
-	Node    string `json:"node"`
-	Version int    `json:"version"`
-	Serial  string `json:"serial,omitempty"`
-	OK      bool   `json:"ok"`
-	Error   string `json:"error,omitempty"`
-	// Held is why the node serves an older version: a staged rollout.
-	Held string `json:"held,omitempty"`
+	served func(ctx context.Context) (map[string][]inventory.Serves, error)
+	// failedNames are the names whose first order failed (list shows
+	// them as never issued): from the state directory on one host; in a
+	// fleet the run's report says them.
+	failedNames func() ([]string, error)
+	close       func()
 }
 
 // mode is the run's mode, from the settings.
@@ -95,26 +88,15 @@ func (m singleHost) challenge(c challengeFlags) (store.Challenge, error) {
 	a := m.a
 	switch {
 	case c.webroot != "" && c.standalone:
-		return store.Challenge{}, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
+		return store.Challenge{}, config.Conflict(c.fs, "webroot", "standalone", "choose one way to answer HTTP-01")
 	case c.webroot == "" && !c.standalone && c.batch:
 		return store.Challenge{}, nil
 	case c.webroot == "" && !c.standalone:
-		return store.Challenge{}, exit.Errorf("no challenge method: pass --webroot DIR or --standalone").
-			WithHint("or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
+		return store.Challenge{}, hint.Wrap(fmt.Errorf("no challenge method: pass --webroot DIR or --standalone"), "or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
 	case c.addrSet && !c.standalone && !c.batch:
-		return store.Challenge{}, exit.Errorf("--http-addr only applies with --standalone")
-	case c.webroot != "":
-		root, err := filepath.Abs(c.webroot)
-		if err != nil {
-			return store.Challenge{}, exit.Errorf("--webroot %s: %w", c.webroot, err)
-		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return store.Challenge{}, exit.Errorf("%w", err)
-		}
-		return store.Challenge{Mode: "webroot", Webroot: root}, nil
-	default:
-		return store.Challenge{Mode: "standalone", HTTPAddr: c.httpAddr}, nil
+		return store.Challenge{}, fmt.Errorf("--http-addr only applies with --standalone")
 	}
+	return challenge.Resolve(c.webroot, c.httpAddr)
 }
 
 func (singleHost) rowChallenge(row *batch.Row, fallback store.Challenge) (store.Challenge, string) {
@@ -136,7 +118,7 @@ func (singleHost) deploy(d *deployFlags, dir string, saved *store.Deploy) (store
 func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 	a := m.a
 	st := store.New(a.global.Dir)
-	runner := &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
+	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	return &host{
 		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir,
 		node: &engine.Node{Local: st, Deploy: runner, Keep: a.global.Keep},
@@ -144,10 +126,17 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 			b, err := a.openBudget(st, l)
 			return b, b, err
 		},
-		tokens:  func(*issuer.Issuer) {},
-		prepare: func(context.Context) error { return nil },
-		after:   func(context.Context) {},
-		served:  func(context.Context) (map[string][]nodeServes, error) { return nil, nil },
-		close:   func() {},
+		tokens:      func(*issuer.Issuer) {},
+		prepare:     func(context.Context) error { return nil },
+		after:       func(context.Context) {},
+		served:      func(context.Context) (map[string][]inventory.Serves, error) { return nil, nil },
+		failedNames: st.FailedNames,
+		close:       func() {},
 	}, nil
+}
+
+// deployOptions are the deploy runner's settings in either mode: hooks
+// end hookGrace after an interrupt, or at the second.
+func (a *app) deployOptions() deploy.Options {
+	return deploy.Options{HookConcurrency: a.global.HookConc, Stop: a.hookStop}
 }

@@ -114,6 +114,19 @@ func FailedValidation(err error) bool {
 	return false
 }
 
+// Refused reports whether the CA answered the order with a problem
+// document other than its own failure: it refused the names (for
+// example rejectedIdentifier: its policy forbids them), the CSR, or the
+// request. No certificate was issued, so none counts against the
+// registered domain or the exact set of names.
+func Refused(err error) bool {
+	if err == nil || strings.Contains(err.Error(), "urn:ietf:params:acme:error:serverInternal") {
+		return false
+	}
+	var pd *legoacme.ProblemDetails
+	return errors.As(err, &pd) || strings.Contains(err.Error(), "urn:ietf:params:acme:error:")
+}
+
 // ProblemDetail is the detail of the CA's problem document in err, or
 // err's text when there is none.
 func ProblemDetail(err error) string {

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -343,4 +344,29 @@ func (c *Client) Revoke(certPEM []byte, reason uint) error {
 		return explain("revoke", err)
 	}
 	return nil
+}
+
+// ReasonNames lists RevocationReasons' names in code order.
+func ReasonNames() []string {
+	var out []string
+	for k := range RevocationReasons {
+		out = append(out, k)
+	}
+	sort.Slice(out, func(i, j int) bool { return RevocationReasons[out[i]] < RevocationReasons[out[j]] })
+	return out
+}
+
+// ParseReason reads --reason: a reason's name, or its code.
+func ParseReason(s string) (uint, error) {
+	if r, ok := RevocationReasons[s]; ok {
+		return r, nil
+	}
+	if n, err := strconv.Atoi(s); err == nil {
+		for _, r := range RevocationReasons {
+			if uint(n) == r {
+				return r, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("--reason %q: want one of %s", s, strings.Join(ReasonNames(), ", "))
 }

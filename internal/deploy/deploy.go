@@ -59,6 +59,22 @@ type Options struct {
 	VerifyConcurrency int  // TLS checks at once (default 32)
 	HookConcurrency   int  // deploy hooks at once (default 1, as certbot)
 	DryRun            bool // plan only: test nothing, reload nothing
+	// Stop, when set and done, ends the deploy hooks: one still running
+	// is killed, and its certificate stays owed a deploy. An interrupt's
+	// grace, or a second interrupt, ends a deploy's waiting this way; the
+	// config test, reload, rollback and TLS check (bounded on its own)
+	// always run to the end.
+	Stop context.Context
+}
+
+// stoppable is ctx ended also by Opts.Stop.
+func (r *Runner) stoppable(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	if r.Opts.Stop == nil {
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(r.Opts.Stop, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // Store is what deploy needs of the storage seam: the live paths the
@@ -111,7 +127,9 @@ func (r *Runner) Run(ctx context.Context, changes []Change) []Result {
 		}
 	}
 	r.verifyAll(ctx, changes, results)
-	r.hooks(ctx, changes, results)
+	hctx, cancel := r.stoppable(ctx)
+	defer cancel()
+	r.hooks(hctx, changes, results)
 	return results
 }
 

@@ -233,12 +233,20 @@ func (f *fleetEnv) bg(n string, args ...string) *bgRun {
 	full := append([]string{"--dir", f.nodes[n].dir, "--redis", f.url}, args...)
 	cmd := f.command(ctx, full...)
 	cmd.Env = append(cmd.Env, "LBCERT_REDIS_PASSWORD="+fleetPassword)
+	return startBG(f.t, cmd, cancel)
+}
+
+// startBG starts cmd and returns at once; cancel is called when it
+// ends. A run still going when the test ends gets SIGTERM, as an
+// operator's Ctrl-C.
+func startBG(t *testing.T, cmd *exec.Cmd, cancel context.CancelFunc) *bgRun {
+	t.Helper()
 	w := &cmdWithOut{}
 	cmd.Stdout = &lockedWriter{b: &w.out, mu: &w.mu}
 	cmd.Stderr = &lockedWriter{b: &w.err, mu: &w.mu}
 	if err := cmd.Start(); err != nil {
 		cancel()
-		f.t.Fatal(err)
+		t.Fatal(err)
 	}
 	r := &bgRun{cmd: w, proc: cmd.Process, done: make(chan result, 1), exited: make(chan struct{})}
 	go func() {
@@ -256,7 +264,7 @@ func (f *fleetEnv) bg(n string, args ...string) *bgRun {
 		r.done <- res
 		close(r.exited)
 	}()
-	f.t.Cleanup(func() {
+	t.Cleanup(func() {
 		r.stop()
 		select {
 		case <-r.exited:

@@ -78,22 +78,26 @@ func (f *fleetEnv) rolloutLB(n, roots string) *rolloutLB {
 // config is the node's HAProxy config: TLS by SNI from its directory,
 // /healthz answering lb.health, everything else 200.
 func (lb *rolloutLB) config() string {
-	c := fmt.Sprintf(`global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 5s
-    timeout server 5s
-frontend tls
-    bind %s ssl crt %s
-    http-request return status %d content-type text/plain string health if { path /healthz }
-    http-request return status 200 content-type text/plain string ok
-`, lb.sock, lb.addr, lb.certs, lb.health)
+	health := fmt.Sprintf("    http-request return status %d content-type text/plain string health if { path /healthz }\n", lb.health)
+	c := strings.Replace(haproxyConfig(lb.sock, lb.addr, lb.certs), "    http-request return", health+"    http-request return", 1)
 	if lb.broken {
 		c += "    this_is_not_a_directive\n"
 	}
 	return c
+}
+
+// keepsServing fails t unless every node of lbs serves serial of name,
+// looked at every 300 ms, for d: what must not move while a rollout is
+// held or was aborted.
+func keepsServing(t *testing.T, lbs map[string]*rolloutLB, nodes []string, name, serial string, d time.Duration, why string) {
+	t.Helper()
+	for start := time.Now(); time.Since(start) < d; time.Sleep(300 * time.Millisecond) {
+		for _, n := range nodes {
+			if got := lbs[n].serves(name); got != serial {
+				t.Fatalf("%s serves %s %s; want %s", n, got, why, serial)
+			}
+		}
+	}
 }
 
 // apply writes the config and, when it is valid, reloads HAProxy and
@@ -153,6 +157,7 @@ type rolloutStatusJSON struct {
 		Failed  int    `json:"failed"`
 	} `json:"nodes"`
 	Rollouts []fleet.RolloutStatus `json:"rollouts"`
+	Settings *fleet.RolloutConfig  `json:"rollout_settings"`
 }
 
 func (f *fleetEnv) rolloutStatus(n string) (result, rolloutStatusJSON) {

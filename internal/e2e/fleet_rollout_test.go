@@ -114,15 +114,7 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 	}
 	// Long enough for the agents of the last wave to have acted on it
 	// had they been going to: several reconciles.
-	hold := time.Now()
-	for time.Since(hold) < 6*time.Second {
-		for _, n := range f.order {
-			if got := lbs[n].serves(name); got != v1 {
-				t.Fatalf("%s serves %s while version 2 is held; want the previous %s", n, got, v1)
-			}
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
+	keepsServing(t, lbs, f.order, name, v1, 6*time.Second, "while version 2 is held (want the previous)")
 	if l := f.on("lb3", "list"); !strings.Contains(l.stdout, "held: deploy failed on lb1") {
 		t.Errorf("list does not say the rollout is held:\n%s", l.stdout)
 	}
@@ -132,8 +124,8 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 		!strings.Contains(txt.stdout, "waves: 1: lb1; 2: lb2, lb3\n") {
 		t.Errorf("fleet status does not show the held rollout: exit %d\n%s", txt.code, txt.stdout)
 	}
-	if sh := f.on("lb2", "fleet", "rollout", "show"); !strings.Contains(sh.stdout, "wave 2: rest         lb2, lb3") || !strings.Contains(sh.stdout, "held at wave 1 of 2") {
-		t.Errorf("rollout show:\n%s", sh.stdout)
+	if !strings.Contains(txt.stdout, "  soak 0s, no probe, expiry margin 15%\n") {
+		t.Errorf("fleet status does not show the rollout settings:\n%s", txt.stdout)
 	}
 	rep := f.on("lb3", "renew", "--name", name, "--no-random-sleep", "--json")
 	var res struct {
@@ -184,15 +176,7 @@ func TestFleetRolloutCanaryFails(t *testing.T) {
 	}
 	lbs["lb1"].health = 200
 	lbs["lb1"].apply(t)
-	settle := time.Now()
-	for time.Since(settle) < 5*time.Second {
-		for _, n := range f.order {
-			if got := lbs[n].serves(name); got != v2 {
-				t.Fatalf("%s serves %s after the abort, want %s", n, got, v2)
-			}
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
+	keepsServing(t, lbs, f.order, name, v2, 5*time.Second, "after the abort")
 	// A new version moves on: its own rollout, canary then the rest.
 	f.mustOn("lb2", "--ledger-cap", "4", "renew", "--force", "--name", name, "--no-random-sleep")
 	v4 := f.fleetSerial(name)
@@ -357,8 +341,8 @@ func TestFleetRolloutJoinAndFlush(t *testing.T) {
 	if r.code != 2 || len(st.Rollouts[0].Waves) != 2 || len(st.Rollouts[0].Waves[1]) != 3 {
 		t.Fatalf("fleet status after the rebuild: exit %d\n%s", r.code, r.stdout)
 	}
-	if sh := f.on("lb3", "fleet", "rollout", "show"); !strings.Contains(sh.stdout, "probe https://{name}/healthz expecting 200") {
-		t.Fatalf("the waves after the rebuild:\n%s%s", sh.stdout, sh.stderr)
+	if c := st.Settings; c == nil || c.Probe != "https://{name}/healthz" || c.ProbeStatus != 200 || len(c.Waves) != 2 {
+		t.Fatalf("the waves' settings after the rebuild: %+v", c)
 	}
 	// Nothing moved meanwhile: the last wave, lb4 included, kept version 1.
 	for _, n := range []string{"lb2", "lb3", "lb4"} {

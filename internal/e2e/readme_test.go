@@ -31,14 +31,7 @@ import (
 // where it is included. The include file lbcert writes is shown as
 // NginxSites renders it for the README's two lineages.
 func TestREADMESnippets(t *testing.T) {
-	root, err := testenv.ModuleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	readme, err := os.ReadFile(filepath.Join(root, "README.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, readme := readREADME(t)
 	work := t.TempDir()
 	state := filepath.Join(work, "etc-lbcert")
 	os.MkdirAll(filepath.Join(state, "haproxy"), 0o700)

@@ -187,7 +187,7 @@ func TestStepCARenewByLifetime(t *testing.T) {
 	time.Sleep(time.Until(l.RenewAt) + time.Second)
 	orders := e.stepca.Orders()
 	r = e.mustRun("-v", "renew", "--no-random-sleep")
-	if !strings.Contains(r.stdout, "lbcert renew: 1 renewed, 0 not due") || !strings.Contains(r.stdout, "(lifetime)") {
+	if !strings.Contains(r.stdout, "lbcert renew: 1 renewed, 0 not due") || !strings.Contains(r.stdout, "due: the lifetime rule") {
 		t.Fatalf("renew at the moment:\n%s%s", r.stdout, r.stderr)
 	}
 	if n := e.stepca.Orders() - orders; n != 1 {

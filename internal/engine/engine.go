@@ -36,7 +36,7 @@
 //  4. The Result holds one typed Item per job; the command renders it and
 //     maps it to an exit code.
 //
-// The engine never imports cobra or package exit: errors carry hints
+// The engine never imports cobra or knows exit codes: errors carry hints
 // through package hint, and only cmd/lbcert turns a Result into an exit
 // code.
 package engine
@@ -146,9 +146,17 @@ type Options struct {
 	Now   func() time.Time
 	Rand  func(n int64) int64                             // [0, n); for the ARI pick and the delay
 	Sleep func(ctx context.Context, d time.Duration) bool // false when ctx ended first
-	// Observe is called once per finished item, from the worker that
-	// finished it (progress bars, log lines).
+	// Observe is called once per item when its own work ends (its
+	// certificate obtained or installed, or it failed or was deferred),
+	// from the worker that did it, before the run's one deploy: a
+	// progress bar counts a row when its certificate is obtained.
 	Observe func(*Item)
+	// Deploying is called once before the run's deploy with the number
+	// of certificates it deploys (the deploy is a phase of its own), and
+	// Deployed once per deployed item after it, with the deploy's
+	// outcome on the item.
+	Deploying func(n int)
+	Deployed  func(*Item)
 }
 
 // Engine runs plans against one catalog and installs on one node.

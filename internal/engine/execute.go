@@ -54,7 +54,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 			defer wg.Done()
 			for s := range jobs {
 				r.one(s)
-				if e.Opts.Observe != nil && !r.owesDeploy(s) {
+				if e.Opts.Observe != nil {
 					e.Opts.Observe(s.item)
 				}
 			}
@@ -76,6 +76,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 
 	r.deployAll()
 	r.warnings(p.items)
+	r.rolloutNotes()
 	if e.Budget != nil && !e.Opts.InstallOnly {
 		if err := e.Budget.Flush(); err != nil {
 			slog.Warn("could not save the rate budget", "err", err)
@@ -85,6 +86,32 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 	res.Finished = e.now()
 	res.Count()
 	return res
+}
+
+// rolloutNotes puts the staged rollouts that need an operator (held,
+// aborted, overridden near expiry) into the result (its JSON and mail)
+// and warns of each. A fleet that cannot say is a warning, never a
+// failed run.
+func (r *run) rolloutNotes() {
+	if r.e.Node.Notes == nil || r.e.Opts.InstallOnly {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), 30*time.Second)
+	defer cancel()
+	notes, err := r.e.Node.Notes(ctx, r.e.now())
+	if err != nil {
+		slog.Warn("could not read the fleet's staged rollouts", "err", oneLine(err))
+		return
+	}
+	for _, n := range notes {
+		if n.State != "rolling" {
+			r.res.Rollouts = append(r.res.Rollouts, n)
+			slog.Warn(n.Text)
+		}
+	}
+	if len(r.res.Rollouts) > 0 {
+		slog.Warn(RolloutHint)
+	}
 }
 
 // run is one Execute's shared state.
@@ -105,12 +132,6 @@ type run struct {
 	res     *Result
 	wants   []*want
 	owed    map[string]*step // lineage name -> step whose want is in wants
-}
-
-func (r *run) owesDeploy(s *step) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.owed[s.job.Lineage.Name] == s
 }
 
 // one takes a step through everything before the deploy.
@@ -237,6 +258,13 @@ func (r *run) install(s *step) {
 			}
 			return f, err
 		})
+		if err == nil && w == nil {
+			if it.Outcome == "" {
+				it.Outcome, it.Reason = NotDue, "deployed by another process of this node"
+			}
+			it.Serial, it.NotAfter, it.Version = l.Cert.Serial, timePtr(l.Cert.NotAfter), l.Version
+			return
+		}
 		if err == nil {
 			if it.Outcome == "" {
 				it.Outcome = Deployed
@@ -320,7 +348,7 @@ func (r *run) mayStart(s *step) bool {
 	// after the random delay is not deferred for a whole day because of
 	// a check made before it.
 	if !s.job.Force && renewal.InBackoff(s.status, e.now().Add(e.Opts.RandomDelay)) {
-		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		r.backedOff(s)
 		return false
 	}
 	r.delay()
@@ -329,7 +357,7 @@ func (r *run) mayStart(s *step) bool {
 		return false
 	}
 	if !s.job.Force && renewal.InBackoff(s.status, e.now()) {
-		r.defer_(s, "waiting after earlier failures: "+s.status.LastError, s.status.NextAttempt, nil)
+		r.backedOff(s)
 		return false
 	}
 	return true
@@ -410,6 +438,10 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		it.Outcome = outcome // obtained and in the catalog: only this node's copy failed
 		return
 	}
+	if w == nil {
+		it.Deploy = "ok" // this node's agent deployed it already, with the same settings
+		return
+	}
 	r.owe(s, w)
 }
 
@@ -458,12 +490,15 @@ func (r *run) deployAll() {
 	if len(r.wants) == 0 {
 		return
 	}
+	if e.Opts.Deploying != nil {
+		e.Opts.Deploying(len(r.wants))
+	}
 	done := e.Node.deployAll(context.WithoutCancel(r.ctx), r.wants)
 	for i, w := range r.wants {
 		s := r.owed[w.l.Name]
 		r.deployed(s, w, done[i])
-		if e.Opts.Observe != nil {
-			e.Opts.Observe(s.item)
+		if e.Opts.Deployed != nil {
+			e.Opts.Deployed(s.item)
 		}
 	}
 }
@@ -612,6 +647,15 @@ func (r *run) fail(s *step, err error, backoff bool) {
 	slog.Debug("failed", "name", s.job.Lineage.Name, "err", it.Error)
 }
 
+// backedOff defers s, in failure backoff: the hint says when the next
+// attempt is, and that once the cause is fixed --force tries now
+// (issue #26 item 15).
+func (r *run) backedOff(s *step) {
+	next := s.status.NextAttempt
+	r.defer_(s, "waiting after earlier failures: "+s.status.LastError, next,
+		hint.Errorf(fmt.Sprintf("the next attempt is after %s; once the cause is fixed, the same command with --force tries now", next.UTC().Format(time.RFC3339)), "in backoff"))
+}
+
 // defer_ leaves s for a later run, without backoff.
 func (r *run) defer_(s *step, why string, next time.Time, err error) {
 	it := s.item
@@ -631,4 +675,4 @@ func notTheNamesFault(err error) bool {
 
 // oneLine is an error as one line, without any known secret: it goes
 // into status files, reports and mail.
-func oneLine(err error) string { return secret.Scrub(strings.Join(strings.Fields(err.Error()), " ")) }
+func oneLine(err error) string { return secret.OneLine(err) }

@@ -2,8 +2,11 @@ package engine
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -98,5 +101,44 @@ func TestGateHoldsWhatIsInstalled(t *testing.T) {
 	res = run(agent, f.renewJobs()...)
 	if it := res.Items[0]; it.Outcome != NotDue || it.Version != 1 {
 		t.Fatalf("nothing more to do: %+v", it)
+	}
+}
+
+// A run's result carries the staged rollouts that need an operator
+// (Node.Notes), and its mail says them; one on its way is no one's
+// business, an install-only run (the agent) never asks, and a fleet
+// that cannot say leaves the run as it was.
+func TestRunNotesRollouts(t *testing.T) {
+	f := newFixture(t)
+	f.saved("n.test")
+	asked := 0
+	var fail error
+	notes := func(context.Context, time.Time) ([]Note, error) {
+		asked++
+		return []Note{{Name: "a.test", State: "held", Text: "rollout of a.test version 2 held"}, {Name: "b.test", State: "rolling", Text: "at wave 1"}}, fail
+	}
+	run := func(o Options) *Result {
+		t.Helper()
+		e := f.engine(o)
+		e.Node.Notes = notes
+		p, err := e.Plan(context.Background(), f.renewJobs())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Execute(context.Background())
+	}
+	res := run(Options{Command: "renew"})
+	if len(res.Rollouts) != 1 || res.Rollouts[0].Name != "a.test" || asked != 1 {
+		t.Fatalf("rollouts in the result: %+v (asked %d)", res.Rollouts, asked)
+	}
+	if rep := res.Report(); !rep.Changed() || len(rep.Rollouts) != 1 || !strings.Contains(rep.Body(), "rollout of a.test version 2 held") {
+		t.Fatalf("the report: %+v\n%s", rep.Rollouts, rep.Body())
+	}
+	if res = run(Options{Command: "agent", InstallOnly: true}); len(res.Rollouts) != 0 || asked != 1 {
+		t.Fatalf("an install-only run asked: %+v (asked %d)", res.Rollouts, asked)
+	}
+	fail = errors.New("redis: connection refused")
+	if res = run(Options{Command: "renew"}); len(res.Rollouts) != 0 || res.Items[0].Outcome != NotDue {
+		t.Fatalf("a fleet that cannot say: %+v, %+v", res.Rollouts, res.Items[0])
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/deploy"
@@ -42,6 +44,9 @@ type Node struct {
 	// the same for the head and for the version before it. Planning may
 	// accept an answer a moment old.
 	Gate func(ctx context.Context, head *store.Lineage, fresh bool) (Gated, error)
+	// Notes, when set, are the staged rollouts on their way (a fleet's):
+	// a run's result carries those that need an operator.
+	Notes func(ctx context.Context, now time.Time) ([]Note, error)
 }
 
 // Gated is a Gate's answer.
@@ -132,6 +137,13 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 		return nil, err
 	}
 	defer unlock()
+	// Under the lock, again: another process of this node (a run, or the
+	// agent) may have installed the very version meanwhile, or be in the
+	// middle of deploying it. Deploying it twice would run every deploy
+	// hook twice.
+	if n.settled(l) {
+		return nil, nil
+	}
 	if have, err := n.Local.LoadVersion(l.Name, l.Version); err != nil || have.Cert.Serial != l.Cert.Serial {
 		f, err := files()
 		if err != nil {
@@ -147,7 +159,7 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	if p := j.Pending; p != nil && live == p.Version {
 		previous = p.Previous // a deploy a killed run left half-done
 	}
-	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC()}
+	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC(), PID: os.Getpid()}
 	if err := n.Local.SetJournal(l.Name, j); err != nil {
 		return nil, fmt.Errorf("journal %s version %d: %w", l.Name, l.Version, err)
 	}
@@ -167,6 +179,25 @@ func (n *Node) stage(ctx context.Context, l *store.Lineage, files store.Files) e
 	}
 	defer unlock()
 	return n.Local.Stage(l, files)
+}
+
+// settled reports whether this node needs nothing more for l: it is
+// deployed with this node's settings, or another live process of this
+// node journalled it and is deploying it now.
+func (n *Node) settled(l *store.Lineage) bool {
+	j, _ := n.Local.Journal(l.Name)
+	live, _ := n.Local.LiveVersion(l.Name)
+	if p := j.Pending; p != nil {
+		return p.Version == l.Version && p.PID != 0 && p.PID != os.Getpid() && alive(p.PID)
+	}
+	d := j.Deployed
+	return live == l.Version && d != nil && d.Version == l.Version && d.Serial == l.Cert.Serial && d.With == store.DeployDigest(n.settings(l))
+}
+
+// alive reports whether process pid runs (kill -9 leaves an entry whose
+// process is gone: that deploy is owed, not in progress).
+func alive(pid int) bool {
+	return syscall.Kill(pid, 0) == nil
 }
 
 // installed is what the deploy did to one want.
@@ -248,6 +279,7 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 		j.Pending = &store.Pending{Version: w.l.Version, Previous: w.previous, Since: time.Now().UTC()}
 	}
 	j.Pending.Error = msg
+	j.Pending.PID = 0 // owed, and nobody is at it: any process of the node may try again
 	if err := n.Local.SetJournal(name, j); err != nil {
 		slog.Warn("could not save the pending deploy", "name", name, "err", err)
 	}

@@ -39,6 +39,13 @@ func (r *run) obtain(s *step, o issuer.Order) *acme.Result {
 			return got
 		}
 		if ctx.Err() != nil {
+			// Stopped before a certificate came back: its tokens go
+			// back, as a refused order's do (issue #26 item 19).
+			if reserved && !e.Opts.DryRun && e.Budget != nil {
+				if berr := e.Budget.Refund(key, r.paceOrder(s, o.Replaces)); berr != nil {
+					slog.Warn("could not save the rate budget", "err", berr)
+				}
+			}
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return nil
 		}
@@ -181,8 +188,9 @@ func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.Ra
 	e := r.e
 	wait, limited := acme.RateLimited(err)
 	budget := e.Budget != nil && !e.Opts.DryRun
-	if budget && (limited || acme.FailedValidation(err)) {
-		// Refused or failed before issuance: no certificate to count.
+	if budget && (limited || acme.FailedValidation(err) || acme.Refused(err)) {
+		// Refused or failed before issuance (a rejectedIdentifier, say):
+		// no certificate to count.
 		if berr := e.Budget.Refund(k, o); berr != nil {
 			slog.Warn("could not save the rate budget", "err", berr)
 		}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"strings"
 	"time"
 
@@ -113,10 +114,15 @@ type Result struct {
 	Rollouts []Note `json:"rollouts,omitempty"`
 }
 
+// RolloutHint is what to do about a staged rollout held, aborted or
+// overridden.
+const RolloutHint = "'lbcert fleet status' shows where; fix the node's load balancer or the probe's target, then 'lbcert fleet rollout resume NAME' moves it on, or 'abort NAME' keeps the previous version everywhere (README \"Staged rollouts\")"
+
 // Note is a staged rollout's state as the report says it.
 type Note struct {
 	Name string `json:"name"`
-	// State is "held", "aborted" or "expiry_override".
+	// State is "held", "aborted" or "expiry_override"; "rolling" (on
+	// its way, needing no one) is never in a Result.
 	State string `json:"state"`
 	Text  string `json:"text"`
 }
@@ -149,7 +155,7 @@ func (r *Result) Done() int {
 // follows the lifetime, so it is right for 90-, 45- and 6-day
 // certificates alike (a fixed 14 days would flag every 6-day one).
 func (r *Result) Report() *notify.Report {
-	out := &notify.Report{Command: r.Command, Time: r.Finished}
+	out := &notify.Report{Command: r.Command, Time: r.Finished, Interrupted: r.Interrupted}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
@@ -170,6 +176,9 @@ func (r *Result) Report() *notify.Report {
 		if it.NotAfter != nil {
 			ni.NewNotAfter = *it.NotAfter
 		}
+		if it.NextAttempt != nil {
+			ni.NextAttempt = *it.NextAttempt
+		}
 		switch it.Outcome {
 		case Issued, Renewed, Deployed:
 			ni.Outcome = string(it.Outcome)
@@ -183,9 +192,23 @@ func (r *Result) Report() *notify.Report {
 			out.Items = append(out.Items, ni)
 		case Deferred:
 			if r.Command == "batch" {
-				ni.Outcome = "failed" // a row asked for and not done is news
+				// A row asked for and not done yet is news, but not a
+				// failure: it goes at the time it says (issue #26 item 7).
+				ni.Outcome = "deferred"
 				out.Items = append(out.Items, ni)
 			}
+		case Invalid:
+			// Bad input is never sent to the CA: the file and line say
+			// which row to fix (issue #26 item 8).
+			ni.Outcome = "invalid"
+			if r.File != "" {
+				ni.Name = r.File
+				if it.Line > 0 {
+					ni.Name = fmt.Sprintf("%s:%d", r.File, it.Line)
+				}
+			}
+			out.Items = append(out.Items, ni)
+			continue
 		}
 		if it.warn {
 			ni.Outcome = "expiring"

@@ -66,6 +66,10 @@ type local struct {
 	Gen     string   `json:"redis_gen,omitempty"`
 	Epochs  []Epoch  `json:"epochs,omitempty"`
 	Members []Member `json:"members,omitempty"`
+	// Removed is the epoch from which this node was no longer given the
+	// key: it learnt it was removed, and never acts as a member again
+	// (nor rebuilds an emptied Redis with the key it still has).
+	Removed int `json:"removed_at_epoch,omitempty"`
 }
 
 // Node is this host as a member of a fleet: its Redis, identity and keys.
@@ -375,6 +379,9 @@ func Join(ctx context.Context, sh *rdb.Shared, st *store.Store, node string) (fi
 	if l, err := readLocal(st); err == nil && (l.Fleet != meta["id"] || l.Node != node) {
 		return "", "", fmt.Errorf("%s already belongs to fleet %s as node %s", st.Dir, l.Fleet, l.Node)
 	} else if err == nil && l.Epoch > 0 {
+		if l.Removed > 0 {
+			return "", "", hint.Wrap(fmt.Errorf("node %s was removed from fleet %s", node, l.Fleet), "%s", "to join again, move "+fleetDir(st)+" aside first (it holds the identity the fleet no longer trusts), then run join")
+		}
 		return "", "", fmt.Errorf("node %s is already an approved member of fleet %s", node, l.Fleet)
 	}
 	if m, _ := sh.HGet(ctx, "members", node); m != "" {
@@ -409,6 +416,9 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 		return nil, err
 	}
 	n := &Node{Shared: sh, Local: st, Name: l.Node, ID: l.Fleet, identity: id, keys: map[int][]byte{}, st: *l, epoch: l.Epoch}
+	if l.Removed > 0 {
+		return nil, &Removed{Node: l.Node, Fleet: l.Fleet, Epoch: l.Removed, Dir: fleetDir(st)}
+	}
 	meta, err := sh.HGetAll(ctx, "meta")
 	if err != nil {
 		return nil, err
@@ -450,13 +460,26 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 		if err := n.pin(ctx, cur); err != nil {
 			return nil, err
 		}
+		if err := n.loadMembers(ctx); err != nil {
+			return nil, err
+		}
+		// Newly approved: what the fleet holds wins over what this node
+		// held before it joined.
+		return n, n.importJoined(ctx)
 	} else {
 		if err := n.loadLocalKeys(); err != nil {
 			return nil, err
 		}
 		switch {
 		case cur < l.Epoch:
-			return nil, fmt.Errorf("%s holds data key epoch %d of fleet %s, older than this node's %d (a restored backup, or records written by a removed node); refusing", sh.Addr(), cur, l.Fleet, l.Epoch)
+			// A restored backup, or a removed node's rebuild: put this
+			// node's newer membership back (invariant I5).
+			if err := n.loadMembersFromDisk(); err != nil {
+				return nil, err
+			}
+			if err := n.repair(ctx); err != nil {
+				return nil, err
+			}
 		case cur > l.Epoch:
 			if err := n.follow(ctx, cur); err != nil {
 				return nil, err
@@ -472,6 +495,15 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// loadMembersFromDisk takes the membership from this node's verified
+// copy, as a rebuild does.
+func (n *Node) loadMembersFromDisk() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.members = append([]Member(nil), n.st.Members...)
+	return nil
 }
 
 func (n *Node) loadLocalKeys() error {
@@ -520,20 +552,27 @@ func (n *Node) follow(ctx context.Context, cur int) error {
 		if err := json.Unmarshal([]byte(eps[strconv.Itoa(e)]), &ep); err != nil {
 			return fmt.Errorf("fleet %s: epoch %d has no valid record", n.ID, e)
 		}
+		// The link first: only a rotation a holder of the previous key
+		// made can tell this node it was removed (a record planted in
+		// Redis by anyone else must not lock a member out for good).
+		prev := n.keys[e-1]
+		if prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
+			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
+		}
 		w, err := n.Shared.HGet(ctx, "wrapped:"+strconv.Itoa(e), n.Name)
 		if err != nil {
 			return err
 		}
 		if w == "" {
+			n.save(func(l *local) { l.Removed = e })
 			return &Removed{Node: n.Name, Fleet: n.ID, Epoch: e, Dir: fleetDir(n.Local)}
 		}
 		key, err := unwrap([]byte(w), n.identity)
 		if err != nil {
 			return fmt.Errorf("epoch %d: %v", e, err)
 		}
-		prev := n.keys[e-1]
-		if keyID(key) != ep.KeyID || prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
-			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
+		if keyID(key) != ep.KeyID {
+			return fmt.Errorf("fleet %s: epoch %d's key does not match its record; refusing it", n.ID, e)
 		}
 		n.keys[e] = key
 		n.epoch = e
@@ -620,6 +659,10 @@ func (n *Node) Members() []Member {
 // fingerprint: an operator who read the fingerprint on the new node
 // itself can be sure the request came from there.
 func (n *Node) Approve(ctx context.Context, node, fingerprint string) error {
+	return n.withMembership(ctx, func() error { return n.approve(ctx, node, fingerprint) })
+}
+
+func (n *Node) approve(ctx context.Context, node, fingerprint string) error {
 	raw, err := n.Shared.HGet(ctx, "join", node)
 	if err != nil {
 		return err
@@ -659,6 +702,14 @@ func (n *Node) Approve(ctx context.Context, node, fingerprint string) error {
 // go, the data key is rotated and every sealed key re-sealed under the
 // new one, so node can open nothing published afterwards.
 func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error) {
+	err = n.withMembership(ctx, func() error {
+		resealed, err = n.remove(ctx, node)
+		return err
+	})
+	return resealed, err
+}
+
+func (n *Node) remove(ctx context.Context, node string) (resealed int, err error) {
 	if node == n.Name {
 		return 0, errors.New("a node cannot remove itself: run 'fleet remove' on another member")
 	}
@@ -741,7 +792,7 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if _, err := n.OpenBundleKey(ctx, b); err != nil {
+		if _, err := n.openAnyEpoch(b); err != nil {
 			bad = append(bad, name)
 		}
 	}
@@ -754,17 +805,23 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 
 // resealAll re-seals every bundle's and account's key under the current
 // data key.
-func (n *Node) resealAll(ctx context.Context) (int, error) {
+func (n *Node) resealAll(ctx context.Context) (int, error) { return n.reseal(ctx, false) }
+
+// reseal re-seals every bundle and account key under the current data
+// key; with dropStrangers (a repair after a removed node rebuilt Redis)
+// a bundle under an older key that no current member published is
+// dropped instead, and the members give their own copies back.
+func (n *Node) reseal(ctx context.Context, dropStrangers bool) (int, error) {
 	epoch, key := n.current()
 	names, err := n.Shared.Names(ctx)
 	if err != nil {
 		return 0, err
 	}
-	count, err := n.resealBundles(ctx, names, n.Shared.Bundle, n.Shared.ResealKey)
+	count, err := n.resealBundles(ctx, names, n.Shared.Bundle, n.Shared.ResealKey, dropStrangers, n.Shared.DropBundle)
 	if err != nil {
 		return count, err
 	}
-	prevs, err := n.resealPrevs(ctx)
+	prevs, err := n.resealPrevs(ctx, dropStrangers)
 	count += prevs
 	if err != nil {
 		return count, err
@@ -802,10 +859,13 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 }
 
 // resealBundles re-seals the key of each bundle read of names that is
-// not sealed under the current data key, and writes it back (if that
-// bundle is still at its version).
+// under an older data key, with write; with dropStrangers (a repair
+// after a removed node rebuilt Redis), one that no current member
+// published is dropped instead, and the members give their own copies
+// back.
 func (n *Node) resealBundles(ctx context.Context, names []string, read func(context.Context, string) (*rdb.Bundle, error),
-	write func(ctx context.Context, name string, version, epoch int, sealed []byte) (bool, error)) (int, error) {
+	write func(ctx context.Context, name string, version, epoch int, sealed []byte) (bool, error),
+	dropStrangers bool, drop func(context.Context, string) error) (int, error) {
 	epoch, key := n.current()
 	count := 0
 	for _, name := range names {
@@ -819,9 +879,16 @@ func (n *Node) resealBundles(ctx context.Context, names []string, read func(cont
 		if b.Epoch == epoch {
 			continue
 		}
-		pem, err := n.OpenBundleKey(ctx, b)
+		if dropStrangers && !n.sealedByMember(b) {
+			slog.Warn("dropping a certificate sealed by a node that is not a member; the members give theirs back", "name", name, "version", b.Version, "node", b.Node)
+			if err := drop(ctx, name); err != nil {
+				return count, err
+			}
+			continue
+		}
+		pem, err := n.openAnyEpoch(b)
 		if err != nil {
-			return count, fmt.Errorf("re-seal %s version %d: %v", name, b.Version, err)
+			return count, fmt.Errorf("re-seal %s: %v", name, err)
 		}
 		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
 		if err != nil {
@@ -843,9 +910,28 @@ func (n *Node) SealBundleKey(name string, version int, pem []byte) (epoch int, s
 	return epoch, sealed, err
 }
 
-// OpenBundleKey opens a bundle's private key.
+// OpenBundleKey opens a bundle's private key, for installing it: one
+// sealed under an older data key than this node's is not opened (a
+// re-seal is on its way, or a removed node sealed it).
 func (n *Node) OpenBundleKey(ctx context.Context, b *rdb.Bundle) ([]byte, error) {
+	if b.Epoch < n.Epoch() {
+		return nil, fmt.Errorf("%s version %d: %w", b.Name, b.Version, errOlderKey)
+	}
 	key, err := n.keyFor(ctx, b.Epoch)
+	if err != nil {
+		return nil, err
+	}
+	pem, err := open(key, bundleAD(n.ID, b.Name, b.Version), b.SealedKey)
+	if err != nil {
+		return nil, fmt.Errorf("%s version %d: %w", b.Name, b.Version, err)
+	}
+	return pem, nil
+}
+
+// openAnyEpoch opens a bundle's key under whichever epoch sealed it, for
+// re-sealing it.
+func (n *Node) openAnyEpoch(b *rdb.Bundle) ([]byte, error) {
+	key, err := n.key(b.Epoch)
 	if err != nil {
 		return nil, err
 	}

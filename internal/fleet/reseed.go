@@ -164,6 +164,9 @@ func (n *Node) seedLineage(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	if n.Local.IsLost(name, v) {
+		return nil // its number names another certificate in the fleet
+	}
 	return n.publishVersion(ctx, name, v)
 }
 
@@ -212,6 +215,47 @@ func (n *Node) seedAccount(ctx context.Context, server, email string) error {
 	return err
 }
 
+// importJoined adds what a newly approved node held before it joined:
+// its lineages the fleet does not hold, and its accounts for CAs the
+// fleet has none for. A lineage the fleet holds already is the fleet's:
+// this node's own versions of it, numbered before it joined, are marked
+// lost (they go once it serves the fleet's), so that neither a version
+// number nor a set of names is taken from a node that was not a member
+// when it issued them.
+func (n *Node) importJoined(ctx context.Context) error {
+	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	if err != nil {
+		return err
+	}
+	if err := n.seedAccounts(ctx); err != nil {
+		return err
+	}
+	names, err := n.Local.Lineages()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		_, err := n.Shared.BundleMeta(ctx, name)
+		switch {
+		case err == nil:
+			for v := n.Local.MaxVersion(name); v > 0; v = n.Local.MaxVersionBelow(name, v) {
+				n.Local.MarkLost(name, v)
+			}
+			slog.Info("the fleet holds this lineage already: its certificate replaces this node's", "name", name)
+		case errors.Is(err, rdb.ErrNoBundle):
+			if err := n.seedLineage(ctx, name); err != nil && !errors.As(err, new(*rdb.ErrStale)) {
+				return fmt.Errorf("import %s: %w", name, err)
+			}
+		default:
+			return err
+		}
+	}
+	if err := n.Shared.MarkCaughtUp(ctx, gen, n.Name); err != nil {
+		return err
+	}
+	return n.save(func(l *local) { l.Gen = gen })
+}
+
 // Import publishes every lineage and account of this node's --dir, for
 // fleet init.
 func (n *Node) Import(ctx context.Context) (int, error) {
@@ -235,6 +279,9 @@ func (n *Node) CheckSeeded(ctx context.Context) error {
 	}
 	if id != n.ID {
 		return fmt.Errorf("%s now holds fleet %s, not this node's %s", n.Shared.Addr(), id, n.ID)
+	}
+	if err := n.checkEpoch(ctx); err != nil {
+		return err
 	}
 	return n.catchUp(ctx)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -118,9 +119,10 @@ func unwrapURL(err error) error {
 }
 
 // probes runs the staged rollout's probe for each report of a version
-// whose rollout is checking it (once per report: a report that already
-// says how its probe went keeps it), and returns the names reported
-// that have a rollout on its way.
+// whose rollout is checking it (once per report: a report Redis holds
+// that already says how its probe went keeps it), and returns the names
+// reported that have a rollout on its way. What Redis holds, not what
+// this process remembers, so a report Redis lost is made again.
 func (s *Syncer) probes(ctx context.Context, reports map[string]Served) ([]string, error) {
 	cfg, err := s.N.RolloutConfig(ctx, false)
 	if err != nil || !cfg.Staged() {
@@ -134,6 +136,10 @@ func (s *Syncer) probes(ctx context.Context, reports map[string]Served) ([]strin
 	if err != nil || len(recs) == 0 {
 		return nil, err
 	}
+	prev, err := s.previous(ctx, recs)
+	if err != nil {
+		return nil, err
+	}
 	var checked []string
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -144,11 +150,9 @@ func (s *Syncer) probes(ctx context.Context, reports map[string]Served) ([]strin
 		if cfg.Probe == "" || !rep.OK || rep.Serial != r.Serial || rep.Probe != "" {
 			continue
 		}
-		if prev, ok := s.lastReport(name); ok && prev.Serial == rep.Serial && prev.Probe != "" {
-			rep.Probe = prev.Probe
-			mu.Lock()
+		if p, ok := prev[name]; ok && p.Serial == rep.Serial && p.Probe != "" {
+			rep.Probe = p.Probe
 			reports[name] = rep
-			mu.Unlock()
 			continue
 		}
 		wg.Add(1)
@@ -169,14 +173,46 @@ func (s *Syncer) probes(ctx context.Context, reports map[string]Served) ([]strin
 		}()
 	}
 	wg.Wait()
+	keepSince(reports, prev)
 	return checked, nil
 }
 
-func (s *Syncer) lastReport(name string) (Served, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	r, ok := s.reported[name]
-	return r, ok
+// previous is what Redis holds of this node's reports of recs' names.
+func (s *Syncer) previous(ctx context.Context, recs map[string]*Record) (map[string]Served, error) {
+	names := make([]string, 0, len(recs))
+	for name := range recs {
+		names = append(names, name)
+	}
+	raw, err := s.N.Shared.ServedOf(ctx, []string{s.N.Name}, names)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]Served, len(names))
+	for name, v := range raw[s.N.Name] {
+		var sv Served
+		if json.Unmarshal([]byte(v), &sv) == nil {
+			out[name] = sv
+		}
+	}
+	return out, nil
+}
+
+// keepSince gives a report that says again what Redis holds the time
+// Redis has: it says since when the node serves this, which a staged
+// rollout's soak counts from. A failure keeps its own time: one after a
+// resume is news, and holds the rollout again.
+func keepSince(reports, prev map[string]Served) {
+	for name, r := range reports {
+		if p, ok := prev[name]; ok && p.OK && sameReport(p, r) {
+			r.At = p.At
+			reports[name] = r
+		}
+	}
+}
+
+func sameReport(a, b Served) bool {
+	a.At, b.At = time.Time{}, time.Time{}
+	return a == b
 }
 
 func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }

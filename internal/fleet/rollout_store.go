@@ -334,12 +334,12 @@ func (n *Node) dropStaleCopies(ctx context.Context, active map[string]*Record, h
 }
 
 // resealPrevs re-seals the keys of the previous bundles that staged
-// rollouts keep, as resealAll does the heads' (invariant I5: nothing
-// stays sealed under a key a removed node can unwrap).
-func (n *Node) resealPrevs(ctx context.Context) (int, error) {
+// rollouts keep, as reseal does the heads' (invariant I5: nothing stays
+// sealed under a key a removed node can unwrap); dropStrangers likewise.
+func (n *Node) resealPrevs(ctx context.Context, dropStrangers bool) (int, error) {
 	names, err := n.Shared.PrevNames(ctx)
 	if err != nil {
 		return 0, err
 	}
-	return n.resealBundles(ctx, names, n.Shared.Prev, n.Shared.ResealPrev)
+	return n.resealBundles(ctx, names, n.Shared.Prev, n.Shared.ResealPrev, dropStrangers, n.Shared.DropPrev)
 }

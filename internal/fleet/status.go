@@ -4,10 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"slices"
 	"sort"
+	"strings"
+	"text/tabwriter"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/inventory"
 )
 
 // StatusVersion is the fleet status JSON schema's version; it changes
@@ -28,9 +34,12 @@ type Status struct {
 	// Rollouts the rollouts on their way.
 	Waves    [][]string      `json:"waves,omitempty"`
 	Rollouts []RolloutStatus `json:"rollouts,omitempty"`
-	// Problems are what is wrong beyond any one node: a rollout held,
-	// aborted or overridden near expiry.
-	Problems []string `json:"problems,omitempty"`
+	// RolloutSettings are the waves as set, with the soak, the probe
+	// and the expiry margin.
+	RolloutSettings *RolloutConfig `json:"rollout_settings,omitempty"`
+	// RolloutProblems are what is wrong beyond any one node: a rollout
+	// held, aborted or overridden near expiry.
+	RolloutProblems []string `json:"problems,omitempty"`
 }
 
 // NodeStatus is one member's view.
@@ -80,6 +89,9 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 		return nil, err
 	}
 	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC(), Waves: ro.waves}
+	if ro.cfg.Staged() {
+		st.RolloutSettings = ro.cfg
+	}
 	all := map[string]map[string]Served{}
 	for _, m := range n.Members() {
 		served, err := n.Shared.Served(ctx, m.Node)
@@ -98,7 +110,7 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 	sort.Slice(st.Rollouts, func(i, j int) bool { return st.Rollouts[i].Name < st.Rollouts[j].Name })
 	for i := range st.Rollouts {
 		if p := st.Rollouts[i].Problem(); p != "" {
-			st.Problems = append(st.Problems, p)
+			st.RolloutProblems = append(st.RolloutProblems, p)
 			st.OK = false
 		}
 	}
@@ -189,6 +201,83 @@ func (n *Node) Serving(ctx context.Context) (map[string]map[string]Served, error
 			}
 			out[name][m.Node] = s
 		}
+	}
+	return out, nil
+}
+
+// Table writes the status as 'fleet status' prints it: the fleet, a row
+// per node (heartbeat, agent, lineages at the newest version, waiting
+// for their wave when the fleet stages rollouts, behind, failed, lag),
+// every failure, then the waves and the rollouts on their way.
+func (st *Status) Table(w io.Writer, now time.Time) {
+	fmt.Fprintf(w, "fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	staged := len(st.Waves) > 0
+	fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\t"+waitingCol(staged, "WAITING")+"BEHIND\tFAILED\tLAG")
+	for _, ns := range st.Nodes {
+		beat, agent, lag := "none", ns.Agent, "-"
+		if ns.Heartbeat != nil {
+			beat = now.Sub(*ns.Heartbeat).Round(time.Second).String() + " ago"
+		}
+		if agent == "" {
+			agent = "-"
+		}
+		if ns.Behind+ns.Failed > 0 {
+			lag = (time.Duration(ns.LagSeconds) * time.Second).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s%d\t%d\t%s\n", ns.Node, beat, agent, ns.Newest, waitingCol(staged, fmt.Sprint(ns.Waiting)), ns.Behind, ns.Failed, lag)
+	}
+	tw.Flush()
+	for _, ns := range st.Nodes {
+		for _, f := range ns.Failures {
+			fmt.Fprintf(w, "  %s %s: %s\n", ns.Node, f.Name, f.Error)
+		}
+	}
+	st.RolloutTable(w)
+}
+
+// waitingCol is the WAITING column, shown only in a fleet that stages
+// rollouts.
+func waitingCol(staged bool, v string) string {
+	if !staged {
+		return ""
+	}
+	return v + "\t"
+}
+
+// Problems says, in one line, what is wrong: each rollout that needs an
+// operator, and each node that is not fine ("" when all is).
+func (st *Status) Problems() string {
+	lines := slices.Clone(st.RolloutProblems)
+	for _, ns := range st.Nodes {
+		if len(ns.Problems) > 0 {
+			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
+		}
+	}
+	return strings.Join(lines, "; ")
+}
+
+// Hint is what to do about the Problems.
+func (st *Status) Hint() string {
+	if len(st.RolloutProblems) > 0 {
+		return engine.RolloutHint
+	}
+	return "README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"
+}
+
+// ServingByLineage is what each member reports serving, by lineage, in
+// node order: list and show in a fleet.
+func (n *Node) ServingByLineage(ctx context.Context) (map[string][]inventory.Serves, error) {
+	all, err := n.Serving(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string][]inventory.Serves, len(all))
+	for name, byNode := range all {
+		for node, s := range byNode {
+			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error, Held: s.Held})
+		}
+		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
 	}
 	return out, nil
 }

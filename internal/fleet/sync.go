@@ -68,11 +68,9 @@ type Syncer struct {
 	// live one included (default 3), as --keep-versions for runs.
 	Keep int
 
-	mu       sync.Mutex
-	reported map[string]Served
-	swept    time.Time
-	gen      string    // the Redis generation reported is for
-	wake     time.Time // when a staged rollout is due a look
+	mu    sync.Mutex
+	swept time.Time
+	wake  time.Time // when a staged rollout is due a look
 }
 
 // Run syncs until ctx ends.
@@ -83,9 +81,6 @@ func (s *Syncer) Run(ctx context.Context) {
 	if s.Settle <= 0 {
 		s.Settle = 100 * time.Millisecond
 	}
-	s.mu.Lock()
-	s.reported = map[string]Served{}
-	s.mu.Unlock()
 	wait := time.Second
 	for ctx.Err() == nil {
 		if err := s.follow(ctx); err != nil && ctx.Err() == nil {
@@ -198,7 +193,13 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err := s.giveBack(rctx, heads); err != nil {
 		return err
 	}
-	s.newGeneration()
+	// What Redis holds of this node's reports, not what this agent
+	// remembers sending: a report Redis lost (a failover, a pause, a
+	// restart from an older snapshot, a rebuild) is sent again.
+	said, err := s.N.Shared.Served(rctx, s.N.Name)
+	if err != nil {
+		return err
+	}
 	targets, recs, err := s.N.Targets(rctx, heads)
 	if err != nil {
 		return err
@@ -224,10 +225,8 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 			todo = append(todo, name)
 			continue
 		}
-		s.mu.Lock()
-		rep, ok := s.reported[name]
-		s.mu.Unlock()
-		if !ok || rep.Version != t.Version || rep.Serial != t.Serial || !rep.OK || rep.Held != t.Held {
+		var rep Served
+		if json.Unmarshal([]byte(said[name]), &rep) != nil || rep.Version != t.Version || rep.Serial != t.Serial || !rep.OK || rep.Held != t.Held {
 			fine[name] = Served{Version: t.Version, Serial: t.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC(), Held: t.Held}
 		}
 	}
@@ -256,21 +255,6 @@ func (s *Syncer) judge(ctx context.Context, recs map[string]*Record, heads map[s
 		vs[name] = h.Version
 	}
 	return s.N.dropStaleCopies(ctx, recs, vs)
-}
-
-// newGeneration forgets what this agent reported once Redis was rebuilt
-// (a new generation): the reports went with the old Redis, and staged
-// rollouts judge waves by them.
-func (s *Syncer) newGeneration() {
-	s.N.stMu.Lock()
-	gen := s.N.st.Gen
-	s.N.stMu.Unlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if gen != s.gen {
-		s.gen = gen
-		s.reported = map[string]Served{}
-	}
 }
 
 // tick looks at the rollouts again when one is due (a soak ended, a
@@ -400,7 +384,7 @@ func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 // agent's report, for the node that ordered (with the probe of a staged
 // rollout, through this node's load balancer as its agent deploys).
 func ReportServed(n *Node) func(ctx context.Context, out []engine.Served) {
-	s := &Syncer{Local: n.Local, N: n, Deploy: NodeDeploy(n.Local), reported: map[string]Served{}}
+	s := &Syncer{Local: n.Local, N: n, Deploy: NodeDeploy(n.Local)}
 	return s.served
 }
 
@@ -428,41 +412,18 @@ func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 	return err
 }
 
-// send writes reports to the fleet, and remembers them only once Redis
-// has them: a report lost to a Redis that went away is sent again by
-// the next reconcile, which sends what differs from what it remembers.
+// send writes reports to the fleet. A report lost to a pause, a
+// failover or a restart from an older snapshot is sent again by the
+// next reconcile, which compares what Redis holds, so fleet status never
+// shows a node behind that is not (invariant I1).
 func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 	out := make(map[string][]byte, len(reports))
-	s.mu.Lock()
-	if s.reported == nil {
-		s.reported = map[string]Served{}
-	}
 	for name, r := range reports {
-		// The same report again keeps its time: it says since when the
-		// node serves this, which a staged rollout's soak counts from.
-		if old, ok := s.reported[name]; ok && sameReport(old, r) {
-			r.At = old.At
-			reports[name] = r
-		}
 		out[name], _ = json.Marshal(r)
 	}
-	s.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := s.N.Shared.SetServed(rctx, s.N.Name, out); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for name, r := range reports {
-		s.reported[name] = r
-	}
-	return nil
-}
-
-func sameReport(a, b Served) bool {
-	a.At, b.At = time.Time{}, time.Time{}
-	return a == b
+	return s.N.Shared.SetServed(rctx, s.N.Name, out)
 }
 
 // FinishLocal deploys what a run or this agent left owed when it was
@@ -527,11 +488,6 @@ func (s *Syncer) forget(ctx context.Context, names []string) error {
 		}
 		s.forgetOne(ctx, name, store.Tombstone{At: t.At, Fence: t.Fence})
 	}
-	s.mu.Lock()
-	for _, n := range names {
-		delete(s.reported, n)
-	}
-	s.mu.Unlock()
 	rctx, cancel = context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.DelServed(rctx, s.N.Name, names...)
@@ -605,7 +561,7 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 	}
 	for _, name := range names {
 		live, err := s.Local.LiveVersion(name)
-		if err != nil || live <= heads[name].Version {
+		if err != nil || live <= heads[name].Version || s.Local.IsLost(name, live) {
 			continue
 		}
 		if t, _ := s.Local.ReadTombstone(name); t != nil {
@@ -615,9 +571,18 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 			return err
 		}
 		err = s.N.publishVersion(ctx, name, live)
+		var stale *rdb.ErrStale
 		switch {
 		case err == nil:
 			slog.Warn("the fleet's Redis had lost this node's newest version; published it again", "name", name, "version", live)
+		case errors.As(err, &stale) && (stale.Why == "version" || stale.Why == "older"):
+			// Another node numbered a certificate of its own in the
+			// meantime: this one lost. It goes once the node serves the
+			// fleet's (the reconcile installs it next).
+			slog.Warn("the fleet's Redis had lost this node's newest version, and another node has published since: this node's goes", "name", name, "version", live)
+			if err := s.Local.MarkLost(name, live); err != nil {
+				slog.Warn("could not mark the lost version", "name", name, "err", err)
+			}
 		case isUnavailable(err):
 			return err
 		}

@@ -203,3 +203,23 @@ func (s *Store) ReadVersion(name string, v int) (*Lineage, Files, error) {
 	}
 	return l, f, nil
 }
+
+// lostMark, inside a version's directory, says that the catalog gave
+// its number to another certificate (a Redis that lost the write this
+// node made): the version goes at the next Prune once it is not live,
+// whatever --keep-versions says, so that one number names one
+// certificate on every node (package catalog's invariant I2).
+const lostMark = ".lost"
+
+// MarkLost marks version v of name as lost (see lostMark).
+func (s *Store) MarkLost(name string, v int) error {
+	if err := names.Lineage(name); err != nil {
+		return err
+	}
+	return WriteFile(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v), lostMark), nil, 0o600)
+}
+
+func (s *Store) IsLost(name string, v int) bool {
+	_, err := os.Stat(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v), lostMark))
+	return err == nil
+}

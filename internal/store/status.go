@@ -61,6 +61,9 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
+	// PID is the process that journalled it: while that process runs,
+	// another process of the node leaves the deploy to it.
+	PID int `json:"pid,omitempty"`
 }
 
 // Deployed is the last successful deploy of a lineage on this node.
@@ -195,6 +198,23 @@ func (s *Store) removeRecord(name string) error {
 // Pending lists the lineages whose journal owes a deploy: what a
 // restarted fleet agent finishes from disk before Redis answers.
 func (s *Store) PendingNames() ([]string, error) {
+	return s.recordNames(func(name string) bool {
+		j, err := s.Journal(name)
+		return err == nil && j.Pending != nil
+	})
+}
+
+// FailedNames lists the names with failures on record and no lineage:
+// names whose first order failed, which list shows as never issued.
+func (s *Store) FailedNames() ([]string, error) {
+	return s.recordNames(func(name string) bool {
+		st, err := s.ReadStatus(name)
+		return err == nil && st.Failures > 0 && !s.Exists(name)
+	})
+}
+
+// recordNames lists the names with a record that keep says to keep.
+func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
 	entries, err := os.ReadDir(filepath.Join(s.Dir, "renewal"))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -205,10 +225,7 @@ func (s *Store) PendingNames() ([]string, error) {
 	var out []string
 	for _, e := range entries {
 		name, ok := cutSuffix(e.Name(), ".json")
-		if !ok || names.Lineage(name) != nil {
-			continue
-		}
-		if j, err := s.Journal(name); err == nil && j.Pending != nil {
+		if ok && names.Lineage(name) == nil && keep(name) {
 			out = append(out, name)
 		}
 	}

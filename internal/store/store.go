@@ -590,7 +590,8 @@ func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
 	}
 	var removed []int
 	for i, v := range versions {
-		if len(versions)-i <= keep || keepSet[v] {
+		lost := s.IsLost(name, v)
+		if (len(versions)-i <= keep && !lost) || keepSet[v] {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v))); err != nil {

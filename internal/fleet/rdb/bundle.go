@@ -73,7 +73,8 @@ return v
 //     (a delete moves the fence past every lease, and clears nothing
 //     until a lease taken after it publishes);
 //   - an unfenced publish (a node rebuilding Redis from its disk) never
-//     brings back a deleted name.
+//     brings back a deleted name, unless its certificate was issued after
+//     the delete (the name was issued again, and Redis lost that).
 //
 // A fence counter lower than the token (lost in a failover with
 // asynchronous replication) is no reason to refuse: the version and
@@ -100,7 +101,8 @@ if token > 0 then
     redis.call('HDEL', KEYS[5], ARGV[1])
   end
 elseif tomb then
-  return 'deleted'
+  if tonumber(ARGV[6]) <= tonumber(string.match(tomb, ' (%d+)$') or '0') then return 'deleted' end
+  redis.call('HDEL', KEYS[5], ARGV[1])
 end
 local v = tonumber(ARGV[5])
 local staged = 0
@@ -113,8 +115,8 @@ if tonumber(redis.call('HGET', KEYS[8], 'waves') or '0') > 0 and redis.call('EXI
     end
     local seq = tonumber(redis.call('HGET', KEYS[10], 'seq') or '0') + 1
     redis.call('DEL', KEYS[10])
-    redis.call('HSET', KEYS[10], 'version', v, 'serial', ARGV[7], 'previous', redis.call('HGET', KEYS[9], 'version'),
-      'prev_serial', redis.call('HGET', KEYS[9], 'serial') or '', 'wave', 0, 'state', 'rolling', 'since', ARGV[6], 'started', ARGV[6], 'seq', seq)
+    redis.call('HSET', KEYS[10], 'version', v, 'serial', ARGV[8], 'previous', redis.call('HGET', KEYS[9], 'version'),
+      'prev_serial', redis.call('HGET', KEYS[9], 'serial') or '', 'wave', 0, 'state', 'rolling', 'since', ARGV[7], 'started', ARGV[7], 'seq', seq)
     redis.call('SADD', KEYS[11], ARGV[1])
     staged = 1
   elseif rv == v and redis.call('EXISTS', KEYS[9]) == 0 and redis.call('HGET', KEYS[1], 'version') == redis.call('HGET', KEYS[10], 'previous') then
@@ -122,7 +124,7 @@ if tonumber(redis.call('HGET', KEYS[8], 'waves') or '0') > 0 and redis.call('EXI
   end
 end
 redis.call('DEL', KEYS[1])
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'version', v)
@@ -148,7 +150,7 @@ func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
 // rollout of b (no rollout means none will ever be for this version).
 func (s *Shared) PublishStaged(ctx context.Context, b *Bundle) (bool, error) {
 	now := time.Now()
-	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, now.UnixMilli(), b.Serial}, b.fields()...)
+	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.IssuedAt.UnixMilli(), now.UnixMilli(), b.Serial}, b.fields()...)
 	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta"),
 		s.k("rollout"), s.k("prev", b.Name), s.k("rollout", b.Name), s.k("rollouts")}
 	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
@@ -283,16 +285,20 @@ func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (i
 // seedTombstoneScript puts back a tombstone a node kept, into a Redis
 // that lost it: the newer of two tombstones stays, the fence counter
 // moves past it, and a bundle issued before the delete goes, whichever
-// node rebuilt first.
+// node rebuilt first; a bundle issued after it (the name was issued
+// again) stays, and the old tombstone is not recorded.
 var seedTombstoneScript = goredis.NewScript(`
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local cat = tonumber(string.match(cur, ' (%d+)$') or '0')
   if cat >= tonumber(ARGV[3]) then return 0 end
 end
+if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') > tonumber(ARGV[3]) then
+  return 0 -- issued again after that delete: the name stands
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
-if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') < tonumber(ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('DEL', KEYS[2], KEYS[6], KEYS[7])
   redis.call('SREM', KEYS[3], ARGV[1])
   redis.call('SREM', KEYS[8], ARGV[1])

@@ -98,27 +98,15 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	if _, set := u.User.Password(); set {
 		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
 	}
-	var tlsConf *tls.Config
-	switch u.Scheme {
-	case "rediss", "rediss-sentinel":
-		tlsConf = &tls.Config{MinVersion: tls.VersionTLS12}
-		if o.CAFile != "" {
-			pem, err := os.ReadFile(o.CAFile)
-			if err != nil {
-				return nil, fmt.Errorf("--redis-ca: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("--redis-ca %s: no PEM certificate in it", o.CAFile)
-			}
-			tlsConf.RootCAs = pool
-		}
-	case "redis", "redis-sentinel":
-		if o.CAFile != "" {
-			return nil, fmt.Errorf("--redis-ca is for TLS: use rediss:// (or rediss-sentinel://)")
-		}
-	default:
-		return nil, fmt.Errorf("--redis %q: scheme %q: want redis://, rediss://, redis-sentinel:// or rediss-sentinel://", redact(o.URL), u.Scheme)
+	if u.RawQuery != "" || u.Fragment != "" {
+		// go-redis would read some options from a query; lbcert reads
+		// none, and a password put there must neither be used from argv
+		// nor printed back.
+		return nil, fmt.Errorf("--redis %q: the URL has a query or fragment, which lbcert does not read; remove it (a password goes in LBCERT_REDIS_PASSWORD or --redis-password-file, never in the URL)", redact(o.URL))
+	}
+	tlsConf, err := tlsFor(u.Scheme, o)
+	if err != nil {
+		return nil, err
 	}
 	user := u.User.Username()
 	db, rest, err := dbOf(u.Path, strings.HasSuffix(u.Scheme, "sentinel"))
@@ -180,10 +168,37 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	return s, nil
 }
 
+// tlsFor is the TLS configuration for a URL's scheme: nil for plain
+// redis://, the --redis-ca roots for rediss://.
+func tlsFor(scheme string, o Options) (*tls.Config, error) {
+	switch scheme {
+	case "rediss", "rediss-sentinel":
+		conf := &tls.Config{MinVersion: tls.VersionTLS12}
+		if o.CAFile != "" {
+			pem, err := os.ReadFile(o.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("--redis-ca: %v", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("--redis-ca %s: no PEM certificate in it", o.CAFile)
+			}
+			conf.RootCAs = pool
+		}
+		return conf, nil
+	case "redis", "redis-sentinel":
+		if o.CAFile != "" {
+			return nil, fmt.Errorf("--redis-ca is for TLS: use rediss:// (or rediss-sentinel://)")
+		}
+		return nil, nil
+	}
+	return nil, fmt.Errorf("--redis %q: scheme %q: want redis://, rediss://, redis-sentinel:// or rediss-sentinel://", redact(o.URL), scheme)
+}
+
 // dbOf reads "/0" (or "/master/0" for Sentinel): the database number and
 // the master name.
 func dbOf(path string, sentinel bool) (db int, master string, err error) {
-	parts := strings.Split(strings.Trim(path, "/"), "/")
+	parts := strings.Split(strings.TrimSuffix(strings.TrimPrefix(path, "/"), "/"), "/")
 	if len(parts) == 1 && parts[0] == "" {
 		parts = nil
 	}
@@ -192,6 +207,9 @@ func dbOf(path string, sentinel bool) (db int, master string, err error) {
 			return 0, "", nil
 		}
 		master, parts = parts[0], parts[1:]
+		if master == "" {
+			return 0, "", fmt.Errorf("the master name is empty: want redis-sentinel://HOST:PORT/MASTER[/DB]")
+		}
 	}
 	switch len(parts) {
 	case 0:
@@ -211,13 +229,19 @@ func dbOf(path string, sentinel bool) (db int, master string, err error) {
 // before the host goes.
 func redact(raw string) string {
 	u, err := url.Parse(raw)
+	if err == nil {
+		// Nothing after the path is kept: a query may hold a password.
+		u.RawQuery, u.Fragment, u.RawFragment, u.ForceQuery = "", "", "", false
+	}
 	if err == nil && u.User == nil && (u.Host != "" || !strings.Contains(raw, "@")) {
-		return raw
+		return u.String()
 	}
 	if err == nil && u.User != nil {
 		u.User = url.User(u.User.Username())
 		return u.String()
 	}
+	raw, _, _ = strings.Cut(raw, "?")
+	raw, _, _ = strings.Cut(raw, "#")
 	scheme, rest, ok := strings.Cut(raw, "://")
 	if !ok {
 		scheme, rest = "", raw

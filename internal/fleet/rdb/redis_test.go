@@ -189,6 +189,21 @@ func TestDeleteIsFencedAndSticks(t *testing.T) {
 	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 2, NotBefore: nb.Add(time.Second), IssuedAt: nb}); !stale(err, "deleted") {
 		t.Fatalf("re-seed after the tombstone: %v", err)
 	}
+	// A certificate issued after the delete (the name was issued again,
+	// and Redis lost it) is given back, and beats the older tombstone in
+	// either order.
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 3, NotBefore: nb.Add(2 * time.Minute), IssuedAt: nb.Add(2 * time.Minute)}); err != nil {
+		t.Fatalf("re-seed of a certificate issued after the delete: %v", err)
+	}
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := s.Names(ctx); len(names) != 1 {
+		t.Fatalf("an older tombstone removed a certificate issued after it: %v", names)
+	}
+	if ok, _ := s.IsDeleted(ctx, "d.com"); ok {
+		t.Fatal("an older tombstone was recorded beside a newer certificate")
+	}
 }
 
 func TestLedgerCapsExactSets(t *testing.T) {
@@ -302,6 +317,10 @@ func TestRedactNeverEchoesAPassword(t *testing.T) {
 		"redis://:s3cret@[::1:6379/0",
 		"redis://u:s3cret%zz@host/0",
 		"s3cret@no-scheme",
+		"redis://127.0.0.1:6379/0?password=s3cret",
+		"redis://127.0.0.1:6379/0#s3cret",
+		"redis-sentinel://127.0.0.1:26379/m/0?sentinel_password=s3cret",
+		"redis://%zz@127.0.0.1/0?password=s3cret",
 	} {
 		if got := redact(raw); strings.Contains(got, "s3cret") {
 			t.Errorf("redact(%q) = %q", raw, got)
@@ -309,6 +328,17 @@ func TestRedactNeverEchoesAPassword(t *testing.T) {
 		_, err := Dial(context.Background(), Options{URL: raw})
 		if err == nil || strings.Contains(err.Error(), "s3cret") {
 			t.Errorf("Dial(%q): %v", raw, err)
+		}
+	}
+}
+
+// An empty Sentinel master name is bad input, not an unreachable Redis.
+func TestSentinelURLNeedsAMaster(t *testing.T) {
+	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/"} {
+		_, err := Dial(context.Background(), Options{URL: raw})
+		var u *Unavailable
+		if err == nil || errors.As(err, &u) {
+			t.Errorf("Dial(%q): %v, want a bad-input error", raw, err)
 		}
 	}
 }

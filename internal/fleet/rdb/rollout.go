@@ -219,6 +219,12 @@ func (s *Shared) PrevNames(ctx context.Context) ([]string, error) {
 	return out, s.unavailable(iter.Err())
 }
 
+// DropPrev removes name's previous bundle: one sealed by a node no
+// longer a member, which the members' copies give back.
+func (s *Shared) DropPrev(ctx context.Context, name string) error {
+	return s.unavailable(s.c.Del(ctx, s.k("prev", name)).Err())
+}
+
 // ResealPrev replaces the sealed key of name's previous bundle, if it is
 // still at version, after a data key rotation.
 func (s *Shared) ResealPrev(ctx context.Context, name string, version, epoch int, sealed []byte) (bool, error) {

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -361,4 +362,62 @@ func (s *Shared) PaceFields() ([]string, error) {
 	defer cancel()
 	keys, err := s.c.HKeys(ctx, s.k("pace")).Result()
 	return keys, s.unavailable(err)
+}
+
+// lockScript and unlockScript are a plain exclusive lock with a token:
+// fleet-wide operations that must not interleave (two key rotations, a
+// rotation and an approval) take it.
+var extendLockScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+`)
+
+// Lock takes the fleet-wide lock name, waiting until ctx ends; it is
+// extended every third of ttl until the returned release is called.
+func (s *Shared) Lock(ctx context.Context, name string, ttl time.Duration) (release func(), err error) {
+	key := s.k("lock", name)
+	token := strconv.FormatInt(time.Now().UnixNano(), 36)
+	for {
+		ok, err := s.c.SetNX(ctx, key, token, ttl).Result()
+		if err != nil {
+			return nil, s.unavailable(err)
+		}
+		if ok {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			holder, _ := s.c.Get(context.Background(), key).Result()
+			return nil, fmt.Errorf("another member holds the fleet's %s lock (%s); try again when it is done", name, holder)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	stop := make(chan struct{})
+	go func() {
+		t := time.NewTicker(ttl / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				extendLockScript.Run(context.Background(), s.c, []string{key}, token, ttl.Milliseconds())
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		releaseScript.Run(context.Background(), s.c, []string{key}, token)
+	}, nil
+}
+
+// DropBundle removes name's bundle without a tombstone: a certificate
+// the fleet must not keep (sealed by a node no longer a member), which
+// the members give back from their own disks.
+func (s *Shared) DropBundle(ctx context.Context, name string) error {
+	p := s.c.TxPipeline()
+	p.Del(ctx, s.k("bundle", name))
+	p.SRem(ctx, s.k("lineages"), name)
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
 }

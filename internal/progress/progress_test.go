@@ -1,4 +1,4 @@
-package main
+package progress
 
 import (
 	"bytes"
@@ -14,11 +14,11 @@ func TestProgress(t *testing.T) {
 	now := time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)
 	clock := func() time.Time { return now }
 	var out bytes.Buffer
-	p := newProgress(&out, 10, clock)
+	p := New(&out, 10, clock)
 	p.width = 10
 	now = now.Add(4 * time.Second)
-	p.step(true)
-	p.step(false)
+	p.Step(true)
+	p.Step(false)
 	if got, want := p.line(), "[==>       ] 2/10  ok 1  failed 1  ETA 16s"; got != want {
 		t.Fatalf("line %q, want %q", got, want)
 	}
@@ -27,10 +27,16 @@ func TestProgress(t *testing.T) {
 		t.Fatalf("log line not drawn above the bar: %q", out.String())
 	}
 	for range 8 {
-		p.step(true)
+		p.Step(true)
 	}
-	p.finish()
-	if !strings.HasSuffix(out.String(), "[==========] 10/10  ok 9  failed 1  ETA done\n") {
+	if got, want := p.line(), "[==========] 10/10  ok 9  failed 1  ETA done"; got != want {
+		t.Fatalf("line %q, want %q", got, want)
+	}
+	// Every row counted when its certificate was obtained; the deploy
+	// is a phase of its own.
+	p.Phase("deploying 9 certificates")
+	p.Finish()
+	if !strings.HasSuffix(out.String(), "[==========] 10/10  ok 9  failed 1  deploying 9 certificates\n") {
 		t.Fatalf("final bar: %q", out.String())
 	}
 }
