@@ -80,7 +80,7 @@ data key, which is wrapped (age X25519) for each approved node.
 See README "A pool of load balancers".`,
 	}
 	cmd.PersistentFlags().DurationVar(&a.fleetWait, "wait-lock", time.Minute, "how long init, join, approve and remove wait for this node's short write lock (an install by its agent or a run)")
-	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd(), a.newFleetStatusCmd())
+	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd(), a.newFleetStatusCmd(), a.newFleetRolloutCmd())
 	return cmd
 }
 
@@ -194,6 +194,31 @@ a node that was stolen, say), and change the Redis password too.`,
 	}
 }
 
+// newFleetRolloutCmd parses 'fleet rollout's flags (issue 28); package fleet does the rest.
+func (a *app) newFleetRolloutCmd() *cobra.Command {
+	o := &fleet.RolloutSettings{}
+	verb := func(use, short string, nargs int) *cobra.Command {
+		return &cobra.Command{Use: use, Short: short, Args: cobra.ExactArgs(nargs), RunE: func(c *cobra.Command, args []string) error {
+			return a.withMember(c.Context(), func(n *fleet.Node) error { return n.Rollout(c.Context(), c.Name(), args, o, a.out) })
+		}}
+	}
+	set := verb("set --wave SPEC [--wave SPEC...]", "Set the fleet's waves, soak time, probe and expiry margin", 0)
+	set.PreRunE = func(*cobra.Command, []string) error { _, err := o.Config(); return err } // bad input never reaches Redis
+	f := set.Flags()
+	f.StringArrayVar(&o.Waves, "wave", nil, "one wave, in order: node names (lb1,lb2), a count (2), a percentage (25%) or rest (repeatable)")
+	f.DurationVar(&o.Soak, "soak", fleet.DefaultSoak, "how long a wave serves a new version, checked, before the next wave gets it")
+	f.StringVar(&o.Probe, "probe", "", "an https URL fetched through each node's load balancer once it serves the new version ({name} is the certificate's name), chain verified")
+	f.IntVar(&o.ProbeStatus, "probe-status", 200, "the HTTP status the probe must answer")
+	f.StringVar(&o.Margin, "expiry-margin", "15%", "the part of a certificate's lifetime before its expiry in which a held rollout is overridden")
+	resume := verb("resume NAME", "Move a held rollout on: its wave is checked again, then the rollout goes on", 1)
+	resume.Flags().BoolVar(&o.SkipWave, "skip-wave", false, "count the current wave as passed and release the next at once")
+	cmd := &cobra.Command{Use: "rollout", Short: "Roll new certificates out in waves: a canary first, checked, then the rest", Long: `A new version reaches one wave of nodes at a time, each checked (TLS, probe,
+soak) before the next; a failed check holds it. See README "Staged rollouts".`}
+	cmd.AddCommand(set, resume, verb("abort NAME", "Keep the version before NAME's rollout on every node", 1),
+		verb("off", "Roll every new version out to every node at once, as without waves", 0))
+	return cmd
+}
+
 // withRedis runs f with the fleet's Redis and this node's state
 // directory, under the short write lock (fleet.Settings.Locked).
 func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) error) error {
@@ -288,6 +313,5 @@ func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOpti
 	if st.OK {
 		return nil
 	}
-	return mark(hint.Wrap(errors.New(st.Problems()),
-		"README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"), errPartial)
+	return mark(hint.Wrap(errors.New(st.Problems()), "%s", st.Hint()), errPartial)
 }

@@ -98,6 +98,7 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 			Roots:    a.global.cas.Known().RootsFor,
 			Lock:     fleet.WriteLock(st),
 			Report:   fleet.ReportServed(f.Node),
+			Gate:     f.Node.Gate, Notes: f.Node.RolloutNotes, // staged rollouts
 		},
 		// One budget for the fleet: the CA counts per account and
 		// domain, whichever node orders; and the fleet's ledger of

@@ -123,14 +123,27 @@ func ReadEABHMAC(key, file, setting, missing string) (string, error) {
 }
 
 // ShownKeyFile is how an error shows the name given for a secret's
-// file: as given when it looks like a path, not at all when it has no
-// '/', as when a key was pasted where its file belongs (a secret never
-// printed).
+// file: as given when it could be a path, not at all when it looks like
+// a key pasted where its file belongs (a secret is never printed). A
+// key is 32 or more base64 characters with no '.' and no leading '/';
+// a path such as zerossl.hmac, keys/eab or /etc/lbcert/eab is shown.
 func ShownKeyFile(file string) string {
-	if strings.ContainsRune(file, '/') {
-		return file
+	if looksLikeKey(file) {
+		return "(not shown: it looks like a key; give the path of the file holding the key, never the key itself)"
 	}
-	return "(not shown: it has no '/'; give the path of the file holding the key, never the key itself)"
+	return file
+}
+
+func looksLikeKey(s string) bool {
+	if len(s) < 32 || strings.HasPrefix(s, "/") {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("+/_=-", r)) {
+			return false
+		}
+	}
+	return true
 }
 
 // DryRunServer is where a dry run orders instead of server: Let's

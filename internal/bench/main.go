@@ -49,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, million, fleet, join or all")
+	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, million, fleet, join, rollout or all")
 	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
 	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
 	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
@@ -67,6 +67,7 @@ func main() {
 	joinN := flag.Int("join-n", 100000, "lineages of the fleet a node joins in the join benchmark")
 	joinSetups := flag.String("join-setups", "nginx-sni,nginx-include,haproxy", "load balancer setups of the join benchmark, comma-separated")
 	joinCheck := flag.Int("join-check", 10000, "names the join benchmark checks over TLS after the join")
+	rolloutN := flag.Int("rollout-n", 20, "renewals timed with and without waves in the rollout benchmark")
 	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
 	failN := flag.Int("failover-n", 200, "names in the failover benchmark")
@@ -161,6 +162,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchJoin(*joinN, strings.Split(*joinSetups, ","), *joinCheck, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "rollout") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchRollout(*rolloutN, b, w)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

@@ -66,6 +66,10 @@ func TestParse(t *testing.T) {
 	if _, err := Parse("mine https://ca/dir eab-kid=k eab-hmac-key-file=" + pasted); err == nil || strings.Contains(err.Error(), pasted) || !strings.Contains(err.Error(), "never the key itself") {
 		t.Errorf("a pasted key: %v", err)
 	}
+	// A relative path without '/' is a path: it is named.
+	if _, err := Parse("mine https://ca/dir eab-kid=k eab-hmac-key-file=nope.key"); err == nil || !strings.Contains(err.Error(), "eab-hmac-key-file=nope.key: ") {
+		t.Errorf("a missing relative file: %v", err)
+	}
 }
 
 func TestNewSetRefusesDuplicates(t *testing.T) {

@@ -88,6 +88,48 @@
 //     rebuilt Redis before anything is ordered; a renewal whose
 //     "replaces" the CA refuses (the certificate was issued under another
 //     account) is ordered again without it.
+//
+// # Staged rollouts
+//
+// A fleet may set waves ('fleet rollout set'): a new version then
+// reaches the nodes one wave at a time (package fleet, rollout.go). I1
+// holds for the version each node's wave lets it serve; these hold too,
+// and the randomized fleet test checks R1 and R3 on what the load
+// balancers serve (internal/e2e, checkRolloutInvariants):
+//
+//   - R1 waves in order. No node of a later wave installs a version
+//     before every earlier wave passed: each of its nodes deployed it,
+//     its load balancer serves it (the agent's TLS check), the probe
+//     through it passed, and the soak time went by; except by the
+//     expiry override (R3). Enforced by the one install step: engine.
+//     Node.Gate (fleet's Node.Gate) says which version a node may serve,
+//     asked afresh by every install and by the agent's plan, so the gate
+//     decides what is installed, never how. The rollout starts in the
+//     same Redis script that publishes the version (rdb's publish), so
+//     no node sees the head without its rollout; the head before it is
+//     kept as the previous bundle until the rollout ends.
+//   - R2 a failed check holds the version everywhere it has not
+//     reached: no node that does not serve it gets it, and the node
+//     whose check failed goes back to the previous version (its deploy
+//     rolls back, or the gate sends it back). Only 'fleet rollout
+//     resume' or a new version moves on; 'abort' sends every node back.
+//     Waves move only by compare-and-set on the record's version and
+//     seq, so agents judging at once move a rollout once, and a wave
+//     never goes back within a version's rollout.
+//   - R3 expiry beats caution. No node serves an expired certificate
+//     while a valid one exists: within the expiry margin of the previous
+//     version's lifetime (15 % by default: 21.6 hours of a 6-day
+//     certificate) the gate lets the new version through on every node,
+//     held or not, and records when that began (status, reports, mail,
+//     metrics).
+//   - R4 rollout state survives Redis loss. Every node keeps a copy of
+//     the waves and of each rollout on its way, the node that ordered a
+//     held version keeps the version, and a rebuild publishes the
+//     copies before the certificates (the newest copy wins), then the
+//     version each rollout rolls out and the one it keeps.
+//   - R5 a node's wave is resolved from the current members: a node
+//     that joins mid-rollout gets the version its wave may serve, the
+//     previous one from the fleet when its wave is not released.
 package catalog
 
 import (

@@ -52,11 +52,19 @@ type fleetNode struct {
 
 func newFleet(t *testing.T, nodes ...string) *fleetEnv {
 	t.Helper()
+	return newFleetWith(t, testenv.PebbleOptions{}, nodes...)
+}
+
+// newFleetWith is newFleet with Pebble's options (its HTTP port is the
+// fleet's).
+func newFleetWith(t *testing.T, o testenv.PebbleOptions, nodes ...string) *fleetEnv {
+	t.Helper()
 	httpPort, err := testenv.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEnv(t, testenv.PebbleOptions{HTTPPort: httpPort})
+	o.HTTPPort = httpPort
+	e := newEnv(t, o)
 	r, err := testenv.StartRedis(filepath.Join(e.work, "redis"), fleetPassword, nil)
 	if err != nil {
 		t.Fatalf("start redis: %v", err)

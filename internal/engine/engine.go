@@ -7,7 +7,10 @@
 // The engine sees storage through two seams: the shared catalog
 // (package catalog: the state directory on one host, the fleet's Redis
 // in a fleet) and this node's Local store with its one install step
-// (Node). Nothing here knows which mode it runs in.
+// (Node). Nothing here knows which mode it runs in. A fleet that stages
+// rollouts gives the Node a Gate, which says which version a node may
+// serve (the head, or the one before it until the node's wave is
+// released); the install step installs that, through the same steps.
 //
 // One run, start to end:
 //
@@ -313,7 +316,7 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 	}
 	name, prev := s.job.Lineage.Name, s.prev
 	if e.Opts.InstallOnly {
-		e.decideInstall(s)
+		e.decideInstall(ctx, s)
 		return
 	}
 	s.status, _ = e.Catalog.Status(ctx, name)
@@ -348,7 +351,7 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 	switch {
 	case d.Due:
 		s.act, s.replace, s.item.dueNow = actOrder, s.ari, true
-	case !e.Opts.DryRun && e.Node.owes(prev):
+	case !e.Opts.DryRun && e.owesGated(ctx, s, prev, false):
 		// A certificate in the catalog that this node does not serve
 		// (its deploy failed, another node ordered it, this node's
 		// deploy settings changed) comes before anything else: it is
@@ -417,18 +420,45 @@ func (e *Engine) loadHead(ctx context.Context, s *step) bool {
 	return true
 }
 
-// decideInstall is the plan of a run that never orders.
-func (e *Engine) decideInstall(s *step) {
-	switch {
-	case s.prev == nil:
+// decideInstall is the plan of a run that never orders: the agent's,
+// which asks the rollout's gate afresh (a version it may not serve yet
+// is not owed; one it must go back to is).
+func (e *Engine) decideInstall(ctx context.Context, s *step) {
+	if s.prev == nil {
 		s.item.Outcome, s.item.Reason = NotDue, "not in the catalog"
-	case e.Node.owes(s.prev):
-		s.act, s.item.Reason = actInstall, "newer in the catalog"
-		s.item.Pending = pendingError(e.Node, s.prev.Name)
-	default:
-		s.item.Outcome = NotDue
-		s.item.Serial, s.item.NotAfter, s.item.Version = s.prev.Cert.Serial, timePtr(s.prev.Cert.NotAfter), s.prev.Version
+		return
 	}
+	g, err := e.Node.target(ctx, s.prev, true)
+	if err != nil {
+		s.item.Outcome, s.item.Error, s.item.err = Failed, "read the rollout: "+oneLine(err), err
+		return
+	}
+	s.item.Held, s.item.Override = g.Held, g.Override
+	if e.Node.owes(g.Want) {
+		s.act, s.item.Reason = actInstall, "newer in the catalog"
+		if g.Want != s.prev {
+			s.item.Reason = "held back by the rollout"
+		}
+		s.item.Pending = pendingError(e.Node, s.prev.Name)
+		return
+	}
+	if g.Want != s.prev {
+		slog.Info("not installing here yet: a staged rollout holds it", "name", s.prev.Name, "serving", g.Want.Version, "why", g.Held)
+	}
+	s.item.Outcome = NotDue
+	s.item.Serial, s.item.NotAfter, s.item.Version = g.Want.Cert.Serial, timePtr(g.Want.Cert.NotAfter), g.Want.Version
+}
+
+// owesGated reports whether this node must install what the gate lets
+// it serve of head; a planning answer, which the install asks again.
+func (e *Engine) owesGated(ctx context.Context, s *step, head *store.Lineage, fresh bool) bool {
+	g, err := e.Node.target(ctx, head, fresh)
+	if err != nil {
+		slog.Debug("could not read the rollout; the install asks again", "name", head.Name, "err", err)
+		return e.Node.owes(head)
+	}
+	s.item.Held = g.Held
+	return e.Node.owes(g.Want)
 }
 
 // checkProfile refuses, before the CA, a profile whose name limit the

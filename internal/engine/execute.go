@@ -76,6 +76,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 
 	r.deployAll()
 	r.warnings(p.items)
+	r.rolloutNotes()
 	if e.Budget != nil && !e.Opts.InstallOnly {
 		if err := e.Budget.Flush(); err != nil {
 			slog.Warn("could not save the rate budget", "err", err)
@@ -86,6 +87,32 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 	res.Finished = e.now()
 	res.Count()
 	return res
+}
+
+// rolloutNotes puts the staged rollouts that need an operator (held,
+// aborted, overridden near expiry) into the result (its JSON and mail)
+// and warns of each. A fleet that cannot say is a warning, never a
+// failed run.
+func (r *run) rolloutNotes() {
+	if r.e.Node.Notes == nil || r.e.Opts.InstallOnly {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), 30*time.Second)
+	defer cancel()
+	notes, err := r.e.Node.Notes(ctx, r.e.now())
+	if err != nil {
+		slog.Warn("could not read the fleet's staged rollouts", "err", oneLine(err))
+		return
+	}
+	for _, n := range notes {
+		if n.State != "rolling" {
+			r.res.Rollouts = append(r.res.Rollouts, n)
+			slog.Warn(n.Text)
+		}
+	}
+	if len(r.res.Rollouts) > 0 {
+		slog.Warn(RolloutHint)
+	}
 }
 
 // run is one Execute's shared state.
@@ -201,21 +228,32 @@ func (r *run) doneMeanwhile(s *step) bool {
 	it.Outcome, it.Reason, it.DueAt, it.dueNow = NotDue, "obtained by another run meanwhile", timePtr(d.At), false
 	it.Serial, it.NotAfter = fresh.Cert.Serial, timePtr(fresh.Cert.NotAfter)
 	slog.Info("not ordering: another run obtained it meanwhile", "name", fresh.Name, "serial", fresh.Cert.Serial)
-	if !e.Opts.DryRun && e.Node.owes(fresh) {
+	if !e.Opts.DryRun && e.owesGated(r.ctx, s, fresh, true) {
 		r.install(s) // this node serves it now, not at its agent's next turn
 	}
 	return true
 }
 
-// install puts the catalog's head of s on this node.
+// install puts the catalog's head of s on this node, or the version a
+// staged rollout lets this node serve instead.
 func (r *run) install(s *step) {
 	e, it := r.e, s.item
 	name := s.job.Lineage.Name
 	l, err := e.Catalog.Head(r.ctx, name)
+	var g Gated
 	if err == nil {
+		g, err = e.Node.target(r.ctx, l, true)
+	}
+	if err == nil && g.Want != l && !e.Node.owes(g.Want) {
+		r.heldBack(s, g)
+		return
+	}
+	if err == nil {
+		it.Held, it.Override = g.Held, g.Override
+		l = g.Want
 		var w *want
 		w, err = e.Node.prepare(r.ctx, l, func() (store.Files, error) {
-			fl, f, err := e.Catalog.Fetch(r.ctx, name, 0)
+			fl, f, err := e.Catalog.Fetch(r.ctx, name, l.Version)
 			if err == nil && fl.Version != l.Version {
 				err = catalog.ErrSuperseded // published again meanwhile: the next install takes it
 			}
@@ -244,6 +282,18 @@ func (r *run) install(s *step) {
 		return
 	}
 	r.fail(s, fmt.Errorf("install %s: %w", name, err), false)
+}
+
+// heldBack records that a staged rollout keeps this node on the version it
+// serves: nothing to install.
+func (r *run) heldBack(s *step, g Gated) {
+	it := s.item
+	it.Held, it.Override = g.Held, g.Override
+	if it.Outcome == "" {
+		it.Outcome, it.Reason = NotDue, "held back by the rollout"
+		it.Serial, it.NotAfter, it.Version = g.Want.Cert.Serial, timePtr(g.Want.Cert.NotAfter), g.Want.Version
+	}
+	slog.Info("not installing here yet: a staged rollout holds it", "name", s.job.Lineage.Name, "serving", g.Want.Version, "why", g.Held)
 }
 
 // order obtains, publishes and installs a new certificate for s.
@@ -359,6 +409,23 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	s.status = st
 	it.Outcome = outcome
 	slog.Info(string(outcome), "name", l.Name, "serial", got.Info.Serial, "expires", got.Info.NotAfter.Format(time.DateOnly))
+	if g, err := e.Node.target(r.ctx, &l, true); err != nil || g.Want != &l {
+		// A staged rollout has not reached this node's wave: it goes on
+		// serving what it serves, and its agent installs the new version
+		// when the wave is released.
+		it.Deploy = "held"
+		if err != nil {
+			g = Gated{Held: "could not read the rollout (" + oneLine(err) + "); this node's agent installs it when its wave is released"}
+		}
+		it.Held = g.Held
+		if serr := e.Node.stage(r.ctx, &l, got.Files); serr != nil {
+			slog.Warn("could not keep the new certificate on this node", "name", l.Name, "err", serr)
+		}
+		if err == nil && e.Node.owes(g.Want) {
+			r.install(s)
+		}
+		return
+	}
 	w, err := e.Node.prepare(r.ctx, &l, func() (store.Files, error) { return got.Files, nil })
 	if err != nil {
 		r.fail(s, err, false)
@@ -398,7 +465,7 @@ func (r *run) reconfigure(s *step) {
 	}
 	it.Outcome = Reconfigured
 	slog.Info("saved new settings without ordering", "name", l.Name)
-	if e.Node.owes(&l) {
+	if e.owesGated(r.ctx, s, &l, true) {
 		if pendingError(e.Node, l.Name) != "" || s.item.Reason == "pending deploy" {
 			it.Outcome = Deployed // a deploy owed, now with the settings given
 		}

@@ -41,6 +41,39 @@ type Node struct {
 	// certificate's served chain to, when its issuing CA is not the
 	// lineage's primary (ca.Set.RootsFor); "" keeps --verify-roots.
 	Roots func(l *store.Lineage) string
+	// Gate, when set, says which version of a lineage this node may
+	// serve now: the catalog's head, or an older version while a staged
+	// rollout has not released the head to this node (package fleet's
+	// waves). Every install asks it with fresh set, after reading the
+	// head, so what is installed is gated, not how: the install step is
+	// the same for the head and for the version before it. Planning may
+	// accept an answer a moment old.
+	Gate func(ctx context.Context, head *store.Lineage, fresh bool) (Gated, error)
+	// Notes, when set, are the staged rollouts on their way (a fleet's):
+	// a run's result carries those that need an operator.
+	Notes func(ctx context.Context, now time.Time) ([]Note, error)
+}
+
+// Gated is a Gate's answer.
+type Gated struct {
+	Want *store.Lineage // the version this node may serve now
+	// Held says why Want is not the head ("" when it is).
+	Held string
+	// Override is the warning of a rollout overridden because the
+	// version it would keep is about to expire.
+	Override string
+}
+
+// target asks the Gate, if any, what this node may serve of head.
+func (n *Node) target(ctx context.Context, head *store.Lineage, fresh bool) (Gated, error) {
+	if n.Gate == nil {
+		return Gated{Want: head}, nil
+	}
+	g, err := n.Gate(ctx, head, fresh)
+	if err == nil && g.Want == nil {
+		g.Want = head
+	}
+	return g, err
 }
 
 // Served is what a node serves of one lineage after an install.
@@ -141,6 +174,18 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	return &want{l: l, previous: previous, deploy: n.settings(l)}, nil
 }
 
+// stage keeps l on this node without making it live: the node that
+// ordered a version a staged rollout holds back keeps a copy, as every
+// node keeps what it holds, so a rebuilt catalog gets it back.
+func (n *Node) stage(ctx context.Context, l *store.Lineage, files store.Files) error {
+	unlock, err := n.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return n.Local.Stage(l, files)
+}
+
 // settled reports whether this node needs nothing more for l: it is
 // deployed with this node's settings, or another live process of this
 // node journalled it and is deploying it now.
@@ -183,7 +228,6 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 		}
 		return out
 	}
-	defer unlock()
 	// Under the lock, again: the agent of this node may have deployed
 	// the very version meanwhile.
 	var changes []deploy.Change
@@ -219,6 +263,9 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 	}
 	close(next)
 	wg.Wait()
+	// The report goes after the lock: in a fleet it may probe through
+	// this node's load balancer, which takes seconds when it fails.
+	unlock()
 	n.report(ctx, wants, out)
 	return out
 }

@@ -68,6 +68,12 @@ type Item struct {
 	CA       string `json:"ca,omitempty"`
 	Server   string `json:"server,omitempty"`
 	Fallback string `json:"fallback,omitempty"`
+	// Held says why this node serves an older version than the
+	// catalog's newest: a staged rollout has not reached it (a fleet).
+	Held string `json:"held,omitempty"`
+	// Override is a staged rollout overridden on this node because the
+	// version it held is about to expire.
+	Override string `json:"expiry_override,omitempty"`
 
 	err    error         // what Error says, for callers that ask what kind it was
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
@@ -112,6 +118,10 @@ type Result struct {
 	// this run and which are passed over now (their breaker), until
 	// when and why.
 	CAs []CAStatus `json:"cas,omitempty"`
+	// Rollouts are the fleet's staged rollouts that need an operator:
+	// held by a failed check, aborted, or overridden near expiry
+	// (whichever lineages the run touched).
+	Rollouts []Note `json:"rollouts,omitempty"`
 }
 
 // CAStatus is one CA in a run's report.
@@ -121,6 +131,19 @@ type CAStatus struct {
 	Issued          int        `json:"issued"`
 	PassedOverUntil *time.Time `json:"passed_over_until,omitempty"`
 	Reason          string     `json:"reason,omitempty"`
+}
+
+// RolloutHint is what to do about a staged rollout held, aborted or
+// overridden.
+const RolloutHint = "'lbcert fleet status' shows where; fix the node's load balancer or the probe's target, then 'lbcert fleet rollout resume NAME' moves it on, or 'abort NAME' keeps the previous version everywhere (README \"Staged rollouts\")"
+
+// Note is a staged rollout's state as the report says it.
+type Note struct {
+	Name string `json:"name"`
+	// State is "held", "aborted" or "expiry_override"; "rolling" (on
+	// its way, needing no one) is never in a Result.
+	State string `json:"state"`
+	Text  string `json:"text"`
 }
 
 // Count recomputes Counts from Items.
@@ -162,6 +185,9 @@ func (r *Result) Report() *notify.Report {
 		if it.Pending != "" {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
 			ni.Deploy = strings.TrimPrefix(ni.Deploy, "; ")
+		}
+		if it.Held != "" && it.Deploy == "held" {
+			ni.Deploy = "held on this node: " + it.Held
 		}
 		if it.OldNotAfter != nil {
 			ni.OldNotAfter = *it.OldNotAfter
@@ -209,6 +235,17 @@ func (r *Result) Report() *notify.Report {
 		}
 		if it.Cadence != "" {
 			out.Cadence = append(out.Cadence, notify.Note{Name: it.Name, Text: it.Cadence})
+		}
+	}
+	seen := map[string]bool{}
+	for _, n := range r.Rollouts {
+		seen[n.Name] = true
+		out.Rollouts = append(out.Rollouts, notify.Note{Name: n.Name, Text: n.Text})
+	}
+	for _, it := range r.Items {
+		if it.Override != "" && !seen[it.Name] {
+			seen[it.Name] = true
+			out.Rollouts = append(out.Rollouts, notify.Note{Name: it.Name, Text: it.Override})
 		}
 	}
 	return out

@@ -27,13 +27,16 @@ var words = map[Outcome]string{
 func (o Outcome) Words() string { return words[o] }
 
 // DeployWords says what the deploy step did: "none", "deployed,
-// verified, hook ok" or "rolled back: <reason>".
+// verified, hook ok", "rolled back: <reason>" or "held on this node:
+// <why>" (a staged rollout).
 func (it *Item) DeployWords() string {
 	switch it.Deploy {
 	case "none":
 		return "none (no --deploy target)"
 	case "rolled_back":
 		return "rolled back: " + it.Pending
+	case "held":
+		return "held on this node: " + it.Held
 	case "":
 		if it.Outcome != Failed {
 			return "none (dry run: nothing saved or deployed)" // the only run that obtains and deploys nothing

@@ -85,7 +85,8 @@ func metaOf(bd *rdb.Bundle) (*store.Lineage, error) {
 }
 
 // Fetch reads the fleet's certificate of name and opens its key here;
-// the fleet holds the newest version only (version 0 asks for it).
+// the fleet holds the newest version (version 0 asks for it) and, while
+// a staged rollout is on its way, the version before it.
 func (c *Catalog) Fetch(ctx context.Context, name string, version int) (*store.Lineage, store.Files, error) {
 	ctx, cancel := rctx(ctx)
 	defer cancel()
@@ -95,6 +96,11 @@ func (c *Catalog) Fetch(ctx context.Context, name string, version int) (*store.L
 	}
 	if err != nil {
 		return nil, store.Files{}, err
+	}
+	if version != 0 && bd.Version > version {
+		if prev, err := c.sh().Prev(ctx, name); err == nil && prev.Version == version {
+			bd = prev
+		}
 	}
 	if version != 0 && bd.Version != version {
 		return nil, store.Files{}, fmt.Errorf("%s version %d: %w", name, version, catalog.ErrSuperseded)

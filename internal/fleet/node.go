@@ -86,6 +86,8 @@ type Node struct {
 	members  []Member
 	stMu     sync.Mutex // guards st
 	st       local
+	roOnce   sync.Once
+	ro       *rolloutCache // rollout.go
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
@@ -815,38 +817,14 @@ func (n *Node) reseal(ctx context.Context, dropStrangers bool) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	count := 0
-	for _, name := range names {
-		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, rdb.ErrNoBundle) {
-			continue
-		}
-		if err != nil {
-			return count, err
-		}
-		if b.Epoch == epoch {
-			continue
-		}
-		if dropStrangers && !n.sealedByMember(b) {
-			slog.Warn("dropping a certificate sealed by a node that is not a member; the members give theirs back", "name", name, "node", b.Node)
-			if err := n.Shared.DropBundle(ctx, name); err != nil {
-				return count, err
-			}
-			continue
-		}
-		pem, err := n.openAnyEpoch(b)
-		if err != nil {
-			return count, fmt.Errorf("re-seal %s: %v", name, err)
-		}
-		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
-		if err != nil {
-			return count, err
-		}
-		if ok, err := n.Shared.ResealKey(ctx, name, b.Version, epoch, sealed); err != nil {
-			return count, err
-		} else if ok {
-			count++
-		}
+	count, err := n.resealBundles(ctx, names, n.Shared.Bundle, n.Shared.ResealKey, dropStrangers, n.Shared.DropBundle)
+	if err != nil {
+		return count, err
+	}
+	prevs, err := n.resealPrevs(ctx, dropStrangers)
+	count += prevs
+	if err != nil {
+		return count, err
 	}
 	accts, err := n.Shared.Accounts(ctx)
 	if err != nil {
@@ -876,6 +854,51 @@ func (n *Node) reseal(ctx context.Context, dropStrangers bool) (int, error) {
 			return count, err
 		}
 		count++
+	}
+	return count, nil
+}
+
+// resealBundles re-seals the key of each bundle read of names that is
+// under an older data key, with write; with dropStrangers (a repair
+// after a removed node rebuilt Redis), one that no current member
+// published is dropped instead, and the members give their own copies
+// back.
+func (n *Node) resealBundles(ctx context.Context, names []string, read func(context.Context, string) (*rdb.Bundle, error),
+	write func(ctx context.Context, name string, version, epoch int, sealed []byte) (bool, error),
+	dropStrangers bool, drop func(context.Context, string) error) (int, error) {
+	epoch, key := n.current()
+	count := 0
+	for _, name := range names {
+		b, err := read(ctx, name)
+		if errors.Is(err, rdb.ErrNoBundle) {
+			continue
+		}
+		if err != nil {
+			return count, err
+		}
+		if b.Epoch == epoch {
+			continue
+		}
+		if dropStrangers && !n.sealedByMember(b) {
+			slog.Warn("dropping a certificate sealed by a node that is not a member; the members give theirs back", "name", name, "version", b.Version, "node", b.Node)
+			if err := drop(ctx, name); err != nil {
+				return count, err
+			}
+			continue
+		}
+		pem, err := n.openAnyEpoch(b)
+		if err != nil {
+			return count, fmt.Errorf("re-seal %s: %v", name, err)
+		}
+		sealed, err := seal(key, bundleAD(n.ID, name, b.Version), pem)
+		if err != nil {
+			return count, err
+		}
+		if ok, err := write(ctx, name, b.Version, epoch, sealed); err != nil {
+			return count, err
+		} else if ok {
+			count++
+		}
 	}
 	return count, nil
 }

@@ -57,7 +57,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		if err != nil {
 			return 0, err
 		}
-		err = n.Shared.Publish(ctx, bd)
+		staged, err := n.Shared.PublishStaged(ctx, bd)
 		var stale *rdb.ErrStale
 		if errors.As(err, &stale) && stale.Why == "epoch" && attempt == 0 {
 			if err := n.Refresh(ctx); err != nil {
@@ -73,6 +73,11 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		}
 		l.Version = v
 		n.noteIssued(l)
+		if staged {
+			n.Records(ctx, l.Name) // this node's copy, from the start
+		} else {
+			n.publishedPlain(l.Name, v, true)
+		}
 		return v, nil
 	}
 }

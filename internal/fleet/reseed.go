@@ -63,9 +63,10 @@ func (n *Node) Reseed(ctx context.Context) error {
 // publishDisk adds what this node holds to Redis, in an order that
 // keeps every invariant whichever node gets there first: its tombstones
 // (a delete wins over a certificate issued before it), its accounts (so
-// nobody registers a second one), its copy of the issuance ledger, then
-// the certificates it serves, unfenced (the version and notBefore rules
-// keep whatever is newer in Redis). It then records that it caught up
+// nobody registers a second one), its copy of the issuance ledger, its
+// copies of the staged rollouts, then the certificates it serves,
+// unfenced (the version and notBefore rules keep whatever is newer in
+// Redis), and the previous versions those rollouts keep. It then records that it caught up
 // with this Redis generation, which orders wait for after a rebuild.
 func (n *Node) publishDisk(ctx context.Context) error {
 	gen, err := n.Shared.HGet(ctx, "meta", "gen")
@@ -81,8 +82,17 @@ func (n *Node) publishDisk(ctx context.Context) error {
 	if err := n.seedLedger(ctx); err != nil {
 		return err
 	}
+	if err := n.seedRollouts(ctx); err != nil {
+		return err
+	}
 	seeded, err := n.seedLineages(ctx)
 	if err != nil {
+		return err
+	}
+	if err := n.seedRolloutHeads(ctx); err != nil {
+		return err
+	}
+	if err := n.seedPrevs(ctx); err != nil {
 		return err
 	}
 	slog.Info("published this node's certificates into a rebuilt Redis", "fleet", n.ID, "lineages", seeded)

@@ -11,6 +11,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/inventory"
 )
 
@@ -27,21 +29,36 @@ type Status struct {
 	Nodes    []NodeStatus `json:"nodes"`
 	OK       bool         `json:"ok"`
 	At       time.Time    `json:"at"`
+	// Waves are the fleet's staged rollout waves, resolved over its
+	// members (none: every node installs every version at once), and
+	// Rollouts the rollouts on their way.
+	Waves    [][]string      `json:"waves,omitempty"`
+	Rollouts []RolloutStatus `json:"rollouts,omitempty"`
+	// RolloutSettings are the waves as set, with the soak, the probe
+	// and the expiry margin.
+	RolloutSettings *RolloutConfig `json:"rollout_settings,omitempty"`
+	// RolloutProblems are what is wrong beyond any one node: a rollout
+	// held, aborted or overridden near expiry.
+	RolloutProblems []string `json:"problems,omitempty"`
 }
 
 // NodeStatus is one member's view.
 type NodeStatus struct {
-	Node        string     `json:"node"`
-	Heartbeat   *time.Time `json:"heartbeat,omitempty"`
-	Agent       string     `json:"agent_version,omitempty"`
-	Addr        string     `json:"agent_addr,omitempty"`
-	Newest      int        `json:"newest"` // lineages served at the fleet's newest version
-	Behind      int        `json:"behind"`
-	Failed      int        `json:"failed"`
-	LagSeconds  float64    `json:"lag_seconds"` // the oldest change not served yet
-	Failures    []Failure  `json:"failures,omitempty"`
-	Problems    []string   `json:"problems,omitempty"`
-	BehindNames []string   `json:"behind_names,omitempty"`
+	Node      string     `json:"node"`
+	Heartbeat *time.Time `json:"heartbeat,omitempty"`
+	Agent     string     `json:"agent_version,omitempty"`
+	Addr      string     `json:"agent_addr,omitempty"`
+	Newest    int        `json:"newest"` // lineages served at the fleet's newest version
+	// Waiting are lineages served at the version a staged rollout keeps
+	// this node on (its wave not released, or the rollout held): not
+	// behind, and no problem of the node's.
+	Waiting     int       `json:"waiting"`
+	Behind      int       `json:"behind"`
+	Failed      int       `json:"failed"`
+	LagSeconds  float64   `json:"lag_seconds"` // the oldest change not served yet
+	Failures    []Failure `json:"failures,omitempty"`
+	Problems    []string  `json:"problems,omitempty"`
+	BehindNames []string  `json:"behind_names,omitempty"`
 }
 
 // Failure is a lineage a node failed to install or deploy.
@@ -67,64 +84,103 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 	if err != nil {
 		return nil, err
 	}
-	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC()}
+	ro, err := n.viewRollouts(ctx, heads)
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{Version: StatusVersion, Fleet: n.ID, Redis: n.Shared.Addr(), Lineages: len(heads), OK: true, At: now.UTC(), Waves: ro.waves}
+	if ro.cfg.Staged() {
+		st.RolloutSettings = ro.cfg
+	}
+	all := map[string]map[string]Served{}
 	for _, m := range n.Members() {
-		ns := NodeStatus{Node: m.Node}
-		var info AgentInfo
-		if raw, ok := agents[m.Node]; ok && json.Unmarshal(raw, &info) == nil {
-			t := info.At
-			ns.Heartbeat, ns.Agent, ns.Addr = &t, info.Version, info.Addr
-		}
 		served, err := n.Shared.Served(ctx, m.Node)
 		if err != nil {
 			return nil, err
 		}
-		var lag time.Duration
-		for name, h := range heads {
-			var s Served
-			if raw, ok := served[name]; ok {
-				json.Unmarshal([]byte(raw), &s)
-			}
-			// The same version AND the same certificate: a node that
-			// serves another certificate under the newest number (a Redis
-			// that lost writes renumbered it) is behind (invariant I1).
-			switch {
-			case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
-				ns.Newest++
-				continue
-			case s.Error != "" && s.Wanted >= h.Version:
-				ns.Failed++
-				ns.Failures = append(ns.Failures, Failure{Name: name, Error: s.Error, At: s.At})
-			default:
-				ns.Behind++
-				ns.BehindNames = append(ns.BehindNames, name)
-			}
-			lag = max(lag, now.Sub(h.Published))
-		}
-		sort.Slice(ns.Failures, func(i, j int) bool { return ns.Failures[i].Name < ns.Failures[j].Name })
-		sort.Strings(ns.BehindNames)
-		if len(ns.BehindNames) > 20 {
-			ns.BehindNames = ns.BehindNames[:20]
-		}
-		ns.LagSeconds = lag.Seconds()
-		switch {
-		case ns.Heartbeat == nil:
-			ns.Problems = append(ns.Problems, "no heartbeat: its agent is not running or cannot reach Redis")
-		case now.Sub(*ns.Heartbeat) > maxBeat:
-			ns.Problems = append(ns.Problems, fmt.Sprintf("last heartbeat %s ago", now.Sub(*ns.Heartbeat).Round(time.Second)))
-		}
-		if ns.Failed > 0 {
-			ns.Problems = append(ns.Problems, fmt.Sprintf("%d failed to deploy", ns.Failed))
-		}
-		if ns.Behind > 0 && lag > maxLag {
-			ns.Problems = append(ns.Problems, fmt.Sprintf("%d behind for %s", ns.Behind, lag.Round(time.Second)))
-		}
+		ns, staged := nodeStatus(m.Node, agents[m.Node], served, heads, ro, now)
+		all[m.Node] = staged
+		ns.problems(now, maxLag, maxBeat)
 		if len(ns.Problems) > 0 {
 			st.OK = false
 		}
 		st.Nodes = append(st.Nodes, ns)
 	}
+	st.Rollouts = ro.statuses(all, now)
+	sort.Slice(st.Rollouts, func(i, j int) bool { return st.Rollouts[i].Name < st.Rollouts[j].Name })
+	for i := range st.Rollouts {
+		if p := st.Rollouts[i].Problem(); p != "" {
+			st.RolloutProblems = append(st.RolloutProblems, p)
+			st.OK = false
+		}
+	}
 	return st, nil
+}
+
+// nodeStatus counts what one node serves against the fleet's heads (and
+// the version a staged rollout keeps it on), and returns what it serves
+// of the lineages with a rollout on their way.
+func nodeStatus(node string, beat []byte, served map[string]string, heads map[string]rdb.Head, ro *rolloutView, now time.Time) (NodeStatus, map[string]Served) {
+	ns := NodeStatus{Node: node}
+	var info AgentInfo
+	if beat != nil && json.Unmarshal(beat, &info) == nil {
+		t := info.At
+		ns.Heartbeat, ns.Agent, ns.Addr = &t, info.Version, info.Addr
+	}
+	staged := map[string]Served{}
+	var lag time.Duration
+	for name, h := range heads {
+		var s Served
+		if raw, ok := served[name]; ok {
+			json.Unmarshal([]byte(raw), &s)
+		}
+		if _, ok := ro.recs[name]; ok {
+			staged[name] = s
+		}
+		t, held := ro.target(name, node, s, now)
+		// The same version AND the same certificate: a node that
+		// serves another certificate under the newest number (a Redis
+		// that lost writes renumbered it) is behind (invariant I1).
+		switch {
+		case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
+			ns.Newest++
+			continue
+		case held && s.OK && s.Version == t.Version && s.Serial == t.Serial:
+			ns.Waiting++
+			continue
+		case s.Error != "" && s.Wanted >= h.Version:
+			ns.Failed++
+			ns.Failures = append(ns.Failures, Failure{Name: name, Error: s.Error, At: s.At})
+		default:
+			ns.Behind++
+			ns.BehindNames = append(ns.BehindNames, name)
+		}
+		lag = max(lag, now.Sub(h.Published))
+	}
+	sort.Slice(ns.Failures, func(i, j int) bool { return ns.Failures[i].Name < ns.Failures[j].Name })
+	sort.Strings(ns.BehindNames)
+	if len(ns.BehindNames) > 20 {
+		ns.BehindNames = ns.BehindNames[:20]
+	}
+	ns.LagSeconds = lag.Seconds()
+	return ns, staged
+}
+
+// problems says what is wrong with the node: its heartbeat old or gone,
+// a failed deploy, behind for longer than maxLag.
+func (ns *NodeStatus) problems(now time.Time, maxLag, maxBeat time.Duration) {
+	switch {
+	case ns.Heartbeat == nil:
+		ns.Problems = append(ns.Problems, "no heartbeat: its agent is not running or cannot reach Redis")
+	case now.Sub(*ns.Heartbeat) > maxBeat:
+		ns.Problems = append(ns.Problems, fmt.Sprintf("last heartbeat %s ago", now.Sub(*ns.Heartbeat).Round(time.Second)))
+	}
+	if ns.Failed > 0 {
+		ns.Problems = append(ns.Problems, fmt.Sprintf("%d failed to deploy", ns.Failed))
+	}
+	if lag := time.Duration(ns.LagSeconds * float64(time.Second)); ns.Behind > 0 && lag > maxLag {
+		ns.Problems = append(ns.Problems, fmt.Sprintf("%d behind for %s", ns.Behind, lag.Round(time.Second)))
+	}
 }
 
 // Serving is what every member reports serving: lineage -> node -> what.
@@ -150,12 +206,14 @@ func (n *Node) Serving(ctx context.Context) (map[string]map[string]Served, error
 }
 
 // Table writes the status as 'fleet status' prints it: the fleet, a row
-// per node (heartbeat, agent, lineages at the newest version, behind,
-// failed, lag), then every failure.
+// per node (heartbeat, agent, lineages at the newest version, waiting
+// for their wave when the fleet stages rollouts, behind, failed, lag),
+// every failure, then the waves and the rollouts on their way.
 func (st *Status) Table(w io.Writer, now time.Time) {
 	fmt.Fprintf(w, "fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\tBEHIND\tFAILED\tLAG")
+	staged := len(st.Waves) > 0
+	fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\t"+waitingCol(staged, "WAITING")+"BEHIND\tFAILED\tLAG")
 	for _, ns := range st.Nodes {
 		beat, agent, lag := "none", ns.Agent, "-"
 		if ns.Heartbeat != nil {
@@ -167,7 +225,7 @@ func (st *Status) Table(w io.Writer, now time.Time) {
 		if ns.Behind+ns.Failed > 0 {
 			lag = (time.Duration(ns.LagSeconds) * time.Second).String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", ns.Node, beat, agent, ns.Newest, ns.Behind, ns.Failed, lag)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s%d\t%d\t%s\n", ns.Node, beat, agent, ns.Newest, waitingCol(staged, fmt.Sprint(ns.Waiting)), ns.Behind, ns.Failed, lag)
 	}
 	tw.Flush()
 	for _, ns := range st.Nodes {
@@ -175,18 +233,36 @@ func (st *Status) Table(w io.Writer, now time.Time) {
 			fmt.Fprintf(w, "  %s %s: %s\n", ns.Node, f.Name, f.Error)
 		}
 	}
+	st.RolloutTable(w)
 }
 
-// Problems says, in one line, what is wrong with each node that is not
-// fine ("" when every node is).
+// waitingCol is the WAITING column, shown only in a fleet that stages
+// rollouts.
+func waitingCol(staged bool, v string) string {
+	if !staged {
+		return ""
+	}
+	return v + "\t"
+}
+
+// Problems says, in one line, what is wrong: each rollout that needs an
+// operator, and each node that is not fine ("" when all is).
 func (st *Status) Problems() string {
-	var lines []string
+	lines := slices.Clone(st.RolloutProblems)
 	for _, ns := range st.Nodes {
 		if len(ns.Problems) > 0 {
 			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
 		}
 	}
 	return strings.Join(lines, "; ")
+}
+
+// Hint is what to do about the Problems.
+func (st *Status) Hint() string {
+	if len(st.RolloutProblems) > 0 {
+		return engine.RolloutHint
+	}
+	return "README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"
 }
 
 // ServingByLineage is what each member reports serving, by lineage, in
@@ -199,7 +275,7 @@ func (n *Node) ServingByLineage(ctx context.Context) (map[string][]inventory.Ser
 	out := make(map[string][]inventory.Serves, len(all))
 	for name, byNode := range all {
 		for node, s := range byNode {
-			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error, Held: s.Held})
 		}
 		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
 	}

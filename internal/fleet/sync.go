@@ -27,6 +27,12 @@ type Served struct {
 	OK      bool      `json:"ok"`
 	Error   string    `json:"error,omitempty"`
 	At      time.Time `json:"at"`
+	// Probe is the staged rollout's probe through this node of the
+	// version it serves: "ok", or why it failed ("" when none ran).
+	Probe string `json:"probe,omitempty"`
+	// Held says why the node serves an older version than the fleet's
+	// newest: a staged rollout has not released it here.
+	Held string `json:"held,omitempty"`
 }
 
 // Remover takes a deleted lineage off this node's load balancer:
@@ -65,7 +71,9 @@ type Syncer struct {
 	// for the deploy check.
 	Roots func(*store.Lineage) string
 
+	mu    sync.Mutex
 	swept time.Time
+	wake  time.Time // when a staged rollout is due a look
 }
 
 // Run syncs until ctx ends.
@@ -105,6 +113,9 @@ func (s *Syncer) follow(ctx context.Context) error {
 	}
 	next := time.Now().Add(s.Reconcile)
 	for ctx.Err() == nil {
+		if err := s.tick(ctx); err != nil {
+			return err
+		}
 		block := min(time.Until(next), 2*time.Second)
 		if block <= 0 {
 			if err := s.reconcile(ctx); err != nil {
@@ -131,9 +142,16 @@ func (s *Syncer) follow(ctx context.Context) error {
 		last = evs[len(evs)-1].ID
 		var names, gone []string
 		for _, e := range evs {
-			if e.Deleted {
+			switch {
+			case e.Config:
+				// The waves changed: read them before anything published
+				// after the change (later in the stream) is installed.
+				if err := s.N.FollowRolloutConfig(ctx); err != nil {
+					return err
+				}
+			case e.Deleted:
 				gone = append(gone, e.Name)
-			} else {
+			default:
 				names = append(names, e.Name)
 			}
 		}
@@ -157,6 +175,9 @@ func compact(s []string) []string {
 func (s *Syncer) reconcile(ctx context.Context) error {
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	if err := s.N.FollowRolloutConfig(rctx); err != nil {
+		return err
+	}
 	if err := s.N.SyncAccounts(rctx); err != nil {
 		return err
 	}
@@ -177,8 +198,12 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	}
 	// What Redis holds of this node's reports, not what this agent
 	// remembers sending: a report Redis lost (a failover, a pause, a
-	// restart from an older snapshot) is sent again.
+	// restart from an older snapshot, a rebuild) is sent again.
 	said, err := s.N.Shared.Served(rctx, s.N.Name)
+	if err != nil {
+		return err
+	}
+	targets, recs, err := s.N.Targets(rctx, heads)
 	if err != nil {
 		return err
 	}
@@ -190,22 +215,75 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 		if h.Version == 0 {
 			continue
 		}
+		// What this node may serve: the head, or the version a staged
+		// rollout keeps it on.
+		t, staged := targets[name]
+		if !staged {
+			t = Target{Version: h.Version, Serial: h.Serial}
+		}
 		live, _ := s.Local.LiveVersion(name)
 		j, _ := s.Local.Journal(name)
 		d := j.Deployed
-		if j.Pending != nil || live != h.Version || d == nil || d.Version != h.Version || d.Serial != h.Serial || d.With != digest {
+		if j.Pending != nil || live != t.Version || d == nil || d.Version != t.Version || d.Serial != t.Serial || d.With != digest {
 			todo = append(todo, name)
 			continue
 		}
 		var rep Served
-		if json.Unmarshal([]byte(said[name]), &rep) != nil || rep.Version != h.Version || rep.Serial != h.Serial || !rep.OK {
-			fine[name] = Served{Version: h.Version, Serial: h.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC()}
+		if json.Unmarshal([]byte(said[name]), &rep) != nil || rep.Version != t.Version || rep.Serial != t.Serial || !rep.OK || rep.Held != t.Held {
+			fine[name] = Served{Version: t.Version, Serial: t.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC(), Held: t.Held}
 		}
 	}
 	if err := s.report(ctx, fine); err != nil {
 		return err
 	}
-	return s.sync(ctx, todo)
+	if err := s.sync(ctx, todo); err != nil {
+		return err
+	}
+	return s.judge(ctx, recs, heads)
+}
+
+// judge moves every rollout on its way as the reports say (Evaluate),
+// installs what moved, and forgets the copies of finished ones; it
+// notes when to look again.
+func (s *Syncer) judge(ctx context.Context, recs map[string]*Record, heads map[string]rdb.Head) error {
+	next, err := s.N.Evaluate(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.wake = next
+	s.mu.Unlock()
+	vs := make(map[string]int, len(heads))
+	for name, h := range heads {
+		vs[name] = h.Version
+	}
+	return s.N.dropStaleCopies(ctx, recs, vs)
+}
+
+// tick looks at the rollouts again when one is due (a soak ended, a
+// held version nearing expiry), and installs what that changed.
+func (s *Syncer) tick(ctx context.Context) error {
+	s.mu.Lock()
+	due := !s.wake.IsZero() && !time.Now().Before(s.wake)
+	if due {
+		s.wake = time.Time{}
+	}
+	s.mu.Unlock()
+	if !due {
+		return nil
+	}
+	next, err := s.N.Evaluate(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.wake = sooner(s.wake, next)
+	s.mu.Unlock()
+	names, err := s.N.Shared.Rollouts(ctx)
+	if err != nil {
+		return err
+	}
+	return s.sync(ctx, names)
 }
 
 // sweepPace removes, once an hour, the pace budget's fields that hold
@@ -243,7 +321,7 @@ func (s *Syncer) sync(ctx context.Context, names []string) error {
 	for _, it := range res.Items {
 		switch {
 		case it.Outcome == engine.NotDue && it.Serial != "":
-			fine[it.Name] = Served{Version: it.Version, Serial: it.Serial, Wanted: it.Version, OK: true, At: time.Now().UTC()}
+			fine[it.Name] = Served{Version: it.Version, Serial: it.Serial, Wanted: it.Version, OK: true, At: time.Now().UTC(), Held: it.Held}
 		case it.Outcome == engine.Failed && isUnavailable(it.Err()):
 			return it.Err()
 		case it.Outcome == engine.Failed:
@@ -262,7 +340,7 @@ func isUnavailable(err error) bool { return err != nil && errors.As(err, new(*rd
 // settings for every lineage, the short write lock it shares with the
 // runs of this node, and a report to the fleet after each deploy.
 func (s *Syncer) node() *engine.Node {
-	return &engine.Node{
+	n := &engine.Node{
 		Local:    s.Local,
 		Deploy:   s.Runner,
 		Settings: func(*store.Lineage) store.Deploy { return s.Deploy },
@@ -271,6 +349,10 @@ func (s *Syncer) node() *engine.Node {
 		Report:   s.served,
 		Roots:    s.Roots,
 	}
+	if s.N != nil {
+		n.Gate = s.N.Gate // staged rollouts: what this node may serve
+	}
+	return n
 }
 
 // WriteLock is fleet mode's short write lock of st, as engine.Node
@@ -338,24 +420,46 @@ func (s *Syncer) served(ctx context.Context, out []engine.Served) {
 }
 
 // ReportServed tells the fleet what a run of this node installed: the
-// agent's report, for the node that ordered.
+// agent's report, for the node that ordered (with the probe of a staged
+// rollout, through this node's load balancer as its agent deploys).
 func ReportServed(n *Node) func(ctx context.Context, out []engine.Served) {
-	s := &Syncer{Local: n.Local, N: n}
+	s := &Syncer{Local: n.Local, N: n, Deploy: NodeDeploy(n.Local)}
 	return s.served
 }
 
+// report tells the fleet what this node serves, with the probe of each
+// version a staged rollout is checking, then judges those rollouts at
+// once: a wave passes the moment its last node reports.
 func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 	if len(reports) == 0 {
 		return nil
 	}
+	checked, err := s.probes(ctx, reports)
+	if err != nil {
+		return err
+	}
+	if err := s.send(ctx, reports); err != nil {
+		return err
+	}
+	if len(checked) == 0 {
+		return nil
+	}
+	next, err := s.N.Evaluate(ctx, checked...)
+	s.mu.Lock()
+	s.wake = sooner(s.wake, next)
+	s.mu.Unlock()
+	return err
+}
+
+// send writes reports to the fleet. A report lost to a pause, a
+// failover or a restart from an older snapshot is sent again by the
+// next reconcile, which compares what Redis holds, so fleet status never
+// shows a node behind that is not (invariant I1).
+func (s *Syncer) send(ctx context.Context, reports map[string]Served) error {
 	out := make(map[string][]byte, len(reports))
 	for name, r := range reports {
 		out[name], _ = json.Marshal(r)
 	}
-	// A report lost to a pause, a failover or a restart from an older
-	// snapshot is sent again by the next reconcile, which compares what
-	// Redis holds, so fleet status never shows a node behind that is not
-	// (invariant I1).
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.SetServed(rctx, s.N.Name, out)
@@ -374,13 +478,23 @@ func (s *Syncer) FinishLocal(ctx context.Context) {
 		}
 		return
 	}
+	// A lineage with a staged rollout on its way waits for Redis: what
+	// it may serve is the rollout's to say, and a failed deploy of a
+	// version its wave may not get must not be retried from disk.
+	copies := recordCopies(s.Local)
+	names = slices.DeleteFunc(names, func(n string) bool { return copies[n] != nil })
+	if len(names) == 0 {
+		return
+	}
 	slog.Info("finishing the deploys this node was stopped in", "count", len(names))
 	jobs := make([]engine.Job, len(names))
 	for i, n := range names {
 		jobs[i] = engine.Job{Lineage: store.Lineage{Name: n}, Stored: true}
 	}
 	node := s.node()
-	node.Report = nil
+	// From disk, without Redis: no report, and no rollout gate (the
+	// lineages a rollout is on its way for were left out above).
+	node.Report, node.Gate = nil, nil
 	e := &engine.Engine{Catalog: catalog.NewDir(s.Local), Node: node, Opts: engine.Options{Command: "agent", InstallOnly: true}}
 	if plan, err := e.Plan(ctx, jobs); err == nil {
 		plan.Execute(ctx)
@@ -491,6 +605,9 @@ func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error 
 		}
 		if t, _ := s.Local.ReadTombstone(name); t != nil {
 			continue
+		}
+		if err := s.N.seedRecordCopy(ctx, name); err != nil {
+			return err
 		}
 		err = s.N.publishVersion(ctx, name, live)
 		var stale *rdb.ErrStale

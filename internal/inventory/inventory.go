@@ -13,10 +13,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -57,7 +60,9 @@ type Entry struct {
 	// configured or a fallback issued it; Fallback says that one did.
 	CA       string    `json:"ca,omitempty"`
 	Fallback *Fallback `json:"fallback,omitempty"`
-	Error    string    `json:"error,omitempty"` // the lineage could not be read
+	// Rollout is a fleet's staged rollout of it on its way.
+	Rollout string `json:"rollout,omitempty"`
+	Error   string `json:"error,omitempty"` // the lineage could not be read
 }
 
 // Fallback is a certificate from a fallback CA.
@@ -73,6 +78,8 @@ type Serves struct {
 	Serial  string `json:"serial,omitempty"`
 	OK      bool   `json:"ok"`
 	Error   string `json:"error,omitempty"`
+	// Held is why the node serves an older version: a staged rollout.
+	Held string `json:"held,omitempty"`
 }
 
 // List is list --json: the same schema rules as the run report (a
@@ -91,6 +98,12 @@ type Source struct {
 	Runs []time.Time
 	// CAs are the configured fallbacks, which name the CAs; nil without.
 	CAs *ca.Set
+	// Notes are a fleet's staged rollouts on their way (engine.Node's);
+	// nil on one host.
+	Notes func(ctx context.Context, now time.Time) ([]engine.Note, error)
+
+	notesOnce sync.Once
+	rollouts  map[string]string // name -> what its rollout says
 }
 
 // ErrNoLineage is a name that has neither a lineage nor failures.
@@ -121,6 +134,7 @@ func (s *Source) Entry(ctx context.Context, name string) (*Entry, error) {
 	}
 	e.failures(status, now)
 	e.issuedBy(l, s.CAs)
+	e.rollout(s.rollout(ctx, name))
 	// The schedule as renew has really run here, up to now: a cron that
 	// stopped a week ago shows as a week's gap.
 	if len(s.Runs) > 0 {
@@ -171,6 +185,36 @@ func (s *Source) pending(l *store.Lineage) string {
 		return fmt.Sprintf("pending deploy of version %d", l.Version)
 	}
 	return ""
+}
+
+// rollout is what the fleet's staged rollout of name says, read once
+// for all names; a fleet that cannot say is a warning, not a failed
+// list.
+func (s *Source) rollout(ctx context.Context, name string) string {
+	s.notesOnce.Do(func() {
+		if s.Notes == nil {
+			return
+		}
+		notes, err := s.Notes(ctx, s.Now)
+		if err != nil {
+			slog.Warn("could not read the fleet's staged rollouts", "err", err)
+		}
+		s.rollouts = map[string]string{}
+		for _, n := range notes {
+			s.rollouts[n.Name] = n.Text
+		}
+	})
+	return s.rollouts[name]
+}
+
+// rollout notes a staged rollout on its way: a version this node does
+// not serve because its wave waits is not a pending deploy, and the
+// rollout says why.
+func (e *Entry) rollout(text string) {
+	e.Rollout = text
+	if text != "" && e.Pending == fmt.Sprintf("pending deploy of version %d", e.Version) {
+		e.Pending = ""
+	}
 }
 
 // mailOf keeps a lineage's own mail settings, if it has any.

@@ -85,6 +85,9 @@ func (e *Entry) status(c Clock) string {
 	if e.Fallback != nil {
 		status += fmt.Sprintf("; from fallback %s: %s", e.CA, e.Fallback.Reason)
 	}
+	if e.Rollout != "" {
+		status = strings.TrimPrefix(status+"; ", "ok; ") + e.Rollout
+	}
 	return status
 }
 
@@ -122,6 +125,9 @@ func Show(w io.Writer, e *Entry, c Clock) {
 		if !n.OK {
 			what = fmt.Sprintf("version %d; %s", n.Version, n.Error)
 		}
+		if n.Held != "" {
+			what += "; " + n.Held
+		}
 		row("node "+n.Node, what)
 	}
 	if !e.NeverIssued {
@@ -155,6 +161,7 @@ func (e *Entry) showCertificate(row func(k, v string), c Clock) {
 	}
 	row("version", fmt.Sprint(e.Version))
 	row("pending", e.Pending)
+	row("rollout", e.Rollout)
 	if m := e.Mail; m != nil {
 		row("mail to", strings.Join(m.To, ", "))
 		row("mail from", m.From)

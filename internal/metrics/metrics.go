@@ -186,7 +186,40 @@ func RenderFleet(st *fleet.Status) []byte {
 		}
 		fmt.Fprintf(&b, "lbcert_fleet_node_ok{node=%q} %d\n", n.Node, ok)
 	}
+	if len(st.Waves) > 0 {
+		renderRollouts(&b, st, family)
+	}
 	return b.Bytes()
+}
+
+// renderRollouts adds the staged rollouts' figures: how many are on
+// their way in each state, which version each node waits on, and each
+// rollout held, aborted or overridden near expiry (the ones to alert on).
+func renderRollouts(b *bytes.Buffer, st *fleet.Status, family func(name, help string)) {
+	family("lbcert_fleet_node_waiting_lineages", "Lineages the node serves at the version a staged rollout keeps it on (its wave not released yet, or the rollout held).")
+	for _, n := range st.Nodes {
+		fmt.Fprintf(b, "lbcert_fleet_node_waiting_lineages{node=%q} %d\n", n.Node, n.Waiting)
+	}
+	family("lbcert_fleet_rollouts", "Staged rollouts on their way, by state.")
+	counts := map[string]int{fleet.Rolling: 0, fleet.Held: 0, fleet.Aborted: 0}
+	for _, r := range st.Rollouts {
+		counts[r.State]++
+	}
+	for _, s := range []string{fleet.Rolling, fleet.Held, fleet.Aborted} {
+		fmt.Fprintf(b, "lbcert_fleet_rollouts{state=%q} %d\n", s, counts[s])
+	}
+	family("lbcert_fleet_rollout_held", "1 for a staged rollout held by a failed check or aborted: the version, and the node whose check failed.")
+	for _, r := range st.Rollouts {
+		if r.State != fleet.Rolling {
+			fmt.Fprintf(b, "lbcert_fleet_rollout_held{name=%q,version=\"%d\",state=%q,node=%q} 1\n", r.Name, r.Version, r.State, r.Node)
+		}
+	}
+	family("lbcert_fleet_rollout_expiry_override_timestamp_seconds", "When a held staged rollout was overridden because the version it kept was about to expire.")
+	for _, r := range st.Rollouts {
+		if r.Override != nil {
+			fmt.Fprintf(b, "lbcert_fleet_rollout_expiry_override_timestamp_seconds{name=%q,version=\"%d\"} %d\n", r.Name, r.Version, r.Override.Unix())
+		}
+	}
 }
 
 // WriteFleet writes RenderFleet(st) beside the run's textfile at path.

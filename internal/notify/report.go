@@ -49,6 +49,10 @@ type Report struct {
 	Items    []Item
 	Warnings []Item // certificates past their renewal time, or with under a third of their lifetime left, not renewed
 	Cadence  []Note // certificates the renew schedule runs too seldom for
+	// Rollouts are a fleet's staged rollouts that need an operator: a
+	// version held by a failed check, aborted, or overridden because
+	// the version held back is about to expire.
+	Rollouts []Note
 	Time     time.Time
 	// Interrupted says a signal stopped the run: what it did is in the
 	// report, and the rest is left for the next run.
@@ -68,7 +72,7 @@ type Note struct {
 // longer mails expiry warnings, so a certificate heading for expiry is
 // news even on a run that changed nothing.
 func (r *Report) Changed() bool {
-	return len(r.Items) > 0 || len(r.Warnings) > 0 || len(r.Cadence) > 0 || r.Interrupted
+	return len(r.Items) > 0 || len(r.Warnings) > 0 || len(r.Cadence) > 0 || len(r.Rollouts) > 0 || r.Interrupted
 }
 
 func (r *Report) counts() map[string]int {
@@ -98,6 +102,9 @@ func (r *Report) Subject() string {
 	s := fmt.Sprintf("%s: lbcert %s", r.Host, strings.Join(parts, ", "))
 	if len(r.Warnings) > 0 {
 		s += fmt.Sprintf(", %d expiring soon", len(r.Warnings))
+	}
+	if len(r.Rollouts) > 0 {
+		s += fmt.Sprintf(", %d rollouts held", len(r.Rollouts))
 	}
 	if c["failed"] > 0 {
 		s = "FAILED " + s
@@ -152,6 +159,12 @@ func (r *Report) Body() string {
 				fmt.Fprintf(&b, "; last error: %s", it.Error)
 			}
 			b.WriteString("\n")
+		}
+	}
+	if len(r.Rollouts) > 0 {
+		b.WriteString("\nWARNING: staged rollouts held, aborted or overridden near expiry ('lbcert fleet rollout resume|abort NAME'; 'lbcert fleet status' shows where)\n")
+		for _, n := range r.Rollouts {
+			fmt.Fprintf(&b, "  %s: %s\n", n.Name, n.Text)
 		}
 	}
 	if len(r.Cadence) > 0 {

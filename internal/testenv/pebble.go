@@ -45,6 +45,10 @@ type PebbleOptions struct {
 	// AlternateRoots is how many alternate chains (each to its own root)
 	// Pebble offers besides the default (PEBBLE_ALTERNATE_ROOTS).
 	AlternateRoots int
+	// Profiles are more profiles by name, each a validity in seconds
+	// (a certificate of minutes, to watch one near its expiry). As with
+	// ShortLived, every order in the test should then say --profile.
+	Profiles map[string]int
 }
 
 // StartPebble starts pebble-challtestsrv (every A query answers 127.0.0.1,
@@ -74,6 +78,9 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 	profiles := map[string]any{"default": map[string]any{"description": "90 days", "validityPeriod": 7776000}}
 	if o.ShortLived {
 		profiles["shortlived"] = map[string]any{"description": "6 days", "validityPeriod": 518400}
+	}
+	for name, secs := range o.Profiles {
+		profiles[name] = map[string]any{"description": fmt.Sprintf("%d seconds", secs), "validityPeriod": secs}
 	}
 	cfg := map[string]any{
 		"pebble": map[string]any{

@@ -79,6 +79,14 @@ return v
 // A fence counter lower than the token (lost in a failover with
 // asynchronous replication) is no reason to refuse: the version and
 // notBefore checks still hold.
+//
+// When the fleet stages rollouts (rollout.go), a fenced publish over an
+// existing head starts the new version's rollout in the same step: the
+// head becomes the previous bundle (unless the rollout it replaces never
+// finished: then the version every node may serve stays the previous
+// one), and the record starts at the first wave. An unfenced publish
+// starts nothing; it only puts the head back where a record that came
+// back first says it was the previous version.
 var publishScript = goredis.NewScript(`
 local epoch = tonumber(redis.call('HGET', KEYS[7], 'epoch') or '0')
 if tonumber(ARGV[4]) ~= epoch then return 'epoch' end
@@ -96,12 +104,31 @@ elseif tomb then
   if tonumber(ARGV[6]) <= tonumber(string.match(tomb, ' (%d+)$') or '0') then return 'deleted' end
   redis.call('HDEL', KEYS[5], ARGV[1])
 end
-redis.call('DEL', KEYS[1])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
-redis.call('SADD', KEYS[3], ARGV[1])
 local v = tonumber(ARGV[5])
+local staged = 0
+if tonumber(redis.call('HGET', KEYS[8], 'waves') or '0') > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  local rv = tonumber(redis.call('HGET', KEYS[10], 'version') or '0')
+  if token > 0 and rv ~= v then
+    if rv == 0 or redis.call('HGET', KEYS[9], 'version') ~= redis.call('HGET', KEYS[10], 'previous') then
+      redis.call('DEL', KEYS[9])
+      redis.call('RENAME', KEYS[1], KEYS[9])
+    end
+    local seq = tonumber(redis.call('HGET', KEYS[10], 'seq') or '0') + 1
+    redis.call('DEL', KEYS[10])
+    redis.call('HSET', KEYS[10], 'version', v, 'serial', ARGV[8], 'previous', redis.call('HGET', KEYS[9], 'version'),
+      'prev_serial', redis.call('HGET', KEYS[9], 'serial') or '', 'wave', 0, 'state', 'rolling', 'since', ARGV[7], 'started', ARGV[7], 'seq', seq)
+    redis.call('SADD', KEYS[11], ARGV[1])
+    staged = 1
+  elseif rv == v and redis.call('EXISTS', KEYS[9]) == 0 and redis.call('HGET', KEYS[1], 'version') == redis.call('HGET', KEYS[10], 'previous') then
+    redis.call('RENAME', KEYS[1], KEYS[9])
+  end
+end
+redis.call('DEL', KEYS[1])
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+redis.call('SADD', KEYS[3], ARGV[1])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < v then redis.call('SET', KEYS[4], v) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'version', v)
+if staged == 1 then return 'staged' end
 return 'ok'
 `)
 
@@ -115,19 +142,36 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 // (0 for a re-seed from a node's disk). It returns an *ErrStale when
 // refused.
 func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
-	args := []any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.IssuedAt.UnixMilli(),
-		"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
-		"node", b.Node, "published_at", time.Now().UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "serial", b.Serial,
-		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
-	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta")}
+	_, err := s.PublishStaged(ctx, b)
+	return err
+}
+
+// PublishStaged is Publish, and says whether it started a staged
+// rollout of b (no rollout means none will ever be for this version).
+func (s *Shared) PublishStaged(ctx context.Context, b *Bundle) (bool, error) {
+	now := time.Now()
+	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.IssuedAt.UnixMilli(), now.UnixMilli(), b.Serial}, b.fields()...)
+	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta"),
+		s.k("rollout"), s.k("prev", b.Name), s.k("rollout", b.Name), s.k("rollouts")}
 	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
 	if err != nil {
-		return s.unavailable(err)
+		return false, s.unavailable(err)
 	}
-	if res != "ok" {
-		return &ErrStale{Why: res}
+	if res != "ok" && res != "staged" {
+		return false, &ErrStale{Why: res}
 	}
-	return nil
+	return res == "staged", nil
+}
+
+// fields are b as the field-value pairs of its hash.
+func (b *Bundle) fields() []any {
+	published := b.Published
+	if published.IsZero() {
+		published = time.Now()
+	}
+	return []any{"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
+		"node", b.Node, "published_at", published.UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "serial", b.Serial,
+		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
 }
 
 // Bundle reads the fleet's certificate for name.
@@ -145,8 +189,14 @@ func (s *Shared) Bundle(ctx context.Context, name string) (*Bundle, error) {
 // BundleMeta reads only the metadata and version fields of name's
 // bundle: what deciding what is due needs, without the PEM.
 func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
+	return s.BundleMetaOf(ctx, "bundle", name)
+}
+
+// BundleMetaOf is BundleMeta of the head ("bundle") or of the previous
+// version a staged rollout keeps ("prev").
+func (s *Shared) BundleMetaOf(ctx context.Context, kind, name string) (*Bundle, error) {
 	fields := []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at", "issued_at", "serial"}
-	vals, err := s.c.HMGet(ctx, s.k("bundle", name), fields...).Result()
+	vals, err := s.c.HMGet(ctx, s.k(kind, name), fields...).Result()
 	if err != nil {
 		return nil, s.unavailable(err)
 	}
@@ -216,7 +266,8 @@ return 0
 var deleteScript = goredis.NewScript(`
 local f = redis.call('INCR', KEYS[6])
 redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[7], KEYS[8])
+redis.call('SREM', KEYS[9], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], f .. ' ' .. ARGV[2])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
 return f
@@ -225,7 +276,8 @@ return f
 // DeleteBundle removes name from the fleet, fenced; it returns the
 // tombstone's fence.
 func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (int64, error) {
-	keys := []string{s.k("lineages"), s.k("bundle", name), s.k("status", name), s.k("deleted"), s.k("events"), s.k("fence", name)}
+	keys := []string{s.k("lineages"), s.k("bundle", name), s.k("status", name), s.k("deleted"), s.k("events"), s.k("fence", name),
+		s.k("prev", name), s.k("rollout", name), s.k("rollouts")}
 	f, err := deleteScript.Run(ctx, s.c, keys, name, at.UnixMilli()).Int64()
 	return f, s.unavailable(err)
 }
@@ -247,8 +299,9 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[6], KEYS[7])
   redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[8], ARGV[1])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
 end
 return 1
@@ -256,7 +309,8 @@ return 1
 
 // SeedTombstone records a delete a node kept on disk (see the script).
 func (s *Shared) SeedTombstone(ctx context.Context, name string, fence int64, at time.Time) error {
-	keys := []string{s.k("deleted"), s.k("bundle", name), s.k("lineages"), s.k("fence", name), s.k("events")}
+	keys := []string{s.k("deleted"), s.k("bundle", name), s.k("lineages"), s.k("fence", name), s.k("events"),
+		s.k("prev", name), s.k("rollout", name), s.k("rollouts")}
 	return s.unavailable(seedTombstoneScript.Run(ctx, s.c, keys, name, fence, at.UnixMilli()).Err())
 }
 
@@ -297,6 +351,8 @@ type Event struct {
 	Name    string
 	Version int
 	Deleted bool
+	// Config is a change of the fleet's rollout waves (no Name).
+	Config bool
 }
 
 // LastEvent is the ID of the newest event ("0" for none): an agent that
@@ -331,6 +387,8 @@ func (s *Shared) Events(ctx context.Context, id string, block time.Duration) ([]
 			e.Version, _ = strconv.Atoi(v)
 			d, _ := m.Values["deleted"].(string)
 			e.Deleted = d == "1"
+			c, _ := m.Values["config"].(string)
+			e.Config = c == "1"
 			out = append(out, e)
 		}
 	}
