@@ -21,8 +21,8 @@ import (
 // as a new operator runs it, reproduced twice before it was written
 // down. Each fails until the defect is fixed.
 
-// killDuringHook issues (or batches) with a deploy hook that outlasts
-// the test while the file slow exists, kills lbcert with SIGKILL once
+// killDuringHook issues (or batches) with a deploy hook that runs
+// while the file slow exists, kills lbcert with SIGKILL once
 // the hook has started (and reaps it), and makes the hook quick again:
 // the certificate is then owed its deploy. Then the journalled PID is
 // given to a live process that is not lbcert, as happens when the PID is
@@ -33,7 +33,10 @@ func (e *env) killDuringHook(t *testing.T, name string, args ...string) (hook st
 	t.Helper()
 	slow, started := filepath.Join(e.work, "slow"), filepath.Join(e.work, "started")
 	os.WriteFile(slow, nil, 0o644)
-	hook = fmt.Sprintf("touch %s; if [ -f %s ]; then sleep 600; fi", started, slow)
+	// The hook waits while slow exists, and ends once it is removed: a
+	// kill -9 of lbcert leaves its hook running, which must not outlive
+	// the test.
+	hook = fmt.Sprintf("touch %s; while [ -f %s ]; do sleep 0.2; done", started, slow)
 	run := e.bg(nil, append(args, "--deploy-hook", hook)...)
 	if !poll(time.Minute, func() bool { _, err := os.Stat(started); return err == nil }) {
 		t.Fatalf("the hook never started:\n%s", run.cmd.stderr())
