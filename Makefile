@@ -44,7 +44,9 @@ e2e: deps
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
 # CSV, then the same batch of 200 against step-ca beside Pebble (step-ca
-# is built from the Go module proxy on first use), then renew of 200 due
+# is built from the Go module proxy on first use), then a batch of 200
+# whose primary CA (Pebble) dies after 50 with step-ca as the fallback,
+# then renew of 200 due
 # lineages beside batch issuing 200 (with
 # Pebble's CPU beside lbcert's), then 200 names through a front that
 # enforces Let's Encrypt's limits, then fleet mode's costs (10,000 sealed

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/interrupt"
 	"github.com/lbcert/lbcert/internal/notify"
@@ -64,6 +65,7 @@ type globalOptions struct {
 	Config      string
 	Dir         string
 	acct        acme.Settings // --server, --email, --eab-* ...
+	cas         ca.Settings   // --fallback-ca, --ca-backoff
 	Quiet       bool
 	Verbose     bool
 	HookConc    int
@@ -178,6 +180,8 @@ beats the config file, which beats the default.
 	pf.BoolVar(&g.acct.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
 	pf.StringVar(&g.acct.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
 	pf.StringVar(&g.acct.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
+	pf.StringArrayVar(&g.cas.Fallbacks, "fallback-ca", nil, "a CA to order from when the one before it fails itself: NAME [URL] [email=, eab-kid=, eab-hmac-key-file=, ca-bundle=, preferred-chain=, verify-roots=, profile=FROM:TO] (repeat, in order; its EAB HMAC key from the file or LBCERT_EAB_HMAC_KEY_NAME)")
+	pf.DurationVar(&g.cas.Backoff, "ca-backoff", 5*time.Minute, "how long a CA that failed several orders in a row is passed over for the next one, before an order tries it again (doubling while it keeps failing, up to 1h)")
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
@@ -218,6 +222,9 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return err
 	}
 	a.setupLogging()
+	if err := a.global.cas.Check(a.account(), a.getenv); err != nil {
+		return err
+	}
 	return a.mail.Check()
 }
 

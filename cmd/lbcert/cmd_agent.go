@@ -111,7 +111,8 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	defer conn.Close()
 	a.printf("agent answering HTTP-01 on %s; connecting to the fleet's Redis\n", ln.Addr())
 	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
-	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner}
+	syncer := &fleet.Syncer{Local: st, Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep, Runner: runner, Remove: runner,
+		Roots: a.global.cas.Known().RootsFor}
 	ag := &fleet.Agent{Local: st, Connect: conn.Connect, Sync: syncer, Listener: ln, Advertise: advertise,
 		Version: buildVersion(debug.ReadBuildInfo())}
 	if a.global.MetricsFile != "" {

@@ -203,7 +203,7 @@ func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint
 	if err != nil {
 		return fmt.Errorf("read %s: %w", l.Name, err)
 	}
-	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
+	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false), CAs: a.global.cas.Known()}
 	if err := is.Revoke(ctx, l, files.Cert, reason); err != nil {
 		return fmt.Errorf("%w; nothing was deleted", err)
 	}

@@ -122,7 +122,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 // inventory is what list and show read, with renew's recorded runs here
 // for the cadence warning.
 func (a *app) inventory(h *host) *inventory.Source {
-	return &inventory.Source{Catalog: h.catalog, Local: h.st, Now: a.now(), Runs: h.st.Runs()}
+	return &inventory.Source{Catalog: h.catalog, Local: h.st, Now: a.now(), Runs: h.st.Runs(), CAs: a.global.cas.Known()}
 }
 
 func (a *app) listEntry(ctx context.Context, h *host, src *inventory.Source, name string) (*inventory.Entry, error) {

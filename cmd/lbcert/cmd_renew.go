@@ -188,7 +188,7 @@ func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (ite
 			if o.DryRun {
 				if l, err := h.catalog.Head(ctx, n); err == nil {
 					job.Stored, job.Lineage = false, *l
-					job.Lineage.Server = dryRunServer(l.Server)
+					job.Lineage.Server, job.Lineage.Fallback.Primary = acme.DryRunServer(l.Server), acme.DryRunServer(l.Fallback.Primary)
 				}
 			}
 			if !yield(job) {
@@ -221,15 +221,6 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	if !a.global.Quiet {
 		res.RenewSummary(a.out)
 	}
-}
-
-// dryRunServer keeps dry runs off Let's Encrypt's production limits, as
-// certbot does.
-func dryRunServer(server string) string {
-	if server == acme.LetsEncrypt {
-		return acme.LetsEncryptStaging
-	}
-	return server
 }
 
 // completeLineages completes lineage names for --name and delete/show.

@@ -91,10 +91,11 @@ func (m fleetMode) open(ctx context.Context, command string) (*host, error) {
 	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	settings := fleet.NodeDeploy(st)
 	return &host{
-		st: st, catalog: cat, accounts: cat, where: "the fleet",
+		st: st, catalog: cat, accounts: cat, where: "the fleet", breakers: fleet.BreakerStore{N: f.Node},
 		node: &engine.Node{
 			Local: st, Deploy: runner, Keep: a.global.Keep,
 			Settings: func(*store.Lineage) store.Deploy { return settings },
+			Roots:    a.global.cas.Known().RootsFor,
 			Lock:     fleet.WriteLock(st),
 			Report:   fleet.ReportServed(f.Node),
 		},

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/batch"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/config"
@@ -70,6 +71,7 @@ type host struct {
 	// fleet the run's report says them.
 	failedNames func() ([]string, error)
 	close       func()
+	breakers    ca.Store // the CAs' breakers: the state directory, or the fleet's Redis
 }
 
 // mode is the run's mode, from the settings.
@@ -120,8 +122,8 @@ func (m singleHost) open(ctx context.Context, command string) (*host, error) {
 	st := store.New(a.global.Dir)
 	runner := &deploy.Runner{Store: st, Opts: a.deployOptions()}
 	return &host{
-		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir,
-		node: &engine.Node{Local: st, Deploy: runner, Keep: a.global.Keep},
+		st: st, catalog: catalog.NewDir(st), accounts: st, where: st.Dir, breakers: ca.FileStore{Dir: st.Dir},
+		node: &engine.Node{Local: st, Deploy: runner, Keep: a.global.Keep, Roots: a.global.cas.Known().RootsFor},
 		budget: func(l pace.Limits) (engine.Budget, *pace.Budget, error) {
 			b, err := a.openBudget(st, l)
 			return b, b, err

@@ -75,10 +75,11 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	is := &issuer.Issuer{CABundle: a.global.acct.CABundle, UserAgent: userAgent()}
 	h.tokens(is)
 	is.Account = acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, spec.DryRun)
+	is.CAs, is.Gates = a.global.cas.Run(h.breakers, a.now, spec.DryRun), &pace.Gates{MaxWait: spec.MaxWait}
 	defer is.Close()
 	gap := a.runGap(st, spec)
 	spec.Now, spec.RunGap, spec.LeaseTTL = a.now, gap, a.fleetOpts.LeaseTTL
-	e := &engine.Engine{Catalog: h.catalog, Node: h.node, CA: is, Budget: ebudget, Opts: spec.Options}
+	e := &engine.Engine{Catalog: h.catalog, Node: h.node, CA: is, Budget: ebudget, Opts: spec.Options, CAs: is.CAs}
 	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
 		return nil, err
@@ -134,8 +135,12 @@ func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
 	}
 }
 
-// sayUnreachable prints the one line for a CA that stopped answering.
+// sayUnreachable prints the one line for a CA that stopped answering,
+// after the warnings about fallback CAs (Result.FallbackWarnings).
 func (a *app) sayUnreachable(res *engine.Result) {
+	for _, w := range res.FallbackWarnings() {
+		a.say.warningf("%s", w)
+	}
 	for _, s := range res.Unreachable {
 		a.say.errorf("the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run", s)
 		a.say.hintf("check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff", s)
@@ -181,7 +186,7 @@ func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
 	if acme.NeedsTOS(o) {
 		return acme.Options{}, fmt.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
-	return o, nil
+	return o, a.global.cas.CheckTOS(o)
 }
 
 // accountBase is the account options for any server, with a question

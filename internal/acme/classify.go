@@ -77,7 +77,8 @@ func Unreachable(err error) bool {
 		return true
 	}
 	msg := err.Error()
-	for _, s := range []string{"connection refused", "i/o timeout", "TLS handshake timeout", "no such host", "Client.Timeout exceeded", "network is unreachable", "connection reset"} {
+	for _, s := range []string{"connection refused", "i/o timeout", "TLS handshake timeout", "no such host", "Client.Timeout exceeded", "network is unreachable", "connection reset",
+		"timeout awaiting response headers"} {
 		if strings.Contains(msg, s) {
 			return true
 		}

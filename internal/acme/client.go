@@ -51,6 +51,11 @@ type Options struct {
 	EABHMAC   string // secret: never logged
 	UserAgent string
 	Store     catalog.Accounts
+	// OrderGate, when set, paces this account's new orders.
+	OrderGate OrderGate
+	// FailFast gives up the orders in flight once the CA stops
+	// answering (ErrCADown), for a fallback CA to take them.
+	FailFast bool
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -67,6 +72,8 @@ type Client struct {
 
 	dirMu sync.Mutex // the directory, read on first need
 	dir   *directory // nil until read
+
+	down *downDetector // FailFast's
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -80,6 +87,12 @@ func NeedsTOS(o Options) bool {
 // CA bundle, and every request bound to ctx so that Ctrl-C aborts an order
 // in flight (lego v4 takes no context of its own).
 func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
+	return httpClient(ctx, caBundle, 90*time.Second)
+}
+
+// httpClient is HTTPClient waiting at most headers for a response's
+// headers.
+func httpClient(ctx context.Context, caBundle string, headers time.Duration) (*http.Client, error) {
 	pool, err := x509.SystemCertPool()
 	if err != nil || pool == nil {
 		pool = x509.NewCertPool()
@@ -100,7 +113,7 @@ func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
 	// timeout here, and a loaded CA failed one run on it; connecting
 	// and reading headers get the same 30 s.
 	tr.TLSHandshakeTimeout = CATimeout
-	tr.ResponseHeaderTimeout = 90 * time.Second
+	tr.ResponseHeaderTimeout = headers
 	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
 	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr}}, nil
 }
@@ -192,7 +205,13 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if NeedsTOS(o) {
 		return nil, errors.New("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
 	}
-	hc, err := HTTPClient(ctx, o.CABundle)
+	// A CA that accepts a request and never answers it: with another
+	// CA to go to, it gets what connecting and the handshake get.
+	headers := 90 * time.Second
+	if o.FailFast {
+		headers = CATimeout
+	}
+	hc, err := httpClient(ctx, o.CABundle, headers)
 	if err != nil {
 		return nil, err
 	}
@@ -222,6 +241,20 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 
+	c := &Client{ctx: ctx, opts: o, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	if o.FailFast {
+		c.down = &downDetector{}
+		watched := *hc
+		watched.Transport = watchTransport{base: hc.Transport, d: c.down}
+		hc = &watched
+	}
+	if o.OrderGate != nil {
+		// lego gets a client of its own: the directory read for the
+		// newOrder URL goes through c.hc, ungated.
+		gated := *hc
+		gated.Transport = &gateTransport{base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
+		hc = &gated
+	}
 	cfg := lego.NewConfig(u)
 	cfg.CADirURL = o.Server
 	cfg.HTTPClient = hc
@@ -231,7 +264,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{ctx: ctx, opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c.lego = lc
 	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
 		return nil, err
 	}

@@ -54,6 +54,10 @@ type Request struct {
 	// PreferredChain is the issuer common name of the chain to pick
 	// among those the CA offers.
 	PreferredChain string
+	// ProfileOptional orders under the CA's default when it does not
+	// offer Profile, instead of refusing: a fallback CA takes the
+	// lineage whatever profiles it has.
+	ProfileOptional bool
 }
 
 // Result is a checked certificate, ready for store.Save.
@@ -103,7 +107,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		PreferredChain: r.PreferredChain,
 		MustStaple:     false, // never: Let's Encrypt runs no OCSP, so a Must-Staple certificate fails in browsers
 	}
-	res, err := c.order(req)
+	res, err := c.orderWatched(req)
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}

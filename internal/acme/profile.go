@@ -24,6 +24,7 @@ type directory struct {
 		Profiles map[string]string `json:"profiles"`
 	} `json:"meta"`
 	RenewalInfo string `json:"renewalInfo"`
+	NewOrder    string `json:"newOrder"`
 }
 
 // directory returns the CA's directory, read once per client. A failed
@@ -89,6 +90,10 @@ func (c *Client) pickProfile(r Request) (string, error) {
 	}
 	if _, ok := offered[r.Profile]; ok {
 		return r.Profile, nil
+	}
+	if r.ProfileOptional {
+		slog.Info("the CA does not offer the lineage's profile; ordering under its default", "server", c.opts.Server, "profile", r.Profile)
+		return "", nil
 	}
 	if len(offered) == 0 {
 		return "", &ProfileError{fmt.Sprintf("--profile %q: %s offers no profiles; leave --profile unset", r.Profile, c.opts.Server)}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"math/rand/v2"
+	"regexp"
 	"strings"
 	"time"
 
@@ -55,11 +56,24 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 }
 
 // serverFault reports whether err is the CA's answer that it failed
-// itself: a 5xx problem, or the serverInternal type.
+// itself: a 5xx problem, the serverInternal type, or a 5xx whose body
+// is no problem document at all (a proxy's "503 Service Unavailable"
+// page in front of a CA that is down, which lego reports as
+// "503 :: POST :: URL :: ..."). A challenge the CA judged is never one.
 func serverFault(err error) bool {
+	if err == nil || challengeAnswer(err) {
+		return false
+	}
 	var pd *legoacme.ProblemDetails
-	return errors.As(err, &pd) && (pd.HTTPStatus >= 500 || pd.Type == "urn:ietf:params:acme:error:serverInternal")
+	if errors.As(err, &pd) {
+		return pd.HTTPStatus >= 500 || pd.Type == "urn:ietf:params:acme:error:serverInternal"
+	}
+	return plain5xx.MatchString(err.Error())
 }
+
+// plain5xx is lego's wording of an error status without a problem
+// document: "503 :: GET :: URL" or "503 ::GET :: URL".
+var plain5xx = regexp.MustCompile(`(^|[^0-9])(5[0-9][0-9]) ::`)
 
 // retryPause is 0.5 to 1.5 s, random, times the try: the orders of a
 // burst spread out further each time.

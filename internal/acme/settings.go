@@ -3,6 +3,7 @@ package acme
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net/mail"
 	"net/url"
@@ -96,22 +97,39 @@ func (s Settings) Options(ctx context.Context, accounts catalog.Accounts) (Optio
 // eabHMAC reads the EAB HMAC key from the environment or the file named
 // by --eab-hmac-key-file. It is a secret, so it never comes from argv.
 func (s Settings) eabHMAC() (string, error) {
-	key := s.EABHMAC
-	if f := s.EABHMACFile; f != "" {
-		data, err := os.ReadFile(f)
+	return ReadEABHMAC(s.EABHMAC, s.EABHMACFile, "--eab-hmac-key-file",
+		"--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+}
+
+// ReadEABHMAC is an EAB HMAC key: the content of file (named setting in
+// messages) or, without one, key (from the environment); missing is the
+// error when there is none. The key is known as a secret from then on.
+func ReadEABHMAC(key, file, setting, missing string) (string, error) {
+	if file != "" {
+		data, err := os.ReadFile(file)
 		if err != nil {
-			return "", fmt.Errorf("--eab-hmac-key-file %s: %w", f, unwrapPath(err))
+			return "", fmt.Errorf("%s %s: %w", setting, file, unwrapPath(err))
 		}
 		key = strings.TrimSpace(string(data))
 	}
 	secret.Add(key)
 	if key == "" {
-		return "", fmt.Errorf("--eab-kid needs the HMAC key: set LBCERT_EAB_HMAC_KEY or pass --eab-hmac-key-file")
+		return "", errors.New(missing)
 	}
 	if _, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(key, "=")); err != nil {
 		return "", fmt.Errorf("the EAB HMAC key is not base64url, as CAs issue it")
 	}
 	return key, nil
+}
+
+// DryRunServer is where a dry run orders instead of server: Let's
+// Encrypt's staging for its production, so that a dry run stays off
+// production's limits; any other CA as it is.
+func DryRunServer(server string) string {
+	if server == LetsEncrypt {
+		return LetsEncryptStaging
+	}
+	return server
 }
 
 // Lazy is the account options for each order's server and email, built

@@ -49,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, fleet or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
@@ -62,6 +62,9 @@ func main() {
 	fleetOrders := flag.Int("fleet-orders", 50, "orders whose Redis round trips the fleet benchmark counts")
 	cpuPerf := flag.Bool("cpu-perf", false, "the CPU benchmark also runs a batch under perf record and prints where lbcert's CPU goes")
 	before := flag.String("before", "", "an lbcert binary from before the engine, for the renew-due 'before' figure")
+	failN := flag.Int("failover-n", 200, "names in the failover benchmark")
+	failAfter := flag.Int("failover-after", 50, "certificates the primary issues before it fails, in the failover benchmark")
+	failC := flag.Int("failover-concurrency", 8, "lbcert batch --concurrency in the failover benchmark (the default)")
 	flag.Parse()
 	var err error
 	if *only == "all" || *only == "renew" {
@@ -93,6 +96,12 @@ func main() {
 		b, _ := filepath.Abs(*bin)
 		os.MkdirAll(w, 0o755)
 		err = benchStepCA(*issueN, *conc, b, w)
+	}
+	if err == nil && (*only == "all" || *only == "failover") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchFailover(*failN, *failAfter, *failC, b, w)
 	}
 	if err == nil && (*only == "all" || *only == "pacing") {
 		w, _ := filepath.Abs(*work)

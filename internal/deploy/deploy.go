@@ -36,6 +36,11 @@ type Change struct {
 	Serial   string // of the new certificate, hex
 	Previous int    // version before this run; 0 when the lineage is new
 	Deploy   store.Deploy
+	// Roots, when set, replaces Deploy.VerifyRoots in the chain check:
+	// the roots of the CA that issued this certificate, when that is a
+	// fallback ("system" for the system's roots). The check itself is
+	// on only when Deploy.VerifyRoots is set.
+	Roots string
 }
 
 // Result is what happened to one Change.

@@ -28,7 +28,7 @@ func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
 				actx, cancel = context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 				defer cancel()
 			}
-			g, e := servedSerial(actx, c.Deploy.VerifyAddr, name, c.Deploy.VerifyRoots)
+			g, e := servedSerial(actx, c.Deploy.VerifyAddr, name, c.roots())
 			if attempt > 0 && ctx.Err() != nil {
 				break // keep the last full answer, not "deadline exceeded"
 			}
@@ -80,6 +80,22 @@ func servedSerial(ctx context.Context, addr, name, rootsFile string) (string, er
 	return serial, nil
 }
 
+// roots is the roots file the served chain must verify to: the issuing
+// CA's when the change names them, --verify-roots otherwise; "" when
+// the chain is not checked.
+func (c Change) roots() string {
+	if c.Deploy.VerifyRoots == "" {
+		return ""
+	}
+	if c.Roots != "" {
+		return c.Roots
+	}
+	return c.Deploy.VerifyRoots
+}
+
+// SystemRoots names the system's roots as a roots "file".
+const SystemRoots = "system"
+
 // verifyChain checks that the served chain leads from the leaf, for
 // name, to one of the roots in rootsFile, through whatever intermediates
 // the server sent. It never compares them with a saved chain: Let's
@@ -87,6 +103,9 @@ func servedSerial(ctx context.Context, addr, name, rootsFile string) (string, er
 // would fail on a good renewal.
 func verifyChain(certs []*x509.Certificate, name, rootsFile string) error {
 	roots, err := LoadRoots(rootsFile)
+	if rootsFile == SystemRoots {
+		roots, err = x509.SystemCertPool()
+	}
 	if err != nil {
 		return err
 	}
@@ -95,7 +114,7 @@ func verifyChain(certs []*x509.Certificate, name, rootsFile string) error {
 		inter.AddCert(c)
 	}
 	if _, err := certs[0].Verify(x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: inter}); err != nil {
-		return fmt.Errorf("served chain does not verify to --verify-roots %s: %v", rootsFile, err)
+		return fmt.Errorf("served chain does not verify to %s: %v", rootsWords(rootsFile), err)
 	}
 	return nil
 }
@@ -118,4 +137,11 @@ func LoadRoots(path string) (*x509.CertPool, error) {
 var dialTLS = func(ctx context.Context, addr string, conf *tls.Config) (net.Conn, error) {
 	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 3 * time.Second}, Config: conf}
 	return d.DialContext(ctx, "tcp", addr)
+}
+
+func rootsWords(file string) string {
+	if file == SystemRoots {
+		return "the system's roots (the issuing fallback CA names no verify-roots)"
+	}
+	return "--verify-roots " + file
 }

@@ -233,3 +233,48 @@ func TestVerifyChainToRoots(t *testing.T) {
 		}
 	}
 }
+
+// A certificate from a fallback CA is checked against that CA's roots
+// (Change.Roots), not --verify-roots, which are the primary's; the
+// system's roots when the fallback names none, which a private root is
+// not among.
+func TestVerifyChainToTheIssuingCAsRoots(t *testing.T) {
+	primary, fallback := newCA(t, "Primary Root", nil), newCA(t, "Fallback Root", nil)
+	dir := t.TempDir()
+	write := func(name string, ca *testCA) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.der}), 0o644)
+		return p
+	}
+	primaryRoots, fallbackRoots := write("primary.pem", primary), write("fallback.pem", fallback)
+	addr, serial := serveChain(t, "lb.example.com", newCA(t, "Fallback Intermediate", fallback))
+	r := &Runner{Opts: Options{VerifyTimeout: 2 * time.Second}}
+	for _, tc := range []struct {
+		roots string
+		ok    bool
+		err   string
+	}{
+		{"", false, "--verify-roots " + primaryRoots},
+		{fallbackRoots, true, ""},
+		{SystemRoots, false, "the system's roots"},
+	} {
+		c := Change{Name: "lb.example.com", Domains: []string{"lb.example.com"}, Serial: serial, Roots: tc.roots,
+			Deploy: store.Deploy{Target: "nginx", VerifyAddr: addr, VerifyRoots: primaryRoots}}
+		res := Result{Name: c.Name, Deployed: true}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		r.verify(ctx, c, &res)
+		cancel()
+		if ok := res.Verify == "ok"; ok != tc.ok || !tc.ok && !strings.Contains(res.Err.Error(), tc.err) {
+			t.Fatalf("roots %q: verify %q (%v), want ok=%v", tc.roots, res.Verify, res.Err, tc.ok)
+		}
+	}
+	// Without --verify-roots the chain is not checked at all, whatever
+	// the issuing CA's roots.
+	c := Change{Name: "lb.example.com", Domains: []string{"lb.example.com"}, Serial: serial, Roots: primaryRoots,
+		Deploy: store.Deploy{Target: "nginx", VerifyAddr: addr}}
+	res := Result{Name: c.Name, Deployed: true}
+	r.verify(context.Background(), c, &res)
+	if res.Verify != "ok" {
+		t.Fatalf("no --verify-roots: %q %v", res.Verify, res.Err)
+	}
+}

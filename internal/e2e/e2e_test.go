@@ -86,6 +86,13 @@ func newStepEnv(t *testing.T, o testenv.StepCAOptions) *env {
 	t.Helper()
 	work := t.TempDir()
 	o.Dir = work
+	return &env{t: t, stepca: startStepCA(t, o), dir: filepath.Join(work, "state"), work: work}
+}
+
+// startStepCA starts a step-ca for the test, stopped (and its log
+// shown, when the test failed) at its end.
+func startStepCA(t *testing.T, o testenv.StepCAOptions) *testenv.StepCA {
+	t.Helper()
 	s, err := testenv.StartStepCA(o)
 	if err != nil {
 		t.Fatalf("start step-ca: %v", err)
@@ -96,7 +103,28 @@ func newStepEnv(t *testing.T, o testenv.StepCAOptions) *env {
 		}
 		s.Stop()
 	})
-	return &env{t: t, stepca: s, dir: filepath.Join(work, "state"), work: work}
+	return s
+}
+
+// noSecretOnDisk fails the test for every file under dir that holds one
+// of the secrets.
+func noSecretOnDisk(t *testing.T, dir string, secrets ...string) {
+	t.Helper()
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		data, _ := os.ReadFile(p)
+		for _, s := range secrets {
+			if strings.Contains(string(data), s) {
+				t.Errorf("%s holds a secret", p)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // caServer is the env's CA directory and the root lbcert must trust.

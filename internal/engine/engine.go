@@ -53,6 +53,7 @@ import (
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/issuer"
@@ -163,6 +164,9 @@ type Engine struct {
 	CA      CA
 	Budget  Budget
 	Opts    Options
+	// CAs are the fallbacks tried after each lineage's primary, and
+	// their breakers; nil orders from the lineage's own CA only.
+	CAs *ca.Set
 }
 
 func (e *Engine) now() time.Time {

@@ -61,6 +61,9 @@ type fakeCA struct {
 	binds    [][]string
 	replaces map[string]string
 	resets   int
+	down     map[string]error // by server: every order there fails so
+	at       []string         // the server of each order, in order
+	ariAt    []string         // the server asked for each renewal window
 }
 
 func (f *fakeCA) BindAll(addrs []string) map[string]error {
@@ -97,7 +100,11 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 		f.replaces = map[string]string{}
 	}
 	f.replaces[o.Lineage.Name] = o.Replaces
+	f.at = append(f.at, o.Lineage.Server)
 	err := f.fail[o.Lineage.Name]
+	if down := f.down[o.Lineage.Server]; down != nil {
+		err = down
+	}
 	f.mu.Unlock()
 	if err != nil {
 		return nil, err
@@ -108,6 +115,7 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.ariAt = append(f.ariAt, l.Server)
 	if ri, ok := f.ari[l.Cert.Serial]; ok {
 		return ri, nil
 	}

@@ -81,6 +81,7 @@ func (p *Plan) Execute(ctx context.Context) *Result {
 			slog.Warn("could not save the rate budget", "err", err)
 		}
 	}
+	res.CAs = r.caStatus(p.items)
 	res.Interrupted = ctx.Err() != nil
 	res.Finished = e.now()
 	res.Count()
@@ -268,26 +269,17 @@ func (r *run) order(s *step, lease catalog.Lease) {
 			return
 		}
 	}
-	if r.caDown(l.Server) {
-		r.defer_(s, "CA unreachable: "+l.Server+" did not answer the orders before this one; not ordering until the next run", time.Time{}, nil)
-		return
-	}
-	o := issuer.Order{Lineage: l}
-	if s.replace && s.prev != nil {
-		o.Replaces = s.prev.Cert.ARICertID
-	}
+	var reuse []byte
+	keyType := l.KeyType
 	if (s.job.ReuseKey || l.ReuseKey) && s.prev != nil {
 		_, files, err := e.Catalog.Fetch(ctx, l.Name, s.prev.Version)
 		if err != nil {
 			r.fail(s, fmt.Errorf("reuse key: %w", err), false)
 			return
 		}
-		o.ReuseKey = files.Key
-		o.Lineage.KeyType = s.prev.KeyType
+		reuse, keyType = files.Key, s.prev.KeyType
 	}
-	if got := r.obtain(s, o); got != nil {
-		r.obtained(s, o.Lineage, got, lease)
-	}
+	r.orderFrom(s, lease, reuse, keyType)
 }
 
 // mayStart checks the failure backoff and sleeps the run's random delay:
@@ -321,7 +313,7 @@ func (r *run) mayStart(s *step) bool {
 func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog.Lease) {
 	e, it := r.e, s.item
 	l.Cert = got.Info
-	if l.Profile == "" {
+	if l.Profile == "" && l.Fallback.Primary == "" {
 		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
 	}
 	l.IssuedAt = e.now().UTC()
@@ -386,6 +378,13 @@ func (r *run) reconfigure(s *step) {
 	l := s.job.Lineage
 	l.Cert, l.Version, l.IssuedAt, l.KeyType = s.prev.Cert, s.prev.Version, s.prev.IssuedAt, s.prev.KeyType
 	l.ReuseKey = s.prev.ReuseKey || s.job.ReuseKey
+	if p := s.prev; p.Fallback.Primary != "" {
+		// The certificate stays the fallback's: the CA and account that
+		// issued it stay with it, and the job's CA is where renewals go.
+		home, email := l.Home()
+		l.Server, l.Email, l.Fallback = p.Server, p.Email, p.Fallback
+		l.Fallback.Primary, l.Fallback.Email = home, email
+	}
 	it.Serial, it.NotAfter = l.Cert.Serial, timePtr(l.Cert.NotAfter)
 	if e.Opts.DryRun {
 		it.Outcome = Reconfigured

@@ -36,6 +36,10 @@ type Node struct {
 	// Report, when set, is told what this node serves after a deploy:
 	// the fleet's per-node report, which 'fleet status' reads.
 	Report func(ctx context.Context, served []Served)
+	// Roots, when set, names the roots the deploy check verifies a
+	// certificate's served chain to, when its issuing CA is not the
+	// lineage's primary (ca.Set.RootsFor); "" keeps --verify-roots.
+	Roots func(l *store.Lineage) string
 }
 
 // Served is what a node serves of one lineage after an install.
@@ -188,7 +192,11 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 			out[i] = installed{done: true, res: deploy.Result{Name: w.l.Name, Deployed: true}}
 			continue
 		}
-		changes = append(changes, deploy.Change{Name: w.l.Name, Domains: w.l.Domains, Serial: w.l.Cert.Serial, Previous: w.previous, Deploy: w.deploy})
+		c := deploy.Change{Name: w.l.Name, Domains: w.l.Domains, Serial: w.l.Cert.Serial, Previous: w.previous, Deploy: w.deploy}
+		if n.Roots != nil {
+			c.Roots = n.Roots(w.l)
+		}
+		changes = append(changes, c)
 		idx = append(idx, i)
 	}
 	results := n.Deploy.Run(ctx, changes)

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -10,86 +11,161 @@ import (
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/secret"
 )
 
-// obtain places the order, inside the pace budget, retrying once after
-// a lost account, once without "replaces" when the CA refuses it, and
-// after a Retry-After within MaxWait. It returns nil when s is settled
-// otherwise (failed, deferred, interrupted).
-func (r *run) obtain(s *step, o issuer.Order) *acme.Result {
+// attempt is what one CA made of an order (obtain).
+type attempt struct {
+	got *acme.Result
+	// next says why the next CA should take the order: this one did
+	// not answer or failed itself (a breaker fault), or it asked for a
+	// wait past MaxWait (its rateLimited, the budget). Empty when the
+	// step is settled here.
+	next string
+	// broken is a fault of the CA's own (acme.CAFault), for its
+	// breaker, and why what it says.
+	broken bool
+	why    string
+	// answered says the CA answered: up, whatever it said.
+	answered bool
+}
+
+// obtain places the order at o.Lineage.Server, inside the pace budget,
+// retrying once after a lost account, once without "replaces" when the
+// CA refuses it, and after each Retry-After while the waits stay within
+// MaxWait. With another CA to try (more), a fault of this CA's own or a
+// wait past MaxWait returns attempt.next instead of settling the step.
+func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 	e, ctx, it := r.e, r.ctx, s.item
 	l := o.Lineage
 	key := pace.Key{Server: l.Server, Email: l.Email}
 	reserved := false // one token per order the CA sees: a retry after an account reset is the same order
 	reset, dropped := false, false
-	for attempt := 0; ; attempt++ {
+	var waited time.Duration
+	for {
 		if !reserved && !e.Opts.DryRun && e.Budget != nil {
-			if !r.reserve(s, key, o.Replaces) {
-				return nil
+			if next, ok := r.reserve(s, key, r.paceOrder(s, o), more); !ok {
+				return attempt{next: next}
 			}
 			reserved = true
 		}
 		if e.Opts.DryRun {
 			o.Replaces = ""
 		}
-		slog.Debug("ordering", "name", l.Name, "reason", it.Reason)
+		slog.Debug("ordering", "name", l.Name, "server", l.Server, "reason", it.Reason)
 		got, err := e.CA.Obtain(ctx, o)
 		r.caResult(l.Server, err)
 		if err == nil {
-			return got
+			return attempt{got: got, answered: true}
 		}
 		if ctx.Err() != nil {
 			// Stopped before a certificate came back: its tokens go
 			// back, as a refused order's do (issue #26 item 19).
-			if reserved && !e.Opts.DryRun && e.Budget != nil {
-				if berr := e.Budget.Refund(key, r.paceOrder(s, o.Replaces)); berr != nil {
-					slog.Warn("could not save the rate budget", "err", berr)
-				}
-			}
+			r.refund(key, r.paceOrder(s, o), reserved)
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
-			return nil
+			return attempt{}
 		}
-		if acme.AccountGone(err) && !reset {
-			// The CA lost the account (a restarted or rebuilt CA): register
-			// again, once, and say so, instead of failing every lineage
-			// until someone deletes accounts/ by hand. Several workers
-			// may find it at once; one resets it and says so.
-			reset = true
-			r.resetOnce(l.Server, l.Email)
+		if r.again(err, &o, &reset, &dropped) {
 			continue
 		}
-		if o.Replaces != "" && !dropped && acme.ReplacesRefused(err) {
-			slog.Warn("the CA refused to record this order as the replacement of the old certificate; ordering without it", "name", l.Name, "err", oneLine(err))
-			dropped, o.Replaces = true, ""
-			continue
+		if d := (*pace.Denied)(nil); errors.As(err, &d) {
+			// The account's gate held the order back: a Retry-After this
+			// run was already given runs past MaxWait. Nothing reached
+			// the CA.
+			r.refund(key, r.paceOrder(s, o), reserved)
+			return r.held(s, "not ordered: "+d.Reason, e.now().Add(d.Wait), err, more)
 		}
-		if notTheNamesFault(err) && reserved && e.Budget != nil {
+		if notTheNamesFault(err) && reserved {
 			// Stopped before the CA validated (a fleet agent that did not
-			// answer, Redis away): no certificate, nothing to count.
-			if berr := e.Budget.Refund(key, r.paceOrder(s, o.Replaces)); berr != nil {
-				slog.Warn("could not save the rate budget", "err", berr)
-			}
+			// answer, Redis away, the CA's own 5xx): no certificate,
+			// nothing to count.
+			r.refund(key, r.paceOrder(s, o), true)
 		}
-		wait, scope, limited := r.spend(key, r.paceOrder(s, o.Replaces), err)
-		if limited && attempt == 0 && wait <= e.Opts.MaxWait {
+		wait, scope, limited := r.spend(key, r.paceOrder(s, o), err)
+		if limited && waited+wait <= e.Opts.MaxWait {
 			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "scope", scope.String(), "retry_after", wait)
 			if !e.sleep(ctx, wait) {
 				it.Outcome, it.Error = Aborted, "interrupted while waiting for the CA's Retry-After"
-				return nil
+				return attempt{}
 			}
+			waited += wait
 			reserved = false // a new order after the CA's Retry-After
 			continue
 		}
+		if limited && more {
+			return attempt{answered: true, next: fmt.Sprintf("answered rateLimited (%s) with a Retry-After of %s, past --max-wait %s",
+				scope, wait.Round(time.Second), e.Opts.MaxWait)}
+		}
 		if limited {
 			r.defer_(s, "the CA rate-limited "+scope.String()+": "+oneLine(err), e.now().Add(wait), err)
-			return nil
+			return attempt{answered: true}
+		}
+		why, down := caFault(err)
+		if down && more {
+			if !notTheNamesFault(err) && !acme.Refused(err) { // else refunded above
+				r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
+			}
+			return attempt{next: why, broken: true, why: why}
 		}
 		// An account that cannot be set up, or a CA that does not answer,
 		// is not this lineage's fault: no backoff, so the next run after
 		// the fix goes ahead.
 		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
-		return nil
+		return attempt{answered: !down, broken: down, why: why}
 	}
+}
+
+// again reports whether the same order goes to the CA again at once:
+// after it lost the account (registered again, once; several workers
+// may find it at once, and one resets it and says so), or without
+// "replaces" when it refused that (once).
+func (r *run) again(err error, o *issuer.Order, reset, dropped *bool) bool {
+	l := o.Lineage
+	switch {
+	case acme.AccountGone(err) && !*reset:
+		// A restarted or rebuilt CA: register again instead of failing
+		// every lineage until someone deletes accounts/ by hand.
+		*reset = true
+		r.resetOnce(l.Server, l.Email)
+		return true
+	case o.Replaces != "" && !*dropped && acme.ReplacesRefused(err):
+		slog.Warn("the CA refused to record this order as the replacement of the old certificate; ordering without it", "name", l.Name, "err", oneLine(err))
+		*dropped, o.Replaces = true, ""
+		return true
+	}
+	return false
+}
+
+// held settles s as deferred until next for why, or, with another CA to
+// try (more), passes why on to it.
+func (r *run) held(s *step, why string, next time.Time, err error, more bool) attempt {
+	if more {
+		return attempt{next: why}
+	}
+	r.defer_(s, why, next, err)
+	return attempt{}
+}
+
+// refund gives an order's certificate tokens back, when it took any.
+func (r *run) refund(k pace.Key, o pace.Order, reserved bool) {
+	if !reserved || r.e.Budget == nil || r.e.Opts.DryRun {
+		return
+	}
+	if err := r.e.Budget.Refund(k, o); err != nil {
+		slog.Warn("could not save the rate budget", "err", err)
+	}
+}
+
+// caFault is acme.CAFault, less the errors that say from this side that
+// the names are not at fault (a fleet agent that did not answer, Redis
+// away): those say nothing about the CA, even when they read
+// "connection refused".
+func caFault(err error) (string, bool) {
+	why, ok := acme.CAFault(err)
+	if ok && notTheNamesFault(err) && !acme.ServerFault(err) {
+		return "", false
+	}
+	return secret.Scrub(why), ok
 }
 
 // caDownAfter is how many orders in a row may find a CA unreachable
@@ -110,7 +186,9 @@ func (r *run) caResult(server string, err error) {
 	// nothing about the CA, even when it reads "connection refused".
 	if acme.Unreachable(err) && !notTheNamesFault(err) {
 		r.caFails[server]++
-		if r.caFails[server] == caDownAfter {
+		if r.caFails[server] == caDownAfter && r.e.CAs.Len() > 1 {
+			slog.Warn("the CA did not answer several orders in a row; the orders after it go to the next CA in this run", "server", server)
+		} else if r.caFails[server] == caDownAfter {
 			slog.Error("the CA did not answer several orders in a row; starting no more orders from it in this run", "server", server)
 			r.res.Unreachable = append(r.res.Unreachable, server)
 		}
@@ -146,35 +224,43 @@ func (r *run) resetOnce(server, email string) {
 	})
 }
 
-// paceOrder is the step's order as the budget counts it.
-func (r *run) paceOrder(s *step, replaces string) pace.Order {
-	return pace.Order{Names: s.job.Lineage.Domains, Replaces: replaces,
-		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains)}
+// paceOrder is the step's order as the budget counts it: a renewal (the
+// same names again) only at the lineage's primary or the CA that issued
+// its certificate, where the CA has seen these names before.
+func (r *run) paceOrder(s *step, o issuer.Order) pace.Order {
+	home, _ := s.job.Lineage.Home()
+	return pace.Order{Names: s.job.Lineage.Domains, Replaces: o.Replaces,
+		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains) &&
+			(o.Lineage.Server == home || o.Lineage.Server == s.prev.Server)}
 }
 
 // reserve takes the job's tokens from the budget, waiting up to MaxWait.
-func (r *run) reserve(s *step, key pace.Key, replaces string) bool {
+// With another CA to try (more), a wait past MaxWait returns why, for
+// that CA, instead of deferring; a name's failed validations never do.
+func (r *run) reserve(s *step, key pace.Key, o pace.Order, more bool) (string, bool) {
 	e := r.e
-	o := r.paceOrder(s, replaces)
 	for {
 		err := e.Budget.Reserve(key, o)
 		if err == nil {
-			return true
+			return "", true
 		}
 		var d *pace.Denied
 		if !errors.As(err, &d) {
 			r.fail(s, err, false)
-			return false
+			return "", false
+		}
+		if d.Wait > e.Opts.MaxWait && more && d.Scope != pace.ScopeFailedAuthz {
+			return "not ordered: " + d.Reason, false
 		}
 		if d.Wait > e.Opts.MaxWait {
 			r.defer_(s, "not ordered: "+d.Reason, e.now().Add(d.Wait),
 				hint.Wrap(err, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-names/--rate-failed-authz if your CA allows more"))
-			return false
+			return "", false
 		}
 		slog.Debug("waiting for the rate budget", "name", s.job.Lineage.Name, "for", d.Wait.Round(time.Second), "why", d.Reason)
 		if !e.sleep(r.ctx, d.Wait) {
 			s.item.Outcome, s.item.Error = NotStarted, "interrupted while waiting for the rate budget"
-			return false
+			return "", false
 		}
 	}
 }
@@ -188,12 +274,10 @@ func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.Ra
 	e := r.e
 	wait, limited := acme.RateLimited(err)
 	budget := e.Budget != nil && !e.Opts.DryRun
-	if budget && (limited || acme.FailedValidation(err) || acme.Refused(err)) {
+	if limited || acme.FailedValidation(err) || acme.Refused(err) {
 		// Refused or failed before issuance (a rejectedIdentifier, say):
 		// no certificate to count.
-		if berr := e.Budget.Refund(k, o); berr != nil {
-			slog.Warn("could not save the rate budget", "err", berr)
-		}
+		r.refund(k, o, true)
 	}
 	if !limited {
 		if budget && acme.FailedValidation(err) {

@@ -62,6 +62,12 @@ type Item struct {
 	// Cadence warns that renew runs too seldom for this certificate
 	// (Options.RunGap).
 	Cadence string `json:"cadence_warning,omitempty"`
+	// CA and Server name the CA that issued the new certificate, when
+	// fallbacks are configured; Fallback says why the CAs before it
+	// were passed over, when it is a fallback.
+	CA       string `json:"ca,omitempty"`
+	Server   string `json:"server,omitempty"`
+	Fallback string `json:"fallback,omitempty"`
 
 	err    error         // what Error says, for callers that ask what kind it was
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
@@ -102,6 +108,19 @@ type Result struct {
 	Unreachable []string        `json:"unreachable,omitempty"`
 	Counts      map[Outcome]int `json:"counts"`
 	Items       []*Item         `json:"items"`
+	// CAs, when fallbacks are configured, says what each CA issued in
+	// this run and which are passed over now (their breaker), until
+	// when and why.
+	CAs []CAStatus `json:"cas,omitempty"`
+}
+
+// CAStatus is one CA in a run's report.
+type CAStatus struct {
+	Name            string     `json:"name"`
+	Server          string     `json:"server"`
+	Issued          int        `json:"issued"`
+	PassedOverUntil *time.Time `json:"passed_over_until,omitempty"`
+	Reason          string     `json:"reason,omitempty"`
 }
 
 // Count recomputes Counts from Items.
@@ -135,7 +154,7 @@ func (r *Result) Report() *notify.Report {
 	out := &notify.Report{Command: r.Command, Time: r.Finished, Interrupted: r.Interrupted}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
-			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
+			Verify: it.Verify, Error: it.Error, Hint: it.Hint, CA: it.CA, Fallback: it.Fallback}
 		if m := it.mail; m != nil {
 			ni.MailTo = m.To
 			ni.Relay = notify.Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle}

@@ -3,6 +3,8 @@ package engine
 import (
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -69,7 +71,7 @@ func (it *Item) Detail() string {
 		if it.Verify != "" {
 			d += ", verify " + it.Verify
 		}
-		return d
+		return d + it.fromFallback()
 	}
 	return it.Error + it.NextAttemptWords()
 }
@@ -126,7 +128,7 @@ func (res *Result) RenewSummary(w io.Writer) {
 	for _, it := range res.Items {
 		switch it.Outcome {
 		case Renewed, Issued:
-			fmt.Fprintf(w, "  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords())
+			fmt.Fprintf(w, "  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords()+it.fromFallback())
 		case Deployed:
 			fmt.Fprintf(w, "  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords())
 		case Failed, Aborted:
@@ -177,5 +179,50 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 		fmt.Fprintf(w, "%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
 			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), renewal.TimeLeft(it.NotAfter.Sub(now)), paths.Fullchain, paths.Key)
 		fmt.Fprintf(w, "  deploy    %s\n", it.DeployWords())
+		it.issuerText(w)
 	}
+}
+
+// issuerText says which CA issued issue's certificate, when several
+// are configured.
+func (it *Item) issuerText(w io.Writer) {
+	switch {
+	case it.CA == "":
+	case it.Fallback != "":
+		fmt.Fprintf(w, "  issuer    %s (fallback: %s)\n", it.CA, it.Fallback)
+	default:
+		fmt.Fprintf(w, "  issuer    %s\n", it.CA)
+	}
+}
+
+// fromFallback is the words for a certificate a fallback issued.
+func (it *Item) fromFallback() string {
+	if it.Fallback == "" {
+		return ""
+	}
+	return fmt.Sprintf(", from fallback %s (%s)", it.CA, it.Fallback)
+}
+
+// FallbackWarnings are the run's warnings about its CAs: which
+// certificates came from a fallback CA, and which CAs are passed over
+// now. A primary that is down must not go unnoticed because everything
+// still renews.
+func (res *Result) FallbackWarnings() []string {
+	byCA := map[string][]*Item{}
+	for _, it := range res.Items {
+		if it.Fallback != "" && (it.Outcome == Issued || it.Outcome == Renewed) {
+			byCA[it.CA] = append(byCA[it.CA], it)
+		}
+	}
+	var out []string
+	for _, name := range slices.Sorted(maps.Keys(byCA)) {
+		items := byCA[name]
+		out = append(out, fmt.Sprintf("%d certificate(s) came from fallback %s: %s", len(items), name, items[0].Fallback))
+	}
+	for _, c := range res.CAs {
+		if c.PassedOverUntil != nil {
+			out = append(out, fmt.Sprintf("the CA %s (%s) is passed over until %s: %s", c.Name, c.Server, c.PassedOverUntil.Format(time.RFC3339), c.Reason))
+		}
+	}
+	return out
 }

@@ -60,6 +60,9 @@ type Syncer struct {
 	// Keep is how many versions a lineage keeps after a deploy, the
 	// live one included (default 3), as --keep-versions for runs.
 	Keep int
+	// Roots is engine.Node's: the roots of a fallback CA's certificates
+	// for the deploy check.
+	Roots func(*store.Lineage) string
 
 	swept time.Time
 }
@@ -265,6 +268,7 @@ func (s *Syncer) node() *engine.Node {
 		Keep:     s.Keep,
 		Lock:     WriteLock(s.Local),
 		Report:   s.served,
+		Roots:    s.Roots,
 	}
 }
 

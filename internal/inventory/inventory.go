@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
@@ -52,7 +53,17 @@ type Entry struct {
 	NeverIssued bool `json:"never_issued,omitempty"`
 	// Nodes is what each node of a fleet reports serving.
 	Nodes []Serves `json:"nodes,omitempty"`
-	Error string   `json:"error,omitempty"` // the lineage could not be read
+	// CA names the CA that issued the certificate, when fallbacks are
+	// configured or a fallback issued it; Fallback says that one did.
+	CA       string    `json:"ca,omitempty"`
+	Fallback *Fallback `json:"fallback,omitempty"`
+	Error    string    `json:"error,omitempty"` // the lineage could not be read
+}
+
+// Fallback is a certificate from a fallback CA.
+type Fallback struct {
+	Primary string `json:"primary"` // where renewals go first
+	Reason  string `json:"reason"`  // why the CAs before it were passed over
 }
 
 // Serves is what one node serves of a lineage (list and show in a fleet).
@@ -78,6 +89,8 @@ type Source struct {
 	Now     time.Time
 	// Runs are renew's recorded runs here, for the cadence warning.
 	Runs []time.Time
+	// CAs are the configured fallbacks, which name the CAs; nil without.
+	CAs *ca.Set
 }
 
 // ErrNoLineage is a name that has neither a lineage nor failures.
@@ -107,12 +120,24 @@ func (s *Source) Entry(ctx context.Context, name string) (*Entry, error) {
 		e.Deploy = "none"
 	}
 	e.failures(status, now)
+	e.issuedBy(l, s.CAs)
 	// The schedule as renew has really run here, up to now: a cron that
 	// stopped a week ago shows as a week's gap.
 	if len(s.Runs) > 0 {
 		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(s.Runs, now))
 	}
 	return e, nil
+}
+
+// issuedBy names the CA that issued l's certificate: the fallback that
+// did and why, or, with fallbacks configured, the primary.
+func (e *Entry) issuedBy(l *store.Lineage, cas *ca.Set) {
+	switch {
+	case l.Fallback.Primary != "":
+		e.CA, e.Fallback = l.Fallback.CA, &Fallback{Primary: l.Fallback.Primary, Reason: l.Fallback.Reason}
+	case cas != nil:
+		e.CA = cas.Label(l.Server)
+	}
 }
 
 // neverIssued is the entry of a name whose first order failed.

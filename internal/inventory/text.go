@@ -82,6 +82,9 @@ func (e *Entry) status(c Clock) string {
 	if e.Cadence != "" {
 		status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
 	}
+	if e.Fallback != nil {
+		status += fmt.Sprintf("; from fallback %s: %s", e.CA, e.Fallback.Reason)
+	}
 	return status
 }
 
@@ -143,6 +146,13 @@ func (e *Entry) showCertificate(row func(k, v string), c Clock) {
 	row("profile", e.Profile)
 	row("server", e.Server)
 	row("account", e.Email)
+	switch {
+	case e.Fallback != nil:
+		row("issued by", e.CA+" (a fallback)")
+		row("fallback", e.Fallback.Reason+"; renewals try "+e.Fallback.Primary+" first")
+	default:
+		row("issued by", e.CA)
+	}
 	row("version", fmt.Sprint(e.Version))
 	row("pending", e.Pending)
 	if m := e.Mail; m != nil {

@@ -18,12 +18,15 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"time"
 
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -40,6 +43,15 @@ type Issuer struct {
 	// CABundle and UserAgent are what asking a CA's renewal information
 	// needs: no account, so Account is not called for it.
 	CABundle, UserAgent string
+	// CAs, when set, are the fallback CAs: an order or a question at a
+	// fallback's directory uses its own account and CA bundle, and every
+	// client gives up the orders in flight once its CA stops answering,
+	// for the next CA to take them.
+	CAs *ca.Set
+	// Gates, when set, pace the new orders of each account: every
+	// client this issuer makes sends its new orders through its
+	// account's gate.
+	Gates *pace.Gates
 
 	mu        sync.Mutex
 	clients   map[string]*clientOnce
@@ -67,11 +79,21 @@ type ariOnce struct {
 	err  error
 }
 
+// clientOnce is one (server, email)'s client, made once; a CA that did
+// not answer is asked again by the next caller (its breaker may try it
+// again later in the same run), anything else is kept for the run.
 type clientOnce struct {
-	once sync.Once
+	mu   sync.Mutex
+	done bool
 	c    *acme.Client
 	err  error
+	down time.Time // when the CA last failed to answer; the error holds for clientRetry
 }
+
+// clientRetry is how long a CA that did not answer is taken at its
+// word before the next order asks it again: the workers waiting on one
+// client share its failure instead of each waiting out a timeout.
+const clientRetry = 15 * time.Second
 
 // Client returns the ACME client for (server, email), registering the
 // account on first use. Concurrent callers share one registration.
@@ -87,24 +109,47 @@ func (is *Issuer) Client(ctx context.Context, server, email string) (*acme.Clien
 		is.clients[key] = co
 	}
 	is.mu.Unlock()
-	co.once.Do(func() {
-		o, err := is.Account(server, email)
-		if err == nil {
-			is.mu.Lock()
-			o.AgreeTOS = o.AgreeTOS || is.reRegister[key]
-			is.mu.Unlock()
-			co.c, err = acme.New(ctx, o)
+	co.mu.Lock()
+	defer co.mu.Unlock()
+	if co.done || time.Since(co.down) < clientRetry {
+		return co.c, co.err
+	}
+	o, err := is.account(server, email)
+	if err == nil {
+		is.mu.Lock()
+		o.AgreeTOS = o.AgreeTOS || is.reRegister[key]
+		is.mu.Unlock()
+		if is.Gates != nil {
+			o.OrderGate = gate{is.Gates.For(pace.Key{Server: server, Email: email})}
 		}
-		if err != nil {
-			// A run over saved lineages talks to each one's own server,
-			// which --server does not change: name the one that failed.
-			if strings.Contains(hint.Of(err), "--server") {
-				err = hint.Set(err, fmt.Sprintf("check that this host can reach the ACME server %s (each lineage keeps the server it was issued by; 'lbcert show NAME' shows it)", server))
-			}
-			co.err = &AccountError{Server: server, Err: err}
+		co.c, err = acme.New(ctx, o)
+	}
+	if err != nil {
+		// A run over saved lineages talks to each one's own server,
+		// which --server does not change: name the one that failed.
+		if strings.Contains(hint.Of(err), "--server") {
+			err = hint.Set(err, fmt.Sprintf("check that this host can reach the ACME server %s (each lineage keeps the server it was issued by; 'lbcert show NAME' shows it)", server))
 		}
-	})
+		err = &AccountError{Server: server, Err: err}
+		if _, caDown := acme.CAFault(err); caDown {
+			co.err, co.down = err, time.Now() // not kept for the run
+			return nil, err
+		}
+	}
+	co.err, co.done = err, true
 	return co.c, co.err
+}
+
+// account is the options for (server, email): Account's, or a
+// fallback's own on top of them.
+func (is *Issuer) account(server, email string) (acme.Options, error) {
+	o, err := is.Account(server, email)
+	if err != nil {
+		return o, err
+	}
+	o, _, err = is.CAs.Account(o, server)
+	o.FailFast = o.FailFast || is.CAs.Len() > 1 // another CA can take what this one drops
+	return o, err
 }
 
 // AccountError is a failure to set up the account itself (settings, a
@@ -263,6 +308,9 @@ type Order struct {
 	Lineage  store.Lineage // the settings: names, server, account, key type, profile, challenge
 	ReuseKey []byte        // PEM key to reuse, if any
 	Replaces string        // RFC 9773 CertID of the certificate being renewed
+	// ProfileOptional orders under the CA's default profile when it
+	// does not offer the lineage's (a fallback CA).
+	ProfileOptional bool
 }
 
 // Obtain orders and checks one certificate. It saves nothing.
@@ -279,7 +327,7 @@ func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
 	slog.Info("requesting certificate", "name", l.Name, "domains", strings.Join(l.Domains, ","), "challenge", l.Challenge.Mode)
 	res, err := client.Obtain(acme.Request{
 		Domains: l.Domains, KeyType: l.KeyType, Profile: l.Profile, Key: o.ReuseKey, Provider: p, Replaces: o.Replaces,
-		PreferredChain: l.PreferredChain,
+		PreferredChain: l.PreferredChain, ProfileOptional: o.ProfileOptional,
 	})
 	if err != nil {
 		return nil, withChallengeHint(err, l)
@@ -301,7 +349,8 @@ func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.Rene
 	}
 	is.mu.Unlock()
 	// The directory is read once per server and run, as for orders.
-	ao.once.Do(func() { ao.a, ao.err = acme.NewARI(ctx, l.Server, is.CABundle, is.UserAgent) })
+	bundle := is.CAs.Bundle(l.Server, is.CABundle)
+	ao.once.Do(func() { ao.a, ao.err = acme.NewARI(ctx, l.Server, bundle, is.UserAgent) })
 	if ao.err != nil {
 		return nil, ao.err
 	}
@@ -325,6 +374,23 @@ func withChallengeHint(err error, l store.Lineage) error {
 		e.Text = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", names, l.Challenge.HTTPAddr)
 	}
 	return err
+}
+
+// gate is a pace.Gate as acme's OrderGate.
+type gate struct{ g *pace.Gate }
+
+func (g gate) Acquire(ctx context.Context) (func(acme.OrderAnswer), error) {
+	done, err := g.g.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return func(a acme.OrderAnswer) {
+		if a.Failed {
+			done(nil)
+			return
+		}
+		done(&pace.Answer{Limited: a.Limited, RetryAfter: a.RetryAfter, Detail: a.Detail})
+	}, nil
 }
 
 // Revoke revokes l's current certificate (its PEM in cert) at l's CA,

@@ -13,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/url"
 	"sort"
 	"strings"
 	"time"
@@ -53,6 +54,7 @@ func Render(ctx context.Context, src Source, res *engine.Result, budget Budget, 
 		pending                 bool
 	}
 	var rows []row
+	var issuers []issuer
 	for _, n := range names {
 		l, err := src.Catalog.Head(ctx, n)
 		if err != nil {
@@ -64,6 +66,7 @@ func Render(ctx context.Context, src Source, res *engine.Result, budget Budget, 
 		d := renewal.Decide(l.Cert, st, now, renewal.Options{ARIOffered: !now.Before(st.ARIUnsupported), Name: n})
 		rows = append(rows, row{name: n, expiry: l.Cert.NotAfter, renewAt: d.At, issued: l.IssuedAt, failures: st.Failures,
 			pending: j.Pending != nil || live != l.Version})
+		issuers = append(issuers, issuer{n, l.Server, caName(l), l.Fallback.Primary != ""})
 	}
 	series := func(name, typ, help string, val func(r row) float64) {
 		family(name, typ, help)
@@ -83,6 +86,8 @@ func Render(ctx context.Context, src Source, res *engine.Result, budget Budget, 
 		return 0
 	})
 
+	renderIssuers(&b, family, issuers)
+
 	if res != nil {
 		cmd := res.Command
 		family("lbcert_run_duration_seconds", "gauge", "How long the last run took.")
@@ -93,6 +98,7 @@ func Render(ctx context.Context, src Source, res *engine.Result, budget Budget, 
 		for _, o := range engine.Outcomes {
 			fmt.Fprintf(&b, "lbcert_run_items{command=%q,outcome=%q} %d\n", cmd, string(o), res.Counts[o])
 		}
+		renderFallbacks(&b, family, res)
 	}
 	if budget != nil {
 		left := budget.OrdersLeft()
@@ -117,6 +123,18 @@ func Write(ctx context.Context, path string, src Source, res *engine.Result, bud
 		return err
 	}
 	return store.WriteFile(path, data, 0o644)
+}
+
+// caName names the CA that issued l's certificate: the fallback's name,
+// or the host of its directory.
+func caName(l *store.Lineage) string {
+	if l.Fallback.CA != "" {
+		return l.Fallback.CA
+	}
+	if u, err := url.Parse(l.Server); err == nil && u.Host != "" {
+		return u.Host
+	}
+	return l.Server
 }
 
 func num(f float64) string { return fmt.Sprintf("%g", f) }
@@ -174,4 +192,46 @@ func RenderFleet(st *fleet.Status) []byte {
 // WriteFleet writes RenderFleet(st) beside the run's textfile at path.
 func WriteFleet(path string, st *fleet.Status) error {
 	return store.WriteFile(FleetPath(path), RenderFleet(st), 0o644)
+}
+
+// issuer is the CA that issued one lineage's live certificate.
+type issuer struct {
+	lineage, server, ca string
+	fallback            bool
+}
+
+// renderIssuers writes which CA issued each live certificate.
+func renderIssuers(b *bytes.Buffer, family func(name, typ, help string), rows []issuer) {
+	family("lbcert_certificate_issuer_info", "gauge", "The CA that issued the live certificate; fallback=\"1\" when it is a fallback, not the lineage's primary.")
+	for _, r := range rows {
+		fb := "0"
+		if r.fallback {
+			fb = "1"
+		}
+		fmt.Fprintf(b, "lbcert_certificate_issuer_info{lineage=%q,server=%q,ca=%q,fallback=%q} 1\n", r.lineage, r.server, r.ca, fb)
+	}
+}
+
+// renderFallbacks writes what the run got from fallback CAs, and which
+// CAs are passed over.
+func renderFallbacks(b *bytes.Buffer, family func(name, typ, help string), res *engine.Result) {
+	cmd := res.Command
+	family("lbcert_run_fallback_certificates", "gauge", "Certificates the last run obtained from a fallback CA, because the CAs before it failed.")
+	fallbacks := 0
+	for _, it := range res.Items {
+		if it.Fallback != "" && (it.Outcome == engine.Issued || it.Outcome == engine.Renewed) {
+			fallbacks++
+		}
+	}
+	fmt.Fprintf(b, "lbcert_run_fallback_certificates{command=%q} %d\n", cmd, fallbacks)
+	if len(res.CAs) > 0 {
+		family("lbcert_ca_passed_over", "gauge", "1 while the CA is passed over for the next one (its breaker is open after it failed orders in a row).")
+		for _, c := range res.CAs {
+			open := 0
+			if c.PassedOverUntil != nil {
+				open = 1
+			}
+			fmt.Fprintf(b, "lbcert_ca_passed_over{ca=%q,server=%q} %d\n", c.Name, c.Server, open)
+		}
+	}
 }

@@ -30,6 +30,9 @@ type Item struct {
 	Verify      string
 	Error       string
 	Hint        string
+	// CA is the CA that issued the new certificate, when several are
+	// configured; Fallback says why the ones before it were passed over.
+	CA, Fallback string
 	// NextAttempt is when a deferred or failed one is tried again.
 	NextAttempt time.Time
 	// MailTo are this lineage's own recipients (batch rows carry them);
@@ -130,6 +133,8 @@ func (r *Report) Body() string {
 			row("new expiry", it.NewNotAfter.UTC().Format(time.RFC3339))
 		}
 		row("serial", it.Serial)
+		row("ca", it.CA)
+		row("fallback", it.Fallback)
 		row("deploy", it.Deploy)
 		row("verify", it.Verify)
 		if !it.NextAttempt.IsZero() {

@@ -238,6 +238,10 @@ func RegisteredDomain(name string) string {
 type Denied struct {
 	Wait   time.Duration
 	Reason string
+	// Scope is the limit that denied it, when one did: a name's failed
+	// validations (ScopeFailedAuthz) are the name's doing, and another
+	// CA would not help.
+	Scope Scope
 }
 
 func (d *Denied) Error() string {
@@ -258,14 +262,14 @@ func (b *Budget) reserve(k Key, o Order) error {
 	account := k.account()
 	now := b.Now()
 	var worst *Denied
-	deny := func(wait time.Duration, reason string) {
+	deny := func(s Scope, wait time.Duration, reason string) {
 		if wait > 0 && (worst == nil || wait > worst.Wait) {
-			worst = &Denied{Wait: wait, Reason: reason}
+			worst = &Denied{Wait: wait, Reason: reason, Scope: s}
 		}
 	}
 	blocked := func(key string, what RateLimit) {
 		if until, ok := b.st.Blocked[key]; ok {
-			deny(until.Sub(now), fmt.Sprintf("the CA said rateLimited (%s) and asked to wait until %s", what, until.UTC().Format(time.RFC3339)))
+			deny(what.Scope, until.Sub(now), fmt.Sprintf("the CA said rateLimited (%s) and asked to wait until %s", what, until.UTC().Format(time.RFC3339)))
 		}
 	}
 	names := o.Names
@@ -299,23 +303,23 @@ func (b *Budget) reserve(k Key, o Order) error {
 		if ob.Drained {
 			need = min(1+ordersInHand, float64(lo.N))
 		}
-		deny(ob.waitFor(need, lo, now),
+		deny(ScopeAccount, ob.waitFor(need, lo, now),
 			fmt.Sprintf("the new-orders budget (%s per account) is spent", lo))
 	}
 	if ld.N > 0 && !o.Renewal {
 		for _, d := range domains {
-			deny(b.st.Domains[k.Server+" "+d].get(ld, now).wait(ld, now),
+			deny(ScopeDomain, b.st.Domains[k.Server+" "+d].get(ld, now).wait(ld, now),
 				fmt.Sprintf("the certificates budget for %s (%s) is spent", d, ld))
 		}
 	}
 	setKey := k.Server + " " + set
 	if ls.N > 0 {
-		deny(b.st.Sets[setKey].get(ls, now).wait(ls, now),
+		deny(ScopeExactSet, b.st.Sets[setKey].get(ls, now).wait(ls, now),
 			fmt.Sprintf("%d certificates for exactly these names (%s) were issued within %s; the CA would lock them out", ls.N, set, shortDuration(ls.Per)))
 	}
 	if lf.N > 0 {
 		for _, n := range names {
-			deny(b.st.Failed[account+" "+n].get(lf, now).wait(lf, now),
+			deny(ScopeFailedAuthz, b.st.Failed[account+" "+n].get(lf, now).wait(lf, now),
 				fmt.Sprintf("%s failed validation %d times within %s", n, lf.N, shortDuration(lf.Per)))
 		}
 	}

@@ -143,6 +143,28 @@ type Lineage struct {
 	Mail           Mail      `json:"mail,omitzero"`
 	Cert           CertInfo  `json:"cert"`
 	IssuedAt       time.Time `json:"issued_at"`
+	// Server and Email above are the CA and account that issued Cert
+	// (ARI, "replaces" and revocation go there). Fallback is set when
+	// that CA is a fallback, not the lineage's primary: renewals go
+	// back to the primary first.
+	Fallback Fallback `json:"fallback,omitzero"`
+}
+
+// Fallback says a lineage's live certificate came from a fallback CA
+// because its primary (and any fallback before this one) failed.
+type Fallback struct {
+	Primary string `json:"primary"`         // the primary CA's directory URL
+	Email   string `json:"email,omitempty"` // the account at the primary
+	CA      string `json:"ca"`              // the fallback's name in the settings
+	Reason  string `json:"reason"`          // why the CAs before it were passed over
+}
+
+// Home is the CA and account the lineage orders from first: its primary.
+func (l *Lineage) Home() (server, email string) {
+	if l.Fallback.Primary != "" {
+		return l.Fallback.Primary, l.Fallback.Email
+	}
+	return l.Server, l.Email
 }
 
 // Files is the PEM content of one version.

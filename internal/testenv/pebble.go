@@ -147,6 +147,22 @@ func (p *Pebble) Restart() error {
 	return p.startCA()
 }
 
+// Kill ends Pebble at once (SIGKILL), as a CA that goes down mid-order:
+// connections in flight are cut, new ones refused. Its DNS server stays.
+func (p *Pebble) Kill() {
+	select {
+	case <-p.pebble.done:
+		return
+	default:
+	}
+	p.pebble.cmd.Process.Kill()
+	<-p.pebble.done
+}
+
+// Start starts a killed Pebble again on the same ports, knowing nothing
+// of the old one (Restart's caveats: no accounts, new roots).
+func (p *Pebble) Start() error { return p.startCA() }
+
 // Stop stops Pebble and its DNS server.
 func (p *Pebble) Stop() {
 	p.pebble.stop()

@@ -2,20 +2,13 @@ package testenv
 
 import (
 	"bytes"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log"
 	"math"
-	"net"
 	"net/http"
-	"net/http/httputil"
-	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -66,13 +59,15 @@ func LetsEncryptLimits() FrontLimits {
 type RateFront struct {
 	// DirectoryURL is the ACME directory through the front.
 	DirectoryURL string
+	// PlainWording, set before the first request, words rateLimited
+	// answers as other CAs do: no count, no period, no link to Let's
+	// Encrypt's rate-limit page; only the Retry-After header says when.
+	PlainWording bool
 
 	limits FrontLimits
 	speed  float64
 	start  time.Time
-	pebble *url.URL
-	tr     *http.Transport
-	srv    *http.Server
+	*front
 
 	mu      sync.Mutex
 	buckets map[string]frontBucket
@@ -110,41 +105,18 @@ type frontBucket struct {
 // StartRateFront starts a front for p with limits, its clock running
 // speed times the wall clock (1 for real time).
 func StartRateFront(p *Pebble, limits FrontLimits, speed float64) (*RateFront, error) {
-	root, err := ModuleRoot()
-	if err != nil {
-		return nil, err
-	}
-	certs := filepath.Join(root, "testdata", "pebble")
-	cert, err := tls.LoadX509KeyPair(filepath.Join(certs, "cert.pem"), filepath.Join(certs, "key.pem"))
-	if err != nil {
-		return nil, err
-	}
-	caPEM, err := os.ReadFile(p.CABundle)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	target, err := url.Parse(p.DirectoryURL)
-	if err != nil {
-		return nil, err
-	}
-	target.Path = ""
 	if speed <= 0 {
 		speed = 1
 	}
 	f := &RateFront{
-		limits: limits, speed: speed, start: time.Now(), pebble: target,
-		tr:      &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, MaxIdleConnsPerHost: 64},
+		limits: limits, speed: speed, start: time.Now(),
 		buckets: map[string]frontBucket{}, issued: map[string]bool{}, orders: map[string]*frontOrder{}, failed: map[string]bool{},
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	var err error
+	if f.front, err = startFront(p, f); err != nil {
 		return nil, err
 	}
-	f.DirectoryURL = "https://" + ln.Addr().String() + "/dir"
-	f.srv = &http.Server{Handler: f, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, ErrorLog: nullLogger()}
-	go f.srv.ServeTLS(ln, "", "")
+	f.DirectoryURL = f.dirURL
 	return f, nil
 }
 
@@ -188,17 +160,9 @@ func (f *RateFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	rec := &recorder{header: http.Header{}}
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(f.pebble)
-			pr.Out.Host = pr.In.Host // Pebble builds its URLs, and checks the JWS url, from Host
-		},
-		Transport: f.tr,
-		ErrorLog:  nullLogger(),
-	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
-	proxy.ServeHTTP(rec, r)
+	f.proxy(rec, r)
 	if r.Method == http.MethodPost {
 		f.observe(r.URL.Path, jws, rec)
 	}
@@ -262,6 +226,9 @@ func (f *RateFront) admit(jws jwsRequest) *refusal {
 			"orders": "new-orders-per-account", "domain": "new-certificates-per-registered-domain",
 			"exact_set": "new-certificates-per-exact-set-of-identifiers", "failed_authz": "authorization-failures-per-identifier-per-account",
 		}[strings.Fields(ref.scope)[0]]
+		if f.PlainWording {
+			ref.detail = "Request rejected: this account is over its limit. Please retry later."
+		}
 		ev.Limited, ev.RetryAfter = ref.scope, ref.wait
 		f.events = append(f.events, ev)
 		return ref
@@ -276,10 +243,7 @@ func (f *RateFront) admit(jws jwsRequest) *refusal {
 // refuse answers a refused new order as Let's Encrypt does, with a fresh
 // nonce from Pebble so the client's next request is not a badNonce.
 func (f *RateFront) refuse(w http.ResponseWriter, r *refusal) {
-	if resp, err := (&http.Client{Transport: f.tr, Timeout: 10 * time.Second}).Head(f.pebble.String() + "/nonce-plz"); err == nil {
-		resp.Body.Close()
-		w.Header().Set("Replay-Nonce", resp.Header.Get("Replay-Nonce"))
-	}
+	w.Header().Set("Replay-Nonce", f.nonce())
 	w.Header().Set("Content-Type", "application/problem+json")
 	w.Header().Set("Retry-After", fmt.Sprint(int(math.Ceil(r.wait.Seconds()))))
 	w.WriteHeader(http.StatusTooManyRequests)

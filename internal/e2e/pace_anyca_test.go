@@ -1,0 +1,68 @@
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// TestPacingInAnyCAsWording (issue #27 item 8): a CA that allows a
+// burst of 3 new orders, then 3 per 6 s, and words its rateLimited
+// answers unlike Let's Encrypt (no count, no period, no link: only the
+// Retry-After header says when). With the client budget off, one batch
+// of 9 at the default concurrency issues all 9 in the same run (a
+// Retry-After within --max-wait is waited out, not deferred), sends no
+// new order inside a Retry-After it already received, and meets at most
+// 2 rateLimited answers: new orders go out one at a time, and after a
+// refusal they are spaced by its Retry-After, so the workers never
+// arrive as a herd.
+func TestPacingInAnyCAsWording(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	var limits testenv.FrontLimits
+	limits.Orders.N, limits.Orders.Per = 3, 6*time.Second
+	front, err := testenv.StartRateFront(e.pebble, limits, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	front.PlainWording = true
+	t.Cleanup(front.Stop)
+	e.server = front.DirectoryURL
+	var names []string
+	for i := range 9 {
+		names = append(names, fmt.Sprintf("any%d.example.net", i))
+	}
+	csv := writeCSV(t, e.work, "any.csv", seedRows(e, names...))
+	r := e.run(e.batchArgs(csv, "--rate-orders", "off", "--rate-domain", "off", "--rate-names", "off", "--rate-failed-authz", "off")...)
+	if r.code != 0 || !strings.Contains(r.stdout, "9 issued") {
+		t.Fatalf("batch: exit %d, want all 9 issued in one run\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if !allIssued(e, names) {
+		t.Fatal("not every name has a certificate")
+	}
+	events := front.Events()
+	limited := 0
+	for i, ev := range events {
+		if ev.Limited == "" {
+			continue
+		}
+		limited++
+		for _, later := range events[i+1:] {
+			if d := later.At.Sub(ev.At); d < ev.RetryAfter {
+				t.Errorf("a new order %v after a rateLimited answer, inside its Retry-After of %v", d, ev.RetryAfter)
+			}
+		}
+	}
+	if limited == 0 {
+		t.Fatal("the CA never answered rateLimited: the batch did not meet the limit, and the test proves nothing")
+	}
+	if limited > 2 {
+		t.Fatalf("%d rateLimited answers, want at most 2: %+v", limited, events)
+	}
+	if got := len(events) - limited; got != len(names) {
+		t.Fatalf("%d new orders went through for %d names", got, len(names))
+	}
+}

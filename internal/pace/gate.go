@@ -1,0 +1,169 @@
+package pace
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Gate paces the new orders of one account at one CA by what the CA
+// answers, in any CA's wording, and whether the client budget is on or
+// off (issue #27 item 8):
+//
+//   - One new order is in flight at a time: the next is sent once the
+//     CA has answered the one before (the order's validation and
+//     issuance still run in parallel). A batch's workers therefore
+//     never arrive at once, and a refusal reaches the gate before the
+//     next order is sent: the CA answers "rateLimited" to one order,
+//     not to a whole herd. An answer that takes longer than stuckAfter
+//     lets the next order go: a CA that hangs must not hold every
+//     worker behind one request until its timeout.
+//   - A rateLimited answer about the account (or one whose scope
+//     cannot be read, as any CA words it) stops new orders until its
+//     Retry-After, an hour when it gives none.
+//   - After that answer, orders are spaced by the time the CA needs
+//     for one more: its stated rate when the answer states one (Let's
+//     Encrypt's "(300) ... in the last 3h0m0s"), else the Retry-After
+//     it gave; and a tenth more (an order's time on the wire varies,
+//     and the CA counts it on arrival). When the wait ends, one order
+//     goes first, the next waits for its answer and for the spacing, so
+//     the herd never repeats. A second refusal doubles the spacing.
+//
+// A wait longer than MaxWait is not started: Acquire returns a *Denied,
+// and the engine defers the order (or tries a fallback CA). A Gate lives
+// for one run; the Retry-After itself is also saved in the budget
+// (Budget.Limited), which later runs honour.
+type Gate struct {
+	Now     func() time.Time
+	MaxWait time.Duration
+
+	mu       sync.Mutex
+	inflight int           // new orders sent and not answered yet
+	changed  chan struct{} // closed and replaced whenever one is answered or until moves
+	until    time.Time     // no order before this (the CA's Retry-After)
+	gap      time.Duration // spacing learnt from refusals
+	last     time.Time     // when the last order was sent
+	why      string
+}
+
+// Answer is the CA's answer to one new order, as the gate reads it.
+type Answer struct {
+	Limited    bool
+	RetryAfter time.Duration
+	Detail     string
+}
+
+func (a *Answer) detail() string {
+	if a == nil {
+		return ""
+	}
+	return a.Detail
+}
+
+// maxGap bounds the spacing a run learns.
+const maxGap = time.Hour
+
+// stuckAfter is how long an unanswered new order holds the next back.
+const stuckAfter = 3 * time.Second
+
+func (g *Gate) now() time.Time {
+	if g.Now != nil {
+		return g.Now()
+	}
+	return time.Now()
+}
+
+// Acquire waits until a new order may be sent and returns done, which
+// the caller must call once with the CA's answer (nil when there was
+// none).
+func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
+	g.mu.Lock()
+	if g.changed == nil {
+		g.changed = make(chan struct{})
+	}
+	for {
+		now := g.now()
+		ready := g.until
+		if !g.last.IsZero() && g.gap > 0 && g.last.Add(g.gap).After(ready) {
+			ready = g.last.Add(g.gap)
+		}
+		wait := ready.Sub(now)
+		if wait > g.MaxWait {
+			why := g.why
+			g.mu.Unlock()
+			return nil, &Denied{Wait: wait, Reason: why}
+		}
+		stuck := g.last.Add(stuckAfter).Sub(now)
+		if wait <= 0 && (g.inflight == 0 || stuck <= 0) {
+			g.inflight++
+			g.last = now
+			g.mu.Unlock()
+			return g.release, nil
+		}
+		if g.inflight > 0 {
+			wait = max(wait, stuck) // woken by the answer, or when it is overdue
+		}
+		ch := g.changed
+		g.mu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+		t.Stop()
+		g.mu.Lock()
+	}
+}
+
+// release ends the order in flight and learns from the CA's answer.
+func (g *Gate) release(a *Answer) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.inflight--
+	if rl := ParseRateLimit(a.detail()); a != nil && a.Limited && rl.Scope == ScopeAccount {
+		ra := a.RetryAfter
+		if ra <= 0 {
+			ra = time.Hour
+		}
+		step := ra
+		if rl.Limit.N > 0 {
+			step = rl.Limit.Per / time.Duration(rl.Limit.N)
+		}
+		now := g.now()
+		if until := now.Add(ra); until.After(g.until) {
+			g.until = until
+			g.why = fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339))
+		}
+		g.gap = min(max(step+step/10, 2*g.gap), maxGap)
+	}
+	close(g.changed)
+	g.changed = make(chan struct{})
+}
+
+// Gates holds one Gate per account for a run.
+type Gates struct {
+	Now     func() time.Time
+	MaxWait time.Duration
+
+	mu sync.Mutex
+	m  map[Key]*Gate
+}
+
+// For returns the gate of account k.
+func (gs *Gates) For(k Key) *Gate {
+	gs.mu.Lock()
+	defer gs.mu.Unlock()
+	if gs.m == nil {
+		gs.m = map[Key]*Gate{}
+	}
+	g := gs.m[k]
+	if g == nil {
+		g = &Gate{Now: gs.Now, MaxWait: gs.MaxWait}
+		gs.m[k] = g
+	}
+	return g
+}

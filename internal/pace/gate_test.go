@@ -1,0 +1,120 @@
+package pace
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+// One new order at a time: the second waits for the first's answer.
+func TestGateOneInFlight(t *testing.T) {
+	g := &Gate{MaxWait: time.Minute}
+	done, err := g.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan struct{})
+	go func() {
+		d, err := g.Acquire(context.Background())
+		if err == nil {
+			d(nil)
+		}
+		close(got)
+	}()
+	select {
+	case <-got:
+		t.Fatal("a second order went out before the first was answered")
+	case <-time.After(50 * time.Millisecond):
+	}
+	done(&Answer{})
+	select {
+	case <-got:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the second order never went out after the first's answer")
+	}
+}
+
+// A refusal in any wording (no count, no link) blocks new orders until
+// its Retry-After; then they go one at a time, spaced by that
+// Retry-After; a wait past MaxWait is refused at once, with the reason.
+func TestGateLearnsFromARefusal(t *testing.T) {
+	const ra = 300 * time.Millisecond
+	g := &Gate{MaxWait: 10 * time.Second}
+	done, _ := g.Acquire(context.Background())
+	refused := time.Now()
+	done(&Answer{Limited: true, RetryAfter: ra, Detail: "Rate limit exceeded. Try again later."})
+	var sent []time.Time
+	for range 2 {
+		d, err := g.Acquire(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sent = append(sent, time.Now())
+		d(&Answer{})
+	}
+	if sent[0].Sub(refused) < ra {
+		t.Fatalf("an order went out %v after a Retry-After of %v", sent[0].Sub(refused), ra)
+	}
+	if sent[1].Sub(sent[0]) < ra {
+		t.Fatalf("the order after it went out %v later, inside the spacing of %v", sent[1].Sub(sent[0]), ra)
+	}
+	// The next one waits for the spacing: past a MaxWait of 1 ms, it is
+	// refused at once, with the reason.
+	g.MaxWait = time.Millisecond
+	_, err := g.Acquire(context.Background())
+	var d *Denied
+	if !errors.As(err, &d) || d.Wait <= time.Millisecond || d.Reason == "" {
+		t.Fatalf("want a *Denied past MaxWait, got %v", err)
+	}
+}
+
+// A refusal about a domain or a name (Let's Encrypt names its scope)
+// blocks that scope in the budget, not every order of the account.
+func TestGateScopedRefusalDoesNotBlockTheAccount(t *testing.T) {
+	g := &Gate{MaxWait: 0}
+	done, _ := g.Acquire(context.Background())
+	done(&Answer{Limited: true, RetryAfter: time.Hour, Detail: `too many certificates (50) already issued for "example.com" in the last 168h0m0s`})
+	d, err := g.Acquire(context.Background())
+	if err != nil {
+		t.Fatalf("another domain's order held back: %v", err)
+	}
+	d(nil)
+}
+
+// A new order the CA does not answer holds the next back only until it
+// is overdue, not until its timeout.
+func TestGateStuckOrder(t *testing.T) {
+	g := &Gate{MaxWait: time.Minute}
+	if _, err := g.Acquire(context.Background()); err != nil { // never answered
+		t.Fatal(err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	done, err := g.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("the order after a stuck one never went: %v", err)
+	}
+	done(nil)
+	if waited := time.Since(start); waited < stuckAfter {
+		t.Fatalf("went after %v, while the one before was in flight for less than %v", waited, stuckAfter)
+	}
+}
+
+// A refusal that states the CA's limit spaces the orders after it by
+// that rate and a tenth, not by the Retry-After (whole seconds, as
+// HTTP rounds it); one that states none, by its Retry-After.
+func TestGateStatedRate(t *testing.T) {
+	for detail, want := range map[string]time.Duration{
+		"too many new orders (10) from this account in the last 1s, retry after 2026-12-03 12:00:00 UTC": 110 * time.Millisecond,
+		"Request rejected: this account is over its limit. Please retry later.":                          1100 * time.Millisecond,
+	} {
+		g := &Gate{MaxWait: time.Minute}
+		done, _ := g.Acquire(context.Background())
+		done(&Answer{Limited: true, RetryAfter: time.Second, Detail: detail})
+		if g.gap != want {
+			t.Errorf("%q: spacing %v, want %v", detail, g.gap, want)
+		}
+	}
+}
