@@ -61,9 +61,11 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
-	// PID is the process that journalled it: while that process runs,
-	// another process of the node leaves the deploy to it.
-	PID int `json:"pid,omitempty"`
+	// PID is the process that journalled it, Start when that process
+	// started (Self): while it runs (Running), another process of the
+	// node leaves the deploy to it.
+	PID   int    `json:"pid,omitempty"`
+	Start string `json:"start,omitempty"`
 }
 
 // Deployed is the last successful deploy of a lineage on this node.
