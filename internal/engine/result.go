@@ -157,7 +157,7 @@ func (r *Result) Report() *notify.Report {
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint, CA: it.CA, Fallback: it.Fallback}
 		if m := it.mail; m != nil {
 			ni.MailTo = m.To
-			ni.Relay = notify.Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle}
+			ni.Relay = notify.RelayOf(*m)
 		}
 		if it.Pending != "" {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
@@ -225,7 +225,7 @@ func timePtr(t time.Time) *time.Time {
 // mailOf keeps a lineage's own mail settings, if it has any: most have
 // none, and 100,000 items should not carry 100,000 empty copies.
 func mailOf(m store.Mail) *store.Mail {
-	if m.Host == "" && m.From == "" && len(m.To) == 0 && m.Port == 0 {
+	if m.Host == "" && m.From == "" && len(m.To) == 0 && m.Port == 0 && m.User == "" {
 		return nil
 	}
 	return &m

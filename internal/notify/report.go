@@ -185,6 +185,12 @@ type Relay struct {
 	From     string
 	TLS      string // this relay's --smtp-tls, when it has its own
 	CABundle string
+	User     string // its login, saved with it (the password never is)
+}
+
+// RelayOf is the relay a lineage saved with its mail settings.
+func RelayOf(m store.Mail) Relay {
+	return Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle, User: m.User}
 }
 
 // Envelope is one mail to send: where to, through which relay, and the
@@ -258,7 +264,7 @@ func Group(r *Report, global []string, relay Relay) []Envelope {
 // and whether it was revoked.
 func Deleted(l *store.Lineage, revokedFor string) *Report {
 	item := Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
-		MailTo: l.Mail.To, Relay: Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
+		MailTo: l.Mail.To, Relay: RelayOf(l.Mail)}
 	if revokedFor != "" {
 		item.Hint = "revoked at the CA (" + revokedFor + ")"
 	}

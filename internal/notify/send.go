@@ -1,6 +1,7 @@
 package notify
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -49,32 +50,9 @@ type Sender struct {
 // Send mails one envelope, retrying with backoff. The error names the
 // server and carries its SMTP reply, never the password.
 func (s *Sender) Send(ctx context.Context, env Envelope) error {
-	set := s.Settings
-	// Credentials belong to the relay they were configured for. A relay
-	// named by a lineage or a CSV row is another server: it gets no login,
-	// so the configured password can never go to it.
-	if other := (env.Relay.Host != "" && env.Relay.Host != set.Host) || (env.Relay.Port != 0 && env.Relay.Port != set.Port); other {
-		set.User, set.Password = "", ""
-	}
-	if env.Relay.Host != "" {
-		set.Host = env.Relay.Host
-	}
-	if env.Relay.Port != 0 {
-		set.Port = env.Relay.Port
-	}
-	if env.Relay.From != "" {
-		set.From = env.Relay.From
-	}
-	if env.Relay.TLS != "" {
-		set.TLS = env.Relay.TLS
-	}
-	if env.Relay.CABundle != "" {
-		set.CABundle = env.Relay.CABundle
-	}
-	if set.User != "" && !tlsAlways(set.TLS) {
-		// A lineage's saved mode can differ from the flags checked up
-		// front: a login goes only where TLS is certain, else nowhere.
-		return fmt.Errorf("relay %s:%d: refusing to log in with --smtp-tls %s, which can send the password in the clear; use starttls or tls for it", set.Host, set.Port, set.TLS)
+	set, err := s.settings(env.Relay)
+	if err != nil {
+		return err
 	}
 	msg := mail.NewMsg()
 	if err := msg.From(set.From); err != nil {
@@ -123,6 +101,36 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 		return hint.Wrap(err, "the relay %s offers no STARTTLS: if it speaks TLS from the first byte (often port 465) use --smtp-tls tls; on a network you trust, --smtp-tls opportunistic (TLS when offered) or none", server)
 	}
 	return err
+}
+
+// settings are the sender's settings for relay r (a lineage's or a CSV
+// row's, or none: the configured one). Credentials belong to the relay
+// they were configured for: another relay gets no login, unless it was
+// saved with its own (issue --smtp-host H --smtp-user U), which logs in
+// with the run's password as issue did. The password of a run that logs
+// in to another relay itself never goes to it.
+func (s *Sender) settings(r Relay) (Settings, error) {
+	set := s.Settings
+	other := (r.Host != "" && r.Host != set.Host) || (r.Port != 0 && r.Port != set.Port)
+	switch {
+	case r.User != "" && other && set.User != "":
+		return set, fmt.Errorf("relay %s:%d logs in as %s (saved with the certificate), but this run's password is --smtp-user %s's on %s:%d: mail that certificate's reports from a run given its own relay's password", r.Host, r.Port, r.User, set.User, set.Host, set.Port)
+	case r.User != "" && set.User == "":
+		set.User = r.User
+	case other:
+		set.User, set.Password = "", ""
+	}
+	set.Host, set.Port, set.From = cmp.Or(r.Host, set.Host), cmp.Or(r.Port, set.Port), cmp.Or(r.From, set.From)
+	set.TLS, set.CABundle = cmp.Or(r.TLS, set.TLS), cmp.Or(r.CABundle, set.CABundle)
+	if set.User != "" && set.Password == "" {
+		return set, hint.Wrap(fmt.Errorf("relay %s:%d: login %s has no password", set.Host, set.Port, set.User), "set LBCERT_SMTP_PASSWORD, or pass --smtp-password-file FILE, for the run that mails")
+	}
+	if set.User != "" && !tlsAlways(set.TLS) {
+		// A lineage's saved mode can differ from the flags checked up
+		// front: a login goes only where TLS is certain, else nowhere.
+		return set, fmt.Errorf("relay %s:%d: refusing to log in with --smtp-tls %s, which can send the password in the clear; use starttls or tls for it", set.Host, set.Port, set.TLS)
+	}
+	return set, nil
 }
 
 // tlsAlways says whether mode guarantees TLS before anything is sent
