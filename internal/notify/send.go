@@ -1,6 +1,7 @@
 package notify
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/tls"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	mail "github.com/wneessen/go-mail"
@@ -66,7 +68,8 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	msg.SetMessageID()
 	msg.SetBodyString(mail.TypeTextPlain, secret.Scrub(env.Report.Body()))
 
-	client, err := newClient(ctx, set)
+	last := &lastVerb{}
+	client, err := newClient(ctx, set, last)
 	if err != nil {
 		return err
 	}
@@ -92,11 +95,24 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 		}
 		backoff *= 2
 	}
+	return failure(env.To, server, tries, set, last.get(), err)
+}
+
+// failure is the error of a mail that could not be sent: the server,
+// the tries, its reply, and a hint when TLS is what failed.
+func failure(to, server string, tries int, set Settings, verb string, err error) error {
 	tried := "1 try"
 	if tries > 1 {
 		tried = fmt.Sprintf("%d tries", tries)
 	}
-	err = fmt.Errorf("mail to %s through %s failed after %s: %s", env.To, server, tried, scrub(err.Error(), set.Password))
+	reply := scrub(err.Error(), set.Password)
+	if verb == "STARTTLS" {
+		// A relay that offers STARTTLS and then refuses it (454, "TLS
+		// not available"): its reply alone reads like any refusal.
+		err = fmt.Errorf("mail to %s through %s failed after %s: the relay refused STARTTLS: %s", to, server, tried, reply)
+		return hint.Wrap(err, "the relay %s offers STARTTLS but cannot start it (often its certificate is missing or broken): fix its TLS; on a network you trust, --smtp-tls none sends without it", server)
+	}
+	err = fmt.Errorf("mail to %s through %s failed after %s: %s", to, server, tried, reply)
 	if strings.Contains(err.Error(), "STARTTLS") && (set.TLS == "" || set.TLS == "starttls") {
 		return hint.Wrap(err, "the relay %s offers no STARTTLS: if it speaks TLS from the first byte (often port 465) use --smtp-tls tls; on a network you trust, --smtp-tls opportunistic (TLS when offered) or none", server)
 	}
@@ -140,7 +156,7 @@ func tlsAlways(mode string) bool { return mode == "" || mode == "starttls" || mo
 // TLSAlways is tlsAlways for the commands' up-front check.
 func TLSAlways(mode string) bool { return tlsAlways(mode) }
 
-func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
+func newClient(ctx context.Context, s Settings, last *lastVerb) (*mail.Client, error) {
 	timeout := orDefault(s.Timeout, 30*time.Second)
 	opts := []mail.Option{mail.WithPort(s.Port), mail.WithTimeout(timeout)}
 	tlsConf := &tls.Config{ServerName: s.Host, MinVersion: tls.VersionTLS12}
@@ -155,7 +171,7 @@ func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
 		}
 		tlsConf.RootCAs = pool
 	}
-	opts = append(opts, mail.WithTLSConfig(tlsConf), mail.WithDialContextFunc(sessionDialer(ctx, s.TLS == "tls", tlsConf, timeout)))
+	opts = append(opts, mail.WithTLSConfig(tlsConf), mail.WithDialContextFunc(sessionDialer(ctx, s.TLS == "tls", tlsConf, timeout, last)))
 	switch s.TLS {
 	case "", "starttls":
 		opts = append(opts, mail.WithTLSPolicy(mail.TLSMandatory))
@@ -188,7 +204,7 @@ func orDefault(d, def time.Duration) time.Duration {
 // context (SIGTERM), ends the session at once; the context go-mail passes
 // for dialing ends with the dial, so it cannot serve for that. With implicit TLS it does the handshake itself, since
 // go-mail's own TLS dialing is replaced by this one.
-func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, timeout time.Duration) mail.DialContextFunc {
+func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, timeout time.Duration, last *lastVerb) mail.DialContextFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		d := &net.Dialer{Timeout: timeout}
 		var conn net.Conn
@@ -203,13 +219,45 @@ func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, time
 		}
 		conn.SetDeadline(time.Now().Add(timeout))
 		stop := context.AfterFunc(run, func() { conn.SetDeadline(time.Now()) })
-		return &sessionConn{Conn: conn, stop: stop}, nil
+		return &sessionConn{Conn: conn, stop: stop, last: last}, nil
 	}
 }
 
 type sessionConn struct {
 	net.Conn
 	stop func() bool
+	last *lastVerb
+}
+
+// Write notes each SMTP command sent in the clear: an error then says
+// which step the relay refused (a 454 to STARTTLS reads like a 454 to
+// AUTH). Bytes sent through TLS start with a record header, no verb;
+// QUIT and RSET, sent to clean up after a refusal, are not the step.
+func (c *sessionConn) Write(p []byte) (int, error) {
+	i := bytes.IndexAny(p, " \r")
+	if verb := string(p[:max(i, 0)]); i >= 4 && i <= 8 && verb != "QUIT" && verb != "RSET" &&
+		strings.IndexFunc(verb, func(r rune) bool { return r < 'A' || r > 'Z' }) < 0 {
+		c.last.set(verb)
+	}
+	return c.Conn.Write(p)
+}
+
+// lastVerb is the last SMTP command of a session.
+type lastVerb struct {
+	mu   sync.Mutex
+	verb string
+}
+
+func (l *lastVerb) set(v string) {
+	l.mu.Lock()
+	l.verb = v
+	l.mu.Unlock()
+}
+
+func (l *lastVerb) get() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.verb
 }
 
 func (c *sessionConn) Close() error {
