@@ -404,3 +404,26 @@ func TestHostile26RenewCountsDeployAsRenewed(t *testing.T) {
 		t.Errorf("renew's summary counts a deploy of a certificate obtained earlier as renewed:\n%s", r.stdout)
 	}
 }
+
+// TestHostile26NeverIssuedCanBeForgotten: now that renew retries a name
+// whose first order failed, a name that will never validate (a typo, a
+// customer gone) must be something the operator can stop: delete forgets
+// it, list no longer shows it, and renew orders nothing for it.
+func TestHostile26NeverIssuedCanBeForgotten(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	if r := e.run("issue", "-d", "typo.hostile.example.com", "--standalone", "--http-addr", freeAddr(t), "--agree-tos"); r.code != 1 {
+		t.Fatalf("the first issue was meant to fail: exit %d", r.code)
+	}
+	if r := e.run("delete", "--name", "typo.hostile.example.com", "--yes"); r.code != 0 || !strings.Contains(r.stdout, "deleted") {
+		t.Fatalf("delete of a never-issued name: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if l := e.mustRun("list"); strings.Contains(l.stdout, "typo.hostile.example.com") {
+		t.Errorf("list still shows the deleted never-issued name:\n%s", l.stdout)
+	}
+	orders := e.pebble.Orders()
+	e.run("renew", "--force", "--no-random-sleep")
+	if n := e.pebble.Orders(); n != orders {
+		t.Errorf("renew ordered %d times for a name deleted before it was ever issued", n-orders)
+	}
+}

@@ -570,6 +570,12 @@ func (r *run) fail(s *step, err error, backoff bool) {
 	it.Outcome, it.Error, it.Hint, it.err = Failed, oneLine(err), hint.Of(err), err
 	if backoff {
 		st := renewal.Failed(s.status, it.Error, r.started)
+		if s.prev == nil {
+			// Never issued: the status keeps the order's settings, so
+			// renew can retry it (RenewJobs).
+			req := s.job.Lineage
+			st.Request = &req
+		}
 		if werr := r.e.Catalog.SetStatus(r.ctx, s.job.Lineage.Name, st); werr != nil {
 			slog.Warn("could not save backoff", "name", s.job.Lineage.Name, "err", werr)
 		}

@@ -40,6 +40,12 @@ type Status struct {
 	// WarnedAt is when a report last warned that this certificate is
 	// heading for expiry unrenewed: at most one such warning a day.
 	WarnedAt time.Time `json:"warned_at,omitzero"`
+
+	// Request is the settings of a name's first order, kept while it
+	// fails: a name never issued has no lineage to read them from, and
+	// renew retries it with them once its backoff ends. Cleared with the
+	// rest of the status when a certificate is issued.
+	Request *Lineage `json:"request,omitempty"`
 }
 
 // Journal is what this node owes and has done for a lineage (see Local).
