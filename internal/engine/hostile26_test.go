@@ -5,6 +5,7 @@ import (
 	"errors"
 	"iter"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -80,5 +81,34 @@ func TestRenewJobsSelect(t *testing.T) {
 	all, _ := f.st.Lineages()
 	if _, _, err := RenewJobs(context.Background(), catalog.NewDir(f.st), all, nil, Renewal{Names: []string{"nope.test"}, Where: "st"}); err == nil {
 		t.Error("--name of an unknown name was accepted")
+	}
+}
+
+// renew's summary counts what it did: a certificate obtained earlier and
+// deployed now is "deployed", a never-issued name's first certificate
+// "issued", and only a new certificate of a lineage "renewed".
+func TestRenewSummaryCounts(t *testing.T) {
+	exp := t0.Add(90 * 24 * time.Hour)
+	res := &Result{Items: []*Item{
+		{Name: "dep.test", Outcome: Deployed, Serial: "0a", NotAfter: &exp, Deploy: "ok"},
+		{Name: "new.test", Outcome: Issued, Serial: "0b", NotAfter: &exp, Deploy: "none"},
+		{Name: "ok.test", Outcome: NotDue},
+	}}
+	res.Count()
+	var b strings.Builder
+	res.RenewSummary(&b)
+	out := b.String()
+	for _, want := range []string{"lbcert renew: 0 renewed, 1 issued, 1 deployed, 1 not due, 0 failed, 0 deferred\n",
+		"  deployed  dep.test", "  issued    new.test                       0b, expires 2027-03-01, its first certificate"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("summary lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "  renewed ") {
+		t.Errorf("a deploy or a first certificate is listed as renewed:\n%s", out)
+	}
+	rep := res.Report()
+	if sub := rep.Subject(); !strings.Contains(sub, "lbcert issued 1, deployed 1") || strings.Contains(sub, "renewed") {
+		t.Errorf("the mail's subject: %q", sub)
 	}
 }

@@ -174,10 +174,7 @@ func (r *Result) Report() *notify.Report {
 		}
 		switch it.Outcome {
 		case Issued, Renewed, Deployed:
-			ni.Outcome = string(it.Outcome)
-			if it.Outcome == Deployed {
-				ni.Outcome = "renewed"
-			}
+			ni.Outcome = string(it.Outcome) // a deploy of a certificate obtained earlier is no renewal
 			out.Items = append(out.Items, ni)
 			continue
 		case Failed, Aborted:

@@ -22,7 +22,7 @@ import (
 type Item struct {
 	Name        string
 	Domains     []string
-	Outcome     string // "issued", "renewed", "deleted", "failed", "deferred", "invalid", or "expiring" for warnings
+	Outcome     string // "issued", "renewed", "deployed", "deleted", "failed", "deferred", "invalid", or "expiring" for warnings
 	Serial      string
 	OldNotAfter time.Time
 	NewNotAfter time.Time
@@ -87,7 +87,7 @@ func (r *Report) Subject() string {
 	if r.Interrupted {
 		parts = append(parts, "interrupted")
 	}
-	for _, k := range []string{"issued", "renewed", "deleted", "failed", "deferred", "invalid"} {
+	for _, k := range []string{"issued", "renewed", "deployed", "deleted", "failed", "deferred", "invalid"} {
 		if c[k] > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d", k, c[k]))
 		}
