@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // renewSelect runs RenewJobs over the fixture's lineages and never-issued
@@ -110,5 +111,35 @@ func TestRenewSummaryCounts(t *testing.T) {
 	rep := res.Report()
 	if sub := rep.Subject(); !strings.Contains(sub, "lbcert issued 1, deployed 1") || strings.Contains(sub, "renewed") {
 		t.Errorf("the mail's subject: %q", sub)
+	}
+}
+
+// fullDisk is a catalog whose saves fail, as on a full disk.
+type fullDisk struct{ catalog.Catalog }
+
+func (fullDisk) Publish(context.Context, catalog.Lease, *store.Lineage, store.Files) (int, error) {
+	return 0, errors.New("write chain.pem: no space left on device")
+}
+
+// A certificate obtained but not saved is not "issued": issue says it
+// was obtained and not saved (a renewal as such), with no live paths.
+func TestObtainedNotSaved(t *testing.T) {
+	f := newFixture(t)
+	f.saved("full.test")
+	e := f.engine(Options{Command: "issue"})
+	e.Catalog = fullDisk{e.Catalog}
+	j := job("full.test")
+	j.Force = true
+	p, err := e.Plan(context.Background(), []Job{j})
+	if err != nil {
+		t.Fatal(err)
+	}
+	it := p.Execute(context.Background()).Items[0]
+	var b strings.Builder
+	it.IssueText(&b, f.st.LivePaths("full.test"), t0)
+	out := b.String()
+	if it.Outcome != Failed || !strings.Contains(out, "obtained a renewed certificate for full.test") || strings.Contains(out, "issued") ||
+		strings.Contains(out, "fullchain") || !strings.Contains(it.Hint, "obtained but not saved") {
+		t.Errorf("outcome %s, hint %q:\n%s", it.Outcome, it.Hint, out)
 	}
 }

@@ -73,7 +73,10 @@ type Item struct {
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
-	warn   bool          // the report warns about it (at most once a day)
+	// unsaved: obtained from the CA, but saving it failed (live/ and
+	// the load balancer unchanged).
+	unsaved bool
+	warn    bool // the report warns about it (at most once a day)
 }
 
 // Err is the error behind Error, when the item failed.

@@ -178,6 +178,15 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 		if it.Serial == "" {
 			break
 		}
+		if it.unsaved {
+			what := "a certificate"
+			if it.OldSerial != "" {
+				what = "a renewed certificate"
+			}
+			fmt.Fprintf(w, "%s: obtained %s for %s (serial %s) but could not save it: the live files and the load balancer are unchanged\n",
+				it.Name, what, strings.Join(it.Domains, ", "), it.Serial)
+			return
+		}
 		verb := "issued certificate"
 		switch it.Outcome {
 		case Deployed:
