@@ -167,6 +167,9 @@ func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*sto
 		}
 	}
 	l, err := h.catalog.Head(ctx, name)
+	if st, _ := h.catalog.Status(ctx, name); isNotFound(err) && st.Request != nil && !o.Revoke {
+		return &store.Lineage{Name: name, Domains: st.Request.Domains}, nil // never issued: forgotten, never retried again
+	}
 	if isNotFound(err) {
 		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 	}

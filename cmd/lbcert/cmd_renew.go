@@ -5,16 +5,13 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
-	"slices"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -140,7 +137,8 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if err != nil {
 		return fmt.Errorf("read the lineages: %w", err)
 	}
-	if len(all) == 0 && len(o.Names) == 0 {
+	failed, _ := h.failedNames() // never issued: retried (engine.RenewJobs)
+	if len(all)+len(failed) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
 		res := &engine.Result{Version: engine.SchemaVersion, Command: "renew", DryRun: o.DryRun, Started: a.now(), Finished: a.now()}
 		res.Count()
@@ -153,7 +151,9 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	}
 	res, err := a.runEngine(ctx, h, runSpec{limits: limits, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, Options: engine.Options{
 		Command: "renew", Concurrency: o.Concurrency, Days: o.Days, DryRun: o.DryRun, MaxWait: o.MaxWait, RandomDelay: delay,
-	}}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
+	}}, func() (iter.Seq[engine.Job], int, error) {
+		return engine.RenewJobs(ctx, h.catalog, all, failed, engine.Renewal{Names: o.Names, Force: o.Force, DryRun: o.DryRun, Where: h.where})
+	})
 	if err != nil {
 		return err
 	}
@@ -164,38 +164,6 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		mailErr = a.mailReport(ctx, st, res.Report())
 	}
 	return runError(res, mailErr)
-}
-
-// renewJobs is one job per selected lineage, with its saved settings,
-// made as the plan reaches it: the plan loads each lineage when it
-// decides it, so a pass over 100,000 holds one at a time. Only a dry run
-// reads them here, to point them at staging.
-func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
-	selected := all
-	if len(o.Names) > 0 {
-		selected = o.Names
-		for _, n := range selected {
-			if !slices.Contains(all, n) {
-				return nil, 0, hint.Wrap(fmt.Errorf("--name %s: no such lineage in %s", n, h.where), "'lbcert list' shows the lineages")
-			}
-		}
-	}
-	return func(yield func(engine.Job) bool) {
-		for _, n := range selected {
-			// A broken lineage is one failed item, not a failed run: the
-			// plan says so when it cannot load it.
-			job := engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true}
-			if o.DryRun {
-				if l, err := h.catalog.Head(ctx, n); err == nil {
-					job.Stored, job.Lineage = false, *l
-					job.Lineage.Server, job.Lineage.Fallback.Primary = acme.DryRunServer(l.Server), acme.DryRunServer(l.Fallback.Primary)
-				}
-			}
-			if !yield(job) {
-				return
-			}
-		}
-	}, len(selected), nil
 }
 
 // renderRenew prints the run: JSON, or a summary that is silent when

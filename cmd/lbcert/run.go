@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -47,7 +48,7 @@ func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() 
 	if spec.done != nil {
 		defer spec.done()
 	}
-	if err := a.checkKeep(); err != nil {
+	if err := cmp.Or(a.checkKeep(), a.mail.CheckLogin(a.getenv("LBCERT_SMTP_PASSWORD"))); err != nil {
 		return nil, err
 	}
 	if a.global.HookConc < 1 {

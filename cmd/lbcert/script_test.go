@@ -70,6 +70,14 @@ func TestScript(t *testing.T) {
 				ts.Defer(func() { ln.Close() })
 				ts.Setenv(args[0], ln.Addr().String())
 			},
+			// freeport VAR: put a loopback address with a port free now
+			// in $VAR (port 0 is refused as --http-addr).
+			"freeport": func(ts *testscript.TestScript, neg bool, args []string) {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				ts.Check(err)
+				ts.Setenv(args[0], ln.Addr().String())
+				ln.Close()
+			},
 		},
 	})
 }

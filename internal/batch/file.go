@@ -68,5 +68,10 @@ func (row *Row) Mail(base store.Mail) store.Mail {
 	if row.SMTPPort != 0 {
 		m.Port = row.SMTPPort
 	}
+	if row.SMTPHost != "" || row.SMTPPort != 0 {
+		// A row's own relay is another server: the command line's login
+		// (and so its password) is not for it.
+		m.User = ""
+	}
 	return m
 }

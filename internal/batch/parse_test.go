@@ -8,6 +8,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 var defaults = Defaults{HTTPAddr: "127.0.0.1:80", VIPHost: "127.0.0.1"}
@@ -252,5 +254,19 @@ func TestAddressRows(t *testing.T) {
 	}
 	if len(r.Problems) != 1 || r.Problems[0].Line != 3 || !strings.Contains(r.Problems[0].Msg, "leading zero") {
 		t.Fatalf("problems %+v", r.Problems)
+	}
+}
+
+// A row's own relay is another server: the command line's login (and so
+// its password) is not saved for it; rows without one keep it.
+func TestRowMailDropsLoginForItsOwnRelay(t *testing.T) {
+	base := store.Mail{Host: "mx.example.com", Port: 587, User: "mailer"}
+	if m := (&Row{}).Mail(base); m.User != "mailer" {
+		t.Errorf("a row on the command line's relay lost its login: %+v", m)
+	}
+	for _, row := range []*Row{{SMTPHost: "relay.customer.example"}, {SMTPPort: 2525}} {
+		if m := row.Mail(base); m.User != "" {
+			t.Errorf("row %+v: its own relay keeps the command line's login: %+v", row, m)
+		}
 	}
 }

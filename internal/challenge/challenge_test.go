@@ -253,7 +253,7 @@ func TestWebrootConcurrent(t *testing.T) {
 // offline, and whether the port is free by binding it for a moment
 // (issue #26 item 18).
 func TestCheckAddrAndProbe(t *testing.T) {
-	for _, bad := range []string{"127.0.0.1:99999", "127.0.0.1", ":-1", ":http", "a:b:c"} {
+	for _, bad := range []string{"127.0.0.1:99999", "127.0.0.1", ":-1", ":http", "a:b:c", ":0", "127.0.0.1:0"} {
 		if err := CheckAddr(bad); err == nil || !strings.Contains(err.Error(), "--http-addr") {
 			t.Errorf("CheckAddr(%q) = %v", bad, err)
 		}

@@ -37,11 +37,12 @@ type token struct {
 }
 
 // CheckAddr checks a listen address offline: host:port (the host may be
-// empty), a port of 1-65535.
+// empty), a port of 1-65535. Port 0 is refused too: the kernel would
+// pick a random port, where the CA's validation never connects.
 func CheckAddr(addr string) error {
 	_, port, err := net.SplitHostPort(addr)
 	n, perr := strconv.Atoi(port)
-	if err != nil || perr != nil || n < 0 || n > 65535 {
+	if err != nil || perr != nil || n < 1 || n > 65535 {
 		return fmt.Errorf("--http-addr %q: want [host]:port with a port of 1-65535, like :80 or 127.0.0.1:8888", addr)
 	}
 	return nil

@@ -490,7 +490,8 @@ func pendingError(n *Node, name string) string {
 func settingsChanged(prev, want *store.Lineage) bool {
 	return prev.Challenge != want.Challenge || prev.Deploy != want.Deploy || prev.Profile != want.Profile ||
 		!slices.Equal(prev.Mail.To, want.Mail.To) || prev.Mail.From != want.Mail.From || prev.Mail.Host != want.Mail.Host ||
-		prev.Mail.Port != want.Mail.Port || prev.Mail.TLS != want.Mail.TLS || prev.Mail.CABundle != want.Mail.CABundle
+		prev.Mail.Port != want.Mail.Port || prev.Mail.TLS != want.Mail.TLS || prev.Mail.CABundle != want.Mail.CABundle ||
+		prev.Mail.User != want.Mail.User
 }
 
 func sameNames(a, b []string) bool {

@@ -385,12 +385,15 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		r.defer_(s, oneLine(err), time.Time{}, err)
 		return
 	}
+	// Obtained, not saved: what was live stays live, nothing is
+	// deployed, and the command must not say "issued" (a full disk).
+	it.unsaved = err != nil
 	if notTheNamesFault(err) {
 		r.fail(s, err, false) // a catalog that says why, as a fleet refusing a stale writer does
 		return
 	}
 	if err != nil {
-		r.fail(s, fmt.Errorf("save %s: %w", l.Name, err), false)
+		r.fail(s, hint.Wrap(fmt.Errorf("save %s: %w", l.Name, err), "the certificate was obtained but not saved; free space (or fix the state directory) and run the same command again: it orders anew"), false)
 		return
 	}
 	l.Version, it.Version = version, version
@@ -639,6 +642,12 @@ func (r *run) fail(s *step, err error, backoff bool) {
 	it.Outcome, it.Error, it.Hint, it.err = Failed, oneLine(err), hint.Of(err), err
 	if backoff {
 		st := renewal.Failed(s.status, it.Error, r.started)
+		if s.prev == nil {
+			// Never issued: the status keeps the order's settings, so
+			// renew can retry it (RenewJobs).
+			req := s.job.Lineage
+			st.Request = &req
+		}
 		if werr := r.e.Catalog.SetStatus(r.ctx, s.job.Lineage.Name, st); werr != nil {
 			slog.Warn("could not save backoff", "name", s.job.Lineage.Name, "err", werr)
 		}

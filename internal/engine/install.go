@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/deploy"
@@ -164,7 +163,8 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	if p := j.Pending; p != nil && live == p.Version {
 		previous = p.Previous // a deploy a killed run left half-done
 	}
-	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC(), PID: os.Getpid()}
+	pid, start := store.Self()
+	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC(), PID: pid, Start: start}
 	if err := n.Local.SetJournal(l.Name, j); err != nil {
 		return nil, fmt.Errorf("journal %s version %d: %w", l.Name, l.Version, err)
 	}
@@ -187,22 +187,18 @@ func (n *Node) stage(ctx context.Context, l *store.Lineage, files store.Files) e
 }
 
 // settled reports whether this node needs nothing more for l: it is
-// deployed with this node's settings, or another live process of this
-// node journalled it and is deploying it now.
+// deployed with this node's settings, or another process of this node
+// that still runs journalled it and is deploying it now (a kill -9
+// leaves an entry whose process is gone, a zombie, or whose PID another
+// process took: that deploy is owed, not in progress; Pending.Running).
 func (n *Node) settled(l *store.Lineage) bool {
 	j, _ := n.Local.Journal(l.Name)
 	live, _ := n.Local.LiveVersion(l.Name)
 	if p := j.Pending; p != nil {
-		return p.Version == l.Version && p.PID != 0 && p.PID != os.Getpid() && alive(p.PID)
+		return p.Version == l.Version && p.PID != os.Getpid() && p.Running()
 	}
 	d := j.Deployed
 	return live == l.Version && d != nil && d.Version == l.Version && d.Serial == l.Cert.Serial && d.With == store.DeployDigest(n.settings(l))
-}
-
-// alive reports whether process pid runs (kill -9 leaves an entry whose
-// process is gone: that deploy is owed, not in progress).
-func alive(pid int) bool {
-	return syscall.Kill(pid, 0) == nil
 }
 
 // installed is what the deploy did to one want.
@@ -306,7 +302,7 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 		j.Pending = &store.Pending{Version: w.l.Version, Previous: w.previous, Since: time.Now().UTC()}
 	}
 	j.Pending.Error = msg
-	j.Pending.PID = 0 // owed, and nobody is at it: any process of the node may try again
+	j.Pending.PID, j.Pending.Start = 0, "" // owed, and nobody is at it: any process of the node may try again
 	if err := n.Local.SetJournal(name, j); err != nil {
 		slog.Warn("could not save the pending deploy", "name", name, "err", err)
 	}

@@ -79,7 +79,10 @@ type Item struct {
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
-	warn   bool          // the report warns about it (at most once a day)
+	// unsaved: obtained from the CA, but saving it failed (live/ and
+	// the load balancer unchanged).
+	unsaved bool
+	warn    bool // the report warns about it (at most once a day)
 }
 
 // Err is the error behind Error, when the item failed.
@@ -180,7 +183,7 @@ func (r *Result) Report() *notify.Report {
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint, CA: it.CA, Fallback: it.Fallback}
 		if m := it.mail; m != nil {
 			ni.MailTo = m.To
-			ni.Relay = notify.Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle}
+			ni.Relay = notify.RelayOf(*m)
 		}
 		if it.Pending != "" {
 			ni.Deploy = strings.TrimSpace(strings.ReplaceAll(ni.Deploy, "_", " ") + "; pending deploy: " + it.Pending)
@@ -200,10 +203,7 @@ func (r *Result) Report() *notify.Report {
 		}
 		switch it.Outcome {
 		case Issued, Renewed, Deployed:
-			ni.Outcome = string(it.Outcome)
-			if it.Outcome == Deployed {
-				ni.Outcome = "renewed"
-			}
+			ni.Outcome = string(it.Outcome) // a deploy of a certificate obtained earlier is no renewal
 			out.Items = append(out.Items, ni)
 			continue
 		case Failed, Aborted:
@@ -262,7 +262,7 @@ func timePtr(t time.Time) *time.Time {
 // mailOf keeps a lineage's own mail settings, if it has any: most have
 // none, and 100,000 items should not carry 100,000 empty copies.
 func mailOf(m store.Mail) *store.Mail {
-	if m.Host == "" && m.From == "" && len(m.To) == 0 && m.Port == 0 {
+	if m.Host == "" && m.From == "" && len(m.To) == 0 && m.Port == 0 && m.User == "" {
 		return nil
 	}
 	return &m

@@ -122,16 +122,25 @@ func (res *Result) RenewSummary(w io.Writer) {
 	if changed+c[Failed]+c[Deferred]+c[Aborted]+c[NotStarted] == 0 {
 		return // nothing due: silence, for cron
 	}
-	verb := "renewed"
+	// A certificate obtained earlier and only deployed now is not a
+	// renewal, nor is a name's first certificate (a retried first order).
+	counts := fmt.Sprintf("%d renewed", c[Renewed])
 	if res.DryRun {
-		verb = "would renew (dry run)"
+		counts = fmt.Sprintf("%d would renew (dry run)", c[Renewed]+c[Issued])
+	} else if c[Issued] > 0 {
+		counts += fmt.Sprintf(", %d issued", c[Issued])
 	}
-	fmt.Fprintf(w, "lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
-		changed, verb, c[NotDue], c[Failed]+c[Aborted], c[Deferred])
+	if c[Deployed] > 0 {
+		counts += fmt.Sprintf(", %d deployed", c[Deployed])
+	}
+	fmt.Fprintf(w, "lbcert renew: %s, %d not due, %d failed, %d deferred\n",
+		counts, c[NotDue], c[Failed]+c[Aborted], c[Deferred])
 	for _, it := range res.Items {
 		switch it.Outcome {
-		case Renewed, Issued:
+		case Renewed:
 			fmt.Fprintf(w, "  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords()+it.fromFallback())
+		case Issued:
+			fmt.Fprintf(w, "  issued    %-30s %s, expires %s, its first certificate; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords()+it.fromFallback())
 		case Deployed:
 			fmt.Fprintf(w, "  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords())
 		case Failed, Aborted:
@@ -171,6 +180,15 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 	case Issued, Renewed, Deployed, Failed:
 		if it.Serial == "" {
 			break
+		}
+		if it.unsaved {
+			what := "a certificate"
+			if it.OldSerial != "" {
+				what = "a renewed certificate"
+			}
+			fmt.Fprintf(w, "%s: obtained %s for %s (serial %s) but could not save it: the live files and the load balancer are unchanged\n",
+				it.Name, what, strings.Join(it.Domains, ", "), it.Serial)
+			return
 		}
 		verb := "issued certificate"
 		switch it.Outcome {

@@ -93,10 +93,14 @@ func (e *Entry) status(c Clock) string {
 
 // failuresText is "2 failures, retry in 58m: <last error>".
 func (e *Entry) failuresText(c Clock) string {
-	if e.BackoffTill != nil {
-		return fmt.Sprintf("%d failures, retry %s: %s", e.Failures, c.When(*e.BackoffTill), e.LastError)
+	n := fmt.Sprintf("%d failures", e.Failures)
+	if e.Failures == 1 {
+		n = "1 failure"
 	}
-	return fmt.Sprintf("%d failures: %s", e.Failures, e.LastError)
+	if e.BackoffTill != nil {
+		return fmt.Sprintf("%s, retry %s: %s", n, c.When(*e.BackoffTill), e.LastError)
+	}
+	return fmt.Sprintf("%s: %s", n, e.LastError)
 }
 
 // Show writes show's rows about one lineage.

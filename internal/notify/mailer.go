@@ -7,6 +7,7 @@ import (
 	"net/mail"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -71,12 +72,18 @@ func checkAddress(flag, addr string) error {
 // value, replaced by --smtp-password-file's content when one is named;
 // either is read only when a user is set.
 func (o Options) Settings(password string) (Settings, error) {
+	return o.settings(password, o.User != "")
+}
+
+// settings is Settings, reading the password when login says a relay
+// wants it: --smtp-user's, or a login a lineage saved with its relay.
+func (o Options) settings(password string, login bool) (Settings, error) {
 	s := Settings{Host: o.Host, Port: o.Port, From: o.From, User: o.User, TLS: o.TLS, CABundle: o.CABundle}
 	if s.From == "" {
 		host, _ := os.Hostname()
 		s.From = "lbcert@" + host
 	}
-	if o.User == "" {
+	if !login {
 		return s, nil
 	}
 	s.Password = password
@@ -89,6 +96,25 @@ func (o Options) Settings(password string) (Settings, error) {
 	}
 	scrub("", s.Password) // registered: never printed from here on
 	return s, nil
+}
+
+// CheckLogin refuses --smtp-user without a password before a run orders
+// anything: the relay would refuse the login only after the run, with a
+// reply that does not say the password is missing.
+func (o Options) CheckLogin(password string) error {
+	if o.User == "" {
+		return nil
+	}
+	s, err := o.Settings(password)
+	switch {
+	case err != nil:
+		return err
+	case s.Password == "" && o.PasswordFile != "":
+		return fmt.Errorf("--smtp-password-file %s is empty: write the password of --smtp-user %s in it", o.PasswordFile, o.User)
+	case s.Password == "":
+		return fmt.Errorf("--smtp-user %s has no password: set LBCERT_SMTP_PASSWORD, or pass --smtp-password-file FILE", o.User)
+	}
+	return nil
 }
 
 // stepTimeout bounds all the mail of one run; afterInterrupt bounds it
@@ -137,7 +163,7 @@ func (m *Mailer) Deliver(ctx context.Context, rep *Report) (int, error) {
 	if len(envs) == 0 {
 		return 0, nil // mail is not configured
 	}
-	set, err := m.Options.Settings(m.Password)
+	set, err := m.Options.settings(m.Password, m.Options.User != "" || slices.ContainsFunc(envs, func(e Envelope) bool { return e.Relay.User != "" }))
 	if err != nil {
 		return 0, err
 	}
@@ -189,8 +215,8 @@ func unwrapPath(err error) error {
 // Saved is what a lineage saves of these settings: those changed says
 // were given on its command line, over prev, so that renew mails the
 // same people through the same relay. A relay is saved whole, its TLS
-// mode and roots with its address, or a cron renew would try the global
-// mode against it. Never the password.
+// mode, roots and login user with its address, or a cron renew would try
+// the global mode against it, or no login. Never the password.
 func (o Options) Saved(changed func(flag string) bool, prev *store.Mail) store.Mail {
 	var out store.Mail
 	if prev != nil {
@@ -209,6 +235,9 @@ func (o Options) Saved(changed func(flag string) bool, prev *store.Mail) store.M
 		out.Port = o.Port
 	}
 	relay := changed("smtp-host") || changed("smtp-port")
+	if relay || changed("smtp-user") {
+		out.User = o.User // its login, whose password cron must give again
+	}
 	if relay || changed("smtp-tls") {
 		out.TLS = o.TLS
 	}
@@ -226,6 +255,9 @@ func (o Options) Saved(changed func(flag string) bool, prev *store.Mail) store.M
 func (o Options) Test(ctx context.Context, password string, now time.Time, sent func(to, relay string)) error {
 	if len(o.To) == 0 {
 		return fmt.Errorf("mail-test: no recipient: pass --mail-to ADDR")
+	}
+	if err := o.CheckLogin(password); err != nil {
+		return err
 	}
 	set, err := o.Settings(password)
 	if err != nil {

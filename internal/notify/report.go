@@ -22,7 +22,7 @@ import (
 type Item struct {
 	Name        string
 	Domains     []string
-	Outcome     string // "issued", "renewed", "deleted", "failed", "deferred", "invalid", or "expiring" for warnings
+	Outcome     string // "issued", "renewed", "deployed", "deleted", "failed", "deferred", "invalid", or "expiring" for warnings
 	Serial      string
 	OldNotAfter time.Time
 	NewNotAfter time.Time
@@ -91,7 +91,7 @@ func (r *Report) Subject() string {
 	if r.Interrupted {
 		parts = append(parts, "interrupted")
 	}
-	for _, k := range []string{"issued", "renewed", "deleted", "failed", "deferred", "invalid"} {
+	for _, k := range []string{"issued", "renewed", "deployed", "deleted", "failed", "deferred", "invalid"} {
 		if c[k] > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d", k, c[k]))
 		}
@@ -198,6 +198,12 @@ type Relay struct {
 	From     string
 	TLS      string // this relay's --smtp-tls, when it has its own
 	CABundle string
+	User     string // its login, saved with it (the password never is)
+}
+
+// RelayOf is the relay a lineage saved with its mail settings.
+func RelayOf(m store.Mail) Relay {
+	return Relay{Host: m.Host, Port: m.Port, From: m.From, TLS: m.TLS, CABundle: m.CABundle, User: m.User}
 }
 
 // Envelope is one mail to send: where to, through which relay, and the
@@ -271,7 +277,7 @@ func Group(r *Report, global []string, relay Relay) []Envelope {
 // and whether it was revoked.
 func Deleted(l *store.Lineage, revokedFor string) *Report {
 	item := Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
-		MailTo: l.Mail.To, Relay: Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
+		MailTo: l.Mail.To, Relay: RelayOf(l.Mail)}
 	if revokedFor != "" {
 		item.Hint = "revoked at the CA (" + revokedFor + ")"
 	}

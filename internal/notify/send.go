@@ -1,6 +1,8 @@
 package notify
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -10,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	mail "github.com/wneessen/go-mail"
@@ -49,32 +52,9 @@ type Sender struct {
 // Send mails one envelope, retrying with backoff. The error names the
 // server and carries its SMTP reply, never the password.
 func (s *Sender) Send(ctx context.Context, env Envelope) error {
-	set := s.Settings
-	// Credentials belong to the relay they were configured for. A relay
-	// named by a lineage or a CSV row is another server: it gets no login,
-	// so the configured password can never go to it.
-	if other := (env.Relay.Host != "" && env.Relay.Host != set.Host) || (env.Relay.Port != 0 && env.Relay.Port != set.Port); other {
-		set.User, set.Password = "", ""
-	}
-	if env.Relay.Host != "" {
-		set.Host = env.Relay.Host
-	}
-	if env.Relay.Port != 0 {
-		set.Port = env.Relay.Port
-	}
-	if env.Relay.From != "" {
-		set.From = env.Relay.From
-	}
-	if env.Relay.TLS != "" {
-		set.TLS = env.Relay.TLS
-	}
-	if env.Relay.CABundle != "" {
-		set.CABundle = env.Relay.CABundle
-	}
-	if set.User != "" && !tlsAlways(set.TLS) {
-		// A lineage's saved mode can differ from the flags checked up
-		// front: a login goes only where TLS is certain, else nowhere.
-		return fmt.Errorf("relay %s:%d: refusing to log in with --smtp-tls %s, which can send the password in the clear; use starttls or tls for it", set.Host, set.Port, set.TLS)
+	set, err := s.settings(env.Relay)
+	if err != nil {
+		return err
 	}
 	msg := mail.NewMsg()
 	if err := msg.From(set.From); err != nil {
@@ -88,7 +68,8 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 	msg.SetMessageID()
 	msg.SetBodyString(mail.TypeTextPlain, secret.Scrub(env.Report.Body()))
 
-	client, err := newClient(ctx, set)
+	last := &lastVerb{}
+	client, err := newClient(ctx, set, last)
 	if err != nil {
 		return err
 	}
@@ -114,15 +95,58 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 		}
 		backoff *= 2
 	}
+	return failure(env.To, server, tries, set, last.get(), err)
+}
+
+// failure is the error of a mail that could not be sent: the server,
+// the tries, its reply, and a hint when TLS is what failed.
+func failure(to, server string, tries int, set Settings, verb string, err error) error {
 	tried := "1 try"
 	if tries > 1 {
 		tried = fmt.Sprintf("%d tries", tries)
 	}
-	err = fmt.Errorf("mail to %s through %s failed after %s: %s", env.To, server, tried, scrub(err.Error(), set.Password))
+	reply := scrub(err.Error(), set.Password)
+	if verb == "STARTTLS" {
+		// A relay that offers STARTTLS and then refuses it (454, "TLS
+		// not available"): its reply alone reads like any refusal.
+		err = fmt.Errorf("mail to %s through %s failed after %s: the relay refused STARTTLS: %s", to, server, tried, reply)
+		return hint.Wrap(err, "the relay %s offers STARTTLS but cannot start it (often its certificate is missing or broken): fix its TLS; on a network you trust, --smtp-tls none sends without it", server)
+	}
+	err = fmt.Errorf("mail to %s through %s failed after %s: %s", to, server, tried, reply)
 	if strings.Contains(err.Error(), "STARTTLS") && (set.TLS == "" || set.TLS == "starttls") {
 		return hint.Wrap(err, "the relay %s offers no STARTTLS: if it speaks TLS from the first byte (often port 465) use --smtp-tls tls; on a network you trust, --smtp-tls opportunistic (TLS when offered) or none", server)
 	}
 	return err
+}
+
+// settings are the sender's settings for relay r (a lineage's or a CSV
+// row's, or none: the configured one). Credentials belong to the relay
+// they were configured for: another relay gets no login, unless it was
+// saved with its own (issue --smtp-host H --smtp-user U), which logs in
+// with the run's password as issue did. The password of a run that logs
+// in to another relay itself never goes to it.
+func (s *Sender) settings(r Relay) (Settings, error) {
+	set := s.Settings
+	other := (r.Host != "" && r.Host != set.Host) || (r.Port != 0 && r.Port != set.Port)
+	switch {
+	case r.User != "" && other && set.User != "":
+		return set, fmt.Errorf("relay %s:%d logs in as %s (saved with the certificate), but this run's password is --smtp-user %s's on %s:%d: mail that certificate's reports from a run given its own relay's password", r.Host, r.Port, r.User, set.User, set.Host, set.Port)
+	case r.User != "" && set.User == "":
+		set.User = r.User
+	case other:
+		set.User, set.Password = "", ""
+	}
+	set.Host, set.Port, set.From = cmp.Or(r.Host, set.Host), cmp.Or(r.Port, set.Port), cmp.Or(r.From, set.From)
+	set.TLS, set.CABundle = cmp.Or(r.TLS, set.TLS), cmp.Or(r.CABundle, set.CABundle)
+	if set.User != "" && set.Password == "" {
+		return set, hint.Wrap(fmt.Errorf("relay %s:%d: login %s has no password", set.Host, set.Port, set.User), "set LBCERT_SMTP_PASSWORD, or pass --smtp-password-file FILE, for the run that mails")
+	}
+	if set.User != "" && !tlsAlways(set.TLS) {
+		// A lineage's saved mode can differ from the flags checked up
+		// front: a login goes only where TLS is certain, else nowhere.
+		return set, fmt.Errorf("relay %s:%d: refusing to log in with --smtp-tls %s, which can send the password in the clear; use starttls or tls for it", set.Host, set.Port, set.TLS)
+	}
+	return set, nil
 }
 
 // tlsAlways says whether mode guarantees TLS before anything is sent
@@ -132,7 +156,7 @@ func tlsAlways(mode string) bool { return mode == "" || mode == "starttls" || mo
 // TLSAlways is tlsAlways for the commands' up-front check.
 func TLSAlways(mode string) bool { return tlsAlways(mode) }
 
-func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
+func newClient(ctx context.Context, s Settings, last *lastVerb) (*mail.Client, error) {
 	timeout := orDefault(s.Timeout, 30*time.Second)
 	opts := []mail.Option{mail.WithPort(s.Port), mail.WithTimeout(timeout)}
 	tlsConf := &tls.Config{ServerName: s.Host, MinVersion: tls.VersionTLS12}
@@ -147,7 +171,7 @@ func newClient(ctx context.Context, s Settings) (*mail.Client, error) {
 		}
 		tlsConf.RootCAs = pool
 	}
-	opts = append(opts, mail.WithTLSConfig(tlsConf), mail.WithDialContextFunc(sessionDialer(ctx, s.TLS == "tls", tlsConf, timeout)))
+	opts = append(opts, mail.WithTLSConfig(tlsConf), mail.WithDialContextFunc(sessionDialer(ctx, s.TLS == "tls", tlsConf, timeout, last)))
 	switch s.TLS {
 	case "", "starttls":
 		opts = append(opts, mail.WithTLSPolicy(mail.TLSMandatory))
@@ -180,7 +204,7 @@ func orDefault(d, def time.Duration) time.Duration {
 // context (SIGTERM), ends the session at once; the context go-mail passes
 // for dialing ends with the dial, so it cannot serve for that. With implicit TLS it does the handshake itself, since
 // go-mail's own TLS dialing is replaced by this one.
-func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, timeout time.Duration) mail.DialContextFunc {
+func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, timeout time.Duration, last *lastVerb) mail.DialContextFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		d := &net.Dialer{Timeout: timeout}
 		var conn net.Conn
@@ -195,13 +219,45 @@ func sessionDialer(run context.Context, implicitTLS bool, conf *tls.Config, time
 		}
 		conn.SetDeadline(time.Now().Add(timeout))
 		stop := context.AfterFunc(run, func() { conn.SetDeadline(time.Now()) })
-		return &sessionConn{Conn: conn, stop: stop}, nil
+		return &sessionConn{Conn: conn, stop: stop, last: last}, nil
 	}
 }
 
 type sessionConn struct {
 	net.Conn
 	stop func() bool
+	last *lastVerb
+}
+
+// Write notes each SMTP command sent in the clear: an error then says
+// which step the relay refused (a 454 to STARTTLS reads like a 454 to
+// AUTH). Bytes sent through TLS start with a record header, no verb;
+// QUIT and RSET, sent to clean up after a refusal, are not the step.
+func (c *sessionConn) Write(p []byte) (int, error) {
+	i := bytes.IndexAny(p, " \r")
+	if verb := string(p[:max(i, 0)]); i >= 4 && i <= 8 && verb != "QUIT" && verb != "RSET" &&
+		strings.IndexFunc(verb, func(r rune) bool { return r < 'A' || r > 'Z' }) < 0 {
+		c.last.set(verb)
+	}
+	return c.Conn.Write(p)
+}
+
+// lastVerb is the last SMTP command of a session.
+type lastVerb struct {
+	mu   sync.Mutex
+	verb string
+}
+
+func (l *lastVerb) set(v string) {
+	l.mu.Lock()
+	l.verb = v
+	l.mu.Unlock()
+}
+
+func (l *lastVerb) get() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.verb
 }
 
 func (c *sessionConn) Close() error {

@@ -5,11 +5,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/store"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
@@ -195,5 +197,87 @@ func TestNoSTARTTLSHintsSMTPTLS(t *testing.T) {
 	s.Settings.TLS = "opportunistic"
 	if err := s.Send(context.Background(), Envelope{To: "ops@example.com", Report: rep}); err != nil || len(relay.Messages()) != 1 {
 		t.Fatalf("opportunistic: %v, %d messages", err, len(relay.Messages()))
+	}
+}
+
+// A relay saved with its login (issue --smtp-host H --smtp-user U) logs
+// in with the run's password, as issue did: cron's renew names no relay
+// of its own, and the report must not be lost to "530 authentication
+// required". A run that logs in to another relay itself sends that
+// password nowhere else, and a login without a password says so.
+func TestSavedRelayLogsIn(t *testing.T) {
+	relay, err := testenv.StartSMTP(t.TempDir(), "mailer", "s3cret-pass")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Stop()
+	saved := Relay{Host: relay.Host, Port: relay.Port, CABundle: relay.CABundle, User: "mailer"}
+	rep := &Report{Host: "lb1", Command: "renew", Time: time.Now(), Items: []Item{{Name: "a.example.com", Outcome: "renewed"}}}
+	send := func(set Settings) error {
+		set.From, set.TLS, set.Tries = "lbcert@example.com", "starttls", 1
+		s := &Sender{Now: time.Now, Settings: set}
+		return s.Send(context.Background(), Envelope{To: "ops@example.com", Relay: saved, Report: rep})
+	}
+	if err := send(Settings{Host: "localhost", Port: 25, Password: "s3cret-pass"}); err != nil {
+		t.Fatalf("the saved relay with its login: %v", err)
+	}
+	if m := relay.Messages(); relay.Auths != 1 || len(m) != 1 || m[0].User != "mailer" {
+		t.Fatalf("the saved relay: %d logins, messages %+v", relay.Auths, m)
+	}
+	err = send(Settings{Host: "localhost", Port: 25, User: "other", Password: "s3cret-pass"})
+	if err == nil || !strings.Contains(err.Error(), "this run's password is --smtp-user other's") {
+		t.Errorf("a run with its own login on another relay: %v", err)
+	}
+	err = send(Settings{Host: "localhost", Port: 25})
+	if err == nil || !strings.Contains(err.Error(), "no password") || !strings.Contains(hint.Of(err), "LBCERT_SMTP_PASSWORD") {
+		t.Errorf("a saved login and no password: %v (hint %q)", err, hint.Of(err))
+	}
+	if relay.AuthAttempts != 1 || len(relay.Messages()) != 1 {
+		t.Errorf("the refused sends reached the relay: %d AUTH, %d messages", relay.AuthAttempts, len(relay.Messages()))
+	}
+}
+
+// --smtp-user without a password is refused before the run (and mail-test)
+// sends anything; so is an empty password file.
+func TestCheckLogin(t *testing.T) {
+	empty := filepath.Join(t.TempDir(), "pw")
+	os.WriteFile(empty, []byte("\n"), 0o600)
+	for _, c := range []struct {
+		o        Options
+		password string
+		want     string
+	}{
+		{Options{}, "", ""},
+		{Options{User: "mailer"}, "pw", ""},
+		{Options{User: "mailer"}, "", "--smtp-user mailer has no password: set LBCERT_SMTP_PASSWORD, or pass --smtp-password-file FILE"},
+		{Options{User: "mailer", PasswordFile: empty}, "pw", "--smtp-password-file " + empty + " is empty"},
+		{Options{User: "mailer", PasswordFile: empty + ".missing"}, "", "--smtp-password-file " + empty + ".missing: no such file"},
+	} {
+		err := c.o.CheckLogin(c.password)
+		if (c.want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v, password %q: %v, want %q", c.o, c.password, err, c.want)
+		}
+	}
+	err := Options{User: "mailer", To: []string{"ops@example.com"}}.Test(context.Background(), "", time.Now(), func(string, string) {})
+	if err == nil || !strings.Contains(err.Error(), "has no password") {
+		t.Errorf("mail-test with a user and no password: %v", err)
+	}
+}
+
+// A relay is saved with its login user, never its password; a login
+// given alone is saved too (for the configured relay).
+func TestSavedKeepsTheLogin(t *testing.T) {
+	o := Options{Host: "mx.example.com", Port: 587, User: "mailer", PasswordFile: "/etc/pw", TLS: "starttls"}
+	changed := func(set ...string) func(string) bool {
+		return func(f string) bool { return slices.Contains(set, f) }
+	}
+	if m := o.Saved(changed("smtp-host", "smtp-user"), nil); m.User != "mailer" || m.Host != "mx.example.com" {
+		t.Errorf("relay and user: %+v", m)
+	}
+	if m := o.Saved(changed("smtp-host"), &store.Mail{User: "old"}); m.User != "mailer" {
+		t.Errorf("a new relay keeps an old login: %+v", m)
+	}
+	if m := o.Saved(changed("mail-to"), &store.Mail{Host: "h", User: "kept"}); m.User != "kept" {
+		t.Errorf("a change of recipients drops the relay's login: %+v", m)
 	}
 }

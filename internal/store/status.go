@@ -41,6 +41,12 @@ type Status struct {
 	// WarnedAt is when a report last warned that this certificate is
 	// heading for expiry unrenewed: at most one such warning a day.
 	WarnedAt time.Time `json:"warned_at,omitzero"`
+
+	// Request is the settings of a name's first order, kept while it
+	// fails: a name never issued has no lineage to read them from, and
+	// renew retries it with them once its backoff ends. Cleared with the
+	// rest of the status when a certificate is issued.
+	Request *Lineage `json:"request,omitempty"`
 }
 
 // Journal is what this node owes and has done for a lineage (see Local).
@@ -62,9 +68,11 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
-	// PID is the process that journalled it: while that process runs,
-	// another process of the node leaves the deploy to it.
-	PID int `json:"pid,omitempty"`
+	// PID is the process that journalled it, Start when that process
+	// started (Self): while it runs (Running), another process of the
+	// node leaves the deploy to it.
+	PID   int    `json:"pid,omitempty"`
+	Start string `json:"start,omitempty"`
 }
 
 // Deployed is the last successful deploy of a lineage on this node.

@@ -110,6 +110,9 @@ type Mail struct {
 	// without its TLS mode would be tried with the global one.
 	TLS      string `json:"smtp_tls,omitempty"`
 	CABundle string `json:"smtp_ca_bundle,omitempty"`
+	// User is the relay's login (--smtp-user), whose password the run
+	// that mails gives (LBCERT_SMTP_PASSWORD or --smtp-password-file).
+	User string `json:"smtp_user,omitempty"`
 }
 
 // CertInfo describes the certificate of one version, so that renew can
