@@ -171,8 +171,8 @@ func (r *chaosRun) expectedLive() map[string]string {
 
 // fleetStatusJSON is what the checks read of 'fleet status --json'.
 type fleetStatusJSON struct {
-	Lineages int  `json:"lineages"`
-	OK       bool `json:"ok"`
+	Lineages int          `json:"lineages"`
+	OK       bool         `json:"ok"`
 	Nodes    []statusNode `json:"nodes"`
 }
 

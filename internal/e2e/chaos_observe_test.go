@@ -34,11 +34,11 @@ type chaosObserver struct {
 
 	mu       sync.Mutex
 	versions map[string]map[int]map[string]string // name -> version -> serial -> where first seen
-	keys     map[string]keyMaterial              // sha256 of the DER -> the key
-	files    map[string]bool                     // path and mtime already read
-	sealed   map[string]bool                     // seal violations already reported
-	tokens   map[string]bool                     // tokens already tried on removed agents
-	issuedBy map[string]bool                     // serials seen anywhere
+	keys     map[string]keyMaterial               // sha256 of the DER -> the key
+	files    map[string]bool                      // path and mtime already read
+	sealed   map[string]bool                      // seal violations already reported
+	tokens   map[string]bool                      // tokens already tried on removed agents
+	issuedBy map[string]bool                      // serials seen anywhere
 
 	stop chan struct{}
 	done chan struct{}
