@@ -33,7 +33,7 @@ type catalogEntry struct {
 
 // catalog reads the fleet's live lineages and their newest serials.
 func (r *chaosRun) catalog() (map[string]catalogEntry, error) {
-	c := r.f.rdb()
+	c := r.redis.client()
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -272,21 +272,7 @@ func (r *chaosRun) checkVersions() {
 // batch of it running at or after the delete, is in no lineage set, no
 // member's list and no member's load balancer.
 func (r *chaosRun) checkDeletes(op *chaosOp, cat map[string]catalogEntry) {
-	gone := map[string]*chaosOp{}
-	for _, d := range r.ops {
-		if d.Kind != opDelete || d.Code != 0 || len(d.Cmds) == 0 {
-			continue
-		}
-		name := d.Names[0]
-		again := slices.ContainsFunc(r.ops, func(o *chaosOp) bool {
-			return (o.Kind == opIssue || o.Kind == opBatch) && slices.Contains(o.Names, name) && o.End.After(d.Start)
-		})
-		if again {
-			delete(gone, name)
-		} else {
-			gone[name] = d
-		}
-	}
+	gone := r.deleted()
 	if len(gone) == 0 {
 		return
 	}
@@ -326,6 +312,27 @@ func (r *chaosRun) checkDeletes(op *chaosOp, cat map[string]catalogEntry) {
 			}
 		}
 	}
+}
+
+// deleted are the names whose delete returned 0 and that no issue or
+// batch ran on at or after the delete's start, with their delete.
+func (r *chaosRun) deleted() map[string]*chaosOp {
+	gone := map[string]*chaosOp{}
+	for _, d := range r.ops {
+		if d.Kind != opDelete || d.Code != 0 || len(d.Cmds) == 0 {
+			continue
+		}
+		name := d.Names[0]
+		again := slices.ContainsFunc(r.ops, func(o *chaosOp) bool {
+			return (o.Kind == opIssue || o.Kind == opBatch) && slices.Contains(o.Names, name) && o.End.After(d.Start)
+		})
+		if again {
+			delete(gone, name)
+		} else {
+			gone[name] = d
+		}
+	}
+	return gone
 }
 
 func (r *chaosRun) spec(name string) lineageSpec {
@@ -392,7 +399,7 @@ func (r *chaosRun) checkLedger() int {
 // checkCustody is I5 at the end: no bundle or account key in Redis
 // opens with a removed node's keys, and no removed node is a member.
 func (r *chaosRun) checkCustody() {
-	c := r.f.rdb()
+	c := r.redis.client()
 	defer c.Close()
 	removed := r.obs.removedKeys(c)
 	if len(removed) == 0 {
@@ -475,7 +482,7 @@ func (r *chaosRun) ending(o interface {
 // a PEM private key, or the DER, the secret scalar (raw, hex or base64)
 // of any private key seen on any node during the run.
 func (r *chaosRun) checkRedisKeys() {
-	c := r.f.rdb()
+	c := r.redis.client()
 	defer c.Close()
 	vals, err := dumpRedis(c)
 	if err != nil {

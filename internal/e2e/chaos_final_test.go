@@ -76,7 +76,7 @@ func (r *chaosRun) checkAccounts() {
 			}
 		}
 	}
-	c := r.f.rdb()
+	c := r.redis.client()
 	defer c.Close()
 	vals, err := dumpRedis(c)
 	if err != nil {
@@ -137,7 +137,11 @@ func (r *chaosRun) finalRenew(op *chaosOp, cat map[string]catalogEntry) {
 		}
 	}
 	name := ""
+	gone := r.deleted()
 	for _, n := range slices.Sorted(maps.Keys(cat)) {
+		if gone[n] != nil {
+			continue // back after its delete: I3's, not a lineage to renew
+		}
 		set := slices.Clone(r.spec(n).Domains)
 		slices.Sort(set)
 		if len(per[strings.Join(set, ",")]) < ledgerCap && !touched[n] && cat[n].serial != "" {
@@ -151,7 +155,7 @@ func (r *chaosRun) finalRenew(op *chaosOp, cat map[string]catalogEntry) {
 		name = r.finalName()
 		c := r.lbcert(op, on, append([]string{"issue", "-d", name}, orderFlags...)...)
 		if c.Code != 0 {
-			r.violate("RENEW", "issue %s on %s after the faults: exit %d\n%s", name, on.name, c.Code, tailOf(c.Stderr, 3000))
+			r.violate("RENEW", "issue %s on %s after the faults: exit %d\n%s%s", name, on.name, c.Code, tailOf(c.Stdout, 2000), tailOf(c.Stderr, 3000))
 			return
 		}
 	}
@@ -159,7 +163,7 @@ func (r *chaosRun) finalRenew(op *chaosOp, cat map[string]catalogEntry) {
 	c := r.lbcert(op, on, append([]string{"renew", "--force", "--name", name, "--no-random-sleep"}, orderFlags...)...)
 	r.logf("final: renew --force --name %s on %s: exit %d in %s", name, on.name, c.Code, c.End.Sub(c.Start).Round(time.Millisecond))
 	if c.Code != 0 {
-		r.violate("RENEW", "renew --force --name %s on %s after the faults: exit %d\n%s", name, on.name, c.Code, tailOf(c.Stderr, 3000))
+		r.violate("RENEW", "renew --force --name %s on %s after the faults: exit %d\n%s%s", name, on.name, c.Code, tailOf(c.Stdout, 2000), tailOf(c.Stderr, 3000))
 		return
 	}
 	after := r.catalogSerial(name)

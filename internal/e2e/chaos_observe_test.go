@@ -59,7 +59,7 @@ func newObserver(r *chaosRun) *chaosObserver {
 // every quarter second.
 func (o *chaosObserver) run() {
 	defer close(o.done)
-	c := o.r.f.rdb()
+	c := o.r.redis.client()
 	defer c.Close()
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
@@ -80,7 +80,7 @@ func (o *chaosObserver) run() {
 func (o *chaosObserver) finish() {
 	close(o.stop)
 	<-o.done
-	c := o.r.f.rdb()
+	c := o.r.redis.client()
 	defer c.Close()
 	o.sampleRedis(c)
 	o.sampleDisks()

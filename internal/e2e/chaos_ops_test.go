@@ -212,7 +212,7 @@ func (r *chaosRun) replace(op *chaosOp, ev chaosEvent) {
 // stillMember asks Redis whether node is still a member, when a remove
 // could not be told to have worked (killed, or Redis away).
 func (r *chaosRun) stillMember(node string) bool {
-	c := r.f.rdb()
+	c := r.redis.client()
 	defer c.Close()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)

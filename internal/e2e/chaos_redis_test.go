@@ -93,6 +93,17 @@ func (r *chaosRedis) primary() (*testenv.Redis, error) {
 	return nil, fmt.Errorf("sentinel names %v, no instance of ours", addr)
 }
 
+// client is a client of the current primary. The harness resolves the
+// primary itself rather than through go-redis's failover client, which
+// logs every resolution on the test's stderr.
+func (r *chaosRedis) client() *goredis.Client {
+	addr := r.instances[0].Addr()
+	if p, err := r.primary(); err == nil {
+		addr = p.Addr()
+	}
+	return goredis.NewClient(&goredis.Options{Addr: addr, Password: fleetPassword, MaxRetries: -1})
+}
+
 func (r *chaosRedis) other(in *testenv.Redis) *testenv.Redis {
 	for _, o := range r.instances {
 		if o != in {
@@ -157,7 +168,7 @@ func (r *chaosRedis) restart(in *testenv.Redis, aof bool) error {
 }
 
 func (r *chaosRedis) do(args ...any) error {
-	c := r.f.rdb()
+	c := r.client()
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -217,7 +217,7 @@ func (r *chaosRun) heartbeats(nodes []*chaosNode, limit time.Duration) []string 
 	deadline := time.Now().Add(limit)
 	for {
 		var missing []string
-		c := r.f.rdb()
+		c := r.redis.client()
 		for _, n := range nodes {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			if v, _ := c.Exists(ctx, rkAgent+n.name).Result(); v != 1 {

@@ -29,12 +29,12 @@ package e2e
 //
 //	-seed N        run seed N only (replays a failing seed)
 //	-seeds N       run seeds 1..N
-//	-duration D    each seed's schedule (default 20s; make torture: 5m)
+//	-duration D    each seed's schedule (default 15s; make torture: 5m)
 //	-chaos-table F append the per-seed results (Markdown) to file F
 //	-chaos-keep D  on failure, write every log in full under D/seed-N
 //
 // With neither -seed nor -seeds it runs the short mode of make test:
-// the seeds in shortSeeds, 20 s each.
+// the seeds in shortSeeds, 15 s each.
 
 import (
 	"flag"
@@ -55,7 +55,7 @@ import (
 var (
 	chaosSeed     = flag.Uint64("seed", 0, "TestFleetRandomFaults: run this seed only")
 	chaosSeeds    = flag.Int("seeds", 0, "TestFleetRandomFaults: run seeds 1..N")
-	chaosDuration = flag.Duration("duration", 0, "TestFleetRandomFaults: each seed's schedule (default 20s)")
+	chaosDuration = flag.Duration("duration", 0, "TestFleetRandomFaults: each seed's schedule (default 15s)")
 	chaosTable    = flag.String("chaos-table", "", "TestFleetRandomFaults: append the results table to this file")
 	chaosKeep     = flag.String("chaos-keep", "", "TestFleetRandomFaults: on failure, write every log in full under this directory")
 )
@@ -65,7 +65,7 @@ var (
 var shortSeeds = []uint64{1, 2, 3}
 
 func TestFleetRandomFaults(t *testing.T) {
-	seeds, d := shortSeeds, 20*time.Second
+	seeds, d := shortSeeds, 15*time.Second
 	switch {
 	case *chaosSeed != 0:
 		seeds = []uint64{*chaosSeed}
@@ -356,8 +356,8 @@ func (r *chaosRun) dump() {
 	for _, op := range r.ops {
 		for _, c := range op.Cmds {
 			if c.Code != 0 {
-				fmt.Fprintf(&b, "--- op#%d %s on %s: lbcert %s: exit %d%s (%s .. %s)\n%s\n", op.ID, op.Kind, c.Node, strings.Join(c.Args, " "), c.Code, killedNote(c),
-					r.rel(c.Start), r.rel(c.End), tailOf(c.Stderr, 2000))
+				fmt.Fprintf(&b, "--- op#%d %s on %s: lbcert %s: exit %d%s (%s .. %s)\n%s%s\n", op.ID, op.Kind, c.Node, strings.Join(c.Args, " "), c.Code, killedNote(c),
+					r.rel(c.Start), r.rel(c.End), tailOf(c.Stdout, 1000), tailOf(c.Stderr, 2000))
 			}
 		}
 	}
