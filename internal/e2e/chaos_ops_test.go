@@ -3,8 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -45,10 +47,10 @@ func (r *chaosRun) runOp(id int, ev chaosEvent) {
 		csv := r.writeBatch(id, ev.Lineages)
 		r.command(op, n, append([]string{"batch", csv, "--preflight=false", "--concurrency", "4"}, orderFlags...)...)
 	case opRenew:
-		op.Names = op.Names[:1]
+		op.Names = []string{r.existing(ev)}
 		r.command(op, n, append([]string{"renew", "--force", "--name", op.Names[0], "--no-random-sleep"}, orderFlags...)...)
 	case opDelete:
-		op.Names = op.Names[:1]
+		op.Names = []string{r.existing(ev)}
 		r.command(op, n, "delete", "--name", op.Names[0], "--yes")
 	case opDeploy:
 		op.Names = nil
@@ -57,7 +59,36 @@ func (r *chaosRun) runOp(id int, ev chaosEvent) {
 		op.Names = nil
 		r.replace(op, ev)
 	}
+	r.mu.Lock()
 	op.End = time.Now()
+	r.mu.Unlock()
+}
+
+// existing picks the lineage a renew or delete acts on among those the
+// operations so far have issued and not deleted (the pool's, when there
+// are none), so that most of them act on something.
+func (r *chaosRun) existing(ev chaosEvent) string {
+	live := map[string]bool{}
+	r.mu.Lock()
+	for _, op := range r.ops {
+		if !op.OK || op.End.IsZero() {
+			continue
+		}
+		for _, name := range op.Names {
+			switch op.Kind {
+			case opIssue, opBatch, opRenew:
+				live[name] = true
+			case opDelete:
+				delete(live, name)
+			}
+		}
+	}
+	r.mu.Unlock()
+	names := slices.Sorted(maps.Keys(live))
+	if len(names) == 0 {
+		return r.plan.Pool[ev.Lineages[0]].Name
+	}
+	return names[ev.Lineages[0]%len(names)]
 }
 
 // command runs one command for op and logs how it ended, with the
@@ -66,7 +97,7 @@ func (r *chaosRun) runOp(id int, ev chaosEvent) {
 func (r *chaosRun) command(op *chaosOp, n *chaosNode, args ...string) *chaosCmd {
 	r.logf("op#%d %s on %s: lbcert %s", op.ID, op.Kind, n.name, strings.Join(args, " "))
 	c := r.lbcert(op, n, args...)
-	op.Code, op.OK = c.Code, c.Code == 0
+	r.setOK(op, c.Code, c.Code == 0)
 	note := ""
 	if c.Code != 0 {
 		note = " " + firstLine(c.Stderr)
@@ -113,14 +144,14 @@ func (r *chaosRun) changeDeploy(op *chaosOp, n *chaosNode, variant int) {
 	} else {
 		n.ngVariant = (n.ngVariant + 1 + variant) % 3
 	}
-	op.OK = true
+	r.setOK(op, 0, true)
 	if !running {
 		// Killed by a fault: its restart takes the new settings.
 		r.logf("op#%d deploy on %s: %s -> %s (its agent is down; it restarts with them)", op.ID, n.name, was, n.variant())
 		return
 	}
 	if err := n.startAgent(r.f.url); err != nil {
-		op.OK = false
+		r.setOK(op, 0, false)
 		r.logf("op#%d deploy on %s: restart the agent: %v", op.ID, n.name, err)
 		return
 	}
@@ -205,7 +236,7 @@ func (r *chaosRun) replace(op *chaosOp, ev chaosEvent) {
 	if err := r.setPool(); err != nil {
 		r.logf("op#%d replace: validation front with %s: %v", op.ID, z.name, err)
 	}
-	op.OK = removed
+	r.setOK(op, 0, removed)
 	r.logf("op#%d replace: %s (%s) joined, approved, its agent started (%s)", op.ID, z.name, z.lb, z.variant())
 }
 
@@ -222,4 +253,10 @@ func (r *chaosRun) stillMember(node string) bool {
 			return ok
 		}
 	}
+}
+
+func (r *chaosRun) setOK(op *chaosOp, code int, ok bool) {
+	r.mu.Lock()
+	op.Code, op.OK = code, ok
+	r.mu.Unlock()
 }

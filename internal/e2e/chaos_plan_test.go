@@ -221,5 +221,11 @@ func (p *chaosPlan) describe() string {
 	if p.Sentinel {
 		redis = "redis+replica+sentinel"
 	}
-	return fmt.Sprintf("%d nodes %v, %s, %d lineages in the pool, %d events over %s", len(p.Nodes), lbs, redis, len(p.Pool), len(p.Events), p.Duration)
+	var kills []string
+	for _, e := range p.Events {
+		if e.Kind == fRedisKill {
+			kills = append(kills, map[bool]string{true: "AOF", false: "no AOF"}[e.AOF])
+		}
+	}
+	return fmt.Sprintf("%d nodes %v, %s, %d lineages in the pool, %d events over %s, redis-kill restarts %v", len(p.Nodes), lbs, redis, len(p.Pool), len(p.Events), p.Duration, kills)
 }

@@ -12,11 +12,11 @@ import (
 // in every seed, and no two Redis faults overlap.
 func TestChaosPlan(t *testing.T) {
 	for seed := uint64(1); seed <= 20; seed++ {
-		p := newChaosPlan(seed, 20*time.Second)
-		if !reflect.DeepEqual(p, newChaosPlan(seed, 20*time.Second)) {
+		p := newChaosPlan(seed, 15*time.Second)
+		if !reflect.DeepEqual(p, newChaosPlan(seed, 15*time.Second)) {
 			t.Fatalf("seed %d: two plans differ", seed)
 		}
-		if reflect.DeepEqual(p.Events, newChaosPlan(seed+100, 20*time.Second).Events) {
+		if reflect.DeepEqual(p.Events, newChaosPlan(seed+100, 15*time.Second).Events) {
 			t.Fatalf("seeds %d and %d have the same schedule", seed, seed+100)
 		}
 		t.Logf("seed %d: %s", seed, p.describe())
