@@ -424,17 +424,13 @@ func (r *chaosRun) checkCustody() {
 		for name, m := range bs {
 			var v int
 			fmt.Sscan(m["version"], &v)
-			for e, k := range rk.keys {
-				if opens(k, bundleAD(rk.fleet, name, v), []byte(m["key"])) {
-					r.violate("I5", "after quiet, %s version %d (epoch %s, published by %s) opens with removed %s's data key %d", name, v, m["epoch"], m["node"], rk.node, e)
-				}
+			if e, ok := rk.opener(bundleAD(rk.fleet, name, v), []byte(m["key"])); ok {
+				r.violate("I5", "after quiet, %s version %d (epoch %s, published by %s) opens with removed %s's %s", name, v, m["epoch"], m["node"], rk.node, e)
 			}
 		}
 		for key, m := range accts {
-			for e, k := range rk.keys {
-				if opens(k, accountAD(rk.fleet, m["server"], m["email"]), []byte(m["key"])) {
-					r.violate("I5", "after quiet, the account key %s opens with removed %s's data key %d", key, rk.node, e)
-				}
+			if e, ok := rk.opener(accountAD(rk.fleet, m["server"], m["email"]), []byte(m["key"])); ok {
+				r.violate("I5", "after quiet, the account key %s opens with removed %s's %s", key, rk.node, e)
 			}
 		}
 	}

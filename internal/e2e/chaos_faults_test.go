@@ -27,20 +27,20 @@ func (r *chaosRun) runFault(ev chaosEvent) {
 		err = r.redisKill(rec, ev, heal)
 	case fFlushAll:
 		r.redis.mu.Lock()
-		rec.Target = "redis"
+		r.setFault(rec, func() { rec.Target = "redis" })
 		err = r.redis.do("FLUSHALL")
 		r.redis.mu.Unlock()
 		r.logf("fault %s", ev.Kind)
 	case fPause:
 		r.redis.mu.Lock()
-		rec.Target = fmt.Sprintf("%dms", ev.Dur.Milliseconds())
+		r.setFault(rec, func() { rec.Target = fmt.Sprintf("%dms", ev.Dur.Milliseconds()) })
 		err = r.redis.do("CLIENT", "PAUSE", ev.Dur.Milliseconds(), "WRITE")
 		r.logf("fault pause: CLIENT PAUSE %d WRITE", ev.Dur.Milliseconds())
 		heal()
 		r.redis.mu.Unlock()
 	case fFailover:
 		r.redis.mu.Lock()
-		rec.Target = "sentinel"
+		r.setFault(rec, func() { rec.Target = "sentinel" })
 		r.logf("fault failover: SENTINEL FAILOVER")
 		err = r.redis.failover()
 		r.redis.mu.Unlock()
@@ -53,10 +53,11 @@ func (r *chaosRun) runFault(ev chaosEvent) {
 	case fRunKill:
 		// Nothing running now: the next command to start within 5 s.
 		for deadline := time.Now().Add(5 * time.Second); rec.Target == "" && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-			rec.Target = r.killRun(ev.Pick)
+			killed := r.killRun(ev.Pick)
+			r.setFault(rec, func() { rec.Target = killed })
 		}
 		if rec.Target == "" {
-			rec.Skipped = "no command ran"
+			r.setFault(rec, func() { rec.Skipped = "no command ran" })
 		}
 		r.logf("fault run-kill: %s", orSkipped(rec))
 	case fLBBreak:
@@ -77,11 +78,11 @@ func orSkipped(rec *faultRec) string {
 func (r *chaosRun) redisKill(rec *faultRec, ev chaosEvent, heal func()) error {
 	r.redis.mu.Lock()
 	defer r.redis.mu.Unlock()
+	r.setFault(rec, func() { rec.Target = "primary" })
 	in, err := r.redis.kill()
 	if in == nil {
 		return err
 	}
-	rec.Target = in.Addr()
 	r.logf("fault redis-kill: kill -9 of redis-server %s (had AOF: %v)", in.Addr(), r.redis.aof[in])
 	if err != nil {
 		r.logf("fault redis-kill: %v", err)
@@ -97,11 +98,11 @@ func (r *chaosRun) redisKill(rec *faultRec, ev chaosEvent, heal func()) error {
 func (r *chaosRun) agentKill(rec *faultRec, ev chaosEvent, heal func()) {
 	members := r.members()
 	n := members[int(ev.Pick)%len(members)]
-	rec.Target = n.name
+	r.setFault(rec, func() { rec.Target = n.name })
 	n.mu.Lock()
 	if !n.agentRunning() {
 		n.mu.Unlock()
-		rec.Skipped = "its agent is not running"
+		r.setFault(rec, func() { rec.Skipped = "its agent is not running" })
 		r.logf("fault agent-kill %s: skipped, %s", n.name, rec.Skipped)
 		return
 	}
@@ -124,11 +125,11 @@ func (r *chaosRun) agentKill(rec *faultRec, ev chaosEvent, heal func()) {
 func (r *chaosRun) lbBreak(rec *faultRec, ev chaosEvent, heal func()) {
 	members := r.members()
 	n := members[int(ev.Pick)%len(members)]
-	rec.Target = n.name
+	r.setFault(rec, func() { rec.Target = n.name })
 	n.mu.Lock()
 	if n.broken {
 		n.mu.Unlock()
-		rec.Skipped = "its config is already broken"
+		r.setFault(rec, func() { rec.Skipped = "its config is already broken" })
 		r.logf("fault lb-break %s: skipped, %s", n.name, rec.Skipped)
 		return
 	}
@@ -184,4 +185,12 @@ func lastError(log string) string {
 		}
 	}
 	return lines[len(lines)-1]
+}
+
+// setFault changes a fault's record under the run's lock: activeFaults
+// reads it from the operations' goroutines.
+func (r *chaosRun) setFault(rec *faultRec, fn func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fn()
 }

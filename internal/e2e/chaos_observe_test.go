@@ -12,9 +12,11 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -153,13 +155,11 @@ func (o *chaosObserver) sampleRedis(c goredis.UniversalClient) {
 			if published <= rk.at.UnixMilli() {
 				continue
 			}
-			for e, k := range rk.keys {
-				if opens(k, bundleAD(rk.fleet, name, v), []byte(m["key"])) {
-					o.once("seal "+rk.node+" "+name+" "+m["version"]+" "+m["epoch"], func() {
-						o.r.violate("I5", "%s version %d, published %s after 'fleet remove %s' returned (node %s, epoch %s), opens with %s's data key of epoch %d",
-							name, v, time.UnixMilli(published).Sub(rk.at).Round(time.Millisecond), rk.node, m["node"], m["epoch"], rk.node, e)
-					})
-				}
+			if e, ok := rk.opener(bundleAD(rk.fleet, name, v), []byte(m["key"])); ok {
+				o.once("seal "+rk.node+" "+name+" "+m["version"]+" "+m["epoch"], func() {
+					o.r.violate("I5", "%s version %d, published %s after 'fleet remove %s' returned (by %s, epoch %s), opens with %s's %s",
+						name, v, time.UnixMilli(published).Sub(rk.at).Round(time.Millisecond), rk.node, m["node"], m["epoch"], rk.node, e)
+				})
 			}
 		}
 	}
@@ -181,6 +181,20 @@ type removedNodeKeys struct {
 	node, fleet string
 	at          time.Time
 	keys        map[int][]byte
+}
+
+// opener names the first of the removed node's keys that opens sealed
+// under ad.
+func (rk removedNodeKeys) opener(ad, sealed []byte) (string, bool) {
+	for _, e := range slices.Sorted(maps.Keys(rk.keys)) {
+		if opens(rk.keys[e], ad, sealed) {
+			if e < 0 {
+				return fmt.Sprintf("data key of epoch %d, still wrapped for it in Redis", -e), true
+			}
+			return fmt.Sprintf("data key of epoch %d from its own datakey-%d.age", e, e), true
+		}
+	}
+	return "", false
 }
 
 func (o *chaosObserver) removedKeys(c goredis.UniversalClient) []removedNodeKeys {
