@@ -22,14 +22,9 @@ func keyMatches(cert *x509.Certificate, keyPEM []byte) error {
 	if b == nil {
 		return fmt.Errorf("privkey.pem is not PEM")
 	}
-	var k any
-	var err error
-	if k, err = x509.ParsePKCS8PrivateKey(b.Bytes); err != nil {
-		if k, err = x509.ParseECPrivateKey(b.Bytes); err != nil {
-			if k, err = x509.ParsePKCS1PrivateKey(b.Bytes); err != nil {
-				return fmt.Errorf("privkey.pem does not parse: %v", err)
-			}
-		}
+	k, err := parsePrivateKey(b.Bytes)
+	if err != nil {
+		return fmt.Errorf("privkey.pem does not parse: %v", err)
 	}
 	signer, ok := k.(crypto.Signer)
 	if !ok {

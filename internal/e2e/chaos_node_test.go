@@ -170,19 +170,11 @@ func (n *chaosNode) certsDir() string {
 
 func (n *chaosNode) haproxyConfPath() string { return filepath.Join(n.hdir, "haproxy.cfg") }
 
+// writeHAProxyConf writes the deploy test's HAProxy config with the
+// default certificate first on the bind line (the one served for a name
+// without a PEM), then the crt directory.
 func (n *chaosNode) writeHAProxyConf(def *defaultCert) error {
-	conf := fmt.Sprintf(`global
-    stats socket %s level admin
-    maxconn 200
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 5s
-    timeout server 5s
-frontend tls
-    bind %s ssl crt %s crt %s
-    http-request return status 200 content-type text/plain string ok
-`, filepath.Join(n.hdir, "admin.sock"), n.tlsAddr, def.path, n.certsDir())
+	conf := haproxyConfig(filepath.Join(n.hdir, "admin.sock"), n.tlsAddr, def.path+" crt "+n.certsDir())
 	if n.broken {
 		conf += brokenLine
 	}

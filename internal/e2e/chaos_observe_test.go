@@ -295,14 +295,9 @@ func (o *chaosObserver) addKey(path, node string) {
 // privateScalar is the secret part of a DER private key: an ECDSA key's
 // D, an RSA key's D, an Ed25519 key's seed.
 func privateScalar(der []byte) []byte {
-	var k any
-	var err error
-	if k, err = x509.ParsePKCS8PrivateKey(der); err != nil {
-		if k, err = x509.ParseECPrivateKey(der); err != nil {
-			if k, err = x509.ParsePKCS1PrivateKey(der); err != nil {
-				return nil
-			}
-		}
+	k, err := parsePrivateKey(der)
+	if err != nil {
+		return nil
 	}
 	switch k := k.(type) {
 	case *ecdsa.PrivateKey:
@@ -383,4 +378,15 @@ func answered(port int, host, token, keyAuth string) bool {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	return resp.StatusCode == http.StatusOK && bytes.Contains(body, []byte(keyAuth))
+}
+
+// parsePrivateKey reads a DER private key in any form lbcert writes.
+func parsePrivateKey(der []byte) (any, error) {
+	if k, err := x509.ParsePKCS8PrivateKey(der); err == nil {
+		return k, nil
+	}
+	if k, err := x509.ParseECPrivateKey(der); err == nil {
+		return k, nil
+	}
+	return x509.ParsePKCS1PrivateKey(der)
 }
