@@ -188,10 +188,10 @@ type statusNode struct {
 // checkStatus is I1's second half: 'fleet status' says a member is
 // behind exactly when its load balancer is, and exits 0 exactly when no
 // member is. A node reports what it serves a moment after it serves
-// it, so the comparison is repeated for up to 15 s.
+// it, so the comparison is repeated for up to 10 s.
 func (r *chaosRun) checkStatus(op *chaosOp) {
 	var problems []string
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(time.Second) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Second) {
 		problems = nil
 		cat, err := r.catalog()
 		if err != nil {
