@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -44,7 +45,11 @@ func (r *chaosRun) runFault(ev chaosEvent) {
 		r.logf("fault failover: SENTINEL FAILOVER")
 		err = r.redis.failover()
 		r.redis.mu.Unlock()
-		if err == nil {
+		if errors.Is(err, errNoFailover) {
+			r.setFault(rec, func() { rec.Skipped = err.Error() })
+			r.logf("fault failover: skipped, %v", err)
+			err = nil
+		} else if err == nil {
 			p, _ := r.redis.primary()
 			r.logf("fault failover: the primary is now %s", p.Addr())
 		}
