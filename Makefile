@@ -60,7 +60,9 @@ torture: deps
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch
 # against certbot and lego loops on one Pebble, then checking a 100,000-row
-# CSV, then renew of 200 due lineages beside batch issuing 200 (with
+# CSV, then the same batch of 200 against step-ca beside Pebble (step-ca
+# is built from the Go module proxy on first use), then renew of 200 due
+# lineages beside batch issuing 200 (with
 # Pebble's CPU beside lbcert's), then 200 names through a front that
 # enforces Let's Encrypt's limits, then fleet mode's costs (10,000 sealed
 # bundles opened, a node joining 10,000 lineages (T7), Redis round trips
@@ -71,7 +73,7 @@ bench: build bench-deps
 	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
 	$(GO) test -count=1 -run TestRenewalSpread -v ./internal/renewal/
-	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/
+	$(GO) test -run XXX -bench . -benchmem ./cmd/lbcert/ ./internal/renewal/ ./internal/deploy/
 
 fuzz:
 	$(GO) test -run XXX -fuzz FuzzDomain -fuzztime 30s ./internal/names/
@@ -81,11 +83,11 @@ fuzz:
 demo: build
 	$(GO) run ./internal/demo -lbcert $(BIN)
 
-# docs regenerates man/ and completions/ (deterministic: a fixed date).
+# docs regenerates man/ and completions/ (deterministic: a fixed date)
+# from the commands' help: the test that checks them, told to write them.
 # The test suite fails when they are stale.
 docs:
-	rm -f man/*.1 completions/lbcert.bash completions/_lbcert completions/lbcert.fish
-	$(GO) run ./cmd/lbcert gendocs --man-dir man --completion-dir completions
+	$(GO) test -count=1 -run '^TestDocsUpToDate$$' ./cmd/lbcert -update
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \

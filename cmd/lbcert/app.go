@@ -8,10 +8,8 @@ import (
 	"log"
 	"log/slog"
 	"os"
-	"os/signal"
 	"runtime/debug"
 	"strings"
-	"syscall"
 	"time"
 
 	legolog "github.com/go-acme/lego/v4/log"
@@ -20,41 +18,18 @@ import (
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/interrupt"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
+	lbversion "github.com/lbcert/lbcert/internal/version"
 )
 
 // version is set by the Makefile through -ldflags; without it (go
-// install, go build) buildVersion reads the module's build info.
+// install, go build) the build info says what this binary is.
 var version = "dev"
 
-// buildVersion says what this binary is: the -ldflags version, else the
-// module version (go install ...@v1.2.3), else the VCS revision Go
-// stamped into the build, with "-dirty" for uncommitted changes.
-func buildVersion(info *debug.BuildInfo, ok bool) string {
-	if version != "dev" || !ok {
-		return version
-	}
-	if v := info.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	var rev, dirty string
-	for _, s := range info.Settings {
-		switch s.Key {
-		case "vcs.revision":
-			rev = s.Value
-		case "vcs.modified":
-			if s.Value == "true" {
-				dirty = "-dirty"
-			}
-		}
-	}
-	if rev == "" {
-		return version
-	}
-	return "dev-" + rev[:min(12, len(rev))] + dirty
-}
+// buildVersion is this binary's version (package version).
+func buildVersion(info *debug.BuildInfo, ok bool) string { return lbversion.Of(version, info, ok) }
 
 // defaultConfig is read when it exists and no --config is given.
 const defaultConfig = "/etc/lbcert/config.yaml"
@@ -65,6 +40,7 @@ const defaultConfig = "/etc/lbcert/config.yaml"
 type app struct {
 	in       io.Reader
 	out, err io.Writer
+	say      *printer // every "lbcert: ..." line on err
 	getenv   func(string) string
 	now      func() time.Time
 	ctx      context.Context
@@ -76,20 +52,18 @@ type app struct {
 	global    globalOptions
 	mail      mailOptions
 	fleetOpts fleetOptions
+	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
 
-	runs *[]time.Time // renew's recorded runs, read once per command (list)
+	// hookStop ends running deploy hooks (hookGrace after the first
+	// signal, or at the second); hardStop ends the mail step (the second
+	// signal). Nil in tests: nothing stops them but their own timeouts.
+	hookStop, hardStop context.Context
 }
 
 type globalOptions struct {
 	Config      string
 	Dir         string
-	Server      string
-	Staging     bool
-	CABundle    string
-	Email       string
-	AgreeTOS    bool
-	EABKid      string
-	EABHMACFile string
+	acct        acme.Settings // --server, --email, --eab-* ...
 	Quiet       bool
 	Verbose     bool
 	HookConc    int
@@ -100,48 +74,55 @@ type globalOptions struct {
 // Main runs lbcert with os.Args and returns the exit code. Nothing below
 // it calls os.Exit.
 func Main() int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	secret.FromEnviron()
 	a := &app{
-		in: os.Stdin, out: os.Stdout, err: os.Stderr,
-		getenv: os.Getenv, now: time.Now, ctx: ctx,
+		in: os.Stdin, out: os.Stdout, err: os.Stderr, say: &printer{w: os.Stderr},
+		getenv: os.Getenv, now: time.Now,
 		stdinTTY:  isTerminal(os.Stdin),
 		stdoutTTY: isTerminal(os.Stdout),
 		stderrTTY: isTerminal(os.Stderr),
 	}
+	defer a.trapSignals()()
 	return a.run(os.Args[1:])
 }
 
+// hookGrace is how long deploy hooks may go on after the first SIGINT or
+// SIGTERM, before they are ended as at their timeout.
+const hookGrace = 10 * time.Second
+
+// trapSignals is lbcert's answer to SIGINT and SIGTERM (package
+// interrupt): a.ctx, a.hookStop and a.hardStop.
+func (a *app) trapSignals() (release func()) {
+	grace := hookGrace
+	if d, err := time.ParseDuration(a.getenv("LBCERT_HOOK_GRACE")); err == nil { // for tests
+		grace = d
+	}
+	s, release := interrupt.Trap(grace, func() {
+		a.say.warningf("interrupted: no new orders; deploying what was obtained (hooks get %s more); interrupt again to stop at once", grace)
+	})
+	a.ctx, a.hookStop, a.hardStop = s.Work, s.Hooks, s.Now
+	return release
+}
+
 func (a *app) run(args []string) int {
+	if a.say == nil {
+		a.say = &printer{w: a.err}
+	}
 	root := a.newRootCmd()
 	root.SetArgs(args)
 	err := root.ExecuteContext(a.ctx)
-	// A signal that cut something short (a mail in flight, say) makes
-	// the exit code 130, whatever failure it caused; a second run's
-	// "locked" stays 3.
-	if code := exit.Code(err); err != nil && a.ctx.Err() != nil && code != exit.Locked && code != exit.Interrupted {
-		err = &exit.Error{Code: exit.Interrupted, Msg: "interrupted", Err: err}
+	signalled := a.ctx != nil && a.ctx.Err() != nil
+	code := exitCode(err, signalled)
+	switch {
+	case err == nil || errors.Is(err, errReported):
+	case code == exitInterrupted && !errors.Is(err, errInterrupted):
+		// A signal that cut something short (a mail in flight, say)
+		// makes the run interrupted, whatever failure it caused.
+		a.say.errorWithHint(fmt.Errorf("interrupted: %w", err))
+	default:
+		a.say.errorWithHint(err)
 	}
-	a.printError(err)
-	return exit.Code(err)
-}
-
-// printError writes err in lbcert's one voice: "lbcert: error: ..." and,
-// when there is something to try, "lbcert: hint: ...".
-func (a *app) printError(err error) {
-	if err == nil {
-		return
-	}
-	var e *exit.Error
-	if errors.As(err, &e) && e.Reported {
-		return // the command already printed its failures
-	}
-	msg := secret.Scrub(strings.Join(strings.Fields(err.Error()), " "))
-	fmt.Fprintf(a.err, "lbcert: error: %s\n", msg)
-	if h := exit.Hint(err); h != "" {
-		fmt.Fprintf(a.err, "lbcert: hint: %s\n", h)
-	}
+	return code
 }
 
 const exitCodesHelp = `Exit codes:
@@ -174,23 +155,29 @@ beats the config file, which beats the default.
 			return a.setup(cmd)
 		},
 	}
+	if root.Version == "dev" {
+		root.SetVersionTemplate(`lbcert version dev
+(no version stamped: 'make build' stamps one; a plain 'go build' stamps the git revision,
+ unless -buildvcs=false is set, as GOFLAGS or 'go env -w' can do, or the checkout is a git worktree)
+`)
+	}
 	root.SetOut(a.out)
 	root.SetErr(a.err)
 	root.SetIn(a.in)
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
-		return exit.Errorf("%w (see '%s --help')", err, cmd.CommandPath())
+		return fmt.Errorf("%w (see '%s --help')", err, cmd.CommandPath())
 	})
 
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.Config, "config", "", "config file (YAML, keys are flag names; default "+defaultConfig+" if it exists)")
 	pf.StringVar(&g.Dir, "dir", "/etc/lbcert", "state directory: accounts, certificates, lock")
-	pf.StringVar(&g.Server, "server", "", "ACME directory URL (default Let's Encrypt production)")
-	pf.BoolVar(&g.Staging, "staging", false, "use Let's Encrypt's staging server, for testing")
-	pf.StringVar(&g.CABundle, "ca-bundle", "", "PEM file of roots to trust for the ACME server (private CAs, Pebble)")
-	pf.StringVar(&g.Email, "email", "", "account email address, for the CA's notices")
-	pf.BoolVar(&g.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
-	pf.StringVar(&g.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
-	pf.StringVar(&g.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
+	pf.StringVar(&g.acct.Server, "server", "", "ACME directory URL (default Let's Encrypt production)")
+	pf.BoolVar(&g.acct.Staging, "staging", false, "use Let's Encrypt's staging server, for testing")
+	pf.StringVar(&g.acct.CABundle, "ca-bundle", "", "PEM file of roots to trust for the ACME server (private CAs, Pebble)")
+	pf.StringVar(&g.acct.Email, "email", "", "account email address, for the CA's notices")
+	pf.BoolVar(&g.acct.AgreeTOS, "agree-tos", false, "accept the CA's terms of service (required without a terminal)")
+	pf.StringVar(&g.acct.EABKid, "eab-kid", "", "external account binding key ID (ZeroSSL and others)")
+	pf.StringVar(&g.acct.EABHMACFile, "eab-hmac-key-file", "", "file holding the EAB HMAC key (or set LBCERT_EAB_HMAC_KEY); never passed in argv")
 	pf.BoolVarP(&g.Quiet, "quiet", "q", false, "print only warnings and errors")
 	pf.BoolVarP(&g.Verbose, "verbose", "v", false, "print debug detail, including the ACME exchange")
 	pf.IntVar(&g.HookConc, "hook-concurrency", 1, "deploy hooks run at once (1: one after another, as certbot runs them)")
@@ -207,7 +194,6 @@ beats the config file, which beats the default.
 		a.newListCmd(),
 		a.newShowCmd(),
 		a.newDeleteCmd(),
-		a.newGendocsCmd(),
 		a.newMailTestCmd(),
 		a.newFleetCmd(),
 		a.newAgentCmd(),
@@ -224,25 +210,15 @@ func (a *app) setup(cmd *cobra.Command) error {
 	if !fs.Changed("config") {
 		path = a.getenv(config.EnvName("config"))
 	}
-	var file *config.File
-	if path != "" {
-		f, err := config.Load(path, a.knownKey(cmd.Root()))
-		if err != nil {
-			return exit.Errorf("%w", err)
-		}
-		file = f
-	} else if _, err := os.Stat(defaultConfig); err == nil {
-		f, err := config.Load(defaultConfig, a.knownKey(cmd.Root()))
-		if err != nil {
-			return exit.Errorf("%w", err)
-		}
-		file = f
+	file, err := config.Find(path, defaultConfig, a.knownKey(cmd.Root()))
+	if err != nil {
+		return err
 	}
 	if err := config.Apply(fs, file, a.getenv); err != nil {
-		return exit.Errorf("%w", err)
+		return err
 	}
 	a.setupLogging()
-	return a.mail.check()
+	return a.mail.Check()
 }
 
 // configPath is the config file this run reads, or would read.
@@ -268,11 +244,7 @@ func (a *app) knownKey(root *cobra.Command) func(string) bool {
 		}
 	}
 	walk(root)
-	keys := map[string]bool{}
-	for _, k := range config.Keys(sets...) {
-		keys[k] = true
-	}
-	return func(k string) bool { return keys[k] }
+	return config.Known(sets...)
 }
 
 func (a *app) setupLogging() {
@@ -281,9 +253,11 @@ func (a *app) setupLogging() {
 	legolog.Logger = log.New(slogWriter{}, "", 0)
 }
 
-// logTo sends log lines to w at the level -q/-v chose; batch points it
-// at its progress bar so lines are drawn above the bar.
+// logTo sends the printer's lines to w, log lines at the level -q/-v
+// chose; batch points it at its progress bar so lines are drawn above
+// the bar.
 func (a *app) logTo(w io.Writer) {
+	a.say.to(w)
 	level := slog.LevelInfo
 	switch {
 	case a.global.Verbose:
@@ -291,7 +265,7 @@ func (a *app) logTo(w io.Writer) {
 	case a.global.Quiet:
 		level = slog.LevelWarn
 	}
-	slog.SetDefault(slog.New(&lineHandler{w: w, level: level}))
+	slog.SetDefault(slog.New(&lineHandler{p: a.say, level: level}))
 }
 
 // slogWriter turns lego's log lines into debug records.

@@ -1,14 +1,12 @@
 package main
 
 import (
+	"cmp"
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"io/fs"
+	"iter"
 	"net"
-	"os"
-	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -19,9 +17,12 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/batch"
 	"github.com/lbcert/lbcert/internal/challenge"
+	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/progress"
+	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -114,127 +115,37 @@ happen once at the end, and each recipient gets one mail.
 
 func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error {
 	st := store.New(a.global.Dir)
-	if o.Concurrency < 1 {
-		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
-	}
-	if err := checkDays(o.Days); err != nil {
-		return err
-	}
-	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return exit.Errorf("%w", err)
-	}
-	if o.Webroot != "" && o.Standalone {
-		return exit.Errorf("--webroot and --standalone both given: choose one default way to answer HTTP-01")
-	}
-	if net.ParseIP(o.VIPHost) == nil {
-		if _, err := names.Domain(o.VIPHost); err != nil {
-			return exit.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
-		}
-	}
-	var fallback store.Challenge
-	fleetMode := a.fleetOpts.Redis != ""
-	switch {
-	case fleetMode && a.fleetOpts.NoOrder:
-		return fleetOrderRefused("batch")
-	case fleetMode && o.Webroot != "":
-		return fleetChallenge("--webroot")
-	case fleetMode && o.Standalone:
-		return fleetChallenge("--standalone")
-	case fleetMode:
-		fallback = store.Challenge{Mode: "fleet"}
-	case o.Webroot != "":
-		root, err := filepath.Abs(o.Webroot)
-		if err != nil {
-			return exit.Errorf("--webroot %s: %w", o.Webroot, err)
-		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return exit.Errorf("%w", err)
-		}
-		fallback = store.Challenge{Mode: "webroot", Webroot: root}
-	case o.Standalone:
-		fallback = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
-	}
-	limits, err := o.pace.limits()
+	fallback, err := a.checkBatch(o)
 	if err != nil {
 		return err
 	}
-	checker, err := o.preflight.checker()
+	res, err := batch.ReadFile(file, a.in, batch.Defaults{
+		HTTPAddr: o.HTTPAddr, VIPHost: o.VIPHost, KeyTypeOK: acme.CheckKeyType, CheckWebroot: challenge.CheckWebroot,
+	})
 	if err != nil {
 		return err
-	}
-
-	res, err := a.readBatch(file, o)
-	if err != nil {
-		return err
-	}
-	var invalid []*engine.Item
-	for _, p := range res.Problems {
-		invalid = append(invalid, &engine.Item{Line: p.Line, Outcome: engine.Invalid, Error: p.Msg})
 	}
 	// Rows that name no challenge take the command line's; a row that
-	// still has none is bad input like any other.
+	// still has none is bad input like any other, and so is a deploy
+	// target that cannot work.
 	deploys := map[string]store.Deploy{}
-	var todo []batchRow
-	good := 0
-	for _, row := range res.Rows {
-		problem := ""
-		if fleetMode && row.Challenge.Mode != "" {
-			problem = "the row names a challenge (ACMEPort, webroot or http_addr), which fleet mode does not use: every node's 'lbcert agent' answers HTTP-01; leave the column empty"
+	res.Keep(func(row *batch.Row) string {
+		var problem string
+		if row.Challenge, problem = a.mode().rowChallenge(row, fallback); problem != "" {
+			return problem
 		}
-		if row.Challenge.Mode == "" || fleetMode {
-			if fallback.Mode == "" {
-				problem = "no challenge: the row has no ACMEPort (or webroot/http_addr column); pass --webroot DIR or --standalone"
-			}
-			row.Challenge = fallback
+		if _, err := a.rowDeploy(o, st.Dir, row, deploys); err != nil {
+			return secret.OneLine(err)
 		}
-		var d store.Deploy
-		if problem == "" {
-			var err error
-			if d, err = a.rowDeploy(o, st.Dir, row, deploys); err != nil {
-				problem = oneLine(err)
-			}
-		}
-		if problem != "" {
-			invalid = append(invalid, &engine.Item{Line: row.Line, Outcome: engine.Invalid, Error: problem})
-			continue
-		}
-		good++
-		if !o.Check { // --check keeps no per-row state: 100,000 rows stay small
-			todo = append(todo, batchRow{row: row, deploy: d})
-		}
+		return ""
+	})
+	for _, p := range res.Problems {
+		a.say.at(file, p.Line, "%s", p.Msg)
 	}
-	res.Rows = nil
-	sort.SliceStable(invalid, func(i, j int) bool { return invalid[i].Line < invalid[j].Line })
-	for _, it := range invalid {
-		if it.Line > 0 {
-			fmt.Fprintf(a.err, "%s:%d: %s\n", file, it.Line, it.Error)
-		} else {
-			fmt.Fprintf(a.err, "%s: %s\n", file, it.Error)
-		}
+	if err := a.batchChecked(o, file, res); err != nil || o.Check {
+		return err
 	}
-	bad := len(invalid)
-	if o.Check {
-		if res.Format == "" { // a file-level problem: no rows, no format
-			a.printf("%s: %d good, %d bad\n", file, good, bad)
-		} else {
-			rows := "rows"
-			if good+bad == 1 {
-				rows = "row"
-			}
-			a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
-		}
-		if bad > 0 {
-			return exit.Reported(exit.Failure)
-		}
-		return nil
-	}
-	if bad > 0 && o.Strict {
-		return exit.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
-	}
-	if len(todo) == 0 {
-		return exit.Errorf("%s: no good rows; nothing was sent to the CA", file).WithHint("fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
-	}
-	result, err := a.executeBatch(ctx, st, o, file, string(res.Format), todo, invalid, limits, checker)
+	result, err := a.executeBatch(ctx, st, o, file, res, deploys)
 	if err != nil {
 		return err
 	}
@@ -244,35 +155,67 @@ func (a *app) runBatch(ctx context.Context, o *batchOptions, file string) error 
 		a.printBatchSummary(result)
 	}
 	a.sayUnreachable(result)
-	return finish(result, a.mailReport(ctx, st, result.Report()))
+	return runError(result, a.mailReport(ctx, st, result.Report()))
 }
 
-// readBatch opens and parses the file ("-" is stdin).
-func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
-	var r io.Reader
-	if file == "-" {
-		r = os.Stdin
-	} else {
-		f, err := os.Open(file)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, exit.Errorf("%s: no such file", file)
-		}
-		if err != nil {
-			return nil, exit.Errorf("%s: %w", file, unwrapPath(err))
-		}
-		defer f.Close()
-		if fi, err := f.Stat(); err == nil && fi.IsDir() {
-			return nil, exit.Errorf("%s: is a directory, want a CSV file", file)
-		}
-		r = f
+// checkBatch checks batch's flags offline and returns the challenge of
+// rows that name none.
+func (a *app) checkBatch(o *batchOptions) (store.Challenge, error) {
+	var none store.Challenge
+	if o.Concurrency < 1 {
+		return none, fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
-	res := batch.Parse(r, batch.Defaults{
-		HTTPAddr:     o.HTTPAddr,
-		VIPHost:      o.VIPHost,
-		KeyTypeOK:    acme.CheckKeyType,
-		CheckWebroot: challenge.CheckWebroot,
-	})
-	return res, nil
+	if err := checkDays(o.Days); err != nil {
+		return none, err
+	}
+	if err := acme.CheckKeyType(o.KeyType); err != nil {
+		return none, err
+	}
+	if err := challenge.CheckAddr(o.HTTPAddr); err != nil {
+		return none, err
+	}
+	if o.Webroot != "" && o.Standalone {
+		return none, config.Conflict(o.flags, "webroot", "standalone", "choose one default way to answer HTTP-01")
+	}
+	if net.ParseIP(o.VIPHost) == nil {
+		if _, err := names.Domain(o.VIPHost); err != nil {
+			return none, fmt.Errorf("--vip-host %q: want the load balancer's IP address or host name", o.VIPHost)
+		}
+	}
+	if _, err := o.pace.Limits(); err != nil {
+		return none, err
+	}
+	if _, err := o.preflight.Checker(); err != nil {
+		return none, err
+	}
+	if err := a.mode().mayOrder("batch"); err != nil {
+		return none, err
+	}
+	return a.mode().challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, batch: true, fs: o.flags})
+}
+
+// batchChecked says what --check found, and refuses a file with bad rows
+// under --strict, or with no good row at all.
+func (a *app) batchChecked(o *batchOptions, file string, res *batch.Result) error {
+	good, bad := len(res.Rows), len(res.Problems)
+	switch {
+	case o.Check && res.Format == "": // a file-level problem: no rows, no format
+		a.printf("%s: %d good, %d bad\n", file, good, bad)
+	case o.Check:
+		rows := "rows"
+		if good+bad == 1 {
+			rows = "row"
+		}
+		a.printf("%s: %d %s (%s format): %d good, %d bad\n", file, good+bad, rows, res.Format, good, bad)
+	case bad > 0 && o.Strict:
+		return fmt.Errorf("%s: %d bad rows; nothing was sent to the CA (--strict)", file, bad)
+	case good == 0:
+		return hint.Wrap(fmt.Errorf("%s: no good rows; nothing was sent to the CA", file), "fix the rows above; 'lbcert batch %s --check' checks without ordering", file)
+	}
+	if o.Check && bad > 0 {
+		return errReported
+	}
+	return nil
 }
 
 // rowDeploy fills the row's deploy settings: the command line's, with the
@@ -281,14 +224,14 @@ func (a *app) readBatch(file string, o *batchOptions) (*batch.Result, error) {
 func (a *app) rowDeploy(o *batchOptions, stateDir string, row *batch.Row, cache map[string]store.Deploy) (store.Deploy, error) {
 	target := row.Deploy
 	if target == "" {
-		target = o.deploy.target
+		target = o.deploy.Target
 	}
 	d, ok := cache[target]
 	if !ok {
 		flags := o.deploy
-		flags.target = target
+		flags.Target = target
 		var err error
-		if d, err = flags.resolve(stateDir, nil); err != nil {
+		if d, err = a.mode().deploy(&flags, stateDir, nil); err != nil {
 			return d, err
 		}
 		cache[target] = d
@@ -297,4 +240,104 @@ func (a *app) rowDeploy(o *batchOptions, stateDir string, row *batch.Row, cache 
 		d.VerifyAddr = row.VerifyAddr
 	}
 	return d, nil
+}
+
+// executeBatch runs the good rows through the engine and adds the bad
+// ones to the result as invalid items, so that --json, the summary and
+// the mail show every row of the file.
+func (a *app) executeBatch(ctx context.Context, st *store.Store, o *batchOptions, file string, rows *batch.Result,
+	deploys map[string]store.Deploy) (*engine.Result, error) {
+	h, err := a.mode().open(ctx, "batch")
+	if err != nil {
+		return nil, err
+	}
+	defer h.close()
+	opts, err := a.acmeOptions(h.accounts)
+	if err != nil {
+		return nil, err
+	}
+	limits, _ := o.pace.Limits() // checked by checkBatch
+	checker, _ := o.preflight.Checker()
+	spec := runSpec{limits: limits, waitLock: o.WaitLock, Options: engine.Options{
+		Command: "batch", Preflight: checker, Concurrency: o.Concurrency, Days: o.Days, MaxWait: o.MaxWait,
+	}}
+	a.batchProgress(&spec, o, file, len(rows.Rows))
+	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) {
+		base := a.lineageMail(o.flags, nil)
+		jobs := make([]engine.Job, 0, len(rows.Rows))
+		for _, row := range rows.Rows {
+			d, _ := a.rowDeploy(o, st.Dir, row, deploys) // resolved by the check, cached
+			l := store.Lineage{
+				Name: row.Name, Domains: row.Domains, Server: opts.Server, Email: opts.Email,
+				KeyType: cmp.Or(row.KeyType, o.KeyType), Profile: cmp.Or(row.Profile, o.Profile), PreferredChain: o.Chain,
+				Challenge: row.Challenge, Deploy: d, Mail: row.Mail(base),
+			}
+			jobs = append(jobs, engine.Job{Lineage: l, Line: row.Line, Force: o.Force})
+		}
+		return slices.Values(jobs), len(jobs), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.File, res.Format = file, string(rows.Format)
+	for _, p := range rows.Problems {
+		res.Items = append(res.Items, &engine.Item{Line: p.Line, Outcome: engine.Invalid, Error: p.Msg})
+	}
+	sort.SliceStable(res.Items, func(i, j int) bool { return res.Items[i].Line < res.Items[j].Line })
+	res.Count()
+	return res, nil
+}
+
+// batchProgress says what happens to the rows as the run goes: on a
+// terminal a progress bar (a row counts when its certificate is
+// obtained; the deploy is a phase of its own), and a line, once, for
+// every row that needs attention.
+func (a *app) batchProgress(spec *runSpec, o *batchOptions, file string, rows int) {
+	spec.Observe = func(it *engine.Item) { a.sayRow(file, it) }
+	// A deploy that failed is said once too, when the deploy is done.
+	spec.Deployed = func(it *engine.Item) {
+		if it.Outcome == engine.Failed {
+			a.sayRow(file, it)
+		}
+	}
+	if !a.stderrTTY || a.global.Quiet || o.JSON {
+		return
+	}
+	prog := progress.New(a.err, rows, a.now)
+	a.logTo(prog)
+	spec.Deploying = func(n int) { prog.Phase(fmt.Sprintf("deploying %d certificates", n)) }
+	spec.Observe = func(it *engine.Item) {
+		prog.Step(it.Outcome.Done())
+		a.sayRow(file, it)
+	}
+	spec.done = func() {
+		prog.Finish()
+		a.logTo(a.err)
+	}
+}
+
+// sayRow says, once, during the run, what needs attention about a
+// row: a failure with its hint, a deferral with its next attempt. The
+// table at the end lists it again, and that is all.
+func (a *app) sayRow(file string, it *engine.Item) {
+	where := fmt.Sprintf("%s:%d %s", file, it.Line, it.Name)
+	switch it.Outcome {
+	case engine.Issued, engine.Renewed, engine.Deployed, engine.NotDue, engine.Reconfigured:
+		return
+	case engine.Deferred:
+		a.say.warningf("%s: deferred: %s%s", where, it.Error, it.NextAttemptWords())
+	default:
+		a.say.errorf("%s: %s: %s", where, it.Outcome.Words(), it.Error)
+	}
+	if it.Hint != "" {
+		a.say.hintf("%s", it.Hint)
+	}
+}
+
+// printBatchSummary prints a table of every row that needs attention or
+// changed, then the counts (engine.Result.BatchTable).
+func (a *app) printBatchSummary(res *engine.Result) {
+	if !a.global.Quiet {
+		res.BatchTable(a.out)
+	}
 }

@@ -2,23 +2,23 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
-	"log/slog"
-	"os"
-	"sort"
-	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/notify"
+	"github.com/lbcert/lbcert/internal/schedule"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -30,6 +30,7 @@ type deleteOptions struct {
 	Force    bool
 	Yes      bool
 	CronFile string
+	WaitLock time.Duration
 }
 
 func (a *app) newDeleteCmd() *cobra.Command {
@@ -38,11 +39,15 @@ func (a *app) newDeleteCmd() *cobra.Command {
 		Use:   "delete (--name NAME | -d DOMAIN | NAME)",
 		Short: "Delete a certificate lineage, optionally revoking it",
 		Long: `Delete removes a lineage: live/<name>, archive/<name>, its renewal status
-and its HAProxy PEM, then reloads the load balancer it deploys to.
+and its HAProxy PEM, then reloads the load balancer it deploys to. Its
+server block leaves every --nginx-include file first (nginx tested and
+reloaded without it; on failure nothing is deleted).
 
-It refuses while the nginx config (as "nginx -T" shows it, includes and
-all) or the HAProxy config still refers to the lineage's files, so that the
-next reload does not fail; --force deletes anyway. With --revoke the
+It refuses while a config still refers to the lineage's files, so that the
+next reload does not fail: the nginx config (as "nginx -T" shows it,
+includes and all) and the HAProxy config of every lineage in this
+directory, and /etc/nginx/nginx.conf and /etc/haproxy/haproxy.cfg when
+present; --force deletes anyway. With --revoke the
 certificate is first revoked at the CA. On a terminal it asks for
 confirmation; otherwise it needs --yes. When the last lineage is gone, the
 cron entry from "lbcert cron install" is removed too.`,
@@ -53,7 +58,7 @@ cron entry from "lbcert cron install" is removed too.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 1 {
 				if o.Name != "" {
-					return exit.Errorf("give the lineage once: as an argument or with --name")
+					return fmt.Errorf("give the lineage once: as an argument or with --name")
 				}
 				o.Name = args[0]
 			}
@@ -64,197 +69,165 @@ cron entry from "lbcert cron install" is removed too.`,
 	f.StringVar(&o.Name, "name", "", "lineage to delete")
 	f.StringVarP(&o.Domain, "domain", "d", "", "delete the lineage whose certificate covers this name")
 	f.BoolVar(&o.Revoke, "revoke", false, "revoke the certificate at the CA first")
-	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(reasonNames(), ", "))
+	f.StringVar(&o.Reason, "reason", "unspecified", "revocation reason: "+strings.Join(acme.ReasonNames(), ", "))
 	f.BoolVar(&o.Force, "force", false, "delete even though a load balancer config still refers to the files")
 	f.BoolVarP(&o.Yes, "yes", "y", false, "do not ask for confirmation")
 	config.Exclude(f, "yes") // a standing yes in a config file would delete without ever asking
+	f.DurationVar(&o.WaitLock, "wait-lock", 0, "wait this long for another lbcert run to finish, instead of failing at once")
 	f.StringVar(&o.CronFile, "cron-file", "", "cron entry to remove with the last lineage (default: this state directory's)")
 	f.MarkHidden("cron-file")
 	cmd.RegisterFlagCompletionFunc("name", a.completeLineages)
 	cmd.RegisterFlagCompletionFunc("reason", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
-		return reasonNames(), cobra.ShellCompDirectiveNoFileComp
+		return acme.ReasonNames(), cobra.ShellCompDirectiveNoFileComp
 	})
 	return cmd
-}
-
-func reasonNames() []string {
-	var out []string
-	for k := range acme.RevocationReasons {
-		out = append(out, k)
-	}
-	sort.Slice(out, func(i, j int) bool { return acme.RevocationReasons[out[i]] < acme.RevocationReasons[out[j]] })
-	return out
-}
-
-func parseReason(s string) (uint, error) {
-	if r, ok := acme.RevocationReasons[s]; ok {
-		return r, nil
-	}
-	if n, err := strconv.Atoi(s); err == nil {
-		for _, r := range acme.RevocationReasons {
-			if uint(n) == r {
-				return r, nil
-			}
-		}
-	}
-	return 0, exit.Errorf("--reason %q: want one of %s", s, strings.Join(reasonNames(), ", "))
-}
-
-// deleteSource is where delete finds the lineage: the state directory,
-// or the fleet.
-type deleteSource interface {
-	Names() ([]string, error)
-	Load(name string) (*store.Lineage, error)
-	Delete(name string) error
 }
 
 func (a *app) runDelete(ctx context.Context, o *deleteOptions) (retErr error) {
 	st := store.New(a.global.Dir)
 	if (o.Name == "") == (o.Domain == "") {
-		return exit.Errorf("say which lineage: --name NAME or -d DOMAIN")
+		return fmt.Errorf("say which lineage: --name NAME or -d DOMAIN")
 	}
-	reason, err := parseReason(o.Reason)
+	reason, err := acme.ParseReason(o.Reason)
 	if err != nil {
 		return err
 	}
-	name := o.Name
-	if name != "" {
-		if err := names.Lineage(name); err != nil {
-			return exit.Errorf("--name: %w", err)
+	if o.Name != "" {
+		if err := names.Lineage(o.Name); err != nil {
+			return fmt.Errorf("--name: %w", err)
 		}
-	} else if name, err = a.lineageForDomain(st, o.Domain); err != nil {
-		return err
 	}
-	f, err := a.openFleet(ctx, st, "delete")
+	h, err := a.mode().open(ctx, "delete")
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	// In fleet mode the lineage is the fleet's: deleting it here deletes
-	// it for every node, so no other node renews it.
-	var src deleteSource = st
-	where := st.Dir
-	if f != nil {
-		src, where = f.backend, "the fleet"
-	}
-	l, err := src.Load(name)
+	defer h.close()
+	l, err := a.deleteTarget(ctx, h, o)
 	if err != nil {
-		if isNotFound(err) {
-			return exit.Errorf("no lineage %q in %s", name, where).WithHint("'lbcert list' shows the lineages")
-		}
-		return redisExit(err)
+		return err
 	}
-	if o.Revoke {
-		if _, err := a.accountBase(st); err != nil {
-			return err
-		}
+	name, d := l.Name, l.Deploy
+	if h.node.Settings != nil {
+		d = h.node.Settings(l) // this node's way of serving it
 	}
 	runner := &deploy.Runner{Store: st}
-	refs, err := runner.References(ctx, name, l.Deploy)
-	if err != nil && !o.Force {
-		return exit.Errorf("check %s config for references to %s: %w", l.Deploy.Target, name, err).WithHint("fix the config, or pass --force to delete without checking")
+	targets := runner.DeleteTargets(d, st.Dir)
+	if err := runner.CheckReferences(ctx, name, targets, o.Force); err != nil {
+		return err
 	}
-	if len(refs) > 0 && !o.Force {
-		return exit.Errorf("%s config still uses %s: %s: %s", l.Deploy.Target, name, refs[0].File, refs[0].Line).
-			WithHint("remove the %d line(s) that use %s first, or pass --force to delete anyway", len(refs), st.LivePaths(name).Dir)
+	if err := a.confirmDelete(o, l); err != nil {
+		return err
 	}
-	if !o.Yes {
-		if !(a.stdinTTY && a.stderrTTY) {
-			return exit.Errorf("delete %s: no terminal to confirm on: pass --yes", name)
-		}
-		fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", name, strings.Join(l.Domains, ", "), l.Version)
-		line, _ := bufio.NewReader(a.in).ReadString('\n')
-		if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
-			return exit.Errorf("not deleted")
-		}
-	}
-
-	lock, err := a.lock(st)
+	lock, err := st.Take(ctx, o.WaitLock)
 	if err != nil {
 		return err
 	}
 	defer lock.Unlock()
-
 	if o.Revoke {
-		is := &issuer.Issuer{Account: a.lazyAccount(f.accounts(st), false)}
-		client, err := is.Client(ctx, l.Server, l.Email)
-		if err != nil {
+		if err := a.revoke(ctx, h, l, reason, o.Reason); err != nil {
 			return err
 		}
-		cert, err := os.ReadFile(st.LivePaths(name).Cert)
-		if f != nil && err != nil {
-			cert, err = f.backend.ReadFullchain(name) // the fleet's, when this node does not hold it
-		}
-		if err != nil {
-			return exit.Errorf("read %s: %w", name, err)
-		}
-		if err := client.Revoke(cert, reason); err != nil {
-			return exit.Errorf("%w; nothing was deleted", err)
-		}
-		a.printf("%s: revoked certificate %s (%s)\n", name, l.Cert.Serial, o.Reason)
 	}
-	if err := src.Delete(name); err != nil {
-		return exit.Errorf("delete %s: %w", name, err)
+	unlisted, err := runner.UnlistAll(ctx, name, targets, o.Force)
+	for _, f := range unlisted {
+		a.printf("%s: removed from %s, nginx reloaded\n", name, f)
+	}
+	if err != nil {
+		if o.Revoke {
+			return hint.Wrap(fmt.Errorf("%w; the certificate is revoked, nothing was deleted", err), "fix nginx and run delete again without --revoke, or pass --force")
+		}
+		return hint.Wrap(fmt.Errorf("%w; nothing was deleted", err), "fix nginx and run delete again, or pass --force")
+	}
+	if err := h.catalog.Delete(ctx, name); err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	a.printf("%s: deleted\n", name)
-	item := notify.Item{Name: name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
-		MailTo: l.Mail.To, Relay: notify.Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
-	if o.Revoke {
-		item.Hint = "revoked at the CA (" + o.Reason + ")"
-	}
 	defer func() {
-		if mailErr := a.mailReport(ctx, st, &notify.Report{Command: "delete", Items: []notify.Item{item}}); mailErr != nil && retErr == nil {
+		if mailErr := a.mailReport(ctx, st, notify.Deleted(l, revokedFor(o))); mailErr != nil && retErr == nil {
 			retErr = mailErr
 		}
 	}()
-	if l.Deploy.Target != "" {
-		if err := runner.Remove(ctx, name, l.Deploy); err != nil {
-			return exit.Errorf("deleted %s, but updating %s failed: %w", name, l.Deploy.Target, err)
+	if d.Target != "" && d.NginxInclude == "" {
+		if err := runner.Remove(ctx, name, d); err != nil {
+			return fmt.Errorf("deleted %s, but updating %s failed: %w", name, d.Target, err)
 		}
-		a.printf("%s: %s reloaded\n", name, l.Deploy.Target)
+		a.printf("%s: %s reloaded\n", name, d.Target)
 	}
-	left, _ := src.Names()
-	if o.CronFile == "" {
-		o.CronFile = cronFileFor("/etc/cron.d", a.global.Dir)
-	}
-	if len(left) == 0 {
-		if _, err := os.Stat(o.CronFile); err == nil {
-			if err := removeCronFile(o.CronFile); err != nil {
-				return err
-			}
-			a.printf("last lineage deleted: removed %s\n", o.CronFile)
+	return a.removeCronIfLast(ctx, h, o)
+}
+
+// deleteTarget finds the lineage to delete, checking the account
+// settings a revocation needs before anything changes.
+func (a *app) deleteTarget(ctx context.Context, h *host, o *deleteOptions) (*store.Lineage, error) {
+	name := o.Name
+	if name == "" {
+		var err error
+		if name, err = catalog.Covering(ctx, h.catalog, o.Domain); err != nil {
+			return nil, err
 		}
 	}
-	slog.Debug("delete done", "name", name)
+	l, err := h.catalog.Head(ctx, name)
+	if isNotFound(err) {
+		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
+	}
+	if err != nil {
+		return nil, err
+	}
+	if o.Revoke {
+		if _, err := a.accountBase(h.accounts); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// confirmDelete asks on a terminal, or needs --yes.
+func (a *app) confirmDelete(o *deleteOptions, l *store.Lineage) error {
+	if o.Yes {
+		return nil
+	}
+	if !(a.stdinTTY && a.stderrTTY) {
+		return fmt.Errorf("delete %s: no terminal to confirm on: pass --yes", l.Name)
+	}
+	fmt.Fprintf(a.err, "Delete %s (%s) and all %d of its versions? [y/N] ", l.Name, strings.Join(l.Domains, ", "), l.Version)
+	line, _ := bufio.NewReader(a.in).ReadString('\n')
+	if ans := strings.ToLower(strings.TrimSpace(line)); ans != "y" && ans != "yes" {
+		return fmt.Errorf("not deleted")
+	}
 	return nil
 }
 
-// lineageForDomain finds the one lineage whose certificate covers domain.
-func (a *app) lineageForDomain(st *store.Store, raw string) (string, error) {
-	d, err := names.Domain(raw)
+// revoke revokes the lineage's current certificate at its CA.
+func (a *app) revoke(ctx context.Context, h *host, l *store.Lineage, reason uint, reasonName string) error {
+	_, files, err := h.catalog.Fetch(ctx, l.Name, 0)
 	if err != nil {
-		return "", exit.Errorf("%w", err)
+		return fmt.Errorf("read %s: %w", l.Name, err)
 	}
-	all, err := st.Names()
-	if err != nil {
-		return "", exit.Errorf("%w", err)
+	is := &issuer.Issuer{Account: acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, false)}
+	if err := is.Revoke(ctx, l, files.Cert, reason); err != nil {
+		return fmt.Errorf("%w; nothing was deleted", err)
 	}
-	var found []string
-	for _, n := range all {
-		if l, err := st.Load(n); err == nil {
-			for _, x := range l.Domains {
-				if x == d {
-					found = append(found, n)
-					break
-				}
-			}
-		}
+	a.printf("%s: revoked certificate %s (%s)\n", l.Name, l.Cert.Serial, reasonName)
+	return nil
+}
+
+// removeCronIfLast removes the cron entry with the last lineage.
+func (a *app) removeCronIfLast(ctx context.Context, h *host, o *deleteOptions) error {
+	if left, _ := h.catalog.Names(ctx); len(left) > 0 {
+		return nil
 	}
-	switch len(found) {
-	case 0:
-		return "", exit.Errorf("no lineage covers %s", d).WithHint("'lbcert list' shows the lineages")
-	case 1:
-		return found[0], nil
+	file := cmp.Or(o.CronFile, schedule.CronFileFor("/etc/cron.d", a.global.Dir))
+	removed, err := schedule.RemoveFile(file)
+	if removed {
+		a.printf("last lineage deleted: removed %s\n", file)
 	}
-	return "", exit.Errorf("%s is covered by %d lineages (%s): say which with --name", d, len(found), strings.Join(found, ", "))
+	return err
+}
+
+// revokedFor is the reason a delete revoked with, or "".
+func revokedFor(o *deleteOptions) string {
+	if o.Revoke {
+		return o.Reason
+	}
+	return ""
 }

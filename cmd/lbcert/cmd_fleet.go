@@ -4,153 +4,62 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"runtime/debug"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/config"
-	"github.com/lbcert/lbcert/internal/deploy"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/notify"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // fleetOptions are the global fleet-mode settings (README "A pool of
 // load balancers").
-type fleetOptions struct {
-	Redis        string
-	PasswordFile string
-	CA           string
-	LeaseTTL     time.Duration
-	LedgerCap    int
-	NoOrder      bool
-}
+type fleetOptions struct{ fleet.Settings }
 
 func (f *fleetOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&f.Redis, "redis", "", "fleet mode: the shared Redis, redis://HOST:PORT/DB, rediss:// (TLS) or redis-sentinel://S1:PORT,S2:PORT/MASTER/DB; the password never goes here")
 	pf.StringVar(&f.PasswordFile, "redis-password-file", "", "file holding the Redis password (or set LBCERT_REDIS_PASSWORD); never passed in argv")
 	pf.StringVar(&f.CA, "redis-ca", "", "PEM file of roots that sign the Redis server's certificate (rediss://, private CA)")
-	pf.DurationVar(&f.LeaseTTL, "lease-ttl", 10*time.Minute, "fleet mode: how long a node that stalls keeps a name before another may order it")
+	pf.DurationVar(&f.LeaseTTL, "lease-ttl", fleet.DefaultLeaseTTL, "fleet mode: how long a node that stalls keeps a name before another may order it")
 	pf.IntVar(&f.LedgerCap, "ledger-cap", fleet.DefaultLedgerCap, "fleet mode: most certificates for one exact set of names in 7 days, fleet-wide (Let's Encrypt allows 5)")
 	pf.BoolVar(&f.NoOrder, "no-order", false, "fleet mode: this node never orders (renewals stay on a dedicated node); its agent still answers tokens")
 }
 
-// fleetRun is one command's open fleet.
-type fleetRun struct {
-	sh      *redis.Shared
-	node    *fleet.Node
-	backend *fleet.Backend
-}
+// redisPassword is LBCERT_REDIS_PASSWORD's value.
+func (a *app) redisPassword() string { return a.getenv(config.EnvName("redis-password")) }
 
-// redisExit maps a Redis that did not answer to its exit code.
-func redisExit(err error) error {
-	var u *redis.Unavailable
-	var e *exit.Error
-	if errors.As(err, &e) && !errors.As(err, &u) {
-		return err // it says its own code
-	}
-	if errors.As(err, &u) {
-		return &exit.Error{Code: exit.Unavailable, Err: err, Hint: u.HintText()}
-	}
-	return exit.Errorf("%w", err)
-}
-
-// dialRedis connects to --redis with the password from the environment
-// or --redis-password-file.
-func (a *app) dialRedis(ctx context.Context) (*redis.Shared, error) {
-	f := &a.fleetOpts
-	if f.Redis == "" {
-		return nil, exit.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
-	}
-	pw := a.getenv(config.EnvName("redis-password"))
-	if f.PasswordFile != "" {
-		data, err := os.ReadFile(f.PasswordFile)
-		if err != nil {
-			return nil, exit.Errorf("--redis-password-file %s: %w", f.PasswordFile, unwrapPath(err))
-		}
-		pw = strings.TrimSpace(string(data))
-	}
-	secret.Add(pw)
-	if f.LedgerCap < 1 || f.LedgerCap > 4 {
-		return nil, exit.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", f.LedgerCap)
-	}
-	if f.LeaseTTL < time.Second {
-		return nil, exit.Errorf("--lease-ttl %s: want at least 1s", f.LeaseTTL)
-	}
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	sh, err := redis.Dial(dctx, redis.Options{URL: f.Redis, Password: pw, CAFile: f.CA})
-	if err != nil {
-		return nil, redisExit(err)
-	}
-	return sh, nil
-}
-
-// openFleet opens this node's fleet for a run, or returns nil when
-// --redis is not set (single-host mode, unchanged).
-func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*fleetRun, error) {
-	if a.fleetOpts.Redis == "" {
-		return nil, nil
-	}
-	sh, err := a.dialRedis(ctx)
+// openFleet opens this node's fleet for a command (fleetMode.open).
+func (a *app) openFleet(ctx context.Context, st *store.Store, command string) (*fleet.Conn, error) {
+	c, err := a.fleetOpts.Connect(ctx, a.redisPassword(), st)
 	if err != nil {
 		return nil, a.fleetDown(ctx, st, command, err)
 	}
-	n, err := fleet.Open(ctx, sh, st)
-	if err != nil {
-		sh.Close()
-		return nil, a.fleetDown(ctx, st, command, redisExit(err))
-	}
-	return &fleetRun{sh: sh, node: n, backend: fleet.NewBackend(n)}, nil
+	return c, nil
 }
 
 // fleetDown mails the report of a run that could not start because
 // Redis did not answer: cron's mail must say why nothing was renewed,
 // not stay silent. It returns err, the run's error.
 func (a *app) fleetDown(ctx context.Context, st *store.Store, command string, err error) error {
-	if command == "agent" || !errors.As(err, new(*redis.Unavailable)) {
+	if command == "agent" || !errors.As(err, new(*rdb.Unavailable)) {
 		return err
 	}
 	rep := &notify.Report{Command: command, Items: []notify.Item{{
-		Name: "fleet", Outcome: "failed", Error: secret.Scrub(oneLine(err)),
+		Name: "fleet", Outcome: "failed", Error: secret.OneLine(err),
 		Hint: "nothing was ordered: no order is placed without the fleet's Redis; certificates already on this node keep being served",
 	}}}
 	if merr := a.mailReport(ctx, st, rep); merr != nil {
-		fmt.Fprintf(a.err, "lbcert: warning: could not mail the report: %s\n", secret.Scrub(oneLine(merr)))
+		a.say.warningf("could not mail the report: %s", merr)
 	}
 	return err
-}
-
-// accounts is where the run's ACME accounts live: the fleet's, or the
-// state directory's on one host.
-func (f *fleetRun) accounts(st *store.Store) store.Accounts {
-	if f == nil {
-		return st
-	}
-	return f.backend
-}
-
-func (f *fleetRun) close() {
-	if f != nil {
-		f.sh.Close()
-	}
-}
-
-// fleetChallenge refuses a challenge flag in fleet mode: the agents
-// answer every token, and a run binding its own listener would answer
-// for one node only.
-func fleetChallenge(what string) error {
-	return exit.Errorf("%s is not used in fleet mode: every node's 'lbcert agent' answers HTTP-01 for the fleet; drop it", what).
-		WithHint("start 'lbcert --redis URL agent --http-addr ADDR' on every node behind the address the CA validates")
 }
 
 func (a *app) newFleetCmd() *cobra.Command {
@@ -170,6 +79,7 @@ data key, which is wrapped (age X25519) for each approved node.
 
 See README "A pool of load balancers".`,
 	}
+	cmd.PersistentFlags().DurationVar(&a.fleetWait, "wait-lock", time.Minute, "how long init, join, approve and remove wait for this node's short write lock (an install by its agent or a run)")
 	cmd.AddCommand(a.newFleetInitCmd(), a.newFleetJoinCmd(), a.newFleetApproveCmd(), a.newFleetRemoveCmd(), a.newFleetStatusCmd())
 	return cmd
 }
@@ -186,7 +96,7 @@ account in --dir, keys sealed, so the other nodes never order them again.
 It refuses a Redis that already holds a fleet.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+			return a.withRedis(cmd.Context(), func(sh *rdb.Shared, st *store.Store) error {
 				n, err := fleet.Init(cmd.Context(), sh, st, nodeName(node))
 				if err != nil {
 					return err
@@ -217,7 +127,7 @@ node and approve it on a member with 'fleet approve NODE --fingerprint'.
 Until then this node can read no key.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withRedis(cmd.Context(), func(sh *redis.Shared, st *store.Store) error {
+			return a.withRedis(cmd.Context(), func(sh *rdb.Shared, st *store.Store) error {
 				node := nodeName(node)
 				fp, id, err := fleet.Join(cmd.Context(), sh, st, node)
 				if err != nil {
@@ -246,7 +156,7 @@ the request then did not come from that node.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if fp == "" {
-				return exit.Errorf("--fingerprint is required: the age1... that 'fleet join' printed on %s", args[0])
+				return fmt.Errorf("--fingerprint is required: the age1... that 'fleet join' printed on %s", args[0])
 			}
 			return a.withMember(cmd.Context(), func(n *fleet.Node) error {
 				if err := n.Approve(cmd.Context(), args[0], fp); err != nil {
@@ -285,28 +195,27 @@ a node that was stolen, say), and change the Redis password too.`,
 }
 
 // withRedis runs f with the fleet's Redis and this node's state
-// directory, under the directory lock.
-func (a *app) withRedis(ctx context.Context, f func(*redis.Shared, *store.Store) error) error {
+// directory, under the short write lock (fleet.Settings.Locked).
+func (a *app) withRedis(ctx context.Context, f func(*rdb.Shared, *store.Store) error) error {
 	st := store.New(a.global.Dir)
-	sh, err := a.dialRedis(ctx)
-	if err != nil {
-		return err
-	}
-	defer sh.Close()
-	lock, err := a.lock(st)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	if err := f(sh, st); err != nil {
-		return redisExit(err)
-	}
-	return nil
+	return a.fleetOpts.Locked(ctx, a.redisPassword(), st, a.fleetWait, func(sh *rdb.Shared) error { return f(sh, st) })
 }
 
-// withMember runs f with this node's open fleet, under the directory lock.
+// readMember runs f with this node's open fleet and no lock: what only
+// reads the fleet (status) never waits for, or fails on, a run.
+func (a *app) readMember(ctx context.Context, f func(*fleet.Node) error) error {
+	c, err := a.fleetOpts.Connect(ctx, a.redisPassword(), store.New(a.global.Dir))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return f(c.Node)
+}
+
+// withMember runs f with this node's open fleet, under the short write
+// lock.
 func (a *app) withMember(ctx context.Context, f func(*fleet.Node) error) error {
-	return a.withRedis(ctx, func(sh *redis.Shared, st *store.Store) error {
+	return a.withRedis(ctx, func(sh *rdb.Shared, st *store.Store) error {
 		n, err := fleet.Open(ctx, sh, st)
 		if err != nil {
 			return err
@@ -323,212 +232,62 @@ func nodeName(flag string) string {
 	return flag
 }
 
-type agentOptions struct {
-	httpAddr, advertise string
-	reconcile           time.Duration
-	printUnit           bool
-	deploy              deployFlags
+type fleetStatusOptions struct {
+	json    bool
+	maxLag  time.Duration
+	maxBeat time.Duration
 }
 
-func (a *app) newAgentCmd() *cobra.Command {
-	o := &agentOptions{}
+// fleetStatusDefaults are the thresholds when none is given: what the
+// metrics written by runs and the agent use.
+var fleetStatusDefaults = fleetStatusOptions{maxLag: 5 * time.Minute, maxBeat: 30 * time.Second}
+
+func (a *app) newFleetStatusCmd() *cobra.Command {
+	o := &fleetStatusOptions{}
 	cmd := &cobra.Command{
-		Use:   "agent --http-addr ADDR [--deploy nginx|haproxy ...]",
-		Short: "Serve the fleet on this node: answer HTTP-01, install and deploy every certificate (runs until stopped)",
-		Long: `The agent runs on every node of a fleet, under systemd
-(--print-systemd-unit prints the unit). It:
+		Use:   "status",
+		Short: "Show every node: heartbeat, versions served, lag and failures (a monitoring check)",
+		Long: `Status shows every member of the fleet: its agent's last heartbeat and
+version, and how many lineages it serves at the fleet's newest version,
+how many it is behind on, and how many failed to deploy there, with the
+reasons.
 
-  - answers HTTP-01 challenges for whichever node ordered, from Redis with
-    a short local cache, and only for the Host the token was published for;
-  - sends a heartbeat, so that an ordering node fetches each token through
-    every live agent before the CA validates, and abandons the
-    authorization if one cannot answer (no failed validation is spent);
-  - installs every certificate the fleet publishes into this node's --dir
-    (the key unsealed only here), learning of them from a Redis stream and
-    reconciling everything every --reconcile as the fallback, and deploys
-    each burst at once with this node's own --deploy settings: one config
-    test, one reload or runtime-API update, rollback and the TLS check, as
-    renew does; a failed deploy is retried at each reconcile;
-  - reports to the fleet the version it serves of every lineage
-    ('fleet status' shows them);
-  - rebuilds an emptied Redis (FLUSHALL, a new instance) from this node's
-    --dir.
-
-It takes the state directory's short write lock only around each install
-and deploy, so a long batch on the same node does not hold it up. When
-Redis is unreachable it keeps serving from disk and the tokens it has
-cached, and reconnects with backoff; what was published meanwhile arrives
-after. SIGTERM stops it cleanly.
-
-Point the load balancer's port 80 for /.well-known/acme-challenge/ at
---http-addr (an HAProxy backend or an nginx proxy_pass).`,
+It exits 0 when every node is fine, and 2 when a node's heartbeat is older
+than --max-heartbeat-age (or gone), a deploy failed on it, or it has been
+behind for longer than --max-lag: run it from your monitoring. --json
+prints the same in the versioned JSON schema. With --metrics-file, the
+same per-node figures also go to the Prometheus textfile beside it
+(lbcert.prom -> lbcert-fleet.prom), which every run in fleet mode and the
+agent refresh too.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error { return a.runAgent(cmd.Context(), o) },
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.readMember(cmd.Context(), func(n *fleet.Node) error { return a.fleetStatus(cmd.Context(), n, o) })
+		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&o.httpAddr, "http-addr", "", "where the agent answers HTTP-01, host:port")
-	f.StringVar(&o.advertise, "advertise-addr", "", "where the other nodes reach this agent (default --http-addr, which then needs a host part)")
-	f.DurationVar(&o.reconcile, "reconcile", time.Minute, "how often the agent compares every lineage with the fleet, besides following its events")
-	f.BoolVar(&o.printUnit, "print-systemd-unit", false, "print a systemd unit that runs this agent with these settings, and exit")
-	o.deploy.register(f)
+	cmd.Flags().BoolVar(&o.json, "json", false, "print JSON (schema version 1)")
+	cmd.Flags().DurationVar(&o.maxLag, "max-lag", fleetStatusDefaults.maxLag, "a node behind the newest version for longer than this is a problem")
+	cmd.Flags().DurationVar(&o.maxBeat, "max-heartbeat-age", fleetStatusDefaults.maxBeat, "a node whose agent's last heartbeat is older than this is a problem")
 	return cmd
 }
 
-func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
-	if o.httpAddr == "" {
-		return exit.Errorf("--http-addr is required: where this node's agent listens, such as 127.0.0.1:8888")
-	}
-	advertise := o.advertise
-	if advertise == "" {
-		host, _, err := net.SplitHostPort(o.httpAddr)
-		if err != nil {
-			return exit.Errorf("--http-addr %q: %w", o.httpAddr, err)
-		}
-		if host == "" || host == "0.0.0.0" || host == "::" {
-			return exit.Errorf("%w", fleet.ErrAdvertise)
-		}
-		advertise = o.httpAddr
-	}
-	if o.reconcile < time.Second {
-		return exit.Errorf("--reconcile %s: want 1s or more", o.reconcile)
-	}
-	st := store.New(a.global.Dir)
-	settings, err := o.deploy.resolve(st.Dir, nil)
+func (a *app) fleetStatus(ctx context.Context, n *fleet.Node, o *fleetStatusOptions) error {
+	st, err := n.Report(ctx, a.now(), o.maxLag, o.maxBeat)
 	if err != nil {
 		return err
 	}
-	if o.printUnit {
-		a.printf("%s", a.agentUnit(o))
+	if a.global.MetricsFile != "" {
+		if err := metrics.WriteFleet(a.global.MetricsFile, st); err != nil {
+			return fmt.Errorf("--metrics-file: %w", unwrapPath(err))
+		}
+	}
+	if o.json {
+		a.printJSON(st)
+	} else {
+		st.Table(a.out, a.now())
+	}
+	if st.OK {
 		return nil
 	}
-	if a.fleetOpts.Redis == "" {
-		return exit.Errorf("agent: fleet mode needs --redis (or LBCERT_REDIS, or 'redis' in the config file)")
-	}
-	ln, err := net.Listen("tcp", o.httpAddr)
-	if err != nil {
-		return exit.Errorf("agent: %w", err).WithHint("another process holds %s; stop it, or pick another --http-addr", o.httpAddr)
-	}
-	// The fleet is opened on the agent's connect goroutine, which may
-	// still be dialling when Run returns: the one it opened is closed
-	// here under the lock, or by itself when the agent is already gone.
-	var (
-		mu   sync.Mutex
-		f    *fleetRun
-		done bool
-	)
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		done = true
-		f.close()
-	}()
-	connect := func(ctx context.Context) (*fleet.Node, error) {
-		opened, err := a.openFleet(ctx, st, "agent")
-		if err != nil {
-			return nil, err // the agent retries a *redis.Unavailable
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		if done {
-			opened.close()
-			return nil, context.Canceled
-		}
-		f = opened
-		a.printf("agent of node %s (fleet %s) connected; answering HTTP-01 on %s\n", f.node.Name, f.node.ID, ln.Addr())
-		return f.node, nil
-	}
-	a.printf("agent answering HTTP-01 on %s; connecting to the fleet's Redis\n", ln.Addr())
-	if err := a.checkKeep(); err != nil {
-		return err
-	}
-	syncer := &fleet.Syncer{Deploy: settings, Reconcile: o.reconcile, Keep: a.global.Keep,
-		Runner: &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}}
-	ag := &fleet.Agent{Local: st, Connect: connect, Sync: syncer, Listener: ln, Advertise: advertise,
-		Version: buildVersion(debug.ReadBuildInfo())}
-	if a.global.MetricsFile != "" {
-		go a.agentMetrics(ctx, ag)
-	}
-	return ag.Run(ctx)
-}
-
-// agentMetrics keeps the fleet's per-node figures beside --metrics-file
-// fresh while the agent runs: the one process that is always there.
-func (a *app) agentMetrics(ctx context.Context, ag *fleet.Agent) {
-	t := time.NewTicker(15 * time.Second)
-	defer t.Stop()
-	for {
-		if n := ag.N(); n != nil {
-			a.writeFleetMetrics(ctx, n)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
-
-// agentUnit is the systemd unit for this agent: the same flags, the
-// password from an environment file (never in the unit's argv), and a
-// restart on failure.
-func (a *app) agentUnit(o *agentOptions) string {
-	self, err := os.Executable()
-	if err != nil {
-		self = "/usr/local/bin/lbcert"
-	}
-	args := []string{self}
-	if a.global.Dir == "/etc/lbcert" {
-		args = append(args, "--dir", a.global.Dir) // said, as the unit's reader looks for it
-	}
-	args = append(append(args, a.carriedArgs()...), "agent", "--http-addr", o.httpAddr)
-	if o.advertise != "" {
-		args = append(args, "--advertise-addr", o.advertise)
-	}
-	if o.reconcile != time.Minute {
-		args = append(args, "--reconcile", o.reconcile.String())
-	}
-	o.deploy.fs.Visit(func(fl *pflag.Flag) {
-		if strings.HasPrefix(fl.Name, "deploy") || strings.HasPrefix(fl.Name, "nginx") || strings.HasPrefix(fl.Name, "haproxy") ||
-			fl.Name == "reload-cmd" || fl.Name == "verify-addr" || fl.Name == "verify-roots" || fl.Name == "hook-timeout" {
-			args = append(args, "--"+fl.Name, fl.Value.String())
-		}
-	})
-	return fmt.Sprintf(`%s
-# Install: put it in /etc/systemd/system/lbcert-agent.service, put
-# LBCERT_REDIS_PASSWORD=... in /etc/lbcert/agent.env (mode 0600) unless
-# --redis-password-file is used, then:
-#   systemctl daemon-reload && systemctl enable --now lbcert-agent
-[Unit]
-Description=lbcert fleet agent (HTTP-01 answers, certificate sync and deploy)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-EnvironmentFile=-/etc/lbcert/agent.env
-ExecStart=%s
-Restart=on-failure
-RestartSec=5s
-KillSignal=SIGTERM
-TimeoutStopSec=30s
-NoNewPrivileges=yes
-PrivateTmp=yes
-
-[Install]
-WantedBy=multi-user.target
-`, printedBy("lbcert-agent.service", "agent --print-systemd-unit"), execStart(args))
-}
-
-// systemdQuote quotes one ExecStart word when it needs it.
-func systemdQuote(s string) string {
-	if s != "" && !strings.ContainsAny(s, " \t\"'\\$%;") {
-		return s
-	}
-	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", "$$", "%", "%%")
-	return `"` + r.Replace(s) + `"`
-}
-
-// fleetOrderRefused says why a no-order node does not order.
-func fleetOrderRefused(cmd string) error {
-	return exit.Errorf("%s: this node is set never to order (--no-order, or 'no-order' in the config file); run it on a node that orders", cmd)
+	return mark(hint.Wrap(errors.New(st.Problems()),
+		"README \"When a node lags\": check the node's agent (systemctl status lbcert-agent) and its load balancer's config"), errPartial)
 }

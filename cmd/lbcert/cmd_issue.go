@@ -1,11 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"iter"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -16,10 +16,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/names"
-	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -97,113 +94,93 @@ target, deploys the current certificate there; --force issues anyway.`,
 	return cmd
 }
 
-// issuePlan is a checked issue request: everything validated, nothing
-// touched yet.
-type issuePlan struct {
-	domains   []string
-	name      string
-	mode      store.Challenge
-	acme      acme.Options
-	limits    pace.Limits
-	preflight *preflight.Checker
-}
-
 // checkIssue validates every input that can be checked offline, in the
-// order a user would fix them. It writes nothing.
-func (a *app) checkIssue(st *store.Store, o *issueOptions) (*issuePlan, error) {
+// order a user would fix them, and returns the job and the run without
+// their account and saved settings. It writes nothing.
+func (a *app) checkIssue(st *store.Store, o *issueOptions) (engine.Job, runSpec, error) {
+	var job engine.Job
+	var spec runSpec
 	if err := checkDays(o.Days); err != nil {
-		return nil, err
+		return job, spec, err
 	}
 	domains, err := names.Domains(o.Domains)
 	if err != nil {
-		return nil, exit.Errorf("%w", err)
+		return job, spec, err
 	}
-	p := &issuePlan{domains: domains, name: o.Name}
-	if p.name == "" {
-		p.name = names.LineageFor(domains[0])
-	}
-	if err := names.Lineage(p.name); err != nil {
-		return nil, exit.Errorf("--name: %w", err)
+	l := store.Lineage{Name: cmp.Or(o.Name, names.LineageFor(domains[0])), Domains: domains, KeyType: o.KeyType,
+		Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey}
+	if err := names.Lineage(l.Name); err != nil {
+		return job, spec, fmt.Errorf("--name: %w", err)
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {
-		return nil, exit.Errorf("%w", err)
+		return job, spec, err
 	}
-	fleetMode := a.fleetOpts.Redis != ""
-	switch {
-	case fleetMode && a.fleetOpts.NoOrder:
-		return nil, fleetOrderRefused("issue")
-	case fleetMode && o.Webroot != "":
-		return nil, fleetChallenge("--webroot")
-	case fleetMode && o.Standalone:
-		return nil, fleetChallenge("--standalone")
-	case fleetMode && o.httpAddrSet:
-		return nil, fleetChallenge("--http-addr")
-	case fleetMode:
-		p.mode = store.Challenge{Mode: "fleet"}
-	case o.Webroot != "" && o.Standalone:
-		return nil, exit.Errorf("--webroot and --standalone both given: choose one way to answer HTTP-01")
-	case o.Webroot == "" && !o.Standalone:
-		return nil, exit.Errorf("no challenge method: pass --webroot DIR or --standalone").
-			WithHint("or set it once for every command: 'webroot: /var/www/acme' (or 'standalone: true') in %s", a.configPath())
-	case o.httpAddrSet && !o.Standalone:
-		return nil, exit.Errorf("--http-addr only applies with --standalone")
-	case o.Webroot != "":
-		root, err := filepath.Abs(o.Webroot)
-		if err != nil {
-			return nil, exit.Errorf("--webroot %s: %w", o.Webroot, err)
+	m := a.mode()
+	if err := m.mayOrder("issue"); err != nil {
+		return job, spec, err
+	}
+	if l.Challenge, err = m.challenge(challengeFlags{webroot: o.Webroot, standalone: o.Standalone, httpAddr: o.HTTPAddr, addrSet: o.httpAddrSet, fs: o.flags}); err != nil {
+		return job, spec, err
+	}
+	if l.Challenge.Mode == "standalone" {
+		if err := probe(st, l.Challenge.HTTPAddr); err != nil {
+			return job, spec, err
 		}
-		if err := challenge.CheckWebroot(root); err != nil {
-			return nil, exit.Errorf("%w", err)
+	}
+	spec = runSpec{waitLock: o.WaitLock, Options: engine.Options{Command: "issue", Concurrency: 1, Days: o.Days, MaxWait: o.MaxWait}}
+	if spec.limits, err = o.pace.Limits(); err != nil {
+		return job, spec, err
+	}
+	spec.Preflight, err = o.preflight.Checker()
+	return engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: l}, spec, err
+}
+
+// probe refuses a listen address in use before anything is written,
+// unless another lbcert run holds it: then the answer is "locked".
+func probe(st *store.Store, addr string) error {
+	err := challenge.Probe(addr)
+	if err != nil {
+		if held := st.Held(); held != nil {
+			return held
 		}
-		p.mode = store.Challenge{Mode: "webroot", Webroot: root}
-	default:
-		p.mode = store.Challenge{Mode: "standalone", HTTPAddr: o.HTTPAddr}
 	}
-	if p.limits, err = o.pace.limits(); err != nil {
-		return nil, err
-	}
-	if p.preflight, err = o.preflight.checker(); err != nil {
-		return nil, err
-	}
-	return p, nil
+	return err
 }
 
 func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	st := store.New(a.global.Dir)
-	p, err := a.checkIssue(st, o)
+	job, spec, err := a.checkIssue(st, o)
 	if err != nil {
 		return err
 	}
-
 	// Deploy settings are checked against the lineage's saved ones now,
-	// read-only, so bad input leaves nothing behind.
+	// read-only, so bad input leaves nothing behind. The settings in
+	// force are the served version's: a newer one whose deploy failed
+	// does not pass its failed settings on.
 	var prevDeploy *store.Deploy
 	var prevMail *store.Mail
-	if prev, err := st.Load(p.name); err == nil {
+	prev, err := st.Load(job.Lineage.Name)
+	if err != nil {
+		prev, err = st.Newest(job.Lineage.Name)
+	}
+	if err == nil {
 		prevDeploy, prevMail = &prev.Deploy, &prev.Mail
 	}
-	mailSettings := a.lineageMail(o.flags, prevMail)
-	deploySettings, err := o.deploy.resolve(st.Dir, prevDeploy)
+	job.Lineage.Mail = a.lineageMail(o.flags, prevMail)
+	if job.Lineage.Deploy, err = a.mode().deploy(&o.deploy, st.Dir, prevDeploy); err != nil {
+		return err
+	}
+	h, err := a.mode().open(ctx, "issue")
 	if err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st, "issue")
+	defer h.close()
+	opts, err := a.acmeOptions(h.accounts)
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	if p.acme, err = a.acmeOptions(f.accounts(st)); err != nil {
-		return err
-	}
-	job := engine.Job{Force: o.Force, ReuseKey: o.ReuseKey, Lineage: store.Lineage{
-		Name: p.name, Domains: p.domains, Server: p.acme.Server, Email: p.acme.Email,
-		KeyType: o.KeyType, Profile: o.Profile, PreferredChain: o.Chain, ReuseKey: o.ReuseKey, Challenge: p.mode, Deploy: deploySettings,
-		Mail: mailSettings,
-	}}
-	res, err := a.runEngine(ctx, st, runSpec{
-		command: "issue", limits: p.limits, preflight: p.preflight, concurrency: 1, days: o.Days,
-		maxWait: o.MaxWait, waitLock: o.WaitLock, fleet: f,
-	}, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
+	job.Lineage.Server, job.Lineage.Email = opts.Server, opts.Email
+	res, err := a.runEngine(ctx, h, spec, func() (iter.Seq[engine.Job], int, error) { return slices.Values([]engine.Job{job}), 1, nil })
 	if err != nil {
 		return err
 	}
@@ -212,87 +189,32 @@ func (a *app) runIssue(ctx context.Context, o *issueOptions) error {
 	} else {
 		a.printIssue(st, res.Items[0])
 	}
-	return finish(res, a.mailReport(ctx, st, res.Report()))
+	return runError(res, a.mailReport(ctx, st, res.Report()))
 }
 
 // printIssue says what happened to the one certificate: results on
 // stdout, failures on stderr in lbcert's voice.
 func (a *app) printIssue(st *store.Store, it *engine.Item) {
-	paths := st.LivePaths(it.Name)
-	switch it.Outcome {
-	case engine.NotDue:
-		at := ""
-		if it.DueAt != nil {
-			at = " and not due for renewal before " + it.DueAt.Format(time.DateOnly)
-		}
-		a.printf("%s: certificate for %s is valid until %s%s; nothing to do (use --force to issue anyway)\n",
-			it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.Format(time.DateOnly), at)
-		return
-	case engine.Reconfigured:
-		a.printf("%s: certificate for %s is valid until %s and not due; saved the new settings without ordering\n",
-			it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly))
-		if it.Deploy == "" {
-			// Only mail or challenge settings changed: the certificate
-			// already where it was is not deployed again.
-			a.printf("  deploy    unchanged (same deploy target; nothing deployed)\n")
-		} else {
-			a.printf("  deploy    %s\n", deployWords(it))
-		}
-		return
-	case engine.Issued, engine.Renewed, engine.Deployed, engine.Failed:
-		if it.Serial == "" {
-			break
-		}
-		verb := "issued certificate"
-		if it.Outcome == engine.Deployed {
-			verb = "deployed the certificate obtained earlier"
-		}
-		days := int(it.NotAfter.Sub(a.now()).Hours() / 24)
-		a.printf("%s: %s for %s\n  serial    %s\n  expires   %s (%d days)\n  fullchain %s\n  key       %s\n",
-			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), days, paths.Fullchain, paths.Key)
-		a.printf("  deploy    %s\n", deployWords(it))
+	if !a.global.Quiet {
+		it.IssueText(a.out, st.LivePaths(it.Name), a.now())
 	}
 	switch it.Outcome {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:
 		switch {
 		case it.Outcome == engine.Deferred:
-			fmt.Fprintf(a.err, "lbcert: error: not ordering %s: %s\n", it.Name, it.Error)
+			a.say.errorf("not ordering %s: %s", it.Name, it.Error)
 		case it.Serial != "":
-			fmt.Fprintf(a.err, "lbcert: error: %s: %s\n", it.Name, it.Error)
+			a.say.errorf("%s: %s", it.Name, it.Error)
 		default: // the CA's errors say "obtain <names>: ..." themselves
-			fmt.Fprintf(a.err, "lbcert: error: %s\n", it.Error)
+			a.say.errorf("%s", it.Error)
 		}
 		if it.Hint != "" {
-			fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+			a.say.hintf("%s", it.Hint)
 		}
-		if it.NextAttempt != nil && it.Outcome == engine.Deferred {
-			fmt.Fprintf(a.err, "lbcert: hint: next attempt after %s\n", it.NextAttempt.Format(time.RFC3339))
+		if it.NextAttempt != nil && it.Outcome == engine.Deferred && !strings.Contains(it.Hint, "next attempt") {
+			a.say.hintf("next attempt after %s", it.NextAttempt.Format(time.RFC3339))
 		}
 	}
 }
-
-// deployWords says on stdout what the deploy step did: "none",
-// "deployed, verified, hook ok" or "rolled back: <reason>".
-func deployWords(it *engine.Item) string {
-	switch it.Deploy {
-	case "none":
-		return "none (no --deploy target)"
-	case "rolled_back":
-		return "rolled back: " + it.Pending
-	}
-	if it.Outcome == engine.Failed {
-		return "failed: " + it.Error
-	}
-	parts := []string{"deployed"}
-	if it.Verify == "ok" {
-		parts = append(parts, "verified")
-	}
-	if it.Hook == "ok" {
-		parts = append(parts, "hook ok")
-	}
-	return strings.Join(parts, ", ")
-}
-
-func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }

@@ -2,59 +2,20 @@ package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"strings"
-	"text/tabwriter"
-	"time"
+	"slices"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
-	"github.com/lbcert/lbcert/internal/renewal"
-	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/inventory"
 )
 
 type listOptions struct {
 	Names []string
 	JSON  bool
-}
-
-// listEntry is one lineage as list and show present it; --json prints it.
-type listEntry struct {
-	Name        string      `json:"name"`
-	Domains     []string    `json:"domains"`
-	Serial      string      `json:"serial"`
-	NotBefore   time.Time   `json:"not_before"`
-	NotAfter    time.Time   `json:"not_after"`
-	DaysLeft    int         `json:"days_left"`
-	RenewAt     time.Time   `json:"renew_at"`
-	RenewReason string      `json:"renew_reason"`
-	Challenge   string      `json:"challenge"`
-	Webroot     string      `json:"webroot,omitempty"`
-	HTTPAddr    string      `json:"http_addr,omitempty"`
-	Deploy      string      `json:"deploy"`
-	VerifyAddr  string      `json:"verify_addr,omitempty"`
-	KeyType     string      `json:"key_type"`
-	Profile     string      `json:"profile,omitempty"`
-	Server      string      `json:"server"`
-	Email       string      `json:"email,omitempty"`
-	Version     int         `json:"cert_version"`      // the archive version live/ points at
-	Pending     string      `json:"pending,omitempty"` // "pending deploy: <reason>"
-	Failures    int         `json:"failures,omitempty"`
-	LastError   string      `json:"last_error,omitempty"`
-	BackoffTill *time.Time  `json:"backoff_until,omitempty"`
-	Cadence     string      `json:"cadence_warning,omitempty"` // renew runs too seldom for this certificate
-	Paths       store.Paths `json:"paths"`
-	Error       string      `json:"error,omitempty"` // the lineage could not be read
-}
-
-// lineageList is list --json: the same schema rules as the run report
-// (a "version", lowercase keys without spaces).
-type lineageList struct {
-	Version  int         `json:"version"`
-	Lineages []listEntry `json:"lineages"`
 }
 
 func (a *app) newListCmd() *cobra.Command {
@@ -85,15 +46,24 @@ func (a *app) newShowCmd() *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeLineages,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st := store.New(a.global.Dir)
-			e, err := a.listEntry(st, args[0])
+			h, err := a.mode().open(cmd.Context(), "show")
 			if err != nil {
 				return err
 			}
-			if o.JSON {
-				return writeJSON(a, e)
+			defer h.close()
+			e, err := a.listEntry(cmd.Context(), h, a.inventory(h), args[0])
+			if err != nil {
+				return err
 			}
-			a.printShow(e)
+			served, err := h.served(cmd.Context())
+			if err != nil {
+				return err
+			}
+			e.Nodes = served[e.Name]
+			if o.JSON {
+				return a.printJSON(e)
+			}
+			inventory.Show(a.out, e, a.clock())
 			return nil
 		},
 	}
@@ -102,180 +72,67 @@ func (a *app) newShowCmd() *cobra.Command {
 }
 
 func (a *app) runList(ctx context.Context, o *listOptions) error {
-	st := store.New(a.global.Dir)
+	h, err := a.mode().open(ctx, "list")
+	if err != nil {
+		return err
+	}
+	defer h.close()
 	names := o.Names
 	if len(names) == 0 {
-		var err error
-		if names, err = st.Names(); err != nil {
-			return exit.Errorf("read %s: %w", st.Dir, err)
+		if names, err = h.catalog.Names(ctx); err != nil {
+			return fmt.Errorf("read %s: %w", h.where, err)
+		}
+		// Names whose first order failed have no lineage; they are
+		// listed all the same, as never issued.
+		failed, _ := h.failedNames()
+		for _, n := range failed {
+			if !slices.Contains(names, n) {
+				names = append(names, n)
+			}
 		}
 	}
-	entries := make([]listEntry, 0, len(names))
+	served, err := h.served(ctx)
+	if err != nil {
+		return err
+	}
+	src := a.inventory(h)
+	entries := make([]inventory.Entry, 0, len(names))
 	for _, n := range names {
-		e, err := a.listEntry(st, n)
+		e, err := a.listEntry(ctx, h, src, n)
 		if err != nil {
 			if len(o.Names) > 0 {
 				return err
 			}
-			e = &listEntry{Name: n, Error: err.Error()}
+			e = &inventory.Entry{Name: n, Error: err.Error()}
 		}
+		e.Nodes = served[n]
 		entries = append(entries, *e)
 	}
 	if o.JSON {
-		return writeJSON(a, lineageList{Version: engine.SchemaVersion, Lineages: entries})
+		return a.printJSON(inventory.List{Version: engine.SchemaVersion, Lineages: entries})
 	}
 	if len(entries) == 0 {
-		fmt.Fprintf(a.err, "lbcert: no certificates in %s\n", st.Dir)
+		a.say.say("", "no certificates in %s", h.where)
 		return nil
 	}
-	a.printTable(entries)
+	inventory.Table(a.out, entries, a.clock())
 	return nil
 }
 
-func (a *app) listEntry(st *store.Store, name string) (*listEntry, error) {
-	l, err := st.Load(name)
-	if err != nil {
-		if isNotFound(err) {
-			return nil, exit.Errorf("no lineage %q in %s", name, st.Dir).WithHint("'lbcert list' shows the lineages")
-		}
-		return nil, exit.Errorf("%w", err)
-	}
-	status, _ := st.ReadStatus(name)
-	now := a.now()
-	d := renewal.Decide(l.Cert, status, now, renewal.Options{ARIOffered: !now.Before(status.ARIUnsupported), Name: l.Name})
-	reason := string(d.Reason)
-	if d.Reason == renewal.Lifetime && l.Cert.ARICertID != "" && status.ARISerial != l.Cert.Serial {
-		reason = "lifetime (ARI not asked yet)"
-	}
-	e := &listEntry{
-		Name: l.Name, Domains: l.Domains, Serial: l.Cert.Serial, NotBefore: l.Cert.NotBefore, NotAfter: l.Cert.NotAfter,
-		DaysLeft: int(l.Cert.NotAfter.Sub(now).Hours() / 24), RenewAt: d.At.UTC(), RenewReason: reason,
-		Challenge: l.Challenge.Mode, Webroot: l.Challenge.Webroot, HTTPAddr: l.Challenge.HTTPAddr,
-		Deploy: l.Deploy.Target, VerifyAddr: l.Deploy.VerifyAddr, KeyType: l.KeyType, Profile: l.Profile,
-		Server: l.Server, Email: l.Email, Version: l.Version, Failures: status.Failures, LastError: status.LastError,
-		Paths: st.LivePaths(name),
-	}
-	if e.Deploy == "" {
-		e.Deploy = "none"
-	}
-	if p := status.Pending; p != nil {
-		e.Pending = fmt.Sprintf("pending deploy of version %d", p.Version)
-		if p.Error != "" {
-			e.Pending = "pending deploy: " + p.Error
-		}
-	}
-	if renewal.InBackoff(status, now) {
-		next := status.NextAttempt.UTC()
-		e.BackoffTill = &next
-	}
-	// The schedule as renew has really run here, up to now: a cron that
-	// stopped a week ago shows as a week's gap.
-	if a.runs == nil {
-		runs := st.Runs()
-		a.runs = &runs // once for the whole list, not once per lineage
-	}
-	if runs := *a.runs; len(runs) > 0 {
-		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(runs, now))
-	}
-	return e, nil
+// inventory is what list and show read, with renew's recorded runs here
+// for the cadence warning.
+func (a *app) inventory(h *host) *inventory.Source {
+	return &inventory.Source{Catalog: h.catalog, Local: h.st, Now: a.now(), Runs: h.st.Runs()}
 }
 
-// when formats t for a person on a terminal, or as RFC 3339 for a pipe.
-func (a *app) when(t time.Time) string {
-	if !a.stdoutTTY {
-		return t.UTC().Format(time.RFC3339)
+func (a *app) listEntry(ctx context.Context, h *host, src *inventory.Source, name string) (*inventory.Entry, error) {
+	e, err := src.Entry(ctx, name)
+	if errors.Is(err, inventory.ErrNoLineage) {
+		return nil, hint.Wrap(fmt.Errorf("no lineage %q in %s", name, h.where), "'lbcert list' shows the lineages")
 	}
-	d := t.Sub(a.now())
-	switch {
-	case d < 0:
-		return relative(-d) + " ago"
-	default:
-		return "in " + relative(d)
-	}
+	return e, err
 }
 
-// renewWhen is when for the next renewal: a moment already passed means
-// the next renew run renews it.
-func (a *app) renewWhen(t time.Time) string {
-	if a.stdoutTTY && !t.After(a.now()) {
-		return "due now"
-	}
-	return a.when(t)
-}
-
-func relative(d time.Duration) string {
-	switch {
-	case d >= 48*time.Hour:
-		return fmt.Sprintf("%dd", int(d.Hours()/24))
-	case d >= 2*time.Hour:
-		return fmt.Sprintf("%dh", int(d.Hours()))
-	default:
-		return fmt.Sprintf("%dm", int(d.Minutes()))
-	}
-}
-
-func (a *app) printTable(entries []listEntry) {
-	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tDOMAINS\tEXPIRES\tDAYS\tRENEWS\tRULE\tCHALLENGE\tDEPLOY\tSTATUS")
-	for _, e := range entries {
-		if e.Error != "" {
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t-\terror: %s\n", e.Name, e.Error)
-			continue
-		}
-		status := "ok"
-		if e.Pending != "" {
-			status = e.Pending
-		} else if e.Failures > 0 {
-			status = fmt.Sprintf("%d failures: %s", e.Failures, e.LastError)
-			if e.BackoffTill != nil {
-				status = fmt.Sprintf("%d failures, retry %s: %s", e.Failures, a.when(*e.BackoffTill), e.LastError)
-			}
-		}
-		if e.Cadence != "" {
-			status = strings.TrimPrefix(status+"; ", "ok; ") + "warning: " + e.Cadence
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, strings.Join(e.Domains, ","), a.when(e.NotAfter), e.DaysLeft,
-			a.renewWhen(e.RenewAt), e.RenewReason, e.Challenge, e.Deploy, status)
-	}
-	tw.Flush()
-}
-
-func (a *app) printShow(e *listEntry) {
-	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-	row := func(k, v string) {
-		if v != "" {
-			fmt.Fprintf(tw, "%s:\t%s\n", k, v)
-		}
-	}
-	row("name", e.Name)
-	row("domains", strings.Join(e.Domains, ", "))
-	row("serial", e.Serial)
-	row("valid from", a.when(e.NotBefore))
-	row("expires", fmt.Sprintf("%s (%d days)", a.when(e.NotAfter), e.DaysLeft))
-	row("renews", fmt.Sprintf("%s (%s)", a.renewWhen(e.RenewAt), e.RenewReason))
-	row("challenge", e.Challenge+" "+e.Webroot+e.HTTPAddr)
-	row("deploy", e.Deploy)
-	row("verify", e.VerifyAddr)
-	row("key type", e.KeyType)
-	row("profile", e.Profile)
-	row("server", e.Server)
-	row("account", e.Email)
-	row("version", fmt.Sprint(e.Version))
-	row("pending", e.Pending)
-	if e.Failures > 0 {
-		row("failures", fmt.Sprint(e.Failures))
-		row("last error", e.LastError)
-		if e.BackoffTill != nil {
-			row("next attempt", a.when(*e.BackoffTill))
-		}
-	}
-	row("fullchain", e.Paths.Fullchain)
-	row("key", e.Paths.Key)
-	tw.Flush()
-}
-
-func writeJSON(a *app, v any) error {
-	enc := json.NewEncoder(a.out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
+// clock is how list and show say times: relative on a terminal, RFC 3339
+// in a pipe.
+func (a *app) clock() inventory.Clock { return inventory.Clock{Now: a.now(), Terminal: a.stdoutTTY} }

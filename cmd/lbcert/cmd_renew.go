@@ -14,7 +14,7 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -95,12 +95,12 @@ while it is valid.
 func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	switch {
 	case o.PrintUnit && o.PrintTimer:
-		return exit.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
+		return fmt.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
 	case o.PrintUnit:
-		a.printf("%s", a.renewService(printedBy(serviceUnit, "renew --print-systemd-unit")))
+		a.printf("%s", a.printedUnit(false))
 		return nil
 	case o.PrintTimer:
-		a.printf("%s", a.renewTimer(a.hostMinute(), printedBy(timerUnit, "renew --print-systemd-timer")))
+		a.printf("%s", a.printedUnit(true))
 		return nil
 	}
 	st := store.New(a.global.Dir)
@@ -108,42 +108,37 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	if o.Concurrency < 1 {
-		return exit.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
+		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
 	for _, n := range o.Names {
 		if err := names.Lineage(n); err != nil {
-			return exit.Errorf("--name: %w", err)
+			return fmt.Errorf("--name: %w", err)
 		}
 	}
-	limits, err := o.pace.limits()
+	limits, err := o.pace.Limits()
 	if err != nil {
 		return err
 	}
 	// Checked now, without reading any secret: a bad --email or
 	// --ca-bundle is bad input, not a failure of every lineage.
-	if err := a.checkAccountSettings(); err != nil {
+	if err := a.account().Check(a.ctx); err != nil {
 		return err
 	}
-	f, err := a.openFleet(ctx, st, "renew")
+	if err := a.mode().mayOrder("renew"); err != nil {
+		// Cron runs renew on every node; this one leaves ordering to the
+		// dedicated node (seed 000), and its agent installs what that
+		// node orders. Said only with -v.
+		slog.Debug("this node never orders (--no-order); nothing to do")
+		return nil
+	}
+	h, err := a.mode().open(ctx, "renew")
 	if err != nil {
 		return err
 	}
-	defer f.close()
-	var lineages renewSource = st
-	where := st.Dir
-	if f != nil {
-		where = "the fleet"
-		if a.fleetOpts.NoOrder {
-			// Cron runs renew on every node; this one leaves ordering to
-			// the dedicated node (seed 000) and says so only with -v.
-			slog.Debug("this node never orders (--no-order); nothing to do")
-			return nil
-		}
-		lineages = f.backend
-	}
-	all, err := lineages.Names()
+	defer h.close()
+	all, err := h.catalog.Names(ctx)
 	if err != nil {
-		return redisExit(fmt.Errorf("read the lineages: %w", err))
+		return fmt.Errorf("read the lineages: %w", err)
 	}
 	if len(all) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
@@ -156,10 +151,9 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if o.NoRandomSleep || a.stdoutTTY {
 		delay = 0
 	}
-	res, err := a.runEngine(ctx, st, runSpec{
-		command: "renew", limits: limits, concurrency: o.Concurrency, days: o.Days, dryRun: o.DryRun,
-		maxWait: o.MaxWait, randomDelay: delay, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, fleet: f,
-	}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(lineages, where, all, o) })
+	res, err := a.runEngine(ctx, h, runSpec{limits: limits, waitLock: o.WaitLock, scheduled: len(o.Names) == 0, Options: engine.Options{
+		Command: "renew", Concurrency: o.Concurrency, Days: o.Days, DryRun: o.DryRun, MaxWait: o.MaxWait, RandomDelay: delay,
+	}}, func() (iter.Seq[engine.Job], int, error) { return renewJobs(ctx, h, all, o) })
 	if err != nil {
 		return err
 	}
@@ -169,27 +163,20 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if !o.DryRun {
 		mailErr = a.mailReport(ctx, st, res.Report())
 	}
-	return finish(res, mailErr)
+	return runError(res, mailErr)
 }
 
 // renewJobs is one job per selected lineage, with its saved settings,
 // made as the plan reaches it: the plan loads each lineage when it
 // decides it, so a pass over 100,000 holds one at a time. Only a dry run
 // reads them here, to point them at staging.
-// renewSource is where renew finds lineages: the state directory, or in
-// fleet mode the fleet's.
-type renewSource interface {
-	Names() ([]string, error)
-	Load(name string) (*store.Lineage, error)
-}
-
-func renewJobs(st renewSource, where string, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
+func renewJobs(ctx context.Context, h *host, all []string, o *renewOptions) (iter.Seq[engine.Job], int, error) {
 	selected := all
 	if len(o.Names) > 0 {
 		selected = o.Names
 		for _, n := range selected {
 			if !slices.Contains(all, n) {
-				return nil, 0, exit.Errorf("--name %s: no such lineage in %s", n, where).WithHint("'lbcert list' shows the lineages")
+				return nil, 0, hint.Wrap(fmt.Errorf("--name %s: no such lineage in %s", n, h.where), "'lbcert list' shows the lineages")
 			}
 		}
 	}
@@ -199,7 +186,7 @@ func renewJobs(st renewSource, where string, all []string, o *renewOptions) (ite
 			// plan says so when it cannot load it.
 			job := engine.Job{Lineage: store.Lineage{Name: n}, Force: o.Force, Stored: true}
 			if o.DryRun {
-				if l, err := st.Load(n); err == nil {
+				if l, err := h.catalog.Head(ctx, n); err == nil {
 					job.Stored, job.Lineage = false, *l
 					job.Lineage.Server = dryRunServer(l.Server)
 				}
@@ -220,45 +207,19 @@ func (a *app) renderRenew(res *engine.Result, o *renewOptions) {
 	}
 	for _, it := range res.Items {
 		if it.Outcome == engine.Failed || it.Outcome == engine.Aborted {
-			fmt.Fprintf(a.err, "lbcert: error: renew %s: %s\n", it.Name, it.Error)
+			a.say.errorf("renew %s: %s", it.Name, it.Error)
 			if it.Hint != "" {
-				fmt.Fprintf(a.err, "lbcert: hint: %s\n", it.Hint)
+				a.say.hintf("%s", it.Hint)
 			}
 		}
 		if it.Cadence != "" {
 			// Even on a nothing-due run: a schedule too slow for the
 			// certificates is silent until one expires (-q keeps it).
-			fmt.Fprintf(a.err, "lbcert: warning: %s: %s\n", it.Name, it.Cadence)
+			a.say.warningf("%s: %s", it.Name, it.Cadence)
 		}
 	}
-	c := res.Counts
-	changed := c[engine.Renewed] + c[engine.Issued] + c[engine.Deployed]
-	if changed+c[engine.Failed]+c[engine.Deferred]+c[engine.Aborted]+c[engine.NotStarted] == 0 {
-		return // nothing due: silence, for cron
-	}
-	verb := "renewed"
-	if res.DryRun {
-		verb = "would renew (dry run)"
-	}
-	a.printf("lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
-		changed, verb, c[engine.NotDue], c[engine.Failed]+c[engine.Aborted], c[engine.Deferred])
-	for _, it := range res.Items {
-		switch it.Outcome {
-		case engine.Renewed, engine.Issued:
-			a.printf("  renewed   %-30s %s -> %s, expires %s (%s); deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), it.Reason, deployWords(it))
-		case engine.Deployed:
-			a.printf("  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), deployWords(it))
-		case engine.Failed, engine.Aborted:
-			a.printf("  failed    %-30s %s\n", it.Name, it.Error)
-		case engine.Deferred:
-			next := ""
-			if it.NextAttempt != nil {
-				next = "; next attempt " + it.NextAttempt.Format(time.RFC3339)
-			}
-			a.printf("  deferred  %-30s %s%s\n", it.Name, it.Error, next)
-		case engine.NotStarted:
-			a.printf("  not started %-28s %s\n", it.Name, it.Error)
-		}
+	if !a.global.Quiet {
+		res.RenewSummary(a.out)
 	}
 }
 
@@ -279,7 +240,7 @@ func (a *app) completeLineages(cmd *cobra.Command, args []string, toComplete str
 			dir = v
 		}
 	}
-	all, _ := store.New(dir).Names()
+	all, _ := store.New(dir).Lineages()
 	var out []string
 	for _, n := range all {
 		if strings.HasPrefix(n, toComplete) {

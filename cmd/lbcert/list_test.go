@@ -40,7 +40,24 @@ func fixtureStore(t *testing.T) string {
 		store.Challenge{Mode: "standalone", HTTPAddr: "127.0.0.1:8888"}, store.Deploy{Target: "haproxy"})
 	add("broken.example.org", []string{"broken.example.org"}, fixedNow.Add(-80*24*time.Hour), 90,
 		store.Challenge{Mode: "standalone", HTTPAddr: ":80"}, store.Deploy{})
-	err := st.WriteStatus("broken.example.org", store.Status{
+	// example.com mails its own recipient through its own relay.
+	l, err := st.Load("example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Mail = store.Mail{To: []string{"shop-owner@example.net"}, Host: "relay.example.com", Port: 2525, TLS: "tls"}
+	if err := st.UpdateMeta(l); err != nil {
+		t.Fatal(err)
+	}
+	// never.example.org's first order failed: no lineage, two failures.
+	err = st.WriteStatus("never.example.org", store.Status{
+		Failures: 2, LastError: "obtain never.example.org: rejectedIdentifier: forbidden by policy",
+		LastAttempt: fixedNow.Add(-time.Hour), NextAttempt: fixedNow.Add(time.Hour),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = st.WriteStatus("broken.example.org", store.Status{
 		Failures: 2, LastError: "obtain broken.example.org: connection: connect: connection refused",
 		LastAttempt: fixedNow.Add(-time.Hour), NextAttempt: fixedNow.Add(time.Hour),
 	})
@@ -85,6 +102,10 @@ func TestListGolden(t *testing.T) {
 	golden(t, "list-pipe.txt", runGolden(t, false, "--dir", dir, "list"))
 	golden(t, "list.json", replaceDir(runGolden(t, false, "--dir", dir, "list", "--json")))
 	golden(t, "show-terminal.txt", replaceDir(runGolden(t, true, "--dir", dir, "show", "broken.example.org")))
+	// show says a lineage's own mail settings, and a name whose first
+	// order failed is listed and shown, never issued (issue #26 item 21).
+	golden(t, "show-mail.txt", replaceDir(runGolden(t, true, "--dir", dir, "show", "example.com")))
+	golden(t, "show-never.txt", replaceDir(runGolden(t, true, "--dir", dir, "show", "never.example.org")))
 }
 
 // The schedule fits the certificates: twice a day, or every 6 hours once

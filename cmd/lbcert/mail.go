@@ -3,34 +3,18 @@ package main
 import (
 	"context"
 	"fmt"
-	"log/slog"
-	"net/mail"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/notify"
-	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
 // mailOptions are the global report settings. The password is not a flag:
 // argv is visible to every user through ps.
-type mailOptions struct {
-	Host         string
-	Port         int
-	From         string
-	To           []string
-	User         string
-	PasswordFile string
-	TLS          string
-	CABundle     string
-	Report       string
-}
+type mailOptions struct{ notify.Options }
 
 func (m *mailOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&m.Host, "smtp-host", "localhost", "SMTP server for reports")
@@ -44,168 +28,34 @@ func (m *mailOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&m.Report, "report", "changes", "when to mail: changes (something issued, renewed, deleted or failed), always, never")
 }
 
-// check validates the mail settings offline; it never reads the password
-// unless a user is set, and never prints it.
-func (m *mailOptions) check() error {
-	switch m.Report {
-	case "changes", "always", "never":
-	default:
-		return exit.Errorf("--report %q: want changes, always or never", m.Report)
-	}
-	switch m.TLS {
-	case "starttls", "tls", "opportunistic", "none":
-	default:
-		return exit.Errorf("--smtp-tls %q: want one of %s", m.TLS, strings.Join(notify.TLSModes, ", "))
-	}
-	if m.Port < 1 || m.Port > 65535 {
-		return exit.Errorf("--smtp-port %d: want 1-65535", m.Port)
-	}
-	// Refused now, before any connection: a login over a connection
-	// without TLS would send the password in the clear.
-	if m.User != "" && !notify.TLSAlways(m.TLS) {
-		return exit.Errorf("--smtp-user is set for relay %s:%d, but --smtp-tls %s could send its password in the clear: use starttls or tls, or drop --smtp-user", m.Host, m.Port, m.TLS)
-	}
-	for _, to := range m.To {
-		if err := checkAddress("--mail-to", to); err != nil {
-			return err
-		}
-	}
-	if m.From != "" {
-		if err := checkAddress("--mail-from", m.From); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func checkAddress(flag, addr string) error {
-	a, err := mail.ParseAddress(addr)
-	if err != nil || a.Address != addr {
-		return exit.Errorf("%s %q is not an email address", flag, addr)
-	}
-	return nil
-}
-
-// lineageMail is what issue saves with a lineage: the mail settings given
-// on its command line, so renew mails the same people through the same
-// relay.
+// lineageMail is what issue saves with a lineage: the mail settings
+// given on its command line (notify.Options.Saved).
 func (a *app) lineageMail(fs *pflag.FlagSet, prev *store.Mail) store.Mail {
-	var out store.Mail
-	if prev != nil {
-		out = *prev
-	}
-	m := a.mail
-	if fs.Changed("mail-to") {
-		out.To = m.To
-	}
-	if fs.Changed("mail-from") {
-		out.From = m.From
-	}
-	if fs.Changed("smtp-host") {
-		out.Host = m.Host
-	}
-	if fs.Changed("smtp-port") {
-		out.Port = m.Port
-	}
-	// A relay is saved whole: its TLS mode and roots with its address,
-	// or a cron renew would try the global mode against it.
-	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-tls") {
-		out.TLS = m.TLS
-	}
-	if fs.Changed("smtp-host") || fs.Changed("smtp-port") || fs.Changed("smtp-ca-bundle") {
-		out.CABundle = absPath(m.CABundle)
-		if m.CABundle == "" {
-			out.CABundle = ""
-		}
-	}
-	return out
+	return a.mail.Saved(fs.Changed, prev)
 }
-
-func (a *app) settings() (notify.Settings, error) {
-	m := a.mail
-	s := notify.Settings{Host: m.Host, Port: m.Port, From: m.From, User: m.User, TLS: m.TLS, CABundle: m.CABundle}
-	if s.From == "" {
-		host, _ := os.Hostname()
-		s.From = "lbcert@" + host
-	}
-	if m.User != "" {
-		s.Password = a.getenv("LBCERT_SMTP_PASSWORD")
-		if m.PasswordFile != "" {
-			data, err := os.ReadFile(m.PasswordFile)
-			if err != nil {
-				return s, exit.Errorf("--smtp-password-file %s: %w", m.PasswordFile, unwrapPath(err))
-			}
-			s.Password = strings.TrimRight(string(data), "\r\n")
-		}
-		secret.Add(s.Password)
-	}
-	if d := a.getenv("LBCERT_SMTP_RETRY_DELAY"); d != "" { // for tests of the retry path
-		if v, err := time.ParseDuration(d); err == nil {
-			s.Backoff = v
-		}
-	}
-	return s, nil
-}
-
-func hostname() string {
-	h, err := os.Hostname()
-	if err != nil {
-		return "localhost"
-	}
-	return strings.SplitN(h, ".", 2)[0]
-}
-
-// mailStepTimeout bounds all the mail of one run.
-const mailStepTimeout = 5 * time.Minute
 
 // mailReport sends the run's report, one mail per recipient, when the
-// --report mode says so. A mail failure never undoes the run: it prints
-// the report to stderr, spools it under <dir>/reports/, and returns an
-// error with the partial-failure code.
+// --report mode says so, even after an interrupt (under a short
+// deadline of its own). A mail failure never undoes the run: the report
+// is printed to stderr and spooled under <dir>/reports/, and the run is
+// partial.
 func (a *app) mailReport(ctx context.Context, st *store.Store, rep *notify.Report) error {
-	switch a.mail.Report {
-	case "never":
-		return nil
-	case "changes":
-		if !rep.Changed() {
-			return nil
-		}
-	}
-	rep.Host = hostname()
-	if rep.Time.IsZero() {
-		rep.Time = a.now()
-	}
-	envs := notify.Group(rep, a.mail.To, notify.Relay{})
-	if len(envs) == 0 {
-		return nil // mail is not configured
-	}
-	set, err := a.settings()
-	if err != nil {
-		return err
-	}
-	sender := &notify.Sender{Settings: set, Now: a.now}
-	// The whole mail step is bounded: every report still gets spooled
-	// when a relay is slow, and the run ends.
-	ctx, cancel := context.WithTimeout(ctx, mailStepTimeout)
-	defer cancel()
-	failed := 0
-	for _, env := range envs {
-		if err := sender.Send(ctx, env); err != nil {
-			failed++
-			path, serr := notify.Spool(st.Dir, env)
-			fmt.Fprintf(a.err, "lbcert: error: %v\n", err)
-			if serr == nil {
-				fmt.Fprintf(a.err, "lbcert: hint: the report is saved in %s; it follows here too\n", path)
+	m := &notify.Mailer{Options: a.mail.Options, Password: a.getenv("LBCERT_SMTP_PASSWORD"), Dir: st.Dir, Now: a.now, Stop: a.hardStop,
+		Failed: func(env notify.Envelope, err error, spooled string) {
+			a.say.errorWithHint(err)
+			if spooled != "" {
+				a.say.hintf("the report is saved in %s; it follows here too", spooled)
 			}
 			fmt.Fprintf(a.err, "Subject: %s\n\n%s\n", env.Report.Subject(), env.Report.Body())
-			continue
-		}
-		slog.Info("report mailed", "to", env.To, "subject", env.Report.Subject())
+		}}
+	if d := a.getenv("LBCERT_SMTP_RETRY_DELAY"); d != "" { // for tests of the retry path
+		m.RetryDelay, _ = time.ParseDuration(d)
 	}
-	if failed > 0 {
-		return exit.Reported(exit.Partial)
+	failed, err := m.Deliver(ctx, rep)
+	if err == nil && failed > 0 {
+		err = mark(errReported, errPartial)
 	}
-	return nil
+	return err
 }
 
 func (a *app) newMailTestCmd() *cobra.Command {
@@ -217,25 +67,9 @@ settings, so you can check them before relying on them. Exits non-zero,
 with the server's reply, when the mail cannot be sent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(a.mail.To) == 0 {
-				return exit.Errorf("mail-test: no recipient: pass --mail-to ADDR")
-			}
-			set, err := a.settings()
-			if err != nil {
-				return err
-			}
-			rep := &notify.Report{Host: hostname(), Command: "mail-test", Time: a.now(), Items: []notify.Item{{
-				Name: "test", Outcome: "test", Error: "", Hint: "this is a test report from 'lbcert mail-test'; nothing was issued",
-			}}}
-			sender := &notify.Sender{Settings: set, Now: a.now}
-			sender.Settings.Tries = 1
-			for _, env := range notify.Group(rep, a.mail.To, notify.Relay{}) {
-				if err := sender.Send(cmd.Context(), env); err != nil {
-					return exit.Errorf("%w", err)
-				}
-				a.printf("test report sent to %s through %s:%d\n", env.To, set.Host, set.Port)
-			}
-			return nil
+			return a.mail.Test(cmd.Context(), a.getenv("LBCERT_SMTP_PASSWORD"), a.now(), func(to, relay string) {
+				a.printf("test report sent to %s through %s\n", to, relay)
+			})
 		},
 	}
 }

@@ -1,61 +1,60 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"iter"
 	"log/slog"
+	"os"
+	"runtime/debug"
 	"slices"
-	"sync"
+	"strings"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/acme"
-	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/metrics"
 	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/preflight"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// runSpec is what a command asks of one engine run.
+// runSpec is what a command asks of one engine run: the engine's
+// options (Now, RunGap and LeaseTTL are the run's), its pace limits,
+// how long to wait for the lock, and what to do when it ends.
 type runSpec struct {
-	command     string
-	limits      pace.Limits
-	preflight   *preflight.Checker
-	concurrency int
-	days        int
-	dryRun      bool
-	maxWait     time.Duration
-	randomDelay time.Duration
-	waitLock    time.Duration
-	observe     func(*engine.Item)
+	engine.Options
+	limits   pace.Limits
+	waitLock time.Duration
+	done     func() // when the run ends, before its result is printed
 	// scheduled says the run is the kind cron makes (renew over every
 	// lineage), so it is recorded for the cadence check; a hand-typed
 	// renew --name would hide the real gaps between cron's.
 	scheduled bool
-	// fleet is the open fleet in fleet mode (--redis), nil on one host.
-	fleet *fleetRun
 }
 
 // runEngine is the one driver of issue, batch and renew: take the lock,
 // build the jobs under it (so they see what another run just saved),
 // plan, execute. Listeners are bound inside the run, after the lock, so
 // a second run exits "locked" (3) rather than "port in use".
-func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
+func (a *app) runEngine(ctx context.Context, h *host, spec runSpec, jobs func() (iter.Seq[engine.Job], int, error)) (*engine.Result, error) {
+	if spec.done != nil {
+		defer spec.done()
+	}
 	if err := a.checkKeep(); err != nil {
 		return nil, err
 	}
 	if a.global.HookConc < 1 {
-		return nil, exit.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
+		return nil, fmt.Errorf("--hook-concurrency %d: want 1 or more", a.global.HookConc)
 	}
-	lock, err := a.renewLock(ctx, st, spec.waitLock)
+	st := h.st
+	lock, err := st.Take(ctx, spec.waitLock)
 	if err != nil {
 		return nil, err
 	}
@@ -64,97 +63,55 @@ func (a *app) runEngine(ctx context.Context, st *store.Store, spec runSpec, jobs
 	if err != nil {
 		return nil, err
 	}
-	budget, err := a.openBudget(st, spec.limits)
+	// Certificates this node kept while a fleet's Redis was away go
+	// first, so the plan sees them and orders nothing twice.
+	if err := h.prepare(ctx); err != nil {
+		return nil, err
+	}
+	ebudget, budget, err := h.budget(spec.limits)
 	if err != nil {
 		return nil, err
 	}
-	var backend store.Backend = st
-	var ebudget engine.Budget = budget
-	is := &issuer.Issuer{CABundle: a.global.CABundle, UserAgent: userAgent()}
-	if f := spec.fleet; f != nil {
-		// Certificates this node kept while Redis was away go first, so
-		// the plan sees them and orders nothing twice.
-		if err := f.backend.PublishQueued(ctx); err != nil {
-			return nil, redisExit(err)
-		}
-		backend = f.backend
-		// One budget for the fleet: the CA counts per account and domain,
-		// whichever node orders.
-		budget = pace.OpenShared(fleet.PaceStore{Shared: f.sh}, spec.limits, a.now)
-		ebudget = &fleet.Budget{Pace: budget, N: f.node, Cap: a.fleetOpts.LedgerCap, Now: a.now}
-		is.Fleet = &fleet.Tokens{N: f.node}
-	}
-	is.Account = a.lazyAccount(backend, spec.dryRun)
-	var gap time.Duration
-	if spec.command == "renew" && !spec.dryRun {
-		// The schedule as it really runs: the gaps between the recorded
-		// renew runs and this one (README "Short lifetimes and IP
-		// certificates"). Said at most once a day: cron mails every run
-		// that prints.
-		if a.now().Sub(st.CadenceWarnedAt()) >= 23*time.Hour {
-			gap = renewal.RunGap(st.Runs(), a.now())
-		}
-		if spec.scheduled {
-			if err := st.RecordRun(a.now()); err != nil {
-				slog.Warn("could not record this renew run", "err", err)
-			}
-		}
-	}
+	is := &issuer.Issuer{CABundle: a.global.acct.CABundle, UserAgent: userAgent()}
+	h.tokens(is)
+	is.Account = acme.Lazy(func() (acme.Options, error) { return a.accountBase(h.accounts) }, spec.DryRun)
 	defer is.Close()
-	var deployer engine.Deployer = &deploy.Runner{Store: st, Opts: deploy.Options{HookConcurrency: a.global.HookConc}}
-	if spec.fleet != nil {
-		// The agent installs on this node too: the deploy waits for its
-		// short write lock, and it for ours.
-		deployer = writeLocked{deployer, st}
-	}
-	e := &engine.Engine{
-		Store:  backend,
-		CA:     is,
-		Deploy: deployer,
-		Budget: ebudget,
-		Opts: engine.Options{
-			Command:      spec.command,
-			KeepVersions: a.global.Keep,
-			Concurrency:  spec.concurrency,
-			Days:         spec.days,
-			DryRun:       spec.dryRun,
-			MaxWait:      spec.maxWait,
-			RandomDelay:  spec.randomDelay,
-			Preflight:    spec.preflight,
-			RunGap:       gap,
-			Now:          a.now,
-			Observe:      spec.observe,
-			LeaseTTL:     a.fleetOpts.LeaseTTL,
-		},
-	}
+	gap := a.runGap(st, spec)
+	spec.Now, spec.RunGap, spec.LeaseTTL = a.now, gap, a.fleetOpts.LeaseTTL
+	e := &engine.Engine{Catalog: h.catalog, Node: h.node, CA: is, Budget: ebudget, Opts: spec.Options}
 	plan, err := e.PlanSeq(ctx, js, n)
 	if err != nil {
-		return nil, exit.Errorf("%w", err)
+		return nil, err
 	}
 	res := plan.Execute(ctx)
 	if gap > 0 && slices.ContainsFunc(res.Items, func(it *engine.Item) bool { return it.Cadence != "" }) {
-		if err := st.MarkCadenceWarned(a.now()); err != nil {
-			slog.Warn("could not record the schedule warning", "err", err)
-		}
+		renewal.Warned(st, a.now())
 	}
-	if a.global.MetricsFile != "" && !spec.dryRun {
+	if a.global.MetricsFile != "" && !spec.DryRun {
 		// Monitoring is not the run: a metrics file that cannot be
 		// written is a warning, never a failed renewal.
-		if err := metrics.Write(a.global.MetricsFile, st, res, budget, a.now()); err != nil {
+		if err := metrics.Write(ctx, a.global.MetricsFile, metrics.Source{Catalog: h.catalog, Local: st}, res, budget, a.now()); err != nil {
 			slog.Warn("could not write the metrics file", "path", a.global.MetricsFile, "err", err)
 		}
-		if spec.fleet != nil {
-			a.writeFleetMetrics(ctx, spec.fleet.node)
-		}
+		h.after(ctx)
 	}
 	return res, nil
+}
+
+// runGap is the schedule as it really runs, for renew's cadence
+// warning (renewal.Cadence); a scheduled run is recorded.
+func (a *app) runGap(st *store.Store, spec runSpec) time.Duration {
+	if spec.Command != "renew" || spec.DryRun {
+		return 0
+	}
+	return renewal.Cadence(st, a.now(), spec.scheduled)
 }
 
 // checkKeep refuses an archive that would keep nothing to roll back to
 // nor the live version itself.
 func (a *app) checkKeep() error {
 	if a.global.Keep < 1 {
-		return exit.Errorf("--keep-versions %d: want 1 or more (the live version counts; 3 keeps two to roll back to)", a.global.Keep)
+		return fmt.Errorf("--keep-versions %d: want 1 or more (the live version counts; 3 keeps two to roll back to)", a.global.Keep)
 	}
 	return nil
 }
@@ -177,71 +134,11 @@ func (a *app) writeFleetMetrics(ctx context.Context, n *fleet.Node) {
 	}
 }
 
-// lazyAccount builds the account options on the first order, not
-// before: a run with nothing due reads no EAB secret (gh's Factory).
-func (a *app) lazyAccount(st store.Accounts, dryRun bool) func(server, email string) (acme.Options, error) {
-	var once sync.Once
-	var base acme.Options
-	var err error
-	return func(server, email string) (acme.Options, error) {
-		once.Do(func() { base, err = a.accountBase(st) })
-		if err != nil {
-			return acme.Options{}, err
-		}
-		o := base
-		o.Server, o.Email = server, email
-		if dryRun {
-			o.AgreeTOS = true // a dry run against staging needs its own account
-		}
-		// No terms check here: acme.New makes it, after the issuer has
-		// carried over the terms a lost account had accepted.
-		return o, nil
-	}
-}
-
 // sayUnreachable prints the one line for a CA that stopped answering.
 func (a *app) sayUnreachable(res *engine.Result) {
 	for _, s := range res.Unreachable {
-		fmt.Fprintf(a.err, "lbcert: error: the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run\n", s)
-		fmt.Fprintf(a.err, "lbcert: hint: check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff\n", s)
-	}
-}
-
-// exitCode is the one rule, for every command that runs the engine
-// (README "Exit codes"):
-//
-//	130 the run was interrupted (what was obtained is saved and deployed)
-//	  0 every item is in place: issued, renewed, deployed or not due
-//	  1 nothing is in place and nothing was deferred: everything failed
-//	  2 anything else: some items failed or were deferred to a later run
-//	    (backoff, budget, the CA's Retry-After) while others are fine, or
-//	    all were deferred
-func exitCode(res *engine.Result) int {
-	if res.Interrupted {
-		return exit.Interrupted
-	}
-	deferred := res.Counts[engine.Deferred]
-	notDone := len(res.Items) - res.Done()
-	switch {
-	case notDone == 0:
-		return exit.OK
-	case res.Done() == 0 && deferred == 0:
-		return exit.Failure
-	default:
-		return exit.Partial
-	}
-}
-
-// finish turns a rendered result and the mail outcome into the command's
-// error: the run's own code wins; a mail failure alone makes it partial.
-func finish(res *engine.Result, mailErr error) error {
-	switch code := exitCode(res); code {
-	case exit.OK:
-		return mailErr
-	case exit.Interrupted:
-		return &exit.Error{Code: code, Msg: "interrupted; certificates already obtained are saved and deployed; run the same command again to finish"}
-	default:
-		return exit.Reported(code)
+		a.say.errorf("the CA %s did not answer several orders in a row; no more orders were started from it, and the lineages left are deferred to the next run", s)
+		a.say.hintf("check that this host can reach %s (DNS, firewall, proxy); nothing was put into failure backoff", s)
 	}
 }
 
@@ -249,45 +146,70 @@ func finish(res *engine.Result, mailErr error) error {
 // batch and renew share.
 func checkDays(days int) error {
 	if days < 0 {
-		return exit.Errorf("--days %d: must be positive", days)
+		return fmt.Errorf("--days %d: must be positive", days)
 	}
 	return nil
 }
 
-// printJSON writes the run report in the one versioned schema.
-func (a *app) printJSON(v any) {
+// printJSON writes v, a report in one of the versioned schemas.
+func (a *app) printJSON(v any) error {
 	enc := json.NewEncoder(a.out)
 	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	return enc.Encode(v)
 }
 
-// renewLock takes the state-directory lock, waiting up to wait for it.
-func (a *app) renewLock(ctx context.Context, st *store.Store, wait time.Duration) (*store.Lock, error) {
-	if wait <= 0 {
-		return a.lock(st)
-	}
-	wctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	l, err := st.WaitLock(wctx)
-	var le *store.LockedError
-	if errors.As(err, &le) {
-		return nil, &exit.Error{Code: exit.Locked, Msg: fmt.Sprintf("%v; waited %s", le, wait)}
-	}
+// account is the account settings as given, for package acme to check.
+func (a *app) account() acme.Settings {
+	s := a.global.acct
+	s.EABHMAC, s.UserAgent = a.getenv(config.EnvName("eab-hmac-key")), userAgent()
+	return s
+}
+
+// acmeOptions checks every account setting that can be checked without the
+// network, so that bad input never reaches the CA, including whether a
+// new account on the chosen server could accept the terms of service.
+func (a *app) acmeOptions(st catalog.Accounts) (acme.Options, error) {
+	server, err := a.account().ServerURL()
 	if err != nil {
-		return nil, dirError(st, err)
+		return acme.Options{}, err
 	}
-	return l, nil
+	o, err := a.accountBase(st)
+	if err != nil {
+		return o, err
+	}
+	o.Server = server
+	if acme.NeedsTOS(o) {
+		return acme.Options{}, fmt.Errorf("no terminal to ask about the CA's terms of service: pass --agree-tos to accept them")
+	}
+	return o, nil
 }
 
-// writeLocked runs a deploy under the state directory's short write lock.
-type writeLocked struct {
-	engine.Deployer
-	st *store.Store
+// accountBase is the account options for any server, with a question
+// about the terms on a terminal.
+func (a *app) accountBase(st catalog.Accounts) (acme.Options, error) {
+	o, err := a.account().Options(a.ctx, st)
+	if err == nil && a.stdinTTY && a.stderrTTY {
+		o.ConfirmTOS = a.confirmTOS
+	}
+	return o, err
 }
 
-func (w writeLocked) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
-	if l, err := w.st.WriteLock(ctx); err == nil {
-		defer l.Unlock()
+// userAgent is what lbcert calls itself to the CA.
+func userAgent() string { return "lbcert/" + buildVersion(debug.ReadBuildInfo()) }
+
+func (a *app) confirmTOS(tos string) (bool, error) {
+	if tos == "" {
+		return true, nil // the CA publishes no terms
 	}
-	return w.Deployer.Run(ctx, changes)
+	fmt.Fprintf(a.err, "The CA's terms of service are at %s\nDo you agree? [y/N] ", tos)
+	line, _ := bufio.NewReader(a.in).ReadString('\n')
+	ans := strings.ToLower(strings.TrimSpace(line))
+	return ans == "y" || ans == "yes", nil
+}
+
+func unwrapPath(err error) error {
+	if pe, ok := err.(*os.PathError); ok {
+		return pe.Err
+	}
+	return err
 }

@@ -2,52 +2,13 @@ package main
 
 import (
 	"bytes"
-	"regexp"
-	"runtime/debug"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/exit"
 )
-
-// The one exit-code rule of issue, batch and renew.
-func TestExitCode(t *testing.T) {
-	type c = map[engine.Outcome]int
-	cases := []struct {
-		name        string
-		counts      c
-		interrupted bool
-		want        int
-	}{
-		{"nothing at all", c{}, false, exit.OK},
-		{"all renewed or not due", c{engine.Renewed: 2, engine.NotDue: 5}, false, exit.OK},
-		{"a pending deploy finished", c{engine.Deployed: 1}, false, exit.OK},
-		{"one failed, one renewed", c{engine.Failed: 1, engine.Renewed: 1}, false, exit.Partial},
-		{"one failed, one not due", c{engine.Failed: 1, engine.NotDue: 1}, false, exit.Partial},
-		{"everything failed", c{engine.Failed: 3}, false, exit.Failure},
-		{"bad rows only", c{engine.Invalid: 2}, false, exit.Failure},
-		{"deferred while others fine", c{engine.Deferred: 1, engine.NotDue: 4}, false, exit.Partial},
-		{"everything deferred", c{engine.Deferred: 2}, false, exit.Partial},
-		{"failed and deferred, none done", c{engine.Failed: 1, engine.Deferred: 1}, false, exit.Partial},
-		{"interrupted", c{engine.Renewed: 1, engine.NotStarted: 3}, true, exit.Interrupted},
-	}
-	for _, tc := range cases {
-		res := &engine.Result{Interrupted: tc.interrupted}
-		for o, n := range tc.counts {
-			for range n {
-				res.Items = append(res.Items, &engine.Item{Outcome: o})
-			}
-		}
-		res.Count()
-		if got := exitCode(res); got != tc.want {
-			t.Errorf("%s: exit %d, want %d", tc.name, got, tc.want)
-		}
-	}
-}
 
 // The run report's JSON schema, every key, pinned.
 func TestRunReportSchema(t *testing.T) {
@@ -74,36 +35,6 @@ func TestRunReportSchema(t *testing.T) {
 	golden(t, "renew.json", got)
 }
 
-// --version says what a binary built without the Makefile is: the
-// module version, or the VCS revision and whether the tree was dirty.
-func TestBuildVersion(t *testing.T) {
-	info := func(v string, settings ...debug.BuildSetting) *debug.BuildInfo {
-		return &debug.BuildInfo{Main: debug.Module{Version: v}, Settings: settings}
-	}
-	rev := debug.BuildSetting{Key: "vcs.revision", Value: "0123456789abcdef0123"}
-	dirty := debug.BuildSetting{Key: "vcs.modified", Value: "true"}
-	cases := []struct {
-		info *debug.BuildInfo
-		want string
-	}{
-		{info("v1.4.0"), "v1.4.0"},
-		{info("(devel)", rev), "dev-0123456789ab"},
-		{info("(devel)", rev, dirty), "dev-0123456789ab-dirty"},
-		{info("(devel)"), "dev"},
-	}
-	for _, c := range cases {
-		if got := buildVersion(c.info, true); got != c.want {
-			t.Errorf("buildVersion = %q, want %q", got, c.want)
-		}
-	}
-	old := version
-	version = "v9.9.9-from-ldflags"
-	defer func() { version = old }()
-	if got := buildVersion(info("v1.4.0"), true); got != "v9.9.9-from-ldflags" {
-		t.Errorf("-ldflags version lost: %q", got)
-	}
-}
-
 // The relay a lineage saves is saved whole: its TLS mode and roots go
 // with its host and port, never the password.
 func TestLineageMailSavesTheWholeRelay(t *testing.T) {
@@ -124,26 +55,5 @@ func TestLineageMailSavesTheWholeRelay(t *testing.T) {
 	fs2.Parse(nil)
 	if kept := a2.lineageMail(fs2, &m); kept.TLS != "none" || kept.Host != "mx.example.com" {
 		t.Fatalf("kept %+v", kept)
-	}
-}
-
-// Each state directory has its own cron entry: the default one keeps
-// /etc/cron.d/lbcert, any other gets a name of its own that cron.d
-// accepts (no dots), so installing or deleting for one never touches
-// another's.
-func TestCronFilePerStateDir(t *testing.T) {
-	if got := cronFileFor("/etc/cron.d", "/etc/lbcert"); got != "/etc/cron.d/lbcert" {
-		t.Fatalf("default: %s", got)
-	}
-	a, b := cronFileFor("/etc/cron.d", "/srv/lbcert-a"), cronFileFor("/etc/cron.d", "/srv/lbcert-b")
-	re := regexp.MustCompile(`^/etc/cron\.d/lbcert-[0-9a-f]{8}$`)
-	if a == b || !re.MatchString(a) || !re.MatchString(b) {
-		t.Fatalf("%s and %s", a, b)
-	}
-	if cronFileFor("/etc/cron.d", "/srv/lbcert-a/") != a {
-		t.Fatal("the same directory, spelt with a trailing slash, got another entry")
-	}
-	if !strings.HasSuffix(markerFor("/srv/lbcert-a"), "dir=/srv/lbcert-a") {
-		t.Fatal("crontab marker does not name the directory")
 	}
 }

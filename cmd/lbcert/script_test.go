@@ -3,12 +3,14 @@ package main
 import (
 	"net"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"github.com/lbcert/lbcert/internal/store"
+	"github.com/lbcert/lbcert/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -51,6 +53,14 @@ func TestScript(t *testing.T) {
 					}, store.Files{Cert: []byte("c"), Chain: []byte("c"), Fullchain: []byte("cc"), Key: []byte("k")})
 					ts.Check(err)
 				}
+			},
+			// smtpnotls VAR: start a relay that offers no STARTTLS and
+			// put its port in $VAR.
+			"smtpnotls": func(ts *testscript.TestScript, neg bool, args []string) {
+				relay, err := testenv.StartSMTPWithoutTLS(ts.MkAbs("."))
+				ts.Check(err)
+				ts.Defer(relay.Stop)
+				ts.Setenv(args[0], strconv.Itoa(relay.Port))
 			},
 			// busyport VAR: listen on a loopback port and put its address
 			// in $VAR, to test "address already in use".

@@ -53,26 +53,34 @@ func NewARI(ctx context.Context, server, caBundle, userAgent string) (*ARI, erro
 	return a, nil
 }
 
-// RenewalInfo asks the CA when to renew the certificate in certPEM.
-func (a *ARI) RenewalInfo(ctx context.Context, certPEM []byte) (*RenewalInfo, error) {
-	if a.url == "" {
-		return nil, ErrNoARI
-	}
+// CertID is the RFC 9773 certificate identifier of the certificate in
+// certPEM (its authority key identifier and serial).
+func CertID(certPEM []byte) (string, error) {
 	b, _ := pem.Decode(certPEM)
 	if b == nil {
-		return nil, errors.New("cert.pem is not PEM")
+		return "", errors.New("cert.pem is not PEM")
 	}
 	leaf, err := x509.ParseCertificate(b.Bytes)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	id, err := certificate.MakeARICertID(leaf)
-	if err != nil {
-		return nil, err
+	return certificate.MakeARICertID(leaf)
+}
+
+// RenewalInfo asks the CA when to renew the certificate whose RFC 9773
+// identifier is id (saved with every version, so that asking reads no
+// certificate file).
+func (a *ARI) RenewalInfo(ctx context.Context, id string) (*RenewalInfo, error) {
+	if a.url == "" {
+		return nil, ErrNoARI
+	}
+	if id == "" {
+		return nil, errors.New("renewal info: the certificate has no ARI identifier")
 	}
 	var info certificate.RenewalInfoResponse
 	var h http.Header
-	if err := a.get(ctx, a.url+"/"+id, &info, &h); err != nil {
+	var err error
+	if err = a.get(ctx, a.url+"/"+id, &info, &h); err != nil {
 		return nil, fmt.Errorf("renewal info: %w", err)
 	}
 	if retry := h.Get("Retry-After"); retry != "" {

@@ -49,7 +49,10 @@ func TestARIWithoutAccount(t *testing.T) {
 	defer srv.Close()
 	bundle := filepath.Join(t.TempDir(), "ca.pem")
 	os.WriteFile(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644)
-	leaf := leafPEM(t)
+	leaf, err := CertID(leafPEM(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	a, err := NewARI(context.Background(), srv.URL+"/dir", bundle, "lbcert/test")
 	if err != nil {

@@ -17,6 +17,19 @@ import (
 type caError struct {
 	explained *hint.Error
 	cause     error
+	// challenge: the CA's verdict on a challenge (challengeAnswer),
+	// which the explained message no longer says in lego's words.
+	challenge bool
+	// server: the CA said it failed itself (serverFault).
+	server bool
+}
+
+// NoBackoff tells the engine that a CA that failed itself (a 5xx, even
+// after order's retries) is not the names' fault, nor is what the
+// error it explains says is not.
+func (e *caError) NoBackoff() bool {
+	var nb interface{ NoBackoff() bool }
+	return e.server || errors.As(e.cause, &nb) && nb.NoBackoff()
 }
 
 func (e *caError) Error() string   { return e.explained.Error() }
@@ -89,6 +102,9 @@ var validationProblems = []string{"unauthorized", "incorrectResponse", "connecti
 // FailedValidation reports whether err means an authorization failed,
 // which the CA counts against the name.
 func FailedValidation(err error) bool {
+	if challengeAnswer(err) {
+		return true
+	}
 	msg := err.Error()
 	for _, p := range validationProblems {
 		if strings.Contains(msg, "urn:ietf:params:acme:error:"+p) || strings.Contains(msg, ": "+p+": ") {
@@ -96,6 +112,19 @@ func FailedValidation(err error) bool {
 		}
 	}
 	return false
+}
+
+// Refused reports whether the CA answered the order with a problem
+// document other than its own failure: it refused the names (for
+// example rejectedIdentifier: its policy forbids them), the CSR, or the
+// request. No certificate was issued, so none counts against the
+// registered domain or the exact set of names.
+func Refused(err error) bool {
+	if err == nil || strings.Contains(err.Error(), "urn:ietf:params:acme:error:serverInternal") {
+		return false
+	}
+	var pd *legoacme.ProblemDetails
+	return errors.As(err, &pd) || strings.Contains(err.Error(), "urn:ietf:params:acme:error:")
 }
 
 // ProblemDetail is the detail of the CA's problem document in err, or
@@ -113,4 +142,38 @@ func ProblemDetail(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// ReplacesRefused reports whether the CA refused an order because of
+// its "replaces" field (RFC 9773 section 5): the certificate was already
+// replaced (409 alreadyReplaced), or it was issued under another account
+// than the one ordering ("requester account did not request the
+// certificate being replaced", after a fleet's account changed). The
+// order is good without it: certmagic#361 left certificates to expire by
+// giving up here instead.
+func ReplacesRefused(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) && (pd.Type == "urn:ietf:params:acme:error:alreadyReplaced" || pd.HTTPStatus == 409) {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "alreadyReplaced") || strings.Contains(msg, "being replaced") ||
+		strings.Contains(msg, "replaces") && strings.Contains(msg, "urn:ietf:params:acme:error:")
+}
+
+// challengeAnswer reports whether err is the CA's verdict on a challenge
+// (lego's "invalid challenge" or "invalid authorization"), whatever
+// problem type the CA filed it under, or a challenge it left pending with
+// an error.
+func challengeAnswer(err error) bool {
+	var st *StalledChallengeError
+	var ce *caError
+	if errors.As(err, &st) || errors.As(err, &ce) && ce.challenge {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "invalid challenge: ") || strings.Contains(msg, "invalid authorization: ")
 }

@@ -10,7 +10,6 @@
 package acme
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
@@ -18,7 +17,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -32,6 +30,8 @@ import (
 	"github.com/go-acme/lego/v4/lego"
 	"github.com/go-acme/lego/v4/registration"
 
+	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -50,7 +50,7 @@ type Options struct {
 	EABKid    string
 	EABHMAC   string // secret: never logged
 	UserAgent string
-	Store     store.Accounts
+	Store     catalog.Accounts
 
 	// ConfirmTOS asks a person to accept the terms at url. It is nil when
 	// there is no terminal, and then AgreeTOS must be set.
@@ -59,13 +59,14 @@ type Options struct {
 
 // Client is a registered ACME account on one server.
 type Client struct {
+	ctx    context.Context // the run's: Ctrl-C ends a wait between orders
 	opts   Options
 	lego   *lego.Client
 	router *router
 	hc     *http.Client
 
-	dirMu   sync.Mutex     // the directory's meta, read on first need
-	dirMeta *directoryMeta // nil until read
+	dirMu sync.Mutex // the directory, read on first need
+	dir   *directory // nil until read
 }
 
 // NeedsTOS reports whether registering would have to ask about the terms
@@ -114,18 +115,24 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp, err := t.base.RoundTrip(r.WithContext(t.ctx))
-	if err == nil && r.Method == http.MethodPost {
-		pollSoon(resp.Header)
-		if d := processingWait(resp); d > 0 {
-			select {
-			case <-time.After(d):
-			case <-t.ctx.Done():
-				resp.Body.Close()
-				return nil, t.ctx.Err()
-			}
+	if err != nil || r.Method != http.MethodPost {
+		return resp, err
+	}
+	pollSoon(resp.Header)
+	body := peekJSON(resp)
+	if err := stalledChallenge(body); err != nil {
+		resp.Body.Close()
+		return nil, err
+	}
+	if d := processingWait(resp.Header, body); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-t.ctx.Done():
+			resp.Body.Close()
+			return nil, t.ctx.Err()
 		}
 	}
-	return resp, err
+	return resp, nil
 }
 
 // maxProcessingWait caps how long one Retry-After on a processing order
@@ -139,22 +146,10 @@ const maxProcessingWait = 10 * time.Second
 // Timeout/60. Waiting here makes lego's first poll come after the CA's
 // Retry-After: fewer requests against a busy CA, and no poll racing the
 // CA's own issuance (Pebble 2.10.1 deadlocks on an order polled while it
-// stores the certificate). Only small order bodies are read; anything
-// else is passed on untouched.
-func processingWait(resp *http.Response) time.Duration {
-	ra := resp.Header.Get("Retry-After")
-	if ra == "" || resp.StatusCode != http.StatusOK || resp.ContentLength > 1<<20 ||
-		!strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
-		return 0
-	}
-	orig := resp.Body
-	body, err := io.ReadAll(io.LimitReader(orig, 1<<20))
-	// Put back what was read, in front of whatever was not.
-	resp.Body = struct {
-		io.Reader
-		io.Closer
-	}{io.MultiReader(bytes.NewReader(body), orig), orig}
-	if err != nil || len(body) == 1<<20 {
+// stores the certificate). body is the response's, from peekJSON.
+func processingWait(h http.Header, body []byte) time.Duration {
+	ra := h.Get("Retry-After")
+	if ra == "" || body == nil {
 		return 0
 	}
 	var o struct {
@@ -236,7 +231,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", o.Server, err))
 	}
-	c := &Client{opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
+	c := &Client{ctx: ctx, opts: o, lego: lc, hc: hc, router: &router{byDomain: map[string]challenge.Provider{}}}
 	if err := lc.Challenge.SetHTTP01Provider(c.router); err != nil {
 		return nil, err
 	}
@@ -282,7 +277,7 @@ func (c *Client) register(u *user) error {
 		reg, err = c.lego.Registration.Register(registration.RegisterOptions{TermsOfServiceAgreed: true})
 	}
 	if err != nil {
-		return Explain(fmt.Errorf("register account %s: %w", displayEmail(o.Email), err))
+		return registerError(err, o)
 	}
 	data, err := json.MarshalIndent(reg, "", "  ")
 	if err != nil {
@@ -293,6 +288,18 @@ func (c *Client) register(u *user) error {
 	}
 	u.reg = reg
 	return nil
+}
+
+// registerError explains a refused registration. With EAB, a CA that
+// refuses the binding may not say so: step-ca answers an unknown key ID,
+// a wrong HMAC key and a key already bound to another account alike,
+// with a 500 "internal error". The hint names what to check instead.
+func registerError(err error, o Options) error {
+	err = explain("register account "+displayEmail(o.Email), err)
+	if o.EABKid != "" && !Unreachable(err) {
+		err = hint.Set(err, fmt.Sprintf("the CA refused the account with EAB key ID %s: check the key ID and the HMAC key (LBCERT_EAB_HMAC_KEY or --eab-hmac-key-file) on the CA's account page; a key binds one account only, so each --email needs its own", o.EABKid))
+	}
+	return err
 }
 
 func displayEmail(e string) string {

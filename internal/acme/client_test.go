@@ -163,7 +163,7 @@ func TestProcessingOrderWaitsForRetryAfter(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := processingWait(resp); d != tc.want {
+		if d := processingWait(resp.Header, peekJSON(resp)); d != tc.want {
 			t.Errorf("%s, Retry-After %q: wait %v, want %v", tc.status, tc.retry, d, tc.want)
 		}
 		body, _ := io.ReadAll(resp.Body)

@@ -9,10 +9,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -63,6 +63,10 @@ type Result struct {
 	// Profile is the profile ordered under: the one asked for, or the
 	// one lbcert picked (shortlived for an IP address).
 	Profile string
+	// NoARI says the CA's directory has no renewalInfo (step-ca): the
+	// lifetime rule renews this certificate, and list can say so at
+	// once instead of "ARI not asked yet".
+	NoARI bool
 }
 
 // Obtain orders a certificate for r.Domains, answers the HTTP-01
@@ -99,17 +103,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		PreferredChain: r.PreferredChain,
 		MustStaple:     false, // never: Let's Encrypt runs no OCSP, so a Must-Staple certificate fails in browsers
 	}
-	res, err := c.lego.Certificate.Obtain(req)
-	if err != nil && r.Replaces != "" && replacesRejected(err) {
-		// RFC 9773 section 5: a CA may refuse "replaces" (already
-		// replaced, not its certificate, or, as Pebble does for some
-		// serials, a 500); renewing matters more than the hint, so
-		// order again without it, once.
-		slog.Info("the CA refused the order that names the certificate it replaces (ARI); ordering again without it",
-			"domains", strings.Join(r.Domains, ","), "err", flatten(err.Error()))
-		req.ReplacesCertID = ""
-		res, err = c.lego.Certificate.Obtain(req)
-	}
+	res, err := c.order(req)
 	if err != nil {
 		return nil, explain("obtain "+strings.Join(r.Domains, ","), err)
 	}
@@ -118,6 +112,9 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 		return nil, err
 	}
 	out.Profile = profile
+	if offered, known := c.offersARI(); known && !offered {
+		out.NoARI = true
+	}
 	return out, nil
 }
 
@@ -245,8 +242,12 @@ func explain(prefix string, err error) error {
 	msg := flatten(err.Error())
 	var rl *legoacme.RateLimitedError
 	var pd *legoacme.ProblemDetails
-	if errors.As(err, &pd) && prefix != "" {
-		msg = fmt.Sprintf("%s: %s: %s", prefix, strings.TrimPrefix(pd.Type, "urn:ietf:params:acme:error:"), flatten(pd.Detail))
+	var stalled *StalledChallengeError
+	if errors.As(err, &stalled) && prefix != "" {
+		// The CA's detail may not name the name (step-ca's does not).
+		msg = fmt.Sprintf("%s: %s for %s: %s: %s", prefix, stalled.Type, stalled.Identifier, problemType(stalled.Problem.Type), flatten(stalled.Problem.Detail))
+	} else if errors.As(err, &pd) && prefix != "" {
+		msg = fmt.Sprintf("%s: %s: %s", prefix, problemType(pd.Type), flatten(pd.Detail))
 	} else if prefix != "" {
 		msg = prefix + ": " + msg
 	}
@@ -258,6 +259,11 @@ func explain(prefix string, err error) error {
 			e.Text += fmt.Sprintf(" (Retry-After: %s)", rl.RetryAfter)
 		}
 		e.Text += " before trying again, and use --staging while testing"
+	case errors.As(err, &pd) && challengeAnswer(err) && strings.HasSuffix(pd.Type, ":rejectedIdentifier"):
+		// A challenge, not the order, refused: the CA fetched the token
+		// and did not like the answer (step-ca's word for a wrong key
+		// authorization), which no policy or blocklist is behind.
+		e.Text = hintFor(":incorrectResponse")
 	case errors.As(err, &pd) && dnsDetail(pd):
 		// The CA files some DNS failures under "connection": the name
 		// has no address, which no firewall or route can fix.
@@ -277,8 +283,16 @@ func explain(prefix string, err error) error {
 	if e.Text == "" {
 		e.Text = hintFor(msg)
 	}
-	return &caError{explained: e, cause: err}
+	if stalled != nil && strings.HasSuffix(stalled.Problem.Type, ":connection") {
+		// Such a CA files an HTTP error status under "connection" too,
+		// with one detail for both.
+		e.Text += ", and that /.well-known/acme-challenge/ reaches lbcert (this CA reports an HTTP error such as 404 as a connection failure)"
+	}
+	return &caError{explained: e, cause: err, challenge: challengeAnswer(err), server: serverFault(err)}
 }
+
+// problemType is an ACME problem type without its RFC 8555 namespace.
+func problemType(t string) string { return strings.TrimPrefix(t, "urn:ietf:params:acme:error:") }
 
 // dnsDetail reports whether a CA problem, whatever its type, says the
 // name did not resolve.
@@ -330,4 +344,29 @@ func (c *Client) Revoke(certPEM []byte, reason uint) error {
 		return explain("revoke", err)
 	}
 	return nil
+}
+
+// ReasonNames lists RevocationReasons' names in code order.
+func ReasonNames() []string {
+	var out []string
+	for k := range RevocationReasons {
+		out = append(out, k)
+	}
+	sort.Slice(out, func(i, j int) bool { return RevocationReasons[out[i]] < RevocationReasons[out[j]] })
+	return out
+}
+
+// ParseReason reads --reason: a reason's name, or its code.
+func ParseReason(s string) (uint, error) {
+	if r, ok := RevocationReasons[s]; ok {
+		return r, nil
+	}
+	if n, err := strconv.Atoi(s); err == nil {
+		for _, r := range RevocationReasons {
+			if uint(n) == r {
+				return r, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("--reason %q: want one of %s", s, strings.Join(ReasonNames(), ", "))
 }

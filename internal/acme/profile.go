@@ -17,33 +17,54 @@ import (
 // IP addresses only under it.
 const ShortLived = "shortlived"
 
-// directoryMeta is what lbcert reads of the directory's meta object.
-type directoryMeta struct {
-	Profiles map[string]string `json:"profiles"`
+// directory is what lbcert reads of the CA's directory itself (lego
+// reads it too, but keeps it to itself).
+type directory struct {
+	Meta struct {
+		Profiles map[string]string `json:"profiles"`
+	} `json:"meta"`
+	RenewalInfo string `json:"renewalInfo"`
 }
 
-// profiles returns the profiles the CA's directory offers (RFC draft
-// "ACME profiles", meta.profiles), read once per client.
-// A failed read is not kept: the next order asks again.
-func (c *Client) profiles() (map[string]string, error) {
+// directory returns the CA's directory, read once per client. A failed
+// read is not kept: the next order asks again.
+func (c *Client) directory() (*directory, error) {
 	c.dirMu.Lock()
 	defer c.dirMu.Unlock()
-	if c.dirMeta != nil {
-		return c.dirMeta.Profiles, nil
+	if c.dir != nil {
+		return c.dir, nil
 	}
 	resp, err := c.hc.Get(c.opts.Server)
 	if err != nil {
 		return nil, Explain(fmt.Errorf("ACME server %s: %w", c.opts.Server, err))
 	}
 	defer resp.Body.Close()
-	var d struct {
-		Meta directoryMeta `json:"meta"`
-	}
+	var d directory
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&d); err != nil || resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("ACME server %s: could not read its directory (HTTP %d)", c.opts.Server, resp.StatusCode)
 	}
-	c.dirMeta = &d.Meta
+	c.dir = &d
+	return c.dir, nil
+}
+
+// profiles returns the profiles the CA's directory offers (RFC draft
+// "ACME profiles", meta.profiles).
+func (c *Client) profiles() (map[string]string, error) {
+	d, err := c.directory()
+	if err != nil {
+		return nil, err
+	}
 	return d.Meta.Profiles, nil
+}
+
+// offersARI reports whether the CA's directory has a renewalInfo
+// endpoint (RFC 9773), and false when the directory cannot be read.
+func (c *Client) offersARI() (offered, known bool) {
+	d, err := c.directory()
+	if err != nil {
+		return false, false
+	}
+	return d.RenewalInfo != "", true
 }
 
 // pickProfile checks a requested profile against the directory before
@@ -70,12 +91,24 @@ func (c *Client) pickProfile(r Request) (string, error) {
 		return r.Profile, nil
 	}
 	if len(offered) == 0 {
-		return "", fmt.Errorf("--profile %q: %s offers no profiles; leave --profile unset", r.Profile, c.opts.Server)
+		return "", &ProfileError{fmt.Sprintf("--profile %q: %s offers no profiles; leave --profile unset", r.Profile, c.opts.Server)}
 	}
 	var list []string
 	for name := range offered {
 		list = append(list, name)
 	}
 	slices.Sort(list)
-	return "", fmt.Errorf("--profile %q: %s offers %s; nothing was ordered", r.Profile, c.opts.Server, strings.Join(list, ", "))
+	return "", &ProfileError{fmt.Sprintf("--profile %q: %s offers %s; nothing was ordered", r.Profile, c.opts.Server, strings.Join(list, ", "))}
 }
+
+// ProfileError is a --profile the CA does not offer, refused before any
+// order. It is the setting's fault, not the names': no failure backoff
+// (a run with the profile fixed goes ahead at once, where a CA that has
+// no profiles, as step-ca, would otherwise hold the lineage an hour) and
+// the rate-budget token is given back.
+type ProfileError struct{ msg string }
+
+func (e *ProfileError) Error() string { return e.msg }
+
+// NoBackoff tells the engine the names are not to blame.
+func (e *ProfileError) NoBackoff() bool { return true }

@@ -1,6 +1,7 @@
 package acme
 
 import (
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -46,7 +47,9 @@ func TestPickProfile(t *testing.T) {
 	if got, err := c.pickProfile(Request{Domains: []string{"127.0.0.1"}}); got != "" || err != nil {
 		t.Fatalf("no profiles, address: %q %v", got, err)
 	}
-	if _, err := c.pickProfile(Request{Domains: []string{"a.example"}, Profile: "shortlived"}); err == nil || !strings.Contains(err.Error(), "offers no profiles") {
-		t.Fatalf("no profiles, one asked: %v", err)
+	_, err := c.pickProfile(Request{Domains: []string{"a.example"}, Profile: "shortlived"})
+	var nb interface{ NoBackoff() bool }
+	if err == nil || !strings.Contains(err.Error(), "offers no profiles") || !errors.As(err, &nb) || !nb.NoBackoff() {
+		t.Fatalf("no profiles, one asked: %v (a refused profile must start no backoff)", err)
 	}
 }

@@ -20,8 +20,8 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/lbcert/lbcert/internal/fleet"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
@@ -40,7 +40,7 @@ func benchFleet(n, orders int, bin, work string) error {
 	}
 	defer r.Stop()
 	ctx := context.Background()
-	sh, err := redis.Dial(ctx, redis.Options{URL: r.URL(), Password: "bench-pw"})
+	sh, err := rdb.Dial(ctx, rdb.Options{URL: r.URL(), Password: "bench-pw"})
 	if err != nil {
 		return err
 	}
@@ -73,7 +73,7 @@ func benchFleet(n, orders int, bin, work string) error {
 		meta := []byte(fmt.Sprintf(`{"format":1,"name":%q,"version":1,"domains":[%q],"server":"https://acme.example/directory","key_type":"ec256","challenge":{"mode":"fleet"},"deploy":{},"cert":{"serial":"%x","not_before":%q,"not_after":%q},"issued_at":%q}`,
 			name, name, cert.SerialNumber, cert.NotBefore.Format(time.RFC3339), cert.NotAfter.Format(time.RFC3339), cert.NotBefore.Format(time.RFC3339)))
 		chain := c.pem
-		b := &redis.Bundle{Name: name, Version: 1, NotBefore: cert.NotBefore, Epoch: epoch, Node: "lb1", Meta: meta,
+		b := &rdb.Bundle{Name: name, Version: 1, NotBefore: cert.NotBefore, Epoch: epoch, Node: "lb1", Meta: meta,
 			Cert: certPEM, Chain: chain, Fullchain: append(append([]byte{}, certPEM...), chain...), SealedKey: sealed}
 		bytesTotal.Add(int64(len(meta) + len(certPEM) + 2*len(chain) + len(certPEM) + len(sealed)))
 		return sh.Publish(ctx, b)
@@ -94,7 +94,7 @@ func benchFleet(n, orders int, bin, work string) error {
 			return err
 		}
 		t := time.Now()
-		key, err := node.OpenBundleKey(b)
+		key, err := node.OpenBundleKey(ctx, b)
 		openTotal.Add(int64(time.Since(t)))
 		if err != nil {
 			return err
@@ -115,10 +115,10 @@ func benchFleet(n, orders int, bin, work string) error {
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 	const reps = 100000
 	ep, sealed, _ := node.SealBundleKey("one.example", 1, keyPEM)
-	b := &redis.Bundle{Name: "one.example", Version: 1, Epoch: ep, SealedKey: sealed}
+	b := &rdb.Bundle{Name: "one.example", Version: 1, Epoch: ep, SealedKey: sealed}
 	t1 := time.Now()
 	for range reps {
-		if _, err := node.OpenBundleKey(b); err != nil {
+		if _, err := node.OpenBundleKey(ctx, b); err != nil {
 			return err
 		}
 	}

@@ -2,8 +2,9 @@
 // over N stored lineages for lbcert, and side by side for certbot and the
 // lego CLI (Debian packages) over their own lineages, in the same run.
 // Then it issues 200 certificates with "lbcert batch" and with loops of
-// certbot and lego against one Pebble (issue.go), and checks a
-// 100,000-row CSV for peak memory.
+// certbot and lego against one Pebble (issue.go), checks a 100,000-row
+// CSV for peak memory, and issues the same batch against step-ca beside
+// Pebble (stepca.go).
 //
 // Every lineage holds a real ECDSA certificate from a local test CA,
 // valid for 90 days from yesterday, so none is due. Each tool is timed
@@ -48,12 +49,13 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, renew-due, cpu, deploy, pacing, scale, fleet or all")
+	only := flag.String("only", "all", "renew, issue, renew-due, cpu, stepca, deploy, nginx-include, pacing, scale, fleet or all")
 	shortN := flag.Int("short-n", 10000, "lineages of 6-day certificates in the scale benchmark")
 	bigN := flag.Int("big-n", 100000, "lineages of 90-day certificates in the scale benchmark")
 	paceN := flag.Int("pace-n", 200, "names in the pacing benchmark")
 	paceC := flag.Int("pace-concurrency", 8, "lbcert batch --concurrency in the pacing benchmark")
 	deployN := flag.Int("deploy-n", 1000, "renewed lineages in the deploy-step benchmark")
+	includeN := flag.String("nginx-include-n", "1000,10000", "live lineages in the nginx include benchmark, comma-separated sizes")
 	renewDueN := flag.Int("renew-due-n", 200, "due lineages in the renew-vs-batch benchmark")
 	renewDueC := flag.Int("renew-due-concurrency", 8, "--concurrency of both batch and renew in the renew-vs-batch benchmark (renew's default)")
 	fleetN := flag.Int("fleet-n", 10000, "sealed bundles a joining node opens in the fleet benchmark")
@@ -86,6 +88,12 @@ func main() {
 		os.MkdirAll(w, 0o755)
 		err = benchCPU(*issueN, *conc, *cpuPerf, b, w)
 	}
+	if err == nil && (*only == "all" || *only == "stepca") {
+		w, _ := filepath.Abs(*work)
+		b, _ := filepath.Abs(*bin)
+		os.MkdirAll(w, 0o755)
+		err = benchStepCA(*issueN, *conc, b, w)
+	}
 	if err == nil && (*only == "all" || *only == "pacing") {
 		w, _ := filepath.Abs(*work)
 		b, _ := filepath.Abs(*bin)
@@ -102,6 +110,22 @@ func main() {
 		w, _ := filepath.Abs(*work)
 		os.MkdirAll(w, 0o755)
 		err = benchDeploy(*deployN, w)
+	}
+	if err == nil && (*only == "all" || *only == "nginx-include") {
+		w, _ := filepath.Abs(*work)
+		os.MkdirAll(w, 0o755)
+		var sizes []int
+		for _, f := range strings.Split(*includeN, ",") {
+			n, perr := strconv.Atoi(strings.TrimSpace(f))
+			if perr != nil || n < 1 {
+				err = fmt.Errorf("-nginx-include-n %q: want sizes like 1000,10000", *includeN)
+				break
+			}
+			sizes = append(sizes, n)
+		}
+		if err == nil {
+			err = benchNginxInclude(sizes, w)
+		}
 	}
 	if err == nil && (*only == "all" || *only == "fleet") {
 		w, _ := filepath.Abs(*work)

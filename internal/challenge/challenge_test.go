@@ -210,3 +210,32 @@ func TestWebrootConcurrent(t *testing.T) {
 		t.Fatalf("webroot not left as found: %v", err)
 	}
 }
+
+// A listen address is checked before anything is written: its shape
+// offline, and whether the port is free by binding it for a moment
+// (issue #26 item 18).
+func TestCheckAddrAndProbe(t *testing.T) {
+	for _, bad := range []string{"127.0.0.1:99999", "127.0.0.1", ":-1", ":http", "a:b:c"} {
+		if err := CheckAddr(bad); err == nil || !strings.Contains(err.Error(), "--http-addr") {
+			t.Errorf("CheckAddr(%q) = %v", bad, err)
+		}
+	}
+	for _, good := range []string{":80", "127.0.0.1:8888", "[::1]:80"} {
+		if err := CheckAddr(good); err != nil {
+			t.Errorf("CheckAddr(%q) = %v", good, err)
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := Probe(ln.Addr().String()); err == nil || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("Probe of a busy port: %v", err)
+	}
+	free := ln.Addr().String()
+	ln.Close()
+	if err := Probe(free); err != nil {
+		t.Fatalf("Probe of a free port: %v", err)
+	}
+}

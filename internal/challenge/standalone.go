@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,18 +28,47 @@ type Standalone struct {
 	tokens map[string]map[string]string // host -> token -> key authorization
 }
 
+// CheckAddr checks a listen address offline: host:port (the host may be
+// empty), a port of 1-65535.
+func CheckAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	n, perr := strconv.Atoi(port)
+	if err != nil || perr != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("--http-addr %q: want [host]:port with a port of 1-65535, like :80 or 127.0.0.1:8888", addr)
+	}
+	return nil
+}
+
+// Probe binds addr and lets it go: a command calls it before it writes
+// anything, so that a port in use is bad input like any other (the
+// listener itself is bound later, inside the run's lock).
+func Probe(addr string) error {
+	ln, err := listen(addr)
+	if err != nil {
+		return err
+	}
+	return ln.Close()
+}
+
+func listen(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	switch {
+	case err == nil:
+		return ln, nil
+	case errors.Is(err, syscall.EADDRINUSE):
+		return nil, fmt.Errorf("--http-addr %s is already in use: stop what listens there, or pick another address", addr)
+	case errors.Is(err, syscall.EACCES):
+		return nil, fmt.Errorf("--http-addr %s: permission denied (ports below 1024 need root)", addr)
+	}
+	return nil, fmt.Errorf("--http-addr %s: %v", addr, err)
+}
+
 // Listen binds addr now, so that "address already in use" is reported
 // before any request to the CA and the port cannot be taken in between.
 func Listen(addr string) (*Standalone, error) {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listen(addr)
 	if err != nil {
-		if errors.Is(err, syscall.EADDRINUSE) {
-			return nil, fmt.Errorf("--http-addr %s is already in use: stop what listens there, or pick another address", addr)
-		}
-		if errors.Is(err, syscall.EACCES) {
-			return nil, fmt.Errorf("--http-addr %s: permission denied (ports below 1024 need root)", addr)
-		}
-		return nil, fmt.Errorf("--http-addr %s: %v", addr, err)
+		return nil, err
 	}
 	s := &Standalone{Addr: ln.Addr().String(), ln: ln, tokens: map[string]map[string]string{}}
 	s.srv = &http.Server{

@@ -125,3 +125,22 @@ func unwrap(err error) error {
 	}
 	return err
 }
+
+// Resolve is the challenge of --webroot DIR (made absolute, checked),
+// or, with no webroot, of --standalone on httpAddr (checked offline).
+func Resolve(webroot, httpAddr string) (store.Challenge, error) {
+	if webroot == "" {
+		if err := CheckAddr(httpAddr); err != nil {
+			return store.Challenge{}, err
+		}
+		return store.Challenge{Mode: "standalone", HTTPAddr: httpAddr}, nil
+	}
+	root, err := filepath.Abs(webroot)
+	if err != nil {
+		return store.Challenge{}, fmt.Errorf("--webroot %s: %w", webroot, err)
+	}
+	if err := CheckWebroot(root); err != nil {
+		return store.Challenge{}, err
+	}
+	return store.Challenge{Mode: "webroot", Webroot: root}, nil
+}

@@ -22,6 +22,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
+
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // maxValue bounds one setting's value: no path, address or name is
@@ -163,7 +165,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("environment %s=%q: %v", env, v, err))
 			}
-			setSource(f, "env")
+			setSource(f, "env "+env)
 			return
 		}
 		if file == nil {
@@ -173,7 +175,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 			if err := setAll(f, vals); err != nil {
 				errs = append(errs, fmt.Errorf("config %s: %q: %v", file.Path, f.Name, err))
 			}
-			setSource(f, "config")
+			setSource(f, "config "+file.Path)
 		}
 	})
 	return errors.Join(errs...)
@@ -196,6 +198,57 @@ func Given(fs *pflag.FlagSet, name string) bool {
 	}
 	_, fromEnvOrFile := f.Annotations[sourceAnnotation]
 	return f.Changed || fromEnvOrFile
+}
+
+// Origin says where flag name's value came from, for a message about a
+// conflict: "" for the command line or the default, "LBCERT_WEBROOT"
+// for the environment, "'webroot:' in /etc/lbcert/config.yaml" for the
+// config file.
+func Origin(fs *pflag.FlagSet, name string) string {
+	f := fs.Lookup(name)
+	if f == nil || f.Changed {
+		return ""
+	}
+	src := f.Annotations[sourceAnnotation]
+	if len(src) == 0 {
+		return ""
+	}
+	if env, ok := strings.CutPrefix(src[0], "env "); ok {
+		return env
+	}
+	if path, ok := strings.CutPrefix(src[0], "config "); ok {
+		return fmt.Sprintf("'%s:' in %s", name, path)
+	}
+	return ""
+}
+
+// Conflict is the error for two settings that exclude each other, x and
+// y, both given. One that came from the config file or the environment
+// is named with where it came from, and the hint says how to clear it.
+func Conflict(fs *pflag.FlagSet, x, y, why string) error {
+	origin := func(n string) string {
+		if fs == nil {
+			return ""
+		}
+		return Origin(fs, n)
+	}
+	said := func(n string) string {
+		if o := origin(n); o != "" {
+			return fmt.Sprintf("--%s (%s)", n, o)
+		}
+		return "--" + n
+	}
+	err := fmt.Errorf("%s and %s both given: %s", said(x), said(y), why)
+	for _, n := range []string{x, y} {
+		if o := origin(n); o != "" {
+			override := "--" + n + " ''"
+			if fs.Lookup(n).Value.Type() == "bool" {
+				override = "--" + n + "=false"
+			}
+			return hint.Wrap(err, "%s sets --%s for every command: remove it there, or override it here with %s", o, n, override)
+		}
+	}
+	return err
 }
 
 // isList reports whether f is repeatable, so that a comma-separated
@@ -243,6 +296,28 @@ func parseBool(s string) (bool, bool) {
 		return false, true
 	}
 	return false, false
+}
+
+// Known is the strict decoder's known-key check for the settings of
+// every flag set: one config file serves every command.
+func Known(sets ...*pflag.FlagSet) func(key string) bool {
+	keys := map[string]bool{}
+	for _, k := range Keys(sets...) {
+		keys[k] = true
+	}
+	return func(k string) bool { return keys[k] }
+}
+
+// Find loads the config file at path, or at def when path is "" and def
+// exists; no file is nil.
+func Find(path, def string, known func(key string) bool) (*File, error) {
+	if path == "" {
+		if _, err := os.Stat(def); err != nil {
+			return nil, nil
+		}
+		path = def
+	}
+	return Load(path, known)
 }
 
 // Keys lists every setting name in the flag sets, sorted, for docs and for

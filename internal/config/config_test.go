@@ -153,3 +153,26 @@ func TestHugeValueRefused(t *testing.T) {
 		t.Fatalf("got %.300v", err)
 	}
 }
+
+// Origin names where a value came from, so that a conflict can say which
+// file (or variable) to change.
+func TestOrigin(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	fs.String("webroot", "", "")
+	fs.Bool("standalone", false, "")
+	fs.String("email", "", "")
+	fs.String("dir", "", "")
+	fs.Parse([]string{"--standalone"})
+	file := &File{Path: "/etc/lbcert/config.yaml", Values: map[string][]string{"webroot": {"/var/www"}, "standalone": {"false"}}}
+	Apply(fs, file, func(k string) string { return map[string]string{"LBCERT_EMAIL": "ops@example.com"}[k] })
+	for name, want := range map[string]string{
+		"webroot":    "'webroot:' in /etc/lbcert/config.yaml",
+		"email":      "LBCERT_EMAIL",
+		"standalone": "", // the command line beat the file
+		"dir":        "", // the default
+	} {
+		if got := Origin(fs, name); got != want {
+			t.Errorf("Origin(%s) = %q, want %q", name, got, want)
+		}
+	}
+}

@@ -3,10 +3,15 @@
 // hot-updates HAProxy over its runtime API), checks over TLS that the new
 // certificate is the one being served, and runs deploy hooks.
 //
+// With an nginx include file (store.Deploy.NginxInclude) it also keeps
+// one server block per live lineage of the state directory in that file,
+// rewritten once per run.
+//
 // The promise: if the config test or the reload fails, every lineage the
-// run changed is rolled back to its previous version, on disk and in the
-// HAProxy certificate directory, and nothing is reloaded, so the load
-// balancer keeps serving the old, valid certificates. Every failure is
+// run changed is rolled back to its previous version, on disk, in the
+// HAProxy certificate directory and in the nginx include file (byte for
+// byte), and nothing is reloaded, so the load balancer keeps serving the
+// old, valid certificates. Every failure is
 // returned in a Result; none is only a log line.
 //
 // deploy never talks to the CA and never decides what to renew.
@@ -54,6 +59,22 @@ type Options struct {
 	VerifyConcurrency int  // TLS checks at once (default 32)
 	HookConcurrency   int  // deploy hooks at once (default 1, as certbot)
 	DryRun            bool // plan only: test nothing, reload nothing
+	// Stop, when set and done, ends the deploy hooks: one still running
+	// is killed, and its certificate stays owed a deploy. An interrupt's
+	// grace, or a second interrupt, ends a deploy's waiting this way; the
+	// config test, reload, rollback and TLS check (bounded on its own)
+	// always run to the end.
+	Stop context.Context
+}
+
+// stoppable is ctx ended also by Opts.Stop.
+func (r *Runner) stoppable(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	if r.Opts.Stop == nil {
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(r.Opts.Stop, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // Store is what deploy needs of the storage seam: the live paths the
@@ -64,6 +85,11 @@ type Store interface {
 	ReadKey(name string) ([]byte, error)
 	ReadFullchain(name string) ([]byte, error)
 	Rollback(name string, previous int) error
+	// Names, LiveVersion and Load list the live lineages for the nginx
+	// include file, which serves every one of them.
+	Names() ([]string, error)
+	LiveVersion(name string) (int, error)
+	Load(name string) (*store.Lineage, error)
 }
 
 // Runner deploys changes.
@@ -101,7 +127,9 @@ func (r *Runner) Run(ctx context.Context, changes []Change) []Result {
 		}
 	}
 	r.verifyAll(ctx, changes, results)
-	r.hooks(ctx, changes, results)
+	hctx, cancel := r.stoppable(ctx)
+	defer cancel()
+	r.hooks(hctx, changes, results)
 	return results
 }
 
@@ -161,7 +189,7 @@ func groupChanges(changes []Change) []*group {
 		var key string
 		switch d.Target {
 		case "nginx":
-			key = strings.Join([]string{"nginx", d.NginxBin, d.NginxConf, d.ReloadCmd}, "\x00")
+			key = strings.Join([]string{"nginx", d.NginxBin, d.NginxConf, d.ReloadCmd, d.NginxInclude, d.NginxServerBody}, "\x00")
 		case "haproxy":
 			key = strings.Join([]string{"haproxy", d.HAProxyBin, d.HAProxyConf, d.HAProxyCerts, d.HAProxySocket, d.ReloadCmd}, "\x00")
 		default:

@@ -11,14 +11,15 @@ import (
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// fakeNginx is a stand-in nginx binary that logs each invocation and
-// fails "-t" when the file named by $FAIL_TEST exists. Unit tests only:
-// the end-to-end tests run the real nginx.
+// fakeNginx is a stand-in nginx binary that logs each invocation but
+// "-V" (it has no built-in PID file, so reloads go through "-s reload")
+// and fails "-t" when the file named by $FAIL_TEST exists. Unit tests
+// only: the end-to-end tests run the real nginx.
 func fakeNginx(t *testing.T, dir string) (bin, log, failFlag string) {
 	log = filepath.Join(dir, "calls.log")
 	failFlag = filepath.Join(dir, "fail-test")
 	bin = filepath.Join(dir, "nginx")
-	script := fmt.Sprintf("#!/bin/sh\necho \"$*\" >> %s\nif [ \"$1\" = -t ] && [ -e %s ]; then echo 'emerg: broken' >&2; exit 1; fi\n", log, failFlag)
+	script := fmt.Sprintf("#!/bin/sh\n[ \"$1\" = -V ] && exit 0\necho \"$*\" >> %s\nif [ \"$1\" = -t ] && [ -e %s ]; then echo 'emerg: broken' >&2; exit 1; fi\n", log, failFlag)
 	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +40,8 @@ func TestOneTestAndReloadPerRun(t *testing.T) {
 	dir := t.TempDir()
 	s := store.New(filepath.Join(dir, "state"))
 	bin, log, failFlag := fakeNginx(t, dir)
-	d := store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: "/etc/nginx/nginx.conf"}
+	conf := filepath.Join(dir, "nginx.conf")
+	d := store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: conf}
 
 	const n = 500
 	changes := make([]Change, n)
@@ -56,7 +58,7 @@ func TestOneTestAndReloadPerRun(t *testing.T) {
 		}
 	}
 	calls, _ := os.ReadFile(log)
-	if got := string(calls); got != "-t -c /etc/nginx/nginx.conf\n-s reload -c /etc/nginx/nginx.conf\n" {
+	if got := string(calls); got != "-t -c "+conf+"\n-s reload -c "+conf+"\n" {
 		t.Fatalf("want one test and one reload for %d certificates, got:\n%s", n, got)
 	}
 

@@ -1,9 +1,11 @@
 package deploy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os/exec"
 	"strings"
 	"sync"
@@ -61,18 +63,34 @@ func run(ctx context.Context, timeout time.Duration, env []string, shell string,
 	if shell != "" {
 		argv = []string{"/bin/sh", "-c", shell}
 	}
+	out := &tail{}
+	err := runTo(ctx, timeout, env, argv, out, out)
+	return trimOutput(secret.Scrub(out.String())), err
+}
+
+// runLines runs argv as run does, handing each line of its standard
+// output to onLine as it comes instead of keeping it, and returns the
+// end of its standard error.
+func runLines(ctx context.Context, timeout time.Duration, onLine func(string), argv ...string) (string, error) {
+	errOut := &tail{}
+	lines := &lineWriter{fn: onLine}
+	err := runTo(ctx, timeout, nil, argv, lines, errOut)
+	lines.flush()
+	return trimOutput(secret.Scrub(errOut.String())), err
+}
+
+func runTo(ctx context.Context, timeout time.Duration, env, argv []string, stdout, stderr io.Writer) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.Command(argv[0], argv[1:]...)
-	out := &tail{}
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Stdout, cmd.Stderr = stdout, stderr
 	// Everything but lbcert's own secrets: certbot's hooks expect the
 	// environment they were started from.
 	cmd.Env = secret.Env(env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.WaitDelay = waitDelay
 	if err := cmd.Start(); err != nil {
-		return "", err
+		return err
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
@@ -91,7 +109,33 @@ func run(ctx context.Context, timeout time.Duration, env []string, shell string,
 			err = fmt.Errorf("interrupted")
 		}
 	}
-	return trimOutput(secret.Scrub(out.String())), err
+	return err
+}
+
+// lineWriter hands each complete line written to it to fn.
+type lineWriter struct {
+	fn   func(string)
+	part []byte
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for {
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			w.part = append(w.part, p...)
+			return n, nil
+		}
+		w.fn(string(append(w.part, p[:i]...)))
+		w.part, p = w.part[:0], p[i+1:]
+	}
+}
+
+func (w *lineWriter) flush() {
+	if len(w.part) > 0 {
+		w.fn(string(w.part))
+		w.part = nil
+	}
 }
 
 func trimOutput(s string) string {

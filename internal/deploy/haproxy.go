@@ -102,7 +102,11 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 			}
 			return
 		}
-		if d.ReloadCmd == "" {
+		var nl *notLoadedError
+		if d.ReloadCmd == "" || errors.As(err, &nl) && !configLoads(d.HAProxyConf, nl.dir) {
+			// A reload would not help a config that never loads the
+			// directory: the new PEM would be written and never served,
+			// and a node would report a certificate it does not serve.
 			r.rollback(g, changes, results, fmt.Errorf("haproxy runtime API %s: %v", d.HAProxySocket, err), undo)
 			return
 		}
@@ -117,6 +121,32 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	for _, i := range g.changes {
 		results[i].Deployed = true
 	}
+}
+
+// notLoadedError is a new certificate for a directory the running HAProxy
+// has no crt-list for.
+type notLoadedError struct{ pem, dir string }
+
+func (e *notLoadedError) Error() string {
+	return fmt.Sprintf("%s is new and HAProxy has no crt-list for %s: add 'crt %s' to a bind line", e.pem, e.dir, e.dir)
+}
+
+// configLoads reports whether HAProxy's config names dir on a bind line
+// (crt DIR or crt-list), so that a reload would load it.
+func configLoads(conf, dir string) bool {
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		return true // the config test already passed; let the reload say
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		for i := 0; i+1 < len(f); i++ {
+			if (f[i] == "crt" || f[i] == "crt-list") && filepath.Clean(f[i+1]) == dir {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // writePEM writes a combined PEM; tests replace it to fail on cue.
@@ -187,7 +217,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		isNew := !known[p]
 		if isNew {
 			if crtList == "" {
-				return fmt.Errorf("%s is new and HAProxy has no crt-list for %s: add 'crt %s' to a bind line", p, dir, dir)
+				return &notLoadedError{pem: p, dir: dir}
 			}
 			if err := api.expect(ctx, "new ssl cert "+p, "New empty certificate store"); err != nil {
 				return err

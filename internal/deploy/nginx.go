@@ -1,10 +1,19 @@
 package deploy
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // commandTimeout bounds config tests and reloads, which take well under a
@@ -14,27 +23,131 @@ const commandTimeout = 2 * time.Minute
 func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, results []Result) {
 	d := g.d
 	// live/<name> already points at the new version: the files nginx
-	// reads are in place, so test now.
-	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
-	if err != nil {
-		r.rollback(g, changes, results, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out), nil)
-		return
-	}
-	if d.ReloadCmd != "" {
-		out, err = run(ctx, commandTimeout, nil, d.ReloadCmd)
-	} else {
-		out, err = run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf)
-	}
-	if err != nil {
-		what := "reload nginx"
-		if d.ReloadCmd != "" {
-			what = fmt.Sprintf("reload command %q failed", d.ReloadCmd)
+	// reads are in place. The include file, when there is one, is
+	// rewritten once for the whole group, then nginx is tested.
+	undo := func() error { return nil }
+	if d.NginxInclude != "" {
+		var err error
+		undo, err = r.writeSites(d, r.notYetLive(g, changes, results))
+		if err != nil {
+			r.rollback(g, changes, results, fmt.Errorf("write nginx include %s: %v", d.NginxInclude, err), nil)
+			return
 		}
-		r.rollback(g, changes, results, cmdError(what, err, out), nil)
+	}
+	if err := nginxReload(ctx, d); err != nil {
+		if uerr := undo(); uerr != nil {
+			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
+		}
+		r.rollback(g, changes, results, err, nil)
 		return
 	}
 	slog.Info("nginx tested and reloaded", "conf", d.NginxConf, "certificates", len(g.changes))
 	for _, i := range g.changes {
 		results[i].Deployed = true
 	}
+}
+
+// notYetLive names the lineages of other groups of this run that are new
+// and not deployed yet: their deploy may still fail and take them out of
+// live/, and an include file naming their paths would then break the
+// next reload. They join the file with the next deploy.
+func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(string) bool {
+	mine := map[int]bool{}
+	for _, i := range g.changes {
+		mine[i] = true
+	}
+	skip := map[string]bool{}
+	for i, c := range changes {
+		if !mine[i] && c.Previous == 0 && !results[i].Deployed {
+			skip[c.Name] = true
+		}
+	}
+	return func(name string) bool { return skip[name] }
+}
+
+// nginxReload tests nginx's config once, then reloads it once.
+func nginxReload(ctx context.Context, d store.Deploy) error {
+	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+	if err != nil {
+		return nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out))
+	}
+	if d.ReloadCmd != "" {
+		if out, err := run(ctx, commandTimeout, nil, d.ReloadCmd); err != nil {
+			return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
+		}
+		return nil
+	}
+	if pid, ok := nginxMaster(ctx, d); ok {
+		if err := syscall.Kill(pid, syscall.SIGHUP); err == nil {
+			return nil
+		}
+	}
+	if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
+		return cmdError("reload nginx", err, out)
+	}
+	return nil
+}
+
+// nginxMaster finds the running master of d's config, to reload it with
+// SIGHUP as "nginx -s reload" does. "nginx -s reload" first loads the
+// whole config, every certificate, only to learn the PID: with 10,000
+// server blocks that is as long as the test. The PID file is the one the
+// config's pid directive names, or nginx's built-in one; when either is
+// unclear, or the PID is not an nginx master, the caller falls back to
+// "nginx -s reload".
+func nginxMaster(ctx context.Context, d store.Deploy) (int, bool) {
+	path := pidDirective(d.NginxConf)
+	if path == "" {
+		out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-V")
+		if err != nil {
+			return 0, false
+		}
+		if m := pidPathFlag.FindStringSubmatch(out); m != nil {
+			path = m[1]
+		}
+	}
+	if !filepath.IsAbs(path) {
+		return 0, false // relative to a prefix lbcert does not know
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 1 {
+		return 0, false
+	}
+	title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.HasPrefix(title, []byte("nginx: master process")) {
+		return 0, false
+	}
+	return pid, true
+}
+
+var (
+	pidLine     = regexp.MustCompile(`^\s*pid\s+([^\s;#]+)\s*;`)
+	pidPathFlag = regexp.MustCompile(`--pid-path=(\S+)`)
+)
+
+// pidDirective is the path of the main config's pid directive, or "".
+func pidDirective(conf string) string {
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if m := pidLine.FindStringSubmatch(line); m != nil {
+			return strings.Trim(m[1], `"'`)
+		}
+	}
+	return ""
+}
+
+// nginxTestError says what to do when the include file's own hash
+// settings meet the operator's.
+func nginxTestError(d store.Deploy, err error) error {
+	if d.NginxInclude != "" && strings.Contains(err.Error(), "server_names_hash") && strings.Contains(err.Error(), "duplicate") {
+		return fmt.Errorf("%v (the include file %s sets server_names_hash_max_size and _bucket_size for its names: remove yours)", err, d.NginxInclude)
+	}
+	return err
 }

@@ -24,70 +24,84 @@ type Reference struct {
 // delete never breaks the next reload. For nginx it reads "nginx -T", which
 // follows every include; for HAProxy, the config file. A "crt DIR" line
 // that names the whole certificate directory is not a reference: dropping
-// one file from it is how HAProxy is meant to be used.
-func (r *Runner) References(ctx context.Context, name string, d store.Deploy) ([]Reference, error) {
+// one file from it is how HAProxy is meant to be used. Neither are the
+// lines of managed, the nginx include files lbcert itself rewrites
+// without the lineage.
+func (r *Runner) References(ctx context.Context, name string, d store.Deploy, managed map[string]bool) ([]Reference, error) {
 	paths := []string{
 		r.Store.LivePaths(name).Dir + "/",
 		r.Store.ArchiveDir(name) + "/",
 	}
-	var text string
+	var refs []Reference
+	file := ""
+	scan := func(line string) {
+		if f, ok := strings.CutPrefix(line, "# configuration file "); ok {
+			file = strings.TrimSuffix(f, ":")
+			return
+		}
+		trimmed := strings.TrimSpace(line)
+		if strings.HasPrefix(trimmed, "#") || managed[file] {
+			return
+		}
+		for _, p := range paths {
+			if strings.Contains(line+"/", p) || strings.Contains(line, p) {
+				refs = append(refs, Reference{File: file, Line: trimmed})
+				return
+			}
+		}
+	}
 	switch d.Target {
 	case "nginx":
-		out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-T", "-c", d.NginxConf)
+		// Streamed, not kept: with an include file of 100,000 lineages
+		// "nginx -T" prints tens of megabytes.
+		out, err := runLines(ctx, commandTimeout, scan, d.NginxBin, "-T", "-c", d.NginxConf)
 		if err != nil {
 			return nil, cmdError(fmt.Sprintf("nginx -T -c %s", d.NginxConf), err, out)
 		}
-		text = out
 	case "haproxy":
 		data, err := os.ReadFile(d.HAProxyConf)
 		if err != nil {
 			return nil, err
 		}
-		text = "# configuration file " + d.HAProxyConf + ":\n" + string(data)
 		paths = append(paths, PEMPath(d.HAProxyCerts, name))
-	default:
-		return nil, nil
-	}
-	var refs []Reference
-	file := ""
-	for _, line := range strings.Split(text, "\n") {
-		if f, ok := strings.CutPrefix(line, "# configuration file "); ok {
-			file = strings.TrimSuffix(f, ":")
-			continue
-		}
-		trimmed := strings.TrimSpace(line)
-		if strings.HasPrefix(trimmed, "#") {
-			continue
-		}
-		for _, p := range paths {
-			if strings.Contains(line+"/", p) || strings.Contains(line, p) {
-				refs = append(refs, Reference{File: file, Line: trimmed})
-				break
-			}
+		scan("# configuration file " + d.HAProxyConf + ":")
+		for _, line := range strings.Split(string(data), "\n") {
+			scan(line)
 		}
 	}
 	return refs, nil
 }
 
+// Unlist rewrites d's include file without lineage name, tests nginx and
+// reloads it, so that nginx lets go of the lineage before its files go.
+// On a failed test or reload the file is put back byte for byte, unless
+// keep is set (delete --force: the files go anyway, and a file naming
+// them would break every later reload).
+func (r *Runner) Unlist(ctx context.Context, name string, d store.Deploy, keep bool) error {
+	undo, err := r.writeSites(d, func(n string) bool { return n == name })
+	if err != nil {
+		return fmt.Errorf("write nginx include %s: %v", d.NginxInclude, err)
+	}
+	err = nginxReload(ctx, d)
+	if err != nil && !keep {
+		if uerr := undo(); uerr != nil {
+			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
+		}
+	}
+	return err
+}
+
 // Remove takes a deleted lineage out of its load balancer: the HAProxy
 // PEM goes (over the runtime API when there is a socket), and the load
-// balancer is tested and reloaded so it lets go of the files.
+// balancer is tested and reloaded so it lets go of the files. nginx
+// with an include file was reloaded by Unlist before the files went.
 func (r *Runner) Remove(ctx context.Context, name string, d store.Deploy) error {
 	switch d.Target {
 	case "nginx":
-		if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf); err != nil {
-			return cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out)
+		if d.NginxInclude != "" {
+			return nil // Unlist tested and reloaded nginx without the lineage
 		}
-		if d.ReloadCmd != "" {
-			out, err := run(ctx, commandTimeout, nil, d.ReloadCmd)
-			if err != nil {
-				return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
-			}
-			return nil
-		}
-		if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
-			return cmdError("reload nginx", err, out)
-		}
+		return nginxReload(ctx, d)
 	case "haproxy":
 		pemPath := PEMPath(d.HAProxyCerts, name)
 		if err := os.Remove(pemPath); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -87,3 +87,42 @@ func TestDeleteNginxReferencesAndRevoke(t *testing.T) {
 		t.Error("nginx was not reloaded after the delete")
 	}
 }
+
+// TestDeleteChecksEveryLineagesConfig: a lineage issued without --deploy
+// is still named by the nginx config another lineage deploys to; delete
+// finds that config through the other lineage and refuses, so the next
+// reload does not fail on a missing file. --force deletes anyway.
+func TestDeleteChecksEveryLineagesConfig(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
+	tlsAddr := freeAddr(t)
+	e.mustRun("issue", "-d", "nodeploy.example.com", "--standalone", "--http-addr", http, "--agree-tos")
+
+	prefix := filepath.Join(e.work, "nginx")
+	os.MkdirAll(filepath.Join(prefix, "sites"), 0o755)
+	live := filepath.Join(e.dir, "live", "nodeploy.example.com")
+	site := filepath.Join(prefix, "sites", "nodeploy.conf")
+	os.WriteFile(site, []byte(fmt.Sprintf("server {\n    listen %s ssl;\n    server_name nodeploy.example.com;\n"+
+		"    ssl_certificate %s/fullchain.pem;\n    ssl_certificate_key %s/privkey.pem;\n    return 200;\n}\n", tlsAddr, live, live)), 0o644)
+	conf := testenv.NginxConfig(prefix, fmt.Sprintf("    include %s/sites/*.conf;", prefix))
+	n, err := testenv.StartNginx(prefix, conf, tlsAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+	e.mustRun("issue", "-d", "deployed.example.com", "--standalone", "--http-addr", http,
+		"--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin)
+
+	r := e.run("delete", "--name", "nodeploy.example.com", "--yes")
+	if r.code != 1 || !strings.Contains(r.stderr, "nginx config still uses nodeploy.example.com: "+site+": ssl_certificate "+live) {
+		t.Fatalf("delete of a lineage another lineage's nginx config names: exit %d\n%s", r.code, r.stderr)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Fatal("a refused delete removed the lineage")
+	}
+	e.mustRun("delete", "--name", "nodeploy.example.com", "--yes", "--force")
+	if _, err := os.Stat(live); !os.IsNotExist(err) {
+		t.Fatalf("delete --force left %s", live)
+	}
+}

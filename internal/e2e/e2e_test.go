@@ -1,5 +1,6 @@
 // Package e2e runs the built lbcert binary against real servers: Pebble
-// and pebble-challtestsrv (from go.mod's tool directives), and nginx from
+// and pebble-challtestsrv (from go.mod's tool directives), step-ca
+// (built from the module proxy, internal/testenv/stepca), and nginx from
 // Debian's package. Nothing is mocked and nothing skips: a missing server
 // fails the test with the command that installs it.
 package e2e
@@ -39,16 +40,24 @@ func TestMain(m *testing.M) {
 		os.Stderr.Write(out)
 		panic("build lbcert: " + err.Error())
 	}
+	// step-ca is built here, once per machine (a few minutes on two
+	// cores the first time), rather than by the first step-ca test while
+	// the others run against deadlines.
+	if _, err := testenv.BuildStepCA(); err != nil {
+		panic(err)
+	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
 
-// env is one test's Pebble and state directory.
+// env is one test's CA (Pebble, or step-ca for newStepEnv) and state
+// directory.
 type env struct {
 	t      *testing.T
 	pebble *testenv.Pebble
-	dir    string // lbcert --dir
+	stepca *testenv.StepCA // set instead of pebble by newStepEnv
+	dir    string          // lbcert --dir
 	work   string
 	// server, when set, is the directory lbcert is given instead of
 	// Pebble's own (a RateFront in front of it).
@@ -72,6 +81,40 @@ func newEnv(t *testing.T, o testenv.PebbleOptions) *env {
 	return &env{t: t, pebble: p, dir: filepath.Join(work, "state"), work: work}
 }
 
+// newStepEnv is newEnv with a real step-ca instead of Pebble.
+func newStepEnv(t *testing.T, o testenv.StepCAOptions) *env {
+	t.Helper()
+	work := t.TempDir()
+	o.Dir = work
+	s, err := testenv.StartStepCA(o)
+	if err != nil {
+		t.Fatalf("start step-ca: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("step-ca log:\n%s", s.Log())
+		}
+		s.Stop()
+	})
+	return &env{t: t, stepca: s, dir: filepath.Join(work, "state"), work: work}
+}
+
+// caServer is the env's CA directory and the root lbcert must trust.
+func (e *env) caServer() (server, bundle string) {
+	if e.stepca != nil {
+		return e.stepca.DirectoryURL, e.stepca.CABundle
+	}
+	return e.pebble.DirectoryURL, e.pebble.CABundle
+}
+
+// caDump is the env's CA's goroutine dump, for a run that hung.
+func (e *env) caDump() string {
+	if e.stepca != nil {
+		return e.stepca.Dump()
+	}
+	return e.pebble.Dump()
+}
+
 type result struct {
 	stdout, stderr string
 	code           int
@@ -92,11 +135,11 @@ const runDeadline = 3 * time.Minute
 // command is lbcert with the env's server, CA bundle and state
 // directory, under ctx; on cancel it gets SIGQUIT, then SIGKILL.
 func (e *env) command(ctx context.Context, args ...string) *exec.Cmd {
-	server := e.pebble.DirectoryURL
+	server, bundle := e.caServer()
 	if e.server != "" {
 		server = e.server
 	}
-	full := append([]string{"--server", server, "--ca-bundle", e.pebble.CABundle, "--dir", e.dir}, args...)
+	full := append([]string{"--server", server, "--ca-bundle", bundle, "--dir", e.dir}, args...)
 	cmd := exec.CommandContext(ctx, lbcertBin, full...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
 	cmd.WaitDelay = 10 * time.Second
@@ -118,8 +161,8 @@ func (e *env) runEnv(extra []string, args ...string) result {
 	err := cmd.Run()
 	r := result{stdout: out.String(), stderr: errb.String()}
 	if ctx.Err() != nil {
-		e.t.Fatalf("lbcert %s: still running after %s; its goroutines:\n%s\nPebble's goroutines:\n%s",
-			strings.Join(args, " "), runDeadline, r.stderr, e.pebble.Dump())
+		e.t.Fatalf("lbcert %s: still running after %s; its goroutines:\n%s\nthe CA's goroutines:\n%s",
+			strings.Join(args, " "), runDeadline, r.stderr, e.caDump())
 	}
 	if ee, ok := err.(*exec.ExitError); ok {
 		r.code = ee.ExitCode()

@@ -474,8 +474,11 @@ func TestFleetOneOrderPerName(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// T8: after fleet remove lb3, lb3 can open nothing published later.
+	// T8: after fleet remove lb3, lb3 can open nothing published later,
+	// and its agent answers no token (invariant I5): the operator takes
+	// it out of the pool the CA validates through, as the README says.
 	f.mustOn("lb1", "fleet", "remove", "lb3")
+	f.validateVia("lb1", "lb2")
 	if r := f.on("lb1", "renew", "--force", "--name", "fleet002.example.com", "--no-random-sleep"); r.code != 0 {
 		keys, _ := c.Keys(ctx, "lbcert:agent:*").Result()
 		// Why no heartbeat, if none: expired (expired_keys, Redis's

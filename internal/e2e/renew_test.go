@@ -393,7 +393,7 @@ func TestARIWindowInThePast(t *testing.T) {
 	data, _ := json.Marshal(st)
 	os.WriteFile(statusPath, data, 0o600)
 	r := e.mustRun("renew", "--no-random-sleep")
-	if !strings.Contains(r.stdout, "1 renewed") || !strings.Contains(r.stdout, "(ari_window_past)") || e.serial("revoked.example.com") == before {
+	if !strings.Contains(r.stdout, "1 renewed") || !strings.Contains(r.stdout, "due: the CA's renewal window had passed") || e.serial("revoked.example.com") == before {
 		t.Fatalf("the moved window did not renew it, with that reason:\n%s%s", r.stdout, r.stderr)
 	}
 }

@@ -24,6 +24,7 @@ import (
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/deploy"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -104,7 +105,7 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 	return selfSigned(o.Lineage.Domains, f.now(), f.life)
 }
 
-func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+func (f *fakeCA) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if ri, ok := f.ari[l.Cert.Serial]; ok {
@@ -160,11 +161,12 @@ func selfSigned(domains []string, now time.Time, life time.Duration) (*acme.Resu
 
 // fakeDeployer records every Run and fails the names in fail.
 type fakeDeployer struct {
-	mu    sync.Mutex
-	runs  [][]string
-	fail  map[string]bool
-	ctxOK []bool // whether each Run's context was still live
-	st    *store.Store
+	mu      sync.Mutex
+	runs    [][]string
+	changes []deploy.Change
+	fail    map[string]bool
+	ctxOK   []bool // whether each Run's context was still live
+	st      *store.Store
 }
 
 func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
@@ -172,6 +174,7 @@ func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deplo
 	defer d.mu.Unlock()
 	var names []string
 	out := make([]deploy.Result, len(changes))
+	d.changes = append(d.changes, changes...)
 	for i, c := range changes {
 		names = append(names, c.Name)
 		out[i] = deploy.Result{Name: c.Name, Deployed: true}
@@ -210,7 +213,7 @@ func (f *fixture) engine(o Options) *Engine {
 		o.Rand = func(n int64) int64 { return 0 }
 	}
 	o.Sleep = func(ctx context.Context, d time.Duration) bool { f.clock.Add(d); return ctx.Err() == nil }
-	return &Engine{Store: f.st, CA: f.ca, Deploy: f.dep, Opts: o}
+	return &Engine{Catalog: catalog.NewDir(f.st), Node: &Node{Local: f.st, Deploy: f.dep}, CA: f.ca, Opts: o}
 }
 
 func job(name string) Job {
@@ -332,7 +335,10 @@ func TestInterruptDeploysWhatWasObtained(t *testing.T) {
 	if !res.Interrupted || len(f.dep.runs) != 1 || len(f.dep.runs[0]) != 1 || f.dep.runs[0][0] != "i1.test" || !f.dep.ctxOK[0] {
 		t.Fatalf("deploy after interrupt: runs %v live ctx %v interrupted %v", f.dep.runs, f.dep.ctxOK, res.Interrupted)
 	}
-	if st, _ := f.st.ReadStatus("i1.test"); st.Pending != nil || st.Failures != 0 {
+	if j, _ := f.st.Journal("i1.test"); j.Pending != nil {
+		t.Fatalf("journal %+v", j)
+	}
+	if st, _ := f.st.ReadStatus("i1.test"); st.Failures != 0 {
 		t.Fatalf("i1 deployed but status %+v", st)
 	}
 }
@@ -399,8 +405,8 @@ func TestPendingDeployNeverOrdersAgain(t *testing.T) {
 	if l.Cert.Serial != res.Items[0].Serial || l.Cert.Serial == old.Cert.Serial {
 		t.Fatalf("live serial %s after deploying pending %s", l.Cert.Serial, res.Items[0].Serial)
 	}
-	if st, _ := f.st.ReadStatus("d.test"); st.Pending != nil {
-		t.Fatalf("pending not cleared: %+v", st.Pending)
+	if j, _ := f.st.Journal("d.test"); j.Pending != nil {
+		t.Fatalf("pending not cleared: %+v", j.Pending)
 	}
 	// And now nothing is due: a plain run leaves it alone.
 	res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
@@ -419,7 +425,7 @@ func TestKillBeforeDeployIsFinished(t *testing.T) {
 	l.Cert = got.Info
 	prev, _ := f.st.LiveVersion("k.test")
 	v, _ := f.st.SaveVersion(l, got.Files)
-	f.st.WriteStatus("k.test", store.Status{Pending: &store.Pending{Version: v, Previous: prev}})
+	f.st.SetJournal("k.test", store.Journal{Pending: &store.Pending{Version: v, Previous: prev}})
 	f.st.Activate("k.test", v) // ... and the process died here
 	f.dep.runs = nil
 	res := f.run(context.Background(), Options{Command: "renew"}, job("k.test"))
@@ -702,5 +708,100 @@ func TestAddressProfileNameLimit(t *testing.T) {
 	res := f.run(context.Background(), Options{Command: "issue"}, j)
 	if res.Counts[Invalid] != 1 || f.ca.count() != 0 || !strings.Contains(res.Items[0].Error, "shortlived profile allows at most 25") {
 		t.Fatalf("counts %v, %d orders, %q", res.Counts, f.ca.count(), res.Items[0].Error)
+	}
+}
+
+// renewJobs are the jobs renew makes: every lineage of the catalog.
+func (f *fixture) renewJobs() []Job {
+	f.t.Helper()
+	names, err := catalog.NewDir(f.st).Names(context.Background())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var jobs []Job
+	for _, n := range names {
+		jobs = append(jobs, Job{Lineage: store.Lineage{Name: n}, Stored: true})
+	}
+	return jobs
+}
+
+// A new lineage whose first deploy failed is still a lineage: renew (as
+// cron runs it, over the catalog's names) deploys it once the config is
+// fixed, and orders nothing.
+func TestFirstDeployFailedIsDeployedLater(t *testing.T) {
+	f := newFixture(t)
+	f.dep.fail["n1.test"] = true
+	res := f.run(context.Background(), Options{Command: "issue"}, job("n1.test"))
+	if it := res.Items[0]; it.Outcome != Failed || it.Deploy != "rolled_back" {
+		t.Fatalf("first deploy: %+v", it)
+	}
+	if _, err := f.st.LiveVersion("n1.test"); err == nil {
+		t.Fatal("a new lineage whose deploy failed is live")
+	}
+	jobs := f.renewJobs()
+	if len(jobs) != 1 || jobs[0].Lineage.Name != "n1.test" {
+		t.Fatalf("renew's jobs %+v: the lineage is invisible", jobs)
+	}
+	f.dep.fail["n1.test"] = false
+	orders := f.ca.count()
+	res = f.run(context.Background(), Options{Command: "renew"}, jobs...)
+	if it := res.Items[0]; it.Outcome != Deployed || f.ca.count() != orders {
+		t.Fatalf("renew after the fix: %+v, %d orders", it, f.ca.count()-orders)
+	}
+	if v, err := f.st.LiveVersion("n1.test"); err != nil || v != 1 {
+		t.Fatalf("live version %d, %v", v, err)
+	}
+}
+
+// Deploy settings given again for a certificate whose deploy is owed
+// apply to that deploy: the corrected command runs, not the failed one,
+// and the outcome says deployed.
+func TestCorrectedSettingsApplyToThePendingDeploy(t *testing.T) {
+	f := newFixture(t)
+	bad := job("p.test")
+	bad.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginxx"}
+	f.dep.fail["p.test"] = true
+	f.run(context.Background(), Options{Command: "issue"}, bad)
+	f.dep.fail["p.test"] = false
+	f.dep.runs, f.dep.changes = nil, nil
+	good := job("p.test")
+	good.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx"}
+	orders := f.ca.count()
+	res := f.run(context.Background(), Options{Command: "issue"}, good)
+	if it := res.Items[0]; it.Outcome != Deployed || f.ca.count() != orders {
+		t.Fatalf("re-run with corrected settings: %+v, %d orders", it, f.ca.count()-orders)
+	}
+	if len(f.dep.changes) != 1 || f.dep.changes[0].Deploy.ReloadCmd != "systemctl reload nginx" {
+		t.Fatalf("deployed with %+v, want the corrected reload command", f.dep.changes)
+	}
+}
+
+// A node deploys with its own settings, whatever the lineage saved (the
+// fleet: the agent's settings, whoever ordered), and new settings of its
+// own redeploy what it already serves.
+func TestNodeDeploysWithItsOwnSettings(t *testing.T) {
+	f := newFixture(t)
+	mine := store.Deploy{Target: "haproxy", HAProxyCerts: "/tmp/hc1"}
+	e := f.engine(Options{Command: "renew"})
+	e.Node.Settings = func(*store.Lineage) store.Deploy { return mine }
+	plan, _ := e.Plan(context.Background(), []Job{job("o.test")})
+	plan.Execute(context.Background())
+	if len(f.dep.changes) != 1 || f.dep.changes[0].Deploy != mine {
+		t.Fatalf("the ordering node deployed with %+v, want its own %+v", f.dep.changes, mine)
+	}
+	f.dep.changes = nil
+	orders := f.ca.count()
+	mine = store.Deploy{Target: "haproxy", HAProxyCerts: "/tmp/hc1-new"}
+	e = f.engine(Options{Command: "agent", InstallOnly: true})
+	e.Node.Settings = func(*store.Lineage) store.Deploy { return mine }
+	plan, _ = e.Plan(context.Background(), f.renewJobs())
+	res := plan.Execute(context.Background())
+	if res.Items[0].Outcome != Deployed || len(f.dep.changes) != 1 || f.dep.changes[0].Deploy != mine || f.ca.count() != orders {
+		t.Fatalf("new settings on the node: %+v, changes %+v", res.Items[0], f.dep.changes)
+	}
+	f.dep.changes = nil
+	plan, _ = e.Plan(context.Background(), f.renewJobs())
+	if res := plan.Execute(context.Background()); res.Items[0].Outcome != NotDue || len(f.dep.changes) != 0 {
+		t.Fatalf("the same settings again: %+v, changes %+v", res.Items[0], f.dep.changes)
 	}
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"strings"
 	"time"
 
@@ -50,7 +51,8 @@ type Item struct {
 	OldNotAfter *time.Time `json:"old_not_after,omitempty"`
 	Serial      string     `json:"serial,omitempty"`
 	NotAfter    *time.Time `json:"not_after,omitempty"`
-	Deploy      string     `json:"deploy,omitempty"` // "ok", "none", "rolled_back", "pending"
+	Version     int        `json:"cert_version,omitempty"` // the catalog's version of the certificate in place
+	Deploy      string     `json:"deploy,omitempty"`       // "ok", "none", "rolled_back", "pending"
 	Verify      string     `json:"verify,omitempty"`
 	Hook        string     `json:"hook,omitempty"`
 	Pending     string     `json:"pending,omitempty"` // a certificate waiting to be deployed, and why
@@ -61,11 +63,15 @@ type Item struct {
 	// (Options.RunGap).
 	Cadence string `json:"cadence_warning,omitempty"`
 
+	err    error         // what Error says, for callers that ask what kind it was
 	mail   *store.Mail   // nil when the lineage has no recipients or relay of its own
 	life   time.Duration // of the certificate it holds, for warnings
 	dueNow bool          // past its renewal moment
 	warn   bool          // the report warns about it (at most once a day)
 }
+
+// Err is the error behind Error, when the item failed.
+func (it *Item) Err() error { return it.err }
 
 // warnWorthy reports whether it holds a certificate that is past its
 // renewal time, or has under a third of its lifetime left, and was not
@@ -126,7 +132,7 @@ func (r *Result) Done() int {
 // follows the lifetime, so it is right for 90-, 45- and 6-day
 // certificates alike (a fixed 14 days would flag every 6-day one).
 func (r *Result) Report() *notify.Report {
-	out := &notify.Report{Command: r.Command, Time: r.Finished}
+	out := &notify.Report{Command: r.Command, Time: r.Finished, Interrupted: r.Interrupted}
 	for _, it := range r.Items {
 		ni := notify.Item{Name: it.Name, Domains: it.Domains, Serial: it.Serial, Deploy: it.Deploy,
 			Verify: it.Verify, Error: it.Error, Hint: it.Hint}
@@ -144,6 +150,9 @@ func (r *Result) Report() *notify.Report {
 		if it.NotAfter != nil {
 			ni.NewNotAfter = *it.NotAfter
 		}
+		if it.NextAttempt != nil {
+			ni.NextAttempt = *it.NextAttempt
+		}
 		switch it.Outcome {
 		case Issued, Renewed, Deployed:
 			ni.Outcome = string(it.Outcome)
@@ -157,9 +166,23 @@ func (r *Result) Report() *notify.Report {
 			out.Items = append(out.Items, ni)
 		case Deferred:
 			if r.Command == "batch" {
-				ni.Outcome = "failed" // a row asked for and not done is news
+				// A row asked for and not done yet is news, but not a
+				// failure: it goes at the time it says (issue #26 item 7).
+				ni.Outcome = "deferred"
 				out.Items = append(out.Items, ni)
 			}
+		case Invalid:
+			// Bad input is never sent to the CA: the file and line say
+			// which row to fix (issue #26 item 8).
+			ni.Outcome = "invalid"
+			if r.File != "" {
+				ni.Name = r.File
+				if it.Line > 0 {
+					ni.Name = fmt.Sprintf("%s:%d", r.File, it.Line)
+				}
+			}
+			out.Items = append(out.Items, ni)
+			continue
 		}
 		if it.warn {
 			ni.Outcome = "expiring"

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -15,8 +16,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // Agent is a node's long-running part: it answers the fleet's HTTP-01
@@ -31,7 +32,7 @@ type Agent struct {
 	// Local is this node's state directory.
 	Local *store.Store
 	// Connect opens this node's fleet. An error that is a
-	// *redis.Unavailable is retried with backoff; any other ends Run.
+	// *rdb.Unavailable is retried with backoff; any other ends Run.
 	Connect func(ctx context.Context) (*Node, error)
 	// Sync, when set, installs and deploys what the fleet publishes;
 	// its N is set on connect.
@@ -49,6 +50,7 @@ type Agent struct {
 	mu      sync.Mutex
 	cache   map[string]cached // host + " " + token
 	seeding atomic.Bool       // a rebuild check is running
+	removed atomic.Bool       // this node was taken out of the fleet
 }
 
 // N is the connected node, or nil before Redis first answered.
@@ -75,12 +77,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Sync != nil && a.Local != nil {
 		// Before Redis: a deploy this agent was killed in the middle of
 		// is owed now, whether or not Redis answers.
-		a.Sync.FinishLocal(ctx, a.Local)
+		a.Sync.Local = a.Local
+		a.Sync.FinishLocal(ctx)
 	}
 	go func() {
 		n, err := a.connect(ctx)
 		if err != nil || n == nil {
 			errc <- err // nil: ctx ended first
+			return
+		}
+		if err := a.checkAdvertise(ctx, n); err != nil {
+			errc <- err
 			return
 		}
 		a.node.Store(n)
@@ -126,7 +133,7 @@ func (a *Agent) connect(ctx context.Context) (*Node, error) {
 			}
 			return n, nil
 		}
-		if !errors.As(err, new(*redis.Unavailable)) {
+		if !errors.As(err, new(*rdb.Unavailable)) {
 			return nil, err
 		}
 		if !warned {
@@ -182,7 +189,7 @@ func (a *Agent) beat(ctx context.Context) error {
 	if err := n.Shared.Heartbeat(bctx, n.Name, info, 5*a.Beat); err != nil {
 		return err
 	}
-	if a.seeding.CompareAndSwap(false, true) {
+	if !a.removed.Load() && a.seeding.CompareAndSwap(false, true) {
 		go func() {
 			defer a.seeding.Store(false)
 			sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
@@ -193,24 +200,26 @@ func (a *Agent) beat(ctx context.Context) error {
 		}()
 	}
 	// A key rotation (fleet remove) is followed, so the agent can open
-	// what is sealed under the new key; membership changes are read.
+	// what is sealed under the new key; membership changes are read. A
+	// node that was removed stops answering tokens and installing
+	// (invariant I5).
 	if err := n.Refresh(bctx); err != nil {
+		var removed *Removed
+		if errors.As(err, &removed) && a.removed.CompareAndSwap(false, true) {
+			slog.Error("this node was removed from the fleet: its agent answers no token and installs nothing more", "err", err)
+		}
 		return err
 	}
 	return n.loadMembers(bctx)
 }
 
-// publishQueued publishes the certificates a run of this node saved
-// while Redis was away (the run itself is gone, or waits for its next
-// start).
+// publishQueued publishes the certificates a run of this node kept
+// here while Redis was away (the run itself is gone, or waits for its
+// next start).
 func (a *Agent) publishQueued(ctx context.Context) {
-	n := a.N()
-	if !hasQueue(n.Local) {
-		return
-	}
 	pctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if err := NewBackend(n).PublishQueued(pctx); err != nil && ctx.Err() == nil {
+	if err := a.N().PublishSpool(pctx); err != nil && ctx.Err() == nil {
 		slog.Warn("could not publish the certificates kept on this node while Redis was away; trying again", "err", err)
 	}
 }
@@ -232,6 +241,10 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	host := splitHost(r.Host)
 	if a.N() == nil {
 		http.Error(w, "not connected to the fleet's Redis yet", http.StatusServiceUnavailable)
+		return
+	}
+	if a.removed.Load() {
+		http.NotFound(w, r)
 		return
 	}
 	keyAuth, ok := a.lookup(r.Context(), host, token)
@@ -281,6 +294,44 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 		}
 	}
 	return keyAuth, true
+}
+
+// checkAdvertise refuses an address the other nodes cannot reach: the
+// orderer fetches each token through every live agent before the CA
+// validates, so an agent that advertises a loopback address in a fleet
+// whose other agents are on other hosts would make every orderer check
+// itself, and one that advertises another agent's address is never
+// checked at all.
+func (a *Agent) checkAdvertise(ctx context.Context, n *Node) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	agents, err := n.LiveAgents(cctx)
+	if err != nil {
+		return nil // Redis away: the heartbeat loop says so
+	}
+	mine := isLoopback(a.Advertise)
+	for _, o := range agents {
+		switch {
+		case o.Node == n.Name:
+		case o.Addr == a.Advertise:
+			return fmt.Errorf("node %s's agent already advertises %s: each node's agent needs an address of its own (--advertise-addr)", o.Node, a.Advertise)
+		case mine && !isLoopback(o.Addr):
+			return fmt.Errorf("this agent advertises %s, a loopback address, but node %s's agent is at %s: the other nodes could not reach this one; give --advertise-addr HOST:PORT with this host's address", a.Advertise, o.Node, o.Addr)
+		}
+	}
+	return nil
+}
+
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // ErrAdvertise is an agent address peers could not reach.

@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"sync"
@@ -8,8 +9,8 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // DefaultLedgerCap is how many certificates for one exact set of names
@@ -21,7 +22,7 @@ const DefaultLedgerCap = 3
 // Budget is the engine's budget in fleet mode: the pace budget, then a
 // place in the fleet's issuance ledger for the exact set of names.
 type Budget struct {
-	Pace engine.Budget
+	Pace *pace.Budget
 	N    *Node
 	Cap  int
 	Now  func() time.Time
@@ -40,16 +41,16 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	set := LedgerSet(k.Server, o.Names)
 	id := b.N.Name + ":" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":" + strconv.FormatInt(b.seq.Add(1), 10)
-	ctx, cancel := rctx()
+	ctx, cancel := rctx(context.Background())
 	defer cancel()
 	now := b.Now()
 	ok, free, err := b.N.Shared.LedgerTake(ctx, set, id, b.Cap, LedgerWindow, now)
 	if err != nil {
-		b.Pace.Refund(k, o)
+		b.Pace.Unreserve(k, o) // nothing reached the CA
 		return err
 	}
 	if !ok {
-		b.Pace.Refund(k, o)
+		b.Pace.Unreserve(k, o)
 		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d certificates for exactly these names within 7 days (cap %d, below the CA's 5)", b.Cap, b.Cap)}
 	}
 	b.mu.Lock()
@@ -73,7 +74,7 @@ func (b *Budget) Refund(k pace.Key, o pace.Order) error {
 	}
 	b.mu.Unlock()
 	if id != "" {
-		ctx, cancel := rctx()
+		ctx, cancel := rctx(context.Background())
 		defer cancel()
 		if err := b.N.Shared.LedgerGive(ctx, set, id); err != nil {
 			return err
@@ -89,7 +90,7 @@ func (b *Budget) Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.
 func (b *Budget) Flush() error { return b.Pace.Flush() }
 
 // PaceStore keeps the pace budget in the fleet's Redis.
-type PaceStore struct{ Shared *redis.Shared }
+type PaceStore struct{ Shared *rdb.Shared }
 
 // Update is pace.Shared's.
 func (p PaceStore) Update(fields []string, fn func(map[string][]byte) (map[string][]byte, error)) error {
@@ -97,3 +98,8 @@ func (p PaceStore) Update(fields []string, fn func(map[string][]byte) (map[strin
 }
 
 var _ pace.Shared = PaceStore{}
+
+// Fields lists the budget's fields, for pace.Sweep.
+func (p PaceStore) Fields() ([]string, error) { return p.Shared.PaceFields() }
+
+var _ pace.Lister = PaceStore{}

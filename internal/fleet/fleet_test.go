@@ -14,20 +14,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
-func startRedis(t *testing.T) (*testenv.Redis, *redis.Shared) {
+func startRedis(t *testing.T) (*testenv.Redis, *rdb.Shared) {
 	t.Helper()
 	r, err := testenv.StartRedis(t.TempDir(), "pw-for-tests", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.Stop)
-	sh, err := redis.Dial(context.Background(), redis.Options{URL: r.URL(), Password: "pw-for-tests"})
+	sh, err := rdb.Dial(context.Background(), rdb.Options{URL: r.URL(), Password: "pw-for-tests"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,9 +121,9 @@ func TestMembership(t *testing.T) {
 
 	// Everyone opens a bundle sealed before the removal.
 	ep, sealed, _ := lb1.SealBundleKey("foo.com", 1, []byte("KEY-1"))
-	before := &redis.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
+	before := &rdb.Bundle{Name: "foo.com", Version: 1, Epoch: ep, SealedKey: sealed}
 	for _, n := range []*Node{lb2, lb3} {
-		if got, err := n.OpenBundleKey(before); err != nil || string(got) != "KEY-1" {
+		if got, err := n.OpenBundleKey(ctx, before); err != nil || string(got) != "KEY-1" {
 			t.Fatalf("%s opens the old bundle: %v", n.Name, err)
 		}
 	}
@@ -142,11 +142,11 @@ func TestMembership(t *testing.T) {
 		t.Errorf("removed node opens: %v", err)
 	}
 	ep2, sealed2, _ := lb1.SealBundleKey("foo.com", 2, []byte("KEY-2"))
-	after := &redis.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
-	if got, err := lb2.OpenBundleKey(after); err != nil || string(got) != "KEY-2" {
+	after := &rdb.Bundle{Name: "foo.com", Version: 2, Epoch: ep2, SealedKey: sealed2}
+	if got, err := lb2.OpenBundleKey(ctx, after); err != nil || string(got) != "KEY-2" {
 		t.Fatalf("lb2 opens the new bundle: %v", err)
 	}
-	if _, err := lb3.OpenBundleKey(after); err == nil {
+	if _, err := lb3.OpenBundleKey(ctx, after); err == nil {
 		t.Fatal("lb3 opened a bundle published after its removal")
 	}
 
@@ -199,7 +199,7 @@ func TestAgentAnswersByHostAndPresentChecksEveryAgent(t *testing.T) {
 	var tries atomic.Int32
 	connect := func(context.Context) (*Node, error) {
 		if tries.Add(1) <= 2 {
-			return nil, &redis.Unavailable{Addr: "test", Err: errors.New("connection refused")}
+			return nil, &rdb.Unavailable{Addr: "test", Err: errors.New("connection refused")}
 		}
 		return n1, nil
 	}
@@ -347,5 +347,33 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 	}
 	if _, err := Open(ctx, sh, store.New(filepath.Join(dir, "lb2"))); err != nil {
 		t.Fatalf("lb2 after the rebuild: %v", err)
+	}
+}
+
+// The shared budget's fields go when they hold nothing any more, and
+// the ones still counting stay.
+func TestSweepPaceBudget(t *testing.T) {
+	_, sh := startRedis(t)
+	clock := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	now := func() time.Time { return clock }
+	b := pace.OpenShared(PaceStore{sh}, pace.LetsEncrypt, now)
+	k := pace.Key{Server: "https://ca.test/dir", Email: "ops@example.com"}
+	for i := range 5 {
+		if err := b.Reserve(k, pace.Order{Names: []string{fmt.Sprintf("s%d.example.com", i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := PaceStore{sh}.Fields()
+	if len(before) == 0 {
+		t.Fatal("no pace fields after five orders")
+	}
+	if n, err := pace.Sweep(PaceStore{sh}, pace.LetsEncrypt, now); err != nil || n != 0 {
+		t.Fatalf("sweep right after the orders removed %d fields (%v); every bucket still counts", n, err)
+	}
+	clock = clock.Add(8 * 24 * time.Hour) // every window refilled
+	n, err := pace.Sweep(PaceStore{sh}, pace.LetsEncrypt, now)
+	after, _ := PaceStore{sh}.Fields()
+	if err != nil || n == 0 || len(after) != 0 {
+		t.Fatalf("sweep a week later: removed %d, left %v, %v", n, after, err)
 	}
 }

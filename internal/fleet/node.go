@@ -1,5 +1,5 @@
 // Package fleet is lbcert's fleet mode: load balancers that share one
-// Redis (package store/redis) so that exactly one of them orders each
+// Redis (package fleet/rdb) so that exactly one of them orders each
 // name, any of them answers any HTTP-01 token, and private keys leave a
 // node only sealed under the fleet's data key.
 //
@@ -26,13 +26,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"filippo.io/age"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // Member is one approved node, as the membership records hold it.
@@ -65,11 +66,15 @@ type local struct {
 	Gen     string   `json:"redis_gen,omitempty"`
 	Epochs  []Epoch  `json:"epochs,omitempty"`
 	Members []Member `json:"members,omitempty"`
+	// Removed is the epoch from which this node was no longer given the
+	// key: it learnt it was removed, and never acts as a member again
+	// (nor rebuilds an emptied Redis with the key it still has).
+	Removed int `json:"removed_at_epoch,omitempty"`
 }
 
 // Node is this host as a member of a fleet: its Redis, identity and keys.
 type Node struct {
-	Shared *redis.Shared
+	Shared *rdb.Shared
 	Local  *store.Store
 	Name   string
 	ID     string // fleet ID
@@ -79,10 +84,27 @@ type Node struct {
 	keys     map[int][]byte // data keys by epoch
 	epoch    int            // current
 	members  []Member
+	stMu     sync.Mutex // guards st
 	st       local
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
+
+// Removed is a node that was taken out of its fleet: it is not given
+// the current data key, and its agent answers no token.
+type Removed struct {
+	Node, Fleet, Dir string
+	Epoch            int
+}
+
+func (e *Removed) Error() string {
+	return fmt.Sprintf("node %s is not given the fleet's data key of epoch %d: it was removed from fleet %s", e.Node, e.Epoch, e.Fleet)
+}
+
+// HintText makes *Removed a hint.Hinter.
+func (e *Removed) HintText() string {
+	return "to serve this fleet again, remove " + e.Dir + " and join anew"
+}
 
 // NotMember says how to become one.
 type NotMember struct{ Dir string }
@@ -109,6 +131,56 @@ func readLocal(st *store.Store) (*local, error) {
 		return nil, fmt.Errorf("%s: %v", filepath.Join(fleetDir(st), "state.json"), err)
 	}
 	return &l, nil
+}
+
+// save writes this node's fleet state after mutate, merged with what
+// another process of this node wrote meanwhile (a 'fleet remove' run
+// beside a long-running agent, whose copy is older): the epochs are a
+// union and only move forward, and the members are those of the newest
+// epoch, never an older process's.
+func (n *Node) save(mutate func(l *local)) error {
+	unlock, err := lockState(n.Local)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	disk, derr := readLocal(n.Local)
+	n.stMu.Lock() // not n.mu: Refresh holds it while it follows a rotation
+	defer n.stMu.Unlock()
+	mutate(&n.st)
+	if derr == nil {
+		seen := map[int]bool{}
+		var eps []Epoch
+		for _, ep := range append(disk.Epochs, n.st.Epochs...) {
+			if !seen[ep.N] {
+				seen[ep.N] = true
+				eps = append(eps, ep)
+			}
+		}
+		sort.Slice(eps, func(i, j int) bool { return eps[i].N < eps[j].N })
+		n.st.Epochs = eps
+		if disk.Epoch > n.st.Epoch {
+			n.st.Epoch, n.st.Members = disk.Epoch, disk.Members
+		}
+	}
+	return writeLocal(n.Local, &n.st)
+}
+
+// lockState takes <dir>/fleet/state.lock: the processes of one node
+// write state.json one at a time.
+func lockState(st *store.Store) (func(), error) {
+	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(fleetDir(st), "state.lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
 }
 
 func writeLocal(st *store.Store, l *local) error {
@@ -188,6 +260,19 @@ func (n *Node) key(e int) ([]byte, error) {
 	return k, nil
 }
 
+// keyFor is the data key of epoch e, following a rotation that ran
+// since this process opened the fleet (a batch started before 'fleet
+// remove' finishes under the new key, instead of failing).
+func (n *Node) keyFor(ctx context.Context, e int) ([]byte, error) {
+	if k, err := n.key(e); err == nil || e <= n.Epoch() {
+		return k, err
+	}
+	if err := n.Refresh(ctx); err != nil {
+		return nil, err
+	}
+	return n.key(e)
+}
+
 func (n *Node) current() (int, []byte) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -202,7 +287,7 @@ func newFleetID() string {
 
 // Init creates a fleet in an empty Redis with this node as its first
 // member, and imports the node's lineages and accounts.
-func Init(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (*Node, error) {
+func Init(ctx context.Context, sh *rdb.Shared, st *store.Store, node string) (*Node, error) {
 	if err := checkNodeName(node); err != nil {
 		return nil, err
 	}
@@ -278,7 +363,7 @@ func (n *Node) writeShared(ctx context.Context, ep Epoch) error {
 
 // Join asks to join the fleet in Redis: it makes this node's identity
 // and leaves a join request for a member to approve.
-func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (fingerprint, fleetID string, err error) {
+func Join(ctx context.Context, sh *rdb.Shared, st *store.Store, node string) (fingerprint, fleetID string, err error) {
 	if err := checkNodeName(node); err != nil {
 		return "", "", err
 	}
@@ -292,6 +377,9 @@ func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (
 	if l, err := readLocal(st); err == nil && (l.Fleet != meta["id"] || l.Node != node) {
 		return "", "", fmt.Errorf("%s already belongs to fleet %s as node %s", st.Dir, l.Fleet, l.Node)
 	} else if err == nil && l.Epoch > 0 {
+		if l.Removed > 0 {
+			return "", "", hint.Wrap(fmt.Errorf("node %s was removed from fleet %s", node, l.Fleet), "%s", "to join again, move "+fleetDir(st)+" aside first (it holds the identity the fleet no longer trusts), then run join")
+		}
 		return "", "", fmt.Errorf("node %s is already an approved member of fleet %s", node, l.Fleet)
 	}
 	if m, _ := sh.HGet(ctx, "members", node); m != "" {
@@ -316,7 +404,7 @@ func Join(ctx context.Context, sh *redis.Shared, st *store.Store, node string) (
 // Open loads this node's fleet membership and keys, checking every
 // record it trusts, and re-seeds Redis from this node when Redis holds
 // no fleet at all.
-func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error) {
+func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 	l, err := readLocal(st)
 	if err != nil {
 		return nil, err
@@ -326,6 +414,9 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 		return nil, err
 	}
 	n := &Node{Shared: sh, Local: st, Name: l.Node, ID: l.Fleet, identity: id, keys: map[int][]byte{}, st: *l, epoch: l.Epoch}
+	if l.Removed > 0 {
+		return nil, &Removed{Node: l.Node, Fleet: l.Fleet, Epoch: l.Removed, Dir: fleetDir(st)}
+	}
 	meta, err := sh.HGetAll(ctx, "meta")
 	if err != nil {
 		return nil, err
@@ -367,13 +458,26 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 		if err := n.pin(ctx, cur); err != nil {
 			return nil, err
 		}
+		if err := n.loadMembers(ctx); err != nil {
+			return nil, err
+		}
+		// Newly approved: what the fleet holds wins over what this node
+		// held before it joined.
+		return n, n.importJoined(ctx)
 	} else {
 		if err := n.loadLocalKeys(); err != nil {
 			return nil, err
 		}
 		switch {
 		case cur < l.Epoch:
-			return nil, fmt.Errorf("%s holds data key epoch %d of fleet %s, older than this node's %d (a restored backup, or records written by a removed node); refusing", sh.Addr(), cur, l.Fleet, l.Epoch)
+			// A restored backup, or a removed node's rebuild: put this
+			// node's newer membership back (invariant I5).
+			if err := n.loadMembersFromDisk(); err != nil {
+				return nil, err
+			}
+			if err := n.repair(ctx); err != nil {
+				return nil, err
+			}
 		case cur > l.Epoch:
 			if err := n.follow(ctx, cur); err != nil {
 				return nil, err
@@ -389,6 +493,15 @@ func Open(ctx context.Context, sh *redis.Shared, st *store.Store) (*Node, error)
 		return nil, err
 	}
 	return n, nil
+}
+
+// loadMembersFromDisk takes the membership from this node's verified
+// copy, as a rebuild does.
+func (n *Node) loadMembersFromDisk() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.members = append([]Member(nil), n.st.Members...)
+	return nil
 }
 
 func (n *Node) loadLocalKeys() error {
@@ -432,25 +545,32 @@ func (n *Node) follow(ctx context.Context, cur int) error {
 	if err != nil {
 		return err
 	}
-	for e := n.st.Epoch + 1; e <= cur; e++ {
+	for e := n.epoch + 1; e <= cur; e++ {
 		var ep Epoch
 		if err := json.Unmarshal([]byte(eps[strconv.Itoa(e)]), &ep); err != nil {
 			return fmt.Errorf("fleet %s: epoch %d has no valid record", n.ID, e)
+		}
+		// The link first: only a rotation a holder of the previous key
+		// made can tell this node it was removed (a record planted in
+		// Redis by anyone else must not lock a member out for good).
+		prev := n.keys[e-1]
+		if prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
+			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
 		}
 		w, err := n.Shared.HGet(ctx, "wrapped:"+strconv.Itoa(e), n.Name)
 		if err != nil {
 			return err
 		}
 		if w == "" {
-			return hint.Wrap(fmt.Errorf("node %s is not given the fleet's data key of epoch %d: it was removed from fleet %s", n.Name, e, n.ID), "%s", "to serve this fleet again, remove "+fleetDir(n.Local)+" and join anew")
+			n.save(func(l *local) { l.Removed = e })
+			return &Removed{Node: n.Name, Fleet: n.ID, Epoch: e, Dir: fleetDir(n.Local)}
 		}
 		key, err := unwrap([]byte(w), n.identity)
 		if err != nil {
 			return fmt.Errorf("epoch %d: %v", e, err)
 		}
-		prev := n.keys[e-1]
-		if keyID(key) != ep.KeyID || prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
-			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
+		if keyID(key) != ep.KeyID {
+			return fmt.Errorf("fleet %s: epoch %d's key does not match its record; refusing it", n.ID, e)
 		}
 		n.keys[e] = key
 		n.epoch = e
@@ -476,9 +596,10 @@ func (n *Node) pin(ctx context.Context, e int) error {
 	if ep.KeyID != keyID(key) {
 		return fmt.Errorf("fleet %s: epoch %d's record does not match its key", n.ID, e)
 	}
-	n.st.Epoch = e
-	n.st.Epochs = append(n.st.Epochs, ep)
-	return writeLocal(n.Local, &n.st)
+	return n.save(func(l *local) {
+		l.Epoch = max(l.Epoch, e)
+		l.Epochs = append(l.Epochs, ep)
+	})
 }
 
 // loadMembers reads the members whose records verify under the current
@@ -508,8 +629,7 @@ func (n *Node) loadMembers(ctx context.Context) error {
 	n.members = ms
 	n.mu.Unlock()
 	if !membersEqual(ms, n.st.Members) {
-		n.st.Members = ms
-		return writeLocal(n.Local, &n.st)
+		return n.save(func(l *local) { l.Members = ms })
 	}
 	return nil
 }
@@ -537,6 +657,10 @@ func (n *Node) Members() []Member {
 // fingerprint: an operator who read the fingerprint on the new node
 // itself can be sure the request came from there.
 func (n *Node) Approve(ctx context.Context, node, fingerprint string) error {
+	return n.withMembership(ctx, func() error { return n.approve(ctx, node, fingerprint) })
+}
+
+func (n *Node) approve(ctx context.Context, node, fingerprint string) error {
 	raw, err := n.Shared.HGet(ctx, "join", node)
 	if err != nil {
 		return err
@@ -576,6 +700,14 @@ func (n *Node) Approve(ctx context.Context, node, fingerprint string) error {
 // go, the data key is rotated and every sealed key re-sealed under the
 // new one, so node can open nothing published afterwards.
 func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error) {
+	err = n.withMembership(ctx, func() error {
+		resealed, err = n.remove(ctx, node)
+		return err
+	})
+	return resealed, err
+}
+
+func (n *Node) remove(ctx context.Context, node string) (resealed int, err error) {
 	if node == n.Name {
 		return 0, errors.New("a node cannot remove itself: run 'fleet remove' on another member")
 	}
@@ -629,14 +761,18 @@ func (n *Node) Remove(ctx context.Context, node string) (resealed int, err error
 	if err := n.saveLocalKey(e, newKey); err != nil {
 		return 0, err
 	}
-	n.st.Epoch, n.st.Epochs, n.st.Members = e, append(n.st.Epochs, ep), keep
-	if err := writeLocal(n.Local, &n.st); err != nil {
+	if err := n.save(func(l *local) { l.Epoch, l.Epochs, l.Members = e, append(l.Epochs, ep), keep }); err != nil {
 		return 0, err
 	}
-	if resealed, err = n.resealAll(ctx); err != nil {
-		return resealed, err
+	// The new epoch is the fleet's before anything is re-sealed: from
+	// here on Redis refuses a key sealed under the old one (invariant
+	// I5), so a run that opened the fleet earlier re-seals under the new
+	// key at its publish, and nothing it publishes can slip past the
+	// re-sealing below.
+	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e)); err != nil {
+		return 0, err
 	}
-	return resealed, n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e))
+	return n.resealAll(ctx)
 }
 
 // CheckBundles opens every bundle's sealed key, and says which do not.
@@ -648,13 +784,13 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 	var bad []string
 	for _, name := range names {
 		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, redis.ErrNoBundle) {
+		if errors.Is(err, rdb.ErrNoBundle) {
 			continue
 		}
 		if err != nil {
 			return err
 		}
-		if _, err := n.OpenBundleKey(b); err != nil {
+		if _, err := n.openAnyEpoch(b); err != nil {
 			bad = append(bad, name)
 		}
 	}
@@ -667,7 +803,13 @@ func (n *Node) CheckBundles(ctx context.Context) error {
 
 // resealAll re-seals every bundle's and account's key under the current
 // data key.
-func (n *Node) resealAll(ctx context.Context) (int, error) {
+func (n *Node) resealAll(ctx context.Context) (int, error) { return n.reseal(ctx, false) }
+
+// reseal re-seals every bundle and account key under the current data
+// key; with dropStrangers (a repair after a removed node rebuilt Redis)
+// a bundle under an older key that no current member published is
+// dropped instead, and the members give their own copies back.
+func (n *Node) reseal(ctx context.Context, dropStrangers bool) (int, error) {
 	epoch, key := n.current()
 	names, err := n.Shared.Names(ctx)
 	if err != nil {
@@ -676,7 +818,7 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 	count := 0
 	for _, name := range names {
 		b, err := n.Shared.Bundle(ctx, name)
-		if errors.Is(err, redis.ErrNoBundle) {
+		if errors.Is(err, rdb.ErrNoBundle) {
 			continue
 		}
 		if err != nil {
@@ -685,7 +827,14 @@ func (n *Node) resealAll(ctx context.Context) (int, error) {
 		if b.Epoch == epoch {
 			continue
 		}
-		pem, err := n.OpenBundleKey(b)
+		if dropStrangers && !n.sealedByMember(b) {
+			slog.Warn("dropping a certificate sealed by a node that is not a member; the members give theirs back", "name", name, "node", b.Node)
+			if err := n.Shared.DropBundle(ctx, name); err != nil {
+				return count, err
+			}
+			continue
+		}
+		pem, err := n.openAnyEpoch(b)
 		if err != nil {
 			return count, fmt.Errorf("re-seal %s: %v", name, err)
 		}
@@ -738,8 +887,27 @@ func (n *Node) SealBundleKey(name string, version int, pem []byte) (epoch int, s
 	return epoch, sealed, err
 }
 
-// OpenBundleKey opens a bundle's private key.
-func (n *Node) OpenBundleKey(b *redis.Bundle) ([]byte, error) {
+// OpenBundleKey opens a bundle's private key, for installing it: one
+// sealed under an older data key than this node's is not opened (a
+// re-seal is on its way, or a removed node sealed it).
+func (n *Node) OpenBundleKey(ctx context.Context, b *rdb.Bundle) ([]byte, error) {
+	if b.Epoch < n.Epoch() {
+		return nil, fmt.Errorf("%s version %d: %w", b.Name, b.Version, errOlderKey)
+	}
+	key, err := n.keyFor(ctx, b.Epoch)
+	if err != nil {
+		return nil, err
+	}
+	pem, err := open(key, bundleAD(n.ID, b.Name, b.Version), b.SealedKey)
+	if err != nil {
+		return nil, fmt.Errorf("%s version %d: %w", b.Name, b.Version, err)
+	}
+	return pem, nil
+}
+
+// openAnyEpoch opens a bundle's key under whichever epoch sealed it, for
+// re-sealing it.
+func (n *Node) openAnyEpoch(b *rdb.Bundle) ([]byte, error) {
 	key, err := n.key(b.Epoch)
 	if err != nil {
 		return nil, err

@@ -6,30 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
-	"slices"
 	"strconv"
-	"strings"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
-
-// LedgerWindow is the issuance ledger's window, Let's Encrypt's for
-// duplicate certificates.
-const LedgerWindow = 7 * 24 * time.Hour
-
-// LedgerSet names an exact set of names at one CA, independently of order.
-func LedgerSet(server string, names []string) string {
-	s := slices.Clone(names)
-	for i := range s {
-		s[i] = strings.ToLower(s[i])
-	}
-	slices.Sort(s)
-	return server + " " + strings.Join(slices.Compact(s), ",")
-}
 
 // Reseed rebuilds an empty Redis from this node: the fleet record, the
 // membership and every member's wrapped data key (from the node's
@@ -41,7 +23,7 @@ func (n *Node) Reseed(ctx context.Context) error {
 	epoch, key := n.current()
 	gen := newFleetID()
 	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch), "gen", gen,
-		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name)
+		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name, "rebuilt_at", strconv.FormatInt(time.Now().UnixMilli(), 10))
 	if err != nil {
 		return err
 	}
@@ -78,44 +60,91 @@ func (n *Node) Reseed(ctx context.Context) error {
 	return n.publishDisk(ctx)
 }
 
-// publishDisk publishes this node's lineages, accounts and ledger
-// entries, unfenced: the notBefore rule keeps whatever is newer in Redis.
-// It then remembers the Redis generation it published into, so it does
-// this once per rebuild, not on every run.
+// publishDisk adds what this node holds to Redis, in an order that
+// keeps every invariant whichever node gets there first: its tombstones
+// (a delete wins over a certificate issued before it), its accounts (so
+// nobody registers a second one), its copy of the issuance ledger, then
+// the certificates it serves, unfenced (the version and notBefore rules
+// keep whatever is newer in Redis). It then records that it caught up
+// with this Redis generation, which orders wait for after a rebuild.
 func (n *Node) publishDisk(ctx context.Context) error {
 	gen, err := n.Shared.HGet(ctx, "meta", "gen")
 	if err != nil {
 		return err
 	}
-	names, err := n.Local.Names()
+	if err := n.seedTombstones(ctx); err != nil {
+		return err
+	}
+	if err := n.seedAccounts(ctx); err != nil {
+		return err
+	}
+	if err := n.seedLedger(ctx); err != nil {
+		return err
+	}
+	seeded, err := n.seedLineages(ctx)
 	if err != nil {
 		return err
 	}
+	slog.Info("published this node's certificates into a rebuilt Redis", "fleet", n.ID, "lineages", seeded)
+	if err := n.Shared.MarkCaughtUp(ctx, gen, n.Name); err != nil {
+		return err
+	}
+	return n.save(func(l *local) { l.Gen = gen })
+}
+
+// seedLineages publishes the live version of every lineage this node
+// serves and has no tombstone for.
+func (n *Node) seedLineages(ctx context.Context) (int, error) {
+	names, err := n.Local.Names()
+	if err != nil {
+		return 0, err
+	}
 	seeded := 0
-	accounts := map[[2]string]bool{}
 	for _, name := range names {
+		if t, _ := n.Local.ReadTombstone(name); t != nil {
+			continue
+		}
 		err := n.seedLineage(ctx, name)
 		switch {
 		case err == nil:
 			seeded++
-		case errors.Is(err, redis.ErrStale):
-		case errors.As(err, new(*redis.Unavailable)):
-			return err
+		case errors.As(err, new(*rdb.ErrStale)):
+		case errors.As(err, new(*rdb.Unavailable)):
+			return seeded, err
 		default:
 			slog.Warn("could not republish a lineage", "name", name, "err", err)
 		}
-		if l, err := n.Local.Load(name); err == nil {
-			accounts[[2]string{l.Server, l.Email}] = true
+	}
+	return seeded, nil
+}
+
+// seedTombstones puts this node's tombstones back into Redis.
+func (n *Node) seedTombstones(ctx context.Context) error {
+	ts, err := n.Local.Tombstones()
+	if err != nil {
+		return err
+	}
+	for name, t := range ts {
+		if err := n.Shared.SeedTombstone(ctx, name, t.Fence, t.At); err != nil {
+			return err
 		}
 	}
-	for a := range accounts {
+	return nil
+}
+
+// seedAccounts publishes every account this node holds that the fleet
+// has none for.
+func (n *Node) seedAccounts(ctx context.Context) error {
+	accts, err := n.Local.AccountList()
+	if err != nil {
+		return err
+	}
+	for _, a := range accts {
 		if err := n.seedAccount(ctx, a[0], a[1]); err != nil {
 			return err
 		}
 	}
-	slog.Info("published this node's certificates into a rebuilt Redis", "fleet", n.ID, "lineages", seeded)
-	n.st.Gen = gen
-	return writeLocal(n.Local, &n.st)
+	return nil
 }
 
 // seedLineage publishes this node's live version of name, unfenced: the
@@ -125,45 +154,28 @@ func (n *Node) seedLineage(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	return n.publishVersion(ctx, name, v, 0)
+	if n.Local.IsLost(name, v) {
+		return nil // its number names another certificate in the fleet
+	}
+	return n.publishVersion(ctx, name, v)
 }
 
 // publishVersion publishes version v of name from this node's archive,
-// under a lease token (0 for none).
-func (n *Node) publishVersion(ctx context.Context, name string, v int, fence int64) error {
-	l, err := n.Local.LoadVersion(name, v)
+// under its own number, unfenced: a rebuild, or a Redis that lost the
+// newest version this node serves.
+func (n *Node) publishVersion(ctx context.Context, name string, v int) error {
+	l, files, err := n.Local.ReadVersion(name, v)
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(n.Local.ArchiveDir(name), strconv.Itoa(v))
-	read := func(f string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, f)) }
-	cert, err := read(store.CertFile)
+	bd, err := n.bundle(l, files, l.Version, 0)
 	if err != nil {
 		return err
 	}
-	chain, _ := read(store.ChainFile)
-	full, err := read(store.FullchainFile)
-	if err != nil {
+	if err := n.Shared.Publish(ctx, bd); err != nil {
 		return err
 	}
-	key, err := read(store.KeyFile)
-	if err != nil {
-		return err
-	}
-	cp := *l
-	cp.Challenge = store.Challenge{Mode: "fleet"}
-	epoch, sealed, err := n.SealBundleKey(name, l.Version, key)
-	if err != nil {
-		return err
-	}
-	meta, _ := json.Marshal(&cp)
-	if err := n.Shared.Publish(ctx, &redis.Bundle{Name: name, Version: l.Version, Fence: fence, NotBefore: l.Cert.NotBefore, Epoch: epoch, Node: n.Name,
-		Meta: meta, Cert: cert, Chain: chain, Fullchain: full, SealedKey: sealed}); err != nil {
-		return err
-	}
-	if !l.IssuedAt.IsZero() {
-		return n.Shared.LedgerSeed(ctx, LedgerSet(l.Server, l.Domains), name+":v"+strconv.Itoa(l.Version), l.IssuedAt, LedgerWindow)
-	}
+	n.noteIssued(l)
 	return nil
 }
 
@@ -193,30 +205,54 @@ func (n *Node) seedAccount(ctx context.Context, server, email string) error {
 	return err
 }
 
+// importJoined adds what a newly approved node held before it joined:
+// its lineages the fleet does not hold, and its accounts for CAs the
+// fleet has none for. A lineage the fleet holds already is the fleet's:
+// this node's own versions of it, numbered before it joined, are marked
+// lost (they go once it serves the fleet's), so that neither a version
+// number nor a set of names is taken from a node that was not a member
+// when it issued them.
+func (n *Node) importJoined(ctx context.Context) error {
+	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	if err != nil {
+		return err
+	}
+	if err := n.seedAccounts(ctx); err != nil {
+		return err
+	}
+	names, err := n.Local.Lineages()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		_, err := n.Shared.BundleMeta(ctx, name)
+		switch {
+		case err == nil:
+			for v := n.Local.MaxVersion(name); v > 0; v = n.Local.MaxVersionBelow(name, v) {
+				n.Local.MarkLost(name, v)
+			}
+			slog.Info("the fleet holds this lineage already: its certificate replaces this node's", "name", name)
+		case errors.Is(err, rdb.ErrNoBundle):
+			if err := n.seedLineage(ctx, name); err != nil && !errors.As(err, new(*rdb.ErrStale)) {
+				return fmt.Errorf("import %s: %w", name, err)
+			}
+		default:
+			return err
+		}
+	}
+	if err := n.Shared.MarkCaughtUp(ctx, gen, n.Name); err != nil {
+		return err
+	}
+	return n.save(func(l *local) { l.Gen = gen })
+}
+
 // Import publishes every lineage and account of this node's --dir, for
 // fleet init.
 func (n *Node) Import(ctx context.Context) (int, error) {
-	names, err := n.Local.Names()
-	if err != nil {
+	if err := n.seedAccounts(ctx); err != nil {
 		return 0, err
 	}
-	count := 0
-	accounts := map[[2]string]bool{}
-	for _, name := range names {
-		if err := n.seedLineage(ctx, name); err != nil && !errors.Is(err, redis.ErrStale) {
-			return count, fmt.Errorf("import %s: %w", name, err)
-		}
-		count++
-		if l, err := n.Local.Load(name); err == nil {
-			accounts[[2]string{l.Server, l.Email}] = true
-		}
-	}
-	for a := range accounts {
-		if err := n.seedAccount(ctx, a[0], a[1]); err != nil {
-			return count, err
-		}
-	}
-	return count, nil
+	return n.seedLineages(ctx)
 }
 
 // CheckSeeded re-seeds Redis if it lost the fleet (FLUSHALL, a new
@@ -233,6 +269,9 @@ func (n *Node) CheckSeeded(ctx context.Context) error {
 	}
 	if id != n.ID {
 		return fmt.Errorf("%s now holds fleet %s, not this node's %s", n.Shared.Addr(), id, n.ID)
+	}
+	if err := n.checkEpoch(ctx); err != nil {
+		return err
 	}
 	return n.catchUp(ctx)
 }

@@ -4,8 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"slices"
 	"sort"
+	"strings"
+	"text/tabwriter"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/inventory"
 )
 
 // StatusVersion is the fleet status JSON schema's version; it changes
@@ -79,8 +85,11 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 			if raw, ok := served[name]; ok {
 				json.Unmarshal([]byte(raw), &s)
 			}
+			// The same version AND the same certificate: a node that
+			// serves another certificate under the newest number (a Redis
+			// that lost writes renumbered it) is behind (invariant I1).
 			switch {
-			case s.OK && s.Version >= h.Version:
+			case s.OK && s.Version == h.Version && (h.Serial == "" || s.Serial == h.Serial):
 				ns.Newest++
 				continue
 			case s.Error != "" && s.Wanted >= h.Version:
@@ -116,4 +125,83 @@ func (n *Node) Report(ctx context.Context, now time.Time, maxLag, maxBeat time.D
 		st.Nodes = append(st.Nodes, ns)
 	}
 	return st, nil
+}
+
+// Serving is what every member reports serving: lineage -> node -> what.
+func (n *Node) Serving(ctx context.Context) (map[string]map[string]Served, error) {
+	out := map[string]map[string]Served{}
+	for _, m := range n.Members() {
+		served, err := n.Shared.Served(ctx, m.Node)
+		if err != nil {
+			return nil, err
+		}
+		for name, raw := range served {
+			var s Served
+			if json.Unmarshal([]byte(raw), &s) != nil {
+				continue
+			}
+			if out[name] == nil {
+				out[name] = map[string]Served{}
+			}
+			out[name][m.Node] = s
+		}
+	}
+	return out, nil
+}
+
+// Table writes the status as 'fleet status' prints it: the fleet, a row
+// per node (heartbeat, agent, lineages at the newest version, behind,
+// failed, lag), then every failure.
+func (st *Status) Table(w io.Writer, now time.Time) {
+	fmt.Fprintf(w, "fleet %s in %s: %d lineages, %d nodes\n", st.Fleet, st.Redis, st.Lineages, len(st.Nodes))
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tHEARTBEAT\tAGENT\tNEWEST\tBEHIND\tFAILED\tLAG")
+	for _, ns := range st.Nodes {
+		beat, agent, lag := "none", ns.Agent, "-"
+		if ns.Heartbeat != nil {
+			beat = now.Sub(*ns.Heartbeat).Round(time.Second).String() + " ago"
+		}
+		if agent == "" {
+			agent = "-"
+		}
+		if ns.Behind+ns.Failed > 0 {
+			lag = (time.Duration(ns.LagSeconds) * time.Second).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", ns.Node, beat, agent, ns.Newest, ns.Behind, ns.Failed, lag)
+	}
+	tw.Flush()
+	for _, ns := range st.Nodes {
+		for _, f := range ns.Failures {
+			fmt.Fprintf(w, "  %s %s: %s\n", ns.Node, f.Name, f.Error)
+		}
+	}
+}
+
+// Problems says, in one line, what is wrong with each node that is not
+// fine ("" when every node is).
+func (st *Status) Problems() string {
+	var lines []string
+	for _, ns := range st.Nodes {
+		if len(ns.Problems) > 0 {
+			lines = append(lines, "node "+ns.Node+": "+strings.Join(ns.Problems, ", "))
+		}
+	}
+	return strings.Join(lines, "; ")
+}
+
+// ServingByLineage is what each member reports serving, by lineage, in
+// node order: list and show in a fleet.
+func (n *Node) ServingByLineage(ctx context.Context) (map[string][]inventory.Serves, error) {
+	all, err := n.Serving(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string][]inventory.Serves, len(all))
+	for name, byNode := range all {
+		for node, s := range byNode {
+			out[name] = append(out[name], inventory.Serves{Node: node, Version: s.Version, Serial: s.Serial, OK: s.OK, Error: s.Error})
+		}
+		slices.SortFunc(out[name], func(a, b inventory.Serves) int { return strings.Compare(a.Node, b.Node) })
+	}
+	return out, nil
 }

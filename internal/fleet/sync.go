@@ -5,14 +5,17 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
-	"github.com/lbcert/lbcert/internal/store/redis"
 )
 
 // Served is what a node reports serving for one lineage.
@@ -25,21 +28,31 @@ type Served struct {
 	At      time.Time `json:"at"`
 }
 
-// Deployer is the deploy step: *deploy.Runner, the one renew uses.
-type Deployer interface {
-	Run(ctx context.Context, changes []deploy.Change) []deploy.Result
+// Remover takes a deleted lineage off this node's load balancer:
+// *deploy.Runner is the real one.
+type Remover interface {
+	References(ctx context.Context, name string, d store.Deploy, managed map[string]bool) ([]deploy.Reference, error)
+	Unlist(ctx context.Context, name string, d store.Deploy, keep bool) error
+	Remove(ctx context.Context, name string, d store.Deploy) error
 }
 
-// Syncer installs on this node what the fleet publishes: it learns of
-// new versions from the events stream (with a periodic full reconcile
-// as the fallback, never by polling every key), unseals each key only
-// here, writes it through the node's atomic store, and deploys a batch
-// of changes at once with this node's own settings: one config test,
-// one reload, rollback and the TLS check, as renew does.
+// Syncer is the agent's part that makes this node serve what the fleet
+// holds. It learns of new versions and deletes from the events stream,
+// with a periodic full reconcile as the fallback (never by polling every
+// key), and hands each lineage this node does not serve as the fleet
+// holds it to an engine run that only installs (engine.Options.
+// InstallOnly): the one install step of issue, batch and renew, with
+// this node's own deploy settings. It also removes what the fleet
+// deleted, keeps copies of the fleet's accounts, and gives back to Redis
+// a version Redis lost (invariants I1, I2, I3 of package catalog).
 type Syncer struct {
+	// Local is this node's state directory; N is set when the fleet's
+	// Redis first answers.
+	Local  *store.Store
 	N      *Node
 	Deploy store.Deploy // this node's deploy settings
-	Runner Deployer
+	Runner engine.Deployer
+	Remove Remover
 	// Reconcile is the interval of the full reconcile (default 60 s).
 	Reconcile time.Duration
 	// Settle is how long the agent gathers events into one deploy.
@@ -48,8 +61,7 @@ type Syncer struct {
 	// live one included (default 3), as --keep-versions for runs.
 	Keep int
 
-	mu       sync.Mutex
-	reported map[string]Served
+	swept time.Time
 }
 
 // Run syncs until ctx ends.
@@ -60,7 +72,6 @@ func (s *Syncer) Run(ctx context.Context) {
 	if s.Settle <= 0 {
 		s.Settle = 100 * time.Millisecond
 	}
-	s.reported = map[string]Served{}
 	wait := time.Second
 	for ctx.Err() == nil {
 		if err := s.follow(ctx); err != nil && ctx.Err() == nil {
@@ -122,10 +133,12 @@ func (s *Syncer) follow(ctx context.Context) error {
 				names = append(names, e.Name)
 			}
 		}
+		if err := s.forget(ctx, compact(gone)); err != nil {
+			return err
+		}
 		if err := s.sync(ctx, compact(names)); err != nil {
 			return err
 		}
-		s.forget(ctx, compact(gone))
 	}
 	return nil
 }
@@ -135,278 +148,160 @@ func compact(s []string) []string {
 	return slices.Compact(s)
 }
 
-// reconcile compares every lineage's fleet version with this node's,
-// and syncs what differs, what failed to deploy, and what a killed
-// agent left pending.
+// reconcile compares every lineage the fleet holds with what this node
+// serves, and every lineage this node serves with what the fleet holds.
 func (s *Syncer) reconcile(ctx context.Context) error {
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	if err := s.N.SyncAccounts(rctx); err != nil {
+		return err
+	}
+	if err := s.forgetDeleted(rctx); err != nil {
+		return err
+	}
+	s.sweepPace()
 	names, err := s.N.Shared.Names(rctx)
 	if err != nil {
 		return err
 	}
-	vers, err := s.N.Shared.Versions(rctx, names)
+	heads, err := s.N.Shared.Heads(rctx, names)
 	if err != nil {
 		return err
 	}
+	if err := s.giveBack(rctx, heads); err != nil {
+		return err
+	}
+	// What Redis holds of this node's reports, not what this agent
+	// remembers sending: a report Redis lost (a failover, a pause, a
+	// restart from an older snapshot) is sent again.
+	said, err := s.N.Shared.Served(rctx, s.N.Name)
+	if err != nil {
+		return err
+	}
+	digest := store.DeployDigest(s.Deploy)
 	var todo []string
+	fine := map[string]Served{}
 	for _, name := range names {
-		v := vers[name]
-		if v == 0 {
+		h := heads[name]
+		if h.Version == 0 {
 			continue
 		}
-		live, _ := s.N.Local.LiveVersion(name)
-		st, _ := s.N.Local.ReadStatus(name)
-		s.mu.Lock()
-		rep, ok := s.reported[name]
-		s.mu.Unlock()
-		if live != v || st.Pending != nil || !ok || rep.Version != v || !rep.OK {
+		live, _ := s.Local.LiveVersion(name)
+		j, _ := s.Local.Journal(name)
+		d := j.Deployed
+		if j.Pending != nil || live != h.Version || d == nil || d.Version != h.Version || d.Serial != h.Serial || d.With != digest {
 			todo = append(todo, name)
+			continue
 		}
+		var rep Served
+		if json.Unmarshal([]byte(said[name]), &rep) != nil || rep.Version != h.Version || rep.Serial != h.Serial || !rep.OK {
+			fine[name] = Served{Version: h.Version, Serial: h.Serial, Wanted: h.Version, OK: true, At: time.Now().UTC()}
+		}
+	}
+	if err := s.report(ctx, fine); err != nil {
+		return err
 	}
 	return s.sync(ctx, todo)
 }
 
-type pulled struct {
-	name  string
-	v     int
-	l     *store.Lineage
-	files store.Files // empty when the version is already on disk
-}
-
-// FinishLocal deploys what this agent left pending when it was killed
-// in the middle of a deploy, from disk and without Redis: the version
-// is in the archive, the journal says what was live before it. It is
-// reported to the fleet when Redis answers; a reconcile catches any
-// newer version after that.
-func (s *Syncer) FinishLocal(ctx context.Context, st *store.Store) {
-	names, err := st.Names()
-	if err != nil {
-		slog.Warn("could not list this node's certificates to finish a pending deploy", "err", err)
+// sweepPace removes, once an hour, the pace budget's fields that hold
+// nothing any more, judged by Let's Encrypt's limits (the defaults):
+// the fleet's budget keeps a field per name it ever ordered.
+func (s *Syncer) sweepPace() {
+	if time.Since(s.swept) < time.Hour {
 		return
 	}
-	var work []*pulled
-	for _, name := range names {
-		status, _ := st.ReadStatus(name)
-		p := status.Pending
-		if p == nil || p.By != pendingByAgent {
-			continue
-		}
-		l, err := st.LoadVersion(name, p.Version)
-		if err != nil {
-			slog.Warn("a pending deploy's certificate is not on disk; the fleet's copy is fetched when Redis answers", "name", name, "version", p.Version, "err", err)
-			continue
-		}
-		work = append(work, &pulled{name: name, v: p.Version, l: l})
-	}
-	if len(work) == 0 {
-		return
-	}
-	slog.Info("finishing the deploy the agent was stopped in", "count", len(work))
-	// Not remembered as reported: the first reconcile, once Redis
-	// answers, finds the version live and tells the fleet.
-	if _, err := s.installLocked(ctx, st, work); err != nil {
-		slog.Warn("could not finish the pending deploy; the reconcile tries again", "err", err)
+	s.swept = time.Now()
+	if n, err := pace.Sweep(PaceStore{Shared: s.N.Shared}, pace.LetsEncrypt, time.Now); err != nil {
+		slog.Debug("could not sweep the fleet's pace budget", "err", err)
+	} else if n > 0 {
+		slog.Debug("swept the fleet's pace budget", "fields", n)
 	}
 }
 
-// pendingByAgent marks the journal entries the agent writes.
-const pendingByAgent = "agent"
-
-// sync brings names to the fleet's version on this node.
+// sync installs the fleet's newest version of names on this node,
+// through one engine run that only installs.
 func (s *Syncer) sync(ctx context.Context, names []string) error {
 	if len(names) == 0 {
 		return nil
 	}
-	got := make([]*pulled, len(names))
-	errs := make([]error, len(names))
-	each(len(names), 8, func(i int) { got[i], errs[i] = s.pull(ctx, names[i]) })
-	for i, err := range errs {
-		if errors.As(err, new(*redis.Unavailable)) {
-			return err
-		}
-		if err != nil {
-			slog.Warn("could not fetch a certificate from the fleet", "name", names[i], "err", err)
-		}
+	jobs := make([]engine.Job, len(names))
+	for i, n := range names {
+		jobs[i] = engine.Job{Lineage: store.Lineage{Name: n}, Stored: true}
 	}
-	var work []*pulled
-	for _, p := range got {
-		if p != nil {
-			work = append(work, p)
-		}
-	}
-	if len(work) == 0 {
-		return nil
-	}
-	return s.install(ctx, work)
-}
-
-// pull fetches and unseals name's bundle, or returns nil when this node
-// already serves it (and has said so), or when a run of this node holds
-// the name's lease (it deploys it itself).
-func (s *Syncer) pull(ctx context.Context, name string) (*pulled, error) {
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if holder, _, err := s.N.Shared.Holder(rctx, name); err != nil {
-		return nil, err
-	} else if strings.HasPrefix(holder, s.N.Name+"/") {
-		return nil, nil // the reconcile after that run picks it up
-	}
-	b, err := s.N.Shared.Bundle(rctx, name)
-	if errors.Is(err, redis.ErrNoBundle) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	l, err := metaOf(b)
-	if err != nil {
-		return nil, err
-	}
-	key, err := s.N.OpenBundleKey(b)
-	if err != nil {
-		return nil, err
-	}
-	return &pulled{name: b.Name, v: b.Version, l: l, files: store.Files{Cert: b.Cert, Chain: b.Chain, Fullchain: b.Fullchain, Key: key}}, nil
-}
-
-// install writes the pulled versions, makes them live and deploys them
-// once, under the node's short write lock, then reports what the node
-// serves.
-func (s *Syncer) install(ctx context.Context, work []*pulled) error {
-	reports, err := s.installLocked(ctx, s.N.Local, work)
+	e := &engine.Engine{Catalog: NewCatalog(s.N), Node: s.node(), Opts: engine.Options{Command: "agent", InstallOnly: true, Concurrency: 8}}
+	plan, err := e.Plan(ctx, jobs)
 	if err != nil {
 		return err
 	}
-	return s.report(ctx, reports)
-}
-
-// installLocked is install's local part, under the write lock: it
-// returns what the node now serves for each name.
-func (s *Syncer) installLocked(ctx context.Context, st *store.Store, work []*pulled) (map[string]Served, error) {
-	lctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	lock, err := st.WriteLock(lctx)
-	cancel()
-	if err != nil {
-		return nil, err
-	}
-	defer lock.Unlock()
-	now := time.Now().UTC()
-	// Each name is written, journalled and made live on its own, eight
-	// at a time: on a joining node's 10,000 lineages the fsyncs of the
-	// atomic store, not the CPU, are the cost, and they overlap.
-	type step struct {
-		change *deploy.Change
-		report *Served
-	}
-	steps := make([]step, len(work))
-	each(len(work), 8, func(i int) {
-		p := work[i]
-		name, v := p.name, p.v
-		l := *p.l
-		l.Deploy = s.Deploy // this node's own
-		fail := func(live int, what string, err error) {
-			steps[i].report = &Served{Version: live, Wanted: v, Error: what + ": " + err.Error(), At: now}
-		}
-		if _, err := st.LoadVersion(name, v); err != nil {
-			if err := st.SaveVersionAt(&l, p.files, v); err != nil {
-				fail(0, "save", err)
-				return
-			}
-		}
-		live, _ := st.LiveVersion(name)
-		status, _ := st.ReadStatus(name)
-		previous := live
-		if status.Pending != nil && status.Pending.Version == v {
-			previous = status.Pending.Previous // a deploy a killed agent left half-done
-		} else if live == v {
-			// Live and not owed a deploy: this node's own run installed
-			// and deployed it, or an earlier agent did and was stopped
-			// before it reported. Nothing to redo, and a redo whose test
-			// failed must never roll back a certificate already served.
-			steps[i].report = &Served{Version: v, Serial: l.Cert.Serial, Wanted: v, OK: true, At: now}
-			return
-		}
-		if err := st.WriteStatus(name, store.Status{Pending: &store.Pending{Version: v, Previous: previous, Since: now, By: pendingByAgent}}); err != nil {
-			fail(live, "journal", err)
-			return
-		}
-		if err := st.Activate(name, v); err != nil {
-			fail(live, "activate", err)
-			return
-		}
-		steps[i].change = &deploy.Change{Name: name, Domains: l.Domains, Serial: l.Cert.Serial, Previous: previous, Deploy: s.Deploy}
-	})
-	reports := map[string]Served{}
-	var changes []deploy.Change
-	var owed []*pulled
-	for i, stp := range steps {
+	res := plan.Execute(ctx)
+	fine := map[string]Served{}
+	for _, it := range res.Items {
 		switch {
-		case stp.report != nil:
-			reports[work[i].name] = *stp.report
-		case stp.change != nil:
-			changes = append(changes, *stp.change)
-			owed = append(owed, work[i])
+		case it.Outcome == engine.NotDue && it.Serial != "":
+			fine[it.Name] = Served{Version: it.Version, Serial: it.Serial, Wanted: it.Version, OK: true, At: time.Now().UTC()}
+		case it.Outcome == engine.Failed && isUnavailable(it.Err()):
+			return it.Err()
+		case it.Outcome == engine.Failed:
+			slog.Warn("could not install a certificate from the fleet", "name", it.Name, "err", it.Error)
 		}
 	}
-	if len(changes) > 0 {
-		results := s.Runner.Run(context.WithoutCancel(ctx), changes)
-		var mu sync.Mutex
-		each(len(results), 8, func(i int) {
-			res, p := results[i], owed[i]
-			name, v := p.name, p.v
-			var r Served
-			if !res.Failed() {
-				st.WriteStatus(name, store.Status{})
-				st.Prune(name, s.keep())
-				r = Served{Version: v, Serial: p.l.Cert.Serial, Wanted: v, OK: true, At: now}
-			} else {
-				msg := strings.Join(strings.Fields(res.Err.Error()), " ")
-				live, _ := st.LiveVersion(name)
-				if res.RolledBack {
-					msg += "; rolled back to the previous certificate"
-					// The journal is cleared: the reconcile retries the
-					// new version itself, and a restart must not
-					// "finish" a deploy that was undone on purpose.
-					st.WriteStatus(name, store.Status{})
-				}
-				r = Served{Version: live, Wanted: v, Error: "deploy: " + msg, At: now}
-				slog.Warn("deploy of a certificate from the fleet failed", "name", name, "version", v, "err", msg)
-			}
-			mu.Lock()
-			reports[name] = r
-			mu.Unlock()
-		})
-		slog.Info("installed certificates from the fleet", "count", len(changes))
+	if n := res.Counts[engine.Deployed]; n > 0 {
+		slog.Info("installed certificates from the fleet", "count", n)
 	}
-	return reports, nil
+	return s.report(ctx, fine)
 }
 
-func (s *Syncer) keep() int {
-	if s.Keep > 0 {
-		return s.Keep
+func isUnavailable(err error) bool { return err != nil && errors.As(err, new(*rdb.Unavailable)) }
+
+// node is this node as the engine installs on it: its own deploy
+// settings for every lineage, the short write lock it shares with the
+// runs of this node, and a report to the fleet after each deploy.
+func (s *Syncer) node() *engine.Node {
+	return &engine.Node{
+		Local:    s.Local,
+		Deploy:   s.Runner,
+		Settings: func(*store.Lineage) store.Deploy { return s.Deploy },
+		Keep:     s.Keep,
+		Lock:     WriteLock(s.Local),
+		Report:   s.served,
 	}
-	return 3
 }
 
-// each runs f(0..n-1) on up to workers goroutines and waits for all.
-func each(n, workers int, f func(i int)) {
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(workers, n) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				f(i)
-			}
-		}()
+// WriteLock is fleet mode's short write lock of st, as engine.Node
+// takes it around each install and deploy.
+func WriteLock(st *store.Store) func(ctx context.Context) (func(), error) {
+	return func(ctx context.Context) (func(), error) {
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+		defer cancel()
+		l, err := st.WriteLock(lctx)
+		if err != nil {
+			return nil, err
+		}
+		return l.Unlock, nil
 	}
-	for i := range n {
-		next <- i
+}
+
+// served reports what an install left this node serving, and notes the
+// certificates in this node's copy of the ledger.
+func (s *Syncer) served(ctx context.Context, out []engine.Served) {
+	m := make(map[string]Served, len(out))
+	for _, sv := range out {
+		m[sv.Name] = Served{Version: sv.Version, Serial: sv.Serial, Wanted: sv.Wanted, OK: sv.OK, Error: sv.Error, At: time.Now().UTC()}
+		if l, err := s.Local.LoadVersion(sv.Name, sv.Wanted); err == nil {
+			s.N.noteIssued(l)
+		}
 	}
-	close(next)
-	wg.Wait()
+	if err := s.report(ctx, m); err != nil {
+		slog.Warn("could not report to the fleet what this node serves; the next reconcile does", "err", err)
+	}
+}
+
+// ReportServed tells the fleet what a run of this node installed: the
+// agent's report, for the node that ordered.
+func ReportServed(n *Node) func(ctx context.Context, out []engine.Served) {
+	s := &Syncer{Local: n.Local, N: n}
+	return s.served
 }
 
 func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
@@ -414,30 +309,186 @@ func (s *Syncer) report(ctx context.Context, reports map[string]Served) error {
 		return nil
 	}
 	out := make(map[string][]byte, len(reports))
-	s.mu.Lock()
 	for name, r := range reports {
-		s.reported[name] = r
 		out[name], _ = json.Marshal(r)
 	}
-	s.mu.Unlock()
+	// A report lost to a pause, a failover or a restart from an older
+	// snapshot is sent again by the next reconcile, which compares what
+	// Redis holds, so fleet status never shows a node behind that is not
+	// (invariant I1).
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return s.N.Shared.SetServed(rctx, s.N.Name, out)
 }
 
-// forget removes lineages the fleet deleted from this node's reports.
-// The certificates stay on disk (a config may still name them) until an
-// operator runs delete on this node.
-func (s *Syncer) forget(ctx context.Context, names []string) {
-	if len(names) == 0 {
+// FinishLocal deploys what a run or this agent left owed when it was
+// killed in the middle of a deploy, from disk and without Redis: an
+// engine run that only installs, over this node's own archive as its
+// catalog. The fleet hears of it at the first reconcile once Redis
+// answers, which also catches any newer version.
+func (s *Syncer) FinishLocal(ctx context.Context) {
+	names, err := s.Local.PendingNames()
+	if err != nil || len(names) == 0 {
+		if err != nil {
+			slog.Warn("could not list this node's owed deploys", "err", err)
+		}
 		return
 	}
-	s.mu.Lock()
-	for _, n := range names {
-		delete(s.reported, n)
+	slog.Info("finishing the deploys this node was stopped in", "count", len(names))
+	jobs := make([]engine.Job, len(names))
+	for i, n := range names {
+		jobs[i] = engine.Job{Lineage: store.Lineage{Name: n}, Stored: true}
 	}
-	s.mu.Unlock()
+	node := s.node()
+	node.Report = nil
+	e := &engine.Engine{Catalog: catalog.NewDir(s.Local), Node: node, Opts: engine.Options{Command: "agent", InstallOnly: true}}
+	if plan, err := e.Plan(ctx, jobs); err == nil {
+		plan.Execute(ctx)
+	}
+}
+
+// forget removes lineages the fleet deleted from this node: off its load
+// balancer, then from its disk with a tombstone (store.Local's Forget).
+// A lineage the load balancer's config still names is kept on disk, so
+// the next reload does not fail, and said so.
+func (s *Syncer) forget(ctx context.Context, names []string) error {
+	if len(names) == 0 {
+		return nil
+	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	tombs, err := s.N.Shared.Tombstones(rctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	unlock, err := WriteLock(s.Local)(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	for _, name := range names {
+		t, ok := tombs[name]
+		if !ok {
+			continue // issued again since
+		}
+		s.forgetOne(ctx, name, store.Tombstone{At: t.At, Fence: t.Fence})
+	}
+	rctx, cancel = context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	s.N.Shared.DelServed(rctx, s.N.Name, names...)
+	return s.N.Shared.DelServed(rctx, s.N.Name, names...)
+}
+
+func (s *Syncer) forgetOne(ctx context.Context, name string, t store.Tombstone) {
+	if l, err := s.Local.Newest(name); err == nil && l.IssuedAt.After(t.At) {
+		return // this node holds a certificate issued after the delete
+	}
+	if s.Remove != nil && s.Local.Exists(name) {
+		managed := map[string]bool{s.Deploy.NginxInclude: s.Deploy.NginxInclude != ""}
+		if refs, err := s.Remove.References(ctx, name, s.Deploy, managed); err == nil && len(refs) > 0 {
+			slog.Error("the fleet deleted this lineage, but this node's load balancer config still uses its files: they are kept until the config stops naming them", "name", name, "file", refs[0].File, "line", refs[0].Line)
+			s.Local.WriteTombstone(name, t)
+			return
+		}
+		if s.Deploy.Target == "nginx" && s.Deploy.NginxInclude != "" {
+			if err := s.Remove.Unlist(ctx, name, s.Deploy, false); err != nil {
+				slog.Error("the fleet deleted this lineage, but nginx failed without its block in the include file: its files are kept", "name", name, "err", err)
+				s.Local.WriteTombstone(name, t)
+				return
+			}
+		}
+		if err := s.Remove.Remove(ctx, name, s.Deploy); err != nil {
+			slog.Warn("could not take a deleted lineage off this node's load balancer", "name", name, "err", err)
+		}
+	}
+	if err := s.Local.Forget(name, t); err != nil {
+		slog.Warn("could not remove a deleted lineage from this node", "name", name, "err", err)
+		return
+	}
+	slog.Info("removed a lineage the fleet deleted", "name", name)
+}
+
+// forgetDeleted compares tombstones both ways: a delete this node missed
+// (it was down) is carried out here, and a tombstone Redis lost is put
+// back from this node's disk.
+func (s *Syncer) forgetDeleted(ctx context.Context) error {
+	tombs, err := s.N.Shared.Tombstones(ctx)
+	if err != nil {
+		return err
+	}
+	var gone []string
+	for name := range tombs {
+		if s.Local.Exists(name) || s.Local.MaxVersion(name) > 0 {
+			gone = append(gone, name)
+		}
+	}
+	local, err := s.Local.Tombstones()
+	if err != nil {
+		return err
+	}
+	for name, t := range local {
+		if rt, ok := tombs[name]; !ok || rt.At.Before(t.At) {
+			if err := s.N.Shared.SeedTombstone(ctx, name, t.Fence, t.At); err != nil {
+				return err
+			}
+		}
+	}
+	return s.forget(ctx, compact(gone))
+}
+
+// giveBack republishes, unfenced, a version this node serves that is
+// newer than what Redis holds: Redis lost the write (a restart from an
+// old snapshot, a failover that dropped it). The version and notBefore
+// rules keep anything newer another node published meanwhile.
+func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error {
+	names, err := s.Local.Names()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		live, err := s.Local.LiveVersion(name)
+		if err != nil || live <= heads[name].Version || s.Local.IsLost(name, live) {
+			continue
+		}
+		if t, _ := s.Local.ReadTombstone(name); t != nil {
+			continue
+		}
+		err = s.N.publishVersion(ctx, name, live)
+		var stale *rdb.ErrStale
+		switch {
+		case err == nil:
+			slog.Warn("the fleet's Redis had lost this node's newest version; published it again", "name", name, "version", live)
+		case errors.As(err, &stale) && (stale.Why == "version" || stale.Why == "older"):
+			// Another node numbered a certificate of its own in the
+			// meantime: this one lost. It goes once the node serves the
+			// fleet's (the reconcile installs it next).
+			slog.Warn("the fleet's Redis had lost this node's newest version, and another node has published since: this node's goes", "name", name, "version", live)
+			if err := s.Local.MarkLost(name, live); err != nil {
+				slog.Warn("could not mark the lost version", "name", name, "err", err)
+			}
+		case isUnavailable(err):
+			return err
+		}
+	}
+	return nil
+}
+
+// NodeDeploy is this node's deploy settings as its agent saved them
+// (<dir>/fleet/deploy.json): runs of this node deploy what they order
+// with them, as the agent would. None saved: the certificate is made
+// live on disk and deployed by the agent when it starts.
+func NodeDeploy(st *store.Store) store.Deploy {
+	var d store.Deploy
+	if data, err := os.ReadFile(filepath.Join(fleetDir(st), "deploy.json")); err == nil {
+		json.Unmarshal(data, &d)
+	}
+	return d
+}
+
+// SaveNodeDeploy records the agent's deploy settings for the runs.
+func SaveNodeDeploy(st *store.Store, d store.Deploy) error {
+	data, _ := json.MarshalIndent(d, "", "  ")
+	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
+		return err
+	}
+	return store.WriteFile(filepath.Join(fleetDir(st), "deploy.json"), append(data, '\n'), 0o600)
 }

@@ -15,7 +15,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/lbcert/lbcert/internal/store/redis"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
 
 // TokenTTL is how long a published HTTP-01 token lives in Redis (and in
@@ -118,7 +118,7 @@ func withRedis(ctx context.Context, before string, f func(context.Context) error
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err := f(cctx)
 		cancel()
-		if err == nil || !errors.As(err, new(*redis.Unavailable)) || time.Now().Add(wait).After(deadline) {
+		if err == nil || !errors.As(err, new(*rdb.Unavailable)) || time.Now().Add(wait).After(deadline) {
 			return err
 		}
 		if wait == 250*time.Millisecond {

@@ -3,7 +3,7 @@
 // exit codes. An error offers a hint by having a HintText() string method
 // anywhere in its chain; hint.Of finds the first one.
 //
-// Only cmd/lbcert turns errors into exit codes (package exit); acme,
+// Only cmd/lbcert turns errors into exit codes (exitCode, its one table); acme,
 // preflight, issuer and the engine return plain wrapped errors, some of
 // them carrying a hint through this package.
 package hint

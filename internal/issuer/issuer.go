@@ -287,8 +287,9 @@ func (is *Issuer) Obtain(ctx context.Context, o Order) (*acme.Result, error) {
 	return res, nil
 }
 
-// RenewalInfo asks the lineage's CA for the ARI window of fullchain.
-func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain []byte) (*acme.RenewalInfo, error) {
+// RenewalInfo asks the lineage's CA for the ARI window of its current
+// certificate.
+func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage) (*acme.RenewalInfo, error) {
 	is.mu.Lock()
 	if is.aris == nil {
 		is.aris = map[string]*ariOnce{}
@@ -304,7 +305,7 @@ func (is *Issuer) RenewalInfo(ctx context.Context, l *store.Lineage, fullchain [
 	if ao.err != nil {
 		return nil, ao.err
 	}
-	return ao.a.RenewalInfo(ctx, fullchain)
+	return ao.a.RenewalInfo(ctx, l.Cert.ARICertID)
 }
 
 // withChallengeHint replaces a generic HTTP-01 hint with one that names
@@ -315,10 +316,23 @@ func withChallengeHint(err error, l store.Lineage) error {
 		return err
 	}
 	names := strings.Join(l.Domains, ", ")
-	if l.Challenge.Mode == "webroot" {
+	switch l.Challenge.Mode {
+	case "webroot":
 		e.Text = fmt.Sprintf("does the web server serve %s/.well-known/acme-challenge/ over plain HTTP on port 80 for %s?", l.Challenge.Webroot, names)
-	} else {
+	case "fleet":
+		e.Text = fmt.Sprintf("does port 80 for %s reach the fleet's nodes, and does each send /.well-known/acme-challenge/ to its 'lbcert agent' (an HAProxy ACL, an nginx proxy_pass)? A node taken out of the fleet answers no token: take it out of the pool too", names)
+	default:
 		e.Text = fmt.Sprintf("does port 80 for %s reach lbcert's listener on %s (for HAProxy, an ACL on path_beg /.well-known/acme-challenge/)?", names, l.Challenge.HTTPAddr)
 	}
 	return err
+}
+
+// Revoke revokes l's current certificate (its PEM in cert) at l's CA,
+// with the account l was issued under.
+func (is *Issuer) Revoke(ctx context.Context, l *store.Lineage, cert []byte, reason uint) error {
+	client, err := is.Client(ctx, l.Server, l.Email)
+	if err != nil {
+		return err
+	}
+	return client.Revoke(cert, reason)
 }

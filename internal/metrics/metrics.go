@@ -11,22 +11,24 @@ package metrics
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
-// Source is what the metrics read of the state.
-type Source interface {
-	Names() ([]string, error)
-	Load(name string) (*store.Lineage, error)
-	ReadStatus(name string) (store.Status, error)
+// Source is what the metrics read of the state: the catalog, and this
+// node's copy (what it serves, what it still owes).
+type Source struct {
+	Catalog catalog.Catalog
+	Local   store.Local
 }
 
 // Budget reports how many new orders an account may still place now.
@@ -35,12 +37,12 @@ type Budget interface {
 }
 
 // Render returns the textfile for the state in src after run res.
-func Render(src Source, res *engine.Result, budget Budget, now time.Time) ([]byte, error) {
+func Render(ctx context.Context, src Source, res *engine.Result, budget Budget, now time.Time) ([]byte, error) {
 	var b bytes.Buffer
 	family := func(name, typ, help string) {
 		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
 	}
-	names, err := src.Names()
+	names, err := src.Catalog.Names(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -52,13 +54,16 @@ func Render(src Source, res *engine.Result, budget Budget, now time.Time) ([]byt
 	}
 	var rows []row
 	for _, n := range names {
-		l, err := src.Load(n)
+		l, err := src.Catalog.Head(ctx, n)
 		if err != nil {
 			continue // a broken lineage is reported by list and the run
 		}
-		st, _ := src.ReadStatus(n)
+		st, _ := src.Catalog.Status(ctx, n)
+		j, _ := src.Local.Journal(n)
+		live, _ := src.Local.LiveVersion(n)
 		d := renewal.Decide(l.Cert, st, now, renewal.Options{ARIOffered: !now.Before(st.ARIUnsupported), Name: n})
-		rows = append(rows, row{name: n, expiry: l.Cert.NotAfter, renewAt: d.At, issued: l.IssuedAt, failures: st.Failures, pending: st.Pending != nil})
+		rows = append(rows, row{name: n, expiry: l.Cert.NotAfter, renewAt: d.At, issued: l.IssuedAt, failures: st.Failures,
+			pending: j.Pending != nil || live != l.Version})
 	}
 	series := func(name, typ, help string, val func(r row) float64) {
 		family(name, typ, help)
@@ -106,8 +111,8 @@ func Render(src Source, res *engine.Result, budget Budget, now time.Time) ([]byt
 }
 
 // Write renders and writes the textfile at path atomically.
-func Write(path string, src Source, res *engine.Result, budget Budget, now time.Time) error {
-	data, err := Render(src, res, budget, now)
+func Write(ctx context.Context, path string, src Source, res *engine.Result, budget Budget, now time.Time) error {
+	data, err := Render(ctx, src, res, budget, now)
 	if err != nil {
 		return err
 	}

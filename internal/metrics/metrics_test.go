@@ -1,7 +1,10 @@
 package metrics
 
 import (
+	"context"
+
 	"bytes"
+	"github.com/lbcert/lbcert/internal/catalog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -37,7 +40,7 @@ func TestTextfile(t *testing.T) {
 		Items: []*engine.Item{{Name: "a.example.com", Outcome: engine.Renewed}, {Name: "b.example.com", Outcome: engine.Failed}}}
 	res.Count()
 	path := filepath.Join(t.TempDir(), "lbcert.prom")
-	if err := Write(path, st, res, fakeBudget{"https://ca.test/dir ops@example.com": 297}, now); err != nil {
+	if err := Write(context.Background(), path, Source{Catalog: catalog.NewDir(st), Local: st}, res, fakeBudget{"https://ca.test/dir ops@example.com": 297}, now); err != nil {
 		t.Fatal(err)
 	}
 	data, err := os.ReadFile(path)

@@ -9,6 +9,7 @@ package names
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 	"unicode"
@@ -63,6 +64,9 @@ func Domain(raw string) (string, error) {
 	name = strings.TrimSuffix(name, ".")
 	if strings.Contains(name, "*") {
 		return "", fmt.Errorf("domain %s: wildcard names need DNS-01 validation, which HTTP-01 cannot do", q)
+	}
+	if err := notAName(name, q); err != nil {
+		return "", err
 	}
 	if looksLikeAddress(name) {
 		return address(name, q)
@@ -165,6 +169,25 @@ func checkLabels(raw, name string, ascii bool) error {
 // rather than a DNS name: it has a colon (IPv6; a DNS name never does),
 // brackets, or only digits and dots with a dot in it. "127.000.000.001"
 // and "10.0.0.0/8" are addresses meant, and refused as such below.
+// notAName refuses what people paste where a name goes, with what to
+// type instead: a URL ("https://shop.example.com/"), or a name or
+// address with a port ("shop.example.com:443"); HTTP-01 is always
+// validated on port 80.
+func notAName(s, q string) error {
+	if _, rest, ok := strings.Cut(s, "://"); ok {
+		host, _, _ := strings.Cut(rest, "/")
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		return fmt.Errorf("domain %s: looks like a URL; give the name alone: -d %s", q, strings.Trim(host, "[]"))
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err == nil && port != "" && strings.Trim(port, "0123456789") == "" {
+		return fmt.Errorf("domain %s: has a port; give the name alone, -d %s (the CA validates HTTP-01 on port 80)", q, host)
+	}
+	return nil
+}
+
 func looksLikeAddress(s string) bool {
 	if strings.ContainsAny(s, ":[]") {
 		return true

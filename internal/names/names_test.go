@@ -48,6 +48,13 @@ func TestDomain(t *testing.T) {
 		{in: "../etc/passwd", err: "path separator"},
 		{in: `a\b.example`, err: "path separator"},
 		{in: "ex$mple.com", err: `character '$'`},
+		// What people paste: a URL, a name or an address with a port.
+		{in: "https://bar.example.com/", err: "looks like a URL; give the name alone: -d bar.example.com"},
+		{in: "http://bar.example.com:8080/x", err: "looks like a URL; give the name alone: -d bar.example.com"},
+		{in: "https://[2001:db8::1]/", err: "looks like a URL; give the name alone: -d 2001:db8::1"},
+		{in: "bar.example.com:443", err: "has a port; give the name alone, -d bar.example.com"},
+		{in: "192.0.2.1:80", err: "has a port; give the name alone, -d 192.0.2.1"},
+		{in: "[2001:db8::1]:443", err: "has a port; give the name alone, -d 2001:db8::1"},
 	}
 	for _, tt := range tests {
 		got, err := Domain(tt.in)

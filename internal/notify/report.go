@@ -14,13 +14,15 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Item is one certificate the run touched, or one it warns about.
 type Item struct {
 	Name        string
 	Domains     []string
-	Outcome     string // "issued", "renewed", "deleted", "failed", or "expiring" for warnings
+	Outcome     string // "issued", "renewed", "deleted", "failed", "deferred", "invalid", or "expiring" for warnings
 	Serial      string
 	OldNotAfter time.Time
 	NewNotAfter time.Time
@@ -28,6 +30,8 @@ type Item struct {
 	Verify      string
 	Error       string
 	Hint        string
+	// NextAttempt is when a deferred or failed one is tried again.
+	NextAttempt time.Time
 	// MailTo are this lineage's own recipients (batch rows carry them);
 	// the global recipients get every item regardless.
 	MailTo []string
@@ -43,6 +47,9 @@ type Report struct {
 	Warnings []Item // certificates past their renewal time, or with under a third of their lifetime left, not renewed
 	Cadence  []Note // certificates the renew schedule runs too seldom for
 	Time     time.Time
+	// Interrupted says a signal stopped the run: what it did is in the
+	// report, and the rest is left for the next run.
+	Interrupted bool
 }
 
 // Note is a warning about one lineage that is not about this run's
@@ -57,7 +64,9 @@ type Note struct {
 // warning, which is when --report changes sends mail. Let's Encrypt no
 // longer mails expiry warnings, so a certificate heading for expiry is
 // news even on a run that changed nothing.
-func (r *Report) Changed() bool { return len(r.Items) > 0 || len(r.Warnings) > 0 || len(r.Cadence) > 0 }
+func (r *Report) Changed() bool {
+	return len(r.Items) > 0 || len(r.Warnings) > 0 || len(r.Cadence) > 0 || r.Interrupted
+}
 
 func (r *Report) counts() map[string]int {
 	c := map[string]int{}
@@ -72,7 +81,10 @@ func (r *Report) counts() map[string]int {
 func (r *Report) Subject() string {
 	c := r.counts()
 	var parts []string
-	for _, k := range []string{"issued", "renewed", "deleted", "failed"} {
+	if r.Interrupted {
+		parts = append(parts, "interrupted")
+	}
+	for _, k := range []string{"issued", "renewed", "deleted", "failed", "deferred", "invalid"} {
 		if c[k] > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d", k, c[k]))
 		}
@@ -96,9 +108,13 @@ func (r *Report) Body() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "lbcert %s on %s at %s\n", r.Command, r.Host, r.Time.UTC().Format(time.RFC3339))
 	fmt.Fprintf(&b, "%s\n", strings.TrimPrefix(r.Subject(), "FAILED "))
+	if r.Interrupted {
+		b.WriteString("\nINTERRUPTED by SIGINT or SIGTERM: what was obtained before the stop is saved and deployed; the rest is left for the next run\n")
+	}
 	items := append([]Item(nil), r.Items...)
-	// Failures first: they are what the reader has to act on.
-	sort.SliceStable(items, func(i, j int) bool { return (items[i].Outcome == "failed") && (items[j].Outcome != "failed") })
+	// What the reader has to act on first: failures, bad input, then
+	// what waits for a later run.
+	sort.SliceStable(items, func(i, j int) bool { return rank(items[i].Outcome) < rank(items[j].Outcome) })
 	for _, it := range items {
 		fmt.Fprintf(&b, "\n%s %s\n", strings.ToUpper(it.Outcome), it.Name)
 		row := func(k, v string) {
@@ -116,6 +132,9 @@ func (r *Report) Body() string {
 		row("serial", it.Serial)
 		row("deploy", it.Deploy)
 		row("verify", it.Verify)
+		if !it.NextAttempt.IsZero() {
+			row("next try", it.NextAttempt.UTC().Format(time.RFC3339))
+		}
 		row("error", it.Error)
 		row("hint", it.Hint)
 	}
@@ -138,6 +157,19 @@ func (r *Report) Body() string {
 	}
 	b.WriteString("\n-- \nlbcert: 'lbcert list' shows every certificate and when it renews.\n")
 	return b.String()
+}
+
+// rank orders a report's items for the reader.
+func rank(outcome string) int {
+	switch outcome {
+	case "failed":
+		return 0
+	case "invalid":
+		return 1
+	case "deferred":
+		return 2
+	}
+	return 3
 }
 
 // Relay is an SMTP server and sender; empty fields fall back to the
@@ -215,4 +247,15 @@ func Group(r *Report, global []string, relay Relay) []Envelope {
 		out = append(out, Envelope{To: k.to, Relay: k.relay, Report: parts[k]})
 	}
 	return out
+}
+
+// Deleted is the report of a delete: the lineage, its last certificate,
+// and whether it was revoked.
+func Deleted(l *store.Lineage, revokedFor string) *Report {
+	item := Item{Name: l.Name, Domains: l.Domains, Outcome: "deleted", Serial: l.Cert.Serial, OldNotAfter: l.Cert.NotAfter,
+		MailTo: l.Mail.To, Relay: Relay{Host: l.Mail.Host, Port: l.Mail.Port, From: l.Mail.From}}
+	if revokedFor != "" {
+		item.Hint = "revoked at the CA (" + revokedFor + ")"
+	}
+	return &Report{Command: "delete", Items: []Item{item}}
 }

@@ -14,6 +14,7 @@ import (
 
 	mail "github.com/wneessen/go-mail"
 
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -113,7 +114,15 @@ func (s *Sender) Send(ctx context.Context, env Envelope) error {
 		}
 		backoff *= 2
 	}
-	return fmt.Errorf("mail to %s through %s failed after %d tries: %s", env.To, server, tries, scrub(err.Error(), set.Password))
+	tried := "1 try"
+	if tries > 1 {
+		tried = fmt.Sprintf("%d tries", tries)
+	}
+	err = fmt.Errorf("mail to %s through %s failed after %s: %s", env.To, server, tried, scrub(err.Error(), set.Password))
+	if strings.Contains(err.Error(), "STARTTLS") && (set.TLS == "" || set.TLS == "starttls") {
+		return hint.Wrap(err, "the relay %s offers no STARTTLS: if it speaks TLS from the first byte (often port 465) use --smtp-tls tls; on a network you trust, --smtp-tls opportunistic (TLS when offered) or none", server)
+	}
+	return err
 }
 
 // tlsAlways says whether mode guarantees TLS before anything is sent

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
@@ -169,5 +170,30 @@ func TestSilentRelayIsBounded(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("cancelling did not end the SMTP session")
+	}
+}
+
+// A relay that offers no STARTTLS, with --smtp-tls's default: the error
+// says so and the hint names --smtp-tls's other modes (issue #26 item
+// 16); "1 try" is singular.
+func TestNoSTARTTLSHintsSMTPTLS(t *testing.T) {
+	relay, err := testenv.StartSMTPWithoutTLS(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Stop()
+	s := &Sender{Now: time.Now, Settings: Settings{Host: relay.Host, Port: relay.Port, From: "lbcert@example.com", TLS: "starttls", Tries: 1}}
+	rep := &Report{Host: "lb1", Command: "renew", Time: time.Now()}
+	err = s.Send(context.Background(), Envelope{To: "ops@example.com", Report: rep})
+	if err == nil || !strings.Contains(err.Error(), "STARTTLS") || !strings.Contains(err.Error(), "after 1 try:") {
+		t.Fatalf("err = %v", err)
+	}
+	if h := hint.Of(err); !strings.Contains(h, "--smtp-tls tls") || !strings.Contains(h, "opportunistic") {
+		t.Fatalf("hint = %q", h)
+	}
+	// The same relay with --smtp-tls opportunistic takes the mail.
+	s.Settings.TLS = "opportunistic"
+	if err := s.Send(context.Background(), Envelope{To: "ops@example.com", Report: rep}); err != nil || len(relay.Messages()) != 1 {
+		t.Fatalf("opportunistic: %v, %d messages", err, len(relay.Messages()))
 	}
 }

@@ -322,19 +322,27 @@ func (b *Budget) reserve(k Key, o Order) error {
 	if worst != nil {
 		return worst
 	}
+	b.take(k, o, now)
+	return b.maybeSave(now)
+}
+
+// take takes order o's tokens: a new order from the account, a
+// certificate from each registered domain (unless a renewal) and one
+// from the exact set of names.
+func (b *Budget) take(k Key, o Order, now time.Time) {
+	lo, ld, ls := b.limit(k.Server, ScopeAccount), b.limit(k.Server, ScopeDomain), b.limit(k.Server, ScopeExactSet)
 	if lo.N > 0 {
-		b.st.Orders[account] = b.st.Orders[account].take(lo, now)
+		b.st.Orders[k.account()] = b.st.Orders[k.account()].take(lo, now)
 	}
 	if ld.N > 0 && !o.Renewal {
-		for _, d := range domains {
+		for _, d := range registered(o.Names) {
 			b.st.Domains[k.Server+" "+d] = b.st.Domains[k.Server+" "+d].take(ld, now)
 		}
 	}
-	if ls.N > 0 {
+	if setKey := k.Server + " " + exactSet(o.Names); ls.N > 0 {
 		b.st.Sets[setKey] = b.st.Sets[setKey].take(ls, now)
 	}
 	b.dirty = true
-	return b.maybeSave(now)
 }
 
 func (b *Budget) maybeSave(now time.Time) error {

@@ -239,3 +239,32 @@ func TestCheckProfileNames(t *testing.T) {
 		}
 	}
 }
+
+// An order the budget granted but that never reached the CA (a fleet's
+// ledger refused it) gives everything back: its new-orders token, and
+// an ARI renewal its once-per-certificate exemption.
+func TestUnreserveGivesEverythingBack(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	l := LetsEncrypt
+	l.Orders = Limit{N: 2, Per: time.Hour}
+	b, _ := Open(t.TempDir(), l, c.now)
+	o := Order{Names: []string{"a.example.com"}}
+	for range 5 {
+		if err := b.Reserve(acct, o); err != nil {
+			t.Fatalf("reserve after unreserves: %v", err)
+		}
+		if err := b.Unreserve(acct, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ari := Order{Names: []string{"b.example.com"}, Replaces: "aki.serial", Renewal: true}
+	if err := b.Reserve(acct, ari); err != nil {
+		t.Fatal(err)
+	}
+	b.Unreserve(acct, ari)
+	b.Reserve(acct, Order{Names: []string{"c.example.com"}})
+	b.Reserve(acct, Order{Names: []string{"d.example.com"}}) // the new-orders budget is spent now
+	if err := b.Reserve(acct, ari); err != nil {
+		t.Fatalf("the ARI exemption was not given back: %v", err)
+	}
+}

@@ -201,6 +201,27 @@ func (b *Budget) Refund(k Key, o Order) error {
 	return b.do(b.fieldsFor(k, o, ""), func() error { return b.refund(k, o) })
 }
 
+// Unreserve undoes a Reserve whose order never reached the CA (a
+// fleet's issuance ledger refused it after the budget granted it): the
+// new-orders token goes back too, and an ARI order its exemption, since
+// the CA saw nothing.
+func (b *Budget) Unreserve(k Key, o Order) error {
+	return b.do(b.fieldsFor(k, o, ""), func() error {
+		if o.Replaces != "" {
+			delete(b.st.ARIUsed, o.Replaces)
+			b.dirty = true
+			return b.maybeSave(b.Now())
+		}
+		if l := b.limit(k.Server, ScopeAccount); l.N > 0 {
+			if bk, ok := b.st.Orders[k.account()]; ok {
+				now := b.Now()
+				b.st.Orders[k.account()] = bucket{Tokens: min(bk.level(l, now)+1, float64(l.N)), At: now, Drained: bk.Drained}
+			}
+		}
+		return b.refund(k, o)
+	})
+}
+
 func (b *Budget) refund(k Key, o Order) error {
 	now := b.Now()
 	give := func(m map[string]bucket, key string, l Limit) {

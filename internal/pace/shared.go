@@ -147,3 +147,37 @@ func timesOf(st *state, m string) map[string]time.Time {
 	}
 	return st.Blocked
 }
+
+// Lister is a Shared that can list its fields.
+type Lister interface {
+	Shared
+	Fields() ([]string, error)
+}
+
+// Sweep removes the fields of a shared budget that hold nothing any
+// more (a bucket refilled, a block or an ARI record past its time): the
+// budget keeps a field per account, domain, name and set it has seen,
+// and a fleet of 100,000 lineages would otherwise keep them all
+// forever. A field that an order touches is pruned there too; this is
+// for the ones no order touches again. It returns how many went.
+func Sweep(sh Lister, l Limits, now func() time.Time) (int, error) {
+	fields, err := sh.Fields()
+	if err != nil {
+		return 0, err
+	}
+	b := OpenShared(sh, l, now)
+	gone := 0
+	for start := 0; start < len(fields); start += 200 {
+		chunk := fields[start:min(start+200, len(fields))]
+		err := b.do(chunk, func() error { return nil })
+		if err != nil {
+			return gone, err
+		}
+		for _, f := range chunk {
+			if encodeField(&b.st, f) == nil {
+				gone++
+			}
+		}
+	}
+	return gone, nil
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/hint"
 	lbnames "github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/secret"
 )
 
 // Responder is where a token is put for the route check: the same
@@ -171,29 +172,7 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 		resolverName = "--resolver " + c.Resolver
 	}
 	var dialed string // the address the name resolved to, once it did
-	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	tr := &http.Transport{
-		// The CA does not check the certificate of an HTTPS redirect
-		// target, so neither does this check.
-		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			host, p, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			ips, err := res.LookupNetIP(ctx, "ip4", host)
-			if err != nil || len(ips) == 0 {
-				ips, err = res.LookupNetIP(ctx, "ip", host)
-			}
-			if err != nil {
-				return nil, &dnsFailure{host: host, why: dnsErr(err)}
-			}
-			dialed = net.JoinHostPort(ips[0].Unmap().String(), p)
-			return dialer.DialContext(ctx, network, dialed)
-		},
-	}
-	client := &http.Client{Transport: tr}
+	client := &http.Client{Transport: transport(res, &dialed)}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("User-Agent", "lbcert-preflight")
 	route := fmt.Sprintf("the CA will fetch http://%s:%d%s<token>: route that path to lbcert (HAProxy: an ACL on path_beg %s; nginx: a location serving the webroot); if this host cannot reach its own public address, pass --preflight=false",
@@ -215,7 +194,7 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 			where = dialed
 		}
 		return hint.Errorf(fmt.Sprintf("%s resolved to %s, and nothing answered there on port %d: check the firewall and that the load balancer listens on it.%s", name, where, port, listener),
-			"pre-flight HTTP %s: %s", name, flatten(err))
+			"pre-flight HTTP %s: %s", name, secret.OneLine(err))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
@@ -233,10 +212,35 @@ func (c *Checker) HTTP(ctx context.Context, name string, r Responder) error {
 	return nil
 }
 
+// transport fetches as the CA does: names resolved by res (IPv4 first),
+// the address it dialed put in dialed.
+func transport(res *net.Resolver, dialed *string) *http.Transport {
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	return &http.Transport{
+		// The CA does not check the certificate of an HTTPS redirect
+		// target, so neither does this check.
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			host, p, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			ips, err := res.LookupNetIP(ctx, "ip4", host)
+			if err != nil || len(ips) == 0 {
+				ips, err = res.LookupNetIP(ctx, "ip", host)
+			}
+			if err != nil {
+				return nil, &dnsFailure{host: host, why: dnsErr(err)}
+			}
+			*dialed = net.JoinHostPort(ips[0].Unmap().String(), p)
+			return dialer.DialContext(ctx, network, *dialed)
+		},
+	}
+}
+
 func randomToken() string {
 	b := make([]byte, 24)
 	rand.Read(b)
 	return base64.RawURLEncoding.EncodeToString(b)
 }
-
-func flatten(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }

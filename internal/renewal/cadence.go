@@ -2,6 +2,7 @@ package renewal
 
 import (
 	"fmt"
+	"log/slog"
 	"slices"
 	"time"
 
@@ -51,4 +52,37 @@ func roundGap(d time.Duration) string {
 		return fmt.Sprintf("%.0fh", d.Hours())
 	}
 	return d.Round(time.Minute).String()
+}
+
+// RunLog is where a host keeps its renew runs: the state directory.
+type RunLog interface {
+	Runs() []time.Time
+	RecordRun(at time.Time) error
+	CadenceWarnedAt() time.Time
+	MarkCadenceWarned(at time.Time) error
+}
+
+// Cadence is the schedule as it really runs, for a renew run at now: the
+// longest gap between the recorded runs and this one (0 when warned in
+// the last day, since cron mails every run that prints). A scheduled
+// run (cron's renew over every lineage) is recorded; a hand-typed
+// renew --name would hide the real gaps between cron's.
+func Cadence(log RunLog, now time.Time, scheduled bool) time.Duration {
+	var gap time.Duration
+	if now.Sub(log.CadenceWarnedAt()) >= 23*time.Hour {
+		gap = RunGap(log.Runs(), now)
+	}
+	if scheduled {
+		if err := log.RecordRun(now); err != nil {
+			slog.Warn("could not record this renew run", "err", err)
+		}
+	}
+	return gap
+}
+
+// Warned records that the run warned about the schedule at now.
+func Warned(log RunLog, now time.Time) {
+	if err := log.MarkCadenceWarned(now); err != nil {
+		slog.Warn("could not record the schedule warning", "err", err)
+	}
 }

@@ -17,6 +17,7 @@
 package renewal
 
 import (
+	"fmt"
 	"hash/fnv"
 	"math/rand/v2"
 	"time"
@@ -214,4 +215,40 @@ func Failed(st store.Status, err string, now time.Time) store.Status {
 // InBackoff reports whether a failed lineage must wait at now.
 func InBackoff(st store.Status, now time.Time) bool {
 	return st.Failures > 0 && now.Before(st.NextAttempt)
+}
+
+// Words says which rule made a certificate due, for a person.
+func (r Reason) Words() string {
+	switch r {
+	case ARI:
+		return "the CA's renewal window (ARI)"
+	case ARIPast:
+		return "the CA's renewal window had passed"
+	case Lifetime:
+		return "the lifetime rule"
+	case Days:
+		return "fewer days left than --days"
+	case Critical:
+		return "under a twentieth of its lifetime left"
+	case Forced:
+		return "--force"
+	}
+	return string(r) // expired, new, names changed, ...
+}
+
+// TimeLeft is a certificate's remaining life in words: days, or hours
+// and minutes for the short ones (step-ca's 24-hour default read "0
+// days" when just issued).
+func TimeLeft(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%d days", int(d.Hours()/24))
+	case d >= 2*time.Hour:
+		return fmt.Sprintf("%d hours", int(d.Hours()))
+	case d >= 2*time.Minute:
+		return fmt.Sprintf("%d minutes", int(d.Minutes()))
+	case d > 0:
+		return "under 2 minutes"
+	}
+	return "expired"
 }

@@ -105,3 +105,13 @@ func Scrub(s string) string {
 	}
 	return s
 }
+
+// OneLine is err's text on one line (a CA's multi-line problem detail,
+// a hook's output) without any known secret: the one way lbcert
+// flattens an error for a status file, a report, a mail or stderr.
+func OneLine(err error) string {
+	if err == nil {
+		return ""
+	}
+	return Scrub(strings.Join(strings.Fields(err.Error()), " "))
+}

@@ -2,6 +2,7 @@ package secret
 
 import (
 	"encoding/base64"
+	"errors"
 	"strings"
 	"testing"
 )
@@ -39,5 +40,18 @@ func TestScrub(t *testing.T) {
 	}
 	if out := Scrub("nothing to see"); out != "nothing to see" {
 		t.Errorf("Scrub changed clean text: %q", out)
+	}
+}
+
+// OneLine flattens and scrubs in one step, so no caller can do one and
+// forget the other.
+func TestOneLine(t *testing.T) {
+	Add("hunter2-redis")
+	err := errors.New("dial redis://:hunter2-redis@10.0.0.1:6379:\n  connection   refused")
+	if got := OneLine(err); got != "dial redis://:[secret]@10.0.0.1:6379: connection refused" {
+		t.Errorf("OneLine = %q", got)
+	}
+	if OneLine(nil) != "" {
+		t.Error("OneLine(nil) is not empty")
 	}
 }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/json"
 	"errors"
 	"io/fs"
 	"net/url"
@@ -64,13 +65,26 @@ func (s *Store) WriteAccountKey(server, email string, key []byte) error {
 	return WriteFile(filepath.Join(dir, AccountKeyFile), key, 0o600)
 }
 
-// WriteAccount saves the registration JSON.
+// WriteAccount saves the registration JSON, and beside it which server
+// and email it is for (the directory names are not reversible), so that
+// a fleet node can give every account it holds back to a rebuilt Redis.
 func (s *Store) WriteAccount(server, email string, reg []byte) error {
 	dir := s.AccountDir(server, email)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
+	who, _ := json.Marshal(accountWho{Server: server, Email: email})
+	if err := WriteFile(filepath.Join(dir, accountWhoFile), who, 0o600); err != nil {
+		return err
+	}
 	return WriteFile(filepath.Join(dir, AccountFile), reg, 0o600)
+}
+
+const accountWhoFile = "account-for.json"
+
+type accountWho struct {
+	Server string `json:"server"`
+	Email  string `json:"email"`
 }
 
 // serverDirName turns a directory URL into one readable path element:
@@ -109,4 +123,35 @@ func (s *Store) RemoveAccount(server, email string) error {
 		return err
 	}
 	return nil
+}
+
+// AccountList lists (server, email) of every registered account in the
+// state directory, as its account.json records them.
+func (s *Store) AccountList() ([][2]string, error) {
+	servers, err := os.ReadDir(filepath.Join(s.Dir, "accounts"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out [][2]string
+	for _, sv := range servers {
+		emails, _ := os.ReadDir(filepath.Join(s.Dir, "accounts", sv.Name()))
+		for _, em := range emails {
+			dir := filepath.Join(s.Dir, "accounts", sv.Name(), em.Name())
+			data, err := os.ReadFile(filepath.Join(dir, accountWhoFile))
+			if err != nil {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(dir, AccountFile)); err != nil {
+				continue
+			}
+			var who accountWho
+			if json.Unmarshal(data, &who) == nil && who.Server != "" {
+				out = append(out, [2]string{who.Server, who.Email})
+			}
+		}
+	}
+	return out, nil
 }

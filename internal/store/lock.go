@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // ErrLocked is returned when another process holds the state directory.
@@ -103,6 +106,26 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 	return &Lock{f: dir}, nil
 }
 
+// Held reports, writing nothing, whether another process holds the
+// state directory's lock: a *LockedError, or nil (also when there is no
+// directory yet). A command that finds a port busy asks it, so that a
+// second run of the same command says "locked", not "port in use".
+func (s *Store) Held() error {
+	dir, err := os.OpenFile(s.Dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil
+	}
+	defer dir.Close()
+	if err := syscall.Flock(int(dir.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return &LockedError{Path: s.Dir, PID: readPIDFile(filepath.Join(s.Dir, LockFile))}
+		}
+		return nil
+	}
+	syscall.Flock(int(dir.Fd()), syscall.LOCK_UN)
+	return nil
+}
+
 func readPIDFile(path string) int {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
@@ -161,4 +184,33 @@ func (s *Store) WriteLock(ctx context.Context) (*Lock, error) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// Take takes the state directory's lock for a command, waiting up to
+// wait for it (not at all when wait is 0). Another holder is a
+// *LockedError whose hint says what to do; a directory lbcert cannot use
+// says so (DirError).
+func (s *Store) Take(ctx context.Context, wait time.Duration) (*Lock, error) {
+	if wait <= 0 {
+		l, err := s.TryLock()
+		if errors.Is(err, ErrLocked) {
+			return nil, hint.Wrap(err, "wait for the other run to finish, or pass --wait-lock; the lock is released when it exits, even if it is killed")
+		}
+		return l, DirError(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	l, err := s.WaitLock(wctx)
+	if errors.Is(err, ErrLocked) {
+		return nil, fmt.Errorf("%w; waited %s", err, wait)
+	}
+	return l, DirError(err)
+}
+
+// DirError explains a state directory lbcert cannot use; nil stays nil.
+func DirError(err error) error {
+	if errors.Is(err, fs.ErrPermission) {
+		return hint.Wrap(err, "run lbcert as root (the default --dir /etc/lbcert is root's), or pass --dir (or set LBCERT_DIR) to a directory you can write")
+	}
+	return err
 }

@@ -1,22 +1,27 @@
 package store
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/names"
 )
 
 // Status is what renew learns between runs about a lineage: the ARI
-// window and the moment picked in it, and the failure backoff. It lives
-// in <dir>/renewal/<name>.json, apart from the versioned lineage, because
-// it changes without a new certificate. Losing it loses nothing that
-// matters: renew asks ARI again and starts the backoff afresh.
+// window and the moment picked in it, and the failure backoff. It is
+// the catalog's (shared by a fleet); on one host it lives in
+// <dir>/renewal/<name>.json beside this node's Journal, apart from the
+// versioned lineage, because it changes without a new certificate.
+// Losing it loses nothing that matters: renew asks ARI again and starts
+// the backoff afresh.
 type Status struct {
 	// ARI (RFC 9773) for the certificate with serial ARISerial.
 	ARISerial      string    `json:"ari_serial,omitempty"`
@@ -32,16 +37,22 @@ type Status struct {
 	LastAttempt time.Time `json:"last_attempt,omitzero"`
 	NextAttempt time.Time `json:"next_attempt,omitzero"`
 
-	// Pending is a version that was obtained and saved but is not known
-	// to be deployed: written before live/ is switched to it, cleared
-	// once the load balancer serves it. A run that finds one deploys it
-	// instead of ordering again (a failed deploy must not burn the CA's
-	// five-per-week limit on the same names).
-	Pending *Pending `json:"pending,omitempty"`
-
 	// WarnedAt is when a report last warned that this certificate is
 	// heading for expiry unrenewed: at most one such warning a day.
 	WarnedAt time.Time `json:"warned_at,omitzero"`
+}
+
+// Journal is what this node owes and has done for a lineage (see Local).
+type Journal struct {
+	// Pending is a version that was obtained or fetched and made live
+	// (or is about to be) but is not known to be deployed: written
+	// before live/ is switched to it, cleared once the load balancer
+	// serves it. A run that finds one deploys it instead of ordering
+	// again (a failed deploy must not burn the CA's five-per-week limit
+	// on the same names).
+	Pending *Pending `json:"pending,omitempty"`
+	// Deployed is the version this node last deployed, and with what.
+	Deployed *Deployed `json:"deployed,omitempty"`
 }
 
 // Pending is a deploy still owed.
@@ -50,46 +61,80 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
-	// By is who owes the deploy: "agent" when the fleet agent wrote it
-	// (it finishes its own from disk when it restarts, Redis or not);
-	// empty for a run, whose next run finishes it.
-	By string `json:"by,omitempty"`
+	// PID is the process that journalled it: while that process runs,
+	// another process of the node leaves the deploy to it.
+	PID int `json:"pid,omitempty"`
+}
+
+// Deployed is the last successful deploy of a lineage on this node.
+type Deployed struct {
+	Version int       `json:"version"`
+	Serial  string    `json:"serial"`
+	With    string    `json:"with"` // DeployDigest of the settings used
+	At      time.Time `json:"at"`
+}
+
+// DeployDigest names a set of deploy settings: a node whose settings
+// changed redeploys what it already serves.
+func DeployDigest(d Deploy) string {
+	data, _ := json.Marshal(d)
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:8])
+}
+
+// record is the file <dir>/renewal/<name>.json: the status and this
+// node's journal side by side (the format of earlier releases, whose
+// "pending" key is the journal's).
+type record struct {
+	Status
+	Journal
 }
 
 func (s *Store) statusPath(name string) string {
 	return filepath.Join(s.Dir, "renewal", name+".json")
 }
 
-// ReadStatus returns the status of lineage name, or a zero Status when
-// there is none yet. A corrupt file counts as none, for the reason above.
-func (s *Store) ReadStatus(name string) (Status, error) {
-	var st Status
+// recordLocks serialises the read-modify-write of one record by the
+// workers of this process: the status and the journal of one lineage
+// are written by different steps.
+var recordLocks sync.Map // path -> *sync.Mutex
+
+func (s *Store) lockRecord(name string) func() {
+	v, _ := recordLocks.LoadOrStore(s.statusPath(name), &sync.Mutex{})
+	m := v.(*sync.Mutex)
+	m.Lock()
+	return m.Unlock
+}
+
+// readRecord returns the record of name, or a zero one when there is
+// none. A corrupt file counts as none, for the reason Status gives.
+func (s *Store) readRecord(name string) (record, error) {
+	var r record
 	if err := names.Lineage(name); err != nil {
-		return st, err
+		return r, err
 	}
 	data, err := os.ReadFile(s.statusPath(name))
 	if errors.Is(err, fs.ErrNotExist) {
-		return st, nil
+		return r, nil
 	}
 	if err != nil {
-		return st, err
+		return r, err
 	}
-	if json.Unmarshal(data, &st) != nil {
-		return Status{}, nil
+	if json.Unmarshal(data, &r) != nil {
+		return record{}, nil
 	}
-	return st, nil
+	return r, nil
 }
 
-// WriteStatus saves the status of lineage name atomically.
-func (s *Store) WriteStatus(name string, st Status) error {
-	if err := names.Lineage(name); err != nil {
-		return err
+func (s *Store) writeRecord(name string, r record) error {
+	if r == (record{}) {
+		return s.removeRecord(name)
 	}
 	dir := filepath.Join(s.Dir, "renewal")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	data, err := json.MarshalIndent(st, "", "  ")
+	data, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err
 	}
@@ -99,11 +144,97 @@ func (s *Store) WriteStatus(name string, st Status) error {
 	return nil
 }
 
-// RemoveStatus deletes the status of lineage name, if any.
-func (s *Store) RemoveStatus(name string) error {
+// ReadStatus returns the status of lineage name (zero when none).
+func (s *Store) ReadStatus(name string) (Status, error) {
+	r, err := s.readRecord(name)
+	return r.Status, err
+}
+
+// WriteStatus saves the status of lineage name atomically, keeping its
+// journal.
+func (s *Store) WriteStatus(name string, st Status) error {
+	if err := names.Lineage(name); err != nil {
+		return err
+	}
+	defer s.lockRecord(name)()
+	r, err := s.readRecord(name)
+	if err != nil {
+		return err
+	}
+	r.Status = st
+	return s.writeRecord(name, r)
+}
+
+// Journal returns this node's journal of lineage name (zero when none).
+func (s *Store) Journal(name string) (Journal, error) {
+	r, err := s.readRecord(name)
+	return r.Journal, err
+}
+
+// SetJournal saves the journal of lineage name atomically, keeping its
+// status.
+func (s *Store) SetJournal(name string, j Journal) error {
+	if err := names.Lineage(name); err != nil {
+		return err
+	}
+	defer s.lockRecord(name)()
+	r, err := s.readRecord(name)
+	if err != nil {
+		return err
+	}
+	r.Journal = j
+	return s.writeRecord(name, r)
+}
+
+// removeRecord deletes the record of lineage name, if any.
+func (s *Store) removeRecord(name string) error {
 	err := os.Remove(s.statusPath(name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	return err
+}
+
+// Pending lists the lineages whose journal owes a deploy: what a
+// restarted fleet agent finishes from disk before Redis answers.
+func (s *Store) PendingNames() ([]string, error) {
+	return s.recordNames(func(name string) bool {
+		j, err := s.Journal(name)
+		return err == nil && j.Pending != nil
+	})
+}
+
+// FailedNames lists the names with failures on record and no lineage:
+// names whose first order failed, which list shows as never issued.
+func (s *Store) FailedNames() ([]string, error) {
+	return s.recordNames(func(name string) bool {
+		st, err := s.ReadStatus(name)
+		return err == nil && st.Failures > 0 && !s.Exists(name)
+	})
+}
+
+// recordNames lists the names with a record that keep says to keep.
+func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(s.Dir, "renewal"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		name, ok := cutSuffix(e.Name(), ".json")
+		if ok && names.Lineage(name) == nil && keep(name) {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+func cutSuffix(s, suffix string) (string, bool) {
+	if len(s) > len(suffix) && s[len(s)-len(suffix):] == suffix {
+		return s[:len(s)-len(suffix)], true
+	}
+	return s, false
 }

@@ -89,6 +89,14 @@ type Deploy struct {
 	// VerifyRoots is a PEM file of roots the served chain must verify
 	// to (with the name or address checked), beside the serial check.
 	VerifyRoots string `json:"verify_roots,omitempty"`
+	// NginxInclude is a file lbcert writes and keeps current for
+	// "include FILE;" in nginx's http block: one server block per live
+	// lineage of the state directory, with all its names and literal
+	// certificate paths, each including NginxServerBody (the operator's
+	// listen lines and locations). Empty: nginx's config is the
+	// operator's alone.
+	NginxInclude    string `json:"nginx_include,omitempty"`
+	NginxServerBody string `json:"nginx_server_body,omitempty"`
 }
 
 // Mail is a lineage's own report recipients and relay (seed 004's
@@ -211,24 +219,21 @@ func (s *Store) readMeta(name, path string) (*Lineage, error) {
 	return &l, nil
 }
 
-// UpdateMeta rewrites the metadata of the live version of l.Name in
+// UpdateMeta rewrites the metadata of version l.Version of l.Name in
 // place, atomically, keeping its certificate: new deploy, mail or
-// challenge settings for a certificate that is not due. l.Version must
-// be the live version.
+// challenge settings for a certificate that is not due. The version
+// need not be live: one whose deploy is still owed takes new settings
+// too.
 func (s *Store) UpdateMeta(l *Lineage) error {
-	live, err := s.LiveVersion(l.Name)
-	if err != nil {
+	if _, err := s.LoadVersion(l.Name, l.Version); err != nil {
 		return err
-	}
-	if live != l.Version {
-		return fmt.Errorf("lineage %q: version %d is not the live one (%d)", l.Name, l.Version, live)
 	}
 	l.Format = FormatVersion
 	meta, err := json.MarshalIndent(l, "", "  ")
 	if err != nil {
 		return err
 	}
-	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(live), MetaFile), append(meta, '\n'), 0o644)
+	return WriteFile(filepath.Join(s.ArchiveDir(l.Name), strconv.Itoa(l.Version), MetaFile), append(meta, '\n'), 0o644)
 }
 
 // realDir makes sure path is a directory of its own, creating it (0700)
@@ -413,23 +418,6 @@ func (s *Store) MaxVersionBelow(name string, v int) int {
 	return best
 }
 
-// SaveVersionAt is SaveVersion with the version number chosen by the
-// caller: a fleet numbers versions fleet-wide, and a node keeps the
-// fleet's numbers. It fails if that version exists already.
-func (s *Store) SaveVersionAt(l *Lineage, files Files, version int) error {
-	if err := names.Lineage(l.Name); err != nil {
-		return err
-	}
-	if version < 1 {
-		return fmt.Errorf("lineage %q: version %d", l.Name, version)
-	}
-	if _, err := os.Stat(filepath.Join(s.Dir, "archive", l.Name, strconv.Itoa(version))); err == nil {
-		return fmt.Errorf("lineage %q: version %d exists already", l.Name, version)
-	}
-	_, err := s.saveAt(l, files, version)
-	return err
-}
-
 func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 	archive := filepath.Join(s.Dir, "archive", l.Name)
 	live := filepath.Join(s.Dir, "live")
@@ -515,7 +503,10 @@ func (s *Store) Deactivate(name string) error {
 		return err
 	}
 	err := os.Remove(filepath.Join(s.Dir, "live", name))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // never live here: nothing to make durable
+	}
+	if err != nil {
 		return err
 	}
 	return syncDir(filepath.Join(s.Dir, "live"))
@@ -530,7 +521,7 @@ func (s *Store) Delete(name string) error {
 	if err := os.RemoveAll(filepath.Join(s.Dir, "archive", name)); err != nil {
 		return err
 	}
-	return s.RemoveStatus(name)
+	return s.removeRecord(name)
 }
 
 // Rollback makes version previous live again, or removes the lineage from
@@ -599,7 +590,8 @@ func (s *Store) Prune(name string, keep int, protect ...int) ([]int, error) {
 	}
 	var removed []int
 	for i, v := range versions {
-		if len(versions)-i <= keep || keepSet[v] {
+		lost := s.IsLost(name, v)
+		if (len(versions)-i <= keep && !lost) || keepSet[v] {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(s.ArchiveDir(name), strconv.Itoa(v))); err != nil {

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -277,5 +278,26 @@ func TestRecordRuns(t *testing.T) {
 	runs := s.Runs()
 	if len(runs) != keepRuns || !runs[0].Equal(t0.Add(2*time.Hour)) || !runs[len(runs)-1].Equal(t0.Add(9*time.Hour)) {
 		t.Fatalf("runs %v", runs)
+	}
+}
+
+// A version whose number the catalog gave to another certificate goes at
+// the next prune once it is not live, whatever the keep count.
+func TestPruneRemovesLostVersions(t *testing.T) {
+	s := New(t.TempDir())
+	for i := range 3 {
+		if _, _, err := s.Save(lineage("lost.test", fmt.Sprint(i)), files(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.MarkLost("lost.test", 2); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkLost("lost.test", 3); err != nil { // live: kept until another is live
+		t.Fatal(err)
+	}
+	removed, err := s.Prune("lost.test", 3)
+	if err != nil || len(removed) != 1 || removed[0] != 2 {
+		t.Fatalf("removed %v, %v; want [2]", removed, err)
 	}
 }

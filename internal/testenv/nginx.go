@@ -36,7 +36,17 @@ func NginxConfig(prefix, servers string) string {
 	if os.Geteuid() == 0 {
 		// Workers would drop to nobody and could not read test files
 		// under a 0700 temporary directory.
-		user = "user root;"
+		user = "root"
+	}
+	return NginxConfigAs(prefix, user, servers)
+}
+
+// NginxConfigAs is NginxConfig with nginx's workers running as user
+// ("nobody nogroup", as production runs them; "" for nginx's default),
+// while the master stays root and reads certificates and keys.
+func NginxConfigAs(prefix, user, servers string) string {
+	if user != "" {
+		user = "user " + user + ";"
 	}
 	return fmt.Sprintf(`%s
 worker_processes 1;

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -30,10 +29,9 @@ type Pebble struct {
 	// lbcert --resolver for pre-flight checks that see what the CA sees.
 	DNSAddr string
 
-	dnsMgmt string
-
-	pebble, dns *proc
-	startCA     func() error
+	dns     *challDNS
+	pebble  *proc
+	startCA func() error
 }
 
 // PebbleOptions tune a Pebble instance.
@@ -60,17 +58,13 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 	if err != nil {
 		return nil, err
 	}
-	dnsBin, err := Tool("pebble-challtestsrv")
-	if err != nil {
-		return nil, err
-	}
-	ports := make([]int, 5)
+	ports := make([]int, 3)
 	for i := range ports {
 		if ports[i], err = FreePort(); err != nil {
 			return nil, err
 		}
 	}
-	acmePort, mgmtPort, dnsPort, dnsMgmtPort, tlsPort := ports[0], ports[1], ports[2], ports[3], ports[4]
+	acmePort, mgmtPort, tlsPort := ports[0], ports[1], ports[2]
 	if o.HTTPPort == 0 {
 		if o.HTTPPort, err = FreePort(); err != nil {
 			return nil, err
@@ -104,27 +98,19 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 	if err := os.WriteFile(cfgPath, data, 0o644); err != nil {
 		return nil, err
 	}
+	dns, err := startChallDNS(o.Dir)
+	if err != nil {
+		return nil, err
+	}
 	p := &Pebble{
 		DirectoryURL: fmt.Sprintf("https://127.0.0.1:%d/dir", acmePort),
 		CABundle:     filepath.Join(certs, "minica.pem"),
 		HTTPPort:     o.HTTPPort,
 		MgmtURL:      fmt.Sprintf("https://127.0.0.1:%d", mgmtPort),
-		DNSAddr:      fmt.Sprintf("127.0.0.1:%d", dnsPort),
-		dnsMgmt:      fmt.Sprintf("http://127.0.0.1:%d", dnsMgmtPort),
+		DNSAddr:      dns.addr,
+		dns:          dns,
 	}
 	dnsAddr := p.DNSAddr
-	p.dns, err = start(filepath.Join(o.Dir, "challtestsrv.log"), nil, dnsBin,
-		"-management", fmt.Sprintf("127.0.0.1:%d", dnsMgmtPort),
-		"-dnsserver", dnsAddr,
-		"-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
-		"-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", "")
-	if err != nil {
-		return nil, err
-	}
-	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", dnsMgmtPort), 15*time.Second, p.dns.done, "pebble-challtestsrv", p.dns.log); err != nil {
-		p.Stop()
-		return nil, err
-	}
 	env := []string{
 		"PEBBLE_VA_NOSLEEP=1",      // validate at once instead of after a random delay
 		"PEBBLE_WFE_NONCEREJECT=0", // no random badNonce: tests must be deterministic
@@ -184,13 +170,7 @@ func (p *Pebble) Stop() {
 //
 // A hung test then names Pebble, not lbcert, as the cause.
 func (p *Pebble) Dump() string {
-	before := len(p.FullLog())
-	p.pebble.cmd.Process.Signal(syscall.SIGQUIT)
-	select {
-	case <-p.pebble.done:
-	case <-time.After(5 * time.Second):
-	}
-	dump := p.FullLog()[before:]
+	dump := p.pebble.quitDump()
 	if stuck := pebbleLockWaits(dump); stuck > 0 {
 		return fmt.Sprintf("PEBBLE DEADLOCK: %d Pebble goroutines have waited a minute or more for one of Pebble's own locks (a lock cycle of Pebble's that testenv/pebblefix.go does not cut; not an lbcert hang)\n", stuck) + dump
 	}
@@ -219,10 +199,7 @@ func (p *Pebble) PID() int { return p.pebble.cmd.Process.Pid }
 func (p *Pebble) Log() string { return tail(p.pebble.log) }
 
 // FullLog returns all of Pebble's log.
-func (p *Pebble) FullLog() string {
-	data, _ := os.ReadFile(p.pebble.log)
-	return string(data)
-}
+func (p *Pebble) FullLog() string { return p.pebble.fullLog() }
 
 // mgmtGet fetches a management API path.
 func (p *Pebble) mgmtGet(path string) ([]byte, error) { return p.mgmt(http.MethodGet, path, nil) }
@@ -286,19 +263,7 @@ func (p *Pebble) CertStatus(serial string) (string, error) {
 
 // SetA makes the DNS server answer host's A queries with addrs instead of
 // 127.0.0.1, for tests of names that do not point at this machine.
-func (p *Pebble) SetA(host string, addrs ...string) error {
-	body, _ := json.Marshal(map[string]any{"host": strings.TrimSuffix(host, ".") + ".", "addresses": addrs})
-	resp, err := http.Post(p.dnsMgmt+"/add-a", "application/json", strings.NewReader(string(body)))
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		msg, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("challtestsrv add-a %s: %s %s", host, resp.Status, msg)
-	}
-	return nil
-}
+func (p *Pebble) SetA(host string, addrs ...string) error { return p.dns.SetA(host, addrs...) }
 
 // Orders counts the new orders Pebble has received so far.
 func (p *Pebble) Orders() int {

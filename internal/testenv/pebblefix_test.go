@@ -43,6 +43,9 @@ func TestPebbleLockFixes(t *testing.T) {
 	if strings.Contains(get, "defer m.RUnlock()") || strings.Index(get, "m.RUnlock()") > strings.Index(get, "order.Lock()") {
 		t.Fatalf("GetOrderByID still locks the order under the store's lock:\n%s", get)
 	}
+	if mk := funcBody(files["wfe/wfe.go"], "func (wfe *WebFrontEndImpl) makeAuthorizations("); !strings.Contains(mk, ">= wfe.authzReusePercent") {
+		t.Fatalf("PEBBLE_AUTHZREUSE=0 still reuses authorizations once in a hundred:\n%s", mk)
+	}
 	find := funcBody(files["db/memorystore.go"], "func (m *MemoryStore) FindValidAuthorization(")
 	if strings.Contains(find, "defer m.RUnlock()") || strings.Index(find, "m.RUnlock()") > strings.Index(find, "authz.RLock()") {
 		t.Fatalf("FindValidAuthorization still locks authorizations under the store's lock:\n%s", find)

@@ -67,6 +67,15 @@ func (s *SMTP) SetEchoAuth(on bool) {
 // user it is a relay that needs no login (as a row's own relay may be).
 // Every server of one test binary has its certificate from the same CA.
 func StartSMTP(dir, user, password string) (*SMTP, error) {
+	return startSMTP(dir, user, password, true)
+}
+
+// StartSMTPWithoutTLS starts a relay that offers no STARTTLS and needs
+// no login: a relay on a trusted network, which --smtp-tls's default
+// (starttls, required) refuses.
+func StartSMTPWithoutTLS(dir string) (*SMTP, error) { return startSMTP(dir, "", "", false) }
+
+func startSMTP(dir, user, password string, offerTLS bool) (*SMTP, error) {
 	caPEM, tlsConf, err := sharedSMTPCert()
 	if err != nil {
 		return nil, err
@@ -86,7 +95,9 @@ func StartSMTP(dir, user, password string) (*SMTP, error) {
 		return &smtpSession{s: s, conn: c}, nil
 	}))
 	s.srv.Domain = "localhost"
-	s.srv.TLSConfig = tlsConf
+	if offerTLS {
+		s.srv.TLSConfig = tlsConf
+	}
 	s.srv.ReadTimeout = 10 * time.Second
 	s.srv.WriteTimeout = 10 * time.Second
 	go s.srv.Serve(ln)

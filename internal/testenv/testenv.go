@@ -1,7 +1,8 @@
 // Package testenv starts the real servers lbcert's end-to-end tests and
-// demo run against: Pebble (Let's Encrypt's test CA) with
-// pebble-challtestsrv answering every DNS name with 127.0.0.1, and nginx
-// with a config of its own on loopback ports.
+// demo run against: Pebble (Let's Encrypt's test CA) and step-ca
+// (smallstep's private CA), each with pebble-challtestsrv answering every
+// DNS name with 127.0.0.1, and nginx with a config of its own on
+// loopback ports.
 //
 // Everything listens on 127.0.0.1 only, lives in a caller-given temporary
 // directory and is stopped by Stop. Nothing here skips: a missing binary
@@ -18,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -153,6 +155,24 @@ func start(logPath string, env []string, name string, args ...string) (*proc, er
 	p := &proc{cmd: cmd, done: make(chan struct{}), log: logPath}
 	go func() { cmd.Wait(); lf.Close(); close(p.done) }()
 	return p, nil
+}
+
+// fullLog is all the process has logged so far.
+func (p *proc) fullLog() string {
+	data, _ := os.ReadFile(p.log)
+	return string(data)
+}
+
+// quitDump sends SIGQUIT, on which a Go program prints every
+// goroutine's stack and exits, and returns what it printed.
+func (p *proc) quitDump() string {
+	before := len(p.fullLog())
+	p.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+	}
+	return p.fullLog()[before:]
 }
 
 func (p *proc) stop() {

@@ -1,0 +1,172 @@
+// Package catalog is the shared half of lbcert's storage seam: the
+// record of which certificate lineages exist, their versions and
+// settings, what renew learnt about them (Status), who may order them
+// (leases), which were deleted (tombstones) and the ACME accounts. The
+// node-local half, what one host serves, is package store's Local.
+//
+// Fleet or single host is chosen once, by choosing the implementation:
+// Dir is the state directory of a single host (the catalog and the
+// node's Local are then the same directory); package fleet implements
+// it on the fleet's Redis, shared by every node. The engine (package
+// engine) sees only these interfaces, so issue, batch, renew and the
+// fleet agent run one pipeline whichever it is.
+//
+// # The contract
+//
+// Every implementation keeps these; callers may rely on them.
+//
+//   - Head is the newest version of a lineage: its metadata with Version
+//     set. Versions are numbered by the catalog alone, from 1, in
+//     Publish; Fetch gives a version's files (the private key in the
+//     clear, for this node only) while the catalog still holds it, and
+//     ErrSuperseded once a newer version replaced it.
+//   - Publish is atomic and fenced: it records a certificate obtained
+//     under lease and returns its version, or refuses with ErrStale when
+//     a newer lease was handed out since lease was taken (the holder
+//     stalled, or the name was deleted meanwhile) or a certificate
+//     issued later is already there. A refused Publish records nothing.
+//   - SetMeta replaces the settings of the version named by l.Version,
+//     keeping its certificate, if that version is still the head.
+//   - Delete removes a lineage for every reader at once and leaves a
+//     tombstone; it is fenced: it moves the lease counter past every
+//     lease handed out, so a run that held the lease publishes nothing
+//     afterwards. A deleted name comes back only through a new Publish
+//     under a lease taken after the delete.
+//   - Status is what renew learnt (ARI, backoff); a status that cannot
+//     be read counts as none, because everything in it can be learnt
+//     again.
+//   - Acquire hands out at most one lease per name at a time among every
+//     process that shares the catalog; a lease may be lost (its holder
+//     stalled past its TTL), and Lease.Token is a fencing counter that
+//     only grows, so Publish can tell a stale holder from a current one.
+//     Callers re-check whether their work is still needed after
+//     acquiring, and tolerate ErrLeaseHeld (defer the name, never wait).
+//
+// # The fleet's invariants
+//
+// On one host most of these hold trivially (one process holds the state
+// directory's lock); in a fleet each is enforced in exactly one place,
+// named here, and checked after random faults by the randomized fleet
+// test (internal/e2e, TestFleetRandom).
+//
+//   - I1 convergence. Within 30 s of quiet, every approved node, the
+//     ordering node included, serves the newest version of every live
+//     lineage, deployed with that node's own deploy settings, as its
+//     load balancer really serves it; 'fleet status' says a node is
+//     behind exactly when it is. Enforced by the one install step
+//     (engine.Node), which every command and the agent use, and which
+//     compares serials and settings, not only version numbers.
+//   - I2 one version, one certificate. A (name, version) names exactly
+//     one certificate fleet-wide. Only Publish numbers versions, in one
+//     Redis script, above every number the catalog and the publishing
+//     node have seen; a node never mints one, not even when Redis does
+//     not answer (the certificate then waits on that node, unnumbered,
+//     until Redis does). A node that holds a number the catalog gave to
+//     another certificate (Redis lost writes) replaces it (store.Local's
+//     Stage).
+//   - I3 deletes stick. Delete is fenced (above) and its tombstone is
+//     kept by every node (store.Local's Forget), so it survives an
+//     emptied or new Redis: a node rebuilding the catalog publishes its
+//     tombstones, and a tombstone wins over any certificate issued
+//     before it, in whatever order nodes rebuild.
+//   - I4 the issuance ledger survives Redis loss: every node keeps the
+//     issue times of the certificates it has published or installed in
+//     the last 7 days and rebuilds the ledger from them, so through any
+//     one Redis loss a fleet orders at most its cap plus one certificate
+//     per exact set of names in 7 days, never more than the CA's 5.
+//   - I5 key custody. Keys are sealed under the fleet's current data
+//     key, and Publish refuses a key sealed under any other: from the
+//     moment 'fleet remove' returns, nothing is sealed under a key the
+//     removed node can unwrap, and its agent answers no token.
+//   - I6 one order per name at a time, through kill -9 of any process,
+//     Redis restarts, pauses and failovers: the lease above.
+//   - I7 no private key in clear in Redis (sealed with AES-256-GCM under
+//     the data key), and every node's disk consistent after kill -9 at
+//     any point (store's atomic versions and live pointer).
+//   - One ACME account per CA fleet-wide, through any Redis loss: every
+//     node keeps a copy of the fleet's accounts and publishes them into a
+//     rebuilt Redis before anything is ordered; a renewal whose
+//     "replaces" the CA refuses (the certificate was issued under another
+//     account) is ordered again without it.
+package catalog
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Catalog is the shared record of certificate lineages (see the package
+// doc for its contract).
+type Catalog interface {
+	// Names lists the lineages that exist and are not deleted, in the
+	// order people count (store.NaturalLess).
+	Names(ctx context.Context) ([]string, error)
+	// Head is the newest version's metadata, or ErrNotFound.
+	Head(ctx context.Context, name string) (*store.Lineage, error)
+	// Fetch is one version's metadata and files.
+	Fetch(ctx context.Context, name string, version int) (*store.Lineage, store.Files, error)
+	// Publish records a certificate obtained under lease as the newest
+	// version of l.Name and returns its number.
+	Publish(ctx context.Context, lease Lease, l *store.Lineage, files store.Files) (int, error)
+	// SetMeta replaces the settings of version l.Version.
+	SetMeta(ctx context.Context, l *store.Lineage) error
+	// Delete removes name and leaves its tombstone.
+	Delete(ctx context.Context, name string) error
+	Status(ctx context.Context, name string) (store.Status, error)
+	SetStatus(ctx context.Context, name string, st store.Status) error
+	// Acquire takes the lease for name or fails at once with
+	// ErrLeaseHeld; ttl bounds how long a stalled holder keeps it.
+	Acquire(ctx context.Context, name string, ttl time.Duration) (Lease, error)
+}
+
+// Accounts holds ACME account keys and registrations: on one host in
+// the state directory, in a fleet sealed in Redis with a copy on every
+// node. WriteAccountKey happens before registration, so a registration
+// the CA accepted is never lost to a crash.
+type Accounts interface {
+	ReadAccount(server, email string) (key, reg []byte, err error)
+	HasAccount(server, email string) bool
+	WriteAccountKey(server, email string, key []byte) error
+	WriteAccount(server, email string, reg []byte) error
+	RemoveAccount(server, email string) error
+}
+
+// Lease is one holder's claim on a lineage name.
+type Lease interface {
+	// Token is the fencing token: larger than every token handed out
+	// for the same name before.
+	Token() int64
+	// Release gives the name up; releasing a lost lease is a no-op.
+	Release()
+}
+
+// ErrNotFound is a lineage the catalog does not hold.
+var ErrNotFound = store.ErrNotFound
+
+// ErrLeaseHeld means another holder has the lease for a name.
+var ErrLeaseHeld = errors.New("another run holds this lineage")
+
+// ErrSuperseded is a version the catalog no longer holds: a newer one
+// replaced it.
+var ErrSuperseded = errors.New("a newer version replaced this one")
+
+// ErrStale is a Publish refused by the fence (see Catalog.Publish).
+type ErrStale struct {
+	Name   string
+	Reason string
+}
+
+func (e *ErrStale) Error() string {
+	return "the catalog refused this certificate for " + e.Name + ": " + e.Reason
+}
+
+// NoBackoff: the name is fine; this run lost a race.
+func (e *ErrStale) NoBackoff() bool { return true }
+
+// HintText makes *ErrStale a hint.Hinter.
+func (e *ErrStale) HintText() string {
+	return "nothing to do: what the catalog holds stands (another node's newer certificate, or the delete)"
+}

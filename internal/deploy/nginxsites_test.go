@@ -1,0 +1,385 @@
+package deploy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+func livePaths(name string) store.Paths {
+	return store.New("/etc/lbcert").LivePaths(name)
+}
+
+func TestNginxSitesRender(t *testing.T) {
+	got := string(NginxSites(livePaths, "/etc/nginx/body.conf", []Site{
+		{Name: "b.example", Version: 3, Domains: []string{"b.example", "www.b.example"}},
+		{Name: "old.example", Version: 1, Domains: []string{"www.b.example"}},
+		{Name: "2001-db8--1", Version: 2, Domains: []string{"2001:db8::1"}},
+		{Name: "a10.example", Version: 1, Domains: []string{"a10.example"}},
+		{Name: "a9.example", Version: 1, Domains: []string{"a9.example"}},
+	}))
+	want := fmt.Sprintf(siteHeader, "/etc/nginx/body.conf") + `server_names_hash_max_size 1024;
+server_names_hash_bucket_size 256;
+
+# 2001-db8--1 (version 2): 2001:db8::1
+server {
+    server_name [2001:db8::1];
+    ssl_certificate     /etc/lbcert/live/2001-db8--1/fullchain.pem;
+    ssl_certificate_key /etc/lbcert/live/2001-db8--1/privkey.pem;
+    include /etc/nginx/body.conf;
+}
+
+# a9.example (version 1): a9.example
+server {
+    server_name a9.example;
+    ssl_certificate     /etc/lbcert/live/a9.example/fullchain.pem;
+    ssl_certificate_key /etc/lbcert/live/a9.example/privkey.pem;
+    include /etc/nginx/body.conf;
+}
+
+# a10.example (version 1): a10.example
+server {
+    server_name a10.example;
+    ssl_certificate     /etc/lbcert/live/a10.example/fullchain.pem;
+    ssl_certificate_key /etc/lbcert/live/a10.example/privkey.pem;
+    include /etc/nginx/body.conf;
+}
+
+# b.example (version 3): b.example www.b.example
+server {
+    server_name b.example www.b.example;
+    ssl_certificate     /etc/lbcert/live/b.example/fullchain.pem;
+    ssl_certificate_key /etc/lbcert/live/b.example/privkey.pem;
+    include /etc/nginx/body.conf;
+}
+
+# old.example (version 1): www.b.example
+#   not served here: a block above serves each of its names
+`
+	if got != want {
+		t.Fatalf("got:\n%s\nwant:\n%s", got, want)
+	}
+	// What the file says is what the next run reads back.
+	back := parseSites([]byte(got))
+	if len(back) != 5 || back["b.example"].Version != 3 || strings.Join(back["b.example"].Domains, " ") != "b.example www.b.example" ||
+		strings.Join(back["old.example"].Domains, " ") != "www.b.example" || back["2001-db8--1"].Domains[0] != "2001:db8::1" {
+		t.Fatalf("parsed back: %+v", back)
+	}
+}
+
+func TestNginxSitesEmpty(t *testing.T) {
+	got := string(NginxSites(livePaths, "/b.conf", nil))
+	if strings.Contains(got, "server {") || !strings.Contains(got, "server_names_hash_max_size 1024;") {
+		t.Fatalf("%s", got)
+	}
+	if len(parseSites([]byte(got))) != 0 {
+		t.Fatal("an empty file parsed as sites")
+	}
+}
+
+func TestNamesHash(t *testing.T) {
+	site := func(n int, name string) []Site {
+		var s []Site
+		for i := range n {
+			s = append(s, Site{Name: fmt.Sprint(i), Domains: []string{name}})
+		}
+		return s
+	}
+	for _, c := range []struct {
+		n             int
+		name          string
+		size, buckets int
+	}{
+		{1, "a.example", 1024, 256},
+		{512, "a.example", 1024, 256},
+		{513, "a.example", 2048, 256},
+		{100000, "a.example", 262144, 256},
+		{1, strings.Repeat("a", 238), 1024, 256}, // align(8+238+2, 8) + 8 = 256
+		{1, strings.Repeat("a", 239), 1024, 512},
+	} {
+		size, bucket := namesHash(site(c.n, c.name))
+		if size != c.size || bucket != c.buckets {
+			t.Errorf("%d names of %d characters: max_size %d bucket %d, want %d %d", c.n, len(c.name), size, bucket, c.size, c.buckets)
+		}
+	}
+}
+
+// countingStore counts the lineages read in full.
+type countingStore struct {
+	*store.Store
+	loads map[string]int
+}
+
+func (c *countingStore) Load(name string) (*store.Lineage, error) {
+	c.loads[name]++
+	return c.Store.Load(name)
+}
+
+// includeSetup is a state directory, a stand-in nginx and deploy
+// settings with an include file and a server body.
+func includeSetup(t *testing.T) (s *store.Store, d store.Deploy, log, failFlag string) {
+	dir := t.TempDir()
+	s = store.New(filepath.Join(dir, "state"))
+	bin, log, failFlag := fakeNginx(t, dir)
+	body := filepath.Join(dir, "body.conf")
+	os.WriteFile(body, []byte("listen 443 ssl;\n"), 0o644)
+	d = store.Deploy{Target: "nginx", NginxBin: bin, NginxConf: filepath.Join(dir, "nginx.conf"),
+		NginxInclude: filepath.Join(dir, "sites.conf"), NginxServerBody: body}
+	return s, d, log, failFlag
+}
+
+// TestIncludeEveryLineageOneWrite: one run writes a block for every live
+// lineage, the ones whose deploy is not nginx included, reading only the
+// lineages the run changed; a failed test puts the file back byte for
+// byte, or removes it when there was none.
+func TestIncludeEveryLineageOneWrite(t *testing.T) {
+	st, d, log, failFlag := includeSetup(t)
+	cs := &countingStore{Store: st, loads: map[string]int{}}
+	r := &Runner{Store: cs}
+
+	// A first deploy fails: the file did not exist, so it is gone again.
+	os.WriteFile(failFlag, nil, 0o644)
+	saveVersion(t, cs.Store, "plain.example", "p1") // live, deploys nowhere
+	_, prev := saveVersion(t, cs.Store, "shop.example", "s1")
+	res := r.Run(context.Background(), []Change{{Name: "shop.example", Domains: []string{"shop.example"}, Previous: prev, Deploy: d}})
+	if !res[0].RolledBack {
+		t.Fatalf("%+v", res[0])
+	}
+	if _, err := os.Stat(d.NginxInclude); !os.IsNotExist(err) {
+		t.Fatalf("the include file a failed first deploy wrote is still there: %v", err)
+	}
+	os.Remove(failFlag)
+	_, prev = saveVersion(t, cs.Store, "shop.example", "s1")
+	res = r.Run(context.Background(), []Change{{Name: "shop.example", Domains: []string{"shop.example"}, Previous: prev, Deploy: d}})
+	if res[0].Failed() {
+		t.Fatal(res[0].Err)
+	}
+	first, _ := os.ReadFile(d.NginxInclude)
+	sites := parseSites(first)
+	// shop's first version was rolled back; the second is live.
+	if len(sites) != 2 || sites["plain.example"].Version != 1 || sites["shop.example"].Version != 2 {
+		t.Fatalf("include file:\n%s", first)
+	}
+
+	// Renew shop: only shop is read; plain's block is reused.
+	clear(cs.loads)
+	os.Remove(log)
+	_, prev = saveVersion(t, cs.Store, "shop.example", "s2")
+	res = r.Run(context.Background(), []Change{{Name: "shop.example", Domains: []string{"shop.example"}, Previous: prev, Deploy: d}})
+	if res[0].Failed() {
+		t.Fatal(res[0].Err)
+	}
+	if cs.loads["plain.example"] != 0 || cs.loads["shop.example"] != 1 {
+		t.Fatalf("lineages read: %v", cs.loads)
+	}
+	second, _ := os.ReadFile(d.NginxInclude)
+	if parseSites(second)["shop.example"].Version != 3 {
+		t.Fatalf("include file after renew:\n%s", second)
+	}
+	calls, _ := os.ReadFile(log)
+	if string(calls) != "-t -c "+d.NginxConf+"\n-s reload -c "+d.NginxConf+"\n" {
+		t.Fatalf("want one test and one reload, got:\n%s", calls)
+	}
+
+	// A failed test: the file is as it was, byte for byte.
+	os.WriteFile(failFlag, nil, 0o644)
+	_, prev = saveVersion(t, cs.Store, "shop.example", "s3")
+	res = r.Run(context.Background(), []Change{{Name: "shop.example", Domains: []string{"shop.example"}, Previous: prev, Deploy: d}})
+	if !res[0].RolledBack {
+		t.Fatalf("%+v", res[0])
+	}
+	if now, _ := os.ReadFile(d.NginxInclude); string(now) != string(second) {
+		t.Fatalf("include file not restored:\n%s", now)
+	}
+}
+
+// TestIncludeWriteFailureRollsBack: a file that cannot be written rolls
+// the run back and names the file.
+func TestIncludeWriteFailureRollsBack(t *testing.T) {
+	s, d, log, _ := includeSetup(t)
+	defer func(w func(string, []byte, os.FileMode) error) { writeInclude = w }(writeInclude)
+	writeInclude = func(string, []byte, os.FileMode) error { return errors.New("no space left on device") }
+	saveVersion(t, s, "shop.example", "s1")
+	_, prev := saveVersion(t, s, "shop.example", "s2")
+	res := (&Runner{Store: s}).Run(context.Background(), []Change{{Name: "shop.example", Previous: prev, Deploy: d}})
+	if !res[0].RolledBack || !strings.Contains(res[0].Err.Error(), "write nginx include "+d.NginxInclude+": no space left") {
+		t.Fatalf("%+v", res[0])
+	}
+	if v, _ := s.LiveVersion("shop.example"); v != 1 {
+		t.Fatalf("live version %d after rollback", v)
+	}
+	if _, err := os.Stat(log); err == nil {
+		t.Fatal("nginx was run although the include file could not be written")
+	}
+}
+
+// TestIncludeSkipsOtherGroupsNewLineages: a lineage new in this run
+// whose own deploy (another nginx) has not succeeded yet is not named by
+// this group's file: its rollback would leave the file pointing at
+// nothing.
+func TestIncludeSkipsOtherGroupsNewLineages(t *testing.T) {
+	s, d, _, _ := includeSetup(t)
+	other := d
+	other.NginxConf = "/etc/nginx/other.conf"
+	_, p1 := saveVersion(t, s, "a.example", "a1")
+	_, p2 := saveVersion(t, s, "z.example", "z1")
+	changes := []Change{{Name: "a.example", Previous: p1, Deploy: d}, {Name: "z.example", Previous: p2, Deploy: other}}
+	g := groupChanges(changes)
+	skip := (&Runner{Store: s}).notYetLive(g[0], changes, make([]Result, 2))
+	if skip("a.example") || !skip("z.example") {
+		t.Fatal("wrong lineages skipped")
+	}
+}
+
+func TestUnlist(t *testing.T) {
+	s, d, _, failFlag := includeSetup(t)
+	r := &Runner{Store: s}
+	saveVersion(t, s, "a.example", "a1")
+	saveVersion(t, s, "b.example", "b1")
+	if _, err := r.writeSites(d, func(string) bool { return false }); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(d.NginxInclude)
+
+	os.WriteFile(failFlag, nil, 0o644)
+	if err := r.Unlist(context.Background(), "a.example", d, false); err == nil || !strings.Contains(err.Error(), "emerg: broken") {
+		t.Fatalf("Unlist with a failing test: %v", err)
+	}
+	if now, _ := os.ReadFile(d.NginxInclude); string(now) != string(before) {
+		t.Fatalf("not restored:\n%s", now)
+	}
+	if err := r.Unlist(context.Background(), "a.example", d, true); err == nil {
+		t.Fatal("a failed test was not reported")
+	}
+	if now, _ := os.ReadFile(d.NginxInclude); parseSites(now)["a.example"].Name != "" {
+		t.Fatalf("keep: the block is still there:\n%s", now)
+	}
+	os.Remove(failFlag)
+	if err := r.Unlist(context.Background(), "b.example", d, false); err != nil {
+		t.Fatal(err)
+	}
+	now, _ := os.ReadFile(d.NginxInclude)
+	if sites := parseSites(now); len(sites) != 1 || sites["a.example"].Name == "" {
+		t.Fatalf("after unlisting b (a is still live):\n%s", now)
+	}
+}
+
+func TestNginxPathOK(t *testing.T) {
+	for _, p := range []string{"/etc/lbcert", "/var/lib/lbcert-2/x_y.conf", "/srv/a+b@c:d,e=f"} {
+		if err := NginxPathOK(p); err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+	}
+	for _, p := range []string{"/etc/my certs", "/etc/$host", "/a;b", "/a{b", `/a"b`, "/a\tb", "/a#b"} {
+		if err := NginxPathOK(p); err == nil {
+			t.Errorf("%q accepted", p)
+		}
+	}
+}
+
+// memStore holds n live lineages of two names in memory: the rewrite's
+// own cost, without reading lineages from disk.
+type memStore struct {
+	*store.Store
+	names   []string
+	version map[string]int
+}
+
+func (m *memStore) Names() ([]string, error)             { return m.names, nil }
+func (m *memStore) LiveVersion(name string) (int, error) { return m.version[name], nil }
+func (m *memStore) Load(name string) (*store.Lineage, error) {
+	return &store.Lineage{Name: name, Version: m.version[name], Domains: []string{name, "www." + name}}, nil
+}
+
+// BenchmarkIncludeRewrite is one deploy's rewrite of the include file
+// with n live lineages, one of them renewed: read the file, list the
+// lineages, render, and write it atomically (fsync included).
+func BenchmarkIncludeRewrite(b *testing.B) {
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.DiscardHandler))
+	for _, n := range []int{1000, 10000, 100000} {
+		b.Run(fmt.Sprintf("lineages=%d", n), func(b *testing.B) {
+			dir := b.TempDir()
+			m := &memStore{Store: store.New("/var/lib/lbcert"), version: map[string]int{}}
+			for i := range n {
+				name := fmt.Sprintf("site%06d.example.com", i)
+				m.names = append(m.names, name)
+				m.version[name] = 1
+			}
+			d := store.Deploy{NginxInclude: filepath.Join(dir, "sites.conf"), NginxServerBody: "/etc/nginx/body.conf"}
+			r := &Runner{Store: m}
+			none := func(string) bool { return false }
+			if _, err := r.writeSites(d, none); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				m.version[m.names[n/2]]++
+				if _, err := r.writeSites(d, none); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestHashDirectiveHint: nginx refusing the include file's hash settings
+// because the operator's config sets them too gets the way out.
+func TestHashDirectiveHint(t *testing.T) {
+	d := store.Deploy{NginxInclude: "/etc/nginx/conf.d/lbcert.conf"}
+	err := nginxTestError(d, errors.New(`nginx -t -c /etc/nginx/nginx.conf failed: exit status 1: [emerg] "server_names_hash_bucket_size" directive is duplicate in /etc/nginx/conf.d/lbcert.conf:8`))
+	if !strings.Contains(err.Error(), "sets server_names_hash_max_size and _bucket_size for its names: remove yours") {
+		t.Fatal(err)
+	}
+	other := errors.New(`nginx -t failed: [emerg] unknown directive "x"`)
+	if nginxTestError(d, other) != other || nginxTestError(store.Deploy{}, err) != err {
+		t.Fatal("a hint on an unrelated failure")
+	}
+}
+
+// TestReloadSignalsTheMaster: the reload is a SIGHUP to the master whose
+// PID the config's pid file holds, without "nginx -s reload" loading the
+// whole config again; a PID that is not an nginx master's falls back to
+// "nginx -s reload".
+func TestReloadSignalsTheMaster(t *testing.T) {
+	dir := t.TempDir()
+	bin, log, _ := fakeNginx(t, dir)
+	master := exec.Command("/bin/sleep", "60")
+	master.Args[0] = "nginx: master process " + bin
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer master.Process.Kill()
+	pidFile, conf := filepath.Join(dir, "run", "nginx.pid"), filepath.Join(dir, "nginx.conf")
+	os.MkdirAll(filepath.Dir(pidFile), 0o755)
+	os.WriteFile(conf, []byte("# pid /elsewhere.pid;\nuser nobody;\n  pid   "+pidFile+" ;\nevents {}\n"), 0o644)
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
+	d := store.Deploy{NginxBin: bin, NginxConf: conf}
+	if err := nginxReload(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	err := master.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGHUP {
+		t.Fatalf("the master got no SIGHUP: %v", err)
+	}
+	if calls, _ := os.ReadFile(log); string(calls) != "-t -c "+conf+"\n" {
+		t.Fatalf("nginx was run for more than the test:\n%s", calls)
+	}
+
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644)
+	if err := nginxReload(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	if calls, _ := os.ReadFile(log); !strings.HasSuffix(string(calls), "-s reload -c "+conf+"\n") {
+		t.Fatalf("a PID that is not nginx's was not left to nginx -s reload:\n%s", calls)
+	}
+}

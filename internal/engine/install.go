@@ -1,0 +1,261 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/deploy"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Node is the host the engine installs on. Every certificate reaches a
+// load balancer through its one install step, whoever obtained it and
+// whatever command or agent runs: stage the version in the node's Local
+// store, journal it as owed, make it live, deploy once for the whole
+// run with this node's settings, then record it as deployed (with the
+// digest of those settings) or roll back and keep it owed.
+type Node struct {
+	Local  store.Local
+	Deploy Deployer
+	// Settings is how this node deploys lineage l: on one host the
+	// lineage's own saved settings; in a fleet the node's own (its
+	// agent's), whoever ordered.
+	Settings func(l *store.Lineage) store.Deploy
+	// Keep is how many archived versions a lineage keeps after a
+	// successful deploy, the live one included (default 3).
+	Keep int
+	// Lock, when set, is held around each install step and around the
+	// deploy: fleet mode's short write lock, which the agent and the
+	// runs of this node share.
+	Lock func(ctx context.Context) (unlock func(), err error)
+	// Report, when set, is told what this node serves after a deploy:
+	// the fleet's per-node report, which 'fleet status' reads.
+	Report func(ctx context.Context, served []Served)
+}
+
+// Served is what a node serves of one lineage after an install.
+type Served struct {
+	Name    string
+	Version int    // the version now live here
+	Serial  string // its serial, when OK
+	Wanted  int    // the version the install tried
+	OK      bool
+	Error   string
+}
+
+func (n *Node) settings(l *store.Lineage) store.Deploy {
+	if n.Settings == nil {
+		return l.Deploy
+	}
+	return n.Settings(l)
+}
+
+func (n *Node) keep() int {
+	if n.Keep > 0 {
+		return n.Keep
+	}
+	return 3
+}
+
+func (n *Node) lock(ctx context.Context) (func(), error) {
+	if n.Lock == nil {
+		return func() {}, nil
+	}
+	return n.Lock(ctx)
+}
+
+// owes reports whether this node must still install head: it serves
+// another version, a deploy of it is still owed, what it holds under
+// head's number is another certificate (the catalog renumbered after a
+// Redis loss), or it deployed it with other settings than its own now.
+func (n *Node) owes(head *store.Lineage) bool {
+	live, _ := n.Local.LiveVersion(head.Name)
+	j, _ := n.Local.Journal(head.Name)
+	if live != head.Version || j.Pending != nil {
+		return true
+	}
+	if d := j.Deployed; d != nil {
+		return d.Version != head.Version || d.Serial != head.Cert.Serial || d.With != store.DeployDigest(n.settings(head))
+	}
+	// Deployed by a release that kept no record: the version here is
+	// taken as deployed with its own saved settings, if it is the same
+	// certificate.
+	have, err := n.Local.LoadVersion(head.Name, live)
+	return err != nil || have.Cert.Serial != head.Cert.Serial || store.DeployDigest(n.settings(have)) != store.DeployDigest(n.settings(head))
+}
+
+// want is one certificate on its way to this node's load balancer.
+type want struct {
+	l        *store.Lineage // the version, its settings as the catalog holds them
+	previous int            // live before it, to roll back to
+	deploy   store.Deploy   // this node's settings for it
+}
+
+// prepare stages l (fetching its files only when the node lacks it),
+// journals it as owed and makes it live. It returns what to deploy.
+func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (store.Files, error)) (*want, error) {
+	unlock, err := n.lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	// Under the lock, again: another process of this node (a run, or the
+	// agent) may have installed the very version meanwhile, or be in the
+	// middle of deploying it. Deploying it twice would run every deploy
+	// hook twice.
+	if n.settled(l) {
+		return nil, nil
+	}
+	if have, err := n.Local.LoadVersion(l.Name, l.Version); err != nil || have.Cert.Serial != l.Cert.Serial {
+		f, err := files()
+		if err != nil {
+			return nil, err
+		}
+		if err := n.Local.Stage(l, f); err != nil {
+			return nil, fmt.Errorf("save %s version %d on this node: %w", l.Name, l.Version, err)
+		}
+	}
+	live, _ := n.Local.LiveVersion(l.Name)
+	j, _ := n.Local.Journal(l.Name)
+	previous := live
+	if p := j.Pending; p != nil && live == p.Version {
+		previous = p.Previous // a deploy a killed run left half-done
+	}
+	j.Pending = &store.Pending{Version: l.Version, Previous: previous, Since: time.Now().UTC(), PID: os.Getpid()}
+	if err := n.Local.SetJournal(l.Name, j); err != nil {
+		return nil, fmt.Errorf("journal %s version %d: %w", l.Name, l.Version, err)
+	}
+	if err := n.Local.Activate(l.Name, l.Version); err != nil {
+		return nil, fmt.Errorf("make %s version %d live: %w", l.Name, l.Version, err)
+	}
+	return &want{l: l, previous: previous, deploy: n.settings(l)}, nil
+}
+
+// settled reports whether this node needs nothing more for l: it is
+// deployed with this node's settings, or another live process of this
+// node journalled it and is deploying it now.
+func (n *Node) settled(l *store.Lineage) bool {
+	j, _ := n.Local.Journal(l.Name)
+	live, _ := n.Local.LiveVersion(l.Name)
+	if p := j.Pending; p != nil {
+		return p.Version == l.Version && p.PID != 0 && p.PID != os.Getpid() && alive(p.PID)
+	}
+	d := j.Deployed
+	return live == l.Version && d != nil && d.Version == l.Version && d.Serial == l.Cert.Serial && d.With == store.DeployDigest(n.settings(l))
+}
+
+// alive reports whether process pid runs (kill -9 leaves an entry whose
+// process is gone: that deploy is owed, not in progress).
+func alive(pid int) bool {
+	return syscall.Kill(pid, 0) == nil
+}
+
+// installed is what the deploy did to one want.
+type installed struct {
+	res    deploy.Result
+	done   bool // deployed (or already deployed by someone else)
+	errMsg string
+}
+
+// deployAll deploys every want at once (one config test and one reload
+// per load balancer), then records each as deployed or still owed. It
+// runs with a context an interrupt does not cancel: what is live on disk
+// should be what the load balancer serves.
+func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
+	out := make([]installed, len(wants))
+	if len(wants) == 0 {
+		return out
+	}
+	unlock, err := n.lock(ctx)
+	if err != nil {
+		for i := range out {
+			out[i].errMsg = "deploy: " + oneLine(err)
+		}
+		return out
+	}
+	defer unlock()
+	// Under the lock, again: the agent of this node may have deployed
+	// the very version meanwhile.
+	var changes []deploy.Change
+	var idx []int
+	for i, w := range wants {
+		if n.deployedAlready(w) {
+			out[i] = installed{done: true, res: deploy.Result{Name: w.l.Name, Deployed: true}}
+			continue
+		}
+		changes = append(changes, deploy.Change{Name: w.l.Name, Domains: w.l.Domains, Serial: w.l.Cert.Serial, Previous: w.previous, Deploy: w.deploy})
+		idx = append(idx, i)
+	}
+	results := n.Deploy.Run(ctx, changes)
+	for k, res := range results {
+		out[idx[k]] = n.record(wants[idx[k]], res)
+	}
+	n.report(ctx, wants, out)
+	return out
+}
+
+func (n *Node) deployedAlready(w *want) bool {
+	j, _ := n.Local.Journal(w.l.Name)
+	live, _ := n.Local.LiveVersion(w.l.Name)
+	d := j.Deployed
+	return j.Pending == nil && live == w.l.Version && d != nil && d.Version == w.l.Version &&
+		d.Serial == w.l.Cert.Serial && d.With == store.DeployDigest(w.deploy)
+}
+
+// record writes the journal after one deploy result: deployed, or owed
+// with the reason (the deploy step already rolled the live pointer back).
+func (n *Node) record(w *want, res deploy.Result) installed {
+	name := w.l.Name
+	if !res.Failed() {
+		j := store.Journal{Deployed: &store.Deployed{Version: w.l.Version, Serial: w.l.Cert.Serial, With: store.DeployDigest(w.deploy), At: time.Now().UTC()}}
+		if err := n.Local.SetJournal(name, j); err != nil {
+			slog.Warn("could not record the deploy; the next run deploys it again", "name", name, "err", err)
+		}
+		if removed, err := n.Local.Prune(name, n.keep(), w.l.Version); err != nil {
+			slog.Warn("could not remove old versions", "name", name, "err", err)
+		} else if len(removed) > 0 {
+			slog.Debug("removed old versions", "name", name, "versions", removed)
+		}
+		return installed{res: res, done: true}
+	}
+	msg := oneLine(res.Err)
+	if res.RolledBack {
+		msg += "; rolled back to the previous certificate"
+	}
+	j, _ := n.Local.Journal(name)
+	if j.Pending == nil || j.Pending.Version != w.l.Version {
+		j.Pending = &store.Pending{Version: w.l.Version, Previous: w.previous, Since: time.Now().UTC()}
+	}
+	j.Pending.Error = msg
+	j.Pending.PID = 0 // owed, and nobody is at it: any process of the node may try again
+	if err := n.Local.SetJournal(name, j); err != nil {
+		slog.Warn("could not save the pending deploy", "name", name, "err", err)
+	}
+	return installed{res: res, errMsg: msg}
+}
+
+func (n *Node) report(ctx context.Context, wants []*want, out []installed) {
+	if n.Report == nil {
+		return
+	}
+	served := make([]Served, len(wants))
+	for i, w := range wants {
+		live, _ := n.Local.LiveVersion(w.l.Name)
+		s := Served{Name: w.l.Name, Version: live, Wanted: w.l.Version, OK: out[i].done}
+		if s.OK {
+			s.Serial = w.l.Cert.Serial
+		} else {
+			s.Error = "deploy: " + out[i].errMsg
+		}
+		served[i] = s
+	}
+	n.Report(context.WithoutCancel(ctx), served)
+}
+
+// errNothingToInstall is a lineage the catalog no longer holds.
+var errNothingToInstall = errors.New("the catalog no longer holds this lineage")

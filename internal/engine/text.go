@@ -1,0 +1,181 @@
+package engine
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/renewal"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// The words commands print for a run's items.
+
+// words is how the summary names an outcome.
+var words = map[Outcome]string{
+	Issued: "issued", Renewed: "renewed", Deployed: "deployed", NotDue: "up to date",
+	Reconfigured: "reconfigured",
+	Deferred:     "deferred", Failed: "failed", Invalid: "invalid",
+	NotStarted: "not started", Aborted: "interrupted",
+}
+
+// Words is how a summary names an outcome.
+func (o Outcome) Words() string { return words[o] }
+
+// DeployWords says what the deploy step did: "none", "deployed,
+// verified, hook ok" or "rolled back: <reason>".
+func (it *Item) DeployWords() string {
+	switch it.Deploy {
+	case "none":
+		return "none (no --deploy target)"
+	case "rolled_back":
+		return "rolled back: " + it.Pending
+	case "":
+		if it.Outcome != Failed {
+			return "none (dry run: nothing saved or deployed)" // the only run that obtains and deploys nothing
+		}
+	}
+	if it.Outcome == Failed {
+		return "failed: " + it.Error
+	}
+	parts := []string{"deployed"}
+	if it.Verify == "ok" {
+		parts = append(parts, "verified")
+	}
+	if it.Hook == "ok" {
+		parts = append(parts, "hook ok")
+	}
+	return strings.Join(parts, ", ")
+}
+
+// NextAttemptWords is "; next attempt TIME", or "" when there is none.
+func (it *Item) NextAttemptWords() string {
+	if it.NextAttempt == nil {
+		return ""
+	}
+	return "; next attempt " + it.NextAttempt.Format(time.RFC3339)
+}
+
+// Detail is a batch row's DETAIL column.
+func (it *Item) Detail() string {
+	switch it.Outcome {
+	case Issued, Renewed, Deployed, Reconfigured:
+		d := fmt.Sprintf("serial %s, expires %s", it.Serial, it.NotAfter.Format(time.DateOnly))
+		if it.Deploy != "" && it.Deploy != "none" {
+			d += ", deploy " + it.Deploy
+		}
+		if it.Verify != "" {
+			d += ", verify " + it.Verify
+		}
+		return d
+	}
+	return it.Error + it.NextAttemptWords()
+}
+
+// BatchTable writes batch's summary: a table of every row that needs
+// attention or changed, then the counts. Rows already up to date are
+// only counted: on a re-run of a 5,000-row file they are the noise.
+func (res *Result) BatchTable(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LINE\tNAME\tRESULT\tDETAIL")
+	shown := 0
+	for _, it := range res.Items {
+		if it.Outcome == NotDue {
+			continue
+		}
+		shown++
+		name := it.Name
+		if name == "" {
+			name = "-"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", it.Line, name, it.Outcome.Words(), it.Detail())
+	}
+	if shown > 0 {
+		tw.Flush()
+	}
+	var parts []string
+	for _, s := range Outcomes {
+		if n := res.Counts[s]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, s.Words()))
+		}
+	}
+	rows := "rows"
+	if len(res.Items) == 1 {
+		rows = "row"
+	}
+	fmt.Fprintf(w, "lbcert batch %s: %d %s: %s\n", res.File, len(res.Items), rows, strings.Join(parts, ", "))
+}
+
+// RenewSummary writes renew's summary: nothing when nothing happened
+// (silence, for cron), else the counts and a line per lineage renewed,
+// deployed, failed, deferred or not started.
+func (res *Result) RenewSummary(w io.Writer) {
+	c := res.Counts
+	changed := c[Renewed] + c[Issued] + c[Deployed]
+	if changed+c[Failed]+c[Deferred]+c[Aborted]+c[NotStarted] == 0 {
+		return // nothing due: silence, for cron
+	}
+	verb := "renewed"
+	if res.DryRun {
+		verb = "would renew (dry run)"
+	}
+	fmt.Fprintf(w, "lbcert renew: %d %s, %d not due, %d failed, %d deferred\n",
+		changed, verb, c[NotDue], c[Failed]+c[Aborted], c[Deferred])
+	for _, it := range res.Items {
+		switch it.Outcome {
+		case Renewed, Issued:
+			fmt.Fprintf(w, "  renewed   %-30s %s -> %s, expires %s, due: %s; deploy %s\n", it.Name, it.OldSerial, it.Serial, it.NotAfter.Format(time.DateOnly), renewal.Reason(it.Reason).Words(), it.DeployWords())
+		case Deployed:
+			fmt.Fprintf(w, "  deployed  %-30s %s, obtained earlier, expires %s; deploy %s\n", it.Name, it.Serial, it.NotAfter.Format(time.DateOnly), it.DeployWords())
+		case Failed, Aborted:
+			fmt.Fprintf(w, "  failed    %-30s %s\n", it.Name, it.Error)
+		case Deferred:
+			fmt.Fprintf(w, "  deferred  %-30s %s%s\n", it.Name, it.Error, it.NextAttemptWords())
+		case NotStarted:
+			fmt.Fprintf(w, "  not started %-28s %s\n", it.Name, it.Error)
+		}
+	}
+}
+
+// IssueText writes what issue says on stdout about its one certificate:
+// issued (renewed, deployed) with its serial, expiry and files, valid
+// and not due, or new settings saved; paths are its live files.
+func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
+	switch it.Outcome {
+	case NotDue:
+		at := ""
+		if it.DueAt != nil {
+			at = " and not due for renewal before " + it.DueAt.Format(time.DateOnly)
+		}
+		fmt.Fprintf(w, "%s: certificate for %s is valid until %s%s; nothing to do (use --force to issue anyway)\n",
+			it.Name, strings.Join(it.Domains, ", "), it.OldNotAfter.Format(time.DateOnly), at)
+		return
+	case Reconfigured:
+		fmt.Fprintf(w, "%s: certificate for %s is valid until %s and not due; saved the new settings without ordering\n",
+			it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly))
+		if it.Deploy == "" {
+			// Only mail or challenge settings changed: the certificate
+			// already where it was is not deployed again.
+			fmt.Fprintf(w, "  deploy    unchanged (same deploy target; nothing deployed)\n")
+		} else {
+			fmt.Fprintf(w, "  deploy    %s\n", it.DeployWords())
+		}
+		return
+	case Issued, Renewed, Deployed, Failed:
+		if it.Serial == "" {
+			break
+		}
+		verb := "issued certificate"
+		switch it.Outcome {
+		case Deployed:
+			verb = "deployed the certificate obtained earlier"
+		case Renewed:
+			verb = "renewed certificate" // --force, or due: the log says "renewed" too
+		}
+		fmt.Fprintf(w, "%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
+			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), renewal.TimeLeft(it.NotAfter.Sub(now)), paths.Fullchain, paths.Key)
+		fmt.Fprintf(w, "  deploy    %s\n", it.DeployWords())
+	}
+}

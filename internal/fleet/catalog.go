@@ -1,0 +1,168 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Catalog is package catalog's Catalog and Accounts on the fleet's
+// Redis, as node N sees it. N's own --dir (its store.Local) keeps what
+// rebuilds an emptied Redis: a copy of each account, the tombstones of
+// deleted lineages, the issue times of recent certificates (the
+// ledger), and the certificates it serves.
+type Catalog struct {
+	N *Node
+	// Holder names this process in leases: node and pid.
+	Holder string
+
+	mu   sync.Mutex
+	held map[string]*lease // name -> the lease this process holds
+}
+
+var (
+	_ catalog.Catalog  = (*Catalog)(nil)
+	_ catalog.Accounts = (*Catalog)(nil)
+)
+
+// NewCatalog is the fleet's catalog as node n sees it.
+func NewCatalog(n *Node) *Catalog {
+	return &Catalog{N: n, Holder: n.Name + "/" + strconv.Itoa(os.Getpid()), held: map[string]*lease{}}
+}
+
+// rctx bounds one Redis call: a Redis that hangs must fail the item,
+// not the run forever.
+func rctx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, 10*time.Second)
+}
+
+func (c *Catalog) sh() *rdb.Shared { return c.N.Shared }
+
+// Names are the fleet's lineages.
+func (c *Catalog) Names(ctx context.Context) ([]string, error) {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	names, err := c.sh().Names(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(names, func(i, j int) bool { return store.NaturalLess(names[i], names[j]) })
+	return names, nil
+}
+
+// Head is the fleet's newest certificate of name.
+func (c *Catalog) Head(ctx context.Context, name string) (*store.Lineage, error) {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	bd, err := c.sh().BundleMeta(ctx, name)
+	if errors.Is(err, rdb.ErrNoBundle) {
+		return nil, fmt.Errorf("lineage %q: %w", name, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return metaOf(bd)
+}
+
+func metaOf(bd *rdb.Bundle) (*store.Lineage, error) {
+	var l store.Lineage
+	if err := json.Unmarshal(bd.Meta, &l); err != nil {
+		return nil, fmt.Errorf("the fleet's metadata of %s: %v", bd.Name, err)
+	}
+	l.Version = bd.Version
+	return &l, nil
+}
+
+// Fetch reads the fleet's certificate of name and opens its key here;
+// the fleet holds the newest version only (version 0 asks for it).
+func (c *Catalog) Fetch(ctx context.Context, name string, version int) (*store.Lineage, store.Files, error) {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	bd, err := c.sh().Bundle(ctx, name)
+	if errors.Is(err, rdb.ErrNoBundle) {
+		return nil, store.Files{}, fmt.Errorf("lineage %q: %w", name, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, store.Files{}, err
+	}
+	if version != 0 && bd.Version != version {
+		return nil, store.Files{}, fmt.Errorf("%s version %d: %w", name, version, catalog.ErrSuperseded)
+	}
+	l, err := metaOf(bd)
+	if err != nil {
+		return nil, store.Files{}, err
+	}
+	key, err := c.N.OpenBundleKey(ctx, bd)
+	if err != nil {
+		return nil, store.Files{}, err
+	}
+	return l, store.Files{Cert: bd.Cert, Chain: bd.Chain, Fullchain: bd.Fullchain, Key: key}, nil
+}
+
+// SetMeta saves new settings for the fleet's current version.
+func (c *Catalog) SetMeta(ctx context.Context, l *store.Lineage) error {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	cp := *l
+	cp.Format = store.FormatVersion
+	meta, _ := json.Marshal(&cp)
+	return c.sh().UpdateMeta(ctx, l.Name, l.Version, meta)
+}
+
+// Delete removes name from the fleet, fenced against every lease holder
+// (invariant I3), then from this node, keeping the tombstone on its
+// disk. The other nodes' agents remove it when they see the delete.
+func (c *Catalog) Delete(ctx context.Context, name string) error {
+	at := time.Now().UTC()
+	var fence int64
+	if err := withRedis(ctx, "giving the delete up", func(ctx context.Context) (err error) {
+		fence, err = c.sh().DeleteBundle(ctx, name, at)
+		return err
+	}); err != nil {
+		return err
+	}
+	return c.N.Local.Forget(name, store.Tombstone{At: at, Fence: fence, By: c.N.Name})
+}
+
+// Status is the fleet's renewal status of name; one that cannot be read
+// counts as none, as the contract allows.
+func (c *Catalog) Status(ctx context.Context, name string) (store.Status, error) {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	raw, err := c.sh().Status(ctx, name)
+	var st store.Status
+	if err == nil && raw != nil {
+		json.Unmarshal(raw, &st)
+	}
+	return st, nil
+}
+
+// SetStatus saves the fleet's renewal status of name. A Redis that does
+// not answer loses only what is learnt again (ARI, backoff).
+func (c *Catalog) SetStatus(ctx context.Context, name string, st store.Status) error {
+	ctx, cancel := rctx(ctx)
+	defer cancel()
+	var err error
+	if st == (store.Status{}) {
+		err = c.sh().DelStatus(ctx, name)
+	} else {
+		data, _ := json.Marshal(st)
+		err = c.sh().SetStatus(ctx, name, data)
+	}
+	if errors.As(err, new(*rdb.Unavailable)) {
+		slog.Warn("could not save the renewal status in Redis; it is learnt again on the next run", "name", name, "err", err)
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,133 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/hint"
+)
+
+// lease is one fleet-wide lease held by this process, extended by a
+// heartbeat until released.
+type lease struct {
+	c     *Catalog
+	name  string
+	token int64
+	stop  chan struct{}
+	done  chan struct{}
+	once  sync.Once
+}
+
+func (l *lease) Token() int64 { return l.token }
+
+func (l *lease) Release() {
+	l.once.Do(func() {
+		if sp := spooledFor(l.c.N.Local, l.name); sp != nil && sp.Token == l.token && !l.publishSpooled() {
+			// Keep the lease (the heartbeat too, until the TTL ends it):
+			// the certificate is only on this node, and another node that
+			// took the name now would order it again.
+			slog.Warn("Redis still away: keeping the lease until it expires so no other node orders this name again; the certificate is published by the agent or the next run", "name", l.name)
+			close(l.stop)
+			<-l.done
+			return
+		}
+		close(l.stop)
+		<-l.done
+		l.c.mu.Lock()
+		if l.c.held[l.name] == l {
+			delete(l.c.held, l.name)
+		}
+		l.c.mu.Unlock()
+		// A Redis that is failing over comes back in seconds: waiting for
+		// it to hand the name back spares every other node the lease's
+		// whole TTL (10 minutes by default) of "another run holds it".
+		if err := withRedis(context.Background(), "leaving the lease to expire", func(ctx context.Context) error {
+			return l.c.sh().Release(ctx, l.name, l.c.Holder, l.token)
+		}); err != nil {
+			slog.Info("could not hand the lease back; it expires by itself", "name", l.name, "err", err)
+		}
+	})
+}
+
+// publishSpooled publishes what this lease's holder kept on the node
+// while Redis was away, retrying for redisWait; it reports whether
+// nothing waits any more.
+func (l *lease) publishSpooled() bool {
+	err := withRedis(context.Background(), "keeping the lease", l.c.N.PublishSpool)
+	return err == nil && spooledFor(l.c.N.Local, l.name) == nil
+}
+
+// Acquire takes name's fleet-wide lease, or fails at once with
+// catalog.ErrLeaseHeld. A heartbeat extends it every third of ttl; a Redis
+// error is retried, not taken as a lost lease (one community Redis
+// storage let its lock go after a single error); the lease is given up
+// as lost only when Redis says another holder has it.
+func (c *Catalog) Acquire(ctx context.Context, name string, ttl time.Duration) (catalog.Lease, error) {
+	tok, err := c.sh().Acquire(ctx, name, c.Holder, ttl)
+	if err == nil && tok == 0 && c.breakDeadOwn(ctx, name) {
+		tok, err = c.sh().Acquire(ctx, name, c.Holder, ttl)
+	}
+	if err != nil {
+		return nil, hint.Wrap(fmt.Errorf("take the fleet lease of %s: %w", name, err), "no order is placed without the lease; the name is left for the next run")
+	}
+	if tok == 0 {
+		return nil, catalog.ErrLeaseHeld
+	}
+	l := &lease{c: c, name: name, token: tok, stop: make(chan struct{}), done: make(chan struct{})}
+	c.mu.Lock()
+	c.held[name] = l
+	c.mu.Unlock()
+	go l.heartbeat(ttl)
+	return l, nil
+}
+
+// breakDeadOwn frees a lease that a process of this very node holds
+// and that is no longer running (killed, or it could not release while
+// Redis was away). This run holds the node's state-directory lock, so
+// no other lbcert run of this node can be using it. Another node's
+// lease is never broken: only its TTL ends it.
+func (c *Catalog) breakDeadOwn(ctx context.Context, name string) bool {
+	holder, token, err := c.sh().Holder(ctx, name)
+	node, pidText, ok := strings.Cut(holder, "/")
+	if err != nil || !ok || node != c.N.Name || holder == c.Holder {
+		return false
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+		return false
+	}
+	slog.Info("freeing a lease left by a process of this node that has exited", "name", name, "pid", pid)
+	return c.sh().Break(ctx, name, holder, token) == nil
+}
+
+func (l *lease) heartbeat(ttl time.Duration) {
+	defer close(l.done)
+	every := max(ttl/3, 100*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), every)
+		ok, err := l.c.sh().Extend(ctx, l.name, l.c.Holder, l.token, ttl)
+		cancel()
+		if err != nil {
+			slog.Debug("could not extend the lease; retrying", "name", l.name, "err", err)
+			continue
+		}
+		if !ok {
+			slog.Warn("lost the fleet lease (this process stalled past --lease-ttl, or Redis lost it); its certificate will be refused if another node published meanwhile", "name", l.name)
+			return
+		}
+	}
+}

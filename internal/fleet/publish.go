@@ -1,0 +1,254 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// Publish records a certificate obtained under lease as the fleet's
+// newest version of l.Name (catalog.Catalog.Publish). The version
+// number comes from Redis alone (invariant I2): when Redis does not
+// answer, even after waiting out a restart or failover, the certificate
+// is kept on this node, unnumbered, and published with its lease's
+// fence by the next run or this node's agent once Redis answers
+// (*KeptHere); it is never ordered twice and never given a number
+// someone else could give too.
+func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lineage, files store.Files) (int, error) {
+	token := lease.Token()
+	var v int
+	err := withRedis(ctx, "keeping the certificate on this node", func(ctx context.Context) (err error) {
+		v, err = c.N.publish(ctx, token, l, files)
+		return err
+	})
+	if errors.As(err, new(*rdb.Unavailable)) {
+		if serr := c.spool(l, files, token); serr != nil {
+			return 0, fmt.Errorf("%w; and keeping it on this node failed too: %v", err, serr)
+		}
+		return 0, &KeptHere{Name: l.Name, Serial: l.Cert.Serial, Err: err}
+	}
+	return v, err
+}
+
+// publish numbers, seals and publishes one certificate, fenced by token
+// (0: a node rebuilding Redis from its disk). A rotation of the data key
+// that ran since this process opened the fleet is followed and the key
+// sealed again under the new one (invariant I5).
+func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files store.Files) (int, error) {
+	if err := n.awaitCatchUp(ctx); err != nil {
+		return 0, err
+	}
+	for attempt := 0; ; attempt++ {
+		v, err := n.Shared.NextVersion(ctx, l.Name, n.Local.MaxVersion(l.Name))
+		if err != nil {
+			return 0, err
+		}
+		bd, err := n.bundle(l, files, v, token)
+		if err != nil {
+			return 0, err
+		}
+		err = n.Shared.Publish(ctx, bd)
+		var stale *rdb.ErrStale
+		if errors.As(err, &stale) && stale.Why == "epoch" && attempt == 0 {
+			if err := n.Refresh(ctx); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if errors.As(err, &stale) {
+			return 0, &catalog.ErrStale{Name: l.Name, Reason: err.Error()}
+		}
+		if err != nil {
+			return 0, err
+		}
+		l.Version = v
+		n.noteIssued(l)
+		return v, nil
+	}
+}
+
+// bundle seals l's key under the fleet's current data key.
+func (n *Node) bundle(l *store.Lineage, files store.Files, v int, fence int64) (*rdb.Bundle, error) {
+	epoch, sealed, err := n.SealBundleKey(l.Name, v, files.Key)
+	if err != nil {
+		return nil, err
+	}
+	cp := *l
+	cp.Version, cp.Format = v, store.FormatVersion
+	cp.Challenge = store.Challenge{Mode: "fleet"}
+	meta, _ := json.Marshal(&cp)
+	return &rdb.Bundle{Name: l.Name, Version: v, Fence: fence, NotBefore: l.Cert.NotBefore, IssuedAt: l.IssuedAt, Epoch: epoch, Node: n.Name,
+		Serial: l.Cert.Serial, Meta: meta, Cert: files.Cert, Chain: files.Chain, Fullchain: files.Fullchain, SealedKey: sealed}, nil
+}
+
+// KeptHere is a certificate obtained while the fleet's Redis did not
+// answer: it waits on this node to be published.
+type KeptHere struct {
+	Name, Serial string
+	Err          error
+}
+
+func (e *KeptHere) Error() string {
+	return fmt.Sprintf("obtained certificate %s for %s, but the fleet's Redis did not answer (%v): it is kept on this node and published when Redis answers", e.Serial, e.Name, e.Err)
+}
+func (e *KeptHere) Unwrap() error { return e.Err }
+
+// NoBackoff: the name is fine.
+func (e *KeptHere) NoBackoff() bool { return true }
+
+// Later makes the engine report it as deferred, not failed: nothing is
+// lost, and nothing is ordered again.
+func (e *KeptHere) Later() bool { return true }
+
+// HintText makes *KeptHere a hint.Hinter.
+func (e *KeptHere) HintText() string {
+	return "nothing to do once Redis is back: this node's agent or next run publishes it, and no other node orders the name meanwhile"
+}
+
+// spooled is a certificate waiting on this node for Redis:
+// <dir>/fleet/unpublished/<name>.json (0600, in the node's 0700 state
+// directory, as its archive is).
+type spooled struct {
+	Token   int64         `json:"fence"`
+	Lineage store.Lineage `json:"lineage"`
+	Files   store.Files   `json:"files"`
+}
+
+func spoolDir(st *store.Store) string { return filepath.Join(fleetDir(st), "unpublished") }
+
+func (c *Catalog) spool(l *store.Lineage, files store.Files, token int64) error {
+	if err := os.MkdirAll(spoolDir(c.N.Local), 0o700); err != nil {
+		return err
+	}
+	data, err := json.Marshal(spooled{Token: token, Lineage: *l, Files: files})
+	if err != nil {
+		return err
+	}
+	slog.Warn("the fleet's Redis did not answer; the certificate is kept on this node and published when Redis is back", "name", l.Name, "serial", l.Cert.Serial)
+	return store.WriteFile(filepath.Join(spoolDir(c.N.Local), l.Name+".json"), data, 0o600)
+}
+
+// spooledFor returns what waits for name, if anything.
+func spooledFor(st *store.Store, name string) *spooled {
+	data, err := os.ReadFile(filepath.Join(spoolDir(st), name+".json"))
+	if err != nil {
+		return nil
+	}
+	var sp spooled
+	if json.Unmarshal(data, &sp) != nil {
+		return nil
+	}
+	return &sp
+}
+
+// PublishSpool publishes what waits on this node for Redis, each under
+// the fence of the lease it was obtained under: a certificate whose
+// name another node took over (or that was deleted) meanwhile is
+// dropped, as the fleet holds the newer one. Runs call it before they
+// plan, and the agent on every heartbeat.
+func (n *Node) PublishSpool(ctx context.Context) error {
+	entries, err := os.ReadDir(spoolDir(n.Local))
+	if err != nil {
+		return nil // nothing waits
+	}
+	for _, e := range entries {
+		name, ok := cutJSON(e.Name())
+		if !ok {
+			continue
+		}
+		sp := spooledFor(n.Local, name)
+		if sp == nil {
+			os.Remove(filepath.Join(spoolDir(n.Local), e.Name()))
+			continue
+		}
+		l := sp.Lineage
+		_, err := n.publish(ctx, sp.Token, &l, sp.Files)
+		var stale *catalog.ErrStale
+		switch {
+		case errors.As(err, &stale):
+			slog.Warn("dropped a certificate kept on this node while Redis was away: the fleet holds a newer one, or the name was deleted", "name", name, "serial", l.Cert.Serial, "why", err)
+		case err != nil:
+			return err
+		default:
+			slog.Info("published a certificate kept on this node while Redis was away", "name", name, "version", l.Version)
+		}
+		os.Remove(filepath.Join(spoolDir(n.Local), e.Name()))
+	}
+	return nil
+}
+
+func cutJSON(s string) (string, bool) {
+	if len(s) > 5 && s[len(s)-5:] == ".json" {
+		return s[:len(s)-5], true
+	}
+	return "", false
+}
+
+// awaitCatchUp holds an order's publish (and an account's registration)
+// for a short while after Redis was rebuilt, until every member with a
+// live agent has added what it holds: otherwise a node that did not
+// hold the newest version could number a certificate that another node
+// already holds under that number, or register a second account.
+func (n *Node) awaitCatchUp(ctx context.Context) error {
+	meta, err := n.Shared.HGetAll(ctx, "meta")
+	if err != nil {
+		return err
+	}
+	ms, _ := strconv.ParseInt(meta["rebuilt_at"], 10, 64)
+	if ms == 0 || time.Since(time.UnixMilli(ms)) > catchUpWindow {
+		return nil
+	}
+	deadline := time.Now().Add(catchUpWait)
+	for {
+		missing, err := n.notCaughtUp(ctx, meta["gen"])
+		if err != nil || len(missing) == 0 {
+			return err
+		}
+		if time.Now().After(deadline) {
+			slog.Warn("Redis was rebuilt and some nodes have not added their certificates yet; going ahead", "nodes", missing)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// catchUpWindow is how long after a rebuild publishes check that the
+// members caught up; catchUpWait how long one waits for them.
+const (
+	catchUpWindow = 10 * time.Minute
+	catchUpWait   = 20 * time.Second
+)
+
+// notCaughtUp lists the members with a live agent that have not added
+// their disk to Redis generation gen.
+func (n *Node) notCaughtUp(ctx context.Context, gen string) ([]string, error) {
+	agents, err := n.LiveAgents(ctx)
+	if err != nil {
+		return nil, err
+	}
+	done, err := n.Shared.CaughtUp(ctx, gen)
+	if err != nil {
+		return nil, err
+	}
+	var missing []string
+	for _, a := range agents {
+		if !done[a.Node] {
+			missing = append(missing, a.Node)
+		}
+	}
+	return missing, nil
+}

@@ -1,0 +1,90 @@
+package rdb
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+)
+
+// The lease of one name is the key lease:<name> holding "<holder>/<token>",
+// with a TTL; fence:<name> is the counter tokens come from. Acquire
+// creates the lease and takes the next token in one script, so there is
+// no moment where a lease exists without its token or two holders both
+// see the name free. The counter outlives leases, so a token only grows.
+var acquireScript = goredis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '/' .. t, 'PX', ARGV[2])
+return t
+`)
+
+// Extend and release compare the whole value, holder and token: a
+// holder that stalled past its TTL and woke up after someone else took
+// the name must not extend or delete the new holder's lease.
+var extendScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+`)
+
+var releaseScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// Acquire takes the lease of name for holder, for ttl. It returns the
+// fencing token, or 0 when someone holds the name.
+func (s *Shared) Acquire(ctx context.Context, name, holder string, ttl time.Duration) (int64, error) {
+	t, err := acquireScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("fence", name)}, holder, ttl.Milliseconds()).Int64()
+	return t, s.unavailable(err)
+}
+
+// Extend pushes the lease's expiry to ttl from now; false means the
+// lease is no longer holder's (it expired and was taken, or Redis lost it).
+func (s *Shared) Extend(ctx context.Context, name, holder string, token int64, ttl time.Duration) (bool, error) {
+	n, err := extendScript.Run(ctx, s.c, []string{s.k("lease", name)}, leaseValue(holder, token), ttl.Milliseconds()).Int64()
+	return n == 1, s.unavailable(err)
+}
+
+// Release deletes the lease if it is still holder's.
+func (s *Shared) Release(ctx context.Context, name, holder string, token int64) error {
+	return s.unavailable(releaseScript.Run(ctx, s.c, []string{s.k("lease", name)}, leaseValue(holder, token)).Err())
+}
+
+// Fence is the newest token handed out for name (0 for none).
+func (s *Shared) Fence(ctx context.Context, name string) (int64, error) {
+	n, err := s.c.Get(ctx, s.k("fence", name)).Int64()
+	if err == goredis.Nil {
+		return 0, nil
+	}
+	return n, s.unavailable(err)
+}
+
+func leaseValue(holder string, token int64) string {
+	return holder + "/" + itoa(token)
+}
+
+// Holder reads who holds name's lease ("" when free) and its token.
+func (s *Shared) Holder(ctx context.Context, name string) (holder string, token int64, err error) {
+	v, err := s.c.Get(ctx, s.k("lease", name)).Result()
+	if err == goredis.Nil {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, s.unavailable(err)
+	}
+	i := strings.LastIndexByte(v, '/')
+	if i < 0 {
+		return v, 0, nil
+	}
+	t, _ := strconv.ParseInt(v[i+1:], 10, 64)
+	return v[:i], t, nil
+}
+
+// Break deletes name's lease if holder still has it with token: for a
+// holder known to be dead.
+func (s *Shared) Break(ctx context.Context, name, holder string, token int64) error {
+	return s.Release(ctx, name, holder, token)
+}

@@ -1,0 +1,344 @@
+package rdb
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/testenv"
+)
+
+// A real redis-server: the scripts are the point, and only Redis runs Lua.
+func dial(t *testing.T) *Shared {
+	t.Helper()
+	r, err := testenv.StartRedis(t.TempDir(), "s3cret-pass", nil)
+	if err != nil {
+		t.Fatalf("start redis: %v", err)
+	}
+	t.Cleanup(r.Stop)
+	s, err := Dial(context.Background(), Options{URL: r.URL(), Password: "s3cret-pass"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestLeaseIsExclusiveAndFenced(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	// 20 holders race for one name: exactly one wins.
+	var wins atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok, err := s.Acquire(ctx, "foo.com", "node"+itoa(int64(i)), time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			if tok > 0 {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if wins.Load() != 1 {
+		t.Fatalf("%d holders got the lease, want 1", wins.Load())
+	}
+
+	// A short lease expires; the next holder gets a larger token, and the
+	// stale holder can neither extend nor release the new one.
+	t1, _ := s.Acquire(ctx, "bar.com", "a", 100*time.Millisecond)
+	time.Sleep(200 * time.Millisecond)
+	t2, _ := s.Acquire(ctx, "bar.com", "b", time.Minute)
+	if t1 == 0 || t2 <= t1 {
+		t.Fatalf("tokens %d then %d: want growing", t1, t2)
+	}
+	if ok, _ := s.Extend(ctx, "bar.com", "a", t1, time.Minute); ok {
+		t.Error("stale holder extended the new holder's lease")
+	}
+	s.Release(ctx, "bar.com", "a", t1)
+	if tok, _ := s.Acquire(ctx, "bar.com", "c", time.Minute); tok != 0 {
+		t.Error("stale holder's release freed the new holder's lease")
+	}
+	if ok, _ := s.Extend(ctx, "bar.com", "b", t2, time.Minute); !ok {
+		t.Error("holder could not extend its own lease")
+	}
+	s.Release(ctx, "bar.com", "b", t2)
+	if tok, _ := s.Acquire(ctx, "bar.com", "c", time.Minute); tok <= t2 {
+		t.Errorf("after release: token %d, want > %d", tok, t2)
+	}
+}
+
+func TestPublishRefusesStaleWriters(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	t1, _ := s.Acquire(ctx, "foo.com", "a", 50*time.Millisecond)
+	time.Sleep(100 * time.Millisecond)
+	t2, _ := s.Acquire(ctx, "foo.com", "b", time.Minute)
+	v, _ := s.NextVersion(ctx, "foo.com", 0)
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v, Fence: t2, NotBefore: nb, Meta: []byte("{}"), SealedKey: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	// The stale holder's certificate is even newer, but its lease was
+	// taken over: refused.
+	v2, _ := s.NextVersion(ctx, "foo.com", 0)
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, Fence: t1, NotBefore: nb.Add(time.Minute)}); !stale(err, "lease") {
+		t.Errorf("stale lease publish: %v, want ErrStale", err)
+	}
+	// An older certificate never replaces a newer one, even unfenced (a
+	// re-seed from an out-of-date disk).
+	if err := s.Publish(ctx, &Bundle{Name: "foo.com", Version: v2, NotBefore: nb.Add(-time.Hour)}); !stale(err, "older") {
+		t.Errorf("older certificate publish: %v, want ErrStale", err)
+	}
+	if _, err := s.Fullchain(ctx, "nosuch.com"); !errors.Is(err, ErrNoBundle) {
+		t.Errorf("full chain of a missing bundle: %v", err)
+	}
+	b, err := s.Bundle(ctx, "foo.com")
+	if err != nil || b.Version != v || b.Fence != t2 || string(b.SealedKey) != "x" || !b.NotBefore.Equal(nb) {
+		t.Fatalf("bundle %+v, %v", b, err)
+	}
+	if v2 <= v {
+		t.Errorf("versions %d then %d", v, v2)
+	}
+	// A wiped counter does not reuse versions: the floor and the bundle win.
+	s.Client().Del(ctx, s.k("ver", "foo.com"))
+	if v3, _ := s.NextVersion(ctx, "foo.com", 7); v3 != 8 {
+		t.Errorf("next version after wipe with floor 7: %d, want 8", v3)
+	}
+	names, _ := s.Names(ctx)
+	if len(names) != 1 || names[0] != "foo.com" {
+		t.Errorf("names %v", names)
+	}
+}
+
+func stale(err error, why string) bool {
+	var e *ErrStale
+	return errors.As(err, &e) && e.Why == why
+}
+
+// One version number names one certificate: a publish under a number
+// the fleet already holds is refused, whatever its lease or notBefore.
+func TestPublishNeverReusesAVersion(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	tok, _ := s.Acquire(ctx, "v.com", "a", time.Minute)
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 2, Fence: tok, NotBefore: nb}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 2, Fence: tok, NotBefore: nb.Add(time.Hour)}); !stale(err, "version") {
+		t.Fatalf("same version again: %v", err)
+	}
+	// A key sealed under another epoch than meta's is refused (I5).
+	s.Client().HSet(ctx, s.k("meta"), "epoch", 2)
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 3, Epoch: 1, Fence: tok, NotBefore: nb.Add(time.Hour)}); !stale(err, "epoch") {
+		t.Fatalf("old epoch: %v", err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "v.com", Version: 3, Epoch: 2, Fence: tok, NotBefore: nb.Add(time.Hour)}); err != nil {
+		t.Fatalf("current epoch: %v", err)
+	}
+}
+
+// A delete is fenced against the lease holder that took the name before
+// it, and a later lease clears the tombstone; an unfenced re-seed never
+// brings the name back; a tombstone seeded into a rebuilt Redis removes
+// a bundle issued before the delete.
+func TestDeleteIsFencedAndSticks(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	nb := time.Now().Truncate(time.Millisecond)
+	held, _ := s.Acquire(ctx, "d.com", "a", time.Minute)
+	fence, err := s.DeleteBundle(ctx, "d.com", nb)
+	if err != nil || fence <= held {
+		t.Fatalf("delete: fence %d after lease %d, %v", fence, held, err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, Fence: held, NotBefore: nb}); !stale(err, "lease") && !stale(err, "deleted") {
+		t.Fatalf("publish by the holder from before the delete: %v", err)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, NotBefore: nb}); !stale(err, "deleted") {
+		t.Fatalf("unfenced re-seed of a deleted name: %v", err)
+	}
+	s.Release(ctx, "d.com", "a", held)
+	later, _ := s.Acquire(ctx, "d.com", "b", time.Minute)
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, Fence: later, NotBefore: nb, IssuedAt: nb}); err != nil {
+		t.Fatalf("a new issue after the delete: %v", err)
+	}
+	if ok, _ := s.IsDeleted(ctx, "d.com"); ok {
+		t.Fatal("the tombstone outlived a new issue")
+	}
+	// Redis emptied; one node republishes the old certificate, another
+	// its tombstone of a later delete: the tombstone wins, in either order.
+	s.Client().FlushAll(ctx)
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, NotBefore: nb, IssuedAt: nb}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := s.Names(ctx); len(names) != 0 {
+		t.Fatalf("names after the tombstone came back: %v", names)
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 2, NotBefore: nb.Add(time.Second), IssuedAt: nb}); !stale(err, "deleted") {
+		t.Fatalf("re-seed after the tombstone: %v", err)
+	}
+	// A certificate issued after the delete (the name was issued again,
+	// and Redis lost it) is given back, and beats the older tombstone in
+	// either order.
+	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 3, NotBefore: nb.Add(2 * time.Minute), IssuedAt: nb.Add(2 * time.Minute)}); err != nil {
+		t.Fatalf("re-seed of a certificate issued after the delete: %v", err)
+	}
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := s.Names(ctx); len(names) != 1 {
+		t.Fatalf("an older tombstone removed a certificate issued after it: %v", names)
+	}
+	if ok, _ := s.IsDeleted(ctx, "d.com"); ok {
+		t.Fatal("an older tombstone was recorded beside a newer certificate")
+	}
+}
+
+func TestLedgerCapsExactSets(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	now := time.Now()
+	week := 7 * 24 * time.Hour
+	var ok atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, _, err := s.LedgerTake(ctx, "a.com,www.a.com", "id"+itoa(int64(i)), 3, week, now)
+			if err != nil {
+				t.Error(err)
+			}
+			if got {
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 3 {
+		t.Fatalf("%d places taken, want 3", ok.Load())
+	}
+	got, free, _ := s.LedgerTake(ctx, "a.com,www.a.com", "late", 3, week, now)
+	if got || free.Sub(now.Add(week)).Abs() > time.Second {
+		t.Errorf("full ledger: got=%v free at %v", got, free)
+	}
+	// Giving back every id frees every place that was taken.
+	for i := range 10 {
+		s.LedgerGive(ctx, "a.com,www.a.com", "id"+itoa(int64(i)))
+	}
+	if n, _ := s.LedgerCount(ctx, "a.com,www.a.com", week, now); n != 0 {
+		t.Errorf("count after giving every place back: %d, want 0", n)
+	}
+	// Entries older than the window do not count.
+	s.LedgerSeed(ctx, "b.com", "old", now.Add(-8*24*time.Hour), week)
+	s.LedgerSeed(ctx, "b.com", "new", now.Add(-time.Hour), week)
+	s.LedgerSeed(ctx, "b.com", "new", now.Add(-time.Hour), week)
+	if n, _ := s.LedgerCount(ctx, "b.com", week, now); n != 1 {
+		t.Errorf("seeded count %d, want 1", n)
+	}
+}
+
+func TestUnreachableRedisIsUnavailable(t *testing.T) {
+	port, _ := testenv.FreePort()
+	_, err := Dial(context.Background(), Options{URL: "redis://127.0.0.1:" + itoa(int64(port)) + "/0"})
+	var u *Unavailable
+	if !errors.As(err, &u) {
+		t.Fatalf("dial a closed port: %v, want *Unavailable", err)
+	}
+	for _, bad := range []string{"redis://user:pw@127.0.0.1:1/0", "http://x", "redis://h/abc", "redis-sentinel://h:1", "redis://h/0/1"} {
+		if _, err := Dial(context.Background(), Options{URL: bad}); err == nil || errors.As(err, &u) {
+			t.Errorf("%s: %v, want a settings error", bad, err)
+		}
+	}
+}
+
+// A Redis Cluster node is refused at once, saying why and what to use.
+func TestClusterIsRefused(t *testing.T) {
+	r, err := testenv.StartRedisConf(t.TempDir(), "cluster-enabled yes\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Stop)
+	_, err = Dial(context.Background(), Options{URL: r.URL()})
+	if err == nil || !strings.Contains(err.Error(), "Redis Cluster, which lbcert does not support") || !strings.Contains(err.Error(), "Sentinel") {
+		t.Fatalf("dial a cluster node: %v", err)
+	}
+}
+
+// Two nodes registering the same account at once: the fleet keeps one
+// node's key with that node's registration, never a mix.
+func TestAccountIsCreatedWhole(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	var wins atomic.Int32
+	s.Client().HSet(ctx, s.k("meta"), "epoch", 1)
+	if _, err := s.CreateAccount(ctx, "https://ca/dir", "ops@example.com", 2, []byte("k"), []byte("r")); err != ErrEpoch {
+		t.Fatalf("an account sealed under another epoch: %v", err)
+	}
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := itoa(int64(i))
+			ok, err := s.CreateAccount(ctx, "https://ca/dir", "ops@example.com", 1, []byte("key-"+id), []byte("reg-"+id))
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	key, reg, _, err := s.Account(ctx, "https://ca/dir", "ops@example.com")
+	if err != nil || wins.Load() != 1 || strings.TrimPrefix(string(key), "key-") != strings.TrimPrefix(string(reg), "reg-") {
+		t.Fatalf("wins %d, key %q, reg %q, %v", wins.Load(), key, reg, err)
+	}
+}
+
+// A password in a --redis URL is never repeated in a message, even when
+// the URL does not parse.
+func TestRedactNeverEchoesAPassword(t *testing.T) {
+	for _, raw := range []string{
+		"redis://user:s3cret@127.0.0.1:6379/0",
+		"redis://:s3cret@[::1:6379/0",
+		"redis://u:s3cret%zz@host/0",
+		"s3cret@no-scheme",
+		"redis://127.0.0.1:6379/0?password=s3cret",
+		"redis://127.0.0.1:6379/0#s3cret",
+		"redis-sentinel://127.0.0.1:26379/m/0?sentinel_password=s3cret",
+		"redis://%zz@127.0.0.1/0?password=s3cret",
+	} {
+		if got := redact(raw); strings.Contains(got, "s3cret") {
+			t.Errorf("redact(%q) = %q", raw, got)
+		}
+		_, err := Dial(context.Background(), Options{URL: raw})
+		if err == nil || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("Dial(%q): %v", raw, err)
+		}
+	}
+}
+
+// An empty Sentinel master name is bad input, not an unreachable Redis.
+func TestSentinelURLNeedsAMaster(t *testing.T) {
+	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/"} {
+		_, err := Dial(context.Background(), Options{URL: raw})
+		var u *Unavailable
+		if err == nil || errors.As(err, &u) {
+			t.Errorf("Dial(%q): %v, want a bad-input error", raw, err)
+		}
+	}
+}
