@@ -169,22 +169,6 @@ func (r *chaosRun) expectedLive() map[string]string {
 	return out
 }
 
-// fleetStatusJSON is what the checks read of 'fleet status --json'.
-type fleetStatusJSON struct {
-	Lineages int          `json:"lineages"`
-	OK       bool         `json:"ok"`
-	Nodes    []statusNode `json:"nodes"`
-}
-
-type statusNode struct {
-	Node        string   `json:"node"`
-	Newest      int      `json:"newest"`
-	Behind      int      `json:"behind"`
-	Failed      int      `json:"failed"`
-	BehindNames []string `json:"behind_names"`
-	Problems    []string `json:"problems"`
-}
-
 // checkStatus is I1's second half: 'fleet status' says a member is
 // behind exactly when its load balancer is, and exits 0 exactly when no
 // member is. A node reports what it serves a moment after it serves
