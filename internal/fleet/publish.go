@@ -43,7 +43,10 @@ func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lin
 // publish numbers, seals and publishes one certificate, fenced by token
 // (0: a node rebuilding Redis from its disk). A rotation of the data key
 // that ran since this process opened the fleet is followed and the key
-// sealed again under the new one (invariant I5).
+// sealed again under the new one (invariant I5); a Redis that lost its
+// epoch since (emptied, or an older snapshot) is rebuilt or repaired
+// from this node first, as opening the fleet would, so a certificate
+// the CA already counted is not thrown away.
 func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files store.Files) (int, error) {
 	if err := n.awaitCatchUp(ctx); err != nil {
 		return 0, err
@@ -61,6 +64,12 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		var stale *rdb.ErrStale
 		if errors.As(err, &stale) && stale.Why == "epoch" && attempt == 0 {
 			if err := n.Refresh(ctx); err != nil {
+				return 0, err
+			}
+			if err := n.CheckSeeded(ctx); err != nil {
+				return 0, err
+			}
+			if err := n.awaitCatchUp(ctx); err != nil {
 				return 0, err
 			}
 			continue
