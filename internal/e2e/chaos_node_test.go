@@ -340,19 +340,7 @@ func (v *validationFront) set(nodes []*chaosNode) error {
 	for _, n := range nodes {
 		fmt.Fprintf(&servers, "    server %s 127.0.0.1:%d check inter 500 fall 2 rise 1\n", n.name, n.port)
 	}
-	conf := fmt.Sprintf(`global
-    maxconn 500
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-frontend acme
-    bind 127.0.0.1:%d
-    default_backend agents
-backend agents
-    balance random
-%s`, v.port, servers.String())
+	conf := agentsFrontConf(fmt.Sprintf("127.0.0.1:%d", v.port), servers.String())
 	path := filepath.Join(v.dir, "haproxy.cfg")
 	os.MkdirAll(v.dir, 0o755)
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
