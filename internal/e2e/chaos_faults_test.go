@@ -28,7 +28,7 @@ func (r *chaosRun) runFault(ev chaosEvent) {
 		err = r.redisKill(rec, ev, heal)
 	case fFlushAll:
 		r.redis.mu.Lock()
-		r.setFault(rec, func() { rec.Target = "redis" })
+		r.setFault(rec, func() { rec.Target, rec.LostData = "redis", true })
 		err = r.redis.do("FLUSHALL")
 		r.redis.mu.Unlock()
 		r.logf("fault %s", ev.Kind)
@@ -93,6 +93,10 @@ func (r *chaosRun) redisKill(rec *faultRec, ev chaosEvent, heal func()) error {
 		r.logf("fault redis-kill: %v", err)
 	}
 	heal()
+	// Alone, an instance comes back empty unless it had an AOF and gets
+	// one again; with Sentinel the replica took over with the data.
+	lost := r.redis.sentinel == nil && (!r.redis.aof[in] || !ev.AOF)
+	r.setFault(rec, func() { rec.LostData = lost })
 	if err := r.redis.restart(in, ev.AOF); err != nil {
 		return fmt.Errorf("restart %s: %w", in.Addr(), err)
 	}

@@ -81,6 +81,9 @@ type faultRec struct {
 	Target     string
 	Start, End time.Time
 	Skipped    string // why it did nothing
+	// LostData: Redis's data went (FLUSHALL, or a redis-server killed or
+	// restarted without an AOF), the leases with it.
+	LostData bool
 }
 
 type violation struct{ Inv, Msg string }
