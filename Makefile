@@ -13,7 +13,7 @@ TEST_PKGS := nginx-light haproxy redis-server redis-sentinel
 # Peers for the benchmarks.
 BENCH_PKGS := certbot lego
 
-.PHONY: all build test unit e2e demo deps bench bench-deps docs install lint clean fuzz
+.PHONY: all build test unit e2e demo deps bench bench-deps docs install lint clean fuzz torture
 
 all: build
 
@@ -39,6 +39,23 @@ unit:
 
 e2e: deps
 	GO=$(GO) internal/testenv/gotest -count=1 -timeout 25m -v ./internal/e2e/
+
+# torture runs fleet mode's seeded random fault test (TestFleetRandomFaults,
+# internal/e2e/fleet_random_test.go) for SEEDS seeds (1..SEEDS) of
+# DURATION each, and prints per seed: the nodes, the operation and fault
+# counts, the run time and the invariant violations (the table also goes
+# to bin/torture.md, for the benchmark page). make test runs its short
+# mode: 3 seeds of 15 s. Replay one seed with
+#   go test -count=1 -run 'TestFleetRandomFaults$$' ./internal/e2e/ -seed N -duration 5m
+# (-chaos-keep DIR keeps a failing seed's logs in full).
+SEEDS    ?= 20
+DURATION ?= 5m
+torture: deps
+	@mkdir -p bin
+	@rm -f bin/torture.md
+	$(GO) test -count=1 -timeout 6h -run 'TestFleetRandomFaults$$' ./internal/e2e/ \
+		-seeds $(SEEDS) -duration $(DURATION) -chaos-table $(CURDIR)/bin/torture.md -chaos-keep $(CURDIR)/bin/torture-logs; \
+		status=$$?; echo; cat bin/torture.md; exit $$status
 
 # bench measures a nothing-due renew over 10,000 lineages against certbot
 # and lego over their own, then issuing 200 certificates with lbcert batch

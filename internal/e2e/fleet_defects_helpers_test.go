@@ -471,15 +471,21 @@ func (f *fleetEnv) openedBy(o *outsider) []string {
 	return opened
 }
 
-// fleetStatusJSON is what the defect tests read of 'fleet status --json'.
+// fleetStatusJSON is what the defect tests and the random fault test
+// (chaos_check_test.go) read of 'fleet status --json'.
 type fleetStatusJSON struct {
-	Lineages int `json:"lineages"`
-	Nodes    []struct {
-		Node   string `json:"node"`
-		Newest int    `json:"newest"`
-		Behind int    `json:"behind"`
-		Failed int    `json:"failed"`
-	} `json:"nodes"`
+	Lineages int          `json:"lineages"`
+	OK       bool         `json:"ok"`
+	Nodes    []statusNode `json:"nodes"`
+}
+
+type statusNode struct {
+	Node        string   `json:"node"`
+	Newest      int      `json:"newest"`
+	Behind      int      `json:"behind"`
+	Failed      int      `json:"failed"`
+	BehindNames []string `json:"behind_names"`
+	Problems    []string `json:"problems"`
 }
 
 // status runs 'fleet status --json' on node n.

@@ -215,21 +215,8 @@ func (f *fleetEnv) validateVia(nodes ...string) {
 		fmt.Fprintf(&servers, "    server %s 127.0.0.1:%d\n", n, f.nodes[n].port)
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", f.pebble.HTTPPort)
-	conf := fmt.Sprintf(`global
-    maxconn 200
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-frontend acme
-    bind %s
-    default_backend agents
-backend agents
-    balance random
-%s`, listen, servers.String())
 	path := filepath.Join(f.hdir, "haproxy.cfg")
-	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(agentsFrontConf(listen, servers.String())), 0o644); err != nil {
 		f.t.Fatal(err)
 	}
 	if f.haproxy != nil {
@@ -241,6 +228,25 @@ backend agents
 	}
 	f.haproxy = h
 	f.t.Cleanup(h.Stop)
+}
+
+// agentsFrontConf is the HAProxy config of the front on the port Pebble
+// validates HTTP-01 on: "balance random" over the agents' server lines,
+// as a real pool's front spreads the CA's requests.
+func agentsFrontConf(listen, servers string) string {
+	return fmt.Sprintf(`global
+    maxconn 500
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend acme
+    bind %s
+    default_backend agents
+backend agents
+    balance random
+%s`, listen, servers)
 }
 
 func (f *fleetEnv) rdb() *goredis.Client {
@@ -307,28 +313,11 @@ func (f *fleetEnv) batchAll(csv string, extra ...string) map[string]result {
 
 // scanRedis returns every key and value (hash fields too) in Redis.
 func (f *fleetEnv) scanRedis() map[string][]byte {
-	ctx := context.Background()
 	c := f.rdb()
 	defer c.Close()
-	out := map[string][]byte{}
-	keys, err := c.Keys(ctx, "*").Result()
+	out, err := dumpRedis(c)
 	if err != nil {
 		f.t.Fatal(err)
-	}
-	for _, k := range keys {
-		switch c.Type(ctx, k).Val() {
-		case "string":
-			v, _ := c.Get(ctx, k).Bytes()
-			out[k] = v
-		case "hash":
-			for field, v := range c.HGetAll(ctx, k).Val() {
-				out[k+" "+field] = []byte(v)
-			}
-		case "set":
-			out[k] = []byte(strings.Join(c.SMembers(ctx, k).Val(), "\n"))
-		case "zset":
-			out[k] = []byte(strings.Join(c.ZRange(ctx, k, 0, -1).Val(), "\n"))
-		}
 	}
 	return out
 }

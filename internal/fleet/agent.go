@@ -203,14 +203,21 @@ func (a *Agent) beat(ctx context.Context) error {
 	// what is sealed under the new key; membership changes are read. A
 	// node that was removed stops answering tokens and installing
 	// (invariant I5).
-	if err := n.Refresh(bctx); err != nil {
-		var removed *Removed
-		if errors.As(err, &removed) && a.removed.CompareAndSwap(false, true) {
-			slog.Error("this node was removed from the fleet: its agent answers no token and installs nothing more", "err", err)
-		}
+	if err := a.refresh(bctx); err != nil {
 		return err
 	}
 	return n.loadMembers(bctx)
+}
+
+// refresh follows a key rotation; a node that learns it was removed
+// stops answering tokens and installing for good.
+func (a *Agent) refresh(ctx context.Context) error {
+	err := a.N().Refresh(ctx)
+	var removed *Removed
+	if errors.As(err, &removed) && a.removed.CompareAndSwap(false, true) {
+		slog.Error("this node was removed from the fleet: its agent answers no token and installs nothing more", "err", err)
+	}
+	return err
 }
 
 // publishQueued publishes the certificates a run of this node kept
@@ -268,12 +275,19 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	keyAuth, ttl, err := a.N().Shared.Token(rctx, host, token)
+	keyAuth, ttl, epoch, err := a.N().Shared.Token(rctx, host, token)
 	if err != nil {
 		// Redis away: a token seen before is still good until it expires.
 		if hit && now.Before(c.expires) {
 			return c.keyAuth, true
 		}
+		return "", false
+	}
+	// A rotation since this agent's last heartbeat may be this node's
+	// removal: from the moment 'fleet remove' returns its agent answers
+	// no token (I5), so the rotation is followed before answering, and
+	// a token is not answered while it cannot be.
+	if epoch > a.N().Epoch() && a.refresh(rctx) != nil {
 		return "", false
 	}
 	a.mu.Lock()

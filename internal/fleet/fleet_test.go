@@ -259,7 +259,7 @@ func TestAgentAnswersByHostAndPresentChecksEveryAgent(t *testing.T) {
 	if !errors.As(err, &ace) || ace.Node != "lb2" {
 		t.Fatalf("Present with a dead agent: %v", err)
 	}
-	if v, _, _ := sh.Token(ctx, "foo.com", "tok2"); v != "" {
+	if v, _, _, _ := sh.Token(ctx, "foo.com", "tok2"); v != "" {
 		t.Error("the abandoned token stayed in Redis")
 	}
 }
@@ -376,5 +376,70 @@ func TestSweepPaceBudget(t *testing.T) {
 	after, _ := PaceStore{sh}.Fields()
 	if err != nil || n == 0 || len(after) != 0 {
 		t.Fatalf("sweep a week later: removed %d, left %v, %v", n, after, err)
+	}
+}
+
+// I5: from the moment 'fleet remove' returns, the removed node's agent
+// answers no token, even before its next heartbeat would tell it; a
+// member's agent follows the rotation and goes on answering. Found by
+// TestFleetRandomFaults seeds 3 and 11: a removed agent answered the
+// token of an order placed 1.5 s after its removal.
+func TestRemovedAgentAnswersNoTokenOnceRemoveReturns(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := map[string]func(token string) int{}
+	for _, name := range []string{"lb2", "lb3"} {
+		st := store.New(filepath.Join(dir, name))
+		fp, _, err := Join(ctx, sh, st, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, name, fp); err != nil {
+			t.Fatal(err)
+		}
+		n, err := Open(ctx, sh, st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A heartbeat an hour away: only the first, at connect, runs.
+		a := &Agent{Connect: func(context.Context) (*Node, error) { return n, nil }, Listener: ln, Advertise: ln.Addr().String(), Beat: time.Hour}
+		go a.Run(ctx)
+		get[name] = func(token string) int {
+			req, _ := http.NewRequest("GET", "http://"+ln.Addr().String()+"/.well-known/acme-challenge/"+token, nil)
+			req.Host = "foo.com"
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			return resp.StatusCode
+		}
+	}
+	waitFor(t, func() bool { ag, _ := lb1.LiveAgents(ctx); return len(ag) == 2 })
+	sh.PutToken(ctx, "foo.com", "before", "before.thumb", time.Minute)
+	for name, g := range get {
+		if code := g("before"); code != http.StatusOK {
+			t.Fatalf("%s's agent before the removal: %d, want 200", name, code)
+		}
+	}
+	if _, err := lb1.Remove(ctx, "lb2"); err != nil {
+		t.Fatal(err)
+	}
+	sh.PutToken(ctx, "foo.com", "after", "after.thumb", time.Minute)
+	if code := get["lb2"]("after"); code != http.StatusNotFound {
+		t.Errorf("removed lb2's agent answered a token published after 'fleet remove' returned: %d, want 404", code)
+	}
+	if code := get["lb3"]("after"); code != http.StatusOK {
+		t.Errorf("member lb3's agent after the rotation: %d, want 200", code)
 	}
 }

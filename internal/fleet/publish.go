@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -43,13 +45,16 @@ func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lin
 // publish numbers, seals and publishes one certificate, fenced by token
 // (0: a node rebuilding Redis from its disk). A rotation of the data key
 // that ran since this process opened the fleet is followed and the key
-// sealed again under the new one (invariant I5).
+// sealed again under the new one (invariant I5); a Redis that lost its
+// epoch since (emptied, or an older snapshot) is rebuilt or repaired
+// from this node first, as opening the fleet would, so a certificate
+// the CA already counted is not thrown away.
 func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files store.Files) (int, error) {
 	if err := n.awaitCatchUp(ctx); err != nil {
 		return 0, err
 	}
 	for attempt := 0; ; attempt++ {
-		v, err := n.Shared.NextVersion(ctx, l.Name, n.Local.MaxVersion(l.Name))
+		v, err := n.Shared.NextVersion(ctx, l.Name, n.versionFloor(l.Name))
 		if err != nil {
 			return 0, err
 		}
@@ -61,6 +66,12 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		var stale *rdb.ErrStale
 		if errors.As(err, &stale) && stale.Why == "epoch" && attempt == 0 {
 			if err := n.Refresh(ctx); err != nil {
+				return 0, err
+			}
+			if err := n.CheckSeeded(ctx); err != nil {
+				return 0, err
+			}
+			if err := n.awaitCatchUp(ctx); err != nil {
 				return 0, err
 			}
 			continue
@@ -80,6 +91,18 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		}
 		return v, nil
 	}
+}
+
+// versionFloor is the highest version number this node knows name by:
+// its archive's, or its tombstone's once the name was deleted (the
+// files are gone; a Redis that lost its counter must still number the
+// name, issued again, above it: I2).
+func (n *Node) versionFloor(name string) int {
+	v := n.Local.MaxVersion(name)
+	if t, _ := n.Local.ReadTombstone(name); t != nil {
+		v = max(v, t.Version)
+	}
+	return v
 }
 
 // bundle seals l's key under the fleet's current data key.
@@ -210,12 +233,17 @@ func (n *Node) awaitCatchUp(ctx context.Context) error {
 		return err
 	}
 	ms, _ := strconv.ParseInt(meta["rebuilt_at"], 10, 64)
-	if ms == 0 || time.Since(time.UnixMilli(ms)) > catchUpWindow {
+	rebuilt := time.UnixMilli(ms)
+	if ms == 0 || time.Since(rebuilt) > catchUpWindow {
 		return nil
+	}
+	// This node first: its own agent may be down.
+	if err := n.catchUp(ctx); err != nil {
+		return err
 	}
 	deadline := time.Now().Add(catchUpWait)
 	for {
-		missing, err := n.notCaughtUp(ctx, meta["gen"])
+		missing, err := n.notCaughtUp(ctx, meta["gen"], rebuilt, time.Now())
 		if err != nil || len(missing) == 0 {
 			return err
 		}
@@ -232,15 +260,23 @@ func (n *Node) awaitCatchUp(ctx context.Context) error {
 }
 
 // catchUpWindow is how long after a rebuild publishes check that the
-// members caught up; catchUpWait how long one waits for them.
+// members caught up; catchUpWait how long one waits for them;
+// catchUpGrace how long after a rebuild every member is waited for, not
+// only those with a heartbeat: the heartbeats went with Redis's data,
+// and an agent beats again (and catches up) within its longest backoff
+// plus one beat.
 const (
 	catchUpWindow = 10 * time.Minute
 	catchUpWait   = 20 * time.Second
+	catchUpGrace  = maxBackoff + 3*time.Second
 )
 
-// notCaughtUp lists the members with a live agent that have not added
-// their disk to Redis generation gen.
-func (n *Node) notCaughtUp(ctx context.Context, gen string) ([]string, error) {
+// notCaughtUp lists the members that have not added their disk to Redis
+// generation gen, rebuilt at rebuilt: those with a live agent, and until
+// catchUpGrace after the rebuild every member (an order placed meanwhile
+// could otherwise number a certificate with a number a member's disk
+// holds, or its tombstone: I2).
+func (n *Node) notCaughtUp(ctx context.Context, gen string, rebuilt, now time.Time) ([]string, error) {
 	agents, err := n.LiveAgents(ctx)
 	if err != nil {
 		return nil, err
@@ -249,10 +285,19 @@ func (n *Node) notCaughtUp(ctx context.Context, gen string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	var missing []string
+	expect := map[string]bool{}
 	for _, a := range agents {
-		if !done[a.Node] {
-			missing = append(missing, a.Node)
+		expect[a.Node] = true
+	}
+	if now.Sub(rebuilt) < catchUpGrace {
+		for _, m := range n.Members() {
+			expect[m.Node] = true
+		}
+	}
+	var missing []string
+	for _, node := range slices.Sorted(maps.Keys(expect)) {
+		if !done[node] {
+			missing = append(missing, node)
 		}
 	}
 	return missing, nil

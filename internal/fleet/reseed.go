@@ -135,7 +135,7 @@ func (n *Node) seedTombstones(ctx context.Context) error {
 		return err
 	}
 	for name, t := range ts {
-		if err := n.Shared.SeedTombstone(ctx, name, t.Fence, t.At); err != nil {
+		if err := n.Shared.SeedTombstone(ctx, name, t.Fence, t.At, t.Version); err != nil {
 			return err
 		}
 	}

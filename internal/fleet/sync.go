@@ -581,7 +581,7 @@ func (s *Syncer) forgetDeleted(ctx context.Context) error {
 	}
 	for name, t := range local {
 		if rt, ok := tombs[name]; !ok || rt.At.Before(t.At) {
-			if err := s.N.Shared.SeedTombstone(ctx, name, t.Fence, t.At); err != nil {
+			if err := s.N.Shared.SeedTombstone(ctx, name, t.Fence, t.At, t.Version); err != nil {
 				return err
 			}
 		}

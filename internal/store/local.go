@@ -58,11 +58,15 @@ func (s *Store) supersede(name string, v int, serial string) error {
 // Tombstone records that a lineage was deleted, so that a node that
 // still holds it (or a catalog rebuilt from nodes) never brings it back.
 // Fence is the catalog's lease counter at the delete: a certificate
-// obtained under an older lease is refused.
+// obtained under an older lease is refused. Version is the highest
+// version number the lineage had here: a catalog rebuilt from nodes
+// numbers the name, issued again, above it, so that no number names two
+// certificates (invariant I2) even though the files are gone.
 type Tombstone struct {
-	At    time.Time `json:"deleted_at"`
-	Fence int64     `json:"fence,omitempty"`
-	By    string    `json:"by,omitempty"`
+	At      time.Time `json:"deleted_at"`
+	Fence   int64     `json:"fence,omitempty"`
+	By      string    `json:"by,omitempty"`
+	Version int       `json:"version,omitempty"`
 }
 
 func (s *Store) tombstonePath(name string) string {
@@ -84,10 +88,15 @@ func (s *Store) Forget(name string, t Tombstone) error {
 }
 
 // WriteTombstone records that name was deleted, keeping its files: a
-// fleet node whose load balancer config still names them.
+// fleet node whose load balancer config still names them. Its Version
+// is at least the highest version here, archived or in a tombstone.
 func (s *Store) WriteTombstone(name string, t Tombstone) error {
 	if err := names.Lineage(name); err != nil {
 		return err
+	}
+	t.Version = max(t.Version, s.MaxVersion(name))
+	if old, _ := s.ReadTombstone(name); old != nil {
+		t.Version = max(t.Version, old.Version)
 	}
 	data, _ := json.Marshal(t)
 	if err := os.MkdirAll(filepath.Join(s.Dir, "deleted"), 0o700); err != nil {

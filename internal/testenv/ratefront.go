@@ -75,6 +75,11 @@ type RateFront struct {
 	orders  map[string]*frontOrder
 	failed  map[string]bool // authorization URLs already counted as failed
 	events  []FrontEvent
+	// life and owner follow each order's life (frontlog.go): order ID
+	// to order, and authorization, challenge or certificate ID to its
+	// order's ID.
+	life  map[string]*FrontOrder
+	owner map[string]string
 }
 
 // FrontEvent is one new-order request the front answered.
@@ -147,6 +152,7 @@ func (f *RateFront) now() time.Time {
 }
 
 func (f *RateFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	arrived := time.Now()
 	var body []byte
 	if r.Body != nil {
 		body, _ = io.ReadAll(io.LimitReader(r.Body, 1<<20))
@@ -165,6 +171,7 @@ func (f *RateFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.proxy(rec, r)
 	if r.Method == http.MethodPost {
 		f.observe(r.URL.Path, jws, rec)
+		f.track(r.URL.Path, jws, arrived, rec)
 	}
 	for k, v := range rec.header {
 		w.Header()[k] = v

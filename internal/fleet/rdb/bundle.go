@@ -283,11 +283,14 @@ func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (i
 }
 
 // seedTombstoneScript puts back a tombstone a node kept, into a Redis
-// that lost it: the newer of two tombstones stays, the fence counter
-// moves past it, and a bundle issued before the delete goes, whichever
-// node rebuilt first; a bundle issued after it (the name was issued
-// again) stays, and the old tombstone is not recorded.
+// that lost it: the version counter moves to the highest version the
+// node knew the name by (numbers are never reused, I2), the newer of
+// two tombstones stays, the fence counter moves past it, and a bundle
+// issued before the delete goes, whichever node rebuilt first; a bundle
+// issued after it (the name was issued again) stays, and the old
+// tombstone is not recorded.
 var seedTombstoneScript = goredis.NewScript(`
+if tonumber(redis.call('GET', KEYS[6]) or '0') < tonumber(ARGV[4]) then redis.call('SET', KEYS[6], ARGV[4]) end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local cat = tonumber(string.match(cur, ' (%d+)$') or '0')
@@ -299,19 +302,20 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('DEL', KEYS[2], KEYS[6], KEYS[7])
+  redis.call('DEL', KEYS[2], KEYS[7], KEYS[8])
   redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('SREM', KEYS[8], ARGV[1])
+  redis.call('SREM', KEYS[9], ARGV[1])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
 end
 return 1
 `)
 
-// SeedTombstone records a delete a node kept on disk (see the script).
-func (s *Shared) SeedTombstone(ctx context.Context, name string, fence int64, at time.Time) error {
-	keys := []string{s.k("deleted"), s.k("bundle", name), s.k("lineages"), s.k("fence", name), s.k("events"),
+// SeedTombstone records a delete a node kept on disk (see the script);
+// version is the highest version number the node knew name by.
+func (s *Shared) SeedTombstone(ctx context.Context, name string, fence int64, at time.Time, version int) error {
+	keys := []string{s.k("deleted"), s.k("bundle", name), s.k("lineages"), s.k("fence", name), s.k("events"), s.k("ver", name),
 		s.k("prev", name), s.k("rollout", name), s.k("rollouts")}
-	return s.unavailable(seedTombstoneScript.Run(ctx, s.c, keys, name, fence, at.UnixMilli()).Err())
+	return s.unavailable(seedTombstoneScript.Run(ctx, s.c, keys, name, fence, at.UnixMilli(), version).Err())
 }
 
 // Tombstone is a delete the fleet records.

@@ -180,7 +180,7 @@ func TestDeleteIsFencedAndSticks(t *testing.T) {
 	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 1, NotBefore: nb, IssuedAt: nb}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute), 0); err != nil {
 		t.Fatal(err)
 	}
 	if names, _ := s.Names(ctx); len(names) != 0 {
@@ -195,7 +195,7 @@ func TestDeleteIsFencedAndSticks(t *testing.T) {
 	if err := s.Publish(ctx, &Bundle{Name: "d.com", Version: 3, NotBefore: nb.Add(2 * time.Minute), IssuedAt: nb.Add(2 * time.Minute)}); err != nil {
 		t.Fatalf("re-seed of a certificate issued after the delete: %v", err)
 	}
-	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute)); err != nil {
+	if err := s.SeedTombstone(ctx, "d.com", fence+5, nb.Add(time.Minute), 0); err != nil {
 		t.Fatal(err)
 	}
 	if names, _ := s.Names(ctx); len(names) != 1 {

@@ -104,19 +104,23 @@ func (s *Shared) PutToken(ctx context.Context, host, token, keyAuth string, ttl 
 	return s.unavailable(s.c.Set(ctx, s.k("token", host, token), keyAuth, ttl).Err())
 }
 
-// Token reads a key authorization and how long it has left; "" when none.
-func (s *Shared) Token(ctx context.Context, host, token string) (string, time.Duration, error) {
+// Token reads a key authorization and how long it has left ("" when
+// none), and in the same round trip the fleet's current data key epoch
+// (0 when Redis has none), so that an agent learns of a key rotation (a
+// removal) before it answers a token published after it.
+func (s *Shared) Token(ctx context.Context, host, token string) (keyAuth string, ttl time.Duration, epoch int, err error) {
 	p := s.c.Pipeline()
 	get := p.Get(ctx, s.k("token", host, token))
-	ttl := p.PTTL(ctx, s.k("token", host, token))
-	_, err := p.Exec(ctx)
-	if errors.Is(err, goredis.Nil) {
-		return "", 0, nil
+	pttl := p.PTTL(ctx, s.k("token", host, token))
+	ep := p.HGet(ctx, s.k("meta"), "epoch")
+	p.Exec(ctx)
+	for _, c := range []goredis.Cmder{get, pttl, ep} {
+		if err := c.Err(); err != nil && !errors.Is(err, goredis.Nil) {
+			return "", 0, 0, s.unavailable(err)
+		}
 	}
-	if err != nil {
-		return "", 0, s.unavailable(err)
-	}
-	return get.Val(), ttl.Val(), nil
+	epoch, _ = strconv.Atoi(ep.Val())
+	return get.Val(), pttl.Val(), epoch, nil
 }
 
 // DelToken removes a key authorization.

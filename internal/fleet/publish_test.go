@@ -1,0 +1,152 @@
+package fleet
+
+import (
+	"context"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/lbcert/lbcert/internal/catalog/catalogtest"
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// A run that ordered before Redis lost its data (restarted without it,
+// or FLUSHALL) publishes into a Redis that names no data key epoch: it
+// rebuilds Redis from this node first, as opening the fleet would, and
+// publishes, instead of throwing away a certificate the CA counted.
+// Found by TestFleetRandomFaults seed 1 (short mode): an issue's publish
+// 50 ms after redis-server came back empty was refused ("sealed under a
+// data key that is no longer the fleet's").
+func TestPublishIntoAnEmptiedRedisRebuildsFirst(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCatalog(n)
+	lease, err := c.Acquire(ctx, "a.test", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Release()
+	l, files := catalogtest.Cert(t, "a.test", time.Now().UTC().Truncate(time.Second))
+	sh.Client().FlushAll(ctx)
+	v, err := c.Publish(ctx, lease, l, files)
+	if err != nil {
+		t.Fatalf("publish into an emptied Redis: %v", err)
+	}
+	if id, _ := sh.HGet(ctx, "meta", "id"); id != n.ID {
+		t.Errorf("Redis holds fleet %q after the publish, want %s rebuilt", id, n.ID)
+	}
+	b, err := sh.Bundle(ctx, "a.test")
+	if err != nil || b.Version != v || b.Serial != l.Cert.Serial {
+		t.Fatalf("the fleet's a.test after the publish: %+v, %v; want version %d serial %s", b, err, v, l.Cert.Serial)
+	}
+}
+
+// I2 through a delete and a Redis loss: a name deleted at version 2,
+// then issued again after Redis lost its data, is numbered 3, not 1
+// again: the deleting node's tombstone keeps the number and gives it
+// back to the rebuilt Redis, whichever node orders. Found by
+// TestFleetRandomFaults seeds 21, 22 and 23 (150 s): "version 1 names 2
+// certificates" after delete, FLUSHALL (or a restart without AOF) and
+// issue.
+func TestDeletedNameIssuedAgainAfterRedisLossIsNumberedAbove(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp, _, err := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.Approve(ctx, "lb2", fp); err != nil {
+		t.Fatal(err)
+	}
+	lb2, err := Open(ctx, sh, store.New(filepath.Join(dir, "lb2")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1 := NewCatalog(lb1)
+	issued := time.Now().UTC().Truncate(time.Second).Add(-time.Hour)
+	for i := range 2 {
+		l, files := catalogtest.Cert(t, "a.test", issued.Add(time.Duration(i)*time.Minute))
+		publishAs(t, c1, l, files)
+		if err := lb1.Local.Stage(l, files); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c1.Delete(ctx, "a.test"); err != nil {
+		t.Fatal(err)
+	}
+	if ts, _ := lb1.Local.ReadTombstone("a.test"); ts == nil || ts.Version != 2 {
+		t.Fatalf("lb1's tombstone of a.test: %+v, want version 2", ts)
+	}
+	sh.Client().FlushAll(ctx)
+	// lb2, which never held a.test, rebuilds; lb1 catches up, as its
+	// agent does at its next heartbeat; then lb2 issues a.test again.
+	if err := lb2.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	l, files := catalogtest.Cert(t, "a.test", time.Now().UTC().Truncate(time.Second))
+	if v := publishAs(t, NewCatalog(lb2), l, files); v != 3 {
+		t.Errorf("a.test issued again after the delete and the Redis loss is version %d, want 3", v)
+	}
+}
+
+func publishAs(t *testing.T, c *Catalog, l *store.Lineage, files store.Files) int {
+	t.Helper()
+	ctx := context.Background()
+	lease, err := c.Acquire(ctx, l.Name, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Release()
+	v, err := c.Publish(ctx, lease, l, files)
+	if err != nil {
+		t.Fatalf("publish %s: %v", l.Name, err)
+	}
+	return v
+}
+
+// Right after a rebuild the heartbeats are gone with Redis's data: an
+// order waits for every member to add what it holds, not only those
+// whose agent has beaten since; later, only for those with a live agent.
+func TestCatchUpWaitsForEveryMemberRightAfterARebuild(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp, _, err := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.Approve(ctx, "lb2", fp); err != nil {
+		t.Fatal(err)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gen, _ := sh.HGet(ctx, "meta", "gen")
+	now := time.Now()
+	missing, err := lb1.notCaughtUp(ctx, gen, now, now)
+	if err != nil || !slices.Equal(missing, []string{"lb2"}) {
+		t.Errorf("just after the rebuild: missing %v (%v), want [lb2]", missing, err)
+	}
+	missing, err = lb1.notCaughtUp(ctx, gen, now.Add(-time.Minute), now)
+	if err != nil || len(missing) != 0 {
+		t.Errorf("a minute after the rebuild, with no agent alive: missing %v (%v), want none", missing, err)
+	}
+}
