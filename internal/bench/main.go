@@ -49,7 +49,7 @@ func main() {
 	work := flag.String("work", ".bench", "scratch directory")
 	issueN := flag.Int("issue-n", 200, "certificates each tool issues in the issuance benchmark")
 	conc := flag.Int("concurrency", 50, "lbcert batch --concurrency in the issuance benchmark")
-	only := flag.String("only", "all", "renew, issue, certmagic, renew-due, cpu, stepca, failover, deploy, nginx-include, pacing, scale, million, fleet, join, rollout or all")
+	only := flag.String("only", "all", "benchmarks to run, comma-separated: renew, issue, certmagic, renew-due, cpu, stepca, failover, pacing, scale, million, deploy, nginx-include, fleet, join, rollout, or all")
 	peerN := flag.Int("certmagic-n", 200, "new names per run in the certmagic benchmark")
 	sweepList := flag.String("sweep", "1,2,4,8,16,32,64,128,200", "lbcert batch and renew --concurrency values the certmagic benchmark sweeps (empty: none)")
 	traceRuns := flag.Int("trace-runs", 5, "orders of each client traced in the certmagic benchmark (the median is shown)")
@@ -74,104 +74,63 @@ func main() {
 	failAfter := flag.Int("failover-after", 50, "certificates the primary issues before it fails, in the failover benchmark")
 	failC := flag.Int("failover-concurrency", 8, "lbcert batch --concurrency in the failover benchmark (the default when it was first measured)")
 	flag.Parse()
-	var err error
-	if *only == "all" || *only == "renew" {
-		err = run(*n, *certbotN, *legoN, *runs, *bin, *work)
+	w, _ := filepath.Abs(*work)
+	b, _ := filepath.Abs(*bin)
+	if *before != "" {
+		*before, _ = filepath.Abs(*before)
 	}
-	if err == nil && (*only == "all" || *only == "issue") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchIssue(*issueN, *conc, b, w)
+	os.MkdirAll(w, 0o755)
+	// Each benchmark in the order make bench runs them; -only picks some.
+	benches := []struct {
+		name string
+		run  func() error
+	}{
+		{"renew", func() error { return run(*n, *certbotN, *legoN, *runs, *bin, *work) }},
+		{"issue", func() error { return benchIssue(*issueN, *conc, b, w) }},
+		{"certmagic", func() error {
+			sweep, err := sizes("-sweep", *sweepList)
+			if err != nil {
+				return err
+			}
+			return benchCertmagic(*peerN, sweep, *traceRuns, b, w)
+		}},
+		{"renew-due", func() error { return benchRenewDue(*renewDueN, *renewDueC, b, *before, w) }},
+		{"cpu", func() error { return benchCPU(*issueN, *conc, *cpuPerf, b, w) }},
+		{"stepca", func() error { return benchStepCA(*issueN, *conc, b, w) }},
+		{"failover", func() error { return benchFailover(*failN, *failAfter, *failC, b, w) }},
+		{"pacing", func() error { return benchPacing(*paceN, *paceC, b, w) }},
+		{"scale", func() error { return benchScale(*shortN, *bigN, *runs, b, w) }},
+		{"million", func() error { return benchMillion(*millionN, *runs, b, w) }},
+		{"deploy", func() error { return benchDeploy(*deployN, w) }},
+		{"nginx-include", func() error {
+			ns, err := sizes("-nginx-include-n", *includeN)
+			if err != nil {
+				return err
+			}
+			return benchNginxInclude(ns, w)
+		}},
+		{"fleet", func() error { return benchFleet(*fleetN, *fleetOrders, b, w) }},
+		{"join", func() error { return benchJoin(*joinN, strings.Split(*joinSetups, ","), *joinCheck, b, w) }},
+		{"rollout", func() error { return benchRollout(*rolloutN, b, w) }},
 	}
-	if err == nil && (*only == "all" || *only == "certmagic") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		var sweep []int
-		if sweep, err = sizes("-sweep", *sweepList); err == nil {
-			err = benchCertmagic(*peerN, sweep, *traceRuns, b, w)
+	want := map[string]bool{}
+	for _, o := range strings.Split(*only, ",") {
+		want[strings.TrimSpace(o)] = true
+	}
+	known := want["all"]
+	for _, bm := range benches {
+		if !want["all"] && !want[bm.name] {
+			continue
+		}
+		known = true
+		if err := bm.run(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", bm.name+":", err)
+			os.Exit(1)
 		}
 	}
-	if err == nil && (*only == "all" || *only == "renew-due") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		if *before != "" {
-			*before, _ = filepath.Abs(*before)
-		}
-		os.MkdirAll(w, 0o755)
-		err = benchRenewDue(*renewDueN, *renewDueC, b, *before, w)
-	}
-	if err == nil && (*only == "all" || *only == "cpu") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchCPU(*issueN, *conc, *cpuPerf, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "stepca") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchStepCA(*issueN, *conc, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "failover") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchFailover(*failN, *failAfter, *failC, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "pacing") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchPacing(*paceN, *paceC, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "scale") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchScale(*shortN, *bigN, *runs, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "million") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchMillion(*millionN, *runs, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "deploy") {
-		w, _ := filepath.Abs(*work)
-		os.MkdirAll(w, 0o755)
-		err = benchDeploy(*deployN, w)
-	}
-	if err == nil && (*only == "all" || *only == "nginx-include") {
-		w, _ := filepath.Abs(*work)
-		os.MkdirAll(w, 0o755)
-		var ns []int
-		if ns, err = sizes("-nginx-include-n", *includeN); err == nil {
-			err = benchNginxInclude(ns, w)
-		}
-	}
-	if err == nil && (*only == "all" || *only == "fleet") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchFleet(*fleetN, *fleetOrders, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "join") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchJoin(*joinN, strings.Split(*joinSetups, ","), *joinCheck, b, w)
-	}
-	if err == nil && (*only == "all" || *only == "rollout") {
-		w, _ := filepath.Abs(*work)
-		b, _ := filepath.Abs(*bin)
-		os.MkdirAll(w, 0o755)
-		err = benchRollout(*rolloutN, b, w)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		os.Exit(1)
+	if !known {
+		fmt.Fprintf(os.Stderr, "bench: -only %q names no benchmark\n", *only)
+		os.Exit(2)
 	}
 }
 
