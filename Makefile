@@ -57,20 +57,18 @@ torture: deps
 		-seeds $(SEEDS) -duration $(DURATION) -chaos-table $(CURDIR)/bin/torture.md -chaos-keep $(CURDIR)/bin/torture-logs; \
 		status=$$?; echo; cat bin/torture.md; exit $$status
 
-# bench measures a nothing-due renew over 10,000 lineages against certbot
-# and lego over their own, then issuing 200 certificates with lbcert batch
-# against certbot and lego loops on one Pebble, then checking a 100,000-row
-# CSV, then the same batch of 200 against step-ca beside Pebble (step-ca
-# is built from the Go module proxy on first use), then a batch of 200
-# whose primary CA (Pebble) dies after 50 with step-ca as the fallback,
-# then renew of 200 due
-# lineages beside batch issuing 200 (with
-# Pebble's CPU beside lbcert's), then 200 names through a front that
-# enforces Let's Encrypt's limits, then fleet mode's costs (10,000 sealed
-# bundles opened, a node joining 10,000 lineages (T7), Redis round trips
-# per order), all in the same run
-# (internal/bench/README.md), then the renewal-spread simulation and the
-# Go benchmarks.
+# bench runs every benchmark of internal/bench in one run, each beside
+# its peers where it has them (internal/bench/README.md says what each
+# measures and has the figures): the nothing-due renew pass against
+# certbot and lego; 200 certificates against certbot and lego loops and
+# beside certmagic (same Pebble, same run; a concurrency sweep and one
+# order's timeline of each); renew of 200 due lineages beside batch; CPU
+# per certificate beside Pebble's; step-ca beside Pebble; a primary CA's
+# outage mid-batch; pacing against Let's Encrypt's limits; the nothing-due
+# pass at 100,000 and at a million lineages; the deploy step; the nginx
+# include file; fleet mode's costs; a node joining a fleet of 100,000
+# lineages; staged rollouts; then the renewal-spread simulation and the
+# Go benchmarks. One benchmark: go run ./internal/bench -only NAME.
 bench: build bench-deps
 	@command -v /usr/bin/time >/dev/null || internal/testenv/apt-ensure /usr/bin/time:time
 	$(GO) run ./internal/bench -lbcert $(BIN)
