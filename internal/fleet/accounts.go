@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 )
@@ -114,7 +115,9 @@ func (c *Catalog) WriteAccount(server, email string, reg []byte) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := rctx(context.Background())
+	// Long enough to wait out the catch-up after a rebuild (a member that
+	// is down is waited for up to catchUpWait) and still write.
+	ctx, cancel := context.WithTimeout(context.Background(), catchUpWait+10*time.Second)
 	defer cancel()
 	if err := c.N.awaitCatchUp(ctx); err != nil {
 		return err

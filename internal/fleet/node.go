@@ -598,9 +598,24 @@ func (n *Node) pin(ctx context.Context, e int) error {
 	if ep.KeyID != keyID(key) {
 		return fmt.Errorf("fleet %s: epoch %d's record does not match its key", n.ID, e)
 	}
+	// The members as of the new key, in the same write: a copy on disk
+	// of epoch e with the members of an older key (the process stopped
+	// between the two) verifies no member, and could not rebuild the
+	// membership after a Redis loss.
+	raw, err := n.Shared.HGetAll(ctx, "members")
+	if err != nil {
+		return err
+	}
+	ms := verifiedMembers(raw, key, n.ID)
+	if len(ms) > 0 {
+		n.members = ms
+	}
 	return n.save(func(l *local) {
 		l.Epoch = max(l.Epoch, e)
 		l.Epochs = append(l.Epochs, ep)
+		if len(ms) > 0 {
+			l.Members = ms
+		}
 	})
 }
 
@@ -617,16 +632,7 @@ func (n *Node) loadMembers(ctx context.Context) error {
 		return nil
 	}
 	_, key := n.current()
-	var ms []Member
-	for node, j := range raw {
-		var m Member
-		if json.Unmarshal([]byte(j), &m) != nil || m.Node != node || !macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
-			slog.Warn("ignoring a fleet member record that does not verify under the fleet's key", "node", node)
-			continue
-		}
-		ms = append(ms, m)
-	}
-	sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
+	ms := verifiedMembers(raw, key, n.ID)
 	n.mu.Lock()
 	n.members = ms
 	n.mu.Unlock()
@@ -634,6 +640,22 @@ func (n *Node) loadMembers(ctx context.Context) error {
 		return n.save(func(l *local) { l.Members = ms })
 	}
 	return nil
+}
+
+// verifiedMembers are the member records (node -> JSON) that verify
+// under key, sorted by node.
+func verifiedMembers(raw map[string]string, key []byte, fleetID string) []Member {
+	var ms []Member
+	for node, j := range raw {
+		var m Member
+		if json.Unmarshal([]byte(j), &m) != nil || m.Node != node || !macOK(key, m.MAC, "member", fleetID, m.Node, m.Recipient) {
+			slog.Warn("ignoring a fleet member record that does not verify under the fleet's key", "node", node)
+			continue
+		}
+		ms = append(ms, m)
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
+	return ms
 }
 
 func membersEqual(a, b []Member) bool {

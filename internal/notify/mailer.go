@@ -100,21 +100,36 @@ func (o Options) settings(password string, login bool) (Settings, error) {
 
 // CheckLogin refuses --smtp-user without a password before a run orders
 // anything: the relay would refuse the login only after the run, with a
-// reply that does not say the password is missing.
+// reply that does not say the password is missing. It does not read a
+// password file, only looks at it: a run with nothing to mail reads no
+// secret (the file may be a pipe a secret manager writes once).
 func (o Options) CheckLogin(password string) error {
 	if o.User == "" {
 		return nil
 	}
-	s, err := o.Settings(password)
-	switch {
-	case err != nil:
-		return err
-	case s.Password == "" && o.PasswordFile != "":
-		return fmt.Errorf("--smtp-password-file %s is empty: write the password of --smtp-user %s in it", o.PasswordFile, o.User)
-	case s.Password == "":
+	if o.PasswordFile != "" {
+		fi, err := os.Stat(o.PasswordFile)
+		switch {
+		case err != nil:
+			return fmt.Errorf("--smtp-password-file %s: %w", o.PasswordFile, unwrapPath(err))
+		case fi.IsDir():
+			return fmt.Errorf("--smtp-password-file %s is a directory: want the file holding the password of --smtp-user %s", o.PasswordFile, o.User)
+		case fi.Mode().IsRegular() && fi.Size() <= 2 && blank(o.PasswordFile):
+			return fmt.Errorf("--smtp-password-file %s is empty: write the password of --smtp-user %s in it", o.PasswordFile, o.User)
+		}
+		return nil
+	}
+	if password == "" {
 		return fmt.Errorf("--smtp-user %s has no password: set LBCERT_SMTP_PASSWORD, or pass --smtp-password-file FILE", o.User)
 	}
 	return nil
+}
+
+// blank reports whether a file of at most two bytes holds only a line
+// end (an empty password).
+func blank(file string) bool {
+	data, err := os.ReadFile(file)
+	return err == nil && strings.TrimRight(string(data), "\r\n") == ""
 }
 
 // stepTimeout bounds all the mail of one run; afterInterrupt bounds it
