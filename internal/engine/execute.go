@@ -284,6 +284,25 @@ func (r *run) install(s *step) {
 	r.fail(s, fmt.Errorf("install %s: %w", name, err), false)
 }
 
+// stageHeld keeps a new certificate that a staged rollout has not
+// released to this node's wave (or whose rollout could not be read:
+// err): this node goes on serving what it serves, and its agent installs
+// the new version when the wave is released.
+func (r *run) stageHeld(s *step, l *store.Lineage, files store.Files, g Gated, err error) {
+	e, it := r.e, s.item
+	it.Deploy = "held"
+	if err != nil {
+		g = Gated{Held: "could not read the rollout (" + oneLine(err) + "); this node's agent installs it when its wave is released"}
+	}
+	it.Held = g.Held
+	if serr := e.Node.stage(r.ctx, l, files); serr != nil {
+		slog.Warn("could not keep the new certificate on this node", "name", l.Name, "err", serr)
+	}
+	if err == nil && e.Node.owes(g.Want) {
+		r.install(s)
+	}
+}
+
 // heldBack records that a staged rollout keeps this node on the version it
 // serves: nothing to install.
 func (r *run) heldBack(s *step, g Gated) {
@@ -413,20 +432,7 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	it.Outcome = outcome
 	slog.Info(string(outcome), "name", l.Name, "serial", got.Info.Serial, "expires", got.Info.NotAfter.Format(time.DateOnly))
 	if g, err := e.Node.target(r.ctx, &l, true); err != nil || g.Want != &l {
-		// A staged rollout has not reached this node's wave: it goes on
-		// serving what it serves, and its agent installs the new version
-		// when the wave is released.
-		it.Deploy = "held"
-		if err != nil {
-			g = Gated{Held: "could not read the rollout (" + oneLine(err) + "); this node's agent installs it when its wave is released"}
-		}
-		it.Held = g.Held
-		if serr := e.Node.stage(r.ctx, &l, got.Files); serr != nil {
-			slog.Warn("could not keep the new certificate on this node", "name", l.Name, "err", serr)
-		}
-		if err == nil && e.Node.owes(g.Want) {
-			r.install(s)
-		}
+		r.stageHeld(s, &l, got.Files, g, err)
 		return
 	}
 	w, err := e.Node.prepare(r.ctx, &l, func() (store.Files, error) { return got.Files, nil })

@@ -443,48 +443,10 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 	}
 	cur, _ := strconv.Atoi(meta["epoch"])
 	if l.Epoch == 0 {
-		// Approved since the join? Trust on first use: the operator
-		// checked the fingerprint when approving.
-		w, err := sh.HGet(ctx, "wrapped:"+strconv.Itoa(cur), l.Node)
-		if err != nil {
-			return nil, err
-		}
-		if w == "" {
-			return nil, hint.Wrap(fmt.Errorf("node %s has asked to join fleet %s but is not approved yet", l.Node, l.Fleet), "on a member run: lbcert --redis URL fleet approve %s --fingerprint %s", l.Node, id.Recipient())
-		}
-		key, err := unwrap([]byte(w), id)
-		if err != nil {
-			return nil, fmt.Errorf("the data key wrapped for node %s does not open with its identity: %v", l.Node, err)
-		}
-		n.keys[cur], n.epoch = key, cur
-		if err := n.pin(ctx, cur); err != nil {
-			return nil, err
-		}
-		if err := n.loadMembers(ctx); err != nil {
-			return nil, err
-		}
-		// Newly approved: what the fleet holds wins over what this node
-		// held before it joined.
-		return n, n.importJoined(ctx)
-	} else {
-		if err := n.loadLocalKeys(); err != nil {
-			return nil, err
-		}
-		switch {
-		case cur < l.Epoch:
-			// A restored backup, or a removed node's rebuild: put this
-			// node's newer membership back (invariant I5).
-			if err := n.loadMembersFromDisk(); err != nil {
-				return nil, err
-			}
-			if err := n.repair(ctx); err != nil {
-				return nil, err
-			}
-		case cur > l.Epoch:
-			if err := n.follow(ctx, cur); err != nil {
-				return nil, err
-			}
-		}
+		return n, n.openApproved(ctx, cur)
+	}
+	if err := n.openKnown(ctx, cur); err != nil {
+		return nil, err
 	}
 	if err := n.loadMembers(ctx); err != nil {
 		return nil, err
@@ -495,6 +457,52 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// openApproved opens the fleet for a node approved since it asked to
+// join, the fleet at epoch cur: trust on first use (the operator checked
+// the fingerprint when approving), and what the fleet holds wins over
+// what this node held before it joined.
+func (n *Node) openApproved(ctx context.Context, cur int) error {
+	w, err := n.Shared.HGet(ctx, "wrapped:"+strconv.Itoa(cur), n.Name)
+	if err != nil {
+		return err
+	}
+	if w == "" {
+		return hint.Wrap(fmt.Errorf("node %s has asked to join fleet %s but is not approved yet", n.Name, n.ID), "on a member run: lbcert --redis URL fleet approve %s --fingerprint %s", n.Name, n.identity.Recipient())
+	}
+	key, err := unwrap([]byte(w), n.identity)
+	if err != nil {
+		return fmt.Errorf("the data key wrapped for node %s does not open with its identity: %v", n.Name, err)
+	}
+	n.keys[cur], n.epoch = key, cur
+	if err := n.pin(ctx, cur); err != nil {
+		return err
+	}
+	if err := n.loadMembers(ctx); err != nil {
+		return err
+	}
+	return n.importJoined(ctx)
+}
+
+// openKnown opens the fleet, at epoch cur, for a member that holds a
+// data key: a Redis at an older epoch (a restored backup, or a removed
+// node's rebuild) gets this node's newer membership back (invariant
+// I5); a newer epoch is followed.
+func (n *Node) openKnown(ctx context.Context, cur int) error {
+	if err := n.loadLocalKeys(); err != nil {
+		return err
+	}
+	switch {
+	case cur < n.st.Epoch:
+		if err := n.loadMembersFromDisk(); err != nil {
+			return err
+		}
+		return n.repair(ctx)
+	case cur > n.st.Epoch:
+		return n.follow(ctx, cur)
+	}
+	return nil
 }
 
 // loadMembersFromDisk takes the membership from this node's verified
