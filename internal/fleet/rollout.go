@@ -89,7 +89,7 @@ func ParseWave(s string) (wave, error) {
 		return wave{rest: true}, nil
 	case strings.HasSuffix(s, "%"):
 		p, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
-		if err != nil || p <= 0 || p > 100 {
+		if err != nil || !(p > 0 && p <= 100) { // NaN passes a plain range check
 			return wave{}, fmt.Errorf("wave %q: want a percentage above 0 and at most 100", s)
 		}
 		return wave{percent: p}, nil

@@ -75,7 +75,7 @@ func (o *RolloutSettings) Config() (*RolloutConfig, error) {
 		return nil, fmt.Errorf("--probe-status %d: want an HTTP status, 100 to 599", o.ProbeStatus)
 	}
 	m, err := parsePercent(o.Margin)
-	if err != nil || m < 0.01 || m > 0.9 {
+	if err != nil || !(m >= 0.01 && m <= 0.9) { // NaN passes a plain range check
 		return nil, fmt.Errorf("--expiry-margin %q: want a percentage of the lifetime from 1%% to 90%%, such as 15%%", o.Margin)
 	}
 	return &RolloutConfig{Waves: o.Waves, Soak: o.Soak, Probe: o.Probe, ProbeStatus: o.ProbeStatus, Margin: m}, nil

@@ -1,0 +1,81 @@
+package fleet
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/hint"
+)
+
+// Hostile review of staged rollouts (issue 28): what 'fleet rollout set'
+// accepts that it should refuse, before anything reaches Redis.
+
+// "NaN%" parses as a float that is neither above 100 nor at most 0, so
+// both range checks pass: a wave of "NaN%" takes no node at all, and an
+// expiry margin of NaN cannot even be written as JSON (the fleet's
+// settings in Redis become an empty string while the command says the
+// waves are set). Both must be refused like "150%".
+func TestRolloutSettingsRefuseNaN(t *testing.T) {
+	for _, tc := range []struct {
+		what string
+		o    RolloutSettings
+	}{
+		{"a NaN wave", RolloutSettings{Waves: []string{"NaN%", "rest"}, ProbeStatus: 200, Margin: "15%"}},
+		{"a nan wave", RolloutSettings{Waves: []string{"nan%"}, ProbeStatus: 200, Margin: "15%"}},
+		{"a NaN expiry margin", RolloutSettings{Waves: []string{"lb1", "rest"}, ProbeStatus: 200, Margin: "NaN%"}},
+	} {
+		cfg, err := tc.o.Config()
+		if err == nil {
+			_, jerr := json.Marshal(cfg)
+			t.Errorf("%s: accepted (waves %q, margin %v; its JSON: %v)", tc.what, cfg.Waves, cfg.Margin, jerr)
+		}
+	}
+}
+
+// Every refusal of 'fleet rollout set' is one line with a hint (the
+// project's rule for every error): most of them have none.
+func TestRolloutSettingsErrorsHaveHints(t *testing.T) {
+	base := func() RolloutSettings {
+		return RolloutSettings{Waves: []string{"lb1", "rest"}, ProbeStatus: 200, Margin: "15%"}
+	}
+	cases := map[string]func(*RolloutSettings){
+		"0%":               func(o *RolloutSettings) { o.Waves = []string{"0%"} },
+		"150%":             func(o *RolloutSettings) { o.Waves = []string{"150%"} },
+		"-1":               func(o *RolloutSettings) { o.Waves = []string{"-1"} },
+		"duplicate node":   func(o *RolloutSettings) { o.Waves = []string{"lb1", "lb1,lb2"} },
+		"empty wave":       func(o *RolloutSettings) { o.Waves = []string{""} },
+		"rest first":       func(o *RolloutSettings) { o.Waves = []string{"rest", "lb1"} },
+		"http probe":       func(o *RolloutSettings) { o.Probe = "http://{name}/healthz" },
+		"negative soak":    func(o *RolloutSettings) { o.Soak = -1 },
+		"probe status -1":  func(o *RolloutSettings) { o.ProbeStatus = -1 },
+		"margin 95%":       func(o *RolloutSettings) { o.Margin = "95%" },
+		"trailing comma":   func(o *RolloutSettings) { o.Waves = []string{"lb1,"} },
+		"bad node in wave": func(o *RolloutSettings) { o.Waves = []string{"lb 1"} },
+	}
+	for what, bad := range cases {
+		o := base()
+		bad(&o)
+		_, err := o.Config()
+		if err == nil {
+			t.Errorf("%s: accepted", what)
+			continue
+		}
+		if strings.Contains(err.Error(), "\n") {
+			t.Errorf("%s: more than one line: %q", what, err)
+		}
+		if hint.Of(err) == "" {
+			t.Errorf("%s: %q has no hint", what, err)
+		}
+	}
+}
+
+// A trailing comma in a wave is a wave flag's mistake, not a missing
+// --node: the error must not send the operator to a flag this command
+// does not have.
+func TestWaveTrailingCommaNamesTheWave(t *testing.T) {
+	err := CheckWaves([]string{"lb1,"})
+	if err == nil || strings.Contains(err.Error(), "--node") {
+		t.Errorf("--wave 'lb1,': %v; want an error about the wave, not --node", err)
+	}
+}
