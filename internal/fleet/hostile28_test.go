@@ -1,7 +1,11 @@
 package fleet
 
 import (
+	"context"
 	"encoding/json"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -77,5 +81,35 @@ func TestWaveTrailingCommaNamesTheWave(t *testing.T) {
 	err := CheckWaves([]string{"lb1,"})
 	if err == nil || strings.Contains(err.Error(), "--node") {
 		t.Errorf("--wave 'lb1,': %v; want an error about the wave, not --node", err)
+	}
+}
+
+// A probe URL may carry a password (https://user:pass@{name}/healthz:
+// Go's client sends it as basic auth, and CheckProbe accepts it), but
+// the password must never be shown: not in the settings fleet status
+// and 'rollout set' print, not in the reason a failed probe gives (which
+// goes to Redis, fleet status, every run's report and its mail).
+func TestProbePasswordNeverShown(t *testing.T) {
+	const secret = "pr0be-s3cret"
+	raw := "https://ops:" + secret + "@{name}/healthz"
+	if err := CheckProbe(raw); err != nil {
+		t.Fatalf("CheckProbe refuses a URL with a password: %v (then this test has nothing to show)", err)
+	}
+	cfg := &RolloutConfig{Waves: []string{"lb1", "rest"}, Probe: raw, ProbeStatus: 200, Margin: 0.15}
+	if w := cfg.settingsWords(); strings.Contains(w, secret) {
+		t.Errorf("the rollout settings as printed show the probe's password: %q", w)
+	}
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(500) }))
+	defer srv.Close()
+	client := srv.Client()
+	client.Transport.(*http.Transport).DialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, srv.Listener.Addr().String())
+	}
+	err := probeOnce(context.Background(), client, strings.ReplaceAll(raw, "{name}", "example.com"), 200)
+	if err == nil {
+		t.Fatal("a probe answered 500 passed")
+	}
+	if strings.Contains(err.Error(), secret) {
+		t.Errorf("a failed probe's reason shows its password: %q", err)
 	}
 }
