@@ -8,8 +8,10 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Hostile review of staged rollouts (issue 28): what 'fleet rollout set'
@@ -111,5 +113,29 @@ func TestProbePasswordNeverShown(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), secret) {
 		t.Errorf("a failed probe's reason shows its password: %q", err)
+	}
+}
+
+// README: "nodes no wave names (a node that joins later, say) are in the
+// last wave", and a node that joins mid-rollout gets its wave's version.
+// With a count wave ("1", then rest) a node that joins mid-rollout and
+// sorts first (lb0) is taken by the count instead: it becomes the canary,
+// and the canary that already passed its checks (lb1) moves to the last
+// wave and goes back to the previous version.
+func TestJoinMidRolloutDoesNotReshuffleWaves(t *testing.T) {
+	cfg := &RolloutConfig{Waves: []string{"1", "rest"}}
+	before := cfg.Resolve([]string{"lb1", "lb2", "lb3"})
+	after := cfg.Resolve([]string{"lb1", "lb2", "lb3", "lb0"})
+	if w := waveOf(after, "lb0"); w != len(after)-1 {
+		t.Errorf("lb0, joining later, is in wave %d of %d (%v), want the last", w+1, len(after), after)
+	}
+	now := time.Now()
+	prev := store.CertInfo{NotBefore: now.Add(-24 * time.Hour), NotAfter: now.Add(89 * 24 * time.Hour)}
+	r := &Record{Name: "a.example", Version: 5, Serial: "new", Previous: 4, PrevSerial: "old", Wave: 0, State: Rolling}
+	for _, waves := range [][][]string{before, after} {
+		got := decideTarget(targetIn{rec: r, waves: waves, node: "lb1", live: 5, liveSerial: "new", prev: prev, margin: DefaultMargin, now: now})
+		if got.Version != 5 {
+			t.Errorf("waves %v: the canary lb1, serving version 5 at wave 1, is sent back to version %d (%s)", waves, got.Version, got.Held)
+		}
 	}
 }
