@@ -3,14 +3,19 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -137,5 +142,27 @@ func TestJoinMidRolloutDoesNotReshuffleWaves(t *testing.T) {
 		if got.Version != 5 {
 			t.Errorf("waves %v: the canary lb1, serving version 5 at wave 1, is sent back to version %d (%s)", waves, got.Version, got.Held)
 		}
+	}
+}
+
+// An IPv6 certificate's lineage is named with its colons as hyphens
+// ("::1" -> "--1", names.LineageFor), so "https://{name}/healthz" asks
+// for host "--1", which no certificate names: the probe of every IPv6
+// certificate fails its hostname check, and a fleet with a probe holds
+// every one of their renewals at the canary.
+func TestProbeOfAnIPv6Certificate(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	defer srv.Close()
+	roots := filepath.Join(t.TempDir(), "roots.pem")
+	if err := os.WriteFile(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(srv.Certificate().IPAddresses, func(ip net.IP) bool { return ip.Equal(net.IPv6loopback) }) {
+		t.Fatal("the test server's certificate does not name ::1: this test shows nothing")
+	}
+	cfg := &RolloutConfig{Probe: "https://{name}/healthz", ProbeStatus: 200}
+	d := store.Deploy{VerifyAddr: srv.Listener.Addr().String(), VerifyRoots: roots}
+	if err := probe(context.Background(), cfg, names.LineageFor("::1"), d); err != nil {
+		t.Errorf("the probe of the certificate for ::1 (lineage %q) through a load balancer serving it: %v", names.LineageFor("::1"), err)
 	}
 }
