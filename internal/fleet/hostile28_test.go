@@ -2,8 +2,14 @@ package fleet
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -165,4 +171,41 @@ func TestProbeOfAnIPv6Certificate(t *testing.T) {
 	if err := probe(context.Background(), cfg, names.LineageFor("::1"), d); err != nil {
 		t.Errorf("the probe of the certificate for ::1 (lineage %q) through a load balancer serving it: %v", names.LineageFor("::1"), err)
 	}
+}
+
+// probe gives up at once on a chain that does not verify ("will not
+// start to"), rather than trying four times over six seconds: the
+// verification error must survive probeOnce's wrapping.
+func TestProbeGivesUpAtOnceOnABadChain(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	defer srv.Close()
+	roots := filepath.Join(t.TempDir(), "roots.pem")
+	// Roots that do not sign what srv serves: a throwaway self-signed one.
+	if err := os.WriteFile(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: selfSigned(t)}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := &RolloutConfig{Probe: "https://{name}/healthz", ProbeStatus: 200}
+	d := store.Deploy{VerifyAddr: srv.Listener.Addr().String(), VerifyRoots: roots}
+	start := time.Now()
+	err := probe(context.Background(), cfg, "example.com", d)
+	if err == nil {
+		t.Fatal("a chain signed by no given root passed the probe")
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("the probe took %s to give up on a chain that does not verify (%v)", took.Round(time.Second), err)
+	}
+}
+
+func selfSigned(t *testing.T) []byte {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "not the root"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
 }

@@ -99,7 +99,7 @@ func probeOnce(ctx context.Context, client *http.Client, raw string, want int) e
 	req.Header.Set("User-Agent", "lbcert-rollout-probe")
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("GET %s: %v", raw, unwrapURL(err))
+		return fmt.Errorf("GET %s: %w", raw, unwrapURL(err)) // %w: probe tells a chain that will not verify by its type
 	}
 	defer resp.Body.Close()
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
