@@ -97,3 +97,77 @@ func TestHostile28RolloutOffWhileHeldSaysWhatItReleases(t *testing.T) {
 			name, r.stdout, r.stderr)
 	}
 }
+
+// Exploration of a held rollout as an operator meets it: list and show
+// say so, a new version while held starts its own rollout (held again
+// on the still failing canary), an emptied Redis brings the hold back,
+// removing the canary and resuming moves the rollout on, and a delete
+// ends it.
+func TestHostile28HeldRolloutOperatorPath(t *testing.T) {
+	const name = "op.example.com"
+	f := newFleet(t, "lb1", "lb2", "lb3")
+	f.form()
+	lbs := f.rolloutPool(f.order...)
+	f.mustOn("lb1", "fleet", "rollout", "set", "--wave", "lb1", "--wave", "rest", "--soak", "0s", "--probe", "https://{name}/healthz")
+	f.mustOn("lb2", "issue", "-d", name, "--agree-tos", "--rate-domain", "off")
+	v1 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	lbs["lb1"].health = 500
+	lbs["lb1"].apply(t)
+	f.mustOn("lb2", "renew", "--force", "--name", name, "--no-random-sleep")
+	f.waitRollout("lb3", "the rollout held", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
+	})
+	f.waitServes(lbs, name, v1, 20*time.Second, f.order...)
+	for _, args := range [][]string{{"list"}, {"show", name}, {"list", "--json"}} {
+		r := f.on("lb3", args...)
+		if !strings.Contains(r.stdout+r.stderr, "held") {
+			t.Errorf("lbcert %s while %s version 2 is held does not say so: exit %d\n%s%s", strings.Join(args, " "), name, r.code, r.stdout, r.stderr)
+		}
+	}
+	// A new version while held: its own rollout, held again on lb1.
+	f.mustOn("lb3", "renew", "--force", "--name", name, "--no-random-sleep")
+	_, st := f.waitRollout("lb2", "version 3 held", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 1 && st.Rollouts[0].Version == 3 && st.Rollouts[0].State == "held"
+	})
+	if st.Rollouts[0].Previous != 1 {
+		t.Errorf("version 3's rollout keeps version %d, want 1 (what every node may serve)", st.Rollouts[0].Previous)
+	}
+	f.waitServes(lbs, name, v1, 20*time.Second, "lb1") // the canary tried version 3 and went back
+	keepsServing(t, lbs, f.order, name, v1, 4*time.Second, "with versions 2 and 3 held")
+	// Redis emptied: the hold comes back.
+	f.flushAll()
+	f.waitRollout("lb2", "version 3 held after FLUSHALL", 40*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return r.code == 2 && len(st.Rollouts) == 1 && st.Rollouts[0].Version == 3 && st.Rollouts[0].State == "held"
+	})
+	keepsServing(t, lbs, f.order, name, v1, 4*time.Second, "after FLUSHALL with version 3 held")
+	// The canary is taken out of the fleet; resume moves the rollout on.
+	f.stopAgent("lb1")
+	f.mustOn("lb2", "fleet", "remove", "lb1")
+	f.mustOn("lb2", "fleet", "rollout", "resume", name)
+	v3 := f.fleetSerial(name)
+	f.waitServes(lbs, name, v3, 30*time.Second, "lb2", "lb3")
+	f.waitRollout("lb3", "the rollout done", 20*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 0
+	})
+	f.mustOn("lb3", "delete", name, "--yes")
+	r, st := f.rolloutStatus("lb2")
+	if len(st.Rollouts) != 0 || strings.Contains(r.stdout+r.stderr, name) {
+		t.Errorf("fleet status after the delete: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+}
+
+// The canary taken out of the fleet (fleet remove) in the middle of its
+// soak: its wave has no node left, and the rollout must not be stuck:
+// the others get the version once the soak is over.
+func TestHostile28CanaryRemovedMidSoak(t *testing.T) {
+	const name = "rm.example.com"
+	const soak = 10 * time.Second
+	f, lbs, _, v2 := startCanaryRollout(t, name, soak)
+	f.stopAgent("lb1")
+	f.mustOn("lb2", "fleet", "remove", "lb1")
+	f.waitServes(lbs, name, v2, soak+30*time.Second, "lb2", "lb3")
+	f.waitRollout("lb3", "the rollout done", 20*time.Second, func(r result, st rolloutStatusJSON) bool {
+		return len(st.Rollouts) == 0
+	})
+}
