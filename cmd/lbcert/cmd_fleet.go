@@ -207,7 +207,7 @@ func (a *app) newFleetRolloutCmd() *cobra.Command {
 	f := set.Flags()
 	f.StringArrayVar(&o.Waves, "wave", nil, "one wave, in order: node names (lb1,lb2), a count (2), a percentage (25%) or rest (repeatable)")
 	f.DurationVar(&o.Soak, "soak", fleet.DefaultSoak, "how long a wave serves a new version, checked, before the next wave gets it")
-	f.StringVar(&o.Probe, "probe", "", "an https URL fetched through each node's load balancer once it serves the new version ({name} is the certificate's name), chain verified")
+	f.StringVar(&o.Probe, "probe", "", "an https URL fetched through each node's load balancer once it serves the new version ({name} is the certificate's first name), chain verified")
 	f.IntVar(&o.ProbeStatus, "probe-status", 200, "the HTTP status the probe must answer")
 	f.StringVar(&o.Margin, "expiry-margin", "15%", "the part of a certificate's lifetime before its expiry in which a held rollout is overridden")
 	resume := verb("resume NAME", "Move a held rollout on: its wave is checked again, then the rollout goes on", 1)

@@ -89,7 +89,7 @@ func ParseWave(s string) (wave, error) {
 		return wave{rest: true}, nil
 	case strings.HasSuffix(s, "%"):
 		p, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
-		if err != nil || p <= 0 || p > 100 {
+		if err != nil || !(p > 0 && p <= 100) { // NaN passes a plain range check
 			return wave{}, fmt.Errorf("wave %q: want a percentage above 0 and at most 100", s)
 		}
 		return wave{percent: p}, nil
@@ -103,8 +103,12 @@ func ParseWave(s string) (wave, error) {
 	var w wave
 	for _, name := range strings.Split(s, ",") {
 		name = strings.TrimSpace(name)
+		if name == "" {
+			return wave{}, fmt.Errorf("wave %q: an empty node name (a comma too many?)", s)
+		}
 		if err := checkNodeName(name); err != nil {
-			return wave{}, fmt.Errorf("wave %q: %v", s, err)
+			// checkNodeName speaks of --node, the flag of 'fleet join'.
+			return wave{}, fmt.Errorf("wave %q: node %s", s, strings.TrimPrefix(err.Error(), "--node "))
 		}
 		w.names = append(w.names, name)
 	}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strings"
 	"sync"
@@ -27,12 +28,42 @@ const ProbeOK = "ok"
 func CheckProbe(raw string) error {
 	u, err := url.Parse(strings.ReplaceAll(raw, "{name}", "example.com"))
 	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return fmt.Errorf("--probe %q: want an https:// URL, such as https://{name}/healthz ({name} is the certificate's name)", raw)
+		return fmt.Errorf("--probe %q: want an https:// URL, such as https://{name}/healthz ({name} is the certificate's first name)", shownURL(raw))
+	}
+	if u.User != nil {
+		// The waves, the probe with them, are the fleet's settings in
+		// Redis, where no secret is kept in clear.
+		return fmt.Errorf("--probe %q: a login in the URL would be kept in Redis in clear: probe a health URL that needs none", shownURL(raw))
 	}
 	return nil
 }
 
-// probe fetches the rollout's probe URL for name through this node's
+// shownURL is a probe URL as it may be shown: a password in it (sent as
+// basic auth) is replaced by "xxxxx". It goes to Redis, fleet status,
+// reports and mail.
+func shownURL(raw string) string {
+	const placeholder = "name.lbcert.invalid" // {name} is not a host url.Parse takes
+	u, err := url.Parse(strings.ReplaceAll(raw, "{name}", placeholder))
+	if err != nil || u.User == nil {
+		return raw
+	}
+	if _, ok := u.User.Password(); !ok {
+		return raw
+	}
+	return strings.ReplaceAll(u.Redacted(), placeholder, "{name}")
+}
+
+// probeURL is the probe URL for a certificate whose first name is host:
+// {name} replaced by it, an IPv6 address in brackets.
+func probeURL(tmpl, host string) string {
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() {
+		host = "[" + host + "]"
+	}
+	return strings.ReplaceAll(tmpl, "{name}", host)
+}
+
+// probe fetches the rollout's probe URL for host (the certificate's
+// first name) through this node's
 // own load balancer (d.VerifyAddr, whatever the URL's host resolves
 // to), with the served chain verified for the URL's host against
 // d.VerifyRoots (or the system's roots), and checks the status. A
@@ -42,16 +73,16 @@ func probe(ctx context.Context, cfg *RolloutConfig, name string, d store.Deploy)
 	if d.VerifyAddr == "" {
 		return errors.New("this node's agent has no --verify-addr: the probe goes through this node's own load balancer, at that address")
 	}
-	raw := strings.ReplaceAll(cfg.Probe, "{name}", name)
+	raw := probeURL(cfg.Probe, name)
 	u, err := url.Parse(raw)
 	if err != nil {
-		return fmt.Errorf("probe %s: %v", raw, err)
+		return fmt.Errorf("probe %s: %v", shownURL(raw), err)
 	}
 	conf := &tls.Config{ServerName: u.Hostname(), MinVersion: tls.VersionTLS12}
 	if d.VerifyRoots != "" {
 		pool, err := deploy.LoadRoots(d.VerifyRoots)
 		if err != nil {
-			return fmt.Errorf("probe %s: --verify-roots: %v", raw, err)
+			return fmt.Errorf("probe %s: --verify-roots: %v", shownURL(raw), err)
 		}
 		conf.RootCAs = pool
 	}
@@ -99,14 +130,25 @@ func probeOnce(ctx context.Context, client *http.Client, raw string, want int) e
 	req.Header.Set("User-Agent", "lbcert-rollout-probe")
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("GET %s: %v", raw, unwrapURL(err))
+		return fmt.Errorf("GET %s: %w", shownURL(raw), unwrapURL(err)) // %w: probe tells a chain that will not verify by its type
 	}
 	defer resp.Body.Close()
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode != want {
-		return fmt.Errorf("GET %s: status %d, want %d", raw, resp.StatusCode, want)
+		return fmt.Errorf("GET %s: status %d, want %d", shownURL(raw), resp.StatusCode, want)
 	}
 	return nil
+}
+
+// firstName is the first name of version v of lineage name as this node
+// holds it: what {name} stands for in a probe URL. A lineage is named
+// after its first name, but an IPv6 address has its colons as hyphens
+// there, and --name can name it anything.
+func (s *Syncer) firstName(name string, v int) string {
+	if l, _, err := s.Local.ReadVersion(name, v); err == nil && len(l.Domains) > 0 {
+		return l.Domains[0]
+	}
+	return name
 }
 
 // unwrapURL drops url.Error's repetition of the method and URL.
@@ -160,7 +202,7 @@ func (s *Syncer) probes(ctx context.Context, reports map[string]Served) ([]strin
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			res := ProbeOK
-			if err := probe(ctx, cfg, name, s.Deploy); err != nil {
+			if err := probe(ctx, cfg, s.firstName(name, r.Version), s.Deploy); err != nil {
 				res = oneLine(err)
 				slog.Warn("the staged rollout's probe failed on this node", "name", name, "version", r.Version, "err", res)
 			} else {

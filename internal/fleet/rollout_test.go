@@ -52,7 +52,7 @@ func TestCheckWaves(t *testing.T) {
 		{[]string{"150%"}, "want a percentage above 0"},
 		{[]string{"lb 1"}, "only letters"},
 		{[]string{""}, "an empty wave"},
-		{[]string{"lb1,"}, "--node is required"},
+		{[]string{"lb1,"}, "an empty node name (a comma too many?)"},
 	} {
 		err := CheckWaves(tc.waves)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -54,29 +54,34 @@ func (n *Node) Rollout(ctx context.Context, verb string, args []string, o *Rollo
 	return err
 }
 
-// Config checks the settings, before anything reaches Redis.
+// Config checks the settings, before anything reaches Redis. Each
+// refusal is one line with a hint.
 func (o *RolloutSettings) Config() (*RolloutConfig, error) {
 	if len(o.Waves) == 0 {
 		return nil, hint.Wrap(fmt.Errorf("--wave is required: the first wave, such as --wave lb1, then --wave rest"),
 			"to roll every version out to every node at once, as without waves, run 'fleet rollout off'")
 	}
 	if err := CheckWaves(o.Waves); err != nil {
-		return nil, fmt.Errorf("--wave: %w", err)
+		return nil, hint.Wrap(fmt.Errorf("--wave: %w", err),
+			"one --wave per wave, in order: node names (--wave lb1,lb2), a count (--wave 2), a percentage (--wave 25%%), and --wave rest last (README \"Staged rollouts\")")
 	}
 	if o.Soak < 0 {
-		return nil, fmt.Errorf("--soak %s: want 0 or more", o.Soak)
+		return nil, hint.Wrap(fmt.Errorf("--soak %s: want 0 or more", o.Soak),
+			"how long each wave serves the version, checked, before the next wave gets it, such as --soak 10m (0: no wait)")
 	}
 	if o.Probe != "" {
 		if err := CheckProbe(o.Probe); err != nil {
-			return nil, err
+			return nil, hint.Wrap(err, "the probe is fetched through each node's load balancer, such as --probe https://{name}/healthz; leave --probe out for the TLS check alone")
 		}
 	}
 	if o.ProbeStatus < 100 || o.ProbeStatus > 599 {
-		return nil, fmt.Errorf("--probe-status %d: want an HTTP status, 100 to 599", o.ProbeStatus)
+		return nil, hint.Wrap(fmt.Errorf("--probe-status %d: want an HTTP status, 100 to 599", o.ProbeStatus),
+			"the status the probe must answer, 200 unless your health check says otherwise")
 	}
 	m, err := parsePercent(o.Margin)
-	if err != nil || m < 0.01 || m > 0.9 {
-		return nil, fmt.Errorf("--expiry-margin %q: want a percentage of the lifetime from 1%% to 90%%, such as 15%%", o.Margin)
+	if err != nil || !(m >= 0.01 && m <= 0.9) { // NaN passes a plain range check
+		return nil, hint.Wrap(fmt.Errorf("--expiry-margin %q: want a percentage of the lifetime from 1%% to 90%%, such as 15%%", o.Margin),
+			"a held rollout is overridden when the certificate nodes serve has less than this share of its lifetime left")
 	}
 	return &RolloutConfig{Waves: o.Waves, Soak: o.Soak, Probe: o.Probe, ProbeStatus: o.ProbeStatus, Margin: m}, nil
 }
@@ -131,7 +136,7 @@ func (n *Node) checkWaveNodes(cfg *RolloutConfig) error {
 func (cfg *RolloutConfig) settingsWords() string {
 	probe := "no probe"
 	if cfg.Probe != "" {
-		probe = fmt.Sprintf("probe %s expecting %d", cfg.Probe, cfg.ProbeStatus)
+		probe = fmt.Sprintf("probe %s expecting %d", shownURL(cfg.Probe), cfg.ProbeStatus)
 	}
 	return fmt.Sprintf("soak %s, %s, expiry margin %g%%", cfg.Soak, probe, cfg.margin()*100)
 }

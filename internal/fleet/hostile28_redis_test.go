@@ -1,0 +1,53 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// The waves' change count is Redis's, and a rebuild puts back the
+// newest copy a node kept. After an emptied Redis was rebuilt from a
+// node whose copy is older (it was down when the waves last changed),
+// the next change gets a count this node's copy already has: the node
+// that makes the change ('fleet rollout off' here) keeps its older copy
+// of the waves under the same count, and the next emptied Redis gets
+// the waves back from it, although the operator turned them off.
+func TestRolloutOffSticksThroughRebuilds(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := &RolloutConfig{Waves: []string{"lb1", "rest"}, Margin: 0.15}
+	if err := n.SetRolloutConfig(ctx, old); err != nil { // count 1
+		t.Fatal(err)
+	}
+	if err := n.SetRolloutConfig(ctx, &RolloutConfig{Waves: []string{"lb2", "rest"}, Margin: 0.15}); err != nil { // count 2
+		t.Fatal(err)
+	}
+	if err := sh.Client().FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// Another node, whose copy is count 1, rebuilds first.
+	raw, _ := json.Marshal(old)
+	if _, err := sh.SetRolloutConfig(ctx, raw, len(old.Waves), 1); err != nil {
+		t.Fatal(err)
+	}
+	// The operator turns staging off on lb1.
+	if err := n.SetRolloutConfig(ctx, &RolloutConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	if c := readConfigCopy(n.Local); c == nil || c.Staged() {
+		t.Errorf("lb1 turned staging off, but its own copy (kept for a rebuild) still has waves %v (count %d)", c.Waves, c.Seq)
+	}
+	if err := sh.Client().FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg, err := n.RolloutConfig(ctx, true); err != nil || cfg.Staged() {
+		t.Errorf("after the next emptied Redis, lb1 judges by waves %v (%v): staging came back on by itself", cfg.Waves, err)
+	}
+}
