@@ -51,3 +51,39 @@ func TestRolloutOffSticksThroughRebuilds(t *testing.T) {
 		t.Errorf("after the next emptied Redis, lb1 judges by waves %v (%v): staging came back on by itself", cfg.Waves, err)
 	}
 }
+
+// Two copies of the waves with the same change number (changes made on
+// two nodes while Redis was lost, each from an older copy): Redis keeps
+// the one a node's own copy keeps (newerConfig), whichever is seeded
+// first, so an emptied Redis gets the same waves back from any node.
+func TestRolloutConfigTiesBrokenAlike(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	a := &RolloutConfig{Waves: []string{"lb1", "rest"}, Margin: 0.15, By: "lb1", Seq: 9}
+	b := &RolloutConfig{Waves: []string{"lb2", "rest"}, Margin: 0.15, By: "lb2", Seq: 9}
+	want := a
+	if newerConfig(b, a) {
+		want = b
+	}
+	if newerConfig(a, b) == newerConfig(b, a) {
+		t.Fatalf("newerConfig orders neither copy first: %v", newerConfig(a, b))
+	}
+	for _, order := range [][]*RolloutConfig{{a, b}, {b, a}} {
+		if err := sh.Client().FlushAll(ctx).Err(); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range order {
+			if _, err := sh.SetRolloutConfig(ctx, configJSON(c), len(c.Waves), c.Seq); err != nil {
+				t.Fatal(err)
+			}
+		}
+		raw, seq, err := sh.RolloutConfig(ctx)
+		if err != nil || seq != 9 || string(raw) != string(configJSON(want)) {
+			t.Errorf("seeded %s then %s: Redis keeps %s (seq %d, %v), want %s", order[0].By, order[1].By, raw, seq, err, configJSON(want))
+		}
+	}
+	// A new change is numbered above the floor its node gives.
+	if seq, err := sh.ChangeRolloutConfig(ctx, configJSON(&RolloutConfig{}), 0, 0, 1000); err != nil || seq != 1001 {
+		t.Errorf("a change with floor 1000 over seq 9: numbered %d (%v), want 1001", seq, err)
+	}
+}

@@ -57,7 +57,9 @@ type RolloutConfig struct {
 	Margin float64   `json:"expiry_margin"`
 	By     string    `json:"set_by,omitempty"`
 	At     time.Time `json:"set_at,omitzero"`
-	// Seq is Redis's count of changes; a rebuild keeps the highest.
+	// Seq is the change's number, which never goes back: a rebuild keeps
+	// the highest any node holds, and a change is numbered above it
+	// (SetRolloutConfig).
 	Seq int64 `json:"seq,omitempty"`
 }
 
