@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"testing"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -85,5 +86,53 @@ func TestRolloutConfigTiesBrokenAlike(t *testing.T) {
 	// A new change is numbered above the floor its node gives.
 	if seq, err := sh.ChangeRolloutConfig(ctx, configJSON(&RolloutConfig{}), 0, 0, 1000); err != nil || seq != 1001 {
 		t.Errorf("a change with floor 1000 over seq 9: numbered %d (%v), want 1001", seq, err)
+	}
+}
+
+// A rollout's waves are resolved once, when it starts, kept in its
+// record (every node judges by the same), and put back with the record
+// after an emptied Redis: a node that joins meanwhile is in the last
+// wave, and the canary stays the canary.
+func TestRolloutKeepsItsWaves(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &RolloutConfig{Waves: []string{"1", "rest"}, Margin: 0.15}
+	if err := n.SetRolloutConfig(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	n.mu.Lock()
+	n.members = append(n.members, Member{Node: "lb2"}, Member{Node: "lb3"})
+	n.mu.Unlock()
+	r := &Record{Name: "a.example", Version: 5, Serial: "new", Previous: 4, PrevSerial: "old", State: Rolling, Seq: 1}
+	if _, err := sh.SeedRollout(ctx, r.Name, r.Version, r.Seq, r.fields()...); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := n.Records(ctx, r.Name)
+	if err != nil || recs[r.Name] == nil {
+		t.Fatalf("the record: %v %v", recs, err)
+	}
+	r = recs[r.Name]
+	if got := n.wavesOf(ctx, cfg, r); fmt.Sprint(got) != "[[lb1] [lb2 lb3]]" || fmt.Sprint(r.Waves) != "[[lb1] [lb2 lb3]]" {
+		t.Fatalf("waves at the start: %v, kept %v; want [[lb1] [lb2 lb3]] kept", got, r.Waves)
+	}
+	n.mu.Lock()
+	n.members = append(n.members, Member{Node: "lb0"})
+	n.mu.Unlock()
+	if err := sh.Client().FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.seedRollouts(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recs, err = n.Records(ctx, r.Name)
+	if err != nil || recs[r.Name] == nil {
+		t.Fatalf("the record after a rebuild: %v %v", recs, err)
+	}
+	if got := n.wavesOf(ctx, cfg, recs[r.Name]); fmt.Sprint(got) != "[[lb1] [lb2 lb3 lb0]]" {
+		t.Errorf("after lb0 joined and Redis was rebuilt, the rollout's waves are %v, want [[lb1] [lb2 lb3 lb0]]", got)
 	}
 }

@@ -46,7 +46,7 @@ func (n *Node) Resume(ctx context.Context, name string, skip bool) (string, erro
 	if err != nil {
 		return "", err
 	}
-	waves := cfg.Resolve(n.memberNames())
+	waves := n.wavesOf(ctx, cfg, r)
 	if r.State == Rolling && !skip {
 		return "", hint.Wrap(fmt.Errorf("the rollout of %s version %d is not held: it is at wave %d of %d", name, r.Version, r.Wave+1, len(waves)),
 			"to release the next wave without waiting for this one, add --skip-wave")

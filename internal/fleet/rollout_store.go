@@ -237,10 +237,14 @@ func recordOf(name string, m map[string]string) *Record {
 		}
 		return time.Time{}
 	}
-	return &Record{Name: name, Version: int(atoi("version")), Serial: m["serial"], Previous: int(atoi("previous")),
+	r := &Record{Name: name, Version: int(atoi("version")), Serial: m["serial"], Previous: int(atoi("previous")),
 		PrevSerial: m["prev_serial"], Wave: int(atoi("wave")), State: m["state"], Why: m["why"], Node: m["node"],
 		Since: ms("since"), Resumed: ms("resumed"), Started: ms("started"), Override: ms("override_at"),
 		OverNode: m["override_node"], Seq: atoi("seq")}
+	if w := m["waves"]; w != "" && json.Unmarshal([]byte(w), &r.Waves) != nil {
+		r.Waves = nil // unreadable: pinned again (Node.wavesOf)
+	}
+	return r
 }
 
 // fields are r's hash fields other than version and seq.
@@ -251,9 +255,18 @@ func (r *Record) fields() []string {
 		}
 		return strconv.FormatInt(t.UnixMilli(), 10)
 	}
-	return []string{"serial", r.Serial, "previous", strconv.Itoa(r.Previous), "prev_serial", r.PrevSerial,
+	f := []string{"serial", r.Serial, "previous", strconv.Itoa(r.Previous), "prev_serial", r.PrevSerial,
 		"wave", strconv.Itoa(r.Wave), "state", r.State, "why", r.Why, "node", r.Node, "since", ms(r.Since),
 		"resumed", ms(r.Resumed), "started", ms(r.Started), "override_at", ms(r.Override), "override_node", r.OverNode}
+	if r.Waves != nil {
+		f = append(f, "waves", wavesJSON(r.Waves))
+	}
+	return f
+}
+
+func wavesJSON(w [][]string) string {
+	raw, _ := json.Marshal(w)
+	return string(raw)
 }
 
 // Records reads the rollouts on their way: every one, or those of
