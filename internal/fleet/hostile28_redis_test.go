@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -134,5 +136,38 @@ func TestRolloutKeepsItsWaves(t *testing.T) {
 	}
 	if got := n.wavesOf(ctx, cfg, recs[r.Name]); fmt.Sprint(got) != "[[lb1] [lb2 lb3 lb0]]" {
 		t.Errorf("after lb0 joined and Redis was rebuilt, the rollout's waves are %v, want [[lb1] [lb2 lb3 lb0]]", got)
+	}
+}
+
+// 'fleet rollout off' while a rollout is held would send the held
+// version to every node: without --yes it refuses in one line with a
+// hint, naming it and why it is held, and staging stays on; with --yes
+// it says what it released.
+func TestRolloutOffNamesWhatItReleases(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.SetRolloutConfig(ctx, &RolloutConfig{Waves: []string{"lb1", "rest"}, Margin: 0.15}); err != nil {
+		t.Fatal(err)
+	}
+	r := &Record{Name: "a.example", Version: 7, Serial: "new", Previous: 6, PrevSerial: "old", State: Held,
+		Why: "probe failed on lb1 (wave 1):\nstatus 500", Node: "lb1", Seq: 2}
+	if _, err := sh.SeedRollout(ctx, r.Name, r.Version, r.Seq, r.fields()...); err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	err = n.RolloutOff(ctx, false, &out)
+	const want = "a.example version 7 (held: probe failed on lb1 (wave 1): status 500; nodes keep version 6)"
+	if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "\n") || hint.Of(err) == "" {
+		t.Fatalf("rollout off without --yes while a.example is held: %v (hint %q); want one line naming %q, with a hint", err, hint.Of(err), want)
+	}
+	if cfg, err := n.RolloutConfig(ctx, true); err != nil || !cfg.Staged() {
+		t.Errorf("a refused 'rollout off' turned staging off: %v %v", cfg, err)
+	}
+	if err := n.RolloutOff(ctx, true, &out); err != nil || !strings.Contains(out.String(), "released to every node: "+want) {
+		t.Errorf("rollout off --yes: %v\n%s", err, out.String())
 	}
 }

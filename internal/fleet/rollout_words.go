@@ -25,6 +25,7 @@ type RolloutSettings struct {
 	ProbeStatus int
 	Margin      string // a percentage, "15%"
 	SkipWave    bool   // resume: release the next wave at once
+	Yes         bool   // off: release held and aborted rollouts too
 }
 
 // Rollout does 'fleet rollout VERB ARGS' (set, resume NAME, abort NAME,
@@ -40,7 +41,7 @@ func (n *Node) Rollout(ctx context.Context, verb string, args []string, o *Rollo
 		}
 		return n.SetRollout(ctx, cfg, w)
 	case "off":
-		return n.SetRollout(ctx, &RolloutConfig{}, w)
+		return n.RolloutOff(ctx, o.Yes, w)
 	case "resume":
 		what, err = n.Resume(ctx, args[0], o.SkipWave)
 	case "abort":
