@@ -214,8 +214,10 @@ func (a *app) newFleetRolloutCmd() *cobra.Command {
 	resume.Flags().BoolVar(&o.SkipWave, "skip-wave", false, "count the current wave as passed and release the next at once")
 	cmd := &cobra.Command{Use: "rollout", Short: "Roll new certificates out in waves: a canary first, checked, then the rest", Long: `A new version reaches one wave of nodes at a time, each checked (TLS, probe,
 soak) before the next; a failed check holds it. See README "Staged rollouts".`}
-	cmd.AddCommand(set, resume, verb("abort NAME", "Keep the version before NAME's rollout on every node", 1),
-		verb("off", "Roll every new version out to every node at once, as without waves", 0))
+	off := verb("off", "Roll every new version out to every node at once, as without waves", 0)
+	off.Flags().BoolVarP(&o.Yes, "yes", "y", false, "release held and aborted rollouts to every node too")
+	config.Exclude(off.Flags(), "yes") // a standing yes would release a held version without asking
+	cmd.AddCommand(set, resume, verb("abort NAME", "Keep the version before NAME's rollout on every node", 1), off)
 	return cmd
 }
 

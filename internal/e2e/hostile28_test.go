@@ -91,9 +91,20 @@ func TestHostile28RolloutOffWhileHeldSaysWhatItReleases(t *testing.T) {
 	f.waitRollout("lb3", "the rollout held by the probe", 30*time.Second, func(r result, st rolloutStatusJSON) bool {
 		return len(st.Rollouts) == 1 && st.Rollouts[0].State == "held"
 	})
-	r := f.mustOn("lb3", "fleet", "rollout", "off")
-	if !strings.Contains(r.stdout+r.stderr, name) {
-		t.Errorf("'fleet rollout off' with %s version 2 held (its probe failed on the canary) does not name it, though it now goes to every node:\n%s%s",
+	// Without --yes it refuses, naming what it would release, and the
+	// version stays held (README "Staged rollouts").
+	r := f.on("lb3", "fleet", "rollout", "off")
+	if r.code == 0 || !strings.Contains(r.stderr, name+" version 2 (held: ") || !strings.Contains(r.stderr, "hint: ") {
+		t.Errorf("'fleet rollout off' with %s version 2 held (its probe failed on the canary): exit %d, want a refusal naming it, with a hint:\n%s%s",
+			name, r.code, r.stdout, r.stderr)
+	}
+	if _, st := f.rolloutStatus("lb1"); len(st.Rollouts) != 1 || st.Rollouts[0].State != "held" {
+		t.Errorf("a refused 'fleet rollout off' moved the held rollout: %+v", st.Rollouts)
+	}
+	keepsServing(t, lbs, []string{"lb2", "lb3"}, name, v1, 3*time.Second, "after a refused 'fleet rollout off'")
+	r = f.mustOn("lb3", "fleet", "rollout", "off", "--yes")
+	if !strings.Contains(r.stdout, "released to every node: "+name+" version 2 (held: ") {
+		t.Errorf("'fleet rollout off --yes' with %s version 2 held does not name it, though it now goes to every node:\n%s%s",
 			name, r.stdout, r.stderr)
 	}
 }

@@ -73,9 +73,21 @@ func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving ma
 			continue // finished since the read of the set, or staging off
 		}
 		wave, _ := strconv.Atoi(rec["wave"])
+		rw := waves
+		if js := rec["waves"]; js != "" {
+			// Resolved when the rollout started; a node joined since is in
+			// the last wave.
+			var pinned [][]string
+			if json.Unmarshal([]byte(js), &pinned) == nil && len(pinned) > 0 {
+				rw = pinned
+			}
+		}
 		override, _ := strconv.ParseInt(rec["override_at"], 10, 64)
 		for node, m := range serving {
-			w := slices.IndexFunc(waves, func(nodes []string) bool { return slices.Contains(nodes, node) })
+			w := slices.IndexFunc(rw, func(nodes []string) bool { return slices.Contains(nodes, node) })
+			if w < 0 && len(rw) > 0 && slices.Contains(members, node) {
+				w = len(rw) - 1
+			}
 			if w < 0 || m[name].Serial != rec["serial"] || w <= wave || override > 0 {
 				continue
 			}

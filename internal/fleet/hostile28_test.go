@@ -138,8 +138,10 @@ func TestProbePasswordNeverShown(t *testing.T) {
 // wave and goes back to the previous version.
 func TestJoinMidRolloutDoesNotReshuffleWaves(t *testing.T) {
 	cfg := &RolloutConfig{Waves: []string{"1", "rest"}}
+	// The rollout resolves the waves when it starts, over lb1 to lb3, and
+	// keeps them in its record; lb0 joins after.
 	before := cfg.Resolve([]string{"lb1", "lb2", "lb3"})
-	after := cfg.Resolve([]string{"lb1", "lb2", "lb3", "lb0"})
+	after := placeWaves(before, []string{"lb1", "lb2", "lb3", "lb0"})
 	if w := waveOf(after, "lb0"); w != len(after)-1 {
 		t.Errorf("lb0, joining later, is in wave %d of %d (%v), want the last", w+1, len(after), after)
 	}

@@ -85,7 +85,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		l.Version = v
 		n.noteIssued(l)
 		if staged {
-			n.Records(ctx, l.Name) // this node's copy, from the start
+			n.startedRollout(ctx, l.Name)
 		} else {
 			n.publishedPlain(l.Name, v, true)
 		}

@@ -57,7 +57,9 @@ type RolloutConfig struct {
 	Margin float64   `json:"expiry_margin"`
 	By     string    `json:"set_by,omitempty"`
 	At     time.Time `json:"set_at,omitzero"`
-	// Seq is Redis's count of changes; a rebuild keeps the highest.
+	// Seq is the change's number, which never goes back: a rebuild keeps
+	// the highest any node holds, and a change is numbered above it
+	// (SetRolloutConfig).
 	Seq int64 `json:"seq,omitempty"`
 }
 
@@ -140,21 +142,15 @@ func CheckWaves(specs []string) error {
 // Resolve puts every member in a wave: named nodes where they are
 // named, then counts and percentages from the unnamed ones in name
 // order, "rest" for all that are left; whoever is left after the last
-// wave joins it. A named node that is not a member is left out.
+// wave joins it. A named node that is not a member is left out. A
+// rollout resolves the waves once, when it starts, and keeps them in its
+// record (placeWaves).
 func (c *RolloutConfig) Resolve(members []string) [][]string {
 	if !c.Staged() {
 		return nil
 	}
 	ms := slices.Clone(members)
-	slices.SortFunc(ms, func(a, b string) int {
-		if store.NaturalLess(a, b) {
-			return -1
-		}
-		if store.NaturalLess(b, a) {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(ms, naturalCmp)
 	isMember := map[string]bool{}
 	for _, m := range ms {
 		isMember[m] = true
@@ -198,6 +194,51 @@ func (c *RolloutConfig) Resolve(members []string) [][]string {
 	return out
 }
 
+// placeWaves is a rollout's waves among the members now: the nodes its
+// waves were resolved to when it started (Record.Waves) where they were,
+// those no longer members left out, and every member in none of them
+// (one that joined since) in the last wave. A node that joins or leaves
+// never moves another node to another wave: a canary that passed stays
+// the canary, and no node goes back to the previous version.
+func placeWaves(pinned [][]string, members []string) [][]string {
+	if len(pinned) == 0 {
+		return nil
+	}
+	isMember := map[string]bool{}
+	for _, m := range members {
+		isMember[m] = true
+	}
+	out := make([][]string, len(pinned))
+	placed := map[string]bool{}
+	for i, w := range pinned {
+		for _, node := range w {
+			placed[node] = true
+			if isMember[node] {
+				out[i] = append(out[i], node)
+			}
+		}
+	}
+	var late []string
+	for _, m := range members {
+		if !placed[m] {
+			late = append(late, m)
+		}
+	}
+	slices.SortFunc(late, naturalCmp)
+	out[len(out)-1] = append(out[len(out)-1], late...)
+	return out
+}
+
+func naturalCmp(a, b string) int {
+	if store.NaturalLess(a, b) {
+		return -1
+	}
+	if store.NaturalLess(b, a) {
+		return 1
+	}
+	return 0
+}
+
 // waveOf is node's wave in resolved waves, or the last one.
 func waveOf(waves [][]string, node string) int {
 	for i, w := range waves {
@@ -231,7 +272,11 @@ type Record struct {
 	Started    time.Time `json:"started"`
 	Override   time.Time `json:"override_at,omitzero"` // the expiry override began
 	OverNode   string    `json:"override_node,omitempty"`
-	Seq        int64     `json:"seq"`
+	// Waves are the fleet's waves resolved to node names when the
+	// rollout started (Node.wavesOf), so that nodes joining or leaving
+	// meanwhile move no node to another wave.
+	Waves [][]string `json:"waves,omitempty"`
+	Seq   int64      `json:"seq"`
 }
 
 // Target is what one node may serve of a lineage now.

@@ -105,7 +105,6 @@ func (n *Node) Evaluate(ctx context.Context, names ...string) (time.Time, error)
 	if err != nil {
 		return time.Time{}, err
 	}
-	waves := cfg.Resolve(members)
 	var next time.Time
 	for _, name := range rnames {
 		r, h := recs[name], heads[name]
@@ -127,6 +126,7 @@ func (n *Node) Evaluate(ctx context.Context, names ...string) (time.Time, error)
 				served[node] = s
 			}
 		}
+		waves := n.wavesOf(ctx, cfg, r)
 		v := judge(r, cfg, waves, served, time.Now())
 		switch {
 		case v.hold:

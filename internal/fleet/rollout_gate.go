@@ -69,7 +69,7 @@ func (n *Node) target(ctx context.Context, cfg *RolloutConfig, r *Record) (Targe
 		return Target{}, nil, err
 	}
 	live, _ := n.Local.LiveVersion(r.Name)
-	in := targetIn{rec: r, waves: cfg.Resolve(n.memberNames()), node: n.Name, live: live, margin: cfg.margin(), now: time.Now()}
+	in := targetIn{rec: r, waves: n.wavesOf(ctx, cfg, r), node: n.Name, live: live, margin: cfg.margin(), now: time.Now()}
 	if l, err := n.Local.LoadVersion(r.Name, live); err == nil {
 		in.liveSerial = l.Cert.Serial
 	}
@@ -100,6 +100,48 @@ func (n *Node) prevLineage(ctx context.Context, r *Record) (*store.Lineage, erro
 		return nil, nil
 	}
 	return metaOf(bd)
+}
+
+// wavesOf is r's waves among the members now (placeWaves). A record
+// whose waves are not resolved yet (the publish that started it does
+// not resolve them; its publisher does right after, see startedRollout)
+// gets them now, from cfg and the members, moved like the rest of the
+// record (compare-and-set on its version and seq): whichever node is
+// first, every node then judges by the same waves. r is updated to the
+// record as moved.
+func (n *Node) wavesOf(ctx context.Context, cfg *RolloutConfig, r *Record) [][]string {
+	members := n.memberNames()
+	if r.Waves == nil && cfg.Staged() {
+		waves := cfg.Resolve(members)
+		if _, err := n.Shared.MoveRollout(ctx, r.Name, r.Version, r.Seq, false, "waves", wavesJSON(waves)); err != nil {
+			slog.Warn("could not keep the waves a rollout started with; the next look does", "name", r.Name, "err", err)
+			return waves
+		}
+		recs, err := n.Records(ctx, r.Name)
+		if rr := recs[r.Name]; err == nil && rr != nil && rr.Version == r.Version && rr.Waves != nil {
+			*r = *rr
+		} else {
+			return waves // it moved meanwhile: the next look keeps them
+		}
+	}
+	if r.Waves == nil {
+		return cfg.Resolve(members)
+	}
+	return placeWaves(r.Waves, members)
+}
+
+// startedRollout resolves the waves of the rollout a publish of name
+// just started, at once: from the fleet's waves and members as they are
+// when it starts.
+func (n *Node) startedRollout(ctx context.Context, name string) {
+	cfg, err := n.RolloutConfig(ctx, true)
+	if err != nil {
+		return // the next look resolves them
+	}
+	recs, err := n.Records(ctx, name) // this node's copy, from the start
+	if r := recs[name]; err == nil && r != nil {
+		n.wavesOf(ctx, cfg, r)
+	}
 }
 
 func (n *Node) memberNames() []string {

@@ -3,7 +3,10 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"io"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/hint"
@@ -46,7 +49,7 @@ func (n *Node) Resume(ctx context.Context, name string, skip bool) (string, erro
 	if err != nil {
 		return "", err
 	}
-	waves := cfg.Resolve(n.memberNames())
+	waves := n.wavesOf(ctx, cfg, r)
 	if r.State == Rolling && !skip {
 		return "", hint.Wrap(fmt.Errorf("the rollout of %s version %d is not held: it is at wave %d of %d", name, r.Version, r.Wave+1, len(waves)),
 			"to release the next wave without waiting for this one, add --skip-wave")
@@ -96,4 +99,45 @@ func moved(name string, err error) error {
 		return err
 	}
 	return hint.Wrap(fmt.Errorf("the rollout of %s moved while this command read it", name), "run it again")
+}
+
+// RolloutOff turns staged rollouts off ('fleet rollout off'): every
+// rollout on its way ends at the agents' next look and every node gets
+// its lineage's newest version. That includes the version of a held
+// rollout (its check failed) or of an aborted one (an operator sent the
+// fleet back from it): without yes, it refuses and names them, and with
+// yes it says which it released.
+func (n *Node) RolloutOff(ctx context.Context, yes bool, w io.Writer) error {
+	recs, err := n.Records(ctx)
+	if err != nil {
+		return err
+	}
+	var stopped []string
+	for _, r := range recs {
+		if r.State == Held || r.State == Aborted {
+			stopped = append(stopped, stoppedWords(r))
+		}
+	}
+	slices.Sort(stopped)
+	if len(stopped) > 0 && !yes {
+		return hint.Wrap(fmt.Errorf("fleet rollout off would send to every node what a rollout holds back: %s", strings.Join(stopped, "; ")),
+			"'lbcert fleet status' shows why; once fixed, 'lbcert fleet rollout resume NAME' (or a new version: 'lbcert renew --force --name NAME') moves it on; --yes turns staging off and releases them now")
+	}
+	if err := n.SetRollout(ctx, &RolloutConfig{}, w); err != nil {
+		return err
+	}
+	for _, s := range stopped {
+		fmt.Fprintf(w, "released to every node: %s\n", s)
+	}
+	return nil
+}
+
+// stoppedWords says which version a held or aborted rollout holds back,
+// and why, on one line.
+func stoppedWords(r *Record) string {
+	why := "aborted"
+	if r.State == Held {
+		why = "held: " + strings.Join(strings.Fields(r.Why), " ")
+	}
+	return fmt.Sprintf("%s version %d (%s; nodes keep version %d)", r.Name, r.Version, why, r.Previous)
 }

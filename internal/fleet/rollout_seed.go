@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"log/slog"
 
@@ -19,8 +18,7 @@ import (
 // back into a Redis that lost them; the newest copy of each wins.
 func (n *Node) seedRollouts(ctx context.Context) error {
 	if c := readConfigCopy(n.Local); c != nil && c.Seq > 0 {
-		raw, _ := json.Marshal(c)
-		if _, err := n.Shared.SetRolloutConfig(ctx, raw, len(c.Waves), c.Seq); err != nil {
+		if _, err := n.Shared.SetRolloutConfig(ctx, configJSON(c), len(c.Waves), c.Seq); err != nil {
 			return err
 		}
 	}

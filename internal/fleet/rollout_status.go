@@ -73,12 +73,23 @@ func orNone(s []string) string {
 
 // rolloutView is what status needs to know of the rollouts on their
 // way: each record with the previous version's certificate, and the
-// waves resolved over the members.
+// fleet's waves resolved over the members (each rollout has its own,
+// resolved when it started: wavesOf).
 type rolloutView struct {
-	cfg   *RolloutConfig
-	waves [][]string
-	recs  map[string]*Record
-	prev  map[string]store.CertInfo
+	cfg     *RolloutConfig
+	members []string
+	waves   [][]string
+	recs    map[string]*Record
+	prev    map[string]store.CertInfo
+}
+
+// wavesOf is r's waves among the members now; status only reads, so a
+// record whose waves are not resolved yet is shown with the fleet's.
+func (v *rolloutView) wavesOf(r *Record) [][]string {
+	if r.Waves == nil {
+		return v.waves
+	}
+	return placeWaves(r.Waves, v.members)
 }
 
 func (n *Node) viewRollouts(ctx context.Context, heads map[string]rdb.Head) (*rolloutView, error) {
@@ -86,7 +97,8 @@ func (n *Node) viewRollouts(ctx context.Context, heads map[string]rdb.Head) (*ro
 	if err != nil {
 		return nil, err
 	}
-	v := &rolloutView{cfg: cfg, waves: cfg.Resolve(n.memberNames()), recs: map[string]*Record{}, prev: map[string]store.CertInfo{}}
+	members := n.memberNames()
+	v := &rolloutView{cfg: cfg, members: members, waves: cfg.Resolve(members), recs: map[string]*Record{}, prev: map[string]store.CertInfo{}}
 	if !cfg.Staged() {
 		return v, nil
 	}
@@ -119,7 +131,7 @@ func (v *rolloutView) target(name, node string, served Served, now time.Time) (T
 	if r == nil {
 		return Target{}, false
 	}
-	return decideTarget(targetIn{rec: r, waves: v.waves, node: node, live: served.Version, liveSerial: served.Serial,
+	return decideTarget(targetIn{rec: r, waves: v.wavesOf(r), node: node, live: served.Version, liveSerial: served.Serial,
 		prev: v.prev[name], margin: v.cfg.margin(), now: now}), true
 }
 
@@ -128,7 +140,7 @@ func (v *rolloutView) target(name, node string, served Served, now time.Time) (T
 func (v *rolloutView) statuses(served map[string]map[string]Served, now time.Time) []RolloutStatus {
 	var out []RolloutStatus
 	for name, r := range v.recs {
-		rs := RolloutStatus{Name: name, Version: r.Version, Previous: r.Previous, State: r.State, Wave: r.Wave + 1, Waves: v.waves,
+		rs := RolloutStatus{Name: name, Version: r.Version, Previous: r.Previous, State: r.State, Wave: r.Wave + 1, Waves: v.wavesOf(r),
 			Why: r.Why, Node: r.Node, Started: r.Started, Since: r.Since, Serving: map[string]int{}}
 		if !r.Override.IsZero() {
 			t := r.Override
@@ -142,7 +154,7 @@ func (v *rolloutView) statuses(served map[string]map[string]Served, now time.Tim
 			for node, m := range served {
 				byNode[node] = m[name]
 			}
-			rs.Waiting = judge(r, v.cfg, v.waves, byNode, now).missing
+			rs.Waiting = judge(r, v.cfg, v.wavesOf(r), byNode, now).missing
 		}
 		out = append(out, rs)
 	}

@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"context"
+	"crypto/sha1"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -112,11 +114,18 @@ func (n *Node) readRolloutConfig(ctx context.Context) (*RolloutConfig, error) {
 }
 
 // SetRolloutConfig makes cfg the fleet's waves (none: staging off), and
-// keeps a copy on this node's disk for a rebuild of Redis.
+// keeps a copy on this node's disk for a rebuild of Redis. Its change
+// number is above any this node knows (Redis may have been rebuilt from
+// an older copy than this node's) and, clocks being roughly right, above
+// the number of any change made before it elsewhere: a wall-clock floor
+// in milliseconds.
 func (n *Node) SetRolloutConfig(ctx context.Context, cfg *RolloutConfig) error {
-	cfg.By, cfg.At = n.Name, time.Now().UTC()
-	raw, _ := json.Marshal(cfg)
-	seq, err := n.Shared.SetRolloutConfig(ctx, raw, len(cfg.Waves), 0)
+	cfg.By, cfg.At, cfg.Seq = n.Name, time.Now().UTC(), 0
+	floor := cfg.At.UnixMilli()
+	if old := readConfigCopy(n.Local); old != nil {
+		floor = max(floor, old.Seq)
+	}
+	seq, err := n.Shared.ChangeRolloutConfig(ctx, configJSON(cfg), len(cfg.Waves), 0, floor)
 	if err != nil {
 		return err
 	}
@@ -127,6 +136,32 @@ func (n *Node) SetRolloutConfig(ctx context.Context, cfg *RolloutConfig) error {
 	c.cfg, c.cfgAt = cfg, time.Now()
 	c.mu.Unlock()
 	return nil
+}
+
+// configJSON is cfg as Redis keeps it: without its change number, which
+// Redis keeps beside it.
+func configJSON(cfg *RolloutConfig) []byte {
+	c := *cfg
+	c.Seq = 0
+	raw, _ := json.Marshal(&c)
+	return raw
+}
+
+// newerConfig says whether a is a newer copy of the fleet's waves than
+// b: a higher change number, or the same one (two changes made while
+// Redis was lost, each from an older copy) and the higher SHA-1 of its
+// JSON, the order Redis's script keeps too (package rdb).
+func newerConfig(a, b *RolloutConfig) bool {
+	if a.Seq != b.Seq {
+		return a.Seq > b.Seq
+	}
+	return tieKey(configJSON(a)) > tieKey(configJSON(b))
+}
+
+// tieKey is the first 48 bits of raw's SHA-1.
+func tieKey(raw []byte) uint64 {
+	sum := sha1.Sum(raw)
+	return binary.BigEndian.Uint64(sum[:8]) >> 16
 }
 
 // mayHaveRollout says whether name may have a rollout on its way, from
@@ -168,10 +203,11 @@ func (n *Node) publishedPlain(name string, v int, set bool) bool {
 
 func rolloutDir(st *store.Store) string { return filepath.Join(fleetDir(st), "rollouts") }
 
-// keepConfig writes this node's copy of the fleet's waves, if newer.
+// keepConfig writes this node's copy of the fleet's waves, if newer
+// (newerConfig).
 func (n *Node) keepConfig(cfg *RolloutConfig) {
 	path := filepath.Join(fleetDir(n.Local), "rollout.json")
-	if old := readConfigCopy(n.Local); old != nil && old.Seq >= cfg.Seq {
+	if old := readConfigCopy(n.Local); old != nil && !newerConfig(cfg, old) {
 		return
 	}
 	data, _ := json.MarshalIndent(cfg, "", "  ")
@@ -201,10 +237,14 @@ func recordOf(name string, m map[string]string) *Record {
 		}
 		return time.Time{}
 	}
-	return &Record{Name: name, Version: int(atoi("version")), Serial: m["serial"], Previous: int(atoi("previous")),
+	r := &Record{Name: name, Version: int(atoi("version")), Serial: m["serial"], Previous: int(atoi("previous")),
 		PrevSerial: m["prev_serial"], Wave: int(atoi("wave")), State: m["state"], Why: m["why"], Node: m["node"],
 		Since: ms("since"), Resumed: ms("resumed"), Started: ms("started"), Override: ms("override_at"),
 		OverNode: m["override_node"], Seq: atoi("seq")}
+	if w := m["waves"]; w != "" && json.Unmarshal([]byte(w), &r.Waves) != nil {
+		r.Waves = nil // unreadable: pinned again (Node.wavesOf)
+	}
+	return r
 }
 
 // fields are r's hash fields other than version and seq.
@@ -215,9 +255,18 @@ func (r *Record) fields() []string {
 		}
 		return strconv.FormatInt(t.UnixMilli(), 10)
 	}
-	return []string{"serial", r.Serial, "previous", strconv.Itoa(r.Previous), "prev_serial", r.PrevSerial,
+	f := []string{"serial", r.Serial, "previous", strconv.Itoa(r.Previous), "prev_serial", r.PrevSerial,
 		"wave", strconv.Itoa(r.Wave), "state", r.State, "why", r.Why, "node", r.Node, "since", ms(r.Since),
 		"resumed", ms(r.Resumed), "started", ms(r.Started), "override_at", ms(r.Override), "override_node", r.OverNode}
+	if r.Waves != nil {
+		f = append(f, "waves", wavesJSON(r.Waves))
+	}
+	return f
+}
+
+func wavesJSON(w [][]string) string {
+	raw, _ := json.Marshal(w)
+	return string(raw)
 }
 
 // Records reads the rollouts on their way: every one, or those of

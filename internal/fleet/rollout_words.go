@@ -25,6 +25,7 @@ type RolloutSettings struct {
 	ProbeStatus int
 	Margin      string // a percentage, "15%"
 	SkipWave    bool   // resume: release the next wave at once
+	Yes         bool   // off: release held and aborted rollouts too
 }
 
 // Rollout does 'fleet rollout VERB ARGS' (set, resume NAME, abort NAME,
@@ -40,7 +41,7 @@ func (n *Node) Rollout(ctx context.Context, verb string, args []string, o *Rollo
 		}
 		return n.SetRollout(ctx, cfg, w)
 	case "off":
-		return n.SetRollout(ctx, &RolloutConfig{}, w)
+		return n.RolloutOff(ctx, o.Yes, w)
 	case "resume":
 		what, err = n.Resume(ctx, args[0], o.SkipWave)
 	case "abort":
@@ -148,11 +149,7 @@ func (st *Status) RolloutTable(w io.Writer) {
 	if len(st.Waves) == 0 {
 		return
 	}
-	var waves []string
-	for i, nodes := range st.Waves {
-		waves = append(waves, fmt.Sprintf("%d: %s", i+1, orNoNode(nodes)))
-	}
-	fmt.Fprintf(w, "waves: %s\n", strings.Join(waves, "; "))
+	fmt.Fprintf(w, "waves: %s\n", wavesWords(st.Waves))
 	if st.RolloutSettings != nil {
 		fmt.Fprintf(w, "  %s\n", st.RolloutSettings.settingsWords())
 	}
@@ -167,6 +164,10 @@ func (st *Status) RolloutTable(w io.Writer) {
 			state += ", waiting for " + strings.Join(r.Waiting, ",")
 		}
 		fmt.Fprintf(w, "  %s version %d (was %d): %s\n", r.Name, r.Version, r.Previous, state)
+		if !slices.EqualFunc(r.Waves, st.Waves, slices.Equal) {
+			// Resolved when it started: nodes joined or left since.
+			fmt.Fprintf(w, "    its waves: %s\n", wavesWords(r.Waves))
+		}
 		nodes := make([]string, 0, len(r.Serving))
 		for node := range r.Serving {
 			nodes = append(nodes, node)
@@ -180,6 +181,14 @@ func (st *Status) RolloutTable(w io.Writer) {
 			fmt.Fprintf(w, "    resume: lbcert fleet rollout resume %s   abort: lbcert fleet rollout abort %s\n", r.Name, r.Name)
 		}
 	}
+}
+
+func wavesWords(ws [][]string) string {
+	var out []string
+	for i, nodes := range ws {
+		out = append(out, fmt.Sprintf("%d: %s", i+1, orNoNode(nodes)))
+	}
+	return strings.Join(out, "; ")
 }
 
 func orNoNode(s []string) string {

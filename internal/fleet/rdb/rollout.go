@@ -35,15 +35,23 @@ func (s *Shared) RolloutConfig(ctx context.Context) ([]byte, int64, error) {
 }
 
 // setConfigScript writes the fleet's waves: with a seq of 0 as a new
-// change (the count moves on), or as a copy a node kept, only when it
-// is newer than what Redis holds (a rebuild).
+// change, numbered above both what Redis holds and the caller's floor
+// (the newest number the changing node knows: a Redis rebuilt from an
+// older copy must not hand out a number a node already holds), or as a
+// copy a node kept, only when it is newer than what Redis holds (a
+// rebuild). Two copies with the same number (changes made apart, while
+// Redis was lost) are ordered by the SHA-1 of their JSON, as package
+// fleet orders its own copies, so every node and Redis keep the same.
 var setConfigScript = goredis.NewScript(`
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local seq = tonumber(ARGV[3])
 if seq == 0 then
-  seq = cur + 1
-elseif seq <= cur then
+  seq = math.max(cur, tonumber(ARGV[4])) + 1
+elseif seq < cur then
   return 0
+elseif seq == cur then
+  local old = redis.call('HGET', KEYS[1], 'json') or ''
+  if tonumber(string.sub(redis.sha1hex(ARGV[1]), 1, 12), 16) <= tonumber(string.sub(redis.sha1hex(old), 1, 12), 16) then return 0 end
 end
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'waves', ARGV[2], 'seq', seq)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'config', '1')
@@ -53,10 +61,16 @@ return seq
 // SetRolloutConfig writes the fleet's waves (raw is package fleet's
 // JSON, waves their count: 0 turns staging off), tells the agents
 // through the events stream (ahead of any publish made after it), and
-// returns the new change count. seq 0 is a new change; another is a rebuild's copy,
-// written only when newer (then 0 means it was not).
+// returns the new change number. seq 0 is a new change; another is a
+// rebuild's copy, written only when newer (then 0 means it was not).
 func (s *Shared) SetRolloutConfig(ctx context.Context, raw []byte, waves int, seq int64) (int64, error) {
-	n, err := setConfigScript.Run(ctx, s.c, []string{s.k("rollout"), s.k("events")}, raw, waves, seq).Int64()
+	return s.ChangeRolloutConfig(ctx, raw, waves, seq, 0)
+}
+
+// ChangeRolloutConfig is SetRolloutConfig; a new change (seq 0) is
+// numbered above floor too.
+func (s *Shared) ChangeRolloutConfig(ctx context.Context, raw []byte, waves int, seq, floor int64) (int64, error) {
+	n, err := setConfigScript.Run(ctx, s.c, []string{s.k("rollout"), s.k("events")}, raw, waves, seq, floor).Int64()
 	return n, s.unavailable(err)
 }
 
