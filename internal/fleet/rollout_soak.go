@@ -49,6 +49,7 @@ func (s *Syncer) soakRound(ctx context.Context) time.Duration {
 		return every
 	}
 	start := time.Now()
+	done := make(map[string]soakItem, len(due))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 8)
@@ -59,12 +60,12 @@ func (s *Syncer) soakRound(ctx context.Context) time.Duration {
 			defer func() { <-sem; wg.Done() }()
 			rep := s.soakCheck(ctx, cfg, c)
 			mu.Lock()
-			due[name] = soakItem{rec: c.rec, rep: rep}
+			done[name] = soakItem{rec: c.rec, rep: rep}
 			mu.Unlock()
 		}()
 	}
 	wg.Wait()
-	if err := s.sendChecks(ctx, due); err != nil {
+	if err := s.sendChecks(ctx, done); err != nil {
 		slog.Warn("could not report this node's checks of the versions it soaks; checking again", "err", err)
 	}
 	return max(every-time.Since(start), 0)
