@@ -100,8 +100,20 @@
 //   - R1 waves in order. No node of a later wave installs a version
 //     before every earlier wave passed: each of its nodes deployed it,
 //     its load balancer serves it (the agent's TLS check), the probe
-//     through it passed, and the soak time went by; except by the
-//     expiry override (R3). Enforced by the one install step: engine.
+//     through it passed, and the soak time went by with the version
+//     checked; except by the expiry override (R3). The soak is checked:
+//     while it lasts the wave's agents run the TLS check and the probe
+//     again (every sixth of the soak, 1 s to 30 s), and any failure
+//     holds the rollout as a failed check at the deploy does (R2). At
+//     the soak's end the wave passes only if every node of it has a
+//     passing check no older than two rounds and a little, and a live
+//     heartbeat; otherwise the wave waits, and a node that served the
+//     version but has no heartbeat and no check for three times that
+//     (two minutes at least) holds the rollout, named ("no check from
+//     lb1 ... (agent down?)"). A node removed from the fleet leaves its
+//     wave: the wave is judged on the nodes left, and one with none left
+//     passes when its soak time is over. With no soak the deploy's
+//     check is the check: no wait for another, no heartbeat asked. Enforced by the one install step: engine.
 //     Node.Gate (fleet's Node.Gate) says which version a node may serve,
 //     asked afresh by every install and by the agent's plan, so the gate
 //     decides what is installed, never how. The rollout starts in the

@@ -12,10 +12,25 @@ import (
 )
 
 // verify connects to the serving address with SNI set to each name and
-// checks that the leaf has the new serial. A reload takes effect
-// asynchronously (nginx starts new workers, HAProxy a new process), so it
-// retries for a few seconds before calling it a mismatch.
+// checks that the leaf has the new serial (CheckServed), and notes the
+// outcome in res.
 func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
+	if err := CheckServed(ctx, c); err != nil {
+		res.Verify = "failed"
+		res.Err = err
+		return
+	}
+	res.Verify = "ok"
+	slog.Info("verified new certificate is served", "name", c.Name, "addr", c.Deploy.VerifyAddr, "serial", c.Serial)
+}
+
+// CheckServed is the deploy's TLS check on its own: every domain of c
+// is served at c.Deploy.VerifyAddr with c.Serial, its chain verified
+// when there are roots to verify it to. A staged rollout's soak repeats
+// it. A reload takes effect asynchronously (nginx starts new workers,
+// HAProxy a new process), so it retries until ctx ends before it calls
+// it a mismatch.
+func CheckServed(ctx context.Context, c Change) error {
 	for _, name := range c.Domains {
 		var got string
 		var err error
@@ -44,21 +59,16 @@ func (r *Runner) verify(ctx context.Context, c Change, res *Result) {
 			}
 		}
 		if err != nil {
-			res.Verify = "failed"
-			res.Err = fmt.Errorf("verify %s at %s: %v", name, c.Deploy.VerifyAddr, err)
-			return
+			return fmt.Errorf("verify %s at %s: %v", name, c.Deploy.VerifyAddr, err)
 		}
 		if got != c.Serial {
-			res.Verify = "failed"
-			res.Err = fmt.Errorf("verify %s at %s: served serial %s, want the new %s", name, c.Deploy.VerifyAddr, got, c.Serial)
-			return
+			return fmt.Errorf("verify %s at %s: served serial %s, want the new %s", name, c.Deploy.VerifyAddr, got, c.Serial)
 		}
 	}
-	res.Verify = "ok"
-	slog.Info("verified new certificate is served", "name", c.Name, "addr", c.Deploy.VerifyAddr, "serial", c.Serial)
+	return nil
 }
 
-// ServedSerial returns the serial (hex) of the leaf served at addr for
+// servedSerial returns the serial (hex) of the leaf served at addr for
 // SNI name. It does not check the chain: the question is which
 // certificate is served, not whether the client trusts it.
 func servedSerial(ctx context.Context, addr, name, rootsFile string) (string, error) {

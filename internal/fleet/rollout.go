@@ -15,7 +15,10 @@ import (
 // A staged rollout (issue 28) sends a new certificate to the fleet in
 // waves: the first wave's nodes deploy it, their load balancers serve
 // it, an optional probe through each of them passes, a soak time goes
-// by, and only then may the next wave's nodes install it. Until then
+// by with those checks made again and again (rollout_soak.go; a wave
+// passes on fresh checks of nodes whose agents are alive, invariant R1
+// of package catalog), and only then may the next wave's nodes install
+// it. Until then
 // they keep serving the version before it, which the catalog keeps
 // beside the new one (the previous bundle). A failed check holds the
 // version everywhere it has not reached; an operator resumes or aborts.

@@ -241,19 +241,27 @@ func (s *Syncer) previous(ctx context.Context, recs map[string]*Record) (map[str
 
 // keepSince gives a report that says again what Redis holds the time
 // Redis has: it says since when the node serves this, which a staged
-// rollout's soak counts from. A failure keeps its own time: one after a
-// resume is news, and holds the rollout again.
+// rollout's soak counts from; what the soak's checks found since stays
+// too. A failure keeps its own time: one after a resume is news, and
+// holds the rollout again.
 func keepSince(reports, prev map[string]Served) {
 	for name, r := range reports {
 		if p, ok := prev[name]; ok && p.OK && sameReport(p, r) {
 			r.At = p.At
+			if r.Checked.IsZero() {
+				r.Checked, r.Verify = p.Checked, p.Verify
+			}
 			reports[name] = r
 		}
 	}
 }
 
+// sameReport says whether two reports say the same of what the node
+// serves, whenever and however often it was checked.
 func sameReport(a, b Served) bool {
 	a.At, b.At = time.Time{}, time.Time{}
+	a.Checked, b.Checked = time.Time{}, time.Time{}
+	a.Verify, b.Verify = "", ""
 	return a == b
 }
 

@@ -27,7 +27,7 @@ type RolloutStatus struct {
 	Started time.Time  `json:"started"`
 	Since   time.Time  `json:"wave_since"`
 	// Waiting are the current wave's nodes that do not serve it (with
-	// its probe passed) yet.
+	// its probe passed) yet, or whose checks during the soak are late.
 	Waiting []string `json:"waiting_for,omitempty"`
 	// Override is when the expiry override began, on OverrideNode.
 	Override     *time.Time `json:"expiry_override,omitempty"`
@@ -154,7 +154,8 @@ func (v *rolloutView) statuses(served map[string]map[string]Served, now time.Tim
 			for node, m := range served {
 				byNode[node] = m[name]
 			}
-			rs.Waiting = judge(r, v.cfg, v.wavesOf(r), byNode, now).missing
+			jv := judge(r, v.cfg, v.wavesOf(r), byNode, nil, now)
+			rs.Waiting = append(jv.missing, jv.stale...)
 		}
 		out = append(out, rs)
 	}

@@ -30,6 +30,12 @@ type Served struct {
 	// Probe is the staged rollout's probe through this node of the
 	// version it serves: "ok", or why it failed ("" when none ran).
 	Probe string `json:"probe,omitempty"`
+	// Checked is when the node last checked the version again while a
+	// staged rollout soaks it (its TLS check and probe, every few
+	// seconds); zero until then, the deploy's own check being at At.
+	Checked time.Time `json:"checked,omitzero"`
+	// Verify is how that TLS check went: "ok", or why it failed.
+	Verify string `json:"verify,omitempty"`
 	// Held says why the node serves an older version than the fleet's
 	// newest: a staged rollout has not released it here.
 	Held string `json:"held,omitempty"`
@@ -76,7 +82,8 @@ type Syncer struct {
 	wake  time.Time // when a staged rollout is due a look
 }
 
-// Run syncs until ctx ends.
+// Run syncs until ctx ends; beside it, the versions staged rollouts
+// soak on this node are checked again and again (soakChecks).
 func (s *Syncer) Run(ctx context.Context) {
 	if s.Reconcile <= 0 {
 		s.Reconcile = time.Minute
@@ -84,6 +91,7 @@ func (s *Syncer) Run(ctx context.Context) {
 	if s.Settle <= 0 {
 		s.Settle = 100 * time.Millisecond
 	}
+	go s.soakChecks(ctx)
 	wait := time.Second
 	for ctx.Err() == nil {
 		if err := s.follow(ctx); err != nil && ctx.Err() == nil {
