@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet"
 	"github.com/lbcert/lbcert/internal/testenv"
 )
 
@@ -68,7 +69,10 @@ func TestFleetRolloutCanaryThenRest(t *testing.T) {
 		t.Fatalf("the canary's report: %+v", canary)
 	}
 	for _, n := range []string{"lb2", "lb3"} {
-		rest := f.servedReport(n, name)
+		// The agent reports after its load balancer serves the version
+		// (the deploy, then the report): wait for the report.
+		var rest fleet.Served
+		poll(10*time.Second, func() bool { rest = f.servedReport(n, name); return rest.Serial == v2 })
 		if rest.Serial != v2 || rest.At.Sub(canary.At) < soak {
 			t.Errorf("%s reported %s at %s, %s after the canary's %s: want after the %s soak", n, rest.Serial, rest.At.Format(time.RFC3339Nano),
 				rest.At.Sub(canary.At), canary.At.Format(time.RFC3339Nano), soak)
