@@ -41,6 +41,10 @@ type chaosObserver struct {
 	sealed   map[string]bool                      // seal violations already reported
 	tokens   map[string]bool                      // tokens already tried on removed agents
 	issuedBy map[string]bool                      // serials seen anywhere
+	// servingSamples counts the samples of what the load balancers
+	// serve that the rollout invariants were checked on, and
+	// rolloutSamples those taken with a rollout on its way.
+	servingSamples, rolloutSamples int
 
 	stop chan struct{}
 	done chan struct{}
@@ -58,9 +62,14 @@ func newObserver(r *chaosRun) *chaosObserver {
 }
 
 // run samples until stopped: Redis and the disks every second, tokens
-// every quarter second.
+// every quarter second, and what the load balancers serve every second
+// (sampleServing, for the rollout invariants).
 func (o *chaosObserver) run() {
 	defer close(o.done)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); o.sampleServing() }()
+	defer wg.Wait()
 	c := o.r.redis.client()
 	defer c.Close()
 	tick := time.NewTicker(250 * time.Millisecond)
@@ -86,6 +95,7 @@ func (o *chaosObserver) finish() {
 	defer c.Close()
 	o.sampleRedis(c)
 	o.sampleDisks()
+	o.checkServing(c)
 }
 
 // record notes that where holds serial as name's version v.

@@ -9,6 +9,18 @@
 // what rebuilds an emptied Redis (Reseed): an empty Redis never means
 // "order everything again", and a Redis that somebody else filled is
 // not trusted (see crypto.go).
+//
+// A fleet may stage rollouts (rollout.go): a new version reaches the
+// members one wave at a time. Their invariants are package catalog's
+// R1 to R5: no node of a later wave serves a version before every
+// earlier wave passed, except by the expiry override (R1); a failed
+// check holds the version on every node it has not reached (R2); no
+// node serves an expired certificate while a valid one exists (R3);
+// the rollout's state survives the loss of Redis (R4); a node that
+// joins gets the version its wave may serve (R5). The randomized fleet
+// test (internal/e2e, TestFleetRandomFaults) checks R1 and R3 on what
+// the load balancers serve while its faults run, and that a held or
+// aborted rollout's nodes converge to the version it keeps.
 package fleet
 
 import (
