@@ -351,6 +351,75 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 	}
 }
 
+// A Redis that lost the writes of a 'fleet remove' (a Sentinel failover
+// that dropped the old primary's last writes) holds the older epoch and
+// member records no longer verifiable under the new key. A member that
+// reads the members then (an agent's heartbeat) keeps its verified copy
+// instead of emptying it, so it can put the newer membership back: the
+// removed node is no member again (invariant I5).
+func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lb2, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatal(err)
+	}
+	before := map[string]map[string]string{}
+	for _, h := range []string{"meta", "members", "wrapped:1"} {
+		before[h], _ = sh.HGetAll(ctx, h)
+	}
+	if _, err := lb1.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb2.Refresh(ctx); err != nil || lb2.Epoch() != 2 {
+		t.Fatalf("lb2 follows the rotation: epoch %d, %v", lb2.Epoch(), err)
+	}
+	if err := lb2.loadMembers(ctx); err != nil || len(lb2.Members()) != 2 {
+		t.Fatalf("members after the remove: %v %v", lb2.Members(), err)
+	}
+	// The remove's writes are lost: Redis is back at epoch 1, lb3 a member.
+	sh.HDel(ctx, "epochs", "2")
+	sh.HDel(ctx, "wrapped:2", "lb1", "lb2")
+	for h, m := range before {
+		for f, v := range m {
+			sh.HSet(ctx, h, f, v)
+		}
+	}
+	if err := lb2.loadMembers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb2.CheckSeeded(ctx); err != nil {
+		t.Fatalf("lb2 puts its membership back: %v", err)
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 2 || m["lb3"] != "" {
+		t.Fatalf("members after the repair: %v", m)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "2" {
+		t.Fatalf("epoch after the repair: %s", e)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err == nil || !strings.Contains(err.Error(), "removed") {
+		t.Errorf("removed lb3 opens the repaired fleet: %v", err)
+	}
+}
+
 // The shared budget's fields go when they hold nothing any more, and
 // the ones still counting stay.
 func TestSweepPaceBudget(t *testing.T) {

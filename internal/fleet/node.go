@@ -34,6 +34,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -639,6 +640,14 @@ func (n *Node) loadMembers(ctx context.Context) error {
 		ms = append(ms, m)
 	}
 	sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
+	if !slices.ContainsFunc(ms, func(m Member) bool { return m.Node == n.Name }) {
+		// Under this node's key its own record always verifies: Redis
+		// lost writes (an older snapshot, a failover that dropped the
+		// last ones) or holds another epoch's records. The verified copy
+		// stays what it was: it is what puts the membership back (repair).
+		slog.Warn("the fleet's member records in Redis do not list this node under its key; keeping its verified copy", "node", n.Name, "epoch", n.Epoch())
+		return nil
+	}
 	n.mu.Lock()
 	n.members = ms
 	n.mu.Unlock()
