@@ -8,11 +8,14 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -418,6 +421,115 @@ func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
 	if _, err := Open(ctx, sh, st("lb3")); err == nil || !strings.Contains(err.Error(), "removed") {
 		t.Errorf("removed lb3 opens the repaired fleet: %v", err)
 	}
+}
+
+// A rebuild names its epoch in meta last, once every member's data key
+// is wrapped under it: a member that follows rotations meanwhile (an
+// agent that had not seen the last one before Redis was emptied) would
+// otherwise find the new epoch without its own wrapped key and take
+// itself for removed, for good.
+func TestRebuildNamesTheEpochLast(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		if _, err := Open(ctx, sh, st(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sh.Client().FlushAll(ctx)
+	rec := &cmdLog{}
+	sh.Client().AddHook(rec)
+	if _, err := Open(ctx, sh, st("lb2")); err != nil {
+		t.Fatalf("rebuild: %v", err)
+	}
+	cmds := rec.all()
+	named, lastWrap := -1, -1
+	for i, c := range cmds {
+		switch {
+		case named < 0 && strings.Contains(c, "lbcert:meta") && strings.Contains(c, " epoch "):
+			named = i
+		case strings.HasPrefix(c, "hset lbcert:wrapped:1 "):
+			lastWrap = i
+		}
+	}
+	if named < 0 || lastWrap < 0 || named < lastWrap {
+		t.Fatalf("meta names the epoch at command %d, the last wrapped key is written at %d:\n%s", named, lastWrap, strings.Join(cmds, "\n"))
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 3 {
+		t.Fatalf("members after the rebuild: %v", m)
+	}
+	// A member that finds meta without its epoch (the rebuild under way,
+	// or its rebuilder killed) waits for it, or puts its own back.
+	sh.HDel(ctx, "meta", "epoch")
+	lb3, err := Open(ctx, sh, st("lb3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("meta's epoch after a member opened the fleet: %q", e)
+	}
+	sh.HDel(ctx, "meta", "epoch")
+	if err := lb3.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("meta's epoch after a member's check: %q", e)
+	}
+}
+
+// cmdLog records every command sent to Redis, as "name key args...".
+type cmdLog struct {
+	mu   sync.Mutex
+	cmds []string
+}
+
+func (l *cmdLog) DialHook(next goredis.DialHook) goredis.DialHook { return next }
+
+func (l *cmdLog) ProcessHook(next goredis.ProcessHook) goredis.ProcessHook {
+	return func(ctx context.Context, cmd goredis.Cmder) error {
+		l.add(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (l *cmdLog) ProcessPipelineHook(next goredis.ProcessPipelineHook) goredis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []goredis.Cmder) error {
+		for _, c := range cmds {
+			l.add(c)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+func (l *cmdLog) add(c goredis.Cmder) {
+	var parts []string
+	for _, a := range c.Args() {
+		parts = append(parts, fmt.Sprint(a))
+	}
+	l.mu.Lock()
+	l.cmds = append(l.cmds, strings.ToLower(parts[0])+" "+strings.Join(parts[1:], " "))
+	l.mu.Unlock()
+}
+
+func (l *cmdLog) all() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.cmds)
 }
 
 // The shared budget's fields go when they hold nothing any more, and
