@@ -109,21 +109,90 @@ func rolloutWaves(variant int, first string) []string {
 	return []string{first, "rest"}
 }
 
+// waveSet is waves the schedule set ('fleet rollout off': none), and
+// when the command that set them started.
+type waveSet struct {
+	cfg fleet.RolloutConfig
+	at  time.Time
+}
+
+// rolloutGrace is how long after new waves, once no fault stands in
+// the way, every agent has followed them: it takes a node a staged
+// rollout no longer lets serve a version back to the previous one.
+const rolloutGrace = 20 * time.Second
+
+// recentWaves are the waves set before the ones in force that nodes may
+// still follow at a sample taken at (R1's excuse, checkRolloutInvariants):
+// those replaced less than rolloutGrace before, counted from the end of
+// the last fault in effect since (a killed agent, a broken load
+// balancer or Redis away delay the agents). The schedule's are the only
+// waves ever set, so this is all of them; a set that failed is counted
+// too, which excuses more, never less.
+func (r *chaosRun) recentWaves(at time.Time) []fleet.RolloutConfig {
+	r.mu.Lock()
+	sets := slices.Clone(r.waveSets)
+	r.mu.Unlock()
+	var out []fleet.RolloutConfig
+	for i, ws := range sets {
+		if i+1 == len(sets) {
+			out = append(out, ws.cfg) // the last set: in force, or in flight
+			continue
+		}
+		replaced := sets[i+1].at
+		settled := replaced
+		for _, f := range r.activeFaultRecs(replaced, at) {
+			settled = later(settled, f)
+		}
+		if at.Before(settled.Add(rolloutGrace)) {
+			out = append(out, ws.cfg)
+		}
+	}
+	return out
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// activeFaultRecs are the ends of the faults in effect at some time in
+// [from, to] (now, for one still in effect).
+func (r *chaosRun) activeFaultRecs(from, to time.Time) []time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []time.Time
+	for _, f := range r.faults {
+		end := f.End
+		if end.IsZero() {
+			end = time.Now()
+		}
+		if f.Skipped == "" && !f.Start.After(to) && !end.Before(from) {
+			out = append(out, end)
+		}
+	}
+	return out
+}
+
 // rolloutOp runs one rollout operation on n.
 func (r *chaosRun) rolloutOp(op *chaosOp, n *chaosNode, ev chaosEvent) {
 	args := []string{"fleet", "rollout"}
 	switch ev.Kind {
 	case opRolloutSet:
 		args = append(args, "set")
-		for _, w := range rolloutWaves(ev.Variant, r.members()[0].name) {
+		waves := rolloutWaves(ev.Variant, r.members()[0].name)
+		for _, w := range waves {
 			args = append(args, "--wave", w)
 		}
 		args = append(args, "--soak", ev.Dur.String())
 		if r.plan.Rollout.Probe {
 			args = append(args, "--probe", "https://{name}/")
 		}
+		r.setWaves(fleet.RolloutConfig{Waves: waves})
 	case opRolloutOff:
 		args = append(args, "off")
+		r.setWaves(fleet.RolloutConfig{})
 	case opRolloutResume, opRolloutAbort:
 		verb := strings.TrimPrefix(ev.Kind, "rollout-")
 		name := r.rolloutTarget(ev)
@@ -134,6 +203,15 @@ func (r *chaosRun) rolloutOp(op *chaosOp, n *chaosNode, ev chaosEvent) {
 		}
 	}
 	r.command(op, n, args...)
+}
+
+func (r *chaosRun) setWaves(cfg fleet.RolloutConfig) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.waveSets) == 0 {
+		r.waveSets = []waveSet{{}} // before the first set: no waves
+	}
+	r.waveSets = append(r.waveSets, waveSet{cfg: cfg, at: time.Now()})
 }
 
 // rolloutTarget picks the rollout a resume or abort acts on among those
@@ -199,6 +277,7 @@ func (o *chaosObserver) sampleServing() {
 func (o *chaosObserver) checkServing(c goredis.UniversalClient) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
+	start := time.Now()
 	names, err := c.SMembers(ctx, rkLineages).Result()
 	if err != nil {
 		return
@@ -227,7 +306,7 @@ func (o *chaosObserver) checkServing(c goredis.UniversalClient) {
 	if err != nil {
 		return
 	}
-	v, err := checkRolloutInvariants(c, rkPrefix, serving, time.Now())
+	v, err := checkRolloutInvariants(c, rkPrefix, serving, time.Now(), o.r.recentWaves(start))
 	if err != nil {
 		return
 	}

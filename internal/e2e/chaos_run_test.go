@@ -41,6 +41,9 @@ type chaosRun struct {
 	timeline []string
 	viol     []violation
 	joined   int // nodes joined by the schedule
+	// waveSets are the staged rollout waves the schedule set, in order
+	// (chaos_rollout_test.go).
+	waveSets []waveSet
 
 	sem       chan struct{} // operations in flight at once
 	replaceMu sync.Mutex    // one remove-and-join at a time
