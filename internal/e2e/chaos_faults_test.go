@@ -136,7 +136,8 @@ func (r *chaosRun) lbBreak(rec *faultRec, ev chaosEvent, heal func()) {
 	n := members[int(ev.Pick)%len(members)]
 	what := n.name
 	if ev.Canary {
-		n, what = members[0], members[0].name+" (the canary)"
+		n = r.canary()
+		what = n.name + " (the canary)"
 	}
 	r.setFault(rec, func() { rec.Target = what })
 	n.mu.Lock()
