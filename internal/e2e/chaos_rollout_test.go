@@ -24,7 +24,8 @@ import (
 // (other waves, another soak), turns staging off, and resumes or
 // aborts the rollouts on their way; it breaks the canary's load
 // balancer, with a renew just after, so that a canary's deploy fails
-// and its rollout is held. The observer checks R1 and R3 of package
+// and its rollout is held, and resumes or aborts it once the load
+// balancer is fixed. The observer checks R1 and R3 of package
 // catalog (checkRolloutInvariants) on what every member's load
 // balancer serves, once a second and after quiet; I1 expects, of a
 // name whose rollout is held or aborted, the version the rollout
@@ -77,19 +78,27 @@ func (p *chaosPlan) addRollouts() {
 	}
 	ev := func(kind string, t time.Duration) chaosEvent {
 		// Variant: the waves a set sets, or a resume with --skip-wave
-		// (0); Dur: the soak a set sets, 0 to 2 s, so that the run
+		// (0); Dur: the soak a set sets, 0 to 4 s, so that the run
 		// converges.
-		return chaosEvent{At: t, Kind: kind, Pick: rng.Uint32(), Variant: rng.IntN(3), Dur: time.Duration(rng.IntN(3)) * time.Second}
+		return chaosEvent{At: t, Kind: kind, Pick: rng.Uint32(), Variant: rng.IntN(3), Dur: time.Duration(rng.IntN(5)) * time.Second}
 	}
 	p.Events = append(p.Events, ev(opRolloutSet, at(0, 0.05)), ev(opRolloutAbort, at(0.3, 0.8)), ev(opRolloutResume, at(0.5, 0.9)))
 	// The canary's load balancer broken, and a renew while it is: the
 	// canary's deploy fails and the rollout is held. The renew is of a
-	// lineage the operations issued, or of the one the setup did.
-	brk := chaosEvent{At: at(0.1, 0.6), Kind: fLBBreak, Canary: true, Pick: rng.Uint32()}
-	brk.Dur = min(10*time.Second, max(4*time.Second, d/6))
-	renew := chaosEvent{At: brk.At + time.Second, Kind: opRenew, Pick: rng.Uint32(), Lineages: []int{0}}
-	p.Events = append(p.Events, brk, renew)
-	for t := at(0.05, 0.1) + expGap(rng, 5*time.Second); t < d; t += expGap(rng, 5*time.Second) {
+	// lineage the operations issued, or of the one the setup did. Once
+	// the load balancer is fixed, the operator resumes the rollout, or
+	// aborts it. One such hold per 40 s of schedule.
+	for range 1 + int(d/(40*time.Second)) {
+		brk := chaosEvent{At: at(0.1, 0.7), Kind: fLBBreak, Canary: true, Pick: rng.Uint32()}
+		brk.Dur = min(10*time.Second, max(4*time.Second, d/6))
+		renew := chaosEvent{At: brk.At + time.Second, Kind: opRenew, Pick: rng.Uint32(), Lineages: []int{0}}
+		then := ev(opRolloutResume, brk.At+brk.Dur+time.Second)
+		if rng.IntN(3) == 0 {
+			then.Kind = opRolloutAbort
+		}
+		p.Events = append(p.Events, brk, renew, then)
+	}
+	for t := at(0.05, 0.1) + expGap(rng, 6*time.Second); t < d; t += expGap(rng, 6*time.Second) {
 		p.Events = append(p.Events, ev(pickWeighted(rng, rolloutOps, rolloutWeights), t))
 	}
 }
