@@ -427,7 +427,9 @@ func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
 // is wrapped under it: a member that follows rotations meanwhile (an
 // agent that had not seen the last one before Redis was emptied) would
 // otherwise find the new epoch without its own wrapped key and take
-// itself for removed, for good.
+// itself for removed, for good. It holds the membership lock from its
+// claim of the empty Redis on: a node that finds no epoch named waits,
+// instead of putting back its own (older) membership.
 func TestRebuildNamesTheEpochLast(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
@@ -458,17 +460,25 @@ func TestRebuildNamesTheEpochLast(t *testing.T) {
 		t.Fatalf("rebuild: %v", err)
 	}
 	cmds := rec.all()
-	named, lastWrap := -1, -1
+	locked, created, named, lastWrap, released := -1, -1, -1, -1, -1
 	for i, c := range cmds {
 		switch {
+		case locked < 0 && strings.HasPrefix(c, "set lbcert:lock:membership "):
+			locked = i
+		case created < 0 && strings.Contains(c, " lbcert:meta id "):
+			created = i
 		case named < 0 && strings.Contains(c, "lbcert:meta") && strings.Contains(c, " epoch "):
 			named = i
 		case strings.HasPrefix(c, "hset lbcert:wrapped:1 "):
 			lastWrap = i
+		case released < 0 && strings.HasPrefix(c, "evalsha ") && strings.Contains(c, " lbcert:lock:membership "):
+			released = i
 		}
 	}
-	if named < 0 || lastWrap < 0 || named < lastWrap {
-		t.Fatalf("meta names the epoch at command %d, the last wrapped key is written at %d:\n%s", named, lastWrap, strings.Join(cmds, "\n"))
+	// The lock is held from the claim of the empty Redis until the epoch
+	// is named, so no other node puts its own membership back meanwhile.
+	if !(0 <= locked && locked < created && created < lastWrap && lastWrap < named && named < released) {
+		t.Fatalf("lock %d, claim %d, last wrapped key %d, epoch named %d, unlock %d:\n%s", locked, created, lastWrap, named, released, strings.Join(cmds, "\n"))
 	}
 	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 3 {
 		t.Fatalf("members after the rebuild: %v", m)

@@ -65,24 +65,27 @@ func (n *Node) repair(ctx context.Context) error {
 // told the epoch Redis named before. A rebuild of an emptied Redis
 // (Reseed) and a repair both end here.
 func (n *Node) putBack(ctx context.Context, say func(cur string)) error {
-	return n.locked(ctx, func() error {
-		cur, err := n.Shared.HGet(ctx, "meta", "epoch")
-		if err != nil {
-			return err
-		}
-		if e, _ := strconv.Atoi(cur); e >= n.Epoch() {
-			return nil
-		}
-		say(cur)
-		if err := n.restoreMembers(ctx); err != nil {
-			return err
-		}
-		if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(n.Epoch())); err != nil {
-			return err
-		}
-		_, err = n.reseal(ctx, true)
+	return n.locked(ctx, func() error { return n.putBackLocked(ctx, say) })
+}
+
+// putBackLocked is putBack for a caller that holds the membership lock.
+func (n *Node) putBackLocked(ctx context.Context, say func(cur string)) error {
+	cur, err := n.Shared.HGet(ctx, "meta", "epoch")
+	if err != nil {
 		return err
-	})
+	}
+	if e, _ := strconv.Atoi(cur); e >= n.Epoch() {
+		return nil
+	}
+	say(cur)
+	if err := n.restoreMembers(ctx); err != nil {
+		return err
+	}
+	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(n.Epoch())); err != nil {
+		return err
+	}
+	_, err = n.reseal(ctx, true)
+	return err
 }
 
 // restoreMembers writes this node's epochs and members, with the data

@@ -20,26 +20,30 @@ import (
 // certificate is never replaced by an older one.
 //
 // The fleet record names no epoch until the membership is in: the node
-// that claimed the empty Redis writes the epoch's records and every
-// member's wrapped key, then names the epoch, under the membership lock
-// (putBack), as a rotation does. A member following rotations meanwhile
-// never finds an epoch without its own key (it would take itself for
-// removed), and one that finds no epoch named yet waits for the lock or
-// puts back its own membership (checkEpoch).
+// that claims the empty Redis does so under the membership lock, writes
+// the epoch's records and every member's wrapped key, then names the
+// epoch (putBackLocked), as a rotation does. A member following
+// rotations meanwhile never finds an epoch without its own key (it
+// would take itself for removed), and a node that finds no epoch named
+// waits for the lock: then the rebuild is done, or its node was killed
+// and this one puts back its own membership (checkEpoch does the same).
 func (n *Node) Reseed(ctx context.Context) error {
-	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "gen", newFleetID(),
-		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name, "rebuilt_at", strconv.FormatInt(time.Now().UnixMilli(), 10))
-	if err != nil {
-		return err
-	}
-	if !created {
-		if meta, err := n.Shared.HGetAll(ctx, "meta"); err != nil {
+	err := n.locked(ctx, func() error {
+		created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "gen", newFleetID(),
+			"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name, "rebuilt_at", strconv.FormatInt(time.Now().UnixMilli(), 10))
+		if err != nil {
 			return err
-		} else if meta["id"] != n.ID {
-			return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
 		}
-	}
-	if err := n.putBack(ctx, func(string) {}); err != nil {
+		if !created {
+			if id, err := n.Shared.HGet(ctx, "meta", "id"); err != nil {
+				return err
+			} else if id != n.ID {
+				return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), id, n.ID)
+			}
+		}
+		return n.putBackLocked(ctx, func(string) {})
+	})
+	if err != nil {
 		return err
 	}
 	return n.publishDisk(ctx)
