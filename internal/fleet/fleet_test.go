@@ -502,6 +502,65 @@ func TestRebuildNamesTheEpochLast(t *testing.T) {
 	}
 }
 
+// An agent that had not followed a rotation its own node made ('fleet
+// remove' run beside it) before Redis lost it takes the newer epoch from
+// its node's disk: when the removed node, not knowing it yet, rebuilds
+// the emptied Redis with its older key, the agent puts the newer
+// membership back instead of going on under the key the removed node
+// holds (invariant I5).
+func TestAgentTakesTheRotationItsNodeMade(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	agent, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatal(err)
+	}
+	cli, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	sh.Client().FlushAll(ctx)
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatalf("the removed node's rebuild: %v", err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("epoch after the removed node's rebuild: %q", e)
+	}
+	if err := agent.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := agent.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "2" || agent.Epoch() != 2 {
+		t.Fatalf("epoch after the agent's check: Redis %q, the agent %d", e, agent.Epoch())
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 2 || m["lb3"] != "" {
+		t.Fatalf("members after the agent's check: %v", m)
+	}
+}
+
 // cmdLog records every command sent to Redis, as "name key args...".
 type cmdLog struct {
 	mu   sync.Mutex

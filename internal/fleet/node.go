@@ -538,8 +538,12 @@ func (n *Node) loadLocalKeys() error {
 
 // Refresh follows a data key rotation made since this node opened the
 // fleet (a long-running agent), so it can open what is sealed under the
-// new key.
+// new key: one another process of this node made or followed first,
+// from the node's disk (adoptDisk), then one Redis names.
 func (n *Node) Refresh(ctx context.Context) error {
+	if err := n.adoptDisk(); err != nil {
+		return err
+	}
 	raw, err := n.Shared.HGet(ctx, "meta", "epoch")
 	if err != nil {
 		return err
@@ -551,6 +555,28 @@ func (n *Node) Refresh(ctx context.Context) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.follow(ctx, cur)
+}
+
+// adoptDisk takes a newer epoch another process of this node saved (a
+// 'fleet remove' run beside the agent, which rotated the key): its key
+// and the members under it, from the node's disk. Without it, an agent
+// that had not followed that rotation before Redis lost it would go on
+// under the older key, which the removed node holds, and would not see
+// that a Redis the removed node rebuilt is older than the fleet.
+func (n *Node) adoptDisk() error {
+	disk, err := readLocal(n.Local)
+	if err != nil || disk.Epoch <= n.Epoch() || disk.Removed > 0 {
+		return err // a removal another process learnt: Refresh finds it too
+	}
+	i := slices.IndexFunc(disk.Epochs, func(ep Epoch) bool { return ep.N == disk.Epoch })
+	key, err := n.loadLocalKey(disk.Epoch)
+	if i < 0 || err != nil || keyID(key) != disk.Epochs[i].KeyID {
+		return fmt.Errorf("%s: the data key of epoch %d does not match its record", fleetDir(n.Local), disk.Epoch)
+	}
+	n.mu.Lock()
+	n.keys[disk.Epoch], n.epoch, n.members = key, disk.Epoch, slices.Clone(disk.Members)
+	n.mu.Unlock()
+	return n.save(func(*local) {}) // save merges the newer epoch and members into this process's copy
 }
 
 // follow accepts the rotations from this node's epoch up to cur, each
