@@ -47,7 +47,7 @@
 // On one host most of these hold trivially (one process holds the state
 // directory's lock); in a fleet each is enforced in exactly one place,
 // named here, and checked after random faults by the randomized fleet
-// test (internal/e2e, TestFleetRandom).
+// test (internal/e2e, TestFleetRandomFaults).
 //
 //   - I1 convergence. Within 30 s of quiet, every approved node, the
 //     ordering node included, serves the newest version of every live
@@ -95,7 +95,8 @@
 // reaches the nodes one wave at a time (package fleet, rollout.go). I1
 // holds for the version each node's wave lets it serve; these hold too,
 // and the randomized fleet test checks R1 and R3 on what the load
-// balancers serve (internal/e2e, checkRolloutInvariants):
+// balancers serve, once a second under its faults and after quiet
+// (internal/e2e, checkRolloutInvariants):
 //
 //   - R1 waves in order. No node of a later wave installs a version
 //     before every earlier wave passed: each of its nodes deployed it,

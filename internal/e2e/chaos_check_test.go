@@ -77,9 +77,18 @@ func (o *chaosObserver) versionOf(name, serial string) string {
 	return strings.Join(vs, "/")
 }
 
+// rollouts reads what the staged rollouts of cat's heads let each
+// member serve.
+func (r *chaosRun) rollouts(cat map[string]catalogEntry) (*rolloutState, error) {
+	c := r.redis.client()
+	defer c.Close()
+	return readRolloutState(c, cat)
+}
+
 // lagging lists, per member, what its load balancer does not serve at
-// the catalog's newest serial.
-func (r *chaosRun) lagging(cat map[string]catalogEntry) map[string][]string {
+// the catalog's newest serial, or, for a name whose staged rollout is
+// held or aborted, at the version the rollout keeps on that member.
+func (r *chaosRun) lagging(cat map[string]catalogEntry, ro *rolloutState) map[string][]string {
 	out := map[string][]string{}
 	names := slices.Sorted(maps.Keys(cat))
 	for _, n := range r.members() {
@@ -89,13 +98,18 @@ func (r *chaosRun) lagging(cat map[string]catalogEntry) map[string][]string {
 				out[n.name] = append(out[n.name], name+": in the lineages set without a readable bundle")
 				continue
 			}
+			want, why := ro.want(n.name, name, e)
 			for _, d := range e.domains {
-				if got := n.served(d, r.def); got != e.serial {
+				if got := n.served(d, r.def); !slices.Contains(want, got) {
 					what := "nothing"
 					if got != "" {
 						what = got + " (" + r.obs.versionOf(name, got) + ")"
 					}
-					out[n.name] = append(out[n.name], fmt.Sprintf("%s: serves %s for %s, the fleet's newest is %s (v%d)", name, what, d, e.serial, e.version))
+					line := fmt.Sprintf("%s: serves %s for %s, the fleet's newest is %s (v%d)", name, what, d, e.serial, e.version)
+					if why != "" {
+						line += fmt.Sprintf("; %s (%s)", why, strings.Join(want, " or "))
+					}
+					out[n.name] = append(out[n.name], line)
 				}
 			}
 		}
@@ -104,17 +118,22 @@ func (r *chaosRun) lagging(cat map[string]catalogEntry) map[string][]string {
 }
 
 // checkConvergence is I1: within 30 s of quiet, every member serves the
-// newest serial of every live lineage for each of its names; and no
-// lineage issued successfully and never deleted is missing.
+// newest serial of every live lineage for each of its names (or the
+// version a held or aborted staged rollout keeps on it); and no lineage
+// issued successfully and never deleted is missing.
 func (r *chaosRun) checkConvergence(quietAt time.Time) (map[string]catalogEntry, map[string][]string) {
 	var cat map[string]catalogEntry
 	var lag map[string][]string
 	deadline := quietAt.Add(30 * time.Second)
 	for {
 		var err error
+		var ro *rolloutState
 		cat, err = r.catalog()
 		if err == nil {
-			lag = r.lagging(cat)
+			ro, err = r.rollouts(cat)
+		}
+		if err == nil {
+			lag = r.lagging(cat, ro)
 			if len(lag) == 0 {
 				r.logf("quiet: every member serves every lineage's newest serial (%d lineages), %s after quiet", len(cat), time.Since(quietAt).Round(100*time.Millisecond))
 				break
@@ -181,14 +200,19 @@ func (r *chaosRun) checkStatus(op *chaosOp) {
 		if err != nil {
 			problems = append(problems, "catalog: "+err.Error())
 		}
-		lag := r.lagging(cat)
+		ro, err := r.rollouts(cat)
+		if err != nil {
+			problems = append(problems, "rollouts: "+err.Error())
+			ro = &rolloutState{}
+		}
+		lag := r.lagging(cat, ro)
 		members := r.members()
 		c := r.lbcert(op, members[0], "fleet", "status", "--json", "--max-lag", "0s")
 		var st fleetStatusJSON
 		if err := json.Unmarshal([]byte(c.Stdout), &st); err != nil {
 			problems = append(problems, fmt.Sprintf("fleet status --json on %s: exit %d, no JSON: %s", members[0].name, c.Code, firstLine(c.Stderr)))
 		} else {
-			problems = append(problems, compareStatus(st, c.Code, members, lag)...)
+			problems = append(problems, compareStatus(st, c.Code, members, lag, ro.problem())...)
 		}
 		if len(problems) == 0 {
 			return
@@ -202,7 +226,11 @@ func (r *chaosRun) checkStatus(op *chaosOp) {
 	}
 }
 
-func compareStatus(st fleetStatusJSON, code int, members []*chaosNode, lag map[string][]string) []string {
+// compareStatus: a node a staged rollout keeps on an older version
+// serves it as WAITING, not behind; fleet status exits non-zero while
+// a member is behind or a rollout needs an operator (held, aborted, or
+// overridden near expiry: rolloutProblem).
+func compareStatus(st fleetStatusJSON, code int, members []*chaosNode, lag map[string][]string, rolloutProblem string) []string {
 	var out []string
 	behindAny := false
 	for _, m := range members {
@@ -214,16 +242,16 @@ func compareStatus(st fleetStatusJSON, code int, members []*chaosNode, lag map[s
 			continue
 		}
 		ns := st.Nodes[i]
-		says := ns.Behind+ns.Failed > 0 || ns.Newest < st.Lineages
+		says := ns.Behind+ns.Failed > 0 || ns.Newest+ns.Waiting < st.Lineages
 		switch {
 		case says && !truth:
-			out = append(out, fmt.Sprintf("says %s is behind (newest %d of %d, behind %v, %d failed) but its load balancer serves every newest serial", m.name, ns.Newest, st.Lineages, ns.BehindNames, ns.Failed))
+			out = append(out, fmt.Sprintf("says %s is behind (newest %d, waiting %d, of %d, behind %v, %d failed) but its load balancer serves every serial it should", m.name, ns.Newest, ns.Waiting, st.Lineages, ns.BehindNames, ns.Failed))
 		case !says && truth:
-			out = append(out, fmt.Sprintf("says %s is up to date (newest %d of %d) but its load balancer is behind: %s", m.name, ns.Newest, st.Lineages, strings.Join(capList(lag[m.name], 4), "; ")))
+			out = append(out, fmt.Sprintf("says %s is up to date (newest %d, waiting %d, of %d) but its load balancer is behind: %s", m.name, ns.Newest, ns.Waiting, st.Lineages, strings.Join(capList(lag[m.name], 4), "; ")))
 		}
 	}
-	if (code == 0) == behindAny {
-		out = append(out, fmt.Sprintf("exit %d while a member is behind: %v", code, behindAny))
+	if notFine := behindAny || rolloutProblem != ""; (code == 0) == notFine {
+		out = append(out, fmt.Sprintf("exit %d while a member is behind: %v, and a rollout needs an operator: %q", code, behindAny, rolloutProblem))
 	}
 	return out
 }

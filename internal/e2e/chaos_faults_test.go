@@ -134,7 +134,12 @@ func (r *chaosRun) agentKill(rec *faultRec, ev chaosEvent, heal func()) {
 func (r *chaosRun) lbBreak(rec *faultRec, ev chaosEvent, heal func()) {
 	members := r.members()
 	n := members[int(ev.Pick)%len(members)]
-	r.setFault(rec, func() { rec.Target = n.name })
+	what := n.name
+	if ev.Canary {
+		n = r.canary()
+		what = n.name + " (the canary)"
+	}
+	r.setFault(rec, func() { rec.Target = what })
 	n.mu.Lock()
 	if n.broken {
 		n.mu.Unlock()

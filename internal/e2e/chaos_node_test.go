@@ -45,6 +45,10 @@ type chaosNode struct {
 
 	broken bool // the load balancer's config is broken
 
+	// roots is Pebble's root, for --verify-roots, in a seed whose
+	// staged rollouts probe (verifyFlags); "" otherwise.
+	roots string
+
 	pool []lineageSpec // what nginx maps names to lineages for
 
 	agent     *exec.Cmd
@@ -211,14 +215,14 @@ func (n *chaosNode) deployFlags() []string {
 		case 2:
 			f = append(f, "--deploy-hook", "true")
 		}
-		return f
+		return append(f, n.verifyFlags()...)
 	}
 	f := []string{"--deploy", "haproxy", "--haproxy-conf", n.haproxyConfPath(), "--haproxy-bin", n.hp.Bin,
 		"--haproxy-certs", n.certsDir(), "--reload-cmd", fmt.Sprintf("kill -USR2 $(cat %s)", n.hp.PIDFile)}
 	if n.socket {
 		f = append(f, "--haproxy-socket", filepath.Join(n.hdir, "admin.sock"))
 	}
-	return f
+	return append(f, n.verifyFlags()...)
 }
 
 // variant names the current deploy settings, for the log.

@@ -41,6 +41,10 @@ type chaosObserver struct {
 	sealed   map[string]bool                      // seal violations already reported
 	tokens   map[string]bool                      // tokens already tried on removed agents
 	issuedBy map[string]bool                      // serials seen anywhere
+	// servingSamples counts the samples of what the load balancers
+	// serve that the rollout invariants were checked on, and
+	// rolloutSamples those taken with a rollout on its way.
+	servingSamples, rolloutSamples int
 
 	stop chan struct{}
 	done chan struct{}
@@ -58,9 +62,14 @@ func newObserver(r *chaosRun) *chaosObserver {
 }
 
 // run samples until stopped: Redis and the disks every second, tokens
-// every quarter second.
+// every quarter second, and what the load balancers serve every second
+// (sampleServing, for the rollout invariants).
 func (o *chaosObserver) run() {
 	defer close(o.done)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); o.sampleServing() }()
+	defer wg.Wait()
 	c := o.r.redis.client()
 	defer c.Close()
 	tick := time.NewTicker(250 * time.Millisecond)
@@ -86,6 +95,7 @@ func (o *chaosObserver) finish() {
 	defer c.Close()
 	o.sampleRedis(c)
 	o.sampleDisks()
+	o.checkServing(c)
 }
 
 // record notes that where holds serial as name's version v.
@@ -152,7 +162,7 @@ func (o *chaosObserver) sampleRedis(c goredis.UniversalClient) {
 		}
 		published, _ := strconv.ParseInt(m["published_at"], 10, 64)
 		for _, rk := range removed {
-			if published <= rk.at.UnixMilli() {
+			if published <= rk.at.UnixMilli() || m["node"] == rk.node && rk.holds(name, v, m["cert"]) {
 				continue
 			}
 			if e, ok := rk.opener(bundleAD(rk.fleet, name, v), []byte(m["key"])); ok {
@@ -178,9 +188,25 @@ func (o *chaosObserver) once(key string, fn func()) {
 // removedNodeKeys are the data keys a removed node can open: its own
 // files, and whatever Redis still wraps for it.
 type removedNodeKeys struct {
-	node, fleet string
-	at          time.Time
-	keys        map[int][]byte
+	node, fleet, dir string
+	at               time.Time
+	keys             map[int][]byte
+}
+
+// holds says whether the removed node's own archive holds name's
+// version v with the certificate certPEM, and so its private key. A
+// removed node that has not learnt it was removed yet rebuilds a Redis
+// that lost everything with its older key (the members then put the
+// newer membership back): what it publishes then is what it held,
+// which tells it nothing new, and is no breach of custody.
+func (rk removedNodeKeys) holds(name string, v int, certPEM string) bool {
+	disk, err := os.ReadFile(filepath.Join(rk.dir, "archive", name, strconv.Itoa(v), "cert.pem"))
+	if err != nil {
+		return false
+	}
+	a, _ := serialOfPEM(disk)
+	b, _ := serialOfPEM([]byte(certPEM))
+	return a != "" && a == b
 }
 
 // opener names the first of the removed node's keys that opens sealed
@@ -212,7 +238,7 @@ func (o *chaosObserver) removedKeys(c goredis.UniversalClient) []removedNodeKeys
 		if err != nil {
 			continue
 		}
-		rk := removedNodeKeys{node: n.name, fleet: fleetID, at: n.removedAt, keys: diskDataKeys(n.dir, id)}
+		rk := removedNodeKeys{node: n.name, fleet: fleetID, dir: n.dir, at: n.removedAt, keys: diskDataKeys(n.dir, id)}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		iter := c.Scan(ctx, 0, rkWrapped+"*", 100).Iterator()
 		for iter.Next(ctx) {

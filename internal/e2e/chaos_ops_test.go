@@ -58,6 +58,9 @@ func (r *chaosRun) runOp(id int, ev chaosEvent) {
 	case opReplace:
 		op.Names = nil
 		r.replace(op, ev)
+	case opRolloutSet, opRolloutOff, opRolloutResume, opRolloutAbort:
+		op.Names = nil
+		r.rolloutOp(op, n, ev)
 	}
 	r.mu.Lock()
 	op.End = time.Now()

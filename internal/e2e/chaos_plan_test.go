@@ -62,9 +62,13 @@ type chaosEvent struct {
 	// loses the data when the killed or the restarted instance has none.
 	AOF bool
 	// LB is the load balancer of the node a replace joins; Variant the
-	// deploy change (deploy) to make.
+	// deploy change (deploy) to make, or the waves a rollout-set sets
+	// (rolloutWaves), or for a rollout-resume whether it skips the wave.
 	LB      string
 	Variant int
+	// Canary: an lb-break of the first member, the first wave's node in
+	// every set of waves the schedule sets (chaos_rollout_test.go).
+	Canary bool
 }
 
 type chaosPlan struct {
@@ -74,6 +78,8 @@ type chaosPlan struct {
 	Sentinel bool
 	Pool     []lineageSpec
 	Events   []chaosEvent
+	// Rollout is the seed's staged rollouts, nil in a seed without.
+	Rollout *rolloutPlan
 }
 
 // The weights of the extra events after the mandatory one of each kind.
@@ -148,6 +154,7 @@ func newChaosPlan(seed uint64, d time.Duration) *chaosPlan {
 	for t := expGap(rng, faultGap); t < d; t += expGap(rng, faultGap) {
 		p.Events = append(p.Events, p.event(rng, pickWeighted(rng, faults, faultWeights), t))
 	}
+	p.addRollouts()
 	slices.SortStableFunc(p.Events, func(a, b chaosEvent) int { return int(a.At - b.At) })
 	p.spaceRedisFaults()
 	return p
@@ -227,5 +234,5 @@ func (p *chaosPlan) describe() string {
 			kills = append(kills, map[bool]string{true: "AOF", false: "no AOF"}[e.AOF])
 		}
 	}
-	return fmt.Sprintf("%d nodes %v, %s, %d lineages in the pool, %d events over %s, redis-kill restarts %v", len(p.Nodes), lbs, redis, len(p.Pool), len(p.Events), p.Duration, kills)
+	return fmt.Sprintf("%d nodes %v, %s, %d lineages in the pool, %d events over %s, redis-kill restarts %v, %s", len(p.Nodes), lbs, redis, len(p.Pool), len(p.Events), p.Duration, kills, p.Rollout.describe())
 }

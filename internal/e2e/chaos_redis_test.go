@@ -40,6 +40,8 @@ const (
 	rkAccount  = rkPrefix + "account:" // hash: server, email, key (sealed), reg
 	rkToken    = rkPrefix + "token:"   // string: HOST:TOKEN -> key authorization
 	rkAgent    = rkPrefix + "agent:"   // string: the agent's heartbeat
+	rkRollouts = rkPrefix + "rollouts" // set: the lineages with a staged rollout on its way
+	rkRollout  = rkPrefix + "rollout:" // hash: one lineage's rollout (version, serial, previous, prev_serial, wave, state, node, override_at)
 )
 
 func newChaosRedis(f *fleetEnv, sentinel bool) (*chaosRedis, error) {

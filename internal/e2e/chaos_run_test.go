@@ -29,6 +29,7 @@ type chaosRun struct {
 	front *testenv.RateFront
 	vf    *validationFront
 	def   *defaultCert
+	roots string    // Pebble's root, when the seed's rollouts probe (chaosNode.roots)
 	start time.Time // the seed's start, for the timeline
 	sched time.Time // the schedule's start: its events' times count from it
 
@@ -40,6 +41,9 @@ type chaosRun struct {
 	timeline []string
 	viol     []violation
 	joined   int // nodes joined by the schedule
+	// waveSets are the staged rollout waves the schedule set, in order
+	// (chaos_rollout_test.go).
+	waveSets []waveSet
 
 	sem       chan struct{} // operations in flight at once
 	replaceMu sync.Mutex    // one remove-and-join at a time
@@ -200,7 +204,7 @@ func (r *chaosRun) killRun(pick uint32) string {
 
 // newNode makes a node (not yet a member) with its load balancer.
 func (r *chaosRun) newNode(name, lb string) (*chaosNode, error) {
-	n := &chaosNode{name: name, dir: filepath.Join(r.f.work, name), lb: lb, port: mustPort(), log: &cappedLog{},
+	n := &chaosNode{name: name, dir: filepath.Join(r.f.work, name), lb: lb, port: mustPort(), log: &cappedLog{}, roots: r.roots,
 		pool: append(slices.Clone(r.plan.Pool), lineageSpec{Name: r.finalName(), Domains: []string{r.finalName()}})}
 	if err := os.MkdirAll(n.dir, 0o700); err != nil {
 		return nil, err

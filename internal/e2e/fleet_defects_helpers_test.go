@@ -482,6 +482,7 @@ type fleetStatusJSON struct {
 type statusNode struct {
 	Node        string   `json:"node"`
 	Newest      int      `json:"newest"`
+	Waiting     int      `json:"waiting"`
 	Behind      int      `json:"behind"`
 	Failed      int      `json:"failed"`
 	BehindNames []string `json:"behind_names"`

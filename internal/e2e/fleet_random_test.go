@@ -15,13 +15,21 @@ package e2e
 // faults (kill -9 of redis-server restarted with or without AOF,
 // FLUSHALL, CLIENT PAUSE n WRITE, a Sentinel failover, kill -9 of an
 // agent or of a running lbcert command, a load balancer's config broken
-// and fixed). A command a fault makes fail is allowed to fail. Then
-// quiet: every fault healed, every member's agent running, and the
-// invariants (chaos_check_test.go): I1 convergence and fleet status,
-// I2 one version one certificate, I3 deletes stick, I4 the ledger, I5
-// key custody, I6 one order per name at a time, I7 no key in clear in
-// Redis and every disk consistent, one ACME account, and a renew
-// --force that succeeds after all the faults.
+// and fixed). In two seeds of three the fleet stages rollouts: waves
+// set early (a canary then the rest, with a short soak, with or
+// without a probe), set again, turned off, rollouts resumed or aborted
+// at random, and the canary's load balancer broken while a renew's
+// version reaches it, so that a rollout is held (chaos_rollout_test.go).
+// A command a fault makes fail is allowed to fail. While the schedule
+// runs, the observer checks the rollout invariants R1 and R3 on what
+// every member's load balancer serves, once a second. Then quiet: every
+// fault healed, every member's agent running, and the invariants
+// (chaos_check_test.go): I1 convergence (to the version a held or
+// aborted rollout keeps, where it keeps one) and fleet status, I2 one
+// version one certificate, I3 deletes stick, I4 the ledger, I5 key
+// custody, I6 one order per name at a time, I7 no key in clear in Redis
+// and every disk consistent, one ACME account, R1 and R3 once more, and
+// a renew --force that succeeds after all the faults.
 //
 // The schedule is derived from the seed alone (timing noise aside);
 // the seed is printed at the start and on failure. Flags, after the
@@ -151,6 +159,9 @@ func setupChaos(t *testing.T, plan *chaosPlan) *chaosRun {
 	if r.def, err = newDefaultCert(f.work); err != nil {
 		t.Fatal(err)
 	}
+	if plan.Rollout != nil && plan.Rollout.Probe {
+		r.roots = f.pebbleRoots()
+	}
 	r.vf = &validationFront{dir: filepath.Join(f.work, "validation"), port: f.pebble.HTTPPort}
 	t.Cleanup(r.vf.stop)
 	for _, spec := range plan.Nodes {
@@ -215,7 +226,7 @@ func (r *chaosRun) runSchedule() {
 	r.logf("schedule: %d events over %s", len(r.plan.Events), r.plan.Duration)
 	for i, ev := range r.plan.Events {
 		time.Sleep(time.Until(r.sched.Add(ev.At)))
-		if slices.Contains(chaosOps, ev.Kind) {
+		if slices.Contains(chaosOps, ev.Kind) || slices.Contains(rolloutOps, ev.Kind) {
 			r.opsWG.Add(1)
 			go r.runOp(i+1, ev)
 		} else {
@@ -262,6 +273,9 @@ func (r *chaosRun) quietAndCheck() {
 	check := &chaosOp{ID: -1, Kind: "check"}
 	r.checkStatus(check)
 	r.obs.finish()
+	if r.obs.servingSamples < 3 {
+		r.violate("HARNESS", "only %d samples of what the load balancers serve were checked for R1 and R3", r.obs.servingSamples)
+	}
 	r.checkVersions()
 	r.checkDeletes(check, cat)
 	r.mostPerSet = r.checkLedger()
@@ -282,6 +296,9 @@ type chaosSummary struct {
 	RunTime    time.Duration
 	Viol       map[string]int
 	MostPerSet int
+	// Samples: of what the load balancers serve, checked for R1 and R3,
+	// and how many of them with a staged rollout on its way.
+	Samples [2]int
 }
 
 func (r *chaosRun) summary() chaosSummary {
@@ -293,6 +310,9 @@ func (r *chaosRun) summary() chaosSummary {
 	s.Shape = fmt.Sprintf("%d (%s)", len(r.plan.Nodes), strings.Join(lbs, ", "))
 	if r.plan.Sentinel {
 		s.Shape += ", Sentinel"
+	}
+	if r.plan.Rollout != nil {
+		s.Shape += ", " + r.plan.Rollout.describe()
 	}
 	for _, op := range r.ops {
 		c := s.Ops[op.Kind]
@@ -314,16 +334,19 @@ func (r *chaosRun) summary() chaosSummary {
 	for _, v := range r.viol {
 		s.Viol[v.Inv]++
 	}
+	r.obs.mu.Lock()
+	s.Samples = [2]int{r.obs.servingSamples, r.obs.rolloutSamples}
+	r.obs.mu.Unlock()
 	return s
 }
 
 func chaosTableOf(rows []chaosSummary) string {
 	var b strings.Builder
-	b.WriteString("| seed | nodes | operations (succeeded/run) | faults (injected) | run time | most certs per set | violations |\n")
-	b.WriteString("|---|---|---|---|---|---|---|\n")
+	b.WriteString("| seed | nodes | operations (succeeded/run) | faults (injected) | run time | most certs per set | R1/R3 samples (with a rollout on its way) | violations |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|\n")
 	for _, s := range rows {
 		var ops, faults, viol []string
-		for _, k := range chaosOps {
+		for _, k := range append(slices.Clone(chaosOps), rolloutOps...) {
 			if c, ok := s.Ops[k]; ok {
 				ops = append(ops, fmt.Sprintf("%s %d/%d", k, c[0], c[1]))
 			}
@@ -344,8 +367,8 @@ func chaosTableOf(rows []chaosSummary) string {
 		if len(viol) == 0 {
 			viol = []string{"0"}
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %d | %s |\n", s.Seed, s.Shape, strings.Join(ops, ", "), strings.Join(faults, ", "),
-			s.RunTime.Round(time.Second), s.MostPerSet, strings.Join(viol, ", "))
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %d | %d (%d) | %s |\n", s.Seed, s.Shape, strings.Join(ops, ", "), strings.Join(faults, ", "),
+			s.RunTime.Round(time.Second), s.MostPerSet, s.Samples[0], s.Samples[1], strings.Join(viol, ", "))
 	}
 	return b.String()
 }

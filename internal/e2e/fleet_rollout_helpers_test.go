@@ -230,7 +230,7 @@ func (s *rolloutSampler) run() {
 				}
 			}
 		}
-		v, err := checkRolloutInvariants(c, "lbcert:", serving, time.Now())
+		v, err := checkRolloutInvariants(c, "lbcert:", serving, time.Now(), nil)
 		s.mu.Lock()
 		if err == nil {
 			s.samples++

@@ -39,13 +39,18 @@ type servedCert struct {
 //     released that node's wave, except by the expiry override (the
 //     rollout's record says it began). Waves only move forward within a
 //     version's rollout, so Redis read after the sample can only excuse
-//     more, never accuse wrongly.
+//     more, never accuse wrongly; but new waves set meanwhile can put a
+//     node that served the version rightly in a wave not released, until
+//     its agent takes it back. recent are waves set before the current
+//     ones that the nodes may still be following (nil when they never
+//     change): a node its wave under any of them releases is excused,
+//     and under no staging (an empty config) every node is.
 //   - R3: no node serves an expired certificate of a name while the
 //     fleet holds a valid one (its head, or the version a rollout keeps).
 //
 // It returns one line per violation, and an error when Redis could not
 // be read (no verdict: the caller samples again).
-func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving map[string]map[string]servedCert, now time.Time) ([]string, error) {
+func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving map[string]map[string]servedCert, now time.Time, recent []fleet.RolloutConfig) ([]string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var out []string
@@ -60,6 +65,10 @@ func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving ma
 		return nil, err
 	}
 	waves := cfg.Resolve(members)
+	var older [][][]string
+	for _, r := range recent {
+		older = append(older, r.Resolve(members))
+	}
 	names, err := c.SMembers(ctx, prefix+"rollouts").Result()
 	if err != nil {
 		return nil, err
@@ -84,12 +93,15 @@ func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving ma
 		}
 		override, _ := strconv.ParseInt(rec["override_at"], 10, 64)
 		for node, m := range serving {
-			w := slices.IndexFunc(rw, func(nodes []string) bool { return slices.Contains(nodes, node) })
+			w := waveIn(rw, node)
 			if w < 0 && len(rw) > 0 && slices.Contains(members, node) {
-				w = len(rw) - 1
+				w = len(rw) - 1 // joined since the rollout started
 			}
 			if w < 0 || m[name].Serial != rec["serial"] || w <= wave || override > 0 {
 				continue
+			}
+			if slices.ContainsFunc(older, func(ws [][]string) bool { return ws == nil || waveIn(ws, node) <= wave }) {
+				continue // released under waves the nodes may still follow
 			}
 			out = append(out, fmt.Sprintf("R1: %s (wave %d) serves %s version %s (serial %s) while its rollout is %s at wave %d, with no expiry override",
 				node, w+1, name, rec["version"], rec["serial"], rec["state"], wave+1))
@@ -119,6 +131,11 @@ func checkRolloutInvariants(c goredis.UniversalClient, prefix string, serving ma
 	return out, nil
 }
 
+// waveIn is node's wave in resolved waves, -1 when none has it.
+func waveIn(waves [][]string, node string) int {
+	return slices.IndexFunc(waves, func(nodes []string) bool { return slices.Contains(nodes, node) })
+}
+
 func pemNotAfter(s string) time.Time {
 	b, _ := pem.Decode([]byte(s))
 	if b == nil {
@@ -133,7 +150,8 @@ func pemNotAfter(s string) time.Time {
 
 // The invariant check can fail, and only for what it names: a node of
 // an unreleased wave serving the new version, unless the expiry
-// override began; an expired certificate while a valid one is held.
+// override began or waves set just before released it; an expired
+// certificate while a valid one is held.
 func TestRolloutCheckerCatches(t *testing.T) {
 	r, err := testenv.StartRedis(t.TempDir(), fleetPassword, nil)
 	if err != nil {
@@ -149,24 +167,28 @@ func TestRolloutCheckerCatches(t *testing.T) {
 	c.SAdd(ctx, "lbcert:rollouts", "a.example")
 	c.HSet(ctx, "lbcert:rollout:a.example", "version", 2, "serial", "new", "wave", 0, "state", "held", "override_at", 0)
 	valid := servedCert{Serial: "old", NotAfter: now.Add(time.Hour)}
+	lb3New := map[string]map[string]servedCert{"lb3": {"a.example": {Serial: "new", NotAfter: now.Add(time.Hour)}}}
 	for _, tc := range []struct {
 		name    string
 		serving map[string]map[string]servedCert
 		setup   func()
 		want    string
+		recent  []fleet.RolloutConfig
 	}{
-		{"canary serves it", map[string]map[string]servedCert{"lb1": {"a.example": {Serial: "new", NotAfter: now.Add(time.Hour)}}, "lb2": {"a.example": valid}}, nil, ""},
-		{"a later wave serves it", map[string]map[string]servedCert{"lb3": {"a.example": {Serial: "new", NotAfter: now.Add(time.Hour)}}}, nil, "R1: lb3 (wave 2) serves a.example version 2"},
-		{"the override excuses it", map[string]map[string]servedCert{"lb3": {"a.example": {Serial: "new", NotAfter: now.Add(time.Hour)}}},
-			func() { c.HSet(ctx, "lbcert:rollout:a.example", "override_at", now.UnixMilli()) }, ""},
-		{"expired, nothing better", map[string]map[string]servedCert{"lb2": {"b.example": {Serial: "x", NotAfter: now.Add(-time.Minute)}}}, nil, ""},
+		{"canary serves it", map[string]map[string]servedCert{"lb1": {"a.example": {Serial: "new", NotAfter: now.Add(time.Hour)}}, "lb2": {"a.example": valid}}, nil, "", nil},
+		{"a later wave serves it", lb3New, nil, "R1: lb3 (wave 2) serves a.example version 2", nil},
+		{"released under the waves before", lb3New, nil, "", []fleet.RolloutConfig{{Waves: []string{"lb1,lb3", "rest"}}}},
+		{"staging was off just before", lb3New, nil, "", []fleet.RolloutConfig{{}}},
+		{"not released under the waves before either", lb3New, nil, "R1: lb3 (wave 2)", []fleet.RolloutConfig{{Waves: []string{"lb1", "lb2", "rest"}}}},
+		{"the override excuses it", lb3New, func() { c.HSet(ctx, "lbcert:rollout:a.example", "override_at", now.UnixMilli()) }, "", nil},
+		{"expired, nothing better", map[string]map[string]servedCert{"lb2": {"b.example": {Serial: "x", NotAfter: now.Add(-time.Minute)}}}, nil, "", nil},
 		{"expired while a valid one is held", map[string]map[string]servedCert{"lb2": {"b.example": {Serial: "x", NotAfter: now.Add(-time.Minute)}}},
-			func() { c.HSet(ctx, "lbcert:bundle:b.example", "cert", string(selfSignedPEM(t, now.Add(time.Hour)))) }, "R3: lb2 serves b.example's certificate x"},
+			func() { c.HSet(ctx, "lbcert:bundle:b.example", "cert", string(selfSignedPEM(t, now.Add(time.Hour)))) }, "R3: lb2 serves b.example's certificate x", nil},
 	} {
 		if tc.setup != nil {
 			tc.setup()
 		}
-		got, err := checkRolloutInvariants(c, "lbcert:", tc.serving, now)
+		got, err := checkRolloutInvariants(c, "lbcert:", tc.serving, now, tc.recent)
 		if err != nil {
 			t.Fatal(err)
 		}

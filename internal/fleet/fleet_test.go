@@ -8,11 +8,14 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
@@ -349,6 +352,253 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 	if _, err := Open(ctx, sh, store.New(filepath.Join(dir, "lb2"))); err != nil {
 		t.Fatalf("lb2 after the rebuild: %v", err)
 	}
+}
+
+// A Redis that lost the writes of a 'fleet remove' (a Sentinel failover
+// that dropped the old primary's last writes) holds the older epoch and
+// member records no longer verifiable under the new key. A member that
+// reads the members then (an agent's heartbeat) keeps its verified copy
+// instead of emptying it, so it can put the newer membership back: the
+// removed node is no member again (invariant I5).
+func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lb2, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatal(err)
+	}
+	before := map[string]map[string]string{}
+	for _, h := range []string{"meta", "members", "wrapped:1"} {
+		before[h], _ = sh.HGetAll(ctx, h)
+	}
+	if _, err := lb1.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb2.Refresh(ctx); err != nil || lb2.Epoch() != 2 {
+		t.Fatalf("lb2 follows the rotation: epoch %d, %v", lb2.Epoch(), err)
+	}
+	if err := lb2.loadMembers(ctx); err != nil || len(lb2.Members()) != 2 {
+		t.Fatalf("members after the remove: %v %v", lb2.Members(), err)
+	}
+	// The remove's writes are lost: Redis is back at epoch 1, lb3 a member.
+	sh.HDel(ctx, "epochs", "2")
+	sh.HDel(ctx, "wrapped:2", "lb1", "lb2")
+	for h, m := range before {
+		for f, v := range m {
+			sh.HSet(ctx, h, f, v)
+		}
+	}
+	if err := lb2.loadMembers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb2.CheckSeeded(ctx); err != nil {
+		t.Fatalf("lb2 puts its membership back: %v", err)
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 2 || m["lb3"] != "" {
+		t.Fatalf("members after the repair: %v", m)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "2" {
+		t.Fatalf("epoch after the repair: %s", e)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err == nil || !strings.Contains(err.Error(), "removed") {
+		t.Errorf("removed lb3 opens the repaired fleet: %v", err)
+	}
+}
+
+// A rebuild names its epoch in meta last, once every member's data key
+// is wrapped under it: a member that follows rotations meanwhile (an
+// agent that had not seen the last one before Redis was emptied) would
+// otherwise find the new epoch without its own wrapped key and take
+// itself for removed, for good. It holds the membership lock from its
+// claim of the empty Redis on: a node that finds no epoch named waits,
+// instead of putting back its own (older) membership.
+func TestRebuildNamesTheEpochLast(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		if _, err := Open(ctx, sh, st(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sh.Client().FlushAll(ctx)
+	rec := &cmdLog{}
+	sh.Client().AddHook(rec)
+	if _, err := Open(ctx, sh, st("lb2")); err != nil {
+		t.Fatalf("rebuild: %v", err)
+	}
+	cmds := rec.all()
+	locked, created, named, lastWrap, released := -1, -1, -1, -1, -1
+	for i, c := range cmds {
+		switch {
+		case locked < 0 && strings.HasPrefix(c, "set lbcert:lock:membership "):
+			locked = i
+		case created < 0 && strings.Contains(c, " lbcert:meta id "):
+			created = i
+		case named < 0 && strings.Contains(c, "lbcert:meta") && strings.Contains(c, " epoch "):
+			named = i
+		case strings.HasPrefix(c, "hset lbcert:wrapped:1 "):
+			lastWrap = i
+		case released < 0 && strings.HasPrefix(c, "evalsha ") && strings.Contains(c, " lbcert:lock:membership "):
+			released = i
+		}
+	}
+	// The lock is held from the claim of the empty Redis until the epoch
+	// is named, so no other node puts its own membership back meanwhile.
+	if !(0 <= locked && locked < created && created < lastWrap && lastWrap < named && named < released) {
+		t.Fatalf("lock %d, claim %d, last wrapped key %d, epoch named %d, unlock %d:\n%s", locked, created, lastWrap, named, released, strings.Join(cmds, "\n"))
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 3 {
+		t.Fatalf("members after the rebuild: %v", m)
+	}
+	// A member that finds meta without its epoch (the rebuild under way,
+	// or its rebuilder killed) waits for it, or puts its own back.
+	sh.HDel(ctx, "meta", "epoch")
+	lb3, err := Open(ctx, sh, st("lb3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("meta's epoch after a member opened the fleet: %q", e)
+	}
+	sh.HDel(ctx, "meta", "epoch")
+	if err := lb3.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("meta's epoch after a member's check: %q", e)
+	}
+}
+
+// An agent that had not followed a rotation its own node made ('fleet
+// remove' run beside it) before Redis lost it takes the newer epoch from
+// its node's disk: when the removed node, not knowing it yet, rebuilds
+// the emptied Redis with its older key, the agent puts the newer
+// membership back instead of going on under the key the removed node
+// holds (invariant I5).
+func TestAgentTakesTheRotationItsNodeMade(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"lb2", "lb3"} {
+		fp, _, err := Join(ctx, sh, st(n), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, n, fp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	agent, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatal(err)
+	}
+	cli, err := Open(ctx, sh, st("lb2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	sh.Client().FlushAll(ctx)
+	if _, err := Open(ctx, sh, st("lb3")); err != nil {
+		t.Fatalf("the removed node's rebuild: %v", err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "1" {
+		t.Fatalf("epoch after the removed node's rebuild: %q", e)
+	}
+	if err := agent.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := agent.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := sh.HGet(ctx, "meta", "epoch"); e != "2" || agent.Epoch() != 2 {
+		t.Fatalf("epoch after the agent's check: Redis %q, the agent %d", e, agent.Epoch())
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); len(m) != 2 || m["lb3"] != "" {
+		t.Fatalf("members after the agent's check: %v", m)
+	}
+}
+
+// cmdLog records every command sent to Redis, as "name key args...".
+type cmdLog struct {
+	mu   sync.Mutex
+	cmds []string
+}
+
+func (l *cmdLog) DialHook(next goredis.DialHook) goredis.DialHook { return next }
+
+func (l *cmdLog) ProcessHook(next goredis.ProcessHook) goredis.ProcessHook {
+	return func(ctx context.Context, cmd goredis.Cmder) error {
+		l.add(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (l *cmdLog) ProcessPipelineHook(next goredis.ProcessPipelineHook) goredis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []goredis.Cmder) error {
+		for _, c := range cmds {
+			l.add(c)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+func (l *cmdLog) add(c goredis.Cmder) {
+	var parts []string
+	for _, a := range c.Args() {
+		parts = append(parts, fmt.Sprint(a))
+	}
+	l.mu.Lock()
+	l.cmds = append(l.cmds, strings.ToLower(parts[0])+" "+strings.Join(parts[1:], " "))
+	l.mu.Unlock()
+}
+
+func (l *cmdLog) all() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.cmds)
 }
 
 // The shared budget's fields go when they hold nothing any more, and

@@ -54,24 +54,38 @@ func (n *Node) locked(ctx context.Context, f func() error) error {
 // old one, and the members that hold it: it writes them back, takes the
 // others out, and re-seals or drops what was sealed under older keys.
 func (n *Node) repair(ctx context.Context) error {
-	return n.locked(ctx, func() error {
-		cur, err := n.Shared.HGet(ctx, "meta", "epoch")
-		if err != nil {
-			return err
-		}
-		if e, _ := strconv.Atoi(cur); e >= n.Epoch() {
-			return nil // another member repaired it first
-		}
+	return n.putBack(ctx, func(cur string) {
 		slog.Warn("the fleet's Redis holds an older data key than this node (restored from an old snapshot, or rebuilt by a removed node): putting back this node's", "redis_epoch", cur, "epoch", n.Epoch())
-		if err := n.restoreMembers(ctx); err != nil {
-			return err
-		}
-		if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(n.Epoch())); err != nil {
-			return err
-		}
-		_, err = n.reseal(ctx, true)
-		return err
 	})
+}
+
+// putBack writes this node's membership and then names its epoch in the
+// fleet record, under the membership lock, unless Redis names this
+// epoch or a newer one already (another member did it first); say is
+// told the epoch Redis named before. A rebuild of an emptied Redis
+// (Reseed) and a repair both end here.
+func (n *Node) putBack(ctx context.Context, say func(cur string)) error {
+	return n.locked(ctx, func() error { return n.putBackLocked(ctx, say) })
+}
+
+// putBackLocked is putBack for a caller that holds the membership lock.
+func (n *Node) putBackLocked(ctx context.Context, say func(cur string)) error {
+	cur, err := n.Shared.HGet(ctx, "meta", "epoch")
+	if err != nil {
+		return err
+	}
+	if e, _ := strconv.Atoi(cur); e >= n.Epoch() {
+		return nil
+	}
+	say(cur)
+	if err := n.restoreMembers(ctx); err != nil {
+		return err
+	}
+	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(n.Epoch())); err != nil {
+		return err
+	}
+	_, err = n.reseal(ctx, true)
+	return err
 }
 
 // restoreMembers writes this node's epochs and members, with the data
@@ -123,14 +137,15 @@ func (n *Node) restoreMembers(ctx context.Context) error {
 }
 
 // checkEpoch repairs a Redis whose data key epoch is older than this
-// node's (see repair); the agent calls it on every heartbeat, and every
-// command that opens the fleet.
+// node's (see repair), or that names none (a rebuild under way, or its
+// node killed before it named one); the agent calls it on every
+// heartbeat, and every command that opens the fleet.
 func (n *Node) checkEpoch(ctx context.Context) error {
 	raw, err := n.Shared.HGet(ctx, "meta", "epoch")
 	if err != nil {
 		return err
 	}
-	if e, _ := strconv.Atoi(raw); e > 0 && e < n.Epoch() {
+	if e, _ := strconv.Atoi(raw); e < n.Epoch() {
 		return n.repair(ctx)
 	}
 	return nil

@@ -9,6 +9,18 @@
 // what rebuilds an emptied Redis (Reseed): an empty Redis never means
 // "order everything again", and a Redis that somebody else filled is
 // not trusted (see crypto.go).
+//
+// A fleet may stage rollouts (rollout.go): a new version reaches the
+// members one wave at a time. Their invariants are package catalog's
+// R1 to R5: no node of a later wave serves a version before every
+// earlier wave passed, except by the expiry override (R1); a failed
+// check holds the version on every node it has not reached (R2); no
+// node serves an expired certificate while a valid one exists (R3);
+// the rollout's state survives the loss of Redis (R4); a node that
+// joins gets the version its wave may serve (R5). The randomized fleet
+// test (internal/e2e, TestFleetRandomFaults) checks R1 and R3 on what
+// the load balancers serve while its faults run, and that a held or
+// aborted rollout's nodes converge to the version it keeps.
 package fleet
 
 import (
@@ -22,6 +34,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -533,8 +546,12 @@ func (n *Node) loadLocalKeys() error {
 
 // Refresh follows a data key rotation made since this node opened the
 // fleet (a long-running agent), so it can open what is sealed under the
-// new key.
+// new key: one another process of this node made or followed first,
+// from the node's disk (adoptDisk), then one Redis names.
 func (n *Node) Refresh(ctx context.Context) error {
+	if err := n.adoptDisk(); err != nil {
+		return err
+	}
 	raw, err := n.Shared.HGet(ctx, "meta", "epoch")
 	if err != nil {
 		return err
@@ -546,6 +563,28 @@ func (n *Node) Refresh(ctx context.Context) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.follow(ctx, cur)
+}
+
+// adoptDisk takes a newer epoch another process of this node saved (a
+// 'fleet remove' run beside the agent, which rotated the key): its key
+// and the members under it, from the node's disk. Without it, an agent
+// that had not followed that rotation before Redis lost it would go on
+// under the older key, which the removed node holds, and would not see
+// that a Redis the removed node rebuilt is older than the fleet.
+func (n *Node) adoptDisk() error {
+	disk, err := readLocal(n.Local)
+	if err != nil || disk.Epoch <= n.Epoch() || disk.Removed > 0 {
+		return err // a removal another process learnt: Refresh finds it too
+	}
+	i := slices.IndexFunc(disk.Epochs, func(ep Epoch) bool { return ep.N == disk.Epoch })
+	key, err := n.loadLocalKey(disk.Epoch)
+	if i < 0 || err != nil || keyID(key) != disk.Epochs[i].KeyID {
+		return fmt.Errorf("%s: the data key of epoch %d does not match its record", fleetDir(n.Local), disk.Epoch)
+	}
+	n.mu.Lock()
+	n.keys[disk.Epoch], n.epoch, n.members = key, disk.Epoch, slices.Clone(disk.Members)
+	n.mu.Unlock()
+	return n.save(func(*local) {}) // save merges the newer epoch and members into this process's copy
 }
 
 // follow accepts the rotations from this node's epoch up to cur, each
@@ -615,13 +654,14 @@ func (n *Node) pin(ctx context.Context, e int) error {
 		return err
 	}
 	ms := verifiedMembers(raw, key, n.ID)
-	if len(ms) > 0 {
+	listed := slices.ContainsFunc(ms, func(m Member) bool { return m.Node == n.Name })
+	if listed {
 		n.members = ms
 	}
 	return n.save(func(l *local) {
 		l.Epoch = max(l.Epoch, e)
 		l.Epochs = append(l.Epochs, ep)
-		if len(ms) > 0 {
+		if listed { // as loadMembers: a list without this node is not kept
 			l.Members = ms
 		}
 	})
@@ -641,6 +681,14 @@ func (n *Node) loadMembers(ctx context.Context) error {
 	}
 	_, key := n.current()
 	ms := verifiedMembers(raw, key, n.ID)
+	if !slices.ContainsFunc(ms, func(m Member) bool { return m.Node == n.Name }) {
+		// Under this node's key its own record always verifies: Redis
+		// lost writes (an older snapshot, a failover that dropped the
+		// last ones) or holds another epoch's records. The verified copy
+		// stays what it was: it is what puts the membership back (repair).
+		slog.Warn("the fleet's member records in Redis do not list this node under its key; keeping its verified copy", "node", n.Name, "epoch", n.Epoch())
+		return nil
+	}
 	n.mu.Lock()
 	n.members = ms
 	n.mu.Unlock()

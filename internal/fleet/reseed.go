@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,43 +18,33 @@ import (
 // entries. Every member does the same when it finds Redis empty, so the
 // fleet's lineages come back from whichever nodes hold them; a newer
 // certificate is never replaced by an older one.
+//
+// The fleet record names no epoch until the membership is in: the node
+// that claims the empty Redis does so under the membership lock, writes
+// the epoch's records and every member's wrapped key, then names the
+// epoch (putBackLocked), as a rotation does. A member following
+// rotations meanwhile never finds an epoch without its own key (it
+// would take itself for removed), and a node that finds no epoch named
+// waits for the lock: then the rebuild is done, or its node was killed
+// and this one puts back its own membership (checkEpoch does the same).
 func (n *Node) Reseed(ctx context.Context) error {
-	epoch, key := n.current()
-	gen := newFleetID()
-	created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "epoch", strconv.Itoa(epoch), "gen", gen,
-		"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name, "rebuilt_at", strconv.FormatInt(time.Now().UnixMilli(), 10))
-	if err != nil {
-		return err
-	}
-	if created {
-		for _, ep := range n.st.Epochs {
-			j, _ := json.Marshal(ep)
-			if err := n.Shared.HSet(ctx, "epochs", strconv.Itoa(ep.N), string(j)); err != nil {
-				return err
-			}
-		}
-		var ms []Member
-		for _, m := range n.st.Members {
-			if macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
-				ms = append(ms, m)
-			}
-		}
-		n.mu.Lock()
-		n.members = ms
-		n.mu.Unlock()
-		cur := Epoch{N: epoch, KeyID: keyID(key)}
-		for _, ep := range n.st.Epochs {
-			if ep.N == epoch {
-				cur = ep
-			}
-		}
-		if err := n.writeShared(ctx, cur); err != nil {
+	err := n.locked(ctx, func() error {
+		created, err := n.Shared.Create(ctx, "meta", "id", n.ID, "gen", newFleetID(),
+			"created", time.Now().UTC().Format(time.RFC3339), "rebuilt_by", n.Name, "rebuilt_at", strconv.FormatInt(time.Now().UnixMilli(), 10))
+		if err != nil {
 			return err
 		}
-	} else if meta, err := n.Shared.HGetAll(ctx, "meta"); err != nil {
+		if !created {
+			if id, err := n.Shared.HGet(ctx, "meta", "id"); err != nil {
+				return err
+			} else if id != n.ID {
+				return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), id, n.ID)
+			}
+		}
+		return n.putBackLocked(ctx, func(string) {})
+	})
+	if err != nil {
 		return err
-	} else if meta["id"] != n.ID {
-		return fmt.Errorf("%s was rebuilt with fleet %s meanwhile, not this node's %s; refusing", n.Shared.Addr(), meta["id"], n.ID)
 	}
 	return n.publishDisk(ctx)
 }

@@ -142,10 +142,13 @@ func boolArg(b bool) string {
 }
 
 // noteScript sets fields that record an observation, not a move (the
-// expiry override's start), once, if the record is still at version.
+// expiry override's start), once, if the record is still at version. A
+// first field that is there but 0 or empty was never noted: a record a
+// rebuild put back from a node's copy carries every field.
 var noteScript = goredis.NewScript(`
 if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') ~= tonumber(ARGV[1]) then return 0 end
-if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 0 end
+local cur = redis.call('HGET', KEYS[1], ARGV[2])
+if cur and cur ~= '' and cur ~= '0' then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 return 1
 `)

@@ -140,3 +140,26 @@ func TestRolloutRebuild(t *testing.T) {
 		t.Fatal("a record older than the head came back")
 	}
 }
+
+// The expiry override is noted once per rollout, also on a record a
+// rebuild put back: a node's copy carries every field, the override's
+// time as 0 when it had not begun, and that is not a start already
+// noted.
+func TestNoteOverrideAfterRebuild(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	kv := []string{"serial", "s5", "previous", "4", "prev_serial", "s4", "wave", "0", "state", "held", "override_at", "0", "override_node", ""}
+	if ok, err := s.SeedRollout(ctx, "o.com", 5, 2, kv...); err != nil || !ok {
+		t.Fatalf("seed: %v %v", ok, err)
+	}
+	if first, err := s.NoteRollout(ctx, "o.com", 5, "override_at", "1700000000000", "override_node", "lb2"); err != nil || !first {
+		t.Fatalf("the override on a put-back record was not noted: %v %v", first, err)
+	}
+	if first, _ := s.NoteRollout(ctx, "o.com", 5, "override_at", "1800000000000", "override_node", "lb3"); first {
+		t.Fatal("the override was noted twice")
+	}
+	m, _ := s.RolloutRecords(ctx, []string{"o.com"})
+	if m["o.com"]["override_at"] != "1700000000000" || m["o.com"]["override_node"] != "lb2" {
+		t.Fatalf("record: %v", m["o.com"])
+	}
+}
