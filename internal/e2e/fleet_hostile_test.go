@@ -542,6 +542,11 @@ func TestFleetHostileRemovedNodeRebuilds(t *testing.T) {
 		t.Errorf("removed lb3 is a member of the fleet again after it rebuilt an emptied Redis")
 	}
 	c.Close()
+	// The renewal's token is validated through the members' agents:
+	// both answer once they heartbeat ('fleet status' exiting 2 above
+	// may only mean one has not yet).
+	f.waitHeartbeat("lb1", converge)
+	f.waitHeartbeat("lb2", converge)
 	if r := f.on("lb2", "renew", "--force", "--name", name, "--no-random-sleep", "--agree-tos"); r.code != 0 {
 		t.Errorf("member lb2's renewal of %s after the rebuild: exit %d: %s", name, r.code, strings.TrimSpace(r.stderr))
 	} else if opened := f.opensName(f.outsiderOf(f.nodes["lb3"].dir), name); len(opened) > 0 {
