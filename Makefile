@@ -44,18 +44,29 @@ e2e: deps
 # internal/e2e/fleet_random_test.go) for SEEDS seeds (1..SEEDS) of
 # DURATION each, and prints per seed: the nodes, the operation and fault
 # counts, the run time and the invariant violations (the table also goes
-# to bin/torture.md, for the benchmark page). make test runs its short
+# to bin/torture.md, for the benchmark page). The seeds are split between
+# SHARDS test processes run side by side (each seed's fleet has its own
+# ports and directories; two share this machine's two cores, which makes
+# the schedule's timing harsher, not gentler). make test runs its short
 # mode: 3 seeds of 15 s. Replay one seed with
 #   go test -count=1 -run 'TestFleetRandomFaults$$' ./internal/e2e/ -seed N -duration 5m
 # (-chaos-keep DIR keeps a failing seed's logs in full).
 SEEDS    ?= 20
 DURATION ?= 5m
+SHARDS   ?= 2
 torture: deps
 	@mkdir -p bin
-	@rm -f bin/torture.md
-	$(GO) test -count=1 -timeout 6h -run 'TestFleetRandomFaults$$' ./internal/e2e/ \
-		-seeds $(SEEDS) -duration $(DURATION) -chaos-table $(CURDIR)/bin/torture.md -chaos-keep $(CURDIR)/bin/torture-logs; \
-		status=$$?; echo; cat bin/torture.md; exit $$status
+	@rm -f bin/torture.md bin/torture-*.md bin/torture-*.log
+	@per=$$(( ($(SEEDS) + $(SHARDS) - 1) / $(SHARDS) )); pids=; \
+	for i in $$(seq 0 $$(( $(SHARDS) - 1 ))); do \
+		from=$$(( i * per + 1 )); n=$$(( $(SEEDS) - i * per )); [ $$n -gt $$per ] && n=$$per; [ $$n -le 0 ] && break; \
+		echo "shard $$i: seeds $$from..$$(( from + n - 1 )), log bin/torture-$$i.log"; \
+		$(GO) test -count=1 -timeout 6h -v -run 'TestFleetRandomFaults$$' ./internal/e2e/ \
+			-seed-from $$from -seeds $$n -duration $(DURATION) -chaos-table $(CURDIR)/bin/torture-$$i.md \
+			-chaos-keep $(CURDIR)/bin/torture-logs >bin/torture-$$i.log 2>&1 & pids="$$pids $$!"; \
+	done; status=0; for p in $$pids; do wait $$p || status=1; done; \
+	cat bin/torture-*.md >bin/torture.md; echo; cat bin/torture.md; \
+	grep -h -- '--- FAIL' bin/torture-*.log || true; exit $$status
 
 # bench runs every benchmark of internal/bench in one run, each beside
 # its peers where it has them (internal/bench/README.md says what each

@@ -77,7 +77,11 @@
 //   - I5 key custody. Keys are sealed under the fleet's current data
 //     key, and Publish refuses a key sealed under any other: from the
 //     moment 'fleet remove' returns, nothing is sealed under a key the
-//     removed node can unwrap, and its agent answers no token.
+//     removed node can unwrap, and its agent answers no token. Only a
+//     removal takes a member out: a member record Redis lost without
+//     a rotation (a rebuild from an older copy, an older snapshot) is
+//     put back by any member that holds it, before it acts on the
+//     membership, so a rotation never leaves a member without the key.
 //   - I6 one order per name at a time, through kill -9 of any process,
 //     Redis restarts, pauses and failovers: the lease above.
 //   - I7 no private key in clear in Redis (sealed with AES-256-GCM under

@@ -36,7 +36,7 @@ package e2e
 // package (go test ./internal/e2e/ -run TestFleetRandomFaults -seed 7):
 //
 //	-seed N        run seed N only (replays a failing seed)
-//	-seeds N       run seeds 1..N
+//	-seeds N       run seeds 1..N (with -seed-from F: F..F+N-1)
 //	-duration D    each seed's schedule (default 15s; make torture: 5m)
 //	-chaos-table F append the per-seed results (Markdown) to file F
 //	-chaos-keep D  on failure, write every log in full under D/seed-N
@@ -62,7 +62,8 @@ import (
 
 var (
 	chaosSeed     = flag.Uint64("seed", 0, "TestFleetRandomFaults: run this seed only")
-	chaosSeeds    = flag.Int("seeds", 0, "TestFleetRandomFaults: run seeds 1..N")
+	chaosSeeds    = flag.Int("seeds", 0, "TestFleetRandomFaults: run seeds 1..N (or from -seed-from)")
+	chaosFrom     = flag.Uint64("seed-from", 1, "TestFleetRandomFaults: the first seed -seeds runs")
 	chaosDuration = flag.Duration("duration", 0, "TestFleetRandomFaults: each seed's schedule (default 15s)")
 	chaosTable    = flag.String("chaos-table", "", "TestFleetRandomFaults: append the results table to this file")
 	chaosKeep     = flag.String("chaos-keep", "", "TestFleetRandomFaults: on failure, write every log in full under this directory")
@@ -81,8 +82,8 @@ func TestFleetRandomFaults(t *testing.T) {
 		seeds = []uint64{*chaosSeed}
 	case *chaosSeeds > 0:
 		seeds = nil
-		for i := 1; i <= *chaosSeeds; i++ {
-			seeds = append(seeds, uint64(i))
+		for i := range uint64(*chaosSeeds) {
+			seeds = append(seeds, *chaosFrom+i)
 		}
 	}
 	if *chaosDuration > 0 {

@@ -206,7 +206,7 @@ func (a *Agent) beat(ctx context.Context) error {
 	if err := a.refresh(bctx); err != nil {
 		return err
 	}
-	return n.loadMembers(bctx)
+	return n.loadMembers(bctx, false)
 }
 
 // refresh follows a key rotation; a node that learns it was removed

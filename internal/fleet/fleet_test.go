@@ -117,7 +117,7 @@ func TestMembership(t *testing.T) {
 	}
 	// A planted member (no MAC under the key) is not trusted.
 	sh.HSet(ctx, "members", "evil", `{"node":"evil","recipient":"age1qqq","mac":"00"}`)
-	if err := lb2.loadMembers(ctx); err != nil || len(lb2.Members()) != 3 {
+	if err := lb2.loadMembers(ctx, false); err != nil || len(lb2.Members()) != 3 {
 		t.Errorf("planted member: %v %v", err, lb2.Members())
 	}
 	sh.HDel(ctx, "members", "evil")
@@ -340,7 +340,7 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 		t.Fatal(err)
 	}
 	sh.Client().FlushAll(ctx)
-	if err := lb1.loadMembers(ctx); err != nil {
+	if err := lb1.loadMembers(ctx, false); err != nil {
 		t.Fatal(err)
 	}
 	if err := lb1.CheckSeeded(ctx); err != nil {
@@ -395,7 +395,7 @@ func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
 	if err := lb2.Refresh(ctx); err != nil || lb2.Epoch() != 2 {
 		t.Fatalf("lb2 follows the rotation: epoch %d, %v", lb2.Epoch(), err)
 	}
-	if err := lb2.loadMembers(ctx); err != nil || len(lb2.Members()) != 2 {
+	if err := lb2.loadMembers(ctx, false); err != nil || len(lb2.Members()) != 2 {
 		t.Fatalf("members after the remove: %v %v", lb2.Members(), err)
 	}
 	// The remove's writes are lost: Redis is back at epoch 1, lb3 a member.
@@ -406,7 +406,7 @@ func TestRegressedRedisKeepsTheMembershipCopy(t *testing.T) {
 			sh.HSet(ctx, h, f, v)
 		}
 	}
-	if err := lb2.loadMembers(ctx); err != nil {
+	if err := lb2.loadMembers(ctx, false); err != nil {
 		t.Fatal(err)
 	}
 	if err := lb2.CheckSeeded(ctx); err != nil {
@@ -691,5 +691,86 @@ func TestRemovedAgentAnswersNoTokenOnceRemoveReturns(t *testing.T) {
 	}
 	if code := get["lb3"]("after"); code != http.StatusOK {
 		t.Errorf("member lb3's agent after the rotation: %d, want 200", code)
+	}
+}
+
+// A member approved after another member last read the membership, then
+// Redis emptied and rebuilt from that member's older copy: the member
+// approved last is missing from Redis, at the same epoch. Seed 2 of
+// TestFleetRandomFaults: the next 'fleet remove' then rotated the key
+// to the members Redis listed, and the missing one lost the fleet
+// without anyone removing it. Its own heartbeat (or any member holding
+// the record) puts the record back; a removed node's older record is
+// never put back.
+func TestLostMemberRecordIsPutBack(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st := func(n string) *store.Store { return store.New(filepath.Join(dir, n)) }
+	lb1, err := Init(ctx, sh, st("lb1"), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(name string) *Node {
+		t.Helper()
+		fp, _, err := Join(ctx, sh, st(name), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lb1.Approve(ctx, name, fp); err != nil {
+			t.Fatal(err)
+		}
+		n, err := Open(ctx, sh, st(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	lb2 := open("lb2")
+	lb3 := open("lb3") // lb2's copy on disk does not list lb3
+	lb4 := open("lb4")
+	if len(lb2.st.Members) != 2 {
+		t.Fatalf("lb2's copy: %v", lb2.st.Members)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb2.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); m["lb3"] != "" || m["lb4"] != "" {
+		t.Fatalf("the rebuild from lb2's copy should lack lb3 and lb4: %v", m)
+	}
+	// lb3's heartbeat puts its own record back, with its wrapped key.
+	if err := lb3.loadMembers(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := sh.HGetAll(ctx, "members"); m["lb3"] == "" {
+		t.Fatalf("lb3 did not put its record back: %v", m)
+	}
+	if w, _ := sh.HGet(ctx, "wrapped:1", "lb3"); w == "" {
+		t.Fatal("lb3's wrapped key was not put back")
+	}
+	// lb1 (which approved lb4) puts lb4 back as it removes lb2: the
+	// rotation reaches lb3 and lb4, not lb2.
+	if _, err := lb1.Remove(ctx, "lb2"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*Node{lb3, lb4} {
+		if err := n.Refresh(ctx); err != nil || n.Epoch() != 2 {
+			t.Fatalf("%s follows the rotation: epoch %d, %v", n.Name, n.Epoch(), err)
+		}
+	}
+	if err := lb2.Refresh(ctx); !errors.As(err, new(*Removed)) {
+		t.Fatalf("lb2 after its removal: %v", err)
+	}
+	// lb2's copy (epoch 1, lb1 and lb2) puts nothing back under epoch 2.
+	if err := lb2.loadMembers(ctx, false); err != nil {
+		t.Log(err)
+	}
+	m, _ := sh.HGetAll(ctx, "members")
+	if len(m) != 3 || m["lb2"] != "" {
+		t.Fatalf("members after the removal: %v", m)
+	}
+	if w, _ := sh.HGet(ctx, "wrapped:2", "lb2"); w != "" {
+		t.Fatal("the removed node has a key of epoch 2")
 	}
 }

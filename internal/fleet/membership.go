@@ -28,7 +28,7 @@ func (n *Node) withMembership(ctx context.Context, f func() error) error {
 		if err := n.Refresh(ctx); err != nil {
 			return err
 		}
-		if err := n.loadMembers(ctx); err != nil {
+		if err := n.loadMembers(ctx, true); err != nil {
 			return err
 		}
 		return f()

@@ -361,19 +361,25 @@ func (n *Node) writeShared(ctx context.Context, ep Epoch) error {
 		return err
 	}
 	for _, m := range n.members {
-		w, err := wrap(key, m.Recipient)
-		if err != nil {
-			return err
-		}
-		mj, _ := json.Marshal(m)
-		if err := n.Shared.HSet(ctx, "wrapped:"+strconv.Itoa(epoch), m.Node, string(w)); err != nil {
-			return err
-		}
-		if err := n.Shared.HSet(ctx, "members", m.Node, string(mj)); err != nil {
+		if err := n.putMember(ctx, epoch, key, m); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// putMember writes m's data key of epoch (key, wrapped for m), then m's
+// record: a record in Redis always has its key beside it.
+func (n *Node) putMember(ctx context.Context, epoch int, key []byte, m Member) error {
+	w, err := wrap(key, m.Recipient)
+	if err != nil {
+		return err
+	}
+	mj, _ := json.Marshal(m)
+	if err := n.Shared.HSet(ctx, "wrapped:"+strconv.Itoa(epoch), m.Node, string(w)); err != nil {
+		return err
+	}
+	return n.Shared.HSet(ctx, "members", m.Node, string(mj))
 }
 
 // Join asks to join the fleet in Redis: it makes this node's identity
@@ -461,7 +467,7 @@ func Open(ctx context.Context, sh *rdb.Shared, st *store.Store) (*Node, error) {
 	if err := n.openKnown(ctx, cur); err != nil {
 		return nil, err
 	}
-	if err := n.loadMembers(ctx); err != nil {
+	if err := n.loadMembers(ctx, false); err != nil {
 		return nil, err
 	}
 	// A newly approved node adds the certificates it had before joining;
@@ -492,7 +498,7 @@ func (n *Node) openApproved(ctx context.Context, cur int) error {
 	if err := n.pin(ctx, cur); err != nil {
 		return err
 	}
-	if err := n.loadMembers(ctx); err != nil {
+	if err := n.loadMembers(ctx, false); err != nil {
 		return err
 	}
 	return n.importJoined(ctx)
@@ -668,8 +674,10 @@ func (n *Node) pin(ctx context.Context, e int) error {
 }
 
 // loadMembers reads the members whose records verify under the current
-// key, and keeps a copy on disk for re-seeding.
-func (n *Node) loadMembers(ctx context.Context) error {
+// key, puts back the records Redis lost (putBackLost), and keeps a copy
+// on disk for re-seeding. held says the caller holds the membership
+// lock.
+func (n *Node) loadMembers(ctx context.Context, held bool) error {
 	raw, err := n.Shared.HGetAll(ctx, "members")
 	if err != nil {
 		return err
@@ -681,11 +689,16 @@ func (n *Node) loadMembers(ctx context.Context) error {
 	}
 	_, key := n.current()
 	ms := verifiedMembers(raw, key, n.ID)
+	if lost := n.lostMembers(ms, key); len(lost) > 0 {
+		if ms, err = n.putBackLost(ctx, held); err != nil {
+			return err
+		}
+	}
 	if !slices.ContainsFunc(ms, func(m Member) bool { return m.Node == n.Name }) {
 		// Under this node's key its own record always verifies: Redis
-		// lost writes (an older snapshot, a failover that dropped the
-		// last ones) or holds another epoch's records. The verified copy
-		// stays what it was: it is what puts the membership back (repair).
+		// holds another epoch's records, or lost the writes and this
+		// node could not put them back. The verified copy stays what it
+		// was: it is what puts the membership back (repair).
 		slog.Warn("the fleet's member records in Redis do not list this node under its key; keeping its verified copy", "node", n.Name, "epoch", n.Epoch())
 		return nil
 	}
@@ -696,6 +709,73 @@ func (n *Node) loadMembers(ctx context.Context) error {
 		return n.save(func(l *local) { l.Members = ms })
 	}
 	return nil
+}
+
+// lostMembers are the members of this node's verified copy that hold
+// key and that ms (what Redis lists) lacks.
+func (n *Node) lostMembers(ms []Member, key []byte) []Member {
+	var lost []Member
+	for _, m := range n.st.Members {
+		if macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) && !slices.ContainsFunc(ms, func(r Member) bool { return r.Node == m.Node }) {
+			lost = append(lost, m)
+		}
+	}
+	return lost
+}
+
+// putBackLost writes back the member records (and wrapped keys) of the
+// current epoch that Redis lost and this node's verified copy holds,
+// under the membership lock, and returns the members Redis then lists.
+//
+// Redis loses a record without the membership changing: a rebuild from
+// a member whose copy predates the latest approval, a restart from an
+// older snapshot, a failover that dropped the last writes. Left out,
+// the member would get no key at the next rotation: removed without
+// anyone asking. Putting it back cannot readmit a removed node (I5):
+// every removal rotates the key, and a record verifies only under the
+// key of the epoch whose members approved it; a rotation made meanwhile
+// is seen under the lock and nothing is written.
+func (n *Node) putBackLost(ctx context.Context, held bool) ([]Member, error) {
+	var ms []Member
+	put := func() error {
+		cur, err := n.Shared.HGet(ctx, "meta", "epoch")
+		if err != nil {
+			return err
+		}
+		epoch, key := n.current()
+		raw, err := n.Shared.HGetAll(ctx, "members")
+		if err != nil {
+			return err
+		}
+		ms = verifiedMembers(raw, key, n.ID)
+		if cur != strconv.Itoa(epoch) {
+			return nil // rotated meanwhile (Refresh follows), or a rebuild under way
+		}
+		lost := n.lostMembers(ms, key)
+		for _, m := range lost {
+			if err := n.putMember(ctx, epoch, key, m); err != nil {
+				return err
+			}
+			ms = append(ms, m)
+		}
+		if len(lost) > 0 {
+			slog.Warn("the fleet's Redis had lost member records (a rebuild from an older copy, an older snapshot or a failover); put back this node's copy of them", "nodes", memberNames(lost), "epoch", epoch)
+		}
+		sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
+		return nil
+	}
+	if held {
+		return ms, put()
+	}
+	return ms, n.locked(ctx, put)
+}
+
+func memberNames(ms []Member) []string {
+	var s []string
+	for _, m := range ms {
+		s = append(s, m.Node)
+	}
+	return s
 }
 
 // verifiedMembers are the member records (node -> JSON) that verify
@@ -773,7 +853,7 @@ func (n *Node) approve(ctx context.Context, node, fingerprint string) error {
 	if err := n.Shared.HDel(ctx, "join", node); err != nil {
 		return err
 	}
-	return n.loadMembers(ctx)
+	return n.loadMembers(ctx, true)
 }
 
 // Remove takes node out of the fleet: its membership and wrapped keys
