@@ -56,7 +56,7 @@ DURATION ?= 5m
 SHARDS   ?= 2
 torture: deps
 	@mkdir -p bin
-	@rm -f bin/torture.md bin/torture-*.md bin/torture-*.log
+	@rm -rf bin/torture.md bin/torture-*.md bin/torture-*.log bin/torture-logs
 	@per=$$(( ($(SEEDS) + $(SHARDS) - 1) / $(SHARDS) )); pids=; \
 	for i in $$(seq 0 $$(( $(SHARDS) - 1 ))); do \
 		from=$$(( i * per + 1 )); n=$$(( $(SEEDS) - i * per )); [ $$n -gt $$per ] && n=$$per; [ $$n -le 0 ] && break; \

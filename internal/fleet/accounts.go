@@ -23,6 +23,14 @@ func (c *Catalog) ReadAccount(server, email string) ([]byte, []byte, error) {
 		return c.N.Local.ReadAccount(server, email)
 	}
 	pem, err := c.N.openAccount(ctx, server, email, epoch, sealed)
+	if errors.As(err, new(*NoKey)) {
+		// Sealed under a key from before this node joined (a lagging
+		// node rebuilt Redis at an older epoch): this node's own copy is
+		// the same account until a member re-seals it.
+		if lpem, lreg, lerr := c.N.Local.ReadAccount(server, email); lerr == nil {
+			return lpem, lreg, nil
+		}
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -80,6 +88,9 @@ func (n *Node) SyncAccounts(ctx context.Context) error {
 			continue
 		}
 		pem, err := n.openAccount(ctx, a[0], a[1], epoch, sealed)
+		if errors.As(err, new(*NoKey)) {
+			continue // under a key from before this node joined: the copy it has stays (a repair re-seals it)
+		}
 		if err != nil {
 			return err
 		}

@@ -59,6 +59,7 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	b.taken[set] = append(b.taken[set], id)
 	b.mu.Unlock()
+	b.N.noteReserved(set, id, now)
 	return nil
 }
 
@@ -76,6 +77,7 @@ func (b *Budget) Refund(k pace.Key, o pace.Order) error {
 	if id != "" {
 		ctx, cancel := rctx(context.Background())
 		defer cancel()
+		b.N.dropReserved(set, id)
 		if err := b.N.Shared.LedgerGive(ctx, set, id); err != nil {
 			return err
 		}

@@ -132,13 +132,14 @@ func (c *Catalog) SetMeta(ctx context.Context, l *store.Lineage) error {
 func (c *Catalog) Delete(ctx context.Context, name string) error {
 	at := time.Now().UTC()
 	var fence int64
+	var version int
 	if err := withRedis(ctx, "giving the delete up", func(ctx context.Context) (err error) {
-		fence, err = c.sh().DeleteBundle(ctx, name, at)
+		fence, version, err = c.sh().DeleteBundle(ctx, name, at)
 		return err
 	}); err != nil {
 		return err
 	}
-	return c.N.Local.Forget(name, store.Tombstone{At: at, Fence: fence, By: c.N.Name})
+	return c.N.Local.Forget(name, store.Tombstone{At: at, Fence: fence, By: c.N.Name, Version: version})
 }
 
 // Status is the fleet's renewal status of name; one that cannot be read

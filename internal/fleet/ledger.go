@@ -36,7 +36,8 @@ type issued struct {
 
 // The node's copy of the ledger, <dir>/fleet/ledger.json: serial ->
 // issued, for every certificate this node published or installed in
-// the last LedgerWindow. A rebuilt Redis gets its ledger back from
+// the last LedgerWindow, and reservation id -> issued for the orders
+// this node started whose certificate it has not noted (noteReserved). A rebuilt Redis gets its ledger back from
 // every node's copy (invariant I4), so an emptied Redis never resets
 // the count of certificates per exact set of names.
 func ledgerPath(st *store.Store) string { return filepath.Join(fleetDir(st), "ledger.json") }
@@ -56,31 +57,85 @@ func readLedger(st *store.Store) map[string]issued {
 // joining a fleet installs thousands at once, and a write per
 // certificate made the join quadratic).
 func (n *Node) noteIssued(ls ...*store.Lineage) {
-	var recent []*store.Lineage
-	for _, l := range ls {
-		if !l.IssuedAt.IsZero() && time.Since(l.IssuedAt) <= LedgerWindow && l.Cert.Serial != "" {
-			recent = append(recent, l)
+	n.editLedger(func(m map[string]issued) bool { return addIssued(m, ls) })
+}
+
+// noteOrdered is noteIssued for a certificate this process ordered: the
+// ledger place its order took (noteReserved) makes way for the
+// certificate, in the same write.
+func (n *Node) noteOrdered(l *store.Lineage) {
+	set := LedgerSet(l.Server, l.Domains)
+	n.editLedger(func(m map[string]issued) bool {
+		changed := addIssued(m, []*store.Lineage{l})
+		n.resMu.Lock()
+		defer n.resMu.Unlock()
+		if ids := n.reserved[set]; len(ids) > 0 {
+			delete(m, ids[0])
+			n.reserved[set] = ids[1:]
+			changed = true
 		}
+		return changed
+	})
+}
+
+// noteReserved keeps, before an order reaches the CA, the ledger place
+// it took (id, the same member as in Redis) in this node's copy: a run
+// killed after the CA issued, and before it noted the certificate,
+// still counts in a Redis rebuilt from the nodes' copies (I4). The
+// place makes way for the certificate when it is noted (noteOrdered),
+// and goes when the order issued nothing (dropReserved).
+func (n *Node) noteReserved(set, id string, at time.Time) {
+	n.resMu.Lock()
+	if n.reserved == nil {
+		n.reserved = map[string][]string{}
 	}
-	if len(recent) == 0 {
-		return
-	}
-	ledgerMu.Lock()
-	defer ledgerMu.Unlock()
-	m := readLedger(n.Local)
+	n.reserved[set] = append(n.reserved[set], id)
+	n.resMu.Unlock()
+	n.editLedger(func(m map[string]issued) bool {
+		m[id] = issued{Set: set, At: at.UTC()}
+		return true
+	})
+}
+
+// dropReserved forgets the place id of an order that issued nothing.
+func (n *Node) dropReserved(set, id string) {
+	n.resMu.Lock()
+	n.reserved[set] = slices.DeleteFunc(n.reserved[set], func(x string) bool { return x == id })
+	n.resMu.Unlock()
+	n.editLedger(func(m map[string]issued) bool {
+		_, ok := m[id]
+		delete(m, id)
+		return ok
+	})
+}
+
+func addIssued(m map[string]issued, ls []*store.Lineage) bool {
 	added := false
-	for _, l := range recent {
+	for _, l := range ls {
+		if l.IssuedAt.IsZero() || time.Since(l.IssuedAt) > LedgerWindow || l.Cert.Serial == "" {
+			continue
+		}
 		if _, ok := m[l.Cert.Serial]; !ok {
 			m[l.Cert.Serial] = issued{Set: LedgerSet(l.Server, l.Domains), At: l.IssuedAt.UTC()}
 			added = true
 		}
 	}
-	if !added {
+	return added
+}
+
+// editLedger applies edit to this node's copy of the ledger and writes
+// it back when edit says it changed, without the entries older than
+// the window.
+func (n *Node) editLedger(edit func(m map[string]issued) bool) {
+	ledgerMu.Lock()
+	defer ledgerMu.Unlock()
+	m := readLedger(n.Local)
+	if !edit(m) {
 		return
 	}
-	for serial, e := range m {
+	for key, e := range m {
 		if time.Since(e.At) > LedgerWindow {
-			delete(m, serial)
+			delete(m, key)
 		}
 	}
 	data, _ := json.Marshal(m)
@@ -101,8 +156,8 @@ func (n *Node) seedLedger(ctx context.Context) error {
 	ledgerMu.Lock()
 	m := readLedger(n.Local)
 	ledgerMu.Unlock()
-	for serial, e := range m {
-		if err := n.Shared.LedgerSeed(ctx, e.Set, serial, e.At, LedgerWindow); err != nil {
+	for key, e := range m { // a serial, or an order's reservation id
+		if err := n.Shared.LedgerSeed(ctx, e.Set, key, e.At, LedgerWindow); err != nil {
 			return err
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -79,5 +80,75 @@ func TestWriteLockShared(t *testing.T) {
 	u2()
 	if err := other(); err != nil {
 		t.Fatalf("after both workers let go: %v", err)
+	}
+}
+
+// An order's ledger place is kept on the ordering node's disk from the
+// moment it is taken: a run killed after the CA issued (seed 1 of the
+// fault test: two such runs, each followed by a Redis loss, and a sixth
+// certificate for one set) still counts in a Redis rebuilt from the
+// nodes' copies. The place makes way for the certificate once noted
+// (one entry, not two), and goes when the order issued nothing.
+func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const server = "https://ca.example/dir"
+	k := pace.Key{Server: server}
+	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
+	set := LedgerSet(server, []string{"a.example"})
+	count := func() int {
+		t.Helper()
+		c, err := sh.LedgerCount(ctx, set, LedgerWindow, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	rebuild := func() {
+		t.Helper()
+		sh.Client().FlushAll(ctx)
+		if err := n.CheckSeeded(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Killed after the CA issued: the place comes back with the rebuild.
+	if err := b.Reserve(k, pace.Order{Names: []string{"a.example"}}); err != nil {
+		t.Fatal(err)
+	}
+	rebuild()
+	if c := count(); c != 1 {
+		t.Fatalf("after a rebuild, a killed order's place: count %d, want 1", c)
+	}
+	// The next order issues: its place makes way for its certificate.
+	if err := b.Reserve(k, pace.Order{Names: []string{"a.example"}}); err != nil {
+		t.Fatal(err)
+	}
+	l := &store.Lineage{Name: "a.example", Domains: []string{"a.example"}, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a"}}
+	n.noteOrdered(l)
+	if m := readLedger(n.Local); len(m) != 2 || m["0a"].Set != set {
+		t.Fatalf("node's copy after the certificate: %v, want the first place and the serial", m)
+	}
+	rebuild()
+	if c := count(); c != 2 {
+		t.Fatalf("after a rebuild: count %d, want 2 (one place, one certificate)", c)
+	}
+	// An order that issued nothing gives its place back, on disk too.
+	if err := b.Reserve(k, pace.Order{Names: []string{"a.example"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Refund(k, pace.Order{Names: []string{"a.example"}}); err != nil {
+		t.Fatal(err)
+	}
+	rebuild()
+	if c := count(); c != 2 {
+		t.Fatalf("after a refund and a rebuild: count %d, want 2", c)
 	}
 }

@@ -70,22 +70,36 @@ func (n *Node) putBack(ctx context.Context, say func(cur string)) error {
 
 // putBackLocked is putBack for a caller that holds the membership lock.
 func (n *Node) putBackLocked(ctx context.Context, say func(cur string)) error {
-	cur, err := n.Shared.HGet(ctx, "meta", "epoch")
-	if err != nil {
+	behind, cur, err := n.redisBehind(ctx)
+	if err != nil || !behind {
 		return err
-	}
-	if e, _ := strconv.Atoi(cur); e >= n.Epoch() {
-		return nil
 	}
 	say(cur)
 	if err := n.restoreMembers(ctx); err != nil {
 		return err
 	}
-	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(n.Epoch())); err != nil {
+	if err := n.Shared.NameEpoch(ctx, n.Epoch()); err != nil {
 		return err
 	}
 	_, err = n.reseal(ctx, true)
 	return err
+}
+
+// redisBehind says whether Redis needs this node's membership: it names
+// an older epoch than this node's, or none, or this node's without the
+// epoch's record (a rebuild cut short by an earlier release, which named
+// the epoch into a Redis emptied meanwhile). cur is the epoch it names.
+func (n *Node) redisBehind(ctx context.Context) (bool, string, error) {
+	cur, err := n.Shared.HGet(ctx, "meta", "epoch")
+	if err != nil {
+		return false, "", err
+	}
+	e, _ := strconv.Atoi(cur)
+	if e != n.Epoch() {
+		return e < n.Epoch(), cur, nil
+	}
+	rec, err := n.Shared.HGet(ctx, "epochs", cur)
+	return rec == "", cur, err
 }
 
 // restoreMembers writes this node's epochs and members, with the data
@@ -141,14 +155,11 @@ func (n *Node) restoreMembers(ctx context.Context) error {
 // node killed before it named one); the agent calls it on every
 // heartbeat, and every command that opens the fleet.
 func (n *Node) checkEpoch(ctx context.Context) error {
-	raw, err := n.Shared.HGet(ctx, "meta", "epoch")
-	if err != nil {
+	behind, _, err := n.redisBehind(ctx)
+	if err != nil || !behind {
 		return err
 	}
-	if e, _ := strconv.Atoi(raw); e < n.Epoch() {
-		return n.repair(ctx)
-	}
-	return nil
+	return n.repair(ctx)
 }
 
 // sealedByMember says whether a bundle under an older key may be

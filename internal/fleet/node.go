@@ -64,9 +64,38 @@ type Member struct {
 type Epoch struct {
 	N     int    `json:"n"`
 	KeyID string `json:"key_id"`
-	// Link is a MAC of this epoch under the previous one's key: only a
-	// holder of the old key can make a rotation members accept.
+	// Link is a MAC of this epoch (and of Removed) under the previous
+	// one's key: only a holder of the old key can make a rotation members
+	// accept, or tell a node it was removed.
 	Link string `json:"link,omitempty"`
+	// Removed is the node the rotation took out. Only a node this names
+	// takes itself for removed: one that merely finds no key wrapped for
+	// it (Redis lost it, or a rebuild from a member's older copy left it
+	// out) waits for a member to put it back (putBackLost).
+	Removed string `json:"removed,omitempty"`
+}
+
+// linked says whether ep was made by a holder of prev, the previous
+// epoch's key.
+func (ep Epoch) linked(prev []byte, fleetID string) bool {
+	parts := []string{"epoch", fleetID, strconv.Itoa(ep.N), ep.KeyID}
+	if ep.Removed != "" {
+		parts = append(parts, "removed", ep.Removed)
+	}
+	return prev != nil && macOK(prev, ep.Link, parts...)
+}
+
+// NotWrapped is a member that finds no data key wrapped for it under an
+// epoch that does not name it removed: Redis lost it. A member that
+// holds the node's record puts it back; until then the node serves what
+// it has.
+type NotWrapped struct {
+	Node  string
+	Epoch int
+}
+
+func (e *NotWrapped) Error() string {
+	return fmt.Sprintf("the fleet's data key of epoch %d is not wrapped for node %s in Redis, and no member removed it (Redis lost it); waiting for a member to put it back", e.Epoch, e.Node)
 }
 
 // local is <dir>/fleet/state.json.
@@ -101,6 +130,8 @@ type Node struct {
 	st       local
 	roOnce   sync.Once
 	ro       *rolloutCache // rollout.go
+	resMu    sync.Mutex
+	reserved map[string][]string // ledger set -> places this process's orders took, oldest first (ledger.go)
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }
@@ -270,9 +301,18 @@ func (n *Node) key(e int) ([]byte, error) {
 	defer n.mu.Unlock()
 	k, ok := n.keys[e]
 	if !ok {
-		return nil, fmt.Errorf("no data key for epoch %d on this node (it was removed from the fleet, or the key was rotated without it)", e)
+		return nil, &NoKey{Epoch: e}
 	}
 	return k, nil
+}
+
+// NoKey is a data key this node never had: an epoch from before it
+// joined (a Redis a lagging node rebuilt at an older epoch), or one
+// rotated without it.
+type NoKey struct{ Epoch int }
+
+func (e *NoKey) Error() string {
+	return fmt.Sprintf("no data key for epoch %d on this node (it joined the fleet later, was removed from it, or the key was rotated without it)", e.Epoch)
 }
 
 // keyFor is the data key of epoch e, following a rotation that ran
@@ -609,12 +649,15 @@ func (n *Node) follow(ctx context.Context, cur int) error {
 		// made can tell this node it was removed (a record planted in
 		// Redis by anyone else must not lock a member out for good).
 		prev := n.keys[e-1]
-		if prev == nil || !macOK(prev, ep.Link, "epoch", n.ID, strconv.Itoa(e), ep.KeyID) {
+		if !ep.linked(prev, n.ID) {
 			return fmt.Errorf("fleet %s: epoch %d is not linked to epoch %d's key; refusing a data key no member made", n.ID, e, e-1)
 		}
 		w, err := n.Shared.HGet(ctx, "wrapped:"+strconv.Itoa(e), n.Name)
 		if err != nil {
 			return err
+		}
+		if w == "" && ep.Removed != n.Name {
+			return &NotWrapped{Node: n.Name, Epoch: e}
 		}
 		if w == "" {
 			n.save(func(l *local) { l.Removed = e })
@@ -687,9 +730,13 @@ func (n *Node) loadMembers(ctx context.Context, held bool) error {
 		// disk is what rebuilds it, so it must not be emptied too.
 		return nil
 	}
-	_, key := n.current()
+	epoch, key := n.current()
+	wrapped, err := n.Shared.HGetAll(ctx, "wrapped:"+strconv.Itoa(epoch))
+	if err != nil {
+		return err
+	}
 	ms := verifiedMembers(raw, key, n.ID)
-	if lost := n.lostMembers(ms, key); len(lost) > 0 {
+	if lost := n.lostMembers(ms, wrapped, key); len(lost) > 0 {
 		if ms, err = n.putBackLost(ctx, held); err != nil {
 			return err
 		}
@@ -712,11 +759,15 @@ func (n *Node) loadMembers(ctx context.Context, held bool) error {
 }
 
 // lostMembers are the members of this node's verified copy that hold
-// key and that ms (what Redis lists) lacks.
-func (n *Node) lostMembers(ms []Member, key []byte) []Member {
+// key and that ms (what Redis lists) lacks, or whose wrapped key
+// (wrapped: node -> key of this epoch) Redis lacks.
+func (n *Node) lostMembers(ms []Member, wrapped map[string]string, key []byte) []Member {
 	var lost []Member
 	for _, m := range n.st.Members {
-		if macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) && !slices.ContainsFunc(ms, func(r Member) bool { return r.Node == m.Node }) {
+		if !macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
+			continue
+		}
+		if wrapped[m.Node] == "" || !slices.ContainsFunc(ms, func(r Member) bool { return r.Node == m.Node }) {
 			lost = append(lost, m)
 		}
 	}
@@ -751,12 +802,18 @@ func (n *Node) putBackLost(ctx context.Context, held bool) ([]Member, error) {
 		if cur != strconv.Itoa(epoch) {
 			return nil // rotated meanwhile (Refresh follows), or a rebuild under way
 		}
-		lost := n.lostMembers(ms, key)
+		wrapped, err := n.Shared.HGetAll(ctx, "wrapped:"+cur)
+		if err != nil {
+			return err
+		}
+		lost := n.lostMembers(ms, wrapped, key)
 		for _, m := range lost {
 			if err := n.putMember(ctx, epoch, key, m); err != nil {
 				return err
 			}
-			ms = append(ms, m)
+			if !slices.ContainsFunc(ms, func(r Member) bool { return r.Node == m.Node }) {
+				ms = append(ms, m)
+			}
 		}
 		if len(lost) > 0 {
 			slog.Warn("the fleet's Redis had lost member records (a rebuild from an older copy, an older snapshot or a failover); put back this node's copy of them", "nodes", memberNames(lost), "epoch", epoch)
@@ -896,7 +953,8 @@ func (n *Node) remove(ctx context.Context, node string) (resealed int, err error
 	}
 	e := oldEpoch + 1
 	ep := Epoch{N: e, KeyID: keyID(newKey)}
-	ep.Link = mac(oldKey, "epoch", n.ID, strconv.Itoa(e), ep.KeyID)
+	ep.Removed = node
+	ep.Link = mac(oldKey, "epoch", n.ID, strconv.Itoa(e), ep.KeyID, "removed", node)
 	n.mu.Lock()
 	n.keys[e], n.epoch = newKey, e
 	for i := range keep {
@@ -929,7 +987,7 @@ func (n *Node) remove(ctx context.Context, node string) (resealed int, err error
 	// I5), so a run that opened the fleet earlier re-seals under the new
 	// key at its publish, and nothing it publishes can slip past the
 	// re-sealing below.
-	if err := n.Shared.HSet(ctx, "meta", "epoch", strconv.Itoa(e)); err != nil {
+	if err := n.Shared.NameEpoch(ctx, e); err != nil {
 		return 0, err
 	}
 	return n.resealAll(ctx)
@@ -989,31 +1047,46 @@ func (n *Node) reseal(ctx context.Context, dropStrangers bool) (int, error) {
 		return count, err
 	}
 	for _, a := range accts {
-		sealedKey, _, e, err := n.Shared.Account(ctx, a[0], a[1])
+		done, err := n.resealAccount(ctx, a[0], a[1], epoch, key)
 		if err != nil {
 			return count, err
 		}
-		if e == epoch || len(sealedKey) == 0 {
-			continue
+		if done {
+			count++
 		}
-		old, err := n.key(e)
-		if err != nil {
-			return count, err
-		}
-		pem, err := open(old, accountAD(n.ID, a[0], a[1]), sealedKey)
-		if err != nil {
-			return count, fmt.Errorf("re-seal the account %s at %s: %v", a[1], a[0], err)
-		}
-		s, err := seal(key, accountAD(n.ID, a[0], a[1]), pem)
-		if err != nil {
-			return count, err
-		}
-		if err := n.Shared.SetAccountKeyKeepReg(ctx, a[0], a[1], epoch, s); err != nil {
-			return count, err
-		}
-		count++
 	}
 	return count, nil
+}
+
+// resealAccount re-seals the fleet's account at server for email under
+// key (epoch's) when it is under an older one. An older key this node
+// never had (it joined after it) is not needed: its own copy of the
+// account (SyncAccounts) is the same account.
+func (n *Node) resealAccount(ctx context.Context, server, email string, epoch int, key []byte) (bool, error) {
+	sealedKey, _, e, err := n.Shared.Account(ctx, server, email)
+	if err != nil || e == epoch || len(sealedKey) == 0 {
+		return false, err
+	}
+	ad := accountAD(n.ID, server, email)
+	var pem []byte
+	old, err := n.key(e)
+	switch {
+	case errors.As(err, new(*NoKey)):
+		if pem, _, err = n.Local.ReadAccount(server, email); err != nil || len(pem) == 0 {
+			return false, fmt.Errorf("re-seal the account %s at %s: %w (and no copy of it on this node)", email, server, &NoKey{Epoch: e})
+		}
+	case err != nil:
+		return false, err
+	default:
+		if pem, err = open(old, ad, sealedKey); err != nil {
+			return false, fmt.Errorf("re-seal the account %s at %s: %v", email, server, err)
+		}
+	}
+	s, err := seal(key, ad, pem)
+	if err != nil {
+		return false, err
+	}
+	return true, n.Shared.SetAccountKeyKeepReg(ctx, server, email, epoch, s)
 }
 
 // resealBundles re-seals the key of each bundle read of names that is
@@ -1045,6 +1118,17 @@ func (n *Node) resealBundles(ctx context.Context, names []string, read func(cont
 			continue
 		}
 		pem, err := n.openAnyEpoch(b)
+		if dropStrangers && errors.As(err, new(*NoKey)) {
+			// A repair by a node that joined after that key: the bundle
+			// must not stay under it (a removed node may hold it), and
+			// the members that serve it give it back under the current
+			// key (giveBack).
+			slog.Warn("dropping a certificate sealed under a data key from before this node joined; the members give theirs back", "name", name, "version", b.Version, "epoch", b.Epoch)
+			if err := drop(ctx, name); err != nil {
+				return count, err
+			}
+			continue
+		}
 		if err != nil {
 			return count, fmt.Errorf("re-seal %s: %v", name, err)
 		}

@@ -83,7 +83,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 			return 0, err
 		}
 		l.Version = v
-		n.noteIssued(l)
+		n.noteOrdered(l)
 		if staged {
 			n.startedRollout(ctx, l.Name)
 		} else {

@@ -533,7 +533,7 @@ func (s *Syncer) forget(ctx context.Context, names []string) error {
 		if !ok {
 			continue // issued again since
 		}
-		s.forgetOne(ctx, name, store.Tombstone{At: t.At, Fence: t.Fence})
+		s.forgetOne(ctx, name, store.Tombstone{At: t.At, Fence: t.Fence, Version: t.Version})
 	}
 	rctx, cancel = context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -592,6 +592,22 @@ func (s *Syncer) forgetDeleted(ctx context.Context) error {
 			if err := s.N.Shared.SeedTombstone(ctx, name, t.Fence, t.At, t.Version); err != nil {
 				return err
 			}
+		}
+	}
+	// Every node keeps every tombstone, with the name's version counter,
+	// whether it held the name or not (invariant I3): after a Redis
+	// loss, any one member puts back the delete and the number a name
+	// issued again must start above (I2), even when the nodes that
+	// held it have left the fleet.
+	for name, rt := range tombs {
+		if lt, ok := local[name]; ok && !lt.At.Before(rt.At) && lt.Version >= rt.Version {
+			continue
+		}
+		if slices.Contains(gone, name) {
+			continue // forget writes it
+		}
+		if err := s.Local.WriteTombstone(name, store.Tombstone{At: rt.At, Fence: rt.Fence, Version: rt.Version}); err != nil {
+			slog.Warn("could not keep the fleet's tombstone on this node", "name", name, "err", err)
 		}
 	}
 	return s.forget(ctx, compact(gone))

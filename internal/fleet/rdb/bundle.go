@@ -265,21 +265,28 @@ return 0
 // never reused.
 var deleteScript = goredis.NewScript(`
 local f = redis.call('INCR', KEYS[6])
+local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+local c = tonumber(redis.call('GET', KEYS[10]) or '0')
+if c > v then v = c end
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[7], KEYS[8])
 redis.call('SREM', KEYS[9], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], f .. ' ' .. ARGV[2])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'name', ARGV[1], 'deleted', '1')
-return f
+return {f, v}
 `)
 
 // DeleteBundle removes name from the fleet, fenced; it returns the
-// tombstone's fence.
-func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (int64, error) {
+// tombstone's fence and the highest version number the fleet gave name
+// (which the deleting node keeps in its tombstone, I2).
+func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (fence int64, version int, err error) {
 	keys := []string{s.k("lineages"), s.k("bundle", name), s.k("status", name), s.k("deleted"), s.k("events"), s.k("fence", name),
-		s.k("prev", name), s.k("rollout", name), s.k("rollouts")}
-	f, err := deleteScript.Run(ctx, s.c, keys, name, at.UnixMilli()).Int64()
-	return f, s.unavailable(err)
+		s.k("prev", name), s.k("rollout", name), s.k("rollouts"), s.k("ver", name)}
+	res, err := deleteScript.Run(ctx, s.c, keys, name, at.UnixMilli()).Int64Slice()
+	if err != nil {
+		return 0, 0, s.unavailable(err)
+	}
+	return res[0], int(res[1]), nil
 }
 
 // seedTombstoneScript puts back a tombstone a node kept, into a Redis
@@ -320,22 +327,36 @@ func (s *Shared) SeedTombstone(ctx context.Context, name string, fence int64, at
 
 // Tombstone is a delete the fleet records.
 type Tombstone struct {
-	Fence int64
-	At    time.Time
+	Fence   int64
+	At      time.Time
+	Version int // the name's version counter: a name issued again is numbered above it
 }
 
-// Tombstones reads every tombstone.
+// Tombstones reads every tombstone, with the version counter of each
+// name (one more round trip, pipelined).
 func (s *Shared) Tombstones(ctx context.Context) (map[string]Tombstone, error) {
 	m, err := s.c.HGetAll(ctx, s.k("deleted")).Result()
 	if err != nil {
 		return nil, s.unavailable(err)
 	}
 	out := make(map[string]Tombstone, len(m))
+	if len(m) == 0 {
+		return out, nil
+	}
+	p := s.c.Pipeline()
+	vers := make(map[string]*goredis.StringCmd, len(m))
+	for name := range m {
+		vers[name] = p.Get(ctx, s.k("ver", name))
+	}
+	if _, err := p.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
+		return nil, s.unavailable(err)
+	}
 	for name, v := range m {
 		f, at, _ := strings.Cut(v, " ")
 		fence, _ := strconv.ParseInt(f, 10, 64)
 		ms, _ := strconv.ParseInt(at, 10, 64)
-		out[name] = Tombstone{Fence: fence, At: time.UnixMilli(ms).UTC()}
+		ver, _ := vers[name].Int()
+		out[name] = Tombstone{Fence: fence, At: time.UnixMilli(ms).UTC(), Version: ver}
 	}
 	return out, nil
 }

@@ -80,7 +80,7 @@ func TestPublishStartsRollout(t *testing.T) {
 	if r := record(); r["version"] != "5" {
 		t.Fatalf("an unfenced publish started a rollout: %v", r)
 	}
-	if _, err := s.DeleteBundle(ctx, "r.com", time.Now()); err != nil {
+	if _, _, err := s.DeleteBundle(ctx, "r.com", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if names, _ := s.Rollouts(ctx); record() != nil || prev() != 0 || len(names) != 0 {

@@ -249,15 +249,47 @@ func (s *Shared) HDel(ctx context.Context, hash string, fields ...string) error 
 	return s.unavailable(s.c.HDel(ctx, s.k(hash), fields...).Err())
 }
 
-// createScript writes a hash only if it does not exist: the first of two
-// racing creators wins, the second learns it lost.
+// createScript writes a hash only if it does not hold its first field
+// (anything else in it is what a write cut short left, and goes): the
+// first of two racing creators wins, the second learns it lost.
 var createScript = goredis.NewScript(`
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[1])
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 return 1
 `)
 
-// Create writes hash with kv if it does not exist yet; false if it did.
+// nameEpochScript names epoch ARGV[1] the fleet's current one, only if
+// the fleet record and that epoch's record are both there: a Redis
+// emptied or restarted while a rebuild or a rotation wrote them holds
+// neither, and naming the epoch into it would leave a fleet record
+// with no fleet ID and an epoch nobody can follow.
+var nameEpochScript = goredis.NewScript(`
+if redis.call('HEXISTS', KEYS[1], 'id') == 0 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
+return 1
+`)
+
+// ErrLostWrites is a fleet record written in several steps whose first
+// steps Redis lost (emptied, or restarted without them) before the
+// last: the writer starts again.
+var ErrLostWrites = errors.New("the fleet's Redis lost the membership records while they were being written (emptied or restarted meanwhile); writing them again")
+
+// NameEpoch makes epoch e the fleet's current one (see nameEpochScript).
+func (s *Shared) NameEpoch(ctx context.Context, e int) error {
+	n, err := nameEpochScript.Run(ctx, s.c, []string{s.k("meta"), s.k("epochs")}, e).Int()
+	if err != nil {
+		return s.unavailable(err)
+	}
+	if n == 0 {
+		return ErrLostWrites
+	}
+	return nil
+}
+
+// Create writes hash with kv if it does not hold kv's first field yet
+// (the fleet record's ID: a record without one is what a Redis emptied
+// during a write leaves); false if it did.
 func (s *Shared) Create(ctx context.Context, hash string, kv ...string) (bool, error) {
 	args := make([]any, len(kv))
 	for i, v := range kv {
