@@ -81,7 +81,20 @@
 //     removal takes a member out: a member record Redis lost without
 //     a rotation (a rebuild from an older copy, an older snapshot) is
 //     put back by any member that holds it, before it acts on the
-//     membership, so a rotation never leaves a member without the key.
+//     membership, and a member that follows a rotation carries over the
+//     members of the previous key that the rotation did not name
+//     removed, so a rotation never leaves a member without the key. A
+//     rotation names the node it removed, in an epoch record only a
+//     holder of the previous key can make; a node takes itself for
+//     removed only when that record names it. Before sealing anything
+//     into a rebuilt Redis, a node waits for the other members to look
+//     at it (a member that made or followed a newer rotation puts that
+//     epoch back first), then follows what they named. Known limit: the
+//     removed node holds the previous key too; if it keeps write access
+//     to Redis, it can rewrite that record before a member that had not
+//     followed the rotation does, until another member's next heartbeat
+//     puts the real record back. Change the Redis credentials when you
+//     remove a node (README).
 //   - I6 one order per name at a time, through kill -9 of any process,
 //     Redis restarts, pauses and failovers: the lease above.
 //   - I7 no private key in clear in Redis (sealed with AES-256-GCM under

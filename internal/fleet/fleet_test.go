@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -880,4 +881,58 @@ func joinApproved(t *testing.T, sh *rdb.Shared, by *Node, dir, name string) *Nod
 		t.Fatal(err)
 	}
 	return n
+}
+
+func TestMain(m *testing.M) {
+	// No agent runs beside these tests' nodes to look at a rebuilt Redis
+	// (awaitLooked): a rebuild would wait its whole bound each time.
+	// TestLaggingRebuilderSealsUnderTheNewerEpoch sets it back.
+	lookWait = 0
+	os.Exit(m.Run())
+}
+
+// A node that had not followed a rotation rebuilds an emptied Redis
+// (seed 2 of the fault test: FLUSHALL right after 'fleet remove'
+// returned): before it seals anything, the member that made the
+// rotation looks, puts its epoch back, and the lagging node seals under
+// the newer key, never under the one the removed node holds (I5).
+func TestLaggingRebuilderSealsUnderTheNewerEpoch(t *testing.T) {
+	lookWait = 10 * time.Second
+	defer func() { lookWait = 0 }()
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
+	joinApproved(t, sh, lb1, dir, "lb3")
+	lb2.loadMembers(ctx, false) // lb2's copy lists lb3
+	if _, err := lb1.Remove(ctx, "lb3"); err != nil {
+		t.Fatal(err)
+	}
+	// lb2 holds a certificate, and has not followed epoch 2.
+	st2 := lb2.Local
+	if _, _, err := st2.Save(&store.Lineage{Name: "a.example", Domains: []string{"a.example"}, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}},
+		store.Files{Cert: []byte("C"), Chain: []byte("CH"), Fullchain: []byte("F"), Key: []byte("K")}); err != nil {
+		t.Fatal(err)
+	}
+	sh.Client().FlushAll(ctx)
+	done := make(chan error, 1)
+	go func() { done <- lb2.CheckSeeded(ctx) }() // rebuilds at epoch 1, then waits for lb1 to look
+	time.Sleep(time.Second)
+	if err := lb1.CheckSeeded(ctx); err != nil { // lb1 looks: puts epoch 2 back
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("lb2's rebuild: %v", err)
+	}
+	if lb2.Epoch() != 2 {
+		t.Fatalf("lb2 after the rebuild: epoch %d, want 2", lb2.Epoch())
+	}
+	b, err := sh.Bundle(ctx, "a.example")
+	if err != nil || b.Epoch != 2 {
+		t.Fatalf("lb2's certificate in the rebuilt Redis: %+v, %v; want it sealed under epoch 2", b, err)
+	}
 }

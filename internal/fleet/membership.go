@@ -86,9 +86,11 @@ func (n *Node) putBackLocked(ctx context.Context, say func(cur string)) error {
 }
 
 // redisBehind says whether Redis needs this node's membership: it names
-// an older epoch than this node's, or none, or this node's without the
-// epoch's record (a rebuild cut short by an earlier release, which named
-// the epoch into a Redis emptied meanwhile). cur is the epoch it names.
+// an older epoch than this node's, or none, or this node's with an epoch
+// record missing or other than this node's copy (a rebuild cut short by
+// an earlier release, which named the epoch into a Redis emptied
+// meanwhile; a record edited in Redis, which a lagging member would
+// refuse to follow for good). cur is the epoch it names.
 func (n *Node) redisBehind(ctx context.Context) (bool, string, error) {
 	cur, err := n.Shared.HGet(ctx, "meta", "epoch")
 	if err != nil {
@@ -98,8 +100,19 @@ func (n *Node) redisBehind(ctx context.Context) (bool, string, error) {
 	if e != n.Epoch() {
 		return e < n.Epoch(), cur, nil
 	}
-	rec, err := n.Shared.HGet(ctx, "epochs", cur)
-	return rec == "", cur, err
+	recs, err := n.Shared.HGetAll(ctx, "epochs")
+	if err != nil {
+		return false, cur, err
+	}
+	n.stMu.Lock()
+	defer n.stMu.Unlock()
+	for _, mine := range n.st.Epochs {
+		var got Epoch
+		if json.Unmarshal([]byte(recs[strconv.Itoa(mine.N)]), &got) != nil || got != mine {
+			return true, cur, nil
+		}
+	}
+	return recs[cur] == "", cur, nil
 }
 
 // restoreMembers writes this node's epochs and members, with the data

@@ -703,6 +703,8 @@ func (n *Node) pin(ctx context.Context, e int) error {
 		return err
 	}
 	ms := verifiedMembers(raw, key, n.ID)
+	ms = append(ms, n.carried(ep, key, ms)...)
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Node < ms[j].Node })
 	listed := slices.ContainsFunc(ms, func(m Member) bool { return m.Node == n.Name })
 	if listed {
 		n.members = ms
@@ -714,6 +716,30 @@ func (n *Node) pin(ctx context.Context, e int) error {
 			l.Members = ms
 		}
 	})
+}
+
+// carried are the members of this node's copy under the previous epoch
+// that the rotation to ep (key) neither removed nor lists: the node
+// that rotated had an older copy (it rebuilt Redis from it, or Redis
+// had lost their records). Only a removal takes a member out, so they
+// are members under ep too: their records are made again under key,
+// and the next loadMembers puts them and their wrapped keys into Redis
+// (putBackLost). The caller holds n.mu.
+func (n *Node) carried(ep Epoch, key []byte, listed []Member) []Member {
+	prev := n.keys[ep.N-1]
+	if ep.Removed == "" || prev == nil {
+		return nil
+	}
+	var out []Member
+	for _, m := range n.st.Members {
+		if m.Node == ep.Removed || slices.ContainsFunc(listed, func(l Member) bool { return l.Node == m.Node }) ||
+			!macOK(prev, m.MAC, "member", n.ID, m.Node, m.Recipient) {
+			continue
+		}
+		m.MAC = mac(key, "member", n.ID, m.Node, m.Recipient)
+		out = append(out, m)
+	}
+	return out
 }
 
 // loadMembers reads the members whose records verify under the current

@@ -243,7 +243,11 @@ func (n *Node) awaitCatchUp(ctx context.Context) error {
 	}
 	deadline := time.Now().Add(catchUpWait)
 	for {
-		missing, err := n.notCaughtUp(ctx, meta["gen"], rebuilt, time.Now())
+		done, err := n.Shared.CaughtUp(ctx, meta["gen"])
+		if err != nil {
+			return err
+		}
+		missing, err := n.notDone(ctx, done, rebuilt, time.Now())
 		if err != nil || len(missing) == 0 {
 			return err
 		}
@@ -277,11 +281,17 @@ const (
 // could otherwise number a certificate with a number a member's disk
 // holds, or its tombstone: I2).
 func (n *Node) notCaughtUp(ctx context.Context, gen string, rebuilt, now time.Time) ([]string, error) {
-	agents, err := n.LiveAgents(ctx)
+	done, err := n.Shared.CaughtUp(ctx, gen)
 	if err != nil {
 		return nil, err
 	}
-	done, err := n.Shared.CaughtUp(ctx, gen)
+	return n.notDone(ctx, done, rebuilt, now)
+}
+
+// notDone lists the nodes expected after a rebuild at rebuilt (those with
+// a live agent, and until catchUpGrace every member) that done lacks.
+func (n *Node) notDone(ctx context.Context, done map[string]bool, rebuilt, now time.Time) ([]string, error) {
+	agents, err := n.LiveAgents(ctx)
 	if err != nil {
 		return nil, err
 	}

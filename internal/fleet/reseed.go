@@ -58,8 +58,12 @@ func (n *Node) Reseed(ctx context.Context) error {
 // Redis), and the previous versions those rollouts keep. It then records that it caught up
 // with this Redis generation, which orders wait for after a rebuild.
 func (n *Node) publishDisk(ctx context.Context) error {
-	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	meta, err := n.Shared.HGetAll(ctx, "meta")
 	if err != nil {
+		return err
+	}
+	gen := meta["gen"]
+	if err := n.awaitLooked(ctx, meta); err != nil {
 		return err
 	}
 	if err := n.seedTombstones(ctx); err != nil {
@@ -253,6 +257,55 @@ func (n *Node) Import(ctx context.Context) (int, error) {
 	}
 	return n.seedLineages(ctx)
 }
+
+// awaitLooked waits, before this node seals anything into Redis
+// generation gen (meta, the fleet record), for the other members to
+// look at it (MarkLooked, or catchUpWait), then follows the epoch they
+// named. A node that had not followed the last rotation before Redis
+// lost it would rebuild, or catch up, under the older key, which the
+// removed node holds; a member that made or followed the rotation puts
+// its epoch back as it looks (checkEpoch), and this node then seals
+// under that one, or learns it was the one removed (invariant I5).
+func (n *Node) awaitLooked(ctx context.Context, meta map[string]string) error {
+	ms, _ := strconv.ParseInt(meta["rebuilt_at"], 10, 64)
+	rebuilt := time.UnixMilli(ms)
+	if err := n.Shared.MarkLooked(ctx, meta["gen"], n.Name); err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(lookWait); ms > 0 && time.Since(rebuilt) < catchUpWindow; {
+		// Following a newer epoch as soon as it is named also brings the
+		// members under it: a removed node is not waited for.
+		if err := n.Refresh(ctx); err != nil {
+			return err
+		}
+		looked, err := n.Shared.Looked(ctx, meta["gen"])
+		if err != nil {
+			return err
+		}
+		missing, err := n.notDone(ctx, looked, rebuilt, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			slog.Warn("Redis was rebuilt and some nodes have not looked at it yet; adding this node's certificates", "nodes", missing)
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	return n.Refresh(ctx)
+}
+
+// lookWait bounds awaitLooked: a running agent looks at a rebuilt Redis
+// on its next heartbeat (every 3 s by default); one that is down, or
+// stuck in its reconnect backoff, is not waited for longer.
+var lookWait = 8 * time.Second
 
 // CheckSeeded re-seeds Redis if it lost the fleet (FLUSHALL, a new
 // instance) since this node opened it. The agent calls it on every

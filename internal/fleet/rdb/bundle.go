@@ -480,16 +480,36 @@ func (s *Shared) Fullchain(ctx context.Context, name string) ([]byte, error) {
 
 // MarkCaughtUp records that node added its disk to Redis generation gen.
 func (s *Shared) MarkCaughtUp(ctx context.Context, gen, node string) error {
+	return s.markGen(ctx, "caughtup", gen, node)
+}
+
+// MarkLooked records that node looked at Redis generation gen: it put
+// its newer epoch back, if it held one (the step before it adds its
+// disk).
+func (s *Shared) MarkLooked(ctx context.Context, gen, node string) error {
+	return s.markGen(ctx, "looked", gen, node)
+}
+
+func (s *Shared) markGen(ctx context.Context, set, gen, node string) error {
 	p := s.c.TxPipeline()
-	p.SAdd(ctx, s.k("caughtup", gen), node)
-	p.Expire(ctx, s.k("caughtup", gen), 24*time.Hour)
+	p.SAdd(ctx, s.k(set, gen), node)
+	p.Expire(ctx, s.k(set, gen), 24*time.Hour)
 	_, err := p.Exec(ctx)
 	return s.unavailable(err)
 }
 
 // CaughtUp is the set of nodes that added their disk to generation gen.
 func (s *Shared) CaughtUp(ctx context.Context, gen string) (map[string]bool, error) {
-	m, err := s.c.SMembers(ctx, s.k("caughtup", gen)).Result()
+	return s.genSet(ctx, "caughtup", gen)
+}
+
+// Looked is the set of nodes that looked at generation gen (MarkLooked).
+func (s *Shared) Looked(ctx context.Context, gen string) (map[string]bool, error) {
+	return s.genSet(ctx, "looked", gen)
+}
+
+func (s *Shared) genSet(ctx context.Context, set, gen string) (map[string]bool, error) {
+	m, err := s.c.SMembers(ctx, s.k(set, gen)).Result()
 	if err != nil {
 		return nil, s.unavailable(err)
 	}
