@@ -71,9 +71,14 @@
 //     before it, in whatever order nodes rebuild.
 //   - I4 the issuance ledger survives Redis loss: every node keeps the
 //     issue times of the certificates it has published or installed in
-//     the last 7 days and rebuilds the ledger from them, so through any
-//     one Redis loss a fleet orders at most its cap plus one certificate
-//     per exact set of names in 7 days, never more than the CA's 5.
+//     the last 7 days, the place of every order it started until its
+//     certificate is noted (a run killed after the CA issued still
+//     counts), and a copy of the fleet's whole ledger (its agent copies
+//     it at start and every 10 minutes, so a fleet whose nodes were all
+//     replaced still knows); it rebuilds the ledger from them, so
+//     through any one Redis loss a fleet orders at most its cap plus one
+//     certificate per exact set of names in 7 days, never more than the
+//     CA's 5.
 //   - I5 key custody. Keys are sealed under the fleet's current data
 //     key, and Publish refuses a key sealed under any other: from the
 //     moment 'fleet remove' returns, nothing is sealed under a key the

@@ -28,10 +28,16 @@ func LedgerSet(server string, names []string) string {
 	return server + " " + strings.Join(slices.Compact(s), ",")
 }
 
-// issued is one certificate in this node's copy of the ledger.
+// issued is one certificate (or one order's place) in this node's copy
+// of the ledger.
 type issued struct {
-	Set string    `json:"set"`
+	Set string    `json:"set,omitempty"`
 	At  time.Time `json:"at"`
+	// Key is the set's ledger key, for an entry copied from the fleet's
+	// ledger (copyLedger), which names sets only by it; From is the Redis
+	// generation it was copied from.
+	Key  string `json:"key,omitempty"`
+	From string `json:"from,omitempty"`
 }
 
 // The node's copy of the ledger, <dir>/fleet/ledger.json: serial ->
@@ -63,19 +69,68 @@ func (n *Node) noteIssued(ls ...*store.Lineage) {
 // noteOrdered is noteIssued for a certificate this process ordered: the
 // ledger place its order took (noteReserved) makes way for the
 // certificate, in the same write.
-func (n *Node) noteOrdered(l *store.Lineage) {
+func (n *Node) noteOrdered(ctx context.Context, l *store.Lineage) {
 	set := LedgerSet(l.Server, l.Domains)
+	var id string
 	n.editLedger(func(m map[string]issued) bool {
 		changed := addIssued(m, []*store.Lineage{l})
 		n.resMu.Lock()
 		defer n.resMu.Unlock()
 		if ids := n.reserved[set]; len(ids) > 0 {
-			delete(m, ids[0])
+			id = ids[0]
+			delete(m, id)
 			n.reserved[set] = ids[1:]
 			changed = true
 		}
 		return changed
 	})
+	if id != "" && l.Cert.Serial != "" {
+		if err := n.Shared.LedgerIssued(ctx, set, id, l.Cert.Serial, l.IssuedAt, LedgerWindow); err != nil {
+			slog.Debug("could not name the certificate in the fleet's ledger; its order's place stands for it", "name", l.Name, "err", err)
+		}
+	}
+}
+
+// copyLedger makes this node's copy of the ledger hold the fleet's
+// whole ledger, not only the certificates it published or installed: a
+// fleet whose nodes were all replaced since a name's certificates were
+// issued (or deleted before a new node installed them) still counts
+// them after a Redis loss (invariant I4). An entry copied from this
+// Redis generation that Redis no longer holds went on purpose (an
+// order's place given back, or named by its certificate's serial) and
+// goes here too; entries from an older generation stay, as they are
+// what rebuilt this one.
+func (n *Node) copyLedger(ctx context.Context) error {
+	gen, err := n.Shared.HGet(ctx, "meta", "gen")
+	if err != nil || gen == "" {
+		return err
+	}
+	entries, err := n.Shared.LedgerEntries(ctx)
+	if err != nil {
+		return err
+	}
+	from := "redis:" + gen
+	in := make(map[string]bool, len(entries))
+	for _, e := range entries {
+		in[e.Member] = true
+	}
+	n.editLedger(func(m map[string]issued) bool {
+		changed := false
+		for member, e := range m {
+			if e.From == from && !in[member] {
+				delete(m, member)
+				changed = true
+			}
+		}
+		for _, e := range entries {
+			if _, ok := m[e.Member]; !ok && time.Since(e.At) <= LedgerWindow {
+				m[e.Member] = issued{Key: e.Key, At: e.At, From: from}
+				changed = true
+			}
+		}
+		return changed
+	})
+	return nil
 }
 
 // noteReserved keeps, before an order reaches the CA, the ledger place
@@ -156,8 +211,13 @@ func (n *Node) seedLedger(ctx context.Context) error {
 	ledgerMu.Lock()
 	m := readLedger(n.Local)
 	ledgerMu.Unlock()
-	for key, e := range m { // a serial, or an order's reservation id
-		if err := n.Shared.LedgerSeed(ctx, e.Set, key, e.At, LedgerWindow); err != nil {
+	for member, e := range m { // a serial, or an order's place id
+		seed := n.Shared.LedgerSeed
+		set := e.Set
+		if set == "" {
+			seed, set = n.Shared.LedgerSeedKey, e.Key
+		}
+		if err := seed(ctx, set, member, e.At, LedgerWindow); err != nil {
 			return err
 		}
 	}

@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"context"
+	"fmt"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -132,7 +134,7 @@ func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := &store.Lineage{Name: "a.example", Domains: []string{"a.example"}, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a"}}
-	n.noteOrdered(l)
+	n.noteOrdered(ctx, l)
 	if m := readLedger(n.Local); len(m) != 2 || m["0a"].Set != set {
 		t.Fatalf("node's copy after the certificate: %v, want the first place and the serial", m)
 	}
@@ -150,5 +152,57 @@ func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
 	rebuild()
 	if c := count(); c != 2 {
 		t.Fatalf("after a refund and a rebuild: count %d, want 2", c)
+	}
+}
+
+// A node that never saw a set's certificates (it joined after them, and
+// every node that installed them has left: seed 2 of the fault test,
+// six certificates for one set) holds them after it copies the fleet's
+// ledger, and rebuilds them into an emptied Redis alone. A place given
+// back after the copy leaves the copy at the next one.
+func TestCopiedLedgerRebuildsAlone(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
+	const server = "https://ca.example/dir"
+	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"a.example"}}
+	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Budget{Pace: pb, N: lb1, Cap: 3, Now: time.Now}
+	for i := range 2 { // two certificates issued through lb1
+		if err := b.Reserve(k, o); err != nil {
+			t.Fatal(err)
+		}
+		lb1.noteOrdered(ctx, &store.Lineage{Name: "a.example", Domains: o.Names, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: fmt.Sprintf("0%d", i)}})
+	}
+	if err := b.Reserve(k, o); err != nil { // a third order, in flight
+		t.Fatal(err)
+	}
+	if err := lb2.copyLedger(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Refund(k, o); err != nil { // it issued nothing
+		t.Fatal(err)
+	}
+	if err := lb2.copyLedger(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m := readLedger(lb2.Local); len(m) != 2 || m["00"].Key == "" || m["01"].At.IsZero() {
+		t.Fatalf("lb2's copy: %v, want the two serials", m)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb2.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	set := LedgerSet(server, o.Names)
+	if c, err := sh.LedgerCount(ctx, set, LedgerWindow, time.Now()); err != nil || c != 2 {
+		t.Fatalf("rebuilt from lb2 alone: count %d, %v; want 2", c, err)
 	}
 }

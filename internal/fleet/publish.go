@@ -33,7 +33,10 @@ func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lin
 		v, err = c.N.publish(ctx, token, l, files)
 		return err
 	})
-	if errors.As(err, new(*rdb.Unavailable)) {
+	// Anything but a refusal (the name deleted, the lease lost) or this
+	// node's removal keeps the certificate here: the CA counted it, and
+	// the next run or the agent publishes it once the cause is gone.
+	if err != nil && !errors.As(err, new(*catalog.ErrStale)) && !errors.As(err, new(*Removed)) {
 		if serr := c.spool(l, files, token); serr != nil {
 			return 0, fmt.Errorf("%w; and keeping it on this node failed too: %v", err, serr)
 		}
@@ -50,7 +53,14 @@ func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lin
 // from this node first, as opening the fleet would, so a certificate
 // the CA already counted is not thrown away.
 func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files store.Files) (int, error) {
-	if err := n.awaitCatchUp(ctx); err != nil {
+	// Waiting for the other nodes after a rebuild has bounds of its own
+	// (catchUpWait, lookWait); the caller's deadline for one attempt
+	// (withRedis: 5 s, for a Redis that does not answer) is not one of
+	// them. Cut short, the certificate the CA issued would be neither
+	// published nor kept.
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), catchUpWait+lookWait+10*time.Second)
+	defer cancel()
+	if err := n.awaitCatchUp(wctx); err != nil {
 		return 0, err
 	}
 	for attempt := 0; ; attempt++ {
@@ -65,13 +75,13 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 		staged, err := n.Shared.PublishStaged(ctx, bd)
 		var stale *rdb.ErrStale
 		if errors.As(err, &stale) && stale.Why == "epoch" && attempt == 0 {
-			if err := n.Refresh(ctx); err != nil {
+			if err := n.Refresh(wctx); err != nil {
 				return 0, err
 			}
-			if err := n.CheckSeeded(ctx); err != nil {
+			if err := n.CheckSeeded(wctx); err != nil {
 				return 0, err
 			}
-			if err := n.awaitCatchUp(ctx); err != nil {
+			if err := n.awaitCatchUp(wctx); err != nil {
 				return 0, err
 			}
 			continue
@@ -83,7 +93,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 			return 0, err
 		}
 		l.Version = v
-		n.noteOrdered(l)
+		n.noteOrdered(ctx, l)
 		if staged {
 			n.startedRollout(ctx, l.Name)
 		} else {
@@ -127,7 +137,10 @@ type KeptHere struct {
 }
 
 func (e *KeptHere) Error() string {
-	return fmt.Sprintf("obtained certificate %s for %s, but the fleet's Redis did not answer (%v): it is kept on this node and published when Redis answers", e.Serial, e.Name, e.Err)
+	if errors.As(e.Err, new(*rdb.Unavailable)) {
+		return fmt.Sprintf("obtained certificate %s for %s, but the fleet's Redis did not answer (%v): it is kept on this node and published when Redis answers", e.Serial, e.Name, e.Err)
+	}
+	return fmt.Sprintf("obtained certificate %s for %s, but could not publish it to the fleet (%v): it is kept on this node and published by the next run or the agent", e.Serial, e.Name, e.Err)
 }
 func (e *KeptHere) Unwrap() error { return e.Err }
 

@@ -77,9 +77,10 @@ type Syncer struct {
 	// for the deploy check.
 	Roots func(*store.Lineage) string
 
-	mu    sync.Mutex
-	swept time.Time
-	wake  time.Time // when a staged rollout is due a look
+	mu           sync.Mutex
+	swept        time.Time
+	ledgerCopied time.Time // when copyLedger last ran
+	wake         time.Time // when a staged rollout is due a look
 }
 
 // Run syncs until ctx ends; beside it, the versions staged rollouts
@@ -193,6 +194,7 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 		return err
 	}
 	s.sweepPace()
+	s.copyLedger(rctx)
 	names, err := s.N.Shared.Names(rctx)
 	if err != nil {
 		return err
@@ -293,6 +295,22 @@ func (s *Syncer) tick(ctx context.Context) error {
 	}
 	return s.sync(ctx, names)
 }
+
+// copyLedger copies the fleet's issuance ledger to this node when the
+// agent starts, then every ledgerCopyEvery (Node.copyLedger).
+func (s *Syncer) copyLedger(ctx context.Context) {
+	if time.Since(s.ledgerCopied) < ledgerCopyEvery {
+		return
+	}
+	s.ledgerCopied = time.Now()
+	if err := s.N.copyLedger(ctx); err != nil {
+		slog.Debug("could not copy the fleet's issuance ledger to this node", "err", err)
+	}
+}
+
+// ledgerCopyEvery is how often an agent copies the fleet's ledger: its
+// places change only when orders are placed.
+const ledgerCopyEvery = 10 * time.Minute
 
 // sweepPace removes, once an hour, the pace budget's fields that hold
 // nothing any more, judged by Let's Encrypt's limits (the defaults):

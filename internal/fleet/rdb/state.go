@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -209,6 +210,71 @@ func (s *Shared) LedgerSeed(ctx context.Context, set, id string, at time.Time, w
 	p := s.c.Pipeline()
 	p.ZAddNX(ctx, s.ledgerKey(set), goredis.Z{Score: float64(at.UnixMilli()), Member: id})
 	p.PExpire(ctx, s.ledgerKey(set), window)
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
+}
+
+// LedgerIssued puts the certificate serial, issued at at, in place of
+// the order's place id: the ledger then names what the CA issued, which
+// every node can recognize (the nodes' copies are keyed the same way).
+func (s *Shared) LedgerIssued(ctx context.Context, set, id, serial string, at time.Time, window time.Duration) error {
+	p := s.c.TxPipeline()
+	p.ZRem(ctx, s.ledgerKey(set), id)
+	p.ZAdd(ctx, s.ledgerKey(set), goredis.Z{Score: float64(at.UnixMilli()), Member: serial})
+	p.PExpire(ctx, s.ledgerKey(set), window)
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
+}
+
+// LedgerEntry is one place in the ledger: a certificate's serial, or
+// the place id of an order whose certificate was not noted.
+type LedgerEntry struct {
+	Key    string // the exact set's ledger key (a hash of the set)
+	Member string
+	At     time.Time
+}
+
+// LedgerEntries reads the whole ledger (every exact set with a place in
+// the window: one round trip per hundred sets, and one for their places).
+func (s *Shared) LedgerEntries(ctx context.Context) ([]LedgerEntry, error) {
+	var keys []string
+	prefix := s.k("ledger", "")
+	iter := s.c.Scan(ctx, 0, prefix+"*", 100).Iterator()
+	for iter.Next(ctx) {
+		keys = append(keys, iter.Val())
+	}
+	if err := iter.Err(); err != nil {
+		return nil, s.unavailable(err)
+	}
+	p := s.c.Pipeline()
+	cmds := make([]*goredis.ZSliceCmd, len(keys))
+	for i, k := range keys {
+		cmds[i] = p.ZRangeWithScores(ctx, k, 0, -1)
+	}
+	if len(keys) > 0 {
+		if _, err := p.Exec(ctx); err != nil {
+			return nil, s.unavailable(err)
+		}
+	}
+	var out []LedgerEntry
+	for i, c := range cmds {
+		for _, z := range c.Val() {
+			m, _ := z.Member.(string)
+			out = append(out, LedgerEntry{Key: strings.TrimPrefix(keys[i], prefix), Member: m, At: time.UnixMilli(int64(z.Score)).UTC()})
+		}
+	}
+	return out, nil
+}
+
+// LedgerSeedKey is LedgerSeed for an entry known by its set's ledger key
+// (a node's copy of an entry it did not see issued).
+func (s *Shared) LedgerSeedKey(ctx context.Context, key, id string, at time.Time, window time.Duration) error {
+	if time.Since(at) > window {
+		return nil
+	}
+	p := s.c.Pipeline()
+	p.ZAddNX(ctx, s.k("ledger", key), goredis.Z{Score: float64(at.UnixMilli()), Member: id})
+	p.PExpire(ctx, s.k("ledger", key), window)
 	_, err := p.Exec(ctx)
 	return s.unavailable(err)
 }
