@@ -132,6 +132,7 @@ type Node struct {
 	ro       *rolloutCache // rollout.go
 	resMu    sync.Mutex
 	reserved map[string][]string // ledger set -> places this process's orders took, oldest first (ledger.go)
+	seen     map[string]int      // the agent's copy of seen.json, under seenMu
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }

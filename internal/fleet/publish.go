@@ -104,11 +104,12 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 }
 
 // versionFloor is the highest version number this node knows name by:
-// its archive's, or its tombstone's once the name was deleted (the
+// its archive's, the highest it saw the fleet give (seen.go), or its
+// tombstone's once the name was deleted (the
 // files are gone; a Redis that lost its counter must still number the
 // name, issued again, above it: I2).
 func (n *Node) versionFloor(name string) int {
-	v := n.Local.MaxVersion(name)
+	v := max(n.Local.MaxVersion(name), n.seenVersion(name))
 	if t, _ := n.Local.ReadTombstone(name); t != nil {
 		v = max(v, t.Version)
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/catalog/catalogtest"
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -148,5 +149,35 @@ func TestCatchUpWaitsForEveryMemberRightAfterARebuild(t *testing.T) {
 	missing, err = lb1.notCaughtUp(ctx, gen, now.Add(-time.Minute), now)
 	if err != nil || len(missing) != 0 {
 		t.Errorf("a minute after the rebuild, with no agent alive: missing %v (%v), want none", missing, err)
+	}
+}
+
+// A version the fleet gave a name, lost with Redis together with its
+// only holder (seed 2 of the fault test: the node that renewed it was
+// replaced, then Redis restarted empty), is still below the next one:
+// every agent notes the versions it sees, gives the counters back to a
+// rebuilt Redis, and orders from its node number above them (I2).
+func TestSeenVersionsOutliveTheirHolder(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	lb1, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb1.noteSeen(map[string]rdb.Head{"a.example": {Version: 2}})
+	if v := lb1.versionFloor("a.example"); v != 2 {
+		t.Fatalf("floor %d, want 2", v)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := sh.NextVersion(ctx, "a.example", 0); err != nil || v != 3 {
+		t.Fatalf("the next version after the rebuild: %d, %v; want 3", v, err)
+	}
+	// Another process of the node (a command) reads the file.
+	other := &Node{Local: lb1.Local}
+	if v := other.versionFloor("a.example"); v != 2 {
+		t.Fatalf("a command's floor %d, want 2", v)
 	}
 }

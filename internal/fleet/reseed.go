@@ -69,6 +69,9 @@ func (n *Node) publishDisk(ctx context.Context) error {
 	if err := n.seedTombstones(ctx); err != nil {
 		return err
 	}
+	if err := n.seedSeen(ctx); err != nil {
+		return err
+	}
 	if err := n.seedAccounts(ctx); err != nil {
 		return err
 	}

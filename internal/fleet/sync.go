@@ -203,6 +203,7 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.N.noteSeen(heads)
 	if err := s.giveBack(rctx, heads); err != nil {
 		return err
 	}

@@ -138,6 +138,30 @@ func (s *Shared) NextVersion(ctx context.Context, name string, floor int) (int, 
 	return v, s.unavailable(err)
 }
 
+// raiseScript raises a counter to ARGV[1] if it is below.
+var raiseScript = goredis.NewScript(`
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+`)
+
+// SeedVersions raises the version counter of each name to at least the
+// version given (numbers a node saw handed out, put back into a Redis
+// that lost them: I2), pipelined.
+func (s *Shared) SeedVersions(ctx context.Context, vs map[string]int) error {
+	if len(vs) == 0 {
+		return nil
+	}
+	if err := raiseScript.Load(ctx, s.c).Err(); err != nil {
+		return s.unavailable(err)
+	}
+	p := s.c.Pipeline()
+	for name, v := range vs {
+		p.EvalSha(ctx, raiseScript.Hash(), []string{s.k("ver", name)}, v)
+	}
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
+}
+
 // Publish makes b the fleet's certificate for b.Name, fenced by b.Fence
 // (0 for a re-seed from a node's disk). It returns an *ErrStale when
 // refused.
