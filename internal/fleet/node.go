@@ -732,7 +732,7 @@ func (n *Node) carried(ep Epoch, key []byte, listed []Member) []Member {
 		return nil
 	}
 	var out []Member
-	for _, m := range n.st.Members {
+	for _, m := range n.copyMembers() {
 		if m.Node == ep.Removed || slices.ContainsFunc(listed, func(l Member) bool { return l.Node == m.Node }) ||
 			!macOK(prev, m.MAC, "member", n.ID, m.Node, m.Recipient) {
 			continue
@@ -779,10 +779,17 @@ func (n *Node) loadMembers(ctx context.Context, held bool) error {
 	n.mu.Lock()
 	n.members = ms
 	n.mu.Unlock()
-	if !membersEqual(ms, n.st.Members) {
+	if !membersEqual(ms, n.copyMembers()) {
 		return n.save(func(l *local) { l.Members = ms })
 	}
 	return nil
+}
+
+// copyMembers is this node's verified copy of the members, as saved.
+func (n *Node) copyMembers() []Member {
+	n.stMu.Lock()
+	defer n.stMu.Unlock()
+	return slices.Clone(n.st.Members)
 }
 
 // lostMembers are the members of this node's verified copy that hold
@@ -790,7 +797,7 @@ func (n *Node) loadMembers(ctx context.Context, held bool) error {
 // (wrapped: node -> key of this epoch) Redis lacks.
 func (n *Node) lostMembers(ms []Member, wrapped map[string]string, key []byte) []Member {
 	var lost []Member
-	for _, m := range n.st.Members {
+	for _, m := range n.copyMembers() {
 		if !macOK(key, m.MAC, "member", n.ID, m.Node, m.Recipient) {
 			continue
 		}
