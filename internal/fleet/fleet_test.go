@@ -936,3 +936,36 @@ func TestLaggingRebuilderSealsUnderTheNewerEpoch(t *testing.T) {
 		t.Fatalf("lb2's certificate in the rebuilt Redis: %+v, %v; want it sealed under epoch 2", b, err)
 	}
 }
+
+// An agent gives a lost version back only to a Redis generation its node
+// has caught up with (seed 1 of the fault test: right after a FLUSHALL,
+// an agent that had not followed the latest rotation republished its
+// certificates under the removed node's key before any member looked).
+func TestGiveBackWaitsForTheCatchUp(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	st := store.New(t.TempDir())
+	lb1, err := Init(ctx, sh, st, "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := st.Save(&store.Lineage{Name: "a.example", Domains: []string{"a.example"}, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}},
+		store.Files{Cert: []byte("C"), Chain: []byte("CH"), Fullchain: []byte("F"), Key: []byte("K")}); err != nil {
+		t.Fatal(err)
+	}
+	s := &Syncer{N: lb1, Local: st}
+	sh.HSet(ctx, "meta", "gen", "rebuilt-meanwhile")
+	if err := s.giveBack(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := sh.Names(ctx); len(names) != 0 {
+		t.Fatalf("given back before the catch-up: %v", names)
+	}
+	lb1.save(func(l *local) { l.Gen = "rebuilt-meanwhile" })
+	if err := s.giveBack(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := sh.Names(ctx); len(names) != 1 {
+		t.Fatalf("after the catch-up: %v, want a.example given back", names)
+	}
+}

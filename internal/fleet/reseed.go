@@ -331,12 +331,19 @@ func (n *Node) CheckSeeded(ctx context.Context) error {
 	return n.catchUp(ctx)
 }
 
+// caughtUpGen is the Redis generation this node last added its disk to.
+func (n *Node) caughtUpGen() string {
+	n.stMu.Lock()
+	defer n.stMu.Unlock()
+	return n.st.Gen
+}
+
 // catchUp publishes this node's certificates when another member has
 // rebuilt Redis since this node last looked (a new generation): every
 // node holds the lineages it ordered, so all of them must add theirs.
 func (n *Node) catchUp(ctx context.Context) error {
 	gen, err := n.Shared.HGet(ctx, "meta", "gen")
-	if err != nil || gen == n.st.Gen {
+	if err != nil || gen == n.caughtUpGen() {
 		return err
 	}
 	slog.Info("the fleet's Redis was rebuilt; adding this node's certificates", "fleet", n.ID)

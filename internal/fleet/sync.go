@@ -637,6 +637,14 @@ func (s *Syncer) forgetDeleted(ctx context.Context) error {
 // old snapshot, a failover that dropped it). The version and notBefore
 // rules keep anything newer another node published meanwhile.
 func (s *Syncer) giveBack(ctx context.Context, heads map[string]rdb.Head) error {
+	// Not into a Redis rebuilt since this node last added what it holds:
+	// the catch-up does that, after the other members looked at it
+	// (awaitLooked), and this node may not have followed the latest
+	// rotation yet (invariant I5: sealed under the removed node's key).
+	gen, err := s.N.Shared.HGet(ctx, "meta", "gen")
+	if err != nil || gen != s.N.caughtUpGen() {
+		return err
+	}
 	names, err := s.Local.Names()
 	if err != nil {
 		return err
