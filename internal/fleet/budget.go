@@ -41,6 +41,16 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	set := LedgerSet(k.Server, o.Names)
 	id := b.N.Name + ":" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":" + strconv.FormatInt(b.seq.Add(1), 10)
+	// A ledger just rebuilt holds only what the nodes that caught up gave
+	// back: the place is taken once they all did (seed 3 of the fault
+	// test: a fourth certificate for one set, ordered right after a
+	// rebuild), as a publish waits.
+	wctx, wcancel := context.WithTimeout(context.Background(), catchUpWait+lookWait+10*time.Second)
+	defer wcancel()
+	if err := b.N.awaitCatchUp(wctx); err != nil {
+		b.Pace.Unreserve(k, o)
+		return err
+	}
 	ctx, cancel := rctx(context.Background())
 	defer cancel()
 	now := b.Now()

@@ -66,29 +66,30 @@ func (n *Node) noteIssued(ls ...*store.Lineage) {
 	n.editLedger(func(m map[string]issued) bool { return addIssued(m, ls) })
 }
 
-// noteOrdered is noteIssued for a certificate this process ordered: the
-// ledger place its order took (noteReserved) makes way for the
-// certificate, in the same write.
-func (n *Node) noteOrdered(ctx context.Context, l *store.Lineage) {
-	set := LedgerSet(l.Server, l.Domains)
-	var id string
-	n.editLedger(func(m map[string]issued) bool {
-		changed := addIssued(m, []*store.Lineage{l})
-		n.resMu.Lock()
-		defer n.resMu.Unlock()
-		if ids := n.reserved[set]; len(ids) > 0 {
-			id = ids[0]
-			delete(m, id)
-			n.reserved[set] = ids[1:]
-			changed = true
-		}
-		return changed
-	})
-	if id != "" && l.Cert.Serial != "" {
-		if err := n.Shared.LedgerIssued(ctx, set, id, l.Cert.Serial, l.IssuedAt, LedgerWindow); err != nil {
-			slog.Debug("could not name the certificate in the fleet's ledger; its order's place stands for it", "name", l.Name, "err", err)
-		}
+// takeReserved gives the oldest ledger place this process's orders took
+// for set (noteReserved) to the certificate being published: it becomes
+// the certificate's LedgerID, the key every node counts it under, and
+// the node's own entry for the place turns into the certificate's
+// (noteIssued) under the same key.
+func (n *Node) takeReserved(set string) string {
+	n.resMu.Lock()
+	defer n.resMu.Unlock()
+	ids := n.reserved[set]
+	if len(ids) == 0 {
+		return ""
 	}
+	n.reserved[set] = ids[1:]
+	return ids[0]
+}
+
+// ledgerKey is the key l's certificate is counted under: its order's
+// ledger place, or its serial for one without (published before the
+// place was recorded, or by a single host).
+func ledgerKey(l *store.Lineage) string {
+	if l.LedgerID != "" {
+		return l.LedgerID
+	}
+	return l.Cert.Serial
 }
 
 // copyLedger makes this node's copy of the ledger hold the fleet's
@@ -137,8 +138,9 @@ func (n *Node) copyLedger(ctx context.Context) error {
 // it took (id, the same member as in Redis) in this node's copy: a run
 // killed after the CA issued, and before it noted the certificate,
 // still counts in a Redis rebuilt from the nodes' copies (I4). The
-// place makes way for the certificate when it is noted (noteOrdered),
-// and goes when the order issued nothing (dropReserved).
+// place becomes the certificate's key when it is published
+// (takeReserved), and goes when the order issued nothing
+// (dropReserved).
 func (n *Node) noteReserved(set, id string, at time.Time) {
 	n.resMu.Lock()
 	if n.reserved == nil {
@@ -167,11 +169,14 @@ func (n *Node) dropReserved(set, id string) {
 func addIssued(m map[string]issued, ls []*store.Lineage) bool {
 	added := false
 	for _, l := range ls {
-		if l.IssuedAt.IsZero() || time.Since(l.IssuedAt) > LedgerWindow || l.Cert.Serial == "" {
+		key := ledgerKey(l)
+		if l.IssuedAt.IsZero() || time.Since(l.IssuedAt) > LedgerWindow || key == "" {
 			continue
 		}
-		if _, ok := m[l.Cert.Serial]; !ok {
-			m[l.Cert.Serial] = issued{Set: LedgerSet(l.Server, l.Domains), At: l.IssuedAt.UTC()}
+		if e, ok := m[key]; !ok || e.Set == "" || e.From != "" {
+			// New, or known only as an order's place or a copy: now as
+			// the certificate this node holds.
+			m[key] = issued{Set: LedgerSet(l.Server, l.Domains), At: l.IssuedAt.UTC()}
 			added = true
 		}
 	}

@@ -134,9 +134,16 @@ func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := &store.Lineage{Name: "a.example", Domains: []string{"a.example"}, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a"}}
-	n.noteOrdered(ctx, l)
-	if m := readLedger(n.Local); len(m) != 2 || m["0a"].Set != set {
-		t.Fatalf("node's copy after the certificate: %v, want the first place and the serial", m)
+	l.LedgerID = n.takeReserved(set) // as publish does
+	n.noteIssued(l)
+	if m := readLedger(n.Local); len(m) != 2 || l.LedgerID == "" || m[l.LedgerID].Set != set {
+		t.Fatalf("node's copy after the certificate: %v, want the first place and the certificate under its place (%q)", m, l.LedgerID)
+	}
+	// Another node installs it: the same key, so one entry in Redis.
+	other := &Node{Local: store.New(t.TempDir())}
+	other.noteIssued(l)
+	if m := readLedger(other.Local); len(m) != 1 || m[l.LedgerID].Set != set {
+		t.Fatalf("an installer's copy: %v", m)
 	}
 	rebuild()
 	if c := count(); c != 2 {
@@ -180,7 +187,9 @@ func TestCopiedLedgerRebuildsAlone(t *testing.T) {
 		if err := b.Reserve(k, o); err != nil {
 			t.Fatal(err)
 		}
-		lb1.noteOrdered(ctx, &store.Lineage{Name: "a.example", Domains: o.Names, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: fmt.Sprintf("0%d", i)}})
+		l := &store.Lineage{Name: "a.example", Domains: o.Names, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: fmt.Sprintf("0%d", i)}}
+		l.LedgerID = lb1.takeReserved(LedgerSet(server, o.Names))
+		lb1.noteIssued(l)
 	}
 	if err := b.Reserve(k, o); err != nil { // a third order, in flight
 		t.Fatal(err)
@@ -194,8 +203,14 @@ func TestCopiedLedgerRebuildsAlone(t *testing.T) {
 	if err := lb2.copyLedger(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if m := readLedger(lb2.Local); len(m) != 2 || m["00"].Key == "" || m["01"].At.IsZero() {
-		t.Fatalf("lb2's copy: %v, want the two serials", m)
+	if m := readLedger(lb2.Local); len(m) != 2 {
+		t.Fatalf("lb2's copy: %v, want the two certificates' places", m)
+	} else {
+		for k, e := range m {
+			if e.Key == "" || e.At.IsZero() {
+				t.Fatalf("lb2's copy of %s: %+v", k, e)
+			}
+		}
 	}
 	sh.Client().FlushAll(ctx)
 	if err := lb2.CheckSeeded(ctx); err != nil {

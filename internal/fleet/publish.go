@@ -63,6 +63,9 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 	if err := n.awaitCatchUp(wctx); err != nil {
 		return 0, err
 	}
+	if l.LedgerID == "" {
+		l.LedgerID = n.takeReserved(LedgerSet(l.Server, l.Domains))
+	}
 	for attempt := 0; ; attempt++ {
 		v, err := n.Shared.NextVersion(ctx, l.Name, n.versionFloor(l.Name))
 		if err != nil {
@@ -93,7 +96,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 			return 0, err
 		}
 		l.Version = v
-		n.noteOrdered(ctx, l)
+		n.noteIssued(l)
 		if staged {
 			n.startedRollout(ctx, l.Name)
 		} else {

@@ -151,6 +151,11 @@ type Lineage struct {
 	// that CA is a fallback, not the lineage's primary: renewals go
 	// back to the primary first.
 	Fallback Fallback `json:"fallback,omitzero"`
+	// LedgerID is, in fleet mode, the place the order of Cert took in
+	// the fleet's issuance ledger: every node that holds the certificate
+	// counts it under that same key, so a ledger rebuilt from their
+	// copies counts it once.
+	LedgerID string `json:"ledger_id,omitempty"`
 }
 
 // Fallback says a lineage's live certificate came from a fallback CA

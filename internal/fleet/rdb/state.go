@@ -214,20 +214,8 @@ func (s *Shared) LedgerSeed(ctx context.Context, set, id string, at time.Time, w
 	return s.unavailable(err)
 }
 
-// LedgerIssued puts the certificate serial, issued at at, in place of
-// the order's place id: the ledger then names what the CA issued, which
-// every node can recognize (the nodes' copies are keyed the same way).
-func (s *Shared) LedgerIssued(ctx context.Context, set, id, serial string, at time.Time, window time.Duration) error {
-	p := s.c.TxPipeline()
-	p.ZRem(ctx, s.ledgerKey(set), id)
-	p.ZAdd(ctx, s.ledgerKey(set), goredis.Z{Score: float64(at.UnixMilli()), Member: serial})
-	p.PExpire(ctx, s.ledgerKey(set), window)
-	_, err := p.Exec(ctx)
-	return s.unavailable(err)
-}
-
-// LedgerEntry is one place in the ledger: a certificate's serial, or
-// the place id of an order whose certificate was not noted.
+// LedgerEntry is one place in the ledger: an order's place id (its
+// certificate's LedgerID), or a certificate's serial.
 type LedgerEntry struct {
 	Key    string // the exact set's ledger key (a hash of the set)
 	Member string
