@@ -846,3 +846,30 @@ func TestOrderResetsOnlyAStatusThatWasThere(t *testing.T) {
 		t.Fatalf("renewal: %+v, %d status writes, status %+v; want renewed, one write, none left", res.Items[0], cat.setStatus.Load(), st)
 	}
 }
+
+// A certificate issued before its name was deleted is not installed by
+// a plan made before the delete (seed 8 of the fleet fault test: an
+// agent's install ran just after a delete on its node and put the
+// certificate back on HAProxy); one issued after it is.
+func TestPrepareSkipsADeletedName(t *testing.T) {
+	st := store.New(t.TempDir())
+	n := &Node{Local: st}
+	at := time.Now().UTC()
+	if err := st.WriteTombstone("gone.example", store.Tombstone{At: at}); err != nil {
+		t.Fatal(err)
+	}
+	files := func() (store.Files, error) {
+		return store.Files{Cert: []byte("C"), Chain: []byte("CH"), Fullchain: []byte("F"), Key: []byte("K")}, nil
+	}
+	old := &store.Lineage{Name: "gone.example", Domains: []string{"gone.example"}, Version: 1, IssuedAt: at.Add(-time.Minute), Cert: store.CertInfo{Serial: "01"}}
+	if w, err := n.prepare(context.Background(), old, files); err != nil || w != nil {
+		t.Fatalf("a certificate from before the delete: want nothing to deploy, got %v, %v", w, err)
+	}
+	if st.Exists("gone.example") {
+		t.Fatal("it was made live")
+	}
+	again := &store.Lineage{Name: "gone.example", Domains: []string{"gone.example"}, Version: 2, IssuedAt: at.Add(time.Minute), Cert: store.CertInfo{Serial: "02"}}
+	if w, err := n.prepare(context.Background(), again, files); err != nil || w == nil {
+		t.Fatalf("issued again after the delete: %v, %v", w, err)
+	}
+}

@@ -148,6 +148,14 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	if n.settled(l) {
 		return nil, nil
 	}
+	// A certificate issued before the name was deleted (a plan made
+	// before the delete, which another process of this node ran
+	// meanwhile) is not installed again: it would stay on the load
+	// balancer after the delete took the name off (invariant I3).
+	if t, _ := n.Local.ReadTombstone(l.Name); t != nil && !l.IssuedAt.After(t.At) {
+		slog.Info("not installing a certificate of a name deleted since it was planned", "name", l.Name, "version", l.Version)
+		return nil, nil
+	}
 	if have, err := n.Local.LoadVersion(l.Name, l.Version); err != nil || have.Cert.Serial != l.Cert.Serial {
 		f, err := files()
 		if err != nil {

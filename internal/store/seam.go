@@ -32,6 +32,8 @@ package store
 //   - Forget removes a lineage from this node (live pointer first, then
 //     archive and journal) and records a tombstone, so that a node never
 //     brings a deleted lineage back into a rebuilt catalog.
+//     ReadTombstone reads it back: a certificate issued before it is
+//     never installed again (a plan made before the delete).
 //   - Prune never removes the live version or one named in protect.
 //
 // Callers hold the state directory's lock (one host) or its short write
@@ -46,6 +48,7 @@ type Local interface {
 	SetJournal(name string, j Journal) error
 	Prune(name string, keep int, protect ...int) (removed []int, err error)
 	Forget(name string, t Tombstone) error
+	ReadTombstone(name string) (*Tombstone, error)
 	LivePaths(name string) Paths
 }
 
