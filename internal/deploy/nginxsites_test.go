@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -352,6 +353,13 @@ func TestHashDirectiveHint(t *testing.T) {
 func TestReloadSignalsTheMaster(t *testing.T) {
 	dir := t.TempDir()
 	bin, log, _ := fakeNginx(t, dir)
+	// A test run under nohup ignores SIGHUP, and the stand-in master
+	// would inherit that: with a handler of this process's own, the
+	// child starts with the default action (handlers do not survive
+	// exec).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	master := exec.Command("/bin/sleep", "60")
 	master.Args[0] = "nginx: master process " + bin
 	if err := master.Start(); err != nil {
