@@ -254,7 +254,13 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	keyAuth, ok := a.lookup(r.Context(), host, token)
+	keyAuth, ok, away := a.lookup(r.Context(), host, token)
+	if away {
+		// Not "no such token": the orderer's check waits for this, and
+		// a 404 would make it give up an order Redis will be back for.
+		http.Error(w, "the fleet's Redis is not answering", http.StatusServiceUnavailable)
+		return
+	}
 	if !ok {
 		http.NotFound(w, r)
 		return
@@ -264,14 +270,17 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	io.Copy(w, bytes.NewReader([]byte(keyAuth)))
 }
 
-func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
+// lookup finds the key authorization of host's token: from the cache
+// while it is fresh, else from Redis. away is Redis not answering (or
+// a rotation not followed yet) for a token not cached.
+func (a *Agent) lookup(ctx context.Context, host, token string) (keyAuth string, ok, away bool) {
 	k := host + " " + token
 	now := time.Now()
 	a.mu.Lock()
 	c, hit := a.cache[k]
 	a.mu.Unlock()
 	if hit && now.Sub(c.checked) < fresh && now.Before(c.expires) {
-		return c.keyAuth, true
+		return c.keyAuth, true, false
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -279,22 +288,25 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 	if err != nil {
 		// Redis away: a token seen before is still good until it expires.
 		if hit && now.Before(c.expires) {
-			return c.keyAuth, true
+			return c.keyAuth, true, false
 		}
-		return "", false
+		return "", false, true
 	}
 	// A rotation since this agent's last heartbeat may be this node's
 	// removal: from the moment 'fleet remove' returns its agent answers
 	// no token (I5), so the rotation is followed before answering, and
 	// a token is not answered while it cannot be.
-	if epoch > a.N().Epoch() && a.refresh(rctx) != nil {
-		return "", false
+	if epoch > a.N().Epoch() {
+		if err := a.refresh(rctx); err != nil {
+			// Removed: no token, for good. Anything else may pass.
+			return "", false, !errors.As(err, new(*Removed))
+		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if keyAuth == "" {
 		delete(a.cache, k)
-		return "", false
+		return "", false, false
 	}
 	if ttl <= 0 {
 		ttl = TokenTTL
@@ -307,7 +319,7 @@ func (a *Agent) lookup(ctx context.Context, host, token string) (string, bool) {
 			delete(a.cache, key)
 		}
 	}
-	return keyAuth, true
+	return keyAuth, true, false
 }
 
 // checkAdvertise refuses an address the other nodes cannot reach: the

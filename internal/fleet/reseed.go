@@ -51,7 +51,8 @@ func (n *Node) Reseed(ctx context.Context) error {
 
 // publishDisk adds what this node holds to Redis, in an order that
 // keeps every invariant whichever node gets there first: its tombstones
-// (a delete wins over a certificate issued before it), its accounts (so
+// (a delete wins over a certificate issued before it; put in before the
+// look that the other nodes wait for), its accounts (so
 // nobody registers a second one), its copy of the issuance ledger, its
 // copies of the staged rollouts, then the certificates it serves,
 // unfenced (the version and notBefore rules keep whatever is newer in
@@ -63,10 +64,16 @@ func (n *Node) publishDisk(ctx context.Context) error {
 		return err
 	}
 	gen := meta["gen"]
-	if err := n.awaitLooked(ctx, meta); err != nil {
+	// Tombstones first, before this node says it has looked: a node
+	// that rebuilt Redis waits for the others' look before it publishes
+	// its certificates, so a name one node deleted just before Redis
+	// was emptied is refused there, not published and taken back later
+	// (I3; the delete may not have reached the rebuilder's disk). They
+	// seal nothing, so no epoch needs following first.
+	if err := n.seedTombstones(ctx); err != nil {
 		return err
 	}
-	if err := n.seedTombstones(ctx); err != nil {
+	if err := n.awaitLooked(ctx, meta); err != nil {
 		return err
 	}
 	if err := n.seedSeen(ctx); err != nil {

@@ -162,10 +162,37 @@ func withRedis(ctx context.Context, before string, f func(context.Context) error
 }
 
 // Present publishes the token and checks it through every live agent.
+// An agent that answers 503 cannot reach Redis for it (Redis restarted
+// or failed over under the order): the order is already placed, so
+// Present publishes the token again and checks again until redisWait,
+// rather than give up an order that a few seconds' wait completes.
 func (t *Tokens) Present(domain, token, keyAuth string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), redisWait+20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*redisWait+20*time.Second)
 	defer cancel()
 	host := hostOf(domain)
+	deadline := time.Now().Add(redisWait)
+	for {
+		err := t.presentOnce(ctx, host, token, keyAuth)
+		var ace *AgentCheckError
+		if !errors.As(err, &ace) || !errors.Is(ace.Err, errAgentRedisAway) || time.Now().After(deadline) {
+			if ace != nil {
+				ace.Domain = domain
+				t.N.Shared.DelToken(ctx, host, token)
+			}
+			return err
+		}
+		slog.Warn("an agent cannot reach the fleet's Redis for the HTTP-01 token; publishing it again", "node", ace.Node, "name", host)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// presentOnce publishes the token and fetches it through every live
+// agent once.
+func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string) error {
 	if err := withRedis(ctx, "giving the authorization up", func(ctx context.Context) error {
 		return t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL)
 	}); err != nil {
@@ -209,12 +236,15 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
-			t.N.Shared.DelToken(ctx, host, token)
-			return &AgentCheckError{Domain: domain, Node: agents[i].Node, Addr: agents[i].Addr, Err: err}
+			return &AgentCheckError{Domain: host, Node: agents[i].Node, Addr: agents[i].Addr, Err: err}
 		}
 	}
 	return nil
 }
+
+// errAgentRedisAway is an agent's 503: it has no copy of the token and
+// cannot reach Redis for one.
+var errAgentRedisAway = errors.New("HTTP 503: the agent cannot reach the fleet's Redis")
 
 // check fetches the token from one agent, as the CA would (Host header
 // the name), retrying briefly.
@@ -247,6 +277,8 @@ func (t *Tokens) check(ctx context.Context, addr, host, token, keyAuth string) e
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
 		switch {
+		case resp.StatusCode == http.StatusServiceUnavailable:
+			last = errAgentRedisAway
 		case resp.StatusCode != http.StatusOK:
 			last = fmt.Errorf("HTTP %d", resp.StatusCode)
 		case !bytes.Equal(bytes.TrimSpace(body), []byte(keyAuth)):
