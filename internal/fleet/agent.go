@@ -258,6 +258,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if away {
 		// Not "no such token": the orderer's check waits for this, and
 		// a 404 would make it give up an order Redis will be back for.
+		w.Header().Set(RedisAwayHeader, "1")
 		http.Error(w, "the fleet's Redis is not answering", http.StatusServiceUnavailable)
 		return
 	}

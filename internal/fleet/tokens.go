@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -162,17 +163,28 @@ func withRedis(ctx context.Context, before string, f func(context.Context) error
 }
 
 // Present publishes the token and checks it through every live agent.
-// An agent that answers 503 cannot reach Redis for it (Redis restarted
-// or failed over under the order): the order is already placed, so
-// Present publishes the token again and checks again until redisWait,
-// rather than give up an order that a few seconds' wait completes.
+//
+// An agent that cannot reach Redis for a token says so (503 with
+// RedisAwayHeader). When Redis is away for this node too (restarted,
+// failing over) the order is already placed, so Present waits for it,
+// publishing the token again and checking again, up to redisWait,
+// rather than give up an order that a few seconds' wait completes (and
+// the next run orders again). When Redis answers this node, the agent
+// is cut off from it alone: after agentGrace (its client reconnecting)
+// the authorization is abandoned as for any agent that does not answer.
+// Every agent checked once is checked again on every try, live
+// heartbeat or not: one cut off from Redis loses its heartbeat, not its
+// place in the pool the CA validates through.
 func (t *Tokens) Present(domain, token, keyAuth string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*redisWait+20*time.Second)
 	defer cancel()
 	host := hostOf(domain)
 	deadline := time.Now().Add(redisWait)
+	var checked []AgentInfo
+	var redisSeen time.Time // when this node last reached Redis after an agent's 503
 	for {
-		err := t.presentOnce(ctx, host, token, keyAuth)
+		var err error
+		checked, err = t.presentOnce(ctx, host, token, keyAuth, checked)
 		var ace *AgentCheckError
 		if !errors.As(err, &ace) || !errors.Is(ace.Err, errAgentRedisAway) || time.Now().After(deadline) {
 			if ace != nil {
@@ -180,6 +192,19 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 				t.N.Shared.DelToken(ctx, host, token)
 			}
 			return err
+		}
+		pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+		reached := t.N.Shared.Ping(pctx) == nil
+		pcancel()
+		switch {
+		case !reached:
+			redisSeen = time.Time{}
+		case redisSeen.IsZero():
+			redisSeen = time.Now()
+		case time.Since(redisSeen) > agentGrace:
+			t.N.Shared.DelToken(ctx, host, token)
+			ace.Domain = domain
+			return ace
 		}
 		slog.Warn("an agent cannot reach the fleet's Redis for the HTTP-01 token; publishing it again", "node", ace.Node, "name", host)
 		select {
@@ -190,13 +215,19 @@ func (t *Tokens) Present(domain, token, keyAuth string) error {
 	}
 }
 
+// agentGrace is how long Present waits for an agent that answers "Redis
+// away" while Redis answers this node: go-redis reconnects within a
+// second or two of Redis coming back.
+const agentGrace = 4 * time.Second
+
 // presentOnce publishes the token and fetches it through every live
-// agent once.
-func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string) error {
+// agent and every agent in before, once; it returns the agents it
+// checked.
+func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string, before []AgentInfo) ([]AgentInfo, error) {
 	if err := withRedis(ctx, "giving the authorization up", func(ctx context.Context) error {
 		return t.N.Shared.PutToken(ctx, host, token, keyAuth, TokenTTL)
 	}); err != nil {
-		return err
+		return before, err
 	}
 	var agents []AgentInfo
 	deadline, warned := time.Now().Add(agentWait), false
@@ -205,8 +236,9 @@ func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string) e
 			agents, err = t.liveAgents(ctx)
 			return err
 		}); err != nil {
-			return err
+			return before, err
 		}
+		agents = withAgents(agents, before, t.N.Members())
 		if len(agents) > 0 || time.Now().After(deadline) {
 			break
 		}
@@ -216,13 +248,13 @@ func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string) e
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return before, ctx.Err()
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
 	if len(agents) == 0 {
 		t.N.Shared.DelToken(ctx, host, token)
-		return NoAgentError{}
+		return nil, NoAgentError{}
 	}
 	var wg sync.WaitGroup
 	errs := make([]error, len(agents))
@@ -236,14 +268,31 @@ func (t *Tokens) presentOnce(ctx context.Context, host, token, keyAuth string) e
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
-			return &AgentCheckError{Domain: host, Node: agents[i].Node, Addr: agents[i].Addr, Err: err}
+			return agents, &AgentCheckError{Domain: host, Node: agents[i].Node, Addr: agents[i].Addr, Err: err}
 		}
 	}
-	return nil
+	return agents, nil
 }
 
-// errAgentRedisAway is an agent's 503: it has no copy of the token and
-// cannot reach Redis for one.
+// withAgents is live with every agent of before that it lacks and that
+// is still a member.
+func withAgents(live, before []AgentInfo, members []Member) []AgentInfo {
+	out := slices.Clone(live)
+	for _, b := range before {
+		member := slices.ContainsFunc(members, func(m Member) bool { return m.Node == b.Node })
+		if member && !slices.ContainsFunc(out, func(a AgentInfo) bool { return a.Node == b.Node }) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// RedisAwayHeader marks an agent's 503 for a token it has no copy of
+// and cannot reach Redis for; a 503 without it (a proxy in front of a
+// dead agent, say) is an agent that does not answer.
+const RedisAwayHeader = "Lbcert-Redis-Away"
+
+// errAgentRedisAway is an agent's 503 with RedisAwayHeader.
 var errAgentRedisAway = errors.New("HTTP 503: the agent cannot reach the fleet's Redis")
 
 // check fetches the token from one agent, as the CA would (Host header
@@ -277,7 +326,7 @@ func (t *Tokens) check(ctx context.Context, addr, host, token, keyAuth string) e
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
 		switch {
-		case resp.StatusCode == http.StatusServiceUnavailable:
+		case resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get(RedisAwayHeader) != "":
 			last = errAgentRedisAway
 		case resp.StatusCode != http.StatusOK:
 			last = fmt.Errorf("HTTP %d", resp.StatusCode)
