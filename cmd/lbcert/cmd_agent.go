@@ -92,6 +92,9 @@ func (a *app) runAgent(ctx context.Context, o *agentOptions) error {
 	if err := a.checkKeep(); err != nil {
 		return err
 	}
+	if err := fleet.CheckMember(st); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", o.httpAddr)
 	if err != nil {
 		return hint.Wrap(fmt.Errorf("agent: %w", err), "another process holds %s; stop it, or pick another --http-addr", o.httpAddr)

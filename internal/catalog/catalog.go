@@ -67,8 +67,12 @@
 //   - I3 deletes stick. Delete is fenced (above) and its tombstone is
 //     kept by every node (store.Local's Forget), so it survives an
 //     emptied or new Redis: a node rebuilding the catalog publishes its
-//     tombstones, and a tombstone wins over any certificate issued
-//     before it, in whatever order nodes rebuild.
+//     tombstones (before it says it has looked, which a rebuilder
+//     waits for), and a tombstone wins over any lineage born before it
+//     (store.Lineage's Born, which renewals keep), in whatever order
+//     nodes rebuild. Known limit: a delete only the deleting node holds
+//     is missing from a Redis rebuilt while that node is down, until it
+//     returns.
 //   - I4 the issuance ledger survives Redis loss: every node keeps the
 //     issue times of the certificates it has published or installed in
 //     the last 7 days, the place of every order it started until its

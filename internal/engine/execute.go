@@ -386,6 +386,10 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
 	}
 	l.IssuedAt = e.now().UTC()
+	l.Born = l.IssuedAt
+	if s.prev != nil {
+		l.Born = s.prev.BornAt()
+	}
 	it.Serial, it.NotAfter = got.Info.Serial, timePtr(got.Info.NotAfter)
 	it.dueNow = false
 	it.life = got.Info.NotAfter.Sub(got.Info.NotBefore)
@@ -454,7 +458,7 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 func (r *run) reconfigure(s *step) {
 	e, it := r.e, s.item
 	l := s.job.Lineage
-	l.Cert, l.Version, l.IssuedAt, l.KeyType = s.prev.Cert, s.prev.Version, s.prev.IssuedAt, s.prev.KeyType
+	l.Cert, l.Version, l.IssuedAt, l.KeyType, l.Born = s.prev.Cert, s.prev.Version, s.prev.IssuedAt, s.prev.KeyType, s.prev.Born
 	l.ReuseKey = s.prev.ReuseKey || s.job.ReuseKey
 	if p := s.prev; p.Fallback.Primary != "" {
 		// The certificate stays the fallback's: the CA and account that

@@ -152,7 +152,7 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	// before the delete, which another process of this node ran
 	// meanwhile) is not installed again: it would stay on the load
 	// balancer after the delete took the name off (invariant I3).
-	if t, _ := n.Local.ReadTombstone(l.Name); t != nil && !l.IssuedAt.After(t.At) {
+	if t, _ := n.Local.ReadTombstone(l.Name); t != nil && !l.BornAt().After(t.At) {
 		slog.Info("not installing a certificate of a name deleted since it was planned", "name", l.Name, "version", l.Version)
 		return nil, nil
 	}

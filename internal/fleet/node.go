@@ -165,6 +165,18 @@ func (e *NotMember) HintText() string {
 	return "on the first node run 'lbcert --redis URL fleet init'; on the others 'lbcert --redis URL fleet join --node NAME', then 'fleet approve' on a member"
 }
 
+// CheckMember says whether st's directory has joined a fleet (approved
+// or not), without writing anything: commands that need a member refuse
+// a directory that is not one before they take its lock, which would
+// create it.
+func CheckMember(st *store.Store) error {
+	_, err := readLocal(st)
+	return err
+}
+
+// CheckNodeName refuses a --node that cannot name a member.
+func CheckNodeName(node string) error { return checkNodeName(node) }
+
 func readLocal(st *store.Store) (*local, error) {
 	data, err := os.ReadFile(filepath.Join(fleetDir(st), "state.json"))
 	if errors.Is(err, os.ErrNotExist) {

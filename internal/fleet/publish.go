@@ -129,7 +129,7 @@ func (n *Node) bundle(l *store.Lineage, files store.Files, v int, fence int64) (
 	cp.Version, cp.Format = v, store.FormatVersion
 	cp.Challenge = store.Challenge{Mode: "fleet"}
 	meta, _ := json.Marshal(&cp)
-	return &rdb.Bundle{Name: l.Name, Version: v, Fence: fence, NotBefore: l.Cert.NotBefore, IssuedAt: l.IssuedAt, Epoch: epoch, Node: n.Name,
+	return &rdb.Bundle{Name: l.Name, Version: v, Fence: fence, NotBefore: l.Cert.NotBefore, IssuedAt: l.IssuedAt, Born: l.BornAt(), Epoch: epoch, Node: n.Name,
 		Serial: l.Cert.Serial, Meta: meta, Cert: files.Cert, Chain: files.Chain, Fullchain: files.Fullchain, SealedKey: sealed}, nil
 }
 

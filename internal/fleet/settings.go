@@ -183,6 +183,19 @@ func (s Settings) Args(abs func(string) string) []string {
 // changes only this node's fleet records, and must not wait for, or
 // fail on, a long run of this node, which holds the long lock.
 func (s Settings) Locked(ctx context.Context, password string, st *store.Store, wait time.Duration, f func(*rdb.Shared) error) error {
+	_, statErr := os.Stat(st.Dir)
+	err := s.locked(ctx, password, st, wait, f)
+	if err != nil && errors.Is(statErr, os.ErrNotExist) {
+		// A refused command leaves no state directory it made for
+		// nothing: one that holds only the lock file.
+		if entries, _ := os.ReadDir(st.Dir); len(entries) == 1 && entries[0].Name() == store.WriteLockFile {
+			os.RemoveAll(st.Dir)
+		}
+	}
+	return err
+}
+
+func (s Settings) locked(ctx context.Context, password string, st *store.Store, wait time.Duration, f func(*rdb.Shared) error) error {
 	sh, err := s.Dial(ctx, password)
 	if err != nil {
 		return err

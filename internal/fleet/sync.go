@@ -560,8 +560,8 @@ func (s *Syncer) forget(ctx context.Context, names []string) error {
 }
 
 func (s *Syncer) forgetOne(ctx context.Context, name string, t store.Tombstone) {
-	if l, err := s.Local.Newest(name); err == nil && l.IssuedAt.After(t.At) {
-		return // this node holds a certificate issued after the delete
+	if l, err := s.Local.Newest(name); err == nil && l.BornAt().After(t.At) {
+		return // this node holds the name issued again after the delete
 	}
 	if s.Remove != nil && s.Local.Exists(name) {
 		managed := map[string]bool{s.Deploy.NginxInclude: s.Deploy.NginxInclude != ""}

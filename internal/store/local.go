@@ -29,7 +29,7 @@ func (s *Store) Stage(l *Lineage, files Files) error {
 	have, err := s.LoadVersion(l.Name, l.Version)
 	switch {
 	case err == nil && have.Cert.Serial == l.Cert.Serial:
-		return s.ClearTombstoneBefore(l.Name, l.IssuedAt)
+		return s.ClearTombstoneBefore(l.Name, l.BornAt())
 	case err == nil:
 		if err := s.supersede(l.Name, l.Version, have.Cert.Serial); err != nil {
 			return err
@@ -40,7 +40,7 @@ func (s *Store) Stage(l *Lineage, files Files) error {
 	if _, err := s.saveAt(l, files, l.Version); err != nil {
 		return err
 	}
-	return s.ClearTombstoneBefore(l.Name, l.IssuedAt)
+	return s.ClearTombstoneBefore(l.Name, l.BornAt())
 }
 
 // supersede moves version v of name out of the way: its number names
@@ -143,8 +143,8 @@ func (s *Store) ReadTombstone(name string) (*Tombstone, error) {
 	return &t, nil
 }
 
-// ClearTombstoneBefore removes name's tombstone when a certificate
-// issued after the delete arrives: the name was issued again.
+// ClearTombstoneBefore removes name's tombstone when a lineage born
+// after the delete arrives: the name was issued again.
 func (s *Store) ClearTombstoneBefore(name string, issued time.Time) error {
 	t, err := s.ReadTombstone(name)
 	if err != nil || t == nil || !issued.After(t.At) {

@@ -156,6 +156,19 @@ type Lineage struct {
 	// counts it under that same key, so a ledger rebuilt from their
 	// copies counts it once.
 	LedgerID string `json:"ledger_id,omitempty"`
+	// Born is when the lineage's first certificate was issued; renewals
+	// keep it. A delete beats a lineage born before it, renewed or not:
+	// a copy published by a node that never saw the delete, and renewed
+	// there, is not the name issued again (invariant I3).
+	Born time.Time `json:"born,omitzero"`
+}
+
+// BornAt is Born, or IssuedAt for a lineage saved before Born was kept.
+func (l *Lineage) BornAt() time.Time {
+	if l.Born.IsZero() {
+		return l.IssuedAt
+	}
+	return l.Born
 }
 
 // Fallback says a lineage's live certificate came from a fallback CA

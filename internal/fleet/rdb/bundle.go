@@ -22,7 +22,8 @@ type Bundle struct {
 	Epoch     int    // the data key generation SealedKey is sealed under
 	Node      string // who published it
 	Published time.Time
-	IssuedAt  time.Time // when the publisher obtained it: a tombstone beats what was issued before it
+	IssuedAt  time.Time // when the publisher obtained it
+	Born      time.Time // when its lineage's first certificate was issued: a tombstone beats a lineage born before it
 	Serial    string    // of the certificate: nodes compare serials, not only version numbers
 	Meta      []byte    // lineage.json
 	Cert      []byte
@@ -73,8 +74,9 @@ return v
 //     (a delete moves the fence past every lease, and clears nothing
 //     until a lease taken after it publishes);
 //   - an unfenced publish (a node rebuilding Redis from its disk) never
-//     brings back a deleted name, unless its certificate was issued after
-//     the delete (the name was issued again, and Redis lost that).
+//     brings back a deleted name, unless its lineage was born after the
+//     delete (the name was issued again, and Redis lost that); a renewal
+//     of a lineage born before it does not count (ARGV[6] is the birth).
 //
 // A fence counter lower than the token (lost in a failover with
 // asynchronous replication) is no reason to refuse: the version and
@@ -174,7 +176,7 @@ func (s *Shared) Publish(ctx context.Context, b *Bundle) error {
 // rollout of b (no rollout means none will ever be for this version).
 func (s *Shared) PublishStaged(ctx context.Context, b *Bundle) (bool, error) {
 	now := time.Now()
-	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.IssuedAt.UnixMilli(), now.UnixMilli(), b.Serial}, b.fields()...)
+	args := append([]any{b.Name, b.Fence, b.NotBefore.UnixMilli(), b.Epoch, b.Version, b.bornAt().UnixMilli(), now.UnixMilli(), b.Serial}, b.fields()...)
 	keys := []string{s.k("bundle", b.Name), s.k("fence", b.Name), s.k("lineages"), s.k("ver", b.Name), s.k("deleted"), s.k("events"), s.k("meta"),
 		s.k("rollout"), s.k("prev", b.Name), s.k("rollout", b.Name), s.k("rollouts")}
 	res, err := publishScript.Run(ctx, s.c, keys, args...).Text()
@@ -187,6 +189,14 @@ func (s *Shared) PublishStaged(ctx context.Context, b *Bundle) (bool, error) {
 	return res == "staged", nil
 }
 
+// bornAt is b.Born, or IssuedAt for a publisher that did not say.
+func (b *Bundle) bornAt() time.Time {
+	if b.Born.IsZero() || b.Born.UnixMilli() == 0 {
+		return b.IssuedAt
+	}
+	return b.Born
+}
+
 // fields are b as the field-value pairs of its hash.
 func (b *Bundle) fields() []any {
 	published := b.Published
@@ -194,7 +204,7 @@ func (b *Bundle) fields() []any {
 		published = time.Now()
 	}
 	return []any{"version", b.Version, "fence", b.Fence, "not_before", b.NotBefore.UnixMilli(), "epoch", b.Epoch,
-		"node", b.Node, "published_at", published.UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "serial", b.Serial,
+		"node", b.Node, "published_at", published.UnixMilli(), "issued_at", b.IssuedAt.UnixMilli(), "born", b.bornAt().UnixMilli(), "serial", b.Serial,
 		"meta", b.Meta, "cert", b.Cert, "chain", b.Chain, "fullchain", b.Fullchain, "key", b.SealedKey}
 }
 
@@ -219,7 +229,7 @@ func (s *Shared) BundleMeta(ctx context.Context, name string) (*Bundle, error) {
 // BundleMetaOf is BundleMeta of the head ("bundle") or of the previous
 // version a staged rollout keeps ("prev").
 func (s *Shared) BundleMetaOf(ctx context.Context, kind, name string) (*Bundle, error) {
-	fields := []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at", "issued_at", "serial"}
+	fields := []string{"version", "fence", "not_before", "epoch", "node", "meta", "published_at", "issued_at", "born", "serial"}
 	vals, err := s.c.HMGet(ctx, s.k(kind, name), fields...).Result()
 	if err != nil {
 		return nil, s.unavailable(err)
@@ -240,7 +250,7 @@ func bundleOf(name string, m map[string]string) *Bundle {
 	atoi := func(f string) int64 { n, _ := strconv.ParseInt(m[f], 10, 64); return n }
 	return &Bundle{
 		Name: name, Version: int(atoi("version")), Fence: atoi("fence"), NotBefore: time.UnixMilli(atoi("not_before")).UTC(),
-		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(), IssuedAt: time.UnixMilli(atoi("issued_at")).UTC(), Serial: m["serial"],
+		Epoch: int(atoi("epoch")), Node: m["node"], Published: time.UnixMilli(atoi("published_at")).UTC(), IssuedAt: time.UnixMilli(atoi("issued_at")).UTC(), Born: time.UnixMilli(atoi("born")).UTC(), Serial: m["serial"],
 		Meta: []byte(m["meta"]), Cert: []byte(m["cert"]), Chain: []byte(m["chain"]), Fullchain: []byte(m["fullchain"]),
 		SealedKey: []byte(m["key"]),
 	}
@@ -317,9 +327,9 @@ func (s *Shared) DeleteBundle(ctx context.Context, name string, at time.Time) (f
 // that lost it: the version counter moves to the highest version the
 // node knew the name by (numbers are never reused, I2), the newer of
 // two tombstones stays, the fence counter moves past it, and a bundle
-// issued before the delete goes, whichever node rebuilt first; a bundle
-// issued after it (the name was issued again) stays, and the old
-// tombstone is not recorded.
+// whose lineage was born before the delete goes (renewed since or not),
+// whichever node rebuilt first; a lineage born after it (the name was
+// issued again) stays, and the old tombstone is not recorded.
 var seedTombstoneScript = goredis.NewScript(`
 if tonumber(redis.call('GET', KEYS[6]) or '0') < tonumber(ARGV[4]) then redis.call('SET', KEYS[6], ARGV[4]) end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -327,7 +337,7 @@ if cur then
   local cat = tonumber(string.match(cur, ' (%d+)$') or '0')
   if cat >= tonumber(ARGV[3]) then return 0 end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'issued_at') or '0') > tonumber(ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 1 and tonumber(redis.call('HGET', KEYS[2], 'born') or redis.call('HGET', KEYS[2], 'issued_at') or '0') > tonumber(ARGV[3]) then
   return 0 -- issued again after that delete: the name stands
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])

@@ -206,6 +206,38 @@ func TestDeleteIsFencedAndSticks(t *testing.T) {
 	}
 }
 
+// A lineage born before a delete and renewed after it, by a node that
+// rebuilt Redis without the delete (hostile review: the deleting node
+// was down when Redis was emptied, and the name was renewed meanwhile),
+// is not the name issued again: the tombstone, when it comes back,
+// removes it, and an unfenced republish of it is refused (I3).
+func TestTombstoneBeatsARenewalOfALineageBornBefore(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	born := time.Now().Add(-time.Hour).Truncate(time.Millisecond)
+	deleted := born.Add(30 * time.Minute)
+	renewed := deleted.Add(10 * time.Minute)
+	if err := s.Publish(ctx, &Bundle{Name: "r.com", Version: 2, NotBefore: renewed, IssuedAt: renewed, Born: born}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SeedTombstone(ctx, "r.com", 7, deleted, 1); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := s.Names(ctx); len(names) != 0 {
+		t.Fatalf("a renewal of a lineage born before the delete outlived the tombstone: %v", names)
+	}
+	if ok, _ := s.IsDeleted(ctx, "r.com"); !ok {
+		t.Fatal("the tombstone was not recorded")
+	}
+	if err := s.Publish(ctx, &Bundle{Name: "r.com", Version: 3, NotBefore: renewed.Add(time.Second), IssuedAt: renewed, Born: born}); !stale(err, "deleted") {
+		t.Fatalf("unfenced republish of that renewal: %v, want refused as deleted", err)
+	}
+	// Born after the delete: the name was issued again, and stands.
+	if err := s.Publish(ctx, &Bundle{Name: "r.com", Version: 4, NotBefore: renewed.Add(2 * time.Second), IssuedAt: renewed, Born: renewed}); err != nil {
+		t.Fatalf("a lineage born after the delete: %v", err)
+	}
+}
+
 func TestLedgerCapsExactSets(t *testing.T) {
 	s := dial(t)
 	ctx := context.Background()
