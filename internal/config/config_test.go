@@ -176,3 +176,35 @@ func TestOrigin(t *testing.T) {
 		}
 	}
 }
+
+// A negative duration, on the command line or from the environment, is
+// refused by name (a negative --wait-lock or --max-lag meant nothing).
+func TestNegativeDurationRefused(t *testing.T) {
+	for _, tc := range []struct{ arg, env string }{{arg: "--wait-lock=-1s"}, {env: "-2m"}} {
+		fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+		fs.Duration("wait-lock", 0, "")
+		fs.Duration("max-lag", 0, "")
+		args := []string{}
+		if tc.arg != "" {
+			args = append(args, tc.arg)
+		}
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		err := Apply(fs, nil, func(k string) string {
+			if k == EnvName("wait-lock") {
+				return tc.env
+			}
+			return ""
+		})
+		if err == nil || !strings.Contains(err.Error(), "--wait-lock") || !strings.Contains(err.Error(), "cannot be negative") {
+			t.Errorf("%+v: %v, want --wait-lock refused as negative", tc, err)
+		}
+	}
+	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+	fs.Duration("wait-lock", 0, "")
+	fs.Parse([]string{"--wait-lock=3s"})
+	if err := Apply(fs, nil, func(string) string { return "" }); err != nil {
+		t.Errorf("a positive duration: %v", err)
+	}
+}

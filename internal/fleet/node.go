@@ -928,6 +928,12 @@ func (n *Node) approve(ctx context.Context, node, fingerprint string) error {
 	if err != nil {
 		return err
 	}
+	if checkNodeName(node) != nil {
+		return fmt.Errorf("%q cannot name a node: a node's name has only letters, digits, '-', '_' and '.'", node)
+	}
+	if raw == "" && slices.ContainsFunc(n.Members(), func(m Member) bool { return m.Node == node }) {
+		return fmt.Errorf("%s is already a member of fleet %s", node, n.ID)
+	}
 	if raw == "" {
 		return hint.Wrap(fmt.Errorf("fleet %s has no join request from %s", n.ID, node), "%s", "run 'lbcert --redis URL fleet join --node "+node+"' on that node first")
 	}
@@ -984,7 +990,7 @@ func (n *Node) remove(ctx context.Context, node string) (resealed int, err error
 		keep = append(keep, m)
 	}
 	if !found {
-		return 0, fmt.Errorf("fleet %s has no member %s", n.ID, node)
+		return 0, hint.Wrap(fmt.Errorf("fleet %s has no member %q", n.ID, node), "%s", "'lbcert --redis URL fleet status' lists the members")
 	}
 	// Every sealed key must open before anything changes: a rotation that
 	// stopped half-way on a bundle moved or tampered with would leave
