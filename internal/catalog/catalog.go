@@ -70,9 +70,10 @@
 //     tombstones (before it says it has looked, which a rebuilder
 //     waits for), and a tombstone wins over any lineage born before it
 //     (store.Lineage's Born, which renewals keep), in whatever order
-//     nodes rebuild. Known limit: a delete only the deleting node holds
-//     is missing from a Redis rebuilt while that node is down, until it
-//     returns.
+//     nodes rebuild. Delete returns once every other live agent has the
+//     tombstone on its disk (fleet's awaitTaken, bounded). Known limit:
+//     a delete that only down nodes hold is missing from a Redis rebuilt
+//     meanwhile, until one of them returns.
 //   - I4 the issuance ledger survives Redis loss: every node keeps the
 //     issue times of the certificates it has published or installed in
 //     the last 7 days, the place of every order it started until its

@@ -342,3 +342,30 @@ func TestH33DeleteLostForGoodAfterFlushallAndRenew(t *testing.T) {
 		t.Errorf("%s, deleted on lb1 before the FLUSHALL, is the fleet's for good: version %d serial %s, 20 s after lb1 (which holds its tombstone) is back", gone, v, s)
 	}
 }
+
+// lb1's agent is stopped (an upgrade), the operator deletes on lb1, and
+// Redis loses its data at once. lb2's agent is up: 'delete' returns once
+// it has taken the delete (its tombstone on lb2's disk), so lb2's
+// rebuild does not bring the name back (it did in the hostile review,
+// the FLUSHALL coming before lb2's agent took the event).
+func TestH33DeleteThenImmediateFlushallDeleterAgentDown(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	f.pool()
+	const gone, kept = "h33gone2.example.com", "h33kept2.example.com"
+	f.mustOn("lb1", "issue", "-d", gone, "--agree-tos")
+	f.mustOn("lb1", "issue", "-d", kept, "--agree-tos")
+	f.waitInstalled("lb2", gone)
+	f.waitInstalled("lb2", kept)
+	f.stopAgent("lb1")
+	f.mustOn("lb1", "delete", "--name", gone, "--yes")
+	f.flushAll()
+	if !poll(time.Minute, func() bool { return f.inFleet(kept) }) {
+		t.Fatalf("the fleet was not rebuilt after FLUSHALL:\n%s", f.nodes["lb2"].agentLog())
+	}
+	back := false
+	poll(15*time.Second, func() bool { back = f.inFleet(gone); return back })
+	if back {
+		v, s := f.head(gone)
+		t.Errorf("%s, deleted on lb1, is in the fleet again after FLUSHALL (version %d, serial %s)", gone, v, s)
+	}
+}

@@ -139,7 +139,57 @@ func (c *Catalog) Delete(ctx context.Context, name string) error {
 	}); err != nil {
 		return err
 	}
-	return c.N.Local.Forget(name, store.Tombstone{At: at, Fence: fence, By: c.N.Name, Version: version})
+	if err := c.N.Local.Forget(name, store.Tombstone{At: at, Fence: fence, By: c.N.Name, Version: version}); err != nil {
+		return err
+	}
+	c.N.awaitTaken(ctx, name)
+	return nil
+}
+
+// deleteWait bounds awaitTaken.
+var deleteWait = 10 * time.Second
+
+// awaitTaken waits, up to deleteWait, for every live agent of another
+// node to have applied the fleet's events up to now, so that the delete
+// just made is on their disks too: until then it is only in Redis and on
+// this node's disk, and a Redis that lost its data while this node is
+// down would be rebuilt without it (I3). An agent that does not take it
+// in time is named, and the delete stands.
+func (n *Node) awaitTaken(ctx context.Context, name string) {
+	var missing []string
+	for deadline := time.Now().Add(deleteWait); ; {
+		rctx, cancel := rctx(ctx)
+		id, err := n.Shared.LastEvent(rctx)
+		var took map[string]string
+		var agents []AgentInfo
+		if err == nil {
+			took, err = n.Shared.Took(rctx)
+		}
+		if err == nil {
+			agents, err = n.LiveAgents(rctx)
+		}
+		cancel()
+		if err != nil {
+			return // Redis away: the agents' reconcile compares tombstones later
+		}
+		missing = missing[:0]
+		for _, a := range agents {
+			if a.Node != n.Name && !rdb.EventAtLeast(took[a.Node], id) {
+				missing = append(missing, a.Node)
+			}
+		}
+		if len(missing) == 0 || !time.Now().Before(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if len(missing) > 0 {
+		slog.Warn("the delete is in the fleet's Redis and on this node, but these nodes' agents have not taken it yet; they will on their next reconcile", "name", name, "nodes", missing)
+	}
 }
 
 // Status is the fleet's renewal status of name; one that cannot be read

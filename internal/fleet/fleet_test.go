@@ -888,6 +888,7 @@ func TestMain(m *testing.M) {
 	// (awaitLooked): a rebuild would wait its whole bound each time.
 	// TestLaggingRebuilderSealsUnderTheNewerEpoch sets it back.
 	lookWait = 0
+	deleteWait = 0 // nor to take a delete
 	os.Exit(m.Run())
 }
 

@@ -65,3 +65,51 @@ func TestTombstonesGoInBeforeTheLook(t *testing.T) {
 		t.Error("the tombstone is not in the rebuilt Redis")
 	}
 }
+
+// Delete returns once every other live agent has taken it (its tombstone
+// on that node's disk), or after deleteWait naming the ones that have
+// not: a delete only in Redis and on the deleting node is lost to a
+// FLUSHALL while that node is down (hostile review).
+func TestDeleteWaitsForTheAgentsToTakeIt(t *testing.T) {
+	deleteWait = 2 * time.Second
+	defer func() { deleteWait = 0 }()
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinApproved(t, sh, lb1, dir, "lb2")
+	sh.Heartbeat(ctx, "lb2", []byte(`{"addr":"127.0.0.1:9"}`), time.Minute)
+	sh.Heartbeat(ctx, "lb1", []byte(`{"addr":"127.0.0.1:9"}`), time.Minute) // its own agent is not waited for
+	start := time.Now()
+	if err := (&Catalog{N: lb1}).Delete(ctx, "a.example"); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took < deleteWait {
+		t.Errorf("delete returned after %v with lb2's agent not having taken it, want the wait (%v)", took, deleteWait)
+	}
+	// lb2's agent takes every event as it comes.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if id, err := sh.LastEvent(ctx); err == nil {
+				sh.MarkTook(ctx, "lb2", id)
+			}
+		}
+	}()
+	start = time.Now()
+	if err := (&Catalog{N: lb1}).Delete(ctx, "b.example"); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("delete waited %v for an agent that took it at once", took)
+	}
+}

@@ -120,6 +120,7 @@ func (s *Syncer) follow(ctx context.Context) error {
 	if err := s.reconcile(ctx); err != nil {
 		return err
 	}
+	s.took(ctx, last)
 	next := time.Now().Add(s.Reconcile)
 	for ctx.Err() == nil {
 		if err := s.tick(ctx); err != nil {
@@ -167,11 +168,20 @@ func (s *Syncer) follow(ctx context.Context) error {
 		if err := s.forget(ctx, compact(gone)); err != nil {
 			return err
 		}
+		s.took(ctx, last)
 		if err := s.sync(ctx, compact(names)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// took says in Redis that this node has applied the events up to id:
+// every delete among them is on its disk (Catalog.Delete waits for it).
+func (s *Syncer) took(ctx context.Context, id string) {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	s.N.Shared.MarkTook(rctx, s.N.Name, id)
 }
 
 func compact(s []string) []string {

@@ -428,6 +428,31 @@ func (s *Shared) LastEvent(ctx context.Context) (string, error) {
 	return msgs[0].ID, nil
 }
 
+// MarkTook records that node's agent has applied the fleet's events up
+// to id (its tombstones are on its disk): a delete waits for it.
+func (s *Shared) MarkTook(ctx context.Context, node, id string) error {
+	return s.unavailable(s.c.HSet(ctx, s.k("took"), node, id).Err())
+}
+
+// Took is the last event each node's agent has applied.
+func (s *Shared) Took(ctx context.Context) (map[string]string, error) {
+	m, err := s.c.HGetAll(ctx, s.k("took")).Result()
+	return m, s.unavailable(err)
+}
+
+// EventAtLeast compares two event IDs ("<ms>-<seq>").
+func EventAtLeast(a, b string) bool {
+	split := func(id string) (int64, int64) {
+		ms, seq, _ := strings.Cut(id, "-")
+		m, _ := strconv.ParseInt(ms, 10, 64)
+		q, _ := strconv.ParseInt(seq, 10, 64)
+		return m, q
+	}
+	am, aq := split(a)
+	bm, bq := split(b)
+	return am > bm || am == bm && aq >= bq
+}
+
 // Events waits up to block for events after id, and returns them.
 func (s *Shared) Events(ctx context.Context, id string, block time.Duration) ([]Event, error) {
 	res, err := s.c.XRead(ctx, &goredis.XReadArgs{Streams: []string{s.k("events"), id}, Block: block, Count: 1000}).Result()
