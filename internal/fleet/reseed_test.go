@@ -113,3 +113,30 @@ func TestDeleteWaitsForTheAgentsToTakeIt(t *testing.T) {
 		t.Errorf("delete waited %v for an agent that took it at once", took)
 	}
 }
+
+// A version this node holds only in its archive (its deploy failed, so
+// it never went live) was handed out all the same: a rebuilt Redis gets
+// its counter back, and the name issued again elsewhere is numbered
+// above it (torture run 15, I2).
+func TestArchivedVersionCountsAfterARebuild(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	lb1, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &store.Lineage{Name: "a.example", Version: 1, Domains: []string{"a.example"}, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: "0a", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}}
+	if err := lb1.Local.Stage(l, store.Files{Cert: []byte("C"), Chain: []byte("CH"), Fullchain: []byte("F"), Key: []byte("K")}); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := lb1.Local.LiveVersion("a.example"); err == nil && v != 0 {
+		t.Fatalf("version %d is live; the test wants it archived only", v)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := sh.NextVersion(ctx, "a.example", 0); err != nil || v != 2 {
+		t.Errorf("the next version of a name whose version 1 is archived on a member: %d, %v; want 2", v, err)
+	}
+}

@@ -82,5 +82,17 @@ func (n *Node) seedSeen(ctx context.Context) error {
 	}
 	m = maps.Clone(m)
 	seenMu.Unlock()
+	// And every version in this node's archive, live or not: one whose
+	// deploy failed here, published just before Redis lost it (torture
+	// run 15: a FLUSHALL as lb1 published c15-05's version 1 with its
+	// load balancer broken), was handed out all the same, and a name
+	// issued again must be numbered above it (I2).
+	names, err := n.Local.Lineages()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		m[name] = max(m[name], n.Local.MaxVersion(name))
+	}
 	return n.Shared.SeedVersions(ctx, m)
 }
