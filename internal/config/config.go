@@ -182,7 +182,7 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 	// age, a lag): say so, rather than take it as zero or as "always".
 	fs.VisitAll(func(f *pflag.Flag) {
 		if d, ok := f.Value.(interface{ Type() string }); ok && d.Type() == "duration" && strings.HasPrefix(f.Value.String(), "-") {
-			errs = append(errs, fmt.Errorf("--%s %s: a duration cannot be negative", f.Name, f.Value))
+			errs = append(errs, fmt.Errorf("--%s %s: want 0 or more", f.Name, f.Value))
 		}
 	})
 	return errors.Join(errs...)

@@ -197,7 +197,7 @@ func TestNegativeDurationRefused(t *testing.T) {
 			}
 			return ""
 		})
-		if err == nil || !strings.Contains(err.Error(), "--wait-lock") || !strings.Contains(err.Error(), "cannot be negative") {
+		if err == nil || !strings.Contains(err.Error(), "--wait-lock") || !strings.Contains(err.Error(), "want 0 or more") {
 			t.Errorf("%+v: %v, want --wait-lock refused as negative", tc, err)
 		}
 	}
