@@ -19,6 +19,7 @@ package deploy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sort"
@@ -51,6 +52,9 @@ type Result struct {
 	Verify     string // "ok", "failed", or "" when no --verify-addr
 	Hook       string // "ok", "failed", or "" when no hook
 	Err        error  // the first failure, with the tool's own output
+	// Check, when the load balancer's config test failed, names that
+	// failure (Runner.Test gives the same for the same broken config).
+	Check string
 }
 
 // Failed reports whether anything about this change failed.
@@ -228,6 +232,9 @@ func (r *Runner) rollback(g *group, changes []Change, results []Result, cause er
 		}
 		results[i].RolledBack = true
 		results[i].Err = cause
+		if tf := (*testFailed)(nil); errors.As(cause, &tf) {
+			results[i].Check = fingerprint(tf.output)
+		}
 	}
 	slog.Warn("deploy failed; previous certificates restored, nothing reloaded", "lineages", len(g.changes))
 }

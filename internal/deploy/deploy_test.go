@@ -121,3 +121,45 @@ func TestGroupChanges(t *testing.T) {
 		t.Fatalf("groups: %v", got)
 	}
 }
+
+// A failed deploy's Check is what Test gives for the same broken config,
+// with the real nginx and HAProxy (installed by make deps): HAProxy's
+// process IDs in its messages do not make two runs of one test differ.
+// Another breakage gives another Check, a fixed config none.
+func TestCheckNamesTheBrokenConfig(t *testing.T) {
+	dir := t.TempDir()
+	ng := filepath.Join(dir, "nginx.conf")
+	hp := filepath.Join(dir, "haproxy.cfg")
+	good := map[string]string{
+		ng: "pid " + filepath.Join(dir, "nginx.pid") + ";\nerror_log stderr;\nevents {}\n",
+		hp: "global\n  log stderr local0\ndefaults\n  mode http\n  timeout client 1s\n  timeout server 1s\n  timeout connect 1s\nfrontend f\n  bind 127.0.0.1:1\n",
+	}
+	for _, d := range []store.Deploy{
+		{Target: "nginx", NginxBin: "nginx", NginxConf: ng},
+		{Target: "haproxy", HAProxyBin: "haproxy", HAProxyConf: hp, HAProxyCerts: filepath.Join(dir, "certs")},
+	} {
+		conf := confOf(d)
+		s := store.New(filepath.Join(dir, "state-"+d.Target))
+		saveVersion(t, s, "a.example", "old")
+		_, prev := saveVersion(t, s, "a.example", "new")
+		os.WriteFile(conf, []byte(good[conf]+"this_is_not_a_directive;\n"), 0o644)
+		r := &Runner{Store: s}
+		res := r.Run(context.Background(), []Change{{Name: "a.example", Domains: []string{"a.example"}, Previous: prev, Deploy: d}})[0]
+		if !res.RolledBack || res.Check == "" {
+			t.Fatalf("%s: a failed config test gives no Check: %+v", d.Target, res)
+		}
+		for range 2 {
+			if got := r.Test(context.Background(), d); got != res.Check {
+				t.Fatalf("%s: Test gives %q for the same broken config, the deploy %q", d.Target, got, res.Check)
+			}
+		}
+		os.WriteFile(conf, []byte(good[conf]+"another_unknown_word;\n"), 0o644)
+		if got := r.Test(context.Background(), d); got == "" || got == res.Check {
+			t.Fatalf("%s: broken otherwise, Test gives %q (the first breakage: %q)", d.Target, got, res.Check)
+		}
+		os.WriteFile(conf, []byte(good[conf]), 0o644)
+		if got := r.Test(context.Background(), d); got != "" {
+			t.Fatalf("%s: a good config's Test gives %q", d.Target, got)
+		}
+	}
+}

@@ -54,7 +54,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	}
 	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	if err != nil {
-		r.rollback(g, changes, results, cmdError(fmt.Sprintf("haproxy -c -f %s failed", d.HAProxyConf), err, out), undo)
+		r.rollback(g, changes, results, &testFailed{cmdError(fmt.Sprintf("haproxy -c -f %s failed", d.HAProxyConf), err, out), out}, undo)
 		return
 	}
 

@@ -69,7 +69,7 @@ func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(s
 func nginxReload(ctx context.Context, d store.Deploy) error {
 	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
 	if err != nil {
-		return nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out))
+		return &testFailed{nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out)), out}
 	}
 	if d.ReloadCmd != "" {
 		if out, err := run(ctx, commandTimeout, nil, d.ReloadCmd); err != nil {

@@ -86,6 +86,9 @@ type CA interface {
 // real one.
 type Deployer interface {
 	Run(ctx context.Context, changes []deploy.Change) []deploy.Result
+	// Test runs d's config test on what the load balancer has now and
+	// returns the failure's Check, or "" when it passes.
+	Test(ctx context.Context, d store.Deploy) string
 }
 
 // Budget is the client-side pace budget, shared by every command;

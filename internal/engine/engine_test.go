@@ -175,6 +175,17 @@ type fakeDeployer struct {
 	fail    map[string]bool
 	ctxOK   []bool // whether each Run's context was still live
 	st      *store.Store
+	// broken, when set, is the config test's failure: a failed deploy
+	// carries it as its Check, and Test returns it.
+	broken string
+	tests  int
+}
+
+func (d *fakeDeployer) Test(context.Context, store.Deploy) string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.tests++
+	return d.broken
 }
 
 func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deploy.Result {
@@ -188,7 +199,7 @@ func (d *fakeDeployer) Run(ctx context.Context, changes []deploy.Change) []deplo
 		out[i] = deploy.Result{Name: c.Name, Deployed: true}
 		if d.fail[c.Name] {
 			d.st.Rollback(c.Name, c.Previous)
-			out[i] = deploy.Result{Name: c.Name, RolledBack: true, Err: errors.New("nginx -t: syntax error")}
+			out[i] = deploy.Result{Name: c.Name, RolledBack: true, Err: errors.New("nginx -t: syntax error"), Check: d.broken}
 		}
 	}
 	sort.Strings(names)
@@ -375,6 +386,53 @@ func TestRenewRunsInParallel(t *testing.T) {
 	res := <-done
 	if res.Counts[Renewed] != 12 || f.ca.maxIn.Load() != 4 || len(f.dep.runs) != 1 || len(f.dep.runs[0]) != 12 {
 		t.Fatalf("renewed %d, max in flight %d, deploy runs %v", res.Counts[Renewed], f.ca.maxIn.Load(), f.dep.runs)
+	}
+}
+
+// A deploy owed because the load balancer's config test failed is not
+// swapped in again while the config, tested as it is, still fails the
+// same way: one config test per run, no deploy, the old certificate
+// live. A config that fails otherwise, or passes, gets the deploy.
+func TestBrokenConfigIsNotSwappedAgain(t *testing.T) {
+	f := newFixture(t)
+	old := f.saved("d.test")
+	f.clock.Add(70 * 24 * time.Hour)
+	f.dep.fail["d.test"], f.dep.broken = true, "c0ffee"
+	res := f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	if it := res.Items[0]; it.Outcome != Failed || it.Deploy != "rolled_back" {
+		t.Fatalf("first deploy: %+v", it)
+	}
+	if j, _ := f.st.Journal("d.test"); j.Pending == nil || j.Pending.Check != "c0ffee" {
+		t.Fatalf("the failed config test is not journalled: %+v", j.Pending)
+	}
+	runs, tests := len(f.dep.runs), f.dep.tests
+	for range 2 {
+		f.clock.Add(time.Hour)
+		res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+		it := res.Items[0]
+		if it.Outcome != Failed || !strings.Contains(it.Error, "config test fails without this certificate too") || !strings.Contains(it.Error, "nginx -t: syntax error") {
+			t.Fatalf("with the config still broken: %+v", it)
+		}
+	}
+	if len(f.dep.runs) != runs || f.dep.tests != tests+2 {
+		t.Fatalf("with the config still broken: %d more deploys, %d config tests; want none, 2", len(f.dep.runs)-runs, f.dep.tests-tests)
+	}
+	if l, _ := f.st.Load("d.test"); l.Cert.Serial != old.Cert.Serial {
+		t.Fatal("the new certificate was made live again")
+	}
+	// Broken another way (the test's output differs): tried again.
+	f.dep.broken = "beef"
+	f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	if len(f.dep.runs) != runs+1 {
+		t.Fatalf("a config broken otherwise: %d deploys, want 1", len(f.dep.runs)-runs)
+	}
+	f.dep.fail["d.test"], f.dep.broken = false, ""
+	res = f.run(context.Background(), Options{Command: "renew"}, job("d.test"))
+	if res.Items[0].Outcome != Deployed {
+		t.Fatalf("after the fix: %+v", res.Items[0])
+	}
+	if l, _ := f.st.Load("d.test"); l.Cert.Serial == old.Cert.Serial {
+		t.Fatal("the renewed certificate is not live after the fix")
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -51,6 +52,9 @@ type Node struct {
 	// Notes, when set, are the staged rollouts on their way (a fleet's):
 	// a run's result carries those that need an operator.
 	Notes func(ctx context.Context, now time.Time) ([]Note, error)
+
+	checkMu sync.Mutex
+	checked map[string]checked // DeployDigest → the last config test (stillBroken)
 }
 
 // Gated is a Gate's answer.
@@ -167,6 +171,9 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	}
 	live, _ := n.Local.LiveVersion(l.Name)
 	j, _ := n.Local.Journal(l.Name)
+	if err := n.stillBroken(ctx, l, j.Pending, live); err != nil {
+		return nil, err
+	}
 	previous := live
 	if p := j.Pending; p != nil && live == p.Version {
 		previous = p.Previous // a deploy a killed run left half-done
@@ -181,6 +188,49 @@ func (n *Node) prepare(ctx context.Context, l *store.Lineage, files func() (stor
 	}
 	return &want{l: l, previous: previous, deploy: n.settings(l)}, nil
 }
+
+// stillBroken keeps a deploy owed because the load balancer's config
+// test failed from being tried again while that test, run on what the
+// load balancer has now, still fails the same way: the config is broken
+// whatever the certificate, and swapping the new files in and out again
+// would only let an nginx that reads them per connection serve the new
+// certificate for the moment of each test. One test per load balancer
+// is shared by every lineage for checkedFor.
+func (n *Node) stillBroken(ctx context.Context, l *store.Lineage, p *store.Pending, live int) error {
+	if p == nil || p.Check == "" || p.Version == live || n.Deploy == nil {
+		return nil
+	}
+	d := n.settings(l)
+	key := store.DeployDigest(d)
+	n.checkMu.Lock()
+	c, ok := n.checked[key]
+	n.checkMu.Unlock()
+	if !ok || time.Since(c.at) > checkedFor {
+		c = checked{check: n.Deploy.Test(ctx, d), at: time.Now()}
+		n.checkMu.Lock()
+		if n.checked == nil {
+			n.checked = map[string]checked{}
+		}
+		n.checked[key] = c
+		n.checkMu.Unlock()
+	}
+	if c.check != p.Check {
+		return nil
+	}
+	return fmt.Errorf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(p.Error, rolledBackNote))
+}
+
+const rolledBackNote = "; rolled back to the previous certificate"
+
+// checked is one load balancer config test's result.
+type checked struct {
+	check string
+	at    time.Time
+}
+
+// checkedFor is how long a config test's result stands for the deploys
+// that follow.
+const checkedFor = 30 * time.Second
 
 // stage keeps l on this node without making it live: the node that
 // ordered a version a staged rollout holds back keeps a copy, as every
@@ -303,13 +353,13 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 	}
 	msg := oneLine(res.Err)
 	if res.RolledBack {
-		msg += "; rolled back to the previous certificate"
+		msg += rolledBackNote
 	}
 	j, _ := n.Local.Journal(name)
 	if j.Pending == nil || j.Pending.Version != w.l.Version {
 		j.Pending = &store.Pending{Version: w.l.Version, Previous: w.previous, Since: time.Now().UTC()}
 	}
-	j.Pending.Error = msg
+	j.Pending.Error, j.Pending.Check = msg, res.Check
 	j.Pending.PID, j.Pending.Start = 0, "" // owed, and nobody is at it: any process of the node may try again
 	if err := n.Local.SetJournal(name, j); err != nil {
 		slog.Warn("could not save the pending deploy", "name", name, "err", err)

@@ -14,6 +14,8 @@ import (
 
 type countingDeployer struct{ changes []deploy.Change }
 
+func (d *countingDeployer) Test(context.Context, store.Deploy) string { return "" }
+
 func (d *countingDeployer) Run(_ context.Context, changes []deploy.Change) []deploy.Result {
 	d.changes = append(d.changes, changes...)
 	out := make([]deploy.Result, len(changes))

@@ -68,6 +68,10 @@ type Pending struct {
 	Previous int       `json:"previous"` // live before it; 0 for a new lineage
 	Since    time.Time `json:"since"`
 	Error    string    `json:"error,omitempty"` // why the last deploy failed
+	// Check names the load balancer's failed config test when that is
+	// why (deploy.Result's Check): the next try first tests the config
+	// as it is, and waits while it still fails the same way.
+	Check string `json:"check,omitempty"`
 	// PID is the process that journalled it, Start when that process
 	// started (Self): while it runs (Running), another process of the
 	// node leaves the deploy to it.

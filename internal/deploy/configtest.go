@@ -1,0 +1,56 @@
+package deploy
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"regexp"
+	"strings"
+
+	"github.com/lbcert/lbcert/internal/store"
+)
+
+// testFailed is a load balancer config test (nginx -t, haproxy -c) that
+// failed. What it printed tells one broken config from another: a
+// deploy owed because the config was broken is not tried again, new
+// files swapped in and out, while the config test of the files as they
+// are still fails the same way (Runner.Test).
+type testFailed struct {
+	error
+	output string
+}
+
+func (e *testFailed) Unwrap() error { return e.error }
+
+// runParts are what differs from one run of the same config test to
+// the next: the time and "pid#tid:" nginx prints when its error log is
+// stderr, and the "(pid)" in HAProxy's messages.
+var runParts = regexp.MustCompile(`\d{4}/\d\d/\d\d \d\d:\d\d:\d\d|\d+#\d+:|\(\d+\)`)
+
+// fingerprint names a failed config test by its output, without what
+// changes from one run to the next.
+func fingerprint(output string) string {
+	s := runParts.ReplaceAllString(output, "")
+	sum := sha256.Sum256([]byte(strings.Join(strings.Fields(s), " ")))
+	return hex.EncodeToString(sum[:8])
+}
+
+// Test runs d's config test on the load balancer's files as they are,
+// changing nothing, and returns the failed test's fingerprint (as a
+// Result's Check), or "" when it passes or d has no config test.
+func (r *Runner) Test(ctx context.Context, d store.Deploy) string {
+	var out string
+	var err error
+	switch d.Target {
+	case "nginx":
+		out, err = run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+	case "haproxy":
+		out, err = run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
+	default:
+		return ""
+	}
+	if err == nil {
+		return ""
+	}
+	return fingerprint(out)
+}
