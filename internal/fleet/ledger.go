@@ -134,6 +134,48 @@ func (n *Node) copyLedger(ctx context.Context) error {
 	return nil
 }
 
+// knownPlaces are the places of set in this node's copy of the ledger
+// that it noted itself: the certificates it published or installed,
+// and the places its own orders took. Copies of the fleet's ledger
+// (copyLedger) stay out: a place another node gave back would be
+// counted again until the next copy.
+func (n *Node) knownPlaces(set string) map[string]time.Time {
+	ledgerMu.Lock()
+	m := n.ledgerCopy()
+	ledgerMu.Unlock()
+	out := map[string]time.Time{}
+	for member, e := range m {
+		if e.Set == set && e.From == "" {
+			out[member] = e.At
+		}
+	}
+	return out
+}
+
+// ledgerCopy is this node's copy of the ledger, read again only when
+// the file changed (another process of the node wrote it): a batch of
+// thousands of orders reads it once per order. The caller holds
+// ledgerMu and must not change what it returns.
+func (n *Node) ledgerCopy() map[string]issued {
+	fi, err := os.Stat(ledgerPath(n.Local))
+	if err != nil {
+		return nil
+	}
+	// Every write is an atomic rename: a new file, a new inode.
+	if c := n.ledgerCache; c != nil && os.SameFile(c.fi, fi) && c.fi.ModTime().Equal(fi.ModTime()) {
+		return c.m
+	}
+	m := readLedger(n.Local)
+	n.ledgerCache = &ledgerCache{m: m, fi: fi}
+	return m
+}
+
+// ledgerCache is ledgerCopy's parsed file and the stat it was read at.
+type ledgerCache struct {
+	m  map[string]issued
+	fi os.FileInfo
+}
+
 // noteReserved keeps, before an order reaches the CA, the ledger place
 // it took (id, the same member as in Redis) in this node's copy: a run
 // killed after the CA issued, and before it noted the certificate,

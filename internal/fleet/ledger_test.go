@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"testing"
@@ -219,5 +220,60 @@ func TestCopiedLedgerRebuildsAlone(t *testing.T) {
 	set := LedgerSet(server, o.Names)
 	if c, err := sh.LedgerCount(ctx, set, LedgerWindow, time.Now()); err != nil || c != 2 {
 		t.Fatalf("rebuilt from lb2 alone: count %d, %v; want 2", c, err)
+	}
+}
+
+// A Redis that comes back from an older snapshot, or loses its last
+// writes in a failover, is not empty: nothing rebuilds its ledger. The
+// places the ordering node noted itself go back in with the next take,
+// so a fourth certificate for a set at its cap of 3 is refused (seeds 3
+// and 9 of the fault test: five certificates for one set). A copy of
+// another node's place is not put back: it may have been given back.
+func TestLedgerSurvivesAnOlderSnapshot(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const server = "https://ca.example/dir"
+	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"a.example", "www.a.example"}}
+	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
+	set := LedgerSet(server, o.Names)
+	key := func() string {
+		keys, _ := sh.Client().Keys(ctx, "*ledger*").Result()
+		if len(keys) != 1 {
+			t.Fatalf("ledger keys %v, want one", keys)
+		}
+		return keys[0]
+	}
+	for i := range 3 {
+		if err := b.Reserve(k, o); err != nil {
+			t.Fatalf("order %d: %v", i+1, err)
+		}
+		l := &store.Lineage{Name: "a.example", Domains: o.Names, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: fmt.Sprintf("0%d", i)}}
+		l.LedgerID = n.takeReserved(set)
+		n.noteIssued(l)
+	}
+	// The snapshot Redis comes back from was taken before the last two.
+	lk := key()
+	members, _ := sh.Client().ZRange(ctx, lk, 0, -1).Result()
+	sh.Client().ZRem(ctx, lk, members[1], members[2])
+	// And a copy of another node's place that was given back meanwhile.
+	n.editLedger(func(m map[string]issued) bool {
+		m["lb2:given-back"] = issued{Set: set, At: time.Now(), From: "redis:old"}
+		return true
+	})
+	err = b.Reserve(k, o)
+	var d *pace.Denied
+	if !errors.As(err, &d) {
+		t.Fatalf("a fourth certificate for the set after the rollback: %v, want refused", err)
+	}
+	if c, _ := sh.LedgerCount(ctx, set, LedgerWindow, time.Now()); c != 3 {
+		t.Fatalf("count %d after the take, want the three certificates", c)
 	}
 }

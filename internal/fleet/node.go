@@ -121,18 +121,19 @@ type Node struct {
 	Name   string
 	ID     string // fleet ID
 
-	identity *age.X25519Identity
-	mu       sync.Mutex
-	keys     map[int][]byte // data keys by epoch
-	epoch    int            // current
-	members  []Member
-	stMu     sync.Mutex // guards st
-	st       local
-	roOnce   sync.Once
-	ro       *rolloutCache // rollout.go
-	resMu    sync.Mutex
-	reserved map[string][]string // ledger set -> places this process's orders took, oldest first (ledger.go)
-	seen     map[string]int      // the agent's copy of seen.json, under seenMu
+	identity    *age.X25519Identity
+	mu          sync.Mutex
+	keys        map[int][]byte // data keys by epoch
+	epoch       int            // current
+	members     []Member
+	stMu        sync.Mutex // guards st
+	st          local
+	roOnce      sync.Once
+	ro          *rolloutCache // rollout.go
+	resMu       sync.Mutex
+	ledgerCache *ledgerCache        // under ledgerMu (ledger.go)
+	reserved    map[string][]string // ledger set -> places this process's orders took, oldest first (ledger.go)
+	seen        map[string]int      // the agent's copy of seen.json, under seenMu
 }
 
 func fleetDir(st *store.Store) string { return filepath.Join(st.Dir, "fleet") }

@@ -249,7 +249,7 @@ func TestLedgerCapsExactSets(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			got, _, err := s.LedgerTake(ctx, "a.com,www.a.com", "id"+itoa(int64(i)), 3, week, now)
+			got, _, err := s.LedgerTake(ctx, "a.com,www.a.com", "id"+itoa(int64(i)), 3, week, now, nil)
 			if err != nil {
 				t.Error(err)
 			}
@@ -262,7 +262,7 @@ func TestLedgerCapsExactSets(t *testing.T) {
 	if ok.Load() != 3 {
 		t.Fatalf("%d places taken, want 3", ok.Load())
 	}
-	got, free, _ := s.LedgerTake(ctx, "a.com,www.a.com", "late", 3, week, now)
+	got, free, _ := s.LedgerTake(ctx, "a.com,www.a.com", "late", 3, week, now, nil)
 	if got || free.Sub(now.Add(week)).Abs() > time.Second {
 		t.Errorf("full ledger: got=%v free at %v", got, free)
 	}
@@ -279,6 +279,31 @@ func TestLedgerCapsExactSets(t *testing.T) {
 	s.LedgerSeed(ctx, "b.com", "new", now.Add(-time.Hour), week)
 	if n, _ := s.LedgerCount(ctx, "b.com", week, now); n != 1 {
 		t.Errorf("seeded count %d, want 1", n)
+	}
+}
+
+// The places a node knows of go back in before the count: a Redis that
+// came back from an older snapshot, without them, does not give their
+// places again; what is known twice, or from before the window, counts
+// once or not at all.
+func TestLedgerTakePutsBackKnownPlaces(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	now := time.Now()
+	week := 7 * 24 * time.Hour
+	if ok, _, _ := s.LedgerTake(ctx, "c.com", "first", 3, week, now, nil); !ok {
+		t.Fatal("an empty set refused a place")
+	}
+	known := map[string]time.Time{"first": now, "lost1": now.Add(-time.Hour), "lost2": now.Add(-2 * time.Hour), "stale": now.Add(-8 * 24 * time.Hour)}
+	ok, free, err := s.LedgerTake(ctx, "c.com", "fourth", 3, week, now, known)
+	if err != nil || ok {
+		t.Fatalf("with three places known, one of them in Redis: took=%v err=%v, want refused", ok, err)
+	}
+	if want := now.Add(-2 * time.Hour).Add(week); free.Sub(want).Abs() > time.Second {
+		t.Errorf("frees at %v, want %v (the oldest known place's end)", free, want)
+	}
+	if n, _ := s.LedgerCount(ctx, "c.com", week, now); n != 3 {
+		t.Errorf("count %d, want 3 (the stale place is not put back)", n)
 	}
 }
 

@@ -163,10 +163,19 @@ func (s *Shared) Agents(ctx context.Context) (map[string][]byte, error) {
 
 // ledgerScript counts the certificates of one exact set of names in the
 // window and takes a place if there is one, atomically: a second node
-// cannot see the same free place. It returns 0 and the oldest entry's
-// time when the set is at its cap.
+// cannot see the same free place. ARGV[5..] are (member, issued at)
+// pairs the caller knows of for the set: they go in first, if missing,
+// so a Redis that came back from an older snapshot (or lost writes in a
+// failover) counts them again. It returns 0 and the oldest entry's time
+// when the set is at its cap.
 var ledgerScript = goredis.NewScript(`
 local now, window, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  local at = tonumber(ARGV[i+1])
+  if at > now - window then
+    redis.call('ZADD', KEYS[1], 'NX', at, ARGV[i])
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 if redis.call('ZCARD', KEYS[1]) >= cap then
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -183,10 +192,15 @@ func (s *Shared) ledgerKey(set string) string {
 }
 
 // LedgerTake takes one of cap places for a new certificate of the exact
-// set of names set, within window. When the set is full it returns false
-// and when the oldest place frees.
-func (s *Shared) LedgerTake(ctx context.Context, set, id string, cap int, window time.Duration, now time.Time) (bool, time.Time, error) {
-	res, err := ledgerScript.Run(ctx, s.c, []string{s.ledgerKey(set)}, now.UnixMilli(), window.Milliseconds(), cap, id).Int64Slice()
+// set of names set, within window, after putting back the places of
+// known (member -> when) that Redis lacks. When the set is full it
+// returns false and when the oldest place frees.
+func (s *Shared) LedgerTake(ctx context.Context, set, id string, cap int, window time.Duration, now time.Time, known map[string]time.Time) (bool, time.Time, error) {
+	args := []any{now.UnixMilli(), window.Milliseconds(), cap, id}
+	for m, at := range known {
+		args = append(args, m, at.UnixMilli())
+	}
+	res, err := ledgerScript.Run(ctx, s.c, []string{s.ledgerKey(set)}, args...).Int64Slice()
 	if err != nil {
 		return false, time.Time{}, s.unavailable(err)
 	}
