@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -92,20 +93,30 @@ func TestWriteLockShared(t *testing.T) {
 // certificate for one set) still counts in a Redis rebuilt from the
 // nodes' copies. The place makes way for the certificate once noted
 // (one entry, not two), and goes when the order issued nothing.
-func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
+// ledgerServer is the CA the ledger tests order from.
+const ledgerServer = "https://ca.example/dir"
+
+// budgetNode starts a one-node fleet on its own Redis, with the fleet's
+// budget at a cap of 3.
+func budgetNode(t *testing.T) (*Node, *rdb.Shared, *Budget) {
+	t.Helper()
 	_, sh := startRedis(t)
-	ctx := context.Background()
-	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
+	n, err := Init(context.Background(), sh, store.New(t.TempDir()), "lb1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	const server = "https://ca.example/dir"
-	k := pace.Key{Server: server}
 	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
+	return n, sh, &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
+}
+
+func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
+	n, sh, b := budgetNode(t)
+	ctx := context.Background()
+	const server = ledgerServer
+	k := pace.Key{Server: server}
 	set := LedgerSet(server, []string{"a.example"})
 	count := func() int {
 		t.Helper()
@@ -230,19 +241,10 @@ func TestCopiedLedgerRebuildsAlone(t *testing.T) {
 // and 9 of the fault test: five certificates for one set). A copy of
 // another node's place is not put back: it may have been given back.
 func TestLedgerSurvivesAnOlderSnapshot(t *testing.T) {
-	_, sh := startRedis(t)
+	n, sh, b := budgetNode(t)
 	ctx := context.Background()
-	n, err := Init(ctx, sh, store.New(t.TempDir()), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	const server = "https://ca.example/dir"
+	const server = ledgerServer
 	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"a.example", "www.a.example"}}
-	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
 	set := LedgerSet(server, o.Names)
 	key := func() string {
 		keys, _ := sh.Client().Keys(ctx, "*ledger*").Result()
@@ -268,7 +270,7 @@ func TestLedgerSurvivesAnOlderSnapshot(t *testing.T) {
 		m["lb2:given-back"] = issued{Set: set, At: time.Now(), From: "redis:old"}
 		return true
 	})
-	err = b.Reserve(k, o)
+	err := b.Reserve(k, o)
 	var d *pace.Denied
 	if !errors.As(err, &d) {
 		t.Fatalf("a fourth certificate for the set after the rollback: %v, want refused", err)
