@@ -63,6 +63,22 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 	if err := n.awaitCatchUp(wctx); err != nil {
 		return 0, err
 	}
+	// The wait may have used up the caller's deadline for one attempt:
+	// the Redis calls that follow get one of their own, or they fail as
+	// if Redis did not answer.
+	var cancels []context.CancelFunc
+	defer func() {
+		for _, c := range cancels {
+			c()
+		}
+	}()
+	base := context.WithoutCancel(ctx)
+	fresh := func() context.Context {
+		c, cancel := context.WithTimeout(base, attemptTimeout)
+		cancels = append(cancels, cancel)
+		return c
+	}
+	ctx = fresh()
 	if l.LedgerID == "" {
 		l.LedgerID = n.takeReserved(LedgerSet(l.Server, l.Domains))
 	}
@@ -87,6 +103,7 @@ func (n *Node) publish(ctx context.Context, token int64, l *store.Lineage, files
 			if err := n.awaitCatchUp(wctx); err != nil {
 				return 0, err
 			}
+			ctx = fresh()
 			continue
 		}
 		if errors.As(err, &stale) {
@@ -288,9 +305,10 @@ func (n *Node) awaitCatchUp(ctx context.Context) error {
 // plus one beat.
 const (
 	catchUpWindow = 10 * time.Minute
-	catchUpWait   = 20 * time.Second
 	catchUpGrace  = maxBackoff + 3*time.Second
 )
+
+var catchUpWait = 20 * time.Second // a variable for the tests
 
 // notCaughtUp lists the members that have not added their disk to Redis
 // generation gen, rebuilt at rebuilt: those with a live agent, and until

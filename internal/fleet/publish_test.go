@@ -47,6 +47,42 @@ func TestPublishIntoAnEmptiedRedisRebuildsFirst(t *testing.T) {
 	}
 }
 
+// A publish right after a rebuild waits for a member that has not
+// added its disk yet (catchUpWait), then goes ahead: the wait must not
+// use up the deadline of the publish's own Redis calls, which then
+// failed as if Redis did not answer, and the certificate the CA issued
+// was kept on this node instead of published (the fault test, seed 10:
+// the final renewal after every fault healed).
+func TestPublishAfterWaitingForACatchUpGoesAhead(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinApproved(t, sh, lb1, dir, "lb2") // never catches up
+	sh.Client().FlushAll(ctx)
+	if err := lb1.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// lb2's agent beats, and never adds its disk.
+	sh.Heartbeat(ctx, "lb2", []byte(`{"addr":"127.0.0.1:9"}`), time.Minute)
+	defer func(w time.Duration) { catchUpWait = w }(catchUpWait)
+	catchUpWait = attemptTimeout + time.Second
+	c := NewCatalog(lb1)
+	lease, err := c.Acquire(ctx, "a.test", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Release()
+	l, files := catalogtest.Cert(t, "a.test", time.Now().UTC().Truncate(time.Second))
+	v, err := c.Publish(ctx, lease, l, files)
+	if err != nil || v != 1 {
+		t.Fatalf("publish after waiting for lb2: version %d, %v; want 1 published", v, err)
+	}
+}
+
 // I2 through a delete and a Redis loss: a name deleted at version 2,
 // then issued again after Redis lost its data, is numbered 3, not 1
 // again: the deleting node's tombstone keeps the number and gives it

@@ -138,13 +138,17 @@ const redisWait = 30 * time.Second
 // drops every heartbeat at once). The order is already placed.
 const agentWait = 12 * time.Second
 
+// attemptTimeout bounds one attempt of withRedis: a Redis that does not
+// answer within it is taken for away.
+const attemptTimeout = 5 * time.Second
+
 // withRedis runs f, retrying while Redis is unreachable, up to redisWait;
 // before says what the wait spares (for the one warning it gives).
 func withRedis(ctx context.Context, before string, f func(context.Context) error) error {
 	deadline := time.Now().Add(redisWait)
 	wait := 250 * time.Millisecond
 	for {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		cctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 		err := f(cctx)
 		cancel()
 		if err == nil || !errors.As(err, new(*rdb.Unavailable)) || time.Now().Add(wait).After(deadline) {
