@@ -332,10 +332,7 @@ func TestEmptiedRedisKeepsTheMembership(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	fp, _, _ := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
 	if err := lb1.Approve(ctx, "lb2", fp); err != nil {
 		t.Fatal(err)
@@ -640,10 +637,7 @@ func TestRemovedAgentAnswersNoTokenOnceRemoveReturns(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	get := map[string]func(token string) int{}
 	for _, name := range []string{"lb2", "lb3"} {
 		st := store.New(filepath.Join(dir, name))
@@ -865,6 +859,16 @@ func TestLateJoinerRepairsAnOlderEpoch(t *testing.T) {
 
 // joinApproved joins name (its state under dir) to by's fleet, has by
 // approve it, and opens it.
+// firstNode starts a fleet on sh with lb1, its state under dir/lb1.
+func firstNode(t *testing.T, sh *rdb.Shared, dir string) *Node {
+	t.Helper()
+	lb1, err := Init(context.Background(), sh, store.New(filepath.Join(dir, "lb1")), "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lb1
+}
+
 func joinApproved(t *testing.T, sh *rdb.Shared, by *Node, dir, name string) *Node {
 	t.Helper()
 	ctx := context.Background()
@@ -903,10 +907,7 @@ func TestLaggingRebuilderSealsUnderTheNewerEpoch(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
 	joinApproved(t, sh, lb1, dir, "lb3")
 	lb2.loadMembers(ctx, false) // lb2's copy lists lb3

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -183,10 +182,7 @@ func TestCopiedLedgerRebuildsAlone(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
 	const server = "https://ca.example/dir"
 	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"a.example"}}

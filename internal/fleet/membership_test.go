@@ -2,11 +2,9 @@ package fleet
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/lbcert/lbcert/internal/store"
 )
 
 // Approve and remove name what is wrong with the node they are given
@@ -16,10 +14,7 @@ func TestApproveAndRemoveSayWhatIsWrong(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	joinApproved(t, sh, lb1, dir, "lb2")
 	for _, tc := range []struct{ node, want string }{
 		{"lb2", "lb2 is already a member"},

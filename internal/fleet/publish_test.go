@@ -57,10 +57,7 @@ func TestPublishAfterWaitingForACatchUpGoesAhead(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	joinApproved(t, sh, lb1, dir, "lb2") // never catches up
 	sh.Client().FlushAll(ctx)
 	if err := lb1.CheckSeeded(ctx); err != nil {
@@ -94,10 +91,7 @@ func TestDeletedNameIssuedAgainAfterRedisLossIsNumberedAbove(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	fp, _, err := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
 	if err != nil {
 		t.Fatal(err)
@@ -161,10 +155,7 @@ func TestCatchUpWaitsForEveryMemberRightAfterARebuild(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	fp, _, err := Join(ctx, sh, store.New(filepath.Join(dir, "lb2")), "lb2")
 	if err != nil {
 		t.Fatal(err)

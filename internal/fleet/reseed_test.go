@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"context"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -23,10 +22,7 @@ func TestTombstonesGoInBeforeTheLook(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
 	issued := time.Now().Add(-time.Minute)
 	for _, n := range []*Node{lb1, lb2} {
@@ -76,10 +72,7 @@ func TestDeleteWaitsForTheAgentsToTakeIt(t *testing.T) {
 	_, sh := startRedis(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	lb1, err := Init(ctx, sh, store.New(filepath.Join(dir, "lb1")), "lb1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb1 := firstNode(t, sh, dir)
 	joinApproved(t, sh, lb1, dir, "lb2")
 	sh.Heartbeat(ctx, "lb2", []byte(`{"addr":"127.0.0.1:9"}`), time.Minute)
 	sh.Heartbeat(ctx, "lb1", []byte(`{"addr":"127.0.0.1:9"}`), time.Minute) // its own agent is not waited for
