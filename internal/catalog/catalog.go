@@ -81,9 +81,11 @@
 //     counts), and a copy of the fleet's whole ledger (its agent copies
 //     it at start and every 10 minutes, so a fleet whose nodes were all
 //     replaced still knows); it rebuilds an emptied ledger from them,
-//     and a node ordering puts back the places it noted itself for the
-//     set before it takes one (a Redis back from an older snapshot, or
-//     one that lost writes in a failover, is not empty). So through any
+//     and, as a Redis back from an older snapshot or one that lost
+//     writes in a failover is not empty, every agent puts back the
+//     places its node noted itself at each reconcile, and a node
+//     ordering puts back its own for the set before it takes one. So
+//     through any
 //     one Redis loss a fleet orders at most its cap plus one
 //     certificate per exact set of names in 7 days, never more than the
 //     CA's 5.

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -132,6 +133,24 @@ func (n *Node) copyLedger(ctx context.Context) error {
 		return changed
 	})
 	return nil
+}
+
+// putBackLedger puts every place this node noted itself (knownPlaces,
+// for every set) back into Redis where it is missing. The agent does it
+// at every reconcile: after a Redis loss that left Redis not empty (an
+// older snapshot, a failover that lost writes), the places only other
+// nodes' disks hold come back within one reconcile, before most orders.
+func (n *Node) putBackLedger(ctx context.Context) error {
+	ledgerMu.Lock()
+	m := n.ledgerCopy()
+	var places []rdb.LedgerPlace
+	for member, e := range m {
+		if e.Set != "" && e.From == "" {
+			places = append(places, rdb.LedgerPlace{Set: e.Set, Member: member, At: e.At})
+		}
+	}
+	ledgerMu.Unlock()
+	return n.Shared.LedgerPutBack(ctx, places, LedgerWindow)
 }
 
 // knownPlaces are the places of set in this node's copy of the ledger

@@ -173,17 +173,23 @@ func TestLedgerPlaceSurvivesRedisLoss(t *testing.T) {
 	}
 }
 
+// twoNodes starts a fleet of lb1 and lb2 on its own Redis.
+func twoNodes(t *testing.T) (*rdb.Shared, *Node, *Node) {
+	t.Helper()
+	_, sh := startRedis(t)
+	dir := t.TempDir()
+	lb1 := firstNode(t, sh, dir)
+	return sh, lb1, joinApproved(t, sh, lb1, dir, "lb2")
+}
+
 // A node that never saw a set's certificates (it joined after them, and
 // every node that installed them has left: seed 2 of the fault test,
 // six certificates for one set) holds them after it copies the fleet's
 // ledger, and rebuilds them into an emptied Redis alone. A place given
 // back after the copy leaves the copy at the next one.
 func TestCopiedLedgerRebuildsAlone(t *testing.T) {
-	_, sh := startRedis(t)
+	sh, lb1, lb2 := twoNodes(t)
 	ctx := context.Background()
-	dir := t.TempDir()
-	lb1 := firstNode(t, sh, dir)
-	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
 	const server = "https://ca.example/dir"
 	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"a.example"}}
 	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
@@ -273,5 +279,52 @@ func TestLedgerSurvivesAnOlderSnapshot(t *testing.T) {
 	}
 	if c, _ := sh.LedgerCount(ctx, set, LedgerWindow, time.Now()); c != 3 {
 		t.Fatalf("count %d after the take, want the three certificates", c)
+	}
+}
+
+// After such a rollback a node that knows none of the set's places (it
+// joined since) orders against what the other nodes' agents put back
+// at their reconcile: every place a node noted itself, none of its
+// copies of other nodes' places (torture seed 12 at 5002a9e: two nodes
+// that joined after the set's three certificates each ordered one).
+func TestAgentsPutTheLedgerBack(t *testing.T) {
+	sh, lb1, lb2 := twoNodes(t)
+	ctx := context.Background()
+	const server = ledgerServer
+	k, o := pace.Key{Server: server}, pace.Order{Names: []string{"b.example"}}
+	set := LedgerSet(server, o.Names)
+	var ls []*store.Lineage
+	for i := range 3 {
+		ls = append(ls, &store.Lineage{Name: "b.example", Domains: o.Names, Server: server, IssuedAt: time.Now(), Cert: store.CertInfo{Serial: fmt.Sprintf("b%d", i)}, LedgerID: fmt.Sprintf("lb9:%d", i)})
+	}
+	lb1.noteIssued(ls...) // lb1's agent installed all three
+	lb1.editLedger(func(m map[string]issued) bool {
+		m["lb9:given-back"] = issued{Set: set, At: time.Now(), From: "redis:old"}
+		return true
+	})
+	if err := lb1.putBackLedger(ctx); err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		c, err := sh.LedgerCount(ctx, set, LedgerWindow, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if c := count(); c != 3 {
+		t.Fatalf("after lb1 put its places back: count %d, want 3 (its copy of a given-back place stays out)", c)
+	}
+	sh.Client().FlushDB(ctx) // not a rebuild: as if Redis came back without the ledger
+	if err := lb1.putBackLedger(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Budget{Pace: pb, N: lb2, Cap: 3, Now: time.Now}
+	if err := b.Reserve(k, o); !errors.As(err, new(*pace.Denied)) {
+		t.Fatalf("lb2 orders a fourth certificate for the set: %v, want refused", err)
 	}
 }

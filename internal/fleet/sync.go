@@ -205,6 +205,9 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	}
 	s.sweepPace()
 	s.copyLedger(rctx)
+	if err := s.N.putBackLedger(rctx); err != nil {
+		return err
+	}
 	names, err := s.N.Shared.Names(rctx)
 	if err != nil {
 		return err

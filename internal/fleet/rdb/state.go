@@ -228,6 +228,34 @@ func (s *Shared) LedgerSeed(ctx context.Context, set, id string, at time.Time, w
 	return s.unavailable(err)
 }
 
+// LedgerPlace is one place a node knows of: a member of the exact set
+// Set's ledger, taken at At.
+type LedgerPlace struct {
+	Set, Member string
+	At          time.Time
+}
+
+// LedgerPutBack puts places back into the ledger, each only where it is
+// missing, in one round trip: a Redis back from an older snapshot, or
+// one that lost its last writes in a failover, is not empty, and
+// nothing else would rebuild its ledger.
+func (s *Shared) LedgerPutBack(ctx context.Context, places []LedgerPlace, window time.Duration) error {
+	p := s.c.Pipeline()
+	for _, pl := range places {
+		if time.Since(pl.At) > window {
+			continue
+		}
+		k := s.ledgerKey(pl.Set)
+		p.ZAddNX(ctx, k, goredis.Z{Score: float64(pl.At.UnixMilli()), Member: pl.Member})
+		p.PExpire(ctx, k, window)
+	}
+	if p.Len() == 0 {
+		return nil
+	}
+	_, err := p.Exec(ctx)
+	return s.unavailable(err)
+}
+
 // LedgerEntry is one place in the ledger: an order's place id (its
 // certificate's LedgerID), or a certificate's serial.
 type LedgerEntry struct {
