@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"path/filepath"
 	"regexp"
 	"strings"
 
@@ -49,8 +50,30 @@ func (r *Runner) Test(ctx context.Context, d store.Deploy) string {
 	default:
 		return ""
 	}
-	if err == nil {
+	if err == nil || r.namesOwnFiles(out, d) {
 		return ""
 	}
 	return fingerprint(out)
+}
+
+// namesOwnFiles reports whether a failed config test names a file
+// lbcert writes: a lineage's live or archived files, HAProxy's
+// certificate directory, the nginx include file. Such a failure may be
+// this run's to fix (two new lineages whose server blocks each need the
+// other's files: neither passes the test alone, both pass together), so
+// it never holds a deploy back.
+func (r *Runner) namesOwnFiles(out string, d store.Deploy) bool {
+	own := []string{filepath.Dir(filepath.Dir(r.Store.LivePaths("x").Dir)) + string(filepath.Separator)}
+	if d.HAProxyCerts != "" {
+		own = append(own, filepath.Clean(d.HAProxyCerts)+string(filepath.Separator))
+	}
+	if d.NginxInclude != "" {
+		own = append(own, d.NginxInclude)
+	}
+	for _, p := range own {
+		if strings.Contains(out, p) {
+			return true
+		}
+	}
+	return false
 }

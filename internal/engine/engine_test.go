@@ -931,3 +931,23 @@ func TestPrepareSkipsADeletedName(t *testing.T) {
 		t.Fatalf("issued again after the delete: %v, %v", w, err)
 	}
 }
+
+// A renewal's certificate is published without the previous version's
+// ledger place: its own order's place is the catalog's to give (a fleet
+// counted every renewal under the first certificate's place).
+func TestRenewalDoesNotInheritTheLedgerPlace(t *testing.T) {
+	f := newFixture(t)
+	l := f.saved("p.test")
+	l.LedgerID = "lb1:first-order"
+	if err := f.st.UpdateMeta(l); err != nil {
+		t.Fatal(err)
+	}
+	res := f.run(context.Background(), Options{Command: "renew"}, Job{Lineage: store.Lineage{Name: "p.test"}, Stored: true, Force: true})
+	if res.Items[0].Outcome != Renewed {
+		t.Fatalf("renew: %+v", res.Items[0])
+	}
+	got, err := f.st.Load("p.test")
+	if err != nil || got.Version != l.Version+1 || got.LedgerID != "" {
+		t.Fatalf("the renewal's record: version %d, ledger place %q, %v; want version %d and no place of its own here", got.Version, got.LedgerID, err, l.Version+1)
+	}
+}

@@ -382,6 +382,12 @@ func (r *run) mayStart(s *step) bool {
 func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog.Lease) {
 	e, it := r.e, s.item
 	l.Cert = got.Info
+	// The ledger place is this certificate's own order's, which the
+	// catalog gives it when it publishes; a renewal starts from the
+	// previous version's record, whose place was that order's (hostile
+	// review: every renewal counted under the first certificate's place,
+	// so the nodes that installed three certificates of a set knew one).
+	l.LedgerID = ""
 	if l.Profile == "" && l.Fallback.Primary == "" {
 		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
 	}
