@@ -134,7 +134,11 @@ func (r *chaosRun) checkConvergence(quietAt time.Time) (map[string]catalogEntry,
 		}
 		if err == nil {
 			lag = r.lagging(cat, ro)
-			if len(lag) == 0 {
+			// A catalog Redis is still being rebuilt into (Redis came
+			// back empty just before quiet, and an agent reconnects
+			// within its 10 s backoff) is served everywhere, and
+			// incomplete: the names it lacks are waited for too.
+			if len(lag) == 0 && len(r.missingFrom(cat)) == 0 {
 				r.logf("quiet: every member serves every lineage's newest serial (%d lineages), %s after quiet", len(cat), time.Since(quietAt).Round(100*time.Millisecond))
 				break
 			}
@@ -151,12 +155,22 @@ func (r *chaosRun) checkConvergence(quietAt time.Time) (map[string]catalogEntry,
 		}
 		time.Sleep(time.Second)
 	}
-	for name, at := range r.expectedLive() {
-		if _, ok := cat[name]; !ok {
-			r.violate("I1", "%s, issued at %s and never deleted, is not in the fleet's lineages", name, at)
-		}
+	for name, at := range r.missingFrom(cat) {
+		r.violate("I1", "%s, issued at %s and never deleted, is not in the fleet's lineages", name, at)
 	}
 	return cat, lag
+}
+
+// missingFrom is what was issued successfully and never deleted that
+// cat lacks, with when it was issued.
+func (r *chaosRun) missingFrom(cat map[string]catalogEntry) map[string]string {
+	out := map[string]string{}
+	for name, at := range r.expectedLive() {
+		if _, ok := cat[name]; !ok {
+			out[name] = at
+		}
+	}
+	return out
 }
 
 func capList(l []string, n int) []string {
