@@ -241,10 +241,10 @@ func (s *Set) Len() int {
 	return 1 + len(s.Fallbacks)
 }
 
-// sameCA is one CA's directory, however it is spelt: a trailing slash,
-// a capital or a trailing dot in the host, or the scheme's default
-// port makes no other CA.
-func sameCA(s string) string {
+// Canonical is one CA's directory, however it is spelt: a trailing
+// slash, a capital or a trailing dot in the host, or the scheme's
+// default port makes no other CA.
+func Canonical(s string) string {
 	u, err := url.Parse(strings.TrimRight(s, "/"))
 	if err != nil || u.Host == "" {
 		return s
@@ -263,7 +263,7 @@ func sameCA(s string) string {
 // NewSet checks fallbacks against each other and against the primary
 // (--server's directory, "" when unknown).
 func NewSet(primary string, fallbacks []CA, b *Breakers) (*Set, error) {
-	key := sameCA
+	key := Canonical
 	seen := map[string]string{key(primary): "the primary's directory (--server)"}
 	names := map[string]bool{}
 	for _, c := range fallbacks {
@@ -285,7 +285,7 @@ func (s *Set) Fallback(server string) (CA, bool) {
 		return CA{}, false
 	}
 	for _, c := range s.Fallbacks {
-		if sameCA(c.Server) == sameCA(server) {
+		if Canonical(c.Server) == Canonical(server) {
 			return c, true
 		}
 	}
@@ -320,15 +320,15 @@ func (s *Set) For(l *store.Lineage) []Candidate {
 		return []Candidate{first}
 	}
 	out := []Candidate{first}
-	if _, demoted := s.Fallback(home); demoted && s.primary != "" && sameCA(s.primary) != sameCA(home) {
+	if _, demoted := s.Fallback(home); demoted && s.primary != "" && Canonical(s.primary) != Canonical(home) {
 		// The lineage's profile and chain were its old CA's: the new
 		// primary orders under its default profile if it lacks it.
 		out = []Candidate{{Name: s.Label(s.primary), Server: s.primary, Email: email, Profile: l.Profile, ProfileOptional: true, Primary: true}}
-	} else if s.primary != "" && sameCA(s.primary) != sameCA(home) {
+	} else if s.primary != "" && Canonical(s.primary) != Canonical(home) {
 		out = append(out, Candidate{Name: s.Label(s.primary), Server: s.primary, Email: email, Profile: l.Profile, ProfileOptional: true, Primary: true})
 	}
 	for _, c := range s.Fallbacks {
-		if sameCA(c.Server) == sameCA(out[0].Server) || (len(out) > 1 && sameCA(c.Server) == sameCA(out[1].Server)) {
+		if Canonical(c.Server) == Canonical(out[0].Server) || (len(out) > 1 && Canonical(c.Server) == Canonical(out[1].Server)) {
 			continue
 		}
 		cand := Candidate{Name: c.Name, Server: c.Server, Email: c.Email, PreferredChain: c.PreferredChain, Profile: l.Profile, ProfileOptional: true}

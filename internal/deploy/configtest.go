@@ -61,19 +61,52 @@ func (r *Runner) Test(ctx context.Context, d store.Deploy) string {
 // certificate directory, the nginx include file. Such a failure may be
 // this run's to fix (two new lineages whose server blocks each need the
 // other's files: neither passes the test alone, both pass together), so
-// it never holds a deploy back.
+// it never holds a deploy back. The paths the test printed are compared
+// with symbolic links followed and made absolute, as the config may
+// reach the state directory by a link or --dir may be relative.
 func (r *Runner) namesOwnFiles(out string, d store.Deploy) bool {
-	own := []string{filepath.Dir(filepath.Dir(r.Store.LivePaths("x").Dir)) + string(filepath.Separator)}
+	dirs := []string{resolve(filepath.Dir(filepath.Dir(r.Store.LivePaths("x").Dir)))}
 	if d.HAProxyCerts != "" {
-		own = append(own, filepath.Clean(d.HAProxyCerts)+string(filepath.Separator))
+		dirs = append(dirs, resolve(d.HAProxyCerts))
 	}
+	include := ""
 	if d.NginxInclude != "" {
-		own = append(own, d.NginxInclude)
+		include = resolve(d.NginxInclude)
 	}
-	for _, p := range own {
-		if strings.Contains(out, p) {
+	for _, p := range absPaths.FindAllString(out, -1) {
+		p = resolve(p)
+		if include != "" && p == include {
 			return true
+		}
+		for _, dir := range dirs {
+			if rel, err := filepath.Rel(dir, p); err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+				return true
+			}
 		}
 	}
 	return false
+}
+
+// absPaths are the absolute paths in a config test's output: nginx and
+// HAProxy print every file they name in full, quoted or in parentheses.
+var absPaths = regexp.MustCompile(`/[^\s"'():;,\[\]]+`)
+
+// resolve is p made absolute, with the symbolic links of as much of it
+// as exists followed (a missing file's directory is resolved and its
+// name joined back).
+func resolve(p string) string {
+	p, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	rest := ""
+	for q := p; ; q = filepath.Dir(q) {
+		if real, err := filepath.EvalSymlinks(q); err == nil {
+			return filepath.Join(real, rest)
+		}
+		if q == filepath.Dir(q) {
+			return p
+		}
+		rest = filepath.Join(filepath.Base(q), rest)
+	}
 }

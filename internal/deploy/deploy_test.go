@@ -168,19 +168,41 @@ func TestCheckNamesTheBrokenConfig(t *testing.T) {
 // A config test that fails on a file lbcert writes (a lineage's live
 // files not there yet) gives no Check: the deploys of this run may be
 // what fixes it (two new lineages whose server blocks name each other's
-// files), so it must never hold one back (hostile review: both stayed
-// pending for good).
+// files), so it must never hold one back (hostile reviews: both stayed
+// pending for good, also when the config reaches the state directory
+// through a symbolic link or --dir is relative). A path that only looks
+// like the state directory's is not lbcert's.
 func TestNoCheckForAFailureOnOwnFiles(t *testing.T) {
 	dir := t.TempDir()
-	s := store.New(filepath.Join(dir, "state"))
-	live := s.LivePaths("b.example")
-	conf := filepath.Join(dir, "nginx.conf")
-	os.WriteFile(conf, []byte(fmt.Sprintf("pid %s/nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n server {\n  listen 127.0.0.1:1 ssl;\n  ssl_certificate %s/fullchain.pem;\n  ssl_certificate_key %s/privkey.pem;\n }\n}\n", dir, live.Dir, live.Dir)), 0o644)
-	d := store.Deploy{Target: "nginx", NginxBin: "nginx", NginxConf: conf}
-	if out, err := exec.Command("nginx", "-t", "-c", conf).CombinedOutput(); err == nil || !strings.Contains(string(out), live.Dir) {
-		t.Fatalf("nginx -t of a config naming a missing lineage: %v\n%s", err, out)
-	}
-	if got := (&Runner{Store: s}).Test(context.Background(), d); got != "" {
-		t.Fatalf("Test gives %q for a failure on lbcert's own files, want none", got)
+	os.MkdirAll(filepath.Join(dir, "state"), 0o755)
+	os.MkdirAll(filepath.Join(dir, "work"), 0o755)
+	os.Symlink(filepath.Join(dir, "state"), filepath.Join(dir, "link"))
+	for _, tc := range []struct {
+		what, stateDir, named string
+		own                   bool
+	}{
+		{"the state directory as --dir names it", filepath.Join(dir, "state"), filepath.Join(dir, "state"), true},
+		{"through a symbolic link", filepath.Join(dir, "state"), filepath.Join(dir, "link"), true},
+		{"--dir ../state, relative", "../state", filepath.Join(dir, "state"), true},
+		{"another directory whose name ends the same", filepath.Join(dir, "state"), filepath.Join(dir, "mystate"), false},
+	} {
+		t.Run(tc.what, func(t *testing.T) {
+			t.Chdir(filepath.Join(dir, "work"))
+			s := store.New(tc.stateDir)
+			live := filepath.Join(tc.named, "live", "b.example")
+			conf := filepath.Join(dir, "nginx.conf")
+			os.WriteFile(conf, []byte(fmt.Sprintf("pid %s/nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n server {\n  listen 127.0.0.1:1 ssl;\n  ssl_certificate %s/fullchain.pem;\n  ssl_certificate_key %s/privkey.pem;\n }\n}\n", dir, live, live)), 0o644)
+			d := store.Deploy{Target: "nginx", NginxBin: "nginx", NginxConf: conf}
+			if out, err := exec.Command("nginx", "-t", "-c", conf).CombinedOutput(); err == nil || !strings.Contains(string(out), live) {
+				t.Fatalf("nginx -t of a config naming a missing file: %v\n%s", err, out)
+			}
+			got := (&Runner{Store: s}).Test(context.Background(), d)
+			if tc.own && got != "" {
+				t.Fatalf("Test gives %q for a failure on lbcert's own files, want none", got)
+			}
+			if !tc.own && got == "" {
+				t.Fatal("Test gives no Check for a failure on a file that is not lbcert's")
+			}
+		})
 	}
 }

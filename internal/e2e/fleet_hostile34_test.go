@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +25,24 @@ import (
 // lbcert's own files is the run's to fix.
 func TestH34CrossReferencedNewLineagesDeploy(t *testing.T) {
 	e := newEnv(t, testenv.PebbleOptions{})
+	crossReferenced(t, e, filepath.Join(e.dir, "live"))
+}
+
+// The same with the nginx config naming the files through a symbolic
+// link to the state directory (hostile review: held back for good).
+func TestH35CrossReferencedThroughASymlink(t *testing.T) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	os.MkdirAll(e.dir, 0o700)
+	link := filepath.Join(e.work, "lbcert-link")
+	if err := os.Symlink(e.dir, link); err != nil {
+		t.Fatal(err)
+	}
+	crossReferenced(t, e, filepath.Join(link, "live"))
+}
+
+// crossReferenced runs the two lineages, the config naming their files
+// under liveDir.
+func crossReferenced(t *testing.T, e *env, liveDir string) {
 	http := fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort)
 	tlsAddr, plainAddr := freeAddr(t), freeAddr(t)
 	prefix := filepath.Join(e.work, "nginx")
@@ -41,7 +61,7 @@ func TestH34CrossReferencedNewLineagesDeploy(t *testing.T) {
         ssl_certificate_key %[3]s/privkey.pem;
         return 200 "ok\n";
     }`
-	la, lb := filepath.Join(e.dir, "live", "a34.example.com"), filepath.Join(e.dir, "live", "b34.example.com")
+	la, lb := filepath.Join(liveDir, "a34.example.com"), filepath.Join(liveDir, "b34.example.com")
 	os.WriteFile(n.Conf, []byte(testenv.NginxConfig(prefix, fmt.Sprintf(`
     server { listen %s; return 200 "ok\n"; }`, plainAddr)+
 		fmt.Sprintf(block, tlsAddr, "b34.example.com", lb)+fmt.Sprintf(block, tlsAddr, "a34.example.com", la))), 0o644)
@@ -121,5 +141,71 @@ func TestH34LedgerThroughARollback(t *testing.T) {
 	}
 	if got := f.pebble.Issued() - issued; got != 0 {
 		t.Errorf("%d certificates issued for the set after the rollback (3 before, cap 3)", got)
+	}
+}
+
+// Two certificates of one set, the second a renewal kept on the node
+// (Redis killed while the CA issued) and published by the agent later:
+// it counts once in the ledger, so a third certificate is within the
+// cap of 3 and is ordered (hostile review: it counted twice, under its
+// order's place and its serial, and the third was refused).
+func TestH35KeptRenewalCountsOnce(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	fr := f.startFront()
+	f.form()
+	for _, n := range f.order {
+		f.startAgent(n, "--reconcile", "2s")
+	}
+	f.validateVia("lb1")
+	const name = "h35twice.example.com"
+	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
+	f.waitInstalled("lb2", name)
+	var once sync.Once
+	fr.onPost(func(path string) {
+		if strings.Contains(path, "finalize-order") {
+			once.Do(func() { f.redis.Kill() })
+		}
+	})
+	if r := f.on("lb1", "renew", "--force", "--name", name, "--no-random-sleep"); r.code != 2 || !strings.Contains(r.stdout+r.stderr, "kept on this node") {
+		t.Fatalf("renew with Redis killed at finalize: exit %d, want 2 and the certificate kept\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	fr.onPost(nil)
+	if err := f.redis.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if !poll(60*time.Second, func() bool { v, _ := f.head(name); return v == 2 }) {
+		t.Fatalf("the kept renewal never reached the catalog\n%s", f.nodes["lb1"].agentLog())
+	}
+	f.waitInstalled("lb2", name)
+	issued := f.pebble.Issued()
+	r := f.on("lb1", "renew", "--force", "--name", name, "--no-random-sleep")
+	if r.code != 0 || f.pebble.Issued()-issued != 1 {
+		t.Errorf("renew --force of a set with 2 certificates (cap 3): exit %d, %d issued; want exit 0, 1 issued\n%s%s", r.code, f.pebble.Issued()-issued, r.stdout, r.stderr)
+	}
+}
+
+// Three certificates of one set through the CA as
+// https://localhost:PORT/dir, then the same set as another lineage
+// through https://LOCALHOST:PORT/dir, the same CA: refused at the cap
+// (hostile review: a fourth certificate, the ledger keyed on the
+// directory's spelling).
+func TestH35FourthThroughCASpelling(t *testing.T) {
+	f := newFleet(t, "lb1", "lb2")
+	f.form()
+	for _, n := range f.order {
+		f.startAgent(n, "--reconcile", "2s")
+	}
+	f.validateVia("lb1", "lb2")
+	const name = "h35spell.example.com"
+	f.env.server = strings.Replace(f.pebble.DirectoryURL, "127.0.0.1", "localhost", 1)
+	f.mustOn("lb1", "issue", "-d", name, "--agree-tos")
+	for range 2 {
+		f.mustOn("lb1", "renew", "--force", "--name", name, "--no-random-sleep")
+	}
+	issued := f.pebble.Issued()
+	f.env.server = strings.Replace(f.pebble.DirectoryURL, "127.0.0.1", "LOCALHOST", 1)
+	r := f.on("lb2", "issue", "--name", "h35spell-alt", "-d", name, "--agree-tos")
+	if got := f.pebble.Issued() - issued; got != 0 || r.code != 2 {
+		t.Errorf("a 4th certificate for the set through %s: exit %d, %d issued; want exit 2, none\n%s%s", f.env.server, r.code, got, r.stdout, r.stderr)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -19,14 +20,16 @@ import (
 // duplicate certificates.
 const LedgerWindow = 7 * 24 * time.Hour
 
-// LedgerSet names an exact set of names at one CA, independently of order.
+// LedgerSet names an exact set of names at one CA, independently of the
+// names' order and case and of how the CA's directory is spelt (a
+// capital in its host or a trailing slash must not open a second cap).
 func LedgerSet(server string, names []string) string {
 	s := slices.Clone(names)
 	for i := range s {
 		s[i] = strings.ToLower(s[i])
 	}
 	slices.Sort(s)
-	return server + " " + strings.Join(slices.Compact(s), ",")
+	return ca.Canonical(server) + " " + strings.Join(slices.Compact(s), ",")
 }
 
 // issued is one certificate (or one order's place) in this node's copy

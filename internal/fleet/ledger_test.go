@@ -328,3 +328,22 @@ func TestAgentsPutTheLedgerBack(t *testing.T) {
 		t.Fatalf("lb2 orders a fourth certificate for the set: %v, want refused", err)
 	}
 }
+
+// One CA however its directory is spelt: a capital in the host, a
+// trailing slash or dot, the default port. A second spelling must not
+// open a second cap of 3 for the same set (hostile review: a fourth
+// certificate through https://LOCALHOST:PORT/dir).
+func TestLedgerSetIsOneCAHoweverSpelt(t *testing.T) {
+	want := LedgerSet("https://ca.example:14000/dir", []string{"a.example", "www.a.example"})
+	for _, server := range []string{"https://CA.example:14000/dir", "https://ca.example.:14000/dir/", "https://ca.example:14000/dir"} {
+		if got := LedgerSet(server, []string{"WWW.a.example", "a.example"}); got != want {
+			t.Errorf("%s: %q, want %q", server, got, want)
+		}
+	}
+	if LedgerSet("https://ca.example:443/dir", []string{"a.example"}) != LedgerSet("https://ca.example/dir", []string{"a.example"}) {
+		t.Error("the default port makes another set")
+	}
+	if LedgerSet("https://other.example/dir", []string{"a.example"}) == LedgerSet("https://ca.example/dir", []string{"a.example"}) {
+		t.Error("two CAs share a set")
+	}
+}

@@ -28,6 +28,13 @@ import (
 // someone else could give too.
 func (c *Catalog) Publish(ctx context.Context, lease catalog.Lease, l *store.Lineage, files store.Files) (int, error) {
 	token := lease.Token()
+	// The certificate takes its order's ledger place before anything can
+	// fail: one kept on this node and published later (by the agent, in
+	// another process) is counted under that place, not twice (the
+	// place, and again under its serial; hostile review).
+	if l.LedgerID == "" {
+		l.LedgerID = c.N.takeReserved(LedgerSet(l.Server, l.Domains))
+	}
 	var v int
 	err := withRedis(ctx, "keeping the certificate on this node", func(ctx context.Context) (err error) {
 		v, err = c.N.publish(ctx, token, l, files)

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/lbcert/lbcert/internal/catalog/catalogtest"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/pace"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -206,5 +208,49 @@ func TestSeenVersionsOutliveTheirHolder(t *testing.T) {
 	other := &Node{Local: lb1.Local}
 	if v := other.versionFloor("a.example"); v != 2 {
 		t.Fatalf("a command's floor %d, want 2", v)
+	}
+}
+
+// A certificate kept on this node because Redis did not answer its
+// publish carries its order's ledger place: published later (by the
+// agent, another process), it counts once, under that place, not again
+// under its serial beside it (hostile review: a renewal kept this way
+// counted twice, and a legitimate third certificate was refused).
+func TestKeptCertificateKeepsItsLedgerPlace(t *testing.T) {
+	r, sh := startRedis(t)
+	n := firstNode(t, sh, t.TempDir())
+	defer func(w time.Duration) { redisWait = w }(redisWait)
+	redisWait = time.Second
+	pb, err := pace.Open(t.TempDir(), pace.Limits{}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Budget{Pace: pb, N: n, Cap: 3, Now: time.Now}
+	l, files := catalogtest.Cert(t, "k.test", time.Now().UTC().Truncate(time.Second))
+	if err := b.Reserve(pace.Key{Server: l.Server}, pace.Order{Names: l.Domains}); err != nil {
+		t.Fatal(err)
+	}
+	var place string
+	for id := range readLedger(n.Local) {
+		place = id // the one place Reserve took
+	}
+	c := NewCatalog(n)
+	lease, err := c.Acquire(context.Background(), "k.test", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Stop()
+	_, err = c.Publish(context.Background(), lease, l, files)
+	if !errors.As(err, new(*KeptHere)) {
+		t.Fatalf("publish with Redis stopped: %v, want kept on this node", err)
+	}
+	sp := spooledFor(n.Local, "k.test")
+	if sp == nil || place == "" || sp.Lineage.LedgerID != place {
+		t.Fatalf("kept with ledger place %q, want the order's %q", func() string {
+			if sp == nil {
+				return "(nothing kept)"
+			}
+			return sp.Lineage.LedgerID
+		}(), place)
 	}
 }

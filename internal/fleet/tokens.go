@@ -130,7 +130,7 @@ func hostOf(domain string) string { return strings.ToLower(strings.TrimSuffix(do
 // answering (a restart, a Sentinel failover) before it gives the
 // authorization up: the order is already placed, and a few seconds'
 // wait saves ordering again.
-const redisWait = 30 * time.Second
+var redisWait = 30 * time.Second // a variable for the tests
 
 // agentWait is how long Present waits for a live agent when none has a
 // heartbeat: agents beat every 3 s, and every 10 s at most while they
