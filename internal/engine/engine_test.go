@@ -951,3 +951,32 @@ func TestRenewalDoesNotInheritTheLedgerPlace(t *testing.T) {
 		t.Fatalf("the renewal's record: version %d, ledger place %q, %v; want version %d and no place of its own here", got.Version, got.LedgerID, err, l.Version+1)
 	}
 }
+
+// A renewal keeps the lineage's birth, so a delete it missed still
+// beats it; a certificate asked for by name (issue, a batch row) is
+// born when it is issued, so a delete made before the request does not
+// take it away (the fault test: a batch re-issuing a just-deleted name
+// through a Redis that had lost the delete renewed the old lineage, and
+// the delete then removed the name the operator had asked for).
+func TestBornKeptByRenewalsNotByRequests(t *testing.T) {
+	f := newFixture(t)
+	first := f.saved("b.test")
+	f.clock.Add(time.Hour)
+	res := f.run(context.Background(), Options{Command: "renew"}, Job{Lineage: store.Lineage{Name: "b.test"}, Stored: true, Force: true})
+	if res.Items[0].Outcome != Renewed {
+		t.Fatalf("renew: %+v", res.Items[0])
+	}
+	if l, _ := f.st.Load("b.test"); !l.BornAt().Equal(first.BornAt()) {
+		t.Fatalf("a renewal's birth %v, want the lineage's %v", l.BornAt(), first.BornAt())
+	}
+	f.clock.Add(time.Hour)
+	forced := job("b.test")
+	forced.Force = true
+	res = f.run(context.Background(), Options{Command: "issue"}, forced)
+	if res.Items[0].Outcome != Renewed {
+		t.Fatalf("issue --force: %+v", res.Items[0])
+	}
+	if l, _ := f.st.Load("b.test"); !l.BornAt().Equal(l.IssuedAt) || !l.BornAt().After(first.BornAt()) {
+		t.Fatalf("a requested certificate's birth %v, want its issue time %v", l.BornAt(), l.IssuedAt)
+	}
+}

@@ -392,8 +392,16 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
 	}
 	l.IssuedAt = e.now().UTC()
+	// Born decides against a delete (a tombstone beats a lineage born
+	// before it): a renewal keeps the lineage's, so a node that missed
+	// a delete does not bring the name back by renewing it. A
+	// certificate the operator asked for by name (issue, a batch row)
+	// is born now: asked for after a delete, it stands, even when a
+	// Redis that lost the delete still showed the old lineage (the
+	// fault test, seed 3: a batch re-issuing a name just deleted made a
+	// renewal of the deleted lineage, which the delete then took away).
 	l.Born = l.IssuedAt
-	if s.prev != nil {
+	if s.prev != nil && s.job.Stored {
 		l.Born = s.prev.BornAt()
 	}
 	it.Serial, it.NotAfter = got.Info.Serial, timePtr(got.Info.NotAfter)

@@ -157,9 +157,11 @@ type Lineage struct {
 	// copies counts it once.
 	LedgerID string `json:"ledger_id,omitempty"`
 	// Born is when the lineage's first certificate was issued; renewals
-	// keep it. A delete beats a lineage born before it, renewed or not:
-	// a copy published by a node that never saw the delete, and renewed
-	// there, is not the name issued again (invariant I3).
+	// keep it, and a certificate the operator asks for by name (issue, a
+	// batch row) starts it again. A delete beats a lineage born before
+	// it, renewed or not: a copy published by a node that never saw the
+	// delete, and renewed there, is not the name issued again
+	// (invariant I3).
 	Born time.Time `json:"born,omitzero"`
 }
 
