@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -92,19 +93,60 @@ func (c *Catalog) Acquire(ctx context.Context, name string, ttl time.Duration) (
 // and that is no longer running (killed, or it could not release while
 // Redis was away). This run holds the node's state-directory lock, so
 // no other lbcert run of this node can be using it. Another node's
-// lease is never broken: only its TTL ends it.
+// lease is never broken: only its TTL ends it, or that node's agent
+// (freeDeadLeases).
 func (c *Catalog) breakDeadOwn(ctx context.Context, name string) bool {
 	holder, token, err := c.sh().Holder(ctx, name)
-	node, pidText, ok := strings.Cut(holder, "/")
-	if err != nil || !ok || node != c.N.Name || holder == c.Holder {
+	if err != nil || holder == c.Holder {
 		return false
 	}
-	pid, err := strconv.Atoi(pidText)
-	if err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+	pid, dead := exited(holder, c.N.Name)
+	if !dead {
 		return false
 	}
 	slog.Info("freeing a lease left by a process of this node that has exited", "name", name, "pid", pid)
 	return c.sh().Break(ctx, name, holder, token) == nil
+}
+
+// freeDeadLeases frees the leases this node's processes took and left
+// behind when they exited, killed or unable to hand them back while
+// Redis was away: without it another node's run waits out the lease's
+// TTL (10 minutes by default) with "another run holds this lineage".
+// The agent runs it at every reconcile. A lease whose certificate waits
+// on this node for Redis (kept here) stays: the certificate is
+// published first (PublishSpool), or another node would order the name
+// again.
+func (n *Node) freeDeadLeases(ctx context.Context) error {
+	held, err := n.Shared.LeasesOf(ctx, n.Name)
+	if err != nil {
+		return err
+	}
+	for name, h := range held {
+		pid, dead := exited(h.Holder, n.Name)
+		if !dead || spooledFor(n.Local, name) != nil {
+			continue
+		}
+		slog.Info("freeing a lease left by a process of this node that has exited", "name", name, "pid", pid)
+		if err := n.Shared.Break(ctx, name, h.Holder, h.Token); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// exited reports whether holder ("<node>/<pid>") is a process of node
+// that is no longer running (a PID taken by another process since, or
+// one this process cannot signal, counts as running).
+func exited(holder, node string) (int, bool) {
+	hnode, pidText, ok := strings.Cut(holder, "/")
+	if !ok || hnode != node {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 || pid == os.Getpid() {
+		return 0, false
+	}
+	return pid, syscall.Kill(pid, 0) == syscall.ESRCH
 }
 
 func (l *lease) heartbeat(ttl time.Duration) {

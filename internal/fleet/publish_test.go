@@ -3,6 +3,8 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -252,5 +254,53 @@ func TestKeptCertificateKeepsItsLedgerPlace(t *testing.T) {
 			}
 			return sp.Lineage.LedgerID
 		}(), place)
+	}
+}
+
+// The agent frees the leases its node's exited processes left (killed,
+// or unable to hand one back while Redis was away), so another node's
+// run does not wait out the TTL; a lease of a running process, of
+// another node, or whose certificate still waits on this node to be
+// published stays (the fault test, seed 3: the final renewal deferred,
+// "another run holds this lineage").
+func TestAgentFreesLeasesOfExitedProcesses(t *testing.T) {
+	_, sh := startRedis(t)
+	dir := t.TempDir()
+	lb1 := firstNode(t, sh, dir)
+	lb2 := joinApproved(t, sh, lb1, dir, "lb2")
+	ctx := context.Background()
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	running := exec.Command("sleep", "60")
+	if err := running.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer running.Process.Kill()
+	take := func(n *Node, name string, pid int) {
+		t.Helper()
+		c := NewCatalog(n)
+		c.Holder = fmt.Sprintf("%s/%d", n.Name, pid)
+		if _, err := c.Acquire(ctx, name, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	take(lb1, "dead.test", gone.Process.Pid)
+	take(lb1, "kept.test", gone.Process.Pid)
+	take(lb1, "alive.test", running.Process.Pid)
+	take(lb2, "other.test", gone.Process.Pid)
+	l, files := catalogtest.Cert(t, "kept.test", time.Now().UTC().Truncate(time.Second))
+	if err := NewCatalog(lb1).spool(l, files, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb1.freeDeadLeases(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]bool{"dead.test": false, "kept.test": true, "alive.test": true, "other.test": true} {
+		holder, _, err := sh.Holder(ctx, name)
+		if err != nil || (holder != "") != want {
+			t.Errorf("%s: held by %q (%v), want held %v", name, holder, err, want)
+		}
 	}
 }

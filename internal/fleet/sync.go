@@ -208,6 +208,9 @@ func (s *Syncer) reconcile(ctx context.Context) error {
 	if err := s.N.putBackLedger(rctx); err != nil {
 		return err
 	}
+	if err := s.N.freeDeadLeases(rctx); err != nil {
+		return err
+	}
 	names, err := s.N.Shared.Names(rctx)
 	if err != nil {
 		return err

@@ -14,10 +14,14 @@ import (
 // creates the lease and takes the next token in one script, so there is
 // no moment where a lease exists without its token or two holders both
 // see the name free. The counter outlives leases, so a token only grows.
+// Every lease a node's processes take is also listed in the node's set
+// leases:<node> (the holder is "<node>/<pid>"), so that node's agent
+// can find the leases its exited processes left (LeasesOf).
 var acquireScript = goredis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '/' .. t, 'PX', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
 return t
 `)
 
@@ -30,14 +34,28 @@ return 0
 `)
 
 var releaseScript = goredis.NewScript(`
+redis.call('SREM', KEYS[2], ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 `)
 
+// releaseLockScript releases a fleet lock (Shared.Lock), which no
+// node's lease list names.
+var releaseLockScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// nodeOf is the node of a holder "<node>/<pid>".
+func nodeOf(holder string) string {
+	node, _, _ := strings.Cut(holder, "/")
+	return node
+}
+
 // Acquire takes the lease of name for holder, for ttl. It returns the
 // fencing token, or 0 when someone holds the name.
 func (s *Shared) Acquire(ctx context.Context, name, holder string, ttl time.Duration) (int64, error) {
-	t, err := acquireScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("fence", name)}, holder, ttl.Milliseconds()).Int64()
+	t, err := acquireScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("fence", name), s.k("leases", nodeOf(holder))}, holder, ttl.Milliseconds(), name).Int64()
 	return t, s.unavailable(err)
 }
 
@@ -50,7 +68,7 @@ func (s *Shared) Extend(ctx context.Context, name, holder string, token int64, t
 
 // Release deletes the lease if it is still holder's.
 func (s *Shared) Release(ctx context.Context, name, holder string, token int64) error {
-	return s.unavailable(releaseScript.Run(ctx, s.c, []string{s.k("lease", name)}, leaseValue(holder, token)).Err())
+	return s.unavailable(releaseScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("leases", nodeOf(holder))}, leaseValue(holder, token), name).Err())
 }
 
 // Fence is the newest token handed out for name (0 for none).
@@ -81,6 +99,50 @@ func (s *Shared) Holder(ctx context.Context, name string) (holder string, token 
 	}
 	t, _ := strconv.ParseInt(v[i+1:], 10, 64)
 	return v[:i], t, nil
+}
+
+// LeasesOf lists the leases node's processes took and have not
+// released, with each one's holder and token as Redis holds it now
+// ("" when it expired or another node's process holds it since); the
+// names that no process of node holds any more leave the list.
+func (s *Shared) LeasesOf(ctx context.Context, node string) (map[string]Held, error) {
+	names, err := s.c.SMembers(ctx, s.k("leases", node)).Result()
+	if err != nil || len(names) == 0 {
+		return nil, s.unavailable(err)
+	}
+	p := s.c.Pipeline()
+	cmds := make([]*goredis.StringCmd, len(names))
+	for i, n := range names {
+		cmds[i] = p.Get(ctx, s.k("lease", n))
+	}
+	p.Exec(ctx)
+	out := map[string]Held{}
+	var gone []any
+	for i, n := range names {
+		v, err := cmds[i].Result()
+		if err != nil && err != goredis.Nil {
+			return nil, s.unavailable(err)
+		}
+		j := strings.LastIndexByte(v, '/')
+		if j < 0 || nodeOf(v[:j]) != node {
+			gone = append(gone, n)
+			continue
+		}
+		t, _ := strconv.ParseInt(v[j+1:], 10, 64)
+		out[n] = Held{Holder: v[:j], Token: t}
+	}
+	if len(gone) > 0 {
+		if err := s.c.SRem(ctx, s.k("leases", node), gone...).Err(); err != nil {
+			return nil, s.unavailable(err)
+		}
+	}
+	return out, nil
+}
+
+// Held is a lease's holder and token.
+type Held struct {
+	Holder string
+	Token  int64
 }
 
 // Break deletes name's lease if holder still has it with token: for a

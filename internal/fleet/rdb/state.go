@@ -539,7 +539,7 @@ func (s *Shared) Lock(ctx context.Context, name string, ttl time.Duration) (rele
 	}()
 	return func() {
 		close(stop)
-		releaseScript.Run(context.Background(), s.c, []string{key}, token)
+		releaseLockScript.Run(context.Background(), s.c, []string{key}, token)
 	}, nil
 }
 
