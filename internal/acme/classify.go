@@ -145,6 +145,12 @@ func ProblemDetail(err error) string {
 	return err.Error()
 }
 
+// replacesError is the CA's refusal of an order that carried "replaces",
+// for a reason an order without it may not meet (replacesRejected).
+type replacesError struct{ error }
+
+func (e *replacesError) Unwrap() error { return e.error }
+
 // ReplacesRefused reports whether the CA refused an order because of
 // its "replaces" field (RFC 9773 section 5): the certificate was already
 // replaced (409 alreadyReplaced), or it was issued under another account
@@ -155,6 +161,9 @@ func ProblemDetail(err error) string {
 func ReplacesRefused(err error) bool {
 	if err == nil {
 		return false
+	}
+	if errors.As(err, new(*replacesError)) {
+		return true
 	}
 	var pd *legoacme.ProblemDetails
 	if errors.As(err, &pd) && (pd.Type == "urn:ietf:params:acme:error:alreadyReplaced" || pd.HTTPStatus == 409) {

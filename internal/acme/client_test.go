@@ -38,9 +38,10 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-// An error response to an order that carried "replaces" is retried once
-// without it, whatever its status (Pebble answers 500 for some serials);
-// a failed validation or a rate limit is not.
+// An error response to an order that carried "replaces" is the CA
+// refusing the hint, whatever its status (Pebble answers 500 for some
+// serials), so the engine orders again without it; a failed validation
+// or a rate limit is not.
 func TestReplacesRejected(t *testing.T) {
 	cases := []struct {
 		err  error

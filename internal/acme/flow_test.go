@@ -47,6 +47,9 @@ type fakeCA struct {
 	finalize func() (string, string)
 	order    func(n int) (string, string)
 	orders   int
+	// newOrder, when set, may refuse an order: a problem document and
+	// its status, or "" to accept it.
+	newOrder func(payload string) (int, string)
 }
 
 func newFakeCA(t *testing.T) *fakeCA {
@@ -77,7 +80,7 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 	u := f.srv.URL
 	w.Header().Set("Replay-Nonce", fmt.Sprintf("n%d", time.Now().UnixNano()))
 	if r.URL.Path == "/dir" {
-		fmt.Fprintf(w, `{"newNonce":%q,"newAccount":%q,"newOrder":%q,"revokeCert":%q}`, u+"/nonce", u+"/acct", u+"/new-order", u+"/revoke")
+		fmt.Fprintf(w, `{"newNonce":%q,"newAccount":%q,"newOrder":%q,"revokeCert":%q,"renewalInfo":%q}`, u+"/nonce", u+"/acct", u+"/new-order", u+"/revoke", u+"/ari")
 		return
 	}
 	if r.URL.Path == "/nonce" {
@@ -103,6 +106,14 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case r.URL.Path == "/new-order":
+		if f.newOrder != nil {
+			if status, problem := f.newOrder(string(payload)); problem != "" {
+				w.Header().Set("Content-Type", "application/problem+json")
+				w.WriteHeader(status)
+				io.WriteString(w, problem)
+				return
+			}
+		}
 		w.Header().Set("Location", u+"/order")
 		w.WriteHeader(http.StatusCreated)
 		answer("pending", "", order(""))
@@ -376,5 +387,45 @@ func TestPollAfter(t *testing.T) {
 		if d != tc.want || ok != tc.ok {
 			t.Errorf("%s, Retry-After %q: %v %v, want %v %v", tc.status, tc.retry, d, ok, tc.want, tc.ok)
 		}
+	}
+}
+
+// TestRefusedReplacesIsTheEngines: the client does not drop "replaces"
+// and order again on its own, even after a 5xx (which it otherwise
+// retries), because the order without it is a new one the rate budget
+// must count. It returns at once with an error ReplacesRefused knows,
+// through the hint the engine shows; an order without "replaces" that
+// meets the same 5xx is retried here.
+func TestRefusedReplacesIsTheEngines(t *testing.T) {
+	f := newFakeCA(t)
+	f.newOrder = func(payload string) (int, string) {
+		if strings.Contains(payload, `"replaces"`) {
+			return 500, `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"could not find an order for the given certificate","status":500}`
+		}
+		return 0, ""
+	}
+	c, _ := f.client(nopProvider{})
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true, ReplacesCertID: "AAAA.AQ"}
+	_, err := c.order(req)
+	if err == nil || !ReplacesRefused(explain("obtain a.example,b.example", err)) {
+		t.Fatalf("order with a refused replaces: %v, want an error ReplacesRefused knows", err)
+	}
+	if n := f.requests("POST /new-order"); n != 1 {
+		t.Fatalf("%d orders sent, want 1: the client ordered again by itself", n)
+	}
+	// Without "replaces" the same 500 is not about the hint: the client
+	// retries it (once here: the second answer accepts).
+	tries := 0
+	f.newOrder = func(string) (int, string) {
+		if tries++; tries == 1 {
+			return 500, `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"changed since last read","status":500}`
+		}
+		return 0, ""
+	}
+	req.ReplacesCertID = ""
+	_, err = c.order(req)
+	if tries != 2 || err != nil && ReplacesRefused(err) {
+		t.Fatalf("order without replaces after a 500: %d tries, err %v", tries, err)
 	}
 }

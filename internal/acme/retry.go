@@ -12,17 +12,13 @@ import (
 	"github.com/go-acme/lego/v4/certificate"
 )
 
-// orderTries is how many times one Obtain orders at most: once more
-// without "replaces" when the CA refuses it, and again after the CA's
-// internal errors.
+// orderTries is how many times one Obtain orders at most: again after
+// the CA's internal errors.
 const orderTries = 5
 
 // order runs one order for req (obtainOrder), and orders again when the answer was
 // not about the names:
 //
-//   - RFC 9773 section 5: a CA may refuse "replaces" (already replaced,
-//     not its certificate, or, as Pebble does for some serials, a 500);
-//     renewing matters more than the hint, so it orders without it.
 //   - A 5xx serverInternal answer is the CA's own fault and often
 //     passing: step-ca (v0.30.2) answers concurrent orders of one
 //     account with one when two requests update the account's order
@@ -37,9 +33,7 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 		names := strings.Join(req.Domains, ",")
 		switch {
 		case req.ReplacesCertID != "" && replacesRejected(err):
-			slog.Info("the CA refused the order that names the certificate it replaces (ARI); ordering again without it",
-				"domains", names, "err", flatten(err.Error()))
-			req.ReplacesCertID = ""
+			return nil, &replacesError{err}
 		case serverFault(err):
 			slog.Info("the CA answered the order with an internal error; ordering again", "domains", names, "err", flatten(err.Error()))
 			select {

@@ -23,6 +23,7 @@ import (
 
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
+	legoacme "github.com/go-acme/lego/v4/acme"
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/deploy"
@@ -64,6 +65,10 @@ type fakeCA struct {
 	down     map[string]error // by server: every order there fails so
 	at       []string         // the server of each order, in order
 	ariAt    []string         // the server asked for each renewal window
+	// refuseReplaces: an order that carries "replaces" is refused, as
+	// Pebble does for some serials and any CA for a certificate already
+	// replaced.
+	refuseReplaces bool
 }
 
 func (f *fakeCA) BindAll(addrs []string) map[string]error {
@@ -104,6 +109,9 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 	err := f.fail[o.Lineage.Name]
 	if down := f.down[o.Lineage.Server]; down != nil {
 		err = down
+	}
+	if f.refuseReplaces && o.Replaces != "" {
+		err = fmt.Errorf("obtain: %w", &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:alreadyReplaced", HTTPStatus: 409, Detail: "already has a replacement order"})
 	}
 	f.mu.Unlock()
 	if err != nil {
@@ -547,6 +555,47 @@ func TestBudgetDefersEverywhere(t *testing.T) {
 				t.Fatalf("with max-wait: %v", res.Counts)
 			}
 		})
+	}
+}
+
+// An ARI renewal is exempt from the budget, but only while it carries
+// "replaces": when the CA refuses the hint, the order without it counts,
+// and with the budget spent it is deferred, not sent. With tokens left it
+// goes ahead and spends one.
+func TestRefusedReplacesIsCounted(t *testing.T) {
+	for _, spent := range []bool{true, false} {
+		f := newFixture(t)
+		l := f.saved("a.test")
+		f.clock.Add(10 * 24 * time.Hour)
+		f.ca.ari[l.Cert.Serial] = &acme.RenewalInfo{Start: f.clock.Now().Add(-2 * time.Hour), End: f.clock.Now().Add(-time.Minute), RetryAfter: time.Hour}
+		f.ca.refuseReplaces = true
+		b, err := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 1, Per: time.Hour}}, f.clock.Now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := pace.Key{Server: l.Server}
+		if spent {
+			if err := b.Reserve(key, pace.Order{Names: []string{"other.test"}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e := f.engine(Options{Command: "renew", MaxWait: time.Minute})
+		e.Budget = b
+		before := f.ca.count()
+		p, _ := e.Plan(context.Background(), []Job{job("a.test")})
+		it := p.Execute(context.Background()).Items[0]
+		orders := f.ca.count() - before
+		if spent && (orders != 1 || it.Outcome != Deferred || !strings.Contains(it.Error, "new-orders budget")) {
+			t.Fatalf("budget spent: %d orders, %s %q; want the order with replaces only, then deferred on the budget", orders, it.Outcome, it.Error)
+		}
+		if !spent && (orders != 2 || it.Outcome != Renewed || f.ca.replaces["a.test"] != "") {
+			t.Fatalf("budget left: %d orders, %s %q, last replaces %q; want renewed by a second order without replaces", orders, it.Outcome, it.Error, f.ca.replaces["a.test"])
+		}
+		if !spent {
+			if err := b.Reserve(key, pace.Order{Names: []string{"other.test"}}); err == nil {
+				t.Fatal("the order without replaces took no token from the budget")
+			}
+		}
 	}
 }
 

@@ -39,7 +39,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 	e, ctx, it := r.e, r.ctx, s.item
 	l := o.Lineage
 	key := pace.Key{Server: l.Server, Email: l.Email}
-	reserved := false // one token per order the CA sees: a retry after an account reset is the same order
+	reserved := false // one token per order the CA sees: a retry after an account reset is the same order, one without "replaces" is not
 	reset, dropped := false, false
 	var waited time.Duration
 	for {
@@ -65,7 +65,13 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
+		ari := o.Replaces != ""
 		if r.again(err, &o, &reset, &dropped) {
+			if ari && o.Replaces == "" {
+				// The same names without "replaces" are an order the
+				// budget counts: the exempt reservation does not cover it.
+				reserved = false
+			}
 			continue
 		}
 		if d := (*pace.Denied)(nil); errors.As(err, &d) {
