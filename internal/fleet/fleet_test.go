@@ -888,6 +888,10 @@ func joinApproved(t *testing.T, sh *rdb.Shared, by *Node, dir, name string) *Nod
 }
 
 func TestMain(m *testing.M) {
+	if dir := os.Getenv("LBCERT_TEST_LEDGER_WRITER"); dir != "" {
+		ledgerWriter(dir, os.Getenv("LBCERT_TEST_LEDGER_PREFIX"))
+		return
+	}
 	// No agent runs beside these tests' nodes to look at a rebuilt Redis
 	// (awaitLooked): a rebuild would wait its whole bound each time.
 	// TestLaggingRebuilderSealsUnderTheNewerEpoch sets it back.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -250,10 +251,30 @@ func addIssued(m map[string]issued, ls []*store.Lineage) bool {
 // editLedger applies edit to this node's copy of the ledger and writes
 // it back when edit says it changed, without the entries older than
 // the window.
+//
+// The node's processes edit the file one at a time (ledger.lock): an
+// agent noting what it installed and a renew noting an order's place at
+// once would otherwise each write back the file without the other's
+// entry, and a lost place is a certificate a rebuilt Redis does not
+// count (I4). Under that lock it edits a clone of the cached copy
+// (ledgerCopy) and caches what it wrote, which no other process can
+// have replaced before the stat: an order notes its place and then its
+// certificate, and parsing the file each time made a batch of thousands
+// quadratic in JSON work. A cached map is never changed once cached, so
+// a reader may range over it after unlocking.
 func (n *Node) editLedger(edit func(m map[string]issued) bool) {
 	ledgerMu.Lock()
 	defer ledgerMu.Unlock()
-	m := readLedger(n.Local)
+	unlock, err := lockFleetFile(n.Local, "ledger.lock")
+	if err != nil {
+		slog.Warn("could not keep this node's copy of the issuance ledger", "err", err)
+		return
+	}
+	defer unlock()
+	m := maps.Clone(n.ledgerCopy())
+	if m == nil {
+		m = map[string]issued{}
+	}
 	if !edit(m) {
 		return
 	}
@@ -263,12 +284,13 @@ func (n *Node) editLedger(edit func(m map[string]issued) bool) {
 		}
 	}
 	data, _ := json.Marshal(m)
-	err := os.MkdirAll(fleetDir(n.Local), 0o700)
-	if err == nil {
-		err = store.WriteFile(ledgerPath(n.Local), data, 0o600)
-	}
+	err = store.WriteFile(ledgerPath(n.Local), data, 0o600)
 	if err != nil {
 		slog.Warn("could not keep this node's copy of the issuance ledger", "err", err)
+		return
+	}
+	if fi, err := os.Stat(ledgerPath(n.Local)); err == nil {
+		n.ledgerCache = &ledgerCache{m: m, fi: fi}
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -345,5 +347,49 @@ func TestLedgerSetIsOneCAHoweverSpelt(t *testing.T) {
 	}
 	if LedgerSet("https://other.example/dir", []string{"a.example"}) == LedgerSet("https://ca.example/dir", []string{"a.example"}) {
 		t.Error("two CAs share a set")
+	}
+}
+
+// ledgerWriter is one process of TestLedgerEditsOfTwoProcesses: it
+// notes 150 order places in the node's copy of the ledger at dir.
+func ledgerWriter(dir, prefix string) {
+	n := &Node{Local: store.New(dir)}
+	for i := range 150 {
+		n.noteReserved("set", fmt.Sprintf("%s-%d", prefix, i), time.Now())
+	}
+}
+
+// Two processes of one node (an agent and a cron's renew) that note
+// ledger entries at the same time lose none of them: each edit reads
+// and writes the file under the node's ledger lock, not only under a
+// lock of its own process.
+func TestLedgerEditsOfTwoProcesses(t *testing.T) {
+	dir := t.TempDir()
+	var cmds []*exec.Cmd
+	for _, prefix := range []string{"a", "b", "c"} {
+		c := exec.Command(os.Args[0], "-test.run=^$")
+		c.Env = append(os.Environ(), "LBCERT_TEST_LEDGER_WRITER="+dir, "LBCERT_TEST_LEDGER_PREFIX="+prefix)
+		c.Stderr = os.Stderr
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, c)
+	}
+	for _, c := range cmds {
+		if err := c.Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := readLedger(store.New(dir))
+	var lost []string
+	for _, prefix := range []string{"a", "b", "c"} {
+		for i := range 150 {
+			if _, ok := m[fmt.Sprintf("%s-%d", prefix, i)]; !ok {
+				lost = append(lost, fmt.Sprintf("%s-%d", prefix, i))
+			}
+		}
+	}
+	if len(lost) > 0 {
+		t.Fatalf("%d of 450 entries lost (%v...): processes overwrote each other's edits", len(lost), lost[:min(5, len(lost))])
 	}
 }

@@ -228,11 +228,16 @@ func (n *Node) save(mutate func(l *local)) error {
 
 // lockState takes <dir>/fleet/state.lock: the processes of one node
 // write state.json one at a time.
-func lockState(st *store.Store) (func(), error) {
+func lockState(st *store.Store) (func(), error) { return lockFleetFile(st, "state.lock") }
+
+// lockFleetFile takes the lock file name under <dir>/fleet/, for the
+// processes of one node (an agent, a cron's renew, an operator's issue)
+// that edit one file there: it is released by the function returned.
+func lockFleetFile(st *store.Store, name string) (func(), error) {
 	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(fleetDir(st), "state.lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	f, err := os.OpenFile(filepath.Join(fleetDir(st), name), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, err
 	}

@@ -240,13 +240,23 @@ type LedgerPlace struct {
 // one that lost its last writes in a failover, is not empty, and
 // nothing else would rebuild its ledger.
 func (s *Shared) LedgerPutBack(ctx context.Context, places []LedgerPlace, window time.Duration) error {
-	p := s.c.Pipeline()
+	// One ZADD and one PEXPIRE per set, whatever its number of places:
+	// an agent puts its places back at each reconcile.
+	bySet := map[string][]goredis.Z{}
+	var sets []string
 	for _, pl := range places {
 		if time.Since(pl.At) > window {
 			continue
 		}
-		k := s.ledgerKey(pl.Set)
-		p.ZAddNX(ctx, k, goredis.Z{Score: float64(pl.At.UnixMilli()), Member: pl.Member})
+		if _, ok := bySet[pl.Set]; !ok {
+			sets = append(sets, pl.Set)
+		}
+		bySet[pl.Set] = append(bySet[pl.Set], goredis.Z{Score: float64(pl.At.UnixMilli()), Member: pl.Member})
+	}
+	p := s.c.Pipeline()
+	for _, set := range sets {
+		k := s.ledgerKey(set)
+		p.ZAddNX(ctx, k, bySet[set]...)
 		p.PExpire(ctx, k, window)
 	}
 	if p.Len() == 0 {
