@@ -33,9 +33,29 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 `)
 
+//
+// The name leaves the node's list (KEYS[2]) only when no process of the
+// node (ARGV[3], "<node>/") holds it after the release: a process whose
+// lease expired and was taken by another of the same node's must not
+// drop that one's from the list, or its agent could not free it once
+// that process died.
 var releaseScript = goredis.NewScript(`
-redis.call('SREM', KEYS[2], ARGV[2])
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+local r = 0
+if v == ARGV[1] then redis.call('DEL', KEYS[1]); v = false; r = 1 end
+if not v or string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then redis.call('SREM', KEYS[2], ARGV[2]) end
+return r
+`)
+
+// forgetScript drops from node's list (KEYS[1]) each name (ARGV[2..])
+// whose lease (KEYS[2..]) no process of the node (ARGV[1], "<node>/")
+// holds now: checked and dropped at once, so a name a process of the
+// node took again since LeasesOf read it stays listed.
+var forgetScript = goredis.NewScript(`
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
 return 0
 `)
 
@@ -68,7 +88,8 @@ func (s *Shared) Extend(ctx context.Context, name, holder string, token int64, t
 
 // Release deletes the lease if it is still holder's.
 func (s *Shared) Release(ctx context.Context, name, holder string, token int64) error {
-	return s.unavailable(releaseScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("leases", nodeOf(holder))}, leaseValue(holder, token), name).Err())
+	node := nodeOf(holder)
+	return s.unavailable(releaseScript.Run(ctx, s.c, []string{s.k("lease", name), s.k("leases", node)}, leaseValue(holder, token), name, node+"/").Err())
 }
 
 // Fence is the newest token handed out for name (0 for none).
@@ -117,7 +138,7 @@ func (s *Shared) LeasesOf(ctx context.Context, node string) (map[string]Held, er
 	}
 	p.Exec(ctx)
 	out := map[string]Held{}
-	var gone []any
+	var gone []string
 	for i, n := range names {
 		v, err := cmds[i].Result()
 		if err != nil && err != goredis.Nil {
@@ -132,7 +153,11 @@ func (s *Shared) LeasesOf(ctx context.Context, node string) (map[string]Held, er
 		out[n] = Held{Holder: v[:j], Token: t}
 	}
 	if len(gone) > 0 {
-		if err := s.c.SRem(ctx, s.k("leases", node), gone...).Err(); err != nil {
+		keys, args := []string{s.k("leases", node)}, []any{node + "/"}
+		for _, n := range gone {
+			keys, args = append(keys, s.k("lease", n)), append(args, n)
+		}
+		if err := forgetScript.Run(ctx, s.c, keys, args...).Err(); err != nil {
 			return nil, s.unavailable(err)
 		}
 	}

@@ -76,6 +76,41 @@ func TestLeaseIsExclusiveAndFenced(t *testing.T) {
 	}
 }
 
+// A node's list of leases keeps a name while any process of the node
+// holds it: a stale release by one whose lease expired, and a name that
+// lost its lease, leave the list only when no process of the node holds
+// it now.
+func TestNodesLeaseListFollowsItsHolders(t *testing.T) {
+	s := dial(t)
+	ctx := context.Background()
+	t1, _ := s.Acquire(ctx, "x.com", "lb1/100", 100*time.Millisecond)
+	time.Sleep(200 * time.Millisecond)
+	t2, _ := s.Acquire(ctx, "x.com", "lb1/200", time.Minute)
+	if t1 == 0 || t2 == 0 {
+		t.Fatalf("tokens %d, %d", t1, t2)
+	}
+	s.Release(ctx, "x.com", "lb1/100", t1) // stale: lb1/200 holds it
+	held, err := s.LeasesOf(ctx, "lb1")
+	if err != nil || held["x.com"] != (Held{Holder: "lb1/200", Token: t2}) {
+		t.Fatalf("after a stale release: %v %v; want x.com held by lb1/200", held, err)
+	}
+	// Another node's process takes a name lb1's lease of which expired:
+	// it leaves lb1's list, and its own release empties it.
+	t3, _ := s.Acquire(ctx, "y.com", "lb1/100", 100*time.Millisecond)
+	time.Sleep(200 * time.Millisecond)
+	t4, _ := s.Acquire(ctx, "y.com", "lb2/300", time.Minute)
+	if held, _ := s.LeasesOf(ctx, "lb1"); t3 == 0 || t4 == 0 || len(held) != 1 {
+		t.Fatalf("lb1 lists %v; want only x.com", held)
+	}
+	if n, _ := s.c.SIsMember(ctx, s.k("leases", "lb1"), "y.com").Result(); n {
+		t.Fatal("y.com is still on lb1's list though lb2 holds it")
+	}
+	s.Release(ctx, "x.com", "lb1/200", t2)
+	if held, _ := s.LeasesOf(ctx, "lb1"); len(held) != 0 {
+		t.Fatalf("after its holder's release lb1 lists %v", held)
+	}
+}
+
 func TestPublishRefusesStaleWriters(t *testing.T) {
 	s := dial(t)
 	ctx := context.Background()
