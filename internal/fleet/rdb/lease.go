@@ -33,7 +33,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 `)
 
-//
 // The name leaves the node's list (KEYS[2]) only when no process of the
 // node (ARGV[3], "<node>/") holds it after the release: a process whose
 // lease expired and was taken by another of the same node's must not
