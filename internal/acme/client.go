@@ -10,6 +10,7 @@
 package acme
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
@@ -17,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +26,7 @@ import (
 	"sync"
 	"time"
 
+	legoacme "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/acme/api"
 	"github.com/go-acme/lego/v4/certcrypto"
 	"github.com/go-acme/lego/v4/challenge"
@@ -136,6 +139,9 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err != nil || r.Method != http.MethodPost {
 		return resp, err
 	}
+	if err := alreadyReplaced(r, resp); err != nil {
+		return nil, err
+	}
 	body := peekJSON(resp)
 	if err := stalledChallenge(body); err != nil {
 		resp.Body.Close()
@@ -145,6 +151,29 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		t.hints.note(r.URL.String(), d)
 	}
 	return resp, nil
+}
+
+// alreadyReplaced turns the CA's 409 alreadyReplaced answer to an order
+// that carried "replaces" (RFC 9773 section 5) into an error lego does
+// not act on: on that answer lego orders again at once without
+// "replaces", inside one call, and that second order, no longer an ARI
+// renewal, would reach the CA without the rate budget counting it. The
+// engine orders it instead (ReplacesRefused), counted.
+func alreadyReplaced(r *http.Request, resp *http.Response) error {
+	if resp.StatusCode != http.StatusConflict || !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/problem+json") {
+		return nil
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+	resp.Body.Close()
+	pd := &legoacme.ProblemDetails{}
+	json.Unmarshal(body, pd)
+	if pd.Type != "urn:ietf:params:acme:error:alreadyReplaced" {
+		// Not ours to judge: lego reads it as the CA sent it.
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		return nil
+	}
+	pd.HTTPStatus, pd.Method, pd.URL = resp.StatusCode, r.Method, r.URL.String()
+	return &replacesError{pd}
 }
 
 // pollAfter is the Retry-After of an answer about an object the CA has

@@ -428,4 +428,21 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 	if tries != 2 || err != nil && ReplacesRefused(err) {
 		t.Fatalf("order without replaces after a 500: %d tries, err %v", tries, err)
 	}
+	// RFC 9773's own refusal, 409 alreadyReplaced, on which lego would
+	// order again by itself without "replaces": that order is not sent.
+	f.newOrder = func(payload string) (int, string) {
+		if strings.Contains(payload, `"replaces"`) {
+			return 409, `{"type":"urn:ietf:params:acme:error:alreadyReplaced","detail":"certificate with serial 01 already has a replacement order","status":409}`
+		}
+		return 0, ""
+	}
+	before := f.requests("POST /new-order")
+	req.ReplacesCertID = "AAAA.AQ"
+	_, err = c.order(req)
+	if n := f.requests("POST /new-order") - before; n != 1 || !ReplacesRefused(explain("obtain", err)) {
+		t.Fatalf("alreadyReplaced: %d orders sent (want 1), err %v", n, err)
+	}
+	if msg := explain("obtain a.example", err).Error(); !strings.Contains(msg, "alreadyReplaced") || !strings.Contains(msg, "already has a replacement order") {
+		t.Fatalf("the CA's words are lost: %s", msg)
+	}
 }
