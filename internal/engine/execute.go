@@ -381,29 +381,7 @@ func (r *run) mayStart(s *step) bool {
 // entry the next run (or the agent) finishes.
 func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog.Lease) {
 	e, it := r.e, s.item
-	l.Cert = got.Info
-	// The ledger place is this certificate's own order's, which the
-	// catalog gives it when it publishes; a renewal starts from the
-	// previous version's record, whose place was that order's (hostile
-	// review: every renewal counted under the first certificate's place,
-	// so the nodes that installed three certificates of a set knew one).
-	l.LedgerID = ""
-	if l.Profile == "" && l.Fallback.Primary == "" {
-		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
-	}
-	l.IssuedAt = e.now().UTC()
-	// Born decides against a delete (a tombstone beats a lineage born
-	// before it): a renewal keeps the lineage's, so a node that missed
-	// a delete does not bring the name back by renewing it. A
-	// certificate the operator asked for by name (issue, a batch row)
-	// is born now: asked for after a delete, it stands, even when a
-	// Redis that lost the delete still showed the old lineage (the
-	// fault test, seed 3: a batch re-issuing a name just deleted made a
-	// renewal of the deleted lineage, which the delete then took away).
-	l.Born = l.IssuedAt
-	if s.prev != nil && s.job.Stored {
-		l.Born = s.prev.BornAt()
-	}
+	r.newVersion(s, &l, got)
 	it.Serial, it.NotAfter = got.Info.Serial, timePtr(got.Info.NotAfter)
 	it.dueNow = false
 	it.life = got.Info.NotAfter.Sub(got.Info.NotBefore)
@@ -464,6 +442,34 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		return
 	}
 	r.owe(s, w)
+}
+
+// newVersion makes l the lineage of the certificate got: its ledger
+// place, profile, issue time and birth.
+func (r *run) newVersion(s *step, l *store.Lineage, got *acme.Result) {
+	l.Cert = got.Info
+	// The ledger place is this certificate's own order's, which the
+	// catalog gives it when it publishes; a renewal starts from the
+	// previous version's record, whose place was that order's (hostile
+	// review: every renewal counted under the first certificate's place,
+	// so the nodes that installed three certificates of a set knew one).
+	l.LedgerID = ""
+	if l.Profile == "" && l.Fallback.Primary == "" {
+		l.Profile = got.Profile // picked for the lineage (shortlived for an address): renewals keep it
+	}
+	l.IssuedAt = r.e.now().UTC()
+	// Born decides against a delete (a tombstone beats a lineage born
+	// before it): a renewal keeps the lineage's, so a node that missed
+	// a delete does not bring the name back by renewing it. A
+	// certificate the operator asked for by name (issue, a batch row)
+	// is born now: asked for after a delete, it stands, even when a
+	// Redis that lost the delete still showed the old lineage (the
+	// fault test, seed 3: a batch re-issuing a name just deleted made a
+	// renewal of the deleted lineage, which the delete then took away).
+	l.Born = l.IssuedAt
+	if s.prev != nil && s.job.Stored {
+		l.Born = s.prev.BornAt()
+	}
 }
 
 // reconfigure saves a not-due lineage's new settings in place and, when

@@ -106,19 +106,26 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			r.defer_(s, "the CA rate-limited "+scope.String()+": "+oneLine(err), e.now().Add(wait), err)
 			return attempt{answered: true}
 		}
-		why, down := caFault(err)
-		if down && more {
-			if !notTheNamesFault(err) && !acme.Refused(err) { // else refunded above
-				r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
-			}
-			return attempt{next: why, broken: true, why: why}
-		}
-		// An account that cannot be set up, or a CA that does not answer,
-		// is not this lineage's fault: no backoff, so the next run after
-		// the fix goes ahead.
-		r.fail(s, err, !e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
-		return attempt{answered: !down, broken: down, why: why}
+		return r.failed(s, key, o, err, reserved, more)
 	}
+}
+
+// failed settles an order the CA did not grant, for a reason other than
+// its rate limit: with another CA to try (more), a fault of this CA's
+// own passes the order on to it.
+func (r *run) failed(s *step, key pace.Key, o issuer.Order, err error, reserved, more bool) attempt {
+	why, down := caFault(err)
+	if down && more {
+		if !notTheNamesFault(err) && !acme.Refused(err) { // else refunded above
+			r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
+		}
+		return attempt{next: why, broken: true, why: why}
+	}
+	// An account that cannot be set up, or a CA that does not answer,
+	// is not this lineage's fault: no backoff, so the next run after
+	// the fix goes ahead.
+	r.fail(s, err, !r.e.Opts.DryRun && !errors.As(err, new(*issuer.AccountError)) && !acme.Unreachable(err) && !notTheNamesFault(err))
+	return attempt{answered: !down, broken: down, why: why}
 }
 
 // again reports whether the same order goes to the CA again at once:
