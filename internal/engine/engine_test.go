@@ -580,7 +580,8 @@ func TestRefusedReplacesIsCounted(t *testing.T) {
 			}
 		}
 		e := f.engine(Options{Command: "renew", MaxWait: time.Minute})
-		e.Budget = b
+		counted := &refundCounter{Budget: b}
+		e.Budget = counted
 		before := f.ca.count()
 		p, _ := e.Plan(context.Background(), []Job{job("a.test")})
 		it := p.Execute(context.Background()).Items[0]
@@ -596,7 +597,23 @@ func TestRefusedReplacesIsCounted(t *testing.T) {
 				t.Fatal("the order without replaces took no token from the budget")
 			}
 		}
+		// The refused order issued nothing: what it reserved (in a
+		// fleet, a place in the issuance ledger) was given back.
+		if len(counted.refunds) != 1 || counted.refunds[0].Replaces == "" {
+			t.Fatalf("refunds %+v: want one, of the refused order with replaces", counted.refunds)
+		}
 	}
+}
+
+// refundCounter is a budget that records what it refunds.
+type refundCounter struct {
+	*pace.Budget
+	refunds []pace.Order
+}
+
+func (c *refundCounter) Refund(k pace.Key, o pace.Order) error {
+	c.refunds = append(c.refunds, o)
+	return c.Budget.Refund(k, o)
 }
 
 // A daily cron with a random start delay retries a failing lineage on

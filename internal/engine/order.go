@@ -65,11 +65,14 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
-		ari := o.Replaces != ""
+		refused := o
 		if r.again(err, &o, &reset, &dropped) {
-			if ari && o.Replaces == "" {
-				// The same names without "replaces" are an order the
-				// budget counts: the exempt reservation does not cover it.
+			if refused.Replaces != "" && o.Replaces == "" {
+				// The CA refused the order: what it took goes back (a
+				// fleet's ledger place), and the same names without
+				// "replaces" are an order the budget counts, which the
+				// exempt reservation does not cover.
+				r.refund(key, r.paceOrder(s, refused), reserved)
 				reserved = false
 			}
 			continue
