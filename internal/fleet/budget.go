@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/engine"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/pace"
 )
@@ -65,7 +66,17 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	if !ok {
 		b.Pace.Unreserve(k, o)
-		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d certificates for exactly these names within 7 days (cap %d, below the CA's 5)", b.Cap, b.Cap)}
+		// A place is a certificate, or an order that may have issued one
+		// (its run was killed before it could tell): the CA counts what
+		// it issued, which this node cannot know.
+		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d places for exactly these names within 7 days: certificates, or orders killed before they could say whether they issued one (--ledger-cap %d, below the CA's 5)", b.Cap, b.Cap)}
+	}
+	if err := b.N.noteReserved(set, id, now); err != nil {
+		// Fail closed: a place not on this node's disk is one a rebuilt
+		// Redis would not count, and the CA's limit could be passed.
+		b.N.Shared.LedgerGive(ctx, set, id)
+		b.Pace.Unreserve(k, o)
+		return hint.Wrap(fmt.Errorf("not ordering: this node cannot keep its copy of the issuance ledger: %w", err), "fix %s (ledger.json and ledger.lock must be writable files), then run again", fleetDir(b.N.Local))
 	}
 	b.mu.Lock()
 	if b.taken == nil {
@@ -73,7 +84,6 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	}
 	b.taken[set] = append(b.taken[set], id)
 	b.mu.Unlock()
-	b.N.noteReserved(set, id, now)
 	return nil
 }
 
@@ -89,12 +99,16 @@ func (b *Budget) Refund(k pace.Key, o pace.Order) error {
 	}
 	b.mu.Unlock()
 	if id != "" {
-		ctx, cancel := rctx(context.Background())
-		defer cancel()
-		b.N.dropReserved(set, id)
-		if err := b.N.Shared.LedgerGive(ctx, set, id); err != nil {
-			return err
+		// A Redis that is paused, restarting or failing over comes back
+		// in seconds: a place not given back would count an order that
+		// issued nothing for 7 days (the fault test: a lineage held at
+		// its cap by an order refunded while Redis was paused).
+		if err := withRedis(context.Background(), "giving back the ledger place", func(ctx context.Context) error {
+			return b.N.Shared.LedgerGive(ctx, set, id)
+		}); err != nil {
+			return err // the place stays in this node's copy too: it errs on the CA's side
 		}
+		b.N.dropReserved(set, id)
 	}
 	return b.Pace.Refund(k, o)
 }

@@ -38,7 +38,7 @@ var (
 
 // NewCatalog is the fleet's catalog as node n sees it.
 func NewCatalog(n *Node) *Catalog {
-	return &Catalog{N: n, Holder: n.Name + "/" + strconv.Itoa(os.Getpid()), held: map[string]*lease{}}
+	return &Catalog{N: n, Holder: n.Name + "/" + strconv.Itoa(os.Getpid()) + processSpace(), held: map[string]*lease{}}
 }
 
 // rctx bounds one Redis call: a Redis that hangs must fail the item,

@@ -134,20 +134,42 @@ func (n *Node) freeDeadLeases(ctx context.Context) error {
 	return nil
 }
 
-// exited reports whether holder ("<node>/<pid>") is a process of node
-// that is no longer running (a PID taken by another process since, or
-// one this process cannot signal, counts as running).
+// exited reports whether holder ("<node>/<pid>@<space>") is a process
+// of node that is no longer running (a PID taken by another process
+// since, or one this process cannot signal, counts as running). Only a
+// holder in this process's own process space (processSpace) is judged:
+// from another PID namespace (a container per process sharing the
+// state directory) or another host given the same node name, a live
+// process looks dead to kill(pid, 0), and freeing its lease would let a
+// second order for the name go out (hostile review: two certificates
+// for one name while the first run was still ordering). Such a lease
+// ends with its TTL.
 func exited(holder, node string) (int, bool) {
-	hnode, pidText, ok := strings.Cut(holder, "/")
+	hnode, rest, ok := strings.Cut(holder, "/")
 	if !ok || hnode != node {
 		return 0, false
 	}
+	pidText, space, _ := strings.Cut(rest, "@")
 	pid, err := strconv.Atoi(pidText)
-	if err != nil || pid <= 0 || pid == os.Getpid() {
+	if err != nil || pid <= 0 || pid == os.Getpid() || "@"+space != processSpace() {
 		return 0, false
 	}
 	return pid, syscall.Kill(pid, 0) == syscall.ESRCH
 }
+
+// processSpace names where this process's PIDs mean something: its PID
+// namespace and the machine's boot, as "@<namespace inode>.<boot id>".
+// A holder's PID is only looked up from the same space.
+var processSpace = sync.OnceValue(func() string {
+	ns, err := os.Readlink("/proc/self/ns/pid") // "pid:[4026531836]"
+	boot, err2 := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil || err2 != nil {
+		return "@unknown" // never equal to a readable space; two unknowns judge as before
+	}
+	ns = strings.TrimSuffix(strings.TrimPrefix(ns, "pid:["), "]")
+	b := strings.ReplaceAll(strings.TrimSpace(string(boot)), "-", "")
+	return "@" + ns + "." + b[:min(12, len(b))]
+})
 
 func (l *lease) heartbeat(ttl time.Duration) {
 	defer close(l.done)

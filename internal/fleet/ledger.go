@@ -206,17 +206,21 @@ type ledgerCache struct {
 // place becomes the certificate's key when it is published
 // (takeReserved), and goes when the order issued nothing
 // (dropReserved).
-func (n *Node) noteReserved(set, id string, at time.Time) {
+func (n *Node) noteReserved(set, id string, at time.Time) error {
+	err := n.editLedger(func(m map[string]issued) bool {
+		m[id] = issued{Set: set, At: at.UTC()}
+		return true
+	})
+	if err != nil {
+		return err
+	}
 	n.resMu.Lock()
 	if n.reserved == nil {
 		n.reserved = map[string][]string{}
 	}
 	n.reserved[set] = append(n.reserved[set], id)
 	n.resMu.Unlock()
-	n.editLedger(func(m map[string]issued) bool {
-		m[id] = issued{Set: set, At: at.UTC()}
-		return true
-	})
+	return nil
 }
 
 // dropReserved forgets the place id of an order that issued nothing.
@@ -262,13 +266,17 @@ func addIssued(m map[string]issued, ls []*store.Lineage) bool {
 // certificate, and parsing the file each time made a batch of thousands
 // quadratic in JSON work. A cached map is never changed once cached, so
 // a reader may range over it after unlocking.
-func (n *Node) editLedger(edit func(m map[string]issued) bool) {
+//
+// It says when the copy could not be kept (and logs it): an order's
+// place that is not on the node's disk is one a rebuilt Redis does not
+// count, so noteReserved's caller orders nothing then.
+func (n *Node) editLedger(edit func(m map[string]issued) bool) error {
 	ledgerMu.Lock()
 	defer ledgerMu.Unlock()
 	unlock, err := lockFleetFile(n.Local, "ledger.lock")
 	if err != nil {
 		slog.Warn("could not keep this node's copy of the issuance ledger", "err", err)
-		return
+		return err
 	}
 	defer unlock()
 	m := maps.Clone(n.ledgerCopy())
@@ -276,7 +284,7 @@ func (n *Node) editLedger(edit func(m map[string]issued) bool) {
 		m = map[string]issued{}
 	}
 	if !edit(m) {
-		return
+		return nil
 	}
 	for key, e := range m {
 		if time.Since(e.At) > LedgerWindow {
@@ -287,11 +295,12 @@ func (n *Node) editLedger(edit func(m map[string]issued) bool) {
 	err = store.WriteFile(ledgerPath(n.Local), data, 0o600)
 	if err != nil {
 		slog.Warn("could not keep this node's copy of the issuance ledger", "err", err)
-		return
+		return err
 	}
 	if fi, err := os.Stat(ledgerPath(n.Local)); err == nil {
 		n.ledgerCache = &ledgerCache{m: m, fi: fi}
 	}
+	return nil
 }
 
 // seedLedger puts this node's copy of the ledger into Redis. A

@@ -260,8 +260,9 @@ func TestKeptCertificateKeepsItsLedgerPlace(t *testing.T) {
 // The agent frees the leases its node's exited processes left (killed,
 // or unable to hand one back while Redis was away), so another node's
 // run does not wait out the TTL; a lease of a running process, of
-// another node, or whose certificate still waits on this node to be
-// published stays (the fault test, seed 3: the final renewal deferred,
+// another node, of a process whose PID this agent cannot see (another
+// PID namespace or host), or whose certificate still waits on this node
+// to be published stays (the fault test, seed 3: the final renewal deferred,
 // "another run holds this lineage").
 func TestAgentFreesLeasesOfExitedProcesses(t *testing.T) {
 	_, sh := startRedis(t)
@@ -278,18 +279,24 @@ func TestAgentFreesLeasesOfExitedProcesses(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer running.Process.Kill()
-	take := func(n *Node, name string, pid int) {
+	take := func(n *Node, name string, pid int, space string) {
 		t.Helper()
 		c := NewCatalog(n)
-		c.Holder = fmt.Sprintf("%s/%d", n.Name, pid)
+		c.Holder = fmt.Sprintf("%s/%d%s", n.Name, pid, space)
 		if _, err := c.Acquire(ctx, name, time.Minute); err != nil {
 			t.Fatal(err)
 		}
 	}
-	take(lb1, "dead.test", gone.Process.Pid)
-	take(lb1, "kept.test", gone.Process.Pid)
-	take(lb1, "alive.test", running.Process.Pid)
-	take(lb2, "other.test", gone.Process.Pid)
+	here := processSpace()
+	take(lb1, "dead.test", gone.Process.Pid, here)
+	take(lb1, "kept.test", gone.Process.Pid, here)
+	take(lb1, "alive.test", running.Process.Pid, here)
+	take(lb2, "other.test", gone.Process.Pid, here)
+	// A process of lb1 in another PID namespace (a container sharing
+	// the state directory) or on another host with the same node name:
+	// its PID means nothing here, so it is not judged.
+	take(lb1, "elsewhere.test", gone.Process.Pid, "@4026532999.0123456789ab")
+	take(lb1, "oldformat.test", gone.Process.Pid, "")
 	l, files := catalogtest.Cert(t, "kept.test", time.Now().UTC().Truncate(time.Second))
 	if err := NewCatalog(lb1).spool(l, files, 1); err != nil {
 		t.Fatal(err)
@@ -297,7 +304,7 @@ func TestAgentFreesLeasesOfExitedProcesses(t *testing.T) {
 	if err := lb1.freeDeadLeases(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for name, want := range map[string]bool{"dead.test": false, "kept.test": true, "alive.test": true, "other.test": true} {
+	for name, want := range map[string]bool{"dead.test": false, "kept.test": true, "alive.test": true, "other.test": true, "elsewhere.test": true, "oldformat.test": true} {
 		holder, _, err := sh.Holder(ctx, name)
 		if err != nil || (holder != "") != want {
 			t.Errorf("%s: held by %q (%v), want held %v", name, holder, err, want)
