@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
+	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/pace"
 )
 
