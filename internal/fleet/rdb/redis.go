@@ -121,8 +121,8 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 				addrs[i] = net.JoinHostPort(a, "26379")
 			}
 		}
-		if rest == "" {
-			return nil, fmt.Errorf("--redis %q: want redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]", redact(o.URL))
+		if rest == "" || u.Host == "" {
+			return nil, fmt.Errorf("--redis %q: want redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB], naming at least one Sentinel", redact(o.URL))
 		}
 		if tlsConf != nil {
 			tlsConf.ServerName = ""
@@ -157,6 +157,10 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	}
 	s := &Shared{c: c, prefix: prefix, addr: redact(o.URL)}
 	info, err := c.Info(ctx, "cluster").Result()
+	if err != nil && strings.Contains(err.Error(), "DB index is out of range") {
+		c.Close()
+		return nil, fmt.Errorf("--redis %s: this Redis has no database %d (its 'databases' setting); use a smaller /DB in the URL", s.addr, db)
+	}
 	if err != nil {
 		c.Close()
 		return nil, s.unavailable(err)

@@ -432,12 +432,26 @@ func TestRedactNeverEchoesAPassword(t *testing.T) {
 
 // An empty Sentinel master name is bad input, not an unreachable Redis.
 func TestSentinelURLNeedsAMaster(t *testing.T) {
-	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/"} {
+	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/", "redis-sentinel:///mymaster/0"} {
 		_, err := Dial(context.Background(), Options{URL: raw})
 		var u *Unavailable
 		if err == nil || errors.As(err, &u) {
 			t.Errorf("Dial(%q): %v, want a bad-input error", raw, err)
 		}
+	}
+}
+
+// A database number the Redis does not have is named as bad input, with
+// what to do, not relayed as Redis's bare "ERR DB index is out of range".
+func TestDatabaseOutOfRange(t *testing.T) {
+	r, err := testenv.StartRedis(t.TempDir(), "s3cret-pass", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Stop)
+	_, err = Dial(context.Background(), Options{URL: "redis://" + r.Addr() + "/99", Password: "s3cret-pass"})
+	if err == nil || !strings.Contains(err.Error(), "--redis") || !strings.Contains(err.Error(), "no database 99") {
+		t.Fatalf("Dial to database 99: %v", err)
 	}
 }
 
