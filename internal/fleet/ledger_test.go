@@ -455,3 +455,22 @@ func TestRefundWaitsForRedis(t *testing.T) {
 		t.Fatalf("the node's copy still holds %v", m)
 	}
 }
+
+// A ledger lock held past its bound (a run stopped inside an edit) is
+// an error naming the file, not a wait for ever; the order it was for
+// is not placed.
+func TestStuckLedgerLockIsSaid(t *testing.T) {
+	defer func(w time.Duration) { fleetFileWait = w }(fleetFileWait)
+	fleetFileWait = 200 * time.Millisecond
+	n, _, b := budgetNode(t)
+	unlock, err := lockFleetFile(n.Local, "ledger.lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	start := time.Now()
+	err = b.Reserve(pace.Key{Server: ledgerServer}, pace.Order{Names: []string{"a.example"}})
+	if err == nil || !strings.Contains(err.Error(), "ledger.lock has been held by another lbcert process") || time.Since(start) > 10*time.Second {
+		t.Fatalf("Reserve under a stuck ledger lock: %v after %s", err, time.Since(start))
+	}
+}

@@ -241,12 +241,28 @@ func lockFleetFile(st *store.Store, name string) (func(), error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, err
+	// Held for a file edit, not a run: one stuck past fleetFileWait (a
+	// run stopped with Ctrl-Z inside an edit) is said, not waited on
+	// for ever.
+	deadline := time.Now().Add(fleetFileWait)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if err != syscall.EWOULDBLOCK || time.Now().After(deadline) {
+			f.Close()
+			if err == syscall.EWOULDBLOCK {
+				return nil, hint.Wrap(fmt.Errorf("%s has been held by another lbcert process for %s", f.Name(), fleetFileWait), "find it with: fuser -v %s (a stopped or hung process), then let it finish or kill it", f.Name())
+			}
+			return nil, err
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	return func() { f.Close() }, nil
 }
+
+// fleetFileWait bounds the wait for a lock of lockFleetFile.
+var fleetFileWait = 30 * time.Second
 
 func writeLocal(st *store.Store, l *local) error {
 	if err := os.MkdirAll(fleetDir(st), 0o700); err != nil {
