@@ -26,6 +26,43 @@ type chaosRedis struct {
 	aof       map[*testenv.Redis]bool // the running instance keeps an AOF
 	down      map[*testenv.Redis]bool
 	mu        sync.Mutex // one Redis fault at a time
+
+	// The primary as the harness last set or saw it, and whether the
+	// harness is changing it now (a failover or a kill it injected):
+	// a change outside those is Sentinel's own (watchPrimary).
+	knownMu   sync.Mutex
+	known     *testenv.Redis
+	switching int
+}
+
+// harnessSwitch marks a primary change the harness makes; done takes
+// the new primary as known.
+func (r *chaosRedis) harnessSwitch() (done func()) {
+	r.knownMu.Lock()
+	r.switching++
+	r.knownMu.Unlock()
+	return func() {
+		p, err := r.primary()
+		r.knownMu.Lock()
+		if err == nil {
+			r.known = p
+		}
+		r.switching--
+		r.knownMu.Unlock()
+	}
+}
+
+// unexpected reports whether p is a primary no fault of the harness
+// made, and the one before it; p is known from then on.
+func (r *chaosRedis) unexpected(p *testenv.Redis) (bool, *testenv.Redis) {
+	r.knownMu.Lock()
+	defer r.knownMu.Unlock()
+	old := r.known
+	if r.switching > 0 || p == old {
+		return false, old
+	}
+	r.known = p
+	return old != nil, old
 }
 
 // Redis keys the checks read: the catalog as lbcert writes it today.
@@ -138,6 +175,7 @@ func (r *chaosRedis) waitNewPrimary(old *testenv.Redis, limit time.Duration) err
 // kill is kill -9 of the primary. With Sentinel it waits for the
 // failover before it returns the killed instance.
 func (r *chaosRedis) kill() (*testenv.Redis, error) {
+	defer r.harnessSwitch()()
 	p, err := r.primary()
 	if err != nil {
 		return nil, err
@@ -183,6 +221,7 @@ func (r *chaosRedis) do(args ...any) error {
 }
 
 func (r *chaosRedis) failover() error {
+	defer r.harnessSwitch()()
 	old, err := r.primary()
 	if err != nil {
 		return err

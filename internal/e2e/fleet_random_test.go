@@ -221,8 +221,10 @@ func setupChaos(t *testing.T, plan *chaosPlan) *chaosRun {
 func (r *chaosRun) runSchedule() {
 	go r.obs.run()
 	stop, stopped := make(chan struct{}), make(chan struct{})
+	watched := make(chan struct{})
 	go func() { r.supervise(stop); close(stopped) }()
-	r.t.Cleanup(func() { close(stop); <-stopped })
+	go func() { r.watchPrimary(stop); close(watched) }()
+	r.t.Cleanup(func() { close(stop); <-stopped; <-watched })
 	r.sched = time.Now()
 	r.logf("schedule: %d events over %s", len(r.plan.Events), r.plan.Duration)
 	for i, ev := range r.plan.Events {
