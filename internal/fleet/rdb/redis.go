@@ -108,48 +108,13 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	if err != nil {
 		return nil, err
 	}
-	user := u.User.Username()
 	db, rest, err := dbOf(u.Path, strings.HasSuffix(u.Scheme, "sentinel"))
 	if err != nil {
 		return nil, fmt.Errorf("--redis %q: %v", redact(o.URL), err)
 	}
-	var c goredis.UniversalClient
-	if strings.HasSuffix(u.Scheme, "sentinel") {
-		addrs := strings.Split(u.Host, ",")
-		for i, a := range addrs {
-			if _, _, err := net.SplitHostPort(a); err != nil {
-				addrs[i] = net.JoinHostPort(a, "26379")
-			}
-		}
-		if rest == "" || u.Host == "" {
-			return nil, fmt.Errorf("--redis %q: want redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB], naming at least one Sentinel", redact(o.URL))
-		}
-		if tlsConf != nil {
-			tlsConf.ServerName = ""
-		}
-		c = goredis.NewFailoverClient(&goredis.FailoverOptions{
-			MasterName: rest, SentinelAddrs: addrs, DB: db,
-			Username: user, Password: o.Password, SentinelPassword: o.Password,
-			TLSConfig:   tlsConf,
-			DialTimeout: 3 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
-			MaxRetries: 2,
-		})
-	} else {
-		if rest != "" {
-			return nil, fmt.Errorf("--redis %q: want redis://HOST:PORT[/DB]", redact(o.URL))
-		}
-		host := u.Host
-		if _, _, err := net.SplitHostPort(host); err != nil {
-			host = net.JoinHostPort(host, "6379")
-		}
-		if tlsConf != nil {
-			tlsConf.ServerName = u.Hostname()
-		}
-		c = goredis.NewClient(&goredis.Options{
-			Addr: host, DB: db, Username: user, Password: o.Password, TLSConfig: tlsConf,
-			DialTimeout: 3 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
-			MaxRetries: 2,
-		})
+	c, err := newClient(u, db, rest, tlsConf, o)
+	if err != nil {
+		return nil, err
 	}
 	prefix := o.Prefix
 	if prefix == "" {
@@ -170,6 +135,47 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 		return nil, fmt.Errorf("%s is a Redis Cluster, which lbcert does not support: use one primary with replicas and Sentinel (redis-sentinel://)", s.addr)
 	}
 	return s, nil
+}
+
+// newClient is the go-redis client for the parsed --redis URL u: a
+// Sentinel-backed one for redis-sentinel://, a plain one otherwise.
+func newClient(u *url.URL, db int, rest string, tlsConf *tls.Config, o Options) (goredis.UniversalClient, error) {
+	if strings.HasSuffix(u.Scheme, "sentinel") {
+		addrs := strings.Split(u.Host, ",")
+		for i, a := range addrs {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				addrs[i] = net.JoinHostPort(a, "26379")
+			}
+		}
+		if rest == "" || u.Host == "" {
+			return nil, fmt.Errorf("--redis %q: want redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB], naming at least one Sentinel", redact(o.URL))
+		}
+		if tlsConf != nil {
+			tlsConf.ServerName = ""
+		}
+		return goredis.NewFailoverClient(&goredis.FailoverOptions{
+			MasterName: rest, SentinelAddrs: addrs, DB: db,
+			Username: u.User.Username(), Password: o.Password, SentinelPassword: o.Password,
+			TLSConfig:   tlsConf,
+			DialTimeout: 3 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
+			MaxRetries: 2,
+		}), nil
+	}
+	if rest != "" {
+		return nil, fmt.Errorf("--redis %q: want redis://HOST:PORT[/DB]", redact(o.URL))
+	}
+	host := u.Host
+	if _, _, err := net.SplitHostPort(host); err != nil {
+		host = net.JoinHostPort(host, "6379")
+	}
+	if tlsConf != nil {
+		tlsConf.ServerName = u.Hostname()
+	}
+	return goredis.NewClient(&goredis.Options{
+		Addr: host, DB: db, Username: u.User.Username(), Password: o.Password, TLSConfig: tlsConf,
+		DialTimeout: 3 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
+		MaxRetries: 2,
+	}), nil
 }
 
 // tlsFor is the TLS configuration for a URL's scheme: nil for plain
