@@ -147,26 +147,10 @@ func trimOutput(s string) string {
 }
 
 // cmdError makes one line of a failed command: what it was, how it ended,
-// and the last lines of what it printed. When the load balancer marked
-// some of them as errors (HAProxy's "[ALERT]", nginx's "[emerg]"), only
-// those: HAProxy's two "[NOTICE]" lines of version and path, and its
-// closing "Fatal errors found", pushed the line that names the file, the
-// line and the bad keyword out of sight in a mail or a terminal.
+// and the last lines of what it printed.
 func cmdError(what string, err error, output string) error {
 	if output == "" {
 		return fmt.Errorf("%s: %v", what, err)
-	}
-	var marked []string
-	for _, line := range strings.Split(output, "\n") {
-		for _, m := range []string{"[ALERT]", "[emerg]", "[crit]", "[alert]", "[error]"} {
-			if strings.Contains(line, m) && !strings.Contains(line, "Fatal errors found") && !strings.Contains(line, "Error(s) found in configuration file") {
-				marked = append(marked, line)
-				break
-			}
-		}
-	}
-	if len(marked) > 0 {
-		output = strings.Join(marked, "\n")
 	}
 	return fmt.Errorf("%s: %v: %s", what, err, strings.Join(strings.Fields(output), " "))
 }
