@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -74,7 +75,13 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	if err := b.N.noteReserved(set, id, now); err != nil {
 		// Fail closed: a place not on this node's disk is one a rebuilt
 		// Redis would not count, and the CA's limit could be passed.
-		b.N.Shared.LedgerGive(ctx, set, id)
+		// The Redis deadline above may be spent (the edit waited for the
+		// node's ledger lock): the place goes back with one of its own.
+		gctx, gcancel := rctx(context.Background())
+		defer gcancel()
+		if gerr := b.N.Shared.LedgerGive(gctx, set, id); gerr != nil {
+			slog.Warn("could not give back the ledger place of an order not placed; it counts for 7 days", "set", set, "err", gerr)
+		}
 		b.Pace.Unreserve(k, o)
 		return hint.Wrap(fmt.Errorf("not ordering: this node cannot keep its copy of the issuance ledger: %w", err), "fix %s (ledger.json and ledger.lock must be writable files), then run again", fleetDir(b.N.Local))
 	}

@@ -151,11 +151,14 @@ func exited(holder, node string) (int, bool) {
 	}
 	pidText, space, _ := strings.Cut(rest, "@")
 	pid, err := strconv.Atoi(pidText)
-	if err != nil || pid <= 0 || pid == os.Getpid() || "@"+space != processSpace() {
+	if err != nil || pid <= 0 || pid == os.Getpid() || "@"+space != processSpace() || processSpace() == unknownSpace {
 		return 0, false
 	}
 	return pid, syscall.Kill(pid, 0) == syscall.ESRCH
 }
+
+// unknownSpace is the space of a process that cannot read /proc.
+const unknownSpace = "@unknown"
 
 // processSpace names where this process's PIDs mean something: its PID
 // namespace and the machine's boot, as "@<namespace inode>.<boot id>".
@@ -164,7 +167,7 @@ var processSpace = sync.OnceValue(func() string {
 	ns, err := os.Readlink("/proc/self/ns/pid") // "pid:[4026531836]"
 	boot, err2 := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil || err2 != nil {
-		return "@unknown" // never equal to a readable space; two unknowns judge as before
+		return unknownSpace // never judged: without /proc a live process elsewhere cannot be told from a dead one
 	}
 	ns = strings.TrimSuffix(strings.TrimPrefix(ns, "pid:["), "]")
 	b := strings.ReplaceAll(strings.TrimSpace(string(boot)), "-", "")

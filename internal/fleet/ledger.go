@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"maps"
 	"os"
@@ -56,11 +57,22 @@ func ledgerPath(st *store.Store) string { return filepath.Join(fleetDir(st), "le
 var ledgerMu sync.Mutex
 
 func readLedger(st *store.Store) map[string]issued {
-	m := map[string]issued{}
-	if data, err := os.ReadFile(ledgerPath(st)); err == nil {
-		json.Unmarshal(data, &m)
-	}
+	m, _ := readLedgerFile(st)
 	return m
+}
+
+// readLedgerFile is readLedger that says when the file is there but
+// not a ledger (truncated, edited by hand): what it held is unknown.
+func readLedgerFile(st *store.Store) (map[string]issued, error) {
+	m := map[string]issued{}
+	data, err := os.ReadFile(ledgerPath(st))
+	if err != nil {
+		return m, nil
+	}
+	if err := json.Unmarshal(data, &m); err != nil {
+		return map[string]issued{}, fmt.Errorf("%s is not a ledger (%v): look at it, move it aside and run again (orders wait until then)", ledgerPath(st), err)
+	}
+	return m, nil
 }
 
 // noteIssued adds the certificates of ls to this node's copy of the
@@ -182,21 +194,24 @@ func (n *Node) knownPlaces(set string) map[string]time.Time {
 func (n *Node) ledgerCopy() map[string]issued {
 	fi, err := os.Stat(ledgerPath(n.Local))
 	if err != nil {
+		n.ledgerCache = nil
 		return nil
 	}
 	// Every write is an atomic rename: a new file, a new inode.
 	if c := n.ledgerCache; c != nil && os.SameFile(c.fi, fi) && c.fi.ModTime().Equal(fi.ModTime()) {
 		return c.m
 	}
-	m := readLedger(n.Local)
-	n.ledgerCache = &ledgerCache{m: m, fi: fi}
+	m, err := readLedgerFile(n.Local)
+	n.ledgerCache = &ledgerCache{m: m, fi: fi, err: err}
 	return m
 }
 
-// ledgerCache is ledgerCopy's parsed file and the stat it was read at.
+// ledgerCache is ledgerCopy's parsed file and the stat it was read at,
+// and whether the file was no ledger.
 type ledgerCache struct {
-	m  map[string]issued
-	fi os.FileInfo
+	m   map[string]issued
+	fi  os.FileInfo
+	err error
 }
 
 // noteReserved keeps, before an order reaches the CA, the ledger place
@@ -280,6 +295,12 @@ func (n *Node) editLedger(edit func(m map[string]issued) bool) error {
 	}
 	defer unlock()
 	m := maps.Clone(n.ledgerCopy())
+	if c := n.ledgerCache; c != nil && c.err != nil {
+		// Writing back what could be read would drop what it held: a
+		// killed order's place that only this copy keeps (I4).
+		slog.Warn("could not keep this node's copy of the issuance ledger", "err", c.err)
+		return c.err
+	}
 	if m == nil {
 		m = map[string]issued{}
 	}

@@ -462,7 +462,7 @@ func TestRefundWaitsForRedis(t *testing.T) {
 func TestStuckLedgerLockIsSaid(t *testing.T) {
 	defer func(w time.Duration) { fleetFileWait = w }(fleetFileWait)
 	fleetFileWait = 200 * time.Millisecond
-	n, _, b := budgetNode(t)
+	n, sh, b := budgetNode(t)
 	unlock, err := lockFleetFile(n.Local, "ledger.lock")
 	if err != nil {
 		t.Fatal(err)
@@ -472,5 +472,40 @@ func TestStuckLedgerLockIsSaid(t *testing.T) {
 	err = b.Reserve(pace.Key{Server: ledgerServer}, pace.Order{Names: []string{"a.example"}})
 	if err == nil || !strings.Contains(err.Error(), "ledger.lock has been held by another lbcert process") || time.Since(start) > 10*time.Second {
 		t.Fatalf("Reserve under a stuck ledger lock: %v after %s", err, time.Since(start))
+	}
+	// The place it took in Redis went back, though the wait used up
+	// the Redis deadline Reserve had taken it under.
+	if c, _ := sh.LedgerCount(context.Background(), LedgerSet(ledgerServer, []string{"a.example"}), LedgerWindow, time.Now()); c != 0 {
+		t.Fatalf("the order not placed left %d places in Redis", c)
+	}
+}
+
+// A copy of the ledger that is no ledger (truncated) is neither
+// overwritten, which would drop the places only it held, nor ordered
+// past; moved aside, ordering goes on.
+func TestCorruptLedgerCopyFailsClosed(t *testing.T) {
+	n, sh, b := budgetNode(t)
+	k, o := pace.Key{Server: ledgerServer}, pace.Order{Names: []string{"a.example"}}
+	if err := b.Reserve(k, o); err != nil {
+		t.Fatal(err)
+	}
+	path := ledgerPath(n.Local)
+	data, _ := os.ReadFile(path)
+	if err := os.WriteFile(path, data[:len(data)/2], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := b.Reserve(k, o)
+	if err == nil || !strings.Contains(err.Error(), "is not a ledger") {
+		t.Fatalf("Reserve over a truncated copy: %v", err)
+	}
+	if now, _ := os.ReadFile(path); len(now) != len(data)/2 {
+		t.Fatal("the truncated copy was overwritten")
+	}
+	if c, _ := sh.LedgerCount(context.Background(), LedgerSet(ledgerServer, o.Names), LedgerWindow, time.Now()); c != 1 {
+		t.Fatalf("places in Redis: %d, want the first order's only", c)
+	}
+	os.Rename(path, path+".bad")
+	if err := b.Reserve(k, o); err != nil {
+		t.Fatalf("after moving it aside: %v", err)
 	}
 }

@@ -311,3 +311,17 @@ func TestAgentFreesLeasesOfExitedProcesses(t *testing.T) {
 		}
 	}
 }
+
+// Without /proc (its own process space unknown) a node judges no lease:
+// a PID it cannot place may be a live process elsewhere.
+func TestUnknownProcessSpaceJudgesNoLease(t *testing.T) {
+	defer func(f func() string) { processSpace = f }(processSpace)
+	processSpace = func() string { return unknownSpace }
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if pid, dead := exited(fmt.Sprintf("lb1/%d%s", gone.Process.Pid, unknownSpace), "lb1"); dead {
+		t.Fatalf("pid %d judged dead from an unknown process space", pid)
+	}
+}
