@@ -53,7 +53,8 @@ type app struct {
 	global    globalOptions
 	mail      mailOptions
 	fleetOpts fleetOptions
-	fleetWait time.Duration // fleet init/join/approve/remove --wait-lock
+	fleetWait time.Duration  // fleet init/join/approve/remove --wait-lock
+	flags     *pflag.FlagSet // the running command's flags, settings applied
 
 	// hookStop ends running deploy hooks (hookGrace after the first
 	// signal, or at the second); hardStop ends the mail step (the second
@@ -221,6 +222,7 @@ func (a *app) setup(cmd *cobra.Command) error {
 	if err := config.Apply(fs, file, a.getenv); err != nil {
 		return err
 	}
+	a.flags = fs
 	a.setupLogging()
 	if err := a.global.cas.Check(a.account(), a.getenv); err != nil {
 		return err

@@ -4,10 +4,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 
 	"github.com/spf13/cobra"
 
+	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/schedule"
 )
 
@@ -103,15 +103,17 @@ func (a *app) renewArgv() []string {
 	if err != nil {
 		bin = "lbcert"
 	}
-	return append(append([]string{bin}, a.carriedArgs()...), "renew", "-q")
+	argv := append(append([]string{bin}, a.carriedArgs()...), "renew", "-q")
+	return append(argv, config.CarriedArgs(a.flags, absPath, "rate-orders", "rate-domain", "rate-names", "rate-failed-authz")...)
 }
 
 // carriedArgs are the global settings a cron line or a unit must repeat
 // for its run to be the same as the command that printed it: the state
 // directory and the config file, however they were given (flag,
 // LBCERT_DIR/LBCERT_CONFIG, config file), as absolute paths since cron
-// starts in another directory; the settings given as flags that change
-// what a run keeps or writes; and the fleet's flags. Never a secret.
+// starts in another directory; the settings given by flag or environment
+// that change what a run keeps or writes, and the CAs' that the lineages
+// do not keep (config.CarriedArgs); and the fleet's flags. Never a secret.
 func (a *app) carriedArgs() []string {
 	var args []string
 	if a.global.Dir != "/etc/lbcert" {
@@ -120,15 +122,8 @@ func (a *app) carriedArgs() []string {
 	if p := a.configPath(); p != defaultConfig {
 		args = append(args, "--config", absPath(p))
 	}
-	if a.global.Keep != 3 {
-		args = append(args, "--keep-versions", strconv.Itoa(a.global.Keep))
-	}
-	if a.global.HookConc != 1 {
-		args = append(args, "--hook-concurrency", strconv.Itoa(a.global.HookConc))
-	}
-	if a.global.MetricsFile != "" {
-		args = append(args, "--metrics-file", absPath(a.global.MetricsFile))
-	}
+	args = append(args, config.CarriedArgs(a.flags, absPath, "keep-versions", "hook-concurrency", "metrics-file",
+		"ca-bundle", "fallback-ca", "ca-backoff")...)
 	return append(args, a.fleetOpts.Args(absPath)...)
 }
 

@@ -207,6 +207,56 @@ func Given(fs *pflag.FlagSet, name string) bool {
 	return f.Changed || fromEnvOrFile
 }
 
+// Carried reports whether flag name was given on the command line or in
+// the environment, not by the config file nor left at its default: what
+// a cron line or a unit must repeat, since it runs with neither that
+// command line nor that environment (the config file it names itself).
+func Carried(fs *pflag.FlagSet, name string) bool {
+	f := fs.Lookup(name)
+	if f == nil {
+		return false
+	}
+	src := f.Annotations[sourceAnnotation]
+	return f.Changed || len(src) > 0 && strings.HasPrefix(src[0], "env ")
+}
+
+// CarriedArgs repeats, as flags, those of the settings names in fs that
+// were given on the command line or in the environment (Carried), for a
+// cron line or a unit: for renew, the CAs' settings (the primary's CA
+// bundle, the fallbacks, their back-off) and the client budget's rates,
+// which the lineages do not keep. One from the config file stays there,
+// read again by the run (the line names the file), so that editing the
+// file still counts. abs makes a file's path absolute (cron starts
+// elsewhere): the settings whose names end in "-bundle" or "-file".
+func CarriedArgs(fs *pflag.FlagSet, abs func(string) string, names ...string) []string {
+	if fs == nil {
+		return nil
+	}
+	var args []string
+	for _, name := range names {
+		f := fs.Lookup(name)
+		if f == nil || !Carried(fs, name) {
+			continue
+		}
+		if list, ok := f.Value.(pflag.SliceValue); ok {
+			for _, one := range list.GetSlice() {
+				args = append(args, "--"+name, one)
+			}
+			continue
+		}
+		val := f.Value.String()
+		if strings.HasSuffix(name, "-bundle") || strings.HasSuffix(name, "-file") {
+			val = abs(val)
+		}
+		if f.Value.Type() == "bool" {
+			args = append(args, "--"+name+"="+val)
+			continue
+		}
+		args = append(args, "--"+name, val)
+	}
+	return args
+}
+
 // Origin says where flag name's value came from, for a message about a
 // conflict: "" for the command line or the default, "LBCERT_WEBROOT"
 // for the environment, "'webroot:' in /etc/lbcert/config.yaml" for the

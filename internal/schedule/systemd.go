@@ -44,7 +44,7 @@ func systemdQuote(s string) string {
 
 // PrintedBy is the first line of a printed unit.
 func PrintedBy(unit, command string) string {
-	return fmt.Sprintf("# %s: printed by 'lbcert %s', with the global settings it was given (--dir, --config, --keep-versions, --metrics-file, fleet flags).", unit, command)
+	return fmt.Sprintf("# %s: printed by 'lbcert %s', with the settings it was given that its runs need (--dir, --config, --keep-versions, --metrics-file, CA bundle, fallbacks, rates, fleet flags).", unit, command)
 }
 
 // cronManaged is the first line of the units cron install writes.
