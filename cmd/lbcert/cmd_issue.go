@@ -202,7 +202,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 	case engine.Failed, engine.Deferred, engine.NotStarted, engine.Aborted:
 		switch {
 		case it.Outcome == engine.Deferred:
-			a.say.errorf("not ordering %s: %s", it.Name, it.Error)
+			a.say.errorf("not ordering %s: %s", it.Name, strings.TrimPrefix(it.Error, "not ordered: "))
 		case it.Serial != "":
 			a.say.errorf("%s: %s", it.Name, it.Error)
 		default: // the CA's errors say "obtain <names>: ..." themselves

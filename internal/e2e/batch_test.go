@@ -359,7 +359,7 @@ func TestBatchPacing(t *testing.T) {
 	// issue spends the same budget: a new name is deferred too.
 	r = e.run("issue", "-d", "p9.pace.example.com", "--standalone", "--http-addr", fmt.Sprintf("127.0.0.1:%d", e.pebble.HTTPPort),
 		"--agree-tos", "--rate-orders", "2/1h", "--max-wait", "1s")
-	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stderr, "not ordering p9.pace.example.com: not ordered: the new-orders budget") {
+	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stderr, "not ordering p9.pace.example.com: the new-orders budget") {
 		t.Fatalf("issue did not share the budget: exit %d, %d orders\n%s%s", r.code, e.pebble.Orders()-orders, r.stdout, r.stderr)
 	}
 	// ARI renewals (orders that carry "replaces") are exempt from the

@@ -586,8 +586,15 @@ func TestFleetDefectLedgerRefusalSpendsNoOrder(t *testing.T) {
 	}
 	orders := f.pebble.Orders()
 	for range 2 {
-		if r := issue("-d", "l1.example.com", "--force"); r.code == 0 || !strings.Contains(r.stderr, "ledger") {
+		r := issue("-d", "l1.example.com", "--force")
+		if r.code == 0 || !strings.Contains(r.stderr, "ledger") {
 			t.Fatalf("another certificate for l1.example.com with --ledger-cap 1: exit %d, want the ledger's refusal\n%s", r.code, r.stderr)
+		}
+		// What to do names the ledger's own flag, not the --rate-* ones,
+		// and the refusal is said once.
+		if !strings.Contains(r.stderr, "hint: a place frees 7 days after it was taken") || !strings.Contains(r.stderr, "ledger already holds its cap (--ledger-cap 1)") || !strings.Contains(r.stderr, "--ledger-cap raises the cap") ||
+			strings.Contains(r.stderr, "--rate-names") || strings.Contains(r.stderr, "not ordered:") {
+			t.Fatalf("the ledger's refusal does not say what to do about the ledger:\n%s", r.stderr)
 		}
 	}
 	if got := f.pebble.Orders() - orders; got != 0 {

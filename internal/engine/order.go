@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -270,7 +271,7 @@ func (r *run) reserve(s *step, key pace.Key, o pace.Order, more bool) (string, b
 		}
 		if d.Wait > e.Opts.MaxWait {
 			r.defer_(s, "not ordered: "+d.Reason, e.now().Add(d.Wait),
-				hint.Wrap(err, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-names/--rate-failed-authz if your CA allows more"))
+				hint.Wrap(err, "%s", cmp.Or(d.Hint, "run again after next_attempt, or loosen --rate-orders/--rate-domain/--rate-names/--rate-failed-authz if your CA allows more")))
 			return "", false
 		}
 		slog.Debug("waiting for the rate budget", "name", s.job.Lineage.Name, "for", d.Wait.Round(time.Second), "why", d.Reason)

@@ -70,7 +70,8 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 		// A place is a certificate, or an order that may have issued one
 		// (its run was killed before it could tell): the CA counts what
 		// it issued, which this node cannot know.
-		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds %d places for exactly these names within 7 days: certificates, or orders killed before they could say whether they issued one (--ledger-cap %d, below the CA's 5)", b.Cap, b.Cap)}
+		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds its cap (--ledger-cap %d) for exactly these names within 7 days: certificates, or orders killed before they could say whether they issued one", b.Cap),
+			Hint: "a place frees 7 days after it was taken, at the next attempt below; --ledger-cap raises the cap, up to 4 (the CA locks a set of names out for a week at its 5th certificate)"}
 	}
 	if err := b.N.noteReserved(set, id, now); err != nil {
 		// Fail closed: a place not on this node's disk is one a rebuilt

@@ -242,6 +242,9 @@ type Denied struct {
 	// validations (ScopeFailedAuthz) are the name's doing, and another
 	// CA would not help.
 	Scope Scope
+	// Hint is what to do about it, when not the usual (wait, or loosen
+	// a --rate-* flag): the fleet's ledger has a flag of its own.
+	Hint string
 }
 
 func (d *Denied) Error() string {
