@@ -236,5 +236,5 @@ func (r *Runner) rollback(g *group, changes []Change, results []Result, cause er
 			results[i].Check = fingerprint(tf.output)
 		}
 	}
-	slog.Warn("deploy failed; previous certificates restored, nothing reloaded", "lineages", len(g.changes))
+	slog.Warn("deploy failed; rolled back (each name to the certificate it had, if any), nothing reloaded", "lineages", len(g.changes))
 }

@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -123,6 +125,18 @@ func TestDeployNginx(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(e.dir, "archive", "site.example.com", "3", "cert.pem")); err != nil {
 		t.Fatalf("the rolled-back version should stay in the archive: %v", err)
+	}
+	// A name's first certificate has nothing to roll back to: it is
+	// taken out of the live files, and neither output names a previous
+	// certificate or live paths that are not there.
+	r = e.run("issue", "-d", "first.example.com", "--standalone", "--http-addr", http, "--agree-tos", "--deploy", "nginx", "--nginx-conf", n.Conf, "--nginx-bin", n.Bin)
+	firstLive := filepath.Join(e.dir, "live", "first.example.com", "fullchain.pem")
+	if r.code != 1 || strings.Contains(r.stderr, "previous certificate") || !strings.Contains(r.stderr, "taken out of the live files again, since this name had no certificate before") ||
+		!strings.Contains(r.stdout, "  fullchain (none yet: kept in the archive, live at "+firstLive+" once deployed)") || strings.Contains(r.stdout, "  key ") {
+		t.Fatalf("a first certificate's failed deploy: exit %d\nstdout %s\nstderr %s", r.code, r.stdout, r.stderr)
+	}
+	if _, err := os.Stat(firstLive); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a first certificate whose deploy failed is live: %v", err)
 	}
 	os.WriteFile(n.Conf, []byte(conf), 0o644)
 

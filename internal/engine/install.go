@@ -217,10 +217,17 @@ func (n *Node) stillBroken(ctx context.Context, l *store.Lineage, p *store.Pendi
 	if c.check != p.Check {
 		return nil
 	}
-	return fmt.Errorf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(p.Error, rolledBackNote))
+	return fmt.Errorf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(strings.TrimSuffix(p.Error, rolledBackNote), noPreviousNote))
 }
 
-const rolledBackNote = "; rolled back to the previous certificate"
+// What a rolled-back deploy left live: the certificate before it, or,
+// for a name's first, nothing (its live files are taken away again, so
+// that no load balancer config names a certificate it was not tested
+// with).
+const (
+	rolledBackNote = "; rolled back to the previous certificate"
+	noPreviousNote = "; taken out of the live files again, since this name had no certificate before"
+)
 
 // checked is one load balancer config test's result.
 type checked struct {
@@ -352,7 +359,10 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 		return installed{res: res, done: true}
 	}
 	msg := oneLine(res.Err)
-	if res.RolledBack {
+	switch {
+	case res.RolledBack && w.previous == 0:
+		msg += noPreviousNote
+	case res.RolledBack:
 		msg += rolledBackNote
 	}
 	j, _ := n.Local.Journal(name)

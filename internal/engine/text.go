@@ -197,8 +197,14 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 		case Renewed:
 			verb = "renewed certificate" // --force, or due: the log says "renewed" too
 		}
-		fmt.Fprintf(w, "%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n  fullchain %s\n  key       %s\n",
-			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), renewal.TimeLeft(it.NotAfter.Sub(now)), paths.Fullchain, paths.Key)
+		fmt.Fprintf(w, "%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n",
+			it.Name, verb, strings.Join(it.Domains, ", "), it.Serial, it.NotAfter.Format(time.RFC3339), renewal.TimeLeft(it.NotAfter.Sub(now)))
+		if it.Deploy == "rolled_back" && strings.HasSuffix(it.Pending, noPreviousNote) {
+			// Its live paths do not exist until a deploy succeeds.
+			fmt.Fprintf(w, "  fullchain (none yet: kept in the archive, live at %s once deployed)\n", paths.Fullchain)
+		} else {
+			fmt.Fprintf(w, "  fullchain %s\n  key       %s\n", paths.Fullchain, paths.Key)
+		}
 		fmt.Fprintf(w, "  deploy    %s\n", it.DeployWords())
 		it.issuerText(w)
 	}
