@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -84,7 +85,9 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 			slog.Warn("could not give back the ledger place of an order not placed; it counts for 7 days", "set", set, "err", gerr)
 		}
 		b.Pace.Unreserve(k, o)
-		return hint.Wrap(fmt.Errorf("not ordering: this node cannot keep its copy of the issuance ledger: %w", err), "fix %s (ledger.json and ledger.lock must be writable files), then run again", fleetDir(b.N.Local))
+		// A hint from below (who holds the lock) says more than this one.
+		what := cmp.Or(hint.Of(err), fmt.Sprintf("fix %s (ledger.json and ledger.lock must be writable files), then run again", fleetDir(b.N.Local)))
+		return hint.Wrap(fmt.Errorf("not ordering: this node cannot keep its copy of the issuance ledger: %w", err), "%s", what)
 	}
 	b.mu.Lock()
 	if b.taken == nil {

@@ -44,8 +44,11 @@ func NewCatalog(n *Node) *Catalog {
 // rctx bounds one Redis call: a Redis that hangs must fail the item,
 // not the run forever.
 func rctx(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, 10*time.Second)
+	return context.WithTimeout(ctx, redisDeadline)
 }
+
+// redisDeadline bounds one step's Redis calls (rctx).
+var redisDeadline = 10 * time.Second
 
 func (c *Catalog) sh() *rdb.Shared { return c.N.Shared }
 

@@ -253,7 +253,7 @@ func lockFleetFile(st *store.Store, name string) (func(), error) {
 		if err != syscall.EWOULDBLOCK || time.Now().After(deadline) {
 			f.Close()
 			if err == syscall.EWOULDBLOCK {
-				return nil, hint.Wrap(fmt.Errorf("%s has been held by another lbcert process for %s", f.Name(), fleetFileWait), "find it with: fuser -v %s (a stopped or hung process), then let it finish or kill it", f.Name())
+				return nil, hint.Wrap(fmt.Errorf("%s has been held by another process for %s", f.Name(), fleetFileWait), "find it with: fuser -v %s (a stopped or hung lbcert, or anything else that locked it), then let it finish or stop it", f.Name())
 			}
 			return nil, err
 		}
