@@ -122,19 +122,31 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 	}
 	s := &Shared{c: c, prefix: prefix, addr: redact(o.URL)}
 	info, err := c.Info(ctx, "cluster").Result()
-	if err != nil && strings.Contains(err.Error(), "DB index is out of range") {
-		c.Close()
-		return nil, fmt.Errorf("--redis %s: this Redis has no database %d (its 'databases' setting); use a smaller /DB in the URL", s.addr, db)
-	}
 	if err != nil {
 		c.Close()
-		return nil, s.unavailable(err)
+		return nil, s.dialFailed(err, db, rest)
 	}
 	if strings.Contains(info, "cluster_enabled:1") {
 		c.Close()
 		return nil, fmt.Errorf("%s is a Redis Cluster, which lbcert does not support: use one primary with replicas and Sentinel (redis-sentinel://)", s.addr)
 	}
 	return s, nil
+}
+
+// dialFailed is the error for a first call that failed: a URL that names
+// the wrong thing is said as such, anything else is Redis unreachable.
+func (s *Shared) dialFailed(err error, db int, master string) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "DB index is out of range"):
+		return fmt.Errorf("--redis %s: this Redis has no database %d (its 'databases' setting); use a smaller /DB in the URL", s.addr, db)
+	case strings.Contains(msg, "unknown command 'sentinel'"):
+		return fmt.Errorf("--redis %s: the server there is a Redis, not a Sentinel: use redis://HOST:PORT/DB for it, or name the Sentinels (usually port 26379)", s.addr)
+	case master != "" && strings.HasSuffix(msg, goredis.Nil.Error()):
+		// The Sentinels answered, but none monitors a master by that name.
+		return fmt.Errorf("--redis %s: no Sentinel there monitors a master named %q: use the name of their 'sentinel monitor' line (redis-cli -p 26379 SENTINEL MASTERS lists them)", s.addr, master)
+	}
+	return s.unavailable(err)
 }
 
 // newClient is the go-redis client for the parsed --redis URL u: a
@@ -163,6 +175,9 @@ func newClient(u *url.URL, db int, rest string, tlsConf *tls.Config, o Options) 
 	}
 	if rest != "" {
 		return nil, fmt.Errorf("--redis %q: want redis://HOST:PORT[/DB]", redact(o.URL))
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("--redis %q: no host: want redis://HOST:PORT[/DB]", redact(o.URL))
 	}
 	host := u.Host
 	if _, _, err := net.SplitHostPort(host); err != nil {

@@ -432,7 +432,7 @@ func TestRedactNeverEchoesAPassword(t *testing.T) {
 
 // An empty Sentinel master name is bad input, not an unreachable Redis.
 func TestSentinelURLNeedsAMaster(t *testing.T) {
-	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/", "redis-sentinel:///mymaster/0"} {
+	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/", "redis-sentinel:///mymaster/0", "redis:///0", "rediss://:6380/0"} {
 		_, err := Dial(context.Background(), Options{URL: raw})
 		var u *Unavailable
 		if err == nil || errors.As(err, &u) {
@@ -453,6 +453,38 @@ func TestDatabaseOutOfRange(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "--redis") || !strings.Contains(err.Error(), "no database 99") {
 		t.Fatalf("Dial to database 99: %v", err)
 	}
+}
+
+// A URL that names the wrong thing says so, as bad input, not as a
+// Redis that is away: a Sentinel URL at a plain Redis, and a master name
+// the Sentinels do not monitor (go-redis says "all sentinels specified
+// in configuration are unreachable: redis: nil" for both).
+func TestSentinelURLNamesTheWrongThing(t *testing.T) {
+	r, err := testenv.StartRedis(t.TempDir(), "s3cret-pass", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Stop)
+	sen, err := testenv.StartSentinel(t.TempDir(), "mym", r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sen.Stop)
+	for raw, want := range map[string]string{
+		"redis-sentinel://" + r.Addr() + "/mym/0":     "the server there is a Redis, not a Sentinel",
+		"redis-sentinel://" + sen.Addr() + "/nosuch/0": `no Sentinel there monitors a master named "nosuch"`,
+	} {
+		_, err := Dial(context.Background(), Options{URL: raw, Password: "s3cret-pass"})
+		var u *Unavailable
+		if err == nil || errors.As(err, &u) || !strings.Contains(err.Error(), want) {
+			t.Errorf("Dial(%q): %v, want %q", raw, err, want)
+		}
+	}
+	s, err := Dial(context.Background(), Options{URL: "redis-sentinel://" + sen.Addr() + "/mym/0", Password: "s3cret-pass"})
+	if err != nil {
+		t.Fatalf("the right master name: %v", err)
+	}
+	s.Close()
 }
 
 // A delete returns the highest version the fleet gave the name, and the
