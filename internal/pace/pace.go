@@ -175,6 +175,12 @@ type Budget struct {
 	st       state
 	dirty    bool      // spent tokens not yet on disk
 	lastSave time.Time // wall clock of the last write
+	// exempted are the "replaces" values whose order this process
+	// reserved under the ARI exemption: a refund gives back what the
+	// reservation took, the exemption (kept, the CA saw the order) or
+	// the tokens of an order that carried "replaces" once the exemption
+	// was already used.
+	exempted map[string]bool
 }
 
 // saveEvery bounds how often Reserve rewrites the file. A batch of 5,000
@@ -296,6 +302,10 @@ func (b *Budget) reserve(k Key, o Order) error {
 			return worst
 		}
 		b.st.ARIUsed[o.Replaces] = now.UTC()
+		if b.exempted == nil {
+			b.exempted = map[string]bool{}
+		}
+		b.exempted[o.Replaces] = true
 		b.dirty = true
 		return b.maybeSave(now)
 	}

@@ -268,3 +268,33 @@ func TestUnreserveGivesEverythingBack(t *testing.T) {
 		t.Fatalf("the ARI exemption was not given back: %v", err)
 	}
 }
+
+// An order that carries "replaces" after its certificate's exemption
+// was used takes the ordinary tokens, and a refund gives them back: the
+// refund of an exempt order keeps only the exemption, which the CA saw
+// used. (Refund used to skip every order with "replaces", so each failed
+// retry of such a renewal kept a certificate of the set's budget.)
+func TestRefundOfAReplacesOrderPastItsExemption(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)}
+	l := LetsEncrypt
+	l.ExactSet = Limit{N: 1, Per: 7 * 24 * time.Hour}
+	b, _ := Open(t.TempDir(), l, c.now)
+	ari := Order{Names: []string{"b.example.com"}, Replaces: "aki.serial", Renewal: true}
+	for i := range 4 {
+		// The first takes the exemption; the others the set's one token,
+		// which each refund must give back for the next.
+		if err := b.Reserve(acct, ari); err != nil {
+			t.Fatalf("order %d replacing the same certificate after refunds: %v", i+1, err)
+		}
+		if err := b.Refund(acct, ari); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Reserve(acct, ari); err != nil {
+		t.Fatal(err)
+	}
+	// Not refunded: the set's token is spent now.
+	if err := b.Reserve(acct, ari); err == nil {
+		t.Fatal("a second certificate for the set within the week, its token not refunded, was allowed")
+	}
+}

@@ -195,10 +195,22 @@ func tighter(a, b Limit) Limit {
 // the CA counts certificates, not attempts. Its new-order token stays
 // spent, as the CA counts every order it created.
 func (b *Budget) Refund(k Key, o Order) error {
-	if o.Replaces != "" {
-		return nil // an ARI order took none (or only its once-per-certificate exemption, kept)
+	if b.wasExempt(o, false) {
+		return nil // an exempt ARI order took only its once-per-certificate exemption, kept
 	}
 	return b.do(b.fieldsFor(k, o, ""), func() error { return b.refund(k, o) })
+}
+
+// wasExempt reports whether this process reserved order o under its ARI
+// exemption, and forgets it when done (the reservation is settled).
+func (b *Budget) wasExempt(o Order, done bool) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ok := o.Replaces != "" && b.exempted[o.Replaces]
+	if ok || done {
+		delete(b.exempted, o.Replaces)
+	}
+	return ok
 }
 
 // Unreserve undoes a Reserve whose order never reached the CA (a
@@ -206,8 +218,9 @@ func (b *Budget) Refund(k Key, o Order) error {
 // new-orders token goes back too, and an ARI order its exemption, since
 // the CA saw nothing.
 func (b *Budget) Unreserve(k Key, o Order) error {
+	exempt := b.wasExempt(o, true)
 	return b.do(b.fieldsFor(k, o, ""), func() error {
-		if o.Replaces != "" {
+		if exempt {
 			delete(b.st.ARIUsed, o.Replaces)
 			b.dirty = true
 			return b.maybeSave(b.Now())
