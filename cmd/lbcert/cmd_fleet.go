@@ -29,6 +29,7 @@ func (f *fleetOptions) register(pf *pflag.FlagSet) {
 	pf.StringVar(&f.PasswordFile, "redis-password-file", "", "file holding the Redis password (or set LBCERT_REDIS_PASSWORD); never passed in argv")
 	pf.StringVar(&f.CA, "redis-ca", "", "PEM file of roots that sign the Redis server's certificate (rediss://, private CA)")
 	pf.DurationVar(&f.LeaseTTL, "lease-ttl", fleet.DefaultLeaseTTL, "fleet mode: how long a node that stalls keeps a name before another may order it")
+	pf.SetAnnotation("lease-ttl", config.WantAnnotation, []string{fleet.LeaseTTLRange})
 	pf.IntVar(&f.LedgerCap, "ledger-cap", fleet.DefaultLedgerCap, "fleet mode: most certificates for one exact set of names in 7 days, fleet-wide (Let's Encrypt allows 5)")
 	pf.BoolVar(&f.NoOrder, "no-order", false, "fleet mode: this node never orders (renewals stay on a dedicated node); its agent still answers tokens")
 }

@@ -40,6 +40,11 @@ const (
 	sourceAnnotation = "lbcert/source"
 )
 
+// WantAnnotation on a duration flag is the range it takes, said when it
+// is given below zero ("want 1s to 24h"), so that the first refusal
+// already names what the command's own check would.
+const WantAnnotation = "lbcert/want"
+
 // EnvName derives the environment variable for a flag: "http-addr" becomes
 // "LBCERT_HTTP_ADDR".
 func EnvName(flag string) string {
@@ -182,7 +187,11 @@ func Apply(fs *pflag.FlagSet, file *File, getenv func(string) string) error {
 	// age, a lag): say so, rather than take it as zero or as "always".
 	fs.VisitAll(func(f *pflag.Flag) {
 		if d, ok := f.Value.(interface{ Type() string }); ok && d.Type() == "duration" && strings.HasPrefix(f.Value.String(), "-") {
-			errs = append(errs, fmt.Errorf("--%s %s: want 0 or more", f.Name, f.Value))
+			want := "0 or more"
+			if w := f.Annotations[WantAnnotation]; len(w) > 0 {
+				want = w[0]
+			}
+			errs = append(errs, fmt.Errorf("--%s %s: want %s", f.Name, f.Value, want))
 		}
 	})
 	return errors.Join(errs...)

@@ -16,6 +16,9 @@ import (
 	"github.com/lbcert/lbcert/internal/store"
 )
 
+// LeaseTTLRange is what --lease-ttl takes.
+const LeaseTTLRange = "1s to 24h"
+
 // DefaultLeaseTTL is --lease-ttl's default.
 const DefaultLeaseTTL = 10 * time.Minute
 
@@ -53,7 +56,7 @@ func (s Settings) Dial(ctx context.Context, password string) (*rdb.Shared, error
 		return nil, fmt.Errorf("--ledger-cap %d: want 1 to 4, below the CA's 5 per week", s.LedgerCap)
 	}
 	if s.LeaseTTL < time.Second || s.LeaseTTL > 24*time.Hour {
-		return nil, fmt.Errorf("--lease-ttl %s: want 1s to 24h (a node that stalls keeps a name this long before another may order it)", s.LeaseTTL)
+		return nil, fmt.Errorf("--lease-ttl %s: want %s (a node that stalls keeps a name this long before another may order it)", s.LeaseTTL, LeaseTTLRange)
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
