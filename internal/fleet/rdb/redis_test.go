@@ -471,7 +471,7 @@ func TestSentinelURLNamesTheWrongThing(t *testing.T) {
 	}
 	t.Cleanup(sen.Stop)
 	for raw, want := range map[string]string{
-		"redis-sentinel://" + r.Addr() + "/mym/0":     "the server there is a Redis, not a Sentinel",
+		"redis-sentinel://" + r.Addr() + "/mym/0":      "the server there is a Redis, not a Sentinel",
 		"redis-sentinel://" + sen.Addr() + "/nosuch/0": `no Sentinel there monitors a master named "nosuch"`,
 	} {
 		_, err := Dial(context.Background(), Options{URL: raw, Password: "s3cret-pass"})
