@@ -1046,3 +1046,35 @@ func TestBornKeptByRenewalsNotByRequests(t *testing.T) {
 		t.Fatalf("a requested certificate's birth %v, want its issue time %v", l.BornAt(), l.IssuedAt)
 	}
 }
+
+// serverRefusal is a CA's 5xx that carries a refusal's problem type: it
+// is both not the names' fault and a refusal, and each path refunds.
+type serverRefusal struct{}
+
+func (serverRefusal) Error() string {
+	return "obtain a.test: 500 :: POST :: urn:ietf:params:acme:error:rejectedIdentifier :: the CA failed"
+}
+func (serverRefusal) NoBackoff() bool { return true }
+
+// An order the CA fails is refunded once, however many reasons to refund
+// it the paths that settle it find: a second refund gives back tokens of
+// another order (a hostile review got 4 certificates for one set under
+// --rate-names 3/7d, one more per such failure).
+func TestFailedOrderIsRefundedOnce(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["a.test"] = serverRefusal{}
+	b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.engine(Options{Command: "issue"})
+	counted := &refundCounter{Budget: b}
+	e.Budget = counted
+	p, _ := e.Plan(context.Background(), []Job{job("a.test")})
+	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
+		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
+	}
+	if len(counted.refunds) != 1 {
+		t.Fatalf("%d refunds of one failed order, want 1", len(counted.refunds))
+	}
+}

@@ -62,7 +62,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		if ctx.Err() != nil {
 			// Stopped before a certificate came back: its tokens go
 			// back, as a refused order's do (issue #26 item 19).
-			r.refund(key, r.paceOrder(s, o), reserved)
+			r.refund(key, r.paceOrder(s, o), &reserved)
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
@@ -73,8 +73,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 				// fleet's ledger place), and the same names without
 				// "replaces" are an order the budget counts, which the
 				// exempt reservation does not cover.
-				r.refund(key, r.paceOrder(s, refused), reserved)
-				reserved = false
+				r.refund(key, r.paceOrder(s, refused), &reserved)
 			}
 			continue
 		}
@@ -82,16 +81,16 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			// The account's gate held the order back: a Retry-After this
 			// run was already given runs past MaxWait. Nothing reached
 			// the CA.
-			r.refund(key, r.paceOrder(s, o), reserved)
+			r.refund(key, r.paceOrder(s, o), &reserved)
 			return r.held(s, "not ordered: "+d.Reason, e.now().Add(d.Wait), err, more)
 		}
-		if notTheNamesFault(err) && reserved {
+		if notTheNamesFault(err) {
 			// Stopped before the CA validated (a fleet agent that did not
 			// answer, Redis away, the CA's own 5xx): no certificate,
 			// nothing to count.
-			r.refund(key, r.paceOrder(s, o), true)
+			r.refund(key, r.paceOrder(s, o), &reserved)
 		}
-		wait, scope, limited := r.spend(key, r.paceOrder(s, o), err)
+		wait, scope, limited := r.spend(key, r.paceOrder(s, o), err, &reserved)
 		if limited && waited+wait <= e.Opts.MaxWait {
 			slog.Warn("the CA said rateLimited; waiting as it asked", "name", l.Name, "scope", scope.String(), "retry_after", wait)
 			if !e.sleep(ctx, wait) {
@@ -110,19 +109,17 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			r.defer_(s, "the CA rate-limited "+scope.String()+": "+oneLine(err), e.now().Add(wait), err)
 			return attempt{answered: true}
 		}
-		return r.failed(s, key, o, err, reserved, more)
+		return r.failed(s, key, o, err, &reserved, more)
 	}
 }
 
 // failed settles an order the CA did not grant, for a reason other than
 // its rate limit: with another CA to try (more), a fault of this CA's
 // own passes the order on to it.
-func (r *run) failed(s *step, key pace.Key, o issuer.Order, err error, reserved, more bool) attempt {
+func (r *run) failed(s *step, key pace.Key, o issuer.Order, err error, reserved *bool, more bool) attempt {
 	why, down := caFault(err)
 	if down && more {
-		if !notTheNamesFault(err) && !acme.Refused(err) { // else refunded above
-			r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
-		}
+		r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
 		return attempt{next: why, broken: true, why: why}
 	}
 	// An account that cannot be set up, or a CA that does not answer,
@@ -163,9 +160,17 @@ func (r *run) held(s *step, why string, next time.Time, err error, more bool) at
 	return attempt{}
 }
 
-// refund gives an order's certificate tokens back, when it took any.
-func (r *run) refund(k pace.Key, o pace.Order, reserved bool) {
-	if !reserved || r.e.Budget == nil || r.e.Opts.DryRun {
+// refund gives an order's certificate tokens back, when its reservation
+// still holds them (*reserved), once: the paths that settle a failed
+// order may each find a reason to refund it (a CA's 5xx is not the
+// names' fault and a refusal too), and a second refund would give back
+// tokens of another order, letting the budget pass the CA's limit.
+func (r *run) refund(k pace.Key, o pace.Order, reserved *bool) {
+	if !*reserved {
+		return
+	}
+	*reserved = false
+	if r.e.Budget == nil || r.e.Opts.DryRun {
 		return
 	}
 	if err := r.e.Budget.Refund(k, o); err != nil {
@@ -287,14 +292,14 @@ func (r *run) reserve(s *step, key pace.Key, o pace.Order, more bool) (string, b
 // account, a domain, the set of names, a name) for its Retry-After, an
 // hour when the CA gives none, and teaches the budget the CA's limit
 // when it states a stricter one.
-func (r *run) spend(k pace.Key, o pace.Order, err error) (time.Duration, pace.RateLimit, bool) {
+func (r *run) spend(k pace.Key, o pace.Order, err error, reserved *bool) (time.Duration, pace.RateLimit, bool) {
 	e := r.e
 	wait, limited := acme.RateLimited(err)
 	budget := e.Budget != nil && !e.Opts.DryRun
 	if limited || acme.FailedValidation(err) || acme.Refused(err) {
 		// Refused or failed before issuance (a rejectedIdentifier, say):
 		// no certificate to count.
-		r.refund(k, o, true)
+		r.refund(k, o, reserved)
 	}
 	if !limited {
 		if budget && acme.FailedValidation(err) {
