@@ -58,9 +58,14 @@ func TestReplacesRejected(t *testing.T) {
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:accountDoesNotExist", HTTPStatus: 400, Detail: "Account not found"}, false},
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:userActionRequired", HTTPStatus: 403}, false},
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:rejectedIdentifier", HTTPStatus: 400}, false},
+		// The new-order request's answer may be about "replaces"; a
+		// finalize's 5xx is the CA's own fault, whatever its type.
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, URL: "https://ca.test/new-order"}, true},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, URL: "https://ca.test/finalize/1/2"}, false},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:malformed", HTTPStatus: 400, URL: "https://ca.test/finalize/1/2"}, false},
 	}
 	for _, c := range cases {
-		if got := replacesRejected(fmt.Errorf("obtain: %w", c.err)); got != c.want {
+		if got := replacesRejected(fmt.Errorf("obtain: %w", c.err), "https://ca.test/new-order"); got != c.want {
 			t.Errorf("replacesRejected(%v) = %v, want %v", c.err, got, c.want)
 		}
 	}

@@ -126,13 +126,20 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 // replacesRejected reports whether err is the CA's error response to an
 // order that carried "replaces", rather than a failed validation or a
 // rate limit (which an order without it would meet just the same).
-func replacesRejected(err error) bool {
+// Only the answer to the new-order request (at newOrder, the directory's
+// URL) can be about "replaces": a finalize or an authorization that
+// fails with a 5xx is the CA's own fault, retried as such, and dropping
+// "replaces" for it would cost the renewal its ARI exemption.
+func replacesRejected(err error, newOrder string) bool {
 	var ar *legoacme.AlreadyReplacedError
 	var pd *legoacme.ProblemDetails
 	if errors.As(err, &ar) {
 		return true
 	}
 	if !errors.As(err, &pd) || pd.HTTPStatus < 400 {
+		return false
+	}
+	if pd.URL != "" && newOrder != "" && pd.URL != newOrder {
 		return false
 	}
 	if _, limited := RateLimited(err); limited || FailedValidation(err) || AccountGone(err) {

@@ -32,7 +32,7 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 	for try := 1; err != nil && try < orderTries; try++ {
 		names := strings.Join(req.Domains, ",")
 		switch {
-		case req.ReplacesCertID != "" && replacesRejected(err):
+		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
 			return nil, &replacesError{err}
 		case serverFault(err):
 			slog.Info("the CA answered the order with an internal error; ordering again", "domains", names, "err", flatten(err.Error()))
