@@ -224,6 +224,9 @@ func (a *app) setup(cmd *cobra.Command) error {
 	}
 	a.flags = fs
 	a.setupLogging()
+	if err := a.fleetOpts.CheckURL(); err != nil {
+		return err
+	}
 	if err := a.global.cas.Check(a.account(), a.getenv); err != nil {
 		return err
 	}

@@ -34,6 +34,15 @@ type Settings struct {
 	NoOrder      bool
 }
 
+// CheckURL refuses a --redis URL that is no URL or holds a secret, for
+// every command, before any writes it into a cron line or a unit.
+func (s Settings) CheckURL() error {
+	if s.Redis == "" {
+		return nil
+	}
+	return rdb.CheckURL(s.Redis)
+}
+
 // Dial checks the settings and connects to the fleet's Redis; password
 // is LBCERT_REDIS_PASSWORD's value, which --redis-password-file replaces.
 // A Redis that does not answer is an *rdb.Unavailable.

@@ -90,19 +90,9 @@ func init() { goredis.SetLogger(quietLog{}) }
 
 // Dial connects and checks that Redis answers and is not a Cluster.
 func Dial(ctx context.Context, o Options) (*Shared, error) {
-	u, err := url.Parse(o.URL)
+	u, err := parseURL(o.URL)
 	if err != nil {
-		// url.Parse's own message quotes the whole URL, password and all.
-		return nil, fmt.Errorf("--redis %q is not a URL: want redis://HOST:PORT/DB, rediss:// or redis-sentinel://; the password never goes in it", redact(o.URL))
-	}
-	if _, set := u.User.Password(); set {
-		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
-	}
-	if u.RawQuery != "" || u.Fragment != "" {
-		// go-redis would read some options from a query; lbcert reads
-		// none, and a password put there must neither be used from argv
-		// nor printed back.
-		return nil, fmt.Errorf("--redis %q: the URL has a query or fragment, which lbcert does not read; remove it (a password goes in LBCERT_REDIS_PASSWORD or --redis-password-file, never in the URL)", redact(o.URL))
+		return nil, err
 	}
 	tlsConf, err := tlsFor(u.Scheme, o)
 	if err != nil {
@@ -131,6 +121,32 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 		return nil, fmt.Errorf("%s is a Redis Cluster, which lbcert does not support: use one primary with replicas and Sentinel (redis-sentinel://)", s.addr)
 	}
 	return s, nil
+}
+
+// CheckURL refuses a --redis URL that is no URL or that holds a secret
+// (a password, a query), before anything uses it: no command may write
+// it into a cron line or a unit, nor print it back.
+func CheckURL(raw string) error {
+	_, err := parseURL(raw)
+	return err
+}
+
+func parseURL(raw string) (*url.URL, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		// url.Parse's own message quotes the whole URL, password and all.
+		return nil, fmt.Errorf("--redis %q is not a URL: want redis://HOST:PORT/DB, rediss:// or redis-sentinel://; the password never goes in it", redact(raw))
+	}
+	if _, set := u.User.Password(); set {
+		return nil, fmt.Errorf("--redis: the URL holds a password; remove it and use LBCERT_REDIS_PASSWORD or --redis-password-file (argv is visible to every user of this host)")
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		// go-redis would read some options from a query; lbcert reads
+		// none, and a password put there must neither be used from argv
+		// nor printed back.
+		return nil, fmt.Errorf("--redis %q: the URL has a query or fragment, which lbcert does not read; remove it (a password goes in LBCERT_REDIS_PASSWORD or --redis-password-file, never in the URL)", redact(raw))
+	}
+	return u, nil
 }
 
 // dialFailed is the error for a first call that failed: a URL that names
