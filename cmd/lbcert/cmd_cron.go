@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -104,7 +103,7 @@ func (a *app) renewArgv() []string {
 		bin = "lbcert"
 	}
 	argv := append(append([]string{bin}, a.carriedArgs()...), "renew", "-q")
-	return append(argv, config.CarriedArgs(a.flags, absPath, "rate-orders", "rate-domain", "rate-names", "rate-failed-authz")...)
+	return append(argv, config.CarriedArgs(a.flags, config.AbsPath, "rate-orders", "rate-domain", "rate-names", "rate-failed-authz")...)
 }
 
 // carriedArgs are the global settings a cron line or a unit must repeat
@@ -117,23 +116,17 @@ func (a *app) renewArgv() []string {
 func (a *app) carriedArgs() []string {
 	var args []string
 	if a.global.Dir != "/etc/lbcert" {
-		args = append(args, "--dir", absPath(a.global.Dir))
+		args = append(args, "--dir", config.AbsPath(a.global.Dir))
 	}
 	if p := a.configPath(); p != defaultConfig {
-		args = append(args, "--config", absPath(p))
+		args = append(args, "--config", config.AbsPath(p))
 	}
-	args = append(args, config.CarriedArgs(a.flags, absPath, "keep-versions", "hook-concurrency", "metrics-file",
-		"ca-bundle", "fallback-ca", "ca-backoff")...)
-	return append(args, a.fleetOpts.Args(absPath)...)
-}
-
-// absPath is p made absolute, for the settings cron and units repeat:
-// they start in another directory.
-func absPath(p string) string {
-	if abs, err := filepath.Abs(p); err == nil {
-		return abs
+	args = append(args, config.CarriedArgs(a.flags, config.AbsPath, "keep-versions", "hook-concurrency", "metrics-file",
+		"ca-bundle", "ca-backoff")...)
+	if config.Carried(a.flags, "fallback-ca") {
+		args = append(args, a.global.cas.Args(config.AbsPath)...)
 	}
-	return p
+	return append(args, a.fleetOpts.Args(config.AbsPath)...)
 }
 
 // printedUnit is what renew --print-systemd-unit and --print-systemd-timer

@@ -2,6 +2,7 @@ package ca
 
 import (
 	"fmt"
+	"log/slog"
 	"net/mail"
 	"strings"
 	"time"
@@ -22,6 +23,53 @@ type Settings struct {
 	list   []CA   // the fallbacks, parsed by Check
 	server string // the primary's directory (--server), when Check knew it
 	getenv func(string) string
+}
+
+// Args repeats the fallbacks for a cron line or a unit, which run in
+// another directory and without this environment: each spec with its
+// files (ca-bundle=, verify-roots=, eab-hmac-key-file=) made absolute by
+// abs and on one line (the spec may be given over several). A fallback
+// whose EAB HMAC key came from the environment is warned about: the line
+// cannot carry a secret, so its run will not have it.
+func (s *Settings) Args(abs func(string) string) []string {
+	var args []string
+	for _, spec := range s.Fallbacks {
+		args = append(args, "--fallback-ca", carriedSpec(spec, abs))
+	}
+	for _, c := range s.list {
+		if c.EABKid != "" && c.EABHMACFile == "" {
+			slog.Warn("the scheduled run cannot get this fallback's EAB HMAC key, which came from the environment: give it as eab-hmac-key-file=FILE, or set the variable where the run starts", "fallback", c.Name, "variable", c.HMACEnv())
+		}
+	}
+	return args
+}
+
+// carriedSpec is spec on one line, its files absolute: the fields
+// again, a value with a space double-quoted as Parse reads it.
+func carriedSpec(spec string, abs func(string) string) string {
+	f, err := fields(spec)
+	if err != nil {
+		return spec // Check refused it already
+	}
+	for i, kv := range f {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			v = kv
+		}
+		if ok && v != "" && (k == "ca-bundle" || k == "verify-roots" || k == "eab-hmac-key-file") {
+			v = abs(v)
+		}
+		v = strings.Join(strings.Fields(v), " ")
+		if strings.Contains(v, " ") {
+			v = `"` + v + `"`
+		}
+		if ok {
+			f[i] = k + "=" + v
+		} else {
+			f[i] = v
+		}
+	}
+	return strings.Join(f, " ")
 }
 
 // Check parses every fallback and checks them against each other and

@@ -69,3 +69,26 @@ func TestRunDryRun(t *testing.T) {
 		t.Fatalf("a run orders at %s", got)
 	}
 }
+
+// A fallback repeated on a cron line or in a unit: its files absolute,
+// on one line (a newline would end the cron entry, and systemd refuses
+// it), a value with spaces quoted as Parse reads it; parsed again, it
+// is the same fallback.
+func TestCarriedSpec(t *testing.T) {
+	abs := func(p string) string {
+		if strings.HasPrefix(p, "/") {
+			return p
+		}
+		return "/etc/lbcert/" + p
+	}
+	spec := "stepca https://ca.test/dir\nca-bundle=roots.pem\tverify-roots=/abs/roots.pem eab-kid=K eab-hmac-key-file=k.hmac\npreferred-chain=\"Root\nX1\" email=a@b.test"
+	got := carriedSpec(spec, abs)
+	want := `stepca https://ca.test/dir ca-bundle=/etc/lbcert/roots.pem verify-roots=/abs/roots.pem eab-kid=K eab-hmac-key-file=/etc/lbcert/k.hmac preferred-chain="Root X1" email=a@b.test`
+	if got != want {
+		t.Fatalf("carried spec\n got %s\nwant %s", got, want)
+	}
+	f, err := fields(got)
+	if err != nil || len(f) != 8 || f[6] != "preferred-chain=Root X1" {
+		t.Fatalf("the carried spec does not read back: %q %v", f, err)
+	}
+}

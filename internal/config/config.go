@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -221,6 +222,9 @@ func Given(fs *pflag.FlagSet, name string) bool {
 // a cron line or a unit must repeat, since it runs with neither that
 // command line nor that environment (the config file it names itself).
 func Carried(fs *pflag.FlagSet, name string) bool {
+	if fs == nil {
+		return false
+	}
 	f := fs.Lookup(name)
 	if f == nil {
 		return false
@@ -254,7 +258,9 @@ func CarriedArgs(fs *pflag.FlagSet, abs func(string) string, names ...string) []
 			continue
 		}
 		val := f.Value.String()
-		if strings.HasSuffix(name, "-bundle") || strings.HasSuffix(name, "-file") {
+		// An empty value switches off one from the config file: it stays
+		// empty, not the current directory.
+		if val != "" && (strings.HasSuffix(name, "-bundle") || strings.HasSuffix(name, "-file")) {
 			val = abs(val)
 		}
 		if f.Value.Type() == "bool" {
@@ -264,6 +270,15 @@ func CarriedArgs(fs *pflag.FlagSet, abs func(string) string, names ...string) []
 		args = append(args, "--"+name, val)
 	}
 	return args
+}
+
+// AbsPath is p made absolute, for the settings cron lines and units
+// repeat: they start in another directory.
+func AbsPath(p string) string {
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
 }
 
 // Origin says where flag name's value came from, for a message about a
