@@ -341,7 +341,7 @@ func TestIssueLoopStopsAtTheExactSetLimit(t *testing.T) {
 	}
 	before := e.pebble.Orders()
 	r := issue(5)
-	if r.code == 0 || !strings.Contains(r.stderr, "not ordered") || !strings.Contains(r.stderr, "--rate-names") {
+	if r.code == 0 || !strings.Contains(r.stderr, "not ordering loop5: 5 certificates for exactly these names") || !strings.Contains(r.stderr, "--rate-names") {
 		t.Fatalf("the sixth certificate for one set of names: exit %d\n%s", r.code, r.stderr)
 	}
 	if got := e.pebble.Orders() - before; got != 0 {

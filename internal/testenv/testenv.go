@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -70,9 +71,38 @@ func Tool(name string) (string, error) {
 // (32768-60999), so the kernel never gives one of them to an outgoing
 // connection between FreePort and the server's bind, and each is handed
 // out once per process, so two tests never get the same one. Test
-// binaries run in parallel start at different offsets (by PID) and skip
-// ports they cannot bind.
+// binaries run side by side (go test ./... runs several packages at
+// once, make torture two shards) start at different offsets (by PID),
+// and each port is claimed machine-wide for the life of the process
+// that got it (an flock on a file under portClaims): a test that
+// leaves its port free between runs of the binary (a standalone
+// listener started per run) must not find another process's server
+// on it.
 const portLow, portHigh = 20000, 32000
+
+// portClaims holds one lock file per port claimed by a running test
+// process; a claim ends with its process, however it ends.
+var portClaims = filepath.Join(os.TempDir(), "lbcert-test-ports")
+
+// claimPort claims port p for this process's life, or reports that a
+// live process holds it.
+func claimPort(p int) bool {
+	if err := os.MkdirAll(portClaims, 0o777); err != nil {
+		return true // no claims on this machine: bind alone decides
+	}
+	f, err := os.OpenFile(filepath.Join(portClaims, strconv.Itoa(p)), os.O_RDWR|os.O_CREATE, 0o666)
+	if err != nil {
+		return true
+	}
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		f.Close()
+		return false
+	}
+	claimed = append(claimed, f) // held open: the claim lasts as long as the process
+	return true
+}
+
+var claimed []*os.File
 
 var portMu sync.Mutex
 var portNext int
@@ -92,7 +122,7 @@ func FreePort() (int, error) {
 		if portNext >= portHigh {
 			portNext = portLow
 		}
-		if portsGiven[p] {
+		if portsGiven[p] || !claimPort(p) {
 			continue
 		}
 		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
