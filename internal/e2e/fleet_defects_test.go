@@ -593,7 +593,7 @@ func TestFleetDefectLedgerRefusalSpendsNoOrder(t *testing.T) {
 		// What to do names the ledger's own flag, not the --rate-* ones,
 		// and the refusal is said once.
 		if !strings.Contains(r.stderr, "hint: a place frees 7 days after it was taken") || !strings.Contains(r.stderr, "ledger already holds its cap (--ledger-cap 1)") || !strings.Contains(r.stderr, "--ledger-cap raises the cap") ||
-			strings.Contains(r.stderr, "--rate-names") || strings.Contains(r.stderr, "not ordered:") {
+			!strings.Contains(r.stderr, "hint: next attempt after ") || strings.Contains(r.stderr, "--rate-names") || strings.Contains(r.stderr, "not ordered:") {
 			t.Fatalf("the ledger's refusal does not say what to do about the ledger:\n%s", r.stderr)
 		}
 	}

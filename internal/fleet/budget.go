@@ -72,7 +72,7 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 		// (its run was killed before it could tell): the CA counts what
 		// it issued, which this node cannot know.
 		return &pace.Denied{Wait: free.Sub(now), Reason: fmt.Sprintf("the fleet's issuance ledger already holds its cap (--ledger-cap %d) for exactly these names within 7 days: certificates, or orders killed before they could say whether they issued one", b.Cap),
-			Hint: "a place frees 7 days after it was taken, at the next attempt below; --ledger-cap raises the cap, up to 4 (the CA locks a set of names out for a week at its 5th certificate)"}
+			Hint: ledgerHint(b.Cap)}
 	}
 	if err := b.N.noteReserved(set, id, now); err != nil {
 		// Fail closed: a place not on this node's disk is one a rebuilt
@@ -96,6 +96,16 @@ func (b *Budget) Reserve(k pace.Key, o pace.Order) error {
 	b.taken[set] = append(b.taken[set], id)
 	b.mu.Unlock()
 	return nil
+}
+
+// ledgerHint is what to do about a full ledger. (It must not say "next
+// attempt": issue prints the time of the next one unless the hint has.)
+func ledgerHint(cap int) string {
+	const frees = "a place frees 7 days after it was taken"
+	if cap >= 4 {
+		return frees + "; the cap is at its most (the CA locks a set of names out for a week at its 5th certificate)"
+	}
+	return frees + "; --ledger-cap raises the cap, up to 4 (the CA locks a set of names out for a week at its 5th certificate)"
 }
 
 // Refund gives back the pace tokens and the ledger place of an order

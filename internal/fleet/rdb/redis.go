@@ -111,10 +111,14 @@ func Dial(ctx context.Context, o Options) (*Shared, error) {
 		prefix = "lbcert:"
 	}
 	s := &Shared{c: c, prefix: prefix, addr: redact(o.URL)}
-	info, err := c.Info(ctx, "cluster").Result()
+	info, err := c.Info(ctx, "server", "cluster").Result()
 	if err != nil {
 		c.Close()
 		return nil, s.dialFailed(err, db, rest)
+	}
+	if strings.Contains(info, "redis_mode:sentinel") {
+		c.Close()
+		return nil, fmt.Errorf("--redis %s: the server there is a Sentinel, not a Redis: name it as redis-sentinel://HOST:PORT/MASTER/DB", s.addr)
 	}
 	if strings.Contains(info, "cluster_enabled:1") {
 		c.Close()
@@ -171,8 +175,9 @@ func newClient(u *url.URL, db int, rest string, tlsConf *tls.Config, o Options) 
 	if strings.HasSuffix(u.Scheme, "sentinel") {
 		addrs := strings.Split(u.Host, ",")
 		for i, a := range addrs {
-			if _, _, err := net.SplitHostPort(a); err != nil {
-				addrs[i] = net.JoinHostPort(a, "26379")
+			addrs[i] = withPort(a, "26379")
+			if h, _, _ := net.SplitHostPort(addrs[i]); h == "" {
+				return nil, fmt.Errorf("--redis %q: a Sentinel without a host: want redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]", redact(o.URL))
 			}
 		}
 		if rest == "" || u.Host == "" {
@@ -195,10 +200,7 @@ func newClient(u *url.URL, db int, rest string, tlsConf *tls.Config, o Options) 
 	if u.Hostname() == "" {
 		return nil, fmt.Errorf("--redis %q: no host: want redis://HOST:PORT[/DB]", redact(o.URL))
 	}
-	host := u.Host
-	if _, _, err := net.SplitHostPort(host); err != nil {
-		host = net.JoinHostPort(host, "6379")
-	}
+	host := withPort(u.Host, "6379")
 	if tlsConf != nil {
 		tlsConf.ServerName = u.Hostname()
 	}
@@ -207,6 +209,15 @@ func newClient(u *url.URL, db int, rest string, tlsConf *tls.Config, o Options) 
 		DialTimeout: 3 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
 		MaxRetries: 2,
 	}), nil
+}
+
+// withPort is hostport with port added when it has none; an IPv6
+// address comes bracketed ("[::1]") or not.
+func withPort(hostport, port string) string {
+	if _, _, err := net.SplitHostPort(hostport); err == nil {
+		return hostport
+	}
+	return net.JoinHostPort(strings.TrimSuffix(strings.TrimPrefix(hostport, "["), "]"), port)
 }
 
 // tlsFor is the TLS configuration for a URL's scheme: nil for plain

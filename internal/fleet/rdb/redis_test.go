@@ -432,7 +432,7 @@ func TestRedactNeverEchoesAPassword(t *testing.T) {
 
 // An empty Sentinel master name is bad input, not an unreachable Redis.
 func TestSentinelURLNeedsAMaster(t *testing.T) {
-	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/", "redis-sentinel:///mymaster/0", "redis:///0", "rediss://:6380/0"} {
+	for _, raw := range []string{"redis-sentinel://127.0.0.1:1//0", "redis-sentinel://127.0.0.1:1/", "redis-sentinel:///mymaster/0", "redis:///0", "rediss://:6380/0", "redis-sentinel://:26379/m/0", "redis-sentinel://,127.0.0.1/m/0"} {
 		_, err := Dial(context.Background(), Options{URL: raw})
 		var u *Unavailable
 		if err == nil || errors.As(err, &u) {
@@ -473,6 +473,7 @@ func TestSentinelURLNamesTheWrongThing(t *testing.T) {
 	for raw, want := range map[string]string{
 		"redis-sentinel://" + r.Addr() + "/mym/0":      "the server there is a Redis, not a Sentinel",
 		"redis-sentinel://" + sen.Addr() + "/nosuch/0": `no Sentinel there monitors a master named "nosuch"`,
+		"redis://" + sen.Addr() + "/0":                 "the server there is a Sentinel, not a Redis",
 	} {
 		_, err := Dial(context.Background(), Options{URL: raw, Password: "s3cret-pass"})
 		var u *Unavailable
@@ -480,11 +481,13 @@ func TestSentinelURLNamesTheWrongThing(t *testing.T) {
 			t.Errorf("Dial(%q): %v, want %q", raw, err, want)
 		}
 	}
-	s, err := Dial(context.Background(), Options{URL: "redis-sentinel://" + sen.Addr() + "/mym/0", Password: "s3cret-pass"})
-	if err != nil {
-		t.Fatalf("the right master name: %v", err)
+	for _, raw := range []string{"redis-sentinel://" + sen.Addr() + "/mym/0", "redis://" + r.Addr() + "/0"} {
+		s, err := Dial(context.Background(), Options{URL: raw, Password: "s3cret-pass"})
+		if err != nil {
+			t.Fatalf("Dial(%q): %v", raw, err)
+		}
+		s.Close()
 	}
-	s.Close()
 }
 
 // A delete returns the highest version the fleet gave the name, and the
@@ -518,5 +521,18 @@ func TestDeleteKeepsTheVersion(t *testing.T) {
 	}
 	if n, err := s.NextVersion(ctx, "k.com", 0); err != nil || n != 4 {
 		t.Fatalf("a name issued again after the rebuild: version %d, %v; want 4", n, err)
+	}
+}
+
+// An address without a port gets the default one, an IPv6 address
+// bracketed or not ("redis://[::1]/0" once dialled "[[::1]]:6379").
+func TestWithPort(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1": "127.0.0.1:6379", "127.0.0.1:7000": "127.0.0.1:7000", "[::1]": "[::1]:6379",
+		"[::1]:7000": "[::1]:7000", "redis.internal": "redis.internal:6379",
+	} {
+		if got := withPort(in, "6379"); got != want {
+			t.Errorf("withPort(%q) = %q, want %q", in, got, want)
+		}
 	}
 }
