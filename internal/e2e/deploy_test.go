@@ -138,6 +138,9 @@ func TestDeployNginx(t *testing.T) {
 	if _, err := os.Stat(firstLive); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a first certificate whose deploy failed is live: %v", err)
 	}
+	if r := e.mustRun("show", "first.example.com"); !strings.Contains(r.stdout, "none live on this host yet") || strings.Contains(r.stdout, "privkey.pem") {
+		t.Fatalf("show names live files that are not there:\n%s", r.stdout)
+	}
 	os.WriteFile(n.Conf, []byte(conf), 0o644)
 
 	// A reload command that fails: the same rollback.

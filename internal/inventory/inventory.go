@@ -126,7 +126,7 @@ func (s *Source) Entry(ctx context.Context, name string) (*Entry, error) {
 		DaysLeft: int(l.Cert.NotAfter.Sub(now).Hours() / 24), RenewAt: d.At.UTC(), RenewReason: renewal.Rule(d, l.Cert, status, now),
 		Challenge: l.Challenge.Mode, Webroot: l.Challenge.Webroot, HTTPAddr: l.Challenge.HTTPAddr,
 		Deploy: l.Deploy.Target, VerifyAddr: l.Deploy.VerifyAddr, KeyType: l.KeyType, Profile: l.Profile,
-		Server: l.Server, Email: l.Email, Version: l.Version, Paths: s.Local.LivePaths(name),
+		Server: l.Server, Email: l.Email, Version: l.Version, Paths: s.livePaths(name),
 		Pending: s.pending(l), Mail: mailOf(l.Mail),
 	}
 	if e.Deploy == "" {
@@ -141,6 +141,16 @@ func (s *Source) Entry(ctx context.Context, name string) (*Entry, error) {
 		e.Cadence = renewal.CadenceWarning(l.Cert, d.At, renewal.RunGap(s.Runs, now))
 	}
 	return e, nil
+}
+
+// livePaths are name's live files, or none (empty) while nothing of it
+// is live on this host: a first certificate whose deploy failed and was
+// taken out again, or one a fleet node has not installed yet.
+func (s *Source) livePaths(name string) store.Paths {
+	if _, err := s.Local.LiveVersion(name); err != nil {
+		return store.Paths{}
+	}
+	return s.Local.LivePaths(name)
 }
 
 // issuedBy names the CA that issued l's certificate: the fallback that

@@ -134,7 +134,11 @@ func Show(w io.Writer, e *Entry, c Clock) {
 		}
 		row("node "+n.Node, what)
 	}
-	if !e.NeverIssued {
+	switch {
+	case e.NeverIssued:
+	case e.Paths.Fullchain == "":
+		row("fullchain", "none live on this host yet")
+	default:
 		row("fullchain", e.Paths.Fullchain)
 		row("key", e.Paths.Key)
 	}
