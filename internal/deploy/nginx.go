@@ -39,11 +39,36 @@ func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, resul
 			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
 		}
 		r.rollback(g, changes, results, err, nil)
+		r.dropTakenOut(d, g, changes, results)
 		return
 	}
 	slog.Info("nginx tested and reloaded", "conf", d.NginxConf, "certificates", len(g.changes))
 	for _, i := range g.changes {
 		results[i].Deployed = true
+	}
+}
+
+// dropTakenOut rewrites d's include file, after a rollback, when it still
+// names a first certificate the rollback took out of live/: the file put
+// back was written by a run killed before its config test (the same
+// first deploy, retried now), and would stop nginx from loading its
+// config at its next restart.
+func (r *Runner) dropTakenOut(d store.Deploy, g *group, changes []Change, results []Result) {
+	if d.NginxInclude == "" {
+		return
+	}
+	data, err := os.ReadFile(d.NginxInclude)
+	if err != nil {
+		return
+	}
+	listed := parseSites(data)
+	for _, i := range g.changes {
+		if _, ok := listed[changes[i].Name]; ok && changes[i].Previous == 0 {
+			if _, err := r.writeSites(d, r.notYetLive(g, changes, results)); err != nil {
+				slog.Error("nginx include still names a certificate that is not live; the next run rewrites it", "file", d.NginxInclude, "name", changes[i].Name, "err", err)
+			}
+			return
+		}
 	}
 }
 

@@ -391,3 +391,34 @@ func TestReloadSignalsTheMaster(t *testing.T) {
 		t.Fatalf("a PID that is not nginx's was not left to nginx -s reload:\n%s", calls)
 	}
 }
+
+// TestIncludeDropsAFirstCertificateTakenOut: a run killed during a first
+// certificate's config test left the include file naming it; the next
+// run's deploy fails too and takes the certificate out of live/, and
+// the file put back must not name it (nginx would not load its config at
+// its next restart).
+func TestIncludeDropsAFirstCertificateTakenOut(t *testing.T) {
+	s, d, _, failFlag := includeSetup(t)
+	r := &Runner{Store: s}
+	saveVersion(t, s, "old.example", "o1")
+	_, prev := saveVersion(t, s, "new.example", "n1")
+	// What the killed run left: new.example live and in the file.
+	if _, err := r.writeSites(d, func(string) bool { return false }); err != nil {
+		t.Fatal(err)
+	}
+	if before, _ := os.ReadFile(d.NginxInclude); parseSites(before)["new.example"].Name == "" {
+		t.Fatalf("set-up: the file does not name new.example:\n%s", before)
+	}
+	os.WriteFile(failFlag, nil, 0o644)
+	res := r.Run(context.Background(), []Change{{Name: "new.example", Domains: []string{"new.example"}, Previous: prev, Deploy: d}})
+	if !res[0].RolledBack {
+		t.Fatalf("%+v", res[0])
+	}
+	if _, err := s.LiveVersion("new.example"); err == nil {
+		t.Fatal("the first certificate is still live after its rollback")
+	}
+	now, _ := os.ReadFile(d.NginxInclude)
+	if sites := parseSites(now); sites["new.example"].Name != "" || sites["old.example"].Name == "" {
+		t.Fatalf("the include file after the rollback:\n%s", now)
+	}
+}
