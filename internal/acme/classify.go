@@ -151,6 +151,21 @@ type replacesError struct{ error }
 
 func (e *replacesError) Unwrap() error { return e.error }
 
+// MayHaveIssued reports whether err came at or after the order's
+// finalize request (the finalize itself, or fetching the certificate):
+// the CA may have issued a certificate the client never got. Such an
+// order is not placed again in the same run, and the tokens and ledger
+// place it took stay spent, as for a run killed at that point: the CA
+// counts what it issued.
+func MayHaveIssued(err error) bool {
+	var pd *legoacme.ProblemDetails
+	if !errors.As(err, &pd) {
+		return false
+	}
+	u := strings.ToLower(pd.URL)
+	return strings.Contains(u, "finalize") || strings.Contains(u, "/cert")
+}
+
 // ReplacesRefused reports whether the CA refused an order because of
 // its "replaces" field (RFC 9773 section 5): the certificate was already
 // replaced (409 alreadyReplaced), or it was issued under another account

@@ -50,6 +50,9 @@ type fakeCA struct {
 	// newOrder, when set, may refuse an order: a problem document and
 	// its status, or "" to accept it.
 	newOrder func(payload string) (int, string)
+	// finalizeProblem, when set, answers the finalize POST with a
+	// problem document and its status instead.
+	finalizeProblem func() (int, string)
 }
 
 func newFakeCA(t *testing.T) *fakeCA {
@@ -143,6 +146,11 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Link", fmt.Sprintf(`<%s>;rel="up"`, u+"/authz/"+name))
 		status, retry := f.challenge(name)
 		answer(status, retry, `{"type":"http-01","status":"%s","token":"tok-`+name+`"}`)
+	case r.URL.Path == "/finalize" && f.finalizeProblem != nil:
+		status, problem := f.finalizeProblem()
+		w.Header().Set("Content-Type", "application/problem+json")
+		w.WriteHeader(status)
+		io.WriteString(w, problem)
 	case r.URL.Path == "/finalize":
 		status, retry := f.finalize()
 		answer(status, retry, order(status))
@@ -444,5 +452,38 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 	}
 	if msg := explain("obtain a.example", err).Error(); !strings.Contains(msg, "alreadyReplaced") || !strings.Contains(msg, "already has a replacement order") {
 		t.Fatalf("the CA's words are lost: %s", msg)
+	}
+}
+
+// A 5xx answer to finalize may come after the CA issued (a hostile
+// review's proxy passed finalize on and answered 500: five certificates
+// per run, all refunded): the order is not placed again, and the error
+// says the CA may have issued, so the engine keeps what it reserved.
+func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
+	f := newFakeCA(t)
+	f.finalizeProblem = func() (int, string) {
+		return 500, `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"the CA failed","status":500}`
+	}
+	c, _ := f.client(nopProvider{})
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true}
+	_, err := c.order(req)
+	if err == nil || !MayHaveIssued(explain("obtain a.example,b.example", err)) {
+		t.Fatalf("order whose finalize failed: %v, want an error MayHaveIssued knows", err)
+	}
+	if n := f.requests("POST /new-order"); n != 1 {
+		t.Fatalf("%d orders sent after a finalize 5xx, want 1", n)
+	}
+	// A 5xx before finalize may not: the order is placed again.
+	f.finalizeProblem = nil
+	tries := 0
+	f.newOrder = func(string) (int, string) {
+		if tries++; tries == 1 {
+			return 500, `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"changed since last read","status":500}`
+		}
+		return 0, ""
+	}
+	if _, err := c.order(req); tries != 2 || err != nil && MayHaveIssued(err) {
+		t.Fatalf("order after a new-order 500: %d tries, err %v", tries, err)
 	}
 }

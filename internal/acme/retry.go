@@ -34,6 +34,10 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 		switch {
 		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
 			return nil, &replacesError{err}
+		case MayHaveIssued(err):
+			// Finalized: the CA may have issued, and another order would
+			// be another certificate for the same names.
+			return nil, err
 		case serverFault(err):
 			slog.Info("the CA answered the order with an internal error; ordering again", "domains", names, "err", flatten(err.Error()))
 			select {

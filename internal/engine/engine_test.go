@@ -1078,3 +1078,33 @@ func TestFailedOrderIsRefundedOnce(t *testing.T) {
 		t.Fatalf("%d refunds of one failed order, want 1", len(counted.refunds))
 	}
 }
+
+// finalizeFault is a CA's 5xx to the finalize request, passed through
+// the client's explanation (which makes it not the names' fault).
+type finalizeFault struct{ error }
+
+func (finalizeFault) NoBackoff() bool { return true }
+func (e finalizeFault) Unwrap() error { return e.error }
+
+// An order that failed at finalize may have issued: what it reserved
+// stays spent, as for a run killed there (a hostile review's CA answered
+// 500 after issuing, and each refund bought another certificate).
+func TestFinalizeFaultKeepsItsTokens(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["a.test"] = finalizeFault{fmt.Errorf("obtain a.test: %w", &legoacme.ProblemDetails{
+		Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "the CA failed", URL: "https://ca.test/finalize/1/2"})}
+	b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.engine(Options{Command: "issue"})
+	counted := &refundCounter{Budget: b}
+	e.Budget = counted
+	p, _ := e.Plan(context.Background(), []Job{job("a.test")})
+	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
+		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
+	}
+	if len(counted.refunds) != 0 {
+		t.Fatalf("%d refunds of an order that may have issued, want none", len(counted.refunds))
+	}
+}

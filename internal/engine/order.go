@@ -66,6 +66,12 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
+		if acme.MayHaveIssued(err) {
+			// The CA may have issued: its tokens and ledger place stay
+			// spent, whatever else the error says (a 5xx is the CA's
+			// fault, not the names', yet counts).
+			reserved = false
+		}
 		refused := o
 		if r.again(err, &o, &reset, &dropped) {
 			if refused.Replaces != "" && o.Replaces == "" {
