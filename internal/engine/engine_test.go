@@ -1061,11 +1061,19 @@ func (serverRefusal) NoBackoff() bool { return true }
 // another order (a hostile review got 4 certificates for one set under
 // --rate-names 3/7d, one more per such failure).
 func TestFailedOrderIsRefundedOnce(t *testing.T) {
+	if n := refundsOfAFailedIssue(t, serverRefusal{}); n != 1 {
+		t.Fatalf("%d refunds of one failed order, want 1", n)
+	}
+}
+
+// refundsOfAFailedIssue is how many refunds one issue of a.test made,
+// which the CA failed with err.
+func refundsOfAFailedIssue(t *testing.T, err error) int {
 	f := newFixture(t)
-	f.ca.fail["a.test"] = serverRefusal{}
-	b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
-	if err != nil {
-		t.Fatal(err)
+	f.ca.fail["a.test"] = err
+	b, berr := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
+	if berr != nil {
+		t.Fatal(berr)
 	}
 	e := f.engine(Options{Command: "issue"})
 	counted := &refundCounter{Budget: b}
@@ -1074,9 +1082,7 @@ func TestFailedOrderIsRefundedOnce(t *testing.T) {
 	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
 		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
 	}
-	if len(counted.refunds) != 1 {
-		t.Fatalf("%d refunds of one failed order, want 1", len(counted.refunds))
-	}
+	return len(counted.refunds)
 }
 
 // finalizeFault is a CA's 5xx to the finalize request, passed through
@@ -1090,21 +1096,9 @@ func (e finalizeFault) Unwrap() error { return e.error }
 // stays spent, as for a run killed there (a hostile review's CA answered
 // 500 after issuing, and each refund bought another certificate).
 func TestFinalizeFaultKeepsItsTokens(t *testing.T) {
-	f := newFixture(t)
-	f.ca.fail["a.test"] = finalizeFault{fmt.Errorf("obtain a.test: %w", &legoacme.ProblemDetails{
+	err := finalizeFault{fmt.Errorf("obtain a.test: %w", &legoacme.ProblemDetails{
 		Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "the CA failed", URL: "https://ca.test/finalize/1/2"})}
-	b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := f.engine(Options{Command: "issue"})
-	counted := &refundCounter{Budget: b}
-	e.Budget = counted
-	p, _ := e.Plan(context.Background(), []Job{job("a.test")})
-	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
-		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
-	}
-	if len(counted.refunds) != 0 {
-		t.Fatalf("%d refunds of an order that may have issued, want none", len(counted.refunds))
+	if n := refundsOfAFailedIssue(t, err); n != 0 {
+		t.Fatalf("%d refunds of an order that may have issued, want none", n)
 	}
 }
