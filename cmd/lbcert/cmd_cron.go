@@ -49,6 +49,9 @@ while the host was off happens at boot. Enable it with
 		&cobra.Command{
 			Use: "install", Short: "Install the renew entry (2 or more runs a day, as the certificates need)", Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
+				if err := a.global.cas.Schedulable(); err != nil {
+					return err
+				}
 				say, err := o.entry(a).Install()
 				if err == nil {
 					a.printf("%s\n", say)
@@ -122,7 +125,7 @@ func (a *app) carriedArgs() []string {
 		args = append(args, "--config", config.AbsPath(p))
 	}
 	args = append(args, config.CarriedArgs(a.flags, config.AbsPath, "keep-versions", "hook-concurrency", "metrics-file",
-		"ca-bundle", "ca-backoff")...)
+		"server", "staging", "agree-tos", "ca-bundle", "ca-backoff")...)
 	if config.Carried(a.flags, "fallback-ca") {
 		args = append(args, a.global.cas.Args(config.AbsPath)...)
 	}

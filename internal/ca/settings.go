@@ -2,7 +2,6 @@ package ca
 
 import (
 	"fmt"
-	"log/slog"
 	"net/mail"
 	"strings"
 	"time"
@@ -26,22 +25,29 @@ type Settings struct {
 }
 
 // Args repeats the fallbacks for a cron line or a unit, which run in
-// another directory and without this environment: each spec with its
-// files (ca-bundle=, verify-roots=, eab-hmac-key-file=) made absolute by
-// abs and on one line (the spec may be given over several). A fallback
-// whose EAB HMAC key came from the environment is warned about: the line
-// cannot carry a secret, so its run will not have it.
+// another directory: each spec with its files (ca-bundle=, verify-roots=,
+// eab-hmac-key-file=) made absolute by abs and on one line (the spec may
+// be given over several).
 func (s *Settings) Args(abs func(string) string) []string {
 	var args []string
 	for _, spec := range s.Fallbacks {
 		args = append(args, "--fallback-ca", carriedSpec(spec, abs))
 	}
+	return args
+}
+
+// Schedulable refuses fallbacks a scheduled run (cron, a systemd timer)
+// could not use: one whose EAB HMAC key only the environment holds. The
+// line cannot carry a secret and cron passes no environment, so every
+// renewal of that run would stop at the check of the fallbacks.
+func (s *Settings) Schedulable() error {
 	for _, c := range s.list {
 		if c.EABKid != "" && c.EABHMACFile == "" {
-			slog.Warn("the scheduled run cannot get this fallback's EAB HMAC key, which came from the environment: give it as eab-hmac-key-file=FILE, or set the variable where the run starts", "fallback", c.Name, "variable", c.HMACEnv())
+			return hint.Errorf(fmt.Sprintf("add eab-hmac-key-file=FILE to --fallback-ca %s, the key alone in FILE (mode 0600), then run this again", c.Name),
+				"--fallback-ca %s: its EAB HMAC key comes from %s, which a scheduled run does not have", c.Name, c.HMACEnv())
 		}
 	}
-	return args
+	return nil
 }
 
 // carriedSpec is spec on one line, its files absolute: the fields

@@ -66,21 +66,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
-		if acme.MayHaveIssued(err) {
-			// The CA may have issued: its tokens and ledger place stay
-			// spent, whatever else the error says (a 5xx is the CA's
-			// fault, not the names', yet counts).
-			reserved = false
-		}
-		refused := o
-		if r.again(err, &o, &reset, &dropped) {
-			if refused.Replaces != "" && o.Replaces == "" {
-				// The CA refused the order: what it took goes back (a
-				// fleet's ledger place), and the same names without
-				// "replaces" are an order the budget counts, which the
-				// exempt reservation does not cover.
-				r.refund(key, r.paceOrder(s, refused), &reserved)
-			}
+		if r.orderAgain(s, key, &o, err, &reserved, &reset, &dropped) {
 			continue
 		}
 		if d := (*pace.Denied)(nil); errors.As(err, &d) {
@@ -117,6 +103,30 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		}
 		return r.failed(s, key, o, err, &reserved, more)
 	}
+}
+
+// orderAgain reports whether the names go to the CA again at once
+// (again), having settled what the failed order reserved: kept when the
+// CA may have issued, given back when it refused "replaces".
+func (r *run) orderAgain(s *step, key pace.Key, o *issuer.Order, err error, reserved, reset, dropped *bool) bool {
+	if acme.MayHaveIssued(err) {
+		// The CA may have issued: its tokens and ledger place stay
+		// spent, whatever else the error says (a 5xx is the CA's fault,
+		// not the names', yet counts).
+		*reserved = false
+	}
+	refused := *o
+	if !r.again(err, o, reset, dropped) {
+		return false
+	}
+	if refused.Replaces != "" && o.Replaces == "" {
+		// The CA refused the order: what it took goes back (a fleet's
+		// ledger place), and the same names without "replaces" are an
+		// order the budget counts, which the exempt reservation does not
+		// cover.
+		r.refund(key, r.paceOrder(s, refused), reserved)
+	}
+	return true
 }
 
 // failed settles an order the CA did not grant, for a reason other than
