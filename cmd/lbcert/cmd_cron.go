@@ -125,7 +125,7 @@ func (a *app) carriedArgs() []string {
 		args = append(args, "--config", config.AbsPath(p))
 	}
 	args = append(args, config.CarriedArgs(a.flags, config.AbsPath, "keep-versions", "hook-concurrency", "metrics-file",
-		"server", "staging", "agree-tos", "ca-bundle", "ca-backoff")...)
+		"server", "staging", "agree-tos", "email", "eab-kid", "eab-hmac-key-file", "ca-bundle", "ca-backoff")...)
 	if config.Carried(a.flags, "fallback-ca") {
 		args = append(args, a.global.cas.Args(config.AbsPath)...)
 	}

@@ -151,19 +151,15 @@ type replacesError struct{ error }
 
 func (e *replacesError) Unwrap() error { return e.error }
 
-// MayHaveIssued reports whether err came at or after the order's
-// finalize request (the finalize itself, or fetching the certificate):
-// the CA may have issued a certificate the client never got. Such an
-// order is not placed again in the same run, and the tokens and ledger
-// place it took stay spent, as for a run killed at that point: the CA
-// counts what it issued.
+// MayHaveIssued reports whether err came once the order's finalize
+// request was sent (its answer, a poll of the order, the download, a
+// dropped connection, a stop): the CA may have issued a certificate the
+// client never got. Such an order is not placed again in the same run,
+// and the tokens and ledger place it took stay spent, as for a run killed
+// at that point: the CA counts what it issued. The order flow marks it
+// (finalizedError); a URL says nothing (a CA named certs.example.com).
 func MayHaveIssued(err error) bool {
-	var pd *legoacme.ProblemDetails
-	if !errors.As(err, &pd) {
-		return false
-	}
-	u := strings.ToLower(pd.URL)
-	return strings.Contains(u, "finalize") || strings.Contains(u, "/cert")
+	return errors.As(err, new(*finalizedError))
 }
 
 // ReplacesRefused reports whether the CA refused an order because of
@@ -176,6 +172,9 @@ func MayHaveIssued(err error) bool {
 func ReplacesRefused(err error) bool {
 	if err == nil {
 		return false
+	}
+	if MayHaveIssued(err) {
+		return false // after finalize: no refusal of the order's "replaces"
 	}
 	if errors.As(err, new(*replacesError)) {
 		return true

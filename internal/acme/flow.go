@@ -88,12 +88,28 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 	if err != nil {
 		return nil, err
 	}
+	// From here the CA may issue: whatever fails (the finalize answer, a
+	// poll of the order, the download, a dropped connection, a stop)
+	// says so (MayHaveIssued).
 	certURL, err := c.finalize(order, csr)
 	if err != nil {
-		return nil, err
+		return nil, AfterFinalize(err)
 	}
-	return c.download(certURL, req)
+	res, err := c.download(certURL, req)
+	if err != nil {
+		return nil, AfterFinalize(err)
+	}
+	return res, nil
 }
+
+// AfterFinalize marks err as an order's error once its finalize request
+// was sent (MayHaveIssued).
+func AfterFinalize(err error) error { return &finalizedError{err} }
+
+// finalizedError is an order's error once its finalize request was sent.
+type finalizedError struct{ error }
+
+func (e *finalizedError) Unwrap() error { return e.error }
 
 // authorize validates every authorization of order in parallel. When one
 // fails the others stop, and those the CA still holds pending are

@@ -50,9 +50,10 @@ type fakeCA struct {
 	// newOrder, when set, may refuse an order: a problem document and
 	// its status, or "" to accept it.
 	newOrder func(payload string) (int, string)
-	// finalizeProblem, when set, answers the finalize POST with a
-	// problem document and its status instead.
-	finalizeProblem func() (int, string)
+	// finalizeProblem and orderProblem, when set, answer the finalize
+	// POST or the order's polls with an error instead: its status,
+	// content type and body.
+	finalizeProblem, orderProblem func() (int, string, string)
 }
 
 func newFakeCA(t *testing.T) *fakeCA {
@@ -147,10 +148,15 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 		status, retry := f.challenge(name)
 		answer(status, retry, `{"type":"http-01","status":"%s","token":"tok-`+name+`"}`)
 	case r.URL.Path == "/finalize" && f.finalizeProblem != nil:
-		status, problem := f.finalizeProblem()
-		w.Header().Set("Content-Type", "application/problem+json")
+		status, ctype, body := f.finalizeProblem()
+		w.Header().Set("Content-Type", ctype)
 		w.WriteHeader(status)
-		io.WriteString(w, problem)
+		io.WriteString(w, body)
+	case r.URL.Path == "/order" && f.orderProblem != nil:
+		status, ctype, body := f.orderProblem()
+		w.Header().Set("Content-Type", ctype)
+		w.WriteHeader(status)
+		io.WriteString(w, body)
 	case r.URL.Path == "/finalize":
 		status, retry := f.finalize()
 		answer(status, retry, order(status))
@@ -455,27 +461,53 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 	}
 }
 
-// A 5xx answer to finalize may come after the CA issued (a hostile
-// review's proxy passed finalize on and answered 500: five certificates
-// per run, all refunded): the order is not placed again, and the error
-// says the CA may have issued, so the engine keeps what it reserved.
+// Whatever goes wrong once the finalize request was sent may come after
+// the CA issued (hostile reviews: a proxy that passed finalize on and
+// answered 500, or 502 as HTML, or 409, or failed the order's poll, got
+// up to five certificates per run, all refunded): the order is not placed
+// again, and the error says the CA may have issued, so the engine keeps
+// what it reserved.
 func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
-	f := newFakeCA(t)
-	f.finalizeProblem = func() (int, string) {
-		return 500, `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"the CA failed","status":500}`
+	problem := func(status int, typ string) func() (int, string, string) {
+		return func() (int, string, string) {
+			return status, "application/problem+json", fmt.Sprintf(`{"type":"urn:ietf:params:acme:error:%s","detail":"injected","status":%d}`, typ, status)
+		}
 	}
+	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
+	for _, tc := range []struct {
+		name            string
+		finalize, order func() (int, string, string)
+		replaces        string
+	}{
+		{"finalize 500", problem(500, "serverInternal"), nil, ""},
+		{"finalize 502 page", html, nil, ""},
+		{"finalize 409 on an ARI renewal", problem(409, "alreadyReplaced"), nil, "AAAA.AQ"},
+		{"order poll 500", nil, problem(500, "serverInternal"), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeCA(t)
+			f.finalizeProblem, f.orderProblem = tc.finalize, tc.order
+			if tc.order != nil {
+				f.finalize = func() (string, string) { return "processing", "" }
+			}
+			c, _ := f.client(nopProvider{})
+			key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true, ReplacesCertID: tc.replaces}
+			_, err := c.order(req)
+			explained := explain("obtain a.example,b.example", err)
+			if err == nil || !MayHaveIssued(explained) || ReplacesRefused(explained) {
+				t.Fatalf("order that failed after finalize: %v, want an error MayHaveIssued knows, not a refusal of replaces", err)
+			}
+			if n := f.requests("POST /new-order"); n != 1 {
+				t.Fatalf("%d orders sent after the finalize, want 1", n)
+			}
+		})
+	}
+	// A 5xx before finalize may not have issued: the order is placed
+	// again, however the CA's host is named.
+	f := newFakeCA(t)
 	c, _ := f.client(nopProvider{})
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true}
-	_, err := c.order(req)
-	if err == nil || !MayHaveIssued(explain("obtain a.example,b.example", err)) {
-		t.Fatalf("order whose finalize failed: %v, want an error MayHaveIssued knows", err)
-	}
-	if n := f.requests("POST /new-order"); n != 1 {
-		t.Fatalf("%d orders sent after a finalize 5xx, want 1", n)
-	}
-	// A 5xx before finalize may not: the order is placed again.
-	f.finalizeProblem = nil
 	tries := 0
 	f.newOrder = func(string) (int, string) {
 		if tries++; tries == 1 {
@@ -483,6 +515,7 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 		return 0, ""
 	}
+	req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true}
 	if _, err := c.order(req); tries != 2 || err != nil && MayHaveIssued(err) {
 		t.Fatalf("order after a new-order 500: %d tries, err %v", tries, err)
 	}

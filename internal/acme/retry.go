@@ -32,12 +32,13 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 	for try := 1; err != nil && try < orderTries; try++ {
 		names := strings.Join(req.Domains, ",")
 		switch {
-		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
-			return nil, &replacesError{err}
 		case MayHaveIssued(err):
 			// Finalized: the CA may have issued, and another order would
-			// be another certificate for the same names.
+			// be another certificate for the same names, whatever the
+			// answer says (a 409 there is not about "replaces").
 			return nil, err
+		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
+			return nil, &replacesError{err}
 		case serverFault(err):
 			slog.Info("the CA answered the order with an internal error; ordering again", "domains", names, "err", flatten(err.Error()))
 			select {

@@ -49,22 +49,24 @@ func (c *clock) Add(d time.Duration) {
 // fakeCA issues self-signed certificates of a fixed lifetime, counts
 // orders, answers ARI from a table, and can fail or block on cue.
 type fakeCA struct {
-	now      func() time.Time
-	life     time.Duration
-	mu       sync.Mutex
-	orders   []string
-	ari      map[string]*acme.RenewalInfo // by serial
-	fail     map[string]error             // by lineage name
-	block    chan struct{}                // when set, Obtain waits on it (or ctx)
-	started  chan string                  // when set, Obtain sends the name on entry
-	inflight atomic.Int32
-	maxIn    atomic.Int32
-	binds    [][]string
-	replaces map[string]string
-	resets   int
-	down     map[string]error // by server: every order there fails so
-	at       []string         // the server of each order, in order
-	ariAt    []string         // the server asked for each renewal window
+	now    func() time.Time
+	life   time.Duration
+	mu     sync.Mutex
+	orders []string
+	ari    map[string]*acme.RenewalInfo // by serial
+	fail   map[string]error             // by lineage name
+	block  chan struct{}                // when set, Obtain waits on it (or ctx)
+	// finalized: a stop while blocked comes after the order's finalize.
+	finalized bool
+	started   chan string // when set, Obtain sends the name on entry
+	inflight  atomic.Int32
+	maxIn     atomic.Int32
+	binds     [][]string
+	replaces  map[string]string
+	resets    int
+	down      map[string]error // by server: every order there fails so
+	at        []string         // the server of each order, in order
+	ariAt     []string         // the server asked for each renewal window
 	// refuseReplaces: an order that carries "replaces" is refused, as
 	// Pebble does for some serials and any CA for a certificate already
 	// replaced.
@@ -96,6 +98,9 @@ func (f *fakeCA) Obtain(ctx context.Context, o issuer.Order) (*acme.Result, erro
 		select {
 		case <-f.block:
 		case <-ctx.Done():
+			if f.finalized {
+				return nil, acme.AfterFinalize(ctx.Err())
+			}
 			return nil, ctx.Err()
 		}
 	}
@@ -1096,9 +1101,46 @@ func (e finalizeFault) Unwrap() error { return e.error }
 // stays spent, as for a run killed there (a hostile review's CA answered
 // 500 after issuing, and each refund bought another certificate).
 func TestFinalizeFaultKeepsItsTokens(t *testing.T) {
-	err := finalizeFault{fmt.Errorf("obtain a.test: %w", &legoacme.ProblemDetails{
-		Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "the CA failed", URL: "https://ca.test/finalize/1/2"})}
+	err := finalizeFault{fmt.Errorf("obtain a.test: %w", acme.AfterFinalize(&legoacme.ProblemDetails{
+		Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "the CA failed", URL: "https://ca.test/order/1"}))}
 	if n := refundsOfAFailedIssue(t, err); n != 0 {
 		t.Fatalf("%d refunds of an order that may have issued, want none", n)
+	}
+}
+
+// A stop (SIGTERM, Ctrl-C) gives an order's tokens back only before its
+// finalize was sent: after it the CA may have issued (a hostile review
+// stopped runs mid-finalize and got a certificate per run past the
+// budget).
+func TestStopAfterFinalizeKeepsItsTokens(t *testing.T) {
+	for _, finalized := range []bool{false, true} {
+		f := newFixture(t)
+		f.ca.block, f.ca.started, f.ca.finalized = make(chan struct{}), make(chan string, 1), finalized
+		b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := f.engine(Options{Command: "issue"})
+		counted := &refundCounter{Budget: b}
+		e.Budget = counted
+		ctx, cancel := context.WithCancel(context.Background())
+		p, _ := e.Plan(ctx, []Job{job("a.test")})
+		go func() { <-f.ca.started; cancel() }()
+		if it := p.Execute(ctx).Items[0]; it.Outcome != Aborted {
+			t.Fatalf("outcome %s %q, want interrupted", it.Outcome, it.Error)
+		}
+		if want := map[bool]int{false: 1, true: 0}[finalized]; len(counted.refunds) != want {
+			t.Fatalf("stopped with the finalize sent %v: %d refunds, want %d", finalized, len(counted.refunds), want)
+		}
+	}
+}
+
+// An account that could not be registered placed no order: what the
+// order reserved goes back (a hostile review's bad registrations spent
+// the set's budget, one certificate each).
+func TestAccountErrorGivesItsTokensBack(t *testing.T) {
+	err := &issuer.AccountError{Server: "https://ca.test/dir", Err: errors.New("register account (no email): malformed: bad contact")}
+	if n := refundsOfAFailedIssue(t, err); n != 1 {
+		t.Fatalf("%d refunds of an order never placed (no account), want 1", n)
 	}
 }

@@ -61,8 +61,11 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		}
 		if ctx.Err() != nil {
 			// Stopped before a certificate came back: its tokens go
-			// back, as a refused order's do (issue #26 item 19).
-			r.refund(key, r.paceOrder(s, o), &reserved)
+			// back, as a refused order's do (issue #26 item 19), unless
+			// the finalize was sent and the CA may have issued.
+			if !acme.MayHaveIssued(err) {
+				r.refund(key, r.paceOrder(s, o), &reserved)
+			}
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
 			return attempt{}
 		}
@@ -109,11 +112,14 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 // (again), having settled what the failed order reserved: kept when the
 // CA may have issued, given back when it refused "replaces".
 func (r *run) orderAgain(s *step, key pace.Key, o *issuer.Order, err error, reserved, reset, dropped *bool) bool {
-	if acme.MayHaveIssued(err) {
+	switch {
+	case acme.MayHaveIssued(err):
 		// The CA may have issued: its tokens and ledger place stay
 		// spent, whatever else the error says (a 5xx is the CA's fault,
 		// not the names', yet counts).
 		*reserved = false
+	case errors.As(err, new(*issuer.AccountError)):
+		r.refund(key, r.paceOrder(s, *o), reserved) // no account, no order
 	}
 	refused := *o
 	if !r.again(err, o, reset, dropped) {
