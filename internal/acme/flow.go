@@ -3,6 +3,7 @@ package acme
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -93,13 +94,45 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 	// says so (MayHaveIssued).
 	certURL, err := c.finalize(order, csr)
 	if err != nil {
-		return nil, AfterFinalize(err)
+		if certURL, err = c.afterFailedFinalize(order, csr, err); err != nil {
+			return nil, err
+		}
 	}
 	res, err := c.download(certURL, req)
 	if err != nil {
 		return nil, AfterFinalize(err)
 	}
 	return res, nil
+}
+
+// afterFailedFinalize looks at the order whose finalize failed (ferr):
+// the CA may have issued (valid: the certificate is fetched, not ordered
+// again), may still issue on the same order (ready: finalized again;
+// step-ca answers concurrent finalizes with a 500 now and then), or has
+// failed the order (invalid: nothing issued, and another order may go).
+// Any other answer, or none, is "may have issued".
+func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, ferr error) (string, error) {
+	if c.ctx.Err() != nil || order.Location == "" {
+		return "", AfterFinalize(ferr)
+	}
+	o, err := c.core.Orders.Get(order.Location)
+	if err != nil {
+		return "", AfterFinalize(ferr)
+	}
+	switch {
+	case o.Status == legoacme.StatusValid && o.Certificate != "":
+		slog.Info("the CA failed the finalize answer but issued; fetching the certificate", "order", order.Location, "err", flatten(ferr.Error()))
+		return o.Certificate, nil
+	case o.Status == legoacme.StatusReady:
+		certURL, err := c.finalize(order, csr)
+		if err != nil {
+			return "", AfterFinalize(err)
+		}
+		return certURL, nil
+	case o.Status == legoacme.StatusInvalid:
+		return "", ferr
+	}
+	return "", AfterFinalize(ferr)
 }
 
 // AfterFinalize marks err as an order's error once its finalize request

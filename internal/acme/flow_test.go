@@ -464,9 +464,11 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 // Whatever goes wrong once the finalize request was sent may come after
 // the CA issued (hostile reviews: a proxy that passed finalize on and
 // answered 500, or 502 as HTML, or 409, or failed the order's poll, got
-// up to five certificates per run, all refunded): the order is not placed
-// again, and the error says the CA may have issued, so the engine keeps
-// what it reserved.
+// up to five certificates per run, all refunded). The order is looked
+// at: issued, its certificate is fetched; ready, it is finalized again;
+// failed (invalid), nothing was issued and another order may go; else
+// the error says the CA may have issued, so that the engine keeps what
+// it reserved. Never is a second order placed for a finalized one.
 func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 	problem := func(status int, typ string) func() (int, string, string) {
 		return func() (int, string, string) {
@@ -474,32 +476,53 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 	}
 	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
+	status := func(s string) func(int) (string, string) { return func(int) (string, string) { return s, "" } }
 	for _, tc := range []struct {
 		name            string
 		finalize, order func() (int, string, string)
+		orderStatus     string // the order's status when polled
 		replaces        string
+		want            string // "fetched", "may have issued" or "failed"
 	}{
-		{"finalize 500", problem(500, "serverInternal"), nil, ""},
-		{"finalize 502 page", html, nil, ""},
-		{"finalize 409 on an ARI renewal", problem(409, "alreadyReplaced"), nil, "AAAA.AQ"},
-		{"order poll 500", nil, problem(500, "serverInternal"), ""},
+		{"finalize 500, issued", problem(500, "serverInternal"), nil, "valid", "", "fetched"},
+		{"finalize 502 page, issued", html, nil, "valid", "", "fetched"},
+		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, "valid", "AAAA.AQ", "fetched"},
+		{"finalize 500, still processing", problem(500, "serverInternal"), nil, "processing", "", "may have issued"},
+		{"finalize 502 page, ready again", html, nil, "ready", "", "may have issued"},
+		{"finalize 500, order failed", problem(500, "serverInternal"), nil, "invalid", "", "failed"},
+		{"order poll 500", nil, problem(500, "serverInternal"), "processing", "", "may have issued"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFakeCA(t)
-			f.finalizeProblem, f.orderProblem = tc.finalize, tc.order
-			if tc.order != nil {
-				f.finalize = func() (string, string) { return "processing", "" }
+			f.finalizeProblem, f.orderProblem, f.order = tc.finalize, tc.order, status(tc.orderStatus)
+			f.finalize = func() (string, string) { return "processing", "" }
+			tries := 0
+			f.newOrder = func(string) (int, string) {
+				if tries++; tries > 1 && tc.want == "failed" {
+					f.finalizeProblem = nil // the next order goes through
+					f.order = status("valid")
+				}
+				return 0, ""
 			}
 			c, _ := f.client(nopProvider{})
 			key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 			req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true, ReplacesCertID: tc.replaces}
 			_, err := c.order(req)
 			explained := explain("obtain a.example,b.example", err)
-			if err == nil || !MayHaveIssued(explained) || ReplacesRefused(explained) {
-				t.Fatalf("order that failed after finalize: %v, want an error MayHaveIssued knows, not a refusal of replaces", err)
-			}
-			if n := f.requests("POST /new-order"); n != 1 {
-				t.Fatalf("%d orders sent after the finalize, want 1", n)
+			orders := f.requests("POST /new-order")
+			switch tc.want {
+			case "fetched":
+				if err != nil || orders != 1 || f.requests("POST /cert") != 1 {
+					t.Fatalf("issued despite the finalize answer: err %v, %d orders, want its certificate fetched from the one order", err, orders)
+				}
+			case "may have issued":
+				if err == nil || !MayHaveIssued(explained) || ReplacesRefused(explained) || orders != 1 {
+					t.Fatalf("%d orders, err %v: want one order and an error MayHaveIssued knows, not a refusal of replaces", orders, err)
+				}
+			case "failed":
+				if err != nil || orders != 2 {
+					t.Fatalf("%d orders, err %v: want the failed order placed again, once", orders, err)
+				}
 			}
 		})
 	}

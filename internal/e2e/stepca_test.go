@@ -233,8 +233,11 @@ func TestStepCABatch(t *testing.T) {
 	}
 	orders, faults := e.stepca.Orders(), e.stepca.ServerErrors()
 	t.Logf("step-ca: %d orders, %d answered 5xx", orders, faults)
-	if orders != rows+faults {
-		t.Fatalf("step-ca saw %d orders and %d 5xx answers for %d rows: want one order per row and one more per 5xx", orders, faults, rows)
+	// A 5xx to a new order or an authorization costs one more order; one
+	// to a finalize is settled on the same order (finalized again, or
+	// its certificate fetched), never by another.
+	if orders < rows || orders > rows+faults {
+		t.Fatalf("step-ca saw %d orders and %d 5xx answers for %d rows: want one order per row and at most one more per 5xx", orders, faults, rows)
 	}
 	listed := e.listEntries()
 	for lineage, name := range want {
