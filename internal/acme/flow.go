@@ -106,8 +106,8 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 }
 
 // afterFailedFinalize looks at the order whose finalize failed (ferr):
-// the CA may have issued (valid: the certificate is fetched, not ordered
-// again), may still issue on the same order (ready: finalized again;
+// the CA may have issued (valid, or processing and then valid: the
+// certificate is fetched, not ordered again), may still issue on the same order (ready: finalized again;
 // step-ca answers concurrent finalizes with a 500 now and then), or has
 // failed the order (invalid: nothing issued, and another order may go).
 // Any other answer, or none, is "may have issued".
@@ -120,9 +120,14 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 		return "", AfterFinalize(ferr)
 	}
 	switch {
-	case o.Status == legoacme.StatusValid && o.Certificate != "":
-		slog.Info("the CA failed the finalize answer but issued; fetching the certificate", "order", order.Location, "err", flatten(ferr.Error()))
-		return o.Certificate, nil
+	case o.Status == legoacme.StatusValid && o.Certificate != "",
+		o.Status == legoacme.StatusProcessing:
+		slog.Info("the CA failed the finalize answer but took the order; fetching the certificate", "order", order.Location, "status", o.Status, "err", flatten(ferr.Error()))
+		certURL, err := c.awaitIssued(order, o, c.hints.take(order.Location))
+		if err != nil {
+			return "", AfterFinalize(err)
+		}
+		return certURL, nil
 	case o.Status == legoacme.StatusReady:
 		certURL, err := c.finalize(order, csr)
 		if err != nil {
@@ -285,7 +290,14 @@ func (c *Client) finalize(order legoacme.ExtendedOrder, csr []byte) (string, err
 	if err != nil {
 		return "", err
 	}
-	next := c.hints.take(order.Finalize)
+	return c.awaitIssued(order, o, c.hints.take(order.Finalize))
+}
+
+// awaitIssued polls order (last seen as o) until the CA has issued, from
+// next (the CA's Retry-After) or the schedule's first poll, and returns
+// the certificate's URL.
+func (c *Client) awaitIssued(order, o legoacme.ExtendedOrder, next time.Time) (string, error) {
+	var err error
 	deadline := time.Now().Add(orderWait)
 	s := schedule{}
 	for o.Status != legoacme.StatusValid {

@@ -476,7 +476,14 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 	}
 	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
-	status := func(s string) func(int) (string, string) { return func(int) (string, string) { return s, "" } }
+	status := func(s string) func(int) (string, string) {
+		return func(n int) (string, string) {
+			if s == "processing, then valid" {
+				return map[bool]string{true: "processing", false: "valid"}[n <= 1], ""
+			}
+			return s, ""
+		}
+	}
 	for _, tc := range []struct {
 		name            string
 		finalize, order func() (int, string, string)
@@ -487,7 +494,7 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		{"finalize 500, issued", problem(500, "serverInternal"), nil, "valid", "", "fetched"},
 		{"finalize 502 page, issued", html, nil, "valid", "", "fetched"},
 		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, "valid", "AAAA.AQ", "fetched"},
-		{"finalize 500, still processing", problem(500, "serverInternal"), nil, "processing", "", "may have issued"},
+		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, "processing, then valid", "", "fetched"},
 		{"finalize 502 page, ready again", html, nil, "ready", "", "may have issued"},
 		{"finalize 500, order failed", problem(500, "serverInternal"), nil, "invalid", "", "failed"},
 		{"order poll 500", nil, problem(500, "serverInternal"), "processing", "", "may have issued"},
