@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -92,7 +94,14 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 	// From here the CA may issue: whatever fails (the finalize answer, a
 	// poll of the order, the download, a dropped connection, a stop)
 	// says so (MayHaveIssued).
-	certURL, err := c.finalize(order, csr)
+	var certURL string
+	o, err := c.core.Orders.UpdateForCSR(order.Finalize, csr)
+	if err != nil && finalizeNotSent(err) {
+		return nil, err // the CA never saw it: a failure like any before
+	}
+	if err == nil {
+		certURL, err = c.awaitIssued(order, o, c.hints.take(order.Finalize))
+	}
 	if err != nil {
 		if certURL, err = c.afterFailedFinalize(order, csr, err); err != nil {
 			return nil, err
@@ -103,6 +112,16 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 		return nil, AfterFinalize(err)
 	}
 	return res, nil
+}
+
+// finalizeNotSent reports whether the finalize request failed before it
+// reached the CA: no nonce could be had, or no connection was made (a CA
+// killed mid-batch). A dropped connection or a timeout after the request
+// went out may have reached it, and is not one of these.
+func finalizeNotSent(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "Error generating nonce") || strings.Contains(msg, "failed to get nonce") ||
+		errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host")
 }
 
 // afterFailedFinalize looks at the order whose finalize failed (ferr):

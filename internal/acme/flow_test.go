@@ -550,3 +550,19 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		t.Fatalf("order after a new-order 500: %d tries, err %v", tries, err)
 	}
 }
+
+// A finalize that never reached the CA (no nonce, no connection: a CA
+// killed mid-batch) is a failure like any before it, which a fallback CA
+// may take; one that may have reached it is not.
+func TestFinalizeNotSent(t *testing.T) {
+	for msg, want := range map[string]bool{
+		`failed to post JWS message: failed to sign content: go-jose/go-jose: Error generating nonce: failed to get nonce from HEAD https://ca.test/nonce`: true,
+		`Post "https://ca.test/finalize/1": dial tcp 127.0.0.1:14000: connect: connection refused`:                                                         true,
+		`Post "https://ca.test/finalize/1": EOF`: false,
+		`Post "https://ca.test/finalize/1": context deadline exceeded (Client.Timeout exceeded while awaiting headers)`: false,
+	} {
+		if got := finalizeNotSent(errors.New(msg)); got != want {
+			t.Errorf("finalizeNotSent(%q) = %v, want %v", msg, got, want)
+		}
+	}
+}

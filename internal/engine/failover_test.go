@@ -318,20 +318,3 @@ func TestFallbackHintNamesItsSetting(t *testing.T) {
 		t.Fatalf("%+v", it)
 	}
 }
-
-// An order the primary may have issued (its finalize failed) does not go
-// to the fallback in the same run: that would be a second certificate
-// for the same names (a hostile review got two, the fallback being the
-// same CA under another URL).
-func TestNoFailoverAfterFinalize(t *testing.T) {
-	f := newFixture(t)
-	f.ca.down = map[string]error{primary: acme.AfterFinalize(fmt.Errorf("obtain a.test: %w", &legoacme.ProblemDetails{
-		Type: "urn:ietf:params:acme:error:serverInternal", HTTPStatus: 500, Detail: "the CA failed", URL: primary + "/order/1"}))}
-	res := f.runE(f.withFallback(Options{Command: "issue"}, t.TempDir()), job("a.test"))
-	if got := f.servers(); len(got) != 1 || got[0] != primary {
-		t.Fatalf("orders went to %v, want the primary only", got)
-	}
-	if it := res.Items[0]; it.Outcome != Failed {
-		t.Fatalf("item %+v, want failed", it)
-	}
-}

@@ -12,7 +12,6 @@ import (
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
-	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/secret"
 )
 
@@ -141,7 +140,7 @@ func (r *run) orderAgain(s *step, key pace.Key, o *issuer.Order, err error, rese
 // own passes the order on to it.
 func (r *run) failed(s *step, key pace.Key, o issuer.Order, err error, reserved *bool, more bool) attempt {
 	why, down := caFault(err)
-	if down && more && !acme.MayHaveIssued(err) {
+	if down && more {
 		r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
 		return attempt{next: why, broken: true, why: why}
 	}
@@ -274,15 +273,7 @@ func (r *run) resetOnce(server, email string) {
 // its certificate, where the CA has seen these names before.
 func (r *run) paceOrder(s *step, o issuer.Order) pace.Order {
 	home, _ := s.job.Lineage.Home()
-	// The CA exempts a renewal that carries "replaces" only inside the
-	// renewal window it suggested: a forced one, or one due by the
-	// lifetime rule, counts (issue --force in a loop is what the
-	// exact-set limit is there to stop).
-	exempt := o.Replaces
-	if why := renewal.Reason(s.item.Reason); why != renewal.ARI && why != renewal.ARIPast {
-		exempt = ""
-	}
-	return pace.Order{Names: s.job.Lineage.Domains, Replaces: exempt,
+	return pace.Order{Names: s.job.Lineage.Domains, Replaces: o.Replaces,
 		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains) &&
 			(o.Lineage.Server == home || o.Lineage.Server == s.prev.Server)}
 }
