@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -362,9 +363,35 @@ func TestBatchPacing(t *testing.T) {
 	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stderr, "not ordering p9.pace.example.com: the new-orders budget") {
 		t.Fatalf("issue did not share the budget: exit %d, %d orders\n%s%s", r.code, e.pebble.Orders()-orders, r.stdout, r.stderr)
 	}
-	// ARI renewals (orders that carry "replaces") are exempt from the
-	// budget, as Let's Encrypt exempts them: renew goes ahead, once.
+	// A forced renewal counts, "replaces" or not: the CA exempts only a
+	// renewal inside the window it suggested (issue --force in a loop is
+	// what the budget is there to stop).
 	r = e.run("renew", "--force", "--no-random-sleep", "--rate-orders", "2/1h", "--max-wait", "1s")
+	if r.code != 2 || e.pebble.Orders()-orders != 2 || !strings.Contains(r.stdout, "2 deferred") {
+		t.Fatalf("forced renewals past the spent budget: exit %d, %d orders\n%s%s", r.code, e.pebble.Orders()-orders, r.stdout, r.stderr)
+	}
+	// Renewals in the CA's ARI window (orders that carry "replaces") are
+	// exempt, as Let's Encrypt exempts them: renew goes ahead, once.
+	now := time.Now()
+	for i := range 4 {
+		name := fmt.Sprintf("p%d.pace.example.com", i)
+		cert, err := os.ReadFile(filepath.Join(e.dir, "live", name, "cert.pem"))
+		if err != nil {
+			continue // deferred in the first run: never issued
+		}
+		if err := e.pebble.SetRenewalInfo(cert, now.Add(-48*time.Hour), now.Add(-24*time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		// ARI is asked again now, not at the Retry-After the last answer
+		// set.
+		statusPath := filepath.Join(e.dir, "renewal", name+".json")
+		var st map[string]any
+		json.Unmarshal([]byte(readFile(t, statusPath)), &st)
+		delete(st, "ari_next_check")
+		data, _ := json.Marshal(st)
+		os.WriteFile(statusPath, data, 0o600)
+	}
+	r = e.run("renew", "--no-random-sleep", "--rate-orders", "2/1h", "--max-wait", "1s")
 	if r.code != 0 || e.pebble.Orders()-orders != 4 || !strings.Contains(r.stdout, "2 renewed") {
 		t.Fatalf("ARI renewals held up by the budget: exit %d, %d orders\n%s%s", r.code, e.pebble.Orders()-orders, r.stdout, r.stderr)
 	}

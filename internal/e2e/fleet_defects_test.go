@@ -579,7 +579,7 @@ func TestFleetDefectLedgerRefusalSpendsNoOrder(t *testing.T) {
 	f.startAgent("lb1")
 	f.validateVia("lb1")
 	issue := func(args ...string) result {
-		return f.on("lb1", append([]string{"--ledger-cap", "1", "issue", "--agree-tos", "--rate-orders", "2/1h"}, args...)...)
+		return f.on("lb1", append([]string{"--ledger-cap", "1", "issue", "--agree-tos", "--rate-orders", "3/1h"}, args...)...)
 	}
 	if r := issue("-d", "l1.example.com"); r.code != 0 {
 		t.Fatalf("the first order: exit %d", r.code)

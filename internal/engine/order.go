@@ -12,6 +12,7 @@ import (
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/issuer"
 	"github.com/lbcert/lbcert/internal/pace"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/secret"
 )
 
@@ -273,7 +274,15 @@ func (r *run) resetOnce(server, email string) {
 // its certificate, where the CA has seen these names before.
 func (r *run) paceOrder(s *step, o issuer.Order) pace.Order {
 	home, _ := s.job.Lineage.Home()
-	return pace.Order{Names: s.job.Lineage.Domains, Replaces: o.Replaces,
+	// The CA exempts a renewal that carries "replaces" only inside the
+	// renewal window it suggested: a forced one, or one due by the
+	// lifetime rule, counts (issue --force in a loop is what the
+	// exact-set limit is there to stop).
+	exempt := o.Replaces
+	if why := renewal.Reason(s.item.Reason); why != renewal.ARI && why != renewal.ARIPast {
+		exempt = ""
+	}
+	return pace.Order{Names: s.job.Lineage.Domains, Replaces: exempt,
 		Renewal: s.prev != nil && sameNames(s.prev.Domains, s.job.Lineage.Domains) &&
 			(o.Lineage.Server == home || o.Lineage.Server == s.prev.Server)}
 }
