@@ -131,30 +131,43 @@ func finalizeNotSent(err error) bool {
 // failed the order (invalid: nothing issued, and another order may go).
 // Any other answer, or none, is "may have issued".
 func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, ferr error) (string, error) {
-	if c.ctx.Err() != nil || order.Location == "" {
-		return "", AfterFinalize(ferr)
-	}
-	o, err := c.core.Orders.Get(order.Location)
-	if err != nil {
-		return "", AfterFinalize(ferr)
-	}
-	switch {
-	case o.Status == legoacme.StatusValid && o.Certificate != "",
-		o.Status == legoacme.StatusProcessing:
-		slog.Info("the CA failed the finalize answer but took the order; fetching the certificate", "order", order.Location, "status", o.Status, "err", flatten(ferr.Error()))
-		certURL, err := c.awaitIssued(order, o, c.hints.take(order.Location))
-		if err != nil {
-			return "", AfterFinalize(err)
+	// step-ca answers two updates of one order at once with a 500: the
+	// look and the finalize again are tried a few times, paused as the
+	// order's own retries are.
+	for try := 1; try <= orderTries && order.Location != ""; try++ {
+		if c.ctx.Err() != nil {
+			break
 		}
-		return certURL, nil
-	case o.Status == legoacme.StatusReady:
-		certURL, err := c.finalize(order, csr)
-		if err != nil {
-			return "", AfterFinalize(err)
+		if try > 1 {
+			select {
+			case <-time.After(retryPause(try - 1)):
+			case <-c.ctx.Done():
+				return "", AfterFinalize(ferr)
+			}
 		}
-		return certURL, nil
-	case o.Status == legoacme.StatusInvalid:
-		return "", ferr
+		o, err := c.core.Orders.Get(order.Location)
+		switch {
+		case err != nil:
+			continue
+		case o.Status == legoacme.StatusValid && o.Certificate != "",
+			o.Status == legoacme.StatusProcessing:
+			slog.Info("the CA failed the finalize answer but took the order; fetching the certificate", "order", order.Location, "status", o.Status, "err", flatten(ferr.Error()))
+			certURL, err := c.awaitIssued(order, o, c.hints.take(order.Location))
+			if err != nil {
+				return "", AfterFinalize(err)
+			}
+			return certURL, nil
+		case o.Status == legoacme.StatusReady:
+			certURL, err := c.finalize(order, csr)
+			if err == nil {
+				return certURL, nil
+			}
+			ferr = err
+		case o.Status == legoacme.StatusInvalid:
+			return "", ferr
+		default:
+			return "", AfterFinalize(ferr)
+		}
 	}
 	return "", AfterFinalize(ferr)
 }

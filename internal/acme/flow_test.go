@@ -147,16 +147,8 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Link", fmt.Sprintf(`<%s>;rel="up"`, u+"/authz/"+name))
 		status, retry := f.challenge(name)
 		answer(status, retry, `{"type":"http-01","status":"%s","token":"tok-`+name+`"}`)
-	case r.URL.Path == "/finalize" && f.finalizeProblem != nil:
-		status, ctype, body := f.finalizeProblem()
-		w.Header().Set("Content-Type", ctype)
-		w.WriteHeader(status)
-		io.WriteString(w, body)
-	case r.URL.Path == "/order" && f.orderProblem != nil:
-		status, ctype, body := f.orderProblem()
-		w.Header().Set("Content-Type", ctype)
-		w.WriteHeader(status)
-		io.WriteString(w, body)
+	case r.URL.Path == "/finalize" && f.finalizeProblem != nil && f.problemAnswer(w, f.finalizeProblem):
+	case r.URL.Path == "/order" && f.orderProblem != nil && f.problemAnswer(w, f.orderProblem):
 	case r.URL.Path == "/finalize":
 		status, retry := f.finalize()
 		answer(status, retry, order(status))
@@ -173,6 +165,19 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 	default:
 		http.NotFound(w, r)
 	}
+}
+
+// problemAnswer answers with what problem says (status, content type,
+// body), unless its status is 0: then the request is answered as usual.
+func (f *fakeCA) problemAnswer(w http.ResponseWriter, problem func() (int, string, string)) bool {
+	status, ctype, body := problem()
+	if status == 0 {
+		return false
+	}
+	w.Header().Set("Content-Type", ctype)
+	w.WriteHeader(status)
+	io.WriteString(w, body)
+	return true
 }
 
 // wait is one wait the order asked for: how long (from when it asked),
@@ -476,10 +481,22 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 	}
 	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
+	twice := func(p func() (int, string, string)) func() (int, string, string) {
+		n := 0
+		return func() (int, string, string) {
+			if n++; n > 2 {
+				return 0, "", ""
+			}
+			return p()
+		}
+	}
 	status := func(s string) func(int) (string, string) {
 		return func(n int) (string, string) {
-			if s == "processing, then valid" {
+			switch s {
+			case "processing, then valid":
 				return map[bool]string{true: "processing", false: "valid"}[n <= 1], ""
+			case "ready twice, then valid": // looked at after each failed finalize
+				return map[bool]string{true: "ready", false: "valid"}[n <= 2], ""
 			}
 			return s, ""
 		}
@@ -496,6 +513,9 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, "valid", "AAAA.AQ", "fetched"},
 		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, "processing, then valid", "", "fetched"},
 		{"finalize 502 page, ready again", html, nil, "ready", "", "may have issued"},
+		// step-ca: a 500 to each of two finalizes of the order, then the
+		// third goes through, on the same order.
+		{"finalize 500 twice, ready, then finalized", twice(problem(500, "serverInternal")), nil, "ready twice, then valid", "", "fetched"},
 		{"finalize 500, order failed", problem(500, "serverInternal"), nil, "invalid", "", "failed"},
 		{"order poll 500", nil, problem(500, "serverInternal"), "processing", "", "may have issued"},
 	} {

@@ -1076,18 +1076,25 @@ func TestFailedOrderIsRefundedOnce(t *testing.T) {
 func refundsOfAFailedIssue(t *testing.T, err error) int {
 	f := newFixture(t)
 	f.ca.fail["a.test"] = err
-	b, berr := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
-	if berr != nil {
-		t.Fatal(berr)
-	}
-	e := f.engine(Options{Command: "issue"})
-	counted := &refundCounter{Budget: b}
-	e.Budget = counted
+	e, counted := f.countedIssue(t)
 	p, _ := e.Plan(context.Background(), []Job{job("a.test")})
 	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
 		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
 	}
 	return len(counted.refunds)
+}
+
+// countedIssue is an issue engine on f whose budget (3 certificates per
+// set a week) records its refunds.
+func (f *fixture) countedIssue(t *testing.T) (*Engine, *refundCounter) {
+	b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.engine(Options{Command: "issue"})
+	counted := &refundCounter{Budget: b}
+	e.Budget = counted
+	return e, counted
 }
 
 // finalizeFault is a CA's 5xx to the finalize request, passed through
@@ -1116,13 +1123,7 @@ func TestStopAfterFinalizeKeepsItsTokens(t *testing.T) {
 	for _, finalized := range []bool{false, true} {
 		f := newFixture(t)
 		f.ca.block, f.ca.started, f.ca.finalized = make(chan struct{}), make(chan string, 1), finalized
-		b, err := pace.Open(t.TempDir(), pace.Limits{ExactSet: pace.Limit{N: 3, Per: 7 * 24 * time.Hour}}, f.clock.Now)
-		if err != nil {
-			t.Fatal(err)
-		}
-		e := f.engine(Options{Command: "issue"})
-		counted := &refundCounter{Budget: b}
-		e.Budget = counted
+		e, counted := f.countedIssue(t)
 		ctx, cancel := context.WithCancel(context.Background())
 		p, _ := e.Plan(ctx, []Job{job("a.test")})
 		go func() { <-f.ca.started; cancel() }()
