@@ -107,11 +107,32 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 			return nil, err
 		}
 	}
-	res, err := c.download(certURL, req)
-	if err != nil {
-		return nil, AfterFinalize(err)
+	return c.fetchIssued(certURL, req)
+}
+
+// fetchIssued downloads the certificate the CA has issued, trying again
+// after a failure, paused as the order's own retries are: a GET costs
+// nothing the CA counts, while giving up leaves a certificate the CA
+// counts against the names and no one holds.
+func (c *Client) fetchIssued(certURL string, req certificate.ObtainRequest) (*certificate.Resource, error) {
+	var err error
+	for try := 1; try <= orderTries; try++ {
+		if try > 1 {
+			select {
+			case <-time.After(retryPause(try - 1)):
+			case <-c.ctx.Done():
+				return nil, AfterFinalize(err)
+			}
+		}
+		var res *certificate.Resource
+		if res, err = c.download(certURL, req); err == nil {
+			return res, nil
+		}
+		if c.ctx.Err() != nil {
+			break
+		}
 	}
-	return res, nil
+	return nil, AfterFinalize(err)
 }
 
 // finalizeNotSent reports whether the finalize request failed before it

@@ -25,6 +25,8 @@ import (
 	"github.com/go-acme/lego/v4/acme/api"
 	"github.com/go-acme/lego/v4/certificate"
 	"github.com/go-acme/lego/v4/challenge"
+
+	"github.com/lbcert/lbcert/internal/hint"
 )
 
 // fakeCA is an ACME server for the order's waits: it answers each
@@ -54,6 +56,8 @@ type fakeCA struct {
 	// POST or the order's polls with an error instead: its status,
 	// content type and body.
 	finalizeProblem, orderProblem func() (int, string, string)
+	// certProblem, when set, answers the certificate's download.
+	certProblem func() (int, string, string)
 }
 
 func newFakeCA(t *testing.T) *fakeCA {
@@ -159,6 +163,7 @@ func (f *fakeCA) serve(w http.ResponseWriter, r *http.Request) {
 		f.mu.Unlock()
 		status, retry := f.order(n)
 		answer(status, retry, order(status))
+	case r.URL.Path == "/cert" && f.certProblem != nil && f.problemAnswer(w, f.certProblem):
 	case r.URL.Path == "/cert":
 		w.Header().Set("Content-Type", "application/pem-certificate-chain")
 		io.WriteString(w, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
@@ -504,24 +509,29 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 	for _, tc := range []struct {
 		name            string
 		finalize, order func() (int, string, string)
-		orderStatus     string // the order's status when polled
+		cert            func() (int, string, string) // the download's answer
+		orderStatus     string                       // the order's status when polled
 		replaces        string
 		want            string // "fetched", "may have issued" or "failed"
 	}{
-		{"finalize 500, issued", problem(500, "serverInternal"), nil, "valid", "", "fetched"},
-		{"finalize 502 page, issued", html, nil, "valid", "", "fetched"},
-		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, "valid", "AAAA.AQ", "fetched"},
-		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, "processing, then valid", "", "fetched"},
-		{"finalize 502 page, ready again", html, nil, "ready", "", "may have issued"},
+		{"finalize 500, issued", problem(500, "serverInternal"), nil, nil, "valid", "", "fetched"},
+		{"finalize 502 page, issued", html, nil, nil, "valid", "", "fetched"},
+		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, nil, "valid", "AAAA.AQ", "fetched"},
+		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, nil, "processing, then valid", "", "fetched"},
+		{"finalize 502 page, ready again", html, nil, nil, "ready", "", "may have issued"},
 		// step-ca: a 500 to each of two finalizes of the order, then the
 		// third goes through, on the same order.
-		{"finalize 500 twice, ready, then finalized", twice(problem(500, "serverInternal")), nil, "ready twice, then valid", "", "fetched"},
-		{"finalize 500, order failed", problem(500, "serverInternal"), nil, "invalid", "", "failed"},
-		{"order poll 500", nil, problem(500, "serverInternal"), "processing", "", "may have issued"},
+		{"finalize 500 twice, ready, then finalized", twice(problem(500, "serverInternal")), nil, nil, "ready twice, then valid", "", "fetched"},
+		{"finalize 500, order failed", problem(500, "serverInternal"), nil, nil, "invalid", "", "failed"},
+		{"order poll 500", nil, problem(500, "serverInternal"), nil, "processing", "", "may have issued"},
+		// A download that fails is fetched again: the CA issued.
+		{"download 500 twice, then fetched", nil, nil, twice(problem(500, "serverInternal")), "valid", "", "fetched"},
+		{"download 500 always", nil, nil, problem(500, "serverInternal"), "valid", "", "may have issued"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // several wait out the order's retry pauses
 			f := newFakeCA(t)
-			f.finalizeProblem, f.orderProblem, f.order = tc.finalize, tc.order, status(tc.orderStatus)
+			f.finalizeProblem, f.orderProblem, f.certProblem, f.order = tc.finalize, tc.order, tc.cert, status(tc.orderStatus)
 			f.finalize = func() (string, string) { return "processing", "" }
 			tries := 0
 			f.newOrder = func(string) (int, string) {
@@ -539,10 +549,20 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 			orders := f.requests("POST /new-order")
 			switch tc.want {
 			case "fetched":
-				if err != nil || orders != 1 || f.requests("POST /cert") != 1 {
+				downloads := 1
+				if tc.cert != nil {
+					downloads = 3 // two failed, then fetched
+				}
+				if err != nil || orders != 1 || f.requests("POST /cert") != downloads {
 					t.Fatalf("issued despite the finalize answer: err %v, %d orders, want its certificate fetched from the one order", err, orders)
 				}
 			case "may have issued":
+				if tc.cert != nil && f.requests("POST /cert") != orderTries {
+					t.Fatalf("%d downloads, want %d: an issued certificate is fetched again", f.requests("POST /cert"), orderTries)
+				}
+				if !strings.Contains(hint.Of(explained), "may have issued") {
+					t.Errorf("hint %q: want it to say the CA may have issued", hint.Of(explained))
+				}
 				if err == nil || !MayHaveIssued(explained) || ReplacesRefused(explained) || orders != 1 {
 					t.Fatalf("%d orders, err %v: want one order and an error MayHaveIssued knows, not a refusal of replaces", orders, err)
 				}

@@ -295,6 +295,15 @@ func explain(prefix string, err error) error {
 	if e.Text == "" {
 		e.Text = hintFor(msg)
 	}
+	if MayHaveIssued(err) {
+		// Said first: the operator's next step depends on it (the CA's
+		// limits for these names may already carry this certificate).
+		t := "the finalize reached the CA, which may have issued a certificate lbcert did not receive; it counts against the CA's limits for these names, so this run does not order them again (the next run does)"
+		if e.Text != "" {
+			t += "; " + e.Text
+		}
+		e.Text = t
+	}
 	if stalled != nil && strings.HasSuffix(stalled.Problem.Type, ":connection") {
 		// Such a CA files an HTTP error status under "connection" too,
 		// with one detail for both.
