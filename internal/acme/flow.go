@@ -155,6 +155,7 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 	// step-ca answers two updates of one order at once with a 500: the
 	// look and the finalize again are tried a few times, paused as the
 	// order's own retries are.
+	ready := false // the last look found the order ready, and finalized it again
 	for try := 1; try <= orderTries && order.Location != ""; try++ {
 		if c.ctx.Err() != nil {
 			break
@@ -167,6 +168,7 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 			}
 		}
 		o, err := c.core.Orders.Get(order.Location)
+		ready = err == nil && o.Status == legoacme.StatusReady
 		switch {
 		case err != nil:
 			continue
@@ -190,8 +192,23 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 			return "", AfterFinalize(ferr)
 		}
 	}
+	if ready && c.ctx.Err() == nil {
+		// Every finalize failed; if the order is still ready after the
+		// last one, the CA took none of them and issued nothing.
+		if o, err := c.core.Orders.Get(order.Location); err == nil && o.Status == legoacme.StatusReady {
+			return "", &finalizeRefused{ferr}
+		}
+	}
 	return "", AfterFinalize(ferr)
 }
+
+// finalizeRefused is the error of an order whose every finalize failed
+// while it stayed ready: nothing was issued, so what it reserved goes
+// back and a fallback CA may take the names, but it is not ordered again
+// from the same CA in this run (its finalize is what fails).
+type finalizeRefused struct{ error }
+
+func (e *finalizeRefused) Unwrap() error { return e.error }
 
 // AfterFinalize marks err as an order's error once its finalize request
 // was sent (MayHaveIssued).

@@ -512,13 +512,15 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		cert            func() (int, string, string) // the download's answer
 		orderStatus     string                       // the order's status when polled
 		replaces        string
-		want            string // "fetched", "may have issued" or "failed"
+		want            string // "fetched", "may have issued", "refused" or "failed"
 	}{
 		{"finalize 500, issued", problem(500, "serverInternal"), nil, nil, "valid", "", "fetched"},
 		{"finalize 502 page, issued", html, nil, nil, "valid", "", "fetched"},
 		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, nil, "valid", "AAAA.AQ", "fetched"},
 		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, nil, "processing, then valid", "", "fetched"},
-		{"finalize 502 page, ready again", html, nil, nil, "ready", "", "may have issued"},
+		// Still ready after every finalize: nothing issued, and not
+		// ordered again from this CA.
+		{"finalize 502 page, ready again", html, nil, nil, "ready", "", "refused"},
 		// step-ca: a 500 to each of two finalizes of the order, then the
 		// third goes through, on the same order.
 		{"finalize 500 twice, ready, then finalized", twice(problem(500, "serverInternal")), nil, nil, "ready twice, then valid", "", "fetched"},
@@ -565,6 +567,13 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 				}
 				if err == nil || !MayHaveIssued(explained) || ReplacesRefused(explained) || orders != 1 {
 					t.Fatalf("%d orders, err %v: want one order and an error MayHaveIssued knows, not a refusal of replaces", orders, err)
+				}
+			case "refused":
+				if err == nil || MayHaveIssued(explained) || orders != 1 || f.requests("POST /finalize") != 1+orderTries {
+					t.Fatalf("%d orders, %d finalizes, err %v: want one order finalized %d times and an error that is not may-have-issued", orders, f.requests("POST /finalize"), err, 1+orderTries)
+				}
+				if !ServerFault(explained) {
+					t.Errorf("err %v: want the CA's fault (a fallback CA may take the names)", explained)
 				}
 			case "failed":
 				if err != nil || orders != 2 {

@@ -37,6 +37,8 @@ func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, er
 			// be another certificate for the same names, whatever the
 			// answer says (a 409 there is not about "replaces").
 			return nil, err
+		case errors.As(err, new(*finalizeRefused)):
+			return nil, err // another order would meet the same finalize
 		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
 			return nil, &replacesError{err}
 		case serverFault(err):
