@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -136,14 +138,29 @@ func (c *Client) fetchIssued(certURL string, req certificate.ObtainRequest) (*ce
 }
 
 // finalizeNotSent reports whether the finalize request failed before it
-// reached the CA: no nonce could be had, or no connection was made (a CA
-// killed mid-batch). A dropped connection or a timeout after the request
-// went out may have reached it, and is not one of these.
+// reached the CA: no nonce could be had (lego signs before it posts), or
+// no connection was made (a CA killed mid-batch). A dropped connection or
+// a timeout after the request went out may have reached it, and is not
+// one of these; nor is any answer of the CA's, whatever its detail says
+// (a 500 reading "storing certificate: dial tcp ...: connection refused"
+// came after the CA took the finalize).
 func finalizeNotSent(err error) bool {
+	var pd *legoacme.ProblemDetails
+	if errors.As(err, &pd) || answeredStatus.MatchString(err.Error()) {
+		return false
+	}
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" || errors.As(err, new(*net.DNSError)) || errors.Is(err, syscall.ECONNREFUSED) {
+		return true
+	}
 	msg := err.Error()
-	return strings.Contains(msg, "Error generating nonce") || strings.Contains(msg, "failed to get nonce") ||
-		errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host")
+	return strings.Contains(msg, "failed to sign content") || strings.Contains(msg, "Error generating nonce") ||
+		strings.Contains(msg, "failed to get nonce") || strings.Contains(msg, "connect: connection refused") || strings.Contains(msg, "no such host")
 }
+
+// answeredStatus is lego's wording of an HTTP error status the CA
+// answered without a problem document: "500 :: POST :: URL".
+var answeredStatus = regexp.MustCompile(`(^|[^0-9])[1-5][0-9][0-9] ::`)
 
 // afterFailedFinalize looks at the order whose finalize failed (ferr):
 // the CA may have issued (valid, or processing and then valid: the

@@ -11,13 +11,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -486,6 +489,9 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 	}
 	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
+	refusedDetail := func() (int, string, string) {
+		return 500, "application/problem+json", `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused","status":500}`
+	}
 	twice := func(p func() (int, string, string)) func() (int, string, string) {
 		n := 0
 		return func() (int, string, string) {
@@ -516,6 +522,9 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 	}{
 		{"finalize 500, issued", problem(500, "serverInternal"), nil, nil, "valid", "", "fetched"},
 		{"finalize 502 page, issued", html, nil, nil, "valid", "", "fetched"},
+		// The CA's detail reads like a connection refused on this side:
+		// it answered, so it may have issued (helper-31 finding 1).
+		{"finalize 500 reading connection refused, issued", refusedDetail, nil, nil, "valid", "", "fetched"},
 		{"finalize 409 on an ARI renewal, issued", problem(409, "alreadyReplaced"), nil, nil, "valid", "AAAA.AQ", "fetched"},
 		{"finalize 500, processing then issued", problem(500, "serverInternal"), nil, nil, "processing, then valid", "", "fetched"},
 		// Still ready after every finalize: nothing issued, and not
@@ -609,9 +618,26 @@ func TestFinalizeNotSent(t *testing.T) {
 		`Post "https://ca.test/finalize/1": dial tcp 127.0.0.1:14000: connect: connection refused`:                                                         true,
 		`Post "https://ca.test/finalize/1": EOF`: false,
 		`Post "https://ca.test/finalize/1": context deadline exceeded (Client.Timeout exceeded while awaiting headers)`: false,
+		// The CA answered: its detail may read like a transport error of
+		// its own (helper-31 finding 1: five certificates a run).
+		`500 :: POST :: https://ca.test/finalize/1 :: urn:ietf:params:acme:error:serverInternal :: storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused`: false,
 	} {
 		if got := finalizeNotSent(errors.New(msg)); got != want {
 			t.Errorf("finalizeNotSent(%q) = %v, want %v", msg, got, want)
+		}
+	}
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{&url.Error{Op: "Post", URL: "https://ca.test/finalize/1", Err: &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}}, true},
+		{&url.Error{Op: "Post", URL: "https://ca.test/finalize/1", Err: &net.DNSError{Err: "no such host", Name: "ca.test", IsNotFound: true}}, true},
+		{&url.Error{Op: "Post", URL: "https://ca.test/finalize/1", Err: &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}}, false},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", Detail: "storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused", HTTPStatus: 500}, false},
+		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", Detail: "lookup db.internal: no such host", HTTPStatus: 500}, false},
+	} {
+		if got := finalizeNotSent(fmt.Errorf("finalize: %w", tc.err)); got != tc.want {
+			t.Errorf("finalizeNotSent(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }
