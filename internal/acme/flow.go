@@ -71,6 +71,11 @@ type fetchWatcher interface {
 func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resource, error) {
 	order, err := c.core.Orders.NewWithOptions(req.Domains, &api.OrderOptions{Profile: req.Profile, ReplacesCertID: req.ReplacesCertID})
 	if err != nil {
+		if answered(err) || notSent(err) {
+			// The CA refused the order, or never saw it: none was
+			// created. (A dropped answer may hide one that was.)
+			err = &notPlacedError{err}
+		}
 		return nil, err
 	}
 	if err := c.authorize(order); err != nil {
@@ -98,7 +103,7 @@ func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resour
 	// says so (MayHaveIssued).
 	var certURL string
 	o, err := c.core.Orders.UpdateForCSR(order.Finalize, csr)
-	if err != nil && finalizeNotSent(err) {
+	if err != nil && notSent(err) {
 		return nil, err // the CA never saw it: a failure like any before
 	}
 	if err == nil {
@@ -137,16 +142,15 @@ func (c *Client) fetchIssued(certURL string, req certificate.ObtainRequest) (*ce
 	return nil, AfterFinalize(err)
 }
 
-// finalizeNotSent reports whether the finalize request failed before it
-// reached the CA: no nonce could be had (lego signs before it posts), or
-// no connection was made (a CA killed mid-batch). A dropped connection or
-// a timeout after the request went out may have reached it, and is not
-// one of these; nor is any answer of the CA's, whatever its detail says
-// (a 500 reading "storing certificate: dial tcp ...: connection refused"
-// came after the CA took the finalize).
-func finalizeNotSent(err error) bool {
-	var pd *legoacme.ProblemDetails
-	if errors.As(err, &pd) || answeredStatus.MatchString(err.Error()) {
+// notSent reports whether a request failed before it reached the CA:
+// no nonce could be had (lego signs before it posts), or no connection
+// was made (a CA killed mid-batch). A dropped connection or a timeout
+// after the request went out may have reached it, and is not one of
+// these; nor is any answer of the CA's, whatever its detail says (a 500
+// to a finalize reading "storing certificate: dial tcp ...: connection
+// refused" came after the CA took it).
+func notSent(err error) bool {
+	if answered(err) {
 		return false
 	}
 	var op *net.OpError
@@ -156,6 +160,13 @@ func finalizeNotSent(err error) bool {
 	msg := err.Error()
 	return strings.Contains(msg, "failed to sign content") || strings.Contains(msg, "Error generating nonce") ||
 		strings.Contains(msg, "failed to get nonce") || strings.Contains(msg, "connect: connection refused") || strings.Contains(msg, "no such host")
+}
+
+// answered reports whether err is the CA's answer: a problem document,
+// or an HTTP error status without one.
+func answered(err error) bool {
+	var pd *legoacme.ProblemDetails
+	return errors.As(err, &pd) || answeredStatus.MatchString(err.Error())
 }
 
 // answeredStatus is lego's wording of an HTTP error status the CA

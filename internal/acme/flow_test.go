@@ -441,8 +441,9 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 	if n := f.requests("POST /new-order"); n != 1 {
 		t.Fatalf("%d orders sent, want 1: the client ordered again by itself", n)
 	}
-	// Without "replaces" the same 500 is not about the hint: the client
-	// retries it (once here: the second answer accepts).
+	// Without "replaces" the same 500 is not about the hint: the CA's
+	// fault, which the engine orders again (each order budgeted), and an
+	// order the CA never created.
 	tries := 0
 	f.newOrder = func(string) (int, string) {
 		if tries++; tries == 1 {
@@ -452,8 +453,8 @@ func TestRefusedReplacesIsTheEngines(t *testing.T) {
 	}
 	req.ReplacesCertID = ""
 	_, err = c.order(req)
-	if tries != 2 || err != nil && ReplacesRefused(err) {
-		t.Fatalf("order without replaces after a 500: %d tries, err %v", tries, err)
+	if tries != 1 || err == nil || ReplacesRefused(err) || !ServerFault(err) || !OrderNotPlaced(err) {
+		t.Fatalf("order without replaces after a 500: %d tries, err %v: want one, the CA's fault, never placed", tries, err)
 	}
 	// RFC 9773's own refusal, 409 alreadyReplaced, on which lego would
 	// order again by itself without "replaces": that order is not sent.
@@ -545,13 +546,7 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 			f.finalizeProblem, f.orderProblem, f.certProblem, f.order = tc.finalize, tc.order, tc.cert, status(tc.orderStatus)
 			f.finalize = func() (string, string) { return "processing", "" }
 			tries := 0
-			f.newOrder = func(string) (int, string) {
-				if tries++; tries > 1 && tc.want == "failed" {
-					f.finalizeProblem = nil // the next order goes through
-					f.order = status("valid")
-				}
-				return 0, ""
-			}
+			f.newOrder = func(string) (int, string) { tries++; return 0, "" }
 			c, _ := f.client(nopProvider{})
 			key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 			req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true, ReplacesCertID: tc.replaces}
@@ -585,14 +580,16 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 					t.Errorf("err %v: want the CA's fault (a fallback CA may take the names)", explained)
 				}
 			case "failed":
-				if err != nil || orders != 2 {
-					t.Fatalf("%d orders, err %v: want the failed order placed again, once", orders, err)
+				// The order failed: nothing issued, the CA's fault, which
+				// the engine orders again (budgeted).
+				if err == nil || MayHaveIssued(explained) || !ServerFault(explained) || orders != 1 {
+					t.Fatalf("%d orders, err %v: want one, failed as the CA's fault, not may-have-issued", orders, err)
 				}
 			}
 		})
 	}
-	// A 5xx before finalize may not have issued: the order is placed
-	// again, however the CA's host is named.
+	// A 5xx before finalize issued nothing: the CA's fault, which the
+	// engine orders again (budgeted), however the CA's host is named.
 	f := newFakeCA(t)
 	c, _ := f.client(nopProvider{})
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -604,8 +601,8 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		return 0, ""
 	}
 	req := certificate.ObtainRequest{Domains: []string{"a.example", "b.example"}, PrivateKey: key, Bundle: true}
-	if _, err := c.order(req); tries != 2 || err != nil && MayHaveIssued(err) {
-		t.Fatalf("order after a new-order 500: %d tries, err %v", tries, err)
+	if _, err := c.order(req); tries != 1 || err == nil || MayHaveIssued(err) || !ServerFault(err) {
+		t.Fatalf("order after a new-order 500: %d tries, err %v: want one, and the CA's fault", tries, err)
 	}
 }
 
@@ -622,8 +619,8 @@ func TestFinalizeNotSent(t *testing.T) {
 		// its own (helper-31 finding 1: five certificates a run).
 		`500 :: POST :: https://ca.test/finalize/1 :: urn:ietf:params:acme:error:serverInternal :: storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused`: false,
 	} {
-		if got := finalizeNotSent(errors.New(msg)); got != want {
-			t.Errorf("finalizeNotSent(%q) = %v, want %v", msg, got, want)
+		if got := notSent(errors.New(msg)); got != want {
+			t.Errorf("notSent(%q) = %v, want %v", msg, got, want)
 		}
 	}
 	for _, tc := range []struct {
@@ -636,8 +633,8 @@ func TestFinalizeNotSent(t *testing.T) {
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", Detail: "storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused", HTTPStatus: 500}, false},
 		{&legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:serverInternal", Detail: "lookup db.internal: no such host", HTTPStatus: 500}, false},
 	} {
-		if got := finalizeNotSent(fmt.Errorf("finalize: %w", tc.err)); got != tc.want {
-			t.Errorf("finalizeNotSent(%v) = %v, want %v", tc.err, got, tc.want)
+		if got := notSent(fmt.Errorf("finalize: %w", tc.err)); got != tc.want {
+			t.Errorf("notSent(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }

@@ -92,7 +92,7 @@ func (c *Client) Obtain(r Request) (*Result, error) {
 	}
 	profile, err := c.pickProfile(r)
 	if err != nil {
-		return nil, err
+		return nil, &notPlacedError{err} // before any order
 	}
 	if err := c.router.set(r.Domains, r.Provider); err != nil {
 		return nil, err

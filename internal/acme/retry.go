@@ -2,59 +2,51 @@ package acme
 
 import (
 	"errors"
-	"log/slog"
 	"math/rand/v2"
 	"regexp"
-	"strings"
 	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
 	"github.com/go-acme/lego/v4/certificate"
 )
 
-// orderTries is how many times one Obtain orders at most: again after
-// the CA's internal errors.
-const orderTries = 5
+// OrderTries is how many orders one name gets from a CA at most in a
+// run when the CA fails them itself (a 5xx before the finalize; the
+// engine orders again, each order reserved in the rate budget), and how
+// many times a finalize is tried and a certificate fetched.
+const OrderTries = 5
 
-// order runs one order for req (obtainOrder), and orders again when the answer was
-// not about the names:
-//
-//   - A 5xx serverInternal answer is the CA's own fault and often
-//     passing: step-ca (v0.30.2) answers concurrent orders of one
-//     account with one when two requests update the account's order
-//     index or an authorization at once ("changed since last read"; in
-//     a batch of 200, about one order in five met it at --concurrency
-//     8, two in three at 50). It orders again after a random pause that
-//     grows with each try, so the retries of a burst spread out. Should
-//     every try fail, the error starts no failure backoff (caError).
+// orderTries is OrderTries, as this package's loops say it.
+const orderTries = OrderTries
+
+// order runs one order for req (obtainOrder). It never orders again
+// itself: another order is one the CA counts, so the engine decides it
+// (after a 5xx, RetryPause apart) and reserves it in the rate budget. A
+// refused "replaces" is told apart here (replacesError) for the engine.
 func (c *Client) order(req certificate.ObtainRequest) (*certificate.Resource, error) {
 	res, err := c.obtainOrder(req)
-	for try := 1; err != nil && try < orderTries; try++ {
-		names := strings.Join(req.Domains, ",")
-		switch {
-		case MayHaveIssued(err):
-			// Finalized: the CA may have issued, and another order would
-			// be another certificate for the same names, whatever the
-			// answer says (a 409 there is not about "replaces").
-			return nil, err
-		case errors.As(err, new(*finalizeRefused)):
-			return nil, err // another order would meet the same finalize
-		case req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL):
-			return nil, &replacesError{err}
-		case serverFault(err):
-			slog.Info("the CA answered the order with an internal error; ordering again", "domains", names, "err", flatten(err.Error()))
-			select {
-			case <-time.After(retryPause(try)):
-			case <-c.ctx.Done():
-				return nil, err
-			}
-		default:
-			return nil, err
-		}
-		res, err = c.obtainOrder(req)
+	if err != nil && !MayHaveIssued(err) && req.ReplacesCertID != "" && replacesRejected(err, c.core.GetDirectory().NewOrderURL) {
+		// Finalized orders are not asked: a 409 there is not about
+		// "replaces".
+		return nil, &replacesError{err}
 	}
 	return res, err
 }
+
+// FinalizeRefused reports whether every finalize of an order failed
+// while it stayed ready: nothing was issued, and another order at the
+// same CA would meet the same finalize.
+func FinalizeRefused(err error) bool { return errors.As(err, new(*finalizeRefused)) }
+
+// OrderNotPlaced reports whether err came before the CA created an
+// order: before the new-order request was sent, or from the CA's answer
+// refusing it. Nothing of the order counts at the CA.
+func OrderNotPlaced(err error) bool { return errors.As(err, new(*notPlacedError)) }
+
+// notPlacedError is an order's error from before the CA created it.
+type notPlacedError struct{ error }
+
+func (e *notPlacedError) Unwrap() error { return e.error }
 
 // serverFault reports whether err is the CA's answer that it failed
 // itself: a 5xx problem, the serverInternal type, or a 5xx whose body
@@ -75,6 +67,9 @@ func serverFault(err error) bool {
 // plain5xx is lego's wording of an error status without a problem
 // document: "503 :: GET :: URL" or "503 ::GET :: URL".
 var plain5xx = regexp.MustCompile(`(^|[^0-9])(5[0-9][0-9]) ::`)
+
+// RetryPause is retryPause, for the engine's orders again.
+func RetryPause(try int) time.Duration { return retryPause(try) }
 
 // retryPause is 0.5 to 1.5 s, random, times the try: the orders of a
 // burst spread out further each time.

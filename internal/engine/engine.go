@@ -98,6 +98,9 @@ type Budget interface {
 	FailedAuthz(k pace.Key, names []string) error
 	Limited(k pace.Key, o pace.Order, r pace.RateLimit, until time.Time) error
 	Refund(k pace.Key, o pace.Order) error
+	// Unreserve gives back all an order reserved, its new-order token
+	// too: the order never reached the CA.
+	Unreserve(k pace.Key, o pace.Order) error
 	Flush() error
 }
 

@@ -610,15 +610,21 @@ func TestRefusedReplacesIsCounted(t *testing.T) {
 	}
 }
 
-// refundCounter is a budget that records what it refunds.
+// refundCounter is a budget that records what it refunds and
+// unreserves (an order never placed).
 type refundCounter struct {
 	*pace.Budget
-	refunds []pace.Order
+	refunds, unreserves []pace.Order
 }
 
 func (c *refundCounter) Refund(k pace.Key, o pace.Order) error {
 	c.refunds = append(c.refunds, o)
 	return c.Budget.Refund(k, o)
+}
+
+func (c *refundCounter) Unreserve(k pace.Key, o pace.Order) error {
+	c.unreserves = append(c.unreserves, o)
+	return c.Budget.Unreserve(k, o)
 }
 
 // A daily cron with a random start delay retries a failing lineage on
@@ -1066,14 +1072,23 @@ func (serverRefusal) NoBackoff() bool { return true }
 // another order (a hostile review got 4 certificates for one set under
 // --rate-names 3/7d, one more per such failure).
 func TestFailedOrderIsRefundedOnce(t *testing.T) {
-	if n := refundsOfAFailedIssue(t, serverRefusal{}); n != 1 {
-		t.Fatalf("%d refunds of one failed order, want 1", n)
+	// A 5xx is ordered again (acme.OrderTries orders in all): each
+	// order's reservation is settled once.
+	f, counted := failedIssue(t, serverRefusal{})
+	if n, orders := len(counted.refunds)+len(counted.unreserves), f.ca.count(); n != orders || orders != acme.OrderTries {
+		t.Fatalf("%d refunds of %d failed orders, want one each, of %d", n, orders, acme.OrderTries)
 	}
 }
 
 // refundsOfAFailedIssue is how many refunds one issue of a.test made,
 // which the CA failed with err.
 func refundsOfAFailedIssue(t *testing.T, err error) int {
+	_, counted := failedIssue(t, err)
+	return len(counted.refunds)
+}
+
+// failedIssue runs one issue of a.test, which the CA fails with err.
+func failedIssue(t *testing.T, err error) (*fixture, *refundCounter) {
 	f := newFixture(t)
 	f.ca.fail["a.test"] = err
 	e, counted := f.countedIssue(t)
@@ -1081,7 +1096,51 @@ func refundsOfAFailedIssue(t *testing.T, err error) int {
 	if it := p.Execute(context.Background()).Items[0]; it.Outcome != Failed {
 		t.Fatalf("outcome %s %q, want failed", it.Outcome, it.Error)
 	}
-	return len(counted.refunds)
+	return f, counted
+}
+
+// Every order the CA sees takes a token of --rate-orders: the CA's 5xx
+// before finalize is ordered again by the engine, each order reserved,
+// so a CA failing every order gets no more than the budget (helper-31
+// finding 3: lbcert ordered again inside the ACME client, five orders
+// per token).
+func TestOrdersAgainAfterA5xxAreBudgeted(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["a.test"] = serverRefusal{}
+	b, err := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 3, Per: 3 * time.Hour}}, f.clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.engine(Options{Command: "issue"})
+	e.Budget = b
+	p, _ := e.Plan(context.Background(), []Job{job("a.test")})
+	it := p.Execute(context.Background()).Items[0]
+	if n := f.ca.count(); n != 3 {
+		t.Fatalf("%d orders reached the CA under --rate-orders 3/3h, want 3 (outcome %s %q)", n, it.Outcome, it.Error)
+	}
+}
+
+// An order the CA never created (it refused the new order, or was not
+// reached) gives back all it reserved, its new-order token too
+// (helper-31 finding 6: a CA down drained --rate-orders with no request
+// reaching it).
+func TestOrderNeverPlacedSpendsNoOrderToken(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["a.test"] = &issuer.AccountError{Server: "https://ca.test/dir", Err: errors.New("get directory at 'https://ca.test/dir': connect: connection refused")}
+	b, err := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 1, Per: 3 * time.Hour}}, f.clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.engine(Options{Command: "issue"})
+	e.Budget = b
+	for range 3 {
+		p, _ := e.Plan(context.Background(), []Job{job("a.test")})
+		p.Execute(context.Background())
+		f.clock.Add(time.Minute)
+	}
+	if err := b.Reserve(pace.Key{Server: job("a.test").Lineage.Server, Email: job("a.test").Lineage.Email}, pace.Order{Names: []string{"b.test"}}); err != nil {
+		t.Fatalf("after three orders never placed, the one new-order token is gone: %v", err)
+	}
 }
 
 // countedIssue is an issue engine on f whose budget (3 certificates per
@@ -1127,10 +1186,14 @@ func TestStopAfterFinalizeKeepsItsTokens(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		p, _ := e.Plan(ctx, []Job{job("a.test")})
 		go func() { <-f.ca.started; cancel() }()
-		if it := p.Execute(ctx).Items[0]; it.Outcome != Aborted {
+		it := p.Execute(ctx).Items[0]
+		if it.Outcome != Aborted {
 			t.Fatalf("outcome %s %q, want interrupted", it.Outcome, it.Error)
 		}
-		if want := map[bool]int{false: 1, true: 0}[finalized]; len(counted.refunds) != want {
+		if strings.Contains(it.Error, "may have issued") != finalized {
+			t.Errorf("stopped with the finalize sent %v: %q, want it to say the CA may have issued exactly then", finalized, it.Error)
+		}
+		if want := map[bool]int{false: 1, true: 0}[finalized]; len(counted.refunds)+len(counted.unreserves) != want {
 			t.Fatalf("stopped with the finalize sent %v: %d refunds, want %d", finalized, len(counted.refunds), want)
 		}
 	}
@@ -1141,7 +1204,7 @@ func TestStopAfterFinalizeKeepsItsTokens(t *testing.T) {
 // the set's budget, one certificate each).
 func TestAccountErrorGivesItsTokensBack(t *testing.T) {
 	err := &issuer.AccountError{Server: "https://ca.test/dir", Err: errors.New("register account (no email): malformed: bad contact")}
-	if n := refundsOfAFailedIssue(t, err); n != 1 {
-		t.Fatalf("%d refunds of an order never placed (no account), want 1", n)
+	if _, counted := failedIssue(t, err); len(counted.unreserves) != 1 || len(counted.refunds) != 0 {
+		t.Fatalf("%d unreserves, %d refunds of an order never placed (no account), want all it reserved given back once", len(counted.unreserves), len(counted.refunds))
 	}
 }

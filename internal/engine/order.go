@@ -43,6 +43,7 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 	key := pace.Key{Server: l.Server, Email: l.Email}
 	reserved := false // one token per order the CA sees: a retry after an account reset is the same order, one without "replaces" is not
 	reset, dropped := false, false
+	faults := 0 // orders the CA failed itself before their finalize
 	var waited time.Duration
 	for {
 		if !reserved && !e.Opts.DryRun && e.Budget != nil {
@@ -64,27 +65,29 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 			// Stopped before a certificate came back: its tokens go
 			// back, as a refused order's do (issue #26 item 19), unless
 			// the finalize was sent and the CA may have issued.
-			if !acme.MayHaveIssued(err) {
-				r.refund(key, r.paceOrder(s, o), &reserved)
-			}
 			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
+			if acme.MayHaveIssued(err) {
+				it.Error = "interrupted after the order's finalize was sent: the CA may have issued a certificate lbcert did not get (its limits count it); nothing was saved; run the same command again to finish"
+			} else {
+				r.settle(key, r.paceOrder(s, o), err, &reserved)
+			}
 			return attempt{}
 		}
-		if r.orderAgain(s, key, &o, err, &reserved, &reset, &dropped) {
+		if r.orderAgain(s, key, &o, err, &reserved, &reset, &dropped) || r.serverFaultAgain(s, key, o, err, &reserved, &faults) {
 			continue
 		}
 		if d := (*pace.Denied)(nil); errors.As(err, &d) {
 			// The account's gate held the order back: a Retry-After this
 			// run was already given runs past MaxWait. Nothing reached
 			// the CA.
-			r.refund(key, r.paceOrder(s, o), &reserved)
+			r.settle(key, r.paceOrder(s, o), err, &reserved)
 			return r.held(s, "not ordered: "+d.Reason, e.now().Add(d.Wait), err, more)
 		}
 		if notTheNamesFault(err) {
 			// Stopped before the CA validated (a fleet agent that did not
 			// answer, Redis away, the CA's own 5xx): no certificate,
 			// nothing to count.
-			r.refund(key, r.paceOrder(s, o), &reserved)
+			r.settle(key, r.paceOrder(s, o), err, &reserved)
 		}
 		wait, scope, limited := r.spend(key, r.paceOrder(s, o), err, &reserved)
 		if limited && waited+wait <= e.Opts.MaxWait {
@@ -120,7 +123,7 @@ func (r *run) orderAgain(s *step, key pace.Key, o *issuer.Order, err error, rese
 		// not the names', yet counts).
 		*reserved = false
 	case errors.As(err, new(*issuer.AccountError)):
-		r.refund(key, r.paceOrder(s, *o), reserved) // no account, no order
+		r.settle(key, r.paceOrder(s, *o), err, reserved) // no account, no order
 	}
 	refused := *o
 	if !r.again(err, o, reset, dropped) {
@@ -142,7 +145,12 @@ func (r *run) orderAgain(s *step, key pace.Key, o *issuer.Order, err error, rese
 func (r *run) failed(s *step, key pace.Key, o issuer.Order, err error, reserved *bool, more bool) attempt {
 	why, down := caFault(err)
 	if down && more {
-		r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA
+		if acme.MayHaveIssued(err) {
+			// A certificate at a failing CA helps no one; one from the
+			// next does. The failing CA's limits may count one.
+			slog.Warn("the CA failed after the order's finalize was sent and may have issued a certificate lbcert did not get; the next CA orders these names too", "name", o.Lineage.Name, "ca", o.Lineage.Server)
+		}
+		r.refund(key, r.paceOrder(s, o), reserved) // no certificate from this CA (kept spent when it may have issued)
 		return attempt{next: why, broken: true, why: why}
 	}
 	// An account that cannot be set up, or a CA that does not answer,
@@ -183,12 +191,42 @@ func (r *run) held(s *step, why string, next time.Time, err error, more bool) at
 	return attempt{}
 }
 
-// refund gives an order's certificate tokens back, when its reservation
-// still holds them (*reserved), once: the paths that settle a failed
-// order may each find a reason to refund it (a CA's 5xx is not the
-// names' fault and a refusal too), and a second refund would give back
-// tokens of another order, letting the budget pass the CA's limit.
-func (r *run) refund(k pace.Key, o pace.Order, reserved *bool) {
+// serverFaultAgain reports whether the names go to the CA again after it
+// failed the order itself before its finalize (a 5xx: step-ca answers
+// concurrent orders of one account with "changed since last read" now
+// and then), after a random pause that grows with each try, so the
+// retries of a burst spread out; up to acme.OrderTries orders in all.
+// Each is an order the CA may count, so the next takes a reservation of
+// its own (settling this one's): --rate-orders sees every order sent.
+func (r *run) serverFaultAgain(s *step, key pace.Key, o issuer.Order, err error, reserved *bool, faults *int) bool {
+	if !acme.ServerFault(err) || acme.MayHaveIssued(err) || acme.FinalizeRefused(err) || *faults+1 >= acme.OrderTries {
+		return false
+	}
+	*faults++
+	r.settle(key, r.paceOrder(s, o), err, reserved)
+	slog.Info("the CA answered the order with an internal error; ordering again", "name", o.Lineage.Name, "err", oneLine(err))
+	return r.e.sleep(r.ctx, acme.RetryPause(*faults))
+}
+
+// settle gives back what a failed order reserved (giveBack): all of it
+// when the order never reached the CA (the account could not be set up,
+// the CA refused the new order or was not reached, the gate held it
+// back), else its certificate tokens only (refund).
+func (r *run) settle(k pace.Key, o pace.Order, err error, reserved *bool) {
+	notPlaced := acme.OrderNotPlaced(err) || errors.As(err, new(*issuer.AccountError)) || errors.As(err, new(*pace.Denied))
+	r.giveBack(k, o, reserved, notPlaced)
+}
+
+// refund gives an order's certificate tokens back (giveBack).
+func (r *run) refund(k pace.Key, o pace.Order, reserved *bool) { r.giveBack(k, o, reserved, false) }
+
+// giveBack gives an order's certificate tokens back, and its new-order
+// token too when all, while its reservation still holds them
+// (*reserved), once: the paths that settle a failed order may each find
+// a reason to refund it (a CA's 5xx is not the names' fault and a
+// refusal too), and a second refund would give back tokens of another
+// order, letting the budget pass the CA's limit.
+func (r *run) giveBack(k pace.Key, o pace.Order, reserved *bool, all bool) {
 	if !*reserved {
 		return
 	}
@@ -196,7 +234,11 @@ func (r *run) refund(k pace.Key, o pace.Order, reserved *bool) {
 	if r.e.Budget == nil || r.e.Opts.DryRun {
 		return
 	}
-	if err := r.e.Budget.Refund(k, o); err != nil {
+	give := r.e.Budget.Refund
+	if all {
+		give = r.e.Budget.Unreserve
+	}
+	if err := give(k, o); err != nil {
 		slog.Warn("could not save the rate budget", "err", err)
 	}
 }

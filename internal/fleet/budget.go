@@ -108,9 +108,27 @@ func ledgerHint(cap int) string {
 	return frees + "; --ledger-cap raises the cap, up to 4 (the CA locks a set of names out for a week at its 5th certificate)"
 }
 
-// Refund gives back the pace tokens and the ledger place of an order
-// that issued nothing.
+// Refund gives back the certificate tokens and the ledger place of an
+// order that issued nothing.
 func (b *Budget) Refund(k pace.Key, o pace.Order) error {
+	if err := b.giveLedger(k, o); err != nil {
+		return err
+	}
+	return b.Pace.Refund(k, o)
+}
+
+// Unreserve gives back all an order that never reached the CA reserved:
+// its new-order token too.
+func (b *Budget) Unreserve(k pace.Key, o pace.Order) error {
+	if err := b.giveLedger(k, o); err != nil {
+		return err
+	}
+	return b.Pace.Unreserve(k, o)
+}
+
+// giveLedger gives back the newest ledger place this process took for
+// o's set of names.
+func (b *Budget) giveLedger(k pace.Key, o pace.Order) error {
 	set := LedgerSet(k.Server, o.Names)
 	b.mu.Lock()
 	ids := b.taken[set]
@@ -131,7 +149,7 @@ func (b *Budget) Refund(k pace.Key, o pace.Order) error {
 		}
 		b.N.dropReserved(set, id)
 	}
-	return b.Pace.Refund(k, o)
+	return nil
 }
 
 func (b *Budget) FailedAuthz(k pace.Key, names []string) error { return b.Pace.FailedAuthz(k, names) }
