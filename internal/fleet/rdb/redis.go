@@ -25,6 +25,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -150,8 +151,34 @@ func parseURL(raw string) (*url.URL, error) {
 		// nor printed back.
 		return nil, fmt.Errorf("--redis %q: the URL has a query or fragment, which lbcert does not read; remove it (a password goes in LBCERT_REDIS_PASSWORD or --redis-password-file, never in the URL)", redact(raw))
 	}
+	if err := checkHosts(u.Host); err != nil {
+		return nil, fmt.Errorf("--redis %q: %v", redact(raw), err)
+	}
 	return u, nil
 }
+
+// checkHosts refuses a host list (one, or a Sentinel's several) with a
+// port that is no port or a host that is no host name: bad input, said
+// as such, not "Redis unreachable" after a dial. A missing host or port
+// is left to the checks that know the scheme.
+func checkHosts(hosts string) error {
+	for _, a := range strings.Split(hosts, ",") {
+		h, p, err := net.SplitHostPort(a)
+		if err != nil {
+			h, p = strings.TrimSuffix(strings.TrimPrefix(a, "["), "]"), "" // no port: the default's
+		}
+		if n, err := strconv.Atoi(p); p != "" && (err != nil || n < 1 || n > 65535) {
+			return fmt.Errorf("port %q is not a port (1 to 65535)", p)
+		}
+		if h != "" && net.ParseIP(h) == nil && !hostName.MatchString(h) {
+			return fmt.Errorf("%q is not a host name or an IP address", h)
+		}
+	}
+	return nil
+}
+
+// hostName is a DNS name's syntax (underscores allowed, as resolvers do).
+var hostName = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$`)
 
 // dialFailed is the error for a first call that failed: a URL that names
 // the wrong thing is said as such, anything else is Redis unreachable.

@@ -536,3 +536,29 @@ func TestWithPort(t *testing.T) {
 		}
 	}
 }
+
+// A port that is no port, or a host that is no host name, is bad input
+// said as such, not "Redis unreachable" after a dial (helper-31 finding
+// 9: exit 4 and "check that Redis runs" for redis://127.0.0.1:99999/0).
+func TestURLHostsAreChecked(t *testing.T) {
+	for raw, bad := range map[string]string{
+		"redis://127.0.0.1:99999/0":                         "not a port",
+		"redis://127.0.0.1:0/0":                             "not a port",
+		"redis://127.0.0.1:x/0":                             "is not a URL",
+		"redis://bad_host!:6379/0":                          "not a host name",
+		"redis-sentinel://a:26379,b:70000/mymaster":         "not a port",
+		"redis://127.0.0.1:6379/0":                          "",
+		"redis://[::1]:6379/0":                              "",
+		"redis://redis.internal/0":                          "",
+		"redis-sentinel://s1.example,10.0.0.2:26380/master": "",
+		"rediss://my_redis.example:6380/2":                  "",
+	} {
+		err := CheckURL(raw)
+		switch {
+		case bad == "" && err != nil:
+			t.Errorf("%s: %v, want it accepted", raw, err)
+		case bad != "" && (err == nil || !strings.Contains(err.Error(), bad)):
+			t.Errorf("%s: %v, want it refused as %q", raw, err, bad)
+		}
+	}
+}
