@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 
@@ -49,7 +50,7 @@ while the host was off happens at boot. Enable it with
 		&cobra.Command{
 			Use: "install", Short: "Install the renew entry (2 or more runs a day, as the certificates need)", Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
-				if err := a.global.cas.Schedulable(); err != nil {
+				if err := a.schedulable(); err != nil {
 					return err
 				}
 				say, err := o.entry(a).Install()
@@ -83,15 +84,7 @@ while the host was off happens at boot. Enable it with
 	return cmd
 }
 
-// renewEntry is what install, show and remove work on: the cron entry,
-// or with --systemd the timer.
-type renewEntry interface {
-	Install() (string, error)
-	Show() (string, error)
-	Remove() (string, error)
-}
-
-func (o *cronOptions) entry(a *app) renewEntry {
+func (o *cronOptions) entry(a *app) schedule.Entry {
 	if o.Systemd {
 		host, _ := os.Hostname()
 		return &schedule.Timer{Dir: a.global.Dir, UnitDir: o.UnitDir, Command: append(a.renewArgv(), "--no-random-sleep"), Host: host}
@@ -125,11 +118,20 @@ func (a *app) carriedArgs() []string {
 		args = append(args, "--config", config.AbsPath(p))
 	}
 	args = append(args, config.CarriedArgs(a.flags, config.AbsPath, "keep-versions", "hook-concurrency", "metrics-file",
-		"server", "staging", "agree-tos", "email", "eab-kid", "eab-hmac-key-file", "ca-bundle", "ca-backoff")...)
+		"server", "staging", "agree-tos", "email", "eab-kid", "eab-hmac-key-file", "ca-bundle", "ca-backoff", "smtp-host", "smtp-port",
+		"mail-from", "mail-to", "smtp-user", "smtp-password-file", "smtp-tls", "smtp-ca-bundle", "report")...)
 	if config.Carried(a.flags, "fallback-ca") {
 		args = append(args, a.global.cas.Args(config.AbsPath)...)
 	}
 	return append(args, a.fleetOpts.Args(config.AbsPath)...)
+}
+
+// schedulable refuses settings a scheduled renew could not run with:
+// the CAs' as renew checks them, and a secret only the environment
+// holds, which the line cannot carry and cron does not pass.
+func (a *app) schedulable() error {
+	_, server := a.account().ServerURL()
+	return cmp.Or(server, a.account().Check(a.ctx), a.global.cas.Schedulable(), config.Schedulable(a.flags, a.getenv))
 }
 
 // printedUnit is what renew --print-systemd-unit and --print-systemd-timer

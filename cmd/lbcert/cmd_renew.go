@@ -94,7 +94,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	case o.PrintUnit && o.PrintTimer:
 		return fmt.Errorf("--print-systemd-unit and --print-systemd-timer print one unit each: give one")
 	case o.PrintUnit:
-		if err := a.global.cas.Schedulable(); err != nil {
+		if err := a.schedulable(); err != nil {
 			return err
 		}
 		a.printf("%s", a.printedUnit(false))

@@ -209,3 +209,58 @@ func TestCadenceWarning(t *testing.T) {
 		}
 	}
 }
+
+// cron install and renew --print-systemd-unit refuse what every
+// scheduled run would fail on (helper-31 finding 8): CA settings issue
+// refuses, a CA bundle that is not there, a password only the
+// environment holds; and the mail settings are carried, their password
+// file made absolute.
+func TestScheduledRunGetsWhatItNeeds(t *testing.T) {
+	dir := fixtureStore(t)
+	cron := filepath.Join(t.TempDir(), "lbcert")
+	env := map[string]string{}
+	run := func(args ...string) (int, string) {
+		var out, errb bytes.Buffer
+		a := &app{out: &out, err: &errb, getenv: func(k string) string { return env[k] }, now: func() time.Time { return fixedNow }, ctx: context.Background()}
+		return a.run(append([]string{"--dir", dir}, args...)), errb.String()
+	}
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want string
+	}{
+		{[]string{"--staging", "--server", "https://acme.test/dir"}, "", "contradict each other"},
+		{[]string{"--server", "http://acme.test/dir"}, "", "requires https"},
+		{[]string{"--ca-bundle", filepath.Join(dir, "missing.pem")}, "", "missing.pem"},
+		{[]string{"--smtp-user", "u", "--mail-to", "ops@example.com"}, "LBCERT_SMTP_PASSWORD", "--smtp-password-file"},
+	} {
+		env = map[string]string{}
+		if tc.env != "" {
+			env[tc.env] = "s3cret"
+		}
+		for _, cmd := range [][]string{{"cron", "install", "--file", cron}, {"renew", "--print-systemd-unit"}} {
+			code, stderr := run(append(append([]string{}, tc.args...), cmd...)...)
+			if code == 0 || !strings.Contains(stderr, tc.want) || strings.Contains(stderr, "s3cret") || strings.Count(strings.TrimSpace(stderr), "\n") > 1 {
+				t.Errorf("%v %v: exit %d, %q: want it refused, saying %q", tc.args, cmd, code, stderr, tc.want)
+			}
+		}
+		if _, err := os.Stat(cron); err == nil {
+			t.Fatalf("%v: a cron file was written", tc.args)
+		}
+	}
+	env = map[string]string{}
+	pw := "pw.txt"
+	if err := os.WriteFile(filepath.Join(t.TempDir(), pw), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, stderr := run("--smtp-user", "u", "--smtp-password-file", pw, "--mail-to", "ops@example.com", "cron", "install", "--file", cron); code != 0 {
+		t.Fatalf("cron install with the SMTP password in a file: exit %d: %s", code, stderr)
+	}
+	data, _ := os.ReadFile(cron)
+	abs, _ := filepath.Abs(pw)
+	for _, want := range []string{"--smtp-user u", "--smtp-password-file " + abs, "--mail-to ops@example.com"} {
+		if !strings.Contains(string(data), want) {
+			t.Errorf("cron line without %q:\n%s", want, data)
+		}
+	}
+}

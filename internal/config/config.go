@@ -272,6 +272,31 @@ func CarriedArgs(fs *pflag.FlagSet, abs func(string) string, names ...string) []
 	return args
 }
 
+// envSecrets are the secrets a setting needs (needs: given, it needs
+// the secret) that come from the environment variable env or from the
+// file flag file.
+var envSecrets = []struct{ needs, env, file string }{
+	{"smtp-user", "LBCERT_SMTP_PASSWORD", "smtp-password-file"},
+	{"redis", "LBCERT_REDIS_PASSWORD", "redis-password-file"},
+}
+
+// Schedulable refuses, for a cron line or a unit, a secret that only
+// the environment holds: the line cannot carry it and cron passes no
+// environment, so every scheduled run would fail for want of it.
+func Schedulable(fs *pflag.FlagSet, getenv func(string) string) error {
+	set := func(name string) bool {
+		f := fs.Lookup(name)
+		return f != nil && f.Value.String() != "" && f.Value.String() != "[]"
+	}
+	for _, s := range envSecrets {
+		if fs != nil && set(s.needs) && !set(s.file) && getenv(s.env) != "" {
+			return hint.Errorf(fmt.Sprintf("put the secret alone in a file (mode 0600) and pass --%s FILE (or '%s:' in the config file), then run this again", s.file, s.file),
+				"--%s: its password comes from %s, which a scheduled run does not have", s.needs, s.env)
+		}
+	}
+	return nil
+}
+
 // AbsPath is p made absolute, for the settings cron lines and units
 // repeat: they start in another directory.
 func AbsPath(p string) string {

@@ -208,3 +208,33 @@ func TestNegativeDurationRefused(t *testing.T) {
 		t.Errorf("a positive duration: %v", err)
 	}
 }
+
+// A secret only the environment holds is refused for a scheduled run,
+// for each setting that needs one; a password file, or no such setting,
+// is fine.
+func TestSchedulableSecrets(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		bad  bool
+	}{
+		{[]string{"--redis", "redis://r:6379/0"}, "LBCERT_REDIS_PASSWORD", true},
+		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", "/etc/lbcert/redis.pw"}, "LBCERT_REDIS_PASSWORD", false},
+		{[]string{"--redis", "redis://r:6379/0"}, "", false},
+		{[]string{"--smtp-user", "u"}, "LBCERT_SMTP_PASSWORD", true},
+		{[]string{"--smtp-user", "u", "--smtp-password-file", "pw"}, "LBCERT_SMTP_PASSWORD", false},
+		{nil, "LBCERT_SMTP_PASSWORD", false},
+	} {
+		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+		for _, n := range []string{"redis", "redis-password-file", "smtp-user", "smtp-password-file"} {
+			fs.String(n, "", "")
+		}
+		if err := fs.Parse(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		err := Schedulable(fs, func(k string) string { return map[bool]string{true: "s3cret"}[k == tc.env] })
+		if (err != nil) != tc.bad || err != nil && strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("%v with %s set: %v, want refused %v", tc.args, tc.env, err, tc.bad)
+		}
+	}
+}

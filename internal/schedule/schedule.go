@@ -157,3 +157,11 @@ func CronCommand(argv []string) string {
 	}
 	return strings.Join(words, " ")
 }
+
+// Entry is what cron install, show and remove work on: the cron entry
+// (Cron), or with --systemd the timer (Timer).
+type Entry interface {
+	Install() (string, error)
+	Show() (string, error)
+	Remove() (string, error)
+}
