@@ -1126,7 +1126,9 @@ func TestOrdersAgainAfterA5xxAreBudgeted(t *testing.T) {
 // reaching it).
 func TestOrderNeverPlacedSpendsNoOrderToken(t *testing.T) {
 	f := newFixture(t)
-	f.ca.fail["a.test"] = &issuer.AccountError{Server: "https://ca.test/dir", Err: errors.New("get directory at 'https://ca.test/dir': connect: connection refused")}
+	// The directory answered a proxy's 503: the CA's fault, yet no
+	// order, so not ordered again per lineage either.
+	f.ca.fail["a.test"] = &issuer.AccountError{Server: "https://ca.test/dir", Err: errors.New("get directory at 'https://ca.test/dir': 503 :: GET :: https://ca.test/dir :: Service Unavailable")}
 	b, err := pace.Open(t.TempDir(), pace.Limits{Orders: pace.Limit{N: 1, Per: 3 * time.Hour}}, f.clock.Now)
 	if err != nil {
 		t.Fatal(err)
@@ -1137,6 +1139,9 @@ func TestOrderNeverPlacedSpendsNoOrderToken(t *testing.T) {
 		p, _ := e.Plan(context.Background(), []Job{job("a.test")})
 		p.Execute(context.Background())
 		f.clock.Add(time.Minute)
+	}
+	if n := f.ca.count(); n != 3 {
+		t.Fatalf("%d account setups in three runs, want one each: an account's failure is not an order to try again", n)
 	}
 	if err := b.Reserve(pace.Key{Server: job("a.test").Lineage.Server, Email: job("a.test").Lineage.Email}, pace.Order{Names: []string{"b.test"}}); err != nil {
 		t.Fatalf("after three orders never placed, the one new-order token is gone: %v", err)

@@ -199,7 +199,8 @@ func (r *run) held(s *step, why string, next time.Time, err error, more bool) at
 // Each is an order the CA may count, so the next takes a reservation of
 // its own (settling this one's): --rate-orders sees every order sent.
 func (r *run) serverFaultAgain(s *step, key pace.Key, o issuer.Order, err error, reserved *bool, faults *int) bool {
-	if !acme.ServerFault(err) || acme.MayHaveIssued(err) || acme.FinalizeRefused(err) || *faults+1 >= acme.OrderTries {
+	if !acme.ServerFault(err) || acme.MayHaveIssued(err) || acme.FinalizeRefused(err) || *faults+1 >= acme.OrderTries ||
+		errors.As(err, new(*issuer.AccountError)) { // no order: the account's setup failed, and is not tried again per order
 		return false
 	}
 	*faults++
