@@ -249,8 +249,9 @@ func TestScheduledRunGetsWhatItNeeds(t *testing.T) {
 		}
 	}
 	env = map[string]string{}
-	pw := "pw.txt"
-	if err := os.WriteFile(filepath.Join(t.TempDir(), pw), []byte("x"), 0o600); err != nil {
+	pw := "pw.txt" // relative: the line carries it absolute
+	t.Chdir(t.TempDir())
+	if err := os.WriteFile(pw, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if code, stderr := run("--smtp-user", "u", "--smtp-password-file", pw, "--mail-to", "ops@example.com", "cron", "install", "--file", cron); code != 0 {

@@ -71,9 +71,10 @@ type fetchWatcher interface {
 func (c *Client) obtainOrder(req certificate.ObtainRequest) (*certificate.Resource, error) {
 	order, err := c.core.Orders.NewWithOptions(req.Domains, &api.OrderOptions{Profile: req.Profile, ReplacesCertID: req.ReplacesCertID})
 	if err != nil {
-		if answered(err) || notSent(err) {
+		if answered(err) && !serverFault(err) || notSent(err) {
 			// The CA refused the order, or never saw it: none was
-			// created. (A dropped answer may hide one that was.)
+			// created. A 5xx or a dropped answer may hide one that
+			// was (a gateway's 500 after the CA created it).
 			err = &notPlacedError{err}
 		}
 		return nil, err
@@ -220,9 +221,12 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 			return "", AfterFinalize(ferr)
 		}
 	}
-	if ready && c.ctx.Err() == nil {
-		// Every finalize failed; if the order is still ready after the
-		// last one, the CA took none of them and issued nothing.
+	if ready && c.ctx.Err() == nil && errors.As(ferr, new(*legoacme.ProblemDetails)) {
+		// Every finalize failed, the last with the CA's own answer (a
+		// problem document: not a gateway's error page or timeout,
+		// behind which the CA may still take it later); if the order is
+		// still ready after it, the CA took none of them and issued
+		// nothing.
 		if o, err := c.core.Orders.Get(order.Location); err == nil && o.Status == legoacme.StatusReady {
 			return "", &finalizeRefused{ferr}
 		}

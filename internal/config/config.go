@@ -273,25 +273,41 @@ func CarriedArgs(fs *pflag.FlagSet, abs func(string) string, names ...string) []
 }
 
 // envSecrets are the secrets a setting needs (needs: given, it needs
-// the secret) that come from the environment variable env or from the
-// file flag file.
-var envSecrets = []struct{ needs, env, file string }{
-	{"smtp-user", "LBCERT_SMTP_PASSWORD", "smtp-password-file"},
-	{"redis", "LBCERT_REDIS_PASSWORD", "redis-password-file"},
+// the secret, always when required) that come from the environment
+// variable env or from the file flag file.
+var envSecrets = []struct {
+	needs, env, file string
+	required         bool
+}{
+	{"smtp-user", "LBCERT_SMTP_PASSWORD", "smtp-password-file", true},
+	{"redis", "LBCERT_REDIS_PASSWORD", "redis-password-file", false},
 }
 
-// Schedulable refuses, for a cron line or a unit, a secret that only
-// the environment holds: the line cannot carry it and cron passes no
-// environment, so every scheduled run would fail for want of it.
+// Schedulable refuses, for a cron line or a unit, a secret every
+// scheduled run would lack: one only the environment holds (the line
+// cannot carry it and cron passes no environment), a password file that
+// is not there, or none at all where one is required.
 func Schedulable(fs *pflag.FlagSet, getenv func(string) string) error {
-	set := func(name string) bool {
-		f := fs.Lookup(name)
-		return f != nil && f.Value.String() != "" && f.Value.String() != "[]"
+	value := func(name string) string {
+		if f := fs.Lookup(name); f != nil && f.Value.String() != "[]" {
+			return f.Value.String()
+		}
+		return ""
 	}
 	for _, s := range envSecrets {
-		if fs != nil && set(s.needs) && !set(s.file) && getenv(s.env) != "" {
-			return hint.Errorf(fmt.Sprintf("put the secret alone in a file (mode 0600) and pass --%s FILE (or '%s:' in the config file), then run this again", s.file, s.file),
-				"--%s: its password comes from %s, which a scheduled run does not have", s.needs, s.env)
+		if fs == nil || value(s.needs) == "" {
+			continue
+		}
+		fix := fmt.Sprintf("put the secret alone in a file (mode 0600) and pass --%s FILE (or '%s:' in the config file), then run this again", s.file, s.file)
+		switch file := value(s.file); {
+		case file != "":
+			if _, err := os.Stat(file); err != nil {
+				return fmt.Errorf("--%s %s: %w", s.file, file, errors.Unwrap(err))
+			}
+		case getenv(s.env) != "":
+			return hint.Errorf(fix, "--%s: its password comes from %s, which a scheduled run does not have", s.needs, s.env)
+		case s.required:
+			return hint.Errorf(fix, "--%s %s has no password: every scheduled run would fail to log in", s.needs, value(s.needs))
 		}
 	}
 	return nil

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -213,17 +215,25 @@ func TestNegativeDurationRefused(t *testing.T) {
 // for each setting that needs one; a password file, or no such setting,
 // is fine.
 func TestSchedulableSecrets(t *testing.T) {
+	pwFile := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pwFile, []byte("x\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		args []string
 		env  string
 		bad  bool
 	}{
 		{[]string{"--redis", "redis://r:6379/0"}, "LBCERT_REDIS_PASSWORD", true},
-		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", "/etc/lbcert/redis.pw"}, "LBCERT_REDIS_PASSWORD", false},
+		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", pwFile}, "LBCERT_REDIS_PASSWORD", false},
 		{[]string{"--redis", "redis://r:6379/0"}, "", false},
 		{[]string{"--smtp-user", "u"}, "LBCERT_SMTP_PASSWORD", true},
-		{[]string{"--smtp-user", "u", "--smtp-password-file", "pw"}, "LBCERT_SMTP_PASSWORD", false},
+		{[]string{"--smtp-user", "u", "--smtp-password-file", pwFile}, "LBCERT_SMTP_PASSWORD", false},
 		{nil, "LBCERT_SMTP_PASSWORD", false},
+		// helper-32 finding E: what every scheduled run would fail on.
+		{[]string{"--smtp-user", "u"}, "", true},
+		{[]string{"--smtp-user", "u", "--smtp-password-file", pwFile + ".missing"}, "", true},
+		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", pwFile + ".missing"}, "", true},
 	} {
 		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 		for _, n := range []string{"redis", "redis-password-file", "smtp-user", "smtp-password-file"} {

@@ -1213,3 +1213,20 @@ func TestAccountErrorGivesItsTokensBack(t *testing.T) {
 		t.Fatalf("%d unreserves, %d refunds of an order never placed (no account), want all it reserved given back once", len(counted.unreserves), len(counted.refunds))
 	}
 }
+
+// A stop in the pause before ordering again after the CA's 5xx is an
+// interruption, not a failure of the names (helper-32 finding C), and
+// the order that failed is settled once.
+func TestStopBetweenOrdersIsAborted(t *testing.T) {
+	f := newFixture(t)
+	f.ca.fail["a.test"] = serverRefusal{}
+	e, counted := f.countedIssue(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e.Opts.Sleep = func(context.Context, time.Duration) bool { cancel(); return false }
+	p, _ := e.Plan(ctx, []Job{job("a.test")})
+	it := p.Execute(ctx).Items[0]
+	if it.Outcome != Aborted || f.ca.count() != 1 || len(counted.refunds)+len(counted.unreserves) != 1 {
+		t.Fatalf("outcome %s %q, %d orders, %d refunds: want interrupted after one order, settled once", it.Outcome, it.Error, f.ca.count(), len(counted.refunds)+len(counted.unreserves))
+	}
+}

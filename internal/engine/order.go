@@ -76,6 +76,10 @@ func (r *run) obtain(s *step, o issuer.Order, more bool) attempt {
 		if r.orderAgain(s, key, &o, err, &reserved, &reset, &dropped) || r.serverFaultAgain(s, key, o, err, &reserved, &faults) {
 			continue
 		}
+		if ctx.Err() != nil { // stopped in the pause before ordering again, the last order settled
+			it.Outcome, it.Error = Aborted, "interrupted while ordering; nothing was saved; run the same command again to finish"
+			return attempt{}
+		}
 		if d := (*pace.Denied)(nil); errors.As(err, &d) {
 			// The account's gate held the order back: a Retry-After this
 			// run was already given runs past MaxWait. Nothing reached

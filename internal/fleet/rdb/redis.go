@@ -165,12 +165,13 @@ func checkHosts(hosts string) error {
 	for _, a := range strings.Split(hosts, ",") {
 		h, p, err := net.SplitHostPort(a)
 		if err != nil {
-			h, p = strings.TrimSuffix(strings.TrimPrefix(a, "["), "]"), "" // no port: the default's
+			h, p = strings.TrimSuffix(strings.TrimPrefix(a, "["), "]"), "-" // no port: the default's
 		}
-		if n, err := strconv.Atoi(p); p != "" && (err != nil || n < 1 || n > 65535) {
+		if n, err := strconv.Atoi(p); p != "-" && (err != nil || n < 1 || n > 65535) {
 			return fmt.Errorf("port %q is not a port (1 to 65535)", p)
 		}
-		if h != "" && net.ParseIP(h) == nil && !hostName.MatchString(h) {
+		ip, _, _ := strings.Cut(h, "%") // an IPv6 address may name its zone
+		if h != "" && net.ParseIP(ip) == nil && (!hostName.MatchString(h) || strings.Trim(h, "0123456789.") == "") {
 			return fmt.Errorf("%q is not a host name or an IP address", h)
 		}
 	}
@@ -178,7 +179,7 @@ func checkHosts(hosts string) error {
 }
 
 // hostName is a DNS name's syntax (underscores allowed, as resolvers do).
-var hostName = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$`)
+var hostName = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$`)
 
 // dialFailed is the error for a first call that failed: a URL that names
 // the wrong thing is said as such, anything else is Redis unreachable.

@@ -552,6 +552,13 @@ func TestURLHostsAreChecked(t *testing.T) {
 		"redis://redis.internal/0":                          "",
 		"redis-sentinel://s1.example,10.0.0.2:26380/master": "",
 		"rediss://my_redis.example:6380/2":                  "",
+		// helper-32 finding F.
+		"redis://127.0.0.1:/0":          "not a port",
+		"redis://a..b:6379/0":           "not a host name",
+		"redis://999.1.1.1:6379/0":      "not a host name",
+		"redis://127.0.0.1.:6379/0":     "not a host name",
+		"redis://[fe80::1%25lo]:6379/0": "",
+		"redis://redis.example.:6379/0": "",
 	} {
 		err := CheckURL(raw)
 		switch {
