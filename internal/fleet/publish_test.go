@@ -325,3 +325,38 @@ func TestUnknownProcessSpaceJudgesNoLease(t *testing.T) {
 		t.Fatalf("pid %d judged dead from an unknown process space", pid)
 	}
 }
+
+// A version this node took out of its live files after its deploy
+// failed (a first certificate) is still the fleet's: a rebuild from this
+// node publishes it, so that its number does not live on this node
+// alone (torture seed 15: the node left the fleet, Redis was lost again,
+// and the name issued again got the same version for another
+// certificate, I2).
+func TestRebuildPublishesAVersionTakenOutOfTheLiveFiles(t *testing.T) {
+	_, sh := startRedis(t)
+	ctx := context.Background()
+	st := store.New(t.TempDir())
+	n, err := Init(ctx, sh, st, "lb1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, files := catalogtest.Cert(t, "a.test", time.Now().UTC().Truncate(time.Second))
+	v, err := st.SaveVersion(l, files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SetJournal("a.test", store.Journal{Pending: &store.Pending{Version: v, Since: time.Now().UTC(), Error: "deploy failed"}}); err != nil {
+		t.Fatal(err)
+	}
+	if live, err := st.LiveVersion("a.test"); err == nil {
+		t.Fatalf("a.test is live at %d: the test needs it taken out", live)
+	}
+	sh.Client().FlushAll(ctx)
+	if err := n.CheckSeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b, err := sh.Bundle(ctx, "a.test")
+	if err != nil || b == nil || b.Version != v || b.Serial != l.Cert.Serial {
+		t.Fatalf("the fleet's a.test after the rebuild: %+v, %v; want version %d serial %s", b, err, v, l.Cert.Serial)
+	}
+}

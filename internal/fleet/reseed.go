@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"strconv"
 	"time"
@@ -105,10 +106,10 @@ func (n *Node) publishDisk(ctx context.Context) error {
 	return n.save(func(l *local) { l.Gen = gen })
 }
 
-// seedLineages publishes the live version of every lineage this node
-// serves and has no tombstone for.
+// seedLineages publishes the newest version of every lineage this node
+// holds and has no tombstone for (seedLineage).
 func (n *Node) seedLineages(ctx context.Context) (int, error) {
-	names, err := n.Local.Names()
+	names, err := n.Local.Lineages()
 	if err != nil {
 		return 0, err
 	}
@@ -160,12 +161,24 @@ func (n *Node) seedAccounts(ctx context.Context) error {
 	return nil
 }
 
-// seedLineage publishes this node's live version of name, unfenced: the
-// notBefore rule keeps a newer certificate another node published.
+// seedLineage publishes this node's newest version of name, unfenced:
+// the notBefore rule keeps a newer certificate another node published.
+// That is the live one, or one this node took out of its live files
+// after its deploy failed here (a first certificate, or one rolled
+// back): the fleet had it all the same, published before its deploy as
+// every order's is. Left out, the only record of its number could leave
+// the fleet with this node, and a name issued again would get the same
+// number for another certificate (torture seed 15: I2).
 func (n *Node) seedLineage(ctx context.Context, name string) error {
 	v, err := n.Local.LiveVersion(name)
-	if err != nil {
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
+	}
+	if j, _ := n.Local.Journal(name); j.Pending != nil && j.Pending.Version > v {
+		v = j.Pending.Version
+	}
+	if v == 0 {
+		return nil // neither served here nor owed: nothing to say
 	}
 	if n.Local.IsLost(name, v) {
 		return nil // its number names another certificate in the fleet
