@@ -136,6 +136,9 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp, err := t.base.RoundTrip(r.WithContext(t.ctx))
+	if err == nil && resp.StatusCode >= http.StatusBadRequest {
+		dropNullBody(resp)
+	}
 	if err != nil || r.Method != http.MethodPost {
 		return resp, err
 	}
@@ -151,6 +154,22 @@ func (t ctxTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		t.hints.note(r.URL.String(), d)
 	}
 	return resp, nil
+}
+
+// dropNullBody empties an error answer whose body is JSON's null (a
+// gateway's, say): lego decodes it into a nil problem and dereferences
+// it, a panic that would stop every order of the run. Empty, it is an
+// HTTP error status like any other.
+func dropNullBody(resp *http.Response) {
+	orig := resp.Body
+	body, err := io.ReadAll(io.LimitReader(orig, 1<<16))
+	if err == nil && string(bytes.TrimSpace(body)) == "null" {
+		body = nil
+	}
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(body), orig), orig}
 }
 
 // alreadyReplaced turns the CA's 409 alreadyReplaced answer to an order

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"regexp"
 	"strings"
 	"sync"
@@ -184,7 +185,8 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 	// step-ca answers two updates of one order at once with a 500: the
 	// look and the finalize again are tried a few times, paused as the
 	// order's own retries are.
-	ready := false // the last look found the order ready, and finalized it again
+	ready := false             // the last look found the order ready, and finalized it again
+	refused := caRefusal(ferr) // every finalize so far answered by the CA itself
 	for try := 1; try <= orderTries && order.Location != ""; try++ {
 		if c.ctx.Err() != nil {
 			break
@@ -214,24 +216,34 @@ func (c *Client) afterFailedFinalize(order legoacme.ExtendedOrder, csr []byte, f
 			if err == nil {
 				return certURL, nil
 			}
-			ferr = err
+			ferr, refused = err, refused && caRefusal(err)
 		case o.Status == legoacme.StatusInvalid:
 			return "", ferr
 		default:
 			return "", AfterFinalize(ferr)
 		}
 	}
-	if ready && c.ctx.Err() == nil && errors.As(ferr, new(*legoacme.ProblemDetails)) {
-		// Every finalize failed, the last with the CA's own answer (a
-		// problem document: not a gateway's error page or timeout,
-		// behind which the CA may still take it later); if the order is
-		// still ready after it, the CA took none of them and issued
-		// nothing.
+	if ready && refused && c.ctx.Err() == nil {
+		// Every finalize failed with the CA's own answer (caRefusal:
+		// not a gateway's, behind which the CA may still take it
+		// later); if the order is still ready after the last, the CA
+		// took none of them and issued nothing.
 		if o, err := c.core.Orders.Get(order.Location); err == nil && o.Status == legoacme.StatusReady {
 			return "", &finalizeRefused{ferr}
 		}
 	}
 	return "", AfterFinalize(ferr)
+}
+
+// caRefusal reports whether err is the CA's own answer, not a gateway's
+// in front of it: an ACME problem document (its type in RFC 8555's
+// namespace; lego takes any JSON error body for a problem) with a status
+// a gateway does not give for a backend it timed out or lost (502, 503,
+// 504).
+func caRefusal(err error) bool {
+	var pd *legoacme.ProblemDetails
+	return errors.As(err, &pd) && strings.HasPrefix(pd.Type, "urn:ietf:params:acme:error:") &&
+		pd.HTTPStatus != http.StatusBadGateway && pd.HTTPStatus != http.StatusServiceUnavailable && pd.HTTPStatus != http.StatusGatewayTimeout
 }
 
 // finalizeRefused is the error of an order whose every finalize failed

@@ -497,6 +497,17 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		}
 	}
 	html := func() (int, string, string) { return 502, "text/html", "<html><body>502 Bad Gateway</body></html>" }
+	nullBody := func() (int, string, string) { return 504, "application/json", "null" }
+	gatewayJSON := func() (int, string, string) {
+		return 504, "application/json", `{"message":"Endpoint request timed out"}`
+	}
+	finalizes := 0
+	firstHTML := func() (int, string, string) {
+		if finalizes++; finalizes == 1 {
+			return html()
+		}
+		return problem(500, "serverInternal")()
+	}
 	refusedDetail := func() (int, string, string) {
 		return 500, "application/problem+json", `{"type":"urn:ietf:params:acme:error:serverInternal","detail":"storing certificate: dial tcp 10.0.0.5:5432: connect: connection refused","status":500}`
 	}
@@ -541,6 +552,13 @@ func TestFinalizeFaultIsNotOrderedAgain(t *testing.T) {
 		// A gateway's error page, not the CA's answer: the CA behind it
 		// may still take the finalize (helper-32 finding B).
 		{"finalize 502 page, ready again", html, nil, nil, "ready", "", "may have issued"},
+		// A gateway's JSON answer lego takes for a problem, and a
+		// gateway page on the first finalize only (helper-33 finding 1).
+		{"finalize 504 JSON, ready again", gatewayJSON, nil, nil, "ready", "", "may have issued"},
+		{"finalize 502 page, then 500s, ready again", firstHTML, nil, nil, "ready", "", "may have issued"},
+		// A null body, which lego decodes into a nil problem and then
+		// dereferences (helper-33 finding 3): an error, not a panic.
+		{"finalize 504 null, issued", nullBody, nil, nil, "valid", "", "fetched"},
 		// step-ca: a 500 to each of two finalizes of the order, then the
 		// third goes through, on the same order.
 		{"finalize 500 twice, ready, then finalized", twice(problem(500, "serverInternal")), nil, nil, "ready twice, then valid", "", "fetched"},

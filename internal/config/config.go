@@ -301,8 +301,14 @@ func Schedulable(fs *pflag.FlagSet, getenv func(string) string) error {
 		fix := fmt.Sprintf("put the secret alone in a file (mode 0600) and pass --%s FILE (or '%s:' in the config file), then run this again", s.file, s.file)
 		switch file := value(s.file); {
 		case file != "":
-			if _, err := os.Stat(file); err != nil {
+			fi, err := os.Stat(file)
+			switch {
+			case err != nil:
 				return fmt.Errorf("--%s %s: %w", s.file, file, errors.Unwrap(err))
+			case !fi.Mode().IsRegular():
+				return fmt.Errorf("--%s %s is not a file: put the password alone in a file", s.file, file)
+			case fi.Size() == 0:
+				return fmt.Errorf("--%s %s is empty: put the password in it", s.file, file)
 			}
 		case getenv(s.env) != "":
 			return hint.Errorf(fix, "--%s: its password comes from %s, which a scheduled run does not have", s.needs, s.env)

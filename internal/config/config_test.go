@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -216,7 +217,8 @@ func TestNegativeDurationRefused(t *testing.T) {
 // is fine.
 func TestSchedulableSecrets(t *testing.T) {
 	pwFile := filepath.Join(t.TempDir(), "pw")
-	if err := os.WriteFile(pwFile, []byte("x\n"), 0o600); err != nil {
+	emptyFile := filepath.Join(t.TempDir(), "empty")
+	if err := errors.Join(os.WriteFile(pwFile, []byte("x\n"), 0o600), os.WriteFile(emptyFile, nil, 0o600)); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -234,6 +236,9 @@ func TestSchedulableSecrets(t *testing.T) {
 		{[]string{"--smtp-user", "u"}, "", true},
 		{[]string{"--smtp-user", "u", "--smtp-password-file", pwFile + ".missing"}, "", true},
 		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", pwFile + ".missing"}, "", true},
+		// helper-33 finding 2: a directory, an empty file.
+		{[]string{"--smtp-user", "u", "--smtp-password-file", filepath.Dir(pwFile)}, "", true},
+		{[]string{"--redis", "redis://r:6379/0", "--redis-password-file", emptyFile}, "", true},
 	} {
 		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 		for _, n := range []string{"redis", "redis-password-file", "smtp-user", "smtp-password-file"} {

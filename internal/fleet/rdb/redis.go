@@ -170,7 +170,10 @@ func checkHosts(hosts string) error {
 		if n, err := strconv.Atoi(p); p != "-" && (err != nil || n < 1 || n > 65535) {
 			return fmt.Errorf("port %q is not a port (1 to 65535)", p)
 		}
-		ip, _, _ := strings.Cut(h, "%") // an IPv6 address may name its zone
+		ip := h
+		if strings.Contains(h, ":") {
+			ip, _, _ = strings.Cut(h, "%") // an IPv6 address may name its zone
+		}
 		if h != "" && net.ParseIP(ip) == nil && (!hostName.MatchString(h) || strings.Trim(h, "0123456789.") == "") {
 			return fmt.Errorf("%q is not a host name or an IP address", h)
 		}

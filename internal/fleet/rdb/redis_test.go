@@ -559,6 +559,7 @@ func TestURLHostsAreChecked(t *testing.T) {
 		"redis://127.0.0.1.:6379/0":     "not a host name",
 		"redis://[fe80::1%25lo]:6379/0": "",
 		"redis://redis.example.:6379/0": "",
+		"redis://127.0.0.1%25lo:6379/0": "not a host name",
 	} {
 		err := CheckURL(raw)
 		switch {
