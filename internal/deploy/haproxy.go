@@ -233,23 +233,17 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		if err == nil || len(committed) == 0 {
 			return
 		}
-		var undoErrs []error
+		// The first undo that fails ends the undo: HAProxy's memory can
+		// no longer be set back through the API (most often its socket
+		// is gone), and trying the rest would cost two commands, and up
+		// to a dial timeout, per certificate. The error names that one
+		// failure and a count, never one line per certificate: it is
+		// saved in the record of every lineage of the deploy.
 		for i := len(committed) - 1; i >= 0; i-- {
-			c := committed[i]
-			if c.isNew {
-				if crtList != "" {
-					undoErrs = append(undoErrs, api.expect(ctx, "del ssl crt-list "+crtList+" "+c.path, ""))
-				}
-				undoErrs = append(undoErrs, api.expect(ctx, "del ssl cert "+c.path, ""))
-				continue
+			if uerr := undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew); uerr != nil {
+				err = fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
+				return
 			}
-			undoErrs = append(undoErrs,
-				api.expect(ctx, "set ssl cert "+c.path+" <<\n"+string(c.prev)+"\n", "Transaction"),
-				api.expect(ctx, "commit ssl cert "+c.path, "Success!"))
-		}
-		if uerr := errors.Join(undoErrs...); uerr != nil {
-			err = fmt.Errorf("%v; and setting HAProxy's memory back failed: %v (reload it to load the files on disk)", err, uerr)
-			return
 		}
 		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 	}()
@@ -297,6 +291,23 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		}
 	}
 	return nil
+}
+
+// undoOne takes a certificate the update added out of HAProxy's memory
+// again, or sets one it replaced back to its previous PEM.
+func undoOne(ctx context.Context, api *runtimeAPI, crtList, path string, prev []byte, isNew bool) error {
+	if !isNew {
+		if err := api.expect(ctx, "set ssl cert "+path+" <<\n"+string(prev)+"\n", "Transaction"); err != nil {
+			return err
+		}
+		return api.expect(ctx, "commit ssl cert "+path, "Success!")
+	}
+	if crtList != "" {
+		if err := api.expect(ctx, "del ssl crt-list "+crtList+" "+path, ""); err != nil {
+			return err
+		}
+	}
+	return api.expect(ctx, "del ssl cert "+path, "")
 }
 
 // runtimeAPI speaks HAProxy's runtime API, one command per connection (the

@@ -20,6 +20,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	legochallenge "github.com/go-acme/lego/v4/challenge"
 
@@ -1228,5 +1229,18 @@ func TestStopBetweenOrdersIsAborted(t *testing.T) {
 	it := p.Execute(ctx).Items[0]
 	if it.Outcome != Aborted || f.ca.count() != 1 || len(counted.refunds)+len(counted.unreserves) != 1 {
 		t.Fatalf("outcome %s %q, %d orders, %d refunds: want interrupted after one order, settled once", it.Outcome, it.Error, f.ca.count(), len(counted.refunds)+len(counted.unreserves))
+	}
+}
+
+// An error saved per lineage is cut, at a character's start: one
+// deploy's error goes into the record of every lineage it carried.
+func TestSavedErrorTextIsCut(t *testing.T) {
+	long := errors.New(strings.Repeat("é", 3000) + " TAIL")
+	got := oneLine(long)
+	if len(got) > maxErrorText+40 || !strings.Contains(got, "more bytes cut") || strings.Contains(got, "TAIL") || !utf8.ValidString(got) {
+		t.Fatalf("cut error: %d bytes, valid UTF-8 %v, ends %q", len(got), utf8.ValidString(got), got[len(got)-60:])
+	}
+	if short := oneLine(errors.New("a\n  b")); short != "a b" {
+		t.Fatalf("short error: %q", short)
 	}
 }

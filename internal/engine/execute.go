@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/catalog"
@@ -714,5 +715,21 @@ func notTheNamesFault(err error) bool {
 }
 
 // oneLine is an error as one line, without any known secret: it goes
-// into status files, reports and mail.
-func oneLine(err error) string { return secret.OneLine(err) }
+// into status files, reports and mail, once per lineage. It is cut at
+// maxErrorText bytes: one deploy's error is copied into the record of
+// every lineage it carried, so an error that grew with the number of
+// certificates would grow the records with its square.
+func oneLine(err error) string {
+	msg := secret.OneLine(err)
+	if len(msg) <= maxErrorText {
+		return msg
+	}
+	cut := maxErrorText
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s ... (%d more bytes cut)", msg[:cut], len(msg)-cut)
+}
+
+// maxErrorText is the most of an error's text saved per lineage.
+const maxErrorText = 2000
