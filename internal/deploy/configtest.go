@@ -44,9 +44,9 @@ func (r *Runner) Test(ctx context.Context, d store.Deploy) string {
 	var err error
 	switch d.Target {
 	case "nginx":
-		out, err = run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+		out, err = run(ctx, testLimit(d), nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
 	case "haproxy":
-		out, err = run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
+		out, err = run(ctx, testLimit(d), nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	default:
 		return ""
 	}

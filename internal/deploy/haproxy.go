@@ -52,7 +52,8 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		r.rollback(g, changes, results, err, undo)
 		return
 	}
-	out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
+	limit := testLimit(d)
+	out, err := run(ctx, limit, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf)
 	if err != nil {
 		r.rollback(g, changes, results, &testFailed{cmdError(fmt.Sprintf("haproxy -c -f %s failed", d.HAProxyConf), err, out), out}, undo)
 		return
@@ -77,7 +78,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 		}
 		slog.Warn("haproxy runtime API update failed; reloading instead", "socket", d.HAProxySocket, "err", err)
 	}
-	out, err = run(ctx, commandTimeout, nil, d.ReloadCmd)
+	out, err = run(ctx, limit, nil, d.ReloadCmd)
 	if err != nil {
 		r.rollback(g, changes, results, cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out), undo)
 		return

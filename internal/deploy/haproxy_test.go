@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -174,6 +175,42 @@ func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
 		if got, _ := os.ReadFile(PEMPath(certs, name)); string(got) != "OLD PEM "+name {
 			t.Errorf("%s PEM on disk: %q", name, got)
 		}
+	}
+}
+
+// The config test's time limit grows with the certificates the load
+// balancer loads: a test that needs longer than the base limit passes
+// when there are certificates to account for it (a node joining a fleet
+// of 100,000 lineages had its nginx test killed at a fixed 2 minutes).
+func TestConfigTestLimitGrowsWithCertificates(t *testing.T) {
+	base, per := commandTimeout, perCertificate
+	t.Cleanup(func() { commandTimeout, perCertificate = base, per })
+	commandTimeout, perCertificate = 100*time.Millisecond, time.Second
+	s, certs, changes := haproxyFixture(t, store.Deploy{ReloadCmd: "true"}, "a.test", "b.test", "c.test")
+	slow := filepath.Join(t.TempDir(), "haproxy")
+	os.WriteFile(slow, []byte("#!/bin/sh\nsleep 0.5\nexit 0\n"), 0o755)
+	for i := range changes {
+		changes[i].Deploy.HAProxyBin = slow
+	}
+	if got := testLimit(changes[0].Deploy); got != 100*time.Millisecond+3*time.Second {
+		t.Fatalf("limit with 3 PEMs in %s: %s", certs, got)
+	}
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
+	}
+	// Without certificates to count, the base limit applies and the slow
+	// test is killed: the limit is what the deploy used.
+	empty := changes[0].Deploy
+	empty.HAProxyCerts = t.TempDir()
+	if (&Runner{Store: s}).Test(context.Background(), empty) == "" {
+		t.Fatal("a config test slower than the base limit passed with no certificates to count")
+	}
+	include := filepath.Join(t.TempDir(), "sites.conf")
+	os.WriteFile(include, NginxSites(s.LivePaths, "/etc/nginx/site-body.conf", []Site{{Name: "a.test", Domains: []string{"a.test"}}, {Name: "b.test", Domains: []string{"b.test"}}}), 0o600)
+	if got := testLimit(store.Deploy{NginxInclude: include}); got != 100*time.Millisecond+2*time.Second {
+		t.Fatalf("limit with 2 server blocks: %s", got)
 	}
 }
 

@@ -17,8 +17,39 @@ import (
 )
 
 // commandTimeout bounds config tests and reloads, which take well under a
-// second on a healthy host; a hung one must not hang cron.
-const commandTimeout = 2 * time.Minute
+// second on a healthy host; a hung one must not hang cron. Tests shorten
+// it, and perCertificate below.
+var commandTimeout = 2 * time.Minute
+
+// perCertificate is what each certificate the load balancer loads adds
+// to the limit of its config test and reload (testLimit). Both load every
+// certificate of nginx's include file or HAProxy's crt directory: about
+// a millisecond each here (nginx -t over 100,000 server blocks took 75 s
+// one day and more than 2 minutes the next; haproxy -c over 20,000 PEMs
+// takes 16 s). A fixed 2 minutes killed the test of a node joining a
+// fleet of 100,000 lineages, and the join was rolled back.
+var perCertificate = 5 * time.Millisecond
+
+// testLimit is the time limit of d's config test and reload:
+// commandTimeout, plus perCertificate for each certificate the test
+// loads. Counting reads a directory's names or the include file once per
+// deploy, not per lineage.
+func testLimit(d store.Deploy) time.Duration {
+	n := 0
+	if d.HAProxyCerts != "" {
+		if f, err := os.Open(d.HAProxyCerts); err == nil {
+			names, _ := f.Readdirnames(-1)
+			f.Close()
+			n += len(names)
+		}
+	}
+	if d.NginxInclude != "" {
+		if data, err := os.ReadFile(d.NginxInclude); err == nil {
+			n += bytes.Count(data, []byte("ssl_certificate_key"))
+		}
+	}
+	return commandTimeout + time.Duration(n)*perCertificate
+}
 
 func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, results []Result) {
 	d := g.d
@@ -92,12 +123,13 @@ func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(s
 
 // nginxReload tests nginx's config once, then reloads it once.
 func nginxReload(ctx context.Context, d store.Deploy) error {
-	out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+	limit := testLimit(d)
+	out, err := run(ctx, limit, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
 	if err != nil {
 		return &testFailed{nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out)), out}
 	}
 	if d.ReloadCmd != "" {
-		if out, err := run(ctx, commandTimeout, nil, d.ReloadCmd); err != nil {
+		if out, err := run(ctx, limit, nil, d.ReloadCmd); err != nil {
 			return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
 		}
 		return nil
@@ -107,7 +139,7 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 			return nil
 		}
 	}
-	if out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
+	if out, err := run(ctx, limit, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
 		return cmdError("reload nginx", err, out)
 	}
 	return nil

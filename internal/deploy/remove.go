@@ -54,7 +54,7 @@ func (r *Runner) References(ctx context.Context, name string, d store.Deploy, ma
 	case "nginx":
 		// Streamed, not kept: with an include file of 100,000 lineages
 		// "nginx -T" prints tens of megabytes.
-		out, err := runLines(ctx, commandTimeout, scan, d.NginxBin, "-T", "-c", d.NginxConf)
+		out, err := runLines(ctx, testLimit(d), scan, d.NginxBin, "-T", "-c", d.NginxConf)
 		if err != nil {
 			return nil, cmdError(fmt.Sprintf("nginx -T -c %s", d.NginxConf), err, out)
 		}
@@ -119,10 +119,11 @@ func (r *Runner) Remove(ctx context.Context, name string, d store.Deploy) error 
 				return errors.Join(err1, err2)
 			}
 		}
-		if out, err := run(ctx, commandTimeout, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf); err != nil {
+		limit := testLimit(d)
+		if out, err := run(ctx, limit, nil, "", d.HAProxyBin, "-c", "-f", d.HAProxyConf); err != nil {
 			return cmdError(fmt.Sprintf("haproxy -c -f %s failed", d.HAProxyConf), err, out)
 		}
-		if out, err := run(ctx, commandTimeout, nil, d.ReloadCmd); err != nil {
+		if out, err := run(ctx, limit, nil, d.ReloadCmd); err != nil {
 			return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
 		}
 	}
