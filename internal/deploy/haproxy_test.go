@@ -212,6 +212,15 @@ func TestConfigTestLimitGrowsWithCertificates(t *testing.T) {
 	if got := testLimit(store.Deploy{NginxInclude: include}); got != 100*time.Millisecond+2*time.Second {
 		t.Fatalf("limit with 2 server blocks: %s", got)
 	}
+	// An include path that is a FIFO counts nothing, and reading it does
+	// not wait for a writer.
+	fifo := filepath.Join(t.TempDir(), "fifo.conf")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := testLimit(store.Deploy{NginxInclude: fifo}); got != 100*time.Millisecond {
+		t.Fatalf("limit with a FIFO for the include: %s", got)
+	}
 }
 
 // ENOSPC while writing the PEMs: the one written before the disk filled
