@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -204,5 +205,14 @@ func TestNoCheckForAFailureOnOwnFiles(t *testing.T) {
 				t.Fatal("Test gives no Check for a failure on a file that is not lbcert's")
 			}
 		})
+	}
+}
+
+// A command's output is cut at its start to the last maxOutput bytes,
+// never in the middle of a character.
+func TestOutputCutKeepsCharactersWhole(t *testing.T) {
+	got := trimOutput(strings.Repeat("€", 1500) + " [emerg] bad")
+	if !utf8.ValidString(got) || !strings.HasSuffix(got, " [emerg] bad") || len(got) > maxOutput+3 {
+		t.Fatalf("cut output: %d bytes, valid UTF-8 %v, starts %q", len(got), utf8.ValidString(got), got[:12])
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lbcert/lbcert/internal/secret"
 )
@@ -141,7 +142,13 @@ func (w *lineWriter) flush() {
 func trimOutput(s string) string {
 	s = strings.TrimSpace(s)
 	if len(s) > maxOutput {
-		s = "..." + s[len(s)-maxOutput:]
+		i := len(s) - maxOutput
+		// Start at a character, not in the middle of one (at most three
+		// bytes on; output that is not UTF-8 is cut where it is).
+		for k := 0; k < utf8.UTFMax-1 && i < len(s) && !utf8.RuneStart(s[i]); k++ {
+			i++
+		}
+		s = "..." + s[i:]
 	}
 	return s
 }

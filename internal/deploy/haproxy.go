@@ -242,19 +242,15 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		// saved in the record of every lineage of the deploy.
 		for i := len(committed) - 1; i >= 0; i-- {
 			if uerr := undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew); uerr != nil {
-				err = fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
+				err = fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
 				return
 			}
 		}
 		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 	}()
-	loaded, err := api.lines(ctx, "show ssl cert")
+	known, err := api.loaded(ctx, d.HAProxyCerts)
 	if err != nil {
 		return err
-	}
-	known := map[string]bool{}
-	for _, l := range loaded {
-		known[l] = true
 	}
 	lists, err := api.lines(ctx, "show ssl crt-list")
 	if err != nil {
@@ -277,11 +273,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 				return err
 			}
 		}
-		payload := "set ssl cert " + p + " <<\n" + string(pems[i]) + "\n"
-		if err := api.expect(ctx, payload, "Transaction"); err != nil {
-			return err
-		}
-		if err := api.expect(ctx, "commit ssl cert "+p, "Success!"); err != nil {
+		if err := api.replace(ctx, p, pems[i]); err != nil {
 			return err
 		}
 		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
@@ -298,10 +290,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 // again, or sets one it replaced back to its previous PEM.
 func undoOne(ctx context.Context, api *runtimeAPI, crtList, path string, prev []byte, isNew bool) error {
 	if !isNew {
-		if err := api.expect(ctx, "set ssl cert "+path+" <<\n"+string(prev)+"\n", "Transaction"); err != nil {
-			return err
-		}
-		return api.expect(ctx, "commit ssl cert "+path, "Success!")
+		return api.replace(ctx, path, prev)
 	}
 	if crtList != "" {
 		if err := api.expect(ctx, "del ssl crt-list "+crtList+" "+path, ""); err != nil {
@@ -309,6 +298,67 @@ func undoOne(ctx context.Context, api *runtimeAPI, crtList, path string, prev []
 		}
 	}
 	return api.expect(ctx, "del ssl cert "+path, "")
+}
+
+// loaded is the set of certificates HAProxy holds. A transaction left
+// open (by a run killed between its set and its commit, or a set HAProxy
+// ran after lbcert gave up on it) is aborted when it is in lbcert's
+// directory, dir: HAProxy allows one at a time, so every update would
+// fail behind it, and committing it could serve another lineage's
+// certificate. One elsewhere is the operator's: an error names it.
+func (a *runtimeAPI) loaded(ctx context.Context, dir string) (map[string]bool, error) {
+	lines, err := a.lines(ctx, "show ssl cert")
+	if err != nil {
+		return nil, err
+	}
+	known := map[string]bool{}
+	for _, l := range lines {
+		open, ok := strings.CutPrefix(l, "*")
+		if !ok {
+			known[l] = true
+			continue
+		}
+		if filepath.Dir(open) != filepath.Clean(dir) {
+			return nil, fmt.Errorf("HAProxy has a certificate transaction open on %s: commit or abort it ('abort ssl cert %s' on its runtime API)", open, open)
+		}
+		if err := a.expect(ctx, "abort ssl cert "+open, "Transaction aborted"); err != nil {
+			return nil, err
+		}
+		slog.Warn("aborted a haproxy certificate transaction left open", "certificate", open)
+	}
+	return known, nil
+}
+
+// replace puts pem in HAProxy's memory for the certificate at path: a
+// transaction, then its commit. A transaction that is not committed is
+// aborted: HAProxy allows one at a time, and one left open fails every
+// later update. The answer to the set must name path: HAProxy answers a
+// set for another certificate, while a transaction is open, by adding it
+// to that one ("Transaction updated for certificate <the other>").
+func (a *runtimeAPI) replace(ctx context.Context, path string, pem []byte) error {
+	if err := a.expect(ctx, "set ssl cert "+path+" <<\n"+payload(pem)+"\n", "for certificate "+path+"!"); err != nil {
+		a.do(ctx, "abort ssl cert "+path) // nothing to abort unless the set got through
+		return err
+	}
+	if err := a.expect(ctx, "commit ssl cert "+path, "Success!"); err != nil {
+		a.do(ctx, "abort ssl cert "+path)
+		return err
+	}
+	return nil
+}
+
+// payload is a PEM as a runtime-API payload, which ends at the first
+// blank line: blank lines are dropped (a previous PEM on disk, written by
+// someone else, may have them), and so are carriage returns.
+func payload(pem []byte) string {
+	var b strings.Builder
+	for _, line := range strings.Split(string(pem), "\n") {
+		if line = strings.TrimRight(line, "\r"); strings.TrimSpace(line) != "" {
+			b.WriteString(line)
+			b.WriteByte('\n')
+		}
+	}
+	return b.String()
 }
 
 // runtimeAPI speaks HAProxy's runtime API, one command per connection (the

@@ -19,18 +19,74 @@ import (
 )
 
 // fakeRuntimeAPI answers HAProxy's runtime API on a unix socket, one
-// command per connection, and fails the "set ssl cert" after the
-// first failAfter ones (once), recording every command it got. Unit test only:
-// the end-to-end tests use a real HAProxy.
+// command per connection, recording every command it got. It keeps one
+// certificate transaction at a time as HAProxy 2.6 does: a set for
+// another certificate while one is open is added to the open one
+// ("Transaction updated for certificate <open>"), and a commit or abort
+// must name the open one. It fails the "set ssl cert" after the first
+// failAfter ones (once), and the commit after the first failCommitAfter
+// ones (once, when set). Unit test only: the end-to-end tests use a real
+// HAProxy.
 type fakeRuntimeAPI struct {
-	mu        sync.Mutex
-	cmds      []string
-	certs     []string
-	sets      int
-	failAfter int
+	mu              sync.Mutex
+	cmds            []string
+	certs           []string
+	sets            int
+	failAfter       int
+	commits         int
+	failCommitAfter int
+	open            string // the certificate whose transaction is open
 	// dies: the failing "set ssl cert" is HAProxy's last answer; its
 	// socket goes away with it.
 	dies bool
+}
+
+func (f *fakeRuntimeAPI) answer(cmd string) string {
+	first := strings.SplitN(cmd, "\n", 2)[0]
+	arg := func(prefix string) string {
+		return strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(first, prefix), "<<"))
+	}
+	switch {
+	case strings.HasPrefix(cmd, "show ssl cert"):
+		out := "# filename\n" + strings.Join(f.certs, "\n") + "\n"
+		if f.open != "" {
+			out += "# transaction\n*" + f.open + "\n"
+		}
+		return out
+	case strings.HasPrefix(cmd, "show ssl crt-list"):
+		return "" // set by serve
+	case strings.HasPrefix(cmd, "set ssl cert"):
+		f.sets++
+		if f.sets == f.failAfter+1 {
+			return "Can't update the certificate: out of memory\n"
+		}
+		if f.open != "" {
+			return "Transaction updated for certificate " + f.open + "!\n"
+		}
+		f.open = arg("set ssl cert")
+		return "Transaction created for certificate " + f.open + "!\n"
+	case strings.HasPrefix(cmd, "new ssl cert"):
+		return "New empty certificate store '" + arg("new ssl cert") + "'!\n"
+	case strings.HasPrefix(cmd, "commit ssl cert"):
+		p := arg("commit ssl cert")
+		if f.open != p {
+			return "The ongoing transaction is about '" + f.open + "' but you are trying to set '" + p + "'\nCan't commit " + p + "!\n"
+		}
+		f.commits++
+		if f.failCommitAfter > 0 && f.commits == f.failCommitAfter+1 {
+			return "Committing " + p + "\nCan't commit: out of memory\n"
+		}
+		f.open = ""
+		return "Committing " + p + "\nSuccess!\n"
+	case strings.HasPrefix(cmd, "abort ssl cert"):
+		p := arg("abort ssl cert")
+		if f.open != p {
+			return "No ongoing transaction!\n"
+		}
+		f.open = ""
+		return "Transaction aborted for certificate '" + p + "'!\n"
+	}
+	return "Success!\n"
 }
 
 func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
@@ -43,25 +99,9 @@ func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
 		cmd := string(data)
 		f.mu.Lock()
 		f.cmds = append(f.cmds, cmd)
-		var out string
-		switch {
-		case strings.HasPrefix(cmd, "show ssl cert"):
-			out = "# filename\n" + strings.Join(f.certs, "\n") + "\n"
-		case strings.HasPrefix(cmd, "show ssl crt-list"):
+		out := f.answer(cmd)
+		if strings.HasPrefix(cmd, "show ssl crt-list") {
 			out = crtList + "\n"
-		case strings.HasPrefix(cmd, "set ssl cert"):
-			f.sets++
-			if f.sets == f.failAfter+1 {
-				out = "Can't update the certificate: out of memory\n"
-			} else {
-				out = "Transaction created for certificate\n"
-			}
-		case strings.HasPrefix(cmd, "new ssl cert"):
-			out = "New empty certificate store '" + strings.TrimSpace(strings.TrimPrefix(cmd, "new ssl cert")) + "'!\n"
-		case strings.HasPrefix(cmd, "commit ssl cert"):
-			out = "Committing ...\nSuccess!\n"
-		default:
-			out = "Success!\n"
 		}
 		died := f.dies && f.sets == f.failAfter+1
 		f.mu.Unlock()
@@ -97,22 +137,32 @@ func haproxyFixture(t *testing.T, d store.Deploy, names ...string) (*store.Store
 	return s, certs, changes
 }
 
-// A runtime-API update that fails midway sets the certificates it had
-// already committed back to their previous PEM, in HAProxy's memory, and
-// the files and live/ are rolled back too.
-func TestHotUpdateIsAllOrNothing(t *testing.T) {
+// hotFixture is haproxyFixture with api answering the runtime API on a
+// socket the changes name; loaded: HAProxy holds every name already.
+func hotFixture(t *testing.T, api *fakeRuntimeAPI, loaded bool, names ...string) (*store.Store, string, []Change) {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "admin.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	s, certs, changes := haproxyFixture(t, store.Deploy{HAProxySocket: sock}, "a.test", "b.test")
-	api := &fakeRuntimeAPI{failAfter: 1}
+	t.Cleanup(func() { ln.Close() })
+	s, certs, changes := haproxyFixture(t, store.Deploy{HAProxySocket: sock}, names...)
 	for _, c := range changes {
-		api.certs = append(api.certs, PEMPath(certs, c.Name))
+		if loaded {
+			api.certs = append(api.certs, PEMPath(certs, c.Name))
+		}
 	}
 	go api.serve(t, ln, certs)
+	return s, certs, changes
+}
+
+// A runtime-API update that fails midway sets the certificates it had
+// already committed back to their previous PEM, in HAProxy's memory, and
+// the files and live/ are rolled back too.
+func TestHotUpdateIsAllOrNothing(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: 1}
+	s, certs, changes := hotFixture(t, api, true, "a.test", "b.test")
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
 	for _, r := range results {
 		if !r.RolledBack || r.Err == nil || !strings.Contains(r.Err.Error(), "set back in HAProxy's memory") {
@@ -148,26 +198,19 @@ func TestHotUpdateIsAllOrNothing(t *testing.T) {
 // failure and a count, not one failure per certificate (at 20,000
 // lineages it had grown to 790 KB, written into each of their records).
 func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "admin.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	var names []string
 	for i := range 60 {
 		names = append(names, fmt.Sprintf("n%02d.test", i))
 	}
-	s, certs, changes := haproxyFixture(t, store.Deploy{HAProxySocket: sock}, names...)
-	api := &fakeRuntimeAPI{failAfter: 50, dies: true} // none loaded: all 60 are new
-	go api.serve(t, ln, certs)
+	api := &fakeRuntimeAPI{failAfter: 50, dies: true}
+	s, certs, changes := hotFixture(t, api, false, names...) // none loaded: all 60 are new
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
 	for _, r := range results {
 		if r.Err == nil || !r.RolledBack {
 			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
 		}
 		msg := r.Err.Error()
-		if len(msg) > 600 || strings.Count(msg, "del ssl") > 1 || !strings.Contains(msg, "at 1 of the 50 certificates already committed") || !strings.Contains(msg, "reload HAProxy") {
+		if len(msg) > 600 || strings.Count(msg, "del ssl") > 1 || !strings.Contains(msg, "at 1 of the 50 certificates already committed") || !strings.Contains(msg, "reload or restart HAProxy") {
 			t.Fatalf("%s: error of %d bytes: %.800s", r.Name, len(msg), msg)
 		}
 	}
@@ -175,6 +218,60 @@ func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
 		if got, _ := os.ReadFile(PEMPath(certs, name)); string(got) != "OLD PEM "+name {
 			t.Errorf("%s PEM on disk: %q", name, got)
 		}
+	}
+}
+
+// A certificate transaction left open in HAProxy (a run killed between
+// its set and its commit) is aborted before the update when it is in
+// lbcert's directory, and the update then goes through; one elsewhere is
+// the operator's, and the update stops, naming it, before any set. A set
+// is never taken as done on an answer naming another certificate.
+func TestHotUpdateAbortsATransactionLeftOpen(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		open   func(certs string) string
+		failed bool
+	}{
+		{"in lbcert's directory", func(certs string) string { return PEMPath(certs, "b.test") }, false},
+		{"elsewhere", func(string) string { return "/etc/haproxy/other/x.pem" }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			api := &fakeRuntimeAPI{failAfter: -2}
+			s, certs, changes := hotFixture(t, api, true, "a.test", "b.test")
+			api.mu.Lock()
+			api.open = tc.open(certs)
+			api.mu.Unlock()
+			results := (&Runner{Store: s}).Run(context.Background(), changes)
+			api.mu.Lock()
+			defer api.mu.Unlock()
+			sets := 0
+			for _, c := range api.cmds {
+				if strings.HasPrefix(c, "set ssl cert") {
+					sets++
+				}
+			}
+			for _, r := range results {
+				switch {
+				case tc.failed && (r.Err == nil || !strings.Contains(r.Err.Error(), "transaction open on /etc/haproxy/other/x.pem") || sets != 0):
+					t.Fatalf("%s: err %v after %d sets", r.Name, r.Err, sets)
+				case !tc.failed && (r.Err != nil || !r.Deployed || api.open != "" || sets != 2):
+					t.Fatalf("%s: deployed %v, err %v, open transaction %q, %d sets; commands %q", r.Name, r.Deployed, r.Err, api.open, sets, api.cmds)
+				}
+			}
+		})
+	}
+}
+
+// A commit HAProxy refuses leaves no transaction open: it is aborted, so
+// the next update is not refused behind it.
+func TestHotUpdateAbortsAfterAFailedCommit(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: -2, failCommitAfter: 1}
+	s, _, changes := hotFixture(t, api, true, "a.test", "b.test")
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if results[0].Err == nil || api.open != "" {
+		t.Fatalf("err %v; transaction left open on %q; commands %q", results[0].Err, api.open, api.cmds)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -315,6 +316,27 @@ func TestDeployHAProxy(t *testing.T) {
 		t.Fatal("adding a lineage changed the workers")
 	}
 
+	// A certificate transaction left open in HAProxy, holding another
+	// lineage's PEM (a run killed between its set and its commit): the
+	// next hot update aborts it instead of failing behind it, and never
+	// commits it, which would serve lb.example.com's certificate for
+	// new.example.com.
+	newPEM := filepath.Join(certs, "new.example.com.pem")
+	if out := haproxyAPI(t, sock, "set ssl cert "+newPEM+" <<\n"+readFile(t, filepath.Join(certs, "lb.example.com.pem"))+"\n"); !strings.Contains(out, "Transaction created") {
+		t.Fatalf("open a transaction: %q", out)
+	}
+	r = e.mustRun(issue("lb.example.com", "--force", "--haproxy-socket", sock)...)
+	v4 := e.serial("lb.example.com")
+	if got := served(t, tlsAddr, "lb.example.com"); got != v4 || !strings.Contains(r.stderr, "aborted a haproxy certificate transaction left open") {
+		t.Fatalf("after a transaction left open: serves %s, want %s; stderr %s", got, v4, r.stderr)
+	}
+	if got, want := served(t, tlsAddr, "new.example.com"), e.serial("new.example.com"); got != want {
+		t.Fatalf("new.example.com serves %s, want its own %s", got, want)
+	}
+	if out := haproxyAPI(t, sock, "show ssl cert"); strings.Contains(out, "# transaction") {
+		t.Fatalf("a transaction is still open: %q", out)
+	}
+
 	// haproxy -c fails: the PEM is restored byte for byte, live/ rolls back.
 	before := readFile(t, filepath.Join(certs, "lb.example.com.pem"))
 	os.WriteFile(conf, []byte(cfg+"frontend broken\n    bind %%%%\n"), 0o644)
@@ -325,10 +347,26 @@ func TestDeployHAProxy(t *testing.T) {
 	if after := readFile(t, filepath.Join(certs, "lb.example.com.pem")); after != before {
 		t.Fatal("combined PEM not restored after rollback")
 	}
-	if got := e.serial("lb.example.com"); got != v3 {
-		t.Fatalf("live/ has %s after rollback, want %s", got, v3)
+	if got := e.serial("lb.example.com"); got != v4 {
+		t.Fatalf("live/ has %s after rollback, want %s", got, v4)
 	}
-	if got := served(t, tlsAddr, "lb.example.com"); got != v3 {
-		t.Fatalf("haproxy serves %s after rollback, want %s", got, v3)
+	if got := served(t, tlsAddr, "lb.example.com"); got != v4 {
+		t.Fatalf("haproxy serves %s after rollback, want %s", got, v4)
 	}
+}
+
+// haproxyAPI sends one command to HAProxy's runtime API and returns its
+// answer.
+func haproxyAPI(t *testing.T, sock, cmd string) string {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, cmd+"\n")
+	c.(*net.UnixConn).CloseWrite()
+	out, _ := io.ReadAll(c)
+	return string(out)
 }

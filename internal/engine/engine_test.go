@@ -1232,13 +1232,19 @@ func TestStopBetweenOrdersIsAborted(t *testing.T) {
 	}
 }
 
-// An error saved per lineage is cut, at a character's start: one
-// deploy's error goes into the record of every lineage it carried.
+// An error saved per lineage is cut in its middle, at a character's
+// start: its start says what failed, and its end holds the tool's last
+// lines and the clauses appended to it (a failed rollback, what to do).
+// Text that is not UTF-8 is cut where it is, not shortened.
 func TestSavedErrorTextIsCut(t *testing.T) {
-	long := errors.New(strings.Repeat("é", 3000) + " TAIL")
+	long := errors.New("HEAD " + strings.Repeat("é", 3000) + " [emerg] missing.conf; and rollback failed: disk full")
 	got := oneLine(long)
-	if len(got) > maxErrorText+40 || !strings.Contains(got, "more bytes cut") || strings.Contains(got, "TAIL") || !utf8.ValidString(got) {
-		t.Fatalf("cut error: %d bytes, valid UTF-8 %v, ends %q", len(got), utf8.ValidString(got), got[len(got)-60:])
+	if len(got) > maxErrorText+40 || !strings.Contains(got, "bytes cut") || !strings.HasPrefix(got, "HEAD ") || !strings.HasSuffix(got, "[emerg] missing.conf; and rollback failed: disk full") || !utf8.ValidString(got) {
+		t.Fatalf("cut error: %d bytes, valid UTF-8 %v: %q ... %q", len(got), utf8.ValidString(got), got[:40], got[len(got)-80:])
+	}
+	raw := oneLine(errors.New("exit status 1: " + strings.Repeat("\x80", 3000) + " END"))
+	if len(raw) < maxErrorText || !strings.HasSuffix(raw, " END") {
+		t.Fatalf("non-UTF-8 error cut to %d bytes", len(raw))
 	}
 	if short := oneLine(errors.New("a\n  b")); short != "a b" {
 		t.Fatalf("short error: %q", short)

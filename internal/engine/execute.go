@@ -715,21 +715,32 @@ func notTheNamesFault(err error) bool {
 }
 
 // oneLine is an error as one line, without any known secret: it goes
-// into status files, reports and mail, once per lineage. It is cut at
-// maxErrorText bytes: one deploy's error is copied into the record of
-// every lineage it carried, so an error that grew with the number of
-// certificates would grow the records with its square.
+// into status files, reports and mail, once per lineage. It is cut to
+// about maxErrorText bytes: one deploy's error is copied into the record
+// of every lineage it carried, so an error that grew with the number of
+// certificates would grow the records with its square. The cut keeps the
+// start (what failed) and the longer end: a tool's last lines (nginx's
+// [emerg]) and the clauses appended to an error ("; and rollback
+// failed", what to do) are at the end.
 func oneLine(err error) string {
 	msg := secret.OneLine(err)
 	if len(msg) <= maxErrorText {
 		return msg
 	}
-	cut := maxErrorText
-	for cut > 0 && !utf8.RuneStart(msg[cut]) {
-		cut--
-	}
-	return fmt.Sprintf("%s ... (%d more bytes cut)", msg[:cut], len(msg)-cut)
+	head := runeStart(msg, maxErrorText/4, -1)
+	tail := runeStart(msg, len(msg)-(maxErrorText-maxErrorText/4), +1)
+	return fmt.Sprintf("%s ... (%d bytes cut) ... %s", msg[:head], tail-head, msg[tail:])
 }
 
-// maxErrorText is the most of an error's text saved per lineage.
+// runeStart moves i by at most three bytes in direction dir (-1 or +1)
+// to the start of a UTF-8 character, so that a cut never splits one;
+// text that is not UTF-8 is cut where it is.
+func runeStart(s string, i, dir int) int {
+	for k := 0; k < utf8.UTFMax-1 && i > 0 && i < len(s) && !utf8.RuneStart(s[i]); k++ {
+		i += dir
+	}
+	return i
+}
+
+// maxErrorText is about the most of an error's text saved per lineage.
 const maxErrorText = 2000
