@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -307,44 +308,119 @@ func undoOne(ctx context.Context, api *runtimeAPI, crtList, path string, prev []
 // fail behind it, and committing it could serve another lineage's
 // certificate. One elsewhere is the operator's: an error names it.
 func (a *runtimeAPI) loaded(ctx context.Context, dir string) (map[string]bool, error) {
+	for try := 1; ; try++ {
+		known, foreign, err := a.certificates(ctx, dir)
+		if err != nil || foreign == "" {
+			return known, err
+		}
+		// Another client's update in progress: give it a few seconds.
+		if try == 25 {
+			return nil, fmt.Errorf("HAProxy has a certificate transaction open on %s: commit or abort it ('abort ssl cert %s' on its runtime API)", foreign, foreign)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// certificates reads "show ssl cert" for loaded: the certificates, and a
+// transaction open outside dir, if any; one open in dir is aborted.
+func (a *runtimeAPI) certificates(ctx context.Context, dir string) (known map[string]bool, foreign string, err error) {
 	lines, err := a.lines(ctx, "show ssl cert")
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	known := map[string]bool{}
+	known = map[string]bool{}
 	for _, l := range lines {
 		open, ok := strings.CutPrefix(l, "*")
-		if !ok {
+		switch {
+		case !ok:
 			known[l] = true
-			continue
+		case filepath.Dir(open) != filepath.Clean(dir):
+			foreign = open
+		default:
+			if err := a.expect(ctx, "abort ssl cert "+open, "Transaction aborted"); err != nil {
+				return nil, "", err
+			}
+			slog.Warn("aborted a haproxy certificate transaction left open", "certificate", open)
 		}
-		if filepath.Dir(open) != filepath.Clean(dir) {
-			return nil, fmt.Errorf("HAProxy has a certificate transaction open on %s: commit or abort it ('abort ssl cert %s' on its runtime API)", open, open)
-		}
-		if err := a.expect(ctx, "abort ssl cert "+open, "Transaction aborted"); err != nil {
-			return nil, err
-		}
-		slog.Warn("aborted a haproxy certificate transaction left open", "certificate", open)
 	}
-	return known, nil
+	return known, foreign, nil
 }
 
 // replace puts pem in HAProxy's memory for the certificate at path: a
-// transaction, then its commit. A transaction that is not committed is
-// aborted: HAProxy allows one at a time, and one left open fails every
-// later update. The answer to the set must name path: HAProxy answers a
-// set for another certificate, while a transaction is open, by adding it
-// to that one ("Transaction updated for certificate <the other>").
+// transaction, then its commit. HAProxy keeps one certificate
+// transaction at a time, for every client of its runtime API, and a
+// transaction that is not committed is aborted, so that none is left
+// open to fail every later update. The answer to the set must name
+// path: while another client has a transaction open on another
+// certificate, HAProxy adds the set to that one ("Transaction updated
+// for certificate <the other>"), and the other's commit would then serve
+// this PEM, key included, for its certificate: lbcert aborts it.
 func (a *runtimeAPI) replace(ctx context.Context, path string, pem []byte) error {
-	if err := a.expect(ctx, "set ssl cert "+path+" <<\n"+payload(pem)+"\n", "for certificate "+path+"!"); err != nil {
-		a.do(ctx, "abort ssl cert "+path) // nothing to abort unless the set got through
-		return err
+	out, err := a.call(ctx, "set ssl cert "+path+" <<\n"+payload(pem)+"\n")
+	switch m := updatedOther.FindStringSubmatch(out); {
+	case err != nil:
+		// The set may have reached HAProxy before the connection failed.
+		return joinAbort(fmt.Errorf("set ssl cert %s: %v", path, err), a.abort(ctx, path))
+	case strings.Contains(out, "for certificate "+path+"!"):
+	case m != nil:
+		return a.taken(ctx, path, m[1])
+	default:
+		return fmt.Errorf("set ssl cert %s: HAProxy answered %q", path, strings.Join(strings.Fields(out), " "))
 	}
 	if err := a.expect(ctx, "commit ssl cert "+path, "Success!"); err != nil {
-		a.do(ctx, "abort ssl cert "+path)
-		return err
+		return joinAbort(err, a.abort(ctx, path))
 	}
 	return nil
+}
+
+var (
+	updatedOther = regexp.MustCompile(`Transaction updated for certificate (\S+)!`)
+	ongoingAbout = regexp.MustCompile(`ongoing transaction is about '([^']+)'`)
+)
+
+// abort ends this client's transaction on path, if one is open. When
+// the one open is on another certificate, a set of path whose answer was
+// lost may have gone into it: it is aborted as taken says.
+func (a *runtimeAPI) abort(ctx context.Context, path string) error {
+	out, err := a.call(ctx, "abort ssl cert "+path)
+	m := ongoingAbout.FindStringSubmatch(out)
+	switch {
+	case err != nil:
+		return fmt.Errorf("abort ssl cert %s: %v (a transaction may be left open: 'show ssl cert' on the runtime API lists it)", path, err)
+	case strings.Contains(out, "Transaction aborted") || strings.Contains(out, "No ongoing transaction"):
+		return nil
+	case m != nil && m[1] != path:
+		return a.taken(ctx, path, m[1])
+	}
+	return fmt.Errorf("abort ssl cert %s: HAProxy answered %q", path, strings.Join(strings.Fields(out), " "))
+}
+
+// taken is a set of path that HAProxy added to the transaction another
+// client had open on other. That transaction holds path's certificate and
+// key now, so lbcert aborts it: the other client's commit fails, which
+// it can see, instead of serving the wrong certificate, which it cannot.
+func (a *runtimeAPI) taken(ctx context.Context, path, other string) error {
+	what := fmt.Sprintf("HAProxy added %s to a certificate transaction another client had open on %s", path, other)
+	out, err := a.call(ctx, "abort ssl cert "+other)
+	if err == nil && strings.Contains(out, "Transaction aborted") {
+		return fmt.Errorf("%s; lbcert aborted that transaction, which held this certificate's key (only one client at a time may update certificates on HAProxy's runtime API)", what)
+	}
+	if err == nil {
+		err = fmt.Errorf("HAProxy answered %q", strings.Join(strings.Fields(out), " "))
+	}
+	return fmt.Errorf("%s, and aborting it failed: %v; if it was committed, %s serves this certificate: reload or restart HAProxy", what, err, other)
+}
+
+// joinAbort adds a failed abort to err.
+func joinAbort(err, abortErr error) error {
+	if abortErr == nil {
+		return err
+	}
+	return fmt.Errorf("%v; and %v", err, abortErr)
 }
 
 // payload is a PEM as a runtime-API payload, which ends at the first
@@ -392,10 +468,36 @@ func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
 	return strings.TrimSpace(string(out)), err
 }
 
+// lockedAnswer is HAProxy's answer while another command holds its
+// certificate lock (even a "show ssl cert <path>"): the command was not
+// run, and is sent again after a pause, up to lockedTries times (pauses
+// from 5 ms doubling to 200 ms, about 4 s in all).
+const (
+	lockedAnswer = "currently locked"
+	lockedTries  = 25
+)
+
+// call runs cmd, again while HAProxy answers lockedAnswer.
+func (a *runtimeAPI) call(ctx context.Context, cmd string) (string, error) {
+	pause := 5 * time.Millisecond
+	for try := 1; ; try++ {
+		out, err := a.do(ctx, cmd)
+		if err != nil || !strings.Contains(out, lockedAnswer) || try == lockedTries {
+			return out, err
+		}
+		select {
+		case <-ctx.Done():
+			return out, ctx.Err()
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 200*time.Millisecond)
+	}
+}
+
 // expect runs cmd and fails unless the answer contains want. The error
 // names the command's first word only: payloads hold private keys.
 func (a *runtimeAPI) expect(ctx context.Context, cmd, want string) error {
-	out, err := a.do(ctx, cmd)
+	out, err := a.call(ctx, cmd)
 	verb := strings.Join(strings.Fields(cmd)[:min(4, len(strings.Fields(cmd)))], " ")
 	if err != nil {
 		return fmt.Errorf("%s: %v", verb, err)
@@ -408,7 +510,7 @@ func (a *runtimeAPI) expect(ctx context.Context, cmd, want string) error {
 
 // lines runs a "show" command and returns its non-comment lines.
 func (a *runtimeAPI) lines(ctx context.Context, cmd string) ([]string, error) {
-	out, err := a.do(ctx, cmd)
+	out, err := a.call(ctx, cmd)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", cmd, err)
 	}

@@ -36,12 +36,24 @@ type fakeRuntimeAPI struct {
 	commits         int
 	failCommitAfter int
 	open            string // the certificate whose transaction is open
+	// otherAt: just before the otherAt-th set, another client opens a
+	// transaction on other.
+	otherAt int
+	other   string
+	// lockEvery: every lockEvery-th command is answered "currently
+	// locked", as while another client's command holds the lock.
+	lockEvery int
+	n         int
 	// dies: the failing "set ssl cert" is HAProxy's last answer; its
 	// socket goes away with it.
 	dies bool
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
+	f.n++
+	if f.lockEvery > 0 && f.n%f.lockEvery == 0 {
+		return "Can't do it! Operations on certificates are currently locked!\n"
+	}
 	first := strings.SplitN(cmd, "\n", 2)[0]
 	arg := func(prefix string) string {
 		return strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(first, prefix), "<<"))
@@ -57,6 +69,9 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return "" // set by serve
 	case strings.HasPrefix(cmd, "set ssl cert"):
 		f.sets++
+		if f.sets == f.otherAt {
+			f.open = f.other
+		}
 		if f.sets == f.failAfter+1 {
 			return "Can't update the certificate: out of memory\n"
 		}
@@ -80,8 +95,11 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return "Committing " + p + "\nSuccess!\n"
 	case strings.HasPrefix(cmd, "abort ssl cert"):
 		p := arg("abort ssl cert")
-		if f.open != p {
+		if f.open == "" {
 			return "No ongoing transaction!\n"
+		}
+		if f.open != p {
+			return "The ongoing transaction is about '" + f.open + "' but you are trying to abort a transaction for '" + p + "'\n"
 		}
 		f.open = ""
 		return "Transaction aborted for certificate '" + p + "'!\n"
@@ -272,6 +290,41 @@ func TestHotUpdateAbortsAfterAFailedCommit(t *testing.T) {
 	defer api.mu.Unlock()
 	if results[0].Err == nil || api.open != "" {
 		t.Fatalf("err %v; transaction left open on %q; commands %q", results[0].Err, api.open, api.cmds)
+	}
+}
+
+// Another client opens a transaction in the middle of an update: HAProxy
+// adds lbcert's next set to it. lbcert aborts that transaction (it holds
+// a lineage's key, and the other client's commit would serve it for its
+// certificate), sends nothing more into it, and leaves none open.
+func TestHotUpdateAbortsAnotherClientsTransactionItWasAddedTo(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: -2, otherAt: 2, other: "/etc/haproxy/other/x.pem"}
+	s, _, changes := hotFixture(t, api, true, "a.test", "b.test")
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	aborted, into := false, 0
+	for _, c := range api.cmds {
+		aborted = aborted || strings.HasPrefix(c, "abort ssl cert /etc/haproxy/other/x.pem")
+		if strings.HasPrefix(c, "commit ssl cert /etc/haproxy/other/") {
+			into++
+		}
+	}
+	if results[1].Err == nil || !strings.Contains(results[1].Err.Error(), "another client had open on /etc/haproxy/other/x.pem; lbcert aborted") || !aborted || into != 0 || api.open != "" {
+		t.Fatalf("err %v; aborted %v; commits of the other's %d; open %q; commands %q", results[1].Err, aborted, into, api.open, api.cmds)
+	}
+}
+
+// "Operations on certificates are currently locked" (another client's
+// command, even a show, holds HAProxy's lock) is waited out, not taken
+// as a failure that rolls the whole update back.
+func TestHotUpdateWaitsOutTheLock(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: -2, lockEvery: 3}
+	s, _, changes := hotFixture(t, api, false, "a.test", "b.test", "c.test")
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
 	}
 }
 
