@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/x509"
+	pemblock "encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -374,7 +376,54 @@ func (a *runtimeAPI) replace(ctx context.Context, path string, pem []byte) error
 	if err := a.expect(ctx, "commit ssl cert "+path, "Success!"); err != nil {
 		return joinAbort(err, a.abort(ctx, path))
 	}
-	return nil
+	return a.holds(ctx, path, pem)
+}
+
+// holds checks, after a commit, that HAProxy serves pem's certificate
+// for path. Between lbcert's set and its commit another client's set
+// for another certificate is added to lbcert's transaction ("Transaction
+// updated for certificate <path>"): the commit then succeeds, with the
+// other client's certificate and key, under path. A pem whose serial
+// cannot be read is not checked.
+func (a *runtimeAPI) holds(ctx context.Context, path string, pem []byte) error {
+	want := pemSerial(pem)
+	if want == "" {
+		return nil
+	}
+	out, err := a.call(ctx, "show ssl cert "+path)
+	if err != nil {
+		return fmt.Errorf("show ssl cert %s: %v", path, err)
+	}
+	m := showSerial.FindStringSubmatch(out)
+	if m != nil && strings.EqualFold(strings.TrimLeft(m[1], "0"), want) {
+		return nil
+	}
+	got := "none"
+	if m != nil {
+		got = m[1]
+	}
+	return fmt.Errorf("after commit ssl cert %s HAProxy serves serial %s, not %s: another runtime-API client's set went into lbcert's transaction (only one client at a time may update certificates; reload or restart HAProxy to serve the files on disk)", path, got, want)
+}
+
+var showSerial = regexp.MustCompile(`(?m)^Serial: *([0-9A-Fa-f]+)`)
+
+// pemSerial is the serial of the first certificate in pem, in hex with
+// no leading zeros, or "" when there is none.
+func pemSerial(pem []byte) string {
+	for rest := pem; ; {
+		var b *pemblock.Block
+		if b, rest = pemblock.Decode(rest); b == nil {
+			return ""
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return ""
+		}
+		return strings.TrimLeft(strings.ToUpper(c.SerialNumber.Text(16)), "0")
+	}
 }
 
 var (

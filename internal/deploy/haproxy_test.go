@@ -3,9 +3,15 @@ package deploy
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -44,6 +50,13 @@ type fakeRuntimeAPI struct {
 	// locked", as while another client's command holds the lock.
 	lockEvery int
 	n         int
+	// intrudeAt: right after the intrudeAt-th transaction opens, another
+	// client's set for another certificate goes into it, with intruder.
+	intrudeAt int
+	intruder  string
+	opened    int
+	pending   string            // the open transaction's PEM
+	committed map[string]string // path -> PEM in memory
 	// dies: the failing "set ssl cert" is HAProxy's last answer; its
 	// socket goes away with it.
 	dies bool
@@ -59,6 +72,13 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(first, prefix), "<<"))
 	}
 	switch {
+	case strings.HasPrefix(cmd, "show ssl cert /"):
+		if c, _ := pem.Decode([]byte(f.committed[arg("show ssl cert")])); c != nil {
+			if x, err := x509.ParseCertificate(c.Bytes); err == nil {
+				return fmt.Sprintf("Filename: %s\nSerial: %X\n", arg("show ssl cert"), x.SerialNumber.Bytes())
+			}
+		}
+		return "Filename: " + arg("show ssl cert") + "\n"
 	case strings.HasPrefix(cmd, "show ssl cert"):
 		out := "# filename\n" + strings.Join(f.certs, "\n") + "\n"
 		if f.open != "" {
@@ -79,6 +99,10 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 			return "Transaction updated for certificate " + f.open + "!\n"
 		}
 		f.open = arg("set ssl cert")
+		f.pending = strings.SplitN(cmd, "\n", 2)[1]
+		if f.opened++; f.opened == f.intrudeAt {
+			f.pending = f.intruder
+		}
 		return "Transaction created for certificate " + f.open + "!\n"
 	case strings.HasPrefix(cmd, "new ssl cert"):
 		return "New empty certificate store '" + arg("new ssl cert") + "'!\n"
@@ -92,6 +116,10 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 			return "Committing " + p + "\nCan't commit: out of memory\n"
 		}
 		f.open = ""
+		if f.committed == nil {
+			f.committed = map[string]string{}
+		}
+		f.committed[p] = f.pending
 		return "Committing " + p + "\nSuccess!\n"
 	case strings.HasPrefix(cmd, "abort ssl cert"):
 		p := arg("abort ssl cert")
@@ -313,6 +341,72 @@ func TestHotUpdateAbortsAnotherClientsTransactionItWasAddedTo(t *testing.T) {
 	if results[1].Err == nil || !strings.Contains(results[1].Err.Error(), "another client had open on /etc/haproxy/other/x.pem; lbcert aborted") || !aborted || into != 0 || api.open != "" {
 		t.Fatalf("err %v; aborted %v; commits of the other's %d; open %q; commands %q", results[1].Err, aborted, into, api.open, api.cmds)
 	}
+}
+
+// Another client's set goes into lbcert's transaction between lbcert's
+// set and its commit (HAProxy 2.6 adds it there): the commit succeeds,
+// but HAProxy serves the other client's certificate under lbcert's name.
+// lbcert checks the serial HAProxy serves after each commit, and the
+// deploy fails, saying so, instead of reporting success.
+func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	certs := filepath.Join(dir, "certs")
+	os.MkdirAll(certs, 0o700)
+	haproxy := filepath.Join(dir, "haproxy")
+	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	sock := filepath.Join(dir, "admin.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d := store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}
+	api := &fakeRuntimeAPI{failAfter: -2, intrudeAt: 1, intruder: string(selfSigned(t, "other.test"))}
+	var changes []Change
+	for _, name := range []string{"a.test", "b.test"} {
+		old := selfSigned(t, name)
+		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
+		os.WriteFile(PEMPath(certs, name), old, 0o600)
+		api.certs = append(api.certs, PEMPath(certs, name))
+		cur := selfSigned(t, name)
+		_, prev, err := s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
+		if err != nil {
+			t.Fatal(err)
+		}
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
+	}
+	go api.serve(t, ln, certs)
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") {
+		t.Fatalf("a.test: deployed %v, err %v", results[0].Deployed, results[0].Err)
+	}
+	// Without the other client, the same check passes: what HAProxy
+	// serves is what lbcert committed.
+	api.mu.Lock()
+	api.intrudeAt = 0
+	api.mu.Unlock()
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s without the other client: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
+	}
+}
+
+// selfSigned is a PEM certificate for name with a random serial.
+func selfSigned(t *testing.T, name string) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, DNSNames: []string{name}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
 
 // "Operations on certificates are currently locked" (another client's
