@@ -244,7 +244,13 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		// failure and a count, never one line per certificate: it is
 		// saved in the record of every lineage of the deploy.
 		for i := len(committed) - 1; i >= 0; i-- {
-			if uerr := undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew); uerr != nil {
+			uerr := undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew)
+			for try := 1; try < 3 && errors.As(uerr, new(*collisionError)); try++ {
+				// Another client's transaction got in the way, and was
+				// aborted: the same undo again most likely goes through.
+				uerr = undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew)
+			}
+			if uerr != nil {
 				err = fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
 				return
 			}
@@ -277,6 +283,10 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 			}
 		}
 		if err := api.replace(ctx, p, pems[i]); err != nil {
+			if c := new(collisionError); errors.As(err, &c) && c.committed {
+				// Committed with another client's PEM: set back too.
+				committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
+			}
 			return err
 		}
 		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
@@ -402,7 +412,7 @@ func (a *runtimeAPI) holds(ctx context.Context, path string, pem []byte) error {
 	if m != nil {
 		got = m[1]
 	}
-	return fmt.Errorf("after commit ssl cert %s HAProxy serves serial %s, not %s: another runtime-API client's set went into lbcert's transaction (only one client at a time may update certificates; reload or restart HAProxy to serve the files on disk)", path, got, want)
+	return &collisionError{committed: true, error: fmt.Errorf("after commit ssl cert %s HAProxy serves serial %s, not %s: another runtime-API client's set went into lbcert's transaction (only one client at a time may update certificates; reload or restart HAProxy to serve the files on disk)", path, got, want)}
 }
 
 var showSerial = regexp.MustCompile(`(?m)^Serial: *([0-9A-Fa-f]+)`)
@@ -456,13 +466,23 @@ func (a *runtimeAPI) taken(ctx context.Context, path, other string) error {
 	what := fmt.Sprintf("HAProxy added %s to a certificate transaction another client had open on %s", path, other)
 	out, err := a.call(ctx, "abort ssl cert "+other)
 	if err == nil && strings.Contains(out, "Transaction aborted") {
-		return fmt.Errorf("%s; lbcert aborted that transaction, which held this certificate's key (only one client at a time may update certificates on HAProxy's runtime API)", what)
+		return &collisionError{error: fmt.Errorf("%s; lbcert aborted that transaction, which held this certificate's key (only one client at a time may update certificates on HAProxy's runtime API)", what)}
 	}
 	if err == nil {
 		err = fmt.Errorf("HAProxy answered %q", strings.Join(strings.Fields(out), " "))
 	}
 	return fmt.Errorf("%s, and aborting it failed: %v; if it was committed, %s serves this certificate: reload or restart HAProxy", what, err, other)
 }
+
+// collisionError is another runtime-API client's transaction meeting
+// lbcert's: lbcert's set went into theirs (and that one was aborted), or
+// theirs into lbcert's (and was committed under lbcert's name).
+type collisionError struct {
+	error
+	committed bool // theirs was committed under lbcert's name
+}
+
+func (e *collisionError) Unwrap() error { return e.error }
 
 // joinAbort adds a failed abort to err.
 func joinAbort(err, abortErr error) error {

@@ -364,8 +364,10 @@ func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
 	d := store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}
 	api := &fakeRuntimeAPI{failAfter: -2, intrudeAt: 1, intruder: string(selfSigned(t, "other.test"))}
 	var changes []Change
+	olds := map[string][]byte{}
 	for _, name := range []string{"a.test", "b.test"} {
 		old := selfSigned(t, name)
+		olds[name] = old
 		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
 		os.WriteFile(PEMPath(certs, name), old, 0o600)
 		api.certs = append(api.certs, PEMPath(certs, name))
@@ -378,8 +380,16 @@ func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
 	}
 	go api.serve(t, ln, certs)
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
-	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") {
+	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") || !strings.Contains(results[0].Err.Error(), "the 1 certificates already committed were set back") {
 		t.Fatalf("a.test: deployed %v, err %v", results[0].Deployed, results[0].Err)
+	}
+	// The certificate committed with the other client's PEM is set back
+	// to its previous one, like every other committed one.
+	api.mu.Lock()
+	back := pemSerial([]byte(api.committed[PEMPath(certs, "a.test")]))
+	api.mu.Unlock()
+	if back != pemSerial(olds["a.test"]) {
+		t.Fatalf("a.test in memory after the undo: serial %q, want the previous %q", back, pemSerial(olds["a.test"]))
 	}
 	// Without the other client, the same check passes: what HAProxy
 	// serves is what lbcert committed.
@@ -407,6 +417,20 @@ func selfSigned(t *testing.T, name string) []byte {
 		t.Fatal(err)
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+// Another client's transaction gets in the way of the undo itself: the
+// undo aborts it and tries the same certificate again, instead of
+// stopping with memory and disk out of step.
+func TestHotUpdateUndoRetriesAfterACollision(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: 1, otherAt: 3, other: "/etc/haproxy/other/x.pem"}
+	s, _, changes := hotFixture(t, api, true, "a.test", "b.test")
+	results := (&Runner{Store: s}).Run(context.Background(), changes)
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "the 1 certificates already committed were set back") || api.open != "" {
+		t.Fatalf("err %v; open %q; commands %q", results[0].Err, api.open, api.cmds)
+	}
 }
 
 // "Operations on certificates are currently locked" (another client's
