@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/names"
@@ -136,6 +137,16 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	defer h.close()
+	if _, local := h.catalog.(*catalog.Dir); local && len(o.Names) == 0 && !o.DryRun {
+		// A pass over every lineage reads their metadata through the
+		// heads index (package store), and leaves it for the next pass.
+		heads := h.st.OpenHeads()
+		defer func() {
+			if err := heads.Close(); err != nil {
+				slog.Warn("could not save the heads index; the next pass reads every lineage from disk", "err", err)
+			}
+		}()
+	}
 	all, err := h.catalog.Names(ctx)
 	if err != nil {
 		return fmt.Errorf("read the lineages: %w", err)

@@ -184,6 +184,13 @@ func (s *Store) Newest(name string) (*Lineage, error) {
 	if err := names.Lineage(name); err != nil {
 		return nil, err
 	}
+	if h := s.heads.Load(); h != nil {
+		return h.Newest(name)
+	}
+	return s.newestOnDisk(name)
+}
+
+func (s *Store) newestOnDisk(name string) (*Lineage, error) {
 	v := s.MaxVersion(name)
 	if v == 0 {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)

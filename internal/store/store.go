@@ -8,6 +8,10 @@
 //	<dir>/archive/<name>/<N>/              one directory per issuance:
 //	    cert.pem chain.pem fullchain.pem privkey.pem lineage.json
 //	<dir>/live/<name> -> ../archive/<name>/<N>
+//	<dir>/renewal/<name>.json              status and this node's journal
+//	<dir>/cache/heads                      the heads index (heads.go): a
+//	                                       cache a renew pass reads the
+//	                                       newest lineage.json through
 //
 // The promise: live/<name> always names one complete, consistent version,
 // whose certificate matches its key and its lineage.json, whatever moment
@@ -32,6 +36,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,6 +64,10 @@ type Store struct {
 	// fail it, to prove that a failure at any point leaves the previous
 	// version live and intact.
 	afterWrite func(step string) error
+
+	// heads, during a renew pass, is the heads index Newest reads
+	// through (see OpenHeads).
+	heads atomic.Pointer[Heads]
 }
 
 // New returns the store rooted at dir. It touches nothing on disk, so bad
@@ -247,18 +256,26 @@ func (s *Store) LoadVersion(name string, version int) (*Lineage, error) {
 }
 
 func (s *Store) readMeta(name, path string) (*Lineage, error) {
-	var l Lineage
+	var l *Lineage
 	err := readSmall(path, func(data []byte) error {
-		if err := json.Unmarshal(data, &l); err != nil {
-			return fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
-		}
-		return nil
+		var err error
+		l, err = s.parseMeta(name, data)
+		return err
 	})
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
 	if err != nil {
 		return nil, err
+	}
+	return l, nil
+}
+
+// parseMeta decodes the lineage.json of name.
+func (s *Store) parseMeta(name string, data []byte) (*Lineage, error) {
+	var l Lineage
+	if err := json.Unmarshal(data, &l); err != nil {
+		return nil, fmt.Errorf("lineage %q: %s: %v", name, MetaFile, err)
 	}
 	if l.Format > FormatVersion {
 		return nil, fmt.Errorf("lineage %q: written by a newer lbcert (format %d)", name, l.Format)

@@ -1,0 +1,462 @@
+package store
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// The heads index, <dir>/cache/heads, lets a renew pass over a million
+// lineages decide each one without listing archive/<name>/ and reading
+// its newest lineage.json. A pass over 100,000 lineages reads those from
+// the page cache; over a million, the directory blocks, file pages and
+// inodes the pass touches no longer fit in the page cache of a machine
+// with 24 GiB, and each pass reads most of them from disk again. With the
+// index a lineage costs two stat(2) calls and a read of the index, which
+// holds the metadata of every lineage in one file.
+//
+// What is true of it (enforced in one place, Heads.Newest):
+//
+//   - It is a cache and nothing else. Deleting it, truncating it, or a
+//     crash while it is written loses nothing: an index that does not
+//     check out (its trailer, its table's checksum, an entry's checksum
+//     and name) is not used, and the pass writes a new one.
+//   - An entry is used only when archive/<name>/ and the entry's
+//     version's lineage.json have now the inode number, modification
+//     time and change time (and, for the file, the size) they had when
+//     the entry's bytes were read, and both change times were then more
+//     than Margin older than the read. Any change to either, by lbcert
+//     or by hand (a new version renamed in, a version removed, an
+//     editor's write, UpdateMeta's rename), sets its change time to the
+//     kernel's clock, which is at least the read's moment less one clock
+//     tick and so differs from the recorded one; Margin is far above any
+//     tick. So a used entry holds the bytes that are on disk.
+//   - A lineage the index does not know, or one whose entry fails the
+//     check, is read from disk as without the index.
+//
+// The one thing that can defeat the check is the wall clock stepped back
+// by more than Margin between the read and a change, with the change
+// landing on the recorded change time to the tick; the inode number,
+// mtime and size must then all match too.
+//
+// Two passes at once each write their own temporary file and rename it
+// into place; the last one wins, and either is a valid cache. A pass that
+// is killed leaves a temporary file, which the next pass that writes the
+// index removes when it is more than an hour old.
+
+// HeadsFile is the heads index, relative to the state directory.
+const HeadsFile = "cache/heads"
+
+// Margin is how much older than the read an entry's change times must
+// be for the entry to be kept; tests shorten it.
+var Margin = time.Second
+
+// grain, set by tests, coarsens the times keyOf reads to a kernel whose
+// file timestamps tick that slowly (this machine's are finer than any
+// tick), so that the test meets changes within one tick of a read.
+var grain time.Duration
+
+const (
+	headsMagic  = "lbcert heads 1\n"
+	headsTail   = "LBHEADS1"
+	keyBytes    = 8 * 7 // two stat keys, the size of the file
+	entryHeader = keyBytes + 4 + 2
+)
+
+// statKey is what a change to a file or directory changes.
+type statKey struct {
+	ino          uint64
+	mtime, ctime int64 // nanoseconds
+	size         int64 // files only; 0 for directories
+}
+
+func keyOf(path string, dir bool) (statKey, error) {
+	var st syscall.Stat_t
+	if err := ignoringEINTRErr(func() error { return syscall.Stat(path, &st) }); err != nil {
+		return statKey{}, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	k := statKey{ino: st.Ino, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
+	if g := int64(grain); g > 0 {
+		k.mtime, k.ctime = k.mtime/g*g, k.ctime/g*g
+	}
+	if !dir {
+		k.size = st.Size
+	}
+	return k, nil
+}
+
+func ignoringEINTRErr(f func() error) error {
+	for {
+		if err := f(); err != syscall.EINTR {
+			return err
+		}
+	}
+}
+
+// Heads is one pass's use of the heads index: the index it found, and
+// the one it writes for the next pass.
+type Heads struct {
+	s *Store
+
+	// The index found: the names (sorted, as strings.Compare orders
+	// them), where each one's entry is and how long it is.
+	old   *os.File
+	names []string
+	offs  []int64
+	lens  []uint32
+
+	mu      sync.Mutex
+	tmp     *os.File // the new index, made at the first entry read from disk
+	w       *bufio.Writer
+	wrote   int64
+	entries []headEntry // every entry the next index holds
+	misses  int         // entries read from disk
+	werr    error       // the first write error: the new index is dropped
+}
+
+// headEntry is one entry of the next index: in the old file (fromOld)
+// or already written to the new one.
+type headEntry struct {
+	name    string
+	off     int64
+	n       uint32
+	fromOld bool
+}
+
+// OpenHeads starts a pass's use of the heads index: Newest then goes
+// through it until Close. An index that is missing or does not check out
+// is as good as an empty one.
+func (s *Store) OpenHeads() *Heads {
+	h := &Heads{s: s}
+	if err := h.load(filepath.Join(s.Dir, HeadsFile)); err != nil {
+		h.names, h.offs, h.lens = nil, nil, nil
+		if h.old != nil {
+			h.old.Close()
+			h.old = nil
+		}
+	}
+	s.heads.Store(h)
+	return h
+}
+
+// load reads the table of the index at path: trailer (table offset,
+// checksum, magic), then the table (count, then name, offset and length
+// of each entry, sorted by name).
+func (h *Heads) load(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	h.old = f
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	trailer := make([]byte, 8+4+len(headsTail))
+	if size < int64(len(headsMagic)+len(trailer)) {
+		return errors.New("heads index: too short")
+	}
+	if _, err := f.ReadAt(trailer, size-int64(len(trailer))); err != nil {
+		return err
+	}
+	if string(trailer[12:]) != headsTail {
+		return errors.New("heads index: no trailer")
+	}
+	at := int64(binary.LittleEndian.Uint64(trailer))
+	if at < int64(len(headsMagic)) || at > size-int64(len(trailer)) {
+		return errors.New("heads index: bad table offset")
+	}
+	table := make([]byte, size-int64(len(trailer))-at)
+	if _, err := f.ReadAt(table, at); err != nil {
+		return err
+	}
+	if crc32.ChecksumIEEE(table) != binary.LittleEndian.Uint32(trailer[8:]) {
+		return errors.New("heads index: table checksum")
+	}
+	return h.parseTable(table, at)
+}
+
+func (h *Heads) parseTable(table []byte, end int64) error {
+	if len(table) < 4 {
+		return errors.New("heads index: short table")
+	}
+	n := int(binary.LittleEndian.Uint32(table))
+	all := string(table) // one allocation that every name shares
+	h.names, h.offs, h.lens = make([]string, 0, n), make([]int64, 0, n), make([]uint32, 0, n)
+	p := 4
+	for range n {
+		if p+2 > len(all) {
+			return errors.New("heads index: short table")
+		}
+		l := int(binary.LittleEndian.Uint16(table[p:]))
+		if p+2+l+12 > len(all) {
+			return errors.New("heads index: short table")
+		}
+		name := all[p+2 : p+2+l]
+		off := int64(binary.LittleEndian.Uint64(table[p+2+l:]))
+		ln := binary.LittleEndian.Uint32(table[p+2+l+8:])
+		if off < int64(len(headsMagic)) || off+int64(ln) > end || (len(h.names) > 0 && name <= h.names[len(h.names)-1]) {
+			return errors.New("heads index: bad table entry")
+		}
+		h.names, h.offs, h.lens = append(h.names, name), append(h.offs, off), append(h.lens, ln)
+		p += 2 + l + 12
+	}
+	return nil
+}
+
+// cached is name's entry in the index found, checked against its
+// checksum and its name: its version, the keys recorded, and the
+// metadata bytes.
+func (h *Heads) cached(name string) (i int, v int, dir, meta statKey, data []byte, ok bool) {
+	i, found := slices.BinarySearch(h.names, name)
+	if !found || h.old == nil {
+		return 0, 0, statKey{}, statKey{}, nil, false
+	}
+	buf := make([]byte, h.lens[i])
+	if _, err := h.old.ReadAt(buf, h.offs[i]); err != nil || len(buf) < entryHeader+4 {
+		return 0, 0, statKey{}, statKey{}, nil, false
+	}
+	body, sum := buf[:len(buf)-4], binary.LittleEndian.Uint32(buf[len(buf)-4:])
+	if crc32.ChecksumIEEE(body) != sum {
+		return 0, 0, statKey{}, statKey{}, nil, false
+	}
+	dir, meta = decodeKeys(body)
+	v = int(binary.LittleEndian.Uint32(body[keyBytes:]))
+	nl := int(binary.LittleEndian.Uint16(body[keyBytes+4:]))
+	if entryHeader+nl > len(body) || string(body[entryHeader:entryHeader+nl]) != name {
+		return 0, 0, statKey{}, statKey{}, nil, false
+	}
+	return i, v, dir, meta, body[entryHeader+nl:], true
+}
+
+func encodeKeys(b []byte, dir, meta statKey) []byte {
+	for _, x := range []uint64{dir.ino, uint64(dir.mtime), uint64(dir.ctime), meta.ino, uint64(meta.mtime), uint64(meta.ctime), uint64(meta.size)} {
+		b = binary.LittleEndian.AppendUint64(b, x)
+	}
+	return b
+}
+
+func decodeKeys(b []byte) (dir, meta statKey) {
+	u := func(i int) uint64 { return binary.LittleEndian.Uint64(b[8*i:]) }
+	dir = statKey{ino: u(0), mtime: int64(u(1)), ctime: int64(u(2))}
+	meta = statKey{ino: u(3), mtime: int64(u(4)), ctime: int64(u(5)), size: int64(u(6))}
+	return dir, meta
+}
+
+// Newest is Store.Newest through the index: the entry when its keys
+// still hold (see the package's heads index), else the disk, whose
+// answer becomes the next index's entry once it is old enough to trust.
+func (h *Heads) Newest(name string) (*Lineage, error) {
+	start := time.Now()
+	archive := h.s.ArchiveDir(name)
+	dir, err := keyOf(archive, true)
+	if err != nil {
+		return h.s.newestOnDisk(name)
+	}
+	if i, v, odir, ometa, data, ok := h.cached(name); ok && odir == dir {
+		meta, err := keyOf(filepath.Join(archive, strconv.Itoa(v), MetaFile), false)
+		if err == nil && meta == ometa {
+			if l, err := h.s.parseMeta(name, data); err == nil {
+				h.keepOld(i)
+				return l, nil
+			}
+		}
+	}
+	v := h.s.MaxVersion(name)
+	if v == 0 {
+		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
+	}
+	path := filepath.Join(archive, strconv.Itoa(v), MetaFile)
+	meta, kerr := keyOf(path, false)
+	var l *Lineage
+	var compact bytes.Buffer
+	err = readSmall(path, func(data []byte) error {
+		var perr error
+		if l, perr = h.s.parseMeta(name, data); perr == nil {
+			perr = json.Compact(&compact, data)
+		}
+		return perr
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if old := start.Add(-Margin).UnixNano(); kerr == nil && dir.ctime < old && meta.ctime < old {
+		h.add(name, v, dir, meta, compact.Bytes())
+	}
+	return l, nil
+}
+
+func (h *Heads) keepOld(i int) {
+	h.mu.Lock()
+	h.entries = append(h.entries, headEntry{name: h.names[i], off: h.offs[i], n: h.lens[i], fromOld: true})
+	h.mu.Unlock()
+}
+
+// add writes an entry read from disk to the new index.
+func (h *Heads) add(name string, v int, dir, meta statKey, data []byte) {
+	body := encodeKeys(make([]byte, 0, entryHeader+len(name)+len(data)+4), dir, meta)
+	body = binary.LittleEndian.AppendUint32(body, uint32(v))
+	body = binary.LittleEndian.AppendUint16(body, uint16(len(name)))
+	body = append(append(body, name...), data...)
+	body = binary.LittleEndian.AppendUint32(body, crc32.ChecksumIEEE(body))
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.misses++
+	if h.werr != nil {
+		return
+	}
+	if h.tmp == nil {
+		if h.werr = h.create(); h.werr != nil {
+			return
+		}
+	}
+	if _, h.werr = h.w.Write(body); h.werr == nil {
+		h.entries = append(h.entries, headEntry{name: name, off: h.wrote, n: uint32(len(body))})
+		h.wrote += int64(len(body))
+	}
+}
+
+// create makes the new index's temporary file, clearing those of
+// passes killed more than an hour ago.
+func (h *Heads) create() error {
+	dir := filepath.Join(h.s.Dir, filepath.Dir(HeadsFile))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if old, _ := filepath.Glob(filepath.Join(dir, ".heads-*.tmp")); len(old) > 0 {
+		for _, p := range old {
+			if fi, err := os.Stat(p); err == nil && time.Since(fi.ModTime()) > time.Hour {
+				os.Remove(p)
+			}
+		}
+	}
+	f, err := os.CreateTemp(dir, ".heads-*.tmp")
+	if err != nil {
+		return err
+	}
+	h.tmp, h.w = f, bufio.NewWriterSize(f, 1<<20)
+	n, err := h.w.WriteString(headsMagic)
+	h.wrote = int64(n)
+	return err
+}
+
+// Close ends the pass's use of the index. When the pass read anything
+// from disk or did not use every entry it found, the new index replaces
+// the old one; otherwise the old one is still exact and stays.
+func (h *Heads) Close() error {
+	h.s.heads.CompareAndSwap(h, nil)
+	defer func() {
+		if h.old != nil {
+			h.old.Close()
+		}
+		if h.tmp != nil {
+			h.tmp.Close()
+			os.Remove(h.tmp.Name())
+		}
+	}()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	entries := dedupe(h.entries)
+	if h.misses == 0 && len(entries) == len(h.names) {
+		return nil
+	}
+	if h.werr == nil && h.tmp == nil {
+		h.werr = h.create()
+	}
+	if h.werr != nil {
+		return fmt.Errorf("heads index: %w", h.werr)
+	}
+	if err := h.finish(entries); err != nil {
+		return fmt.Errorf("heads index: %w", err)
+	}
+	if err := os.Rename(h.tmp.Name(), filepath.Join(h.s.Dir, HeadsFile)); err != nil {
+		return fmt.Errorf("heads index: %w", err)
+	}
+	h.tmp.Close()
+	h.tmp = nil
+	return nil
+}
+
+// dedupe sorts entries by name and keeps, of a name read twice in one
+// pass, the last.
+func dedupe(es []headEntry) []headEntry {
+	slices.SortStableFunc(es, func(a, b headEntry) int { return strings.Compare(a.name, b.name) })
+	out := es[:0]
+	for i, e := range es {
+		if i+1 < len(es) && es[i+1].name == e.name {
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// finish copies the entries kept from the old index after the new
+// ones, then writes the table and the trailer.
+func (h *Heads) finish(entries []headEntry) error {
+	// Entries kept are copied in runs of neighbours in the old file
+	// (most of them, after a pass like the last), not one read each.
+	var runAt, runLen int64
+	flush := func() error {
+		if runLen == 0 {
+			return nil
+		}
+		_, err := io.Copy(h.w, io.NewSectionReader(h.old, runAt, runLen))
+		runLen = 0
+		return err
+	}
+	for i := range entries {
+		e := &entries[i]
+		if !e.fromOld {
+			continue
+		}
+		if runLen > 0 && runAt+runLen != e.off {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		if runLen == 0 {
+			runAt = e.off
+		}
+		runLen += int64(e.n)
+		e.off, e.fromOld = h.wrote, false
+		h.wrote += int64(e.n)
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	table := binary.LittleEndian.AppendUint32(nil, uint32(len(entries)))
+	for _, e := range entries {
+		table = binary.LittleEndian.AppendUint16(table, uint16(len(e.name)))
+		table = append(table, e.name...)
+		table = binary.LittleEndian.AppendUint64(table, uint64(e.off))
+		table = binary.LittleEndian.AppendUint32(table, e.n)
+	}
+	at := h.wrote
+	if _, err := h.w.Write(table); err != nil {
+		return err
+	}
+	trailer := binary.LittleEndian.AppendUint64(nil, uint64(at))
+	trailer = binary.LittleEndian.AppendUint32(trailer, crc32.ChecksumIEEE(table))
+	if _, err := h.w.WriteString(string(trailer) + headsTail); err != nil {
+		return err
+	}
+	return h.w.Flush()
+}

@@ -1,0 +1,272 @@
+package store
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// headsMargin replaces Margin in these tests: above the 20 ms tick the
+// tests give file times (grain), as Margin is above any kernel's, and
+// small enough that a test waits it out between passes.
+const headsMargin = 30 * time.Millisecond
+
+func shortMargin(t *testing.T) {
+	old := Margin
+	Margin, grain = headsMargin, 20*time.Millisecond
+	t.Cleanup(func() { Margin, grain = old, 0 })
+}
+
+// pass is one renew pass through the index: every name asked once.
+func pass(t *testing.T, s *Store, names []string) (map[string]*Lineage, *Heads) {
+	t.Helper()
+	h := s.OpenHeads()
+	out := map[string]*Lineage{}
+	for _, n := range names {
+		l, err := s.Newest(n)
+		if err == nil {
+			out[n] = l
+		} else if !errors.Is(err, ErrNotFound) {
+			t.Fatalf("Newest(%s) through the index: %v", n, err)
+		}
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return out, h
+}
+
+// onDisk is what Newest answers without the index.
+func onDisk(t *testing.T, dir string, names []string) map[string]*Lineage {
+	t.Helper()
+	s := New(dir)
+	out := map[string]*Lineage{}
+	for _, n := range names {
+		if l, err := s.Newest(n); err == nil {
+			out[n] = l
+		}
+	}
+	return out
+}
+
+func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
+	shortMargin(t)
+	dir := t.TempDir()
+	s := New(dir)
+	names := []string{"a.example", "b.example", "c.example"}
+	for i, n := range names {
+		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * headsMargin)
+	if _, h := pass(t, s, names); h.misses != 3 {
+		t.Fatalf("first pass read %d lineages from disk, want 3", h.misses)
+	}
+	index := filepath.Join(dir, HeadsFile)
+	before, err := os.Stat(index)
+	if err != nil {
+		t.Fatalf("no index after the first pass: %v", err)
+	}
+	got, h := pass(t, s, names)
+	if h.misses != 0 {
+		t.Errorf("second pass read %d lineages from disk, want 0 (all from the index)", h.misses)
+	}
+	if !reflect.DeepEqual(got, onDisk(t, dir, names)) {
+		t.Errorf("the index answers %+v, the disk %+v", got, onDisk(t, dir, names))
+	}
+	if after, _ := os.Stat(index); !os.SameFile(before, after) {
+		t.Errorf("a pass that read nothing from disk rewrote the index")
+	}
+
+	// An edit by hand, in place (same inode, same size), is seen.
+	meta := filepath.Join(s.ArchiveDir("b.example"), "1", MetaFile)
+	data, _ := os.ReadFile(meta)
+	os.WriteFile(meta, []byte(strings.Replace(string(data), "/var/www", "/srv/www", 1)), 0o644)
+	got, _ = pass(t, s, names)
+	if got["b.example"].Challenge.Webroot != "/srv/www" {
+		t.Errorf("a hand edit of lineage.json is not seen through the index: webroot %q", got["b.example"].Challenge.Webroot)
+	}
+	// A new version, UpdateMeta and a delete are seen.
+	if _, err := s.SaveVersion(lineage("a.example", "9"), files("a2")); err != nil {
+		t.Fatal(err)
+	}
+	l := lineage("c.example", "2")
+	l.Version, l.Email = 1, "new@example.com"
+	if err := s.UpdateMeta(l); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete("b.example"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = pass(t, s, names)
+	if !reflect.DeepEqual(got, onDisk(t, dir, names)) || got["a.example"].Version != 2 || got["c.example"].Email != "new@example.com" || got["b.example"] != nil {
+		t.Errorf("after a new version, UpdateMeta and a delete, the index answers %+v; the disk %+v", got, onDisk(t, dir, names))
+	}
+}
+
+var headsSeeds = flag.Int("heads-seeds", 6, "seeds of TestHeadsIndexRandomized")
+
+// TestHeadsIndexRandomized mixes, seed by seed, the writes lbcert makes
+// (a new version, UpdateMeta, Prune, Delete, a version superseded), an
+// operator's (an edit in place, a version directory removed or planted
+// by hand), and faults on the index itself (flipped or truncated bytes,
+// deleted, a pass killed before it wrote, two passes at once), with
+// passes between them, some right after a write and some after
+// Margin. After every pass, what Newest answered through the index must
+// be exactly what the disk holds, for every name (the package's heads
+// index rule); and across a seed the index must have answered some.
+func TestHeadsIndexRandomized(t *testing.T) {
+	shortMargin(t)
+	for seed := 1; seed <= *headsSeeds; seed++ {
+		t.Run(strconv.Itoa(seed), func(t *testing.T) { headsSeed(t, uint64(seed)) })
+	}
+}
+
+func headsSeed(t *testing.T, seed uint64) {
+	r := rand.New(rand.NewPCG(seed, 29))
+	dir := t.TempDir()
+	s := New(dir)
+	var names []string
+	for i := range 12 {
+		names = append(names, fmt.Sprintf("n%d.example", i))
+	}
+	serial := 0
+	hits := 0
+	for op := range 150 {
+		n := names[r.IntN(len(names))]
+		what := headsOp(t, r, s, n, &serial)
+		switch r.IntN(3) {
+		case 0:
+			continue // more writes before the next pass
+		case 1:
+			time.Sleep(headsMargin + 5*time.Millisecond)
+		}
+		want := onDisk(t, dir, names)
+		if r.IntN(8) == 0 {
+			// Two passes at once, from two processes.
+			s2 := New(dir)
+			h1, h2 := s.OpenHeads(), s2.OpenHeads()
+			for _, x := range names {
+				s.Newest(x)
+				s2.Newest(x)
+			}
+			if r.IntN(2) == 0 {
+				h1, h2 = h2, h1
+			}
+			h1.Close()
+			h2.Close()
+			continue
+		}
+		got, h := pass(t, s, names)
+		hits += len(names) - h.misses
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("seed %d, after op %d (%s): through the index %s; on disk %s", seed, op, what, brief(got), brief(want))
+		}
+	}
+	if hits == 0 {
+		t.Fatalf("seed %d: the index never answered", seed)
+	}
+}
+
+func brief(m map[string]*Lineage) string {
+	out := ""
+	for _, n := range slices.Sorted(maps.Keys(m)) {
+		l := m[n]
+		out += fmt.Sprintf("%s=v%d/%s/%s/%s ", n, l.Version, l.Cert.Serial, l.Email, l.Challenge.Webroot)
+	}
+	return out
+}
+
+// headsOp makes one random write or fault and says which.
+func headsOp(t *testing.T, r *rand.Rand, s *Store, n string, serial *int) string {
+	t.Helper()
+	*serial++
+	sn := strconv.Itoa(*serial)
+	index := filepath.Join(s.Dir, HeadsFile)
+	v := s.MaxVersion(n)
+	switch k := r.IntN(11); {
+	case k < 3 || v == 0:
+		if _, err := s.SaveVersion(lineage(n, sn), files(sn)); err != nil {
+			t.Fatal(err)
+		}
+		return "new version of " + n
+	case k == 3:
+		l, _ := s.LoadVersion(n, v)
+		l.Email = "e" + sn + "@example.com"
+		if err := s.UpdateMeta(l); err != nil {
+			t.Fatal(err)
+		}
+		return "UpdateMeta of " + n
+	case k == 4:
+		s.Prune(n, 1)
+		return "Prune of " + n
+	case k == 5:
+		s.Delete(n)
+		return "Delete of " + n
+	case k == 6:
+		// In place, same inode and often the same size: an editor.
+		p := filepath.Join(s.ArchiveDir(n), strconv.Itoa(v), MetaFile)
+		data, _ := os.ReadFile(p)
+		l, _ := s.parseMeta(n, data)
+		if l != nil {
+			l.Challenge.Webroot = fmt.Sprintf("/w%04d", *serial%10000)
+			writeInPlace(t, p, l)
+		}
+		return "hand edit of " + n
+	case k == 7:
+		os.RemoveAll(filepath.Join(s.ArchiveDir(n), strconv.Itoa(v)))
+		return "newest version of " + n + " removed by hand"
+	case k == 8:
+		l := lineage(n, sn)
+		l.Version = v + 1
+		s.Stage(l, files(sn))
+		return "version staged for " + n
+	case k == 9:
+		data, err := os.ReadFile(index)
+		if err == nil && len(data) > 0 {
+			switch r.IntN(3) {
+			case 0:
+				data[r.IntN(len(data))] ^= byte(1 + r.IntN(255))
+			case 1:
+				data = data[:r.IntN(len(data))]
+			default:
+				data = nil
+			}
+			os.WriteFile(index, data, 0o600)
+		}
+		return "index damaged"
+	default:
+		// A pass killed before it wrote: its temporary file stays.
+		s2 := New(s.Dir)
+		s2.OpenHeads()
+		s2.Newest(n)
+		return "pass killed"
+	}
+}
+
+// writeInPlace rewrites lineage.json through the same inode, as an
+// editor that truncates and writes does.
+func writeInPlace(t *testing.T, path string, l *Lineage) {
+	data, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(data)
+	f.Close()
+}
