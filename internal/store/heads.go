@@ -125,6 +125,43 @@ type Heads struct {
 	entries []headEntry // every entry the next index holds
 	misses  int         // entries read from disk
 	werr    error       // the first write error: the new index is dropped
+
+	// The plan reads each lineage's status, then its journal: two reads
+	// of one record, microseconds apart. The record ReadStatus read is
+	// kept here for the next Journal of that name, unless this process
+	// wrote any record in between (recordWrites counts them); other
+	// processes do not write records during a pass, which holds the
+	// state directory's lock.
+	recMu   sync.Mutex
+	records map[string]keptRecord
+}
+
+type keptRecord struct {
+	r      record
+	writes uint64 // recordWrites before the read
+}
+
+// keptRecords bounds the records kept: those of lineages whose journal
+// the plan does not read (due now) are dropped when it is reached.
+const keptRecords = 4096
+
+func (h *Heads) keepRecord(name string, r record, writes uint64) {
+	h.recMu.Lock()
+	defer h.recMu.Unlock()
+	if h.records == nil || len(h.records) >= keptRecords {
+		h.records = map[string]keptRecord{}
+	}
+	h.records[name] = keptRecord{r: r, writes: writes}
+}
+
+// takeRecord is the record kept for name, once, if no record was
+// written since it was read.
+func (h *Heads) takeRecord(name string) (record, bool) {
+	h.recMu.Lock()
+	k, ok := h.records[name]
+	delete(h.records, name)
+	h.recMu.Unlock()
+	return k.r, ok && k.writes == recordWrites.Load()
 }
 
 // headEntry is one entry of the next index: in the old file (fromOld)
@@ -220,13 +257,14 @@ func (h *Heads) parseTable(table []byte, end int64) error {
 
 // cached is name's entry in the index found, checked against its
 // checksum and its name: its version, the keys recorded, and the
-// metadata bytes.
-func (h *Heads) cached(name string) (i int, v int, dir, meta statKey, data []byte, ok bool) {
+// metadata bytes, in *bp (a buffer of buffers, grown as needed).
+func (h *Heads) cached(name string, bp *[]byte) (i int, v int, dir, meta statKey, data []byte, ok bool) {
 	i, found := slices.BinarySearch(h.names, name)
 	if !found || h.old == nil {
 		return 0, 0, statKey{}, statKey{}, nil, false
 	}
-	buf := make([]byte, h.lens[i])
+	*bp = slices.Grow((*bp)[:0], int(h.lens[i]))
+	buf := (*bp)[:h.lens[i]]
 	if _, err := h.old.ReadAt(buf, h.offs[i]); err != nil || len(buf) < entryHeader+4 {
 		return 0, 0, statKey{}, statKey{}, nil, false
 	}
@@ -267,7 +305,9 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 	if err != nil {
 		return h.s.newestOnDisk(name)
 	}
-	if i, v, odir, ometa, data, ok := h.cached(name); ok && odir == dir {
+	bp := buffers.Get().(*[]byte)
+	defer buffers.Put(bp)
+	if i, v, odir, ometa, data, ok := h.cached(name, bp); ok && odir == dir {
 		meta, err := keyOf(filepath.Join(archive, strconv.Itoa(v), MetaFile), false)
 		if err == nil && meta == ometa {
 			if l, err := h.s.parseMeta(name, data); err == nil {
@@ -305,6 +345,9 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 
 func (h *Heads) keepOld(i int) {
 	h.mu.Lock()
+	if h.entries == nil {
+		h.entries = make([]headEntry, 0, len(h.names))
+	}
 	h.entries = append(h.entries, headEntry{name: h.names[i], off: h.offs[i], n: h.lens[i], fromOld: true})
 	h.mu.Unlock()
 }

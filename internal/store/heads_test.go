@@ -270,3 +270,44 @@ func writeInPlace(t *testing.T, path string, l *Lineage) {
 	f.Write(data)
 	f.Close()
 }
+
+// During a pass the journal read after a status comes from that read,
+// unless this process wrote a record in between, through any Store.
+func TestPassReadsARecordOnce(t *testing.T) {
+	dir := t.TempDir()
+	s := New(dir)
+	const n = "r.example"
+	deployed := func(v int) Journal { return Journal{Deployed: &Deployed{Version: v, Serial: "s", With: "w"}} }
+	if err := s.SetJournal(n, deployed(1)); err != nil {
+		t.Fatal(err)
+	}
+	h := s.OpenHeads()
+	defer h.Close()
+	// A write no Store of this process makes (there is none during a
+	// pass: the pass holds the lock) is not seen: the record was kept.
+	s.ReadStatus(n)
+	other := New(dir)
+	hand, _ := json.Marshal(record{Journal: deployed(2)})
+	os.WriteFile(other.statusPath(n), hand, 0o600)
+	if j, _ := s.Journal(n); j.Deployed.Version != 1 {
+		t.Fatalf("the journal after a status was read again from disk (version %d), not taken from that read", j.Deployed.Version)
+	}
+	// Once only: the next read is the disk's.
+	if j, _ := s.Journal(n); j.Deployed.Version != 2 {
+		t.Fatalf("a second journal read gave version %d, want the disk's 2", j.Deployed.Version)
+	}
+	// A write by this process, through another Store, voids it.
+	s.ReadStatus(n)
+	if err := other.SetJournal(n, deployed(3)); err != nil {
+		t.Fatal(err)
+	}
+	if j, _ := s.Journal(n); j.Deployed.Version != 3 {
+		t.Fatalf("the journal after this process wrote version 3 reads version %d", j.Deployed.Version)
+	}
+	h.Close()
+	s.ReadStatus(n)
+	os.WriteFile(other.statusPath(n), hand, 0o600)
+	if j, _ := s.Journal(n); j.Deployed.Version != 2 {
+		t.Fatalf("after the pass a journal read gave version %d, not the disk's 2", j.Deployed.Version)
+	}
+}

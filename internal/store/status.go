@@ -164,15 +164,29 @@ func (s *Store) writeRecord(name string, r record) error {
 	if err != nil {
 		return err
 	}
-	if err := WriteFile(s.statusPath(name), append(data, '\n'), 0o600); err != nil {
+	err = WriteFile(s.statusPath(name), append(data, '\n'), 0o600)
+	s.recordWritten()
+	if err != nil {
 		return fmt.Errorf("status of %s: %w", name, err)
 	}
 	return nil
 }
 
+// recordWrites counts the writes of records by this process, through
+// any Store: one voids the records a pass kept (Heads.keepRecord),
+// whichever lineage they are of.
+var recordWrites atomic.Uint64
+
+func (s *Store) recordWritten() { recordWrites.Add(1) }
+
 // ReadStatus returns the status of lineage name (zero when none).
 func (s *Store) ReadStatus(name string) (Status, error) {
+	h := s.heads.Load()
+	gen := recordWrites.Load()
 	r, err := s.readRecord(name)
+	if h != nil && err == nil {
+		h.keepRecord(name, r, gen)
+	}
 	return r.Status, err
 }
 
@@ -193,6 +207,11 @@ func (s *Store) WriteStatus(name string, st Status) error {
 
 // Journal returns this node's journal of lineage name (zero when none).
 func (s *Store) Journal(name string) (Journal, error) {
+	if h := s.heads.Load(); h != nil {
+		if r, ok := h.takeRecord(name); ok {
+			return r.Journal, nil
+		}
+	}
 	r, err := s.readRecord(name)
 	return r.Journal, err
 }
@@ -215,6 +234,7 @@ func (s *Store) SetJournal(name string, j Journal) error {
 // removeRecord deletes the record of lineage name, if any.
 func (s *Store) removeRecord(name string) error {
 	err := os.Remove(s.statusPath(name))
+	s.recordWritten()
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
