@@ -22,6 +22,7 @@ import (
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/progress"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -168,7 +169,7 @@ func (a *app) checkBatch(o *batchOptions) (store.Challenge, error) {
 	if o.Concurrency < 1 {
 		return none, fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
 	}
-	if err := checkDays(o.Days); err != nil {
+	if err := renewal.CheckDays(o.Days); err != nil {
 		return none, err
 	}
 	if err := acme.CheckKeyType(o.KeyType); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/lbcert/lbcert/internal/challenge"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -100,7 +101,7 @@ target, deploys the current certificate there; --force issues anyway.`,
 func (a *app) checkIssue(st *store.Store, o *issueOptions) (engine.Job, runSpec, error) {
 	var job engine.Job
 	var spec runSpec
-	if err := checkDays(o.Days); err != nil {
+	if err := renewal.CheckDays(o.Days); err != nil {
 		return job, spec, err
 	}
 	domains, err := names.Domains(o.Domains)

@@ -10,10 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
-	"github.com/lbcert/lbcert/internal/names"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -105,16 +103,8 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return nil
 	}
 	st := store.New(a.global.Dir)
-	if err := checkDays(o.Days); err != nil {
+	if err := engine.CheckRenewFlags(o.Days, o.Concurrency, o.Names); err != nil {
 		return err
-	}
-	if o.Concurrency < 1 {
-		return fmt.Errorf("--concurrency %d: want 1 or more", o.Concurrency)
-	}
-	for _, n := range o.Names {
-		if err := names.Lineage(n); err != nil {
-			return fmt.Errorf("--name: %w", err)
-		}
 	}
 	limits, err := o.pace.Limits()
 	if err != nil {
@@ -137,15 +127,8 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		return err
 	}
 	defer h.close()
-	if _, local := h.catalog.(*catalog.Dir); local && len(o.Names) == 0 && !o.DryRun {
-		// A pass over every lineage reads their metadata through the
-		// heads index (package store), and leaves it for the next pass.
-		heads := h.st.OpenHeads()
-		defer func() {
-			if err := heads.Close(); err != nil {
-				slog.Warn("could not save the heads index; the next pass reads every lineage from disk", "err", err)
-			}
-		}()
+	if p, ok := h.catalog.(interface{ Pass() func() }); ok && len(o.Names) == 0 && !o.DryRun {
+		defer p.Pass()() // a pass over every lineage: through the heads index
 	}
 	all, err := h.catalog.Names(ctx)
 	if err != nil {

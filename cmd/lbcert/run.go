@@ -148,15 +148,6 @@ func (a *app) sayUnreachable(res *engine.Result) {
 	}
 }
 
-// checkDays checks --days, the one override of the due rule that issue,
-// batch and renew share.
-func checkDays(days int) error {
-	if days < 0 {
-		return fmt.Errorf("--days %d: must be positive", days)
-	}
-	return nil
-}
-
 // printJSON writes v, a report in one of the versioned schemas.
 func (a *app) printJSON(v any) error {
 	enc := json.NewEncoder(a.out)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -33,6 +34,18 @@ func NewDir(st *store.Store) *Dir { return &Dir{S: st, held: map[string]bool{}} 
 // Names are the archived lineages, live or not: one whose first deploy
 // failed is still a lineage, which renew deploys and list shows.
 func (d *Dir) Names(ctx context.Context) ([]string, error) { return d.S.Lineages() }
+
+// Pass begins a renew pass over every lineage, which reads their
+// metadata through the state directory's heads index (store.OpenHeads),
+// and returns its end, which leaves the index for the next pass.
+func (d *Dir) Pass() func() {
+	h := d.S.OpenHeads()
+	return func() {
+		if err := h.Close(); err != nil {
+			slog.Warn("could not save the heads index; the next pass reads every lineage from disk", "err", err)
+		}
+	}
+}
 
 // Head is the newest archived version.
 func (d *Dir) Head(ctx context.Context, name string) (*store.Lineage, error) {

@@ -9,6 +9,8 @@ import (
 	"github.com/lbcert/lbcert/internal/acme"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/hint"
+	"github.com/lbcert/lbcert/internal/names"
+	"github.com/lbcert/lbcert/internal/renewal"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -66,6 +68,23 @@ func RenewJobs(ctx context.Context, cat catalog.Catalog, all, failed []string, r
 			}
 		}
 	}, len(selected) + len(retries), nil
+}
+
+// CheckRenewFlags refuses renew's bad --days, --concurrency and --name
+// before anything is read or written.
+func CheckRenewFlags(days, concurrency int, lineages []string) error {
+	if err := renewal.CheckDays(days); err != nil {
+		return err
+	}
+	if concurrency < 1 {
+		return fmt.Errorf("--concurrency %d: want 1 or more", concurrency)
+	}
+	for _, n := range lineages {
+		if err := names.Lineage(n); err != nil {
+			return fmt.Errorf("--name: %w", err)
+		}
+	}
+	return nil
 }
 
 // retryJobs are the jobs of the names never issued whose status holds

@@ -252,3 +252,12 @@ func TimeLeft(d time.Duration) string {
 	}
 	return "expired"
 }
+
+// CheckDays checks --days, the one override of the due rule that issue,
+// batch and renew share.
+func CheckDays(days int) error {
+	if days < 0 {
+		return fmt.Errorf("--days %d: must be positive", days)
+	}
+	return nil
+}
