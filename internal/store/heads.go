@@ -124,6 +124,7 @@ type Heads struct {
 	wrote   int64
 	entries []headEntry // every entry the next index holds
 	misses  int         // entries read from disk
+	listed  []string    // the lineages the pass listed, sorted; nil if none
 	werr    error       // the first write error: the new index is dropped
 
 	// The plan reads each lineage's status, then its journal: two reads
@@ -380,7 +381,7 @@ func (h *Heads) add(name string, v int, dir, meta statKey, data []byte) {
 // passes killed more than an hour ago.
 func (h *Heads) create() error {
 	dir := filepath.Join(h.s.Dir, filepath.Dir(HeadsFile))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := realDir(dir); err != nil {
 		return err
 	}
 	if old, _ := filepath.Glob(filepath.Join(dir, ".heads-*.tmp")); len(old) > 0 {
@@ -416,9 +417,9 @@ func (h *Heads) Close() error {
 	}()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	entries := dedupe(h.entries)
-	if h.misses == 0 && len(entries) == len(h.names) {
-		return nil
+	entries, dropped := h.untouched(dedupe(h.entries))
+	if h.misses == 0 && dropped == 0 {
+		return nil // the index found is still exact
 	}
 	if h.werr == nil && h.tmp == nil {
 		h.werr = h.create()
@@ -435,6 +436,41 @@ func (h *Heads) Close() error {
 	h.tmp.Close()
 	h.tmp = nil
 	return nil
+}
+
+// untouched adds to entries (sorted by name) the old entries the pass
+// did not read, when they are of lineages the pass listed (it was
+// stopped before it reached them, or failed before its plan) or when it
+// listed none; it also sorts the result and reports how many old
+// entries went: lineages that are gone.
+func (h *Heads) untouched(entries []headEntry) ([]headEntry, int) {
+	dropped := 0
+	j := 0
+	for i, n := range h.names {
+		for j < len(entries) && entries[j].name < n {
+			j++
+		}
+		if j < len(entries) && entries[j].name == n {
+			continue
+		}
+		if _, listed := slices.BinarySearch(h.listed, n); h.listed != nil && !listed {
+			dropped++
+			continue
+		}
+		entries = append(entries, headEntry{name: n, off: h.offs[i], n: h.lens[i], fromOld: true})
+	}
+	slices.SortFunc(entries, func(a, b headEntry) int { return strings.Compare(a.name, b.name) })
+	return entries, dropped
+}
+
+// listing tells the pass which lineages the state directory holds
+// (Store.Lineages, sorted here by strings.Compare).
+func (h *Heads) listing(names []string) {
+	l := slices.Clone(names)
+	slices.Sort(l)
+	h.mu.Lock()
+	h.listed = l
+	h.mu.Unlock()
 }
 
 // dedupe sorts entries by name and keeps, of a name read twice in one

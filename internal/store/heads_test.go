@@ -32,6 +32,9 @@ func shortMargin(t *testing.T) {
 func pass(t *testing.T, s *Store, names []string) (map[string]*Lineage, *Heads) {
 	t.Helper()
 	h := s.OpenHeads()
+	if _, err := s.Lineages(); err != nil { // as renew's catalog does
+		t.Fatal(err)
+	}
 	out := map[string]*Lineage{}
 	for _, n := range names {
 		l, err := s.Newest(n)
@@ -309,5 +312,60 @@ func TestPassReadsARecordOnce(t *testing.T) {
 	os.WriteFile(other.statusPath(n), hand, 0o600)
 	if j, _ := s.Journal(n); j.Deployed.Version != 2 {
 		t.Fatalf("after the pass a journal read gave version %d, not the disk's 2", j.Deployed.Version)
+	}
+}
+
+// A pass that stops before it reads a lineage (another run holds the
+// lock, an interrupt) keeps that lineage's entry, and a pass that reads
+// nothing leaves the index as it was; the entry of a lineage that is gone
+// goes.
+func TestHeadsIndexKeepsWhatAPassDidNotReach(t *testing.T) {
+	shortMargin(t)
+	dir := t.TempDir()
+	s := New(dir)
+	names := []string{"k1.example", "k2.example", "k3.example", "k4.example"}
+	for i, n := range names {
+		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * headsMargin)
+	pass(t, s, names)
+	index := filepath.Join(dir, HeadsFile)
+	before, _ := os.Stat(index)
+
+	h := s.OpenHeads()
+	s.Lineages()
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.Stat(index); !os.SameFile(before, after) {
+		t.Errorf("a pass that read no lineage rewrote the index")
+	}
+
+	// Stopped after two lineages, one of them changed: the index is
+	// written again, with the two it did not reach.
+	if _, err := s.SaveVersion(lineage("k1.example", "9"), files("k1b")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * headsMargin)
+	h = s.OpenHeads()
+	s.Lineages()
+	s.Newest("k1.example")
+	s.Newest("k2.example")
+	h.Close()
+	if _, h := pass(t, s, names); h.misses != 0 {
+		t.Errorf("after a pass stopped halfway the next pass read %d lineages from disk, want 0", h.misses)
+	}
+
+	// A lineage deleted: its entry goes at the next pass.
+	if err := s.Delete("k3.example"); err != nil {
+		t.Fatal(err)
+	}
+	pass(t, s, names)
+	h = s.OpenHeads()
+	defer h.Close()
+	if _, found := slices.BinarySearch(h.names, "k3.example"); found || len(h.names) != 3 {
+		t.Errorf("after k3.example was deleted the index holds %v", h.names)
 	}
 }

@@ -175,6 +175,9 @@ func (s *Store) Lineages() ([]string, error) {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return NaturalLess(out[i], out[j]) })
+	if h := s.heads.Load(); h != nil {
+		h.listing(out)
+	}
 	return slices.Clip(out), nil
 }
 
