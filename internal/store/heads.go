@@ -324,14 +324,15 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 	path := filepath.Join(archive, strconv.Itoa(v), MetaFile)
 	meta, kerr := keyOf(path, false)
 	var l *Lineage
-	var compact bytes.Buffer
+	compact := bytes.NewBuffer((*bp)[:0]) // the entry's buffer, free again
 	err = readSmall(path, func(data []byte) error {
 		var perr error
 		if l, perr = h.s.parseMeta(name, data); perr == nil {
-			perr = json.Compact(&compact, data)
+			perr = json.Compact(compact, data)
 		}
 		return perr
 	})
+	defer func() { *bp = compact.Bytes()[:0] }()
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
