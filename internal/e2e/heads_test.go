@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -38,6 +39,21 @@ func TestRenewThroughTheHeadsIndex(t *testing.T) {
 		t.Fatalf("a second pass over unchanged lineages rewrote the heads index: it read lineages from disk")
 	}
 
+	// A renew refused because another run holds the lock reads no
+	// lineage, and leaves the index as it was.
+	d, err := os.Open(e.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	r := e.run("renew", "--days", "7", "--no-random-sleep")
+	d.Close() // and with it the lock
+	if again, _ := os.Stat(index); r.code != 3 || !os.SameFile(first, again) || again.Size() != first.Size() {
+		t.Fatalf("a renew refused by the lock (exit %d, want 3) rewrote the heads index (%d bytes, were %d)", r.code, again.Size(), first.Size())
+	}
+
 	// In place, as an editor or a script does: same inode.
 	p := filepath.Join(e.dir, "live", "hx.example.com", "lineage.json")
 	var meta map[string]any
@@ -49,7 +65,7 @@ func TestRenewThroughTheHeadsIndex(t *testing.T) {
 	if err := os.WriteFile(p, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := e.mustRun("renew", "--days", "7", "--no-random-sleep")
+	r = e.mustRun("renew", "--days", "7", "--no-random-sleep")
 	if after := e.serial("hx.example.com"); after == before || !strings.Contains(r.stdout, "1 renewed") {
 		t.Fatalf("hx.example.com, edited by hand to expire in 2 days, was not renewed by 'renew --days 7' through the heads index (serial %s, then %s):\n%s", before, after, r.stdout)
 	}

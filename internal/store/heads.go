@@ -74,6 +74,14 @@ const (
 	headsTail   = "LBHEADS1"
 	keyBytes    = 8 * 7 // two stat keys, the size of the file
 	entryHeader = keyBytes + 4 + 2
+
+	// An index is only believed within these bounds (a file crafted or
+	// damaged to claim more must not size lbcert's memory): a table of
+	// ten million lineages is under 300 MB, and a lineage.json under
+	// 64 KiB.
+	maxTable      = 1 << 30
+	maxEntry      = 1 << 20
+	minTableEntry = 2 + 1 + 8 + 4
 )
 
 // statKey is what a change to a file or directory changes.
@@ -194,7 +202,8 @@ func (s *Store) OpenHeads() *Heads {
 // checksum, magic), then the table (count, then name, offset and length
 // of each entry, sorted by name).
 func (h *Heads) load(path string) error {
-	f, err := os.Open(path)
+	// Not through a link, and not blocking on a FIFO planted there.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return err
 	}
@@ -202,6 +211,9 @@ func (h *Heads) load(path string) error {
 	fi, err := f.Stat()
 	if err != nil {
 		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return errors.New("heads index: not a regular file")
 	}
 	size := fi.Size()
 	trailer := make([]byte, 8+4+len(headsTail))
@@ -218,6 +230,9 @@ func (h *Heads) load(path string) error {
 	if at < int64(len(headsMagic)) || at > size-int64(len(trailer)) {
 		return errors.New("heads index: bad table offset")
 	}
+	if size-int64(len(trailer))-at > maxTable {
+		return errors.New("heads index: table too large")
+	}
 	table := make([]byte, size-int64(len(trailer))-at)
 	if _, err := f.ReadAt(table, at); err != nil {
 		return err
@@ -233,6 +248,9 @@ func (h *Heads) parseTable(table []byte, end int64) error {
 		return errors.New("heads index: short table")
 	}
 	n := int(binary.LittleEndian.Uint32(table))
+	if n > len(table)/minTableEntry {
+		return errors.New("heads index: bad entry count")
+	}
 	all := string(table) // one allocation that every name shares
 	h.names, h.offs, h.lens = make([]string, 0, n), make([]int64, 0, n), make([]uint32, 0, n)
 	p := 4
@@ -247,7 +265,7 @@ func (h *Heads) parseTable(table []byte, end int64) error {
 		name := all[p+2 : p+2+l]
 		off := int64(binary.LittleEndian.Uint64(table[p+2+l:]))
 		ln := binary.LittleEndian.Uint32(table[p+2+l+8:])
-		if off < int64(len(headsMagic)) || off+int64(ln) > end || (len(h.names) > 0 && name <= h.names[len(h.names)-1]) {
+		if off < int64(len(headsMagic)) || off+int64(ln) > end || ln > maxEntry || (len(h.names) > 0 && name <= h.names[len(h.names)-1]) {
 			return errors.New("heads index: bad table entry")
 		}
 		h.names, h.offs, h.lens = append(h.names, name), append(h.offs, off), append(h.lens, ln)

@@ -1,10 +1,12 @@
 package store
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"hash/crc32"
 	"maps"
 	"math/rand/v2"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -368,4 +371,96 @@ func TestHeadsIndexKeepsWhatAPassDidNotReach(t *testing.T) {
 	if _, found := slices.BinarySearch(h.names, "k3.example"); found || len(h.names) != 3 {
 		t.Errorf("after k3.example was deleted the index holds %v", h.names)
 	}
+}
+
+// An index file lbcert cannot trust is no index: one crafted to claim
+// four billion entries, a sparse 100 GiB file, a FIFO, a link. None of
+// them sizes lbcert's memory, blocks it, or is written through; and a
+// cache directory that is a link is not written into.
+func TestHeadsIndexRefusesWhatItCannotTrust(t *testing.T) {
+	shortMargin(t)
+	names := []string{"t1.example", "t2.example"}
+	setup := func(t *testing.T) (*Store, string) {
+		dir := t.TempDir()
+		s := New(dir)
+		for i, n := range names {
+			if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		os.MkdirAll(filepath.Join(dir, "cache"), 0o700)
+		return s, filepath.Join(dir, HeadsFile)
+	}
+	trailer := func(at uint64, table []byte) []byte {
+		b := binary.LittleEndian.AppendUint64(nil, at)
+		b = binary.LittleEndian.AppendUint32(b, crc32.ChecksumIEEE(table))
+		return append(b, headsTail...)
+	}
+	opens := func(t *testing.T, s *Store) {
+		t.Helper()
+		done := make(chan *Heads, 1)
+		go func() { done <- s.OpenHeads() }()
+		select {
+		case h := <-done:
+			if len(h.names) != 0 {
+				t.Errorf("an index that cannot be trusted was loaded: %d names", len(h.names))
+			}
+			got := map[string]*Lineage{}
+			for _, n := range names {
+				got[n], _ = s.Newest(n)
+			}
+			if want := onDisk(t, s.Dir, names); !reflect.DeepEqual(got, want) {
+				t.Errorf("through the refused index %s, on disk %s", brief(got), brief(want))
+			}
+			h.Close()
+		case <-time.After(10 * time.Second):
+			t.Fatal("opening the heads index blocked")
+		}
+	}
+	t.Run("count", func(t *testing.T) {
+		s, index := setup(t)
+		table := binary.LittleEndian.AppendUint32(nil, 0xFFFFFFF0)
+		os.WriteFile(index, append(append([]byte(headsMagic), table...), trailer(uint64(len(headsMagic)), table)...), 0o600)
+		opens(t, s)
+	})
+	t.Run("sparse", func(t *testing.T) {
+		s, index := setup(t)
+		f, _ := os.Create(index)
+		f.WriteString(headsMagic)
+		tr := trailer(uint64(len(headsMagic)), nil)
+		f.WriteAt(tr, 100<<30-int64(len(tr)))
+		f.Close()
+		opens(t, s)
+	})
+	t.Run("fifo", func(t *testing.T) {
+		s, index := setup(t)
+		if err := syscall.Mkfifo(index, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		opens(t, s)
+	})
+	t.Run("links", func(t *testing.T) {
+		s, index := setup(t)
+		elsewhere := t.TempDir()
+		precious := filepath.Join(elsewhere, "heads")
+		os.WriteFile(precious, []byte("precious"), 0o600)
+		os.Symlink(precious, index)
+		time.Sleep(2 * headsMargin)
+		opens(t, s)
+		if data, _ := os.ReadFile(precious); string(data) != "precious" {
+			t.Errorf("the file cache/heads linked to was written: %q", data)
+		}
+		os.RemoveAll(filepath.Join(s.Dir, "cache"))
+		os.Symlink(elsewhere, filepath.Join(s.Dir, "cache"))
+		h := s.OpenHeads()
+		for _, n := range names {
+			s.Newest(n)
+		}
+		if err := h.Close(); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+			t.Errorf("writing the index into a linked cache directory: %v, want a refusal", err)
+		}
+		if data, _ := os.ReadFile(precious); string(data) != "precious" {
+			t.Errorf("the index was written through the linked cache directory: %q", data)
+		}
+	})
 }
