@@ -132,7 +132,7 @@ type Heads struct {
 	wrote   int64
 	entries []headEntry // every entry the next index holds
 	misses  int         // entries read from disk
-	listed  []string    // the lineages the pass listed, sorted; nil if none
+	listed  []string    // the lineages the pass listed; nil if none
 	werr    error       // the first write error: the new index is dropped
 
 	// The plan reads each lineage's status, then its journal: two reads
@@ -436,6 +436,12 @@ func (h *Heads) Close() error {
 	}()
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.misses == 0 && len(h.entries) >= len(h.names) {
+		// Every entry came from the index found (and one per name, but
+		// for a name read twice): it is still exact, at most holding a
+		// lineage that went, which no lookup finds on disk.
+		return nil
+	}
 	entries, dropped := h.untouched(dedupe(h.entries))
 	if h.misses == 0 && dropped == 0 {
 		return nil // the index found is still exact
@@ -465,12 +471,17 @@ func (h *Heads) Close() error {
 func (h *Heads) untouched(entries []headEntry) ([]headEntry, int) {
 	dropped := 0
 	j := 0
+	sorted := false
 	for i, n := range h.names {
 		for j < len(entries) && entries[j].name < n {
 			j++
 		}
 		if j < len(entries) && entries[j].name == n {
 			continue
+		}
+		if h.listed != nil && !sorted {
+			slices.Sort(h.listed) // only now: most passes read every lineage
+			sorted = true
 		}
 		if _, listed := slices.BinarySearch(h.listed, n); h.listed != nil && !listed {
 			dropped++
@@ -483,10 +494,9 @@ func (h *Heads) untouched(entries []headEntry) ([]headEntry, int) {
 }
 
 // listing tells the pass which lineages the state directory holds
-// (Store.Lineages, sorted here by strings.Compare).
+// (Store.Lineages).
 func (h *Heads) listing(names []string) {
 	l := slices.Clone(names)
-	slices.Sort(l)
 	h.mu.Lock()
 	h.listed = l
 	h.mu.Unlock()
