@@ -1250,3 +1250,25 @@ func TestSavedErrorTextIsCut(t *testing.T) {
 		t.Fatalf("short error: %q", short)
 	}
 }
+
+// A certificate renewed while a deploy is still owed to a load balancer
+// whose config test fails the same way is not deployed either: the run
+// says so as a failed deploy (exit non-zero under cron), not as
+// renewed. It was reported renewed, exit 0 (hostile review: nginx broken
+// by hand, short-lived certificates due again at the next run).
+func TestRenewedBehindABrokenConfigIsNotReportedRenewed(t *testing.T) {
+	f := newFixture(t)
+	f.saved("b.test")
+	f.clock.Add(70 * 24 * time.Hour)
+	f.dep.fail["b.test"], f.dep.broken = true, "c0ffee"
+	if it := f.run(context.Background(), Options{Command: "renew"}, job("b.test")).Items[0]; it.Outcome != Failed {
+		t.Fatalf("first deploy: %+v", it)
+	}
+	// The owed certificate is due itself by now: a new order.
+	f.clock.Add(80 * 24 * time.Hour)
+	res := f.run(context.Background(), Options{Command: "renew"}, job("b.test"))
+	it := res.Items[0]
+	if it.Outcome != Failed || it.Pending == "" || !strings.Contains(it.Error, "config test fails without this certificate too") {
+		t.Fatalf("renewed behind a config that still fails: outcome %s, pending %q, error %q", it.Outcome, it.Pending, it.Error)
+	}
+}

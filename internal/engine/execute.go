@@ -433,6 +433,12 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 		return
 	}
 	w, err := e.Node.prepare(r.ctx, &l, func() (store.Files, error) { return got.Files, nil })
+	if sb := new(stillBrokenError); errors.As(err, &sb) {
+		// Not deployed, as a failed deploy is not: said as one.
+		r.fail(s, err, false)
+		it.Pending, it.Hint = sb.msg, deployOwedHint
+		return
+	}
 	if err != nil {
 		r.fail(s, err, false)
 		it.Outcome = outcome // obtained and in the catalog: only this node's copy failed
@@ -538,6 +544,8 @@ func (r *run) deployAll() {
 	}
 }
 
+const deployOwedHint = "the new certificate is kept and deployed by the next run once the load balancer's config is fixed; no new order is placed"
+
 // deployed records one deploy's outcome on its item.
 func (r *run) deployed(s *step, w *want, in installed) {
 	it := s.item
@@ -566,7 +574,7 @@ func (r *run) deployed(s *step, w *want, in installed) {
 	}
 	it.Pending = in.errMsg
 	it.Outcome, it.Error = Failed, "deploy: "+in.errMsg
-	it.Hint = "the new certificate is kept and deployed by the next run once the load balancer's config is fixed; no new order is placed"
+	it.Hint = deployOwedHint
 	// No next attempt is reported: a deploy owed costs the CA nothing
 	// and is retried by every run, so the fix is picked up at the next
 	// cron run.

@@ -217,8 +217,14 @@ func (n *Node) stillBroken(ctx context.Context, l *store.Lineage, p *store.Pendi
 	if c.check != p.Check {
 		return nil
 	}
-	return fmt.Errorf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(strings.TrimSuffix(p.Error, rolledBackNote), noPreviousNote))
+	return &stillBrokenError{fmt.Sprintf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(strings.TrimSuffix(p.Error, rolledBackNote), noPreviousNote))}
 }
+
+// stillBrokenError is stillBroken's: a deploy this node owes and did
+// not try, which is a failed deploy to the run's report.
+type stillBrokenError struct{ msg string }
+
+func (e *stillBrokenError) Error() string { return e.msg }
 
 // What a rolled-back deploy left live: the certificate before it, or,
 // for a name's first, nothing (its live files are taken away again, so
