@@ -495,16 +495,7 @@ func joinAbort(err, abortErr error) error {
 // payload is a PEM as a runtime-API payload, which ends at the first
 // blank line: blank lines are dropped (a previous PEM on disk, written by
 // someone else, may have them), and so are carriage returns.
-func payload(pem []byte) string {
-	var b strings.Builder
-	for _, line := range strings.Split(string(pem), "\n") {
-		if line = strings.TrimRight(line, "\r"); strings.TrimSpace(line) != "" {
-			b.WriteString(line)
-			b.WriteByte('\n')
-		}
-	}
-	return b.String()
-}
+func payload(pem []byte) string { return string(CombinedPEM(pem, nil)) }
 
 // runtimeAPI speaks HAProxy's runtime API, one command per connection (the
 // non-interactive mode: HAProxy answers and closes).

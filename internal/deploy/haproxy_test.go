@@ -543,3 +543,14 @@ func TestHAProxyWriteFailureRollsBackOnlyWhatWasWritten(t *testing.T) {
 		}
 	}
 }
+
+// The runtime API's payload ends at the first blank line: a PEM with
+// blank lines and carriage returns (written by someone else) goes
+// whole, without them.
+func TestPayloadDropsBlankLinesAndCarriageReturns(t *testing.T) {
+	in := "-----BEGIN CERTIFICATE-----\r\nAAAA\r\n\r\n-----END CERTIFICATE-----\n  \n\n-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----"
+	want := "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----\n"
+	if got := payload([]byte(in)); got != want {
+		t.Errorf("payload(%q) = %q, want %q", in, got, want)
+	}
+}
