@@ -118,6 +118,9 @@ func main() {
 		want[strings.TrimSpace(o)] = true
 	}
 	known := want["all"]
+	// A benchmark that fails is said and the others still run: a whole
+	// run takes hours, and one failure should not cost the rest's figures.
+	var failed []string
 	for _, bm := range benches {
 		if !want["all"] && !want[bm.name] {
 			continue
@@ -125,12 +128,16 @@ func main() {
 		known = true
 		if err := bm.run(); err != nil {
 			fmt.Fprintln(os.Stderr, "bench:", bm.name+":", err)
-			os.Exit(1)
+			failed = append(failed, bm.name)
 		}
 	}
 	if !known {
 		fmt.Fprintf(os.Stderr, "bench: -only %q names no benchmark\n", *only)
 		os.Exit(2)
+	}
+	if len(failed) > 0 {
+		fmt.Fprintf(os.Stderr, "bench: failed: %s\n", strings.Join(failed, ", "))
+		os.Exit(1)
 	}
 }
 
