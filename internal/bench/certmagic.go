@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,10 +49,11 @@ type peerRun struct {
 
 // benchCertmagic is lbcert beside certmagic (#29): the same n new names
 // on the same Pebble in the same run, with each client's own limits off
-// (lbcert at certmagic's concurrency: every name in flight) and again at
-// each one's defaults, then one order of each through a tracing front,
+// (lbcert at certmagic's concurrency: every name in flight; repeats runs
+// of each, alternating, compared by their medians) and again at each
+// one's defaults, then one order of each through a tracing front,
 // then lbcert's batch at each concurrency of sweep.
-func benchCertmagic(n int, sweep []int, traceRuns int, bin, work string) error {
+func benchCertmagic(n, repeats int, sweep []int, traceRuns int, bin, work string) error {
 	work = filepath.Join(work, "certmagic")
 	os.RemoveAll(work)
 	os.MkdirAll(work, 0o755)
@@ -80,16 +82,19 @@ func benchCertmagic(n int, sweep []int, traceRuns int, bin, work string) error {
 		label string
 		run   func() (peerRun, error)
 	}
+	lbRuns, cmRuns, err := headToHead(n, repeats, lb, cmr, off)
+	if err != nil {
+		return err
+	}
 	steps := []step{
-		{fmt.Sprintf("lbcert batch `--concurrency %d --preflight=false`, budget off", n), func() (peerRun, error) {
-			return lb.batch("a", n, append([]string{"--concurrency", strconv.Itoa(n), "--preflight=false"}, off...))
-		}},
-		{"certmagic `ManageAsync`, limiter off (every name in flight)", func() (peerRun, error) { return cmr.run("b", n, "off") }},
 		{"lbcert batch at its default concurrency, pre-flight on, budget off", func() (peerRun, error) { return lb.batch("c", n, off) }},
 		{"lbcert batch, every default (budget on: names in their own registered domains)", func() (peerRun, error) { return lb.batch("d", n, nil) }},
 		{"certmagic `ManageAsync`, its default limiter (10 orders per 10 s)", func() (peerRun, error) { return cmr.run("e", n, "default") }},
 	}
-	var runs []peerRun
+	lbMid, cmMid := median(lbRuns), median(cmRuns)
+	lbMid.label = fmt.Sprintf("lbcert batch `--concurrency %d --preflight=false`, budget off (median of %d)", n, len(lbRuns))
+	cmMid.label = fmt.Sprintf("certmagic `ManageAsync`, limiter off, every name in flight (median of %d)", len(cmRuns))
+	runs := []peerRun{lbMid, cmMid}
 	for _, s := range steps {
 		r, err := s.run()
 		if err != nil {
@@ -104,6 +109,57 @@ func benchCertmagic(n int, sweep []int, traceRuns int, bin, work string) error {
 		return err
 	}
 	return sweepConcurrency(n, sweep, lb, off)
+}
+
+// headToHead runs lbcert and certmagic with every name in flight,
+// repeats times each, alternating which goes first: one run of each
+// differs from the next by more than the two clients differ (10 % in
+// wall within one run on 2026-12-05), so the verdict is on medians.
+func headToHead(n, repeats int, lb lbcertRunner, cmr certmagicRunner, off []string) (lbRuns, cmRuns []peerRun, err error) {
+	for i := 1; i <= max(repeats, 1); i++ {
+		lbRun := func() error {
+			r, err := lb.batch(fmt.Sprintf("r%dl", i), n, append([]string{"--concurrency", strconv.Itoa(n), "--preflight=false"}, off...))
+			lbRuns = append(lbRuns, r)
+			return err
+		}
+		cmRun := func() error {
+			r, err := cmr.run(fmt.Sprintf("r%dc", i), n, "off")
+			cmRuns = append(cmRuns, r)
+			return err
+		}
+		first, second := lbRun, cmRun
+		if i%2 == 0 {
+			first, second = cmRun, lbRun
+		}
+		if err := first(); err != nil {
+			return nil, nil, err
+		}
+		if err := second(); err != nil {
+			return nil, nil, err
+		}
+		l, c := lbRuns[i-1], cmRuns[i-1]
+		fmt.Printf("  every name in flight, pair %d: lbcert %.2f s wall, %.2f s CPU; certmagic %.2f s wall, %.2f s CPU\n",
+			i, l.r.wall.Seconds(), l.r.cpu.Seconds(), c.r.wall.Seconds(), c.r.cpu.Seconds())
+	}
+	return lbRuns, cmRuns, nil
+}
+
+// median is runs' median of each measure on its own.
+func median(runs []peerRun) peerRun {
+	mid := func(f func(peerRun) time.Duration) time.Duration {
+		v := make([]time.Duration, len(runs))
+		for i, r := range runs {
+			v[i] = f(r)
+		}
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	m := runs[0]
+	m.r.wall = mid(func(r peerRun) time.Duration { return r.r.wall })
+	m.r.cpu = mid(func(r peerRun) time.Duration { return r.r.cpu })
+	m.ca = mid(func(r peerRun) time.Duration { return r.ca })
+	m.r.rssKB = int(mid(func(r peerRun) time.Duration { return time.Duration(r.r.rssKB) }))
+	return m
 }
 
 func reportPeers(n int, runs []peerRun) {
