@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"os"
 	"os/exec"
@@ -146,20 +147,23 @@ func headToHead(n, repeats int, lb lbcertRunner, cmr certmagicRunner, off []stri
 
 // median is runs' median of each measure on its own.
 func median(runs []peerRun) peerRun {
-	mid := func(f func(peerRun) time.Duration) time.Duration {
-		v := make([]time.Duration, len(runs))
-		for i, r := range runs {
-			v[i] = f(r)
-		}
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
 	m := runs[0]
-	m.r.wall = mid(func(r peerRun) time.Duration { return r.r.wall })
-	m.r.cpu = mid(func(r peerRun) time.Duration { return r.r.cpu })
-	m.ca = mid(func(r peerRun) time.Duration { return r.ca })
-	m.r.rssKB = int(mid(func(r peerRun) time.Duration { return time.Duration(r.r.rssKB) }))
+	m.r.wall = medianOf(runs, func(r peerRun) time.Duration { return r.r.wall })
+	m.r.cpu = medianOf(runs, func(r peerRun) time.Duration { return r.r.cpu })
+	m.ca = medianOf(runs, func(r peerRun) time.Duration { return r.ca })
+	m.r.rssKB = medianOf(runs, func(r peerRun) int { return r.r.rssKB })
 	return m
+}
+
+// medianOf is the median of one measure over runs, each measure sorted
+// on its own.
+func medianOf[T cmp.Ordered](runs []peerRun, f func(peerRun) T) T {
+	v := make([]T, len(runs))
+	for i, r := range runs {
+		v[i] = f(r)
+	}
+	slices.Sort(v)
+	return v[len(v)/2]
 }
 
 func reportPeers(n int, runs []peerRun) {
