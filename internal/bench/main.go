@@ -243,9 +243,16 @@ func run(n, certbotN, legoN, runs int, bin, work string) error {
 
 // measure runs argv under /usr/bin/time -v, runs times, and keeps the run
 // with the median wall time.
+// medianByWall is the run with the median wall time, whole (its CPU and
+// memory are that run's, not medians of their own). It sorts rs.
+func medianByWall(rs []result) result {
+	sort.Slice(rs, func(i, j int) bool { return rs[i].wall < rs[j].wall })
+	return rs[len(rs)/2]
+}
+
 func measure(runs int, tool string, lineages int, argv ...string) (result, error) {
 	var rs []result
-	for i := 0; i < runs; i++ {
+	for range max(runs, 1) {
 		cmd := exec.Command("/usr/bin/time", append([]string{"-v"}, argv...)...)
 		var out, errb bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errb
@@ -262,8 +269,7 @@ func measure(runs int, tool string, lineages int, argv ...string) (result, error
 		}
 		rs = append(rs, r)
 	}
-	sort.Slice(rs, func(i, j int) bool { return rs[i].wall < rs[j].wall })
-	return rs[len(rs)/2], nil
+	return medianByWall(rs), nil
 }
 
 var (

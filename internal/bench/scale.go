@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"syscall"
 	"time"
 
@@ -179,7 +178,7 @@ func benchMillion(n, runs int, bin, work string) error {
 	}
 	fmt.Printf("  warm-up passes before the timed ones: %d\n", warm)
 	fmt.Printf("\nNothing-due renew pass over %d lineages, %s, %d cores, median of %d runs, load average %s\n\n", n,
-		time.Now().UTC().Format(time.DateOnly), numCPU(), runs, loadAverage())
+		time.Now().UTC().Format(time.DateOnly), numCPU(), max(runs, 1), loadAverage())
 	fmt.Println("| lineages | wall | per lineage | CPU (user+sys) | peak RSS | target |")
 	fmt.Println("|---:|---:|---:|---:|---:|---|")
 	met := r.wall < 30*time.Second && r.rssKB < 1<<20
@@ -191,7 +190,7 @@ func benchMillion(n, runs int, bin, work string) error {
 // steadyPasses runs the nothing-due pass until the kernel's caches have
 // settled, then times runs passes and returns their median. After the
 // cold pass the next few passes are still reading what the cache does
-// not hold yet (on 2026-12-05: 83 s, 50 s, 30 s, then 26 s and 26 s), and
+// not hold yet (on 2026-12-05: 83 s, 50 s, 30 s, 31 s, then 26 s and 26 s), and
 // a daily cron job on a load balancer finds what yesterday's pass left.
 // A pass is settled when it is within a tenth of the one before; at
 // most maxWarm passes are spent waiting for that. Every pass is printed.
@@ -208,17 +207,16 @@ func steadyPasses(runs, n int, bin, dir string) (warm int, median result, err er
 	if err != nil {
 		return 0, result{}, err
 	}
-	for warm = 1; warm < maxWarm; warm++ {
-		x, err := pass(fmt.Sprintf("warm-up pass %d", warm+1))
+	for warm = 1; warm < maxWarm; {
+		warm++
+		x, err := pass(fmt.Sprintf("warm-up pass %d", warm))
 		if err != nil {
 			return 0, result{}, err
 		}
-		settled := x.wall > prev.wall*9/10
-		prev = x
-		if settled {
-			warm++
+		if x.wall > prev.wall*9/10 {
 			break
 		}
+		prev = x
 	}
 	var rs []result
 	for i := range max(runs, 1) {
@@ -228,6 +226,5 @@ func steadyPasses(runs, n int, bin, dir string) (warm int, median result, err er
 		}
 		rs = append(rs, x)
 	}
-	sort.Slice(rs, func(i, j int) bool { return rs[i].wall < rs[j].wall })
-	return warm, rs[len(rs)/2], nil
+	return warm, medianByWall(rs), nil
 }
