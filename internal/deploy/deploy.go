@@ -1,13 +1,16 @@
 // Package deploy puts new certificates in front of users: it writes what
 // the load balancer needs, tests its config, reloads it once per run (or
-// hot-updates HAProxy over its runtime API), checks over TLS that the new
-// certificate is the one being served, and runs deploy hooks.
+// hot-updates HAProxy over its runtime API, where HAProxy tests each
+// certificate itself and the config test runs only before a fallback
+// reload), checks over TLS that the new certificate is the one being
+// served, and runs deploy hooks.
 //
 // With an nginx include file (store.Deploy.NginxInclude) it also keeps
 // one server block per live lineage of the state directory in that file,
 // rewritten once per run.
 //
-// The promise: if the config test or the reload fails, every lineage the
+// The promise: if the config test, the runtime-API update (with no
+// reload to fall back on) or the reload fails, every lineage the
 // run changed is rolled back to its previous version, on disk, in the
 // HAProxy certificate directory and in the nginx include file (byte for
 // byte), and nothing is reloaded, so the load balancer keeps serving the

@@ -554,3 +554,60 @@ func TestPayloadDropsBlankLinesAndCarriageReturns(t *testing.T) {
 		t.Errorf("payload(%q) = %q, want %q", in, got, want)
 	}
 }
+
+// Over the runtime API the config test runs only before a reload: an
+// update HAProxy takes needs none (it parsed each PEM itself), and one
+// it refuses is followed by "haproxy -c" and, only if that passes, the
+// reload command. A failing test rolls back with nothing reloaded.
+func TestHAProxyConfigTestOnlyBeforeAReload(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		failAfter   int  // the fake refuses the set after this many
+		testPasses  bool // the stand-in "haproxy -c"
+		wantTests   int
+		wantReload  bool
+		wantSuccess bool
+	}{
+		{"update taken", -2, true, 0, false, true},
+		{"update refused, test passes", 0, true, 1, true, true},
+		{"update refused, test fails", 0, false, 1, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			api := &fakeRuntimeAPI{failAfter: tc.failAfter}
+			s, certs, changes := hotFixture(t, api, true, "a.test", "b.test")
+			dir := t.TempDir()
+			calls, reloaded := filepath.Join(dir, "calls"), filepath.Join(dir, "reloaded")
+			exit := 0
+			if !tc.testPasses {
+				exit = 1
+			}
+			haproxy := filepath.Join(dir, "haproxy")
+			os.WriteFile(haproxy, []byte(fmt.Sprintf("#!/bin/sh\necho \"$@\" >> %s\necho '[ALERT] config broken'\nexit %d\n", calls, exit)), 0o755)
+			for i := range changes {
+				changes[i].Deploy.HAProxyBin = haproxy
+				changes[i].Deploy.ReloadCmd = "touch " + reloaded
+			}
+			results := (&Runner{Store: s}).Run(context.Background(), changes)
+			data, _ := os.ReadFile(calls)
+			if got := strings.Count(string(data), "-c -f"); got != tc.wantTests {
+				t.Fatalf("haproxy -c ran %d times, want %d (calls %q)", got, tc.wantTests, data)
+			}
+			if _, err := os.Stat(reloaded); (err == nil) != tc.wantReload {
+				t.Fatalf("reloaded %v, want %v", err == nil, tc.wantReload)
+			}
+			for _, r := range results {
+				if r.Deployed != tc.wantSuccess || (r.Err == nil) != tc.wantSuccess {
+					t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+				}
+				if !tc.wantSuccess {
+					if !r.RolledBack || r.Check == "" || !strings.Contains(r.Err.Error(), "haproxy -c -f") {
+						t.Fatalf("%s: rolled back %v, check %q, err %v", r.Name, r.RolledBack, r.Check, r.Err)
+					}
+					if got, _ := os.ReadFile(PEMPath(certs, r.Name)); string(got) != "OLD PEM "+r.Name {
+						t.Fatalf("%s PEM on disk after the rollback: %q", r.Name, got)
+					}
+				}
+			}
+		})
+	}
+}

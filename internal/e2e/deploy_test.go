@@ -1,7 +1,12 @@
 package e2e
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	pemenc "encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -337,12 +342,72 @@ func TestDeployHAProxy(t *testing.T) {
 		t.Fatalf("a transaction is still open: %q", out)
 	}
 
-	// haproxy -c fails: the PEM is restored byte for byte, live/ rolls back.
+	// A PEM HAProxy refuses, through the runtime API: lb.example.com's
+	// key is swapped for another, which no longer matches its
+	// certificate, and a new reload command (a settings change) deploys
+	// the same version again. HAProxy's "set ssl cert" refuses it, so
+	// lbcert falls back to a reload; the config test before it reads
+	// the same PEM and fails. The PEM is restored byte for byte, nothing
+	// is reloaded, and HAProxy serves v4 still.
+	keyPath := filepath.Join(e.dir, "live", "lb.example.com", "privkey.pem")
+	goodKey := readFile(t, keyPath)
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, _ := x509.MarshalECPrivateKey(other)
+	if err := os.WriteFile(keyPath, pemenc.EncodeToMemory(&pemenc.Block{Type: "EC PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	before := readFile(t, filepath.Join(certs, "lb.example.com.pem"))
+	r = e.run(issue("lb.example.com", "--haproxy-socket", sock, "--reload-cmd", reload+"; true")...)
+	if r.code != 1 || !strings.Contains(r.stderr, "testing the config and reloading instead") || !strings.Contains(r.stderr, "haproxy -c -f "+conf+" failed") || !strings.Contains(r.stderr, "rolled back") {
+		t.Fatalf("a PEM HAProxy refuses: exit %d stderr %s", r.code, r.stderr)
+	}
+	if after := readFile(t, filepath.Join(certs, "lb.example.com.pem")); after != before {
+		t.Fatal("combined PEM not restored after HAProxy refused it")
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("a PEM HAProxy refused was reloaded")
+	}
+	if got := served(t, tlsAddr, "lb.example.com"); got != v4 || !slices.Equal(h.WorkerPIDs(), workers) {
+		t.Fatalf("after a refused PEM haproxy serves %s (want %s), workers %v (were %v)", got, v4, h.WorkerPIDs(), workers)
+	}
+	if out := haproxyAPI(t, sock, "show ssl cert"); strings.Contains(out, "# transaction") {
+		t.Fatalf("a transaction is still open after a refused PEM: %q", out)
+	}
+	if err := os.WriteFile(keyPath, []byte(goodKey), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// A config that does not pass "haproxy -c" (an operator's edit, not
+	// yet reloaded) does not hold back a runtime-API update: the running
+	// HAProxy tests the PEM itself, and the config test is for reloads.
+	// The same new reload command as above deploys v4 again, with its
+	// own key back, and no order (the CA allows five a week per name).
 	os.WriteFile(conf, []byte(cfg+"frontend broken\n    bind %%%%\n"), 0o644)
-	r = e.run(issue("lb.example.com", "--force")...)
-	if r.code != 1 || !strings.Contains(r.stderr, "haproxy -c -f "+conf+" failed") || !strings.Contains(r.stderr, "rolled back") {
+	r = e.mustRun(issue("lb.example.com", "--haproxy-socket", sock, "--reload-cmd", reload+"; true")...)
+	if !strings.Contains(r.stderr, "haproxy updated over its runtime API") || !strings.Contains(r.stdout, "deploy    deployed") {
+		t.Fatalf("hot update beside a broken config: stdout %s stderr %s", r.stdout, r.stderr)
+	}
+	if got := served(t, tlsAddr, "lb.example.com"); got != v4 || !slices.Equal(h.WorkerPIDs(), workers) {
+		t.Fatalf("hot update beside a broken config: serves %s, want %s; workers %v were %v", got, v4, h.WorkerPIDs(), workers)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("hot update beside a broken config ran the reload command")
+	}
+
+	// The runtime API gone (its socket path names nothing) and the
+	// config broken: the update fails, the config test before the
+	// reload fails, and the PEM is restored byte for byte, live/ rolls
+	// back, nothing is reloaded.
+	before = readFile(t, filepath.Join(certs, "lb.example.com.pem"))
+	r = e.run(issue("lb.example.com", "--force", "--haproxy-socket", filepath.Join(hdir, "gone.sock"), "--reload-cmd", reload)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "testing the config and reloading instead") || !strings.Contains(r.stderr, "haproxy -c -f "+conf+" failed") || !strings.Contains(r.stderr, "rolled back") {
 		t.Fatalf("broken haproxy config: exit %d stderr %s", r.code, r.stderr)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("a config that failed its test was reloaded")
 	}
 	if after := readFile(t, filepath.Join(certs, "lb.example.com.pem")); after != before {
 		t.Fatal("combined PEM not restored after rollback")

@@ -229,6 +229,10 @@ const (
 	actReconfigure               // not due, but new settings: save them, install if this node's deploy changed
 )
 
+// reasonSettingsChanged is an item's Reason when its step is
+// actReconfigure: the certificate is kept and only settings change.
+const reasonSettingsChanged = "settings changed"
+
 type step struct {
 	job     Job
 	item    *Item
@@ -367,12 +371,12 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 		s.item.Pending = pendingError(e.Node, name)
 		if settingsChanged(prev, &s.job.Lineage) {
 			// New settings given for it apply to this very deploy.
-			s.act, s.item.Reason = actReconfigure, "settings changed"
+			s.act, s.item.Reason = actReconfigure, reasonSettingsChanged
 		}
 	case d.CheckARI:
 		s.act = actCheckARI
 	case settingsChanged(prev, &s.job.Lineage):
-		s.act, s.item.Reason = actReconfigure, "settings changed"
+		s.act, s.item.Reason = actReconfigure, reasonSettingsChanged
 	default:
 		s.item.Outcome = NotDue
 		logNotDue(name, d, prev.Cert, s.status, now)

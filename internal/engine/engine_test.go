@@ -1272,3 +1272,25 @@ func TestRenewedBehindABrokenConfigIsNotReportedRenewed(t *testing.T) {
 		t.Fatalf("renewed behind a config that still fails: outcome %s, pending %q, error %q", it.Outcome, it.Pending, it.Error)
 	}
 }
+
+// New settings whose deploy fails are given back up, and issue says
+// so: no "issued certificate" (nothing was ordered), and the deploy
+// line names why it was rolled back.
+func TestFailedReconfigureSaysNothingWasOrdered(t *testing.T) {
+	f := newFixture(t)
+	first := job("r.test")
+	first.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx"}
+	f.run(context.Background(), Options{Command: "issue"}, first)
+	f.dep.fail["r.test"] = true
+	again := job("r.test")
+	again.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx2"}
+	orders := f.ca.count()
+	it := f.run(context.Background(), Options{Command: "issue"}, again).Items[0]
+	var b strings.Builder
+	it.IssueText(&b, f.st.LivePaths("r.test"), t0)
+	out := b.String()
+	if it.Outcome != Failed || f.ca.count() != orders || strings.Contains(out, "issued") ||
+		!strings.Contains(out, "the new settings were not saved") || !strings.Contains(out, "deploy    rolled back: ") || strings.HasSuffix(out, "rolled back: \n") {
+		t.Fatalf("outcome %s, %d orders:\n%s", it.Outcome, f.ca.count()-orders, out)
+	}
+}

@@ -197,7 +197,7 @@ func (r *run) askARI(s *step) bool {
 		return true
 	}
 	if settingsChanged(s.prev, &s.job.Lineage) {
-		it.Reason = "settings changed"
+		it.Reason = reasonSettingsChanged
 		s.act = actReconfigure
 		return true
 	}

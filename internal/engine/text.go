@@ -34,7 +34,11 @@ func (it *Item) DeployWords() string {
 	case "none":
 		return "none (no --deploy target)"
 	case "rolled_back":
-		return "rolled back: " + it.Pending
+		why := it.Pending // a deploy still owed
+		if why == "" {    // a settings change whose deploy was undone
+			why = strings.TrimPrefix(it.Error, "deploy: ")
+		}
+		return "rolled back: " + why
 	case "held":
 		return "held on this node: " + it.Held
 	case "":
@@ -177,7 +181,16 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 			fmt.Fprintf(w, "  deploy    %s\n", it.DeployWords())
 		}
 		return
-	case Issued, Renewed, Deployed, Failed:
+	case Failed:
+		if it.Reason == reasonSettingsChanged && it.NotAfter != nil {
+			// Nothing was ordered: new settings, whose deploy failed,
+			// were given back up.
+			fmt.Fprintf(w, "%s: certificate for %s is valid until %s and not due; the new settings were not saved, since deploying with them failed\n  deploy    %s\n",
+				it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly), it.DeployWords())
+			return
+		}
+		fallthrough
+	case Issued, Renewed, Deployed:
 		if it.Serial == "" {
 			break
 		}
