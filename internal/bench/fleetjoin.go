@@ -81,7 +81,11 @@ func benchFleetJoin(n int, setup string, check int, goal time.Duration, bin, wor
 	agent := exec.Command(bin, append([]string{"--dir", lb2, "--redis", r.URL(), "--server", "http://" + ca.Addr().String() + "/dir",
 		"agent", "--http-addr", httpAddr}, lb.deploy...)...)
 	agent.Env = env
-	agentLog := &syncLog{}
+	agentLog := &syncLog{start: t0}
+	defer func() {
+		// Kept beside the load balancer's own log, for the phases.
+		os.WriteFile(filepath.Join(work, setup, "agent.log"), []byte(agentLog.String()), 0o600)
+	}()
 	agent.Stdout, agent.Stderr = agentLog, agentLog
 	if err := agent.Start(); err != nil {
 		return err
@@ -288,15 +292,29 @@ func pidIn(path string) int {
 
 // syncLog is the agent's output, written by exec's copying goroutine
 // and read while the agent runs.
+// syncLog keeps a child's output, each line led by the seconds since
+// start (the agent's phases of a join are read from it).
 type syncLog struct {
-	mu sync.Mutex
-	b  strings.Builder
+	start time.Time
+	mu    sync.Mutex
+	b     strings.Builder
+	mid   bool // the last write ended inside a line
 }
 
 func (l *syncLog) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.b.Write(p)
+	for _, line := range strings.SplitAfter(string(p), "\n") {
+		if line == "" {
+			continue
+		}
+		if !l.mid {
+			fmt.Fprintf(&l.b, "[%8.2fs] ", time.Since(l.start).Seconds())
+		}
+		l.b.WriteString(line)
+		l.mid = !strings.HasSuffix(line, "\n")
+	}
+	return len(p), nil
 }
 
 func (l *syncLog) String() string {
