@@ -28,6 +28,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -108,7 +109,14 @@ type Store interface {
 type Runner struct {
 	Store Store
 	Opts  Options
+
+	apiFailures atomic.Int64 // HAProxy runtime-API updates that failed
 }
+
+// RuntimeAPIFailures counts the HAProxy runtime-API updates of this
+// Runner that failed (and were rolled back, or replaced by a reload):
+// the agent deploys a large install in slices only while none has.
+func (r *Runner) RuntimeAPIFailures() int64 { return r.apiFailures.Load() }
 
 // group is the changes that share one load balancer: one test and one
 // reload for all of them.

@@ -71,6 +71,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 			}
 			return
 		}
+		r.apiFailures.Add(1)
 		var nl *notLoadedError
 		if d.ReloadCmd == "" || errors.As(err, &nl) && !configLoads(d.HAProxyConf, nl.dir) {
 			// A reload would not help a config that never loads the

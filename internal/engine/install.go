@@ -55,6 +55,12 @@ type Node struct {
 
 	checkMu sync.Mutex
 	checked map[string]checked // DeployDigest → the last config test (stillBroken)
+
+	// deployMu makes the runs that share this Node (the agent's slices
+	// of a large install) reach the load balancer one at a time: HAProxy
+	// keeps one certificate transaction for all its runtime-API clients,
+	// and two reloads at once would test each other's files.
+	deployMu sync.Mutex
 }
 
 // Gated is a Gate's answer.
@@ -311,7 +317,9 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 		changes = append(changes, c)
 		idx = append(idx, i)
 	}
+	n.deployMu.Lock()
 	results := n.Deploy.Run(ctx, changes)
+	n.deployMu.Unlock()
 	// Each record is a durable write of its own lineage's journal: side
 	// by side they share the file system's syncs (store's group commit),
 	// one after another a node joining 100,000 lineages waited for

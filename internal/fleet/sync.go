@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -345,16 +346,98 @@ func (s *Syncer) sweepPace() {
 }
 
 // sync installs the fleet's newest version of names on this node,
-// through one engine run that only installs.
+// through one engine run that only installs, or, for many names and an
+// HAProxy updated over its runtime API, through several (inSlices).
 func (s *Syncer) sync(ctx context.Context, names []string) error {
 	if len(names) == 0 {
 		return nil
 	}
+	node := s.node()
+	if len(names) > sliceFrom && s.Deploy.Target == "haproxy" && s.Deploy.HAProxySocket != "" {
+		return s.inSlices(ctx, node, names)
+	}
+	return s.syncRun(ctx, node, names, nil)
+}
+
+// Slices of a large install (inSlices): the first is small, so that
+// the load balancer's part starts early; each after it twice the one
+// before, up to maxSlice, so that the last one's deploy, which nothing
+// overlaps, is short. Tests lower them.
+var (
+	sliceFrom  = 1000 // more names than this are installed in slices
+	firstSlice = 500
+	maxSlice   = 5000
+)
+
+// inSlices installs names in slices, so that one slice is staged while
+// the one before it is deployed. A node joining a fleet of 100,000
+// lineages otherwise does two long phases one after the other, each
+// leaving half the machine idle: staging (its own disk's work) and then
+// one runtime-API update per certificate (HAProxy parsing each PEM, on
+// one core); and it serves nothing until every lineage is staged. Each
+// slice is a whole engine run, installed, deployed, recorded and
+// reported on its own, as a run of that many names would be. A slice
+// starts once the one before it is staged, and at most two are under
+// way, so their deploys come in order, one at a time (node), and
+// staging runs at most one slice ahead. A reload comes once per run, so
+// once a runtime-API update has failed (HAProxy refused a certificate,
+// or its socket is gone: the deploy rolls back or falls back to a
+// reload) the names left go in one run. Names are installed once each:
+// two runs of this process writing one lineage would not exclude each
+// other (WriteLock).
+func (s *Syncer) inSlices(ctx context.Context, node *engine.Node, names []string) error {
+	names = slices.Compact(slices.Sorted(slices.Values(names)))
+	failures := func() int64 { return 0 }
+	if f, ok := s.Runner.(interface{ RuntimeAPIFailures() int64 }); ok {
+		failures = f.RuntimeAPIFailures
+	}
+	before := failures()
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	failed := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return first != nil
+	}
+	running := make(chan struct{}, 2)
+	for size := firstSlice; len(names) > 0 && ctx.Err() == nil && !failed(); size = min(2*size, maxSlice) {
+		running <- struct{}{}
+		if failures() != before {
+			size = len(names)
+		}
+		part := names[:min(size, len(names))]
+		names = names[len(part):]
+		staged := make(chan struct{})
+		wg.Go(func() {
+			defer func() { <-running }()
+			if err := s.syncRun(ctx, node, part, sync.OnceFunc(func() { close(staged) })); err != nil {
+				mu.Lock()
+				first = cmp.Or(first, err) // Redis did not answer: the next reconcile goes on
+				mu.Unlock()
+			}
+		})
+		<-staged
+	}
+	wg.Wait()
+	return first
+}
+
+// syncRun installs names through one engine run on node; staged, when
+// set, is called once every name is staged (before the deploy), or
+// when the run ends without one.
+func (s *Syncer) syncRun(ctx context.Context, node *engine.Node, names []string, staged func()) error {
+	if staged == nil {
+		staged = func() {}
+	}
+	defer staged()
 	jobs := make([]engine.Job, len(names))
 	for i, n := range names {
 		jobs[i] = engine.Job{Lineage: store.Lineage{Name: n}, Stored: true}
 	}
-	e := &engine.Engine{Catalog: NewCatalog(s.N), Node: s.node(), Opts: engine.Options{Command: "agent", InstallOnly: true, Concurrency: 8}}
+	e := &engine.Engine{Catalog: NewCatalog(s.N), Node: node, Opts: engine.Options{Command: "agent", InstallOnly: true, Concurrency: 8, Deploying: func(int) { staged() }}}
 	plan, err := e.Plan(ctx, jobs)
 	if err != nil {
 		return err
