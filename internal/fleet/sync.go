@@ -364,8 +364,8 @@ func (s *Syncer) sync(ctx context.Context, names []string) error {
 // before, up to maxSlice, so that the last one's deploy, which nothing
 // overlaps, is short. Tests lower them.
 var (
-	sliceFrom  = 1000 // more names than this are installed in slices
-	firstSlice = 500
+	sliceFrom  = 200 // more names than this are installed in slices
+	firstSlice = 100
 	maxSlice   = 5000
 )
 
