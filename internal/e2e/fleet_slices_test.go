@@ -26,7 +26,9 @@ func TestFleetJoinInstallsInSlices(t *testing.T) {
 	lb2 := f.nodeHAProxy("lb2")
 	f.startAgent("lb2", lb2.flags...)
 	names := f.fleetNames()
-	if !poll(3*time.Minute, func() bool { return servesName(lb2.addr, names[len(names)-1]) != "" && servesName(lb2.addr, names[0]) != "" }) {
+	if !poll(3*time.Minute, func() bool {
+		return servesName(lb2.addr, names[len(names)-1]) != "" && servesName(lb2.addr, names[0]) != ""
+	}) {
 		t.Fatalf("lb2 does not serve the fleet's certificates after 3 minutes:\n%s", f.nodes["lb2"].agentLog())
 	}
 	f.waitStatusOK(converge)
