@@ -264,27 +264,18 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		}
 		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 	}()
-	known, err := api.loaded(ctx, d.HAProxyCerts)
-	if err != nil {
-		return err
-	}
-	lists, err := api.lines(ctx, "show ssl crt-list")
-	if err != nil {
-		return err
-	}
 	dir := filepath.Clean(d.HAProxyCerts)
-	for _, l := range lists {
-		if filepath.Clean(l) == dir {
-			crtList = l
-		}
+	known, crtList, listed, err := api.state(ctx, dir)
+	if err != nil {
+		return err
 	}
 	for _, i := range g.changes {
 		p := PEMPath(d.HAProxyCerts, changes[i].Name)
 		isNew := !known[p]
+		if !listed[p] && crtList == "" {
+			return &notLoadedError{pem: p, dir: dir}
+		}
 		if isNew {
-			if crtList == "" {
-				return &notLoadedError{pem: p, dir: dir}
-			}
 			if err := api.expect(ctx, "new ssl cert "+p, "New empty certificate store"); err != nil {
 				return err
 			}
@@ -293,17 +284,58 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 			if c := new(collisionError); errors.As(err, &c) && c.committed {
 				// Committed with another client's PEM: set back too.
 				committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
+			} else if isNew {
+				// The empty store "new ssl cert" made would stay in
+				// HAProxy's memory, named as this certificate. If it
+				// does (HAProxy gone meanwhile), the next update adds it
+				// to the crt-list as it finds it unlisted.
+				if derr := api.expect(ctx, "del ssl cert "+p, "deleted"); derr != nil {
+					slog.Debug("could not take an empty certificate store out of haproxy", "certificate", p, "err", derr)
+				}
 			}
 			return err
 		}
 		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
-		if isNew {
+		if !listed[p] {
+			// New, or a store HAProxy holds that no crt-list serves: one
+			// a run killed after its "new ssl cert" left behind.
 			if err := api.expect(ctx, "add ssl crt-list "+crtList+" "+p, "Success!"); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// state is what HAProxy holds for the certificate directory dir: every
+// certificate in its memory (known, with a transaction left open in dir
+// aborted), the crt-list that loads dir ("" when none does), and the
+// certificates that crt-list serves.
+func (a *runtimeAPI) state(ctx context.Context, dir string) (known map[string]bool, crtList string, listed map[string]bool, err error) {
+	if known, err = a.loaded(ctx, dir); err != nil {
+		return nil, "", nil, err
+	}
+	lists, err := a.lines(ctx, "show ssl crt-list")
+	if err != nil {
+		return nil, "", nil, err
+	}
+	for _, l := range lists {
+		if filepath.Clean(l) == dir {
+			crtList = l
+		}
+	}
+	listed = map[string]bool{}
+	if crtList == "" {
+		return known, "", listed, nil
+	}
+	entries, err := a.lines(ctx, "show ssl crt-list "+crtList)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	for _, l := range entries {
+		listed[strings.Fields(l)[0]] = true
+	}
+	return known, crtList, listed, nil
 }
 
 // undoOne takes a certificate the update added out of HAProxy's memory

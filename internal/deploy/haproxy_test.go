@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -60,6 +61,8 @@ type fakeRuntimeAPI struct {
 	// dies: the failing "set ssl cert" is HAProxy's last answer; its
 	// socket goes away with it.
 	dies bool
+	// listed are the certificates the directory's crt-list serves.
+	listed map[string]bool
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -85,8 +88,23 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 			out += "# transaction\n*" + f.open + "\n"
 		}
 		return out
+	case strings.HasPrefix(cmd, "show ssl crt-list /"):
+		out := "# " + arg("show ssl crt-list") + "\n"
+		for p := range f.listed {
+			out += p + "\n"
+		}
+		return out
 	case strings.HasPrefix(cmd, "show ssl crt-list"):
 		return "" // set by serve
+	case strings.HasPrefix(cmd, "add ssl crt-list"):
+		if f.listed == nil {
+			f.listed = map[string]bool{}
+		}
+		f.listed[strings.Fields(first)[4]] = true
+		return "Inserting certificate\nSuccess!\n"
+	case strings.HasPrefix(cmd, "del ssl cert"):
+		f.certs = slices.DeleteFunc(f.certs, func(c string) bool { return c == arg("del ssl cert") })
+		return "Certificate '" + arg("del ssl cert") + "' deleted!\n"
 	case strings.HasPrefix(cmd, "set ssl cert"):
 		f.sets++
 		if f.sets == f.otherAt {
@@ -105,6 +123,7 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		}
 		return "Transaction created for certificate " + f.open + "!\n"
 	case strings.HasPrefix(cmd, "new ssl cert"):
+		f.certs = append(f.certs, arg("new ssl cert"))
 		return "New empty certificate store '" + arg("new ssl cert") + "'!\n"
 	case strings.HasPrefix(cmd, "commit ssl cert"):
 		p := arg("commit ssl cert")
@@ -146,7 +165,7 @@ func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
 		f.mu.Lock()
 		f.cmds = append(f.cmds, cmd)
 		out := f.answer(cmd)
-		if strings.HasPrefix(cmd, "show ssl crt-list") {
+		if cmd == "show ssl crt-list\n" {
 			out = crtList + "\n"
 		}
 		died := f.dies && f.sets == f.failAfter+1
@@ -197,6 +216,10 @@ func hotFixture(t *testing.T, api *fakeRuntimeAPI, loaded bool, names ...string)
 	for _, c := range changes {
 		if loaded {
 			api.certs = append(api.certs, PEMPath(certs, c.Name))
+			if api.listed == nil {
+				api.listed = map[string]bool{}
+			}
+			api.listed[PEMPath(certs, c.Name)] = true
 		}
 	}
 	go api.serve(t, ln, certs)
@@ -609,5 +632,41 @@ func TestHAProxyConfigTestOnlyBeforeAReload(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A certificate store HAProxy holds that no crt-list serves (a run
+// killed after its "new ssl cert" left it) is added to the directory's
+// crt-list by the next update, not only set: set alone reported it
+// deployed while HAProxy served nothing for the name. And a new
+// certificate HAProxy refuses leaves no empty store behind.
+func TestHotUpdateListsAStoreNoCrtListServes(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: -2}
+	s, certs, changes := hotFixture(t, api, false, "a.test")
+	api.mu.Lock()
+	api.certs = []string{PEMPath(certs, "a.test")} // held, listed nowhere
+	api.mu.Unlock()
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
+	}
+	api.mu.Lock()
+	if !api.listed[PEMPath(certs, "a.test")] || slices.ContainsFunc(api.cmds, func(c string) bool { return strings.HasPrefix(c, "new ssl cert") }) {
+		t.Fatalf("a store held and unlisted: listed %v; commands %q", api.listed, api.cmds)
+	}
+	api.mu.Unlock()
+
+	refusing := &fakeRuntimeAPI{failAfter: 0}
+	s, certs, changes = hotFixture(t, refusing, false, "b.test")
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	refusing.mu.Lock()
+	defer refusing.mu.Unlock()
+	if slices.Contains(refusing.certs, PEMPath(certs, "b.test")) || refusing.listed[PEMPath(certs, "b.test")] {
+		t.Fatalf("a refused new certificate left a store: certificates %v, listed %v; commands %q", refusing.certs, refusing.listed, refusing.cmds)
 	}
 }

@@ -309,7 +309,14 @@ func TestDeployHAProxy(t *testing.T) {
 		t.Fatalf("hot update changed processes: master %d->%d workers %v->%v", master, h.MasterPID(), workers, h.WorkerPIDs())
 	}
 
-	// A new lineage is added to the running HAProxy's crt-list.
+	// A new lineage is added to the running HAProxy's crt-list, even
+	// when HAProxy already holds an empty store of its name that no
+	// crt-list serves (a run killed after its "new ssl cert"): setting
+	// that store alone would serve nothing for the name.
+	newPEM := filepath.Join(certs, "new.example.com.pem")
+	if out := haproxyAPI(t, sock, "new ssl cert "+newPEM); !strings.Contains(out, "New empty certificate store") {
+		t.Fatalf("new ssl cert: %q", out)
+	}
 	e.mustRun(issue("new.example.com", "--haproxy-socket", sock, "--reload-cmd", reload, "--verify-addr", tlsAddr)...)
 	if got, want := served(t, tlsAddr, "new.example.com"), e.serial("new.example.com"); got != want {
 		t.Fatalf("new lineage: served %s, want %s", got, want)
@@ -326,7 +333,6 @@ func TestDeployHAProxy(t *testing.T) {
 	// next hot update aborts it instead of failing behind it, and never
 	// commits it, which would serve lb.example.com's certificate for
 	// new.example.com.
-	newPEM := filepath.Join(certs, "new.example.com.pem")
 	if out := haproxyAPI(t, sock, "set ssl cert "+newPEM+" <<\n"+readFile(t, filepath.Join(certs, "lb.example.com.pem"))+"\n"); !strings.Contains(out, "Transaction created") {
 		t.Fatalf("open a transaction: %q", out)
 	}

@@ -233,6 +233,10 @@ const (
 // actReconfigure: the certificate is kept and only settings change.
 const reasonSettingsChanged = "settings changed"
 
+// reasonPendingDeploy is an item's Reason when its step is actInstall of
+// a certificate obtained earlier that this node does not serve yet.
+const reasonPendingDeploy = "pending deploy"
+
 type step struct {
 	job     Job
 	item    *Item
@@ -367,7 +371,7 @@ func (e *Engine) decide(ctx context.Context, s *step, now time.Time) {
 		// deploy settings changed) comes before anything else: it is
 		// valid and paid for, and ordering again would spend the CA's
 		// five-per-week limit on the same names.
-		s.act, s.item.Reason = actInstall, "pending deploy"
+		s.act, s.item.Reason = actInstall, reasonPendingDeploy
 		s.item.Pending = pendingError(e.Node, name)
 		if settingsChanged(prev, &s.job.Lineage) {
 			// New settings given for it apply to this very deploy.

@@ -506,7 +506,7 @@ func (r *run) reconfigure(s *step) {
 	it.Outcome = Reconfigured
 	slog.Info("saved new settings without ordering", "name", l.Name)
 	if e.owesGated(r.ctx, s, &l, true) {
-		if pendingError(e.Node, l.Name) != "" || s.item.Reason == "pending deploy" {
+		if pendingError(e.Node, l.Name) != "" || s.item.Reason == reasonPendingDeploy {
 			it.Outcome = Deployed // a deploy owed, now with the settings given
 		}
 		s.restore = s.prev

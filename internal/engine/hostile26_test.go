@@ -143,3 +143,53 @@ func TestObtainedNotSaved(t *testing.T) {
 		t.Errorf("outcome %s, hint %q:\n%s", it.Outcome, it.Hint, out)
 	}
 }
+
+// metaRefused is a catalog that cannot save settings.
+type metaRefused struct{ catalog.Catalog }
+
+func (metaRefused) SetMeta(context.Context, *store.Lineage) error {
+	return errors.New("write meta.json: no space left on device")
+}
+
+// What issue says when nothing was ordered, or a renewal failed: a
+// deploy owed that fails again is not "issued certificate"; a forced
+// renewal whose deploy fails is "renewed"; new settings that could not
+// be saved say so, not that a deploy failed.
+func TestIssueTextSaysWhatWasOrdered(t *testing.T) {
+	text := func(f *fixture, it *Item) string {
+		var b strings.Builder
+		it.IssueText(&b, f.st.LivePaths(it.Name), t0)
+		return b.String()
+	}
+	f := newFixture(t)
+	f.dep.fail["p.test"] = true
+	f.run(context.Background(), Options{Command: "issue"}, job("p.test"))
+	orders := f.ca.count()
+	it := f.run(context.Background(), Options{Command: "issue"}, job("p.test")).Items[0]
+	if out := text(f, it); it.Outcome != Failed || f.ca.count() != orders || !strings.HasPrefix(out, "p.test: could not deploy the certificate obtained earlier for p.test") {
+		t.Errorf("a deploy owed, failing again: outcome %s, %d orders:\n%s", it.Outcome, f.ca.count()-orders, out)
+	}
+	forced := job("p.test")
+	forced.Force = true
+	it = f.run(context.Background(), Options{Command: "issue"}, forced).Items[0]
+	if out := text(f, it); it.Outcome != Failed || !strings.HasPrefix(out, "p.test: renewed certificate for p.test") {
+		t.Errorf("a forced renewal whose deploy fails: outcome %s:\n%s", it.Outcome, out)
+	}
+
+	g := newFixture(t)
+	first := job("m.test")
+	first.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx"}
+	g.run(context.Background(), Options{Command: "issue"}, first)
+	again := job("m.test")
+	again.Lineage.Deploy = store.Deploy{Target: "nginx", ReloadCmd: "systemctl reload nginx2"}
+	e := g.engine(Options{Command: "issue"})
+	e.Catalog = metaRefused{e.Catalog}
+	p, err := e.Plan(context.Background(), []Job{again})
+	if err != nil {
+		t.Fatal(err)
+	}
+	it = p.Execute(context.Background()).Items[0]
+	if out := text(g, it); it.Outcome != Failed || !strings.Contains(out, "the new settings could not be saved: ") || strings.Contains(out, "deploying with them failed") {
+		t.Errorf("settings that could not be saved: outcome %s:\n%s", it.Outcome, out)
+	}
+}

@@ -183,10 +183,14 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 		return
 	case Failed:
 		if it.Reason == reasonSettingsChanged && it.NotAfter != nil {
-			// Nothing was ordered: new settings, whose deploy failed,
-			// were given back up.
-			fmt.Fprintf(w, "%s: certificate for %s is valid until %s and not due; the new settings were not saved, since deploying with them failed\n  deploy    %s\n",
-				it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly), it.DeployWords())
+			// Nothing was ordered: new settings were given back up, as
+			// their deploy failed, or could not be saved at all.
+			why, deploy := "could not be saved: "+it.Error, ""
+			if it.Deploy != "" {
+				why, deploy = "were not saved, since deploying with them failed", "\n  deploy    "+it.DeployWords()
+			}
+			fmt.Fprintf(w, "%s: certificate for %s is valid until %s and not due; the new settings %s%s\n",
+				it.Name, strings.Join(it.Domains, ", "), it.NotAfter.Format(time.DateOnly), why, deploy)
 			return
 		}
 		fallthrough
@@ -204,10 +208,12 @@ func (it *Item) IssueText(w io.Writer, paths store.Paths, now time.Time) {
 			return
 		}
 		verb := "issued certificate"
-		switch it.Outcome {
-		case Deployed:
+		switch {
+		case it.Outcome == Deployed:
 			verb = "deployed the certificate obtained earlier"
-		case Renewed:
+		case it.Outcome == Failed && it.Reason == reasonPendingDeploy:
+			verb = "could not deploy the certificate obtained earlier" // nothing ordered
+		case it.Outcome == Renewed, it.Outcome == Failed && it.OldSerial != "" && it.OldSerial != it.Serial:
 			verb = "renewed certificate" // --force, or due: the log says "renewed" too
 		}
 		fmt.Fprintf(w, "%s: %s for %s\n  serial    %s\n  expires   %s (%s)\n",
