@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -265,14 +266,18 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 	}()
 	dir := filepath.Clean(d.HAProxyCerts)
-	known, crtList, listed, err := api.state(ctx, dir)
+	paths := make([]string, 0, len(g.changes))
+	for _, i := range g.changes {
+		paths = append(paths, PEMPath(d.HAProxyCerts, changes[i].Name))
+	}
+	known, crtList, listed, err := api.state(ctx, dir, paths)
 	if err != nil {
 		return err
 	}
 	for _, i := range g.changes {
 		p := PEMPath(d.HAProxyCerts, changes[i].Name)
 		isNew := !known[p]
-		if !listed[p] && crtList == "" {
+		if isNew && crtList == "" {
 			return &notLoadedError{pem: p, dir: dir}
 		}
 		if isNew {
@@ -296,9 +301,10 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 			return err
 		}
 		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
-		if !listed[p] {
-			// New, or a store HAProxy holds that no crt-list serves: one
-			// a run killed after its "new ssl cert" left behind.
+		if crtList != "" && !listed[p] {
+			// New, or a store HAProxy holds that the directory's
+			// crt-list does not serve: one a run killed after its "new
+			// ssl cert" left behind.
 			if err := api.expect(ctx, "add ssl crt-list "+crtList+" "+p, "Success!"); err != nil {
 				return err
 			}
@@ -310,8 +316,11 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 // state is what HAProxy holds for the certificate directory dir: every
 // certificate in its memory (known, with a transaction left open in dir
 // aborted), the crt-list that loads dir ("" when none does), and the
-// certificates that crt-list serves.
-func (a *runtimeAPI) state(ctx context.Context, dir string) (known map[string]bool, crtList string, listed map[string]bool, err error) {
+// certificates that crt-list serves. The crt-list is read only when it
+// matters, when one of paths is known: a node joining a fleet adds
+// 100,000 certificates HAProxy does not hold, in slices, and would read
+// a list growing to 100,000 lines for each.
+func (a *runtimeAPI) state(ctx context.Context, dir string, paths []string) (known map[string]bool, crtList string, listed map[string]bool, err error) {
 	if known, err = a.loaded(ctx, dir); err != nil {
 		return nil, "", nil, err
 	}
@@ -325,8 +334,8 @@ func (a *runtimeAPI) state(ctx context.Context, dir string) (known map[string]bo
 		}
 	}
 	listed = map[string]bool{}
-	if crtList == "" {
-		return known, "", listed, nil
+	if crtList == "" || !slices.ContainsFunc(paths, func(p string) bool { return known[p] }) {
+		return known, crtList, listed, nil
 	}
 	entries, err := a.lines(ctx, "show ssl crt-list "+crtList)
 	if err != nil {

@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -63,6 +64,9 @@ type fakeRuntimeAPI struct {
 	dies bool
 	// listed are the certificates the directory's crt-list serves.
 	listed map[string]bool
+	// otherList: no crt-list loads the directory (its certificates are
+	// named one by one on bind lines); only this one exists.
+	otherList string
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -166,7 +170,7 @@ func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
 		f.cmds = append(f.cmds, cmd)
 		out := f.answer(cmd)
 		if cmd == "show ssl crt-list\n" {
-			out = crtList + "\n"
+			out = cmp.Or(f.otherList, crtList) + "\n"
 		}
 		died := f.dies && f.sets == f.failAfter+1
 		f.mu.Unlock()
@@ -668,5 +672,23 @@ func TestHotUpdateListsAStoreNoCrtListServes(t *testing.T) {
 	defer refusing.mu.Unlock()
 	if slices.Contains(refusing.certs, PEMPath(certs, "b.test")) || refusing.listed[PEMPath(certs, "b.test")] {
 		t.Fatalf("a refused new certificate left a store: certificates %v, listed %v; commands %q", refusing.certs, refusing.listed, refusing.cmds)
+	}
+}
+
+// Certificates named one by one on bind lines ("crt DIR/a.pem"), with no
+// crt-list for the directory: one HAProxy holds is updated in place, and
+// nothing is added to a crt-list.
+func TestHotUpdateOfCertificatesNamedOnBindLines(t *testing.T) {
+	api := &fakeRuntimeAPI{failAfter: -2, otherList: "/etc/haproxy/other.crtlist"}
+	s, _, changes := hotFixture(t, api, true, "a.test")
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if slices.ContainsFunc(api.cmds, func(c string) bool { return strings.HasPrefix(c, "add ssl crt-list") }) {
+		t.Fatalf("added to a crt-list: %q", api.cmds)
 	}
 }
