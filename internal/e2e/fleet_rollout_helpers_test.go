@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -32,7 +34,7 @@ type rolloutLB struct {
 	nodeLB
 	conf, sock, pidfile string
 	health              int  // what /healthz answers
-	broken              bool // a line haproxy -c refuses
+	broken              bool // a line haproxy -c refuses, and the runtime API out of reach
 }
 
 // rolloutPool gives each of nodes (formed into a fleet already) its own
@@ -101,14 +103,26 @@ func keepsServing(t *testing.T, lbs map[string]*rolloutLB, nodes []string, name,
 }
 
 // apply writes the config and, when it is valid, reloads HAProxy and
-// waits until /healthz answers what it says.
+// waits until /healthz answers what it says. A broken one also moves
+// the runtime API's socket aside: a config that fails its test does not
+// hold back a runtime-API update (HAProxy tests each PEM itself), so a
+// deploy fails only when it falls back to a reload, whose test fails.
 func (lb *rolloutLB) apply(t *testing.T) {
 	t.Helper()
 	if err := os.WriteFile(lb.conf, []byte(lb.config()), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	aside := lb.sock + ".aside"
 	if lb.broken {
-		return // haproxy -c refuses it: the next deploy fails and rolls back
+		if err := os.Rename(lb.sock, aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Fatal(err)
+		}
+		return // the next deploy falls back to a reload, whose test fails, and rolls back
+	}
+	// Back in place before the reload: HAProxy hands its listening
+	// sockets to the new process, the runtime API's as it is, moved or not.
+	if err := os.Rename(aside, lb.sock); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		t.Fatal(err)
 	}
 	if out, err := exec.Command("sh", "-c", "kill -USR2 $(cat "+lb.pidfile+")").CombinedOutput(); err != nil {
 		t.Fatalf("reload haproxy: %v %s", err, out)
