@@ -441,7 +441,9 @@ func (r *run) obtained(s *step, l store.Lineage, got *acme.Result, lease catalog
 	}
 	if err != nil {
 		r.fail(s, err, false)
-		it.Outcome = outcome // obtained and in the catalog: only this node's copy failed
+		// Obtained and in the catalog: only this node's copy failed, and
+		// the next run (or the fleet's agent) installs it.
+		it.Outcome, it.Deploy, it.Hint = outcome, notInstalled, ""
 		return
 	}
 	if w == nil {

@@ -193,3 +193,25 @@ func TestIssueTextSaysWhatWasOrdered(t *testing.T) {
 		t.Errorf("settings that could not be saved: outcome %s:\n%s", it.Outcome, out)
 	}
 }
+
+// A certificate obtained and saved whose install on this node fails
+// (its write lock not had in time, as while a fleet agent installs a
+// large join) is said as such: not "dry run: nothing saved or deployed".
+func TestObtainedNotInstalledSaysSo(t *testing.T) {
+	f := newFixture(t)
+	e := f.engine(Options{Command: "issue"})
+	e.Node.Lock = func(context.Context) (func(), error) {
+		return nil, errors.New("lock lbcert.write.lock: held by another process for 5m0s")
+	}
+	p, err := e.Plan(context.Background(), []Job{job("n.test")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	it := p.Execute(context.Background()).Items[0]
+	var b strings.Builder
+	it.IssueText(&b, f.st.LivePaths("n.test"), t0)
+	out := b.String()
+	if it.Outcome != Issued || strings.Contains(out, "dry run") || !strings.Contains(out, "deploy    not installed on this node: ") || !strings.Contains(out, "held by another process") {
+		t.Errorf("outcome %s:\n%s", it.Outcome, out)
+	}
+}

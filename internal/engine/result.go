@@ -52,7 +52,7 @@ type Item struct {
 	Serial      string     `json:"serial,omitempty"`
 	NotAfter    *time.Time `json:"not_after,omitempty"`
 	Version     int        `json:"cert_version,omitempty"` // the catalog's version of the certificate in place
-	Deploy      string     `json:"deploy,omitempty"`       // "ok", "none", "rolled_back", "pending"
+	Deploy      string     `json:"deploy,omitempty"`       // "ok", "none", "rolled_back", "pending", "not_installed"
 	Verify      string     `json:"verify,omitempty"`
 	Hook        string     `json:"hook,omitempty"`
 	Pending     string     `json:"pending,omitempty"` // a certificate waiting to be deployed, and why

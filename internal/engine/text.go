@@ -26,6 +26,11 @@ var words = map[Outcome]string{
 // Words is how a summary names an outcome.
 func (o Outcome) Words() string { return words[o] }
 
+// notInstalled is an item's Deploy when its certificate was obtained
+// and saved in the catalog, but this node's install of it failed (its
+// write lock not had in time, its disk): obtained all the same.
+const notInstalled = "not_installed"
+
 // DeployWords says what the deploy step did: "none", "deployed,
 // verified, hook ok", "rolled back: <reason>" or "held on this node:
 // <why>" (a staged rollout).
@@ -41,6 +46,8 @@ func (it *Item) DeployWords() string {
 		return "rolled back: " + why
 	case "held":
 		return "held on this node: " + it.Held
+	case notInstalled:
+		return "not installed on this node: " + it.Error + " (the certificate is saved where every run and the fleet's agent find it: the next one installs it)"
 	case "":
 		if it.Outcome != Failed {
 			return "none (dry run: nothing saved or deployed)" // the only run that obtains and deploys nothing
