@@ -432,7 +432,13 @@ func (a *runtimeAPI) replace(ctx context.Context, path string, pem []byte) error
 		return fmt.Errorf("set ssl cert %s: HAProxy answered %q", path, strings.Join(strings.Fields(out), " "))
 	}
 	if err := a.expect(ctx, "commit ssl cert "+path, "Success!"); err != nil {
-		return joinAbort(err, a.abort(ctx, path))
+		err = joinAbort(err, a.abort(ctx, path))
+		if pemSerial(pem) != "" && a.holds(ctx, path, pem) == nil {
+			// The commit went through and its answer was lost: HAProxy
+			// serves pem, so an undo must set it back.
+			return &collisionError{committed: true, error: err}
+		}
+		return err
 	}
 	return a.holds(ctx, path, pem)
 }
@@ -524,10 +530,12 @@ func (a *runtimeAPI) taken(ctx context.Context, path, other string) error {
 
 // collisionError is another runtime-API client's transaction meeting
 // lbcert's: lbcert's set went into theirs (and that one was aborted), or
-// theirs into lbcert's (and was committed under lbcert's name).
+// theirs into lbcert's (and was committed under lbcert's name). With
+// committed, it is also a commit whose answer was lost but which
+// HAProxy made: either way, HAProxy's memory holds a PEM to set back.
 type collisionError struct {
 	error
-	committed bool // theirs was committed under lbcert's name
+	committed bool // a PEM was committed under lbcert's name
 }
 
 func (e *collisionError) Unwrap() error { return e.error }

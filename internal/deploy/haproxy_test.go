@@ -64,6 +64,9 @@ type fakeRuntimeAPI struct {
 	dies bool
 	// listed are the certificates the directory's crt-list serves.
 	listed map[string]bool
+	// loseCommitAt: the loseCommitAt-th commit is made, and its answer
+	// lost (an empty answer, as from a connection cut after the commit).
+	loseCommitAt int
 	// otherList: no crt-list loads the directory (its certificates are
 	// named one by one on bind lines); only this one exists.
 	otherList string
@@ -143,6 +146,9 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 			f.committed = map[string]string{}
 		}
 		f.committed[p] = f.pending
+		if f.commits == f.loseCommitAt {
+			return ""
+		}
 		return "Committing " + p + "\nSuccess!\n"
 	case strings.HasPrefix(cmd, "abort ssl cert"):
 		p := arg("abort ssl cert")
@@ -690,5 +696,45 @@ func TestHotUpdateOfCertificatesNamedOnBindLines(t *testing.T) {
 	defer api.mu.Unlock()
 	if slices.ContainsFunc(api.cmds, func(c string) bool { return strings.HasPrefix(c, "add ssl crt-list") }) {
 		t.Fatalf("added to a crt-list: %q", api.cmds)
+	}
+}
+
+// A commit HAProxy made whose answer was lost counts as committed: the
+// update that then fails sets it back, instead of reporting a rollback
+// while HAProxy serves the new certificate and the files the old one.
+func TestHotUpdateSetsBackACommitWhoseAnswerWasLost(t *testing.T) {
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	certs := filepath.Join(dir, "certs")
+	os.MkdirAll(certs, 0o700)
+	haproxy := filepath.Join(dir, "haproxy")
+	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	sock := filepath.Join(dir, "admin.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d := store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}
+	api := &fakeRuntimeAPI{failAfter: -2, loseCommitAt: 1, listed: map[string]bool{}}
+	old := selfSigned(t, "a.test")
+	s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
+	os.WriteFile(PEMPath(certs, "a.test"), old, 0o600)
+	api.certs = append(api.certs, PEMPath(certs, "a.test"))
+	api.listed[PEMPath(certs, "a.test")] = true
+	cur := selfSigned(t, "a.test")
+	_, prev, err := s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go api.serve(t, ln, certs)
+	r := (&Runner{Store: s}).Run(context.Background(), []Change{{Name: "a.test", Domains: []string{"a.test"}, Previous: prev, Deploy: d}})[0]
+	if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 1 certificates already committed were set back") {
+		t.Fatalf("rolled back %v, err %v", r.RolledBack, r.Err)
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if got := pemSerial([]byte(api.committed[PEMPath(certs, "a.test")])); got != pemSerial(old) {
+		t.Fatalf("a.test in memory after the rollback: serial %q, want the previous %q (the files')", got, pemSerial(old))
 	}
 }
