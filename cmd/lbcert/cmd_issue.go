@@ -199,7 +199,7 @@ func (a *app) printIssue(st *store.Store, it *engine.Item) {
 	if !a.global.Quiet {
 		it.IssueText(a.out, st.LivePaths(it.Name), a.now())
 	}
-	if it.Deploy == "not_installed" { // obtained, and not installed on this node
+	if it.NotInstalled() {
 		a.say.warningf("%s: %s", it.Name, it.DeployWords())
 	}
 	switch it.Outcome {

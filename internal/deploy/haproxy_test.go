@@ -382,19 +382,7 @@ func TestHotUpdateAbortsAnotherClientsTransactionItWasAddedTo(t *testing.T) {
 // lbcert checks the serial HAProxy serves after each commit, and the
 // deploy fails, saying so, instead of reporting success.
 func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
-	dir := t.TempDir()
-	s := store.New(filepath.Join(dir, "state"))
-	certs := filepath.Join(dir, "certs")
-	os.MkdirAll(certs, 0o700)
-	haproxy := filepath.Join(dir, "haproxy")
-	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
-	sock := filepath.Join(dir, "admin.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	d := store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}
+	s, certs, d, ln := realCertFixture(t)
 	api := &fakeRuntimeAPI{failAfter: -2, intrudeAt: 1, intruder: string(selfSigned(t, "other.test"))}
 	var changes []Change
 	olds := map[string][]byte{}
@@ -434,6 +422,26 @@ func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
 			t.Fatalf("%s without the other client: deployed %v, err %v", r.Name, r.Deployed, r.Err)
 		}
 	}
+}
+
+// realCertFixture is a store, a certificate directory, a stand-in
+// "haproxy -c" that passes, and a socket for a fake runtime API to
+// serve, for tests whose certificates are real (their serials checked).
+func realCertFixture(t *testing.T) (*store.Store, string, store.Deploy, net.Listener) {
+	t.Helper()
+	dir := t.TempDir()
+	s := store.New(filepath.Join(dir, "state"))
+	certs := filepath.Join(dir, "certs")
+	os.MkdirAll(certs, 0o700)
+	haproxy := filepath.Join(dir, "haproxy")
+	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	sock := filepath.Join(dir, "admin.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return s, certs, store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}, ln
 }
 
 // selfSigned is a PEM certificate for name with a random serial.
@@ -703,19 +711,7 @@ func TestHotUpdateOfCertificatesNamedOnBindLines(t *testing.T) {
 // update that then fails sets it back, instead of reporting a rollback
 // while HAProxy serves the new certificate and the files the old one.
 func TestHotUpdateSetsBackACommitWhoseAnswerWasLost(t *testing.T) {
-	dir := t.TempDir()
-	s := store.New(filepath.Join(dir, "state"))
-	certs := filepath.Join(dir, "certs")
-	os.MkdirAll(certs, 0o700)
-	haproxy := filepath.Join(dir, "haproxy")
-	os.WriteFile(haproxy, []byte("#!/bin/sh\nexit 0\n"), 0o755)
-	sock := filepath.Join(dir, "admin.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	d := store.Deploy{Target: "haproxy", HAProxyBin: haproxy, HAProxyConf: haproxy, HAProxyCerts: certs, HAProxySocket: sock}
+	s, certs, d, ln := realCertFixture(t)
 	api := &fakeRuntimeAPI{failAfter: -2, loseCommitAt: 1, listed: map[string]bool{}}
 	old := selfSigned(t, "a.test")
 	s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})

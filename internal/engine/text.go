@@ -31,6 +31,10 @@ func (o Outcome) Words() string { return words[o] }
 // write lock not had in time, its disk): obtained all the same.
 const notInstalled = "not_installed"
 
+// NotInstalled reports whether the item's certificate was obtained and
+// saved but not installed on this node.
+func (it *Item) NotInstalled() bool { return it.Deploy == notInstalled }
+
 // DeployWords says what the deploy step did: "none", "deployed,
 // verified, hook ok", "rolled back: <reason>" or "held on this node:
 // <why>" (a staged rollout).
