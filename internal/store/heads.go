@@ -15,18 +15,23 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The heads index, <dir>/cache/heads, lets a renew pass over a million
-// lineages decide each one without listing archive/<name>/ and reading
-// its newest lineage.json. A pass over 100,000 lineages reads those from
-// the page cache; over a million, the directory blocks, file pages and
-// inodes the pass touches no longer fit in the page cache of a machine
-// with 24 GiB, and each pass reads most of them from disk again. With the
-// index a lineage costs two stat(2) calls and a read of the index, which
-// holds the metadata of every lineage in one file.
+// lineages decide each one without listing archive/<name>/, reading its
+// newest lineage.json and reading its renewal record. A pass over
+// 100,000 lineages reads those from the page cache; over a million, the
+// directory blocks, file pages and inodes the pass touches no longer fit
+// in the page cache of a machine with 24 GiB (or a virtual machine's host
+// pages them out between passes), and each pass reads most of them from
+// disk again. With the index a lineage costs three stat(2) calls and a
+// read of the index, which holds the metadata and the renewal record of
+// every lineage in one file.
 //
 // What is true of it (enforced in one place, Heads.Newest):
 //
@@ -38,7 +43,11 @@ import (
 //     version's lineage.json have now the inode number, modification
 //     time and change time (and, for the file, the size) they had when
 //     the entry's bytes were read, and both change times were then more
-//     than Margin older than the read. Any change to either, by lbcert
+//     than Margin older than the read. Its renewal record's bytes are
+//     used on the same terms, checked against renewal/<name>.json on
+//     their own: an entry whose record changed keeps its metadata, and
+//     the record is read from disk. A record that is not there now is
+//     none, whatever the entry holds. Any change to either, by lbcert
 //     or by hand (a new version renamed in, a version removed, an
 //     editor's write, UpdateMeta's rename), sets its change time to the
 //     kernel's clock, which is at least the read's moment less one clock
@@ -70,10 +79,10 @@ var Margin = time.Second
 var grain time.Duration
 
 const (
-	headsMagic  = "lbcert heads 1\n"
-	headsTail   = "LBHEADS1"
-	keyBytes    = 8 * 7 // two stat keys, the size of the file
-	entryHeader = keyBytes + 4 + 2
+	headsMagic  = "lbcert heads 2\n"
+	headsTail   = "LBHEADS2"
+	keyBytes    = 8 * 11               // three stat keys: the directory's, lineage.json's, the record's (files with their size)
+	entryHeader = keyBytes + 4 + 2 + 4 // then the version, the name's length, the metadata's length
 
 	// An index is only believed within these bounds (a file crafted or
 	// damaged to claim more must not size lbcert's memory): a table of
@@ -92,10 +101,14 @@ type statKey struct {
 }
 
 func keyOf(path string, dir bool) (statKey, error) {
-	var st syscall.Stat_t
-	if err := ignoringEINTRErr(func() error { return syscall.Stat(path, &st) }); err != nil {
+	var st unix.Stat_t
+	if err := ignoringEINTRErr(func() error { return unix.Stat(path, &st) }); err != nil {
 		return statKey{}, &os.PathError{Op: "stat", Path: path, Err: err}
 	}
+	return keyFrom(&st, dir), nil
+}
+
+func keyFrom(st *unix.Stat_t, dir bool) statKey {
 	k := statKey{ino: st.Ino, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
 	if g := int64(grain); g > 0 {
 		k.mtime, k.ctime = k.mtime/g*g, k.ctime/g*g
@@ -103,7 +116,80 @@ func keyOf(path string, dir bool) (statKey, error) {
 	if !dir {
 		k.size = st.Size
 	}
-	return k, nil
+	return k
+}
+
+// The state directory's subdirectories a pass names its files in.
+const (
+	inArchive = iota
+	inRenewal
+	inLive
+)
+
+var passDirs = [...]string{inArchive: "archive", inRenewal: "renewal", inLive: "live"}
+
+// openDirs opens archive/, renewal/ and live/ for the pass's stat and
+// readlink calls (O_PATH: for naming files, not reading them). One that
+// cannot be opened is named by its path.
+func (h *Heads) openDirs() {
+	for i, d := range passDirs {
+		fd, err := unix.Open(filepath.Join(h.s.Dir, d), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			fd = -1
+		}
+		h.dirFD[i] = fd
+	}
+}
+
+// closeDirs closes them; a call still running elsewhere (none should
+// be: the pass ends after its plan) names its file by path instead.
+func (h *Heads) closeDirs() {
+	h.dirMu.Lock()
+	defer h.dirMu.Unlock()
+	for i, fd := range h.dirFD {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		h.dirFD[i] = -1
+	}
+}
+
+// keyIn is keyOf of the file rel in the pass directory in.
+func (h *Heads) keyIn(in int, rel string, dir bool) (statKey, error) {
+	h.dirMu.RLock()
+	defer h.dirMu.RUnlock()
+	fd := h.dirFD[in]
+	if fd < 0 {
+		return keyOf(filepath.Join(h.s.Dir, passDirs[in], rel), dir)
+	}
+	var st unix.Stat_t
+	if err := ignoringEINTRErr(func() error { return unix.Fstatat(fd, rel, &st, 0) }); err != nil {
+		return statKey{}, &os.PathError{Op: "stat", Path: filepath.Join(h.s.Dir, passDirs[in], rel), Err: err}
+	}
+	return keyFrom(&st, dir), nil
+}
+
+// readLive is the target of the link live/<name>, read through the
+// pass's directory; ok is false when it cannot be (then by path).
+func (h *Heads) readLive(name string) (target string, ok bool, err error) {
+	if strings.ContainsAny(name, "/\x00") {
+		return "", false, nil
+	}
+	h.dirMu.RLock()
+	defer h.dirMu.RUnlock()
+	fd := h.dirFD[inLive]
+	if fd < 0 {
+		return "", false, nil
+	}
+	var b [256]byte
+	n, err := unix.Readlinkat(fd, name, b[:])
+	switch {
+	case err != nil:
+		return "", true, &os.PathError{Op: "readlink", Path: filepath.Join(h.s.Dir, "live", name), Err: err}
+	case n == len(b):
+		return "", false, nil // may be cut: read by path
+	}
+	return string(b[:n]), true, nil
 }
 
 func ignoringEINTRErr(f func() error) error {
@@ -119,6 +205,15 @@ func ignoringEINTRErr(f func() error) error {
 type Heads struct {
 	s *Store
 
+	dirMu sync.RWMutex
+	// dirFD are archive/, renewal/ and live/ (passDirs), open for the
+	// pass, -1 when not: a lineage's stat and readlink calls name their
+	// files relative to them, a component or three, where a path from
+	// the root walks every component of the state directory's path
+	// again, three or four times a lineage (on a million lineages the
+	// kernel's path walk was an eighth of the pass's CPU).
+	dirFD [len(passDirs)]int
+
 	// The index found: the names (sorted, as strings.Compare orders
 	// them), where each one's entry is and how long it is.
 	old   *os.File
@@ -132,15 +227,18 @@ type Heads struct {
 	wrote   int64
 	entries []headEntry // every entry the next index holds
 	misses  int         // entries read from disk
-	listed  []string    // the lineages the pass listed; nil if none
-	werr    error       // the first write error: the new index is dropped
+	// recordHits counts the records answered from the index found.
+	recordHits atomic.Int64
+	listed     []string // the lineages the pass listed; nil if none
+	werr       error    // the first write error: the new index is dropped
 
-	// The plan reads each lineage's status, then its journal: two reads
-	// of one record, microseconds apart. The record ReadStatus read is
-	// kept here for the next Journal of that name, unless this process
-	// wrote any record in between (recordWrites counts them); other
-	// processes do not write records during a pass, which holds the
-	// state directory's lock.
+	// The plan reads each lineage's head, its status, then its journal:
+	// three reads microseconds apart, the last two of one record. The
+	// record Newest (or ReadStatus) read is kept here for the next
+	// ReadStatus and Journal of that name, unless this process wrote any
+	// record in between (recordWrites counts them); other processes do
+	// not write records during a pass, which holds the state directory's
+	// lock.
 	recMu   sync.Mutex
 	records map[string]keptRecord
 }
@@ -173,6 +271,15 @@ func (h *Heads) takeRecord(name string) (record, bool) {
 	return k.r, ok && k.writes == recordWrites.Load()
 }
 
+// peekRecord is takeRecord that leaves the record kept: the status read
+// before the journal.
+func (h *Heads) peekRecord(name string) (record, bool) {
+	h.recMu.Lock()
+	k, ok := h.records[name]
+	h.recMu.Unlock()
+	return k.r, ok && k.writes == recordWrites.Load()
+}
+
 // headEntry is one entry of the next index: in the old file (fromOld)
 // or already written to the new one.
 type headEntry struct {
@@ -187,6 +294,7 @@ type headEntry struct {
 // is as good as an empty one.
 func (s *Store) OpenHeads() *Heads {
 	h := &Heads{s: s}
+	h.openDirs()
 	if err := h.load(filepath.Join(s.Dir, HeadsFile)); err != nil {
 		h.names, h.offs, h.lens = nil, nil, nil
 		if h.old != nil {
@@ -274,63 +382,88 @@ func (h *Heads) parseTable(table []byte, end int64) error {
 	return nil
 }
 
+// entry is one lineage's entry of an index: its newest version, the
+// keys its parts were read under, and the parts: the metadata and the
+// renewal record, compact JSON. A zero rec key is a record not kept (there
+// was none, or it was too new to trust).
+type entry struct {
+	v              int
+	dir, meta, rec statKey
+	data, recData  []byte
+}
+
 // cached is name's entry in the index found, checked against its
-// checksum and its name: its version, the keys recorded, and the
-// metadata bytes, in *bp (a buffer of buffers, grown as needed).
-func (h *Heads) cached(name string, bp *[]byte) (i int, v int, dir, meta statKey, data []byte, ok bool) {
+// checksum and its name, with its bytes in *bp (a buffer of buffers,
+// grown as needed), and its place in the index.
+func (h *Heads) cached(name string, bp *[]byte) (int, entry, bool) {
 	i, found := slices.BinarySearch(h.names, name)
 	if !found || h.old == nil {
-		return 0, 0, statKey{}, statKey{}, nil, false
+		return 0, entry{}, false
 	}
 	*bp = slices.Grow((*bp)[:0], int(h.lens[i]))
 	buf := (*bp)[:h.lens[i]]
 	if _, err := h.old.ReadAt(buf, h.offs[i]); err != nil || len(buf) < entryHeader+4 {
-		return 0, 0, statKey{}, statKey{}, nil, false
+		return 0, entry{}, false
 	}
 	body, sum := buf[:len(buf)-4], binary.LittleEndian.Uint32(buf[len(buf)-4:])
 	if crc32.ChecksumIEEE(body) != sum {
-		return 0, 0, statKey{}, statKey{}, nil, false
+		return 0, entry{}, false
 	}
-	dir, meta = decodeKeys(body)
-	v = int(binary.LittleEndian.Uint32(body[keyBytes:]))
+	var e entry
+	e.dir, e.meta, e.rec = decodeKeys(body)
+	e.v = int(binary.LittleEndian.Uint32(body[keyBytes:]))
 	nl := int(binary.LittleEndian.Uint16(body[keyBytes+4:]))
-	if entryHeader+nl > len(body) || string(body[entryHeader:entryHeader+nl]) != name {
-		return 0, 0, statKey{}, statKey{}, nil, false
+	ml := int(binary.LittleEndian.Uint32(body[keyBytes+6:]))
+	if entryHeader+nl+ml > len(body) || string(body[entryHeader:entryHeader+nl]) != name {
+		return 0, entry{}, false
 	}
-	return i, v, dir, meta, body[entryHeader+nl:], true
+	e.data, e.recData = body[entryHeader+nl:entryHeader+nl+ml], body[entryHeader+nl+ml:]
+	return i, e, true
 }
 
-func encodeKeys(b []byte, dir, meta statKey) []byte {
-	for _, x := range []uint64{dir.ino, uint64(dir.mtime), uint64(dir.ctime), meta.ino, uint64(meta.mtime), uint64(meta.ctime), uint64(meta.size)} {
+func encodeKeys(b []byte, dir, meta, rec statKey) []byte {
+	for _, x := range []uint64{dir.ino, uint64(dir.mtime), uint64(dir.ctime),
+		meta.ino, uint64(meta.mtime), uint64(meta.ctime), uint64(meta.size),
+		rec.ino, uint64(rec.mtime), uint64(rec.ctime), uint64(rec.size)} {
 		b = binary.LittleEndian.AppendUint64(b, x)
 	}
 	return b
 }
 
-func decodeKeys(b []byte) (dir, meta statKey) {
+func decodeKeys(b []byte) (dir, meta, rec statKey) {
 	u := func(i int) uint64 { return binary.LittleEndian.Uint64(b[8*i:]) }
 	dir = statKey{ino: u(0), mtime: int64(u(1)), ctime: int64(u(2))}
 	meta = statKey{ino: u(3), mtime: int64(u(4)), ctime: int64(u(5)), size: int64(u(6))}
-	return dir, meta
+	rec = statKey{ino: u(7), mtime: int64(u(8)), ctime: int64(u(9)), size: int64(u(10))}
+	return dir, meta, rec
 }
 
 // Newest is Store.Newest through the index: the entry when its keys
 // still hold (see the package's heads index), else the disk, whose
 // answer becomes the next index's entry once it is old enough to trust.
+//
+// It also reads the lineage's renewal record, through the entry when its
+// part holds, for the plan's ReadStatus and Journal of name that follow
+// (keepRecord): every pass through the index is a renew plan, which asks
+// for both.
 func (h *Heads) Newest(name string) (*Lineage, error) {
 	start := time.Now()
-	archive := h.s.ArchiveDir(name)
-	dir, err := keyOf(archive, true)
+	gen := recordWrites.Load()
+	dir, err := h.keyIn(inArchive, name, true)
 	if err != nil {
 		return h.s.newestOnDisk(name)
 	}
 	bp := buffers.Get().(*[]byte)
 	defer buffers.Put(bp)
-	if i, v, odir, ometa, data, ok := h.cached(name, bp); ok && odir == dir {
-		meta, err := keyOf(filepath.Join(archive, strconv.Itoa(v), MetaFile), false)
-		if err == nil && meta == ometa {
-			if l, err := h.s.parseMeta(name, data); err == nil {
-				h.keepOld(i)
+	if i, e, ok := h.cached(name, bp); ok && e.dir == dir {
+		meta, err := h.keyIn(inArchive, name+"/"+strconv.Itoa(e.v)+"/"+MetaFile, false)
+		if err == nil && meta == e.meta {
+			if l, err := h.s.parseMeta(name, e.data); err == nil {
+				if rec, recData, changed := h.record(name, e.rec, e.recData, start, gen); changed {
+					h.add(name, entry{v: e.v, dir: dir, meta: meta, rec: rec, data: e.data, recData: recData})
+				} else {
+					h.keepOld(i)
+				}
 				return l, nil
 			}
 		}
@@ -339,8 +472,8 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 	if v == 0 {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
-	path := filepath.Join(archive, strconv.Itoa(v), MetaFile)
-	meta, kerr := keyOf(path, false)
+	path := filepath.Join(h.s.ArchiveDir(name), strconv.Itoa(v), MetaFile)
+	meta, kerr := h.keyIn(inArchive, name+"/"+strconv.Itoa(v)+"/"+MetaFile, false)
 	var l *Lineage
 	compact := bytes.NewBuffer((*bp)[:0]) // the entry's buffer, free again
 	err = readSmall(path, func(data []byte) error {
@@ -357,10 +490,54 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 	if err != nil {
 		return nil, err
 	}
+	rec, recData, _ := h.record(name, statKey{}, nil, start, gen)
 	if old := start.Add(-Margin).UnixNano(); kerr == nil && dir.ctime < old && meta.ctime < old {
-		h.add(name, v, dir, meta, compact.Bytes())
+		h.add(name, entry{v: v, dir: dir, meta: meta, rec: rec, data: compact.Bytes(), recData: recData})
 	}
 	return l, nil
+}
+
+// record reads name's renewal record, through the entry's part (read
+// under key k, bytes b) when it holds, and keeps it for the plan
+// (keepRecord, with gen, recordWrites before the first stat). It returns
+// the part the next index holds, and whether that differs from the
+// entry's: a record read from disk that is old enough to trust. A record
+// that cannot be read is not kept: ReadStatus reads it and says why.
+func (h *Heads) record(name string, k statKey, b []byte, start time.Time, gen uint64) (statKey, []byte, bool) {
+	path := h.s.statusPath(name)
+	now, err := h.keyIn(inRenewal, name+".json", false)
+	var r record
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		// None: the entry's part, if any, is of a record that went,
+		// and its key cannot match a file made later (its change time
+		// is then the clock's).
+		h.keepRecord(name, r, gen)
+		return k, b, false
+	case err == nil && k != (statKey{}) && now == k && json.Unmarshal(b, &r) == nil:
+		h.recordHits.Add(1)
+		h.keepRecord(name, r, gen)
+		return k, b, false
+	}
+	r = record{} // an entry's part that did not parse may have filled some
+	var compact bytes.Buffer
+	rerr := readSmall(path, func(data []byte) error {
+		if json.Unmarshal(data, &r) != nil {
+			r = record{} // corrupt counts as none (readRecord), and is not kept
+			return nil
+		}
+		return json.Compact(&compact, data)
+	})
+	if rerr != nil {
+		return k, b, false
+	}
+	h.keepRecord(name, r, gen)
+	if err != nil || compact.Len() == 0 || now.ctime >= start.Add(-Margin).UnixNano() {
+		// Not to be trusted yet: the entry's part, if any, cannot
+		// match this file, and the next pass reads it again.
+		return k, b, false
+	}
+	return now, compact.Bytes(), true
 }
 
 func (h *Heads) keepOld(i int) {
@@ -372,12 +549,14 @@ func (h *Heads) keepOld(i int) {
 	h.mu.Unlock()
 }
 
-// add writes an entry read from disk to the new index.
-func (h *Heads) add(name string, v int, dir, meta statKey, data []byte) {
-	body := encodeKeys(make([]byte, 0, entryHeader+len(name)+len(data)+4), dir, meta)
-	body = binary.LittleEndian.AppendUint32(body, uint32(v))
+// add writes an entry read from disk, in whole or in part, to the new
+// index.
+func (h *Heads) add(name string, e entry) {
+	body := encodeKeys(make([]byte, 0, entryHeader+len(name)+len(e.data)+len(e.recData)+4), e.dir, e.meta, e.rec)
+	body = binary.LittleEndian.AppendUint32(body, uint32(e.v))
 	body = binary.LittleEndian.AppendUint16(body, uint16(len(name)))
-	body = append(append(body, name...), data...)
+	body = binary.LittleEndian.AppendUint32(body, uint32(len(e.data)))
+	body = append(append(append(body, name...), e.data...), e.recData...)
 	body = binary.LittleEndian.AppendUint32(body, crc32.ChecksumIEEE(body))
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -425,6 +604,7 @@ func (h *Heads) create() error {
 // the old one; otherwise the old one is still exact and stays.
 func (h *Heads) Close() error {
 	h.s.heads.CompareAndSwap(h, nil)
+	h.closeDirs()
 	defer func() {
 		if h.old != nil {
 			h.old.Close()

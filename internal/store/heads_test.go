@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"hash/crc32"
+	"io/fs"
 	"maps"
 	"math/rand/v2"
 	"os"
@@ -34,11 +35,19 @@ func shortMargin(t *testing.T) {
 // pass is one renew pass through the index: every name asked once.
 func pass(t *testing.T, s *Store, names []string) (map[string]*Lineage, *Heads) {
 	t.Helper()
+	out, _, h := passRecords(t, s, names)
+	return out, h
+}
+
+// passRecords is pass that also reads, as the renew plan does, each
+// name's status and journal after its head, and returns those records.
+func passRecords(t *testing.T, s *Store, names []string) (map[string]*Lineage, map[string]record, *Heads) {
+	t.Helper()
 	h := s.OpenHeads()
 	if _, err := s.Lineages(); err != nil { // as renew's catalog does
 		t.Fatal(err)
 	}
-	out := map[string]*Lineage{}
+	out, recs := map[string]*Lineage{}, map[string]record{}
 	for _, n := range names {
 		l, err := s.Newest(n)
 		if err == nil {
@@ -46,11 +55,35 @@ func pass(t *testing.T, s *Store, names []string) (map[string]*Lineage, *Heads) 
 		} else if !errors.Is(err, ErrNotFound) {
 			t.Fatalf("Newest(%s) through the index: %v", n, err)
 		}
+		st, err := s.ReadStatus(n)
+		if err != nil {
+			t.Fatalf("ReadStatus(%s) through the index: %v", n, err)
+		}
+		j, err := s.Journal(n)
+		if err != nil {
+			t.Fatalf("Journal(%s) through the index: %v", n, err)
+		}
+		if r := (record{Status: st, Journal: j}); !reflect.DeepEqual(r, record{}) {
+			recs[n] = r
+		}
 	}
 	if err := h.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return out, h
+	return out, recs, h
+}
+
+// recordsOnDisk is what ReadStatus and Journal answer without the index.
+func recordsOnDisk(t *testing.T, dir string, names []string) map[string]record {
+	t.Helper()
+	s := New(dir)
+	out := map[string]record{}
+	for _, n := range names {
+		if r, err := s.readRecord(n); err == nil && !reflect.DeepEqual(r, record{}) {
+			out[n] = r
+		}
+	}
+	return out
 }
 
 // onDisk is what Newest answers without the index.
@@ -68,6 +101,13 @@ func onDisk(t *testing.T, dir string, names []string) map[string]*Lineage {
 
 func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
 	shortMargin(t)
+	fds := func() int { e, _ := os.ReadDir("/proc/self/fd"); return len(e) }
+	openFDs := fds()
+	defer func() {
+		if n := fds(); n > openFDs {
+			t.Errorf("%d descriptors open after the passes, %d before: a pass leaks its directories", n, openFDs)
+		}
+	}()
 	dir := t.TempDir()
 	s := New(dir)
 	names := []string{"a.example", "b.example", "c.example"}
@@ -76,22 +116,53 @@ func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The live version through the pass's directory is the path's.
+	if err := s.Activate("a.example", 1); err != nil {
+		t.Fatal(err)
+	}
+	want, werr := s.LiveVersion("a.example")
+	var h *Heads
+	_, wmiss := s.LiveVersion("b.example")
+	h = s.OpenHeads()
+	live, gerr := s.LiveVersion("a.example")
+	_, gmiss := s.LiveVersion("b.example")
+	h.Close()
+	if live != want || gerr != nil || werr != nil || !errors.Is(gmiss, fs.ErrNotExist) || !errors.Is(wmiss, fs.ErrNotExist) {
+		t.Errorf("live version during a pass %d (%v), %v for none; without %d (%v), %v", live, gerr, gmiss, want, werr, wmiss)
+	}
+	// Two with a renewal record, one without.
+	s.SetJournal("a.example", Journal{Deployed: &Deployed{Version: 1, Serial: "0"}})
+	s.WriteStatus("b.example", Status{Failures: 1, LastError: "refused"})
 	time.Sleep(2 * headsMargin)
-	if _, h := pass(t, s, names); h.misses != 3 {
-		t.Fatalf("first pass read %d lineages from disk, want 3", h.misses)
+	if _, h := pass(t, s, names); h.misses != 3 || h.recordHits.Load() != 0 {
+		t.Fatalf("first pass read %d lineages from disk, want 3 (%d records from an index)", h.misses, h.recordHits.Load())
 	}
 	index := filepath.Join(dir, HeadsFile)
 	before, err := os.Stat(index)
 	if err != nil {
 		t.Fatalf("no index after the first pass: %v", err)
 	}
-	got, h := pass(t, s, names)
-	if h.misses != 0 {
-		t.Errorf("second pass read %d lineages from disk, want 0 (all from the index)", h.misses)
+	got, recs, h := passRecords(t, s, names)
+	if h.misses != 0 || h.recordHits.Load() != 2 {
+		t.Errorf("second pass read %d lineages from disk, want 0, and %d records from the index, want 2", h.misses, h.recordHits.Load())
 	}
 	if !reflect.DeepEqual(got, onDisk(t, dir, names)) {
 		t.Errorf("the index answers %+v, the disk %+v", got, onDisk(t, dir, names))
 	}
+	if want := recordsOnDisk(t, dir, names); !reflect.DeepEqual(recs, want) || len(recs) != 2 {
+		t.Errorf("the index answers the records %s, the disk %s", briefRecords(recs), briefRecords(want))
+	}
+	// A record written is read from disk, and only it: the entry keeps
+	// its metadata and the index is written again.
+	s.WriteStatus("b.example", Status{Failures: 2, LastError: "refused again"})
+	time.Sleep(2 * headsMargin)
+	if _, recs, h := passRecords(t, s, names); h.recordHits.Load() != 1 || recs["b.example"].Failures != 2 {
+		t.Errorf("after a status was written: %d records from the index, want 1; b.example %s", h.recordHits.Load(), briefRecords(recs))
+	}
+	if _, _, h := passRecords(t, s, names); h.recordHits.Load() != 2 || h.misses != 0 {
+		t.Errorf("the pass after: %d records from the index, want 2; %d lineages from disk, want 0", h.recordHits.Load(), h.misses)
+	}
+	before, _ = os.Stat(index)
 	if after, _ := os.Stat(index); !os.SameFile(before, after) {
 		t.Errorf("a pass that read nothing from disk rewrote the index")
 	}
@@ -159,7 +230,7 @@ func headsSeed(t *testing.T, seed uint64) {
 		case 1:
 			time.Sleep(headsMargin + 5*time.Millisecond)
 		}
-		want := onDisk(t, dir, names)
+		want, wantRecs := onDisk(t, dir, names), recordsOnDisk(t, dir, names)
 		if r.IntN(8) == 0 {
 			// Two passes at once, from two processes.
 			s2 := New(dir)
@@ -175,15 +246,31 @@ func headsSeed(t *testing.T, seed uint64) {
 			h2.Close()
 			continue
 		}
-		got, h := pass(t, s, names)
+		got, recs, h := passRecords(t, s, names)
 		hits += len(names) - h.misses
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("seed %d, after op %d (%s): through the index %s; on disk %s", seed, op, what, brief(got), brief(want))
+		}
+		if !reflect.DeepEqual(recs, wantRecs) {
+			t.Fatalf("seed %d, after op %d (%s): records through the index %s; on disk %s", seed, op, what, briefRecords(recs), briefRecords(wantRecs))
 		}
 	}
 	if hits == 0 {
 		t.Fatalf("seed %d: the index never answered", seed)
 	}
+}
+
+func briefRecords(m map[string]record) string {
+	out := ""
+	for _, n := range slices.Sorted(maps.Keys(m)) {
+		r := m[n]
+		out += fmt.Sprintf("%s=failures %d/%q", n, r.Failures, r.LastError)
+		if r.Deployed != nil {
+			out += fmt.Sprintf("/deployed v%d", r.Deployed.Version)
+		}
+		out += " "
+	}
+	return out
 }
 
 func brief(m map[string]*Lineage) string {
@@ -202,7 +289,7 @@ func headsOp(t *testing.T, r *rand.Rand, s *Store, n string, serial *int) string
 	sn := strconv.Itoa(*serial)
 	index := filepath.Join(s.Dir, HeadsFile)
 	v := s.MaxVersion(n)
-	switch k := r.IntN(11); {
+	switch k := r.IntN(16); {
 	case k < 3 || v == 0:
 		if _, err := s.SaveVersion(lineage(n, sn), files(sn)); err != nil {
 			t.Fatal(err)
@@ -253,6 +340,34 @@ func headsOp(t *testing.T, r *rand.Rand, s *Store, n string, serial *int) string
 			os.WriteFile(index, data, 0o600)
 		}
 		return "index damaged"
+	case k == 11:
+		if err := s.WriteStatus(n, Status{Failures: r.IntN(3), LastError: "e" + sn}); err != nil {
+			t.Fatal(err)
+		}
+		return "status of " + n
+	case k == 12:
+		if err := s.SetJournal(n, Journal{Deployed: &Deployed{Version: r.IntN(4), Serial: sn}}); err != nil {
+			t.Fatal(err)
+		}
+		return "journal of " + n
+	case k == 13:
+		// In place, same inode, often the same size.
+		p := s.statusPath(n)
+		rec, _ := s.readRecord(n)
+		rec.LastError = fmt.Sprintf("h%04d", *serial%10000)
+		data, _ := json.Marshal(rec)
+		if f, err := os.OpenFile(p, os.O_WRONLY|os.O_TRUNC, 0); err == nil {
+			f.Write(data)
+			f.Close()
+		}
+		return "hand edit of the record of " + n
+	case k == 14:
+		if r.IntN(2) == 0 {
+			os.WriteFile(s.statusPath(n), []byte("{not json"), 0o600)
+			return "record of " + n + " corrupted"
+		}
+		os.Remove(s.statusPath(n))
+		return "record of " + n + " removed by hand"
 	default:
 		// A pass killed before it wrote: its temporary file stays.
 		s2 := New(s.Dir)

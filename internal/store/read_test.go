@@ -70,8 +70,11 @@ func TestAppendDirsUnknownType(t *testing.T) {
 		copy(rec[19:], e.name)
 		b = append(b, rec...)
 	}
-	if got := appendDirs(nil, dir, b); strings.Join(got, " ") != "d x" {
+	if got := appendNames(nil, dir, b, true); strings.Join(got, " ") != "d x" {
 		t.Fatalf("got %q, want d (a directory by lstat) and x (by its type)", got)
+	}
+	if got := appendNames(nil, dir, b, false); strings.Join(got, " ") != "d f x r" {
+		t.Fatalf("every entry: got %q, want d f x r", got)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -182,6 +183,11 @@ func (s *Store) recordWritten() { recordWrites.Add(1) }
 // ReadStatus returns the status of lineage name (zero when none).
 func (s *Store) ReadStatus(name string) (Status, error) {
 	h := s.heads.Load()
+	if h != nil {
+		if r, ok := h.peekRecord(name); ok {
+			return r.Status, nil
+		}
+	}
 	gen := recordWrites.Load()
 	r, err := s.readRecord(name)
 	if h != nil && err == nil {
@@ -273,15 +279,10 @@ func (s *Store) FailedNames() ([]string, error) {
 // liveSet is the set of entries of live/ (not checked further: a name
 // in it is only skipped, and Exists decides for the others).
 func (s *Store) liveSet() (map[string]struct{}, error) {
-	f, err := os.Open(filepath.Join(s.Dir, "live"))
+	names, err := readEntries(filepath.Join(s.Dir, "live"), false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	names, err := f.Readdirnames(-1)
 	if err != nil {
 		return nil, err
 	}
@@ -293,8 +294,10 @@ func (s *Store) liveSet() (map[string]struct{}, error) {
 }
 
 // recordNames lists the names with a record that keep says to keep.
+// Sorted, as os.ReadDir would list them: the few kept are sorted, not
+// the million listed.
 func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "renewal"))
+	entries, err := readEntries(filepath.Join(s.Dir, "renewal"), false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -303,11 +306,12 @@ func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
 	}
 	var out []string
 	for _, e := range entries {
-		name, ok := cutSuffix(e.Name(), ".json")
+		name, ok := cutSuffix(e, ".json")
 		if ok && names.Lineage(name) == nil && keep(name) {
 			out = append(out, name)
 		}
 	}
+	slices.Sort(out)
 	return out, nil
 }
 

@@ -618,6 +618,14 @@ func (s *Store) versions(name string) ([]int, error) {
 
 // LiveVersion returns the version live/<name> points at.
 func (s *Store) LiveVersion(name string) (int, error) {
+	if h := s.heads.Load(); h != nil {
+		if target, ok, err := h.readLive(name); ok {
+			if err != nil {
+				return 0, err
+			}
+			return strconv.Atoi(filepath.Base(target))
+		}
+	}
 	target, err := os.Readlink(filepath.Join(s.Dir, "live", name))
 	if err != nil {
 		return 0, err
