@@ -387,6 +387,23 @@ func (s *Store) Names() ([]string, error) {
 // NaturalLess orders names the way people count: c2 before c10, so that
 // list and renew show customer2 before customer10.
 func NaturalLess(a, b string) bool {
+	// The names share a prefix, often most of them (site00123 and
+	// site00124): compare from the start of the digit run, if any, in
+	// which they first differ. The prefix before it ends outside a digit
+	// run, so it orders them no more than it does byte by byte.
+	i := 0
+	for i < len(a) && i < len(b) && a[i] == b[i] {
+		i++
+	}
+	for i > 0 && isDigit(a[i-1]) {
+		i--
+	}
+	return naturalLess(a[i:], b[i:])
+}
+
+func isDigit(c byte) bool { return c >= '0' && c <= '9' }
+
+func naturalLess(a, b string) bool {
 	for a != "" && b != "" {
 		da, db := digits(a), digits(b)
 		if da > 0 && db > 0 {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
@@ -191,6 +192,28 @@ func TestNaturalOrder(t *testing.T) {
 	want := "b.example.com c1.example.com c1a.example.com c2.example.com c02.example.com c10.example.com c11.example.com"
 	if got := strings.Join(names, " "); got != want {
 		t.Fatalf("got  %s\nwant %s", got, want)
+	}
+}
+
+// NaturalLess, which starts at the digit run where two names first
+// differ, orders random names as comparing them from their first byte
+// does.
+func TestNaturalLessFromTheFirstDifference(t *testing.T) {
+	r := rand.New(rand.NewPCG(29, 5))
+	const alphabet = "0019az.-"
+	name := func() string {
+		b := make([]byte, r.IntN(9))
+		for i := range b {
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		return string(b)
+	}
+	for range 200000 {
+		a := name()
+		b := a[:r.IntN(len(a)+1)] + name() // often a shared prefix
+		if got, want := NaturalLess(a, b), naturalLess(a, b); got != want {
+			t.Fatalf("NaturalLess(%q, %q) = %v, from the first byte %v", a, b, got, want)
+		}
 	}
 }
 
