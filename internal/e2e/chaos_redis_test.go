@@ -228,10 +228,23 @@ func (r *chaosRedis) failover() error {
 	}
 	sc := goredis.NewSentinelClient(&goredis.Options{Addr: r.sentinel.Addr(), Password: fleetPassword})
 	defer sc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := sc.Failover(ctx, r.sentinel.Master).Err(); err != nil {
-		return err
+	// Sentinel names the new primary before it has finished the last
+	// failover (it still reconfigures the replicas), and refuses another
+	// until then with INPROG: the fault waits for it, as an operator
+	// would, and is skipped if it never ends.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = sc.Failover(ctx, r.sentinel.Master).Err()
+		cancel()
+		if err == nil {
+			break
+		}
+		if !strings.Contains(err.Error(), "INPROG") {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: the one before was still in progress after 30 s (%v)", errNoFailover, err)
+		}
 	}
 	return r.waitNewPrimary(old, 20*time.Second)
 }

@@ -161,10 +161,13 @@ func TestRenewBackoff(t *testing.T) {
 		t.Fatalf("backoff after one failure: %+v", st)
 	}
 
-	// Next run: broken waits (no order for it), good renews again.
+	// Next run: broken waits (no order for it), good renews again. The
+	// error recorded, edited by hand to span lines, is said on one.
+	rec := filepath.Join(e.dir, "renewal", "broken.example.com.json")
+	os.WriteFile(rec, []byte(strings.Replace(readFile(t, rec), `"last_error": "`, `"last_error": "edited\nby hand: `, 1)), 0o600)
 	before := e.pebble.FullLog()
 	r = e.run("renew", "--days", "100", "--no-random-sleep")
-	if r.code != 2 || !strings.Contains(r.stdout, "1 renewed, 0 not due, 0 failed, 1 deferred") || !strings.Contains(r.stdout, "waiting after earlier failures") {
+	if r.code != 2 || !strings.Contains(r.stdout, "1 renewed, 0 not due, 0 failed, 1 deferred") || !strings.Contains(r.stdout, "waiting after earlier failures: edited by hand: ") {
 		t.Fatalf("run during backoff: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	if strings.Contains(e.pebble.FullLog()[len(before):], "broken.example.com") {

@@ -703,7 +703,9 @@ func (r *run) fail(s *step, err error, backoff bool) {
 // (issue #26 item 15).
 func (r *run) backedOff(s *step) {
 	next := s.status.NextAttempt
-	r.defer_(s, "waiting after earlier failures: "+s.status.LastError, next,
+	// The recorded error is text from the disk: one line, as any error
+	// (a record edited by hand may hold anything).
+	r.defer_(s, "waiting after earlier failures: "+oneLine(errors.New(s.status.LastError)), next,
 		hint.Errorf(fmt.Sprintf("the next attempt is after %s; once the cause is fixed, the same command with --force tries now", next.UTC().Format(time.RFC3339)), "in backoff"))
 }
 

@@ -90,6 +90,7 @@ const (
 	// 64 KiB.
 	maxTable      = 1 << 30
 	maxEntry      = 1 << 20
+	maxRecord     = maxEntry / 4 // a larger record is read from disk, and its entry kept under maxEntry
 	minTableEntry = 2 + 1 + 8 + 4
 )
 
@@ -167,6 +168,38 @@ func (h *Heads) keyIn(in int, rel string, dir bool) (statKey, error) {
 		return statKey{}, &os.PathError{Op: "stat", Path: filepath.Join(h.s.Dir, passDirs[in], rel), Err: err}
 	}
 	return keyFrom(&st, dir), nil
+}
+
+// readIn is readSmall of the file rel in the pass directory in (path
+// names it in errors). The pass reads each file through the directory
+// it took its key from: were archive/ or renewal/ swapped for another
+// during a pass, an entry would otherwise hold one file's key and
+// another's bytes, and be believed once the first came back.
+func (h *Heads) readIn(in int, rel, path string, use func(data []byte) error) error {
+	h.dirMu.RLock()
+	defer h.dirMu.RUnlock()
+	if fd := h.dirFD[in]; fd >= 0 {
+		return readSmallAt(fd, rel, path, use)
+	}
+	return readSmall(path, use)
+}
+
+// maxVersion is Store.MaxVersion through the pass's archive/, as readIn.
+func (h *Heads) maxVersion(name string) int {
+	h.dirMu.RLock()
+	defer h.dirMu.RUnlock()
+	fd := h.dirFD[inArchive]
+	if fd < 0 || strings.ContainsAny(name, "/\x00") {
+		return h.s.MaxVersion(name)
+	}
+	dirs, _ := readEntriesAt(fd, name, filepath.Join(h.s.Dir, "archive", name), true)
+	best := 0
+	for _, d := range dirs {
+		if n, err := strconv.Atoi(d); err == nil && n > best {
+			best = n
+		}
+	}
+	return best
 }
 
 // readLive is the target of the link live/<name>, read through the
@@ -468,15 +501,16 @@ func (h *Heads) Newest(name string) (*Lineage, error) {
 			}
 		}
 	}
-	v := h.s.MaxVersion(name)
+	v := h.maxVersion(name)
 	if v == 0 {
 		return nil, fmt.Errorf("lineage %q: %w", name, ErrNotFound)
 	}
 	path := filepath.Join(h.s.ArchiveDir(name), strconv.Itoa(v), MetaFile)
-	meta, kerr := h.keyIn(inArchive, name+"/"+strconv.Itoa(v)+"/"+MetaFile, false)
+	rel := name + "/" + strconv.Itoa(v) + "/" + MetaFile
+	meta, kerr := h.keyIn(inArchive, rel, false)
 	var l *Lineage
 	compact := bytes.NewBuffer((*bp)[:0]) // the entry's buffer, free again
-	err = readSmall(path, func(data []byte) error {
+	err = h.readIn(inArchive, rel, path, func(data []byte) error {
 		var perr error
 		if l, perr = h.s.parseMeta(name, data); perr == nil {
 			perr = json.Compact(compact, data)
@@ -521,7 +555,7 @@ func (h *Heads) record(name string, k statKey, b []byte, start time.Time, gen ui
 	}
 	r = record{} // an entry's part that did not parse may have filled some
 	var compact bytes.Buffer
-	rerr := readSmall(path, func(data []byte) error {
+	rerr := h.readIn(inRenewal, name+".json", path, func(data []byte) error {
 		if json.Unmarshal(data, &r) != nil {
 			r = record{} // corrupt counts as none (readRecord), and is not kept
 			return nil
@@ -532,7 +566,7 @@ func (h *Heads) record(name string, k statKey, b []byte, start time.Time, gen ui
 		return k, b, false
 	}
 	h.keepRecord(name, r, gen)
-	if err != nil || compact.Len() == 0 || now.ctime >= start.Add(-Margin).UnixNano() {
+	if err != nil || compact.Len() == 0 || compact.Len() > maxRecord || now.ctime >= start.Add(-Margin).UnixNano() {
 		// Not to be trusted yet: the entry's part, if any, cannot
 		// match this file, and the next pass reads it again.
 		return k, b, false
@@ -552,6 +586,11 @@ func (h *Heads) keepOld(i int) {
 // add writes an entry read from disk, in whole or in part, to the new
 // index.
 func (h *Heads) add(name string, e entry) {
+	if entryHeader+len(name)+len(e.data)+len(e.recData)+4 > maxEntry {
+		// An index holding it would be refused whole; the lineage is
+		// read from disk instead, as one the index does not know.
+		return
+	}
 	body := encodeKeys(make([]byte, 0, entryHeader+len(name)+len(e.data)+len(e.recData)+4), e.dir, e.meta, e.rec)
 	body = binary.LittleEndian.AppendUint32(body, uint32(e.v))
 	body = binary.LittleEndian.AppendUint16(body, uint16(len(name)))

@@ -11,6 +11,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -101,13 +102,6 @@ func onDisk(t *testing.T, dir string, names []string) map[string]*Lineage {
 
 func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
 	shortMargin(t)
-	fds := func() int { e, _ := os.ReadDir("/proc/self/fd"); return len(e) }
-	openFDs := fds()
-	defer func() {
-		if n := fds(); n > openFDs {
-			t.Errorf("%d descriptors open after the passes, %d before: a pass leaks its directories", n, openFDs)
-		}
-	}()
 	dir := t.TempDir()
 	s := New(dir)
 	names := []string{"a.example", "b.example", "c.example"}
@@ -116,6 +110,15 @@ func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Counted once the store has written (it keeps a directory open
+	// for its syncs).
+	fds := func() int { e, _ := os.ReadDir("/proc/self/fd"); return len(e) }
+	openFDs := fds()
+	defer func() {
+		if n := fds(); n > openFDs {
+			t.Errorf("%d descriptors open after the passes, %d before: a pass leaks its directories", n, openFDs)
+		}
+	}()
 	// The live version through the pass's directory is the path's.
 	if err := s.Activate("a.example", 1); err != nil {
 		t.Fatal(err)
@@ -578,4 +581,155 @@ func TestHeadsIndexRefusesWhatItCannotTrust(t *testing.T) {
 			t.Errorf("the index was written through the linked cache directory: %q", data)
 		}
 	})
+}
+
+// A pass reads each file through the directory it took the file's key
+// from. archive/ and renewal/ swapped for copies in the middle of a pass
+// (the copies edited), then put back: the next pass answers what is on
+// disk, not the copies' bytes under the originals' keys.
+func TestHeadsIndexAcrossADirectorySwappedMidPass(t *testing.T) {
+	shortMargin(t)
+	dir := t.TempDir()
+	s := New(dir)
+	names := []string{"s1.example", "s2.example"}
+	for i, n := range names {
+		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+			t.Fatal(err)
+		}
+		s.WriteStatus(n, Status{Failures: 1, LastError: "original"})
+	}
+	time.Sleep(2 * headsMargin)
+	pass(t, s, names)
+	// Changed, so that the next pass reads s1 from disk.
+	l, _ := s.LoadVersion("s1.example", 1)
+	l.Email = "original@example.com"
+	if err := s.UpdateMeta(l); err != nil {
+		t.Fatal(err)
+	}
+	s.WriteStatus("s1.example", Status{Failures: 2, LastError: "original again"})
+	time.Sleep(2 * headsMargin)
+
+	h := s.OpenHeads()
+	s.Lineages()
+	for _, d := range []string{"archive", "renewal"} {
+		p := filepath.Join(dir, d)
+		if err := os.Rename(p, p+".old"); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("cp", "-a", p+".old", p).CombinedOutput(); err != nil {
+			t.Fatalf("cp: %v %s", err, out)
+		}
+	}
+	copyMeta := filepath.Join(s.ArchiveDir("s1.example"), "1", MetaFile)
+	writeInPlace(t, copyMeta, &Lineage{Name: "s1.example", Domains: []string{"s1.example"}, Version: 1, Email: "copy@example.com"})
+	copyRec, _ := json.Marshal(record{Status: Status{Failures: 9, LastError: "the copy"}})
+	os.WriteFile(s.statusPath("s1.example"), copyRec, 0o600)
+	for _, n := range names {
+		s.Newest(n)
+		s.ReadStatus(n)
+		s.Journal(n)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"archive", "renewal"} {
+		p := filepath.Join(dir, d)
+		os.RemoveAll(p)
+		if err := os.Rename(p+".old", p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * headsMargin)
+	got, recs, _ := passRecords(t, s, names)
+	if want := onDisk(t, dir, names); !reflect.DeepEqual(got, want) {
+		t.Errorf("after the swap and back, the index answers %s, the disk %s", brief(got), brief(want))
+	}
+	if want := recordsOnDisk(t, dir, names); !reflect.DeepEqual(recs, want) {
+		t.Errorf("after the swap and back, the index answers the records %s, the disk %s", briefRecords(recs), briefRecords(want))
+	}
+}
+
+// A status read before the pass held the state directory's lock (renew
+// reads the failed names' first, then waits for the lock) is not the
+// one the plan uses: the holder may have written it meanwhile.
+func TestRecordsReadBeforeTheLockAreReadAgain(t *testing.T) {
+	dir := t.TempDir()
+	s := New(dir)
+	const n = "w.example"
+	s.WriteStatus(n, Status{Failures: 1, LastError: "before the wait"})
+	h := s.OpenHeads()
+	defer h.Close()
+	if st, _ := s.ReadStatus(n); st.LastError != "before the wait" {
+		t.Fatalf("status %+v", st)
+	}
+	// The lock holder, another process, writes it.
+	later, _ := json.Marshal(record{Status: Status{Failures: 2, LastError: "written while it waited"}})
+	os.WriteFile(s.statusPath(n), later, 0o600)
+	l, err := s.TryLock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	if st, _ := s.ReadStatus(n); st.LastError != "written while it waited" {
+		t.Fatalf("after the lock the status is %q, not the disk's", st.LastError)
+	}
+}
+
+// A record too large for the index is read from disk, and the index
+// stays in use for every other lineage.
+func TestHeadsIndexWithAHugeRecord(t *testing.T) {
+	shortMargin(t)
+	dir := t.TempDir()
+	s := New(dir)
+	names := []string{"h1.example", "h2.example"}
+	for i, n := range names {
+		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+			t.Fatal(err)
+		}
+		s.WriteStatus(n, Status{Failures: 1, LastError: "small"})
+	}
+	huge := strings.Repeat("x", maxEntry+1)
+	s.WriteStatus("h2.example", Status{Failures: 1, LastError: huge})
+	time.Sleep(2 * headsMargin)
+	pass(t, s, names)
+	for range 2 {
+		_, recs, h := passRecords(t, s, names)
+		if len(h.names) != 2 || h.misses != 0 || h.recordHits.Load() != 1 {
+			t.Fatalf("with a huge record: %d names in the index, %d lineages read from disk, %d records from the index; want 2, 0, 1",
+				len(h.names), h.misses, h.recordHits.Load())
+		}
+		if recs["h2.example"].LastError != huge {
+			t.Fatalf("the huge record read back as %d bytes", len(recs["h2.example"].LastError))
+		}
+	}
+}
+
+// A FIFO planted as a record reads as no record; nothing blocks on it.
+func TestHeadsPassThroughAFIFORecord(t *testing.T) {
+	dir := t.TempDir()
+	s := New(dir)
+	const n = "f.example"
+	if _, err := s.SaveVersion(lineage(n, "1"), files(n)); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(dir, "renewal"), 0o700)
+	if err := syscall.Mkfifo(s.statusPath(n), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan Status, 1)
+	go func() {
+		h := s.OpenHeads()
+		defer h.Close()
+		s.Newest(n)
+		st, _ := s.ReadStatus(n)
+		done <- st
+	}()
+	select {
+	case st := <-done:
+		if !reflect.DeepEqual(st, Status{}) {
+			t.Errorf("a FIFO read as the status %+v", st)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a pass blocked on a FIFO planted as a record")
+	}
 }

@@ -103,6 +103,11 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	f.Close()
+	// What this process read of any record before it held the lock
+	// (a pass that waited for it read the failed names' statuses
+	// first) may have been written over by the holder meanwhile: the
+	// records kept for the plan are void (Heads.keepRecord).
+	recordWrites.Add(1)
 	return &Lock{f: dir}, nil
 }
 

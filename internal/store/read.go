@@ -6,6 +6,8 @@ import (
 	"sync"
 	"syscall"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // The nothing-due renew pass reads, per lineage, one directory listing
@@ -27,7 +29,15 @@ var buffers = sync.Pool{New: func() any { b := make([]byte, 0, 8192); return &b 
 // buffer that is reused once use returns (json.Unmarshal copies what it
 // keeps).
 func readSmall(path string, use func(data []byte) error) error {
-	fd, err := openRead(path, syscall.O_RDONLY|syscall.O_CLOEXEC)
+	return readSmallAt(atFDCWD, path, path, use)
+}
+
+// readSmallAt is readSmall of the file rel names from the directory
+// open as dirfd (path names it in errors). Opened without blocking: a
+// FIFO planted in the state directory reads as empty, where it would
+// hang the run.
+func readSmallAt(dirfd int, rel, path string, use func(data []byte) error) error {
+	fd, err := openRead(dirfd, rel, syscall.O_RDONLY|syscall.O_CLOEXEC|syscall.O_NONBLOCK)
 	if err != nil {
 		return &os.PathError{Op: "open", Path: path, Err: err}
 	}
@@ -61,7 +71,13 @@ func readDirs(dir string) ([]string, error) { return readEntries(dir, true) }
 // each, a second of CPU over the million records of a large state
 // directory.
 func readEntries(dir string, dirs bool) ([]string, error) {
-	fd, err := openRead(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC)
+	return readEntriesAt(atFDCWD, dir, dir, dirs)
+}
+
+// readEntriesAt is readEntries of the directory rel names from the
+// directory open as dirfd (dir names it in errors).
+func readEntriesAt(dirfd int, rel, dir string, dirs bool) ([]string, error) {
+	fd, err := openRead(dirfd, rel, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
 	}
@@ -121,16 +137,17 @@ func appendNames(out []string, dir string, b []byte, dirs bool) []string {
 	return out
 }
 
-// openRead is syscall.Open without its allocation of the path: a path
-// that fits is made NUL-terminated on the stack.
-func openRead(path string, flags int) (int, error) {
+// openRead is openat(2) of path from the directory open as dirfd
+// (atFDCWD: the working directory's), without syscall.Open's allocation
+// of the path: a path that fits is made NUL-terminated on the stack.
+func openRead(dirfd int, path string, flags int) (int, error) {
 	var b [512]byte
 	if len(path) >= len(b) || strings.IndexByte(path, 0) >= 0 {
-		return ignoringEINTR(func() (int, error) { return syscall.Open(path, flags, 0) })
+		return ignoringEINTR(func() (int, error) { return unix.Openat(dirfd, path, flags, 0) })
 	}
 	copy(b[:], path)
 	return ignoringEINTR(func() (int, error) {
-		fd, _, errno := syscall.Syscall6(syscall.SYS_OPENAT, uintptr(atFDCWD), uintptr(unsafe.Pointer(&b[0])), uintptr(flags), 0, 0, 0)
+		fd, _, errno := syscall.Syscall6(syscall.SYS_OPENAT, uintptr(dirfd), uintptr(unsafe.Pointer(&b[0])), uintptr(flags), 0, 0, 0)
 		if errno != 0 {
 			return -1, errno
 		}
