@@ -583,21 +583,29 @@ func TestHeadsIndexRefusesWhatItCannotTrust(t *testing.T) {
 	})
 }
 
+// withRecords is a state directory of the lineages names, each with a
+// status whose error is lastError, for a test of the heads index.
+func withRecords(t *testing.T, names []string, lastError string) (*Store, string) {
+	t.Helper()
+	shortMargin(t)
+	dir := t.TempDir()
+	s := New(dir)
+	for i, n := range names {
+		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
+			t.Fatal(err)
+		}
+		s.WriteStatus(n, Status{Failures: 1, LastError: lastError})
+	}
+	return s, dir
+}
+
 // A pass reads each file through the directory it took the file's key
 // from. archive/ and renewal/ swapped for copies in the middle of a pass
 // (the copies edited), then put back: the next pass answers what is on
 // disk, not the copies' bytes under the originals' keys.
 func TestHeadsIndexAcrossADirectorySwappedMidPass(t *testing.T) {
-	shortMargin(t)
-	dir := t.TempDir()
-	s := New(dir)
 	names := []string{"s1.example", "s2.example"}
-	for i, n := range names {
-		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
-			t.Fatal(err)
-		}
-		s.WriteStatus(n, Status{Failures: 1, LastError: "original"})
-	}
+	s, dir := withRecords(t, names, "original")
 	time.Sleep(2 * headsMargin)
 	pass(t, s, names)
 	// Changed, so that the next pass reads s1 from disk.
@@ -678,16 +686,8 @@ func TestRecordsReadBeforeTheLockAreReadAgain(t *testing.T) {
 // A record too large for the index is read from disk, and the index
 // stays in use for every other lineage.
 func TestHeadsIndexWithAHugeRecord(t *testing.T) {
-	shortMargin(t)
-	dir := t.TempDir()
-	s := New(dir)
 	names := []string{"h1.example", "h2.example"}
-	for i, n := range names {
-		if _, err := s.SaveVersion(lineage(n, fmt.Sprint(i)), files(n)); err != nil {
-			t.Fatal(err)
-		}
-		s.WriteStatus(n, Status{Failures: 1, LastError: "small"})
-	}
+	s, _ := withRecords(t, names, "small")
 	huge := strings.Repeat("x", maxEntry+1)
 	s.WriteStatus("h2.example", Status{Failures: 1, LastError: huge})
 	time.Sleep(2 * headsMargin)
