@@ -422,11 +422,20 @@ func parallel(n int, f func(i int) error) error {
 }
 
 // genLbcert writes n lineages through lbcert's own store, as issue would.
+//
+// Each also gets the record issue leaves: the journal of its deploy
+// (this node deployed version 1 with the lineage's own settings). Without
+// it renew takes the lineage for one deployed by a release that kept no
+// journal, and reads its metadata a second time to check it.
 func genLbcert(dir string, n int, c *ca) error {
 	st := store.New(dir)
+	at := time.Now().UTC()
 	return parallel(n, func(i int) error {
-		_, err := saveLineage(st, domain(i), int64(i+2), c)
-		return err
+		l, err := saveLineage(st, domain(i), int64(i+2), c)
+		if err != nil {
+			return err
+		}
+		return st.SetJournal(l.Name, store.Journal{Deployed: &store.Deployed{Version: 1, Serial: l.Cert.Serial, With: store.DeployDigest(l.Deploy), At: at}})
 	})
 }
 
