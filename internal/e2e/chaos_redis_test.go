@@ -230,8 +230,9 @@ func (r *chaosRedis) failover() error {
 	defer sc.Close()
 	// Sentinel names the new primary before it has finished the last
 	// failover (it still reconfigures the replicas), and refuses another
-	// until then with INPROG: the fault waits for it, as an operator
-	// would, and is skipped if it never ends.
+	// until then with INPROG; with the replica killed by an earlier fault
+	// or not yet in sync, it refuses with NOGOODSLAVE. The fault waits,
+	// as an operator would, and is skipped if Sentinel still refuses.
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		err = sc.Failover(ctx, r.sentinel.Master).Err()
@@ -239,11 +240,11 @@ func (r *chaosRedis) failover() error {
 		if err == nil {
 			break
 		}
-		if !strings.Contains(err.Error(), "INPROG") {
+		if !strings.Contains(err.Error(), "INPROG") && !strings.Contains(err.Error(), "NOGOODSLAVE") {
 			return err
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: the one before was still in progress after 30 s (%v)", errNoFailover, err)
+			return fmt.Errorf("%w: Sentinel still refused after 30 s (%v)", errNoFailover, err)
 		}
 	}
 	return r.waitNewPrimary(old, 20*time.Second)
