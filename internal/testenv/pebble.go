@@ -136,7 +136,15 @@ func StartPebble(o PebbleOptions) (*Pebble, error) {
 		if p.pebble, err = start(log, env, pebbleBin, "-config", cfgPath, "-dnsserver", dnsAddr); err != nil {
 			return err
 		}
-		return waitTCP(fmt.Sprintf("127.0.0.1:%d", acmePort), 15*time.Second, p.pebble.done, "pebble", p.pebble.log)
+		// Pebble serves its management interface from a goroutine of
+		// its own: the ACME port can answer first (a test that asked for
+		// a root right away was refused, in CI).
+		for _, port := range []int{acmePort, mgmtPort} {
+			if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", port), 15*time.Second, p.pebble.done, "pebble", p.pebble.log); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	if err := p.startCA(); err != nil {
 		p.Stop()
