@@ -10,10 +10,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
@@ -1292,5 +1294,55 @@ func TestFailedReconfigureSaysNothingWasOrdered(t *testing.T) {
 	if it.Outcome != Failed || f.ca.count() != orders || strings.Contains(out, "issued") ||
 		!strings.Contains(out, "the new settings were not saved") || !strings.Contains(out, "deploy    rolled back: ") || strings.HasSuffix(out, "rolled back: \n") {
 		t.Fatalf("outcome %s, %d orders:\n%s", it.Outcome, f.ca.count()-orders, out)
+	}
+}
+
+// TestBigHeapSetsAndUndoesTheLimit checks the memory limit a big plan
+// runs under: at least 760 MiB, 800 bytes a job past that, GOGC 100
+// meanwhile, both put back by undo; and an operator's lower limit kept.
+func TestBigHeapSetsAndUndoesTheLimit(t *testing.T) {
+	prevLimit := debug.SetMemoryLimit(-1)
+	prevGC := debug.SetGCPercent(-1)
+	debug.SetGCPercent(prevGC)
+	t.Cleanup(func() { debug.SetMemoryLimit(prevLimit); debug.SetGCPercent(prevGC) })
+
+	debug.SetMemoryLimit(math.MaxInt64)
+	debug.SetGCPercent(37)
+	for _, c := range []struct {
+		jobs int
+		want int64
+	}{
+		{300_000, 760 << 20},
+		{1_000_000, 800_000_000},
+		{2_000_000, 1_600_000_000},
+	} {
+		undo := bigHeap(c.jobs)
+		if got := debug.SetMemoryLimit(-1); got != c.want {
+			t.Errorf("%d jobs: memory limit %d, want %d", c.jobs, got, c.want)
+		}
+		if got := debug.SetGCPercent(100); got != 100 {
+			t.Errorf("%d jobs: GOGC %d during the plan, want 100", c.jobs, got)
+		}
+		undo()
+		if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
+			t.Errorf("%d jobs: memory limit %d after undo, want none", c.jobs, got)
+		}
+		if got := debug.SetGCPercent(37); got != 37 {
+			t.Errorf("%d jobs: GOGC %d after undo, want 37", c.jobs, got)
+		}
+	}
+
+	// An operator's GOMEMLIMIT under the plan's limit is theirs to keep.
+	debug.SetMemoryLimit(512 << 20)
+	undo := bigHeap(1_000_000)
+	if got := debug.SetMemoryLimit(-1); got != 512<<20 {
+		t.Errorf("operator's 512 MiB limit became %d", got)
+	}
+	if got := debug.SetGCPercent(37); got != 37 {
+		t.Errorf("GOGC %d beside an operator's limit, want 37 untouched", got)
+	}
+	undo()
+	if got := debug.SetMemoryLimit(-1); got != 512<<20 {
+		t.Errorf("operator's limit after undo %d, want 512 MiB", got)
 	}
 }

@@ -193,13 +193,10 @@ func (h *Heads) maxVersion(name string) int {
 		return h.s.MaxVersion(name)
 	}
 	dirs, _ := readEntriesAt(fd, name, filepath.Join(h.s.Dir, "archive", name), true)
-	best := 0
-	for _, d := range dirs {
-		if n, err := strconv.Atoi(d); err == nil && n > best {
-			best = n
-		}
+	if v := versionsIn(dirs); len(v) > 0 {
+		return v[len(v)-1]
 	}
-	return best
+	return 0
 }
 
 // readLive is the target of the link live/<name>, read through the

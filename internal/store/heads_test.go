@@ -127,9 +127,27 @@ func TestHeadsIndexIsUsedAndChecked(t *testing.T) {
 	var h *Heads
 	_, wmiss := s.LiveVersion("b.example")
 	h = s.OpenHeads()
+	// live/ swapped for another after the pass opened it: the pass
+	// still reads the one it opened, which a read by path would not.
+	liveDir := filepath.Join(dir, "live")
+	if err := os.Rename(liveDir, liveDir+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(liveDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../archive/a.example/7", filepath.Join(liveDir, "a.example")); err != nil {
+		t.Fatal(err)
+	}
 	live, gerr := s.LiveVersion("a.example")
 	_, gmiss := s.LiveVersion("b.example")
 	h.Close()
+	if err := os.RemoveAll(liveDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(liveDir+".moved", liveDir); err != nil {
+		t.Fatal(err)
+	}
 	if live != want || gerr != nil || werr != nil || !errors.Is(gmiss, fs.ErrNotExist) || !errors.Is(wmiss, fs.ErrNotExist) {
 		t.Errorf("live version during a pass %d (%v), %v for none; without %d (%v), %v", live, gerr, gmiss, want, werr, wmiss)
 	}

@@ -623,6 +623,13 @@ func (s *Store) versions(name string) ([]int, error) {
 	if err != nil {
 		return nil, err
 	}
+	return versionsIn(dirs), nil
+}
+
+// versionsIn is the versions among the directory names dirs of a
+// lineage's archive, oldest first: the names that are a number above 0.
+// Anything else there (an operator's backup copy, "3.old") is no version.
+func versionsIn(dirs []string) []int {
 	var out []int
 	for _, d := range dirs {
 		if n, err := strconv.Atoi(d); err == nil && n > 0 {
@@ -630,7 +637,7 @@ func (s *Store) versions(name string) ([]int, error) {
 		}
 	}
 	sort.Ints(out)
-	return out, nil
+	return out
 }
 
 // LiveVersion returns the version live/<name> points at.
