@@ -233,37 +233,14 @@ func eachAtOnce(idx []int, n int, f func(i int) error) error {
 // same API, and new ones are taken out again, so HAProxy's memory agrees
 // with the files the caller then rolls back on disk.
 func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, changes []Change, pems, old map[int][]byte) (err error) {
-	api := &runtimeAPI{addr: d.HAProxySocket}
-	type done struct {
-		path  string
-		prev  []byte
-		isNew bool
-	}
-	var committed []done
+	api := &runtimeAPI{addr: d.HAProxySocket, keep: true}
+	defer api.close() // after the undo below, which may still use it
+	var committed []committedPEM
 	crtList := ""
 	defer func() {
-		if err == nil || len(committed) == 0 {
-			return
+		if err != nil && len(committed) > 0 {
+			err = api.undoAll(ctx, crtList, committed, err)
 		}
-		// The first undo that fails ends the undo: HAProxy's memory can
-		// no longer be set back through the API (most often its socket
-		// is gone), and trying the rest would cost two commands, and up
-		// to a dial timeout, per certificate. The error names that one
-		// failure and a count, never one line per certificate: it is
-		// saved in the record of every lineage of the deploy.
-		for i := len(committed) - 1; i >= 0; i-- {
-			uerr := undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew)
-			for try := 1; try < 3 && errors.As(uerr, new(*collisionError)); try++ {
-				// Another client's transaction got in the way, and was
-				// aborted: the same undo again most likely goes through.
-				uerr = undoOne(ctx, api, crtList, committed[i].path, committed[i].prev, committed[i].isNew)
-			}
-			if uerr != nil {
-				err = fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
-				return
-			}
-		}
-		err = fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 	}()
 	dir := filepath.Clean(d.HAProxyCerts)
 	paths := make([]string, 0, len(g.changes))
@@ -288,7 +265,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		if err := api.replace(ctx, p, pems[i]); err != nil {
 			if c := new(collisionError); errors.As(err, &c) && c.committed {
 				// Committed with another client's PEM: set back too.
-				committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
+				committed = append(committed, committedPEM{path: p, prev: old[i], isNew: isNew})
 			} else if isNew {
 				// The empty store "new ssl cert" made would stay in
 				// HAProxy's memory, named as this certificate. If it
@@ -300,7 +277,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 			}
 			return err
 		}
-		committed = append(committed, done{path: p, prev: old[i], isNew: isNew})
+		committed = append(committed, committedPEM{path: p, prev: old[i], isNew: isNew})
 		if crtList != "" && !listed[p] {
 			// New, or a store HAProxy holds that the directory's
 			// crt-list does not serve: one a run killed after its "new
@@ -311,6 +288,38 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		}
 	}
 	return nil
+}
+
+// committedPEM is a certificate an update committed in HAProxy's
+// memory, with what to set back if the update fails.
+type committedPEM struct {
+	path  string
+	prev  []byte
+	isNew bool
+}
+
+// undoAll sets the committed certificates back in HAProxy's memory,
+// newest first, after the update failed with err, and returns err with
+// what the undo did. The first undo that fails ends the undo: HAProxy's
+// memory can no longer be set back through the API (most often its
+// socket is gone), and trying the rest would cost two commands, and up
+// to a dial timeout, per certificate. The error names that one failure
+// and a count, never one line per certificate: it is saved in the
+// record of every lineage of the deploy.
+func (a *runtimeAPI) undoAll(ctx context.Context, crtList string, committed []committedPEM, err error) error {
+	for i := len(committed) - 1; i >= 0; i-- {
+		c := committed[i]
+		uerr := undoOne(ctx, a, crtList, c.path, c.prev, c.isNew)
+		for try := 1; try < 3 && errors.As(uerr, new(*collisionError)); try++ {
+			// Another client's transaction got in the way, and was
+			// aborted: the same undo again most likely goes through.
+			uerr = undoOne(ctx, a, crtList, c.path, c.prev, c.isNew)
+		}
+		if uerr != nil {
+			return fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
+		}
+	}
+	return fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
 }
 
 // state is what HAProxy holds for the certificate directory dir: every
@@ -553,27 +562,56 @@ func joinAbort(err, abortErr error) error {
 // someone else, may have them), and so are carriage returns.
 func payload(pem []byte) string { return string(CombinedPEM(pem, nil)) }
 
-// runtimeAPI speaks HAProxy's runtime API, one command per connection (the
-// non-interactive mode: HAProxy answers and closes).
+// runtimeAPI speaks HAProxy's runtime API: one command per connection
+// (the non-interactive mode: HAProxy answers and closes), or, with keep,
+// every command on one interactive session. A node joining a fleet
+// updates 100,000 certificates over it, three to five commands each,
+// and HAProxy handles one command at a time: a connection per command
+// made each one a connect, accept and close on both sides, about a
+// fifth of the update's time (internal/bench/README.md).
 type runtimeAPI struct {
 	addr string // a unix socket path, or host:port
+	keep bool   // the commands share one interactive session
+	sess *cliSession
 }
 
-func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
+// cliSession is an interactive session of HAProxy's runtime API (its
+// "prompt" mode), where each answer ends with an empty line and the
+// prompt "> ".
+type cliSession struct {
+	conn net.Conn
+	r    *bufio.Reader
+	used time.Time
+}
+
+// sessionIdle is how long a session may stay unused before it is
+// dropped for a new one: HAProxy closes a session idle for its "stats
+// timeout" (10 s by default), and a command written as it closes would
+// be lost with no way to tell whether it ran.
+var sessionIdle = time.Second
+
+func (a *runtimeAPI) dial(ctx context.Context) (net.Conn, error) {
 	network, addr := "unix", a.addr
 	if !strings.HasPrefix(addr, "/") && strings.Contains(addr, ":") {
 		network = "tcp"
 	}
 	dl := net.Dialer{Timeout: 5 * time.Second}
-	conn, err := dl.DialContext(ctx, network, addr)
+	return dl.DialContext(ctx, network, addr)
+}
+
+func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
+	if !strings.HasSuffix(cmd, "\n") {
+		cmd += "\n"
+	}
+	if a.keep {
+		return a.inSession(ctx, cmd)
+	}
+	conn, err := a.dial(ctx)
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	if !strings.HasSuffix(cmd, "\n") {
-		cmd += "\n"
-	}
 	if _, err := io.WriteString(conn, cmd); err != nil {
 		return "", err
 	}
@@ -582,6 +620,76 @@ func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
 	}
 	out, err := io.ReadAll(bufio.NewReader(conn))
 	return strings.TrimSpace(string(out)), err
+}
+
+// inSession runs cmd on the session, opening one when there is none. A
+// session that fails is closed, and the next command opens another: the
+// error is the command's, as a connection's would be.
+func (a *runtimeAPI) inSession(ctx context.Context, cmd string) (string, error) {
+	if a.sess != nil && time.Since(a.sess.used) > sessionIdle {
+		a.close()
+	}
+	if a.sess == nil {
+		conn, err := a.dial(ctx)
+		if err != nil {
+			return "", err
+		}
+		a.sess = &cliSession{conn: conn, r: bufio.NewReader(conn)}
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := io.WriteString(conn, "prompt\n"); err != nil {
+			a.close()
+			return "", err
+		}
+		if _, err := a.sess.answer(); err != nil {
+			a.close()
+			return "", fmt.Errorf("start an interactive session: %w", err)
+		}
+	}
+	s := a.sess
+	s.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(s.conn, cmd); err != nil {
+		a.close()
+		return "", err
+	}
+	out, err := s.answer()
+	if err != nil {
+		a.close()
+		return strings.TrimSpace(out), err
+	}
+	s.used = time.Now()
+	return strings.TrimSpace(out), nil
+}
+
+// answer reads one answer: the lines up to an empty line that the
+// prompt follows. The connection closing first is an error (the answer
+// may be cut), with what was read.
+func (s *cliSession) answer() (string, error) {
+	var b strings.Builder
+	for {
+		line, err := s.r.ReadString('\n')
+		if err != nil {
+			b.WriteString(line)
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return b.String(), err
+		}
+		if line == "\n" {
+			if p, err := s.r.Peek(2); err == nil && string(p) == "> " {
+				s.r.Discard(2)
+				return b.String(), nil
+			}
+		}
+		b.WriteString(line)
+	}
+}
+
+// close ends the session, if one is open.
+func (a *runtimeAPI) close() {
+	if a.sess != nil {
+		a.sess.conn.Close()
+		a.sess = nil
+	}
 }
 
 // lockedAnswer is HAProxy's answer while another command holds its

@@ -70,6 +70,8 @@ type fakeRuntimeAPI struct {
 	// otherList: no crt-list loads the directory (its certificates are
 	// named one by one on bind lines); only this one exists.
 	otherList string
+	// conns counts the connections, sessions the interactive ones.
+	conns, sessions int
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -170,21 +172,73 @@ func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
 		if err != nil {
 			return
 		}
-		data, _ := io.ReadAll(bufio.NewReader(c))
-		cmd := string(data)
+		r := bufio.NewReader(c)
+		first, _ := r.ReadString('\n')
 		f.mu.Lock()
-		f.cmds = append(f.cmds, cmd)
-		out := f.answer(cmd)
-		if cmd == "show ssl crt-list\n" {
-			out = cmp.Or(f.otherList, crtList) + "\n"
+		f.conns++
+		if first == "prompt\n" {
+			f.sessions++
 		}
-		died := f.dies && f.sets == f.failAfter+1
 		f.mu.Unlock()
+		if first == "prompt\n" {
+			// Interactive: a command per line (a payload up to an empty
+			// line), each answer followed by an empty line and "> ".
+			c.Write([]byte("\n> "))
+			if !f.session(ln, c, r, crtList) {
+				return
+			}
+			continue
+		}
+		rest, _ := io.ReadAll(r)
+		out, died := f.one(first+string(rest), crtList)
 		c.Write([]byte(out))
 		c.Close()
 		if died {
 			ln.Close()
 			return
+		}
+	}
+}
+
+// one answers cmd; died: HAProxy's socket goes away after it.
+func (f *fakeRuntimeAPI) one(cmd, crtList string) (out string, died bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cmds = append(f.cmds, cmd)
+	out = f.answer(cmd)
+	if cmd == "show ssl crt-list\n" {
+		out = cmp.Or(f.otherList, crtList) + "\n"
+	}
+	return out, f.dies && f.sets == f.failAfter+1
+}
+
+// session serves one interactive session until the client closes it;
+// false when the socket went away with it. An empty answer (a commit
+// whose answer is lost) cuts the connection.
+func (f *fakeRuntimeAPI) session(ln net.Listener, c net.Conn, r *bufio.Reader, crtList string) bool {
+	defer c.Close()
+	for {
+		cmd, err := r.ReadString('\n')
+		if err != nil || cmd == "quit\n" {
+			return true
+		}
+		if strings.HasSuffix(cmd, "<<\n") {
+			for {
+				line, err := r.ReadString('\n')
+				cmd += line
+				if err != nil || line == "\n" {
+					break
+				}
+			}
+		}
+		out, died := f.one(cmd, crtList)
+		if out == "" {
+			return true
+		}
+		c.Write([]byte(out + "\n> "))
+		if died {
+			ln.Close()
+			return false
 		}
 	}
 }
@@ -732,5 +786,75 @@ func TestHotUpdateSetsBackACommitWhoseAnswerWasLost(t *testing.T) {
 	defer api.mu.Unlock()
 	if got := pemSerial([]byte(api.committed[PEMPath(certs, "a.test")])); got != pemSerial(old) {
 		t.Fatalf("a.test in memory after the rollback: serial %q, want the previous %q (the files')", got, pemSerial(old))
+	}
+}
+
+// An update keeps its commands on one interactive session: one
+// connection for all of them, as many commands as a connection each
+// made; a session left idle is replaced before it is used, and one that
+// breaks is replaced for the next command.
+func TestHotUpdateKeepsOneSession(t *testing.T) {
+	var names []string
+	for i := range 40 {
+		names = append(names, fmt.Sprintf("s%02d.test", i))
+	}
+	api := &fakeRuntimeAPI{failAfter: 1 << 20}
+	s, certs, changes := hotFixture(t, api, false, names...) // all new
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil {
+			t.Fatalf("%s: %v", r.Name, r.Err)
+		}
+	}
+	api.mu.Lock()
+	conns, sessions, cmds := api.conns, api.sessions, len(api.cmds)
+	api.mu.Unlock()
+	if conns != 1 || sessions != 1 {
+		t.Errorf("%d connections, %d of them sessions, for one update; want one session", conns, sessions)
+	}
+	// show ssl cert and show ssl crt-list, then new, set, commit and add
+	// a name (no show: the fixture's PEMs have no serial to check).
+	if want := 2 + 4*len(names); cmds != want {
+		t.Errorf("%d commands, want %d", cmds, want)
+	}
+	for _, n := range names {
+		p := PEMPath(certs, n)
+		if !strings.Contains(api.committed[p], "NEW-"+n) || !api.listed[p] {
+			t.Fatalf("%s: committed %q, listed %v", n, api.committed[p], api.listed[p])
+		}
+	}
+
+	// Idle longer than sessionIdle: a new session, not the old one.
+	defer func(d time.Duration) { sessionIdle = d }(sessionIdle)
+	sessionIdle = 20 * time.Millisecond
+	a := &runtimeAPI{addr: changes[0].Deploy.HAProxySocket, keep: true}
+	defer a.close()
+	ctx := context.Background()
+	if _, err := a.do(ctx, "show ssl crt-list"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	first := a.sess
+	if out, err := a.do(ctx, "show ssl crt-list"); err != nil || out != certs {
+		t.Fatalf("after idling: %q, %v", out, err)
+	}
+	if a.sess == first {
+		t.Error("a session idle past sessionIdle was used again")
+	}
+	// HAProxy's end closed (as at its stats timeout, or a restart): the
+	// command fails, and the next one gets a session of its own.
+	io.WriteString(a.sess.conn, "quit\n")
+	if out, err := a.do(ctx, "show ssl crt-list"); err == nil {
+		t.Fatalf("a command on a session HAProxy closed answered %q", out)
+	}
+	if a.sess != nil {
+		t.Error("a failed session is kept")
+	}
+	if out, err := a.do(ctx, "show ssl crt-list"); err != nil || out != certs {
+		t.Fatalf("after the session closed: %q, %v", out, err)
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if api.sessions != 4 {
+		t.Errorf("%d sessions, want 4 (the update's, then three)", api.sessions)
 	}
 }
