@@ -52,7 +52,7 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	}
 	w := &pemWrites{r: r, dir: d.HAProxyCerts, changes: changes, old: map[int][]byte{}, pems: map[int][]byte{}, written: map[int]bool{}}
 	undo := w.undo
-	if err := eachAtOnce(g.changes, pemWriters, w.write); err != nil {
+	if err := w.writeAll(g.changes); err != nil {
 		r.rollback(g, changes, results, err, undo)
 		return
 	}
@@ -100,10 +100,10 @@ func (r *Runner) runHAProxy(ctx context.Context, g *group, changes []Change, res
 	}
 }
 
-// pemWrites writes one group's combined PEMs side by side, so that their
-// durable writes share the file system's syncs (a node joining a fleet
-// writes thousands). It keeps what each PEM held, so a failure can put it
-// back exactly; and which were written at all: a PEM whose atomic write
+// pemWrites writes one group's combined PEMs, all with one pair of
+// file-system syncs (store.WriteFiles): a node joining a fleet writes
+// thousands. It keeps what each PEM held, so a failure can put it back
+// exactly; and which were written at all: a PEM whose atomic write
 // failed (say on ENOSPC) is intact and needs no restoring, and trying
 // would only fail again and report a rollback problem that does not exist.
 type pemWrites struct {
@@ -117,7 +117,21 @@ type pemWrites struct {
 	written map[int]bool
 }
 
-func (w *pemWrites) write(i int) error {
+// writeAll reads what the PEMs of changes idx hold and what they are to
+// hold, side by side, then writes them.
+func (w *pemWrites) writeAll(idx []int) error {
+	if err := eachAtOnce(idx, pemReaders, w.read); err != nil {
+		return err
+	}
+	files := make([]store.FileWrite, len(idx))
+	for k, i := range idx {
+		files[k] = store.FileWrite{Path: PEMPath(w.dir, w.changes[i].Name), Data: w.pems[i], Perm: 0o600}
+	}
+	return writePEMs(files, func(k int) { w.written[idx[k]] = true })
+}
+
+// read reads PEM i as it is, and makes what it is to hold.
+func (w *pemWrites) read(i int) error {
 	c := w.changes[i]
 	p := PEMPath(w.dir, c.Name)
 	prev, err := os.ReadFile(p)
@@ -132,12 +146,6 @@ func (w *pemWrites) write(i int) error {
 	pem := CombinedPEM(full, key)
 	w.mu.Lock()
 	w.old[i], w.pems[i] = prev, pem
-	w.mu.Unlock()
-	if err := writePEM(p, pem, 0o600); err != nil {
-		return fmt.Errorf("write %s: %v", p, err)
-	}
-	w.mu.Lock()
-	w.written[i] = true
 	w.mu.Unlock()
 	return nil
 }
@@ -184,11 +192,15 @@ func configLoads(conf, dir string) bool {
 	return false
 }
 
-// writePEM writes a combined PEM; tests replace it to fail on cue.
-var writePEM = store.WriteFile
+// writePEM and writePEMs write combined PEMs; tests replace them to
+// fail on cue.
+var (
+	writePEM  = store.WriteFile
+	writePEMs = store.WriteFiles
+)
 
-// pemWriters is how many PEMs are written at once.
-const pemWriters = 16
+// pemReaders is how many PEMs are read at once.
+const pemReaders = 16
 
 // eachAtOnce calls f for every index of idx, n at a time, and returns the
 // error of the first index (in idx's order) that failed; after a

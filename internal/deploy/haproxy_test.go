@@ -588,23 +588,22 @@ func TestConfigTestLimitGrowsWithCertificates(t *testing.T) {
 
 // ENOSPC while writing the PEMs: the one written before the disk filled
 // is put back, and no spurious "rollback: restore ... failed" is reported
-// for the PEMs that were never replaced. The PEMs are written side by
-// side, so which one got through first is up to the scheduler: the test
-// asks the fake which it was.
+// for the PEMs that were never replaced. The fake writes the first PEM
+// of the batch for real and then finds the disk full, for the batch as
+// for the restore.
 func TestHAProxyWriteFailureRollsBackOnlyWhatWasWritten(t *testing.T) {
 	s, certs, changes := haproxyFixture(t, store.Deploy{ReloadCmd: "true"}, "a.test", "b.test", "c.test")
-	var mu sync.Mutex
-	writes, replaced := 0, ""
-	writePEM = func(path string, data []byte, perm os.FileMode) error {
-		mu.Lock()
-		defer mu.Unlock()
-		if writes++; writes >= 2 { // the disk is full from the second write on
-			return &os.PathError{Op: "write", Path: path, Err: syscall.ENOSPC}
+	full := func(path string) error { return &os.PathError{Op: "write", Path: path, Err: syscall.ENOSPC} }
+	replaced := ""
+	writePEMs = func(files []store.FileWrite, renamed func(int)) error {
+		if err := store.WriteFiles(files[:1], renamed); err != nil {
+			return err
 		}
-		replaced = strings.TrimSuffix(filepath.Base(path), ".pem")
-		return store.WriteFile(path, data, perm)
+		replaced = strings.TrimSuffix(filepath.Base(files[0].Path), ".pem")
+		return full(files[1].Path)
 	}
-	defer func() { writePEM = store.WriteFile }()
+	writePEM = func(path string, data []byte, perm os.FileMode) error { return full(path) }
+	defer func() { writePEM, writePEMs = store.WriteFile, store.WriteFiles }()
 	var logs strings.Builder
 	old := slog.Default()
 	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))

@@ -2,7 +2,11 @@ package store
 
 import (
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -80,5 +84,112 @@ func TestDurable(t *testing.T) {
 	}
 	if err := durable("/nonexistent/lbcert"); err == nil {
 		t.Fatal("a missing directory: no error")
+	}
+}
+
+// WriteFiles makes two syncs for all its files: the first while only
+// the temporary files exist, the second after every rename; each file
+// lands whole, in order, with its mode, and no temporary file stays.
+func TestWriteFilesTwoSyncsInOrder(t *testing.T) {
+	dir := t.TempDir()
+	var files []FileWrite
+	for i := range 50 {
+		p := filepath.Join(dir, fmt.Sprintf("f%02d.pem", i))
+		if i%2 == 0 {
+			os.WriteFile(p, []byte("old"), 0o644)
+		}
+		files = append(files, FileWrite{Path: p, Data: []byte(fmt.Sprint("new ", i)), Perm: 0o600})
+	}
+	newOnes := func() (n int) {
+		for _, f := range files {
+			if b, _ := os.ReadFile(f.Path); string(b) == string(f.Data) {
+				n++
+			}
+		}
+		return n
+	}
+	var seen []int
+	defer func(f func(int) error) { syncfsCall = f }(syncfsCall)
+	syncfsCall = func(int) error { seen = append(seen, newOnes()); return nil }
+	var order []int
+	if err := WriteFiles(files, func(i int) { order = append(order, i) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != 2 || seen[0] != 0 || seen[1] != len(files) {
+		t.Errorf("syncs saw %v files in place, want [0 %d]: data synced before any rename, every rename synced", seen, len(files))
+	}
+	for i, f := range files {
+		st, err := os.Stat(f.Path)
+		if b, _ := os.ReadFile(f.Path); err != nil || string(b) != string(f.Data) || st.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %q, %v", f.Path, b, st.Mode())
+		}
+		if i >= len(order) || order[i] != i {
+			t.Fatalf("renamed in order %v", order)
+		}
+	}
+	noTemps(t, dir)
+}
+
+// A file that cannot be written stops the batch before any rename; one
+// that cannot be renamed stops it there, the files before it in place.
+// Either way no temporary file stays, and the error names the file.
+func TestWriteFilesFailures(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		bad     func(dir string, files []FileWrite)
+		renamed int
+	}{
+		{"no such directory", func(dir string, files []FileWrite) {
+			files[2].Path = filepath.Join(dir, "gone", "f2.pem")
+		}, 0},
+		{"a directory in the way", func(dir string, files []FileWrite) {
+			os.Remove(files[3].Path)
+			os.MkdirAll(filepath.Join(files[3].Path, "x"), 0o700)
+		}, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			var files []FileWrite
+			for i := range 6 {
+				p := filepath.Join(dir, fmt.Sprintf("f%d.pem", i))
+				os.WriteFile(p, []byte("old"), 0o600)
+				files = append(files, FileWrite{Path: p, Data: []byte("new"), Perm: 0o600})
+			}
+			tc.bad(dir, files)
+			bad := files[2].Path
+			if tc.renamed > 0 {
+				bad = files[tc.renamed].Path
+			}
+			n := 0
+			err := WriteFiles(files, func(i int) {
+				if i != n {
+					t.Errorf("renamed %d after %d", i, n)
+				}
+				n++
+			})
+			if err == nil || !strings.Contains(err.Error(), bad) {
+				t.Fatalf("error %v, want one naming %s", err, bad)
+			}
+			if n != tc.renamed {
+				t.Errorf("%d renamed, want %d", n, tc.renamed)
+			}
+			for i, f := range files {
+				b, _ := os.ReadFile(f.Path)
+				if want := map[bool]string{true: "new", false: "old"}[i < tc.renamed]; f.Path != bad && string(b) != want {
+					t.Errorf("%s holds %q, want %q", f.Path, b, want)
+				}
+			}
+			noTemps(t, dir)
+		})
+	}
+}
+
+func noTemps(t *testing.T, dir string) {
+	t.Helper()
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if strings.Contains(e.Name(), ".tmp-") {
+			t.Errorf("temporary file left: %s", e.Name())
+		}
 	}
 }
