@@ -320,24 +320,7 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 	n.deployMu.Lock()
 	results := n.Deploy.Run(ctx, changes)
 	n.deployMu.Unlock()
-	// Each record is a durable write of its own lineage's journal: side
-	// by side they share the file system's syncs (store's group commit),
-	// one after another a node joining 100,000 lineages waited for
-	// 200,000 of them.
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(recordWorkers, len(results)) {
-		wg.Go(func() {
-			for k := range next {
-				out[idx[k]] = n.record(wants[idx[k]], results[k])
-			}
-		})
-	}
-	for k := range results {
-		next <- k
-	}
-	close(next)
-	wg.Wait()
+	n.recordAll(wants, idx, results, out)
 	// The report goes after the lock: in a fleet it may probe through
 	// this node's load balancer, which takes seconds when it fails.
 	unlock()
@@ -345,8 +328,48 @@ func (n *Node) deployAll(ctx context.Context, wants []*want) []installed {
 	return out
 }
 
-// recordWorkers is how many deploy results are recorded at once.
+// recordWorkers is how many lineages' old versions are pruned at once.
 const recordWorkers = 32
+
+// recordAll records each deploy result (results[k] is of wants[idx[k]])
+// in its lineage's journal, deployed or owed, all journals written
+// together (Local.SetJournals: one pair of file-system syncs; one by
+// one, a node joining 100,000 lineages waited for 200,000 syncs), then
+// prunes the old versions of those deployed.
+func (n *Node) recordAll(wants []*want, idx []int, results []deploy.Result, out []installed) {
+	lineages := make([]string, len(results))
+	js := make([]store.Journal, len(results))
+	for k, res := range results {
+		w := wants[idx[k]]
+		lineages[k] = w.l.Name
+		js[k], out[idx[k]] = n.journalAfter(w, res)
+	}
+	for k, err := range n.Local.SetJournals(lineages, js) {
+		switch {
+		case err == nil:
+		case out[idx[k]].done:
+			slog.Warn("could not record the deploy; the next run deploys it again", "name", lineages[k], "err", err)
+		default:
+			slog.Warn("could not save the pending deploy", "name", lineages[k], "err", err)
+		}
+	}
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(recordWorkers, len(results)) {
+		wg.Go(func() {
+			for k := range next {
+				n.prune(wants[idx[k]])
+			}
+		})
+	}
+	for k := range results {
+		if out[idx[k]].done {
+			next <- k
+		}
+	}
+	close(next)
+	wg.Wait()
+}
 
 func (n *Node) deployedAlready(w *want) bool {
 	j, _ := n.Local.Journal(w.l.Name)
@@ -356,21 +379,14 @@ func (n *Node) deployedAlready(w *want) bool {
 		d.Serial == w.l.Cert.Serial && d.With == store.DeployDigest(w.deploy)
 }
 
-// record writes the journal after one deploy result: deployed, or owed
-// with the reason (the deploy step already rolled the live pointer back).
-func (n *Node) record(w *want, res deploy.Result) installed {
+// journalAfter is the journal one deploy result leaves: deployed, or
+// owed with the reason (the deploy step already rolled the live pointer
+// back).
+func (n *Node) journalAfter(w *want, res deploy.Result) (store.Journal, installed) {
 	name := w.l.Name
 	if !res.Failed() {
 		j := store.Journal{Deployed: &store.Deployed{Version: w.l.Version, Serial: w.l.Cert.Serial, With: store.DeployDigest(w.deploy), At: time.Now().UTC()}}
-		if err := n.Local.SetJournal(name, j); err != nil {
-			slog.Warn("could not record the deploy; the next run deploys it again", "name", name, "err", err)
-		}
-		if removed, err := n.Local.Prune(name, n.keep(), w.l.Version); err != nil {
-			slog.Warn("could not remove old versions", "name", name, "err", err)
-		} else if len(removed) > 0 {
-			slog.Debug("removed old versions", "name", name, "versions", removed)
-		}
-		return installed{res: res, done: true}
+		return j, installed{res: res, done: true}
 	}
 	msg := oneLine(res.Err)
 	switch {
@@ -385,10 +401,16 @@ func (n *Node) record(w *want, res deploy.Result) installed {
 	}
 	j.Pending.Error, j.Pending.Check = msg, res.Check
 	j.Pending.PID, j.Pending.Start = 0, "" // owed, and nobody is at it: any process of the node may try again
-	if err := n.Local.SetJournal(name, j); err != nil {
-		slog.Warn("could not save the pending deploy", "name", name, "err", err)
+	return j, installed{res: res, errMsg: msg}
+}
+
+// prune removes the versions of a deployed lineage beyond what is kept.
+func (n *Node) prune(w *want) {
+	if removed, err := n.Local.Prune(w.l.Name, n.keep(), w.l.Version); err != nil {
+		slog.Warn("could not remove old versions", "name", w.l.Name, "err", err)
+	} else if len(removed) > 0 {
+		slog.Debug("removed old versions", "name", w.l.Name, "versions", removed)
 	}
-	return installed{res: res, errMsg: msg}
 }
 
 func (n *Node) report(ctx context.Context, wants []*want, out []installed) {

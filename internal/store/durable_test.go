@@ -193,3 +193,50 @@ func noTemps(t *testing.T, dir string) {
 		}
 	}
 }
+
+// SetJournals saves each journal beside its lineage's status, with two
+// syncs for them all; a bad name fails alone, a name given twice keeps
+// its last journal, and a journal cleared where no status is removes
+// the record.
+func TestSetJournals(t *testing.T) {
+	s := New(t.TempDir())
+	if err := s.WriteStatus("a.example", Status{Failures: 2, LastError: "refused"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetJournal("c.example", Journal{Deployed: &Deployed{Version: 1, Serial: "c1"}}); err != nil {
+		t.Fatal(err)
+	}
+	var syncs atomic.Int32
+	defer func(f func(int) error) { syncfsCall = f }(syncfsCall)
+	syncfsCall = func(int) error { syncs.Add(1); return nil }
+	lineages := []string{"a.example", "b.example", "../x", "b.example", "c.example"}
+	js := []Journal{
+		{Deployed: &Deployed{Version: 3, Serial: "a3"}},
+		{Pending: &Pending{Version: 1, Error: "first"}},
+		{Deployed: &Deployed{Version: 1}},
+		{Pending: &Pending{Version: 2, Error: "second"}},
+		{},
+	}
+	errs := s.SetJournals(lineages, js)
+	for i, err := range errs {
+		if (err != nil) != (lineages[i] == "../x") {
+			t.Errorf("%s: %v", lineages[i], err)
+		}
+	}
+	if n := syncs.Load(); n != 2 {
+		t.Errorf("%d syncs, want 2", n)
+	}
+	if st, _ := s.ReadStatus("a.example"); st.Failures != 2 {
+		t.Errorf("a.example's status lost: %+v", st)
+	}
+	if j, _ := s.Journal("a.example"); j.Deployed == nil || j.Deployed.Serial != "a3" {
+		t.Errorf("a.example's journal %+v", j)
+	}
+	if j, _ := s.Journal("b.example"); j.Pending == nil || j.Pending.Error != "second" {
+		t.Errorf("b.example's journal %+v, want the last one given", j)
+	}
+	if _, err := os.Stat(s.statusPath("c.example")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("c.example's record, cleared: %v", err)
+	}
+	noTemps(t, filepath.Join(s.Dir, "renewal"))
+}

@@ -46,6 +46,8 @@ type Local interface {
 	Rollback(name string, previous int) error
 	Journal(name string) (Journal, error)
 	SetJournal(name string, j Journal) error
+	// SetJournals is SetJournal of many lineages, sharing the syncs.
+	SetJournals(lineages []string, js []Journal) []error
 	Prune(name string, keep int, protect ...int) (removed []int, err error)
 	Forget(name string, t Tombstone) error
 	ReadTombstone(name string) (*Tombstone, error)

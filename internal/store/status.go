@@ -237,6 +237,61 @@ func (s *Store) SetJournal(name string, j Journal) error {
 	return s.writeRecord(name, r)
 }
 
+// SetJournals is SetJournal for many lineages at once (lineages[i]
+// gets js[i]), with two syncs of the file system for them all
+// (WriteFiles): a deploy of thousands records each. errs[i] is the
+// error of lineages[i], nil when its journal was saved.
+func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
+	errs = make([]error, len(lineages))
+	var files []FileWrite
+	var at []int // the lineages index of each file
+	held := map[string]bool{}
+	for i, name := range lineages {
+		if errs[i] = names.Lineage(name); errs[i] != nil {
+			continue
+		}
+		if !held[name] { // a name given twice: the last journal wins
+			held[name] = true
+			defer s.lockRecord(name)()
+		}
+		r, err := s.readRecord(name)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		r.Journal = js[i]
+		if r == (record{}) {
+			errs[i] = s.removeRecord(name)
+			continue
+		}
+		data, err := json.MarshalIndent(r, "", "  ")
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		files = append(files, FileWrite{Path: s.statusPath(name), Data: append(data, '\n'), Perm: 0o600})
+		at = append(at, i)
+	}
+	if len(files) == 0 {
+		return errs
+	}
+	if err := os.MkdirAll(filepath.Join(s.Dir, "renewal"), 0o700); err != nil {
+		for _, i := range at {
+			errs[i] = err
+		}
+		return errs
+	}
+	done := make([]bool, len(files))
+	err := WriteFiles(files, func(k int) { done[k] = true })
+	s.recordWritten()
+	for k, i := range at {
+		if err != nil && !done[k] {
+			errs[i] = fmt.Errorf("status of %s: %w", lineages[i], err)
+		}
+	}
+	return errs
+}
+
 // removeRecord deletes the record of lineage name, if any.
 func (s *Store) removeRecord(name string) error {
 	err := os.Remove(s.statusPath(name))
