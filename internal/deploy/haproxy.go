@@ -461,7 +461,16 @@ func (a *runtimeAPI) replace(ctx context.Context, path string, pem []byte) error
 		}
 		return err
 	}
-	return a.holds(ctx, path, pem)
+	if err := a.holds(ctx, path, pem); err != nil {
+		if !errors.As(err, new(*collisionError)) {
+			// HAProxy answered the commit: whatever the check after it
+			// could not read (the connection cut), the PEM is in its
+			// memory, and an undo must set it back.
+			return &collisionError{committed: true, error: err}
+		}
+		return err
+	}
+	return nil
 }
 
 // holds checks, after a commit, that HAProxy serves pem's certificate
@@ -553,7 +562,8 @@ func (a *runtimeAPI) taken(ctx context.Context, path, other string) error {
 // lbcert's: lbcert's set went into theirs (and that one was aborted), or
 // theirs into lbcert's (and was committed under lbcert's name). With
 // committed, it is also a commit whose answer was lost but which
-// HAProxy made: either way, HAProxy's memory holds a PEM to set back.
+// HAProxy made, or a commit whose check could not be read: either way,
+// HAProxy's memory holds a PEM to set back.
 type collisionError struct {
 	error
 	committed bool // a PEM was committed under lbcert's name
@@ -599,8 +609,14 @@ type cliSession struct {
 // sessionIdle is how long a session may stay unused before it is
 // dropped for a new one: HAProxy closes a session idle for its "stats
 // timeout" (10 s by default), and a command written as it closes would
-// be lost with no way to tell whether it ran.
-var sessionIdle = time.Second
+// be lost with no way to tell whether it ran. promptWait is how long
+// the answer to "prompt" may take: HAProxy answers it at once, and a
+// socket that does not (not HAProxy's) should fail the update as soon
+// as a connection refused would, not after a command's 30 s.
+var (
+	sessionIdle = time.Second
+	promptWait  = 5 * time.Second
+)
 
 func (a *runtimeAPI) dial(ctx context.Context) (net.Conn, error) {
 	network, addr := "unix", a.addr
@@ -647,7 +663,7 @@ func (a *runtimeAPI) inSession(ctx context.Context, cmd string) (string, error) 
 			return "", err
 		}
 		a.sess = &cliSession{conn: conn, r: bufio.NewReader(conn)}
-		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		conn.SetDeadline(time.Now().Add(promptWait))
 		if _, err := io.WriteString(conn, "prompt\n"); err != nil {
 			a.close()
 			return "", err

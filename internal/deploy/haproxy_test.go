@@ -72,6 +72,9 @@ type fakeRuntimeAPI struct {
 	otherList string
 	// conns counts the connections, sessions the interactive ones.
 	conns, sessions int
+	// cutShowAt: the cutShowAt-th "show ssl cert <path>" gets no answer,
+	// the connection cut (as HAProxy restarted after a commit).
+	cutShowAt, shows int
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -84,7 +87,11 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(first, prefix), "<<"))
 	}
 	switch {
+	case strings.HasPrefix(cmd, "show ssl cert /") && f.cutShowAt > 0 && f.shows+1 == f.cutShowAt:
+		f.shows++
+		return ""
 	case strings.HasPrefix(cmd, "show ssl cert /"):
+		f.shows++
 		if c, _ := pem.Decode([]byte(f.committed[arg("show ssl cert")])); c != nil {
 			if x, err := x509.ParseCertificate(c.Bytes); err == nil {
 				return fmt.Sprintf("Filename: %s\nSerial: %X\n", arg("show ssl cert"), x.SerialNumber.Bytes())
@@ -855,5 +862,71 @@ func TestHotUpdateKeepsOneSession(t *testing.T) {
 	defer api.mu.Unlock()
 	if api.sessions != 4 {
 		t.Errorf("%d sessions, want 4 (the update's, then three)", api.sessions)
+	}
+}
+
+// The connection cut on the check after a commit HAProxy answered: the
+// certificate is committed, so the undo sets it back with the others.
+func TestHotUpdateSetsBackACommitWhoseCheckWasCut(t *testing.T) {
+	s, certs, d, ln := realCertFixture(t)
+	api := &fakeRuntimeAPI{failAfter: -2, cutShowAt: 2, listed: map[string]bool{}}
+	olds := map[string][]byte{}
+	var changes []Change
+	for _, name := range []string{"a.test", "b.test"} {
+		old := selfSigned(t, name)
+		olds[name] = old
+		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
+		os.WriteFile(PEMPath(certs, name), old, 0o600)
+		api.certs = append(api.certs, PEMPath(certs, name))
+		api.listed[PEMPath(certs, name)] = true
+		cur := selfSigned(t, name)
+		_, prev, err := s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
+		if err != nil {
+			t.Fatal(err)
+		}
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
+	}
+	go api.serve(t, ln, certs)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 2 certificates already committed were set back") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for name, old := range olds {
+		if got := pemSerial([]byte(api.committed[PEMPath(certs, name)])); got != pemSerial(old) {
+			t.Errorf("%s in memory after the rollback: serial %q, want the previous %q (the files')", name, got, pemSerial(old))
+		}
+	}
+}
+
+// A socket that takes the connection and never answers "prompt" (not
+// HAProxy's) fails the update after promptWait, saying so.
+func TestHotUpdateSocketThatNeverPrompts(t *testing.T) {
+	defer func(d time.Duration) { promptWait = d }(promptWait)
+	promptWait = 100 * time.Millisecond
+	sock := filepath.Join(t.TempDir(), "silent.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held open, silent
+		}
+	}()
+	s, certs, changes := haproxyFixture(t, store.Deploy{HAProxySocket: sock}, "a.test")
+	r := (&Runner{Store: s}).Run(context.Background(), changes)[0]
+	if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "start an interactive session") || !strings.Contains(r.Err.Error(), "timeout") {
+		t.Fatalf("rolled back %v, err %v", r.RolledBack, r.Err)
+	}
+	if got, _ := os.ReadFile(PEMPath(certs, "a.test")); string(got) != "OLD PEM a.test" {
+		t.Errorf("PEM on disk %q, want the old one back", got)
 	}
 }

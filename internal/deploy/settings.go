@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -103,6 +104,10 @@ func (d Flags) Resolve(given func(flag string) bool, stateDir string, prev *stor
 	return out, Check(&out, stateDir)
 }
 
+// runtimeAPISeparators are the characters HAProxy's runtime API reads
+// as the end of a word or of a command (or an escape), in a path.
+const runtimeAPISeparators = " \t\r\n;\\"
+
 // Check refuses settings that cannot work, before the CA is asked for a
 // certificate that could then not be deployed, and makes every path
 // absolute.
@@ -128,6 +133,9 @@ func Check(d *store.Deploy, stateDir string) error {
 		}
 		if d.HAProxyCerts, err = filepath.Abs(d.HAProxyCerts); err != nil {
 			return fmt.Errorf("--haproxy-certs: %w", err)
+		}
+		if d.HAProxySocket != "" && strings.ContainsAny(d.HAProxyCerts, runtimeAPISeparators) {
+			return fmt.Errorf("--haproxy-certs %q: HAProxy's runtime API splits a command at spaces, ';' and '\\', so it cannot name a certificate there; use a directory without them, or --reload-cmd instead of --haproxy-socket", d.HAProxyCerts)
 		}
 		if d.ReloadCmd == "" && d.HAProxySocket == "" {
 			return fmt.Errorf("--deploy haproxy needs --reload-cmd (for example 'systemctl reload haproxy') or --haproxy-socket")

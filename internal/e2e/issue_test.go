@@ -168,8 +168,12 @@ func TestBadInputNeverReachesCA(t *testing.T) {
 	e := newEnv(t, testenv.PebbleOptions{})
 	webroot := filepath.Join(e.work, "www")
 	os.MkdirAll(webroot, 0o755)
+	haConf := filepath.Join(e.work, "haproxy.cfg")
+	os.WriteFile(haConf, []byte("global\n"), 0o600)
 	before := e.requests()
 	for _, args := range [][]string{
+		{"-d", "ok.example.com", "--webroot", webroot, "--deploy", "haproxy", "--haproxy-conf", haConf,
+			"--haproxy-certs", filepath.Join(e.work, "a;b"), "--haproxy-socket", filepath.Join(e.work, "admin.sock")},
 		{"-d", "*.example.com", "--webroot", webroot},
 		{"-d", "10.0.0.0/8", "--webroot", webroot},
 		{"-d", "127.000.000.001", "--webroot", webroot},
