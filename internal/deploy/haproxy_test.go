@@ -445,21 +445,7 @@ func TestHotUpdateAbortsAnotherClientsTransactionItWasAddedTo(t *testing.T) {
 func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
 	api := &fakeRuntimeAPI{failAfter: -2, intrudeAt: 1, intruder: string(selfSigned(t, "other.test"))}
-	var changes []Change
-	olds := map[string][]byte{}
-	for _, name := range []string{"a.test", "b.test"} {
-		old := selfSigned(t, name)
-		olds[name] = old
-		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
-		os.WriteFile(PEMPath(certs, name), old, 0o600)
-		api.certs = append(api.certs, PEMPath(certs, name))
-		cur := selfSigned(t, name)
-		_, prev, err := s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
-		if err != nil {
-			t.Fatal(err)
-		}
-		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
-	}
+	olds, changes := loadedTwice(t, s, certs, d, api, "a.test", "b.test")
 	go api.serve(t, ln, certs)
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
 	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") || !strings.Contains(results[0].Err.Error(), "the 1 certificates already committed were set back") {
@@ -870,21 +856,9 @@ func TestHotUpdateKeepsOneSession(t *testing.T) {
 func TestHotUpdateSetsBackACommitWhoseCheckWasCut(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
 	api := &fakeRuntimeAPI{failAfter: -2, cutShowAt: 2, listed: map[string]bool{}}
-	olds := map[string][]byte{}
-	var changes []Change
-	for _, name := range []string{"a.test", "b.test"} {
-		old := selfSigned(t, name)
-		olds[name] = old
-		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
-		os.WriteFile(PEMPath(certs, name), old, 0o600)
-		api.certs = append(api.certs, PEMPath(certs, name))
-		api.listed[PEMPath(certs, name)] = true
-		cur := selfSigned(t, name)
-		_, prev, err := s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
-		if err != nil {
-			t.Fatal(err)
-		}
-		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
+	olds, changes := loadedTwice(t, s, certs, d, api, "a.test", "b.test")
+	for _, c := range changes {
+		api.listed[PEMPath(certs, c.Name)] = true
 	}
 	go api.serve(t, ln, certs)
 	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
@@ -929,4 +903,27 @@ func TestHotUpdateSocketThatNeverPrompts(t *testing.T) {
 	if got, _ := os.ReadFile(PEMPath(certs, "a.test")); string(got) != "OLD PEM a.test" {
 		t.Errorf("PEM on disk %q, want the old one back", got)
 	}
+}
+
+// loadedTwice saves each name with a real self-signed certificate, its
+// PEM on disk and in the fake HAProxy's memory, then saves a new one
+// live: the changes deploy the new ones; olds are the PEMs replaced.
+func loadedTwice(t *testing.T, s *store.Store, certs string, d store.Deploy, api *fakeRuntimeAPI, names ...string) (map[string][]byte, []Change) {
+	t.Helper()
+	olds := map[string][]byte{}
+	var changes []Change
+	for _, name := range names {
+		old := selfSigned(t, name)
+		olds[name] = old
+		s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
+		os.WriteFile(PEMPath(certs, name), old, 0o600)
+		api.certs = append(api.certs, PEMPath(certs, name))
+		cur := selfSigned(t, name)
+		_, prev, err := s.Save(&store.Lineage{Name: name, Domains: []string{name}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
+		if err != nil {
+			t.Fatal(err)
+		}
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
+	}
+	return olds, changes
 }
