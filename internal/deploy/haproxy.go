@@ -127,7 +127,24 @@ func (w *pemWrites) writeAll(idx []int) error {
 	for k, i := range idx {
 		files[k] = store.FileWrite{Path: PEMPath(w.dir, w.changes[i].Name), Data: w.pems[i], Perm: 0o600}
 	}
-	return writePEMs(files, func(k int) { w.written[idx[k]] = true })
+	err := writePEMs(files, func(k int) { w.written[idx[k]] = true })
+	if err == nil || w.written[idx[len(idx)-1]] {
+		return err // all written: nil, or the last sync failed
+	}
+	// The batch needs room for every temporary file at once, and stops
+	// at the first PEM it cannot replace: the PEMs it did not write are
+	// written one at a time, so that a disk nearly full takes the deploy
+	// it took before, and an error names its own PEM.
+	for k, i := range idx {
+		if w.written[i] {
+			continue
+		}
+		if err := writePEM(files[k].Path, files[k].Data, files[k].Perm); err != nil {
+			return fmt.Errorf("write %s: %w", files[k].Path, err)
+		}
+		w.written[i] = true
+	}
+	return nil
 }
 
 // read reads PEM i as it is, and makes what it is to hold.

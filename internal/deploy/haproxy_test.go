@@ -927,3 +927,22 @@ func loadedTwice(t *testing.T, s *store.Store, certs string, d store.Deploy, api
 	}
 	return olds, changes
 }
+
+// A batch of PEMs that fails before its renames (no room for every
+// temporary file at once) is written again one PEM at a time: the
+// deploy takes what it took before the batch.
+func TestHAProxyPEMsOneByOneWhenTheBatchFails(t *testing.T) {
+	s, certs, changes := haproxyFixture(t, store.Deploy{ReloadCmd: "true"}, "a.test", "b.test", "c.test")
+	writePEMs = func(files []store.FileWrite, renamed func(int)) error {
+		return &os.PathError{Op: "write", Path: files[2].Path + ".tmp-1", Err: syscall.ENOSPC}
+	}
+	defer func() { writePEMs = store.WriteFiles }()
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || !r.Deployed {
+			t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+		}
+		if got, _ := os.ReadFile(PEMPath(certs, r.Name)); !strings.Contains(string(got), "NEW-"+r.Name) {
+			t.Errorf("%s PEM: %q", r.Name, got)
+		}
+	}
+}

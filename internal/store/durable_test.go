@@ -240,3 +240,55 @@ func TestSetJournals(t *testing.T) {
 	}
 	noTemps(t, filepath.Join(s.Dir, "renewal"))
 }
+
+// A batch of journals that fails partway (no room for every temporary
+// file at once, or one record that cannot be replaced) leaves each
+// record it did not write to a write of its own, with its own error;
+// a batch whose last sync fails reports every record it wrote.
+func TestSetJournalsWhenTheBatchFails(t *testing.T) {
+	s := New(t.TempDir())
+	lineages := []string{"a.example", "b.example", "c.example"}
+	js := make([]Journal, len(lineages))
+	for i, n := range lineages {
+		js[i] = Journal{Deployed: &Deployed{Version: 2, Serial: n}}
+	}
+	defer func() { writeFiles = WriteFiles }()
+	// b.example's record is a directory: it cannot be read or replaced,
+	// and fails alone. The batch renames a.example's record, then fails
+	// on c.example's (as on an immutable file): c.example's is then
+	// written on its own.
+	writeFiles = func(files []FileWrite, renamed func(int)) error {
+		if err := WriteFiles(files[:1], renamed); err != nil {
+			return err
+		}
+		return fmt.Errorf("write %s: operation not permitted", files[1].Path)
+	}
+	if err := os.MkdirAll(filepath.Join(s.statusPath("b.example"), "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	errs := s.SetJournals(lineages, js)
+	if errs[0] != nil || errs[2] != nil || errs[1] == nil || !strings.Contains(errs[1].Error(), "b.example.json") {
+		t.Fatalf("errors %v: want b.example's own, and none for the others", errs)
+	}
+	for _, n := range []string{"a.example", "c.example"} {
+		if j, _ := s.Journal(n); j.Deployed == nil || j.Deployed.Serial != n {
+			t.Errorf("%s's journal %+v", n, j)
+		}
+	}
+	// Every rename made, the last sync failed: none is known durable.
+	os.RemoveAll(s.statusPath("b.example"))
+	writeFiles = WriteFiles
+	var calls atomic.Int32
+	defer func(f func(int) error) { syncfsCall = f }(syncfsCall)
+	syncfsCall = func(int) error {
+		if calls.Add(1) == 2 {
+			return errors.New("EIO")
+		}
+		return nil
+	}
+	for i, err := range s.SetJournals(lineages, js) {
+		if err == nil || !strings.Contains(err.Error(), "EIO") {
+			t.Errorf("%s: %v, want the failed sync", lineages[i], err)
+		}
+	}
+}

@@ -244,7 +244,8 @@ func (s *Store) SetJournal(name string, j Journal) error {
 func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 	errs = make([]error, len(lineages))
 	var files []FileWrite
-	var at []int // the lineages index of each file
+	var at []int      // the lineages index of each file
+	var recs []record // and its record
 	held := map[string]bool{}
 	for i, name := range lineages {
 		if errs[i] = names.Lineage(name); errs[i] != nil {
@@ -271,6 +272,7 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 		}
 		files = append(files, FileWrite{Path: s.statusPath(name), Data: append(data, '\n'), Perm: 0o600})
 		at = append(at, i)
+		recs = append(recs, r)
 	}
 	if len(files) == 0 {
 		return errs
@@ -282,15 +284,29 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 		return errs
 	}
 	done := make([]bool, len(files))
-	err := WriteFiles(files, func(k int) { done[k] = true })
+	err := writeFiles(files, func(k int) { done[k] = true })
 	s.recordWritten()
+	if err == nil {
+		return errs
+	}
+	// The batch needs room for every temporary file at once, and stops
+	// at the first record it cannot replace: the records it did not
+	// write are written one at a time, as SetJournal does, each with its
+	// own error. When it wrote them all, its last sync failed.
+	all := !slices.Contains(done, false)
 	for k, i := range at {
-		if err != nil && !done[k] {
+		switch {
+		case all:
 			errs[i] = fmt.Errorf("status of %s: %w", lineages[i], err)
+		case !done[k]:
+			errs[i] = s.writeRecord(lineages[i], recs[k])
 		}
 	}
 	return errs
 }
+
+// writeFiles is WriteFiles; tests replace it to fail on cue.
+var writeFiles = WriteFiles
 
 // removeRecord deletes the record of lineage name, if any.
 func (s *Store) removeRecord(name string) error {
