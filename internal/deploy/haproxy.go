@@ -272,51 +272,92 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		}
 	}()
 	dir := filepath.Clean(d.HAProxyCerts)
+	certs := make([]hotCert, 0, len(g.changes))
 	paths := make([]string, 0, len(g.changes))
 	for _, i := range g.changes {
-		paths = append(paths, PEMPath(d.HAProxyCerts, changes[i].Name))
+		p := PEMPath(d.HAProxyCerts, changes[i].Name)
+		certs = append(certs, hotCert{path: p, pem: pems[i], prev: old[i], serial: pemSerial(pems[i])})
+		paths = append(paths, p)
 	}
 	known, crtList, listed, err := api.state(ctx, dir, paths)
 	if err != nil {
 		return err
 	}
-	for _, i := range g.changes {
-		p := PEMPath(d.HAProxyCerts, changes[i].Name)
-		isNew := !known[p]
-		if isNew && crtList == "" {
-			return &notLoadedError{pem: p, dir: dir}
+	for k := range certs {
+		if certs[k].isNew = !known[certs[k].path]; certs[k].isNew && crtList == "" {
+			return &notLoadedError{pem: certs[k].path, dir: dir}
 		}
-		if isNew {
-			if err := api.expect(ctx, "new ssl cert "+p, "New empty certificate store"); err != nil {
-				return err
-			}
-		}
-		if err := api.replace(ctx, p, pems[i]); err != nil {
-			if c := new(collisionError); errors.As(err, &c) && c.committed {
-				// Committed with another client's PEM: set back too.
-				committed = append(committed, committedPEM{path: p, prev: old[i], isNew: isNew})
-			} else if isNew {
-				// The empty store "new ssl cert" made would stay in
-				// HAProxy's memory, named as this certificate. If it
-				// does (HAProxy gone meanwhile), the next update adds it
-				// to the crt-list as it finds it unlisted.
-				if derr := api.expect(ctx, "del ssl cert "+p, "deleted"); derr != nil {
-					slog.Debug("could not take an empty certificate store out of haproxy", "certificate", p, "err", derr)
-				}
-			}
+	}
+	rest := certs
+	if pipelining {
+		if rest, err = api.pipelined(ctx, dir, certs, &committed); err != nil {
 			return err
 		}
-		committed = append(committed, committedPEM{path: p, prev: old[i], isNew: isNew})
-		if crtList != "" && !listed[p] {
-			// New, or a store HAProxy holds that the directory's
-			// crt-list does not serve: one a run killed after its "new
-			// ssl cert" left behind.
-			if err := api.expect(ctx, "add ssl crt-list "+crtList+" "+p, "Success!"); err != nil {
-				return err
-			}
+		if err := api.listAll(ctx, crtList, listed, committed); err != nil {
+			return err
+		}
+		if len(rest) == 0 {
+			return nil
+		}
+	}
+	// What the pipeline did not settle, one command at a time, on what
+	// HAProxy holds now.
+	paths = paths[:0]
+	for _, c := range rest {
+		paths = append(paths, c.path)
+	}
+	known, crtList, listed, err = api.state(ctx, dir, paths)
+	if err != nil {
+		return err
+	}
+	for _, c := range rest {
+		if c.isNew = !known[c.path]; c.isNew && crtList == "" {
+			return &notLoadedError{pem: c.path, dir: dir}
+		}
+		if err := api.updateOne(ctx, c, crtList, listed, &committed); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// updateOne puts one certificate in HAProxy's memory, a command at a
+// time, and adds it to committed once HAProxy holds it.
+func (a *runtimeAPI) updateOne(ctx context.Context, c hotCert, crtList string, listed map[string]bool, committed *[]committedPEM) error {
+	if c.isNew {
+		if err := a.expect(ctx, "new ssl cert "+c.path, "New empty certificate store"); err != nil {
+			return err
+		}
+	}
+	if err := a.replace(ctx, c.path, c.pem); err != nil {
+		if e := new(collisionError); errors.As(err, &e) && e.committed {
+			// Committed with another client's PEM: set back too.
+			*committed = append(*committed, c.committedPEM())
+		} else if c.isNew {
+			// The empty store "new ssl cert" made would stay in
+			// HAProxy's memory, named as this certificate. If it does
+			// (HAProxy gone meanwhile), the next update adds it to the
+			// crt-list as it finds it unlisted.
+			a.dropEmpty(ctx, c.path)
+		}
+		return err
+	}
+	*committed = append(*committed, c.committedPEM())
+	if crtList != "" && !listed[c.path] {
+		// New, or a store HAProxy holds that the directory's crt-list
+		// does not serve: one a run killed after its "new ssl cert"
+		// left behind.
+		return a.expect(ctx, "add ssl crt-list "+crtList+" "+c.path, "Success!")
+	}
+	return nil
+}
+
+// dropEmpty takes the empty store an update's "new ssl cert" made out of
+// HAProxy's memory again, when nothing was committed to it.
+func (a *runtimeAPI) dropEmpty(ctx context.Context, path string) {
+	if err := a.expect(ctx, "del ssl cert "+path, "deleted"); err != nil {
+		slog.Debug("could not take an empty certificate store out of haproxy", "certificate", path, "err", err)
+	}
 }
 
 // committedPEM is a certificate an update committed in HAProxy's
@@ -505,18 +546,24 @@ func (a *runtimeAPI) holds(ctx context.Context, path string, pem []byte) error {
 	if err != nil {
 		return fmt.Errorf("show ssl cert %s: %v", path, err)
 	}
-	m := showSerial.FindStringSubmatch(out)
-	if m != nil && strings.EqualFold(strings.TrimLeft(m[1], "0"), want) {
+	got, ok := servesSerial(out, want)
+	if ok {
 		return nil
-	}
-	got := "none"
-	if m != nil {
-		got = m[1]
 	}
 	return &collisionError{committed: true, error: fmt.Errorf("after commit ssl cert %s HAProxy serves serial %s, not %s: another runtime-API client's set went into lbcert's transaction (only one client at a time may update certificates; reload or restart HAProxy to serve the files on disk)", path, got, want)}
 }
 
 var showSerial = regexp.MustCompile(`(?m)^Serial: *([0-9A-Fa-f]+)`)
+
+// servesSerial reads the serial out of an answer to "show ssl cert
+// <path>" ("none" when it has none) and whether it is want.
+func servesSerial(out, want string) (got string, ok bool) {
+	m := showSerial.FindStringSubmatch(out)
+	if m == nil {
+		return "none", false
+	}
+	return m[1], strings.EqualFold(strings.TrimLeft(m[1], "0"), want)
+}
 
 // pemSerial is the serial of the first certificate in pem, in hex with
 // no leading zeros, or "" when there is none.
@@ -671,26 +718,10 @@ func (a *runtimeAPI) do(ctx context.Context, cmd string) (string, error) {
 // session that fails is closed, and the next command opens another: the
 // error is the command's, as a connection's would be.
 func (a *runtimeAPI) inSession(ctx context.Context, cmd string) (string, error) {
-	if a.sess != nil && time.Since(a.sess.used) > sessionIdle {
-		a.close()
+	s, err := a.session(ctx)
+	if err != nil {
+		return "", err
 	}
-	if a.sess == nil {
-		conn, err := a.dial(ctx)
-		if err != nil {
-			return "", err
-		}
-		a.sess = &cliSession{conn: conn, r: bufio.NewReader(conn)}
-		conn.SetDeadline(time.Now().Add(promptWait))
-		if _, err := io.WriteString(conn, "prompt\n"); err != nil {
-			a.close()
-			return "", err
-		}
-		if _, err := a.sess.answer(); err != nil {
-			a.close()
-			return "", fmt.Errorf("start an interactive session: %w", err)
-		}
-	}
-	s := a.sess
 	s.conn.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.WriteString(s.conn, cmd); err != nil {
 		a.close()
@@ -703,6 +734,32 @@ func (a *runtimeAPI) inSession(ctx context.Context, cmd string) (string, error) 
 	}
 	s.used = time.Now()
 	return strings.TrimSpace(out), nil
+}
+
+// session is the open session, or a new one when there is none or it
+// has been idle too long.
+func (a *runtimeAPI) session(ctx context.Context) (*cliSession, error) {
+	if a.sess != nil && time.Since(a.sess.used) > sessionIdle {
+		a.close()
+	}
+	if a.sess != nil {
+		return a.sess, nil
+	}
+	conn, err := a.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a.sess = &cliSession{conn: conn, r: bufio.NewReader(conn)}
+	conn.SetDeadline(time.Now().Add(promptWait))
+	if _, err := io.WriteString(conn, "prompt\n"); err != nil {
+		a.close()
+		return nil, err
+	}
+	if _, err := a.sess.answer(); err != nil {
+		a.close()
+		return nil, fmt.Errorf("start an interactive session: %w", err)
+	}
+	return a.sess, nil
 }
 
 // answer reads one answer: the lines up to an empty line that the

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -32,9 +33,10 @@ import (
 // another certificate while one is open is added to the open one
 // ("Transaction updated for certificate <open>"), and a commit or abort
 // must name the open one. It fails the "set ssl cert" after the first
-// failAfter ones (once), and the commit after the first failCommitAfter
-// ones (once, when set). Unit test only: the end-to-end tests use a real
-// HAProxy.
+// failAfter ones, and the commit after the first failCommitAfter ones
+// (when set); as HAProxy does, it then fails every set, or commit, of
+// that certificate again. Unit test only: the end-to-end tests use a
+// real HAProxy.
 type fakeRuntimeAPI struct {
 	mu              sync.Mutex
 	cmds            []string
@@ -75,6 +77,12 @@ type fakeRuntimeAPI struct {
 	// cutShowAt: the cutShowAt-th "show ssl cert <path>" gets no answer,
 	// the connection cut (as HAProxy restarted after a commit).
 	cutShowAt, shows int
+	// refusedSet and refusedCommit are the certificates whose set, or
+	// commit, failed: they fail again.
+	refusedSet, refusedCommit string
+	// ahead counts the commands read while the client had already sent
+	// more (pipelined), behind them on the connection.
+	ahead int
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -118,6 +126,9 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		}
 		f.listed[strings.Fields(first)[4]] = true
 		return "Inserting certificate\nSuccess!\n"
+	case strings.HasPrefix(cmd, "del ssl crt-list"):
+		delete(f.listed, strings.Fields(first)[4])
+		return "Entry '" + strings.Fields(first)[4] + "' deleted in crtlist '" + strings.Fields(first)[3] + "'!\n"
 	case strings.HasPrefix(cmd, "del ssl cert"):
 		f.certs = slices.DeleteFunc(f.certs, func(c string) bool { return c == arg("del ssl cert") })
 		return "Certificate '" + arg("del ssl cert") + "' deleted!\n"
@@ -126,7 +137,8 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		if f.sets == f.otherAt {
 			f.open = f.other
 		}
-		if f.sets == f.failAfter+1 {
+		if f.sets == f.failAfter+1 || f.refusedSet == arg("set ssl cert") {
+			f.refusedSet = arg("set ssl cert")
 			return "Can't update the certificate: out of memory\n"
 		}
 		if f.open != "" {
@@ -147,7 +159,8 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 			return "The ongoing transaction is about '" + f.open + "' but you are trying to set '" + p + "'\nCan't commit " + p + "!\n"
 		}
 		f.commits++
-		if f.failCommitAfter > 0 && f.commits == f.failCommitAfter+1 {
+		if f.failCommitAfter > 0 && f.commits == f.failCommitAfter+1 || f.refusedCommit == p {
+			f.refusedCommit = p
 			return "Committing " + p + "\nCan't commit: out of memory\n"
 		}
 		f.open = ""
@@ -237,6 +250,11 @@ func (f *fakeRuntimeAPI) session(ln net.Listener, c net.Conn, r *bufio.Reader, c
 					break
 				}
 			}
+		}
+		if r.Buffered() > 0 {
+			f.mu.Lock()
+			f.ahead++
+			f.mu.Unlock()
 		}
 		out, died := f.one(cmd, crtList)
 		if out == "" {
@@ -350,7 +368,9 @@ func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
 			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
 		}
 		msg := r.Err.Error()
-		if len(msg) > 600 || strings.Count(msg, "del ssl") > 1 || !strings.Contains(msg, "at 1 of the 50 certificates already committed") || !strings.Contains(msg, "reload or restart HAProxy") {
+		// HAProxy took 50 before it died; the update knows of those whose
+		// answers it read, the pipeline's window short of 50 at most.
+		if len(msg) > 600 || strings.Count(msg, "del ssl") > 1 || !regexp.MustCompile(`at 1 of the (4[3-9]|50) certificates already committed`).MatchString(msg) || !strings.Contains(msg, "reload or restart HAProxy") {
 			t.Fatalf("%s: error of %d bytes: %.800s", r.Name, len(msg), msg)
 		}
 	}
@@ -448,7 +468,8 @@ func TestHotUpdateChecksWhatItCommitted(t *testing.T) {
 	olds, changes := loadedTwice(t, s, certs, d, api, "a.test", "b.test")
 	go api.serve(t, ln, certs)
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
-	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") || !strings.Contains(results[0].Err.Error(), "the 1 certificates already committed were set back") {
+	// b.test, sent before a.test's check was read, is committed too.
+	if results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "another runtime-API client's set went into lbcert's transaction") || !strings.Contains(results[0].Err.Error(), "the 2 certificates already committed were set back") {
 		t.Fatalf("a.test: deployed %v, err %v", results[0].Deployed, results[0].Err)
 	}
 	// The certificate committed with the other client's PEM is set back
@@ -754,31 +775,34 @@ func TestHotUpdateOfCertificatesNamedOnBindLines(t *testing.T) {
 }
 
 // A commit HAProxy made whose answer was lost counts as committed: the
-// update that then fails sets it back, instead of reporting a rollback
-// while HAProxy serves the new certificate and the files the old one.
+// update then fails and sets it back, instead of reporting a rollback
+// while HAProxy serves the new certificate and the files the old one;
+// one command at a time and pipelined alike.
 func TestHotUpdateSetsBackACommitWhoseAnswerWasLost(t *testing.T) {
-	s, certs, d, ln := realCertFixture(t)
-	api := &fakeRuntimeAPI{failAfter: -2, loseCommitAt: 1, listed: map[string]bool{}}
-	old := selfSigned(t, "a.test")
-	s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
-	os.WriteFile(PEMPath(certs, "a.test"), old, 0o600)
-	api.certs = append(api.certs, PEMPath(certs, "a.test"))
-	api.listed[PEMPath(certs, "a.test")] = true
-	cur := selfSigned(t, "a.test")
-	_, prev, err := s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go api.serve(t, ln, certs)
-	r := (&Runner{Store: s}).Run(context.Background(), []Change{{Name: "a.test", Domains: []string{"a.test"}, Previous: prev, Deploy: d}})[0]
-	if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 1 certificates already committed were set back") {
-		t.Fatalf("rolled back %v, err %v", r.RolledBack, r.Err)
-	}
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	if got := pemSerial([]byte(api.committed[PEMPath(certs, "a.test")])); got != pemSerial(old) {
-		t.Fatalf("a.test in memory after the rollback: serial %q, want the previous %q (the files')", got, pemSerial(old))
-	}
+	bothWays(t, func(t *testing.T, piped bool) {
+		s, certs, d, ln := realCertFixture(t)
+		api := &fakeRuntimeAPI{failAfter: -2, loseCommitAt: 1, listed: map[string]bool{}}
+		old := selfSigned(t, "a.test")
+		s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: old, Chain: old, Fullchain: old, Key: old})
+		os.WriteFile(PEMPath(certs, "a.test"), old, 0o600)
+		api.certs = append(api.certs, PEMPath(certs, "a.test"))
+		api.listed[PEMPath(certs, "a.test")] = true
+		cur := selfSigned(t, "a.test")
+		_, prev, err := s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go api.serve(t, ln, certs)
+		r := (&Runner{Store: s}).Run(context.Background(), []Change{{Name: "a.test", Domains: []string{"a.test"}, Previous: prev, Deploy: d}})[0]
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 1 certificates already committed were set back") {
+			t.Fatalf("rolled back %v, err %v", r.RolledBack, r.Err)
+		}
+		api.mu.Lock()
+		defer api.mu.Unlock()
+		if got := pemSerial([]byte(api.committed[PEMPath(certs, "a.test")])); got != pemSerial(old) || api.open != "" {
+			t.Fatalf("a.test in memory: serial %q, want the previous %q (the files'); open transaction %q", got, pemSerial(old), api.open)
+		}
+	})
 }
 
 // An update keeps its commands on one interactive session: one
@@ -803,10 +827,10 @@ func TestHotUpdateKeepsOneSession(t *testing.T) {
 	if conns != 1 || sessions != 1 {
 		t.Errorf("%d connections, %d of them sessions, for one update; want one session", conns, sessions)
 	}
-	// show ssl cert and show ssl crt-list, then new, set, commit and add
-	// a name (no show: the fixture's PEMs have no serial to check).
-	if want := 2 + 4*len(names); cmds != want {
-		t.Errorf("%d commands, want %d", cmds, want)
+	// show ssl cert and show ssl crt-list, then new, set, commit, show
+	// and add a name; sent ahead of their answers.
+	if want := 2 + 5*len(names); cmds != want || api.ahead == 0 {
+		t.Errorf("%d commands, want %d; %d read with more already sent behind them", cmds, want, api.ahead)
 	}
 	for _, n := range names {
 		p := PEMPath(certs, n)
@@ -852,27 +876,41 @@ func TestHotUpdateKeepsOneSession(t *testing.T) {
 }
 
 // The connection cut on the check after a commit HAProxy answered: the
-// certificate is committed, so the undo sets it back with the others.
+// certificate is committed. One at a time, the undo sets it back with
+// the others; pipelined, the update asks HAProxy again, finds it
+// committed, and goes on.
 func TestHotUpdateSetsBackACommitWhoseCheckWasCut(t *testing.T) {
-	s, certs, d, ln := realCertFixture(t)
-	api := &fakeRuntimeAPI{failAfter: -2, cutShowAt: 2, listed: map[string]bool{}}
-	olds, changes := loadedTwice(t, s, certs, d, api, "a.test", "b.test")
-	for _, c := range changes {
-		api.listed[PEMPath(certs, c.Name)] = true
-	}
-	go api.serve(t, ln, certs)
-	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
-		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 2 certificates already committed were set back") {
-			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+	bothWays(t, func(t *testing.T, piped bool) {
+		s, certs, d, ln := realCertFixture(t)
+		api := &fakeRuntimeAPI{failAfter: -2, cutShowAt: 2, listed: map[string]bool{}}
+		olds, changes := loadedTwice(t, s, certs, d, api, "a.test", "b.test")
+		for _, c := range changes {
+			api.listed[PEMPath(certs, c.Name)] = true
 		}
-	}
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	for name, old := range olds {
-		if got := pemSerial([]byte(api.committed[PEMPath(certs, name)])); got != pemSerial(old) {
-			t.Errorf("%s in memory after the rollback: serial %q, want the previous %q (the files')", name, got, pemSerial(old))
+		go api.serve(t, ln, certs)
+		for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+			if piped && (r.Err != nil || !r.Deployed) {
+				t.Fatalf("%s: deployed %v, err %v", r.Name, r.Deployed, r.Err)
+			}
+			if !piped && (r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "the 2 certificates already committed were set back")) {
+				t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+			}
 		}
-	}
+		api.mu.Lock()
+		defer api.mu.Unlock()
+		for name, old := range olds {
+			want := pemSerial(old)
+			if piped {
+				disk, _ := os.ReadFile(PEMPath(certs, name))
+				if want = pemSerial(disk); want == pemSerial(old) {
+					t.Errorf("%s: the old PEM on disk after a deploy", name)
+				}
+			}
+			if got := pemSerial([]byte(api.committed[PEMPath(certs, name)])); got != want {
+				t.Errorf("%s in memory: serial %q, want %q (the files')", name, got, want)
+			}
+		}
+	})
 }
 
 // A socket that takes the connection and never answers "prompt" (not
@@ -944,5 +982,83 @@ func TestHAProxyPEMsOneByOneWhenTheBatchFails(t *testing.T) {
 		if got, _ := os.ReadFile(PEMPath(certs, r.Name)); !strings.Contains(string(got), "NEW-"+r.Name) {
 			t.Errorf("%s PEM: %q", r.Name, got)
 		}
+	}
+}
+
+// A new certificate HAProxy refuses in the middle of a pipelined update
+// of 30 new ones: the update is all or nothing. Those committed before
+// it, and those sent after it and committed before the refusal was read,
+// are taken out again; no empty store, crt-list entry or open
+// transaction is left.
+func TestPipelinedUpdateRefusedMidwayLeavesNothing(t *testing.T) {
+	var names []string
+	for i := range 30 {
+		names = append(names, fmt.Sprintf("p%02d.test", i))
+	}
+	api := &fakeRuntimeAPI{failAfter: 12}
+	s, certs, changes := hotFixture(t, api, false, names...)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "already committed were set back") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if len(api.certs) != 0 || len(api.listed) != 0 || api.open != "" || api.ahead == 0 {
+		t.Fatalf("left in HAProxy: stores %q, listed %v, open %q (%d commands sent ahead)", api.certs, api.listed, api.open, api.ahead)
+	}
+	// The refused one was tried again alone, after the pipeline.
+	tries := 0
+	for _, c := range api.cmds {
+		if strings.HasPrefix(c, "set ssl cert "+PEMPath(certs, "p12.test")) {
+			tries++
+		}
+	}
+	if tries != 2 {
+		t.Fatalf("p12.test set %d times, want 2 (pipelined, then alone)", tries)
+	}
+}
+
+// The same certificate again with another PEM (its key changed) whose
+// commit HAProxy refuses: HAProxy still serves the serial the new PEM
+// has, the old PEM's, and that is no sign the commit was made. The
+// update fails and rolls back, pipelined or not (found by the
+// end-to-end TestDeployHAProxy, with a real HAProxy refusing a key that
+// does not match).
+func TestRefusedCommitOfTheSameSerialFails(t *testing.T) {
+	bothWays(t, func(t *testing.T, piped bool) {
+		s, certs, d, ln := realCertFixture(t)
+		cert := selfSigned(t, "a.test")
+		path := PEMPath(certs, "a.test")
+		s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: cert, Chain: cert, Fullchain: cert, Key: []byte("KEY ONE\n")})
+		old := CombinedPEM(cert, []byte("KEY ONE\n"))
+		os.WriteFile(path, old, 0o600)
+		api := &fakeRuntimeAPI{failAfter: -2, listed: map[string]bool{path: true}, certs: []string{path}, committed: map[string]string{path: string(old)}, refusedCommit: path}
+		_, prev, err := s.Save(&store.Lineage{Name: "a.test", Domains: []string{"a.test"}}, store.Files{Cert: cert, Chain: cert, Fullchain: cert, Key: []byte("KEY TWO\n")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go api.serve(t, ln, certs)
+		r := (&Runner{Store: s}).Run(context.Background(), []Change{{Name: "a.test", Domains: []string{"a.test"}, Previous: prev, Deploy: d}})[0]
+		if r.Err == nil || !r.RolledBack {
+			t.Fatalf("deployed %v, rolled back %v, err %v", r.Deployed, r.RolledBack, r.Err)
+		}
+		api.mu.Lock()
+		defer api.mu.Unlock()
+		if got, _ := os.ReadFile(path); string(got) != string(old) || api.committed[path] != string(old) || api.open != "" {
+			t.Fatalf("after the rollback: PEM on disk %q, in memory %q, open transaction %q", got, api.committed[path], api.open)
+		}
+	})
+}
+
+// bothWays runs f with the runtime API's commands pipelined, and one at
+// a time.
+func bothWays(t *testing.T, f func(t *testing.T, piped bool)) {
+	for _, piped := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pipelined %v", piped), func(t *testing.T) {
+			defer func(p bool) { pipelining = p }(pipelining)
+			pipelining = piped
+			f(t, piped)
+		})
 	}
 }
