@@ -264,13 +264,6 @@ func eachAtOnce(idx []int, n int, f func(i int) error) error {
 func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, changes []Change, pems, old map[int][]byte) (err error) {
 	api := &runtimeAPI{addr: d.HAProxySocket, keep: true}
 	defer api.close() // after the undo below, which may still use it
-	var committed []committedPEM
-	crtList := ""
-	defer func() {
-		if err != nil && len(committed) > 0 {
-			err = api.undoAll(ctx, crtList, committed, err)
-		}
-	}()
 	dir := filepath.Clean(d.HAProxyCerts)
 	certs := make([]hotCert, 0, len(g.changes))
 	paths := make([]string, 0, len(g.changes))
@@ -279,6 +272,14 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 		certs = append(certs, hotCert{path: p, pem: pems[i], prev: old[i], serial: pemSerial(pems[i])})
 		paths = append(paths, p)
 	}
+	var committed []committedPEM
+	crtList := ""
+	pid := api.processID(ctx)
+	defer func() {
+		if err != nil {
+			err = api.undoFailed(ctx, pid, crtList, certs, committed, err)
+		}
+	}()
 	known, crtList, listed, err := api.state(ctx, dir, paths)
 	if err != nil {
 		return err
@@ -358,6 +359,42 @@ func (a *runtimeAPI) dropEmpty(ctx context.Context, path string) {
 	if err := a.expect(ctx, "del ssl cert "+path, "deleted"); err != nil {
 		slog.Debug("could not take an empty certificate store out of haproxy", "certificate", path, "err", err)
 	}
+}
+
+// processID is the id of the HAProxy process that answers the runtime
+// API, from "show info"; "" when it cannot be read. A restart, or a
+// reload (a new worker), changes it.
+func (a *runtimeAPI) processID(ctx context.Context) string {
+	out, err := a.call(ctx, "show info")
+	if m := infoPid.FindStringSubmatch(out); err == nil && m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+var infoPid = regexp.MustCompile(`(?m)^Pid: *([0-9]+)`)
+
+// undoFailed sets HAProxy's memory back after an update that failed
+// with err, to agree with the files the caller rolls back next: the
+// certificates committed, or, when HAProxy restarted during the update
+// (its process id pid then is not the one answering now), every
+// certificate of the update. The new process loaded each PEM written for
+// the update from disk, committed or not, and would otherwise serve
+// certificates the files no longer hold, with no error saying which.
+func (a *runtimeAPI) undoFailed(ctx context.Context, pid, crtList string, certs []hotCert, committed []committedPEM, err error) error {
+	if pid != "" && len(committed) < len(certs) {
+		if now := a.processID(ctx); now != "" && now != pid {
+			committed = committed[:0]
+			for _, c := range certs {
+				committed = append(committed, c.committedPEM())
+			}
+			err = fmt.Errorf("%v; HAProxy restarted during the update (process %s, now %s) and loaded all %d new PEMs from disk", err, pid, now, len(certs))
+		}
+	}
+	if len(committed) == 0 {
+		return err
+	}
+	return a.undoAll(ctx, crtList, committed, err)
 }
 
 // committedPEM is a certificate an update committed in HAProxy's

@@ -29,6 +29,18 @@ import (
 // is settled by asking HAProxy (reconcile), and the certificates from
 // there on go through the one-command-at-a-time update, which handles
 // every such case (retries on a lock, collisions, lost answers).
+//
+// One case costs more pipelined than one at a time: another client
+// opening a transaction outside lbcert's directory while the pipeline
+// runs. HAProxy adds lbcert's next set to that transaction, and the sets
+// already sent behind it too, each replacing the last, up to a window's
+// worth; their commits are refused, as they name another certificate.
+// Nothing more is sent once that answer is read, and reconcile aborts
+// the other transaction before anything else (taken), a millisecond or
+// so later than one at a time would. The other client's commit in that
+// moment would serve one of lbcert's certificates under its name, as it
+// would one at a time; a window of one when such a transaction is seen
+// would not help, as one opened before the update is waited out (loaded).
 
 // pipeWindow is how many certificates' commands are sent ahead of their
 // answers: enough to keep HAProxy's input full, and far less than a

@@ -83,6 +83,24 @@ type fakeRuntimeAPI struct {
 	// ahead counts the commands read while the client had already sent
 	// more (pipelined), behind them on the connection.
 	ahead int
+	// restartAtShow: at the restartAtShow-th "show ssl cert <path>"
+	// HAProxy restarts (restart); restarts counts them, and is in the
+	// process id "show info" gives.
+	restartAtShow, restarts int
+	dir                     string // the certificate directory, which serve loads
+}
+
+// restart is HAProxy restarted: its process id changes, no transaction
+// is open, and it holds what the directory's PEM files hold, every one
+// in the crt-list.
+func (f *fakeRuntimeAPI) restart() {
+	f.restarts++
+	f.open, f.certs, f.committed, f.listed = "", nil, map[string]string{}, map[string]bool{}
+	files, _ := filepath.Glob(filepath.Join(f.dir, "*.pem"))
+	for _, p := range files {
+		b, _ := os.ReadFile(p)
+		f.certs, f.committed[p], f.listed[p] = append(f.certs, p), string(b), true
+	}
 }
 
 func (f *fakeRuntimeAPI) answer(cmd string) string {
@@ -95,6 +113,12 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(first, prefix), "<<"))
 	}
 	switch {
+	case cmd == "show info\n":
+		return fmt.Sprintf("Name: HAProxy\nVersion: 2.6.12\nPid: %d\n", 4000+f.restarts)
+	case strings.HasPrefix(cmd, "show ssl cert /") && f.restartAtShow > 0 && f.shows+1 == f.restartAtShow:
+		f.shows++
+		f.restart() // the connection cut with it
+		return ""
 	case strings.HasPrefix(cmd, "show ssl cert /") && f.cutShowAt > 0 && f.shows+1 == f.cutShowAt:
 		f.shows++
 		return ""
@@ -187,6 +211,9 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 }
 
 func (f *fakeRuntimeAPI) serve(t *testing.T, ln net.Listener, crtList string) {
+	f.mu.Lock()
+	f.dir = crtList
+	f.mu.Unlock()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -827,9 +854,9 @@ func TestHotUpdateKeepsOneSession(t *testing.T) {
 	if conns != 1 || sessions != 1 {
 		t.Errorf("%d connections, %d of them sessions, for one update; want one session", conns, sessions)
 	}
-	// show ssl cert and show ssl crt-list, then new, set, commit, show
-	// and add a name; sent ahead of their answers.
-	if want := 2 + 5*len(names); cmds != want || api.ahead == 0 {
+	// show info, show ssl cert and show ssl crt-list, then new, set,
+	// commit, show and add a name; sent ahead of their answers.
+	if want := 3 + 5*len(names); cmds != want || api.ahead == 0 {
 		t.Errorf("%d commands, want %d; %d read with more already sent behind them", cmds, want, api.ahead)
 	}
 	for _, n := range names {
@@ -1063,5 +1090,88 @@ func bothWays(t *testing.T, f func(t *testing.T, piped bool)) {
 			pipelining = piped
 			f(t, piped)
 		})
+	}
+}
+
+// Another client opens a transaction outside lbcert's directory in the
+// middle of a pipelined update (a hostile review's finding): lbcert's
+// set goes into it, and so do the sets already sent behind it, each
+// replacing the last. The update stops there: no more is sent once an
+// answer says so, the other transaction is aborted (it holds lbcert's
+// key), and at most one window's sets went into it, never one certificate
+// past the window.
+func TestPipelinedSetsIntoAnotherClientsTransactionStopAtTheWindow(t *testing.T) {
+	var names []string
+	for i := range 40 {
+		names = append(names, fmt.Sprintf("w%02d.test", i))
+	}
+	other := "/etc/haproxy/other/x.pem"
+	api := &fakeRuntimeAPI{failAfter: -2, otherAt: 4, other: other}
+	s, _, changes := hotFixture(t, api, true, names...)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "another client had open on "+other+"; lbcert aborted") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	sets, into, aborted := 0, 0, false
+	for _, c := range api.cmds {
+		switch {
+		case strings.HasPrefix(c, "abort ssl cert "+other):
+			aborted = true
+		case strings.HasPrefix(c, "commit ssl cert "+other):
+			t.Fatalf("lbcert committed the other client's transaction: %q", c)
+		case strings.HasPrefix(c, "set ssl cert") && !aborted:
+			if sets++; sets >= api.otherAt {
+				into++
+			}
+		}
+	}
+	if !aborted || api.open != "" || into < 1 || into > pipeWindow {
+		t.Fatalf("aborted %v, open %q: %d of lbcert's sets went into the other's transaction, want 1 to %d", aborted, api.open, into, pipeWindow)
+	}
+	// The three committed before it were set back: each commit after
+	// the abort is an undo's.
+	undos := 0
+	for _, c := range api.cmds[slices.IndexFunc(api.cmds, func(c string) bool { return strings.HasPrefix(c, "abort ssl cert "+other) }):] {
+		if strings.HasPrefix(c, "commit ssl cert") {
+			undos++
+		}
+	}
+	if undos != api.otherAt-1 {
+		t.Fatalf("%d commits after the abort, want the %d undos", undos, api.otherAt-1)
+	}
+}
+
+// HAProxy restarts in the middle of an update (a hostile review's
+// finding: kill -9 and a new process): the new process loads every PEM
+// written for the update from disk, the ones lbcert had not sent yet
+// too. The update fails and the files are rolled back; lbcert sees
+// another process id and sets every certificate of the update back in
+// memory, not only those it had committed, so that HAProxy serves what
+// the files hold.
+func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
+	s, certs, d, ln := realCertFixture(t)
+	var names []string
+	for i := range 24 {
+		names = append(names, fmt.Sprintf("r%02d.test", i))
+	}
+	api := &fakeRuntimeAPI{failAfter: -2, restartAtShow: 3}
+	olds, changes := loadedTwice(t, s, certs, d, api, names...)
+	go api.serve(t, ln, certs)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "HAProxy restarted during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for _, n := range names {
+		p := PEMPath(certs, n)
+		disk, _ := os.ReadFile(p)
+		if got, want := pemSerial([]byte(api.committed[p])), pemSerial(olds[n]); got != want || pemSerial(disk) != want {
+			t.Errorf("%s: HAProxy serves serial %s, the file holds %s, want the previous %s", n, got, pemSerial(disk), want)
+		}
 	}
 }
