@@ -16,10 +16,27 @@ import (
 // at a time, every command waits a round trip: HAProxy idles while
 // lbcert reads the answer and writes the next command, and on a loaded
 // host each of those waits is a scheduling delay. A node joining a
-// fleet sends four commands for each of 100,000 certificates, and the
-// update of a slice is the part that sets the join's pace. So the
-// commands of up to pipeWindow certificates are in flight at once, and
-// their answers are checked in order as they come.
+// fleet sends four or five commands for each of 100,000 certificates,
+// and the update of a slice is the part that sets the join's pace. So
+// commands go out ahead of their answers, which are checked in order as
+// they come, with one exception: a commit.
+//
+// A "commit ssl cert" is never queued behind another command: it is
+// sent once every answer before it was read, and nothing follows it
+// until its own answer is read. HAProxy 2.6 cannot survive a client that
+// goes away with a commit queued: the answers of the commands before it
+// fail to reach the closed socket, the commit's first line of output
+// then fails too, and HAProxy releases the commit half done, freeing the
+// new certificate the open transaction still points to. The next abort,
+// set or commit of that transaction crashes HAProxy (a double free, seen
+// as a segfault in ssl_sock_free_cert_key_and_chain_contents), and
+// lbcert's next update aborts a transaction it finds open in its
+// directory. With every commit alone in flight, a client killed at any
+// moment leaves at most a transaction opened by a set, which an abort
+// ends safely. (A test program cutting pipelined updates at random
+// crashed HAProxy 2.6.12 within a few hundred cuts; with commits alone,
+// 12,000 cuts did not.) So a certificate costs two round trips: its
+// check, the next one's "new" and set in one write, then its commit.
 //
 // Only the plain path is pipelined: every answer as expected. The first
 // answer that is not (a refused PEM, a lock held by another client, a
@@ -28,25 +45,21 @@ import (
 // afresh and every certificate whose answers were not all as expected
 // is settled by asking HAProxy (reconcile), and the certificates from
 // there on go through the one-command-at-a-time update, which handles
-// every such case (retries on a lock, collisions, lost answers).
-//
-// One case costs more pipelined than one at a time: another client
-// opening a transaction outside lbcert's directory while the pipeline
-// runs. HAProxy adds lbcert's next set to that transaction, and the sets
-// already sent behind it too, each replacing the last, up to a window's
-// worth; their commits are refused, as they name another certificate.
-// Nothing more is sent once that answer is read, and reconcile aborts
-// the other transaction before anything else (taken), a millisecond or
-// so later than one at a time would. The other client's commit in that
-// moment would serve one of lbcert's certificates under its name, as it
-// would one at a time; a window of one when such a transaction is seen
-// would not help, as one opened before the update is waited out (loaded).
+// every such case (retries on a lock, collisions, lost answers). A set
+// that went into another client's transaction (opened outside lbcert's
+// directory while the pipeline ran) is the one set that does: its commit
+// is not sent, and reconcile aborts that transaction first (taken).
 
-// pipeWindow is how many certificates' commands are sent ahead of their
-// answers: enough to keep HAProxy's input full, and far less than a
-// socket's buffers hold, so that neither side ever waits on the other's
-// reading.
-const pipeWindow = 8
+// hotWindow is how many certificates' commands may be in flight at once
+// in an update: a certificate's check and the next one's "new" and set,
+// as its commit waits for them. addWindow is how many crt-list additions
+// go ahead of their answers: each answer is short, and the additions far
+// fewer bytes than a socket's buffers hold, so neither side ever waits on
+// the other's reading.
+const (
+	hotWindow = 2
+	addWindow = 64
+)
 
 // pipelining is off in the tests of the one-command-at-a-time update.
 var pipelining = true
@@ -58,12 +71,13 @@ type pipeGroup struct {
 	check func(k int, out string) bool // answer k is the expected one
 }
 
-// pipeline sends groups in order over the session, up to window groups
-// ahead of their answers, and reads every answer of what it sent. ok[i]
-// is whether every answer of group i was as expected. It stops sending
-// after the first group that was not; sent is how many groups were
-// written, whole or in part. err is a broken session (closed then): the
-// answers of groups from the one that failed on are unknown.
+// pipeline sends groups in order over the session, the commands of up
+// to window groups ahead of their answers, each commit alone (see
+// above), and reads every answer of what it sent. ok[i] is whether every
+// answer of group i was as expected. It stops sending at the first
+// answer that is not; sent is how many groups were written, whole or in
+// part. err is a broken session (closed then): the answers of groups
+// from the one that failed on are unknown.
 func (a *runtimeAPI) pipeline(ctx context.Context, groups []pipeGroup, window int) (sent int, ok []bool, err error) {
 	ok = make([]bool, len(groups))
 	s, err := a.session(ctx)
@@ -74,34 +88,57 @@ func (a *runtimeAPI) pipeline(ctx context.Context, groups []pipeGroup, window in
 		a.close()
 		return sent, ok, e
 	}
-	read, stop := 0, false
-	for read < sent || !stop && sent < len(groups) {
-		for !stop && sent < len(groups) && sent-read < window {
+	type place struct{ g, k int }
+	var cmds []place
+	for g := range groups {
+		for k := range groups[g].cmds {
+			cmds = append(cmds, place{g, k})
+		}
+	}
+	cmd := func(p place) string { return groups[p.g].cmds[p.k] }
+	// next is the first command not written, read the first not
+	// answered: the commands in flight are read up to next.
+	next, read, stop, good := 0, 0, false, true
+	var out strings.Builder
+	for {
+		out.Reset()
+		for !stop && next < len(cmds) {
+			p := cmds[next]
+			if read < next && (sentAlone(cmd(cmds[next-1])) || sentAlone(cmd(p)) || p.g-cmds[read].g >= window) {
+				break
+			}
+			out.WriteString(cmd(p))
+			next, sent = next+1, p.g+1 // a write that fails may have gone out in part
+		}
+		if out.Len() > 0 {
 			s.conn.SetDeadline(time.Now().Add(30 * time.Second))
-			sent++ // a write that fails may have gone out in part
-			if _, err := io.WriteString(s.conn, strings.Join(groups[sent-1].cmds, "")); err != nil {
+			if _, err := io.WriteString(s.conn, out.String()); err != nil {
 				return fail(err)
 			}
 		}
-		g, good := groups[read], true
-		for k := range g.cmds {
-			s.conn.SetDeadline(time.Now().Add(30 * time.Second))
-			out, err := s.answer()
-			if err != nil {
-				return fail(err)
-			}
-			out = strings.TrimSpace(out)
-			if !g.check(k, out) || strings.Contains(out, lockedAnswer) {
-				good = false
-			}
+		if read == next {
+			break
 		}
-		ok[read] = good
-		stop = stop || !good
-		read++
+		p := cmds[read]
+		s.conn.SetDeadline(time.Now().Add(30 * time.Second))
+		answer, err := s.answer()
+		if err != nil {
+			return fail(err)
+		}
+		answer = strings.TrimSpace(answer)
+		if !groups[p.g].check(p.k, answer) || strings.Contains(answer, lockedAnswer) {
+			good, stop = false, true
+		}
+		if read++; read == len(cmds) || cmds[read].g != p.g {
+			ok[p.g], good = good, true
+		}
 	}
 	s.used = time.Now()
 	return sent, ok, nil
 }
+
+// sentAlone is a command the pipeline sends with nothing else in flight.
+func sentAlone(cmd string) bool { return strings.HasPrefix(cmd, "commit ") }
 
 // hotCert is one certificate of an update over the runtime API.
 type hotCert struct {
@@ -168,7 +205,7 @@ func (a *runtimeAPI) pipelined(ctx context.Context, dir string, certs []hotCert,
 	for k, c := range certs {
 		groups[k] = c.group(&seens[k])
 	}
-	sent, ok, perr := a.pipeline(ctx, groups, pipeWindow)
+	sent, ok, perr := a.pipeline(ctx, groups, hotWindow)
 	var unsure []int
 	for k := range sent {
 		if ok[k] {
@@ -199,10 +236,11 @@ func (a *runtimeAPI) pipelined(ctx context.Context, dir string, certs []hotCert,
 //   - its commit's answer never read (the session broke): HAProxy may
 //     have made it, so it counts as committed if HAProxy serves its
 //     serial, and the update fails, as on a lost answer;
-//   - its set or commit refused, or locked: nothing of it was
-//     committed; a new one's empty store is taken out again, and it is
-//     returned, with the rest, for the one-at-a-time update, which
-//     waits out a lock and fails as before on a refusal.
+//   - its set or commit refused, or locked, or its commit not sent
+//     (the sending stopped before it, the session whole): nothing of
+//     it was committed; a new one's empty store is taken out again,
+//     and it is returned, with the rest, for the one-at-a-time update,
+//     which waits out a lock and fails as before on a refusal.
 func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert, unsure []int, seens []seen, broke error, committed *[]committedPEM) ([]hotCert, error) {
 	paths := make([]string, len(unsure))
 	for j, k := range unsure {
@@ -227,7 +265,7 @@ func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert,
 				return nil, err
 			}
 			continue
-		case !sn.answered:
+		case !sn.answered && broke != nil:
 			if a.holds(ctx, c.path, c.pem) == nil {
 				*committed = append(*committed, c.committedPEM())
 			} else if c.isNew {
@@ -265,7 +303,7 @@ func (a *runtimeAPI) listAll(ctx context.Context, crtList string, listed map[str
 	for k, cmd := range adds {
 		groups[k] = pipeGroup{cmds: []string{cmd}, check: func(_ int, out string) bool { return strings.Contains(out, "Success!") }}
 	}
-	sent, ok, err := a.pipeline(ctx, groups, 8*pipeWindow)
+	sent, ok, err := a.pipeline(ctx, groups, addWindow)
 	if err != nil {
 		return fmt.Errorf("add ssl crt-list: %v", err)
 	}
