@@ -277,7 +277,7 @@ func (r *Runner) hotUpdate(ctx context.Context, d store.Deploy, g *group, change
 	pid := api.processID(ctx)
 	defer func() {
 		if err != nil {
-			err = api.undoFailed(ctx, pid, crtList, certs, committed, err)
+			err = api.undoFailed(ctx, pid, dir, crtList, certs, committed, err)
 		}
 	}()
 	known, crtList, listed, err := api.state(ctx, dir, paths)
@@ -362,8 +362,10 @@ func (a *runtimeAPI) dropEmpty(ctx context.Context, path string) {
 }
 
 // processID is the id of the HAProxy process that answers the runtime
-// API, from "show info"; "" when it cannot be read. A restart, or a
-// reload (a new worker), changes it.
+// API, from "show info"; "" when it cannot be read. A restart changes
+// it, and so does a reload, for a new connection: a reload's new worker
+// answers new connections, while a session kept open stays on the old
+// worker until it ends.
 func (a *runtimeAPI) processID(ctx context.Context) string {
 	out, err := a.call(ctx, "show info")
 	if m := infoPid.FindStringSubmatch(out); err == nil && m != nil {
@@ -374,27 +376,62 @@ func (a *runtimeAPI) processID(ctx context.Context) string {
 
 var infoPid = regexp.MustCompile(`(?m)^Pid: *([0-9]+)`)
 
+// restartWait is how long a failed update waits for HAProxy's runtime
+// API to answer again, to learn whether HAProxy restarted; tests shorten
+// it.
+var restartWait = 5 * time.Second
+
+// answering is the id of the process answering a new connection, asked
+// again until restartWait has passed; "" when none answered.
+func (a *runtimeAPI) answering(ctx context.Context) string {
+	a.close()
+	deadline := time.Now().Add(restartWait)
+	for {
+		if pid := a.processID(ctx); pid != "" || !time.Now().Before(deadline) {
+			return pid
+		}
+		select {
+		case <-ctx.Done():
+			return ""
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
 // undoFailed sets HAProxy's memory back after an update that failed
 // with err, to agree with the files the caller rolls back next: the
-// certificates committed, or, when HAProxy restarted during the update
-// (its process id pid then is not the one answering now), every
-// certificate of the update. The new process loaded each PEM written for
-// the update from disk, committed or not, and would otherwise serve
-// certificates the files no longer hold, with no error saying which.
-func (a *runtimeAPI) undoFailed(ctx context.Context, pid, crtList string, certs []hotCert, committed []committedPEM, err error) error {
-	if pid != "" && len(committed) < len(certs) {
-		if now := a.processID(ctx); now != "" && now != pid {
+// certificates committed, or, when HAProxy restarted or reloaded during
+// the update (pid, the process answering at its start, no longer
+// answers a new connection), every certificate of the update, in the
+// new process. That process loaded each PEM written for the update from
+// disk, committed or not, and would otherwise serve certificates the
+// files no longer hold, with no error saying which: a new certificate
+// (no file before) is taken out of it, the others set back. When the
+// runtime API does not answer again, the error says what may have
+// happened.
+func (a *runtimeAPI) undoFailed(ctx context.Context, pid, dir, crtList string, certs []hotCert, committed []committedPEM, err error) error {
+	what := "certificates already committed"
+	if pid != "" {
+		switch now := a.answering(ctx); {
+		case now == "":
+			err = fmt.Errorf("%v; HAProxy's runtime API did not answer again within %s (had HAProxy restarted, it would serve the new PEMs until a reload or the next run)", err, restartWait)
+		case now != pid:
+			if crtList == "" {
+				// The update failed before it read the crt-list's name.
+				_, crtList, _, _ = a.state(ctx, dir, nil)
+			}
 			committed = committed[:0]
 			for _, c := range certs {
-				committed = append(committed, c.committedPEM())
+				committed = append(committed, committedPEM{path: c.path, prev: c.prev, isNew: c.prev == nil})
 			}
-			err = fmt.Errorf("%v; HAProxy restarted during the update (process %s, now %s) and loaded all %d new PEMs from disk", err, pid, now, len(certs))
+			what = "certificates it loaded from disk"
+			err = fmt.Errorf("%v; HAProxy restarted or reloaded during the update (process %s, now %s) and loaded all %d new PEMs from disk", err, pid, now, len(certs))
 		}
 	}
 	if len(committed) == 0 {
 		return err
 	}
-	return a.undoAll(ctx, crtList, committed, err)
+	return a.undoAll(ctx, crtList, committed, what, err)
 }
 
 // committedPEM is a certificate an update committed in HAProxy's
@@ -413,7 +450,7 @@ type committedPEM struct {
 // to a dial timeout, per certificate. The error names that one failure
 // and a count, never one line per certificate: it is saved in the
 // record of every lineage of the deploy.
-func (a *runtimeAPI) undoAll(ctx context.Context, crtList string, committed []committedPEM, err error) error {
+func (a *runtimeAPI) undoAll(ctx context.Context, crtList string, committed []committedPEM, what string, err error) error {
 	for i := len(committed) - 1; i >= 0; i-- {
 		c := committed[i]
 		uerr := undoOne(ctx, a, crtList, c.path, c.prev, c.isNew)
@@ -423,10 +460,10 @@ func (a *runtimeAPI) undoAll(ctx context.Context, crtList string, committed []co
 			uerr = undoOne(ctx, a, crtList, c.path, c.prev, c.isNew)
 		}
 		if uerr != nil {
-			return fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d certificates already committed: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), uerr)
+			return fmt.Errorf("%v; and setting HAProxy's memory back failed at %d of the %d %s: %v (reload or restart HAProxy to load the files on disk)", err, len(committed)-i, len(committed), what, uerr)
 		}
 	}
-	return fmt.Errorf("%v; the %d certificates already committed were set back in HAProxy's memory", err, len(committed))
+	return fmt.Errorf("%v; the %d %s were set back in HAProxy's memory", err, len(committed), what)
 }
 
 // state is what HAProxy holds for the certificate directory dir: every

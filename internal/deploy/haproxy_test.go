@@ -86,9 +86,15 @@ type fakeRuntimeAPI struct {
 	ahead, commitQueued int
 	// restartAtShow: at the restartAtShow-th "show ssl cert <path>"
 	// HAProxy restarts (restart); restarts counts them, and is in the
-	// process id "show info" gives.
-	restartAtShow, restarts int
-	dir                     string // the certificate directory, which serve loads
+	// process id "show info" gives. restartAtList: the same at the
+	// restartAtList-th "show ssl cert" listing.
+	restartAtShow, restartAtList, lists, restarts int
+	// reloadAtSet: just before the reloadAtSet-th set, HAProxy reloads:
+	// what it holds is loaded from the files again (restart), without
+	// cutting the session, which stays on the old process: "show info"
+	// gives the old process id to a session opened before the reload.
+	reloadAtSet, sessionsAtReload int
+	dir                           string // the certificate directory, which serve loads
 }
 
 // restart is HAProxy restarted: its process id changes, no transaction
@@ -116,6 +122,10 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 	switch {
 	case cmd == "show info\n":
 		return fmt.Sprintf("Name: HAProxy\nVersion: 2.6.12\nPid: %d\n", 4000+f.restarts)
+	case cmd == "show ssl cert\n" && f.restartAtList > 0 && f.lists+1 == f.restartAtList:
+		f.lists++
+		f.restart() // the connection cut with it
+		return ""
 	case strings.HasPrefix(cmd, "show ssl cert /") && f.restartAtShow > 0 && f.shows+1 == f.restartAtShow:
 		f.shows++
 		f.restart() // the connection cut with it
@@ -132,6 +142,7 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		}
 		return "Filename: " + arg("show ssl cert") + "\n"
 	case strings.HasPrefix(cmd, "show ssl cert"):
+		f.lists++
 		out := "# filename\n" + strings.Join(f.certs, "\n") + "\n"
 		if f.open != "" {
 			out += "# transaction\n*" + f.open + "\n"
@@ -159,6 +170,10 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		return "Certificate '" + arg("del ssl cert") + "' deleted!\n"
 	case strings.HasPrefix(cmd, "set ssl cert"):
 		f.sets++
+		if f.sets == f.reloadAtSet {
+			f.sessionsAtReload = f.sessions
+			f.restart()
+		}
 		if f.sets == f.otherAt {
 			f.open = f.other
 		}
@@ -265,6 +280,9 @@ func (f *fakeRuntimeAPI) one(cmd, crtList string) (out string, died bool) {
 // whose answer is lost) cuts the connection.
 func (f *fakeRuntimeAPI) session(ln net.Listener, c net.Conn, r *bufio.Reader, crtList string) bool {
 	defer c.Close()
+	f.mu.Lock()
+	session := f.sessions
+	f.mu.Unlock()
 	for {
 		cmd, err := r.ReadString('\n')
 		if err != nil || cmd == "quit\n" {
@@ -289,6 +307,11 @@ func (f *fakeRuntimeAPI) session(ln net.Listener, c net.Conn, r *bufio.Reader, c
 			f.mu.Unlock()
 		}
 		out, died := f.one(cmd, crtList)
+		f.mu.Lock()
+		if cmd == "show info\n" && f.sessionsAtReload > 0 && session <= f.sessionsAtReload {
+			out = fmt.Sprintf("Name: HAProxy\nPid: %d\n", 4000+f.restarts-1) // the old process
+		}
+		f.mu.Unlock()
 		if out == "" {
 			return true
 		}
@@ -392,6 +415,8 @@ func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
 	for i := range 60 {
 		names = append(names, fmt.Sprintf("n%02d.test", i))
 	}
+	defer func(d time.Duration) { restartWait = d }(restartWait)
+	restartWait = 300 * time.Millisecond
 	api := &fakeRuntimeAPI{failAfter: 50, dies: true}
 	s, certs, changes := hotFixture(t, api, false, names...) // none loaded: all 60 are new
 	results := (&Runner{Store: s}).Run(context.Background(), changes)
@@ -401,8 +426,10 @@ func TestHotUpdateUndoStopsWhenHAProxyIsGone(t *testing.T) {
 		}
 		msg := r.Err.Error()
 		// HAProxy took 50 before it died; the update knows of those whose
-		// answers it read, the pipeline's window short of 50 at most.
-		if len(msg) > 600 || strings.Count(msg, "del ssl") > 1 || !regexp.MustCompile(`at 1 of the (4[3-9]|50) certificates already committed`).MatchString(msg) || !strings.Contains(msg, "reload or restart HAProxy") {
+		// answers it read. The message names three paths of the test's
+		// temporary directory, and says the API did not answer again
+		// (HAProxy may have restarted meanwhile).
+		if len(msg) > 900 || strings.Count(msg, "del ssl") > 1 || !regexp.MustCompile(`at 1 of the (4[3-9]|50) certificates already committed`).MatchString(msg) || !strings.Contains(msg, "reload or restart HAProxy") || !strings.Contains(msg, "did not answer again within 300ms") {
 			t.Fatalf("%s: error of %d bytes: %.800s", r.Name, len(msg), msg)
 		}
 	}
@@ -1171,7 +1198,7 @@ func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
 	olds, changes := loadedTwice(t, s, certs, d, api, names...)
 	go api.serve(t, ln, certs)
 	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
-		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "HAProxy restarted during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk") {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "HAProxy restarted or reloaded during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk; the 24 certificates it loaded from disk were set back") {
 			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
 		}
 	}
@@ -1182,6 +1209,82 @@ func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
 		disk, _ := os.ReadFile(p)
 		if got, want := pemSerial([]byte(api.committed[p])), pemSerial(olds[n]); got != want || pemSerial(disk) != want {
 			t.Errorf("%s: HAProxy serves serial %s, the file holds %s, want the previous %s", n, got, pemSerial(disk), want)
+		}
+	}
+}
+
+// HAProxy restarts while the update reads what it holds, before any
+// certificate is sent (a review's finding): the update has not yet
+// learned which certificates are new, nor the crt-list's name. The new
+// process loaded every PEM from disk: the five new ones are taken out
+// of it again (not set to an empty PEM, which HAProxy refuses, ending
+// the undo), the others set back.
+func TestHotUpdateRestartBeforeAnyCertificate(t *testing.T) {
+	s, certs, d, ln := realCertFixture(t)
+	var names []string
+	for i := range 10 {
+		names = append(names, fmt.Sprintf("e%02d.test", i))
+	}
+	api := &fakeRuntimeAPI{failAfter: -2, restartAtList: 1}
+	olds, changes := loadedTwice(t, s, certs, d, api, names...)
+	for i := range 5 {
+		n := fmt.Sprintf("n%02d.test", i)
+		cur := selfSigned(t, n)
+		if _, _, err := s.Save(&store.Lineage{Name: n, Domains: []string{n}}, store.Files{Cert: cur, Chain: cur, Fullchain: cur, Key: cur}); err != nil {
+			t.Fatal(err)
+		}
+		changes = append(changes, Change{Name: n, Domains: []string{n}, Deploy: d})
+	}
+	go api.serve(t, ln, certs)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "now 4001) and loaded all 15 new PEMs from disk; the 15 certificates it loaded from disk were set back") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for _, n := range names {
+		if got, want := pemSerial([]byte(api.committed[PEMPath(certs, n)])), pemSerial(olds[n]); got != want {
+			t.Errorf("%s: HAProxy serves serial %s, want the previous %s", n, got, want)
+		}
+	}
+	for i := range 5 {
+		p := PEMPath(certs, fmt.Sprintf("n%02d.test", i))
+		if slices.Contains(api.certs, p) || api.listed[p] {
+			t.Errorf("%s: still in HAProxy (store %v, listed %v) after its file was removed", p, slices.Contains(api.certs, p), api.listed[p])
+		}
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s: the new PEM is still on disk", p)
+		}
+	}
+}
+
+// HAProxy reloads (master-worker) in the middle of an update: lbcert's
+// session stays on the old worker, which still answers with its own
+// process id, while the new worker has loaded every new PEM from disk.
+// When the update then fails (its 13th set goes into another client's
+// transaction), lbcert asks a new connection, learns of
+// the new worker, and sets every certificate back there, not only those
+// it committed on the old one (a review's finding).
+func TestHotUpdateAcrossAReloadAsksANewConnection(t *testing.T) {
+	s, certs, d, ln := realCertFixture(t)
+	var names []string
+	for i := range 20 {
+		names = append(names, fmt.Sprintf("m%02d.test", i))
+	}
+	api := &fakeRuntimeAPI{failAfter: -2, reloadAtSet: 4, otherAt: 13, other: "/etc/haproxy/other/x.pem"}
+	olds, changes := loadedTwice(t, s, certs, d, api, names...)
+	go api.serve(t, ln, certs)
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "restarted or reloaded during the update (process 4000, now 4001)") {
+			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for _, n := range names {
+		if got, want := pemSerial([]byte(api.committed[PEMPath(certs, n)])), pemSerial(olds[n]); got != want {
+			t.Errorf("%s: HAProxy serves serial %s, want the previous %s", n, got, want)
 		}
 	}
 }
