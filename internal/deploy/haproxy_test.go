@@ -1190,27 +1190,12 @@ func TestPipelinedSetIntoAnotherClientsTransactionIsTheOnlyOne(t *testing.T) {
 // the files hold.
 func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
-	var names []string
-	for i := range 24 {
-		names = append(names, fmt.Sprintf("r%02d.test", i))
-	}
+	names := numbered("r%02d.test", 24)
 	api := &fakeRuntimeAPI{failAfter: -2, restartAtShow: 3}
 	olds, changes := loadedTwice(t, s, certs, d, api, names...)
 	go api.serve(t, ln, certs)
-	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
-		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "HAProxy restarted or reloaded during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk; the 24 certificates it loaded from disk were set back") {
-			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
-		}
-	}
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	for _, n := range names {
-		p := PEMPath(certs, n)
-		disk, _ := os.ReadFile(p)
-		if got, want := pemSerial([]byte(api.committed[p])), pemSerial(olds[n]); got != want || pemSerial(disk) != want {
-			t.Errorf("%s: HAProxy serves serial %s, the file holds %s, want the previous %s", n, got, pemSerial(disk), want)
-		}
-	}
+	allRolledBack(t, s, changes, "HAProxy restarted or reloaded during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk; the 24 certificates it loaded from disk were set back")
+	servesPrevious(t, api, certs, olds, names)
 }
 
 // HAProxy restarts while the update reads what it holds, before any
@@ -1221,10 +1206,7 @@ func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
 // the undo), the others set back.
 func TestHotUpdateRestartBeforeAnyCertificate(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
-	var names []string
-	for i := range 10 {
-		names = append(names, fmt.Sprintf("e%02d.test", i))
-	}
+	names := numbered("e%02d.test", 10)
 	api := &fakeRuntimeAPI{failAfter: -2, restartAtList: 1}
 	olds, changes := loadedTwice(t, s, certs, d, api, names...)
 	for i := range 5 {
@@ -1236,18 +1218,10 @@ func TestHotUpdateRestartBeforeAnyCertificate(t *testing.T) {
 		changes = append(changes, Change{Name: n, Domains: []string{n}, Deploy: d})
 	}
 	go api.serve(t, ln, certs)
-	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
-		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "now 4001) and loaded all 15 new PEMs from disk; the 15 certificates it loaded from disk were set back") {
-			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
-		}
-	}
+	allRolledBack(t, s, changes, "now 4001) and loaded all 15 new PEMs from disk; the 15 certificates it loaded from disk were set back")
+	servesPrevious(t, api, certs, olds, names)
 	api.mu.Lock()
 	defer api.mu.Unlock()
-	for _, n := range names {
-		if got, want := pemSerial([]byte(api.committed[PEMPath(certs, n)])), pemSerial(olds[n]); got != want {
-			t.Errorf("%s: HAProxy serves serial %s, want the previous %s", n, got, want)
-		}
-	}
 	for i := range 5 {
 		p := PEMPath(certs, fmt.Sprintf("n%02d.test", i))
 		if slices.Contains(api.certs, p) || api.listed[p] {
@@ -1268,23 +1242,45 @@ func TestHotUpdateRestartBeforeAnyCertificate(t *testing.T) {
 // it committed on the old one (a review's finding).
 func TestHotUpdateAcrossAReloadAsksANewConnection(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
-	var names []string
-	for i := range 20 {
-		names = append(names, fmt.Sprintf("m%02d.test", i))
-	}
+	names := numbered("m%02d.test", 20)
 	api := &fakeRuntimeAPI{failAfter: -2, reloadAtSet: 4, otherAt: 13, other: "/etc/haproxy/other/x.pem"}
 	olds, changes := loadedTwice(t, s, certs, d, api, names...)
 	go api.serve(t, ln, certs)
+	allRolledBack(t, s, changes, "restarted or reloaded during the update (process 4000, now 4001)")
+	servesPrevious(t, api, certs, olds, names)
+}
+
+// allRolledBack runs changes and fails unless every one was rolled back
+// with an error that says want.
+func allRolledBack(t *testing.T, s *store.Store, changes []Change, want string) {
+	t.Helper()
 	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
-		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), "restarted or reloaded during the update (process 4000, now 4001)") {
+		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), want) {
 			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
 		}
 	}
+}
+
+// servesPrevious fails unless HAProxy's memory and the PEM file hold,
+// for each of names, the certificate they held before (olds).
+func servesPrevious(t *testing.T, api *fakeRuntimeAPI, certs string, olds map[string][]byte, names []string) {
+	t.Helper()
 	api.mu.Lock()
 	defer api.mu.Unlock()
 	for _, n := range names {
-		if got, want := pemSerial([]byte(api.committed[PEMPath(certs, n)])), pemSerial(olds[n]); got != want {
-			t.Errorf("%s: HAProxy serves serial %s, want the previous %s", n, got, want)
+		p := PEMPath(certs, n)
+		disk, _ := os.ReadFile(p)
+		if got, want := pemSerial([]byte(api.committed[p])), pemSerial(olds[n]); got != want || pemSerial(disk) != want {
+			t.Errorf("%s: HAProxy serves serial %s, the file holds %s, want the previous %s", n, got, pemSerial(disk), want)
 		}
 	}
+}
+
+// numbered is n names made by format from 0 to n-1.
+func numbered(format string, n int) []string {
+	var names []string
+	for i := range n {
+		names = append(names, fmt.Sprintf(format, i))
+	}
+	return names
 }
