@@ -546,7 +546,7 @@ func (r *run) deployAll() {
 	}
 }
 
-const deployOwedHint = "the new certificate is kept and deployed by the next run once the load balancer's config is fixed; no new order is placed"
+const deployOwedHint = "the new certificate is kept, and the next run deploys it again once what failed (the load balancer, its config or its socket) is fixed; no new order is placed"
 
 // deployed records one deploy's outcome on its item.
 func (r *run) deployed(s *step, w *want, in installed) {
