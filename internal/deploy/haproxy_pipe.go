@@ -55,10 +55,10 @@ import (
 
 // hotWindow is how many certificates' commands may be in flight at once
 // in an update: a certificate's commit and check, and the next one's
-// "new" and set, whose commit waits for their answers. addWindow is how many crt-list additions
-// go ahead of their answers: each answer is short, and the additions far
-// fewer bytes than a socket's buffers hold, so neither side ever waits on
-// the other's reading.
+// "new" and set, whose commit waits for their answers. addWindow is how
+// many crt-list additions go ahead of their answers: each answer is
+// short, and the additions far fewer bytes than a socket's buffers hold,
+// so neither side ever waits on the other's reading.
 const (
 	hotWindow = 2
 	addWindow = 64
@@ -77,11 +77,10 @@ type pipeGroup struct {
 // pipeline sends groups in order over the session, the commands of up
 // to window groups ahead of their answers, each commit only once every
 // answer before it was read (see above), and reads every answer of what
-// it sent. ok[i] is whether every
-// answer of group i was as expected. It stops sending at the first
-// answer that is not; sent is how many groups were written, whole or in
-// part. err is a broken session (closed then): the answers of groups
-// from the one that failed on are unknown.
+// it sent. ok[i] is whether every answer of group i was as expected. It
+// stops sending at the first answer that is not; sent is how many groups
+// were written, whole or in part. err is a broken session (closed
+// then): the answers of groups from the one that failed on are unknown.
 func (a *runtimeAPI) pipeline(ctx context.Context, groups []pipeGroup, window int) (sent int, ok []bool, err error) {
 	ok = make([]bool, len(groups))
 	s, err := a.session(ctx)
