@@ -24,6 +24,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -100,21 +101,31 @@ func HTTPClient(ctx context.Context, caBundle string) (*http.Client, error) {
 // headers, whose transport notes the CA's Retry-After times in hints
 // (nil: nowhere).
 func httpClient(ctx context.Context, caBundle string, headers time.Duration, hints *retryHints) (*http.Client, error) {
-	pool, err := x509.SystemCertPool()
-	if err != nil || pool == nil {
-		pool = x509.NewCertPool()
-	}
-	if caBundle != "" {
+	var base http.RoundTripper
+	if caBundle == "" {
+		base = caTransport(nil, headers) // Go reads the system roots at the first connection
+	} else {
 		pem, err := os.ReadFile(caBundle)
 		if err != nil {
 			return nil, fmt.Errorf("--ca-bundle %s: %v", caBundle, unwrapPath(err))
 		}
-		if !pool.AppendCertsFromPEM(pem) {
+		bundle := x509.NewCertPool()
+		if !bundle.AppendCertsFromPEM(pem) {
 			return nil, fmt.Errorf("--ca-bundle %s: no PEM certificates in it", caBundle)
 		}
+		base = &bundleFirst{bundle: caTransport(bundle, headers), both: sync.OnceValue(func() http.RoundTripper {
+			pool := systemRoots().Clone()
+			pool.AppendCertsFromPEM(pem)
+			return caTransport(pool, headers)
+		})}
 	}
+	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: base, hints: hints}}, nil
+}
+
+// caTransport is the transport to a CA trusting roots (nil: the system's).
+func caTransport(roots *x509.CertPool, headers time.Duration) *http.Transport {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	tr.MaxIdleConnsPerHost = 16
 	// Go's 10 s TLS handshake limit is tighter than every other CA
 	// timeout here, and a loaded CA failed one run on it; connecting
@@ -122,7 +133,51 @@ func httpClient(ctx context.Context, caBundle string, headers time.Duration, hin
 	tr.TLSHandshakeTimeout = CATimeout
 	tr.ResponseHeaderTimeout = headers
 	tr.DialContext = (&net.Dialer{Timeout: CATimeout, KeepAlive: 30 * time.Second}).DialContext
-	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: tr, hints: hints}}, nil
+	return tr
+}
+
+// systemRoots is the system's trusted roots, read once. Reading them
+// (every file in /etc/ssl/certs, parsed) costs a process about 40 ms of
+// a 2-core machine's CPU before its first request, a tenth of a small
+// run, so a run given --ca-bundle reads them only when a server's
+// certificate is not trusted by the bundle.
+var systemRoots = sync.OnceValue(func() *x509.CertPool {
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		return x509.NewCertPool()
+	}
+	return pool
+})
+
+// bundleFirst trusts the CA bundle's roots and the system's, as one pool
+// holding both would: a request goes out over connections that trust the
+// bundle alone, and when a server's certificate is not trusted by it (a
+// public CA beside a private one) the request is sent again, with every
+// later one, over connections that trust both. The TLS handshake fails
+// before any byte of the request is sent, so the CA never sees it twice.
+type bundleFirst struct {
+	bundle http.RoundTripper
+	both   func() http.RoundTripper
+	wide   atomic.Bool // a server was not trusted by the bundle: both from now on
+}
+
+func (t *bundleFirst) RoundTrip(r *http.Request) (*http.Response, error) {
+	if t.wide.Load() {
+		return t.both().RoundTrip(r)
+	}
+	resp, err := t.bundle.RoundTrip(r)
+	var unknown x509.UnknownAuthorityError
+	if err == nil || !errors.As(err, &unknown) || r.Body != nil && r.GetBody == nil {
+		return resp, err
+	}
+	again := r.Clone(r.Context())
+	if r.Body != nil {
+		if again.Body, err = r.GetBody(); err != nil {
+			return nil, err
+		}
+	}
+	t.wide.Store(true)
+	return t.both().RoundTrip(again)
 }
 
 type ctxTransport struct {

@@ -195,7 +195,10 @@ const FileName = "ratelimit.json"
 // Open reads dir's budget. A missing or unreadable file is a full budget:
 // losing it costs at most one burst, never a stuck batch.
 func Open(dir string, l Limits, now func() time.Time) (*Budget, error) {
-	b := &Budget{Limits: l, Now: now, path: filepath.Join(dir, FileName)}
+	// The first write comes saveEvery after the start, like every
+	// other, not at the first order: a batch's orders all reserve at
+	// once, and would wait for it.
+	b := &Budget{Limits: l, Now: now, path: filepath.Join(dir, FileName), lastSave: time.Now()}
 	data, err := os.ReadFile(b.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
