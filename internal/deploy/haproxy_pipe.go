@@ -48,7 +48,11 @@ import (
 // afresh and every certificate whose answers were not all as expected
 // is settled by asking HAProxy (reconcile), and the certificates from
 // there on go through the one-command-at-a-time update, which handles
-// every such case (retries on a lock, collisions, lost answers). A set
+// every such case (retries on a lock, collisions, lost answers). A
+// session that breaks is settled the same way, over a new connection: a
+// commit that went out and whose answer was lost may have been made, and
+// fails the update; a certificate whose commit had not gone out was not
+// committed, and goes to the one-at-a-time update with the rest. A set
 // that went into another client's transaction (opened outside lbcert's
 // directory while the pipeline ran) is the one set that does: its commit
 // is not sent, and reconcile aborts that transaction first (taken).
@@ -72,6 +76,7 @@ var pipelining = true
 type pipeGroup struct {
 	cmds  []string
 	check func(k int, out string) bool // answer k is the expected one
+	wrote func(k int)                  // command k is being written (nil: not told)
 }
 
 // pipeline sends groups in order over the session, the commands of up
@@ -112,6 +117,9 @@ func (a *runtimeAPI) pipeline(ctx context.Context, groups []pipeGroup, window in
 			}
 			out.WriteString(cmd(p))
 			next, sent = next+1, p.g+1 // a write that fails may have gone out in part
+			if w := groups[p.g].wrote; w != nil {
+				w(p.k)
+			}
 		}
 		if out.Len() > 0 {
 			s.conn.SetDeadline(time.Now().Add(30 * time.Second))
@@ -159,6 +167,7 @@ func (c hotCert) committedPEM() committedPEM {
 
 // seen is what a certificate's pipelined answers said, for reconcile.
 type seen struct {
+	sent      bool   // its commit was written, or may have been in part
 	answered  bool   // its commit's answer was read
 	committed bool   // and said the commit was made
 	into      string // the certificate whose open transaction its set went into, if another's
@@ -177,7 +186,8 @@ func (c hotCert) group(sn *seen) pipeGroup {
 		cmds = append([]string{"new ssl cert " + c.path + "\n"}, cmds...)
 	}
 	base := len(cmds) - 3
-	return pipeGroup{cmds: cmds, check: func(k int, out string) bool {
+	wrote := func(k int) { sn.sent = sn.sent || k-base == 1 }
+	return pipeGroup{cmds: cmds, wrote: wrote, check: func(k int, out string) bool {
 		switch k - base {
 		case -1:
 			return strings.Contains(out, "New empty certificate store")
@@ -237,14 +247,15 @@ func (a *runtimeAPI) pipelined(ctx context.Context, dir string, certs []hotCert,
 //   - its commit made: it is committed, and its check is read again
 //     (holds); another serial there (another client's set) fails the
 //     update, as does a check that cannot be read;
-//   - its commit's answer never read (the session broke): HAProxy may
-//     have made it, so it counts as committed if HAProxy serves its
-//     serial, and the update fails, as on a lost answer;
+//   - its commit sent and its answer never read (the session broke):
+//     HAProxy may have made it, so it counts as committed if HAProxy
+//     serves its serial, and the update fails, as on a lost answer;
 //   - its set or commit refused, or locked, or its commit not sent
-//     (the sending stopped before it, the session whole): nothing of
-//     it was committed; a new one's empty store is taken out again,
-//     and it is returned, with the rest, for the one-at-a-time update,
-//     which waits out a lock and fails as before on a refusal.
+//     (the sending stopped before it, or the session broke before it
+//     was written: the set's transaction is aborted with the others):
+//     nothing of it was committed; a new one's empty store is taken out
+//     again, and it is returned, with the rest, for the one-at-a-time
+//     update, which waits out a lock and fails as before on a refusal.
 func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert, unsure []int, seens []seen, broke error, committed *[]committedPEM) ([]hotCert, error) {
 	paths := make([]string, len(unsure))
 	for j, k := range unsure {
@@ -269,7 +280,7 @@ func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert,
 				return nil, err
 			}
 			continue
-		case !sn.answered && broke != nil:
+		case sn.sent && !sn.answered && broke != nil:
 			if a.holds(ctx, c.path, c.pem) == nil {
 				*committed = append(*committed, c.committedPEM())
 			} else if c.isNew {

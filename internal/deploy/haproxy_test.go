@@ -69,6 +69,9 @@ type fakeRuntimeAPI struct {
 	// loseCommitAt: the loseCommitAt-th commit is made, and its answer
 	// lost (an empty answer, as from a connection cut after the commit).
 	loseCommitAt int
+	// cutSetAt: the cutSetAt-th set opens its transaction, and its
+	// answer is lost (the connection cut), so its commit is never sent.
+	cutSetAt int
 	// otherList: no crt-list loads the directory (its certificates are
 	// named one by one on bind lines); only this one exists.
 	otherList string
@@ -188,6 +191,9 @@ func (f *fakeRuntimeAPI) answer(cmd string) string {
 		f.pending = strings.SplitN(cmd, "\n", 2)[1]
 		if f.opened++; f.opened == f.intrudeAt {
 			f.pending = f.intruder
+		}
+		if f.sets == f.cutSetAt {
+			return ""
 		}
 		return "Transaction created for certificate " + f.open + "!\n"
 	case strings.HasPrefix(cmd, "new ssl cert"):
@@ -865,6 +871,30 @@ func TestHotUpdateSetsBackACommitWhoseAnswerWasLost(t *testing.T) {
 	})
 }
 
+// A pipelined set whose answer was lost with the connection (its commit
+// waits for that answer, so it was never sent) is not taken for a
+// commit whose answer was lost: its transaction is aborted, and it and
+// the certificates after it are updated one command at a time over a
+// new connection. The update then succeeds; it used to fail, naming a
+// commit that was never sent.
+func TestHotUpdateSetWhoseAnswerWasLostIsNotACommit(t *testing.T) {
+	names := []string{"a.test", "b.test", "c.test", "d.test"}
+	api := &fakeRuntimeAPI{failAfter: 1 << 20, cutSetAt: 2}
+	s, certs, changes := hotFixture(t, api, false, names...) // all new
+	allDeployed(t, s, changes)
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for _, n := range names {
+		p := PEMPath(certs, n)
+		if !strings.Contains(api.committed[p], "NEW-"+n) || !api.listed[p] {
+			t.Errorf("%s: committed %q, listed %v", n, api.committed[p], api.listed[p])
+		}
+	}
+	if api.open != "" || api.sessions < 2 {
+		t.Errorf("open transaction %q, %d sessions; want none open, and a second session after the cut", api.open, api.sessions)
+	}
+}
+
 // An update keeps its commands on one interactive session: one
 // connection for all of them, as many commands as a connection each
 // made; a session left idle is replaced before it is used, and one that
@@ -1184,18 +1214,43 @@ func TestPipelinedSetIntoAnotherClientsTransactionIsTheOnlyOne(t *testing.T) {
 // HAProxy restarts in the middle of an update (a hostile review's
 // finding: kill -9 and a new process): the new process loads every PEM
 // written for the update from disk, the ones lbcert had not sent yet
-// too. The update fails and the files are rolled back; lbcert sees
+// too. The update goes on over a new connection and then fails (the
+// sixth commit's answer lost), and the files are rolled back; lbcert sees
 // another process id and sets every certificate of the update back in
 // memory, not only those it had committed, so that HAProxy serves what
 // the files hold.
 func TestHotUpdateAcrossARestartSetsEveryCertificateBack(t *testing.T) {
 	s, certs, d, ln := realCertFixture(t)
 	names := numbered("r%02d.test", 24)
-	api := &fakeRuntimeAPI{failAfter: -2, restartAtShow: 3}
+	api := &fakeRuntimeAPI{failAfter: -2, restartAtShow: 3, loseCommitAt: 6}
 	olds, changes := loadedTwice(t, s, certs, d, api, names...)
 	go api.serve(t, ln, certs)
 	allRolledBack(t, s, changes, "HAProxy restarted or reloaded during the update (process 4000, now 4001) and loaded all 24 new PEMs from disk; the 24 certificates it loaded from disk were set back")
 	servesPrevious(t, api, certs, olds, names)
+}
+
+// HAProxy restarts between a commit's answer and its check, the update
+// otherwise whole: the new process loaded every new PEM from disk, the
+// check of the committed certificate holds there, the certificates not
+// yet committed are updated one command at a time over a new
+// connection, and the update succeeds: HAProxy and the files both hold
+// the new certificates.
+func TestHotUpdateGoesOnAfterARestartBetweenChecks(t *testing.T) {
+	s, certs, d, ln := realCertFixture(t)
+	names := numbered("g%02d.test", 12)
+	api := &fakeRuntimeAPI{failAfter: -2, restartAtShow: 3}
+	olds, changes := loadedTwice(t, s, certs, d, api, names...)
+	go api.serve(t, ln, certs)
+	allDeployed(t, s, changes)
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	for _, n := range names {
+		p := PEMPath(certs, n)
+		disk, _ := os.ReadFile(p)
+		if got := pemSerial([]byte(api.committed[p])); got != pemSerial(disk) || got == pemSerial(olds[n]) || api.restarts != 1 {
+			t.Errorf("%s: HAProxy serves serial %s, the file holds %s (previous %s), %d restarts", n, got, pemSerial(disk), pemSerial(olds[n]), api.restarts)
+		}
+	}
 }
 
 // HAProxy restarts while the update reads what it holds, before any
@@ -1257,6 +1312,16 @@ func allRolledBack(t *testing.T, s *store.Store, changes []Change, want string) 
 	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
 		if r.Err == nil || !r.RolledBack || !strings.Contains(r.Err.Error(), want) {
 			t.Fatalf("%s: rolled back %v, err %v", r.Name, r.RolledBack, r.Err)
+		}
+	}
+}
+
+// allDeployed fails unless every change deploys without an error.
+func allDeployed(t *testing.T, s *store.Store, changes []Change) {
+	t.Helper()
+	for _, r := range (&Runner{Store: s}).Run(context.Background(), changes) {
+		if r.Err != nil || r.RolledBack {
+			t.Fatalf("%s: rolled back %v, %v", r.Name, r.RolledBack, r.Err)
 		}
 	}
 }
