@@ -70,6 +70,7 @@ func mark(err, kind error) error { return marked{err, kind} }
 //
 //	interrupted   the run was stopped (what was obtained is saved and deployed)
 //	nil           every item is in place: issued, renewed, deployed or not due
+//	              (and installed on this node)
 //	failed        nothing is in place and nothing was deferred
 //	partial       anything else: some items failed or were deferred to a
 //	              later run (backoff, budget, the CA's Retry-After) while
@@ -78,14 +79,23 @@ func mark(err, kind error) error { return marked{err, kind} }
 // The items themselves were printed by the command; a mail that failed
 // alone makes a good run partial.
 func runError(res *engine.Result, mailErr error) error {
-	deferred := res.Counts[engine.Deferred]
-	notDone := len(res.Items) - res.Done()
+	// A certificate obtained and saved whose install on this node failed
+	// (its disk, its write lock) is not in place here: left, like a
+	// deferred one, to the next run or the fleet's agent.
+	notInstalled := 0
+	for _, it := range res.Items {
+		if it.NotInstalled() {
+			notInstalled++
+		}
+	}
+	done, deferred := res.Done()-notInstalled, res.Counts[engine.Deferred]+notInstalled
+	notDone := len(res.Items) - done
 	switch {
 	case res.Interrupted:
 		return mark(errors.New("interrupted; certificates already obtained are saved and deployed; run the same command again to finish"), errInterrupted)
 	case notDone == 0:
 		return mailErr
-	case res.Done() == 0 && deferred == 0:
+	case done == 0 && deferred == 0:
 		return errReported
 	}
 	return mark(errReported, errPartial)

@@ -55,6 +55,7 @@ func TestExitCodeTable(t *testing.T) {
 // The one exit-code rule of issue, batch and renew, through the table.
 func TestRunErrorCodes(t *testing.T) {
 	type c = map[engine.Outcome]int
+	const notInstalled engine.Outcome = "renewed, not installed on this node" // a Renewed item whose install failed
 	mailFailed := mark(errReported, errPartial)
 	cases := []struct {
 		name        string
@@ -75,12 +76,20 @@ func TestRunErrorCodes(t *testing.T) {
 		{"everything deferred", c{engine.Deferred: 2}, false, nil, exitPartial},
 		{"failed and deferred, none done", c{engine.Failed: 1, engine.Deferred: 1}, false, nil, exitPartial},
 		{"interrupted", c{engine.Renewed: 1, engine.NotStarted: 3}, true, nil, exitInterrupted},
+		// Obtained and saved, its install on this node failed: not in
+		// place here, left to the next run, as a deferred one is.
+		{"renewed, not installed on this node", c{notInstalled: 1}, false, nil, exitPartial},
+		{"one not installed, one renewed", c{notInstalled: 1, engine.Renewed: 1}, false, nil, exitPartial},
 	}
 	for _, tc := range cases {
 		res := &engine.Result{Interrupted: tc.interrupted}
 		for o, n := range tc.counts {
 			for range n {
-				res.Items = append(res.Items, &engine.Item{Outcome: o})
+				it := &engine.Item{Outcome: o}
+				if o == notInstalled {
+					it.Outcome, it.Deploy = engine.Renewed, "not_installed"
+				}
+				res.Items = append(res.Items, it)
 			}
 		}
 		res.Count()
