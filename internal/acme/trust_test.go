@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -155,5 +156,27 @@ func TestBundleFirstThenSystemRoots(t *testing.T) {
 	_, err = hc2.Post(srvC.URL, "application/jose+json", strings.NewReader("x"))
 	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") || hitsC.Load() != 0 {
 		t.Fatalf("a server neither trusts: %v (%d requests reached it), want unknown authority and none", err, hitsC.Load())
+	}
+}
+
+// A CA bundle that is not a regular file is refused at once: a FIFO
+// used to block the read, and the run, past every signal.
+func TestCABundleNotARegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "bundle.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{fifo, dir} {
+		done := make(chan error, 1)
+		go func() { _, err := HTTPClient(context.Background(), p); done <- err }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "--ca-bundle "+p+": not a regular file") {
+				t.Errorf("%s: %v", p, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: still reading after 5 s", p)
+		}
 	}
 }

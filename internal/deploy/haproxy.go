@@ -557,7 +557,11 @@ func (a *runtimeAPI) certificates(ctx context.Context, dir string) (known map[st
 			if err := a.expect(ctx, "abort ssl cert "+open, "Transaction aborted"); err != nil {
 				return nil, "", err
 			}
-			slog.Warn("aborted a haproxy certificate transaction left open", "certificate", open)
+			if a.ownSets[open] {
+				slog.Info("aborted the haproxy certificate transaction of this update's set, whose commit was not made", "certificate", open)
+			} else {
+				slog.Warn("aborted a haproxy certificate transaction left open", "certificate", open)
+			}
 		}
 	}
 	return known, foreign, nil
@@ -730,9 +734,10 @@ func payload(pem []byte) string { return string(CombinedPEM(pem, nil)) }
 // made each one a connect, accept and close on both sides, about a
 // fifth of the update's time (internal/bench/README.md).
 type runtimeAPI struct {
-	addr string // a unix socket path, or host:port
-	keep bool   // the commands share one interactive session
-	sess *cliSession
+	addr    string // a unix socket path, or host:port
+	keep    bool   // the commands share one interactive session
+	sess    *cliSession
+	ownSets map[string]bool // certificates whose transaction this update's pipelined set opened
 }
 
 // cliSession is an interactive session of HAProxy's runtime API (its

@@ -167,6 +167,7 @@ func (c hotCert) committedPEM() committedPEM {
 
 // seen is what a certificate's pipelined answers said, for reconcile.
 type seen struct {
+	setSent   bool   // its set was written, or may have been in part
 	sent      bool   // its commit was written, or may have been in part
 	answered  bool   // its commit's answer was read
 	committed bool   // and said the commit was made
@@ -186,7 +187,10 @@ func (c hotCert) group(sn *seen) pipeGroup {
 		cmds = append([]string{"new ssl cert " + c.path + "\n"}, cmds...)
 	}
 	base := len(cmds) - 3
-	wrote := func(k int) { sn.sent = sn.sent || k-base == 1 }
+	wrote := func(k int) {
+		sn.setSent = sn.setSent || k == base
+		sn.sent = sn.sent || k-base == 1
+	}
 	return pipeGroup{cmds: cmds, wrote: wrote, check: func(k int, out string) bool {
 		switch k - base {
 		case -1:
@@ -231,7 +235,25 @@ func (a *runtimeAPI) pipelined(ctx context.Context, dir string, certs []hotCert,
 	if len(unsure) == 0 {
 		return certs[sent:], nil
 	}
+	// A commit HAProxy answered is made, whatever follows: it is set
+	// back if the update fails, even when reconcile cannot read HAProxy
+	// again (a second connection cut: a review saw HAProxy keep serving
+	// such a certificate after the undo said every one was set back).
+	for _, k := range unsure {
+		if seens[k].committed {
+			*committed = append(*committed, certs[k].committedPEM())
+		}
+	}
+	// A transaction reconcile finds open on one of these is this
+	// update's own set's: aborting it is no news.
+	a.ownSets = map[string]bool{}
+	for _, k := range unsure {
+		if seens[k].setSent {
+			a.ownSets[certs[k].path] = true
+		}
+	}
 	rest, err := a.reconcile(ctx, dir, certs, unsure, seens, perr, committed)
+	a.ownSets = nil
 	if err != nil {
 		return nil, err
 	}
@@ -256,7 +278,20 @@ func (a *runtimeAPI) pipelined(ctx context.Context, dir string, certs []hotCert,
 //     nothing of it was committed; a new one's empty store is taken out
 //     again, and it is returned, with the rest, for the one-at-a-time
 //     update, which waits out a lock and fails as before on a refusal.
-func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert, unsure []int, seens []seen, broke error, committed *[]committedPEM) ([]hotCert, error) {
+func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert, unsure []int, seens []seen, broke error, committed *[]committedPEM) (rest []hotCert, err error) {
+	// unsure[:settled] are settled. When reconcile fails before it has
+	// settled one whose commit went out and whose answer was lost (the
+	// new connection cut too), HAProxy may hold it: it is set back with
+	// the committed ones (setting back one not committed changes
+	// nothing).
+	settled := 0
+	defer func() {
+		for _, k := range unsure[settled:] {
+			if sn := seens[k]; err != nil && sn.sent && !sn.answered {
+				*committed = append(*committed, certs[k].committedPEM())
+			}
+		}
+	}()
 	paths := make([]string, len(unsure))
 	for j, k := range unsure {
 		if into := seens[k].into; into != "" && filepath.Dir(into) != dir {
@@ -268,14 +303,13 @@ func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert,
 	if err != nil {
 		return nil, err
 	}
-	var rest []hotCert
 	var lost error
-	for _, k := range unsure {
+	for j, k := range unsure {
+		settled = j
 		c, sn := certs[k], seens[k]
 		switch {
 		case !known[c.path]:
-		case sn.committed:
-			*committed = append(*committed, c.committedPEM())
+		case sn.committed: // in committed already (pipelined)
 			if err := a.holds(ctx, c.path, c.pem); err != nil {
 				return nil, err
 			}
@@ -295,6 +329,7 @@ func (a *runtimeAPI) reconcile(ctx context.Context, dir string, certs []hotCert,
 		}
 		rest = append(rest, c)
 	}
+	settled = len(unsure)
 	if lost != nil {
 		return nil, lost
 	}

@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -173,8 +174,9 @@ type Budget struct {
 	shared   Shared // fleet mode: the state lives there, not in path
 	mu       sync.Mutex
 	st       state
-	dirty    bool      // spent tokens not yet on disk
-	lastSave time.Time // wall clock of the last write
+	dirty    bool        // spent tokens not yet on disk
+	lastSave time.Time   // wall clock of the last write
+	later    *time.Timer // writes what is dirty saveEvery after lastSave; nil once written or flushed
 	// exempted are the "replaces" values whose order this process
 	// reserved under the ARI exemption: a refund gives back what the
 	// reservation took, the exemption (kept, the CA saw the order) or
@@ -185,9 +187,11 @@ type Budget struct {
 
 // saveEvery bounds how often Reserve rewrites the file. A batch of 5,000
 // rows touches 5,000 domain buckets; writing the whole file after every
-// order would make the run quadratic. A crash loses at most this much of
-// the record, which costs a few orders of burst, never a stuck run.
-const saveEvery = time.Second
+// order would make the run quadratic. What Reserve does not write, a
+// timer writes saveEvery after the last write (or the start), so a
+// crash loses at most this much of the record, which costs a few orders
+// of burst, never a stuck run.
+var saveEvery = time.Second
 
 // FileName is the budget's file in the state directory.
 const FileName = "ratelimit.json"
@@ -366,10 +370,33 @@ func (b *Budget) take(k Key, o Order, now time.Time) {
 }
 
 func (b *Budget) maybeSave(now time.Time) error {
-	if time.Since(b.lastSave) < saveEvery && b.shared == nil {
+	if b.shared != nil {
+		return b.save(now)
+	}
+	if wait := saveEvery - time.Since(b.lastSave); wait > 0 {
+		if b.later == nil {
+			b.later = time.AfterFunc(wait, b.saveLater)
+		}
 		return nil
 	}
 	return b.save(now)
+}
+
+// saveLater is the timer's write. Flush stops it before the command
+// lets go of the state directory's lock, which guards the file.
+func (b *Budget) saveLater() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.later == nil {
+		return // flushed meanwhile
+	}
+	b.later = nil
+	if !b.dirty {
+		return
+	}
+	if err := b.save(b.Now()); err != nil {
+		slog.Warn("could not save the rate budget; the next write tries again", "err", err)
+	}
 }
 
 // exactSet names a set of names independently of their order.
@@ -402,6 +429,10 @@ func (b *Budget) OrdersLeft() map[string]float64 {
 func (b *Budget) Flush() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.later != nil {
+		b.later.Stop()
+		b.later = nil
+	}
 	if !b.dirty {
 		return nil
 	}

@@ -298,3 +298,31 @@ func TestRefundOfAReplacesOrderPastItsExemption(t *testing.T) {
 		t.Fatal("a second certificate for the set within the week, its token not refunded, was allowed")
 	}
 }
+
+// An order reserved is on disk within saveEvery without a Flush (a run
+// killed with SIGKILL loses at most that much), even when no other
+// order follows it (a review killed an issue seconds after its order,
+// and found no record of it).
+func TestReservedOrdersReachTheFileWithoutAFlush(t *testing.T) {
+	defer func(d time.Duration) { saveEvery = d }(saveEvery)
+	saveEvery = 50 * time.Millisecond
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)}
+	l := Limits{Orders: Limit{300, 3 * time.Hour}}
+	b, _ := Open(dir, l, c.now)
+	if err := b.Reserve(acct, Order{Names: []string{"a.example.com"}}); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, FileName)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		data, _ := os.ReadFile(path)
+		if strings.Contains(string(data), `"tokens": 299`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the reserved order is not in %s 5 s later: %q", FileName, data)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
