@@ -25,7 +25,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -106,7 +105,7 @@ func httpClient(ctx context.Context, caBundle string, headers time.Duration, hin
 	if caBundle == "" {
 		base = caTransport(nil, headers) // Go reads the system roots at the first connection
 	} else {
-		pem, err := readBundle(caBundle)
+		pem, err := store.ReadRegularFile(caBundle)
 		if err != nil {
 			return nil, fmt.Errorf("--ca-bundle %s: %v", caBundle, unwrapPath(err))
 		}
@@ -121,23 +120,6 @@ func httpClient(ctx context.Context, caBundle string, headers time.Duration, hin
 		})}
 	}
 	return &http.Client{Timeout: 2 * time.Minute, Transport: ctxTransport{ctx: ctx, base: base, hints: hints}}, nil
-}
-
-// readBundle reads a CA bundle, refusing what is not a regular file: a
-// FIFO would block the read, and the run with it, past every signal (a
-// review's finding).
-func readBundle(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err != nil {
-		return nil, err
-	} else if !fi.Mode().IsRegular() {
-		return nil, errors.New("not a regular file: give a PEM file of the CA's root certificates")
-	}
-	return io.ReadAll(io.LimitReader(f, 16<<20))
 }
 
 // caTransport is the transport to a CA trusting roots (nil: the system's).

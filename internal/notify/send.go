@@ -165,8 +165,14 @@ func newClient(ctx context.Context, s Settings, last *lastVerb) (*mail.Client, e
 		if err != nil || pool == nil {
 			pool = x509.NewCertPool()
 		}
-		pem, err := os.ReadFile(s.CABundle)
-		if err != nil || !pool.AppendCertsFromPEM(pem) {
+		pem, err := store.ReadRegularFile(s.CABundle)
+		if err != nil {
+			if pe := new(os.PathError); errors.As(err, &pe) {
+				err = pe.Err
+			}
+			return nil, fmt.Errorf("--smtp-ca-bundle %s: %v", s.CABundle, err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
 			return nil, fmt.Errorf("--smtp-ca-bundle %s: no PEM certificates", s.CABundle)
 		}
 		tlsConf.RootCAs = pool

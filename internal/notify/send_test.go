@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -279,5 +280,28 @@ func TestSavedKeepsTheLogin(t *testing.T) {
 	}
 	if m := o.Saved(changed("mail-to"), &store.Mail{Host: "h", User: "kept"}); m.User != "kept" {
 		t.Errorf("a change of recipients drops the relay's login: %+v", m)
+	}
+}
+
+// An --smtp-ca-bundle that is not a regular file is refused at once: a
+// FIFO hung the run, and its report, past every signal (a review's
+// finding).
+func TestSMTPCABundleNotARegularFile(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "bundle.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := newClient(context.Background(), Settings{Host: "127.0.0.1", Port: 1, CABundle: fifo}, &lastVerb{})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "--smtp-ca-bundle "+fifo+": not a regular file") {
+			t.Errorf("%v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("still reading the bundle after 5 s")
 	}
 }
