@@ -82,12 +82,7 @@ func runError(res *engine.Result, mailErr error) error {
 	// A certificate obtained and saved whose install on this node failed
 	// (its disk, its write lock) is not in place here: left, like a
 	// deferred one, to the next run or the fleet's agent.
-	notInstalled := 0
-	for _, it := range res.Items {
-		if it.NotInstalled() {
-			notInstalled++
-		}
-	}
+	notInstalled := res.NotInstalled()
 	done, deferred := res.Done()-notInstalled, res.Counts[engine.Deferred]+notInstalled
 	notDone := len(res.Items) - done
 	switch {

@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -69,6 +70,11 @@ func TestScript(t *testing.T) {
 				ts.Check(err)
 				ts.Defer(func() { ln.Close() })
 				ts.Setenv(args[0], ln.Addr().String())
+			},
+			// mkfifo PATH: make a FIFO no one writes to, as an operator
+			// might name in a flag that wants a file.
+			"mkfifo": func(ts *testscript.TestScript, neg bool, args []string) {
+				ts.Check(syscall.Mkfifo(ts.MkAbs(args[0]), 0o600))
 			},
 			// freeport VAR: put a loopback address with a port free now
 			// in $VAR (port 0 is refused as --http-addr).

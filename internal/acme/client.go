@@ -21,7 +21,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,6 +33,7 @@ import (
 	"github.com/go-acme/lego/v4/lego"
 	"github.com/go-acme/lego/v4/registration"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/store"
@@ -105,9 +105,12 @@ func httpClient(ctx context.Context, caBundle string, headers time.Duration, hin
 	if caBundle == "" {
 		base = caTransport(nil, headers) // Go reads the system roots at the first connection
 	} else {
-		pem, err := store.ReadRegularFile(caBundle)
+		pem, err := argfile.Read(caBundle, argfile.Bundle)
+		if errors.Is(err, argfile.ErrNotFile) {
+			return nil, fmt.Errorf("--ca-bundle %s: %v: give a PEM file of the CA's root certificates", caBundle, err)
+		}
 		if err != nil {
-			return nil, fmt.Errorf("--ca-bundle %s: %v", caBundle, unwrapPath(err))
+			return nil, fmt.Errorf("--ca-bundle %s: %v", caBundle, err)
 		}
 		bundle := x509.NewCertPool()
 		if !bundle.AppendCertsFromPEM(pem) {
@@ -488,14 +491,6 @@ func (r *router) CleanUp(domain, token, keyAuth string) error {
 		return err
 	}
 	return p.CleanUp(domain, token, keyAuth)
-}
-
-func unwrapPath(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
 }
 
 // flatten makes lego's multi-line errors one line.

@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"net/mail"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/secret"
 )
@@ -106,9 +106,9 @@ func (s Settings) eabHMAC() (string, error) {
 // error when there is none. The key is known as a secret from then on.
 func ReadEABHMAC(key, file, setting, missing string) (string, error) {
 	if file != "" {
-		data, err := os.ReadFile(file)
+		data, err := argfile.Read(file, argfile.Secret)
 		if err != nil {
-			return "", fmt.Errorf("%s %s: %w", setting, ShownKeyFile(file), unwrapPath(err))
+			return "", fmt.Errorf("%s %s: %w", setting, ShownKeyFile(file), err)
 		}
 		key = strings.TrimSpace(string(data))
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -159,20 +160,45 @@ func TestBundleFirstThenSystemRoots(t *testing.T) {
 	}
 }
 
-// A CA bundle that is not a regular file is refused at once: a FIFO
-// used to block the read, and the run, past every signal.
-func TestCABundleNotARegularFile(t *testing.T) {
+// A CA bundle given as a pipe (the shell's <(...)) is read; a FIFO no
+// one writes to, a directory or a socket is refused at once: a FIFO used
+// to block the read, and the run, past every signal.
+func TestCABundleFromAPipeOrRefused(t *testing.T) {
+	pem, err := os.ReadFile(writeBundle(t, newTestCA(t, "pipe")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	go func() { w.Write(pem); w.Close() }()
+	if _, err := HTTPClient(context.Background(), fmt.Sprintf("/proc/self/fd/%d", r.Fd())); err != nil {
+		t.Fatalf("a bundle from a pipe: %v", err)
+	}
+
 	dir := t.TempDir()
 	fifo := filepath.Join(dir, "bundle.pem")
 	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{fifo, dir} {
+	sock := filepath.Join(dir, "sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for p, want := range map[string]string{
+		fifo: "a pipe with nothing written to it",
+		dir:  "a directory, not a file",
+		sock: "not a regular file or a pipe: give a PEM file of the CA's root certificates",
+	} {
 		done := make(chan error, 1)
 		go func() { _, err := HTTPClient(context.Background(), p); done <- err }()
 		select {
 		case err := <-done:
-			if err == nil || !strings.Contains(err.Error(), "--ca-bundle "+p+": not a regular file") {
+			if err == nil || !strings.Contains(err.Error(), "--ca-bundle "+p+": "+want) {
 				t.Errorf("%s: %v", p, err)
 			}
 		case <-time.After(5 * time.Second):

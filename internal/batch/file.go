@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"sort"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -17,21 +17,16 @@ func ReadFile(file string, stdin io.Reader, d Defaults) (*Result, error) {
 	if file == "-" {
 		return Parse(stdin, d), nil
 	}
-	f, err := os.Open(file)
-	if errors.Is(err, fs.ErrNotExist) {
+	f, err := argfile.Open(file)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("%s: no such file", file)
-	}
-	if err != nil {
-		var pe *fs.PathError
-		if errors.As(err, &pe) {
-			err = pe.Err
-		}
+	case errors.Is(err, argfile.ErrDirectory):
+		return nil, fmt.Errorf("%s: is a directory, want a CSV file", file)
+	case err != nil:
 		return nil, fmt.Errorf("%s: %w", file, err)
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.IsDir() {
-		return nil, fmt.Errorf("%s: is a directory, want a CSV file", file)
-	}
 	return Parse(f, d), nil
 }
 

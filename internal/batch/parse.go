@@ -152,11 +152,14 @@ func (p *parser) problem(line int, format string, args ...any) {
 	p.res.Problems = append(p.res.Problems, Problem{Line: line, Msg: msg})
 }
 
-// lineLimit fails a read once a line passes maxLine bytes.
+// lineLimit fails a read once a line passes maxLine bytes. It keeps
+// the reader's first error: the peeks that choose the format swallow
+// one (a pipe no one wrote to would read as an empty file).
 type lineLimit struct {
-	r    io.Reader
-	run  int // bytes since the last newline
-	line int
+	r      io.Reader
+	run    int // bytes since the last newline
+	line   int
+	failed error
 }
 
 type lineTooLong struct{ line int }
@@ -178,11 +181,15 @@ func (l *lineLimit) Read(b []byte) (int, error) {
 			return i, &lineTooLong{line: l.line + 1}
 		}
 	}
+	if err != nil && err != io.EOF && l.failed == nil {
+		l.failed = err
+	}
 	return n, err
 }
 
 func (p *parser) parse(r io.Reader) {
-	br := bufio.NewReaderSize(&lineLimit{r: r}, 64*1024)
+	ll := &lineLimit{r: r}
+	br := bufio.NewReaderSize(ll, 64*1024)
 	head, _ := br.Peek(4)
 	switch {
 	case bytes.HasPrefix(head, []byte("\xEF\xBB\xBF")):
@@ -198,6 +205,8 @@ func (p *parser) parse(r io.Reader) {
 	cr.FieldsPerRecord = -1
 
 	switch header := splitHeader(first); {
+	case header == nil && ll.failed != nil:
+		p.problem(0, "read: %v", ll.failed)
 	case header == nil:
 		p.problem(0, "no rows: the file is empty or holds only comments")
 	case strings.EqualFold(header[0], "domain"):

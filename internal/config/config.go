@@ -24,6 +24,7 @@ import (
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/hint"
 )
 
@@ -86,9 +87,9 @@ type File struct {
 // Load reads and strictly decodes a config file. known reports whether a
 // key is a setting of any command.
 func Load(path string, known func(key string) bool) (*File, error) {
-	data, err := os.ReadFile(path)
+	data, err := argfile.Read(path, argfile.Bundle)
 	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, unwrapPathErr(err))
+		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return Parse(path, data, known)
 }
@@ -465,12 +466,4 @@ func Keys(sets ...*pflag.FlagSet) []string {
 	}
 	sort.Strings(keys)
 	return keys
-}
-
-func unwrapPathErr(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
 }

@@ -114,6 +114,26 @@ func TestRenewSummaryCounts(t *testing.T) {
 	}
 }
 
+// A certificate obtained but not installed on this node makes the run
+// partial (exit 2): both summaries say how many, not "0 deferred" alone.
+func TestSummariesSayNotInstalled(t *testing.T) {
+	exp := t0.Add(90 * 24 * time.Hour)
+	res := &Result{File: "rows.csv", Items: []*Item{
+		{Name: "a.test", Outcome: Renewed, Serial: "0a", NotAfter: &exp, Deploy: notInstalled},
+		{Name: "b.test", Outcome: Renewed, Serial: "0b", NotAfter: &exp, Deploy: "ok"},
+	}}
+	res.Count()
+	var r, b strings.Builder
+	res.RenewSummary(&r)
+	res.BatchTable(&b)
+	if want := "lbcert renew: 2 renewed (1 not installed on this node), 0 not due, 0 failed, 0 deferred\n"; !strings.HasPrefix(r.String(), want) {
+		t.Errorf("renew's summary:\n%s\nwant it to begin %q", r.String(), want)
+	}
+	if want := "lbcert batch rows.csv: 2 rows: 2 renewed (1 not installed on this node)\n"; !strings.HasSuffix(b.String(), want) {
+		t.Errorf("batch's summary:\n%s\nwant it to end %q", b.String(), want)
+	}
+}
+
 // fullDisk is a catalog whose saves fail, as on a full disk.
 type fullDisk struct{ catalog.Catalog }
 

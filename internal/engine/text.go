@@ -35,6 +35,26 @@ const notInstalled = "not_installed"
 // saved but not installed on this node.
 func (it *Item) NotInstalled() bool { return it.Deploy == notInstalled }
 
+// NotInstalled counts the items obtained but not installed on this node:
+// counted as obtained, yet not in place here (the run is partial).
+func (res *Result) NotInstalled() int {
+	n := 0
+	for _, it := range res.Items {
+		if it.NotInstalled() {
+			n++
+		}
+	}
+	return n
+}
+
+// notInstalledWords is what a summary adds for them.
+func (res *Result) notInstalledWords() string {
+	if n := res.NotInstalled(); n > 0 {
+		return fmt.Sprintf(" (%d not installed on this node)", n)
+	}
+	return ""
+}
+
 // DeployWords says what the deploy step did: "none", "deployed,
 // verified, hook ok", "rolled back: <reason>" or "held on this node:
 // <why>" (a staged rollout).
@@ -125,7 +145,7 @@ func (res *Result) BatchTable(w io.Writer) {
 	if len(res.Items) == 1 {
 		rows = "row"
 	}
-	fmt.Fprintf(w, "lbcert batch %s: %d %s: %s\n", res.File, len(res.Items), rows, strings.Join(parts, ", "))
+	fmt.Fprintf(w, "lbcert batch %s: %d %s: %s%s\n", res.File, len(res.Items), rows, strings.Join(parts, ", "), res.notInstalledWords())
 }
 
 // RenewSummary writes renew's summary: nothing when nothing happened
@@ -148,6 +168,7 @@ func (res *Result) RenewSummary(w io.Writer) {
 	if c[Deployed] > 0 {
 		counts += fmt.Sprintf(", %d deployed", c[Deployed])
 	}
+	counts += res.notInstalledWords()
 	fmt.Fprintf(w, "lbcert renew: %s, %d not due, %d failed, %d deferred\n",
 		counts, c[NotDue], c[Failed]+c[Aborted], c[Deferred])
 	for _, it := range res.Items {

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/fleet/rdb"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
@@ -51,11 +52,8 @@ func (s Settings) Dial(ctx context.Context, password string) (*rdb.Shared, error
 		return nil, fmt.Errorf("fleet commands need --redis (or LBCERT_REDIS, or 'redis' in the config file)")
 	}
 	if s.PasswordFile != "" {
-		data, err := os.ReadFile(s.PasswordFile)
+		data, err := argfile.Read(s.PasswordFile, argfile.Secret)
 		if err != nil {
-			if pe, ok := err.(*os.PathError); ok {
-				err = pe.Err
-			}
 			return nil, fmt.Errorf("--redis-password-file %s: %w", s.PasswordFile, err)
 		}
 		password = strings.TrimSpace(string(data))

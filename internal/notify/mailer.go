@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/store"
 )
 
@@ -88,9 +89,9 @@ func (o Options) settings(password string, login bool) (Settings, error) {
 	}
 	s.Password = password
 	if o.PasswordFile != "" {
-		data, err := os.ReadFile(o.PasswordFile)
+		data, err := argfile.Read(o.PasswordFile, argfile.Secret)
 		if err != nil {
-			return s, fmt.Errorf("--smtp-password-file %s: %w", o.PasswordFile, unwrapPath(err))
+			return s, fmt.Errorf("--smtp-password-file %s: %w", o.PasswordFile, err)
 		}
 		s.Password = strings.TrimRight(string(data), "\r\n")
 	}

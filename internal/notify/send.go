@@ -17,6 +17,7 @@ import (
 
 	mail "github.com/wneessen/go-mail"
 
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/secret"
 	"github.com/lbcert/lbcert/internal/store"
@@ -165,11 +166,8 @@ func newClient(ctx context.Context, s Settings, last *lastVerb) (*mail.Client, e
 		if err != nil || pool == nil {
 			pool = x509.NewCertPool()
 		}
-		pem, err := store.ReadRegularFile(s.CABundle)
+		pem, err := argfile.Read(s.CABundle, argfile.Bundle)
 		if err != nil {
-			if pe := new(os.PathError); errors.As(err, &pe) {
-				err = pe.Err
-			}
 			return nil, fmt.Errorf("--smtp-ca-bundle %s: %v", s.CABundle, err)
 		}
 		if !pool.AppendCertsFromPEM(pem) {

@@ -38,6 +38,11 @@ func (e *LockedError) Is(target error) bool { return target == ErrLocked }
 // lock that an operator has to clear by hand.
 type Lock struct {
 	f *os.File
+	// made lists the directories taking the lock created (the state
+	// directory, then its new parents): a run that fails before it
+	// writes anything (a CA it cannot reach or does not trust) removes
+	// them again, leaving no state directory created for nothing.
+	made []string
 }
 
 // LockFile is the name of the lock file inside the state directory.
@@ -54,6 +59,32 @@ func (s *Store) WaitLock(ctx context.Context) (*Lock, error) {
 }
 
 func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
+	for {
+		l, err := s.lockOnce(ctx, wait)
+		if err != errRemoved {
+			return l, err
+		}
+	}
+}
+
+// errRemoved: the directory locked was removed before the lock was
+// taken (by a run that had created it for nothing); lock again.
+var errRemoved = errors.New("state directory removed while waiting for its lock")
+
+// missing lists dir and those of its parents that do not exist, the
+// deepest first.
+func missing(dir string) []string {
+	var out []string
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); !errors.Is(err, fs.ErrNotExist) || d == filepath.Dir(d) {
+			return out
+		}
+		out = append(out, d)
+	}
+}
+
+func (s *Store) lockOnce(ctx context.Context, wait bool) (*Lock, error) {
+	made := missing(s.Dir)
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -89,6 +120,10 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+	if !sameFile(dir, s.Dir) {
+		dir.Close()
+		return nil, errRemoved
+	}
 	// O_NOFOLLOW: a link planted at lbcert.lock (say to a root-owned
 	// file) is refused, never truncated.
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
@@ -108,7 +143,14 @@ func (s *Store) lock(ctx context.Context, wait bool) (*Lock, error) {
 	// first) may have been written over by the holder meanwhile: the
 	// records kept for the plan are void (Heads.keepRecord).
 	recordWrites.Add(1)
-	return &Lock{f: dir}, nil
+	return &Lock{f: dir, made: made}, nil
+}
+
+// sameFile reports whether path still names the directory open as f.
+func sameFile(f *os.File, path string) bool {
+	a, err1 := f.Stat()
+	b, err2 := os.Lstat(path)
+	return err1 == nil && err2 == nil && os.SameFile(a, b)
 }
 
 // Held reports, writing nothing, whether another process holds the
@@ -147,10 +189,24 @@ func readPID(f *os.File) int {
 	return pid
 }
 
-// Unlock releases the lock. It is safe to call on nil.
+// Unlock releases the lock. It is safe to call on nil. A state
+// directory the lock created and nothing else wrote in is removed first,
+// with the parents the lock created, while the lock is still held: a run
+// waiting for it then finds the directory gone (sameFile) and makes it
+// anew, never writing into a removed one.
 func (l *Lock) Unlock() {
 	if l == nil || l.f == nil {
 		return
+	}
+	if len(l.made) > 0 {
+		if names, err := l.f.Readdirnames(-1); err == nil && len(names) == 1 && names[0] == LockFile &&
+			os.Remove(filepath.Join(l.made[0], LockFile)) == nil {
+			for _, d := range l.made {
+				if os.Remove(d) != nil {
+					break
+				}
+			}
+		}
 	}
 	syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN)
 	l.f.Close()

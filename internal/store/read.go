@@ -1,8 +1,6 @@
 package store
 
 import (
-	"errors"
-	"io"
 	"os"
 	"strings"
 	"sync"
@@ -62,28 +60,6 @@ func readSmallAt(dirfd int, rel, path string, use func(data []byte) error) error
 		buf = buf[:len(buf)+n]
 	}
 }
-
-// ReadRegularFile reads a file an operator named (a CA bundle), up to
-// 16 MiB, refusing what is not a regular file: a FIFO would block the
-// read, and the run with it, past every signal (a review's finding).
-func ReadRegularFile(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if errors.Is(err, syscall.ENXIO) {
-		return nil, errNotRegular // a socket, or a device with nothing behind it
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err != nil {
-		return nil, err
-	} else if !fi.Mode().IsRegular() {
-		return nil, errNotRegular
-	}
-	return io.ReadAll(io.LimitReader(f, 16<<20))
-}
-
-var errNotRegular = errors.New("not a regular file: give a PEM file of the CA's root certificates")
 
 // readDirs returns the names of the subdirectories of dir, in the order
 // the file system lists them, without "." and "..".

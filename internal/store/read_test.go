@@ -4,14 +4,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"io/fs"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 )
 
 // readSmall gives what os.ReadFile gives, files larger than its first
@@ -87,40 +85,5 @@ func TestDeployDigestMemo(t *testing.T) {
 	da, db := DeployDigest(a), DeployDigest(b)
 	if da == db || DeployDigest(a) != da || DeployDigest(b) != db || DeployDigest(Deploy{}) == da {
 		t.Fatalf("digests %s %s: not stable or not distinct", da, db)
-	}
-}
-
-// ReadRegularFile reads a regular file and refuses, at once, what is
-// not one: a FIFO (whose read would block past every signal), a
-// directory, a socket, a device.
-func TestReadRegularFile(t *testing.T) {
-	dir := t.TempDir()
-	file, fifo, sock := filepath.Join(dir, "bundle.pem"), filepath.Join(dir, "fifo"), filepath.Join(dir, "sock")
-	os.WriteFile(file, []byte("PEM"), 0o644)
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	if b, err := ReadRegularFile(file); err != nil || string(b) != "PEM" {
-		t.Fatalf("a regular file: %q, %v", b, err)
-	}
-	for _, p := range []string{fifo, dir, sock, "/dev/null"} {
-		done := make(chan error, 1)
-		go func() { _, err := ReadRegularFile(p); done <- err }()
-		select {
-		case err := <-done:
-			if err == nil || !strings.HasPrefix(err.Error(), "not a regular file") {
-				t.Errorf("%s: %v", p, err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("%s: still reading after 5 s", p)
-		}
-	}
-	if _, err := ReadRegularFile(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("a missing file: %v", err)
 	}
 }

@@ -24,13 +24,14 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/lbcert/lbcert/internal/argfile"
 )
 
 // Options say how to reach the fleet's Redis.
@@ -258,9 +259,9 @@ func tlsFor(scheme string, o Options) (*tls.Config, error) {
 	case "rediss", "rediss-sentinel":
 		conf := &tls.Config{MinVersion: tls.VersionTLS12}
 		if o.CAFile != "" {
-			pem, err := os.ReadFile(o.CAFile)
+			pem, err := argfile.Read(o.CAFile, argfile.Bundle)
 			if err != nil {
-				return nil, fmt.Errorf("--redis-ca: %v", err)
+				return nil, fmt.Errorf("--redis-ca %s: %v", o.CAFile, err)
 			}
 			pool := x509.NewCertPool()
 			if !pool.AppendCertsFromPEM(pem) {
