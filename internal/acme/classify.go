@@ -3,6 +3,7 @@ package acme
 import (
 	"errors"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 
@@ -105,6 +106,14 @@ var validationProblems = []string{"unauthorized", "incorrectResponse", "connecti
 func FailedValidation(err error) bool {
 	if challengeAnswer(err) {
 		return true
+	}
+	// A request of ours that got no answer validated nothing, whatever
+	// its text: an untrusted CA's "tls: failed to verify certificate"
+	// read as the tls problem spent the name's failed-validation budget
+	// and kept the fallback CA from taking the order.
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return false
 	}
 	msg := err.Error()
 	for _, p := range validationProblems {

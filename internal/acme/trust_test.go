@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/go-acme/lego/v4/acme/api"
 )
 
 // testCA is a root and a key that signs leaf certificates for servers.
@@ -204,5 +206,33 @@ func TestCABundleFromAPipeOrRefused(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("%s: still reading after 5 s", p)
 		}
+	}
+}
+
+// A CA whose TLS certificate is not trusted answered nothing: its error
+// ("tls: failed to verify certificate", as lego reports reading the
+// directory) is not a failed validation, which would spend the name's
+// failed-validation budget and keep a fallback CA from the order; it is
+// the CA's fault.
+func TestUntrustedCAIsNotAFailedValidation(t *testing.T) {
+	var hits atomic.Int32
+	srv := newTestCA(t, "untrusted").server(t, net.ParseIP("127.0.0.1"), &hits, nil)
+	hc, err := HTTPClient(context.Background(), writeBundle(t, newTestCA(t, "other")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = api.New(hc, "lbcert-test", srv.URL+"/dir", "", key)
+	if err == nil || !strings.Contains(err.Error(), "tls: failed to verify certificate") {
+		t.Fatalf("reading the directory: %v", err)
+	}
+	if FailedValidation(err) {
+		t.Errorf("counted as a failed validation: %v", err)
+	}
+	if why, ok := CAFault(err); !ok || !strings.HasPrefix(why, "did not serve its directory") {
+		t.Errorf("CAFault %q %v: want the CA's fault", why, ok)
 	}
 }

@@ -176,6 +176,7 @@ type Budget struct {
 	st       state
 	dirty    bool        // spent tokens not yet on disk
 	lastSave time.Time   // wall clock of the last write
+	onDisk   bool        // the file exists (read at Open, or written since)
 	later    *time.Timer // writes what is dirty saveEvery after lastSave; nil once written or flushed
 	// exempted are the "replaces" values whose order this process
 	// reserved under the ARI exemption: a refund gives back what the
@@ -210,6 +211,7 @@ func Open(dir string, l Limits, now func() time.Time) (*Budget, error) {
 		return nil, err
 	default:
 		json.Unmarshal(data, &b.st)
+		b.onDisk = true
 	}
 	if b.st.Orders == nil {
 		b.st.Orders = map[string]bucket{}
@@ -494,6 +496,13 @@ func (b *Budget) save(now time.Time) error {
 	if b.shared != nil {
 		return nil // Budget.do writes the fields back
 	}
+	if !b.onDisk && b.st.empty() {
+		// Nothing spent (an order reserved and given back, as when the
+		// CA could not be reached): no file, and no state directory
+		// kept for it.
+		b.dirty, b.lastSave = false, time.Now()
+		return nil
+	}
 	data, err := json.MarshalIndent(b.st, "", "  ")
 	if err != nil {
 		return err
@@ -504,8 +513,13 @@ func (b *Budget) save(now time.Time) error {
 	if err := store.WriteFile(b.path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save rate budget: %w", err)
 	}
-	b.dirty, b.lastSave = false, time.Now()
+	b.dirty, b.lastSave, b.onDisk = false, time.Now(), true
 	return nil
+}
+
+// empty reports whether the state records nothing.
+func (s *state) empty() bool {
+	return len(s.Orders)+len(s.Domains)+len(s.Sets)+len(s.ARIUsed)+len(s.Failed)+len(s.Blocked)+len(s.Learned) == 0
 }
 
 // prune drops buckets that have refilled and blocks that have passed.

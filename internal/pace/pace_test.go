@@ -106,8 +106,9 @@ func TestDomainBucketAndPrune(t *testing.T) {
 	if err := b.Block(acct, c.t.Add(-time.Second)); err != nil {
 		t.Fatal(err)
 	}
+	// (No file at all when none was written before: nothing to keep.)
 	data, _ := os.ReadFile(filepath.Join(dir, FileName))
-	if strings.TrimSpace(string(data)) != "{}" {
+	if s := strings.TrimSpace(string(data)); s != "{}" && s != "" {
 		t.Fatalf("not pruned: %s", data)
 	}
 }
@@ -324,5 +325,36 @@ func TestReservedOrdersReachTheFileWithoutAFlush(t *testing.T) {
 			t.Fatalf("the reserved order is not in %s 5 s later: %q", FileName, data)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// An order reserved and given back (the CA could not be reached) leaves
+// no file: a run that spent nothing keeps no state directory for it. A
+// file already there is still written, empty or not.
+func TestNothingSpentWritesNoFile(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)}
+	l := LetsEncrypt
+	o := Order{Names: []string{"a.example.com"}}
+	b, _ := Open(dir, l, c.now)
+	if err := b.Reserve(acct, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Unreserve(acct, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, FileName)
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("nothing was spent, yet %s: %v", FileName, err)
+	}
+	b.Reserve(acct, o)
+	b.Flush()
+	b.Unreserve(acct, o)
+	b.Flush()
+	if data, err := os.ReadFile(path); err != nil || strings.Contains(string(data), "tokens") {
+		t.Fatalf("the order given back is still in the file: %q, %v", data, err)
 	}
 }
