@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lbcert/lbcert/internal/acme"
+	"github.com/lbcert/lbcert/internal/argfile"
 	"github.com/lbcert/lbcert/internal/ca"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/interrupt"
@@ -104,6 +105,10 @@ func (a *app) trapSignals() (release func()) {
 		a.say.warningf("interrupted: no new orders; deploying what was obtained (hooks get %s more); interrupt again to stop at once", grace)
 	})
 	a.ctx, a.hookStop, a.hardStop = s.Work, s.Hooks, s.Now
+	// A pipe named in a flag that stalls (a secret manager's) gives up
+	// at the second signal, as everything else does: the first still
+	// lets the report's mail read its password.
+	argfile.StopOn(s.Now)
 	return release
 }
 

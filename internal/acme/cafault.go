@@ -36,6 +36,11 @@ func CAFault(err error) (why string, ok bool) {
 		return "answered " + statusWords(err), true
 	case errors.Is(err, ErrCADown):
 		return "stopped answering mid-order", true
+	case untrustedCA(err):
+		// The CA, or something in front of it, shows a certificate this
+		// host does not trust: nothing can be said to it safely, and
+		// another CA is not affected.
+		return "showed a certificate this host does not trust (" + clip(msg) + ")", true
 	case Unreachable(err) || closedConnection(err):
 		return "did not answer (" + unreachableWords(err, msg) + ")", true
 	case strings.Contains(msg, "get directory at"), strings.Contains(msg, "could not read its directory"):

@@ -1,11 +1,14 @@
 package acme
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/url"
+	"strings"
 	"testing"
 
 	legoacme "github.com/go-acme/lego/v4/acme"
@@ -30,6 +33,11 @@ func TestCAFault(t *testing.T) {
 		{"500 serverInternal", problem("serverInternal", 500), true},
 		{"503 page", fmt.Errorf("obtain: 503 :: POST :: https://ca/new-order :: invalid character '<' :: <html>"), true},
 		{"directory", fmt.Errorf("ACME server https://ca/dir: get directory at 'https://ca/dir': 502 :: GET :: https://ca/dir"), true},
+		// The CA's certificate not trusted, at any request: as lego wraps
+		// it, and as go-jose's nonce request keeps only its text.
+		{"untrusted mid-order", fmt.Errorf("new order: %w", &url.Error{Op: "Post", URL: "https://ca/order-plz", Err: &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}}), true},
+		{"untrusted nonce", errors.New(`register account: failed to post JWS message: failed to sign content: go-jose/go-jose: Error generating nonce: failed to get nonce from HTTP HEAD: Head "https://ca/nonce-plz": tls: failed to verify certificate: x509: certificate has expired or is not yet valid`), true},
+		{"tls validation", problem("tls", 403), false},
 		{"validation", Explain(problem("incorrectResponse", 403)), false},
 		{"caa", problem("caa", 403), false},
 		{"rejectedIdentifier", problem("rejectedIdentifier", 400), false},
@@ -39,6 +47,12 @@ func TestCAFault(t *testing.T) {
 		{"account gone", problem("accountDoesNotExist", 400), false},
 		{"stalled challenge", &StalledChallengeError{Identifier: "a", Type: "http-01", Problem: &legoacme.ProblemDetails{Type: "urn:ietf:params:acme:error:connection", HTTPStatus: 500}}, false},
 	} {
+		if strings.HasPrefix(c.name, "untrusted") && FailedValidation(c.err) {
+			t.Errorf("%s: counted as a failed validation", c.name)
+		}
+		if c.name == "tls validation" && !FailedValidation(c.err) {
+			t.Errorf("the CA's tls problem is no longer a failed validation")
+		}
 		if why, got := CAFault(c.err); got != c.want || got && why == "" {
 			t.Errorf("%s: CAFault(%v) = %q, %v; want %v", c.name, c.err, why, got, c.want)
 		}

@@ -1,6 +1,7 @@
 package acme
 
 import (
+	"crypto/tls"
 	"errors"
 	"net"
 	"net/url"
@@ -112,7 +113,7 @@ func FailedValidation(err error) bool {
 	// read as the tls problem spent the name's failed-validation budget
 	// and kept the fallback CA from taking the order.
 	var ue *url.Error
-	if errors.As(err, &ue) {
+	if errors.As(err, &ue) || untrustedCA(err) {
 		return false
 	}
 	msg := err.Error()
@@ -122,6 +123,20 @@ func FailedValidation(err error) bool {
 		}
 	}
 	return false
+}
+
+// untrustedCA reports whether err is our TLS client refusing the CA's
+// certificate (untrusted, expired, for another name). Some of lego's
+// paths keep only its text (go-jose's nonce request formats it with %v);
+// a problem document the CA sent about a validation names its type in
+// full and is not this.
+func untrustedCA(err error) bool {
+	var cv *tls.CertificateVerificationError
+	if errors.As(err, &cv) {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "tls: failed to verify certificate") && !strings.Contains(msg, "urn:ietf:params:acme:error:")
 }
 
 // Refused reports whether the CA answered the order with a problem

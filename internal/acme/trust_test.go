@@ -232,7 +232,7 @@ func TestUntrustedCAIsNotAFailedValidation(t *testing.T) {
 	if FailedValidation(err) {
 		t.Errorf("counted as a failed validation: %v", err)
 	}
-	if why, ok := CAFault(err); !ok || !strings.HasPrefix(why, "did not serve its directory") {
+	if why, ok := CAFault(err); !ok || !strings.HasPrefix(why, "showed a certificate this host does not trust") {
 		t.Errorf("CAFault %q %v: want the CA's fault", why, ok)
 	}
 }

@@ -13,18 +13,48 @@
 // file. Anything else (a directory, a socket, a device) is refused at
 // once.
 //
+// A pipe can be read once, and a run may read a file twice (the settings
+// are checked, then used): Read keeps what it read from a pipe and gives
+// it again for the same path. A run interrupted twice stops waiting on a
+// pipe at once (StopOn).
+//
 // Errors never name the path: the caller names the flag and the path.
 package argfile
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 )
+
+var (
+	// piped is what Read read from each pipe, by path.
+	piped sync.Map
+	// stop ends every wait on a pipe when done (StopOn).
+	stop = context.Background()
+	mu   sync.Mutex
+)
+
+// StopOn makes a read from a pipe give up as soon as ctx is done: a run
+// told to stop at once while a secret manager's pipe stalls ends then,
+// not Idle later.
+func StopOn(ctx context.Context) {
+	mu.Lock()
+	stop = ctx
+	mu.Unlock()
+}
+
+func stopCtx() context.Context {
+	mu.Lock()
+	defer mu.Unlock()
+	return stop
+}
 
 // Idle is how long a read from a pipe waits for data.
 var Idle = 30 * time.Second
@@ -71,6 +101,10 @@ func Open(path string) (io.ReadCloser, error) {
 // Read is the content of path, at most limit bytes (more is an error:
 // a bundle cut short would be read as a smaller one).
 func Read(path string, limit int64) ([]byte, error) {
+	key := pipeKey(path)
+	if data, ok := piped.Load(key); ok && key != "" {
+		return data.([]byte), nil
+	}
 	r, err := Open(path)
 	if err != nil {
 		return nil, err
@@ -83,7 +117,24 @@ func Read(path string, limit int64) ([]byte, error) {
 	if int64(len(data)) > limit {
 		return nil, fmt.Errorf("larger than %d KiB: not the file wanted", limit>>10)
 	}
+	if _, ok := r.(*pipe); ok && key != "" {
+		piped.Store(key, data)
+	}
 	return data, nil
+}
+
+// pipeKey names the pipe path leads to, without opening it: the path
+// and the pipe's inode (a /dev/fd/N path may name another pipe later).
+func pipeKey(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
+		return ""
+	}
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	if st == nil {
+		return ""
+	}
+	return fmt.Sprintf("%s %d %d", path, st.Dev, st.Ino)
 }
 
 // plain is a regular file whose errors do not name it.
@@ -107,9 +158,16 @@ func (p *pipe) Read(b []byte) (int, error) {
 	if err := p.f.SetReadDeadline(time.Now().Add(Idle)); err != nil {
 		return 0, bare(err)
 	}
+	ctx := stopCtx()
+	undo := context.AfterFunc(ctx, func() { p.f.SetReadDeadline(time.Unix(1, 0)) })
 	n, err := p.f.Read(b)
+	undo()
 	p.read += int64(n)
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() != nil:
+		return n, errors.New("a pipe: interrupted while waiting for its writer")
+	case errors.Is(err, os.ErrDeadlineExceeded) && p.read > 0:
+		return n, fmt.Errorf("a pipe: nothing more written to it for %s, and no end", Idle)
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return n, fmt.Errorf("a pipe: nothing written to it for %s", Idle)
 	case err == io.EOF && p.read == 0:

@@ -1,6 +1,7 @@
 package argfile
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -97,7 +98,7 @@ func TestReadAPipe(t *testing.T) {
 	io.WriteString(w, "half")
 	start := time.Now()
 	_, err = within(t, "a stalled pipe", func() ([]byte, error) { return Read(p, Secret) })
-	if err == nil || !strings.Contains(err.Error(), "nothing written to it for 200ms") {
+	if err == nil || !strings.Contains(err.Error(), "nothing more written to it for 200ms") {
 		t.Fatalf("a stalled pipe: %v", err)
 	}
 	if d := time.Since(start); d < Idle {
@@ -117,5 +118,42 @@ func TestReadOverTheLimit(t *testing.T) {
 	}
 	if !errors.Is(func() error { _, err := Open("/dev/zero"); return err }(), ErrNotFile) {
 		t.Fatal("a device was opened")
+	}
+}
+
+// A pipe is read once; a second Read of its path (settings checked, then
+// used) gives what the first read, where the pipe would now read empty.
+// A regular file is read again.
+func TestReadAPipeTwice(t *testing.T) {
+	p, w := pipePath(t)
+	go func() { io.WriteString(w, "bundle"); w.Close() }()
+	for i := range 2 {
+		b, err := within(t, "a pipe", func() ([]byte, error) { return Read(p, Secret) })
+		if err != nil || string(b) != "bundle" {
+			t.Fatalf("read %d: %q, %v", i+1, b, err)
+		}
+	}
+	file := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(file, []byte("one"), 0o600)
+	Read(file, Secret)
+	os.WriteFile(file, []byte("two"), 0o600)
+	if b, _ := Read(file, Secret); string(b) != "two" {
+		t.Fatalf("a regular file was not read again: %q", b)
+	}
+}
+
+// A read waiting on a stalled pipe gives up as soon as StopOn's context
+// is done, not Idle later.
+func TestReadAPipeStops(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	StopOn(ctx)
+	defer StopOn(context.Background())
+	p, w := pipePath(t)
+	io.WriteString(w, "half")
+	time.AfterFunc(200*time.Millisecond, cancel)
+	start := time.Now()
+	_, err := within(t, "a stalled pipe, stopped", func() ([]byte, error) { return Read(p, Secret) })
+	if err == nil || !strings.Contains(err.Error(), "interrupted") || time.Since(start) > 3*time.Second {
+		t.Fatalf("after %s: %v", time.Since(start), err)
 	}
 }

@@ -176,7 +176,7 @@ type Budget struct {
 	st       state
 	dirty    bool        // spent tokens not yet on disk
 	lastSave time.Time   // wall clock of the last write
-	onDisk   bool        // the file exists (read at Open, or written since)
+	hadFile  bool        // the file existed at Open
 	later    *time.Timer // writes what is dirty saveEvery after lastSave; nil once written or flushed
 	// exempted are the "replaces" values whose order this process
 	// reserved under the ARI exemption: a refund gives back what the
@@ -211,7 +211,7 @@ func Open(dir string, l Limits, now func() time.Time) (*Budget, error) {
 		return nil, err
 	default:
 		json.Unmarshal(data, &b.st)
-		b.onDisk = true
+		b.hadFile = true
 	}
 	if b.st.Orders == nil {
 		b.st.Orders = map[string]bucket{}
@@ -496,10 +496,13 @@ func (b *Budget) save(now time.Time) error {
 	if b.shared != nil {
 		return nil // Budget.do writes the fields back
 	}
-	if !b.onDisk && b.st.empty() {
+	if !b.hadFile && b.st.empty() {
 		// Nothing spent (an order reserved and given back, as when the
 		// CA could not be reached): no file, and no state directory
-		// kept for it.
+		// kept for it, even if the timer wrote the reservation first.
+		if err := os.Remove(b.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("save rate budget: %w", err)
+		}
 		b.dirty, b.lastSave = false, time.Now()
 		return nil
 	}
@@ -513,7 +516,7 @@ func (b *Budget) save(now time.Time) error {
 	if err := store.WriteFile(b.path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save rate budget: %w", err)
 	}
-	b.dirty, b.lastSave, b.onDisk = false, time.Now(), true
+	b.dirty, b.lastSave = false, time.Now()
 	return nil
 }
 

@@ -350,11 +350,25 @@ func TestNothingSpentWritesNoFile(t *testing.T) {
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("nothing was spent, yet %s: %v", FileName, err)
 	}
+	// The reservation written (by the timer, a slow CA later) and then
+	// given back: the file goes again.
 	b.Reserve(acct, o)
 	b.Flush()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the reservation was not written: %v", err)
+	}
+	b.Unreserve(acct, o)
+	b.Flush()
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("nothing spent in the end, yet %s: %v", FileName, err)
+	}
+	// A file there before this run is kept, whatever it holds.
+	os.WriteFile(path, []byte("{}\n"), 0o600)
+	b, _ = Open(dir, l, c.now)
+	b.Reserve(acct, o)
 	b.Unreserve(acct, o)
 	b.Flush()
 	if data, err := os.ReadFile(path); err != nil || strings.Contains(string(data), "tokens") {
-		t.Fatalf("the order given back is still in the file: %q, %v", data, err)
+		t.Fatalf("a file from before: %q, %v", data, err)
 	}
 }
