@@ -93,6 +93,8 @@ func Open(path string) (io.ReadCloser, error) {
 	case fi.IsDir():
 		f.Close()
 		return nil, ErrDirectory
+	case isDevNull(fi):
+		return plain{f}, nil // "--config /dev/null": no file, said so
 	}
 	f.Close()
 	return nil, ErrNotFile
@@ -179,6 +181,13 @@ func (p *pipe) Read(b []byte) (int, error) {
 }
 
 func (p *pipe) Close() error { return p.f.Close() }
+
+// isDevNull reports whether fi is /dev/null (character device 1, 3),
+// the usual way to say "an empty file".
+func isDevNull(fi fs.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && fi.Mode()&fs.ModeCharDevice != 0 && st.Rdev == 1<<8|3
+}
 
 // bare is err without the path an *os.PathError adds.
 func bare(err error) error {

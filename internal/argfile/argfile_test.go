@@ -51,11 +51,15 @@ func TestReadRefusesWithoutBlocking(t *testing.T) {
 	if b, err := Read(file, Secret); err != nil || string(b) != "PEM" {
 		t.Fatalf("a regular file: %q, %v", b, err)
 	}
+	// /dev/null is the usual empty file ("--config /dev/null").
+	if b, err := Read("/dev/null", Secret); err != nil || len(b) != 0 {
+		t.Fatalf("/dev/null: %q, %v", b, err)
+	}
 	cases := map[string]string{
 		fifo:                        "a pipe with nothing written to it",
 		dir:                         "a directory, not a file",
 		sock:                        "not a regular file or a pipe",
-		"/dev/null":                 "not a regular file or a pipe",
+		"/dev/zero":                 "not a regular file or a pipe",
 		filepath.Join(dir, "gone"):  "no such file or directory",
 		filepath.Join(file, "deep"): "not a directory",
 	}
