@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -32,9 +33,20 @@ var perCertificate = 5 * time.Millisecond
 
 // testLimit is the time limit of d's config test and reload:
 // commandTimeout, plus perCertificate for each certificate the test
-// loads. Counting reads a directory's names or the include file once per
-// deploy, not per lineage.
+// loads (loadedCertificates).
 func testLimit(d store.Deploy) time.Duration {
+	return limitFor(loadedCertificates(d))
+}
+
+func limitFor(certificates int) time.Duration {
+	return commandTimeout + time.Duration(certificates)*perCertificate
+}
+
+// loadedCertificates counts the certificates d's config test loads from
+// the files lbcert writes: HAProxy's crt directory and nginx's include
+// file. Counting reads a directory's names or the include file once per
+// deploy, not per lineage.
+func loadedCertificates(d store.Deploy) int {
 	n := 0
 	if d.HAProxyCerts != "" {
 		if f, err := os.Open(d.HAProxyCerts); err == nil {
@@ -49,7 +61,7 @@ func testLimit(d store.Deploy) time.Duration {
 			n += bytes.Count(data, []byte("ssl_certificate_key"))
 		}
 	}
-	return commandTimeout + time.Duration(n)*perCertificate
+	return n
 }
 
 func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, results []Result) {
@@ -66,12 +78,14 @@ func (r *Runner) runNginx(ctx context.Context, g *group, changes []Change, resul
 			return
 		}
 	}
-	if err := nginxReload(ctx, d); err != nil {
+	if failed := nginxReload(ctx, d); failed != nil {
+		err := failed
 		if uerr := undo(); uerr != nil {
 			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
 		}
 		r.rollback(g, changes, results, err, nil)
 		r.dropTakenOut(d, g, changes, results)
+		settle(failed)
 		return
 	}
 	slog.Info("nginx tested and reloaded", "conf", d.NginxConf, "certificates", len(g.changes))
@@ -122,9 +136,17 @@ func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(s
 	return func(name string) bool { return skip[name] }
 }
 
-// nginxReload tests nginx's config once, then reloads it once.
+// nginxReload tests nginx's config once, then reloads it once. With
+// an include file of besideFrom server blocks or more, and a master it
+// can signal itself, it tests and reloads side by side (testBeside).
 func nginxReload(ctx context.Context, d store.Deploy) error {
-	limit := testLimit(d)
+	certificates := loadedCertificates(d)
+	limit := limitFor(certificates)
+	if d.ReloadCmd == "" && certificates >= besideFrom {
+		if pid, ok := nginxMaster(ctx, d); ok {
+			return testBeside(ctx, d, pid, limit)
+		}
+	}
 	out, err := run(ctx, limit, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
 	if err != nil {
 		return &testFailed{nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), err, out)), out}
@@ -144,6 +166,76 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 		return cmdError("reload nginx", err, out)
 	}
 	return nil
+}
+
+// besideFrom is the include file size, in server blocks, from which the
+// config test and the reload run side by side. nginx loads every block's
+// certificate and key, once for "nginx -t" and once more in the master
+// at reload: about a millisecond a block with OpenSSL 3, so 100,000
+// blocks took two minutes each on a 2-core machine, and a node joining
+// a fleet of that size served four minutes after its last install
+// (internal/bench/README.md). Below this size both together take under
+// about ten seconds, and the test runs first. Tests lower it.
+var besideFrom = 10_000
+
+// testBeside signals nginx's master to reload while "nginx -t" tests
+// the same files, and returns the test's verdict once it ends. This is
+// safe because an nginx reload is all or nothing: a master whose new
+// config fails to load (the very failures "nginx -t" reports) logs it
+// and goes on serving its old config with its old workers. So the test
+// still decides: when it fails, the caller puts its files back and
+// rolls back, and then reloads again (settle), so that the master holds
+// the files as they are now even if its reload got further than the
+// test (a test killed at its time limit). The cost is memory: nginx
+// holds the config three times for a while (the test, and the master's
+// old and new one) rather than twice.
+func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duration) error {
+	type verdict struct {
+		out string
+		err error
+	}
+	done := make(chan verdict, 1)
+	go func() {
+		out, err := run(ctx, limit, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
+		done <- verdict{out, err}
+	}()
+	hup := syscall.Kill(pid, syscall.SIGHUP)
+	v := <-done
+	if v.err != nil {
+		err := nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), v.err, v.out))
+		return &signalledBeside{&testFailed{err, v.out}, pid}
+	}
+	if hup != nil {
+		return fmt.Errorf("reload nginx (signal its master, PID %d): %v", pid, hup)
+	}
+	slog.Info("nginx tested while it reloaded", "conf", d.NginxConf, "master", pid)
+	return nil
+}
+
+// signalledBeside is a failed config test whose reload was signalled
+// beside it (testBeside): once the files are back, nginx is reloaded
+// again (settle).
+type signalledBeside struct {
+	*testFailed
+	pid int
+}
+
+func (e *signalledBeside) Unwrap() error { return e.testFailed }
+
+// settle reloads nginx again after err's files were put back, when err
+// is a failed test whose reload was signalled beside it. The master
+// handles a signal that arrives while it loads a config once that load
+// ends, so this reload comes after the first, whatever the first did.
+func settle(err error) {
+	var sb *signalledBeside
+	if !errors.As(err, &sb) {
+		return
+	}
+	if kerr := syscall.Kill(sb.pid, syscall.SIGHUP); kerr != nil {
+		slog.Warn("could not reload nginx with its files put back", "master", sb.pid, "err", kerr)
+		return
+	}
+	slog.Info("nginx reloaded again, with its files put back", "master", sb.pid)
 }
 
 // nginxMaster finds the running master of d's config, to reload it with

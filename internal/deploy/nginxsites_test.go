@@ -10,8 +10,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
 )
@@ -117,11 +119,14 @@ func TestNamesHash(t *testing.T) {
 // countingStore counts the lineages read in full.
 type countingStore struct {
 	*store.Store
+	mu    sync.Mutex // the include file's lineages are read several at once
 	loads map[string]int
 }
 
 func (c *countingStore) Load(name string) (*store.Lineage, error) {
+	c.mu.Lock()
 	c.loads[name]++
+	c.mu.Unlock()
 	return c.Store.Load(name)
 }
 
@@ -420,5 +425,129 @@ func TestIncludeDropsAFirstCertificateTakenOut(t *testing.T) {
 	now, _ := os.ReadFile(d.NginxInclude)
 	if sites := parseSites(now); sites["new.example"].Name != "" || sites["old.example"].Name == "" {
 		t.Fatalf("the include file after the rollback:\n%s", now)
+	}
+}
+
+// hupCounter is a stand-in nginx master: a shell whose process title is
+// an nginx master's, appending a line to its file at each SIGHUP.
+func hupCounter(t *testing.T, dir string) (pid int, hups string) {
+	t.Helper()
+	// As in TestReloadSignalsTheMaster: a handler of this process's own
+	// lets the child start with SIGHUP's default action, which its trap
+	// then replaces.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	t.Cleanup(func() { signal.Stop(hup) })
+	hups = filepath.Join(dir, "hups")
+	ready := filepath.Join(dir, "master-ready")
+	script := fmt.Sprintf("trap 'echo hup >> %s' HUP; touch %s; while :; do sleep 0.02; done", hups, ready)
+	master := exec.Command("/bin/bash", "-c", `exec -a "nginx: master process (stand-in)" /bin/bash -c "$0"`, script)
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { master.Process.Kill(); master.Wait() })
+	for i := 0; ; i++ {
+		if _, err := os.Stat(ready); err == nil {
+			return master.Process.Pid, hups
+		}
+		if i > 500 {
+			t.Fatal("the stand-in master did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func countLines(path string) int {
+	data, _ := os.ReadFile(path)
+	return strings.Count(string(data), "\n")
+}
+
+// TestLargeIncludeTestsWhileReloading: with an include of besideFrom
+// blocks or more, the master is signalled to reload while "nginx -t"
+// runs (the stand-in test passes only once the master has had its
+// SIGHUP), and the deploy is decided by the test. A failed test rolls
+// back, puts the file back, and reloads once more so that the master
+// holds the files as they are.
+func TestLargeIncludeTestsWhileReloading(t *testing.T) {
+	defer func(n int) { besideFrom = n }(besideFrom)
+	besideFrom = 2
+	st, d, log, failFlag := includeSetup(t)
+	dir := filepath.Dir(d.NginxConf)
+	pid, hups := hupCounter(t, dir)
+	pidFile := filepath.Join(dir, "nginx.pid")
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", pid)), 0o644)
+	os.WriteFile(d.NginxConf, []byte("pid "+pidFile+";\nevents {}\n"), 0o644)
+	// The stand-in "nginx -t" waits up to 5 s for the master to have had
+	// the SIGHUPs the file want names, and fails without them: only a
+	// test run beside the reload passes.
+	want := filepath.Join(dir, "want")
+	script := fmt.Sprintf("#!/bin/sh\n[ \"$1\" = -V ] && exit 0\necho \"$*\" >> %s\nhups() { cat %s 2>/dev/null | wc -l; }\n"+
+		"if [ \"$1\" = -t ]; then\n  n=0; want=$(cat %s)\n"+
+		"  while [ $(hups) -lt $want ] && [ $n -lt 250 ]; do sleep 0.02; n=$((n+1)); done\n"+
+		"  [ $(hups) -ge $want ] || { echo 'test: the master was not reloaded beside me' >&2; exit 3; }\n"+
+		"  [ -e %s ] && { echo 'emerg: broken' >&2; exit 1; }\nfi\nexit 0\n", log, hups, want, failFlag)
+	expect := func(n int) { os.WriteFile(want, []byte(fmt.Sprint(n)), 0o644) }
+	expect(1)
+	os.WriteFile(d.NginxBin, []byte(script), 0o755)
+
+	r := &Runner{Store: st}
+	var changes []Change
+	for _, name := range []string{"a.example", "b.example"} {
+		_, prev := saveVersion(t, st, name, "v1")
+		changes = append(changes, Change{Name: name, Domains: []string{name}, Previous: prev, Deploy: d})
+	}
+	for _, res := range r.Run(context.Background(), changes) {
+		if res.Failed() || !res.Deployed {
+			t.Fatalf("%s: %+v", res.Name, res)
+		}
+	}
+	if got := countLines(hups); got != 1 {
+		t.Fatalf("want one reload, the master had %d SIGHUPs", got)
+	}
+	if calls, _ := os.ReadFile(log); string(calls) != "-t -c "+d.NginxConf+"\n" {
+		t.Fatalf("want one test and the reload by signal, nginx was run:\n%s", calls)
+	}
+	before, _ := os.ReadFile(d.NginxInclude)
+
+	// The test fails: the master was signalled beside it, so it is
+	// signalled again once the file is back.
+	os.WriteFile(failFlag, nil, 0o644)
+	expect(2)
+	for i := range changes {
+		_, changes[i].Previous = saveVersion(t, st, changes[i].Name, "v2")
+	}
+	_, prev := saveVersion(t, st, "c.example", "v1")
+	changes = append(changes, Change{Name: "c.example", Domains: []string{"c.example"}, Previous: prev, Deploy: d})
+	for _, res := range r.Run(context.Background(), changes) {
+		if !res.RolledBack || !strings.Contains(res.Err.Error(), "emerg: broken") {
+			t.Fatalf("%s: %+v", res.Name, res)
+		}
+	}
+	if now, _ := os.ReadFile(d.NginxInclude); string(now) != string(before) {
+		t.Fatalf("include file not put back:\n%s", now)
+	}
+	for i := 0; countLines(hups) < 3 && i < 250; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := countLines(hups); got != 3 {
+		t.Fatalf("want the reload beside the failed test and one more after the rollback (3 in all), the master had %d", got)
+	}
+
+	// Below besideFrom the test comes first: the stand-in test, waiting
+	// for a SIGHUP that is not coming, fails.
+	besideFrom = 100
+	os.Remove(failFlag)
+	os.Remove(hups)
+	expect(1)
+	for i := range changes[:2] {
+		_, changes[i].Previous = saveVersion(t, st, changes[i].Name, "v3")
+	}
+	for _, res := range r.Run(context.Background(), changes[:2]) {
+		if !res.RolledBack || !strings.Contains(res.Err.Error(), "not reloaded beside me") {
+			t.Fatalf("%s: %+v", res.Name, res)
+		}
+	}
+	if got := countLines(hups); got != 0 {
+		t.Fatalf("a small include's failed test reloaded the master %d times", got)
 	}
 }

@@ -82,12 +82,14 @@ func (r *Runner) Unlist(ctx context.Context, name string, d store.Deploy, keep b
 	if err != nil {
 		return fmt.Errorf("write nginx include %s: %v", d.NginxInclude, err)
 	}
-	err = nginxReload(ctx, d)
+	failed := nginxReload(ctx, d)
+	err = failed
 	if err != nil && !keep {
 		if uerr := undo(); uerr != nil {
 			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
 		}
 	}
+	settle(failed)
 	return err
 }
 
