@@ -243,9 +243,6 @@ func (s *Store) SetJournal(name string, j Journal) error {
 // error of lineages[i], nil when its journal was saved.
 func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 	errs = make([]error, len(lineages))
-	var files []FileWrite
-	var at []int      // the lineages index of each file
-	var recs []record // and its record
 	held := map[string]bool{}
 	for i, name := range lineages {
 		if errs[i] = names.Lineage(name); errs[i] != nil {
@@ -255,24 +252,56 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 			held[name] = true
 			defer s.lockRecord(name)()
 		}
-		r, err := s.readRecord(name)
-		if err != nil {
-			errs[i] = err
-			continue
-		}
-		r.Journal = js[i]
-		if r == (record{}) {
+	}
+	// Each record is read and encoded beside the others (the lineages'
+	// locks are held): a node joining a fleet records 100,000.
+	type encoded struct {
+		data   []byte
+		rec    record
+		remove bool
+	}
+	enc := make([]encoded, len(lineages))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(journalWorkers, len(lineages)) {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(lineages); i = int(next.Add(1) - 1) {
+				if errs[i] != nil {
+					continue
+				}
+				r, err := s.readRecord(lineages[i])
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				r.Journal = js[i]
+				if r == (record{}) {
+					enc[i].remove = true
+					continue
+				}
+				data, err := json.MarshalIndent(r, "", "  ")
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				enc[i] = encoded{data: append(data, '\n'), rec: r}
+			}
+		})
+	}
+	wg.Wait()
+	var files []FileWrite
+	var at []int      // the lineages index of each file
+	var recs []record // and its record
+	for i, name := range lineages {
+		switch {
+		case errs[i] != nil:
+		case enc[i].remove:
 			errs[i] = s.removeRecord(name)
-			continue
+		default:
+			files = append(files, FileWrite{Path: s.statusPath(name), Data: enc[i].data, Perm: 0o600})
+			at = append(at, i)
+			recs = append(recs, enc[i].rec)
 		}
-		data, err := json.MarshalIndent(r, "", "  ")
-		if err != nil {
-			errs[i] = err
-			continue
-		}
-		files = append(files, FileWrite{Path: s.statusPath(name), Data: append(data, '\n'), Perm: 0o600})
-		at = append(at, i)
-		recs = append(recs, r)
 	}
 	if len(files) == 0 {
 		return errs
@@ -304,6 +333,9 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 	}
 	return errs
 }
+
+// journalWorkers is how many records SetJournals reads at once.
+const journalWorkers = 4
 
 // writeFiles is WriteFiles; tests replace it to fail on cue.
 var writeFiles = WriteFiles
