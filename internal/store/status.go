@@ -253,42 +253,7 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 			defer s.lockRecord(name)()
 		}
 	}
-	// Each record is read and encoded beside the others (the lineages'
-	// locks are held): a node joining a fleet records 100,000.
-	type encoded struct {
-		data   []byte
-		rec    record
-		remove bool
-	}
-	enc := make([]encoded, len(lineages))
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(journalWorkers, len(lineages)) {
-		wg.Go(func() {
-			for i := int(next.Add(1) - 1); i < len(lineages); i = int(next.Add(1) - 1) {
-				if errs[i] != nil {
-					continue
-				}
-				r, err := s.readRecord(lineages[i])
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				r.Journal = js[i]
-				if r == (record{}) {
-					enc[i].remove = true
-					continue
-				}
-				data, err := json.MarshalIndent(r, "", "  ")
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				enc[i] = encoded{data: append(data, '\n'), rec: r}
-			}
-		})
-	}
-	wg.Wait()
+	enc := s.encodeJournals(lineages, js, errs)
 	var files []FileWrite
 	var at []int      // the lineages index of each file
 	var recs []record // and its record
@@ -332,6 +297,52 @@ func (s *Store) SetJournals(lineages []string, js []Journal) (errs []error) {
 		}
 	}
 	return errs
+}
+
+// encodedRecord is one lineage's record with its new journal, encoded,
+// or to be removed when nothing is left in it.
+type encodedRecord struct {
+	data   []byte
+	rec    record
+	remove bool
+}
+
+// encodeJournals reads each lineage's record and encodes it with its new
+// journal, journalWorkers at a time (a node joining a fleet records
+// 100,000); the caller holds the lineages' locks. errs[i] is set for a
+// lineage that could not be read or encoded; one that already has an
+// error is skipped.
+func (s *Store) encodeJournals(lineages []string, js []Journal, errs []error) []encodedRecord {
+	enc := make([]encodedRecord, len(lineages))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(journalWorkers, len(lineages)) {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(lineages); i = int(next.Add(1) - 1) {
+				if errs[i] != nil {
+					continue
+				}
+				r, err := s.readRecord(lineages[i])
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				r.Journal = js[i]
+				if r == (record{}) {
+					enc[i].remove = true
+					continue
+				}
+				data, err := json.MarshalIndent(r, "", "  ")
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				enc[i] = encodedRecord{data: append(data, '\n'), rec: r}
+			}
+		})
+	}
+	wg.Wait()
+	return enc
 }
 
 // journalWorkers is how many records SetJournals reads at once.
