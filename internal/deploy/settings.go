@@ -196,6 +196,8 @@ func checkNginxInclude(d *store.Deploy, stateDir string) error {
 	}
 	if fi, err := os.Stat(d.NginxInclude); err == nil && fi.IsDir() {
 		return fmt.Errorf("--nginx-include %s: is a directory; name the file lbcert writes, like /etc/nginx/conf.d/lbcert.conf", d.NginxInclude)
+	} else if err == nil && !fi.Mode().IsRegular() {
+		return fmt.Errorf("--nginx-include %s: not a regular file (a pipe, socket or device); name the file lbcert writes, like /etc/nginx/conf.d/lbcert.conf", d.NginxInclude)
 	}
 	if fi, err := os.Stat(filepath.Dir(d.NginxInclude)); err != nil || !fi.IsDir() {
 		return fmt.Errorf("--nginx-include %s: no directory %s", d.NginxInclude, filepath.Dir(d.NginxInclude))
@@ -237,6 +239,11 @@ func existingFile(flag, path string) (string, error) {
 	}
 	if fi.IsDir() {
 		return "", fmt.Errorf("%s %s: is a directory", flag, path)
+	}
+	if !fi.Mode().IsRegular() {
+		// The load balancer and lbcert read it at every test and reload:
+		// a pipe would be empty the second time, or block lbcert.
+		return "", fmt.Errorf("%s %s: not a regular file (a pipe, socket or device); name the file itself", flag, path)
 	}
 	return abs, nil
 }
