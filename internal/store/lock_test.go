@@ -77,3 +77,42 @@ func TestWaiterAfterTheDirectoryWasRemoved(t *testing.T) {
 		t.Fatalf("what the waiter wrote is not in the state directory: %v", err)
 	}
 }
+
+// TestDirWithDotDotCreatesNothingElse: a state directory named through a
+// directory that does not exist ("x/a/../b") is x/b; taking the lock
+// creates only x/b, and a run that wrote nothing leaves neither. A ".."
+// after a directory that exists is left to the kernel (a symbolic link
+// leaves by its target's parent).
+func TestDirWithDotDotCreatesNothingElse(t *testing.T) {
+	root := t.TempDir()
+	for _, tc := range []struct{ in, want string }{
+		{root + "/x/a/../b", root + "/x/b"},
+		{root + "/x/a/../../b/", root + "/b"},
+		{root + "/./x//c", root + "/./x//c"}, // no "..": as given
+		{"a/../b", "b"},
+		{"../b", "../b"},
+		{"a/../..", ".."},
+	} {
+		if got := New(tc.in).Dir; got != tc.want {
+			t.Errorf("New(%q).Dir = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+	os.MkdirAll(filepath.Join(root, "real", "inner"), 0o755)
+	os.Symlink(filepath.Join(root, "real", "inner"), filepath.Join(root, "link"))
+	if got, want := New(root+"/link/../s").Dir, root+"/link/../s"; got != want {
+		t.Errorf("through a link: %q, want %q", got, want)
+	}
+
+	s := New(filepath.Join(root, "x", "a", "..", "b"))
+	l, err := s.TryLock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "x", "a")); err == nil {
+		t.Fatal("x/a was created on the way to x/a/../b")
+	}
+	l.Unlock()
+	if _, err := os.Stat(filepath.Join(root, "x")); err == nil {
+		t.Fatal("a state directory made for nothing was left (x)")
+	}
+}

@@ -27,12 +27,14 @@
 package store
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -72,7 +74,46 @@ type Store struct {
 
 // New returns the store rooted at dir. It touches nothing on disk, so bad
 // input refused after New still leaves no files behind.
-func New(dir string) *Store { return &Store{Dir: dir} }
+func New(dir string) *Store { return &Store{Dir: withoutMissingParents(dir)} }
+
+// withoutMissingParents is dir with each ".." that follows a directory
+// that does not exist taken out with that directory, lexically: the
+// kernel cannot resolve "/x/a/.." without /x/a, and creating the state
+// directory (os.MkdirAll) would otherwise create /x/a on the way and
+// leave it behind. A ".." after a directory that exists is kept, since
+// that directory may be a symbolic link, which ".." leaves by its
+// target's parent.
+func withoutMissingParents(dir string) string {
+	const sep = string(filepath.Separator)
+	elems := strings.Split(dir, sep)
+	if !slices.Contains(elems, "..") {
+		return dir
+	}
+	// kept are the elements so far; joined without filepath.Join, which
+	// would take every ".." out lexically.
+	var kept []string
+	path := func() string {
+		p := strings.Join(kept, sep)
+		if filepath.IsAbs(dir) {
+			return sep + p
+		}
+		return cmp.Or(p, ".")
+	}
+	for _, e := range elems {
+		switch {
+		case e == "" || e == ".":
+		case e == ".." && len(kept) > 0 && kept[len(kept)-1] != "..":
+			if _, err := os.Lstat(path()); err != nil {
+				kept = kept[:len(kept)-1]
+				continue
+			}
+			kept = append(kept, e)
+		default:
+			kept = append(kept, e)
+		}
+	}
+	return path()
+}
 
 // Challenge is how a lineage proves control of its names.
 type Challenge struct {
