@@ -247,5 +247,11 @@ func (r *Runner) rollback(g *group, changes []Change, results []Result, cause er
 			results[i].Check = fingerprint(tf.output)
 		}
 	}
+	if sb := (*signalledBeside)(nil); errors.As(cause, &sb) {
+		// The master was signalled beside the test (testBeside): it tried
+		// the same files and failed as the test did, and is signalled again.
+		slog.Warn("deploy failed; rolled back (each name to the certificate it had, if any); nginx, signalled beside its test, is reloaded again with them", "lineages", len(g.changes))
+		return
+	}
 	slog.Warn("deploy failed; rolled back (each name to the certificate it had, if any), nothing reloaded", "lineages", len(g.changes))
 }

@@ -143,7 +143,7 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 	certificates := loadedCertificates(d)
 	limit := limitFor(certificates)
 	if d.ReloadCmd == "" && certificates >= besideFrom {
-		if pid, ok := nginxMaster(ctx, d); ok {
+		if pid, ok, err := nginxMaster(ctx, d); ok && err == nil {
 			return testBeside(ctx, d, pid, limit)
 		}
 	}
@@ -157,7 +157,11 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 		}
 		return nil
 	}
-	if pid, ok := nginxMaster(ctx, d); ok {
+	pid, ok, err := nginxMaster(ctx, d)
+	if err != nil {
+		return err
+	}
+	if ok {
 		if err := syscall.Kill(pid, syscall.SIGHUP); err == nil {
 			return nil
 		}
@@ -183,17 +187,23 @@ var besideFrom = 10_000
 // safe because an nginx reload is all or nothing: a master whose new
 // config fails to load (the very failures "nginx -t" reports) logs it
 // and goes on serving its old config with its old workers. So the test
-// still decides: when it fails, the caller puts its files back and
-// rolls back, and then reloads again (settle), so that the master holds
-// the files as they are now even if its reload got further than the
-// test (a test killed at its time limit). The cost is memory: nginx
-// holds the config three times for a while (the test, and the master's
-// old and new one) rather than twice.
+// still decides. When it fails, the master is left to finish loading
+// the same files, and to fail on them as the test did, before the
+// caller puts its files back (masterSettled): put back while the
+// master was still reading, they would give it a mix of old and new
+// files that loads, and it would serve certificates of a deploy the
+// test refused. Then the caller rolls back and reloads again (settle),
+// so that the master holds the files as they are now, even if its
+// reload got further than the test (a test killed at its time limit).
+// The cost is memory: nginx holds the config three times for a while
+// (the test, and the master's old and new one) rather than twice.
 func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duration) error {
 	type verdict struct {
 		out string
 		err error
 	}
+	start := time.Now()
+	cpu, _ := procState(pid)
 	done := make(chan verdict, 1)
 	go func() {
 		out, err := run(ctx, limit, nil, "", d.NginxBin, "-t", "-c", d.NginxConf)
@@ -202,14 +212,72 @@ func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duratio
 	hup := syscall.Kill(pid, syscall.SIGHUP)
 	v := <-done
 	if v.err != nil {
+		if hup == nil && !masterSettled(pid, cpu, start.Add(limit)) {
+			slog.Warn("nginx's master was still loading its config at the time limit; putting the files back anyway", "master", pid)
+		}
 		err := nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), v.err, v.out))
 		return &signalledBeside{&testFailed{err, v.out}, pid}
 	}
 	if hup != nil {
-		return fmt.Errorf("reload nginx (signal its master, PID %d): %v", pid, hup)
+		// As when the test comes first: nginx finds its master itself.
+		if out, err := run(ctx, limit, nil, "", d.NginxBin, "-s", "reload", "-c", d.NginxConf); err != nil {
+			return cmdError("reload nginx", err, out)
+		}
+		return nil
 	}
 	slog.Info("nginx tested while it reloaded", "conf", d.NginxConf, "master", pid)
 	return nil
+}
+
+// masterSettled waits until nginx's master, signalled to reload when
+// its CPU time was cpuBefore, is done loading its config: it has used
+// CPU since (or two seconds went by: a small config loads within one
+// tick of the CPU clock) and has then been asleep, using none, for
+// three looks 50 ms apart. A master loading a config is running; one
+// that has loaded it, or failed to, sleeps until its next signal. It
+// reports false at the deadline, or when the master cannot be read.
+func masterSettled(pid int, cpuBefore time.Duration, deadline time.Time) bool {
+	start, quiet := time.Now(), 0
+	last := time.Duration(-1)
+	for time.Now().Before(deadline) {
+		cpu, state := procState(pid)
+		switch {
+		case state == 0:
+			return false
+		case state == 'S' && cpu == last && (cpu > cpuBefore || time.Since(start) > 2*time.Second):
+			quiet++
+		default:
+			quiet = 0
+		}
+		if quiet >= 3 {
+			return true
+		}
+		last = cpu
+		time.Sleep(50 * time.Millisecond)
+	}
+	return false
+}
+
+// procState is a process's CPU time (user and system) and its state
+// letter, from /proc/PID/stat; state 0 when it cannot be read.
+func procState(pid int) (time.Duration, byte) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	i := bytes.LastIndexByte(data, ')')
+	if err != nil || i < 0 || i+2 >= len(data) {
+		return 0, 0
+	}
+	// After the command name: state, then 10 fields, then utime, stime.
+	f := strings.Fields(string(data[i+2:]))
+	if len(f) < 13 {
+		return 0, 0
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, 0
+	}
+	const hz = 100 // USER_HZ on Linux
+	return time.Duration(utime+stime) * time.Second / hz, f[0][0]
 }
 
 // signalledBeside is a failed config test whose reload was signalled
@@ -245,33 +313,47 @@ func settle(err error) {
 // config's pid directive names, or nginx's built-in one; when either is
 // unclear, or the PID is not an nginx master, the caller falls back to
 // "nginx -s reload".
-func nginxMaster(ctx context.Context, d store.Deploy) (int, bool) {
+func nginxMaster(ctx context.Context, d store.Deploy) (int, bool, error) {
 	path := pidDirective(d.NginxConf)
 	if path == "" {
 		out, err := run(ctx, commandTimeout, nil, "", d.NginxBin, "-V")
 		if err != nil {
-			return 0, false
+			return 0, false, nil
 		}
 		if m := pidPathFlag.FindStringSubmatch(out); m != nil {
 			path = m[1]
 		}
 	}
 	if !filepath.IsAbs(path) {
-		return 0, false // relative to a prefix lbcert does not know
+		return 0, false, nil // relative to a prefix lbcert does not know
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return 0, false
+		return 0, false, nil
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
 	if err != nil || pid <= 1 {
-		return 0, false
+		return 0, false, nil
 	}
 	title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !bytes.HasPrefix(title, []byte("nginx: master process")) {
-		return 0, false
+	if err != nil {
+		return 0, false, nil // gone: "nginx -s reload" says so in its words
 	}
-	return pid, true
+	if bytes.HasPrefix(title, []byte("nginx: master process")) || sameProgram(pid, d.NginxBin) {
+		return pid, true, nil
+	}
+	// "nginx -s reload" would signal this process too: it reads the same
+	// file.
+	name, _, _ := strings.Cut(string(title), "\x00")
+	return 0, false, fmt.Errorf("nginx's pid file %s names process %d (%s), which is not nginx's master: nothing reloaded; check the config's pid directive, or whether nginx is running", path, pid, name)
+}
+
+// sameProgram reports whether process pid runs the program bin names (an
+// nginx build whose master does not call itself "nginx: master process").
+func sameProgram(pid int, bin string) bool {
+	exe, err1 := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
+	want, err2 := os.Stat(bin)
+	return err1 == nil && err2 == nil && os.SameFile(exe, want)
 }
 
 var (

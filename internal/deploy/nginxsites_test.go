@@ -388,12 +388,28 @@ func TestReloadSignalsTheMaster(t *testing.T) {
 		t.Fatalf("nginx was run for more than the test:\n%s", calls)
 	}
 
+	// A pid file naming another process: "nginx -s reload" would signal
+	// it too (it reads the same file), so nothing is signalled and the
+	// error says why.
 	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644)
+	err = nginxReload(context.Background(), d)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("names process %d", os.Getpid())) || !strings.Contains(err.Error(), "which is not nginx's master: nothing reloaded") {
+		t.Fatalf("a pid file naming another process: %v", err)
+	}
+	if calls, _ := os.ReadFile(log); strings.Contains(string(calls), "-s reload") {
+		t.Fatalf("nginx -s reload was run, signalling the process the pid file names:\n%s", calls)
+	}
+
+	// A pid file naming no process: left to "nginx -s reload", which
+	// reports it in its own words.
+	dead := exec.Command("/bin/true")
+	dead.Run()
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", dead.Process.Pid)), 0o644)
 	if err := nginxReload(context.Background(), d); err != nil {
 		t.Fatal(err)
 	}
 	if calls, _ := os.ReadFile(log); !strings.HasSuffix(string(calls), "-s reload -c "+conf+"\n") {
-		t.Fatalf("a PID that is not nginx's was not left to nginx -s reload:\n%s", calls)
+		t.Fatalf("a stale pid file was not left to nginx -s reload:\n%s", calls)
 	}
 }
 
@@ -549,5 +565,67 @@ func TestLargeIncludeTestsWhileReloading(t *testing.T) {
 	}
 	if got := countLines(hups); got != 0 {
 		t.Fatalf("a small include's failed test reloaded the master %d times", got)
+	}
+}
+
+// TestFailedTestWaitsForTheMaster: a master signalled beside a test
+// that fails at once is still loading its config; the files are put
+// back only once it is done (here: a stand-in master that works for a
+// while, then reads the include file), so it loads the files the test
+// refused, fails on them as the test did, and never a mix of old and
+// new. Then it is signalled again and reads the file put back.
+func TestFailedTestWaitsForTheMaster(t *testing.T) {
+	defer func(n int) { besideFrom = n }(besideFrom)
+	besideFrom = 1
+	st, d, _, failFlag := includeSetup(t)
+	dir := filepath.Dir(d.NginxConf)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	ready := filepath.Join(dir, "master-ready")
+	// Each SIGHUP: about half a second of work (running, as a master
+	// loading certificates is), then a copy of the include as read.
+	script := fmt.Sprintf("n=0; load() { i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; n=$((n+1)); cat %s > %s/seen.$n; }; trap load HUP; touch %s; while :; do sleep 0.02; done",
+		d.NginxInclude, dir, ready)
+	master := exec.Command("/bin/bash", "-c", `exec -a "nginx: master process (slow stand-in)" /bin/bash -c "$0"`, script)
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { master.Process.Kill(); master.Wait() }()
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(ready); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pidFile := filepath.Join(dir, "nginx.pid")
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
+	os.WriteFile(d.NginxConf, []byte("pid "+pidFile+";\nevents {}\n"), 0o644)
+	old := "# an include file from before\n"
+	os.WriteFile(d.NginxInclude, []byte(old), 0o644)
+
+	os.WriteFile(failFlag, nil, 0o644)
+	_, prev := saveVersion(t, st, "a.example", "v1")
+	res := (&Runner{Store: st}).Run(context.Background(), []Change{{Name: "a.example", Domains: []string{"a.example"}, Previous: prev, Deploy: d}})
+	if !res[0].RolledBack {
+		t.Fatalf("%+v", res[0])
+	}
+	if now, _ := os.ReadFile(d.NginxInclude); string(now) != old {
+		t.Fatalf("include not put back:\n%s", now)
+	}
+	first, err := os.ReadFile(filepath.Join(dir, "seen.1"))
+	if err != nil {
+		t.Fatalf("the files were put back before the master was done loading: %v", err)
+	}
+	if !strings.Contains(string(first), "a.example") {
+		t.Fatalf("the master's first load read the file put back, not the one tested:\n%s", first)
+	}
+	var second []byte
+	for i := 0; i < 500 && string(second) != old; i++ { // cat may be half way
+		second, _ = os.ReadFile(filepath.Join(dir, "seen.2"))
+		time.Sleep(20 * time.Millisecond)
+	}
+	if string(second) != old {
+		t.Fatalf("the master's second load (after the files were put back) read:\n%s", second)
 	}
 }

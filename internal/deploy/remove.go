@@ -89,7 +89,9 @@ func (r *Runner) Unlist(ctx context.Context, name string, d store.Deploy, keep b
 			err = fmt.Errorf("%v; and restoring %s failed: %v", err, d.NginxInclude, uerr)
 		}
 	}
-	settle(failed)
+	if !keep {
+		settle(failed) // with keep, the file stays as the master read it
+	}
 	return err
 }
 
