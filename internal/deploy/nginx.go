@@ -142,8 +142,14 @@ func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(s
 func nginxReload(ctx context.Context, d store.Deploy) error {
 	certificates := loadedCertificates(d)
 	limit := limitFor(certificates)
-	if d.ReloadCmd == "" && certificates >= besideFrom {
-		if pid, ok, err := nginxMaster(ctx, d); ok && err == nil {
+	if d.ReloadCmd == "" {
+		// A pid file naming another process is refused before a test
+		// that may take minutes.
+		pid, ok, err := nginxMaster(ctx, d)
+		if err != nil {
+			return err
+		}
+		if ok && certificates >= besideFrom {
 			return testBeside(ctx, d, pid, limit)
 		}
 	}
@@ -345,6 +351,9 @@ func nginxMaster(ctx context.Context, d store.Deploy) (int, bool, error) {
 	// "nginx -s reload" would signal this process too: it reads the same
 	// file.
 	name, _, _ := strings.Cut(string(title), "\x00")
+	if name == "" {
+		name = "exiting, or a kernel thread"
+	}
 	return 0, false, fmt.Errorf("nginx's pid file %s names process %d (%s), which is not nginx's master: nothing reloaded; check the config's pid directive, or whether nginx is running", path, pid, name)
 }
 

@@ -371,6 +371,12 @@ func TestReloadSignalsTheMaster(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer master.Process.Kill()
+	for i := 0; i < 500; i++ { // until the stand-in has its title
+		if title, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", master.Process.Pid)); strings.HasPrefix(string(title), "nginx: master") {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	pidFile, conf := filepath.Join(dir, "run", "nginx.pid"), filepath.Join(dir, "nginx.conf")
 	os.MkdirAll(filepath.Dir(pidFile), 0o755)
 	os.WriteFile(conf, []byte("# pid /elsewhere.pid;\nuser nobody;\n  pid   "+pidFile+" ;\nevents {}\n"), 0o644)

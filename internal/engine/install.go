@@ -54,7 +54,8 @@ type Node struct {
 	Notes func(ctx context.Context, now time.Time) ([]Note, error)
 
 	checkMu sync.Mutex
-	checked map[string]checked // DeployDigest → the last config test (stillBroken)
+	checked map[string]checked     // DeployDigest → the last config test (stillBroken)
+	testing map[string]*sync.Mutex // DeployDigest → held while its test runs
 
 	// deployMu makes the runs that share this Node (the agent's slices
 	// of a large install) reach the load balancer one at a time: HAProxy
@@ -206,24 +207,42 @@ func (n *Node) stillBroken(ctx context.Context, l *store.Lineage, p *store.Pendi
 	if p == nil || p.Check == "" || p.Version == live || n.Deploy == nil {
 		return nil
 	}
-	d := n.settings(l)
-	key := store.DeployDigest(d)
-	n.checkMu.Lock()
-	c, ok := n.checked[key]
-	n.checkMu.Unlock()
-	if !ok || time.Since(c.at) > checkedFor {
-		c = checked{check: n.Deploy.Test(ctx, d), at: time.Now()}
-		n.checkMu.Lock()
-		if n.checked == nil {
-			n.checked = map[string]checked{}
-		}
-		n.checked[key] = c
-		n.checkMu.Unlock()
-	}
+	c := n.configTest(ctx, n.settings(l))
 	if c.check != p.Check {
 		return nil
 	}
 	return &stillBrokenError{fmt.Sprintf("not deployed: the load balancer's config test fails without this certificate too, as when it was last tried (%s); fix the config, and the next run or the agent's next pass deploys it", strings.TrimSuffix(strings.TrimSuffix(p.Error, rolledBackNote), noPreviousNote))}
+}
+
+// configTest is the config test of the load balancer d deploys to, run
+// at most once per checkedFor and never twice at once: the lineages of
+// one run that owe a deploy to it ask together, and each test of a
+// config of 10,000 certificates takes many seconds.
+func (n *Node) configTest(ctx context.Context, d store.Deploy) checked {
+	key := store.DeployDigest(d)
+	n.checkMu.Lock()
+	if n.checked == nil {
+		n.checked, n.testing = map[string]checked{}, map[string]*sync.Mutex{}
+	}
+	one := n.testing[key]
+	if one == nil {
+		one = &sync.Mutex{}
+		n.testing[key] = one
+	}
+	n.checkMu.Unlock()
+	one.Lock()
+	defer one.Unlock()
+	n.checkMu.Lock()
+	c, ok := n.checked[key]
+	n.checkMu.Unlock()
+	if ok && time.Since(c.at) <= checkedFor {
+		return c // tested by another lineage's worker meanwhile
+	}
+	c = checked{check: n.Deploy.Test(ctx, d), at: time.Now()}
+	n.checkMu.Lock()
+	n.checked[key] = c
+	n.checkMu.Unlock()
+	return c
 }
 
 // stillBrokenError is stillBroken's: a deploy this node owes and did
