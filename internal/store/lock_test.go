@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -84,23 +85,38 @@ func TestWaiterAfterTheDirectoryWasRemoved(t *testing.T) {
 // after a directory that exists is left to the kernel (a symbolic link
 // leaves by its target's parent).
 func TestDirWithDotDotCreatesNothingElse(t *testing.T) {
-	root := t.TempDir()
+	root, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(root, "real", "inner"), 0o755)
+	os.Symlink(filepath.Join(root, "real", "inner"), filepath.Join(root, "link"))
+	os.Symlink(filepath.Join(root, "nowhere"), filepath.Join(root, "dangling"))
+	os.WriteFile(filepath.Join(root, "file"), nil, 0o644)
 	for _, tc := range []struct{ in, want string }{
 		{root + "/x/a/../b", root + "/x/b"},
 		{root + "/x/a/../../b/", root + "/b"},
-		{root + "/./x//c", root + "/./x//c"}, // no "..": as given
-		{"a/../b", "b"},
-		{"../b", "../b"},
-		{"a/../..", ".."},
+		{root + "/./x//c", root + "/./x//c"},               // no "..": as given
+		{root + "/link/../s", root + "/real/s"},            // the kernel's "..": the link's target's parent
+		{root + "/link/../m/../b", root + "/real/b"},       // then a missing part
+		{root + "/link/s/../t", root + "/real/inner/t"},    // a missing part under the link
+		{root + "/dangling/../b", root + "/dangling/../b"}, // left for the kernel to refuse
+		{root + "/file/a/../b", root + "/file/a/../b"},
+		{root + "/real/" + strings.Repeat("A", 300) + "/../b", root + "/real/" + strings.Repeat("A", 300) + "/../b"}, // a name too long
 	} {
 		if got := New(tc.in).Dir; got != tc.want {
 			t.Errorf("New(%q).Dir = %q, want %q", tc.in, got, tc.want)
 		}
 	}
-	os.MkdirAll(filepath.Join(root, "real", "inner"), 0o755)
-	os.Symlink(filepath.Join(root, "real", "inner"), filepath.Join(root, "link"))
-	if got, want := New(root+"/link/../s").Dir, root+"/link/../s"; got != want {
-		t.Errorf("through a link: %q, want %q", got, want)
+	t.Chdir(root)
+	for _, tc := range []struct{ in, want string }{
+		{"a/../b", "b"},
+		{"x/a/../../y", "y"},
+		{"link/../s", filepath.Join(root, "real", "s")},
+	} {
+		if got := New(tc.in).Dir; got != tc.want {
+			t.Errorf("New(%q).Dir = %q, want %q", tc.in, got, tc.want)
+		}
 	}
 
 	s := New(filepath.Join(root, "x", "a", "..", "b"))

@@ -27,7 +27,6 @@
 package store
 
 import (
-	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -76,43 +75,45 @@ type Store struct {
 // input refused after New still leaves no files behind.
 func New(dir string) *Store { return &Store{Dir: withoutMissingParents(dir)} }
 
-// withoutMissingParents is dir with each ".." that follows a directory
-// that does not exist taken out with that directory, lexically: the
-// kernel cannot resolve "/x/a/.." without /x/a, and creating the state
-// directory (os.MkdirAll) would otherwise create /x/a on the way and
-// leave it behind. A ".." after a directory that exists is kept, since
-// that directory may be a symbolic link, which ".." leaves by its
-// target's parent.
+// withoutMissingParents is dir as the kernel resolves it, when dir has
+// a ".." in it: the part that exists with its symbolic links followed,
+// then the rest, which does not exist yet, with each ".." taking out
+// the name before it. Creating the state directory (os.MkdirAll) would
+// otherwise create "/x/a" for "/x/a/../b" and leave it behind, and a
+// ".." after a symbolic link would name one directory to the kernel (the
+// lock) and another to every path lbcert joins to it (filepath.Join
+// takes ".." out by the letters). A path that cannot be looked at (a
+// file in the middle, a dangling link, a name too long) is left as it
+// is, for the kernel to refuse. A dir without ".." is left as given.
 func withoutMissingParents(dir string) string {
 	const sep = string(filepath.Separator)
 	elems := strings.Split(dir, sep)
 	if !slices.Contains(elems, "..") {
 		return dir
 	}
-	// kept are the elements so far; joined without filepath.Join, which
-	// would take every ".." out lexically.
-	var kept []string
-	path := func() string {
-		p := strings.Join(kept, sep)
-		if filepath.IsAbs(dir) {
-			return sep + p
-		}
-		return cmp.Or(p, ".")
+	p := "."
+	if filepath.IsAbs(dir) {
+		p = sep
 	}
-	for _, e := range elems {
-		switch {
-		case e == "" || e == ".":
-		case e == ".." && len(kept) > 0 && kept[len(kept)-1] != "..":
-			if _, err := os.Lstat(path()); err != nil {
-				kept = kept[:len(kept)-1]
-				continue
-			}
-			kept = append(kept, e)
-		default:
-			kept = append(kept, e)
+	for i, e := range elems {
+		if e == "" || e == "." {
+			continue
 		}
+		next := p + sep + e // not filepath.Join, which would take ".." out
+		real, err := filepath.EvalSymlinks(next)
+		if err == nil {
+			p = real
+			continue
+		}
+		if _, lerr := os.Lstat(next); !errors.Is(lerr, fs.ErrNotExist) {
+			return dir
+		}
+		// From here nothing exists: no link can be among the rest, and p
+		// has none, so taking ".." out by the letters is what the kernel
+		// would do.
+		return filepath.Join(p, filepath.Join(elems[i:]...))
 	}
-	return path()
+	return p
 }
 
 // Challenge is how a lineage proves control of its names.
