@@ -132,3 +132,38 @@ func TestDirWithDotDotCreatesNothingElse(t *testing.T) {
 		t.Fatal("a state directory made for nothing was left (x)")
 	}
 }
+
+// TestForeignDirectoryNotTightened: a --dir that names a directory of
+// other files (a typo: /etc for /etc/lbcert) is refused, not chmod'ed
+// to 0700 under everyone else; an empty one, or a state directory, is
+// tightened as before.
+func TestForeignDirectoryNotTightened(t *testing.T) {
+	root := t.TempDir()
+	etc := filepath.Join(root, "etc")
+	os.MkdirAll(etc, 0o755)
+	os.WriteFile(filepath.Join(etc, "passwd"), nil, 0o644)
+	os.Chmod(etc, 0o755)
+	_, err := New(etc).TryLock()
+	if err == nil || !strings.Contains(err.Error(), "holds files that are not lbcert's (passwd): refusing to tighten it to 0700") {
+		t.Fatalf("a foreign directory: %v", err)
+	}
+	if fi, _ := os.Stat(etc); fi.Mode().Perm() != 0o755 {
+		t.Fatalf("mode now %04o", fi.Mode().Perm())
+	}
+	if _, err := os.Stat(filepath.Join(etc, LockFile)); err == nil {
+		t.Fatal("a lock file was left in it")
+	}
+	for _, name := range []string{"", "live"} {
+		dir := filepath.Join(root, "ok"+name)
+		os.MkdirAll(filepath.Join(dir, name), 0o755)
+		os.Chmod(dir, 0o755)
+		l, err := New(dir).TryLock()
+		if err != nil {
+			t.Fatalf("%s: %v", dir, err)
+		}
+		l.Unlock()
+		if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+			t.Fatalf("%s: mode %04o, want 0700", dir, fi.Mode().Perm())
+		}
+	}
+}

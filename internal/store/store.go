@@ -383,11 +383,37 @@ func (s *Store) CheckDir() error {
 	if m := fi.Mode().Perm(); m&0o022 != 0 {
 		return fmt.Errorf("state directory %s has mode %04o: others may write it; chmod 700 %s", s.Dir, m, s.Dir)
 	} else if m&0o077 != 0 {
+		if other := notOurs(s.Dir); other != "" {
+			// "--dir /etc" for "--dir /etc/lbcert" must not make /etc
+			// unreadable to every other user.
+			return fmt.Errorf("state directory %s has mode %04o and holds files that are not lbcert's (%s): refusing to tighten it to 0700; pass a directory of its own to --dir, like /etc/lbcert", s.Dir, m, other)
+		}
 		if err := os.Chmod(s.Dir, 0o700); err != nil {
 			return fmt.Errorf("tighten %s to 0700: %w", s.Dir, err)
 		}
 	}
 	return nil
+}
+
+// ourNames are the names lbcert keeps at the top of a state directory;
+// a directory holding one of them (or nothing) is a state directory.
+var ourNames = map[string]bool{LockFile: true, WriteLockFile: true, "live": true, "archive": true, "renewal": true,
+	"accounts": true, "deleted": true, "cache": true, "fleet": true}
+
+// notOurs names an entry of dir that lbcert did not put there, when dir
+// holds none of lbcert's own names: "" for an empty directory or a state
+// directory.
+func notOurs(dir string) string {
+	entries, err := os.ReadDir(dir)
+	if err != nil || len(entries) == 0 {
+		return ""
+	}
+	for _, e := range entries {
+		if ourNames[e.Name()] {
+			return ""
+		}
+	}
+	return entries[0].Name()
 }
 
 // ArchiveDir is the directory holding every version of lineage name.
