@@ -191,7 +191,7 @@ func checkNginxInclude(d *store.Deploy, stateDir string) error {
 	if d.NginxInclude, err = filepath.Abs(d.NginxInclude); err != nil {
 		return fmt.Errorf("--nginx-include: %w", err)
 	}
-	if d.NginxInclude == d.NginxServerBody || d.NginxInclude == d.NginxConf {
+	if d.NginxInclude == d.NginxServerBody || d.NginxInclude == d.NginxConf || sameExisting(d.NginxInclude, d.NginxServerBody) || sameExisting(d.NginxInclude, d.NginxConf) {
 		return fmt.Errorf("--nginx-include %s: lbcert rewrites this file; give it a file of its own", d.NginxInclude)
 	}
 	if fi, err := os.Stat(d.NginxInclude); err == nil && fi.IsDir() {
@@ -212,6 +212,14 @@ func checkNginxInclude(d *store.Deploy, stateDir string) error {
 		}
 	}
 	return nil
+}
+
+// sameExisting reports whether a and b both exist and are one file
+// (through a symbolic or hard link).
+func sameExisting(a, b string) bool {
+	fa, err1 := os.Stat(a)
+	fb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && os.SameFile(fa, fb)
 }
 
 // FindBin finds a load balancer binary by name or path (and in /usr/sbin,
