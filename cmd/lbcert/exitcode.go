@@ -87,7 +87,7 @@ func runError(res *engine.Result, mailErr error) error {
 	notDone := len(res.Items) - done
 	switch {
 	case res.Interrupted:
-		return mark(errors.New("interrupted; certificates already obtained are saved and deployed; run the same command again to finish"), errInterrupted)
+		return mark(errors.New(res.Interruption()+"; run the same command again to finish"), errInterrupted)
 	case notDone == 0:
 		return mailErr
 	case done == 0 && deferred == 0:

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"strings"
 	"testing"
 
 	"github.com/lbcert/lbcert/internal/engine"
@@ -96,5 +97,22 @@ func TestRunErrorCodes(t *testing.T) {
 		if got := exitCode(runError(res, tc.mail), false); got != tc.want {
 			t.Errorf("%s: exit %d, want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestInterruptedSaysWhatWasObtained: an interrupted run that obtained
+// nothing does not say "certificates already obtained are saved"
+// beside each item's "nothing was saved" (helper-53).
+func TestInterruptedSaysWhatWasObtained(t *testing.T) {
+	none := &engine.Result{Interrupted: true, Counts: map[engine.Outcome]int{engine.Aborted: 2}}
+	some := &engine.Result{Interrupted: true, Counts: map[engine.Outcome]int{engine.Aborted: 1, engine.Issued: 1}}
+	if err := runError(none, nil); err == nil || err.Error() != "interrupted before any certificate was obtained; run the same command again to finish" {
+		t.Fatalf("nothing obtained: %v", err)
+	}
+	if err := runError(some, nil); err == nil || !strings.Contains(err.Error(), "certificates already obtained are saved") {
+		t.Fatalf("one obtained: %v", err)
+	}
+	if exitCode(runError(none, nil), false) != exitCode(runError(some, nil), false) {
+		t.Fatal("the exit code depends on what was obtained")
 	}
 }

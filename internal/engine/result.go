@@ -149,6 +149,17 @@ type Note struct {
 	Text  string `json:"text"`
 }
 
+// Interruption says what an interrupted run kept: certificates it
+// obtained (issued, renewed, reconfigured) or deployed are saved; when
+// there are none, saying so would contradict each item's "interrupted
+// while ordering; nothing was saved".
+func (r *Result) Interruption() string {
+	if r.Counts[Issued]+r.Counts[Renewed]+r.Counts[Reconfigured]+r.Counts[Deployed] == 0 {
+		return "interrupted before any certificate was obtained"
+	}
+	return "interrupted; certificates already obtained are saved and deployed"
+}
+
 // Count recomputes Counts from Items.
 func (r *Result) Count() {
 	if r.Items == nil {
