@@ -142,11 +142,14 @@ func (r *Runner) notYetLive(g *group, changes []Change, results []Result) func(s
 func nginxReload(ctx context.Context, d store.Deploy) error {
 	certificates := loadedCertificates(d)
 	limit := limitFor(certificates)
+	// The master is looked up once, before the test: a pid file naming
+	// another process is refused before a test that may take minutes. A
+	// master gone by the end of the test refuses the signal, and nginx
+	// then finds its new one itself ("nginx -s reload").
+	pid, ok := 0, false
 	if d.ReloadCmd == "" {
-		// A pid file naming another process is refused before a test
-		// that may take minutes.
-		pid, ok, err := nginxMaster(ctx, d)
-		if err != nil {
+		var err error
+		if pid, ok, err = nginxMaster(ctx, d); err != nil {
 			return err
 		}
 		if ok && certificates >= besideFrom {
@@ -162,10 +165,6 @@ func nginxReload(ctx context.Context, d store.Deploy) error {
 			return cmdError(fmt.Sprintf("reload command %q failed", d.ReloadCmd), err, out)
 		}
 		return nil
-	}
-	pid, ok, err := nginxMaster(ctx, d)
-	if err != nil {
-		return err
 	}
 	if ok {
 		if err := syscall.Kill(pid, syscall.SIGHUP); err == nil {

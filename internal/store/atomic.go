@@ -101,39 +101,41 @@ const tempWorkers = 4
 // tempWorkers at a time; after an error no more are started, and the
 // first error is returned (the caller removes those written).
 func writeTemps(files []FileWrite, tmps []string) error {
-	var (
-		mu    sync.Mutex
-		first error
-		next  atomic.Int64
-		wg    sync.WaitGroup
-	)
-	for range min(tempWorkers, len(files)) {
+	var mu sync.Mutex
+	var first error
+	atOnce(len(files), tempWorkers, func(i int) bool {
+		mu.Lock()
+		stop := first != nil
+		mu.Unlock()
+		if stop {
+			return false
+		}
+		f := files[i]
+		t, err := writeTemp(dirOf(f.Path), filepath.Base(f.Path), f.Data, f.Perm)
+		if err != nil {
+			mu.Lock()
+			first = cmp.Or(first, fmt.Errorf("write %s: %w", f.Path, err))
+			mu.Unlock()
+			return false
+		}
+		tmps[i] = t
+		return true
+	})
+	return first
+}
+
+// atOnce calls fn for each index below n, from workers goroutines at
+// once, until fn says to stop (each worker stops at its own false).
+func atOnce(n, workers int, fn func(i int) (more bool)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(workers, n) {
 		wg.Go(func() {
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(files) {
-					return
-				}
-				mu.Lock()
-				stop := first != nil
-				mu.Unlock()
-				if stop {
-					return
-				}
-				f := files[i]
-				t, err := writeTemp(dirOf(f.Path), filepath.Base(f.Path), f.Data, f.Perm)
-				if err != nil {
-					mu.Lock()
-					first = cmp.Or(first, fmt.Errorf("write %s: %w", f.Path, err))
-					mu.Unlock()
-					return
-				}
-				tmps[i] = t
+			for i := int(next.Add(1) - 1); i < n && fn(i); i = int(next.Add(1) - 1) {
 			}
 		})
 	}
 	wg.Wait()
-	return first
 }
 
 func durableAll(dirs map[string]bool) error {

@@ -314,34 +314,28 @@ type encodedRecord struct {
 // error is skipped.
 func (s *Store) encodeJournals(lineages []string, js []Journal, errs []error) []encodedRecord {
 	enc := make([]encodedRecord, len(lineages))
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(journalWorkers, len(lineages)) {
-		wg.Go(func() {
-			for i := int(next.Add(1) - 1); i < len(lineages); i = int(next.Add(1) - 1) {
-				if errs[i] != nil {
-					continue
-				}
-				r, err := s.readRecord(lineages[i])
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				r.Journal = js[i]
-				if r == (record{}) {
-					enc[i].remove = true
-					continue
-				}
-				data, err := json.MarshalIndent(r, "", "  ")
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				enc[i] = encodedRecord{data: append(data, '\n'), rec: r}
-			}
-		})
-	}
-	wg.Wait()
+	atOnce(len(lineages), journalWorkers, func(i int) bool {
+		if errs[i] != nil {
+			return true
+		}
+		r, err := s.readRecord(lineages[i])
+		if err != nil {
+			errs[i] = err
+			return true
+		}
+		r.Journal = js[i]
+		if r == (record{}) {
+			enc[i].remove = true
+			return true
+		}
+		data, err := json.MarshalIndent(r, "", "  ")
+		if err != nil {
+			errs[i] = err
+			return true
+		}
+		enc[i] = encodedRecord{data: append(data, '\n'), rec: r}
+		return true
+	})
 	return enc
 }
 

@@ -73,9 +73,9 @@ type Store struct {
 
 // New returns the store rooted at dir. It touches nothing on disk, so bad
 // input refused after New still leaves no files behind.
-func New(dir string) *Store { return &Store{Dir: withoutMissingParents(dir)} }
+func New(dir string) *Store { return &Store{Dir: resolveDotDot(dir)} }
 
-// withoutMissingParents is dir as the kernel resolves it, when dir has
+// resolveDotDot is dir as the kernel resolves it, when dir has
 // a ".." in it: the part that exists with its symbolic links followed,
 // then the rest, which does not exist yet, with each ".." taking out
 // the name before it. Creating the state directory (os.MkdirAll) would
@@ -85,7 +85,7 @@ func New(dir string) *Store { return &Store{Dir: withoutMissingParents(dir)} }
 // takes ".." out by the letters). A path that cannot be looked at (a
 // file in the middle, a dangling link, a name too long) is left as it
 // is, for the kernel to refuse. A dir without ".." is left as given.
-func withoutMissingParents(dir string) string {
+func resolveDotDot(dir string) string {
 	const sep = string(filepath.Separator)
 	elems := strings.Split(dir, sep)
 	if !slices.Contains(elems, "..") {
