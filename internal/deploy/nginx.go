@@ -200,8 +200,10 @@ var besideFrom = 10_000
 // test refused. Then the caller rolls back and reloads again (settle),
 // so that the master holds the files as they are now, even if its
 // reload got further than the test (a test killed at its time limit).
-// The cost is memory: nginx holds the config three times for a while
-// (the test, and the master's old and new one) rather than twice.
+// When it passes, it returns once the master is done loading too, so
+// that "deployed" means the new certificates are served. The cost is
+// memory: nginx holds the config three times for a while (the test, and
+// the master's old and new one) rather than twice.
 func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duration) error {
 	type verdict struct {
 		out string
@@ -229,6 +231,12 @@ func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duratio
 			return cmdError("reload nginx", err, out)
 		}
 		return nil
+	}
+	// Deployed means served: the master is still loading the config it
+	// was signalled to (as long as the test took, or longer), and until
+	// it is done its old workers serve the old certificates.
+	if !masterSettled(pid, cpu, start.Add(limit)) {
+		slog.Warn("nginx's master was not seen to finish loading its config (still loading at the time limit, or gone); its new certificates may not be served yet", "master", pid)
 	}
 	slog.Info("nginx tested while it reloaded", "conf", d.NginxConf, "master", pid)
 	return nil

@@ -574,13 +574,15 @@ func TestLargeIncludeTestsWhileReloading(t *testing.T) {
 	}
 }
 
-// TestFailedTestWaitsForTheMaster: a master signalled beside a test
-// that fails at once is still loading its config; the files are put
-// back only once it is done (here: a stand-in master that works for a
-// while, then reads the include file), so it loads the files the test
-// refused, fails on them as the test did, and never a mix of old and
-// new. Then it is signalled again and reads the file put back.
-func TestFailedTestWaitsForTheMaster(t *testing.T) {
+// TestBesideTestWaitsForTheMaster: a master signalled beside a test
+// that ends at once is still loading its config (here: a stand-in
+// master that works for a while, then reads the include file). After a
+// passing test, deployed is reported only once it is done, when its new
+// workers serve the new certificates. After a failing one, the files are
+// put back only once it is done, so it loads the files the test refused,
+// fails on them as the test did, and never a mix of old and new; then
+// it is signalled again and reads the file put back.
+func TestBesideTestWaitsForTheMaster(t *testing.T) {
 	defer func(n int) { besideFrom = n }(besideFrom)
 	besideFrom = 1
 	st, d, _, failFlag := includeSetup(t)
@@ -607,19 +609,32 @@ func TestFailedTestWaitsForTheMaster(t *testing.T) {
 	pidFile := filepath.Join(dir, "nginx.pid")
 	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
 	os.WriteFile(d.NginxConf, []byte("pid "+pidFile+";\nevents {}\n"), 0o644)
-	old := "# an include file from before\n"
-	os.WriteFile(d.NginxInclude, []byte(old), 0o644)
+	old := []byte("# an include file from before\n")
+	os.WriteFile(d.NginxInclude, old, 0o644)
+
+	r := &Runner{Store: st}
+	// A passing test: deployed is reported only once the master is done
+	// loading, so that the new certificate is served by then.
+	_, prev := saveVersion(t, st, "z.example", "v1")
+	res := r.Run(context.Background(), []Change{{Name: "z.example", Domains: []string{"z.example"}, Previous: prev, Deploy: d}})
+	if res[0].Failed() || !res[0].Deployed {
+		t.Fatalf("%+v", res[0])
+	}
+	if loaded, err := os.ReadFile(filepath.Join(dir, "seen.1")); err != nil || !strings.Contains(string(loaded), "z.example") {
+		t.Fatalf("deployed was reported before the master was done loading the tested files (%v):\n%s", err, loaded)
+	}
+	old, _ = os.ReadFile(d.NginxInclude)
 
 	os.WriteFile(failFlag, nil, 0o644)
-	_, prev := saveVersion(t, st, "a.example", "v1")
-	res := (&Runner{Store: st}).Run(context.Background(), []Change{{Name: "a.example", Domains: []string{"a.example"}, Previous: prev, Deploy: d}})
+	_, prev = saveVersion(t, st, "a.example", "v1")
+	res = r.Run(context.Background(), []Change{{Name: "a.example", Domains: []string{"a.example"}, Previous: prev, Deploy: d}})
 	if !res[0].RolledBack {
 		t.Fatalf("%+v", res[0])
 	}
-	if now, _ := os.ReadFile(d.NginxInclude); string(now) != old {
+	if now, _ := os.ReadFile(d.NginxInclude); string(now) != string(old) {
 		t.Fatalf("include not put back:\n%s", now)
 	}
-	first, err := os.ReadFile(filepath.Join(dir, "seen.1"))
+	first, err := os.ReadFile(filepath.Join(dir, "seen.2"))
 	if err != nil {
 		t.Fatalf("the files were put back before the master was done loading: %v", err)
 	}
@@ -627,11 +642,11 @@ func TestFailedTestWaitsForTheMaster(t *testing.T) {
 		t.Fatalf("the master's first load read the file put back, not the one tested:\n%s", first)
 	}
 	var second []byte
-	for i := 0; i < 500 && string(second) != old; i++ { // cat may be half way
-		second, _ = os.ReadFile(filepath.Join(dir, "seen.2"))
+	for i := 0; i < 500 && string(second) != string(old); i++ { // cat may be half way
+		second, _ = os.ReadFile(filepath.Join(dir, "seen.3"))
 		time.Sleep(20 * time.Millisecond)
 	}
-	if string(second) != old {
+	if string(second) != string(old) {
 		t.Fatalf("the master's second load (after the files were put back) read:\n%s", second)
 	}
 }
