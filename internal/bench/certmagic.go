@@ -106,8 +106,10 @@ func benchCertmagic(n, repeats int, sweep []int, traceRuns int, bin, work string
 		runs = append(runs, r)
 	}
 	reportPeers(n, runs)
-	if err := traceOneOrder(bin, cm, work, traceRuns); err != nil {
-		return err
+	if traceRuns > 0 {
+		if err := traceOneOrder(bin, cm, work, traceRuns); err != nil {
+			return err
+		}
 	}
 	return sweepConcurrency(n, sweep, lb, off)
 }

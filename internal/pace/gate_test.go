@@ -118,3 +118,82 @@ func TestGateStatedRate(t *testing.T) {
 		}
 	}
 }
+
+// Orders waiting at the gate go first come, first served, and each
+// answer wakes one of them, not all: 100 waiting orders look at the
+// gate about twice each, not about 50 times each as when every answer
+// woke every waiter.
+func TestGateWakesOneWaiterAtATime(t *testing.T) {
+	defer func(d time.Duration) { firstLate = d }(firstLate)
+	firstLate = time.Hour // only wake-ups move the queue
+	g := &Gate{MaxWait: time.Minute}
+	first, _ := g.Acquire(context.Background())
+	const n = 100
+	order := make(chan int, n)
+	for i := range n {
+		go func() {
+			d, err := g.Acquire(context.Background())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			order <- i
+			time.Sleep(2 * time.Millisecond) // the CA's answer takes a while
+			d(&Answer{})
+		}()
+		for g.waiting() < i+1 { // queued in this order
+			time.Sleep(time.Millisecond)
+		}
+	}
+	g.mu.Lock()
+	g.checks = 0
+	g.mu.Unlock()
+	first(&Answer{})
+	for want := range n {
+		select {
+		case got := <-order:
+			if got != want {
+				t.Fatalf("order %d went out as number %d", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("order %d never went out", want)
+		}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.checks > 3*n {
+		t.Fatalf("%d waiting orders looked at the gate %d times for %d answers", n, g.checks, n)
+	}
+}
+
+// A refusal whose wait is past MaxWait denies every waiting order, each
+// woken by the one before it gave up.
+func TestGateRefusalDeniesEveryWaiter(t *testing.T) {
+	defer func(d time.Duration) { firstLate = d }(firstLate)
+	firstLate = time.Hour
+	g := &Gate{MaxWait: time.Minute}
+	first, _ := g.Acquire(context.Background())
+	const n = 20
+	denied := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := g.Acquire(context.Background())
+			denied <- err
+		}()
+		for g.waiting() < i+1 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	first(&Answer{Limited: true, RetryAfter: time.Hour, Detail: "Rate limit exceeded"})
+	for range n {
+		select {
+		case err := <-denied:
+			var d *Denied
+			if !errors.As(err, &d) {
+				t.Fatalf("want *Denied, got %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a waiting order was never told it is denied")
+		}
+	}
+}
