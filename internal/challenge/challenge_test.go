@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func get(t *testing.T, addr, host, path string) (int, string) {
@@ -275,5 +276,41 @@ func TestCheckAddrAndProbe(t *testing.T) {
 	ln.Close()
 	if err := Probe(free); err != nil {
 		t.Fatalf("Probe of a free port: %v", err)
+	}
+}
+
+// A connection that never sent a request (an HTTP client's spare dial)
+// does not hold Close for Shutdown's whole timeout: Close closes it and
+// Shutdown ends without its deadline.
+func TestCloseDoesNotWaitForUnusedConnections(t *testing.T) {
+	s, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spare, err := net.Dial("tcp", s.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer spare.Close()
+	used, err := http.Get("http://" + s.Addr + "/.well-known/acme-challenge/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	used.Body.Close()
+	for i := 0; i < 500; i++ { // the server has accepted the spare one
+		s.connMu.Lock()
+		n := len(s.unused)
+		s.connMu.Unlock()
+		if n > 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close waited for a connection that never sent a request: %v", err)
+	}
+	spare.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := spare.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the unused connection is still open")
 	}
 }

@@ -26,6 +26,9 @@ type Standalone struct {
 
 	mu     sync.RWMutex
 	tokens map[string]map[string]*token // host -> token
+
+	connMu sync.Mutex
+	unused map[net.Conn]bool // connected, no request read yet
 }
 
 // token is one presented token: its key authorization, and a channel
@@ -84,6 +87,7 @@ func Listen(addr string) (*Standalone, error) {
 		Handler:           s,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug),
+		ConnState:         s.track,
 	}
 	go s.srv.Serve(ln)
 	return s, nil
@@ -93,10 +97,34 @@ func Listen(addr string) (*Standalone, error) {
 func (s *Standalone) ListenAddr() string { return s.Addr }
 
 // Close stops the listener and waits briefly for requests in flight.
+// Connections that never sent a request are closed at once: an HTTP
+// client (the CA's) may dial one more connection than it ends up using,
+// and Shutdown would wait its whole two seconds for it, at the end of a
+// run whose orders are all done, so that no request on it could be for a
+// token anyone still waits on.
 func (s *Standalone) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	s.connMu.Lock()
+	for c := range s.unused {
+		c.Close()
+	}
+	s.connMu.Unlock()
 	return s.srv.Shutdown(ctx)
+}
+
+// track keeps the connections that have not sent a request yet.
+func (s *Standalone) track(c net.Conn, state http.ConnState) {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if state == http.StateNew {
+		if s.unused == nil {
+			s.unused = map[net.Conn]bool{}
+		}
+		s.unused[c] = true
+		return
+	}
+	delete(s.unused, c)
 }
 
 // Present registers the key authorization for token on domain.
