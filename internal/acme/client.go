@@ -329,7 +329,7 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		// Only new orders wait for the gate; the newOrder URL is the
 		// directory's, which api.New reads (a GET, ungated) before any.
 		gated := *hc
-		gated.Transport = &gateTransport{base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
+		gated.Transport = &gateTransport{ctx: ctx, base: hc.Transport, gate: o.OrderGate, newOrder: c.newOrderURL}
 		hc = &gated
 	}
 	var kid string

@@ -1,8 +1,12 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -65,4 +69,63 @@ func TestPacingInAnyCAsWording(t *testing.T) {
 	if got := len(events) - limited; got != len(names) {
 		t.Fatalf("%d new orders went through for %d names", got, len(names))
 	}
+}
+
+// TestInterruptWhileOrdersWaitAtTheGate: orders held back by a refusal
+// (waiting out its Retry-After, within --max-wait) stop waiting at the
+// first Ctrl-C. Before, they went through the gate one by one, each at
+// the spacing the refusal set, and the run ended minutes later.
+func TestInterruptWhileOrdersWaitAtTheGate(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, testenv.PebbleOptions{})
+	var limits testenv.FrontLimits
+	limits.Orders.N, limits.Orders.Per = 3, 60*time.Second // then one every 20 s
+	front, err := testenv.StartRateFront(e.pebble, limits, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	front.PlainWording = true
+	t.Cleanup(front.Stop)
+	e.server = front.DirectoryURL
+	var names []string
+	for i := range 10 {
+		names = append(names, fmt.Sprintf("held%d.example.net", i))
+	}
+	csv := writeCSV(t, e.work, "held.csv", seedRows(e, names...))
+	args := e.batchArgs(csv, "--concurrency", "10", "--max-wait", "10m", "--rate-orders", "off", "--rate-domain", "off", "--rate-names", "off", "--rate-failed-authz", "off")
+	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
+	defer cancel()
+	cmd := e.command(ctx, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	refused := func() bool {
+		for _, ev := range front.Events() {
+			if ev.Limited != "" {
+				return true
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(60 * time.Second); !refused(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the CA never refused an order:\n%s", out.String())
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // the other orders queue at the gate
+	signalled := time.Now()
+	cmd.Process.Signal(syscall.SIGINT)
+	err = cmd.Wait()
+	took := time.Since(signalled)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 130 {
+		t.Fatalf("after Ctrl-C: %v\n%s", err, out.String())
+	}
+	// Through the gate one by one, the 6 or more orders held back would
+	// take 20 s each; stopping at once takes a second or two.
+	if took > 30*time.Second {
+		t.Fatalf("the run ended %v after Ctrl-C: the orders held at the gate went on waiting\n%s", took, out.String())
+	}
+	t.Logf("ended %v after Ctrl-C", took.Round(time.Millisecond))
 }
