@@ -25,21 +25,7 @@ import (
 // arrive as a herd.
 func TestPacingInAnyCAsWording(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, testenv.PebbleOptions{})
-	var limits testenv.FrontLimits
-	limits.Orders.N, limits.Orders.Per = 3, 6*time.Second
-	front, err := testenv.StartRateFront(e.pebble, limits, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	front.PlainWording = true
-	t.Cleanup(front.Stop)
-	e.server = front.DirectoryURL
-	var names []string
-	for i := range 9 {
-		names = append(names, fmt.Sprintf("any%d.example.net", i))
-	}
-	csv := writeCSV(t, e.work, "any.csv", seedRows(e, names...))
+	e, front, csv, names := plainLimitedBatch(t, 6*time.Second, "any", 9)
 	r := e.run(e.batchArgs(csv, "--rate-orders", "off", "--rate-domain", "off", "--rate-names", "off", "--rate-failed-authz", "off")...)
 	if r.code != 0 || !strings.Contains(r.stdout, "9 issued") {
 		t.Fatalf("batch: exit %d, want all 9 issued in one run\n%s%s", r.code, r.stdout, r.stderr)
@@ -77,21 +63,7 @@ func TestPacingInAnyCAsWording(t *testing.T) {
 // the spacing the refusal set, and the run ended minutes later.
 func TestInterruptWhileOrdersWaitAtTheGate(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, testenv.PebbleOptions{})
-	var limits testenv.FrontLimits
-	limits.Orders.N, limits.Orders.Per = 3, 60*time.Second // then one every 20 s
-	front, err := testenv.StartRateFront(e.pebble, limits, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	front.PlainWording = true
-	t.Cleanup(front.Stop)
-	e.server = front.DirectoryURL
-	var names []string
-	for i := range 10 {
-		names = append(names, fmt.Sprintf("held%d.example.net", i))
-	}
-	csv := writeCSV(t, e.work, "held.csv", seedRows(e, names...))
+	e, front, csv, _ := plainLimitedBatch(t, 60*time.Second, "held", 10) // 3, then one every 20 s
 	args := e.batchArgs(csv, "--concurrency", "10", "--max-wait", "10m", "--rate-orders", "off", "--rate-domain", "off", "--rate-names", "off", "--rate-failed-authz", "off")
 	ctx, cancel := context.WithTimeout(context.Background(), runDeadline)
 	defer cancel()
@@ -117,7 +89,7 @@ func TestInterruptWhileOrdersWaitAtTheGate(t *testing.T) {
 	time.Sleep(500 * time.Millisecond) // the other orders queue at the gate
 	signalled := time.Now()
 	cmd.Process.Signal(syscall.SIGINT)
-	err = cmd.Wait()
+	err := cmd.Wait()
 	took := time.Since(signalled)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 130 {
 		t.Fatalf("after Ctrl-C: %v\n%s", err, out.String())
@@ -128,4 +100,26 @@ func TestInterruptWhileOrdersWaitAtTheGate(t *testing.T) {
 		t.Fatalf("the run ended %v after Ctrl-C: the orders held at the gate went on waiting\n%s", took, out.String())
 	}
 	t.Logf("ended %v after Ctrl-C", took.Round(time.Millisecond))
+}
+
+// plainLimitedBatch is a Pebble behind a front that allows a burst of 3
+// new orders and then 3 per per, refusing in plain words (no count, no
+// period, no link), and a batch file of n names starting with prefix,
+// and the names.
+func plainLimitedBatch(t *testing.T, per time.Duration, prefix string, n int) (*env, *testenv.RateFront, string, []string) {
+	e := newEnv(t, testenv.PebbleOptions{})
+	var limits testenv.FrontLimits
+	limits.Orders.N, limits.Orders.Per = 3, per
+	front, err := testenv.StartRateFront(e.pebble, limits, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	front.PlainWording = true
+	t.Cleanup(front.Stop)
+	e.server = front.DirectoryURL
+	var names []string
+	for i := range n {
+		names = append(names, fmt.Sprintf("%s%d.example.net", prefix, i))
+	}
+	return e, front, writeCSV(t, e.work, prefix+".csv", seedRows(e, names...)), names
 }
