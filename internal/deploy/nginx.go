@@ -219,7 +219,9 @@ func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duratio
 	hup := syscall.Kill(pid, syscall.SIGHUP)
 	v := <-done
 	if v.err != nil {
-		if hup == nil && !masterSettled(pid, cpu, start.Add(limit)) {
+		// Even when interrupted: the files must not be put back under a
+		// master still reading them.
+		if hup == nil && !masterSettled(context.WithoutCancel(ctx), pid, cpu, start.Add(limit)) {
 			slog.Warn("nginx's master was still loading its config at the time limit; putting the files back anyway", "master", pid)
 		}
 		err := nginxTestError(d, cmdError(fmt.Sprintf("nginx -t -c %s failed", d.NginxConf), v.err, v.out))
@@ -235,8 +237,8 @@ func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duratio
 	// Deployed means served: the master is still loading the config it
 	// was signalled to (as long as the test took, or longer), and until
 	// it is done its old workers serve the old certificates.
-	if !masterSettled(pid, cpu, start.Add(limit)) {
-		slog.Warn("nginx's master was not seen to finish loading its config (still loading at the time limit, or gone); its new certificates may not be served yet", "master", pid)
+	if !masterSettled(ctx, pid, cpu, start.Add(limit)) {
+		slog.Warn("nginx's master was not seen to finish loading its config (still loading at the time limit or the interrupt, or gone); its new certificates may not be served yet", "master", pid)
 	}
 	slog.Info("nginx tested while it reloaded", "conf", d.NginxConf, "master", pid)
 	return nil
@@ -248,11 +250,12 @@ func testBeside(ctx context.Context, d store.Deploy, pid int, limit time.Duratio
 // tick of the CPU clock) and has then been asleep, using none, for
 // three looks 50 ms apart. A master loading a config is running; one
 // that has loaded it, or failed to, sleeps until its next signal. It
-// reports false at the deadline, or when the master cannot be read.
-func masterSettled(pid int, cpuBefore time.Duration, deadline time.Time) bool {
+// reports false at the deadline, when ctx ends, or when the master
+// cannot be read.
+func masterSettled(ctx context.Context, pid int, cpuBefore time.Duration, deadline time.Time) bool {
 	start, quiet := time.Now(), 0
 	last := time.Duration(-1)
-	for time.Now().Before(deadline) {
+	for time.Now().Before(deadline) && ctx.Err() == nil {
 		cpu, state := procState(pid)
 		switch {
 		case state == 0:

@@ -587,28 +587,7 @@ func TestBesideTestWaitsForTheMaster(t *testing.T) {
 	besideFrom = 1
 	st, d, _, failFlag := includeSetup(t)
 	dir := filepath.Dir(d.NginxConf)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	ready := filepath.Join(dir, "master-ready")
-	// Each SIGHUP: about half a second of work (running, as a master
-	// loading certificates is), then a copy of the include as read.
-	script := fmt.Sprintf("n=0; load() { i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; n=$((n+1)); cat %s > %s/seen.$n; }; trap load HUP; touch %s; while :; do sleep 0.02; done",
-		d.NginxInclude, dir, ready)
-	master := exec.Command("/bin/bash", "-c", `exec -a "nginx: master process (slow stand-in)" /bin/bash -c "$0"`, script)
-	if err := master.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { master.Process.Kill(); master.Wait() }()
-	for i := 0; i < 500; i++ {
-		if _, err := os.Stat(ready); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	pidFile := filepath.Join(dir, "nginx.pid")
-	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
-	os.WriteFile(d.NginxConf, []byte("pid "+pidFile+";\nevents {}\n"), 0o644)
+	slowMaster(t, d, 400_000)
 	old := []byte("# an include file from before\n")
 	os.WriteFile(d.NginxInclude, old, 0o644)
 
@@ -648,5 +627,55 @@ func TestBesideTestWaitsForTheMaster(t *testing.T) {
 	}
 	if string(second) != string(old) {
 		t.Fatalf("the master's second load (after the files were put back) read:\n%s", second)
+	}
+}
+
+// slowMaster starts a stand-in nginx master for d and names it in d's
+// pid file: at each SIGHUP it works for a while, running as a master
+// loading certificates does (iterations of a shell loop: 400,000 are
+// about half a second), then copies the include file as it reads it to
+// seen.N beside d's config.
+func slowMaster(t *testing.T, d store.Deploy, iterations int) {
+	t.Helper()
+	dir := filepath.Dir(d.NginxConf)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	t.Cleanup(func() { signal.Stop(hup) })
+	ready := filepath.Join(dir, "master-ready")
+	script := fmt.Sprintf("n=0; load() { i=0; while [ $i -lt %d ]; do i=$((i+1)); done; n=$((n+1)); cat %s > %s/seen.$n; }; trap load HUP; touch %s; while :; do sleep 0.02; done",
+		iterations, d.NginxInclude, dir, ready)
+	master := exec.Command("/bin/bash", "-c", `exec -a "nginx: master process (slow stand-in)" /bin/bash -c "$0"`, script)
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { master.Process.Kill(); master.Wait() })
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(ready); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pidFile := filepath.Join(dir, "nginx.pid")
+	os.WriteFile(pidFile, []byte(fmt.Sprintf("%d\n", master.Process.Pid)), 0o644)
+	os.WriteFile(d.NginxConf, []byte("pid "+pidFile+";\nevents {}\n"), 0o644)
+}
+
+// TestBesideWaitEndsAtTheInterrupt: after a passing test beside the
+// reload, the wait for a master still loading ends when the run is
+// interrupted, not at the test's time limit.
+func TestBesideWaitEndsAtTheInterrupt(t *testing.T) {
+	defer func(n int) { besideFrom = n }(besideFrom)
+	besideFrom = 1
+	st, d, _, _ := includeSetup(t)
+	slowMaster(t, d, 40_000_000) // about a minute
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(time.Second, cancel)
+	_, prev := saveVersion(t, st, "z.example", "v1")
+	res := (&Runner{Store: st}).Run(ctx, []Change{{Name: "z.example", Domains: []string{"z.example"}, Previous: prev, Deploy: d}})
+	if res[0].Failed() || !res[0].Deployed {
+		t.Fatalf("%+v", res[0])
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(d.NginxConf), "seen.1")); err == nil {
+		t.Fatal("the stand-in master finished loading: the test proves nothing")
 	}
 }
