@@ -28,7 +28,7 @@ type Standalone struct {
 	tokens map[string]map[string]*token // host -> token
 
 	connMu sync.Mutex
-	unused map[net.Conn]bool // connected, no request read yet
+	unused map[net.Conn]bool // connected, no whole request header read yet
 }
 
 // token is one presented token: its key authorization, and a channel
@@ -97,11 +97,12 @@ func Listen(addr string) (*Standalone, error) {
 func (s *Standalone) ListenAddr() string { return s.Addr }
 
 // Close stops the listener and waits briefly for requests in flight.
-// Connections that never sent a request are closed at once: an HTTP
-// client (the CA's) may dial one more connection than it ends up using,
-// and Shutdown would wait its whole two seconds for it, at the end of a
-// run whose orders are all done, so that no request on it could be for a
-// token anyone still waits on.
+// Connections that have not sent a whole request header are closed at
+// once (net/http calls them new until then): an HTTP client (the CA's)
+// may dial one more connection than it ends up using, and Shutdown would
+// wait its whole two seconds for it. Close comes at the end of a run,
+// once every order is done, so no request on such a connection could be
+// for a token anyone still waits on.
 func (s *Standalone) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -113,7 +114,8 @@ func (s *Standalone) Close() error {
 	return s.srv.Shutdown(ctx)
 }
 
-// track keeps the connections that have not sent a request yet.
+// track keeps the connections that have not sent a whole request
+// header yet.
 func (s *Standalone) track(c net.Conn, state http.ConnState) {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
