@@ -20,9 +20,10 @@ import (
 // of 9 at the default concurrency issues all 9 in the same run (a
 // Retry-After within --max-wait is waited out, not deferred), sends no
 // new order inside a Retry-After it already received, and meets at most
-// 2 rateLimited answers: new orders go out one at a time, and after a
-// refusal they are spaced by its Retry-After, so the workers never
-// arrive as a herd.
+// 3 rateLimited answers: at most two new orders are in flight until the
+// first refusal (so at most one more was on its way when the CA
+// refused), one at a time after it, spaced by its Retry-After, so the
+// workers never arrive as a herd.
 func TestPacingInAnyCAsWording(t *testing.T) {
 	t.Parallel()
 	e, front, csv, names := plainLimitedBatch(t, 6*time.Second, "any", 9)
@@ -40,17 +41,23 @@ func TestPacingInAnyCAsWording(t *testing.T) {
 			continue
 		}
 		limited++
+		// Inside its Retry-After only the order already on its way
+		// beside the refused one may arrive, and the CA refuses it too.
+		inside := 0
 		for _, later := range events[i+1:] {
 			if d := later.At.Sub(ev.At); d < ev.RetryAfter {
-				t.Errorf("a new order %v after a rateLimited answer, inside its Retry-After of %v", d, ev.RetryAfter)
+				inside++
+				if later.Limited == "" || inside > 1 {
+					t.Errorf("a new order %v after a rateLimited answer, inside its Retry-After of %v: %+v", d, ev.RetryAfter, later)
+				}
 			}
 		}
 	}
 	if limited == 0 {
 		t.Fatal("the CA never answered rateLimited: the batch did not meet the limit, and the test proves nothing")
 	}
-	if limited > 2 {
-		t.Fatalf("%d rateLimited answers, want at most 2: %+v", limited, events)
+	if limited > 3 {
+		t.Fatalf("%d rateLimited answers, want at most 3: %+v", limited, events)
 	}
 	if got := len(events) - limited; got != len(names) {
 		t.Fatalf("%d new orders went through for %d names", got, len(names))

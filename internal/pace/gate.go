@@ -12,14 +12,22 @@ import (
 // answers, in any CA's wording, and whether the client budget is on or
 // off (issue #27 item 8):
 //
-//   - One new order is in flight at a time: the next is sent once the
-//     CA has answered the one before (the order's validation and
-//     issuance still run in parallel), first come, first served. A batch's workers therefore
-//     never arrive at once, and a refusal reaches the gate before the
-//     next order is sent: the CA answers "rateLimited" to one order,
-//     not to a whole herd. An answer that takes longer than stuckAfter
-//     lets the next order go: a CA that hangs must not hold every
-//     worker behind one request until its timeout.
+//   - At most two new orders are in flight until the CA first refuses
+//     one in this run, then one: the next is sent once the CA has
+//     answered one before it (the orders' validation and issuance still
+//     run in parallel), first come, first served. A batch's workers
+//     therefore never arrive at once, and a refusal reaches the gate
+//     before any order sent after it: the CA answers "rateLimited" to
+//     the order it refused and at most the one already on its way beside
+//     it, not to a whole herd, and from then on orders go one at a time.
+//     Why two, not one: with 200 names, one at a time made the new
+//     orders a chain (each waited for the answer to the one before, a
+//     few milliseconds on a loaded CA) that set the batch's wall time,
+//     and lbcert finished behind certmagic, which sends them all at
+//     once; with two it finishes ahead (internal/bench/README.md,
+//     "Where lbcert's wall goes at 200 in flight"). An answer that takes
+//     longer than stuckAfter lets the next order go: a CA that hangs
+//     must not hold every worker behind one request until its timeout.
 //   - A rateLimited answer about the account (or one whose scope
 //     cannot be read, as any CA words it) stops new orders until its
 //     Retry-After, an hour when it gives none.
@@ -101,7 +109,7 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 			return nil, &Denied{Wait: wait, Reason: why}
 		}
 		stuck := g.last.Add(stuckAfter).Sub(now)
-		if g.queue[0] == me && wait <= 0 && (g.inflight == 0 || stuck <= 0) {
+		if g.queue[0] == me && wait <= 0 && (g.inflight < g.window() || stuck <= 0) {
 			g.leave(me)
 			g.inflight++
 			g.last = now
@@ -131,6 +139,16 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 		t.Stop()
 		g.mu.Lock()
 	}
+}
+
+// window is how many new orders may be in flight at once (g.mu held):
+// two until the CA first refuses one about the account in this run,
+// then one (a refusal is what sets until and gap).
+func (g *Gate) window() int {
+	if g.gap > 0 || !g.until.IsZero() {
+		return 1
+	}
+	return 2
 }
 
 // firstLate is how often an order behind the first checks the gate

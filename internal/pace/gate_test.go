@@ -7,32 +7,61 @@ import (
 	"time"
 )
 
-// One new order at a time: the second waits for the first's answer.
-func TestGateOneInFlight(t *testing.T) {
+// Two new orders go at once and the third waits for an answer; after
+// the CA's first refusal, one at a time: the second waits for the
+// first's answer.
+func TestGateTwoInFlightUntilARefusal(t *testing.T) {
 	g := &Gate{MaxWait: time.Minute}
-	done, err := g.Acquire(context.Background())
+	first, err := g.Acquire(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make(chan struct{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second) // well before the first is overdue
+	defer cancel()
+	second, err := g.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("the second order waited for the first: %v", err)
+	}
+	third := goesAfter(t, g, "the third order", first, &Answer{})
+	second(&Answer{})
+	// A refusal with a short Retry-After, stating a rate that spaces
+	// orders by about a millisecond: after it, one at a time.
+	third(&Answer{Limited: true, RetryAfter: 100 * time.Millisecond, Detail: "too many new orders (1000) from this account in the last 1s"})
+	one, err := g.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond) // past the spacing: only the window holds the next back
+	two := goesAfter(t, g, "the second order after the refusal", one, &Answer{})
+	two(&Answer{})
+}
+
+// goesAfter starts an Acquire and checks that it waits until answer is
+// given to prev, then goes; it returns its done.
+func goesAfter(t *testing.T, g *Gate, what string, prev func(*Answer), answer *Answer) func(*Answer) {
+	t.Helper()
+	got := make(chan func(*Answer), 1)
 	go func() {
 		d, err := g.Acquire(context.Background())
-		if err == nil {
-			d(nil)
+		if err != nil {
+			t.Error(err)
+			d = func(*Answer) {}
 		}
-		close(got)
+		got <- d
 	}()
 	select {
 	case <-got:
-		t.Fatal("a second order went out before the first was answered")
+		t.Fatalf("%s went out before the one before it was answered", what)
 	case <-time.After(50 * time.Millisecond):
 	}
-	done(&Answer{})
+	prev(answer)
 	select {
-	case <-got:
+	case d := <-got:
+		return d
 	case <-time.After(5 * time.Second):
-		t.Fatal("the second order never went out after the first's answer")
+		t.Fatalf("%s never went out after the answer", what)
 	}
+	return nil
 }
 
 // A refusal in any wording (no count, no link) blocks new orders until
@@ -86,8 +115,10 @@ func TestGateScopedRefusalDoesNotBlockTheAccount(t *testing.T) {
 // is overdue, not until its timeout.
 func TestGateStuckOrder(t *testing.T) {
 	g := &Gate{MaxWait: time.Minute}
-	if _, err := g.Acquire(context.Background()); err != nil { // never answered
-		t.Fatal(err)
+	for range 2 { // two in flight, never answered
+		if _, err := g.Acquire(context.Background()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -128,23 +159,19 @@ func TestGateWakesOneWaiterAtATime(t *testing.T) {
 	firstLate = time.Hour // only wake-ups move the queue
 	g := &Gate{MaxWait: time.Minute}
 	first, _ := g.Acquire(context.Background())
+	g.Acquire(context.Background()) // never answered: the rest go one at a time, in an order a channel can show
 	const n = 100
 	order := make(chan int, n)
-	for i := range n {
-		go func() {
-			d, err := g.Acquire(context.Background())
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			order <- i
-			time.Sleep(2 * time.Millisecond) // the CA's answer takes a while
-			d(&Answer{})
-		}()
-		for g.waiting() < i+1 { // queued in this order
-			time.Sleep(time.Millisecond)
+	queueUp(g, n, func(i int) {
+		d, err := g.Acquire(context.Background())
+		if err != nil {
+			t.Error(err)
+			return
 		}
-	}
+		order <- i
+		time.Sleep(2 * time.Millisecond) // the CA's answer takes a while
+		d(&Answer{})
+	})
 	g.mu.Lock()
 	g.checks = 0
 	g.mu.Unlock()
@@ -173,17 +200,13 @@ func TestGateRefusalDeniesEveryWaiter(t *testing.T) {
 	firstLate = time.Hour
 	g := &Gate{MaxWait: time.Minute}
 	first, _ := g.Acquire(context.Background())
+	g.Acquire(context.Background())
 	const n = 20
 	denied := make(chan error, n)
-	for i := range n {
-		go func() {
-			_, err := g.Acquire(context.Background())
-			denied <- err
-		}()
-		for g.waiting() < i+1 {
-			time.Sleep(time.Millisecond)
-		}
-	}
+	queueUp(g, n, func(int) {
+		_, err := g.Acquire(context.Background())
+		denied <- err
+	})
 	first(&Answer{Limited: true, RetryAfter: time.Hour, Detail: "Rate limit exceeded"})
 	for range n {
 		select {
@@ -194,6 +217,17 @@ func TestGateRefusalDeniesEveryWaiter(t *testing.T) {
 			}
 		case <-time.After(10 * time.Second):
 			t.Fatal("a waiting order was never told it is denied")
+		}
+	}
+}
+
+// queueUp starts n Acquires at g, running acquire(0) to acquire(n-1),
+// each queued before the next starts (g's window is full).
+func queueUp(g *Gate, n int, acquire func(i int)) {
+	for i := range n {
+		go acquire(i)
+		for g.waiting() < i+1 {
+			time.Sleep(time.Millisecond)
 		}
 	}
 }
