@@ -37,7 +37,9 @@ import (
 //     it gave; and a tenth more (an order's time on the wire varies,
 //     and the CA counts it on arrival). When the wait ends, one order
 //     goes first, the next waits for its answer and for the spacing, so
-//     the herd never repeats. A second refusal doubles the spacing.
+//     the herd never repeats. A refusal of an order sent after
+//     the last refusal was read doubles the spacing (not one of the
+//     order that was on its way beside it).
 //
 // A wait longer than MaxWait is not started: Acquire returns a *Denied,
 // and the engine defers the order (or tries a fallback CA). A Gate lives
@@ -54,6 +56,7 @@ type Gate struct {
 	until    time.Time     // no order before this (the CA's Retry-After)
 	gap      time.Duration // spacing learnt from refusals
 	last     time.Time     // when the last order was sent
+	refused  time.Time     // when the last refusal about the account was read
 	why      string
 }
 
@@ -114,7 +117,8 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 			g.inflight++
 			g.last = now
 			g.mu.Unlock()
-			return g.release, nil
+			sent := now
+			return func(a *Answer) { g.release(a, sent) }, nil
 		}
 		if g.inflight > 0 {
 			wait = max(wait, stuck) // woken by the answer, or when it is overdue
@@ -187,8 +191,11 @@ func (g *Gate) wakeFirst() {
 	}
 }
 
-// release ends the order in flight and learns from the CA's answer.
-func (g *Gate) release(a *Answer) {
+// release ends the order sent at sent and learns from the CA's answer.
+// A refusal doubles the spacing only for an order sent after the last
+// refusal was read: the order on its way beside a refused one is
+// refused for the same reason, and says nothing new about the CA.
+func (g *Gate) release(a *Answer, sent time.Time) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.inflight--
@@ -206,7 +213,12 @@ func (g *Gate) release(a *Answer) {
 			g.until = until
 			g.why = fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339))
 		}
-		g.gap = min(max(step+step/10, 2*g.gap), maxGap)
+		if sent.After(g.refused) {
+			g.gap = min(max(step+step/10, 2*g.gap), maxGap)
+		} else {
+			g.gap = min(max(step+step/10, g.gap), maxGap)
+		}
+		g.refused = now
 	}
 	g.wakeFirst()
 }

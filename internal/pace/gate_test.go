@@ -231,3 +231,26 @@ func queueUp(g *Gate, n int, acquire func(i int)) {
 		}
 	}
 }
+
+// The order on its way beside a refused one is refused too; that second
+// refusal does not double the spacing, a refusal of an order sent after
+// the first was read does.
+func TestGateRefusalBesideDoesNotDouble(t *testing.T) {
+	g := &Gate{MaxWait: time.Minute}
+	refuse := &Answer{Limited: true, RetryAfter: 100 * time.Millisecond, Detail: "Rate limit exceeded"}
+	first, _ := g.Acquire(context.Background())
+	beside, _ := g.Acquire(context.Background())
+	first(refuse)
+	beside(refuse)
+	if g.gap != 110*time.Millisecond {
+		t.Fatalf("spacing %v after a refusal and the one beside it, want 110ms", g.gap)
+	}
+	next, err := g.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(refuse)
+	if g.gap != 220*time.Millisecond {
+		t.Fatalf("spacing %v after a refusal of an order sent after the first, want 220ms", g.gap)
+	}
+}
