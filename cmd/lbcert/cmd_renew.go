@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/config"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/store"
@@ -130,11 +131,11 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 	if p, ok := h.catalog.(interface{ Pass() func() }); ok && len(o.Names) == 0 && !o.DryRun {
 		defer p.Pass()() // a pass over every lineage: through the heads index
 	}
-	all, err := h.catalog.Names(ctx)
+	// failed: never issued, retried (engine.RenewJobs)
+	all, failed, err := catalog.NamesBeside(ctx, h.catalog, h.failedNames)
 	if err != nil {
 		return fmt.Errorf("read the lineages: %w", err)
 	}
-	failed, _ := h.failedNames() // never issued: retried (engine.RenewJobs)
 	if len(all)+len(failed) == 0 && len(o.Names) == 0 {
 		slog.Debug("no lineages", "dir", st.Dir)
 		res := &engine.Result{Version: engine.SchemaVersion, Command: "renew", DryRun: o.DryRun, Started: a.now(), Finished: a.now()}

@@ -257,3 +257,19 @@ func (e *ErrStale) NoBackoff() bool { return true }
 func (e *ErrStale) HintText() string {
 	return "nothing to do: what the catalog holds stands (another node's newer certificate, or the delete)"
 }
+
+// NamesBeside is cat.Names, with other's list (its error dropped: the
+// names a renew pass retries, which it can do without) read at the same
+// time: on a state directory of a million lineages each is a listing
+// of a directory of a million entries, and one core would otherwise
+// wait for the other.
+func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error)) (names, others []string, err error) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		others, _ = other()
+	}()
+	names, err = cat.Names(ctx)
+	<-done
+	return names, others, err
+}

@@ -371,17 +371,27 @@ func (s *Store) PendingNames() ([]string, error) {
 // over a million lineages would otherwise read every record once more,
 // one after the other, before planning (#29).
 func (s *Store) FailedNames() ([]string, error) {
-	live, err := s.liveSet()
+	// live/ is read beside renewal/: two directories of a million
+	// entries each on a large state directory.
+	var live map[string]struct{}
+	var err error
+	listed := make(chan struct{})
+	go func() { live, err = s.liveSet(); close(listed) }()
+	records, rerr := s.recordEntries()
+	<-listed
+	if err == nil {
+		err = rerr
+	}
 	if err != nil {
 		return nil, err
 	}
-	return s.recordNames(func(name string) bool {
+	return namesOf(records, func(name string) bool {
 		if _, ok := live[name]; ok {
 			return false
 		}
 		st, err := s.ReadStatus(name)
 		return err == nil && st.Failures > 0 && !s.Exists(name)
-	})
+	}), nil
 }
 
 // liveSet is the set of entries of live/ (not checked further: a name
@@ -405,13 +415,25 @@ func (s *Store) liveSet() (map[string]struct{}, error) {
 // Sorted, as os.ReadDir would list them: the few kept are sorted, not
 // the million listed.
 func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
+	entries, err := s.recordEntries()
+	if err != nil {
+		return nil, err
+	}
+	return namesOf(entries, keep), nil
+}
+
+// recordEntries are the entries of renewal/; none when it is missing.
+func (s *Store) recordEntries() ([]string, error) {
 	entries, err := readEntries(filepath.Join(s.Dir, "renewal"), false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
-	if err != nil {
-		return nil, err
-	}
+	return entries, err
+}
+
+// namesOf are the lineage names of the records among entries that keep
+// keeps, sorted.
+func namesOf(entries []string, keep func(name string) bool) []string {
 	var out []string
 	for _, e := range entries {
 		name, ok := cutSuffix(e, ".json")
@@ -420,7 +442,7 @@ func (s *Store) recordNames(keep func(name string) bool) ([]string, error) {
 		}
 	}
 	slices.Sort(out)
-	return out, nil
+	return out
 }
 
 func cutSuffix(s, suffix string) (string, bool) {
