@@ -147,9 +147,9 @@ func (g *Gate) Acquire(ctx context.Context) (done func(*Answer), err error) {
 
 // window is how many new orders may be in flight at once (g.mu held):
 // two until the CA first refuses one about the account in this run,
-// then one (a refusal is what sets until and gap).
+// then one.
 func (g *Gate) window() int {
-	if g.gap > 0 || !g.until.IsZero() {
+	if !g.refused.IsZero() {
 		return 1
 	}
 	return 2
@@ -213,11 +213,11 @@ func (g *Gate) release(a *Answer, sent time.Time) {
 			g.until = until
 			g.why = fmt.Sprintf("the CA said rateLimited and asked to wait until %s", until.UTC().Format(time.RFC3339))
 		}
+		kept := g.gap
 		if sent.After(g.refused) {
-			g.gap = min(max(step+step/10, 2*g.gap), maxGap)
-		} else {
-			g.gap = min(max(step+step/10, g.gap), maxGap)
+			kept *= 2
 		}
+		g.gap = min(max(step+step/10, kept), maxGap)
 		g.refused = now
 	}
 	g.wakeFirst()
