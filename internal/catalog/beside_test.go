@@ -1,9 +1,12 @@
 package catalog_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -37,9 +40,13 @@ func within(c chan struct{}) bool {
 }
 
 // TestNamesBesideReadsBothAtOnce checks the two listings run at the
-// same time, and that each one's answer (and only the catalog's error)
-// comes back.
+// same time, that each one's answer (and only the catalog's error) comes
+// back, and that the other listing's error is a warning, not silence.
 func TestNamesBesideReadsBothAtOnce(t *testing.T) {
+	var warned bytes.Buffer
+	prev := slog.Default()
+	defer slog.SetDefault(prev)
+	slog.SetDefault(slog.New(slog.NewTextHandler(&warned, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	for _, catErr := range []error{nil, errors.New("archive/: permission denied")} {
 		w := waitingNames{started: make(chan struct{}), other: make(chan struct{}), err: catErr}
 		other := func() ([]string, error) {
@@ -53,5 +60,9 @@ func TestNamesBesideReadsBothAtOnce(t *testing.T) {
 		if !slices.Equal(names, []string{"a.example", "b.example"}) || !slices.Equal(others, []string{"never.example"}) || err != catErr {
 			t.Errorf("NamesBeside = %v, %v, %v; want both lists and the catalog's error %v", names, others, err, catErr)
 		}
+		if !strings.Contains(warned.String(), "not retried") || !strings.Contains(warned.String(), "renewal/: unreadable") {
+			t.Errorf("the other listing's error was not warned about: %q", warned.String())
+		}
+		warned.Reset()
 	}
 }

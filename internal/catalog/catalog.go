@@ -180,6 +180,7 @@ package catalog
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -258,16 +259,20 @@ func (e *ErrStale) HintText() string {
 	return "nothing to do: what the catalog holds stands (another node's newer certificate, or the delete)"
 }
 
-// NamesBeside is cat.Names, with other's list (its error dropped: the
-// names a renew pass retries, which it can do without) read at the same
-// time: on a state directory of a million lineages each is a listing
-// of a directory of a million entries, and one core would otherwise
-// wait for the other.
+// NamesBeside is cat.Names, with other's list (the names never issued,
+// which a renew pass retries) read at the same time: on a state
+// directory of a million lineages each is a listing of a directory of a
+// million entries, and one core would otherwise wait for the other. The
+// pass can go on without other's list, so its error is a warning: those
+// names are not retried this time, and the operator is told why.
 func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error)) (names, others []string, err error) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		others, _ = other()
+		var oerr error
+		if others, oerr = other(); oerr != nil {
+			slog.Warn("the names never issued are not retried this run: their records could not be listed", "err", oerr)
+		}
 	}()
 	names, err = cat.Names(ctx)
 	<-done
