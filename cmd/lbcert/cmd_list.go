@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/spf13/cobra"
 
+	"github.com/lbcert/lbcert/internal/catalog"
 	"github.com/lbcert/lbcert/internal/engine"
 	"github.com/lbcert/lbcert/internal/hint"
 	"github.com/lbcert/lbcert/internal/inventory"
@@ -79,17 +79,14 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 	defer h.close()
 	names := o.Names
 	if len(names) == 0 {
-		if names, err = h.catalog.Names(ctx); err != nil {
-			return fmt.Errorf("read %s: %w", h.where, err)
-		}
 		// Names whose first order failed have no lineage; they are
 		// listed all the same, as never issued.
-		failed, _ := h.failedNames()
-		for _, n := range failed {
-			if !slices.Contains(names, n) {
-				names = append(names, n)
-			}
+		var failed []string
+		names, failed, err = catalog.NamesBeside(ctx, h.catalog, h.failedNames, "the names never issued are left out of this list: their records could not be listed")
+		if err != nil {
+			return fmt.Errorf("read %s: %w", h.where, err)
 		}
+		names = append(names, failed...)
 	}
 	served, err := h.served(ctx)
 	if err != nil {

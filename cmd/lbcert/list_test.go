@@ -265,3 +265,25 @@ func TestScheduledRunGetsWhatItNeeds(t *testing.T) {
 		}
 	}
 }
+
+// A list whose names never issued cannot be listed says so, instead of
+// leaving them out in silence.
+func TestListSaysWhatItLeftOut(t *testing.T) {
+	dir := fixtureStore(t)
+	records := filepath.Join(dir, "renewal")
+	if err := os.RemoveAll(records); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(records, []byte("not a directory"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	a := &app{out: &out, err: &errb, getenv: func(string) string { return "" }, now: func() time.Time { return fixedNow }, ctx: context.Background()}
+	code := a.run([]string{"--dir", dir, "list"})
+	if !strings.Contains(errb.String(), "never issued are left out of this list") || !strings.Contains(errb.String(), "not a directory") {
+		t.Errorf("list (exit %d) did not say the names never issued were left out, and why: stderr %q", code, errb.String())
+	}
+	if !strings.Contains(out.String(), "example.com") {
+		t.Errorf("list left out the lineages too: %q", out.String())
+	}
+}

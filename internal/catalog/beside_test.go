@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/lbcert/lbcert/internal/catalog"
+	"github.com/lbcert/lbcert/internal/catalog/catalogtest"
+	"github.com/lbcert/lbcert/internal/store"
 )
 
 // waitingNames is a catalog whose Names waits until the other listing
@@ -56,7 +58,7 @@ func TestNamesBesideReadsBothAtOnce(t *testing.T) {
 			}
 			return []string{"never.example"}, errors.New("renewal/: unreadable")
 		}
-		names, others, err := catalog.NamesBeside(context.Background(), w, other)
+		names, others, err := catalog.NamesBeside(context.Background(), w, other, "the names never issued are not retried this run")
 		if !slices.Equal(names, []string{"a.example", "b.example"}) || !slices.Equal(others, []string{"never.example"}) || err != catErr {
 			t.Errorf("NamesBeside = %v, %v, %v; want both lists and the catalog's error %v", names, others, err, catErr)
 		}
@@ -64,5 +66,36 @@ func TestNamesBesideReadsBothAtOnce(t *testing.T) {
 			t.Errorf("the other listing's error was not warned about: %q", warned.String())
 		}
 		warned.Reset()
+	}
+}
+
+// A name that is both a lineage and on record as never issued (its
+// first version saved, its link in live/ not made: a deploy owed, and
+// failures on record) comes back once, as a lineage: a renew pass ran
+// it twice and list showed it twice.
+func TestNamesBesideListsANameOnce(t *testing.T) {
+	st := store.New(t.TempDir())
+	for _, n := range []string{"live.example", "owed.example"} {
+		l, f := catalogtest.Cert(t, n, time.Now())
+		save := st.Save
+		if n == "owed.example" {
+			save = func(l *store.Lineage, f store.Files) (int, int, error) {
+				v, err := st.SaveVersion(l, f)
+				return v, 0, err
+			}
+		}
+		if _, _, err := save(l, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"owed.example", "never.example"} {
+		if err := st.WriteStatus(n, store.Status{Failures: 1, LastError: "refused"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	names, others, err := catalog.NamesBeside(context.Background(), catalog.NewDir(st), st.FailedNames, "not listed")
+	slices.Sort(names)
+	if err != nil || !slices.Equal(names, []string{"live.example", "owed.example"}) || !slices.Equal(others, []string{"never.example"}) {
+		t.Errorf("NamesBeside = %v, %v, %v; want the two lineages, and only never.example as never issued", names, others, err)
 	}
 }

@@ -181,6 +181,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/lbcert/lbcert/internal/store"
@@ -260,21 +261,44 @@ func (e *ErrStale) HintText() string {
 }
 
 // NamesBeside is cat.Names, with other's list (the names never issued,
-// which a renew pass retries) read at the same time: on a state
-// directory of a million lineages each is a listing of a directory of a
-// million entries, and one core would otherwise wait for the other. The
-// pass can go on without other's list, so its error is a warning: those
-// names are not retried this time, and the operator is told why.
-func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error)) (names, others []string, err error) {
+// which a renew pass retries and list shows) read at the same time: on
+// a state directory of a million lineages each is a listing of a
+// directory of a million entries, and one core would otherwise wait for
+// the other. The caller can go on without other's list, so its error is
+// a warning, unlisted, that says what the caller does without it.
+//
+// A name is in one list only: a name in both (a lineage whose link in
+// live/ is missing, with failures on record) is a lineage, so that a
+// pass runs it once and list shows it once.
+func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error), unlisted string) (names, others []string, err error) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		var oerr error
 		if others, oerr = other(); oerr != nil {
-			slog.Warn("the names never issued are not retried this run: their records could not be listed", "err", oerr)
+			slog.Warn(unlisted, "err", oerr)
 		}
 	}()
 	names, err = cat.Names(ctx)
 	<-done
-	return names, others, err
+	return names, notIn(others, names), err
+}
+
+// notIn is few without the names in many: few is short (the names never
+// issued), many may hold a million, so it is walked once, not searched
+// for each.
+func notIn(few, many []string) []string {
+	if len(few) == 0 {
+		return few
+	}
+	drop := make(map[string]bool, len(few))
+	for _, n := range few {
+		drop[n] = false
+	}
+	for _, n := range many {
+		if _, ok := drop[n]; ok {
+			drop[n] = true
+		}
+	}
+	return slices.DeleteFunc(few, func(n string) bool { return drop[n] })
 }
