@@ -347,23 +347,34 @@ func (s *Store) UpdateMeta(l *Lineage) error {
 // archive/<name> would make lbcert write a private key outside the state
 // directory, and live/ would then point at it.
 func realDir(path string) error {
+	_, err := ownDir(path)
+	return err
+}
+
+// ownDir is realDir that also says whether it made path: a directory
+// this process just made holds nothing yet, nor can be a link.
+func ownDir(path string) (made bool, err error) {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-			return err
+		err = os.Mkdir(path, 0o700)
+		if err == nil {
+			return true, nil
 		}
-		fi, err = os.Lstat(path)
+		if !errors.Is(err, fs.ErrExist) {
+			return false, err
+		}
+		fi, err = os.Lstat(path) // made meanwhile by another: look again
 	}
 	if err != nil {
-		return err
+		return false, err
 	}
 	if fi.Mode()&os.ModeSymlink != 0 {
-		return fmt.Errorf("%s is a symbolic link: remove it; lbcert never writes through links in its state directory", path)
+		return false, fmt.Errorf("%s is a symbolic link: remove it; lbcert never writes through links in its state directory", path)
 	}
 	if !fi.IsDir() {
-		return fmt.Errorf("%s is not a directory", path)
+		return false, fmt.Errorf("%s is not a directory", path)
 	}
-	return nil
+	return false, nil
 }
 
 // CheckDir refuses a state directory that another user could tamper
@@ -570,9 +581,14 @@ func (s *Store) MaxVersionBelow(name string, v int) int {
 func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 	archive := filepath.Join(s.Dir, "archive", l.Name)
 	live := filepath.Join(s.Dir, "live")
+	made := false
 	for _, d := range []string{s.Dir, filepath.Join(s.Dir, "archive"), archive, live} {
-		if err := realDir(d); err != nil {
+		m, err := ownDir(d)
+		if err != nil {
 			return 0, err
+		}
+		if d == archive {
+			made = m
 		}
 	}
 	l.Format = FormatVersion
@@ -583,8 +599,11 @@ func (s *Store) saveAt(l *Lineage, files Files, version int) (int, error) {
 	}
 
 	// Versions half-written by a run that was killed are never live;
-	// the caller holds the lock, so any left here are dead and go.
-	if stale, _ := filepath.Glob(filepath.Join(archive, ".tmp-*")); len(stale) > 0 {
+	// the caller holds the lock, so any left here are dead and go. An
+	// archive made just now has none (a node joining a fleet makes one
+	// per lineage).
+	if !made {
+		stale, _ := filepath.Glob(filepath.Join(archive, ".tmp-*"))
 		for _, d := range stale {
 			os.RemoveAll(d)
 		}

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -323,4 +325,64 @@ func TestPruneRemovesLostVersions(t *testing.T) {
 	if err != nil || len(removed) != 1 || removed[0] != 2 {
 		t.Fatalf("removed %v, %v; want [2]", removed, err)
 	}
+}
+
+// The files the store writes keep the modes they had when os.OpenFile
+// and os.CreateTemp made them: a record written whole (WriteFile) has
+// exactly its mode, whatever the umask; a version's files (writeNew)
+// get theirs less the umask, and one that exists already is never
+// overwritten.
+func TestNewFilesKeepTheirModes(t *testing.T) {
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "record.json")
+	if err := WriteFile(p, []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode() != 0o644 {
+		t.Errorf("WriteFile 0644 under umask 077: %v, %v", fi.Mode(), err)
+	}
+	n := filepath.Join(dir, "cert.pem")
+	if err := writeNew(n, []byte("one"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(n); err != nil || fi.Mode() != 0o600 {
+		t.Errorf("writeNew 0644 under umask 077: %v, %v", fi.Mode(), err)
+	}
+	if err := writeNew(n, []byte("two"), 0o644); !errors.Is(err, fs.ErrExist) || !strings.Contains(err.Error(), n) {
+		t.Errorf("writeNew over an existing file: %v, want an error that it exists, naming it", err)
+	}
+	if got, _ := os.ReadFile(n); string(got) != "one" {
+		t.Errorf("writeNew overwrote an existing file: %q", got)
+	}
+	if _, err := writeTemp(filepath.Join(dir, "missing"), "x", nil, 0o600); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("writeTemp in a missing directory: %v", err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 2 {
+		t.Errorf("files left behind: %v", entries)
+	}
+}
+
+// A version half-written by a run killed with -9 (its temporary
+// directory, which the run would have removed) goes with the next save
+// of that lineage.
+func TestSaveSweepsAKilledRunsVersion(t *testing.T) {
+	s := New(t.TempDir())
+	if _, _, err := s.Save(lineage("a.example", "01"), files("v1")); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(s.Dir, "archive", "a.example", ".tmp-2-4242")
+	if err := os.Mkdir(stale, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(stale, "privkey.pem"), []byte("half"), 0o600)
+	if _, _, err := s.Save(lineage("a.example", "02"), files("v2")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the killed run's version is still there: %v", err)
+	}
+	consistent(t, s, "a.example", "v2", "02")
 }
