@@ -222,8 +222,12 @@ func writeNew(path string, data []byte, perm os.FileMode) error {
 func symlinkAtomic(target, link string) error {
 	dir, base := filepath.Split(link)
 	tmp := filepath.Join(dir, "."+base+".new")
-	os.Remove(tmp) // left over from a crash; we hold the lock
-	if err := os.Symlink(target, tmp); err != nil {
+	err := os.Symlink(target, tmp)
+	if errors.Is(err, fs.ErrExist) {
+		os.Remove(tmp) // left over from a crash; we hold the lock
+		err = os.Symlink(target, tmp)
+	}
+	if err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, link); err != nil {

@@ -386,3 +386,27 @@ func TestSaveSweepsAKilledRunsVersion(t *testing.T) {
 	}
 	consistent(t, s, "a.example", "v2", "02")
 }
+
+// A link half-made by a run killed between making live/.<name>.new and
+// renaming it over live/<name> is replaced by the next Activate.
+func TestActivateReplacesAKilledRunsLink(t *testing.T) {
+	s := New(t.TempDir())
+	if _, _, err := s.Save(lineage("a.example", "01"), files("v1")); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.SaveVersion(lineage("a.example", "02"), files("v2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := filepath.Join(s.Dir, "live", ".a.example.new")
+	if err := os.Symlink("../archive/a.example/1", left); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Activate("a.example", v); err != nil {
+		t.Fatal(err)
+	}
+	consistent(t, s, "a.example", "v2", "02")
+	if _, err := os.Lstat(left); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the killed run's link is still there: %v", err)
+	}
+}
