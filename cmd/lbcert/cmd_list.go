@@ -82,7 +82,7 @@ func (a *app) runList(ctx context.Context, o *listOptions) error {
 		// Names whose first order failed have no lineage; they are
 		// listed all the same, as never issued.
 		var failed []string
-		names, failed, err = catalog.NamesBeside(ctx, h.catalog, h.failedNames, "the names never issued are left out of this list: their records could not be listed")
+		names, failed, err = catalog.NamesBeside(ctx, h.catalog, h.failedNames, "the names never issued are left out of this list: they could not be listed")
 		if err != nil {
 			return fmt.Errorf("read %s: %w", h.where, err)
 		}

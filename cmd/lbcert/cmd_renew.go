@@ -132,7 +132,7 @@ func (a *app) runRenew(ctx context.Context, o *renewOptions) error {
 		defer p.Pass()() // a pass over every lineage: through the heads index
 	}
 	// failed: never issued, retried (engine.RenewJobs)
-	all, failed, err := catalog.NamesBeside(ctx, h.catalog, h.failedNames, "the names never issued are not retried this run: their records could not be listed")
+	all, failed, err := catalog.NamesBeside(ctx, h.catalog, h.failedNames, "the names never issued are not retried this run: they could not be listed")
 	if err != nil {
 		return fmt.Errorf("read the lineages: %w", err)
 	}

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -72,7 +74,8 @@ func TestNamesBesideReadsBothAtOnce(t *testing.T) {
 // A name that is both a lineage and on record as never issued (its
 // first version saved, its link in live/ not made: a deploy owed, and
 // failures on record) comes back once, as a lineage: a renew pass ran
-// it twice and list showed it twice.
+// it twice. A name whose archive holds no version (its first save
+// killed) stays never issued, so that the next pass orders it again.
 func TestNamesBesideListsANameOnce(t *testing.T) {
 	st := store.New(t.TempDir())
 	for _, n := range []string{"live.example", "owed.example"} {
@@ -88,14 +91,20 @@ func TestNamesBesideListsANameOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, n := range []string{"owed.example", "never.example"} {
+	// killed.example's first save was killed: its archive holds only
+	// the temporary directory of a version never finished.
+	if err := os.MkdirAll(filepath.Join(st.Dir, "archive", "killed.example", ".tmp-1-4242"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"owed.example", "never.example", "killed.example"} {
 		if err := st.WriteStatus(n, store.Status{Failures: 1, LastError: "refused"}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	names, others, err := catalog.NamesBeside(context.Background(), catalog.NewDir(st), st.FailedNames, "not listed")
 	slices.Sort(names)
-	if err != nil || !slices.Equal(names, []string{"live.example", "owed.example"}) || !slices.Equal(others, []string{"never.example"}) {
-		t.Errorf("NamesBeside = %v, %v, %v; want the two lineages, and only never.example as never issued", names, others, err)
+	slices.Sort(others)
+	if err != nil || !slices.Equal(names, []string{"live.example", "owed.example"}) || !slices.Equal(others, []string{"killed.example", "never.example"}) {
+		t.Errorf("NamesBeside = %v, %v, %v; want the two lineages, and killed.example and never.example as never issued", names, others, err)
 	}
 }

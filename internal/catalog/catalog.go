@@ -267,9 +267,12 @@ func (e *ErrStale) HintText() string {
 // the other. The caller can go on without other's list, so its error is
 // a warning, unlisted, that says what the caller does without it.
 //
-// A name is in one list only: a name in both (a lineage whose link in
-// live/ is missing, with failures on record) is a lineage, so that a
-// pass runs it once and list shows it once.
+// A name is in one list only. A name in both is a lineage when the
+// catalog holds a version of it (a lineage whose link in live/ is
+// missing, with failures on record), so that a pass runs it once and
+// list shows it once; it stays a name never issued when the catalog
+// holds none (an archive a killed or failed first save left empty), so
+// that the next pass orders it again.
 func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error), unlisted string) (names, others []string, err error) {
 	done := make(chan struct{})
 	go func() {
@@ -281,24 +284,31 @@ func NamesBeside(ctx context.Context, cat Catalog, other func() ([]string, error
 	}()
 	names, err = cat.Names(ctx)
 	<-done
-	return names, notIn(others, names), err
+	if err != nil || len(others) == 0 {
+		return names, others, err
+	}
+	return oneList(ctx, cat, names, others)
 }
 
-// notIn is few without the names in many: few is short (the names never
-// issued), many may hold a million, so it is walked once, not searched
-// for each.
-func notIn(few, many []string) []string {
-	if len(few) == 0 {
-		return few
+// oneList settles the names in both lists (NamesBeside). others is short
+// (the names never issued) and names may hold a million, so names is
+// walked once, not searched for each.
+func oneList(ctx context.Context, cat Catalog, names, others []string) ([]string, []string, error) {
+	both := make(map[string]bool, len(others)) // true: a lineage
+	for _, n := range others {
+		both[n] = false
 	}
-	drop := make(map[string]bool, len(few))
-	for _, n := range few {
-		drop[n] = false
-	}
-	for _, n := range many {
-		if _, ok := drop[n]; ok {
-			drop[n] = true
+	found := false
+	for _, n := range names {
+		if _, ok := both[n]; ok {
+			_, herr := cat.Head(ctx, n)
+			both[n], found = !errors.Is(herr, store.ErrNotFound), true
 		}
 	}
-	return slices.DeleteFunc(few, func(n string) bool { return drop[n] })
+	if !found {
+		return names, others, nil
+	}
+	others = slices.DeleteFunc(others, func(n string) bool { return both[n] })
+	names = slices.DeleteFunc(names, func(n string) bool { lineage, ok := both[n]; return ok && !lineage })
+	return names, others, nil
 }
